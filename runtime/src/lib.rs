@@ -1,0 +1,2 @@
+//! mailpolicy runtime.
+pub mod smtp;
