@@ -1,0 +1,1631 @@
+//! The ESMTP server session state machine. See the module docs of
+//! [`crate::smtp`] for the contract.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::address::{
+    parse_forward_path, parse_reverse_path, split_path, ForwardPath, PathError, ReversePath,
+};
+use super::base64;
+use super::data::{ContentChecker, ContentFlags, DotReceiver};
+use super::params::{
+    parse_mail_params, parse_rcpt_params, BodyType, MailParams, Offered, ParamError, RcptParams,
+};
+use super::reply::Reply;
+use super::time::Time;
+
+/// Which ESMTP extensions the server offers in its EHLO reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extensions {
+    /// RFC 2920.
+    pub pipelining: bool,
+    /// RFC 1870; advertises `SIZE max_message_size`.
+    pub size: bool,
+    /// RFC 6152.
+    pub eight_bit_mime: bool,
+    /// RFC 6531.
+    pub smtputf8: bool,
+    /// RFC 2034. When off, enhanced codes are stripped from every reply.
+    pub enhanced_status_codes: bool,
+    /// RFC 3461.
+    pub dsn: bool,
+    /// RFC 3030 BDAT.
+    pub chunking: bool,
+    /// RFC 3030 BINARYMIME (only offered together with CHUNKING).
+    pub binary_mime: bool,
+    /// RFC 3207; offered only when [`Config::tls_available`] and TLS is not active.
+    pub starttls: bool,
+}
+
+impl Default for Extensions {
+    fn default() -> Self {
+        Extensions {
+            pipelining: true,
+            size: true,
+            eight_bit_mime: true,
+            smtputf8: true,
+            enhanced_status_codes: true,
+            dsn: true,
+            chunking: true,
+            binary_mime: true,
+            starttls: true,
+        }
+    }
+}
+
+/// Engine configuration. `Default` gives RFC-sane, Postfix-like values.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Our host name, used in the banner, EHLO and QUIT replies.
+    pub hostname: String,
+    /// Banner text after the host name: `220 <hostname> <greeting>`.
+    pub greeting: String,
+    /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4: 512).
+    pub max_command_line: usize,
+    /// Longest AUTH command or SASL response line (RFC 4954 4: 12288).
+    pub max_auth_line: usize,
+    /// Longest message text line, CRLF included (RFC 5321 4.5.3.1.6: 1000).
+    pub max_text_line: usize,
+    /// Most accepted recipients per transaction; more get `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Largest message in octets (0 = unlimited); advertised with SIZE.
+    pub max_message_size: u64,
+    /// Largest header section in octets (0 = unlimited).
+    pub max_header_size: u64,
+    /// Most bytes buffered while the engine waits for the host (pipelined
+    /// input, BDAT chunks). Hosts should read no more than
+    /// [`Session::input_room`]; input beyond it ends the session with 421.
+    pub max_input_buffer: usize,
+    /// Offered extensions.
+    pub extensions: Extensions,
+    /// The host can do TLS on this connection (STARTTLS is offered).
+    pub tls_available: bool,
+    /// SASL mechanisms the host implements, e.g. `["PLAIN", "LOGIN"]`.
+    /// Empty: AUTH is not offered.
+    pub auth_mechanisms: Vec<String>,
+    /// Offer AUTH only under TLS (default true). AUTH before TLS then gets
+    /// `530 5.7.0 Must issue a STARTTLS command first`.
+    pub auth_requires_tls: bool,
+    /// VRFY goes to the host as [`Event::Vrfy`]; otherwise `252 2.5.2`.
+    pub vrfy_enabled: bool,
+    /// EXPN goes to the host as [`Event::Expn`]; otherwise `502 5.5.1`.
+    pub expn_enabled: bool,
+    /// From this many error replies on, each error reply is delayed by
+    /// `error_sleep` (Postfix `smtpd_soft_error_limit`, 10).
+    pub soft_error_limit: u32,
+    /// At this many error replies the session says `421 4.7.0` and closes
+    /// (Postfix `smtpd_hard_error_limit`, 20).
+    pub hard_error_limit: u32,
+    /// Delay of error replies past the soft limit (1 s).
+    pub error_sleep: Duration,
+    /// Hold the banner this long after connect (0 = none).
+    pub greet_pause: Duration,
+    /// Input before the banner gets `554 5.5.1` and a close (default true).
+    pub reject_talk_first: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: "localhost".into(),
+            greeting: "ESMTP mailpolicy".into(),
+            max_command_line: 512,
+            max_auth_line: 12288,
+            max_text_line: 1000,
+            max_recipients: 100,
+            max_message_size: 10_240_000,
+            max_header_size: 102_400,
+            max_input_buffer: 256 * 1024,
+            extensions: Extensions::default(),
+            tls_available: false,
+            auth_mechanisms: Vec::new(),
+            auth_requires_tls: true,
+            vrfy_enabled: false,
+            expn_enabled: false,
+            soft_error_limit: 10,
+            hard_error_limit: 20,
+            error_sleep: Duration::from_secs(1),
+            greet_pause: Duration::ZERO,
+            reject_talk_first: true,
+        }
+    }
+}
+
+/// TLS parameters reported by the host after a handshake.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// e.g. `TLSv1.3`.
+    pub version: String,
+    /// e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    /// Server name the client asked for.
+    pub sni: Option<String>,
+    /// DER of the client certificate, when one was presented and verified.
+    pub peer_certificate: Option<Vec<u8>>,
+}
+
+/// What the host knows about the connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Client address.
+    pub remote: Option<SocketAddr>,
+    /// Our address.
+    pub local: Option<SocketAddr>,
+    /// Set for implicit TLS (port 465): TLS is active from the start.
+    pub tls: Option<TlsInfo>,
+}
+
+/// One recipient of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recipient {
+    /// The forward path.
+    pub path: ForwardPath,
+    /// Its parameters.
+    pub params: RcptParams,
+}
+
+/// The envelope of a finished message: sender and accepted recipients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// MAIL FROM path.
+    pub from: ReversePath,
+    /// MAIL FROM parameters.
+    pub params: MailParams,
+    /// Recipients whose RCPT decision accepted them, in order.
+    pub recipients: Vec<Recipient>,
+}
+
+/// What the engine reports to the host. Events marked *decide* block the
+/// session until the host answers; the others are informational.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// *decide*: a client connected; accept sends the banner.
+    Connect,
+    /// *decide*: HELO (`extended == false`) or EHLO.
+    Helo {
+        /// The argument, as sent.
+        name: String,
+        /// EHLO.
+        extended: bool,
+    },
+    /// *decide*: MAIL FROM; accept opens the transaction.
+    Mail {
+        /// Sender.
+        from: ReversePath,
+        /// Parameters.
+        params: MailParams,
+    },
+    /// *decide*: RCPT TO; accept adds the recipient.
+    Rcpt {
+        /// Recipient.
+        to: ForwardPath,
+        /// Parameters.
+        params: RcptParams,
+    },
+    /// *decide*: DATA (before `354`), or the first BDAT of a transaction
+    /// (`chunked`, before its chunk is read; a rejection discards the chunk
+    /// and ends the transaction).
+    Data {
+        /// BDAT rather than DATA.
+        chunked: bool,
+    },
+    /// *decide*: the complete message. Accept replies `250 2.0.0 Queued as
+    /// <queue_id>`; answer only once the message is durable. The
+    /// transaction ends with this decision either way.
+    Message {
+        /// Sender, parameters, accepted recipients.
+        envelope: Envelope,
+        /// The message exactly as received: dot-unstuffed, CRLF line ends,
+        /// without the terminating `.CRLF`.
+        data: Vec<u8>,
+        /// Received with BDAT.
+        chunked: bool,
+    },
+    /// *decide*: VRFY (only when [`Config::vrfy_enabled`]).
+    Vrfy {
+        /// The argument.
+        arg: String,
+    },
+    /// *decide*: EXPN (only when [`Config::expn_enabled`]).
+    Expn {
+        /// The argument.
+        arg: String,
+    },
+    /// *answer with [`Session::auth_continue`] or [`Session::auth_done`]*:
+    /// one SASL step. `data` is the base64-decoded client data; `None` when
+    /// AUTH had no initial response (`=` gives `Some(vec![])`).
+    AuthStep {
+        /// Mechanism, upper case, as configured.
+        mechanism: String,
+        /// Decoded client response.
+        data: Option<Vec<u8>>,
+    },
+    /// Informational: the client cancelled the SASL exchange or sent bad
+    /// base64; drop the SASL state.
+    AuthCancelled,
+    /// *decide*: SASL succeeded for `user`; the policy's auth stage decides.
+    /// Accept replies `235 2.7.0` and marks the session authenticated.
+    Auth {
+        /// Mechanism.
+        mechanism: String,
+        /// Authenticated identity from [`AuthOutcome::Success`].
+        user: String,
+    },
+    /// *answer with [`Session::tls_established`] (or close)*: the engine
+    /// queued `220 2.0.0 Ready to start TLS`; flush it, then handshake.
+    StartTls,
+    /// Informational: the transaction was discarded (RSET, HELO/EHLO,
+    /// STARTTLS, or a rejected first BDAT).
+    Reset,
+    /// Informational: QUIT received; `221` queued, the session closes.
+    Quit,
+    /// Informational: the session is closed; flush `poll_transmit`, then
+    /// close the socket. Always the last event.
+    Closed,
+}
+
+impl Event {
+    /// True when the session waits for [`Session::decide`] (or, for
+    /// `AuthStep`/`StartTls`, the matching method) after this event.
+    pub fn needs_answer(&self) -> bool {
+        !matches!(
+            self,
+            Event::AuthCancelled | Event::Reset | Event::Quit | Event::Closed
+        )
+    }
+}
+
+/// The host's answer to a *decide* event.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the item is accepted (a recipient counts only if accepted).
+    pub accept: bool,
+    /// Reply to send instead of the engine's standard one.
+    pub reply: Option<Reply>,
+    /// Close the connection after the reply.
+    pub close: bool,
+    /// Hold the reply (and all further processing) this long (tarpit).
+    pub delay: Duration,
+    /// Queue id for the `250 2.0.0 Queued as <id>` reply to a message.
+    pub queue_id: Option<String>,
+}
+
+impl Decision {
+    /// Accept with the standard reply.
+    pub fn accept() -> Decision {
+        Decision {
+            accept: true,
+            ..Decision::default()
+        }
+    }
+    /// Accept a message with its queue id.
+    pub fn queued(id: impl Into<String>) -> Decision {
+        Decision {
+            accept: true,
+            queue_id: Some(id.into()),
+            ..Decision::default()
+        }
+    }
+    /// Reject with `reply` (4xx or 5xx).
+    pub fn reject(reply: Reply) -> Decision {
+        Decision {
+            accept: false,
+            reply: Some(reply),
+            ..Decision::default()
+        }
+    }
+    /// Set the reply.
+    pub fn with_reply(mut self, reply: Reply) -> Decision {
+        self.reply = Some(reply);
+        self
+    }
+    /// Close after replying.
+    pub fn with_close(mut self) -> Decision {
+        self.close = true;
+        self
+    }
+    /// Delay the reply.
+    pub fn with_delay(mut self, delay: Duration) -> Decision {
+        self.delay = delay;
+        self
+    }
+}
+
+/// Result of a SASL exchange, for [`Session::auth_done`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// Credentials valid for `user`; the engine emits [`Event::Auth`].
+    Success {
+        /// Authenticated identity.
+        user: String,
+    },
+    /// Credentials invalid; `reply` defaults to `535 5.7.8`.
+    Failure {
+        /// Reply to send.
+        reply: Option<Reply>,
+    },
+}
+
+/// A host call that does not fit the session state (a host bug).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageError {
+    /// No answer is awaited.
+    NotWaiting,
+    /// An answer is awaited, but of another kind (e.g. `decide` during a
+    /// SASL step).
+    WrongAnswer,
+    /// The session is closed.
+    Closed,
+}
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UsageError::NotWaiting => "no answer is awaited",
+            UsageError::WrongAnswer => "another kind of answer is awaited",
+            UsageError::Closed => "session closed",
+        })
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+#[derive(Clone, Debug)]
+enum Pending {
+    Connect,
+    Helo {
+        name: String,
+        extended: bool,
+    },
+    Mail {
+        from: ReversePath,
+        params: MailParams,
+    },
+    Rcpt {
+        to: ForwardPath,
+        params: RcptParams,
+    },
+    Data {
+        bdat: Option<(u64, bool)>,
+    },
+    Message,
+    Vrfy,
+    Expn,
+    AuthStep {
+        mechanism: String,
+    },
+    Auth {
+        mechanism: String,
+        user: String,
+    },
+}
+
+#[derive(Debug)]
+enum BdatSink {
+    Store,
+    Discard {
+        reply: Reply,
+        delay: Duration,
+        close: bool,
+    },
+}
+
+#[derive(Debug)]
+enum Phase {
+    Greeting,
+    Command,
+    Data(Box<DotReceiver>),
+    Bdat {
+        remaining: u64,
+        last: bool,
+        sink: BdatSink,
+    },
+    AuthResponse {
+        mechanism: String,
+    },
+    WaitTls,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    from: ReversePath,
+    params: MailParams,
+    recipients: Vec<Recipient>,
+    bdat: Option<ContentChecker>,
+}
+
+#[derive(Debug)]
+struct Held {
+    until: Time,
+    bytes: Vec<u8>,
+    close: bool,
+}
+
+/// One SMTP server session. See the [module docs](crate::smtp).
+#[derive(Debug)]
+pub struct Session {
+    config: Config,
+    peer: PeerInfo,
+    tls: Option<TlsInfo>,
+    phase: Phase,
+    pending: Option<Pending>,
+    held: Option<Held>,
+    input: Vec<u8>,
+    discarding_line: bool,
+    overflow: bool,
+    out: Vec<u8>,
+    events: VecDeque<Event>,
+    helo: Option<(String, bool)>,
+    tx: Option<Transaction>,
+    auth: Option<(String, String)>,
+    rejected_at_connect: bool,
+    errors: u32,
+    greet_at: Time,
+    closed_emitted: bool,
+}
+
+fn r(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
+    Reply::new(code, e, text)
+}
+
+impl Session {
+    /// Starts a session; the first event is [`Event::Connect`].
+    pub fn new(config: Config, peer: PeerInfo, now: Time) -> Session {
+        let greet_at = now + config.greet_pause;
+        let tls = peer.tls.clone();
+        let mut events = VecDeque::new();
+        events.push_back(Event::Connect);
+        Session {
+            config,
+            peer,
+            tls,
+            phase: Phase::Greeting,
+            pending: Some(Pending::Connect),
+            held: None,
+            input: Vec::new(),
+            discarding_line: false,
+            overflow: false,
+            out: Vec::new(),
+            events,
+            helo: None,
+            tx: None,
+            auth: None,
+            rejected_at_connect: false,
+            errors: 0,
+            greet_at,
+            closed_emitted: false,
+        }
+    }
+
+    // ----- accessors -------------------------------------------------------
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    /// Peer information given at creation.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+    /// Active TLS parameters.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+    /// Accepted HELO/EHLO name and whether it was EHLO.
+    pub fn helo(&self) -> Option<(&str, bool)> {
+        self.helo.as_ref().map(|(n, e)| (n.as_str(), *e))
+    }
+    /// `(mechanism, user)` after an accepted AUTH.
+    pub fn authenticated(&self) -> Option<(&str, &str)> {
+        self.auth.as_ref().map(|(m, u)| (m.as_str(), u.as_str()))
+    }
+    /// Error replies counted so far.
+    pub fn error_count(&self) -> u32 {
+        self.errors
+    }
+    /// True once the session is over: flush [`poll_transmit`](Self::poll_transmit), then close.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+    /// True while an event awaits the host's answer.
+    pub fn is_waiting(&self) -> bool {
+        self.pending.is_some() || matches!(self.phase, Phase::WaitTls)
+    }
+    /// How many more input bytes the engine will buffer now. Hosts should
+    /// read at most this many (backpressure while a decision is pending).
+    pub fn input_room(&self) -> usize {
+        if self.is_closed() {
+            return 0;
+        }
+        self.config
+            .max_input_buffer
+            .saturating_sub(self.input.len())
+    }
+
+    // ----- output ----------------------------------------------------------
+
+    /// Bytes to write to the client, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        if self.out.is_empty() {
+            None
+        } else {
+            Some(std::mem::take(&mut self.out))
+        }
+    }
+
+    /// Next event for the host.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next
+    /// (greet pause, tarpit or error-sleep delays). `None`: no timer.
+    /// Idle timeouts are the host's business (see [`shutdown`](Self::shutdown)).
+    pub fn poll_timeout(&self) -> Option<Time> {
+        self.held.as_ref().map(|h| h.until)
+    }
+
+    /// Alias of [`poll_timeout`](Self::poll_timeout).
+    pub fn next_timeout(&self) -> Option<Time> {
+        self.poll_timeout()
+    }
+
+    // ----- input -----------------------------------------------------------
+
+    /// Bytes received from the client.
+    pub fn handle_input(&mut self, bytes: &[u8], now: Time) {
+        match self.phase {
+            Phase::Closed | Phase::WaitTls => return,
+            Phase::Greeting if !bytes.is_empty() && self.config.reject_talk_first => {
+                self.held = None;
+                self.pending = None;
+                self.input.clear();
+                self.send(
+                    r(
+                        554,
+                        (5, 5, 1),
+                        "Protocol error: client sent data before the greeting",
+                    ),
+                    Duration::ZERO,
+                    true,
+                    now,
+                );
+                return;
+            }
+            _ => {}
+        }
+        let mut rest = bytes;
+        loop {
+            let room = self
+                .config
+                .max_input_buffer
+                .saturating_sub(self.input.len());
+            let take = room.min(rest.len());
+            let (now_part, later) = rest.split_at(take);
+            self.input.extend_from_slice(now_part);
+            rest = later;
+            self.drive(now);
+            if rest.is_empty() || matches!(self.phase, Phase::Closed | Phase::WaitTls) {
+                break;
+            }
+            if self.input.len() >= self.config.max_input_buffer {
+                self.overflow = true;
+                self.drive(now);
+                break;
+            }
+        }
+    }
+
+    /// The clock reached `now`: release held replies whose time has come.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if let Some(h) = &self.held {
+            if now >= h.until {
+                if let Some(h) = self.held.take() {
+                    self.out.extend_from_slice(&h.bytes);
+                    if h.close {
+                        self.close_now();
+                    } else if matches!(self.phase, Phase::Greeting) {
+                        self.phase = Phase::Command;
+                    }
+                }
+                self.drive(now);
+            }
+        }
+    }
+
+    /// The client closed its side (EOF) or the connection broke. An
+    /// unfinished message is discarded.
+    pub fn handle_eof(&mut self, _now: Time) {
+        self.held = None;
+        self.pending = None;
+        self.close_now();
+    }
+
+    /// The host ends the session (idle timeout, shutdown): sends `reply`
+    /// (default `421 4.3.2 Service shutting down`) and closes. Pending
+    /// decisions and held replies are dropped.
+    pub fn shutdown(&mut self, reply: Option<Reply>, now: Time) {
+        if self.is_closed() {
+            return;
+        }
+        self.held = None;
+        self.pending = None;
+        let reply = reply.unwrap_or_else(|| r(421, (4, 3, 2), "Service shutting down"));
+        self.send(reply, Duration::ZERO, true, now);
+    }
+
+    // ----- host answers ----------------------------------------------------
+
+    /// Answers the pending *decide* event.
+    pub fn decide(&mut self, d: Decision, now: Time) -> Result<(), UsageError> {
+        if self.is_closed() {
+            return Err(UsageError::Closed);
+        }
+        let pending = match self.pending.take() {
+            None => return Err(UsageError::NotWaiting),
+            Some(p @ Pending::AuthStep { .. }) => {
+                self.pending = Some(p);
+                return Err(UsageError::WrongAnswer);
+            }
+            Some(p) => p,
+        };
+        let custom = d.reply.clone();
+        let reply_or = |default: Reply| custom.clone().unwrap_or(default);
+        let mut delay = d.delay;
+        let reply = match pending {
+            Pending::Connect => {
+                delay = delay.max(self.greet_at - now);
+                if d.accept {
+                    let text = format!("{} {}", self.config.hostname, self.config.greeting);
+                    reply_or(Reply::plain(220, text.trim_end()))
+                } else {
+                    if !d.close {
+                        self.rejected_at_connect = true;
+                    }
+                    reply_or(r(554, (5, 7, 1), "Access denied"))
+                }
+            }
+            Pending::Helo { name, extended } => {
+                if d.accept {
+                    let first = custom
+                        .as_ref()
+                        .map(|c| c.text.clone())
+                        .unwrap_or_else(|| format!("{} Hello {}", self.config.hostname, name));
+                    self.helo = Some((name, extended));
+                    if extended {
+                        self.ehlo_reply(first)
+                    } else {
+                        Reply::plain(250, first)
+                    }
+                } else {
+                    self.helo = None;
+                    reply_or(r(550, (5, 7, 1), "HELO rejected"))
+                }
+            }
+            Pending::Mail { from, params } => {
+                if d.accept {
+                    self.tx = Some(Transaction {
+                        from,
+                        params,
+                        recipients: Vec::new(),
+                        bdat: None,
+                    });
+                    reply_or(r(250, (2, 1, 0), "Sender OK"))
+                } else {
+                    reply_or(r(550, (5, 7, 1), "Sender rejected"))
+                }
+            }
+            Pending::Rcpt { to, params } => {
+                if d.accept {
+                    if let Some(tx) = self.tx.as_mut() {
+                        tx.recipients.push(Recipient { path: to, params });
+                    }
+                    reply_or(r(250, (2, 1, 5), "Recipient OK"))
+                } else {
+                    reply_or(r(550, (5, 7, 1), "Recipient rejected"))
+                }
+            }
+            Pending::Data { bdat: None } => {
+                if d.accept {
+                    let checker = self.new_checker();
+                    self.phase = Phase::Data(Box::new(DotReceiver::new(checker)));
+                    reply_or(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
+                } else {
+                    reply_or(r(554, (5, 7, 1), "Data rejected"))
+                }
+            }
+            Pending::Data {
+                bdat: Some((size, last)),
+            } => {
+                let sink = if d.accept {
+                    let checker = self.new_checker();
+                    if let Some(tx) = self.tx.as_mut() {
+                        tx.bdat = Some(checker);
+                    }
+                    BdatSink::Store
+                } else {
+                    self.reset_tx();
+                    BdatSink::Discard {
+                        reply: reply_or(r(554, (5, 7, 1), "Data rejected")),
+                        delay: d.delay,
+                        close: d.close,
+                    }
+                };
+                self.phase = Phase::Bdat {
+                    remaining: size,
+                    last,
+                    sink,
+                };
+                self.drive(now);
+                return Ok(());
+            }
+            Pending::Message => {
+                if d.accept {
+                    self.errors = 0;
+                    let text = match &d.queue_id {
+                        Some(id) => format!("Queued as {id}"),
+                        None => "Message accepted".to_string(),
+                    };
+                    reply_or(r(250, (2, 0, 0), &text))
+                } else {
+                    reply_or(r(550, (5, 7, 1), "Message rejected"))
+                }
+            }
+            Pending::Vrfy => reply_or(if d.accept {
+                r(
+                    252,
+                    (2, 5, 2),
+                    "Cannot VRFY user, but will accept message and attempt delivery",
+                )
+            } else {
+                r(550, (5, 7, 1), "Access denied")
+            }),
+            Pending::Expn => reply_or(if d.accept {
+                r(502, (5, 5, 1), "EXPN not available")
+            } else {
+                r(550, (5, 7, 1), "Access denied")
+            }),
+            Pending::Auth { mechanism, user } => {
+                if d.accept {
+                    self.auth = Some((mechanism, user));
+                    reply_or(r(235, (2, 7, 0), "Authentication successful"))
+                } else {
+                    reply_or(r(535, (5, 7, 8), "Authentication credentials invalid"))
+                }
+            }
+            Pending::AuthStep { .. } => return Err(UsageError::WrongAnswer),
+        };
+        self.send(reply, delay, d.close, now);
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Answers [`Event::AuthStep`] with a server challenge (`334 <base64>`).
+    pub fn auth_continue(&mut self, challenge: &[u8], now: Time) -> Result<(), UsageError> {
+        let mechanism = self.take_auth_step()?;
+        self.phase = Phase::AuthResponse { mechanism };
+        self.out.extend_from_slice(b"334 ");
+        self.out
+            .extend_from_slice(base64::encode(challenge).as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Answers [`Event::AuthStep`] with the end of the SASL exchange.
+    pub fn auth_done(&mut self, outcome: AuthOutcome, now: Time) -> Result<(), UsageError> {
+        let mechanism = self.take_auth_step()?;
+        self.phase = Phase::Command;
+        match outcome {
+            AuthOutcome::Success { user } => {
+                self.events.push_back(Event::Auth {
+                    mechanism: mechanism.clone(),
+                    user: user.clone(),
+                });
+                self.pending = Some(Pending::Auth { mechanism, user });
+            }
+            AuthOutcome::Failure { reply } => {
+                let reply = reply
+                    .unwrap_or_else(|| r(535, (5, 7, 8), "Authentication credentials invalid"));
+                self.send(reply, Duration::ZERO, false, now);
+                self.drive(now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers [`Event::StartTls`]: the handshake succeeded. The session
+    /// restarts as freshly connected under TLS (no banner; the client must
+    /// EHLO again; HELO, AUTH and transaction are forgotten).
+    pub fn tls_established(&mut self, info: TlsInfo, now: Time) -> Result<(), UsageError> {
+        match self.phase {
+            Phase::WaitTls => {}
+            Phase::Closed => return Err(UsageError::Closed),
+            _ => return Err(UsageError::NotWaiting),
+        }
+        self.tls = Some(info);
+        self.helo = None;
+        self.tx = None;
+        self.auth = None;
+        self.input.clear();
+        self.discarding_line = false;
+        self.phase = Phase::Command;
+        self.drive(now);
+        Ok(())
+    }
+
+    fn take_auth_step(&mut self) -> Result<String, UsageError> {
+        if self.is_closed() {
+            return Err(UsageError::Closed);
+        }
+        match self.pending.take() {
+            Some(Pending::AuthStep { mechanism }) => Ok(mechanism),
+            Some(p) => {
+                self.pending = Some(p);
+                Err(UsageError::WrongAnswer)
+            }
+            None => Err(UsageError::NotWaiting),
+        }
+    }
+
+    // ----- internals -------------------------------------------------------
+
+    fn new_checker(&self) -> ContentChecker {
+        ContentChecker::new(
+            self.config.max_message_size,
+            self.config.max_text_line,
+            self.config.max_header_size,
+        )
+    }
+
+    fn close_now(&mut self) {
+        self.phase = Phase::Closed;
+        self.input = Vec::new();
+        self.tx = None;
+        if !self.closed_emitted {
+            self.closed_emitted = true;
+            self.events.push_back(Event::Closed);
+        }
+    }
+
+    fn reset_tx(&mut self) {
+        if self.tx.take().is_some() {
+            self.events.push_back(Event::Reset);
+        }
+    }
+
+    /// Queues a reply, counting errors and applying error sleep and the
+    /// hard error limit.
+    fn send(&mut self, reply: Reply, delay: Duration, close: bool, now: Time) {
+        let mut bytes = reply.to_wire(self.config.extensions.enhanced_status_codes);
+        let mut delay = delay;
+        let mut close = close;
+        if reply.is_error() && !close {
+            self.errors = self.errors.saturating_add(1);
+            if self.errors >= self.config.soft_error_limit {
+                delay = delay.max(self.config.error_sleep);
+            }
+            if self.errors >= self.config.hard_error_limit {
+                let bye = r(
+                    421,
+                    (4, 7, 0),
+                    &format!("{} Error: too many errors", self.config.hostname),
+                );
+                bytes.extend_from_slice(&bye.to_wire(self.config.extensions.enhanced_status_codes));
+                close = true;
+            }
+        }
+        if delay > Duration::ZERO {
+            self.held = Some(Held {
+                until: now + delay,
+                bytes,
+                close,
+            });
+        } else {
+            self.out.extend_from_slice(&bytes);
+            if close {
+                self.close_now();
+            } else if matches!(self.phase, Phase::Greeting) {
+                self.phase = Phase::Command;
+            }
+        }
+    }
+
+    fn blocked(&self) -> bool {
+        self.pending.is_some()
+            || self.held.is_some()
+            || matches!(self.phase, Phase::Closed | Phase::WaitTls | Phase::Greeting)
+    }
+
+    /// Processes buffered input until blocked or out of input.
+    fn drive(&mut self, now: Time) {
+        while !self.blocked() {
+            if self.overflow {
+                self.overflow = false;
+                self.input.clear();
+                self.send(
+                    r(421, (4, 7, 0), "Too much pipelined input"),
+                    Duration::ZERO,
+                    true,
+                    now,
+                );
+                return;
+            }
+            match &mut self.phase {
+                Phase::Data(rx) => match rx.feed(&self.input) {
+                    Some(n) => {
+                        self.input.drain(..n.min(self.input.len()));
+                        let phase = std::mem::replace(&mut self.phase, Phase::Command);
+                        if let Phase::Data(rx) = phase {
+                            self.finish_message(rx.content, false, now);
+                        }
+                    }
+                    None => {
+                        self.input.clear();
+                        return;
+                    }
+                },
+                Phase::Bdat {
+                    remaining, sink, ..
+                } => {
+                    let take = usize::try_from(*remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(self.input.len());
+                    if take > 0 {
+                        if matches!(sink, BdatSink::Store) {
+                            if let Some(c) = self.tx.as_mut().and_then(|t| t.bdat.as_mut()) {
+                                c.push(self.input.get(..take).unwrap_or(&[]));
+                            }
+                        }
+                        self.input.drain(..take);
+                        *remaining -= take as u64;
+                    }
+                    if *remaining > 0 {
+                        return;
+                    }
+                    let phase = std::mem::replace(&mut self.phase, Phase::Command);
+                    if let Phase::Bdat { last, sink, .. } = phase {
+                        self.finish_chunk(last, sink, now);
+                    }
+                }
+                Phase::Command | Phase::AuthResponse { .. } => match self.take_line() {
+                    None => return,
+                    Some(None) => {
+                        if let Phase::AuthResponse { .. } = self.phase {
+                            self.phase = Phase::Command;
+                            self.events.push_back(Event::AuthCancelled);
+                        }
+                        self.send(
+                            r(500, (5, 5, 6), "Line too long"),
+                            Duration::ZERO,
+                            false,
+                            now,
+                        );
+                    }
+                    Some(Some(line)) => self.process_line(line, now),
+                },
+                Phase::Greeting | Phase::WaitTls | Phase::Closed => return,
+            }
+        }
+    }
+
+    /// `None`: need more input. `Some(None)`: an over-long line was dropped.
+    fn take_line(&mut self) -> Option<Option<Vec<u8>>> {
+        let pos = self.input.iter().position(|&b| b == b'\n');
+        if self.discarding_line {
+            match pos {
+                Some(p) => {
+                    self.input.drain(..=p);
+                    self.discarding_line = false;
+                    return Some(None);
+                }
+                None => {
+                    self.input.clear();
+                    return None;
+                }
+            }
+        }
+        let is_auth = matches!(self.phase, Phase::AuthResponse { .. })
+            || self
+                .input
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"AUTH "));
+        let limit = if is_auth {
+            self.config.max_auth_line.max(self.config.max_command_line)
+        } else {
+            self.config.max_command_line
+        };
+        match pos {
+            Some(p) => {
+                let line: Vec<u8> = self.input.drain(..=p).collect();
+                if line.len() > limit {
+                    Some(None)
+                } else {
+                    Some(Some(line))
+                }
+            }
+            None => {
+                if self.input.len() >= limit {
+                    self.input.clear();
+                    self.discarding_line = true;
+                }
+                None
+            }
+        }
+    }
+
+    fn offered(&self) -> Offered {
+        let e = &self.config.extensions;
+        if !matches!(self.helo, Some((_, true))) {
+            return Offered::default();
+        }
+        Offered {
+            size: e.size,
+            eight_bit: e.eight_bit_mime,
+            binary: e.binary_mime && e.chunking,
+            smtputf8: e.smtputf8,
+            dsn: e.dsn,
+            auth: self.auth_offered(),
+        }
+    }
+
+    fn auth_offered(&self) -> bool {
+        !self.config.auth_mechanisms.is_empty()
+            && (self.tls.is_some() || !self.config.auth_requires_tls)
+    }
+
+    fn ehlo_reply(&self, first: String) -> Reply {
+        let e = &self.config.extensions;
+        let mut lines = vec![first];
+        if e.pipelining {
+            lines.push("PIPELINING".into());
+        }
+        if e.size {
+            if self.config.max_message_size > 0 {
+                lines.push(format!("SIZE {}", self.config.max_message_size));
+            } else {
+                lines.push("SIZE".into());
+            }
+        }
+        if e.eight_bit_mime {
+            lines.push("8BITMIME".into());
+        }
+        if e.smtputf8 {
+            lines.push("SMTPUTF8".into());
+        }
+        if e.enhanced_status_codes {
+            lines.push("ENHANCEDSTATUSCODES".into());
+        }
+        if e.dsn {
+            lines.push("DSN".into());
+        }
+        if e.chunking {
+            lines.push("CHUNKING".into());
+            if e.binary_mime {
+                lines.push("BINARYMIME".into());
+            }
+        }
+        if e.starttls && self.config.tls_available && self.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() {
+            lines.push(format!("AUTH {}", self.config.auth_mechanisms.join(" ")));
+        }
+        Reply::plain(250, lines.join("\n"))
+    }
+
+    fn finish_chunk(&mut self, last: bool, sink: BdatSink, now: Time) {
+        match sink {
+            BdatSink::Discard {
+                reply,
+                delay,
+                close,
+            } => self.send(reply, delay, close, now),
+            BdatSink::Store => {
+                let checker = self.tx.as_mut().and_then(|t| t.bdat.take());
+                let Some(checker) = checker else {
+                    self.send(
+                        r(503, (5, 5, 1), "Need MAIL command"),
+                        Duration::ZERO,
+                        false,
+                        now,
+                    );
+                    return;
+                };
+                if last {
+                    self.finish_message(checker, true, now);
+                } else if checker.flags.too_big {
+                    self.reset_tx();
+                    self.send(
+                        r(
+                            552,
+                            (5, 3, 4),
+                            "Message size exceeds fixed maximum message size",
+                        ),
+                        Duration::ZERO,
+                        false,
+                        now,
+                    );
+                } else {
+                    let size = checker.size();
+                    if let Some(tx) = self.tx.as_mut() {
+                        tx.bdat = Some(checker);
+                    }
+                    self.send(
+                        r(250, (2, 0, 0), &format!("{size} octets received")),
+                        Duration::ZERO,
+                        false,
+                        now,
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish_message(&mut self, checker: ContentChecker, chunked: bool, now: Time) {
+        let (data, flags) = checker.finish();
+        let Some(tx) = self.tx.take() else {
+            self.send(
+                r(503, (5, 5, 1), "Need MAIL command"),
+                Duration::ZERO,
+                false,
+                now,
+            );
+            return;
+        };
+        let binary = tx.params.body == BodyType::BinaryMime;
+        let ContentFlags {
+            too_big,
+            bare_newline,
+            long_line,
+            header_too_big,
+        } = flags;
+        let err = if too_big {
+            Some(r(
+                552,
+                (5, 3, 4),
+                "Message size exceeds fixed maximum message size",
+            ))
+        } else if bare_newline && !binary {
+            Some(r(
+                550,
+                (5, 5, 2),
+                "Message contains bare CR or LF; lines must end with CRLF",
+            ))
+        } else if header_too_big {
+            Some(r(552, (5, 3, 4), "Message header size exceeds limit"))
+        } else if long_line && !binary {
+            Some(r(500, (5, 5, 6), "Message line too long"))
+        } else {
+            None
+        };
+        if let Some(e) = err {
+            self.send(e, Duration::ZERO, false, now);
+            return;
+        }
+        self.pending = Some(Pending::Message);
+        self.events.push_back(Event::Message {
+            envelope: Envelope {
+                from: tx.from,
+                params: tx.params,
+                recipients: tx.recipients,
+            },
+            data,
+            chunked,
+        });
+    }
+
+    fn process_line(&mut self, line: Vec<u8>, now: Time) {
+        let err = |s: &mut Session, reply: Reply| s.send(reply, Duration::ZERO, false, now);
+        let body = line.strip_suffix(b"\n").unwrap_or(&line);
+        let Some(body) = body.strip_suffix(b"\r") else {
+            if let Phase::AuthResponse { .. } = self.phase {
+                self.phase = Phase::Command;
+                self.events.push_back(Event::AuthCancelled);
+            }
+            return err(
+                self,
+                r(500, (5, 5, 2), "Bare LF received; lines must end with CRLF"),
+            );
+        };
+        let text = match std::str::from_utf8(body) {
+            Ok(t) if !t.chars().any(|c| c.is_control() && c != '\t') => t.to_string(),
+            _ => {
+                if let Phase::AuthResponse { .. } = self.phase {
+                    self.phase = Phase::Command;
+                    self.events.push_back(Event::AuthCancelled);
+                }
+                return err(self, r(500, (5, 5, 2), "Invalid characters in command"));
+            }
+        };
+        if let Phase::AuthResponse { mechanism } = &self.phase {
+            let mechanism = mechanism.clone();
+            self.phase = Phase::Command;
+            return self.auth_response(mechanism, &text, now);
+        }
+        let (verb, args) = match text.split_once(' ') {
+            Some((v, a)) => (v, a),
+            None => (text.as_str(), ""),
+        };
+        let verb = verb.to_ascii_uppercase();
+        if self.rejected_at_connect && verb != "QUIT" {
+            return err(self, r(503, (5, 5, 1), "Bad sequence of commands"));
+        }
+        let no_args = args.trim().is_empty();
+        match verb.as_str() {
+            "HELO" | "EHLO" => {
+                let name = args.trim();
+                if name.is_empty() || name.contains([' ', '\t']) {
+                    return err(self, r(501, (5, 5, 4), &format!("Syntax: {verb} hostname")));
+                }
+                self.reset_tx();
+                self.helo = None;
+                self.wait(
+                    Pending::Helo {
+                        name: name.to_string(),
+                        extended: verb == "EHLO",
+                    },
+                    Event::Helo {
+                        name: name.to_string(),
+                        extended: verb == "EHLO",
+                    },
+                );
+            }
+            "MAIL" => self.cmd_mail(args, now),
+            "RCPT" => self.cmd_rcpt(args, now),
+            "DATA" => {
+                if !no_args {
+                    err(self, r(501, (5, 5, 4), "Syntax: DATA"))
+                } else if let Some(e) = self.data_precheck() {
+                    err(self, e)
+                } else if self.tx.as_ref().is_some_and(|t| t.bdat.is_some()) {
+                    err(self, r(503, (5, 5, 1), "DATA not allowed after BDAT"))
+                } else if self.tx.as_ref().is_some_and(|t| t.params.body == BodyType::BinaryMime) {
+                    err(self, r(503, (5, 5, 1), "BODY=BINARYMIME requires BDAT"))
+                } else {
+                    self.wait(Pending::Data { bdat: None }, Event::Data { chunked: false });
+                }
+            }
+            "BDAT" => self.cmd_bdat(args, now),
+            "RSET" => {
+                if !no_args {
+                    return err(self, r(501, (5, 5, 4), "Syntax: RSET"));
+                }
+                self.reset_tx();
+                self.send(r(250, (2, 0, 0), "OK"), Duration::ZERO, false, now);
+            }
+            "NOOP" => self.send(r(250, (2, 0, 0), "OK"), Duration::ZERO, false, now),
+            "QUIT" => {
+                if !no_args {
+                    return err(self, r(501, (5, 5, 4), "Syntax: QUIT"));
+                }
+                self.events.push_back(Event::Quit);
+                let bye = format!("{} closing connection", self.config.hostname);
+                self.send(r(221, (2, 0, 0), &bye), Duration::ZERO, true, now);
+            }
+            "VRFY" | "EXPN" => {
+                if no_args {
+                    return err(self, r(501, (5, 5, 4), &format!("Syntax: {verb} address")));
+                }
+                let arg = args.trim().to_string();
+                if verb == "VRFY" {
+                    if self.config.vrfy_enabled {
+                        self.wait(Pending::Vrfy, Event::Vrfy { arg });
+                    } else {
+                        self.send(
+                            r(252, (2, 5, 2), "Cannot VRFY user, but will accept message and attempt delivery"),
+                            Duration::ZERO,
+                            false,
+                            now,
+                        );
+                    }
+                } else if self.config.expn_enabled {
+                    self.wait(Pending::Expn, Event::Expn { arg });
+                } else {
+                    err(self, r(502, (5, 5, 1), "EXPN not available"));
+                }
+            }
+            "HELP" => self.send(
+                r(
+                    214,
+                    (2, 0, 0),
+                    "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+                ),
+                Duration::ZERO,
+                false,
+                now,
+            ),
+            "STARTTLS" => {
+                if !no_args {
+                    err(self, r(501, (5, 5, 4), "Syntax: STARTTLS"))
+                } else if self.tls.is_some() {
+                    err(self, r(503, (5, 5, 1), "TLS already active"))
+                } else if !(self.config.tls_available && self.config.extensions.starttls) {
+                    err(self, r(502, (5, 5, 1), "STARTTLS not available"))
+                } else if self.tx.is_some() {
+                    err(self, r(503, (5, 5, 1), "MAIL transaction in progress"))
+                } else {
+                    self.out
+                        .extend_from_slice(&r(220, (2, 0, 0), "Ready to start TLS").to_wire(self.config.extensions.enhanced_status_codes));
+                    // CVE-2011-0411: nothing received before the handshake may
+                    // be interpreted after it.
+                    self.input.clear();
+                    self.discarding_line = false;
+                    self.phase = Phase::WaitTls;
+                    self.events.push_back(Event::StartTls);
+                }
+            }
+            "AUTH" => self.cmd_auth(args, now),
+            "GET" | "POST" | "HEAD" | "PUT" | "CONNECT" | "USER" => {
+                self.send(r(521, (5, 5, 1), "Protocol error"), Duration::ZERO, true, now)
+            }
+            "TURN" | "ETRN" | "ATRN" | "SEND" | "SOML" | "SAML" => {
+                err(self, r(502, (5, 5, 1), "Command not implemented"))
+            }
+            _ => err(self, r(500, (5, 5, 2), "Command unrecognized")),
+        }
+    }
+
+    fn wait(&mut self, p: Pending, e: Event) {
+        self.pending = Some(p);
+        self.events.push_back(e);
+    }
+
+    fn data_precheck(&self) -> Option<Reply> {
+        match &self.tx {
+            None => Some(r(503, (5, 5, 1), "Need MAIL command")),
+            Some(t) if t.recipients.is_empty() => Some(r(554, (5, 5, 1), "No valid recipients")),
+            Some(_) => None,
+        }
+    }
+
+    /// Splits `FROM:<path> params` / `TO:<path> params`.
+    fn split_arg<'a>(args: &'a str, keyword: &str) -> Option<(&'a str, &'a str)> {
+        let head = args.get(..keyword.len())?;
+        if !head.eq_ignore_ascii_case(keyword) {
+            return None;
+        }
+        let rest = args.get(keyword.len()..)?;
+        // Be lenient on a space after the colon (common), nothing else.
+        let rest = rest.strip_prefix(' ').unwrap_or(rest);
+        let (path, params) = split_path(rest)?;
+        if !(params.is_empty() || params.starts_with(' ')) {
+            return None;
+        }
+        Some((path, params))
+    }
+
+    fn cmd_mail(&mut self, args: &str, now: Time) {
+        let err = |s: &mut Session, reply: Reply| s.send(reply, Duration::ZERO, false, now);
+        if self.helo.is_none() {
+            return err(self, r(503, (5, 5, 1), "Send HELO/EHLO first"));
+        }
+        if self.tx.is_some() {
+            return err(self, r(503, (5, 5, 1), "Nested MAIL command"));
+        }
+        let Some((path, params)) = Self::split_arg(args, "FROM:") else {
+            return err(self, r(501, (5, 1, 7), "Syntax: MAIL FROM:<address>"));
+        };
+        let offered = self.offered();
+        let params = match parse_mail_params(params, offered, self.config.max_message_size) {
+            Ok(p) => p,
+            Err(e) => return err(self, param_error(e)),
+        };
+        let from = match parse_reverse_path(path, params.smtputf8) {
+            Ok(p) => p,
+            Err(PathError::NeedsSmtpUtf8) => {
+                return err(
+                    self,
+                    r(553, (5, 6, 7), "Non-ASCII addresses require SMTPUTF8"),
+                )
+            }
+            Err(_) => return err(self, r(501, (5, 1, 7), "Bad sender address syntax")),
+        };
+        self.wait(
+            Pending::Mail {
+                from: from.clone(),
+                params: params.clone(),
+            },
+            Event::Mail { from, params },
+        );
+    }
+
+    fn cmd_rcpt(&mut self, args: &str, now: Time) {
+        let err = |s: &mut Session, reply: Reply| s.send(reply, Duration::ZERO, false, now);
+        if self.helo.is_none() {
+            return err(self, r(503, (5, 5, 1), "Send HELO/EHLO first"));
+        }
+        let Some(tx) = &self.tx else {
+            return err(self, r(503, (5, 5, 1), "Need MAIL command"));
+        };
+        let utf8 = tx.params.smtputf8;
+        let count = tx.recipients.len();
+        if tx.bdat.is_some() {
+            return err(self, r(503, (5, 5, 1), "RCPT not allowed during BDAT"));
+        }
+        let Some((path, params)) = Self::split_arg(args, "TO:") else {
+            return err(self, r(501, (5, 1, 3), "Syntax: RCPT TO:<address>"));
+        };
+        let params = match parse_rcpt_params(params, self.offered()) {
+            Ok(p) => p,
+            Err(e) => return err(self, param_error(e)),
+        };
+        let to = match parse_forward_path(path, utf8) {
+            Ok(p) => p,
+            Err(PathError::NeedsSmtpUtf8) => {
+                return err(
+                    self,
+                    r(553, (5, 6, 7), "Non-ASCII addresses require SMTPUTF8"),
+                )
+            }
+            Err(_) => return err(self, r(501, (5, 1, 3), "Bad recipient address syntax")),
+        };
+        if count >= self.config.max_recipients {
+            return err(self, r(452, (4, 5, 3), "Too many recipients"));
+        }
+        self.wait(
+            Pending::Rcpt {
+                to: to.clone(),
+                params: params.clone(),
+            },
+            Event::Rcpt { to, params },
+        );
+    }
+
+    fn cmd_bdat(&mut self, args: &str, now: Time) {
+        let mut it = args.split(' ').filter(|s| !s.is_empty());
+        let size = it
+            .next()
+            .filter(|s| s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok());
+        let last = match it.next() {
+            None => Some(false),
+            Some(l) if l.eq_ignore_ascii_case("LAST") => Some(true),
+            Some(_) => None,
+        };
+        let (Some(size), Some(last), None) = (size, last, it.next()) else {
+            // Without a valid size we cannot find the end of the chunk:
+            // anything after could be chunk data, so close.
+            return self.send(
+                r(501, (5, 5, 4), "Syntax: BDAT size [LAST]"),
+                Duration::ZERO,
+                true,
+                now,
+            );
+        };
+        let discard = |reply: Reply| Phase::Bdat {
+            remaining: size,
+            last,
+            sink: BdatSink::Discard {
+                reply,
+                delay: Duration::ZERO,
+                close: false,
+            },
+        };
+        if !self.config.extensions.chunking {
+            self.phase = discard(r(502, (5, 5, 1), "BDAT not available"));
+            return;
+        }
+        if let Some(e) = self.data_precheck() {
+            self.phase = discard(e);
+            return;
+        }
+        let started = self.tx.as_ref().is_some_and(|t| t.bdat.is_some());
+        if started {
+            self.phase = Phase::Bdat {
+                remaining: size,
+                last,
+                sink: BdatSink::Store,
+            };
+        } else {
+            self.wait(
+                Pending::Data {
+                    bdat: Some((size, last)),
+                },
+                Event::Data { chunked: true },
+            );
+        }
+    }
+
+    fn cmd_auth(&mut self, args: &str, now: Time) {
+        let err = |s: &mut Session, reply: Reply| s.send(reply, Duration::ZERO, false, now);
+        if self.config.auth_mechanisms.is_empty() {
+            return err(self, r(502, (5, 5, 1), "AUTH not available"));
+        }
+        if !matches!(self.helo, Some((_, true))) {
+            return err(self, r(503, (5, 5, 1), "Send EHLO first"));
+        }
+        if !self.auth_offered() {
+            return err(
+                self,
+                r(530, (5, 7, 0), "Must issue a STARTTLS command first"),
+            );
+        }
+        if self.auth.is_some() {
+            return err(self, r(503, (5, 5, 1), "Already authenticated"));
+        }
+        if self.tx.is_some() {
+            return err(
+                self,
+                r(503, (5, 5, 1), "AUTH not allowed during a mail transaction"),
+            );
+        }
+        let mut it = args.split(' ').filter(|s| !s.is_empty());
+        let (Some(mech), ir, None) = (it.next(), it.next(), it.next()) else {
+            return err(
+                self,
+                r(501, (5, 5, 4), "Syntax: AUTH mechanism [initial-response]"),
+            );
+        };
+        let Some(mechanism) = self
+            .config
+            .auth_mechanisms
+            .iter()
+            .find(|m| m.eq_ignore_ascii_case(mech))
+            .cloned()
+        else {
+            return err(self, r(504, (5, 5, 4), "Unrecognized authentication type"));
+        };
+        let data = match ir {
+            None => None,
+            Some("=") => Some(Vec::new()),
+            Some(b) => match base64::decode(b.as_bytes()) {
+                Some(d) => Some(d),
+                None => return err(self, r(501, (5, 5, 2), "Invalid base64 data")),
+            },
+        };
+        self.wait(
+            Pending::AuthStep {
+                mechanism: mechanism.clone(),
+            },
+            Event::AuthStep { mechanism, data },
+        );
+    }
+
+    fn auth_response(&mut self, mechanism: String, text: &str, now: Time) {
+        if text == "*" {
+            self.events.push_back(Event::AuthCancelled);
+            return self.send(
+                r(501, (5, 7, 0), "Authentication cancelled"),
+                Duration::ZERO,
+                false,
+                now,
+            );
+        }
+        match base64::decode(text.as_bytes()) {
+            Some(data) => self.wait(
+                Pending::AuthStep {
+                    mechanism: mechanism.clone(),
+                },
+                Event::AuthStep {
+                    mechanism,
+                    data: Some(data),
+                },
+            ),
+            None => {
+                self.events.push_back(Event::AuthCancelled);
+                self.send(
+                    r(501, (5, 5, 2), "Invalid base64 data"),
+                    Duration::ZERO,
+                    false,
+                    now,
+                )
+            }
+        }
+    }
+}
+
+fn param_error(e: ParamError) -> Reply {
+    match e {
+        ParamError::Syntax(m) => r(501, (5, 5, 4), m),
+        ParamError::Unsupported => r(555, (5, 5, 4), "Unsupported parameter"),
+        ParamError::TooBig => r(
+            552,
+            (5, 3, 4),
+            "Message size exceeds fixed maximum message size",
+        ),
+    }
+}
