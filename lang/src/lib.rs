@@ -1,1 +1,16 @@
-//! The mailpolicy language.
+//! The mailpolicy language: parsing, checking and lowering `.mailpolicy` files to the IR
+//! that the runtime evaluates. `lang` reads the policy and its includes through a
+//! [`source::Loader`] and does no other I/O.
+
+pub mod ast;
+pub mod check;
+pub mod diag;
+pub mod ir;
+pub mod parse;
+pub mod schema;
+pub mod source;
+
+pub use check::{compile, Compilation};
+pub use diag::{Diagnostic, Severity};
+pub use ir::Program;
+pub use source::{FsLoader, Loader, MemLoader, SourceMap};

@@ -1,1 +1,39 @@
-fn main() {}
+//! `mailc`: a thin command line over the `lang`, `stdlib` and `runtime` crates.
+
+mod check;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+mailc: compile, test and run mailpolicy files
+
+Usage:
+  mailc check [--format human|json] [--deny-warnings] FILE...
+  mailc help
+
+Exit codes: 0 success, 1 errors found, 2 usage or I/O error.";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    let Some(cmd) = args.next() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest: Vec<std::ffi::OsString> = args.collect();
+    let code = match cmd.to_str() {
+        Some("check") => check::main(rest),
+        Some("help" | "--help" | "-h") => {
+            println!("{USAGE}");
+            0
+        }
+        Some("--version" | "-V") => {
+            println!("mailc {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        _ => {
+            eprintln!("mailc: unknown command {:?}\n\n{USAGE}", cmd);
+            2
+        }
+    };
+    ExitCode::from(code)
+}

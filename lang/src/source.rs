@@ -1,0 +1,180 @@
+//! Source files, spans and the loader that reads a policy and its includes.
+//!
+//! This is the only place `lang` touches the file system, and only through [`Loader`].
+
+use std::path::{Path, PathBuf};
+
+/// Index of a file in a [`SourceMap`].
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct FileId(pub u32);
+
+/// A byte range in one source file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Span {
+    pub file: FileId,
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Span {
+    pub fn new(file: FileId, start: usize, end: usize) -> Span {
+        Span {
+            file,
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+    pub fn to(self, other: Span) -> Span {
+        Span {
+            file: self.file,
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
+    }
+    pub fn len(self) -> usize {
+        (self.end - self.start) as usize
+    }
+    pub fn is_empty(self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// One loaded source file.
+#[derive(Debug)]
+pub struct SourceFile {
+    /// The name shown in diagnostics (the path as given, or as resolved for includes).
+    pub name: String,
+    pub path: PathBuf,
+    pub text: String,
+    line_starts: Vec<u32>,
+}
+
+impl SourceFile {
+    pub fn new(name: String, path: PathBuf, text: String) -> SourceFile {
+        let mut line_starts = vec![0];
+        for (i, b) in text.bytes().enumerate() {
+            if b == b'\n' {
+                line_starts.push(i as u32 + 1);
+            }
+        }
+        SourceFile {
+            name,
+            path,
+            text,
+            line_starts,
+        }
+    }
+
+    /// 1-based line and column (column counts characters) of a byte offset.
+    pub fn line_col(&self, offset: u32) -> (u32, u32) {
+        let line = match self.line_starts.binary_search(&offset) {
+            Ok(i) => i,
+            Err(i) => i - 1,
+        };
+        let start = self.line_starts[line] as usize;
+        let end = (offset as usize).min(self.text.len());
+        let col = self
+            .text
+            .get(start..end)
+            .map(|s| s.chars().count())
+            .unwrap_or(end - start);
+        (line as u32 + 1, col as u32 + 1)
+    }
+}
+
+/// All files of one compilation.
+#[derive(Debug, Default)]
+pub struct SourceMap {
+    files: Vec<SourceFile>,
+}
+
+impl SourceMap {
+    pub fn add(&mut self, file: SourceFile) -> FileId {
+        self.files.push(file);
+        FileId(self.files.len() as u32 - 1)
+    }
+    pub fn get(&self, id: FileId) -> &SourceFile {
+        &self.files[id.0 as usize]
+    }
+    pub fn files(&self) -> impl Iterator<Item = (FileId, &SourceFile)> {
+        self.files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (FileId(i as u32), f))
+    }
+    pub fn find(&self, path: &Path) -> Option<FileId> {
+        self.files
+            .iter()
+            .position(|f| f.path == path)
+            .map(|i| FileId(i as u32))
+    }
+    pub fn text(&self, span: Span) -> &str {
+        self.get(span.file)
+            .text
+            .get(span.start as usize..span.end as usize)
+            .unwrap_or("")
+    }
+    pub fn line_col(&self, span: Span) -> (u32, u32) {
+        self.get(span.file).line_col(span.start)
+    }
+}
+
+/// Reads policy sources. The compiler asks it for the entry file and every include.
+pub trait Loader {
+    /// Resolve `name` as written in an `include` of `from` (None for the entry file).
+    fn resolve(&self, name: &str, from: Option<&Path>) -> PathBuf;
+    /// Read the file. The error text is shown to the user.
+    fn load(&self, path: &Path) -> Result<String, String>;
+}
+
+/// Loader over the real file system. Includes resolve relative to the including file;
+/// `std:NAME` resolves to the standard library's snippets shipped in `stdlib/policy/`.
+pub struct FsLoader {
+    pub std_dir: Option<PathBuf>,
+}
+
+impl Loader for FsLoader {
+    fn resolve(&self, name: &str, from: Option<&Path>) -> PathBuf {
+        if let Some(rest) = name.strip_prefix("std:") {
+            if let Some(dir) = &self.std_dir {
+                return dir.join(format!("{rest}.mailpolicy"));
+            }
+        }
+        let p = Path::new(name);
+        match from.and_then(|f| f.parent()) {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+    fn load(&self, path: &Path) -> Result<String, String> {
+        std::fs::read_to_string(path).map_err(|e| e.to_string())
+    }
+}
+
+/// Loader over in-memory sources, for tests and the fuzzer.
+#[derive(Default)]
+pub struct MemLoader {
+    pub files: std::collections::HashMap<PathBuf, String>,
+}
+
+impl MemLoader {
+    pub fn single(name: &str, text: &str) -> MemLoader {
+        let mut files = std::collections::HashMap::new();
+        files.insert(PathBuf::from(name), text.to_string());
+        MemLoader { files }
+    }
+}
+
+impl Loader for MemLoader {
+    fn resolve(&self, name: &str, _from: Option<&Path>) -> PathBuf {
+        PathBuf::from(name)
+    }
+    fn load(&self, path: &Path) -> Result<String, String> {
+        self.files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| "no such file".to_string())
+    }
+}

@@ -1,0 +1,173 @@
+//! `mailc check`: compile policies and print every diagnostic.
+
+use std::ffi::OsString;
+
+use mailpolicy_lang::{compile, Diagnostic, FsLoader, Severity, SourceMap};
+use miette::{LabeledSpan, NamedSource};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Human,
+    Json,
+}
+
+pub fn main(args: Vec<OsString>) -> u8 {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut format = Format::Human;
+    let mut deny_warnings = false;
+    let mut files: Vec<String> = Vec::new();
+    loop {
+        let arg = match parser.next() {
+            Ok(Some(a)) => a,
+            Ok(None) => break,
+            Err(e) => return usage(&e.to_string()),
+        };
+        match arg {
+            Long("format") => match parser
+                .value()
+                .ok()
+                .and_then(|v| v.into_string().ok())
+                .as_deref()
+            {
+                Some("json") => format = Format::Json,
+                Some("human") => format = Format::Human,
+                _ => return usage("--format takes human or json"),
+            },
+            Long("deny-warnings") => deny_warnings = true,
+            Value(v) => match v.into_string() {
+                Ok(s) => files.push(s),
+                Err(_) => return usage("file names must be UTF-8"),
+            },
+            other => return usage(&format!("unexpected argument {}", other.unexpected())),
+        }
+    }
+    if files.is_empty() {
+        return usage("no policy file given");
+    }
+    let loader = FsLoader { std_dir: std_dir() };
+    let mut worst = 0u8;
+    for file in &files {
+        let c = compile(file, &loader);
+        let io_error = c.diagnostics.iter().any(|d| d.code == "mailc::io");
+        for d in &c.diagnostics {
+            let mut d = d.clone();
+            if deny_warnings && d.severity == Severity::Warning {
+                d.severity = Severity::Error;
+            }
+            match format {
+                Format::Json => println!("{}", json_line(&d, &c.sources)),
+                Format::Human => eprintln!("{:?}", to_report(&d, &c.sources)),
+            }
+        }
+        let errors = c
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error() || deny_warnings)
+            .count();
+        let code = if io_error {
+            2
+        } else if errors > 0 {
+            1
+        } else {
+            0
+        };
+        if format == Format::Human {
+            let warnings = c.diagnostics.iter().filter(|d| !d.is_error()).count();
+            if code == 0 {
+                eprintln!(
+                    "{file}: ok ({warnings} warning{})",
+                    if warnings == 1 { "" } else { "s" }
+                );
+            } else if code == 1 {
+                eprintln!(
+                    "{file}: {errors} error{}",
+                    if errors == 1 { "" } else { "s" }
+                );
+            }
+        }
+        worst = worst.max(code);
+    }
+    worst
+}
+
+/// Where `include "std:NAME"` finds the standard library's policy snippets.
+pub fn std_dir() -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("MAILPOLICY_STDLIB") {
+        return Some(dir.into());
+    }
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../stdlib/policy");
+    built.is_dir().then_some(built)
+}
+
+fn usage(msg: &str) -> u8 {
+    eprintln!(
+        "mailc check: {msg}\nusage: mailc check [--format human|json] [--deny-warnings] FILE..."
+    );
+    2
+}
+
+fn json_line(d: &Diagnostic, sources: &SourceMap) -> String {
+    let (file, line, column) = match d.location(sources) {
+        Some((f, l, c)) => (Some(f), Some(l), Some(c)),
+        None => (None, None, None),
+    };
+    serde_json::json!({
+        "severity": d.severity.as_str(),
+        "code": d.code,
+        "message": d.message,
+        "file": file,
+        "line": line,
+        "column": column,
+        "help": d.help,
+    })
+    .to_string()
+}
+
+fn to_report(d: &Diagnostic, sources: &SourceMap) -> miette::Report {
+    let severity = match d.severity {
+        Severity::Error => miette::Severity::Error,
+        Severity::Warning => miette::Severity::Warning,
+    };
+    let mut labels = Vec::new();
+    let mut source = None;
+    if let Some(span) = d.span {
+        let f = sources.get(span.file);
+        source = Some(NamedSource::new(f.name.clone(), f.text.clone()));
+        labels.push(LabeledSpan::new_primary_with_span(
+            d.label.clone(),
+            (span.start as usize, span.len()),
+        ));
+        for (s, text) in &d.related {
+            if s.file == span.file {
+                labels.push(LabeledSpan::new_with_span(
+                    Some(text.clone()),
+                    (s.start as usize, s.len()),
+                ));
+            }
+        }
+    }
+    let mut diag = miette::MietteDiagnostic::new(d.message.clone())
+        .with_code(d.code)
+        .with_severity(severity)
+        .with_labels(labels);
+    let mut help = d.help.clone();
+    for (s, text) in &d.related {
+        if d.span.is_some_and(|p| p.file != s.file) {
+            let (l, c) = sources.line_col(*s);
+            let extra = format!("{text}: {}:{l}:{c}", sources.get(s.file).name);
+            help = Some(match help {
+                Some(h) => format!("{h}\n{extra}"),
+                None => extra,
+            });
+        }
+    }
+    if let Some(h) = help {
+        diag = diag.with_help(h);
+    }
+    let report = miette::Report::new(diag);
+    match source {
+        Some(s) => report.with_source_code(s),
+        None => report,
+    }
+}
