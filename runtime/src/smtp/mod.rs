@@ -157,30 +157,5 @@ pub use session::{
 };
 pub use time::Time;
 
-/// Fuzzing entry points (used by `runtime/fuzz`; not a stable API).
 #[doc(hidden)]
-pub mod fuzzing {
-    use super::data::{ContentChecker, DotReceiver};
-
-    /// Feeds `data` to a DATA receiver in pieces given by `splits`; returns
-    /// (consumed count, content) when the end marker is found.
-    pub fn dot_receive(data: &[u8], splits: &[usize]) -> Option<(usize, Vec<u8>)> {
-        let mut rx = DotReceiver::new(ContentChecker::new(0, 1000, 0));
-        let mut pos = 0;
-        let mut cuts: Vec<usize> = splits.iter().map(|s| s % (data.len() + 1)).collect();
-        cuts.push(data.len());
-        cuts.sort_unstable();
-        for cut in cuts {
-            if cut < pos {
-                continue;
-            }
-            let piece = data.get(pos..cut)?;
-            if let Some(n) = rx.feed(piece) {
-                let (content, _) = rx.content.finish();
-                return Some((pos + n, content));
-            }
-            pos = cut;
-        }
-        None
-    }
-}
+pub mod fuzzing;

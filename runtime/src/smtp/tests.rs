@@ -942,7 +942,7 @@ fn starttls_discards_injected_commands() {
     c.tls_available = true;
     c.auth_mechanisms = vec!["PLAIN".into()];
     let mut h = H::new(c, simple_policy());
-    h.send(format!("{EHLO}").as_bytes());
+    h.send(EHLO.as_bytes());
     let ehlo = h.take();
     assert!(ehlo.ends_with("250 STARTTLS\n"));
     assert!(!ehlo.contains("AUTH"));
@@ -1326,4 +1326,90 @@ fn shutdown_and_eof() {
     assert!(h.s.is_closed());
     assert!(h.messages().is_empty());
     assert!(matches!(h.events.last(), Some(Event::Closed)));
+}
+
+/// Deterministic randomized run of the fuzz closures (the same code the
+/// cargo-fuzz targets call), so CI exercises them without nightly.
+mod randomized {
+    use super::super::fuzzing;
+
+    const PIECES: &[&[u8]] = &[
+        b"EHLO c.example\r\n",
+        b"HELO c\r\n",
+        b"MAIL FROM:<a@b.example>\r\n",
+        b"MAIL FROM:<> BODY=BINARYMIME SIZE=50\r\n",
+        b"MAIL FROM:<a@b.example> SMTPUTF8 RET=FULL ENVID=x+2B\r\n",
+        b"RCPT TO:<c@d.example>\r\n",
+        b"RCPT TO:<postmaster> NOTIFY=NEVER ORCPT=rfc822;a@b\r\n",
+        b"DATA\r\n",
+        b"BDAT 5\r\n",
+        b"BDAT 0 LAST\r\n",
+        b"BDAT 3 LAST\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"QUIT\r\n",
+        b"VRFY x\r\n",
+        b"STARTTLS\r\n",
+        b"AUTH PLAIN\r\n",
+        b"AUTH LOGIN AGFsaWNlAHNlY3JldA==\r\n",
+        b"AGFsaWNl\r\n",
+        b"*\r\n",
+        b"Subject: x\r\n",
+        b"\r\n.\r\n",
+        b".\r\n",
+        b"..x\r\n",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b".",
+        b"\x00",
+        b"\xff\xfe",
+        b"a",
+    ];
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn gen(rng: &mut Rng, max_pieces: u64) -> Vec<u8> {
+        let mut v = vec![rng.next() as u8, rng.next() as u8];
+        let n = rng.next() % max_pieces;
+        for _ in 0..n {
+            if rng.next() % 8 == 0 {
+                let k = rng.next() % 8;
+                for _ in 0..k {
+                    v.push(rng.next() as u8);
+                }
+            } else {
+                let p = PIECES[(rng.next() % PIECES.len() as u64) as usize];
+                v.extend_from_slice(p);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn smtp_commands_100k() {
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        for _ in 0..100_000 {
+            let input = gen(&mut rng, 24);
+            fuzzing::smtp_commands(&input);
+        }
+    }
+
+    #[test]
+    fn data_receiver_100k() {
+        let mut rng = Rng(0x5eed_1234_abcd_0002);
+        for _ in 0..100_000 {
+            let mut input = gen(&mut rng, 12);
+            input.push(rng.next() as u8);
+            fuzzing::data_receiver(&input);
+        }
+    }
 }
