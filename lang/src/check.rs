@@ -69,6 +69,10 @@ pub fn compile(entry: &str, loader: &dyn Loader) -> Compilation {
     let Checker { diags, prog, .. } = c;
     let mut diags = diags;
     diags.sort_by_key(|d| (d.span.map(|s| (s.file, s.start)), d.severity));
+    // A rules block is checked once per `use`: an error that does not depend on the stage
+    // would otherwise be reported once for every use.
+    let mut seen = std::collections::HashSet::new();
+    diags.retain(|d| seen.insert((d.is_error(), d.code, d.span, d.message.clone())));
     let program = if diags.iter().any(Diagnostic::is_error) {
         None
     } else {
