@@ -228,6 +228,9 @@ struct Checker<'s> {
     expanding: Vec<String>,
     /// Whether the code emitted so far in each stage always ends it.
     stage_ended: [Option<Span>; 10],
+    /// Checking a rules block that no stage uses: it has no stage, so diagnostics that
+    /// depend on one (stage typing, variables set elsewhere) are dropped.
+    detached: bool,
 }
 
 /// The stage a statement is checked in; `via` is the `use` that brought a rules block in.
@@ -258,10 +261,17 @@ impl<'s> Checker<'s> {
             strings: HashMap::new(),
             expanding: Vec::new(),
             stage_ended: [None; 10],
+            detached: false,
         }
     }
 
     fn err(&mut self, d: Diagnostic) {
+        if self.detached
+            && (d.code == "mailc::stage"
+                || (d.code == "mailc::undefined" && d.message.ends_with("is never set")))
+        {
+            return;
+        }
         self.diags.push(d);
     }
 
@@ -351,12 +361,51 @@ impl<'s> Checker<'s> {
                 }
             }
         }
+        self.check_unused_rules();
         self.prog.capabilities = {
             let mut c: Vec<String> = self.caps.keys().cloned().collect();
             c.sort();
             c
         };
         self.unused();
+    }
+
+    /// A rules block that no stage uses is still checked for everything that does not
+    /// depend on the stage it would run in; the code it lowers to is thrown away.
+    fn check_unused_rules(&mut self) {
+        let mut unused: Vec<(Span, String)> = self
+            .syms
+            .iter()
+            .filter(|(_, s)| s.kind == SymKind::Rules && !s.used)
+            .map(|(n, s)| (s.span, n.clone()))
+            .collect();
+        unused.sort_by_key(|u| (u.0.file, u.0.start));
+        let (exprs, patterns, locs) = (
+            self.prog.exprs.len(),
+            self.prog.patterns.len(),
+            self.prog.locs.len(),
+        );
+        self.detached = true;
+        for (_, name) in unused {
+            // Checked already through another unused block that uses it.
+            if self.syms.get(&name).is_some_and(|s| s.used) {
+                continue;
+            }
+            let Some(body) = self.rules.get(&name).cloned() else {
+                continue;
+            };
+            self.expanding.push(name);
+            let ctx = Ctx {
+                stage: Stage::Connect,
+                via: None,
+            };
+            self.stmts(&body, ctx, &mut Vec::new());
+            self.expanding.pop();
+        }
+        self.detached = false;
+        self.prog.exprs.truncate(exprs);
+        self.prog.patterns.truncate(patterns);
+        self.prog.locs.truncate(locs);
     }
 
     fn declare(&mut self, item: &Item) {
