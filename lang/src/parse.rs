@@ -576,6 +576,15 @@ fn syntax_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diagno
         }
     }
     let found = found_token(text, pos);
+    // A string that runs into the end of its line fails as a whole at its opening quote;
+    // "expected `;`" there would send the reader looking in the wrong place.
+    if text[pos.min(text.len())..].starts_with('"') && !string_closes(&text[pos + 1..]) {
+        let line_end = text[pos..].find('\n').map_or(text.len(), |n| pos + n);
+        return Diagnostic::error("mailc::syntax", "this string is never closed")
+            .at(Span::new(file, pos, line_end))
+            .label("the string starts here")
+            .help("close it with `\"` on the same line: a string cannot span lines; write `\\\"` for a quote inside it");
+    }
     let wants_semi = expected.contains(&"`;`");
     // A missing `;` is best reported right after the previous token, where it belongs.
     if wants_semi {
@@ -604,6 +613,49 @@ fn syntax_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diagno
         d = d.help(h);
     }
     d
+}
+
+/// Whether a string whose opening quote was just passed ends on this line.
+fn string_closes(rest: &str) -> bool {
+    let mut esc = false;
+    for c in rest.chars() {
+        match c {
+            '\n' => return false,
+            _ if esc => esc = false,
+            '\\' => esc = true,
+            '"' => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Offset just after the last of `delims` in `text` outside strings and comments.
+fn after_last_delim(text: &str, delims: &[char]) -> usize {
+    let mut last = 0;
+    let mut in_str = false;
+    let mut in_comment = false;
+    let mut esc = false;
+    for (i, c) in text.char_indices() {
+        if in_comment {
+            in_comment = c != '\n';
+        } else if in_str {
+            if esc {
+                esc = false;
+            } else if c == '\\' {
+                esc = true;
+            } else if c == '"' || c == '\n' {
+                in_str = false;
+            }
+        } else if c == '#' {
+            in_comment = true;
+        } else if c == '"' {
+            in_str = true;
+        } else if delims.contains(&c) {
+            last = i + 1;
+        }
+    }
+    last
 }
 
 fn join_alternatives(items: &[&str]) -> String {
@@ -680,13 +732,12 @@ fn comment_start(line: &str) -> Option<usize> {
 
 /// "declaration", "setting" or "action", from the first word of the statement ending at `end`.
 fn statement_kind(text: &str, end: usize) -> &'static str {
-    let start = text[..end]
-        .rfind([';', '{', '}'])
-        .map(|i| i + 1)
-        .unwrap_or(0);
+    let start = after_last_delim(&text[..end], &[';', '{', '}']);
     let first = text[start..end]
-        .split_whitespace()
-        .find(|w| !w.starts_with('#'))
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .flat_map(str::split_whitespace)
+        .next()
         .unwrap_or("");
     let before = text[..start].trim_end();
     match first {
@@ -697,12 +748,14 @@ fn statement_kind(text: &str, end: usize) -> &'static str {
 }
 
 fn is_settings_block(before: &str) -> bool {
-    let open = before.rfind('{').unwrap_or(0);
-    let head_start = before[..open]
-        .rfind([';', '{', '}'])
-        .map(|i| i + 1)
-        .unwrap_or(0);
-    let head = before[head_start..open].trim();
+    let open = after_last_delim(before, &['{']).saturating_sub(1);
+    let head_start = after_last_delim(&before[..open], &[';', '{', '}']);
+    let head = before[head_start..open]
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let head = head.trim();
     head.starts_with("server")
         || head.starts_with("listener")
         || head.starts_with("table")
@@ -724,7 +777,10 @@ fn hint_for(text: &str, pos: usize, expected: &[&str]) -> Option<String> {
     if rest.starts_with('!') {
         return Some("write `not` to negate a condition".into());
     }
-    if word == "else" && rest[4..].trim_start().starts_with("if") {
+    let before = text[..pos.min(text.len())].trim_end();
+    if (word == "else" && rest[4..].trim_start().starts_with("if"))
+        || (word == "if" && before.ends_with("else"))
+    {
         return Some("write `elsif` for an else-if branch".into());
     }
     if let Some(num) = word
