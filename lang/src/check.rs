@@ -106,11 +106,22 @@ fn load_items(
             let name = unescape_plain(&path.raw);
             let from = sources.get(file).path.clone();
             let target = loader.resolve(&name, Some(&from));
-            if stack.contains(&target) {
+            if let Some(at) = stack.iter().position(|p| *p == target) {
+                let chain: Vec<String> = stack[at..]
+                    .iter()
+                    .chain([&target])
+                    .map(|p| {
+                        p.file_name()
+                            .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+                    })
+                    .collect();
                 diags.push(
-                    Diagnostic::error("mailc::include", format!("`{name}` includes itself"))
-                        .at(*span)
-                        .help("an include cycle: remove one of the includes"),
+                    Diagnostic::error(
+                        "mailc::include",
+                        format!("include cycle: {}", chain.join(" -> ")),
+                    )
+                    .at(path.span)
+                    .help("a file cannot include itself, directly or through another: remove one of the includes"),
                 );
                 continue;
             }
@@ -143,10 +154,16 @@ fn load_items(
                         format!("cannot read included file `{name}`: {e}"),
                     )
                     .at(path.span)
-                    .help(format!(
-                        "the path is resolved relative to the including file: {}",
-                        target.display()
-                    )),
+                    .help(match name.strip_prefix("std:") {
+                        Some(module) => format!(
+                            "`std:{module}` names a module of the standard library; looked for {}",
+                            target.display()
+                        ),
+                        None => format!(
+                            "the path is resolved relative to the including file: {}",
+                            target.display()
+                        ),
+                    }),
                 ),
             }
             continue;
