@@ -963,6 +963,8 @@ impl<'s> Checker<'s> {
                 Some((sym.kind, sym.id, sym.detail.clone()))
             }
             Some(sym) => {
+                // It is referenced, if wrongly: one error, not also "never used".
+                sym.used = true;
                 let noun = sym.kind.noun();
                 let sspan = sym.span;
                 self.err(
@@ -1960,6 +1962,7 @@ impl<'s> Checker<'s> {
                                 .last()
                                 .unwrap_or("syntax error")
                                 .trim()
+                                .trim_start_matches("error: ")
                         ),
                     };
                     self.err(
