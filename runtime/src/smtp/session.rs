@@ -437,6 +437,40 @@ struct Transaction {
     bdat: Option<ContentChecker>,
 }
 
+/// Received, not yet processed input. Consuming advances an offset, so a
+/// long pipelined buffer costs O(n), not O(n^2) memmoves.
+#[derive(Debug, Default)]
+struct InBuf {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl InBuf {
+    fn unread(&self) -> &[u8] {
+        self.buf.get(self.pos..).unwrap_or(&[])
+    }
+    fn len(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+    fn consume(&mut self, n: usize) {
+        self.pos = self.pos.saturating_add(n).min(self.buf.len());
+        if self.pos == self.buf.len() {
+            self.clear();
+        }
+    }
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.pos = 0;
+    }
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+}
+
 #[derive(Debug)]
 struct Held {
     until: Time,
@@ -453,7 +487,7 @@ pub struct Session {
     phase: Phase,
     pending: Option<Pending>,
     held: Option<Held>,
-    input: Vec<u8>,
+    input: InBuf,
     discarding_line: bool,
     overflow: bool,
     out: Vec<u8>,
@@ -485,7 +519,7 @@ impl Session {
             phase: Phase::Greeting,
             pending: Some(Pending::Connect),
             held: None,
-            input: Vec::new(),
+            input: InBuf::default(),
             discarding_line: false,
             overflow: false,
             out: Vec::new(),
@@ -883,7 +917,7 @@ impl Session {
 
     fn close_now(&mut self) {
         self.phase = Phase::Closed;
-        self.input = Vec::new();
+        self.input = InBuf::default();
         self.tx = None;
         if !self.closed_emitted {
             self.closed_emitted = true;
@@ -955,9 +989,9 @@ impl Session {
                 return;
             }
             match &mut self.phase {
-                Phase::Data(rx) => match rx.feed(&self.input) {
+                Phase::Data(rx) => match rx.feed(self.input.unread()) {
                     Some(n) => {
-                        self.input.drain(..n.min(self.input.len()));
+                        self.input.consume(n);
                         let phase = std::mem::replace(&mut self.phase, Phase::Command);
                         if let Phase::Data(rx) = phase {
                             self.finish_message(rx.content, false, now);
@@ -977,10 +1011,10 @@ impl Session {
                     if take > 0 {
                         if matches!(sink, BdatSink::Store) {
                             if let Some(c) = self.tx.as_mut().and_then(|t| t.bdat.as_mut()) {
-                                c.push(self.input.get(..take).unwrap_or(&[]));
+                                c.push(self.input.unread().get(..take).unwrap_or(&[]));
                             }
                         }
-                        self.input.drain(..take);
+                        self.input.consume(take);
                         *remaining -= take as u64;
                     }
                     if *remaining > 0 {
@@ -1014,11 +1048,11 @@ impl Session {
 
     /// `None`: need more input. `Some(None)`: an over-long line was dropped.
     fn take_line(&mut self) -> Option<Option<Vec<u8>>> {
-        let pos = self.input.iter().position(|&b| b == b'\n');
+        let pos = self.input.unread().iter().position(|&b| b == b'\n');
         if self.discarding_line {
             match pos {
                 Some(p) => {
-                    self.input.drain(..=p);
+                    self.input.consume(p + 1);
                     self.discarding_line = false;
                     return Some(None);
                 }
@@ -1031,6 +1065,7 @@ impl Session {
         let is_auth = matches!(self.phase, Phase::AuthResponse { .. })
             || self
                 .input
+                .unread()
                 .get(..5)
                 .is_some_and(|p| p.eq_ignore_ascii_case(b"AUTH "));
         let limit = if is_auth {
@@ -1040,7 +1075,13 @@ impl Session {
         };
         match pos {
             Some(p) => {
-                let line: Vec<u8> = self.input.drain(..=p).collect();
+                let line: Vec<u8> = self
+                    .input
+                    .unread()
+                    .get(..=p)
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default();
+                self.input.consume(p + 1);
                 if line.len() > limit {
                     Some(None)
                 } else {

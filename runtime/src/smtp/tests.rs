@@ -1313,6 +1313,24 @@ fn input_overflow_closes() {
 }
 
 #[test]
+fn large_pipelined_buffer_is_linear() {
+    let mut h = H::manual(cfg());
+    h.s.decide(Decision::accept(), Time(0)).unwrap();
+    h.send(b"EHLO x\r\n");
+    // 40k commands wait behind the EHLO decision, then run in one go
+    let noops = b"NOOP\r\n".repeat(50_000);
+    h.send(&noops[..cfg().max_input_buffer - 100]);
+    let start = std::time::Instant::now();
+    h.s.decide(Decision::accept(), Time(0)).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let out = h.take();
+    assert_eq!(
+        out.matches("250 2.0.0 OK").count(),
+        (cfg().max_input_buffer - 100) / 6
+    );
+}
+
+#[test]
 fn shutdown_and_eof() {
     let mut h = H::new(cfg(), accept_all());
     h.take();
