@@ -1,2 +1,4 @@
 //! mailpolicy runtime.
+pub mod conn;
+pub mod eval;
 pub mod smtp;

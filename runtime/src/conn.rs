@@ -1,0 +1,888 @@
+//! One SMTP connection under a policy: the sans-IO session engine joined to the IR
+//! evaluator. Still no I/O: everything the connection needs from the world comes out of
+//! [`Conn::poll_need`] as a [`Need`], and the host (the daemon, or `mailc test` replaying
+//! a transcript) answers it. Both hosts drive this same type.
+//!
+//! ```text
+//! host loop:
+//!   while let Some(need) = conn.poll_need(now) { answer it: answer / queued / auth_* / tls_established }
+//!   while let Some(bytes) = conn.poll_transmit() { write bytes }
+//!   read input -> conn.handle_input(bytes, now);  timer at conn.poll_timeout() -> conn.handle_timeout(now)
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailpolicy_lang::ir::{DsnAction, LocId, OptValue, Program, Scope, Stage};
+
+use crate::eval::{
+    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State,
+    Step, TlsFacts, Verdict,
+};
+use crate::smtp::{
+    self, AuthOutcome, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time,
+    TlsInfo,
+};
+
+/// What the host learns about the client before the connect stage (reverse DNS is the
+/// host's business: the daemon resolves it, a transcript gives it).
+#[derive(Clone, Debug, Default)]
+pub struct ClientInfo {
+    /// Forward-confirmed reverse name, or "unknown".
+    pub name: String,
+    /// PTR name as found, unverified.
+    pub ptr: String,
+    pub listener: String,
+    pub session_id: String,
+}
+
+/// A recipient of a queued message, with what the policy decided about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueuedRcpt {
+    pub address: String,
+    /// NOTIFY as stored (after `dsn notify never` / `dsn deny success`); empty = not given.
+    pub notify: Vec<String>,
+    pub orcpt: String,
+}
+
+/// A message the host must make durable before the 250 reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// Envelope sender, "" for the null sender.
+    pub sender: String,
+    pub recipients: Vec<QueuedRcpt>,
+    /// RET and ENVID.
+    pub ret: String,
+    pub envid: String,
+    /// The message with the policy's header changes applied and a Received: header.
+    pub data: Vec<u8>,
+    /// Quarantine reason when the policy said `hold`.
+    pub hold: Option<String>,
+    pub archive: Vec<String>,
+    pub filter: Option<crate::eval::RenderedTransport>,
+    /// Sign the envelope sender with BATV on delivery.
+    pub batv_sign: bool,
+    pub client_ip: String,
+    pub helo: String,
+    pub auth_user: String,
+    /// Headers the policy added, in order (also already in `data`).
+    pub added_headers: Vec<(String, String)>,
+}
+
+/// One line of the connection's log: a verdict, a log action or an alert.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Note {
+    Verdict {
+        stage: Stage,
+        outcome: String,
+        rule: Option<LocId>,
+        trace: Vec<crate::eval::Trace>,
+    },
+    Log(String),
+    Alert {
+        to: String,
+        text: String,
+        every_ms: u64,
+    },
+}
+
+/// What the connection needs from the host.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Need {
+    /// Answer with [`Conn::answer`].
+    Policy(Request),
+    /// One SASL step: answer with [`Conn::auth_continue`] or [`Conn::auth_done`].
+    AuthStep {
+        mechanism: String,
+        data: Option<Vec<u8>>,
+    },
+    /// Flush output, do the TLS handshake, then [`Conn::tls_established`] (or close).
+    StartTls,
+    /// Make the message durable, then [`Conn::queued`] with its id, or [`Conn::queue_failed`].
+    Queue(QueuedMessage),
+    /// Informational.
+    Note(Note),
+}
+
+#[derive(Clone, Debug, Default)]
+struct TxRcpt {
+    rcpt: QueuedRcpt,
+    discard: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Tx {
+    rcpts: Vec<TxRcpt>,
+    discard: bool,
+    hold: Option<String>,
+    headers: Vec<Effect>,
+    archive: Vec<String>,
+    bcc: Vec<String>,
+    redirect: Option<String>,
+    filter: Option<crate::eval::RenderedTransport>,
+    batv_sign: bool,
+    sender_rewrite: Option<String>,
+    ret_headers: bool,
+}
+
+enum Pending {
+    None,
+    /// A stage is being evaluated for this engine event.
+    Stage {
+        run: Run,
+        event: Event,
+    },
+    /// Waiting for the host to store the message.
+    Queue,
+}
+
+/// The policy settings a connection needs.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyMode {
+    /// R40 soft-bounce: every reject becomes a tempfail.
+    pub soft_bounce: bool,
+    /// R40 warn-only: rejects and tempfails are logged and the item accepted.
+    pub warn_only: bool,
+}
+
+impl PolicyMode {
+    pub fn from_program(p: &Program) -> PolicyMode {
+        let b = |n: &str| matches!(p.server.option(n), Some(OptValue::Bool(true)));
+        PolicyMode {
+            soft_bounce: b("soft_bounce"),
+            warn_only: b("warn_only"),
+        }
+    }
+}
+
+pub struct Conn {
+    prog: Arc<Program>,
+    session: Session,
+    facts: Facts,
+    state: State,
+    tx: Tx,
+    pending: Pending,
+    /// Session-wide discard (DISCARD at connect/helo/auth).
+    discard_session: bool,
+    session_hold: Option<String>,
+    mode: PolicyMode,
+    notes: VecDeque<Need>,
+}
+
+impl Conn {
+    pub fn new(
+        prog: Arc<Program>,
+        config: smtp::Config,
+        peer: PeerInfo,
+        client: ClientInfo,
+        now: Time,
+    ) -> Conn {
+        let mut facts = Facts {
+            now_ms: now.0,
+            ..Facts::default()
+        };
+        if let Some(r) = peer.remote {
+            facts.client_ip = canonical_ip(r.ip());
+            facts.client_port = r.port();
+        }
+        if let Some(l) = peer.local {
+            facts.local_ip = canonical_ip(l.ip());
+            facts.local_port = l.port();
+        }
+        facts.client_name = if client.name.is_empty() {
+            "unknown".into()
+        } else {
+            client.name.to_ascii_lowercase()
+        };
+        facts.client_ptr = client.ptr.to_ascii_lowercase();
+        facts.client_fcrdns = facts.client_name != "unknown";
+        facts.listener = client.listener;
+        facts.session_id = client.session_id;
+        facts.tls = peer.tls.as_ref().map(tls_facts);
+        let state = State::new(&prog);
+        let mode = PolicyMode::from_program(&prog);
+        Conn {
+            session: Session::new(config, peer, now),
+            prog,
+            facts,
+            state,
+            tx: Tx::default(),
+            pending: Pending::None,
+            discard_session: false,
+            session_hold: None,
+            mode,
+            notes: VecDeque::new(),
+        }
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.prog
+    }
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+    pub fn handle_input(&mut self, bytes: &[u8], now: Time) {
+        self.session.handle_input(bytes, now);
+    }
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.session.handle_timeout(now);
+    }
+    pub fn handle_eof(&mut self, now: Time) {
+        self.session.handle_eof(now);
+    }
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.session.poll_transmit()
+    }
+    pub fn poll_timeout(&self) -> Option<Time> {
+        self.session.poll_timeout()
+    }
+    pub fn is_closed(&self) -> bool {
+        self.session.is_closed()
+    }
+    pub fn input_room(&self) -> usize {
+        self.session.input_room()
+    }
+    pub fn shutdown(&mut self, reply: Option<Reply>, now: Time) {
+        self.session.shutdown(reply, now);
+    }
+
+    /// Advance as far as possible; return what is needed from the host, or None when the
+    /// connection waits for input or a timer.
+    pub fn poll_need(&mut self, now: Time) -> Option<Need> {
+        self.facts.now_ms = now.0;
+        loop {
+            if let Some(n) = self.notes.pop_front() {
+                return Some(n);
+            }
+            match &mut self.pending {
+                Pending::Queue => return None,
+                Pending::Stage { run, .. } => {
+                    self.facts.session_errors = self.session.error_count();
+                    match run.step(&self.prog, &self.facts, &mut self.state) {
+                        Step::Need(r) => return Some(Need::Policy(r)),
+                        Step::Done(v) => {
+                            let Pending::Stage { event, run } =
+                                std::mem::replace(&mut self.pending, Pending::None)
+                            else {
+                                continue;
+                            };
+                            self.finish_stage(run.stage(), event, v, now);
+                        }
+                    }
+                }
+                Pending::None => {
+                    let ev = self.session.poll_event()?;
+                    if let Some(n) = self.on_event(ev, now) {
+                        return Some(n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answer the last [`Need::Policy`].
+    pub fn answer(&mut self, request: Request, answer: Answer) {
+        if let Pending::Stage { run, .. } = &mut self.pending {
+            run.answer(request, answer);
+        }
+    }
+
+    pub fn auth_continue(&mut self, challenge: &[u8], now: Time) {
+        let _ = self.session.auth_continue(challenge, now);
+    }
+
+    /// Finish a SASL exchange. A failure is counted by the host (auth_failures rate).
+    pub fn auth_done(&mut self, outcome: AuthOutcome, now: Time) {
+        let _ = self.session.auth_done(outcome, now);
+    }
+
+    pub fn tls_established(&mut self, info: TlsInfo, now: Time) {
+        self.facts.tls = Some(tls_facts(&info));
+        self.reset_session_facts();
+        let _ = self.session.tls_established(info, now);
+    }
+
+    /// The host stored the message durably under `id`.
+    pub fn queued(&mut self, id: &str, now: Time) {
+        if matches!(self.pending, Pending::Queue) {
+            self.pending = Pending::None;
+            let _ = self.session.decide(Decision::queued(id), now);
+            self.end_transaction();
+        }
+    }
+
+    /// The host could not store the message (disk full ...): 452 4.3.1 by default.
+    pub fn queue_failed(&mut self, reply: Option<RenderedReply>, now: Time) {
+        if matches!(self.pending, Pending::Queue) {
+            self.pending = Pending::None;
+            let r = reply.unwrap_or(RenderedReply {
+                code: 452,
+                enhanced: (4, 3, 1),
+                text: "Insufficient system storage".into(),
+            });
+            let _ = self.session.decide(Decision::reject(to_reply(&r)), now);
+            self.end_transaction();
+        }
+    }
+
+    fn reset_session_facts(&mut self) {
+        self.facts.helo = None;
+        self.facts.auth = None;
+        self.clear_transaction_facts();
+        self.state.clear(&self.prog, Scope::Transaction);
+    }
+
+    fn clear_transaction_facts(&mut self) {
+        self.facts.sender = None;
+        self.facts.mail_size = 0;
+        self.facts.mail_body = String::new();
+        self.facts.smtputf8 = false;
+        self.facts.dsn_ret = String::new();
+        self.facts.dsn_envid = String::new();
+        self.facts.recipient = None;
+        self.facts.recipients.clear();
+        self.facts.message = None;
+    }
+
+    fn end_transaction(&mut self) {
+        self.clear_transaction_facts();
+        self.state.clear(&self.prog, Scope::Transaction);
+        self.tx = Tx::default();
+    }
+
+    fn start(&mut self, stage: Stage, event: Event) -> Option<Need> {
+        self.pending = Pending::Stage {
+            run: Run::new(&self.prog, stage),
+            event,
+        };
+        None
+    }
+
+    fn on_event(&mut self, ev: Event, now: Time) -> Option<Need> {
+        match ev {
+            Event::Connect => self.start(Stage::Connect, ev),
+            Event::Helo { ref name, extended } => {
+                // A new HELO/EHLO ends any transaction.
+                self.end_transaction();
+                self.facts.helo = Some((name.clone(), extended));
+                self.start(Stage::Helo, ev)
+            }
+            Event::Auth {
+                ref mechanism,
+                ref user,
+            } => {
+                self.facts.auth = Some((user.clone(), mechanism.clone()));
+                self.start(Stage::Auth, ev)
+            }
+            Event::Mail {
+                ref from,
+                ref params,
+            } => {
+                self.end_transaction();
+                self.facts.sender = Some(match from {
+                    ReversePath::Null => String::new(),
+                    ReversePath::Mailbox(m) => m.to_string(),
+                });
+                self.facts.mail_size = params.size.unwrap_or(0);
+                self.facts.mail_body = format!("{:?}", params.body)
+                    .to_ascii_uppercase()
+                    .replace("SEVENBIT", "7BIT")
+                    .replace("EIGHTBITMIME", "8BITMIME");
+                self.facts.smtputf8 = params.smtputf8;
+                self.facts.dsn_ret = params
+                    .ret
+                    .map(|r| format!("{r:?}").to_ascii_uppercase())
+                    .unwrap_or_default();
+                self.facts.dsn_envid = params.envid.clone().unwrap_or_default();
+                self.start(Stage::Mail, ev)
+            }
+            Event::Rcpt { ref to, ref params } => {
+                let address = match to {
+                    ForwardPath::Postmaster => "postmaster".to_string(),
+                    ForwardPath::Mailbox(m) => m.to_string(),
+                };
+                let mut notify = Vec::new();
+                if let Some(n) = &params.notify {
+                    if n.never {
+                        notify.push("NEVER".to_string());
+                    }
+                    if n.success {
+                        notify.push("SUCCESS".to_string());
+                    }
+                    if n.failure {
+                        notify.push("FAILURE".to_string());
+                    }
+                    if n.delay {
+                        notify.push("DELAY".to_string());
+                    }
+                }
+                let orcpt = params
+                    .orcpt
+                    .as_ref()
+                    .map(|o| format!("{};{}", o.addr_type, o.address))
+                    .unwrap_or_default();
+                let routing =
+                    matches!(to, ForwardPath::Mailbox(m) if m.quoted && m.local.contains('@'));
+                self.facts.recipient = Some(RcptFacts {
+                    address,
+                    routing,
+                    notify,
+                    orcpt,
+                });
+                // RFC 5321 4.5.1: <postmaster> must be accepted whatever the policy says.
+                if matches!(to, ForwardPath::Postmaster) {
+                    let rcpt = self.rcpt_record();
+                    self.tx.rcpts.push(TxRcpt {
+                        rcpt,
+                        discard: false,
+                    });
+                    self.facts.recipients = self.accepted_addresses();
+                    let _ = self.session.decide(Decision::accept(), now);
+                    return None;
+                }
+                self.start(Stage::Rcpt, ev)
+            }
+            Event::Data { .. } => {
+                // The data stage runs once, on the whole message (Event::Message).
+                let _ = self.session.decide(Decision::accept(), now);
+                None
+            }
+            Event::Message { ref data, .. } => {
+                self.facts.recipient = None;
+                self.facts.recipients = self.accepted_addresses();
+                self.facts.message = Some(MessageFacts::parse(data));
+                self.start(Stage::Data, ev)
+            }
+            Event::AuthStep { mechanism, data } => Some(Need::AuthStep { mechanism, data }),
+            Event::StartTls => Some(Need::StartTls),
+            Event::Vrfy { .. } | Event::Expn { .. } => {
+                // Enabled by the listener: answer as Postfix does without address verification.
+                let _ = self.session.decide(
+                    Decision::accept().with_reply(Reply::new(
+                        252,
+                        (2, 5, 2),
+                        "Cannot VRFY user, but will accept message and attempt delivery",
+                    )),
+                    now,
+                );
+                None
+            }
+            Event::Reset => {
+                self.end_transaction();
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn accepted_addresses(&self) -> Vec<String> {
+        self.tx
+            .rcpts
+            .iter()
+            .map(|r| r.rcpt.address.clone())
+            .collect()
+    }
+
+    fn rcpt_record(&self) -> QueuedRcpt {
+        let r = self.facts.recipient.clone().unwrap_or_default();
+        QueuedRcpt {
+            address: r.address,
+            notify: r.notify,
+            orcpt: r.orcpt,
+        }
+    }
+
+    fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
+        // Policy modes (R40).
+        if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
+            if self.mode.warn_only {
+                self.notes.push_back(Need::Note(Note::Log(format!(
+                    "warn_only: would answer {r}"
+                ))));
+                v.outcome = Outcome::Default;
+            } else if self.mode.soft_bounce {
+                if let Outcome::Reject(r) = &v.outcome {
+                    v.outcome = Outcome::Tempfail(RenderedReply {
+                        code: 450,
+                        enhanced: (4, r.enhanced.1, r.enhanced.2),
+                        text: r.text.clone(),
+                    });
+                }
+            }
+        }
+        let outcome_text = match &v.outcome {
+            Outcome::Default => "default".to_string(),
+            Outcome::Accept => "accept".to_string(),
+            Outcome::Reject(r) => format!("reject {r}"),
+            Outcome::Tempfail(r) => format!("tempfail {r}"),
+            Outcome::Discard => "discard".to_string(),
+            Outcome::Deliver(t) => format!("deliver {:?}", t.kind),
+        };
+        self.notes.push_back(Need::Note(Note::Verdict {
+            stage,
+            outcome: outcome_text,
+            rule: v.decided_by,
+            trace: v.trace.clone(),
+        }));
+        let mut delay = Duration::ZERO;
+        let accepted = matches!(
+            v.outcome,
+            Outcome::Default | Outcome::Accept | Outcome::Discard
+        );
+        for e in &v.effects {
+            match e {
+                Effect::Log(t) => self.notes.push_back(Need::Note(Note::Log(t.clone()))),
+                Effect::Alert { to, text, every_ms } => {
+                    self.notes.push_back(Need::Note(Note::Alert {
+                        to: to.clone(),
+                        text: text.clone(),
+                        every_ms: *every_ms,
+                    }))
+                }
+                Effect::Tarpit(ms) => delay += Duration::from_millis(*ms),
+                Effect::GreetPause(ms) => delay = delay.max(Duration::from_millis(*ms)),
+                _ => {}
+            }
+        }
+        if !accepted {
+            let r = match &v.outcome {
+                Outcome::Reject(r) | Outcome::Tempfail(r) => r.clone(),
+                _ => RenderedReply {
+                    code: 550,
+                    enhanced: (5, 7, 1),
+                    text: "Rejected".into(),
+                },
+            };
+            let close = r.code == 421 || r.code == 521;
+            let mut d = Decision::reject(to_reply(&r)).with_delay(delay);
+            if close {
+                d = d.with_close();
+            }
+            if stage == Stage::Data {
+                self.end_transaction();
+            }
+            let _ = self.session.decide(d, now);
+            return;
+        }
+        let discard = v.outcome == Outcome::Discard;
+        match stage {
+            Stage::Connect | Stage::Helo | Stage::Auth => {
+                if discard {
+                    self.discard_session = true;
+                }
+                for e in &v.effects {
+                    if let Effect::Hold(r) = e {
+                        self.session_hold = Some(r.clone());
+                    }
+                }
+                let _ = self
+                    .session
+                    .decide(Decision::accept().with_delay(delay), now);
+            }
+            Stage::Mail => {
+                self.tx.discard = discard;
+                self.apply_tx_effects(&v.effects);
+                let _ = self
+                    .session
+                    .decide(Decision::accept().with_delay(delay), now);
+            }
+            Stage::Rcpt => {
+                let mut rec = TxRcpt {
+                    rcpt: self.rcpt_record(),
+                    discard,
+                };
+                for e in &v.effects {
+                    match e {
+                        Effect::Dsn(DsnAction::NotifyNever) => {
+                            rec.rcpt.notify = vec!["NEVER".into()]
+                        }
+                        Effect::Dsn(DsnAction::DenySuccess) => {
+                            let had = !rec.rcpt.notify.is_empty();
+                            rec.rcpt.notify.retain(|n| n != "SUCCESS");
+                            if had && rec.rcpt.notify.is_empty() {
+                                rec.rcpt.notify.push("NEVER".into());
+                            }
+                        }
+                        Effect::RewriteRecipient(a) | Effect::Redirect(a) => {
+                            rec.rcpt.address = a.clone()
+                        }
+                        _ => {}
+                    }
+                }
+                self.apply_tx_effects(&v.effects);
+                self.tx.rcpts.push(rec);
+                self.facts.recipients = self.accepted_addresses();
+                let _ = self
+                    .session
+                    .decide(Decision::accept().with_delay(delay), now);
+            }
+            Stage::Data => {
+                self.apply_tx_effects(&v.effects);
+                let Event::Message { data, envelope, .. } = event else {
+                    let _ = self.session.decide(Decision::accept(), now);
+                    return;
+                };
+                let live: Vec<QueuedRcpt> = if let Some(to) = &self.tx.redirect {
+                    vec![QueuedRcpt {
+                        address: to.clone(),
+                        notify: Vec::new(),
+                        orcpt: String::new(),
+                    }]
+                } else {
+                    self.tx
+                        .rcpts
+                        .iter()
+                        .filter(|r| !r.discard)
+                        .map(|r| r.rcpt.clone())
+                        .collect()
+                };
+                let mut recipients = live;
+                for b in &self.tx.bcc {
+                    recipients.push(QueuedRcpt {
+                        address: b.clone(),
+                        notify: vec!["NEVER".into()],
+                        orcpt: String::new(),
+                    });
+                }
+                if discard || self.tx.discard || self.discard_session || recipients.is_empty() {
+                    self.notes
+                        .push_back(Need::Note(Note::Log("message discarded by policy".into())));
+                    self.end_transaction();
+                    let _ = self.session.decide(
+                        Decision::accept()
+                            .with_reply(Reply::new(250, (2, 0, 0), "Ok: message accepted"))
+                            .with_delay(delay),
+                        now,
+                    );
+                    return;
+                }
+                let sender = self
+                    .tx
+                    .sender_rewrite
+                    .clone()
+                    .unwrap_or_else(|| self.facts.sender.clone().unwrap_or_default());
+                let (data, added) = self.edit_message(&data);
+                let msg = QueuedMessage {
+                    sender,
+                    recipients,
+                    ret: if self.tx.ret_headers {
+                        "HDRS".into()
+                    } else {
+                        envelope
+                            .params
+                            .ret
+                            .map(|r| format!("{r:?}").to_ascii_uppercase())
+                            .unwrap_or_default()
+                    },
+                    envid: envelope.params.envid.clone().unwrap_or_default(),
+                    data,
+                    hold: self.tx.hold.clone().or_else(|| self.session_hold.clone()),
+                    archive: self.tx.archive.clone(),
+                    filter: self.tx.filter.clone(),
+                    batv_sign: self.tx.batv_sign,
+                    client_ip: self.facts.client_ip.to_string(),
+                    helo: self
+                        .facts
+                        .helo
+                        .as_ref()
+                        .map(|h| h.0.clone())
+                        .unwrap_or_default(),
+                    auth_user: self
+                        .facts
+                        .auth
+                        .as_ref()
+                        .map(|a| a.0.clone())
+                        .unwrap_or_default(),
+                    added_headers: added,
+                };
+                self.pending = Pending::Queue;
+                self.notes.push_back(Need::Queue(msg));
+                // The reply waits for `queued`; a tarpit delay applies to it too.
+                let _ = delay;
+            }
+            _ => {}
+        }
+    }
+
+    fn apply_tx_effects(&mut self, effects: &[Effect]) {
+        for e in effects {
+            match e {
+                Effect::Hold(r) => self.tx.hold = Some(r.clone()),
+                Effect::HeaderAdd { .. }
+                | Effect::HeaderRemove(_)
+                | Effect::HeaderReplace { .. } => self.tx.headers.push(e.clone()),
+                Effect::Archive(a) => self.tx.archive.push(a.clone()),
+                Effect::Bcc(b) => self.tx.bcc.push(b.clone()),
+                Effect::Redirect(r) if self.facts.recipient.is_none() => {
+                    self.tx.redirect = Some(r.clone())
+                }
+                Effect::Filter(t) => self.tx.filter = Some(t.clone()),
+                Effect::BatvSign => self.tx.batv_sign = true,
+                Effect::RewriteSender(s) => self.tx.sender_rewrite = Some(s.clone()),
+                Effect::Dsn(DsnAction::RetHeaders) => self.tx.ret_headers = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// Apply header changes and prepend the Received: header.
+    fn edit_message(&self, data: &[u8]) -> (Vec<u8>, Vec<(String, String)>) {
+        let split = find(data, b"\r\n\r\n").map(|i| i + 2).unwrap_or(data.len());
+        let (head, body) = data.split_at(split);
+        let mut lines: Vec<Vec<u8>> = Vec::new();
+        for line in head.split_inclusive(|b| *b == b'\n') {
+            if (line.starts_with(b" ") || line.starts_with(b"\t")) && !lines.is_empty() {
+                if let Some(last) = lines.last_mut() {
+                    last.extend_from_slice(line);
+                }
+            } else {
+                lines.push(line.to_vec());
+            }
+        }
+        let name_of = |l: &[u8]| -> String {
+            l.split(|b| *b == b':')
+                .next()
+                .map(|n| String::from_utf8_lossy(n).trim().to_ascii_lowercase())
+                .unwrap_or_default()
+        };
+        let mut added = Vec::new();
+        let mut prepend: Vec<Vec<u8>> = Vec::new();
+        for e in &self.tx.headers {
+            match e {
+                Effect::HeaderAdd { name, value } => {
+                    prepend.push(format!("{name}: {value}\r\n").into_bytes());
+                    added.push((name.clone(), value.clone()));
+                }
+                Effect::HeaderRemove(name) => {
+                    let n = name.to_ascii_lowercase();
+                    lines.retain(|l| name_of(l) != n);
+                }
+                Effect::HeaderReplace { name, value } => {
+                    let n = name.to_ascii_lowercase();
+                    lines.retain(|l| name_of(l) != n);
+                    prepend.push(format!("{name}: {value}\r\n").into_bytes());
+                    added.push((name.clone(), value.clone()));
+                }
+                _ => {}
+            }
+        }
+        let received = self.received_header();
+        let mut out = Vec::with_capacity(data.len() + 512);
+        out.extend_from_slice(received.as_bytes());
+        for p in prepend {
+            out.extend_from_slice(&p);
+        }
+        for l in lines {
+            out.extend_from_slice(&l);
+        }
+        out.extend_from_slice(body);
+        (out, added)
+    }
+
+    fn received_header(&self) -> String {
+        let helo = self
+            .facts
+            .helo
+            .as_ref()
+            .map(|h| h.0.as_str())
+            .unwrap_or("unknown");
+        let hostname = &self.session.config().hostname;
+        let proto = match (
+            self.facts.helo.as_ref().is_some_and(|h| h.1),
+            self.facts.tls.is_some(),
+            self.facts.auth.is_some(),
+        ) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let clean = |s: &str| {
+            s.chars()
+                .filter(|c| !c.is_control() && *c != '(' && *c != ')')
+                .collect::<String>()
+        };
+        format!(
+            "Received: from {} ({} [{}])\r\n\tby {} (mailpolicy) with {}; {}\r\n",
+            clean(helo),
+            clean(&self.facts.client_name),
+            self.facts.client_ip,
+            hostname,
+            proto,
+            rfc2822_date(self.facts.now_ms)
+        )
+    }
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+fn to_reply(r: &RenderedReply) -> Reply {
+    let (a, b, c) = r.enhanced;
+    Reply::new(r.code, (a as u8, b, c), r.text.clone())
+}
+
+fn tls_facts(info: &TlsInfo) -> TlsFacts {
+    TlsFacts {
+        version: info.version.clone(),
+        cipher: info.cipher.clone(),
+        client_cert: info.peer_certificate.is_some(),
+        client_fingerprint: info
+            .peer_certificate
+            .as_ref()
+            .map(|c| fingerprint(c))
+            .unwrap_or_default(),
+    }
+}
+
+/// Hex fingerprint of a certificate, colon separated. The daemon hashes with SHA-256 before
+/// handing the certificate over; here the bytes are shown as given when they are short.
+fn fingerprint(der: &[u8]) -> String {
+    der.iter()
+        .take(32)
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// `Sun, 22 Nov 2026 10:00:00 +0000`
+pub fn rfc2822_date(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(m - 1) as usize];
+    format!(
+        "{wd}, {d} {mon} {y} {:02}:{:02}:{:02} +0000",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = (z - era * 146_097) as u64;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe as i64 + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}

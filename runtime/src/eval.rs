@@ -1,0 +1,1513 @@
+//! The IR evaluator: runs one stage's program over the facts of a session, a transaction
+//! or a queued recipient. It does no I/O: when a rule needs the outside world it returns
+//! [`Step::Need`] with a [`Request`]; the host answers with [`Run::answer`] and calls
+//! [`Run::step`] again. The daemon answers from the network, `mailc test` from fixtures.
+//!
+//! Resumption is by re-evaluation: expressions are pure, answers are cached in the run,
+//! so after an answer arrives the pending condition is evaluated again from its start and
+//! finds the answer in the cache. Actions before it are not run twice (the program counter
+//! only moves forward).
+//!
+//! Every verdict carries the deciding rule's location, the effects of the non-terminal
+//! actions that ran, and a trace of each test and lookup for `mailc explain`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use mailpolicy_lang::ir::*;
+use mailpolicy_stdlib::access::{self, AccessAction};
+use mailpolicy_stdlib::address as addr;
+
+/// Default number of outside-world requests one message may cause (`max_lookups`).
+pub const DEFAULT_MAX_LOOKUPS: u32 = 100;
+
+/// Facts about the TLS layer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFacts {
+    pub version: String,
+    pub cipher: String,
+    pub client_cert: bool,
+    pub client_fingerprint: String,
+}
+
+/// A message as the data stage sees it.
+#[derive(Clone, Debug, Default)]
+pub struct MessageFacts {
+    pub size: u64,
+    /// Header fields in order, names as written, values unfolded.
+    pub headers: Vec<(String, String)>,
+    /// Decoded text of the body.
+    pub body: String,
+    pub attachment_names: Vec<String>,
+    pub attachment_types: Vec<String>,
+}
+
+impl MessageFacts {
+    /// Parse a message's header section and body (RFC 5322 unfolding, MIME-unaware
+    /// beyond top-level headers).
+    pub fn parse(data: &[u8]) -> MessageFacts {
+        let text = String::from_utf8_lossy(data);
+        let (head, body) = match text.find("\r\n\r\n") {
+            Some(i) => (&text[..i], &text[i + 4..]),
+            None => match text.strip_prefix("\r\n") {
+                Some(rest) => ("", rest),
+                None => (&text[..], ""),
+            },
+        };
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for line in head.split("\r\n") {
+            if line.starts_with([' ', '\t']) {
+                if let Some(last) = headers.last_mut() {
+                    last.1.push(' ');
+                    last.1.push_str(line.trim());
+                }
+            } else if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_string(), value.trim().to_string()));
+            }
+        }
+        let mut m = MessageFacts {
+            size: data.len() as u64,
+            headers,
+            body: body.to_string(),
+            ..Default::default()
+        };
+        m.scan_mime();
+        m
+    }
+
+    /// Record MIME part types and attachment file names found in Content-Type and
+    /// Content-Disposition fields of the message and its parts.
+    fn scan_mime(&mut self) {
+        let mut types = Vec::new();
+        let mut names = Vec::new();
+        let mut consider = |field: &str, value: &str| {
+            let f = field.to_ascii_lowercase();
+            if f == "content-type" {
+                if let Some(t) = value.split(';').next() {
+                    types.push(t.trim().to_ascii_lowercase());
+                }
+            }
+            if f == "content-type" || f == "content-disposition" {
+                for p in value.split(';').skip(1) {
+                    if let Some((k, v)) = p.split_once('=') {
+                        let k = k.trim().to_ascii_lowercase();
+                        if k == "name" || k == "filename" {
+                            let n = v.trim().trim_matches('"').to_string();
+                            if !names.contains(&n) {
+                                names.push(n);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        for (n, v) in &self.headers {
+            consider(n, v);
+        }
+        // Part headers: lines after a boundary line up to the blank line.
+        let mut in_part_head = false;
+        let mut last: Option<(String, String)> = None;
+        for line in self.body.split("\r\n") {
+            if line.starts_with("--") && line.len() > 2 {
+                in_part_head = true;
+                continue;
+            }
+            if in_part_head {
+                if line.is_empty() {
+                    if let Some((n, v)) = last.take() {
+                        consider(&n, &v);
+                    }
+                    in_part_head = false;
+                } else if line.starts_with([' ', '\t']) {
+                    if let Some(l) = last.as_mut() {
+                        l.1.push(' ');
+                        l.1.push_str(line.trim());
+                    }
+                } else if let Some((n, v)) = line.split_once(':') {
+                    if let Some((pn, pv)) = last.take() {
+                        consider(&pn, &pv);
+                    }
+                    last = Some((n.trim().to_string(), v.trim().to_string()));
+                }
+            }
+        }
+        self.attachment_types = types;
+        self.attachment_names = names;
+    }
+
+    pub fn header(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+/// A recipient being decided (rcpt) or routed and delivered (queue side).
+#[derive(Clone, Debug, Default)]
+pub struct RcptFacts {
+    pub address: String,
+    /// A source route or `%`/`!`/`@` in the local part was given.
+    pub routing: bool,
+    /// NOTIFY values, upper case.
+    pub notify: Vec<String>,
+    pub orcpt: String,
+}
+
+/// The outcome of one delivery attempt (deliver stage).
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryFacts {
+    pub code: u16,
+    pub status: String,
+    pub text: String,
+    pub host: String,
+    pub attempts: u32,
+}
+
+/// Everything the policy can read. The host fills what exists at the current stage.
+#[derive(Clone, Debug)]
+pub struct Facts {
+    pub now_ms: u64,
+    pub client_ip: IpAddr,
+    pub client_port: u16,
+    pub client_name: String,
+    pub client_ptr: String,
+    pub client_fcrdns: bool,
+    pub local_ip: IpAddr,
+    pub local_port: u16,
+    pub listener: String,
+    pub session_id: String,
+    pub session_errors: u32,
+    pub tls: Option<TlsFacts>,
+    pub helo: Option<(String, bool)>,
+    /// (user, mechanism)
+    pub auth: Option<(String, String)>,
+    /// None before MAIL; Some("") for the null sender.
+    pub sender: Option<String>,
+    pub mail_size: u64,
+    pub mail_body: String,
+    pub smtputf8: bool,
+    pub dsn_ret: String,
+    pub dsn_envid: String,
+    pub recipient: Option<RcptFacts>,
+    /// Accepted recipients so far (rcpt) or all of them (data and later).
+    pub recipients: Vec<String>,
+    pub message: Option<MessageFacts>,
+    pub queue_id: String,
+    pub delivery: Option<DeliveryFacts>,
+    pub queue_age_ms: u64,
+    /// (type, reason) of the DSN being decided.
+    pub bounce: Option<(String, String)>,
+}
+
+impl Default for Facts {
+    fn default() -> Facts {
+        let unspecified = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+        Facts {
+            now_ms: 0,
+            client_ip: unspecified,
+            client_port: 0,
+            client_name: "unknown".into(),
+            client_ptr: String::new(),
+            client_fcrdns: false,
+            local_ip: unspecified,
+            local_port: 0,
+            listener: String::new(),
+            session_id: String::new(),
+            session_errors: 0,
+            tls: None,
+            helo: None,
+            auth: None,
+            sender: None,
+            mail_size: 0,
+            mail_body: String::new(),
+            smtputf8: false,
+            dsn_ret: String::new(),
+            dsn_envid: String::new(),
+            recipient: None,
+            recipients: Vec::new(),
+            message: None,
+            queue_id: String::new(),
+            delivery: None,
+            queue_age_ms: 0,
+            bounce: None,
+        }
+    }
+}
+
+/// Variables and the session-long results of earlier stages.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    /// One slot per `Program::vars`.
+    pub vars: Vec<Option<String>>,
+    /// (zone, answer, text) of the last DNSBL/RHSBL test that was true.
+    pub dnsbl_hit: Option<(String, String, String)>,
+    /// (code, text) of the last call-ahead.
+    pub callahead: Option<(u16, String)>,
+}
+
+impl State {
+    pub fn new(prog: &Program) -> State {
+        State {
+            vars: vec![None; prog.vars.len()],
+            ..Default::default()
+        }
+    }
+    /// Forget variables of the given scope (RSET / end of message: `Transaction`).
+    pub fn clear(&mut self, prog: &Program, scope: Scope) {
+        for (slot, var) in self.vars.iter_mut().zip(&prog.vars) {
+            if var.scope == scope {
+                *slot = None;
+            }
+        }
+        if scope == Scope::Transaction {
+            self.callahead = None;
+        }
+    }
+}
+
+/// DNS record types the evaluator asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RrType {
+    A,
+    Aaaa,
+    Mx,
+    Txt,
+    Ptr,
+}
+
+/// Sender-authentication checks the host computes (SPF, DKIM, DMARC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AuthCheck {
+    Spf,
+    Dkim,
+    Dmarc,
+    DmarcPolicy,
+}
+
+/// What the evaluator needs from the outside world.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Request {
+    /// Look `key` up in a table; answer [`Answer::Value`] (None when absent).
+    Lookup { table: TableId, key: String },
+    /// A DNS query; answer [`Answer::Records`], [`Answer::NxDomain`] or an error.
+    Dns { name: String, rtype: RrType },
+    /// Count of `counter` events for `key` within the window, the current one included;
+    /// answer [`Answer::Count`].
+    Rate {
+        counter: Counter,
+        key: String,
+        window_ms: u64,
+    },
+    /// Concurrent sessions for `key`; answer [`Answer::Count`].
+    Concurrent { key: String },
+    /// Answer [`Answer::Value`] with the result word (`pass`, `fail`, ...).
+    Auth(AuthCheck),
+    /// Scan the message; answer [`Answer::Score`].
+    Scan { scanner: ScannerId },
+    /// Ask the next hop about the current recipient; answer [`Answer::Reply`].
+    Callahead { recipient: String },
+    /// Should this triplet wait? Answer [`Answer::Bool`] (true: greylisted).
+    Greylist {
+        client: String,
+        sender: String,
+        recipient: String,
+        delay_ms: u64,
+        expire_ms: u64,
+    },
+    /// Is the BATV tag of this address valid? Answer [`Answer::Bool`].
+    BatvValid { address: String },
+}
+
+impl Request {
+    /// Does a failed answer to this request decide the stage (4xx) by default?
+    fn table(&self) -> Option<TableId> {
+        match self {
+            Request::Lookup { table, .. } => Some(*table),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    Value(Option<String>),
+    Records(Vec<String>),
+    NxDomain,
+    Count(u64),
+    Score(f64),
+    Reply {
+        code: u16,
+        text: String,
+    },
+    Bool(bool),
+    /// The back end failed (down, SERVFAIL, refused ...).
+    Error(String),
+    /// The back end did not answer in time.
+    Timeout,
+}
+
+/// A reply with its interpolations rendered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedReply {
+    pub code: u16,
+    pub enhanced: (u16, u16, u16),
+    pub text: String,
+}
+
+impl std::fmt::Display for RenderedReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b, c) = self.enhanced;
+        write!(f, "{} {a}.{b}.{c} {}", self.code, self.text)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedTransport {
+    pub kind: TransportKind,
+    pub dest: Option<String>,
+    pub tls: TlsMode,
+    pub auth: Option<SecretId>,
+}
+
+/// How a stage ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Fell off the end or `stop`: the stage's default (accept; route: deliver mx; bounce:
+    /// send; delay: send; deliver: keep the result).
+    Default,
+    Accept,
+    Reject(RenderedReply),
+    Tempfail(RenderedReply),
+    Discard,
+    Deliver(RenderedTransport),
+}
+
+/// Effects of non-terminal actions, in the order they ran. The host applies them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    Log(String),
+    GreetPause(u64),
+    Tarpit(u64),
+    Dsn(DsnAction),
+    HeaderAdd {
+        name: String,
+        value: String,
+    },
+    HeaderRemove(String),
+    HeaderReplace {
+        name: String,
+        value: String,
+    },
+    Hold(String),
+    Redirect(String),
+    Bcc(String),
+    Archive(String),
+    Filter(RenderedTransport),
+    RewriteSender(String),
+    RewriteRecipient(String),
+    Masquerade(Vec<String>),
+    /// The recipient expands to these addresses; `owner` is the list owner that becomes
+    /// the envelope sender (R39), when the table has `owner-NAME`.
+    Expand {
+        members: Vec<String>,
+        owner: Option<String>,
+    },
+    Alert {
+        to: String,
+        text: String,
+        every_ms: u64,
+    },
+    BatvSign,
+}
+
+/// One line of the trace `mailc explain` prints.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trace {
+    Test { loc: LocId, result: bool },
+    Lookup { request: Request, answer: Answer },
+    Action { loc: LocId },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// The rule that decided; None when the stage fell off its end.
+    pub decided_by: Option<LocId>,
+    pub effects: Vec<Effect>,
+    pub trace: Vec<Trace>,
+}
+
+pub enum Step {
+    Need(Request),
+    Done(Verdict),
+}
+
+enum Halt {
+    Need(Request),
+    /// A back end failed and the policy did not choose fail-open.
+    Fail(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum V {
+    Bool(bool),
+    Str(String),
+    List(Vec<String>),
+    Ip(IpAddr),
+    Num(f64),
+}
+
+impl V {
+    fn strings(&self) -> Vec<String> {
+        match self {
+            V::Bool(b) => vec![b.to_string()],
+            V::Str(s) => vec![s.clone()],
+            V::List(l) => l.clone(),
+            V::Ip(ip) => vec![ip.to_string()],
+            V::Num(n) => vec![fmt_num(*n)],
+        }
+    }
+    fn render(&self) -> String {
+        match self {
+            V::List(l) => l.join(", "),
+            other => other.strings().concat(),
+        }
+    }
+}
+
+fn fmt_num(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n}")
+    }
+}
+
+/// One evaluation of one stage.
+pub struct Run {
+    stage: Stage,
+    pc: usize,
+    answers: HashMap<Request, Answer>,
+    effects: Vec<Effect>,
+    trace: Vec<Trace>,
+    /// Requests issued so far (bounded by `max_lookups`).
+    pub lookups: u32,
+    max_lookups: u32,
+    /// The `If` being evaluated, for failure verdicts.
+    current: Option<LocId>,
+}
+
+impl Run {
+    pub fn new(prog: &Program, stage: Stage) -> Run {
+        let max_lookups = match prog.server.option("max_lookups") {
+            Some(OptValue::Num(n)) => *n as u32,
+            _ => DEFAULT_MAX_LOOKUPS,
+        };
+        Run::with_budget(stage, max_lookups)
+    }
+
+    pub fn with_budget(stage: Stage, max_lookups: u32) -> Run {
+        Run {
+            stage,
+            pc: 0,
+            answers: HashMap::new(),
+            effects: Vec::new(),
+            trace: Vec::new(),
+            lookups: 0,
+            max_lookups,
+            current: None,
+        }
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// Give the answer to the request the last [`Step::Need`] asked.
+    pub fn answer(&mut self, request: Request, answer: Answer) {
+        self.trace.push(Trace::Lookup {
+            request: request.clone(),
+            answer: answer.clone(),
+        });
+        self.answers.insert(request, answer);
+    }
+
+    /// Run until the stage ends or the outside world is needed.
+    pub fn step(&mut self, prog: &Program, facts: &Facts, state: &mut State) -> Step {
+        let code = prog.stage(self.stage);
+        loop {
+            let Some(instr) = code.get(self.pc) else {
+                return Step::Done(self.finish(Outcome::Default, None));
+            };
+            match instr {
+                Instr::Jump(t) => self.pc = *t as usize,
+                Instr::If { cond, else_pc, loc } => {
+                    self.current = Some(*loc);
+                    match self.expr(prog, facts, state, *cond) {
+                        Ok(b) => {
+                            self.trace.push(Trace::Test {
+                                loc: *loc,
+                                result: b,
+                            });
+                            self.pc = if b { self.pc + 1 } else { *else_pc as usize };
+                        }
+                        Err(Halt::Need(r)) => return self.need(r, *loc),
+                        Err(Halt::Fail(msg)) => return Step::Done(self.fail(msg, *loc)),
+                    }
+                }
+                Instr::Do { action, loc } => {
+                    self.current = Some(*loc);
+                    match self.act(prog, facts, state, action) {
+                        Ok(None) => {
+                            self.trace.push(Trace::Action { loc: *loc });
+                            self.pc += 1;
+                        }
+                        Ok(Some(outcome)) => {
+                            self.trace.push(Trace::Action { loc: *loc });
+                            return Step::Done(self.finish(outcome, Some(*loc)));
+                        }
+                        Err(Halt::Need(r)) => return self.need(r, *loc),
+                        Err(Halt::Fail(msg)) => return Step::Done(self.fail(msg, *loc)),
+                    }
+                }
+            }
+        }
+    }
+
+    fn need(&mut self, r: Request, loc: LocId) -> Step {
+        self.lookups += 1;
+        if self.lookups > self.max_lookups {
+            let reply = RenderedReply {
+                code: 451,
+                enhanced: (4, 3, 0),
+                text: "Policy lookup budget exceeded, try again later".into(),
+            };
+            return Step::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
+        }
+        Step::Need(r)
+    }
+
+    fn fail(&mut self, msg: String, loc: LocId) -> Verdict {
+        self.effects
+            .push(Effect::Log(format!("lookup failed: {msg}")));
+        let reply = RenderedReply {
+            code: 451,
+            enhanced: (4, 4, 3),
+            text: "Temporary lookup failure, try again later".into(),
+        };
+        self.finish(Outcome::Tempfail(reply), Some(loc))
+    }
+
+    fn finish(&mut self, outcome: Outcome, decided_by: Option<LocId>) -> Verdict {
+        Verdict {
+            outcome,
+            decided_by,
+            effects: std::mem::take(&mut self.effects),
+            trace: std::mem::take(&mut self.trace),
+        }
+    }
+
+    // ---- answers ----------------------------------------------------------------------
+
+    fn ask(&self, r: Request) -> Result<&Answer, Halt> {
+        match self.answers.get(&r) {
+            Some(a) => Ok(a),
+            None => Err(Halt::Need(r)),
+        }
+    }
+
+    /// Table lookup honouring the table's `on_error`.
+    fn lookup(&self, prog: &Program, table: TableId, key: &str) -> Result<Option<String>, Halt> {
+        let r = Request::Lookup {
+            table,
+            key: key.to_string(),
+        };
+        match self.ask(r.clone())? {
+            Answer::Value(v) => Ok(v.clone()),
+            Answer::Records(v) => Ok(v.first().cloned()),
+            Answer::Bool(true) => Ok(Some(String::new())),
+            Answer::Bool(false) | Answer::NxDomain => Ok(None),
+            Answer::Error(e) => self.on_error(prog, &r, e),
+            Answer::Timeout => self.on_error(prog, &r, "timed out"),
+            other => Err(Halt::Fail(format!(
+                "unexpected answer {other:?} to a table lookup"
+            ))),
+        }
+    }
+
+    fn on_error<T: Default>(&self, prog: &Program, r: &Request, e: &str) -> Result<T, Halt> {
+        let fail_open = r
+            .table()
+            .and_then(|t| prog.tables.get(t.index()))
+            .and_then(|t| t.option("on_error"))
+            .is_some_and(|v| *v == OptValue::Word("continue".into()));
+        let name = r
+            .table()
+            .and_then(|t| prog.tables.get(t.index()))
+            .map(|t| t.name.clone())
+            .unwrap_or_default();
+        if fail_open {
+            Ok(T::default())
+        } else {
+            Err(Halt::Fail(format!("table {name}: {e}")))
+        }
+    }
+
+    fn dns(&self, name: &str, rtype: RrType) -> Result<DnsResult, Halt> {
+        Ok(
+            match self.ask(Request::Dns {
+                name: name.to_string(),
+                rtype,
+            })? {
+                Answer::Records(r) => DnsResult::Found(r.clone()),
+                Answer::NxDomain | Answer::Value(None) => DnsResult::None,
+                Answer::Value(Some(v)) => DnsResult::Found(vec![v.clone()]),
+                Answer::Error(e) => DnsResult::TempError(e.clone()),
+                Answer::Timeout => DnsResult::TempError("timed out".into()),
+                other => DnsResult::TempError(format!("unexpected answer {other:?}")),
+            },
+        )
+    }
+
+    fn count(&self, r: Request) -> Result<f64, Halt> {
+        match self.ask(r)? {
+            Answer::Count(n) => Ok(*n as f64),
+            Answer::Error(e) => Err(Halt::Fail(e.clone())),
+            Answer::Timeout => Err(Halt::Fail("rate store timed out".into())),
+            other => Err(Halt::Fail(format!(
+                "unexpected answer {other:?} to a counter"
+            ))),
+        }
+    }
+
+    // ---- values -----------------------------------------------------------------------
+
+    fn val(&mut self, prog: &Program, f: &Facts, st: &mut State, v: &Val) -> Result<V, Halt> {
+        Ok(match v {
+            Val::Fact(fact) => self.fact(f, st, *fact)?,
+            Val::Var(id) => V::Str(
+                st.vars
+                    .get(id.index())
+                    .cloned()
+                    .flatten()
+                    .unwrap_or_default(),
+            ),
+            Val::Header(name) => V::List(
+                f.message
+                    .as_ref()
+                    .map(|m| m.header(prog.str(*name)))
+                    .unwrap_or_default(),
+            ),
+            Val::Lookup { table, key } => {
+                let k = self.val(prog, f, st, key)?.render();
+                V::Str(self.lookup(prog, *table, &k)?.unwrap_or_default())
+            }
+            Val::Rate {
+                counter,
+                key,
+                window_ms,
+            } => {
+                let k = self.val(prog, f, st, key)?.render();
+                V::Num(self.count(Request::Rate {
+                    counter: *counter,
+                    key: k,
+                    window_ms: *window_ms,
+                })?)
+            }
+            Val::Concurrent { key } => {
+                let k = self.val(prog, f, st, key)?.render();
+                V::Num(self.count(Request::Concurrent { key: k })?)
+            }
+            Val::Score(s) => {
+                let r = Request::Scan { scanner: *s };
+                match self.ask(r)? {
+                    Answer::Score(x) => V::Num(*x),
+                    Answer::Error(e) | Answer::Value(Some(e)) => {
+                        let open = prog
+                            .scanners
+                            .get(s.index())
+                            .and_then(|s| s.option("on_error"))
+                            .is_some_and(|v| *v == OptValue::Word("continue".into()));
+                        if open {
+                            V::Num(0.0)
+                        } else {
+                            return Err(Halt::Fail(format!("scanner: {e}")));
+                        }
+                    }
+                    _ => return Err(Halt::Fail("scanner did not answer".into())),
+                }
+            }
+            Val::Lit(s) => V::Str(prog.str(*s).to_string()),
+        })
+    }
+
+    fn fact(&mut self, f: &Facts, st: &State, fact: Fact) -> Result<V, Halt> {
+        let s = |x: &str| V::Str(x.to_string());
+        let rcpt = f.recipient.as_ref();
+        let sender = f.sender.as_deref().unwrap_or("");
+        Ok(match fact {
+            Fact::True => V::Bool(true),
+            Fact::False => V::Bool(false),
+            Fact::ClientIp => V::Ip(f.client_ip),
+            Fact::ClientPort => V::Num(f.client_port as f64),
+            Fact::ClientName => s(&f.client_name),
+            Fact::ClientPtr => s(&f.client_ptr),
+            Fact::ClientFcrdns => V::Bool(f.client_fcrdns),
+            Fact::LocalIp => V::Ip(f.local_ip),
+            Fact::LocalPort => V::Num(f.local_port as f64),
+            Fact::Listener => s(&f.listener),
+            Fact::SessionId => s(&f.session_id),
+            Fact::SessionErrors => V::Num(f.session_errors as f64),
+            Fact::Tls => V::Bool(f.tls.is_some()),
+            Fact::TlsVersion => s(f.tls.as_ref().map(|t| t.version.as_str()).unwrap_or("")),
+            Fact::TlsCipher => s(f.tls.as_ref().map(|t| t.cipher.as_str()).unwrap_or("")),
+            Fact::TlsClientCert => V::Bool(f.tls.as_ref().is_some_and(|t| t.client_cert)),
+            Fact::TlsClientFingerprint => s(f
+                .tls
+                .as_ref()
+                .map(|t| t.client_fingerprint.as_str())
+                .unwrap_or("")),
+            Fact::HeloName => s(f.helo.as_ref().map(|h| h.0.as_str()).unwrap_or("")),
+            Fact::HeloExtended => V::Bool(f.helo.as_ref().is_some_and(|h| h.1)),
+            Fact::Authenticated => V::Bool(f.auth.is_some()),
+            Fact::AuthUser => s(f.auth.as_ref().map(|a| a.0.as_str()).unwrap_or("")),
+            Fact::AuthMechanism => s(f.auth.as_ref().map(|a| a.1.as_str()).unwrap_or("")),
+            Fact::Sender => s(sender),
+            Fact::SenderLocal => s(addr::split(sender).0),
+            Fact::SenderDomain => V::Str(addr::split(sender).1),
+            Fact::MailSize => V::Num(f.mail_size as f64),
+            Fact::MailBody => s(&f.mail_body),
+            Fact::MailSmtputf8 => V::Bool(f.smtputf8),
+            Fact::DsnRet => s(&f.dsn_ret),
+            Fact::DsnEnvid => s(&f.dsn_envid),
+            Fact::Recipient => s(rcpt.map(|r| r.address.as_str()).unwrap_or("")),
+            Fact::RecipientLocal => s(rcpt.map(|r| addr::split(&r.address).0).unwrap_or("")),
+            Fact::RecipientDomain => {
+                V::Str(rcpt.map(|r| addr::split(&r.address).1).unwrap_or_default())
+            }
+            Fact::RecipientDetail => s(rcpt
+                .map(|r| addr::detail(addr::split(&r.address).0))
+                .unwrap_or("")),
+            Fact::RecipientRouting => V::Bool(
+                rcpt.is_some_and(|r| r.routing || addr::has_routing(addr::split(&r.address).0)),
+            ),
+            Fact::DsnNotify => V::List(rcpt.map(|r| r.notify.clone()).unwrap_or_default()),
+            Fact::DsnOrcpt => s(rcpt.map(|r| r.orcpt.as_str()).unwrap_or("")),
+            Fact::RecipientsCount => V::Num(f.recipients.len() as f64),
+            Fact::Recipients => V::List(f.recipients.clone()),
+            Fact::MessageSize => V::Num(f.message.as_ref().map(|m| m.size).unwrap_or(0) as f64),
+            Fact::Body => s(f.message.as_ref().map(|m| m.body.as_str()).unwrap_or("")),
+            Fact::AttachmentNames => V::List(
+                f.message
+                    .as_ref()
+                    .map(|m| m.attachment_names.clone())
+                    .unwrap_or_default(),
+            ),
+            Fact::AttachmentTypes => V::List(
+                f.message
+                    .as_ref()
+                    .map(|m| m.attachment_types.clone())
+                    .unwrap_or_default(),
+            ),
+            Fact::QueueId => s(&f.queue_id),
+            Fact::Spf => self.auth_check(AuthCheck::Spf)?,
+            Fact::Dkim => self.auth_check(AuthCheck::Dkim)?,
+            Fact::Dmarc => self.auth_check(AuthCheck::Dmarc)?,
+            Fact::DmarcPolicy => self.auth_check(AuthCheck::DmarcPolicy)?,
+            Fact::DnsblZone => s(st.dnsbl_hit.as_ref().map(|h| h.0.as_str()).unwrap_or("")),
+            Fact::DnsblAnswer => s(st.dnsbl_hit.as_ref().map(|h| h.1.as_str()).unwrap_or("")),
+            Fact::DnsblText => s(st.dnsbl_hit.as_ref().map(|h| h.2.as_str()).unwrap_or("")),
+            Fact::CallaheadCode => V::Num(st.callahead.as_ref().map(|c| c.0).unwrap_or(0) as f64),
+            Fact::CallaheadText => s(st.callahead.as_ref().map(|c| c.1.as_str()).unwrap_or("")),
+            Fact::DeliveryCode => V::Num(f.delivery.as_ref().map(|d| d.code).unwrap_or(0) as f64),
+            Fact::DeliveryStatus => s(f.delivery.as_ref().map(|d| d.status.as_str()).unwrap_or("")),
+            Fact::DeliveryText => s(f.delivery.as_ref().map(|d| d.text.as_str()).unwrap_or("")),
+            Fact::DeliveryHost => s(f.delivery.as_ref().map(|d| d.host.as_str()).unwrap_or("")),
+            Fact::DeliveryAttempts => {
+                V::Num(f.delivery.as_ref().map(|d| d.attempts).unwrap_or(0) as f64)
+            }
+            Fact::QueueAge => V::Num(f.queue_age_ms as f64),
+            Fact::BounceType => s(f.bounce.as_ref().map(|b| b.0.as_str()).unwrap_or("")),
+            Fact::BounceReason => s(f.bounce.as_ref().map(|b| b.1.as_str()).unwrap_or("")),
+            Fact::TimeHour => V::Num(((f.now_ms / 3_600_000) % 24) as f64),
+        })
+    }
+
+    fn auth_check(&self, c: AuthCheck) -> Result<V, Halt> {
+        match self.ask(Request::Auth(c))? {
+            Answer::Value(v) => Ok(V::Str(
+                v.clone()
+                    .unwrap_or_else(|| "none".into())
+                    .to_ascii_lowercase(),
+            )),
+            Answer::Error(_) | Answer::Timeout => Ok(V::Str("temperror".into())),
+            _ => Ok(V::Str("none".into())),
+        }
+    }
+
+    fn render(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        t: &Template,
+    ) -> Result<String, Halt> {
+        let mut out = String::new();
+        for p in &t.0 {
+            match p {
+                Part::Lit(s) => out.push_str(prog.str(*s)),
+                Part::Val(v) => {
+                    let text = self.val(prog, f, st, v)?.render();
+                    // Interpolated peer data never breaks a reply or a header line.
+                    out.extend(text.chars().map(|c| if c.is_control() { ' ' } else { c }));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- conditions -------------------------------------------------------------------
+
+    fn expr(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        id: ExprId,
+    ) -> Result<bool, Halt> {
+        let Some(e) = prog.exprs.get(id.index()) else {
+            return Ok(false);
+        };
+        Ok(match e {
+            Expr::Const(b) => *b,
+            Expr::Not(i) => !self.expr(prog, f, st, *i)?,
+            Expr::All(ids) => {
+                for i in ids {
+                    if !self.expr(prog, f, st, *i)? {
+                        return Ok(false);
+                    }
+                }
+                true
+            }
+            Expr::Any(ids) => {
+                for i in ids {
+                    if self.expr(prog, f, st, *i)? {
+                        return Ok(true);
+                    }
+                }
+                false
+            }
+            Expr::Truth(v) => matches!(self.val(prog, f, st, v)?, V::Bool(true)),
+            Expr::Match { lhs, op, rhs } => {
+                let l = self.val(prog, f, st, lhs)?.strings();
+                let mut pats = Vec::with_capacity(rhs.len());
+                for t in rhs {
+                    pats.push(self.render(prog, f, st, t)?);
+                }
+                l.iter().any(|x| {
+                    pats.iter().any(|p| match op {
+                        MatchOp::Is => x.eq_ignore_ascii_case(p),
+                        MatchOp::Contains => {
+                            x.to_ascii_lowercase().contains(&p.to_ascii_lowercase())
+                        }
+                    })
+                })
+            }
+            Expr::Pattern { lhs, pats } => {
+                let l = self.val(prog, f, st, lhs)?.strings();
+                l.iter().any(|x| {
+                    pats.iter().any(|p| {
+                        prog.patterns
+                            .get(p.index())
+                            .is_some_and(|p| p.regex.is_match(x))
+                    })
+                })
+            }
+            Expr::In { lhs, set } => {
+                let l = self.val(prog, f, st, lhs)?;
+                self.contains(prog, &l, set)?
+            }
+            Expr::Cmp { lhs, op, rhs } => {
+                let n = match self.val(prog, f, st, lhs)? {
+                    V::Num(n) => n,
+                    V::Str(s) => s.trim().parse().unwrap_or(0.0),
+                    _ => 0.0,
+                };
+                match op {
+                    CmpOp::Eq => n == *rhs,
+                    CmpOp::Ne => n != *rhs,
+                    CmpOp::Lt => n < *rhs,
+                    CmpOp::Le => n <= *rhs,
+                    CmpOp::Gt => n > *rhs,
+                    CmpOp::Ge => n >= *rhs,
+                }
+            }
+            Expr::IsNull(v) => match self.val(prog, f, st, v)? {
+                V::Str(s) => s.is_empty(),
+                V::List(l) => l.is_empty(),
+                _ => false,
+            },
+            Expr::Flag(id) => st.vars.get(id.index()).is_some_and(|v| v.is_some()),
+            Expr::Dnsbl { zone, returns } => {
+                let zone = prog.str(*zone);
+                let Some(q) = reverse_ip(f.client_ip) else {
+                    return Ok(false);
+                };
+                self.listed(prog, st, &format!("{q}.{zone}"), zone, returns)?
+            }
+            Expr::Rhsbl {
+                zone,
+                domain,
+                returns,
+            } => {
+                let d = self
+                    .val(prog, f, st, domain)?
+                    .render()
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                if d.is_empty() {
+                    return Ok(false);
+                }
+                let zone = prog.str(*zone);
+                self.listed(prog, st, &format!("{d}.{zone}"), zone, returns)?
+            }
+            Expr::Resolvable(v) => {
+                let d = self
+                    .val(prog, f, st, v)?
+                    .render()
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                if d.is_empty() {
+                    return Ok(false);
+                }
+                let mut temp = None;
+                for t in [RrType::Mx, RrType::A, RrType::Aaaa] {
+                    match self.dns(&d, t)? {
+                        DnsResult::Found(r) if !r.is_empty() => return Ok(true),
+                        DnsResult::Found(_) | DnsResult::None => {}
+                        DnsResult::TempError(e) => temp = Some(e),
+                    }
+                }
+                if let Some(e) = temp {
+                    return Err(Halt::Fail(format!("DNS for {d}: {e}")));
+                }
+                false
+            }
+            Expr::Fqdn(v) => addr::is_fqdn(&self.val(prog, f, st, v)?.render()),
+            Expr::BatvValid => {
+                let a = f
+                    .recipient
+                    .as_ref()
+                    .map(|r| r.address.clone())
+                    .unwrap_or_default();
+                match self.ask(Request::BatvValid { address: a })? {
+                    Answer::Bool(b) => *b,
+                    _ => false,
+                }
+            }
+            Expr::Callahead => {
+                let a = f
+                    .recipient
+                    .as_ref()
+                    .map(|r| r.address.clone())
+                    .unwrap_or_default();
+                match self.ask(Request::Callahead { recipient: a })? {
+                    Answer::Reply { code, text } => {
+                        st.callahead = Some((*code, text.clone()));
+                        (200..300).contains(code)
+                    }
+                    Answer::Error(e) => {
+                        st.callahead = Some((451, format!("call-ahead failed: {e}")));
+                        return Err(Halt::Fail(format!("call-ahead: {e}")));
+                    }
+                    Answer::Timeout => return Err(Halt::Fail("call-ahead timed out".into())),
+                    _ => false,
+                }
+            }
+            Expr::Greylist {
+                delay_ms,
+                expire_ms,
+            } => {
+                let client = greylist_net(f.client_ip);
+                let sender = f.sender.clone().unwrap_or_default().to_ascii_lowercase();
+                let recipient = f
+                    .recipient
+                    .as_ref()
+                    .map(|r| r.address.to_ascii_lowercase())
+                    .unwrap_or_else(|| f.recipients.join(","));
+                match self.ask(Request::Greylist {
+                    client,
+                    sender,
+                    recipient,
+                    delay_ms: *delay_ms,
+                    expire_ms: *expire_ms,
+                })? {
+                    Answer::Bool(b) => *b,
+                    Answer::Error(e) => return Err(Halt::Fail(format!("greylist store: {e}"))),
+                    _ => false,
+                }
+            }
+            Expr::LoginMismatch(table) => {
+                let Some((user, _)) = &f.auth else {
+                    return Ok(false);
+                };
+                let sender = f.sender.clone().unwrap_or_default();
+                if sender.is_empty() {
+                    return Ok(false);
+                }
+                let owners = match self.lookup(prog, *table, &sender.to_ascii_lowercase())? {
+                    Some(v) => Some(v),
+                    None => {
+                        let domain = addr::split(&sender).1;
+                        self.lookup(prog, *table, &format!("@{domain}"))?
+                    }
+                };
+                match owners {
+                    Some(list) => !list
+                        .split([',', ' '])
+                        .filter(|s| !s.is_empty())
+                        .any(|o| o.eq_ignore_ascii_case(user)),
+                    None => true,
+                }
+            }
+        })
+    }
+
+    fn listed(
+        &mut self,
+        _prog: &Program,
+        st: &mut State,
+        name: &str,
+        zone: &str,
+        returns: &[StrId],
+    ) -> Result<bool, Halt> {
+        let answers = match self.dns(name, RrType::A)? {
+            DnsResult::Found(r) => r,
+            // A list that cannot be asked lists nobody (Postfix reject_rbl_client does the same).
+            DnsResult::None | DnsResult::TempError(_) => return Ok(false),
+        };
+        let wanted: Vec<&str> = returns.iter().map(|s| _prog.str(*s)).collect();
+        let hit = answers
+            .iter()
+            .find(|a| a.starts_with("127.") && (wanted.is_empty() || wanted.contains(&a.as_str())));
+        let Some(hit) = hit.cloned() else {
+            return Ok(false);
+        };
+        let text = match self.dns(name, RrType::Txt)? {
+            DnsResult::Found(r) => r.join(" "),
+            _ => String::new(),
+        };
+        st.dnsbl_hit = Some((zone.to_string(), hit, text));
+        Ok(true)
+    }
+
+    fn contains(&mut self, prog: &Program, l: &V, set: &SetRef) -> Result<bool, Halt> {
+        match set {
+            SetRef::Nets(nets) => Ok(match l {
+                V::Ip(ip) => nets.iter().any(|n| n.contains(*ip)),
+                other => other
+                    .strings()
+                    .iter()
+                    .filter_map(|s| s.parse().ok())
+                    .any(|ip| nets.iter().any(|n| n.contains(ip))),
+            }),
+            SetRef::Strings(items) => {
+                let items: Vec<&str> = items.iter().map(|s| prog.str(*s)).collect();
+                Ok(l.strings()
+                    .iter()
+                    .any(|x| items.iter().any(|i| x.eq_ignore_ascii_case(i))))
+            }
+            SetRef::List(id) => {
+                let Some(list) = prog.lists.get(id.index()) else {
+                    return Ok(false);
+                };
+                Ok(match (list.kind, l) {
+                    (ListKind::Cidr, V::Ip(ip)) => list.nets.iter().any(|n| n.contains(*ip)),
+                    (ListKind::Cidr, other) => other
+                        .strings()
+                        .iter()
+                        .filter_map(|s| s.parse().ok())
+                        .any(|ip| list.nets.iter().any(|n| n.contains(ip))),
+                    (ListKind::Domains, other) => other
+                        .strings()
+                        .iter()
+                        .any(|x| list.items.iter().any(|p| addr::domain_matches(p, x))),
+                    (ListKind::Strings, other) => other
+                        .strings()
+                        .iter()
+                        .any(|x| list.items.iter().any(|i| x.eq_ignore_ascii_case(i))),
+                })
+            }
+            SetRef::Table(t) => {
+                for key in l.strings() {
+                    if self.lookup(prog, *t, &key.to_ascii_lowercase())?.is_some() {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    // ---- actions ----------------------------------------------------------------------
+
+    fn reply(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        r: &Reply,
+    ) -> Result<RenderedReply, Halt> {
+        let text = self.render(prog, f, st, &r.text)?;
+        let text = if text.trim().is_empty() {
+            "Rejected".to_string()
+        } else {
+            text
+        };
+        Ok(RenderedReply {
+            code: r.code,
+            enhanced: r.enhanced,
+            text,
+        })
+    }
+
+    fn transport(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        t: &Transport,
+    ) -> Result<RenderedTransport, Halt> {
+        let dest = match &t.dest {
+            Some(d) => Some(self.render(prog, f, st, d)?),
+            None => None,
+        };
+        Ok(RenderedTransport {
+            kind: t.kind,
+            dest,
+            tls: t.tls,
+            auth: t.auth,
+        })
+    }
+
+    fn act(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        a: &Action,
+    ) -> Result<Option<Outcome>, Halt> {
+        let effect = match a {
+            Action::Accept => return Ok(Some(Outcome::Accept)),
+            Action::Reject(r) => return Ok(Some(Outcome::Reject(self.reply(prog, f, st, r)?))),
+            Action::Tempfail(r) => return Ok(Some(Outcome::Tempfail(self.reply(prog, f, st, r)?))),
+            Action::RejectCallahead => {
+                let (code, text) = st
+                    .callahead
+                    .clone()
+                    .unwrap_or((550, "Recipient rejected by the next hop".into()));
+                let (code, text) = if (400..600).contains(&code) {
+                    (code, text)
+                } else {
+                    (550, "Recipient rejected by the next hop".into())
+                };
+                let class = code / 100;
+                let (enh, text) = split_enhanced(&text, class);
+                let reply = RenderedReply {
+                    code,
+                    enhanced: enh,
+                    text,
+                };
+                return Ok(Some(if class == 4 {
+                    Outcome::Tempfail(reply)
+                } else {
+                    Outcome::Reject(reply)
+                }));
+            }
+            Action::Discard => return Ok(Some(Outcome::Discard)),
+            Action::Stop => return Ok(Some(Outcome::Default)),
+            Action::Deliver(t) => {
+                return Ok(Some(Outcome::Deliver(self.transport(prog, f, st, t)?)))
+            }
+            Action::Set { var, value } => {
+                let v = match value {
+                    Some(t) => self.render(prog, f, st, t)?,
+                    None => "1".to_string(),
+                };
+                if let Some(slot) = st.vars.get_mut(var.index()) {
+                    *slot = Some(v);
+                }
+                return Ok(None);
+            }
+            Action::Unset(var) => {
+                if let Some(slot) = st.vars.get_mut(var.index()) {
+                    *slot = None;
+                }
+                return Ok(None);
+            }
+            Action::Access(table) => return self.access(prog, f, *table),
+            Action::Log(t) => Effect::Log(self.render(prog, f, st, t)?),
+            Action::GreetPause(ms) => Effect::GreetPause(*ms),
+            Action::Tarpit(ms) => Effect::Tarpit(*ms),
+            Action::Dsn(d) => Effect::Dsn(*d),
+            Action::HeaderAdd { name, value } => Effect::HeaderAdd {
+                name: prog.str(*name).to_string(),
+                value: self.render(prog, f, st, value)?,
+            },
+            Action::HeaderRemove(name) => Effect::HeaderRemove(prog.str(*name).to_string()),
+            Action::HeaderReplace { name, value } => Effect::HeaderReplace {
+                name: prog.str(*name).to_string(),
+                value: self.render(prog, f, st, value)?,
+            },
+            Action::Hold(reason) => Effect::Hold(match reason {
+                Some(t) => self.render(prog, f, st, t)?,
+                None => String::new(),
+            }),
+            Action::Redirect(t) => Effect::Redirect(self.render(prog, f, st, t)?),
+            Action::Bcc(t) => Effect::Bcc(self.render(prog, f, st, t)?),
+            Action::Archive(t) => Effect::Archive(self.render(prog, f, st, t)?),
+            Action::Filter(t) => Effect::Filter(self.transport(prog, f, st, t)?),
+            Action::RewriteSender(rw) => {
+                let cur = f.sender.clone().unwrap_or_default();
+                match self.rewrite(prog, f, st, rw, &cur)? {
+                    Some(n) => Effect::RewriteSender(n),
+                    None => return Ok(None),
+                }
+            }
+            Action::RewriteRecipient(rw) => {
+                let cur = f
+                    .recipient
+                    .as_ref()
+                    .map(|r| r.address.clone())
+                    .unwrap_or_default();
+                match self.rewrite(prog, f, st, rw, &cur)? {
+                    Some(n) => Effect::RewriteRecipient(n),
+                    None => return Ok(None),
+                }
+            }
+            Action::Masquerade(domains) => {
+                Effect::Masquerade(domains.iter().map(|d| prog.str(*d).to_string()).collect())
+            }
+            Action::Expand(table) => {
+                let rcpt = f
+                    .recipient
+                    .as_ref()
+                    .map(|r| r.address.to_ascii_lowercase())
+                    .unwrap_or_default();
+                let (local, domain) = addr::split(&rcpt);
+                let found = match self.lookup(prog, *table, &rcpt)? {
+                    Some(v) => Some((v, format!("owner-{rcpt}"))),
+                    None => self
+                        .lookup(prog, *table, local)?
+                        .map(|v| (v, format!("owner-{local}"))),
+                };
+                let Some((members, owner_key)) = found else {
+                    return Ok(None);
+                };
+                let owner = self.lookup(prog, *table, &owner_key)?.map(|_| {
+                    let owner_local = owner_key
+                        .split('@')
+                        .next()
+                        .unwrap_or(&owner_key)
+                        .to_string();
+                    if domain.is_empty() {
+                        owner_local
+                    } else {
+                        format!("{owner_local}@{domain}")
+                    }
+                });
+                let members = members
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(|m| {
+                        if m.contains('@') || domain.is_empty() {
+                            m.to_string()
+                        } else {
+                            format!("{m}@{domain}")
+                        }
+                    })
+                    .collect();
+                Effect::Expand { members, owner }
+            }
+            Action::Alert { to, text, every_ms } => Effect::Alert {
+                to: self.render(prog, f, st, to)?,
+                text: self.render(prog, f, st, text)?,
+                every_ms: *every_ms,
+            },
+            Action::BatvSign => Effect::BatvSign,
+        };
+        self.effects.push(effect);
+        Ok(None)
+    }
+
+    fn rewrite(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        rw: &Rewrite,
+        current: &str,
+    ) -> Result<Option<String>, Halt> {
+        match rw {
+            Rewrite::To(t) => Ok(Some(self.render(prog, f, st, t)?)),
+            Rewrite::Map(table) => {
+                for key in access::address_keys(current) {
+                    if let Some(v) = self.lookup(prog, *table, &key)? {
+                        let v = v.trim().to_string();
+                        // `@domain` on the right keeps the local part (canonical maps).
+                        if let Some(dom) = v.strip_prefix('@') {
+                            let local = addr::split(current).0;
+                            return Ok(Some(format!("{local}@{dom}")));
+                        }
+                        return Ok(Some(v));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The sendmail/Postfix access-table action: look up the stage's keys, most specific
+    /// first; the first key found decides.
+    fn access(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        table: TableId,
+    ) -> Result<Option<Outcome>, Halt> {
+        let (keys, scope) = match self.stage {
+            Stage::Connect | Stage::Helo | Stage::Auth => (
+                access::client_keys(f.client_ip, &f.client_name),
+                access::Scope::Connect,
+            ),
+            Stage::Mail => (
+                access::address_keys(f.sender.as_deref().unwrap_or("")),
+                access::Scope::From,
+            ),
+            _ => (
+                access::address_keys(
+                    f.recipient
+                        .as_ref()
+                        .map(|r| r.address.as_str())
+                        .unwrap_or(""),
+                ),
+                access::Scope::To,
+            ),
+        };
+        for key in keys {
+            let scoped = format!("{}{key}", scope.prefix());
+            let value = match self.lookup(prog, table, &scoped.to_ascii_lowercase())? {
+                Some(v) => Some(v),
+                None => self.lookup(prog, table, &key)?,
+            };
+            let Some(value) = value else { continue };
+            return Ok(match access::parse_value(&value) {
+                AccessAction::Accept => Some(Outcome::Accept),
+                AccessAction::Dunno => None,
+                AccessAction::Discard => Some(Outcome::Discard),
+                AccessAction::Reject {
+                    code,
+                    enhanced,
+                    text,
+                } => Some(Outcome::Reject(RenderedReply {
+                    code,
+                    enhanced,
+                    text,
+                })),
+                AccessAction::Tempfail {
+                    code,
+                    enhanced,
+                    text,
+                } => Some(Outcome::Tempfail(RenderedReply {
+                    code,
+                    enhanced,
+                    text,
+                })),
+                AccessAction::Hold(r) => {
+                    self.effects.push(Effect::Hold(r));
+                    None
+                }
+                AccessAction::Warn(t) => {
+                    self.effects
+                        .push(Effect::Log(format!("access warning: {t}")));
+                    None
+                }
+                AccessAction::Invalid(v) => {
+                    let name = prog
+                        .tables
+                        .get(table.index())
+                        .map(|t| t.name.clone())
+                        .unwrap_or_default();
+                    return Err(Halt::Fail(format!(
+                        "table {name}: value \"{v}\" for {key} is not an access action"
+                    )));
+                }
+            });
+        }
+        Ok(None)
+    }
+}
+
+enum DnsResult {
+    Found(Vec<String>),
+    None,
+    TempError(String),
+}
+
+/// `4.3.2.1` for 1.2.3.4; nibbles for IPv6 (RFC 5782).
+pub fn reverse_ip(ip: IpAddr) -> Option<String> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            Some(format!("{}.{}.{}.{}", o[3], o[2], o[1], o[0]))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return reverse_ip(IpAddr::V4(v4));
+            }
+            let mut parts = Vec::with_capacity(32);
+            for b in v6.octets().iter().rev() {
+                parts.push(format!("{:x}", b & 0xf));
+                parts.push(format!("{:x}", b >> 4));
+            }
+            Some(parts.join("."))
+        }
+    }
+}
+
+/// Greylisting keys on the client's /24 (IPv4) or /64 (IPv6), as most greylisting daemons
+/// do, so that a sender's pool of outgoing servers passes.
+fn greylist_net(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+/// `5.1.1 User unknown` -> ((5,1,1), "User unknown"); without a code, a default of the class.
+fn split_enhanced(text: &str, class: u16) -> ((u16, u16, u16), String) {
+    if let Some((head, rest)) = text.split_once(' ') {
+        let p: Vec<&str> = head.split('.').collect();
+        if p.len() == 3 {
+            if let (Ok(a), Ok(b), Ok(c)) = (
+                p[0].parse::<u16>(),
+                p[1].parse::<u16>(),
+                p[2].parse::<u16>(),
+            ) {
+                if a == class {
+                    return ((a, b, c), rest.to_string());
+                }
+            }
+        }
+    }
+    ((class, 1, 1), text.to_string())
+}
