@@ -143,7 +143,7 @@ pub fn smtp_commands(input: &[u8]) {
             while let Some(ev) = s.poll_event() {
                 progressed = true;
                 counter += 1;
-                answer(&mut s, &ev, now, reject_some && counter % 3 == 0);
+                answer(&mut s, &ev, now, reject_some && counter.rem_euclid(3) == 0);
                 if ev == Event::Closed {
                     assert!(s.is_closed());
                 }
@@ -170,7 +170,7 @@ pub fn smtp_commands(input: &[u8]) {
         let chunk = data.get(pos..end).unwrap_or(&[]);
         s.handle_input(chunk, now);
         pos = end;
-        now = now + Duration::from_millis(rng.next() % 50);
+        now += Duration::from_millis(rng.next() % 50);
     }
     check_wire(&out);
 }

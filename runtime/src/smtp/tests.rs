@@ -1399,7 +1399,7 @@ mod randomized {
         let mut v = vec![rng.next() as u8, rng.next() as u8];
         let n = rng.next() % max_pieces;
         for _ in 0..n {
-            if rng.next() % 8 == 0 {
+            if rng.next() & 7 == 0 {
                 let k = rng.next() % 8;
                 for _ in 0..k {
                     v.push(rng.next() as u8);
