@@ -1,0 +1,92 @@
+//! Sliding-window event counters for `rate` and `concurrent` (R7, R22).
+//!
+//! Each (counter, key) keeps the timestamps of its events within the longest window any
+//! policy asks about (one day by default); a count is the number of events in the window.
+//! Memory is bounded: a key keeps at most `max_events` timestamps (older ones are dropped,
+//! which can only undercount beyond that many events, far past any sane limit).
+
+use std::collections::{HashMap, VecDeque};
+
+#[derive(Debug)]
+pub struct RateStore {
+    events: HashMap<(String, String), VecDeque<u64>>,
+    concurrent: HashMap<String, u64>,
+    /// Events older than this are forgotten.
+    pub horizon_ms: u64,
+    pub max_events: usize,
+}
+
+impl Default for RateStore {
+    fn default() -> RateStore {
+        RateStore { events: HashMap::new(), concurrent: HashMap::new(), horizon_ms: 86_400_000, max_events: 100_000 }
+    }
+}
+
+impl RateStore {
+    /// Record one event of `counter` for `key` at `now_ms`.
+    pub fn record(&mut self, counter: &str, key: &str, now_ms: u64) {
+        let q = self.events.entry((counter.to_string(), key.to_ascii_lowercase())).or_default();
+        q.push_back(now_ms);
+        while q.len() > self.max_events {
+            q.pop_front();
+        }
+        let horizon = now_ms.saturating_sub(self.horizon_ms);
+        while q.front().is_some_and(|t| *t < horizon) {
+            q.pop_front();
+        }
+    }
+
+    /// Events of `counter` for `key` in the `window_ms` ending at `now_ms` (inclusive).
+    pub fn count(&self, counter: &str, key: &str, window_ms: u64, now_ms: u64) -> u64 {
+        let start = now_ms.saturating_sub(window_ms);
+        self.events
+            .get(&(counter.to_string(), key.to_ascii_lowercase()))
+            .map(|q| q.iter().rev().take_while(|t| **t > start || now_ms < window_ms).count() as u64)
+            .unwrap_or(0)
+    }
+
+    pub fn open(&mut self, key: &str) {
+        *self.concurrent.entry(key.to_ascii_lowercase()).or_default() += 1;
+    }
+
+    pub fn close(&mut self, key: &str) {
+        let k = key.to_ascii_lowercase();
+        if let Some(n) = self.concurrent.get_mut(&k) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.concurrent.remove(&k);
+            }
+        }
+    }
+
+    pub fn concurrent(&self, key: &str) -> u64 {
+        self.concurrent.get(&key.to_ascii_lowercase()).copied().unwrap_or(0)
+    }
+
+    /// Drop keys with no event inside the horizon.
+    pub fn prune(&mut self, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(self.horizon_ms);
+        self.events.retain(|_, q| q.back().is_some_and(|t| *t >= horizon));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window() {
+        let mut r = RateStore::default();
+        for t in [0, 10_000, 20_000, 70_000] {
+            r.record("messages", "192.0.2.1", t);
+        }
+        assert_eq!(r.count("messages", "192.0.2.1", 60_000, 70_000), 2);
+        assert_eq!(r.count("messages", "192.0.2.1", 3_600_000, 70_000), 4);
+        assert_eq!(r.count("messages", "192.0.2.2", 60_000, 70_000), 0);
+        r.open("x");
+        r.open("X");
+        assert_eq!(r.concurrent("x"), 2);
+        r.close("x");
+        assert_eq!(r.concurrent("x"), 1);
+    }
+}
