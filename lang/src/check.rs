@@ -1510,11 +1510,13 @@ impl<'s> Checker<'s> {
                     ctx,
                 );
                 a.keyword(self, "by", "rate messages by client.ip per 1m")?;
+                let key_span = a.peek_value().map(|v| v.span).unwrap_or(t.span);
                 let key = a.val(
                     self,
                     ctx,
                     "what to count by, e.g. `client.ip` or `auth.user`",
                 )?;
+                self.check_rate_key(&key.0, key_span);
                 a.keyword(self, "per", "rate messages by client.ip per 1m")?;
                 let window = a.duration(self, "a window such as 1m, 1h or 1d")?;
                 if window.0 == 0 {
@@ -1538,7 +1540,9 @@ impl<'s> Checker<'s> {
             "concurrent" => {
                 self.need_cap("ratelimit", t.name.span, "concurrent");
                 a.keyword(self, "by", "concurrent by client.ip")?;
+                let key_span = a.peek_value().map(|v| v.span).unwrap_or(t.span);
                 let key = a.val(self, ctx, "what to count by, e.g. `client.ip`")?;
+                self.check_rate_key(&key.0, key_span);
                 Term::Val(
                     Val::Concurrent {
                         key: Box::new(key.0),
@@ -1659,6 +1663,23 @@ impl<'s> Checker<'s> {
         };
         a.finish(self, name)?;
         Some(out)
+    }
+
+    /// Counters are kept per fact value by the host, so a rate key must be one of
+    /// [`RATE_KEYS`].
+    fn check_rate_key(&mut self, key: &Val, span: Span) {
+        let ok = matches!(key, Val::Fact(f) if RATE_KEYS.contains(f));
+        if !ok {
+            let names: Vec<&str> = RATE_KEYS.iter().map(|f| f.info().name).collect();
+            self.err(
+                Diagnostic::error(
+                    "mailc::arguments",
+                    "counters are kept per client, login, sender or recipient",
+                )
+                .at(span)
+                .help(format!("count by one of {}", names.join(", "))),
+            );
+        }
     }
 
     fn check_zone(&mut self, zone: &str, span: Span) {
@@ -2943,6 +2964,18 @@ fn default_reply(reject: bool, stage: Stage) -> (u16, (u16, u16, u16), &'static 
         (false, _) => (451, (4, 7, 1), "Try again later"),
     }
 }
+
+/// Facts a `rate` or `concurrent` value may count by.
+pub const RATE_KEYS: &[Fact] = &[
+    Fact::ClientIp,
+    Fact::ClientName,
+    Fact::HeloName,
+    Fact::AuthUser,
+    Fact::Sender,
+    Fact::SenderDomain,
+    Fact::Recipient,
+    Fact::RecipientDomain,
+];
 
 /// Built-in test names (for "did you mean").
 const TESTS: &[(&str, &str)] = &[

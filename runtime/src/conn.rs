@@ -85,6 +85,11 @@ pub enum Note {
         text: String,
         every_ms: u64,
     },
+    /// A counted event happened: record it under each key for `rate` (R7, R22).
+    Count {
+        counter: mailpolicy_lang::ir::Counter,
+        keys: Vec<String>,
+    },
 }
 
 /// What the connection needs from the host.
@@ -168,6 +173,7 @@ pub struct Conn {
     session_hold: Option<String>,
     mode: PolicyMode,
     notes: VecDeque<Need>,
+    errors_seen: u32,
 }
 
 impl Conn {
@@ -213,6 +219,7 @@ impl Conn {
             session_hold: None,
             mode,
             notes: VecDeque::new(),
+            errors_seen: 0,
         }
     }
 
@@ -251,6 +258,15 @@ impl Conn {
     /// connection waits for input or a timer.
     pub fn poll_need(&mut self, now: Time) -> Option<Need> {
         self.facts.now_ms = now.0;
+        let errors = self.session.error_count();
+        // The engine resets its count when a message is accepted.
+        self.errors_seen = self.errors_seen.min(errors);
+        for _ in self.errors_seen..errors {
+            let keys = crate::eval::event_keys(&self.facts);
+            let counter = mailpolicy_lang::ir::Counter::Errors;
+            self.notes.push_back(Need::Note(Note::Count { counter, keys }));
+        }
+        self.errors_seen = errors;
         loop {
             if let Some(n) = self.notes.pop_front() {
                 return Some(n);
@@ -352,6 +368,17 @@ impl Conn {
     }
 
     fn start(&mut self, stage: Stage, event: Event) -> Option<Need> {
+        use mailpolicy_lang::ir::Counter;
+        let counter = match stage {
+            Stage::Connect => Some(Counter::Connections),
+            Stage::Mail => Some(Counter::Messages),
+            Stage::Rcpt => Some(Counter::Recipients),
+            _ => None,
+        };
+        if let Some(counter) = counter {
+            let keys = crate::eval::event_keys(&self.facts);
+            self.notes.push_back(Need::Note(Note::Count { counter, keys }));
+        }
         self.pending = Pending::Stage {
             run: Run::new(&self.prog, stage),
             event,

@@ -709,7 +709,7 @@ impl Run {
                 key,
                 window_ms,
             } => {
-                let k = self.val(prog, f, st, key)?.render();
+                let k = self.rate_key(prog, f, st, key)?;
                 V::Num(self.count(Request::Rate {
                     counter: *counter,
                     key: k,
@@ -717,7 +717,7 @@ impl Run {
                 })?)
             }
             Val::Concurrent { key } => {
-                let k = self.val(prog, f, st, key)?.render();
+                let k = self.rate_key(prog, f, st, key)?;
                 V::Num(self.count(Request::Concurrent { key: k })?)
             }
             Val::Score(s) => {
@@ -741,6 +741,16 @@ impl Run {
             }
             Val::Lit(s) => V::Str(prog.str(*s).to_string()),
         })
+    }
+
+    /// `client.ip=192.0.2.1`: counters are kept per fact and value (see [`event_keys`]).
+    fn rate_key(&mut self, prog: &Program, f: &Facts, st: &mut State, key: &Val) -> Result<String, Halt> {
+        let v = self.val(prog, f, st, key)?.render().to_ascii_lowercase();
+        let name = match key {
+            Val::Fact(x) => x.info().name,
+            _ => "value",
+        };
+        Ok(format!("{name}={v}"))
     }
 
     fn fact(&mut self, f: &Facts, st: &State, fact: Fact) -> Result<V, Halt> {
@@ -1455,6 +1465,33 @@ enum DnsResult {
     Found(Vec<String>),
     None,
     TempError(String),
+}
+
+/// The keys under which the host records a counted event (connection, message,
+/// recipient, error), one per fact of `RATE_KEYS` (lang's check module) that has a value.
+pub fn event_keys(f: &Facts) -> Vec<String> {
+    let mut keys = vec![format!("client.ip={}", f.client_ip)];
+    let mut push = |name: &str, v: &str| {
+        if !v.is_empty() {
+            keys.push(format!("{name}={}", v.to_ascii_lowercase()));
+        }
+    };
+    push("client.name", &f.client_name);
+    if let Some((h, _)) = &f.helo {
+        push("helo.name", h);
+    }
+    if let Some((u, _)) = &f.auth {
+        push("auth.user", u);
+    }
+    if let Some(s) = &f.sender {
+        push("sender", s);
+        push("sender.domain", &addr::split(s).1);
+    }
+    if let Some(r) = &f.recipient {
+        push("recipient", &r.address);
+        push("recipient.domain", &addr::split(&r.address).1);
+    }
+    keys
 }
 
 /// `4.3.2.1` for 1.2.3.4; nibbles for IPv6 (RFC 5782).
