@@ -75,13 +75,28 @@ fn too_deep(text: &str) -> Option<usize> {
             _ => {}
         }
     }
-    // `not not not ...` chains recurse too.
-    let nots = text
-        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
-        .filter(|w| *w == "not")
-        .count();
-    if nots > MAX_NESTING * 16 {
-        return text.find("not");
+    // `not not not ...` chains recurse too; only a chain of `not`s nests, however many
+    // separate `not`s (`x not in y`) a policy holds.
+    let mut run = 0usize;
+    let mut word_start = None;
+    for (i, c) in text.char_indices().chain([(text.len(), ' ')]) {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word_start.get_or_insert(i);
+            continue;
+        }
+        if let Some(start) = word_start.take() {
+            if &text[start..i] == "not" {
+                run += 1;
+                if run > MAX_NESTING {
+                    return Some(start);
+                }
+            } else {
+                run = 0;
+            }
+        }
+        if !c.is_whitespace() {
+            run = 0;
+        }
     }
     None
 }
