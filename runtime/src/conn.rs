@@ -174,6 +174,10 @@ pub struct Conn {
     mode: PolicyMode,
     notes: VecDeque<Need>,
     errors_seen: u32,
+    deferred: Option<Decision>,
+    /// The listener requires TLS / AUTH before MAIL.
+    require_tls: bool,
+    require_auth: bool,
 }
 
 impl Conn {
@@ -220,7 +224,17 @@ impl Conn {
             mode,
             notes: VecDeque::new(),
             errors_seen: 0,
+            deferred: None,
+            require_tls: false,
+            require_auth: false,
         }
+    }
+
+    /// Refuse MAIL until TLS is active / the client has authenticated (listener
+    /// `tls required;` / `auth required;`), with 530 as RFC 3207 and RFC 4954 say.
+    pub fn set_requirements(&mut self, tls: bool, auth: bool) {
+        self.require_tls = tls;
+        self.require_auth = auth;
     }
 
     pub fn program(&self) -> &Program {
@@ -270,6 +284,10 @@ impl Conn {
         loop {
             if let Some(n) = self.notes.pop_front() {
                 return Some(n);
+            }
+            if let Some(d) = self.deferred.take() {
+                let _ = self.session.decide(d, now);
+                continue;
             }
             match &mut self.pending {
                 Pending::Queue => return None,
@@ -589,7 +607,7 @@ impl Conn {
             if stage == Stage::Data {
                 self.end_transaction();
             }
-            let _ = self.session.decide(d, now);
+            self.defer(d, now);
             return;
         }
         let discard = v.outcome == Outcome::Discard;
@@ -603,16 +621,12 @@ impl Conn {
                         self.session_hold = Some(r.clone());
                     }
                 }
-                let _ = self
-                    .session
-                    .decide(Decision::accept().with_delay(delay), now);
+                self.defer(Decision::accept().with_delay(delay), now);
             }
             Stage::Mail => {
                 self.tx.discard = discard;
                 self.apply_tx_effects(&v.effects);
-                let _ = self
-                    .session
-                    .decide(Decision::accept().with_delay(delay), now);
+                self.defer(Decision::accept().with_delay(delay), now);
             }
             Stage::Rcpt => {
                 let mut rec = TxRcpt {
@@ -640,14 +654,12 @@ impl Conn {
                 self.apply_tx_effects(&v.effects);
                 self.tx.rcpts.push(rec);
                 self.facts.recipients = self.accepted_addresses();
-                let _ = self
-                    .session
-                    .decide(Decision::accept().with_delay(delay), now);
+                self.defer(Decision::accept().with_delay(delay), now);
             }
             Stage::Data => {
                 self.apply_tx_effects(&v.effects);
                 let Event::Message { data, envelope, .. } = event else {
-                    let _ = self.session.decide(Decision::accept(), now);
+                    self.defer(Decision::accept(), now);
                     return;
                 };
                 let live: Vec<QueuedRcpt> = if let Some(to) = &self.tx.redirect {
@@ -676,7 +688,7 @@ impl Conn {
                     self.notes
                         .push_back(Need::Note(Note::Log("message discarded by policy".into())));
                     self.end_transaction();
-                    let _ = self.session.decide(
+                    self.defer(
                         Decision::accept()
                             .with_reply(Reply::new(250, (2, 0, 0), "Ok: message accepted"))
                             .with_delay(delay),
@@ -730,6 +742,12 @@ impl Conn {
             }
             _ => {}
         }
+    }
+
+    /// A stage's decision is applied after its verdict note has been handed to the host,
+    /// so the host sees the verdict before the reply it produced.
+    fn defer(&mut self, d: Decision, _now: Time) {
+        self.deferred = Some(d);
     }
 
     fn apply_tx_effects(&mut self, effects: &[Effect]) {
@@ -865,14 +883,14 @@ fn tls_facts(info: &TlsInfo) -> TlsFacts {
     }
 }
 
-/// Hex fingerprint of a certificate, colon separated. The daemon hashes with SHA-256 before
-/// handing the certificate over; here the bytes are shown as given when they are short.
-fn fingerprint(der: &[u8]) -> String {
-    der.iter()
-        .take(32)
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// The client certificate's SHA-256 fingerprint. A host that already hashed the
+/// certificate (or a transcript fixture) passes the 32-byte digest itself.
+fn fingerprint(cert: &[u8]) -> String {
+    if cert.len() == 32 {
+        cert.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    } else {
+        mailpolicy_stdlib::digest::sha256_fingerprint(cert)
+    }
 }
 
 fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {

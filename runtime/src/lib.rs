@@ -2,3 +2,5 @@
 pub mod conn;
 pub mod eval;
 pub mod smtp;
+pub mod config;
+pub mod transcript;

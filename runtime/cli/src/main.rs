@@ -1,6 +1,7 @@
 //! `mailc`: a thin command line over the `lang`, `stdlib` and `runtime` crates.
 
 mod check;
+mod test;
 
 use std::process::ExitCode;
 
@@ -9,6 +10,7 @@ mailc: compile, test and run mailpolicy files
 
 Usage:
   mailc check [--format human|json] [--deny-warnings] FILE...
+  mailc test [--verbose] [--filter TEXT] PATH...
   mailc help
 
 Exit codes: 0 success, 1 errors found, 2 usage or I/O error.";
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
     let rest: Vec<std::ffi::OsString> = args.collect();
     let code = match cmd.to_str() {
         Some("check") => check::main(rest),
+        Some("test") => test::main(rest),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             0

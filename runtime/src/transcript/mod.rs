@@ -1,0 +1,450 @@
+//! Transcripts: offline, deterministic tests of a policy against SMTP dialogues
+//! (`spec/transcript.md` is normative). This module parses the format; [`run`] replays a
+//! case through the real session engine and evaluator ([`crate::conn::Conn`]), answering
+//! every request from the case's fixtures.
+
+pub mod run;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// A parse error, with its 1-based line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct TranscriptFile {
+    pub path: PathBuf,
+    /// The file-level `policy:`, resolved against the file's folder.
+    pub policy: Option<PathBuf>,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub name: String,
+    pub line: usize,
+    pub items: Vec<(usize, Item)>,
+}
+
+/// DNS fixture answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DnsAnswer {
+    Records(Vec<String>),
+    NxDomain,
+    ServFail,
+    Timeout,
+}
+
+/// A table fixture row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TableRow {
+    Entry { key: String, value: String },
+    /// Every lookup in this table fails (back end down).
+    Error,
+    Timeout,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Item {
+    // ---- set-up -----------------------------------------------------------------------
+    Policy(PathBuf),
+    Client(SocketAddr),
+    ClientName(String),
+    ClientPtr(String),
+    Listener(String),
+    Local(SocketAddr),
+    /// Implicit TLS from the start (port 465).
+    ImplicitTls,
+    /// The client presents a certificate with this fingerprint when TLS starts.
+    ClientCert(String),
+    /// Unix milliseconds.
+    Clock(u64),
+    Dns { name: String, rtype: String, answer: DnsAnswer },
+    Table { table: String, row: TableRow },
+    Credentials { user: String, password: String },
+    Callahead { address: String, code: u16, text: String },
+    CallaheadError { address: String },
+    AuthResult { check: String, result: String },
+    Score { scanner: String, score: f64 },
+    Secret { name: String, value: String },
+    // ---- dialogue ---------------------------------------------------------------------
+    Send(Vec<u8>),
+    /// The next complete reply's last line must match.
+    Expect(String),
+    /// Some line of the last reply matches / none does.
+    ReplyHas(String),
+    ReplyLacks(String),
+    /// The rule that decided the last reply: `LINE`, `FILE:LINE` or `default`.
+    By(String),
+    Wait(u64),
+    Reconnect,
+    /// The server must have closed the connection.
+    Closed,
+    // ---- outcome --------------------------------------------------------------------
+    Queued(usize),
+    QueuedTo(Vec<String>),
+    QueuedFrom(String),
+    Header { name: String, pattern: String },
+    NoHeader(String),
+    Notify { address: String, values: Vec<String> },
+    Held(Option<String>),
+    NotHeld,
+    Archived(String),
+    BatvSigned(bool),
+    Route { address: String, pattern: String },
+    Bounce { address: String, kind: String, pattern: String },
+    Log(String),
+    Alert(String),
+}
+
+impl Item {
+    pub fn is_dialogue(&self) -> bool {
+        matches!(self, Item::Send(_) | Item::Expect(_) | Item::Wait(_) | Item::Closed | Item::ReplyHas(_) | Item::ReplyLacks(_) | Item::By(_))
+    }
+}
+
+/// Parse a transcript file's text. `path` resolves relative policy paths.
+pub fn parse(path: &Path, text: &str) -> Result<TranscriptFile, Vec<ParseError>> {
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut file = TranscriptFile { path: path.to_path_buf(), policy: None, cases: Vec::new() };
+    let mut errors = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim_end_matches('\r');
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = trimmed.strip_prefix("case:") {
+            let name = name.trim();
+            if name.is_empty() {
+                errors.push(ParseError { line: n, message: "a case needs a name: `case: relay is refused`".into() });
+            }
+            if file.cases.iter().any(|c| c.name == name) {
+                errors.push(ParseError { line: n, message: format!("a second case named \"{name}\"") });
+            }
+            file.cases.push(Case { name: name.to_string(), line: n, items: Vec::new() });
+            continue;
+        }
+        match parse_item(&dir, trimmed) {
+            Ok(Item::Policy(p)) if file.cases.is_empty() => file.policy = Some(p),
+            Ok(item) => match file.cases.last_mut() {
+                Some(c) => c.items.push((n, item)),
+                None => errors.push(ParseError { line: n, message: "this line comes before the first `case:`".into() }),
+            },
+            Err(message) => errors.push(ParseError { line: n, message }),
+        }
+    }
+    if file.cases.is_empty() && errors.is_empty() {
+        errors.push(ParseError { line: 1, message: "no `case:` in this file".into() });
+    }
+    if errors.is_empty() {
+        Ok(file)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
+    // Dialogue lines keep their spacing after the first space.
+    if let Some(rest) = line.strip_prefix("C:") {
+        let mut bytes = unescape(rest.strip_prefix(' ').unwrap_or(rest))?;
+        bytes.extend_from_slice(b"\r\n");
+        return Ok(Item::Send(bytes));
+    }
+    if let Some(rest) = line.strip_prefix("C!") {
+        return Ok(Item::Send(unescape(rest.strip_prefix(' ').unwrap_or(rest))?));
+    }
+    let (key, value) = match line.split_once(':') {
+        Some((k, v)) => (k.trim(), v.trim()),
+        None => (line.trim(), ""),
+    };
+    let need = |what: &str| -> Result<(), String> {
+        if value.is_empty() {
+            Err(format!("`{key}:` needs {what}"))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match key {
+        "S" => {
+            need("a reply pattern, e.g. `S: 250 2.1.0 *`")?;
+            Item::Expect(value.to_string())
+        }
+        "S-has" => Item::ReplyHas(value.to_string()),
+        "S-lacks" => Item::ReplyLacks(value.to_string()),
+        "by" => {
+            need("a rule location: `by: 12`, `by: policy.mailpolicy:12` or `by: default`")?;
+            Item::By(value.to_string())
+        }
+        "wait" => Item::Wait(duration(value)?),
+        "reconnect" => Item::Reconnect,
+        "closed" => Item::Closed,
+        "policy" => {
+            need("a path")?;
+            Item::Policy(dir.join(value))
+        }
+        "client" => Item::Client(socket(value, 40000)?),
+        "local" => Item::Local(socket(value, 25)?),
+        "client-name" => Item::ClientName(value.to_string()),
+        "client-ptr" => Item::ClientPtr(value.to_string()),
+        "listener" => Item::Listener(value.to_string()),
+        "tls" => match value {
+            "implicit" => Item::ImplicitTls,
+            _ => return Err("`tls:` takes `implicit` (STARTTLS needs no fixture)".into()),
+        },
+        "client-cert" => Item::ClientCert(value.to_string()),
+        "clock" => Item::Clock(timestamp(value)?),
+        "dns" => {
+            let mut w = value.split_whitespace();
+            let name = w.next().ok_or("`dns:` needs NAME TYPE VALUE...")?.trim_end_matches('.').to_ascii_lowercase();
+            let t = w.next().ok_or("`dns:` needs a record type or NXDOMAIN")?.to_ascii_uppercase();
+            if t == "NXDOMAIN" {
+                return Ok(Item::Dns { name, rtype: "*".into(), answer: DnsAnswer::NxDomain });
+            }
+            if !["A", "AAAA", "MX", "TXT", "PTR"].contains(&t.as_str()) {
+                return Err(format!("unknown DNS type `{t}`: use A, AAAA, MX, TXT, PTR or NXDOMAIN"));
+            }
+            let rest: Vec<&str> = w.collect();
+            let answer = match rest.as_slice() {
+                ["SERVFAIL"] => DnsAnswer::ServFail,
+                ["TIMEOUT"] => DnsAnswer::Timeout,
+                ["NXDOMAIN"] => DnsAnswer::NxDomain,
+                [] => return Err("`dns:` needs a value, SERVFAIL, TIMEOUT or NXDOMAIN".into()),
+                r => {
+                    let v = r.join(" ");
+                    let v = if t == "TXT" { v.trim_matches('"').to_string() } else { v };
+                    if t == "A" && v.parse::<std::net::Ipv4Addr>().is_err() {
+                        return Err(format!("\"{v}\" is not an IPv4 address"));
+                    }
+                    if t == "AAAA" && v.parse::<std::net::Ipv6Addr>().is_err() {
+                        return Err(format!("\"{v}\" is not an IPv6 address"));
+                    }
+                    DnsAnswer::Records(vec![v])
+                }
+            };
+            Item::Dns { name, rtype: t, answer }
+        }
+        k if k.starts_with("table ") => {
+            let table = k["table ".len()..].trim().to_string();
+            let row = match value {
+                "ERROR" => TableRow::Error,
+                "TIMEOUT" => TableRow::Timeout,
+                _ => match value.split_once("=>") {
+                    Some((key, v)) => TableRow::Entry { key: key.trim().to_string(), value: v.trim().to_string() },
+                    None => TableRow::Entry { key: value.to_string(), value: String::new() },
+                },
+            };
+            if let TableRow::Entry { key, .. } = &row {
+                if key.is_empty() {
+                    return Err("a table row needs a key: `table users: alice@example.com`".into());
+                }
+            }
+            Item::Table { table, row }
+        }
+        "credentials" => {
+            let (u, p) = value.split_once(char::is_whitespace).ok_or("`credentials:` needs USER PASSWORD")?;
+            Item::Credentials { user: u.to_string(), password: p.trim().to_string() }
+        }
+        "callahead" => {
+            let (addr, ans) = value.split_once("=>").ok_or("`callahead:` needs ADDRESS => CODE TEXT, or ADDRESS => ERROR")?;
+            let ans = ans.trim();
+            if ans == "ERROR" {
+                Item::CallaheadError { address: addr.trim().to_string() }
+            } else {
+                let (code, text) = ans.split_once(' ').unwrap_or((ans, ""));
+                let code: u16 = code.parse().map_err(|_| format!("\"{code}\" is not a reply code"))?;
+                Item::Callahead { address: addr.trim().to_string(), code, text: text.to_string() }
+            }
+        }
+        "spf" | "dkim" | "dmarc" | "dmarc-policy" => {
+            need("a result such as pass or fail")?;
+            Item::AuthResult { check: key.to_string(), result: value.to_ascii_lowercase() }
+        }
+        k if k.starts_with("score ") => {
+            Item::Score { scanner: k[6..].trim().to_string(), score: value.parse().map_err(|_| format!("\"{value}\" is not a number"))? }
+        }
+        k if k.starts_with("secret ") => Item::Secret { name: k[7..].trim().to_string(), value: value.replace("\\n", "\n") },
+        "queued" => Item::Queued(value.parse().map_err(|_| "`queued:` takes a number of messages".to_string())?),
+        "queued-to" => Item::QueuedTo(value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+        "queued-from" => Item::QueuedFrom(value.to_string()),
+        "header" => {
+            let (n, p) = value.split_once(':').ok_or("`header:` needs NAME: PATTERN")?;
+            Item::Header { name: n.trim().to_string(), pattern: p.trim().to_string() }
+        }
+        "no-header" => Item::NoHeader(value.to_string()),
+        "notify" => {
+            let (a, v) = value.split_once(char::is_whitespace).ok_or("`notify:` needs ADDRESS VALUES")?;
+            Item::Notify { address: a.to_string(), values: v.split(',').map(|s| s.trim().to_ascii_uppercase()).filter(|s| !s.is_empty()).collect() }
+        }
+        "held" => match value {
+            "" | "yes" => Item::Held(None),
+            "no" => Item::NotHeld,
+            p => Item::Held(Some(p.to_string())),
+        },
+        "archived" => Item::Archived(value.to_string()),
+        "batv-signed" => Item::BatvSigned(value != "no"),
+        "route" => {
+            let (a, p) = value.split_once("=>").ok_or("`route:` needs ADDRESS => OUTCOME")?;
+            Item::Route { address: a.trim().to_string(), pattern: p.trim().to_string() }
+        }
+        "bounce" => {
+            let (a, p) = value.split_once("=>").ok_or("`bounce:` needs ADDRESS [KIND] => send|discard")?;
+            let mut w = a.split_whitespace();
+            let address = w.next().unwrap_or("").to_string();
+            let kind = w.next().unwrap_or("failure").to_string();
+            Item::Bounce { address, kind, pattern: p.trim().to_string() }
+        }
+        "log" => Item::Log(value.to_string()),
+        "alert" => Item::Alert(value.to_string()),
+        other => return Err(format!("unknown line `{other}:`; see spec/transcript.md")),
+    })
+}
+
+/// `\r`, `\n`, `\t`, `\0`, `\\`, `\xHH` escapes of `C:` lines.
+pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            match b.get(i + 1) {
+                Some(b'r') => out.push(b'\r'),
+                Some(b'n') => out.push(b'\n'),
+                Some(b't') => out.push(b'\t'),
+                Some(b'0') => out.push(0),
+                Some(b'\\') => out.push(b'\\'),
+                Some(b'x') => {
+                    let hex = s.get(i + 2..i + 4).ok_or("`\\x` needs two hex digits")?;
+                    out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("`\\x{hex}` is not a hex byte"))?);
+                    i += 4;
+                    continue;
+                }
+                _ => return Err("unknown escape; use \\r \\n \\t \\0 \\\\ or \\xHH".into()),
+            }
+            i += 2;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn socket(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip: IpAddr = s.parse().map_err(|_| format!("\"{s}\" is not an IP address or IP:port"))?;
+    Ok(SocketAddr::new(ip, default_port))
+}
+
+/// `500ms`, `5s`, `10m`, `2h`, `1d`.
+pub fn duration(s: &str) -> Result<u64, String> {
+    let digits: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let unit = &s[digits.len()..];
+    let n: u64 = digits.parse().map_err(|_| format!("\"{s}\" is not a duration like 5s"))?;
+    let mult = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("\"{s}\": durations end in ms, s, m, h or d")),
+    };
+    Ok(n.saturating_mul(mult))
+}
+
+/// `2026-11-22T10:00:00Z` (UTC) to Unix milliseconds.
+pub fn timestamp(s: &str) -> Result<u64, String> {
+    let bad = || format!("\"{s}\" is not a time like 2026-11-22T10:00:00Z");
+    let s2 = s.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, time) = s2.split_once('T').ok_or_else(bad)?;
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+    let t: Vec<u64> = time.split(':').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+    if d.len() != 3 || t.len() != 3 || !(1..=12).contains(&d[1]) || !(1..=31).contains(&d[2]) || t[0] > 23 || t[1] > 59 || t[2] > 60 {
+        return Err(bad());
+    }
+    let days = days_from_civil(d[0], d[1] as u32, d[2] as u32);
+    if days < 0 {
+        return Err(bad());
+    }
+    Ok(((days as u64) * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = (y - era * 400) as u64;
+    let mp = if m > 2 { m - 3 } else { m + 9 } as u64;
+    let doy = (153 * mp + 2) / 5 + d as u64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe as i64 - 719_468
+}
+
+/// Glob match, ASCII case-insensitive: `*` any run, `?` one character.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.to_ascii_lowercase().chars().collect();
+    let t: Vec<char> = text.to_ascii_lowercase().chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globbing() {
+        assert!(glob("250 2.1.0 *", "250 2.1.0 Sender OK"));
+        assert!(glob("5?? *relay*", "554 5.7.1 Relay access denied"));
+        assert!(!glob("250 *", "550 no"));
+        assert!(glob("*", ""));
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(timestamp("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(timestamp("2026-11-22T10:00:00Z"), Ok(1_795_341_600_000));
+        assert!(timestamp("2026-13-01T00:00:00Z").is_err());
+        assert_eq!(duration("5m"), Ok(300_000));
+    }
+
+    #[test]
+    fn escapes() {
+        assert_eq!(unescape("a\\r\\n.\\x00").unwrap(), b"a\r\n.\0");
+        assert!(unescape("\\q").is_err());
+    }
+
+    #[test]
+    fn errors_have_lines() {
+        let e = parse(Path::new("x.transcript"), "case: a\nS: 220 *\nbogus: 1\n").unwrap_err();
+        assert_eq!(e[0].line, 3);
+        let e = parse(Path::new("x.transcript"), "C: EHLO x\n").unwrap_err();
+        assert_eq!(e[0].line, 1);
+    }
+}

@@ -1,0 +1,907 @@
+//! Replaying a transcript case: the real engine and evaluator ([`Conn`]) driven with a
+//! virtual clock, every request answered from the case's fixtures.
+//!
+//! What the harness itself provides, as the daemon would: file tables are read from the
+//! files the policy names (unless the case gives rows for that table), rate counters and
+//! the greylist are kept by the stdlib stores on the virtual clock, BATV is checked with
+//! the keys of the case's `secret` fixture, SASL PLAIN and LOGIN are checked against
+//! `credentials:` (SCRAM is exercised by the daemon's tests, not here).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mailpolicy_lang::ir::{Counter, LocId, OptValue, Program, Stage, TransportKind};
+use mailpolicy_lang::{compile, FsLoader};
+use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::FileTable};
+
+use super::{glob, Case, DnsAnswer, Item, TableRow, TranscriptFile};
+use crate::conn::{ClientInfo, Conn, Need, Note, QueuedMessage};
+use crate::eval::{self, Answer, AuthCheck, Facts, MessageFacts, Outcome, RcptFacts, Request, RrType, Run, State, Step};
+use crate::smtp::{AuthOutcome, PeerInfo, Time, TlsInfo};
+
+/// 2026-01-01T00:00:00Z: the clock of a case that sets none.
+pub const DEFAULT_CLOCK: u64 = 1_767_225_600_000;
+
+/// The result of one case: no failures means it passed.
+#[derive(Clone, Debug)]
+pub struct CaseResult {
+    pub name: String,
+    pub line: usize,
+    pub failures: Vec<String>,
+    /// Verdicts and lookups, for `mailc explain`.
+    pub log: Vec<String>,
+}
+
+impl CaseResult {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Compiles each policy once and runs cases.
+pub struct Runner {
+    std_dir: Option<PathBuf>,
+    policies: HashMap<PathBuf, Result<Arc<Program>, String>>,
+}
+
+impl Runner {
+    pub fn new(std_dir: Option<PathBuf>) -> Runner {
+        Runner { std_dir, policies: HashMap::new() }
+    }
+
+    fn policy(&mut self, path: &Path) -> Result<Arc<Program>, String> {
+        if let Some(p) = self.policies.get(path) {
+            return p.clone();
+        }
+        let loader = FsLoader { std_dir: self.std_dir.clone() };
+        let name = path.display().to_string();
+        let c = compile(&name, &loader);
+        let result = match c.program {
+            Some(p) => Ok(Arc::new(p)),
+            None => {
+                let errs: Vec<String> = c.diagnostics.iter().filter(|d| d.is_error()).map(|d| d.render_short(&c.sources)).collect();
+                Err(format!("the policy does not compile:\n    {}", errs.join("\n    ")))
+            }
+        };
+        self.policies.insert(path.to_path_buf(), result.clone());
+        result
+    }
+
+    pub fn run_file(&mut self, file: &TranscriptFile) -> Vec<CaseResult> {
+        file.cases.iter().map(|c| self.run_case(file, c)).collect()
+    }
+
+    pub fn run_case(&mut self, file: &TranscriptFile, case: &Case) -> CaseResult {
+        let mut result = CaseResult { name: case.name.clone(), line: case.line, failures: Vec::new(), log: Vec::new() };
+        let policy = case
+            .items
+            .iter()
+            .find_map(|(_, i)| if let Item::Policy(p) = i { Some(p.clone()) } else { None })
+            .or_else(|| file.policy.clone());
+        let Some(policy) = policy else {
+            result.failures.push(format!("line {}: no `policy:` for this case or its file", case.line));
+            return result;
+        };
+        let prog = match self.policy(&policy) {
+            Ok(p) => p,
+            Err(e) => {
+                result.failures.push(format!("{}: {e}", policy.display()));
+                return result;
+            }
+        };
+        let mut run = CaseRun::new(prog, policy);
+        for (line, item) in &case.items {
+            run.line = *line;
+            run.item(item);
+            if run.failures.len() > 20 {
+                break;
+            }
+        }
+        run.end_session();
+        result.failures = run.failures;
+        result.log = run.log;
+        result
+    }
+}
+
+enum Sasl {
+    None,
+    LoginWantUser,
+    LoginWantPass(String),
+}
+
+struct Reply {
+    lines: Vec<String>,
+    verdict: Option<Option<LocId>>,
+}
+
+struct CaseRun {
+    prog: Arc<Program>,
+    policy_path: PathBuf,
+    line: usize,
+    now: u64,
+    client: SocketAddr,
+    client_name: String,
+    client_ptr: String,
+    listener: Option<String>,
+    local: SocketAddr,
+    implicit_tls: bool,
+    client_cert: Option<Vec<u8>>,
+    dns: HashMap<(String, String), DnsAnswer>,
+    rows: HashMap<String, Vec<TableRow>>,
+    file_tables: HashMap<String, Result<FileTable, String>>,
+    credentials: Vec<(String, String)>,
+    callahead: HashMap<String, Option<(u16, String)>>,
+    auth_results: HashMap<String, String>,
+    scores: HashMap<String, f64>,
+    secrets: HashMap<String, String>,
+    rates: RateStore,
+    greylist: Greylist,
+    conn: Option<Conn>,
+    session_keys: Vec<String>,
+    sasl: Sasl,
+    out: Vec<u8>,
+    replies: VecDeque<Reply>,
+    last: Option<Reply>,
+    verdicts: VecDeque<Option<LocId>>,
+    queued: Vec<QueuedMessage>,
+    logs: Vec<String>,
+    alerts: Vec<String>,
+    failures: Vec<String>,
+    log: Vec<String>,
+    sessions: u32,
+}
+
+impl CaseRun {
+    fn new(prog: Arc<Program>, policy_path: PathBuf) -> CaseRun {
+        CaseRun {
+            prog,
+            policy_path,
+            line: 0,
+            now: DEFAULT_CLOCK,
+            client: SocketAddr::from(([192, 0, 2, 1], 40000)),
+            client_name: String::new(),
+            client_ptr: String::new(),
+            listener: None,
+            local: SocketAddr::from(([127, 0, 0, 1], 25)),
+            implicit_tls: false,
+            client_cert: None,
+            dns: HashMap::new(),
+            rows: HashMap::new(),
+            file_tables: HashMap::new(),
+            credentials: Vec::new(),
+            callahead: HashMap::new(),
+            auth_results: HashMap::new(),
+            scores: HashMap::new(),
+            secrets: HashMap::new(),
+            rates: RateStore::default(),
+            greylist: Greylist::default(),
+            conn: None,
+            session_keys: Vec::new(),
+            sasl: Sasl::None,
+            out: Vec::new(),
+            replies: VecDeque::new(),
+            last: None,
+            verdicts: VecDeque::new(),
+            queued: Vec::new(),
+            logs: Vec::new(),
+            alerts: Vec::new(),
+            failures: Vec::new(),
+            log: Vec::new(),
+            sessions: 0,
+        }
+    }
+
+    fn fail(&mut self, msg: impl Into<String>) {
+        let m = msg.into();
+        self.failures.push(format!("line {}: {m}", self.line));
+    }
+
+    fn item(&mut self, item: &Item) {
+        match item {
+            Item::Policy(_) => {}
+            Item::Client(a) => self.client = *a,
+            Item::ClientName(n) => self.client_name = n.clone(),
+            Item::ClientPtr(n) => self.client_ptr = n.clone(),
+            Item::Listener(l) => {
+                if self.prog.listener(l).is_none() {
+                    self.fail(format!("the policy declares no listener `{l}`"));
+                }
+                self.listener = Some(l.clone());
+            }
+            Item::Local(a) => self.local = *a,
+            Item::ImplicitTls => self.implicit_tls = true,
+            Item::ClientCert(fp) => {
+                let bytes: Vec<u8> = fp.split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
+                if bytes.len() == 32 {
+                    self.client_cert = Some(bytes);
+                } else {
+                    self.client_cert = Some(fp.as_bytes().to_vec());
+                }
+            }
+            Item::Clock(t) => self.now = *t,
+            Item::Dns { name, rtype, answer } => {
+                self.dns.insert((name.clone(), rtype.clone()), answer.clone());
+            }
+            Item::Table { table, row } => {
+                if self.prog.table_by_name(table).is_none() {
+                    self.fail(format!("the policy declares no table `{table}`"));
+                }
+                self.rows.entry(table.clone()).or_default().push(row.clone());
+            }
+            Item::Credentials { user, password } => self.credentials.push((user.clone(), password.clone())),
+            Item::Callahead { address, code, text } => {
+                self.callahead.insert(address.to_ascii_lowercase(), Some((*code, text.clone())));
+            }
+            Item::CallaheadError { address } => {
+                self.callahead.insert(address.to_ascii_lowercase(), None);
+            }
+            Item::AuthResult { check, result } => {
+                self.auth_results.insert(check.clone(), result.clone());
+            }
+            Item::Score { scanner, score } => {
+                self.scores.insert(scanner.clone(), *score);
+            }
+            Item::Secret { name, value } => {
+                self.secrets.insert(name.clone(), value.clone());
+            }
+            Item::Send(bytes) => {
+                self.ensure_session();
+                self.pump();
+                let Some(conn) = self.conn.as_mut() else { return };
+                if conn.is_closed() {
+                    let shown = String::from_utf8_lossy(bytes).trim_end().to_string();
+                    self.fail(format!("the server closed the connection before the client sent `{shown}`"));
+                    return;
+                }
+                conn.handle_input(bytes, Time(self.now));
+                self.pump();
+            }
+            Item::Expect(pattern) => {
+                self.ensure_session();
+                match self.next_reply() {
+                    Some(r) => {
+                        let last = r.lines.last().cloned().unwrap_or_default();
+                        let normal = normalize(&last);
+                        if !glob(pattern, &normal) {
+                            self.fail(format!("expected reply `{pattern}`\n           got      `{}`", r.lines.join("\\r\\n")));
+                        }
+                        self.last = Some(r);
+                    }
+                    None => {
+                        let closed = self.conn.as_ref().is_some_and(|c| c.is_closed());
+                        self.fail(format!(
+                            "expected reply `{pattern}`, but the server sent nothing{}",
+                            if closed { " (the connection is closed)" } else { "" }
+                        ));
+                    }
+                }
+            }
+            Item::ReplyHas(p) | Item::ReplyLacks(p) => {
+                let has = matches!(item, Item::ReplyHas(_));
+                let Some(r) = &self.last else {
+                    self.fail("no reply to look at yet");
+                    return;
+                };
+                let found = r.lines.iter().any(|l| glob(p, &normalize(l)));
+                if found != has {
+                    let lines = r.lines.join("\\r\\n");
+                    self.fail(format!("the last reply {} a line matching `{p}`: {lines}", if has { "has no" } else { "has" }));
+                }
+            }
+            Item::By(want) => {
+                let got = match self.last.as_ref().map(|r| r.verdict) {
+                    None => {
+                        self.fail("`by:` needs a reply before it");
+                        return;
+                    }
+                    Some(None) => {
+                        self.fail(format!("expected the reply to be decided by {want}, but the engine answered it without the policy"));
+                        return;
+                    }
+                    Some(Some(v)) => v,
+                };
+                let desc = match got {
+                    Some(loc) => self.prog.describe_loc(loc),
+                    None => "default".to_string(),
+                };
+                let ok = if want == "default" {
+                    got.is_none()
+                } else if want.contains(':') {
+                    desc.ends_with(want.as_str())
+                } else {
+                    desc.rsplit(':').next() == Some(want.as_str())
+                };
+                if !ok {
+                    self.fail(format!("expected the reply to be decided by {want}, it was decided by {desc}"));
+                }
+            }
+            Item::Wait(ms) => {
+                self.ensure_session();
+                self.advance(self.now + ms);
+            }
+            Item::Reconnect => self.end_session(),
+            Item::Closed => {
+                self.pump();
+                if !self.conn.as_ref().is_some_and(|c| c.is_closed()) {
+                    self.fail("expected the server to have closed the connection; it is open");
+                }
+            }
+            Item::Queued(n) => {
+                self.pump();
+                if self.queued.len() != *n {
+                    self.fail(format!("expected {n} queued message(s), found {}", self.queued.len()));
+                }
+            }
+            Item::QueuedTo(want) => {
+                let Some(m) = self.last_msg() else { return };
+                let mut got: Vec<String> = m.recipients.iter().map(|r| r.address.to_ascii_lowercase()).collect();
+                let mut want: Vec<String> = want.iter().map(|w| w.to_ascii_lowercase()).collect();
+                got.sort();
+                want.sort();
+                if got != want {
+                    self.fail(format!("expected the message queued to [{}], it was queued to [{}]", want.join(", "), got.join(", ")));
+                }
+            }
+            Item::QueuedFrom(want) => {
+                let Some(m) = self.last_msg() else { return };
+                let want_s = if want == "<>" { "" } else { want.as_str() };
+                if !glob(want_s, &m.sender) {
+                    let s = m.sender.clone();
+                    self.fail(format!("expected the envelope sender `{want}`, found `{s}`"));
+                }
+            }
+            Item::Header { name, pattern } => {
+                let Some(m) = self.last_msg() else { return };
+                let facts = MessageFacts::parse(&m.data);
+                let values = facts.header(name);
+                if !values.iter().any(|v| glob(pattern, v)) {
+                    self.fail(format!("expected a header `{name}: {pattern}` in the queued message; found {values:?}"));
+                }
+            }
+            Item::NoHeader(name) => {
+                let Some(m) = self.last_msg() else { return };
+                let values = MessageFacts::parse(&m.data).header(name);
+                if !values.is_empty() {
+                    self.fail(format!("expected no `{name}` header in the queued message; found {values:?}"));
+                }
+            }
+            Item::Notify { address, values } => {
+                let Some(m) = self.last_msg() else { return };
+                match m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)) {
+                    Some(r) => {
+                        if &r.notify != values {
+                            let got = r.notify.join(",");
+                            self.fail(format!("expected NOTIFY={} for {address}, stored NOTIFY={}", values.join(","), if got.is_empty() { "(none)".into() } else { got }));
+                        }
+                    }
+                    None => self.fail(format!("{address} is not a recipient of the queued message")),
+                }
+            }
+            Item::Held(p) => {
+                let Some(m) = self.last_msg() else { return };
+                match (&m.hold, p) {
+                    (None, _) => self.fail("expected the message to be held (quarantined); it was not"),
+                    (Some(r), Some(p)) if !glob(p, r) => {
+                        let r = r.clone();
+                        self.fail(format!("expected the hold reason `{p}`, found `{r}`"))
+                    }
+                    _ => {}
+                }
+            }
+            Item::NotHeld => {
+                let Some(m) = self.last_msg() else { return };
+                if let Some(r) = m.hold.clone() {
+                    self.fail(format!("expected the message not to be held; it was held: {r}"));
+                }
+            }
+            Item::Archived(f) => {
+                let Some(m) = self.last_msg() else { return };
+                if !m.archive.iter().any(|a| glob(f, a)) {
+                    let a = m.archive.clone();
+                    self.fail(format!("expected an archive copy to `{f}`; archives: {a:?}"));
+                }
+            }
+            Item::BatvSigned(want) => {
+                let Some(m) = self.last_msg() else { return };
+                if m.batv_sign != *want {
+                    self.fail(format!("expected batv signing {}", if *want { "on" } else { "off" }));
+                }
+            }
+            Item::Route { address, pattern } => {
+                let got = self.queue_stage(Stage::Route, address, "failure");
+                if let Some(got) = got {
+                    if !glob(pattern, &got) {
+                        self.fail(format!("route for {address}: expected `{pattern}`, got `{got}`"));
+                    }
+                }
+            }
+            Item::Bounce { address, kind, pattern } => {
+                let got = self.queue_stage(Stage::Bounce, address, kind);
+                if let Some(got) = got {
+                    if !glob(pattern, &got) {
+                        self.fail(format!("bounce to {address}: expected `{pattern}`, got `{got}`"));
+                    }
+                }
+            }
+            Item::Log(p) => {
+                self.pump();
+                if !self.logs.iter().any(|l| glob(p, l)) {
+                    let logs = self.logs.clone();
+                    self.fail(format!("expected a log line `{p}`; logged: {logs:?}"));
+                }
+            }
+            Item::Alert(p) => {
+                self.pump();
+                if !self.alerts.iter().any(|l| glob(p, l)) {
+                    let a = self.alerts.clone();
+                    self.fail(format!("expected an alert `{p}`; alerts: {a:?}"));
+                }
+            }
+        }
+    }
+
+    fn last_msg(&mut self) -> Option<QueuedMessage> {
+        self.pump();
+        let m = self.queued.last().cloned();
+        if m.is_none() {
+            self.fail("no message was queued");
+        }
+        m
+    }
+
+    // ---- the session ------------------------------------------------------------------
+
+    fn ensure_session(&mut self) {
+        if self.conn.is_some() {
+            return;
+        }
+        self.sessions += 1;
+        let listener = self.listener.clone();
+        let mut config = crate::config::engine_config(&self.prog, listener.as_deref(), "mx.test", true);
+        // SCRAM needs the daemon's SASL library; transcripts exercise PLAIN and LOGIN.
+        config.auth_mechanisms.retain(|m| m == "PLAIN" || m == "LOGIN");
+        let tls = self.implicit_tls.then(|| self.tls_info());
+        let peer = PeerInfo { remote: Some(self.client), local: Some(self.local), tls };
+        let client = ClientInfo {
+            name: self.client_name.clone(),
+            ptr: self.client_ptr.clone(),
+            listener: listener.clone().unwrap_or_default(),
+            session_id: format!("S{}", self.sessions),
+        };
+        let mut conn = Conn::new(self.prog.clone(), config, peer, client, Time(self.now));
+        let (tls_req, auth_req) = crate::config::requirements(&self.prog, listener.as_deref());
+        conn.set_requirements(tls_req, auth_req);
+        self.session_keys = vec![format!("client.ip={}", self.client.ip())];
+        for k in &self.session_keys {
+            self.rates.open(k);
+        }
+        self.conn = Some(conn);
+        self.out.clear();
+        self.replies.clear();
+        self.verdicts.clear();
+        self.sasl = Sasl::None;
+        self.pump();
+    }
+
+    fn end_session(&mut self) {
+        if let Some(mut c) = self.conn.take() {
+            c.handle_eof(Time(self.now));
+            let _ = c.poll_need(Time(self.now));
+            for k in &self.session_keys {
+                self.rates.close(k);
+            }
+        }
+        self.last = None;
+    }
+
+    fn tls_info(&self) -> TlsInfo {
+        TlsInfo { version: "TLSv1.3".into(), cipher: "TLS13_AES_256_GCM_SHA384".into(), sni: None, peer_certificate: self.client_cert.clone() }
+    }
+
+    /// Move the clock to `to`, firing the engine's timers on the way.
+    fn advance(&mut self, to: u64) {
+        for _ in 0..10_000 {
+            self.pump();
+            let Some(c) = self.conn.as_mut() else { break };
+            match c.poll_timeout() {
+                Some(t) if t.0 <= to => {
+                    self.now = self.now.max(t.0);
+                    c.handle_timeout(Time(self.now));
+                }
+                _ => break,
+            }
+        }
+        self.now = self.now.max(to);
+        if let Some(c) = self.conn.as_mut() {
+            c.handle_timeout(Time(self.now));
+        }
+        self.pump();
+    }
+
+    /// The next complete reply, waiting on the virtual clock for held replies (tarpits,
+    /// greet pause) as a client would.
+    fn next_reply(&mut self) -> Option<Reply> {
+        self.pump();
+        for _ in 0..1000 {
+            if let Some(r) = self.replies.pop_front() {
+                return Some(r);
+            }
+            let t = self.conn.as_ref().and_then(|c| c.poll_timeout())?;
+            // Clients wait up to five minutes for a reply (RFC 5321 4.5.3.2).
+            if t.0 > self.now + 300_000 {
+                return None;
+            }
+            self.advance(t.0.max(self.now));
+        }
+        None
+    }
+
+    fn drain(&mut self) {
+        let Some(c) = self.conn.as_mut() else { return };
+        while let Some(b) = c.poll_transmit() {
+            self.out.extend_from_slice(&b);
+        }
+        // Split complete replies.
+        let mut lines: Vec<String> = Vec::new();
+        let mut consumed = 0;
+        let mut start = 0;
+        while let Some(pos) = self.out[start..].windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&self.out[start..start + pos]).to_string();
+            start += pos + 2;
+            let last = line.len() < 4 || line.as_bytes().get(3) == Some(&b' ');
+            lines.push(line);
+            if last {
+                let verdict = self.verdicts.pop_front();
+                self.replies.push_back(Reply { lines: std::mem::take(&mut lines), verdict });
+                consumed = start;
+            }
+        }
+        self.out.drain(..consumed);
+    }
+
+    fn pump(&mut self) {
+        for _ in 0..100_000 {
+            self.drain();
+            let now = Time(self.now);
+            let Some(need) = self.conn.as_mut().and_then(|c| c.poll_need(now)) else { break };
+            match need {
+                Need::Policy(req) => {
+                    let prog = self.prog.clone();
+                    let ans = self.answer(&prog, &req);
+                    self.log.push(format!("  lookup {req:?} -> {ans:?}"));
+                    if let Some(c) = self.conn.as_mut() {
+                        c.answer(req, ans);
+                    }
+                }
+                Need::AuthStep { mechanism, data } => self.sasl_step(&mechanism, data),
+                Need::StartTls => {
+                    let info = self.tls_info();
+                    if let Some(c) = self.conn.as_mut() {
+                        c.tls_established(info, now);
+                    }
+                }
+                Need::Queue(msg) => {
+                    self.queued.push(msg);
+                    let id = format!("{:010X}", self.queued.len());
+                    if let Some(c) = self.conn.as_mut() {
+                        c.queued(&id, now);
+                    }
+                }
+                Need::Note(n) => self.note(n),
+            }
+        }
+        self.drain();
+    }
+
+    fn note(&mut self, n: Note) {
+        match n {
+            Note::Verdict { stage, outcome, rule, trace: _ } => {
+                let at = rule.map(|r| self.prog.describe_loc(r)).unwrap_or_else(|| "end of stage".into());
+                self.log.push(format!("  {}: {outcome} ({at})", stage.name()));
+                self.verdicts.push_back(rule);
+            }
+            Note::Log(l) => self.logs.push(l),
+            Note::Alert { to, text, .. } => self.alerts.push(format!("{to}: {text}")),
+            Note::Count { counter, keys } => {
+                for k in keys {
+                    self.rates.record(counter.name(), &k, self.now);
+                }
+            }
+        }
+    }
+
+    fn sasl_step(&mut self, mechanism: &str, data: Option<Vec<u8>>) {
+        let now = Time(self.now);
+        let check = |creds: &[(String, String)], u: &str, p: &str| creds.iter().any(|(cu, cp)| cu == u && cp == p);
+        let outcome = match (mechanism, &self.sasl, data) {
+            ("PLAIN", _, None) => {
+                if let Some(c) = self.conn.as_mut() {
+                    c.auth_continue(b"", now);
+                }
+                return;
+            }
+            ("PLAIN", _, Some(d)) => {
+                let parts: Vec<&[u8]> = d.split(|b| *b == 0).collect();
+                match parts.as_slice() {
+                    [_authz, user, pass] => {
+                        let (u, p) = (String::from_utf8_lossy(user).to_string(), String::from_utf8_lossy(pass).to_string());
+                        if check(&self.credentials, &u, &p) {
+                            AuthOutcome::Success { user: u }
+                        } else {
+                            AuthOutcome::Failure { reply: None }
+                        }
+                    }
+                    _ => AuthOutcome::Failure { reply: None },
+                }
+            }
+            ("LOGIN", Sasl::None, None) => {
+                self.sasl = Sasl::LoginWantUser;
+                if let Some(c) = self.conn.as_mut() {
+                    c.auth_continue(b"Username:", now);
+                }
+                return;
+            }
+            ("LOGIN", Sasl::None | Sasl::LoginWantUser, Some(u)) => {
+                self.sasl = Sasl::LoginWantPass(String::from_utf8_lossy(&u).to_string());
+                if let Some(c) = self.conn.as_mut() {
+                    c.auth_continue(b"Password:", now);
+                }
+                return;
+            }
+            ("LOGIN", Sasl::LoginWantPass(u), Some(p)) => {
+                let u = u.clone();
+                if check(&self.credentials, &u, &String::from_utf8_lossy(&p)) {
+                    AuthOutcome::Success { user: u }
+                } else {
+                    AuthOutcome::Failure { reply: None }
+                }
+            }
+            _ => AuthOutcome::Failure { reply: None },
+        };
+        self.sasl = Sasl::None;
+        if matches!(outcome, AuthOutcome::Failure { .. }) {
+            let key = format!("client.ip={}", self.client.ip());
+            self.rates.record(Counter::AuthFailures.name(), &key, self.now);
+        }
+        if let Some(c) = self.conn.as_mut() {
+            c.auth_done(outcome, now);
+        }
+    }
+
+    // ---- fixtures ---------------------------------------------------------------------
+
+    fn answer(&mut self, prog: &Program, req: &Request) -> Answer {
+        match req {
+            Request::Lookup { table, key } => {
+                let Some(t) = prog.tables.get(table.index()) else { return Answer::Error("no such table".into()) };
+                let name = t.name.clone();
+                if let Some(rows) = self.rows.get(&name) {
+                    if rows.iter().any(|r| *r == TableRow::Error) {
+                        return Answer::Error(format!("table {name} is down"));
+                    }
+                    if rows.iter().any(|r| *r == TableRow::Timeout) {
+                        return Answer::Timeout;
+                    }
+                    let kind = match t.kind.as_str() {
+                        "cidr" | "regexp" | "pcre" | "list" => t.kind.as_str(),
+                        _ => "map",
+                    };
+                    let text: String = rows
+                        .iter()
+                        .filter_map(|r| if let TableRow::Entry { key, value } = r { Some(format!("{key} {value}\n")) } else { None })
+                        .collect();
+                    return match FileTable::parse(kind, &text) {
+                        Ok(ft) => Answer::Value(ft.lookup(key)),
+                        Err(e) => Answer::Error(format!("table {name} rows: {e}")),
+                    };
+                }
+                let Some(source) = t.source.clone() else {
+                    self.fail(format!("the policy looks up `{key}` in the {} table `{name}`, and the case gives no rows for it", t.kind));
+                    return Answer::Error("no fixture".into());
+                };
+                let kind = t.kind.clone();
+                let dir = self.policy_path.parent().map(Path::to_path_buf).unwrap_or_default();
+                let entry = self.file_tables.entry(name.clone()).or_insert_with(|| {
+                    let path = dir.join(&source);
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                        .and_then(|text| FileTable::parse(&kind, &text).map_err(|e| format!("{}: {e}", path.display())))
+                });
+                match entry {
+                    Ok(ft) => Answer::Value(ft.lookup(key)),
+                    Err(e) => Answer::Error(e.clone()),
+                }
+            }
+            Request::Dns { name, rtype } => {
+                let t = match rtype {
+                    RrType::A => "A",
+                    RrType::Aaaa => "AAAA",
+                    RrType::Mx => "MX",
+                    RrType::Txt => "TXT",
+                    RrType::Ptr => "PTR",
+                };
+                let name = name.to_ascii_lowercase();
+                let mut records = Vec::new();
+                for ((n, ty), a) in &self.dns {
+                    if *n != name {
+                        continue;
+                    }
+                    if ty == "*" {
+                        return Answer::NxDomain;
+                    }
+                    if ty == t {
+                        match a {
+                            DnsAnswer::Records(r) => records.extend(r.iter().cloned()),
+                            DnsAnswer::ServFail => return Answer::Error("SERVFAIL".into()),
+                            DnsAnswer::Timeout => return Answer::Timeout,
+                            DnsAnswer::NxDomain => return Answer::NxDomain,
+                        }
+                    }
+                }
+                // Deterministic: a name the case does not mention does not exist.
+                if records.is_empty() {
+                    Answer::NxDomain
+                } else {
+                    records.sort();
+                    Answer::Records(records)
+                }
+            }
+            Request::Rate { counter, key, window_ms } => Answer::Count(self.rates.count(counter.name(), key, *window_ms, self.now)),
+            Request::Concurrent { key } => Answer::Count(self.rates.concurrent(key)),
+            Request::Auth(check) => {
+                let k = match check {
+                    AuthCheck::Spf => "spf",
+                    AuthCheck::Dkim => "dkim",
+                    AuthCheck::Dmarc => "dmarc",
+                    AuthCheck::DmarcPolicy => "dmarc-policy",
+                };
+                Answer::Value(Some(self.auth_results.get(k).cloned().unwrap_or_else(|| "none".into())))
+            }
+            Request::Scan { scanner } => {
+                let name = prog.scanners.get(scanner.index()).map(|s| s.name.clone()).unwrap_or_default();
+                match self.scores.get(&name) {
+                    Some(s) => Answer::Score(*s),
+                    None => Answer::Error(format!("no `score {name}:` fixture")),
+                }
+            }
+            Request::Callahead { recipient } => match self.callahead.get(&recipient.to_ascii_lowercase()) {
+                Some(Some((code, text))) => Answer::Reply { code: *code, text: text.clone() },
+                Some(None) => Answer::Error("next hop unreachable".into()),
+                None => {
+                    self.fail(format!("the policy calls ahead for {recipient} and the case has no `callahead:` for it"));
+                    Answer::Error("no fixture".into())
+                }
+            },
+            Request::Greylist { client, sender, recipient, delay_ms, expire_ms } => {
+                Answer::Bool(self.greylist.check(client, sender, recipient, self.now, *delay_ms, *expire_ms))
+            }
+            Request::BatvValid { address } => {
+                let secret = match prog.server.option("batv_keys") {
+                    Some(OptValue::Secret(id)) => prog.secrets.get(id.index()).map(|s| s.name.clone()),
+                    _ => None,
+                };
+                let Some(keys) = secret.and_then(|s| self.secrets.get(&s).cloned()) else {
+                    self.fail("`batv valid` needs the server's batv_keys secret as a fixture: `secret NAME: 0 key`");
+                    return Answer::Error("no keys".into());
+                };
+                let lifetime = match prog.server.option("batv_lifetime") {
+                    Some(OptValue::Duration(d)) => d / batv::DAY_MS,
+                    _ => 7,
+                };
+                let keys = batv::parse_keys(&keys);
+                Answer::Bool(matches!(batv::verify(address, &keys, self.now, lifetime), batv::Check::Valid(_)))
+            }
+        }
+    }
+
+    /// Run a queue-side stage for `address` of the last queued message (route), or for a
+    /// DSN to `address` (bounce), and describe the outcome.
+    fn queue_stage(&mut self, stage: Stage, address: &str, kind: &str) -> Option<String> {
+        let prog = self.prog.clone();
+        let mut facts = Facts { now_ms: self.now, ..Facts::default() };
+        facts.client_ip = self.client.ip();
+        match stage {
+            Stage::Route => {
+                let m = self.last_msg()?;
+                let Some(r) = m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)) else {
+                    self.fail(format!("{address} is not a recipient of the queued message"));
+                    return None;
+                };
+                facts.client_ip = m.client_ip.parse().unwrap_or(facts.client_ip);
+                facts.helo = Some((m.helo.clone(), true));
+                if !m.auth_user.is_empty() {
+                    facts.auth = Some((m.auth_user.clone(), String::new()));
+                }
+                facts.sender = Some(m.sender.clone());
+                facts.recipient = Some(RcptFacts { address: r.address.clone(), routing: false, notify: r.notify.clone(), orcpt: r.orcpt.clone() });
+                facts.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
+                facts.message = Some(MessageFacts::parse(&m.data));
+                facts.queue_id = format!("{:010X}", self.queued.len());
+            }
+            _ => {
+                facts.sender = Some(String::new());
+                facts.recipient = Some(RcptFacts { address: address.to_string(), ..Default::default() });
+                facts.recipients = vec![address.to_string()];
+                facts.bounce = Some((kind.to_string(), "test".to_string()));
+                let dsn = format!("From: MAILER-DAEMON@mx.test\r\nTo: {address}\r\nSubject: Undelivered Mail Returned to Sender\r\nContent-Type: multipart/report; report-type=delivery-status\r\n\r\n");
+                facts.message = Some(MessageFacts::parse(dsn.as_bytes()));
+            }
+        }
+        let mut state = State::new(&prog);
+        let mut run = Run::new(&prog, stage);
+        for _ in 0..10_000 {
+            match run.step(&prog, &facts, &mut state) {
+                Step::Need(req) => {
+                    let a = self.answer(&prog, &req);
+                    run.answer(req, a);
+                }
+                Step::Done(v) => return Some(describe(stage, &v)),
+            }
+        }
+        self.fail("the stage did not finish");
+        None
+    }
+}
+
+/// `250-PIPELINING` and `250 OK` both read as `250 ...`.
+fn normalize(line: &str) -> String {
+    if line.len() >= 4 && line.as_bytes()[3] == b'-' {
+        format!("{} {}", &line[..3], &line[4..])
+    } else {
+        line.to_string()
+    }
+}
+
+/// How `route:` and `bounce:` expectations see a queue-side verdict.
+pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for e in &v.effects {
+        match e {
+            eval::Effect::RewriteRecipient(a) => parts.push(format!("rewrite recipient {a}")),
+            eval::Effect::RewriteSender(a) => parts.push(format!("rewrite sender {a}")),
+            eval::Effect::Redirect(a) => parts.push(format!("redirect {a}")),
+            eval::Effect::Expand { members, owner } => {
+                parts.push(format!("expand {}{}", members.join(", "), owner.as_ref().map(|o| format!(" owner {o}")).unwrap_or_default()))
+            }
+            eval::Effect::Masquerade(d) => parts.push(format!("masquerade {}", d.join(", "))),
+            eval::Effect::Bcc(a) => parts.push(format!("bcc {a}")),
+            eval::Effect::Archive(a) => parts.push(format!("archive {a}")),
+            eval::Effect::Hold(r) => parts.push(format!("hold {r}")),
+            eval::Effect::HeaderAdd { name, value } => parts.push(format!("header {name}: {value}")),
+            _ => {}
+        }
+    }
+    let outcome = match (&v.outcome, stage) {
+        (Outcome::Deliver(t), _) => {
+            let kind = match t.kind {
+                TransportKind::Mx => "mx",
+                TransportKind::Smtp => "smtp",
+                TransportKind::Lmtp => "lmtp",
+                TransportKind::Maildir => "maildir",
+                TransportKind::Mbox => "mbox",
+            };
+            let mut s = format!("deliver {kind}");
+            if let Some(d) = &t.dest {
+                s.push(' ');
+                s.push_str(d);
+            }
+            if t.tls == mailpolicy_lang::ir::TlsMode::Required {
+                s.push_str(" tls required");
+            }
+            if t.auth.is_some() {
+                s.push_str(" auth");
+            }
+            s
+        }
+        (Outcome::Default | Outcome::Accept, Stage::Route) => "deliver mx".into(),
+        (Outcome::Default | Outcome::Accept, _) => "send".into(),
+        (Outcome::Discard, _) => "discard".into(),
+        (Outcome::Reject(r), _) => format!("reject {r}"),
+        (Outcome::Tempfail(r), _) => format!("tempfail {r}"),
+    };
+    parts.push(outcome);
+    parts.join("; ")
+}
