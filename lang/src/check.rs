@@ -1481,7 +1481,7 @@ impl<'s> Checker<'s> {
                 self.need_cap("ratelimit", t.name.span, "rate");
                 let (cname, cspan) = a.word(
                     self,
-                    "what to count: connections, messages, recipients, errors or auth_failures",
+                    "what to count: connections, messages, bounces, recipients, errors or auth_failures",
                 )?;
                 let Some(counter) = Counter::from_name(&cname) else {
                     let names = [
@@ -1490,6 +1490,7 @@ impl<'s> Checker<'s> {
                         "recipients",
                         "errors",
                         "auth_failures",
+                        "bounces",
                     ];
                     let mut d = Diagnostic::error(
                         "mailc::arguments",

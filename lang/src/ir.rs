@@ -282,6 +282,8 @@ pub enum Counter {
     Recipients,
     Errors,
     AuthFailures,
+    /// Messages with the null sender (MAIL FROM:<>), i.e. bounces (R30).
+    Bounces,
 }
 
 impl Counter {
@@ -292,6 +294,7 @@ impl Counter {
             "recipients" => Counter::Recipients,
             "errors" => Counter::Errors,
             "auth_failures" => Counter::AuthFailures,
+            "bounces" => Counter::Bounces,
             _ => return None,
         })
     }
@@ -302,6 +305,7 @@ impl Counter {
             Counter::Recipients => "recipients",
             Counter::Errors => "errors",
             Counter::AuthFailures => "auth_failures",
+            Counter::Bounces => "bounces",
         }
     }
     /// The first stage at which the counted event has happened.
@@ -309,7 +313,7 @@ impl Counter {
         match self {
             Counter::Connections | Counter::Errors => Stage::Connect,
             Counter::AuthFailures => Stage::Auth,
-            Counter::Messages => Stage::Mail,
+            Counter::Messages | Counter::Bounces => Stage::Mail,
             Counter::Recipients => Stage::Rcpt,
         }
     }

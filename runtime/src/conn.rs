@@ -38,7 +38,7 @@ pub struct ClientInfo {
 }
 
 /// A recipient of a queued message, with what the policy decided about it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueuedRcpt {
     pub address: String,
     /// NOTIFY as stored (after `dsn notify never` / `dsn deny success`); empty = not given.
@@ -47,7 +47,78 @@ pub struct QueuedRcpt {
 }
 
 /// A message the host must make durable before the 250 reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What the queue side needs of the session that received a message: the facts the
+/// route, deliver, bounce and delay stages can still read, and the variables as they were
+/// at the end of `data`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub client_port: u16,
+    pub client_name: String,
+    pub client_ptr: String,
+    pub local_ip: String,
+    pub local_port: u16,
+    pub listener: String,
+    pub session_id: String,
+    pub tls_version: String,
+    pub tls_cipher: String,
+    pub tls_client_cert: bool,
+    pub tls_client_fingerprint: String,
+    pub helo_extended: bool,
+    pub auth_mechanism: String,
+    pub mail_size: u64,
+    pub mail_body: String,
+    pub smtputf8: bool,
+    /// One slot per policy variable (`Program::vars`).
+    pub vars: Vec<Option<String>>,
+    pub dnsbl_hit: Option<(String, String, String)>,
+}
+
+impl Snapshot {
+    /// Facts and state for a queue-side stage run on this message and recipient.
+    pub fn restore(&self, m: &QueuedMessage, rcpt: Option<&QueuedRcpt>, prog: &Program, now_ms: u64) -> (Facts, State) {
+        let mut f = Facts { now_ms, ..Facts::default() };
+        f.client_ip = m.client_ip.parse().unwrap_or(f.client_ip);
+        f.client_port = self.client_port;
+        f.client_name = self.client_name.clone();
+        f.client_ptr = self.client_ptr.clone();
+        f.client_fcrdns = self.client_name != "unknown" && !self.client_name.is_empty();
+        f.local_ip = self.local_ip.parse().unwrap_or(f.local_ip);
+        f.local_port = self.local_port;
+        f.listener = self.listener.clone();
+        f.session_id = self.session_id.clone();
+        if !self.tls_version.is_empty() {
+            f.tls = Some(TlsFacts {
+                version: self.tls_version.clone(),
+                cipher: self.tls_cipher.clone(),
+                client_cert: self.tls_client_cert,
+                client_fingerprint: self.tls_client_fingerprint.clone(),
+            });
+        }
+        if !m.helo.is_empty() {
+            f.helo = Some((m.helo.clone(), self.helo_extended));
+        }
+        if !m.auth_user.is_empty() {
+            f.auth = Some((m.auth_user.clone(), self.auth_mechanism.clone()));
+        }
+        f.sender = Some(m.sender.clone());
+        f.mail_size = self.mail_size;
+        f.mail_body = self.mail_body.clone();
+        f.smtputf8 = self.smtputf8;
+        f.dsn_ret = m.ret.clone();
+        f.dsn_envid = m.envid.clone();
+        f.recipient = rcpt.map(|r| RcptFacts { address: r.address.clone(), routing: false, notify: r.notify.clone(), orcpt: r.orcpt.clone() });
+        f.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
+        f.message = Some(MessageFacts::parse(&m.data));
+        let mut st = State::new(prog);
+        for (slot, v) in st.vars.iter_mut().zip(&self.vars) {
+            *slot = v.clone();
+        }
+        st.dnsbl_hit = self.dnsbl_hit.clone();
+        (f, st)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueuedMessage {
     /// Envelope sender, "" for the null sender.
     pub sender: String,
@@ -68,6 +139,8 @@ pub struct QueuedMessage {
     pub auth_user: String,
     /// Headers the policy added, in order (also already in `data`).
     pub added_headers: Vec<(String, String)>,
+    /// The receiving session, for the queue-side stages.
+    pub session: Snapshot,
 }
 
 /// One line of the connection's log: a verdict, a log action or an alert.
@@ -395,6 +468,10 @@ impl Conn {
         };
         if let Some(counter) = counter {
             let keys = crate::eval::event_keys(&self.facts);
+            if stage == Stage::Mail && self.facts.sender.as_deref() == Some("") {
+                let keys = keys.clone();
+                self.notes.push_back(Need::Note(Note::Count { counter: Counter::Bounces, keys }));
+            }
             self.notes.push_back(Need::Note(Note::Count { counter, keys }));
         }
         self.pending = Pending::Stage {
@@ -425,6 +502,19 @@ impl Conn {
                 ref params,
             } => {
                 self.end_transaction();
+                // Listener `tls required;` / `auth required;` (RFC 3207 4, RFC 4954 6).
+                let refuse = if self.require_tls && self.facts.tls.is_none() {
+                    Some("Must issue a STARTTLS command first")
+                } else if self.require_auth && self.facts.auth.is_none() {
+                    Some("Authentication required")
+                } else {
+                    None
+                };
+                if let Some(text) = refuse {
+                    let reply = Reply::new(530, (5, 7, 0), text);
+                    let _ = self.session.decide(Decision::reject(reply), now);
+                    return None;
+                }
                 self.facts.sender = Some(match from {
                     ReversePath::Null => String::new(),
                     ReversePath::Mailbox(m) => m.to_string(),
@@ -521,6 +611,44 @@ impl Conn {
         }
     }
 
+    /// The built-in relay rule: the recipient's domain is one of the server's
+    /// `local_domains` (default: the host name and localhost), or the client is in
+    /// `networks` (default 127.0.0.0/8 and ::1) or authenticated.
+    fn may_relay(&self) -> bool {
+        if self.facts.auth.is_some() {
+            return true;
+        }
+        let list = |name: &str| match self.prog.server.option(name) {
+            Some(OptValue::ListRef(id)) => self.prog.lists.get(id.index()),
+            _ => None,
+        };
+        let ip = self.facts.client_ip;
+        let trusted = match list("networks") {
+            Some(l) => l.nets.iter().any(|n| n.contains(ip)),
+            None => ip.is_loopback(),
+        };
+        if trusted {
+            return true;
+        }
+        let address = self
+            .facts
+            .recipient
+            .as_ref()
+            .map(|r| r.address.as_str())
+            .unwrap_or("");
+        let domain = mailpolicy_stdlib::address::split(address).1;
+        match list("local_domains") {
+            Some(l) => l
+                .items
+                .iter()
+                .any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)),
+            None => {
+                domain.eq_ignore_ascii_case(&self.session.config().hostname)
+                    || domain.eq_ignore_ascii_case("localhost")
+            }
+        }
+    }
+
     fn accepted_addresses(&self) -> Vec<String> {
         self.tx
             .rcpts
@@ -539,6 +667,21 @@ impl Conn {
     }
 
     fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
+        // Built-in relay rule (spec/language.md section 11, R14, B1): a recipient the policy
+        // did not explicitly accept is relayed only for local domains, trusted networks or
+        // authenticated clients.
+        if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.relay_allowed() {
+            v.outcome = Outcome::Reject(RenderedReply { code: 554, enhanced: (5, 7, 1), text: "Relay access denied".into() });
+        }
+        // Built-in relay rule (spec/language.md 11): falling off the end of `rcpt` accepts
+        // only local domains, trusted networks and authenticated clients.
+        if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.may_relay() {
+            v.outcome = Outcome::Reject(RenderedReply {
+                code: 554,
+                enhanced: (5, 7, 1),
+                text: "Relay access denied".into(),
+            });
+        }
         // Policy modes (R40).
         if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
             if self.mode.warn_only {
@@ -734,6 +877,7 @@ impl Conn {
                         .map(|a| a.0.clone())
                         .unwrap_or_default(),
                     added_headers: added,
+                    session: self.snapshot(),
                 };
                 self.pending = Pending::Queue;
                 self.notes.push_back(Need::Queue(msg));
@@ -768,6 +912,60 @@ impl Conn {
                 Effect::Dsn(DsnAction::RetHeaders) => self.tx.ret_headers = true,
                 _ => {}
             }
+        }
+    }
+
+    fn relay_allowed(&self) -> bool {
+        use mailpolicy_lang::ir::ListKind;
+        if self.facts.auth.is_some() {
+            return true;
+        }
+        let list = |name: &str| match self.prog.server.option(name) {
+            Some(OptValue::ListRef(id)) => self.prog.lists.get(id.index()),
+            _ => None,
+        };
+        let trusted = match list("networks") {
+            Some(l) if l.kind == ListKind::Cidr => l.nets.iter().any(|n| n.contains(self.facts.client_ip)),
+            _ => self.facts.client_ip.is_loopback(),
+        };
+        if trusted {
+            return true;
+        }
+        let address = self.facts.recipient.as_ref().map(|r| r.address.as_str()).unwrap_or("");
+        let domain = mailpolicy_stdlib::address::split(address).1;
+        if domain.is_empty() {
+            return true; // <postmaster> and local-only names
+        }
+        match list("local_domains") {
+            Some(l) => l.items.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)),
+            None => {
+                let host = &self.session.config().hostname;
+                domain.eq_ignore_ascii_case(host) || domain == "localhost"
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let tls = self.facts.tls.clone().unwrap_or_default();
+        Snapshot {
+            client_port: self.facts.client_port,
+            client_name: self.facts.client_name.clone(),
+            client_ptr: self.facts.client_ptr.clone(),
+            local_ip: self.facts.local_ip.to_string(),
+            local_port: self.facts.local_port,
+            listener: self.facts.listener.clone(),
+            session_id: self.facts.session_id.clone(),
+            tls_version: tls.version,
+            tls_cipher: tls.cipher,
+            tls_client_cert: tls.client_cert,
+            tls_client_fingerprint: tls.client_fingerprint,
+            helo_extended: self.facts.helo.as_ref().is_some_and(|h| h.1),
+            auth_mechanism: self.facts.auth.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
+            mail_size: self.facts.mail_size,
+            mail_body: self.facts.mail_body.clone(),
+            smtputf8: self.facts.smtputf8,
+            vars: self.state.vars.clone(),
+            dnsbl_hit: self.state.dnsbl_hit.clone(),
         }
     }
 
@@ -865,9 +1063,12 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
+/// Reply text is ASCII (RFC 5321 4.2): other characters, e.g. from an interpolated
+/// peer-supplied name, are sent as `?`.
 fn to_reply(r: &RenderedReply) -> Reply {
     let (a, b, c) = r.enhanced;
-    Reply::new(r.code, (a as u8, b, c), r.text.clone())
+    let text: String = r.text.chars().map(|ch| if ch.is_ascii() { ch } else { '?' }).collect();
+    Reply::new(r.code, (a as u8, b, c), text)
 }
 
 fn tls_facts(info: &TlsInfo) -> TlsFacts {

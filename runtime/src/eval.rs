@@ -363,7 +363,7 @@ impl std::fmt::Display for RenderedReply {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RenderedTransport {
     pub kind: TransportKind,
     pub dest: Option<String>,

@@ -380,6 +380,27 @@ impl CaseRun {
                     None => self.fail(format!("{address} is not a recipient of the queued message")),
                 }
             }
+            Item::Ret(p) | Item::Envid(p) => {
+                let Some(m) = self.last_msg() else { return };
+                let (what, got) = if matches!(item, Item::Ret(_)) { ("RET", m.ret.clone()) } else { ("ENVID", m.envid.clone()) };
+                let ok = if p == "<none>" { got.is_empty() } else { glob(p, &got) };
+                if !ok {
+                    self.fail(format!("expected {what} `{p}` stored with the message, found `{}`", if got.is_empty() { "<none>" } else { got.as_str() }));
+                }
+            }
+            Item::Orcpt { address, pattern } => {
+                let Some(m) = self.last_msg() else { return };
+                match m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)) {
+                    Some(r) => {
+                        let ok = if pattern == "<none>" { r.orcpt.is_empty() } else { glob(pattern, &r.orcpt) };
+                        if !ok {
+                            let got = r.orcpt.clone();
+                            self.fail(format!("expected ORCPT `{pattern}` for {address}, stored `{got}`"));
+                        }
+                    }
+                    None => self.fail(format!("{address} is not a recipient of the queued message")),
+                }
+            }
             Item::Held(p) => {
                 let Some(m) = self.last_msg() else { return };
                 match (&m.hold, p) {
@@ -801,36 +822,29 @@ impl CaseRun {
     /// DSN to `address` (bounce), and describe the outcome.
     fn queue_stage(&mut self, stage: Stage, address: &str, kind: &str) -> Option<String> {
         let prog = self.prog.clone();
-        let mut facts = Facts { now_ms: self.now, ..Facts::default() };
-        facts.client_ip = self.client.ip();
-        match stage {
+        let (facts, mut state) = match stage {
             Stage::Route => {
                 let m = self.last_msg()?;
-                let Some(r) = m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)) else {
+                let Some(r) = m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)).cloned() else {
                     self.fail(format!("{address} is not a recipient of the queued message"));
                     return None;
                 };
-                facts.client_ip = m.client_ip.parse().unwrap_or(facts.client_ip);
-                facts.helo = Some((m.helo.clone(), true));
-                if !m.auth_user.is_empty() {
-                    facts.auth = Some((m.auth_user.clone(), String::new()));
-                }
-                facts.sender = Some(m.sender.clone());
-                facts.recipient = Some(RcptFacts { address: r.address.clone(), routing: false, notify: r.notify.clone(), orcpt: r.orcpt.clone() });
-                facts.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
-                facts.message = Some(MessageFacts::parse(&m.data));
-                facts.queue_id = format!("{:010X}", self.queued.len());
+                let (mut f, st) = m.session.restore(&m, Some(&r), &prog, self.now);
+                f.queue_id = format!("{:010X}", self.queued.len());
+                (f, st)
             }
             _ => {
+                let mut facts = Facts { now_ms: self.now, ..Facts::default() };
+                facts.client_ip = self.client.ip();
                 facts.sender = Some(String::new());
                 facts.recipient = Some(RcptFacts { address: address.to_string(), ..Default::default() });
                 facts.recipients = vec![address.to_string()];
                 facts.bounce = Some((kind.to_string(), "test".to_string()));
                 let dsn = format!("From: MAILER-DAEMON@mx.test\r\nTo: {address}\r\nSubject: Undelivered Mail Returned to Sender\r\nContent-Type: multipart/report; report-type=delivery-status\r\n\r\n");
                 facts.message = Some(MessageFacts::parse(dsn.as_bytes()));
+                (facts, State::new(&prog))
             }
-        }
-        let mut state = State::new(&prog);
+        };
         let mut run = Run::new(&prog, stage);
         for _ in 0..10_000 {
             match run.step(&prog, &facts, &mut state) {

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine with the Rust toolchain.
+# Installs the Debian packages the tests need when they are missing, then runs every
+# crate's tests (unit tests, the diagnostics corpus, the transcript corpus, the example
+# transcripts, and the daemon's end-to-end tests against real peers on loopback).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the end-to-end tests drive (each checked by the program it provides).
+declare -A want=(
+  [swaks]=swaks
+  [smtp-sink]=postfix
+  [doveadm]=dovecot-lmtpd
+  [slapd]=slapd
+  [unbound]=unbound
+)
+missing=()
+for prog in "${!want[@]}"; do
+  if ! command -v "$prog" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$prog" ]; then
+    missing+=("${want[$prog]}")
+  fi
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # postfix asks configuration questions; answer them up front.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections || true
+    echo "slapd slapd/no_configuration boolean true" | debconf-set-selections || true
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" dovecot-core ldap-utils >/dev/null
+    # The packages' own daemons are not used: the tests start their own on loopback.
+    for svc in postfix dovecot slapd unbound; do service "$svc" stop >/dev/null 2>&1 || true; done
+  else
+    echo "note: not root, cannot install ${missing[*]}; tests that need them will say so" >&2
+  fi
+fi
+
+cargo build --workspace --all-targets
+cargo test --workspace
+# The policies and transcripts shipped as examples, through the real binary.
+cargo run -q -- check --deny-warnings examples/*.mailpolicy
+cargo run -q -- test tests/transcripts examples
