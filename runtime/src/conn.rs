@@ -75,8 +75,17 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Facts and state for a queue-side stage run on this message and recipient.
-    pub fn restore(&self, m: &QueuedMessage, rcpt: Option<&QueuedRcpt>, prog: &Program, now_ms: u64) -> (Facts, State) {
-        let mut f = Facts { now_ms, ..Facts::default() };
+    pub fn restore(
+        &self,
+        m: &QueuedMessage,
+        rcpt: Option<&QueuedRcpt>,
+        prog: &Program,
+        now_ms: u64,
+    ) -> (Facts, State) {
+        let mut f = Facts {
+            now_ms,
+            ..Facts::default()
+        };
         f.client_ip = m.client_ip.parse().unwrap_or(f.client_ip);
         f.client_port = self.client_port;
         f.client_name = self.client_name.clone();
@@ -106,7 +115,12 @@ impl Snapshot {
         f.smtputf8 = self.smtputf8;
         f.dsn_ret = m.ret.clone();
         f.dsn_envid = m.envid.clone();
-        f.recipient = rcpt.map(|r| RcptFacts { address: r.address.clone(), routing: false, notify: r.notify.clone(), orcpt: r.orcpt.clone() });
+        f.recipient = rcpt.map(|r| RcptFacts {
+            address: r.address.clone(),
+            routing: false,
+            notify: r.notify.clone(),
+            orcpt: r.orcpt.clone(),
+        });
         f.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
         f.message = Some(MessageFacts::parse(&m.data));
         let mut st = State::new(prog);
@@ -351,7 +365,8 @@ impl Conn {
         for _ in self.errors_seen..errors {
             let keys = crate::eval::event_keys(&self.facts);
             let counter = mailpolicy_lang::ir::Counter::Errors;
-            self.notes.push_back(Need::Note(Note::Count { counter, keys }));
+            self.notes
+                .push_back(Need::Note(Note::Count { counter, keys }));
         }
         self.errors_seen = errors;
         loop {
@@ -470,9 +485,13 @@ impl Conn {
             let keys = crate::eval::event_keys(&self.facts);
             if stage == Stage::Mail && self.facts.sender.as_deref() == Some("") {
                 let keys = keys.clone();
-                self.notes.push_back(Need::Note(Note::Count { counter: Counter::Bounces, keys }));
+                self.notes.push_back(Need::Note(Note::Count {
+                    counter: Counter::Bounces,
+                    keys,
+                }));
             }
-            self.notes.push_back(Need::Note(Note::Count { counter, keys }));
+            self.notes
+                .push_back(Need::Note(Note::Count { counter, keys }));
         }
         self.pending = Pending::Stage {
             run: Run::new(&self.prog, stage),
@@ -671,7 +690,11 @@ impl Conn {
         // did not explicitly accept is relayed only for local domains, trusted networks or
         // authenticated clients.
         if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.relay_allowed() {
-            v.outcome = Outcome::Reject(RenderedReply { code: 554, enhanced: (5, 7, 1), text: "Relay access denied".into() });
+            v.outcome = Outcome::Reject(RenderedReply {
+                code: 554,
+                enhanced: (5, 7, 1),
+                text: "Relay access denied".into(),
+            });
         }
         // Built-in relay rule (spec/language.md 11): falling off the end of `rcpt` accepts
         // only local domains, trusted networks and authenticated clients.
@@ -925,19 +948,29 @@ impl Conn {
             _ => None,
         };
         let trusted = match list("networks") {
-            Some(l) if l.kind == ListKind::Cidr => l.nets.iter().any(|n| n.contains(self.facts.client_ip)),
+            Some(l) if l.kind == ListKind::Cidr => {
+                l.nets.iter().any(|n| n.contains(self.facts.client_ip))
+            }
             _ => self.facts.client_ip.is_loopback(),
         };
         if trusted {
             return true;
         }
-        let address = self.facts.recipient.as_ref().map(|r| r.address.as_str()).unwrap_or("");
+        let address = self
+            .facts
+            .recipient
+            .as_ref()
+            .map(|r| r.address.as_str())
+            .unwrap_or("");
         let domain = mailpolicy_stdlib::address::split(address).1;
         if domain.is_empty() {
             return true; // <postmaster> and local-only names
         }
         match list("local_domains") {
-            Some(l) => l.items.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)),
+            Some(l) => l
+                .items
+                .iter()
+                .any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)),
             None => {
                 let host = &self.session.config().hostname;
                 domain.eq_ignore_ascii_case(host) || domain == "localhost"
@@ -960,7 +993,12 @@ impl Conn {
             tls_client_cert: tls.client_cert,
             tls_client_fingerprint: tls.client_fingerprint,
             helo_extended: self.facts.helo.as_ref().is_some_and(|h| h.1),
-            auth_mechanism: self.facts.auth.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
+            auth_mechanism: self
+                .facts
+                .auth
+                .as_ref()
+                .map(|a| a.1.clone())
+                .unwrap_or_default(),
             mail_size: self.facts.mail_size,
             mail_body: self.facts.mail_body.clone(),
             smtputf8: self.facts.smtputf8,
@@ -1067,7 +1105,11 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 /// peer-supplied name, are sent as `?`.
 fn to_reply(r: &RenderedReply) -> Reply {
     let (a, b, c) = r.enhanced;
-    let text: String = r.text.chars().map(|ch| if ch.is_ascii() { ch } else { '?' }).collect();
+    let text: String = r
+        .text
+        .chars()
+        .map(|ch| if ch.is_ascii() { ch } else { '?' })
+        .collect();
     Reply::new(r.code, (a as u8, b, c), text)
 }
 
@@ -1088,7 +1130,10 @@ fn tls_facts(info: &TlsInfo) -> TlsFacts {
 /// certificate (or a transcript fixture) passes the 32-byte digest itself.
 fn fingerprint(cert: &[u8]) -> String {
     if cert.len() == 32 {
-        cert.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+        cert.iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":")
     } else {
         mailpolicy_stdlib::digest::sha256_fingerprint(cert)
     }
