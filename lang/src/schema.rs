@@ -55,6 +55,7 @@ pub const SERVER: &[OptSpec] = &[
     o("max_lookups", Num, "network lookups one message may cause (default 100)"),
     o("lookup_timeout", Duration, "default time-out of a lookup (default 10s)"),
     o("dns_timeout", Duration, "time-out of a DNS query (default 5s)"),
+    o("dns_server", Str, "IP:port of the DNS resolver to ask (default: the resolvers of /etc/resolv.conf)"),
     o("batv_keys", Secret, "BATV signing keys, one `NUMBER KEY` per line (R29)"),
     o("batv_lifetime", Duration, "how long a BATV tag stays valid (default 7d; R29)"),
     o("dkim_key", Secret, "PEM private key for DKIM signing (B7)"),
