@@ -225,8 +225,9 @@ enum Pending {
         run: Run,
         event: Event,
     },
-    /// Waiting for the host to store the message.
-    Queue,
+    /// Waiting for the host to store the message; the reply is then held this long
+    /// (a `tarpit` at data).
+    Queue(Duration),
 }
 
 /// The policy settings a connection needs.
@@ -378,7 +379,7 @@ impl Conn {
                 continue;
             }
             match &mut self.pending {
-                Pending::Queue => return None,
+                Pending::Queue(_) => return None,
                 Pending::Stage { run, .. } => {
                     self.facts.session_errors = self.session.error_count();
                     match run.step(&self.prog, &self.facts, &mut self.state) {
@@ -427,16 +428,18 @@ impl Conn {
 
     /// The host stored the message durably under `id`.
     pub fn queued(&mut self, id: &str, now: Time) {
-        if matches!(self.pending, Pending::Queue) {
+        if let Pending::Queue(delay) = self.pending {
             self.pending = Pending::None;
-            let _ = self.session.decide(Decision::queued(id), now);
+            let _ = self
+                .session
+                .decide(Decision::queued(id).with_delay(delay), now);
             self.end_transaction();
         }
     }
 
     /// The host could not store the message (disk full ...): 452 4.3.1 by default.
     pub fn queue_failed(&mut self, reply: Option<RenderedReply>, now: Time) {
-        if matches!(self.pending, Pending::Queue) {
+        if matches!(self.pending, Pending::Queue(_)) {
             self.pending = Pending::None;
             let r = reply.unwrap_or(RenderedReply {
                 code: 452,
@@ -630,44 +633,6 @@ impl Conn {
         }
     }
 
-    /// The built-in relay rule: the recipient's domain is one of the server's
-    /// `local_domains` (default: the host name and localhost), or the client is in
-    /// `networks` (default 127.0.0.0/8 and ::1) or authenticated.
-    fn may_relay(&self) -> bool {
-        if self.facts.auth.is_some() {
-            return true;
-        }
-        let list = |name: &str| match self.prog.server.option(name) {
-            Some(OptValue::ListRef(id)) => self.prog.lists.get(id.index()),
-            _ => None,
-        };
-        let ip = self.facts.client_ip;
-        let trusted = match list("networks") {
-            Some(l) => l.nets.iter().any(|n| n.contains(ip)),
-            None => ip.is_loopback(),
-        };
-        if trusted {
-            return true;
-        }
-        let address = self
-            .facts
-            .recipient
-            .as_ref()
-            .map(|r| r.address.as_str())
-            .unwrap_or("");
-        let domain = mailpolicy_stdlib::address::split(address).1;
-        match list("local_domains") {
-            Some(l) => l
-                .items
-                .iter()
-                .any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)),
-            None => {
-                domain.eq_ignore_ascii_case(&self.session.config().hostname)
-                    || domain.eq_ignore_ascii_case("localhost")
-            }
-        }
-    }
-
     fn accepted_addresses(&self) -> Vec<String> {
         self.tx
             .rcpts
@@ -690,15 +655,6 @@ impl Conn {
         // did not explicitly accept is relayed only for local domains, trusted networks or
         // authenticated clients.
         if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.relay_allowed() {
-            v.outcome = Outcome::Reject(RenderedReply {
-                code: 554,
-                enhanced: (5, 7, 1),
-                text: "Relay access denied".into(),
-            });
-        }
-        // Built-in relay rule (spec/language.md 11): falling off the end of `rcpt` accepts
-        // only local domains, trusted networks and authenticated clients.
-        if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.may_relay() {
             v.outcome = Outcome::Reject(RenderedReply {
                 code: 554,
                 enhanced: (5, 7, 1),
@@ -902,10 +858,9 @@ impl Conn {
                     added_headers: added,
                     session: self.snapshot(),
                 };
-                self.pending = Pending::Queue;
+                self.pending = Pending::Queue(delay);
                 self.notes.push_back(Need::Queue(msg));
-                // The reply waits for `queued`; a tarpit delay applies to it too.
-                let _ = delay;
+                // The reply waits for `queued`, and then for a tarpit's delay.
             }
             _ => {}
         }
