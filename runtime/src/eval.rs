@@ -1414,7 +1414,13 @@ impl Run {
                 None => self.lookup(prog, table, &key)?,
             };
             let Some(value) = value else { continue };
-            return Ok(match access::parse_value(&value) {
+            // A reply written in quotes, as sendmail's access files do: "550 text".
+            let value = value.trim();
+            let value = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(inner) => inner,
+                None => value,
+            };
+            return Ok(match access::parse_value(value) {
                 AccessAction::Accept => Some(Outcome::Accept),
                 AccessAction::Dunno => None,
                 AccessAction::Discard => Some(Outcome::Discard),
