@@ -216,7 +216,8 @@ facts! {
     RecipientLocal = "recipient.local": Str, RCPTISH, None, "the recipient's local part";
     RecipientDomain = "recipient.domain": Str, RCPTISH, None, "the recipient's domain, lower case";
     RecipientDetail = "recipient.detail": Str, RCPTISH, None, "the part of the local part after the first `+`, or empty";
-    RecipientRouting = "recipient.routing": Bool, RCPTISH, None, "the local part holds `%`, `!` or `@`, or a source route was given (R15)";
+RecipientIsLocal = "recipient.is_local": Bool, RCPTISH, None, "the recipient's domain is one of the server's local_domains (default: its hostname and localhost) (R34)";
+        RecipientRouting = "recipient.routing": Bool, RCPTISH, None, "the local part holds `%`, `!` or `@`, or a source route was given (R15)";
     DsnNotify = "dsn.notify": List, RCPTISH, None, "NOTIFY= values, upper case; empty when the client gave none";
     DsnOrcpt = "dsn.orcpt": Str, RCPTISH, None, "ORCPT= parameter, decoded, or empty";
     RecipientsCount = "recipients.count": Num, Stages::from(Rcpt), None, "recipients accepted so far in this transaction";

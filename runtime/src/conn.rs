@@ -71,6 +71,7 @@ pub struct Snapshot {
     /// One slot per policy variable (`Program::vars`).
     pub vars: Vec<Option<String>>,
     pub dnsbl_hit: Option<(String, String, String)>,
+    pub local_domains: Vec<String>,
 }
 
 impl Snapshot {
@@ -128,6 +129,9 @@ impl Snapshot {
             *slot = v.clone();
         }
         st.dnsbl_hit = self.dnsbl_hit.clone();
+        if !self.local_domains.is_empty() {
+            f.local_domains = self.local_domains.clone();
+        }
         (f, st)
     }
 }
@@ -298,6 +302,7 @@ impl Conn {
         facts.listener = client.listener;
         facts.session_id = client.session_id;
         facts.tls = peer.tls.as_ref().map(tls_facts);
+        facts.local_domains = local_domains(&prog, &config.hostname);
         let state = State::new(&prog);
         let mode = PolicyMode::from_program(&prog);
         Conn {
@@ -921,16 +926,10 @@ impl Conn {
         if domain.is_empty() {
             return true; // <postmaster> and local-only names
         }
-        match list("local_domains") {
-            Some(l) => l
-                .items
-                .iter()
-                .any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)),
-            None => {
-                let host = &self.session.config().hostname;
-                domain.eq_ignore_ascii_case(host) || domain == "localhost"
-            }
-        }
+        self.facts
+            .local_domains
+            .iter()
+            .any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain))
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -959,6 +958,7 @@ impl Conn {
             smtputf8: self.facts.smtputf8,
             vars: self.state.vars.clone(),
             dnsbl_hit: self.state.dnsbl_hit.clone(),
+            local_domains: self.facts.local_domains.clone(),
         }
     }
 
@@ -1094,6 +1094,15 @@ fn fingerprint(cert: &[u8]) -> String {
     }
 }
 
+/// The server's local domains: the policy's `local_domains` list, else its host name and
+/// `localhost`.
+pub fn local_domains(prog: &Program, hostname: &str) -> Vec<String> {
+    match prog.server.option("local_domains") {
+        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).map(|l| l.items.clone()).unwrap_or_default(),
+        _ => vec![hostname.to_ascii_lowercase(), "localhost".into()],
+    }
+}
+
 fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
         std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
@@ -1131,4 +1140,12 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// `2026-11-22T10:00:00Z`
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
 }

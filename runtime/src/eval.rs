@@ -193,6 +193,8 @@ pub struct Facts {
     pub recipient: Option<RcptFacts>,
     /// Accepted recipients so far (rcpt) or all of them (data and later).
     pub recipients: Vec<String>,
+    /// The server's local domains (domain-list entries), for `recipient.is_local`.
+    pub local_domains: Vec<String>,
     pub message: Option<MessageFacts>,
     pub queue_id: String,
     pub delivery: Option<DeliveryFacts>,
@@ -227,6 +229,7 @@ impl Default for Facts {
             dsn_envid: String::new(),
             recipient: None,
             recipients: Vec::new(),
+            local_domains: vec!["localhost".into()],
             message: None,
             queue_id: String::new(),
             delivery: None,
@@ -800,6 +803,10 @@ impl Run {
             Fact::RecipientDetail => s(rcpt
                 .map(|r| addr::detail(addr::split(&r.address).0))
                 .unwrap_or("")),
+            Fact::RecipientIsLocal => {
+                let d = rcpt.map(|r| addr::split(&r.address).1).unwrap_or_default();
+                V::Bool(d.is_empty() || f.local_domains.iter().any(|p| addr::domain_matches(p, &d)))
+            }
             Fact::RecipientRouting => V::Bool(
                 rcpt.is_some_and(|r| r.routing || addr::has_routing(addr::split(&r.address).0)),
             ),

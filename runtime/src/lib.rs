@@ -4,3 +4,4 @@ pub mod eval;
 pub mod smtp;
 pub mod config;
 pub mod transcript;
+pub mod daemon;

@@ -1,0 +1,257 @@
+//! How the daemon answers the evaluator's requests: DNS through hickory-resolver, file
+//! tables re-read when they change, rate counters and the greylist in memory, BATV with
+//! the policy's keys. Every network lookup has a time-out; a failure is an error answer,
+//! which the evaluator turns into a 4xx unless the policy chose to fail open.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig, ResolverOpts};
+use hickory_resolver::error::ResolveErrorKind;
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::TokioAsyncResolver;
+use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::FileTable};
+
+use crate::eval::{Answer, AuthCheck, Request, RrType};
+
+struct Loaded {
+    modified: Option<SystemTime>,
+    checked: std::time::Instant,
+    table: Result<FileTable, String>,
+}
+
+/// The daemon's answers to evaluator requests. Shared by every session.
+pub struct Lookups {
+    resolver: TokioAsyncResolver,
+    dns_timeout: Duration,
+    lookup_timeout: Duration,
+    policy_dir: PathBuf,
+    tables: Mutex<HashMap<String, Loaded>>,
+    pub rates: Mutex<RateStore>,
+    greylist: Mutex<Greylist>,
+    /// Resolved secret values by name.
+    secrets: HashMap<String, String>,
+}
+
+fn dur(p: &Program, name: &str, default_ms: u64) -> Duration {
+    match p.server.option(name) {
+        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
+        _ => Duration::from_millis(default_ms),
+    }
+}
+
+/// Read every declared secret (environment variable or file). A missing secret is an
+/// error at start-up, not at the first message.
+pub fn resolve_secrets(prog: &Program, policy_dir: &Path) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for s in &prog.secrets {
+        let src = s.source.clone().unwrap_or_default();
+        let value = match s.kind.as_str() {
+            "env" => std::env::var(&src).map_err(|_| format!("secret {}: environment variable {src} is not set", s.name))?,
+            _ => {
+                let path = policy_dir.join(&src);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("secret {}: {}: {e}", s.name, path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string()
+            }
+        };
+        out.insert(s.name.clone(), value);
+    }
+    Ok(out)
+}
+
+impl Lookups {
+    pub fn new(prog: &Program, policy_dir: &Path) -> Result<Lookups, String> {
+        let (config, mut opts) = match prog.server.option("dns_server") {
+            Some(OptValue::Str(addr)) => {
+                let sa: SocketAddr = addr.parse().map_err(|_| format!("dns_server \"{addr}\" is not IP:port"))?;
+                let mut c = ResolverConfig::new();
+                c.add_name_server(NameServerConfig::new(sa, Protocol::Udp));
+                c.add_name_server(NameServerConfig::new(sa, Protocol::Tcp));
+                (c, ResolverOpts::default())
+            }
+            _ => hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|_| (ResolverConfig::default(), ResolverOpts::default())),
+        };
+        let dns_timeout = dur(prog, "dns_timeout", 5_000);
+        opts.timeout = dns_timeout;
+        opts.attempts = 2;
+        opts.cache_size = 4096;
+        opts.ndots = 0;
+        let resolver = TokioAsyncResolver::tokio(config, opts);
+        Ok(Lookups {
+            resolver,
+            dns_timeout,
+            lookup_timeout: dur(prog, "lookup_timeout", 10_000),
+            policy_dir: policy_dir.to_path_buf(),
+            tables: Mutex::new(HashMap::new()),
+            rates: Mutex::new(RateStore::default()),
+            greylist: Mutex::new(Greylist::default()),
+            secrets: resolve_secrets(prog, policy_dir)?,
+        })
+    }
+
+    pub fn secret(&self, name: &str) -> Option<&str> {
+        self.secrets.get(name).map(String::as_str)
+    }
+
+    pub async fn answer(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
+        match req {
+            Request::Lookup { table, key } => match prog.tables.get(table.index()) {
+                Some(t) => self.table(t, key).await,
+                None => Answer::Error("no such table".into()),
+            },
+            Request::Dns { name, rtype } => self.dns(name, *rtype).await,
+            Request::Rate { counter, key, window_ms } => {
+                let r = self.rates.lock().map(|r| r.count(counter.name(), key, *window_ms, now_ms));
+                r.map(Answer::Count).unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
+            }
+            Request::Concurrent { key } => {
+                self.rates.lock().map(|r| Answer::Count(r.concurrent(key))).unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
+            }
+            Request::Greylist { client, sender, recipient, delay_ms, expire_ms } => self
+                .greylist
+                .lock()
+                .map(|mut g| Answer::Bool(g.check(client, sender, recipient, now_ms, *delay_ms, *expire_ms)))
+                .unwrap_or_else(|_| Answer::Error("greylist poisoned".into())),
+            Request::BatvValid { address } => {
+                let Some(keys) = self.batv_keys(prog) else { return Answer::Error("server has no batv_keys".into()) };
+                let lifetime = batv_lifetime_days(prog);
+                Answer::Bool(matches!(batv::verify(address, &keys, now_ms, lifetime), batv::Check::Valid(_)))
+            }
+            // Sender authentication, content scanning and call-ahead are answered by the
+            // standard-library back ends; until this build has them they fail, which the
+            // evaluator reports as temperror / a temporary failure, never as a pass.
+            Request::Auth(check) => Answer::Error(format!(
+                "{} checks are not available in this build",
+                match check {
+                    AuthCheck::Spf => "SPF",
+                    AuthCheck::Dkim => "DKIM",
+                    AuthCheck::Dmarc | AuthCheck::DmarcPolicy => "DMARC",
+                }
+            )),
+            Request::Scan { .. } => Answer::Error("content scanners are not available in this build".into()),
+            Request::Callahead { .. } => Answer::Error("call-ahead is not available in this build".into()),
+        }
+    }
+
+    pub fn batv_keys(&self, prog: &Program) -> Option<Vec<(u8, Vec<u8>)>> {
+        let Some(OptValue::Secret(id)) = prog.server.option("batv_keys") else { return None };
+        let name = &prog.secrets.get(id.index())?.name;
+        Some(batv::parse_keys(self.secrets.get(name)?))
+    }
+
+    async fn table(&self, t: &Resource, key: &str) -> Answer {
+        self.table_sync(t, key)
+    }
+
+    /// File tables are in memory (re-read when the file changes), so a lookup never blocks
+    /// on the network.
+    pub fn table_sync(&self, t: &Resource, key: &str) -> Answer {
+        match t.kind.as_str() {
+            "list" | "map" | "access" | "cidr" | "regexp" | "pcre" => {}
+            other => return Answer::Error(format!("{other} tables are not available in this build (table {})", t.name)),
+        }
+        let Some(source) = &t.source else { return Answer::Error(format!("table {} has no file", t.name)) };
+        let path = self.policy_dir.join(source);
+        let reload = !matches!(t.option("reload"), Some(OptValue::Bool(false)));
+        let Ok(mut tables) = self.tables.lock() else { return Answer::Error("table cache poisoned".into()) };
+        let stale = match tables.get(&t.name) {
+            None => true,
+            Some(l) if reload && l.checked.elapsed() >= Duration::from_secs(1) => {
+                let m = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                m != l.modified
+            }
+            Some(_) => false,
+        };
+        if stale {
+            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            let table = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|text| FileTable::parse(&t.kind, &text).map_err(|e| format!("{}: {e}", path.display())));
+            tables.insert(t.name.clone(), Loaded { modified, checked: std::time::Instant::now(), table });
+        } else if let Some(l) = tables.get_mut(&t.name) {
+            if l.checked.elapsed() >= Duration::from_secs(1) {
+                l.checked = std::time::Instant::now();
+            }
+        }
+        match tables.get(&t.name).map(|l| &l.table) {
+            Some(Ok(ft)) => Answer::Value(ft.lookup(key)),
+            Some(Err(e)) => Answer::Error(e.clone()),
+            None => Answer::Error("table not loaded".into()),
+        }
+    }
+
+    /// One DNS query; NXDOMAIN and "no records" are answers, everything else an error.
+    pub async fn dns(&self, name: &str, rtype: RrType) -> Answer {
+        let rt = match rtype {
+            RrType::A => RecordType::A,
+            RrType::Aaaa => RecordType::AAAA,
+            RrType::Mx => RecordType::MX,
+            RrType::Txt => RecordType::TXT,
+            RrType::Ptr => RecordType::PTR,
+        };
+        let fqdn = if name.ends_with('.') { name.to_string() } else { format!("{name}.") };
+        let q = tokio::time::timeout(self.dns_timeout + self.dns_timeout, self.resolver.lookup(fqdn.as_str(), rt)).await;
+        match q {
+            Err(_) => Answer::Timeout,
+            Ok(Ok(lookup)) => {
+                let mut out = Vec::new();
+                for r in lookup.iter() {
+                    match r {
+                        RData::A(a) => out.push(a.0.to_string()),
+                        RData::AAAA(a) => out.push(a.0.to_string()),
+                        RData::MX(mx) => out.push(format!("{} {}", mx.preference(), mx.exchange().to_utf8().trim_end_matches('.'))),
+                        RData::TXT(t) => out.push(t.txt_data().iter().map(|d| String::from_utf8_lossy(d).to_string()).collect::<String>()),
+                        RData::PTR(p) => out.push(p.0.to_utf8().trim_end_matches('.').to_string()),
+                        _ => {}
+                    }
+                }
+                if out.is_empty() {
+                    Answer::NxDomain
+                } else {
+                    Answer::Records(out)
+                }
+            }
+            Ok(Err(e)) => match e.kind() {
+                ResolveErrorKind::NoRecordsFound { response_code, .. } if *response_code == ResponseCode::NXDomain || *response_code == ResponseCode::NoError => {
+                    Answer::NxDomain
+                }
+                ResolveErrorKind::Timeout => Answer::Timeout,
+                _ => Answer::Error(e.to_string()),
+            },
+        }
+    }
+
+    /// Forward-confirmed reverse DNS of a client: (verified name or "unknown", PTR name).
+    pub async fn reverse(&self, ip: std::net::IpAddr) -> (String, String) {
+        let Some(rev) = crate::eval::reverse_ip(ip) else { return ("unknown".into(), String::new()) };
+        let zone = if ip.is_ipv4() { "in-addr.arpa" } else { "ip6.arpa" };
+        let ptr = match self.dns(&format!("{rev}.{zone}"), RrType::Ptr).await {
+            Answer::Records(r) => r.into_iter().next().unwrap_or_default(),
+            _ => return ("unknown".into(), String::new()),
+        };
+        let rt = if ip.is_ipv4() { RrType::A } else { RrType::Aaaa };
+        let confirmed = match self.dns(&ptr, rt).await {
+            Answer::Records(r) => r.iter().any(|a| a.parse::<std::net::IpAddr>().ok() == Some(ip)),
+            _ => false,
+        };
+        (if confirmed { ptr.to_ascii_lowercase() } else { "unknown".into() }, ptr)
+    }
+
+    pub fn lookup_timeout(&self) -> Duration {
+        self.lookup_timeout
+    }
+}
+
+pub fn batv_lifetime_days(prog: &Program) -> u64 {
+    match prog.server.option("batv_lifetime") {
+        Some(OptValue::Duration(d)) => (d / batv::DAY_MS).max(1),
+        _ => 7,
+    }
+}

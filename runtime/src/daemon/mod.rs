@@ -1,0 +1,392 @@
+//! `mailc serve`: the daemon. Listeners (SMTP, submission with STARTTLS, submissions with
+//! implicit TLS) drive the sans-IO engine through [`crate::conn::Conn`]; messages are made
+//! durable in the spool before the 250; the queue manager routes and delivers them.
+//!
+//! Signals: SIGTERM/SIGINT stop accepting, tell sessions to finish (421 to idle ones),
+//! wait for them (at most `SHUTDOWN_GRACE`), then return. SIGHUP recompiles the policy: a
+//! policy that fails `mailc check` is refused and logged, and the old one keeps running;
+//! new sessions use the new one (listener addresses need a restart).
+
+pub mod log;
+pub mod lookup;
+pub mod sasl;
+pub mod session;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use mailpolicy_lang::{compile, Compilation, FsLoader, MemLoader};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::conn::{QueuedMessage, QueuedRcpt};
+use crate::smtp;
+use lookup::Lookups;
+
+/// The policy `mailc serve` runs when given none.
+pub const DEFAULT_POLICY: &str = include_str!("default.mailpolicy");
+pub const DEFAULT_POLICY_NAME: &str = "<embedded default>";
+
+/// How long sessions may take to finish after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The machine's host name.
+pub fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Why a message could not be made durable.
+#[derive(Debug)]
+pub enum StoreFailure {
+    /// No space: answered 452 4.3.1.
+    Full,
+    /// Anything else: answered 451 4.3.0.
+    Io(String),
+}
+
+/// Durable storage of accepted messages (the spool). `store` returns only once the
+/// message is on disk for good.
+pub trait MessageStore: Send + Sync + 'static {
+    fn store(&self, msg: &QueuedMessage) -> Result<String, StoreFailure>;
+}
+
+/// A listener as the sessions see it.
+pub struct ListenerRt {
+    pub name: String,
+    pub address: SocketAddr,
+    pub engine: smtp::Config,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub implicit_tls: bool,
+    pub require_tls: bool,
+    pub require_auth: bool,
+    pub credentials: Option<Resource>,
+    pub command_timeout: Duration,
+    pub sessions: Arc<Semaphore>,
+}
+
+/// What every session shares.
+pub struct Shared {
+    prog: RwLock<Arc<Program>>,
+    lookups: RwLock<Arc<Lookups>>,
+    pub store: Arc<dyn MessageStore>,
+    pub log: log::Logger,
+    pub hostname: String,
+    pub shutdown: watch::Receiver<bool>,
+    queued: mpsc::UnboundedSender<String>,
+    alerts: Mutex<std::collections::HashMap<(String, String), u64>>,
+    pub sessions: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn program(&self) -> Arc<Program> {
+        self.prog.read().map(|p| p.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+    pub fn lookups(&self) -> Arc<Lookups> {
+        self.lookups.read().map(|p| p.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+    /// Tell the queue manager a message is in the spool.
+    pub fn enqueued(&self, id: &str) {
+        let _ = self.queued.send(id.to_string());
+    }
+
+    /// Mail the administrator once per window per (address, text) (R7).
+    pub fn alert(&self, to: &str, text: &str, every_ms: u64) {
+        let now = now_ms();
+        {
+            let Ok(mut sent) = self.alerts.lock() else { return };
+            let key = (to.to_ascii_lowercase(), text.to_string());
+            if sent.get(&key).is_some_and(|t| now.saturating_sub(*t) < every_ms) {
+                return;
+            }
+            sent.insert(key, now);
+        }
+        let prog = self.program();
+        let from = match prog.server.option("alert_from") {
+            Some(OptValue::Str(s)) => s.clone(),
+            _ => format!("postmaster@{}", self.hostname),
+        };
+        let subject: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+        let data = format!(
+            "From: <{from}>\r\nTo: <{to}>\r\nSubject: mailpolicy alert: {subject}\r\nDate: {}\r\nMessage-ID: <alert.{now}@{}>\r\nAuto-Submitted: auto-generated\r\n\r\n{text}\r\n",
+            crate::conn::rfc2822_date(now),
+            self.hostname
+        );
+        let msg = QueuedMessage {
+            sender: from,
+            recipients: vec![QueuedRcpt { address: to.to_string(), notify: vec!["NEVER".into()], orcpt: String::new() }],
+            ret: String::new(),
+            envid: String::new(),
+            data: data.into_bytes(),
+            hold: None,
+            archive: Vec::new(),
+            filter: None,
+            batv_sign: false,
+            client_ip: "127.0.0.1".into(),
+            helo: self.hostname.clone(),
+            auth_user: String::new(),
+            added_headers: Vec::new(),
+            session: Default::default(),
+        };
+        match self.store.store(&msg) {
+            Ok(id) => {
+                self.log.event("alert", &[("id", &id), ("to", to), ("text", text)]);
+                self.enqueued(&id);
+            }
+            Err(e) => self.log.event("alert-failed", &[("to", to), ("error", &format!("{e:?}"))]),
+        }
+    }
+}
+
+/// Options of `mailc serve`.
+pub struct ServeOptions {
+    /// None: the embedded default.
+    pub policy: Option<PathBuf>,
+    /// Overrides the policy's spool.
+    pub spool: Option<PathBuf>,
+    pub std_dir: Option<PathBuf>,
+}
+
+/// Compile the policy for the daemon: a policy with errors never runs (B6).
+pub fn load_policy(opts: &ServeOptions) -> Result<(Program, PathBuf, Compilation), Compilation> {
+    let c = match &opts.policy {
+        Some(p) => compile(&p.display().to_string(), &FsLoader { std_dir: opts.std_dir.clone() }),
+        None => compile(DEFAULT_POLICY_NAME, &MemLoader::single(DEFAULT_POLICY_NAME, DEFAULT_POLICY)),
+    };
+    let dir = opts.policy.as_ref().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    match c.program.clone() {
+        Some(p) => Ok((p, dir, c)),
+        None => Err(c),
+    }
+}
+
+pub fn spool_dir(prog: &Program, policy_dir: &Path, over: Option<&Path>) -> PathBuf {
+    if let Some(o) = over {
+        return o.to_path_buf();
+    }
+    match prog.server.option("spool") {
+        Some(OptValue::Str(s)) => policy_dir.join(s),
+        _ => PathBuf::from("var/spool"),
+    }
+}
+
+fn opt_str<'a>(s: &'a mailpolicy_lang::ir::Settings, name: &str) -> Option<&'a str> {
+    match s.option(name) {
+        Some(OptValue::Str(v)) => Some(v.as_str()),
+        _ => None,
+    }
+}
+
+fn opt_word<'a>(s: &'a mailpolicy_lang::ir::Settings, name: &str) -> Option<&'a str> {
+    match s.option(name) {
+        Some(OptValue::Word(v)) => Some(v.as_str()),
+        _ => None,
+    }
+}
+
+/// Build the runtime view of every listener (the embedded default when none is declared).
+pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str) -> Result<Vec<ListenerRt>, String> {
+    let mut out = Vec::new();
+    let decls: Vec<(String, SocketAddr)> = if prog.listeners.is_empty() {
+        vec![("default".into(), SocketAddr::from(([127, 0, 0, 1], 2525)))]
+    } else {
+        prog.listeners
+            .iter()
+            .map(|l| {
+                let name = l.name.clone().unwrap_or_default();
+                let addr = opt_str(l, "address").and_then(|a| a.parse().ok()).ok_or_else(|| format!("listener {name}: bad address"))?;
+                Ok((name, addr))
+            })
+            .collect::<Result<_, String>>()?
+    };
+    let max_all = match prog.server.option("max_sessions") {
+        Some(OptValue::Num(n)) => *n as usize,
+        _ => 200,
+    };
+    for (name, address) in decls {
+        let decl = prog.listener(&name);
+        let protocol = decl.and_then(|l| opt_word(l, "protocol")).unwrap_or("smtp");
+        let tls_word = decl.and_then(|l| opt_word(l, "tls")).unwrap_or(if protocol == "submissions" { "required" } else { "starttls" });
+        let hostname_l = crate::config::hostname(prog, Some(&name), hostname);
+        let tls = if tls_word == "none" && protocol != "submissions" {
+            None
+        } else {
+            let (cert, key) = match decl.and_then(|l| opt_str(l, "cert").zip(opt_str(l, "key"))) {
+                Some((c, k)) => (policy_dir.join(c), policy_dir.join(k)),
+                None => tls::self_signed(&spool.join("tls"), &hostname_l)?,
+            };
+            let ca = decl.and_then(|l| opt_str(l, "client_ca")).map(|c| policy_dir.join(c));
+            let require_client = decl.and_then(|l| opt_word(l, "client_certs")) == Some("require");
+            let cfg = tls::server_config(&cert, &key, ca.as_deref(), require_client)?;
+            Some(tokio_rustls::TlsAcceptor::from(cfg))
+        };
+        let mut engine = crate::config::engine_config(prog, Some(&name), hostname, tls.is_some());
+        // Plaintext mechanisms before TLS only on loopback, and only when the policy says so.
+        if !engine.auth_requires_tls && !address.ip().is_loopback() {
+            engine.auth_requires_tls = true;
+        }
+        let (require_tls, require_auth) = crate::config::requirements(prog, Some(&name));
+        let credentials = match decl.and_then(|l| l.option("credentials")) {
+            Some(OptValue::Table(id)) => prog.tables.get(id.index()).cloned(),
+            _ => None,
+        };
+        if !engine.auth_mechanisms.is_empty() && credentials.is_none() {
+            engine.auth_mechanisms.clear();
+        }
+        let max = match decl.and_then(|l| l.option("max_sessions")) {
+            Some(OptValue::Num(n)) => *n as usize,
+            _ => max_all,
+        };
+        out.push(ListenerRt {
+            name: name.clone(),
+            address,
+            engine,
+            tls,
+            implicit_tls: protocol == "submissions",
+            require_tls,
+            require_auth,
+            credentials,
+            command_timeout: session::command_timeout(prog, Some(&name)),
+            sessions: Arc::new(Semaphore::new(max.max(1))),
+        });
+    }
+    Ok(out)
+}
+
+/// A running daemon's handle: its bound addresses, and how to stop it.
+pub struct Running {
+    pub addresses: Vec<(String, SocketAddr)>,
+    pub shutdown: watch::Sender<bool>,
+    pub shared: Arc<Shared>,
+}
+
+/// Bind the listeners and start accepting. `queued` receives the ids of messages stored.
+pub async fn start(
+    prog: Program,
+    policy_dir: PathBuf,
+    spool: PathBuf,
+    store: Arc<dyn MessageStore>,
+    queued: mpsc::UnboundedSender<String>,
+) -> Result<Running, String> {
+    let hostname = crate::config::hostname(&prog, None, &machine_hostname());
+    let log = log::Logger {
+        format: match prog.server.option("log_format") {
+            Some(OptValue::Word(w)) if w == "json" => log::Format::Json,
+            _ => log::Format::Text,
+        },
+    };
+    let lookups = Arc::new(Lookups::new(&prog, &policy_dir)?);
+    let lsts = listeners(&prog, &policy_dir, &spool, &hostname)?;
+    let (tx, rx) = watch::channel(false);
+    let max_all = match prog.server.option("max_sessions") {
+        Some(OptValue::Num(n)) => *n as usize,
+        _ => 200,
+    };
+    let shared = Arc::new(Shared {
+        prog: RwLock::new(Arc::new(prog)),
+        lookups: RwLock::new(lookups),
+        store,
+        log,
+        hostname,
+        shutdown: rx,
+        queued,
+        alerts: Mutex::new(Default::default()),
+        sessions: Arc::new(Semaphore::new(max_all.max(1))),
+    });
+    let mut addresses = Vec::new();
+    for l in lsts {
+        let sock = TcpListener::bind(l.address).await.map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?;
+        let bound = sock.local_addr().map_err(|e| e.to_string())?;
+        shared.log.event("listening", &[("listener", &l.name), ("address", &bound.to_string()), ("tls", if l.implicit_tls { "implicit" } else if l.tls.is_some() { "starttls" } else { "none" })]);
+        addresses.push((l.name.clone(), bound));
+        tokio::spawn(accept_loop(shared.clone(), Arc::new(l), sock));
+    }
+    Ok(Running { addresses, shutdown: tx, shared })
+}
+
+async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListener) {
+    let mut stop = shared.shutdown.clone();
+    let mut n: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            a = sock.accept() => a,
+            _ = stop.changed() => break,
+        };
+        let (mut tcp, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                shared.log.event("accept-failed", &[("listener", &lst.name), ("error", &e.to_string())]);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        n += 1;
+        let id = format!("{}-{n}", lst.name);
+        let permits = (lst.sessions.clone().try_acquire_owned(), shared.sessions.clone().try_acquire_owned());
+        let (Ok(p1), Ok(p2)) = permits else {
+            shared.log.event("refused", &[("listener", &lst.name), ("client", &remote.ip().to_string()), ("reason", "too many sessions")]);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = tcp.write_all(b"421 4.7.0 Too many connections, try again later\r\n").await;
+                let _ = tcp.shutdown().await;
+            });
+            continue;
+        };
+        let local = tcp.local_addr().unwrap_or(lst.address);
+        let (s, l) = (shared.clone(), lst.clone());
+        tokio::spawn(async move {
+            session::run(s, l, tcp, remote, local, id).await;
+            drop((p1, p2));
+        });
+    }
+}
+
+impl Running {
+    /// SIGHUP: recompile; keep the old policy when the new one has errors (B6).
+    pub fn reload(&self, opts: &ServeOptions) -> Result<(), String> {
+        match load_policy(opts) {
+            Ok((prog, dir, _)) => {
+                let lookups = Lookups::new(&prog, &dir)?;
+                if let Ok(mut p) = self.shared.prog.write() {
+                    *p = Arc::new(prog);
+                }
+                if let Ok(mut l) = self.shared.lookups.write() {
+                    *l = Arc::new(lookups);
+                }
+                self.shared.log.event("reloaded", &[("policy", &opts.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_default())]);
+                Ok(())
+            }
+            Err(c) => {
+                let errs: Vec<String> = c.diagnostics.iter().filter(|d| d.is_error()).map(|d| d.render_short(&c.sources)).collect();
+                let msg = errs.join("; ");
+                self.shared.log.event("reload-refused", &[("errors", &msg)]);
+                Err(msg)
+            }
+        }
+    }
+
+    /// Stop accepting, ask sessions to finish, wait for them.
+    pub async fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        let all = self.shared.sessions.clone();
+        let total = match self.shared.program().server.option("max_sessions") {
+            Some(OptValue::Num(n)) => (*n as u32).max(1),
+            _ => 200,
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, all.acquire_many(total)).await;
+        self.shared.log.event("stopped", &[]);
+    }
+}
