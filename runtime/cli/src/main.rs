@@ -1,6 +1,7 @@
 //! `mailc`: a thin command line over the `lang`, `stdlib` and `runtime` crates.
 
 mod check;
+mod hashpw;
 mod test;
 
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ mailc: compile, test and run mailpolicy files
 Usage:
   mailc check [--format human|json] [--deny-warnings] FILE...
   mailc test [--verbose] [--filter TEXT] PATH...
+  mailc hash-password [--iterations N]     (password on standard input)
   mailc help
 
 Exit codes: 0 success, 1 errors found, 2 usage or I/O error.";
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
     let code = match cmd.to_str() {
         Some("check") => check::main(rest),
         Some("test") => test::main(rest),
+        Some("hash-password") => hashpw::main(rest),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             0

@@ -390,3 +390,14 @@ impl Running {
         self.shared.log.event("stopped", &[]);
     }
 }
+
+impl MessageStore for crate::spool::Spool {
+    fn store(&self, msg: &QueuedMessage) -> Result<String, StoreFailure> {
+        crate::spool::Spool::store(self, msg, crate::spool::Class::Normal, now_ms())
+            .map(|id| id.as_str().to_string())
+            .map_err(|e| match e {
+                crate::spool::StoreError::Full(_) => StoreFailure::Full,
+                crate::spool::StoreError::Io(e) => StoreFailure::Io(e.to_string()),
+            })
+    }
+}
