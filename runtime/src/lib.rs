@@ -5,3 +5,4 @@ pub mod smtp;
 pub mod config;
 pub mod transcript;
 pub mod daemon;
+pub mod spool;
