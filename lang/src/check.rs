@@ -2954,7 +2954,8 @@ fn example_decl(what: &str, name: &str) -> String {
 }
 
 /// Default reply of `reject` / `tempfail` without a code, by stage.
-fn default_reply(reject: bool, stage: Stage) -> (u16, (u16, u16, u16), &'static str) {
+/// The reply of `reject` / `tempfail` without a code, by stage (spec/language.md section 10).
+pub fn default_reply(reject: bool, stage: Stage) -> (u16, (u16, u16, u16), &'static str) {
     match (reject, stage) {
         (true, Stage::Connect) => (554, (5, 7, 1), "Access denied"),
         (true, Stage::Rcpt) => (550, (5, 7, 1), "Recipient rejected by policy"),

@@ -220,6 +220,8 @@ struct Tx {
     batv_sign: bool,
     sender_rewrite: Option<String>,
     ret_headers: bool,
+    /// ... or for this sender (transaction).
+    relay: bool,
 }
 
 enum Pending {
@@ -262,6 +264,8 @@ pub struct Conn {
     pending: Pending,
     /// Session-wide discard (DISCARD at connect/helo/auth).
     discard_session: bool,
+    /// An access table said RELAY for this client (session) ...
+    relay_session: bool,
     session_hold: Option<String>,
     mode: PolicyMode,
     notes: VecDeque<Need>,
@@ -313,6 +317,7 @@ impl Conn {
             tx: Tx::default(),
             pending: Pending::None,
             discard_session: false,
+            relay_session: false,
             session_hold: None,
             mode,
             notes: VecDeque::new(),
@@ -714,6 +719,10 @@ impl Conn {
                 }
                 Effect::Tarpit(ms) => delay += Duration::from_millis(*ms),
                 Effect::GreetPause(ms) => delay = delay.max(Duration::from_millis(*ms)),
+                Effect::RelayGranted => match stage {
+                    Stage::Connect | Stage::Helo | Stage::Auth => self.relay_session = true,
+                    _ => self.tx.relay = true,
+                },
                 _ => {}
             }
         }
@@ -900,7 +909,7 @@ impl Conn {
 
     fn relay_allowed(&self) -> bool {
         use mailpolicy_lang::ir::ListKind;
-        if self.facts.auth.is_some() {
+        if self.facts.auth.is_some() || self.relay_session || self.tx.relay {
             return true;
         }
         let list = |name: &str| match self.prog.server.option(name) {

@@ -423,6 +423,8 @@ pub enum Effect {
         every_ms: u64,
     },
     BatvSign,
+    /// An access table said RELAY for this client or sender: recipients need not be local.
+    RelayGranted,
 }
 
 /// One line of the trace `mailc explain` prints.
@@ -595,8 +597,10 @@ impl Run {
     fn fail(&mut self, msg: String, loc: LocId) -> Verdict {
         self.effects
             .push(Effect::Log(format!("lookup failed: {msg}")));
+        // At connect a 4xx other than 421 would leave the client in limbo: close instead.
+        let code = if self.stage == Stage::Connect { 421 } else { 451 };
         let reply = RenderedReply {
-            code: 451,
+            code,
             enhanced: (4, 4, 3),
             text: "Temporary lookup failure, try again later".into(),
         };
@@ -1427,6 +1431,16 @@ impl Run {
                 Some(inner) => inner,
                 None => value,
             };
+            let word = value.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+            if word == "RELAY" && self.stage <= Stage::Mail {
+                // sendmail: Connect:/From: RELAY lets this client or sender relay (R17).
+                self.effects.push(Effect::RelayGranted);
+            }
+            if value.eq_ignore_ascii_case("REJECT") {
+                // A bare REJECT answers with the stage's default reply.
+                let (code, enhanced, text) = mailpolicy_lang::check::default_reply(true, self.stage);
+                return Ok(Some(Outcome::Reject(RenderedReply { code, enhanced, text: text.into() })));
+            }
             return Ok(match access::parse_value(value) {
                 AccessAction::Accept => Some(Outcome::Accept),
                 AccessAction::Dunno => None,

@@ -1,0 +1,137 @@
+//! Running the queue-side stages for a stored message: `route` per recipient (which
+//! transport and next hop), `deliver` after an attempt, `bounce` before a DSN goes out,
+//! `delay` before a delay warning. Requests are answered by the daemon's [`Lookups`].
+
+use std::path::{Path, PathBuf};
+
+use mailpolicy_lang::ir::{OptValue, Program, Stage, TransportKind};
+
+use super::lookup::Lookups;
+use crate::conn::{QueuedMessage, QueuedRcpt};
+use crate::eval::{Effect, Facts, Outcome, RenderedReply, RenderedTransport, Run, State, Step, Verdict};
+
+/// Where one recipient goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Routed {
+    /// Deliver to `address` (after rewriting) through `transport`; `key` groups recipients
+    /// that share a next hop (and so a connection and a concurrency limit).
+    Deliver { key: String, transport: RenderedTransport, address: String },
+    /// The recipient is replaced by these addresses (alias or list expansion, redirect);
+    /// `sender` is the list owner when the table names one (R39).
+    Expand { members: Vec<String>, sender: Option<String> },
+    /// Permanent failure (the policy rejected it at route: error transport, R37).
+    Fail(RenderedReply),
+    /// Temporary failure: try routing again later.
+    Defer(RenderedReply),
+    /// Dropped by the policy.
+    Discard,
+}
+
+/// Run one queue-side stage to its verdict.
+pub async fn run_stage(prog: &Program, lookups: &Lookups, stage: Stage, facts: &Facts, state: &mut State) -> Verdict {
+    let mut run = Run::new(prog, stage);
+    loop {
+        match run.step(prog, facts, state) {
+            Step::Need(req) => {
+                let a = lookups.answer(prog, &req, facts.now_ms).await;
+                run.answer(req, a);
+            }
+            Step::Done(v) => return v,
+        }
+    }
+}
+
+/// Facts and variables for a queue-side stage on `rcpt` of `msg`.
+pub fn facts_for(prog: &Program, msg: &QueuedMessage, rcpt: Option<&QueuedRcpt>, now_ms: u64, queue_id: &str, arrived_ms: u64) -> (Facts, State) {
+    let (mut f, st) = msg.session.restore(msg, rcpt, prog, now_ms);
+    f.queue_id = queue_id.to_string();
+    f.queue_age_ms = now_ms.saturating_sub(arrived_ms);
+    (f, st)
+}
+
+/// Maildir folder for a local recipient when `deliver maildir` names none:
+/// `<maildir root>/<local part>`, the local part made safe for a file name.
+pub fn default_maildir(prog: &Program, policy_dir: &Path, address: &str) -> PathBuf {
+    let root = match prog.server.option("maildir") {
+        Some(OptValue::Str(s)) => policy_dir.join(s),
+        _ => PathBuf::from("var/mail"),
+    };
+    let local = mailpolicy_stdlib::address::split(address).0.to_ascii_lowercase();
+    let local = local.split('+').next().unwrap_or("").to_string();
+    let safe: String = local.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let safe = if safe.is_empty() || safe.starts_with('.') { format!("_{safe}") } else { safe };
+    root.join(safe)
+}
+
+/// Route recipient `index` of `msg`.
+pub async fn route(prog: &Program, lookups: &Lookups, policy_dir: &Path, msg: &QueuedMessage, index: usize, queue_id: &str, arrived_ms: u64, now_ms: u64) -> Routed {
+    let Some(rcpt) = msg.recipients.get(index) else {
+        return Routed::Fail(RenderedReply { code: 550, enhanced: (5, 1, 1), text: "no such recipient".into() });
+    };
+    let (facts, mut state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
+    let v = run_stage(prog, lookups, Stage::Route, &facts, &mut state).await;
+    let mut address = rcpt.address.clone();
+    for e in &v.effects {
+        match e {
+            Effect::Expand { members, owner } => return Routed::Expand { members: members.clone(), sender: owner.clone() },
+            Effect::Redirect(to) => return Routed::Expand { members: vec![to.clone()], sender: None },
+            Effect::RewriteRecipient(a) => address = a.clone(),
+            _ => {}
+        }
+    }
+    let transport = match v.outcome {
+        Outcome::Reject(r) => return Routed::Fail(r),
+        Outcome::Tempfail(r) => return Routed::Defer(r),
+        Outcome::Discard => return Routed::Discard,
+        Outcome::Deliver(t) => t,
+        // Falling off the end of route: deliver by MX (spec/language.md section 11).
+        Outcome::Default | Outcome::Accept => RenderedTransport { kind: TransportKind::Mx, dest: None, tls: mailpolicy_lang::ir::TlsMode::May, auth: None },
+    };
+    let domain = mailpolicy_stdlib::address::split(&address).1;
+    let key = match transport.kind {
+        TransportKind::Mx => format!("mx:{domain}"),
+        TransportKind::Smtp => format!("smtp:{}", transport.dest.clone().unwrap_or_default().to_ascii_lowercase()),
+        TransportKind::Lmtp => format!("lmtp:{}", transport.dest.clone().unwrap_or_default()),
+        TransportKind::Maildir => {
+            let dir = transport.dest.clone().map(|d| policy_dir.join(d)).unwrap_or_else(|| default_maildir(prog, policy_dir, &address));
+            format!("maildir:{}", dir.display())
+        }
+        TransportKind::Mbox => format!("mbox:{}", policy_dir.join(transport.dest.clone().unwrap_or_default()).display()),
+    };
+    let key = match transport.tls {
+        mailpolicy_lang::ir::TlsMode::Required => format!("{key} tls"),
+        _ => key,
+    };
+    Routed::Deliver { key, transport, address }
+}
+
+/// The bounce stage for a DSN to `to`: false when the policy drops it (R3c).
+pub async fn bounce_allowed(prog: &Program, lookups: &Lookups, msg: &QueuedMessage, to: &str, kind: &str, reason: &str, now_ms: u64, queue_id: &str, arrived_ms: u64) -> (bool, Vec<Effect>) {
+    let rcpt = QueuedRcpt { address: to.to_string(), notify: Vec::new(), orcpt: String::new() };
+    let (mut facts, mut state) = facts_for(prog, msg, Some(&rcpt), now_ms, queue_id, arrived_ms);
+    facts.sender = Some(String::new());
+    facts.bounce = Some((kind.to_string(), reason.to_string()));
+    let v = run_stage(prog, lookups, Stage::Bounce, &facts, &mut state).await;
+    (v.outcome != Outcome::Discard, v.effects)
+}
+
+/// The delay stage: false when the policy suppresses the warning.
+pub async fn delay_warning_allowed(prog: &Program, lookups: &Lookups, msg: &QueuedMessage, now_ms: u64, queue_id: &str, arrived_ms: u64) -> bool {
+    let (facts, mut state) = facts_for(prog, msg, None, now_ms, queue_id, arrived_ms);
+    run_stage(prog, lookups, Stage::Delay, &facts, &mut state).await.outcome != Outcome::Discard
+}
+
+/// The deliver stage after an attempt: the policy may keep the result (None) or replace
+/// it by a deferral or a permanent failure (e.g. soft-bounce a 5xx, R40).
+pub async fn after_attempt(prog: &Program, lookups: &Lookups, msg: &QueuedMessage, rcpt: &QueuedRcpt, delivery: crate::eval::DeliveryFacts, now_ms: u64, queue_id: &str, arrived_ms: u64) -> Option<Outcome> {
+    if prog.stage(Stage::Deliver).is_empty() {
+        return None;
+    }
+    let (mut facts, mut state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
+    facts.delivery = Some(delivery);
+    let v = run_stage(prog, lookups, Stage::Deliver, &facts, &mut state).await;
+    match v.outcome {
+        o @ (Outcome::Reject(_) | Outcome::Tempfail(_)) => Some(o),
+        _ => None,
+    }
+}
