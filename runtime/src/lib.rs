@@ -6,3 +6,4 @@ pub mod config;
 pub mod transcript;
 pub mod daemon;
 pub mod spool;
+pub mod queue;

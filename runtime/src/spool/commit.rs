@@ -59,6 +59,9 @@ pub(crate) struct Committer {
     pub fail_dir_sync: Mutex<Option<i32>>,
 }
 
+/// One caller's ticket, operations, result so far and the directories it touched.
+type Outcome = (u64, Vec<Op>, io::Result<()>, BTreeSet<PathBuf>);
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -95,7 +98,7 @@ impl Committer {
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         // Phase 1: the directory operations. A caller whose op fails gets that error and
         // its earlier renames are rolled back.
-        let mut outcome: Vec<(u64, Vec<Op>, io::Result<()>, BTreeSet<PathBuf>)> = Vec::new();
+        let mut outcome: Vec<Outcome> = Vec::new();
         for (ticket, ops) in batch {
             let mut dirs = BTreeSet::new();
             let mut done: Vec<&Path> = Vec::new();
