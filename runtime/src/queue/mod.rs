@@ -32,10 +32,16 @@
 //! - Bounces (R30) run in their own lane: at most `bounce_max_jobs` at once, at most
 //!   `bounce_rate_per_minute` jobs started per minute if set, and when both lanes have work
 //!   only one pick in `bounce_share` goes to bounces, so a bounce flood cannot starve normal mail.
-//! - `poll_scan` says when the queue run is due (every `queue_run_delay_ms`): the host then
-//!   rereads the spool, to see what `mailc queue` changed: [`Scheduler::make_due`] what was
-//!   flushed (next attempt in the past), [`Scheduler::hold`] / [`Scheduler::release`] /
-//!   [`Scheduler::remove`] what was held, released or deleted, [`Scheduler::add`] what is new.
+//! - `poll_scan` says when the queue run is due (every `queue_run_delay_ms`). The host then
+//!   rereads the spool ([`crate::spool::Spool::list`]) to pick up what `mailc queue` changed:
+//!   for a summary in `hold/`, [`Scheduler::hold`]; for one elsewhere that
+//!   [`Scheduler::is_held`], [`Scheduler::release`]; unknown ids, [`Scheduler::add`]
+//!   (routed afresh: this is how `requeue` takes effect, the CLI having moved the message to
+//!   `incoming/` and reset its deferred recipients, so the host removes and re-adds a known
+//!   id found in `incoming/` with attempts made); `next_attempt_ms <= now`,
+//!   [`Scheduler::make_due`] (`mailc queue flush` rewrote it); ids in [`Scheduler::ids`] no
+//!   longer in the spool, [`Scheduler::remove`]. Between runs, CLI changes wait at most
+//!   `queue_run_delay_ms` (5 minutes) to take effect.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -256,8 +262,9 @@ pub enum Command {
         updates: Vec<(usize, RcptState)>,
         next_attempt_ms: Option<u64>,
     },
-    /// [`crate::spool::Spool::move_to`]: the message now waits in `deferred/`.
-    Move { id: QueueId, to: QueueName },
+    /// [`crate::spool::Spool::defer`]: the message now waits in `deferred/` (unless the
+    /// administrator put it on hold meanwhile; `defer` leaves held messages alone).
+    Defer { id: QueueId },
     /// Every recipient is final: [`crate::spool::Spool::remove`].
     Remove { id: QueueId },
 }
@@ -776,10 +783,7 @@ impl Scheduler {
         }
         if deferred_due.is_some() && !m.in_deferred {
             m.in_deferred = true;
-            cmds.push(Command::Move {
-                id: id.clone(),
-                to: QueueName::Deferred,
-            });
+            cmds.push(Command::Defer { id: id.clone() });
         }
         if let Some(due) = deferred_due {
             if !m.held {
@@ -914,6 +918,16 @@ impl Scheduler {
         }
         self.wake_all(id, now, now);
         true
+    }
+
+    /// Whether `id` is known and on hold.
+    pub fn is_held(&self, id: &QueueId) -> bool {
+        self.msgs.get(id).is_some_and(|m| m.held)
+    }
+
+    /// Every known message id (for reconciling with the spool at a queue run).
+    pub fn ids(&self) -> impl Iterator<Item = &QueueId> {
+        self.msgs.keys()
     }
 
     /// Forget `id` (deleted from the spool). A job in flight for it is still accepted by

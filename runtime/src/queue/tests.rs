@@ -74,15 +74,7 @@ fn deferred_message_is_retried_with_backoff() {
         // Moved to deferred/ only the first time.
         let moves = cmds
             .iter()
-            .filter(|c| {
-                matches!(
-                    c,
-                    Command::Move {
-                        to: QueueName::Deferred,
-                        ..
-                    }
-                )
-            })
+            .filter(|c| matches!(c, Command::Defer { .. }))
             .count();
         assert_eq!(moves, usize::from(attempt == 1));
         waits.push(next - now);
@@ -200,13 +192,7 @@ fn permanent_failure_asks_for_a_failure_dsn() {
         if rcpts == &vec![(0, "550 5.1.1 no such user".to_string())])
     );
     assert!(matches!(&cmds[1], Command::Record { updates, .. } if updates.len() == 2));
-    assert_eq!(
-        cmds[2],
-        Command::Move {
-            id: id(1),
-            to: QueueName::Deferred
-        }
-    );
+    assert_eq!(cmds[2], Command::Defer { id: id(1) });
 }
 
 #[test]

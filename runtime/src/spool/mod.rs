@@ -721,6 +721,26 @@ impl Spool {
         }])
     }
 
+    /// Move the message to `deferred/` after a failed attempt, durably; a message on hold
+    /// (or in `corrupt/`) stays where it is, so an administrator's hold wins over a
+    /// delivery attempt that was running meanwhile.
+    pub fn defer(&self, id: &QueueId) -> io::Result<()> {
+        let _guard = self.lock(id);
+        let (from_q, from) = self.locate(id).ok_or_else(|| Spool::not_found(id))?;
+        if matches!(
+            from_q,
+            QueueName::Deferred | QueueName::Hold | QueueName::Corrupt
+        ) {
+            return Ok(());
+        }
+        let to = self.queue_dir(QueueName::Deferred).join(id.as_str());
+        self.inner.committer.commit(vec![Op::Rename {
+            from,
+            to,
+            sync_from: true,
+        }])
+    }
+
     /// Delete the message and its state, durably. `NotFound` if it is in no queue.
     pub fn remove(&self, id: &QueueId) -> io::Result<()> {
         let _guard = self.lock(id);

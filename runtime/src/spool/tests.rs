@@ -136,7 +136,11 @@ fn hold_goes_to_hold_and_states_persist() {
         )
         .expect("record");
     spool.set_delay_warned(&id).expect("warned");
-    spool.move_to(&id, QueueName::Deferred).expect("move");
+    // A held message is not moved by a delivery attempt's defer; an admin move is.
+    spool.defer(&id).expect("defer");
+    assert_eq!(spool.summary(&id).expect("summary").queue, QueueName::Hold);
+    spool.move_to(&id, QueueName::Incoming).expect("move");
+    spool.defer(&id).expect("defer");
     drop(spool);
     let (spool, rec) = Spool::open(&t.0).expect("reopen");
     assert_eq!(rec.messages.len(), 1);
