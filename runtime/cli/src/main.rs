@@ -2,6 +2,7 @@
 
 mod check;
 mod hashpw;
+mod queue;
 mod test;
 
 use std::process::ExitCode;
@@ -13,6 +14,7 @@ Usage:
   mailc check [--format human|json] [--deny-warnings] FILE...
   mailc test [--verbose] [--filter TEXT] PATH...
   mailc hash-password [--iterations N]     (password on standard input)
+  mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
   mailc help
 
 Exit codes: 0 success, 1 errors found, 2 usage or I/O error.";
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
     let code = match cmd.to_str() {
         Some("check") => check::main(rest),
         Some("test") => test::main(rest),
+        Some("queue") => queue::main(rest),
         Some("hash-password") => hashpw::main(rest),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");

@@ -1,0 +1,638 @@
+//! `mailc queue`: look at and administer the spool (R32), like `postqueue` and `postsuper`.
+//!
+//! Works on the spool directory directly, next to a running daemon or without one. It
+//! never runs recovery ([`Spool::attach`]). Changes are durable when the command returns;
+//! a running daemon sees them at its next queue run (every 5 minutes by default): a
+//! flushed message has its next attempt set to now, a held one is in `hold/`, a released
+//! or requeued one is due now, a deleted one is gone.
+
+use std::ffi::OsString;
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use mailpolicy_runtime::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored, Summary};
+
+const USAGE: &str = "\
+Usage:
+  mailc queue list [--spool DIR]         the queue, like postqueue -p
+  mailc queue show ID [--spool DIR]      envelope, recipient states and message
+  mailc queue hold ID [--spool DIR]      put on hold (never delivered until released)
+  mailc queue release ID [--spool DIR]   release from hold, due now
+  mailc queue delete ID [--spool DIR]    delete the message
+  mailc queue requeue ID [--spool DIR]   back to incoming, deferred recipients routed afresh
+  mailc queue flush [DOMAIN] [--spool DIR]
+                                         make deferred mail (for DOMAIN) due now
+
+The spool defaults to ./var/spool. A running daemon notices changes at its next queue
+run. Exit codes: 0 success, 1 no such message, 2 usage or I/O error.";
+
+const DEFAULT_SPOOL: &str = "./var/spool";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Cmd {
+    List,
+    Show(QueueId),
+    Hold(QueueId),
+    Release(QueueId),
+    Delete(QueueId),
+    Requeue(QueueId),
+    Flush(Option<String>),
+}
+
+/// Why a command failed: exit code 1 or 2.
+#[derive(Debug)]
+enum Failure {
+    NotFound(String),
+    Io(String),
+}
+
+impl Failure {
+    fn from_io(e: io::Error, id: &QueueId) -> Failure {
+        if e.kind() == io::ErrorKind::NotFound {
+            Failure::NotFound(format!("no message {id} in the queue"))
+        } else {
+            Failure::Io(e.to_string())
+        }
+    }
+}
+
+pub fn main(args: Vec<OsString>) -> u8 {
+    let (cmd, dir) = match parse(args) {
+        Ok(x) => x,
+        Err(msg) => {
+            eprintln!("mailc queue: {msg}\n\n{USAGE}");
+            return 2;
+        }
+    };
+    let spool = match Spool::attach(&dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mailc queue: {e}");
+            return 2;
+        }
+    };
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    match run(&cmd, &spool, now_ms(), &mut out) {
+        Ok(()) => 0,
+        Err(Failure::NotFound(m)) => {
+            eprintln!("mailc queue: {m}");
+            1
+        }
+        Err(Failure::Io(m)) => {
+            eprintln!("mailc queue: {m}");
+            2
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn parse(args: Vec<OsString>) -> Result<(Cmd, PathBuf), String> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut dir = PathBuf::from(DEFAULT_SPOOL);
+    let mut words: Vec<String> = Vec::new();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("spool") => dir = PathBuf::from(parser.value().map_err(|e| e.to_string())?),
+            Long("help") | Short('h') => return Err("help".into()),
+            Value(v) => words.push(
+                v.into_string()
+                    .map_err(|_| "arguments must be UTF-8".to_string())?,
+            ),
+            other => return Err(format!("unexpected argument {}", other.unexpected())),
+        }
+    }
+    let mut words = words.into_iter();
+    let sub = words.next().ok_or("no subcommand given")?;
+    let rest: Vec<String> = words.collect();
+    let one_id = |rest: &[String]| -> Result<QueueId, String> {
+        match rest {
+            [id] => QueueId::parse(id).ok_or_else(|| format!("{id:?} is not a queue id")),
+            [] => Err(format!("{sub} needs a queue id")),
+            _ => Err(format!("{sub} takes one queue id")),
+        }
+    };
+    let cmd = match sub.as_str() {
+        "list" if rest.is_empty() => Cmd::List,
+        "show" => Cmd::Show(one_id(&rest)?),
+        "hold" => Cmd::Hold(one_id(&rest)?),
+        "release" => Cmd::Release(one_id(&rest)?),
+        "delete" => Cmd::Delete(one_id(&rest)?),
+        "requeue" => Cmd::Requeue(one_id(&rest)?),
+        "flush" => match rest.as_slice() {
+            [] => Cmd::Flush(None),
+            [d] => Cmd::Flush(Some(d.to_ascii_lowercase())),
+            _ => return Err("flush takes at most one domain".into()),
+        },
+        "list" => return Err("list takes no arguments".into()),
+        other => return Err(format!("unknown queue subcommand {other:?}")),
+    };
+    Ok((cmd, dir))
+}
+
+fn run(cmd: &Cmd, spool: &Spool, now: u64, out: &mut dyn Write) -> Result<(), Failure> {
+    let w = |r: io::Result<()>| r.map_err(|e| Failure::Io(e.to_string()));
+    match cmd {
+        Cmd::List => w(list(spool, out)),
+        Cmd::Show(id) => {
+            let s = spool.load(id).map_err(|e| Failure::from_io(e, id))?;
+            w(show(&s, out))
+        }
+        Cmd::Hold(id) => {
+            spool
+                .move_to(id, QueueName::Hold)
+                .map_err(|e| Failure::from_io(e, id))?;
+            w(writeln!(out, "{id}: placed on hold"))
+        }
+        Cmd::Release(id) => {
+            release(spool, id, now)?;
+            w(writeln!(out, "{id}: released from hold"))
+        }
+        Cmd::Delete(id) => {
+            spool.remove(id).map_err(|e| Failure::from_io(e, id))?;
+            w(writeln!(out, "{id}: deleted"))
+        }
+        Cmd::Requeue(id) => {
+            requeue(spool, id, now)?;
+            w(writeln!(out, "{id}: requeued"))
+        }
+        Cmd::Flush(domain) => {
+            let n = flush(spool, domain.as_deref(), now).map_err(|e| Failure::Io(e.to_string()))?;
+            w(writeln!(
+                out,
+                "{n} message{} flushed",
+                if n == 1 { "" } else { "s" }
+            ))
+        }
+    }
+}
+
+/// Move a held message to `deferred/`, due now.
+fn release(spool: &Spool, id: &QueueId, now: u64) -> Result<(), Failure> {
+    let s = spool.summary(id).map_err(|e| Failure::from_io(e, id))?;
+    if s.queue != QueueName::Hold {
+        return Err(Failure::NotFound(format!(
+            "{id} is not on hold (it is in {})",
+            s.queue.as_str()
+        )));
+    }
+    spool
+        .move_to(id, QueueName::Deferred)
+        .and_then(|()| spool.make_due(id, now))
+        .map_err(|e| Failure::from_io(e, id))
+}
+
+/// Back to `incoming/` with deferred recipients pending again, due now (also releases a hold).
+fn requeue(spool: &Spool, id: &QueueId, now: u64) -> Result<(), Failure> {
+    spool
+        .reset_deferred(id, now)
+        .and_then(|()| spool.move_to(id, QueueName::Incoming))
+        .map_err(|e| Failure::from_io(e, id))
+}
+
+/// Make every message waiting in `incoming/` or `deferred/` due now; with a domain, only
+/// those with an unfinished recipient in that domain. Returns how many.
+fn flush(spool: &Spool, domain: Option<&str>, now: u64) -> io::Result<usize> {
+    let mut n = 0;
+    for s in spool.list()? {
+        if !matches!(s.queue, QueueName::Incoming | QueueName::Deferred) {
+            continue;
+        }
+        let hit = match domain {
+            None => true,
+            Some(d) => s.rcpts.iter().any(|r| {
+                !r.state.is_final()
+                    && r.address
+                        .rsplit_once('@')
+                        .is_some_and(|(_, dom)| dom.eq_ignore_ascii_case(d))
+            }),
+        };
+        if !hit {
+            continue;
+        }
+        match spool.make_due(&s.id, now) {
+            Ok(()) => n += 1,
+            // Delivered and removed while we looked: nothing to flush.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// `postqueue -p`: one entry per message, unfinished recipients with their last reply.
+fn list(spool: &Spool, out: &mut dyn Write) -> io::Result<()> {
+    let all = spool.list()?;
+    let corrupt = spool.list_corrupt()?;
+    if all.is_empty() {
+        writeln!(out, "Mail queue is empty")?;
+    } else {
+        writeln!(
+            out,
+            "{:<23} {:>8} {:<19}  -Sender/Recipient-------",
+            "-Queue ID-", "--Size--", "---Arrival Time----"
+        )?;
+        for s in &all {
+            write_entry(s, out)?;
+        }
+        let bytes: u64 = all.iter().map(|s| s.size).sum();
+        writeln!(
+            out,
+            "-- {} Kbytes in {} Request{}.",
+            bytes.div_ceil(1024),
+            all.len(),
+            if all.len() == 1 { "" } else { "s" }
+        )?;
+    }
+    if !corrupt.is_empty() {
+        writeln!(
+            out,
+            "-- {} file{} in {}",
+            corrupt.len(),
+            if corrupt.len() == 1 { "" } else { "s" },
+            spool.dir().join("corrupt").display()
+        )?;
+    }
+    Ok(())
+}
+
+const INDENT: usize = 23 + 1 + 8 + 1 + 19 + 2;
+
+fn write_entry(s: &Summary, out: &mut dyn Write) -> io::Result<()> {
+    let mark = match s.queue {
+        QueueName::Active => '*',
+        QueueName::Hold => '!',
+        _ => ' ',
+    };
+    writeln!(
+        out,
+        "{:<23} {:>8} {:<19}  {}",
+        format!("{}{mark}", s.id),
+        s.size,
+        fmt_time(s.arrived_ms),
+        sender(&s.sender)
+    )?;
+    if s.queue == QueueName::Hold {
+        match &s.hold_reason {
+            Some(reason) => writeln!(out, "{:INDENT$}(on hold: {reason})", "")?,
+            None => writeln!(out, "{:INDENT$}(on hold)", "")?,
+        }
+    }
+    let mut last: Option<&str> = None;
+    for r in s.rcpts.iter().filter(|r| !r.state.is_final()) {
+        let reply = r.state.reply();
+        if reply.is_some() && reply != last {
+            writeln!(out, "{:INDENT$}({})", "", reply.unwrap_or_default())?;
+        }
+        last = reply;
+        writeln!(out, "{:INDENT$}{}", "", r.address)?;
+    }
+    writeln!(out)
+}
+
+fn sender(s: &str) -> &str {
+    if s.is_empty() {
+        "MAILER-DAEMON"
+    } else {
+        s
+    }
+}
+
+fn show(s: &Stored, out: &mut dyn Write) -> io::Result<()> {
+    let m = &s.message;
+    writeln!(out, "Queue ID: {}", s.id)?;
+    writeln!(out, "Queue: {}", s.queue.as_str())?;
+    writeln!(
+        out,
+        "Class: {}",
+        match s.class {
+            Class::Normal => "normal",
+            Class::Bounce => "bounce",
+        }
+    )?;
+    writeln!(out, "Arrival: {} UTC", fmt_time(s.arrived_ms))?;
+    writeln!(out, "Size: {}", m.data.len())?;
+    writeln!(out, "Sender: <{}>", m.sender)?;
+    if !m.envid.is_empty() || !m.ret.is_empty() {
+        writeln!(out, "DSN: ENVID={} RET={}", m.envid, m.ret)?;
+    }
+    writeln!(
+        out,
+        "Client: {} helo={}{}",
+        m.client_ip,
+        m.helo,
+        if m.auth_user.is_empty() {
+            String::new()
+        } else {
+            format!(" auth={}", m.auth_user)
+        }
+    )?;
+    if let Some(h) = &m.hold {
+        writeln!(out, "Held: {h}")?;
+    }
+    writeln!(
+        out,
+        "Attempts: {}, next attempt: {} UTC, delay warning sent: {}",
+        s.attempts,
+        fmt_time(s.next_attempt_ms),
+        if s.delay_warned { "yes" } else { "no" }
+    )?;
+    for (i, (r, st)) in m.recipients.iter().zip(&s.states).enumerate() {
+        let mut extra = String::new();
+        if !r.notify.is_empty() {
+            extra.push_str(&format!(" NOTIFY={}", r.notify.join(",")));
+        }
+        if !r.orcpt.is_empty() {
+            extra.push_str(&format!(" ORCPT={}", r.orcpt));
+        }
+        writeln!(out, "Recipient {i}: <{}>{extra}", r.address)?;
+        let line = match st {
+            RcptState::Pending => "pending".to_string(),
+            RcptState::Delivered { at, reply } => {
+                format!("delivered {} UTC: {reply}", fmt_time(*at))
+            }
+            RcptState::Failed { at, reply } => format!("failed {} UTC: {reply}", fmt_time(*at)),
+            RcptState::Deferred {
+                attempts,
+                next_at,
+                last_reply,
+            } => format!(
+                "deferred after {attempts} attempt{}, next {} UTC: {last_reply}",
+                if *attempts == 1 { "" } else { "s" },
+                fmt_time(*next_at)
+            ),
+        };
+        writeln!(out, "    {line}")?;
+    }
+    writeln!(out, "*** MESSAGE ***")?;
+    out.write_all(&m.data)?;
+    if !m.data.ends_with(b"\n") {
+        writeln!(out)?;
+    }
+    writeln!(out, "*** END OF MESSAGE ***")
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC.
+fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailpolicy_runtime::conn::{QueuedMessage, QueuedRcpt};
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "mailc-queue-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn msg(rcpts: &[&str]) -> QueuedMessage {
+        QueuedMessage {
+            sender: "alice@example.com".into(),
+            recipients: rcpts
+                .iter()
+                .map(|a| QueuedRcpt {
+                    address: a.to_string(),
+                    notify: vec![],
+                    orcpt: String::new(),
+                })
+                .collect(),
+            ret: String::new(),
+            envid: String::new(),
+            data: b"Subject: test\r\n\r\nhello\r\n".to_vec(),
+            hold: None,
+            archive: vec![],
+            filter: None,
+            batv_sign: false,
+            client_ip: "192.0.2.1".into(),
+            helo: "c.example".into(),
+            auth_user: String::new(),
+            added_headers: vec![],
+            session: Default::default(),
+        }
+    }
+
+    fn setup() -> (TempDir, Spool, QueueId, QueueId) {
+        let t = TempDir::new();
+        let (spool, _) = Spool::open(&t.0).expect("open");
+        let a = spool
+            .store(
+                &msg(&["bob@b.example", "carol@c.example"]),
+                Class::Normal,
+                1_700_000_000_000,
+            )
+            .expect("store");
+        let b = spool
+            .store(&msg(&["dave@c.example"]), Class::Normal, 1_700_000_060_000)
+            .expect("store");
+        for (id, i) in [(&a, 1), (&b, 0)] {
+            spool
+                .record(
+                    id,
+                    &[(
+                        i,
+                        RcptState::Deferred {
+                            attempts: 1,
+                            next_at: 1_700_000_900_000,
+                            last_reply: "451 4.7.1 greylisted".into(),
+                        },
+                    )],
+                    Some(1_700_000_900_000),
+                )
+                .expect("record");
+            spool.defer(id).expect("defer");
+        }
+        (t, spool, a, b)
+    }
+
+    fn run_s(cmd: Cmd, spool: &Spool, now: u64) -> (Result<(), Failure>, String) {
+        let mut out = Vec::new();
+        let r = run(&cmd, spool, now, &mut out);
+        (r, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn parses_subcommands() {
+        let (c, d) = parse(args(&["list"])).expect("list");
+        assert_eq!((c, d), (Cmd::List, PathBuf::from(DEFAULT_SPOOL)));
+        let (c, d) = parse(args(&["show", "ABC123", "--spool", "/x"])).expect("show");
+        assert_eq!(c, Cmd::Show(QueueId::parse("ABC123").expect("id")));
+        assert_eq!(d, PathBuf::from("/x"));
+        assert_eq!(
+            parse(args(&["flush", "Example.COM"])).expect("flush").0,
+            Cmd::Flush(Some("example.com".into()))
+        );
+        for bad in [
+            &[][..],
+            &["show"],
+            &["show", "../etc/passwd"],
+            &["hold", "A", "B"],
+            &["list", "x"],
+            &["frobnicate"],
+            &["flush", "a", "b"],
+            &["list", "--bogus"],
+        ] {
+            assert!(parse(args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn list_looks_like_postqueue() {
+        let (_t, spool, a, b) = setup();
+        let (r, out) = run_s(Cmd::List, &spool, 0);
+        assert!(r.is_ok());
+        let p = " ".repeat(54);
+        let want = format!(
+            "-Queue ID-              --Size-- ---Arrival Time----  -Sender/Recipient-------\n\
+             {a}        24 2023-11-14 22:13:20  alice@example.com\n\
+             {p}bob@b.example\n\
+             {p}(451 4.7.1 greylisted)\n\
+             {p}carol@c.example\n\
+             \n\
+             {b}        24 2023-11-14 22:14:20  alice@example.com\n\
+             {p}(451 4.7.1 greylisted)\n\
+             {p}dave@c.example\n\
+             \n\
+             -- 1 Kbytes in 2 Requests.\n"
+        );
+        assert_eq!(out, want);
+        spool.move_to(&a, QueueName::Hold).expect("hold");
+        let (_, out) = run_s(Cmd::List, &spool, 0);
+        assert!(out.contains(&format!(
+            "{a}!       24 2023-11-14 22:13:20  alice@example.com\n{p}(on hold)\n"
+        )));
+        let t = TempDir::new();
+        let (empty, _) = Spool::open(&t.0).expect("open");
+        assert_eq!(run_s(Cmd::List, &empty, 0).1, "Mail queue is empty\n");
+    }
+
+    #[test]
+    fn show_prints_envelope_states_and_message() {
+        let (_t, spool, a, _) = setup();
+        let (r, out) = run_s(Cmd::Show(a.clone()), &spool, 0);
+        assert!(r.is_ok());
+        assert!(out.contains(&format!("Queue ID: {a}\nQueue: deferred\n")));
+        assert!(out.contains("Recipient 0: <bob@b.example>\n    pending\n"));
+        assert!(out.contains("Recipient 1: <carol@c.example>\n    deferred after 1 attempt, next 2023-11-14 22:28:20 UTC: 451 4.7.1 greylisted\n"));
+        assert!(
+            out.contains("*** MESSAGE ***\nSubject: test\r\n\r\nhello\r\n*** END OF MESSAGE ***\n")
+        );
+        let missing = QueueId::parse("NOPE").expect("id");
+        assert!(matches!(
+            run_s(Cmd::Show(missing), &spool, 0).0,
+            Err(Failure::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn hold_release_delete() {
+        let (_t, spool, a, b) = setup();
+        assert!(run_s(Cmd::Hold(a.clone()), &spool, 0).0.is_ok());
+        assert_eq!(spool.summary(&a).expect("s").queue, QueueName::Hold);
+        // Releasing one not on hold is "not found" (exit 1).
+        assert!(matches!(
+            run_s(Cmd::Release(b.clone()), &spool, 0).0,
+            Err(Failure::NotFound(_))
+        ));
+        assert!(run_s(Cmd::Release(a.clone()), &spool, 42).0.is_ok());
+        let s = spool.summary(&a).expect("s");
+        assert_eq!((s.queue, s.next_attempt_ms), (QueueName::Deferred, 42));
+        assert!(run_s(Cmd::Delete(a.clone()), &spool, 0).0.is_ok());
+        assert!(matches!(
+            run_s(Cmd::Delete(a.clone()), &spool, 0).0,
+            Err(Failure::NotFound(_))
+        ));
+        assert!(matches!(
+            run_s(Cmd::Hold(a), &spool, 0).0,
+            Err(Failure::NotFound(_))
+        ));
+        assert_eq!(spool.list().expect("list").len(), 1);
+    }
+
+    #[test]
+    fn requeue_resets_deferred_recipients() {
+        let (_t, spool, a, _) = setup();
+        let (r, out) = run_s(Cmd::Requeue(a.clone()), &spool, 7);
+        assert!(r.is_ok());
+        assert_eq!(out, format!("{a}: requeued\n"));
+        let s = spool.load(&a).expect("load");
+        assert_eq!(s.queue, QueueName::Incoming);
+        assert_eq!(s.next_attempt_ms, 7);
+        assert_eq!(s.states, vec![RcptState::Pending, RcptState::Pending]);
+    }
+
+    #[test]
+    fn flush_all_or_one_domain() {
+        let (_t, spool, a, b) = setup();
+        let (r, out) = run_s(Cmd::Flush(Some("b.example".into())), &spool, 5);
+        assert!(r.is_ok());
+        assert_eq!(out, "1 message flushed\n");
+        assert_eq!(spool.summary(&a).expect("s").next_attempt_ms, 5);
+        assert_eq!(
+            spool.summary(&b).expect("s").next_attempt_ms,
+            1_700_000_900_000
+        );
+        spool.move_to(&a, QueueName::Hold).expect("hold");
+        let (_, out) = run_s(Cmd::Flush(None), &spool, 9);
+        assert_eq!(out, "1 message flushed\n");
+        let s = spool.load(&b).expect("load");
+        assert_eq!(s.next_attempt_ms, 9);
+        assert!(matches!(
+            s.states[0],
+            RcptState::Deferred { next_at: 9, .. }
+        ));
+        assert_eq!(spool.summary(&a).expect("s").next_attempt_ms, 5);
+    }
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(fmt_time(0), "1970-01-01 00:00:00");
+        assert_eq!(fmt_time(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(fmt_time(1_700_000_000_999), "2023-11-14 22:13:20");
+    }
+}
