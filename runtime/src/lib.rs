@@ -5,5 +5,6 @@ pub mod smtp;
 pub mod config;
 pub mod transcript;
 pub mod daemon;
+pub mod transport;
 pub mod spool;
 pub mod queue;

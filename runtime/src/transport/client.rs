@@ -1,0 +1,1337 @@
+//! Sans-IO SMTP / LMTP client engine.
+//!
+//! Like the server engine in [`crate::smtp`], this reads no socket and no
+//! clock: the host feeds it the bytes the server sent
+//! ([`Client::handle_input`]), writes what [`Client::poll_transmit`] returns,
+//! and reacts to [`ClientEvent`]s. Timeouts are the host's: it arms a timer
+//! for the phase [`Client::waiting_for`] names and calls
+//! [`Client::handle_timeout`] when it fires; a closed connection is
+//! [`Client::handle_eof`].
+//!
+//! # Session
+//!
+//! Greeting, then `EHLO` (on a 5xx, `HELO`; LMTP: `LHLO`, no fallback), then
+//! `STARTTLS` when the [`TlsPolicy`] asks for it and the server offers it
+//! ([`ClientEvent::StartTls`]: the host runs the handshake and calls
+//! [`Client::tls_established`]; anything the server sent after its `220` is
+//! discarded, and `EHLO` is sent again), then `AUTH PLAIN` (or `LOGIN`) when
+//! credentials are configured and the server offers `AUTH`. Then
+//! [`ClientEvent::Ready`].
+//!
+//! * [`TlsPolicy::Required`] and no STARTTLS offered, or STARTTLS refused:
+//!   the session fails with `451 4.7.4` / `451 4.7.5`.
+//! * Credentials configured and the server offers no `AUTH`: the session goes
+//!   on without authenticating (Postfix does the same); offered but with no
+//!   mechanism we speak, or authentication refused: `454 4.7.0`.
+//!
+//! # Transactions
+//!
+//! [`Client::send_message`] sends `MAIL FROM` (with `SIZE`, `BODY=8BITMIME`,
+//! `SMTPUTF8` when offered and needed, and `RET`/`ENVID` only when the server
+//! offers `DSN`), one `RCPT TO` per recipient (`NOTIFY`/`ORCPT` only with
+//! `DSN`), then `DATA` and the dot-stuffed content, bare CR and LF turned
+//! into CRLF. With `PIPELINING` offered, MAIL, every RCPT and DATA go in one
+//! write (RFC 2920). The result, [`ClientEvent::Transaction`], holds one
+//! final reply per recipient, in envelope order: the MAIL reply if MAIL was
+//! refused, the RCPT reply if RCPT was refused, the DATA reply if DATA was
+//! refused, else the reply to the final dot (LMTP: that recipient's own
+//! reply). `next_hop_dsn` says whether the server offered DSN; when false the
+//! host owes a "relayed" DSN to recipients that asked for NOTIFY=SUCCESS
+//! (RFC 3461 4.1, R1).
+//!
+//! Without sending anything the engine answers `552 5.3.4` when the message
+//! is bigger than the server's `SIZE`, and `553 5.6.7` when an address needs
+//! SMTPUTF8 and the server does not offer it.
+//!
+//! After an incomplete transaction (MAIL, every RCPT or DATA refused) the
+//! engine sends `RSET` before it is ready again. [`Client::reset`] sends an
+//! `RSET` on demand (a cached connection is probed this way before reuse).
+//!
+//! [`Client::call_ahead`] sends MAIL FROM and RCPT TO, then RSET, and
+//! reports both replies ([`ClientEvent::CallAhead`]); the session stays
+//! usable (R27).
+//!
+//! # Failures
+//!
+//! A `421` at any point, an unparsable reply, a reply nobody asked for, EOF
+//! or a timeout ends the session: a transaction in flight is completed with
+//! that reply (made-up ones are `421 4.4.2`) for every recipient without a
+//! final reply, then [`ClientEvent::Failed`] tells the phase and the reply.
+//! Nothing the server sends can panic the engine.
+
+use std::collections::VecDeque;
+
+use base64::Engine as _;
+
+use crate::smtp::{BodyType, Envelope, ForwardPath, Recipient, Reply, Ret, ReversePath};
+
+/// Longest reply line accepted from a server (RFC 5321 says 512; be lenient).
+const MAX_LINE: usize = 8192;
+/// Most lines in one multi-line reply.
+const MAX_REPLY_LINES: usize = 1000;
+
+/// SMTP or LMTP (RFC 2033).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// ESMTP with HELO fallback.
+    #[default]
+    Smtp,
+    /// LMTP: LHLO, one reply per recipient after the data.
+    Lmtp,
+}
+
+/// Client TLS policy (Postfix `smtp_tls_security_level`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TlsPolicy {
+    /// Never send STARTTLS.
+    None,
+    /// Opportunistic: STARTTLS when offered, no certificate verification.
+    #[default]
+    May,
+    /// STARTTLS mandatory, certificate verified against the trust roots and
+    /// the host name; otherwise defer with 4.7.x.
+    Required,
+}
+
+/// Client SASL credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Authentication identity.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({:?}, <hidden>)", self.user)
+    }
+}
+
+impl Credentials {
+    /// Parses `user:password` (split at the first `:`).
+    pub fn parse(s: &str) -> Option<Credentials> {
+        let (u, p) = s.split_once(':')?;
+        if u.is_empty() {
+            return None;
+        }
+        Some(Credentials {
+            user: u.to_string(),
+            password: p.to_string(),
+        })
+    }
+}
+
+/// What the engine is told about the session it should run.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Name sent in EHLO/HELO/LHLO.
+    pub helo_name: String,
+    /// SMTP or LMTP.
+    pub protocol: Protocol,
+    /// Whether to send STARTTLS.
+    pub tls: TlsPolicy,
+    /// Authenticate with these when the server offers AUTH.
+    pub auth: Option<Credentials>,
+    /// Pipeline MAIL/RCPT/DATA when the server offers PIPELINING.
+    pub pipelining: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            helo_name: "localhost".into(),
+            protocol: Protocol::Smtp,
+            tls: TlsPolicy::May,
+            auth: None,
+            pipelining: true,
+        }
+    }
+}
+
+/// The extensions a server announced in its EHLO/LHLO reply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerExtensions {
+    /// EHLO (or LHLO) was accepted; false after a HELO fallback.
+    pub esmtp: bool,
+    /// PIPELINING (RFC 2920).
+    pub pipelining: bool,
+    /// SIZE, with its limit (0: no fixed limit).
+    pub size: Option<u64>,
+    /// 8BITMIME.
+    pub eight_bit_mime: bool,
+    /// SMTPUTF8.
+    pub smtputf8: bool,
+    /// DSN (RFC 3461).
+    pub dsn: bool,
+    /// STARTTLS.
+    pub starttls: bool,
+    /// AUTH mechanisms, upper case.
+    pub auth: Vec<String>,
+    /// ENHANCEDSTATUSCODES.
+    pub enhanced_status_codes: bool,
+    /// CHUNKING (BDAT). Parsed only; this client always sends DATA.
+    pub chunking: bool,
+}
+
+impl ServerExtensions {
+    /// Parses the lines of a positive EHLO reply (the first line is the
+    /// server's name and greeting).
+    pub fn parse(reply: &Reply) -> ServerExtensions {
+        let mut e = ServerExtensions {
+            esmtp: true,
+            ..Default::default()
+        };
+        for line in reply.text.split('\n').skip(1) {
+            let mut words = line.split_whitespace();
+            let Some(kw) = words.next() else { continue };
+            let kw = kw.to_ascii_uppercase();
+            // old "AUTH=PLAIN LOGIN" form
+            let (kw, first_arg) = match kw.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (kw, None),
+            };
+            let args: Vec<String> = first_arg
+                .into_iter()
+                .chain(words.map(|w| w.to_string()))
+                .filter(|w| !w.is_empty())
+                .collect();
+            match kw.as_str() {
+                "PIPELINING" => e.pipelining = true,
+                "SIZE" => {
+                    let n = args
+                        .first()
+                        .and_then(|a| a.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    e.size = Some(n);
+                }
+                "8BITMIME" => e.eight_bit_mime = true,
+                "SMTPUTF8" => e.smtputf8 = true,
+                "DSN" => e.dsn = true,
+                "STARTTLS" => e.starttls = true,
+                "AUTH" => {
+                    for a in args {
+                        let a = a.to_ascii_uppercase();
+                        if !e.auth.contains(&a) {
+                            e.auth.push(a);
+                        }
+                    }
+                }
+                "ENHANCEDSTATUSCODES" => e.enhanced_status_codes = true,
+                "CHUNKING" => e.chunking = true,
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
+/// What the engine waits for; the host picks a timeout per phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The 220 banner.
+    Greeting,
+    /// The EHLO/HELO/LHLO reply.
+    Helo,
+    /// The STARTTLS reply, or the host's TLS handshake.
+    StartTls,
+    /// An AUTH exchange.
+    Auth,
+    /// The MAIL reply.
+    Mail,
+    /// A RCPT reply.
+    Rcpt,
+    /// The DATA (354) reply.
+    Data,
+    /// The reply(ies) to the final dot.
+    DataEnd,
+    /// The RSET reply.
+    Rset,
+    /// The QUIT reply.
+    Quit,
+    /// No reply expected (idle), or the connection itself failed.
+    Connection,
+}
+
+/// A session-ending failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionError {
+    /// Where it happened.
+    pub phase: Phase,
+    /// The server's reply, or a made-up 4.4.x / 4.7.x / 4.5.x one.
+    pub reply: Reply,
+}
+
+/// The outcome of one message transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransactionResult {
+    /// The MAIL reply (or the engine's own refusal).
+    pub mail: Reply,
+    /// One final reply per recipient, in envelope order.
+    pub recipients: Vec<Reply>,
+    /// The server offered DSN, so NOTIFY/ORCPT/RET/ENVID were passed on.
+    pub next_hop_dsn: bool,
+}
+
+/// The outcome of a call-ahead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallAheadResult {
+    /// The MAIL reply.
+    pub mail: Reply,
+    /// The RCPT reply; `None` when MAIL was refused (then `mail` is the answer).
+    pub rcpt: Option<Reply>,
+}
+
+impl CallAheadResult {
+    /// The reply that answers the question: RCPT's, or MAIL's when refused.
+    pub fn answer(&self) -> &Reply {
+        self.rcpt.as_ref().unwrap_or(&self.mail)
+    }
+}
+
+/// What the engine tells the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Idle and able to start a transaction.
+    Ready,
+    /// The server accepted STARTTLS: run the TLS handshake on the same
+    /// connection, then call [`Client::tls_established`].
+    StartTls,
+    /// A message transaction ended.
+    Transaction(TransactionResult),
+    /// A call-ahead ended.
+    CallAhead(CallAheadResult),
+    /// The session is over (no more events); close the connection after
+    /// flushing [`Client::poll_transmit`].
+    Failed(SessionError),
+}
+
+/// Misuse of the engine by the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageError {
+    /// The session is not idle (not [`ClientEvent::Ready`]).
+    NotReady,
+    /// The session is closed.
+    Closed,
+}
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UsageError::NotReady => f.write_str("SMTP client session is not ready"),
+            UsageError::Closed => f.write_str("SMTP client session is closed"),
+        }
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Helo,
+    Lhlo,
+    StartTls,
+    AuthPlain,
+    AuthPlainResponse,
+    AuthLoginUser,
+    AuthLoginPass,
+    AuthFinal,
+    Mail,
+    Rcpt(usize),
+    Data,
+    DataEnd,
+    LmtpDataEnd(usize),
+    /// The dot sent after a 354 that came although no recipient was accepted.
+    JunkDataEnd,
+    Rset,
+    Quit,
+}
+
+impl Expect {
+    fn phase(self) -> Phase {
+        match self {
+            Expect::Greeting => Phase::Greeting,
+            Expect::Ehlo | Expect::Helo | Expect::Lhlo => Phase::Helo,
+            Expect::StartTls => Phase::StartTls,
+            Expect::AuthPlain
+            | Expect::AuthPlainResponse
+            | Expect::AuthLoginUser
+            | Expect::AuthLoginPass
+            | Expect::AuthFinal => Phase::Auth,
+            Expect::Mail => Phase::Mail,
+            Expect::Rcpt(_) => Phase::Rcpt,
+            Expect::Data => Phase::Data,
+            Expect::DataEnd | Expect::LmtpDataEnd(_) | Expect::JunkDataEnd => Phase::DataEnd,
+            Expect::Rset => Phase::Rset,
+            Expect::Quit => Phase::Quit,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Greeting, HELO, TLS, AUTH.
+    Opening,
+    /// Waiting for the host's TLS handshake.
+    AwaitTls,
+    Ready,
+    /// A transaction, call-ahead or RSET in flight.
+    Busy,
+    /// QUIT sent.
+    Closing,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Txn {
+    call_ahead: bool,
+    pipelined: bool,
+    recipients: Vec<Recipient>,
+    /// Encoded DATA content (dot-stuffed, CRLF, final dot included).
+    data: Vec<u8>,
+    mail: Option<Reply>,
+    finals: Vec<Option<Reply>>,
+    rcpt_replies: Vec<Option<Reply>>,
+    accepted: Vec<usize>,
+    next_rcpt: usize,
+    data_sent: bool,
+}
+
+/// The client session engine. See the module documentation.
+#[derive(Debug)]
+pub struct Client {
+    cfg: ClientConfig,
+    ext: ServerExtensions,
+    state: State,
+    inbuf: Vec<u8>,
+    lines: Vec<String>,
+    line_code: Option<u16>,
+    expect: VecDeque<Expect>,
+    out: Vec<u8>,
+    events: VecDeque<ClientEvent>,
+    tls_active: bool,
+    tls_tried: bool,
+    authenticated: bool,
+    greeting: Option<Reply>,
+    txn: Option<Txn>,
+}
+
+/// Encodes a message for DATA: bare CR or LF become CRLF, lines starting
+/// with `.` get another `.`, a final CRLF is added if missing, then `.CRLF`.
+pub fn encode_data(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 8);
+    let mut line_start = true;
+    let mut i = 0;
+    while let Some(&b) = data.get(i) {
+        match b {
+            b'\r' => {
+                out.extend_from_slice(b"\r\n");
+                line_start = true;
+                if data.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                line_start = true;
+            }
+            b'.' if line_start => {
+                out.extend_from_slice(b"..");
+                line_start = false;
+            }
+            _ => {
+                out.push(b);
+                line_start = false;
+            }
+        }
+        i += 1;
+    }
+    if !line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// RFC 3461 xtext encoding.
+pub fn encode_xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+fn parse_enhanced(s: &str, class: u16) -> Option<(u8, u16, u16)> {
+    let mut it = s.split('.');
+    let c: u8 = it.next()?.parse().ok()?;
+    let sub: u16 = it.next()?.parse().ok()?;
+    let det: u16 = it.next()?.parse().ok()?;
+    if it.next().is_some() || u16::from(c) != class || sub > 999 || det > 999 {
+        return None;
+    }
+    Some((c, sub, det))
+}
+
+/// Builds a [`Reply`] from the text of the lines of one (multi-line) reply.
+fn assemble_reply(code: u16, lines: &[String]) -> Reply {
+    let class = code / 100;
+    let enhanced = lines
+        .first()
+        .and_then(|l| l.split(' ').next())
+        .and_then(|w| parse_enhanced(w, class));
+    let text: Vec<&str> = lines
+        .iter()
+        .map(|l| {
+            if let Some((c, s, d)) = enhanced {
+                let prefix = format!("{c}.{s}.{d}");
+                if let Some(rest) = l.strip_prefix(prefix.as_str()) {
+                    return rest.strip_prefix(' ').unwrap_or(rest);
+                }
+            }
+            l.as_str()
+        })
+        .collect();
+    Reply {
+        code,
+        enhanced,
+        text: text.join("\n"),
+    }
+}
+
+fn made_up(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
+    Reply::new(code, e, text)
+}
+
+fn needs_utf8(env: &Envelope) -> bool {
+    let from = match &env.from {
+        ReversePath::Null => false,
+        ReversePath::Mailbox(m) => m.is_international(),
+    };
+    from || env.recipients.iter().any(|r| match &r.path {
+        ForwardPath::Postmaster => false,
+        ForwardPath::Mailbox(m) => m.is_international(),
+    })
+}
+
+impl Client {
+    /// A session on a fresh connection; expects the server's greeting.
+    pub fn new(cfg: ClientConfig) -> Client {
+        Client {
+            cfg,
+            ext: ServerExtensions::default(),
+            state: State::Opening,
+            inbuf: Vec::new(),
+            lines: Vec::new(),
+            line_code: None,
+            expect: VecDeque::from([Expect::Greeting]),
+            out: Vec::new(),
+            events: VecDeque::new(),
+            tls_active: false,
+            tls_tried: false,
+            authenticated: false,
+            greeting: None,
+            txn: None,
+        }
+    }
+
+    /// A session on a connection that is already encrypted (implicit TLS):
+    /// STARTTLS is never sent.
+    pub fn new_tls(cfg: ClientConfig) -> Client {
+        let mut c = Client::new(cfg);
+        c.tls_active = true;
+        c
+    }
+
+    /// The extensions of the last EHLO/LHLO reply.
+    pub fn extensions(&self) -> &ServerExtensions {
+        &self.ext
+    }
+
+    /// The server's greeting.
+    pub fn greeting(&self) -> Option<&Reply> {
+        self.greeting.as_ref()
+    }
+
+    /// True once STARTTLS completed (or for [`Client::new_tls`]).
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// True after a successful AUTH.
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Idle: a transaction or call-ahead may start.
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    /// The session is over; drop the connection once output is flushed.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// What the engine waits for, or `None` when idle, waiting for the host
+    /// (TLS handshake: [`Phase::StartTls`] is returned), or closed.
+    pub fn waiting_for(&self) -> Option<Phase> {
+        match self.state {
+            State::Closed | State::Ready => None,
+            State::AwaitTls => Some(Phase::StartTls),
+            _ => self.expect.front().map(|e| e.phase()),
+        }
+    }
+
+    /// Bytes to send to the server.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        if self.out.is_empty() {
+            None
+        } else {
+            Some(std::mem::take(&mut self.out))
+        }
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// Feeds bytes received from the server.
+    pub fn handle_input(&mut self, data: &[u8]) {
+        if matches!(self.state, State::Closed | State::AwaitTls) {
+            return;
+        }
+        self.inbuf.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(pos) = self
+            .inbuf
+            .get(start..)
+            .and_then(|b| b.iter().position(|&c| c == b'\n'))
+        {
+            let end = start + pos;
+            let line = self.inbuf.get(start..end).unwrap_or_default().to_vec();
+            start = end + 1;
+            if line.len() > MAX_LINE {
+                self.protocol_error("reply line too long");
+                break;
+            }
+            self.handle_line(&line);
+            if matches!(self.state, State::Closed | State::AwaitTls) {
+                break;
+            }
+        }
+        if matches!(self.state, State::Closed | State::AwaitTls) {
+            // After the 220 to STARTTLS everything already received is
+            // discarded (response injection, CVE-2011-0411 in reverse).
+            self.inbuf.clear();
+            return;
+        }
+        self.inbuf.drain(..start.min(self.inbuf.len()));
+        if self.inbuf.len() > MAX_LINE {
+            self.protocol_error("reply line too long");
+        }
+    }
+
+    /// The server closed the connection.
+    pub fn handle_eof(&mut self) {
+        match self.state {
+            State::Closed => {}
+            State::Closing => self.state = State::Closed,
+            _ => {
+                let phase = self.waiting_for().unwrap_or(Phase::Connection);
+                self.fail_closed(
+                    phase,
+                    made_up(421, (4, 4, 2), "lost connection with the server"),
+                );
+            }
+        }
+    }
+
+    /// The host's timer for [`Client::waiting_for`] fired.
+    pub fn handle_timeout(&mut self) {
+        if let Some(phase) = self.waiting_for() {
+            if self.state == State::Closing {
+                self.state = State::Closed;
+                return;
+            }
+            self.fail_closed(
+                phase,
+                made_up(
+                    421,
+                    (4, 4, 2),
+                    format!("timeout while waiting for the server ({phase:?})"),
+                ),
+            );
+        }
+    }
+
+    /// The host could not go on (TLS handshake failed, write error, ...):
+    /// ends the session with `reply`, completing any transaction in flight.
+    pub fn abort(&mut self, reply: Reply) {
+        if self.state == State::Closed {
+            return;
+        }
+        let phase = self.waiting_for().unwrap_or(Phase::Connection);
+        self.fail_closed(phase, reply);
+    }
+
+    /// The TLS handshake after [`ClientEvent::StartTls`] succeeded: the
+    /// session starts again with EHLO/LHLO.
+    pub fn tls_established(&mut self) -> Result<(), UsageError> {
+        if self.state != State::AwaitTls {
+            return Err(UsageError::NotReady);
+        }
+        self.tls_active = true;
+        self.ext = ServerExtensions::default();
+        self.state = State::Opening;
+        self.send_hello();
+        Ok(())
+    }
+
+    /// Starts a message transaction.
+    pub fn send_message(&mut self, env: &Envelope, data: &[u8]) -> Result<(), UsageError> {
+        self.check_ready()?;
+        let encoded = encode_data(data);
+        let n = env.recipients.len();
+        // checks that need no round trip; the size is as sent (CRLF, and
+        // counting dot-stuffing, a slight overestimate RFC 1870 allows)
+        let size = encoded.len().saturating_sub(3) as u64;
+        let refuse = if let Some(limit) = self.ext.size.filter(|l| *l > 0 && size > *l) {
+            Some(made_up(
+                552,
+                (5, 3, 4),
+                format!("message size {size} exceeds the next hop's limit of {limit}"),
+            ))
+        } else if needs_utf8(env) && !self.ext.smtputf8 {
+            Some(made_up(
+                553,
+                (5, 6, 7),
+                "the next hop does not support SMTPUTF8, required by an address",
+            ))
+        } else if n == 0 {
+            Some(made_up(554, (5, 5, 1), "no recipients"))
+        } else {
+            None
+        };
+        if let Some(r) = refuse {
+            self.events
+                .push_back(ClientEvent::Transaction(TransactionResult {
+                    mail: r.clone(),
+                    recipients: vec![r; n],
+                    next_hop_dsn: self.ext.dsn,
+                }));
+            self.events.push_back(ClientEvent::Ready);
+            return Ok(());
+        }
+        let mut mail = format!("MAIL FROM:{}", env.from);
+        if self.ext.size.is_some() {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        if env.params.body != BodyType::SevenBit && self.ext.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if (env.params.smtputf8 || needs_utf8(env)) && self.ext.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        if self.ext.dsn {
+            match env.params.ret {
+                Some(Ret::Full) => mail.push_str(" RET=FULL"),
+                Some(Ret::Hdrs) => mail.push_str(" RET=HDRS"),
+                None => {}
+            }
+            if let Some(id) = &env.params.envid {
+                mail.push_str(&format!(" ENVID={}", encode_xtext(id)));
+            }
+        }
+        self.start_txn(mail, env.recipients.clone(), encoded, false);
+        Ok(())
+    }
+
+    /// Call-ahead: MAIL FROM, RCPT TO, then RSET (R27).
+    pub fn call_ahead(&mut self, from: &ReversePath, rcpt: &ForwardPath) -> Result<(), UsageError> {
+        self.check_ready()?;
+        let r = Recipient {
+            path: rcpt.clone(),
+            params: Default::default(),
+        };
+        self.start_txn(format!("MAIL FROM:{from}"), vec![r], Vec::new(), true);
+        Ok(())
+    }
+
+    /// Sends RSET; [`ClientEvent::Ready`] follows on success.
+    pub fn reset(&mut self) -> Result<(), UsageError> {
+        self.check_ready()?;
+        self.state = State::Busy;
+        self.send_cmd("RSET", Expect::Rset);
+        Ok(())
+    }
+
+    /// Sends QUIT. The session ends on its reply, on EOF, or when the host
+    /// stops caring; no event follows.
+    pub fn quit(&mut self) {
+        match self.state {
+            State::Closed | State::Closing => {}
+            State::AwaitTls => self.state = State::Closed,
+            _ => {
+                self.txn = None;
+                self.expect.clear();
+                self.send_cmd("QUIT", Expect::Quit);
+                self.state = State::Closing;
+            }
+        }
+    }
+
+    fn check_ready(&self) -> Result<(), UsageError> {
+        match self.state {
+            State::Ready => Ok(()),
+            State::Closed | State::Closing => Err(UsageError::Closed),
+            _ => Err(UsageError::NotReady),
+        }
+    }
+
+    fn start_txn(&mut self, mail: String, recipients: Vec<Recipient>, data: Vec<u8>, ca: bool) {
+        let n = recipients.len();
+        let pipelined = self.cfg.pipelining && self.ext.pipelining;
+        self.state = State::Busy;
+        self.send_cmd(&mail, Expect::Mail);
+        let txn = Txn {
+            call_ahead: ca,
+            pipelined,
+            recipients,
+            data,
+            mail: None,
+            finals: vec![None; n],
+            rcpt_replies: vec![None; n],
+            accepted: Vec::new(),
+            next_rcpt: 0,
+            data_sent: false,
+        };
+        self.txn = Some(txn);
+        if pipelined {
+            for i in 0..n {
+                self.send_rcpt(i);
+            }
+            if ca {
+                self.send_cmd("RSET", Expect::Rset);
+            } else {
+                self.send_cmd("DATA", Expect::Data);
+            }
+        }
+    }
+
+    fn rcpt_line(&self, r: &Recipient) -> String {
+        let mut s = format!("RCPT TO:{}", r.path);
+        if self.ext.dsn {
+            if let Some(n) = r.params.notify {
+                let mut v = Vec::new();
+                if n.never {
+                    v.push("NEVER");
+                } else {
+                    if n.success {
+                        v.push("SUCCESS");
+                    }
+                    if n.failure {
+                        v.push("FAILURE");
+                    }
+                    if n.delay {
+                        v.push("DELAY");
+                    }
+                }
+                if !v.is_empty() {
+                    s.push_str(" NOTIFY=");
+                    s.push_str(&v.join(","));
+                }
+            }
+            if let Some(o) = &r.params.orcpt {
+                s.push_str(&format!(
+                    " ORCPT={};{}",
+                    encode_xtext(&o.addr_type),
+                    encode_xtext(&o.address)
+                ));
+            }
+        }
+        s
+    }
+
+    fn send_rcpt(&mut self, i: usize) {
+        let Some(line) = self
+            .txn
+            .as_ref()
+            .and_then(|t| t.recipients.get(i))
+            .map(|r| self.rcpt_line(r))
+        else {
+            return;
+        };
+        if let Some(t) = self.txn.as_mut() {
+            t.next_rcpt = i + 1;
+        }
+        self.send_cmd(&line, Expect::Rcpt(i));
+    }
+
+    fn send_cmd(&mut self, line: &str, e: Expect) {
+        // never let our own strings break the command framing
+        let clean: String = line
+            .chars()
+            .map(|c| if c == '\r' || c == '\n' { '?' } else { c })
+            .collect();
+        self.out.extend_from_slice(clean.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        self.expect.push_back(e);
+    }
+
+    fn send_hello(&mut self) {
+        let (verb, e) = match self.cfg.protocol {
+            Protocol::Smtp => ("EHLO", Expect::Ehlo),
+            Protocol::Lmtp => ("LHLO", Expect::Lhlo),
+        };
+        let line = format!("{verb} {}", self.cfg.helo_name);
+        self.send_cmd(&line, e);
+    }
+
+    fn protocol_error(&mut self, what: &str) {
+        let phase = self.waiting_for().unwrap_or(Phase::Connection);
+        self.fail_closed(
+            phase,
+            made_up(
+                421,
+                (4, 5, 0),
+                format!("protocol error from server: {what}"),
+            ),
+        );
+    }
+
+    fn handle_line(&mut self, raw: &[u8]) {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let line = String::from_utf8_lossy(raw);
+        let bytes = line.as_bytes();
+        let code = match bytes.get(..3) {
+            Some(d) if d.iter().all(|b| b.is_ascii_digit()) => std::str::from_utf8(d)
+                .ok()
+                .and_then(|s| s.parse::<u16>().ok()),
+            _ => None,
+        };
+        let Some(code) = code.filter(|c| (200..600).contains(c)) else {
+            self.protocol_error("malformed reply line");
+            return;
+        };
+        let sep = bytes.get(3).copied();
+        if !matches!(sep, None | Some(b' ') | Some(b'-')) {
+            self.protocol_error("malformed reply line");
+            return;
+        }
+        if let Some(c) = self.line_code {
+            if c != code {
+                self.protocol_error("inconsistent codes in a multi-line reply");
+                return;
+            }
+        }
+        self.line_code = Some(code);
+        let text = line.get(4..).unwrap_or("").to_string();
+        self.lines.push(text);
+        if self.lines.len() > MAX_REPLY_LINES {
+            self.protocol_error("reply too long");
+            return;
+        }
+        if sep == Some(b'-') {
+            return;
+        }
+        let reply = assemble_reply(code, &self.lines);
+        self.lines.clear();
+        self.line_code = None;
+        self.handle_reply(reply);
+    }
+
+    fn handle_reply(&mut self, reply: Reply) {
+        let Some(e) = self.expect.pop_front() else {
+            self.protocol_error("unexpected reply");
+            return;
+        };
+        if e == Expect::Quit {
+            self.state = State::Closed;
+            return;
+        }
+        if reply.code == 421 {
+            self.fail_closed(e.phase(), reply);
+            return;
+        }
+        let ok = reply.is_positive();
+        match e {
+            Expect::Greeting => {
+                if reply.code == 220 {
+                    self.greeting = Some(reply);
+                    self.send_hello();
+                } else {
+                    self.fail_quit(Phase::Greeting, reply);
+                }
+            }
+            Expect::Ehlo | Expect::Lhlo => {
+                if reply.code == 250 {
+                    self.ext = ServerExtensions::parse(&reply);
+                    self.after_hello();
+                } else if e == Expect::Ehlo && reply.code >= 500 {
+                    self.ext = ServerExtensions::default();
+                    let line = format!("HELO {}", self.cfg.helo_name);
+                    self.send_cmd(&line, Expect::Helo);
+                } else {
+                    self.fail_quit(Phase::Helo, reply);
+                }
+            }
+            Expect::Helo => {
+                if reply.code == 250 {
+                    self.ext = ServerExtensions::default();
+                    self.after_hello();
+                } else {
+                    self.fail_quit(Phase::Helo, reply);
+                }
+            }
+            Expect::StartTls => {
+                if reply.code == 220 {
+                    self.state = State::AwaitTls;
+                    self.events.push_back(ClientEvent::StartTls);
+                } else if self.cfg.tls == TlsPolicy::Required {
+                    let r = made_up(
+                        451,
+                        (4, 7, 5),
+                        format!("TLS is required, but STARTTLS was refused: {reply}"),
+                    );
+                    self.fail_quit(Phase::StartTls, r);
+                } else {
+                    self.after_tls();
+                }
+            }
+            Expect::AuthPlain | Expect::AuthPlainResponse => {
+                if reply.code == 235 {
+                    self.authenticated = true;
+                    self.become_ready();
+                } else if reply.code == 334 && e == Expect::AuthPlain {
+                    let line = self.plain_response();
+                    self.send_cmd(&line, Expect::AuthPlainResponse);
+                } else {
+                    self.auth_failed(reply);
+                }
+            }
+            Expect::AuthLoginUser | Expect::AuthLoginPass => {
+                if reply.code == 334 {
+                    let cred = self.cfg.auth.clone().unwrap_or(Credentials {
+                        user: String::new(),
+                        password: String::new(),
+                    });
+                    let (v, next) = if e == Expect::AuthLoginUser {
+                        (cred.user, Expect::AuthLoginPass)
+                    } else {
+                        (cred.password, Expect::AuthFinal)
+                    };
+                    let line = base64::engine::general_purpose::STANDARD.encode(v.as_bytes());
+                    self.send_cmd(&line, next);
+                } else {
+                    self.auth_failed(reply);
+                }
+            }
+            Expect::AuthFinal => {
+                if reply.code == 235 {
+                    self.authenticated = true;
+                    self.become_ready();
+                } else {
+                    self.auth_failed(reply);
+                }
+            }
+            Expect::Mail => self.on_mail(reply, ok),
+            Expect::Rcpt(i) => self.on_rcpt(i, reply, ok),
+            Expect::Data => self.on_data(reply),
+            Expect::DataEnd => {
+                if let Some(t) = self.txn.as_mut() {
+                    for &i in &t.accepted {
+                        if let Some(f) = t.finals.get_mut(i) {
+                            *f = Some(reply.clone());
+                        }
+                    }
+                }
+                self.finish_txn(false);
+            }
+            Expect::LmtpDataEnd(i) => {
+                if let Some(f) = self.txn.as_mut().and_then(|t| t.finals.get_mut(i)) {
+                    *f = Some(reply);
+                }
+                if !self
+                    .expect
+                    .iter()
+                    .any(|e| matches!(e, Expect::LmtpDataEnd(_)))
+                {
+                    self.finish_txn(false);
+                }
+            }
+            Expect::JunkDataEnd => self.finish_txn(true),
+            Expect::Rset => {
+                if !ok {
+                    self.fail_quit(Phase::Rset, reply);
+                } else if self.txn.as_ref().is_some_and(|t| t.call_ahead) {
+                    self.finish_txn(false);
+                } else {
+                    self.become_ready();
+                }
+            }
+            Expect::Quit => {}
+        }
+    }
+
+    fn plain_response(&self) -> String {
+        let (u, p) = self
+            .cfg
+            .auth
+            .as_ref()
+            .map(|c| (c.user.as_str(), c.password.as_str()))
+            .unwrap_or(("", ""));
+        let mut raw = Vec::new();
+        raw.push(0);
+        raw.extend_from_slice(u.as_bytes());
+        raw.push(0);
+        raw.extend_from_slice(p.as_bytes());
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    }
+
+    fn auth_failed(&mut self, reply: Reply) {
+        let r = made_up(
+            454,
+            (4, 7, 0),
+            format!("SASL authentication failed; server said: {reply}"),
+        );
+        self.fail_quit(Phase::Auth, r);
+    }
+
+    fn after_hello(&mut self) {
+        if !self.tls_active && !self.tls_tried && self.cfg.tls != TlsPolicy::None {
+            if self.ext.starttls {
+                self.tls_tried = true;
+                self.send_cmd("STARTTLS", Expect::StartTls);
+                return;
+            }
+            if self.cfg.tls == TlsPolicy::Required {
+                let r = made_up(
+                    451,
+                    (4, 7, 4),
+                    "TLS is required, but was not offered by the server",
+                );
+                self.fail_quit(Phase::StartTls, r);
+                return;
+            }
+        }
+        self.after_tls();
+    }
+
+    fn after_tls(&mut self) {
+        if self.cfg.auth.is_some() && !self.authenticated && !self.ext.auth.is_empty() {
+            if self.ext.auth.iter().any(|m| m == "PLAIN") {
+                let line = format!("AUTH PLAIN {}", self.plain_response());
+                self.send_cmd(&line, Expect::AuthPlain);
+            } else if self.ext.auth.iter().any(|m| m == "LOGIN") {
+                self.send_cmd("AUTH LOGIN", Expect::AuthLoginUser);
+            } else {
+                let r = made_up(
+                    454,
+                    (4, 7, 0),
+                    format!(
+                        "SASL authentication failed: no mechanism in common (server offers {})",
+                        self.ext.auth.join(" ")
+                    ),
+                );
+                self.fail_quit(Phase::Auth, r);
+            }
+            return;
+        }
+        self.become_ready();
+    }
+
+    fn become_ready(&mut self) {
+        self.state = State::Ready;
+        self.txn = None;
+        self.events.push_back(ClientEvent::Ready);
+    }
+
+    fn on_mail(&mut self, reply: Reply, ok: bool) {
+        let Some(t) = self.txn.as_mut() else {
+            self.protocol_error("unexpected MAIL reply");
+            return;
+        };
+        t.mail = Some(reply.clone());
+        if !ok {
+            for f in t.finals.iter_mut() {
+                *f = Some(reply.clone());
+            }
+            if !t.pipelined {
+                self.finish_txn(true);
+            }
+            return;
+        }
+        if !t.pipelined {
+            self.send_rcpt(0);
+        }
+    }
+
+    fn on_rcpt(&mut self, i: usize, reply: Reply, ok: bool) {
+        let Some(t) = self.txn.as_mut() else {
+            self.protocol_error("unexpected RCPT reply");
+            return;
+        };
+        let mail_ok = t.mail.as_ref().is_some_and(|m| m.is_positive());
+        if let Some(r) = t.rcpt_replies.get_mut(i) {
+            *r = Some(reply.clone());
+        }
+        if mail_ok {
+            if ok {
+                t.accepted.push(i);
+            } else if let Some(f) = t.finals.get_mut(i) {
+                *f = Some(reply);
+            }
+        }
+        if t.pipelined {
+            return;
+        }
+        let next = t.next_rcpt;
+        if next < t.recipients.len() {
+            self.send_rcpt(next);
+        } else if t.call_ahead {
+            self.send_cmd("RSET", Expect::Rset);
+        } else if t.accepted.is_empty() {
+            self.finish_txn(true);
+        } else {
+            self.send_cmd("DATA", Expect::Data);
+        }
+    }
+
+    fn on_data(&mut self, reply: Reply) {
+        let lmtp = self.cfg.protocol == Protocol::Lmtp;
+        let Some(t) = self.txn.as_mut() else {
+            self.protocol_error("unexpected DATA reply");
+            return;
+        };
+        if reply.code == 354 {
+            if t.accepted.is_empty() {
+                // RFC 2920: a 354 although nothing was accepted; end the
+                // (empty) message and ignore its result.
+                self.out.extend_from_slice(b".\r\n");
+                self.expect.push_back(Expect::JunkDataEnd);
+                return;
+            }
+            let data = std::mem::take(&mut t.data);
+            t.data_sent = true;
+            let accepted = t.accepted.clone();
+            self.out.extend_from_slice(&data);
+            if lmtp {
+                for i in accepted {
+                    self.expect.push_back(Expect::LmtpDataEnd(i));
+                }
+            } else {
+                self.expect.push_back(Expect::DataEnd);
+            }
+            return;
+        }
+        for &i in &t.accepted {
+            if let Some(f) = t.finals.get_mut(i) {
+                *f = Some(reply.clone());
+            }
+        }
+        self.finish_txn(true);
+    }
+
+    /// Completes the transaction: emits its result, then RSETs or becomes ready.
+    fn finish_txn(&mut self, rset: bool) {
+        let Some(t) = self.txn.take() else {
+            self.become_ready();
+            return;
+        };
+        let fallback = made_up(451, (4, 3, 0), "no reply from the server");
+        let mail = t.mail.clone().unwrap_or_else(|| fallback.clone());
+        if t.call_ahead {
+            let rcpt = if mail.is_positive() {
+                t.rcpt_replies.first().cloned().flatten()
+            } else {
+                None
+            };
+            self.events
+                .push_back(ClientEvent::CallAhead(CallAheadResult { mail, rcpt }));
+        } else {
+            let recipients = t
+                .finals
+                .into_iter()
+                .map(|f| f.unwrap_or_else(|| fallback.clone()))
+                .collect();
+            self.events
+                .push_back(ClientEvent::Transaction(TransactionResult {
+                    mail,
+                    recipients,
+                    next_hop_dsn: self.ext.dsn,
+                }));
+        }
+        if rset {
+            self.state = State::Busy;
+            self.send_cmd("RSET", Expect::Rset);
+        } else {
+            self.become_ready();
+        }
+    }
+
+    /// Completes a transaction in flight with `reply` for every recipient
+    /// that has no final reply yet.
+    fn complete_with(&mut self, reply: &Reply) {
+        let Some(mut t) = self.txn.take() else { return };
+        if t.call_ahead {
+            let mail = t.mail.clone().unwrap_or_else(|| reply.clone());
+            let rcpt = if mail.is_positive() {
+                Some(
+                    t.rcpt_replies
+                        .first()
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_else(|| reply.clone()),
+                )
+            } else {
+                None
+            };
+            self.events
+                .push_back(ClientEvent::CallAhead(CallAheadResult { mail, rcpt }));
+            return;
+        }
+        for f in t.finals.iter_mut() {
+            if f.is_none() {
+                *f = Some(reply.clone());
+            }
+        }
+        let mail = t.mail.take().unwrap_or_else(|| reply.clone());
+        self.events
+            .push_back(ClientEvent::Transaction(TransactionResult {
+                mail,
+                recipients: t.finals.into_iter().flatten().collect(),
+                next_hop_dsn: self.ext.dsn,
+            }));
+    }
+
+    /// Session failure with the connection still usable: QUIT politely.
+    fn fail_quit(&mut self, phase: Phase, reply: Reply) {
+        self.complete_with(&reply);
+        self.events
+            .push_back(ClientEvent::Failed(SessionError { phase, reply }));
+        self.expect.clear();
+        self.send_cmd("QUIT", Expect::Quit);
+        self.state = State::Closing;
+    }
+
+    /// Session failure with the connection unusable.
+    fn fail_closed(&mut self, phase: Phase, reply: Reply) {
+        if self.state == State::Closing {
+            self.state = State::Closed;
+            return;
+        }
+        self.complete_with(&reply);
+        self.events
+            .push_back(ClientEvent::Failed(SessionError { phase, reply }));
+        self.expect.clear();
+        self.state = State::Closed;
+    }
+}

@@ -1,0 +1,19 @@
+//! Outbound transports and delivery status notifications.
+//!
+//! * [`client`]: the sans-IO SMTP/LMTP client engine (bytes in, bytes out,
+//!   no socket, no clock), the outbound twin of [`crate::smtp`].
+//! * [`driver`]: the tokio host of that engine. [`deliver`] sends one
+//!   message to one [`Target`] and returns a [`DeliveryReport`] with one
+//!   [`Outcome`] per recipient; [`call_ahead`] asks a destination about a
+//!   recipient (R27); [`ConnectionCache`] keeps sessions for reuse.
+//! * [`mx`]: next-hop resolution (R33) through an injectable [`Resolver`]
+//!   ([`HickoryResolver`] in the daemon, [`StaticResolver`] in tests).
+//! * [`local`]: Maildir and mbox delivery (R35); LMTP is a [`Target`] of
+//!   the driver.
+//! * [`dsn`]: RFC 3464 reports ([`build_dsn`]) and the RFC 3461 rule for
+//!   when one is owed ([`should_notify`]).
+//!
+//! The envelope type is the server engine's [`crate::smtp::Envelope`], so
+//! DSN parameters received (NOTIFY, ORCPT, RET, ENVID) are passed on as they
+//! came when the next hop offers DSN (R1).
+pub mod client;
