@@ -17,3 +17,4 @@
 //! DSN parameters received (NOTIFY, ORCPT, RET, ENVID) are passed on as they
 //! came when the next hop offers DSN (R1).
 pub mod client;
+pub mod mx;
