@@ -17,4 +17,6 @@
 //! DSN parameters received (NOTIFY, ORCPT, RET, ENVID) are passed on as they
 //! came when the next hop offers DSN (R1).
 pub mod client;
+pub mod driver;
+pub mod local;
 pub mod mx;

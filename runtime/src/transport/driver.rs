@@ -1,0 +1,928 @@
+//! The tokio driver: runs a [`Client`] over TCP, TLS or a unix socket, and
+//! delivers one message to one [`Target`].
+//!
+//! * Next hops come from [`mx::resolve`]; the next one is tried (at most
+//!   [`DeliveryOptions::max_hops`] addresses) when the connection fails or
+//!   the session fails before the first transaction (4xx or 5xx greeting,
+//!   HELO refused, TLS unavailable...). A 5xx greeting is a deferral, as in
+//!   Postfix (`smtp_skip_5xx_greeting`).
+//! * Per-recipient outcome: 2xx [`Outcome::Delivered`], 4xx
+//!   [`Outcome::Deferred`], 5xx [`Outcome::Failed`]; connection errors and
+//!   timeouts are deferrals with a made-up `4.4.x` reply.
+//! * TLS ([`TlsPolicy`]): `May` encrypts when STARTTLS is offered without
+//!   verifying the certificate (a handshake failure retries the same address
+//!   in clear once, like Postfix); `Required` verifies the chain against the
+//!   webpki roots (or [`DeliveryOptions::tls_roots`]) and the host name, and
+//!   defers with `4.7.x` otherwise; `None` never sends STARTTLS.
+//! * A [`ConnectionCache`] keeps idle sessions per destination; a cached
+//!   session is probed with RSET before reuse and dropped if that fails.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::timeout;
+
+use super::client::{
+    Client, ClientConfig, ClientEvent, Credentials, Phase, Protocol, SessionError, TlsPolicy,
+};
+use super::mx::{self, Destination, Hop, LocalIdentity, Resolver};
+use crate::smtp::{Envelope, ForwardPath, Reply, ReversePath};
+
+/// What happened to one recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted by the next hop (or written to the mailbox).
+    Delivered(Reply),
+    /// Temporary failure: retry later.
+    Deferred(Reply),
+    /// Permanent failure: bounce.
+    Failed(Reply),
+}
+
+impl Outcome {
+    /// Classifies a reply: 2xx delivered, 5xx failed, anything else deferred.
+    pub fn from_reply(r: Reply) -> Outcome {
+        match r.code {
+            200..=299 => Outcome::Delivered(r),
+            500..=599 => Outcome::Failed(r),
+            _ => Outcome::Deferred(r),
+        }
+    }
+
+    /// The reply behind the outcome.
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Outcome::Delivered(r) | Outcome::Deferred(r) | Outcome::Failed(r) => r,
+        }
+    }
+}
+
+/// The result of one delivery attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// One outcome per envelope recipient, in envelope order.
+    pub recipients: Vec<Outcome>,
+    /// The server that answered last (DSN `Remote-MTA`), e.g. `mx.example.com[192.0.2.1]:25`.
+    pub remote_mta: Option<String>,
+    /// The host name part of `remote_mta` (for `Remote-MTA: dns; name`).
+    pub remote_host: Option<String>,
+    /// The next hop offered DSN; when false, recipients with NOTIFY=SUCCESS
+    /// that were delivered are owed a "relayed" DSN (R1).
+    pub next_hop_dsn: bool,
+    /// The session was encrypted.
+    pub tls: bool,
+}
+
+impl DeliveryReport {
+    fn all(n: usize, o: Outcome) -> DeliveryReport {
+        DeliveryReport {
+            recipients: vec![o; n],
+            remote_mta: None,
+            remote_host: None,
+            next_hop_dsn: false,
+            tls: false,
+        }
+    }
+}
+
+/// An LMTP server address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LmtpEndpoint {
+    /// TCP, no MX lookup (e.g. `[127.0.0.1]:24`).
+    Tcp(Destination),
+    /// A unix-domain socket (e.g. Dovecot's `/run/dovecot/lmtp`).
+    Unix(PathBuf),
+}
+
+/// Where a message goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// SMTP to a domain's MX hosts, a `[host]`, or a relay host.
+    Smtp(Destination),
+    /// LMTP hand-off to a mailbox server (R35).
+    Lmtp(LmtpEndpoint),
+    /// A Maildir (the directory holding `cur new tmp`).
+    Maildir(PathBuf),
+    /// An mbox file.
+    Mbox(PathBuf),
+}
+
+impl Target {
+    /// Parses `smtp:DEST`, `lmtp:unix:/path`, `lmtp:DEST` (`lmtp:inet:DEST`),
+    /// `maildir:/path`, `mbox:/path`; DEST as [`Destination::parse`]. LMTP
+    /// over TCP never looks up MX.
+    pub fn parse(s: &str) -> Option<Target> {
+        let (kind, rest) = s.split_once(':')?;
+        match kind.to_ascii_lowercase().as_str() {
+            "smtp" => Destination::parse(rest).map(Target::Smtp),
+            "lmtp" => {
+                if let Some(p) = rest.strip_prefix("unix:") {
+                    return Some(Target::Lmtp(LmtpEndpoint::Unix(PathBuf::from(p))));
+                }
+                let rest = rest.strip_prefix("inet:").unwrap_or(rest);
+                let mut d = Destination::parse(rest)?;
+                d.mx = false;
+                if !rest.contains(':') && !rest.ends_with(']') {
+                    d.port = 24;
+                }
+                Some(Target::Lmtp(LmtpEndpoint::Tcp(d)))
+            }
+            "maildir" if !rest.is_empty() => Some(Target::Maildir(PathBuf::from(rest))),
+            "mbox" if !rest.is_empty() => Some(Target::Mbox(PathBuf::from(rest))),
+            _ => None,
+        }
+    }
+}
+
+/// Per-phase timeouts (Postfix defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect (`smtp_connect_timeout`, 30s).
+    pub connect: Duration,
+    /// Banner and EHLO/HELO (`smtp_helo_timeout`, 300s).
+    pub helo: Duration,
+    /// STARTTLS and the handshake (`smtp_starttls_timeout`, 300s).
+    pub starttls: Duration,
+    /// AUTH exchange (300s).
+    pub auth: Duration,
+    /// MAIL reply (300s).
+    pub mail: Duration,
+    /// RCPT reply (300s).
+    pub rcpt: Duration,
+    /// DATA reply (`smtp_data_init_timeout`, 120s).
+    pub data_init: Duration,
+    /// Each write of the content (`smtp_data_xfer_timeout`, 180s).
+    pub data_xfer: Duration,
+    /// Reply to the final dot (`smtp_data_done_timeout`, 600s).
+    pub data_done: Duration,
+    /// RSET reply (20s).
+    pub rset: Duration,
+    /// QUIT reply (300s; we never wait more than 10s).
+    pub quit: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Timeouts {
+            connect: s(30),
+            helo: s(300),
+            starttls: s(300),
+            auth: s(300),
+            mail: s(300),
+            rcpt: s(300),
+            data_init: s(120),
+            data_xfer: s(180),
+            data_done: s(600),
+            rset: s(20),
+            quit: s(300),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Every phase limited to `d` (tests).
+    pub fn all(d: Duration) -> Timeouts {
+        Timeouts {
+            connect: d,
+            helo: d,
+            starttls: d,
+            auth: d,
+            mail: d,
+            rcpt: d,
+            data_init: d,
+            data_xfer: d,
+            data_done: d,
+            rset: d,
+            quit: d,
+        }
+    }
+
+    /// The timeout for waiting in `phase`.
+    pub fn for_phase(&self, phase: Phase) -> Duration {
+        match phase {
+            Phase::Greeting | Phase::Helo => self.helo,
+            Phase::StartTls => self.starttls,
+            Phase::Auth => self.auth,
+            Phase::Mail => self.mail,
+            Phase::Rcpt => self.rcpt,
+            Phase::Data => self.data_init,
+            Phase::DataEnd => self.data_done,
+            Phase::Rset => self.rset,
+            Phase::Quit => self.quit.min(Duration::from_secs(10)),
+            Phase::Connection => self.connect,
+        }
+    }
+}
+
+/// How to deliver.
+#[derive(Clone)]
+pub struct DeliveryOptions {
+    /// Our name in EHLO/LHLO.
+    pub helo_name: String,
+    /// STARTTLS policy (SMTP only; LMTP never uses TLS).
+    pub tls: TlsPolicy,
+    /// Client AUTH credentials (smarthost, R10).
+    pub auth: Option<Credentials>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// DNS.
+    pub resolver: Arc<dyn Resolver>,
+    /// Our names and addresses (MX loop detection).
+    pub local: LocalIdentity,
+    /// Idle sessions to reuse; `None`: QUIT after each message.
+    pub cache: Option<Arc<ConnectionCache>>,
+    /// Trust roots for `TlsPolicy::Required`; `None`: the webpki roots.
+    pub tls_roots: Option<Arc<rustls::RootCertStore>>,
+    /// Most addresses tried per delivery (Postfix `smtp_mx_address_limit`).
+    pub max_hops: usize,
+    /// Use PIPELINING when offered.
+    pub pipelining: bool,
+}
+
+impl std::fmt::Debug for DeliveryOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryOptions")
+            .field("helo_name", &self.helo_name)
+            .field("tls", &self.tls)
+            .field("auth", &self.auth)
+            .field("timeouts", &self.timeouts)
+            .field("local", &self.local)
+            .field("max_hops", &self.max_hops)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeliveryOptions {
+    /// Defaults: opportunistic TLS, no AUTH, Postfix timeouts, no cache, 5 hops.
+    pub fn new(helo_name: impl Into<String>, resolver: Arc<dyn Resolver>) -> DeliveryOptions {
+        DeliveryOptions {
+            helo_name: helo_name.into(),
+            tls: TlsPolicy::May,
+            auth: None,
+            timeouts: Timeouts::default(),
+            resolver,
+            local: LocalIdentity::default(),
+            cache: None,
+            tls_roots: None,
+            max_hops: 5,
+            pipelining: true,
+        }
+    }
+}
+
+/// A byte stream the driver can run a session on.
+pub trait IoStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoStream for T {}
+
+/// A live session: the engine and its connection.
+pub struct Connection {
+    client: Client,
+    stream: Option<Box<dyn IoStream>>,
+    /// Host name (TLS server name, Remote-MTA).
+    name: String,
+    /// `name[addr]:port` or the socket path.
+    label: String,
+    tls_policy: TlsPolicy,
+    tls_roots: Option<Arc<rustls::RootCertStore>>,
+    tls_failed: bool,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("label", &self.label)
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+fn conn_reply(text: String) -> Reply {
+    Reply::new(421, (4, 4, 1), text)
+}
+
+/// Accepts any certificate but still checks the handshake signatures, so
+/// the session is encrypted to whoever holds the presented key (`may`).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_config(
+    policy: TlsPolicy,
+    roots: Option<&Arc<rustls::RootCertStore>>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    if policy == TlsPolicy::Required {
+        let roots = match roots {
+            Some(r) => (**r).clone(),
+            None => rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            },
+        };
+        Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    } else {
+        Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth())
+    }
+}
+
+impl Connection {
+    /// Wraps an established stream; the engine expects the greeting.
+    pub fn new(stream: Box<dyn IoStream>, name: &str, label: &str, cfg: ClientConfig) -> Self {
+        let tls_policy = cfg.tls;
+        Connection {
+            client: Client::new(cfg),
+            stream: Some(stream),
+            name: name.to_string(),
+            label: label.to_string(),
+            tls_policy,
+            tls_roots: None,
+            tls_failed: false,
+        }
+    }
+
+    /// The engine.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn starttls(&mut self, t: &Timeouts) -> Result<(), Reply> {
+        let Some(stream) = self.stream.take() else {
+            return Err(conn_reply("connection already gone".into()));
+        };
+        let cfg = tls_config(self.tls_policy, self.tls_roots.as_ref())
+            .map_err(|e| Reply::new(451, (4, 7, 5), format!("TLS setup failed: {e}")))?;
+        let name = rustls::pki_types::ServerName::try_from(self.name.clone())
+            .map_err(|e| Reply::new(451, (4, 7, 5), format!("bad TLS server name: {e}")))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        match timeout(t.starttls, connector.connect(name, stream)).await {
+            Ok(Ok(s)) => {
+                self.stream = Some(Box::new(s));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.tls_failed = true;
+                Err(Reply::new(
+                    451,
+                    (4, 7, 5),
+                    format!("TLS handshake with {} failed: {e}", self.label),
+                ))
+            }
+            Err(_) => {
+                self.tls_failed = true;
+                Err(Reply::new(
+                    451,
+                    (4, 7, 5),
+                    format!("TLS handshake with {} timed out", self.label),
+                ))
+            }
+        }
+    }
+
+    /// Runs I/O until the engine has an event for the caller (STARTTLS is
+    /// handled here). `None`: the session is over with nothing to report.
+    pub async fn next_event(&mut self, t: &Timeouts) -> Option<ClientEvent> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if let Some(bytes) = self.client.poll_transmit() {
+                let limit = match self.client.waiting_for() {
+                    Some(Phase::DataEnd) => t.data_xfer,
+                    Some(p) => t.for_phase(p),
+                    None => t.rset,
+                };
+                let ok = match self.stream.as_mut() {
+                    Some(s) => matches!(
+                        timeout(limit, async {
+                            s.write_all(&bytes).await?;
+                            s.flush().await
+                        })
+                        .await,
+                        Ok(Ok(()))
+                    ),
+                    None => false,
+                };
+                if !ok {
+                    self.client.abort(Reply::new(
+                        421,
+                        (4, 4, 2),
+                        format!("lost connection with {} while sending", self.label),
+                    ));
+                    self.stream = None;
+                }
+            }
+            if let Some(ev) = self.client.poll_event() {
+                if ev == ClientEvent::StartTls {
+                    match self.starttls(t).await {
+                        Ok(()) => {
+                            let _ = self.client.tls_established();
+                        }
+                        Err(r) => {
+                            self.stream = None;
+                            self.client.abort(r);
+                        }
+                    }
+                    continue;
+                }
+                return Some(ev);
+            }
+            if self.client.is_closed() {
+                return None;
+            }
+            let phase = self.client.waiting_for()?;
+            let Some(s) = self.stream.as_mut() else {
+                self.client.handle_eof();
+                continue;
+            };
+            match timeout(t.for_phase(phase), s.read(&mut buf)).await {
+                Ok(Ok(0)) => self.client.handle_eof(),
+                Ok(Ok(n)) => self.client.handle_input(buf.get(..n).unwrap_or_default()),
+                Ok(Err(e)) => self.client.abort(Reply::new(
+                    421,
+                    (4, 4, 2),
+                    format!("lost connection with {}: {e}", self.label),
+                )),
+                Err(_) => self.client.handle_timeout(),
+            }
+        }
+    }
+
+    /// Drives the session until it is ready (greeting, EHLO, TLS, AUTH done).
+    pub async fn wait_ready(&mut self, t: &Timeouts) -> Result<(), SessionError> {
+        loop {
+            match self.next_event(t).await {
+                Some(ClientEvent::Ready) => return Ok(()),
+                Some(ClientEvent::Failed(e)) => return Err(e),
+                Some(_) => {}
+                None => {
+                    return Err(SessionError {
+                        phase: Phase::Connection,
+                        reply: Reply::new(421, (4, 4, 2), "session closed"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Sends QUIT, waits briefly for the reply, closes.
+    pub async fn close(mut self, t: &Timeouts) {
+        self.client.quit();
+        while self.next_event(t).await.is_some() {}
+        if let Some(mut s) = self.stream.take() {
+            let _ = timeout(Duration::from_secs(2), s.shutdown()).await;
+        }
+    }
+}
+
+/// Idle sessions by destination.
+pub struct ConnectionCache {
+    idle: Mutex<HashMap<String, Vec<(Instant, Connection)>>>,
+    /// How long an idle session is kept (Postfix keeps 2s; default 5s).
+    pub max_idle: Duration,
+    /// Most idle sessions per destination.
+    pub max_per_key: usize,
+}
+
+impl std::fmt::Debug for ConnectionCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionCache")
+            .field("max_idle", &self.max_idle)
+            .field("idle", &self.len())
+            .finish()
+    }
+}
+
+impl Default for ConnectionCache {
+    fn default() -> Self {
+        ConnectionCache::new(Duration::from_secs(5))
+    }
+}
+
+impl ConnectionCache {
+    /// An empty cache keeping sessions for `max_idle`.
+    pub fn new(max_idle: Duration) -> ConnectionCache {
+        ConnectionCache {
+            idle: Mutex::new(HashMap::new()),
+            max_idle,
+            max_per_key: 4,
+        }
+    }
+
+    /// Number of idle sessions held.
+    pub fn len(&self) -> usize {
+        self.idle
+            .lock()
+            .map(|m| m.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+
+    /// True when no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take(&self, key: &str) -> Option<Connection> {
+        let mut m = self.idle.lock().ok()?;
+        let v = m.get_mut(key)?;
+        let now = Instant::now();
+        while let Some((t, c)) = v.pop() {
+            if now.duration_since(t) <= self.max_idle {
+                return Some(c);
+            }
+            // expired: dropped (the server will see the connection close)
+        }
+        None
+    }
+
+    fn put(&self, key: String, c: Connection) -> Option<Connection> {
+        let Ok(mut m) = self.idle.lock() else {
+            return Some(c);
+        };
+        let v = m.entry(key).or_default();
+        if v.len() >= self.max_per_key {
+            return Some(c);
+        }
+        v.push((Instant::now(), c));
+        None
+    }
+
+    /// QUITs and drops every idle session.
+    pub async fn close_all(&self, t: &Timeouts) {
+        let all: Vec<Connection> = match self.idle.lock() {
+            Ok(mut m) => m.drain().flat_map(|(_, v)| v).map(|(_, c)| c).collect(),
+            Err(_) => Vec::new(),
+        };
+        for c in all {
+            c.close(t).await;
+        }
+    }
+}
+
+fn client_config(opts: &DeliveryOptions, protocol: Protocol, tls: TlsPolicy) -> ClientConfig {
+    ClientConfig {
+        helo_name: opts.helo_name.clone(),
+        protocol,
+        tls: if protocol == Protocol::Lmtp {
+            TlsPolicy::None
+        } else {
+            tls
+        },
+        auth: if protocol == Protocol::Lmtp {
+            None
+        } else {
+            opts.auth.clone()
+        },
+        pipelining: opts.pipelining,
+    }
+}
+
+async fn connect_tcp(
+    hop: &Hop,
+    opts: &DeliveryOptions,
+    protocol: Protocol,
+    tls: TlsPolicy,
+) -> Result<Connection, Reply> {
+    let label = format!("{}[{}]:{}", hop.name, hop.addr.ip(), hop.addr.port());
+    let s = match timeout(
+        opts.timeouts.connect,
+        tokio::net::TcpStream::connect(hop.addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(conn_reply(format!("connect to {label}: {e}"))),
+        Err(_) => return Err(conn_reply(format!("connect to {label}: timed out"))),
+    };
+    let _ = s.set_nodelay(true);
+    let mut c = Connection::new(
+        Box::new(s),
+        &hop.name,
+        &label,
+        client_config(opts, protocol, tls),
+    );
+    c.tls_roots = opts.tls_roots.clone();
+    Ok(c)
+}
+
+async fn connect_unix(path: &std::path::Path, opts: &DeliveryOptions) -> Result<Connection, Reply> {
+    let label = path.display().to_string();
+    let s = match timeout(opts.timeouts.connect, tokio::net::UnixStream::connect(path)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(conn_reply(format!("connect to {label}: {e}"))),
+        Err(_) => return Err(conn_reply(format!("connect to {label}: timed out"))),
+    };
+    Ok(Connection::new(
+        Box::new(s),
+        "localhost",
+        &label,
+        client_config(opts, Protocol::Lmtp, TlsPolicy::None),
+    ))
+}
+
+fn cache_key(kind: &str, where_: &str, opts: &DeliveryOptions) -> String {
+    format!(
+        "{kind}|{where_}|{:?}|{}",
+        opts.tls,
+        opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or("")
+    )
+}
+
+/// A 5xx greeting is a deferral (next MX, retry later), as in Postfix.
+fn pre_session_reply(e: SessionError, label: &str) -> Reply {
+    if e.phase == Phase::Greeting && e.reply.code >= 500 {
+        Reply::new(
+            450,
+            (4, 4, 0),
+            format!("host {label} refused to talk to me: {}", e.reply),
+        )
+    } else {
+        e.reply
+    }
+}
+
+/// Opens a ready session: from the cache (probed with RSET) or by trying
+/// the destination's addresses in order.
+async fn open(
+    kind: &str,
+    endpoint: &Endpoint,
+    opts: &DeliveryOptions,
+) -> Result<(Connection, String), Reply> {
+    let key = cache_key(kind, &endpoint.key(), opts);
+    if let Some(cache) = &opts.cache {
+        while let Some(mut c) = cache.take(&key) {
+            if c.client.reset().is_ok() && c.wait_ready(&opts.timeouts).await.is_ok() {
+                return Ok((c, key));
+            }
+        }
+    }
+    let protocol = if kind == "lmtp" {
+        Protocol::Lmtp
+    } else {
+        Protocol::Smtp
+    };
+    match endpoint {
+        Endpoint::Unix(p) => {
+            let mut c = connect_unix(p, opts).await?;
+            match c.wait_ready(&opts.timeouts).await {
+                Ok(()) => Ok((c, key)),
+                Err(e) => {
+                    let label = c.label.clone();
+                    c.close(&opts.timeouts).await;
+                    Err(pre_session_reply(e, &label))
+                }
+            }
+        }
+        Endpoint::Net(dest) => {
+            let hops = mx::resolve(opts.resolver.as_ref(), dest, &opts.local).await?;
+            let mut last = conn_reply(format!("no address to try for {dest}"));
+            for hop in hops.iter().take(opts.max_hops.max(1)) {
+                let mut tls = opts.tls;
+                loop {
+                    let mut c = match connect_tcp(hop, opts, protocol, tls).await {
+                        Ok(c) => c,
+                        Err(r) => {
+                            last = r;
+                            break;
+                        }
+                    };
+                    match c.wait_ready(&opts.timeouts).await {
+                        Ok(()) => return Ok((c, key)),
+                        Err(e) => {
+                            let label = c.label.clone();
+                            let retry_clear = c.tls_failed && tls == TlsPolicy::May;
+                            c.close(&opts.timeouts).await;
+                            last = pre_session_reply(e, &label);
+                            if retry_clear {
+                                tls = TlsPolicy::None;
+                                continue;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(last)
+        }
+    }
+}
+
+enum Endpoint {
+    Net(Destination),
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    fn key(&self) -> String {
+        match self {
+            Endpoint::Net(d) => d.to_string(),
+            Endpoint::Unix(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// Returns a ready session to the cache, or closes it.
+async fn release(c: Connection, key: String, opts: &DeliveryOptions) {
+    match &opts.cache {
+        Some(cache) if c.client.is_ready() => {
+            if let Some(c) = cache.put(key, c) {
+                c.close(&opts.timeouts).await;
+            }
+        }
+        _ => c.close(&opts.timeouts).await,
+    }
+}
+
+async fn deliver_session(
+    kind: &str,
+    endpoint: &Endpoint,
+    env: &Envelope,
+    data: &[u8],
+    opts: &DeliveryOptions,
+) -> DeliveryReport {
+    let n = env.recipients.len();
+    let (mut c, key) = match open(kind, endpoint, opts).await {
+        Ok(x) => x,
+        Err(r) => return DeliveryReport::all(n, Outcome::from_reply(r)),
+    };
+    let remote_mta = Some(c.label.clone());
+    let remote_host = Some(c.name.clone());
+    if let Err(e) = c.client.send_message(env, data) {
+        let r = Reply::new(451, (4, 3, 0), format!("internal error: {e}"));
+        c.close(&opts.timeouts).await;
+        return DeliveryReport::all(n, Outcome::Deferred(r));
+    }
+    let mut result = None;
+    loop {
+        match c.next_event(&opts.timeouts).await {
+            Some(ClientEvent::Transaction(t)) => result = Some(t),
+            Some(ClientEvent::Ready) if result.is_some() => break,
+            Some(ClientEvent::Failed(_)) | None => break,
+            Some(_) => {}
+        }
+    }
+    let tls = c.client.tls_active();
+    release(c, key, opts).await;
+    match result {
+        Some(t) => DeliveryReport {
+            recipients: t.recipients.into_iter().map(Outcome::from_reply).collect(),
+            remote_mta,
+            remote_host,
+            next_hop_dsn: t.next_hop_dsn,
+            tls,
+        },
+        None => {
+            let r = Reply::new(421, (4, 4, 2), "session ended without a result");
+            DeliveryReport::all(n, Outcome::Deferred(r))
+        }
+    }
+}
+
+/// Delivers `data` (the message, header and body; LF or CRLF line endings)
+/// for every recipient of `env` to `target`.
+pub async fn deliver(
+    target: &Target,
+    env: &Envelope,
+    data: &[u8],
+    opts: &DeliveryOptions,
+) -> DeliveryReport {
+    match target {
+        Target::Smtp(d) => {
+            deliver_session("smtp", &Endpoint::Net(d.clone()), env, data, opts).await
+        }
+        Target::Lmtp(LmtpEndpoint::Tcp(d)) => {
+            let mut d = d.clone();
+            d.mx = false;
+            deliver_session("lmtp", &Endpoint::Net(d), env, data, opts).await
+        }
+        Target::Lmtp(LmtpEndpoint::Unix(p)) => {
+            deliver_session("lmtp", &Endpoint::Unix(p.clone()), env, data, opts).await
+        }
+        Target::Maildir(p) | Target::Mbox(p) => {
+            let maildir = matches!(target, Target::Maildir(_));
+            let (p, env2, data) = (p.clone(), env.clone(), data.to_vec());
+            let n = env.recipients.len();
+            let res = tokio::task::spawn_blocking(move || {
+                if maildir {
+                    super::local::deliver_maildir(&p, &env2, &data).map(|_| ())
+                } else {
+                    super::local::deliver_mbox(&p, &env2, &data)
+                }
+            })
+            .await;
+            let outcome = match res {
+                Ok(Ok(())) => Outcome::Delivered(Reply::new(
+                    250,
+                    (2, 0, 0),
+                    if maildir {
+                        "delivered to maildir"
+                    } else {
+                        "delivered to mailbox"
+                    },
+                )),
+                Ok(Err(e)) => Outcome::from_reply(super::local::io_reply(&e)),
+                Err(e) => Outcome::Deferred(Reply::new(
+                    451,
+                    (4, 3, 0),
+                    format!("delivery task failed: {e}"),
+                )),
+            };
+            DeliveryReport {
+                recipients: vec![outcome; n],
+                remote_mta: None,
+                remote_host: None,
+                next_hop_dsn: false,
+                tls: false,
+            }
+        }
+    }
+}
+
+/// Call-ahead (R27): asks `dest` whether it would take `rcpt` from `from`
+/// (MAIL, RCPT, RSET; the session is cached for the next question when
+/// [`DeliveryOptions::cache`] is set). Returns the RCPT reply, the MAIL
+/// reply when MAIL was refused, or a made-up 4.4.x when the destination
+/// could not be reached.
+pub async fn call_ahead(
+    dest: &Destination,
+    from: &ReversePath,
+    rcpt: &ForwardPath,
+    opts: &DeliveryOptions,
+) -> Reply {
+    let endpoint = Endpoint::Net(dest.clone());
+    let (mut c, key) = match open("smtp", &endpoint, opts).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if let Err(e) = c.client.call_ahead(from, rcpt) {
+        c.close(&opts.timeouts).await;
+        return Reply::new(451, (4, 3, 0), format!("internal error: {e}"));
+    }
+    let mut answer = None;
+    loop {
+        match c.next_event(&opts.timeouts).await {
+            Some(ClientEvent::CallAhead(r)) => answer = Some(r.answer().clone()),
+            Some(ClientEvent::Ready) if answer.is_some() => break,
+            Some(ClientEvent::Failed(_)) | None => break,
+            Some(_) => {}
+        }
+    }
+    release(c, key, opts).await;
+    answer.unwrap_or_else(|| Reply::new(451, (4, 4, 2), "call-ahead session ended early"))
+}
+
+/// The address a [`Hop`] would connect to (for logs).
+pub fn hop_label(h: &Hop) -> String {
+    let a: SocketAddr = h.addr;
+    format!("{}[{}]:{}", h.name, a.ip(), a.port())
+}
