@@ -16,7 +16,26 @@
 //! The envelope type is the server engine's [`crate::smtp::Envelope`], so
 //! DSN parameters received (NOTIFY, ORCPT, RET, ENVID) are passed on as they
 //! came when the next hop offers DSN (R1).
+
 pub mod client;
 pub mod driver;
+pub mod dsn;
 pub mod local;
 pub mod mx;
+
+#[cfg(test)]
+mod tests;
+
+pub use client::{
+    CallAheadResult, Client, ClientConfig, ClientEvent, Credentials, Phase, Protocol,
+    ServerExtensions, SessionError, TlsPolicy, TransactionResult,
+};
+pub use driver::{
+    call_ahead, deliver, Connection, ConnectionCache, DeliveryOptions, DeliveryReport,
+    LmtpEndpoint, Outcome, Target, Timeouts,
+};
+pub use dsn::{build_dsn, should_notify, Dsn, DsnAction, DsnKind, DsnRecipient};
+pub use mx::{
+    resolve, Destination, DnsError, HickoryResolver, Hop, LocalIdentity, MxRecord, Resolver,
+    StaticResolver,
+};
