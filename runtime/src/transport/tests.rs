@@ -1498,3 +1498,162 @@ fn notify_rules() {
     ));
     assert!(should_notify(Delay, Some(&n(false, false, true)), &someone));
 }
+
+// ---------------------------------------------------------------- Dovecot
+
+/// A throwaway Dovecot LMTP server (TCP on loopback and a unix socket)
+/// with one known user, `u1@d.test`, whose Maildir is under the temp dir.
+struct Dovecot {
+    child: Child,
+    dir: TempDir,
+    port: u16,
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        // SIGTERM lets the master take its children down with it
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const DOVECOT: &str = "/usr/sbin/dovecot";
+
+fn dovecot() -> Dovecot {
+    assert!(
+        std::path::Path::new(DOVECOT).exists() && std::path::Path::new("/usr/lib/dovecot/lmtp").exists(),
+        "{DOVECOT} or its lmtp service not found (Debian packages dovecot-core and dovecot-lmtpd); run tests/run.sh, which installs the test peers"
+    );
+    let dir = TempDir::new("dovecot");
+    let d = dir.0.display().to_string();
+    // SAFETY: no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // Dovecot refuses to run its internal processes as root
+    let (user, uid, gid) = if uid == 0 {
+        ("nobody".to_string(), 65534, 65534)
+    } else {
+        let name = std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&Command::new("id").arg("-un").output().unwrap().stdout)
+                    .trim()
+                    .to_string()
+            });
+        (name, uid, gid)
+    };
+    for sub in ["run", "state", "mail"] {
+        std::fs::create_dir_all(dir.0.join(sub)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(dir.0.join("mail"), Some(uid), Some(gid)).unwrap();
+    std::fs::write(
+        dir.0.join("users"),
+        format!("u1@d.test::{uid}:{gid}::{d}/mail/u1::\n"),
+    )
+    .unwrap();
+    let port = free_port();
+    let conf = format!(
+        r#"base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+protocols = lmtp
+ssl = no
+listen = 127.0.0.1
+default_login_user = {user}
+default_internal_user = {user}
+mail_location = maildir:~/Maildir
+passdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service stats {{
+  chroot =
+}}
+"#
+    );
+    std::fs::write(dir.0.join("dovecot.conf"), conf).unwrap();
+    let child = Command::new(DOVECOT)
+        .arg("-F")
+        .arg("-c")
+        .arg(dir.0.join("dovecot.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dovecot");
+    let dv = Dovecot { child, dir, port };
+    for _ in 0..250 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && dv.dir.0.join("run/lmtp").exists()
+        {
+            return dv;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(dv.dir.0.join("dovecot.log")).unwrap_or_default();
+    panic!("dovecot did not come up on 127.0.0.1:{port}: {log}");
+}
+
+#[test]
+fn dovecot_lmtp_tcp_and_unix_per_recipient() {
+    let dv = dovecot();
+    let rt = rt();
+    let o = opts(StaticResolver::new());
+    let e = env("a@s.test", &["u1@d.test", "nosuchuser@d.test"]);
+    let targets = [
+        Target::parse(&format!("lmtp:[127.0.0.1]:{}", dv.port)).unwrap(),
+        Target::Lmtp(LmtpEndpoint::Unix(dv.dir.0.join("run/lmtp"))),
+    ];
+    for (i, t) in targets.iter().enumerate() {
+        let msg = format!("Subject: via {i}\n\n.dot line\nbody\n");
+        let rep = rt.block_on(deliver(t, &e, msg.as_bytes(), &o));
+        assert!(
+            matches!(&rep.recipients[0], Outcome::Delivered(r) if r.code == 250),
+            "{rep:?}"
+        );
+        assert!(
+            matches!(&rep.recipients[1], Outcome::Failed(r) if r.enhanced == Some((5, 1, 1))),
+            "{rep:?}"
+        );
+    }
+    let new = dv.dir.0.join("mail/u1/Maildir/new");
+    let bodies: Vec<String> = std::fs::read_dir(&new)
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(bodies.len(), 2);
+    for i in 0..2 {
+        assert!(bodies
+            .iter()
+            .any(|b| b.contains(&format!("Subject: via {i}\n"))));
+    }
+    for b in &bodies {
+        assert!(b.contains("\n.dot line"), "dot-unstuffed by Dovecot: {b}");
+        assert!(b.contains("Return-Path: <a@s.test>"), "{b}");
+    }
+}
