@@ -1657,3 +1657,101 @@ fn dovecot_lmtp_tcp_and_unix_per_recipient() {
         assert!(b.contains("Return-Path: <a@s.test>"), "{b}");
     }
 }
+
+// ---------------------------------------------------------------- unbound
+
+#[test]
+fn hickory_resolver_against_unbound() {
+    const UNBOUND: &str = "/usr/sbin/unbound";
+    assert!(
+        std::path::Path::new(UNBOUND).exists(),
+        "{UNBOUND} not found (Debian package unbound); run tests/run.sh, which installs the test peers"
+    );
+    let dir = TempDir::new("unbound");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = format!(
+        r#"server:
+  interface: 127.0.0.1@{port}
+  port: {port}
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "{d}"
+  pidfile: ""
+  use-syslog: no
+  logfile: ""
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  local-zone: "ub.test." static
+  local-data: "ub.test. IN MX 20 mx2.ub.test."
+  local-data: "ub.test. IN MX 10 mx1.ub.test."
+  local-data: "mx1.ub.test. IN A 127.0.0.1"
+  local-data: "mx2.ub.test. IN A 127.0.0.2"
+  local-data: "null.ub.test. IN MX 0 ."
+  local-data: "amx.ub.test. IN A 127.0.0.3"
+remote-control:
+  control-enable: no
+"#,
+        d = dir.0.display()
+    );
+    std::fs::write(dir.0.join("unbound.conf"), conf).unwrap();
+    let _ub = Peer(
+        Command::new(UNBOUND)
+            .arg("-d")
+            .arg("-c")
+            .arg(dir.0.join("unbound.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start unbound"),
+    );
+    let rt = rt();
+    rt.block_on(async {
+        let r = HickoryResolver::with_nameserver(SocketAddr::new(ip("127.0.0.1"), port));
+        let me = LocalIdentity::default();
+        let mut hops = Err(Reply::plain(451, "not tried"));
+        for _ in 0..50 {
+            hops = resolve(&r, &Destination::domain("ub.test"), &me).await;
+            if hops.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let hops = hops.expect("unbound answers");
+        let got: Vec<(&str, IpAddr, Option<u16>)> = hops
+            .iter()
+            .map(|h| (h.name.as_str(), h.addr.ip(), h.preference))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("mx1.ub.test", ip("127.0.0.1"), Some(10)),
+                ("mx2.ub.test", ip("127.0.0.2"), Some(20))
+            ]
+        );
+        let e = resolve(&r, &Destination::domain("null.ub.test"), &me)
+            .await
+            .unwrap_err();
+        assert_eq!(e.enhanced, Some((5, 1, 10)));
+        let e = resolve(&r, &Destination::domain("nx.ub.test"), &me)
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.enhanced), (550, Some((5, 4, 4))));
+        let hops = resolve(&r, &Destination::domain("amx.ub.test"), &me)
+            .await
+            .unwrap();
+        assert_eq!(hops[0].addr.ip(), ip("127.0.0.3"), "A fallback");
+        let me = LocalIdentity {
+            hostnames: vec![],
+            addrs: vec![ip("127.0.0.1")],
+        };
+        let e = resolve(&r, &Destination::domain("ub.test"), &me)
+            .await
+            .unwrap_err();
+        assert_eq!(e.enhanced, Some((5, 4, 6)));
+    });
+}
