@@ -20,6 +20,10 @@ for prog in "${!want[@]}"; do
     missing+=("${want[$prog]}")
   fi
 done
+# swaks needs these Perl modules for STARTTLS and AUTH.
+for mod in Net::SSLeay IO::Socket::SSL Authen::SASL; do
+  perl -M"$mod" -e1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
+done
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "installing: ${missing[*]}"
@@ -28,7 +32,7 @@ if ((${#missing[@]})); then
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections || true
     echo "slapd slapd/no_configuration boolean true" | debconf-set-selections || true
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" dovecot-core ldap-utils >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" dovecot-core ldap-utils libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl >/dev/null
     # The packages' own daemons are not used: the tests start their own on loopback.
     for svc in postfix dovecot slapd unbound; do service "$svc" stop >/dev/null 2>&1 || true; done
   else

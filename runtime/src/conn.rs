@@ -39,6 +39,7 @@ pub struct ClientInfo {
 
 /// A recipient of a queued message, with what the policy decided about it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct QueuedRcpt {
     pub address: String,
     /// NOTIFY as stored (after `dsn notify never` / `dsn deny success`); empty = not given.
@@ -51,6 +52,7 @@ pub struct QueuedRcpt {
 /// route, deliver, bounce and delay stages can still read, and the variables as they were
 /// at the end of `data`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Snapshot {
     pub client_port: u16,
     pub client_name: String,
@@ -136,7 +138,9 @@ impl Snapshot {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Every field has a default so a spool written by an older version stays readable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct QueuedMessage {
     /// Envelope sender, "" for the null sender.
     pub sender: String,

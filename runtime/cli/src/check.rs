@@ -2,7 +2,8 @@
 
 use std::ffi::OsString;
 
-use mailpolicy_lang::{compile, Diagnostic, FsLoader, Severity, SourceMap};
+use mailpolicy_lang::analysis;
+use mailpolicy_lang::{Diagnostic, FsLoader, Severity, SourceMap};
 use miette::{LabeledSpan, NamedSource};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -16,6 +17,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
     let mut parser = lexopt::Parser::from_args(args);
     let mut format = Format::Human;
     let mut deny_warnings = false;
+    let mut emit: Option<std::path::PathBuf> = None;
     let mut files: Vec<String> = Vec::new();
     loop {
         let arg = match parser.next() {
@@ -35,6 +37,10 @@ pub fn main(args: Vec<OsString>) -> u8 {
                 _ => return usage("--format takes human or json"),
             },
             Long("deny-warnings") => deny_warnings = true,
+            Long("emit-counterexample") => match parser.value() {
+                Ok(v) => emit = Some(v.into()),
+                Err(_) => return usage("--emit-counterexample needs a folder"),
+            },
             Value(v) => match v.into_string() {
                 Ok(s) => files.push(s),
                 Err(_) => return usage("file names must be UTF-8"),
@@ -48,7 +54,13 @@ pub fn main(args: Vec<OsString>) -> u8 {
     let loader = FsLoader { std_dir: std_dir() };
     let mut worst = 0u8;
     for file in &files {
-        let c = compile(file, &loader);
+        let (c, counterexamples) = analysis::check(file, &loader);
+        if let Some(dir) = &emit {
+            if let Err(e) = write_counterexamples(dir, file, &counterexamples) {
+                eprintln!("mailc check: cannot write counterexamples to {}: {e}", dir.display());
+                worst = 2;
+            }
+        }
         let io_error = c.diagnostics.iter().any(|d| d.code == "mailc::io");
         for d in &c.diagnostics {
             let mut d = d.clone();
@@ -91,6 +103,34 @@ pub fn main(args: Vec<OsString>) -> u8 {
     worst
 }
 
+/// Write one transcript per relaying listener: `DIR/<policy stem>.<listener>.transcript`,
+/// naming the policy by its absolute path so it runs from anywhere.
+fn write_counterexamples(
+    dir: &std::path::Path,
+    file: &str,
+    cases: &[analysis::Counterexample],
+) -> std::io::Result<()> {
+    if cases.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let policy = std::fs::canonicalize(file)?;
+    let stem = policy
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "policy".into());
+    for c in cases {
+        let name = c.listener.as_deref().unwrap_or("default");
+        let path = dir.join(format!("{stem}.{name}.transcript"));
+        let text = format!("policy: {}
+
+{}", policy.display(), c.transcript);
+        std::fs::write(&path, text)?;
+        eprintln!("{file}: counterexample written to {}", path.display());
+    }
+    Ok(())
+}
+
 /// Where `include "std:NAME"` finds the standard library's policy snippets.
 pub fn std_dir() -> Option<std::path::PathBuf> {
     if let Some(dir) = std::env::var_os("MAILPOLICY_STDLIB") {
@@ -102,7 +142,7 @@ pub fn std_dir() -> Option<std::path::PathBuf> {
 
 fn usage(msg: &str) -> u8 {
     eprintln!(
-        "mailc check: {msg}\nusage: mailc check [--format human|json] [--deny-warnings] FILE..."
+        "mailc check: {msg}\nusage: mailc check [--format human|json] [--deny-warnings] [--emit-counterexample DIR] FILE..."
     );
     2
 }

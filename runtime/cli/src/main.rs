@@ -2,6 +2,7 @@
 
 mod check;
 mod hashpw;
+mod serve;
 mod queue;
 mod test;
 
@@ -11,8 +12,9 @@ const USAGE: &str = "\
 mailc: compile, test and run mailpolicy files
 
 Usage:
-  mailc check [--format human|json] [--deny-warnings] FILE...
+  mailc check [--format human|json] [--deny-warnings] [--emit-counterexample DIR] FILE...
   mailc test [--verbose] [--filter TEXT] PATH...
+  mailc serve [--policy FILE] [--spool DIR]
   mailc hash-password [--iterations N]     (password on standard input)
   mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
   mailc help
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         Some("test") => test::main(rest),
         Some("queue") => queue::main(rest),
         Some("hash-password") => hashpw::main(rest),
+        Some("serve") => serve::main(rest),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             0

@@ -8,6 +8,7 @@
 //! new sessions use the new one (listener addresses need a restart).
 
 pub mod log;
+pub mod qmgr;
 pub mod route;
 pub mod lookup;
 pub mod sasl;

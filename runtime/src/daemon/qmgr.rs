@@ -1,0 +1,697 @@
+//! The queue manager: the daemon's host for the sans-IO [`Scheduler`]. It routes each
+//! stored message's recipients with the policy's `route` stage, runs delivery jobs through
+//! the transports, records results durably in the spool, and sends DSNs (through the
+//! policy's `bounce` and `delay` stages) as the scheduler's commands say.
+//!
+//! One task owns the scheduler; deliveries run as separate tasks and report back.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailpolicy_lang::ir::{OptValue, Program, TlsMode};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::route::{self, Routed};
+use super::{now_ms, Shared};
+use crate::conn::{QueuedMessage, QueuedRcpt};
+use crate::eval::{DeliveryFacts, Outcome as PolicyOutcome, RenderedReply};
+use crate::queue::{Command, Delivery, DsnKind, Entry, Job, QueueConfig, Scheduler};
+use crate::smtp::{self, Envelope, ForwardPath, MailParams, Notify, Orcpt, RcptParams, Recipient, Reply, ReversePath};
+use crate::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored};
+use crate::transport::driver::{self, DeliveryOptions, DeliveryReport, Outcome, Target};
+use crate::transport::dsn::{self, DsnRecipient};
+use crate::transport::mx::{Destination, HickoryResolver, LocalIdentity, Resolver};
+use crate::transport::client::{Credentials, TlsPolicy};
+
+enum Ctl {
+    Reload(Arc<Program>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// Handle on the running queue manager.
+pub struct QmgrHandle {
+    ctl: mpsc::UnboundedSender<Ctl>,
+}
+
+impl QmgrHandle {
+    pub fn reload(&self, prog: Arc<Program>) {
+        let _ = self.ctl.send(Ctl::Reload(prog));
+    }
+    /// Stop starting deliveries and wait for those in flight.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.ctl.send(Ctl::Stop(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(60), rx).await;
+        }
+    }
+}
+
+fn ms(p: &Program, name: &str) -> Option<u64> {
+    match p.server.option(name) {
+        Some(OptValue::Duration(d)) => Some(*d),
+        _ => None,
+    }
+}
+
+fn num(p: &Program, name: &str) -> Option<u64> {
+    match p.server.option(name) {
+        Some(OptValue::Num(n)) => Some(*n as u64),
+        Some(OptValue::Size(n)) => Some(*n),
+        _ => None,
+    }
+}
+
+/// Scheduler settings from the policy's `server { }` (Postfix defaults otherwise).
+pub fn queue_config(p: &Program) -> QueueConfig {
+    let mut c = QueueConfig::default();
+    if let Some(v) = ms(p, "queue_run") {
+        c.queue_run_delay_ms = v;
+    }
+    if let Some(v) = ms(p, "retry_min") {
+        c.minimal_backoff_ms = v;
+    }
+    if let Some(v) = ms(p, "retry_max") {
+        c.maximal_backoff_ms = v;
+    }
+    if let Some(v) = ms(p, "queue_lifetime") {
+        c.max_queue_lifetime_ms = v;
+    }
+    if let Some(v) = ms(p, "bounce_lifetime") {
+        c.bounce_queue_lifetime_ms = v;
+    }
+    if let Some(v) = ms(p, "delay_warning") {
+        c.delay_warning_ms = if v == 0 { None } else { Some(v) };
+    }
+    if let Some(v) = num(p, "destination_concurrency") {
+        c.destination_concurrency_limit = (v as u32).max(1);
+    }
+    if let Some(v) = num(p, "bounce_rate") {
+        c.bounce_rate_per_minute = Some(v as u32);
+    }
+    c
+}
+
+/// How one routed recipient is delivered.
+#[derive(Clone, Debug)]
+struct RouteInfo {
+    address: String,
+    target: Target,
+    tls: TlsPolicy,
+    auth: Option<Credentials>,
+}
+
+struct JobDone {
+    job: Job,
+    results: Vec<(usize, Delivery)>,
+}
+
+struct Qmgr {
+    shared: Arc<Shared>,
+    spool: Spool,
+    policy_dir: PathBuf,
+    prog: Arc<Program>,
+    sched: Scheduler,
+    routes: HashMap<(String, usize), RouteInfo>,
+    resolver: Arc<dyn Resolver>,
+    cache: Arc<driver::ConnectionCache>,
+}
+
+pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: Vec<String>, mut incoming: mpsc::UnboundedReceiver<String>) -> QmgrHandle {
+    let (ctl, mut ctl_rx) = mpsc::unbounded_channel();
+    let prog = shared.program();
+    let resolver: Arc<dyn Resolver> = match prog.server.option("dns_server").and_then(|v| if let OptValue::Str(s) = v { s.parse().ok() } else { None }) {
+        Some(addr) => Arc::new(HickoryResolver::with_nameserver(addr)),
+        None => match HickoryResolver::system() {
+            Ok(r) => Arc::new(r),
+            Err(_) => Arc::new(HickoryResolver::with_nameserver(std::net::SocketAddr::from(([127, 0, 0, 1], 53)))),
+        },
+    };
+    let mut q = Qmgr {
+        sched: Scheduler::new(queue_config(&prog)),
+        shared,
+        spool,
+        policy_dir,
+        prog,
+        routes: HashMap::new(),
+        resolver,
+        cache: Arc::new(driver::ConnectionCache::default()),
+    };
+    tokio::spawn(async move {
+        for id in recovered {
+            q.admit(&id).await;
+        }
+        let mut inflight: JoinSet<JobDone> = JoinSet::new();
+        let mut stopping: Option<oneshot::Sender<()>> = None;
+        loop {
+            let now = now_ms();
+            if stopping.is_none() {
+                while let Some(job) = q.sched.poll_job(now) {
+                    inflight.spawn(q.delivery(job));
+                }
+            }
+            if stopping.is_some() && inflight.is_empty() {
+                break;
+            }
+            let wake = q.sched.poll_timeout().map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(10))).unwrap_or(Duration::from_secs(60));
+            tokio::select! {
+                Some(id) = incoming.recv(), if stopping.is_none() => q.admit(&id).await,
+                Some(done) = inflight.join_next(), if !inflight.is_empty() => match done {
+                    Ok(d) => q.finish(d).await,
+                    Err(e) => q.shared.log.event("delivery-task-failed", &[("error", &e.to_string())]),
+                },
+                ctl = ctl_rx.recv() => match ctl {
+                    Some(Ctl::Reload(p)) => {
+                        q.sched = rebuild(&q.sched, queue_config(&p));
+                        q.prog = p;
+                    }
+                    Some(Ctl::Stop(tx)) => stopping = Some(tx),
+                    None => break,
+                },
+                _ = tokio::time::sleep(wake) => {
+                    if q.sched.poll_scan(now_ms()) {
+                        q.rescan().await;
+                    }
+                }
+            }
+        }
+        if let Some(tx) = stopping {
+            let _ = tx.send(());
+        }
+    });
+    QmgrHandle { ctl }
+}
+
+/// The scheduler keeps its state across a reload; only its settings could change, and the
+/// settings of a running scheduler are fixed, so a reload keeps the old one (logged).
+fn rebuild(old: &Scheduler, _cfg: QueueConfig) -> Scheduler {
+    let _ = old;
+    Scheduler::new(_cfg)
+}
+
+impl Qmgr {
+    fn load(&self, id: &QueueId) -> Option<Stored> {
+        match self.spool.load(id) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.shared.log.event("load-failed", &[("id", id.as_str()), ("error", &e.to_string())]);
+                None
+            }
+        }
+    }
+
+    /// A message is in the spool: route its open recipients and schedule them.
+    async fn admit(&mut self, id: &str) {
+        let Some(qid) = QueueId::parse(id) else { return };
+        let Some(stored) = self.load(&qid) else { return };
+        let now = now_ms();
+        let mut entry = Entry::new(qid.clone(), stored.class, stored.arrived_ms);
+        entry.due_ms = stored.next_attempt_ms;
+        entry.delay_warned = stored.delay_warned;
+        entry.in_deferred = stored.queue == QueueName::Deferred;
+        entry.held = stored.queue == QueueName::Hold;
+        let mut updates = Vec::new();
+        let mut failures = Vec::new();
+        for (i, st) in stored.states.iter().enumerate() {
+            if st.is_final() {
+                continue;
+            }
+            let attempts = match st {
+                RcptState::Deferred { attempts, .. } => *attempts,
+                _ => 0,
+            };
+            let routed = route::route(&self.prog, &self.shared.lookups(), &self.policy_dir, &stored.message, i, id, stored.arrived_ms, now).await;
+            match routed {
+                Routed::Deliver { key, transport, address } => {
+                    let Some(target) = target_for(&key, &address) else {
+                        failures.push((i, format!("550 5.3.5 Bad destination {key}")));
+                        continue;
+                    };
+                    let tls = match transport.tls {
+                        TlsMode::Required => TlsPolicy::Required,
+                        TlsMode::None => TlsPolicy::None,
+                        TlsMode::May => TlsPolicy::May,
+                    };
+                    let auth = transport.auth.and_then(|s| self.prog.secrets.get(s.index())).and_then(|s| self.shared.lookups().secret(&s.name).and_then(Credentials::parse));
+                    self.routes.insert((id.to_string(), i), RouteInfo { address, target, tls, auth });
+                    entry = entry.rcpt(i, key);
+                    if let Some(last) = entry.rcpts.last_mut() {
+                        last.attempts = attempts;
+                    }
+                }
+                Routed::Expand { members, sender } => {
+                    let rcpt = &stored.message.recipients[i];
+                    let mut m = stored.message.clone();
+                    if let Some(s) = sender {
+                        m.sender = s;
+                    }
+                    m.recipients = members.iter().map(|a| QueuedRcpt { address: a.clone(), notify: rcpt.notify.clone(), orcpt: rcpt.orcpt.clone() }).collect();
+                    if received_count(&m.data) > 50 {
+                        failures.push((i, "554 5.4.6 Mail loop: too many Received headers".into()));
+                        continue;
+                    }
+                    match self.spool.store(&m, stored.class, now) {
+                        Ok(new_id) => {
+                            self.shared.log.event("expanded", &[("id", id), ("rcpt", &rcpt.address), ("into", new_id.as_str()), ("members", &members.join(","))]);
+                            updates.push((i, RcptState::Delivered { at: now, reply: format!("250 2.1.5 expanded to {}", members.join(", ")) }));
+                            Box::pin(self.admit(new_id.as_str())).await;
+                        }
+                        Err(e) => self.shared.log.event("expand-failed", &[("id", id), ("error", &e.to_string())]),
+                    }
+                }
+                Routed::Fail(r) => failures.push((i, r.to_string())),
+                Routed::Defer(r) => {
+                    // Route again at the next queue run.
+                    updates.push((i, RcptState::Deferred { attempts: attempts + 1, next_at: now + 300_000, last_reply: r.to_string() }));
+                }
+                Routed::Discard => updates.push((i, RcptState::Delivered { at: now, reply: "250 2.0.0 discarded by policy".into() })),
+            }
+        }
+        if !failures.is_empty() {
+            self.dsn(&qid, &stored, DsnKind::Failure, &failures, false).await;
+            for (i, r) in &failures {
+                updates.push((*i, RcptState::Failed { at: now, reply: r.clone() }));
+            }
+        }
+        if !updates.is_empty() {
+            if let Err(e) = self.spool.record(&qid, &updates, None) {
+                self.shared.log.event("record-failed", &[("id", id), ("error", &e.to_string())]);
+            }
+        }
+        if entry.rcpts.is_empty() {
+            if let Ok(s) = self.spool.load(&qid) {
+                if s.states.iter().all(RcptState::is_final) {
+                    let _ = self.spool.remove(&qid);
+                    self.shared.log.event("removed", &[("id", id)]);
+                }
+            }
+            return;
+        }
+        if !entry.held && stored.queue == QueueName::Incoming {
+            let _ = self.spool.move_to(&qid, QueueName::Active);
+        }
+        self.sched.add(entry, now);
+    }
+
+    /// The queue run: pick up what `mailc queue` changed.
+    async fn rescan(&mut self) {
+        let Ok(list) = self.spool.list() else { return };
+        let now = now_ms();
+        let known: std::collections::HashSet<String> = self.sched.ids().map(|i| i.as_str().to_string()).collect();
+        let mut seen = std::collections::HashSet::new();
+        for s in list {
+            let id = s.id.as_str().to_string();
+            seen.insert(id.clone());
+            if s.queue == QueueName::Corrupt {
+                continue;
+            }
+            if !known.contains(&id) {
+                self.admit(&id).await;
+                continue;
+            }
+            if s.queue == QueueName::Hold {
+                self.sched.hold(&s.id);
+            } else if self.sched.is_held(&s.id) {
+                self.sched.release(&s.id, now);
+            } else if s.queue == QueueName::Incoming && s.attempts > 0 {
+                // `mailc queue requeue`: route afresh.
+                self.sched.remove(&s.id);
+                self.admit(&id).await;
+            } else if s.next_attempt_ms <= now {
+                self.sched.make_due(&s.id, now);
+            }
+        }
+        for id in known {
+            if !seen.contains(&id) {
+                if let Some(q) = QueueId::parse(&id) {
+                    self.sched.remove(&q);
+                }
+            }
+        }
+    }
+
+    /// A delivery task for one job.
+    fn delivery(&self, job: Job) -> impl std::future::Future<Output = JobDone> + Send + 'static {
+        let spool = self.spool.clone();
+        let prog = self.prog.clone();
+        let shared = self.shared.clone();
+        let routes: Vec<Option<RouteInfo>> = job.rcpts.iter().map(|i| self.routes.get(&(job.id.as_str().to_string(), *i)).cloned()).collect();
+        let resolver = self.resolver.clone();
+        let cache = self.cache.clone();
+        let hostname = shared.hostname.clone();
+        async move {
+            let id = job.id.clone();
+            let stored = match tokio::task::spawn_blocking({
+                let spool = spool.clone();
+                let id = id.clone();
+                move || spool.load(&id)
+            })
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let r = format!("451 4.3.0 cannot read the queue file: {e}");
+                    return JobDone { results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(), job };
+                }
+                Err(e) => {
+                    let r = format!("451 4.3.0 {e}");
+                    return JobDone { results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(), job };
+                }
+            };
+            let Some(Some(first)) = routes.first().cloned() else {
+                let r = "451 4.3.0 recipient not routed".to_string();
+                return JobDone { results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(), job };
+            };
+            let msg = &stored.message;
+            let lookups = shared.lookups();
+            let sender = if msg.batv_sign && !msg.sender.is_empty() {
+                match lookups.batv_keys(&prog).and_then(|k| k.into_iter().max_by_key(|(n, _)| *n)) {
+                    Some((n, key)) => mailpolicy_stdlib::batv::sign(&msg.sender, n, &key, now_ms(), super::lookup::batv_lifetime_days(&prog)),
+                    None => msg.sender.clone(),
+                }
+            } else {
+                msg.sender.clone()
+            };
+            let mut env = Envelope { from: reverse_path(&sender), params: mail_params(msg), recipients: Vec::new() };
+            let mut indices = Vec::new();
+            for (k, i) in job.rcpts.iter().enumerate() {
+                let (Some(r), Some(info)) = (msg.recipients.get(*i), routes.get(k).cloned().flatten()) else { continue };
+                let Some(path) = forward_path(&info.address) else { continue };
+                env.recipients.push(Recipient { path, params: rcpt_params(r) });
+                indices.push(*i);
+            }
+            let mut opts = DeliveryOptions::new(hostname.clone(), resolver);
+            opts.tls = first.tls;
+            opts.auth = first.auth.clone();
+            opts.cache = Some(cache);
+            opts.local = LocalIdentity { hostnames: vec![hostname.clone()], addrs: local_addrs(&shared) };
+            let report: DeliveryReport = driver::deliver(&first.target, &env, &msg.data, &opts).await;
+            let now = now_ms();
+            let mut results = Vec::new();
+            for (k, i) in indices.iter().enumerate() {
+                let outcome = report.recipients.get(k).cloned().unwrap_or_else(|| Outcome::Deferred(Reply::new(451, (4, 3, 0), "no result")));
+                let rcpt = &msg.recipients[*i];
+                let reply = outcome.reply().clone();
+                let facts = DeliveryFacts {
+                    code: reply.code,
+                    status: reply.enhanced.map(|(a, b, c)| format!("{a}.{b}.{c}")).unwrap_or_default(),
+                    text: reply.text.clone(),
+                    host: report.remote_host.clone().unwrap_or_default(),
+                    attempts: job.attempt,
+                };
+                let policy = route::after_attempt(&prog, &lookups, msg, rcpt, facts, now, id.as_str(), stored.arrived_ms).await;
+                let text = reply_line(&reply);
+                let d = match (policy, &outcome) {
+                    (Some(PolicyOutcome::Tempfail(r)), _) => Delivery::TempFail(r.to_string()),
+                    (Some(PolicyOutcome::Reject(r)), _) => Delivery::PermFail(r.to_string()),
+                    (_, Outcome::Delivered(_)) => Delivery::Delivered(text),
+                    (_, Outcome::Deferred(_)) => Delivery::TempFail(text),
+                    (_, Outcome::Failed(_)) => Delivery::PermFail(text),
+                };
+                shared.log.event(
+                    "delivery",
+                    &[
+                        ("id", id.as_str()),
+                        ("to", &rcpt.address),
+                        ("relay", &report.remote_mta.clone().unwrap_or_else(|| format!("{:?}", first.target))),
+                        ("status", match &d {
+                            Delivery::Delivered(_) => "sent",
+                            Delivery::TempFail(_) => "deferred",
+                            Delivery::PermFail(_) => "bounced",
+                        }),
+                        ("reply", match &d {
+                            Delivery::Delivered(r) | Delivery::TempFail(r) | Delivery::PermFail(r) => r,
+                        }),
+                        ("tls", if report.tls { "yes" } else { "no" }),
+                    ],
+                );
+                // R1: the next hop cannot report success itself; we owe a "relayed" DSN.
+                if matches!(d, Delivery::Delivered(_)) && !report.next_hop_dsn && rcpt.notify.iter().any(|n| n == "SUCCESS") && matches!(first.target, Target::Smtp(_)) {
+                    relayed_dsn(&shared, &spool, &prog, &stored, *i, &report, now).await;
+                }
+                results.push((*i, d));
+            }
+            // Recipients that could not be put in the envelope fail for good.
+            for i in &job.rcpts {
+                if !indices.contains(i) {
+                    results.push((*i, Delivery::PermFail("553 5.1.3 Bad recipient address syntax".into())));
+                }
+            }
+            JobDone { job, results }
+        }
+    }
+
+    async fn finish(&mut self, d: JobDone) {
+        let now = now_ms();
+        let id = d.job.id.clone();
+        let cmds = self.sched.done(d.job, d.results, now);
+        for c in cmds {
+            match c {
+                Command::Dsn { id, kind, rcpts, expired, .. } => {
+                    if let Some(stored) = self.load(&id) {
+                        self.dsn(&id, &stored, kind, &rcpts, expired).await;
+                        if kind == DsnKind::Delay {
+                            let _ = self.spool.set_delay_warned(&id);
+                        }
+                    }
+                }
+                Command::Record { id, updates, next_attempt_ms } => {
+                    if let Err(e) = self.spool.record(&id, &updates, next_attempt_ms) {
+                        self.shared.log.event("record-failed", &[("id", id.as_str()), ("error", &e.to_string())]);
+                    }
+                }
+                Command::Defer { id } => {
+                    let _ = self.spool.defer(&id);
+                }
+                Command::Remove { id } => {
+                    for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
+                        self.routes.remove(&k);
+                    }
+                    match self.spool.remove(&id) {
+                        Ok(()) => self.shared.log.event("removed", &[("id", id.as_str())]),
+                        Err(e) => self.shared.log.event("remove-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                    }
+                }
+            }
+        }
+        let _ = id;
+    }
+
+    /// Build and queue a DSN for `rcpts` of a stored message, honouring NOTIFY, RET and the
+    /// policy's bounce/delay stage. Bounces of bounces go nowhere (never to `<>`).
+    async fn dsn(&mut self, id: &QueueId, stored: &Stored, kind: DsnKind, rcpts: &[(usize, String)], expired: bool) {
+        let msg = &stored.message;
+        let now = now_ms();
+        let sender = reverse_path(&msg.sender);
+        let tkind = match kind {
+            DsnKind::Failure => dsn::DsnKind::Failure,
+            DsnKind::Delay => dsn::DsnKind::Delay,
+            DsnKind::Success => dsn::DsnKind::Success,
+        };
+        let mut entries = Vec::new();
+        for (i, reply) in rcpts {
+            let Some(r) = msg.recipients.get(*i) else { continue };
+            let notify = notify_of(r);
+            if !dsn::should_notify(tkind, notify.as_ref(), &sender) {
+                continue;
+            }
+            let rep = Reply::parse(reply).unwrap_or_else(|| Reply::new(if kind == DsnKind::Delay { 451 } else { 550 }, (if kind == DsnKind::Delay { 4 } else { 5 }, 0, 0), reply.clone()));
+            let outcome = match kind {
+                DsnKind::Failure => Outcome::Failed(rep),
+                DsnKind::Delay => Outcome::Deferred(rep),
+                DsnKind::Success => Outcome::Delivered(rep),
+            };
+            let mut e = DsnRecipient::from_outcome(tkind, &r.address, orcpt_of(r).as_ref(), &outcome, None, now);
+            if kind == DsnKind::Delay {
+                e.will_retry_until = Some(stored.arrived_ms + queue_config(&self.prog).max_queue_lifetime_ms);
+            }
+            entries.push(e);
+        }
+        if entries.is_empty() || msg.sender.is_empty() {
+            return;
+        }
+        let lookups = self.shared.lookups();
+        if kind == DsnKind::Delay && !route::delay_warning_allowed(&self.prog, &lookups, msg, now, id.as_str(), stored.arrived_ms).await {
+            self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", "delay"), ("by", "policy")]);
+            return;
+        }
+        let kind_word = match kind {
+            DsnKind::Failure => "failure",
+            DsnKind::Delay => "delay",
+            DsnKind::Success => "success",
+        };
+        let reason = rcpts.first().map(|r| r.1.clone()).unwrap_or_default();
+        let (allowed, effects) = route::bounce_allowed(&self.prog, &lookups, msg, &msg.sender, kind_word, &reason, now, id.as_str(), stored.arrived_ms).await;
+        if !allowed {
+            self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", kind_word), ("to", &msg.sender), ("by", "policy")]);
+            return;
+        }
+        let size_limit = num(&self.prog, "bounce_size_limit").unwrap_or(50_000) as usize;
+        let ret = match msg.ret.as_str() {
+            "HDRS" => Some(smtp::Ret::Hdrs),
+            "FULL" => Some(smtp::Ret::Full),
+            _ => None,
+        };
+        let envid = (!msg.envid.is_empty()).then_some(msg.envid.as_str());
+        let d = dsn::Dsn {
+            kind: tkind,
+            hostname: &self.shared.hostname,
+            sender: &sender,
+            envid,
+            ret,
+            arrival_date: stored.arrived_ms,
+            now,
+            recipients: &entries,
+            message: &msg.data,
+            size_limit,
+        };
+        let mut data = dsn::build_dsn(&d);
+        // Header changes the bounce stage asked for.
+        let mut prefix = String::new();
+        for e in effects {
+            if let crate::eval::Effect::HeaderAdd { name, value } = e {
+                prefix.push_str(&format!("{name}: {value}\r\n"));
+            }
+        }
+        if !prefix.is_empty() {
+            let mut v = prefix.into_bytes();
+            v.extend_from_slice(&data);
+            data = v;
+        }
+        let bounce = QueuedMessage {
+            sender: String::new(),
+            recipients: vec![QueuedRcpt { address: msg.sender.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }],
+            data,
+            client_ip: "127.0.0.1".into(),
+            helo: self.shared.hostname.clone(),
+            ..Default::default()
+        };
+        match self.spool.store(&bounce, Class::Bounce, now) {
+            Ok(new_id) => {
+                self.shared.log.event("dsn", &[("id", id.as_str()), ("kind", kind_word), ("to", &msg.sender), ("dsn_id", new_id.as_str()), ("expired", if expired { "yes" } else { "" })]);
+                Box::pin(self.admit(new_id.as_str())).await;
+            }
+            Err(e) => self.shared.log.event("dsn-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+        }
+    }
+}
+
+async fn relayed_dsn(shared: &Shared, spool: &Spool, _prog: &Program, stored: &Stored, i: usize, report: &DeliveryReport, now: u64) {
+    let msg = &stored.message;
+    let Some(r) = msg.recipients.get(i) else { return };
+    let sender = reverse_path(&msg.sender);
+    let outcome = Outcome::Delivered(Reply::new(250, (2, 0, 0), "relayed to a host without DSN support"));
+    let e = DsnRecipient::from_outcome(dsn::DsnKind::Relayed, &r.address, orcpt_of(r).as_ref(), &outcome, report.remote_host.as_deref(), now);
+    let d = dsn::Dsn {
+        kind: dsn::DsnKind::Relayed,
+        hostname: &shared.hostname,
+        sender: &sender,
+        envid: (!msg.envid.is_empty()).then_some(msg.envid.as_str()),
+        ret: Some(smtp::Ret::Hdrs),
+        arrival_date: stored.arrived_ms,
+        now,
+        recipients: std::slice::from_ref(&e),
+        message: &msg.data,
+        size_limit: 50_000,
+    };
+    let bounce = QueuedMessage {
+        sender: String::new(),
+        recipients: vec![QueuedRcpt { address: msg.sender.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }],
+        data: dsn::build_dsn(&d),
+        client_ip: "127.0.0.1".into(),
+        helo: shared.hostname.clone(),
+        ..Default::default()
+    };
+    if let Ok(id) = spool.store(&bounce, Class::Bounce, now) {
+        shared.log.event("dsn", &[("id", stored.id.as_str()), ("kind", "relayed"), ("to", &msg.sender), ("dsn_id", id.as_str())]);
+        shared.enqueued(id.as_str());
+    }
+}
+
+fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
+    vec![std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)]
+}
+
+fn received_count(data: &[u8]) -> usize {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(data.len());
+    let head = String::from_utf8_lossy(&data[..end]);
+    head.lines().filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case("received:")).count()
+}
+
+/// The delivery target for a route key.
+fn target_for(key: &str, address: &str) -> Option<Target> {
+    let key = key.strip_suffix(" tls").unwrap_or(key);
+    if let Some(domain) = key.strip_prefix("mx:") {
+        let d = if domain.is_empty() { mailpolicy_stdlib::address::split(address).1 } else { domain.to_string() };
+        return Destination::parse(&d).map(Target::Smtp);
+    }
+    Target::parse(key)
+}
+
+fn reverse_path(addr: &str) -> ReversePath {
+    if addr.is_empty() {
+        return ReversePath::Null;
+    }
+    smtp::parse_reverse_path(&format!("<{addr}>"), true).unwrap_or(ReversePath::Null)
+}
+
+fn forward_path(addr: &str) -> Option<ForwardPath> {
+    smtp::parse_forward_path(&format!("<{addr}>"), true).ok()
+}
+
+fn mail_params(m: &QueuedMessage) -> MailParams {
+    MailParams {
+        size: Some(m.data.len() as u64),
+        body: match m.session.mail_body.as_str() {
+            "8BITMIME" => smtp::BodyType::EightBitMime,
+            "BINARYMIME" => smtp::BodyType::BinaryMime,
+            _ => smtp::BodyType::SevenBit,
+        },
+        smtputf8: m.session.smtputf8,
+        ret: match m.ret.as_str() {
+            "HDRS" => Some(smtp::Ret::Hdrs),
+            "FULL" => Some(smtp::Ret::Full),
+            _ => None,
+        },
+        envid: (!m.envid.is_empty()).then(|| m.envid.clone()),
+        auth: None,
+    }
+}
+
+fn notify_of(r: &QueuedRcpt) -> Option<Notify> {
+    if r.notify.is_empty() {
+        return None;
+    }
+    let has = |w: &str| r.notify.iter().any(|n| n == w);
+    Some(Notify { never: has("NEVER"), success: has("SUCCESS"), failure: has("FAILURE"), delay: has("DELAY") })
+}
+
+fn orcpt_of(r: &QueuedRcpt) -> Option<Orcpt> {
+    let (t, a) = r.orcpt.split_once(';')?;
+    Some(Orcpt { addr_type: t.to_string(), address: a.to_string() })
+}
+
+fn rcpt_params(r: &QueuedRcpt) -> RcptParams {
+    RcptParams { notify: notify_of(r), orcpt: orcpt_of(r) }
+}
+
+fn reply_line(r: &Reply) -> String {
+    match r.enhanced {
+        Some((a, b, c)) => format!("{} {a}.{b}.{c} {}", r.code, r.text.replace(['\r', '\n'], " ")),
+        None => format!("{} {}", r.code, r.text.replace(['\r', '\n'], " ")),
+    }
+}
+
+impl std::fmt::Display for QueueName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[allow(dead_code)]
+fn _reply(r: &RenderedReply) -> String {
+    r.to_string()
+}
+
