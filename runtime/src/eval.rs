@@ -310,7 +310,7 @@ pub enum Request {
     /// Scan the message; answer [`Answer::Score`].
     Scan { scanner: ScannerId },
     /// Ask the next hop about the current recipient; answer [`Answer::Reply`].
-    Callahead { recipient: String },
+    Callahead { recipient: String, sender: String },
     /// Should this triplet wait? Answer [`Answer::Bool`] (true: greylisted).
     Greylist {
         client: String,
@@ -1034,7 +1034,7 @@ impl Run {
                     .as_ref()
                     .map(|r| r.address.clone())
                     .unwrap_or_default();
-                match self.ask(Request::Callahead { recipient: a })? {
+                match self.ask(Request::Callahead { recipient: a, sender: f.sender.clone().unwrap_or_default() })? {
                     Answer::Reply { code, text } => {
                         st.callahead = Some((*code, text.clone()));
                         (200..300).contains(code)

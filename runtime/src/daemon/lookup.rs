@@ -14,7 +14,7 @@ use hickory_resolver::error::ResolveErrorKind;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::TokioAsyncResolver;
-use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use mailpolicy_lang::ir::{OptValue, Program, Resource, TransportKind};
 use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::FileTable};
 
 use crate::eval::{Answer, AuthCheck, Request, RrType};
@@ -36,6 +36,12 @@ pub struct Lookups {
     greylist: Mutex<Greylist>,
     /// Resolved secret values by name.
     secrets: HashMap<String, String>,
+    hostname: String,
+    local_domains: Vec<String>,
+    mx_resolver: std::sync::Arc<dyn crate::transport::mx::Resolver>,
+    callahead_sessions: std::sync::Arc<crate::transport::driver::ConnectionCache>,
+    /// recipient -> (code, text, valid until)
+    callaheads: Mutex<HashMap<String, (u16, String, u64)>>,
 }
 
 fn dur(p: &Program, name: &str, default_ms: u64) -> Duration {
@@ -68,6 +74,17 @@ pub fn resolve_secrets(prog: &Program, policy_dir: &Path) -> Result<HashMap<Stri
 
 impl Lookups {
     pub fn new(prog: &Program, policy_dir: &Path) -> Result<Lookups, String> {
+        let hostname = crate::config::hostname(prog, None, &super::machine_hostname());
+        let mx_resolver: std::sync::Arc<dyn crate::transport::mx::Resolver> = match prog.server.option("dns_server") {
+            Some(OptValue::Str(a)) => match a.parse() {
+                Ok(sa) => std::sync::Arc::new(crate::transport::mx::HickoryResolver::with_nameserver(sa)),
+                Err(_) => return Err(format!("dns_server \"{a}\" is not IP:port")),
+            },
+            _ => match crate::transport::mx::HickoryResolver::system() {
+                Ok(r) => std::sync::Arc::new(r),
+                Err(e) => return Err(format!("reading the system's DNS configuration: {e}")),
+            },
+        };
         let (config, mut opts) = match prog.server.option("dns_server") {
             Some(OptValue::Str(addr)) => {
                 let sa: SocketAddr = addr.parse().map_err(|_| format!("dns_server \"{addr}\" is not IP:port"))?;
@@ -93,6 +110,11 @@ impl Lookups {
             rates: Mutex::new(RateStore::default()),
             greylist: Mutex::new(Greylist::default()),
             secrets: resolve_secrets(prog, policy_dir)?,
+            local_domains: crate::conn::local_domains(prog, &hostname),
+            hostname,
+            mx_resolver,
+            callahead_sessions: std::sync::Arc::new(crate::transport::driver::ConnectionCache::new(Duration::from_secs(30))),
+            callaheads: Mutex::new(HashMap::new()),
         })
     }
 
@@ -136,8 +158,72 @@ impl Lookups {
                 }
             )),
             Request::Scan { .. } => Answer::Error("content scanners are not available in this build".into()),
-            Request::Callahead { .. } => Answer::Error("call-ahead is not available in this build".into()),
+            Request::Callahead { recipient, sender } => self.callahead(prog, recipient, sender, now_ms).await,
         }
+    }
+
+    /// Call-ahead (R27): route the recipient with the policy's route stage and ask that
+    /// next hop (MAIL FROM, RCPT TO, RSET; sessions are reused through the connection
+    /// cache). Answers are cached: accepted for an hour, refused for ten minutes, temporary
+    /// failures not at all.
+    async fn callahead(&self, prog: &Program, recipient: &str, sender: &str, now_ms: u64) -> Answer {
+        let key = recipient.to_ascii_lowercase();
+        if let Ok(cache) = self.callaheads.lock() {
+            if let Some((code, text, until)) = cache.get(&key) {
+                if *until > now_ms {
+                    return Answer::Reply { code: *code, text: text.clone() };
+                }
+            }
+        }
+        let mut facts = crate::eval::Facts { now_ms, ..Default::default() };
+        facts.sender = Some(sender.to_string());
+        facts.recipient = Some(crate::eval::RcptFacts { address: recipient.to_string(), ..Default::default() });
+        facts.recipients = vec![recipient.to_string()];
+        facts.local_domains = self.local_domains.clone();
+        let mut state = crate::eval::State::new(prog);
+        let v = Box::pin(super::route::run_stage(prog, self, mailpolicy_lang::ir::Stage::Route, &facts, &mut state)).await;
+        let dest = match &v.outcome {
+            crate::eval::Outcome::Deliver(t) if matches!(t.kind, TransportKind::Smtp | TransportKind::Lmtp) => t.dest.clone().unwrap_or_default(),
+            crate::eval::Outcome::Deliver(t) if t.kind == TransportKind::Mx => mailpolicy_stdlib::address::split(recipient).1,
+            crate::eval::Outcome::Default | crate::eval::Outcome::Accept => mailpolicy_stdlib::address::split(recipient).1,
+            _ => return Answer::Error("the route stage gives no SMTP next hop to ask".into()),
+        };
+        let Some(dest) = crate::transport::mx::Destination::parse(&dest) else {
+            return Answer::Error(format!("cannot call ahead to \"{dest}\""));
+        };
+        let from = if sender.is_empty() {
+            crate::smtp::ReversePath::Null
+        } else {
+            crate::smtp::parse_reverse_path(&format!("<{sender}>"), true).unwrap_or(crate::smtp::ReversePath::Null)
+        };
+        let Ok(to) = crate::smtp::parse_forward_path(&format!("<{recipient}>"), true) else {
+            return Answer::Reply { code: 553, text: "5.1.3 Bad recipient address syntax".into() };
+        };
+        let mut opts = crate::transport::driver::DeliveryOptions::new(self.hostname.clone(), self.mx_resolver.clone());
+        opts.cache = Some(self.callahead_sessions.clone());
+        opts.timeouts = crate::transport::driver::Timeouts::all(self.lookup_timeout);
+        let reply = match tokio::time::timeout(self.lookup_timeout * 2, crate::transport::driver::call_ahead(&dest, &from, &to, &opts)).await {
+            Ok(r) => r,
+            Err(_) => return Answer::Timeout,
+        };
+        let text = match reply.enhanced {
+            Some((a, b, c)) => format!("{a}.{b}.{c} {}", reply.text),
+            None => reply.text.clone(),
+        };
+        let ttl = match reply.code {
+            200..=299 => 3_600_000,
+            500..=599 => 600_000,
+            _ => 0,
+        };
+        if ttl > 0 {
+            if let Ok(mut cache) = self.callaheads.lock() {
+                if cache.len() > 100_000 {
+                    cache.retain(|_, v| v.2 > now_ms);
+                }
+                cache.insert(key, (reply.code, text.clone(), now_ms + ttl));
+            }
+        }
+        Answer::Reply { code: reply.code, text }
     }
 
     pub fn batv_keys(&self, prog: &Program) -> Option<Vec<(u8, Vec<u8>)>> {

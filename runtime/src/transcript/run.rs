@@ -1006,7 +1006,7 @@ impl CaseRun {
                     None => Answer::Error(format!("no `score {name}:` fixture")),
                 }
             }
-            Request::Callahead { recipient } => {
+            Request::Callahead { recipient, .. } => {
                 match self.callahead.get(&recipient.to_ascii_lowercase()) {
                     Some(Some((code, text))) => Answer::Reply {
                         code: *code,
