@@ -13,6 +13,7 @@ declare -A want=(
   [doveadm]=dovecot-lmtpd
   [slapd]=slapd
   [unbound]=unbound
+  [spamd]=spamd
 )
 missing=()
 for prog in "${!want[@]}"; do
@@ -32,9 +33,9 @@ if ((${#missing[@]})); then
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections || true
     echo "slapd slapd/no_configuration boolean true" | debconf-set-selections || true
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" dovecot-core ldap-utils libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" spamassassin dovecot-core ldap-utils libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl >/dev/null
     # The packages' own daemons are not used: the tests start their own on loopback.
-    for svc in postfix dovecot slapd unbound; do service "$svc" stop >/dev/null 2>&1 || true; done
+    for svc in postfix dovecot slapd unbound spamd spamassassin; do service "$svc" stop >/dev/null 2>&1 || true; done
   else
     echo "note: not root, cannot install ${missing[*]}; tests that need them will say so" >&2
   fi

@@ -339,6 +339,19 @@ impl Conn {
         self.require_auth = auth;
     }
 
+    /// The message whose data stage is being evaluated (for content scanners).
+    pub fn current_message(&self) -> Option<&[u8]> {
+        match &self.pending {
+            Pending::Stage { event: Event::Message { data, .. }, .. } => Some(data),
+            _ => None,
+        }
+    }
+
+    /// The session's facts as they are now (for the host's lookups that need context).
+    pub fn facts(&self) -> &Facts {
+        &self.facts
+    }
+
     pub fn program(&self) -> &Program {
         &self.prog
     }

@@ -157,7 +157,8 @@ impl Lookups {
                     AuthCheck::Dmarc | AuthCheck::DmarcPolicy => "DMARC",
                 }
             )),
-            Request::Scan { .. } => Answer::Error("content scanners are not available in this build".into()),
+            // The session answers scans itself: it has the message.
+            Request::Scan { .. } => Answer::Error("a scan needs the message; the session answers it".into()),
             Request::Callahead { recipient, sender } => self.callahead(prog, recipient, sender, now_ms).await,
         }
     }

@@ -12,6 +12,7 @@ pub mod qmgr;
 pub mod route;
 pub mod lookup;
 pub mod sasl;
+pub mod scan;
 pub mod session;
 pub mod tls;
 

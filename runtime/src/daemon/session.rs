@@ -129,7 +129,13 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
         while let Some(need) = conn.poll_need(Time(now_ms())) {
             match need {
                 Need::Policy(req) => {
-                    let a = lookups.answer(&prog, &req, now_ms()).await;
+                    let a = match &req {
+                        crate::eval::Request::Scan { scanner } => match (prog.scanners.get(scanner.index()), conn.current_message()) {
+                            (Some(sc), Some(data)) => super::scan::scan(sc, data, conn.facts()).await,
+                            _ => Answer::Error("no message to scan".into()),
+                        },
+                        _ => lookups.answer(&prog, &req, now_ms()).await,
+                    };
                     conn.answer(req, a);
                 }
                 Need::AuthStep { mechanism, data } => {
