@@ -98,6 +98,8 @@ pub fn queue_config(p: &Program) -> QueueConfig {
 #[derive(Clone, Debug)]
 struct RouteInfo {
     address: String,
+    /// The envelope sender when the route stage rewrote it.
+    sender: Option<String>,
     target: Target,
     tls: TlsPolicy,
     auth: Option<Credentials>,
@@ -214,6 +216,10 @@ impl Qmgr {
         entry.held = stored.queue == QueueName::Hold;
         let mut updates = Vec::new();
         let mut failures = Vec::new();
+        let fresh = stored.attempts == 0 && stored.states.iter().all(|s| matches!(s, RcptState::Pending));
+        if fresh {
+            self.archive(&stored).await;
+        }
         for (i, st) in stored.states.iter().enumerate() {
             if st.is_final() {
                 continue;
@@ -222,9 +228,13 @@ impl Qmgr {
                 RcptState::Deferred { attempts, .. } => *attempts,
                 _ => 0,
             };
-            let routed = route::route(&self.prog, &self.shared.lookups(), &self.policy_dir, &stored.message, i, id, stored.arrived_ms, now).await;
+            let routed = match &stored.message.filter {
+                // R44: a message with a content filter goes there first, whatever route says.
+                Some(t) => route::filter_route(t, &stored.message.recipients[i].address),
+                None => route::route(&self.prog, &self.shared.lookups(), &self.policy_dir, &stored.message, i, id, stored.arrived_ms, now).await,
+            };
             match routed {
-                Routed::Deliver { key, transport, address } => {
+                Routed::Deliver { key, transport, address, sender } => {
                     let Some(target) = target_for(&key, &address) else {
                         failures.push((i, format!("550 5.3.5 Bad destination {key}")));
                         continue;
@@ -235,7 +245,7 @@ impl Qmgr {
                         TlsMode::May => TlsPolicy::May,
                     };
                     let auth = transport.auth.and_then(|s| self.prog.secrets.get(s.index())).and_then(|s| self.shared.lookups().secret(&s.name).and_then(Credentials::parse));
-                    self.routes.insert((id.to_string(), i), RouteInfo { address, target, tls, auth });
+                    self.routes.insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth });
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
                         last.attempts = attempts;
@@ -293,6 +303,25 @@ impl Qmgr {
             let _ = self.spool.move_to(&qid, QueueName::Active);
         }
         self.sched.add(entry, now);
+    }
+
+    /// `archive FOLDER` (R12): a copy in the Maildir folder under the server's maildir.
+    async fn archive(&self, stored: &Stored) {
+        for folder in &stored.message.archive {
+            let root = match self.prog.server.option("maildir") {
+                Some(OptValue::Str(s)) => self.policy_dir.join(s),
+                _ => PathBuf::from("var/mail"),
+            };
+            let safe: String = folder.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+            let safe = safe.trim_start_matches('.').to_string();
+            let dir = root.join(if safe.is_empty() { "archive".to_string() } else { safe });
+            let env = Envelope { from: reverse_path(&stored.message.sender), params: MailParams::default(), recipients: Vec::new() };
+            let data = stored.message.data.clone();
+            let d = dir.clone();
+            let res = tokio::task::spawn_blocking(move || crate::transport::local::deliver_maildir(&d, &env, &data)).await;
+            let ok = matches!(res, Ok(Ok(_)));
+            self.shared.log.event("archive", &[("id", stored.id.as_str()), ("folder", &dir.display().to_string()), ("status", if ok { "stored" } else { "failed" })]);
+        }
     }
 
     /// The queue run: pick up what `mailc queue` changed.
@@ -366,13 +395,14 @@ impl Qmgr {
             };
             let msg = &stored.message;
             let lookups = shared.lookups();
-            let sender = if msg.batv_sign && !msg.sender.is_empty() {
+            let base_sender = first.sender.clone().unwrap_or_else(|| msg.sender.clone());
+            let sender = if msg.batv_sign && !base_sender.is_empty() {
                 match lookups.batv_keys(&prog).and_then(|k| k.into_iter().max_by_key(|(n, _)| *n)) {
-                    Some((n, key)) => mailpolicy_stdlib::batv::sign(&msg.sender, n, &key, now_ms(), super::lookup::batv_lifetime_days(&prog)),
-                    None => msg.sender.clone(),
+                    Some((n, key)) => mailpolicy_stdlib::batv::sign(&base_sender, n, &key, now_ms(), super::lookup::batv_lifetime_days(&prog)),
+                    None => base_sender.clone(),
                 }
             } else {
-                msg.sender.clone()
+                base_sender.clone()
             };
             let mut env = Envelope { from: reverse_path(&sender), params: mail_params(msg), recipients: Vec::new() };
             let mut indices = Vec::new();

@@ -15,7 +15,7 @@ use crate::eval::{Effect, Facts, Outcome, RenderedReply, RenderedTransport, Run,
 pub enum Routed {
     /// Deliver to `address` (after rewriting) through `transport`; `key` groups recipients
     /// that share a next hop (and so a connection and a concurrency limit).
-    Deliver { key: String, transport: RenderedTransport, address: String },
+    Deliver { key: String, transport: RenderedTransport, address: String, sender: Option<String> },
     /// The recipient is replaced by these addresses (alias or list expansion, redirect);
     /// `sender` is the list owner when the table names one (R39).
     Expand { members: Vec<String>, sender: Option<String> },
@@ -71,8 +71,16 @@ pub async fn route(prog: &Program, lookups: &Lookups, policy_dir: &Path, msg: &Q
     let (facts, mut state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
     let v = run_stage(prog, lookups, Stage::Route, &facts, &mut state).await;
     let mut address = rcpt.address.clone();
+    let mut sender: Option<String> = None;
     for e in &v.effects {
         match e {
+            Effect::RewriteSender(a) => sender = Some(a.clone()),
+            Effect::Masquerade(domains) => {
+                let cur = sender.clone().unwrap_or_else(|| msg.sender.clone());
+                if let Some(m) = masquerade(&cur, domains) {
+                    sender = Some(m);
+                }
+            }
             Effect::Expand { members, owner } => return Routed::Expand { members: members.clone(), sender: owner.clone() },
             Effect::Redirect(to) => return Routed::Expand { members: vec![to.clone()], sender: None },
             Effect::RewriteRecipient(a) => address = a.clone(),
@@ -102,7 +110,38 @@ pub async fn route(prog: &Program, lookups: &Lookups, policy_dir: &Path, msg: &Q
         mailpolicy_lang::ir::TlsMode::Required => format!("{key} tls"),
         _ => key,
     };
-    Routed::Deliver { key, transport, address }
+    // Recipients with a rewritten sender travel in envelopes of their own.
+    let key = match &sender {
+        Some(s) => format!("{key} from={s}"),
+        None => key,
+    };
+    Routed::Deliver { key, transport, address, sender }
+}
+
+/// `user@host.sub.example.com` -> `user@example.com` when `example.com` is listed (R38).
+pub fn masquerade(address: &str, domains: &[String]) -> Option<String> {
+    let (local, domain) = mailpolicy_stdlib::address::split(address);
+    let d = domains.iter().find(|d| domain.len() > d.len() && domain.ends_with(&format!(".{d}")))?;
+    Some(format!("{local}@{d}"))
+}
+
+/// The route for a message that passes through a content filter first (R44): every
+/// recipient goes to the filter, which re-injects the message.
+pub fn filter_route(t: &RenderedTransport, address: &str) -> Routed {
+    let dest = t.dest.clone().unwrap_or_default();
+    let kind = if t.kind == TransportKind::Lmtp { "lmtp" } else { "smtp" };
+    Routed::Deliver { key: format!("{kind}:{}", dest.to_ascii_lowercase()), transport: t.clone(), address: address.to_string(), sender: None }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn masquerading() {
+        let d = vec!["example.com".to_string()];
+        assert_eq!(super::masquerade("joe@mail.example.com", &d).as_deref(), Some("joe@example.com"));
+        assert_eq!(super::masquerade("joe@example.com", &d), None);
+        assert_eq!(super::masquerade("joe@badexample.com", &d), None);
+    }
 }
 
 /// The bounce stage for a DSN to `to`: false when the policy drops it (R3c).
