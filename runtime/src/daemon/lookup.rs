@@ -125,6 +125,7 @@ impl Lookups {
     pub async fn answer(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
         match req {
             Request::Lookup { table, key } => match prog.tables.get(table.index()) {
+                Some(t) if t.kind == "ldap" => super::ldap::lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
                 Some(t) => self.table(t, key).await,
                 None => Answer::Error("no such table".into()),
             },
