@@ -1733,6 +1733,31 @@ fn sighup_with_a_broken_policy_keeps_the_old_one() {
 }
 
 #[test]
+fn sighup_with_a_good_policy_keeps_the_queue_going() {
+    // The scheduler's queue runs are an hour apart: only its own retries (1s to 2s) can
+    // deliver the deferred message, so a reload must not make it forget the queue.
+    let t = TempDir::new("sighup-queue");
+    let (port, sport) = (free_port(), free_port());
+    let sink = Sink::start(&t.join("sink-4xx"), sport, &["-r", "RCPT"]);
+    let policy = base_policy(port, sport, "none").replace("queue_run 1s;", "queue_run 1h;");
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(port, &["--from", "a@s.test", "--to", "x@far.test", "--header", "Subject: deferred-over-reload"]);
+    assert!(out.contains("Queued as"), "{out}");
+    wait_for(Duration::from_secs(30), "a deferral", || d.log().contains("status=deferred"), || d.log());
+    // a valid policy (the same text) is reloaded while the message waits for its retry
+    d.signal("HUP");
+    wait_for(Duration::from_secs(20), "reloaded in the log", || d.log().contains("reloaded"), || d.log());
+    drop(sink);
+    let good = Sink::start(&t.join("sink-ok"), sport, &[]);
+    wait_for(
+        Duration::from_secs(30),
+        "the deferred message delivered after the reload",
+        || good.messages().iter().any(|m| m.contains("Subject: deferred-over-reload")),
+        || format!("{}\n{}", queue_list(&d.spool()), d.log()),
+    );
+}
+
+#[test]
 fn a_policy_with_errors_does_not_start() {
     let t = TempDir::new("badpolicy");
     let port = free_port();

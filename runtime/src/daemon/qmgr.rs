@@ -166,7 +166,11 @@ pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: 
                 },
                 ctl = ctl_rx.recv() => match ctl {
                     Some(Ctl::Reload(p)) => {
-                        q.sched = rebuild(&q.sched, queue_config(&p));
+                        // The scheduler holds the queue (entries, backoff, jobs in flight):
+                        // it is kept, so its settings stay those it was started with.
+                        if queue_config(&p) != *q.sched.config() {
+                            q.shared.log.event("reload-partial", &[("kept", "queue settings (queue_run, retry_min, retry_max, lifetimes, concurrency) until restart")]);
+                        }
                         q.prog = p;
                     }
                     Some(Ctl::Stop(tx)) => stopping = Some(tx),
@@ -184,13 +188,6 @@ pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: 
         }
     });
     QmgrHandle { ctl }
-}
-
-/// The scheduler keeps its state across a reload; only its settings could change, and the
-/// settings of a running scheduler are fixed, so a reload keeps the old one (logged).
-fn rebuild(old: &Scheduler, _cfg: QueueConfig) -> Scheduler {
-    let _ = old;
-    Scheduler::new(_cfg)
 }
 
 impl Qmgr {
