@@ -550,7 +550,7 @@ fn swaks_starttls() {
 #[test]
 fn swaks_auth_plain_and_login_on_submission() {
     let t = TempDir::new("auth");
-    let (sub, loop_) = (free_port(), free_port());
+    let (sub, loop_, smtps) = (free_port(), free_port(), free_port());
     let hash = |pw: &str| {
         let mut c = Command::new(MAILC)
             .arg("hash-password")
@@ -596,6 +596,13 @@ listener submission {{
   credentials logins;
 }}
 
+listener smtps {{
+  address "127.0.0.1:{smtps}";
+  protocol submissions;
+  auth required;
+  credentials logins;
+}}
+
 listener loopauth {{
   address "127.0.0.1:{loop_}";
   protocol submission;
@@ -610,7 +617,7 @@ route {{
 }}
 "#
     );
-    let d = Daemon::start(t.path(), &policy, &[sub, loop_]);
+    let d = Daemon::start(t.path(), &policy, &[sub, loop_, smtps]);
 
     // no AUTH before STARTTLS on the submission listener
     let out = swaks(sub, &["--quit-after", "EHLO"]);
@@ -718,14 +725,43 @@ route {{
         "{out}"
     );
 
+    // submissions: implicit TLS from the first byte, then AUTH
+    let out = swaks(
+        smtps,
+        &[
+            "--tlsc",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "alice-secret",
+            "--from",
+            "alice@d.test",
+            "--to",
+            "u1@d.test",
+            "--header",
+            "Subject: auth-implicit-tls",
+        ],
+    );
+    assert!(
+        out.contains("TLS started") && out.contains("235 2.7.0") && out.contains("Queued as"),
+        "{out}"
+    );
+
     wait_for(
         Duration::from_secs(20),
-        "three messages in mail/u1",
-        || maildir(&t.join("mail/u1")).len() == 3,
+        "four messages in mail/u1",
+        || maildir(&t.join("mail/u1")).len() == 4,
         || d.log(),
     );
     let all = maildir(&t.join("mail/u1")).join("\n");
-    for s in ["auth-PLAIN", "auth-LOGIN", "auth-plaintext"] {
+    for s in [
+        "auth-PLAIN",
+        "auth-LOGIN",
+        "auth-plaintext",
+        "auth-implicit-tls",
+    ] {
         assert!(all.contains(&format!("Subject: {s}")), "{all}");
     }
     assert!(d.log().contains("auth"), "{}", d.log());
@@ -1741,18 +1777,42 @@ fn sighup_with_a_good_policy_keeps_the_queue_going() {
     let sink = Sink::start(&t.join("sink-4xx"), sport, &["-r", "RCPT"]);
     let policy = base_policy(port, sport, "none").replace("queue_run 1s;", "queue_run 1h;");
     let d = Daemon::start(t.path(), &policy, &[port]);
-    let out = swaks(port, &["--from", "a@s.test", "--to", "x@far.test", "--header", "Subject: deferred-over-reload"]);
+    let out = swaks(
+        port,
+        &[
+            "--from",
+            "a@s.test",
+            "--to",
+            "x@far.test",
+            "--header",
+            "Subject: deferred-over-reload",
+        ],
+    );
     assert!(out.contains("Queued as"), "{out}");
-    wait_for(Duration::from_secs(30), "a deferral", || d.log().contains("status=deferred"), || d.log());
+    wait_for(
+        Duration::from_secs(30),
+        "a deferral",
+        || d.log().contains("status=deferred"),
+        || d.log(),
+    );
     // a valid policy (the same text) is reloaded while the message waits for its retry
     d.signal("HUP");
-    wait_for(Duration::from_secs(20), "reloaded in the log", || d.log().contains("reloaded"), || d.log());
+    wait_for(
+        Duration::from_secs(20),
+        "reloaded in the log",
+        || d.log().contains("reloaded"),
+        || d.log(),
+    );
     drop(sink);
     let good = Sink::start(&t.join("sink-ok"), sport, &[]);
     wait_for(
         Duration::from_secs(30),
         "the deferred message delivered after the reload",
-        || good.messages().iter().any(|m| m.contains("Subject: deferred-over-reload")),
+        || {
+            good.messages()
+                .iter()
+                .any(|m| m.contains("Subject: deferred-over-reload"))
+        },
         || format!("{}\n{}", queue_list(&d.spool()), d.log()),
     );
 }
