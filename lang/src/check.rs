@@ -782,6 +782,27 @@ impl<'s> Checker<'s> {
                             .help("give both the certificate chain and its private key, or neither (a self-signed pair is made)"),
                     );
                 }
+                // AUTH needs logins to check: `auth` other than `none` (submission and
+                // submissions default to `required`) without `credentials` would refuse
+                // every MAIL with 530.
+                let word = |k: &str| match opts.iter().find(|(n, _)| n == k) {
+                    Some((_, OptValue::Word(w))) => Some(w.clone()),
+                    _ => None,
+                };
+                let protocol = word("protocol").unwrap_or_else(|| "smtp".into());
+                let default_auth = if protocol == "smtp" { "none" } else { "required" };
+                let auth = word("auth").unwrap_or_else(|| default_auth.into());
+                if auth != "none" && !has("credentials") {
+                    self.err(
+                        Diagnostic::error("mailc::setting", format!("listener `{}` offers AUTH but has no `credentials`", n.name))
+                            .at(n.span)
+                            .help(if word("auth").is_some() {
+                                "add `credentials TABLE;` (a map of login -> `mailc hash-password` verifier), or say `auth none;`".to_string()
+                            } else {
+                                format!("a {protocol} listener requires AUTH by default: add `credentials TABLE;`, or say `auth none;`")
+                            }),
+                    );
+                }
                 self.prog.listeners.push(Settings {
                     name: Some(n.name.clone()),
                     options: opts,

@@ -1008,6 +1008,39 @@ fn sink_5xx_at_rcpt_and_at_dot_bounce_to_the_sender() {
     );
 }
 
+/// A bounce that cannot be delivered (a null-sender message refused by the next hop) is a
+/// double bounce: it goes to the server's `postmaster`, and only once.
+#[test]
+fn double_bounce_goes_to_postmaster() {
+    let t = TempDir::new("double");
+    let (port, s_rcpt) = (free_port(), free_port());
+    let _sink = Sink::start(&t.join("sink-rcpt"), s_rcpt, &["-f", "RCPT"]);
+    let policy = base_policy(port, s_rcpt, "none").replace("  queue_run 1s;", "  queue_run 1s;\n  postmaster \"pm@d.test\";");
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(port, &["--from", "<>", "--to", "x@remote.test", "--header", "Subject: a bounce nobody wants"]);
+    assert!(out.contains("Queued as"), "{out}");
+    wait_for(
+        Duration::from_secs(30),
+        "a double-bounce notice in mail/pm",
+        || maildir(&t.join("mail/pm")).len() == 1,
+        || d.log(),
+    );
+    let notice = &maildir(&t.join("mail/pm"))[0];
+    assert!(notice.contains("multipart/report"), "{notice}");
+    assert!(notice.contains("X-Mailpolicy-Double-Bounce: yes"), "{notice}");
+    assert!(notice.contains("x@remote.test"), "{notice}");
+    assert!(notice.contains("Subject: a bounce nobody wants"), "{notice}");
+    assert!(d.log().contains("kind=double-bounce"), "{}", d.log());
+    wait_for(
+        Duration::from_secs(20),
+        "an empty queue",
+        || spool_messages(&d.spool()).is_empty(),
+        || format!("{}\n{}", queue_list(&d.spool()), d.log()),
+    );
+    // Nothing went back to the null sender, and there was exactly one notice.
+    assert_eq!(maildir(&t.join("mail/pm")).len(), 1);
+}
+
 // ================================================================== 3. Dovecot LMTP
 
 /// A throwaway Dovecot LMTP server on loopback with one user, `u1@d.test`.

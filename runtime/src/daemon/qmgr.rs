@@ -119,6 +119,16 @@ struct Qmgr {
     routes: HashMap<(String, usize), RouteInfo>,
     resolver: Arc<dyn Resolver>,
     cache: Arc<driver::ConnectionCache>,
+    /// Removals of delivered messages, running on the blocking pool while the queue manager
+    /// goes on; drained before a queue scan so a scan never sees a message being removed.
+    removals: JoinSet<()>,
+}
+
+/// Blocking spool I/O (reads, renames, fsyncs) on the blocking pool, so that the queue
+/// manager never stalls a runtime worker that sessions need.
+async fn spool_io<T: Send + 'static>(spool: &Spool, f: impl FnOnce(&Spool) -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+    let s = spool.clone();
+    tokio::task::spawn_blocking(move || f(&s)).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: Vec<String>, mut incoming: mpsc::UnboundedReceiver<String>) -> QmgrHandle {
@@ -140,6 +150,7 @@ pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: 
         routes: HashMap::new(),
         resolver,
         cache: Arc::new(driver::ConnectionCache::default()),
+        removals: JoinSet::new(),
     };
     tokio::spawn(async move {
         for id in recovered {
@@ -155,11 +166,13 @@ pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: 
                 }
             }
             if stopping.is_some() && inflight.is_empty() {
+                while q.removals.join_next().await.is_some() {}
                 break;
             }
             let wake = q.sched.poll_timeout().map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(10))).unwrap_or(Duration::from_secs(60));
             tokio::select! {
                 Some(id) = incoming.recv(), if stopping.is_none() => q.admit(&id).await,
+                Some(_) = q.removals.join_next(), if !q.removals.is_empty() => {}
                 Some(done) = inflight.join_next(), if !inflight.is_empty() => match done {
                     Ok(d) => q.finish(d).await,
                     Err(e) => q.shared.log.event("delivery-task-failed", &[("error", &e.to_string())]),
@@ -191,8 +204,9 @@ pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: 
 }
 
 impl Qmgr {
-    fn load(&self, id: &QueueId) -> Option<Stored> {
-        match self.spool.load(id) {
+    async fn load(&self, id: &QueueId) -> Option<Stored> {
+        let qid = id.clone();
+        match spool_io(&self.spool, move |s| s.load(&qid)).await {
             Ok(s) => Some(s),
             Err(e) => {
                 self.shared.log.event("load-failed", &[("id", id.as_str()), ("error", &e.to_string())]);
@@ -204,7 +218,7 @@ impl Qmgr {
     /// A message is in the spool: route its open recipients and schedule them.
     async fn admit(&mut self, id: &str) {
         let Some(qid) = QueueId::parse(id) else { return };
-        let Some(stored) = self.load(&qid) else { return };
+        let Some(stored) = self.load(&qid).await else { return };
         let now = now_ms();
         let mut entry = Entry::new(qid.clone(), stored.class, stored.arrived_ms);
         entry.due_ms = stored.next_attempt_ms;
@@ -259,7 +273,8 @@ impl Qmgr {
                         failures.push((i, "554 5.4.6 Mail loop: too many Received headers".into()));
                         continue;
                     }
-                    match self.spool.store(&m, stored.class, now) {
+                    let class = stored.class;
+                    match spool_io(&self.spool, move |s| s.store(&m, class, now).map_err(std::io::Error::other)).await {
                         Ok(new_id) => {
                             self.shared.log.event("expanded", &[("id", id), ("rcpt", &rcpt.address), ("into", new_id.as_str()), ("members", &members.join(","))]);
                             updates.push((i, RcptState::Delivered { at: now, reply: format!("250 2.1.5 expanded to {}", members.join(", ")) }));
@@ -283,21 +298,29 @@ impl Qmgr {
             }
         }
         if !updates.is_empty() {
-            if let Err(e) = self.spool.record(&qid, &updates, None) {
+            let q = qid.clone();
+            if let Err(e) = spool_io(&self.spool, move |s| s.record(&q, &updates, None)).await {
                 self.shared.log.event("record-failed", &[("id", id), ("error", &e.to_string())]);
             }
         }
         if entry.rcpts.is_empty() {
-            if let Ok(s) = self.spool.load(&qid) {
-                if s.states.iter().all(RcptState::is_final) {
-                    let _ = self.spool.remove(&qid);
-                    self.shared.log.event("removed", &[("id", id)]);
+            let q = qid.clone();
+            let removed = spool_io(&self.spool, move |s| {
+                let done = s.load(&q)?.states.iter().all(RcptState::is_final);
+                if done {
+                    s.remove(&q)?;
                 }
+                Ok(done)
+            })
+            .await;
+            if matches!(removed, Ok(true)) {
+                self.shared.log.event("removed", &[("id", id)]);
             }
             return;
         }
         if !entry.held && stored.queue == QueueName::Incoming {
-            let _ = self.spool.move_to(&qid, QueueName::Active);
+            let q = qid.clone();
+            let _ = spool_io(&self.spool, move |s| s.activate(&q)).await;
         }
         self.sched.add(entry, now);
     }
@@ -323,7 +346,8 @@ impl Qmgr {
 
     /// The queue run: pick up what `mailc queue` changed.
     async fn rescan(&mut self) {
-        let Ok(list) = self.spool.list() else { return };
+        while self.removals.join_next().await.is_some() {}
+        let Ok(list) = spool_io(&self.spool, |s| s.list()).await else { return };
         let now = now_ms();
         let known: std::collections::HashSet<String> = self.sched.ids().map(|i| i.as_str().to_string()).collect();
         let mut seen = std::collections::HashSet::new();
@@ -477,29 +501,35 @@ impl Qmgr {
         for c in cmds {
             match c {
                 Command::Dsn { id, kind, rcpts, expired, .. } => {
-                    if let Some(stored) = self.load(&id) {
+                    if let Some(stored) = self.load(&id).await {
                         self.dsn(&id, &stored, kind, &rcpts, expired).await;
                         if kind == DsnKind::Delay {
-                            let _ = self.spool.set_delay_warned(&id);
+                            let q = id.clone();
+                            let _ = spool_io(&self.spool, move |s| s.set_delay_warned(&q)).await;
                         }
                     }
                 }
                 Command::Record { id, updates, next_attempt_ms } => {
-                    if let Err(e) = self.spool.record(&id, &updates, next_attempt_ms) {
+                    let q = id.clone();
+                    if let Err(e) = spool_io(&self.spool, move |s| s.record(&q, &updates, next_attempt_ms)).await {
                         self.shared.log.event("record-failed", &[("id", id.as_str()), ("error", &e.to_string())]);
                     }
                 }
                 Command::Defer { id } => {
-                    let _ = self.spool.defer(&id);
+                    let _ = spool_io(&self.spool, move |s| s.defer(&id)).await;
                 }
                 Command::Remove { id } => {
                     for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
                         self.routes.remove(&k);
                     }
-                    match self.spool.remove(&id) {
-                        Ok(()) => self.shared.log.event("removed", &[("id", id.as_str())]),
-                        Err(e) => self.shared.log.event("remove-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
-                    }
+                    // The scheduler has forgotten the message; its removal (a group-committed
+                    // directory fsync) need not hold up the next admission or delivery.
+                    let spool = self.spool.clone();
+                    let shared = self.shared.clone();
+                    self.removals.spawn_blocking(move || match spool.remove(&id) {
+                        Ok(()) => shared.log.event("removed", &[("id", id.as_str())]),
+                        Err(e) => shared.log.event("remove-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                    });
                 }
             }
         }
@@ -511,7 +541,24 @@ impl Qmgr {
     async fn dsn(&mut self, id: &QueueId, stored: &Stored, kind: DsnKind, rcpts: &[(usize, String)], expired: bool) {
         let msg = &stored.message;
         let now = now_ms();
-        let sender = reverse_path(&msg.sender);
+        // A bounce that cannot be delivered is a double bounce: it goes to the server's
+        // `postmaster`, once (a double bounce that fails is dropped), never to `<>`.
+        let double = msg.sender.is_empty();
+        let to = if double {
+            let pm = match self.prog.server.option("postmaster") {
+                Some(OptValue::Str(s)) => s.clone(),
+                _ => String::new(),
+            };
+            let already = String::from_utf8_lossy(&msg.data[..msg.data.len().min(4096)]).to_ascii_lowercase().contains("x-mailpolicy-double-bounce:");
+            if kind != DsnKind::Failure || pm.is_empty() || already {
+                self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", "double-bounce"), ("reason", if pm.is_empty() { "no postmaster setting" } else { "not a first failure" })]);
+                return;
+            }
+            pm
+        } else {
+            msg.sender.clone()
+        };
+        let sender = reverse_path(&to);
         let tkind = match kind {
             DsnKind::Failure => dsn::DsnKind::Failure,
             DsnKind::Delay => dsn::DsnKind::Delay,
@@ -521,7 +568,7 @@ impl Qmgr {
         for (i, reply) in rcpts {
             let Some(r) = msg.recipients.get(*i) else { continue };
             let notify = notify_of(r);
-            if !dsn::should_notify(tkind, notify.as_ref(), &sender) {
+            if !double && !dsn::should_notify(tkind, notify.as_ref(), &sender) {
                 continue;
             }
             let rep = Reply::parse(reply).unwrap_or_else(|| Reply::new(if kind == DsnKind::Delay { 451 } else { 550 }, (if kind == DsnKind::Delay { 4 } else { 5 }, 0, 0), reply.clone()));
@@ -536,7 +583,7 @@ impl Qmgr {
             }
             entries.push(e);
         }
-        if entries.is_empty() || msg.sender.is_empty() {
+        if entries.is_empty() {
             return;
         }
         let lookups = self.shared.lookups();
@@ -550,9 +597,9 @@ impl Qmgr {
             DsnKind::Success => "success",
         };
         let reason = rcpts.first().map(|r| r.1.clone()).unwrap_or_default();
-        let (allowed, effects) = route::bounce_allowed(&self.prog, &lookups, msg, &msg.sender, kind_word, &reason, now, id.as_str(), stored.arrived_ms).await;
+        let (allowed, effects) = route::bounce_allowed(&self.prog, &lookups, msg, &to, kind_word, &reason, now, id.as_str(), stored.arrived_ms).await;
         if !allowed {
-            self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", kind_word), ("to", &msg.sender), ("by", "policy")]);
+            self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", kind_word), ("to", &to), ("by", "policy")]);
             return;
         }
         let size_limit = num(&self.prog, "bounce_size_limit").unwrap_or(50_000) as usize;
@@ -577,6 +624,9 @@ impl Qmgr {
         let mut data = dsn::build_dsn(&d);
         // Header changes the bounce stage asked for.
         let mut prefix = String::new();
+        if double {
+            prefix.push_str("X-Mailpolicy-Double-Bounce: yes\r\n");
+        }
         for e in effects {
             if let crate::eval::Effect::HeaderAdd { name, value } = e {
                 prefix.push_str(&format!("{name}: {value}\r\n"));
@@ -589,15 +639,15 @@ impl Qmgr {
         }
         let bounce = QueuedMessage {
             sender: String::new(),
-            recipients: vec![QueuedRcpt { address: msg.sender.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }],
+            recipients: vec![QueuedRcpt { address: to.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }],
             data,
             client_ip: "127.0.0.1".into(),
             helo: self.shared.hostname.clone(),
             ..Default::default()
         };
-        match self.spool.store(&bounce, Class::Bounce, now) {
+        match spool_io(&self.spool, move |s| s.store(&bounce, Class::Bounce, now).map_err(std::io::Error::other)).await {
             Ok(new_id) => {
-                self.shared.log.event("dsn", &[("id", id.as_str()), ("kind", kind_word), ("to", &msg.sender), ("dsn_id", new_id.as_str()), ("expired", if expired { "yes" } else { "" })]);
+                self.shared.log.event("dsn", &[("id", id.as_str()), ("kind", if double { "double-bounce" } else { kind_word }), ("to", &to), ("dsn_id", new_id.as_str()), ("expired", if expired { "yes" } else { "" })]);
                 Box::pin(self.admit(new_id.as_str())).await;
             }
             Err(e) => self.shared.log.event("dsn-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
