@@ -89,3 +89,107 @@ fn every_case_passes() {
     );
     assert!(passed >= 150, "only {passed} transcript cases ran");
 }
+
+/// Issue 6, B1: every open-relay policy of `tests/assurance/` (`relay_*`) gives a
+/// counterexample, and that transcript relays (its final RCPT gets 250) under the real
+/// engine; every safe twin (`safe_*`) is proven and gives none.
+#[test]
+fn open_relay_counterexamples_relay() {
+    use mailpolicy_lang::{analysis, FsLoader};
+    let dir = root().join("tests/assurance");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/assurance")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "mailpolicy"))
+        .collect();
+    files.sort();
+    let out = std::env::temp_dir().join(format!("mailc-counterexamples-{}", std::process::id()));
+    std::fs::create_dir_all(&out).expect("temp dir");
+    let loader = FsLoader { std_dir: std_dir() };
+    let mut runner = Runner::new(std_dir());
+    let (mut relays, mut safe) = (0, 0);
+    let mut failures = Vec::new();
+    for f in &files {
+        let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
+        let (c, cases) = analysis::check(&f.display().to_string(), &loader);
+        let flagged = c.diagnostics.iter().any(|d| d.code == "mailc::open-relay");
+        if stem.starts_with("safe_") {
+            safe += 1;
+            if flagged || !cases.is_empty() {
+                failures.push(format!("{stem}: a safe twin was not proven"));
+            }
+            continue;
+        }
+        if !stem.starts_with("relay_") {
+            continue;
+        }
+        relays += 1;
+        if !flagged || cases.is_empty() {
+            failures.push(format!("{stem}: the open relay was not caught"));
+            continue;
+        }
+        for (i, cx) in cases.iter().enumerate() {
+            let path = out.join(format!("{stem}.{i}.transcript"));
+            let text = format!("policy: {}\n\n{}", f.display(), cx.transcript);
+            std::fs::write(&path, &text).expect("write counterexample");
+            let file = match parse(&path, &text) {
+                Ok(t) => t,
+                Err(e) => {
+                    failures.push(format!(
+                        "{stem}: counterexample does not parse: {e:?}\n{text}"
+                    ));
+                    continue;
+                }
+            };
+            for r in runner.run_file(&file) {
+                if !r.passed() {
+                    failures.push(format!(
+                        "{stem}: counterexample does not relay: {:?}\n{text}",
+                        r.failures
+                    ));
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    assert!(relays >= 20, "only {relays} open-relay policies");
+    assert!(safe >= 20, "only {safe} safe twins");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// B5: a case keeps each verdict's rule and trace, for `mailc explain`.
+#[test]
+fn verdicts_keep_their_trace() {
+    let path = root().join("examples/access-dnsbl.transcript");
+    let text = std::fs::read_to_string(&path).expect("example transcript");
+    let file = parse(&path, &text).expect("parses");
+    let case = file
+        .cases
+        .iter()
+        .find(|c| c.name == "relaying is refused")
+        .expect("the relaying case");
+    let r = Runner::new(std_dir()).run_case(&file, case);
+    assert!(r.passed(), "{:?}", r.failures);
+    let rcpt = r
+        .verdicts
+        .iter()
+        .find(|v| v.stage == mailpolicy_lang::ir::Stage::Rcpt)
+        .expect("a rcpt verdict");
+    assert!(rcpt.outcome.starts_with("reject 554"), "{}", rcpt.outcome);
+    assert!(rcpt.rule.is_some(), "the relay check decided");
+    let tests = rcpt
+        .trace
+        .iter()
+        .filter(|t| {
+            matches!(
+                t,
+                mailpolicy_runtime::eval::Trace::Test { result: true, .. }
+            )
+        })
+        .count();
+    assert_eq!(
+        tests, 1,
+        "the relay check's test was true: {:?}",
+        rcpt.trace
+    );
+}

@@ -57,7 +57,10 @@ pub fn main(args: Vec<OsString>) -> u8 {
         let (c, counterexamples) = analysis::check(file, &loader);
         if let Some(dir) = &emit {
             if let Err(e) = write_counterexamples(dir, file, &counterexamples) {
-                eprintln!("mailc check: cannot write counterexamples to {}: {e}", dir.display());
+                eprintln!(
+                    "mailc check: cannot write counterexamples to {}: {e}",
+                    dir.display()
+                );
                 worst = 2;
             }
         }
@@ -122,9 +125,7 @@ fn write_counterexamples(
     for c in cases {
         let name = c.listener.as_deref().unwrap_or("default");
         let path = dir.join(format!("{stem}.{name}.transcript"));
-        let text = format!("policy: {}
-
-{}", policy.display(), c.transcript);
+        let text = format!("policy: {}\n\n{}", policy.display(), c.transcript);
         std::fs::write(&path, text)?;
         eprintln!("{file}: counterexample written to {}", path.display());
     }

@@ -1,6 +1,7 @@
 //! `mailc`: a thin command line over the `lang`, `stdlib` and `runtime` crates.
 
 mod check;
+mod explain;
 mod hashpw;
 mod serve;
 mod queue;
@@ -14,6 +15,7 @@ mailc: compile, test and run mailpolicy files
 Usage:
   mailc check [--format human|json] [--deny-warnings] [--emit-counterexample DIR] FILE...
   mailc test [--verbose] [--filter TEXT] PATH...
+  mailc explain [--filter TEXT] TRANSCRIPT...
   mailc serve [--policy FILE] [--spool DIR]
   mailc hash-password [--iterations N]     (password on standard input)
   mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
     let code = match cmd.to_str() {
         Some("check") => check::main(rest),
         Some("test") => test::main(rest),
+        Some("explain") => explain::main(rest),
         Some("queue") => queue::main(rest),
         Some("hash-password") => hashpw::main(rest),
         Some("serve") => serve::main(rest),

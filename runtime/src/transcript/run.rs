@@ -35,6 +35,18 @@ pub struct CaseResult {
     pub failures: Vec<String>,
     /// Verdicts and lookups, for `mailc explain`.
     pub log: Vec<String>,
+    /// Each policy verdict in order, with the trace of its tests, lookups and actions.
+    pub verdicts: Vec<VerdictTrace>,
+}
+
+/// One verdict of a case, as `mailc explain` shows it.
+#[derive(Clone, Debug)]
+pub struct VerdictTrace {
+    pub stage: Stage,
+    pub outcome: String,
+    /// The rule that decided; None when the stage fell off its end.
+    pub rule: Option<LocId>,
+    pub trace: Vec<eval::Trace>,
 }
 
 impl CaseResult {
@@ -95,6 +107,7 @@ impl Runner {
             line: case.line,
             failures: Vec::new(),
             log: Vec::new(),
+            verdicts: Vec::new(),
         };
         let policy = case
             .items
@@ -132,6 +145,7 @@ impl Runner {
         run.end_session();
         result.failures = run.failures;
         result.log = run.log;
+        result.verdicts = run.verdict_traces;
         result
     }
 }
@@ -181,6 +195,7 @@ struct CaseRun {
     alerts: Vec<String>,
     failures: Vec<String>,
     log: Vec<String>,
+    verdict_traces: Vec<VerdictTrace>,
     sessions: u32,
     /// Virtual time of the last `C:` line (or of the connection).
     sent_at: u64,
@@ -222,6 +237,7 @@ impl CaseRun {
             alerts: Vec::new(),
             failures: Vec::new(),
             log: Vec::new(),
+            verdict_traces: Vec::new(),
             sessions: 0,
             sent_at: DEFAULT_CLOCK,
         }
@@ -799,8 +815,14 @@ impl CaseRun {
                 stage,
                 outcome,
                 rule,
-                trace: _,
+                trace,
             } => {
+                self.verdict_traces.push(VerdictTrace {
+                    stage,
+                    outcome: outcome.clone(),
+                    rule,
+                    trace,
+                });
                 let at = rule
                     .map(|r| self.prog.describe_loc(r))
                     .unwrap_or_else(|| "end of stage".into());
