@@ -678,16 +678,6 @@ impl Conn {
     }
 
     fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
-        // Built-in relay rule (spec/language.md section 11, R14, B1): a recipient the policy
-        // did not explicitly accept is relayed only for local domains, trusted networks or
-        // authenticated clients.
-        if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.relay_allowed() {
-            v.outcome = Outcome::Reject(RenderedReply {
-                code: 554,
-                enhanced: (5, 7, 1),
-                text: "Relay access denied".into(),
-            });
-        }
         // Policy modes (R40).
         if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
             if self.mode.warn_only {
@@ -704,6 +694,17 @@ impl Conn {
                     });
                 }
             }
+        }
+        // Built-in relay rule (spec/language.md section 11, R14, B1): a recipient the policy
+        // did not explicitly accept is relayed only for local domains, trusted networks or
+        // authenticated clients. It applies after the policy modes: `warn_only`
+        // softens the policy's own refusals, never the relay rule.
+        if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.relay_allowed() {
+            v.outcome = Outcome::Reject(RenderedReply {
+                code: 554,
+                enhanced: (5, 7, 1),
+                text: "Relay access denied".into(),
+            });
         }
         let outcome_text = match &v.outcome {
             Outcome::Default => "default".to_string(),

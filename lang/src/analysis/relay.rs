@@ -482,11 +482,10 @@ impl Ctx<'_> {
                         End::Default if p.relay_session || p.relay_tx => {
                             "the stage falls off its end after an `access` table said RELAY for an attacker-chosen key".to_string()
                         }
-                        End::Default if self.warn_only => "`warn_only true` turns refusals, the built-in relay rule's 554 included, into 250".to_string(),
                         _ => continue,
                     };
                     let at = match end {
-                        End::Default if !self.trusted && !self.warn_only => p.granted_by,
+                        End::Default if !self.trusted => p.granted_by,
                         End::Default => None,
                         _ => at,
                     };
@@ -497,13 +496,7 @@ impl Ctx<'_> {
                             chain: p.chain.clone(),
                             decided_by: at,
                             why,
-                            setting: if self.trusted {
-                                Some("networks")
-                            } else if self.warn_only {
-                                Some("warn_only")
-                            } else {
-                                None
-                            },
+                            setting: if self.trusted { Some("networks") } else { None },
                             transcript,
                             recipient: format!("{}@{}", asg.local, asg.domain),
                         }));
