@@ -52,6 +52,9 @@
 //!    never a loss). The host records *after* delivering and after storing any DSN.
 //! 3. [`Spool::move_to`] is one rename, then both directories are fsynced; a crash leaves the
 //!    file in exactly one of the two queues, and every queue but `corrupt/` is recovered.
+//!    [`Spool::activate`] (incoming to active, the queue manager's hot path) is a rename
+//!    without fsync: after a crash the file is in `incoming/` or `active/`, and recovery
+//!    moves `active/` back to `incoming/`, so both outcomes are the same.
 //! 4. [`Spool::remove`] unlinks the message file first, then the state file, and fsyncs
 //!    both directories. A crash in between leaves an orphan state file, which recovery
 //!    deletes; a crash before the fsync may resurrect the message (a duplicate, not a loss).
@@ -719,6 +722,27 @@ impl Spool {
             to,
             sync_from: true,
         }])
+    }
+
+    /// Take a message from `incoming/` into `active/` (the queue manager has it in memory
+    /// now). A plain rename with no fsync: recovery moves `active/` back to `incoming/`, so
+    /// whether or not this rename survives a crash the message is found in `incoming/`
+    /// after it; making the rename durable would buy nothing and cost two directory
+    /// fsyncs per message. A message in any other queue is left where it is.
+    pub fn activate(&self, id: &QueueId) -> io::Result<()> {
+        let _guard = self.lock(id);
+        let from = self.queue_dir(QueueName::Incoming).join(id.as_str());
+        let to = self.queue_dir(QueueName::Active).join(id.as_str());
+        match fs::rename(&from, &to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if self.locate(id).is_some() {
+                    Ok(())
+                } else {
+                    Err(Spool::not_found(id))
+                }
+            }
+            r => r,
+        }
     }
 
     /// Move the message to `deferred/` after a failed attempt, durably; a message on hold

@@ -394,3 +394,43 @@ fn attach_requires_a_spool_and_does_not_recover() {
     assert!(s.list().expect("list").is_empty());
     assert_eq!(files(&t.0.join("tmp")), vec!["inflight".to_string()]);
 }
+
+#[test]
+fn activate_moves_without_fsync_and_recovery_undoes_it() {
+    let t = TempDir::new("spool");
+    let (spool, _) = Spool::open(&t.0).expect("open");
+    let id = spool
+        .store(&message("a@x", &["b@y"], b"hot"), Class::Normal, 1)
+        .expect("store");
+    let held = spool
+        .store(&message("a@x", &["b@y"], b"held"), Class::Normal, 2)
+        .expect("store");
+    spool.move_to(&held, QueueName::Hold).expect("hold");
+    let before = spool.sync_stats();
+    spool.activate(&id).expect("activate");
+    spool.activate(&held).expect("a held message stays held");
+    let after = spool.sync_stats();
+    assert_eq!(after.dir_syncs, before.dir_syncs, "activate does not fsync");
+    assert_eq!(
+        spool.summary(&id).expect("summary").queue,
+        QueueName::Active
+    );
+    assert_eq!(
+        spool.summary(&held).expect("summary").queue,
+        QueueName::Hold
+    );
+    let gone = QueueId::parse("NOSUCHID").expect("id");
+    assert_eq!(
+        spool.activate(&gone).expect_err("gone").kind(),
+        io::ErrorKind::NotFound
+    );
+    drop(spool);
+    let (_, rec) = Spool::open(&t.0).expect("reopen");
+    let q: Vec<(QueueId, QueueName)> = rec
+        .messages
+        .iter()
+        .map(|m| (m.id.clone(), m.queue))
+        .collect();
+    assert!(q.contains(&(id, QueueName::Incoming)), "{q:?}");
+    assert!(q.contains(&(held, QueueName::Hold)), "{q:?}");
+}
