@@ -33,17 +33,22 @@ impl Logger {
                     if v.is_empty() {
                         continue;
                     }
+                    s.push(' ');
+                    s.push_str(k);
+                    s.push('=');
                     if v.contains([' ', '"', '=']) || v.chars().any(char::is_control) {
-                        s.push_str(&format!(" {k}={}", serde_json::Value::from(*v)));
+                        s.push_str(&serde_json::Value::from(*v).to_string());
                     } else {
-                        s.push_str(&format!(" {k}={v}"));
+                        s.push_str(v);
                     }
                 }
                 s
             }
         };
-        let stderr = std::io::stderr();
-        let mut lock = stderr.lock();
-        let _ = writeln!(lock, "{line}");
+        // One write per line (stderr is unbuffered: `writeln!` would make two system calls,
+        // and lines of concurrent sessions could interleave between them).
+        let mut line = line;
+        line.push('\n');
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 }

@@ -198,10 +198,18 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                     }
                 }
                 Need::Queue(msg) => {
+                    // The message moves to the blocking pool and back: no copy of its data.
                     let store = shared.store.clone();
-                    let m = msg.clone();
-                    let stored = tokio::task::spawn_blocking(move || store.store(&m)).await;
+                    let joined = tokio::task::spawn_blocking(move || {
+                        let r = store.store(&msg);
+                        (r, msg)
+                    })
+                    .await;
                     let now = Time(now_ms());
+                    let (stored, msg) = match joined {
+                        Ok((r, m)) => (Ok(r), m),
+                        Err(e) => (Err(e), Default::default()),
+                    };
                     match stored {
                         Ok(Ok(qid)) => {
                             let rcpts: Vec<&str> = msg.recipients.iter().map(|r| r.address.as_str()).collect();
