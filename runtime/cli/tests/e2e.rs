@@ -1850,6 +1850,20 @@ fn sighup_with_a_good_policy_keeps_the_queue_going() {
     );
 }
 
+/// B1 + B6: the open-relay proof is part of the check the daemon runs, so an open relay
+/// never starts either.
+#[test]
+fn an_open_relay_policy_does_not_start() {
+    let t = TempDir::new("openrelay");
+    let port = free_port();
+    let policy = t.join("open.mailpolicy");
+    std::fs::write(&policy, format!("listener smtp {{ address \"127.0.0.1:{port}\"; }}\non rcpt {{ accept; }}\n")).expect("write");
+    let (st, out, err) = run_bounded(Command::new(MAILC).arg("serve").arg("--policy").arg(&policy).current_dir(t.path()), Duration::from_secs(30));
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(err.contains("mailc::open-relay"), "the proof's error is reported: {err}");
+    assert!(!listening(port), "nothing listens on {port}");
+}
+
 #[test]
 fn a_policy_with_errors_does_not_start() {
     let t = TempDir::new("badpolicy");

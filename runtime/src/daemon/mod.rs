@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use mailpolicy_lang::ir::{OptValue, Program, Resource};
-use mailpolicy_lang::{compile, Compilation, FsLoader, MemLoader};
+use mailpolicy_lang::{Compilation, FsLoader, MemLoader};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -165,9 +165,11 @@ pub struct ServeOptions {
 
 /// Compile the policy for the daemon: a policy with errors never runs (B6).
 pub fn load_policy(opts: &ServeOptions) -> Result<(Program, PathBuf, Compilation), Compilation> {
-    let c = match &opts.policy {
-        Some(p) => compile(&p.display().to_string(), &FsLoader { std_dir: opts.std_dir.clone() }),
-        None => compile(DEFAULT_POLICY_NAME, &MemLoader::single(DEFAULT_POLICY_NAME, DEFAULT_POLICY)),
+    // The same checks as `mailc check`, the open-relay proof included: a policy it
+    // refuses never runs (B1, B6).
+    let (c, _) = match &opts.policy {
+        Some(p) => mailpolicy_lang::analysis::check(&p.display().to_string(), &FsLoader { std_dir: opts.std_dir.clone() }),
+        None => mailpolicy_lang::analysis::check(DEFAULT_POLICY_NAME, &MemLoader::single(DEFAULT_POLICY_NAME, DEFAULT_POLICY)),
     };
     let dir = opts.policy.as_ref().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
