@@ -17,7 +17,7 @@ use hickory_resolver::TokioAsyncResolver;
 use mailpolicy_lang::ir::{OptValue, Program, Resource, TransportKind};
 use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::FileTable};
 
-use crate::eval::{Answer, AuthCheck, Request, RrType};
+use crate::eval::{Answer, Request, RrType};
 
 struct Loaded {
     modified: Option<SystemTime>,
@@ -42,6 +42,10 @@ pub struct Lookups {
     callahead_sessions: std::sync::Arc<crate::transport::driver::ConnectionCache>,
     /// recipient -> (code, text, valid until)
     callaheads: Mutex<HashMap<String, (u16, String, u64)>>,
+    /// SPF, DKIM, DMARC (R25, B7).
+    pub sender_auth: super::auth::SenderAuth,
+    /// DKIM signing of our users' mail, when configured.
+    pub signer: Option<super::auth::Signer>,
 }
 
 fn dur(p: &Program, name: &str, default_ms: u64) -> Duration {
@@ -74,6 +78,9 @@ pub fn resolve_secrets(prog: &Program, policy_dir: &Path) -> Result<HashMap<Stri
 
 impl Lookups {
     pub fn new(prog: &Program, policy_dir: &Path) -> Result<Lookups, String> {
+        let secrets = resolve_secrets(prog, policy_dir)?;
+        let sender_auth = super::auth::SenderAuth::new(prog, &crate::config::hostname(prog, None, &super::machine_hostname()))?;
+        let signer = super::auth::Signer::from_program(prog, &|name: &str| secrets.get(name).cloned())?;
         let hostname = crate::config::hostname(prog, None, &super::machine_hostname());
         let mx_resolver: std::sync::Arc<dyn crate::transport::mx::Resolver> = match prog.server.option("dns_server") {
             Some(OptValue::Str(a)) => match a.parse() {
@@ -109,12 +116,14 @@ impl Lookups {
             tables: Mutex::new(HashMap::new()),
             rates: Mutex::new(RateStore::default()),
             greylist: Mutex::new(Greylist::default()),
-            secrets: resolve_secrets(prog, policy_dir)?,
+            secrets: secrets.clone(),
             local_domains: crate::conn::local_domains(prog, &hostname),
             hostname,
             mx_resolver,
             callahead_sessions: std::sync::Arc::new(crate::transport::driver::ConnectionCache::new(Duration::from_secs(30))),
             callaheads: Mutex::new(HashMap::new()),
+            sender_auth,
+            signer,
         })
     }
 
@@ -150,14 +159,8 @@ impl Lookups {
             // Sender authentication, content scanning and call-ahead are answered by the
             // standard-library back ends; until this build has them they fail, which the
             // evaluator reports as temperror / a temporary failure, never as a pass.
-            Request::Auth(check) => Answer::Error(format!(
-                "{} checks are not available in this build",
-                match check {
-                    AuthCheck::Spf => "SPF",
-                    AuthCheck::Dkim => "DKIM",
-                    AuthCheck::Dmarc | AuthCheck::DmarcPolicy => "DMARC",
-                }
-            )),
+            // The session answers these itself: they need the message and the session.
+            Request::Auth(_) => Answer::Error("sender authentication is answered by the session".into()),
             // The session answers scans itself: it has the message.
             Request::Scan { .. } => Answer::Error("a scan needs the message; the session answers it".into()),
             Request::Callahead { recipient, sender } => self.callahead(prog, recipient, sender, now_ms).await,

@@ -7,6 +7,7 @@
 //! policy that fails `mailc check` is refused and logged, and the old one keeps running;
 //! new sessions use the new one (listener addresses need a restart).
 
+pub mod auth;
 pub mod ldap;
 pub mod log;
 pub mod qmgr;

@@ -547,7 +547,7 @@ impl Qmgr {
         let to = if double {
             let pm = match self.prog.server.option("postmaster") {
                 Some(OptValue::Str(s)) => s.clone(),
-                _ => String::new(),
+                _ => format!("postmaster@{}", self.shared.hostname),
             };
             let already = String::from_utf8_lossy(&msg.data[..msg.data.len().min(4096)]).to_ascii_lowercase().contains("x-mailpolicy-double-bounce:");
             if kind != DsnKind::Failure || pm.is_empty() || already {

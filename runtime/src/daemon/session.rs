@@ -10,7 +10,9 @@ use mailpolicy_lang::ir::{OptValue, Program, Resource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::auth::AuthState;
 use super::lookup::Lookups;
+use crate::eval::AuthCheck;
 use super::sasl::{CredentialStore, SaslServer, Step as SaslStep, Verifier};
 use super::{now_ms, ListenerRt, Shared, StoreFailure};
 use crate::conn::{ClientInfo, Conn, Need, Note};
@@ -120,6 +122,8 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
     if let Ok(mut r) = lookups.rates.lock() {
         r.open(&ip_key);
     }
+    let mut auth_state = AuthState::default();
+    let mut auth_sender: Option<String> = None;
     let mut shutdown = shared.shutdown.clone();
     let mut buf = vec![0u8; 64 * 1024];
     let mut idle_deadline = tokio::time::Instant::now() + lst.command_timeout;
@@ -130,6 +134,30 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
             match need {
                 Need::Policy(req) => {
                     let a = match &req {
+                        crate::eval::Request::Auth(check) => {
+                            let f = conn.facts();
+                            let (ip, sender) = (f.client_ip, f.sender.clone().unwrap_or_default());
+                            let helo = f.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
+                            if auth_sender.as_deref() != Some(sender.as_str()) {
+                                auth_state = AuthState::default();
+                                auth_sender = Some(sender.clone());
+                            }
+                            let sa = &lookups.sender_auth;
+                            match check {
+                                AuthCheck::Spf => Answer::Value(Some(sa.spf(&mut auth_state, ip, &helo, &sender).await.to_string())),
+                                _ => match conn.current_message() {
+                                    Some(m) => {
+                                        let (d, dm, p) = sa.content(&mut auth_state, ip, &helo, &sender, m).await;
+                                        Answer::Value(Some(match check {
+                                            AuthCheck::Dkim => d,
+                                            AuthCheck::Dmarc => dm,
+                                            _ => p,
+                                        }))
+                                    }
+                                    None => Answer::Error("no message to check".into()),
+                                },
+                            }
+                        }
                         crate::eval::Request::Scan { scanner } => match (prog.scanners.get(scanner.index()), conn.current_message()) {
                             (Some(sc), Some(data)) => super::scan::scan(sc, data, conn.facts()).await,
                             _ => Answer::Error("no message to scan".into()),
@@ -197,7 +225,34 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                         }
                     }
                 }
-                Need::Queue(msg) => {
+                Need::Queue(mut msg) => {
+                    // Authentication-Results for what was checked, then our DKIM signature on
+                    // mail our own users send (authenticated or from `networks`).
+                    {
+                        let f = conn.facts();
+                        let mut prefix = String::new();
+                        if auth_sender.as_deref() == f.sender.as_deref() {
+                            let helo = f.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
+                            if let Some(h) = lookups.sender_auth.header(&auth_state, f.client_ip, &helo, &msg.sender) {
+                                prefix.push_str(&h);
+                            }
+                        }
+                        if let Some(signer) = lookups.signer.as_ref().filter(|s| s.covers(&msg.sender)) {
+                            if f.auth.is_some() || trusted(&prog, f.client_ip) {
+                                match signer.sign(&msg.data, &msg.sender) {
+                                    Ok(h) => prefix.push_str(&h),
+                                    Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
+                                }
+                            }
+                        }
+                        if !prefix.is_empty() {
+                            let mut data = prefix.into_bytes();
+                            data.extend_from_slice(&msg.data);
+                            msg.data = data;
+                        }
+                    }
+                    auth_state = AuthState::default();
+                    auth_sender = None;
                     // The message moves to the blocking pool and back: no copy of its data.
                     let store = shared.store.clone();
                     let joined = tokio::task::spawn_blocking(move || {
@@ -325,5 +380,13 @@ pub fn command_timeout(prog: &Program, listener: Option<&str>) -> Duration {
     match l.and_then(|l| l.option("command_timeout")) {
         Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
         _ => Duration::from_secs(300),
+    }
+}
+
+/// The client is in the server's `networks` (loopback when none is declared).
+fn trusted(prog: &Program, ip: std::net::IpAddr) -> bool {
+    match prog.server.option("networks") {
+        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(ip))),
+        _ => ip.is_loopback(),
     }
 }

@@ -1,0 +1,343 @@
+//! Sender authentication with the mail-auth crate (R25, B7): SPF at MAIL, DKIM and DMARC
+//! on the message, an `Authentication-Results` header on accepted mail, and DKIM signing
+//! of mail our own users send (`server { dkim_key; dkim_selector; dkim_domain; }`).
+//!
+//! Results are computed once per transaction, when the policy first reads `spf`, `dkim`,
+//! `dmarc` or `dmarc.policy`, and only then: a policy that never asks pays no DNS query.
+
+use std::net::{IpAddr, SocketAddr};
+
+use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::{DkimSigner, Done};
+use mail_auth::hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig, ResolverOpts};
+use mail_auth::{AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, Resolver, SpfOutput, SpfResult};
+use mailpolicy_lang::ir::{OptValue, Program};
+
+/// The DNS client of sender authentication.
+pub struct SenderAuth {
+    resolver: Resolver,
+    hostname: String,
+}
+
+/// What one transaction has learnt so far.
+#[derive(Default)]
+pub struct AuthState {
+    pub spf: Option<SpfOutput>,
+    /// (dkim word, dmarc word, dmarc policy word)
+    pub content: Option<(String, String, String)>,
+    /// The Authentication-Results header value, built from what was checked.
+    pub header: Option<String>,
+}
+
+pub fn spf_word(r: SpfResult) -> &'static str {
+    match r {
+        SpfResult::Pass => "pass",
+        SpfResult::Fail => "fail",
+        SpfResult::SoftFail => "softfail",
+        SpfResult::Neutral => "neutral",
+        SpfResult::TempError => "temperror",
+        SpfResult::PermError => "permerror",
+        SpfResult::None => "none",
+    }
+}
+
+fn dkim_word(r: &DkimResult) -> &'static str {
+    match r {
+        DkimResult::Pass => "pass",
+        DkimResult::Neutral(_) => "neutral",
+        DkimResult::Fail(_) => "fail",
+        DkimResult::PermError(_) => "permerror",
+        DkimResult::TempError(_) => "temperror",
+        DkimResult::None => "none",
+    }
+}
+
+impl SenderAuth {
+    pub fn new(prog: &Program, hostname: &str) -> Result<SenderAuth, String> {
+        let resolver = match prog.server.option("dns_server") {
+            Some(OptValue::Str(a)) => {
+                let sa: SocketAddr = a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?;
+                let mut c = ResolverConfig::new();
+                c.add_name_server(NameServerConfig::new(sa, Protocol::Udp));
+                c.add_name_server(NameServerConfig::new(sa, Protocol::Tcp));
+                let mut o = ResolverOpts::default();
+                o.ndots = 0;
+                Resolver::with_capacity(c, o, 1024).map_err(|e| e.to_string())?
+            }
+            _ => Resolver::new_system_conf().map_err(|e| format!("reading the system's DNS configuration: {e}"))?,
+        };
+        Ok(SenderAuth { resolver, hostname: hostname.to_string() })
+    }
+
+    pub async fn spf(&self, st: &mut AuthState, ip: IpAddr, helo: &str, sender: &str) -> &'static str {
+        if st.spf.is_none() {
+            let out = if sender.is_empty() {
+                // The null sender: check the HELO identity (RFC 7208 2.3).
+                self.resolver.verify_spf_helo(ip, helo, &self.hostname).await
+            } else {
+                self.resolver.verify_spf_sender(ip, helo, &self.hostname, sender).await
+            };
+            st.spf = Some(out);
+        }
+        st.spf.as_ref().map(|o| spf_word(o.result())).unwrap_or("none")
+    }
+
+    /// DKIM and DMARC over the message (and SPF, which DMARC needs).
+    pub async fn content(&self, st: &mut AuthState, ip: IpAddr, helo: &str, sender: &str, message: &[u8]) -> (String, String, String) {
+        if let Some(c) = &st.content {
+            return c.clone();
+        }
+        self.spf(st, ip, helo, sender).await;
+        let Some(msg) = AuthenticatedMessage::parse(message) else {
+            let c = ("permerror".to_string(), "permerror".to_string(), String::new());
+            st.content = Some(c.clone());
+            return c;
+        };
+        let dkim = self.resolver.verify_dkim(&msg).await;
+        let Some(spf) = st.spf.clone() else {
+            return ("temperror".into(), "temperror".into(), String::new());
+        };
+        let mail_from_domain = sender.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_else(|| helo.to_string());
+        let dmarc = self.resolver.verify_dmarc(&msg, &dkim, &mail_from_domain, &spf).await;
+        // The best DKIM result: any pass wins; else the first signature's; no signature: none.
+        let dkim_w = if dkim.iter().any(|d| *d.result() == DkimResult::Pass) {
+            "pass"
+        } else {
+            dkim.first().map(|d| dkim_word(d.result())).unwrap_or("none")
+        };
+        // RFC 7489: with a published record, DMARC passes when an aligned identifier
+        // passes and fails otherwise; without one there is no result.
+        let record = dmarc.policy() != mail_auth::dmarc::Policy::Unspecified;
+        let parts = [dmarc.dkim_result(), dmarc.spf_result()];
+        let dmarc_w = if parts.iter().any(|r| matches!(r, DmarcResult::Pass)) {
+            "pass"
+        } else if parts.iter().any(|r| matches!(r, DmarcResult::TempError(_))) {
+            "temperror"
+        } else if parts.iter().any(|r| matches!(r, DmarcResult::PermError(_))) {
+            "permerror"
+        } else if record || parts.iter().any(|r| matches!(r, DmarcResult::Fail(_))) {
+            "fail"
+        } else {
+            "none"
+        };
+        let policy = match dmarc.policy() {
+            mail_auth::dmarc::Policy::None => "none",
+            mail_auth::dmarc::Policy::Quarantine => "quarantine",
+            mail_auth::dmarc::Policy::Reject => "reject",
+            mail_auth::dmarc::Policy::Unspecified => "",
+        };
+        let from_header = msg.from.first().map(String::as_str).unwrap_or("");
+        let header = AuthenticationResults::new(&self.hostname)
+            .with_spf_mailfrom_result(&spf, ip, sender, helo)
+            .with_dkim_results(&dkim, from_header)
+            .with_dmarc_result(&dmarc)
+            .to_string();
+        st.header = Some(header);
+        let c = (dkim_w.to_string(), dmarc_w.to_string(), policy.to_string());
+        st.content = Some(c.clone());
+        c
+    }
+
+    /// The header to add to an accepted message: everything checked, or SPF alone.
+    pub fn header(&self, st: &AuthState, ip: IpAddr, helo: &str, sender: &str) -> Option<String> {
+        if let Some(h) = &st.header {
+            return Some(format!("Authentication-Results: {h}\r\n"));
+        }
+        let spf = st.spf.as_ref()?;
+        let h = AuthenticationResults::new(&self.hostname).with_spf_mailfrom_result(spf, ip, sender, helo).to_string();
+        Some(format!("Authentication-Results: {h}\r\n"))
+    }
+}
+
+/// DKIM signing of outgoing mail (B7): the key is a PEM PKCS#8 private key, RSA or Ed25519.
+pub struct Signer {
+    /// The signing domain (d=); None: the envelope sender's domain.
+    pub domain: Option<String>,
+    selector: String,
+    /// The PKCS#8 key, parsed into one signer per signing domain on first use.
+    der: Vec<u8>,
+    built: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Built>>>,
+}
+
+enum Built {
+    Rsa(DkimSigner<RsaKey<Sha256>, Done>),
+    Ed25519(DkimSigner<Ed25519Key, Done>),
+}
+
+const SIGNED_HEADERS: [&str; 8] = ["From", "To", "Cc", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type"];
+
+impl Signer {
+    /// From the server settings; None when DKIM signing is not configured.
+    pub fn from_program(prog: &Program, secrets: &dyn Fn(&str) -> Option<String>) -> Result<Option<Signer>, String> {
+        let (Some(OptValue::Secret(id)), Some(OptValue::Str(sel))) = (prog.server.option("dkim_key"), prog.server.option("dkim_selector")) else {
+            return Ok(None);
+        };
+        let name = prog.secrets.get(id.index()).map(|s| s.name.clone()).unwrap_or_default();
+        let pem = secrets(&name).ok_or_else(|| format!("dkim_key: secret {name} has no value"))?;
+        let domain = match prog.server.option("dkim_domain") {
+            Some(OptValue::Str(d)) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        };
+        let der = pkcs8(&pem)?;
+        // Refuse a key that is neither RSA nor Ed25519 at start-up, not at the first message.
+        parse_key(&der)?;
+        Ok(Some(Signer { domain, selector: sel.clone(), der, built: Default::default() }))
+    }
+
+    /// `DKIM-Signature: ...\r\n` for the message.
+    pub fn sign(&self, message: &[u8], sender: &str) -> Result<String, String> {
+        let domain = match &self.domain {
+            Some(d) => d.clone(),
+            None => sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).ok_or("no sender domain to sign for")?,
+        };
+        let built = {
+            let mut cache = self.built.lock().map_err(|_| "signer cache poisoned".to_string())?;
+            match cache.get(&domain) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = std::sync::Arc::new(match parse_key(&self.der)? {
+                        RawKey::Rsa(k) => Built::Rsa(DkimSigner::from_key(k).domain(&domain).selector(&self.selector).headers(SIGNED_HEADERS)),
+                        RawKey::Ed25519(k) => Built::Ed25519(DkimSigner::from_key(k).domain(&domain).selector(&self.selector).headers(SIGNED_HEADERS)),
+                    });
+                    cache.insert(domain.clone(), b.clone());
+                    b
+                }
+            }
+        };
+        let sig = match &*built {
+            Built::Rsa(s) => s.sign(message),
+            Built::Ed25519(s) => s.sign(message),
+        };
+        sig.map(|s| s.to_header()).map_err(|e| e.to_string())
+    }
+
+    /// Sign mail whose envelope sender is in the signing domain or below it (any sender
+    /// with a domain when no `dkim_domain` is set).
+    pub fn covers(&self, sender: &str) -> bool {
+        let d = sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
+        match &self.domain {
+            Some(dom) => d == *dom || d.ends_with(&format!(".{dom}")),
+            None => !d.is_empty(),
+        }
+    }
+}
+
+enum RawKey {
+    Rsa(RsaKey<Sha256>),
+    Ed25519(Ed25519Key),
+}
+
+fn pkcs8(pem: &str) -> Result<Vec<u8>, String> {
+    let der = rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| format!("dkim_key: {e}"))?
+        .ok_or("dkim_key: no PEM private key")?;
+    let rustls::pki_types::PrivateKeyDer::Pkcs8(p8) = der else {
+        return Err("dkim_key: the key must be PKCS#8 (openssl pkcs8 -topk8 -nocrypt)".into());
+    };
+    Ok(p8.secret_pkcs8_der().to_vec())
+}
+
+fn parse_key(der: &[u8]) -> Result<RawKey, String> {
+    if let Ok(k) = RsaKey::<Sha256>::from_pkcs8_der(der) {
+        return Ok(RawKey::Rsa(k));
+    }
+    Ed25519Key::from_pkcs8_der(der).map(RawKey::Ed25519).map_err(|e| format!("dkim_key: neither RSA nor Ed25519: {e}"))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    struct Kill(std::process::Child, std::path::PathBuf);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+
+    /// SPF, DKIM and DMARC through a real DNS server: unbound (Debian package, installed by
+    /// tests/run.sh) serving a test zone on a loopback port of its own.
+    #[tokio::test]
+    async fn spf_dkim_dmarc_against_unbound() {
+        const UNBOUND: &str = "/usr/sbin/unbound";
+        assert!(std::path::Path::new(UNBOUND).exists(), "unbound is not installed: run tests/run.sh, which installs it");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let der = Ed25519Key::generate_pkcs8().expect("key");
+        let public = b64.encode(Ed25519Key::from_pkcs8_der(&der).expect("key").public_key());
+        let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", b64.encode(&der));
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("mp-auth-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = format!(
+            "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n\
+             \x20 local-zone: \"test.\" static\n\
+             \x20 local-data: 'good.test. TXT \"v=spf1 ip4:127.0.0.1 -all\"'\n\
+             \x20 local-data: 'bad.test. TXT \"v=spf1 ip4:192.0.2.1 -all\"'\n\
+             \x20 local-data: 'sel._domainkey.good.test. TXT \"v=DKIM1; k=ed25519; p={public}\"'\n\
+             \x20 local-data: '_dmarc.good.test. TXT \"v=DMARC1; p=reject\"'\n\
+             \x20 local-data: '_dmarc.bad.test. TXT \"v=DMARC1; p=quarantine\"'\n\
+             remote-control:\n  control-enable: no\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("unbound.conf"), conf).unwrap();
+        let child = std::process::Command::new(UNBOUND)
+            .arg("-d")
+            .arg("-c")
+            .arg(dir.join("unbound.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start unbound");
+        let _guard = Kill(child, dir.clone());
+        let policy = format!(
+            "require [\"spf\", \"dkim\", \"dmarc\"];\nsecret dkim = file \"key.pem\";\n\
+             server {{ hostname \"mx.test\"; dns_server \"127.0.0.1:{port}\"; dkim_key dkim; dkim_selector \"sel\"; dkim_domain \"good.test\"; }}\n\
+             on data {{ if spf :is \"fail\" or dkim :is \"fail\" or dmarc :is \"fail\" {{ reject; }} }}\n"
+        );
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+        let prog = c.program.expect("policy compiles");
+        let signer = Signer::from_program(&prog, &|_: &str| Some(pem.clone())).expect("key loads").expect("signing configured");
+        let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+
+        // unbound may need a moment to start answering
+        let mut spf = "temperror";
+        for _ in 0..50 {
+            let mut st = AuthState::default();
+            spf = auth.spf(&mut st, ip, "client.good.test", "alice@good.test").await;
+            if spf != "temperror" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(spf, "pass");
+        assert_eq!(auth.spf(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test").await, "fail");
+        assert_eq!(auth.spf(&mut AuthState::default(), ip, "client.none.test", "x@none.test").await, "none");
+
+        // Signed by us, From good.test: DKIM and DMARC pass, the domain's policy is reject.
+        let body = b"From: Alice <alice@good.test>\r\nTo: bob@example.com\r\nSubject: hi\r\nDate: Sun, 22 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@good.test>\r\n\r\nHello.\r\n";
+        assert!(signer.covers("alice@good.test") && signer.covers("x@sub.good.test") && !signer.covers("x@bad.test"));
+        let mut signed = signer.sign(body, "alice@good.test").expect("sign").into_bytes();
+        signed.extend_from_slice(body);
+        let mut st = AuthState::default();
+        let (dkim, dmarc, policy) = auth.content(&mut st, ip, "client.good.test", "alice@good.test", &signed).await;
+        assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("pass", "pass", "reject"));
+        let header = auth.header(&st, ip, "client.good.test", "alice@good.test").expect("a header");
+        assert!(header.starts_with("Authentication-Results: mx.test;"), "{header}");
+        assert!(header.contains("spf=pass") && header.contains("dkim=pass") && header.contains("dmarc=pass"), "{header}");
+
+        // A tampered body breaks the signature.
+        let tampered: Vec<u8> = String::from_utf8_lossy(&signed).replace("Hello.", "Hello!").into_bytes();
+        let (dkim, _, _) = auth.content(&mut AuthState::default(), ip, "client.good.test", "alice@good.test", &tampered).await;
+        // mail-auth reports a body-hash mismatch as neutral (RFC 8601 allows either).
+        assert!(dkim == "fail" || dkim == "neutral", "a tampered body must not pass: {dkim}");
+
+        // Unsigned, From bad.test, SPF fail: DMARC fails with the domain's quarantine policy.
+        let forged = b"From: eve@bad.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n";
+        let (dkim, dmarc, policy) = auth.content(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test", forged).await;
+        assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("none", "fail", "quarantine"));
+    }
+}
