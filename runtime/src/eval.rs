@@ -43,96 +43,60 @@ pub struct MessageFacts {
 }
 
 impl MessageFacts {
-    /// Parse a message's header section and body (RFC 5322 unfolding, MIME-unaware
-    /// beyond top-level headers).
+    /// Parse a message with mail-parser: header values unfolded and, for text fields,
+    /// RFC 2047-decoded; the body is the decoded text of every text part (HTML reduced to
+    /// text), so `:contains` and `:regex` see what a reader sees whatever the transfer
+    /// encoding; attachment names and part types come from every MIME part (R21, R41).
     pub fn parse(data: &[u8]) -> MessageFacts {
-        let text = String::from_utf8_lossy(data);
-        let (head, body) = match text.find("\r\n\r\n") {
-            Some(i) => (&text[..i], &text[i + 4..]),
-            None => match text.strip_prefix("\r\n") {
-                Some(rest) => ("", rest),
-                None => (&text[..], ""),
-            },
+        use mail_parser::{MessageParser, MimeHeaders};
+        let mut m = MessageFacts { size: data.len() as u64, ..Default::default() };
+        let Some(msg) = MessageParser::default().parse(data) else {
+            // Not parseable as a message: keep the raw text so checks still see it.
+            m.body = String::from_utf8_lossy(data).into_owned();
+            return m;
         };
-        let mut headers: Vec<(String, String)> = Vec::new();
-        for line in head.split("\r\n") {
-            if line.starts_with([' ', '\t']) {
-                if let Some(last) = headers.last_mut() {
-                    last.1.push(' ');
-                    last.1.push_str(line.trim());
+        for h in msg.headers() {
+            let raw = msg
+                .raw_message()
+                .get(h.offset_start..h.offset_end)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            let unfold = |v: &str| v.split(['\r', '\n']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+            let value = match h.value().as_text() {
+                Some(t) => unfold(t),
+                None => unfold(&raw),
+            };
+            m.headers.push((h.name().to_string(), value));
+        }
+        let mut body = String::new();
+        for i in 0..msg.text_body.len() {
+            if let Some(t) = msg.body_text(i) {
+                if !body.is_empty() {
+                    body.push_str("\r\n");
                 }
-            } else if let Some((name, value)) = line.split_once(':') {
-                headers.push((name.trim().to_string(), value.trim().to_string()));
+                body.push_str(&t);
             }
         }
-        let mut m = MessageFacts {
-            size: data.len() as u64,
-            headers,
-            body: body.to_string(),
-            ..Default::default()
-        };
-        m.scan_mime();
+        m.body = body;
+        for part in msg.parts.iter() {
+            if let Some(ct) = part.content_type() {
+                let t = match ct.subtype() {
+                    Some(sub) => format!("{}/{}", ct.ctype(), sub),
+                    None => ct.ctype().to_string(),
+                }
+                .to_ascii_lowercase();
+                if !m.attachment_types.contains(&t) {
+                    m.attachment_types.push(t);
+                }
+            }
+            if let Some(name) = part.attachment_name() {
+                let n = name.to_string();
+                if !m.attachment_names.contains(&n) {
+                    m.attachment_names.push(n);
+                }
+            }
+        }
         m
-    }
-
-    /// Record MIME part types and attachment file names found in Content-Type and
-    /// Content-Disposition fields of the message and its parts.
-    fn scan_mime(&mut self) {
-        let mut types = Vec::new();
-        let mut names = Vec::new();
-        let mut consider = |field: &str, value: &str| {
-            let f = field.to_ascii_lowercase();
-            if f == "content-type" {
-                if let Some(t) = value.split(';').next() {
-                    types.push(t.trim().to_ascii_lowercase());
-                }
-            }
-            if f == "content-type" || f == "content-disposition" {
-                for p in value.split(';').skip(1) {
-                    if let Some((k, v)) = p.split_once('=') {
-                        let k = k.trim().to_ascii_lowercase();
-                        if k == "name" || k == "filename" {
-                            let n = v.trim().trim_matches('"').to_string();
-                            if !names.contains(&n) {
-                                names.push(n);
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        for (n, v) in &self.headers {
-            consider(n, v);
-        }
-        // Part headers: lines after a boundary line up to the blank line.
-        let mut in_part_head = false;
-        let mut last: Option<(String, String)> = None;
-        for line in self.body.split("\r\n") {
-            if line.starts_with("--") && line.len() > 2 {
-                in_part_head = true;
-                continue;
-            }
-            if in_part_head {
-                if line.is_empty() {
-                    if let Some((n, v)) = last.take() {
-                        consider(&n, &v);
-                    }
-                    in_part_head = false;
-                } else if line.starts_with([' ', '\t']) {
-                    if let Some(l) = last.as_mut() {
-                        l.1.push(' ');
-                        l.1.push_str(line.trim());
-                    }
-                } else if let Some((n, v)) = line.split_once(':') {
-                    if let Some((pn, pv)) = last.take() {
-                        consider(&pn, &pv);
-                    }
-                    last = Some((n.trim().to_string(), v.trim().to_string()));
-                }
-            }
-        }
-        self.attachment_types = types;
-        self.attachment_names = names;
     }
 
     pub fn header(&self, name: &str) -> Vec<String> {
@@ -1574,4 +1538,30 @@ fn split_enhanced(text: &str, class: u16) -> ((u16, u16, u16), String) {
         }
     }
     ((class, 1, 1), text.to_string())
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::MessageFacts;
+
+    #[test]
+    fn mime_is_decoded() {
+        let raw = b"From: a@example.net\r\nSubject: =?UTF-8?B?SUxPVkVZT1U=?=\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\
+Content-Transfer-Encoding: base64\r\n\r\ndmlhZ3JhIG9mZmVy\r\n--b\r\nContent-Type: application/x-msdownload\r\n\
+Content-Disposition: attachment; filename=\"invoice.exe\"\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQAA==\r\n--b--\r\n";
+        let m = MessageFacts::parse(raw);
+        assert_eq!(m.header("subject"), vec!["ILOVEYOU".to_string()], "encoded words are decoded");
+        assert!(m.body.contains("viagra offer"), "base64 text parts are decoded: {:?}", m.body);
+        assert_eq!(m.attachment_names, vec!["invoice.exe".to_string()]);
+        assert!(m.attachment_types.contains(&"application/x-msdownload".to_string()), "{:?}", m.attachment_types);
+        assert_eq!(m.header("from"), vec!["a@example.net".to_string()]);
+    }
+
+    #[test]
+    fn folded_headers_are_unfolded() {
+        let m = MessageFacts::parse(b"X-Long: one\r\n two\r\n\tthree\r\nSubject: s\r\n\r\nbody\r\n");
+        assert_eq!(m.header("x-long"), vec!["one two three".to_string()]);
+        assert_eq!(m.body.trim(), "body");
+    }
 }
