@@ -1952,3 +1952,113 @@ fn a_corrupt_queue_file_moves_to_corrupt_at_start() {
         queue_list(&d.spool())
     );
 }
+
+// ================================================================== 7. Look-ups for real
+
+/// unbound (Debian package) serving `local-data` lines on a loopback port of its own.
+struct Unbound {
+    guard: Guard,
+    port: u16,
+}
+
+fn unbound(dir: &Path, records: &[&str]) -> Unbound {
+    const UNBOUND: &str = "/usr/sbin/unbound";
+    need(UNBOUND, "unbound");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp").local_addr().expect("addr").port();
+    std::fs::create_dir_all(dir).expect("dir");
+    let mut conf = format!(
+        "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n  local-zone: \"test.\" static\n  local-zone: \"127.in-addr.arpa.\" static\n",
+        d = dir.display()
+    );
+    for r in records {
+        conf.push_str(&format!("  local-data: '{r}'\n"));
+    }
+    conf.push_str("remote-control:\n  control-enable: no\n");
+    std::fs::write(dir.join("unbound.conf"), conf).expect("write unbound.conf");
+    let child = Command::new(UNBOUND).arg("-d").arg("-c").arg(dir.join("unbound.conf")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start unbound");
+    let u = Unbound { guard: Guard(Some(child)), port };
+    // Wait until it answers a query (a UDP probe of our own would need a DNS encoder; the
+    // daemon's first look-up retries through hickory's own time-out instead, so give the
+    // server a moment to bind).
+    std::thread::sleep(Duration::from_millis(300));
+    u
+}
+
+/// R19 and R25 through the daemon against a real DNS server: a DNSBL listing refuses the
+/// client at connect with the list's TXT text; SPF fail refuses the sender; SPF pass is
+/// recorded in an Authentication-Results header of the delivered message.
+#[test]
+fn dnsbl_and_spf_through_a_real_dns_server() {
+    let t = TempDir::new("dns");
+    let ub = unbound(
+        &t.join("unbound"),
+        &[
+            "1.0.0.127.dnsbl.test. A 127.0.0.2",
+            "1.0.0.127.dnsbl.test. TXT \"listed for testing\"",
+            "good.test. TXT \"v=spf1 ip4:127.0.0.1 -all\"",
+            "bad.test. TXT \"v=spf1 ip4:192.0.2.1 -all\"",
+        ],
+    );
+    // 1. The DNSBL lists 127.0.0.1: refused at connect.
+    let p1 = free_port();
+    let listed = format!(
+        "require [\"dnsbl\"];\nserver {{ hostname \"mx.test\"; spool \"spool1\"; maildir \"mail\"; dns_server \"127.0.0.1:{dns}\"; }}\n\
+         listener smtp {{ address \"127.0.0.1:{p1}\"; tls none; }}\n\
+         on connect {{ if dnsbl \"dnsbl.test\" {{ reject 554 5.7.1 \"${{client.ip}} is listed by ${{dnsbl.zone}}: ${{dnsbl.text}}\"; }} }}\n",
+        dns = ub.port
+    );
+    std::fs::create_dir_all(t.join("one")).expect("dir");
+    let d1 = Daemon::start(&t.join("one"), &listed, &[p1]);
+    let out = swaks(p1, &["--from", "a@good.test", "--to", "x@d.test"]);
+    assert!(out.contains("554 5.7.1 127.0.0.1 is listed by dnsbl.test: listed for testing"), "{out}\n{}", d1.log());
+    drop(d1);
+
+    // 2. SPF: fail is refused at MAIL, pass is delivered with Authentication-Results.
+    let p2 = free_port();
+    let spf = format!(
+        "require [\"spf\"];\nlist local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool2\"; maildir \"mail\"; local_domains local; dns_server \"127.0.0.1:{dns}\"; }}\n\
+         listener smtp {{ address \"127.0.0.1:{p2}\"; tls none; }}\n\
+         on mail {{ if spf :is \"fail\" {{ reject 550 5.7.23 \"SPF fail for ${{sender.domain}}\"; }} }}\n\
+         route {{ if recipient.is_local {{ deliver maildir; }} }}\n",
+        dns = ub.port
+    );
+    std::fs::create_dir_all(t.join("two")).expect("dir");
+    let d2 = Daemon::start(&t.join("two"), &spf, &[p2]);
+    let out = swaks(p2, &["--from", "eve@bad.test", "--to", "x@d.test"]);
+    assert!(out.contains("550 5.7.23 SPF fail for bad.test"), "{out}\n{}", d2.log());
+    let out = swaks(p2, &["--from", "alice@good.test", "--to", "x@d.test", "--header", "Subject: spf pass"]);
+    assert!(out.contains("Queued as"), "{out}\n{}", d2.log());
+    wait_for(Duration::from_secs(20), "the message in mail/x", || !maildir(&t.join("two/mail/x")).is_empty(), || d2.log());
+    let m = &maildir(&t.join("two/mail/x"))[0];
+    assert!(m.contains("Authentication-Results: mx.test;"), "{m}");
+    assert!(m.contains("spf=pass"), "{m}");
+    drop(ub.guard);
+}
+
+/// R27: call-ahead asks the next hop the route stage picks and answers with its reply.
+#[test]
+fn callahead_mirrors_the_next_hop() {
+    let t = TempDir::new("callahead");
+    let (port, ok, bad) = (free_port(), free_port(), free_port());
+    let sink_ok = Sink::start(&t.join("sink-ok"), ok, &[]);
+    let _sink_bad = Sink::start(&t.join("sink-bad"), bad, &["-f", "RCPT"]);
+    let policy = format!(
+        "require [\"callahead\"];\nlist local = domains [\"ok.test\", \"bad.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         on rcpt {{ if not callahead {{ reject callahead; }} }}\n\
+         route {{\n  if recipient.domain :is \"bad.test\" {{ deliver smtp \"[127.0.0.1]:{bad}\"; }}\n  deliver smtp \"[127.0.0.1]:{ok}\";\n}}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(port, &["--from", "a@s.test", "--to", "nobody@bad.test"]);
+    assert!(out.contains("<** 5"), "the next hop's 5xx is mirrored at RCPT: {out}\n{}", d.log());
+    let out = swaks(port, &["--from", "a@s.test", "--to", "somebody@ok.test", "--header", "Subject: called ahead"]);
+    assert!(out.contains("Queued as"), "{out}\n{}", d.log());
+    wait_for(
+        Duration::from_secs(20),
+        "the message at the accepting sink",
+        || sink_ok.messages().iter().any(|m| m.contains("Subject: called ahead")),
+        || d.log(),
+    );
+}
