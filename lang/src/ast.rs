@@ -15,44 +15,13 @@ pub struct File {
 
 #[derive(Clone, Debug)]
 pub enum Item {
-    Require {
-        caps: Vec<StrLit>,
-        span: Span,
-    },
-    Include {
-        path: StrLit,
-        span: Span,
-    },
-    List {
-        name: Ident,
-        kind: ListKind,
-        items: Vec<Value>,
-        span: Span,
-    },
-    Resource {
-        kw: ResourceKw,
-        name: Ident,
-        kind: Ident,
-        source: Option<StrLit>,
-        options: Vec<Opt>,
-        span: Span,
-    },
-    Settings {
-        kw: SettingsKw,
-        name: Option<Ident>,
-        options: Vec<Opt>,
-        span: Span,
-    },
-    Rules {
-        name: Ident,
-        body: Vec<Stmt>,
-        span: Span,
-    },
-    Stage {
-        stage: Ident,
-        body: Vec<Stmt>,
-        span: Span,
-    },
+    Require { caps: Vec<StrLit>, span: Span },
+    Include { path: StrLit, span: Span },
+    List { name: Ident, kind: ListKind, items: Vec<Value>, span: Span },
+    Resource { kw: ResourceKw, name: Ident, kind: Ident, source: Option<StrLit>, options: Vec<Opt>, span: Span },
+    Settings { kw: SettingsKw, name: Option<Ident>, options: Vec<Opt>, span: Span },
+    Rules { name: Ident, body: Vec<Stmt>, span: Span },
+    Stage { stage: Ident, body: Vec<Stmt>, span: Span },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,16 +115,8 @@ impl Arg {
 
 #[derive(Clone, Debug)]
 pub enum Stmt {
-    If {
-        arms: Vec<(Cond, Vec<Stmt>)>,
-        otherwise: Option<Vec<Stmt>>,
-        span: Span,
-    },
-    Action {
-        name: Ident,
-        args: Vec<Arg>,
-        span: Span,
-    },
+    If { arms: Vec<(Cond, Vec<Stmt>)>, otherwise: Option<Vec<Stmt>>, span: Span },
+    Action { name: Ident, args: Vec<Arg>, span: Span },
 }
 
 impl Stmt {
@@ -217,12 +178,7 @@ pub enum Cond {
     Or(Vec<Cond>, Span),
     And(Vec<Cond>, Span),
     Not(Box<Cond>, Span),
-    Test {
-        term: Term,
-        op: Option<(Op, Span)>,
-        operand: Option<Value>,
-        span: Span,
-    },
+    Test { term: Term, op: Option<(Op, Span)>, operand: Option<Value>, span: Span },
 }
 
 impl Cond {

@@ -40,28 +40,14 @@ pub fn compile(entry: &str, loader: &dyn Loader) -> Compilation {
     match loader.load(&path) {
         Ok(text) => {
             let id = sources.add(SourceFile::new(entry.to_string(), path.clone(), text));
-            load_items(
-                id,
-                &mut sources,
-                loader,
-                &mut items,
-                &mut diags,
-                &mut vec![path],
-            );
+            load_items(id, &mut sources, loader, &mut items, &mut diags, &mut vec![path]);
         }
         Err(e) => {
-            diags.push(Diagnostic::error(
-                "mailc::io",
-                format!("cannot read {entry}: {e}"),
-            ));
+            diags.push(Diagnostic::error("mailc::io", format!("cannot read {entry}: {e}")));
         }
     }
     if diags.iter().any(Diagnostic::is_error) {
-        return Compilation {
-            sources,
-            diagnostics: diags,
-            program: None,
-        };
+        return Compilation { sources, diagnostics: diags, program: None };
     }
     let mut c = Checker::new(&sources);
     c.diags = diags;
@@ -73,16 +59,8 @@ pub fn compile(entry: &str, loader: &dyn Loader) -> Compilation {
     // would otherwise be reported once for every use.
     let mut seen = std::collections::HashSet::new();
     diags.retain(|d| seen.insert((d.is_error(), d.code, d.span, d.message.clone())));
-    let program = if diags.iter().any(Diagnostic::is_error) {
-        None
-    } else {
-        Some(prog)
-    };
-    Compilation {
-        sources,
-        diagnostics: diags,
-        program,
-    }
+    let program = if diags.iter().any(Diagnostic::is_error) { None } else { Some(prog) };
+    Compilation { sources, diagnostics: diags, program }
 }
 
 fn load_items(
@@ -110,28 +88,19 @@ fn load_items(
                 let chain: Vec<String> = stack[at..]
                     .iter()
                     .chain([&target])
-                    .map(|p| {
-                        p.file_name()
-                            .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
-                    })
+                    .map(|p| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into()))
                     .collect();
                 diags.push(
-                    Diagnostic::error(
-                        "mailc::include",
-                        format!("include cycle: {}", chain.join(" -> ")),
-                    )
-                    .at(path.span)
-                    .help("a file cannot include itself, directly or through another: remove one of the includes"),
+                    Diagnostic::error("mailc::include", format!("include cycle: {}", chain.join(" -> ")))
+                        .at(path.span)
+                        .help("a file cannot include itself, directly or through another: remove one of the includes"),
                 );
                 continue;
             }
             if stack.len() >= MAX_INCLUDE_DEPTH {
                 diags.push(
-                    Diagnostic::error(
-                        "mailc::limit",
-                        format!("includes nested deeper than {MAX_INCLUDE_DEPTH}"),
-                    )
-                    .at(*span),
+                    Diagnostic::error("mailc::limit", format!("includes nested deeper than {MAX_INCLUDE_DEPTH}"))
+                        .at(*span),
                 );
                 continue;
             }
@@ -149,21 +118,17 @@ fn load_items(
                     stack.pop();
                 }
                 Err(e) => diags.push(
-                    Diagnostic::error(
-                        "mailc::include",
-                        format!("cannot read included file `{name}`: {e}"),
-                    )
-                    .at(path.span)
-                    .help(match name.strip_prefix("std:") {
-                        Some(module) => format!(
-                            "`std:{module}` names a module of the standard library; looked for {}",
-                            target.display()
-                        ),
-                        None => format!(
-                            "the path is resolved relative to the including file: {}",
-                            target.display()
-                        ),
-                    }),
+                    Diagnostic::error("mailc::include", format!("cannot read included file `{name}`: {e}"))
+                        .at(path.span)
+                        .help(match name.strip_prefix("std:") {
+                            Some(module) => format!(
+                                "`std:{module}` names a module of the standard library; looked for {}",
+                                target.display()
+                            ),
+                            None => {
+                                format!("the path is resolved relative to the including file: {}", target.display())
+                            }
+                        }),
                 ),
             }
             continue;
@@ -284,8 +249,7 @@ impl<'s> Checker<'s> {
 
     fn err(&mut self, d: Diagnostic) {
         if self.detached
-            && (d.code == "mailc::stage"
-                || (d.code == "mailc::undefined" && d.message.ends_with("is never set")))
+            && (d.code == "mailc::stage" || (d.code == "mailc::undefined" && d.message.ends_with("is never set")))
         {
             return;
         }
@@ -305,11 +269,7 @@ impl<'s> Checker<'s> {
     fn loc(&mut self, span: Span) -> LocId {
         let (line, col) = self.sources.line_col(span);
         let id = LocId(self.prog.locs.len() as u32);
-        self.prog.locs.push(Loc {
-            file: span.file.0,
-            line,
-            col,
-        });
+        self.prog.locs.push(Loc { file: span.file.0, line, col });
         id
     }
 
@@ -326,23 +286,13 @@ impl<'s> Checker<'s> {
         let mut saw_server = false;
         for (_, item) in items {
             match item {
-                Item::Resource {
-                    kw,
-                    name,
-                    kind,
-                    source,
-                    options,
-                    ..
-                } => self.resource(*kw, name, kind, source.as_ref(), options),
-                Item::Settings {
-                    kw,
-                    name,
-                    options,
-                    span,
-                } => self.settings(*kw, name.as_ref(), options, *span, &mut saw_server),
-                Item::List {
-                    name, kind, items, ..
-                } => self.list(name, *kind, items),
+                Item::Resource { kw, name, kind, source, options, .. } => {
+                    self.resource(*kw, name, kind, source.as_ref(), options)
+                }
+                Item::Settings { kw, name, options, span } => {
+                    self.settings(*kw, name.as_ref(), options, *span, &mut saw_server)
+                }
+                Item::List { name, kind, items, .. } => self.list(name, *kind, items),
                 _ => {}
             }
         }
@@ -363,12 +313,10 @@ impl<'s> Checker<'s> {
                     Some(st) => self.stage_block(st, body, *span),
                     None => {
                         let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
-                        let mut d = Diagnostic::error(
-                            "mailc::unknown-stage",
-                            format!("there is no stage `{}`", stage.name),
-                        )
-                        .at(stage.span)
-                        .label("unknown stage");
+                        let mut d =
+                            Diagnostic::error("mailc::unknown-stage", format!("there is no stage `{}`", stage.name))
+                                .at(stage.span)
+                                .label("unknown stage");
                         d = match did_you_mean(&stage.name, names.iter().copied()) {
                             Some(s) => d.help(format!("did you mean `{s}`?")),
                             None => d.help(format!("the stages are {}", names.join(", "))),
@@ -397,11 +345,7 @@ impl<'s> Checker<'s> {
             .map(|(n, s)| (s.span, n.clone()))
             .collect();
         unused.sort_by_key(|u| (u.0.file, u.0.start));
-        let (exprs, patterns, locs) = (
-            self.prog.exprs.len(),
-            self.prog.patterns.len(),
-            self.prog.locs.len(),
-        );
+        let (exprs, patterns, locs) = (self.prog.exprs.len(), self.prog.patterns.len(), self.prog.locs.len());
         self.detached = true;
         for (_, name) in unused {
             // Checked already through another unused block that uses it.
@@ -412,10 +356,7 @@ impl<'s> Checker<'s> {
                 continue;
             };
             self.expanding.push(name);
-            let ctx = Ctx {
-                stage: Stage::Connect,
-                via: None,
-            };
+            let ctx = Ctx { stage: Stage::Connect, via: None };
             self.stmts(&body, ctx, &mut Vec::new());
             self.expanding.pop();
         }
@@ -433,13 +374,9 @@ impl<'s> Checker<'s> {
                     if schema::CAPABILITIES.iter().any(|(c, _)| *c == name) {
                         self.caps.entry(name).or_insert((cap.span, false));
                     } else {
-                        let mut d = Diagnostic::error(
-                            "mailc::require",
-                            format!("unknown capability \"{name}\""),
-                        )
-                        .at(cap.span);
-                        d = match did_you_mean(&name, schema::CAPABILITIES.iter().map(|(c, _)| *c))
-                        {
+                        let mut d =
+                            Diagnostic::error("mailc::require", format!("unknown capability \"{name}\"")).at(cap.span);
+                        d = match did_you_mean(&name, schema::CAPABILITIES.iter().map(|(c, _)| *c)) {
                             Some(s) => d.help(format!("did you mean \"{s}\"?")),
                             None => d.help(format!(
                                 "the capabilities are {}",
@@ -479,25 +416,17 @@ impl<'s> Checker<'s> {
             _ => return,
         };
         if let Some(prev) = self.syms.get(&name.name) {
-            let d = Diagnostic::error(
-                "mailc::duplicate",
-                format!("`{}` is declared twice", name.name),
-            )
-            .at(name.span)
-            .label("declared again here")
-            .related(prev.span, "first declared here")
-            .help("give one of them another name");
+            let d = Diagnostic::error("mailc::duplicate", format!("`{}` is declared twice", name.name))
+                .at(name.span)
+                .label("declared again here")
+                .related(prev.span, "first declared here")
+                .help("give one of them another name");
             self.err(d);
             return;
         }
         let id = match kind {
             SymKind::List(_) => {
-                self.prog.lists.len()
-                    + self
-                        .syms
-                        .values()
-                        .filter(|s| matches!(s.kind, SymKind::List(_)))
-                        .count()
+                self.prog.lists.len() + self.syms.values().filter(|s| matches!(s.kind, SymKind::List(_))).count()
             }
             _ => self.syms.values().filter(|s| s.kind == kind).count(),
         };
@@ -505,16 +434,7 @@ impl<'s> Checker<'s> {
             SymKind::List(_) => id - self.prog.lists.len(),
             _ => id,
         };
-        self.syms.insert(
-            name.name.clone(),
-            Sym {
-                kind,
-                id: id as u32,
-                span: name.span,
-                used: false,
-                detail,
-            },
-        );
+        self.syms.insert(name.name.clone(), Sym { kind, id: id as u32, span: name.span, used: false, detail });
     }
 
     fn list(&mut self, name: &ast::Ident, kind: ast::ListKind, items: &[Value]) {
@@ -523,12 +443,7 @@ impl<'s> Checker<'s> {
             ast::ListKind::Domains => ListKind::Domains,
             ast::ListKind::Cidr => ListKind::Cidr,
         };
-        let mut list = List {
-            name: name.name.clone(),
-            kind: k,
-            items: Vec::new(),
-            nets: Vec::new(),
-        };
+        let mut list = List { name: name.name.clone(), kind: k, items: Vec::new(), nets: Vec::new() };
         for v in items {
             let s = match &v.kind {
                 ValueKind::Str(s) => unescape_plain(&s.raw),
@@ -546,11 +461,10 @@ impl<'s> Checker<'s> {
                 },
                 ListKind::Domains => {
                     if s.contains('@') || s.contains(' ') || s.is_empty() {
-                        self.err(
-                            Diagnostic::error("mailc::domain", format!("\"{s}\" is not a domain"))
-                                .at(v.span)
-                                .help("a domains list holds names like \"example.com\", or \".example.com\" for its subdomains"),
-                        );
+                        self
+                            .err(Diagnostic::error("mailc::domain", format!("\"{s}\" is not a domain")).at(v.span).help(
+                            "a domains list holds names like \"example.com\", or \".example.com\" for its subdomains",
+                        ));
                     }
                     list.items.push(s.to_ascii_lowercase());
                 }
@@ -573,10 +487,7 @@ impl<'s> Checker<'s> {
         source: Option<&ast::StrLit>,
         options: &[ast::Opt],
     ) {
-        let is_first = self
-            .syms
-            .get(&name.name)
-            .is_some_and(|s| s.span == name.span);
+        let is_first = self.syms.get(&name.name).is_some_and(|s| s.span == name.span);
         let (specs, needs_source, kinds): (Vec<OptSpec>, Option<bool>, Vec<&str>) = match kw {
             ast::ResourceKw::Table => {
                 let found = schema::TABLE_KINDS.iter().find(|(k, ..)| *k == kind.name);
@@ -584,19 +495,11 @@ impl<'s> Checker<'s> {
                 if let Some((_, _, extra, _)) = found {
                     specs.extend_from_slice(extra);
                 }
-                (
-                    specs,
-                    found.map(|(_, s, ..)| *s),
-                    schema::TABLE_KINDS.iter().map(|(k, ..)| *k).collect(),
-                )
+                (specs, found.map(|(_, s, ..)| *s), schema::TABLE_KINDS.iter().map(|(k, ..)| *k).collect())
             }
             ast::ResourceKw::Secret => {
                 let found = schema::SECRET_KINDS.iter().any(|(k, _)| *k == kind.name);
-                (
-                    Vec::new(),
-                    found.then_some(true),
-                    schema::SECRET_KINDS.iter().map(|(k, _)| *k).collect(),
-                )
+                (Vec::new(), found.then_some(true), schema::SECRET_KINDS.iter().map(|(k, _)| *k).collect())
             }
             ast::ResourceKw::Scanner => {
                 let found = schema::SCANNER_KINDS.iter().any(|(k, _)| *k == kind.name);
@@ -609,18 +512,12 @@ impl<'s> Checker<'s> {
         };
         match needs_source {
             None => {
-                let mut d = Diagnostic::error(
-                    "mailc::kind",
-                    format!("there is no {} kind `{}`", kw.as_str(), kind.name),
-                )
-                .at(kind.span);
+                let mut d =
+                    Diagnostic::error("mailc::kind", format!("there is no {} kind `{}`", kw.as_str(), kind.name))
+                        .at(kind.span);
                 d = match did_you_mean(&kind.name, kinds.iter().copied()) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
-                    None => d.help(format!(
-                        "the {} kinds are {}",
-                        kw.as_str(),
-                        kinds.join(", ")
-                    )),
+                    None => d.help(format!("the {} kinds are {}", kw.as_str(), kinds.join(", "))),
                 };
                 self.err(d);
             }
@@ -630,40 +527,21 @@ impl<'s> Checker<'s> {
                     format!("a `{}` {} needs a source string", kind.name, kw.as_str()),
                 )
                 .at(kind.span)
-                .help(format!(
-                    "for example: {} {} = {} \"...\";",
-                    kw.as_str(),
-                    name.name,
-                    kind.name
-                )),
+                .help(format!("for example: {} {} = {} \"...\";", kw.as_str(), name.name, kind.name)),
             ),
             Some(false) if source.is_some() => self.err(
                 Diagnostic::error(
                     "mailc::arguments",
-                    format!(
-                        "a `{}` table takes its settings in a block, not a source string",
-                        kind.name
-                    ),
+                    format!("a `{}` table takes its settings in a block, not a source string", kind.name),
                 )
                 .at(source.map(|s| s.span).unwrap_or(kind.span))
-                .help(format!(
-                    "table {} = {} {{ url \"...\"; ... }};",
-                    name.name, kind.name
-                )),
+                .help(format!("table {} = {} {{ url \"...\"; ... }};", name.name, kind.name)),
             ),
             _ => {}
         }
-        let opts = self.options(
-            &specs,
-            options,
-            &format!("a `{}` {}", kind.name, kw.as_str()),
-        );
+        let opts = self.options(&specs, options, &format!("a `{}` {}", kind.name, kw.as_str()));
         if kind.name == "ldap" || kind.name == "sql" {
-            let required: &[&str] = if kind.name == "ldap" {
-                &["url", "base", "filter"]
-            } else {
-                &["url", "query"]
-            };
+            let required: &[&str] = if kind.name == "ldap" { &["url", "base", "filter"] } else { &["url", "query"] };
             for r in required {
                 if !opts.iter().any(|(n, _)| n == r) {
                     self.err(
@@ -719,10 +597,7 @@ impl<'s> Checker<'s> {
                 }
                 *saw_server = true;
                 let opts = self.options(schema::SERVER, options, "`server`");
-                self.prog.server = Settings {
-                    name: None,
-                    options: opts,
-                };
+                self.prog.server = Settings { name: None, options: opts };
             }
             ast::SettingsKw::Listener => {
                 let Some(n) = name else {
@@ -733,43 +608,26 @@ impl<'s> Checker<'s> {
                     );
                     return;
                 };
-                if self
-                    .prog
-                    .listeners
-                    .iter()
-                    .any(|l| l.name.as_deref() == Some(n.name.as_str()))
-                {
+                if self.prog.listeners.iter().any(|l| l.name.as_deref() == Some(n.name.as_str())) {
                     self.err(
-                        Diagnostic::error(
-                            "mailc::duplicate",
-                            format!("listener `{}` is declared twice", n.name),
-                        )
-                        .at(n.span),
+                        Diagnostic::error("mailc::duplicate", format!("listener `{}` is declared twice", n.name))
+                            .at(n.span),
                     );
                 }
                 let opts = self.options(schema::LISTENER, options, "a listener");
                 match opts.iter().find(|(k, _)| k == "address") {
                     None => self.err(
-                        Diagnostic::error(
-                            "mailc::setting",
-                            format!("listener `{}` has no address", n.name),
-                        )
-                        .at(n.span)
-                        .help("add `address \"0.0.0.0:25\";`"),
+                        Diagnostic::error("mailc::setting", format!("listener `{}` has no address", n.name))
+                            .at(n.span)
+                            .help("add `address \"0.0.0.0:25\";`"),
                     ),
                     Some((_, OptValue::Str(a))) if a.parse::<std::net::SocketAddr>().is_err() => {
-                        let at = options
-                            .iter()
-                            .find(|o| o.name.name == "address")
-                            .map(|o| o.value.span)
-                            .unwrap_or(n.span);
+                        let at =
+                            options.iter().find(|o| o.name.name == "address").map(|o| o.value.span).unwrap_or(n.span);
                         self.err(
-                            Diagnostic::error(
-                                "mailc::setting",
-                                format!("\"{a}\" is not an IP:port address"),
-                            )
-                            .at(at)
-                            .help("write \"0.0.0.0:25\", \"127.0.0.1:2525\" or \"[::]:587\""),
+                            Diagnostic::error("mailc::setting", format!("\"{a}\" is not an IP:port address"))
+                                .at(at)
+                                .help("write \"0.0.0.0:25\", \"127.0.0.1:2525\" or \"[::]:587\""),
                         );
                     }
                     _ => {}
@@ -803,29 +661,18 @@ impl<'s> Checker<'s> {
                             }),
                     );
                 }
-                self.prog.listeners.push(Settings {
-                    name: Some(n.name.clone()),
-                    options: opts,
-                });
+                self.prog.listeners.push(Settings { name: Some(n.name.clone()), options: opts });
             }
         }
     }
 
-    fn options(
-        &mut self,
-        specs: &[OptSpec],
-        options: &[ast::Opt],
-        what: &str,
-    ) -> Vec<(String, OptValue)> {
+    fn options(&mut self, specs: &[OptSpec], options: &[ast::Opt], what: &str) -> Vec<(String, OptValue)> {
         let mut out: Vec<(String, OptValue)> = Vec::new();
         let mut seen: HashMap<&str, Span> = HashMap::new();
         for opt in options {
             let Some(spec) = specs.iter().find(|s| s.name == opt.name.name) else {
-                let mut d = Diagnostic::error(
-                    "mailc::setting",
-                    format!("{what} has no setting `{}`", opt.name.name),
-                )
-                .at(opt.name.span);
+                let mut d = Diagnostic::error("mailc::setting", format!("{what} has no setting `{}`", opt.name.name))
+                    .at(opt.name.span);
                 d = match did_you_mean(&opt.name.name, specs.iter().map(|s| s.name)) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None if specs.is_empty() => d.help(format!("{what} takes no settings")),
@@ -871,12 +718,9 @@ impl<'s> Checker<'s> {
             (OptTy::Size, ValueKind::Num(n)) => Some(OptValue::Size(*n as u64)),
             (OptTy::Size, ValueKind::Duration(_)) => {
                 self.err(
-                    Diagnostic::error(
-                        "mailc::type",
-                        format!("`{}` takes a size, not a duration", spec.name),
-                    )
-                    .at(v.span)
-                    .help("sizes use upper-case K, M and G (`10M`); lower-case `m` means minutes"),
+                    Diagnostic::error("mailc::type", format!("`{}` takes a size, not a duration", spec.name))
+                        .at(v.span)
+                        .help("sizes use upper-case K, M and G (`10M`); lower-case `m` means minutes"),
                 );
                 None
             }
@@ -884,36 +728,21 @@ impl<'s> Checker<'s> {
             (OptTy::Duration, ValueKind::Duration(n)) => Some(OptValue::Duration(*n)),
             (OptTy::Duration, ValueKind::Size(_)) => {
                 self.err(
-                    Diagnostic::error(
-                        "mailc::type",
-                        format!("`{}` takes a duration, not a size", spec.name),
-                    )
-                    .at(v.span)
-                    .help(
-                        "durations use ms, s, m, h, d and w (`5m`); upper-case M means megabytes",
-                    ),
+                    Diagnostic::error("mailc::type", format!("`{}` takes a duration, not a size", spec.name))
+                        .at(v.span)
+                        .help("durations use ms, s, m, h, d and w (`5m`); upper-case M means megabytes"),
                 );
                 None
             }
             (OptTy::Duration, _) => bad(self, "a duration such as 30s or 5m"),
-            (OptTy::Bool, ValueKind::Path(p)) if p == "true" || p == "false" => {
-                Some(OptValue::Bool(p == "true"))
-            }
+            (OptTy::Bool, ValueKind::Path(p)) if p == "true" || p == "false" => Some(OptValue::Bool(p == "true")),
             (OptTy::Bool, _) => bad(self, "`true` or `false`"),
-            (OptTy::Word(words), ValueKind::Path(p)) if words.contains(&p.as_str()) => {
-                Some(OptValue::Word(p.clone()))
-            }
+            (OptTy::Word(words), ValueKind::Path(p)) if words.contains(&p.as_str()) => Some(OptValue::Word(p.clone())),
             (OptTy::Word(words), _) => bad(self, &format!("one of {}", words.join(", "))),
             (OptTy::Strings, ValueKind::List(items)) => Some(OptValue::List(
                 items
                     .iter()
-                    .filter_map(|i| {
-                        if let ValueKind::Str(s) = &i.kind {
-                            Some(unescape_plain(&s.raw))
-                        } else {
-                            None
-                        }
-                    })
+                    .filter_map(|i| if let ValueKind::Str(s) = &i.kind { Some(unescape_plain(&s.raw)) } else { None })
                     .collect(),
             )),
             (OptTy::Strings, _) => bad(self, "a list of strings"),
@@ -964,15 +793,11 @@ impl<'s> Checker<'s> {
             .filter(|(_, s)| want.is_none_or(|w| s.kind.noun() == w))
             .map(|(n, _)| n.as_str())
             .collect();
-        let mut d = Diagnostic::error("mailc::undefined", format!("no {what} named `{name}`"))
-            .at(span)
-            .label("not declared");
+        let mut d =
+            Diagnostic::error("mailc::undefined", format!("no {what} named `{name}`")).at(span).label("not declared");
         d = match did_you_mean(name, cands) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
-            None => d.help(format!(
-                "declare it first, e.g. `{}`",
-                example_decl(what, name)
-            )),
+            None => d.help(format!("declare it first, e.g. `{}`", example_decl(what, name))),
         };
         self.err(d);
     }
@@ -991,10 +816,7 @@ impl<'s> Checker<'s> {
                 self.err(
                     Diagnostic::error(
                         "mailc::type",
-                        format!(
-                            "`{name}` is a {noun}; a {} is needed here",
-                            want.join(" or ")
-                        ),
+                        format!("`{name}` is a {noun}; a {} is needed here", want.join(" or ")),
                     )
                     .at(span)
                     .related(sspan, "declared here"),
@@ -1002,11 +824,7 @@ impl<'s> Checker<'s> {
                 None
             }
             None => {
-                self.undefined(
-                    name,
-                    span,
-                    if want.len() == 1 { Some(want[0]) } else { None },
-                );
+                self.undefined(name, span, if want.len() == 1 { Some(want[0]) } else { None });
                 None
             }
         }
@@ -1016,23 +834,16 @@ impl<'s> Checker<'s> {
         match self.caps.get_mut(cap) {
             Some(c) => c.1 = true,
             None => self.err(
-                Diagnostic::error(
-                    "mailc::require",
-                    format!("`{what}` needs the \"{cap}\" capability"),
-                )
-                .at(span)
-                .help(format!("add `require \"{cap}\";` at the top of the policy")),
+                Diagnostic::error("mailc::require", format!("`{what}` needs the \"{cap}\" capability"))
+                    .at(span)
+                    .help(format!("add `require \"{cap}\";` at the top of the policy")),
             ),
         }
     }
 
     fn unused(&mut self) {
-        let mut unused: Vec<(Span, String, &'static str)> = self
-            .syms
-            .iter()
-            .filter(|(_, s)| !s.used)
-            .map(|(n, s)| (s.span, n.clone(), s.kind.noun()))
-            .collect();
+        let mut unused: Vec<(Span, String, &'static str)> =
+            self.syms.iter().filter(|(_, s)| !s.used).map(|(n, s)| (s.span, n.clone(), s.kind.noun())).collect();
         unused.sort_by_key(|u| (u.0.file, u.0.start));
         for (span, name, noun) in unused {
             self.diags.push(
@@ -1041,21 +852,14 @@ impl<'s> Checker<'s> {
                     .help("remove it, or use it in a rule"),
             );
         }
-        let mut caps: Vec<(Span, String)> = self
-            .caps
-            .iter()
-            .filter(|(_, c)| !c.1)
-            .map(|(n, c)| (c.0, n.clone()))
-            .collect();
+        let mut caps: Vec<(Span, String)> =
+            self.caps.iter().filter(|(_, c)| !c.1).map(|(n, c)| (c.0, n.clone())).collect();
         caps.sort_by_key(|c| (c.0.file, c.0.start));
         for (span, name) in caps {
             self.diags.push(
-                Diagnostic::warning(
-                    "mailc::unused",
-                    format!("capability \"{name}\" is required but never used"),
-                )
-                .at(span)
-                .help("remove it from `require`"),
+                Diagnostic::warning("mailc::unused", format!("capability \"{name}\" is required but never used"))
+                    .at(span)
+                    .help("remove it from `require`"),
             );
         }
         let mut vars: Vec<(Span, String)> = self
@@ -1079,9 +883,7 @@ impl<'s> Checker<'s> {
     fn collect_sets(&mut self, body: &[Stmt], stage: Stage, expanding: &mut Vec<String>) {
         for s in body {
             match s {
-                Stmt::If {
-                    arms, otherwise, ..
-                } => {
+                Stmt::If { arms, otherwise, .. } => {
                     for (_, b) in arms {
                         self.collect_sets(b, stage, expanding);
                     }
@@ -1091,19 +893,11 @@ impl<'s> Checker<'s> {
                 }
                 Stmt::Action { name, args, .. } => {
                     if name.name == "set" {
-                        if let Some(Arg::Value(Value {
-                            kind: ValueKind::Path(v),
-                            span,
-                        })) = args.first()
-                        {
+                        if let Some(Arg::Value(Value { kind: ValueKind::Path(v), span })) = args.first() {
                             self.define_var(v, stage, *span);
                         }
                     } else if name.name == "use" {
-                        if let Some(Arg::Value(Value {
-                            kind: ValueKind::Path(r),
-                            ..
-                        })) = args.first()
-                        {
+                        if let Some(Arg::Value(Value { kind: ValueKind::Path(r), .. })) = args.first() {
                             if !expanding.contains(r) {
                                 if let Some(body) = self.rules.get(r).cloned() {
                                     expanding.push(r.clone());
@@ -1125,23 +919,13 @@ impl<'s> Checker<'s> {
             Stage::Mail | Stage::Rcpt | Stage::Data => Scope::Transaction,
             _ => Scope::Message,
         };
-        let v = self
-            .vars
-            .entry(name.to_string())
-            .or_insert_with(|| VarInfo {
-                id: next,
-                first_set: None,
-                read: false,
-            });
+        let v = self.vars.entry(name.to_string()).or_insert_with(|| VarInfo { id: next, first_set: None, read: false });
         if v.first_set.is_none_or(|(s, _)| stage < s) {
             v.first_set = Some((stage, span));
         }
         let id = v.id;
         if id.index() == self.prog.vars.len() {
-            self.prog.vars.push(Var {
-                name: name.to_string(),
-                scope,
-            });
+            self.prog.vars.push(Var { name: name.to_string(), scope });
         } else if let Some(var) = self.prog.vars.get_mut(id.index()) {
             // A variable set in several stages lives as long as its earliest setter's scope.
             if (scope as u8) < (var.scope as u8) {
@@ -1191,13 +975,10 @@ impl<'s> Checker<'s> {
         if let Some(end) = self.stage_ended[stage.index()] {
             if let Some(first) = body.first() {
                 self.diags.push(
-                    Diagnostic::warning(
-                        "mailc::unreachable",
-                        format!("this `{}` block never runs", stage.name()),
-                    )
-                    .at(first.span())
-                    .related(end, "an earlier block of this stage always ends here")
-                    .help("remove it, or make the earlier rule conditional"),
+                    Diagnostic::warning("mailc::unreachable", format!("this `{}` block never runs", stage.name()))
+                        .at(first.span())
+                        .related(end, "an earlier block of this stage always ends here")
+                        .help("remove it, or make the earlier rule conditional"),
                 );
             }
         }
@@ -1216,13 +997,10 @@ impl<'s> Checker<'s> {
             if flow == Flow::Ends {
                 if let Some(end) = ended_at {
                     self.diags.push(
-                        Diagnostic::warning(
-                            "mailc::unreachable",
-                            "this statement is never reached",
-                        )
-                        .at(s.span())
-                        .related(end, "the stage always ends here")
-                        .help("remove it, or move it before the action that ends the stage"),
+                        Diagnostic::warning("mailc::unreachable", "this statement is never reached")
+                            .at(s.span())
+                            .related(end, "the stage always ends here")
+                            .help("remove it, or move it before the action that ends the stage"),
                     );
                 }
                 ended_at = None; // warn once per block
@@ -1241,20 +1019,14 @@ impl<'s> Checker<'s> {
 
     fn stmt(&mut self, s: &Stmt, ctx: Ctx, code: &mut Vec<Instr>) -> Flow {
         match s {
-            Stmt::If {
-                arms, otherwise, ..
-            } => {
+            Stmt::If { arms, otherwise, .. } => {
                 let mut exits = Vec::new();
                 let mut all_end = true;
                 for (cond, body) in arms {
                     let e = self.cond(cond, ctx);
                     let loc = self.loc(cond.span());
                     let at = code.len();
-                    code.push(Instr::If {
-                        cond: e,
-                        else_pc: 0,
-                        loc,
-                    });
+                    code.push(Instr::If { cond: e, else_pc: 0, loc });
                     if self.stmts(body, ctx, code) != Flow::Ends {
                         all_end = false;
                     }
@@ -1305,11 +1077,7 @@ impl<'s> Checker<'s> {
     }
 
     fn use_rules(&mut self, args: &[Arg], span: Span, ctx: Ctx, code: &mut Vec<Instr>) -> Flow {
-        let Some(Arg::Value(Value {
-            kind: ValueKind::Path(name),
-            span: nspan,
-        })) = args.first()
-        else {
+        let Some(Arg::Value(Value { kind: ValueKind::Path(name), span: nspan })) = args.first() else {
             self.err(
                 Diagnostic::error("mailc::arguments", "`use` needs the name of a rules block")
                     .at(span)
@@ -1318,19 +1086,14 @@ impl<'s> Checker<'s> {
             return Flow::Continues;
         };
         if args.len() > 1 {
-            self.err(
-                Diagnostic::error("mailc::arguments", "`use` takes one name").at(args[1].span()),
-            );
+            self.err(Diagnostic::error("mailc::arguments", "`use` takes one name").at(args[1].span()));
         }
         self.use_sym(name, *nspan, &["rules block"]);
         if self.expanding.contains(name) {
             self.err(
-                Diagnostic::error(
-                    "mailc::recursion",
-                    format!("rules block `{name}` uses itself"),
-                )
-                .at(*nspan)
-                .help("a rules block cannot use itself, directly or through another"),
+                Diagnostic::error("mailc::recursion", format!("rules block `{name}` uses itself"))
+                    .at(*nspan)
+                    .help("a rules block cannot use itself, directly or through another"),
             );
             return Flow::Continues;
         }
@@ -1338,14 +1101,7 @@ impl<'s> Checker<'s> {
             return Flow::Continues;
         };
         self.expanding.push(name.clone());
-        let flow = self.stmts(
-            &body,
-            Ctx {
-                stage: ctx.stage,
-                via: Some(ctx.via.unwrap_or(span)),
-            },
-            code,
-        );
+        let flow = self.stmts(&body, Ctx { stage: ctx.stage, via: Some(ctx.via.unwrap_or(span)) }, code);
         self.expanding.pop();
         flow
     }
@@ -1373,12 +1129,7 @@ impl<'s> Checker<'s> {
                 Expr::All(ids)
             }
             Cond::Not(inner, _) => Expr::Not(self.cond(inner, ctx)),
-            Cond::Test {
-                term,
-                op,
-                operand,
-                span,
-            } => self.test(term, *op, operand.as_ref(), *span, ctx),
+            Cond::Test { term, op, operand, span } => self.test(term, *op, operand.as_ref(), *span, ctx),
         }
     }
 
@@ -1388,17 +1139,9 @@ impl<'s> Checker<'s> {
         }
         let first = available.first().unwrap_or(Stage::Connect);
         let msg = if available.iter().all(|s| s > ctx.stage) {
-            format!(
-                "`{what}` does not exist yet in `{}`: it becomes available in `{}`",
-                ctx.stage.name(),
-                first.name()
-            )
+            format!("`{what}` does not exist yet in `{}`: it becomes available in `{}`", ctx.stage.name(), first.name())
         } else {
-            format!(
-                "`{what}` is not available in `{}`: it exists in {}",
-                ctx.stage.name(),
-                available.describe()
-            )
+            format!("`{what}` is not available in `{}`: it exists in {}", ctx.stage.name(), available.describe())
         };
         let help = match (what, ctx.stage) {
             ("recipient" | "recipient.domain" | "recipient.local", Stage::Data) => {
@@ -1406,10 +1149,8 @@ impl<'s> Checker<'s> {
             }
             _ => format!("move the rule to `on {}`", first.name()),
         };
-        let d = Diagnostic::error("mailc::stage", msg)
-            .at(span)
-            .label(format!("used in `{}`", ctx.stage.name()))
-            .help(help);
+        let d =
+            Diagnostic::error("mailc::stage", msg).at(span).label(format!("used in `{}`", ctx.stage.name())).help(help);
         let d = self.via(d, ctx);
         self.err(d);
         false
@@ -1418,9 +1159,7 @@ impl<'s> Checker<'s> {
     /// A fact or variable named by a path (in a condition, an argument or `${}`).
     fn path_val(&mut self, path: &str, span: Span, ctx: Ctx) -> Option<(Val, Ty)> {
         if let Some(var) = path.strip_prefix("var.") {
-            return self
-                .read_var(var, span, ctx)
-                .map(|id| (Val::Var(id), Ty::Str));
+            return self.read_var(var, span, ctx).map(|id| (Val::Var(id), Ty::Str));
         }
         if let Some(f) = Fact::from_name(path) {
             let info = f.info();
@@ -1436,17 +1175,12 @@ impl<'s> Checker<'s> {
     fn unknown_term(&mut self, name: &str, span: Span) {
         if let Some(sym) = self.syms.get(name) {
             let hint = match sym.kind {
-                SymKind::List(_) | SymKind::Table => format!(
-                    "`{name}` is a {}: test membership with `VALUE in {name}`",
-                    sym.kind.noun()
-                ),
+                SymKind::List(_) | SymKind::Table => {
+                    format!("`{name}` is a {}: test membership with `VALUE in {name}`", sym.kind.noun())
+                }
                 _ => format!("`{name}` is a {} and cannot be tested", sym.kind.noun()),
             };
-            self.err(
-                Diagnostic::error("mailc::type", format!("`{name}` is not a test"))
-                    .at(span)
-                    .help(hint),
-            );
+            self.err(Diagnostic::error("mailc::type", format!("`{name}` is not a test")).at(span).help(hint));
             return;
         }
         let mut cands: Vec<&str> = Fact::ALL.iter().map(|f| f.info().name).collect();
@@ -1475,12 +1209,9 @@ impl<'s> Checker<'s> {
                 let (h, span) = a.plain_string(self, "a header name, e.g. `header \"subject\"`")?;
                 if h.is_empty() || h.contains(':') || h.contains(char::is_whitespace) {
                     self.err(
-                        Diagnostic::error(
-                            "mailc::arguments",
-                            format!("\"{h}\" is not a header name"),
-                        )
-                        .at(span)
-                        .help("write the field name without the colon, e.g. \"subject\""),
+                        Diagnostic::error("mailc::arguments", format!("\"{h}\" is not a header name"))
+                            .at(span)
+                            .help("write the field name without the colon, e.g. \"subject\""),
                     );
                 }
                 let id = self.intern(&h.to_ascii_lowercase());
@@ -1490,34 +1221,16 @@ impl<'s> Checker<'s> {
                 let (tname, tspan) = a.word(self, "a table name, e.g. `lookup access sender`")?;
                 let (_, id, _) = self.use_sym(&tname, tspan, &["table"])?;
                 let key = a.val(self, ctx, "the key to look up, e.g. `sender.domain`")?;
-                Term::Val(
-                    Val::Lookup {
-                        table: TableId(id),
-                        key: Box::new(key.0),
-                    },
-                    Ty::Str,
-                )
+                Term::Val(Val::Lookup { table: TableId(id), key: Box::new(key.0) }, Ty::Str)
             }
             "rate" => {
                 self.need_cap("ratelimit", t.name.span, "rate");
-                let (cname, cspan) = a.word(
-                    self,
-                    "what to count: connections, messages, bounces, recipients, errors or auth_failures",
-                )?;
+                let (cname, cspan) =
+                    a.word(self, "what to count: connections, messages, bounces, recipients, errors or auth_failures")?;
                 let Some(counter) = Counter::from_name(&cname) else {
-                    let names = [
-                        "connections",
-                        "messages",
-                        "recipients",
-                        "errors",
-                        "auth_failures",
-                        "bounces",
-                    ];
-                    let mut d = Diagnostic::error(
-                        "mailc::arguments",
-                        format!("`rate` cannot count `{cname}`"),
-                    )
-                    .at(cspan);
+                    let names = ["connections", "messages", "recipients", "errors", "auth_failures", "bounces"];
+                    let mut d =
+                        Diagnostic::error("mailc::arguments", format!("`rate` cannot count `{cname}`")).at(cspan);
                     d = match did_you_mean(&cname, names) {
                         Some(s) => d.help(format!("did you mean `{s}`?")),
                         None => d.help(format!("count one of {}", names.join(", "))),
@@ -1525,39 +1238,20 @@ impl<'s> Checker<'s> {
                     self.err(d);
                     return None;
                 };
-                self.stage_check(
-                    &format!("rate {}", counter.name()),
-                    Stages::from(counter.first_stage()),
-                    cspan,
-                    ctx,
-                );
+                self.stage_check(&format!("rate {}", counter.name()), Stages::from(counter.first_stage()), cspan, ctx);
                 a.keyword(self, "by", "rate messages by client.ip per 1m")?;
                 let key_span = a.peek_value().map(|v| v.span).unwrap_or(t.span);
-                let key = a.val(
-                    self,
-                    ctx,
-                    "what to count by, e.g. `client.ip` or `auth.user`",
-                )?;
+                let key = a.val(self, ctx, "what to count by, e.g. `client.ip` or `auth.user`")?;
                 self.check_rate_key(&key.0, key_span);
                 a.keyword(self, "per", "rate messages by client.ip per 1m")?;
                 let window = a.duration(self, "a window such as 1m, 1h or 1d")?;
                 if window.0 == 0 {
                     self.err(
-                        Diagnostic::error(
-                            "mailc::arguments",
-                            "the window of a rate must be longer than 0",
-                        )
-                        .at(window.1),
+                        Diagnostic::error("mailc::arguments", "the window of a rate must be longer than 0")
+                            .at(window.1),
                     );
                 }
-                Term::Val(
-                    Val::Rate {
-                        counter,
-                        key: Box::new(key.0),
-                        window_ms: window.0,
-                    },
-                    Ty::Num,
-                )
+                Term::Val(Val::Rate { counter, key: Box::new(key.0), window_ms: window.0 }, Ty::Num)
             }
             "concurrent" => {
                 self.need_cap("ratelimit", t.name.span, "concurrent");
@@ -1565,12 +1259,7 @@ impl<'s> Checker<'s> {
                 let key_span = a.peek_value().map(|v| v.span).unwrap_or(t.span);
                 let key = a.val(self, ctx, "what to count by, e.g. `client.ip`")?;
                 self.check_rate_key(&key.0, key_span);
-                Term::Val(
-                    Val::Concurrent {
-                        key: Box::new(key.0),
-                    },
-                    Ty::Num,
-                )
+                Term::Val(Val::Concurrent { key: Box::new(key.0) }, Ty::Num)
             }
             "score" => {
                 self.need_cap("spamscan", t.name.span, "score");
@@ -1581,40 +1270,25 @@ impl<'s> Checker<'s> {
             }
             "dnsbl" => {
                 self.need_cap("dnsbl", t.name.span, "dnsbl");
-                let (zone, zspan) =
-                    a.plain_string(self, "a DNS zone, e.g. `dnsbl \"zen.spamhaus.org\"`")?;
+                let (zone, zspan) = a.plain_string(self, "a DNS zone, e.g. `dnsbl \"zen.spamhaus.org\"`")?;
                 self.check_zone(&zone, zspan);
                 let returns = a.tag_strings(self, "returns")?;
-                Term::Test(Expr::Dnsbl {
-                    zone: self.intern(&zone.to_ascii_lowercase()),
-                    returns,
-                })
+                Term::Test(Expr::Dnsbl { zone: self.intern(&zone.to_ascii_lowercase()), returns })
             }
             "rhsbl" => {
                 self.need_cap("dnsbl", t.name.span, "rhsbl");
-                let (zone, zspan) = a.plain_string(
-                    self,
-                    "a DNS zone, e.g. `rhsbl \"dbl.example.net\" sender.domain`",
-                )?;
+                let (zone, zspan) =
+                    a.plain_string(self, "a DNS zone, e.g. `rhsbl \"dbl.example.net\" sender.domain`")?;
                 self.check_zone(&zone, zspan);
                 let domain = match a.peek_value() {
                     Some(_) => a.val(self, ctx, "the domain to check")?.0,
                     None => {
-                        self.stage_check(
-                            "rhsbl (of sender.domain)",
-                            Stages::from(Stage::Mail),
-                            t.name.span,
-                            ctx,
-                        );
+                        self.stage_check("rhsbl (of sender.domain)", Stages::from(Stage::Mail), t.name.span, ctx);
                         Val::Fact(Fact::SenderDomain)
                     }
                 };
                 let returns = a.tag_strings(self, "returns")?;
-                Term::Test(Expr::Rhsbl {
-                    zone: self.intern(&zone.to_ascii_lowercase()),
-                    domain,
-                    returns,
-                })
+                Term::Test(Expr::Rhsbl { zone: self.intern(&zone.to_ascii_lowercase()), domain, returns })
             }
             "resolvable" => {
                 self.need_cap("dns", t.name.span, "resolvable");
@@ -1638,30 +1312,14 @@ impl<'s> Checker<'s> {
             }
             "greylist" => {
                 self.need_cap("greylist", t.name.span, "greylist");
-                self.stage_check(
-                    "greylist",
-                    Stages::range(Stage::Rcpt, Stage::Data),
-                    t.name.span,
-                    ctx,
-                );
+                self.stage_check("greylist", Stages::range(Stage::Rcpt, Stage::Data), t.name.span, ctx);
                 let delay = a.tag_duration(self, "delay")?.unwrap_or(300_000);
                 let expire = a.tag_duration(self, "expire")?.unwrap_or(35 * 86_400_000);
-                Term::Test(Expr::Greylist {
-                    delay_ms: delay,
-                    expire_ms: expire,
-                })
+                Term::Test(Expr::Greylist { delay_ms: delay, expire_ms: expire })
             }
             "login_mismatch" => {
-                self.stage_check(
-                    "login_mismatch",
-                    Stages::from(Stage::Mail),
-                    t.name.span,
-                    ctx,
-                );
-                let (tname, tspan) = a.word(
-                    self,
-                    "a table of sender -> login, e.g. `login_mismatch sender_logins`",
-                )?;
+                self.stage_check("login_mismatch", Stages::from(Stage::Mail), t.name.span, ctx);
+                let (tname, tspan) = a.word(self, "a table of sender -> login, e.g. `login_mismatch sender_logins`")?;
                 let (_, id, _) = self.use_sym(&tname, tspan, &["table"])?;
                 Term::Test(Expr::LoginMismatch(TableId(id)))
             }
@@ -1694,22 +1352,15 @@ impl<'s> Checker<'s> {
         if !ok {
             let names: Vec<&str> = RATE_KEYS.iter().map(|f| f.info().name).collect();
             self.err(
-                Diagnostic::error(
-                    "mailc::arguments",
-                    "counters are kept per client, login, sender or recipient",
-                )
-                .at(span)
-                .help(format!("count by one of {}", names.join(", "))),
+                Diagnostic::error("mailc::arguments", "counters are kept per client, login, sender or recipient")
+                    .at(span)
+                    .help(format!("count by one of {}", names.join(", "))),
             );
         }
     }
 
     fn check_zone(&mut self, zone: &str, span: Span) {
-        if zone.is_empty()
-            || zone.contains(char::is_whitespace)
-            || zone.contains('@')
-            || zone.starts_with('.')
-        {
+        if zone.is_empty() || zone.contains(char::is_whitespace) || zone.contains('@') || zone.starts_with('.') {
             self.err(
                 Diagnostic::error("mailc::arguments", format!("\"{zone}\" is not a DNS zone"))
                     .at(span)
@@ -1741,12 +1392,9 @@ impl<'s> Checker<'s> {
                         _ => format!("{name} :is \"...\""),
                     };
                     self.err(
-                        Diagnostic::error(
-                            "mailc::type",
-                            format!("`{name}` is {}, not a yes/no test", ty.name()),
-                        )
-                        .at(term.span)
-                        .help(format!("compare it, e.g. `{example}`")),
+                        Diagnostic::error("mailc::type", format!("`{name}` is {}, not a yes/no test", ty.name()))
+                            .at(term.span)
+                            .help(format!("compare it, e.g. `{example}`")),
                     );
                     Expr::Const(false)
                 }
@@ -1758,10 +1406,7 @@ impl<'s> Checker<'s> {
                 self.err(
                     Diagnostic::error(
                         "mailc::type",
-                        format!(
-                            "`{}` is a yes/no test and cannot be compared",
-                            term.name.name
-                        ),
+                        format!("`{}` is a yes/no test and cannot be compared", term.name.name),
                     )
                     .at(op_span)
                     .help("use it alone as a condition, or negate it with `not`"),
@@ -1773,10 +1418,7 @@ impl<'s> Checker<'s> {
             self.err(
                 Diagnostic::error(
                     "mailc::type",
-                    format!(
-                        "`{}` is a yes/no test and cannot be compared",
-                        term.name.name
-                    ),
+                    format!("`{}` is a yes/no test and cannot be compared", term.name.name),
                 )
                 .at(op_span)
                 .help(format!("write `{0}` or `not {0}`", term.name.name)),
@@ -1798,15 +1440,7 @@ impl<'s> Checker<'s> {
                     return Expr::Const(false);
                 }
                 let rhs = self.templates(v, ctx);
-                Expr::Match {
-                    lhs,
-                    op: if op == Op::Is {
-                        MatchOp::Is
-                    } else {
-                        MatchOp::Contains
-                    },
-                    rhs,
-                }
+                Expr::Match { lhs, op: if op == Op::Is { MatchOp::Is } else { MatchOp::Contains }, rhs }
             }
             Op::Matches | Op::Regex => {
                 let Some(v) = operand else {
@@ -1824,10 +1458,7 @@ impl<'s> Checker<'s> {
                     return Expr::Const(false);
                 };
                 let set = self.set_ref(v, ty, &term.name.name);
-                let e = Expr::In {
-                    lhs,
-                    set: set.unwrap_or(SetRef::Strings(Vec::new())),
-                };
+                let e = Expr::In { lhs, set: set.unwrap_or(SetRef::Strings(Vec::new())) };
                 if op == Op::NotIn {
                     let id = self.push_expr(e);
                     Expr::Not(id)
@@ -1843,12 +1474,7 @@ impl<'s> Checker<'s> {
                     self.err(
                         Diagnostic::error(
                             "mailc::type",
-                            format!(
-                                "`{}` is {}; `{}` compares numbers",
-                                term.name.name,
-                                ty.name(),
-                                op.as_str()
-                            ),
+                            format!("`{}` is {}; `{}` compares numbers", term.name.name, ty.name(), op.as_str()),
                         )
                         .at(op_span)
                         .help("compare strings with `:is`, `:contains`, `:matches` or `:regex`"),
@@ -1865,26 +1491,15 @@ impl<'s> Checker<'s> {
                     _ => CmpOp::Ge,
                 };
                 let _ = span;
-                Expr::Cmp {
-                    lhs,
-                    op,
-                    rhs: rhs.unwrap_or(0.0),
-                }
+                Expr::Cmp { lhs, op, rhs: rhs.unwrap_or(0.0) }
             }
         }
     }
 
     fn num_op_error(&self, name: &str, ty: Ty, op: Op, span: Span) -> Diagnostic {
-        Diagnostic::error(
-            "mailc::type",
-            format!(
-                "`{name}` is {}; `{}` compares strings",
-                ty.name(),
-                op.as_str()
-            ),
-        )
-        .at(span)
-        .help("compare numbers, sizes and durations with ==, !=, <, <=, > or >=")
+        Diagnostic::error("mailc::type", format!("`{name}` is {}; `{}` compares strings", ty.name(), op.as_str()))
+            .at(span)
+            .help("compare numbers, sizes and durations with ==, !=, <, <=, > or >=")
     }
 
     fn number_for(&mut self, ty: Ty, v: &Value) -> Option<f64> {
@@ -1897,9 +1512,7 @@ impl<'s> Checker<'s> {
                 self.err(
                     Diagnostic::error("mailc::type", "a size is compared with a duration")
                         .at(v.span)
-                        .help(
-                            "sizes use upper-case K, M and G (`10M`); lower-case `m` means minutes",
-                        ),
+                        .help("sizes use upper-case K, M and G (`10M`); lower-case `m` means minutes"),
                 );
                 None
             }
@@ -1993,10 +1606,9 @@ impl<'s> Checker<'s> {
                 }
                 Err(e) => {
                     let msg = match e {
-                        regex::Error::CompiledTooBig(_) => format!(
-                            "this regular expression is too large (limit {} bytes compiled)",
-                            REGEX_SIZE_LIMIT
-                        ),
+                        regex::Error::CompiledTooBig(_) => {
+                            format!("this regular expression is too large (limit {} bytes compiled)", REGEX_SIZE_LIMIT)
+                        }
                         other => format!(
                             "invalid regular expression: {}",
                             other
@@ -2009,9 +1621,9 @@ impl<'s> Checker<'s> {
                         ),
                     };
                     self.err(
-                        Diagnostic::error("mailc::regex", msg).at(s.span).help(
-                            "the syntax is that of the Rust regex crate; matching ignores case",
-                        ),
+                        Diagnostic::error("mailc::regex", msg)
+                            .at(s.span)
+                            .help("the syntax is that of the Rust regex crate; matching ignores case"),
                     );
                 }
             }
@@ -2028,25 +1640,34 @@ impl<'s> Checker<'s> {
                         match (ty, k) {
                             (Ty::Ip, ListKind::Cidr) | (Ty::Str | Ty::List, ListKind::Strings | ListKind::Domains) => {}
                             (Ty::Ip, _) => self.err(
-                                Diagnostic::error("mailc::type", format!("`{lhs_name}` is an IP address but `{p}` is not a cidr list"))
-                                    .at(v.span)
-                                    .help(format!("declare it as `list {p} = cidr [...];`")),
+                                Diagnostic::error(
+                                    "mailc::type",
+                                    format!("`{lhs_name}` is an IP address but `{p}` is not a cidr list"),
+                                )
+                                .at(v.span)
+                                .help(format!("declare it as `list {p} = cidr [...];`")),
                             ),
                             (_, ListKind::Cidr) => self.err(
-                                Diagnostic::error("mailc::type", format!("`{p}` is a cidr list but `{lhs_name}` is {}", ty.name()))
-                                    .at(v.span)
-                                    .help("test IP addresses such as `client.ip` against cidr lists"),
+                                Diagnostic::error(
+                                    "mailc::type",
+                                    format!("`{p}` is a cidr list but `{lhs_name}` is {}", ty.name()),
+                                )
+                                .at(v.span)
+                                .help("test IP addresses such as `client.ip` against cidr lists"),
                             ),
-                            _ => self.err(Diagnostic::error("mailc::type", format!("`{lhs_name}` is {} and cannot be looked up in a list", ty.name())).at(v.span)),
+                            _ => self.err(
+                                Diagnostic::error(
+                                    "mailc::type",
+                                    format!("`{lhs_name}` is {} and cannot be looked up in a list", ty.name()),
+                                )
+                                .at(v.span),
+                            ),
                         }
                         Some(SetRef::List(ListId(id)))
                     }
                     _ => {
                         if ty == Ty::Ip
-                            && !matches!(
-                                detail.as_str(),
-                                "cidr" | "map" | "list" | "access" | "ldap" | "sql"
-                            )
+                            && !matches!(detail.as_str(), "cidr" | "map" | "list" | "access" | "ldap" | "sql")
                         {
                             self.err(
                                 Diagnostic::error(
@@ -2073,23 +1694,16 @@ impl<'s> Checker<'s> {
                         match Cidr::parse(&s) {
                             Some(c) => nets.push(c),
                             None => self.err(
-                                Diagnostic::error(
-                                    "mailc::cidr",
-                                    format!("\"{s}\" is not a network"),
-                                )
-                                .at(i.span)
-                                .help("write e.g. \"192.0.2.0/24\""),
+                                Diagnostic::error("mailc::cidr", format!("\"{s}\" is not a network"))
+                                    .at(i.span)
+                                    .help("write e.g. \"192.0.2.0/24\""),
                             ),
                         }
                     } else {
                         strs.push(self.intern(&s.to_ascii_lowercase()));
                     }
                 }
-                Some(if ty == Ty::Ip {
-                    SetRef::Nets(nets)
-                } else {
-                    SetRef::Strings(strs)
-                })
+                Some(if ty == Ty::Ip { SetRef::Nets(nets) } else { SetRef::Strings(strs) })
             }
             ValueKind::Str(s) => {
                 let s = unescape_plain(&s.raw);
@@ -2097,13 +1711,7 @@ impl<'s> Checker<'s> {
                     match Cidr::parse(&s) {
                         Some(c) => Some(SetRef::Nets(vec![c])),
                         None => {
-                            self.err(
-                                Diagnostic::error(
-                                    "mailc::cidr",
-                                    format!("\"{s}\" is not a network"),
-                                )
-                                .at(v.span),
-                            );
+                            self.err(Diagnostic::error("mailc::cidr", format!("\"{s}\" is not a network")).at(v.span));
                             None
                         }
                     }
@@ -2125,13 +1733,7 @@ impl<'s> Checker<'s> {
     /// Parse `${...}` interpolation and escapes; check each interpolated fact's stage.
     fn template(&mut self, s: &ast::StrLit, ctx: Ctx) -> Option<Template> {
         if s.raw.len() > MAX_STRING {
-            self.err(
-                Diagnostic::error(
-                    "mailc::limit",
-                    format!("string longer than {MAX_STRING} bytes"),
-                )
-                .at(s.span),
-            );
+            self.err(Diagnostic::error("mailc::limit", format!("string longer than {MAX_STRING} bytes")).at(s.span));
             return None;
         }
         let base = s.inner_start() as usize;
@@ -2182,13 +1784,10 @@ impl<'s> Checker<'s> {
                     None => {
                         ok = false;
                         if !path.starts_with("var.") {
-                            let mut d = Diagnostic::error(
-                                "mailc::interpolation",
-                                format!("`${{{path}}}` names no fact"),
-                            )
-                            .at(pspan);
-                            let cands: Vec<&str> =
-                                Fact::ALL.iter().map(|f| f.info().name).collect();
+                            let mut d =
+                                Diagnostic::error("mailc::interpolation", format!("`${{{path}}}` names no fact"))
+                                    .at(pspan);
+                            let cands: Vec<&str> = Fact::ALL.iter().map(|f| f.info().name).collect();
                             d = match did_you_mean(path, cands) {
                                 Some(s) => d.help(format!("did you mean `${{{s}}}`?")),
                                 None => d.help("interpolate a fact (`${client.ip}`) or a variable (`${var.NAME}`)"),
@@ -2233,18 +1832,14 @@ impl<'s> Checker<'s> {
 
     fn action(&mut self, name: &ast::Ident, args: &[Arg], span: Span, ctx: Ctx) -> Option<Action> {
         let Some(spec) = ACTIONS.iter().find(|a| a.0 == name.name) else {
-            let mut d = Diagnostic::error(
-                "mailc::undefined",
-                format!("unknown action `{}`", name.name),
-            )
-            .at(name.span)
-            .label("not an action");
+            let mut d = Diagnostic::error("mailc::undefined", format!("unknown action `{}`", name.name))
+                .at(name.span)
+                .label("not an action");
             d = match did_you_mean(&name.name, ACTIONS.iter().map(|a| a.0).chain(["use"])) {
                 Some(s) => d.help(format!("did you mean `{s}`?")),
-                None => d.help(format!(
-                    "the actions are {}",
-                    ACTIONS.iter().map(|a| a.0).collect::<Vec<_>>().join(", ")
-                )),
+                None => {
+                    d.help(format!("the actions are {}", ACTIONS.iter().map(|a| a.0).collect::<Vec<_>>().join(", ")))
+                }
             };
             self.err(d);
             return None;
@@ -2253,13 +1848,10 @@ impl<'s> Checker<'s> {
             self.need_cap(cap, name.span, spec.0);
         }
         if !spec.1.contains(ctx.stage) {
-            let d = Diagnostic::error(
-                "mailc::stage",
-                format!("`{}` cannot be used in `{}`", spec.0, ctx.stage.name()),
-            )
-            .at(name.span)
-            .label(format!("used in `{}`", ctx.stage.name()))
-            .help(format!("`{}` works in {}", spec.0, spec.1.describe()));
+            let d = Diagnostic::error("mailc::stage", format!("`{}` cannot be used in `{}`", spec.0, ctx.stage.name()))
+                .at(name.span)
+                .label(format!("used in `{}`", ctx.stage.name()))
+                .help(format!("`{}` works in {}", spec.0, spec.1.describe()));
             let d = self.via(d, ctx);
             self.err(d);
         }
@@ -2273,13 +1865,7 @@ impl<'s> Checker<'s> {
                     a.next();
                     self.need_cap("callahead", name.span, "reject callahead");
                     if ctx.stage != Stage::Rcpt {
-                        self.err(
-                            Diagnostic::error(
-                                "mailc::stage",
-                                "`reject callahead` works only in `rcpt`",
-                            )
-                            .at(span),
-                        );
+                        self.err(Diagnostic::error("mailc::stage", "`reject callahead` works only in `rcpt`").at(span));
                     }
                     a.finish(self, "reject callahead")?;
                     return Some(Action::RejectCallahead);
@@ -2292,10 +1878,7 @@ impl<'s> Checker<'s> {
                 }
             }
             "set" => {
-                let (v, vspan) = a.word(
-                    self,
-                    "a name, e.g. `set internal;` or `set tier = \"gold\";`",
-                )?;
+                let (v, vspan) = a.word(self, "a name, e.g. `set internal;` or `set tier = \"gold\";`")?;
                 check_var_name(self, &v, vspan);
                 let id = self.vars.get(&v).map(|i| i.id)?;
                 let value = if a.take_eq() {
@@ -2319,7 +1902,11 @@ impl<'s> Checker<'s> {
                 a.keyword(self, "pause", "greet pause 5s")?;
                 let (d, dspan) = a.duration(self, "how long to hold the banner, e.g. 5s")?;
                 if d > 300_000 {
-                    self.err(Diagnostic::error("mailc::limit", "a greet pause longer than 5 minutes").at(dspan).help("clients give up after 5 minutes (RFC 5321 4.5.3.2.1); 3s to 10s is usual"));
+                    self.err(
+                        Diagnostic::error("mailc::limit", "a greet pause longer than 5 minutes")
+                            .at(dspan)
+                            .help("clients give up after 5 minutes (RFC 5321 4.5.3.2.1); 3s to 10s is usual"),
+                    );
                 }
                 Action::GreetPause(d)
             }
@@ -2342,7 +1929,13 @@ impl<'s> Checker<'s> {
                     ("deny", "success") => (DsnAction::DenySuccess, Stages::one(Stage::Rcpt)),
                     ("ret", "headers") => (DsnAction::RetHeaders, Stages::one(Stage::Mail)),
                     _ => {
-                        self.err(Diagnostic::error("mailc::arguments", format!("`dsn {w} {w2}` is not a DSN action")).at(wspan).help("write `dsn notify never;` (R3b), `dsn deny success;` (R4) or `dsn ret headers;`"));
+                        self.err(
+                            Diagnostic::error("mailc::arguments", format!("`dsn {w} {w2}` is not a DSN action"))
+                                .at(wspan)
+                                .help(
+                                    "write `dsn notify never;` (R3b), `dsn deny success;` (R4) or `dsn ret headers;`",
+                                ),
+                        );
                         return None;
                     }
                 };
@@ -2362,12 +1955,9 @@ impl<'s> Checker<'s> {
                 let (h, hspan) = a.plain_string(self, "a header name")?;
                 if h.is_empty() || h.contains(':') || !h.bytes().all(|b| b.is_ascii_graphic()) {
                     self.err(
-                        Diagnostic::error(
-                            "mailc::arguments",
-                            format!("\"{h}\" is not a header name"),
-                        )
-                        .at(hspan)
-                        .help("field names are printable ASCII without `:` or spaces"),
+                        Diagnostic::error("mailc::arguments", format!("\"{h}\" is not a header name"))
+                            .at(hspan)
+                            .help("field names are printable ASCII without `:` or spaces"),
                     );
                 }
                 let hid = self.intern(&h);
@@ -2405,11 +1995,7 @@ impl<'s> Checker<'s> {
                 Action::Hold(reason)
             }
             "redirect" | "bcc" | "archive" => {
-                let what = if spec.0 == "archive" {
-                    "a folder name"
-                } else {
-                    "an address"
-                };
+                let what = if spec.0 == "archive" { "a folder name" } else { "an address" };
                 let v = a.value(self, what)?;
                 let t = self.string_arg(v, ctx, what)?;
                 if spec.0 != "archive" {
@@ -2441,17 +2027,11 @@ impl<'s> Checker<'s> {
                 };
                 match w.as_str() {
                     "sender" => {
-                        if !Stages::range(Stage::Mail, Stage::Data)
-                            .with(Stage::Route)
-                            .contains(ctx.stage)
-                        {
+                        if !Stages::range(Stage::Mail, Stage::Data).with(Stage::Route).contains(ctx.stage) {
                             self.err(
                                 Diagnostic::error(
                                     "mailc::stage",
-                                    format!(
-                                        "`rewrite sender` cannot be used in `{}`",
-                                        ctx.stage.name()
-                                    ),
+                                    format!("`rewrite sender` cannot be used in `{}`", ctx.stage.name()),
                                 )
                                 .at(span)
                                 .help("it works in mail, rcpt, data and route"),
@@ -2460,17 +2040,11 @@ impl<'s> Checker<'s> {
                         Action::RewriteSender(rw)
                     }
                     "recipient" => {
-                        if !Stages::one(Stage::Rcpt)
-                            .with(Stage::Route)
-                            .contains(ctx.stage)
-                        {
+                        if !Stages::one(Stage::Rcpt).with(Stage::Route).contains(ctx.stage) {
                             self.err(
                                 Diagnostic::error(
                                     "mailc::stage",
-                                    format!(
-                                        "`rewrite recipient` cannot be used in `{}`",
-                                        ctx.stage.name()
-                                    ),
+                                    format!("`rewrite recipient` cannot be used in `{}`", ctx.stage.name()),
                                 )
                                 .at(span)
                                 .help("it works in rcpt and route"),
@@ -2489,10 +2063,7 @@ impl<'s> Checker<'s> {
                 }
             }
             "masquerade" => {
-                let v = a.value(
-                    self,
-                    "the domains to masquerade as, e.g. `masquerade [\"example.com\"]`",
-                )?;
+                let v = a.value(self, "the domains to masquerade as, e.g. `masquerade [\"example.com\"]`")?;
                 let domains = match &v.kind {
                     ValueKind::Path(p) => {
                         let (kind, id, _) = self.use_sym(p, v.span, &["list"])?;
@@ -2505,12 +2076,7 @@ impl<'s> Checker<'s> {
                                 .at(v.span),
                             );
                         }
-                        let items = self
-                            .prog
-                            .lists
-                            .get(id as usize)
-                            .map(|l| l.items.clone())
-                            .unwrap_or_default();
+                        let items = self.prog.lists.get(id as usize).map(|l| l.items.clone()).unwrap_or_default();
                         items.iter().map(|s| self.intern(s)).collect()
                     }
                     ValueKind::List(items) => items
@@ -2554,11 +2120,7 @@ impl<'s> Checker<'s> {
                 let text = a.value(self, "the alert text")?;
                 let text_t = self.string_arg(text, ctx, "the alert text")?;
                 let every = a.tag_duration(self, "every")?.unwrap_or(3_600_000);
-                Action::Alert {
-                    to: to_t,
-                    text: text_t,
-                    every_ms: every,
-                }
+                Action::Alert { to: to_t, text: text_t, every_ms: every }
             }
             "batv" => {
                 a.keyword(self, "sign", "batv sign")?;
@@ -2567,11 +2129,15 @@ impl<'s> Checker<'s> {
             "access" => {
                 let (t, tspan) = a.word(self, "an access table, e.g. `access access_map`")?;
                 let (_, id, detail) = self.use_sym(&t, tspan, &["table"])?;
-                if !matches!(
-                    detail.as_str(),
-                    "access" | "map" | "cidr" | "regexp" | "pcre" | "ldap" | "sql"
-                ) {
-                    self.err(Diagnostic::error("mailc::type", format!("`{t}` is a `{detail}` table; `access` needs values such as OK or REJECT")).at(tspan).help("declare it as `table NAME = access \"FILE\";`"));
+                if !matches!(detail.as_str(), "access" | "map" | "cidr" | "regexp" | "pcre" | "ldap" | "sql") {
+                    self.err(
+                        Diagnostic::error(
+                            "mailc::type",
+                            format!("`{t}` is a `{detail}` table; `access` needs values such as OK or REJECT"),
+                        )
+                        .at(tspan)
+                        .help("declare it as `table NAME = access \"FILE\";`"),
+                    );
                 }
                 Action::Access(TableId(id))
             }
@@ -2585,12 +2151,9 @@ impl<'s> Checker<'s> {
         if let ValueKind::Str(s) = &v.kind {
             if !s.raw.contains("${") && !s.raw.contains('@') {
                 self.err(
-                    Diagnostic::error(
-                        "mailc::arguments",
-                        format!("\"{}\" is not an email address", s.raw),
-                    )
-                    .at(v.span)
-                    .help("write a full address such as \"archive@example.com\""),
+                    Diagnostic::error("mailc::arguments", format!("\"{}\" is not an email address", s.raw))
+                        .at(v.span)
+                        .help("write a full address such as \"archive@example.com\""),
                 );
             }
         }
@@ -2609,12 +2172,9 @@ impl<'s> Checker<'s> {
                 a.next();
                 if n.fract() != 0.0 || !(100.0..=599.0).contains(&n) {
                     self.err(
-                        Diagnostic::error(
-                            "mailc::reply",
-                            format!("`{}` is not a reply code", self.text(v.span)),
-                        )
-                        .at(v.span)
-                        .help("reply codes have three digits, e.g. 550"),
+                        Diagnostic::error("mailc::reply", format!("`{}` is not a reply code", self.text(v.span)))
+                            .at(v.span)
+                            .help("reply codes have three digits, e.g. 550"),
                     );
                     return None;
                 }
@@ -2652,32 +2212,19 @@ impl<'s> Checker<'s> {
         }
         let verb = if reject { "reject" } else { "tempfail" };
         if code / 100 != class {
-            let want = if reject {
-                "5xx, e.g. 550 or 554"
-            } else {
-                "4xx, e.g. 450 or 451"
-            };
+            let want = if reject { "5xx, e.g. 550 or 554" } else { "4xx, e.g. 450 or 451" };
             let other = if reject { "tempfail" } else { "reject" };
             self.err(
-                Diagnostic::error(
-                    "mailc::reply",
-                    format!("`{verb}` needs a {class}xx code, not {code}"),
-                )
-                .at(code_span)
-                .help(format!(
-                    "use {want}; for a {}xx reply write `{other}`",
-                    code / 100
-                )),
+                Diagnostic::error("mailc::reply", format!("`{verb}` needs a {class}xx code, not {code}"))
+                    .at(code_span)
+                    .help(format!("use {want}; for a {}xx reply write `{other}`", code / 100)),
             );
         }
         if (code == 421 || code == 521) && !ctx.stage.is_session() {
             self.err(
                 Diagnostic::error(
                     "mailc::reply",
-                    format!(
-                        "{code} closes an SMTP session; there is none in `{}`",
-                        ctx.stage.name()
-                    ),
+                    format!("{code} closes an SMTP session; there is none in `{}`", ctx.stage.name()),
                 )
                 .at(code_span),
             );
@@ -2691,20 +2238,14 @@ impl<'s> Checker<'s> {
                             format!("enhanced status {c}.{s}.{d} does not match reply code {code}"),
                         )
                         .at(espan)
-                        .help(format!(
-                            "the first digit must be the same: {}.{s}.{d} (RFC 3463)",
-                            code / 100
-                        )),
+                        .help(format!("the first digit must be the same: {}.{s}.{d} (RFC 3463)", code / 100)),
                     );
                 }
                 if !(2..=5).contains(&c) || s > 7 || d > 999 {
                     self.err(
-                        Diagnostic::error(
-                            "mailc::reply",
-                            format!("{c}.{s}.{d} is not an enhanced status code"),
-                        )
-                        .at(espan)
-                        .help("class 2, 4 or 5, subject 0 to 7, detail 0 to 999 (RFC 3463)"),
+                        Diagnostic::error("mailc::reply", format!("{c}.{s}.{d} is not an enhanced status code"))
+                            .at(espan)
+                            .help("class 2, 4 or 5, subject 0 to 7, detail 0 to 999 (RFC 3463)"),
                     );
                 }
                 (c, s, d)
@@ -2715,11 +2256,7 @@ impl<'s> Checker<'s> {
             Some(t) => t,
             None => Template(vec![Part::Lit(self.intern(def_text))]),
         };
-        Some(Reply {
-            code,
-            enhanced,
-            text,
-        })
+        Some(Reply { code, enhanced, text })
     }
 
     fn transport(&mut self, a: &mut ArgCursor, ctx: Ctx, filter: bool) -> Option<Transport> {
@@ -2732,9 +2269,7 @@ impl<'s> Checker<'s> {
             "maildir" => TransportKind::Maildir,
             "mbox" => TransportKind::Mbox,
             _ => {
-                let mut d =
-                    Diagnostic::error("mailc::arguments", format!("there is no transport `{k}`"))
-                        .at(kspan);
+                let mut d = Diagnostic::error("mailc::arguments", format!("there is no transport `{k}`")).at(kspan);
                 d = match did_you_mean(&k, ["mx", "smtp", "lmtp", "maildir", "mbox"]) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help(format!("transports: {usage}")),
@@ -2745,18 +2280,12 @@ impl<'s> Checker<'s> {
         };
         if filter && !matches!(kind, TransportKind::Smtp | TransportKind::Lmtp) {
             self.err(
-                Diagnostic::error(
-                    "mailc::arguments",
-                    "a content filter is reached over smtp or lmtp",
-                )
-                .at(kspan)
-                .help("filter smtp \"[127.0.0.1]:10025\";"),
+                Diagnostic::error("mailc::arguments", "a content filter is reached over smtp or lmtp")
+                    .at(kspan)
+                    .help("filter smtp \"[127.0.0.1]:10025\";"),
             );
         }
-        let dest = match (
-            kind,
-            a.peek_value().map(|v| matches!(v.kind, ValueKind::Str(_))),
-        ) {
+        let dest = match (kind, a.peek_value().map(|v| matches!(v.kind, ValueKind::Str(_)))) {
             (TransportKind::Mx, Some(true)) => {
                 self.err(
                     Diagnostic::error("mailc::arguments", "`deliver mx` takes no destination")
@@ -2770,9 +2299,7 @@ impl<'s> Checker<'s> {
             | (TransportKind::Smtp | TransportKind::Lmtp | TransportKind::Mbox, _) => {
                 let v = a.value(self, "a destination string")?;
                 if let ValueKind::Str(s) = &v.kind {
-                    if matches!(kind, TransportKind::Smtp | TransportKind::Lmtp)
-                        && !s.raw.contains("${")
-                    {
+                    if matches!(kind, TransportKind::Smtp | TransportKind::Lmtp) && !s.raw.contains("${") {
                         check_host(self, &unescape_plain(&s.raw), v.span, kind);
                     }
                 }
@@ -2806,52 +2333,37 @@ impl<'s> Checker<'s> {
                 }
                 "auth" => {
                     a.next();
-                    let (s, sspan) =
-                        a.word(self, "the name of a secret holding \"user:password\"")?;
+                    let (s, sspan) = a.word(self, "the name of a secret holding \"user:password\"")?;
                     if let Some((_, id, _)) = self.use_sym(&s, sspan, &["secret"]) {
                         auth = Some(SecretId(id));
                     }
                     if !matches!(kind, TransportKind::Smtp | TransportKind::Mx) {
                         self.err(
-                            Diagnostic::error(
-                                "mailc::arguments",
-                                "`:auth` is for smtp delivery to a smarthost",
-                            )
-                            .at(tspan),
+                            Diagnostic::error("mailc::arguments", "`:auth` is for smtp delivery to a smarthost")
+                                .at(tspan),
                         );
                     }
                 }
                 other => {
                     self.err(
-                        Diagnostic::error(
-                            "mailc::arguments",
-                            format!("`{k}` has no option `:{other}`"),
-                        )
-                        .at(tspan)
-                        .help("options: :tls required|may|none, :auth SECRET"),
+                        Diagnostic::error("mailc::arguments", format!("`{k}` has no option `:{other}`"))
+                            .at(tspan)
+                            .help("options: :tls required|may|none, :auth SECRET"),
                     );
                     a.next();
                 }
             }
         }
-        Some(Transport {
-            kind,
-            dest,
-            tls,
-            auth,
-        })
+        Some(Transport { kind, dest, tls, auth })
     }
 }
 
 fn check_var_name(c: &mut Checker, v: &str, span: Span) {
     if v.contains('.') {
         c.err(
-            Diagnostic::error(
-                "mailc::arguments",
-                format!("`{v}`: a variable name has no dots"),
-            )
-            .at(span)
-            .help("write `set internal;` and read it as `flag internal` or `${var.internal}`"),
+            Diagnostic::error("mailc::arguments", format!("`{v}`: a variable name has no dots"))
+                .at(span)
+                .help("write `set internal;` and read it as `flag internal` or `${var.internal}`"),
         );
     }
 }
@@ -2865,8 +2377,7 @@ fn check_host(c: &mut Checker, s: &str, span: Span, kind: TransportKind) {
     let host = if let Some(rest) = s.strip_prefix('[') {
         match rest.split_once(']') {
             Some((h, port)) => {
-                if !port.is_empty() && !(port.starts_with(':') && port[1..].parse::<u16>().is_ok())
-                {
+                if !port.is_empty() && !(port.starts_with(':') && port[1..].parse::<u16>().is_ok()) {
                     c.err(
                         Diagnostic::error("mailc::arguments", format!("bad port in \"{s}\""))
                             .at(span)
@@ -2876,10 +2387,7 @@ fn check_host(c: &mut Checker, s: &str, span: Span, kind: TransportKind) {
                 h.to_string()
             }
             None => {
-                c.err(
-                    Diagnostic::error("mailc::arguments", format!("unclosed `[` in \"{s}\""))
-                        .at(span),
-                );
+                c.err(Diagnostic::error("mailc::arguments", format!("unclosed `[` in \"{s}\"")).at(span));
                 return;
             }
         }
@@ -2898,7 +2406,11 @@ fn check_host(c: &mut Checker, s: &str, span: Span, kind: TransportKind) {
         }
     };
     if host.is_empty() || host.contains(char::is_whitespace) || host.contains('@') {
-        c.err(Diagnostic::error("mailc::arguments", format!("\"{s}\" is not a host")).at(span).help("write a host name or address, e.g. \"[10.0.0.5]:25\" (brackets skip the MX lookup)"));
+        c.err(
+            Diagnostic::error("mailc::arguments", format!("\"{s}\" is not a host"))
+                .at(span)
+                .help("write a host name or address, e.g. \"[10.0.0.5]:25\" (brackets skip the MX lookup)"),
+        );
     }
 }
 
@@ -3024,11 +2536,7 @@ const SESS: Stages = Stages::SESSION;
 const ACTIONS: &[(&str, Stages, Option<&str>)] = &[
     ("accept", SESS, None),
     ("reject", SESS.with(Stage::Route).with(Stage::Deliver), None),
-    (
-        "tempfail",
-        SESS.with(Stage::Route).with(Stage::Deliver),
-        None,
-    ),
+    ("tempfail", SESS.with(Stage::Route).with(Stage::Deliver), None),
     ("discard", SESS.with(Stage::Bounce).with(Stage::Delay), None),
     ("stop", Stages::ALL, None),
     ("set", Stages::ALL, None),
@@ -3037,40 +2545,18 @@ const ACTIONS: &[(&str, Stages, Option<&str>)] = &[
     ("greet", Stages::one(Stage::Connect), None),
     ("tarpit", SESS, None),
     ("dsn", Stages::range(Stage::Mail, Stage::Rcpt), None),
-    (
-        "header",
-        Stages::one(Stage::Data)
-            .with(Stage::Route)
-            .with(Stage::Bounce),
-        None,
-    ),
+    ("header", Stages::one(Stage::Data).with(Stage::Route).with(Stage::Bounce), None),
     ("hold", SESS.with(Stage::Route), None),
-    (
-        "redirect",
-        Stages::range(Stage::Rcpt, Stage::Data).with(Stage::Route),
-        None,
-    ),
-    (
-        "bcc",
-        Stages::range(Stage::Mail, Stage::Data).with(Stage::Route),
-        None,
-    ),
+    ("redirect", Stages::range(Stage::Rcpt, Stage::Data).with(Stage::Route), None),
+    ("bcc", Stages::range(Stage::Mail, Stage::Data).with(Stage::Route), None),
     ("archive", Stages::one(Stage::Data).with(Stage::Route), None),
     ("filter", Stages::range(Stage::Connect, Stage::Data), None),
     ("deliver", Stages::one(Stage::Route), None),
-    (
-        "rewrite",
-        Stages::range(Stage::Mail, Stage::Data).with(Stage::Route),
-        None,
-    ),
+    ("rewrite", Stages::range(Stage::Mail, Stage::Data).with(Stage::Route), None),
     ("masquerade", Stages::one(Stage::Route), None),
     ("expand", Stages::one(Stage::Route), None),
     ("alert", Stages::ALL, None),
-    (
-        "batv",
-        Stages::range(Stage::Mail, Stage::Data),
-        Some("batv"),
-    ),
+    ("batv", Stages::range(Stage::Mail, Stage::Data), Some("batv")),
     ("access", Stages::range(Stage::Connect, Stage::Rcpt), None),
 ];
 
@@ -3112,11 +2598,7 @@ impl<'a> ArgCursor<'a> {
     fn missing(&self, c: &mut Checker, what: &str) {
         let at = match self.peek() {
             Some(a) => a.span(),
-            None => Span {
-                file: self.span.file,
-                start: self.span.end,
-                end: self.span.end,
-            },
+            None => Span { file: self.span.file, start: self.span.end, end: self.span.end },
         };
         let found = match self.peek() {
             Some(Arg::Tag(t)) => format!("found `:{}`", t.name),
@@ -3124,11 +2606,7 @@ impl<'a> ArgCursor<'a> {
             Some(Arg::Value(v)) => format!("found {}", describe_value(v)),
             None => "found nothing".into(),
         };
-        c.err(
-            Diagnostic::error("mailc::arguments", format!("expected {what}"))
-                .at(at)
-                .label(found),
-        );
+        c.err(Diagnostic::error("mailc::arguments", format!("expected {what}")).at(at).label(found));
     }
     fn value(&mut self, c: &mut Checker, what: &str) -> Option<&'a Value> {
         match self.peek_value() {
@@ -3144,10 +2622,7 @@ impl<'a> ArgCursor<'a> {
     }
     fn word(&mut self, c: &mut Checker, what: &str) -> Option<(String, Span)> {
         match self.peek_value() {
-            Some(Value {
-                kind: ValueKind::Path(p),
-                span,
-            }) => {
+            Some(Value { kind: ValueKind::Path(p), span }) => {
                 self.pos += 1;
                 Some((p.clone(), *span))
             }
@@ -3175,10 +2650,7 @@ impl<'a> ArgCursor<'a> {
     }
     fn plain_string(&mut self, c: &mut Checker, what: &str) -> Option<(String, Span)> {
         match self.peek_value() {
-            Some(Value {
-                kind: ValueKind::Str(s),
-                span,
-            }) => {
+            Some(Value { kind: ValueKind::Str(s), span }) => {
                 self.pos += 1;
                 if s.raw.contains("${") {
                     c.err(
@@ -3199,20 +2671,16 @@ impl<'a> ArgCursor<'a> {
     }
     fn duration(&mut self, c: &mut Checker, what: &str) -> Option<(u64, Span)> {
         match self.peek_value() {
-            Some(Value {
-                kind: ValueKind::Duration(d),
-                span,
-            }) => {
+            Some(Value { kind: ValueKind::Duration(d), span }) => {
                 self.pos += 1;
                 Some((*d, *span))
             }
-            Some(
-                v @ Value {
-                    kind: ValueKind::Size(_),
-                    ..
-                },
-            ) => {
-                c.err(Diagnostic::error("mailc::type", format!("expected {what}, found a size")).at(v.span).help("durations use lower-case units: ms, s, m, h, d, w (`1m` is a minute, `1M` a megabyte)"));
+            Some(v @ Value { kind: ValueKind::Size(_), .. }) => {
+                c.err(
+                    Diagnostic::error("mailc::type", format!("expected {what}, found a size"))
+                        .at(v.span)
+                        .help("durations use lower-case units: ms, s, m, h, d, w (`1m` is a minute, `1M` a megabyte)"),
+                );
                 None
             }
             _ => {
@@ -3223,10 +2691,7 @@ impl<'a> ArgCursor<'a> {
     }
     fn val(&mut self, c: &mut Checker, ctx: Ctx, what: &str) -> Option<(Val, Ty)> {
         match self.peek_value() {
-            Some(Value {
-                kind: ValueKind::Path(p),
-                span,
-            }) => {
+            Some(Value { kind: ValueKind::Path(p), span }) => {
                 self.pos += 1;
                 match c.path_val(p, *span, ctx) {
                     Some(v) => Some(v),
@@ -3238,19 +2703,13 @@ impl<'a> ArgCursor<'a> {
                     }
                 }
             }
-            Some(Value {
-                kind: ValueKind::Str(s),
-                span,
-            }) => {
+            Some(Value { kind: ValueKind::Str(s), span }) => {
                 self.pos += 1;
                 if s.raw.contains("${") {
                     c.err(
-                        Diagnostic::error(
-                            "mailc::interpolation",
-                            "write the fact itself here, not a `${...}` string",
-                        )
-                        .at(*span)
-                        .help("e.g. `lookup access sender.domain`"),
+                        Diagnostic::error("mailc::interpolation", "write the fact itself here, not a `${...}` string")
+                            .at(*span)
+                            .help("e.g. `lookup access sender.domain`"),
                     );
                     return None;
                 }
@@ -3294,7 +2753,11 @@ impl<'a> ArgCursor<'a> {
                 ValueKind::Str(s) => {
                     let s = unescape_plain(&s.raw);
                     if s.parse::<std::net::Ipv4Addr>().is_err() {
-                        c.err(Diagnostic::error("mailc::arguments", format!("\"{s}\" is not an IPv4 address")).at(i.span).help("list the answers to match, e.g. :returns [\"127.0.0.2\", \"127.0.0.4\"]"));
+                        c.err(
+                            Diagnostic::error("mailc::arguments", format!("\"{s}\" is not an IPv4 address"))
+                                .at(i.span)
+                                .help("list the answers to match, e.g. :returns [\"127.0.0.2\", \"127.0.0.4\"]"),
+                        );
                     }
                     out.push(c.intern(&s));
                 }
@@ -3326,11 +2789,7 @@ impl<'a> ArgCursor<'a> {
                 Arg::Eq(_) => format!("unexpected `=` after `{name}`"),
                 Arg::Value(v) => format!("`{name}` does not take {} here", describe_value(v)),
             };
-            c.err(
-                Diagnostic::error("mailc::arguments", what)
-                    .at(extra.span())
-                    .help(usage(name)),
-            );
+            c.err(Diagnostic::error("mailc::arguments", what).at(extra.span()).help(usage(name)));
             return None;
         }
         Some(())

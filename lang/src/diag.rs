@@ -45,10 +45,7 @@ impl Diagnostic {
         }
     }
     pub fn warning(code: &'static str, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Warning,
-            ..Diagnostic::error(code, message)
-        }
+        Diagnostic { severity: Severity::Warning, ..Diagnostic::error(code, message) }
     }
     pub fn at(mut self, span: Span) -> Self {
         self.span = Some(span);
@@ -84,20 +81,12 @@ impl Diagnostic {
             Some((f, l, c)) => format!("{f}:{l}:{c}: "),
             None => String::new(),
         };
-        format!(
-            "{loc}{}[{}]: {}",
-            self.severity.as_str(),
-            self.code,
-            self.message
-        )
+        format!("{loc}{}[{}]: {}", self.severity.as_str(), self.code, self.message)
     }
 }
 
 /// Closest candidate by edit distance, for "did you mean" hints.
-pub fn did_you_mean<'a>(
-    name: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = edit_distance(name, c);

@@ -175,11 +175,7 @@ pub struct FactInfo {
 
 use Stage::*;
 const ALL: Stages = Stages::ALL;
-const RCPTISH: Stages = Stages::one(Rcpt)
-    .with(Route)
-    .with(Deliver)
-    .with(Bounce)
-    .with(Delay);
+const RCPTISH: Stages = Stages::one(Rcpt).with(Route).with(Deliver).with(Bounce).with(Delay);
 
 facts! {
     True = "true": Bool, ALL, None, "always true";
@@ -591,19 +587,11 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (V4(net), V4(ip)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - self.prefix)
-                };
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (V6(net), V6(ip)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - self.prefix)
-                };
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -696,10 +684,7 @@ impl Pattern {
             .size_limit(REGEX_SIZE_LIMIT)
             .dfa_size_limit(REGEX_SIZE_LIMIT)
             .build()?;
-        Ok(Pattern {
-            source: source.to_string(),
-            regex,
-        })
+        Ok(Pattern { source: source.to_string(), regex })
     }
 }
 
@@ -744,58 +729,34 @@ pub struct Program {
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings {
-            name: None,
-            options: Vec::new(),
-        }
+        Settings { name: None, options: Vec::new() }
     }
 }
 
 impl Program {
     pub fn str(&self, id: StrId) -> &str {
-        self.strings
-            .get(id.index())
-            .map(String::as_str)
-            .unwrap_or("")
+        self.strings.get(id.index()).map(String::as_str).unwrap_or("")
     }
     pub fn expr(&self, id: ExprId) -> &Expr {
         &self.exprs[id.index()]
     }
     pub fn stage(&self, stage: Stage) -> &[Instr] {
-        self.stages
-            .get(stage.index())
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        self.stages.get(stage.index()).map(Vec::as_slice).unwrap_or(&[])
     }
     /// `file:line` of a location, for verdicts and logs.
     pub fn describe_loc(&self, loc: LocId) -> String {
         match self.locs.get(loc.index()) {
-            Some(l) => format!(
-                "{}:{}",
-                self.files
-                    .get(l.file as usize)
-                    .map(String::as_str)
-                    .unwrap_or("?"),
-                l.line
-            ),
+            Some(l) => format!("{}:{}", self.files.get(l.file as usize).map(String::as_str).unwrap_or("?"), l.line),
             None => "?".into(),
         }
     }
     pub fn list_by_name(&self, name: &str) -> Option<ListId> {
-        self.lists
-            .iter()
-            .position(|l| l.name == name)
-            .map(|i| ListId(i as u32))
+        self.lists.iter().position(|l| l.name == name).map(|i| ListId(i as u32))
     }
     pub fn table_by_name(&self, name: &str) -> Option<TableId> {
-        self.tables
-            .iter()
-            .position(|l| l.name == name)
-            .map(|i| TableId(i as u32))
+        self.tables.iter().position(|l| l.name == name).map(|i| TableId(i as u32))
     }
     pub fn listener(&self, name: &str) -> Option<&Settings> {
-        self.listeners
-            .iter()
-            .find(|l| l.name.as_deref() == Some(name))
+        self.listeners.iter().find(|l| l.name.as_deref() == Some(name))
     }
 }

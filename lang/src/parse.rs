@@ -17,18 +17,12 @@ pub const MAX_NESTING: usize = 64;
 /// Parse one file. On a syntax error, returns the one diagnostic pest's furthest failure gives.
 pub fn parse_file(file: FileId, text: &str) -> Result<File, Diagnostic> {
     if let Some(pos) = too_deep(text) {
-        return Err(Diagnostic::error(
-            "mailc::limit",
-            format!("nesting deeper than {MAX_NESTING} levels"),
-        )
-        .at(Span::new(file, pos, pos + 1))
-        .help("split the condition or the block into smaller rules"));
+        return Err(Diagnostic::error("mailc::limit", format!("nesting deeper than {MAX_NESTING} levels"))
+            .at(Span::new(file, pos, pos + 1))
+            .help("split the condition or the block into smaller rules"));
     }
-    let mut pairs =
-        PolicyParser::parse(Rule::file, text).map_err(|e| syntax_error(file, text, e))?;
-    let root = pairs
-        .next()
-        .ok_or_else(|| Diagnostic::error("mailc::syntax", "empty parse"))?;
+    let mut pairs = PolicyParser::parse(Rule::file, text).map_err(|e| syntax_error(file, text, e))?;
+    let root = pairs.next().ok_or_else(|| Diagnostic::error("mailc::syntax", "empty parse"))?;
     let b = Builder { file };
     let mut items = Vec::new();
     for p in root.into_inner() {
@@ -112,10 +106,7 @@ impl Builder {
     }
 
     fn ident(&self, p: Pair<Rule>) -> Ident {
-        Ident {
-            name: p.as_str().to_string(),
-            span: self.span(&p),
-        }
+        Ident { name: p.as_str().to_string(), span: self.span(&p) }
     }
 
     fn item(&self, p: Pair<Rule>) -> Item {
@@ -141,10 +132,7 @@ impl Builder {
             }
             Rule::include => {
                 inner.next();
-                let path = inner.next().map(|p| self.strlit(p)).unwrap_or(StrLit {
-                    raw: String::new(),
-                    span,
-                });
+                let path = inner.next().map(|p| self.strlit(p)).unwrap_or(StrLit { raw: String::new(), span });
                 Item::Include { path, span }
             }
             Rule::list_decl => {
@@ -169,12 +157,7 @@ impl Builder {
                         _ => {}
                     }
                 }
-                Item::List {
-                    name,
-                    kind,
-                    items,
-                    span,
-                }
+                Item::List { name, kind, items, span }
             }
             Rule::resource_decl => {
                 let kw = match inner.next().map(|p| p.as_str().to_string()).as_deref() {
@@ -193,14 +176,7 @@ impl Builder {
                         _ => {}
                     }
                 }
-                Item::Resource {
-                    kw,
-                    name,
-                    kind,
-                    source,
-                    options,
-                    span,
-                }
+                Item::Resource { kw, name, kind, source, options, span }
             }
             Rule::settings => {
                 let kw = match inner.next().map(|p| p.as_str().to_string()).as_deref() {
@@ -216,12 +192,7 @@ impl Builder {
                         _ => {}
                     }
                 }
-                Item::Settings {
-                    kw,
-                    name,
-                    options,
-                    span,
-                }
+                Item::Settings { kw, name, options, span }
             }
             Rule::rules_decl => {
                 inner.next();
@@ -250,20 +221,15 @@ impl Builder {
                 let span = self.span(&o);
                 let mut inner = o.into_inner().filter(|p| !is_punct(p.as_rule()));
                 let name = self.ident(inner.next().expect("grammar: option name"));
-                let value = inner.next().map(|v| self.value(v)).unwrap_or(Value {
-                    kind: ValueKind::Path(String::new()),
-                    span,
-                });
+                let value =
+                    inner.next().map(|v| self.value(v)).unwrap_or(Value { kind: ValueKind::Path(String::new()), span });
                 Opt { name, value, span }
             })
             .collect()
     }
 
     fn block(&self, p: Pair<Rule>) -> Vec<Stmt> {
-        p.into_inner()
-            .filter(|p| !is_punct(p.as_rule()))
-            .map(|s| self.stmt(s))
-            .collect()
+        p.into_inner().filter(|p| !is_punct(p.as_rule())).map(|s| self.stmt(s)).collect()
     }
 
     fn stmt(&self, p: Pair<Rule>) -> Stmt {
@@ -294,16 +260,10 @@ impl Builder {
                         _ => {}
                     }
                 }
-                Stmt::If {
-                    arms,
-                    otherwise,
-                    span,
-                }
+                Stmt::If { arms, otherwise, span }
             }
             Rule::action => {
-                let mut inner = p
-                    .into_inner()
-                    .filter(|p| !is_punct(p.as_rule()) || p.as_rule() == Rule::eq);
+                let mut inner = p.into_inner().filter(|p| !is_punct(p.as_rule()) || p.as_rule() == Rule::eq);
                 let name = self.ident(inner.next().expect("grammar: action name"));
                 let args = inner.map(|a| self.arg(a)).collect();
                 Stmt::Action { name, args, span }
@@ -314,10 +274,7 @@ impl Builder {
 
     fn arg(&self, p: Pair<Rule>) -> Arg {
         match p.as_rule() {
-            Rule::tag => Arg::Tag(Ident {
-                name: p.as_str()[1..].to_string(),
-                span: self.span(&p),
-            }),
+            Rule::tag => Arg::Tag(Ident { name: p.as_str()[1..].to_string(), span: self.span(&p) }),
             Rule::eq => Arg::Eq(self.span(&p)),
             _ => Arg::Value(self.value(p)),
         }
@@ -353,11 +310,8 @@ impl Builder {
             }
             Rule::allof | Rule::anyof => {
                 let is_all = p.as_rule() == Rule::allof;
-                let parts: Vec<Cond> = p
-                    .into_inner()
-                    .filter(|p| matches!(p.as_rule(), Rule::cond))
-                    .map(|c| self.cond(c))
-                    .collect();
+                let parts: Vec<Cond> =
+                    p.into_inner().filter(|p| matches!(p.as_rule(), Rule::cond)).map(|c| self.cond(c)).collect();
                 if is_all {
                     Cond::And(parts, span)
                 } else {
@@ -374,14 +328,7 @@ impl Builder {
                         Rule::null_op => {
                             let s = self.span(&q);
                             let o = q.into_inner().next().map(|x| x.as_rule());
-                            op = Some((
-                                if o == Some(Rule::is_not_null) {
-                                    Op::IsNotNull
-                                } else {
-                                    Op::IsNull
-                                },
-                                s,
-                            ));
+                            op = Some((if o == Some(Rule::is_not_null) { Op::IsNotNull } else { Op::IsNull }, s));
                         }
                         Rule::op => {
                             let s = self.span(&q);
@@ -412,12 +359,7 @@ impl Builder {
                         _ => {}
                     }
                 }
-                Cond::Test {
-                    term,
-                    op,
-                    operand,
-                    span,
-                }
+                Cond::Test { term, op, operand, span }
             }
             // parenthesised condition
             _ => {
@@ -440,11 +382,7 @@ impl Builder {
 
     fn strlit(&self, p: Pair<Rule>) -> StrLit {
         let span = self.span(&p);
-        let raw = p
-            .into_inner()
-            .next()
-            .map(|i| i.as_str().to_string())
-            .unwrap_or_default();
+        let raw = p.into_inner().next().map(|i| i.as_str().to_string()).unwrap_or_default();
         StrLit { raw, span }
     }
 
@@ -474,29 +412,15 @@ impl Builder {
                     "d" => 86_400_000,
                     _ => 7 * 86_400_000,
                 };
-                ValueKind::Duration(
-                    digits
-                        .parse::<u64>()
-                        .unwrap_or(u64::MAX)
-                        .saturating_mul(mult),
-                )
+                ValueKind::Duration(digits.parse::<u64>().unwrap_or(u64::MAX).saturating_mul(mult))
             }
             Rule::enh_code => {
-                let mut it = text
-                    .split('.')
-                    .map(|n| n.parse::<u16>().unwrap_or(u16::MAX));
-                ValueKind::Enh(
-                    it.next().unwrap_or(0),
-                    it.next().unwrap_or(0),
-                    it.next().unwrap_or(0),
-                )
+                let mut it = text.split('.').map(|n| n.parse::<u16>().unwrap_or(u16::MAX));
+                ValueKind::Enh(it.next().unwrap_or(0), it.next().unwrap_or(0), it.next().unwrap_or(0))
             }
-            Rule::str_list => ValueKind::List(
-                p.into_inner()
-                    .filter(|p| !is_punct(p.as_rule()))
-                    .map(|v| self.value(v))
-                    .collect(),
-            ),
+            Rule::str_list => {
+                ValueKind::List(p.into_inner().filter(|p| !is_punct(p.as_rule())).map(|v| self.value(v)).collect())
+            }
             _ => ValueKind::Path(text.to_string()),
         };
         Value { kind, span }
@@ -598,7 +522,9 @@ fn syntax_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diagno
         return Diagnostic::error("mailc::syntax", "this string is never closed")
             .at(Span::new(file, pos, line_end))
             .label("the string starts here")
-            .help("close it with `\"` on the same line: a string cannot span lines; write `\\\"` for a quote inside it");
+            .help(
+                "close it with `\"` on the same line: a string cannot span lines; write `\\\"` for a quote inside it",
+            );
     }
     let wants_semi = expected.contains(&"`;`");
     // A missing `;` is best reported right after the previous token, where it belongs.
@@ -614,9 +540,7 @@ fn syntax_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diagno
         return d;
     }
     let list = join_alternatives(&expected);
-    let found_text = found
-        .clone()
-        .unwrap_or_else(|| "the end of the file".to_string());
+    let found_text = found.clone().unwrap_or_else(|| "the end of the file".to_string());
     let msg = if list.is_empty() {
         format!("unexpected {found_text}")
     } else {
@@ -686,9 +610,9 @@ fn token_len(text: &str, pos: usize) -> usize {
     let mut chars = rest.chars();
     match chars.next() {
         None => 0,
-        Some(c) if c.is_alphanumeric() || c == '_' => rest
-            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
-            .unwrap_or(rest.len()),
+        Some(c) if c.is_alphanumeric() || c == '_' => {
+            rest.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.')).unwrap_or(rest.len())
+        }
         Some(c) => c.len_utf8(),
     }
 }
@@ -765,11 +689,8 @@ fn statement_kind(text: &str, end: usize) -> &'static str {
 fn is_settings_block(before: &str) -> bool {
     let open = after_last_delim(before, &['{']).saturating_sub(1);
     let head_start = after_last_delim(&before[..open], &[';', '{', '}']);
-    let head = before[head_start..open]
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let head =
+        before[head_start..open].lines().map(|l| l.split('#').next().unwrap_or("")).collect::<Vec<_>>().join(" ");
     let head = head.trim();
     head.starts_with("server")
         || head.starts_with("listener")
@@ -779,10 +700,7 @@ fn is_settings_block(before: &str) -> bool {
 
 fn hint_for(text: &str, pos: usize, expected: &[&str]) -> Option<String> {
     let rest = &text[pos.min(text.len())..];
-    let word: String = rest
-        .chars()
-        .take_while(|c| c.is_alphanumeric() || *c == '_')
-        .collect();
+    let word: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
     if rest.starts_with('\'') {
         return Some("strings use double quotes: \"...\"".into());
     }
@@ -793,24 +711,16 @@ fn hint_for(text: &str, pos: usize, expected: &[&str]) -> Option<String> {
         return Some("write `not` to negate a condition".into());
     }
     let before = text[..pos.min(text.len())].trim_end();
-    if (word == "else" && rest[4..].trim_start().starts_with("if"))
-        || (word == "if" && before.ends_with("else"))
-    {
+    if (word == "else" && rest[4..].trim_start().starts_with("if")) || (word == "if" && before.ends_with("else")) {
         return Some("write `elsif` for an else-if branch".into());
     }
-    if let Some(num) = word
-        .strip_suffix("MB")
-        .or_else(|| word.strip_suffix("KB"))
-        .or_else(|| word.strip_suffix("GB"))
-    {
+    if let Some(num) = word.strip_suffix("MB").or_else(|| word.strip_suffix("KB")).or_else(|| word.strip_suffix("GB")) {
         if num.chars().all(|c| c.is_ascii_digit()) && !num.is_empty() {
             return Some(format!("sizes are written `{num}K`, `{num}M` or `{num}G`"));
         }
     }
     if expected.contains(&"a condition") && word.is_empty() {
-        return Some(
-            "a condition is a test such as `client.ip in trusted` or `authenticated`".into(),
-        );
+        return Some("a condition is a test such as `client.ip in trusted` or `authenticated`".into());
     }
     if expected.contains(&"a declaration or a stage block (`on connect { ... }`)") {
         return Some("at the top level a policy holds declarations (`list`, `table`, `server`, ...) and stage blocks such as `on rcpt { ... }`".into());

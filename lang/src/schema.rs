@@ -34,7 +34,11 @@ const fn o(name: &'static str, ty: OptTy, doc: &'static str) -> OptSpec {
 use OptTy::*;
 
 pub const SERVER: &[OptSpec] = &[
-    o("hostname", Str, "the name this server gives in its banner, EHLO and Received: headers (default: the machine's hostname)"),
+    o(
+        "hostname",
+        Str,
+        "the name this server gives in its banner, EHLO and Received: headers (default: the machine's hostname)",
+    ),
     o("spool", Str, "directory of the queue (default ./var/spool)"),
     o("maildir", Str, "root of local Maildir delivery when `deliver maildir` has no folder (default ./var/mail)"),
     o("local_domains", List, "domains delivered on this machine (default: hostname and localhost)"),
@@ -70,11 +74,7 @@ pub const SERVER: &[OptSpec] = &[
 ];
 
 pub const LISTENER: &[OptSpec] = &[
-    o(
-        "address",
-        Str,
-        "IP:port to listen on, e.g. \"0.0.0.0:25\" (required)",
-    ),
+    o("address", Str, "IP:port to listen on, e.g. \"0.0.0.0:25\" (required)"),
     o(
         "protocol",
         Word(&["smtp", "submission", "submissions"]),
@@ -87,113 +87,49 @@ pub const LISTENER: &[OptSpec] = &[
     ),
     o("cert", Str, "PEM certificate chain file"),
     o("key", Str, "PEM private key file"),
-    o(
-        "client_certs",
-        Word(&["none", "request", "require"]),
-        "ask clients for certificates (R43)",
-    ),
-    o(
-        "client_ca",
-        Str,
-        "PEM file of CAs that client certificates must chain to",
-    ),
+    o("client_certs", Word(&["none", "request", "require"]), "ask clients for certificates (R43)"),
+    o("client_ca", Str, "PEM file of CAs that client certificates must chain to"),
     o(
         "auth",
         Word(&["none", "optional", "required"]),
         "SMTP AUTH: not offered, offered, or required before MAIL (R42)",
     ),
-    o(
-        "auth_mechanisms",
-        Strings,
-        "SASL mechanisms offered (default [\"SCRAM-SHA-256\", \"PLAIN\", \"LOGIN\"])",
-    ),
-    o(
-        "auth_without_tls",
-        Bool,
-        "offer plaintext mechanisms without TLS (only honoured on loopback)",
-    ),
-    o(
-        "credentials",
-        Table,
-        "table of login -> hashed secret used by AUTH",
-    ),
+    o("auth_mechanisms", Strings, "SASL mechanisms offered (default [\"SCRAM-SHA-256\", \"PLAIN\", \"LOGIN\"])"),
+    o("auth_without_tls", Bool, "offer plaintext mechanisms without TLS (only honoured on loopback)"),
+    o("credentials", Table, "table of login -> hashed secret used by AUTH"),
     o("max_sessions", Num, "concurrent sessions on this listener"),
     o("max_message_size", Size, "overrides the server's limit"),
     o("max_recipients", Num, "overrides the server's limit"),
-    o(
-        "command_timeout",
-        Duration,
-        "idle time allowed between commands (default 5m; R46)",
-    ),
-    o(
-        "data_timeout",
-        Duration,
-        "idle time allowed inside DATA (default 10m; R46)",
-    ),
-    o(
-        "soft_error_limit",
-        Num,
-        "after this many errors each error reply is delayed by error_sleep (default 10; R40)",
-    ),
-    o(
-        "hard_error_limit",
-        Num,
-        "after this many errors the session is closed with 421 (default 20; R40)",
-    ),
-    o(
-        "error_sleep",
-        Duration,
-        "delay of error replies past the soft limit (default 1s; R13)",
-    ),
+    o("command_timeout", Duration, "idle time allowed between commands (default 5m; R46)"),
+    o("data_timeout", Duration, "idle time allowed inside DATA (default 10m; R46)"),
+    o("soft_error_limit", Num, "after this many errors each error reply is delayed by error_sleep (default 10; R40)"),
+    o("hard_error_limit", Num, "after this many errors the session is closed with 421 (default 20; R40)"),
+    o("error_sleep", Duration, "delay of error replies past the soft limit (default 1s; R13)"),
     o("vrfy", Bool, "answer VRFY (default false: 252; R13)"),
     o("expn", Bool, "answer EXPN (default false: 502; R13)"),
     o("banner", Str, "text of the 220 greeting after the hostname"),
-    o(
-        "hostname",
-        Str,
-        "overrides the server's hostname on this listener",
-    ),
+    o("hostname", Str, "overrides the server's hostname on this listener"),
 ];
 
 /// Options every table may have.
 pub const TABLE_COMMON: &[OptSpec] = &[
-    o(
-        "timeout",
-        Duration,
-        "time-out of one lookup (default: the server's lookup_timeout)",
-    ),
+    o("timeout", Duration, "time-out of one lookup (default: the server's lookup_timeout)"),
     o(
         "on_error",
         Word(&["tempfail", "continue"]),
         "when the back end fails: answer 4xx (default), or treat the key as absent (fail open)",
     ),
-    o(
-        "reload",
-        Bool,
-        "re-read the file when it changes (default true; file tables)",
-    ),
+    o("reload", Bool, "re-read the file when it changes (default true; file tables)"),
 ];
 
 pub const TABLE_LDAP: &[OptSpec] = &[
     o("url", Str, "ldap://host:port (required)"),
     o("base", Str, "search base DN (required)"),
-    o(
-        "filter",
-        Str,
-        "search filter; %s is the key, %u its local part, %d its domain (required)",
-    ),
-    o(
-        "attribute",
-        Str,
-        "attribute whose value is the lookup's result (default: presence only)",
-    ),
+    o("filter", Str, "search filter; %s is the key, %u its local part, %d its domain (required)"),
+    o("attribute", Str, "attribute whose value is the lookup's result (default: presence only)"),
     o("bind_dn", Str, "DN to bind as (default anonymous)"),
     o("password", Secret, "password of bind_dn"),
-    o(
-        "scope",
-        Word(&["sub", "one", "base"]),
-        "search scope (default sub)",
-    ),
+    o("scope", Word(&["sub", "one", "base"]), "search scope (default sub)"),
 ];
 
 pub const TABLE_SQL: &[OptSpec] = &[
@@ -204,70 +140,27 @@ pub const TABLE_SQL: &[OptSpec] = &[
 
 pub const SCANNER: &[OptSpec] = &[
     o("timeout", Duration, "time-out of one scan (default 30s)"),
-    o(
-        "on_error",
-        Word(&["tempfail", "continue"]),
-        "when the scanner fails: 4xx (default), or score 0",
-    ),
-    o(
-        "max_size",
-        Size,
-        "larger messages are not scanned and score 0 (default 10M)",
-    ),
+    o("on_error", Word(&["tempfail", "continue"]), "when the scanner fails: 4xx (default), or score 0"),
+    o("max_size", Size, "larger messages are not scanned and score 0 (default 10M)"),
 ];
 
 /// Table kinds: (kind, needs a source string, extra options).
 pub const TABLE_KINDS: &[(&str, bool, &[OptSpec], &str)] = &[
-    (
-        "list",
-        true,
-        &[],
-        "a file with one key per line; `in` tests membership",
-    ),
-    (
-        "map",
-        true,
-        &[],
-        "a file of `key value` lines (Postfix hash/texthash style)",
-    ),
-    (
-        "access",
-        true,
-        &[],
-        "a sendmail/Postfix access file: `key ACTION` lines with Connect:/From:/To: scopes",
-    ),
-    (
-        "cidr",
-        true,
-        &[],
-        "a file of `network value` lines, first match wins",
-    ),
-    (
-        "regexp",
-        true,
-        &[],
-        "a file of `/regex/ value` lines, first match wins",
-    ),
+    ("list", true, &[], "a file with one key per line; `in` tests membership"),
+    ("map", true, &[], "a file of `key value` lines (Postfix hash/texthash style)"),
+    ("access", true, &[], "a sendmail/Postfix access file: `key ACTION` lines with Connect:/From:/To: scopes"),
+    ("cidr", true, &[], "a file of `network value` lines, first match wins"),
+    ("regexp", true, &[], "a file of `/regex/ value` lines, first match wins"),
     ("pcre", true, &[], "like regexp, with PCRE syntax"),
-    (
-        "ldap",
-        false,
-        TABLE_LDAP,
-        "an LDAP directory search (R28, R45)",
-    ),
+    ("ldap", false, TABLE_LDAP, "an LDAP directory search (R28, R45)"),
     ("sql", false, TABLE_SQL, "a PostgreSQL query (R45)"),
 ];
 
-pub const SECRET_KINDS: &[(&str, &str)] = &[
-    ("env", "the value of an environment variable"),
-    ("file", "the contents of a file, trailing newline removed"),
-];
+pub const SECRET_KINDS: &[(&str, &str)] =
+    &[("env", "the value of an environment variable"), ("file", "the contents of a file, trailing newline removed")];
 
 pub const SCANNER_KINDS: &[(&str, &str)] = &[
-    (
-        "rspamd",
-        "rspamd's HTTP API, e.g. \"http://127.0.0.1:11333\"",
-    ),
+    ("rspamd", "rspamd's HTTP API, e.g. \"http://127.0.0.1:11333\""),
     ("spamd", "SpamAssassin's spamd, e.g. \"127.0.0.1:783\""),
 ];
 

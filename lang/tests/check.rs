@@ -33,16 +33,11 @@ use std::path::{Path, PathBuf};
 use mailpolicy_lang::{analysis, compile, Compilation, FsLoader, MemLoader, Severity};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("lang/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("lang/ has a parent").to_path_buf()
 }
 
 fn loader() -> FsLoader {
-    FsLoader {
-        std_dir: Some(root().join("stdlib/policy")),
-    }
+    FsLoader { std_dir: Some(root().join("stdlib/policy")) }
 }
 
 /// (severity, code, file, line, column); file is "" for the case file itself and "-" with
@@ -87,8 +82,7 @@ fn expectations(text: &str) -> Result<BTreeMap<Key, usize>, String> {
                 ["clean"] => clean = true,
                 [sev, code, loc] => {
                     let (file, l, c) = parse_loc(loc).map_err(|e| format!("line {lineno}: {e}"))?;
-                    *out.entry((severity(sev)?, code.to_string(), file, l, c))
-                        .or_insert(0) += 1;
+                    *out.entry((severity(sev)?, code.to_string(), file, l, c)).or_insert(0) += 1;
                 }
                 _ => {
                     return Err(format!(
@@ -108,39 +102,21 @@ fn expectations(text: &str) -> Result<BTreeMap<Key, usize>, String> {
             return Err(format!("line {lineno}: `#~^` must start its line"));
         }
         if !own_line && ups == 0 {
-            return Err(format!(
-                "line {lineno}: `#~` at the start of a line needs `^`"
-            ));
+            return Err(format!("line {lineno}: `#~` at the start of a line needs `^`"));
         }
         if ups >= lineno {
-            return Err(format!(
-                "line {lineno}: `#~{}` points above the file",
-                "^".repeat(ups as usize)
-            ));
+            return Err(format!("line {lineno}: `#~{}` points above the file", "^".repeat(ups as usize)));
         }
         any = true;
         let words: Vec<&str> = after[ups as usize..].split_whitespace().collect();
         let [sev, code, col] = words.as_slice() else {
-            return Err(format!(
-                "line {lineno}: expected `#~^ SEVERITY CODE COLUMN`"
-            ));
+            return Err(format!("line {lineno}: expected `#~^ SEVERITY CODE COLUMN`"));
         };
-        let col: u32 = col
-            .parse()
-            .map_err(|_| format!("line {lineno}: bad column `{col}`"))?;
-        *out.entry((
-            severity(sev)?,
-            code.to_string(),
-            String::new(),
-            lineno - ups,
-            col,
-        ))
-        .or_insert(0) += 1;
+        let col: u32 = col.parse().map_err(|_| format!("line {lineno}: bad column `{col}`"))?;
+        *out.entry((severity(sev)?, code.to_string(), String::new(), lineno - ups, col)).or_insert(0) += 1;
     }
     if !any {
-        return Err(
-            "no expectation: write `# expect: clean` or the diagnostics it must give".into(),
-        );
+        return Err("no expectation: write `# expect: clean` or the diagnostics it must give".into());
     }
     if clean && !out.is_empty() {
         return Err("`# expect: clean` together with expected diagnostics".into());
@@ -164,19 +140,12 @@ fn actual(c: &Compilation, base: &Path, case: &Path) -> Vec<(Key, String)> {
                     let file = if f.path == case {
                         String::new()
                     } else {
-                        f.path
-                            .strip_prefix(base)
-                            .unwrap_or(&f.path)
-                            .display()
-                            .to_string()
+                        f.path.strip_prefix(base).unwrap_or(&f.path).display().to_string()
                     };
                     (file, l, col)
                 }
             };
-            (
-                (sev.to_string(), d.code.to_string(), file, line, col),
-                d.message.clone(),
-            )
+            ((sev.to_string(), d.code.to_string(), file, line, col), d.message.clone())
         })
         .collect()
 }
@@ -218,11 +187,7 @@ fn run_corpus(dir: &str, min: usize, check: impl Fn(&str) -> Compilation) {
     assert!(files.len() >= min, "the corpus has {} cases", files.len());
     let mut failures = Vec::new();
     for case in &files {
-        let name = case
-            .strip_prefix(&base)
-            .unwrap_or(case)
-            .display()
-            .to_string();
+        let name = case.strip_prefix(&base).unwrap_or(case).display().to_string();
         let text = std::fs::read_to_string(case).expect("read case");
         let want = match expectations(&text) {
             Ok(w) => w,
@@ -249,23 +214,14 @@ fn run_corpus(dir: &str, min: usize, check: impl Fn(&str) -> Compilation) {
         }
         for (k, n) in &got_keys {
             let w = want.get(k).copied().unwrap_or(0);
-            let msg = got
-                .iter()
-                .find(|(g, _)| g == k)
-                .map_or("", |(_, m)| m.as_str());
+            let msg = got.iter().find(|(g, _)| g == k).map_or("", |(_, m)| m.as_str());
             for _ in w..*n {
                 report.push_str(&format!("\n  + unexpected: {}  ({msg})", show(k)));
             }
         }
         failures.push(report);
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        files.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), files.len(), failures.join("\n"));
 }
 
 #[test]
@@ -283,11 +239,7 @@ fn examples_are_clean() {
             failures.push(format!("{}: no program", f.display()));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "examples with diagnostics:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "examples with diagnostics:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -307,16 +259,7 @@ fn expectation_parser_rejects_files_without_expectations() {
     let e = expectations("on connect {\n  rejct;\n#~^ error mailc::undefined 3\n}\n").unwrap();
     assert_eq!(
         e.into_iter().collect::<Vec<_>>(),
-        [(
-            (
-                "error".into(),
-                "mailc::undefined".into(),
-                String::new(),
-                2,
-                3
-            ),
-            1
-        )]
+        [(("error".into(), "mailc::undefined".into(), String::new(), 2, 3), 1)]
     );
 }
 
@@ -330,15 +273,8 @@ fn ten_thousand_rules() {
         ));
     }
     text.push_str("}\n");
-    let c = compile(
-        "big.mailpolicy",
-        &MemLoader::single("big.mailpolicy", &text),
-    );
-    let msgs: Vec<String> = c
-        .diagnostics
-        .iter()
-        .map(|d| d.render_short(&c.sources))
-        .collect();
+    let c = compile("big.mailpolicy", &MemLoader::single("big.mailpolicy", &text));
+    let msgs: Vec<String> = c.diagnostics.iter().map(|d| d.render_short(&c.sources)).collect();
     assert!(msgs.is_empty(), "{msgs:?}");
     let prog = c.program.expect("program");
     let rcpt = prog.stage(mailpolicy_lang::ir::Stage::Rcpt);
@@ -351,20 +287,15 @@ fn ten_thousand_rules() {
 fn truncation_never_panics() {
     let path = root().join("tests/check/clean_everything.mailpolicy");
     let text = std::fs::read_to_string(&path).expect("read clean_everything");
-    let common = std::fs::read_to_string(root().join("tests/check/includes/common.mailpolicy"))
-        .expect("read includes/common");
+    let common =
+        std::fs::read_to_string(root().join("tests/check/includes/common.mailpolicy")).expect("read includes/common");
     let loader = |policy: &str| {
         let mut l = MemLoader::single("t.mailpolicy", policy);
-        l.files
-            .insert("includes/common.mailpolicy".into(), common.clone());
+        l.files.insert("includes/common.mailpolicy".into(), common.clone());
         l
     };
     let full = compile("t.mailpolicy", &loader(&text));
-    let msgs: Vec<String> = full
-        .diagnostics
-        .iter()
-        .map(|d| d.render_short(&full.sources))
-        .collect();
+    let msgs: Vec<String> = full.diagnostics.iter().map(|d| d.render_short(&full.sources)).collect();
     assert!(msgs.is_empty(), "the full policy must check: {msgs:?}");
     let mut cut_errors = 0;
     for i in 0..text.len() {
@@ -374,14 +305,8 @@ fn truncation_never_panics() {
         let c = compile("t.mailpolicy", &loader(prefix));
         if c.has_errors() {
             cut_errors += 1;
-            assert!(
-                c.program.is_none(),
-                "a program despite errors at offset {i}"
-            );
+            assert!(c.program.is_none(), "a program despite errors at offset {i}");
         }
     }
-    assert!(
-        cut_errors > text.len() / 2,
-        "only {cut_errors} prefixes failed"
-    );
+    assert!(cut_errors > text.len() / 2, "only {cut_errors} prefixes failed");
 }

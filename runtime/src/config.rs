@@ -45,7 +45,12 @@ pub fn hostname(prog: &Program, listener: Option<&str>, default: &str) -> String
 
 /// Engine configuration for a listener (or the server defaults when `listener` is None
 /// or not declared). `tls_possible`: the host has a certificate for this listener.
-pub fn engine_config(prog: &Program, listener: Option<&str>, default_hostname: &str, tls_possible: bool) -> smtp::Config {
+pub fn engine_config(
+    prog: &Program,
+    listener: Option<&str>,
+    default_hostname: &str,
+    tls_possible: bool,
+) -> smtp::Config {
     let l = listener.and_then(|n| prog.listener(n));
     let server = &prog.server;
     let mut c = smtp::Config { hostname: hostname(prog, listener, default_hostname), ..smtp::Config::default() };

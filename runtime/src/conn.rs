@@ -17,12 +17,11 @@ use std::time::Duration;
 use mailpolicy_lang::ir::{DsnAction, LocId, OptValue, Program, Scope, Stage};
 
 use crate::eval::{
-    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State,
-    Step, TlsFacts, Verdict,
+    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step, TlsFacts,
+    Verdict,
 };
 use crate::smtp::{
-    self, AuthOutcome, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time,
-    TlsInfo,
+    self, AuthOutcome, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo,
 };
 
 /// What the host learns about the client before the connect stage (reverse DNS is the
@@ -78,17 +77,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Facts and state for a queue-side stage run on this message and recipient.
-    pub fn restore(
-        &self,
-        m: &QueuedMessage,
-        rcpt: Option<&QueuedRcpt>,
-        prog: &Program,
-        now_ms: u64,
-    ) -> (Facts, State) {
-        let mut f = Facts {
-            now_ms,
-            ..Facts::default()
-        };
+    pub fn restore(&self, m: &QueuedMessage, rcpt: Option<&QueuedRcpt>, prog: &Program, now_ms: u64) -> (Facts, State) {
+        let mut f = Facts { now_ms, ..Facts::default() };
         f.client_ip = m.client_ip.parse().unwrap_or(f.client_ip);
         f.client_port = self.client_port;
         f.client_name = self.client_name.clone();
@@ -193,10 +183,7 @@ pub enum Need {
     /// Answer with [`Conn::answer`].
     Policy(Request),
     /// One SASL step: answer with [`Conn::auth_continue`] or [`Conn::auth_done`].
-    AuthStep {
-        mechanism: String,
-        data: Option<Vec<u8>>,
-    },
+    AuthStep { mechanism: String, data: Option<Vec<u8>> },
     /// Flush output, do the TLS handshake, then [`Conn::tls_established`] (or close).
     StartTls,
     /// Make the message durable, then [`Conn::queued`] with its id, or [`Conn::queue_failed`].
@@ -252,10 +239,7 @@ pub struct PolicyMode {
 impl PolicyMode {
     pub fn from_program(p: &Program) -> PolicyMode {
         let b = |n: &str| matches!(p.server.option(n), Some(OptValue::Bool(true)));
-        PolicyMode {
-            soft_bounce: b("soft_bounce"),
-            warn_only: b("warn_only"),
-        }
+        PolicyMode { soft_bounce: b("soft_bounce"), warn_only: b("warn_only") }
     }
 }
 
@@ -281,17 +265,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(
-        prog: Arc<Program>,
-        config: smtp::Config,
-        peer: PeerInfo,
-        client: ClientInfo,
-        now: Time,
-    ) -> Conn {
-        let mut facts = Facts {
-            now_ms: now.0,
-            ..Facts::default()
-        };
+    pub fn new(prog: Arc<Program>, config: smtp::Config, peer: PeerInfo, client: ClientInfo, now: Time) -> Conn {
+        let mut facts = Facts { now_ms: now.0, ..Facts::default() };
         if let Some(r) = peer.remote {
             facts.client_ip = canonical_ip(r.ip());
             facts.client_port = r.port();
@@ -300,11 +275,7 @@ impl Conn {
             facts.local_ip = canonical_ip(l.ip());
             facts.local_port = l.port();
         }
-        facts.client_name = if client.name.is_empty() {
-            "unknown".into()
-        } else {
-            client.name.to_ascii_lowercase()
-        };
+        facts.client_name = if client.name.is_empty() { "unknown".into() } else { client.name.to_ascii_lowercase() };
         facts.client_ptr = client.ptr.to_ascii_lowercase();
         facts.client_fcrdns = facts.client_name != "unknown";
         facts.listener = client.listener;
@@ -393,8 +364,7 @@ impl Conn {
         for _ in self.errors_seen..errors {
             let keys = crate::eval::event_keys(&self.facts);
             let counter = mailpolicy_lang::ir::Counter::Errors;
-            self.notes
-                .push_back(Need::Note(Note::Count { counter, keys }));
+            self.notes.push_back(Need::Note(Note::Count { counter, keys }));
         }
         self.errors_seen = errors;
         loop {
@@ -412,8 +382,7 @@ impl Conn {
                     match run.step(&self.prog, &self.facts, &mut self.state) {
                         Step::Need(r) => return Some(Need::Policy(r)),
                         Step::Done(v) => {
-                            let Pending::Stage { event, run } =
-                                std::mem::replace(&mut self.pending, Pending::None)
+                            let Pending::Stage { event, run } = std::mem::replace(&mut self.pending, Pending::None)
                             else {
                                 continue;
                             };
@@ -457,9 +426,7 @@ impl Conn {
     pub fn queued(&mut self, id: &str, now: Time) {
         if let Pending::Queue(delay) = self.pending {
             self.pending = Pending::None;
-            let _ = self
-                .session
-                .decide(Decision::queued(id).with_delay(delay), now);
+            let _ = self.session.decide(Decision::queued(id).with_delay(delay), now);
             self.end_transaction();
         }
     }
@@ -515,18 +482,11 @@ impl Conn {
             let keys = crate::eval::event_keys(&self.facts);
             if stage == Stage::Mail && self.facts.sender.as_deref() == Some("") {
                 let keys = keys.clone();
-                self.notes.push_back(Need::Note(Note::Count {
-                    counter: Counter::Bounces,
-                    keys,
-                }));
+                self.notes.push_back(Need::Note(Note::Count { counter: Counter::Bounces, keys }));
             }
-            self.notes
-                .push_back(Need::Note(Note::Count { counter, keys }));
+            self.notes.push_back(Need::Note(Note::Count { counter, keys }));
         }
-        self.pending = Pending::Stage {
-            run: Run::new(&self.prog, stage),
-            event,
-        };
+        self.pending = Pending::Stage { run: Run::new(&self.prog, stage), event };
         None
     }
 
@@ -539,17 +499,11 @@ impl Conn {
                 self.facts.helo = Some((name.clone(), extended));
                 self.start(Stage::Helo, ev)
             }
-            Event::Auth {
-                ref mechanism,
-                ref user,
-            } => {
+            Event::Auth { ref mechanism, ref user } => {
                 self.facts.auth = Some((user.clone(), mechanism.clone()));
                 self.start(Stage::Auth, ev)
             }
-            Event::Mail {
-                ref from,
-                ref params,
-            } => {
+            Event::Mail { ref from, ref params } => {
                 self.end_transaction();
                 // Listener `tls required;` / `auth required;` (RFC 3207 4, RFC 4954 6).
                 let refuse = if self.require_tls && self.facts.tls.is_none() {
@@ -574,10 +528,7 @@ impl Conn {
                     .replace("SEVENBIT", "7BIT")
                     .replace("EIGHTBITMIME", "8BITMIME");
                 self.facts.smtputf8 = params.smtputf8;
-                self.facts.dsn_ret = params
-                    .ret
-                    .map(|r| format!("{r:?}").to_ascii_uppercase())
-                    .unwrap_or_default();
+                self.facts.dsn_ret = params.ret.map(|r| format!("{r:?}").to_ascii_uppercase()).unwrap_or_default();
                 self.facts.dsn_envid = params.envid.clone().unwrap_or_default();
                 self.start(Stage::Mail, ev)
             }
@@ -601,26 +552,13 @@ impl Conn {
                         notify.push("DELAY".to_string());
                     }
                 }
-                let orcpt = params
-                    .orcpt
-                    .as_ref()
-                    .map(|o| format!("{};{}", o.addr_type, o.address))
-                    .unwrap_or_default();
-                let routing =
-                    matches!(to, ForwardPath::Mailbox(m) if m.quoted && m.local.contains('@'));
-                self.facts.recipient = Some(RcptFacts {
-                    address,
-                    routing,
-                    notify,
-                    orcpt,
-                });
+                let orcpt = params.orcpt.as_ref().map(|o| format!("{};{}", o.addr_type, o.address)).unwrap_or_default();
+                let routing = matches!(to, ForwardPath::Mailbox(m) if m.quoted && m.local.contains('@'));
+                self.facts.recipient = Some(RcptFacts { address, routing, notify, orcpt });
                 // RFC 5321 4.5.1: <postmaster> must be accepted whatever the policy says.
                 if matches!(to, ForwardPath::Postmaster) {
                     let rcpt = self.rcpt_record();
-                    self.tx.rcpts.push(TxRcpt {
-                        rcpt,
-                        discard: false,
-                    });
+                    self.tx.rcpts.push(TxRcpt { rcpt, discard: false });
                     self.facts.recipients = self.accepted_addresses();
                     let _ = self.session.decide(Decision::accept(), now);
                     return None;
@@ -661,29 +599,19 @@ impl Conn {
     }
 
     fn accepted_addresses(&self) -> Vec<String> {
-        self.tx
-            .rcpts
-            .iter()
-            .map(|r| r.rcpt.address.clone())
-            .collect()
+        self.tx.rcpts.iter().map(|r| r.rcpt.address.clone()).collect()
     }
 
     fn rcpt_record(&self) -> QueuedRcpt {
         let r = self.facts.recipient.clone().unwrap_or_default();
-        QueuedRcpt {
-            address: r.address,
-            notify: r.notify,
-            orcpt: r.orcpt,
-        }
+        QueuedRcpt { address: r.address, notify: r.notify, orcpt: r.orcpt }
     }
 
     fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
         // Policy modes (R40).
         if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
             if self.mode.warn_only {
-                self.notes.push_back(Need::Note(Note::Log(format!(
-                    "warn_only: would answer {r}"
-                ))));
+                self.notes.push_back(Need::Note(Note::Log(format!("warn_only: would answer {r}"))));
                 v.outcome = Outcome::Default;
             } else if self.mode.soft_bounce {
                 if let Outcome::Reject(r) = &v.outcome {
@@ -700,11 +628,8 @@ impl Conn {
         // authenticated clients. It applies after the policy modes: `warn_only`
         // softens the policy's own refusals, never the relay rule.
         if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.relay_allowed() {
-            v.outcome = Outcome::Reject(RenderedReply {
-                code: 554,
-                enhanced: (5, 7, 1),
-                text: "Relay access denied".into(),
-            });
+            v.outcome =
+                Outcome::Reject(RenderedReply { code: 554, enhanced: (5, 7, 1), text: "Relay access denied".into() });
         }
         let outcome_text = match &v.outcome {
             Outcome::Default => "default".to_string(),
@@ -721,20 +646,15 @@ impl Conn {
             trace: v.trace.clone(),
         }));
         let mut delay = Duration::ZERO;
-        let accepted = matches!(
-            v.outcome,
-            Outcome::Default | Outcome::Accept | Outcome::Discard
-        );
+        let accepted = matches!(v.outcome, Outcome::Default | Outcome::Accept | Outcome::Discard);
         for e in &v.effects {
             match e {
                 Effect::Log(t) => self.notes.push_back(Need::Note(Note::Log(t.clone()))),
-                Effect::Alert { to, text, every_ms } => {
-                    self.notes.push_back(Need::Note(Note::Alert {
-                        to: to.clone(),
-                        text: text.clone(),
-                        every_ms: *every_ms,
-                    }))
-                }
+                Effect::Alert { to, text, every_ms } => self.notes.push_back(Need::Note(Note::Alert {
+                    to: to.clone(),
+                    text: text.clone(),
+                    every_ms: *every_ms,
+                })),
                 Effect::Tarpit(ms) => delay += Duration::from_millis(*ms),
                 Effect::GreetPause(ms) => delay = delay.max(Duration::from_millis(*ms)),
                 Effect::RelayGranted => match stage {
@@ -747,11 +667,7 @@ impl Conn {
         if !accepted {
             let r = match &v.outcome {
                 Outcome::Reject(r) | Outcome::Tempfail(r) => r.clone(),
-                _ => RenderedReply {
-                    code: 550,
-                    enhanced: (5, 7, 1),
-                    text: "Rejected".into(),
-                },
+                _ => RenderedReply { code: 550, enhanced: (5, 7, 1), text: "Rejected".into() },
             };
             let close = r.code == 421 || r.code == 521;
             let mut d = Decision::reject(to_reply(&r)).with_delay(delay);
@@ -783,15 +699,10 @@ impl Conn {
                 self.defer(Decision::accept().with_delay(delay), now);
             }
             Stage::Rcpt => {
-                let mut rec = TxRcpt {
-                    rcpt: self.rcpt_record(),
-                    discard,
-                };
+                let mut rec = TxRcpt { rcpt: self.rcpt_record(), discard };
                 for e in &v.effects {
                     match e {
-                        Effect::Dsn(DsnAction::NotifyNever) => {
-                            rec.rcpt.notify = vec!["NEVER".into()]
-                        }
+                        Effect::Dsn(DsnAction::NotifyNever) => rec.rcpt.notify = vec!["NEVER".into()],
                         Effect::Dsn(DsnAction::DenySuccess) => {
                             let had = !rec.rcpt.notify.is_empty();
                             rec.rcpt.notify.retain(|n| n != "SUCCESS");
@@ -799,9 +710,7 @@ impl Conn {
                                 rec.rcpt.notify.push("NEVER".into());
                             }
                         }
-                        Effect::RewriteRecipient(a) | Effect::Redirect(a) => {
-                            rec.rcpt.address = a.clone()
-                        }
+                        Effect::RewriteRecipient(a) | Effect::Redirect(a) => rec.rcpt.address = a.clone(),
                         _ => {}
                     }
                 }
@@ -817,18 +726,9 @@ impl Conn {
                     return;
                 };
                 let live: Vec<QueuedRcpt> = if let Some(to) = &self.tx.redirect {
-                    vec![QueuedRcpt {
-                        address: to.clone(),
-                        notify: Vec::new(),
-                        orcpt: String::new(),
-                    }]
+                    vec![QueuedRcpt { address: to.clone(), notify: Vec::new(), orcpt: String::new() }]
                 } else {
-                    self.tx
-                        .rcpts
-                        .iter()
-                        .filter(|r| !r.discard)
-                        .map(|r| r.rcpt.clone())
-                        .collect()
+                    self.tx.rcpts.iter().filter(|r| !r.discard).map(|r| r.rcpt.clone()).collect()
                 };
                 let mut recipients = live;
                 for b in &self.tx.bcc {
@@ -839,8 +739,7 @@ impl Conn {
                     });
                 }
                 if discard || self.tx.discard || self.discard_session || recipients.is_empty() {
-                    self.notes
-                        .push_back(Need::Note(Note::Log("message discarded by policy".into())));
+                    self.notes.push_back(Need::Note(Note::Log("message discarded by policy".into())));
                     self.end_transaction();
                     self.defer(
                         Decision::accept()
@@ -850,11 +749,8 @@ impl Conn {
                     );
                     return;
                 }
-                let sender = self
-                    .tx
-                    .sender_rewrite
-                    .clone()
-                    .unwrap_or_else(|| self.facts.sender.clone().unwrap_or_default());
+                let sender =
+                    self.tx.sender_rewrite.clone().unwrap_or_else(|| self.facts.sender.clone().unwrap_or_default());
                 let (data, added) = self.edit_message(&data);
                 let msg = QueuedMessage {
                     sender,
@@ -862,11 +758,7 @@ impl Conn {
                     ret: if self.tx.ret_headers {
                         "HDRS".into()
                     } else {
-                        envelope
-                            .params
-                            .ret
-                            .map(|r| format!("{r:?}").to_ascii_uppercase())
-                            .unwrap_or_default()
+                        envelope.params.ret.map(|r| format!("{r:?}").to_ascii_uppercase()).unwrap_or_default()
                     },
                     envid: envelope.params.envid.clone().unwrap_or_default(),
                     data,
@@ -875,18 +767,8 @@ impl Conn {
                     filter: self.tx.filter.clone(),
                     batv_sign: self.tx.batv_sign,
                     client_ip: self.facts.client_ip.to_string(),
-                    helo: self
-                        .facts
-                        .helo
-                        .as_ref()
-                        .map(|h| h.0.clone())
-                        .unwrap_or_default(),
-                    auth_user: self
-                        .facts
-                        .auth
-                        .as_ref()
-                        .map(|a| a.0.clone())
-                        .unwrap_or_default(),
+                    helo: self.facts.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default(),
+                    auth_user: self.facts.auth.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
                     added_headers: added,
                     session: self.snapshot(),
                 };
@@ -908,14 +790,12 @@ impl Conn {
         for e in effects {
             match e {
                 Effect::Hold(r) => self.tx.hold = Some(r.clone()),
-                Effect::HeaderAdd { .. }
-                | Effect::HeaderRemove(_)
-                | Effect::HeaderReplace { .. } => self.tx.headers.push(e.clone()),
+                Effect::HeaderAdd { .. } | Effect::HeaderRemove(_) | Effect::HeaderReplace { .. } => {
+                    self.tx.headers.push(e.clone())
+                }
                 Effect::Archive(a) => self.tx.archive.push(a.clone()),
                 Effect::Bcc(b) => self.tx.bcc.push(b.clone()),
-                Effect::Redirect(r) if self.facts.recipient.is_none() => {
-                    self.tx.redirect = Some(r.clone())
-                }
+                Effect::Redirect(r) if self.facts.recipient.is_none() => self.tx.redirect = Some(r.clone()),
                 Effect::Filter(t) => self.tx.filter = Some(t.clone()),
                 Effect::BatvSign => self.tx.batv_sign = true,
                 Effect::RewriteSender(s) => self.tx.sender_rewrite = Some(s.clone()),
@@ -935,28 +815,18 @@ impl Conn {
             _ => None,
         };
         let trusted = match list("networks") {
-            Some(l) if l.kind == ListKind::Cidr => {
-                l.nets.iter().any(|n| n.contains(self.facts.client_ip))
-            }
+            Some(l) if l.kind == ListKind::Cidr => l.nets.iter().any(|n| n.contains(self.facts.client_ip)),
             _ => self.facts.client_ip.is_loopback(),
         };
         if trusted {
             return true;
         }
-        let address = self
-            .facts
-            .recipient
-            .as_ref()
-            .map(|r| r.address.as_str())
-            .unwrap_or("");
+        let address = self.facts.recipient.as_ref().map(|r| r.address.as_str()).unwrap_or("");
         let domain = mailpolicy_stdlib::address::split(address).1;
         if domain.is_empty() {
             return true; // <postmaster> and local-only names
         }
-        self.facts
-            .local_domains
-            .iter()
-            .any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain))
+        self.facts.local_domains.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain))
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -974,12 +844,7 @@ impl Conn {
             tls_client_cert: tls.client_cert,
             tls_client_fingerprint: tls.client_fingerprint,
             helo_extended: self.facts.helo.as_ref().is_some_and(|h| h.1),
-            auth_mechanism: self
-                .facts
-                .auth
-                .as_ref()
-                .map(|a| a.1.clone())
-                .unwrap_or_default(),
+            auth_mechanism: self.facts.auth.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
             mail_size: self.facts.mail_size,
             mail_body: self.facts.mail_body.clone(),
             smtputf8: self.facts.smtputf8,
@@ -1044,12 +909,7 @@ impl Conn {
     }
 
     fn received_header(&self) -> String {
-        let helo = self
-            .facts
-            .helo
-            .as_ref()
-            .map(|h| h.0.as_str())
-            .unwrap_or("unknown");
+        let helo = self.facts.helo.as_ref().map(|h| h.0.as_str()).unwrap_or("unknown");
         let hostname = &self.session.config().hostname;
         let proto = match (
             self.facts.helo.as_ref().is_some_and(|h| h.1),
@@ -1062,11 +922,7 @@ impl Conn {
             (true, false, true) => "ESMTPA",
             (true, true, true) => "ESMTPSA",
         };
-        let clean = |s: &str| {
-            s.chars()
-                .filter(|c| !c.is_control() && *c != '(' && *c != ')')
-                .collect::<String>()
-        };
+        let clean = |s: &str| s.chars().filter(|c| !c.is_control() && *c != '(' && *c != ')').collect::<String>();
         format!(
             "Received: from {} ({} [{}])\r\n\tby {} (mailpolicy) with {}; {}\r\n",
             clean(helo),
@@ -1087,11 +943,7 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 /// peer-supplied name, are sent as `?`.
 fn to_reply(r: &RenderedReply) -> Reply {
     let (a, b, c) = r.enhanced;
-    let text: String = r
-        .text
-        .chars()
-        .map(|ch| if ch.is_ascii() { ch } else { '?' })
-        .collect();
+    let text: String = r.text.chars().map(|ch| if ch.is_ascii() { ch } else { '?' }).collect();
     Reply::new(r.code, (a as u8, b, c), text)
 }
 
@@ -1100,11 +952,7 @@ fn tls_facts(info: &TlsInfo) -> TlsFacts {
         version: info.version.clone(),
         cipher: info.cipher.clone(),
         client_cert: info.peer_certificate.is_some(),
-        client_fingerprint: info
-            .peer_certificate
-            .as_ref()
-            .map(|c| fingerprint(c))
-            .unwrap_or_default(),
+        client_fingerprint: info.peer_certificate.as_ref().map(|c| fingerprint(c)).unwrap_or_default(),
     }
 }
 
@@ -1112,10 +960,7 @@ fn tls_facts(info: &TlsInfo) -> TlsFacts {
 /// certificate (or a transcript fixture) passes the 32-byte digest itself.
 fn fingerprint(cert: &[u8]) -> String {
     if cert.len() == 32 {
-        cert.iter()
-            .map(|b| format!("{b:02X}"))
-            .collect::<Vec<_>>()
-            .join(":")
+        cert.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
     } else {
         mailpolicy_stdlib::digest::sha256_fingerprint(cert)
     }
@@ -1144,15 +989,8 @@ pub fn rfc2822_date(ms: u64) -> String {
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days as i64);
     let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
-    let mon = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ][(m - 1) as usize];
-    format!(
-        "{wd}, {d} {mon} {y} {:02}:{:02}:{:02} +0000",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    let mon = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(m - 1) as usize];
+    format!("{wd}, {d} {mon} {y} {:02}:{:02}:{:02} +0000", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
 /// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).

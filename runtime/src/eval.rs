@@ -61,7 +61,8 @@ impl MessageFacts {
                 .get(h.offset_start..h.offset_end)
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default();
-            let unfold = |v: &str| v.split(['\r', '\n']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+            let unfold =
+                |v: &str| v.split(['\r', '\n']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
             let value = match h.value().as_text() {
                 Some(t) => unfold(t),
                 None => unfold(&raw),
@@ -100,11 +101,7 @@ impl MessageFacts {
     }
 
     pub fn header(&self, name: &str) -> Vec<String> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .collect()
+        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
     }
 }
 
@@ -216,10 +213,7 @@ pub struct State {
 
 impl State {
     pub fn new(prog: &Program) -> State {
-        State {
-            vars: vec![None; prog.vars.len()],
-            ..Default::default()
-        }
+        State { vars: vec![None; prog.vars.len()], ..Default::default() }
     }
     /// Forget variables of the given scope (RSET / end of message: `Transaction`).
     pub fn clear(&mut self, prog: &Program, scope: Scope) {
@@ -262,11 +256,7 @@ pub enum Request {
     Dns { name: String, rtype: RrType },
     /// Count of `counter` events for `key` within the window, the current one included;
     /// answer [`Answer::Count`].
-    Rate {
-        counter: Counter,
-        key: String,
-        window_ms: u64,
-    },
+    Rate { counter: Counter, key: String, window_ms: u64 },
     /// Concurrent sessions for `key`; answer [`Answer::Count`].
     Concurrent { key: String },
     /// Answer [`Answer::Value`] with the result word (`pass`, `fail`, ...).
@@ -276,13 +266,7 @@ pub enum Request {
     /// Ask the next hop about the current recipient; answer [`Answer::Reply`].
     Callahead { recipient: String, sender: String },
     /// Should this triplet wait? Answer [`Answer::Bool`] (true: greylisted).
-    Greylist {
-        client: String,
-        sender: String,
-        recipient: String,
-        delay_ms: u64,
-        expire_ms: u64,
-    },
+    Greylist { client: String, sender: String, recipient: String, delay_ms: u64, expire_ms: u64 },
     /// Is the BATV tag of this address valid? Answer [`Answer::Bool`].
     BatvValid { address: String },
 }
@@ -496,10 +480,7 @@ impl Run {
 
     /// Give the answer to the request the last [`Step::Need`] asked.
     pub fn answer(&mut self, request: Request, answer: Answer) {
-        self.trace.push(Trace::Lookup {
-            request: request.clone(),
-            answer: answer.clone(),
-        });
+        self.trace.push(Trace::Lookup { request: request.clone(), answer: answer.clone() });
         self.answers.insert(request, answer);
     }
 
@@ -516,10 +497,7 @@ impl Run {
                     self.current = Some(*loc);
                     match self.expr(prog, facts, state, *cond) {
                         Ok(b) => {
-                            self.trace.push(Trace::Test {
-                                loc: *loc,
-                                result: b,
-                            });
+                            self.trace.push(Trace::Test { loc: *loc, result: b });
                             self.pc = if b { self.pc + 1 } else { *else_pc as usize };
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
@@ -559,15 +537,11 @@ impl Run {
     }
 
     fn fail(&mut self, msg: String, loc: LocId) -> Verdict {
-        self.effects
-            .push(Effect::Log(format!("lookup failed: {msg}")));
+        self.effects.push(Effect::Log(format!("lookup failed: {msg}")));
         // At connect a 4xx other than 421 would leave the client in limbo: close instead.
         let code = if self.stage == Stage::Connect { 421 } else { 451 };
-        let reply = RenderedReply {
-            code,
-            enhanced: (4, 4, 3),
-            text: "Temporary lookup failure, try again later".into(),
-        };
+        let reply =
+            RenderedReply { code, enhanced: (4, 4, 3), text: "Temporary lookup failure, try again later".into() };
         self.finish(Outcome::Tempfail(reply), Some(loc))
     }
 
@@ -591,10 +565,7 @@ impl Run {
 
     /// Table lookup honouring the table's `on_error`.
     fn lookup(&self, prog: &Program, table: TableId, key: &str) -> Result<Option<String>, Halt> {
-        let r = Request::Lookup {
-            table,
-            key: key.to_string(),
-        };
+        let r = Request::Lookup { table, key: key.to_string() };
         match self.ask(r.clone())? {
             Answer::Value(v) => Ok(v.clone()),
             Answer::Records(v) => Ok(v.first().cloned()),
@@ -602,9 +573,7 @@ impl Run {
             Answer::Bool(false) | Answer::NxDomain => Ok(None),
             Answer::Error(e) => self.on_error(prog, &r, e),
             Answer::Timeout => self.on_error(prog, &r, "timed out"),
-            other => Err(Halt::Fail(format!(
-                "unexpected answer {other:?} to a table lookup"
-            ))),
+            other => Err(Halt::Fail(format!("unexpected answer {other:?} to a table lookup"))),
         }
     }
 
@@ -614,11 +583,7 @@ impl Run {
             .and_then(|t| prog.tables.get(t.index()))
             .and_then(|t| t.option("on_error"))
             .is_some_and(|v| *v == OptValue::Word("continue".into()));
-        let name = r
-            .table()
-            .and_then(|t| prog.tables.get(t.index()))
-            .map(|t| t.name.clone())
-            .unwrap_or_default();
+        let name = r.table().and_then(|t| prog.tables.get(t.index())).map(|t| t.name.clone()).unwrap_or_default();
         if fail_open {
             Ok(T::default())
         } else {
@@ -627,19 +592,14 @@ impl Run {
     }
 
     fn dns(&self, name: &str, rtype: RrType) -> Result<DnsResult, Halt> {
-        Ok(
-            match self.ask(Request::Dns {
-                name: name.to_string(),
-                rtype,
-            })? {
-                Answer::Records(r) => DnsResult::Found(r.clone()),
-                Answer::NxDomain | Answer::Value(None) => DnsResult::None,
-                Answer::Value(Some(v)) => DnsResult::Found(vec![v.clone()]),
-                Answer::Error(e) => DnsResult::TempError(e.clone()),
-                Answer::Timeout => DnsResult::TempError("timed out".into()),
-                other => DnsResult::TempError(format!("unexpected answer {other:?}")),
-            },
-        )
+        Ok(match self.ask(Request::Dns { name: name.to_string(), rtype })? {
+            Answer::Records(r) => DnsResult::Found(r.clone()),
+            Answer::NxDomain | Answer::Value(None) => DnsResult::None,
+            Answer::Value(Some(v)) => DnsResult::Found(vec![v.clone()]),
+            Answer::Error(e) => DnsResult::TempError(e.clone()),
+            Answer::Timeout => DnsResult::TempError("timed out".into()),
+            other => DnsResult::TempError(format!("unexpected answer {other:?}")),
+        })
     }
 
     fn count(&self, r: Request) -> Result<f64, Halt> {
@@ -647,9 +607,7 @@ impl Run {
             Answer::Count(n) => Ok(*n as f64),
             Answer::Error(e) => Err(Halt::Fail(e.clone())),
             Answer::Timeout => Err(Halt::Fail("rate store timed out".into())),
-            other => Err(Halt::Fail(format!(
-                "unexpected answer {other:?} to a counter"
-            ))),
+            other => Err(Halt::Fail(format!("unexpected answer {other:?} to a counter"))),
         }
     }
 
@@ -658,34 +616,15 @@ impl Run {
     fn val(&mut self, prog: &Program, f: &Facts, st: &mut State, v: &Val) -> Result<V, Halt> {
         Ok(match v {
             Val::Fact(fact) => self.fact(f, st, *fact)?,
-            Val::Var(id) => V::Str(
-                st.vars
-                    .get(id.index())
-                    .cloned()
-                    .flatten()
-                    .unwrap_or_default(),
-            ),
-            Val::Header(name) => V::List(
-                f.message
-                    .as_ref()
-                    .map(|m| m.header(prog.str(*name)))
-                    .unwrap_or_default(),
-            ),
+            Val::Var(id) => V::Str(st.vars.get(id.index()).cloned().flatten().unwrap_or_default()),
+            Val::Header(name) => V::List(f.message.as_ref().map(|m| m.header(prog.str(*name))).unwrap_or_default()),
             Val::Lookup { table, key } => {
                 let k = self.val(prog, f, st, key)?.render();
                 V::Str(self.lookup(prog, *table, &k)?.unwrap_or_default())
             }
-            Val::Rate {
-                counter,
-                key,
-                window_ms,
-            } => {
+            Val::Rate { counter, key, window_ms } => {
                 let k = self.rate_key(prog, f, st, key)?;
-                V::Num(self.count(Request::Rate {
-                    counter: *counter,
-                    key: k,
-                    window_ms: *window_ms,
-                })?)
+                V::Num(self.count(Request::Rate { counter: *counter, key: k, window_ms: *window_ms })?)
             }
             Val::Concurrent { key } => {
                 let k = self.rate_key(prog, f, st, key)?;
@@ -745,11 +684,7 @@ impl Run {
             Fact::TlsVersion => s(f.tls.as_ref().map(|t| t.version.as_str()).unwrap_or("")),
             Fact::TlsCipher => s(f.tls.as_ref().map(|t| t.cipher.as_str()).unwrap_or("")),
             Fact::TlsClientCert => V::Bool(f.tls.as_ref().is_some_and(|t| t.client_cert)),
-            Fact::TlsClientFingerprint => s(f
-                .tls
-                .as_ref()
-                .map(|t| t.client_fingerprint.as_str())
-                .unwrap_or("")),
+            Fact::TlsClientFingerprint => s(f.tls.as_ref().map(|t| t.client_fingerprint.as_str()).unwrap_or("")),
             Fact::HeloName => s(f.helo.as_ref().map(|h| h.0.as_str()).unwrap_or("")),
             Fact::HeloExtended => V::Bool(f.helo.as_ref().is_some_and(|h| h.1)),
             Fact::Authenticated => V::Bool(f.auth.is_some()),
@@ -765,37 +700,27 @@ impl Run {
             Fact::DsnEnvid => s(&f.dsn_envid),
             Fact::Recipient => s(rcpt.map(|r| r.address.as_str()).unwrap_or("")),
             Fact::RecipientLocal => s(rcpt.map(|r| addr::split(&r.address).0).unwrap_or("")),
-            Fact::RecipientDomain => {
-                V::Str(rcpt.map(|r| addr::split(&r.address).1).unwrap_or_default())
-            }
-            Fact::RecipientDetail => s(rcpt
-                .map(|r| addr::detail(addr::split(&r.address).0))
-                .unwrap_or("")),
+            Fact::RecipientDomain => V::Str(rcpt.map(|r| addr::split(&r.address).1).unwrap_or_default()),
+            Fact::RecipientDetail => s(rcpt.map(|r| addr::detail(addr::split(&r.address).0)).unwrap_or("")),
             Fact::RecipientIsLocal => {
                 let d = rcpt.map(|r| addr::split(&r.address).1).unwrap_or_default();
                 V::Bool(d.is_empty() || f.local_domains.iter().any(|p| addr::domain_matches(p, &d)))
             }
-            Fact::RecipientRouting => V::Bool(
-                rcpt.is_some_and(|r| r.routing || addr::has_routing(addr::split(&r.address).0)),
-            ),
+            Fact::RecipientRouting => {
+                V::Bool(rcpt.is_some_and(|r| r.routing || addr::has_routing(addr::split(&r.address).0)))
+            }
             Fact::DsnNotify => V::List(rcpt.map(|r| r.notify.clone()).unwrap_or_default()),
             Fact::DsnOrcpt => s(rcpt.map(|r| r.orcpt.as_str()).unwrap_or("")),
             Fact::RecipientsCount => V::Num(f.recipients.len() as f64),
             Fact::Recipients => V::List(f.recipients.clone()),
             Fact::MessageSize => V::Num(f.message.as_ref().map(|m| m.size).unwrap_or(0) as f64),
             Fact::Body => s(f.message.as_ref().map(|m| m.body.as_str()).unwrap_or("")),
-            Fact::AttachmentNames => V::List(
-                f.message
-                    .as_ref()
-                    .map(|m| m.attachment_names.clone())
-                    .unwrap_or_default(),
-            ),
-            Fact::AttachmentTypes => V::List(
-                f.message
-                    .as_ref()
-                    .map(|m| m.attachment_types.clone())
-                    .unwrap_or_default(),
-            ),
+            Fact::AttachmentNames => {
+                V::List(f.message.as_ref().map(|m| m.attachment_names.clone()).unwrap_or_default())
+            }
+            Fact::AttachmentTypes => {
+                V::List(f.message.as_ref().map(|m| m.attachment_types.clone()).unwrap_or_default())
+            }
             Fact::QueueId => s(&f.queue_id),
             Fact::Spf => self.auth_check(AuthCheck::Spf)?,
             Fact::Dkim => self.auth_check(AuthCheck::Dkim)?,
@@ -810,9 +735,7 @@ impl Run {
             Fact::DeliveryStatus => s(f.delivery.as_ref().map(|d| d.status.as_str()).unwrap_or("")),
             Fact::DeliveryText => s(f.delivery.as_ref().map(|d| d.text.as_str()).unwrap_or("")),
             Fact::DeliveryHost => s(f.delivery.as_ref().map(|d| d.host.as_str()).unwrap_or("")),
-            Fact::DeliveryAttempts => {
-                V::Num(f.delivery.as_ref().map(|d| d.attempts).unwrap_or(0) as f64)
-            }
+            Fact::DeliveryAttempts => V::Num(f.delivery.as_ref().map(|d| d.attempts).unwrap_or(0) as f64),
             Fact::QueueAge => V::Num(f.queue_age_ms as f64),
             Fact::BounceType => s(f.bounce.as_ref().map(|b| b.0.as_str()).unwrap_or("")),
             Fact::BounceReason => s(f.bounce.as_ref().map(|b| b.1.as_str()).unwrap_or("")),
@@ -822,23 +745,13 @@ impl Run {
 
     fn auth_check(&self, c: AuthCheck) -> Result<V, Halt> {
         match self.ask(Request::Auth(c))? {
-            Answer::Value(v) => Ok(V::Str(
-                v.clone()
-                    .unwrap_or_else(|| "none".into())
-                    .to_ascii_lowercase(),
-            )),
+            Answer::Value(v) => Ok(V::Str(v.clone().unwrap_or_else(|| "none".into()).to_ascii_lowercase())),
             Answer::Error(_) | Answer::Timeout => Ok(V::Str("temperror".into())),
             _ => Ok(V::Str("none".into())),
         }
     }
 
-    fn render(
-        &mut self,
-        prog: &Program,
-        f: &Facts,
-        st: &mut State,
-        t: &Template,
-    ) -> Result<String, Halt> {
+    fn render(&mut self, prog: &Program, f: &Facts, st: &mut State, t: &Template) -> Result<String, Halt> {
         let mut out = String::new();
         for p in &t.0 {
             match p {
@@ -855,13 +768,7 @@ impl Run {
 
     // ---- conditions -------------------------------------------------------------------
 
-    fn expr(
-        &mut self,
-        prog: &Program,
-        f: &Facts,
-        st: &mut State,
-        id: ExprId,
-    ) -> Result<bool, Halt> {
+    fn expr(&mut self, prog: &Program, f: &Facts, st: &mut State, id: ExprId) -> Result<bool, Halt> {
         let Some(e) = prog.exprs.get(id.index()) else {
             return Ok(false);
         };
@@ -894,21 +801,13 @@ impl Run {
                 l.iter().any(|x| {
                     pats.iter().any(|p| match op {
                         MatchOp::Is => x.eq_ignore_ascii_case(p),
-                        MatchOp::Contains => {
-                            x.to_ascii_lowercase().contains(&p.to_ascii_lowercase())
-                        }
+                        MatchOp::Contains => x.to_ascii_lowercase().contains(&p.to_ascii_lowercase()),
                     })
                 })
             }
             Expr::Pattern { lhs, pats } => {
                 let l = self.val(prog, f, st, lhs)?.strings();
-                l.iter().any(|x| {
-                    pats.iter().any(|p| {
-                        prog.patterns
-                            .get(p.index())
-                            .is_some_and(|p| p.regex.is_match(x))
-                    })
-                })
+                l.iter().any(|x| pats.iter().any(|p| prog.patterns.get(p.index()).is_some_and(|p| p.regex.is_match(x))))
             }
             Expr::In { lhs, set } => {
                 let l = self.val(prog, f, st, lhs)?;
@@ -942,16 +841,8 @@ impl Run {
                 };
                 self.listed(prog, st, &format!("{q}.{zone}"), zone, returns)?
             }
-            Expr::Rhsbl {
-                zone,
-                domain,
-                returns,
-            } => {
-                let d = self
-                    .val(prog, f, st, domain)?
-                    .render()
-                    .trim_end_matches('.')
-                    .to_ascii_lowercase();
+            Expr::Rhsbl { zone, domain, returns } => {
+                let d = self.val(prog, f, st, domain)?.render().trim_end_matches('.').to_ascii_lowercase();
                 if d.is_empty() {
                     return Ok(false);
                 }
@@ -959,11 +850,7 @@ impl Run {
                 self.listed(prog, st, &format!("{d}.{zone}"), zone, returns)?
             }
             Expr::Resolvable(v) => {
-                let d = self
-                    .val(prog, f, st, v)?
-                    .render()
-                    .trim_end_matches('.')
-                    .to_ascii_lowercase();
+                let d = self.val(prog, f, st, v)?.render().trim_end_matches('.').to_ascii_lowercase();
                 if d.is_empty() {
                     return Ok(false);
                 }
@@ -982,22 +869,14 @@ impl Run {
             }
             Expr::Fqdn(v) => addr::is_fqdn(&self.val(prog, f, st, v)?.render()),
             Expr::BatvValid => {
-                let a = f
-                    .recipient
-                    .as_ref()
-                    .map(|r| r.address.clone())
-                    .unwrap_or_default();
+                let a = f.recipient.as_ref().map(|r| r.address.clone()).unwrap_or_default();
                 match self.ask(Request::BatvValid { address: a })? {
                     Answer::Bool(b) => *b,
                     _ => false,
                 }
             }
             Expr::Callahead => {
-                let a = f
-                    .recipient
-                    .as_ref()
-                    .map(|r| r.address.clone())
-                    .unwrap_or_default();
+                let a = f.recipient.as_ref().map(|r| r.address.clone()).unwrap_or_default();
                 match self.ask(Request::Callahead { recipient: a, sender: f.sender.clone().unwrap_or_default() })? {
                     Answer::Reply { code, text } => {
                         st.callahead = Some((*code, text.clone()));
@@ -1011,10 +890,7 @@ impl Run {
                     _ => false,
                 }
             }
-            Expr::Greylist {
-                delay_ms,
-                expire_ms,
-            } => {
+            Expr::Greylist { delay_ms, expire_ms } => {
                 let client = greylist_net(f.client_ip);
                 let sender = f.sender.clone().unwrap_or_default().to_ascii_lowercase();
                 let recipient = f
@@ -1050,10 +926,9 @@ impl Run {
                     }
                 };
                 match owners {
-                    Some(list) => !list
-                        .split([',', ' '])
-                        .filter(|s| !s.is_empty())
-                        .any(|o| o.eq_ignore_ascii_case(user)),
+                    Some(list) => {
+                        !list.split([',', ' ']).filter(|s| !s.is_empty()).any(|o| o.eq_ignore_ascii_case(user))
+                    }
                     None => true,
                 }
             }
@@ -1074,9 +949,7 @@ impl Run {
             DnsResult::None | DnsResult::TempError(_) => return Ok(false),
         };
         let wanted: Vec<&str> = returns.iter().map(|s| _prog.str(*s)).collect();
-        let hit = answers
-            .iter()
-            .find(|a| a.starts_with("127.") && (wanted.is_empty() || wanted.contains(&a.as_str())));
+        let hit = answers.iter().find(|a| a.starts_with("127.") && (wanted.is_empty() || wanted.contains(&a.as_str())));
         let Some(hit) = hit.cloned() else {
             return Ok(false);
         };
@@ -1092,17 +965,13 @@ impl Run {
         match set {
             SetRef::Nets(nets) => Ok(match l {
                 V::Ip(ip) => nets.iter().any(|n| n.contains(*ip)),
-                other => other
-                    .strings()
-                    .iter()
-                    .filter_map(|s| s.parse().ok())
-                    .any(|ip| nets.iter().any(|n| n.contains(ip))),
+                other => {
+                    other.strings().iter().filter_map(|s| s.parse().ok()).any(|ip| nets.iter().any(|n| n.contains(ip)))
+                }
             }),
             SetRef::Strings(items) => {
                 let items: Vec<&str> = items.iter().map(|s| prog.str(*s)).collect();
-                Ok(l.strings()
-                    .iter()
-                    .any(|x| items.iter().any(|i| x.eq_ignore_ascii_case(i))))
+                Ok(l.strings().iter().any(|x| items.iter().any(|i| x.eq_ignore_ascii_case(i))))
             }
             SetRef::List(id) => {
                 let Some(list) = prog.lists.get(id.index()) else {
@@ -1115,14 +984,12 @@ impl Run {
                         .iter()
                         .filter_map(|s| s.parse().ok())
                         .any(|ip| list.nets.iter().any(|n| n.contains(ip))),
-                    (ListKind::Domains, other) => other
-                        .strings()
-                        .iter()
-                        .any(|x| list.items.iter().any(|p| addr::domain_matches(p, x))),
-                    (ListKind::Strings, other) => other
-                        .strings()
-                        .iter()
-                        .any(|x| list.items.iter().any(|i| x.eq_ignore_ascii_case(i))),
+                    (ListKind::Domains, other) => {
+                        other.strings().iter().any(|x| list.items.iter().any(|p| addr::domain_matches(p, x)))
+                    }
+                    (ListKind::Strings, other) => {
+                        other.strings().iter().any(|x| list.items.iter().any(|i| x.eq_ignore_ascii_case(i)))
+                    }
                 })
             }
             SetRef::Table(t) => {
@@ -1138,24 +1005,10 @@ impl Run {
 
     // ---- actions ----------------------------------------------------------------------
 
-    fn reply(
-        &mut self,
-        prog: &Program,
-        f: &Facts,
-        st: &mut State,
-        r: &Reply,
-    ) -> Result<RenderedReply, Halt> {
+    fn reply(&mut self, prog: &Program, f: &Facts, st: &mut State, r: &Reply) -> Result<RenderedReply, Halt> {
         let text = self.render(prog, f, st, &r.text)?;
-        let text = if text.trim().is_empty() {
-            "Rejected".to_string()
-        } else {
-            text
-        };
-        Ok(RenderedReply {
-            code: r.code,
-            enhanced: r.enhanced,
-            text,
-        })
+        let text = if text.trim().is_empty() { "Rejected".to_string() } else { text };
+        Ok(RenderedReply { code: r.code, enhanced: r.enhanced, text })
     }
 
     fn transport(
@@ -1169,30 +1022,16 @@ impl Run {
             Some(d) => Some(self.render(prog, f, st, d)?),
             None => None,
         };
-        Ok(RenderedTransport {
-            kind: t.kind,
-            dest,
-            tls: t.tls,
-            auth: t.auth,
-        })
+        Ok(RenderedTransport { kind: t.kind, dest, tls: t.tls, auth: t.auth })
     }
 
-    fn act(
-        &mut self,
-        prog: &Program,
-        f: &Facts,
-        st: &mut State,
-        a: &Action,
-    ) -> Result<Option<Outcome>, Halt> {
+    fn act(&mut self, prog: &Program, f: &Facts, st: &mut State, a: &Action) -> Result<Option<Outcome>, Halt> {
         let effect = match a {
             Action::Accept => return Ok(Some(Outcome::Accept)),
             Action::Reject(r) => return Ok(Some(Outcome::Reject(self.reply(prog, f, st, r)?))),
             Action::Tempfail(r) => return Ok(Some(Outcome::Tempfail(self.reply(prog, f, st, r)?))),
             Action::RejectCallahead => {
-                let (code, text) = st
-                    .callahead
-                    .clone()
-                    .unwrap_or((550, "Recipient rejected by the next hop".into()));
+                let (code, text) = st.callahead.clone().unwrap_or((550, "Recipient rejected by the next hop".into()));
                 let (code, text) = if (400..600).contains(&code) {
                     (code, text)
                 } else {
@@ -1200,22 +1039,12 @@ impl Run {
                 };
                 let class = code / 100;
                 let (enh, text) = split_enhanced(&text, class);
-                let reply = RenderedReply {
-                    code,
-                    enhanced: enh,
-                    text,
-                };
-                return Ok(Some(if class == 4 {
-                    Outcome::Tempfail(reply)
-                } else {
-                    Outcome::Reject(reply)
-                }));
+                let reply = RenderedReply { code, enhanced: enh, text };
+                return Ok(Some(if class == 4 { Outcome::Tempfail(reply) } else { Outcome::Reject(reply) }));
             }
             Action::Discard => return Ok(Some(Outcome::Discard)),
             Action::Stop => return Ok(Some(Outcome::Default)),
-            Action::Deliver(t) => {
-                return Ok(Some(Outcome::Deliver(self.transport(prog, f, st, t)?)))
-            }
+            Action::Deliver(t) => return Ok(Some(Outcome::Deliver(self.transport(prog, f, st, t)?))),
             Action::Set { var, value } => {
                 let v = match value {
                     Some(t) => self.render(prog, f, st, t)?,
@@ -1237,15 +1066,13 @@ impl Run {
             Action::GreetPause(ms) => Effect::GreetPause(*ms),
             Action::Tarpit(ms) => Effect::Tarpit(*ms),
             Action::Dsn(d) => Effect::Dsn(*d),
-            Action::HeaderAdd { name, value } => Effect::HeaderAdd {
-                name: prog.str(*name).to_string(),
-                value: self.render(prog, f, st, value)?,
-            },
+            Action::HeaderAdd { name, value } => {
+                Effect::HeaderAdd { name: prog.str(*name).to_string(), value: self.render(prog, f, st, value)? }
+            }
             Action::HeaderRemove(name) => Effect::HeaderRemove(prog.str(*name).to_string()),
-            Action::HeaderReplace { name, value } => Effect::HeaderReplace {
-                name: prog.str(*name).to_string(),
-                value: self.render(prog, f, st, value)?,
-            },
+            Action::HeaderReplace { name, value } => {
+                Effect::HeaderReplace { name: prog.str(*name).to_string(), value: self.render(prog, f, st, value)? }
+            }
             Action::Hold(reason) => Effect::Hold(match reason {
                 Some(t) => self.render(prog, f, st, t)?,
                 None => String::new(),
@@ -1262,11 +1089,7 @@ impl Run {
                 }
             }
             Action::RewriteRecipient(rw) => {
-                let cur = f
-                    .recipient
-                    .as_ref()
-                    .map(|r| r.address.clone())
-                    .unwrap_or_default();
+                let cur = f.recipient.as_ref().map(|r| r.address.clone()).unwrap_or_default();
                 match self.rewrite(prog, f, st, rw, &cur)? {
                     Some(n) => Effect::RewriteRecipient(n),
                     None => return Ok(None),
@@ -1276,27 +1099,17 @@ impl Run {
                 Effect::Masquerade(domains.iter().map(|d| prog.str(*d).to_string()).collect())
             }
             Action::Expand(table) => {
-                let rcpt = f
-                    .recipient
-                    .as_ref()
-                    .map(|r| r.address.to_ascii_lowercase())
-                    .unwrap_or_default();
+                let rcpt = f.recipient.as_ref().map(|r| r.address.to_ascii_lowercase()).unwrap_or_default();
                 let (local, domain) = addr::split(&rcpt);
                 let found = match self.lookup(prog, *table, &rcpt)? {
                     Some(v) => Some((v, format!("owner-{rcpt}"))),
-                    None => self
-                        .lookup(prog, *table, local)?
-                        .map(|v| (v, format!("owner-{local}"))),
+                    None => self.lookup(prog, *table, local)?.map(|v| (v, format!("owner-{local}"))),
                 };
                 let Some((members, owner_key)) = found else {
                     return Ok(None);
                 };
                 let owner = self.lookup(prog, *table, &owner_key)?.map(|_| {
-                    let owner_local = owner_key
-                        .split('@')
-                        .next()
-                        .unwrap_or(&owner_key)
-                        .to_string();
+                    let owner_local = owner_key.split('@').next().unwrap_or(&owner_key).to_string();
                     if domain.is_empty() {
                         owner_local
                     } else {
@@ -1307,13 +1120,7 @@ impl Run {
                     .split(',')
                     .map(str::trim)
                     .filter(|m| !m.is_empty())
-                    .map(|m| {
-                        if m.contains('@') || domain.is_empty() {
-                            m.to_string()
-                        } else {
-                            format!("{m}@{domain}")
-                        }
-                    })
+                    .map(|m| if m.contains('@') || domain.is_empty() { m.to_string() } else { format!("{m}@{domain}") })
                     .collect();
                 Effect::Expand { members, owner }
             }
@@ -1357,28 +1164,14 @@ impl Run {
 
     /// The sendmail/Postfix access-table action: look up the stage's keys, most specific
     /// first; the first key found decides.
-    fn access(
-        &mut self,
-        prog: &Program,
-        f: &Facts,
-        table: TableId,
-    ) -> Result<Option<Outcome>, Halt> {
+    fn access(&mut self, prog: &Program, f: &Facts, table: TableId) -> Result<Option<Outcome>, Halt> {
         let (keys, scope) = match self.stage {
-            Stage::Connect | Stage::Helo | Stage::Auth => (
-                access::client_keys(f.client_ip, &f.client_name),
-                access::Scope::Connect,
-            ),
-            Stage::Mail => (
-                access::address_keys(f.sender.as_deref().unwrap_or("")),
-                access::Scope::From,
-            ),
+            Stage::Connect | Stage::Helo | Stage::Auth => {
+                (access::client_keys(f.client_ip, &f.client_name), access::Scope::Connect)
+            }
+            Stage::Mail => (access::address_keys(f.sender.as_deref().unwrap_or("")), access::Scope::From),
             _ => (
-                access::address_keys(
-                    f.recipient
-                        .as_ref()
-                        .map(|r| r.address.as_str())
-                        .unwrap_or(""),
-                ),
+                access::address_keys(f.recipient.as_ref().map(|r| r.address.as_str()).unwrap_or("")),
                 access::Scope::To,
             ),
         };
@@ -1409,42 +1202,23 @@ impl Run {
                 AccessAction::Accept => Some(Outcome::Accept),
                 AccessAction::Dunno => None,
                 AccessAction::Discard => Some(Outcome::Discard),
-                AccessAction::Reject {
-                    code,
-                    enhanced,
-                    text,
-                } => Some(Outcome::Reject(RenderedReply {
-                    code,
-                    enhanced,
-                    text,
-                })),
-                AccessAction::Tempfail {
-                    code,
-                    enhanced,
-                    text,
-                } => Some(Outcome::Tempfail(RenderedReply {
-                    code,
-                    enhanced,
-                    text,
-                })),
+                AccessAction::Reject { code, enhanced, text } => {
+                    Some(Outcome::Reject(RenderedReply { code, enhanced, text }))
+                }
+                AccessAction::Tempfail { code, enhanced, text } => {
+                    Some(Outcome::Tempfail(RenderedReply { code, enhanced, text }))
+                }
                 AccessAction::Hold(r) => {
                     self.effects.push(Effect::Hold(r));
                     None
                 }
                 AccessAction::Warn(t) => {
-                    self.effects
-                        .push(Effect::Log(format!("access warning: {t}")));
+                    self.effects.push(Effect::Log(format!("access warning: {t}")));
                     None
                 }
                 AccessAction::Invalid(v) => {
-                    let name = prog
-                        .tables
-                        .get(table.index())
-                        .map(|t| t.name.clone())
-                        .unwrap_or_default();
-                    return Err(Halt::Fail(format!(
-                        "table {name}: value \"{v}\" for {key} is not an access action"
-                    )));
+                    let name = prog.tables.get(table.index()).map(|t| t.name.clone()).unwrap_or_default();
+                    return Err(Halt::Fail(format!("table {name}: value \"{v}\" for {key} is not an access action")));
                 }
             });
         }
@@ -1526,11 +1300,7 @@ fn split_enhanced(text: &str, class: u16) -> ((u16, u16, u16), String) {
     if let Some((head, rest)) = text.split_once(' ') {
         let p: Vec<&str> = head.split('.').collect();
         if p.len() == 3 {
-            if let (Ok(a), Ok(b), Ok(c)) = (
-                p[0].parse::<u16>(),
-                p[1].parse::<u16>(),
-                p[2].parse::<u16>(),
-            ) {
+            if let (Ok(a), Ok(b), Ok(c)) = (p[0].parse::<u16>(), p[1].parse::<u16>(), p[2].parse::<u16>()) {
                 if a == class {
                     return ((a, b, c), rest.to_string());
                 }

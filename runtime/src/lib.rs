@@ -1,10 +1,10 @@
 //! mailpolicy runtime.
-pub mod conn;
-pub mod eval;
-pub mod smtp;
 pub mod config;
-pub mod transcript;
+pub mod conn;
 pub mod daemon;
-pub mod transport;
-pub mod spool;
+pub mod eval;
 pub mod queue;
+pub mod smtp;
+pub mod spool;
+pub mod transcript;
+pub mod transport;

@@ -28,11 +28,7 @@ fn transcripts() -> Vec<PathBuf> {
     let mut files = Vec::new();
     collect(&root().join("tests/transcripts"), &mut files);
     collect(&root().join("examples"), &mut files);
-    assert!(
-        !files.is_empty(),
-        "no transcripts found under {}",
-        root().display()
-    );
+    assert!(!files.is_empty(), "no transcripts found under {}", root().display());
     files
 }
 
@@ -52,11 +48,7 @@ fn every_transcript_parses() {
             }
         }
     }
-    assert!(
-        errors.is_empty(),
-        "transcripts that do not parse:\n{}",
-        errors.join("\n")
-    );
+    assert!(errors.is_empty(), "transcripts that do not parse:\n{}", errors.join("\n"));
 }
 
 #[test]
@@ -70,23 +62,11 @@ fn every_case_passes() {
             if r.passed() {
                 passed += 1;
             } else {
-                failed.push(format!(
-                    "{}::{} (line {})\n  {}",
-                    f.display(),
-                    r.name,
-                    r.line,
-                    r.failures.join("\n  ")
-                ));
+                failed.push(format!("{}::{} (line {})\n  {}", f.display(), r.name, r.line, r.failures.join("\n  ")));
             }
         }
     }
-    assert!(
-        failed.is_empty(),
-        "{} passed, {} failed:\n\n{}",
-        passed,
-        failed.len(),
-        failed.join("\n\n")
-    );
+    assert!(failed.is_empty(), "{} passed, {} failed:\n\n{}", passed, failed.len(), failed.join("\n\n"));
     assert!(passed >= 150, "only {passed} transcript cases ran");
 }
 
@@ -135,18 +115,13 @@ fn open_relay_counterexamples_relay() {
             let file = match parse(&path, &text) {
                 Ok(t) => t,
                 Err(e) => {
-                    failures.push(format!(
-                        "{stem}: counterexample does not parse: {e:?}\n{text}"
-                    ));
+                    failures.push(format!("{stem}: counterexample does not parse: {e:?}\n{text}"));
                     continue;
                 }
             };
             for r in runner.run_file(&file) {
                 if !r.passed() {
-                    failures.push(format!(
-                        "{stem}: counterexample does not relay: {:?}\n{text}",
-                        r.failures
-                    ));
+                    failures.push(format!("{stem}: counterexample does not relay: {:?}\n{text}", r.failures));
                 }
             }
         }
@@ -163,33 +138,13 @@ fn verdicts_keep_their_trace() {
     let path = root().join("examples/access-dnsbl.transcript");
     let text = std::fs::read_to_string(&path).expect("example transcript");
     let file = parse(&path, &text).expect("parses");
-    let case = file
-        .cases
-        .iter()
-        .find(|c| c.name == "relaying is refused")
-        .expect("the relaying case");
+    let case = file.cases.iter().find(|c| c.name == "relaying is refused").expect("the relaying case");
     let r = Runner::new(std_dir()).run_case(&file, case);
     assert!(r.passed(), "{:?}", r.failures);
-    let rcpt = r
-        .verdicts
-        .iter()
-        .find(|v| v.stage == mailpolicy_lang::ir::Stage::Rcpt)
-        .expect("a rcpt verdict");
+    let rcpt = r.verdicts.iter().find(|v| v.stage == mailpolicy_lang::ir::Stage::Rcpt).expect("a rcpt verdict");
     assert!(rcpt.outcome.starts_with("reject 554"), "{}", rcpt.outcome);
     assert!(rcpt.rule.is_some(), "the relay check decided");
-    let tests = rcpt
-        .trace
-        .iter()
-        .filter(|t| {
-            matches!(
-                t,
-                mailpolicy_runtime::eval::Trace::Test { result: true, .. }
-            )
-        })
-        .count();
-    assert_eq!(
-        tests, 1,
-        "the relay check's test was true: {:?}",
-        rcpt.trace
-    );
+    let tests =
+        rcpt.trace.iter().filter(|t| matches!(t, mailpolicy_runtime::eval::Trace::Test { result: true, .. })).count();
+    assert_eq!(tests, 1, "the relay check's test was true: {:?}", rcpt.trace);
 }

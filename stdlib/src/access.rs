@@ -90,17 +90,9 @@ pub enum AccessAction {
     /// DUNNO / SKIP: stop looking at further keys, go on with the next rule.
     Dunno,
     /// REJECT [text], or an explicit 5xx reply.
-    Reject {
-        code: u16,
-        enhanced: (u16, u16, u16),
-        text: String,
-    },
+    Reject { code: u16, enhanced: (u16, u16, u16), text: String },
     /// DEFER / TEMPFAIL [text], or an explicit 4xx reply.
-    Tempfail {
-        code: u16,
-        enhanced: (u16, u16, u16),
-        text: String,
-    },
+    Tempfail { code: u16, enhanced: (u16, u16, u16), text: String },
     /// DISCARD: accept and drop.
     Discard,
     /// HOLD [text]: accept into the hold queue and go on.
@@ -126,26 +118,16 @@ pub fn parse_value(value: &str) -> AccessAction {
         "REJECT" => AccessAction::Reject {
             code: 554,
             enhanced: (5, 7, 1),
-            text: if rest.is_empty() {
-                "Access denied".into()
-            } else {
-                rest.into()
-            },
+            text: if rest.is_empty() { "Access denied".into() } else { rest.into() },
         },
         "DEFER" | "TEMPFAIL" | "DEFER_IF_PERMIT" => AccessAction::Tempfail {
             code: 450,
             enhanced: (4, 7, 1),
-            text: if rest.is_empty() {
-                "Try again later".into()
-            } else {
-                rest.into()
-            },
+            text: if rest.is_empty() { "Try again later".into() } else { rest.into() },
         },
         "HOLD" => AccessAction::Hold(rest.to_string()),
         "WARN" => AccessAction::Warn(rest.to_string()),
-        _ if word.chars().all(|c| c.is_ascii_digit()) && word.len() == 3 => {
-            explicit_reply(word, rest, value)
-        }
+        _ if word.chars().all(|c| c.is_ascii_digit()) && word.len() == 3 => explicit_reply(word, rest, value),
         _ if upper.starts_with("ERROR:") => {
             // sendmail: ERROR:5.7.1:550 text, ERROR:550 text, ERROR:"550 text", ERROR:5.7.1 text
             let body = v[6..].trim().trim_matches('"');
@@ -162,23 +144,11 @@ pub fn parse_value(value: &str) -> AccessAction {
             let class = enh.map(|e| e.0).or(code.map(|c| c / 100)).unwrap_or(5);
             let code = code.unwrap_or(if class == 4 { 450 } else { 550 });
             let enhanced = enh.unwrap_or((code / 100, 7, 1));
-            let text = if text.is_empty() {
-                "Access denied".to_string()
-            } else {
-                text.to_string()
-            };
+            let text = if text.is_empty() { "Access denied".to_string() } else { text.to_string() };
             if code / 100 == 4 {
-                AccessAction::Tempfail {
-                    code,
-                    enhanced,
-                    text,
-                }
+                AccessAction::Tempfail { code, enhanced, text }
             } else if code / 100 == 5 && enhanced.0 == 5 {
-                AccessAction::Reject {
-                    code,
-                    enhanced,
-                    text,
-                }
+                AccessAction::Reject { code, enhanced, text }
             } else {
                 AccessAction::Invalid(value.to_string())
             }
@@ -199,25 +169,13 @@ fn explicit_reply(code: &str, rest: &str, value: &str) -> AccessAction {
         },
     };
     let enhanced = enh.unwrap_or((code / 100, 7, 1));
-    let text = if text.is_empty() {
-        "Access denied".to_string()
-    } else {
-        text.to_string()
-    };
+    let text = if text.is_empty() { "Access denied".to_string() } else { text.to_string() };
     if enhanced.0 != code / 100 {
         return AccessAction::Invalid(value.to_string());
     }
     match code / 100 {
-        4 => AccessAction::Tempfail {
-            code,
-            enhanced,
-            text,
-        },
-        5 => AccessAction::Reject {
-            code,
-            enhanced,
-            text,
-        },
+        4 => AccessAction::Tempfail { code, enhanced, text },
+        5 => AccessAction::Reject { code, enhanced, text },
         2 => AccessAction::Accept,
         _ => AccessAction::Invalid(value.to_string()),
     }
@@ -242,25 +200,11 @@ mod tests {
     fn keys() {
         assert_eq!(
             client_keys("192.0.2.7".parse().unwrap(), "mx.a.example"),
-            [
-                "192.0.2.7",
-                "192.0.2",
-                "192.0",
-                "192",
-                "mx.a.example",
-                "a.example",
-                "example"
-            ]
+            ["192.0.2.7", "192.0.2", "192.0", "192", "mx.a.example", "a.example", "example"]
         );
         assert_eq!(
             address_keys("Joe@Sub.Example.com"),
-            [
-                "joe@sub.example.com",
-                "sub.example.com",
-                "example.com",
-                "com",
-                "joe@"
-            ]
+            ["joe@sub.example.com", "sub.example.com", "example.com", "com", "joe@"]
         );
         assert_eq!(address_keys(""), ["<>"]);
     }
@@ -272,61 +216,31 @@ mod tests {
         assert_eq!(parse_value("SKIP"), AccessAction::Dunno);
         assert_eq!(
             parse_value("REJECT"),
-            AccessAction::Reject {
-                code: 554,
-                enhanced: (5, 7, 1),
-                text: "Access denied".into()
-            }
+            AccessAction::Reject { code: 554, enhanced: (5, 7, 1), text: "Access denied".into() }
         );
         assert_eq!(
             parse_value("550 5.7.1 go away"),
-            AccessAction::Reject {
-                code: 550,
-                enhanced: (5, 7, 1),
-                text: "go away".into()
-            }
+            AccessAction::Reject { code: 550, enhanced: (5, 7, 1), text: "go away".into() }
         );
         assert_eq!(
             parse_value("550 no spam"),
-            AccessAction::Reject {
-                code: 550,
-                enhanced: (5, 7, 1),
-                text: "no spam".into()
-            }
+            AccessAction::Reject { code: 550, enhanced: (5, 7, 1), text: "no spam".into() }
         );
         assert_eq!(
             parse_value("ERROR:5.7.1 Spammer"),
-            AccessAction::Reject {
-                code: 550,
-                enhanced: (5, 7, 1),
-                text: "Spammer".into()
-            }
+            AccessAction::Reject { code: 550, enhanced: (5, 7, 1), text: "Spammer".into() }
         );
         assert_eq!(
             parse_value("ERROR:4.7.0:451 later"),
-            AccessAction::Tempfail {
-                code: 451,
-                enhanced: (4, 7, 0),
-                text: "later".into()
-            }
+            AccessAction::Tempfail { code: 451, enhanced: (4, 7, 0), text: "later".into() }
         );
         assert_eq!(
             parse_value("ERROR:\"550 Go away\""),
-            AccessAction::Reject {
-                code: 550,
-                enhanced: (5, 7, 1),
-                text: "Go away".into()
-            }
+            AccessAction::Reject { code: 550, enhanced: (5, 7, 1), text: "Go away".into() }
         );
         assert_eq!(parse_value("DISCARD"), AccessAction::Discard);
-        assert_eq!(
-            parse_value("HOLD quarantine"),
-            AccessAction::Hold("quarantine".into())
-        );
-        assert!(matches!(
-            parse_value("550 4.7.1 mismatch"),
-            AccessAction::Invalid(_)
-        ));
+        assert_eq!(parse_value("HOLD quarantine"), AccessAction::Hold("quarantine".into()));
+        assert!(matches!(parse_value("550 4.7.1 mismatch"), AccessAction::Invalid(_)));
         assert!(matches!(parse_value("MAYBE"), AccessAction::Invalid(_)));
     }
 }

@@ -38,9 +38,7 @@ pub fn is_fqdn(name: &str) -> bool {
             && !l.ends_with('-')
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     });
-    ok && labels
-        .last()
-        .is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
+    ok && labels.last().is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Domain-list matching: `example.com` matches exactly; `.example.com` matches its
@@ -49,9 +47,7 @@ pub fn domain_matches(pattern: &str, domain: &str) -> bool {
     let d = domain.trim_end_matches('.');
     match pattern.strip_prefix('.') {
         Some(suffix) => {
-            d.len() > suffix.len()
-                && d.to_ascii_lowercase()
-                    .ends_with(&format!(".{}", suffix.to_ascii_lowercase()))
+            d.len() > suffix.len() && d.to_ascii_lowercase().ends_with(&format!(".{}", suffix.to_ascii_lowercase()))
         }
         None => d.eq_ignore_ascii_case(pattern),
     }

@@ -19,7 +19,9 @@ pub fn parse_keys(text: &str) -> Vec<(u8, Vec<u8>)> {
 }
 
 fn mac(key: &[u8], kddd: &str, address: &str) -> String {
-    let Ok(mut m) = Hmac::<Sha1>::new_from_slice(key) else { return String::new() };
+    let Ok(mut m) = Hmac::<Sha1>::new_from_slice(key) else {
+        return String::new();
+    };
     m.update(kddd.as_bytes());
     m.update(address.to_ascii_lowercase().as_bytes());
     let out = m.finalize().into_bytes();
@@ -51,14 +53,22 @@ pub enum Check {
 /// Check a recipient of a bounce.
 pub fn verify(address: &str, keys: &[(u8, Vec<u8>)], now_ms: u64, lifetime_days: u64) -> Check {
     let lower = address.to_ascii_lowercase();
-    let Some(rest) = lower.strip_prefix("prvs=") else { return Check::NotSigned };
-    let Some((tag, orig)) = rest.split_once('=') else { return Check::NotSigned };
+    let Some(rest) = lower.strip_prefix("prvs=") else {
+        return Check::NotSigned;
+    };
+    let Some((tag, orig)) = rest.split_once('=') else {
+        return Check::NotSigned;
+    };
     if tag.len() != 10 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) || !tag[..4].bytes().all(|b| b.is_ascii_digit()) {
         return Check::NotSigned;
     }
     let num = tag.as_bytes()[0] - b'0';
-    let Ok(expiry) = tag[1..4].parse::<u64>() else { return Check::NotSigned };
-    let Some((_, key)) = keys.iter().find(|(n, _)| *n == num) else { return Check::UnknownKey };
+    let Ok(expiry) = tag[1..4].parse::<u64>() else {
+        return Check::NotSigned;
+    };
+    let Some((_, key)) = keys.iter().find(|(n, _)| *n == num) else {
+        return Check::UnknownKey;
+    };
     // Days left until expiry, modulo the 1000-day wheel.
     let today = (now_ms / DAY_MS) % 1000;
     let left = (expiry + 1000 - today) % 1000;

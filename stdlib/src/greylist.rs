@@ -18,7 +18,15 @@ struct Entry {
 
 impl Greylist {
     /// True when the attempt must wait (answer 4xx).
-    pub fn check(&mut self, client: &str, sender: &str, recipient: &str, now_ms: u64, delay_ms: u64, expire_ms: u64) -> bool {
+    pub fn check(
+        &mut self,
+        client: &str,
+        sender: &str,
+        recipient: &str,
+        now_ms: u64,
+        delay_ms: u64,
+        expire_ms: u64,
+    ) -> bool {
         let key = (client.to_ascii_lowercase(), sender.to_ascii_lowercase(), recipient.to_ascii_lowercase());
         let e = self.entries.entry(key).or_insert(Entry { first_seen: now_ms, last_seen: now_ms, passed: false });
         if now_ms.saturating_sub(e.last_seen) > expire_ms {

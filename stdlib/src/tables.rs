@@ -49,7 +49,9 @@ fn split_kv(l: &str) -> (&str, &str) {
 impl FileTable {
     pub fn parse(kind: &str, text: &str) -> Result<FileTable, TableError> {
         match kind {
-            "list" => Ok(FileTable::Map(entries(text).map(|(_, l)| (split_kv(l).0.to_ascii_lowercase(), String::new())).collect())),
+            "list" => Ok(FileTable::Map(
+                entries(text).map(|(_, l)| (split_kv(l).0.to_ascii_lowercase(), String::new())).collect(),
+            )),
             "map" | "access" => {
                 let mut m = HashMap::new();
                 for (_, l) in entries(text) {
@@ -63,7 +65,8 @@ impl FileTable {
                 let mut v = Vec::new();
                 for (n, l) in entries(text) {
                     let (k, val) = split_kv(l);
-                    let c = Cidr::parse(k).ok_or_else(|| TableError { line: n, message: format!("\"{k}\" is not a network") })?;
+                    let c = Cidr::parse(k)
+                        .ok_or_else(|| TableError { line: n, message: format!("\"{k}\" is not a network") })?;
                     v.push((c, val.to_string()));
                 }
                 Ok(FileTable::Cidr(v))
@@ -87,7 +90,10 @@ impl FileTable {
                         .case_insensitive(!flags.contains('I'))
                         .size_limit(1 << 20)
                         .build()
-                        .map_err(|e| TableError { line: n, message: format!("bad pattern: {}", e.to_string().lines().last().unwrap_or("")) })?;
+                        .map_err(|e| TableError {
+                            line: n,
+                            message: format!("bad pattern: {}", e.to_string().lines().last().unwrap_or("")),
+                        })?;
                     v.push((re, value.to_string()));
                 }
                 Ok(FileTable::Regexp(v))
@@ -147,7 +153,11 @@ mod tests {
 
     #[test]
     fn map_and_list() {
-        let t = FileTable::parse("map", "# c\nAlice@Example.com  alice\n\nbob@example.com bob smith\nalice@example.com other\n").unwrap();
+        let t = FileTable::parse(
+            "map",
+            "# c\nAlice@Example.com  alice\n\nbob@example.com bob smith\nalice@example.com other\n",
+        )
+        .unwrap();
         assert_eq!(t.lookup("alice@example.COM").as_deref(), Some("alice"));
         assert_eq!(t.lookup("bob@example.com").as_deref(), Some("bob smith"));
         assert_eq!(t.lookup("carol@example.com"), None);

@@ -55,12 +55,7 @@ fn stable(e: &Expr) -> bool {
     }
     match e {
         Expr::Flag(_) | Expr::Greylist { .. } => false,
-        Expr::Match { lhs, rhs, .. } => {
-            val(lhs)
-                && rhs
-                    .iter()
-                    .all(|t| t.0.iter().all(|p| matches!(p, Part::Lit(_))))
-        }
+        Expr::Match { lhs, rhs, .. } => val(lhs) && rhs.iter().all(|t| t.0.iter().all(|p| matches!(p, Part::Lit(_)))),
         Expr::Pattern { lhs, .. }
         | Expr::In { lhs, .. }
         | Expr::Cmp { lhs, .. }
@@ -124,21 +119,14 @@ fn disjoint_is(prog: &Program, a: &Expr, b: &Expr) -> bool {
             .collect()
     };
     match (a, b) {
-        (
-            Expr::Match {
-                lhs: la,
-                op: MatchOp::Is,
-                rhs: ra,
-            },
-            Expr::Match {
-                lhs: lb,
-                op: MatchOp::Is,
-                rhs: rb,
-            },
-        ) if la == lb && single_valued(la) => match (lits(ra), lits(rb)) {
-            (Some(x), Some(y)) => !x.iter().any(|s| y.contains(s)),
-            _ => false,
-        },
+        (Expr::Match { lhs: la, op: MatchOp::Is, rhs: ra }, Expr::Match { lhs: lb, op: MatchOp::Is, rhs: rb })
+            if la == lb && single_valued(la) =>
+        {
+            match (lits(ra), lits(rb)) {
+                (Some(x), Some(y)) => !x.iter().any(|s| y.contains(s)),
+                _ => false,
+            }
+        }
         _ => false,
     }
 }
@@ -152,11 +140,7 @@ fn single_valued(v: &Val) -> bool {
 }
 
 fn show(prog: &Program, sources: &SourceMap, loc: LocId) -> String {
-    format!(
-        "{} `{}`",
-        prog.describe_loc(loc),
-        source_line(prog, sources, loc)
-    )
+    format!("{} `{}`", prog.describe_loc(loc), source_line(prog, sources, loc))
 }
 
 fn dead(prog: &Program, sources: &SourceMap, code: &[Instr], out: &mut Vec<Diagnostic>) {
@@ -181,9 +165,7 @@ fn dead(prog: &Program, sources: &SourceMap, code: &[Instr], out: &mut Vec<Diagn
             decided(prog, *cond, true, &mut mine);
             let whole = match prog.expr(*cond) {
                 Expr::Not(i) => Some((prog.expr(*i).clone(), false)),
-                e if stable(e) && !matches!(e, Expr::All(_) | Expr::Any(_) | Expr::Const(_)) => {
-                    Some((e.clone(), true))
-                }
+                e if stable(e) && !matches!(e, Expr::All(_) | Expr::Any(_) | Expr::Const(_)) => Some((e.clone(), true)),
                 _ => None,
             };
             if let Some((leaf, pol)) = whole {
@@ -247,22 +229,14 @@ fn top_level(code: &[Instr]) -> Vec<(usize, Ends)> {
             Instr::If { else_pc, .. } => {
                 let then_end = *else_pc as usize;
                 let body = &code[pc + 1..then_end.min(code.len())];
-                let body: Vec<&Instr> = body
-                    .iter()
-                    .filter(|i| !matches!(i, Instr::Jump(_)))
-                    .collect();
-                let straight =
-                    !body.is_empty() && body.iter().all(|i| matches!(i, Instr::Do { .. }));
+                let body: Vec<&Instr> = body.iter().filter(|i| !matches!(i, Instr::Jump(_))).collect();
+                let straight = !body.is_empty() && body.iter().all(|i| matches!(i, Instr::Do { .. }));
                 let ends = match body.last() {
-                    Some(Instr::Do { action, .. }) if straight && action.is_terminal() => {
-                        match action {
-                            Action::Reject(_) | Action::Tempfail(_) | Action::RejectCallahead => {
-                                Ends::Refuses
-                            }
-                            Action::Accept | Action::Stop => Ends::Passes,
-                            _ => Ends::Other,
-                        }
-                    }
+                    Some(Instr::Do { action, .. }) if straight && action.is_terminal() => match action {
+                        Action::Reject(_) | Action::Tempfail(_) | Action::RejectCallahead => Ends::Refuses,
+                        Action::Accept | Action::Stop => Ends::Passes,
+                        _ => Ends::Other,
+                    },
                     _ => Ends::No,
                 };
                 out.push((pc, ends));
@@ -302,9 +276,7 @@ fn network(prog: &Program, id: ExprId) -> bool {
         Expr::Not(i) => network(prog, *i),
         Expr::All(ids) | Expr::Any(ids) => ids.iter().any(|i| network(prog, *i)),
         Expr::Dnsbl { .. } | Expr::Rhsbl { .. } | Expr::Resolvable(_) | Expr::Callahead => true,
-        Expr::In { lhs, set } => {
-            val(prog, lhs) || matches!(set, SetRef::Table(t) if remote(prog, *t))
-        }
+        Expr::In { lhs, set } => val(prog, lhs) || matches!(set, SetRef::Table(t) if remote(prog, *t)),
         Expr::Match { lhs, .. }
         | Expr::Pattern { lhs, .. }
         | Expr::Cmp { lhs, .. }
@@ -318,9 +290,7 @@ fn lookup_free(prog: &Program, id: ExprId) -> bool {
     match prog.expr(id) {
         Expr::Not(i) => lookup_free(prog, *i),
         Expr::All(ids) | Expr::Any(ids) => ids.iter().all(|i| lookup_free(prog, *i)),
-        Expr::In { lhs, set } => {
-            !matches!(set, SetRef::Table(_)) && !matches!(lhs, Val::Lookup { .. })
-        }
+        Expr::In { lhs, set } => !matches!(set, SetRef::Table(_)) && !matches!(lhs, Val::Lookup { .. }),
         Expr::Match { lhs, .. }
         | Expr::Pattern { lhs, .. }
         | Expr::Cmp { lhs, .. }
@@ -339,31 +309,17 @@ fn lookup_free(prog: &Program, id: ExprId) -> bool {
 }
 
 fn remote(prog: &Program, t: TableId) -> bool {
-    prog.tables
-        .get(t.index())
-        .is_some_and(|r| matches!(r.kind.as_str(), "ldap" | "sql"))
+    prog.tables.get(t.index()).is_some_and(|r| matches!(r.kind.as_str(), "ldap" | "sql"))
 }
 
-fn shadowed_and_cost(
-    prog: &Program,
-    sources: &SourceMap,
-    stage: Stage,
-    code: &[Instr],
-    out: &mut Vec<Diagnostic>,
-) {
+fn shadowed_and_cost(prog: &Program, sources: &SourceMap, stage: Stage, code: &[Instr], out: &mut Vec<Diagnostic>) {
     let tops = top_level(code);
     for (i, (pa, ta)) in tops.iter().enumerate() {
-        let Instr::If {
-            cond: ca, loc: la, ..
-        } = &code[*pa]
-        else {
+        let Instr::If { cond: ca, loc: la, .. } = &code[*pa] else {
             continue;
         };
         for (pb, tb) in &tops[i + 1..] {
-            let Instr::If {
-                cond: cb, loc: lb, ..
-            } = &code[*pb]
-            else {
+            let Instr::If { cond: cb, loc: lb, .. } = &code[*pb] else {
                 continue;
             };
             // Shadowed: B's condition implies A's, and A always ends the stage.
@@ -431,11 +387,7 @@ fn internal_host(prog: &Program, dest: &str) -> bool {
         };
     }
     let locals = match prog.server.option("local_domains") {
-        Some(OptValue::ListRef(id)) => prog
-            .lists
-            .get(id.index())
-            .map(|l| l.items.clone())
-            .unwrap_or_default(),
+        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).map(|l| l.items.clone()).unwrap_or_default(),
         _ => vec![],
     };
     locals.iter().any(|p| {
@@ -447,23 +399,14 @@ fn internal_host(prog: &Program, dest: &str) -> bool {
 /// Does the condition validate the recipient (a table, directory or call-ahead about it)?
 fn validates(prog: &Program, id: ExprId) -> bool {
     fn rcpt(v: &Val) -> bool {
-        matches!(
-            v,
-            Val::Fact(Fact::Recipient | Fact::RecipientLocal | Fact::RecipientDetail)
-        )
+        matches!(v, Val::Fact(Fact::Recipient | Fact::RecipientLocal | Fact::RecipientDetail))
     }
     match prog.expr(id) {
         Expr::Not(i) => validates(prog, *i),
         Expr::All(ids) | Expr::Any(ids) => ids.iter().any(|i| validates(prog, *i)),
         Expr::Callahead | Expr::BatvValid => true,
-        Expr::In { lhs, set } => {
-            rcpt(lhs) && matches!(set, SetRef::Table(_) | SetRef::List(_) | SetRef::Strings(_))
-        }
-        Expr::Match {
-            lhs: Val::Lookup { key, .. },
-            ..
-        }
-        | Expr::IsNull(Val::Lookup { key, .. }) => rcpt(key),
+        Expr::In { lhs, set } => rcpt(lhs) && matches!(set, SetRef::Table(_) | SetRef::List(_) | SetRef::Strings(_)),
+        Expr::Match { lhs: Val::Lookup { key, .. }, .. } | Expr::IsNull(Val::Lookup { key, .. }) => rcpt(key),
         _ => false,
     }
 }
@@ -472,11 +415,7 @@ fn backscatter(prog: &Program, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     // The internal hosts the route stage relays to.
     let mut target: Option<(LocId, String)> = None;
     for instr in prog.stage(Stage::Route) {
-        if let Instr::Do {
-            action: Action::Deliver(t),
-            loc,
-        } = instr
-        {
+        if let Instr::Do { action: Action::Deliver(t), loc } = instr {
             if !matches!(t.kind, TransportKind::Smtp | TransportKind::Lmtp) {
                 continue;
             }
@@ -539,10 +478,7 @@ fn backscatter(prog: &Program, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
                         hole |= !valid && !never;
                         break;
                     }
-                    Action::Reject(_)
-                    | Action::Tempfail(_)
-                    | Action::RejectCallahead
-                    | Action::Discard => break,
+                    Action::Reject(_) | Action::Tempfail(_) | Action::RejectCallahead | Action::Discard => break,
                     Action::Access(_) => {
                         pc += 1;
                     }
@@ -602,17 +538,10 @@ fn outside_at(prog: &Program, id: ExprId, ip: std::net::IpAddr, depth: u8) -> Op
             any
         }
         Expr::Truth(Val::Fact(Fact::Authenticated)) => Some(false),
-        Expr::In {
-            lhs: Val::Fact(Fact::ClientIp),
-            set: SetRef::List(l),
-        } => prog
-            .lists
-            .get(l.index())
-            .map(|l| l.nets.iter().any(|n| n.contains(ip))),
-        Expr::In {
-            lhs: Val::Fact(Fact::ClientIp),
-            set: SetRef::Nets(n),
-        } => Some(n.iter().any(|n| n.contains(ip))),
+        Expr::In { lhs: Val::Fact(Fact::ClientIp), set: SetRef::List(l) } => {
+            prog.lists.get(l.index()).map(|l| l.nets.iter().any(|n| n.contains(ip)))
+        }
+        Expr::In { lhs: Val::Fact(Fact::ClientIp), set: SetRef::Nets(n) } => Some(n.iter().any(|n| n.contains(ip))),
         Expr::Flag(v) if depth < 4 && trusted_flag(prog, *v, ip, depth + 1) => Some(false),
         _ => None,
     }
@@ -624,31 +553,17 @@ fn trusted_flag(prog: &Program, var: VarId, ip: std::net::IpAddr, depth: u8) -> 
     for stage in Stage::ALL {
         let code = prog.stage(stage);
         for (pc, instr) in code.iter().enumerate() {
-            let Instr::Do {
-                action: Action::Set { var: v, .. } | Action::Unset(v),
-                ..
-            } = instr
-            else {
+            let Instr::Do { action: Action::Set { var: v, .. } | Action::Unset(v), .. } = instr else {
                 continue;
             };
-            if *v != var
-                || !matches!(
-                    instr,
-                    Instr::Do {
-                        action: Action::Set { .. },
-                        ..
-                    }
-                )
-            {
+            if *v != var || !matches!(instr, Instr::Do { action: Action::Set { .. }, .. }) {
                 continue;
             }
             any = true;
             // The innermost If whose then-block holds this set must be false outside.
             let guarded = code.iter().enumerate().any(|(q, i)| match i {
                 Instr::If { cond, else_pc, .. } => {
-                    q < pc
-                        && pc < *else_pc as usize
-                        && outside_at(prog, *cond, ip, depth) == Some(false)
+                    q < pc && pc < *else_pc as usize && outside_at(prog, *cond, ip, depth) == Some(false)
                 }
                 _ => false,
             });

@@ -39,8 +39,7 @@ pub fn check(entry: &str, loader: &dyn Loader) -> (Compilation, Vec<Counterexamp
     };
     let a = analyse(&prog, &c.sources);
     c.diagnostics.extend(a.diagnostics);
-    c.diagnostics
-        .sort_by_key(|d| (d.span.map(|s| (s.file, s.start)), d.severity));
+    c.diagnostics.sort_by_key(|d| (d.span.map(|s| (s.file, s.start)), d.severity));
     if !c.has_errors() {
         c.program = Some(prog);
     }
@@ -63,7 +62,9 @@ pub fn analyse(prog: &Program, sources: &SourceMap) -> Analysis {
                     format!("{who}: the open-relay proof gave up (too many paths)"),
                 )
                 .at(listener_span(prog, sources, listener.as_deref()))
-                .help("split the rcpt rules into rules blocks with fewer independent tests, or check the policy by hand"),
+                .help(
+                    "split the rcpt rules into rules blocks with fewer independent tests, or check the policy by hand",
+                ),
             ),
             relay::Verdict::Open(r) => {
                 let mut steps = Vec::new();
@@ -95,10 +96,8 @@ pub fn analyse(prog: &Program, sources: &SourceMap) -> Analysis {
                         .label("lets a stranger relay")
                         .help(help),
                 );
-                out.counterexamples.push(Counterexample {
-                    listener: listener.clone(),
-                    transcript: r.transcript.clone(),
-                });
+                out.counterexamples
+                    .push(Counterexample { listener: listener.clone(), transcript: r.transcript.clone() });
             }
         }
     }
@@ -114,11 +113,7 @@ pub fn loc_span(prog: &Program, sources: &SourceMap, loc: LocId) -> Option<Span>
     let mut offset = 0usize;
     for (i, line) in text.split_inclusive('\n').enumerate() {
         if i + 1 == l.line as usize {
-            let col_off: usize = line
-                .chars()
-                .take(l.col.saturating_sub(1) as usize)
-                .map(char::len_utf8)
-                .sum();
+            let col_off: usize = line.chars().take(l.col.saturating_sub(1) as usize).map(char::len_utf8).sum();
             let start = offset + col_off;
             let end = offset + line.trim_end().len();
             return Some(Span::new(file, start, end.max(start)));
@@ -131,12 +126,7 @@ pub fn loc_span(prog: &Program, sources: &SourceMap, loc: LocId) -> Option<Span>
 /// The source text of a rule's line, trimmed.
 pub fn source_line(prog: &Program, sources: &SourceMap, loc: LocId) -> String {
     match loc_span(prog, sources, loc) {
-        Some(s) => sources
-            .text(s)
-            .trim()
-            .trim_end_matches('{')
-            .trim()
-            .to_string(),
+        Some(s) => sources.text(s).trim().trim_end_matches('{').trim().to_string(),
         None => String::new(),
     }
 }
@@ -160,10 +150,7 @@ fn setting_span(sources: &SourceMap, name: &str) -> Option<Span> {
 /// Where a listener is declared (or the first line of the policy).
 fn listener_span(prog: &Program, sources: &SourceMap, name: Option<&str>) -> Span {
     let _ = prog;
-    let (file, f) = sources
-        .files()
-        .next()
-        .expect("a compiled policy has a file");
+    let (file, f) = sources.files().next().expect("a compiled policy has a file");
     let needle = match name {
         Some(n) => format!("listener {n}"),
         None => "on rcpt".to_string(),

@@ -97,11 +97,7 @@ fn word(s: &Settings, name: &str) -> Option<String> {
 fn all_nets(prog: &Program) -> Vec<Cidr> {
     let mut nets: Vec<Cidr> = prog.lists.iter().flat_map(|l| l.nets.clone()).collect();
     for e in &prog.exprs {
-        if let Expr::In {
-            set: SetRef::Nets(n),
-            ..
-        } = e
-        {
+        if let Expr::In { set: SetRef::Nets(n), .. } = e {
             nets.extend(n.iter().copied());
         }
     }
@@ -120,14 +116,7 @@ fn narrow(c: &Cidr) -> bool {
 /// The attacker's address: outside every narrow network the policy names.
 pub fn attacker_ip(prog: &Program) -> IpAddr {
     let nets = all_nets(prog);
-    let cands = [
-        "198.51.100.23",
-        "203.0.113.77",
-        "192.0.2.200",
-        "100.64.7.7",
-        "185.199.108.9",
-        "45.33.32.156",
-    ];
+    let cands = ["198.51.100.23", "203.0.113.77", "192.0.2.200", "100.64.7.7", "185.199.108.9", "45.33.32.156"];
     for c in cands {
         let ip: IpAddr = c.parse().expect("literal address");
         if !nets.iter().filter(|n| narrow(n)).any(|n| n.contains(ip)) {
@@ -139,11 +128,7 @@ pub fn attacker_ip(prog: &Program) -> IpAddr {
 
 fn local_domains(prog: &Program) -> Vec<String> {
     match prog.server.option("local_domains") {
-        Some(OptValue::ListRef(id)) => prog
-            .lists
-            .get(id.index())
-            .map(|l| l.items.clone())
-            .unwrap_or_default(),
+        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).map(|l| l.items.clone()).unwrap_or_default(),
         _ => {
             let host = word(&prog.server, "hostname").unwrap_or_else(|| "mx.test".into());
             vec![host, "localhost".into()]
@@ -154,20 +139,12 @@ fn local_domains(prog: &Program) -> Vec<String> {
 fn named_domains(prog: &Program) -> Vec<String> {
     let mut out = Vec::new();
     let mut add = |s: &str| {
-        let d = s
-            .trim()
-            .trim_start_matches(['@', '.', '*'])
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
+        let d = s.trim().trim_start_matches(['@', '.', '*']).trim_end_matches('.').to_ascii_lowercase();
         let d = match d.rsplit_once('@') {
             Some((_, d)) => d.to_string(),
             None => d,
         };
-        if d.contains('.')
-            && !d.contains(' ')
-            && d.split('.').all(|l| !l.is_empty())
-            && d.parse::<IpAddr>().is_err()
-        {
+        if d.contains('.') && !d.contains(' ') && d.split('.').all(|l| !l.is_empty()) && d.parse::<IpAddr>().is_err() {
             out.push(d);
         }
     };
@@ -189,14 +166,7 @@ fn prove_listener(prog: &Program, l: Option<&Settings>) -> Verdict {
     let s = l.unwrap_or(&empty);
     let protocol = word(s, "protocol").unwrap_or_else(|| "smtp".into());
     // As the runtime's config: submission and submissions default to `auth required`.
-    let auth = word(s, "auth").unwrap_or_else(|| {
-        if protocol == "smtp" {
-            "none"
-        } else {
-            "required"
-        }
-        .into()
-    });
+    let auth = word(s, "auth").unwrap_or_else(|| if protocol == "smtp" { "none" } else { "required" }.into());
     if auth == "required" {
         return Verdict::AuthRequired;
     }
@@ -211,20 +181,16 @@ fn prove_listener(prog: &Program, l: Option<&Settings>) -> Verdict {
     };
     let (local_ip, local_port) = match s.option("address") {
         Some(OptValue::Str(a)) => match a.rsplit_once(':') {
-            Some((h, p)) => (
-                h.trim_matches(['[', ']']).to_string(),
-                p.parse().unwrap_or(25),
-            ),
+            Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.parse().unwrap_or(25)),
             None => (a.clone(), 25),
         },
         _ => ("127.0.0.1".into(), 2525),
     };
     let ip = attacker_ip(prog);
     let trusted = match prog.server.option("networks") {
-        Some(OptValue::ListRef(id)) => prog
-            .lists
-            .get(id.index())
-            .is_some_and(|l| l.nets.iter().any(|n| n.contains(ip))),
+        Some(OptValue::ListRef(id)) => {
+            prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(ip)))
+        }
         _ => ip.is_loopback(),
     };
     let warn_only = matches!(prog.server.option("warn_only"), Some(OptValue::Bool(true)));
@@ -232,11 +198,7 @@ fn prove_listener(prog: &Program, l: Option<&Settings>) -> Verdict {
         prog,
         listener: s.name.clone(),
         ip,
-        local_ip: if local_ip == "0.0.0.0" || local_ip == "::" {
-            "192.0.2.25".into()
-        } else {
-            local_ip
-        },
+        local_ip: if local_ip == "0.0.0.0" || local_ip == "::" { "192.0.2.25".into() } else { local_ip },
         local_port,
         trusted,
         warn_only,
@@ -273,10 +235,7 @@ struct Path {
 
 impl Path {
     fn assumed(&self, id: ExprId) -> Option<bool> {
-        self.assume
-            .iter()
-            .find(|(e, _, _)| *e == id)
-            .map(|(_, b, _)| *b)
+        self.assume.iter().find(|(e, _, _)| *e == id).map(|(_, b, _)| *b)
     }
 }
 
@@ -340,11 +299,7 @@ impl V {
             V::S(s) => vec![s.clone()],
             V::L(l) => l.clone(),
             V::Ip(ip) => vec![ip.to_string()],
-            V::N(n) => vec![if n.fract() == 0.0 {
-                format!("{}", *n as i64)
-            } else {
-                n.to_string()
-            }],
+            V::N(n) => vec![if n.fract() == 0.0 { format!("{}", *n as i64) } else { n.to_string() }],
         }
     }
     fn render(&self) -> String {
@@ -366,9 +321,7 @@ pub fn domain_matches(pattern: &str, domain: &str) -> bool {
     let d = domain.trim_end_matches('.');
     match pattern.strip_prefix('.') {
         Some(suffix) => {
-            d.len() > suffix.len()
-                && d.to_ascii_lowercase()
-                    .ends_with(&format!(".{}", suffix.to_ascii_lowercase()))
+            d.len() > suffix.len() && d.to_ascii_lowercase().ends_with(&format!(".{}", suffix.to_ascii_lowercase()))
         }
         None => d.eq_ignore_ascii_case(pattern),
     }
@@ -386,9 +339,7 @@ pub fn is_fqdn(name: &str) -> bool {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
-        && labels
-            .last()
-            .is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
+        && labels.last().is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn is_subject(f: Fact) -> Option<Subj> {
@@ -414,26 +365,15 @@ fn is_oracle_fact(f: Fact) -> bool {
 
 /// Keys the attacker chooses fresh: an exact-key table cannot hold them.
 fn fresh_key(v: &Val) -> bool {
-    matches!(
-        v,
-        Val::Fact(Fact::Recipient) | Val::Fact(Fact::RecipientDomain) | Val::Fact(Fact::ClientIp)
-    )
+    matches!(v, Val::Fact(Fact::Recipient) | Val::Fact(Fact::RecipientDomain) | Val::Fact(Fact::ClientIp))
 }
 
 impl Ctx<'_> {
     fn table_kind(&self, t: TableId) -> &str {
-        self.prog
-            .tables
-            .get(t.index())
-            .map(|r| r.kind.as_str())
-            .unwrap_or("")
+        self.prog.tables.get(t.index()).map(|r| r.kind.as_str()).unwrap_or("")
     }
     fn table_name(&self, t: TableId) -> String {
-        self.prog
-            .tables
-            .get(t.index())
-            .map(|r| r.name.clone())
-            .unwrap_or_default()
+        self.prog.tables.get(t.index()).map(|r| r.name.clone()).unwrap_or_default()
     }
     fn pattern_table(&self, t: TableId) -> bool {
         matches!(self.table_kind(t), "regexp" | "pcre")
@@ -480,7 +420,8 @@ impl Ctx<'_> {
                             self.ip
                         ),
                         End::Default if p.relay_session || p.relay_tx => {
-                            "the stage falls off its end after an `access` table said RELAY for an attacker-chosen key".to_string()
+                            "the stage falls off its end after an `access` table said RELAY for an attacker-chosen key"
+                                .to_string()
                         }
                         _ => continue,
                     };
@@ -512,12 +453,7 @@ impl Ctx<'_> {
     }
 
     /// Run one stage from the start on one path; every end reached, with the rule that made it.
-    fn run_stage(
-        &self,
-        stage: Stage,
-        p: Path,
-        budget: &mut usize,
-    ) -> Vec<(Path, End, Option<LocId>)> {
+    fn run_stage(&self, stage: Stage, p: Path, budget: &mut usize) -> Vec<(Path, End, Option<LocId>)> {
         let code = self.prog.stage(stage);
         let mut work = vec![(0usize, p)];
         let mut out = Vec::new();
@@ -597,11 +533,7 @@ impl Ctx<'_> {
                             for pick in [AccessPick::Ok, AccessPick::Relay] {
                                 let mut q = p.clone();
                                 q.access.push((stage, *t, pick));
-                                let w = if pick == AccessPick::Ok {
-                                    "OK"
-                                } else {
-                                    "RELAY"
-                                };
+                                let w = if pick == AccessPick::Ok { "OK" } else { "RELAY" };
                                 q.chain.push((*loc, format!("access says {w}")));
                                 if pick == AccessPick::Relay && stage == Stage::Mail {
                                     q.relay_tx = true;
@@ -738,11 +670,9 @@ impl Ctx<'_> {
             | Expr::Truth(lhs)
             | Expr::Fqdn(lhs) => self.val_free(lhs, vars),
             Expr::In { lhs, set } => self.val_free(lhs, vars) || matches!(set, SetRef::Table(_)),
-            Expr::Dnsbl { .. }
-            | Expr::Rhsbl { .. }
-            | Expr::Resolvable(_)
-            | Expr::Callahead
-            | Expr::Greylist { .. } => true,
+            Expr::Dnsbl { .. } | Expr::Rhsbl { .. } | Expr::Resolvable(_) | Expr::Callahead | Expr::Greylist { .. } => {
+                true
+            }
             _ => false,
         }
     }
@@ -794,12 +724,9 @@ impl Ctx<'_> {
             RecipientIsLocal => V::B(false),
             RecipientRouting => V::B(a.source_route || a.local.contains(['%', '!', '@'])),
             DsnNotify | Recipients | AttachmentNames | AttachmentTypes => V::L(vec![]),
-            Spf | Dkim | Dmarc | DmarcPolicy => V::S(
-                orc.values
-                    .get(&format!("auth:{}", f.info().name))
-                    .cloned()
-                    .unwrap_or_else(|| "none".into()),
-            ),
+            Spf | Dkim | Dmarc | DmarcPolicy => {
+                V::S(orc.values.get(&format!("auth:{}", f.info().name)).cloned().unwrap_or_else(|| "none".into()))
+            }
             TimeHour => V::N(a.hour as f64),
             other => match other.info().ty {
                 Ty::Bool => V::B(false),
@@ -821,12 +748,7 @@ impl Ctx<'_> {
             Val::Header(_) => V::L(vec![]),
             Val::Lookup { table, key } => {
                 let k = self.val(key, a, vars, orc).render().to_ascii_lowercase();
-                V::S(
-                    orc.values
-                        .get(&format!("lookup:{}:{k}", table.0))
-                        .cloned()
-                        .unwrap_or_default(),
-                )
+                V::S(orc.values.get(&format!("lookup:{}:{k}", table.0)).cloned().unwrap_or_default())
             }
             Val::Rate { .. } | Val::Concurrent { .. } => V::N(1.0),
             Val::Score(_) => V::N(0.0),
@@ -846,13 +768,7 @@ impl Ctx<'_> {
     }
 
     /// The oracle key and candidate values of the looked-up value a leaf compares, if any.
-    fn value_oracle(
-        &self,
-        e: &Expr,
-        a: &Asg,
-        vars: &[Option<Template>],
-        orc: &Orc,
-    ) -> Option<(String, Vec<String>)> {
+    fn value_oracle(&self, e: &Expr, a: &Asg, vars: &[Option<Template>], orc: &Orc) -> Option<(String, Vec<String>)> {
         let lhs = match e {
             Expr::Match { lhs, .. }
             | Expr::Pattern { lhs, .. }
@@ -872,17 +788,9 @@ impl Ctx<'_> {
                 Some((format!("lookup:{}:{k}", table.0), cands))
             }
             Val::Fact(f) if is_oracle_fact(*f) => {
-                for w in [
-                    "pass",
-                    "fail",
-                    "softfail",
-                    "neutral",
-                    "none",
-                    "temperror",
-                    "permerror",
-                    "quarantine",
-                    "reject",
-                ] {
+                for w in
+                    ["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror", "quarantine", "reject"]
+                {
                     cands.push(w.into());
                 }
                 Some((format!("auth:{}", f.info().name), cands))
@@ -893,14 +801,7 @@ impl Ctx<'_> {
 
     /// Does the leaf come out as `want` (or, with `want` None, what is it) under `a`?
     /// Oracles not yet fixed in `orc` are fixed to give `want`.
-    fn leaf(
-        &self,
-        e: &Expr,
-        a: &Asg,
-        vars: &[Option<Template>],
-        orc: &mut Orc,
-        want: Option<bool>,
-    ) -> bool {
+    fn leaf(&self, e: &Expr, a: &Asg, vars: &[Option<Template>], orc: &mut Orc, want: Option<bool>) -> bool {
         if let Some(w) = want {
             if let Some((key, cands)) = self.value_oracle(e, a, vars, orc) {
                 if !orc.values.contains_key(&key) {
@@ -929,13 +830,7 @@ impl Ctx<'_> {
     }
 
     /// Tests the outside world answers yes or no: the key naming the question.
-    fn bool_oracle(
-        &self,
-        e: &Expr,
-        a: &Asg,
-        vars: &[Option<Template>],
-        orc: &Orc,
-    ) -> Option<String> {
+    fn bool_oracle(&self, e: &Expr, a: &Asg, vars: &[Option<Template>], orc: &Orc) -> Option<String> {
         Some(match e {
             Expr::Dnsbl { zone, .. } => format!("dnsbl:{}", self.prog.str(*zone)),
             Expr::Rhsbl { zone, domain, .. } => {
@@ -946,11 +841,7 @@ impl Ctx<'_> {
                 format!("rhsbl:{}:{d}", self.prog.str(*zone))
             }
             Expr::Resolvable(v) => {
-                let d = self
-                    .val(v, a, vars, orc)
-                    .render()
-                    .trim_end_matches('.')
-                    .to_ascii_lowercase();
+                let d = self.val(v, a, vars, orc).render().trim_end_matches('.').to_ascii_lowercase();
                 if d.is_empty() {
                     return None;
                 }
@@ -958,19 +849,11 @@ impl Ctx<'_> {
             }
             Expr::Callahead => "callahead".into(),
             Expr::Greylist { .. } => "greylist".into(),
-            Expr::In {
-                lhs,
-                set: SetRef::Table(t),
-            } => {
+            Expr::In { lhs, set: SetRef::Table(t) } => {
                 if fresh_key(lhs) && !self.pattern_table(*t) {
                     return None;
                 }
-                let k = self
-                    .val(lhs, a, vars, orc)
-                    .strings()
-                    .first()
-                    .cloned()
-                    .unwrap_or_default();
+                let k = self.val(lhs, a, vars, orc).strings().first().cloned().unwrap_or_default();
                 format!("in:{}:{}", t.0, k.to_ascii_lowercase())
             }
             _ => return None,
@@ -987,21 +870,14 @@ impl Ctx<'_> {
                 l.iter().any(|x| {
                     pats.iter().any(|p| match op {
                         MatchOp::Is => x.eq_ignore_ascii_case(p),
-                        MatchOp::Contains => {
-                            x.to_ascii_lowercase().contains(&p.to_ascii_lowercase())
-                        }
+                        MatchOp::Contains => x.to_ascii_lowercase().contains(&p.to_ascii_lowercase()),
                     })
                 })
             }
             Expr::Pattern { lhs, pats } => {
                 let l = self.val(lhs, a, vars, orc).strings();
                 l.iter().any(|x| {
-                    pats.iter().any(|p| {
-                        self.prog
-                            .patterns
-                            .get(p.index())
-                            .is_some_and(|p| p.regex.is_match(x))
-                    })
+                    pats.iter().any(|p| self.prog.patterns.get(p.index()).is_some_and(|p| p.regex.is_match(x)))
                 })
             }
             Expr::In { lhs, set } => {
@@ -1015,11 +891,9 @@ impl Ctx<'_> {
                             .filter_map(|s| s.parse().ok())
                             .any(|ip| nets.iter().any(|n| n.contains(ip))),
                     },
-                    SetRef::Strings(items) => l.strings().iter().any(|x| {
-                        items
-                            .iter()
-                            .any(|i| x.eq_ignore_ascii_case(self.prog.str(*i)))
-                    }),
+                    SetRef::Strings(items) => {
+                        l.strings().iter().any(|x| items.iter().any(|i| x.eq_ignore_ascii_case(self.prog.str(*i))))
+                    }
                     SetRef::List(id) => {
                         let Some(list) = self.prog.lists.get(id.index()) else {
                             return false;
@@ -1031,14 +905,12 @@ impl Ctx<'_> {
                                 .iter()
                                 .filter_map(|s| s.parse().ok())
                                 .any(|ip| list.nets.iter().any(|n| n.contains(ip))),
-                            (ListKind::Domains, o) => o
-                                .strings()
-                                .iter()
-                                .any(|x| list.items.iter().any(|p| domain_matches(p, x))),
-                            (ListKind::Strings, o) => o
-                                .strings()
-                                .iter()
-                                .any(|x| list.items.iter().any(|i| x.eq_ignore_ascii_case(i))),
+                            (ListKind::Domains, o) => {
+                                o.strings().iter().any(|x| list.items.iter().any(|p| domain_matches(p, x)))
+                            }
+                            (ListKind::Strings, o) => {
+                                o.strings().iter().any(|x| list.items.iter().any(|i| x.eq_ignore_ascii_case(i)))
+                            }
                         }
                     }
                     SetRef::Table(_) => match self.bool_oracle(e, a, vars, orc) {
@@ -1151,9 +1023,7 @@ impl Ctx<'_> {
                 }
             }
             Expr::In { set, .. } => match set {
-                SetRef::Strings(items) => {
-                    out.extend(items.iter().map(|s| self.prog.str(*s).to_string()))
-                }
+                SetRef::Strings(items) => out.extend(items.iter().map(|s| self.prog.str(*s).to_string())),
                 SetRef::List(id) => {
                     if let Some(l) = self.prog.lists.get(id.index()) {
                         for i in &l.items {
@@ -1174,10 +1044,7 @@ impl Ctx<'_> {
 
     fn ownable(&self, name: &str) -> bool {
         let n = name.trim_end_matches('.').to_ascii_lowercase();
-        !self
-            .named
-            .iter()
-            .any(|d| n == *d || n.ends_with(&format!(".{d}")))
+        !self.named.iter().any(|d| n == *d || n.ends_with(&format!(".{d}")))
     }
 
     fn candidates(&self, s: Subj, lits: &[String]) -> Vec<Asg> {
@@ -1285,10 +1152,7 @@ impl Ctx<'_> {
                     doms.push(format!("{}.{b}", TARGET.split('.').next().unwrap_or("x")));
                 }
                 for d in doms {
-                    if !is_fqdn(&d)
-                        || !self.ownable(&d)
-                        || self.local_domains.iter().any(|p| domain_matches(p, &d))
-                    {
+                    if !is_fqdn(&d) || !self.ownable(&d) || self.local_domains.iter().any(|p| domain_matches(p, &d)) {
                         continue;
                     }
                     push(&|a| a.domain = d.clone());
@@ -1354,10 +1218,8 @@ impl Ctx<'_> {
         }
         let mut subjects: Vec<Subj> = subjects.into_iter().collect();
         subjects.sort();
-        let cands: Vec<Vec<Asg>> = subjects
-            .iter()
-            .map(|s| self.candidates(*s, lits.get(s).map(Vec::as_slice).unwrap_or(&[])))
-            .collect();
+        let cands: Vec<Vec<Asg>> =
+            subjects.iter().map(|s| self.candidates(*s, lits.get(s).map(Vec::as_slice).unwrap_or(&[]))).collect();
         if cands.iter().any(Vec::is_empty) {
             return None;
         }
@@ -1392,12 +1254,7 @@ impl Ctx<'_> {
     }
 
     fn check(&self, p: &Path, a: &Asg) -> Option<Orc> {
-        if self
-            .local_domains
-            .iter()
-            .any(|d| domain_matches(d, &a.domain))
-            || a.domain.is_empty()
-        {
+        if self.local_domains.iter().any(|d| domain_matches(d, &a.domain)) || a.domain.is_empty() {
             return None;
         }
         let mut orc = Orc::default();
@@ -1447,11 +1304,7 @@ impl Ctx<'_> {
                 ("resolvable", true) => t.push_str(&format!("dns: {rest} A 192.0.2.53\n")),
                 ("callahead", b) => t.push_str(&format!(
                     "callahead: {rcpt} => {}\n",
-                    if b {
-                        "250 2.1.5 Ok"
-                    } else {
-                        "550 5.1.1 No such user"
-                    }
+                    if b { "250 2.1.5 Ok" } else { "550 5.1.1 No such user" }
                 )),
                 ("in", true) => {
                     let (tid, key) = rest.split_once(':').unwrap_or((rest, ""));
@@ -1491,28 +1344,18 @@ impl Ctx<'_> {
                 Stage::Mail => format!("from:{}", a.sender.to_ascii_lowercase()),
                 _ => format!("to:{}@", a.local.to_ascii_lowercase()),
             };
-            t.push_str(&format!(
-                "table {}: {key} => {w}\n",
-                self.table_name(*table)
-            ));
+            t.push_str(&format!("table {}: {key} => {w}\n", self.table_name(*table)));
         }
         // Every table the path reads gets rows, so the case does not depend on files.
         for tid in &p.tables {
             let kind = self.table_kind(*tid);
             let dummy = match kind {
                 "cidr" => format!("table {}: 192.0.2.255/32 => DUNNO\n", self.table_name(*tid)),
-                "regexp" | "pcre" => format!(
-                    "table {}: /^mailc-counterexample-unused$/ => DUNNO\n",
-                    self.table_name(*tid)
-                ),
-                "list" => format!(
-                    "table {}: mailc-counterexample.invalid\n",
-                    self.table_name(*tid)
-                ),
-                _ => format!(
-                    "table {}: mailc-counterexample.invalid => DUNNO\n",
-                    self.table_name(*tid)
-                ),
+                "regexp" | "pcre" => {
+                    format!("table {}: /^mailc-counterexample-unused$/ => DUNNO\n", self.table_name(*tid))
+                }
+                "list" => format!("table {}: mailc-counterexample.invalid\n", self.table_name(*tid)),
+                _ => format!("table {}: mailc-counterexample.invalid => DUNNO\n", self.table_name(*tid)),
             };
             t.push_str(&dummy);
         }
@@ -1521,23 +1364,14 @@ impl Ctx<'_> {
         let hello = if a.ehlo { "EHLO" } else { "HELO" };
         dialogue.push_str(&format!("S: 220 *\nC: {hello} {}\nS: 250 *\n", a.helo));
         if a.tls && self.tls != TlsOpt::Implicit {
-            dialogue.push_str(&format!(
-                "C: STARTTLS\nS: 220 *\nC: {hello} {}\nS: 250 *\n",
-                a.helo
-            ));
+            dialogue.push_str(&format!("C: STARTTLS\nS: 220 *\nC: {hello} {}\nS: 250 *\n", a.helo));
         }
         dialogue.push_str(&format!("C: MAIL FROM:<{}>\nS: 250 *\n", a.sender));
-        let route = if a.source_route {
-            format!("@hop.{ATTACKER}:")
-        } else {
-            String::new()
-        };
+        let route = if a.source_route { format!("@hop.{ATTACKER}:") } else { String::new() };
         if greylisted {
             // The first attempt is greylisted; the retry after the delay passes.
             t.push_str(&dialogue);
-            t.push_str(&format!(
-                "C: RCPT TO:<{route}{rcpt}>\nS: *\nreconnect\nwait: 1d\n"
-            ));
+            t.push_str(&format!("C: RCPT TO:<{route}{rcpt}>\nS: *\nreconnect\nwait: 1d\n"));
         }
         t.push_str(&dialogue);
         t.push_str(&format!("C: RCPT TO:<{route}{rcpt}>\nS: 250 *\n"));

@@ -26,12 +26,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
             Err(e) => return usage(&e.to_string()),
         };
         match arg {
-            Long("format") => match parser
-                .value()
-                .ok()
-                .and_then(|v| v.into_string().ok())
-                .as_deref()
-            {
+            Long("format") => match parser.value().ok().and_then(|v| v.into_string().ok()).as_deref() {
                 Some("json") => format = Format::Json,
                 Some("human") => format = Format::Human,
                 _ => return usage("--format takes human or json"),
@@ -57,10 +52,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
         let (c, counterexamples) = analysis::check(file, &loader);
         if let Some(dir) = &emit {
             if let Err(e) = write_counterexamples(dir, file, &counterexamples) {
-                eprintln!(
-                    "mailc check: cannot write counterexamples to {}: {e}",
-                    dir.display()
-                );
+                eprintln!("mailc check: cannot write counterexamples to {}: {e}", dir.display());
                 worst = 2;
             }
         }
@@ -75,11 +67,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
                 Format::Human => eprintln!("{:?}", to_report(&d, &c.sources)),
             }
         }
-        let errors = c
-            .diagnostics
-            .iter()
-            .filter(|d| d.is_error() || deny_warnings)
-            .count();
+        let errors = c.diagnostics.iter().filter(|d| d.is_error() || deny_warnings).count();
         let code = if io_error {
             2
         } else if errors > 0 {
@@ -90,15 +78,9 @@ pub fn main(args: Vec<OsString>) -> u8 {
         if format == Format::Human {
             let warnings = c.diagnostics.iter().filter(|d| !d.is_error()).count();
             if code == 0 {
-                eprintln!(
-                    "{file}: ok ({warnings} warning{})",
-                    if warnings == 1 { "" } else { "s" }
-                );
+                eprintln!("{file}: ok ({warnings} warning{})", if warnings == 1 { "" } else { "s" });
             } else if code == 1 {
-                eprintln!(
-                    "{file}: {errors} error{}",
-                    if errors == 1 { "" } else { "s" }
-                );
+                eprintln!("{file}: {errors} error{}", if errors == 1 { "" } else { "s" });
             }
         }
         worst = worst.max(code);
@@ -108,20 +90,13 @@ pub fn main(args: Vec<OsString>) -> u8 {
 
 /// Write one transcript per relaying listener: `DIR/<policy stem>.<listener>.transcript`,
 /// naming the policy by its absolute path so it runs from anywhere.
-fn write_counterexamples(
-    dir: &std::path::Path,
-    file: &str,
-    cases: &[analysis::Counterexample],
-) -> std::io::Result<()> {
+fn write_counterexamples(dir: &std::path::Path, file: &str, cases: &[analysis::Counterexample]) -> std::io::Result<()> {
     if cases.is_empty() {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
     let policy = std::fs::canonicalize(file)?;
-    let stem = policy
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "policy".into());
+    let stem = policy.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "policy".into());
     for c in cases {
         let name = c.listener.as_deref().unwrap_or("default");
         let path = dir.join(format!("{stem}.{name}.transcript"));
@@ -175,23 +150,15 @@ fn to_report(d: &Diagnostic, sources: &SourceMap) -> miette::Report {
     if let Some(span) = d.span {
         let f = sources.get(span.file);
         source = Some(NamedSource::new(f.name.clone(), f.text.clone()));
-        labels.push(LabeledSpan::new_primary_with_span(
-            d.label.clone(),
-            (span.start as usize, span.len()),
-        ));
+        labels.push(LabeledSpan::new_primary_with_span(d.label.clone(), (span.start as usize, span.len())));
         for (s, text) in &d.related {
             if s.file == span.file {
-                labels.push(LabeledSpan::new_with_span(
-                    Some(text.clone()),
-                    (s.start as usize, s.len()),
-                ));
+                labels.push(LabeledSpan::new_with_span(Some(text.clone()), (s.start as usize, s.len())));
             }
         }
     }
-    let mut diag = miette::MietteDiagnostic::new(d.message.clone())
-        .with_code(d.code)
-        .with_severity(severity)
-        .with_labels(labels);
+    let mut diag =
+        miette::MietteDiagnostic::new(d.message.clone()).with_code(d.code).with_severity(severity).with_labels(labels);
     let mut help = d.help.clone();
     for (s, text) in &d.related {
         if d.span.is_some_and(|p| p.file != s.file) {

@@ -16,16 +16,12 @@ pub fn main(args: Vec<OsString>) -> u8 {
     let mut parser = lexopt::Parser::from_args(args);
     loop {
         match parser.next() {
-            Ok(Some(lexopt::Arg::Long("filter"))) => {
-                match parser.value().ok().and_then(|v| v.into_string().ok()) {
-                    Some(f) => filter = Some(f),
-                    None => return usage("--filter needs a text"),
-                }
-            }
+            Ok(Some(lexopt::Arg::Long("filter"))) => match parser.value().ok().and_then(|v| v.into_string().ok()) {
+                Some(f) => filter = Some(f),
+                None => return usage("--filter needs a text"),
+            },
             Ok(Some(lexopt::Arg::Value(v))) => paths.push(v.into()),
-            Ok(Some(other)) => {
-                return usage(&format!("unexpected argument {}", other.unexpected()))
-            }
+            Ok(Some(other)) => return usage(&format!("unexpected argument {}", other.unexpected())),
             Ok(None) => break,
             Err(e) => return usage(&e.to_string()),
         }
@@ -55,10 +51,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
             }
         };
         for case in &file.cases {
-            if filter
-                .as_ref()
-                .is_some_and(|f| !case.name.contains(f.as_str()))
-            {
+            if filter.as_ref().is_some_and(|f| !case.name.contains(f.as_str())) {
                 continue;
             }
             let policy = case
@@ -70,21 +63,10 @@ pub fn main(args: Vec<OsString>) -> u8 {
                 })
                 .or_else(|| file.policy.clone());
             // The same compilation the runner makes, for the rules' source lines.
-            let compiled = policy.as_ref().map(|p| {
-                compile(
-                    &p.display().to_string(),
-                    &FsLoader {
-                        std_dir: std_dir.clone(),
-                    },
-                )
-            });
+            let compiled =
+                policy.as_ref().map(|p| compile(&p.display().to_string(), &FsLoader { std_dir: std_dir.clone() }));
             let r = runner.run_case(&file, case);
-            println!(
-                "case {}::{} ({})",
-                path.display(),
-                r.name,
-                if r.passed() { "passed" } else { "FAILED" }
-            );
+            println!("case {}::{} ({})", path.display(), r.name, if r.passed() { "passed" } else { "FAILED" });
             if !r.passed() {
                 worst = 1;
             }
@@ -93,13 +75,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
                 println!("  the policy does not compile");
                 continue;
             };
-            let rule = |loc| {
-                format!(
-                    "{}  {}",
-                    prog.describe_loc(loc),
-                    source_line(prog, &c.sources, loc)
-                )
-            };
+            let rule = |loc| format!("{}  {}", prog.describe_loc(loc), source_line(prog, &c.sources, loc));
             for v in &r.verdicts {
                 match v.rule {
                     Some(loc) => println!("  {}: {} by {}", v.stage.name(), v.outcome, rule(loc)),

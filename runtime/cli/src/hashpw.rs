@@ -12,18 +12,13 @@ pub fn main(args: Vec<OsString>) -> u8 {
     let mut parser = lexopt::Parser::from_args(args);
     loop {
         match parser.next() {
-            Ok(Some(lexopt::Arg::Long("iterations"))) => match parser
-                .value()
-                .ok()
-                .and_then(|v| v.into_string().ok())
-                .and_then(|v| v.parse().ok())
-            {
-                Some(n) if n >= 4096 => iterations = n,
-                _ => return usage("--iterations takes a number of at least 4096 (RFC 7677)"),
-            },
-            Ok(Some(other)) => {
-                return usage(&format!("unexpected argument {}", other.unexpected()))
+            Ok(Some(lexopt::Arg::Long("iterations"))) => {
+                match parser.value().ok().and_then(|v| v.into_string().ok()).and_then(|v| v.parse().ok()) {
+                    Some(n) if n >= 4096 => iterations = n,
+                    _ => return usage("--iterations takes a number of at least 4096 (RFC 7677)"),
+                }
             }
+            Ok(Some(other)) => return usage(&format!("unexpected argument {}", other.unexpected())),
             Ok(None) => break,
             Err(e) => return usage(&e.to_string()),
         }
@@ -41,8 +36,6 @@ pub fn main(args: Vec<OsString>) -> u8 {
 }
 
 fn usage(msg: &str) -> u8 {
-    eprintln!(
-        "mailc hash-password: {msg}\nusage: echo PASSWORD | mailc hash-password [--iterations N]"
-    );
+    eprintln!("mailc hash-password: {msg}\nusage: echo PASSWORD | mailc hash-password [--iterations N]");
     2
 }

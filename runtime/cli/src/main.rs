@@ -3,8 +3,8 @@
 mod check;
 mod explain;
 mod hashpw;
-mod serve;
 mod queue;
+mod serve;
 mod test;
 
 use std::process::ExitCode;

@@ -87,10 +87,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn parse(args: Vec<OsString>) -> Result<(Cmd, PathBuf), String> {
@@ -102,10 +99,7 @@ fn parse(args: Vec<OsString>) -> Result<(Cmd, PathBuf), String> {
         match arg {
             Long("spool") => dir = PathBuf::from(parser.value().map_err(|e| e.to_string())?),
             Long("help") | Short('h') => return Err("help".into()),
-            Value(v) => words.push(
-                v.into_string()
-                    .map_err(|_| "arguments must be UTF-8".to_string())?,
-            ),
+            Value(v) => words.push(v.into_string().map_err(|_| "arguments must be UTF-8".to_string())?),
             other => return Err(format!("unexpected argument {}", other.unexpected())),
         }
     }
@@ -146,9 +140,7 @@ fn run(cmd: &Cmd, spool: &Spool, now: u64, out: &mut dyn Write) -> Result<(), Fa
             w(show(&s, out))
         }
         Cmd::Hold(id) => {
-            spool
-                .move_to(id, QueueName::Hold)
-                .map_err(|e| Failure::from_io(e, id))?;
+            spool.move_to(id, QueueName::Hold).map_err(|e| Failure::from_io(e, id))?;
             w(writeln!(out, "{id}: placed on hold"))
         }
         Cmd::Release(id) => {
@@ -165,11 +157,7 @@ fn run(cmd: &Cmd, spool: &Spool, now: u64, out: &mut dyn Write) -> Result<(), Fa
         }
         Cmd::Flush(domain) => {
             let n = flush(spool, domain.as_deref(), now).map_err(|e| Failure::Io(e.to_string()))?;
-            w(writeln!(
-                out,
-                "{n} message{} flushed",
-                if n == 1 { "" } else { "s" }
-            ))
+            w(writeln!(out, "{n} message{} flushed", if n == 1 { "" } else { "s" }))
         }
     }
 }
@@ -178,15 +166,9 @@ fn run(cmd: &Cmd, spool: &Spool, now: u64, out: &mut dyn Write) -> Result<(), Fa
 fn release(spool: &Spool, id: &QueueId, now: u64) -> Result<(), Failure> {
     let s = spool.summary(id).map_err(|e| Failure::from_io(e, id))?;
     if s.queue != QueueName::Hold {
-        return Err(Failure::NotFound(format!(
-            "{id} is not on hold (it is in {})",
-            s.queue.as_str()
-        )));
+        return Err(Failure::NotFound(format!("{id} is not on hold (it is in {})", s.queue.as_str())));
     }
-    spool
-        .move_to(id, QueueName::Deferred)
-        .and_then(|()| spool.make_due(id, now))
-        .map_err(|e| Failure::from_io(e, id))
+    spool.move_to(id, QueueName::Deferred).and_then(|()| spool.make_due(id, now)).map_err(|e| Failure::from_io(e, id))
 }
 
 /// Back to `incoming/` with deferred recipients pending again, due now (also releases a hold).
@@ -208,10 +190,7 @@ fn flush(spool: &Spool, domain: Option<&str>, now: u64) -> io::Result<usize> {
         let hit = match domain {
             None => true,
             Some(d) => s.rcpts.iter().any(|r| {
-                !r.state.is_final()
-                    && r.address
-                        .rsplit_once('@')
-                        .is_some_and(|(_, dom)| dom.eq_ignore_ascii_case(d))
+                !r.state.is_final() && r.address.rsplit_once('@').is_some_and(|(_, dom)| dom.eq_ignore_ascii_case(d))
             }),
         };
         if !hit {
@@ -328,11 +307,7 @@ fn show(s: &Stored, out: &mut dyn Write) -> io::Result<()> {
         "Client: {} helo={}{}",
         m.client_ip,
         m.helo,
-        if m.auth_user.is_empty() {
-            String::new()
-        } else {
-            format!(" auth={}", m.auth_user)
-        }
+        if m.auth_user.is_empty() { String::new() } else { format!(" auth={}", m.auth_user) }
     )?;
     if let Some(h) = &m.hold {
         writeln!(out, "Held: {h}")?;
@@ -359,11 +334,7 @@ fn show(s: &Stored, out: &mut dyn Write) -> io::Result<()> {
                 format!("delivered {} UTC: {reply}", fmt_time(*at))
             }
             RcptState::Failed { at, reply } => format!("failed {} UTC: {reply}", fmt_time(*at)),
-            RcptState::Deferred {
-                attempts,
-                next_at,
-                last_reply,
-            } => format!(
+            RcptState::Deferred { attempts, next_at, last_reply } => format!(
                 "deferred after {attempts} attempt{}, next {} UTC: {last_reply}",
                 if *attempts == 1 { "" } else { "s" },
                 fmt_time(*next_at)
@@ -393,12 +364,7 @@ fn fmt_time(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -432,11 +398,7 @@ mod tests {
             sender: "alice@example.com".into(),
             recipients: rcpts
                 .iter()
-                .map(|a| QueuedRcpt {
-                    address: a.to_string(),
-                    notify: vec![],
-                    orcpt: String::new(),
-                })
+                .map(|a| QueuedRcpt { address: a.to_string(), notify: vec![], orcpt: String::new() })
                 .collect(),
             ret: String::new(),
             envid: String::new(),
@@ -456,16 +418,9 @@ mod tests {
     fn setup() -> (TempDir, Spool, QueueId, QueueId) {
         let t = TempDir::new();
         let (spool, _) = Spool::open(&t.0).expect("open");
-        let a = spool
-            .store(
-                &msg(&["bob@b.example", "carol@c.example"]),
-                Class::Normal,
-                1_700_000_000_000,
-            )
-            .expect("store");
-        let b = spool
-            .store(&msg(&["dave@c.example"]), Class::Normal, 1_700_000_060_000)
-            .expect("store");
+        let a =
+            spool.store(&msg(&["bob@b.example", "carol@c.example"]), Class::Normal, 1_700_000_000_000).expect("store");
+        let b = spool.store(&msg(&["dave@c.example"]), Class::Normal, 1_700_000_060_000).expect("store");
         for (id, i) in [(&a, 1), (&b, 0)] {
             spool
                 .record(
@@ -503,10 +458,7 @@ mod tests {
         let (c, d) = parse(args(&["show", "ABC123", "--spool", "/x"])).expect("show");
         assert_eq!(c, Cmd::Show(QueueId::parse("ABC123").expect("id")));
         assert_eq!(d, PathBuf::from("/x"));
-        assert_eq!(
-            parse(args(&["flush", "Example.COM"])).expect("flush").0,
-            Cmd::Flush(Some("example.com".into()))
-        );
+        assert_eq!(parse(args(&["flush", "Example.COM"])).expect("flush").0, Cmd::Flush(Some("example.com".into())));
         for bad in [
             &[][..],
             &["show"],
@@ -543,9 +495,7 @@ mod tests {
         assert_eq!(out, want);
         spool.move_to(&a, QueueName::Hold).expect("hold");
         let (_, out) = run_s(Cmd::List, &spool, 0);
-        assert!(out.contains(&format!(
-            "{a}!       24 2023-11-14 22:13:20  alice@example.com\n{p}(on hold)\n"
-        )));
+        assert!(out.contains(&format!("{a}!       24 2023-11-14 22:13:20  alice@example.com\n{p}(on hold)\n")));
         let t = TempDir::new();
         let (empty, _) = Spool::open(&t.0).expect("open");
         assert_eq!(run_s(Cmd::List, &empty, 0).1, "Mail queue is empty\n");
@@ -559,14 +509,9 @@ mod tests {
         assert!(out.contains(&format!("Queue ID: {a}\nQueue: deferred\n")));
         assert!(out.contains("Recipient 0: <bob@b.example>\n    pending\n"));
         assert!(out.contains("Recipient 1: <carol@c.example>\n    deferred after 1 attempt, next 2023-11-14 22:28:20 UTC: 451 4.7.1 greylisted\n"));
-        assert!(
-            out.contains("*** MESSAGE ***\nSubject: test\r\n\r\nhello\r\n*** END OF MESSAGE ***\n")
-        );
+        assert!(out.contains("*** MESSAGE ***\nSubject: test\r\n\r\nhello\r\n*** END OF MESSAGE ***\n"));
         let missing = QueueId::parse("NOPE").expect("id");
-        assert!(matches!(
-            run_s(Cmd::Show(missing), &spool, 0).0,
-            Err(Failure::NotFound(_))
-        ));
+        assert!(matches!(run_s(Cmd::Show(missing), &spool, 0).0, Err(Failure::NotFound(_))));
     }
 
     #[test]
@@ -575,22 +520,13 @@ mod tests {
         assert!(run_s(Cmd::Hold(a.clone()), &spool, 0).0.is_ok());
         assert_eq!(spool.summary(&a).expect("s").queue, QueueName::Hold);
         // Releasing one not on hold is "not found" (exit 1).
-        assert!(matches!(
-            run_s(Cmd::Release(b.clone()), &spool, 0).0,
-            Err(Failure::NotFound(_))
-        ));
+        assert!(matches!(run_s(Cmd::Release(b.clone()), &spool, 0).0, Err(Failure::NotFound(_))));
         assert!(run_s(Cmd::Release(a.clone()), &spool, 42).0.is_ok());
         let s = spool.summary(&a).expect("s");
         assert_eq!((s.queue, s.next_attempt_ms), (QueueName::Deferred, 42));
         assert!(run_s(Cmd::Delete(a.clone()), &spool, 0).0.is_ok());
-        assert!(matches!(
-            run_s(Cmd::Delete(a.clone()), &spool, 0).0,
-            Err(Failure::NotFound(_))
-        ));
-        assert!(matches!(
-            run_s(Cmd::Hold(a), &spool, 0).0,
-            Err(Failure::NotFound(_))
-        ));
+        assert!(matches!(run_s(Cmd::Delete(a.clone()), &spool, 0).0, Err(Failure::NotFound(_))));
+        assert!(matches!(run_s(Cmd::Hold(a), &spool, 0).0, Err(Failure::NotFound(_))));
         assert_eq!(spool.list().expect("list").len(), 1);
     }
 
@@ -613,19 +549,13 @@ mod tests {
         assert!(r.is_ok());
         assert_eq!(out, "1 message flushed\n");
         assert_eq!(spool.summary(&a).expect("s").next_attempt_ms, 5);
-        assert_eq!(
-            spool.summary(&b).expect("s").next_attempt_ms,
-            1_700_000_900_000
-        );
+        assert_eq!(spool.summary(&b).expect("s").next_attempt_ms, 1_700_000_900_000);
         spool.move_to(&a, QueueName::Hold).expect("hold");
         let (_, out) = run_s(Cmd::Flush(None), &spool, 9);
         assert_eq!(out, "1 message flushed\n");
         let s = spool.load(&b).expect("load");
         assert_eq!(s.next_attempt_ms, 9);
-        assert!(matches!(
-            s.states[0],
-            RcptState::Deferred { next_at: 9, .. }
-        ));
+        assert!(matches!(s.states[0], RcptState::Deferred { next_at: 9, .. }));
         assert_eq!(spool.summary(&a).expect("s").next_attempt_ms, 5);
     }
 

@@ -53,7 +53,8 @@ pub fn main(args: Vec<OsString>) -> u8 {
 
 async fn run(prog: mailpolicy_lang::Program, policy_dir: PathBuf, opts: ServeOptions) -> Result<(), String> {
     let spool_dir = daemon::spool_dir(&prog, &policy_dir, opts.spool.as_deref());
-    let (spool, recovered) = mailpolicy_runtime::spool::Spool::open(&spool_dir).map_err(|e| format!("spool {}: {e}", spool_dir.display()))?;
+    let (spool, recovered) = mailpolicy_runtime::spool::Spool::open(&spool_dir)
+        .map_err(|e| format!("spool {}: {e}", spool_dir.display()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let store = Arc::new(spool.clone());
     let running = daemon::start(prog, policy_dir.clone(), spool_dir.clone(), store, tx).await?;
@@ -71,7 +72,13 @@ async fn run(prog: mailpolicy_lang::Program, policy_dir: PathBuf, opts: ServeOpt
     for (name, addr) in &running.addresses {
         println!("mailc serve: listener {name} on {addr}");
     }
-    let qmgr = daemon::qmgr::spawn(running.shared.clone(), spool, policy_dir, recovered.messages.iter().map(|m| m.id.as_str().to_string()).collect(), rx);
+    let qmgr = daemon::qmgr::spawn(
+        running.shared.clone(),
+        spool,
+        policy_dir,
+        recovered.messages.iter().map(|m| m.id.as_str().to_string()).collect(),
+        rx,
+    );
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;

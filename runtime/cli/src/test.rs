@@ -12,19 +12,13 @@ pub fn main(args: Vec<OsString>) -> u8 {
     let mut parser = lexopt::Parser::from_args(args);
     loop {
         match parser.next() {
-            Ok(Some(lexopt::Arg::Long("verbose")) | Some(lexopt::Arg::Short('v'))) => {
-                verbose = true
-            }
-            Ok(Some(lexopt::Arg::Long("filter"))) => {
-                match parser.value().ok().and_then(|v| v.into_string().ok()) {
-                    Some(f) => filter = Some(f),
-                    None => return usage("--filter needs a text"),
-                }
-            }
+            Ok(Some(lexopt::Arg::Long("verbose")) | Some(lexopt::Arg::Short('v'))) => verbose = true,
+            Ok(Some(lexopt::Arg::Long("filter"))) => match parser.value().ok().and_then(|v| v.into_string().ok()) {
+                Some(f) => filter = Some(f),
+                None => return usage("--filter needs a text"),
+            },
             Ok(Some(lexopt::Arg::Value(v))) => paths.push(v.into()),
-            Ok(Some(other)) => {
-                return usage(&format!("unexpected argument {}", other.unexpected()))
-            }
+            Ok(Some(other)) => return usage(&format!("unexpected argument {}", other.unexpected())),
             Ok(None) => break,
             Err(e) => return usage(&e.to_string()),
         }
@@ -65,18 +59,13 @@ pub fn main(args: Vec<OsString>) -> u8 {
                 failed += 1;
                 failures.push((
                     f.display().to_string(),
-                    errs.iter()
-                        .map(|e| format!("line {}: {}", e.line, e.message))
-                        .collect(),
+                    errs.iter().map(|e| format!("line {}: {}", e.line, e.message)).collect(),
                 ));
                 continue;
             }
         };
         for case in &file.cases {
-            if filter
-                .as_ref()
-                .is_some_and(|flt| !case.name.contains(flt.as_str()))
-            {
+            if filter.as_ref().is_some_and(|flt| !case.name.contains(flt.as_str())) {
                 continue;
             }
             let r = runner.run_case(&file, case);

@@ -39,36 +39,21 @@ fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
         })
         .unwrap_or(false)
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
 }
 
 fn listening(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(500),
-    )
-    .is_ok()
+    TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(500)).is_ok()
 }
 
 /// Polls `ok` until it holds; panics with `what` (and `context()`) after `limit`.
-fn wait_for(
-    limit: Duration,
-    what: &str,
-    mut ok: impl FnMut() -> bool,
-    context: impl Fn() -> String,
-) {
+fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
     let start = Instant::now();
     while start.elapsed() < limit {
         if ok() {
@@ -76,10 +61,7 @@ fn wait_for(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!(
-        "timed out after {limit:?} waiting for {what}\n{}",
-        context()
-    );
+    panic!("timed out after {limit:?} waiting for {what}\n{}", context());
 }
 
 /// A temporary directory, removed with everything in it on drop.
@@ -167,11 +149,7 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, Strin
 
 fn tempfile_path(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        "mailc-e2e-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ))
+    std::env::temp_dir().join(format!("mailc-e2e-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// swaks against 127.0.0.1:`port`; returns its whole transcript (stdout and stderr).
@@ -179,16 +157,7 @@ fn swaks(port: u16, args: &[&str]) -> String {
     need(SWAKS, "swaks");
     let server = format!("127.0.0.1:{port}");
     let (_, out, err) = run_bounded(
-        Command::new(SWAKS)
-            .args([
-                "--server",
-                &server,
-                "--timeout",
-                "20",
-                "--helo",
-                "client.test",
-            ])
-            .args(args),
+        Command::new(SWAKS).args(["--server", &server, "--timeout", "20", "--helo", "client.test"]).args(args),
         Duration::from_secs(60),
     );
     format!("{out}{err}")
@@ -199,9 +168,7 @@ fn maildir(dir: &Path) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(dir.join("new")) else {
         return Vec::new();
     };
-    rd.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .collect()
+    rd.filter_map(|e| e.ok()).filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect()
 }
 
 /// Every file under `dir`, recursively, with its path relative to `dir`.
@@ -227,20 +194,12 @@ fn files_under(dir: &Path) -> Vec<String> {
 
 /// Files of a spool that are messages or their state (not the TLS key pair nor corrupt/).
 fn spool_messages(spool: &Path) -> Vec<String> {
-    files_under(spool)
-        .into_iter()
-        .filter(|f| !f.starts_with("tls/") && !f.starts_with("corrupt/"))
-        .collect()
+    files_under(spool).into_iter().filter(|f| !f.starts_with("tls/") && !f.starts_with("corrupt/")).collect()
 }
 
 fn queue_list(spool: &Path) -> String {
-    let (_, out, err) = run_bounded(
-        Command::new(MAILC)
-            .args(["queue", "--spool"])
-            .arg(spool)
-            .arg("list"),
-        Duration::from_secs(30),
-    );
+    let (_, out, err) =
+        run_bounded(Command::new(MAILC).args(["queue", "--spool"]).arg(spool).arg("list"), Duration::from_secs(30));
     format!("{out}{err}")
 }
 
@@ -261,12 +220,7 @@ impl Daemon {
     fn start(dir: &Path, policy: &str, ports: &[u16]) -> Daemon {
         let path = dir.join("policy.mailpolicy");
         std::fs::write(&path, policy).expect("write policy");
-        let mut d = Daemon {
-            child: Guard(None),
-            dir: dir.to_path_buf(),
-            policy: path,
-            ports: ports.to_vec(),
-        };
+        let mut d = Daemon { child: Guard(None), dir: dir.to_path_buf(), policy: path, ports: ports.to_vec() };
         d.restart();
         d
     }
@@ -285,11 +239,7 @@ impl Daemon {
 
     fn restart(&mut self) {
         self.child.kill();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("daemon log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("daemon log");
         let child = Command::new(MAILC)
             .arg("serve")
             .arg("--policy")
@@ -303,16 +253,8 @@ impl Daemon {
         self.child = Guard(Some(child));
         let start = Instant::now();
         loop {
-            if let Some(st) = self
-                .child
-                .0
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "mailc serve exited ({st}) before listening:\n{}",
-                    self.log()
-                );
+            if let Some(st) = self.child.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("mailc serve exited ({st}) before listening:\n{}", self.log());
             }
             if self.ports.iter().all(|p| listening(*p)) {
                 return;
@@ -332,11 +274,8 @@ impl Daemon {
     }
 
     fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.pid().to_string())
-            .status()
-            .expect("run kill");
+        let st =
+            Command::new("kill").arg(format!("-{sig}")).arg(self.child.pid().to_string()).status().expect("run kill");
         assert!(st.success(), "kill -{sig} failed");
     }
 
@@ -414,17 +353,8 @@ impl Sink {
             .stderr(Stdio::null())
             .spawn()
             .expect("start smtp-sink");
-        let sink = Sink {
-            _child: Guard(Some(child)),
-            dir: dir.to_path_buf(),
-            port,
-        };
-        wait_for(
-            Duration::from_secs(10),
-            "smtp-sink to listen",
-            || listening(port),
-            String::new,
-        );
+        let sink = Sink { _child: Guard(Some(child)), dir: dir.to_path_buf(), port };
+        wait_for(Duration::from_secs(10), "smtp-sink to listen", || listening(port), String::new);
         sink
     }
 
@@ -433,9 +363,7 @@ impl Sink {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        rd.filter_map(|e| e.ok())
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .collect()
+        rd.filter_map(|e| e.ok()).filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect()
     }
 }
 
@@ -447,104 +375,44 @@ fn swaks_plain_delivery_to_maildir_and_policy_reject() {
     let port = free_port();
     let d = Daemon::start(t.path(), &base_policy(port, free_port(), "none"), &[port]);
 
-    let out = swaks(
-        port,
-        &[
-            "--from",
-            "a@s.test",
-            "--to",
-            "u1@d.test",
-            "--header",
-            "Subject: plain-e2e",
-        ],
-    );
+    let out = swaks(port, &["--from", "a@s.test", "--to", "u1@d.test", "--header", "Subject: plain-e2e"]);
     assert!(out.contains("250 2.0.0 Queued as"), "{out}");
     wait_for(
         Duration::from_secs(20),
         "the message in mail/u1",
-        || {
-            maildir(&t.join("mail/u1"))
-                .iter()
-                .any(|m| m.contains("Subject: plain-e2e"))
-        },
+        || maildir(&t.join("mail/u1")).iter().any(|m| m.contains("Subject: plain-e2e")),
         || d.log(),
     );
-    let m = maildir(&t.join("mail/u1"))
-        .into_iter()
-        .find(|m| m.contains("plain-e2e"))
-        .unwrap_or_default();
-    assert!(
-        m.contains("Return-Path: <a@s.test>") || m.contains("Received: from client.test"),
-        "{m}"
-    );
+    let m = maildir(&t.join("mail/u1")).into_iter().find(|m| m.contains("plain-e2e")).unwrap_or_default();
+    assert!(m.contains("Return-Path: <a@s.test>") || m.contains("Received: from client.test"), "{m}");
 
     // the policy's reject reaches the client with the rule's own reply
     let out = swaks(port, &["--from", "a@s.test", "--to", "blocked@d.test"]);
-    assert!(
-        out.contains("550 5.7.1 Blocked by rule for blocked@d.test"),
-        "{out}"
-    );
+    assert!(out.contains("550 5.7.1 Blocked by rule for blocked@d.test"), "{out}");
     assert!(!out.contains("Queued as"), "{out}");
-    assert!(
-        d.log().contains("reject 550 5.7.1 Blocked by rule"),
-        "{}",
-        d.log()
-    );
-    wait_for(
-        Duration::from_secs(20),
-        "an empty queue",
-        || spool_messages(&d.spool()).is_empty(),
-        || d.log(),
-    );
+    assert!(d.log().contains("reject 550 5.7.1 Blocked by rule"), "{}", d.log());
+    wait_for(Duration::from_secs(20), "an empty queue", || spool_messages(&d.spool()).is_empty(), || d.log());
 }
 
 #[test]
 fn swaks_starttls() {
     let t = TempDir::new("starttls");
     let port = free_port();
-    let d = Daemon::start(
-        t.path(),
-        &base_policy(port, free_port(), "starttls"),
-        &[port],
-    );
-    let out = swaks(
-        port,
-        &[
-            "-tls",
-            "--from",
-            "a@s.test",
-            "--to",
-            "u1@d.test",
-            "--header",
-            "Subject: tls-e2e",
-        ],
-    );
+    let d = Daemon::start(t.path(), &base_policy(port, free_port(), "starttls"), &[port]);
+    let out = swaks(port, &["-tls", "--from", "a@s.test", "--to", "u1@d.test", "--header", "Subject: tls-e2e"]);
     assert!(out.contains("STARTTLS"), "{out}");
-    assert!(
-        out.contains("220 2.0.0") || out.contains("<-  220"),
-        "{out}"
-    );
+    assert!(out.contains("220 2.0.0") || out.contains("<-  220"), "{out}");
     assert!(out.contains("TLS started"), "{out}");
     assert!(out.contains("250 2.0.0 Queued as"), "{out}");
     wait_for(
         Duration::from_secs(20),
         "the message in mail/u1",
-        || {
-            maildir(&t.join("mail/u1"))
-                .iter()
-                .any(|m| m.contains("Subject: tls-e2e"))
-        },
+        || maildir(&t.join("mail/u1")).iter().any(|m| m.contains("Subject: tls-e2e")),
         || d.log(),
     );
     assert!(d.log().contains("starttls session="), "{}", d.log());
-    let m = maildir(&t.join("mail/u1"))
-        .into_iter()
-        .find(|m| m.contains("tls-e2e"))
-        .unwrap_or_default();
-    assert!(
-        m.contains("ESMTPS"),
-        "Received: says the session was encrypted: {m}"
-    );
+    let m = maildir(&t.join("mail/u1")).into_iter().find(|m| m.contains("tls-e2e")).unwrap_or_default();
+    assert!(m.contains("ESMTPS"), "Received: says the session was encrypted: {m}");
 }
 
 #[test]
@@ -558,24 +426,13 @@ fn swaks_auth_plain_and_login_on_submission() {
             .stdout(Stdio::piped())
             .spawn()
             .expect("mailc hash-password");
-        c.stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{pw}\n").as_bytes())
-            .expect("write");
+        c.stdin.take().expect("stdin").write_all(format!("{pw}\n").as_bytes()).expect("write");
         let out = c.wait_with_output().expect("hash-password");
         assert!(out.status.success());
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    std::fs::write(
-        t.join("logins"),
-        format!(
-            "alice {}\nbob {}\n",
-            hash("alice-secret"),
-            hash("bob secret")
-        ),
-    )
-    .expect("logins");
+    std::fs::write(t.join("logins"), format!("alice {}\nbob {}\n", hash("alice-secret"), hash("bob secret")))
+        .expect("logins");
     let policy = format!(
         r#"list local = domains ["d.test"];
 table logins = map "logins";
@@ -622,26 +479,13 @@ route {{
     // no AUTH before STARTTLS on the submission listener
     let out = swaks(sub, &["--quit-after", "EHLO"]);
     assert!(!out.contains("AUTH"), "AUTH offered before TLS: {out}");
-    let out = swaks(
-        sub,
-        &[
-            "--from",
-            "alice@d.test",
-            "--to",
-            "u1@d.test",
-            "--quit-after",
-            "RCPT",
-        ],
-    );
+    let out = swaks(sub, &["--from", "alice@d.test", "--to", "u1@d.test", "--quit-after", "RCPT"]);
     assert!(out.contains("<** 530"), "MAIL without AUTH: {out}");
     // after STARTTLS it is offered
     let out = swaks(sub, &["-tls", "--quit-after", "EHLO"]);
     assert!(out.contains("AUTH PLAIN LOGIN"), "{out}");
 
-    for (mech, user, pw) in [
-        ("PLAIN", "alice", "alice-secret"),
-        ("LOGIN", "bob", "bob secret"),
-    ] {
+    for (mech, user, pw) in [("PLAIN", "alice", "alice-secret"), ("LOGIN", "bob", "bob secret")] {
         let out = swaks(
             sub,
             &[
@@ -720,10 +564,7 @@ route {{
             "Subject: auth-plaintext",
         ],
     );
-    assert!(
-        out.contains("235 2.7.0") && out.contains("Queued as"),
-        "{out}"
-    );
+    assert!(out.contains("235 2.7.0") && out.contains("Queued as"), "{out}");
 
     // submissions: implicit TLS from the first byte, then AUTH
     let out = swaks(
@@ -744,10 +585,7 @@ route {{
             "Subject: auth-implicit-tls",
         ],
     );
-    assert!(
-        out.contains("TLS started") && out.contains("235 2.7.0") && out.contains("Queued as"),
-        "{out}"
-    );
+    assert!(out.contains("TLS started") && out.contains("235 2.7.0") && out.contains("Queued as"), "{out}");
 
     wait_for(
         Duration::from_secs(20),
@@ -756,12 +594,7 @@ route {{
         || d.log(),
     );
     let all = maildir(&t.join("mail/u1")).join("\n");
-    for s in [
-        "auth-PLAIN",
-        "auth-LOGIN",
-        "auth-plaintext",
-        "auth-implicit-tls",
-    ] {
+    for s in ["auth-PLAIN", "auth-LOGIN", "auth-plaintext", "auth-implicit-tls"] {
         assert!(all.contains(&format!("Subject: {s}")), "{all}");
     }
     assert!(d.log().contains("auth"), "{}", d.log());
@@ -787,14 +620,8 @@ fn swaks_pipelining() {
     assert!(out.contains("PIPELINING"), "{out}");
     // the whole group went out before the first reply came back
     let pos = |s: &str| out.find(s).unwrap_or_else(|| panic!("{s:?} not in {out}"));
-    assert!(
-        pos("> DATA") < pos("250 2.1.0 Sender OK"),
-        "not pipelined: {out}"
-    );
-    assert!(
-        out.contains("550 5.7.1 Blocked by rule for blocked@d.test"),
-        "{out}"
-    );
+    assert!(pos("> DATA") < pos("250 2.1.0 Sender OK"), "not pipelined: {out}");
+    assert!(out.contains("550 5.7.1 Blocked by rule for blocked@d.test"), "{out}");
     assert!(out.contains("250 2.0.0 Queued as"), "{out}");
     wait_for(
         Duration::from_secs(20),
@@ -813,48 +640,19 @@ fn relay_to_smtp_sink() {
     let (port, sport) = (free_port(), free_port());
     let sink = Sink::start(&t.join("sink"), sport, &[]);
     let d = Daemon::start(t.path(), &base_policy(port, sink.port, "none"), &[port]);
-    let out = swaks(
-        port,
-        &[
-            "--from",
-            "a@s.test",
-            "--to",
-            "x@far.test,y@far.test",
-            "--header",
-            "Subject: relayed-e2e",
-        ],
-    );
+    let out = swaks(port, &["--from", "a@s.test", "--to", "x@far.test,y@far.test", "--header", "Subject: relayed-e2e"]);
     assert!(out.contains("Queued as"), "{out}");
     wait_for(
         Duration::from_secs(30),
         "the message at smtp-sink",
-        || {
-            sink.messages()
-                .iter()
-                .any(|m| m.contains("Subject: relayed-e2e"))
-        },
+        || sink.messages().iter().any(|m| m.contains("Subject: relayed-e2e")),
         || d.log(),
     );
-    let m = sink
-        .messages()
-        .into_iter()
-        .find(|m| m.contains("relayed-e2e"))
-        .unwrap_or_default();
+    let m = sink.messages().into_iter().find(|m| m.contains("relayed-e2e")).unwrap_or_default();
     assert!(m.contains("X-Mail-Args: <a@s.test>"), "{m}");
-    assert!(
-        m.contains("<x@far.test>") && m.contains("<y@far.test>"),
-        "{m}"
-    );
-    assert!(
-        m.contains("by mx.test (mailpolicy)"),
-        "our Received: header: {m}"
-    );
-    wait_for(
-        Duration::from_secs(20),
-        "an empty queue",
-        || spool_messages(&d.spool()).is_empty(),
-        || d.log(),
-    );
+    assert!(m.contains("<x@far.test>") && m.contains("<y@far.test>"), "{m}");
+    assert!(m.contains("by mx.test (mailpolicy)"), "our Received: header: {m}");
+    wait_for(Duration::from_secs(20), "an empty queue", || spool_messages(&d.spool()).is_empty(), || d.log());
     assert!(d.log().contains("status=sent"), "{}", d.log());
 }
 
@@ -864,23 +662,9 @@ fn sink_4xx_defers_then_delivers_after_retry() {
     let (port, sport) = (free_port(), free_port());
     let sink = Sink::start(&t.join("sink-4xx"), sport, &["-r", "RCPT"]);
     let mut d = Daemon::start(t.path(), &base_policy(port, sport, "none"), &[port]);
-    let out = swaks(
-        port,
-        &[
-            "--from",
-            "a@s.test",
-            "--to",
-            "x@far.test",
-            "--header",
-            "Subject: deferred-e2e",
-        ],
-    );
+    let out = swaks(port, &["--from", "a@s.test", "--to", "x@far.test", "--header", "Subject: deferred-e2e"]);
     assert!(out.contains("Queued as"), "{out}");
-    let id = out
-        .lines()
-        .find_map(|l| l.split("Queued as ").nth(1))
-        .map(|s| s.trim().to_string())
-        .expect("queue id");
+    let id = out.lines().find_map(|l| l.split("Queued as ").nth(1)).map(|s| s.trim().to_string()).expect("queue id");
     // deferred: still in the spool, listed with the sink's 4xx reply
     wait_for(
         Duration::from_secs(30),
@@ -893,38 +677,23 @@ fn sink_4xx_defers_then_delivers_after_retry() {
     );
     assert!(d.log().contains("status=deferred"), "{}", d.log());
     assert!(sink.messages().is_empty());
-    assert!(
-        maildir(&t.join("mail/a")).is_empty(),
-        "no DSN for a deferral this early"
-    );
+    assert!(maildir(&t.join("mail/a")).is_empty(), "no DSN for a deferral this early");
     // a deferred message survives kill -9: recovered at start, still listed, retried
     d.kill9();
     d.restart();
     assert!(d.log().contains("recovered=1"), "{}", d.log());
     let listing = queue_list(&d.spool());
-    assert!(
-        listing.contains(&id) && listing.contains("x@far.test"),
-        "{listing}"
-    );
+    assert!(listing.contains(&id) && listing.contains("x@far.test"), "{listing}");
     // the next hop gets well: the retry (retry_max 2s) delivers it
     drop(sink);
     let good = Sink::start(&t.join("sink-ok"), sport, &[]);
     wait_for(
         Duration::from_secs(30),
         "the deferred message at the healthy sink",
-        || {
-            good.messages()
-                .iter()
-                .any(|m| m.contains("Subject: deferred-e2e"))
-        },
+        || good.messages().iter().any(|m| m.contains("Subject: deferred-e2e")),
         || format!("{}\n{}", queue_list(&d.spool()), d.log()),
     );
-    wait_for(
-        Duration::from_secs(20),
-        "an empty queue",
-        || spool_messages(&d.spool()).is_empty(),
-        || d.log(),
-    );
+    wait_for(Duration::from_secs(20), "an empty queue", || spool_messages(&d.spool()).is_empty(), || d.log());
 }
 
 #[test]
@@ -938,21 +707,8 @@ fn sink_5xx_at_rcpt_and_at_dot_bounce_to_the_sender() {
         &format!("  if recipient.domain :is \"dot.test\" {{\n    deliver smtp \"[127.0.0.1]:{s_dot}\";\n  }}\n  deliver smtp"),
     );
     let d = Daemon::start(t.path(), &policy, &[port]);
-    for (to, subject) in [
-        ("x@rcpt.test", "bounce-at-rcpt"),
-        ("y@dot.test", "bounce-at-dot"),
-    ] {
-        let out = swaks(
-            port,
-            &[
-                "--from",
-                "a@s.test",
-                "--to",
-                to,
-                "--header",
-                &format!("Subject: {subject}"),
-            ],
-        );
+    for (to, subject) in [("x@rcpt.test", "bounce-at-rcpt"), ("y@dot.test", "bounce-at-dot")] {
+        let out = swaks(port, &["--from", "a@s.test", "--to", to, "--header", &format!("Subject: {subject}")]);
         assert!(out.contains("Queued as"), "{out}");
     }
     // both DSNs arrive in the sender's Maildir (s.test is local)
@@ -962,41 +718,19 @@ fn sink_5xx_at_rcpt_and_at_dot_bounce_to_the_sender() {
         || maildir(&t.join("mail/a")).len() == 2,
         || d.log(),
     );
-    for (rcpt, subject) in [
-        ("x@rcpt.test", "bounce-at-rcpt"),
-        ("y@dot.test", "bounce-at-dot"),
-    ] {
+    for (rcpt, subject) in [("x@rcpt.test", "bounce-at-rcpt"), ("y@dot.test", "bounce-at-dot")] {
         let all = maildir(&t.join("mail/a"));
-        let dsn = all
-            .iter()
-            .find(|m| m.contains(rcpt))
-            .unwrap_or_else(|| panic!("no DSN naming {rcpt}: {all:?}"));
+        let dsn = all.iter().find(|m| m.contains(rcpt)).unwrap_or_else(|| panic!("no DSN naming {rcpt}: {all:?}"));
         assert!(dsn.contains("multipart/report"), "{dsn}");
         assert!(dsn.contains("report-type=delivery-status"), "{dsn}");
         assert!(dsn.contains("Action: failed"), "{dsn}");
         assert!(dsn.contains("Status: 5."), "{dsn}");
-        assert!(
-            dsn.contains(&format!("rfc822;{rcpt}")) || dsn.contains(&format!("rfc822; {rcpt}")),
-            "{dsn}"
-        );
-        assert!(
-            dsn.contains(&format!("Subject: {subject}")),
-            "the original's headers come back: {dsn}"
-        );
-        assert!(
-            dsn.contains("Return-Path: <>"),
-            "a DSN has the null sender: {dsn}"
-        );
-        assert!(
-            dsn.contains("Diagnostic-Code: smtp; 5"),
-            "the sink's reply: {dsn}"
-        );
+        assert!(dsn.contains(&format!("rfc822;{rcpt}")) || dsn.contains(&format!("rfc822; {rcpt}")), "{dsn}");
+        assert!(dsn.contains(&format!("Subject: {subject}")), "the original's headers come back: {dsn}");
+        assert!(dsn.contains("Return-Path: <>"), "a DSN has the null sender: {dsn}");
+        assert!(dsn.contains("Diagnostic-Code: smtp; 5"), "the sink's reply: {dsn}");
     }
-    assert!(
-        d.log().contains("status=bounced") || d.log().contains("kind=failure"),
-        "{}",
-        d.log()
-    );
+    assert!(d.log().contains("status=bounced") || d.log().contains("kind=failure"), "{}", d.log());
     assert!(sink_rcpt.messages().is_empty());
     // (a `-f .` sink dumps the data before it answers 5xx, so its files say nothing)
     drop(sink_dot);
@@ -1015,7 +749,8 @@ fn double_bounce_goes_to_postmaster() {
     let t = TempDir::new("double");
     let (port, s_rcpt) = (free_port(), free_port());
     let _sink = Sink::start(&t.join("sink-rcpt"), s_rcpt, &["-f", "RCPT"]);
-    let policy = base_policy(port, s_rcpt, "none").replace("  queue_run 1s;", "  queue_run 1s;\n  postmaster \"pm@d.test\";");
+    let policy =
+        base_policy(port, s_rcpt, "none").replace("  queue_run 1s;", "  queue_run 1s;\n  postmaster \"pm@d.test\";");
     let d = Daemon::start(t.path(), &policy, &[port]);
     let out = swaks(port, &["--from", "<>", "--to", "x@remote.test", "--header", "Subject: a bounce nobody wants"]);
     assert!(out.contains("Queued as"), "{out}");
@@ -1056,15 +791,9 @@ impl Drop for Dovecot {
         // SIGTERM lets the master take its children down with it
         let pid = self.child.pid();
         if pid != 0 {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
             for _ in 0..100 {
-                if matches!(
-                    self.child.0.as_mut().map(|c| c.try_wait()),
-                    Some(Ok(Some(_)))
-                ) {
+                if matches!(self.child.0.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_)))) {
                     self.child.0 = None;
                     return;
                 }
@@ -1081,31 +810,20 @@ fn dovecot(dir: &Path) -> Dovecot {
     let d = dir.display().to_string();
     let uid_gid = |flag: &str| -> u32 {
         let out = Command::new("id").arg(flag).output().expect("id");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("id output")
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("id output")
     };
     // Dovecot refuses to run its internal processes as root
     let (user, uid, gid) = if is_root() {
         ("nobody".to_string(), 65534, 65534)
     } else {
         let out = Command::new("id").arg("-un").output().expect("id");
-        (
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            uid_gid("-u"),
-            uid_gid("-g"),
-        )
+        (String::from_utf8_lossy(&out.stdout).trim().to_string(), uid_gid("-u"), uid_gid("-g"))
     };
     for sub in ["run", "state", "mail"] {
         std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
     }
     std::os::unix::fs::chown(dir.join("mail"), Some(uid), Some(gid)).expect("chown mail");
-    std::fs::write(
-        dir.join("users"),
-        format!("u1@d.test::{uid}:{gid}::{d}/mail/u1::\n"),
-    )
-    .expect("users");
+    std::fs::write(dir.join("users"), format!("u1@d.test::{uid}:{gid}::{d}/mail/u1::\n")).expect("users");
     let port = free_port();
     let conf = format!(
         r#"base_dir = {d}/run
@@ -1149,12 +867,8 @@ service stats {{
         .stderr(Stdio::null())
         .spawn()
         .expect("start dovecot");
-    let dv = Dovecot {
-        child: Guard(Some(child)),
-        port,
-        mail: dir.join("mail/u1/Maildir"),
-        log: dir.join("dovecot.log"),
-    };
+    let dv =
+        Dovecot { child: Guard(Some(child)), port, mail: dir.join("mail/u1/Maildir"), log: dir.join("dovecot.log") };
     wait_for(
         Duration::from_secs(15),
         "dovecot to listen",
@@ -1192,38 +906,18 @@ fn lmtp_to_dovecot() {
     wait_for(
         Duration::from_secs(30),
         "the message in Dovecot's Maildir",
-        || {
-            maildir(&dv.mail)
-                .iter()
-                .any(|m| m.contains("Subject: lmtp-e2e"))
-        },
-        || {
-            format!(
-                "{}\n{}",
-                d.log(),
-                std::fs::read_to_string(&dv.log).unwrap_or_default()
-            )
-        },
+        || maildir(&dv.mail).iter().any(|m| m.contains("Subject: lmtp-e2e")),
+        || format!("{}\n{}", d.log(), std::fs::read_to_string(&dv.log).unwrap_or_default()),
     );
-    let m = maildir(&dv.mail)
-        .into_iter()
-        .find(|m| m.contains("lmtp-e2e"))
-        .unwrap_or_default();
+    let m = maildir(&dv.mail).into_iter().find(|m| m.contains("lmtp-e2e")).unwrap_or_default();
     assert!(m.contains("Return-Path: <a@s.test>"), "{m}");
-    assert!(
-        m.contains("\n.dot line"),
-        "dot-stuffing undone end to end: {m}"
-    );
+    assert!(m.contains("\n.dot line"), "dot-stuffing undone end to end: {m}");
     assert!(m.contains("by mx.test (mailpolicy)"), "{m}");
     // the unknown user is refused by Dovecot per recipient: a DSN to the sender
     wait_for(
         Duration::from_secs(30),
         "a DSN for nosuchuser@d.test",
-        || {
-            maildir(&t.join("mail/a"))
-                .iter()
-                .any(|m| m.contains("nosuchuser@d.test") && m.contains("multipart/report"))
-        },
+        || maildir(&t.join("mail/a")).iter().any(|m| m.contains("nosuchuser@d.test") && m.contains("multipart/report")),
         || d.log(),
     );
     assert_eq!(maildir(&dv.mail).len(), 1, "delivered once");
@@ -1243,9 +937,7 @@ impl Postfix {
         self.dir.join("etc")
     }
     fn master_pid(&self) -> Option<String> {
-        std::fs::read_to_string(self.dir.join("spool/pid/master.pid"))
-            .ok()
-            .map(|s| s.trim().to_string())
+        std::fs::read_to_string(self.dir.join("spool/pid/master.pid")).ok().map(|s| s.trim().to_string())
     }
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
@@ -1264,12 +956,7 @@ impl Drop for Postfix {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = run_bounded_quiet(
-                Command::new(POSTFIX)
-                    .arg("-c")
-                    .arg(self.conf())
-                    .arg("abort"),
-            );
+            let _ = run_bounded_quiet(Command::new(POSTFIX).arg("-c").arg(self.conf()).arg("abort"));
             if alive(&p) {
                 let _ = Command::new("kill").arg("-KILL").arg(&p).status();
             }
@@ -1278,12 +965,7 @@ impl Drop for Postfix {
 }
 
 fn run_bounded_quiet(cmd: &mut Command) -> Option<ExitStatus> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(20) {
         if let Ok(Some(st)) = child.try_wait() {
@@ -1298,18 +980,12 @@ fn run_bounded_quiet(cmd: &mut Command) -> Option<ExitStatus> {
 
 fn postfix(dir: &Path, relay_port: u16) -> Postfix {
     need(POSTFIX, "postfix");
-    assert!(
-        is_root(),
-        "a throwaway Postfix needs root (its master runs as root and drops to `postfix`)"
-    );
+    assert!(is_root(), "a throwaway Postfix needs root (its master runs as root and drops to `postfix`)");
     let d = dir.display().to_string();
     for sub in ["etc", "spool", "data"] {
         std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
     }
-    let _ = Command::new("chown")
-        .arg("postfix")
-        .arg(dir.join("data"))
-        .status();
+    let _ = Command::new("chown").arg("postfix").arg(dir.join("data")).status();
     let port = free_port();
     std::fs::write(
         dir.join("etc/main.cf"),
@@ -1361,25 +1037,11 @@ maillog_file_prefixes = {tmp}
         master.push_str(&format!("{name} {rest}\n"));
     }
     std::fs::write(dir.join("etc/master.cf"), master).expect("master.cf");
-    let pf = Postfix {
-        dir: dir.to_path_buf(),
-        port,
-    };
-    let (st, out, err) = run_bounded(
-        Command::new(POSTFIX).arg("-c").arg(pf.conf()).arg("start"),
-        Duration::from_secs(60),
-    );
-    assert!(
-        st.success(),
-        "postfix start failed: {out}{err}\n{}",
-        pf.log()
-    );
-    wait_for(
-        Duration::from_secs(20),
-        "Postfix's smtpd to listen",
-        || listening(port),
-        || pf.log(),
-    );
+    let pf = Postfix { dir: dir.to_path_buf(), port };
+    let (st, out, err) =
+        run_bounded(Command::new(POSTFIX).arg("-c").arg(pf.conf()).arg("start"), Duration::from_secs(60));
+    assert!(st.success(), "postfix start failed: {out}{err}\n{}", pf.log());
+    wait_for(Duration::from_secs(20), "Postfix's smtpd to listen", || listening(port), || pf.log());
     pf
 }
 
@@ -1388,11 +1050,7 @@ fn postfix_relays_to_us() {
     need(SENDMAIL, "postfix");
     let t = TempDir::new("postfix");
     let port = free_port();
-    let d = Daemon::start(
-        t.path(),
-        &base_policy(port, free_port(), "starttls"),
-        &[port],
-    );
+    let d = Daemon::start(t.path(), &base_policy(port, free_port(), "starttls"), &[port]);
     let pf = postfix(&t.join("pf"), port);
     // injected through Postfix's sendmail (pickup) ...
     let mut sm = Command::new(SENDMAIL)
@@ -1404,60 +1062,27 @@ fn postfix_relays_to_us() {
         .stderr(Stdio::null())
         .spawn()
         .expect("sendmail");
-    sm.stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"Subject: via-postfix-sendmail\n\nhello from postfix\n")
-        .expect("write");
+    sm.stdin.take().expect("stdin").write_all(b"Subject: via-postfix-sendmail\n\nhello from postfix\n").expect("write");
     let st = sm.wait().expect("sendmail");
     assert!(st.success(), "sendmail failed\n{}", pf.log());
     // ... and through its smtpd
-    let out = swaks(
-        pf.port,
-        &[
-            "--from",
-            "a@s.test",
-            "--to",
-            "u2@d.test",
-            "--header",
-            "Subject: via-postfix-smtpd",
-        ],
-    );
+    let out = swaks(pf.port, &["--from", "a@s.test", "--to", "u2@d.test", "--header", "Subject: via-postfix-smtpd"]);
     assert!(out.contains("250 2.0.0 Ok: queued"), "{out}");
     wait_for(
         Duration::from_secs(60),
         "both messages relayed by Postfix into our Maildirs",
         || {
-            maildir(&t.join("mail/u1"))
-                .iter()
-                .any(|m| m.contains("Subject: via-postfix-sendmail"))
-                && maildir(&t.join("mail/u2"))
-                    .iter()
-                    .any(|m| m.contains("Subject: via-postfix-smtpd"))
+            maildir(&t.join("mail/u1")).iter().any(|m| m.contains("Subject: via-postfix-sendmail"))
+                && maildir(&t.join("mail/u2")).iter().any(|m| m.contains("Subject: via-postfix-smtpd"))
         },
         || format!("{}\n{}", pf.log(), d.log()),
     );
     let m = maildir(&t.join("mail/u1")).join("");
     assert!(m.contains("by pf.test (Postfix"), "{m}");
-    assert!(
-        m.contains("with ESMTPS"),
-        "Postfix used STARTTLS to us: {m}"
-    );
-    assert!(
-        m.contains("from pf.test"),
-        "Postfix's EHLO in our Received: {m}"
-    );
-    assert!(
-        pf.log()
-            .contains(&format!("relay=127.0.0.1[127.0.0.1]:{port}")),
-        "{}",
-        pf.log()
-    );
-    assert!(
-        pf.log().contains("status=sent (250 2.0.0 Queued as"),
-        "{}",
-        pf.log()
-    );
+    assert!(m.contains("with ESMTPS"), "Postfix used STARTTLS to us: {m}");
+    assert!(m.contains("from pf.test"), "Postfix's EHLO in our Received: {m}");
+    assert!(pf.log().contains(&format!("relay=127.0.0.1[127.0.0.1]:{port}")), "{}", pf.log());
+    assert!(pf.log().contains("status=sent (250 2.0.0 Queued as"), "{}", pf.log());
 }
 
 // ================================================================== 5. crash test
@@ -1474,10 +1099,7 @@ impl Client {
         let s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(Duration::from_secs(20)))?;
         s.set_write_timeout(Some(Duration::from_secs(20)))?;
-        let mut c = Client {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        };
+        let mut c = Client { r: BufReader::new(s.try_clone()?), w: s };
         c.expect(220)?;
         c.cmd("EHLO load.test", 250)?;
         Ok(c)
@@ -1488,18 +1110,13 @@ impl Client {
         loop {
             let mut line = String::new();
             if self.r.read_line(&mut line)? == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "closed",
-                ));
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
             }
             text.push_str(&line);
-            let code = line.get(..3).and_then(|c| c.parse().ok()).ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("bad reply {line:?}"),
-                )
-            })?;
+            let code = line
+                .get(..3)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad reply {line:?}")))?;
             if line.as_bytes().get(3) != Some(&b'-') {
                 return Ok((code, text));
             }
@@ -1598,34 +1215,17 @@ route {{
     for _ in 0..3 {
         let before = acked.lock().expect("lock").len();
         let mut cmd = Command::new(SMTP_SOURCE);
-        cmd.args([
-            "-c",
-            "-l",
-            "2000",
-            "-m",
-            "400",
-            "-s",
-            "10",
-            "-f",
-            "s@src.test",
-            "-t",
-            "r@far.test",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        cmd.args(["-c", "-l", "2000", "-m", "400", "-s", "10", "-f", "s@src.test", "-t", "r@far.test"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let mut source = Guard(Some(cmd.spawn().expect("smtp-source")));
         // let some messages through first (bounded: a wedged daemon fails here)
         wait_for(
             Duration::from_secs(30),
             "messages accepted under load",
-            || {
-                acked
-                    .lock()
-                    .map(|a| a.len() >= before + 100)
-                    .unwrap_or(false)
-            },
+            || acked.lock().map(|a| a.len() >= before + 100).unwrap_or(false),
             || d.log(),
         );
         std::thread::sleep(Duration::from_millis(500));
@@ -1641,12 +1241,7 @@ route {{
     wait_for(
         Duration::from_secs(30),
         "messages accepted after the last restart",
-        || {
-            acked
-                .lock()
-                .map(|a| a.len() >= before + 20)
-                .unwrap_or(false)
-        },
+        || acked.lock().map(|a| a.len() >= before + 20).unwrap_or(false),
         || d.log(),
     );
     stop.store(true, Ordering::Relaxed);
@@ -1660,20 +1255,11 @@ route {{
         Duration::from_secs(120),
         "the spool to drain",
         || spool_messages(&d.spool()).is_empty(),
-        || {
-            format!(
-                "left: {:?}\n{}",
-                spool_messages(&d.spool()),
-                queue_list(&d.spool())
-            )
-        },
+        || format!("left: {:?}\n{}", spool_messages(&d.spool()), queue_list(&d.spool())),
     );
     assert!(d.alive(), "the daemon is still running:\n{}", d.log());
     let corrupt = files_under(&d.spool().join("corrupt"));
-    assert!(
-        corrupt.is_empty(),
-        "corrupt files after kill -9: {corrupt:?}"
-    );
+    assert!(corrupt.is_empty(), "corrupt files after kill -9: {corrupt:?}");
 
     // every acknowledged message reached the sink (duplicates allowed, no loss)
     let received: HashSet<String> = sink
@@ -1702,11 +1288,7 @@ route {{
         acked.len(),
         &lost[..lost.len().min(20)]
     );
-    assert!(
-        d.log().matches("started spool=").count() == 4,
-        "{}",
-        d.log()
-    );
+    assert!(d.log().matches("started spool=").count() == 4, "{}", d.log());
 }
 
 // ================================================================== 6. bad input
@@ -1717,10 +1299,7 @@ fn sighup_with_a_broken_policy_keeps_the_old_one() {
     let port = free_port();
     let d = Daemon::start(t.path(), &base_policy(port, free_port(), "none"), &[port]);
     let out = swaks(port, &["--from", "a@s.test", "--to", "blocked@d.test"]);
-    assert!(
-        out.contains("550 5.7.1 Blocked by rule for blocked@d.test"),
-        "{out}"
-    );
+    assert!(out.contains("550 5.7.1 Blocked by rule for blocked@d.test"), "{out}");
     // the policy file is replaced by one with errors, then SIGHUP
     std::fs::write(
         &d.policy,
@@ -1728,60 +1307,27 @@ fn sighup_with_a_broken_policy_keeps_the_old_one() {
     )
     .expect("write");
     d.signal("HUP");
-    wait_for(
-        Duration::from_secs(20),
-        "reload-refused in the log",
-        || d.log().contains("reload-refused"),
-        || d.log(),
-    );
+    wait_for(Duration::from_secs(20), "reload-refused in the log", || d.log().contains("reload-refused"), || d.log());
     // still answering per the old policy
     let out = swaks(port, &["--from", "a@s.test", "--to", "blocked@d.test"]);
-    assert!(
-        out.contains("550 5.7.1 Blocked by rule for blocked@d.test"),
-        "{out}"
-    );
-    let out = swaks(
-        port,
-        &[
-            "--from",
-            "a@s.test",
-            "--to",
-            "u1@d.test",
-            "--header",
-            "Subject: after-hup",
-        ],
-    );
+    assert!(out.contains("550 5.7.1 Blocked by rule for blocked@d.test"), "{out}");
+    let out = swaks(port, &["--from", "a@s.test", "--to", "u1@d.test", "--header", "Subject: after-hup"]);
     assert!(out.contains("Queued as"), "{out}");
     wait_for(
         Duration::from_secs(20),
         "delivery after the refused reload",
-        || {
-            maildir(&t.join("mail/u1"))
-                .iter()
-                .any(|m| m.contains("Subject: after-hup"))
-        },
+        || maildir(&t.join("mail/u1")).iter().any(|m| m.contains("Subject: after-hup")),
         || d.log(),
     );
     // a good policy is taken on the next SIGHUP: the reject rule is gone
-    std::fs::write(
-        &d.policy,
-        base_policy(port, free_port(), "none").replace("\"blocked\"", "\"refused\""),
-    )
-    .expect("write");
+    std::fs::write(&d.policy, base_policy(port, free_port(), "none").replace("\"blocked\"", "\"refused\""))
+        .expect("write");
     d.signal("HUP");
-    wait_for(
-        Duration::from_secs(20),
-        "reloaded in the log",
-        || d.log().contains("reloaded"),
-        || d.log(),
-    );
+    wait_for(Duration::from_secs(20), "reloaded in the log", || d.log().contains("reloaded"), || d.log());
     let out = swaks(port, &["--from", "a@s.test", "--to", "blocked@d.test"]);
     assert!(out.contains("Queued as"), "{out}");
     let out = swaks(port, &["--from", "a@s.test", "--to", "refused@d.test"]);
-    assert!(
-        out.contains("550 5.7.1 Blocked by rule for refused@d.test"),
-        "{out}"
-    );
+    assert!(out.contains("550 5.7.1 Blocked by rule for refused@d.test"), "{out}");
     // SIGTERM: a clean stop
     d.signal("TERM");
     let mut d = d;
@@ -1790,11 +1336,7 @@ fn sighup_with_a_broken_policy_keeps_the_old_one() {
         if let Some(Ok(Some(st))) = d.child.0.as_mut().map(|c| c.try_wait()) {
             break st.code();
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "no exit on SIGTERM:\n{}",
-            d.log()
-        );
+        assert!(start.elapsed() < Duration::from_secs(40), "no exit on SIGTERM:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(code, Some(0), "{}", d.log());
@@ -1810,42 +1352,18 @@ fn sighup_with_a_good_policy_keeps_the_queue_going() {
     let sink = Sink::start(&t.join("sink-4xx"), sport, &["-r", "RCPT"]);
     let policy = base_policy(port, sport, "none").replace("queue_run 1s;", "queue_run 1h;");
     let d = Daemon::start(t.path(), &policy, &[port]);
-    let out = swaks(
-        port,
-        &[
-            "--from",
-            "a@s.test",
-            "--to",
-            "x@far.test",
-            "--header",
-            "Subject: deferred-over-reload",
-        ],
-    );
+    let out = swaks(port, &["--from", "a@s.test", "--to", "x@far.test", "--header", "Subject: deferred-over-reload"]);
     assert!(out.contains("Queued as"), "{out}");
-    wait_for(
-        Duration::from_secs(30),
-        "a deferral",
-        || d.log().contains("status=deferred"),
-        || d.log(),
-    );
+    wait_for(Duration::from_secs(30), "a deferral", || d.log().contains("status=deferred"), || d.log());
     // a valid policy (the same text) is reloaded while the message waits for its retry
     d.signal("HUP");
-    wait_for(
-        Duration::from_secs(20),
-        "reloaded in the log",
-        || d.log().contains("reloaded"),
-        || d.log(),
-    );
+    wait_for(Duration::from_secs(20), "reloaded in the log", || d.log().contains("reloaded"), || d.log());
     drop(sink);
     let good = Sink::start(&t.join("sink-ok"), sport, &[]);
     wait_for(
         Duration::from_secs(30),
         "the deferred message delivered after the reload",
-        || {
-            good.messages()
-                .iter()
-                .any(|m| m.contains("Subject: deferred-over-reload"))
-        },
+        || good.messages().iter().any(|m| m.contains("Subject: deferred-over-reload")),
         || format!("{}\n{}", queue_list(&d.spool()), d.log()),
     );
 }
@@ -1857,8 +1375,12 @@ fn an_open_relay_policy_does_not_start() {
     let t = TempDir::new("openrelay");
     let port = free_port();
     let policy = t.join("open.mailpolicy");
-    std::fs::write(&policy, format!("listener smtp {{ address \"127.0.0.1:{port}\"; }}\non rcpt {{ accept; }}\n")).expect("write");
-    let (st, out, err) = run_bounded(Command::new(MAILC).arg("serve").arg("--policy").arg(&policy).current_dir(t.path()), Duration::from_secs(30));
+    std::fs::write(&policy, format!("listener smtp {{ address \"127.0.0.1:{port}\"; }}\non rcpt {{ accept; }}\n"))
+        .expect("write");
+    let (st, out, err) = run_bounded(
+        Command::new(MAILC).arg("serve").arg("--policy").arg(&policy).current_dir(t.path()),
+        Duration::from_secs(30),
+    );
     assert_eq!(st.code(), Some(1), "{out}{err}");
     assert!(err.contains("mailc::open-relay"), "the proof's error is reported: {err}");
     assert!(!listening(port), "nothing listens on {port}");
@@ -1875,21 +1397,14 @@ fn a_policy_with_errors_does_not_start() {
     )
     .expect("write");
     let (st, out, err) = run_bounded(
-        Command::new(MAILC)
-            .arg("serve")
-            .arg("--policy")
-            .arg(&policy)
-            .current_dir(t.path()),
+        Command::new(MAILC).arg("serve").arg("--policy").arg(&policy).current_dir(t.path()),
         Duration::from_secs(30),
     );
     assert_eq!(st.code(), Some(1), "{out}{err}");
     assert!(err.contains("frobnicate"), "the error is reported: {err}");
     assert!(err.contains("not starting"), "{err}");
     assert!(!listening(port), "nothing listens on {port}");
-    assert!(
-        !t.join("spool").exists() && !t.join("var").exists(),
-        "no spool made"
-    );
+    assert!(!t.join("spool").exists() && !t.join("var").exists(), "no spool made");
 }
 
 #[test]
@@ -1899,11 +1414,7 @@ fn a_corrupt_queue_file_moves_to_corrupt_at_start() {
     let incoming = t.join("spool/incoming");
     std::fs::create_dir_all(&incoming).expect("mkdir");
     // a header that does not parse, and a message file cut short
-    std::fs::write(
-        incoming.join("01A2000000000000000001"),
-        b"MAILPOLICY-SPOOL 1\n{not json\n",
-    )
-    .expect("write");
+    std::fs::write(incoming.join("01A2000000000000000001"), b"MAILPOLICY-SPOOL 1\n{not json\n").expect("write");
     std::fs::write(
         incoming.join("01A2000000000000000002"),
         b"MAILPOLICY-SPOOL 1\n{\"id\":\"01A2000000000000000002\",\"class\":\"normal\",\"arrived_ms\":1,\"data_len\":100",
@@ -1912,45 +1423,19 @@ fn a_corrupt_queue_file_moves_to_corrupt_at_start() {
     std::fs::write(incoming.join("garbage"), b"\x00\x01\x02 not a queue file").expect("write");
     let d = Daemon::start(t.path(), &base_policy(port, free_port(), "none"), &[port]);
     let corrupt = files_under(&t.join("spool/corrupt"));
-    assert!(
-        corrupt.iter().any(|f| f.contains("01A2000000000000000001")),
-        "{corrupt:?}\n{}",
-        d.log()
-    );
-    assert!(
-        corrupt.iter().any(|f| f.contains("01A2000000000000000002")),
-        "{corrupt:?}\n{}",
-        d.log()
-    );
+    assert!(corrupt.iter().any(|f| f.contains("01A2000000000000000001")), "{corrupt:?}\n{}", d.log());
+    assert!(corrupt.iter().any(|f| f.contains("01A2000000000000000002")), "{corrupt:?}\n{}", d.log());
     assert!(d.log().contains("corrupt file="), "reported: {}", d.log());
     // and the daemon runs
-    let out = swaks(
-        port,
-        &[
-            "--from",
-            "a@s.test",
-            "--to",
-            "u1@d.test",
-            "--header",
-            "Subject: after-corrupt",
-        ],
-    );
+    let out = swaks(port, &["--from", "a@s.test", "--to", "u1@d.test", "--header", "Subject: after-corrupt"]);
     assert!(out.contains("Queued as"), "{out}");
     wait_for(
         Duration::from_secs(20),
         "delivery next to a corrupt file",
-        || {
-            maildir(&t.join("mail/u1"))
-                .iter()
-                .any(|m| m.contains("Subject: after-corrupt"))
-        },
+        || maildir(&t.join("mail/u1")).iter().any(|m| m.contains("Subject: after-corrupt")),
         || d.log(),
     );
-    assert!(
-        queue_list(&d.spool()).contains("corrupt"),
-        "{}",
-        queue_list(&d.spool())
-    );
+    assert!(queue_list(&d.spool()).contains("corrupt"), "{}", queue_list(&d.spool()));
 }
 
 // ================================================================== 7. Look-ups for real
@@ -1975,7 +1460,14 @@ fn unbound(dir: &Path, records: &[&str]) -> Unbound {
     }
     conf.push_str("remote-control:\n  control-enable: no\n");
     std::fs::write(dir.join("unbound.conf"), conf).expect("write unbound.conf");
-    let child = Command::new(UNBOUND).arg("-d").arg("-c").arg(dir.join("unbound.conf")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start unbound");
+    let child = Command::new(UNBOUND)
+        .arg("-d")
+        .arg("-c")
+        .arg(dir.join("unbound.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start unbound");
     let u = Unbound { guard: Guard(Some(child)), port };
     // Wait until it answers a query (a UDP probe of our own would need a DNS encoder; the
     // daemon's first look-up retries through hickory's own time-out instead, so give the
@@ -2029,7 +1521,12 @@ fn dnsbl_and_spf_through_a_real_dns_server() {
     assert!(out.contains("550 5.7.23 SPF fail for bad.test"), "{out}\n{}", d2.log());
     let out = swaks(p2, &["--from", "alice@good.test", "--to", "x@d.test", "--header", "Subject: spf pass"]);
     assert!(out.contains("Queued as"), "{out}\n{}", d2.log());
-    wait_for(Duration::from_secs(20), "the message in mail/x", || !maildir(&t.join("two/mail/x")).is_empty(), || d2.log());
+    wait_for(
+        Duration::from_secs(20),
+        "the message in mail/x",
+        || !maildir(&t.join("two/mail/x")).is_empty(),
+        || d2.log(),
+    );
     let m = &maildir(&t.join("two/mail/x"))[0];
     assert!(m.contains("Authentication-Results: mx.test;"), "{m}");
     assert!(m.contains("spf=pass"), "{m}");

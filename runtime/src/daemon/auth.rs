@@ -84,7 +84,14 @@ impl SenderAuth {
     }
 
     /// DKIM and DMARC over the message (and SPF, which DMARC needs).
-    pub async fn content(&self, st: &mut AuthState, ip: IpAddr, helo: &str, sender: &str, message: &[u8]) -> (String, String, String) {
+    pub async fn content(
+        &self,
+        st: &mut AuthState,
+        ip: IpAddr,
+        helo: &str,
+        sender: &str,
+        message: &[u8],
+    ) -> (String, String, String) {
         if let Some(c) = &st.content {
             return c.clone();
         }
@@ -170,7 +177,9 @@ const SIGNED_HEADERS: [&str; 8] = ["From", "To", "Cc", "Subject", "Date", "Messa
 impl Signer {
     /// From the server settings; None when DKIM signing is not configured.
     pub fn from_program(prog: &Program, secrets: &dyn Fn(&str) -> Option<String>) -> Result<Option<Signer>, String> {
-        let (Some(OptValue::Secret(id)), Some(OptValue::Str(sel))) = (prog.server.option("dkim_key"), prog.server.option("dkim_selector")) else {
+        let (Some(OptValue::Secret(id)), Some(OptValue::Str(sel))) =
+            (prog.server.option("dkim_key"), prog.server.option("dkim_selector"))
+        else {
             return Ok(None);
         };
         let name = prog.secrets.get(id.index()).map(|s| s.name.clone()).unwrap_or_default();
@@ -189,7 +198,9 @@ impl Signer {
     pub fn sign(&self, message: &[u8], sender: &str) -> Result<String, String> {
         let domain = match &self.domain {
             Some(d) => d.clone(),
-            None => sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).ok_or("no sender domain to sign for")?,
+            None => {
+                sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).ok_or("no sender domain to sign for")?
+            }
         };
         let built = {
             let mut cache = self.built.lock().map_err(|_| "signer cache poisoned".to_string())?;
@@ -197,8 +208,12 @@ impl Signer {
                 Some(b) => b.clone(),
                 None => {
                     let b = std::sync::Arc::new(match parse_key(&self.der)? {
-                        RawKey::Rsa(k) => Built::Rsa(DkimSigner::from_key(k).domain(&domain).selector(&self.selector).headers(SIGNED_HEADERS)),
-                        RawKey::Ed25519(k) => Built::Ed25519(DkimSigner::from_key(k).domain(&domain).selector(&self.selector).headers(SIGNED_HEADERS)),
+                        RawKey::Rsa(k) => Built::Rsa(
+                            DkimSigner::from_key(k).domain(&domain).selector(&self.selector).headers(SIGNED_HEADERS),
+                        ),
+                        RawKey::Ed25519(k) => Built::Ed25519(
+                            DkimSigner::from_key(k).domain(&domain).selector(&self.selector).headers(SIGNED_HEADERS),
+                        ),
                     });
                     cache.insert(domain.clone(), b.clone());
                     b
@@ -263,7 +278,10 @@ mod tests {
     #[tokio::test]
     async fn spf_dkim_dmarc_against_unbound() {
         const UNBOUND: &str = "/usr/sbin/unbound";
-        assert!(std::path::Path::new(UNBOUND).exists(), "unbound is not installed: run tests/run.sh, which installs it");
+        assert!(
+            std::path::Path::new(UNBOUND).exists(),
+            "unbound is not installed: run tests/run.sh, which installs it"
+        );
         let b64 = base64::engine::general_purpose::STANDARD;
         let der = Ed25519Key::generate_pkcs8().expect("key");
         let public = b64.encode(Ed25519Key::from_pkcs8_der(&der).expect("key").public_key());
@@ -299,7 +317,8 @@ mod tests {
         );
         let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
         let prog = c.program.expect("policy compiles");
-        let signer = Signer::from_program(&prog, &|_: &str| Some(pem.clone())).expect("key loads").expect("signing configured");
+        let signer =
+            Signer::from_program(&prog, &|_: &str| Some(pem.clone())).expect("key loads").expect("signing configured");
         let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
 
@@ -327,17 +346,22 @@ mod tests {
         assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("pass", "pass", "reject"));
         let header = auth.header(&st, ip, "client.good.test", "alice@good.test").expect("a header");
         assert!(header.starts_with("Authentication-Results: mx.test;"), "{header}");
-        assert!(header.contains("spf=pass") && header.contains("dkim=pass") && header.contains("dmarc=pass"), "{header}");
+        assert!(
+            header.contains("spf=pass") && header.contains("dkim=pass") && header.contains("dmarc=pass"),
+            "{header}"
+        );
 
         // A tampered body breaks the signature.
         let tampered: Vec<u8> = String::from_utf8_lossy(&signed).replace("Hello.", "Hello!").into_bytes();
-        let (dkim, _, _) = auth.content(&mut AuthState::default(), ip, "client.good.test", "alice@good.test", &tampered).await;
+        let (dkim, _, _) =
+            auth.content(&mut AuthState::default(), ip, "client.good.test", "alice@good.test", &tampered).await;
         // mail-auth reports a body-hash mismatch as neutral (RFC 8601 allows either).
         assert!(dkim == "fail" || dkim == "neutral", "a tampered body must not pass: {dkim}");
 
         // Unsigned, From bad.test, SPF fail: DMARC fails with the domain's quarantine policy.
         let forged = b"From: eve@bad.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n";
-        let (dkim, dmarc, policy) = auth.content(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test", forged).await;
+        let (dkim, dmarc, policy) =
+            auth.content(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test", forged).await;
         assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("none", "fail", "quarantine"));
     }
 }

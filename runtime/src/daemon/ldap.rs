@@ -58,7 +58,13 @@ pub fn expand_filter(filter: &str, key: &str) -> String {
     out
 }
 
-pub async fn lookup(prog: &Program, t: &Resource, key: &str, secrets: &HashMap<String, String>, default_timeout: Duration) -> Answer {
+pub async fn lookup(
+    prog: &Program,
+    t: &Resource,
+    key: &str,
+    secrets: &HashMap<String, String>,
+    default_timeout: Duration,
+) -> Answer {
     let timeout = match t.option("timeout") {
         Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
         _ => default_timeout,
@@ -70,7 +76,12 @@ pub async fn lookup(prog: &Program, t: &Resource, key: &str, secrets: &HashMap<S
     }
 }
 
-async fn search(prog: &Program, t: &Resource, key: &str, secrets: &HashMap<String, String>) -> Result<Option<String>, String> {
+async fn search(
+    prog: &Program,
+    t: &Resource,
+    key: &str,
+    secrets: &HashMap<String, String>,
+) -> Result<Option<String>, String> {
     let url = opt(t, "url").ok_or("no url")?;
     let base = opt(t, "base").ok_or("no base")?;
     let filter = expand_filter(opt(t, "filter").ok_or("no filter")?, key);
@@ -84,7 +95,9 @@ async fn search(prog: &Program, t: &Resource, key: &str, secrets: &HashMap<Strin
     ldap3::drive!(conn);
     if let Some(dn) = opt(t, "bind_dn") {
         let pw = match t.option("password") {
-            Some(OptValue::Secret(id)) => prog.secrets.get(id.index()).and_then(|s| secrets.get(&s.name)).cloned().unwrap_or_default(),
+            Some(OptValue::Secret(id)) => {
+                prog.secrets.get(id.index()).and_then(|s| secrets.get(&s.name)).cloned().unwrap_or_default()
+            }
             _ => String::new(),
         };
         ldap.simple_bind(dn, &pw).await.and_then(|r| r.success()).map_err(|e| format!("bind: {e}"))?;
@@ -93,17 +106,15 @@ async fn search(prog: &Program, t: &Resource, key: &str, secrets: &HashMap<Strin
         Some(a) => vec![a],
         None => vec!["1.1"],
     };
-    let (entries, _) = ldap.search(base, scope, &filter, attrs).await.and_then(|r| r.success()).map_err(|e| format!("search: {e}"))?;
+    let (entries, _) =
+        ldap.search(base, scope, &filter, attrs).await.and_then(|r| r.success()).map_err(|e| format!("search: {e}"))?;
     let _ = ldap.unbind().await;
     let Some(first) = entries.into_iter().next() else { return Ok(None) };
     let entry = SearchEntry::construct(first);
     Ok(Some(match attribute {
-        Some(a) => entry
-            .attrs
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(a))
-            .map(|(_, v)| v.join(","))
-            .unwrap_or_default(),
+        Some(a) => {
+            entry.attrs.iter().find(|(k, _)| k.eq_ignore_ascii_case(a)).map(|(_, v)| v.join(",")).unwrap_or_default()
+        }
         None => String::new(),
     }))
 }
@@ -136,7 +147,9 @@ mod tests {
              pidfile {d}/slapd.pid\nmoduleload back_mdb\ndatabase mdb\nsuffix \"dc=example,dc=com\"\nrootdn \"cn=admin,dc=example,dc=com\"\nrootpw secret\ndirectory {d}/db\n",
             d = dir.display()
         );
-        let modpath = ["/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap"].into_iter().find(|p| std::path::Path::new(p).join("back_mdb.so").exists() || std::path::Path::new(p).join("back_mdb.la").exists());
+        let modpath = ["/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap"].into_iter().find(|p| {
+            std::path::Path::new(p).join("back_mdb.so").exists() || std::path::Path::new(p).join("back_mdb.la").exists()
+        });
         let conf = match modpath {
             Some(p) => format!("modulepath {p}\n{conf}"),
             None => conf.replace("moduleload back_mdb\n", ""),
@@ -146,7 +159,12 @@ mod tests {
                     dn: uid=alice,dc=example,dc=com\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: alice\ncn: Alice\nsn: A\nmailLocalAddress: alice@example.com\nmailLocalAddress: a.smith@example.com\nmailHost: mbox1.internal.example\n";
         std::fs::write(dir.join("data.ldif"), ldif).unwrap();
         let add = std::process::Command::new("/usr/sbin/slapadd")
-            .args(["-f", &dir.join("slapd.conf").display().to_string(), "-l", &dir.join("data.ldif").display().to_string()])
+            .args([
+                "-f",
+                &dir.join("slapd.conf").display().to_string(),
+                "-l",
+                &dir.join("data.ldif").display().to_string(),
+            ])
             .output()
             .expect("run slapadd");
         assert!(add.status.success(), "slapadd: {}", String::from_utf8_lossy(&add.stderr));
@@ -159,7 +177,14 @@ mod tests {
             }
         }
         let child = std::process::Command::new(slapd)
-            .args(["-d", "0", "-f", &dir.join("slapd.conf").display().to_string(), "-h", &format!("ldap://127.0.0.1:{port}/")])
+            .args([
+                "-d",
+                "0",
+                "-f",
+                &dir.join("slapd.conf").display().to_string(),
+                "-h",
+                &format!("ldap://127.0.0.1:{port}/"),
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -188,11 +213,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(answer, Answer::Value(Some("mbox1.internal.example".into())));
-        assert_eq!(lookup(&prog, t, "A.Smith@example.com", &none, Duration::from_secs(5)).await, Answer::Value(Some("mbox1.internal.example".into())));
+        assert_eq!(
+            lookup(&prog, t, "A.Smith@example.com", &none, Duration::from_secs(5)).await,
+            Answer::Value(Some("mbox1.internal.example".into()))
+        );
         assert_eq!(lookup(&prog, t, "nobody@example.com", &none, Duration::from_secs(5)).await, Answer::Value(None));
         // Injection attempt: the filter stays one equality test.
         assert_eq!(lookup(&prog, t, "*", &none, Duration::from_secs(5)).await, Answer::Value(None));
         // A directory that is down is an error, never a "not found".
-        assert!(matches!(lookup(&prog, &prog.tables[1], "alice@example.com", &none, Duration::from_secs(5)).await, Answer::Error(_) | Answer::Timeout));
+        assert!(matches!(
+            lookup(&prog, &prog.tables[1], "alice@example.com", &none, Duration::from_secs(5)).await,
+            Answer::Error(_) | Answer::Timeout
+        ));
     }
 }

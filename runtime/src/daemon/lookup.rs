@@ -62,7 +62,9 @@ pub fn resolve_secrets(prog: &Program, policy_dir: &Path) -> Result<HashMap<Stri
     for s in &prog.secrets {
         let src = s.source.clone().unwrap_or_default();
         let value = match s.kind.as_str() {
-            "env" => std::env::var(&src).map_err(|_| format!("secret {}: environment variable {src} is not set", s.name))?,
+            "env" => {
+                std::env::var(&src).map_err(|_| format!("secret {}: environment variable {src} is not set", s.name))?
+            }
             _ => {
                 let path = policy_dir.join(&src);
                 std::fs::read_to_string(&path)
@@ -79,7 +81,8 @@ pub fn resolve_secrets(prog: &Program, policy_dir: &Path) -> Result<HashMap<Stri
 impl Lookups {
     pub fn new(prog: &Program, policy_dir: &Path) -> Result<Lookups, String> {
         let secrets = resolve_secrets(prog, policy_dir)?;
-        let sender_auth = super::auth::SenderAuth::new(prog, &crate::config::hostname(prog, None, &super::machine_hostname()))?;
+        let sender_auth =
+            super::auth::SenderAuth::new(prog, &crate::config::hostname(prog, None, &super::machine_hostname()))?;
         let signer = super::auth::Signer::from_program(prog, &|name: &str| secrets.get(name).cloned())?;
         let hostname = crate::config::hostname(prog, None, &super::machine_hostname());
         let mx_resolver: std::sync::Arc<dyn crate::transport::mx::Resolver> = match prog.server.option("dns_server") {
@@ -100,7 +103,8 @@ impl Lookups {
                 c.add_name_server(NameServerConfig::new(sa, Protocol::Tcp));
                 (c, ResolverOpts::default())
             }
-            _ => hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|_| (ResolverConfig::default(), ResolverOpts::default())),
+            _ => hickory_resolver::system_conf::read_system_conf()
+                .unwrap_or_else(|_| (ResolverConfig::default(), ResolverOpts::default())),
         };
         let dns_timeout = dur(prog, "dns_timeout", 5_000);
         opts.timeout = dns_timeout;
@@ -120,7 +124,9 @@ impl Lookups {
             local_domains: crate::conn::local_domains(prog, &hostname),
             hostname,
             mx_resolver,
-            callahead_sessions: std::sync::Arc::new(crate::transport::driver::ConnectionCache::new(Duration::from_secs(30))),
+            callahead_sessions: std::sync::Arc::new(crate::transport::driver::ConnectionCache::new(
+                Duration::from_secs(30),
+            )),
             callaheads: Mutex::new(HashMap::new()),
             sender_auth,
             signer,
@@ -134,7 +140,9 @@ impl Lookups {
     pub async fn answer(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
         match req {
             Request::Lookup { table, key } => match prog.tables.get(table.index()) {
-                Some(t) if t.kind == "ldap" => super::ldap::lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
+                Some(t) if t.kind == "ldap" => {
+                    super::ldap::lookup(prog, t, key, &self.secrets, self.lookup_timeout).await
+                }
                 Some(t) => self.table(t, key).await,
                 None => Answer::Error("no such table".into()),
             },
@@ -143,9 +151,11 @@ impl Lookups {
                 let r = self.rates.lock().map(|r| r.count(counter.name(), key, *window_ms, now_ms));
                 r.map(Answer::Count).unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
             }
-            Request::Concurrent { key } => {
-                self.rates.lock().map(|r| Answer::Count(r.concurrent(key))).unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
-            }
+            Request::Concurrent { key } => self
+                .rates
+                .lock()
+                .map(|r| Answer::Count(r.concurrent(key)))
+                .unwrap_or_else(|_| Answer::Error("rate store poisoned".into())),
             Request::Greylist { client, sender, recipient, delay_ms, expire_ms } => self
                 .greylist
                 .lock()
@@ -186,11 +196,18 @@ impl Lookups {
         facts.recipients = vec![recipient.to_string()];
         facts.local_domains = self.local_domains.clone();
         let mut state = crate::eval::State::new(prog);
-        let v = Box::pin(super::route::run_stage(prog, self, mailpolicy_lang::ir::Stage::Route, &facts, &mut state)).await;
+        let v =
+            Box::pin(super::route::run_stage(prog, self, mailpolicy_lang::ir::Stage::Route, &facts, &mut state)).await;
         let dest = match &v.outcome {
-            crate::eval::Outcome::Deliver(t) if matches!(t.kind, TransportKind::Smtp | TransportKind::Lmtp) => t.dest.clone().unwrap_or_default(),
-            crate::eval::Outcome::Deliver(t) if t.kind == TransportKind::Mx => mailpolicy_stdlib::address::split(recipient).1,
-            crate::eval::Outcome::Default | crate::eval::Outcome::Accept => mailpolicy_stdlib::address::split(recipient).1,
+            crate::eval::Outcome::Deliver(t) if matches!(t.kind, TransportKind::Smtp | TransportKind::Lmtp) => {
+                t.dest.clone().unwrap_or_default()
+            }
+            crate::eval::Outcome::Deliver(t) if t.kind == TransportKind::Mx => {
+                mailpolicy_stdlib::address::split(recipient).1
+            }
+            crate::eval::Outcome::Default | crate::eval::Outcome::Accept => {
+                mailpolicy_stdlib::address::split(recipient).1
+            }
             _ => return Answer::Error("the route stage gives no SMTP next hop to ask".into()),
         };
         let Some(dest) = crate::transport::mx::Destination::parse(&dest) else {
@@ -207,7 +224,12 @@ impl Lookups {
         let mut opts = crate::transport::driver::DeliveryOptions::new(self.hostname.clone(), self.mx_resolver.clone());
         opts.cache = Some(self.callahead_sessions.clone());
         opts.timeouts = crate::transport::driver::Timeouts::all(self.lookup_timeout);
-        let reply = match tokio::time::timeout(self.lookup_timeout * 2, crate::transport::driver::call_ahead(&dest, &from, &to, &opts)).await {
+        let reply = match tokio::time::timeout(
+            self.lookup_timeout * 2,
+            crate::transport::driver::call_ahead(&dest, &from, &to, &opts),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => return Answer::Timeout,
         };
@@ -246,7 +268,9 @@ impl Lookups {
     pub fn table_sync(&self, t: &Resource, key: &str) -> Answer {
         match t.kind.as_str() {
             "list" | "map" | "access" | "cidr" | "regexp" | "pcre" => {}
-            other => return Answer::Error(format!("{other} tables are not available in this build (table {})", t.name)),
+            other => {
+                return Answer::Error(format!("{other} tables are not available in this build (table {})", t.name))
+            }
         }
         let Some(source) = &t.source else { return Answer::Error(format!("table {} has no file", t.name)) };
         let path = self.policy_dir.join(source);
@@ -288,7 +312,8 @@ impl Lookups {
             RrType::Ptr => RecordType::PTR,
         };
         let fqdn = if name.ends_with('.') { name.to_string() } else { format!("{name}.") };
-        let q = tokio::time::timeout(self.dns_timeout + self.dns_timeout, self.resolver.lookup(fqdn.as_str(), rt)).await;
+        let q =
+            tokio::time::timeout(self.dns_timeout + self.dns_timeout, self.resolver.lookup(fqdn.as_str(), rt)).await;
         match q {
             Err(_) => Answer::Timeout,
             Ok(Ok(lookup)) => {
@@ -297,8 +322,12 @@ impl Lookups {
                     match r {
                         RData::A(a) => out.push(a.0.to_string()),
                         RData::AAAA(a) => out.push(a.0.to_string()),
-                        RData::MX(mx) => out.push(format!("{} {}", mx.preference(), mx.exchange().to_utf8().trim_end_matches('.'))),
-                        RData::TXT(t) => out.push(t.txt_data().iter().map(|d| String::from_utf8_lossy(d).to_string()).collect::<String>()),
+                        RData::MX(mx) => {
+                            out.push(format!("{} {}", mx.preference(), mx.exchange().to_utf8().trim_end_matches('.')))
+                        }
+                        RData::TXT(t) => out.push(
+                            t.txt_data().iter().map(|d| String::from_utf8_lossy(d).to_string()).collect::<String>(),
+                        ),
                         RData::PTR(p) => out.push(p.0.to_utf8().trim_end_matches('.').to_string()),
                         _ => {}
                     }
@@ -310,7 +339,9 @@ impl Lookups {
                 }
             }
             Ok(Err(e)) => match e.kind() {
-                ResolveErrorKind::NoRecordsFound { response_code, .. } if *response_code == ResponseCode::NXDomain || *response_code == ResponseCode::NoError => {
+                ResolveErrorKind::NoRecordsFound { response_code, .. }
+                    if *response_code == ResponseCode::NXDomain || *response_code == ResponseCode::NoError =>
+                {
                     Answer::NxDomain
                 }
                 ResolveErrorKind::Timeout => Answer::Timeout,

@@ -10,9 +10,9 @@
 pub mod auth;
 pub mod ldap;
 pub mod log;
+pub mod lookup;
 pub mod qmgr;
 pub mod route;
-pub mod lookup;
 pub mod sasl;
 pub mod scan;
 pub mod session;
@@ -131,7 +131,11 @@ impl Shared {
         );
         let msg = QueuedMessage {
             sender: from,
-            recipients: vec![QueuedRcpt { address: to.to_string(), notify: vec!["NEVER".into()], orcpt: String::new() }],
+            recipients: vec![QueuedRcpt {
+                address: to.to_string(),
+                notify: vec!["NEVER".into()],
+                orcpt: String::new(),
+            }],
             ret: String::new(),
             envid: String::new(),
             data: data.into_bytes(),
@@ -169,10 +173,16 @@ pub fn load_policy(opts: &ServeOptions) -> Result<(Program, PathBuf, Compilation
     // The same checks as `mailc check`, the open-relay proof included: a policy it
     // refuses never runs (B1, B6).
     let (c, _) = match &opts.policy {
-        Some(p) => mailpolicy_lang::analysis::check(&p.display().to_string(), &FsLoader { std_dir: opts.std_dir.clone() }),
-        None => mailpolicy_lang::analysis::check(DEFAULT_POLICY_NAME, &MemLoader::single(DEFAULT_POLICY_NAME, DEFAULT_POLICY)),
+        Some(p) => {
+            mailpolicy_lang::analysis::check(&p.display().to_string(), &FsLoader { std_dir: opts.std_dir.clone() })
+        }
+        None => mailpolicy_lang::analysis::check(
+            DEFAULT_POLICY_NAME,
+            &MemLoader::single(DEFAULT_POLICY_NAME, DEFAULT_POLICY),
+        ),
     };
-    let dir = opts.policy.as_ref().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
+    let dir =
+        opts.policy.as_ref().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
     match c.program.clone() {
         Some(p) => Ok((p, dir, c)),
@@ -214,7 +224,9 @@ pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str
             .iter()
             .map(|l| {
                 let name = l.name.clone().unwrap_or_default();
-                let addr = opt_str(l, "address").and_then(|a| a.parse().ok()).ok_or_else(|| format!("listener {name}: bad address"))?;
+                let addr = opt_str(l, "address")
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| format!("listener {name}: bad address"))?;
                 Ok((name, addr))
             })
             .collect::<Result<_, String>>()?
@@ -226,7 +238,11 @@ pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str
     for (name, address) in decls {
         let decl = prog.listener(&name);
         let protocol = decl.and_then(|l| opt_word(l, "protocol")).unwrap_or("smtp");
-        let tls_word = decl.and_then(|l| opt_word(l, "tls")).unwrap_or(if protocol == "submissions" { "required" } else { "starttls" });
+        let tls_word = decl.and_then(|l| opt_word(l, "tls")).unwrap_or(if protocol == "submissions" {
+            "required"
+        } else {
+            "starttls"
+        });
         let hostname_l = crate::config::hostname(prog, Some(&name), hostname);
         let tls = if tls_word == "none" && protocol != "submissions" {
             None
@@ -315,9 +331,27 @@ pub async fn start(
     });
     let mut addresses = Vec::new();
     for l in lsts {
-        let sock = TcpListener::bind(l.address).await.map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?;
+        let sock = TcpListener::bind(l.address)
+            .await
+            .map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?;
         let bound = sock.local_addr().map_err(|e| e.to_string())?;
-        shared.log.event("listening", &[("listener", &l.name), ("address", &bound.to_string()), ("tls", if l.implicit_tls { "implicit" } else if l.tls.is_some() { "starttls" } else { "none" })]);
+        shared.log.event(
+            "listening",
+            &[
+                ("listener", &l.name),
+                ("address", &bound.to_string()),
+                (
+                    "tls",
+                    if l.implicit_tls {
+                        "implicit"
+                    } else if l.tls.is_some() {
+                        "starttls"
+                    } else {
+                        "none"
+                    },
+                ),
+            ],
+        );
         addresses.push((l.name.clone(), bound));
         tokio::spawn(accept_loop(shared.clone(), Arc::new(l), sock));
     }
@@ -344,7 +378,10 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
         let id = format!("{}-{n}", lst.name);
         let permits = (lst.sessions.clone().try_acquire_owned(), shared.sessions.clone().try_acquire_owned());
         let (Ok(p1), Ok(p2)) = permits else {
-            shared.log.event("refused", &[("listener", &lst.name), ("client", &remote.ip().to_string()), ("reason", "too many sessions")]);
+            shared.log.event(
+                "refused",
+                &[("listener", &lst.name), ("client", &remote.ip().to_string()), ("reason", "too many sessions")],
+            );
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 let _ = tcp.write_all(b"421 4.7.0 Too many connections, try again later\r\n").await;
@@ -373,11 +410,15 @@ impl Running {
                 if let Ok(mut l) = self.shared.lookups.write() {
                     *l = Arc::new(lookups);
                 }
-                self.shared.log.event("reloaded", &[("policy", &opts.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_default())]);
+                self.shared.log.event(
+                    "reloaded",
+                    &[("policy", &opts.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_default())],
+                );
                 Ok(())
             }
             Err(c) => {
-                let errs: Vec<String> = c.diagnostics.iter().filter(|d| d.is_error()).map(|d| d.render_short(&c.sources)).collect();
+                let errs: Vec<String> =
+                    c.diagnostics.iter().filter(|d| d.is_error()).map(|d| d.render_short(&c.sources)).collect();
                 let msg = errs.join("; ");
                 self.shared.log.event("reload-refused", &[("errors", &msg)]);
                 Err(msg)

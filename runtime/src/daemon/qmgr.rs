@@ -21,10 +21,10 @@ use crate::eval::{DeliveryFacts, Outcome as PolicyOutcome, RenderedReply};
 use crate::queue::{Command, Delivery, DsnKind, Entry, Job, QueueConfig, Scheduler};
 use crate::smtp::{self, Envelope, ForwardPath, MailParams, Notify, Orcpt, RcptParams, Recipient, Reply, ReversePath};
 use crate::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored};
+use crate::transport::client::{Credentials, TlsPolicy};
 use crate::transport::driver::{self, DeliveryOptions, DeliveryReport, Outcome, Target};
 use crate::transport::dsn::{self, DsnRecipient};
 use crate::transport::mx::{Destination, HickoryResolver, LocalIdentity, Resolver};
-use crate::transport::client::{Credentials, TlsPolicy};
 
 enum Ctl {
     Reload(Arc<Program>),
@@ -126,21 +126,35 @@ struct Qmgr {
 
 /// Blocking spool I/O (reads, renames, fsyncs) on the blocking pool, so that the queue
 /// manager never stalls a runtime worker that sessions need.
-async fn spool_io<T: Send + 'static>(spool: &Spool, f: impl FnOnce(&Spool) -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+async fn spool_io<T: Send + 'static>(
+    spool: &Spool,
+    f: impl FnOnce(&Spool) -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
     let s = spool.clone();
     tokio::task::spawn_blocking(move || f(&s)).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
-pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: Vec<String>, mut incoming: mpsc::UnboundedReceiver<String>) -> QmgrHandle {
+pub fn spawn(
+    shared: Arc<Shared>,
+    spool: Spool,
+    policy_dir: PathBuf,
+    recovered: Vec<String>,
+    mut incoming: mpsc::UnboundedReceiver<String>,
+) -> QmgrHandle {
     let (ctl, mut ctl_rx) = mpsc::unbounded_channel();
     let prog = shared.program();
-    let resolver: Arc<dyn Resolver> = match prog.server.option("dns_server").and_then(|v| if let OptValue::Str(s) = v { s.parse().ok() } else { None }) {
-        Some(addr) => Arc::new(HickoryResolver::with_nameserver(addr)),
-        None => match HickoryResolver::system() {
-            Ok(r) => Arc::new(r),
-            Err(_) => Arc::new(HickoryResolver::with_nameserver(std::net::SocketAddr::from(([127, 0, 0, 1], 53)))),
-        },
-    };
+    let resolver: Arc<dyn Resolver> =
+        match prog
+            .server
+            .option("dns_server")
+            .and_then(|v| if let OptValue::Str(s) = v { s.parse().ok() } else { None })
+        {
+            Some(addr) => Arc::new(HickoryResolver::with_nameserver(addr)),
+            None => match HickoryResolver::system() {
+                Ok(r) => Arc::new(r),
+                Err(_) => Arc::new(HickoryResolver::with_nameserver(std::net::SocketAddr::from(([127, 0, 0, 1], 53)))),
+            },
+        };
     let mut q = Qmgr {
         sched: Scheduler::new(queue_config(&prog)),
         shared,
@@ -169,7 +183,11 @@ pub fn spawn(shared: Arc<Shared>, spool: Spool, policy_dir: PathBuf, recovered: 
                 while q.removals.join_next().await.is_some() {}
                 break;
             }
-            let wake = q.sched.poll_timeout().map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(10))).unwrap_or(Duration::from_secs(60));
+            let wake = q
+                .sched
+                .poll_timeout()
+                .map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(10)))
+                .unwrap_or(Duration::from_secs(60));
             tokio::select! {
                 Some(id) = incoming.recv(), if stopping.is_none() => q.admit(&id).await,
                 Some(_) = q.removals.join_next(), if !q.removals.is_empty() => {}
@@ -242,7 +260,19 @@ impl Qmgr {
             let routed = match &stored.message.filter {
                 // R44: a message with a content filter goes there first, whatever route says.
                 Some(t) => route::filter_route(t, &stored.message.recipients[i].address),
-                None => route::route(&self.prog, &self.shared.lookups(), &self.policy_dir, &stored.message, i, id, stored.arrived_ms, now).await,
+                None => {
+                    route::route(
+                        &self.prog,
+                        &self.shared.lookups(),
+                        &self.policy_dir,
+                        &stored.message,
+                        i,
+                        id,
+                        stored.arrived_ms,
+                        now,
+                    )
+                    .await
+                }
             };
             match routed {
                 Routed::Deliver { key, transport, address, sender } => {
@@ -255,7 +285,10 @@ impl Qmgr {
                         TlsMode::None => TlsPolicy::None,
                         TlsMode::May => TlsPolicy::May,
                     };
-                    let auth = transport.auth.and_then(|s| self.prog.secrets.get(s.index())).and_then(|s| self.shared.lookups().secret(&s.name).and_then(Credentials::parse));
+                    let auth = transport
+                        .auth
+                        .and_then(|s| self.prog.secrets.get(s.index()))
+                        .and_then(|s| self.shared.lookups().secret(&s.name).and_then(Credentials::parse));
                     self.routes.insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth });
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
@@ -268,7 +301,14 @@ impl Qmgr {
                     if let Some(s) = sender {
                         m.sender = s;
                     }
-                    m.recipients = members.iter().map(|a| QueuedRcpt { address: a.clone(), notify: rcpt.notify.clone(), orcpt: rcpt.orcpt.clone() }).collect();
+                    m.recipients = members
+                        .iter()
+                        .map(|a| QueuedRcpt {
+                            address: a.clone(),
+                            notify: rcpt.notify.clone(),
+                            orcpt: rcpt.orcpt.clone(),
+                        })
+                        .collect();
                     if received_count(&m.data) > 50 {
                         failures.push((i, "554 5.4.6 Mail loop: too many Received headers".into()));
                         continue;
@@ -276,8 +316,22 @@ impl Qmgr {
                     let class = stored.class;
                     match spool_io(&self.spool, move |s| s.store(&m, class, now).map_err(std::io::Error::other)).await {
                         Ok(new_id) => {
-                            self.shared.log.event("expanded", &[("id", id), ("rcpt", &rcpt.address), ("into", new_id.as_str()), ("members", &members.join(","))]);
-                            updates.push((i, RcptState::Delivered { at: now, reply: format!("250 2.1.5 expanded to {}", members.join(", ")) }));
+                            self.shared.log.event(
+                                "expanded",
+                                &[
+                                    ("id", id),
+                                    ("rcpt", &rcpt.address),
+                                    ("into", new_id.as_str()),
+                                    ("members", &members.join(",")),
+                                ],
+                            );
+                            updates.push((
+                                i,
+                                RcptState::Delivered {
+                                    at: now,
+                                    reply: format!("250 2.1.5 expanded to {}", members.join(", ")),
+                                },
+                            ));
                             Box::pin(self.admit(new_id.as_str())).await;
                         }
                         Err(e) => self.shared.log.event("expand-failed", &[("id", id), ("error", &e.to_string())]),
@@ -286,9 +340,18 @@ impl Qmgr {
                 Routed::Fail(r) => failures.push((i, r.to_string())),
                 Routed::Defer(r) => {
                     // Route again at the next queue run.
-                    updates.push((i, RcptState::Deferred { attempts: attempts + 1, next_at: now + 300_000, last_reply: r.to_string() }));
+                    updates.push((
+                        i,
+                        RcptState::Deferred {
+                            attempts: attempts + 1,
+                            next_at: now + 300_000,
+                            last_reply: r.to_string(),
+                        },
+                    ));
                 }
-                Routed::Discard => updates.push((i, RcptState::Delivered { at: now, reply: "250 2.0.0 discarded by policy".into() })),
+                Routed::Discard => {
+                    updates.push((i, RcptState::Delivered { at: now, reply: "250 2.0.0 discarded by policy".into() }))
+                }
             }
         }
         if !failures.is_empty() {
@@ -332,15 +395,28 @@ impl Qmgr {
                 Some(OptValue::Str(s)) => self.policy_dir.join(s),
                 _ => PathBuf::from("var/mail"),
             };
-            let safe: String = folder.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+            let safe: String =
+                folder.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
             let safe = safe.trim_start_matches('.').to_string();
             let dir = root.join(if safe.is_empty() { "archive".to_string() } else { safe });
-            let env = Envelope { from: reverse_path(&stored.message.sender), params: MailParams::default(), recipients: Vec::new() };
+            let env = Envelope {
+                from: reverse_path(&stored.message.sender),
+                params: MailParams::default(),
+                recipients: Vec::new(),
+            };
             let data = stored.message.data.clone();
             let d = dir.clone();
-            let res = tokio::task::spawn_blocking(move || crate::transport::local::deliver_maildir(&d, &env, &data)).await;
+            let res =
+                tokio::task::spawn_blocking(move || crate::transport::local::deliver_maildir(&d, &env, &data)).await;
             let ok = matches!(res, Ok(Ok(_)));
-            self.shared.log.event("archive", &[("id", stored.id.as_str()), ("folder", &dir.display().to_string()), ("status", if ok { "stored" } else { "failed" })]);
+            self.shared.log.event(
+                "archive",
+                &[
+                    ("id", stored.id.as_str()),
+                    ("folder", &dir.display().to_string()),
+                    ("status", if ok { "stored" } else { "failed" }),
+                ],
+            );
         }
     }
 
@@ -387,7 +463,8 @@ impl Qmgr {
         let spool = self.spool.clone();
         let prog = self.prog.clone();
         let shared = self.shared.clone();
-        let routes: Vec<Option<RouteInfo>> = job.rcpts.iter().map(|i| self.routes.get(&(job.id.as_str().to_string(), *i)).cloned()).collect();
+        let routes: Vec<Option<RouteInfo>> =
+            job.rcpts.iter().map(|i| self.routes.get(&(job.id.as_str().to_string(), *i)).cloned()).collect();
         let resolver = self.resolver.clone();
         let cache = self.cache.clone();
         let hostname = shared.hostname.clone();
@@ -403,23 +480,38 @@ impl Qmgr {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let r = format!("451 4.3.0 cannot read the queue file: {e}");
-                    return JobDone { results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(), job };
+                    return JobDone {
+                        results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
+                        job,
+                    };
                 }
                 Err(e) => {
                     let r = format!("451 4.3.0 {e}");
-                    return JobDone { results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(), job };
+                    return JobDone {
+                        results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
+                        job,
+                    };
                 }
             };
             let Some(Some(first)) = routes.first().cloned() else {
                 let r = "451 4.3.0 recipient not routed".to_string();
-                return JobDone { results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(), job };
+                return JobDone {
+                    results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
+                    job,
+                };
             };
             let msg = &stored.message;
             let lookups = shared.lookups();
             let base_sender = first.sender.clone().unwrap_or_else(|| msg.sender.clone());
             let sender = if msg.batv_sign && !base_sender.is_empty() {
                 match lookups.batv_keys(&prog).and_then(|k| k.into_iter().max_by_key(|(n, _)| *n)) {
-                    Some((n, key)) => mailpolicy_stdlib::batv::sign(&base_sender, n, &key, now_ms(), super::lookup::batv_lifetime_days(&prog)),
+                    Some((n, key)) => mailpolicy_stdlib::batv::sign(
+                        &base_sender,
+                        n,
+                        &key,
+                        now_ms(),
+                        super::lookup::batv_lifetime_days(&prog),
+                    ),
                     None => base_sender.clone(),
                 }
             } else {
@@ -428,7 +520,9 @@ impl Qmgr {
             let mut env = Envelope { from: reverse_path(&sender), params: mail_params(msg), recipients: Vec::new() };
             let mut indices = Vec::new();
             for (k, i) in job.rcpts.iter().enumerate() {
-                let (Some(r), Some(info)) = (msg.recipients.get(*i), routes.get(k).cloned().flatten()) else { continue };
+                let (Some(r), Some(info)) = (msg.recipients.get(*i), routes.get(k).cloned().flatten()) else {
+                    continue;
+                };
                 let Some(path) = forward_path(&info.address) else { continue };
                 env.recipients.push(Recipient { path, params: rcpt_params(r) });
                 indices.push(*i);
@@ -442,7 +536,11 @@ impl Qmgr {
             let now = now_ms();
             let mut results = Vec::new();
             for (k, i) in indices.iter().enumerate() {
-                let outcome = report.recipients.get(k).cloned().unwrap_or_else(|| Outcome::Deferred(Reply::new(451, (4, 3, 0), "no result")));
+                let outcome = report
+                    .recipients
+                    .get(k)
+                    .cloned()
+                    .unwrap_or_else(|| Outcome::Deferred(Reply::new(451, (4, 3, 0), "no result")));
                 let rcpt = &msg.recipients[*i];
                 let reply = outcome.reply().clone();
                 let facts = DeliveryFacts {
@@ -452,7 +550,8 @@ impl Qmgr {
                     host: report.remote_host.clone().unwrap_or_default(),
                     attempts: job.attempt,
                 };
-                let policy = route::after_attempt(&prog, &lookups, msg, rcpt, facts, now, id.as_str(), stored.arrived_ms).await;
+                let policy =
+                    route::after_attempt(&prog, &lookups, msg, rcpt, facts, now, id.as_str(), stored.arrived_ms).await;
                 let text = reply_line(&reply);
                 let d = match (policy, &outcome) {
                     (Some(PolicyOutcome::Tempfail(r)), _) => Delivery::TempFail(r.to_string()),
@@ -467,19 +566,29 @@ impl Qmgr {
                         ("id", id.as_str()),
                         ("to", &rcpt.address),
                         ("relay", &report.remote_mta.clone().unwrap_or_else(|| format!("{:?}", first.target))),
-                        ("status", match &d {
-                            Delivery::Delivered(_) => "sent",
-                            Delivery::TempFail(_) => "deferred",
-                            Delivery::PermFail(_) => "bounced",
-                        }),
-                        ("reply", match &d {
-                            Delivery::Delivered(r) | Delivery::TempFail(r) | Delivery::PermFail(r) => r,
-                        }),
+                        (
+                            "status",
+                            match &d {
+                                Delivery::Delivered(_) => "sent",
+                                Delivery::TempFail(_) => "deferred",
+                                Delivery::PermFail(_) => "bounced",
+                            },
+                        ),
+                        (
+                            "reply",
+                            match &d {
+                                Delivery::Delivered(r) | Delivery::TempFail(r) | Delivery::PermFail(r) => r,
+                            },
+                        ),
                         ("tls", if report.tls { "yes" } else { "no" }),
                     ],
                 );
                 // R1: the next hop cannot report success itself; we owe a "relayed" DSN.
-                if matches!(d, Delivery::Delivered(_)) && !report.next_hop_dsn && rcpt.notify.iter().any(|n| n == "SUCCESS") && matches!(first.target, Target::Smtp(_)) {
+                if matches!(d, Delivery::Delivered(_))
+                    && !report.next_hop_dsn
+                    && rcpt.notify.iter().any(|n| n == "SUCCESS")
+                    && matches!(first.target, Target::Smtp(_))
+                {
                     relayed_dsn(&shared, &spool, &prog, &stored, *i, &report, now).await;
                 }
                 results.push((*i, d));
@@ -549,9 +658,18 @@ impl Qmgr {
                 Some(OptValue::Str(s)) => s.clone(),
                 _ => format!("postmaster@{}", self.shared.hostname),
             };
-            let already = String::from_utf8_lossy(&msg.data[..msg.data.len().min(4096)]).to_ascii_lowercase().contains("x-mailpolicy-double-bounce:");
+            let already = String::from_utf8_lossy(&msg.data[..msg.data.len().min(4096)])
+                .to_ascii_lowercase()
+                .contains("x-mailpolicy-double-bounce:");
             if kind != DsnKind::Failure || pm.is_empty() || already {
-                self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", "double-bounce"), ("reason", if pm.is_empty() { "no postmaster setting" } else { "not a first failure" })]);
+                self.shared.log.event(
+                    "dsn-dropped",
+                    &[
+                        ("id", id.as_str()),
+                        ("kind", "double-bounce"),
+                        ("reason", if pm.is_empty() { "no postmaster setting" } else { "not a first failure" }),
+                    ],
+                );
                 return;
             }
             pm
@@ -571,7 +689,13 @@ impl Qmgr {
             if !double && !dsn::should_notify(tkind, notify.as_ref(), &sender) {
                 continue;
             }
-            let rep = Reply::parse(reply).unwrap_or_else(|| Reply::new(if kind == DsnKind::Delay { 451 } else { 550 }, (if kind == DsnKind::Delay { 4 } else { 5 }, 0, 0), reply.clone()));
+            let rep = Reply::parse(reply).unwrap_or_else(|| {
+                Reply::new(
+                    if kind == DsnKind::Delay { 451 } else { 550 },
+                    (if kind == DsnKind::Delay { 4 } else { 5 }, 0, 0),
+                    reply.clone(),
+                )
+            });
             let outcome = match kind {
                 DsnKind::Failure => Outcome::Failed(rep),
                 DsnKind::Delay => Outcome::Deferred(rep),
@@ -587,7 +711,9 @@ impl Qmgr {
             return;
         }
         let lookups = self.shared.lookups();
-        if kind == DsnKind::Delay && !route::delay_warning_allowed(&self.prog, &lookups, msg, now, id.as_str(), stored.arrived_ms).await {
+        if kind == DsnKind::Delay
+            && !route::delay_warning_allowed(&self.prog, &lookups, msg, now, id.as_str(), stored.arrived_ms).await
+        {
             self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", "delay"), ("by", "policy")]);
             return;
         }
@@ -597,9 +723,22 @@ impl Qmgr {
             DsnKind::Success => "success",
         };
         let reason = rcpts.first().map(|r| r.1.clone()).unwrap_or_default();
-        let (allowed, effects) = route::bounce_allowed(&self.prog, &lookups, msg, &to, kind_word, &reason, now, id.as_str(), stored.arrived_ms).await;
+        let (allowed, effects) = route::bounce_allowed(
+            &self.prog,
+            &lookups,
+            msg,
+            &to,
+            kind_word,
+            &reason,
+            now,
+            id.as_str(),
+            stored.arrived_ms,
+        )
+        .await;
         if !allowed {
-            self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", kind_word), ("to", &to), ("by", "policy")]);
+            self.shared
+                .log
+                .event("dsn-dropped", &[("id", id.as_str()), ("kind", kind_word), ("to", &to), ("by", "policy")]);
             return;
         }
         let size_limit = num(&self.prog, "bounce_size_limit").unwrap_or(50_000) as usize;
@@ -645,9 +784,19 @@ impl Qmgr {
             helo: self.shared.hostname.clone(),
             ..Default::default()
         };
-        match spool_io(&self.spool, move |s| s.store(&bounce, Class::Bounce, now).map_err(std::io::Error::other)).await {
+        match spool_io(&self.spool, move |s| s.store(&bounce, Class::Bounce, now).map_err(std::io::Error::other)).await
+        {
             Ok(new_id) => {
-                self.shared.log.event("dsn", &[("id", id.as_str()), ("kind", if double { "double-bounce" } else { kind_word }), ("to", &to), ("dsn_id", new_id.as_str()), ("expired", if expired { "yes" } else { "" })]);
+                self.shared.log.event(
+                    "dsn",
+                    &[
+                        ("id", id.as_str()),
+                        ("kind", if double { "double-bounce" } else { kind_word }),
+                        ("to", &to),
+                        ("dsn_id", new_id.as_str()),
+                        ("expired", if expired { "yes" } else { "" }),
+                    ],
+                );
                 Box::pin(self.admit(new_id.as_str())).await;
             }
             Err(e) => self.shared.log.event("dsn-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
@@ -655,12 +804,27 @@ impl Qmgr {
     }
 }
 
-async fn relayed_dsn(shared: &Shared, spool: &Spool, _prog: &Program, stored: &Stored, i: usize, report: &DeliveryReport, now: u64) {
+async fn relayed_dsn(
+    shared: &Shared,
+    spool: &Spool,
+    _prog: &Program,
+    stored: &Stored,
+    i: usize,
+    report: &DeliveryReport,
+    now: u64,
+) {
     let msg = &stored.message;
     let Some(r) = msg.recipients.get(i) else { return };
     let sender = reverse_path(&msg.sender);
     let outcome = Outcome::Delivered(Reply::new(250, (2, 0, 0), "relayed to a host without DSN support"));
-    let e = DsnRecipient::from_outcome(dsn::DsnKind::Relayed, &r.address, orcpt_of(r).as_ref(), &outcome, report.remote_host.as_deref(), now);
+    let e = DsnRecipient::from_outcome(
+        dsn::DsnKind::Relayed,
+        &r.address,
+        orcpt_of(r).as_ref(),
+        &outcome,
+        report.remote_host.as_deref(),
+        now,
+    );
     let d = dsn::Dsn {
         kind: dsn::DsnKind::Relayed,
         hostname: &shared.hostname,
@@ -675,14 +839,21 @@ async fn relayed_dsn(shared: &Shared, spool: &Spool, _prog: &Program, stored: &S
     };
     let bounce = QueuedMessage {
         sender: String::new(),
-        recipients: vec![QueuedRcpt { address: msg.sender.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }],
+        recipients: vec![QueuedRcpt {
+            address: msg.sender.clone(),
+            notify: vec!["NEVER".into()],
+            orcpt: String::new(),
+        }],
         data: dsn::build_dsn(&d),
         client_ip: "127.0.0.1".into(),
         helo: shared.hostname.clone(),
         ..Default::default()
     };
     if let Ok(id) = spool.store(&bounce, Class::Bounce, now) {
-        shared.log.event("dsn", &[("id", stored.id.as_str()), ("kind", "relayed"), ("to", &msg.sender), ("dsn_id", id.as_str())]);
+        shared.log.event(
+            "dsn",
+            &[("id", stored.id.as_str()), ("kind", "relayed"), ("to", &msg.sender), ("dsn_id", id.as_str())],
+        );
         shared.enqueued(id.as_str());
     }
 }
@@ -771,4 +942,3 @@ impl std::fmt::Display for QueueName {
 fn _reply(r: &RenderedReply) -> String {
     r.to_string()
 }
-

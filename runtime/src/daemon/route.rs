@@ -42,7 +42,14 @@ pub async fn run_stage(prog: &Program, lookups: &Lookups, stage: Stage, facts: &
 }
 
 /// Facts and variables for a queue-side stage on `rcpt` of `msg`.
-pub fn facts_for(prog: &Program, msg: &QueuedMessage, rcpt: Option<&QueuedRcpt>, now_ms: u64, queue_id: &str, arrived_ms: u64) -> (Facts, State) {
+pub fn facts_for(
+    prog: &Program,
+    msg: &QueuedMessage,
+    rcpt: Option<&QueuedRcpt>,
+    now_ms: u64,
+    queue_id: &str,
+    arrived_ms: u64,
+) -> (Facts, State) {
     let (mut f, st) = msg.session.restore(msg, rcpt, prog, now_ms);
     f.queue_id = queue_id.to_string();
     f.queue_age_ms = now_ms.saturating_sub(arrived_ms);
@@ -58,13 +65,23 @@ pub fn default_maildir(prog: &Program, policy_dir: &Path, address: &str) -> Path
     };
     let local = mailpolicy_stdlib::address::split(address).0.to_ascii_lowercase();
     let local = local.split('+').next().unwrap_or("").to_string();
-    let safe: String = local.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let safe: String =
+        local.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
     let safe = if safe.is_empty() || safe.starts_with('.') { format!("_{safe}") } else { safe };
     root.join(safe)
 }
 
 /// Route recipient `index` of `msg`.
-pub async fn route(prog: &Program, lookups: &Lookups, policy_dir: &Path, msg: &QueuedMessage, index: usize, queue_id: &str, arrived_ms: u64, now_ms: u64) -> Routed {
+pub async fn route(
+    prog: &Program,
+    lookups: &Lookups,
+    policy_dir: &Path,
+    msg: &QueuedMessage,
+    index: usize,
+    queue_id: &str,
+    arrived_ms: u64,
+    now_ms: u64,
+) -> Routed {
     let Some(rcpt) = msg.recipients.get(index) else {
         return Routed::Fail(RenderedReply { code: 550, enhanced: (5, 1, 1), text: "no such recipient".into() });
     };
@@ -81,7 +98,9 @@ pub async fn route(prog: &Program, lookups: &Lookups, policy_dir: &Path, msg: &Q
                     sender = Some(m);
                 }
             }
-            Effect::Expand { members, owner } => return Routed::Expand { members: members.clone(), sender: owner.clone() },
+            Effect::Expand { members, owner } => {
+                return Routed::Expand { members: members.clone(), sender: owner.clone() }
+            }
             Effect::Redirect(to) => return Routed::Expand { members: vec![to.clone()], sender: None },
             Effect::RewriteRecipient(a) => address = a.clone(),
             _ => {}
@@ -93,7 +112,12 @@ pub async fn route(prog: &Program, lookups: &Lookups, policy_dir: &Path, msg: &Q
         Outcome::Discard => return Routed::Discard,
         Outcome::Deliver(t) => t,
         // Falling off the end of route: deliver by MX (spec/language.md section 11).
-        Outcome::Default | Outcome::Accept => RenderedTransport { kind: TransportKind::Mx, dest: None, tls: mailpolicy_lang::ir::TlsMode::May, auth: None },
+        Outcome::Default | Outcome::Accept => RenderedTransport {
+            kind: TransportKind::Mx,
+            dest: None,
+            tls: mailpolicy_lang::ir::TlsMode::May,
+            auth: None,
+        },
     };
     let domain = mailpolicy_stdlib::address::split(&address).1;
     let key = match transport.kind {
@@ -101,10 +125,16 @@ pub async fn route(prog: &Program, lookups: &Lookups, policy_dir: &Path, msg: &Q
         TransportKind::Smtp => format!("smtp:{}", transport.dest.clone().unwrap_or_default().to_ascii_lowercase()),
         TransportKind::Lmtp => format!("lmtp:{}", transport.dest.clone().unwrap_or_default()),
         TransportKind::Maildir => {
-            let dir = transport.dest.clone().map(|d| policy_dir.join(d)).unwrap_or_else(|| default_maildir(prog, policy_dir, &address));
+            let dir = transport
+                .dest
+                .clone()
+                .map(|d| policy_dir.join(d))
+                .unwrap_or_else(|| default_maildir(prog, policy_dir, &address));
             format!("maildir:{}", dir.display())
         }
-        TransportKind::Mbox => format!("mbox:{}", policy_dir.join(transport.dest.clone().unwrap_or_default()).display()),
+        TransportKind::Mbox => {
+            format!("mbox:{}", policy_dir.join(transport.dest.clone().unwrap_or_default()).display())
+        }
     };
     let key = match transport.tls {
         mailpolicy_lang::ir::TlsMode::Required => format!("{key} tls"),
@@ -130,7 +160,12 @@ pub fn masquerade(address: &str, domains: &[String]) -> Option<String> {
 pub fn filter_route(t: &RenderedTransport, address: &str) -> Routed {
     let dest = t.dest.clone().unwrap_or_default();
     let kind = if t.kind == TransportKind::Lmtp { "lmtp" } else { "smtp" };
-    Routed::Deliver { key: format!("{kind}:{}", dest.to_ascii_lowercase()), transport: t.clone(), address: address.to_string(), sender: None }
+    Routed::Deliver {
+        key: format!("{kind}:{}", dest.to_ascii_lowercase()),
+        transport: t.clone(),
+        address: address.to_string(),
+        sender: None,
+    }
 }
 
 #[cfg(test)]
@@ -145,7 +180,17 @@ mod tests {
 }
 
 /// The bounce stage for a DSN to `to`: false when the policy drops it (R3c).
-pub async fn bounce_allowed(prog: &Program, lookups: &Lookups, msg: &QueuedMessage, to: &str, kind: &str, reason: &str, now_ms: u64, queue_id: &str, arrived_ms: u64) -> (bool, Vec<Effect>) {
+pub async fn bounce_allowed(
+    prog: &Program,
+    lookups: &Lookups,
+    msg: &QueuedMessage,
+    to: &str,
+    kind: &str,
+    reason: &str,
+    now_ms: u64,
+    queue_id: &str,
+    arrived_ms: u64,
+) -> (bool, Vec<Effect>) {
     let rcpt = QueuedRcpt { address: to.to_string(), notify: Vec::new(), orcpt: String::new() };
     let (mut facts, mut state) = facts_for(prog, msg, Some(&rcpt), now_ms, queue_id, arrived_ms);
     facts.sender = Some(String::new());
@@ -155,14 +200,30 @@ pub async fn bounce_allowed(prog: &Program, lookups: &Lookups, msg: &QueuedMessa
 }
 
 /// The delay stage: false when the policy suppresses the warning.
-pub async fn delay_warning_allowed(prog: &Program, lookups: &Lookups, msg: &QueuedMessage, now_ms: u64, queue_id: &str, arrived_ms: u64) -> bool {
+pub async fn delay_warning_allowed(
+    prog: &Program,
+    lookups: &Lookups,
+    msg: &QueuedMessage,
+    now_ms: u64,
+    queue_id: &str,
+    arrived_ms: u64,
+) -> bool {
     let (facts, mut state) = facts_for(prog, msg, None, now_ms, queue_id, arrived_ms);
     run_stage(prog, lookups, Stage::Delay, &facts, &mut state).await.outcome != Outcome::Discard
 }
 
 /// The deliver stage after an attempt: the policy may keep the result (None) or replace
 /// it by a deferral or a permanent failure (e.g. soft-bounce a 5xx, R40).
-pub async fn after_attempt(prog: &Program, lookups: &Lookups, msg: &QueuedMessage, rcpt: &QueuedRcpt, delivery: crate::eval::DeliveryFacts, now_ms: u64, queue_id: &str, arrived_ms: u64) -> Option<Outcome> {
+pub async fn after_attempt(
+    prog: &Program,
+    lookups: &Lookups,
+    msg: &QueuedMessage,
+    rcpt: &QueuedRcpt,
+    delivery: crate::eval::DeliveryFacts,
+    now_ms: u64,
+    queue_id: &str,
+    arrived_ms: u64,
+) -> Option<Outcome> {
     if prog.stage(Stage::Deliver).is_empty() {
         return None;
     }

@@ -52,7 +52,8 @@ impl Verifier {
     /// Constant-time check of a plaintext password (PLAIN, LOGIN).
     pub fn check(&self, password: &[u8]) -> bool {
         let (stored, _) = keys(password, self.iterations, &self.salt);
-        stored.len() == self.stored_key.len() && stored.iter().zip(&self.stored_key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        stored.len() == self.stored_key.len()
+            && stored.iter().zip(&self.stored_key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 
@@ -81,13 +82,23 @@ impl SessionCallback for Callback {
     fn callback(&self, _s: &SessionData, context: &Context, request: &mut Request) -> Result<(), SessionError> {
         if let Some(user) = context.get_ref::<AuthId>() {
             if let Some(v) = self.store.verifier(user) {
-                request.satisfy::<ScramStoredPassword>(&ScramStoredPassword::new(v.iterations, &v.salt, &v.stored_key, &v.server_key))?;
+                request.satisfy::<ScramStoredPassword>(&ScramStoredPassword::new(
+                    v.iterations,
+                    &v.salt,
+                    &v.stored_key,
+                    &v.server_key,
+                ))?;
             }
         }
         Ok(())
     }
 
-    fn validate(&self, session: &SessionData, context: &Context, validate: &mut Validate<'_>) -> Result<(), ValidationError> {
+    fn validate(
+        &self,
+        session: &SessionData,
+        context: &Context,
+        validate: &mut Validate<'_>,
+    ) -> Result<(), ValidationError> {
         let mech = session.mechanism().mechanism.as_str();
         let authid = context.get_ref::<AuthId>().map(str::to_string);
         let authzid = context.get_ref::<AuthzId>().map(str::to_string);
@@ -127,7 +138,8 @@ pub enum Step {
 
 impl SaslServer {
     pub fn new(store: Arc<dyn CredentialStore>) -> Result<SaslServer, String> {
-        let config = SASLConfig::builder().with_defaults().with_callback(Callback { store }).map_err(|e| e.to_string())?;
+        let config =
+            SASLConfig::builder().with_defaults().with_callback(Callback { store }).map_err(|e| e.to_string())?;
         Ok(SaslServer { config, session: None, pending_success: None })
     }
 

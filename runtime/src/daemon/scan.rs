@@ -103,7 +103,11 @@ pub async fn rspamd(url: &str, message: &[u8], f: &Facts) -> Result<f64, String>
     let path = if path == "/" { "/checkv2".to_string() } else { path };
     let mut s = TcpStream::connect(hostport).await.map_err(|e| format!("connect {hostport}: {e}"))?;
     let clean = |v: &str| v.chars().filter(|c| !c.is_control()).collect::<String>();
-    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nContent-Length: {}\r\nIP: {}\r\n", message.len(), f.client_ip);
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nContent-Length: {}\r\nIP: {}\r\n",
+        message.len(),
+        f.client_ip
+    );
     if let Some((h, _)) = &f.helo {
         head.push_str(&format!("Helo: {}\r\n", clean(h)));
     }
@@ -130,7 +134,8 @@ pub fn parse_rspamd(reply: &[u8]) -> Result<f64, String> {
     if status.split_whitespace().nth(1) != Some("200") {
         return Err(format!("rspamd answered {status:?}"));
     }
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
     let v: serde_json::Value = serde_json::from_str(body.trim()).map_err(|e| format!("rspamd JSON: {e}"))?;
     v.get("score").and_then(|s| s.as_f64()).ok_or_else(|| "rspamd reply without a score".into())
 }
@@ -155,7 +160,10 @@ mod tests {
 
     #[test]
     fn spamd_replies() {
-        assert_eq!(parse_spamd("SPAMD/1.1 0 EX_OK\r\nContent-length: 0\r\nSpam: True ; 1000.0 / 5.0\r\n\r\n"), Ok(1000.0));
+        assert_eq!(
+            parse_spamd("SPAMD/1.1 0 EX_OK\r\nContent-length: 0\r\nSpam: True ; 1000.0 / 5.0\r\n\r\n"),
+            Ok(1000.0)
+        );
         assert_eq!(parse_spamd("SPAMD/1.1 0 EX_OK\r\nSpam: False ; -0.1 / 5.0\r\n\r\n"), Ok(-0.1));
         assert!(parse_spamd("SPAMD/1.1 76 Bad header line\r\n\r\n").is_err());
         assert!(parse_spamd("HTTP/1.1 200 OK\r\n\r\n").is_err());

@@ -12,10 +12,10 @@ use tokio::net::TcpStream;
 
 use super::auth::AuthState;
 use super::lookup::Lookups;
-use crate::eval::AuthCheck;
 use super::sasl::{CredentialStore, SaslServer, Step as SaslStep, Verifier};
 use super::{now_ms, ListenerRt, Shared, StoreFailure};
 use crate::conn::{ClientInfo, Conn, Need, Note};
+use crate::eval::AuthCheck;
 use crate::eval::{Answer, RenderedReply};
 use crate::smtp::{AuthOutcome, PeerInfo, Reply, Time, TlsInfo};
 
@@ -85,13 +85,23 @@ impl CredentialStore for TableCredentials {
 const AUTH_FAILURE_LIMIT: u64 = 10;
 const AUTH_FAILURE_WINDOW: u64 = 600_000;
 
-pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, id: String) {
+pub async fn run(
+    shared: Arc<Shared>,
+    lst: Arc<ListenerRt>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+    id: String,
+) {
     let prog: Arc<Program> = shared.program();
     let lookups: Arc<Lookups> = shared.lookups();
     let log = shared.log;
     let _ = tcp.set_nodelay(true);
     let (client_name, client_ptr) = lookups.reverse(remote.ip()).await;
-    log.event("connect", &[("session", &id), ("listener", &lst.name), ("client", &remote.ip().to_string()), ("name", &client_name)]);
+    log.event(
+        "connect",
+        &[("session", &id), ("listener", &lst.name), ("client", &remote.ip().to_string()), ("name", &client_name)],
+    );
 
     let mut stream = Stream::Plain(tcp);
     let mut peer = PeerInfo { remote: Some(remote), local: Some(local), tls: None };
@@ -104,7 +114,10 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                 stream = Stream::Tls(Box::new(tls));
             }
             Ok(Err(e)) => {
-                log.event("tls-failed", &[("session", &id), ("client", &remote.ip().to_string()), ("error", &e.to_string())]);
+                log.event(
+                    "tls-failed",
+                    &[("session", &id), ("client", &remote.ip().to_string()), ("error", &e.to_string())],
+                );
                 return;
             }
             Err(_) => {
@@ -116,7 +129,10 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
     let client = ClientInfo { name: client_name, ptr: client_ptr, listener: lst.name.clone(), session_id: id.clone() };
     let mut conn = Conn::new(prog.clone(), lst.engine.clone(), peer, client, Time(now_ms()));
     conn.set_requirements(lst.require_tls, lst.require_auth);
-    let credentials = lst.credentials.as_ref().map(|t| Arc::new(TableCredentials { lookups: lookups.clone(), table: t.clone() }) as Arc<dyn CredentialStore>);
+    let credentials = lst
+        .credentials
+        .as_ref()
+        .map(|t| Arc::new(TableCredentials { lookups: lookups.clone(), table: t.clone() }) as Arc<dyn CredentialStore>);
     let mut sasl = credentials.and_then(|c| SaslServer::new(c).ok());
     let ip_key = format!("client.ip={}", remote.ip());
     if let Ok(mut r) = lookups.rates.lock() {
@@ -144,7 +160,9 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                             }
                             let sa = &lookups.sender_auth;
                             match check {
-                                AuthCheck::Spf => Answer::Value(Some(sa.spf(&mut auth_state, ip, &helo, &sender).await.to_string())),
+                                AuthCheck::Spf => {
+                                    Answer::Value(Some(sa.spf(&mut auth_state, ip, &helo, &sender).await.to_string()))
+                                }
                                 _ => match conn.current_message() {
                                     Some(m) => {
                                         let (d, dm, p) = sa.content(&mut auth_state, ip, &helo, &sender, m).await;
@@ -158,10 +176,12 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                                 },
                             }
                         }
-                        crate::eval::Request::Scan { scanner } => match (prog.scanners.get(scanner.index()), conn.current_message()) {
-                            (Some(sc), Some(data)) => super::scan::scan(sc, data, conn.facts()).await,
-                            _ => Answer::Error("no message to scan".into()),
-                        },
+                        crate::eval::Request::Scan { scanner } => {
+                            match (prog.scanners.get(scanner.index()), conn.current_message()) {
+                                (Some(sc), Some(data)) => super::scan::scan(sc, data, conn.facts()).await,
+                                _ => Answer::Error("no message to scan".into()),
+                            }
+                        }
                         _ => lookups.answer(&prog, &req, now_ms()).await,
                     };
                     conn.answer(req, a);
@@ -174,7 +194,8 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                         .map(|r| r.count("auth_failures", &ip_key, AUTH_FAILURE_WINDOW, now.0) >= AUTH_FAILURE_LIMIT)
                         .unwrap_or(false);
                     let Some(s) = sasl.as_mut().filter(|_| !throttled) else {
-                        let reply = throttled.then(|| Reply::new(454, (4, 7, 0), "Too many failed authentications, try again later"));
+                        let reply = throttled
+                            .then(|| Reply::new(454, (4, 7, 0), "Too many failed authentications, try again later"));
                         conn.auth_done(AuthOutcome::Failure { reply }, now);
                         continue;
                     };
@@ -189,7 +210,10 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                             if let Ok(mut r) = lookups.rates.lock() {
                                 r.record("auth_failures", &ip_key, now.0);
                             }
-                            log.event("auth-failed", &[("session", &id), ("client", &remote.ip().to_string()), ("mechanism", &mechanism)]);
+                            log.event(
+                                "auth-failed",
+                                &[("session", &id), ("client", &remote.ip().to_string()), ("mechanism", &mechanism)],
+                            );
                             conn.auth_done(AuthOutcome::Failure { reply: None }, now);
                         }
                     }
@@ -202,13 +226,18 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                         }
                     }
                     let _ = stream.flush().await;
-                    let (Some(acceptor), Stream::Plain(tcp)) = (lst.tls.clone(), std::mem::replace(&mut stream, Stream::Gone)) else {
+                    let (Some(acceptor), Stream::Plain(tcp)) =
+                        (lst.tls.clone(), std::mem::replace(&mut stream, Stream::Gone))
+                    else {
                         break 'session;
                     };
                     match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let info = tls_info(tls.get_ref().1);
-                            log.event("starttls", &[("session", &id), ("version", &info.version), ("cipher", &info.cipher)]);
+                            log.event(
+                                "starttls",
+                                &[("session", &id), ("version", &info.version), ("cipher", &info.cipher)],
+                            );
                             stream = Stream::Tls(Box::new(tls));
                             if let Some(s) = sasl.as_mut() {
                                 s.reset();
@@ -216,7 +245,10 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                             conn.tls_established(info, Time(now_ms()));
                         }
                         Ok(Err(e)) => {
-                            log.event("tls-failed", &[("session", &id), ("client", &remote.ip().to_string()), ("error", &e.to_string())]);
+                            log.event(
+                                "tls-failed",
+                                &[("session", &id), ("client", &remote.ip().to_string()), ("error", &e.to_string())],
+                            );
                             break 'session;
                         }
                         Err(_) => {
@@ -288,12 +320,20 @@ pub async fn run(shared: Arc<Shared>, lst: Arc<ListenerRt>, tcp: TcpStream, remo
                         }
                         Ok(Err(StoreFailure::Io(e))) => {
                             log.event("store-failed", &[("session", &id), ("error", &e)]);
-                            let r = RenderedReply { code: 451, enhanced: (4, 3, 0), text: "Local error in processing, try again later".into() };
+                            let r = RenderedReply {
+                                code: 451,
+                                enhanced: (4, 3, 0),
+                                text: "Local error in processing, try again later".into(),
+                            };
                             conn.queue_failed(Some(r), now);
                         }
                         Err(e) => {
                             log.event("store-failed", &[("session", &id), ("error", &e.to_string())]);
-                            let r = RenderedReply { code: 451, enhanced: (4, 3, 0), text: "Local error in processing, try again later".into() };
+                            let r = RenderedReply {
+                                code: 451,
+                                enhanced: (4, 3, 0),
+                                text: "Local error in processing, try again later".into(),
+                            };
                             conn.queue_failed(Some(r), now);
                         }
                     }
@@ -359,7 +399,9 @@ fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
     match n {
         Note::Verdict { stage, outcome, rule, .. } => {
             let rule = rule.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
-            shared.log.event("verdict", &[("session", id), ("stage", stage.name()), ("outcome", &outcome), ("rule", &rule)]);
+            shared
+                .log
+                .event("verdict", &[("session", id), ("stage", stage.name()), ("outcome", &outcome), ("rule", &rule)]);
         }
         Note::Log(text) => shared.log.event("policy-log", &[("session", id), ("text", &text)]),
         Note::Alert { to, text, every_ms } => shared.alert(&to, &text, every_ms),
@@ -386,7 +428,9 @@ pub fn command_timeout(prog: &Program, listener: Option<&str>) -> Duration {
 /// The client is in the server's `networks` (loopback when none is declared).
 fn trusted(prog: &Program, ip: std::net::IpAddr) -> bool {
     match prog.server.option("networks") {
-        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(ip))),
+        Some(OptValue::ListRef(id)) => {
+            prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(ip)))
+        }
         _ => ip.is_loopback(),
     }
 }

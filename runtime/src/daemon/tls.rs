@@ -57,10 +57,17 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
 }
 
 /// `client_ca`: verify client certificates against it (`require` = mandatory).
-pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>, require_client: bool) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    require_client: bool,
+) -> Result<Arc<ServerConfig>, String> {
     let certs = read_certs(cert)?;
     let key = read_key(key)?;
-    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|e| e.to_string())?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
     let builder = match client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();

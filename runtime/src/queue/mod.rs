@@ -163,21 +163,14 @@ impl Entry {
     }
 
     pub fn rcpt(mut self, index: usize, destination: impl Into<Destination>) -> Entry {
-        self.rcpts.push(EntryRcpt {
-            index,
-            destination: destination.into(),
-            attempts: 0,
-        });
+        self.rcpts.push(EntryRcpt { index, destination: destination.into(), attempts: 0 });
         self
     }
 
     /// An entry for a message found in the spool: every recipient not final, routed by
     /// `route(index, address)` (`None` leaves the recipient out, e.g. when the host fails it
     /// itself), with its attempts and due time as recorded.
-    pub fn from_summary(
-        s: &Summary,
-        mut route: impl FnMut(usize, &str) -> Option<Destination>,
-    ) -> Entry {
+    pub fn from_summary(s: &Summary, mut route: impl FnMut(usize, &str) -> Option<Destination>) -> Entry {
         let rcpts = s
             .rcpts
             .iter()
@@ -188,11 +181,7 @@ impl Entry {
                     RcptState::Deferred { attempts, .. } => *attempts,
                     _ => 0,
                 };
-                route(index, &r.address).map(|destination| EntryRcpt {
-                    index,
-                    destination,
-                    attempts,
-                })
+                route(index, &r.address).map(|destination| EntryRcpt { index, destination, attempts })
             })
             .collect();
         Entry {
@@ -257,11 +246,7 @@ pub enum Command {
         expired: bool,
     },
     /// [`crate::spool::Spool::record`]`(id, updates, next_attempt_ms)`.
-    Record {
-        id: QueueId,
-        updates: Vec<(usize, RcptState)>,
-        next_attempt_ms: Option<u64>,
-    },
+    Record { id: QueueId, updates: Vec<(usize, RcptState)>, next_attempt_ms: Option<u64> },
     /// [`crate::spool::Spool::defer`]: the message now waits in `deferred/` (unless the
     /// administrator put it on hold meanwhile; `defer` leaves held messages alone).
     Defer { id: QueueId },
@@ -403,19 +388,8 @@ impl Scheduler {
         let due = e.due_ms;
         let mut rcpts = BTreeMap::new();
         for r in &e.rcpts {
-            let status = if e.held {
-                Status::Held
-            } else {
-                Status::Waiting(due)
-            };
-            rcpts.insert(
-                r.index,
-                Rcpt {
-                    dest: r.destination.clone(),
-                    attempts: r.attempts,
-                    status,
-                },
-            );
+            let status = if e.held { Status::Held } else { Status::Waiting(due) };
+            rcpts.insert(r.index, Rcpt { dest: r.destination.clone(), attempts: r.attempts, status });
         }
         let held = e.held;
         let id = e.id.clone();
@@ -487,10 +461,7 @@ impl Scheduler {
                 dead_until: 0,
             });
             for chunk in ready.chunks(limit) {
-                d.ready[l].push_back(Unit {
-                    id: id.clone(),
-                    rcpts: chunk.to_vec(),
-                });
+                d.ready[l].push_back(Unit { id: id.clone(), rcpts: chunk.to_vec() });
             }
             if !d.in_ring[l] {
                 d.in_ring[l] = true;
@@ -503,11 +474,7 @@ impl Scheduler {
         let Some(limit) = self.cfg.bounce_rate_per_minute else {
             return true;
         };
-        while self
-            .bounce_starts
-            .front()
-            .is_some_and(|t| t + MINUTE <= now)
-        {
+        while self.bounce_starts.front().is_some_and(|t| t + MINUTE <= now) {
             self.bounce_starts.pop_front();
         }
         self.bounce_starts.len() < limit as usize
@@ -602,13 +569,7 @@ impl Scheduler {
             } else {
                 self.picks_since_bounce += 1;
             }
-            return Some(Job {
-                id: unit.id,
-                destination: dest.to_string(),
-                class: m.class,
-                rcpts,
-                attempt,
-            });
+            return Some(Job { id: unit.id, destination: dest.to_string(), class: m.class, rcpts, attempt });
         }
         None
     }
@@ -618,9 +579,7 @@ impl Scheduler {
     pub fn done(&mut self, job: Job, results: Vec<(usize, Delivery)>, now: u64) -> Vec<Command> {
         let l = lane(job.class);
         self.in_flight[l] = self.in_flight[l].saturating_sub(1);
-        let reached = results
-            .iter()
-            .any(|(_, r)| !matches!(r, Delivery::TempFail(_)));
+        let reached = results.iter().any(|(_, r)| !matches!(r, Delivery::TempFail(_)));
         if let Some(d) = self.dests.get_mut(&job.destination) {
             d.in_flight = d.in_flight.saturating_sub(1);
             if reached {
@@ -648,59 +607,29 @@ impl Scheduler {
             if r.status != Status::InFlight {
                 continue;
             }
-            let res = results
-                .remove(i)
-                .unwrap_or_else(|| Delivery::TempFail("451 4.4.0 no result for recipient".into()));
+            let res =
+                results.remove(i).unwrap_or_else(|| Delivery::TempFail("451 4.4.0 no result for recipient".into()));
             match res {
                 Delivery::Delivered(reply) => {
                     r.status = Status::Done;
-                    updates.push((
-                        *i,
-                        RcptState::Delivered {
-                            at: now,
-                            reply: reply.clone(),
-                        },
-                    ));
+                    updates.push((*i, RcptState::Delivered { at: now, reply: reply.clone() }));
                     delivered.push((*i, reply));
                 }
                 Delivery::PermFail(reply) => {
                     r.status = Status::Done;
-                    updates.push((
-                        *i,
-                        RcptState::Failed {
-                            at: now,
-                            reply: reply.clone(),
-                        },
-                    ));
+                    updates.push((*i, RcptState::Failed { at: now, reply: reply.clone() }));
                     failed.push((*i, reply));
                 }
                 Delivery::TempFail(reply) => {
                     r.attempts += 1;
                     if expired {
                         r.status = Status::Done;
-                        updates.push((
-                            *i,
-                            RcptState::Failed {
-                                at: now,
-                                reply: reply.clone(),
-                            },
-                        ));
+                        updates.push((*i, RcptState::Failed { at: now, reply: reply.clone() }));
                         expired_rcpts.push((*i, reply));
                     } else {
                         let next_at = now + self.cfg.backoff(r.attempts);
-                        r.status = if m.held {
-                            Status::Held
-                        } else {
-                            Status::Waiting(next_at)
-                        };
-                        updates.push((
-                            *i,
-                            RcptState::Deferred {
-                                attempts: r.attempts,
-                                next_at,
-                                last_reply: reply,
-                            },
-                        ));
+                        r.status = if m.held { Status::Held } else { Status::Waiting(next_at) };
+                        updates.push((*i, RcptState::Deferred { attempts: r.attempts, next_at, last_reply: reply }));
                         deferred_due = Some(deferred_due.map_or(next_at, |t: u64| t.min(next_at)));
                     }
                 }
@@ -710,13 +639,7 @@ impl Scheduler {
         let class = m.class;
         let id = job.id.clone();
         if !failed.is_empty() {
-            cmds.push(Command::Dsn {
-                id: id.clone(),
-                class,
-                kind: DsnKind::Failure,
-                rcpts: failed,
-                expired: false,
-            });
+            cmds.push(Command::Dsn { id: id.clone(), class, kind: DsnKind::Failure, rcpts: failed, expired: false });
         }
         if !expired_rcpts.is_empty() {
             cmds.push(Command::Dsn {
@@ -730,10 +653,7 @@ impl Scheduler {
         if deferred_due.is_some()
             && class == Class::Normal
             && !m.delay_warned
-            && self
-                .cfg
-                .delay_warning_ms
-                .is_some_and(|w| now.saturating_sub(m.arrived_ms) >= w)
+            && self.cfg.delay_warning_ms.is_some_and(|w| now.saturating_sub(m.arrived_ms) >= w)
         {
             m.delay_warned = true;
             let delayed: Vec<(usize, String)> = updates
@@ -743,22 +663,10 @@ impl Scheduler {
                     _ => None,
                 })
                 .collect();
-            cmds.push(Command::Dsn {
-                id: id.clone(),
-                class,
-                kind: DsnKind::Delay,
-                rcpts: delayed,
-                expired: false,
-            });
+            cmds.push(Command::Dsn { id: id.clone(), class, kind: DsnKind::Delay, rcpts: delayed, expired: false });
         }
         if !delivered.is_empty() {
-            cmds.push(Command::Dsn {
-                id: id.clone(),
-                class,
-                kind: DsnKind::Success,
-                rcpts: delivered,
-                expired: false,
-            });
+            cmds.push(Command::Dsn { id: id.clone(), class, kind: DsnKind::Success, rcpts: delivered, expired: false });
         }
         let all_done = m.rcpts.values().all(|r| r.status == Status::Done);
         let next_attempt_ms = m
@@ -770,11 +678,7 @@ impl Scheduler {
             })
             .min();
         if !updates.is_empty() && !all_done {
-            cmds.push(Command::Record {
-                id: id.clone(),
-                updates,
-                next_attempt_ms,
-            });
+            cmds.push(Command::Record { id: id.clone(), updates, next_attempt_ms });
         }
         if all_done {
             self.msgs.remove(&id);
@@ -807,9 +711,7 @@ impl Scheduler {
                 consider(d.dead_until);
             }
         }
-        if let (Some(limit), Some(first)) =
-            (self.cfg.bounce_rate_per_minute, self.bounce_starts.front())
-        {
+        if let (Some(limit), Some(first)) = (self.cfg.bounce_rate_per_minute, self.bounce_starts.front()) {
             if self.bounce_starts.len() >= limit as usize {
                 consider(first + MINUTE);
             }
@@ -844,12 +746,7 @@ impl Scheduler {
             None => true,
             Some(f) => f(d),
         };
-        for d in self
-            .dests
-            .iter_mut()
-            .filter(|(k, _)| hit(k))
-            .map(|(_, d)| d)
-        {
+        for d in self.dests.iter_mut().filter(|(k, _)| hit(k)).map(|(_, d)| d) {
             d.dead_until = 0;
         }
         let mut wakes = Vec::new();

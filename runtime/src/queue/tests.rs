@@ -8,33 +8,22 @@ fn id(n: u32) -> QueueId {
 }
 
 fn temp(job: &Job) -> Vec<(usize, Delivery)> {
-    job.rcpts
-        .iter()
-        .map(|i| (*i, Delivery::TempFail("451 4.3.0 try later".into())))
-        .collect()
+    job.rcpts.iter().map(|i| (*i, Delivery::TempFail("451 4.3.0 try later".into()))).collect()
 }
 
 fn ok(job: &Job) -> Vec<(usize, Delivery)> {
-    job.rcpts
-        .iter()
-        .map(|i| (*i, Delivery::Delivered("250 2.0.0 ok".into())))
-        .collect()
+    job.rcpts.iter().map(|i| (*i, Delivery::Delivered("250 2.0.0 ok".into()))).collect()
 }
 
 fn records(cmds: &[Command]) -> Vec<&Command> {
-    cmds.iter()
-        .filter(|c| matches!(c, Command::Record { .. }))
-        .collect()
+    cmds.iter().filter(|c| matches!(c, Command::Record { .. })).collect()
 }
 
 #[test]
 fn backoff_doubles_from_5_to_67_minutes() {
     let c = QueueConfig::default();
     let seq: Vec<u64> = (1..=7).map(|n| c.backoff(n)).collect();
-    assert_eq!(
-        seq,
-        vec![300_000, 600_000, 1_200_000, 2_400_000, 4_000_000, 4_000_000, 4_000_000]
-    );
+    assert_eq!(seq, vec![300_000, 600_000, 1_200_000, 2_400_000, 4_000_000, 4_000_000, 4_000_000]);
     assert_eq!(c.backoff(u32::MAX), 4_000_000);
 }
 
@@ -42,14 +31,8 @@ fn backoff_doubles_from_5_to_67_minutes() {
 fn deferred_message_is_retried_with_backoff() {
     let mut s = Scheduler::new(QueueConfig::default());
     let t0 = 1_000_000;
-    assert!(s.add(
-        Entry::new(id(1), Class::Normal, t0).rcpt(0, "mx:b.example"),
-        t0
-    ));
-    assert!(!s.add(
-        Entry::new(id(1), Class::Normal, t0).rcpt(0, "mx:b.example"),
-        t0
-    ));
+    assert!(s.add(Entry::new(id(1), Class::Normal, t0).rcpt(0, "mx:b.example"), t0));
+    assert!(!s.add(Entry::new(id(1), Class::Normal, t0).rcpt(0, "mx:b.example"), t0));
     let mut now = t0;
     let mut waits = Vec::new();
     for attempt in 1..=5 {
@@ -58,62 +41,36 @@ fn deferred_message_is_retried_with_backoff() {
         assert_eq!(s.poll_job(now), None);
         let cmds = s.done(job.clone(), temp(&job), now);
         let next = match records(&cmds)[..] {
-            [Command::Record {
-                updates,
-                next_attempt_ms: Some(next),
-                ..
-            }] => {
-                assert!(
-                    matches!(&updates[0], (0, RcptState::Deferred { attempts, next_at, .. })
-                    if *attempts == attempt && next_at == next)
-                );
+            [Command::Record { updates, next_attempt_ms: Some(next), .. }] => {
+                assert!(matches!(&updates[0], (0, RcptState::Deferred { attempts, next_at, .. })
+                    if *attempts == attempt && next_at == next));
                 *next
             }
             _ => panic!("{cmds:?}"),
         };
         // Moved to deferred/ only the first time.
-        let moves = cmds
-            .iter()
-            .filter(|c| matches!(c, Command::Defer { .. }))
-            .count();
+        let moves = cmds.iter().filter(|c| matches!(c, Command::Defer { .. })).count();
         assert_eq!(moves, usize::from(attempt == 1));
         waits.push(next - now);
         assert_eq!(s.poll_timeout(), Some(next));
         assert_eq!(s.poll_job(next - 1), None);
         now = next;
     }
-    assert_eq!(
-        waits,
-        vec![5 * MIN, 10 * MIN, 20 * MIN, 40 * MIN, 4_000_000]
-    );
+    assert_eq!(waits, vec![5 * MIN, 10 * MIN, 20 * MIN, 40 * MIN, 4_000_000]);
     let job = s.poll_job(now).expect("due");
     let cmds = s.done(job.clone(), ok(&job), now);
     assert_eq!(cmds.last(), Some(&Command::Remove { id: id(1) }));
-    assert!(cmds.iter().any(|c| matches!(
-        c,
-        Command::Dsn {
-            kind: DsnKind::Success,
-            ..
-        }
-    )));
+    assert!(cmds.iter().any(|c| matches!(c, Command::Dsn { kind: DsnKind::Success, .. })));
     assert!(!s.contains(&id(1)));
     assert_eq!(s.stats(), Stats::default());
 }
 
 #[test]
 fn expiry_bounces_instead_of_deferring() {
-    let cfg = QueueConfig {
-        delay_warning_ms: None,
-        ..QueueConfig::default()
-    };
+    let cfg = QueueConfig { delay_warning_ms: None, ..QueueConfig::default() };
     let lifetime = cfg.max_queue_lifetime_ms;
     let mut s = Scheduler::new(cfg);
-    s.add(
-        Entry::new(id(1), Class::Normal, 0)
-            .rcpt(0, "mx:a")
-            .rcpt(1, "mx:a"),
-        0,
-    );
+    s.add(Entry::new(id(1), Class::Normal, 0).rcpt(0, "mx:a").rcpt(1, "mx:a"), 0);
     let job = s.poll_job(0).expect("job");
     let cmds = s.done(job.clone(), temp(&job), 0);
     assert!(!cmds.iter().any(|c| matches!(c, Command::Dsn { .. })));
@@ -131,10 +88,7 @@ fn expiry_bounces_instead_of_deferring() {
             id: id(1),
             class: Class::Normal,
             kind: DsnKind::Failure,
-            rcpts: vec![
-                (0, "452 4.2.2 mailbox full".into()),
-                (1, "421 4.4.2 timeout".into())
-            ],
+            rcpts: vec![(0, "452 4.2.2 mailbox full".into()), (1, "421 4.4.2 timeout".into())],
             expired: true,
         }
     );
@@ -144,10 +98,7 @@ fn expiry_bounces_instead_of_deferring() {
 
 #[test]
 fn bounces_have_their_own_lifetime() {
-    let cfg = QueueConfig {
-        bounce_queue_lifetime_ms: HOUR,
-        ..QueueConfig::default()
-    };
+    let cfg = QueueConfig { bounce_queue_lifetime_ms: HOUR, ..QueueConfig::default() };
     let mut s = Scheduler::new(cfg);
     s.add(Entry::new(id(1), Class::Bounce, 0).rcpt(0, "mx:a"), 0);
     s.add(Entry::new(id(2), Class::Normal, 0).rcpt(0, "mx:b"), 0);
@@ -158,10 +109,7 @@ fn bounces_have_their_own_lifetime() {
     let mut expired = Vec::new();
     while let Some(job) = s.poll_job(2 * HOUR) {
         let cmds = s.done(job.clone(), temp(&job), 2 * HOUR);
-        if cmds
-            .iter()
-            .any(|c| matches!(c, Command::Dsn { expired: true, .. }))
-        {
+        if cmds.iter().any(|c| matches!(c, Command::Dsn { expired: true, .. })) {
             expired.push(job.id);
         }
     }
@@ -172,25 +120,15 @@ fn bounces_have_their_own_lifetime() {
 #[test]
 fn permanent_failure_asks_for_a_failure_dsn() {
     let mut s = Scheduler::new(QueueConfig::default());
-    s.add(
-        Entry::new(id(1), Class::Normal, 0)
-            .rcpt(0, "mx:a")
-            .rcpt(1, "mx:a"),
-        0,
-    );
+    s.add(Entry::new(id(1), Class::Normal, 0).rcpt(0, "mx:a").rcpt(1, "mx:a"), 0);
     let job = s.poll_job(0).expect("job");
     let cmds = s.done(
         job,
-        vec![
-            (0, Delivery::PermFail("550 5.1.1 no such user".into())),
-            (1, Delivery::TempFail("451 later".into())),
-        ],
+        vec![(0, Delivery::PermFail("550 5.1.1 no such user".into())), (1, Delivery::TempFail("451 later".into()))],
         10,
     );
-    assert!(
-        matches!(&cmds[0], Command::Dsn { kind: DsnKind::Failure, rcpts, expired: false, .. }
-        if rcpts == &vec![(0, "550 5.1.1 no such user".to_string())])
-    );
+    assert!(matches!(&cmds[0], Command::Dsn { kind: DsnKind::Failure, rcpts, expired: false, .. }
+        if rcpts == &vec![(0, "550 5.1.1 no such user".to_string())]));
     assert!(matches!(&cmds[1], Command::Record { updates, .. } if updates.len() == 2));
     assert_eq!(cmds[2], Command::Defer { id: id(1) });
 }
@@ -208,12 +146,7 @@ fn delay_warning_once_after_four_hours() {
         };
         let cmds = s.done(job.clone(), temp(&job), now);
         for c in &cmds {
-            if let Command::Dsn {
-                kind: DsnKind::Delay,
-                rcpts,
-                ..
-            } = c
-            {
+            if let Command::Dsn { kind: DsnKind::Delay, rcpts, .. } = c {
                 warnings.push((now, rcpts.clone()));
             }
         }
@@ -226,19 +159,10 @@ fn delay_warning_once_after_four_hours() {
     let mut e = Entry::new(id(2), Class::Normal, 0).rcpt(0, "mx:a");
     e.delay_warned = true;
     s.add(e, 5 * HOUR);
-    s.add(
-        Entry::new(id(3), Class::Bounce, 0).rcpt(0, "mx:b"),
-        5 * HOUR,
-    );
+    s.add(Entry::new(id(3), Class::Bounce, 0).rcpt(0, "mx:b"), 5 * HOUR);
     while let Some(job) = s.poll_job(5 * HOUR) {
         let cmds = s.done(job.clone(), temp(&job), 5 * HOUR);
-        assert!(!cmds.iter().any(|c| matches!(
-            c,
-            Command::Dsn {
-                kind: DsnKind::Delay,
-                ..
-            }
-        )));
+        assert!(!cmds.iter().any(|c| matches!(c, Command::Dsn { kind: DsnKind::Delay, .. })));
     }
 }
 
@@ -279,18 +203,12 @@ fn slow_start_grows_on_success_and_shrinks_on_failure() {
     assert_eq!(s.poll_job(3), None);
     // Another destination is not affected.
     s.add(Entry::new(id(500), Class::Normal, 0).rcpt(0, "mx:other"), 3);
-    assert_eq!(
-        s.poll_job(3).map(|j| j.destination),
-        Some("mx:other".into())
-    );
+    assert_eq!(s.poll_job(3).map(|j| j.destination), Some("mx:other".into()));
 }
 
 #[test]
 fn dead_destination_pauses_until_backoff_or_flush() {
-    let cfg = QueueConfig {
-        initial_destination_concurrency: 1,
-        ..QueueConfig::default()
-    };
+    let cfg = QueueConfig { initial_destination_concurrency: 1, ..QueueConfig::default() };
     let mut s = Scheduler::new(cfg);
     for n in 0..3 {
         s.add(Entry::new(id(n), Class::Normal, 0).rcpt(0, "mx:down"), 0);
@@ -302,10 +220,7 @@ fn dead_destination_pauses_until_backoff_or_flush() {
     assert_eq!(s.poll_job(1), None);
     assert_eq!(s.poll_timeout(), Some(5 * MIN));
     assert!(s.poll_job(5 * MIN).is_some());
-    let mut s2 = Scheduler::new(QueueConfig {
-        initial_destination_concurrency: 1,
-        ..QueueConfig::default()
-    });
+    let mut s2 = Scheduler::new(QueueConfig { initial_destination_concurrency: 1, ..QueueConfig::default() });
     for n in 0..2 {
         s2.add(Entry::new(id(n), Class::Normal, 0).rcpt(0, "mx:down"), 0);
     }
@@ -318,24 +233,14 @@ fn dead_destination_pauses_until_backoff_or_flush() {
 
 #[test]
 fn bounce_flood_does_not_starve_normal_mail() {
-    let cfg = QueueConfig {
-        max_jobs: 8,
-        bounce_max_jobs: 4,
-        ..QueueConfig::default()
-    };
+    let cfg = QueueConfig { max_jobs: 8, bounce_max_jobs: 4, ..QueueConfig::default() };
     let mut s = Scheduler::new(cfg);
     // 2000 bounces to 1000 different (backscatter) destinations arrive first.
     for n in 0..2000 {
-        s.add(
-            Entry::new(id(n), Class::Bounce, 0).rcpt(0, format!("mx:victim{}", n % 1000)),
-            0,
-        );
+        s.add(Entry::new(id(n), Class::Bounce, 0).rcpt(0, format!("mx:victim{}", n % 1000)), 0);
     }
     for n in 0..40 {
-        s.add(
-            Entry::new(id(10_000 + n), Class::Normal, 1).rcpt(0, format!("mx:d{}", n % 10)),
-            1,
-        );
+        s.add(Entry::new(id(10_000 + n), Class::Normal, 1).rcpt(0, format!("mx:d{}", n % 10)), 1);
     }
     let mut now = 1;
     let mut normal_done_at = None;
@@ -362,16 +267,10 @@ fn bounce_flood_does_not_starve_normal_mail() {
 
 #[test]
 fn bounce_rate_limit_per_minute() {
-    let cfg = QueueConfig {
-        bounce_rate_per_minute: Some(3),
-        ..QueueConfig::default()
-    };
+    let cfg = QueueConfig { bounce_rate_per_minute: Some(3), ..QueueConfig::default() };
     let mut s = Scheduler::new(cfg);
     for n in 0..10 {
-        s.add(
-            Entry::new(id(n), Class::Bounce, 0).rcpt(0, format!("mx:v{n}")),
-            0,
-        );
+        s.add(Entry::new(id(n), Class::Bounce, 0).rcpt(0, format!("mx:v{n}")), 0);
     }
     let first: Vec<Job> = std::iter::from_fn(|| s.poll_job(0)).collect();
     assert_eq!(first.len(), 3);
@@ -383,10 +282,7 @@ fn bounce_rate_limit_per_minute() {
     assert_eq!(std::iter::from_fn(|| s.poll_job(MIN)).count(), 3);
     // Normal mail is not limited.
     for n in 100..110 {
-        s.add(
-            Entry::new(id(n), Class::Normal, 0).rcpt(0, format!("mx:n{n}")),
-            MIN,
-        );
+        s.add(Entry::new(id(n), Class::Normal, 0).rcpt(0, format!("mx:n{n}")), MIN);
     }
     assert_eq!(std::iter::from_fn(|| s.poll_job(MIN)).count(), 10);
 }
@@ -421,30 +317,14 @@ fn flush_makes_deferred_jobs_due() {
 
 #[test]
 fn jobs_group_recipients_per_destination_and_reuse_connections() {
-    let cfg = QueueConfig {
-        destination_recipient_limit: 2,
-        ..QueueConfig::default()
-    };
+    let cfg = QueueConfig { destination_recipient_limit: 2, ..QueueConfig::default() };
     let mut s = Scheduler::new(cfg);
-    s.add(
-        Entry::new(id(1), Class::Normal, 0)
-            .rcpt(0, "mx:a")
-            .rcpt(1, "mx:b")
-            .rcpt(2, "mx:a")
-            .rcpt(3, "mx:a"),
-        0,
-    );
+    s.add(Entry::new(id(1), Class::Normal, 0).rcpt(0, "mx:a").rcpt(1, "mx:b").rcpt(2, "mx:a").rcpt(3, "mx:a"), 0);
     s.add(Entry::new(id(2), Class::Normal, 0).rcpt(0, "mx:a"), 0);
     let j1 = s.poll_job(0).expect("job");
-    assert_eq!(
-        (j1.destination.as_str(), j1.rcpts.clone()),
-        ("mx:a", vec![0, 2])
-    );
+    assert_eq!((j1.destination.as_str(), j1.rcpts.clone()), ("mx:a", vec![0, 2]));
     let j2 = s.poll_job(0).expect("job");
-    assert_eq!(
-        (j2.destination.as_str(), j2.rcpts.clone()),
-        ("mx:b", vec![1])
-    );
+    assert_eq!((j2.destination.as_str(), j2.rcpts.clone()), ("mx:b", vec![1]));
     // The worker of j1 keeps its connection to mx:a and asks for more there.
     s.done(j1.clone(), ok(&j1), 1);
     let j3 = s.poll_job_for("mx:a", 1).expect("same destination");
@@ -482,17 +362,10 @@ fn hold_release_remove() {
 #[test]
 fn missing_result_counts_as_temporary_failure() {
     let mut s = Scheduler::new(QueueConfig::default());
-    s.add(
-        Entry::new(id(1), Class::Normal, 0)
-            .rcpt(0, "mx:a")
-            .rcpt(1, "mx:a"),
-        0,
-    );
+    s.add(Entry::new(id(1), Class::Normal, 0).rcpt(0, "mx:a").rcpt(1, "mx:a"), 0);
     let j = s.poll_job(0).expect("job");
     let cmds = s.done(j, vec![(0, Delivery::Delivered("250 ok".into()))], 1);
-    assert!(cmds
-        .iter()
-        .any(|c| matches!(c, Command::Record { updates, .. }
+    assert!(cmds.iter().any(|c| matches!(c, Command::Record { updates, .. }
         if matches!(updates[1], (1, RcptState::Deferred { .. })))));
     assert!(s.contains(&id(1)));
 }
@@ -511,53 +384,31 @@ fn entry_from_spool_summary() {
         rcpts: vec![
             RcptSummary {
                 address: "b@done.example".into(),
-                state: RcptState::Delivered {
-                    at: 1,
-                    reply: "250".into(),
-                },
+                state: RcptState::Delivered { at: 1, reply: "250".into() },
             },
             RcptSummary {
                 address: "c@later.example".into(),
-                state: RcptState::Deferred {
-                    attempts: 3,
-                    next_at: 900,
-                    last_reply: "451".into(),
-                },
+                state: RcptState::Deferred { attempts: 3, next_at: 900, last_reply: "451".into() },
             },
-            RcptSummary {
-                address: "d@new.example".into(),
-                state: RcptState::Pending,
-            },
+            RcptSummary { address: "d@new.example".into(), state: RcptState::Pending },
         ],
         attempts: 3,
         next_attempt_ms: 900,
         delay_warned: true,
     };
-    let e = Entry::from_summary(&summary, |_, a| {
-        a.split('@').nth(1).map(|d| format!("mx:{d}"))
-    });
+    let e = Entry::from_summary(&summary, |_, a| a.split('@').nth(1).map(|d| format!("mx:{d}")));
     assert_eq!(
         e.rcpts,
         vec![
-            EntryRcpt {
-                index: 1,
-                destination: "mx:later.example".into(),
-                attempts: 3
-            },
-            EntryRcpt {
-                index: 2,
-                destination: "mx:new.example".into(),
-                attempts: 0
-            },
+            EntryRcpt { index: 1, destination: "mx:later.example".into(), attempts: 3 },
+            EntryRcpt { index: 2, destination: "mx:new.example".into(), attempts: 0 },
         ]
     );
     assert!(e.in_deferred && e.delay_warned && !e.held);
     let mut s = Scheduler::new(QueueConfig::default());
     s.add(e, 0);
     assert_eq!(s.poll_job(899), None);
-    let attempts: Vec<u32> = std::iter::from_fn(|| s.poll_job(900))
-        .map(|j| j.attempt)
-        .collect();
+    let attempts: Vec<u32> = std::iter::from_fn(|| s.poll_job(900)).map(|j| j.attempt).collect();
     assert_eq!(attempts, vec![4, 1]);
 }
 

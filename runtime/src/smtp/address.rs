@@ -105,9 +105,7 @@ fn is_atext(c: char, utf8: bool) -> bool {
 }
 
 fn is_dot_string(s: &str, utf8: bool) -> bool {
-    !s.is_empty()
-        && s.split('.')
-            .all(|a| !a.is_empty() && a.chars().all(|c| is_atext(c, utf8)))
+    !s.is_empty() && s.split('.').all(|a| !a.is_empty() && a.chars().all(|c| is_atext(c, utf8)))
 }
 
 /// Splits `s` (starting with `<`) into the bracketed path and the rest.
@@ -160,9 +158,7 @@ fn parse_address_literal(d: &str) -> bool {
         Some(i) => i,
         None => return false,
     };
-    if inner.parse::<std::net::Ipv4Addr>().is_ok()
-        && inner.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-    {
+    if inner.parse::<std::net::Ipv4Addr>().is_ok() && inner.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return true;
     }
     if let Some((tag, rest)) = inner.split_once(':') {
@@ -170,13 +166,9 @@ fn parse_address_literal(d: &str) -> bool {
             return rest.parse::<std::net::Ipv6Addr>().is_ok();
         }
         // General-address-literal: Standardized-tag ":" 1*dcontent
-        let tag_ok = !tag.is_empty()
-            && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !tag.ends_with('-');
-        let content_ok = !rest.is_empty()
-            && rest
-                .bytes()
-                .all(|b| (33..=90).contains(&b) || (94..=126).contains(&b));
+        let tag_ok =
+            !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !tag.ends_with('-');
+        let content_ok = !rest.is_empty() && rest.bytes().all(|b| (33..=90).contains(&b) || (94..=126).contains(&b));
         return tag_ok && content_ok;
     }
     false
@@ -227,19 +219,11 @@ fn parse_mailbox(s: &str, utf8: bool) -> Result<Mailbox, PathError> {
         (l.to_string(), false, s.get(at..).ok_or(PathError::Syntax)?)
     };
     let domain = rest.strip_prefix('@').ok_or(PathError::Syntax)?;
-    let domain_ok = if domain.starts_with('[') {
-        parse_address_literal(domain)
-    } else {
-        parse_domain(domain, true)
-    };
+    let domain_ok = if domain.starts_with('[') { parse_address_literal(domain) } else { parse_domain(domain, true) };
     if !domain_ok {
         return Err(PathError::Syntax);
     }
-    let mb = Mailbox {
-        local,
-        quoted,
-        domain: domain.to_string(),
-    };
+    let mb = Mailbox { local, quoted, domain: domain.to_string() };
     if !utf8 && mb.is_international() {
         return Err(PathError::NeedsSmtpUtf8);
     }
@@ -253,11 +237,7 @@ fn parse_inner(inner: &str, utf8: bool) -> Result<Mailbox, PathError> {
         let (route, mb) = inner.split_once(':').ok_or(PathError::Syntax)?;
         for hop in route.split(',') {
             let d = hop.strip_prefix('@').ok_or(PathError::Syntax)?;
-            let ok = if d.starts_with('[') {
-                parse_address_literal(d)
-            } else {
-                parse_domain(d, utf8)
-            };
+            let ok = if d.starts_with('[') { parse_address_literal(d) } else { parse_domain(d, utf8) };
             if !ok {
                 return Err(PathError::Syntax);
             }
@@ -273,9 +253,7 @@ fn strip_brackets(path: &str) -> Result<&str, PathError> {
     if path.len() > MAX_PATH {
         return Err(PathError::TooLong);
     }
-    path.strip_prefix('<')
-        .and_then(|p| p.strip_suffix('>'))
-        .ok_or(PathError::Syntax)
+    path.strip_prefix('<').and_then(|p| p.strip_suffix('>')).ok_or(PathError::Syntax)
 }
 
 /// Parses a reverse path such as `<>` or `<a@b>` (brackets included).
@@ -301,20 +279,13 @@ mod tests {
     use super::*;
 
     fn mb(local: &str, domain: &str) -> Mailbox {
-        Mailbox {
-            local: local.into(),
-            quoted: false,
-            domain: domain.into(),
-        }
+        Mailbox { local: local.into(), quoted: false, domain: domain.into() }
     }
 
     #[test]
     fn reverse_paths() {
         assert_eq!(parse_reverse_path("<>", false), Ok(ReversePath::Null));
-        assert_eq!(
-            parse_reverse_path("<a.b@example.com>", false),
-            Ok(ReversePath::Mailbox(mb("a.b", "example.com")))
-        );
+        assert_eq!(parse_reverse_path("<a.b@example.com>", false), Ok(ReversePath::Mailbox(mb("a.b", "example.com"))));
         assert_eq!(
             parse_reverse_path("<@a.example,@b.example:user@c.example>", false),
             Ok(ReversePath::Mailbox(mb("user", "c.example")))
@@ -354,11 +325,7 @@ mod tests {
             "<@a:>",
             "<a@b_c>",
         ] {
-            assert_eq!(
-                parse_reverse_path(bad, false),
-                Err(PathError::Syntax),
-                "{bad}"
-            );
+            assert_eq!(parse_reverse_path(bad, false), Err(PathError::Syntax), "{bad}");
         }
     }
 
@@ -373,18 +340,9 @@ mod tests {
 
     #[test]
     fn forward_paths_and_utf8() {
-        assert_eq!(
-            parse_forward_path("<PostMaster>", false),
-            Ok(ForwardPath::Postmaster)
-        );
-        assert!(matches!(
-            parse_forward_path("<postmaster@example.com>", false),
-            Ok(ForwardPath::Mailbox(_))
-        ));
-        assert_eq!(
-            parse_forward_path("<jörg@exämple.de>", false),
-            Err(PathError::NeedsSmtpUtf8)
-        );
+        assert_eq!(parse_forward_path("<PostMaster>", false), Ok(ForwardPath::Postmaster));
+        assert!(matches!(parse_forward_path("<postmaster@example.com>", false), Ok(ForwardPath::Mailbox(_))));
+        assert_eq!(parse_forward_path("<jörg@exämple.de>", false), Err(PathError::NeedsSmtpUtf8));
         assert!(parse_forward_path("<jörg@exämple.de>", true).is_ok());
     }
 

@@ -161,10 +161,7 @@ pub(crate) struct DotReceiver {
 
 impl DotReceiver {
     pub fn new(content: ContentChecker) -> Self {
-        DotReceiver {
-            state: Frame::LineStart,
-            content,
-        }
+        DotReceiver { state: Frame::LineStart, content }
     }
 
     /// Feeds `input`. Returns `Some(consumed)` when the end-of-data marker
@@ -205,11 +202,7 @@ impl DotReceiver {
                     // ".\r" + not LF: the dot was stuffing, the CR is content (bare)
                     out.push(b'\r');
                     run_start = i;
-                    self.state = if b == b'\r' {
-                        Frame::Cr
-                    } else {
-                        Self::after(b)
-                    };
+                    self.state = if b == b'\r' { Frame::Cr } else { Self::after(b) };
                 }
                 Frame::Mid => self.state = Self::after(b),
                 Frame::Cr => {

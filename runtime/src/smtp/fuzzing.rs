@@ -54,10 +54,7 @@ pub fn dot_reference(data: &[u8]) -> Option<(usize, Vec<u8>)> {
 /// any split of the input.
 pub fn data_receiver(input: &[u8]) {
     let (splits, data) = match input {
-        [a, b, c, rest @ ..] => (
-            vec![*a as usize, (*b as usize) * 7, (*c as usize) * 31],
-            rest,
-        ),
+        [a, b, c, rest @ ..] => (vec![*a as usize, (*b as usize) * 7, (*c as usize) * 31], rest),
         _ => return,
     };
     let got = dot_receive(data, &splits);
@@ -86,11 +83,7 @@ pub fn smtp_commands(input: &[u8]) {
         [f, s, rest @ ..] => (*f, *s, rest),
         _ => return,
     };
-    let mut config = Config {
-        hostname: "mx.example".into(),
-        tls_available: flags & 1 != 0,
-        ..Config::default()
-    };
+    let mut config = Config { hostname: "mx.example".into(), tls_available: flags & 1 != 0, ..Config::default() };
     if flags & 2 != 0 {
         config.auth_mechanisms = vec!["PLAIN".into(), "LOGIN".into()];
         config.auth_requires_tls = flags & 64 == 0;
@@ -133,10 +126,7 @@ pub fn smtp_commands(input: &[u8]) {
             assert!(guard < 100_000, "engine does not settle");
             let mut progressed = false;
             while let Some(b) = s.poll_transmit() {
-                assert!(
-                    !closed_seen || b.is_empty(),
-                    "output after Closed was reported and flushed"
-                );
+                assert!(!closed_seen || b.is_empty(), "output after Closed was reported and flushed");
                 out.extend_from_slice(&b);
                 progressed = true;
             }
@@ -180,12 +170,7 @@ fn answer(s: &mut Session, ev: &Event, now: Time, reject: bool) {
         Event::AuthStep { data: None, .. } => s.auth_continue(b"challenge", now),
         Event::AuthStep { data: Some(d), .. } => {
             if d.len() % 2 == 0 {
-                s.auth_done(
-                    AuthOutcome::Success {
-                        user: "u\r\nser".into(),
-                    },
-                    now,
-                )
+                s.auth_done(AuthOutcome::Success { user: "u\r\nser".into() }, now)
             } else {
                 s.auth_done(AuthOutcome::Failure { reply: None }, now)
             }
@@ -214,21 +199,11 @@ pub fn check_wire(out: &[u8]) {
         };
         let (line, tail) = rest.split_at(lf + 1);
         rest = tail;
-        assert!(
-            line.len() >= 5 && line.ends_with(b"\r\n"),
-            "bad line ending"
-        );
+        assert!(line.len() >= 5 && line.ends_with(b"\r\n"), "bad line ending");
         let body = line.get(..line.len() - 2).unwrap_or(&[]);
         assert!(!body.contains(&b'\r'), "CR inside a reply line");
-        assert!(
-            body.get(..3)
-                .is_some_and(|c| c.iter().all(u8::is_ascii_digit)),
-            "no reply code"
-        );
-        assert!(
-            matches!(body.get(3), None | Some(b' ' | b'-')),
-            "bad separator"
-        );
+        assert!(body.get(..3).is_some_and(|c| c.iter().all(u8::is_ascii_digit)), "no reply code");
+        assert!(matches!(body.get(3), None | Some(b' ' | b'-')), "bad separator");
         if !body.starts_with(b"334") {
             assert!(line.len() <= 512, "reply line too long");
         }

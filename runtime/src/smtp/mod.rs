@@ -146,14 +146,11 @@ mod time;
 #[cfg(test)]
 mod tests;
 
-pub use address::{
-    parse_forward_path, parse_reverse_path, ForwardPath, Mailbox, PathError, ReversePath,
-};
+pub use address::{parse_forward_path, parse_reverse_path, ForwardPath, Mailbox, PathError, ReversePath};
 pub use params::{decode_xtext, BodyType, MailParams, Notify, Orcpt, RcptParams, Ret};
 pub use reply::{Reply, MAX_REPLY_LINE};
 pub use session::{
-    AuthOutcome, Config, Decision, Envelope, Event, Extensions, PeerInfo, Recipient, Session,
-    TlsInfo, UsageError,
+    AuthOutcome, Config, Decision, Envelope, Event, Extensions, PeerInfo, Recipient, Session, TlsInfo, UsageError,
 };
 pub use time::Time;
 

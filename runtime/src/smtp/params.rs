@@ -132,9 +132,7 @@ fn split_params(s: &str) -> Result<Vec<(String, Option<&str>)>, ParamError> {
             return Err(ParamError::Syntax("Invalid parameter syntax"));
         }
         if let Some(v) = v {
-            let v_ok = !v.is_empty()
-                && v.chars()
-                    .all(|c| !c.is_ascii() || (('!'..='~').contains(&c) && c != '='));
+            let v_ok = !v.is_empty() && v.chars().all(|c| !c.is_ascii() || (('!'..='~').contains(&c) && c != '='));
             if !v_ok {
                 return Err(ParamError::Syntax("Invalid parameter value"));
             }
@@ -148,11 +146,7 @@ fn split_params(s: &str) -> Result<Vec<(String, Option<&str>)>, ParamError> {
     Ok(out)
 }
 
-pub(crate) fn parse_mail_params(
-    s: &str,
-    offered: Offered,
-    max_size: u64,
-) -> Result<MailParams, ParamError> {
+pub(crate) fn parse_mail_params(s: &str, offered: Offered, max_size: u64) -> Result<MailParams, ParamError> {
     let mut p = MailParams::default();
     for (k, v) in split_params(s)? {
         match (k.as_str(), v) {
@@ -160,9 +154,7 @@ pub(crate) fn parse_mail_params(
                 if v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(ParamError::Syntax("Invalid SIZE value"));
                 }
-                let n: u64 = v
-                    .parse()
-                    .map_err(|_| ParamError::Syntax("Invalid SIZE value"))?;
+                let n: u64 = v.parse().map_err(|_| ParamError::Syntax("Invalid SIZE value"))?;
                 if max_size > 0 && n > max_size {
                     return Err(ParamError::TooBig);
                 }
@@ -194,9 +186,7 @@ pub(crate) fn parse_mail_params(
             ("AUTH", Some(v)) if offered.auth => {
                 p.auth = Some(decode_xtext(v).ok_or(ParamError::Syntax("Invalid AUTH value"))?);
             }
-            ("SIZE" | "BODY" | "RET" | "ENVID" | "AUTH", None) | ("SMTPUTF8", Some(_))
-                if is_offered(&k, offered) =>
-            {
+            ("SIZE" | "BODY" | "RET" | "ENVID" | "AUTH", None) | ("SMTPUTF8", Some(_)) if is_offered(&k, offered) => {
                 return Err(ParamError::Syntax("Invalid parameter syntax"));
             }
             _ => return Err(ParamError::Unsupported),
@@ -242,23 +232,15 @@ pub(crate) fn parse_rcpt_params(s: &str, offered: Offered) -> Result<RcptParams,
                 p.notify = Some(n);
             }
             ("ORCPT", Some(v)) if offered.dsn => {
-                let (t, a) = v
-                    .split_once(';')
-                    .ok_or(ParamError::Syntax("Invalid ORCPT value"))?;
-                let t_ok =
-                    !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                let (t, a) = v.split_once(';').ok_or(ParamError::Syntax("Invalid ORCPT value"))?;
+                let t_ok = !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
                 let a = decode_xtext(a).ok_or(ParamError::Syntax("Invalid ORCPT value"))?;
                 if !t_ok || a.is_empty() || a.len() > 500 {
                     return Err(ParamError::Syntax("Invalid ORCPT value"));
                 }
-                p.orcpt = Some(Orcpt {
-                    addr_type: t.to_string(),
-                    address: a,
-                });
+                p.orcpt = Some(Orcpt { addr_type: t.to_string(), address: a });
             }
-            ("NOTIFY" | "ORCPT", None) if offered.dsn => {
-                return Err(ParamError::Syntax("Invalid parameter syntax"))
-            }
+            ("NOTIFY" | "ORCPT", None) if offered.dsn => return Err(ParamError::Syntax("Invalid parameter syntax")),
             _ => return Err(ParamError::Unsupported),
         }
     }
@@ -270,14 +252,7 @@ mod tests {
     use super::*;
 
     fn all() -> Offered {
-        Offered {
-            size: true,
-            eight_bit: true,
-            binary: true,
-            smtputf8: true,
-            dsn: true,
-            auth: true,
-        }
+        Offered { size: true, eight_bit: true, binary: true, smtputf8: true, dsn: true, auth: true }
     }
 
     #[test]
@@ -291,69 +266,31 @@ mod tests {
 
     #[test]
     fn mail_params() {
-        let p = parse_mail_params(
-            " SIZE=100 BODY=8bitmime RET=HDRS ENVID=QQ+2B1 SMTPUTF8 AUTH=<>",
-            all(),
-            1000,
-        )
-        .unwrap();
+        let p =
+            parse_mail_params(" SIZE=100 BODY=8bitmime RET=HDRS ENVID=QQ+2B1 SMTPUTF8 AUTH=<>", all(), 1000).unwrap();
         assert_eq!(p.size, Some(100));
         assert_eq!(p.body, BodyType::EightBitMime);
         assert_eq!(p.ret, Some(Ret::Hdrs));
         assert_eq!(p.envid.as_deref(), Some("QQ+1"));
         assert_eq!(p.auth.as_deref(), Some("<>"));
         assert!(p.smtputf8);
-        assert_eq!(
-            parse_mail_params("SIZE=1001", all(), 1000),
-            Err(ParamError::TooBig)
-        );
-        assert!(matches!(
-            parse_mail_params("SIZE=abc", all(), 0),
-            Err(ParamError::Syntax(_))
-        ));
-        assert!(matches!(
-            parse_mail_params("SIZE=1 SIZE=2", all(), 0),
-            Err(ParamError::Syntax(_))
-        ));
-        assert!(matches!(
-            parse_mail_params("RET=ALL", all(), 0),
-            Err(ParamError::Syntax(_))
-        ));
-        assert!(matches!(
-            parse_mail_params("BODY=9BIT", all(), 0),
-            Err(ParamError::Syntax(_))
-        ));
-        assert_eq!(
-            parse_mail_params("FOO=bar", all(), 0),
-            Err(ParamError::Unsupported)
-        );
-        assert_eq!(
-            parse_mail_params("RET=FULL", Offered::default(), 0),
-            Err(ParamError::Unsupported)
-        );
-        assert!(matches!(
-            parse_mail_params("SIZE", all(), 0),
-            Err(ParamError::Syntax(_))
-        ));
+        assert_eq!(parse_mail_params("SIZE=1001", all(), 1000), Err(ParamError::TooBig));
+        assert!(matches!(parse_mail_params("SIZE=abc", all(), 0), Err(ParamError::Syntax(_))));
+        assert!(matches!(parse_mail_params("SIZE=1 SIZE=2", all(), 0), Err(ParamError::Syntax(_))));
+        assert!(matches!(parse_mail_params("RET=ALL", all(), 0), Err(ParamError::Syntax(_))));
+        assert!(matches!(parse_mail_params("BODY=9BIT", all(), 0), Err(ParamError::Syntax(_))));
+        assert_eq!(parse_mail_params("FOO=bar", all(), 0), Err(ParamError::Unsupported));
+        assert_eq!(parse_mail_params("RET=FULL", Offered::default(), 0), Err(ParamError::Unsupported));
+        assert!(matches!(parse_mail_params("SIZE", all(), 0), Err(ParamError::Syntax(_))));
     }
 
     #[test]
     fn rcpt_params() {
-        let p = parse_rcpt_params(
-            "NOTIFY=success,FAILURE ORCPT=rfc822;a+2Bb@example.com",
-            all(),
-        )
-        .unwrap();
+        let p = parse_rcpt_params("NOTIFY=success,FAILURE ORCPT=rfc822;a+2Bb@example.com", all()).unwrap();
         let n = p.notify.unwrap();
         assert!(n.success && n.failure && !n.delay && !n.never);
         assert_eq!(p.orcpt.unwrap().address, "a+b@example.com");
-        assert!(
-            parse_rcpt_params("NOTIFY=NEVER", all())
-                .unwrap()
-                .notify
-                .unwrap()
-                .never
-        );
+        assert!(parse_rcpt_params("NOTIFY=NEVER", all()).unwrap().notify.unwrap().never);
         for bad in [
             "NOTIFY=NEVER,SUCCESS",
             "NOTIFY=",
@@ -365,9 +302,6 @@ mod tests {
         ] {
             assert!(parse_rcpt_params(bad, all()).is_err(), "{bad}");
         }
-        assert_eq!(
-            parse_rcpt_params("NOTIFY=NEVER", Offered::default()),
-            Err(ParamError::Unsupported)
-        );
+        assert_eq!(parse_rcpt_params("NOTIFY=NEVER", Offered::default()), Err(ParamError::Unsupported));
     }
 }

@@ -26,20 +26,12 @@ pub struct Reply {
 impl Reply {
     /// A reply with an enhanced status code.
     pub fn new(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Reply {
-        Reply {
-            code,
-            enhanced: Some(enhanced),
-            text: text.into(),
-        }
+        Reply { code, enhanced: Some(enhanced), text: text.into() }
     }
 
     /// A reply without an enhanced status code.
     pub fn plain(code: u16, text: impl Into<String>) -> Reply {
-        Reply {
-            code,
-            enhanced: None,
-            text: text.into(),
-        }
+        Reply { code, enhanced: None, text: text.into() }
     }
 
     /// True for 4xx and 5xx replies.
@@ -74,11 +66,7 @@ impl Reply {
                 text = tail;
             }
         }
-        Some(Reply {
-            code,
-            enhanced,
-            text: text.to_string(),
-        })
+        Some(Reply { code, enhanced, text: text.to_string() })
     }
 
     /// Wire form, with or without enhanced codes.
@@ -91,19 +79,12 @@ impl Reply {
         }
         let class = (code / 100) as u8;
         let enhanced = match enhanced {
-            Some((_, s, d)) if with_enhanced && (2..=5).contains(&class) && class != 3 => {
-                Some((class, s, d))
-            }
+            Some((_, s, d)) if with_enhanced && (2..=5).contains(&class) && class != 3 => Some((class, s, d)),
             _ => None,
         };
-        let prefix_e = enhanced
-            .map(|(c, s, d)| format!("{c}.{s}.{d} "))
-            .unwrap_or_default();
-        let lines: Vec<String> = if self.text.is_empty() {
-            vec![String::new()]
-        } else {
-            self.text.split('\n').map(sanitise_line).collect()
-        };
+        let prefix_e = enhanced.map(|(c, s, d)| format!("{c}.{s}.{d} ")).unwrap_or_default();
+        let lines: Vec<String> =
+            if self.text.is_empty() { vec![String::new()] } else { self.text.split('\n').map(sanitise_line).collect() };
         let mut out = Vec::new();
         let n = lines.len();
         for (i, line) in lines.into_iter().enumerate() {
@@ -141,9 +122,7 @@ fn parse_enhanced(s: &str) -> Option<(u8, u16, u16)> {
 }
 
 fn sanitise_line(line: &str) -> String {
-    line.chars()
-        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
-        .collect()
+    line.chars().map(|c| if c.is_control() && c != '\t' { '?' } else { c }).collect()
 }
 
 fn truncate_at_char(s: &str, max: usize) -> &str {
@@ -167,14 +146,8 @@ mod tests {
 
     #[test]
     fn single_and_multi_line() {
-        assert_eq!(
-            wire(&Reply::new(250, (2, 1, 0), "Sender OK")),
-            "250 2.1.0 Sender OK\r\n"
-        );
-        assert_eq!(
-            wire(&Reply::new(550, (5, 7, 1), "a\nb")),
-            "550-5.7.1 a\r\n550 5.7.1 b\r\n"
-        );
+        assert_eq!(wire(&Reply::new(250, (2, 1, 0), "Sender OK")), "250 2.1.0 Sender OK\r\n");
+        assert_eq!(wire(&Reply::new(550, (5, 7, 1), "a\nb")), "550-5.7.1 a\r\n550 5.7.1 b\r\n");
         assert_eq!(wire(&Reply::plain(354, "go")), "354 go\r\n");
         // class mismatch is corrected, 3xx never carries an enhanced code
         assert_eq!(wire(&Reply::new(451, (5, 7, 1), "x")), "451 4.7.1 x\r\n");

@@ -5,14 +5,10 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::address::{
-    parse_forward_path, parse_reverse_path, split_path, ForwardPath, PathError, ReversePath,
-};
+use super::address::{parse_forward_path, parse_reverse_path, split_path, ForwardPath, PathError, ReversePath};
 use super::base64;
 use super::data::{ContentChecker, ContentFlags, DotReceiver};
-use super::params::{
-    parse_mail_params, parse_rcpt_params, BodyType, MailParams, Offered, ParamError, RcptParams,
-};
+use super::params::{parse_mail_params, parse_rcpt_params, BodyType, MailParams, Offered, ParamError, RcptParams};
 use super::reply::Reply;
 use super::time::Time;
 
@@ -270,10 +266,7 @@ impl Event {
     /// True when the session waits for [`Session::decide`] (or, for
     /// `AuthStep`/`StartTls`, the matching method) after this event.
     pub fn needs_answer(&self) -> bool {
-        !matches!(
-            self,
-            Event::AuthCancelled | Event::Reset | Event::Quit | Event::Closed
-        )
+        !matches!(self, Event::AuthCancelled | Event::Reset | Event::Quit | Event::Closed)
     }
 }
 
@@ -295,26 +288,15 @@ pub struct Decision {
 impl Decision {
     /// Accept with the standard reply.
     pub fn accept() -> Decision {
-        Decision {
-            accept: true,
-            ..Decision::default()
-        }
+        Decision { accept: true, ..Decision::default() }
     }
     /// Accept a message with its queue id.
     pub fn queued(id: impl Into<String>) -> Decision {
-        Decision {
-            accept: true,
-            queue_id: Some(id.into()),
-            ..Decision::default()
-        }
+        Decision { accept: true, queue_id: Some(id.into()), ..Decision::default() }
     }
     /// Reject with `reply` (4xx or 5xx).
     pub fn reject(reply: Reply) -> Decision {
-        Decision {
-            accept: false,
-            reply: Some(reply),
-            ..Decision::default()
-        }
+        Decision { accept: false, reply: Some(reply), ..Decision::default() }
     }
     /// Set the reply.
     pub fn with_reply(mut self, reply: Reply) -> Decision {
@@ -375,41 +357,21 @@ impl std::error::Error for UsageError {}
 #[derive(Clone, Debug)]
 enum Pending {
     Connect,
-    Helo {
-        name: String,
-        extended: bool,
-    },
-    Mail {
-        from: ReversePath,
-        params: MailParams,
-    },
-    Rcpt {
-        to: ForwardPath,
-        params: RcptParams,
-    },
-    Data {
-        bdat: Option<(u64, bool)>,
-    },
+    Helo { name: String, extended: bool },
+    Mail { from: ReversePath, params: MailParams },
+    Rcpt { to: ForwardPath, params: RcptParams },
+    Data { bdat: Option<(u64, bool)> },
     Message,
     Vrfy,
     Expn,
-    AuthStep {
-        mechanism: String,
-    },
-    Auth {
-        mechanism: String,
-        user: String,
-    },
+    AuthStep { mechanism: String },
+    Auth { mechanism: String, user: String },
 }
 
 #[derive(Debug)]
 enum BdatSink {
     Store,
-    Discard {
-        reply: Reply,
-        delay: Duration,
-        close: bool,
-    },
+    Discard { reply: Reply, delay: Duration, close: bool },
 }
 
 #[derive(Debug)]
@@ -417,14 +379,8 @@ enum Phase {
     Greeting,
     Command,
     Data(Box<DotReceiver>),
-    Bdat {
-        remaining: u64,
-        last: bool,
-        sink: BdatSink,
-    },
-    AuthResponse {
-        mechanism: String,
-    },
+    Bdat { remaining: u64, last: bool, sink: BdatSink },
+    AuthResponse { mechanism: String },
     WaitTls,
     Closed,
 }
@@ -574,9 +530,7 @@ impl Session {
         if self.is_closed() {
             return 0;
         }
-        self.config
-            .max_input_buffer
-            .saturating_sub(self.input.len())
+        self.config.max_input_buffer.saturating_sub(self.input.len())
     }
 
     // ----- output ----------------------------------------------------------
@@ -618,11 +572,7 @@ impl Session {
                 self.pending = None;
                 self.input.clear();
                 self.send(
-                    r(
-                        554,
-                        (5, 5, 1),
-                        "Protocol error: client sent data before the greeting",
-                    ),
+                    r(554, (5, 5, 1), "Protocol error: client sent data before the greeting"),
                     Duration::ZERO,
                     true,
                     now,
@@ -633,10 +583,7 @@ impl Session {
         }
         let mut rest = bytes;
         loop {
-            let room = self
-                .config
-                .max_input_buffer
-                .saturating_sub(self.input.len());
+            let room = self.config.max_input_buffer.saturating_sub(self.input.len());
             let take = room.min(rest.len());
             let (now_part, later) = rest.split_at(take);
             self.input.extend_from_slice(now_part);
@@ -741,12 +688,7 @@ impl Session {
             }
             Pending::Mail { from, params } => {
                 if d.accept {
-                    self.tx = Some(Transaction {
-                        from,
-                        params,
-                        recipients: Vec::new(),
-                        bdat: None,
-                    });
+                    self.tx = Some(Transaction { from, params, recipients: Vec::new(), bdat: None });
                     reply_or(r(250, (2, 1, 0), "Sender OK"))
                 } else {
                     reply_or(r(550, (5, 7, 1), "Sender rejected"))
@@ -771,9 +713,7 @@ impl Session {
                     reply_or(r(554, (5, 7, 1), "Data rejected"))
                 }
             }
-            Pending::Data {
-                bdat: Some((size, last)),
-            } => {
+            Pending::Data { bdat: Some((size, last)) } => {
                 let sink = if d.accept {
                     let checker = self.new_checker();
                     if let Some(tx) = self.tx.as_mut() {
@@ -788,11 +728,7 @@ impl Session {
                         close: d.close,
                     }
                 };
-                self.phase = Phase::Bdat {
-                    remaining: size,
-                    last,
-                    sink,
-                };
+                self.phase = Phase::Bdat { remaining: size, last, sink };
                 self.drive(now);
                 return Ok(());
             }
@@ -809,11 +745,7 @@ impl Session {
                 }
             }
             Pending::Vrfy => reply_or(if d.accept {
-                r(
-                    252,
-                    (2, 5, 2),
-                    "Cannot VRFY user, but will accept message and attempt delivery",
-                )
+                r(252, (2, 5, 2), "Cannot VRFY user, but will accept message and attempt delivery")
             } else {
                 r(550, (5, 7, 1), "Access denied")
             }),
@@ -842,8 +774,7 @@ impl Session {
         let mechanism = self.take_auth_step()?;
         self.phase = Phase::AuthResponse { mechanism };
         self.out.extend_from_slice(b"334 ");
-        self.out
-            .extend_from_slice(base64::encode(challenge).as_bytes());
+        self.out.extend_from_slice(base64::encode(challenge).as_bytes());
         self.out.extend_from_slice(b"\r\n");
         self.drive(now);
         Ok(())
@@ -855,15 +786,11 @@ impl Session {
         self.phase = Phase::Command;
         match outcome {
             AuthOutcome::Success { user } => {
-                self.events.push_back(Event::Auth {
-                    mechanism: mechanism.clone(),
-                    user: user.clone(),
-                });
+                self.events.push_back(Event::Auth { mechanism: mechanism.clone(), user: user.clone() });
                 self.pending = Some(Pending::Auth { mechanism, user });
             }
             AuthOutcome::Failure { reply } => {
-                let reply = reply
-                    .unwrap_or_else(|| r(535, (5, 7, 8), "Authentication credentials invalid"));
+                let reply = reply.unwrap_or_else(|| r(535, (5, 7, 8), "Authentication credentials invalid"));
                 self.send(reply, Duration::ZERO, false, now);
                 self.drive(now);
             }
@@ -908,11 +835,7 @@ impl Session {
     // ----- internals -------------------------------------------------------
 
     fn new_checker(&self) -> ContentChecker {
-        ContentChecker::new(
-            self.config.max_message_size,
-            self.config.max_text_line,
-            self.config.max_header_size,
-        )
+        ContentChecker::new(self.config.max_message_size, self.config.max_text_line, self.config.max_header_size)
     }
 
     fn close_now(&mut self) {
@@ -943,21 +866,13 @@ impl Session {
                 delay = delay.max(self.config.error_sleep);
             }
             if self.errors >= self.config.hard_error_limit {
-                let bye = r(
-                    421,
-                    (4, 7, 0),
-                    &format!("{} Error: too many errors", self.config.hostname),
-                );
+                let bye = r(421, (4, 7, 0), &format!("{} Error: too many errors", self.config.hostname));
                 bytes.extend_from_slice(&bye.to_wire(self.config.extensions.enhanced_status_codes));
                 close = true;
             }
         }
         if delay > Duration::ZERO {
-            self.held = Some(Held {
-                until: now + delay,
-                bytes,
-                close,
-            });
+            self.held = Some(Held { until: now + delay, bytes, close });
         } else {
             self.out.extend_from_slice(&bytes);
             if close {
@@ -980,12 +895,7 @@ impl Session {
             if self.overflow {
                 self.overflow = false;
                 self.input.clear();
-                self.send(
-                    r(421, (4, 7, 0), "Too much pipelined input"),
-                    Duration::ZERO,
-                    true,
-                    now,
-                );
+                self.send(r(421, (4, 7, 0), "Too much pipelined input"), Duration::ZERO, true, now);
                 return;
             }
             match &mut self.phase {
@@ -1002,12 +912,8 @@ impl Session {
                         return;
                     }
                 },
-                Phase::Bdat {
-                    remaining, sink, ..
-                } => {
-                    let take = usize::try_from(*remaining)
-                        .unwrap_or(usize::MAX)
-                        .min(self.input.len());
+                Phase::Bdat { remaining, sink, .. } => {
+                    let take = usize::try_from(*remaining).unwrap_or(usize::MAX).min(self.input.len());
                     if take > 0 {
                         if matches!(sink, BdatSink::Store) {
                             if let Some(c) = self.tx.as_mut().and_then(|t| t.bdat.as_mut()) {
@@ -1032,12 +938,7 @@ impl Session {
                             self.phase = Phase::Command;
                             self.events.push_back(Event::AuthCancelled);
                         }
-                        self.send(
-                            r(500, (5, 5, 6), "Line too long"),
-                            Duration::ZERO,
-                            false,
-                            now,
-                        );
+                        self.send(r(500, (5, 5, 6), "Line too long"), Duration::ZERO, false, now);
                     }
                     Some(Some(line)) => self.process_line(line, now),
                 },
@@ -1063,11 +964,7 @@ impl Session {
             }
         }
         let is_auth = matches!(self.phase, Phase::AuthResponse { .. })
-            || self
-                .input
-                .unread()
-                .get(..5)
-                .is_some_and(|p| p.eq_ignore_ascii_case(b"AUTH "));
+            || self.input.unread().get(..5).is_some_and(|p| p.eq_ignore_ascii_case(b"AUTH "));
         let limit = if is_auth {
             self.config.max_auth_line.max(self.config.max_command_line)
         } else {
@@ -1075,12 +972,7 @@ impl Session {
         };
         match pos {
             Some(p) => {
-                let line: Vec<u8> = self
-                    .input
-                    .unread()
-                    .get(..=p)
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_default();
+                let line: Vec<u8> = self.input.unread().get(..=p).map(<[u8]>::to_vec).unwrap_or_default();
                 self.input.consume(p + 1);
                 if line.len() > limit {
                     Some(None)
@@ -1114,8 +1006,7 @@ impl Session {
     }
 
     fn auth_offered(&self) -> bool {
-        !self.config.auth_mechanisms.is_empty()
-            && (self.tls.is_some() || !self.config.auth_requires_tls)
+        !self.config.auth_mechanisms.is_empty() && (self.tls.is_some() || !self.config.auth_requires_tls)
     }
 
     fn ehlo_reply(&self, first: String) -> Reply {
@@ -1160,20 +1051,11 @@ impl Session {
 
     fn finish_chunk(&mut self, last: bool, sink: BdatSink, now: Time) {
         match sink {
-            BdatSink::Discard {
-                reply,
-                delay,
-                close,
-            } => self.send(reply, delay, close, now),
+            BdatSink::Discard { reply, delay, close } => self.send(reply, delay, close, now),
             BdatSink::Store => {
                 let checker = self.tx.as_mut().and_then(|t| t.bdat.take());
                 let Some(checker) = checker else {
-                    self.send(
-                        r(503, (5, 5, 1), "Need MAIL command"),
-                        Duration::ZERO,
-                        false,
-                        now,
-                    );
+                    self.send(r(503, (5, 5, 1), "Need MAIL command"), Duration::ZERO, false, now);
                     return;
                 };
                 if last {
@@ -1181,11 +1063,7 @@ impl Session {
                 } else if checker.flags.too_big {
                     self.reset_tx();
                     self.send(
-                        r(
-                            552,
-                            (5, 3, 4),
-                            "Message size exceeds fixed maximum message size",
-                        ),
+                        r(552, (5, 3, 4), "Message size exceeds fixed maximum message size"),
                         Duration::ZERO,
                         false,
                         now,
@@ -1195,12 +1073,7 @@ impl Session {
                     if let Some(tx) = self.tx.as_mut() {
                         tx.bdat = Some(checker);
                     }
-                    self.send(
-                        r(250, (2, 0, 0), &format!("{size} octets received")),
-                        Duration::ZERO,
-                        false,
-                        now,
-                    );
+                    self.send(r(250, (2, 0, 0), &format!("{size} octets received")), Duration::ZERO, false, now);
                 }
             }
         }
@@ -1209,33 +1082,15 @@ impl Session {
     fn finish_message(&mut self, checker: ContentChecker, chunked: bool, now: Time) {
         let (data, flags) = checker.finish();
         let Some(tx) = self.tx.take() else {
-            self.send(
-                r(503, (5, 5, 1), "Need MAIL command"),
-                Duration::ZERO,
-                false,
-                now,
-            );
+            self.send(r(503, (5, 5, 1), "Need MAIL command"), Duration::ZERO, false, now);
             return;
         };
         let binary = tx.params.body == BodyType::BinaryMime;
-        let ContentFlags {
-            too_big,
-            bare_newline,
-            long_line,
-            header_too_big,
-        } = flags;
+        let ContentFlags { too_big, bare_newline, long_line, header_too_big } = flags;
         let err = if too_big {
-            Some(r(
-                552,
-                (5, 3, 4),
-                "Message size exceeds fixed maximum message size",
-            ))
+            Some(r(552, (5, 3, 4), "Message size exceeds fixed maximum message size"))
         } else if bare_newline && !binary {
-            Some(r(
-                550,
-                (5, 5, 2),
-                "Message contains bare CR or LF; lines must end with CRLF",
-            ))
+            Some(r(550, (5, 5, 2), "Message contains bare CR or LF; lines must end with CRLF"))
         } else if header_too_big {
             Some(r(552, (5, 3, 4), "Message header size exceeds limit"))
         } else if long_line && !binary {
@@ -1249,11 +1104,7 @@ impl Session {
         }
         self.pending = Some(Pending::Message);
         self.events.push_back(Event::Message {
-            envelope: Envelope {
-                from: tx.from,
-                params: tx.params,
-                recipients: tx.recipients,
-            },
+            envelope: Envelope { from: tx.from, params: tx.params, recipients: tx.recipients },
             data,
             chunked,
         });
@@ -1267,10 +1118,7 @@ impl Session {
                 self.phase = Phase::Command;
                 self.events.push_back(Event::AuthCancelled);
             }
-            return err(
-                self,
-                r(500, (5, 5, 2), "Bare LF received; lines must end with CRLF"),
-            );
+            return err(self, r(500, (5, 5, 2), "Bare LF received; lines must end with CRLF"));
         };
         let text = match std::str::from_utf8(body) {
             Ok(t) if !t.chars().any(|c| c.is_control() && c != '\t') => t.to_string(),
@@ -1305,14 +1153,8 @@ impl Session {
                 self.reset_tx();
                 self.helo = None;
                 self.wait(
-                    Pending::Helo {
-                        name: name.to_string(),
-                        extended: verb == "EHLO",
-                    },
-                    Event::Helo {
-                        name: name.to_string(),
-                        extended: verb == "EHLO",
-                    },
+                    Pending::Helo { name: name.to_string(), extended: verb == "EHLO" },
+                    Event::Helo { name: name.to_string(), extended: verb == "EHLO" },
                 );
             }
             "MAIL" => self.cmd_mail(args, now),
@@ -1370,11 +1212,7 @@ impl Session {
                 }
             }
             "HELP" => self.send(
-                r(
-                    214,
-                    (2, 0, 0),
-                    "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
-                ),
+                r(214, (2, 0, 0), "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"),
                 Duration::ZERO,
                 false,
                 now,
@@ -1389,8 +1227,9 @@ impl Session {
                 } else if self.tx.is_some() {
                     err(self, r(503, (5, 5, 1), "MAIL transaction in progress"))
                 } else {
-                    self.out
-                        .extend_from_slice(&r(220, (2, 0, 0), "Ready to start TLS").to_wire(self.config.extensions.enhanced_status_codes));
+                    self.out.extend_from_slice(
+                        &r(220, (2, 0, 0), "Ready to start TLS").to_wire(self.config.extensions.enhanced_status_codes),
+                    );
                     // CVE-2011-0411: nothing received before the handshake may
                     // be interpreted after it.
                     self.input.clear();
@@ -1458,20 +1297,11 @@ impl Session {
         let from = match parse_reverse_path(path, params.smtputf8) {
             Ok(p) => p,
             Err(PathError::NeedsSmtpUtf8) => {
-                return err(
-                    self,
-                    r(553, (5, 6, 7), "Non-ASCII addresses require SMTPUTF8"),
-                )
+                return err(self, r(553, (5, 6, 7), "Non-ASCII addresses require SMTPUTF8"))
             }
             Err(_) => return err(self, r(501, (5, 1, 7), "Bad sender address syntax")),
         };
-        self.wait(
-            Pending::Mail {
-                from: from.clone(),
-                params: params.clone(),
-            },
-            Event::Mail { from, params },
-        );
+        self.wait(Pending::Mail { from: from.clone(), params: params.clone() }, Event::Mail { from, params });
     }
 
     fn cmd_rcpt(&mut self, args: &str, now: Time) {
@@ -1497,23 +1327,14 @@ impl Session {
         let to = match parse_forward_path(path, utf8) {
             Ok(p) => p,
             Err(PathError::NeedsSmtpUtf8) => {
-                return err(
-                    self,
-                    r(553, (5, 6, 7), "Non-ASCII addresses require SMTPUTF8"),
-                )
+                return err(self, r(553, (5, 6, 7), "Non-ASCII addresses require SMTPUTF8"))
             }
             Err(_) => return err(self, r(501, (5, 1, 3), "Bad recipient address syntax")),
         };
         if count >= self.config.max_recipients {
             return err(self, r(452, (4, 5, 3), "Too many recipients"));
         }
-        self.wait(
-            Pending::Rcpt {
-                to: to.clone(),
-                params: params.clone(),
-            },
-            Event::Rcpt { to, params },
-        );
+        self.wait(Pending::Rcpt { to: to.clone(), params: params.clone() }, Event::Rcpt { to, params });
     }
 
     fn cmd_bdat(&mut self, args: &str, now: Time) {
@@ -1530,21 +1351,12 @@ impl Session {
         let (Some(size), Some(last), None) = (size, last, it.next()) else {
             // Without a valid size we cannot find the end of the chunk:
             // anything after could be chunk data, so close.
-            return self.send(
-                r(501, (5, 5, 4), "Syntax: BDAT size [LAST]"),
-                Duration::ZERO,
-                true,
-                now,
-            );
+            return self.send(r(501, (5, 5, 4), "Syntax: BDAT size [LAST]"), Duration::ZERO, true, now);
         };
         let discard = |reply: Reply| Phase::Bdat {
             remaining: size,
             last,
-            sink: BdatSink::Discard {
-                reply,
-                delay: Duration::ZERO,
-                close: false,
-            },
+            sink: BdatSink::Discard { reply, delay: Duration::ZERO, close: false },
         };
         if !self.config.extensions.chunking {
             self.phase = discard(r(502, (5, 5, 1), "BDAT not available"));
@@ -1556,18 +1368,9 @@ impl Session {
         }
         let started = self.tx.as_ref().is_some_and(|t| t.bdat.is_some());
         if started {
-            self.phase = Phase::Bdat {
-                remaining: size,
-                last,
-                sink: BdatSink::Store,
-            };
+            self.phase = Phase::Bdat { remaining: size, last, sink: BdatSink::Store };
         } else {
-            self.wait(
-                Pending::Data {
-                    bdat: Some((size, last)),
-                },
-                Event::Data { chunked: true },
-            );
+            self.wait(Pending::Data { bdat: Some((size, last)) }, Event::Data { chunked: true });
         }
     }
 
@@ -1580,34 +1383,19 @@ impl Session {
             return err(self, r(503, (5, 5, 1), "Send EHLO first"));
         }
         if !self.auth_offered() {
-            return err(
-                self,
-                r(530, (5, 7, 0), "Must issue a STARTTLS command first"),
-            );
+            return err(self, r(530, (5, 7, 0), "Must issue a STARTTLS command first"));
         }
         if self.auth.is_some() {
             return err(self, r(503, (5, 5, 1), "Already authenticated"));
         }
         if self.tx.is_some() {
-            return err(
-                self,
-                r(503, (5, 5, 1), "AUTH not allowed during a mail transaction"),
-            );
+            return err(self, r(503, (5, 5, 1), "AUTH not allowed during a mail transaction"));
         }
         let mut it = args.split(' ').filter(|s| !s.is_empty());
         let (Some(mech), ir, None) = (it.next(), it.next(), it.next()) else {
-            return err(
-                self,
-                r(501, (5, 5, 4), "Syntax: AUTH mechanism [initial-response]"),
-            );
+            return err(self, r(501, (5, 5, 4), "Syntax: AUTH mechanism [initial-response]"));
         };
-        let Some(mechanism) = self
-            .config
-            .auth_mechanisms
-            .iter()
-            .find(|m| m.eq_ignore_ascii_case(mech))
-            .cloned()
-        else {
+        let Some(mechanism) = self.config.auth_mechanisms.iter().find(|m| m.eq_ignore_ascii_case(mech)).cloned() else {
             return err(self, r(504, (5, 5, 4), "Unrecognized authentication type"));
         };
         let data = match ir {
@@ -1618,42 +1406,22 @@ impl Session {
                 None => return err(self, r(501, (5, 5, 2), "Invalid base64 data")),
             },
         };
-        self.wait(
-            Pending::AuthStep {
-                mechanism: mechanism.clone(),
-            },
-            Event::AuthStep { mechanism, data },
-        );
+        self.wait(Pending::AuthStep { mechanism: mechanism.clone() }, Event::AuthStep { mechanism, data });
     }
 
     fn auth_response(&mut self, mechanism: String, text: &str, now: Time) {
         if text == "*" {
             self.events.push_back(Event::AuthCancelled);
-            return self.send(
-                r(501, (5, 7, 0), "Authentication cancelled"),
-                Duration::ZERO,
-                false,
-                now,
-            );
+            return self.send(r(501, (5, 7, 0), "Authentication cancelled"), Duration::ZERO, false, now);
         }
         match base64::decode(text.as_bytes()) {
             Some(data) => self.wait(
-                Pending::AuthStep {
-                    mechanism: mechanism.clone(),
-                },
-                Event::AuthStep {
-                    mechanism,
-                    data: Some(data),
-                },
+                Pending::AuthStep { mechanism: mechanism.clone() },
+                Event::AuthStep { mechanism, data: Some(data) },
             ),
             None => {
                 self.events.push_back(Event::AuthCancelled);
-                self.send(
-                    r(501, (5, 5, 2), "Invalid base64 data"),
-                    Duration::ZERO,
-                    false,
-                    now,
-                )
+                self.send(r(501, (5, 5, 2), "Invalid base64 data"), Duration::ZERO, false, now)
             }
         }
     }
@@ -1663,10 +1431,6 @@ fn param_error(e: ParamError) -> Reply {
     match e {
         ParamError::Syntax(m) => r(501, (5, 5, 4), m),
         ParamError::Unsupported => r(555, (5, 5, 4), "Unsupported parameter"),
-        ParamError::TooBig => r(
-            552,
-            (5, 3, 4),
-            "Message size exceeds fixed maximum message size",
-        ),
+        ParamError::TooBig => r(552, (5, 3, 4), "Message size exceeds fixed maximum message size"),
     }
 }

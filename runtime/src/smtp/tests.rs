@@ -19,10 +19,7 @@ struct H {
 }
 
 fn cfg() -> Config {
-    Config {
-        hostname: "mx.example".into(),
-        ..Config::default()
-    }
+    Config { hostname: "mx.example".into(), ..Config::default() }
 }
 
 fn accept_all() -> Policy {
@@ -32,10 +29,7 @@ fn accept_all() -> Policy {
 /// Rejects recipients whose local part starts with "bad", queues as Q1.
 fn simple_policy() -> Policy {
     Box::new(|e| match e {
-        Event::Rcpt {
-            to: ForwardPath::Mailbox(m),
-            ..
-        } if m.local.starts_with("bad") => {
+        Event::Rcpt { to: ForwardPath::Mailbox(m), .. } if m.local.starts_with("bad") => {
             Decision::reject(Reply::new(550, (5, 1, 1), "User unknown"))
         }
         Event::Message { .. } => Decision::queued("Q1"),
@@ -78,19 +72,10 @@ impl H {
         match ev {
             Event::AuthStep { data, .. } => match data {
                 None => self.s.auth_continue(b"", now).unwrap(),
-                Some(d) if d.as_slice() == b"\0alice\0secret" => self
-                    .s
-                    .auth_done(
-                        AuthOutcome::Success {
-                            user: "alice".into(),
-                        },
-                        now,
-                    )
-                    .unwrap(),
-                Some(_) => self
-                    .s
-                    .auth_done(AuthOutcome::Failure { reply: None }, now)
-                    .unwrap(),
+                Some(d) if d.as_slice() == b"\0alice\0secret" => {
+                    self.s.auth_done(AuthOutcome::Success { user: "alice".into() }, now).unwrap()
+                }
+                Some(_) => self.s.auth_done(AuthOutcome::Failure { reply: None }, now).unwrap(),
             },
             Event::StartTls => {}
             e if e.needs_answer() => {
@@ -155,11 +140,7 @@ impl H {
 
     /// Final lines of each reply since the last call.
     fn finals(&mut self) -> Vec<String> {
-        self.take()
-            .lines()
-            .filter(|l| l.len() == 3 || l.as_bytes().get(3) == Some(&b' '))
-            .map(str::to_string)
-            .collect()
+        self.take().lines().filter(|l| l.len() == 3 || l.as_bytes().get(3) == Some(&b' ')).map(str::to_string).collect()
     }
 
     fn messages(&self) -> Vec<(Envelope, Vec<u8>)> {
@@ -200,15 +181,9 @@ fn full_transcript_exact() {
          250-CHUNKING\n250 BINARYMIME\n"
     );
     h.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n");
-    assert_eq!(
-        h.take(),
-        "250 2.1.0 Sender OK\n250 2.1.5 Recipient OK\n354 End data with <CR><LF>.<CR><LF>\n"
-    );
+    assert_eq!(h.take(), "250 2.1.0 Sender OK\n250 2.1.5 Recipient OK\n354 End data with <CR><LF>.<CR><LF>\n");
     h.send(b"Subject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\nQUIT\r\n");
-    assert_eq!(
-        h.take(),
-        "250 2.0.0 Queued as Q1\n221 2.0.0 mx.example closing connection\n"
-    );
+    assert_eq!(h.take(), "250 2.0.0 Queued as Q1\n221 2.0.0 mx.example closing connection\n");
     assert!(h.s.is_closed());
     let msgs = h.messages();
     assert_eq!(msgs.len(), 1);
@@ -223,38 +198,17 @@ fn helo_and_basic_commands() {
     check("HELO c.example\r\n", &["250 mx.example Hello c.example"]);
     check("HELO\r\n", &["501 5.5.4 Syntax: HELO hostname"]);
     check("EHLO a b\r\n", &["501 5.5.4 Syntax: EHLO hostname"]);
-    check(
-        "NOOP\r\nNOOP whatever\r\n",
-        &["250 2.0.0 OK", "250 2.0.0 OK"],
-    );
+    check("NOOP\r\nNOOP whatever\r\n", &["250 2.0.0 OK", "250 2.0.0 OK"]);
     check("HELP\r\n", &["214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"]);
-    check(
-        "VRFY root\r\n",
-        &["252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery"],
-    );
+    check("VRFY root\r\n", &["252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery"]);
     check("VRFY\r\n", &["501 5.5.4 Syntax: VRFY address"]);
     check("EXPN staff\r\n", &["502 5.5.1 EXPN not available"]);
     check("FOO\r\n", &["500 5.5.2 Command unrecognized"]);
-    check(
-        "TURN\r\nETRN x\r\n",
-        &[
-            "502 5.5.1 Command not implemented",
-            "502 5.5.1 Command not implemented",
-        ],
-    );
-    check(
-        "RSET x\r\nQUIT x\r\n",
-        &["501 5.5.4 Syntax: RSET", "501 5.5.4 Syntax: QUIT"],
-    );
+    check("TURN\r\nETRN x\r\n", &["502 5.5.1 Command not implemented", "502 5.5.1 Command not implemented"]);
+    check("RSET x\r\nQUIT x\r\n", &["501 5.5.4 Syntax: RSET", "501 5.5.4 Syntax: QUIT"]);
     check("GET / HTTP/1.0\r\nNOOP\r\n", &["521 5.5.1 Protocol error"]);
-    check(
-        "QUIT\r\nNOOP\r\n",
-        &["221 2.0.0 mx.example closing connection"],
-    );
-    check(
-        "noop\r\nqUiT\r\n",
-        &["250 2.0.0 OK", "221 2.0.0 mx.example closing connection"],
-    );
+    check("QUIT\r\nNOOP\r\n", &["221 2.0.0 mx.example closing connection"]);
+    check("noop\r\nqUiT\r\n", &["250 2.0.0 OK", "221 2.0.0 mx.example closing connection"]);
 }
 
 #[test]
@@ -267,18 +221,9 @@ fn line_rules() {
     check(&ok, &["250 2.0.0 OK"]);
     let bad = format!("NOOP {}\r\n", "x".repeat(512 - 6));
     check(&bad, &["500 5.5.6 Line too long"]);
-    check(
-        "NOOP\nNOOP\r\n",
-        &[
-            "500 5.5.2 Bare LF received; lines must end with CRLF",
-            "250 2.0.0 OK",
-        ],
-    );
+    check("NOOP\nNOOP\r\n", &["500 5.5.2 Bare LF received; lines must end with CRLF", "250 2.0.0 OK"]);
     check("NO\rOP\r\n", &["500 5.5.2 Invalid characters in command"]);
-    check(
-        "NOOP \x00\r\n",
-        &["500 5.5.2 Invalid characters in command"],
-    );
+    check("NOOP \x00\r\n", &["500 5.5.2 Invalid characters in command"]);
     let f = run(cfg(), accept_all(), b"NOOP \xff\r\n");
     assert_eq!(f[1], "500 5.5.2 Invalid characters in command");
     // an over-long line arriving in pieces is dropped without buffering it all
@@ -293,58 +238,27 @@ fn line_rules() {
 
 #[test]
 fn sequencing() {
-    check(
-        "MAIL FROM:<a@b.example>\r\n",
-        &["503 5.5.1 Send HELO/EHLO first"],
-    );
-    check(
-        &format!("{EHLO}RCPT TO:<a@b.example>\r\n"),
-        &[EHLO_LAST_NOAUTH, "503 5.5.1 Need MAIL command"],
-    );
+    check("MAIL FROM:<a@b.example>\r\n", &["503 5.5.1 Send HELO/EHLO first"]);
+    check(&format!("{EHLO}RCPT TO:<a@b.example>\r\n"), &[EHLO_LAST_NOAUTH, "503 5.5.1 Need MAIL command"]);
     check(
         &format!("{EHLO}MAIL FROM:<a@b.example>\r\nMAIL FROM:<a@b.example>\r\n"),
-        &[
-            EHLO_LAST_NOAUTH,
-            "250 2.1.0 Sender OK",
-            "503 5.5.1 Nested MAIL command",
-        ],
+        &[EHLO_LAST_NOAUTH, "250 2.1.0 Sender OK", "503 5.5.1 Nested MAIL command"],
     );
-    check(
-        &format!("{EHLO}DATA\r\n"),
-        &[EHLO_LAST_NOAUTH, "503 5.5.1 Need MAIL command"],
-    );
+    check(&format!("{EHLO}DATA\r\n"), &[EHLO_LAST_NOAUTH, "503 5.5.1 Need MAIL command"]);
     check(
         &format!("{EHLO}MAIL FROM:<a@b.example>\r\nRCPT TO:<bad@b.example>\r\nDATA\r\n"),
-        &[
-            EHLO_LAST_NOAUTH,
-            "250 2.1.0 Sender OK",
-            "550 5.1.1 User unknown",
-            "554 5.5.1 No valid recipients",
-        ],
+        &[EHLO_LAST_NOAUTH, "250 2.1.0 Sender OK", "550 5.1.1 User unknown", "554 5.5.1 No valid recipients"],
     );
     check(
         &format!("{EHLO}MAIL FROM:<a@b.example>\r\nRSET\r\nRCPT TO:<c@d.example>\r\n"),
-        &[
-            EHLO_LAST_NOAUTH,
-            "250 2.1.0 Sender OK",
-            "250 2.0.0 OK",
-            "503 5.5.1 Need MAIL command",
-        ],
+        &[EHLO_LAST_NOAUTH, "250 2.1.0 Sender OK", "250 2.0.0 OK", "503 5.5.1 Need MAIL command"],
     );
     // EHLO resets the transaction
     check(
         &format!("{EHLO}MAIL FROM:<a@b.example>\r\n{EHLO}RCPT TO:<c@d.example>\r\n"),
-        &[
-            EHLO_LAST_NOAUTH,
-            "250 2.1.0 Sender OK",
-            EHLO_LAST_NOAUTH,
-            "503 5.5.1 Need MAIL command",
-        ],
+        &[EHLO_LAST_NOAUTH, "250 2.1.0 Sender OK", EHLO_LAST_NOAUTH, "503 5.5.1 Need MAIL command"],
     );
-    check(
-        &format!("{EHLO}DATA x\r\n"),
-        &[EHLO_LAST_NOAUTH, "501 5.5.4 Syntax: DATA"],
-    );
+    check(&format!("{EHLO}DATA x\r\n"), &[EHLO_LAST_NOAUTH, "501 5.5.4 Syntax: DATA"]);
 }
 
 const EHLO_LAST_NOAUTH: &str = "250 BINARYMIME";
@@ -352,92 +266,30 @@ const EHLO_LAST_NOAUTH: &str = "250 BINARYMIME";
 #[test]
 fn paths() {
     let t = |mail: &str, rcpt: &str| {
-        run(
-            cfg(),
-            simple_policy(),
-            format!("{EHLO}MAIL FROM:{mail}\r\nRCPT TO:{rcpt}\r\n").as_bytes(),
-        )[2..]
-            .to_vec()
+        run(cfg(), simple_policy(), format!("{EHLO}MAIL FROM:{mail}\r\nRCPT TO:{rcpt}\r\n").as_bytes())[2..].to_vec()
     };
-    assert_eq!(
-        t("<>", "<postmaster>"),
-        ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
-    );
-    assert_eq!(
-        t("<>", "<PostMaster>"),
-        ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
-    );
-    assert_eq!(
-        t(" <a@b.example>", "<\"john doe\"@example.com>"),
-        ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
-    );
+    assert_eq!(t("<>", "<postmaster>"), ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]);
+    assert_eq!(t("<>", "<PostMaster>"), ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]);
+    assert_eq!(t(" <a@b.example>", "<\"john doe\"@example.com>"), ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]);
     assert_eq!(
         t("<@r1.example,@r2.example:a@b.example>", "<x%y@z.example>"),
         ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
     );
-    assert_eq!(
-        t("<postmaster>", "<>"),
-        [
-            "501 5.1.7 Bad sender address syntax",
-            "503 5.5.1 Need MAIL command"
-        ]
-    );
-    assert_eq!(
-        t("a@b.example", "<a@b>"),
-        [
-            "501 5.1.7 Syntax: MAIL FROM:<address>",
-            "503 5.5.1 Need MAIL command"
-        ]
-    );
-    assert_eq!(
-        t("<a@b.example>", "<>"),
-        [
-            "250 2.1.0 Sender OK",
-            "501 5.1.3 Bad recipient address syntax"
-        ]
-    );
-    assert_eq!(
-        t("<a@b.example>", "c@d"),
-        ["250 2.1.0 Sender OK", "501 5.1.3 Syntax: RCPT TO:<address>"]
-    );
-    assert_eq!(
-        t("<a@b.example>", "<c@d..e>"),
-        [
-            "250 2.1.0 Sender OK",
-            "501 5.1.3 Bad recipient address syntax"
-        ]
-    );
-    assert_eq!(
-        t("  <a@b.example>", "<c@d>"),
-        [
-            "501 5.1.7 Syntax: MAIL FROM:<address>",
-            "503 5.5.1 Need MAIL command"
-        ]
-    );
-    assert_eq!(
-        t("<a@b.example>x", "<c@d>"),
-        [
-            "501 5.1.7 Syntax: MAIL FROM:<address>",
-            "503 5.5.1 Need MAIL command"
-        ]
-    );
+    assert_eq!(t("<postmaster>", "<>"), ["501 5.1.7 Bad sender address syntax", "503 5.5.1 Need MAIL command"]);
+    assert_eq!(t("a@b.example", "<a@b>"), ["501 5.1.7 Syntax: MAIL FROM:<address>", "503 5.5.1 Need MAIL command"]);
+    assert_eq!(t("<a@b.example>", "<>"), ["250 2.1.0 Sender OK", "501 5.1.3 Bad recipient address syntax"]);
+    assert_eq!(t("<a@b.example>", "c@d"), ["250 2.1.0 Sender OK", "501 5.1.3 Syntax: RCPT TO:<address>"]);
+    assert_eq!(t("<a@b.example>", "<c@d..e>"), ["250 2.1.0 Sender OK", "501 5.1.3 Bad recipient address syntax"]);
+    assert_eq!(t("  <a@b.example>", "<c@d>"), ["501 5.1.7 Syntax: MAIL FROM:<address>", "503 5.5.1 Need MAIL command"]);
+    assert_eq!(t("<a@b.example>x", "<c@d>"), ["501 5.1.7 Syntax: MAIL FROM:<address>", "503 5.5.1 Need MAIL command"]);
     assert_eq!(
         t("<jörg@b.example>", "<c@d>"),
-        [
-            "553 5.6.7 Non-ASCII addresses require SMTPUTF8",
-            "503 5.5.1 Need MAIL command"
-        ]
+        ["553 5.6.7 Non-ASCII addresses require SMTPUTF8", "503 5.5.1 Need MAIL command"]
     );
-    assert_eq!(
-        t("<jörg@b.example> SMTPUTF8", "<ä@d.example>"),
-        ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
-    );
+    assert_eq!(t("<jörg@b.example> SMTPUTF8", "<ä@d.example>"), ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]);
     assert_eq!(
         t("<a@b.example>", "<ä@d.example>"),
-        [
-            "250 2.1.0 Sender OK",
-            "553 5.6.7 Non-ASCII addresses require SMTPUTF8"
-        ]
+        ["250 2.1.0 Sender OK", "553 5.6.7 Non-ASCII addresses require SMTPUTF8"]
     );
 
     // the event carries the raw local part: % and ! are not interpreted
@@ -449,33 +301,21 @@ fn paths() {
     });
     assert_eq!(
         rcpt,
-        Some(ForwardPath::Mailbox(Mailbox {
-            local: "a!b%c".into(),
-            quoted: false,
-            domain: "d.example".into()
-        }))
+        Some(ForwardPath::Mailbox(Mailbox { local: "a!b%c".into(), quoted: false, domain: "d.example".into() }))
     );
-    assert!(h.events.contains(&Event::Mail {
-        from: ReversePath::Null,
-        params: MailParams::default()
-    }));
+    assert!(h.events.contains(&Event::Mail { from: ReversePath::Null, params: MailParams::default() }));
 }
 
 #[test]
 fn parameters() {
     let t = |mail: &str, rcpt: &str| {
         let mut h = H::new(cfg(), accept_all());
-        h.send(
-            format!("{EHLO}MAIL FROM:<a@b.example>{mail}\r\nRCPT TO:<c@d.example>{rcpt}\r\n")
-                .as_bytes(),
-        );
+        h.send(format!("{EHLO}MAIL FROM:<a@b.example>{mail}\r\nRCPT TO:<c@d.example>{rcpt}\r\n").as_bytes());
         let f = h.finals()[2..].to_vec();
         (f, h.events)
     };
-    let (f, ev) = t(
-        " SIZE=1000 BODY=8BITMIME RET=HDRS ENVID=abc+2Bdef",
-        " NOTIFY=SUCCESS,DELAY ORCPT=rfc822;c+2Bx@d.example",
-    );
+    let (f, ev) =
+        t(" SIZE=1000 BODY=8BITMIME RET=HDRS ENVID=abc+2Bdef", " NOTIFY=SUCCESS,DELAY ORCPT=rfc822;c+2Bx@d.example");
     assert_eq!(f, ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]);
     let mail = ev.iter().find_map(|e| match e {
         Event::Mail { params, .. } => Some(params.clone()),
@@ -499,54 +339,26 @@ fn parameters() {
     assert_eq!(
         rcpt,
         Some(RcptParams {
-            notify: Some(Notify {
-                never: false,
-                success: true,
-                failure: false,
-                delay: true
-            }),
-            orcpt: Some(Orcpt {
-                addr_type: "rfc822".into(),
-                address: "c+x@d.example".into()
-            }),
+            notify: Some(Notify { never: false, success: true, failure: false, delay: true }),
+            orcpt: Some(Orcpt { addr_type: "rfc822".into(), address: "c+x@d.example".into() }),
         })
     );
-    assert_eq!(
-        t(" SIZE=10240001", "").0[0],
-        "552 5.3.4 Message size exceeds fixed maximum message size"
-    );
+    assert_eq!(t(" SIZE=10240001", "").0[0], "552 5.3.4 Message size exceeds fixed maximum message size");
     assert_eq!(t(" FOO=1", "").0[0], "555 5.5.4 Unsupported parameter");
     assert_eq!(t(" RET=SOME", "").0[0], "501 5.5.4 Invalid RET value");
     assert_eq!(t(" ENVID=a+zz", "").0[0], "501 5.5.4 Invalid ENVID value");
-    assert_eq!(
-        t("", " NOTIFY=NEVER,SUCCESS").0[1],
-        "501 5.5.4 NOTIFY=NEVER must be alone"
-    );
-    assert_eq!(
-        t("", " NOTIFY=MAYBE").0[1],
-        "501 5.5.4 Invalid NOTIFY value"
-    );
+    assert_eq!(t("", " NOTIFY=NEVER,SUCCESS").0[1], "501 5.5.4 NOTIFY=NEVER must be alone");
+    assert_eq!(t("", " NOTIFY=MAYBE").0[1], "501 5.5.4 Invalid NOTIFY value");
     assert_eq!(t("", " ORCPT=rfc822").0[1], "501 5.5.4 Invalid ORCPT value");
     assert_eq!(t("", " XYZ").0[1], "555 5.5.4 Unsupported parameter");
     // parameters need EHLO
-    let f = run(
-        cfg(),
-        accept_all(),
-        b"HELO c\r\nMAIL FROM:<a@b.example> SIZE=10\r\n",
-    );
+    let f = run(cfg(), accept_all(), b"HELO c\r\nMAIL FROM:<a@b.example> SIZE=10\r\n");
     assert_eq!(f[2], "555 5.5.4 Unsupported parameter");
     // DSN not offered -> NOTIFY unsupported
     let mut c = cfg();
     c.extensions.dsn = false;
-    let f = run(
-        c,
-        accept_all(),
-        format!("{EHLO}MAIL FROM:<a@b.example> RET=FULL\r\n").as_bytes(),
-    );
-    assert_eq!(
-        f.last().map(String::as_str),
-        Some("555 5.5.4 Unsupported parameter")
-    );
+    let f = run(c, accept_all(), format!("{EHLO}MAIL FROM:<a@b.example> RET=FULL\r\n").as_bytes());
+    assert_eq!(f.last().map(String::as_str), Some("555 5.5.4 Unsupported parameter"));
 }
 
 #[test]
@@ -606,9 +418,7 @@ fn data_session(body: &[u8]) -> (Vec<String>, Vec<(Envelope, Vec<u8>)>) {
 
 fn data_session_cfg(c: Config, body: &[u8]) -> (Vec<String>, Vec<(Envelope, Vec<u8>)>) {
     let mut h = H::new(c, simple_policy());
-    h.send(
-        format!("{EHLO}MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n").as_bytes(),
-    );
+    h.send(format!("{EHLO}MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n").as_bytes());
     h.finals();
     h.send(body);
     (h.finals(), h.messages())
@@ -616,19 +426,12 @@ fn data_session_cfg(c: Config, body: &[u8]) -> (Vec<String>, Vec<(Envelope, Vec<
 
 #[test]
 fn smuggling_variants_never_split_a_message() {
-    for smuggle in [
-        &b"\n.\n"[..],
-        b"\n.\r\n",
-        b"\r.\r\n",
-        b"\r\n.\n",
-        b"\r\n\x00.\r\n",
-        b"\r\n.\r",
-        b".\r",
-        b"\n.\r",
-    ] {
+    for smuggle in [&b"\n.\n"[..], b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n\x00.\r\n", b"\r\n.\r", b".\r", b"\n.\r"] {
         let mut body = b"Subject: x\r\n\r\nline".to_vec();
         body.extend_from_slice(smuggle);
-        body.extend_from_slice(b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nforged\r\n.\r\nNOOP\r\n");
+        body.extend_from_slice(
+            b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nforged\r\n.\r\nNOOP\r\n",
+        );
         let (f, msgs) = data_session(&body);
         let name = String::from_utf8_lossy(smuggle).escape_debug().to_string();
         if smuggle == b"\r\n\x00.\r\n" {
@@ -639,10 +442,7 @@ fn smuggling_variants_never_split_a_message() {
         } else {
             assert_eq!(
                 f,
-                [
-                    "550 5.5.2 Message contains bare CR or LF; lines must end with CRLF",
-                    "250 2.0.0 OK"
-                ],
+                ["550 5.5.2 Message contains bare CR or LF; lines must end with CRLF", "250 2.0.0 OK"],
                 "{name}"
             );
             assert!(msgs.is_empty(), "{name}");
@@ -658,13 +458,7 @@ fn data_limits() {
     body.extend_from_slice(&[b'a'; 200]);
     body.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
     let (f, m) = data_session_cfg(c.clone(), &body);
-    assert_eq!(
-        f,
-        [
-            "552 5.3.4 Message size exceeds fixed maximum message size",
-            "250 2.0.0 OK"
-        ]
-    );
+    assert_eq!(f, ["552 5.3.4 Message size exceeds fixed maximum message size", "250 2.0.0 OK"]);
     assert!(m.is_empty());
     // exactly at the limit is fine
     let mut body = vec![b'a'; 98];
@@ -678,10 +472,7 @@ fn data_limits() {
 
     let mut c = cfg();
     c.max_header_size = 50;
-    let (f, _) = data_session_cfg(
-        c,
-        format!("Subject: {}\r\n\r\nbody\r\n.\r\n", "x".repeat(60)).as_bytes(),
-    );
+    let (f, _) = data_session_cfg(c, format!("Subject: {}\r\n\r\nbody\r\n.\r\n", "x".repeat(60)).as_bytes());
     assert_eq!(f, ["552 5.3.4 Message header size exceeds limit"]);
 
     // empty message
@@ -712,11 +503,7 @@ fn pipelining_waits_for_decisions() {
     h.s.decide(Decision::accept(), Time(0)).unwrap();
     h.send(b"");
     assert_eq!(h.take(), "250 2.1.0 Sender OK\n");
-    h.s.decide(
-        Decision::reject(Reply::new(450, (4, 2, 0), "later")),
-        Time(0),
-    )
-    .unwrap();
+    h.s.decide(Decision::reject(Reply::new(450, (4, 2, 0), "later")), Time(0)).unwrap();
     h.s.decide(Decision::accept(), Time(0)).unwrap();
     h.send(b"");
     assert_eq!(h.take(), "450 4.2.0 later\n250 2.1.5 Recipient OK\n");
@@ -727,28 +514,16 @@ fn pipelining_waits_for_decisions() {
     assert_eq!(h.take(), "354 End data with <CR><LF>.<CR><LF>\n");
     assert_eq!(h.s.decide(Decision::queued("ABC"), Time(0)), Ok(()));
     h.send(b"");
-    assert_eq!(
-        h.take(),
-        "250 2.0.0 Queued as ABC\n221 2.0.0 mx.example closing connection\n"
-    );
-    assert_eq!(
-        h.s.decide(Decision::accept(), Time(0)),
-        Err(UsageError::Closed)
-    );
+    assert_eq!(h.take(), "250 2.0.0 Queued as ABC\n221 2.0.0 mx.example closing connection\n");
+    assert_eq!(h.s.decide(Decision::accept(), Time(0)), Err(UsageError::Closed));
 }
 
 #[test]
 fn usage_errors() {
     let mut h = H::new(cfg(), accept_all());
-    assert_eq!(
-        h.s.decide(Decision::accept(), Time(0)),
-        Err(UsageError::NotWaiting)
-    );
+    assert_eq!(h.s.decide(Decision::accept(), Time(0)), Err(UsageError::NotWaiting));
     assert_eq!(h.s.auth_continue(b"", Time(0)), Err(UsageError::NotWaiting));
-    assert_eq!(
-        h.s.tls_established(TlsInfo::default(), Time(0)),
-        Err(UsageError::NotWaiting)
-    );
+    assert_eq!(h.s.tls_established(TlsInfo::default(), Time(0)), Err(UsageError::NotWaiting));
 }
 
 /// A representative session: EHLO, two transactions (DATA and BDAT), RSET,
@@ -772,10 +547,7 @@ fn run_split(pieces: &[&[u8]]) -> (String, Vec<Vec<u8>>) {
 fn split_at_every_offset_gives_same_replies() {
     let (whole, msgs) = run_split(&[REPRESENTATIVE]);
     assert_eq!(
-        whole
-            .lines()
-            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
-            .collect::<Vec<_>>(),
+        whole.lines().filter(|l| l.as_bytes().get(3) == Some(&b' ')).collect::<Vec<_>>(),
         [
             "220 mx.example ESMTP mailpolicy",
             "250 BINARYMIME",
@@ -799,11 +571,7 @@ fn split_at_every_offset_gives_same_replies() {
     assert_eq!(msgs, [b"ab\ncd\rxyz".to_vec(), Vec::new()]);
     for i in 0..=REPRESENTATIVE.len() {
         let (a, b) = REPRESENTATIVE.split_at(i);
-        assert_eq!(
-            run_split(&[a, b]),
-            (whole.clone(), msgs.clone()),
-            "split at {i}"
-        );
+        assert_eq!(run_split(&[a, b]), (whole.clone(), msgs.clone()), "split at {i}");
     }
     let bytes: Vec<&[u8]> = REPRESENTATIVE.chunks(1).collect();
     assert_eq!(run_split(&bytes), (whole, msgs));
@@ -817,77 +585,37 @@ fn bdat() {
     // bare LF without BINARYMIME is rejected
     assert_eq!(
         h.finals()[4..],
-        [
-            "250 2.0.0 6 octets received",
-            "550 5.5.2 Message contains bare CR or LF; lines must end with CRLF"
-        ]
+        ["250 2.0.0 6 octets received", "550 5.5.2 Message contains bare CR or LF; lines must end with CRLF"]
     );
     let mut h = H::new(cfg(), simple_policy());
     h.send(format!("{base}BDAT 7\r\nHello\r\nBDAT 5 LAST\r\nWorld").as_bytes());
-    assert_eq!(
-        h.finals()[4..],
-        ["250 2.0.0 7 octets received", "250 2.0.0 Queued as Q1"]
-    );
+    assert_eq!(h.finals()[4..], ["250 2.0.0 7 octets received", "250 2.0.0 Queued as Q1"]);
     assert_eq!(h.messages()[0].1, b"Hello\r\nWorld");
     assert!(h.events.contains(&Event::Data { chunked: true }));
     // DATA after BDAT
-    let f = run(
-        cfg(),
-        simple_policy(),
-        format!("{base}BDAT 2\r\nabDATA\r\n").as_bytes(),
-    );
-    assert_eq!(
-        f[4..],
-        [
-            "250 2.0.0 2 octets received",
-            "503 5.5.1 DATA not allowed after BDAT"
-        ]
-    );
+    let f = run(cfg(), simple_policy(), format!("{base}BDAT 2\r\nabDATA\r\n").as_bytes());
+    assert_eq!(f[4..], ["250 2.0.0 2 octets received", "503 5.5.1 DATA not allowed after BDAT"]);
     // BDAT without recipients: the chunk is consumed, then 554
     let f = run(
         cfg(),
         simple_policy(),
         format!("{EHLO}MAIL FROM:<a@b.example>\r\nBDAT 6 LAST\r\nNOOP\r\nNOOP\r\n").as_bytes(),
     );
-    assert_eq!(
-        f[2..],
-        [
-            "250 2.1.0 Sender OK",
-            "554 5.5.1 No valid recipients",
-            "250 2.0.0 OK"
-        ]
-    );
-    let f = run(
-        cfg(),
-        simple_policy(),
-        format!("{EHLO}BDAT 4\r\nQUITNOOP\r\n").as_bytes(),
-    );
+    assert_eq!(f[2..], ["250 2.1.0 Sender OK", "554 5.5.1 No valid recipients", "250 2.0.0 OK"]);
+    let f = run(cfg(), simple_policy(), format!("{EHLO}BDAT 4\r\nQUITNOOP\r\n").as_bytes());
     assert_eq!(f[2..], ["503 5.5.1 Need MAIL command", "250 2.0.0 OK"]);
     // malformed BDAT closes
-    for bad in [
-        "BDAT\r\n",
-        "BDAT x\r\n",
-        "BDAT 5 FIRST\r\n",
-        "BDAT 99999999999999999999999\r\n",
-        "BDAT 1 LAST x\r\n",
-    ] {
+    for bad in ["BDAT\r\n", "BDAT x\r\n", "BDAT 5 FIRST\r\n", "BDAT 99999999999999999999999\r\n", "BDAT 1 LAST x\r\n"] {
         let mut h = H::new(cfg(), simple_policy());
         h.send(format!("{base}{bad}NOOP\r\n").as_bytes());
-        assert_eq!(
-            h.finals().last().map(String::as_str),
-            Some("501 5.5.4 Syntax: BDAT size [LAST]"),
-            "{bad}"
-        );
+        assert_eq!(h.finals().last().map(String::as_str), Some("501 5.5.4 Syntax: BDAT size [LAST]"), "{bad}");
         assert!(h.s.is_closed());
     }
     // BINARYMIME needs BDAT
     let f = run(
         cfg(),
         simple_policy(),
-        format!(
-            "{EHLO}MAIL FROM:<a@b.example> BODY=BINARYMIME\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
-        )
-        .as_bytes(),
+        format!("{EHLO}MAIL FROM:<a@b.example> BODY=BINARYMIME\r\nRCPT TO:<c@d.example>\r\nDATA\r\n").as_bytes(),
     );
     assert_eq!(f[4], "503 5.5.1 BODY=BINARYMIME requires BDAT");
     // rejected first BDAT: chunk discarded, transaction gone
@@ -899,23 +627,13 @@ fn bdat() {
         }),
     );
     h.send(format!("{base}BDAT 4\r\nRSETBDAT 1 LAST\r\nxNOOP\r\n").as_bytes());
-    assert_eq!(
-        h.finals()[4..],
-        [
-            "554 5.7.1 no data today",
-            "503 5.5.1 Need MAIL command",
-            "250 2.0.0 OK"
-        ]
-    );
+    assert_eq!(h.finals()[4..], ["554 5.7.1 no data today", "503 5.5.1 Need MAIL command", "250 2.0.0 OK"]);
     assert!(h.events.contains(&Event::Reset));
     // size limit across chunks
     let mut c = cfg();
     c.max_message_size = 10;
-    let f = run(
-        c,
-        simple_policy(),
-        format!("{base}BDAT 6\r\n123456BDAT 6\r\n123456BDAT 1 LAST\r\nxNOOP\r\n").as_bytes(),
-    );
+    let f =
+        run(c, simple_policy(), format!("{base}BDAT 6\r\n123456BDAT 6\r\n123456BDAT 1 LAST\r\nxNOOP\r\n").as_bytes());
     assert_eq!(
         f[4..],
         [
@@ -928,11 +646,7 @@ fn bdat() {
     // chunking off: BDAT refused but its chunk is still consumed
     let mut c = cfg();
     c.extensions.chunking = false;
-    let f = run(
-        c,
-        simple_policy(),
-        format!("{base}BDAT 4\r\nQUITNOOP\r\n").as_bytes(),
-    );
+    let f = run(c, simple_policy(), format!("{base}BDAT 4\r\nQUITNOOP\r\n").as_bytes());
     assert_eq!(f.last().map(String::as_str), Some("250 2.0.0 OK"));
 }
 
@@ -953,11 +667,7 @@ fn starttls_discards_injected_commands() {
     h.send(b"NOOP\r\n");
     assert_eq!(h.take(), "");
     h.s.tls_established(
-        TlsInfo {
-            version: "TLSv1.3".into(),
-            cipher: "TLS13_AES_128_GCM_SHA256".into(),
-            ..TlsInfo::default()
-        },
+        TlsInfo { version: "TLSv1.3".into(), cipher: "TLS13_AES_128_GCM_SHA256".into(), ..TlsInfo::default() },
         h.now,
     )
     .unwrap();
@@ -969,10 +679,7 @@ fn starttls_discards_injected_commands() {
     assert!(!ehlo.contains("STARTTLS"));
     assert!(ehlo.ends_with("250 AUTH PLAIN\n"));
     h.send(b"STARTTLS\r\nSTARTTLS x\r\n");
-    assert_eq!(
-        h.take(),
-        "503 5.5.1 TLS already active\n501 5.5.4 Syntax: STARTTLS\n"
-    );
+    assert_eq!(h.take(), "503 5.5.1 TLS already active\n501 5.5.4 Syntax: STARTTLS\n");
     assert_eq!(h.s.tls().map(|t| t.version.as_str()), Some("TLSv1.3"));
     // not available
     check("STARTTLS\r\n", &["502 5.5.1 STARTTLS not available"]);
@@ -996,22 +703,10 @@ fn auth() {
         let f = h.finals()[2..].to_vec();
         (f, h)
     };
-    let (f, h) = t(
-        auth_cfg(),
-        format!("{EHLO}AUTH PLAIN {good}\r\nAUTH PLAIN {good}\r\n"),
-    );
-    assert_eq!(
-        f,
-        [
-            "235 2.7.0 Authentication successful",
-            "503 5.5.1 Already authenticated"
-        ]
-    );
+    let (f, h) = t(auth_cfg(), format!("{EHLO}AUTH PLAIN {good}\r\nAUTH PLAIN {good}\r\n"));
+    assert_eq!(f, ["235 2.7.0 Authentication successful", "503 5.5.1 Already authenticated"]);
     assert_eq!(h.s.authenticated(), Some(("PLAIN", "alice")));
-    assert!(h.events.contains(&Event::Auth {
-        mechanism: "PLAIN".into(),
-        user: "alice".into()
-    }));
+    assert!(h.events.contains(&Event::Auth { mechanism: "PLAIN".into(), user: "alice".into() }));
     let (f, _) = t(auth_cfg(), format!("{EHLO}AUTH plain {bad}\r\n"));
     assert_eq!(f, ["535 5.7.8 Authentication credentials invalid"]);
     // no initial response: 334 challenge, then the response line
@@ -1021,10 +716,7 @@ fn auth() {
     h.send(format!("{good}\r\n").as_bytes());
     assert_eq!(h.take(), "235 2.7.0 Authentication successful\n");
     let (f, h) = t(auth_cfg(), format!("{EHLO}AUTH LOGIN\r\n*\r\nNOOP\r\n"));
-    assert_eq!(
-        f,
-        ["334 ", "501 5.7.0 Authentication cancelled", "250 2.0.0 OK"]
-    );
+    assert_eq!(f, ["334 ", "501 5.7.0 Authentication cancelled", "250 2.0.0 OK"]);
     assert!(h.events.contains(&Event::AuthCancelled));
     let (f, _) = t(auth_cfg(), format!("{EHLO}AUTH LOGIN\r\n!!notbase64\r\n"));
     assert_eq!(f, ["334 ", "501 5.5.2 Invalid base64 data"]);
@@ -1035,22 +727,10 @@ fn auth() {
     let (f, _) = t(auth_cfg(), format!("{EHLO}AUTH CRAM-MD5\r\nAUTH\r\n"));
     assert_eq!(
         f,
-        [
-            "504 5.5.4 Unrecognized authentication type",
-            "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
-        ]
+        ["504 5.5.4 Unrecognized authentication type", "501 5.5.4 Syntax: AUTH mechanism [initial-response]"]
     );
-    let (f, _) = t(
-        auth_cfg(),
-        format!("{EHLO}MAIL FROM:<a@b.example>\r\nAUTH PLAIN {good}\r\n"),
-    );
-    assert_eq!(
-        f,
-        [
-            "250 2.1.0 Sender OK",
-            "503 5.5.1 AUTH not allowed during a mail transaction"
-        ]
-    );
+    let (f, _) = t(auth_cfg(), format!("{EHLO}MAIL FROM:<a@b.example>\r\nAUTH PLAIN {good}\r\n"));
+    assert_eq!(f, ["250 2.1.0 Sender OK", "503 5.5.1 AUTH not allowed during a mail transaction"]);
     let (f, _) = t(auth_cfg(), format!("HELO x\r\nAUTH PLAIN {good}\r\n"));
     assert_eq!(f, ["503 5.5.1 Send EHLO first"]);
     let mut c = auth_cfg();
@@ -1061,12 +741,12 @@ fn auth() {
     let (f, _) = t(cfg(), format!("{EHLO}AUTH PLAIN {good}\r\n"));
     assert_eq!(f, ["502 5.5.1 AUTH not available"]);
     // MAIL AUTH= parameter, accepted only when AUTH is offered
-    let (f, h) = t(
-        auth_cfg(),
-        format!("{EHLO}MAIL FROM:<a@b.example> AUTH=a+2Bb@b.example\r\n"),
-    );
+    let (f, h) = t(auth_cfg(), format!("{EHLO}MAIL FROM:<a@b.example> AUTH=a+2Bb@b.example\r\n"));
     assert_eq!(f, ["250 2.1.0 Sender OK"]);
-    assert!(h.events.iter().any(|e| matches!(e, Event::Mail { params, .. } if params.auth.as_deref() == Some("a+b@b.example"))));
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Mail { params, .. } if params.auth.as_deref() == Some("a+b@b.example"))));
     // the policy can refuse an authenticated user
     let mut h = H::new(
         auth_cfg(),
@@ -1076,16 +756,10 @@ fn auth() {
         }),
     );
     h.send(format!("{EHLO}AUTH PLAIN {good}\r\n").as_bytes());
-    assert_eq!(
-        h.finals().last().map(String::as_str),
-        Some("535 5.7.8 not you")
-    );
+    assert_eq!(h.finals().last().map(String::as_str), Some("535 5.7.8 not you"));
     assert_eq!(h.s.authenticated(), None);
     // long AUTH lines are allowed up to 12288
-    let (f, _) = t(
-        auth_cfg(),
-        format!("{EHLO}AUTH PLAIN {}\r\n", "QUFB".repeat(1000)),
-    );
+    let (f, _) = t(auth_cfg(), format!("{EHLO}AUTH PLAIN {}\r\n", "QUFB".repeat(1000)));
     assert_eq!(f, ["535 5.7.8 Authentication credentials invalid"]);
 }
 
@@ -1098,10 +772,7 @@ fn greet_pause_and_talk_first() {
     assert_eq!(h.s.poll_timeout(), Some(Time(700)));
     assert_eq!(h.take(), "");
     h.send(b"EHLO early\r\n");
-    assert_eq!(
-        h.take(),
-        "554 5.5.1 Protocol error: client sent data before the greeting\n"
-    );
+    assert_eq!(h.take(), "554 5.5.1 Protocol error: client sent data before the greeting\n");
     assert!(h.s.is_closed());
     assert!(h.events.contains(&Event::Closed));
     // a patient client gets the banner at t=700
@@ -1117,17 +788,10 @@ fn greet_pause_and_talk_first() {
     let mut h = H::manual(cfg());
     h.send(b"HELO x\r\n");
     assert!(h.s.is_closed());
-    assert_eq!(
-        h.s.decide(Decision::accept(), Time(0)),
-        Err(UsageError::Closed)
-    );
+    assert_eq!(h.s.decide(Decision::accept(), Time(0)), Err(UsageError::Closed));
     // connect decision delay works as greet pause too
     let mut h = H::manual(cfg());
-    h.s.decide(
-        Decision::accept().with_delay(Duration::from_secs(2)),
-        Time(100),
-    )
-    .unwrap();
+    h.s.decide(Decision::accept().with_delay(Duration::from_secs(2)), Time(100)).unwrap();
     assert_eq!(h.s.poll_timeout(), Some(Time(2100)));
 }
 
@@ -1150,10 +814,7 @@ fn connect_rejection() {
             "221 2.0.0 mx.example closing connection"
         ]
     );
-    let mut h = H::new(
-        cfg(),
-        Box::new(|_| Decision::reject(Reply::new(421, (4, 7, 0), "go away")).with_close()),
-    );
+    let mut h = H::new(cfg(), Box::new(|_| Decision::reject(Reply::new(421, (4, 7, 0), "go away")).with_close()));
     assert_eq!(h.take(), "421 4.7.0 go away\n");
     assert!(h.s.is_closed());
 }
@@ -1177,10 +838,7 @@ fn error_limits_and_sleep() {
     h.s.handle_timeout(Time(2000));
     assert_eq!(h.take(), "500 5.5.2 Command unrecognized\n");
     h.s.handle_timeout(Time(3000));
-    assert_eq!(
-        h.take(),
-        "500 5.5.2 Command unrecognized\n421 4.7.0 mx.example Error: too many errors\n"
-    );
+    assert_eq!(h.take(), "500 5.5.2 Command unrecognized\n421 4.7.0 mx.example Error: too many errors\n");
     assert!(h.s.is_closed());
     assert_eq!(h.s.error_count(), 4);
 }
@@ -1198,10 +856,7 @@ fn policy_rejections_count_and_delivery_resets() {
         )
         .as_bytes(),
     );
-    assert_eq!(
-        f.last().map(String::as_str),
-        Some("421 4.7.0 mx.example Error: too many errors")
-    );
+    assert_eq!(f.last().map(String::as_str), Some("421 4.7.0 mx.example Error: too many errors"));
     let mut h = H::new(c, simple_policy());
     h.send(
         format!("{EHLO}X\r\nX\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@x>\r\nDATA\r\nx\r\n.\r\nX\r\nX\r\nNOOP\r\n")
@@ -1214,29 +869,20 @@ fn policy_rejections_count_and_delivery_resets() {
 fn decision_reply_close_and_tarpit() {
     let mut h = H::manual(cfg());
     h.s.decide(Decision::accept(), Time(0)).unwrap();
-    h.send(
-        format!("{EHLO}MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nNOOP\r\n").as_bytes(),
-    );
+    h.send(format!("{EHLO}MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nNOOP\r\n").as_bytes());
     h.s.decide(Decision::accept(), Time(0)).unwrap();
     h.s.decide(Decision::accept(), Time(0)).unwrap();
     h.take();
     // tarpit the RCPT reply by 5s: NOOP is not answered before either
-    let d = Decision::reject(Reply::new(
-        450,
-        (4, 7, 1),
-        "slow down\r\n250 injected\nsecond line",
-    ))
-    .with_delay(Duration::from_secs(5));
+    let d = Decision::reject(Reply::new(450, (4, 7, 1), "slow down\r\n250 injected\nsecond line"))
+        .with_delay(Duration::from_secs(5));
     h.s.decide(d, Time(10)).unwrap();
     assert_eq!(h.take(), "");
     assert_eq!(h.s.poll_timeout(), Some(Time(5010)));
     h.s.handle_timeout(Time(5009));
     assert_eq!(h.take(), "");
     h.s.handle_timeout(Time(5010));
-    assert_eq!(
-        h.take(),
-        "450-4.7.1 slow down?\n450-4.7.1 250 injected\n450 4.7.1 second line\n250 2.0.0 OK\n"
-    );
+    assert_eq!(h.take(), "450-4.7.1 slow down?\n450-4.7.1 250 injected\n450 4.7.1 second line\n250 2.0.0 OK\n");
     // close after the reply
     let f = run(
         cfg(),
@@ -1268,9 +914,7 @@ fn vrfy_expn_enabled_go_to_host() {
     let f = run(
         c,
         Box::new(|e| match e {
-            Event::Vrfy { arg } => {
-                Decision::accept().with_reply(Reply::new(250, (2, 1, 5), format!("<{arg}@x>")))
-            }
+            Event::Vrfy { arg } => Decision::accept().with_reply(Reply::new(250, (2, 1, 5), format!("<{arg}@x>"))),
             Event::Expn { .. } => Decision::default(),
             _ => Decision::accept(),
         }),
@@ -1283,11 +927,7 @@ fn vrfy_expn_enabled_go_to_host() {
 fn enhanced_codes_can_be_off() {
     let mut c = cfg();
     c.extensions.enhanced_status_codes = false;
-    let f = run(
-        c,
-        accept_all(),
-        b"HELO x\r\nMAIL FROM:<a@b.example>\r\nFOO\r\n",
-    );
+    let f = run(c, accept_all(), b"HELO x\r\nMAIL FROM:<a@b.example>\r\nFOO\r\n");
     assert_eq!(f[2..], ["250 Sender OK", "500 Command unrecognized"]);
 }
 
@@ -1305,10 +945,7 @@ fn input_overflow_closes() {
     assert_eq!(h.s.input_room(), 0);
     h.s.decide(Decision::accept(), Time(0)).unwrap();
     let out = h.take();
-    assert!(
-        out.ends_with("421 4.7.0 Too much pipelined input\n"),
-        "{out}"
-    );
+    assert!(out.ends_with("421 4.7.0 Too much pipelined input\n"), "{out}");
     assert!(h.s.is_closed());
 }
 
@@ -1324,10 +961,7 @@ fn large_pipelined_buffer_is_linear() {
     h.s.decide(Decision::accept(), Time(0)).unwrap();
     assert!(start.elapsed() < Duration::from_secs(5));
     let out = h.take();
-    assert_eq!(
-        out.matches("250 2.0.0 OK").count(),
-        (cfg().max_input_buffer - 100) / 6
-    );
+    assert_eq!(out.matches("250 2.0.0 OK").count(), (cfg().max_input_buffer - 100) / 6);
 }
 
 #[test]

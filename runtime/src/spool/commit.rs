@@ -21,11 +21,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 pub(crate) enum Op {
     /// Rename `from` to `to` (both in the spool, on one filesystem), then fsync the parent
     /// directory of `to` (and of `from` when `sync_from` is set).
-    Rename {
-        from: PathBuf,
-        to: PathBuf,
-        sync_from: bool,
-    },
+    Rename { from: PathBuf, to: PathBuf, sync_from: bool },
     /// Remove `path` if present (a missing file is not an error), then fsync its directory.
     Unlink(PathBuf),
 }
@@ -105,11 +101,7 @@ impl Committer {
             let mut res = Ok(());
             for op in &ops {
                 match op {
-                    Op::Rename {
-                        from,
-                        to,
-                        sync_from,
-                    } => {
+                    Op::Rename { from, to, sync_from } => {
                         if let Err(e) = std::fs::rename(from, to) {
                             res = Err(e);
                             break;
@@ -176,11 +168,7 @@ impl Committer {
     fn sync_dir(&self, d: &Path) -> io::Result<()> {
         #[cfg(test)]
         {
-            let injected = self
-                .fail_dir_sync
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
+            let injected = self.fail_dir_sync.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(code) = injected {
                 return Err(io::Error::from_raw_os_error(code));
             }

@@ -52,23 +52,9 @@ impl StateFile {
 }
 
 /// The header (magic and envelope line) of a message file.
-pub(crate) fn encode_header(
-    id: &QueueId,
-    class: Class,
-    arrived_ms: u64,
-    msg: &QueuedMessage,
-) -> io::Result<Vec<u8>> {
-    let envelope = QueuedMessage {
-        data: Vec::new(),
-        ..msg.clone()
-    };
-    let meta = Meta {
-        id: id.clone(),
-        class,
-        arrived_ms,
-        data_len: msg.data.len() as u64,
-        envelope,
-    };
+pub(crate) fn encode_header(id: &QueueId, class: Class, arrived_ms: u64, msg: &QueuedMessage) -> io::Result<Vec<u8>> {
+    let envelope = QueuedMessage { data: Vec::new(), ..msg.clone() };
+    let meta = Meta { id: id.clone(), class, arrived_ms, data_len: msg.data.len() as u64, envelope };
     let mut out = MAGIC.to_vec();
     serde_json::to_writer(&mut out, &meta).map_err(io::Error::other)?;
     out.push(b'\n');
@@ -86,8 +72,7 @@ pub(crate) fn read_meta(path: &Path) -> io::Result<(Meta, u64)> {
     let total = file.metadata()?.len();
     let mut r = BufReader::new(file);
     let mut magic = vec![0u8; MAGIC.len()];
-    r.read_exact(&mut magic)
-        .map_err(|_| invalid("file shorter than the spool header"))?;
+    r.read_exact(&mut magic).map_err(|_| invalid("file shorter than the spool header"))?;
     if magic != MAGIC {
         return Err(invalid("not a mailpolicy spool file (bad magic)"));
     }
@@ -96,17 +81,14 @@ pub(crate) fn read_meta(path: &Path) -> io::Result<(Meta, u64)> {
     if line.last() != Some(&b'\n') {
         return Err(invalid("envelope line is cut short"));
     }
-    let meta: Meta =
-        serde_json::from_slice(&line).map_err(|e| invalid(format!("envelope: {e}")))?;
+    let meta: Meta = serde_json::from_slice(&line).map_err(|e| invalid(format!("envelope: {e}")))?;
     let offset = (MAGIC.len() + line.len()) as u64;
     let expect = offset
         .checked_add(meta.data_len)
         .and_then(|n| n.checked_add(TRAILER.len() as u64))
         .ok_or_else(|| invalid("data length out of range"))?;
     if total != expect {
-        return Err(invalid(format!(
-            "file is {total} bytes, its header says {expect}"
-        )));
+        return Err(invalid(format!("file is {total} bytes, its header says {expect}")));
     }
     let mut file = r.into_inner();
     file.seek(SeekFrom::Start(offset + meta.data_len))?;
@@ -138,16 +120,12 @@ pub(crate) fn read_state(path: &Path, rcpts: usize) -> io::Result<Option<StateFi
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let st: StateFile =
-        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("state file: {e}")))?;
+    let st: StateFile = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("state file: {e}")))?;
     if st.v != 1 {
         return Err(invalid(format!("state file version {}", st.v)));
     }
     if st.rcpts.len() != rcpts {
-        return Err(invalid(format!(
-            "state file has {} recipients, the envelope {rcpts}",
-            st.rcpts.len()
-        )));
+        return Err(invalid(format!("state file has {} recipients, the envelope {rcpts}", st.rcpts.len())));
     }
     Ok(Some(st))
 }

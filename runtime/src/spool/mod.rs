@@ -96,8 +96,7 @@ pub struct QueueId(String);
 impl QueueId {
     /// Check a queue id given by a user or read from disk.
     pub fn parse(s: &str) -> Option<QueueId> {
-        (!s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric()))
-            .then(|| QueueId(s.to_string()))
+        (!s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric())).then(|| QueueId(s.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -136,13 +135,8 @@ pub enum QueueName {
 }
 
 impl QueueName {
-    pub const ALL: [QueueName; 5] = [
-        QueueName::Incoming,
-        QueueName::Active,
-        QueueName::Deferred,
-        QueueName::Hold,
-        QueueName::Corrupt,
-    ];
+    pub const ALL: [QueueName; 5] =
+        [QueueName::Incoming, QueueName::Active, QueueName::Deferred, QueueName::Hold, QueueName::Corrupt];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -369,11 +363,7 @@ impl Spool {
             if !p.is_dir() {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
-                    format!(
-                        "{} is not a spool (no {})",
-                        dir.as_ref().display(),
-                        p.display()
-                    ),
+                    format!("{} is not a spool (no {})", dir.as_ref().display(), p.display()),
                 ));
             }
         }
@@ -426,10 +416,7 @@ impl Spool {
     fn create_dirs(&self) -> io::Result<()> {
         let mut created = !self.inner.dir.is_dir();
         fs::create_dir_all(&self.inner.dir)?;
-        let names = QueueName::ALL
-            .iter()
-            .map(|q| q.as_str())
-            .chain([STATE_DIR, TMP_DIR]);
+        let names = QueueName::ALL.iter().map(|q| q.as_str()).chain([STATE_DIR, TMP_DIR]);
         for name in names {
             let p = self.inner.dir.join(name);
             if !p.is_dir() {
@@ -448,39 +435,22 @@ impl Spool {
     }
 
     fn sync_dir(&self, d: &Path) -> io::Result<()> {
-        self.inner
-            .committer
-            .counters
-            .dir_syncs
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.committer.counters.dir_syncs.fetch_add(1, Ordering::Relaxed);
         File::open(d)?.sync_all()
     }
 
     fn new_id(&self, now_ms: u64) -> QueueId {
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed) & 0xFF_FFFF;
-        QueueId(format!(
-            "{:012X}{:06X}{:04X}",
-            now_ms & 0xFFFF_FFFF_FFFF,
-            n,
-            self.inner.node
-        ))
+        QueueId(format!("{:012X}{:06X}{:04X}", now_ms & 0xFFFF_FFFF_FFFF, n, self.inner.node))
     }
 
     /// Write `parts` to a new file at `path` and fsync it; on error the file is removed.
     fn write_file(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
         let res = (|| {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)?;
+            let mut f = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
             #[cfg(test)]
             {
-                let injected = self
-                    .inner
-                    .fail_write
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
+                let injected = self.inner.fail_write.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(code) = injected {
                     f.write_all(b"partial")?;
                     return Err(io::Error::from_raw_os_error(code));
@@ -490,11 +460,7 @@ impl Spool {
                 f.write_all(p)?;
             }
             f.sync_all()?;
-            self.inner
-                .committer
-                .counters
-                .file_syncs
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.committer.counters.file_syncs.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })();
         if res.is_err() {
@@ -506,28 +472,14 @@ impl Spool {
     /// Make `msg` durable. When this returns Ok the message is on disk and will be found
     /// by recovery after any crash; on error nothing of it remains. A message with
     /// `msg.hold` set goes to `hold/`, any other to `incoming/`.
-    pub fn store(
-        &self,
-        msg: &QueuedMessage,
-        class: Class,
-        now_ms: u64,
-    ) -> Result<QueueId, StoreError> {
+    pub fn store(&self, msg: &QueuedMessage, class: Class, now_ms: u64) -> Result<QueueId, StoreError> {
         let id = self.new_id(now_ms);
         let header = format::encode_header(&id, class, now_ms, msg).map_err(StoreError::Io)?;
         let tmp = self.tmp_path(id.as_str());
-        self.write_file(&tmp, &[&header, &msg.data, format::TRAILER])
-            .map_err(StoreError::from_io)?;
-        let queue = if msg.hold.is_some() {
-            QueueName::Hold
-        } else {
-            QueueName::Incoming
-        };
+        self.write_file(&tmp, &[&header, &msg.data, format::TRAILER]).map_err(StoreError::from_io)?;
+        let queue = if msg.hold.is_some() { QueueName::Hold } else { QueueName::Incoming };
         let to = self.queue_dir(queue).join(id.as_str());
-        let res = self.inner.committer.commit(vec![Op::Rename {
-            from: tmp.clone(),
-            to,
-            sync_from: false,
-        }]);
+        let res = self.inner.committer.commit(vec![Op::Rename { from: tmp.clone(), to, sync_from: false }]);
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::from_io(e));
@@ -544,19 +496,13 @@ impl Spool {
     }
 
     fn not_found(id: &QueueId) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no message {id} in the spool"),
-        )
+        io::Error::new(io::ErrorKind::NotFound, format!("no message {id} in the spool"))
     }
 
     fn lock(&self, id: &QueueId) -> std::sync::MutexGuard<'_, ()> {
-        let h = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        self.inner.locks[(h % STRIPES as u64) as usize]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let h =
+            id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        self.inner.locks[(h % STRIPES as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The whole message with its state. `NotFound` if it is in no queue; `InvalidData` if
@@ -588,8 +534,7 @@ impl Spool {
     fn summarise(&self, id: &QueueId, queue: QueueName, path: &Path) -> io::Result<Summary> {
         let (meta, _) = format::read_meta(path)?;
         let n = meta.envelope.recipients.len();
-        let st = format::read_state(&self.state_path(id), n)?
-            .unwrap_or_else(|| StateFile::initial(n, meta.arrived_ms));
+        let st = format::read_state(&self.state_path(id), n)?.unwrap_or_else(|| StateFile::initial(n, meta.arrived_ms));
         Ok(Summary {
             id: id.clone(),
             queue,
@@ -603,10 +548,7 @@ impl Spool {
                 .recipients
                 .into_iter()
                 .zip(st.rcpts)
-                .map(|(r, state)| RcptSummary {
-                    address: r.address,
-                    state,
-                })
+                .map(|(r, state)| RcptSummary { address: r.address, state })
                 .collect(),
             attempts: st.attempts,
             next_attempt_ms: st.next_attempt_ms,
@@ -615,28 +557,19 @@ impl Spool {
     }
 
     /// Read-modify-write the state file of `id` durably.
-    fn update_state(
-        &self,
-        id: &QueueId,
-        f: impl FnOnce(&mut StateFile) -> io::Result<()>,
-    ) -> io::Result<()> {
+    fn update_state(&self, id: &QueueId, f: impl FnOnce(&mut StateFile) -> io::Result<()>) -> io::Result<()> {
         let _guard = self.lock(id);
         let (_, path) = self.locate(id).ok_or_else(|| Spool::not_found(id))?;
         let (meta, _) = format::read_meta(&path)?;
         let n = meta.envelope.recipients.len();
         let state_path = self.state_path(id);
-        let mut st = format::read_state(&state_path, n)?
-            .unwrap_or_else(|| StateFile::initial(n, meta.arrived_ms));
+        let mut st = format::read_state(&state_path, n)?.unwrap_or_else(|| StateFile::initial(n, meta.arrived_ms));
         f(&mut st)?;
         let bytes = serde_json::to_vec(&st).map_err(io::Error::other)?;
         let seq = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.tmp_path(&format!("{id}.state.{seq}"));
         self.write_file(&tmp, &[&bytes])?;
-        let res = self.inner.committer.commit(vec![Op::Rename {
-            from: tmp.clone(),
-            to: state_path,
-            sync_from: false,
-        }]);
+        let res = self.inner.committer.commit(vec![Op::Rename { from: tmp.clone(), to: state_path, sync_from: false }]);
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -647,19 +580,11 @@ impl Spool {
     /// time the message is next due when `next_attempt_ms` is given. Counts one attempt
     /// when `updates` is not empty. `NotFound` if the message is gone (removed by the
     /// administrator meanwhile): then nothing is written.
-    pub fn record(
-        &self,
-        id: &QueueId,
-        updates: &[(usize, RcptState)],
-        next_attempt_ms: Option<u64>,
-    ) -> io::Result<()> {
+    pub fn record(&self, id: &QueueId, updates: &[(usize, RcptState)], next_attempt_ms: Option<u64>) -> io::Result<()> {
         self.update_state(id, |st| {
             for (i, s) in updates {
                 let slot = st.rcpts.get_mut(*i).ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("message {id} has no recipient {i}"),
-                    )
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("message {id} has no recipient {i}"))
                 })?;
                 *slot = s.clone();
             }
@@ -717,11 +642,7 @@ impl Spool {
             return Ok(());
         }
         let to = self.queue_dir(queue).join(id.as_str());
-        self.inner.committer.commit(vec![Op::Rename {
-            from,
-            to,
-            sync_from: true,
-        }])
+        self.inner.committer.commit(vec![Op::Rename { from, to, sync_from: true }])
     }
 
     /// Take a message from `incoming/` into `active/` (the queue manager has it in memory
@@ -751,27 +672,18 @@ impl Spool {
     pub fn defer(&self, id: &QueueId) -> io::Result<()> {
         let _guard = self.lock(id);
         let (from_q, from) = self.locate(id).ok_or_else(|| Spool::not_found(id))?;
-        if matches!(
-            from_q,
-            QueueName::Deferred | QueueName::Hold | QueueName::Corrupt
-        ) {
+        if matches!(from_q, QueueName::Deferred | QueueName::Hold | QueueName::Corrupt) {
             return Ok(());
         }
         let to = self.queue_dir(QueueName::Deferred).join(id.as_str());
-        self.inner.committer.commit(vec![Op::Rename {
-            from,
-            to,
-            sync_from: true,
-        }])
+        self.inner.committer.commit(vec![Op::Rename { from, to, sync_from: true }])
     }
 
     /// Delete the message and its state, durably. `NotFound` if it is in no queue.
     pub fn remove(&self, id: &QueueId) -> io::Result<()> {
         let _guard = self.lock(id);
         let (_, path) = self.locate(id).ok_or_else(|| Spool::not_found(id))?;
-        self.inner
-            .committer
-            .commit(vec![Op::Unlink(path), Op::Unlink(self.state_path(id))])
+        self.inner.committer.commit(vec![Op::Unlink(path), Op::Unlink(self.state_path(id))])
     }
 
     /// Every readable message in every queue but `corrupt/`, sorted by id. Files that do not
@@ -779,12 +691,7 @@ impl Spool {
     /// skipped.
     pub fn list(&self) -> io::Result<Vec<Summary>> {
         let mut out = Vec::new();
-        for q in [
-            QueueName::Incoming,
-            QueueName::Active,
-            QueueName::Deferred,
-            QueueName::Hold,
-        ] {
+        for q in [QueueName::Incoming, QueueName::Active, QueueName::Deferred, QueueName::Hold] {
             for (id, path) in self.entries(q)? {
                 if let Ok(s) = self.summarise(&id, q, &path) {
                     out.push(s);
@@ -853,14 +760,10 @@ impl Spool {
                 let path = e.path();
                 let name = e.file_name().to_string_lossy().into_owned();
                 let parsed = match QueueId::parse(&name) {
-                    None => Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "file name is not a queue id",
-                    )),
-                    Some(id) if live.contains(&id) => Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "the same id is in another queue",
-                    )),
+                    None => Err(io::Error::new(io::ErrorKind::InvalidData, "file name is not a queue id")),
+                    Some(id) if live.contains(&id) => {
+                        Err(io::Error::new(io::ErrorKind::InvalidData, "the same id is in another queue"))
+                    }
                     Some(id) => self.summarise(&id, q, &path),
                 };
                 match parsed {
@@ -872,23 +775,14 @@ impl Spool {
                         let dup = QueueId::parse(&name).is_some_and(|id| live.contains(&id));
                         self.quarantine(&name, &path, !dup)?;
                         corrupted = true;
-                        rec.corrupt.push(CorruptFile {
-                            name,
-                            from: q,
-                            reason: err.to_string(),
-                        });
+                        rec.corrupt.push(CorruptFile { name, from: q, reason: err.to_string() });
                     }
                     Err(err) => return Err(err),
                 }
             }
         }
         if corrupted {
-            for q in [
-                QueueName::Incoming,
-                QueueName::Deferred,
-                QueueName::Hold,
-                QueueName::Corrupt,
-            ] {
+            for q in [QueueName::Incoming, QueueName::Deferred, QueueName::Hold, QueueName::Corrupt] {
                 self.sync_dir(&self.queue_dir(q))?;
             }
         }
@@ -896,11 +790,7 @@ impl Spool {
         let state_dir = self.inner.dir.join(STATE_DIR);
         for e in fs::read_dir(&state_dir)? {
             let e = e?;
-            let keep = e
-                .file_name()
-                .to_str()
-                .and_then(QueueId::parse)
-                .is_some_and(|id| live.contains(&id));
+            let keep = e.file_name().to_str().and_then(QueueId::parse).is_some_and(|id| live.contains(&id));
             if !keep {
                 fs::remove_file(e.path())?;
                 rec.orphans_removed += 1;

@@ -64,14 +64,8 @@ fn store_load_round_trip() {
     let t = TempDir::new("spool");
     let (spool, rec) = Spool::open(&t.0).expect("open");
     assert_eq!(rec, Recovered::default());
-    let msg = message(
-        "a@x.example",
-        &["b@y.example", "c@z.example"],
-        b"Subject: hi\r\n\r\nbody\n",
-    );
-    let id = spool
-        .store(&msg, Class::Normal, 1_700_000_000_000)
-        .expect("store");
+    let msg = message("a@x.example", &["b@y.example", "c@z.example"], b"Subject: hi\r\n\r\nbody\n");
+    let id = spool.store(&msg, Class::Normal, 1_700_000_000_000).expect("store");
     assert!(id.as_str().starts_with("018BCFE56800"));
     let s = spool.load(&id).expect("load");
     assert_eq!(s.message, msg);
@@ -116,21 +110,8 @@ fn hold_goes_to_hold_and_states_persist() {
         .record(
             &id,
             &[
-                (
-                    0,
-                    RcptState::Delivered {
-                        at: 20,
-                        reply: "250 ok".into(),
-                    },
-                ),
-                (
-                    1,
-                    RcptState::Deferred {
-                        attempts: 1,
-                        next_at: 320,
-                        last_reply: "451 later".into(),
-                    },
-                ),
+                (0, RcptState::Delivered { at: 20, reply: "250 ok".into() }),
+                (1, RcptState::Deferred { attempts: 1, next_at: 320, last_reply: "451 later".into() }),
             ],
             Some(320),
         )
@@ -151,28 +132,17 @@ fn hold_goes_to_hold_and_states_persist() {
     assert_eq!(s.attempts, 1);
     assert!(s.delay_warned);
     assert_eq!(s.last_reply(), Some("451 later"));
-    let err = spool
-        .record(&id, &[(7, RcptState::Pending)], None)
-        .expect_err("no rcpt 7");
+    let err = spool.record(&id, &[(7, RcptState::Pending)], None).expect_err("no rcpt 7");
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     spool.make_due(&id, 50).expect("due");
     let l = spool.load(&id).expect("load");
     assert_eq!(l.next_attempt_ms, 50);
-    assert!(matches!(
-        l.states[1],
-        RcptState::Deferred { next_at: 50, .. }
-    ));
+    assert!(matches!(l.states[1], RcptState::Deferred { next_at: 50, .. }));
     spool.reset_deferred(&id, 60).expect("reset");
     assert_eq!(spool.load(&id).expect("load").states[1], RcptState::Pending);
     spool.remove(&id).expect("remove");
-    assert_eq!(
-        spool.load(&id).expect_err("gone").kind(),
-        io::ErrorKind::NotFound
-    );
-    assert_eq!(
-        spool.record(&id, &[], None).expect_err("gone").kind(),
-        io::ErrorKind::NotFound
-    );
+    assert_eq!(spool.load(&id).expect_err("gone").kind(), io::ErrorKind::NotFound);
+    assert_eq!(spool.record(&id, &[], None).expect_err("gone").kind(), io::ErrorKind::NotFound);
     assert!(files(&t.0.join("state")).is_empty());
     assert!(spool.list().expect("list").is_empty());
 }
@@ -198,9 +168,7 @@ fn concurrent_stores_share_directory_fsyncs() {
                 })
             })
             .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("thread"))
-            .collect()
+        hs.into_iter().flat_map(|h| h.join().expect("thread")).collect()
     });
     let stats = spool.sync_stats();
     let n = (threads * per) as u64;
@@ -257,48 +225,22 @@ fn group_commit_batches_waiting_callers() {
 fn recovery_after_crashes() {
     let t = TempDir::new("spool");
     let (spool, _) = Spool::open(&t.0).expect("open");
-    let good = spool
-        .store(&message("a@x", &["b@y"], b"good"), Class::Normal, 1)
-        .expect("store");
-    let active = spool
-        .store(&message("a@x", &["b@y"], b"active"), Class::Normal, 2)
-        .expect("store");
+    let good = spool.store(&message("a@x", &["b@y"], b"good"), Class::Normal, 1).expect("store");
+    let active = spool.store(&message("a@x", &["b@y"], b"active"), Class::Normal, 2).expect("store");
     spool.move_to(&active, QueueName::Active).expect("move");
-    let cut = spool
-        .store(&message("a@x", &["b@y"], b"cut short"), Class::Normal, 3)
-        .expect("store");
-    let badstate = spool
-        .store(&message("a@x", &["b@y"], b"bad state"), Class::Normal, 4)
-        .expect("store");
+    let cut = spool.store(&message("a@x", &["b@y"], b"cut short"), Class::Normal, 3).expect("store");
+    let badstate = spool.store(&message("a@x", &["b@y"], b"bad state"), Class::Normal, 4).expect("store");
     spool
-        .record(
-            &badstate,
-            &[(
-                0,
-                RcptState::Deferred {
-                    attempts: 1,
-                    next_at: 9,
-                    last_reply: "421".into(),
-                },
-            )],
-            Some(9),
-        )
+        .record(&badstate, &[(0, RcptState::Deferred { attempts: 1, next_at: 9, last_reply: "421".into() })], Some(9))
         .expect("record");
     drop(spool);
     // Crash leftovers: a temp message and a temp state file, a truncated message file, a
     // state file that does not parse, a stray file and an orphan state file.
-    fs::write(
-        t.0.join("tmp/0000000000010000010001"),
-        b"MAILPOLICY-SPOOL 1\n{\"id",
-    )
-    .expect("w");
+    fs::write(t.0.join("tmp/0000000000010000010001"), b"MAILPOLICY-SPOOL 1\n{\"id").expect("w");
     fs::write(t.0.join("tmp/X.state.3"), b"{").expect("w");
     let cut_path = t.0.join("incoming").join(cut.as_str());
     let len = fs::metadata(&cut_path).expect("meta").len();
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(&cut_path)
-        .expect("open");
+    let f = fs::OpenOptions::new().write(true).open(&cut_path).expect("open");
     f.set_len(len - 3).expect("truncate");
     fs::write(t.0.join("state").join(badstate.as_str()), b"{\"v\":1,").expect("w");
     fs::write(t.0.join("deferred/not-an-id.txt"), b"junk").expect("w");
@@ -320,10 +262,7 @@ fn recovery_after_crashes() {
     let corrupt = spool.list_corrupt().expect("corrupt");
     assert!(corrupt.contains(&format!("{badstate}.state")));
     assert_eq!(corrupt.len(), 4);
-    assert_eq!(
-        spool.load(&active).expect("load").queue,
-        QueueName::Incoming
-    );
+    assert_eq!(spool.load(&active).expect("load").queue, QueueName::Incoming);
     // A second open finds a clean spool.
     drop(spool);
     let (_, rec) = Spool::open(&t.0).expect("again");
@@ -365,16 +304,10 @@ fn full_disk_leaves_nothing_behind() {
     }
     // EDQUOT on the directory fsync, after the rename.
     *spool.inner.committer.fail_dir_sync.lock().expect("lock") = Some(EDQUOT);
-    assert!(matches!(
-        spool.store(&msg, Class::Normal, 1),
-        Err(StoreError::Full(_))
-    ));
+    assert!(matches!(spool.store(&msg, Class::Normal, 1), Err(StoreError::Full(_))));
     // EIO is not "full".
     *spool.inner.fail_write.lock().expect("lock") = Some(5);
-    assert!(matches!(
-        spool.store(&msg, Class::Normal, 1),
-        Err(StoreError::Io(_))
-    ));
+    assert!(matches!(spool.store(&msg, Class::Normal, 1), Err(StoreError::Io(_))));
     for d in ["tmp", "incoming", "hold", "state"] {
         assert!(files(&t.0.join(d)).is_empty(), "{d} not empty");
     }
@@ -399,38 +332,21 @@ fn attach_requires_a_spool_and_does_not_recover() {
 fn activate_moves_without_fsync_and_recovery_undoes_it() {
     let t = TempDir::new("spool");
     let (spool, _) = Spool::open(&t.0).expect("open");
-    let id = spool
-        .store(&message("a@x", &["b@y"], b"hot"), Class::Normal, 1)
-        .expect("store");
-    let held = spool
-        .store(&message("a@x", &["b@y"], b"held"), Class::Normal, 2)
-        .expect("store");
+    let id = spool.store(&message("a@x", &["b@y"], b"hot"), Class::Normal, 1).expect("store");
+    let held = spool.store(&message("a@x", &["b@y"], b"held"), Class::Normal, 2).expect("store");
     spool.move_to(&held, QueueName::Hold).expect("hold");
     let before = spool.sync_stats();
     spool.activate(&id).expect("activate");
     spool.activate(&held).expect("a held message stays held");
     let after = spool.sync_stats();
     assert_eq!(after.dir_syncs, before.dir_syncs, "activate does not fsync");
-    assert_eq!(
-        spool.summary(&id).expect("summary").queue,
-        QueueName::Active
-    );
-    assert_eq!(
-        spool.summary(&held).expect("summary").queue,
-        QueueName::Hold
-    );
+    assert_eq!(spool.summary(&id).expect("summary").queue, QueueName::Active);
+    assert_eq!(spool.summary(&held).expect("summary").queue, QueueName::Hold);
     let gone = QueueId::parse("NOSUCHID").expect("id");
-    assert_eq!(
-        spool.activate(&gone).expect_err("gone").kind(),
-        io::ErrorKind::NotFound
-    );
+    assert_eq!(spool.activate(&gone).expect_err("gone").kind(), io::ErrorKind::NotFound);
     drop(spool);
     let (_, rec) = Spool::open(&t.0).expect("reopen");
-    let q: Vec<(QueueId, QueueName)> = rec
-        .messages
-        .iter()
-        .map(|m| (m.id.clone(), m.queue))
-        .collect();
+    let q: Vec<(QueueId, QueueName)> = rec.messages.iter().map(|m| (m.id.clone(), m.queue)).collect();
     assert!(q.contains(&(id, QueueName::Incoming)), "{q:?}");
     assert!(q.contains(&(held, QueueName::Hold)), "{q:?}");
 }

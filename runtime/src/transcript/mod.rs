@@ -176,11 +176,7 @@ impl Item {
 /// Parse a transcript file's text. `path` resolves relative policy paths.
 pub fn parse(path: &Path, text: &str) -> Result<TranscriptFile, Vec<ParseError>> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut file = TranscriptFile {
-        path: path.to_path_buf(),
-        policy: None,
-        cases: Vec::new(),
-    };
+    let mut file = TranscriptFile { path: path.to_path_buf(), policy: None, cases: Vec::new() };
     let mut errors = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
@@ -192,41 +188,25 @@ pub fn parse(path: &Path, text: &str) -> Result<TranscriptFile, Vec<ParseError>>
         if let Some(name) = trimmed.strip_prefix("case:") {
             let name = name.trim();
             if name.is_empty() {
-                errors.push(ParseError {
-                    line: n,
-                    message: "a case needs a name: `case: relay is refused`".into(),
-                });
+                errors.push(ParseError { line: n, message: "a case needs a name: `case: relay is refused`".into() });
             }
             if file.cases.iter().any(|c| c.name == name) {
-                errors.push(ParseError {
-                    line: n,
-                    message: format!("a second case named \"{name}\""),
-                });
+                errors.push(ParseError { line: n, message: format!("a second case named \"{name}\"") });
             }
-            file.cases.push(Case {
-                name: name.to_string(),
-                line: n,
-                items: Vec::new(),
-            });
+            file.cases.push(Case { name: name.to_string(), line: n, items: Vec::new() });
             continue;
         }
         match parse_item(&dir, trimmed) {
             Ok(Item::Policy(p)) if file.cases.is_empty() => file.policy = Some(p),
             Ok(item) => match file.cases.last_mut() {
                 Some(c) => c.items.push((n, item)),
-                None => errors.push(ParseError {
-                    line: n,
-                    message: "this line comes before the first `case:`".into(),
-                }),
+                None => errors.push(ParseError { line: n, message: "this line comes before the first `case:`".into() }),
             },
             Err(message) => errors.push(ParseError { line: n, message }),
         }
     }
     if file.cases.is_empty() && errors.is_empty() {
-        errors.push(ParseError {
-            line: 1,
-            message: "no `case:` in this file".into(),
-        });
+        errors.push(ParseError { line: 1, message: "no `case:` in this file".into() });
     }
     if errors.is_empty() {
         Ok(file)
@@ -243,9 +223,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
         return Ok(Item::Send(bytes));
     }
     if let Some(rest) = line.strip_prefix("C!") {
-        return Ok(Item::Send(unescape(
-            rest.strip_prefix(' ').unwrap_or(rest),
-        )?));
+        return Ok(Item::Send(unescape(rest.strip_prefix(' ').unwrap_or(rest))?));
     }
     let (key, value) = match line.split_once(':') {
         Some((k, v)) => (k.trim(), v.trim()),
@@ -291,26 +269,13 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
         "clock" => Item::Clock(timestamp(value)?),
         "dns" => {
             let mut w = value.split_whitespace();
-            let name = w
-                .next()
-                .ok_or("`dns:` needs NAME TYPE VALUE...")?
-                .trim_end_matches('.')
-                .to_ascii_lowercase();
-            let t = w
-                .next()
-                .ok_or("`dns:` needs a record type or NXDOMAIN")?
-                .to_ascii_uppercase();
+            let name = w.next().ok_or("`dns:` needs NAME TYPE VALUE...")?.trim_end_matches('.').to_ascii_lowercase();
+            let t = w.next().ok_or("`dns:` needs a record type or NXDOMAIN")?.to_ascii_uppercase();
             if t == "NXDOMAIN" {
-                return Ok(Item::Dns {
-                    name,
-                    rtype: "*".into(),
-                    answer: DnsAnswer::NxDomain,
-                });
+                return Ok(Item::Dns { name, rtype: "*".into(), answer: DnsAnswer::NxDomain });
             }
             if !["A", "AAAA", "MX", "TXT", "PTR"].contains(&t.as_str()) {
-                return Err(format!(
-                    "unknown DNS type `{t}`: use A, AAAA, MX, TXT, PTR or NXDOMAIN"
-                ));
+                return Err(format!("unknown DNS type `{t}`: use A, AAAA, MX, TXT, PTR or NXDOMAIN"));
             }
             let rest: Vec<&str> = w.collect();
             let answer = match rest.as_slice() {
@@ -320,11 +285,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
                 [] => return Err("`dns:` needs a value, SERVFAIL, TIMEOUT or NXDOMAIN".into()),
                 r => {
                     let v = r.join(" ");
-                    let v = if t == "TXT" {
-                        v.trim_matches('"').to_string()
-                    } else {
-                        v
-                    };
+                    let v = if t == "TXT" { v.trim_matches('"').to_string() } else { v };
                     if t == "A" && v.parse::<std::net::Ipv4Addr>().is_err() {
                         return Err(format!("\"{v}\" is not an IPv4 address"));
                     }
@@ -334,11 +295,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
                     DnsAnswer::Records(vec![v])
                 }
             };
-            Item::Dns {
-                name,
-                rtype: t,
-                answer,
-            }
+            Item::Dns { name, rtype: t, answer }
         }
         k if k.starts_with("table ") => {
             let table = k["table ".len()..].trim().to_string();
@@ -346,14 +303,8 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
                 "ERROR" => TableRow::Error,
                 "TIMEOUT" => TableRow::Timeout,
                 _ => match value.split_once("=>") {
-                    Some((key, v)) => TableRow::Entry {
-                        key: key.trim().to_string(),
-                        value: v.trim().to_string(),
-                    },
-                    None => TableRow::Entry {
-                        key: value.to_string(),
-                        value: String::new(),
-                    },
+                    Some((key, v)) => TableRow::Entry { key: key.trim().to_string(), value: v.trim().to_string() },
+                    None => TableRow::Entry { key: value.to_string(), value: String::new() },
                 },
             };
             if let TableRow::Entry { key, .. } = &row {
@@ -364,73 +315,40 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             Item::Table { table, row }
         }
         "credentials" => {
-            let (u, p) = value
-                .split_once(char::is_whitespace)
-                .ok_or("`credentials:` needs USER PASSWORD")?;
-            Item::Credentials {
-                user: u.to_string(),
-                password: p.trim().to_string(),
-            }
+            let (u, p) = value.split_once(char::is_whitespace).ok_or("`credentials:` needs USER PASSWORD")?;
+            Item::Credentials { user: u.to_string(), password: p.trim().to_string() }
         }
         "callahead" => {
-            let (addr, ans) = value
-                .split_once("=>")
-                .ok_or("`callahead:` needs ADDRESS => CODE TEXT, or ADDRESS => ERROR")?;
+            let (addr, ans) =
+                value.split_once("=>").ok_or("`callahead:` needs ADDRESS => CODE TEXT, or ADDRESS => ERROR")?;
             let ans = ans.trim();
             if ans == "ERROR" {
-                Item::CallaheadError {
-                    address: addr.trim().to_string(),
-                }
+                Item::CallaheadError { address: addr.trim().to_string() }
             } else {
                 let (code, text) = ans.split_once(' ').unwrap_or((ans, ""));
-                let code: u16 = code
-                    .parse()
-                    .map_err(|_| format!("\"{code}\" is not a reply code"))?;
-                Item::Callahead {
-                    address: addr.trim().to_string(),
-                    code,
-                    text: text.to_string(),
-                }
+                let code: u16 = code.parse().map_err(|_| format!("\"{code}\" is not a reply code"))?;
+                Item::Callahead { address: addr.trim().to_string(), code, text: text.to_string() }
             }
         }
         "spf" | "dkim" | "dmarc" | "dmarc-policy" => {
             need("a result such as pass or fail")?;
-            Item::AuthResult {
-                check: key.to_string(),
-                result: value.to_ascii_lowercase(),
-            }
+            Item::AuthResult { check: key.to_string(), result: value.to_ascii_lowercase() }
         }
         k if k.starts_with("score ") => Item::Score {
             scanner: k[6..].trim().to_string(),
-            score: value
-                .parse()
-                .map_err(|_| format!("\"{value}\" is not a number"))?,
+            score: value.parse().map_err(|_| format!("\"{value}\" is not a number"))?,
         },
-        k if k.starts_with("secret ") => Item::Secret {
-            name: k[7..].trim().to_string(),
-            value: value.replace("\\n", "\n"),
-        },
-        "queued" => Item::Queued(
-            value
-                .parse()
-                .map_err(|_| "`queued:` takes a number of messages".to_string())?,
-        ),
-        "queued-to" => Item::QueuedTo(
-            value
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect(),
-        ),
+        k if k.starts_with("secret ") => {
+            Item::Secret { name: k[7..].trim().to_string(), value: value.replace("\\n", "\n") }
+        }
+        "queued" => Item::Queued(value.parse().map_err(|_| "`queued:` takes a number of messages".to_string())?),
+        "queued-to" => {
+            Item::QueuedTo(value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        }
         "queued-from" => Item::QueuedFrom(value.to_string()),
         "header" => {
-            let (n, p) = value
-                .split_once(':')
-                .ok_or("`header:` needs NAME: PATTERN")?;
-            Item::Header {
-                name: n.trim().to_string(),
-                pattern: p.trim().to_string(),
-            }
+            let (n, p) = value.split_once(':').ok_or("`header:` needs NAME: PATTERN")?;
+            Item::Header { name: n.trim().to_string(), pattern: p.trim().to_string() }
         }
         "no-header" => Item::NoHeader(value.to_string()),
         "notify" => {
@@ -439,11 +357,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             let (a, v) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
             Item::Notify {
                 address: a.to_string(),
-                values: v
-                    .split(',')
-                    .map(|s| s.trim().to_ascii_uppercase())
-                    .filter(|s| !s.is_empty())
-                    .collect(),
+                values: v.split(',').map(|s| s.trim().to_ascii_uppercase()).filter(|s| !s.is_empty()).collect(),
             }
         }
         "ret" => {
@@ -455,13 +369,8 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             Item::Envid(value.to_string())
         }
         "orcpt" => {
-            let (a, p) = value
-                .split_once("=>")
-                .ok_or("`orcpt:` needs ADDRESS => TYPE;ORIGINAL")?;
-            Item::Orcpt {
-                address: a.trim().to_string(),
-                pattern: p.trim().to_string(),
-            }
+            let (a, p) = value.split_once("=>").ok_or("`orcpt:` needs ADDRESS => TYPE;ORIGINAL")?;
+            Item::Orcpt { address: a.trim().to_string(), pattern: p.trim().to_string() }
         }
         "held" => match value {
             "" | "yes" => Item::Held(None),
@@ -471,26 +380,15 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
         "archived" => Item::Archived(value.to_string()),
         "batv-signed" => Item::BatvSigned(value != "no"),
         "route" => {
-            let (a, p) = value
-                .split_once("=>")
-                .ok_or("`route:` needs ADDRESS => OUTCOME")?;
-            Item::Route {
-                address: a.trim().to_string(),
-                pattern: p.trim().to_string(),
-            }
+            let (a, p) = value.split_once("=>").ok_or("`route:` needs ADDRESS => OUTCOME")?;
+            Item::Route { address: a.trim().to_string(), pattern: p.trim().to_string() }
         }
         "bounce" => {
-            let (a, p) = value
-                .split_once("=>")
-                .ok_or("`bounce:` needs ADDRESS [KIND] => send|discard")?;
+            let (a, p) = value.split_once("=>").ok_or("`bounce:` needs ADDRESS [KIND] => send|discard")?;
             let mut w = a.split_whitespace();
             let address = w.next().unwrap_or("").to_string();
             let kind = w.next().unwrap_or("failure").to_string();
-            Item::Bounce {
-                address,
-                kind,
-                pattern: p.trim().to_string(),
-            }
+            Item::Bounce { address, kind, pattern: p.trim().to_string() }
         }
         "log" => Item::Log(value.to_string()),
         "alert" => Item::Alert(value.to_string()),
@@ -513,10 +411,7 @@ pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
                 Some(b'\\') => out.push(b'\\'),
                 Some(b'x') => {
                     let hex = s.get(i + 2..i + 4).ok_or("`\\x` needs two hex digits")?;
-                    out.push(
-                        u8::from_str_radix(hex, 16)
-                            .map_err(|_| format!("`\\x{hex}` is not a hex byte"))?,
-                    );
+                    out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("`\\x{hex}` is not a hex byte"))?);
                     i += 4;
                     continue;
                 }
@@ -535,9 +430,7 @@ fn socket(s: &str, default_port: u16) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
-    let ip: IpAddr = s
-        .parse()
-        .map_err(|_| format!("\"{s}\" is not an IP address or IP:port"))?;
+    let ip: IpAddr = s.parse().map_err(|_| format!("\"{s}\" is not an IP address or IP:port"))?;
     Ok(SocketAddr::new(ip, default_port))
 }
 
@@ -545,9 +438,7 @@ fn socket(s: &str, default_port: u16) -> Result<SocketAddr, String> {
 pub fn duration(s: &str) -> Result<u64, String> {
     let digits: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();
     let unit = &s[digits.len()..];
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("\"{s}\" is not a duration like 5s"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("\"{s}\" is not a duration like 5s"))?;
     let mult = match unit.trim() {
         "ms" => 1,
         "s" => 1000,
@@ -564,14 +455,8 @@ pub fn timestamp(s: &str) -> Result<u64, String> {
     let bad = || format!("\"{s}\" is not a time like 2026-11-22T10:00:00Z");
     let s2 = s.strip_suffix('Z').ok_or_else(bad)?;
     let (date, time) = s2.split_once('T').ok_or_else(bad)?;
-    let d: Vec<i64> = date
-        .split('-')
-        .map(|x| x.parse().map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
-    let t: Vec<u64> = time
-        .split(':')
-        .map(|x| x.parse().map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+    let t: Vec<u64> = time.split(':').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
     if d.len() != 3
         || t.len() != 3
         || !(1..=12).contains(&d[1])

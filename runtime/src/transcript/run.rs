@@ -19,8 +19,7 @@ use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::
 use super::{glob, Case, DnsAnswer, Item, TableRow, TranscriptFile};
 use crate::conn::{ClientInfo, Conn, Need, Note, QueuedMessage};
 use crate::eval::{
-    self, Answer, AuthCheck, Facts, MessageFacts, Outcome, RcptFacts, Request, RrType, Run, State,
-    Step,
+    self, Answer, AuthCheck, Facts, MessageFacts, Outcome, RcptFacts, Request, RrType, Run, State, Step,
 };
 use crate::smtp::{AuthOutcome, PeerInfo, Time, TlsInfo};
 
@@ -63,34 +62,22 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(std_dir: Option<PathBuf>) -> Runner {
-        Runner {
-            std_dir,
-            policies: HashMap::new(),
-        }
+        Runner { std_dir, policies: HashMap::new() }
     }
 
     fn policy(&mut self, path: &Path) -> Result<Arc<Program>, String> {
         if let Some(p) = self.policies.get(path) {
             return p.clone();
         }
-        let loader = FsLoader {
-            std_dir: self.std_dir.clone(),
-        };
+        let loader = FsLoader { std_dir: self.std_dir.clone() };
         let name = path.display().to_string();
         let c = compile(&name, &loader);
         let result = match c.program {
             Some(p) => Ok(Arc::new(p)),
             None => {
-                let errs: Vec<String> = c
-                    .diagnostics
-                    .iter()
-                    .filter(|d| d.is_error())
-                    .map(|d| d.render_short(&c.sources))
-                    .collect();
-                Err(format!(
-                    "the policy does not compile:\n    {}",
-                    errs.join("\n    ")
-                ))
+                let errs: Vec<String> =
+                    c.diagnostics.iter().filter(|d| d.is_error()).map(|d| d.render_short(&c.sources)).collect();
+                Err(format!("the policy does not compile:\n    {}", errs.join("\n    ")))
             }
         };
         self.policies.insert(path.to_path_buf(), result.clone());
@@ -112,19 +99,10 @@ impl Runner {
         let policy = case
             .items
             .iter()
-            .find_map(|(_, i)| {
-                if let Item::Policy(p) = i {
-                    Some(p.clone())
-                } else {
-                    None
-                }
-            })
+            .find_map(|(_, i)| if let Item::Policy(p) = i { Some(p.clone()) } else { None })
             .or_else(|| file.policy.clone());
         let Some(policy) = policy else {
-            result.failures.push(format!(
-                "line {}: no `policy:` for this case or its file",
-                case.line
-            ));
+            result.failures.push(format!("line {}: no `policy:` for this case or its file", case.line));
             return result;
         };
         let prog = match self.policy(&policy) {
@@ -263,10 +241,7 @@ impl CaseRun {
             Item::Local(a) => self.local = *a,
             Item::ImplicitTls => self.implicit_tls = true,
             Item::ClientCert(fp) => {
-                let bytes: Vec<u8> = fp
-                    .split(':')
-                    .filter_map(|h| u8::from_str_radix(h, 16).ok())
-                    .collect();
+                let bytes: Vec<u8> = fp.split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
                 if bytes.len() == 32 {
                     self.client_cert = Some(bytes);
                 } else {
@@ -274,33 +249,18 @@ impl CaseRun {
                 }
             }
             Item::Clock(t) => self.now = *t,
-            Item::Dns {
-                name,
-                rtype,
-                answer,
-            } => {
-                self.dns
-                    .insert((name.clone(), rtype.clone()), answer.clone());
+            Item::Dns { name, rtype, answer } => {
+                self.dns.insert((name.clone(), rtype.clone()), answer.clone());
             }
             Item::Table { table, row } => {
                 if self.prog.table_by_name(table).is_none() {
                     self.fail(format!("the policy declares no table `{table}`"));
                 }
-                self.rows
-                    .entry(table.clone())
-                    .or_default()
-                    .push(row.clone());
+                self.rows.entry(table.clone()).or_default().push(row.clone());
             }
-            Item::Credentials { user, password } => {
-                self.credentials.push((user.clone(), password.clone()))
-            }
-            Item::Callahead {
-                address,
-                code,
-                text,
-            } => {
-                self.callahead
-                    .insert(address.to_ascii_lowercase(), Some((*code, text.clone())));
+            Item::Credentials { user, password } => self.credentials.push((user.clone(), password.clone())),
+            Item::Callahead { address, code, text } => {
+                self.callahead.insert(address.to_ascii_lowercase(), Some((*code, text.clone())));
             }
             Item::CallaheadError { address } => {
                 self.callahead.insert(address.to_ascii_lowercase(), None);
@@ -322,9 +282,7 @@ impl CaseRun {
                 };
                 if conn.is_closed() {
                     let shown = String::from_utf8_lossy(bytes).trim_end().to_string();
-                    self.fail(format!(
-                        "the server closed the connection before the client sent `{shown}`"
-                    ));
+                    self.fail(format!("the server closed the connection before the client sent `{shown}`"));
                     return;
                 }
                 conn.handle_input(bytes, Time(self.now));
@@ -349,11 +307,7 @@ impl CaseRun {
                         let closed = self.conn.as_ref().is_some_and(|c| c.is_closed());
                         self.fail(format!(
                             "expected reply `{pattern}`, but the server sent nothing{}",
-                            if closed {
-                                " (the connection is closed)"
-                            } else {
-                                ""
-                            }
+                            if closed { " (the connection is closed)" } else { "" }
                         ));
                     }
                 }
@@ -380,7 +334,9 @@ impl CaseRun {
                         return;
                     }
                     Some(None) => {
-                        self.fail(format!("expected the reply to be decided by {want}, but the engine answered it without the policy"));
+                        self.fail(format!(
+                            "expected the reply to be decided by {want}, but the engine answered it without the policy"
+                        ));
                         return;
                     }
                     Some(Some(v)) => v,
@@ -397,9 +353,7 @@ impl CaseRun {
                     desc.rsplit(':').next() == Some(want.as_str())
                 };
                 if !ok {
-                    self.fail(format!(
-                        "expected the reply to be decided by {want}, it was decided by {desc}"
-                    ));
+                    self.fail(format!("expected the reply to be decided by {want}, it was decided by {desc}"));
                 }
             }
             Item::Wait(ms) => {
@@ -414,9 +368,7 @@ impl CaseRun {
             Item::Elapsed(ms) => {
                 let got = self.now.saturating_sub(self.sent_at);
                 if got != *ms {
-                    self.fail(format!(
-                        "expected {ms}ms to have passed since the client last sent, {got}ms did"
-                    ));
+                    self.fail(format!("expected {ms}ms to have passed since the client last sent, {got}ms did"));
                 }
             }
             Item::NoReply => {
@@ -437,19 +389,12 @@ impl CaseRun {
             Item::Queued(n) => {
                 self.pump();
                 if self.queued.len() != *n {
-                    self.fail(format!(
-                        "expected {n} queued message(s), found {}",
-                        self.queued.len()
-                    ));
+                    self.fail(format!("expected {n} queued message(s), found {}", self.queued.len()));
                 }
             }
             Item::QueuedTo(want) => {
                 let Some(m) = self.last_msg() else { return };
-                let mut got: Vec<String> = m
-                    .recipients
-                    .iter()
-                    .map(|r| r.address.to_ascii_lowercase())
-                    .collect();
+                let mut got: Vec<String> = m.recipients.iter().map(|r| r.address.to_ascii_lowercase()).collect();
                 let mut want: Vec<String> = want.iter().map(|w| w.to_ascii_lowercase()).collect();
                 got.sort();
                 want.sort();
@@ -466,9 +411,7 @@ impl CaseRun {
                 let want_s = if want == "<>" { "" } else { want.as_str() };
                 if !glob(want_s, &m.sender) {
                     let s = m.sender.clone();
-                    self.fail(format!(
-                        "expected the envelope sender `{want}`, found `{s}`"
-                    ));
+                    self.fail(format!("expected the envelope sender `{want}`, found `{s}`"));
                 }
             }
             Item::Header { name, pattern } => {
@@ -483,18 +426,12 @@ impl CaseRun {
                 let Some(m) = self.last_msg() else { return };
                 let values = MessageFacts::parse(&m.data).header(name);
                 if !values.is_empty() {
-                    self.fail(format!(
-                        "expected no `{name}` header in the queued message; found {values:?}"
-                    ));
+                    self.fail(format!("expected no `{name}` header in the queued message; found {values:?}"));
                 }
             }
             Item::Notify { address, values } => {
                 let Some(m) = self.last_msg() else { return };
-                match m
-                    .recipients
-                    .iter()
-                    .find(|r| r.address.eq_ignore_ascii_case(address))
-                {
+                match m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)) {
                     Some(r) => {
                         if &r.notify != values {
                             let got = r.notify.join(",");
@@ -505,65 +442,38 @@ impl CaseRun {
                             ));
                         }
                     }
-                    None => self.fail(format!(
-                        "{address} is not a recipient of the queued message"
-                    )),
+                    None => self.fail(format!("{address} is not a recipient of the queued message")),
                 }
             }
             Item::Ret(p) | Item::Envid(p) => {
                 let Some(m) = self.last_msg() else { return };
-                let (what, got) = if matches!(item, Item::Ret(_)) {
-                    ("RET", m.ret.clone())
-                } else {
-                    ("ENVID", m.envid.clone())
-                };
-                let ok = if p == "<none>" {
-                    got.is_empty()
-                } else {
-                    glob(p, &got)
-                };
+                let (what, got) =
+                    if matches!(item, Item::Ret(_)) { ("RET", m.ret.clone()) } else { ("ENVID", m.envid.clone()) };
+                let ok = if p == "<none>" { got.is_empty() } else { glob(p, &got) };
                 if !ok {
                     self.fail(format!(
                         "expected {what} `{p}` stored with the message, found `{}`",
-                        if got.is_empty() {
-                            "<none>"
-                        } else {
-                            got.as_str()
-                        }
+                        if got.is_empty() { "<none>" } else { got.as_str() }
                     ));
                 }
             }
             Item::Orcpt { address, pattern } => {
                 let Some(m) = self.last_msg() else { return };
-                match m
-                    .recipients
-                    .iter()
-                    .find(|r| r.address.eq_ignore_ascii_case(address))
-                {
+                match m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)) {
                     Some(r) => {
-                        let ok = if pattern == "<none>" {
-                            r.orcpt.is_empty()
-                        } else {
-                            glob(pattern, &r.orcpt)
-                        };
+                        let ok = if pattern == "<none>" { r.orcpt.is_empty() } else { glob(pattern, &r.orcpt) };
                         if !ok {
                             let got = r.orcpt.clone();
-                            self.fail(format!(
-                                "expected ORCPT `{pattern}` for {address}, stored `{got}`"
-                            ));
+                            self.fail(format!("expected ORCPT `{pattern}` for {address}, stored `{got}`"));
                         }
                     }
-                    None => self.fail(format!(
-                        "{address} is not a recipient of the queued message"
-                    )),
+                    None => self.fail(format!("{address} is not a recipient of the queued message")),
                 }
             }
             Item::Held(p) => {
                 let Some(m) = self.last_msg() else { return };
                 match (&m.hold, p) {
-                    (None, _) => {
-                        self.fail("expected the message to be held (quarantined); it was not")
-                    }
+                    (None, _) => self.fail("expected the message to be held (quarantined); it was not"),
                     (Some(r), Some(p)) if !glob(p, r) => {
                         let r = r.clone();
                         self.fail(format!("expected the hold reason `{p}`, found `{r}`"))
@@ -574,50 +484,35 @@ impl CaseRun {
             Item::NotHeld => {
                 let Some(m) = self.last_msg() else { return };
                 if let Some(r) = m.hold.clone() {
-                    self.fail(format!(
-                        "expected the message not to be held; it was held: {r}"
-                    ));
+                    self.fail(format!("expected the message not to be held; it was held: {r}"));
                 }
             }
             Item::Archived(f) => {
                 let Some(m) = self.last_msg() else { return };
                 if !m.archive.iter().any(|a| glob(f, a)) {
                     let a = m.archive.clone();
-                    self.fail(format!(
-                        "expected an archive copy to `{f}`; archives: {a:?}"
-                    ));
+                    self.fail(format!("expected an archive copy to `{f}`; archives: {a:?}"));
                 }
             }
             Item::BatvSigned(want) => {
                 let Some(m) = self.last_msg() else { return };
                 if m.batv_sign != *want {
-                    self.fail(format!(
-                        "expected batv signing {}",
-                        if *want { "on" } else { "off" }
-                    ));
+                    self.fail(format!("expected batv signing {}", if *want { "on" } else { "off" }));
                 }
             }
             Item::Route { address, pattern } => {
                 let got = self.queue_stage(Stage::Route, address, "failure");
                 if let Some(got) = got {
                     if !glob(pattern, &got) {
-                        self.fail(format!(
-                            "route for {address}: expected `{pattern}`, got `{got}`"
-                        ));
+                        self.fail(format!("route for {address}: expected `{pattern}`, got `{got}`"));
                     }
                 }
             }
-            Item::Bounce {
-                address,
-                kind,
-                pattern,
-            } => {
+            Item::Bounce { address, kind, pattern } => {
                 let got = self.queue_stage(Stage::Bounce, address, kind);
                 if let Some(got) = got {
                     if !glob(pattern, &got) {
-                        self.fail(format!(
-                            "bounce to {address}: expected `{pattern}`, got `{got}`"
-                        ));
+                        self.fail(format!("bounce to {address}: expected `{pattern}`, got `{got}`"));
                     }
                 }
             }
@@ -655,18 +550,11 @@ impl CaseRun {
         }
         self.sessions += 1;
         let listener = self.listener.clone();
-        let mut config =
-            crate::config::engine_config(&self.prog, listener.as_deref(), "mx.test", true);
+        let mut config = crate::config::engine_config(&self.prog, listener.as_deref(), "mx.test", true);
         // SCRAM needs the daemon's SASL library; transcripts exercise PLAIN and LOGIN.
-        config
-            .auth_mechanisms
-            .retain(|m| m == "PLAIN" || m == "LOGIN");
+        config.auth_mechanisms.retain(|m| m == "PLAIN" || m == "LOGIN");
         let tls = self.implicit_tls.then(|| self.tls_info());
-        let peer = PeerInfo {
-            remote: Some(self.client),
-            local: Some(self.local),
-            tls,
-        };
+        let peer = PeerInfo { remote: Some(self.client), local: Some(self.local), tls };
         let client = ClientInfo {
             name: self.client_name.clone(),
             ptr: self.client_ptr.clone(),
@@ -763,10 +651,7 @@ impl CaseRun {
             lines.push(line);
             if last {
                 let verdict = self.verdicts.pop_front();
-                self.replies.push_back(Reply {
-                    lines: std::mem::take(&mut lines),
-                    verdict,
-                });
+                self.replies.push_back(Reply { lines: std::mem::take(&mut lines), verdict });
                 consumed = start;
             }
         }
@@ -811,23 +696,10 @@ impl CaseRun {
 
     fn note(&mut self, n: Note) {
         match n {
-            Note::Verdict {
-                stage,
-                outcome,
-                rule,
-                trace,
-            } => {
-                self.verdict_traces.push(VerdictTrace {
-                    stage,
-                    outcome: outcome.clone(),
-                    rule,
-                    trace,
-                });
-                let at = rule
-                    .map(|r| self.prog.describe_loc(r))
-                    .unwrap_or_else(|| "end of stage".into());
-                self.log
-                    .push(format!("  {}: {outcome} ({at})", stage.name()));
+            Note::Verdict { stage, outcome, rule, trace } => {
+                self.verdict_traces.push(VerdictTrace { stage, outcome: outcome.clone(), rule, trace });
+                let at = rule.map(|r| self.prog.describe_loc(r)).unwrap_or_else(|| "end of stage".into());
+                self.log.push(format!("  {}: {outcome} ({at})", stage.name()));
                 self.verdicts.push_back(rule);
             }
             Note::Log(l) => self.logs.push(l),
@@ -842,9 +714,7 @@ impl CaseRun {
 
     fn sasl_step(&mut self, mechanism: &str, data: Option<Vec<u8>>) {
         let now = Time(self.now);
-        let check = |creds: &[(String, String)], u: &str, p: &str| {
-            creds.iter().any(|(cu, cp)| cu == u && cp == p)
-        };
+        let check = |creds: &[(String, String)], u: &str, p: &str| creds.iter().any(|(cu, cp)| cu == u && cp == p);
         let outcome = match (mechanism, &self.sasl, data) {
             ("PLAIN", _, None) => {
                 if let Some(c) = self.conn.as_mut() {
@@ -856,10 +726,8 @@ impl CaseRun {
                 let parts: Vec<&[u8]> = d.split(|b| *b == 0).collect();
                 match parts.as_slice() {
                     [_authz, user, pass] => {
-                        let (u, p) = (
-                            String::from_utf8_lossy(user).to_string(),
-                            String::from_utf8_lossy(pass).to_string(),
-                        );
+                        let (u, p) =
+                            (String::from_utf8_lossy(user).to_string(), String::from_utf8_lossy(pass).to_string());
                         if check(&self.credentials, &u, &p) {
                             AuthOutcome::Success { user: u }
                         } else {
@@ -896,8 +764,7 @@ impl CaseRun {
         self.sasl = Sasl::None;
         if matches!(outcome, AuthOutcome::Failure { .. }) {
             let key = format!("client.ip={}", self.client.ip());
-            self.rates
-                .record(Counter::AuthFailures.name(), &key, self.now);
+            self.rates.record(Counter::AuthFailures.name(), &key, self.now);
         }
         if let Some(c) = self.conn.as_mut() {
             c.auth_done(outcome, now);
@@ -940,23 +807,19 @@ impl CaseRun {
                     };
                 }
                 let Some(source) = t.source.clone() else {
-                    self.fail(format!("the policy looks up `{key}` in the {} table `{name}`, and the case gives no rows for it", t.kind));
+                    self.fail(format!(
+                        "the policy looks up `{key}` in the {} table `{name}`, and the case gives no rows for it",
+                        t.kind
+                    ));
                     return Answer::Error("no fixture".into());
                 };
                 let kind = t.kind.clone();
-                let dir = self
-                    .policy_path
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default();
+                let dir = self.policy_path.parent().map(Path::to_path_buf).unwrap_or_default();
                 let entry = self.file_tables.entry(name.clone()).or_insert_with(|| {
                     let path = dir.join(&source);
                     std::fs::read_to_string(&path)
                         .map_err(|e| format!("{}: {e}", path.display()))
-                        .and_then(|text| {
-                            FileTable::parse(&kind, &text)
-                                .map_err(|e| format!("{}: {e}", path.display()))
-                        })
+                        .and_then(|text| FileTable::parse(&kind, &text).map_err(|e| format!("{}: {e}", path.display())))
                 });
                 match entry {
                     Ok(ft) => Answer::Value(ft.lookup(key)),
@@ -997,11 +860,9 @@ impl CaseRun {
                     Answer::Records(records)
                 }
             }
-            Request::Rate {
-                counter,
-                key,
-                window_ms,
-            } => Answer::Count(self.rates.count(counter.name(), key, *window_ms, self.now)),
+            Request::Rate { counter, key, window_ms } => {
+                Answer::Count(self.rates.count(counter.name(), key, *window_ms, self.now))
+            }
             Request::Concurrent { key } => Answer::Count(self.rates.concurrent(key)),
             Request::Auth(check) => {
                 let k = match check {
@@ -1010,52 +871,31 @@ impl CaseRun {
                     AuthCheck::Dmarc => "dmarc",
                     AuthCheck::DmarcPolicy => "dmarc-policy",
                 };
-                Answer::Value(Some(
-                    self.auth_results
-                        .get(k)
-                        .cloned()
-                        .unwrap_or_else(|| "none".into()),
-                ))
+                Answer::Value(Some(self.auth_results.get(k).cloned().unwrap_or_else(|| "none".into())))
             }
             Request::Scan { scanner } => {
-                let name = prog
-                    .scanners
-                    .get(scanner.index())
-                    .map(|s| s.name.clone())
-                    .unwrap_or_default();
+                let name = prog.scanners.get(scanner.index()).map(|s| s.name.clone()).unwrap_or_default();
                 match self.scores.get(&name) {
                     Some(s) => Answer::Score(*s),
                     None => Answer::Error(format!("no `score {name}:` fixture")),
                 }
             }
-            Request::Callahead { recipient, .. } => {
-                match self.callahead.get(&recipient.to_ascii_lowercase()) {
-                    Some(Some((code, text))) => Answer::Reply {
-                        code: *code,
-                        text: text.clone(),
-                    },
-                    Some(None) => Answer::Error("next hop unreachable".into()),
-                    None => {
-                        self.fail(format!("the policy calls ahead for {recipient} and the case has no `callahead:` for it"));
-                        Answer::Error("no fixture".into())
-                    }
+            Request::Callahead { recipient, .. } => match self.callahead.get(&recipient.to_ascii_lowercase()) {
+                Some(Some((code, text))) => Answer::Reply { code: *code, text: text.clone() },
+                Some(None) => Answer::Error("next hop unreachable".into()),
+                None => {
+                    self.fail(format!(
+                        "the policy calls ahead for {recipient} and the case has no `callahead:` for it"
+                    ));
+                    Answer::Error("no fixture".into())
                 }
+            },
+            Request::Greylist { client, sender, recipient, delay_ms, expire_ms } => {
+                Answer::Bool(self.greylist.check(client, sender, recipient, self.now, *delay_ms, *expire_ms))
             }
-            Request::Greylist {
-                client,
-                sender,
-                recipient,
-                delay_ms,
-                expire_ms,
-            } => Answer::Bool(
-                self.greylist
-                    .check(client, sender, recipient, self.now, *delay_ms, *expire_ms),
-            ),
             Request::BatvValid { address } => {
                 let secret = match prog.server.option("batv_keys") {
-                    Some(OptValue::Secret(id)) => {
-                        prog.secrets.get(id.index()).map(|s| s.name.clone())
-                    }
+                    Some(OptValue::Secret(id)) => prog.secrets.get(id.index()).map(|s| s.name.clone()),
                     _ => None,
                 };
                 let Some(keys) = secret.and_then(|s| self.secrets.get(&s).cloned()) else {
@@ -1067,10 +907,7 @@ impl CaseRun {
                     _ => 7,
                 };
                 let keys = batv::parse_keys(&keys);
-                Answer::Bool(matches!(
-                    batv::verify(address, &keys, self.now, lifetime),
-                    batv::Check::Valid(_)
-                ))
+                Answer::Bool(matches!(batv::verify(address, &keys, self.now, lifetime), batv::Check::Valid(_)))
             }
         }
     }
@@ -1082,15 +919,8 @@ impl CaseRun {
         let (facts, mut state) = match stage {
             Stage::Route => {
                 let m = self.last_msg()?;
-                let Some(r) = m
-                    .recipients
-                    .iter()
-                    .find(|r| r.address.eq_ignore_ascii_case(address))
-                    .cloned()
-                else {
-                    self.fail(format!(
-                        "{address} is not a recipient of the queued message"
-                    ));
+                let Some(r) = m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)).cloned() else {
+                    self.fail(format!("{address} is not a recipient of the queued message"));
                     return None;
                 };
                 let (mut f, st) = m.session.restore(&m, Some(&r), &prog, self.now);
@@ -1098,16 +928,10 @@ impl CaseRun {
                 (f, st)
             }
             _ => {
-                let mut facts = Facts {
-                    now_ms: self.now,
-                    ..Facts::default()
-                };
+                let mut facts = Facts { now_ms: self.now, ..Facts::default() };
                 facts.client_ip = self.client.ip();
                 facts.sender = Some(String::new());
-                facts.recipient = Some(RcptFacts {
-                    address: address.to_string(),
-                    ..Default::default()
-                });
+                facts.recipient = Some(RcptFacts { address: address.to_string(), ..Default::default() });
                 facts.recipients = vec![address.to_string()];
                 facts.bounce = Some((kind.to_string(), "test".to_string()));
                 let dsn = format!("From: MAILER-DAEMON@mx.test\r\nTo: {address}\r\nSubject: Undelivered Mail Returned to Sender\r\nContent-Type: multipart/report; report-type=delivery-status\r\n\r\n");
@@ -1150,18 +974,13 @@ pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
             eval::Effect::Expand { members, owner } => parts.push(format!(
                 "expand {}{}",
                 members.join(", "),
-                owner
-                    .as_ref()
-                    .map(|o| format!(" owner {o}"))
-                    .unwrap_or_default()
+                owner.as_ref().map(|o| format!(" owner {o}")).unwrap_or_default()
             )),
             eval::Effect::Masquerade(d) => parts.push(format!("masquerade {}", d.join(", "))),
             eval::Effect::Bcc(a) => parts.push(format!("bcc {a}")),
             eval::Effect::Archive(a) => parts.push(format!("archive {a}")),
             eval::Effect::Hold(r) => parts.push(format!("hold {r}")),
-            eval::Effect::HeaderAdd { name, value } => {
-                parts.push(format!("header {name}: {value}"))
-            }
+            eval::Effect::HeaderAdd { name, value } => parts.push(format!("header {name}: {value}")),
             _ => {}
         }
     }

@@ -115,10 +115,7 @@ impl Credentials {
         if u.is_empty() {
             return None;
         }
-        Some(Credentials {
-            user: u.to_string(),
-            password: p.to_string(),
-        })
+        Some(Credentials { user: u.to_string(), password: p.to_string() })
     }
 }
 
@@ -178,10 +175,7 @@ impl ServerExtensions {
     /// Parses the lines of a positive EHLO reply (the first line is the
     /// server's name and greeting).
     pub fn parse(reply: &Reply) -> ServerExtensions {
-        let mut e = ServerExtensions {
-            esmtp: true,
-            ..Default::default()
-        };
+        let mut e = ServerExtensions { esmtp: true, ..Default::default() };
         for line in reply.text.split('\n').skip(1) {
             let mut words = line.split_whitespace();
             let Some(kw) = words.next() else { continue };
@@ -191,18 +185,12 @@ impl ServerExtensions {
                 Some((k, v)) => (k.to_string(), Some(v.to_string())),
                 None => (kw, None),
             };
-            let args: Vec<String> = first_arg
-                .into_iter()
-                .chain(words.map(|w| w.to_string()))
-                .filter(|w| !w.is_empty())
-                .collect();
+            let args: Vec<String> =
+                first_arg.into_iter().chain(words.map(|w| w.to_string())).filter(|w| !w.is_empty()).collect();
             match kw.as_str() {
                 "PIPELINING" => e.pipelining = true,
                 "SIZE" => {
-                    let n = args
-                        .first()
-                        .and_then(|a| a.parse::<u64>().ok())
-                        .unwrap_or(0);
+                    let n = args.first().and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
                     e.size = Some(n);
                 }
                 "8BITMIME" => e.eight_bit_mime = true,
@@ -482,10 +470,7 @@ fn parse_enhanced(s: &str, class: u16) -> Option<(u8, u16, u16)> {
 /// Builds a [`Reply`] from the text of the lines of one (multi-line) reply.
 fn assemble_reply(code: u16, lines: &[String]) -> Reply {
     let class = code / 100;
-    let enhanced = lines
-        .first()
-        .and_then(|l| l.split(' ').next())
-        .and_then(|w| parse_enhanced(w, class));
+    let enhanced = lines.first().and_then(|l| l.split(' ').next()).and_then(|w| parse_enhanced(w, class));
     let text: Vec<&str> = lines
         .iter()
         .map(|l| {
@@ -498,11 +483,7 @@ fn assemble_reply(code: u16, lines: &[String]) -> Reply {
             l.as_str()
         })
         .collect();
-    Reply {
-        code,
-        enhanced,
-        text: text.join("\n"),
-    }
+    Reply { code, enhanced, text: text.join("\n") }
 }
 
 fn made_up(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -610,11 +591,7 @@ impl Client {
         }
         self.inbuf.extend_from_slice(data);
         let mut start = 0;
-        while let Some(pos) = self
-            .inbuf
-            .get(start..)
-            .and_then(|b| b.iter().position(|&c| c == b'\n'))
-        {
+        while let Some(pos) = self.inbuf.get(start..).and_then(|b| b.iter().position(|&c| c == b'\n')) {
             let end = start + pos;
             let line = self.inbuf.get(start..end).unwrap_or_default().to_vec();
             start = end + 1;
@@ -646,10 +623,7 @@ impl Client {
             State::Closing => self.state = State::Closed,
             _ => {
                 let phase = self.waiting_for().unwrap_or(Phase::Connection);
-                self.fail_closed(
-                    phase,
-                    made_up(421, (4, 4, 2), "lost connection with the server"),
-                );
+                self.fail_closed(phase, made_up(421, (4, 4, 2), "lost connection with the server"));
             }
         }
     }
@@ -663,11 +637,7 @@ impl Client {
             }
             self.fail_closed(
                 phase,
-                made_up(
-                    421,
-                    (4, 4, 2),
-                    format!("timeout while waiting for the server ({phase:?})"),
-                ),
+                made_up(421, (4, 4, 2), format!("timeout while waiting for the server ({phase:?})")),
             );
         }
     }
@@ -704,29 +674,20 @@ impl Client {
         // counting dot-stuffing, a slight overestimate RFC 1870 allows)
         let size = encoded.len().saturating_sub(3) as u64;
         let refuse = if let Some(limit) = self.ext.size.filter(|l| *l > 0 && size > *l) {
-            Some(made_up(
-                552,
-                (5, 3, 4),
-                format!("message size {size} exceeds the next hop's limit of {limit}"),
-            ))
+            Some(made_up(552, (5, 3, 4), format!("message size {size} exceeds the next hop's limit of {limit}")))
         } else if needs_utf8(env) && !self.ext.smtputf8 {
-            Some(made_up(
-                553,
-                (5, 6, 7),
-                "the next hop does not support SMTPUTF8, required by an address",
-            ))
+            Some(made_up(553, (5, 6, 7), "the next hop does not support SMTPUTF8, required by an address"))
         } else if n == 0 {
             Some(made_up(554, (5, 5, 1), "no recipients"))
         } else {
             None
         };
         if let Some(r) = refuse {
-            self.events
-                .push_back(ClientEvent::Transaction(TransactionResult {
-                    mail: r.clone(),
-                    recipients: vec![r; n],
-                    next_hop_dsn: self.ext.dsn,
-                }));
+            self.events.push_back(ClientEvent::Transaction(TransactionResult {
+                mail: r.clone(),
+                recipients: vec![r; n],
+                next_hop_dsn: self.ext.dsn,
+            }));
             self.events.push_back(ClientEvent::Ready);
             return Ok(());
         }
@@ -757,10 +718,7 @@ impl Client {
     /// Call-ahead: MAIL FROM, RCPT TO, then RSET (R27).
     pub fn call_ahead(&mut self, from: &ReversePath, rcpt: &ForwardPath) -> Result<(), UsageError> {
         self.check_ready()?;
-        let r = Recipient {
-            path: rcpt.clone(),
-            params: Default::default(),
-        };
+        let r = Recipient { path: rcpt.clone(), params: Default::default() };
         self.start_txn(format!("MAIL FROM:{from}"), vec![r], Vec::new(), true);
         Ok(())
     }
@@ -850,23 +808,14 @@ impl Client {
                 }
             }
             if let Some(o) = &r.params.orcpt {
-                s.push_str(&format!(
-                    " ORCPT={};{}",
-                    encode_xtext(&o.addr_type),
-                    encode_xtext(&o.address)
-                ));
+                s.push_str(&format!(" ORCPT={};{}", encode_xtext(&o.addr_type), encode_xtext(&o.address)));
             }
         }
         s
     }
 
     fn send_rcpt(&mut self, i: usize) {
-        let Some(line) = self
-            .txn
-            .as_ref()
-            .and_then(|t| t.recipients.get(i))
-            .map(|r| self.rcpt_line(r))
-        else {
+        let Some(line) = self.txn.as_ref().and_then(|t| t.recipients.get(i)).map(|r| self.rcpt_line(r)) else {
             return;
         };
         if let Some(t) = self.txn.as_mut() {
@@ -877,10 +826,7 @@ impl Client {
 
     fn send_cmd(&mut self, line: &str, e: Expect) {
         // never let our own strings break the command framing
-        let clean: String = line
-            .chars()
-            .map(|c| if c == '\r' || c == '\n' { '?' } else { c })
-            .collect();
+        let clean: String = line.chars().map(|c| if c == '\r' || c == '\n' { '?' } else { c }).collect();
         self.out.extend_from_slice(clean.as_bytes());
         self.out.extend_from_slice(b"\r\n");
         self.expect.push_back(e);
@@ -897,14 +843,7 @@ impl Client {
 
     fn protocol_error(&mut self, what: &str) {
         let phase = self.waiting_for().unwrap_or(Phase::Connection);
-        self.fail_closed(
-            phase,
-            made_up(
-                421,
-                (4, 5, 0),
-                format!("protocol error from server: {what}"),
-            ),
-        );
+        self.fail_closed(phase, made_up(421, (4, 5, 0), format!("protocol error from server: {what}")));
     }
 
     fn handle_line(&mut self, raw: &[u8]) {
@@ -912,9 +851,9 @@ impl Client {
         let line = String::from_utf8_lossy(raw);
         let bytes = line.as_bytes();
         let code = match bytes.get(..3) {
-            Some(d) if d.iter().all(|b| b.is_ascii_digit()) => std::str::from_utf8(d)
-                .ok()
-                .and_then(|s| s.parse::<u16>().ok()),
+            Some(d) if d.iter().all(|b| b.is_ascii_digit()) => {
+                std::str::from_utf8(d).ok().and_then(|s| s.parse::<u16>().ok())
+            }
             _ => None,
         };
         let Some(code) = code.filter(|c| (200..600).contains(c)) else {
@@ -996,11 +935,7 @@ impl Client {
                     self.state = State::AwaitTls;
                     self.events.push_back(ClientEvent::StartTls);
                 } else if self.cfg.tls == TlsPolicy::Required {
-                    let r = made_up(
-                        451,
-                        (4, 7, 5),
-                        format!("TLS is required, but STARTTLS was refused: {reply}"),
-                    );
+                    let r = made_up(451, (4, 7, 5), format!("TLS is required, but STARTTLS was refused: {reply}"));
                     self.fail_quit(Phase::StartTls, r);
                 } else {
                     self.after_tls();
@@ -1019,10 +954,8 @@ impl Client {
             }
             Expect::AuthLoginUser | Expect::AuthLoginPass => {
                 if reply.code == 334 {
-                    let cred = self.cfg.auth.clone().unwrap_or(Credentials {
-                        user: String::new(),
-                        password: String::new(),
-                    });
+                    let cred =
+                        self.cfg.auth.clone().unwrap_or(Credentials { user: String::new(), password: String::new() });
                     let (v, next) = if e == Expect::AuthLoginUser {
                         (cred.user, Expect::AuthLoginPass)
                     } else {
@@ -1059,11 +992,7 @@ impl Client {
                 if let Some(f) = self.txn.as_mut().and_then(|t| t.finals.get_mut(i)) {
                     *f = Some(reply);
                 }
-                if !self
-                    .expect
-                    .iter()
-                    .any(|e| matches!(e, Expect::LmtpDataEnd(_)))
-                {
+                if !self.expect.iter().any(|e| matches!(e, Expect::LmtpDataEnd(_))) {
                     self.finish_txn(false);
                 }
             }
@@ -1082,12 +1011,7 @@ impl Client {
     }
 
     fn plain_response(&self) -> String {
-        let (u, p) = self
-            .cfg
-            .auth
-            .as_ref()
-            .map(|c| (c.user.as_str(), c.password.as_str()))
-            .unwrap_or(("", ""));
+        let (u, p) = self.cfg.auth.as_ref().map(|c| (c.user.as_str(), c.password.as_str())).unwrap_or(("", ""));
         let mut raw = Vec::new();
         raw.push(0);
         raw.extend_from_slice(u.as_bytes());
@@ -1097,11 +1021,7 @@ impl Client {
     }
 
     fn auth_failed(&mut self, reply: Reply) {
-        let r = made_up(
-            454,
-            (4, 7, 0),
-            format!("SASL authentication failed; server said: {reply}"),
-        );
+        let r = made_up(454, (4, 7, 0), format!("SASL authentication failed; server said: {reply}"));
         self.fail_quit(Phase::Auth, r);
     }
 
@@ -1113,11 +1033,7 @@ impl Client {
                 return;
             }
             if self.cfg.tls == TlsPolicy::Required {
-                let r = made_up(
-                    451,
-                    (4, 7, 4),
-                    "TLS is required, but was not offered by the server",
-                );
+                let r = made_up(451, (4, 7, 4), "TLS is required, but was not offered by the server");
                 self.fail_quit(Phase::StartTls, r);
                 return;
             }
@@ -1249,25 +1165,15 @@ impl Client {
         let fallback = made_up(451, (4, 3, 0), "no reply from the server");
         let mail = t.mail.clone().unwrap_or_else(|| fallback.clone());
         if t.call_ahead {
-            let rcpt = if mail.is_positive() {
-                t.rcpt_replies.first().cloned().flatten()
-            } else {
-                None
-            };
-            self.events
-                .push_back(ClientEvent::CallAhead(CallAheadResult { mail, rcpt }));
+            let rcpt = if mail.is_positive() { t.rcpt_replies.first().cloned().flatten() } else { None };
+            self.events.push_back(ClientEvent::CallAhead(CallAheadResult { mail, rcpt }));
         } else {
-            let recipients = t
-                .finals
-                .into_iter()
-                .map(|f| f.unwrap_or_else(|| fallback.clone()))
-                .collect();
-            self.events
-                .push_back(ClientEvent::Transaction(TransactionResult {
-                    mail,
-                    recipients,
-                    next_hop_dsn: self.ext.dsn,
-                }));
+            let recipients = t.finals.into_iter().map(|f| f.unwrap_or_else(|| fallback.clone())).collect();
+            self.events.push_back(ClientEvent::Transaction(TransactionResult {
+                mail,
+                recipients,
+                next_hop_dsn: self.ext.dsn,
+            }));
         }
         if rset {
             self.state = State::Busy;
@@ -1284,18 +1190,11 @@ impl Client {
         if t.call_ahead {
             let mail = t.mail.clone().unwrap_or_else(|| reply.clone());
             let rcpt = if mail.is_positive() {
-                Some(
-                    t.rcpt_replies
-                        .first()
-                        .cloned()
-                        .flatten()
-                        .unwrap_or_else(|| reply.clone()),
-                )
+                Some(t.rcpt_replies.first().cloned().flatten().unwrap_or_else(|| reply.clone()))
             } else {
                 None
             };
-            self.events
-                .push_back(ClientEvent::CallAhead(CallAheadResult { mail, rcpt }));
+            self.events.push_back(ClientEvent::CallAhead(CallAheadResult { mail, rcpt }));
             return;
         }
         for f in t.finals.iter_mut() {
@@ -1304,19 +1203,17 @@ impl Client {
             }
         }
         let mail = t.mail.take().unwrap_or_else(|| reply.clone());
-        self.events
-            .push_back(ClientEvent::Transaction(TransactionResult {
-                mail,
-                recipients: t.finals.into_iter().flatten().collect(),
-                next_hop_dsn: self.ext.dsn,
-            }));
+        self.events.push_back(ClientEvent::Transaction(TransactionResult {
+            mail,
+            recipients: t.finals.into_iter().flatten().collect(),
+            next_hop_dsn: self.ext.dsn,
+        }));
     }
 
     /// Session failure with the connection still usable: QUIT politely.
     fn fail_quit(&mut self, phase: Phase, reply: Reply) {
         self.complete_with(&reply);
-        self.events
-            .push_back(ClientEvent::Failed(SessionError { phase, reply }));
+        self.events.push_back(ClientEvent::Failed(SessionError { phase, reply }));
         self.expect.clear();
         self.send_cmd("QUIT", Expect::Quit);
         self.state = State::Closing;
@@ -1329,8 +1226,7 @@ impl Client {
             return;
         }
         self.complete_with(&reply);
-        self.events
-            .push_back(ClientEvent::Failed(SessionError { phase, reply }));
+        self.events.push_back(ClientEvent::Failed(SessionError { phase, reply }));
         self.expect.clear();
         self.state = State::Closed;
     }

@@ -26,9 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
 
-use super::client::{
-    Client, ClientConfig, ClientEvent, Credentials, Phase, Protocol, SessionError, TlsPolicy,
-};
+use super::client::{Client, ClientConfig, ClientEvent, Credentials, Phase, Protocol, SessionError, TlsPolicy};
 use super::mx::{self, Destination, Hop, LocalIdentity, Resolver};
 use crate::smtp::{Envelope, ForwardPath, Reply, ReversePath};
 
@@ -79,13 +77,7 @@ pub struct DeliveryReport {
 
 impl DeliveryReport {
     fn all(n: usize, o: Outcome) -> DeliveryReport {
-        DeliveryReport {
-            recipients: vec![o; n],
-            remote_mta: None,
-            remote_host: None,
-            next_hop_dsn: false,
-            tls: false,
-        }
+        DeliveryReport { recipients: vec![o; n], remote_mta: None, remote_host: None, next_hop_dsn: false, tls: false }
     }
 }
 
@@ -294,10 +286,7 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection")
-            .field("label", &self.label)
-            .field("client", &self.client)
-            .finish_non_exhaustive()
+        f.debug_struct("Connection").field("label", &self.label).field("client", &self.client).finish_non_exhaustive()
     }
 }
 
@@ -328,12 +317,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -342,12 +326,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -360,21 +339,16 @@ fn tls_config(
     roots: Option<&Arc<rustls::RootCertStore>>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     if policy == TlsPolicy::Required {
         let roots = match roots {
             Some(r) => (**r).clone(),
-            None => rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            },
+            None => rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() },
         };
         Ok(builder.with_root_certificates(roots).with_no_client_auth())
     } else {
-        Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth())
+        Ok(builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth())
     }
 }
 
@@ -414,19 +388,11 @@ impl Connection {
             }
             Ok(Err(e)) => {
                 self.tls_failed = true;
-                Err(Reply::new(
-                    451,
-                    (4, 7, 5),
-                    format!("TLS handshake with {} failed: {e}", self.label),
-                ))
+                Err(Reply::new(451, (4, 7, 5), format!("TLS handshake with {} failed: {e}", self.label)))
             }
             Err(_) => {
                 self.tls_failed = true;
-                Err(Reply::new(
-                    451,
-                    (4, 7, 5),
-                    format!("TLS handshake with {} timed out", self.label),
-                ))
+                Err(Reply::new(451, (4, 7, 5), format!("TLS handshake with {} timed out", self.label)))
             }
         }
     }
@@ -488,11 +454,9 @@ impl Connection {
             match timeout(t.for_phase(phase), s.read(&mut buf)).await {
                 Ok(Ok(0)) => self.client.handle_eof(),
                 Ok(Ok(n)) => self.client.handle_input(buf.get(..n).unwrap_or_default()),
-                Ok(Err(e)) => self.client.abort(Reply::new(
-                    421,
-                    (4, 4, 2),
-                    format!("lost connection with {}: {e}", self.label),
-                )),
+                Ok(Err(e)) => {
+                    self.client.abort(Reply::new(421, (4, 4, 2), format!("lost connection with {}: {e}", self.label)))
+                }
                 Err(_) => self.client.handle_timeout(),
             }
         }
@@ -536,10 +500,7 @@ pub struct ConnectionCache {
 
 impl std::fmt::Debug for ConnectionCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectionCache")
-            .field("max_idle", &self.max_idle)
-            .field("idle", &self.len())
-            .finish()
+        f.debug_struct("ConnectionCache").field("max_idle", &self.max_idle).field("idle", &self.len()).finish()
     }
 }
 
@@ -552,19 +513,12 @@ impl Default for ConnectionCache {
 impl ConnectionCache {
     /// An empty cache keeping sessions for `max_idle`.
     pub fn new(max_idle: Duration) -> ConnectionCache {
-        ConnectionCache {
-            idle: Mutex::new(HashMap::new()),
-            max_idle,
-            max_per_key: 4,
-        }
+        ConnectionCache { idle: Mutex::new(HashMap::new()), max_idle, max_per_key: 4 }
     }
 
     /// Number of idle sessions held.
     pub fn len(&self) -> usize {
-        self.idle
-            .lock()
-            .map(|m| m.values().map(Vec::len).sum())
-            .unwrap_or(0)
+        self.idle.lock().map(|m| m.values().map(Vec::len).sum()).unwrap_or(0)
     }
 
     /// True when no session is held.
@@ -613,16 +567,8 @@ fn client_config(opts: &DeliveryOptions, protocol: Protocol, tls: TlsPolicy) -> 
     ClientConfig {
         helo_name: opts.helo_name.clone(),
         protocol,
-        tls: if protocol == Protocol::Lmtp {
-            TlsPolicy::None
-        } else {
-            tls
-        },
-        auth: if protocol == Protocol::Lmtp {
-            None
-        } else {
-            opts.auth.clone()
-        },
+        tls: if protocol == Protocol::Lmtp { TlsPolicy::None } else { tls },
+        auth: if protocol == Protocol::Lmtp { None } else { opts.auth.clone() },
         pipelining: opts.pipelining,
     }
 }
@@ -634,23 +580,13 @@ async fn connect_tcp(
     tls: TlsPolicy,
 ) -> Result<Connection, Reply> {
     let label = format!("{}[{}]:{}", hop.name, hop.addr.ip(), hop.addr.port());
-    let s = match timeout(
-        opts.timeouts.connect,
-        tokio::net::TcpStream::connect(hop.addr),
-    )
-    .await
-    {
+    let s = match timeout(opts.timeouts.connect, tokio::net::TcpStream::connect(hop.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(conn_reply(format!("connect to {label}: {e}"))),
         Err(_) => return Err(conn_reply(format!("connect to {label}: timed out"))),
     };
     let _ = s.set_nodelay(true);
-    let mut c = Connection::new(
-        Box::new(s),
-        &hop.name,
-        &label,
-        client_config(opts, protocol, tls),
-    );
+    let mut c = Connection::new(Box::new(s), &hop.name, &label, client_config(opts, protocol, tls));
     c.tls_roots = opts.tls_roots.clone();
     Ok(c)
 }
@@ -662,30 +598,17 @@ async fn connect_unix(path: &std::path::Path, opts: &DeliveryOptions) -> Result<
         Ok(Err(e)) => return Err(conn_reply(format!("connect to {label}: {e}"))),
         Err(_) => return Err(conn_reply(format!("connect to {label}: timed out"))),
     };
-    Ok(Connection::new(
-        Box::new(s),
-        "localhost",
-        &label,
-        client_config(opts, Protocol::Lmtp, TlsPolicy::None),
-    ))
+    Ok(Connection::new(Box::new(s), "localhost", &label, client_config(opts, Protocol::Lmtp, TlsPolicy::None)))
 }
 
 fn cache_key(kind: &str, where_: &str, opts: &DeliveryOptions) -> String {
-    format!(
-        "{kind}|{where_}|{:?}|{}",
-        opts.tls,
-        opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or("")
-    )
+    format!("{kind}|{where_}|{:?}|{}", opts.tls, opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or(""))
 }
 
 /// A 5xx greeting is a deferral (next MX, retry later), as in Postfix.
 fn pre_session_reply(e: SessionError, label: &str) -> Reply {
     if e.phase == Phase::Greeting && e.reply.code >= 500 {
-        Reply::new(
-            450,
-            (4, 4, 0),
-            format!("host {label} refused to talk to me: {}", e.reply),
-        )
+        Reply::new(450, (4, 4, 0), format!("host {label} refused to talk to me: {}", e.reply))
     } else {
         e.reply
     }
@@ -693,11 +616,7 @@ fn pre_session_reply(e: SessionError, label: &str) -> Reply {
 
 /// Opens a ready session: from the cache (probed with RSET) or by trying
 /// the destination's addresses in order.
-async fn open(
-    kind: &str,
-    endpoint: &Endpoint,
-    opts: &DeliveryOptions,
-) -> Result<(Connection, String), Reply> {
+async fn open(kind: &str, endpoint: &Endpoint, opts: &DeliveryOptions) -> Result<(Connection, String), Reply> {
     let key = cache_key(kind, &endpoint.key(), opts);
     if let Some(cache) = &opts.cache {
         while let Some(mut c) = cache.take(&key) {
@@ -706,11 +625,7 @@ async fn open(
             }
         }
     }
-    let protocol = if kind == "lmtp" {
-        Protocol::Lmtp
-    } else {
-        Protocol::Smtp
-    };
+    let protocol = if kind == "lmtp" { Protocol::Lmtp } else { Protocol::Smtp };
     match endpoint {
         Endpoint::Unix(p) => {
             let mut c = connect_unix(p, opts).await?;
@@ -830,16 +745,9 @@ async fn deliver_session(
 
 /// Delivers `data` (the message, header and body; LF or CRLF line endings)
 /// for every recipient of `env` to `target`.
-pub async fn deliver(
-    target: &Target,
-    env: &Envelope,
-    data: &[u8],
-    opts: &DeliveryOptions,
-) -> DeliveryReport {
+pub async fn deliver(target: &Target, env: &Envelope, data: &[u8], opts: &DeliveryOptions) -> DeliveryReport {
     match target {
-        Target::Smtp(d) => {
-            deliver_session("smtp", &Endpoint::Net(d.clone()), env, data, opts).await
-        }
+        Target::Smtp(d) => deliver_session("smtp", &Endpoint::Net(d.clone()), env, data, opts).await,
         Target::Lmtp(LmtpEndpoint::Tcp(d)) => {
             let mut d = d.clone();
             d.mx = false;
@@ -864,18 +772,10 @@ pub async fn deliver(
                 Ok(Ok(())) => Outcome::Delivered(Reply::new(
                     250,
                     (2, 0, 0),
-                    if maildir {
-                        "delivered to maildir"
-                    } else {
-                        "delivered to mailbox"
-                    },
+                    if maildir { "delivered to maildir" } else { "delivered to mailbox" },
                 )),
                 Ok(Err(e)) => Outcome::from_reply(super::local::io_reply(&e)),
-                Err(e) => Outcome::Deferred(Reply::new(
-                    451,
-                    (4, 3, 0),
-                    format!("delivery task failed: {e}"),
-                )),
+                Err(e) => Outcome::Deferred(Reply::new(451, (4, 3, 0), format!("delivery task failed: {e}"))),
             };
             DeliveryReport {
                 recipients: vec![outcome; n],
@@ -893,12 +793,7 @@ pub async fn deliver(
 /// [`DeliveryOptions::cache`] is set). Returns the RCPT reply, the MAIL
 /// reply when MAIL was refused, or a made-up 4.4.x when the destination
 /// could not be reached.
-pub async fn call_ahead(
-    dest: &Destination,
-    from: &ReversePath,
-    rcpt: &ForwardPath,
-    opts: &DeliveryOptions,
-) -> Reply {
+pub async fn call_ahead(dest: &Destination, from: &ReversePath, rcpt: &ForwardPath, opts: &DeliveryOptions) -> Reply {
     let endpoint = Endpoint::Net(dest.clone());
     let (mut c, key) = match open("smtp", &endpoint, opts).await {
         Ok(x) => x,

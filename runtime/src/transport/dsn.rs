@@ -181,11 +181,7 @@ pub fn should_notify(kind: DsnKind, notify: Option<&Notify>, sender: &ReversePat
 
 /// Replaces control characters (CR, LF included) so a value stays on its line.
 fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .trim()
-        .to_string()
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string()
 }
 
 fn addr_type(a: &str) -> &'static str {
@@ -283,18 +279,14 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
     let (returned, truncated) = truncate_lines(returned, d.size_limit);
     let mut b = format!("=_{}", boundary(d));
     let mut n = 0;
-    while returned
-        .windows(b.len() + 2)
-        .any(|w| w.starts_with(b"--") && w.get(2..) == Some(b.as_bytes()))
-    {
+    while returned.windows(b.len() + 2).any(|w| w.starts_with(b"--") && w.get(2..) == Some(b.as_bytes())) {
         n += 1;
         b = format!("=_{}.{n}", boundary(d));
     }
     let eight_bit = !returned.is_ascii()
-        || d.recipients.iter().any(|r| {
-            !r.final_recipient.is_ascii()
-                || r.diagnostic.as_ref().is_some_and(|x| !x.text.is_ascii())
-        });
+        || d.recipients
+            .iter()
+            .any(|r| !r.final_recipient.is_ascii() || r.diagnostic.as_ref().is_some_and(|x| !x.text.is_ascii()));
     let to = match d.sender {
         ReversePath::Null => "<>".to_string(),
         ReversePath::Mailbox(m) => format!("<{}>", clean(&m.to_string())),
@@ -310,26 +302,15 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
         s.push_str(l);
         s.push_str("\r\n");
     };
-    line(&format!(
-        "From: MAILER-DAEMON@{host} (Mail Delivery System)"
-    ));
+    line(&format!("From: MAILER-DAEMON@{host} (Mail Delivery System)"));
     line(&format!("To: {to}"));
     line(&format!("Subject: {subject}"));
     line(&format!("Date: {}", rfc2822_date(d.now)));
-    line(&format!(
-        "Message-ID: <{}.{}.dsn@{host}>",
-        d.now,
-        std::process::id()
-    ));
+    line(&format!("Message-ID: <{}.{}.dsn@{host}>", d.now, std::process::id()));
     line("Auto-Submitted: auto-replied");
     line("MIME-Version: 1.0");
-    line(&format!(
-        "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{b}\""
-    ));
-    line(&format!(
-        "Content-Transfer-Encoding: {}",
-        if eight_bit { "8bit" } else { "7bit" }
-    ));
+    line(&format!("Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{b}\""));
+    line(&format!("Content-Transfer-Encoding: {}", if eight_bit { "8bit" } else { "7bit" }));
     line("");
     line("This is a MIME-encapsulated message.");
     line("");
@@ -356,24 +337,13 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
     });
     line("");
     for r in d.recipients {
-        let diag = r
-            .diagnostic
-            .as_ref()
-            .map(diag_text)
-            .unwrap_or_else(|| fmt_status(r.status));
-        let via = r
-            .remote_mta
-            .as_deref()
-            .map(|m| format!(" (host {} said)", clean(m)))
-            .unwrap_or_default();
+        let diag = r.diagnostic.as_ref().map(diag_text).unwrap_or_else(|| fmt_status(r.status));
+        let via = r.remote_mta.as_deref().map(|m| format!(" (host {} said)", clean(m))).unwrap_or_default();
         line(&format!("<{}>{via}: {diag}", clean(&r.final_recipient)));
         line("");
     }
     if truncated {
-        line(&format!(
-            "The returned message was cut to {} octets.",
-            d.size_limit
-        ));
+        line(&format!("The returned message was cut to {} octets.", d.size_limit));
         line("");
     }
     // 2. delivery-status
@@ -389,11 +359,7 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
     for r in d.recipients {
         line("");
         if let Some(o) = &r.original_recipient {
-            line(&format!(
-                "Original-Recipient: {}; {}",
-                clean(&o.addr_type),
-                clean(&o.address)
-            ));
+            line(&format!("Original-Recipient: {}; {}", clean(&o.addr_type), clean(&o.address)));
         }
         let fr = clean(&r.final_recipient);
         line(&format!("Final-Recipient: {}; {fr}", addr_type(&fr)));

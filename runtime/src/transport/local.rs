@@ -28,9 +28,7 @@ use crate::smtp::{Envelope, ForwardPath, Reply, ReversePath};
 /// `451 4.3.0`. All are temporary: the queue retries.
 pub fn io_reply(e: &io::Error) -> Reply {
     match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-            Reply::new(452, (4, 2, 2), format!("mailbox full: {e}"))
-        }
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Reply::new(452, (4, 2, 2), format!("mailbox full: {e}")),
         _ => match e.kind() {
             io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound => {
                 Reply::new(451, (4, 2, 0), format!("mailbox unavailable: {e}"))
@@ -104,9 +102,7 @@ pub fn deliver_maildir(dir: &Path, env: &Envelope, data: &[u8]) -> io::Result<Pa
         fs::create_dir_all(dir.join(sub))?;
     }
     let content = with_headers(env, data);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let unique = format!(
         "{}.M{}P{}Q{}.{}",
         now.as_secs(),
@@ -116,9 +112,7 @@ pub fn deliver_maildir(dir: &Path, env: &Envelope, data: &[u8]) -> io::Result<Pa
         hostname()
     );
     let tmp = dir.join("tmp").join(&unique);
-    let new = dir
-        .join("new")
-        .join(format!("{unique},S={}", content.len()));
+    let new = dir.join("new").join(format!("{unique},S={}", content.len()));
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(&content)?;
@@ -145,22 +139,12 @@ fn asctime(secs: u64) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = crate::conn::civil_from_days(days as i64);
-    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]
-        .get((days % 7) as usize)
+    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"].get((days % 7) as usize).copied().unwrap_or("Thu");
+    let mon = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        .get((m as usize).saturating_sub(1))
         .copied()
-        .unwrap_or("Thu");
-    let mon = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .get((m as usize).saturating_sub(1))
-    .copied()
-    .unwrap_or("Jan");
-    format!(
-        "{wd} {mon} {d:>2} {:02}:{:02}:{:02} {y}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+        .unwrap_or("Jan");
+    format!("{wd} {mon} {d:>2} {:02}:{:02}:{:02} {y}", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
 /// mboxrd quoting: a line matching `>*From ` gets one more `>`.
@@ -220,17 +204,10 @@ impl Drop for FcntlLock<'_> {
 /// Appends to the mbox file `path`.
 pub fn deliver_mbox(path: &Path, env: &Envelope, data: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)?;
+    let f = OpenOptions::new().append(true).create(true).mode(0o600).open(path)?;
     let _lock = FcntlLock::lock(&f)?;
     let old_len = f.metadata()?.len();
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let sender = match sender_text(env) {
         s if s.is_empty() => "MAILER-DAEMON".to_string(),
         s => s,

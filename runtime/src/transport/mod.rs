@@ -27,15 +27,12 @@ pub mod mx;
 mod tests;
 
 pub use client::{
-    CallAheadResult, Client, ClientConfig, ClientEvent, Credentials, Phase, Protocol,
-    ServerExtensions, SessionError, TlsPolicy, TransactionResult,
+    CallAheadResult, Client, ClientConfig, ClientEvent, Credentials, Phase, Protocol, ServerExtensions, SessionError,
+    TlsPolicy, TransactionResult,
 };
 pub use driver::{
-    call_ahead, deliver, Connection, ConnectionCache, DeliveryOptions, DeliveryReport,
-    LmtpEndpoint, Outcome, Target, Timeouts,
+    call_ahead, deliver, Connection, ConnectionCache, DeliveryOptions, DeliveryReport, LmtpEndpoint, Outcome, Target,
+    Timeouts,
 };
 pub use dsn::{build_dsn, should_notify, Dsn, DsnAction, DsnKind, DsnRecipient};
-pub use mx::{
-    resolve, Destination, DnsError, HickoryResolver, Hop, LocalIdentity, MxRecord, Resolver,
-    StaticResolver,
-};
+pub use mx::{resolve, Destination, DnsError, HickoryResolver, Hop, LocalIdentity, MxRecord, Resolver, StaticResolver};

@@ -107,12 +107,7 @@ impl Resolver for HickoryResolver {
     fn mx<'a>(&'a self, domain: &'a str) -> DnsFuture<'a, Vec<MxRecord>> {
         Box::pin(async move {
             let l = self.inner.mx_lookup(fqdn(domain)).await.map_err(map_err)?;
-            Ok(l.iter()
-                .map(|mx| MxRecord {
-                    preference: mx.preference(),
-                    exchange: mx.exchange().to_utf8(),
-                })
-                .collect())
+            Ok(l.iter().map(|mx| MxRecord { preference: mx.preference(), exchange: mx.exchange().to_utf8() }).collect())
         })
     }
 
@@ -141,25 +136,16 @@ impl StaticResolver {
 
     /// Adds an MX record.
     pub fn add_mx(&mut self, domain: &str, preference: u16, exchange: &str) -> &mut Self {
-        let e = self
-            .mx
-            .entry(norm(domain))
-            .or_insert_with(|| Ok(Vec::new()));
+        let e = self.mx.entry(norm(domain)).or_insert_with(|| Ok(Vec::new()));
         if let Ok(v) = e {
-            v.push(MxRecord {
-                preference,
-                exchange: exchange.to_string(),
-            });
+            v.push(MxRecord { preference, exchange: exchange.to_string() });
         }
         self
     }
 
     /// Adds an address.
     pub fn add_ip(&mut self, host: &str, ip: IpAddr) -> &mut Self {
-        let e = self
-            .hosts
-            .entry(norm(host))
-            .or_insert_with(|| Ok(Vec::new()));
+        let e = self.hosts.entry(norm(host)).or_insert_with(|| Ok(Vec::new()));
         if let Ok(v) = e {
             v.push(ip);
         }
@@ -234,25 +220,14 @@ impl Destination {
                 "" => 25,
                 p => p.strip_prefix(':')?.parse().ok()?,
             };
-            let inner = inner
-                .strip_prefix("IPv6:")
-                .or_else(|| inner.strip_prefix("ipv6:"))
-                .unwrap_or(inner);
+            let inner = inner.strip_prefix("IPv6:").or_else(|| inner.strip_prefix("ipv6:")).unwrap_or(inner);
             if inner.is_empty() {
                 return None;
             }
-            return Some(Destination {
-                host: inner.to_string(),
-                port,
-                mx: false,
-            });
+            return Some(Destination { host: inner.to_string(), port, mx: false });
         }
         if let Ok(ip) = s.parse::<IpAddr>() {
-            return Some(Destination {
-                host: ip.to_string(),
-                port: 25,
-                mx: false,
-            });
+            return Some(Destination { host: ip.to_string(), port: 25, mx: false });
         }
         let (host, port) = match s.rsplit_once(':') {
             Some((h, p)) if !h.contains(':') => (h, p.parse().ok()?),
@@ -263,20 +238,12 @@ impl Destination {
             return None;
         }
         let mx = host.parse::<IpAddr>().is_err();
-        Some(Destination {
-            host: host.to_string(),
-            port,
-            mx,
-        })
+        Some(Destination { host: host.to_string(), port, mx })
     }
 
     /// MX delivery to `domain` on port 25.
     pub fn domain(domain: &str) -> Destination {
-        Destination {
-            host: domain.to_string(),
-            port: 25,
-            mx: true,
-        }
+        Destination { host: domain.to_string(), port: 25, mx: true }
     }
 }
 
@@ -343,11 +310,7 @@ fn dns_reply(what: &str, e: &DnsError) -> Reply {
 }
 
 fn loop_reply(host: &str) -> Reply {
-    Reply::new(
-        554,
-        (5, 4, 6),
-        format!("mail for {host} loops back to myself"),
-    )
+    Reply::new(554, (5, 4, 6), format!("mail for {host} loops back to myself"))
 }
 
 /// Sorts MX records by preference, shuffling equal preferences.
@@ -360,11 +323,7 @@ pub fn order_mx(mut records: Vec<MxRecord>) -> Vec<MxRecord> {
 }
 
 /// Resolves `dest` into the addresses to try, best first.
-pub async fn resolve(
-    resolver: &dyn Resolver,
-    dest: &Destination,
-    me: &LocalIdentity,
-) -> Result<Vec<Hop>, Reply> {
+pub async fn resolve(resolver: &dyn Resolver, dest: &Destination, me: &LocalIdentity) -> Result<Vec<Hop>, Reply> {
     let hop = |name: &str, ip: IpAddr, preference| Hop {
         name: name.to_string(),
         addr: SocketAddr::new(ip, dest.port),
@@ -374,39 +333,23 @@ pub async fn resolve(
         return Ok(vec![hop(&dest.host, ip, None)]);
     }
     if !dest.mx {
-        let ips = resolver
-            .ips(&dest.host)
-            .await
-            .map_err(|e| dns_reply(&format!("{} type=A", dest.host), &e))?;
-        return Ok(ips
-            .into_iter()
-            .map(|ip| hop(&dest.host, ip, None))
-            .collect());
+        let ips = resolver.ips(&dest.host).await.map_err(|e| dns_reply(&format!("{} type=A", dest.host), &e))?;
+        return Ok(ips.into_iter().map(|ip| hop(&dest.host, ip, None)).collect());
     }
     let records = match resolver.mx(&dest.host).await {
         Ok(r) if !r.is_empty() => r,
         Ok(_) | Err(DnsError::NoData) => {
             // RFC 5321 5.1: no MX, the domain itself is the implicit MX
-            let ips = resolver
-                .ips(&dest.host)
-                .await
-                .map_err(|e| dns_reply(&format!("{} type=A", dest.host), &e))?;
+            let ips = resolver.ips(&dest.host).await.map_err(|e| dns_reply(&format!("{} type=A", dest.host), &e))?;
             if me.is_me_name(&dest.host) || me.is_me_addr(&ips) {
                 return Err(loop_reply(&dest.host));
             }
-            return Ok(ips
-                .into_iter()
-                .map(|ip| hop(&dest.host, ip, None))
-                .collect());
+            return Ok(ips.into_iter().map(|ip| hop(&dest.host, ip, None)).collect());
         }
         Err(e) => return Err(dns_reply(&format!("{} type=MX", dest.host), &e)),
     };
     if records.iter().any(|r| norm(&r.exchange).is_empty()) {
-        return Err(Reply::new(
-            556,
-            (5, 1, 10),
-            format!("Domain {} does not accept mail (null MX)", dest.host),
-        ));
+        return Err(Reply::new(556, (5, 1, 10), format!("Domain {} does not accept mail (null MX)", dest.host)));
     }
     let records = order_mx(records);
     let mut resolved: Vec<(MxRecord, Result<Vec<IpAddr>, DnsError>)> = Vec::new();
@@ -448,14 +391,10 @@ pub async fn resolve(
     }
     if hops.is_empty() {
         return Err(match last_err {
-            Some((h, DnsError::Temporary(t))) => {
-                dns_reply(&format!("{h} type=A"), &DnsError::Temporary(t))
+            Some((h, DnsError::Temporary(t))) => dns_reply(&format!("{h} type=A"), &DnsError::Temporary(t)),
+            Some((h, _)) => {
+                Reply::new(451, (4, 4, 4), format!("no MX host of {} could be resolved (last: {h})", dest.host))
             }
-            Some((h, _)) => Reply::new(
-                451,
-                (4, 4, 4),
-                format!("no MX host of {} could be resolved (last: {h})", dest.host),
-            ),
             None => Reply::new(451, (4, 4, 4), format!("no MX host for {}", dest.host)),
         });
     }

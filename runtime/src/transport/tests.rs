@@ -14,8 +14,8 @@ use super::dsn::*;
 use super::local;
 use super::mx::*;
 use crate::smtp::{
-    parse_forward_path, parse_reverse_path, BodyType, Envelope, MailParams, Notify, Orcpt,
-    RcptParams, Recipient, Reply, Ret, ReversePath,
+    parse_forward_path, parse_reverse_path, BodyType, Envelope, MailParams, Notify, Orcpt, RcptParams, Recipient,
+    Reply, Ret, ReversePath,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -48,11 +48,7 @@ fn events(c: &mut Client) -> Vec<ClientEvent> {
 }
 
 fn cfg() -> ClientConfig {
-    ClientConfig {
-        helo_name: "client.test".into(),
-        tls: TlsPolicy::None,
-        ..Default::default()
-    }
+    ClientConfig { helo_name: "client.test".into(), tls: TlsPolicy::None, ..Default::default() }
 }
 
 const EHLO_FULL: &str = "250-mx.test hello\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n";
@@ -92,19 +88,9 @@ fn pipelined_transaction_with_dsn_parameters() {
     e.params.ret = Some(Ret::Hdrs);
     e.params.envid = Some("id 1+x".into());
     e.params.body = BodyType::EightBitMime;
-    e.recipients[0].params.notify = Some(Notify {
-        success: true,
-        failure: true,
-        ..Default::default()
-    });
-    e.recipients[0].params.orcpt = Some(Orcpt {
-        addr_type: "rfc822".into(),
-        address: "B@dst.test".into(),
-    });
-    e.recipients[1].params.notify = Some(Notify {
-        never: true,
-        ..Default::default()
-    });
+    e.recipients[0].params.notify = Some(Notify { success: true, failure: true, ..Default::default() });
+    e.recipients[0].params.orcpt = Some(Orcpt { addr_type: "rfc822".into(), address: "B@dst.test".into() });
+    e.recipients[1].params.notify = Some(Notify { never: true, ..Default::default() });
     c.send_message(&e, b"Subject: x\n\n.dot\nline\n").unwrap();
     // one write: MAIL, RCPT, RCPT, DATA
     assert_eq!(
@@ -116,18 +102,10 @@ fn pipelined_transaction_with_dsn_parameters() {
     );
     assert_eq!(c.waiting_for(), Some(Phase::Mail));
     // replies may arrive split anywhere
-    for chunk in [
-        "250 2.1.0 ok\r\n250 2.1",
-        ".5 ok\r\n250 2.1.5 ok\r\n3",
-        "54 go ahead\r\n",
-    ] {
+    for chunk in ["250 2.1.0 ok\r\n250 2.1", ".5 ok\r\n250 2.1.5 ok\r\n3", "54 go ahead\r\n"] {
         c.handle_input(chunk.as_bytes());
     }
-    assert_eq!(
-        tx(&mut c),
-        "Subject: x\r\n\r\n..dot\r\nline\r\n.\r\n",
-        "dot-stuffed, CRLF"
-    );
+    assert_eq!(tx(&mut c), "Subject: x\r\n\r\n..dot\r\nline\r\n.\r\n", "dot-stuffed, CRLF");
     assert_eq!(c.waiting_for(), Some(Phase::DataEnd));
     c.handle_input(b"250 2.0.0 queued as X\r\n");
     let evs = events(&mut c);
@@ -153,10 +131,7 @@ fn ehlo_refused_falls_back_to_helo_without_extensions() {
     assert!(!c.extensions().esmtp);
     let mut e = env("a@src.test", &["b@dst.test", "c@dst.test"]);
     e.params.ret = Some(Ret::Full);
-    e.recipients[0].params.notify = Some(Notify {
-        success: true,
-        ..Default::default()
-    });
+    e.recipients[0].params.notify = Some(Notify { success: true, ..Default::default() });
     c.send_message(&e, b"x").unwrap();
     // no pipelining: one command at a time, no DSN parameters
     assert_eq!(tx(&mut c), "MAIL FROM:<a@src.test>\r\n");
@@ -181,9 +156,7 @@ fn ehlo_4xx_fails_the_session() {
     tx(&mut c);
     c.handle_input(b"454 4.3.0 try later\r\n");
     let evs = events(&mut c);
-    assert!(
-        matches!(&evs[..], [ClientEvent::Failed(SessionError { phase: Phase::Helo, reply })] if reply.code == 454)
-    );
+    assert!(matches!(&evs[..], [ClientEvent::Failed(SessionError { phase: Phase::Helo, reply })] if reply.code == 454));
     assert_eq!(tx(&mut c), "QUIT\r\n");
 }
 
@@ -193,9 +166,7 @@ fn per_recipient_failures_and_rset() {
     let e = env("a@src.test", &["u1@d.test", "u2@d.test", "u3@d.test"]);
     c.send_message(&e, b"hi\r\n").unwrap();
     tx(&mut c);
-    c.handle_input(
-        b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n452 4.2.2 over quota\r\n250 2.1.5 ok\r\n354 go\r\n",
-    );
+    c.handle_input(b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n452 4.2.2 over quota\r\n250 2.1.5 ok\r\n354 go\r\n");
     assert_eq!(tx(&mut c), "hi\r\n.\r\n");
     c.handle_input(b"250 2.0.0 ok\r\n");
     let t = txn_result(&events(&mut c));
@@ -248,8 +219,7 @@ fn data_rejections() {
     assert_eq!(codes(&t), vec![554, 554]);
     assert_eq!(t.recipients[0].text, "message refused\nit contains a virus");
     // a 354 although nothing was accepted (RFC 2920): send an empty message
-    c.send_message(&env("a@s.test", &["x@d.test"]), b"m")
-        .unwrap();
+    c.send_message(&env("a@s.test", &["x@d.test"]), b"m").unwrap();
     tx(&mut c);
     c.handle_input(b"250 ok\r\n550 no\r\n354 go\r\n");
     assert_eq!(tx(&mut c), ".\r\n");
@@ -268,13 +238,7 @@ fn code_421_mid_session_defers_the_rest() {
     let evs = events(&mut c);
     let t = txn_result(&evs);
     assert_eq!(codes(&t), vec![550, 421, 421]);
-    assert!(matches!(
-        evs.last(),
-        Some(ClientEvent::Failed(SessionError {
-            phase: Phase::Rcpt,
-            ..
-        }))
-    ));
+    assert!(matches!(evs.last(), Some(ClientEvent::Failed(SessionError { phase: Phase::Rcpt, .. }))));
     assert!(c.is_closed());
     // late input is ignored
     c.handle_input(b"250 ok\r\n");
@@ -282,8 +246,7 @@ fn code_421_mid_session_defers_the_rest() {
 
     // EOF after the dot: deferred (the message may or may not be delivered)
     let mut c = ready(cfg(), EHLO_FULL);
-    c.send_message(&env("a@s.test", &["x@d.test"]), b"m")
-        .unwrap();
+    c.send_message(&env("a@s.test", &["x@d.test"]), b"m").unwrap();
     tx(&mut c);
     c.handle_input(b"250 ok\r\n250 ok\r\n354 go\r\n");
     tx(&mut c);
@@ -293,8 +256,7 @@ fn code_421_mid_session_defers_the_rest() {
     assert_eq!(txn_result(&evs).recipients[0].enhanced, Some((4, 4, 2)));
     // timeout while waiting
     let mut c = ready(cfg(), EHLO_FULL);
-    c.send_message(&env("a@s.test", &["x@d.test"]), b"m")
-        .unwrap();
+    c.send_message(&env("a@s.test", &["x@d.test"]), b"m").unwrap();
     c.handle_timeout();
     let evs = events(&mut c);
     assert_eq!(codes(&txn_result(&evs)), vec![421]);
@@ -304,10 +266,7 @@ fn code_421_mid_session_defers_the_rest() {
 fn multi_line_replies_and_enhanced_codes() {
     let mut c = Client::new(cfg());
     c.handle_input(b"220-mx.test ESMTP\r\n220-second line\r\n220 third\r\n");
-    assert_eq!(
-        c.greeting().map(|g| g.text.as_str()),
-        Some("mx.test ESMTP\nsecond line\nthird")
-    );
+    assert_eq!(c.greeting().map(|g| g.text.as_str()), Some("mx.test ESMTP\nsecond line\nthird"));
     tx(&mut c);
     c.handle_input(b"250-mx.test\n250-AUTH=LOGIN\r\n250-AUTH PLAIN LOGIN CRAM-MD5\r\n250-size\r\n250 STARTTLS\r\n");
     let ext = c.extensions();
@@ -316,13 +275,10 @@ fn multi_line_replies_and_enhanced_codes() {
     assert!(ext.starttls && !ext.pipelining);
     // mixed codes in one reply: protocol error
     let mut c = ready(cfg(), EHLO_FULL);
-    c.send_message(&env("a@s.test", &["x@d.test"]), b"m")
-        .unwrap();
+    c.send_message(&env("a@s.test", &["x@d.test"]), b"m").unwrap();
     c.handle_input(b"250-ok\r\n251 ok\r\n");
     let evs = events(&mut c);
-    assert!(
-        matches!(evs.last(), Some(ClientEvent::Failed(e)) if e.reply.enhanced == Some((4, 5, 0)))
-    );
+    assert!(matches!(evs.last(), Some(ClientEvent::Failed(e)) if e.reply.enhanced == Some((4, 5, 0))));
     assert_eq!(codes(&txn_result(&evs)), vec![421]);
 }
 
@@ -345,11 +301,7 @@ fn garbage_never_panics() {
         b"334 \r\n",
     ];
     for _ in 0..3000 {
-        let mut c = Client::new(ClientConfig {
-            auth: Credentials::parse("u:p"),
-            tls: TlsPolicy::May,
-            ..cfg()
-        });
+        let mut c = Client::new(ClientConfig { auth: Credentials::parse("u:p"), tls: TlsPolicy::May, ..cfg() });
         for _ in 0..rng.gen_range(1..40) {
             let mut buf = Vec::new();
             for _ in 0..rng.gen_range(1..6) {
@@ -376,10 +328,7 @@ fn garbage_never_panics() {
 
 #[test]
 fn lmtp_one_reply_per_recipient() {
-    let mut c = Client::new(ClientConfig {
-        protocol: Protocol::Lmtp,
-        ..cfg()
-    });
+    let mut c = Client::new(ClientConfig { protocol: Protocol::Lmtp, ..cfg() });
     c.handle_input(b"220 dovecot LMTP\r\n");
     assert_eq!(tx(&mut c), "LHLO client.test\r\n");
     c.handle_input(b"250-dovecot\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n");
@@ -390,20 +339,14 @@ fn lmtp_one_reply_per_recipient() {
     c.handle_input(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n250 ok\r\n354 go\r\n");
     assert_eq!(tx(&mut c), "m\r\n.\r\n");
     c.handle_input(b"250 2.0.0 <u1@d.test> saved\r\n");
-    assert!(
-        events(&mut c).is_empty(),
-        "waits for every accepted recipient"
-    );
+    assert!(events(&mut c).is_empty(), "waits for every accepted recipient");
     c.handle_input(b"452 4.2.2 <u3@d.test> quota exceeded\r\n");
     let evs = events(&mut c);
     let t = txn_result(&evs);
     assert_eq!(codes(&t), vec![250, 550, 452]);
     assert_eq!(evs.last(), Some(&ClientEvent::Ready));
     // LMTP never falls back to HELO
-    let mut c = Client::new(ClientConfig {
-        protocol: Protocol::Lmtp,
-        ..cfg()
-    });
+    let mut c = Client::new(ClientConfig { protocol: Protocol::Lmtp, ..cfg() });
     c.handle_input(b"220 x\r\n500 no\r\n");
     assert!(matches!(events(&mut c)[..], [ClientEvent::Failed(_)]));
 }
@@ -414,10 +357,7 @@ fn call_ahead_reuses_the_session() {
     let from = parse_reverse_path("<>", false).unwrap();
     let to = parse_forward_path("<nobody@d.test>", false).unwrap();
     c.call_ahead(&from, &to).unwrap();
-    assert_eq!(
-        tx(&mut c),
-        "MAIL FROM:<>\r\nRCPT TO:<nobody@d.test>\r\nRSET\r\n"
-    );
+    assert_eq!(tx(&mut c), "MAIL FROM:<>\r\nRCPT TO:<nobody@d.test>\r\nRSET\r\n");
     c.handle_input(b"250 ok\r\n550 5.1.1 user unknown\r\n250 ok\r\n");
     let evs = events(&mut c);
     match &evs[..] {
@@ -433,9 +373,7 @@ fn call_ahead_reuses_the_session() {
     assert_eq!(tx(&mut c), "MAIL FROM:<>\r\n");
     c.handle_input(b"451 4.3.0 later\r\n");
     let evs = events(&mut c);
-    assert!(
-        matches!(&evs[..], [ClientEvent::CallAhead(r)] if r.answer().code == 451 && r.rcpt.is_none())
-    );
+    assert!(matches!(&evs[..], [ClientEvent::CallAhead(r)] if r.answer().code == 451 && r.rcpt.is_none()));
     assert_eq!(tx(&mut c), "RSET\r\n");
     c.handle_input(b"250 ok\r\n");
     assert_eq!(events(&mut c), vec![ClientEvent::Ready]);
@@ -446,17 +384,12 @@ fn call_ahead_reuses_the_session() {
     c.handle_input(b"250 ok\r\n");
     assert_eq!(tx(&mut c), "RSET\r\n");
     c.handle_input(b"250 ok\r\n");
-    assert!(
-        matches!(&events(&mut c)[..], [ClientEvent::CallAhead(r), ClientEvent::Ready] if r.answer().code == 250)
-    );
+    assert!(matches!(&events(&mut c)[..], [ClientEvent::CallAhead(r), ClientEvent::Ready] if r.answer().code == 250));
 }
 
 #[test]
 fn starttls_discards_injected_bytes_and_says_ehlo_again() {
-    let mut c = Client::new(ClientConfig {
-        tls: TlsPolicy::May,
-        ..cfg()
-    });
+    let mut c = Client::new(ClientConfig { tls: TlsPolicy::May, ..cfg() });
     c.handle_input(b"220 x\r\n");
     tx(&mut c);
     c.handle_input(b"250-x\r\n250 STARTTLS\r\n");
@@ -468,27 +401,14 @@ fn starttls_discards_injected_bytes_and_says_ehlo_again() {
     assert!(c.tls_active());
     assert_eq!(tx(&mut c), "EHLO client.test\r\n");
     c.handle_input(b"250-x\r\n250 STARTTLS\r\n");
-    assert_eq!(
-        events(&mut c),
-        vec![ClientEvent::Ready],
-        "no second STARTTLS"
-    );
+    assert_eq!(events(&mut c), vec![ClientEvent::Ready], "no second STARTTLS");
     // may: STARTTLS refused, go on in clear
-    let mut c = Client::new(ClientConfig {
-        tls: TlsPolicy::May,
-        ..cfg()
-    });
+    let mut c = Client::new(ClientConfig { tls: TlsPolicy::May, ..cfg() });
     c.handle_input(b"220 x\r\n250-x\r\n250 STARTTLS\r\n454 4.7.0 no TLS now\r\n");
     assert!(events(&mut c).contains(&ClientEvent::Ready));
     // required: not offered / refused
-    for input in [
-        &b"220 x\r\n250 x\r\n"[..],
-        b"220 x\r\n250-x\r\n250 STARTTLS\r\n454 no\r\n",
-    ] {
-        let mut c = Client::new(ClientConfig {
-            tls: TlsPolicy::Required,
-            ..cfg()
-        });
+    for input in [&b"220 x\r\n250 x\r\n"[..], b"220 x\r\n250-x\r\n250 STARTTLS\r\n454 no\r\n"] {
+        let mut c = Client::new(ClientConfig { tls: TlsPolicy::Required, ..cfg() });
         c.handle_input(input);
         let evs = events(&mut c);
         match &evs[..] {
@@ -506,24 +426,15 @@ fn starttls_discards_injected_bytes_and_says_ehlo_again() {
 fn auth_plain_and_login() {
     let creds = Credentials::parse("user@x:pa:ss").unwrap();
     assert_eq!(creds.password, "pa:ss");
-    let mut c = Client::new(ClientConfig {
-        auth: Some(creds.clone()),
-        ..cfg()
-    });
+    let mut c = Client::new(ClientConfig { auth: Some(creds.clone()), ..cfg() });
     c.handle_input(b"220 x\r\n250-x\r\n250 AUTH LOGIN PLAIN\r\n");
     // base64("\0user@x\0pa:ss")
-    assert_eq!(
-        tx(&mut c),
-        "EHLO client.test\r\nAUTH PLAIN AHVzZXJAeABwYTpzcw==\r\n"
-    );
+    assert_eq!(tx(&mut c), "EHLO client.test\r\nAUTH PLAIN AHVzZXJAeABwYTpzcw==\r\n");
     c.handle_input(b"235 2.7.0 ok\r\n");
     assert_eq!(events(&mut c), vec![ClientEvent::Ready]);
     assert!(c.authenticated());
 
-    let mut c = Client::new(ClientConfig {
-        auth: Some(creds.clone()),
-        ..cfg()
-    });
+    let mut c = Client::new(ClientConfig { auth: Some(creds.clone()), ..cfg() });
     c.handle_input(b"220 x\r\n250-x\r\n250 AUTH LOGIN\r\n");
     assert_eq!(tx(&mut c), "EHLO client.test\r\nAUTH LOGIN\r\n");
     c.handle_input(b"334 VXNlcm5hbWU6\r\n");
@@ -540,10 +451,7 @@ fn auth_plain_and_login() {
         other => panic!("{other:?}"),
     }
     // no mechanism in common
-    let mut c = Client::new(ClientConfig {
-        auth: Some(creds),
-        ..cfg()
-    });
+    let mut c = Client::new(ClientConfig { auth: Some(creds), ..cfg() });
     c.handle_input(b"220 x\r\n250-x\r\n250 AUTH CRAM-MD5\r\n");
     assert!(matches!(&events(&mut c)[..], [ClientEvent::Failed(e)] if e.reply.code == 454));
 }
@@ -551,28 +459,19 @@ fn auth_plain_and_login() {
 #[test]
 fn local_refusals_need_no_round_trip() {
     let mut c = ready(cfg(), "250-x\r\n250 SIZE 10\r\n");
-    c.send_message(&env("a@s.test", &["x@d.test"]), &[b'a'; 11])
-        .unwrap();
+    c.send_message(&env("a@s.test", &["x@d.test"]), &[b'a'; 11]).unwrap();
     assert_eq!(tx(&mut c), "");
     let evs = events(&mut c);
     assert_eq!(txn_result(&evs).recipients[0].enhanced, Some((5, 3, 4)));
     assert_eq!(evs.last(), Some(&ClientEvent::Ready));
-    c.send_message(&env("a@s.test", &["jörg@d.test"]), b"x")
-        .unwrap();
+    c.send_message(&env("a@s.test", &["jörg@d.test"]), b"x").unwrap();
     assert_eq!(tx(&mut c), "");
-    assert_eq!(
-        txn_result(&events(&mut c)).recipients[0].enhanced,
-        Some((5, 6, 7))
-    );
+    assert_eq!(txn_result(&events(&mut c)).recipients[0].enhanced, Some((5, 6, 7)));
     // offered: SMTPUTF8 parameter sent
     let mut c = ready(cfg(), "250-x\r\n250 SMTPUTF8\r\n");
-    c.send_message(&env("a@s.test", &["jörg@d.test"]), b"x")
-        .unwrap();
+    c.send_message(&env("a@s.test", &["jörg@d.test"]), b"x").unwrap();
     assert_eq!(tx(&mut c), "MAIL FROM:<a@s.test> SMTPUTF8\r\n");
-    assert_eq!(
-        c.send_message(&env("a@s.test", &["x@d.test"]), b"x"),
-        Err(UsageError::NotReady)
-    );
+    assert_eq!(c.send_message(&env("a@s.test", &["x@d.test"]), b"x"), Err(UsageError::NotReady));
 }
 
 #[test]
@@ -590,10 +489,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 #[test]
@@ -603,10 +499,7 @@ fn destination_syntax() {
     let d = Destination::parse("example.com:2525").unwrap();
     assert_eq!((d.port, d.mx), (2525, true));
     let d = Destination::parse("[relay.example.com]:587").unwrap();
-    assert_eq!(
-        (d.host.as_str(), d.port, d.mx),
-        ("relay.example.com", 587, false)
-    );
+    assert_eq!((d.host.as_str(), d.port, d.mx), ("relay.example.com", 587, false));
     let d = Destination::parse("[IPv6:2001:db8::1]").unwrap();
     assert_eq!((d.host.as_str(), d.mx), ("2001:db8::1", false));
     assert!(!Destination::parse("192.0.2.1").unwrap().mx);
@@ -621,10 +514,7 @@ fn destination_syntax() {
         Target::Lmtp(LmtpEndpoint::Tcp(d)) => assert_eq!((d.port, d.mx), (24, false)),
         t => panic!("{t:?}"),
     }
-    assert!(matches!(
-        Target::parse("maildir:/var/mail/u/"),
-        Some(Target::Maildir(_))
-    ));
+    assert!(matches!(Target::parse("maildir:/var/mail/u/"), Some(Target::Maildir(_))));
 }
 
 #[test]
@@ -641,9 +531,7 @@ fn mx_preference_order_and_shuffle() {
     let me = LocalIdentity::default();
     let mut firsts = std::collections::HashSet::new();
     for _ in 0..64 {
-        let hops = rt
-            .block_on(resolve(&r, &Destination::domain("d.test"), &me))
-            .unwrap();
+        let hops = rt.block_on(resolve(&r, &Destination::domain("d.test"), &me)).unwrap();
         let names: Vec<&str> = hops.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names.len(), 4);
         assert!(names[..2].contains(&"mx1.d.test") && names[..2].contains(&"mx2.d.test"));
@@ -653,23 +541,14 @@ fn mx_preference_order_and_shuffle() {
     }
     assert_eq!(firsts.len(), 2, "both orders of equal preferences occur");
     // port from host:port
-    let hops = rt
-        .block_on(resolve(
-            &r,
-            &Destination::parse("d.test:2525").unwrap(),
-            &me,
-        ))
-        .unwrap();
+    let hops = rt.block_on(resolve(&r, &Destination::parse("d.test:2525").unwrap(), &me)).unwrap();
     assert!(hops.iter().all(|h| h.addr.port() == 2525));
 }
 
 #[test]
 fn mx_fallbacks_and_errors() {
     let rt = rt();
-    let me = LocalIdentity {
-        hostnames: vec!["me.test".into()],
-        addrs: vec![ip("192.0.2.99")],
-    };
+    let me = LocalIdentity { hostnames: vec!["me.test".into()], addrs: vec![ip("192.0.2.99")] };
     let mut r = StaticResolver::new();
     r.add_ip("plain.test", ip("192.0.2.7"))
         .add_mx("null.test", 0, ".")
@@ -719,11 +598,7 @@ fn mx_fallbacks_and_errors() {
 // ---------------------------------------------------------------- real peers
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct Peer(Child);
@@ -796,12 +671,7 @@ fn smtp_sink_delivery_and_fault_injection() {
     let o = opts(localhost_resolver());
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &e, msg, &o));
-    assert!(
-        rep.recipients
-            .iter()
-            .all(|o| matches!(o, Outcome::Delivered(r) if r.code == 250)),
-        "{rep:?}"
-    );
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(r) if r.code == 250)), "{rep:?}");
     assert!(rep.remote_mta.unwrap().contains(&port.to_string()));
 
     // 4xx on RCPT: deferred; 5xx on RCPT: failed; 5xx on MAIL: failed
@@ -831,10 +701,7 @@ fn smtp_sink_delivery_and_fault_injection() {
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &e, msg, &o));
     for oc in &rep.recipients {
-        assert!(
-            matches!(oc, Outcome::Deferred(r) if r.enhanced == Some((4, 4, 2))),
-            "{rep:?}"
-        );
+        assert!(matches!(oc, Outcome::Deferred(r) if r.enhanced == Some((4, 4, 2))), "{rep:?}");
     }
 
     // EHLO refused: HELO fallback still delivers; no DSN at the next hop
@@ -842,12 +709,7 @@ fn smtp_sink_delivery_and_fault_injection() {
     let _sink = smtp_sink(&["-f", "ehlo"], &format!("127.0.0.1:{port}"));
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &e, msg, &o));
-    assert!(
-        rep.recipients
-            .iter()
-            .all(|o| matches!(o, Outcome::Delivered(_))),
-        "{rep:?}"
-    );
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
     assert!(!rep.next_hop_dsn);
 
     // nothing listening: deferred 4.4.1
@@ -864,28 +726,12 @@ fn smtp_sink_tls_required_is_deferred_when_not_offered() {
     let mut o = opts(localhost_resolver());
     o.tls = TlsPolicy::Required;
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
-    let rep = rt.block_on(deliver(
-        &target,
-        &env("a@s.test", &["b@d.test"]),
-        b"x\n",
-        &o,
-    ));
-    assert!(
-        matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 7, 4))),
-        "{rep:?}"
-    );
+    let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@d.test"]), b"x\n", &o));
+    assert!(matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 7, 4))), "{rep:?}");
     // may: delivered in clear
     o.tls = TlsPolicy::May;
-    let rep = rt.block_on(deliver(
-        &target,
-        &env("a@s.test", &["b@d.test"]),
-        b"x\n",
-        &o,
-    ));
-    assert!(
-        matches!(&rep.recipients[0], Outcome::Delivered(_)),
-        "{rep:?}"
-    );
+    let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@d.test"]), b"x\n", &o));
+    assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
     assert!(!rep.tls);
 }
 
@@ -908,16 +754,8 @@ fn smtp_sink_mx_next_host_and_connection_cache() {
     let target = Target::Smtp(Destination::parse(&format!("dst.test:{port}")).unwrap());
     let e = env("a@s.test", &["b@dst.test"]);
     for i in 0..3 {
-        let rep = rt.block_on(deliver(
-            &target,
-            &e,
-            format!("Subject: {i}\n\nx\n").as_bytes(),
-            &o,
-        ));
-        assert!(
-            matches!(&rep.recipients[0], Outcome::Delivered(_)),
-            "message {i}: {rep:?}"
-        );
+        let rep = rt.block_on(deliver(&target, &e, format!("Subject: {i}\n\nx\n").as_bytes(), &o));
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "message {i}: {rep:?}");
         assert_eq!(rep.remote_host.as_deref(), Some("mx2.dst.test"));
         assert_eq!(cache.len(), 1);
     }
@@ -953,35 +791,20 @@ fn smtp_sink_lmtp_tcp_and_unix() {
     let _sink = smtp_sink(&["-L"], &format!("127.0.0.1:{port}"));
     let target = Target::parse(&format!("lmtp:inet:[127.0.0.1]:{port}")).unwrap();
     let rep = rt.block_on(deliver(&target, &e, b"Subject: l\n\nbody\n", &o));
-    assert!(
-        rep.recipients
-            .iter()
-            .all(|o| matches!(o, Outcome::Delivered(_))),
-        "{rep:?}"
-    );
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
 
     let dir = TempDir::new("lmtp");
     let sock = dir.0.join("lmtp.sock");
     let _sink = smtp_sink(&["-L"], &format!("unix:{}", sock.display()));
     let target = Target::Lmtp(LmtpEndpoint::Unix(sock.clone()));
     let rep = rt.block_on(deliver(&target, &e, b"Subject: l\n\nbody\n", &o));
-    assert!(
-        rep.recipients
-            .iter()
-            .all(|o| matches!(o, Outcome::Delivered(_))),
-        "{rep:?}"
-    );
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
 
     let port = free_port();
     let _sink = smtp_sink(&["-L", "-r", "."], &format!("127.0.0.1:{port}"));
     let target = Target::parse(&format!("lmtp:[127.0.0.1]:{port}")).unwrap();
     let rep = rt.block_on(deliver(&target, &e, b"x\n", &o));
-    assert!(
-        rep.recipients
-            .iter()
-            .all(|o| matches!(o, Outcome::Deferred(_))),
-        "{rep:?}"
-    );
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Deferred(_))), "{rep:?}");
 }
 
 // ------------------------------------------------- scripted TLS server
@@ -997,14 +820,12 @@ async fn tls_server(
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let der = rustls::pki_types::CertificateDer::from(cert_der);
     let key = rustls::pki_types::PrivateKeyDer::try_from(key_der).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![der], key)
-    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der], key)
+        .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let mut got = Vec::new();
     for _ in 0..sessions {
@@ -1013,10 +834,7 @@ async fn tls_server(
         let mut r = BufReader::new(s);
         let mut line = String::new();
         r.read_line(&mut line).await.unwrap();
-        r.get_mut()
-            .write_all(b"250-tls.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
-            .await
-            .unwrap();
+        r.get_mut().write_all(b"250-tls.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n").await.unwrap();
         line.clear();
         r.read_line(&mut line).await.unwrap();
         assert_eq!(line, "STARTTLS\r\n");
@@ -1066,52 +884,30 @@ async fn tls_server(
 
 #[test]
 fn starttls_may_and_required_against_a_tls_server() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls::pki_types::CertificateDer::from(
-                cert.cert.der().to_vec(),
-            ))
-            .unwrap();
+        roots.add(rustls::pki_types::CertificateDer::from(cert.cert.der().to_vec())).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let server = tokio::spawn(tls_server(
-            listener,
-            cert.cert.der().to_vec(),
-            cert.key_pair.serialize_der(),
-            3,
-        ));
+        let server = tokio::spawn(tls_server(listener, cert.cert.der().to_vec(), cert.key_pair.serialize_der(), 3));
         let e = env("a@s.test", &["b@d.test"]);
         let target = Target::Smtp(Destination::parse(&format!("[localhost]:{port}")).unwrap());
         // may: self-signed accepted, encrypted
         let mut o = opts(localhost_resolver());
         o.tls = TlsPolicy::May;
         let rep = deliver(&target, &e, b"Subject: tls\n\nsecret\n", &o).await;
-        assert!(
-            matches!(&rep.recipients[0], Outcome::Delivered(_)),
-            "{rep:?}"
-        );
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
         assert!(rep.tls);
         // required with the webpki roots: the self-signed cert fails, deferred 4.7.5
         o.tls = TlsPolicy::Required;
         let rep = deliver(&target, &e, b"x\n", &o).await;
-        assert!(
-            matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 7, 5))),
-            "{rep:?}"
-        );
+        assert!(matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 7, 5))), "{rep:?}");
         // required with our root and the right name: delivered
         o.tls_roots = Some(Arc::new(roots));
         let rep = deliver(&target, &e, b"x\n", &o).await;
-        assert!(
-            matches!(&rep.recipients[0], Outcome::Delivered(_)),
-            "{rep:?}"
-        );
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
         assert!(rep.tls);
         let got = server.await.unwrap();
         assert_eq!(got[0], (true, b"Subject: tls\r\n\r\nsecret\r\n".to_vec()));
@@ -1159,19 +955,11 @@ fn maildir_delivery() {
     assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(md.join("new")).unwrap().count(), 2);
     let body = std::fs::read_to_string(&p1).unwrap();
-    assert_eq!(
-        body,
-        "Return-Path: <a@s.test>\nDelivered-To: u@d.test\nSubject: one\n\nbody\n"
-    );
+    assert_eq!(body, "Return-Path: <a@s.test>\nDelivered-To: u@d.test\nSubject: one\n\nbody\n");
     let name = p1.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.ends_with(&format!(",S={}", body.len())), "{name}");
     // through the driver
-    let rep = rt().block_on(deliver(
-        &Target::Maildir(md.clone()),
-        &e,
-        b"x\n",
-        &opts(StaticResolver::new()),
-    ));
+    let rep = rt().block_on(deliver(&Target::Maildir(md.clone()), &e, b"x\n", &opts(StaticResolver::new())));
     assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)));
     // unwritable: deferred
     let rep = rt().block_on(deliver(
@@ -1180,10 +968,7 @@ fn maildir_delivery() {
         b"x\n",
         &opts(StaticResolver::new()),
     ));
-    assert!(
-        matches!(&rep.recipients[0], Outcome::Deferred(_)),
-        "{rep:?}"
-    );
+    assert!(matches!(&rep.recipients[0], Outcome::Deferred(_)), "{rep:?}");
 }
 
 #[test]
@@ -1191,16 +976,8 @@ fn mbox_delivery() {
     let dir = TempDir::new("mbox");
     let mbox = dir.0.join("u");
     let e = env("a@s.test", &["u@d.test"]);
-    local::deliver_mbox(
-        &mbox,
-        &e,
-        b"Subject: one\r\n\r\nFrom here\r\n>From there\r\nx From y\r\n",
-    )
-    .unwrap();
-    let bounce = Envelope {
-        from: ReversePath::Null,
-        ..e.clone()
-    };
+    local::deliver_mbox(&mbox, &e, b"Subject: one\r\n\r\nFrom here\r\n>From there\r\nx From y\r\n").unwrap();
+    let bounce = Envelope { from: ReversePath::Null, ..e.clone() };
     local::deliver_mbox(&mbox, &bounce, b"Subject: two\n\nno newline at end").unwrap();
     let text = std::fs::read_to_string(&mbox).unwrap();
     let msgs: Vec<&str> = text.split("\nFrom ").collect();
@@ -1211,10 +988,7 @@ fn mbox_delivery() {
     assert!(text.ends_with("no newline at end\n\n"));
     assert!(!text.contains('\r'));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&mbox).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&mbox).unwrap().permissions().mode() & 0o777, 0o600);
     // concurrent appends serialise under the lock
     let handles: Vec<_> = (0..8)
         .map(|i| {
@@ -1244,14 +1018,7 @@ fn parse_dsn(msg: &[u8]) -> (String, Vec<(String, String)>) {
     let text = String::from_utf8(msg.to_vec()).unwrap();
     assert!(!text.replace("\r\n", "").contains('\n'), "CRLF only");
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let b = head
-        .split("boundary=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_string();
+    let b = head.split("boundary=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
     let end = format!("\r\n--{b}--\r\n");
     assert!(body.ends_with(&end));
     let parts = body
@@ -1267,9 +1034,7 @@ fn parse_dsn(msg: &[u8]) -> (String, Vec<(String, String)>) {
 }
 
 fn field<'a>(block: &'a str, name: &str) -> Option<&'a str> {
-    block
-        .split("\r\n")
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+    block.split("\r\n").find_map(|l| l.strip_prefix(&format!("{name}: ")))
 }
 
 #[test]
@@ -1280,15 +1045,8 @@ fn dsn_failure_structure() {
         DsnRecipient::from_outcome(
             DsnKind::Failure,
             "bob@dst.test",
-            Some(&Orcpt {
-                addr_type: "rfc822".into(),
-                address: "Bob@dst.test".into(),
-            }),
-            &Outcome::Failed(Reply::new(
-                550,
-                (5, 1, 1),
-                "<bob@dst.test>: user unknown\r\nInjected: x",
-            )),
+            Some(&Orcpt { addr_type: "rfc822".into(), address: "Bob@dst.test".into() }),
+            &Outcome::Failed(Reply::new(550, (5, 1, 1), "<bob@dst.test>: user unknown\r\nInjected: x")),
             Some("mx.dst.test"),
             1_700_000_000_000,
         ),
@@ -1316,36 +1074,23 @@ fn dsn_failure_structure() {
     let msg = build_dsn(&d);
     let (head, parts) = parse_dsn(&msg);
     assert_eq!(field(&head, "To"), Some("<alice@src.test>"));
-    assert!(field(&head, "From")
-        .unwrap()
-        .starts_with("MAILER-DAEMON@gw.src.test"));
+    assert!(field(&head, "From").unwrap().starts_with("MAILER-DAEMON@gw.src.test"));
     assert!(head.contains("multipart/report; report-type=delivery-status"));
     assert_eq!(field(&head, "Auto-Submitted"), Some("auto-replied"));
     assert_eq!(parts.len(), 3);
     assert!(parts[0].0.contains("text/plain"));
-    assert!(parts[0]
-        .1
-        .contains("<bob@dst.test> (host mx.dst.test said): 550 5.1.1"));
+    assert!(parts[0].1.contains("<bob@dst.test> (host mx.dst.test said): 550 5.1.1"));
     assert!(parts[1].0.contains("Content-Type: message/delivery-status"));
     let blocks: Vec<&str> = parts[1].1.split("\r\n\r\n").collect();
     assert_eq!(field(blocks[0], "Reporting-MTA"), Some("dns; gw.src.test"));
     assert_eq!(field(blocks[0], "Original-Envelope-Id"), Some("ENV-42"));
     assert!(field(blocks[0], "Arrival-Date").unwrap().contains("2023"));
-    assert_eq!(
-        field(blocks[1], "Original-Recipient"),
-        Some("rfc822; Bob@dst.test")
-    );
-    assert_eq!(
-        field(blocks[1], "Final-Recipient"),
-        Some("rfc822; bob@dst.test")
-    );
+    assert_eq!(field(blocks[1], "Original-Recipient"), Some("rfc822; Bob@dst.test"));
+    assert_eq!(field(blocks[1], "Final-Recipient"), Some("rfc822; bob@dst.test"));
     assert_eq!(field(blocks[1], "Action"), Some("failed"));
     assert_eq!(field(blocks[1], "Status"), Some("5.1.1"));
     assert_eq!(field(blocks[1], "Remote-MTA"), Some("dns; mx.dst.test"));
-    assert_eq!(
-        field(blocks[1], "Diagnostic-Code"),
-        Some("smtp; 550 5.1.1 <bob@dst.test>: user unknown  Injected: x")
-    );
+    assert_eq!(field(blocks[1], "Diagnostic-Code"), Some("smtp; 550 5.1.1 <bob@dst.test>: user unknown  Injected: x"));
     assert!(field(blocks[1], "Last-Attempt-Date").is_some());
     assert!(field(blocks[1], "Will-Retry-Until").is_none());
     assert_eq!(field(blocks[2], "Status"), Some("5.0.0"));
@@ -1353,10 +1098,7 @@ fn dsn_failure_structure() {
     assert!(!parts[1].1.contains("\r\nInjected:"), "no header injection");
     // failure without RET: the full original, CRLF
     assert!(parts[2].0.contains("Content-Type: message/rfc822"));
-    assert_eq!(
-        parts[2].1,
-        "From: alice@src.test\r\nSubject: hello\r\n\r\nbody line\r\n"
-    );
+    assert_eq!(parts[2].1, "From: alice@src.test\r\nSubject: hello\r\n\r\nbody line\r\n");
 }
 
 #[test]
@@ -1414,10 +1156,7 @@ fn dsn_delay_headers_only_and_truncation() {
 #[test]
 fn dsn_success_and_relayed() {
     let sender = parse_reverse_path("<alice@src.test>", false).unwrap();
-    for (kind, action) in [
-        (DsnKind::Success, "delivered"),
-        (DsnKind::Relayed, "relayed"),
-    ] {
+    for (kind, action) in [(DsnKind::Success, "delivered"), (DsnKind::Relayed, "relayed")] {
         let e = DsnRecipient::from_outcome(
             kind,
             "bob@dst.test",
@@ -1450,12 +1189,7 @@ fn dsn_success_and_relayed() {
 fn notify_rules() {
     let someone = parse_reverse_path("<a@s.test>", false).unwrap();
     let null = ReversePath::Null;
-    let n = |s: bool, f: bool, d: bool| Notify {
-        never: false,
-        success: s,
-        failure: f,
-        delay: d,
-    };
+    let n = |s: bool, f: bool, d: bool| Notify { never: false, success: s, failure: f, delay: d };
     use DsnKind::*;
     // never to the null sender
     for k in [Failure, Delay, Success, Relayed] {
@@ -1468,34 +1202,15 @@ fn notify_rules() {
     assert!(!should_notify(Success, None, &someone));
     assert!(!should_notify(Relayed, None, &someone));
     // NEVER
-    let never = Notify {
-        never: true,
-        ..Default::default()
-    };
+    let never = Notify { never: true, ..Default::default() };
     for k in [Failure, Delay, Success, Relayed] {
         assert!(!should_notify(k, Some(&never), &someone));
     }
     // only what was asked
-    assert!(should_notify(
-        Success,
-        Some(&n(true, false, false)),
-        &someone
-    ));
-    assert!(should_notify(
-        Relayed,
-        Some(&n(true, false, false)),
-        &someone
-    ));
-    assert!(!should_notify(
-        Failure,
-        Some(&n(true, false, false)),
-        &someone
-    ));
-    assert!(!should_notify(
-        Delay,
-        Some(&n(false, true, false)),
-        &someone
-    ));
+    assert!(should_notify(Success, Some(&n(true, false, false)), &someone));
+    assert!(should_notify(Relayed, Some(&n(true, false, false)), &someone));
+    assert!(!should_notify(Failure, Some(&n(true, false, false)), &someone));
+    assert!(!should_notify(Delay, Some(&n(false, true, false)), &someone));
     assert!(should_notify(Delay, Some(&n(false, false, true)), &someone));
 }
 
@@ -1540,14 +1255,9 @@ fn dovecot() -> Dovecot {
     let (user, uid, gid) = if uid == 0 {
         ("nobody".to_string(), 65534, 65534)
     } else {
-        let name = std::env::var("USER")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| {
-                String::from_utf8_lossy(&Command::new("id").arg("-un").output().unwrap().stdout)
-                    .trim()
-                    .to_string()
-            });
+        let name = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| {
+            String::from_utf8_lossy(&Command::new("id").arg("-un").output().unwrap().stdout).trim().to_string()
+        });
         (name, uid, gid)
     };
     for sub in ["run", "state", "mail"] {
@@ -1556,11 +1266,7 @@ fn dovecot() -> Dovecot {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::chown(dir.0.join("mail"), Some(uid), Some(gid)).unwrap();
-    std::fs::write(
-        dir.0.join("users"),
-        format!("u1@d.test::{uid}:{gid}::{d}/mail/u1::\n"),
-    )
-    .unwrap();
+    std::fs::write(dir.0.join("users"), format!("u1@d.test::{uid}:{gid}::{d}/mail/u1::\n")).unwrap();
     let port = free_port();
     let conf = format!(
         r#"base_dir = {d}/run
@@ -1608,9 +1314,7 @@ service stats {{
         .expect("start dovecot");
     let dv = Dovecot { child, dir, port };
     for _ in 0..250 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && dv.dir.0.join("run/lmtp").exists()
-        {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && dv.dir.0.join("run/lmtp").exists() {
             return dv;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -1632,25 +1336,15 @@ fn dovecot_lmtp_tcp_and_unix_per_recipient() {
     for (i, t) in targets.iter().enumerate() {
         let msg = format!("Subject: via {i}\n\n.dot line\nbody\n");
         let rep = rt.block_on(deliver(t, &e, msg.as_bytes(), &o));
-        assert!(
-            matches!(&rep.recipients[0], Outcome::Delivered(r) if r.code == 250),
-            "{rep:?}"
-        );
-        assert!(
-            matches!(&rep.recipients[1], Outcome::Failed(r) if r.enhanced == Some((5, 1, 1))),
-            "{rep:?}"
-        );
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(r) if r.code == 250), "{rep:?}");
+        assert!(matches!(&rep.recipients[1], Outcome::Failed(r) if r.enhanced == Some((5, 1, 1))), "{rep:?}");
     }
     let new = dv.dir.0.join("mail/u1/Maildir/new");
-    let bodies: Vec<String> = std::fs::read_dir(&new)
-        .unwrap()
-        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
-        .collect();
+    let bodies: Vec<String> =
+        std::fs::read_dir(&new).unwrap().map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap()).collect();
     assert_eq!(bodies.len(), 2);
     for i in 0..2 {
-        assert!(bodies
-            .iter()
-            .any(|b| b.contains(&format!("Subject: via {i}\n"))));
+        assert!(bodies.iter().any(|b| b.contains(&format!("Subject: via {i}\n"))));
     }
     for b in &bodies {
         assert!(b.contains("\n.dot line"), "dot-unstuffed by Dovecot: {b}");
@@ -1668,11 +1362,7 @@ fn hickory_resolver_against_unbound() {
         "{UNBOUND} not found (Debian package unbound); run tests/run.sh, which installs the test peers"
     );
     let dir = TempDir::new("unbound");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let conf = format!(
         r#"server:
   interface: 127.0.0.1@{port}
@@ -1722,36 +1412,17 @@ remote-control:
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let hops = hops.expect("unbound answers");
-        let got: Vec<(&str, IpAddr, Option<u16>)> = hops
-            .iter()
-            .map(|h| (h.name.as_str(), h.addr.ip(), h.preference))
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                ("mx1.ub.test", ip("127.0.0.1"), Some(10)),
-                ("mx2.ub.test", ip("127.0.0.2"), Some(20))
-            ]
-        );
-        let e = resolve(&r, &Destination::domain("null.ub.test"), &me)
-            .await
-            .unwrap_err();
+        let got: Vec<(&str, IpAddr, Option<u16>)> =
+            hops.iter().map(|h| (h.name.as_str(), h.addr.ip(), h.preference)).collect();
+        assert_eq!(got, vec![("mx1.ub.test", ip("127.0.0.1"), Some(10)), ("mx2.ub.test", ip("127.0.0.2"), Some(20))]);
+        let e = resolve(&r, &Destination::domain("null.ub.test"), &me).await.unwrap_err();
         assert_eq!(e.enhanced, Some((5, 1, 10)));
-        let e = resolve(&r, &Destination::domain("nx.ub.test"), &me)
-            .await
-            .unwrap_err();
+        let e = resolve(&r, &Destination::domain("nx.ub.test"), &me).await.unwrap_err();
         assert_eq!((e.code, e.enhanced), (550, Some((5, 4, 4))));
-        let hops = resolve(&r, &Destination::domain("amx.ub.test"), &me)
-            .await
-            .unwrap();
+        let hops = resolve(&r, &Destination::domain("amx.ub.test"), &me).await.unwrap();
         assert_eq!(hops[0].addr.ip(), ip("127.0.0.3"), "A fallback");
-        let me = LocalIdentity {
-            hostnames: vec![],
-            addrs: vec![ip("127.0.0.1")],
-        };
-        let e = resolve(&r, &Destination::domain("ub.test"), &me)
-            .await
-            .unwrap_err();
+        let me = LocalIdentity { hostnames: vec![], addrs: vec![ip("127.0.0.1")] };
+        let e = resolve(&r, &Destination::domain("ub.test"), &me).await.unwrap_err();
         assert_eq!(e.enhanced, Some((5, 4, 6)));
     });
 }
