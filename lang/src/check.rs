@@ -111,7 +111,8 @@ fn load_items(
             }
             match loader.load(&target) {
                 Ok(text) => {
-                    let shown = target.display().to_string();
+                    // Standard-library modules keep their `std:` name in diagnostics.
+                    let shown = if name.starts_with("std:") { name.clone() } else { target.display().to_string() };
                     let id = sources.add(SourceFile::new(shown, target.clone(), text));
                     stack.push(target);
                     load_items(id, sources, loader, out, diags, stack);
@@ -841,9 +842,19 @@ impl<'s> Checker<'s> {
         }
     }
 
+    /// A declaration in a standard-library module (`include "std:..."`) that the policy does
+    /// not use is no mistake of the policy's author: it is not reported.
+    fn in_std(&self, span: Span) -> bool {
+        self.sources.get(span.file).name.starts_with("std:")
+    }
+
     fn unused(&mut self) {
-        let mut unused: Vec<(Span, String, &'static str)> =
-            self.syms.iter().filter(|(_, s)| !s.used).map(|(n, s)| (s.span, n.clone(), s.kind.noun())).collect();
+        let mut unused: Vec<(Span, String, &'static str)> = self
+            .syms
+            .iter()
+            .filter(|(_, s)| !s.used && !self.in_std(s.span))
+            .map(|(n, s)| (s.span, n.clone(), s.kind.noun()))
+            .collect();
         unused.sort_by_key(|u| (u.0.file, u.0.start));
         for (span, name, noun) in unused {
             self.diags.push(
@@ -853,7 +864,7 @@ impl<'s> Checker<'s> {
             );
         }
         let mut caps: Vec<(Span, String)> =
-            self.caps.iter().filter(|(_, c)| !c.1).map(|(n, c)| (c.0, n.clone())).collect();
+            self.caps.iter().filter(|(_, c)| !c.1 && !self.in_std(c.0)).map(|(n, c)| (c.0, n.clone())).collect();
         caps.sort_by_key(|c| (c.0.file, c.0.start));
         for (span, name) in caps {
             self.diags.push(

@@ -5,10 +5,10 @@
 //! - `list`: a key per line; a hit has the empty value.
 //! - `map`, `access`: `KEY VALUE...`; the value is the rest of the line.
 //! - `cidr`: `NETWORK VALUE...`; the first network containing the address wins.
-//! - `regexp`, `pcre`: `/PATTERN/[i] VALUE...`; the first match wins; `$1`.. in the value are
-//!   replaced by the pattern's groups. (`pcre` tables use the same engine as `regexp`:
-//!   Rust regex syntax, which covers the PCRE features access and header checks use, but not
-//!   look-around or back-references.)
+//! - `regexp`, `pcre`: `/PATTERN/[I] VALUE...`; the first match wins; `$1`.. in the value
+//!   are replaced by the pattern's groups; matching ignores case unless the flag `I` is
+//!   given. `regexp` tables use the Rust regex engine (linear time); `pcre` tables use PCRE2
+//!   itself (look-around, back-references), with a match limit so a pattern cannot run away.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,6 +18,7 @@ use mailpolicy_lang::ir::Cidr;
 #[derive(Debug, Clone)]
 pub enum FileTable {
     Map(HashMap<String, String>),
+    Pcre(Vec<(pcre2::bytes::Regex, String)>),
     Cidr(Vec<(Cidr, String)>),
     Regexp(Vec<(regex::Regex, String)>),
 }
@@ -71,7 +72,21 @@ impl FileTable {
                 }
                 Ok(FileTable::Cidr(v))
             }
-            "regexp" | "pcre" => {
+            "pcre" => {
+                let mut v = Vec::new();
+                for (n, l) in entries(text) {
+                    let (pat, flags, value) = split_pattern(l).map_err(|message| TableError { line: n, message })?;
+                    let re = pcre2::bytes::RegexBuilder::new()
+                        .caseless(!flags.contains('I'))
+                        .utf(true)
+                        .jit_if_available(true)
+                        .build(pat)
+                        .map_err(|e| TableError { line: n, message: format!("bad pattern: {e}") })?;
+                    v.push((re, value.to_string()));
+                }
+                Ok(FileTable::Pcre(v))
+            }
+            "regexp" => {
                 let mut v = Vec::new();
                 for (n, l) in entries(text) {
                     let Some(rest) = l.strip_prefix('/') else {
@@ -110,6 +125,11 @@ impl FileTable {
                 let ip: IpAddr = key.parse().ok()?;
                 v.iter().find(|(c, _)| c.contains(ip)).map(|(_, val)| val.clone())
             }
+            FileTable::Pcre(v) => v.iter().find_map(|(re, val)| {
+                // A pattern that errors (e.g. its match limit) does not match.
+                let caps = re.captures(key.as_bytes()).ok().flatten()?;
+                Some(expand_groups(val, |i| caps.get(i).map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())))
+            }),
             FileTable::Regexp(v) => v.iter().find_map(|(re, val)| {
                 re.captures(key).map(|caps| {
                     let mut out = String::new();
@@ -125,12 +145,55 @@ impl FileTable {
             FileTable::Map(m) => m.len(),
             FileTable::Cidr(v) => v.len(),
             FileTable::Regexp(v) => v.len(),
+            FileTable::Pcre(v) => v.len(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// `/PATTERN/FLAGS VALUE` into its parts.
+fn split_pattern(l: &str) -> Result<(&str, &str, &str), String> {
+    let rest = l.strip_prefix('/').ok_or("a pattern starts with `/`")?;
+    let end = find_unescaped_slash(rest).ok_or("the pattern has no closing `/`")?;
+    let after = &rest[end + 1..];
+    let (flags, value) = match after.split_once(char::is_whitespace) {
+        Some((f, v)) => (f, v.trim()),
+        None => (after, ""),
+    };
+    Ok((&rest[..end], flags, value))
+}
+
+/// Replace `$N` and `${N}` in a table value by the match's groups.
+fn expand_groups(template: &str, group: impl Fn(usize) -> Option<String>) -> String {
+    let mut out = String::new();
+    let b = template.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'$' {
+            let (digits, skip) = if b.get(i + 1) == Some(&b'{') {
+                let end = template[i + 2..].find('}').map(|e| i + 2 + e);
+                match end {
+                    Some(e) => (&template[i + 2..e], e + 1 - i),
+                    None => ("", 0),
+                }
+            } else {
+                let n = template[i + 1..].bytes().take_while(u8::is_ascii_digit).count();
+                (&template[i + 1..i + 1 + n], n + 1)
+            };
+            if let (Ok(n), true) = (digits.parse::<usize>(), skip > 0) {
+                out.push_str(&group(n).unwrap_or_default());
+                i += skip;
+                continue;
+            }
+        }
+        let ch = template[i..].chars().next().unwrap_or('$');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
 }
 
 fn find_unescaped_slash(s: &str) -> Option<usize> {
@@ -171,6 +234,20 @@ mod tests {
         assert_eq!(t.lookup("192.0.2.9").as_deref(), Some("REJECT"));
         assert_eq!(t.lookup("198.51.100.1"), None);
         assert!(FileTable::parse("cidr", "nonsense OK").is_err());
+    }
+
+    #[test]
+    fn pcre_tables_use_pcre2() {
+        // Look-ahead and back-references: PCRE features the regex crate does not have.
+        let t = FileTable::parse(
+            "pcre",
+            "/^(?!friend@)(.+)@spam\\.example$/ REJECT $1 is not welcome\n/^(\\w)\\1{3}/ HOLD repeated ${1}\n",
+        )
+        .unwrap();
+        assert_eq!(t.lookup("joe@SPAM.example").as_deref(), Some("REJECT joe is not welcome"));
+        assert_eq!(t.lookup("friend@spam.example"), None);
+        assert_eq!(t.lookup("aaaa@x").as_deref(), Some("HOLD repeated a"));
+        assert!(FileTable::parse("pcre", "/(?<=/ x").is_err());
     }
 
     #[test]

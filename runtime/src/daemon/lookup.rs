@@ -46,6 +46,8 @@ pub struct Lookups {
     pub sender_auth: super::auth::SenderAuth,
     /// DKIM signing of our users' mail, when configured.
     pub signer: Option<super::auth::Signer>,
+    /// Connections of SQL tables.
+    sql: super::sql::Pool,
 }
 
 fn dur(p: &Program, name: &str, default_ms: u64) -> Duration {
@@ -130,6 +132,7 @@ impl Lookups {
             callaheads: Mutex::new(HashMap::new()),
             sender_auth,
             signer,
+            sql: super::sql::Pool::default(),
         })
     }
 
@@ -143,6 +146,7 @@ impl Lookups {
                 Some(t) if t.kind == "ldap" => {
                     super::ldap::lookup(prog, t, key, &self.secrets, self.lookup_timeout).await
                 }
+                Some(t) if t.kind == "sql" => self.sql.lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
                 Some(t) => self.table(t, key).await,
                 None => Answer::Error("no such table".into()),
             },

@@ -16,6 +16,7 @@ pub mod route;
 pub mod sasl;
 pub mod scan;
 pub mod session;
+pub mod sql;
 pub mod tls;
 
 use std::net::SocketAddr;
