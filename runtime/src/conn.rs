@@ -76,6 +76,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The snapshot of a message the server makes itself (alerts, DSNs): no client, but the
+    /// server's local domains, so the queue-side stages route it like any other.
+    pub fn internal(prog: &Program, hostname: &str) -> Snapshot {
+        Snapshot { local_domains: local_domains(prog, hostname), ..Snapshot::default() }
+    }
+
     /// Facts and state for a queue-side stage run on this message and recipient.
     pub fn restore(&self, m: &QueuedMessage, rcpt: Option<&QueuedRcpt>, prog: &Program, now_ms: u64) -> (Facts, State) {
         let mut f = Facts { now_ms, ..Facts::default() };

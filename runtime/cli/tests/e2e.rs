@@ -1559,3 +1559,70 @@ fn callahead_mirrors_the_next_hop() {
         || d.log(),
     );
 }
+
+/// R7: `alert` mails the administrator once per window, however often the rule fires.
+#[test]
+fn alert_mails_the_administrator_once_per_window() {
+    let t = TempDir::new("alert");
+    let port = free_port();
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; alert_from \"alerts@d.test\"; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         on mail {{ if sender.domain :is \"noisy.test\" {{ alert \"admin@d.test\" \"noisy sender ${{sender}}\" :every 1h; }} }}\n\
+         route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    for _ in 0..3 {
+        let out = swaks(port, &["--from", "x@noisy.test", "--to", "u@d.test"]);
+        assert!(out.contains("Queued as"), "{out}");
+    }
+    wait_for(
+        Duration::from_secs(20),
+        "an alert in mail/admin",
+        || !maildir(&t.join("mail/admin")).is_empty(),
+        || d.log(),
+    );
+    wait_for(Duration::from_secs(20), "three messages in mail/u", || maildir(&t.join("mail/u")).len() == 3, || d.log());
+    let alerts = maildir(&t.join("mail/admin"));
+    assert_eq!(alerts.len(), 1, "one alert per window: {alerts:?}");
+    assert!(alerts[0].contains("Subject: mailpolicy alert: noisy sender x@noisy.test"), "{}", alerts[0]);
+    assert!(alerts[0].contains("From: <alerts@d.test>"), "{}", alerts[0]);
+}
+
+/// B7: the daemon signs mail from its own users with DKIM (key made by openssl here).
+#[test]
+fn dkim_signs_mail_from_our_users() {
+    let t = TempDir::new("dkim");
+    let port = free_port();
+    let (st, out, err) = run_bounded(
+        Command::new("openssl").args(["genpkey", "-algorithm", "ed25519", "-out"]).arg(t.join("dkim.pem")),
+        Duration::from_secs(30),
+    );
+    assert!(st.success(), "openssl: {out}{err}");
+    let policy = format!(
+        "list local = domains [\"d.test\"];\nsecret dkim = file \"dkim.pem\";\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; dkim_key dkim; dkim_selector \"mail\"; dkim_domain \"d.test\"; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    // From a local user on a trusted (loopback) client: signed.
+    let out = swaks(port, &["--from", "alice@d.test", "--to", "u@d.test", "--header", "Subject: signed"]);
+    assert!(out.contains("Queued as"), "{out}");
+    // From a foreign domain: not ours to sign.
+    let out = swaks(port, &["--from", "eve@other.test", "--to", "u@d.test", "--header", "Subject: unsigned"]);
+    assert!(out.contains("Queued as"), "{out}");
+    wait_for(Duration::from_secs(20), "two messages in mail/u", || maildir(&t.join("mail/u")).len() == 2, || d.log());
+    let msgs = maildir(&t.join("mail/u"));
+    let signed = msgs.iter().find(|m| m.contains("Subject: signed")).expect("the signed message");
+    assert!(
+        signed.contains("DKIM-Signature:")
+            && signed.contains("d=d.test")
+            && signed.contains("s=mail")
+            && signed.contains("a=ed25519-sha256"),
+        "{signed}"
+    );
+    let unsigned = msgs.iter().find(|m| m.contains("Subject: unsigned")).expect("the other message");
+    assert!(!unsigned.contains("DKIM-Signature:"), "{unsigned}");
+}

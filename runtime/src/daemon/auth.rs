@@ -257,7 +257,11 @@ fn parse_key(der: &[u8]) -> Result<RawKey, String> {
     if let Ok(k) = RsaKey::<Sha256>::from_pkcs8_der(der) {
         return Ok(RawKey::Rsa(k));
     }
-    Ed25519Key::from_pkcs8_der(der).map(RawKey::Ed25519).map_err(|e| format!("dkim_key: neither RSA nor Ed25519: {e}"))
+    // Strict PKCS#8 v2 first; `openssl genpkey -algorithm ed25519` writes v1 (no public key).
+    Ed25519Key::from_pkcs8_der(der)
+        .or_else(|_| Ed25519Key::from_pkcs8_maybe_unchecked_der(der))
+        .map(RawKey::Ed25519)
+        .map_err(|e| format!("dkim_key: neither RSA nor Ed25519: {e}"))
 }
 #[cfg(test)]
 mod tests {

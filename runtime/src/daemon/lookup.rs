@@ -381,3 +381,35 @@ pub fn batv_lifetime_days(prog: &Program) -> u64 {
         _ => 7,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// R17/R28: a file table is re-read when the file changes, without a restart.
+    #[tokio::test]
+    async fn file_tables_reload_when_the_file_changes() {
+        let dir = std::env::temp_dir().join(format!("mp-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("users"), "alice@example.com one\n").unwrap();
+        let policy = "table users = map \"users\";\non rcpt { if recipient in users { accept; } }\n";
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
+        let prog = c.program.expect("compiles");
+        let l = Lookups::new(&prog, &dir).expect("lookups");
+        let t = &prog.tables[0];
+        assert_eq!(l.table_sync(t, "alice@example.com"), Answer::Value(Some("one".into())));
+        assert_eq!(l.table_sync(t, "bob@example.com"), Answer::Value(None));
+        // A new file (new mtime) with other contents; changes are noticed within a second.
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(dir.join("users.new"), "bob@example.com two\n").unwrap();
+        std::fs::rename(dir.join("users.new"), dir.join("users")).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(l.table_sync(t, "bob@example.com"), Answer::Value(Some("two".into())));
+        assert_eq!(l.table_sync(t, "alice@example.com"), Answer::Value(None));
+        // A file that disappears is an error (4xx), never an empty table.
+        std::fs::remove_file(dir.join("users")).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(matches!(l.table_sync(t, "bob@example.com"), Answer::Error(_)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

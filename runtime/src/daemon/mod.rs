@@ -148,7 +148,7 @@ impl Shared {
             helo: self.hostname.clone(),
             auth_user: String::new(),
             added_headers: Vec::new(),
-            session: Default::default(),
+            session: crate::conn::Snapshot::internal(&prog, &self.hostname),
         };
         match self.store.store(&msg) {
             Ok(id) => {

@@ -782,6 +782,7 @@ impl Qmgr {
             data,
             client_ip: "127.0.0.1".into(),
             helo: self.shared.hostname.clone(),
+            session: crate::conn::Snapshot::internal(&self.prog, &self.shared.hostname),
             ..Default::default()
         };
         match spool_io(&self.spool, move |s| s.store(&bounce, Class::Bounce, now).map_err(std::io::Error::other)).await
@@ -847,6 +848,7 @@ async fn relayed_dsn(
         data: dsn::build_dsn(&d),
         client_ip: "127.0.0.1".into(),
         helo: shared.hostname.clone(),
+        session: crate::conn::Snapshot::internal(_prog, &shared.hostname),
         ..Default::default()
     };
     if let Ok(id) = spool.store(&bounce, Class::Bounce, now) {
