@@ -52,6 +52,15 @@ impl SourceFile {
         SourceFile { name, path, text, line_starts }
     }
 
+    /// Byte range of a 1-based line, without its line end.
+    pub fn line_range(&self, line: u32) -> Option<(usize, usize)> {
+        let i = (line as usize).checked_sub(1)?;
+        let start = *self.line_starts.get(i)? as usize;
+        let end = self.line_starts.get(i + 1).map(|e| *e as usize).unwrap_or(self.text.len());
+        let text = self.text.get(start..end)?;
+        Some((start, start + text.trim_end_matches(['\r', '\n']).len()))
+    }
+
     /// 1-based line and column (column counts characters) of a byte offset.
     pub fn line_col(&self, offset: u32) -> (u32, u32) {
         let line = match self.line_starts.binary_search(&offset) {

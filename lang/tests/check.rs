@@ -279,6 +279,17 @@ fn ten_thousand_rules() {
     let prog = c.program.expect("program");
     let rcpt = prog.stage(mailpolicy_lang::ir::Stage::Rcpt);
     assert!(rcpt.len() >= 20_000, "{} instructions", rcpt.len());
+    // The whole of `mailc check`, analysis included, stays bounded on thousands of rules
+    // whose conditions the attacker decides (this once exhausted the machine's memory).
+    let mut text = String::from("on rcpt {\n");
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "  if sender.domain :matches \"*.spam{i}.example\" and helo.name :is \"h{i}.example\" {{ tempfail 451 4.7.1 \"later\"; }}\n"
+        ));
+    }
+    text.push_str("}\n");
+    let (c, _) = mailpolicy_lang::analysis::check("big2.mailpolicy", &MemLoader::single("big2.mailpolicy", &text));
+    assert!(!c.has_errors(), "{:?}", c.diagnostics.iter().map(|d| d.render_short(&c.sources)).collect::<Vec<_>>());
 }
 
 /// Cutting a valid policy at every byte offset never panics; every proper prefix that

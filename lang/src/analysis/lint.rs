@@ -1,6 +1,7 @@
 //! Warnings about rules: backscatter (R3, R27), dead conditions and shadowed rules (B3),
 //! and the cost order of tests.
 
+use std::collections::HashMap;
 use crate::diag::Diagnostic;
 use crate::ir::*;
 use crate::source::SourceMap;
@@ -313,57 +314,80 @@ fn remote(prog: &Program, t: TableId) -> bool {
 }
 
 fn shadowed_and_cost(prog: &Program, sources: &SourceMap, stage: Stage, code: &[Instr], out: &mut Vec<Diagnostic>) {
-    let tops = top_level(code);
-    for (i, (pa, ta)) in tops.iter().enumerate() {
-        let Instr::If { cond: ca, loc: la, .. } = &code[*pa] else {
-            continue;
-        };
-        for (pb, tb) in &tops[i + 1..] {
-            let Instr::If { cond: cb, loc: lb, .. } = &code[*pb] else {
-                continue;
-            };
-            // Shadowed: B's condition implies A's, and A always ends the stage.
-            if *ta != Ends::No {
-                if let (Some(a), Some(b)) = (conjuncts(prog, *ca), conjuncts(prog, *cb)) {
-                    if a.iter().all(|x| b.contains(x)) {
-                        if let Some(span) = loc_span(prog, sources, *lb) {
-                            out.push(
-                                Diagnostic::warning("mailc::shadowed", "this rule never runs")
-                                    .at(span)
-                                    .label("shadowed")
-                                    .help(format!(
-                                        "whenever its condition holds, the earlier rule at {} holds too and ends the `{}` stage; move this rule before it, or remove it",
-                                        show(prog, sources, *la),
-                                        stage.name()
-                                    )),
-                            );
-                        }
+    struct Top {
+        cond: ExprId,
+        loc: LocId,
+        ends: Ends,
+        conj: Option<Vec<Expr>>,
+    }
+    let tops: Vec<Top> = top_level(code)
+        .into_iter()
+        .filter_map(|(pc, ends)| match &code[pc] {
+            Instr::If { cond, loc, .. } => Some(Top { cond: *cond, loc: *loc, ends, conj: conjuncts(prog, *cond) }),
+            _ => None,
+        })
+        .collect();
+    // Shadowed: B's condition implies A's (A's conjuncts are among B's), and A always ends
+    // the stage. Earlier terminal rules are indexed by their first conjunct, so a rule is
+    // only compared with the rules that could shadow it (linear in practice).
+    let key = |e: &Expr| format!("{e:?}");
+    let mut by_first: HashMap<String, Vec<usize>> = HashMap::new();
+    for (bi, b) in tops.iter().enumerate() {
+        if let Some(bc) = &b.conj {
+            let mut shadow = None;
+            'find: for x in bc {
+                for &ai in by_first.get(&key(x)).map(Vec::as_slice).unwrap_or(&[]) {
+                    if tops[ai].conj.as_ref().is_some_and(|ac| ac.iter().all(|y| bc.contains(y))) {
+                        shadow = Some(ai);
+                        break 'find;
                     }
                 }
             }
-            // Cost: A refuses after asking the network; B, a local test, lets the client
-            // through: every client B passes pays for A's lookup first.
-            if *ta == Ends::Refuses
-                && *tb == Ends::Passes
-                && network(prog, *ca)
-                && lookup_free(prog, *cb)
-                && !network(prog, *cb)
-            {
-                if let Some(span) = loc_span(prog, sources, *la) {
+            if let Some(ai) = shadow {
+                if let Some(span) = loc_span(prog, sources, b.loc) {
                     out.push(
-                        Diagnostic::warning(
-                            "mailc::cost",
-                            "a network lookup runs before a cheap local test that also decides this stage",
-                        )
+                        Diagnostic::warning("mailc::shadowed", "this rule never runs")
+                            .at(span)
+                            .label("shadowed")
+                            .help(format!(
+                                "whenever its condition holds, the earlier rule at {} holds too and ends the `{}` stage; move this rule before it, or remove it",
+                                show(prog, sources, tops[ai].loc),
+                                stage.name()
+                            )),
+                    );
+                }
+            }
+        }
+        if b.ends != Ends::No {
+            if let Some(first) = b.conj.as_ref().and_then(|c| c.first()) {
+                by_first.entry(key(first)).or_default().push(bi);
+            }
+        }
+    }
+    // Cost: A refuses after asking the network; a later B, a local test, lets the client
+    // through: every client B passes pays for A's lookup first. One backward scan finds,
+    // for each rule, the first later local rule that passes.
+    let mut next_local_pass: Option<usize> = None;
+    let mut hint_for = vec![None; tops.len()];
+    for (i, t) in tops.iter().enumerate().rev() {
+        hint_for[i] = next_local_pass;
+        if t.ends == Ends::Passes && lookup_free(prog, t.cond) && !network(prog, t.cond) {
+            next_local_pass = Some(i);
+        }
+    }
+    for (i, a) in tops.iter().enumerate() {
+        let Some(bi) = hint_for[i] else { continue };
+        if a.ends == Ends::Refuses && network(prog, a.cond) {
+            if let Some(span) = loc_span(prog, sources, a.loc) {
+                out.push(
+                    Diagnostic::warning("mailc::cost", "a network lookup runs before a cheap local test that also decides this stage")
                         .at(span)
                         .label("network lookup")
                         .help(format!(
                             "move the local test at {} before this one: every client it decides would be spared the lookup",
-                            show(prog, sources, *lb)
+                            show(prog, sources, tops[bi].loc)
                         )),
-                    );
-                    break;
-                }
+                );
             }
         }
     }

@@ -109,21 +109,15 @@ pub fn analyse(prog: &Program, sources: &SourceMap) -> Analysis {
 pub fn loc_span(prog: &Program, sources: &SourceMap, loc: LocId) -> Option<Span> {
     let l = prog.locs.get(loc.index())?;
     let file = FileId(l.file);
-    let text = &sources.get(file).text;
-    let mut offset = 0usize;
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        if i + 1 == l.line as usize {
-            let col_off: usize = line.chars().take(l.col.saturating_sub(1) as usize).map(char::len_utf8).sum();
-            let start = offset + col_off;
-            let end = offset + line.trim_end().len();
-            return Some(Span::new(file, start, end.max(start)));
-        }
-        offset += line.len();
-    }
-    None
+    let sf = sources.get(file);
+    let (line_start, line_end) = sf.line_range(l.line)?;
+    let line = sf.text.get(line_start..line_end)?;
+    let col_off: usize = line.chars().take(l.col.saturating_sub(1) as usize).map(char::len_utf8).sum();
+    let start = line_start + col_off;
+    let end = line_start + line.trim_end().len();
+    Some(Span::new(file, start, end.max(start)))
 }
 
-/// The source text of a rule's line, trimmed.
 pub fn source_line(prog: &Program, sources: &SourceMap, loc: LocId) -> String {
     match loc_span(prog, sources, loc) {
         Some(s) => sources.text(s).trim().trim_end_matches('{').trim().to_string(),

@@ -16,8 +16,9 @@ use std::net::IpAddr;
 
 use crate::ir::*;
 
-/// Paths explored per listener before the proof gives up (reported, never silently).
-const PATH_BUDGET: usize = 20_000;
+/// Work units per listener before the proof gives up (reported, never silently): one per instruction followed, plus the size of every branch
+/// copied. A fraction of a second and a few megabytes at most.
+const PATH_BUDGET: usize = 1_000_000;
 /// Candidate assignments tried per path.
 const SOLVE_BUDGET: usize = 200_000;
 
@@ -458,11 +459,12 @@ impl Ctx<'_> {
         let mut work = vec![(0usize, p)];
         let mut out = Vec::new();
         while let Some((mut pc, mut p)) = work.pop() {
-            if *budget == 0 {
-                return out;
-            }
-            *budget -= 1;
             loop {
+                // Every step costs one unit, so time is bounded whatever the policy.
+                if *budget == 0 {
+                    return out;
+                }
+                *budget -= 1;
                 let Some(instr) = code.get(pc) else {
                     out.push((p, End::Default, None));
                     break;
@@ -475,6 +477,15 @@ impl Ctx<'_> {
                             pc = if b { pc + 1 } else { *else_pc as usize };
                         }
                         Err(leaf) => {
+                            // A branch costs its copy's size, so memory is bounded too: a
+                            // policy of thousands of attacker-decided rules exhausts the
+                            // budget (reported as unproven) instead of the machine.
+                            let cost = p.chain.len() + p.assume.len() + p.vars.len() + 1;
+                            if *budget <= cost {
+                                *budget = 0;
+                                return out;
+                            }
+                            *budget -= cost;
                             let mut q = p.clone();
                             q.assume.push((leaf, false, q.vars.clone()));
                             self.note_tables(leaf, &mut q);
