@@ -2,6 +2,7 @@
 //! that the runtime evaluates. `lang` reads the policy and its includes through a
 //! [`source::Loader`] and does no other I/O.
 
+pub mod address;
 pub mod analysis;
 pub mod ast;
 pub mod check;

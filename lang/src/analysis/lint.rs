@@ -1,10 +1,10 @@
 //! Warnings about rules: backscatter (R3, R27), dead conditions and shadowed rules (B3),
 //! and the cost order of tests.
 
-use std::collections::HashMap;
 use crate::diag::Diagnostic;
 use crate::ir::*;
 use crate::source::SourceMap;
+use std::collections::HashMap;
 
 use super::{loc_span, source_line};
 
@@ -380,13 +380,16 @@ fn shadowed_and_cost(prog: &Program, sources: &SourceMap, stage: Stage, code: &[
         if a.ends == Ends::Refuses && network(prog, a.cond) {
             if let Some(span) = loc_span(prog, sources, a.loc) {
                 out.push(
-                    Diagnostic::warning("mailc::cost", "a network lookup runs before a cheap local test that also decides this stage")
-                        .at(span)
-                        .label("network lookup")
-                        .help(format!(
-                            "move the local test at {} before this one: every client it decides would be spared the lookup",
-                            show(prog, sources, tops[bi].loc)
-                        )),
+                    Diagnostic::warning(
+                        "mailc::cost",
+                        "a network lookup runs before a cheap local test that also decides this stage",
+                    )
+                    .at(span)
+                    .label("network lookup")
+                    .help(format!(
+                        "move the local test at {} before this one: every client it decides would be spared the lookup",
+                        show(prog, sources, tops[bi].loc)
+                    )),
                 );
             }
         }
@@ -415,8 +418,8 @@ fn internal_host(prog: &Program, dest: &str) -> bool {
         _ => vec![],
     };
     locals.iter().any(|p| {
-        super::relay::domain_matches(p, host)
-            || super::relay::domain_matches(&format!(".{}", p.trim_start_matches('.')), host)
+        crate::address::domain_matches(p, host)
+            || crate::address::domain_matches(&format!(".{}", p.trim_start_matches('.')), host)
     })
 }
 

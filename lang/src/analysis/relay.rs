@@ -311,37 +311,7 @@ impl V {
     }
 }
 
-pub fn split(a: &str) -> (&str, String) {
-    match a.rsplit_once('@') {
-        Some((l, d)) => (l, d.to_ascii_lowercase()),
-        None => (a, String::new()),
-    }
-}
-
-pub fn domain_matches(pattern: &str, domain: &str) -> bool {
-    let d = domain.trim_end_matches('.');
-    match pattern.strip_prefix('.') {
-        Some(suffix) => {
-            d.len() > suffix.len() && d.to_ascii_lowercase().ends_with(&format!(".{}", suffix.to_ascii_lowercase()))
-        }
-        None => d.eq_ignore_ascii_case(pattern),
-    }
-}
-
-pub fn is_fqdn(name: &str) -> bool {
-    let n = name.strip_suffix('.').unwrap_or(name);
-    let labels: Vec<&str> = n.split('.').collect();
-    n.len() <= 253
-        && labels.len() >= 2
-        && labels.iter().all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-        && labels.last().is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
-}
+use crate::address::{domain_matches, is_fqdn, split};
 
 fn is_subject(f: Fact) -> Option<Subj> {
     use Fact::*;
