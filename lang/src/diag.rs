@@ -90,7 +90,13 @@ pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = edit_distance(name, c);
-        let limit = (name.len().max(c.len()) / 3).max(1);
+        // One edit in three characters; names shorter than three get no guess (any other
+        // one-letter name is one edit away from a one-letter name).
+        let longest = name.len().max(c.len());
+        if longest < 3 {
+            continue;
+        }
+        let limit = (longest / 3).max(1);
         if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
@@ -111,4 +117,19 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::did_you_mean;
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(did_you_mean("internl", ["internal", "external"]), Some("internal"));
+        assert_eq!(did_you_mean("rcpt", ["rcpt", "mail"]), Some("rcpt"));
+        assert_eq!(did_you_mean("zzzzzz", ["internal"]), None);
+        // One-letter names are all one edit apart: no guess.
+        assert_eq!(did_you_mean("b", ["a", "c"]), None);
+        assert_eq!(did_you_mean("ab", ["ac"]), None);
+    }
 }
