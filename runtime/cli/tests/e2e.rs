@@ -1626,3 +1626,57 @@ fn dkim_signs_mail_from_our_users() {
     let unsigned = msgs.iter().find(|m| m.contains("Subject: unsigned")).expect("the other message");
     assert!(!unsigned.contains("DKIM-Signature:"), "{unsigned}");
 }
+
+/// R46: idle time-outs per phase: `command_timeout` between commands, `data_timeout`
+/// inside DATA. (Generous margins: the test checks which time-out applies, not speed.)
+#[test]
+fn idle_timeouts_per_phase() {
+    let t = TempDir::new("timeouts");
+    let port = free_port();
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; command_timeout 1s; data_timeout 6s; }}\n\
+         route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+        let r = BufReader::new(s.try_clone().expect("clone"));
+        (s, r)
+    };
+    let reply = |r: &mut BufReader<TcpStream>| -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] == b' ' {
+                return all;
+            }
+        }
+    };
+    // An idle client between commands is dropped after command_timeout.
+    let (_s, mut r) = connect();
+    assert!(reply(&mut r).starts_with("220"));
+    let bye = reply(&mut r);
+    assert!(bye.starts_with("421 4.4.2"), "{bye}\n{}", d.log());
+    // Inside DATA a pause longer than command_timeout is fine (data_timeout applies).
+    let (mut s, mut r) = connect();
+    assert!(reply(&mut r).starts_with("220"));
+    for (cmd, want) in
+        [("EHLO c.test", "250"), ("MAIL FROM:<a@c.test>", "250"), ("RCPT TO:<u@d.test>", "250"), ("DATA", "354")]
+    {
+        s.write_all(format!("{cmd}\r\n").as_bytes()).expect("write");
+        let got = reply(&mut r);
+        assert!(got.starts_with(want), "{cmd}: {got}");
+    }
+    s.write_all(b"Subject: slow\r\n").expect("write");
+    std::thread::sleep(Duration::from_secs(3));
+    s.write_all(b"\r\nbody\r\n.\r\n").expect("write");
+    let got = reply(&mut r);
+    assert!(got.starts_with("250"), "a 3 s pause inside DATA is within data_timeout: {got}\n{}", d.log());
+}

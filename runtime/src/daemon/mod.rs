@@ -80,6 +80,8 @@ pub struct ListenerRt {
     pub require_auth: bool,
     pub credentials: Option<Resource>,
     pub command_timeout: Duration,
+    /// Idle time-out inside DATA/BDAT.
+    pub data_timeout: Duration,
     pub sessions: Arc<Semaphore>,
 }
 
@@ -284,6 +286,7 @@ pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str
             require_auth,
             credentials,
             command_timeout: session::command_timeout(prog, Some(&name)),
+            data_timeout: session::data_timeout(prog, Some(&name)),
             sessions: Arc::new(Semaphore::new(max.max(1))),
         });
     }

@@ -142,7 +142,7 @@ pub async fn run(
     let mut auth_sender: Option<String> = None;
     let mut shutdown = shared.shutdown.clone();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut idle_deadline = tokio::time::Instant::now() + lst.command_timeout;
+    let mut last_input = tokio::time::Instant::now();
     let mut closing_for_shutdown = false;
     'session: loop {
         // 1. Everything the connection needs.
@@ -360,6 +360,9 @@ pub async fn run(
             let now = now_ms();
             tokio::time::Instant::now() + Duration::from_millis(t.0.saturating_sub(now))
         });
+        // The idle time-out of the phase the client is in (R46): DATA gets its own.
+        let idle_deadline =
+            last_input + if conn.session().in_message() { lst.data_timeout } else { lst.command_timeout };
         let deadline = engine_deadline.map_or(idle_deadline, |d| d.min(idle_deadline));
         let room = conn.input_room().clamp(1, buf.len());
         tokio::select! {
@@ -370,7 +373,7 @@ pub async fn run(
                     break;
                 }
                 Ok(n) => {
-                    idle_deadline = tokio::time::Instant::now() + lst.command_timeout;
+                    last_input = tokio::time::Instant::now();
                     conn.handle_input(&buf[..n], Time(now_ms()));
                 }
             },
@@ -432,5 +435,14 @@ fn trusted(prog: &Program, ip: std::net::IpAddr) -> bool {
             prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(ip)))
         }
         _ => ip.is_loopback(),
+    }
+}
+
+/// Idle time-out inside DATA/BDAT of a listener (`data_timeout`, default 10 minutes).
+pub fn data_timeout(prog: &Program, listener: Option<&str>) -> Duration {
+    let l = listener.and_then(|n| prog.listener(n));
+    match l.and_then(|l| l.option("data_timeout")) {
+        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
+        _ => Duration::from_secs(600),
     }
 }

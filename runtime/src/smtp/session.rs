@@ -517,6 +517,12 @@ impl Session {
         self.errors
     }
     /// True once the session is over: flush [`poll_transmit`](Self::poll_transmit), then close.
+    /// The client is sending message content (inside DATA or a BDAT chunk): hosts apply
+    /// their data-phase idle time-out instead of the command one.
+    pub fn in_message(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::Bdat { .. })
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
     }
