@@ -159,6 +159,8 @@ pub struct QueuedMessage {
     pub added_headers: Vec<(String, String)>,
     /// The receiving session, for the queue-side stages.
     pub session: Snapshot,
+    /// A copy the queue made (route-stage `bcc`): it makes no further copies.
+    pub copy: bool,
 }
 
 /// One line of the connection's log: a verdict, a log action or an alert.
@@ -777,6 +779,7 @@ impl Conn {
                     auth_user: self.facts.auth.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
                     added_headers: added,
                     session: self.snapshot(),
+                    copy: false,
                 };
                 self.pending = Pending::Queue(delay);
                 self.notes.push_back(Need::Queue(msg));

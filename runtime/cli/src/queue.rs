@@ -412,6 +412,7 @@ mod tests {
             auth_user: String::new(),
             added_headers: vec![],
             session: Default::default(),
+            copy: false,
         }
     }
 

@@ -1680,3 +1680,35 @@ fn idle_timeouts_per_phase() {
     let got = reply(&mut r);
     assert!(got.starts_with("250"), "a 3 s pause inside DATA is within data_timeout: {got}\n{}", d.log());
 }
+
+/// R12: route-stage `bcc` and `archive` make one copy per message, and a copy makes no
+/// further copies (a `bcc` every message meets would otherwise copy itself forever).
+#[test]
+fn route_stage_bcc_and_archive() {
+    let t = TempDir::new("copies");
+    let port = free_port();
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         route {{\n  bcc \"audit@d.test\";\n  if recipient.local :is \"u\" {{ archive \"copies\"; }}\n  if recipient.is_local {{ deliver maildir; }}\n}}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(port, &["--from", "a@c.test", "--to", "u@d.test,v@d.test", "--header", "Subject: copied"]);
+    assert!(out.contains("Queued as"), "{out}");
+    wait_for(
+        Duration::from_secs(20),
+        "u, v, audit and the archive",
+        || {
+            maildir(&t.join("mail/u")).len() == 1
+                && maildir(&t.join("mail/v")).len() == 1
+                && !maildir(&t.join("mail/audit")).is_empty()
+                && !maildir(&t.join("mail/copies")).is_empty()
+        },
+        || d.log(),
+    );
+    wait_for(Duration::from_secs(20), "an empty queue", || spool_messages(&d.spool()).is_empty(), || d.log());
+    assert_eq!(maildir(&t.join("mail/audit")).len(), 1, "one bcc copy per message, and no copy of the copy");
+    assert_eq!(maildir(&t.join("mail/copies")).len(), 1, "one archive copy");
+    assert!(maildir(&t.join("mail/audit"))[0].contains("Subject: copied"));
+}

@@ -151,6 +151,7 @@ impl Shared {
             auth_user: String::new(),
             added_headers: Vec::new(),
             session: crate::conn::Snapshot::internal(&prog, &self.hostname),
+            copy: false,
         };
         match self.store.store(&msg) {
             Ok(id) => {

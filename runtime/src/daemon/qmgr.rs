@@ -247,8 +247,9 @@ impl Qmgr {
         let mut failures = Vec::new();
         let fresh = stored.attempts == 0 && stored.states.iter().all(|s| matches!(s, RcptState::Pending));
         if fresh {
-            self.archive(&stored).await;
+            self.archive(&stored, &stored.message.archive).await;
         }
+        let mut copies: Vec<route::Copy> = Vec::new();
         for (i, st) in stored.states.iter().enumerate() {
             if st.is_final() {
                 continue;
@@ -261,7 +262,7 @@ impl Qmgr {
                 // R44: a message with a content filter goes there first, whatever route says.
                 Some(t) => route::filter_route(t, &stored.message.recipients[i].address),
                 None => {
-                    route::route(
+                    let (routed, wanted) = route::route(
                         &self.prog,
                         &self.shared.lookups(),
                         &self.policy_dir,
@@ -271,7 +272,17 @@ impl Qmgr {
                         stored.arrived_ms,
                         now,
                     )
-                    .await
+                    .await;
+                    // Copies are made once per message, when it is first routed, and never of
+                    // a copy (a route-stage bcc would otherwise copy itself forever).
+                    if fresh && !stored.message.copy {
+                        for c in wanted {
+                            if !copies.contains(&c) {
+                                copies.push(c);
+                            }
+                        }
+                    }
+                    routed
                 }
             };
             match routed {
@@ -354,6 +365,30 @@ impl Qmgr {
                 }
             }
         }
+        // Route-stage bcc and archive (R12).
+        let archive: Vec<String> = copies
+            .iter()
+            .filter_map(|c| if let route::Copy::Archive(f) = c { Some(f.clone()) } else { None })
+            .collect();
+        if !archive.is_empty() {
+            self.archive(&stored, &archive).await;
+        }
+        for c in &copies {
+            if let route::Copy::Bcc(to) = c {
+                let mut m = stored.message.clone();
+                m.recipients =
+                    vec![QueuedRcpt { address: to.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }];
+                m.copy = true;
+                m.archive.clear();
+                match self.spool.store(&m, stored.class, now) {
+                    Ok(new_id) => {
+                        self.shared.log.event("bcc", &[("id", id), ("to", to), ("copy", new_id.as_str())]);
+                        Box::pin(self.admit(new_id.as_str())).await;
+                    }
+                    Err(e) => self.shared.log.event("bcc-failed", &[("id", id), ("to", to), ("error", &e.to_string())]),
+                }
+            }
+        }
         if !failures.is_empty() {
             self.dsn(&qid, &stored, DsnKind::Failure, &failures, false).await;
             for (i, r) in &failures {
@@ -389,8 +424,8 @@ impl Qmgr {
     }
 
     /// `archive FOLDER` (R12): a copy in the Maildir folder under the server's maildir.
-    async fn archive(&self, stored: &Stored) {
-        for folder in &stored.message.archive {
+    async fn archive(&self, stored: &Stored, folders: &[String]) {
+        for folder in folders {
             let root = match self.prog.server.option("maildir") {
                 Some(OptValue::Str(s)) => self.policy_dir.join(s),
                 _ => PathBuf::from("var/mail"),

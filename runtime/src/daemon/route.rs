@@ -72,6 +72,16 @@ pub fn default_maildir(prog: &Program, policy_dir: &Path, address: &str) -> Path
 }
 
 /// Route recipient `index` of `msg`.
+/// A copy the route stage asked for besides the recipient's own delivery (R12).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Copy {
+    /// `bcc "ADDRESS"`: also deliver the message to this address.
+    Bcc(String),
+    /// `archive "FOLDER"`: also store it in this Maildir folder under the server's maildir.
+    Archive(String),
+}
+
+/// Route recipient `index` of `msg`, with the copies the route stage asked for.
 pub async fn route(
     prog: &Program,
     lookups: &Lookups,
@@ -81,12 +91,28 @@ pub async fn route(
     queue_id: &str,
     arrived_ms: u64,
     now_ms: u64,
-) -> Routed {
+) -> (Routed, Vec<Copy>) {
     let Some(rcpt) = msg.recipients.get(index) else {
-        return Routed::Fail(RenderedReply { code: 550, enhanced: (5, 1, 1), text: "no such recipient".into() });
+        return (
+            Routed::Fail(RenderedReply { code: 550, enhanced: (5, 1, 1), text: "no such recipient".into() }),
+            Vec::new(),
+        );
     };
     let (facts, mut state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
     let v = run_stage(prog, lookups, Stage::Route, &facts, &mut state).await;
+    let copies = v
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Bcc(a) => Some(Copy::Bcc(a.clone())),
+            Effect::Archive(f) => Some(Copy::Archive(f.clone())),
+            _ => None,
+        })
+        .collect();
+    (decide(prog, policy_dir, msg, rcpt, v), copies)
+}
+
+fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedRcpt, v: Verdict) -> Routed {
     let mut address = rcpt.address.clone();
     let mut sender: Option<String> = None;
     for e in &v.effects {

@@ -47,6 +47,7 @@ pub(crate) fn message(sender: &str, rcpts: &[&str], body: &[u8]) -> QueuedMessag
         auth_user: String::new(),
         added_headers: vec![("X-Test".into(), "1".into())],
         session: Default::default(),
+        copy: false,
     }
 }
 
