@@ -65,10 +65,7 @@ pub async fn lookup(
     secrets: &HashMap<String, String>,
     default_timeout: Duration,
 ) -> Answer {
-    let timeout = match t.option("timeout") {
-        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
-        _ => default_timeout,
-    };
+    let timeout = super::lookup::table_timeout(t, default_timeout);
     match tokio::time::timeout(timeout, search(prog, t, key, secrets)).await {
         Ok(Ok(v)) => Answer::Value(v),
         Ok(Err(e)) => Answer::Error(format!("ldap table {}: {e}", t.name)),
@@ -94,12 +91,7 @@ async fn search(
     let (conn, mut ldap) = LdapConnAsync::new(url).await.map_err(|e| e.to_string())?;
     ldap3::drive!(conn);
     if let Some(dn) = opt(t, "bind_dn") {
-        let pw = match t.option("password") {
-            Some(OptValue::Secret(id)) => {
-                prog.secrets.get(id.index()).and_then(|s| secrets.get(&s.name)).cloned().unwrap_or_default()
-            }
-            _ => String::new(),
-        };
+        let pw = super::lookup::table_secret(prog, t, "password", secrets).unwrap_or_default();
         ldap.simple_bind(dn, &pw).await.and_then(|r| r.success()).map_err(|e| format!("bind: {e}"))?;
     }
     let attrs: Vec<&str> = match attribute {

@@ -382,6 +382,22 @@ pub fn batv_lifetime_days(prog: &Program) -> u64 {
     }
 }
 
+/// A table's own `timeout`, else the server's lookup time-out.
+pub fn table_timeout(t: &Resource, default: Duration) -> Duration {
+    match t.option("timeout") {
+        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
+        _ => default,
+    }
+}
+
+/// The value of the secret a table's option names (`password db_password;`).
+pub fn table_secret(prog: &Program, t: &Resource, option: &str, secrets: &HashMap<String, String>) -> Option<String> {
+    match t.option(option) {
+        Some(OptValue::Secret(id)) => prog.secrets.get(id.index()).and_then(|s| secrets.get(&s.name)).cloned(),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

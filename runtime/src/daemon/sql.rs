@@ -44,10 +44,7 @@ impl Pool {
         secrets: &HashMap<String, String>,
         default_timeout: Duration,
     ) -> Answer {
-        let timeout = match t.option("timeout") {
-            Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
-            _ => default_timeout,
-        };
+        let timeout = super::lookup::table_timeout(t, default_timeout);
         match tokio::time::timeout(timeout, self.query(prog, t, key, secrets)).await {
             Ok(Ok(v)) => Answer::Value(v),
             Ok(Err(e)) => {
@@ -74,10 +71,8 @@ impl Pool {
         if !clients.contains_key(&t.name) {
             let url = opt(t, "url").ok_or("no url")?;
             let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("url: {e}"))?;
-            if let Some(OptValue::Secret(id)) = t.option("password") {
-                if let Some(pw) = prog.secrets.get(id.index()).and_then(|s| secrets.get(&s.name)) {
-                    config.password(pw);
-                }
+            if let Some(pw) = super::lookup::table_secret(prog, t, "password", secrets) {
+                config.password(pw);
             }
             let (client, connection) = config.connect(NoTls).await.map_err(|e| format!("connect: {e}"))?;
             tokio::spawn(async move {
