@@ -11,6 +11,7 @@ pub mod ir;
 pub mod parse;
 pub mod schema;
 pub mod source;
+pub mod syntax;
 
 pub use check::{compile, Compilation};
 pub use diag::{Diagnostic, Severity};
