@@ -46,4 +46,6 @@ cargo build --workspace --all-targets
 cargo test --workspace
 # The policies and transcripts shipped as examples, through the real binary.
 cargo run -q -- check --deny-warnings examples/*.mailpolicy
+# Every policy is in the canonical layout (mailc fmt, spec/cli.md).
+cargo run -q -- fmt --check examples tests/check tests/assurance tests/transcripts/policies stdlib/policy
 cargo run -q -- test tests/transcripts examples

@@ -7,6 +7,7 @@ pub mod analysis;
 pub mod ast;
 pub mod check;
 pub mod diag;
+pub mod format;
 pub mod ir;
 pub mod parse;
 pub mod schema;

@@ -2,6 +2,7 @@
 
 mod check;
 mod explain;
+mod fmt;
 mod hashpw;
 mod queue;
 mod serve;
@@ -16,6 +17,8 @@ Usage:
   mailc check [--format human|json] [--deny-warnings] [--emit-counterexample DIR] FILE...
   mailc test [--verbose] [--filter TEXT] PATH...
   mailc explain [--filter TEXT] TRANSCRIPT...
+  mailc fmt [--check] PATH...
+  mailc lsp                                (a language server on standard input and output)
   mailc serve [--policy FILE] [--spool DIR]
   mailc hash-password [--iterations N]     (password on standard input)
   mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Some("check") => check::main(rest),
         Some("test") => test::main(rest),
         Some("explain") => explain::main(rest),
+        Some("fmt") => fmt::main(rest),
         Some("queue") => queue::main(rest),
         Some("hash-password") => hashpw::main(rest),
         Some("serve") => serve::main(rest),
