@@ -2541,7 +2541,7 @@ pub const RATE_KEYS: &[Fact] = &[
 ];
 
 /// Built-in test names (for "did you mean").
-const TESTS: &[(&str, &str)] = &[
+pub const TESTS: &[(&str, &str)] = &[
     ("flag", "flag NAME"),
     ("header", "header \"NAME\""),
     ("lookup", "lookup TABLE KEY"),
@@ -2561,7 +2561,7 @@ const TESTS: &[(&str, &str)] = &[
 const SESS: Stages = Stages::SESSION;
 
 /// Actions: name, stages where allowed, capability.
-const ACTIONS: &[(&str, Stages, Option<&str>)] = &[
+pub const ACTIONS: &[(&str, Stages, Option<&str>)] = &[
     ("accept", SESS, None),
     ("reject", SESS.with(Stage::Route).with(Stage::Deliver), None),
     ("tempfail", SESS.with(Stage::Route).with(Stage::Deliver), None),

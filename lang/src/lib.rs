@@ -8,6 +8,7 @@ pub mod ast;
 pub mod check;
 pub mod diag;
 pub mod format;
+pub mod ide;
 pub mod ir;
 pub mod parse;
 pub mod schema;
