@@ -15,6 +15,7 @@ declare -A want=(
   [unbound]=unbound
   [spamd]=spamd
   [pg_ctlcluster]=postgresql
+  [nvim]=neovim
 )
 missing=()
 for prog in "${!want[@]}"; do

@@ -111,7 +111,6 @@ fn load_file(w: &mut World, file: FileId, loader: &dyn Loader, depth: usize) {
                     load_file(w, id, loader, depth + 1);
                 }
             }
-            continue;
         }
         w.items.push((file, item));
     }

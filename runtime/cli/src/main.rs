@@ -4,6 +4,7 @@ mod check;
 mod explain;
 mod fmt;
 mod hashpw;
+mod lsp;
 mod queue;
 mod serve;
 mod test;
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         Some("test") => test::main(rest),
         Some("explain") => explain::main(rest),
         Some("fmt") => fmt::main(rest),
+        Some("lsp") => lsp::main(rest),
         Some("queue") => queue::main(rest),
         Some("hash-password") => hashpw::main(rest),
         Some("serve") => serve::main(rest),
