@@ -50,3 +50,5 @@ cargo run -q -- check --deny-warnings examples/*.mailpolicy
 # Every policy is in the canonical layout (mailc fmt, spec/cli.md).
 cargo run -q -- fmt --check examples tests/check tests/assurance tests/transcripts/policies stdlib/policy
 cargo run -q -- test tests/transcripts examples
+# The editors' grammars (tree-sitter, TextMate) against every policy.
+bash editors/test.sh
