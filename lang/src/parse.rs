@@ -123,6 +123,7 @@ struct Recovery<'t> {
 enum Piece {
     Item,
     Stmt,
+    Opt,
 }
 
 impl<'t> Recovery<'t> {
@@ -140,6 +141,7 @@ impl<'t> Recovery<'t> {
         let rule = match piece {
             Piece::Item => Rule::item_only,
             Piece::Stmt => Rule::stmt_only,
+            Piece::Opt => Rule::option_only,
         };
         match PolicyParser::parse(rule, src) {
             Ok(mut pairs) => {
@@ -299,6 +301,32 @@ impl<'t> Recovery<'t> {
                         }
                         self.errors.push(e);
                     }
+                }
+            }
+            Some("server" | "listener" | "table" | "secret" | "scanner") if !self.groups(kids).is_empty() => {
+                // The settings are parsed one by one, so each broken one is reported; the
+                // block itself is left out (a setting missing from it is no new error).
+                if let Some(n) = self.second_word(kids).filter(|_| first != Some("server")) {
+                    self.unparsed.names.insert(n.to_string());
+                }
+                let before = self.errors.len();
+                if let Some((blanked, offset)) = self.piece_text(kids, true) {
+                    if let Err(e) = self.try_parse(Piece::Item, &blanked, offset, |_, _| ()) {
+                        let e = self.note_unclosed(kids, e);
+                        self.errors.push(e);
+                    }
+                }
+                for g in self.groups(kids) {
+                    for (a, b) in syntax::statements(self.text, &self.toks, g, false) {
+                        if let Some((src, offset)) = self.piece_text(&g[a..b], false) {
+                            if let Err(e) = self.try_parse(Piece::Opt, &src, offset, |_, _| ()) {
+                                self.errors.push(e);
+                            }
+                        }
+                    }
+                }
+                if self.errors.len() == before {
+                    self.errors.push(err);
                 }
             }
             _ => {
@@ -856,6 +884,7 @@ fn describe(rule: Rule) -> Option<&'static str> {
         | Rule::item_only => "a declaration or a stage block (`on connect { ... }`)",
         Rule::EOI => "the end of the file",
         Rule::stmt_only => "a statement",
+        Rule::option_only => "a setting",
         _ => return None,
     })
 }
@@ -1056,16 +1085,27 @@ fn statement_kind(text: &str, end: usize) -> &'static str {
         .flat_map(str::split_whitespace)
         .next()
         .unwrap_or("");
-    let before = text[..start].trim_end();
     match first {
         "require" | "include" | "list" | "table" | "secret" | "scanner" => "declaration",
-        _ if before.ends_with('{') && is_settings_block(&text[..start]) => "setting",
+        _ if is_settings_block(&text[..start]) => "setting",
         _ => "action",
     }
 }
 
 fn is_settings_block(before: &str) -> bool {
-    let open = after_last_delim(before, &['{']).saturating_sub(1);
+    // The innermost `{` still open at the end of `before`.
+    let toks = syntax::lex(before);
+    let mut stack = Vec::new();
+    for t in &toks {
+        match t.text(before) {
+            "{" if t.kind == Kind::Punct => stack.push(t.start as usize),
+            "}" if t.kind == Kind::Punct => {
+                stack.pop();
+            }
+            _ => {}
+        }
+    }
+    let Some(&open) = stack.last() else { return false };
     let head_start = after_last_delim(&before[..open], &[';', '{', '}']);
     let head =
         before[head_start..open].lines().map(|l| l.split('#').next().unwrap_or("")).collect::<Vec<_>>().join(" ");
@@ -1142,10 +1182,15 @@ mod tests {
             }
         }
         assert!(n > 50);
-        // Every prefix that ends at a token's start or end (and one byte into it).
+        // Every prefix that ends at a token's end, or one byte into a string or a comment.
         let all = std::fs::read_to_string(dir.join("clean_everything.mailpolicy")).expect("read");
-        let mut cuts: Vec<usize> =
-            syntax::lex(&all).iter().flat_map(|t| [t.start as usize, t.start as usize + 1, t.end as usize]).collect();
+        let mut cuts: Vec<usize> = syntax::lex(&all)
+            .iter()
+            .flat_map(|t| {
+                let inside = matches!(t.kind, Kind::Str(_) | Kind::Comment).then_some(t.start as usize + 1);
+                [Some(t.end as usize), inside].into_iter().flatten()
+            })
+            .collect();
         cuts.dedup();
         for i in cuts {
             if let Some(prefix) = all.get(..i) {

@@ -116,6 +116,21 @@ pub fn lex(text: &str) -> Vec<Token> {
                 }
                 Kind::Word
             }
+            // Not a string of the language (a syntax error), but one token, so that the
+            // formatter leaves what is inside alone.
+            '\'' => {
+                while let Some(&(j, d)) = it.peek() {
+                    if d == '\n' {
+                        break;
+                    }
+                    it.next();
+                    end = j + d.len_utf8();
+                    if d == '\'' {
+                        break;
+                    }
+                }
+                Kind::Other
+            }
             ';' | ',' | '{' | '}' | '(' | ')' | '[' | ']' => Kind::Punct,
             '=' | '!' | '<' | '>' => {
                 if it.peek().is_some_and(|&(_, d)| d == '=') {
