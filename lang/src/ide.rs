@@ -1102,4 +1102,23 @@ mod tests {
         assert!(h("message.size").contains("a size"), "{}", h("message.size"));
         assert!(h("reject").contains("5xx"), "{}", h("reject"));
     }
+
+    /// Hover, completion, names and the outline never panic on a policy cut anywhere.
+    #[test]
+    fn every_prefix_is_safe() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/check/clean_everything.mailpolicy");
+        let all = std::fs::read_to_string(path).expect("read");
+        let cuts: Vec<usize> = syntax::lex(&all).iter().map(|t| t.end as usize).step_by(7).collect();
+        for i in cuts {
+            let w = world(&all[..i]);
+            let f = FileId(0);
+            let _ = symbols(&w, f);
+            for off in [0, i / 3, i / 2, i.saturating_sub(1), i] {
+                let off = off as u32;
+                let _ = hover(&w, f, off);
+                let _ = complete(&w, f, off);
+                let _ = w.name_at(f, off);
+            }
+        }
+    }
 }

@@ -717,16 +717,22 @@ fn code_actions(uri: &Url, sf: &SourceFile, d: &lt::Diagnostic, enc: Encoding) -
     // Did you mean: replace the misspelt name in the diagnostic's span.
     if let Some(s) = suggestion(&help) {
         let text = &sf.text[a..b];
+        // The name-like run of the span closest to the suggestion.
         let mut best: Option<(usize, usize, usize)> = None;
-        let mut i = 0;
-        for part in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.')) {
-            if !part.is_empty() {
-                let dist = distance(part, &s);
-                if best.is_none_or(|(_, _, bd)| dist < bd) {
-                    best = Some((i, i + part.len(), dist));
+        let mut run: Option<usize> = None;
+        let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+        for (i, c) in text.char_indices().chain([(text.len(), ' ')]) {
+            match (run, is_name(c)) {
+                (None, true) => run = Some(i),
+                (Some(r), false) => {
+                    let dist = distance(&text[r..i], &s);
+                    if best.is_none_or(|(_, _, bd)| dist < bd) {
+                        best = Some((r, i, dist));
+                    }
+                    run = None;
                 }
+                _ => {}
             }
-            i += part.len() + 1;
         }
         if let Some((x, y, _)) = best {
             let start = sf.text.len().min(a + x);
