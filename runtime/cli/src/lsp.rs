@@ -716,6 +716,8 @@ fn code_actions(uri: &Url, sf: &SourceFile, d: &lt::Diagnostic, enc: Encoding) -
     let b = offset(sf, d.range.end, enc).max(a);
     // Did you mean: replace the misspelt name in the diagnostic's span.
     if let Some(s) = suggestion(&help) {
+        // `${client.ptr}` suggested for `${client.adr}`: the name inside.
+        let s = s.strip_prefix("${").and_then(|x| x.strip_suffix('}')).map(str::to_string).unwrap_or(s);
         let text = &sf.text[a..b];
         // The name-like run of the span closest to the suggestion.
         let mut best: Option<(usize, usize, usize)> = None;
@@ -849,4 +851,64 @@ fn move_to_stage(sf: &SourceFile, at: usize, stage: &str, enc: Encoding) -> Opti
         }
     };
     Some(vec![delete, insert])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fix(text: &str, line: u32, start: u32, end: u32, code: &str, help: &str) -> String {
+        let sf = SourceFile::new(String::new(), PathBuf::from("/p.mailpolicy"), text.to_string());
+        let uri = Url::from_file_path("/p.mailpolicy").expect("uri");
+        let d = lt::Diagnostic {
+            range: lt::Range {
+                start: lt::Position { line, character: start },
+                end: lt::Position { line, character: end },
+            },
+            code: Some(lt::NumberOrString::String(code.into())),
+            message: format!("x\nhelp: {help}"),
+            ..Default::default()
+        };
+        let acts = code_actions(&uri, &sf, &d, Encoding::Utf16);
+        let Some(lt::CodeActionOrCommand::CodeAction(a)) = acts.first() else { panic!("no action") };
+        let edits =
+            a.edit.as_ref().and_then(|e| e.changes.as_ref()).and_then(|c| c.get(&uri)).cloned().unwrap_or_default();
+        let mut out = text.to_string();
+        let mut spans: Vec<(usize, usize, String)> = edits
+            .iter()
+            .map(|e| {
+                (
+                    offset(&sf, e.range.start, Encoding::Utf16),
+                    offset(&sf, e.range.end, Encoding::Utf16),
+                    e.new_text.clone(),
+                )
+            })
+            .collect();
+        spans.sort_by_key(|s| std::cmp::Reverse(s.0));
+        for (a, b, t) in spans {
+            out.replace_range(a..b, &t);
+        }
+        out
+    }
+
+    #[test]
+    fn quick_fixes() {
+        let t = "on rcpt {\n  reject 554 5.7.1 \"${client.adr} no\";\n}\n";
+        assert!(
+            fix(t, 1, 20, 33, "mailc::interpolation", "did you mean `${client.ptr}`?").contains("\"${client.ptr} no\"")
+        );
+        let t = "server {\n  max_mesage_size 10M;\n}\n";
+        assert!(
+            fix(t, 1, 2, 17, "mailc::setting", "did you mean `max_message_size`?").contains("  max_message_size 10M;")
+        );
+        let t = "require \"dnsbll\";\n";
+        assert_eq!(fix(t, 0, 8, 16, "mailc::require", "did you mean \"dnsbl\"?"), "require \"dnsbl\";\n");
+        let t = "on rcpt {\n  if dnsbl \"z.example\" { reject; }\n}\n";
+        assert!(fix(t, 1, 5, 10, "mailc::require", "add `require \"dnsbl\";` at the top of the policy")
+            .starts_with("require \"dnsbl\";\non rcpt"));
+        // No block of the stage yet: one is made at the end.
+        let t = "on rcpt {\n  if header \"s\" :is \"x\" { reject; }\n  accept;\n}\n";
+        let out = fix(t, 1, 5, 11, "mailc::stage", "move the rule to `on data`");
+        assert_eq!(out, "on rcpt {\n  accept;\n}\n\non data {\n  if header \"s\" :is \"x\" { reject; }\n}\n");
+    }
 }
