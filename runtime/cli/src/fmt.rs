@@ -95,6 +95,9 @@ fn one(path: &Path, check: bool) -> u8 {
         return 0;
     }
     // Write beside the file and rename over it: an interrupted run never leaves half a policy.
+    // A symbolic link is followed, so the link stays a link.
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = real.as_path();
     let tmp = path.with_file_name(format!(
         ".{}.fmt-{}",
         path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
