@@ -495,17 +495,8 @@ impl<'p> Prover<'p> {
         {
             return Verdict::LoopbackOnly;
         }
-        let dbg = std::env::var_os("RELAY_DEBUG").is_some();
-        let t0 = std::time::Instant::now();
         self.compute_gaps();
-        if dbg {
-            eprintln!("gaps: {} shapes in {:?}", self.gap_shapes.len(), t0.elapsed());
-        }
-        let t0 = std::time::Instant::now();
         let ends = self.final_paths();
-        if dbg {
-            eprintln!("final paths: {} ends in {:?}, work {}", ends.len(), t0.elapsed(), self.work);
-        }
         let mut undecided: Option<(String, Vec<(LocId, String)>)> = None;
         let mut found: Vec<(session::RelayEnd, sym::Model)> = Vec::new();
         for e in ends {
