@@ -340,10 +340,11 @@ fn address_pattern() -> String {
     format!("(?:(?:{ATEXT})+(?:\\.(?:{ATEXT})+)*|{QUOTED})@(?:{LABEL}(?:\\.{LABEL})*|{LITERAL})")
 }
 
+/// A language of this module's own, in the regex crate's Unicode syntax (case as written).
 fn policy_lang(p: String) -> LangSpec {
     LangSpec {
         pattern: p,
-        syntax: auto::Syntax::Policy,
+        syntax: auto::Syntax::Table { case_insensitive: false },
         view: View::Whole,
         prefix: Vec::new(),
         suffix: Vec::new(),
