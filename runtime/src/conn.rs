@@ -581,7 +581,20 @@ impl Conn {
             Event::Message { ref data, .. } => {
                 self.facts.recipient = None;
                 self.facts.recipients = self.accepted_addresses();
-                self.facts.message = Some(MessageFacts::parse(data));
+                match MessageFacts::try_parse(data) {
+                    Ok(m) => self.facts.message = Some(m),
+                    Err(_) => {
+                        // A MIME parser defect on this message: refuse it (temporarily, the
+                        // fault is ours) and keep the session.
+                        self.notes.push_back(Need::Note(Note::Log(
+                            "message refused: the MIME parser failed on it (parser panic contained)".into(),
+                        )));
+                        self.end_transaction();
+                        let reply = Reply::new(451, (4, 3, 0), "Local error in processing, try again later");
+                        let _ = self.session.decide(Decision::reject(reply), now);
+                        return None;
+                    }
+                }
                 self.start(Stage::Data, ev)
             }
             Event::AuthStep { mechanism, data } => Some(Need::AuthStep { mechanism, data }),
@@ -863,58 +876,27 @@ impl Conn {
         }
     }
 
-    /// Apply header changes and prepend the Received: header.
+    /// Apply header changes and prepend the Received: header, inside the header section
+    /// only ([`crate::headers`]: the boundary as a parser finds it, any line-ending style).
     fn edit_message(&self, data: &[u8]) -> (Vec<u8>, Vec<(String, String)>) {
-        let split = find(data, b"\r\n\r\n").map(|i| i + 2).unwrap_or(data.len());
-        let (head, body) = data.split_at(split);
-        let mut lines: Vec<Vec<u8>> = Vec::new();
-        for line in head.split_inclusive(|b| *b == b'\n') {
-            if (line.starts_with(b" ") || line.starts_with(b"\t")) && !lines.is_empty() {
-                if let Some(last) = lines.last_mut() {
-                    last.extend_from_slice(line);
-                }
-            } else {
-                lines.push(line.to_vec());
-            }
-        }
-        let name_of = |l: &[u8]| -> String {
-            l.split(|b| *b == b':')
-                .next()
-                .map(|n| String::from_utf8_lossy(n).trim().to_ascii_lowercase())
-                .unwrap_or_default()
-        };
+        use crate::headers::Edit;
         let mut added = Vec::new();
-        let mut prepend: Vec<Vec<u8>> = Vec::new();
+        let mut edits = Vec::new();
         for e in &self.tx.headers {
             match e {
                 Effect::HeaderAdd { name, value } => {
-                    prepend.push(format!("{name}: {value}\r\n").into_bytes());
+                    edits.push(Edit::Add(name.clone(), value.clone()));
                     added.push((name.clone(), value.clone()));
                 }
-                Effect::HeaderRemove(name) => {
-                    let n = name.to_ascii_lowercase();
-                    lines.retain(|l| name_of(l) != n);
-                }
+                Effect::HeaderRemove(name) => edits.push(Edit::Remove(name.clone())),
                 Effect::HeaderReplace { name, value } => {
-                    let n = name.to_ascii_lowercase();
-                    lines.retain(|l| name_of(l) != n);
-                    prepend.push(format!("{name}: {value}\r\n").into_bytes());
+                    edits.push(Edit::Replace(name.clone(), value.clone()));
                     added.push((name.clone(), value.clone()));
                 }
                 _ => {}
             }
         }
-        let received = self.received_header();
-        let mut out = Vec::with_capacity(data.len() + 512);
-        out.extend_from_slice(received.as_bytes());
-        for p in prepend {
-            out.extend_from_slice(&p);
-        }
-        for l in lines {
-            out.extend_from_slice(&l);
-        }
-        out.extend_from_slice(body);
-        (out, added)
+        (crate::headers::edit(data, &self.received_header(), &edits), added)
     }
 
     fn received_header(&self) -> String {
@@ -942,10 +924,6 @@ impl Conn {
             rfc2822_date(self.facts.now_ms)
         )
     }
-}
-
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
 }
 
 /// Reply text is ASCII (RFC 5321 4.2): other characters, e.g. from an interpolated

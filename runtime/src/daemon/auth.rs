@@ -6,18 +6,26 @@
 //! `dmarc` or `dmarc.policy`, and only then: a policy that never asks pays no DNS query.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{DkimSigner, Done};
-use mail_auth::hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig, ResolverOpts};
-use mail_auth::{AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, Resolver, SpfOutput, SpfResult};
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator, SpfOutput, SpfResult,
+};
 use mailpolicy_lang::ir::{OptValue, Program};
 
-/// The DNS client of sender authentication.
+/// The DNS client of sender authentication. Every query obeys the policy's `dns_timeout`
+/// (a UDP answer that comes back truncated is asked again over TCP), and each check as a
+/// whole (SPF; DKIM with DMARC) obeys `lookup_timeout`: past it the result is `temperror`
+/// and the session goes on.
 pub struct SenderAuth {
-    resolver: Resolver,
+    auth: MessageAuthenticator,
     hostname: String,
+    lookup_timeout: Duration,
 }
 
 /// What one transaction has learnt so far.
@@ -53,30 +61,45 @@ fn dkim_word(r: &DkimResult) -> &'static str {
     }
 }
 
+fn duration(prog: &Program, name: &str, default_ms: u64) -> Duration {
+    match prog.server.option(name) {
+        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
+        _ => Duration::from_millis(default_ms),
+    }
+}
+
 impl SenderAuth {
     pub fn new(prog: &Program, hostname: &str) -> Result<SenderAuth, String> {
-        let resolver = match prog.server.option("dns_server") {
-            Some(OptValue::Str(a)) => {
-                let sa: SocketAddr = a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?;
-                let mut c = ResolverConfig::new();
-                c.add_name_server(NameServerConfig::new(sa, Protocol::Udp));
-                c.add_name_server(NameServerConfig::new(sa, Protocol::Tcp));
-                let mut o = ResolverOpts::default();
-                o.ndots = 0;
-                Resolver::with_capacity(c, o, 1024).map_err(|e| e.to_string())?
-            }
-            _ => Resolver::new_system_conf().map_err(|e| format!("reading the system's DNS configuration: {e}"))?,
+        let server: Option<SocketAddr> = match prog.server.option("dns_server") {
+            Some(OptValue::Str(a)) => Some(a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?),
+            _ => None,
         };
-        Ok(SenderAuth { resolver, hostname: hostname.to_string() })
+        let (config, mut opts) = crate::transport::mx::hickory_config(server, duration(prog, "dns_timeout", 5_000));
+        opts.cache_size = 1024;
+        let auth = MessageAuthenticator::new(config, opts).map_err(|e| e.to_string())?;
+        Ok(SenderAuth {
+            auth,
+            hostname: hostname.to_string(),
+            lookup_timeout: duration(prog, "lookup_timeout", 10_000),
+        })
     }
 
     pub async fn spf(&self, st: &mut AuthState, ip: IpAddr, helo: &str, sender: &str) -> &'static str {
         if st.spf.is_none() {
-            let out = if sender.is_empty() {
-                // The null sender: check the HELO identity (RFC 7208 2.3).
-                self.resolver.verify_spf_helo(ip, helo, &self.hostname).await
-            } else {
-                self.resolver.verify_spf_sender(ip, helo, &self.hostname, sender).await
+            let check = async {
+                if sender.is_empty() {
+                    // The null sender: check the HELO identity (RFC 7208 2.3).
+                    self.auth.verify_spf(SpfParameters::verify_ehlo(ip, helo, &self.hostname)).await
+                } else {
+                    self.auth.verify_spf(SpfParameters::verify_mail_from(ip, helo, &self.hostname, sender)).await
+                }
+            };
+            let out = match tokio::time::timeout(self.lookup_timeout, check).await {
+                Ok(out) => out,
+                Err(_) => {
+                    let domain = sender.rsplit_once('@').map(|(_, d)| d).unwrap_or(helo);
+                    SpfOutput::new(domain.to_string()).with_result(SpfResult::TempError)
+                }
             };
             st.spf = Some(out);
         }
@@ -96,22 +119,49 @@ impl SenderAuth {
             return c.clone();
         }
         self.spf(st, ip, helo, sender).await;
-        let Some(msg) = AuthenticatedMessage::parse(message) else {
+        // A parser panic on a hostile message is that message's problem, not the session's.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| AuthenticatedMessage::parse(message)))
+            .ok()
+            .flatten();
+        let Some(msg) = parsed else {
             let c = ("permerror".to_string(), "permerror".to_string(), String::new());
             st.content = Some(c.clone());
             return c;
         };
-        let dkim = self.resolver.verify_dkim(&msg).await;
         let Some(spf) = st.spf.clone() else {
             return ("temperror".into(), "temperror".into(), String::new());
         };
+        // One deadline for DKIM and DMARC together: `lookup_timeout` from now.
+        let deadline = tokio::time::Instant::now() + self.lookup_timeout;
+        let Ok(dkim) = tokio::time::timeout_at(deadline, self.auth.verify_dkim(&msg)).await else {
+            let c = ("temperror".to_string(), "temperror".to_string(), String::new());
+            st.header = Some(
+                AuthenticationResults::new(&self.hostname).with_spf_mailfrom_result(&spf, ip, sender, helo).to_string()
+                    + ";\r\n\tdkim=temperror (time-out); dmarc=temperror (time-out)",
+            );
+            st.content = Some(c.clone());
+            return c;
+        };
         let mail_from_domain = sender.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_else(|| helo.to_string());
-        let dmarc = self.resolver.verify_dmarc(&msg, &dkim, &mail_from_domain, &spf).await;
         // The best DKIM result: any pass wins; else the first signature's; no signature: none.
         let dkim_w = if dkim.iter().any(|d| *d.result() == DkimResult::Pass) {
             "pass"
         } else {
             dkim.first().map(|d| dkim_word(d.result())).unwrap_or("none")
+        };
+        let from_header = msg.from.first().map(String::as_str).unwrap_or("");
+        let params = DmarcParameters::new(&msg, &dkim, &mail_from_domain, &spf);
+        let Ok(dmarc) = tokio::time::timeout_at(deadline, self.auth.verify_dmarc(params)).await else {
+            st.header = Some(
+                AuthenticationResults::new(&self.hostname)
+                    .with_spf_mailfrom_result(&spf, ip, sender, helo)
+                    .with_dkim_results(&dkim, from_header)
+                    .to_string()
+                    + ";\r\n\tdmarc=temperror (time-out)",
+            );
+            let c = (dkim_w.to_string(), "temperror".to_string(), String::new());
+            st.content = Some(c.clone());
+            return c;
         };
         // RFC 7489: with a published record, DMARC passes when an aligned identifier
         // passes and fails otherwise; without one there is no result.
@@ -134,7 +184,6 @@ impl SenderAuth {
             mail_auth::dmarc::Policy::Reject => "reject",
             mail_auth::dmarc::Policy::Unspecified => "",
         };
-        let from_header = msg.from.first().map(String::as_str).unwrap_or("");
         let header = AuthenticationResults::new(&self.hostname)
             .with_spf_mailfrom_result(&spf, ip, sender, helo)
             .with_dkim_results(&dkim, from_header)

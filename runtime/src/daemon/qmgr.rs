@@ -320,7 +320,7 @@ impl Qmgr {
                             orcpt: rcpt.orcpt.clone(),
                         })
                         .collect();
-                    if received_count(&m.data) > 50 {
+                    if crate::headers::received_count(&m.data) > 50 {
                         failures.push((i, "554 5.4.6 Mail loop: too many Received headers".into()));
                         continue;
                     }
@@ -897,12 +897,6 @@ async fn relayed_dsn(
 
 fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
     vec![std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)]
-}
-
-fn received_count(data: &[u8]) -> usize {
-    let end = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(data.len());
-    let head = String::from_utf8_lossy(&data[..end]);
-    head.lines().filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case("received:")).count()
 }
 
 /// The delivery target for a route key.

@@ -278,9 +278,7 @@ pub async fn run(
                             }
                         }
                         if !prefix.is_empty() {
-                            let mut data = prefix.into_bytes();
-                            data.extend_from_slice(&msg.data);
-                            msg.data = data;
+                            msg.data = crate::headers::edit(&msg.data, &prefix, &[]);
                         }
                     }
                     auth_state = AuthState::default();
