@@ -417,4 +417,87 @@ mod tests {
             auth.content(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test", forged).await;
         assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("none", "fail", "quarantine"));
     }
+
+    /// Issue 20.6: an SPF record too large for a UDP answer (unbound cut to 512 bytes says
+    /// TC) is fetched again over TCP, and SPF passes.
+    #[tokio::test]
+    async fn truncated_udp_answers_are_asked_again_over_tcp() {
+        const UNBOUND: &str = "/usr/sbin/unbound";
+        assert!(std::path::Path::new(UNBOUND).exists(), "unbound is not installed: run tests/run.sh");
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("mp-auth-tc-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // 60 mechanisms: about 1,100 bytes of TXT, twice what a 512-byte UDP answer holds.
+        let mut mechs: Vec<String> = (1..=59).map(|i| format!("ip4:192.0.2.{i}")).collect();
+        mechs.push("ip4:127.0.0.1".into());
+        let record = format!("v=spf1 {} -all", mechs.join(" "));
+        let strings: Vec<String> =
+            record.as_bytes().chunks(200).map(|c| format!("\"{}\"", String::from_utf8_lossy(c))).collect();
+        let conf = format!(
+            "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  do-tcp: yes\n  max-udp-size: 512\n  access-control: 127.0.0.0/8 allow\n\
+             \x20 local-zone: \"test.\" static\n\
+             \x20 local-data: 'big.test. TXT {txt}'\n\
+             remote-control:\n  control-enable: no\n",
+            d = dir.display(),
+            txt = strings.join(" ")
+        );
+        std::fs::write(dir.join("unbound.conf"), conf).unwrap();
+        let child = std::process::Command::new(UNBOUND)
+            .arg("-d")
+            .arg("-c")
+            .arg(dir.join("unbound.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start unbound");
+        let _guard = Kill(child, dir.clone());
+        let policy = format!("require \"spf\";\nserver {{ dns_server \"127.0.0.1:{port}\"; dns_timeout 2s; }}\non mail {{ if spf :is \"fail\" {{ reject; }} }}\n");
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+        let prog = c.program.expect("policy compiles");
+        let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut spf = "temperror";
+        for _ in 0..50 {
+            spf = auth.spf(&mut AuthState::default(), ip, "client.big.test", "alice@big.test").await;
+            if spf != "temperror" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(spf, "pass", "the {}-byte record is read over TCP", record.len());
+    }
+
+    /// Issue 20.6: a name server that never answers costs at most `lookup_timeout` per
+    /// check, and the result is temperror.
+    #[tokio::test]
+    async fn an_unanswered_query_ends_at_the_lookup_timeout() {
+        // A UDP socket and a TCP listener that take queries and never answer.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        let _tcp = std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+        let policy = format!("require [\"spf\", \"dkim\", \"dmarc\"];\nserver {{ dns_server \"127.0.0.1:{port}\"; dns_timeout 1s; lookup_timeout 2s; }}\non data {{ if spf :is \"fail\" or dkim :is \"fail\" or dmarc :is \"fail\" {{ reject; }} }}\n");
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+        let prog = c.program.expect("policy compiles");
+        let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut st = AuthState::default();
+        let start = std::time::Instant::now();
+        let spf = auth.spf(&mut st, ip, "client.slow.test", "alice@slow.test").await;
+        let spf_took = start.elapsed();
+        let body = b"From: alice@slow.test\r\nSubject: s\r\n\r\nbody\r\n";
+        let key = Ed25519Key::from_pkcs8_der(&Ed25519Key::generate_pkcs8().expect("key")).expect("key");
+        let sig =
+            DkimSigner::from_key(key).domain("slow.test").selector("sel").headers(["From"]).sign(body).expect("sign");
+        let mut signed = sig.to_header().into_bytes();
+        signed.extend_from_slice(body);
+        let start = std::time::Instant::now();
+        let (dkim, dmarc, _) = auth.content(&mut st, ip, "client.slow.test", "alice@slow.test", &signed).await;
+        let content_took = start.elapsed();
+        assert_eq!((spf, dkim.as_str(), dmarc.as_str()), ("temperror", "temperror", "temperror"));
+        // The bound under test is the policy's own: 2 s per check (plus scheduling slack),
+        // where the library's defaults took 15 s.
+        assert!(spf_took < std::time::Duration::from_secs(4), "SPF took {spf_took:?}");
+        assert!(content_took < std::time::Duration::from_secs(4), "DKIM and DMARC took {content_took:?}");
+        drop(udp);
+    }
 }

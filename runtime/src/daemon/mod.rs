@@ -8,6 +8,7 @@
 //! new sessions use the new one (listener addresses need a restart).
 
 pub mod auth;
+pub mod fault;
 pub mod ldap;
 pub mod log;
 pub mod lookup;
@@ -96,6 +97,9 @@ pub struct Shared {
     queued: mpsc::UnboundedSender<String>,
     alerts: Mutex<std::collections::HashMap<(String, String), u64>>,
     pub sessions: Arc<Semaphore>,
+    /// The queue manager is running (its supervisor says so). While it is not, new mail
+    /// is answered `451 4.3.0`: nothing is accepted that would go nowhere.
+    qmgr_up: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -104,6 +108,12 @@ impl Shared {
     }
     pub fn lookups(&self) -> Arc<Lookups> {
         self.lookups.read().map(|p| p.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+    pub fn qmgr_up(&self) -> bool {
+        self.qmgr_up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    pub fn set_qmgr_up(&self, up: bool) {
+        self.qmgr_up.store(up, std::sync::atomic::Ordering::SeqCst);
     }
     /// Tell the queue manager a message is in the spool.
     pub fn enqueued(&self, id: &str) {
@@ -333,6 +343,7 @@ pub async fn start(
         queued,
         alerts: Mutex::new(Default::default()),
         sessions: Arc::new(Semaphore::new(max_all.max(1))),
+        qmgr_up: std::sync::atomic::AtomicBool::new(true),
     });
     let mut addresses = Vec::new();
     for l in lsts {
@@ -397,7 +408,23 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
         let local = tcp.local_addr().unwrap_or(lst.address);
         let (s, l) = (shared.clone(), lst.clone());
         tokio::spawn(async move {
-            session::run(s, l, tcp, remote, local, id).await;
+            use futures_util::FutureExt;
+            // The task boundary is the last line of defence: a panic ends this session
+            // only (its permits and counts are released by guards), with a log line.
+            let log = s.log;
+            let sid = id.clone();
+            let ended = std::panic::AssertUnwindSafe(session::run(s, l, tcp, remote, local, id)).catch_unwind().await;
+            if let Err(p) = ended {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                log.event(
+                    "session-failed",
+                    &[("session", &sid), ("client", &remote.ip().to_string()), ("error", &why)],
+                );
+            }
             drop((p1, p2));
         });
     }

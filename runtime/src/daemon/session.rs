@@ -135,9 +135,9 @@ pub async fn run(
         .map(|t| Arc::new(TableCredentials { lookups: lookups.clone(), table: t.clone() }) as Arc<dyn CredentialStore>);
     let mut sasl = credentials.and_then(|c| SaslServer::new(c).ok());
     let ip_key = format!("client.ip={}", remote.ip());
-    if let Ok(mut r) = lookups.rates.lock() {
-        r.open(&ip_key);
-    }
+    // `concurrent by client.ip` counts this session until the guard drops, on every path
+    // the session ends (a panic unwinding included).
+    let _count = ConcurrencyGuard::open(lookups.clone(), ip_key.clone());
     let mut auth_state = AuthState::default();
     let mut auth_sender: Option<String> = None;
     let mut shutdown = shared.shutdown.clone();
@@ -257,7 +257,19 @@ pub async fn run(
                         }
                     }
                 }
+                Need::Queue(_) if !shared.qmgr_up() => {
+                    // Accept nothing that would go nowhere: the queue manager is down (its
+                    // supervisor is restarting it).
+                    log.event("store-refused", &[("session", &id), ("reason", "queue manager down")]);
+                    let r = RenderedReply {
+                        code: 451,
+                        enhanced: (4, 3, 0),
+                        text: "Queue manager unavailable, try again later".into(),
+                    };
+                    conn.queue_failed(Some(r), Time(now_ms()));
+                }
                 Need::Queue(mut msg) => {
+                    super::fault::check("session", &msg.data);
                     // Authentication-Results for what was checked, then our DKIM signature on
                     // mail our own users send (authenticated or from `networks`).
                     {
@@ -390,10 +402,30 @@ pub async fn run(
         }
     }
     stream.shutdown().await;
-    if let Ok(mut r) = lookups.rates.lock() {
-        r.close(&ip_key);
-    }
     log.event("disconnect", &[("session", &id), ("client", &remote.ip().to_string())]);
+}
+
+/// One session's share of its client's `concurrent` count, released on drop.
+struct ConcurrencyGuard {
+    lookups: Arc<Lookups>,
+    key: String,
+}
+
+impl ConcurrencyGuard {
+    fn open(lookups: Arc<Lookups>, key: String) -> ConcurrencyGuard {
+        if let Ok(mut r) = lookups.rates.lock() {
+            r.open(&key);
+        }
+        ConcurrencyGuard { lookups, key }
+    }
+}
+
+impl Drop for ConcurrencyGuard {
+    fn drop(&mut self) {
+        // A poisoned lock still holds the counts: release ours all the same.
+        let mut r = self.lookups.rates.lock().unwrap_or_else(|p| p.into_inner());
+        r.close(&self.key);
+    }
 }
 
 fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
