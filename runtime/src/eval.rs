@@ -375,6 +375,10 @@ pub struct RenderedTransport {
     pub dest: Option<String>,
     pub tls: TlsMode,
     pub auth: Option<SecretId>,
+    /// For a file-system destination built with interpolation: the directory its literal
+    /// prefix names, which the delivery must stay in ([`crate::paths`]).
+    #[serde(default)]
+    pub root: Option<String>,
 }
 
 /// How a stage ended.
@@ -821,6 +825,37 @@ impl Run {
         Ok(out)
     }
 
+    /// A file-system path: each interpolated value becomes one safe path component
+    /// ([`crate::paths::component`]); when there is any interpolation, also the directory
+    /// the literal prefix names, which the path must stay under.
+    fn render_path(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        t: &Template,
+    ) -> Result<(String, Option<String>), Halt> {
+        let mut out = String::new();
+        let mut prefix: Option<String> = None;
+        for p in &t.0 {
+            match p {
+                Part::Lit(s) => out.push_str(prog.str(*s)),
+                Part::Val(v) => {
+                    if prefix.is_none() {
+                        prefix = Some(out.clone());
+                    }
+                    let text = self.val(prog, f, st, v)?.render();
+                    out.push_str(&crate::paths::component(&text));
+                }
+            }
+        }
+        let root = prefix.map(|p| {
+            let p = p.trim_start().strip_prefix("unix:").unwrap_or(p.trim_start()).to_string();
+            crate::paths::literal_root(&p).unwrap_or_default()
+        });
+        Ok((out, root))
+    }
+
     // ---- conditions -------------------------------------------------------------------
 
     fn expr(&mut self, prog: &Program, f: &Facts, st: &mut State, id: ExprId) -> Result<bool, Halt> {
@@ -1073,11 +1108,21 @@ impl Run {
         st: &mut State,
         t: &Transport,
     ) -> Result<RenderedTransport, Halt> {
-        let dest = match &t.dest {
-            Some(d) => Some(self.render(prog, f, st, d)?),
-            None => None,
+        let file = matches!(t.kind, TransportKind::Maildir | TransportKind::Mbox)
+            || (t.kind == TransportKind::Lmtp
+                && t.dest
+                    .as_ref()
+                    .and_then(|d| d.0.first())
+                    .is_some_and(|p| matches!(p, Part::Lit(s) if prog.str(*s).trim_start().starts_with("unix:"))));
+        let (dest, root) = match &t.dest {
+            Some(d) if file => {
+                let (dest, root) = self.render_path(prog, f, st, d)?;
+                (Some(dest), root)
+            }
+            Some(d) => (Some(self.render(prog, f, st, d)?), None),
+            None => (None, None),
         };
-        Ok(RenderedTransport { kind: t.kind, dest, tls: t.tls, auth: t.auth })
+        Ok(RenderedTransport { kind: t.kind, dest, tls: t.tls, auth: t.auth, root })
     }
 
     fn act(&mut self, prog: &Program, f: &Facts, st: &mut State, a: &Action) -> Result<Option<Outcome>, Halt> {

@@ -4,6 +4,7 @@ pub mod conn;
 pub mod daemon;
 pub mod eval;
 pub mod headers;
+pub mod paths;
 pub mod queue;
 pub mod smtp;
 pub mod spool;

@@ -2466,3 +2466,55 @@ fn one_archive_copy_per_message_to_an_expanded_list() {
         assert!(copies[0].starts_with("Return-Path: <sender@c.test>"), "{}", copies[0]);
     }
 }
+
+// ================================================================== issue 10: hardening
+
+/// Issue 10.1: a Maildir or mbox path built from the recipient stays under the directory
+/// its literal prefix names: `..` and `/` in the local part are escaped into one path
+/// component, and a symbolic link below the root is never followed (the delivery fails
+/// with a 5.7.1 bounce and a log line, and nothing is written outside).
+#[test]
+fn delivery_paths_from_client_data_stay_in_their_directory() {
+    let t = TempDir::new("paths");
+    let port = free_port();
+    let outside = t.join("outside");
+    std::fs::create_dir_all(&outside).expect("outside");
+    std::fs::create_dir_all(t.join("boxes")).expect("boxes");
+    std::os::unix::fs::symlink(&outside, t.join("boxes/evil")).expect("symlink");
+    std::os::unix::fs::symlink(&outside, t.join("boxes/evilbox")).expect("symlink");
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         route {{\n\
+           if recipient.local :matches \"*box*\" {{ deliver mbox \"boxes/${{recipient.local}}\"; }}\n\
+           deliver maildir \"boxes/${{recipient.local}}/\";\n\
+         }}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let mut c = Smtp::connect(port).expect("connect");
+    let to = [
+        "\"x/../../outside/pwned\"@d.test",
+        "\"../../outside/pwnbox\"@d.test",
+        "evil@d.test",
+        "evilbox@d.test",
+        "sender@d.test",
+    ];
+    let (code, text) = c.send("sender@d.test", &to, b"Subject: escape\r\n\r\nbody\r\n", Way::Data).expect("send");
+    assert_eq!(code, 250, "{text}");
+    wait_for(
+        Duration::from_secs(30),
+        "deliveries and the DSN for the two symlinked boxes",
+        || spool_messages(&d.spool()).is_empty() && !maildir(&t.join("boxes/sender")).is_empty(),
+        || format!("{:?}\n{}", files_under(t.path()), d.log()),
+    );
+    assert!(files_under(&outside).is_empty(), "nothing written outside: {:?}", files_under(&outside));
+    let inside = files_under(&t.join("boxes"));
+    // The quoted local part (quotes included) is one escaped component of boxes/.
+    assert!(inside.iter().any(|f| f.starts_with("_x_.._.._outside_pwned_/new/")), "{inside:?}");
+    assert!(inside.iter().any(|f| f == "_.._.._outside_pwnbox_"), "{inside:?}");
+    let dsn = maildir(&t.join("boxes/sender")).join("\n");
+    assert!(dsn.contains("evil@d.test") && dsn.contains("evilbox@d.test") && dsn.contains("5.7.1"), "{dsn}");
+    let log = d.log();
+    assert!(log.contains("symbolic link"), "a log line names the refusal:\n{log}");
+}

@@ -512,7 +512,13 @@ impl Qmgr {
                         Err(e) => self.shared.log.event("expand-failed", &[("id", id), ("error", &e.to_string())]),
                     }
                 }
-                Routed::Fail(r) => failures.push((i, r.to_string())),
+                Routed::Fail(r) => {
+                    self.shared.log.event(
+                        "route-failed",
+                        &[("id", id), ("to", &stored.message.recipients[i].address), ("reply", &r.to_string())],
+                    );
+                    failures.push((i, r.to_string()))
+                }
                 Routed::Defer(r) => {
                     // Route again at the next queue run.
                     updates.push((
@@ -598,6 +604,7 @@ impl Qmgr {
                 folder.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
             let safe = safe.trim_start_matches('.').to_string();
             let dir = root.join(if safe.is_empty() { "archive".to_string() } else { safe });
+            let dir = crate::paths::Confined { root: Some(root.clone()), path: dir };
             let env = Envelope {
                 from: reverse_path(&stored.message.sender),
                 params: MailParams::default(),
@@ -606,13 +613,13 @@ impl Qmgr {
             let data = stored.message.data.clone();
             let d = dir.clone();
             let res =
-                tokio::task::spawn_blocking(move || crate::transport::local::deliver_maildir(&d, &env, &data)).await;
+                tokio::task::spawn_blocking(move || crate::transport::local::deliver_maildir_in(&d, &env, &data)).await;
             let ok = matches!(res, Ok(Ok(_)));
             self.shared.log.event(
                 "archive",
                 &[
                     ("id", stored.id.as_str()),
-                    ("folder", &dir.display().to_string()),
+                    ("folder", &dir.path.display().to_string()),
                     ("status", if ok { "stored" } else { "failed" }),
                 ],
             );

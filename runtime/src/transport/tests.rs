@@ -959,11 +959,16 @@ fn maildir_delivery() {
     let name = p1.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.ends_with(&format!(",S={}", body.len())), "{name}");
     // through the driver
-    let rep = rt().block_on(deliver(&Target::Maildir(md.clone()), &e, b"x\n", &opts(StaticResolver::new())));
+    let rep = rt().block_on(deliver(
+        &Target::Maildir(crate::paths::Confined { root: None, path: md.clone() }),
+        &e,
+        b"x\n",
+        &opts(StaticResolver::new()),
+    ));
     assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)));
     // unwritable: deferred
     let rep = rt().block_on(deliver(
-        &Target::Maildir(PathBuf::from("/proc/nonexistent/Maildir")),
+        &Target::Maildir(crate::paths::Confined { root: None, path: PathBuf::from("/proc/nonexistent/Maildir") }),
         &e,
         b"x\n",
         &opts(StaticResolver::new()),
