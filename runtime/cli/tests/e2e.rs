@@ -2518,3 +2518,30 @@ fn delivery_paths_from_client_data_stay_in_their_directory() {
     let log = d.log();
     assert!(log.contains("symbolic link"), "a log line names the refusal:\n{log}");
 }
+
+/// Issue 10.5: a body line over 998 octets is accepted; a Maildir keeps it whole, the SMTP
+/// next hop gets it folded by CRLF SPACE into lines of at most 998 octets.
+#[test]
+fn long_lines_are_accepted_and_passed_on() {
+    let t = TempDir::new("longline");
+    let (port, sport) = (free_port(), free_port());
+    let sink = Sink::start(&t.join("sink"), sport, &[]);
+    let d = Daemon::start(t.path(), &base_policy(port, sport, "none"), &[port]);
+    let long = "x".repeat(5000);
+    let msg = format!("Subject: long-line-e2e\r\n\r\n{long}\r\nend\r\n");
+    let mut c = Smtp::connect(port).expect("connect");
+    let (code, text) = c.send("a@s.test", &["u@d.test", "far@far.test"], msg.as_bytes(), Way::Data).expect("send");
+    assert_eq!(code, 250, "{text}");
+    wait_for(
+        Duration::from_secs(30),
+        "the Maildir copy and the relayed one",
+        || maildir(&t.join("mail/u")).len() == 1 && sink.messages().iter().any(|m| m.contains("long-line-e2e")),
+        || d.log(),
+    );
+    assert!(maildir(&t.join("mail/u"))[0].contains(&long), "the Maildir keeps the line whole");
+    let relayed = sink.messages().into_iter().find(|m| m.contains("long-line-e2e")).expect("relayed");
+    assert!(!relayed.contains(&long));
+    assert!(relayed.lines().all(|l| l.trim_end_matches('\r').len() <= 998), "folded on the way out");
+    let joined: String = relayed.replace("\r\n ", "").replace("\n ", "");
+    assert!(joined.contains(&long), "unfolding gives the line back");
+}

@@ -62,7 +62,8 @@ pub struct Config {
     pub max_command_line: usize,
     /// Longest AUTH command or SASL response line (RFC 4954 4: 12288).
     pub max_auth_line: usize,
-    /// Longest message text line, CRLF included (RFC 5321 4.5.3.1.6: 1000).
+    /// Message text line length, CRLF included, past which a line counts as long (RFC 5321
+    /// 4.5.3.1.6: 1000). Long lines are accepted; only `max_message_size` bounds them.
     pub max_text_line: usize,
     /// Most accepted recipients per transaction; more get `452 4.5.3`.
     pub max_recipients: usize,
@@ -1092,15 +1093,15 @@ impl Session {
             return;
         };
         let binary = tx.params.body == BodyType::BinaryMime;
-        let ContentFlags { too_big, bare_newline, long_line, header_too_big } = flags;
+        // Long text lines are accepted (RFC 5322's 998 is a limit on what senders generate, and
+        // Postfix accepts them too); the SMTP client folds them on the way out.
+        let ContentFlags { too_big, bare_newline, long_line: _, header_too_big } = flags;
         let err = if too_big {
             Some(r(552, (5, 3, 4), "Message size exceeds fixed maximum message size"))
         } else if bare_newline && !binary {
             Some(r(550, (5, 5, 2), "Message contains bare CR or LF; lines must end with CRLF"))
         } else if header_too_big {
             Some(r(552, (5, 3, 4), "Message header size exceeds limit"))
-        } else if long_line && !binary {
-            Some(r(500, (5, 5, 6), "Message line too long"))
         } else {
             None
         };

@@ -1431,3 +1431,21 @@ remote-control:
         assert_eq!(e.enhanced, Some((5, 4, 6)));
     });
 }
+
+/// Issue 10.5: a line longer than 998 octets goes out over DATA broken by CRLF SPACE (as
+/// Postfix's smtp_line_length_limit does); shorter lines are untouched.
+#[test]
+fn long_lines_are_folded_on_the_way_out() {
+    let mut msg = b"Subject: x\r\n\r\n".to_vec();
+    msg.extend_from_slice(&[b'a'; 2500]);
+    msg.extend_from_slice(b"\r\nshort\r\n");
+    let out = super::client::encode_data(&msg);
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(lines.iter().all(|l| l.len() <= 998), "every line within 998 octets");
+    assert_eq!(lines[2].len(), 998);
+    assert_eq!(lines[3].len(), 998);
+    assert!(lines[3].starts_with(' ') && lines[4].starts_with(' '));
+    assert_eq!(lines.iter().map(|l| l.trim_start_matches(' ').matches('a').count()).sum::<usize>(), 2500);
+    assert!(text.contains("\r\nshort\r\n.\r\n"));
+}
