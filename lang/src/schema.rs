@@ -46,6 +46,7 @@ pub const SERVER: &[OptSpec] = &[
     o("max_message_size", Size, "largest message accepted (default 25M; R46)"),
     o("max_recipients", Num, "recipients per message (default 100; R46)"),
     o("max_header_size", Size, "largest header section (default 100K; R46)"),
+    o("queue_minfree", Size, "free space the spool's file system must keep: MAIL is refused with 452 4.3.1 below it, or below it plus the SIZE the client declares (default 1.5 × max_message_size)"),
     o("max_sessions", Num, "concurrent SMTP sessions over all listeners (default 200)"),
     o("queue_run", Duration, "interval between deferred-queue scans (default 5m; R31)"),
     o("retry_min", Duration, "first retry delay (default 5m; R31)"),

@@ -270,6 +270,8 @@ pub struct Conn {
     /// The listener requires TLS / AUTH before MAIL.
     require_tls: bool,
     require_auth: bool,
+    /// Free space of the spool's file system, as the host last saw it (None: unknown).
+    free_space: Option<u64>,
 }
 
 impl Conn {
@@ -308,6 +310,21 @@ impl Conn {
             deferred: None,
             require_tls: false,
             require_auth: false,
+            free_space: None,
+        }
+    }
+
+    /// The spool's free space as the host sees it now; MAIL is refused with `452 4.3.1`
+    /// when it is below the server's `queue_minfree` plus the declared SIZE (Postfix).
+    pub fn set_free_space(&mut self, bytes: Option<u64>) {
+        self.free_space = bytes;
+    }
+
+    /// `queue_minfree`, default 1.5 × `max_message_size` (Postfix's rule).
+    fn queue_minfree(&self) -> u64 {
+        match self.prog.server.option("queue_minfree") {
+            Some(OptValue::Size(n)) => *n,
+            _ => self.session.config().max_message_size.saturating_mul(3) / 2,
         }
     }
 
@@ -525,6 +542,19 @@ impl Conn {
                     let reply = Reply::new(530, (5, 7, 0), text);
                     let _ = self.session.decide(Decision::reject(reply), now);
                     return None;
+                }
+                // Disk space before the upload, not after it (Postfix `queue_minfree`).
+                if let Some(free) = self.free_space {
+                    if free < self.queue_minfree().saturating_add(params.size.unwrap_or(0)) {
+                        self.notes.push_back(Need::Note(Note::Log(format!(
+                            "MAIL refused: {free} bytes free in the spool, queue_minfree {} plus SIZE {}",
+                            self.queue_minfree(),
+                            params.size.unwrap_or(0)
+                        ))));
+                        let reply = Reply::new(452, (4, 3, 1), "Insufficient system storage");
+                        let _ = self.session.decide(Decision::reject(reply), now);
+                        return None;
+                    }
                 }
                 self.facts.sender = Some(match from {
                     ReversePath::Null => String::new(),

@@ -2545,3 +2545,46 @@ fn long_lines_are_accepted_and_passed_on() {
     let joined: String = relayed.replace("\r\n ", "").replace("\n ", "");
     assert!(joined.contains(&long), "unfolding gives the line back");
 }
+
+/// Issue 10.4: free space is checked at MAIL against the spool's real file system: with
+/// `queue_minfree` above what is free MAIL gets 452 4.3.1 before any upload; with it within
+/// reach, a SIZE that does not fit gets 452 4.3.1 and one that fits is accepted.
+#[test]
+fn free_space_is_checked_at_mail_with_size() {
+    let t = TempDir::new("minfree");
+    std::fs::create_dir_all(t.join("spool")).expect("spool");
+    let free = {
+        let out = Command::new("df").args(["-B1", "--output=avail"]).arg(t.join("spool")).output().expect("df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok())
+            .expect("df avail")
+    };
+    let policy_for = |port: u16, minfree: u64| {
+        format!(
+            "list local = domains [\"d.test\"];\n\
+             server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; queue_minfree {minfree}; max_message_size {max}; }}\n\
+             listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\nroute {{ deliver maildir; }}\n",
+            max = free.saturating_mul(4)
+        )
+    };
+    // queue_minfree twice what is free: every MAIL is refused.
+    let port = free_port();
+    let d = Daemon::start(t.path(), &policy_for(port, free.saturating_mul(2)), &[port]);
+    let mut c = Smtp::connect(port).expect("connect");
+    let (code, text) = c.cmd("MAIL FROM:<a@d.test>").expect("mail");
+    assert!(code == 452 && text.contains("4.3.1"), "{text}");
+    drop(c);
+    drop(d);
+    // queue_minfree half of what is free: a SIZE of everything that is free does not fit,
+    // a small one does.
+    let t2 = TempDir::new("minfree2");
+    let port = free_port();
+    let _d = Daemon::start(t2.path(), &policy_for(port, free / 2), &[port]);
+    let mut c = Smtp::connect(port).expect("connect");
+    let (code, text) = c.cmd(&format!("MAIL FROM:<a@d.test> SIZE={free}")).expect("mail");
+    assert!(code == 452 && text.contains("4.3.1"), "{text}");
+    assert_eq!(c.cmd("RSET").expect("rset").0, 250);
+    assert_eq!(c.cmd("MAIL FROM:<a@d.test> SIZE=1000").expect("mail").0, 250);
+}

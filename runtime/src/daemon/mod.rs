@@ -100,6 +100,9 @@ pub struct Shared {
     /// The queue manager is running (its supervisor says so). While it is not, new mail
     /// is answered `451 4.3.0`: nothing is accepted that would go nowhere.
     qmgr_up: std::sync::atomic::AtomicBool,
+    /// Free bytes of the spool's file system, measured twice a second (`u64::MAX`:
+    /// unknown). Sessions refuse MAIL below `queue_minfree` plus SIZE.
+    spool_free: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -111,6 +114,13 @@ impl Shared {
     }
     pub fn qmgr_up(&self) -> bool {
         self.qmgr_up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// The spool's free space, None when it could not be measured.
+    pub fn spool_free(&self) -> Option<u64> {
+        match self.spool_free.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => None,
+            n => Some(n),
+        }
     }
     pub fn set_qmgr_up(&self, up: bool) {
         self.qmgr_up.store(up, std::sync::atomic::Ordering::SeqCst);
@@ -171,6 +181,18 @@ impl Shared {
             Err(e) => self.log.event("alert-failed", &[("to", to), ("error", &format!("{e:?}"))]),
         }
     }
+}
+
+/// Bytes available to an unprivileged writer on the file system holding `dir` (statvfs).
+pub fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs buffer of the right type.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Options of `mailc serve`.
@@ -344,7 +366,20 @@ pub async fn start(
         alerts: Mutex::new(Default::default()),
         sessions: Arc::new(Semaphore::new(max_all.max(1))),
         qmgr_up: std::sync::atomic::AtomicBool::new(true),
+        spool_free: Arc::new(std::sync::atomic::AtomicU64::new(free_space(&spool).unwrap_or(u64::MAX))),
     });
+    {
+        let (free, dir, mut stop) = (shared.spool_free.clone(), spool.clone(), shared.shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.changed() => break,
+                }
+                free.store(free_space(&dir).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
     let mut addresses = Vec::new();
     for l in lsts {
         let sock = TcpListener::bind(l.address)

@@ -384,6 +384,7 @@ pub async fn run(
                 }
                 Ok(n) => {
                     last_input = tokio::time::Instant::now();
+                    conn.set_free_space(shared.spool_free());
                     conn.handle_input(&buf[..n], Time(now_ms()));
                 }
             },

@@ -151,6 +151,8 @@ struct CaseRun {
     local: SocketAddr,
     implicit_tls: bool,
     client_cert: Option<Vec<u8>>,
+    /// `disk-free:` fixture: the spool's free space (None: plenty).
+    disk_free: Option<u64>,
     dns: HashMap<(String, String), DnsAnswer>,
     rows: HashMap<String, Vec<TableRow>>,
     file_tables: HashMap<String, Result<FileTable, String>>,
@@ -193,6 +195,7 @@ impl CaseRun {
             local: SocketAddr::from(([127, 0, 0, 1], 25)),
             implicit_tls: false,
             client_cert: None,
+            disk_free: None,
             dns: HashMap::new(),
             rows: HashMap::new(),
             file_tables: HashMap::new(),
@@ -249,6 +252,12 @@ impl CaseRun {
                 }
             }
             Item::Clock(t) => self.now = *t,
+            Item::DiskFree(n) => {
+                self.disk_free = Some(*n);
+                if let Some(c) = self.conn.as_mut() {
+                    c.set_free_space(Some(*n));
+                }
+            }
             Item::Dns { name, rtype, answer } => {
                 self.dns.insert((name.clone(), rtype.clone()), answer.clone());
             }
@@ -564,6 +573,7 @@ impl CaseRun {
         let mut conn = Conn::new(self.prog.clone(), config, peer, client, Time(self.now));
         let (tls_req, auth_req) = crate::config::requirements(&self.prog, listener.as_deref());
         conn.set_requirements(tls_req, auth_req);
+        conn.set_free_space(self.disk_free);
         self.session_keys = vec![format!("client.ip={}", self.client.ip())];
         for k in &self.session_keys {
             self.rates.open(k);
