@@ -48,6 +48,7 @@ pub const SERVER: &[OptSpec] = &[
     o("max_header_size", Size, "largest header section (default 100K; R46)"),
     o("queue_minfree", Size, "free space the spool's file system must keep: MAIL is refused with 452 4.3.1 below it, or below it plus the SIZE the client declares (default 1.5 × max_message_size)"),
     o("max_sessions", Num, "concurrent SMTP sessions over all listeners (default 200)"),
+    o("client_connection_limit", Num, "concurrent sessions from one client address, 0 for no limit (default 50, Postfix anvil)"),
     o("queue_run", Duration, "interval between deferred-queue scans (default 5m; R31)"),
     o("retry_min", Duration, "first retry delay (default 5m; R31)"),
     o("retry_max", Duration, "longest retry delay (default 67m; R31)"),

@@ -2588,3 +2588,60 @@ fn free_space_is_checked_at_mail_with_size() {
     assert_eq!(c.cmd("RSET").expect("rset").0, 250);
     assert_eq!(c.cmd("MAIL FROM:<a@d.test> SIZE=1000").expect("mail").0, 250);
 }
+
+/// Issue 10.3: 200 connections from one address that drip a byte every two seconds cannot
+/// lock others out: the per-client limit (50) leaves the other slots free, a client from
+/// another loopback address gets through at once, and with most slots taken the time-outs
+/// shrink so the drippers are cut off by the per-request deadline, not after five minutes.
+#[test]
+fn slow_clients_cannot_lock_others_out() {
+    let t = TempDir::new("slow");
+    let port = free_port();
+    let dns = unbound_zones(&t.join("unbound"), &[], &["."]);
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; max_sessions 60; dns_server \"127.0.0.1:{}\"; dns_timeout 2s; }}\n\
+         listener smtp {{ address \"0.0.0.0:{port}\"; tls none; }}\nroute {{ deliver maildir; }}\n",
+        dns.port
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let mut drippers = Vec::new();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut r = BufReader::new(s.try_clone().expect("clone"));
+        let mut banner = String::new();
+        let _ = r.read_line(&mut banner);
+        if banner.starts_with("220") {
+            drippers.push(s);
+        } else {
+            assert!(banner.starts_with("421 4.7.0"), "{banner}");
+            refused += 1;
+        }
+    }
+    assert_eq!((drippers.len(), refused), (50, 150), "the per-client limit is 50\n{}", d.log());
+    for s in &mut drippers {
+        let _ = s.write_all(b"E");
+    }
+    // A normal client from another address (swaks binds 127.0.0.2), while the others drip.
+    let start = Instant::now();
+    let out = swaks(
+        port,
+        &["--local-interface", "127.0.0.2", "--from", "a@d.test", "--to", "u@d.test", "--header", "Subject: through"],
+    );
+    let took = start.elapsed();
+    assert!(out.contains("Queued as"), "{out}\n{}", d.log());
+    eprintln!("the other client's whole transaction took {took:?}");
+    // The drippers: one byte every two seconds; the server cuts them off by the deadline.
+    let dripping = Instant::now();
+    while dripping.elapsed() < Duration::from_secs(40) && d.log().matches("request deadline").count() < 50 {
+        for s in &mut drippers {
+            let _ = s.write_all(b"H");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let cut = d.log().matches("request deadline").count();
+    assert_eq!(cut, 50, "every dripping session ends at its per-request deadline\n{}", d.log());
+    assert!(d.log().contains("stress=yes"), "most slots were taken: stress time-outs\n{}", d.log());
+}

@@ -103,7 +103,33 @@ pub struct Shared {
     /// Free bytes of the spool's file system, measured twice a second (`u64::MAX`:
     /// unknown). Sessions refuse MAIL below `queue_minfree` plus SIZE.
     spool_free: Arc<std::sync::atomic::AtomicU64>,
+    /// `max_sessions`: the size of `sessions`, to tell when most slots are taken.
+    pub max_sessions: usize,
+    /// Sessions per client address (`client_connection_limit`).
+    per_client: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
+
+/// One session's place in its client's count, given back on drop.
+pub struct ClientSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut m = self.shared.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Under pressure (most session slots taken) time-outs shrink to this, as postscreen and
+/// Postfix's stress mode do.
+pub const STRESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Shared {
     pub fn program(&self) -> Arc<Program> {
@@ -115,6 +141,29 @@ impl Shared {
     pub fn qmgr_up(&self) -> bool {
         self.qmgr_up.load(std::sync::atomic::Ordering::SeqCst)
     }
+    /// Take a place for a session from `ip`, unless the address already has
+    /// `client_connection_limit` sessions.
+    pub fn client_slot(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ClientSlot> {
+        let limit = match self.program().server.option("client_connection_limit") {
+            Some(OptValue::Num(n)) => *n as usize,
+            _ => 50,
+        };
+        let mut m = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if limit > 0 && *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { shared: self.clone(), ip })
+    }
+
+    /// Most session slots are taken (three quarters or more): time-outs shrink to
+    /// [`STRESS_TIMEOUT`].
+    pub fn under_pressure(&self) -> bool {
+        let free = self.sessions.available_permits();
+        free * 4 <= self.max_sessions
+    }
+
     /// The spool's free space, None when it could not be measured.
     pub fn spool_free(&self) -> Option<u64> {
         match self.spool_free.load(std::sync::atomic::Ordering::Relaxed) {
@@ -367,6 +416,8 @@ pub async fn start(
         sessions: Arc::new(Semaphore::new(max_all.max(1))),
         qmgr_up: std::sync::atomic::AtomicBool::new(true),
         spool_free: Arc::new(std::sync::atomic::AtomicU64::new(free_space(&spool).unwrap_or(u64::MAX))),
+        max_sessions: max_all.max(1),
+        per_client: Mutex::new(Default::default()),
     });
     {
         let (free, dir, mut stop) = (shared.spool_free.clone(), spool.clone(), shared.shutdown.clone());
@@ -440,6 +491,24 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
             });
             continue;
         };
+        // One address cannot take every slot (Postfix anvil's per-client limit).
+        let Some(slot) = shared.client_slot(canonical(remote.ip())) else {
+            drop((p1, p2));
+            shared.log.event(
+                "refused",
+                &[
+                    ("listener", &lst.name),
+                    ("client", &remote.ip().to_string()),
+                    ("reason", "too many sessions from the address"),
+                ],
+            );
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = tcp.write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n").await;
+                let _ = tcp.shutdown().await;
+            });
+            continue;
+        };
         let local = tcp.local_addr().unwrap_or(lst.address);
         let (s, l) = (shared.clone(), lst.clone());
         tokio::spawn(async move {
@@ -460,8 +529,15 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
                     &[("session", &sid), ("client", &remote.ip().to_string()), ("error", &why)],
                 );
             }
-            drop((p1, p2));
+            drop((p1, p2, slot));
         });
+    }
+}
+
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 

@@ -143,6 +143,11 @@ pub async fn run(
     let mut shutdown = shared.shutdown.clone();
     let mut buf = vec![0u8; 64 * 1024];
     let mut last_input = tokio::time::Instant::now();
+    // When the current command line began, and when the message phase began (with the
+    // byte count then), for the per-request deadlines.
+    let mut line_started: Option<tokio::time::Instant> = None;
+    let mut data_started: Option<(tokio::time::Instant, u64)> = None;
+    let mut data_bytes: u64 = 0;
     let mut closing_for_shutdown = false;
     'session: loop {
         // 1. Everything the connection needs.
@@ -370,10 +375,36 @@ pub async fn run(
             let now = now_ms();
             tokio::time::Instant::now() + Duration::from_millis(t.0.saturating_sub(now))
         });
-        // The idle time-out of the phase the client is in (R46): DATA gets its own.
-        let idle_deadline =
-            last_input + if conn.session().in_message() { lst.data_timeout } else { lst.command_timeout };
-        let deadline = engine_deadline.map_or(idle_deadline, |d| d.min(idle_deadline));
+        // The idle time-out of the phase the client is in (R46): DATA gets its own. Under
+        // pressure (most slots taken) every time-out shrinks to STRESS_TIMEOUT.
+        let stress = shared.under_pressure();
+        let eff = |t: Duration| if stress { t.min(super::STRESS_TIMEOUT) } else { t };
+        let in_message = conn.session().in_message();
+        let idle_deadline = last_input + eff(if in_message { lst.data_timeout } else { lst.command_timeout });
+        // Deadlines for a whole request, however the client paces its bytes (Postfix
+        // smtpd_per_request_deadline): a command line within command_timeout of its first
+        // byte; the whole DATA/BDAT phase within data_timeout plus one second per 500
+        // bytes received (smtpd_min_data_rate).
+        if in_message {
+            line_started = None;
+            data_started.get_or_insert((tokio::time::Instant::now(), data_bytes));
+        } else {
+            data_started = None;
+            if conn.session().partial_input() {
+                line_started.get_or_insert(tokio::time::Instant::now());
+            } else {
+                line_started = None;
+            }
+        }
+        let request_deadline = match (line_started, data_started) {
+            (Some(t), _) => Some(t + eff(lst.command_timeout)),
+            (None, Some((t, bytes0))) => Some(
+                t + eff(lst.data_timeout) + Duration::from_millis(data_bytes.saturating_sub(bytes0).saturating_mul(2)),
+            ),
+            _ => None,
+        };
+        let limit = request_deadline.map_or(idle_deadline, |r| r.min(idle_deadline));
+        let deadline = engine_deadline.map_or(limit, |d| d.min(limit));
         let room = conn.input_room().clamp(1, buf.len());
         tokio::select! {
             r = stream.read(&mut buf[..room]) => match r {
@@ -384,13 +415,19 @@ pub async fn run(
                 }
                 Ok(n) => {
                     last_input = tokio::time::Instant::now();
+                    data_bytes += n as u64;
                     conn.set_free_space(shared.spool_free());
                     conn.handle_input(&buf[..n], Time(now_ms()));
                 }
             },
             _ = tokio::time::sleep_until(deadline) => {
-                if tokio::time::Instant::now() >= idle_deadline {
-                    log.event("timeout", &[("session", &id), ("client", &remote.ip().to_string())]);
+                let now_i = tokio::time::Instant::now();
+                if now_i >= limit {
+                    let why = if now_i >= idle_deadline { "idle" } else { "request deadline" };
+                    log.event(
+                        "timeout",
+                        &[("session", &id), ("client", &remote.ip().to_string()), ("kind", why), ("stress", if stress { "yes" } else { "" })],
+                    );
                     conn.shutdown(Some(Reply::new(421, (4, 4, 2), "Timeout exceeded, closing connection")), Time(now_ms()));
                 } else {
                     conn.handle_timeout(Time(now_ms()));

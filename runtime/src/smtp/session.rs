@@ -527,6 +527,11 @@ impl Session {
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
     }
+    /// Input is buffered that does not make a whole command line yet: hosts time a
+    /// request from its first byte (a per-request deadline), not only the idle gaps.
+    pub fn partial_input(&self) -> bool {
+        self.input.len() > 0
+    }
     /// True while an event awaits the host's answer.
     pub fn is_waiting(&self) -> bool {
         self.pending.is_some() || matches!(self.phase, Phase::WaitTls)
