@@ -438,6 +438,33 @@ impl<'s> Checker<'s> {
         self.syms.insert(name.name.clone(), Sym { kind, id: id as u32, span: name.span, used: false, detail });
     }
 
+    /// A network; one written with host bits set (`172.16.0.0/2`) is a warning naming
+    /// the network it really is, since a typo in a prefix can trust the whole Internet.
+    fn cidr(&mut self, s: &str, span: Span) -> Option<Cidr> {
+        let c = Cidr::parse(s)?;
+        let net = c.network();
+        if net.addr != c.addr {
+            let wide = if net.addr.is_ipv4() { net.prefix < 8 } else { net.prefix < 16 };
+            self.err(
+                Diagnostic::warning(
+                    "mailc::cidr",
+                    format!("\"{s}\" has host bits set: it is the network {}/{}", net.addr, net.prefix),
+                )
+                .at(span)
+                .help(if wide {
+                    format!(
+                        "that network covers public address space: clients from all of it are trusted where this list is; did you mean a longer prefix, e.g. \"{}/{}\"?",
+                        c.addr,
+                        if c.addr.is_ipv4() { 24 } else { 64 }
+                    )
+                } else {
+                    format!("write \"{}/{}\" if that is what you mean", net.addr, net.prefix)
+                }),
+            );
+        }
+        Some(c)
+    }
+
     fn list(&mut self, name: &ast::Ident, kind: ast::ListKind, items: &[Value]) {
         let k = match kind {
             ast::ListKind::Strings => ListKind::Strings,
@@ -452,7 +479,7 @@ impl<'s> Checker<'s> {
                 _ => continue,
             };
             match k {
-                ListKind::Cidr => match Cidr::parse(&s) {
+                ListKind::Cidr => match self.cidr(&s, v.span) {
                     Some(c) => list.nets.push(c),
                     None => self.err(
                         Diagnostic::error("mailc::cidr", format!("\"{s}\" is not a network"))
@@ -1702,7 +1729,7 @@ impl<'s> Checker<'s> {
                         _ => self.text(i.span).to_string(),
                     };
                     if ty == Ty::Ip {
-                        match Cidr::parse(&s) {
+                        match self.cidr(&s, i.span) {
                             Some(c) => nets.push(c),
                             None => self.err(
                                 Diagnostic::error("mailc::cidr", format!("\"{s}\" is not a network"))
@@ -1719,7 +1746,7 @@ impl<'s> Checker<'s> {
             ValueKind::Str(s) => {
                 let s = unescape_plain(&s.raw);
                 if ty == Ty::Ip {
-                    match Cidr::parse(&s) {
+                    match self.cidr(&s, v.span) {
                         Some(c) => Some(SetRef::Nets(vec![c])),
                         None => {
                             self.err(Diagnostic::error("mailc::cidr", format!("\"{s}\" is not a network")).at(v.span));

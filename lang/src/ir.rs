@@ -419,7 +419,7 @@ pub struct Reply {
     pub text: Template,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TransportKind {
     Mx,
     Smtp,
@@ -575,6 +575,21 @@ impl Cidr {
             None => max,
         };
         Some(Cidr { addr, prefix })
+    }
+    /// The network with its host bits cleared (`172.16.0.0/2` is `128.0.0.0/2`).
+    pub fn network(&self) -> Cidr {
+        use std::net::IpAddr::*;
+        let addr = match self.addr {
+            V4(a) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix.min(32)) };
+                V4(std::net::Ipv4Addr::from(u32::from(a) & mask))
+            }
+            V6(a) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix.min(128)) };
+                V6(std::net::Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        Cidr { addr, prefix: self.prefix }
     }
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         use std::net::IpAddr::*;

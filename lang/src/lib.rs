@@ -2,6 +2,7 @@
 //! that the runtime evaluates. `lang` reads the policy and its includes through a
 //! [`source::Loader`] and does no other I/O.
 
+pub mod access;
 pub mod address;
 pub mod analysis;
 pub mod ast;
@@ -11,6 +12,7 @@ pub mod ir;
 pub mod parse;
 pub mod schema;
 pub mod source;
+pub mod tables;
 
 pub use check::{compile, Compilation};
 pub use diag::{Diagnostic, Severity};

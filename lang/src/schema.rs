@@ -43,6 +43,11 @@ pub const SERVER: &[OptSpec] = &[
     o("maildir", Str, "root of local Maildir delivery when `deliver maildir` has no folder (default ./var/mail)"),
     o("local_domains", List, "domains delivered on this machine (default: hostname and localhost)"),
     o("networks", List, "a cidr list of trusted client networks (Postfix mynetworks)"),
+    o(
+        "relay_domains",
+        List,
+        "a domains list of the domains this server relays to for any client (a backup MX's or gateway's domains, Postfix relay_domains); default none",
+    ),
     o("max_message_size", Size, "largest message accepted (default 25M; R46)"),
     o("max_recipients", Num, "recipients per message (default 100; R46)"),
     o("max_header_size", Size, "largest header section (default 100K; R46)"),

@@ -219,8 +219,6 @@ struct Tx {
     batv_sign: bool,
     sender_rewrite: Option<String>,
     ret_headers: bool,
-    /// ... or for this sender (transaction).
-    relay: bool,
 }
 
 enum Pending {
@@ -528,6 +526,12 @@ impl Conn {
                 self.facts.auth = Some((user.clone(), mechanism.clone()));
                 self.start(Stage::Auth, ev)
             }
+            Event::AuthFailed { ref mechanism } => {
+                // The auth stage runs for failed logins too (spec section 6), unauthenticated.
+                self.facts.auth = None;
+                self.facts.auth_failed = Some(mechanism.clone());
+                self.start(Stage::Auth, ev)
+            }
             Event::Mail { ref from, ref params } => {
                 self.end_transaction();
                 // Listener `tls required;` / `auth required;` (RFC 3207 4, RFC 4954 6).
@@ -591,7 +595,8 @@ impl Conn {
                     }
                 }
                 let orcpt = params.orcpt.as_ref().map(|o| format!("{};{}", o.addr_type, o.address)).unwrap_or_default();
-                let routing = matches!(to, ForwardPath::Mailbox(m) if m.quoted && m.local.contains('@'));
+                // A source route (`<@hop:user@domain>`) or an `@` in a quoted local part (R15).
+                let routing = matches!(to, ForwardPath::Mailbox(m) if m.routed || (m.quoted && m.local.contains('@')));
                 self.facts.recipient = Some(RcptFacts { address, routing, notify, orcpt });
                 // RFC 5321 4.5.1: <postmaster> must be accepted whatever the policy says.
                 if matches!(to, ForwardPath::Postmaster) {
@@ -698,6 +703,41 @@ impl Conn {
         }));
         let mut delay = Duration::ZERO;
         let accepted = matches!(v.outcome, Outcome::Default | Outcome::Accept | Outcome::Discard);
+        if stage == Stage::Auth {
+            if matches!(event, Event::AuthFailed { .. }) {
+                // A failed login stays failed: the policy's effects apply (and a 421 closes),
+                // its verdict cannot authenticate. The host counted the failure.
+                self.facts.auth_failed = None;
+                for e in &v.effects {
+                    match e {
+                        Effect::Log(t) => self.notes.push_back(Need::Note(Note::Log(t.clone()))),
+                        Effect::Alert { to, text, every_ms } => self.notes.push_back(Need::Note(Note::Alert {
+                            to: to.clone(),
+                            text: text.clone(),
+                            every_ms: *every_ms,
+                        })),
+                        Effect::Tarpit(ms) => delay += Duration::from_millis(*ms),
+                        _ => {}
+                    }
+                }
+                let mut d = Decision::accept().with_delay(delay);
+                if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
+                    if r.code == 421 {
+                        d = Decision::reject(to_reply(r)).with_close();
+                    }
+                }
+                self.defer(d, now);
+                return;
+            }
+            if !accepted {
+                // A login the policy refuses leaves the session exactly as unauthenticated as
+                // a wrong password does, and counts as a failed AUTH.
+                self.facts.auth = None;
+                let keys = crate::eval::event_keys(&self.facts);
+                self.notes
+                    .push_back(Need::Note(Note::Count { counter: mailpolicy_lang::ir::Counter::AuthFailures, keys }));
+            }
+        }
         for e in &v.effects {
             match e {
                 Effect::Log(t) => self.notes.push_back(Need::Note(Note::Log(t.clone()))),
@@ -708,10 +748,13 @@ impl Conn {
                 })),
                 Effect::Tarpit(ms) => delay += Duration::from_millis(*ms),
                 Effect::GreetPause(ms) => delay = delay.max(Duration::from_millis(*ms)),
-                Effect::RelayGranted => match stage {
-                    Stage::Connect | Stage::Helo | Stage::Auth => self.relay_session = true,
-                    _ => self.tx.relay = true,
-                },
+                // Only a client (Connect:) RELAY opens the relay rule for the session; a
+                // To: RELAY accepts its recipient (sendmail's scopes, R17).
+                Effect::RelayGranted => {
+                    if matches!(stage, Stage::Connect | Stage::Helo | Stage::Auth) {
+                        self.relay_session = true;
+                    }
+                }
                 _ => {}
             }
         }
@@ -859,7 +902,7 @@ impl Conn {
 
     fn relay_allowed(&self) -> bool {
         use mailpolicy_lang::ir::ListKind;
-        if self.facts.auth.is_some() || self.relay_session || self.tx.relay {
+        if self.session.authenticated().is_some() && self.facts.auth.is_some() || self.relay_session {
             return true;
         }
         let list = |name: &str| match self.prog.server.option(name) {
@@ -878,7 +921,11 @@ impl Conn {
         if domain.is_empty() {
             return true; // <postmaster> and local-only names
         }
-        self.facts.local_domains.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain))
+        let local = self.facts.local_domains.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain));
+        // Domains the server relays for (Postfix relay_domains, R14).
+        local
+            || list("relay_domains")
+                .is_some_and(|l| l.items.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)))
     }
 
     fn snapshot(&self) -> Snapshot {

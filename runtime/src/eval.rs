@@ -199,6 +199,8 @@ pub struct Facts {
     pub helo: Option<(String, bool)>,
     /// (user, mechanism)
     pub auth: Option<(String, String)>,
+    /// The mechanism of the AUTH that just failed (the auth stage of a failed login).
+    pub auth_failed: Option<String>,
     /// None before MAIL; Some("") for the null sender.
     pub sender: Option<String>,
     pub mail_size: u64,
@@ -237,6 +239,7 @@ impl Default for Facts {
             tls: None,
             helo: None,
             auth: None,
+            auth_failed: None,
             sender: None,
             mail_size: 0,
             mail_body: String::new(),
@@ -748,7 +751,7 @@ impl Run {
             Fact::HeloExtended => V::Bool(f.helo.as_ref().is_some_and(|h| h.1)),
             Fact::Authenticated => V::Bool(f.auth.is_some()),
             Fact::AuthUser => s(f.auth.as_ref().map(|a| a.0.as_str()).unwrap_or("")),
-            Fact::AuthMechanism => s(f.auth.as_ref().map(|a| a.1.as_str()).unwrap_or("")),
+            Fact::AuthMechanism => s(f.auth.as_ref().map(|a| a.1.as_str()).or(f.auth_failed.as_deref()).unwrap_or("")),
             Fact::Sender => s(sender),
             Fact::SenderLocal => s(addr::split(sender).0),
             Fact::SenderDomain => V::Str(addr::split(sender).1),
@@ -1289,9 +1292,15 @@ impl Run {
                 None => value,
             };
             let word = value.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
-            if word == "RELAY" && self.stage <= Stage::Mail {
-                // sendmail: Connect:/From: RELAY lets this client or sender relay (R17).
+            // sendmail's scopes (R17): a client's RELAY (Connect:, at connect, helo or auth)
+            // lets it relay for the session; a recipient's RELAY (To:) accepts that recipient;
+            // a sender's RELAY (From:) is only OK, for the envelope sender is forgeable. An OK
+            // for a recipient passes the policy but not the built-in relay rule.
+            if word == "RELAY" && matches!(self.stage, Stage::Connect | Stage::Helo | Stage::Auth) {
                 self.effects.push(Effect::RelayGranted);
+            }
+            if self.stage == Stage::Rcpt && word != "RELAY" && access::parse_value(value) == AccessAction::Accept {
+                return Ok(Some(Outcome::Default));
             }
             if value.eq_ignore_ascii_case("REJECT") {
                 // A bare REJECT answers with the stage's default reply.

@@ -23,97 +23,40 @@ pub enum FileTable {
     Regexp(Vec<(regex::Regex, String)>),
 }
 
-/// A line the parser could not read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableError {
-    pub line: usize,
-    pub message: String,
-}
-
-impl std::fmt::Display for TableError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "line {}: {}", self.line, self.message)
-    }
-}
-
-fn entries(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
-}
-
-fn split_kv(l: &str) -> (&str, &str) {
-    match l.split_once(char::is_whitespace) {
-        Some((k, v)) => (k, v.trim()),
-        None => (l, ""),
-    }
-}
+pub use mailpolicy_lang::tables::TableError;
+use mailpolicy_lang::tables::{parse_rows, Rows};
 
 impl FileTable {
     pub fn parse(kind: &str, text: &str) -> Result<FileTable, TableError> {
-        match kind {
-            "list" => Ok(FileTable::Map(
-                entries(text).map(|(_, l)| (split_kv(l).0.to_ascii_lowercase(), String::new())).collect(),
-            )),
-            "map" | "access" => {
-                let mut m = HashMap::new();
-                for (_, l) in entries(text) {
-                    let (k, v) = split_kv(l);
-                    // The first entry of a key wins, as in Postfix's texthash.
-                    m.entry(k.to_ascii_lowercase()).or_insert_with(|| v.to_string());
-                }
-                Ok(FileTable::Map(m))
-            }
-            "cidr" => {
+        match parse_rows(kind, text)? {
+            Rows::Keys(keys) => Ok(FileTable::Map(keys.into_iter().collect())),
+            Rows::Cidr(v) => Ok(FileTable::Cidr(v)),
+            Rows::Patterns(rows) if kind == "pcre" => {
                 let mut v = Vec::new();
-                for (n, l) in entries(text) {
-                    let (k, val) = split_kv(l);
-                    let c = Cidr::parse(k)
-                        .ok_or_else(|| TableError { line: n, message: format!("\"{k}\" is not a network") })?;
-                    v.push((c, val.to_string()));
-                }
-                Ok(FileTable::Cidr(v))
-            }
-            "pcre" => {
-                let mut v = Vec::new();
-                for (n, l) in entries(text) {
-                    let (pat, flags, value) = split_pattern(l).map_err(|message| TableError { line: n, message })?;
+                for (n, (pat, ci, value)) in rows.into_iter().enumerate() {
                     let re = pcre2::bytes::RegexBuilder::new()
-                        .caseless(!flags.contains('I'))
+                        .caseless(ci)
                         .utf(true)
                         .jit_if_available(true)
-                        .build(pat)
-                        .map_err(|e| TableError { line: n, message: format!("bad pattern: {e}") })?;
-                    v.push((re, value.to_string()));
+                        .build(&pat)
+                        .map_err(|e| TableError { line: line_of(text, n), message: format!("bad pattern: {e}") })?;
+                    v.push((re, value));
                 }
                 Ok(FileTable::Pcre(v))
             }
-            "regexp" => {
+            Rows::Patterns(rows) => {
                 let mut v = Vec::new();
-                for (n, l) in entries(text) {
-                    let Some(rest) = l.strip_prefix('/') else {
-                        return Err(TableError { line: n, message: "a pattern starts with `/`".into() });
-                    };
-                    let Some(end) = find_unescaped_slash(rest) else {
-                        return Err(TableError { line: n, message: "the pattern has no closing `/`".into() });
-                    };
-                    let pat = &rest[..end];
-                    let after = &rest[end + 1..];
-                    let (flags, value) = match after.split_once(char::is_whitespace) {
-                        Some((f, v)) => (f, v.trim()),
-                        None => (after, ""),
-                    };
-                    let re = regex::RegexBuilder::new(pat)
-                        .case_insensitive(!flags.contains('I'))
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|e| TableError {
-                            line: n,
+                for (n, (pat, ci, value)) in rows.into_iter().enumerate() {
+                    let re = regex::RegexBuilder::new(&pat).case_insensitive(ci).size_limit(1 << 20).build().map_err(
+                        |e| TableError {
+                            line: line_of(text, n),
                             message: format!("bad pattern: {}", e.to_string().lines().last().unwrap_or("")),
-                        })?;
-                    v.push((re, value.to_string()));
+                        },
+                    )?;
+                    v.push((re, value));
                 }
                 Ok(FileTable::Regexp(v))
             }
-            other => Err(TableError { line: 0, message: format!("`{other}` is not a file table kind") }),
         }
     }
 
@@ -154,16 +97,9 @@ impl FileTable {
     }
 }
 
-/// `/PATTERN/FLAGS VALUE` into its parts.
-fn split_pattern(l: &str) -> Result<(&str, &str, &str), String> {
-    let rest = l.strip_prefix('/').ok_or("a pattern starts with `/`")?;
-    let end = find_unescaped_slash(rest).ok_or("the pattern has no closing `/`")?;
-    let after = &rest[end + 1..];
-    let (flags, value) = match after.split_once(char::is_whitespace) {
-        Some((f, v)) => (f, v.trim()),
-        None => (after, ""),
-    };
-    Ok((&rest[..end], flags, value))
+/// The line number of the `n`-th entry (0-based) of a table file.
+fn line_of(text: &str, n: usize) -> usize {
+    mailpolicy_lang::tables::entries(text).nth(n).map(|(l, _)| l).unwrap_or(0)
 }
 
 /// Replace `$N` and `${N}` in a table value by the match's groups.
@@ -194,20 +130,6 @@ fn expand_groups(template: &str, group: impl Fn(usize) -> Option<String>) -> Str
         i += ch.len_utf8();
     }
     out
-}
-
-fn find_unescaped_slash(s: &str) -> Option<usize> {
-    let mut esc = false;
-    for (i, c) in s.char_indices() {
-        if esc {
-            esc = false;
-        } else if c == '\\' {
-            esc = true;
-        } else if c == '/' {
-            return Some(i);
-        }
-    }
-    None
 }
 
 #[cfg(test)]

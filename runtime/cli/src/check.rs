@@ -49,7 +49,8 @@ pub fn main(args: Vec<OsString>) -> u8 {
     let loader = FsLoader { std_dir: std_dir() };
     let mut worst = 0u8;
     for file in &files {
-        let (c, counterexamples) = analysis::check(file, &loader);
+        let (mut c, counterexamples) = analysis::check(file, &loader);
+        let counterexamples = confirm(file, &mut c.diagnostics, counterexamples);
         if let Some(dir) = &emit {
             if let Err(e) = write_counterexamples(dir, file, &counterexamples) {
                 eprintln!("mailc check: cannot write counterexamples to {}: {e}", dir.display());
@@ -86,6 +87,49 @@ pub fn main(args: Vec<OsString>) -> u8 {
         worst = worst.max(code);
     }
     worst
+}
+
+/// Replay every counterexample through the real engine (`mailc test`'s runner). A finding
+/// whose transcripts do not relay stays an error, but says the proof could not decide
+/// instead of calling the listener an open relay; its counterexample is not written.
+fn confirm(
+    file: &str,
+    diags: &mut [Diagnostic],
+    cases: Vec<analysis::Counterexample>,
+) -> Vec<analysis::Counterexample> {
+    let Ok(policy) = std::fs::canonicalize(file) else { return cases };
+    let mut out = Vec::new();
+    for mut cx in cases {
+        let mut tried = vec![cx.transcript.clone()];
+        tried.extend(cx.alternatives.iter().cloned());
+        let mut why = Vec::new();
+        let good = tried.into_iter().find(|t| match mailpolicy_runtime::transcript::replay(std_dir(), &policy, t) {
+            Ok(()) => true,
+            Err(f) => {
+                if why.is_empty() {
+                    why = f;
+                }
+                false
+            }
+        });
+        match good {
+            Some(t) => {
+                cx.transcript = t;
+                out.push(cx);
+            }
+            None => {
+                if let Some(d) = diags.get_mut(cx.diagnostic) {
+                    d.message = d.message.replace("is an open relay", "could not be proven not to relay");
+                    let first = why.first().cloned().unwrap_or_default();
+                    d.help = Some(format!(
+                        "{}\n(the counterexample the proof built does not relay under `mailc test`: {first}; the proof cannot rule this path out)",
+                        d.help.clone().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Write one transcript per relaying listener: `DIR/<policy stem>.<listener>.transcript`,

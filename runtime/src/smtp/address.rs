@@ -22,6 +22,8 @@ pub struct Mailbox {
     /// The domain as sent (case preserved); an address literal keeps its
     /// brackets, e.g. `[192.0.2.1]` or `[IPv6:2001:db8::1]`.
     pub domain: String,
+    /// A source route (`<@hop,@hop:user@domain>`, RFC 5321 4.1.2) was given and dropped.
+    pub routed: bool,
 }
 
 impl Mailbox {
@@ -223,7 +225,7 @@ fn parse_mailbox(s: &str, utf8: bool) -> Result<Mailbox, PathError> {
     if !domain_ok {
         return Err(PathError::Syntax);
     }
-    let mb = Mailbox { local, quoted, domain: domain.to_string() };
+    let mb = Mailbox { local, quoted, domain: domain.to_string(), routed: false };
     if !utf8 && mb.is_international() {
         return Err(PathError::NeedsSmtpUtf8);
     }
@@ -232,7 +234,8 @@ fn parse_mailbox(s: &str, utf8: bool) -> Result<Mailbox, PathError> {
 
 /// Parses the inside of `<...>`: optional source route, then mailbox.
 fn parse_inner(inner: &str, utf8: bool) -> Result<Mailbox, PathError> {
-    let mailbox = if inner.starts_with('@') {
+    let routed = inner.starts_with('@');
+    let mailbox = if routed {
         // A-d-l ":" Mailbox; the route is syntax-checked and ignored.
         let (route, mb) = inner.split_once(':').ok_or(PathError::Syntax)?;
         for hop in route.split(',') {
@@ -246,7 +249,7 @@ fn parse_inner(inner: &str, utf8: bool) -> Result<Mailbox, PathError> {
     } else {
         inner
     };
-    parse_mailbox(mailbox, utf8)
+    parse_mailbox(mailbox, utf8).map(|m| Mailbox { routed, ..m })
 }
 
 fn strip_brackets(path: &str) -> Result<&str, PathError> {
@@ -279,7 +282,7 @@ mod tests {
     use super::*;
 
     fn mb(local: &str, domain: &str) -> Mailbox {
-        Mailbox { local: local.into(), quoted: false, domain: domain.into() }
+        Mailbox { local: local.into(), quoted: false, domain: domain.into(), routed: false }
     }
 
     #[test]
@@ -288,7 +291,7 @@ mod tests {
         assert_eq!(parse_reverse_path("<a.b@example.com>", false), Ok(ReversePath::Mailbox(mb("a.b", "example.com"))));
         assert_eq!(
             parse_reverse_path("<@a.example,@b.example:user@c.example>", false),
-            Ok(ReversePath::Mailbox(mb("user", "c.example")))
+            Ok(ReversePath::Mailbox(Mailbox { routed: true, ..mb("user", "c.example") }))
         );
         assert_eq!(
             parse_reverse_path("<user%other@example.com>", false),

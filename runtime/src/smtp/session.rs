@@ -250,6 +250,14 @@ pub enum Event {
         /// Authenticated identity from [`AuthOutcome::Success`].
         user: String,
     },
+    /// *decide*: a SASL exchange failed; the policy's auth stage runs for it. The reply
+    /// is the failure's (`535 5.7.8` unless the host gave another) whatever the decision,
+    /// except that a decision that closes (421) closes; its delay holds the reply. The
+    /// session stays unauthenticated either way.
+    AuthFailed {
+        /// Mechanism tried.
+        mechanism: String,
+    },
     /// *answer with [`Session::tls_established`] (or close)*: the engine
     /// queued `220 2.0.0 Ready to start TLS`; flush it, then handshake.
     StartTls,
@@ -367,6 +375,7 @@ enum Pending {
     Expn,
     AuthStep { mechanism: String },
     Auth { mechanism: String, user: String },
+    AuthFailed { reply: Reply },
 }
 
 #[derive(Debug)]
@@ -774,6 +783,10 @@ impl Session {
                     reply_or(r(535, (5, 7, 8), "Authentication credentials invalid"))
                 }
             }
+            Pending::AuthFailed { reply } => match custom.filter(|c| d.close && c.code / 100 == 4) {
+                Some(c) => c,
+                None => reply,
+            },
             Pending::AuthStep { .. } => return Err(UsageError::WrongAnswer),
         };
         self.send(reply, delay, d.close, now);
@@ -803,8 +816,9 @@ impl Session {
             }
             AuthOutcome::Failure { reply } => {
                 let reply = reply.unwrap_or_else(|| r(535, (5, 7, 8), "Authentication credentials invalid"));
-                self.send(reply, Duration::ZERO, false, now);
-                self.drive(now);
+                self.events.push_back(Event::AuthFailed { mechanism });
+                self.pending = Some(Pending::AuthFailed { reply });
+                let _ = now;
             }
         }
         Ok(())

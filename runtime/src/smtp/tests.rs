@@ -301,7 +301,12 @@ fn paths() {
     });
     assert_eq!(
         rcpt,
-        Some(ForwardPath::Mailbox(Mailbox { local: "a!b%c".into(), quoted: false, domain: "d.example".into() }))
+        Some(ForwardPath::Mailbox(Mailbox {
+            local: "a!b%c".into(),
+            quoted: false,
+            domain: "d.example".into(),
+            routed: true
+        }))
     );
     assert!(h.events.contains(&Event::Mail { from: ReversePath::Null, params: MailParams::default() }));
 }

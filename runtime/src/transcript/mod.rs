@@ -561,3 +561,24 @@ mod tests {
         assert_eq!(e[0].line, 1);
     }
 }
+
+/// Replay one case (a counterexample of the open-relay proof) against `policy`: Ok when
+/// every line of it holds, else what failed.
+pub fn replay(std_dir: Option<PathBuf>, policy: &Path, case: &str) -> Result<(), Vec<String>> {
+    let text = format!("policy: {}\n\n{case}", policy.display());
+    let path = policy.with_extension("counterexample.transcript");
+    let file = parse(&path, &text)
+        .map_err(|e| e.iter().map(|x| format!("line {}: {}", x.line, x.message)).collect::<Vec<_>>())?;
+    let mut runner = run::Runner::new(std_dir);
+    let mut failures = Vec::new();
+    for r in runner.run_file(&file) {
+        if !r.passed() {
+            failures.extend(r.failures);
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures)
+    }
+}
