@@ -1284,10 +1284,17 @@ route {{
         .collect();
     let acked = acked.lock().expect("lock").clone();
     let lost: Vec<&String> = acked.iter().filter(|m| !received.contains(*m)).collect();
+    // Delivery is at least once: copies a restart delivered again (issue 10.7 measures them).
+    let copies: usize = sink
+        .messages()
+        .iter()
+        .map(|m| m.lines().filter(|l| l.strip_prefix("Subject: ").is_some_and(|s| s.starts_with("crash-"))).count())
+        .sum();
     eprintln!(
-        "crash test: {} messages acknowledged, {} distinct received by the sink, {} transactions at the sink, spool files at each kill: {in_spool_at_kill:?}",
+        "crash test: {} messages acknowledged, {} distinct received by the sink, {} duplicates, {} transactions at the sink, spool files at each kill: {in_spool_at_kill:?}",
         acked.len(),
         received.len(),
+        copies.saturating_sub(received.len()),
         sink.messages().len()
     );
     assert!(

@@ -803,6 +803,23 @@ impl Qmgr {
                 }
                 results.push((*i, d));
             }
+            // Record what the next hop accepted now, before this job's result travels back to
+            // the queue manager: a crash from here on does not deliver these again (10.7).
+            let delivered: Vec<(usize, RcptState)> = results
+                .iter()
+                .filter_map(|(i, d)| match d {
+                    Delivery::Delivered(r) => Some((*i, RcptState::Delivered { at: now, reply: r.clone() })),
+                    _ => None,
+                })
+                .collect();
+            if !delivered.is_empty() {
+                let (s, q) = (spool.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || s.mark_delivered(&q, &delivered)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => shared.log.event("record-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                    Err(e) => shared.log.event("record-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                }
+            }
             // Recipients that could not be put in the envelope fail for good.
             for i in &job.rcpts {
                 if !indices.contains(i) {

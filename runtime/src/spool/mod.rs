@@ -576,6 +576,23 @@ impl Spool {
         res
     }
 
+    /// Mark recipients delivered durably as soon as the next hop said 250, from the delivery
+    /// itself (group-committed like acceptance), so a crash before the queue manager's own
+    /// [`Spool::record`] does not deliver them again. Counts no attempt (`record` does).
+    pub fn mark_delivered(&self, id: &QueueId, updates: &[(usize, RcptState)]) -> io::Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.update_state(id, |st| {
+            for (i, s) in updates {
+                if let Some(slot) = st.rcpts.get_mut(*i) {
+                    *slot = s.clone();
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Record delivery results durably: set recipient `i` to `state` for each update, and the
     /// time the message is next due when `next_attempt_ms` is given. Counts one attempt
     /// when `updates` is not empty. `NotFound` if the message is gone (removed by the
