@@ -1039,6 +1039,11 @@ pub fn local_domains(prog: &Program, hostname: &str) -> Vec<String> {
     }
 }
 
+/// IPv4-mapped IPv6 addresses as IPv4.
+pub fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    canonical_ip(ip)
+}
+
 fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
         std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),

@@ -2652,3 +2652,58 @@ fn slow_clients_cannot_lock_others_out() {
     assert_eq!(cut, 50, "every dripping session ends at its per-request deadline\n{}", d.log());
     assert!(d.log().contains("stress=yes"), "most slots were taken: stress time-outs\n{}", d.log());
 }
+
+/// Issue 10.6: failed AUTHs are throttled per login too: a guessing attack spread over
+/// many addresses (one failure each, never the per-address limit) gets the login refused
+/// with 454 4.7.0 from new addresses, even with the right password, while the user's own
+/// address, where the login succeeded before, still gets in.
+#[test]
+fn auth_failures_are_throttled_per_login_without_locking_out_its_owner() {
+    let t = TempDir::new("auth-login");
+    let port = free_port();
+    let mut c =
+        Command::new(MAILC).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("hash");
+    c.stdin.take().expect("stdin").write_all(b"alice-secret\n").expect("write");
+    let out = c.wait_with_output().expect("hash-password");
+    std::fs::write(t.join("logins"), format!("alice {}\n", String::from_utf8_lossy(&out.stdout).trim()))
+        .expect("logins");
+    let policy = format!(
+        "list local = domains [\"d.test\"];\ntable logins = map \"logins\";\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener submission {{ address \"0.0.0.0:{port}\"; protocol submission; tls starttls; auth required; auth_mechanisms [\"PLAIN\"]; credentials logins; }}\n\
+         route {{ deliver maildir; }}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let auth = |from: &str, pw: &str| {
+        swaks(
+            port,
+            &[
+                "--local-interface",
+                from,
+                "--tls",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "alice",
+                "--auth-password",
+                pw,
+                "--quit-after",
+                "AUTH",
+            ],
+        )
+    };
+    // The owner logs in from 127.0.0.1 before the attack.
+    let out = auth("127.0.0.1", "alice-secret");
+    assert!(out.contains("235 "), "{out}");
+    // Twelve guesses from twelve addresses.
+    for i in 2..14 {
+        let out = auth(&format!("127.0.0.{i}"), &format!("guess-{i}"));
+        assert!(out.contains("535 ") || out.contains("454 "), "{out}");
+    }
+    // The right password from a new address is refused now; from the owner's address it works.
+    let out = auth("127.0.0.30", "alice-secret");
+    assert!(out.contains("454 4.7.0"), "a new address is throttled for this login:\n{out}\n{}", d.log());
+    let out = auth("127.0.0.1", "alice-secret");
+    assert!(out.contains("235 "), "the owner's address is not locked out:\n{out}\n{}", d.log());
+    assert!(d.log().contains("throttled=login"), "{}", d.log());
+}

@@ -107,6 +107,9 @@ pub struct Shared {
     pub max_sessions: usize,
     /// Sessions per client address (`client_connection_limit`).
     per_client: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Addresses each login last authenticated from (at most 16 per login, 100,000
+    /// logins): a login under attack stays open to them.
+    auth_known: Mutex<std::collections::HashMap<String, Vec<(std::net::IpAddr, u64)>>>,
 }
 
 /// One session's place in its client's count, given back on drop.
@@ -155,6 +158,27 @@ impl Shared {
         }
         *n += 1;
         Some(ClientSlot { shared: self.clone(), ip })
+    }
+
+    /// `login` authenticated from `ip` now.
+    pub fn auth_succeeded(&self, login: &str, ip: std::net::IpAddr, now: u64) {
+        let mut m = self.auth_known.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= 100_000 && !m.contains_key(login) {
+            return;
+        }
+        let v = m.entry(login.to_ascii_lowercase()).or_default();
+        v.retain(|(a, _)| *a != ip);
+        v.push((ip, now));
+        if v.len() > 16 {
+            v.remove(0);
+        }
+    }
+
+    /// `login` authenticated from `ip` within `window_ms`.
+    pub fn auth_known_from(&self, login: &str, ip: std::net::IpAddr, now: u64, window_ms: u64) -> bool {
+        let m = self.auth_known.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&login.to_ascii_lowercase())
+            .is_some_and(|v| v.iter().any(|(a, t)| *a == ip && now.saturating_sub(*t) <= window_ms))
     }
 
     /// Most session slots are taken (three quarters or more): time-outs shrink to
@@ -418,6 +442,7 @@ pub async fn start(
         spool_free: Arc::new(std::sync::atomic::AtomicU64::new(free_space(&spool).unwrap_or(u64::MAX))),
         max_sessions: max_all.max(1),
         per_client: Mutex::new(Default::default()),
+        auth_known: Mutex::new(Default::default()),
     });
     {
         let (free, dir, mut stop) = (shared.spool_free.clone(), spool.clone(), shared.shutdown.clone());

@@ -84,6 +84,11 @@ impl CredentialStore for TableCredentials {
 /// Too many failed logins from one address in ten minutes: refuse AUTH for a while.
 const AUTH_FAILURE_LIMIT: u64 = 10;
 const AUTH_FAILURE_WINDOW: u64 = 600_000;
+/// Too many failed logins for one account in ten minutes, from any addresses (a guessing
+/// attack spread over many): AUTH for that login is refused with 454 4.7.0, whatever the
+/// password, except from addresses it authenticated from in the last 30 days.
+const LOGIN_FAILURE_LIMIT: u64 = 10;
+const LOGIN_KNOWN_WINDOW: u64 = 30 * 86_400_000;
 
 pub async fn run(
     shared: Arc<Shared>,
@@ -204,22 +209,50 @@ pub async fn run(
                         conn.auth_done(AuthOutcome::Failure { reply }, now);
                         continue;
                     };
-                    match s.step(&mechanism, data.as_deref()) {
+                    let step = s.step(&mechanism, data.as_deref());
+                    // Per-login throttling: a login with too many recent failures, tried from
+                    // an address it never authenticated from, is refused like a failure.
+                    let login = s.tried_login().map(|l| l.to_ascii_lowercase());
+                    let ip = crate::conn::canonical(remote.ip());
+                    let login_key = login.as_ref().map(|l| format!("auth.login={l}"));
+                    let login_blocked = login_key.as_ref().is_some_and(|k| {
+                        let n = lookups
+                            .rates
+                            .lock()
+                            .map(|r| r.count("auth_failures", k, AUTH_FAILURE_WINDOW, now.0))
+                            .unwrap_or(0);
+                        n >= LOGIN_FAILURE_LIMIT
+                            && !login.as_ref().is_some_and(|l| shared.auth_known_from(l, ip, now.0, LOGIN_KNOWN_WINDOW))
+                    });
+                    match step {
                         SaslStep::Continue(ch) => conn.auth_continue(&ch, now),
-                        SaslStep::Success(user) => {
+                        SaslStep::Success(user) if !login_blocked => {
+                            shared.auth_succeeded(&user, ip, now.0);
                             log.event("auth", &[("session", &id), ("user", &user), ("mechanism", &mechanism)]);
                             conn.auth_done(AuthOutcome::Success { user }, now);
                         }
-                        SaslStep::Failure => {
+                        SaslStep::Success(_) | SaslStep::Failure => {
                             s.reset();
                             if let Ok(mut r) = lookups.rates.lock() {
                                 r.record("auth_failures", &ip_key, now.0);
+                                if let Some(k) = &login_key {
+                                    r.record("auth_failures", k, now.0);
+                                }
                             }
                             log.event(
                                 "auth-failed",
-                                &[("session", &id), ("client", &remote.ip().to_string()), ("mechanism", &mechanism)],
+                                &[
+                                    ("session", &id),
+                                    ("client", &remote.ip().to_string()),
+                                    ("mechanism", &mechanism),
+                                    ("login", login.as_deref().unwrap_or("")),
+                                    ("throttled", if login_blocked { "login" } else { "" }),
+                                ],
                             );
-                            conn.auth_done(AuthOutcome::Failure { reply: None }, now);
+                            let reply = login_blocked.then(|| {
+                                Reply::new(454, (4, 7, 0), "Too many failed authentications, try again later")
+                            });
+                            conn.auth_done(AuthOutcome::Failure { reply }, now);
                         }
                     }
                 }
