@@ -121,7 +121,13 @@ impl Snapshot {
             orcpt: r.orcpt.clone(),
         });
         f.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
-        f.message = Some(MessageFacts::parse(&m.data));
+        // The queue side sees what the data stage saw: the header section and the body's
+        // first `IN_MEMORY` bytes (a 25 MB message is not parsed whole); `message.size` is all.
+        let head = crate::headers::header_end(&m.data);
+        let seen = m.data.get(..head.saturating_add(crate::config::IN_MEMORY as usize)).unwrap_or(&m.data);
+        let mut facts = MessageFacts::parse(seen);
+        facts.size = m.data.len() as u64;
+        f.message = Some(facts);
         let mut st = State::new(prog);
         for (slot, v) in st.vars.iter_mut().zip(&self.vars) {
             *slot = v.clone();
@@ -161,6 +167,10 @@ pub struct QueuedMessage {
     pub session: Snapshot,
     /// A copy the queue made (route-stage `bcc`): it makes no further copies.
     pub copy: bool,
+    /// Bytes of the message that follow `data` and that the host holds (the session's
+    /// spill file, `Session::take_spill`); the spool appends them when it stores.
+    #[serde(skip)]
+    pub tail: u64,
 }
 
 /// One line of the connection's log: a verdict, a log action or an alert.
@@ -348,6 +358,11 @@ impl Conn {
 
     pub fn program(&self) -> &Program {
         &self.prog
+    }
+    /// Message bytes past the in-memory part ([`Session::take_spill`]): the host appends
+    /// them to the message's spill file; call after every `handle_input`.
+    pub fn take_spill(&mut self) -> Option<(u64, Vec<u8>)> {
+        self.session.take_spill()
     }
     pub fn session(&self) -> &Session {
         &self.session
@@ -613,11 +628,16 @@ impl Conn {
                 let _ = self.session.decide(Decision::accept(), now);
                 None
             }
-            Event::Message { ref data, .. } => {
+            Event::Message { ref data, spilled, .. } => {
                 self.facts.recipient = None;
                 self.facts.recipients = self.accepted_addresses();
+                // A large message is here up to the in-memory bound: its header section
+                // whole, its body's first part (what body tests see); `message.size` is all.
                 match MessageFacts::try_parse(data) {
-                    Ok(m) => self.facts.message = Some(m),
+                    Ok(mut m) => {
+                        m.size = m.size.saturating_add(spilled);
+                        self.facts.message = Some(m)
+                    }
                     Err(_) => {
                         // A MIME parser defect on this message: refuse it (temporarily, the
                         // fault is ours) and keep the session.
@@ -815,7 +835,7 @@ impl Conn {
             }
             Stage::Data => {
                 self.apply_tx_effects(&v.effects);
-                let Event::Message { data, envelope, .. } = event else {
+                let Event::Message { data, envelope, spilled, .. } = event else {
                     self.defer(Decision::accept(), now);
                     return;
                 };
@@ -866,6 +886,7 @@ impl Conn {
                     added_headers: added,
                     session: self.snapshot(),
                     copy: false,
+                    tail: spilled,
                 };
                 self.pending = Pending::Queue(delay);
                 self.notes.push_back(Need::Queue(msg));

@@ -2707,3 +2707,58 @@ fn auth_failures_are_throttled_per_login_without_locking_out_its_owner() {
     assert!(out.contains("235 "), "the owner's address is not locked out:\n{out}\n{}", d.log());
     assert!(d.log().contains("throttled=login"), "{}", d.log());
 }
+
+/// Issue 10.2: a message larger than the in-memory bound streams to the spool as it
+/// arrives (DATA and BDAT alike) and is delivered byte for byte; header edits and body
+/// tests on its first part still apply, and no spill file is left behind.
+#[test]
+fn large_messages_stream_to_the_spool_intact() {
+    let t = TempDir::new("stream");
+    let port = free_port();
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         on data {{ if body :contains \"FORBIDDEN-EARLY\" {{ reject 550 5.7.1 \"no\"; }} header add \"X-Size\" \"${{message.size}}\"; header remove \"X-Drop\"; }}\n\
+         route {{ deliver maildir; }}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let mut body = Vec::new();
+    let mut i = 0u64;
+    while body.len() < 6 << 20 {
+        body.extend_from_slice(
+            format!("line {i:08} of a large message, 0123456789abcdefghijklmnopqrstuvwxyz\r\n").as_bytes(),
+        );
+        i += 1;
+    }
+    let mut msg = b"Subject: big\r\nX-Drop: yes\r\n\r\n".to_vec();
+    msg.extend_from_slice(&body);
+    for (n, way) in [Way::Data, Way::Bdat].into_iter().enumerate() {
+        let mut c = Smtp::connect(port).expect("connect");
+        let to = format!("big{n}@d.test");
+        let (code, text) = c.send("a@d.test", &[&to], &msg, way).expect("send");
+        assert_eq!(code, 250, "{way:?}: {text}");
+        let _ = c.cmd("QUIT");
+    }
+    let mut bad = b"Subject: early\r\n\r\nFORBIDDEN-EARLY\r\n".to_vec();
+    bad.extend_from_slice(&body);
+    let mut c = Smtp::connect(port).expect("connect");
+    assert_eq!(c.send("a@d.test", &["big9@d.test"], &bad, Way::Data).expect("send").0, 550);
+    wait_for(
+        Duration::from_secs(60),
+        "both delivered",
+        || {
+            (0..2).all(|n| maildir_bytes(&t.join(&format!("mail/big{n}"))).len() == 1)
+                && spool_messages(&d.spool()).is_empty()
+        },
+        || d.log(),
+    );
+    for n in 0..2 {
+        let got = maildir_bytes(&t.join(&format!("mail/big{n}"))).remove(0);
+        check_delivered(&got, &msg, &["Return-Path", "Delivered-To", "Received", "X-Size"], &["X-Drop"])
+            .expect("intact");
+        let text = String::from_utf8_lossy(&got[..400]).into_owned();
+        assert!(text.contains(&format!("X-Size: {}", msg.len())), "message.size counts every byte: {text}");
+    }
+    assert!(files_under(&d.spool()).iter().all(|f| !f.contains("spill")), "{:?}", files_under(&d.spool()));
+}

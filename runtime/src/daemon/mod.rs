@@ -67,7 +67,13 @@ pub enum StoreFailure {
 /// Durable storage of accepted messages (the spool). `store` returns only once the
 /// message is on disk for good.
 pub trait MessageStore: Send + Sync + 'static {
-    fn store(&self, msg: &QueuedMessage) -> Result<String, StoreFailure>;
+    fn store(&self, msg: &QueuedMessage) -> Result<String, StoreFailure> {
+        self.store_with_tail(msg, None)
+    }
+    /// Store `msg`, whose last `msg.tail` bytes are in the file `tail`.
+    fn store_with_tail(&self, msg: &QueuedMessage, tail: Option<&Path>) -> Result<String, StoreFailure>;
+    /// A file for a session's spilled message bytes, on the store's file system.
+    fn spill_path(&self, tag: &str) -> PathBuf;
 }
 
 /// A listener as the sessions see it.
@@ -110,6 +116,8 @@ pub struct Shared {
     /// Addresses each login last authenticated from (at most 16 per login, 100,000
     /// logins): a login under attack stays open to them.
     auth_known: Mutex<std::collections::HashMap<String, Vec<(std::net::IpAddr, u64)>>>,
+    /// One large message at a time is read back whole (DKIM, scanners): memory stays bounded.
+    pub whole_message: Arc<Semaphore>,
 }
 
 /// One session's place in its client's count, given back on drop.
@@ -245,6 +253,7 @@ impl Shared {
             added_headers: Vec::new(),
             session: crate::conn::Snapshot::internal(&prog, &self.hostname),
             copy: false,
+            tail: 0,
         };
         match self.store.store(&msg) {
             Ok(id) => {
@@ -253,6 +262,28 @@ impl Shared {
             }
             Err(e) => self.log.event("alert-failed", &[("to", to), ("error", &format!("{e:?}"))]),
         }
+    }
+}
+
+/// Memory goes back to the system after a burst: glibc's allocator otherwise raises its
+/// mmap threshold after the first large free and keeps later large buffers (a message
+/// read back whole, a spool load) in per-thread arenas for good. Large allocations are
+/// always mapped (and unmapped when freed), and the arenas are few.
+fn tame_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before the sessions start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
+/// Give freed heap memory back to the system (glibc), after a burst.
+fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -421,6 +452,7 @@ pub async fn start(
             _ => log::Format::Text,
         },
     };
+    tame_allocator();
     let lookups = Arc::new(Lookups::new(&prog, &policy_dir)?);
     let lsts = listeners(&prog, &policy_dir, &spool, &hostname)?;
     let (tx, rx) = watch::channel(false);
@@ -443,16 +475,22 @@ pub async fn start(
         max_sessions: max_all.max(1),
         per_client: Mutex::new(Default::default()),
         auth_known: Mutex::new(Default::default()),
+        whole_message: Arc::new(Semaphore::new(1)),
     });
     {
         let (free, dir, mut stop) = (shared.spool_free.clone(), spool.clone(), shared.shutdown.clone());
         tokio::spawn(async move {
+            let mut n: u64 = 0;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = stop.changed() => break,
                 }
                 free.store(free_space(&dir).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+                n += 1;
+                if n % 20 == 0 {
+                    trim_allocator();
+                }
             }
         });
     }
@@ -608,8 +646,11 @@ impl Running {
 }
 
 impl MessageStore for crate::spool::Spool {
-    fn store(&self, msg: &QueuedMessage) -> Result<String, StoreFailure> {
-        crate::spool::Spool::store(self, msg, crate::spool::Class::Normal, now_ms())
+    fn spill_path(&self, tag: &str) -> PathBuf {
+        crate::spool::Spool::spill_path(self, tag)
+    }
+    fn store_with_tail(&self, msg: &QueuedMessage, tail: Option<&Path>) -> Result<String, StoreFailure> {
+        crate::spool::Spool::store_with_tail(self, msg, tail, crate::spool::Class::Normal, now_ms())
             .map(|id| id.as_str().to_string())
             .map_err(|e| match e {
                 crate::spool::StoreError::Full(_) => StoreFailure::Full,

@@ -148,6 +148,8 @@ pub async fn run(
     let mut shutdown = shared.shutdown.clone();
     let mut buf = vec![0u8; 64 * 1024];
     let mut last_input = tokio::time::Instant::now();
+    // Message bytes past the in-memory bound, streamed to a file of the spool's.
+    let mut spill = Spill::default();
     // When the current command line began, and when the message phase began (with the
     // byte count then), for the per-request deadlines.
     let mut line_started: Option<tokio::time::Instant> = None;
@@ -175,6 +177,8 @@ pub async fn run(
                                 }
                                 _ => match conn.current_message() {
                                     Some(m) => {
+                                        let whole = spill.whole(m, &shared).await;
+                                        let m = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(m);
                                         let (d, dm, p) = sa.content(&mut auth_state, ip, &helo, &sender, m).await;
                                         Answer::Value(Some(match check {
                                             AuthCheck::Dkim => d,
@@ -188,7 +192,11 @@ pub async fn run(
                         }
                         crate::eval::Request::Scan { scanner } => {
                             match (prog.scanners.get(scanner.index()), conn.current_message()) {
-                                (Some(sc), Some(data)) => super::scan::scan(sc, data, conn.facts()).await,
+                                (Some(sc), Some(data)) => {
+                                    let whole = spill.whole(data, &shared).await;
+                                    let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(data);
+                                    super::scan::scan(sc, data, conn.facts()).await
+                                }
                                 _ => Answer::Error("no message to scan".into()),
                             }
                         }
@@ -321,7 +329,9 @@ pub async fn run(
                         }
                         if let Some(signer) = lookups.signer.as_ref().filter(|s| s.covers(&msg.sender)) {
                             if f.auth.is_some() || trusted(&prog, f.client_ip) {
-                                match signer.sign(&msg.data, &msg.sender) {
+                                let whole = if msg.tail > 0 { spill.whole(&msg.data, &shared).await } else { None };
+                                let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(&msg.data);
+                                match signer.sign(data, &msg.sender) {
                                     Ok(h) => prefix.push_str(&h),
                                     Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
                                 }
@@ -335,11 +345,16 @@ pub async fn run(
                     auth_sender = None;
                     // The message moves to the blocking pool and back: no copy of its data.
                     let store = shared.store.clone();
+                    let tail = if msg.tail > 0 { spill.file_for_store() } else { Ok(None) };
                     let joined = tokio::task::spawn_blocking(move || {
-                        let r = store.store(&msg);
+                        let r = match tail {
+                            Ok(t) => store.store_with_tail(&msg, t.as_deref()),
+                            Err(e) => Err(e),
+                        };
                         (r, msg)
                     })
                     .await;
+                    spill.discard();
                     let now = Time(now_ms());
                     let (stored, msg) = match joined {
                         Ok((r, m)) => (Ok(r), m),
@@ -388,6 +403,10 @@ pub async fn run(
                 }
                 Need::Note(n) => note(&shared, &lookups, &prog, &id, n),
             }
+        }
+        // A message that was decided (stored or refused) needs its spill no more.
+        if spill.file.is_some() && !conn.session().message_open() {
+            spill.discard();
         }
         // 2. Write what the engine produced.
         let mut wrote = false;
@@ -451,6 +470,9 @@ pub async fn run(
                     data_bytes += n as u64;
                     conn.set_free_space(shared.spool_free());
                     conn.handle_input(&buf[..n], Time(now_ms()));
+                    if let Some((seq, bytes)) = conn.take_spill() {
+                        spill.write(seq, &bytes, &shared, &id);
+                    }
                 }
             },
             _ = tokio::time::sleep_until(deadline) => {
@@ -473,7 +495,88 @@ pub async fn run(
         }
     }
     stream.shutdown().await;
+    spill.discard();
     log.event("disconnect", &[("session", &id), ("client", &remote.ip().to_string())]);
+}
+
+/// The spill file of the message being received: what the engine hands out past its
+/// in-memory bound (`Session::take_spill`) is written here as it arrives, and the spool
+/// copies it after the in-memory part when it stores the message. Removed on drop.
+#[derive(Default)]
+struct Spill {
+    /// (message number, path, file, bytes written)
+    file: Option<(u64, std::path::PathBuf, std::fs::File, u64)>,
+    failed: Option<StoreFailure>,
+}
+
+impl Spill {
+    fn write(&mut self, seq: u64, bytes: &[u8], shared: &Shared, session: &str) {
+        use std::io::Write;
+        if self.file.as_ref().is_some_and(|f| f.0 != seq) {
+            self.discard();
+        }
+        if self.failed.is_some() {
+            return;
+        }
+        if self.file.is_none() {
+            let path = shared.store.spill_path(session);
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => self.file = Some((seq, path, f, 0)),
+                Err(e) => {
+                    self.failed = Some(failure(&e));
+                    return;
+                }
+            }
+        }
+        if let Some((_, _, f, n)) = self.file.as_mut() {
+            match f.write_all(bytes) {
+                Ok(()) => *n += bytes.len() as u64,
+                Err(e) => self.failed = Some(failure(&e)),
+            }
+        }
+    }
+
+    /// The file to store from (flushed), or why it cannot be.
+    fn file_for_store(&mut self) -> Result<Option<std::path::PathBuf>, StoreFailure> {
+        if let Some(f) = self.failed.take() {
+            return Err(f);
+        }
+        Ok(self.file.as_ref().map(|f| f.1.clone()))
+    }
+
+    /// The whole message (`head` then the spill), read back for a check that needs all of
+    /// it (DKIM, DMARC, content scanners, DKIM signing), one large message at a time
+    /// daemon-wide so memory stays bounded. None when nothing was spilled.
+    async fn whole(&self, head: &[u8], shared: &Shared) -> Option<(tokio::sync::OwnedSemaphorePermit, Vec<u8>)> {
+        let (_, path, _, n) = self.file.as_ref()?;
+        let permit = shared.whole_message.clone().acquire_owned().await.ok()?;
+        let mut v = Vec::with_capacity(head.len() + *n as usize);
+        v.extend_from_slice(head);
+        let path = path.clone();
+        let rest = tokio::task::spawn_blocking(move || std::fs::read(path)).await.ok()?.ok()?;
+        v.extend_from_slice(&rest);
+        Some((permit, v))
+    }
+
+    fn discard(&mut self) {
+        if let Some((_, path, _, _)) = self.file.take() {
+            let _ = std::fs::remove_file(path);
+        }
+        self.failed = None;
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+fn failure(e: &std::io::Error) -> StoreFailure {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreFailure::Full,
+        _ => StoreFailure::Io(e.to_string()),
+    }
 }
 
 /// One session's share of its client's `concurrent` count, released on drop.

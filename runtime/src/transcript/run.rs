@@ -153,6 +153,8 @@ struct CaseRun {
     client_cert: Option<Vec<u8>>,
     /// `disk-free:` fixture: the spool's free space (None: plenty).
     disk_free: Option<u64>,
+    /// Spilled bytes of the message being received (its number, the bytes).
+    spill: (u64, Vec<u8>),
     dns: HashMap<(String, String), DnsAnswer>,
     rows: HashMap<String, Vec<TableRow>>,
     file_tables: HashMap<String, Result<FileTable, String>>,
@@ -196,6 +198,7 @@ impl CaseRun {
             implicit_tls: false,
             client_cert: None,
             disk_free: None,
+            spill: (0, Vec::new()),
             dns: HashMap::new(),
             rows: HashMap::new(),
             file_tables: HashMap::new(),
@@ -295,6 +298,13 @@ impl CaseRun {
                     return;
                 }
                 conn.handle_input(bytes, Time(self.now));
+                // The transcript's queue keeps messages in memory: the spill joins them.
+                if let Some((seq, b)) = conn.take_spill() {
+                    if self.spill.0 != seq {
+                        self.spill = (seq, Vec::new());
+                    }
+                    self.spill.1.extend_from_slice(&b);
+                }
                 self.sent_at = self.now;
                 self.pump();
             }
@@ -691,7 +701,11 @@ impl CaseRun {
                         c.tls_established(info, now);
                     }
                 }
-                Need::Queue(msg) => {
+                Need::Queue(mut msg) => {
+                    if msg.tail > 0 {
+                        msg.data.extend_from_slice(&std::mem::take(&mut self.spill).1);
+                        msg.tail = 0;
+                    }
                     self.queued.push(msg);
                     let id = format!("{:010X}", self.queued.len());
                     if let Some(c) = self.conn.as_mut() {
