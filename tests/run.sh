@@ -15,6 +15,7 @@ declare -A want=(
   [unbound]=unbound
   [spamd]=spamd
   [pg_ctlcluster]=postgresql
+  [nvim]=neovim
 )
 missing=()
 for prog in "${!want[@]}"; do
@@ -46,4 +47,8 @@ cargo build --workspace --all-targets
 cargo test --workspace
 # The policies and transcripts shipped as examples, through the real binary.
 cargo run -q -- check --deny-warnings examples/*.mailpolicy
+# Every policy is in the canonical layout (mailc fmt, spec/cli.md).
+cargo run -q -- fmt --check examples tests/check tests/assurance tests/transcripts/policies stdlib/policy
 cargo run -q -- test tests/transcripts examples
+# The editors' grammars (tree-sitter, TextMate) against every policy.
+bash editors/test.sh

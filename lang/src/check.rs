@@ -36,24 +36,33 @@ pub fn compile(entry: &str, loader: &dyn Loader) -> Compilation {
     let mut sources = SourceMap::default();
     let mut diags = Vec::new();
     let mut items = Vec::new();
+    let mut unparsed = parse::Unparsed::default();
     let path = loader.resolve(entry, None);
     match loader.load(&path) {
         Ok(text) => {
             let id = sources.add(SourceFile::new(entry.to_string(), path.clone(), text));
-            load_items(id, &mut sources, loader, &mut items, &mut diags, &mut vec![path]);
+            load_items(id, &mut sources, loader, &mut items, &mut diags, &mut vec![path], &mut unparsed);
         }
         Err(e) => {
             diags.push(Diagnostic::error("mailc::io", format!("cannot read {entry}: {e}")));
         }
     }
-    if diags.iter().any(Diagnostic::is_error) {
+    // After syntax errors the checker still runs on what parsed; any other error of
+    // loading (an unreadable include, a cycle, too deep a nesting) stops here.
+    let syntax = diags.iter().any(|d| d.code == "mailc::syntax");
+    if diags.iter().any(|d| d.is_error() && d.code != "mailc::syntax") {
         return Compilation { sources, diagnostics: diags, program: None };
     }
     let mut c = Checker::new(&sources);
     c.diags = diags;
+    c.unparsed = unparsed;
     c.run(&items);
     let Checker { diags, prog, .. } = c;
     let mut diags = diags;
+    if syntax {
+        // What did not parse may use a name or end a stage: no "unused" or "unreachable".
+        diags.retain(Diagnostic::is_error);
+    }
     diags.sort_by_key(|d| (d.span.map(|s| (s.file, s.start)), d.severity));
     // A rules block is checked once per `use`: an error that does not depend on the stage
     // would otherwise be reported once for every use.
@@ -70,16 +79,14 @@ fn load_items(
     out: &mut Vec<(FileId, Item)>,
     diags: &mut Vec<Diagnostic>,
     stack: &mut Vec<PathBuf>,
+    unparsed: &mut parse::Unparsed,
 ) {
-    let parsed = parse::parse_file(file, &sources.get(file).text);
-    let ast = match parsed {
-        Ok(f) => f,
-        Err(d) => {
-            diags.push(d);
-            return;
-        }
-    };
-    for item in ast.items {
+    let parsed = parse::parse_recovering(file, &sources.get(file).text);
+    diags.extend(parsed.errors);
+    unparsed.names.extend(parsed.unparsed.names);
+    unparsed.require |= parsed.unparsed.require;
+    unparsed.include |= parsed.unparsed.include;
+    for item in parsed.file.items {
         if let Item::Include { path, span } = &item {
             let name = unescape_plain(&path.raw);
             let from = sources.get(file).path.clone();
@@ -115,7 +122,7 @@ fn load_items(
                     let shown = if name.starts_with("std:") { name.clone() } else { target.display().to_string() };
                     let id = sources.add(SourceFile::new(shown, target.clone(), text));
                     stack.push(target);
-                    load_items(id, sources, loader, out, diags, stack);
+                    load_items(id, sources, loader, out, diags, stack, unparsed);
                     stack.pop();
                 }
                 Err(e) => diags.push(
@@ -214,6 +221,8 @@ struct Checker<'s> {
     /// Checking a rules block that no stage uses: it has no stage, so diagnostics that
     /// depend on one (stage typing, variables set elsewhere) are dropped.
     detached: bool,
+    /// What declarations and statements that did not parse would have declared.
+    unparsed: parse::Unparsed,
 }
 
 /// The stage a statement is checked in; `via` is the `use` that brought a rules block in.
@@ -245,6 +254,7 @@ impl<'s> Checker<'s> {
             expanding: Vec::new(),
             stage_ended: [None; 10],
             detached: false,
+            unparsed: parse::Unparsed::default(),
         }
     }
 
@@ -814,6 +824,9 @@ impl<'s> Checker<'s> {
     }
 
     fn undefined(&mut self, name: &str, span: Span, want: Option<&str>) {
+        if self.unparsed.include || self.unparsed.names.contains(name) {
+            return;
+        }
         let what = want.unwrap_or("list or table");
         let cands: Vec<&str> = self
             .syms
@@ -861,6 +874,7 @@ impl<'s> Checker<'s> {
     fn need_cap(&mut self, cap: &str, span: Span, what: &str) {
         match self.caps.get_mut(cap) {
             Some(c) => c.1 = true,
+            None if self.unparsed.require => {}
             None => self.err(
                 Diagnostic::error("mailc::require", format!("`{what}` needs the \"{cap}\" capability"))
                     .at(span)
@@ -975,6 +989,9 @@ impl<'s> Checker<'s> {
     /// Read a variable in `ctx`: it must be set somewhere at or before this stage.
     fn read_var(&mut self, name: &str, span: Span, ctx: Ctx) -> Option<VarId> {
         let Some(v) = self.vars.get_mut(name) else {
+            if self.unparsed.names.contains(name) {
+                return None;
+            }
             let cands: Vec<String> = self.vars.keys().cloned().collect();
             let mut d = Diagnostic::error("mailc::undefined", format!("`{name}` is never set"))
                 .at(span)
@@ -2551,7 +2568,7 @@ pub const RATE_KEYS: &[Fact] = &[
 ];
 
 /// Built-in test names (for "did you mean").
-const TESTS: &[(&str, &str)] = &[
+pub const TESTS: &[(&str, &str)] = &[
     ("flag", "flag NAME"),
     ("header", "header \"NAME\""),
     ("lookup", "lookup TABLE KEY"),
@@ -2571,7 +2588,7 @@ const TESTS: &[(&str, &str)] = &[
 const SESS: Stages = Stages::SESSION;
 
 /// Actions: name, stages where allowed, capability.
-const ACTIONS: &[(&str, Stages, Option<&str>)] = &[
+pub const ACTIONS: &[(&str, Stages, Option<&str>)] = &[
     ("accept", SESS, None),
     ("reject", SESS.with(Stage::Route).with(Stage::Deliver), None),
     ("tempfail", SESS.with(Stage::Route).with(Stage::Deliver), None),

@@ -8,10 +8,13 @@ pub mod analysis;
 pub mod ast;
 pub mod check;
 pub mod diag;
+pub mod format;
+pub mod ide;
 pub mod ir;
 pub mod parse;
 pub mod schema;
 pub mod source;
+pub mod syntax;
 pub mod tables;
 
 pub use check::{compile, Compilation};

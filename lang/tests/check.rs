@@ -321,3 +321,54 @@ fn truncation_never_panics() {
     }
     assert!(cut_errors > text.len() / 2, "only {cut_errors} prefixes failed");
 }
+
+/// Every policy of the repository is in the canonical layout, and laying it out otherwise
+/// (other indentation, other spacing, line breaks joined) formats back to the same text.
+#[test]
+fn formatting_is_canonical() {
+    use mailpolicy_lang::format::format;
+    use mailpolicy_lang::syntax::{lex, Kind};
+    let mut files = Vec::new();
+    for dir in ["examples", "tests/check", "tests/check/includes", "tests/assurance", "tests/transcripts/policies"] {
+        files.extend(policy_files(&root().join(dir)));
+    }
+    files.extend(policy_files(&root().join("stdlib/policy")));
+    assert!(files.len() > 150, "{} policies", files.len());
+    let mut failures = Vec::new();
+    for (n, f) in files.iter().enumerate() {
+        let text = std::fs::read_to_string(f).expect("read policy");
+        match format(&text) {
+            Ok(out) if out == text => {}
+            Ok(_) => failures.push(format!("{}: not formatted", f.display())),
+            Err(e) => failures.push(format!("{}: {e}", f.display())),
+        }
+        // The same tokens with other white space: a line break is joined unless a comment
+        // or an open string needs it, or it makes a blank line; spaces vary.
+        let toks = lex(&text);
+        let mut mangled = String::new();
+        for (i, t) in toks.iter().enumerate() {
+            if i > 0 {
+                let prev = toks[i - 1];
+                let needs_break = matches!(prev.kind, Kind::Comment | Kind::Str(false)) || t.kind == Kind::Comment;
+                if t.newlines_before > 1 {
+                    mangled.push_str("\n\n");
+                } else if t.newlines_before == 1 && needs_break {
+                    mangled.push('\n');
+                }
+                // Characters outside the language keep their spacing.
+                if prev.kind != Kind::Other && t.kind != Kind::Other {
+                    mangled.push_str(&" ".repeat(1 + (i + n) % 3));
+                } else if t.start > prev.end {
+                    mangled.push(' ');
+                }
+            }
+            mangled.push_str(t.text(&text));
+        }
+        match format(&mangled) {
+            Ok(out) if out == text => {}
+            Ok(out) => failures.push(format!("{}: laid out otherwise, formats to:\n{out}", f.display())),
+            Err(e) => failures.push(format!("{}: {e}", f.display())),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

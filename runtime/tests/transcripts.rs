@@ -109,26 +109,41 @@ fn open_relay_counterexamples_relay() {
             continue;
         }
         for (i, cx) in cases.iter().enumerate() {
-            let path = out.join(format!("{stem}.{i}.transcript"));
-            let text = format!("policy: {}\n\n{}", f.display(), cx.transcript);
-            std::fs::write(&path, &text).expect("write counterexample");
-            let file = match parse(&path, &text) {
-                Ok(t) => t,
-                Err(e) => {
-                    failures.push(format!("{stem}: counterexample does not parse: {e:?}\n{text}"));
-                    continue;
+            // As `mailc check` does: the finding stands when one of its transcripts relays.
+            let mut tried = vec![cx.transcript.clone()];
+            tried.extend(cx.alternatives.iter().cloned());
+            let mut first_failure = None;
+            let mut relayed = false;
+            for (k, t) in tried.iter().enumerate() {
+                let path = out.join(format!("{stem}.{i}.{k}.transcript"));
+                let text = format!("policy: {}\n\n{t}", f.display());
+                std::fs::write(&path, &text).expect("write counterexample");
+                let file = match parse(&path, &text) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        first_failure.get_or_insert(format!("does not parse: {e:?}\n{text}"));
+                        continue;
+                    }
+                };
+                let results = runner.run_file(&file);
+                match results.iter().find(|r| !r.passed()) {
+                    None => {
+                        relayed = true;
+                        break;
+                    }
+                    Some(r) => {
+                        first_failure.get_or_insert(format!("does not relay: {:?}\n{text}", r.failures));
+                    }
                 }
-            };
-            for r in runner.run_file(&file) {
-                if !r.passed() {
-                    failures.push(format!("{stem}: counterexample does not relay: {:?}\n{text}", r.failures));
-                }
+            }
+            if !relayed {
+                failures.push(format!("{stem}: counterexample {}", first_failure.unwrap_or_default()));
             }
         }
     }
     let _ = std::fs::remove_dir_all(&out);
-    assert!(relays >= 20, "only {relays} open-relay policies");
-    assert!(safe >= 20, "only {safe} safe twins");
+    assert!(relays >= 90, "only {relays} open-relay policies");
+    assert!(safe >= 60, "only {safe} safe twins");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

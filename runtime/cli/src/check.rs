@@ -168,10 +168,33 @@ fn usage(msg: &str) -> u8 {
 }
 
 fn json_line(d: &Diagnostic, sources: &SourceMap) -> String {
-    let (file, line, column) = match d.location(sources) {
-        Some((f, l, c)) => (Some(f), Some(l), Some(c)),
-        None => (None, None, None),
+    json_value(d, sources).to_string()
+}
+
+/// Start and end (1-based line, 1-based column counting characters) of a span.
+fn span_pos(sources: &SourceMap, span: mailpolicy_lang::source::Span) -> (String, u32, u32, u32, u32) {
+    let f = sources.get(span.file);
+    let (l, c) = f.line_col(span.start);
+    let (el, ec) = f.line_col(span.end);
+    (f.name.clone(), l, c, el, ec)
+}
+
+/// One diagnostic as the JSON object `--format json` prints (spec/cli.md).
+pub fn json_value(d: &Diagnostic, sources: &SourceMap) -> serde_json::Value {
+    let (file, line, column, end_line, end_column) = match d.span.map(|s| span_pos(sources, s)) {
+        Some((f, l, c, el, ec)) => (Some(f), Some(l), Some(c), Some(el), Some(ec)),
+        None => (None, None, None, None, None),
     };
+    let related: Vec<serde_json::Value> = d
+        .related
+        .iter()
+        .map(|(s, text)| {
+            let (f, l, c, el, ec) = span_pos(sources, *s);
+            serde_json::json!({
+                "file": f, "line": l, "column": c, "end_line": el, "end_column": ec, "message": text,
+            })
+        })
+        .collect();
     serde_json::json!({
         "severity": d.severity.as_str(),
         "code": d.code,
@@ -179,9 +202,12 @@ fn json_line(d: &Diagnostic, sources: &SourceMap) -> String {
         "file": file,
         "line": line,
         "column": column,
+        "end_line": end_line,
+        "end_column": end_column,
+        "label": d.label,
         "help": d.help,
+        "related": related,
     })
-    .to_string()
 }
 
 fn to_report(d: &Diagnostic, sources: &SourceMap) -> miette::Report {

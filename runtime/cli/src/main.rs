@@ -2,7 +2,9 @@
 
 mod check;
 mod explain;
+mod fmt;
 mod hashpw;
+mod lsp;
 mod queue;
 mod serve;
 mod test;
@@ -16,6 +18,8 @@ Usage:
   mailc check [--format human|json] [--deny-warnings] [--emit-counterexample DIR] FILE...
   mailc test [--verbose] [--filter TEXT] PATH...
   mailc explain [--filter TEXT] TRANSCRIPT...
+  mailc fmt [--check] PATH...
+  mailc lsp                                (a language server on standard input and output)
   mailc serve [--policy FILE] [--spool DIR]
   mailc hash-password [--iterations N]     (password on standard input)
   mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
@@ -34,6 +38,8 @@ fn main() -> ExitCode {
         Some("check") => check::main(rest),
         Some("test") => test::main(rest),
         Some("explain") => explain::main(rest),
+        Some("fmt") => fmt::main(rest),
+        Some("lsp") => lsp::main(rest),
         Some("queue") => queue::main(rest),
         Some("hash-password") => hashpw::main(rest),
         Some("serve") => serve::main(rest),

@@ -609,6 +609,131 @@ route {{
     assert!(d.log().contains("auth"), "{}", d.log());
 }
 
+/// Issue 9: a login the policy refuses in `on auth` leaves the session as unauthenticated
+/// as a wrong password does (no relaying, and `auth required` still refuses MAIL), and the
+/// auth stage runs after failed AUTHs too.
+#[test]
+fn refused_login_does_not_relay() {
+    let t = TempDir::new("refused-login");
+    let (opt, req) = (free_port(), free_port());
+    let hash = |pw: &str| {
+        let mut c = Command::new(MAILC)
+            .arg("hash-password")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("mailc hash-password");
+        c.stdin.take().expect("stdin").write_all(format!("{pw}\n").as_bytes()).expect("write");
+        let out = c.wait_with_output().expect("hash-password");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    std::fs::write(t.join("logins"), format!("alice {}\nmallory {}\n", hash("alice-secret"), hash("mallory-secret")))
+        .expect("logins");
+    let policy = format!(
+        r#"list local = domains ["d.test"];
+list disabled = strings ["mallory"];
+list nobody = cidr ["192.0.2.0/24"];
+table logins = map "logins";
+
+server {{
+  hostname "mx.test";
+  spool "spool";
+  maildir "mail";
+  local_domains local;
+  networks nobody;
+}}
+
+listener optional {{
+  address "127.0.0.1:{opt}";
+  protocol submission;
+  auth optional;
+  auth_without_tls true;
+  auth_mechanisms ["PLAIN", "LOGIN"];
+  credentials logins;
+}}
+
+listener required {{
+  address "127.0.0.1:{req}";
+  protocol submission;
+  auth required;
+  auth_without_tls true;
+  auth_mechanisms ["PLAIN", "LOGIN"];
+  credentials logins;
+}}
+
+on auth {{
+  if not authenticated {{
+    log "failed login with ${{auth.mechanism}}";
+  }}
+  if authenticated and auth.user in disabled {{
+    reject 535 5.7.8 "Account disabled";
+  }}
+}}
+
+route {{
+  deliver maildir;
+}}
+"#
+    );
+    let d = Daemon::start(t.path(), &policy, &[opt, req]);
+    let login = |port: u16, user: &str, pw: &str, to: &str| {
+        swaks(port, &["--auth", "PLAIN", "--auth-user", user, "--auth-password", pw, "--from", "a@d.test", "--to", to])
+    };
+    // The refused login: 535 with the policy's text, then no relaying and nothing queued.
+    let out = login(opt, "mallory", "mallory-secret", "victim@relay-target.test");
+    assert!(out.contains("535 5.7.8 Account disabled"), "{out}");
+    let out = swaks(
+        opt,
+        &[
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "mallory",
+            "--auth-password",
+            "mallory-secret",
+            "--auth-optional",
+            "--from",
+            "a@d.test",
+            "--to",
+            "victim@relay-target.test",
+        ],
+    );
+    assert!(out.contains("554 5.7.1 Relay access denied"), "a refused login relayed: {out}");
+    assert!(!out.contains("Queued as"), "{out}");
+    // With `auth required`, a refused login is no login: MAIL is refused.
+    let out = swaks(
+        req,
+        &[
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "mallory",
+            "--auth-password",
+            "mallory-secret",
+            "--auth-optional",
+            "--from",
+            "a@d.test",
+            "--to",
+            "u1@d.test",
+        ],
+    );
+    assert!(out.contains("530 5.7.0 Authentication required"), "{out}");
+    assert!(!out.contains("Queued as"), "{out}");
+    // A wrong password: the auth stage ran for it (its log line).
+    let out = login(opt, "alice", "wrong", "u1@d.test");
+    assert!(out.contains("535 5.7.8"), "{out}");
+    wait_for(
+        Duration::from_secs(10),
+        "the failed login's log line",
+        || d.log().contains("failed login with PLAIN"),
+        || d.log(),
+    );
+    // The accepted login still relays.
+    let out = login(opt, "alice", "alice-secret", "friend@relay-target.test");
+    assert!(out.contains("235 2.7.0") && out.contains("Queued as"), "{out}");
+}
+
 #[test]
 fn swaks_pipelining() {
     let t = TempDir::new("pipeline");

@@ -101,6 +101,17 @@ pub enum Item {
         name: String,
         value: String,
     },
+    /// `count: COUNTER KEY N`: N earlier events of a rate counter under KEY, now.
+    Count {
+        counter: String,
+        key: String,
+        n: u64,
+    },
+    /// `concurrent: KEY N`: N sessions with KEY are open, this one included.
+    Concurrent {
+        key: String,
+        n: u64,
+    },
     // ---- dialogue ---------------------------------------------------------------------
     Send(Vec<u8>),
     /// The next complete reply's last line must match.
@@ -268,6 +279,28 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             _ => return Err("`tls:` takes `implicit` (STARTTLS needs no fixture)".into()),
         },
         "client-cert" => Item::ClientCert(value.to_string()),
+        "count" => {
+            let w: Vec<&str> = value.split_whitespace().collect();
+            let [counter, key, n] = w.as_slice() else {
+                return Err("`count:` takes COUNTER KEY N, e.g. `count: messages client.ip=192.0.2.1 30`".into());
+            };
+            if mailpolicy_lang::ir::Counter::from_name(counter).is_none() {
+                return Err(format!("there is no rate counter `{counter}`"));
+            }
+            if !key.contains('=') {
+                return Err(format!("`{key}` is not a counter key: write FACT=VALUE, e.g. client.ip=192.0.2.1"));
+            }
+            let n = n.parse().map_err(|_| format!("\"{n}\" is not a count"))?;
+            Item::Count { counter: counter.to_string(), key: key.to_ascii_lowercase(), n }
+        }
+        "concurrent" => {
+            let w: Vec<&str> = value.split_whitespace().collect();
+            let [key, n] = w.as_slice() else {
+                return Err("`concurrent:` takes KEY N, e.g. `concurrent: client.ip=192.0.2.1 5`".into());
+            };
+            let n = n.parse().map_err(|_| format!("\"{n}\" is not a count"))?;
+            Item::Concurrent { key: key.to_ascii_lowercase(), n }
+        }
         "clock" => Item::Clock(timestamp(value)?),
         "disk-free" => Item::DiskFree(size(value)?),
         "dns" => {

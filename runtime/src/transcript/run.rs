@@ -164,6 +164,8 @@ struct CaseRun {
     scores: HashMap<String, f64>,
     secrets: HashMap<String, String>,
     rates: RateStore,
+    /// `concurrent:` fixtures: sessions open per key, this one included.
+    concurrent: HashMap<String, u64>,
     greylist: Greylist,
     conn: Option<Conn>,
     session_keys: Vec<String>,
@@ -208,6 +210,7 @@ impl CaseRun {
             scores: HashMap::new(),
             secrets: HashMap::new(),
             rates: RateStore::default(),
+            concurrent: HashMap::new(),
             greylist: Greylist::default(),
             conn: None,
             session_keys: Vec::new(),
@@ -285,6 +288,14 @@ impl CaseRun {
             }
             Item::Secret { name, value } => {
                 self.secrets.insert(name.clone(), value.clone());
+            }
+            Item::Count { counter, key, n } => {
+                for _ in 0..(*n).min(1_000_000) {
+                    self.rates.record(counter, key, self.now);
+                }
+            }
+            Item::Concurrent { key, n } => {
+                self.concurrent.insert(key.clone(), *n);
             }
             Item::Send(bytes) => {
                 self.ensure_session();
@@ -887,7 +898,9 @@ impl CaseRun {
             Request::Rate { counter, key, window_ms } => {
                 Answer::Count(self.rates.count(counter.name(), key, *window_ms, self.now))
             }
-            Request::Concurrent { key } => Answer::Count(self.rates.concurrent(key)),
+            Request::Concurrent { key } => {
+                Answer::Count(self.concurrent.get(key).copied().unwrap_or_else(|| self.rates.concurrent(key)))
+            }
             Request::Auth(check) => {
                 let k = match check {
                     AuthCheck::Spf => "spf",

@@ -309,10 +309,7 @@ impl Prover<'_> {
             ClientName => V::Str(Term::sym(self.session.client_name, View::Whole)),
             ClientPtr => V::Str(Term::sym(self.session.client_ptr, View::Whole)),
             ClientFcrdns => {
-                let a = self.w.atom(
-                    self.session.client_name,
-                    AtomKind::Lang(LangSpec::bytes(auto::exact(&["unknown"]), View::Whole)),
-                );
+                let a = self.w.atom(self.session.client_name, AtomKind::Lang(LangSpec::exact(&["unknown"])));
                 V::Bool(B::Lit(a, false))
             }
             LocalIp => V::Ip(IpV::Sym(self.session.local_ip)),
@@ -326,7 +323,7 @@ impl Prover<'_> {
             Tls => V::Bool(B::Const(p.tls)),
             TlsVersion | TlsCipher if !p.tls => lit(""),
             TlsVersion => {
-                let base = LangSpec::bytes(auto::exact(&["TLSv1.2", "TLSv1.3"]), View::Whole);
+                let base = LangSpec::exact(&["TLSv1.2", "TLSv1.3"]);
                 V::Str(Term::sym(
                     self.str_sym(Origin::Fact { run, fact: "tls.version" }, Some(base), true),
                     View::Whole,
@@ -403,7 +400,7 @@ impl Prover<'_> {
             RecipientIsLocal => match env.rcpt.clone() {
                 Some(r) => {
                     let d = self.term_view(run, &r.addr, View::Domain);
-                    let spec = LangSpec::bytes(format!("(?:\\A\\z)|(?:{})", self.local_pattern), View::Whole);
+                    let spec = LangSpec::domains(&self.local_domains, true);
                     V::Bool(self.string_test(run, &d, &spec))
                 }
                 None => V::Bool(B::Const(false)),
@@ -411,7 +408,7 @@ impl Prover<'_> {
             RecipientRouting => match env.rcpt.clone() {
                 Some(r) => {
                     let l = self.term_view(run, &r.addr, View::Local);
-                    let spec = LangSpec::bytes("[%!@]".into(), View::Whole);
+                    let spec = LangSpec::contains(&["%", "!", "@"]);
                     let mut alts = vec![self.string_test(run, &l, &spec)];
                     if let Some(s) = r.route {
                         alts.push(self.truth(s));
@@ -455,7 +452,7 @@ impl Prover<'_> {
                     Dmarc => ("dmarc", &["pass", "fail", "none", "temperror", "permerror"]),
                     _ => ("dmarc.policy", &["none", "quarantine", "reject", ""]),
                 };
-                let base = LangSpec::bytes(auto::exact(words), View::Whole);
+                let base = LangSpec::exact(words);
                 // One answer per message: the host checks once.
                 let r = if run >= super::session::RUN_GAP {
                     run
@@ -924,11 +921,10 @@ impl Prover<'_> {
                 if refs.is_empty() {
                     return Some(Vec::new());
                 }
-                let pat = match m {
-                    MatchOp::Is => auto::exact(&refs),
-                    MatchOp::Contains => auto::contains(&refs),
-                };
-                vec![LangSpec::bytes(pat, View::Whole)]
+                vec![match m {
+                    MatchOp::Is => LangSpec::exact(&refs),
+                    MatchOp::Contains => LangSpec::contains(&refs),
+                }]
             }
             Op::Pattern(pats) => pats
                 .iter()
@@ -939,24 +935,25 @@ impl Prover<'_> {
                     view: View::Whole,
                     prefix: Vec::new(),
                     suffix: Vec::new(),
+                    fast: None,
                 })
                 .collect(),
             Op::In(SetRef::Strings(items)) => {
                 let items: Vec<&str> = items.iter().map(|s| self.prog.str(*s)).collect();
-                vec![LangSpec::bytes(auto::exact(&items), View::Whole)]
+                vec![LangSpec::exact(&items)]
             }
             Op::In(SetRef::List(l)) => {
                 let list = self.prog.lists.get(l.index())?;
                 match list.kind {
                     ListKind::Strings => {
                         let items: Vec<&str> = list.items.iter().map(String::as_str).collect();
-                        vec![LangSpec::bytes(auto::exact(&items), View::Whole)]
+                        vec![LangSpec::exact(&items)]
                     }
-                    ListKind::Domains => vec![LangSpec::bytes(auto::domain_list(&list.items), View::Whole)],
+                    ListKind::Domains => vec![LangSpec::domains(&list.items, false)],
                     ListKind::Cidr => return None,
                 }
             }
-            Op::IsNull => vec![LangSpec::bytes(auto::exact(&[""]), View::Whole)],
+            Op::IsNull => vec![LangSpec::exact(&[""])],
             _ => return None,
         })
     }
@@ -1165,7 +1162,7 @@ impl Prover<'_> {
         match (known, v) {
             (Some(Known::Keys(keys)), V::Str(term)) => {
                 let ks: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
-                let spec = LangSpec::bytes(auto::exact(&ks), View::Whole);
+                let spec = LangSpec::exact(&ks);
                 if ks.is_empty() {
                     return B::Const(false);
                 }
@@ -1191,6 +1188,7 @@ impl Prover<'_> {
                         view: View::Whole,
                         prefix: Vec::new(),
                         suffix: Vec::new(),
+                        fast: None,
                     };
                     alts.push(self.string_test(run, term, &spec));
                 }
@@ -1256,7 +1254,7 @@ impl Prover<'_> {
                         self.ip_in(&ip, &set)
                     }
                     None => {
-                        let spec = LangSpec::bytes(auto::exact(&pick), View::Whole);
+                        let spec = LangSpec::exact(&pick);
                         self.string_test(run, key, &spec)
                     }
                 };
@@ -1304,6 +1302,7 @@ impl Prover<'_> {
                         view: View::Whole,
                         prefix: Vec::new(),
                         suffix: Vec::new(),
+                        fast: None,
                     };
                     let m = self.string_test(run, key, &spec);
                     if r {
@@ -1555,9 +1554,9 @@ impl Prover<'_> {
             return self.ip_in(&IpV::Sym(self.session.client_ip), &set);
         }
         let name = Term::sym(self.session.client_name, View::Whole);
-        let spec = LangSpec::bytes(auto::domain_list(&[key.to_string(), format!(".{key}")]), View::Whole);
+        let spec = LangSpec::domains(&[key.to_string(), format!(".{key}")], false);
         let m = self.string_test(run, &name, &spec);
-        let unknown = LangSpec::bytes(auto::exact(&["unknown"]), View::Whole);
+        let unknown = LangSpec::exact(&["unknown"]);
         let u = self.string_test(run, &name, &unknown);
         B::and(vec![m, u.not()])
     }
@@ -1565,19 +1564,19 @@ impl Prover<'_> {
     /// The condition under which an access key matches an address (`From:`/`To:` keys).
     fn address_key_cond(&mut self, run: u32, addr: &Term, key: &str) -> B {
         if key == "<>" {
-            return self.string_test(run, addr, &LangSpec::bytes(auto::exact(&[""]), View::Whole));
+            return self.string_test(run, addr, &LangSpec::exact(&[""]));
         }
         if let Some(user) = key.strip_suffix('@') {
             let l = self.term_view(run, addr, View::Local);
-            let has_at = self.string_test(run, addr, &LangSpec::bytes("@".into(), View::Whole));
-            let m = self.string_test(run, &l, &LangSpec::bytes(auto::exact(&[user]), View::Whole));
+            let has_at = self.string_test(run, addr, &LangSpec::contains(&["@"]));
+            let m = self.string_test(run, &l, &LangSpec::exact(&[user]));
             return B::and(vec![has_at, m]);
         }
         if key.contains('@') {
-            return self.string_test(run, addr, &LangSpec::bytes(auto::exact(&[key]), View::Whole));
+            return self.string_test(run, addr, &LangSpec::exact(&[key]));
         }
         let d = self.term_view(run, addr, View::Domain);
-        let spec = LangSpec::bytes(auto::domain_list(&[key.to_string(), format!(".{key}")]), View::Whole);
+        let spec = LangSpec::domains(&[key.to_string(), format!(".{key}")], false);
         self.string_test(run, &d, &spec)
     }
 }

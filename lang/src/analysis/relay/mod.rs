@@ -88,6 +88,8 @@ pub struct ListenerModel {
     pub local_port: u16,
     pub tls: TlsOpt,
     pub auth_offered: bool,
+    /// AUTH is offered only under TLS (no `auth_without_tls`).
+    pub auth_needs_tls: bool,
     pub mechanisms: Vec<String>,
     /// Client certificates are asked for and any public CA's will do (no `client_ca`).
     pub public_client_certs: bool,
@@ -121,8 +123,10 @@ pub struct Prover<'p> {
     pub session: SessionSyms,
     pub listener: ListenerModel,
     /// Pattern of the local domains; of the local and relay domains.
-    pub local_pattern: String,
-    pub relay_pattern: String,
+    pub local_domains: Vec<String>,
+    pub relay_domains: Vec<String>,
+    /// Local and relay domains that are someone's own (not public suffixes).
+    pub owned_domains: Vec<String>,
     pub networks: IpSet,
     pub max_message_size: i64,
     pub data_run: u32,
@@ -339,7 +343,14 @@ fn address_pattern() -> String {
 }
 
 fn policy_lang(p: String) -> LangSpec {
-    LangSpec { pattern: p, syntax: auto::Syntax::Policy, view: View::Whole, prefix: Vec::new(), suffix: Vec::new() }
+    LangSpec {
+        pattern: p,
+        syntax: auto::Syntax::Policy,
+        view: View::Whole,
+        prefix: Vec::new(),
+        suffix: Vec::new(),
+        fast: None,
+    }
 }
 
 impl<'p> Prover<'p> {
@@ -391,6 +402,7 @@ impl<'p> Prover<'p> {
             local_port,
             tls,
             auth_offered: auth != "none",
+            auth_needs_tls: !matches!(s.option("auth_without_tls"), Some(OptValue::Bool(true))),
             mechanisms,
             public_client_certs: client_certs != "none" && s.option("client_ca").is_none(),
             hard_error_limit: num(s, &prog.server, "hard_error_limit", 20.0).max(1.0) as u32,
@@ -405,10 +417,16 @@ impl<'p> Prover<'p> {
             }
         }
         let attacker_ips = listener.reachable.minus(&trusted);
+        // The relay rule lets every listed domain through, as the runtime does; but a public
+        // suffix is no one's own domain, so mail to a name under it is foreign all the same.
         let local = local_domains(prog);
         let mut relay = local.clone();
         relay.extend(relay_domains(prog));
+        let owned: Vec<String> = relay.iter().filter(|d| !public_suffix(d)).cloned().collect();
         let mut w = World::default();
+        for p in &prog.patterns {
+            w.policy_regexes.insert(p.source.clone(), p.regex.clone());
+        }
         let session = SessionSyms {
             client_ip: w.sym(Origin::ClientIp, SymKind::Ip(attacker_ips), true),
             client_port: w.sym(Origin::ClientPort, SymKind::Num(sets::NumSet::range(1, 65535)), true),
@@ -448,8 +466,9 @@ impl<'p> Prover<'p> {
             widened: false,
             session,
             listener,
-            local_pattern: auto::domain_list(&local),
-            relay_pattern: auto::domain_list(&relay),
+            local_domains: local,
+            relay_domains: relay,
+            owned_domains: owned,
             networks: IpSet::of_cidrs(&nets),
             max_message_size,
             data_run: session::RUN_DATA,
@@ -476,8 +495,17 @@ impl<'p> Prover<'p> {
         {
             return Verdict::LoopbackOnly;
         }
+        let dbg = std::env::var_os("RELAY_DEBUG").is_some();
+        let t0 = std::time::Instant::now();
         self.compute_gaps();
+        if dbg {
+            eprintln!("gaps: {} shapes in {:?}", self.gap_shapes.len(), t0.elapsed());
+        }
+        let t0 = std::time::Instant::now();
         let ends = self.final_paths();
+        if dbg {
+            eprintln!("final paths: {} ends in {:?}, work {}", ends.len(), t0.elapsed(), self.work);
+        }
         let mut undecided: Option<(String, Vec<(LocId, String)>)> = None;
         let mut found: Vec<(session::RelayEnd, sym::Model)> = Vec::new();
         for e in ends {

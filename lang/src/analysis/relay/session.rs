@@ -113,10 +113,10 @@ impl Prover<'_> {
                 SymKind::Num(super::sets::NumSet::range(0, max)),
                 true,
             );
-            let body_base = LangSpec::bytes(auto::exact(&["7BIT", "8BITMIME", "BINARYMIME"]), View::Whole);
+            let body_base = LangSpec::exact(&["7BIT", "8BITMIME", "BINARYMIME"]);
             let body = self.str_sym(Origin::Fact { run: mail_run, fact: "mail.body" }, Some(body_base), true);
             let utf8 = self.w.sym(Origin::Fact { run: mail_run, fact: "mail.smtputf8" }, SymKind::Bool, true);
-            let ret_base = LangSpec::bytes(auto::exact(&["", "FULL", "HDRS"]), View::Whole);
+            let ret_base = LangSpec::exact(&["", "FULL", "HDRS"]);
             let ret = self.str_sym(Origin::Fact { run: mail_run, fact: "dsn.ret" }, Some(ret_base), true);
             let envid =
                 self.str_sym(Origin::Fact { run: mail_run, fact: "dsn.envid" }, Some(self.xtext_lang.clone()), true);
@@ -125,7 +125,7 @@ impl Prover<'_> {
         if stage == Stage::Rcpt {
             let r = self.str_sym(Origin::Fact { run, fact: "recipient" }, Some(self.rcpt_lang.clone()), true);
             let route = self.w.sym(Origin::Fact { run, fact: "source-route" }, SymKind::Bool, true);
-            let nbase = LangSpec::bytes(auto::exact(&["NEVER", "SUCCESS", "FAILURE", "DELAY"]), View::Whole);
+            let nbase = LangSpec::exact(&["NEVER", "SUCCESS", "FAILURE", "DELAY"]);
             let notify = self.w.sym(Origin::Fact { run, fact: "dsn.notify" }, SymKind::List(Some(nbase)), true);
             let orcpt = self.str_sym(Origin::Fact { run, fact: "dsn.orcpt" }, Some(self.xtext_lang.clone()), true);
             env.rcpt = Some(RcptEnv { addr: Term::sym(r, View::Whole), route: Some(route), notify, orcpt });
@@ -150,6 +150,13 @@ impl Prover<'_> {
             stages.push(Stage::Auth);
         }
         stages.extend([Stage::Mail, Stage::Rcpt, Stage::Data]);
+        // Only a stage that sets or unsets a variable can write one.
+        stages.retain(|st| {
+            self.prog
+                .stage(*st)
+                .iter()
+                .any(|i| matches!(i, Instr::Do { action: Action::Set { .. } | Action::Unset(_), .. }))
+        });
         let mut widened_vars = vec![false; nvars];
         for iter in 0..(MAX_ITER + nvars + 2) {
             let mut changed = vec![false; nvars];
@@ -166,7 +173,10 @@ impl Prover<'_> {
                     trace: Trace::default(),
                     gaps: Vec::new(),
                 };
-                let starts = self.tls_choices(start, true);
+                let mut starts = self.tls_choices(start, true);
+                if st == Stage::Auth && self.listener.auth_needs_tls {
+                    starts.retain(|p| p.tls);
+                }
                 let ends = self.run_open(st, &env, starts);
                 for (q, end, _) in ends {
                     let accepted = !matches!(end, End::Refuse);
@@ -331,12 +341,14 @@ impl Prover<'_> {
         }
     }
 
-    /// The gap shapes of `var` that runs of the stages in `mask` write.
-    fn gap_candidates(&self, var: u32, mask: u16) -> Vec<usize> {
+    /// The gap shapes of `var` that runs of the stages in `mask` write (an AUTH that needs
+    /// TLS only on a path that has it: STARTTLS is never undone).
+    fn gap_candidates(&self, var: u32, mask: u16, tls: bool) -> Vec<usize> {
+        let auth_ok = tls || !self.listener.auth_needs_tls;
         self.gap_shapes
             .iter()
             .enumerate()
-            .filter(|(_, g)| g.var == var && mask & g.stage.bit() != 0)
+            .filter(|(_, g)| g.var == var && mask & g.stage.bit() != 0 && (g.stage != Stage::Auth || auth_ok))
             .map(|(i, _)| i)
             .collect()
     }
@@ -412,7 +424,7 @@ impl Prover<'_> {
                 keep.vars[v as usize] = (*cur).clone();
                 keep.gaps.push(GapUse { var: v, shape: None, copies: Vec::new(), value: (*cur).clone() });
                 next.push(keep);
-                for s in self.gap_candidates(v, mask) {
+                for s in self.gap_candidates(v, mask, p.tls) {
                     let (val, cons, copies) = self.instantiate(s, run);
                     let mut q = p.clone();
                     q.vars[v as usize] = val.clone();
@@ -678,7 +690,7 @@ impl Prover<'_> {
         let nets = B::atom(self.w.atom(self.session.client_ip, AtomKind::Ip(self.networks.clone())));
         let addr = env.rcpt.as_ref().map(|r| r.addr.clone()).unwrap_or_default();
         let d = self.term_view(env.run, &addr, View::Domain);
-        let spec = LangSpec::bytes(format!("(?:\\A\\z)|(?:{})", self.relay_pattern), View::Whole);
+        let spec = LangSpec::domains(&self.relay_domains, true);
         let local = self.string_test(env.run, &d, &spec);
         B::or(vec![nets, local])
     }
@@ -810,7 +822,7 @@ impl Prover<'_> {
     /// The address's domain is neither local nor a relay domain.
     fn foreign(&mut self, run: u32, t: &Term) -> B {
         let d = self.term_view(run, t, View::Domain);
-        let spec = LangSpec::bytes(format!("(?:\\A\\z)|(?:{})", self.relay_pattern), View::Whole);
+        let spec = LangSpec::domains(&self.owned_domains, true);
         self.string_test(run, &d, &spec).not()
     }
 
@@ -829,7 +841,7 @@ impl Prover<'_> {
                 if ks.is_empty() {
                     return B::Const(false);
                 }
-                self.string_test(run, key, &LangSpec::bytes(auto::exact(&ks), View::Whole))
+                self.string_test(run, key, &LangSpec::exact(&ks))
             }
             _ => {
                 let s = self.w.sym(Origin::TableHas { table: t, key: format!("{key:?}") }, SymKind::Bool, false);

@@ -43,11 +43,61 @@ pub struct LangSpec {
     pub view: View,
     pub prefix: Vec<u8>,
     pub suffix: Vec<u8>,
+    /// The same language as a list of literals, to test a text without an automaton.
+    pub fast: Option<Fast>,
+}
+
+/// Literal languages (ASCII case ignored, as the runtime compares).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Fast {
+    Exact(Vec<String>),
+    Contains(Vec<String>),
+    /// A domains list (`address::domain_matches`), and whether the empty text is in it.
+    Domains(Vec<String>, bool),
+}
+
+impl Fast {
+    fn test(&self, x: &[u8]) -> bool {
+        match self {
+            Fast::Exact(v) => v.iter().any(|i| i.as_bytes().eq_ignore_ascii_case(x)),
+            Fast::Contains(v) => {
+                let lx = x.to_ascii_lowercase();
+                v.iter().any(|i| {
+                    let li = i.as_bytes().to_ascii_lowercase();
+                    li.is_empty() || lx.windows(li.len()).any(|w| w == li.as_slice())
+                })
+            }
+            Fast::Domains(v, empty) => {
+                if x.is_empty() {
+                    return *empty;
+                }
+                let d = String::from_utf8_lossy(x);
+                v.iter().any(|p| crate::address::domain_matches(p, &d))
+            }
+        }
+    }
 }
 
 impl LangSpec {
     pub fn bytes(pattern: String, view: View) -> LangSpec {
-        LangSpec { pattern, syntax: Syntax::Bytes, view, prefix: Vec::new(), suffix: Vec::new() }
+        LangSpec { pattern, syntax: Syntax::Bytes, view, prefix: Vec::new(), suffix: Vec::new(), fast: None }
+    }
+    pub fn exact(items: &[&str]) -> LangSpec {
+        let mut l = LangSpec::bytes(auto::exact(items), View::Whole);
+        l.fast = Some(Fast::Exact(items.iter().map(|s| s.to_string()).collect()));
+        l
+    }
+    pub fn contains(items: &[&str]) -> LangSpec {
+        let mut l = LangSpec::bytes(auto::contains(items), View::Whole);
+        l.fast = Some(Fast::Contains(items.iter().map(|s| s.to_string()).collect()));
+        l
+    }
+    pub fn domains(items: &[String], empty: bool) -> LangSpec {
+        let p = auto::domain_list(items);
+        let p = if empty { format!("(?:\\A\\z)|(?:{p})") } else { p };
+        let mut l = LangSpec::bytes(p, View::Whole);
+        l.fast = Some(Fast::Domains(items.to_vec(), empty));
+        l
     }
 }
 
@@ -243,6 +293,10 @@ pub struct World {
     serial: u32,
     /// Cached per-symbol answers, keyed by the symbol's formula.
     cache: HashMap<(SymId, Form, Vec<AtomId>), Decided>,
+    /// Compiled tests for checking a text (see `member`).
+    regexes: HashMap<LangSpec, Result<regex::bytes::Regex, String>>,
+    /// The policy's own compiled patterns, by source (what the runtime matches with).
+    pub policy_regexes: HashMap<String, regex::Regex>,
     /// The client's forward-confirmed name: never under a domain its tests name.
     pub fresh_name: Option<SymId>,
     /// The client certificate's fingerprint: never one its tests name.
@@ -342,16 +396,15 @@ impl World {
     pub fn eval_atom(&mut self, a: AtomId, v: &Value) -> Option<bool> {
         let (_, kind) = self.atoms[a as usize].clone();
         match (kind, v) {
-            (AtomKind::Lang(spec), Value::Str(s)) => match self.dfa(&spec).ok()?.matches(s.as_bytes()) {
+            (AtomKind::Lang(spec), Value::Str(s)) => match self.member(&spec, s.as_bytes()) {
                 Acc::Yes => Some(true),
                 Acc::No => Some(false),
                 Acc::Maybe => None,
             },
             (AtomKind::ListAny(spec), Value::List(l)) => {
-                let d = self.dfa(&spec).ok()?;
                 let mut any = Some(false);
                 for s in l {
-                    match d.matches(s.as_bytes()) {
+                    match self.member(&spec, s.as_bytes()) {
                         Acc::Yes => return Some(true),
                         Acc::Maybe => any = None,
                         Acc::No => {}
@@ -455,7 +508,7 @@ impl World {
             }
             let mut items = named.clone();
             items.extend(named.iter().map(|d| format!(".{d}")));
-            LangSpec::bytes(auto::domain_list(&items), View::Whole)
+            LangSpec::domains(&items, false)
         } else if Some(sym) == self.fresh_fingerprint {
             let mut lits: Vec<String> = Vec::new();
             for s in &specs {
@@ -463,6 +516,7 @@ impl World {
                 let _ = text;
                 let unescaped: String = unescape_bytes(&s.pattern);
                 for tok in unescaped.split(|c: char| !(c.is_ascii_hexdigit() || c == ':')) {
+                    let tok = tok.trim_matches(':');
                     if tok.len() == 95 {
                         lits.push(tok.to_string());
                     }
@@ -472,7 +526,7 @@ impl World {
                 return;
             }
             let refs: Vec<&str> = lits.iter().map(String::as_str).collect();
-            LangSpec::bytes(auto::exact(&refs), View::Whole)
+            LangSpec::exact(&refs)
         } else {
             return;
         };
@@ -580,6 +634,9 @@ impl World {
         }
         let mut model = Model { unsure, ..Model::default() };
         let mut unknown = None;
+        // Symbols with few tests first: a contradiction there ends the work early.
+        let mut forms: Vec<(SymId, Vec<Form>)> = forms.into_iter().collect();
+        forms.sort_by_key(|(s, _)| atoms_of.get(s).map(Vec::len).unwrap_or(0));
         for (sym, mut fs) in forms {
             let mut ids = atoms_of.remove(&sym).unwrap_or_default();
             self.freshness(sym, &mut fs, &mut ids);
@@ -612,7 +669,17 @@ impl World {
         if let Some(d) = self.cache.get(&key) {
             return d.clone();
         }
+        let t0 = std::time::Instant::now();
         let d = self.decide_uncached(sym, form, ids);
+        if std::env::var_os("RELAY_DEBUG").is_some() {
+            eprintln!(
+                "decide {:?} atoms={} {:?} in {:?}",
+                self.syms[sym as usize].origin,
+                ids.len(),
+                matches!(d, Decided::Sat(_)),
+                t0.elapsed()
+            );
+        }
         self.cache.insert(key, d.clone());
         d
     }
@@ -659,6 +726,7 @@ impl World {
                     None => Decided::Unsat,
                 }
             }
+            SymKind::Str(_) if *form == Form::False => Decided::Unsat,
             SymKind::Str(base) => {
                 let base_dfa = match &base {
                     Some(b) => match self.dfa(b) {
@@ -670,32 +738,32 @@ impl World {
                         Err(e) => return Decided::Unknown(e),
                     },
                 };
-                let mut dfas = Vec::new();
+                let mut specs = Vec::new();
                 for a in ids {
                     let AtomKind::Lang(spec) = self.atoms[*a as usize].1.clone() else {
                         return Decided::Unknown("a string test on a value that is not a string".into());
                     };
-                    match self.dfa(&spec) {
-                        Ok(d) => dfas.push(d),
-                        Err(e) => return Decided::Unknown(format!("pattern `{}`: {e}", spec.pattern)),
-                    }
+                    specs.push(spec);
                 }
                 // The attacker's usual values first: cheap, and they read well.
                 for cand in self.preferred(sym) {
-                    let accs: Vec<Acc> = dfas.iter().map(|d| d.matches(cand.as_bytes())).collect();
-                    if base_dfa.matches(cand.as_bytes()) == Acc::Yes && form.eval(&accs) == Acc::Yes {
+                    if base_dfa.matches(cand.as_bytes()) != Acc::Yes {
+                        continue;
+                    }
+                    let accs: Vec<Acc> = specs.iter().map(|sp| self.member(sp, cand.as_bytes())).collect();
+                    if form.eval(&accs) == Acc::Yes {
                         return Decided::Sat(Value::Str(cand));
                     }
                 }
-                let refs: Vec<&Dfa> = dfas.iter().map(|d| d.as_ref()).collect();
-                match auto::search(&base_dfa, &refs, form, SEARCH_LIMIT) {
-                    Found::Yes { witness, sure: true } => match String::from_utf8(witness) {
+                match self.lazy_search(&base_dfa, &specs, form) {
+                    Ok(Found::Yes { witness, sure: true }) => match String::from_utf8(witness) {
                         Ok(s) => Decided::Sat(Value::Str(s)),
                         Err(_) => Decided::Unknown("only a value that is not UTF-8 satisfies the tests".into()),
                     },
-                    Found::Yes { .. } => Decided::Unknown("a Unicode word boundary next to non-ASCII text".into()),
-                    Found::No => Decided::Unsat,
-                    Found::Unknown => Decided::Unknown("the string tests are too large to decide".into()),
+                    Ok(Found::Yes { .. }) => Decided::Unknown("a Unicode word boundary next to non-ASCII text".into()),
+                    Ok(Found::No) => Decided::Unsat,
+                    Ok(Found::Unknown) => Decided::Unknown("the string tests are too large to decide".into()),
+                    Err(e) => Decided::Unknown(e),
                 }
             }
             SymKind::List(elem) => self.decide_list(elem, form, ids),
@@ -770,6 +838,117 @@ impl World {
         Decided::Unsat
     }
 
+    /// Is `spec`'s test true of this text? (With the `regex` crate: no automaton to build.)
+    pub fn member(&mut self, spec: &LangSpec, x: &[u8]) -> Acc {
+        let viewed = || -> Vec<u8> {
+            let s = String::from_utf8_lossy(x);
+            let (local, domain) = crate::address::split(&s);
+            let v: Vec<u8> = match spec.view {
+                View::Whole => x.to_vec(),
+                View::Domain => domain.into_bytes(),
+                View::Local => local.as_bytes().to_vec(),
+                View::Detail => crate::address::detail(local).as_bytes().to_vec(),
+            };
+            let mut full = spec.prefix.clone();
+            full.extend_from_slice(&v);
+            full.extend_from_slice(&spec.suffix);
+            full
+        };
+        if let Some(f) = &spec.fast {
+            return if f.test(&viewed()) { Acc::Yes } else { Acc::No };
+        }
+        if spec.syntax == Syntax::Policy {
+            if let Some(re) = self.policy_regexes.get(&spec.pattern) {
+                let full = viewed();
+                if let Ok(t) = std::str::from_utf8(&full) {
+                    return if re.is_match(t) { Acc::Yes } else { Acc::No };
+                }
+            }
+        }
+        let key = spec.clone();
+        if !self.regexes.contains_key(&key) {
+            let b = match spec.syntax {
+                Syntax::Bytes => {
+                    regex::bytes::RegexBuilder::new(&spec.pattern).unicode(false).case_insensitive(true).build()
+                }
+                Syntax::Policy => regex::bytes::RegexBuilder::new(&spec.pattern).case_insensitive(true).build(),
+                Syntax::Table { case_insensitive } => {
+                    regex::bytes::RegexBuilder::new(&spec.pattern).case_insensitive(case_insensitive).build()
+                }
+            };
+            let b = b.map_err(|e| e.to_string());
+            self.regexes.insert(key.clone(), b);
+        }
+        let Some(Ok(re)) = self.regexes.get(&key) else {
+            return match self.dfa(spec) {
+                Ok(d) => d.matches(x),
+                Err(_) => Acc::Maybe,
+            };
+        };
+        if re.is_match(&viewed()) {
+            Acc::Yes
+        } else {
+            Acc::No
+        }
+    }
+
+    /// Search a conjunction part by part: start with the conjuncts that are not a negated
+    /// test (those rarely make it unsatisfiable), find a string, add the conjuncts it
+    /// violates, search again. A part that has no string means the whole has none; a
+    /// string that satisfies every conjunct is the answer. Automata are built only for the
+    /// tests a search needs. Other formulas are searched whole.
+    fn lazy_search(&mut self, base: &Dfa, specs: &[LangSpec], form: &Form) -> Result<Found, String> {
+        let conjuncts: Vec<Form> = match form {
+            Form::And(v) if specs.len() > 8 => v.clone(),
+            _ => {
+                let mut dfas = Vec::new();
+                for sp in specs {
+                    dfas.push(self.dfa(sp).map_err(|e| format!("pattern `{}`: {e}", sp.pattern))?);
+                }
+                let refs: Vec<&Dfa> = dfas.iter().map(|d| d.as_ref()).collect();
+                return Ok(auto::search(base, &refs, form, SEARCH_LIMIT));
+            }
+        };
+        let negated = |f: &Form| matches!(f, Form::Not(inner) if matches!(**inner, Form::Atom(_)));
+        let mut chosen: Vec<usize> = (0..conjuncts.len()).filter(|i| !negated(&conjuncts[*i])).collect();
+        for _ in 0..64 {
+            // The atoms the chosen conjuncts use, renumbered.
+            let mut used: Vec<usize> = Vec::new();
+            for c in &chosen {
+                atoms_in(&conjuncts[*c], &mut used);
+            }
+            used.sort();
+            used.dedup();
+            let mut dfas = Vec::new();
+            for u in &used {
+                let sp = &specs[*u];
+                dfas.push(self.dfa(sp).map_err(|e| format!("pattern `{}`: {e}", sp.pattern))?);
+            }
+            let refs: Vec<&Dfa> = dfas.iter().map(|d| d.as_ref()).collect();
+            let sub = Form::And(chosen.iter().map(|i| renumber(&conjuncts[*i], &used)).collect());
+            match auto::search(base, &refs, &simplify(sub), SEARCH_LIMIT) {
+                Found::Yes { witness, sure: true } => {
+                    let accs: Vec<Acc> = specs.iter().map(|sp| self.member(sp, &witness)).collect();
+                    let violated: Vec<usize> = (0..conjuncts.len())
+                        .filter(|i| !chosen.contains(i) && conjuncts[*i].eval(&accs) != Acc::Yes)
+                        .take(16)
+                        .collect();
+                    if violated.is_empty() {
+                        return Ok(Found::Yes { witness, sure: true });
+                    }
+                    chosen.extend(violated);
+                }
+                other => return Ok(other),
+            }
+        }
+        let mut dfas = Vec::new();
+        for sp in specs {
+            dfas.push(self.dfa(sp).map_err(|e| format!("pattern `{}`: {e}", sp.pattern))?);
+        }
+        let refs: Vec<&Dfa> = dfas.iter().map(|d| d.as_ref()).collect();
+        Ok(auto::search(base, &refs, form, SEARCH_LIMIT))
+    }
+
     /// Values tried before searching, by what the symbol is.
     fn preferred(&self, sym: SymId) -> Vec<String> {
         let s = &self.syms[sym as usize];
@@ -790,6 +969,25 @@ impl World {
             _ => &[""],
         };
         v.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+fn atoms_in(f: &Form, out: &mut Vec<usize>) {
+    match f {
+        Form::Atom(i) => out.push(*i),
+        Form::Not(g) => atoms_in(g, out),
+        Form::And(v) | Form::Or(v) => v.iter().for_each(|g| atoms_in(g, out)),
+        _ => {}
+    }
+}
+
+fn renumber(f: &Form, used: &[usize]) -> Form {
+    match f {
+        Form::Atom(i) => Form::Atom(used.iter().position(|u| u == i).unwrap_or(0)),
+        Form::Not(g) => Form::Not(Box::new(renumber(g, used))),
+        Form::And(v) => Form::And(v.iter().map(|g| renumber(g, used)).collect()),
+        Form::Or(v) => Form::Or(v.iter().map(|g| renumber(g, used)).collect()),
+        other => other.clone(),
     }
 }
 
@@ -826,6 +1024,13 @@ fn simplify(f: Form) -> Form {
                     Form::And(w) => out.extend(w),
                     g => out.push(g),
                 }
+            }
+            // `x and not x`.
+            let pos: std::collections::HashSet<usize> =
+                out.iter().filter_map(|g| if let Form::Atom(i) = g { Some(*i) } else { None }).collect();
+            if out.iter().any(|g| matches!(g, Form::Not(inner) if matches!(**inner, Form::Atom(i) if pos.contains(&i))))
+            {
+                return Form::False;
             }
             match out.len() {
                 0 => Form::True,
@@ -903,8 +1108,8 @@ mod tests {
     fn join_keeps_common_prefix() {
         let mut w = World::default();
         let s = w.sym(Origin::Fact { run: 0, fact: "helo.name" }, SymKind::Str(None), true);
-        let a = w.atom(s, AtomKind::Lang(LangSpec::bytes(auto::exact(&["a"]), View::Whole)));
-        let b = w.atom(s, AtomKind::Lang(LangSpec::bytes(auto::exact(&["b"]), View::Whole)));
+        let a = w.atom(s, AtomKind::Lang(LangSpec::exact(&["a"])));
+        let b = w.atom(s, AtomKind::Lang(LangSpec::exact(&["b"])));
         let base = Conj::top().with(Lit::Atom(a, false));
         let x = base.with(Lit::Atom(b, true));
         let y = base.with(Lit::Atom(b, false));

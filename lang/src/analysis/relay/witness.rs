@@ -431,6 +431,17 @@ impl Prover<'_> {
                     if matches!(v, Some(Value::Bool(true))) {
                         let a = returns.first().cloned().unwrap_or_else(|| "127.0.0.2".into());
                         let _ = writeln!(t, "dns: {}.{zone} A {a}", reverse_ip(ip));
+                        // What the list's TXT record says, when the path reads it.
+                        let text = [RUN_CONNECT, RUN_HELO, RUN_MAIL, RUN_RCPT, RUN_DATA]
+                            .iter()
+                            .filter_map(|r| self.w.find(&Origin::Fact { run: *r, fact: "dnsbl.text" }))
+                            .find_map(|s| match m.values.get(&s) {
+                                Some(Value::Str(x)) if !x.is_empty() => Some(x.clone()),
+                                _ => None,
+                            });
+                        if let Some(x) = text {
+                            let _ = writeln!(t, "dns: {}.{zone} TXT \"{x}\"", reverse_ip(ip));
+                        }
                     }
                 }
                 Meaning::Rhsbl { zone, domain, returns } => {
