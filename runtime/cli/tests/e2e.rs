@@ -1516,7 +1516,8 @@ fn an_open_relay_policy_does_not_start() {
     let t = TempDir::new("openrelay");
     let port = free_port();
     let policy = t.join("open.mailpolicy");
-    std::fs::write(&policy, format!("listener smtp {{ address \"127.0.0.1:{port}\"; }}\non rcpt {{ accept; }}\n"))
+    // Reachable from outside (a loopback-only listener has no stranger, spec 16.1).
+    std::fs::write(&policy, format!("listener smtp {{ address \"0.0.0.0:{port}\"; }}\non rcpt {{ accept; }}\n"))
         .expect("write");
     let (st, out, err) = run_bounded(
         Command::new(MAILC).arg("serve").arg("--policy").arg(&policy).current_dir(t.path()),

@@ -401,25 +401,6 @@ impl Prover<'_> {
                     next.push(p);
                     continue;
                 };
-                if let Some(plan) = &self.plan {
-                    // Replaying a counterexample: the choice it made.
-                    let choice = plan.iter().find(|g| g.var == v).cloned();
-                    let mut q = p.clone();
-                    match choice {
-                        Some(GapUse { shape: Some(s), .. }) => {
-                            let (val, cons, copies) = self.instantiate(s, run);
-                            q.vars[v as usize] = val.clone();
-                            q.cons = conj_and(&q.cons, &cons);
-                            q.gaps.push(GapUse { var: v, shape: Some(s), copies, value: val });
-                        }
-                        _ => {
-                            q.vars[v as usize] = (*cur).clone();
-                            q.gaps.push(GapUse { var: v, shape: None, copies: Vec::new(), value: (*cur).clone() });
-                        }
-                    }
-                    next.push(q);
-                    continue;
-                }
                 let mut keep = p.clone();
                 keep.vars[v as usize] = (*cur).clone();
                 keep.gaps.push(GapUse { var: v, shape: None, copies: Vec::new(), value: (*cur).clone() });

@@ -669,17 +669,7 @@ impl World {
         if let Some(d) = self.cache.get(&key) {
             return d.clone();
         }
-        let t0 = std::time::Instant::now();
         let d = self.decide_uncached(sym, form, ids);
-        if std::env::var_os("RELAY_DEBUG").is_some() {
-            eprintln!(
-                "decide {:?} atoms={} {:?} in {:?}",
-                self.syms[sym as usize].origin,
-                ids.len(),
-                matches!(d, Decided::Sat(_)),
-                t0.elapsed()
-            );
-        }
         self.cache.insert(key, d.clone());
         d
     }
