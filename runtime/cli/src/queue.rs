@@ -413,6 +413,7 @@ mod tests {
             added_headers: vec![],
             session: Default::default(),
             copy: false,
+            tail: 0,
         }
     }
 

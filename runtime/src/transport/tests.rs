@@ -959,11 +959,16 @@ fn maildir_delivery() {
     let name = p1.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.ends_with(&format!(",S={}", body.len())), "{name}");
     // through the driver
-    let rep = rt().block_on(deliver(&Target::Maildir(md.clone()), &e, b"x\n", &opts(StaticResolver::new())));
+    let rep = rt().block_on(deliver(
+        &Target::Maildir(crate::paths::Confined { root: None, path: md.clone() }),
+        &e,
+        b"x\n",
+        &opts(StaticResolver::new()),
+    ));
     assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)));
     // unwritable: deferred
     let rep = rt().block_on(deliver(
-        &Target::Maildir(PathBuf::from("/proc/nonexistent/Maildir")),
+        &Target::Maildir(crate::paths::Confined { root: None, path: PathBuf::from("/proc/nonexistent/Maildir") }),
         &e,
         b"x\n",
         &opts(StaticResolver::new()),
@@ -1425,4 +1430,22 @@ remote-control:
         let e = resolve(&r, &Destination::domain("ub.test"), &me).await.unwrap_err();
         assert_eq!(e.enhanced, Some((5, 4, 6)));
     });
+}
+
+/// Issue 10.5: a line longer than 998 octets goes out over DATA broken by CRLF SPACE (as
+/// Postfix's smtp_line_length_limit does); shorter lines are untouched.
+#[test]
+fn long_lines_are_folded_on_the_way_out() {
+    let mut msg = b"Subject: x\r\n\r\n".to_vec();
+    msg.extend_from_slice(&[b'a'; 2500]);
+    msg.extend_from_slice(b"\r\nshort\r\n");
+    let out = super::client::encode_data(&msg);
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(lines.iter().all(|l| l.len() <= 998), "every line within 998 octets");
+    assert_eq!(lines[2].len(), 998);
+    assert_eq!(lines[3].len(), 998);
+    assert!(lines[3].starts_with(' ') && lines[4].starts_with(' '));
+    assert_eq!(lines.iter().map(|l| l.trim_start_matches(' ').matches('a').count()).sum::<usize>(), 2500);
+    assert!(text.contains("\r\nshort\r\n.\r\n"));
 }
