@@ -103,7 +103,7 @@ fn confirm(
         let mut tried = vec![cx.transcript.clone()];
         tried.extend(cx.alternatives.iter().cloned());
         let mut why = Vec::new();
-        let good = tried.into_iter().find(|t| match mailpolicy_runtime::transcript::replay(std_dir(), &policy, t) {
+        let good = tried.into_iter().find(|t| match mailpolicy_engine::transcript::replay(std_dir(), &policy, t) {
             Ok(()) => true,
             Err(f) => {
                 if why.is_empty() {

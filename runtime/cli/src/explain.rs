@@ -5,10 +5,10 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use mailpolicy_engine::eval::Trace;
+use mailpolicy_engine::transcript::{self, run::Runner};
 use mailpolicy_lang::analysis::source_line;
 use mailpolicy_lang::{compile, FsLoader};
-use mailpolicy_runtime::eval::Trace;
-use mailpolicy_runtime::transcript::{self, run::Runner};
 
 pub fn main(args: Vec<OsString>) -> u8 {
     let mut paths: Vec<PathBuf> = Vec::new();

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::io::BufRead;
 
-use mailpolicy_runtime::daemon::sasl::Verifier;
+use mailpolicy_daemon::sasl::Verifier;
 
 pub fn main(args: Vec<OsString>) -> u8 {
     let mut iterations = 4096u32;

@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use mailpolicy_runtime::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored, Summary};
+use mailpolicy_daemon::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored, Summary};
 
 const USAGE: &str = "\
 Usage:
@@ -370,7 +370,7 @@ fn fmt_time(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mailpolicy_runtime::conn::{QueuedMessage, QueuedRcpt};
+    use mailpolicy_engine::conn::{QueuedMessage, QueuedRcpt};
 
     struct TempDir(PathBuf);
 

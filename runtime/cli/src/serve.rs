@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mailpolicy_runtime::daemon::{self, ServeOptions};
+use mailpolicy_daemon::{self as daemon, ServeOptions};
 
 pub fn main(args: Vec<OsString>) -> u8 {
     let mut opts = ServeOptions { policy: None, spool: None, std_dir: crate::check::std_dir() };
@@ -53,8 +53,8 @@ pub fn main(args: Vec<OsString>) -> u8 {
 
 async fn run(prog: mailpolicy_lang::Program, policy_dir: PathBuf, opts: ServeOptions) -> Result<(), String> {
     let spool_dir = daemon::spool_dir(&prog, &policy_dir, opts.spool.as_deref());
-    let (spool, recovered) = mailpolicy_runtime::spool::Spool::open(&spool_dir)
-        .map_err(|e| format!("spool {}: {e}", spool_dir.display()))?;
+    let (spool, recovered) =
+        mailpolicy_daemon::spool::Spool::open(&spool_dir).map_err(|e| format!("spool {}: {e}", spool_dir.display()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let store = Arc::new(spool.clone());
     let running = daemon::start(prog, policy_dir.clone(), spool_dir.clone(), store, tx).await?;

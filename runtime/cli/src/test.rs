@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use mailpolicy_runtime::transcript::{self, run::Runner};
+use mailpolicy_engine::transcript::{self, run::Runner};
 
 pub fn main(args: Vec<OsString>) -> u8 {
     let mut paths: Vec<PathBuf> = Vec::new();

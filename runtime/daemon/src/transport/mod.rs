@@ -17,7 +17,7 @@
 //! DSN parameters received (NOTIFY, ORCPT, RET, ENVID) are passed on as they
 //! came when the next hop offers DSN (R1).
 
-pub mod client;
+pub use mailpolicy_engine::client;
 pub mod driver;
 pub mod dsn;
 pub mod local;

@@ -10,7 +10,7 @@
 //! # Driving a session
 //!
 //! ```
-//! use mailpolicy_runtime::smtp::{Config, Decision, Event, PeerInfo, Session, Time};
+//! use mailpolicy_engine::smtp::{Config, Decision, Event, PeerInfo, Session, Time};
 //!
 //! let mut s = Session::new(Config::default(), PeerInfo::default(), Time(0));
 //! let mut wire = Vec::new();

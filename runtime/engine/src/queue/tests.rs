@@ -372,7 +372,7 @@ fn missing_result_counts_as_temporary_failure() {
 
 #[test]
 fn entry_from_spool_summary() {
-    use crate::spool::RcptSummary;
+    use crate::record::RcptSummary;
     let summary = Summary {
         id: id(1),
         queue: QueueName::Deferred,

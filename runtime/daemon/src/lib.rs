@@ -20,6 +20,12 @@ pub mod session;
 pub mod sql;
 pub mod tls;
 
+pub mod spool;
+pub mod transport;
+
+// The engine's modules under the names the daemon's modules use for them.
+use mailpolicy_engine::{config, conn, eval, headers, paths, queue, smtp};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,7 +37,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::conn::{QueuedMessage, QueuedRcpt};
-use crate::smtp;
 use lookup::Lookups;
 
 /// The policy `mailc serve` runs when given none.

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    mailpolicy_runtime::smtp::fuzzing::smtp_commands(data);
+    mailpolicy_engine::smtp::fuzzing::smtp_commands(data);
 });

@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    mailpolicy_runtime::smtp::fuzzing::data_receiver(data);
+    mailpolicy_engine::smtp::fuzzing::data_receiver(data);
 });

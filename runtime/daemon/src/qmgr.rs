@@ -1155,12 +1155,6 @@ fn reply_line(r: &Reply) -> String {
     }
 }
 
-impl std::fmt::Display for QueueName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 #[allow(dead_code)]
 fn _reply(r: &RenderedReply) -> String {
     r.to_string()

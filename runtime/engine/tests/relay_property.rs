@@ -10,8 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+use mailpolicy_engine::transcript::{parse, run::Runner};
 use mailpolicy_lang::{analysis, MemLoader};
-use mailpolicy_runtime::transcript::{parse, run::Runner};
 
 struct Rng(u64);
 
@@ -193,7 +193,7 @@ fn battery() -> Vec<String> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 #[test]

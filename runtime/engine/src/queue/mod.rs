@@ -45,7 +45,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::spool::{Class, QueueId, QueueName, RcptState, Summary};
+use crate::record::{Class, QueueId, QueueName, RcptState, Summary};
 
 /// A destination key chosen by the host.
 pub type Destination = String;

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use mailpolicy_runtime::transcript::{parse, run::Runner};
+use mailpolicy_engine::transcript::{parse, run::Runner};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -160,6 +160,6 @@ fn verdicts_keep_their_trace() {
     assert!(rcpt.outcome.starts_with("reject 554"), "{}", rcpt.outcome);
     assert!(rcpt.rule.is_some(), "the relay check decided");
     let tests =
-        rcpt.trace.iter().filter(|t| matches!(t, mailpolicy_runtime::eval::Trace::Test { result: true, .. })).count();
+        rcpt.trace.iter().filter(|t| matches!(t, mailpolicy_engine::eval::Trace::Test { result: true, .. })).count();
     assert_eq!(tests, 1, "the relay check's test was true: {:?}", rcpt.trace);
 }

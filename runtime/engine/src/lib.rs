@@ -1,0 +1,13 @@
+//! The mailpolicy engine: everything that decides, and nothing that waits. No socket, no
+//! clock, no TLS, no resolver: hosts (`mailc test` in [`transcript`], `mailc serve` in the
+//! daemon crate) feed bytes, time and answers in and carry bytes and needs out.
+pub mod client;
+pub mod config;
+pub mod conn;
+pub mod eval;
+pub mod headers;
+pub mod paths;
+pub mod queue;
+pub mod record;
+pub mod smtp;
+pub mod transcript;
