@@ -136,7 +136,6 @@
 //! on client data, and the fuzz targets in `runtime/fuzz` check it.
 
 mod address;
-mod base64;
 mod data;
 mod params;
 mod reply;

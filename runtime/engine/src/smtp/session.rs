@@ -5,12 +5,17 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use base64::Engine as _;
+
 use super::address::{parse_forward_path, parse_reverse_path, split_path, ForwardPath, PathError, ReversePath};
-use super::base64;
 use super::data::{ContentChecker, ContentFlags, DotReceiver};
 use super::params::{parse_mail_params, parse_rcpt_params, BodyType, MailParams, Offered, ParamError, RcptParams};
 use super::reply::Reply;
 use super::time::Time;
+
+/// SASL data: strict standard base64 (RFC 4648, canonical padding, no stray bits, no
+/// white space), as RFC 4954 requires.
+pub(super) const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// Which ESMTP extensions the server offers in its EHLO reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -837,7 +842,7 @@ impl Session {
         let mechanism = self.take_auth_step()?;
         self.phase = Phase::AuthResponse { mechanism };
         self.out.extend_from_slice(b"334 ");
-        self.out.extend_from_slice(base64::encode(challenge).as_bytes());
+        self.out.extend_from_slice(BASE64.encode(challenge).as_bytes());
         self.out.extend_from_slice(b"\r\n");
         self.drive(now);
         Ok(())
@@ -1470,9 +1475,9 @@ impl Session {
         let data = match ir {
             None => None,
             Some("=") => Some(Vec::new()),
-            Some(b) => match base64::decode(b.as_bytes()) {
-                Some(d) => Some(d),
-                None => return err(self, r(501, (5, 5, 2), "Invalid base64 data")),
+            Some(b) => match BASE64.decode(b.as_bytes()) {
+                Ok(d) => Some(d),
+                Err(_) => return err(self, r(501, (5, 5, 2), "Invalid base64 data")),
             },
         };
         self.wait(Pending::AuthStep { mechanism: mechanism.clone() }, Event::AuthStep { mechanism, data });
@@ -1483,12 +1488,12 @@ impl Session {
             self.events.push_back(Event::AuthCancelled);
             return self.send(r(501, (5, 7, 0), "Authentication cancelled"), Duration::ZERO, false, now);
         }
-        match base64::decode(text.as_bytes()) {
-            Some(data) => self.wait(
+        match BASE64.decode(text.as_bytes()) {
+            Ok(data) => self.wait(
                 Pending::AuthStep { mechanism: mechanism.clone() },
                 Event::AuthStep { mechanism, data: Some(data) },
             ),
-            None => {
+            Err(_) => {
                 self.events.push_back(Event::AuthCancelled);
                 self.send(r(501, (5, 5, 2), "Invalid base64 data"), Duration::ZERO, false, now)
             }

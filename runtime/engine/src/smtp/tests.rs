@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use super::session::BASE64;
 use super::*;
+use base64::Engine as _;
 
 type Policy = Box<dyn FnMut(&Event) -> Decision>;
 
@@ -703,8 +705,8 @@ fn auth_cfg() -> Config {
 #[test]
 fn auth() {
     // "\0alice\0secret"
-    let good = base64::encode(b"\0alice\0secret");
-    let bad = base64::encode(b"\0alice\0wrong");
+    let good = BASE64.encode(b"\0alice\0secret");
+    let bad = BASE64.encode(b"\0alice\0wrong");
     let t = |c: Config, input: String| {
         let mut h = H::new(c, accept_all());
         h.send(input.as_bytes());
@@ -730,6 +732,11 @@ fn auth() {
     assert_eq!(f, ["334 ", "501 5.5.2 Invalid base64 data"]);
     let (f, _) = t(auth_cfg(), format!("{EHLO}AUTH PLAIN ***\r\n"));
     assert_eq!(f, ["501 5.5.2 Invalid base64 data"]);
+    // Only canonical base64: padding required, no stray bits, nothing after the padding.
+    for bad in ["Zm9", "Zm9v=", "Zm==Zm9v", "Zm8", "Z===", "Zm9!", "Zm9=", "Zh=="] {
+        let (f, _) = t(auth_cfg(), format!("{EHLO}AUTH PLAIN {bad}\r\n"));
+        assert_eq!(f, ["501 5.5.2 Invalid base64 data"], "{bad}");
+    }
     let (f, _) = t(auth_cfg(), format!("{EHLO}AUTH PLAIN =\r\n"));
     assert_eq!(f, ["535 5.7.8 Authentication credentials invalid"]);
     let (f, _) = t(auth_cfg(), format!("{EHLO}AUTH CRAM-MD5\r\nAUTH\r\n"));
