@@ -5,7 +5,7 @@
 //! Results are computed once per transaction, when the policy first reads `spf`, `dkim`,
 //! `dmarc` or `dmarc.policy`, and only then: a policy that never asks pays no DNS query.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
@@ -69,19 +69,10 @@ fn duration(prog: &Program, name: &str, default_ms: u64) -> Duration {
 }
 
 impl SenderAuth {
-    pub fn new(prog: &Program, hostname: &str) -> Result<SenderAuth, String> {
-        let server: Option<SocketAddr> = match prog.server.option("dns_server") {
-            Some(OptValue::Str(a)) => Some(a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?),
-            _ => None,
-        };
-        let (config, mut opts) = crate::transport::mx::hickory_config(server, duration(prog, "dns_timeout", 5_000));
-        opts.cache_size = 1024;
-        let auth = MessageAuthenticator::new(config, opts).map_err(|e| e.to_string())?;
-        Ok(SenderAuth {
-            auth,
-            hostname: hostname.to_string(),
-            lookup_timeout: duration(prog, "lookup_timeout", 10_000),
-        })
+    /// Sender authentication through the daemon's resolver (one cache for every DNS client).
+    pub fn new(prog: &Program, hostname: &str, resolver: hickory_resolver::TokioResolver) -> SenderAuth {
+        let auth = MessageAuthenticator(resolver);
+        SenderAuth { auth, hostname: hostname.to_string(), lookup_timeout: duration(prog, "lookup_timeout", 10_000) }
     }
 
     pub async fn spf(&self, st: &mut AuthState, ip: IpAddr, helo: &str, sender: &str) -> &'static str {
@@ -372,7 +363,7 @@ mod tests {
         let prog = c.program.expect("policy compiles");
         let signer =
             Signer::from_program(&prog, &|_: &str| Some(pem.clone())).expect("key loads").expect("signing configured");
-        let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
+        let auth = SenderAuth::new(&prog, "mx.test", crate::transport::mx::policy_resolver(&prog).expect("resolver"));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
 
         // unbound may need a moment to start answering
@@ -454,7 +445,7 @@ mod tests {
         let policy = format!("require \"spf\";\nserver {{ dns_server \"127.0.0.1:{port}\"; dns_timeout 2s; }}\non mail {{ if spf :is \"fail\" {{ reject; }} }}\n");
         let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
         let prog = c.program.expect("policy compiles");
-        let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
+        let auth = SenderAuth::new(&prog, "mx.test", crate::transport::mx::policy_resolver(&prog).expect("resolver"));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let mut spf = "temperror";
         for _ in 0..50 {
@@ -478,7 +469,7 @@ mod tests {
         let policy = format!("require [\"spf\", \"dkim\", \"dmarc\"];\nserver {{ dns_server \"127.0.0.1:{port}\"; dns_timeout 1s; lookup_timeout 2s; }}\non data {{ if spf :is \"fail\" or dkim :is \"fail\" or dmarc :is \"fail\" {{ reject; }} }}\n");
         let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
         let prog = c.program.expect("policy compiles");
-        let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
+        let auth = SenderAuth::new(&prog, "mx.test", crate::transport::mx::policy_resolver(&prog).expect("resolver"));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let mut st = AuthState::default();
         let start = std::time::Instant::now();

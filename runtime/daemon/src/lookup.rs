@@ -4,7 +4,6 @@
 //! which the evaluator turns into a 4xx unless the policy chose to fail open.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -82,20 +81,22 @@ pub fn resolve_secrets(prog: &Program, policy_dir: &Path) -> Result<HashMap<Stri
 }
 
 impl Lookups {
+    /// The daemon's next-hop resolver (the one resolver of [`Lookups::new`]).
+    pub fn mx_resolver(&self) -> std::sync::Arc<dyn crate::transport::mx::Resolver> {
+        self.mx_resolver.clone()
+    }
+
     pub fn new(prog: &Program, policy_dir: &Path) -> Result<Lookups, String> {
         let secrets = resolve_secrets(prog, policy_dir)?;
-        let sender_auth =
-            super::auth::SenderAuth::new(prog, &crate::config::hostname(prog, None, &super::machine_hostname()))?;
         let signer = super::auth::Signer::from_program(prog, &|name: &str| secrets.get(name).cloned())?;
         let hostname = crate::config::hostname(prog, None, &super::machine_hostname());
-        let dns_server: Option<SocketAddr> = match prog.server.option("dns_server") {
-            Some(OptValue::Str(a)) => Some(a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?),
-            _ => None,
-        };
         let dns_timeout = dur(prog, "dns_timeout", 5_000);
+        // One resolver and one cache for every DNS client of the daemon: policy lookups
+        // (DNSBLs, ...), SPF/DKIM/DMARC, call-ahead and the queue manager's MX lookups.
+        let resolver = crate::transport::mx::policy_resolver(prog)?;
         let mx_resolver: std::sync::Arc<dyn crate::transport::mx::Resolver> =
-            std::sync::Arc::new(crate::transport::mx::HickoryResolver::with(dns_server, dns_timeout));
-        let resolver = crate::transport::mx::hickory_resolver(dns_server, dns_timeout, 4096);
+            std::sync::Arc::new(crate::transport::mx::HickoryResolver::from_resolver(resolver.clone()));
+        let sender_auth = super::auth::SenderAuth::new(prog, &hostname, resolver.clone());
         // The open-relay proof read the file tables; a change to one is proven again before
         // it is used (B1: no table edit turns the server into an open relay unchecked).
         let loader = mailpolicy_lang::FsLoader { std_dir: None };

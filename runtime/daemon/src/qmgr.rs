@@ -24,7 +24,7 @@ use crate::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored};
 use crate::transport::client::{Credentials, TlsPolicy};
 use crate::transport::driver::{self, DeliveryOptions, DeliveryReport, Outcome, Target};
 use crate::transport::dsn::{self, DsnRecipient};
-use crate::transport::mx::{Destination, HickoryResolver, LocalIdentity, Resolver};
+use crate::transport::mx::{Destination, LocalIdentity, Resolver};
 
 enum Ctl {
     Reload(Arc<Program>),
@@ -244,10 +244,8 @@ async fn run(
     let mut incoming = incoming.lock().await;
     let mut ctl_rx = ctl_rx.lock().await;
     let prog = shared.program();
-    let dns_server =
-        prog.server.option("dns_server").and_then(|v| if let OptValue::Str(s) = v { s.parse().ok() } else { None });
-    let dns_timeout = ms(&prog, "dns_timeout").map(Duration::from_millis).unwrap_or(Duration::from_secs(5));
-    let resolver: Arc<dyn Resolver> = Arc::new(HickoryResolver::with(dns_server, dns_timeout));
+    // The daemon's one resolver (and cache), shared with policy lookups and mail-auth.
+    let resolver: Arc<dyn Resolver> = shared.lookups().mx_resolver();
     let mut q = Qmgr {
         sched: Scheduler::new(queue_config(&prog)),
         shared,

@@ -81,6 +81,21 @@ pub fn hickory_config(
     (config, opts)
 }
 
+/// The daemon's one resolver as the policy sets it up (`dns_server`, `dns_timeout`), with
+/// its cache: built once per policy load and shared by every DNS client.
+pub fn policy_resolver(prog: &mailpolicy_lang::ir::Program) -> Result<hickory_resolver::TokioResolver, String> {
+    use mailpolicy_lang::ir::OptValue;
+    let server: Option<SocketAddr> = match prog.server.option("dns_server") {
+        Some(OptValue::Str(a)) => Some(a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?),
+        _ => None,
+    };
+    let timeout = match prog.server.option("dns_timeout") {
+        Some(OptValue::Duration(ms)) => std::time::Duration::from_millis(*ms),
+        _ => std::time::Duration::from_secs(5),
+    };
+    Ok(hickory_resolver(server, timeout, 4096))
+}
+
 /// A hickory resolver with [`hickory_config`].
 pub fn hickory_resolver(
     server: Option<SocketAddr>,
@@ -112,6 +127,12 @@ impl HickoryResolver {
     /// A resolver with the policy's name server and `dns_timeout`.
     pub fn with(server: Option<SocketAddr>, timeout: std::time::Duration) -> HickoryResolver {
         HickoryResolver { inner: hickory_resolver(server, timeout, 1024) }
+    }
+
+    /// Next hops through an existing resolver (and its cache): the daemon has one, shared
+    /// by policy lookups, call-ahead, sender authentication and the queue manager.
+    pub fn from_resolver(inner: hickory_resolver::TokioResolver) -> HickoryResolver {
+        HickoryResolver { inner }
     }
 }
 
