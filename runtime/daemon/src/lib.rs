@@ -24,7 +24,7 @@ pub mod spool;
 pub mod transport;
 
 // The engine's modules under the names the daemon's modules use for them.
-use mailpolicy_engine::{config, conn, eval, headers, paths, queue, smtp};
+use mailpolicy_engine::{config, conn, date, eval, headers, paths, queue, smtp};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -235,7 +235,7 @@ impl Shared {
         let subject: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
         let data = format!(
             "From: <{from}>\r\nTo: <{to}>\r\nSubject: mailpolicy alert: {subject}\r\nDate: {}\r\nMessage-ID: <alert.{now}@{}>\r\nAuto-Submitted: auto-generated\r\n\r\n{text}\r\n",
-            crate::conn::rfc2822_date(now),
+            crate::date::rfc2822(now),
             self.hostname
         );
         let msg = QueuedMessage {

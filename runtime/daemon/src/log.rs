@@ -16,7 +16,7 @@ pub struct Logger {
 
 impl Logger {
     pub fn event(&self, event: &str, fields: &[(&str, &str)]) {
-        let now = crate::conn::rfc3339(crate::now_ms());
+        let now = crate::date::rfc3339(crate::now_ms());
         let line = match self.format {
             Format::Json => {
                 let mut m = serde_json::Map::new();

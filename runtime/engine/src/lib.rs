@@ -4,6 +4,7 @@
 pub mod client;
 pub mod config;
 pub mod conn;
+pub mod date;
 pub mod eval;
 pub mod headers;
 pub mod paths;

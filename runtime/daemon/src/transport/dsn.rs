@@ -20,7 +20,7 @@
 //! Peer-supplied text (replies, ENVID, addresses) has its control
 //! characters replaced, so it cannot forge header fields.
 
-use crate::conn::rfc2822_date;
+use crate::date::rfc2822 as rfc2822_date;
 use crate::smtp::{Notify, Orcpt, Reply, Ret, ReversePath};
 
 use super::driver::Outcome;

@@ -136,19 +136,6 @@ pub fn deliver_maildir(dir: &Path, env: &Envelope, data: &[u8]) -> io::Result<Pa
     result
 }
 
-/// asctime-style date for the `From ` line: `Mon Jan  2 15:04:05 2006`.
-fn asctime(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = crate::conn::civil_from_days(days as i64);
-    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"].get((days % 7) as usize).copied().unwrap_or("Thu");
-    let mon = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        .get((m as usize).saturating_sub(1))
-        .copied()
-        .unwrap_or("Jan");
-    format!("{wd} {mon} {d:>2} {:02}:{:02}:{:02} {y}", rem / 3600, (rem % 3600) / 60, rem % 60)
-}
-
 /// mboxrd quoting: a line matching `>*From ` gets one more `>`.
 fn quote_from(content: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(content.len() + 16);
@@ -218,7 +205,7 @@ fn append_mbox(f: File, env: &Envelope, data: &[u8]) -> io::Result<()> {
         s if s.is_empty() => "MAILER-DAEMON".to_string(),
         s => s,
     };
-    let mut buf = format!("From {sender} {}\n", asctime(secs)).into_bytes();
+    let mut buf = format!("From {sender} {}\n", crate::date::asctime(secs)).into_bytes();
     buf.extend_from_slice(&quote_from(&with_headers(env, data)));
     buf.push(b'\n');
     let mut w = &f;

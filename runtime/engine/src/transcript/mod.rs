@@ -500,36 +500,7 @@ pub fn duration(s: &str) -> Result<u64, String> {
 
 /// `2026-11-22T10:00:00Z` (UTC) to Unix milliseconds.
 pub fn timestamp(s: &str) -> Result<u64, String> {
-    let bad = || format!("\"{s}\" is not a time like 2026-11-22T10:00:00Z");
-    let s2 = s.strip_suffix('Z').ok_or_else(bad)?;
-    let (date, time) = s2.split_once('T').ok_or_else(bad)?;
-    let d: Vec<i64> = date.split('-').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
-    let t: Vec<u64> = time.split(':').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
-    if d.len() != 3
-        || t.len() != 3
-        || !(1..=12).contains(&d[1])
-        || !(1..=31).contains(&d[2])
-        || t[0] > 23
-        || t[1] > 59
-        || t[2] > 60
-    {
-        return Err(bad());
-    }
-    let days = days_from_civil(d[0], d[1] as u32, d[2] as u32);
-    if days < 0 {
-        return Err(bad());
-    }
-    Ok(((days as u64) * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = (y - era * 400) as u64;
-    let mp = if m > 2 { m - 3 } else { m + 9 } as u64;
-    let doy = (153 * mp + 2) / 5 + d as u64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe as i64 - 719_468
+    crate::date::parse_rfc3339(s)
 }
 
 /// Glob match, ASCII case-insensitive: `*` any run, `?` one character.
