@@ -64,6 +64,8 @@ use std::collections::VecDeque;
 use crate::smtp::{BodyType, Envelope, ForwardPath, Recipient, Reply, Ret, ReversePath};
 
 mod replies;
+#[cfg(test)]
+mod tests;
 
 /// Longest reply line accepted from a server (RFC 5321 says 512; be lenient).
 const MAX_LINE: usize = 8192;

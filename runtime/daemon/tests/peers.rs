@@ -1,0 +1,560 @@
+//! The daemon's transport driver against real peers on loopback ports of their own:
+//! Postfix's smtp-sink (with fault injection), a scripted TLS server, Dovecot LMTP over
+//! TCP and a unix socket, and hickory against unbound.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailpolicy_daemon::transport::client::*;
+use mailpolicy_daemon::transport::driver::*;
+use mailpolicy_daemon::transport::mx::*;
+use mailpolicy_engine::smtp::{
+    parse_forward_path, parse_reverse_path, Envelope, MailParams, RcptParams, Recipient, Reply,
+};
+use mailpolicy_test_support::{free_port, Peer, TempDir};
+
+fn rcpt(a: &str) -> Recipient {
+    Recipient {
+        path: parse_forward_path(&format!("<{a}>"), true).expect("test address"),
+        params: RcptParams::default(),
+    }
+}
+
+fn env(from: &str, to: &[&str]) -> Envelope {
+    Envelope {
+        from: parse_reverse_path(&format!("<{from}>"), true).expect("test address"),
+        params: MailParams::default(),
+        recipients: to.iter().map(|a| rcpt(a)).collect(),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn opts(resolver: StaticResolver) -> DeliveryOptions {
+    let mut o = DeliveryOptions::new("client.test", Arc::new(resolver));
+    o.timeouts = Timeouts::all(Duration::from_secs(5));
+    o.tls = TlsPolicy::None;
+    o
+}
+
+fn localhost_resolver() -> StaticResolver {
+    let mut r = StaticResolver::new();
+    r.add_ip("localhost", IpAddr::V4(Ipv4Addr::LOCALHOST));
+    r
+}
+
+// ---------------------------------------------------------------- real peers
+
+const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
+
+/// Starts smtp-sink with `args` on `where_` (`127.0.0.1:PORT` or `unix:PATH`).
+fn smtp_sink(args: &[&str], where_: &str) -> Peer {
+    assert!(
+        std::path::Path::new(SMTP_SINK).exists(),
+        "{SMTP_SINK} not found: it comes with Debian's postfix package; run tests/run.sh, which installs the test peers"
+    );
+    let mut cmd = Command::new(SMTP_SINK);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.args(["-u", "nobody"]);
+    }
+    let child = cmd
+        .args(args)
+        .arg(where_)
+        .arg("10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start smtp-sink");
+    let peer = Peer(child);
+    for _ in 0..200 {
+        let up = if let Some(p) = where_.strip_prefix("unix:") {
+            std::os::unix::net::UnixStream::connect(p).is_ok()
+        } else {
+            std::net::TcpStream::connect(where_).is_ok()
+        };
+        if up {
+            // that probe was a session too; smtp-sink shrugs it off
+            return peer;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("smtp-sink did not come up on {where_}");
+}
+
+#[test]
+fn smtp_sink_delivery_and_fault_injection() {
+    let rt = rt();
+    let msg = b"From: a@src.test\nSubject: hi\n\n.leading dot\nbody\n";
+    let e = env("a@src.test", &["b@dst.test", "c@dst.test"]);
+
+    let port = free_port();
+    let _sink = smtp_sink(&[], &format!("127.0.0.1:{port}"));
+    let o = opts(localhost_resolver());
+    let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
+    let rep = rt.block_on(deliver(&target, &e, msg, &o));
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(r) if r.code == 250)), "{rep:?}");
+    assert!(rep.remote_mta.unwrap().contains(&port.to_string()));
+
+    // 4xx on RCPT: deferred; 5xx on RCPT: failed; 5xx on MAIL: failed
+    for (args, want_code) in [
+        (&["-r", "rcpt"][..], 4),
+        (&["-f", "rcpt"][..], 5),
+        (&["-f", "mail"][..], 5),
+        (&["-r", "data"][..], 4),
+        (&["-f", "."][..], 5),
+    ] {
+        let port = free_port();
+        let _sink = smtp_sink(args, &format!("127.0.0.1:{port}"));
+        let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
+        let rep = rt.block_on(deliver(&target, &e, msg, &o));
+        for oc in &rep.recipients {
+            assert_eq!(oc.reply().code / 100, want_code, "{args:?}: {rep:?}");
+            match want_code {
+                4 => assert!(matches!(oc, Outcome::Deferred(_))),
+                _ => assert!(matches!(oc, Outcome::Failed(_))),
+            }
+        }
+    }
+
+    // disconnect without a reply: deferred with a made-up 4.4.2
+    let port = free_port();
+    let _sink = smtp_sink(&["-q", "rcpt"], &format!("127.0.0.1:{port}"));
+    let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
+    let rep = rt.block_on(deliver(&target, &e, msg, &o));
+    for oc in &rep.recipients {
+        assert!(matches!(oc, Outcome::Deferred(r) if r.enhanced == Some((4, 4, 2))), "{rep:?}");
+    }
+
+    // EHLO refused: HELO fallback still delivers; no DSN at the next hop
+    let port = free_port();
+    let _sink = smtp_sink(&["-f", "ehlo"], &format!("127.0.0.1:{port}"));
+    let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
+    let rep = rt.block_on(deliver(&target, &e, msg, &o));
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
+    assert!(!rep.next_hop_dsn);
+
+    // nothing listening: deferred 4.4.1
+    let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{}", free_port())).unwrap());
+    let rep = rt.block_on(deliver(&target, &e, msg, &o));
+    assert!(matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 4, 1))));
+}
+
+#[test]
+fn smtp_sink_tls_required_is_deferred_when_not_offered() {
+    let rt = rt();
+    let port = free_port();
+    let _sink = smtp_sink(&[], &format!("127.0.0.1:{port}"));
+    let mut o = opts(localhost_resolver());
+    o.tls = TlsPolicy::Required;
+    let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
+    let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@d.test"]), b"x\n", &o));
+    assert!(matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 7, 4))), "{rep:?}");
+    // may: delivered in clear
+    o.tls = TlsPolicy::May;
+    let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@d.test"]), b"x\n", &o));
+    assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
+    assert!(!rep.tls);
+}
+
+#[test]
+fn smtp_sink_mx_next_host_and_connection_cache() {
+    let rt = rt();
+    let port = free_port();
+    // -n 2: smtp-sink exits after two sessions (the readiness probe and
+    // ours), so later messages can only go through the cached session
+    let _sink = smtp_sink(&["-n", "2"], &format!("127.0.0.1:{port}"));
+    let mut r = StaticResolver::new();
+    // mx1 (best) has nothing listening on 127.0.0.2:port
+    r.add_mx("dst.test", 10, "mx1.dst.test")
+        .add_mx("dst.test", 20, "mx2.dst.test")
+        .add_ip("mx1.dst.test", ip("127.0.0.2"))
+        .add_ip("mx2.dst.test", ip("127.0.0.1"));
+    let mut o = opts(r);
+    let cache = Arc::new(ConnectionCache::new(Duration::from_secs(30)));
+    o.cache = Some(cache.clone());
+    let target = Target::Smtp(Destination::parse(&format!("dst.test:{port}")).unwrap());
+    let e = env("a@s.test", &["b@dst.test"]);
+    for i in 0..3 {
+        let rep = rt.block_on(deliver(&target, &e, format!("Subject: {i}\n\nx\n").as_bytes(), &o));
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "message {i}: {rep:?}");
+        assert_eq!(rep.remote_host.as_deref(), Some("mx2.dst.test"));
+        assert_eq!(cache.len(), 1);
+    }
+    // call-ahead on the same cached session
+    let from = parse_reverse_path("<>", false).unwrap();
+    let to = parse_forward_path("<b@dst.test>", false).unwrap();
+    let dest = Destination::parse(&format!("dst.test:{port}")).unwrap();
+    let reply = rt.block_on(call_ahead(&dest, &from, &to, &o));
+    assert_eq!(reply.code, 250);
+    rt.block_on(cache.close_all(&o.timeouts));
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn smtp_sink_call_ahead_refused() {
+    let rt = rt();
+    let port = free_port();
+    let _sink = smtp_sink(&["-f", "rcpt"], &format!("127.0.0.1:{port}"));
+    let o = opts(localhost_resolver());
+    let from = parse_reverse_path("<>", false).unwrap();
+    let to = parse_forward_path("<b@dst.test>", false).unwrap();
+    let dest = Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap();
+    let reply = rt.block_on(call_ahead(&dest, &from, &to, &o));
+    assert_eq!(reply.code / 100, 5, "{reply:?}");
+}
+
+#[test]
+fn smtp_sink_lmtp_tcp_and_unix() {
+    let rt = rt();
+    let e = env("a@s.test", &["u1@d.test", "u2@d.test"]);
+    let o = opts(localhost_resolver());
+    let port = free_port();
+    let _sink = smtp_sink(&["-L"], &format!("127.0.0.1:{port}"));
+    let target = Target::parse(&format!("lmtp:inet:[127.0.0.1]:{port}")).unwrap();
+    let rep = rt.block_on(deliver(&target, &e, b"Subject: l\n\nbody\n", &o));
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
+
+    let dir = TempDir::new("lmtp");
+    let sock = dir.0.join("lmtp.sock");
+    let _sink = smtp_sink(&["-L"], &format!("unix:{}", sock.display()));
+    let target = Target::Lmtp(LmtpEndpoint::Unix(sock.clone()));
+    let rep = rt.block_on(deliver(&target, &e, b"Subject: l\n\nbody\n", &o));
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
+
+    let port = free_port();
+    let _sink = smtp_sink(&["-L", "-r", "."], &format!("127.0.0.1:{port}"));
+    let target = Target::parse(&format!("lmtp:[127.0.0.1]:{port}")).unwrap();
+    let rep = rt.block_on(deliver(&target, &e, b"x\n", &o));
+    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Deferred(_))), "{rep:?}");
+}
+
+// ------------------------------------------------- scripted TLS server
+
+/// A tiny SMTP server offering STARTTLS with an rcgen certificate for
+/// `localhost`; accepts everything and records the message data.
+async fn tls_server(
+    listener: tokio::net::TcpListener,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+    sessions: usize,
+) -> Vec<(bool, Vec<u8>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let der = rustls::pki_types::CertificateDer::from(cert_der);
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key_der).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let mut got = Vec::new();
+    for _ in 0..sessions {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"220 tls.test ESMTP\r\n").await.unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        r.get_mut().write_all(b"250-tls.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n").await.unwrap();
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "STARTTLS\r\n");
+        r.get_mut().write_all(b"220 2.0.0 go\r\n").await.unwrap();
+        let tls = match acceptor.accept(r.into_inner()).await {
+            Ok(t) => t,
+            Err(_) => {
+                got.push((false, Vec::new()));
+                continue;
+            }
+        };
+        let mut r = BufReader::new(tls);
+        let mut data = Vec::new();
+        let mut in_data = false;
+        loop {
+            let mut l = Vec::new();
+            if r.read_until(b'\n', &mut l).await.unwrap_or(0) == 0 {
+                break;
+            }
+            if in_data {
+                if l == b".\r\n" {
+                    in_data = false;
+                    r.get_mut().write_all(b"250 2.0.0 ok\r\n").await.unwrap();
+                } else {
+                    data.extend_from_slice(&l);
+                }
+                continue;
+            }
+            let up = String::from_utf8_lossy(&l).to_ascii_uppercase();
+            let reply: &[u8] = if up.starts_with("EHLO") {
+                b"250-tls.test\r\n250 PIPELINING\r\n"
+            } else if up.starts_with("DATA") {
+                in_data = true;
+                b"354 go\r\n"
+            } else if up.starts_with("QUIT") {
+                let _ = r.get_mut().write_all(b"221 bye\r\n").await;
+                break;
+            } else {
+                b"250 ok\r\n"
+            };
+            r.get_mut().write_all(reply).await.unwrap();
+        }
+        got.push((true, data));
+    }
+    got
+}
+
+#[test]
+fn starttls_may_and_required_against_a_tls_server() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from(cert.cert.der().to_vec())).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(tls_server(listener, cert.cert.der().to_vec(), cert.key_pair.serialize_der(), 3));
+        let e = env("a@s.test", &["b@d.test"]);
+        let target = Target::Smtp(Destination::parse(&format!("[localhost]:{port}")).unwrap());
+        // may: self-signed accepted, encrypted
+        let mut o = opts(localhost_resolver());
+        o.tls = TlsPolicy::May;
+        let rep = deliver(&target, &e, b"Subject: tls\n\nsecret\n", &o).await;
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
+        assert!(rep.tls);
+        // required with the webpki roots: the self-signed cert fails, deferred 4.7.5
+        o.tls = TlsPolicy::Required;
+        let rep = deliver(&target, &e, b"x\n", &o).await;
+        assert!(matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 7, 5))), "{rep:?}");
+        // required with our root and the right name: delivered
+        o.tls_roots = Some(Arc::new(roots));
+        let rep = deliver(&target, &e, b"x\n", &o).await;
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
+        assert!(rep.tls);
+        let got = server.await.unwrap();
+        assert_eq!(got[0], (true, b"Subject: tls\r\n\r\nsecret\r\n".to_vec()));
+        assert!(!got[1].0, "handshake refused by the client");
+        assert!(got[2].0);
+    });
+}
+
+// ---------------------------------------------------------------- Dovecot
+
+/// A throwaway Dovecot LMTP server (TCP on loopback and a unix socket)
+/// with one known user, `u1@d.test`, whose Maildir is under the temp dir.
+struct Dovecot {
+    child: Child,
+    dir: TempDir,
+    port: u16,
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        // SIGTERM lets the master take its children down with it
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const DOVECOT: &str = "/usr/sbin/dovecot";
+
+fn dovecot() -> Dovecot {
+    assert!(
+        std::path::Path::new(DOVECOT).exists() && std::path::Path::new("/usr/lib/dovecot/lmtp").exists(),
+        "{DOVECOT} or its lmtp service not found (Debian packages dovecot-core and dovecot-lmtpd); run tests/run.sh, which installs the test peers"
+    );
+    let dir = TempDir::new("dovecot");
+    let d = dir.0.display().to_string();
+    // SAFETY: no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // Dovecot refuses to run its internal processes as root
+    let (user, uid, gid) = if uid == 0 {
+        ("nobody".to_string(), 65534, 65534)
+    } else {
+        let name = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| {
+            String::from_utf8_lossy(&Command::new("id").arg("-un").output().unwrap().stdout).trim().to_string()
+        });
+        (name, uid, gid)
+    };
+    for sub in ["run", "state", "mail"] {
+        std::fs::create_dir_all(dir.0.join(sub)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(dir.0.join("mail"), Some(uid), Some(gid)).unwrap();
+    std::fs::write(dir.0.join("users"), format!("u1@d.test::{uid}:{gid}::{d}/mail/u1::\n")).unwrap();
+    let port = free_port();
+    let conf = format!(
+        r#"base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+protocols = lmtp
+ssl = no
+listen = 127.0.0.1
+default_login_user = {user}
+default_internal_user = {user}
+mail_location = maildir:~/Maildir
+passdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service stats {{
+  chroot =
+}}
+"#
+    );
+    std::fs::write(dir.0.join("dovecot.conf"), conf).unwrap();
+    let child = Command::new(DOVECOT)
+        .arg("-F")
+        .arg("-c")
+        .arg(dir.0.join("dovecot.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dovecot");
+    let dv = Dovecot { child, dir, port };
+    for _ in 0..250 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && dv.dir.0.join("run/lmtp").exists() {
+            return dv;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(dv.dir.0.join("dovecot.log")).unwrap_or_default();
+    panic!("dovecot did not come up on 127.0.0.1:{port}: {log}");
+}
+
+#[test]
+fn dovecot_lmtp_tcp_and_unix_per_recipient() {
+    let dv = dovecot();
+    let rt = rt();
+    let o = opts(StaticResolver::new());
+    let e = env("a@s.test", &["u1@d.test", "nosuchuser@d.test"]);
+    let targets = [
+        Target::parse(&format!("lmtp:[127.0.0.1]:{}", dv.port)).unwrap(),
+        Target::Lmtp(LmtpEndpoint::Unix(dv.dir.0.join("run/lmtp"))),
+    ];
+    for (i, t) in targets.iter().enumerate() {
+        let msg = format!("Subject: via {i}\n\n.dot line\nbody\n");
+        let rep = rt.block_on(deliver(t, &e, msg.as_bytes(), &o));
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(r) if r.code == 250), "{rep:?}");
+        assert!(matches!(&rep.recipients[1], Outcome::Failed(r) if r.enhanced == Some((5, 1, 1))), "{rep:?}");
+    }
+    let new = dv.dir.0.join("mail/u1/Maildir/new");
+    let bodies: Vec<String> =
+        std::fs::read_dir(&new).unwrap().map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap()).collect();
+    assert_eq!(bodies.len(), 2);
+    for i in 0..2 {
+        assert!(bodies.iter().any(|b| b.contains(&format!("Subject: via {i}\n"))));
+    }
+    for b in &bodies {
+        assert!(b.contains("\n.dot line"), "dot-unstuffed by Dovecot: {b}");
+        assert!(b.contains("Return-Path: <a@s.test>"), "{b}");
+    }
+}
+
+// ---------------------------------------------------------------- unbound
+
+#[test]
+fn hickory_resolver_against_unbound() {
+    const UNBOUND: &str = "/usr/sbin/unbound";
+    assert!(
+        std::path::Path::new(UNBOUND).exists(),
+        "{UNBOUND} not found (Debian package unbound); run tests/run.sh, which installs the test peers"
+    );
+    let dir = TempDir::new("unbound");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = format!(
+        r#"server:
+  interface: 127.0.0.1@{port}
+  port: {port}
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "{d}"
+  pidfile: ""
+  use-syslog: no
+  logfile: ""
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  local-zone: "ub.test." static
+  local-data: "ub.test. IN MX 20 mx2.ub.test."
+  local-data: "ub.test. IN MX 10 mx1.ub.test."
+  local-data: "mx1.ub.test. IN A 127.0.0.1"
+  local-data: "mx2.ub.test. IN A 127.0.0.2"
+  local-data: "null.ub.test. IN MX 0 ."
+  local-data: "amx.ub.test. IN A 127.0.0.3"
+remote-control:
+  control-enable: no
+"#,
+        d = dir.0.display()
+    );
+    std::fs::write(dir.0.join("unbound.conf"), conf).unwrap();
+    let _ub = Peer(
+        Command::new(UNBOUND)
+            .arg("-d")
+            .arg("-c")
+            .arg(dir.0.join("unbound.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start unbound"),
+    );
+    let rt = rt();
+    rt.block_on(async {
+        let r = HickoryResolver::with_nameserver(SocketAddr::new(ip("127.0.0.1"), port));
+        let me = LocalIdentity::default();
+        let mut hops = Err(Reply::plain(451, "not tried"));
+        for _ in 0..50 {
+            hops = resolve(&r, &Destination::domain("ub.test"), &me).await;
+            if hops.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let hops = hops.expect("unbound answers");
+        let got: Vec<(&str, IpAddr, Option<u16>)> =
+            hops.iter().map(|h| (h.name.as_str(), h.addr.ip(), h.preference)).collect();
+        assert_eq!(got, vec![("mx1.ub.test", ip("127.0.0.1"), Some(10)), ("mx2.ub.test", ip("127.0.0.2"), Some(20))]);
+        let e = resolve(&r, &Destination::domain("null.ub.test"), &me).await.unwrap_err();
+        assert_eq!(e.enhanced, Some((5, 1, 10)));
+        let e = resolve(&r, &Destination::domain("nx.ub.test"), &me).await.unwrap_err();
+        assert_eq!((e.code, e.enhanced), (550, Some((5, 4, 4))));
+        let hops = resolve(&r, &Destination::domain("amx.ub.test"), &me).await.unwrap();
+        assert_eq!(hops[0].addr.ip(), ip("127.0.0.3"), "A fallback");
+        let me = LocalIdentity { hostnames: vec![], addrs: vec![ip("127.0.0.1")] };
+        let e = resolve(&r, &Destination::domain("ub.test"), &me).await.unwrap_err();
+        assert_eq!(e.enhanced, Some((5, 4, 6)));
+    });
+}
