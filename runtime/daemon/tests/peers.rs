@@ -1,6 +1,7 @@
 //! The daemon's transport driver against real peers on loopback ports of their own:
 //! Postfix's smtp-sink (with fault injection), a scripted TLS server, Dovecot LMTP over
-//! TCP and a unix socket, and hickory against unbound.
+//! TCP and a unix socket, hickory against unbound; and the daemon's other real peers:
+//! PostgreSQL and OpenLDAP tables, SpamAssassin's spamd, SPF/DKIM/DMARC against unbound.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -13,7 +14,16 @@ use mailpolicy_daemon::transport::mx::*;
 use mailpolicy_engine::smtp::{
     parse_forward_path, parse_reverse_path, Envelope, MailParams, RcptParams, Recipient, Reply,
 };
-use mailpolicy_test_support::{free_port, Peer, TempDir};
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use mail_auth::common::crypto::Ed25519Key;
+use mailpolicy_daemon::auth::AuthState;
+use mailpolicy_daemon::ldap::lookup;
+use mailpolicy_daemon::scan::spamd;
+use mailpolicy_engine::eval::Answer;
+use mailpolicy_test_support::{free_port, is_root, Peer, PeerIn, TempDir};
+use tokio_postgres::NoTls;
 
 fn rcpt(a: &str) -> Recipient {
     Recipient {
@@ -557,4 +567,401 @@ remote-control:
         let e = resolve(&r, &Destination::domain("ub.test"), &me).await.unwrap_err();
         assert_eq!(e.enhanced, Some((5, 4, 6)));
     });
+}
+
+// ---------------------------------------------------------------- tables, scanners, sender authentication
+
+struct Server {
+    dir: std::path::PathBuf,
+    pg_ctl: std::path::PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = as_postgres(std::process::Command::new(&self.pg_ctl).args([
+            "-D",
+            &self.dir.join("data").display().to_string(),
+            "-m",
+            "immediate",
+            "stop",
+        ]))
+        .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// PostgreSQL refuses to run as root: run its tools as the `postgres` user when we are root.
+fn as_postgres(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    if is_root() {
+        let (uid, gid) = postgres_ids();
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+fn postgres_ids() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let line =
+        passwd.lines().find(|l| l.starts_with("postgres:")).expect("a postgres user (Debian package postgresql)");
+    let f: Vec<&str> = line.split(':').collect();
+    (f[2].parse().expect("uid"), f[3].parse().expect("gid"))
+}
+
+/// A real PostgreSQL (Debian package postgresql, installed by tests/run.sh) started by
+/// the test in a temp dir on a loopback port of its own.
+#[tokio::test]
+async fn postgresql_table() {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).find(|p| p.join("initdb").exists()))
+        .expect("PostgreSQL is not installed: run tests/run.sh, which installs it");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("mp-pg-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        let (uid, gid) = postgres_ids();
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+    }
+    let server = Server { dir: dir.clone(), pg_ctl: bin.join("pg_ctl") };
+    let data = dir.join("data");
+    let init = as_postgres(std::process::Command::new(bin.join("initdb")).args([
+        "-D",
+        &data.display().to_string(),
+        "-A",
+        "trust",
+        "-U",
+        "mail",
+    ]))
+    .output()
+    .expect("run initdb");
+    assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
+    let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.display());
+    let start = as_postgres(std::process::Command::new(&server.pg_ctl).args([
+        "-D",
+        &data.display().to_string(),
+        "-o",
+        &opts,
+        "-l",
+        &dir.join("log").display().to_string(),
+        "-w",
+        "start",
+    ]))
+    .output()
+    .expect("run pg_ctl");
+    assert!(
+        start.status.success(),
+        "pg_ctl: {}{}",
+        String::from_utf8_lossy(&start.stderr),
+        std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+    );
+
+    let url = format!("postgresql://mail@127.0.0.1:{port}/postgres");
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+        .batch_execute("CREATE TABLE mailboxes (address text PRIMARY KEY, host text, quota bigint); INSERT INTO mailboxes VALUES ('alice@example.com', 'mbox1.internal', 1024), ('bob@example.com', NULL, 0);")
+        .await
+        .expect("create table");
+    let policy = format!(
+        "table boxes = sql {{ url \"{url}\"; query \"SELECT host FROM mailboxes WHERE address = lower($1)\"; }};\n\
+         table quota = sql {{ url \"{url}\"; query \"SELECT quota FROM mailboxes WHERE address = $1\"; }};\n\
+         table broken = sql {{ url \"{url}\"; query \"SELECT nope FROM nowhere WHERE x = $1\"; }};\n\
+         on rcpt {{ if recipient in boxes or recipient in quota or recipient in broken {{ accept; }} }}\n"
+    );
+    let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+    let prog = c.program.expect("policy compiles");
+    let pool = mailpolicy_daemon::sql::Pool::default();
+    let none = HashMap::new();
+    let t = Duration::from_secs(5);
+    assert_eq!(
+        pool.lookup(&prog, &prog.tables[0], "Alice@Example.com", &none, t).await,
+        Answer::Value(Some("mbox1.internal".into()))
+    );
+    assert_eq!(
+        pool.lookup(&prog, &prog.tables[0], "bob@example.com", &none, t).await,
+        Answer::Value(Some(String::new()))
+    );
+    assert_eq!(pool.lookup(&prog, &prog.tables[0], "nobody@example.com", &none, t).await, Answer::Value(None));
+    // The key is a parameter, never SQL.
+    assert_eq!(pool.lookup(&prog, &prog.tables[0], "x' OR '1'='1", &none, t).await, Answer::Value(None));
+    assert_eq!(
+        pool.lookup(&prog, &prog.tables[1], "alice@example.com", &none, t).await,
+        Answer::Value(Some("1024".into()))
+    );
+    assert!(matches!(pool.lookup(&prog, &prog.tables[2], "alice@example.com", &none, t).await, Answer::Error(_)));
+    drop(server);
+    // The server is gone: an error, never "absent".
+    assert!(matches!(
+        pool.lookup(&prog, &prog.tables[0], "alice@example.com", &none, Duration::from_secs(2)).await,
+        Answer::Error(_) | Answer::Timeout
+    ));
+}
+
+/// OpenLDAP's slapd (Debian package slapd, installed by tests/run.sh) with the seed's
+/// schema (`inetLocalMailRecipient`: mailLocalAddress, mailHost from misc.schema),
+/// started by the test on a loopback port of its own.
+#[tokio::test]
+async fn real_slapd_directory() {
+    let slapd = "/usr/sbin/slapd";
+    assert!(std::path::Path::new(slapd).exists(), "slapd is not installed: run tests/run.sh, which installs it");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("mp-slapd-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("db")).unwrap();
+    let conf = format!(
+        "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\ninclude /etc/ldap/schema/misc.schema\n\
+         pidfile {d}/slapd.pid\nmoduleload back_mdb\ndatabase mdb\nsuffix \"dc=example,dc=com\"\nrootdn \"cn=admin,dc=example,dc=com\"\nrootpw secret\ndirectory {d}/db\n",
+        d = dir.display()
+    );
+    let modpath = ["/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap"].into_iter().find(|p| {
+        std::path::Path::new(p).join("back_mdb.so").exists() || std::path::Path::new(p).join("back_mdb.la").exists()
+    });
+    let conf = match modpath {
+        Some(p) => format!("modulepath {p}\n{conf}"),
+        None => conf.replace("moduleload back_mdb\n", ""),
+    };
+    std::fs::write(dir.join("slapd.conf"), conf).unwrap();
+    let ldif = "dn: dc=example,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
+                dn: uid=alice,dc=example,dc=com\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: alice\ncn: Alice\nsn: A\nmailLocalAddress: alice@example.com\nmailLocalAddress: a.smith@example.com\nmailHost: mbox1.internal.example\n";
+    std::fs::write(dir.join("data.ldif"), ldif).unwrap();
+    let add = std::process::Command::new("/usr/sbin/slapadd")
+        .args(["-f", &dir.join("slapd.conf").display().to_string(), "-l", &dir.join("data.ldif").display().to_string()])
+        .output()
+        .expect("run slapadd");
+    assert!(add.status.success(), "slapadd: {}", String::from_utf8_lossy(&add.stderr));
+    let child = std::process::Command::new(slapd)
+        .args([
+            "-d",
+            "0",
+            "-f",
+            &dir.join("slapd.conf").display().to_string(),
+            "-h",
+            &format!("ldap://127.0.0.1:{port}/"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start slapd");
+    let _guard = PeerIn(child, dir.clone());
+    let c = mailpolicy_lang::compile(
+        "t.mailpolicy",
+        &mailpolicy_lang::MemLoader::single(
+            "t.mailpolicy",
+            &format!(
+                "table directory = ldap {{ url \"ldap://127.0.0.1:{port}\"; base \"dc=example,dc=com\"; filter \"(mailLocalAddress=%s)\"; attribute \"mailHost\"; }};\n\
+                 table down = ldap {{ url \"ldap://127.0.0.1:1\"; base \"dc=example,dc=com\"; filter \"(mail=%s)\"; timeout 2s; }};\n\
+                 on rcpt {{ if recipient in directory {{ accept; }} if recipient in down {{ accept; }} }}\n"
+            ),
+        ),
+    );
+    let prog = c.program.expect("policy compiles");
+    let t = &prog.tables[0];
+    let none = HashMap::new();
+    let mut answer = Answer::Error("not started".into());
+    for _ in 0..100 {
+        answer = lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await;
+        if !matches!(answer, Answer::Error(_)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer, Answer::Value(Some("mbox1.internal.example".into())));
+    assert_eq!(
+        lookup(&prog, t, "A.Smith@example.com", &none, Duration::from_secs(5)).await,
+        Answer::Value(Some("mbox1.internal.example".into()))
+    );
+    assert_eq!(lookup(&prog, t, "nobody@example.com", &none, Duration::from_secs(5)).await, Answer::Value(None));
+    // Injection attempt: the filter stays one equality test.
+    assert_eq!(lookup(&prog, t, "*", &none, Duration::from_secs(5)).await, Answer::Value(None));
+    // A directory that is down is an error, never a "not found".
+    assert!(matches!(
+        lookup(&prog, &prog.tables[1], "alice@example.com", &none, Duration::from_secs(5)).await,
+        Answer::Error(_) | Answer::Timeout
+    ));
+}
+
+/// SpamAssassin's real spamd (Debian package `spamd`, installed by tests/run.sh),
+/// started on a loopback port of its own.
+#[tokio::test]
+async fn real_spamd_scores_gtube() {
+    let bin = ["/usr/sbin/spamd", "/usr/bin/spamd"].into_iter().find(|p| std::path::Path::new(p).exists());
+    let Some(bin) = bin else { panic!("spamd is not installed: run tests/run.sh, which installs it") };
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("mp-spamd-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = std::process::Command::new(bin)
+        .args([&format!("--listen=127.0.0.1:{port}"), "--max-children=1", "--syslog=stderr", "-u", "nobody"])
+        .arg(format!("--pidfile={}", dir.join("pid").display()))
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start spamd");
+    let _guard = Peer(child);
+    let addr = format!("127.0.0.1:{port}");
+    let gtube = b"From: a@example.net\r\nTo: b@example.com\r\nSubject: test\r\n\r\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n";
+    let mut score = Err(String::from("spamd never answered"));
+    for _ in 0..120 {
+        score = spamd(&addr, gtube).await;
+        if score.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let score = score.expect("spamd scan");
+    assert!(score >= 100.0, "GTUBE scored {score}");
+    let ham = b"From: a@example.net\r\nTo: b@example.com\r\nSubject: lunch\r\n\r\nShall we meet at noon?\r\n";
+    let ham_score = spamd(&addr, ham).await.expect("spamd scan");
+    assert!(ham_score < 5.0, "a plain message scored {ham_score}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SPF, DKIM and DMARC through a real DNS server: unbound (Debian package, installed by
+/// tests/run.sh) serving a test zone on a loopback port of its own.
+#[tokio::test]
+async fn spf_dkim_dmarc_against_unbound() {
+    const UNBOUND: &str = "/usr/sbin/unbound";
+    assert!(std::path::Path::new(UNBOUND).exists(), "unbound is not installed: run tests/run.sh, which installs it");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let der = Ed25519Key::generate_pkcs8().expect("key");
+    let public = b64.encode(Ed25519Key::from_pkcs8_der(&der).expect("key").public_key());
+    let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", b64.encode(&der));
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("mp-auth-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = format!(
+        "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n\
+         \x20 local-zone: \"test.\" static\n\
+         \x20 local-data: 'good.test. TXT \"v=spf1 ip4:127.0.0.1 -all\"'\n\
+         \x20 local-data: 'bad.test. TXT \"v=spf1 ip4:192.0.2.1 -all\"'\n\
+         \x20 local-data: 'sel._domainkey.good.test. TXT \"v=DKIM1; k=ed25519; p={public}\"'\n\
+         \x20 local-data: '_dmarc.good.test. TXT \"v=DMARC1; p=reject\"'\n\
+         \x20 local-data: '_dmarc.bad.test. TXT \"v=DMARC1; p=quarantine\"'\n\
+         remote-control:\n  control-enable: no\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("unbound.conf"), conf).unwrap();
+    let child = std::process::Command::new(UNBOUND)
+        .arg("-d")
+        .arg("-c")
+        .arg(dir.join("unbound.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start unbound");
+    let _guard = PeerIn(child, dir.clone());
+    let policy = format!(
+        "require [\"spf\", \"dkim\", \"dmarc\"];\nsecret dkim = file \"key.pem\";\n\
+         server {{ hostname \"mx.test\"; dns_server \"127.0.0.1:{port}\"; dkim_key dkim; dkim_selector \"sel\"; dkim_domain \"good.test\"; }}\n\
+         on data {{ if spf :is \"fail\" or dkim :is \"fail\" or dmarc :is \"fail\" {{ reject; }} }}\n"
+    );
+    let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+    let prog = c.program.expect("policy compiles");
+    let signer = mailpolicy_daemon::auth::Signer::from_program(&prog, &|_: &str| Some(pem.clone()))
+        .expect("key loads")
+        .expect("signing configured");
+    let auth = mailpolicy_daemon::auth::SenderAuth::new(
+        &prog,
+        "mx.test",
+        mailpolicy_daemon::transport::mx::policy_resolver(&prog).expect("resolver"),
+    );
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+
+    // unbound may need a moment to start answering
+    let mut spf = "temperror";
+    for _ in 0..50 {
+        let mut st = AuthState::default();
+        spf = auth.spf(&mut st, ip, "client.good.test", "alice@good.test").await;
+        if spf != "temperror" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(spf, "pass");
+    assert_eq!(auth.spf(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test").await, "fail");
+    assert_eq!(auth.spf(&mut AuthState::default(), ip, "client.none.test", "x@none.test").await, "none");
+
+    // Signed by us, From good.test: DKIM and DMARC pass, the domain's policy is reject.
+    let body = b"From: Alice <alice@good.test>\r\nTo: bob@example.com\r\nSubject: hi\r\nDate: Sun, 22 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@good.test>\r\n\r\nHello.\r\n";
+    assert!(signer.covers("alice@good.test") && signer.covers("x@sub.good.test") && !signer.covers("x@bad.test"));
+    let mut signed = signer.sign(body, "alice@good.test").expect("sign").into_bytes();
+    signed.extend_from_slice(body);
+    let mut st = AuthState::default();
+    let (dkim, dmarc, policy) = auth.content(&mut st, ip, "client.good.test", "alice@good.test", &signed).await;
+    assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("pass", "pass", "reject"));
+    let header = auth.header(&st, ip, "client.good.test", "alice@good.test").expect("a header");
+    assert!(header.starts_with("Authentication-Results: mx.test;"), "{header}");
+    assert!(header.contains("spf=pass") && header.contains("dkim=pass") && header.contains("dmarc=pass"), "{header}");
+
+    // A tampered body breaks the signature.
+    let tampered: Vec<u8> = String::from_utf8_lossy(&signed).replace("Hello.", "Hello!").into_bytes();
+    let (dkim, _, _) =
+        auth.content(&mut AuthState::default(), ip, "client.good.test", "alice@good.test", &tampered).await;
+    // mail-auth reports a body-hash mismatch as neutral (RFC 8601 allows either).
+    assert!(dkim == "fail" || dkim == "neutral", "a tampered body must not pass: {dkim}");
+
+    // Unsigned, From bad.test, SPF fail: DMARC fails with the domain's quarantine policy.
+    let forged = b"From: eve@bad.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n";
+    let (dkim, dmarc, policy) =
+        auth.content(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test", forged).await;
+    assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("none", "fail", "quarantine"));
+}
+
+/// Issue 20.6: an SPF record too large for a UDP answer (unbound cut to 512 bytes says
+/// TC) is fetched again over TCP, and SPF passes.
+#[tokio::test]
+async fn truncated_udp_answers_are_asked_again_over_tcp() {
+    const UNBOUND: &str = "/usr/sbin/unbound";
+    assert!(std::path::Path::new(UNBOUND).exists(), "unbound is not installed: run tests/run.sh");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("mp-auth-tc-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // 60 mechanisms: about 1,100 bytes of TXT, twice what a 512-byte UDP answer holds.
+    let mut mechs: Vec<String> = (1..=59).map(|i| format!("ip4:192.0.2.{i}")).collect();
+    mechs.push("ip4:127.0.0.1".into());
+    let record = format!("v=spf1 {} -all", mechs.join(" "));
+    let strings: Vec<String> =
+        record.as_bytes().chunks(200).map(|c| format!("\"{}\"", String::from_utf8_lossy(c))).collect();
+    let conf = format!(
+        "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  do-tcp: yes\n  max-udp-size: 512\n  access-control: 127.0.0.0/8 allow\n\
+         \x20 local-zone: \"test.\" static\n\
+         \x20 local-data: 'big.test. TXT {txt}'\n\
+         remote-control:\n  control-enable: no\n",
+        d = dir.display(),
+        txt = strings.join(" ")
+    );
+    std::fs::write(dir.join("unbound.conf"), conf).unwrap();
+    let child = std::process::Command::new(UNBOUND)
+        .arg("-d")
+        .arg("-c")
+        .arg(dir.join("unbound.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start unbound");
+    let _guard = PeerIn(child, dir.clone());
+    let policy = format!("require \"spf\";\nserver {{ dns_server \"127.0.0.1:{port}\"; dns_timeout 2s; }}\non mail {{ if spf :is \"fail\" {{ reject; }} }}\n");
+    let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+    let prog = c.program.expect("policy compiles");
+    let auth = mailpolicy_daemon::auth::SenderAuth::new(
+        &prog,
+        "mx.test",
+        mailpolicy_daemon::transport::mx::policy_resolver(&prog).expect("resolver"),
+    );
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let mut spf = "temperror";
+    for _ in 0..50 {
+        spf = auth.spf(&mut AuthState::default(), ip, "client.big.test", "alice@big.test").await;
+        if spf != "temperror" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(spf, "pass", "the {}-byte record is read over TCP", record.len());
 }

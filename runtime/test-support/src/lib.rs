@@ -44,6 +44,17 @@ impl Drop for Peer {
     }
 }
 
+/// A peer process running in a directory of its own: stopped, then the directory removed.
+pub struct PeerIn(pub Child, pub PathBuf);
+
+impl Drop for PeerIn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
 /// A TCP port on 127.0.0.1 free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
