@@ -107,7 +107,11 @@ pub const LISTENER: &[OptSpec] = &[
     o("max_recipients", Num, "overrides the server's limit"),
     o("command_timeout", Duration, "idle time allowed between commands (default 5m; R46)"),
     o("data_timeout", Duration, "idle time allowed inside DATA (default 10m; R46)"),
-    o("soft_error_limit", Num, "after this many errors each error reply is delayed by error_sleep (default 10; R40)"),
+    o(
+        "soft_error_limit",
+        Num,
+        "after this many errors each further error reply is delayed by error_sleep (default 10; R40)",
+    ),
     o("hard_error_limit", Num, "after this many errors the session is closed with 421 (default 20; R40)"),
     o("error_sleep", Duration, "delay of error replies past the soft limit (default 1s; R13)"),
     o("vrfy", Bool, "answer VRFY (default false: 252; R13)"),
