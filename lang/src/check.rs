@@ -2194,7 +2194,31 @@ impl<'s> Checker<'s> {
                         .help("declare it as `table NAME = access \"FILE\";`"),
                     );
                 }
-                Action::Access(TableId(id))
+                // sendmail's delay_checks: `:delay`, `:delay friend` or `:delay hater`.
+                let mut delay = AccessDelay::Now;
+                if a.peek_tag().is_some_and(|t| t.name == "delay") {
+                    let tag_span = a.peek().map(|x| x.span()).unwrap_or(span);
+                    a.next();
+                    delay = match a.peek_word() {
+                        Some("hater") => {
+                            a.next();
+                            AccessDelay::Hater
+                        }
+                        Some("friend") => {
+                            a.next();
+                            AccessDelay::Friend
+                        }
+                        _ => AccessDelay::Friend,
+                    };
+                    if matches!(ctx.stage, Stage::Rcpt) {
+                        self.err(
+                            Diagnostic::error("mailc::arguments", "`:delay` holds a refusal for the recipients; at rcpt there is nothing to hold it for")
+                                .at(tag_span)
+                                .help("use `access TABLE :delay;` in connect, helo or mail, and `access TABLE;` in rcpt for the FRIEND and HATER entries"),
+                        );
+                    }
+                }
+                Action::Access(TableId(id), delay)
             }
             other => unreachable!("action table lists `{other}` without lowering"),
         };

@@ -507,7 +507,20 @@ pub enum Action {
         every_ms: u64,
     },
     BatvSign,
-    Access(TableId),
+    Access(TableId, AccessDelay),
+}
+
+/// `access TABLE :delay [friend|hater]` (sendmail's `delay_checks`, R17): whether a
+/// refusal the table gives at connect, helo, auth or mail waits for each recipient.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessDelay {
+    /// The refusal is given at once.
+    #[default]
+    Now,
+    /// Every recipient gets the refusal but those whose `To:` entry says FRIEND.
+    Friend,
+    /// Only recipients whose `To:` entry says HATER get the refusal.
+    Hater,
 }
 
 impl Action {

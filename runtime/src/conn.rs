@@ -236,7 +236,7 @@ enum Pending {
 /// The policy settings a connection needs.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyMode {
-    /// R40 soft-bounce: every reject becomes a tempfail.
+    /// R40 soft-bounce: every reject becomes a tempfail, 5xy to 4xy as Postfix does.
     pub soft_bounce: bool,
     /// R40 warn-only: rejects and tempfails are logged and the item accepted.
     pub warn_only: bool,
@@ -492,6 +492,9 @@ impl Conn {
             }
             self.notes.push_back(Need::Note(Note::Count { counter, keys }));
         }
+        if stage == Stage::Rcpt {
+            self.state.rcpt_friend = None;
+        }
         self.pending = Pending::Stage { run: Run::new(&self.prog, stage), event };
         None
     }
@@ -621,6 +624,15 @@ impl Conn {
     }
 
     fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
+        // sendmail's delay_checks (R17): a refusal an `access ... :delay` held at connect,
+        // helo, auth or mail reaches this recipient now, unless it is a FRIEND (or, with
+        // `:delay hater`, unless it is a HATER).
+        if stage == Stage::Rcpt && matches!(v.outcome, Outcome::Default | Outcome::Accept | Outcome::Discard) {
+            if let Some(d) = self.state.delayed_for_recipient() {
+                v.outcome = d.outcome.clone();
+                v.decided_by = Some(d.loc);
+            }
+        }
         // Policy modes (R40).
         if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
             if self.mode.warn_only {
@@ -628,11 +640,7 @@ impl Conn {
                 v.outcome = Outcome::Default;
             } else if self.mode.soft_bounce {
                 if let Outcome::Reject(r) = &v.outcome {
-                    v.outcome = Outcome::Tempfail(RenderedReply {
-                        code: 450,
-                        enhanced: (4, r.enhanced.1, r.enhanced.2),
-                        text: r.text.clone(),
-                    });
+                    v.outcome = Outcome::Tempfail(crate::eval::soft_bounce(r));
                 }
             }
         }

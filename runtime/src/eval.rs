@@ -212,6 +212,36 @@ pub struct State {
     pub dnsbl_hit: Option<(String, String, String)>,
     /// (code, text) of the last call-ahead.
     pub callahead: Option<(u16, String)>,
+    /// A refusal an `access ... :delay` held for the recipients (sendmail's delay_checks):
+    /// from connect, helo or auth for the session, from mail for the transaction.
+    pub delayed: Option<DelayedRefusal>,
+    /// What the rcpt stage's `access` said about the current recipient: FRIEND (true) or
+    /// HATER (false); reset for each recipient.
+    pub rcpt_friend: Option<bool>,
+}
+
+/// A refusal held for the recipients by `access TABLE :delay`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DelayedRefusal {
+    pub outcome: Outcome,
+    pub mode: AccessDelay,
+    /// The `access` action that found it.
+    pub loc: LocId,
+    /// Set at mail: ends with the transaction.
+    pub transaction: bool,
+}
+
+impl State {
+    /// The held refusal, if it reaches the current recipient (`access ... :delay`): every
+    /// recipient but a FRIEND, or with `:delay hater` only a HATER.
+    pub fn delayed_for_recipient(&self) -> Option<&DelayedRefusal> {
+        let d = self.delayed.as_ref()?;
+        let reaches = match d.mode {
+            AccessDelay::Hater => self.rcpt_friend == Some(false),
+            _ => self.rcpt_friend != Some(true),
+        };
+        reaches.then_some(d)
+    }
 }
 
 impl State {
@@ -227,6 +257,13 @@ impl State {
         }
         if scope == Scope::Transaction {
             self.callahead = None;
+            self.rcpt_friend = None;
+            if self.delayed.as_ref().is_some_and(|d| d.transaction) {
+                self.delayed = None;
+            }
+        }
+        if scope == Scope::Session {
+            self.delayed = None;
         }
     }
 }
@@ -717,7 +754,11 @@ impl Run {
             Fact::RecipientsCount => V::Num(f.recipients.len() as f64),
             Fact::Recipients => V::List(f.recipients.clone()),
             Fact::MessageSize => V::Num(f.message.as_ref().map(|m| m.size).unwrap_or(0) as f64),
-            Fact::Body => s(f.message.as_ref().map(|m| m.body.as_str()).unwrap_or("")),
+            // Matched line by line, each line without its line ending, as Postfix's
+            // body_checks do: `$` anchors at the end of a line (R41).
+            Fact::Body => {
+                V::List(f.message.as_ref().map(|m| m.body.lines().map(str::to_string).collect()).unwrap_or_default())
+            }
             Fact::AttachmentNames => {
                 V::List(f.message.as_ref().map(|m| m.attachment_names.clone()).unwrap_or_default())
             }
@@ -1064,7 +1105,7 @@ impl Run {
                 }
                 return Ok(None);
             }
-            Action::Access(table) => return self.access(prog, f, *table),
+            Action::Access(table, delay) => return self.access(prog, f, st, *table, *delay),
             Action::Log(t) => Effect::Log(self.render(prog, f, st, t)?),
             Action::GreetPause(ms) => Effect::GreetPause(*ms),
             Action::Tarpit(ms) => Effect::Tarpit(*ms),
@@ -1149,7 +1190,9 @@ impl Run {
         match rw {
             Rewrite::To(t) => Ok(Some(self.render(prog, f, st, t)?)),
             Rewrite::Map(table) => {
-                for key in access::address_keys(current) {
+                let domain = addr::split(current).1;
+                let local = f.local_domains.iter().any(|p| addr::domain_matches(p, &domain));
+                for key in mailpolicy_lang::access::rewrite_keys(current, local) {
                     if let Some(v) = self.lookup(prog, *table, &key)? {
                         let v = v.trim().to_string();
                         // `@domain` on the right keeps the local part (canonical maps).
@@ -1167,7 +1210,14 @@ impl Run {
 
     /// The sendmail/Postfix access-table action: look up the stage's keys, most specific
     /// first; the first key found decides.
-    fn access(&mut self, prog: &Program, f: &Facts, table: TableId) -> Result<Option<Outcome>, Halt> {
+    fn access(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        table: TableId,
+        delay: AccessDelay,
+    ) -> Result<Option<Outcome>, Halt> {
         let (keys, scope) = match self.stage {
             Stage::Connect | Stage::Helo | Stage::Auth => {
                 (access::client_keys(f.client_ip, &f.client_name), access::Scope::Connect)
@@ -1202,12 +1252,12 @@ impl Run {
             if self.stage == Stage::Rcpt && word != "RELAY" && access::parse_value(value) == AccessAction::Accept {
                 return Ok(Some(Outcome::Default));
             }
-            if value.eq_ignore_ascii_case("REJECT") {
+            let verdict = match access::parse_value(value) {
                 // A bare REJECT answers with the stage's default reply.
-                let (code, enhanced, text) = mailpolicy_lang::check::default_reply(true, self.stage);
-                return Ok(Some(Outcome::Reject(RenderedReply { code, enhanced, text: text.into() })));
-            }
-            return Ok(match access::parse_value(value) {
+                AccessAction::Reject { .. } if value.eq_ignore_ascii_case("REJECT") => {
+                    let (code, enhanced, text) = mailpolicy_lang::check::default_reply(true, self.stage);
+                    Some(Outcome::Reject(RenderedReply { code, enhanced, text: text.into() }))
+                }
                 AccessAction::Accept => Some(Outcome::Accept),
                 AccessAction::Dunno => None,
                 AccessAction::Discard => Some(Outcome::Discard),
@@ -1225,11 +1275,34 @@ impl Run {
                     self.effects.push(Effect::Log(format!("access warning: {t}")));
                     None
                 }
+                // sendmail's delay_checks: the recipient's FRIEND / HATER mark, read when a
+                // refusal was held for the recipients; the stage goes on.
+                AccessAction::Friend | AccessAction::Hater => {
+                    if self.stage == Stage::Rcpt {
+                        st.rcpt_friend = Some(access::parse_value(value) == AccessAction::Friend);
+                    }
+                    None
+                }
                 AccessAction::Invalid(v) => {
                     let name = prog.tables.get(table.index()).map(|t| t.name.clone()).unwrap_or_default();
                     return Err(Halt::Fail(format!("table {name}: value \"{v}\" for {key} is not an access action")));
                 }
-            });
+            };
+            // `:delay`: a refusal waits for the recipients instead of ending this stage.
+            if let Some(o @ (Outcome::Reject(_) | Outcome::Tempfail(_))) = &verdict {
+                if delay != AccessDelay::Now && self.stage != Stage::Rcpt {
+                    let loc = self.current.unwrap_or(LocId(0));
+                    st.delayed = Some(DelayedRefusal {
+                        outcome: o.clone(),
+                        mode: delay,
+                        loc,
+                        transaction: self.stage == Stage::Mail,
+                    });
+                    self.effects.push(Effect::Log(format!("access: refusal held for the recipients ({key})")));
+                    return Ok(None);
+                }
+            }
+            return Ok(verdict);
         }
         Ok(None)
     }
@@ -1304,6 +1377,45 @@ fn greylist_net(ip: IpAddr) -> String {
     }
 }
 
+/// R40 soft-bounce: a 5xy reply becomes the 4xy one (`554 5.7.1` -> `454 4.7.1`, `504`
+/// -> `404`), as Postfix's `soft_bounce` does; other replies are returned as they are.
+pub fn soft_bounce(r: &RenderedReply) -> RenderedReply {
+    if r.code / 100 != 5 {
+        return r.clone();
+    }
+    let enhanced = if r.enhanced.0 == 5 { (4, r.enhanced.1, r.enhanced.2) } else { r.enhanced };
+    RenderedReply { code: r.code - 100, enhanced, text: r.text.clone() }
+}
+
+/// [`soft_bounce`] on a reply line as the queue records it (`550 5.1.1 text`, or a code
+/// and text without an enhanced code).
+pub fn soft_bounce_line(line: &str) -> String {
+    let mut parts = line.splitn(3, ' ');
+    let (code, second, rest) = (parts.next().unwrap_or(""), parts.next(), parts.next());
+    let Some(c) = code.parse::<u16>().ok().filter(|c| (500..600).contains(c)) else {
+        return line.to_string();
+    };
+    let soft_enh = |e: &str| match e.strip_prefix("5.") {
+        Some(tail) if e.split('.').count() == 3 && e.split('.').all(|p| p.parse::<u16>().is_ok()) => {
+            Some(format!("4.{tail}"))
+        }
+        _ => None,
+    };
+    match (second, rest) {
+        (Some(e), rest) if soft_enh(e).is_some() => {
+            let e = soft_enh(e).unwrap_or_default();
+            match rest {
+                Some(t) => format!("{} {e} {t}", c - 100),
+                None => format!("{} {e}", c - 100),
+            }
+        }
+        _ => match line.split_once(' ') {
+            Some((_, tail)) => format!("{} {tail}", c - 100),
+            None => (c - 100).to_string(),
+        },
+    }
+}
+
 /// `5.1.1 User unknown` -> ((5,1,1), "User unknown"); without a code, a default of the class.
 fn split_enhanced(text: &str, class: u16) -> ((u16, u16, u16), String) {
     if let Some((head, rest)) = text.split_once(' ') {
@@ -1317,6 +1429,25 @@ fn split_enhanced(text: &str, class: u16) -> ((u16, u16, u16), String) {
         }
     }
     ((class, 1, 1), text.to_string())
+}
+
+#[cfg(test)]
+mod soft_bounce_tests {
+    use super::{soft_bounce, soft_bounce_line, RenderedReply};
+
+    #[test]
+    fn five_becomes_four_digit_by_digit() {
+        let r = |code, enhanced: (u16, u16, u16)| RenderedReply { code, enhanced, text: "t".into() };
+        assert_eq!(soft_bounce(&r(554, (5, 7, 1))), r(454, (4, 7, 1)));
+        assert_eq!(soft_bounce(&r(504, (5, 5, 2))), r(404, (4, 5, 2)));
+        assert_eq!(soft_bounce(&r(550, (5, 1, 1))), r(450, (4, 1, 1)));
+        assert_eq!(soft_bounce(&r(451, (4, 3, 0))), r(451, (4, 3, 0)));
+        assert_eq!(soft_bounce_line("554 5.7.1 No thanks"), "454 4.7.1 No thanks");
+        assert_eq!(soft_bounce_line("552 mailbox full"), "452 mailbox full");
+        assert_eq!(soft_bounce_line("550"), "450");
+        assert_eq!(soft_bounce_line("451 4.3.0 later"), "451 4.3.0 later");
+        assert_eq!(soft_bounce_line("garbage \u{e9}"), "garbage \u{e9}");
+    }
 }
 
 #[cfg(test)]

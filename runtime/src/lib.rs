@@ -4,6 +4,7 @@ pub mod conn;
 pub mod daemon;
 pub mod eval;
 pub mod queue;
+pub mod routing;
 pub mod smtp;
 pub mod spool;
 pub mod transcript;

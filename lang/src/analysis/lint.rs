@@ -506,7 +506,7 @@ fn backscatter(prog: &Program, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
                         break;
                     }
                     Action::Reject(_) | Action::Tempfail(_) | Action::RejectCallahead | Action::Discard => break,
-                    Action::Access(_) => {
+                    Action::Access(..) => {
                         pc += 1;
                     }
                     _ => pc += 1,

@@ -98,8 +98,18 @@ pub async fn route(
             Vec::new(),
         );
     };
-    let (facts, mut state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
-    let v = run_stage(prog, lookups, Stage::Route, &facts, &mut state).await;
+    let (facts, state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
+    // Rewritten recipients are routed anew, soft_bounce defers the error transport.
+    let mut run = crate::routing::RouteRun::new(prog, facts, state);
+    let v = loop {
+        match run.step(prog) {
+            Step::Need(req) => {
+                let a = lookups.answer(prog, &req, now_ms).await;
+                run.answer(req, a);
+            }
+            Step::Done(v) => break v,
+        }
+    };
     let copies = v
         .effects
         .iter()

@@ -952,6 +952,21 @@ impl CaseRun {
                 (facts, State::new(&prog))
             }
         };
+        if stage == Stage::Route {
+            // As the queue manager routes: rewritten recipients anew, soft_bounce applied.
+            let mut run = crate::routing::RouteRun::new(&prog, facts, state);
+            for _ in 0..10_000 {
+                match run.step(&prog) {
+                    Step::Need(req) => {
+                        let a = self.answer(&prog, &req);
+                        run.answer(req, a);
+                    }
+                    Step::Done(v) => return Some(describe(stage, &v)),
+                }
+            }
+            self.fail("the stage did not finish");
+            return None;
+        }
         let mut run = Run::new(&prog, stage);
         for _ in 0..10_000 {
             match run.step(&prog, &facts, &mut state) {
