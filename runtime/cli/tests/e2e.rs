@@ -857,6 +857,9 @@ fn sink_5xx_at_rcpt_and_at_dot_bounce_to_the_sender() {
     }
     assert!(d.log().contains("status=bounced") || d.log().contains("kind=failure"), "{}", d.log());
     assert!(sink_rcpt.messages().is_empty());
+    // A DSN that was delivered owes nobody a notice: no misleading `dsn-dropped` line.
+    wait_for(Duration::from_secs(20), "the DSNs delivered", || d.log().matches("status=sent").count() >= 2, || d.log());
+    assert!(!d.log().contains("dsn-dropped"), "{}", d.log());
     // (a `-f .` sink dumps the data before it answers 5xx, so its files say nothing)
     drop(sink_dot);
     wait_for(
@@ -865,6 +868,73 @@ fn sink_5xx_at_rcpt_and_at_dot_bounce_to_the_sender() {
         || spool_messages(&d.spool()).is_empty(),
         || format!("{}\n{}", queue_list(&d.spool()), d.log()),
     );
+}
+
+/// R1, RFC 3461 section 4: a NOTIFY=SUCCESS recipient relayed to a server without DSN gets
+/// one "relayed" notice; relayed to a server with DSN, NOTIFY goes on and we send nothing.
+#[test]
+fn dsn_success_on_relay_is_one_relayed_notice_or_none() {
+    let t = TempDir::new("dsnrelay");
+    let (port, s_plain, s_dsn) = (free_port(), free_port(), free_port());
+    let plain = Sink::start(&t.join("sink-nodsn"), s_plain, &["-N"]);
+    let with_dsn = Sink::start(&t.join("sink-dsn"), s_dsn, &[]);
+    let policy = base_policy(port, s_plain, "none").replace(
+        "  deliver smtp",
+        &format!("  if recipient.domain :is \"dsn.test\" {{\n    deliver smtp \"[127.0.0.1]:{s_dsn}\";\n  }}\n  deliver smtp"),
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let mut c = Client::connect(port).expect("connect");
+    for (to, subject) in [("x@plain.test", "relayed-no-dsn"), ("y@dsn.test", "relayed-with-dsn")] {
+        c.cmd("MAIL FROM:<a@s.test>", 250).expect("MAIL");
+        c.cmd(&format!("RCPT TO:<{to}> NOTIFY=SUCCESS,FAILURE"), 250).expect("RCPT");
+        c.cmd("DATA", 354).expect("DATA");
+        c.w.write_all(format!("Subject: {subject}\r\n\r\nhello\r\n.\r\n").as_bytes()).expect("data");
+        c.expect(250).expect("queued");
+    }
+    let _ = c.cmd("QUIT", 221);
+    wait_for(
+        Duration::from_secs(30),
+        "both messages at their sinks",
+        || {
+            plain.messages().iter().any(|m| m.contains("relayed-no-dsn"))
+                && with_dsn.messages().iter().any(|m| m.contains("relayed-with-dsn"))
+        },
+        || d.log(),
+    );
+    // The DSN-capable hop got NOTIFY passed on.
+    let m = with_dsn.messages().into_iter().find(|m| m.contains("relayed-with-dsn")).unwrap_or_default();
+    assert!(m.to_ascii_uppercase().contains("NOTIFY=SUCCESS"), "NOTIFY passed on: {m}");
+    wait_for(Duration::from_secs(30), "a notice in mail/a", || !maildir(&t.join("mail/a")).is_empty(), || d.log());
+    wait_for(Duration::from_secs(20), "an empty queue", || spool_messages(&d.spool()).is_empty(), || d.log());
+    let notices = maildir(&t.join("mail/a"));
+    assert_eq!(notices.len(), 1, "exactly one success notice: {notices:#?}\n{}", d.log());
+    let n = &notices[0];
+    assert!(n.contains("Action: relayed"), "{n}");
+    assert!(n.contains("x@plain.test"), "{n}");
+    assert!(!n.contains("y@dsn.test"), "{n}");
+    assert!(!n.contains("Action: delivered"), "{n}");
+}
+
+/// R40 soft_bounce: a remote 5xx defers the recipient (4xx) instead of bouncing it.
+#[test]
+fn soft_bounce_defers_a_remote_5xx() {
+    let t = TempDir::new("softbounce");
+    let (port, s_rcpt) = (free_port(), free_port());
+    let _sink = Sink::start(&t.join("sink-rcpt"), s_rcpt, &["-f", "RCPT"]);
+    let policy = base_policy(port, s_rcpt, "none").replace("  queue_run 1s;", "  queue_run 1s;\n  soft_bounce true;");
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(port, &["--from", "a@s.test", "--to", "x@rcpt.test", "--header", "Subject: soft-bounced"]);
+    assert!(out.contains("Queued as"), "{out}");
+    wait_for(
+        Duration::from_secs(30),
+        "the recipient deferred with a 4xx",
+        || d.log().matches("status=deferred").count() >= 2,
+        || format!("{}\n{}", queue_list(&d.spool()), d.log()),
+    );
+    let listing = queue_list(&d.spool());
+    assert!(listing.contains("x@rcpt.test") && listing.contains("(4"), "{listing}");
+    assert!(!d.log().contains("status=bounced"), "{}", d.log());
+    assert!(maildir(&t.join("mail/a")).is_empty(), "no bounce under soft_bounce");
 }
 
 /// A bounce that cannot be delivered (a null-sender message refused by the next hop) is a
