@@ -38,11 +38,7 @@ pub struct Analysis {
 /// program is kept only when neither step found an error. File tables the policy names
 /// are read through the loader, as the daemon will read them (relative to the policy).
 pub fn check(entry: &str, loader: &dyn Loader) -> (Compilation, Vec<Counterexample>) {
-    let t0 = std::time::Instant::now();
     let mut c = compile(entry, loader);
-    if std::env::var_os("RELAY_DEBUG").is_some() {
-        eprintln!("compile: {:?}", t0.elapsed());
-    }
     let Some(prog) = c.program.take() else {
         return (c, Vec::new());
     };
@@ -180,11 +176,7 @@ pub fn analyse(prog: &Program, sources: &SourceMap, tables: &[Option<relay::Know
             }
         }
     }
-    let t0 = std::time::Instant::now();
     out.diagnostics.extend(lint::lint(prog, sources));
-    if std::env::var_os("RELAY_DEBUG").is_some() {
-        eprintln!("lint: {:?}", t0.elapsed());
-    }
     out
 }
 

@@ -48,6 +48,8 @@ pub struct Lookups {
     pub signer: Option<super::auth::Signer>,
     /// Connections of SQL tables.
     sql: super::sql::Pool,
+    /// The policy and the file tables' contents its open-relay proof used.
+    proven: Option<(Program, Mutex<Vec<Option<mailpolicy_lang::tables::Rows>>>)>,
 }
 
 fn dur(p: &Program, name: &str, default_ms: u64) -> Duration {
@@ -114,6 +116,11 @@ impl Lookups {
         opts.cache_size = 4096;
         opts.ndots = 0;
         let resolver = TokioAsyncResolver::tokio(config, opts);
+        // The open-relay proof read the file tables; a change to one is proven again before
+        // it is used (B1: no table edit turns the server into an open relay unchecked).
+        let loader = mailpolicy_lang::FsLoader { std_dir: None };
+        let rows = mailpolicy_lang::analysis::read_tables(prog, policy_dir, &loader);
+        let proven = Some((prog.clone(), Mutex::new(rows)));
         Ok(Lookups {
             resolver,
             dns_timeout,
@@ -123,6 +130,7 @@ impl Lookups {
             rates: Mutex::new(RateStore::default()),
             greylist: Mutex::new(Greylist::default()),
             secrets: secrets.clone(),
+            proven,
             local_domains: crate::conn::local_domains(prog, &hostname),
             hostname,
             mx_resolver,
@@ -290,10 +298,29 @@ impl Lookups {
         };
         if stale {
             let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            let table = std::fs::read_to_string(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()));
+            let table = text
+                .clone()
                 .and_then(|text| FileTable::parse(&t.kind, &text).map_err(|e| format!("{}: {e}", path.display())));
-            tables.insert(t.name.clone(), Loaded { modified, checked: std::time::Instant::now(), table });
+            let refused = match (&text, tables.contains_key(&t.name)) {
+                (Ok(text), true) => self.reprove(t, text),
+                _ => None,
+            };
+            match refused {
+                Some(why) => {
+                    eprintln!(
+                        "mailc serve: table {} changed but its new contents are refused, the previous ones stay: {why}",
+                        t.name
+                    );
+                    if let Some(l) = tables.get_mut(&t.name) {
+                        l.modified = modified;
+                        l.checked = std::time::Instant::now();
+                    }
+                }
+                None => {
+                    tables.insert(t.name.clone(), Loaded { modified, checked: std::time::Instant::now(), table });
+                }
+            }
         } else if let Some(l) = tables.get_mut(&t.name) {
             if l.checked.elapsed() >= Duration::from_secs(1) {
                 l.checked = std::time::Instant::now();
@@ -304,6 +331,36 @@ impl Lookups {
             Some(Err(e)) => Answer::Error(e.clone()),
             None => Answer::Error("table not loaded".into()),
         }
+    }
+
+    /// Prove the policy again with a table's new contents: why they open a relay, if they do.
+    fn reprove(&self, t: &Resource, text: &str) -> Option<String> {
+        let (prog, rows) = self.proven.as_ref()?;
+        let idx = prog.tables.iter().position(|x| x.name == t.name)?;
+        let new = mailpolicy_lang::tables::parse_rows(&t.kind, text).ok();
+        let mut all = rows.lock().ok()?.clone();
+        if all.get(idx) == Some(&new) {
+            return None;
+        }
+        if let Some(slot) = all.get_mut(idx) {
+            *slot = new;
+        }
+        for (l, v) in mailpolicy_lang::analysis::relay::prove(prog, &all) {
+            let who = l.map(|n| format!("listener {n}")).unwrap_or_else(|| "the default listener".into());
+            match v {
+                mailpolicy_lang::analysis::relay::Verdict::Open(r) => {
+                    return Some(format!("with them {who} would relay to <{}>: {}", r.recipient, r.why))
+                }
+                mailpolicy_lang::analysis::relay::Verdict::Undecided { why, .. } => {
+                    return Some(format!("with them {who} could not be proven not to relay: {why}"))
+                }
+                _ => {}
+            }
+        }
+        if let Ok(mut r) = rows.lock() {
+            *r = all;
+        }
+        None
     }
 
     /// One DNS query; NXDOMAIN and "no records" are answers, everything else an error.
@@ -408,7 +465,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mp-reload-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("users"), "alice@example.com one\n").unwrap();
-        let policy = "table users = map \"users\";\non rcpt { if recipient in users { accept; } }\n";
+        let policy = "list local = domains [\"example.com\"];\nserver { local_domains local; }\ntable users = map \"users\";\non rcpt { if recipient in users { accept; } }\n";
         let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
         let prog = c.program.expect("compiles");
         let l = Lookups::new(&prog, &dir).expect("lookups");
@@ -426,6 +483,35 @@ mod tests {
         std::fs::remove_file(dir.join("users")).unwrap();
         std::thread::sleep(Duration::from_millis(1100));
         assert!(matches!(l.table_sync(t, "bob@example.com"), Answer::Error(_)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// B1: a table the open-relay proof read is proven again when its file changes; new
+    /// contents that would open a relay are refused and the previous ones stay.
+    #[tokio::test]
+    async fn a_table_change_that_opens_a_relay_is_refused() {
+        let dir = std::env::temp_dir().join(format!("mp-reprove-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("trusted.cidr"), "192.0.2.0/24 OK\n").unwrap();
+        let policy = "list local = domains [\"example.com\"];\nserver { local_domains local; }\ntable trusted = cidr \"trusted.cidr\";\non rcpt { if client.ip in trusted { accept; } }\n";
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
+        let prog = c.program.expect("compiles");
+        let l = Lookups::new(&prog, &dir).expect("lookups");
+        let t = &prog.tables[0];
+        assert_eq!(l.table_sync(t, "192.0.2.7"), Answer::Value(Some("OK".into())));
+        // A typo that trusts half the Internet: refused, the old networks stay.
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(dir.join("trusted.new"), "192.0.2.0/24 OK\n0.0.0.0/1 OK\n").unwrap();
+        std::fs::rename(dir.join("trusted.new"), dir.join("trusted.cidr")).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(l.table_sync(t, "45.33.32.156"), Answer::Value(None), "the wide network was taken");
+        assert_eq!(l.table_sync(t, "192.0.2.7"), Answer::Value(Some("OK".into())));
+        // A harmless change is taken.
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(dir.join("trusted.new"), "198.51.100.0/24 OK\n").unwrap();
+        std::fs::rename(dir.join("trusted.new"), dir.join("trusted.cidr")).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(l.table_sync(t, "198.51.100.9"), Answer::Value(Some("OK".into())));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

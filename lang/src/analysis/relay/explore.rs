@@ -241,7 +241,7 @@ impl Prover<'_> {
                 }
             }
         }
-        if groups.len() > JOIN_PRUNE && self.model.is_none() {
+        if groups.len() > JOIN_PRUNE {
             groups.retain(|p| self.w.possible(&p.cons));
         }
         if groups.len() > JOIN_WIDEN {
@@ -668,50 +668,9 @@ impl Prover<'_> {
 
     // ---- conditions ---------------------------------------------------------------------
 
-    /// The variables an expression reads (to resolve open ones first).
-    fn vars_of(&self, id: ExprId, out: &mut Vec<u32>) {
-        fn val(v: &Val, out: &mut Vec<u32>) {
-            match v {
-                Val::Var(i) => out.push(i.0),
-                Val::Lookup { key, .. } | Val::Rate { key, .. } | Val::Concurrent { key } => val(key, out),
-                _ => {}
-            }
-        }
-        fn tpl(t: &Template, out: &mut Vec<u32>) {
-            for p in &t.0 {
-                if let crate::ir::Part::Val(v) = p {
-                    val(v, out);
-                }
-            }
-        }
-        match self.prog.expr(id) {
-            Expr::Not(i) => self.vars_of(*i, out),
-            Expr::All(v) | Expr::Any(v) => v.iter().for_each(|i| self.vars_of(*i, out)),
-            Expr::Truth(v) | Expr::IsNull(v) | Expr::Resolvable(v) | Expr::Fqdn(v) => val(v, out),
-            Expr::Match { lhs, rhs, .. } => {
-                val(lhs, out);
-                rhs.iter().for_each(|t| tpl(t, out));
-            }
-            Expr::Pattern { lhs, .. } | Expr::In { lhs, .. } | Expr::Cmp { lhs, .. } => val(lhs, out),
-            Expr::Flag(v) => out.push(v.0),
-            Expr::Rhsbl { domain, .. } => val(domain, out),
-            _ => {}
-        }
-    }
-
     fn cond(&mut self, env: &Env, p: Path, id: ExprId) -> (B, Path) {
-        let mut vars = Vec::new();
-        self.vars_of(id, &mut vars);
-        // Open variables are resolved by the caller (`run_resolving`); see session.rs.
-        let _ = vars;
-        let (b, p) = self.expr(env, p, id);
-        match &self.model {
-            Some(_) => {
-                let v = self.decide(&b);
-                (B::Const(v), p)
-            }
-            None => (b, p),
-        }
+        // Open variables were resolved when the run started (`run_open`, session.rs).
+        self.expr(env, p, id)
     }
 
     fn expr(&mut self, env: &Env, p: Path, id: ExprId) -> (B, Path) {
@@ -853,31 +812,6 @@ impl Prover<'_> {
         if !self.meanings.iter().any(|(x, _)| *x == s) {
             self.meanings.push((s, m));
         }
-    }
-
-    /// Decide a formula with the model's values (concrete mode).
-    pub fn decide(&mut self, b: &B) -> bool {
-        match b {
-            B::Const(v) => *v,
-            B::Lit(a, pol) => {
-                let sym = self.w.atom_sym(*a);
-                let val = self.model_value(sym);
-                let r = self.w.eval_atom(*a, &val).unwrap_or(false);
-                r == *pol
-            }
-            B::And(v) => v.iter().all(|x| self.decide(x)),
-            B::Or(v) => v.iter().any(|x| self.decide(x)),
-        }
-    }
-
-    /// A symbol's value in the model, or the default the counterexample gives it.
-    pub fn model_value(&mut self, sym: SymId) -> Value {
-        if let Some(m) = &self.model {
-            if let Some(v) = m.values.get(&sym) {
-                return v.clone();
-            }
-        }
-        self.default_value(sym)
     }
 
     pub fn default_value(&self, sym: SymId) -> Value {
@@ -1542,10 +1476,6 @@ impl Prover<'_> {
                 continue;
             }
             let b = B::or(conds);
-            let b = match &self.model {
-                Some(_) => B::Const(self.decide(&b)),
-                None => b,
-            };
             if b == B::Const(false) {
                 continue;
             }
@@ -1678,8 +1608,3 @@ pub const FQDN_SHAPE: &str =
     "\\A(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\\.)+[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\\.?\\z";
 pub const FQDN_LEN: &str = "\\A(?:(?s-u:.){0,253}|(?s-u:.){253}\\.)\\z";
 pub const FQDN_DIGITS: &str = "(?:\\A|\\.)[0-9]+\\.?\\z";
-
-/// Open variables resolved at the first read; see session.rs.
-pub fn open_vars(p: &Path) -> Vec<u32> {
-    p.vars.iter().enumerate().filter(|(_, s)| matches!(s, Shape::Open(..))).map(|(i, _)| i as u32).collect()
-}

@@ -117,8 +117,6 @@ pub struct Prover<'p> {
     pub prog: &'p Program,
     pub w: World,
     pub work: usize,
-    pub model: Option<sym::Model>,
-    pub plan: Option<Vec<explore::GapUse>>,
     pub widened: bool,
     pub session: SessionSyms,
     pub listener: ListenerModel,
@@ -342,10 +340,11 @@ fn address_pattern() -> String {
     format!("(?:(?:{ATEXT})+(?:\\.(?:{ATEXT})+)*|{QUOTED})@(?:{LABEL}(?:\\.{LABEL})*|{LITERAL})")
 }
 
+/// A language of this module's own, in the regex crate's Unicode syntax (case as written).
 fn policy_lang(p: String) -> LangSpec {
     LangSpec {
         pattern: p,
-        syntax: auto::Syntax::Policy,
+        syntax: auto::Syntax::Table { case_insensitive: false },
         view: View::Whole,
         prefix: Vec::new(),
         suffix: Vec::new(),
@@ -461,8 +460,6 @@ impl<'p> Prover<'p> {
             prog,
             w,
             work: 0,
-            model: None,
-            plan: None,
             widened: false,
             session,
             listener,
@@ -495,17 +492,8 @@ impl<'p> Prover<'p> {
         {
             return Verdict::LoopbackOnly;
         }
-        let dbg = std::env::var_os("RELAY_DEBUG").is_some();
-        let t0 = std::time::Instant::now();
         self.compute_gaps();
-        if dbg {
-            eprintln!("gaps: {} shapes in {:?}", self.gap_shapes.len(), t0.elapsed());
-        }
-        let t0 = std::time::Instant::now();
         let ends = self.final_paths();
-        if dbg {
-            eprintln!("final paths: {} ends in {:?}, work {}", ends.len(), t0.elapsed(), self.work);
-        }
         let mut undecided: Option<(String, Vec<(LocId, String)>)> = None;
         let mut found: Vec<(session::RelayEnd, sym::Model)> = Vec::new();
         for e in ends {

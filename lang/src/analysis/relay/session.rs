@@ -142,9 +142,6 @@ impl Prover<'_> {
     /// The values every variable can get from commands in gaps, as a fixpoint.
     pub fn compute_gaps(&mut self) {
         let nvars = self.prog.vars.len();
-        if nvars == 0 {
-            return;
-        }
         let mut stages = vec![Stage::Connect, Stage::Helo];
         if self.listener.auth_offered {
             stages.push(Stage::Auth);
@@ -152,14 +149,14 @@ impl Prover<'_> {
         stages.extend([Stage::Mail, Stage::Rcpt, Stage::Data]);
         // Only a stage that sets or unsets a variable can write one.
         stages.retain(|st| {
-            self.prog
-                .stage(*st)
-                .iter()
-                .any(|i| matches!(i, Instr::Do { action: Action::Set { .. } | Action::Unset(_), .. }))
+            self.prog.stage(*st).iter().any(|i| {
+                matches!(i, Instr::Do { action: Action::Set { .. } | Action::Unset(_) | Action::Access(_), .. })
+            })
         });
         let mut widened_vars = vec![false; nvars];
         for iter in 0..(MAX_ITER + nvars + 2) {
-            let mut changed = vec![false; nvars];
+            // One more slot: the session's relay permission from an access table.
+            let mut changed = vec![false; nvars + 1];
             for &st in &stages {
                 let env = if st == Stage::Connect { self.env_for(st, RUN_GAP) } else { self.gap_env(st) };
                 let mask: u16 = 0b11_1111;
@@ -180,6 +177,10 @@ impl Prover<'_> {
                 let ends = self.run_open(st, &env, starts);
                 for (q, end, _) in ends {
                     let accepted = !matches!(end, End::Refuse);
+                    if q.grant && matches!(st, Stage::Helo | Stage::Auth) {
+                        changed[nvars] |=
+                            self.add_gap_shape(nvars as u32, st, Shape::Set(Term::lit("1")), &q, &env, accepted);
+                    }
                     for v in 0..nvars {
                         let val = q.vars[v].clone();
                         if matches!(val, Shape::Open(..)) {
@@ -212,7 +213,7 @@ impl Prover<'_> {
                     }
                 }
                 for g in self.gap_shapes.iter_mut() {
-                    if changed[g.var as usize] {
+                    if changed.get(g.var as usize).copied().unwrap_or(false) {
                         g.top = true;
                     }
                 }
@@ -401,25 +402,6 @@ impl Prover<'_> {
                     next.push(p);
                     continue;
                 };
-                if let Some(plan) = &self.plan {
-                    // Replaying a counterexample: the choice it made.
-                    let choice = plan.iter().find(|g| g.var == v).cloned();
-                    let mut q = p.clone();
-                    match choice {
-                        Some(GapUse { shape: Some(s), .. }) => {
-                            let (val, cons, copies) = self.instantiate(s, run);
-                            q.vars[v as usize] = val.clone();
-                            q.cons = conj_and(&q.cons, &cons);
-                            q.gaps.push(GapUse { var: v, shape: Some(s), copies, value: val });
-                        }
-                        _ => {
-                            q.vars[v as usize] = (*cur).clone();
-                            q.gaps.push(GapUse { var: v, shape: None, copies: Vec::new(), value: (*cur).clone() });
-                        }
-                    }
-                    next.push(q);
-                    continue;
-                }
                 let mut keep = p.clone();
                 keep.vars[v as usize] = (*cur).clone();
                 keep.gaps.push(GapUse { var: v, shape: None, copies: Vec::new(), value: (*cur).clone() });
@@ -486,6 +468,27 @@ impl Prover<'_> {
         }
     }
 
+    /// A HELO or failed AUTH off the path whose `access` table says RELAY gives the whole
+    /// session the relay permission: each path may have it afterwards.
+    fn grant_gaps(&mut self, paths: Vec<Path>, mask: u16) -> Vec<Path> {
+        let pseudo = self.prog.vars.len() as u32;
+        let mut out = Vec::new();
+        for p in paths {
+            if !p.grant {
+                for s in self.gap_candidates(pseudo, mask, p.tls) {
+                    let (val, cons, copies) = self.instantiate(s, super::session::RUN_GAP - 1);
+                    let mut q = p.clone();
+                    q.grant = true;
+                    q.cons = conj_and(&q.cons, &cons);
+                    q.gaps.push(GapUse { var: pseudo, shape: Some(s), copies, value: val });
+                    out.push(q);
+                }
+            }
+            out.push(p);
+        }
+        out
+    }
+
     fn open_all(&self, p: &mut Path, mask: u16, only_session: bool) {
         for (i, v) in p.vars.iter_mut().enumerate() {
             if only_session && self.prog.vars.get(i).is_some_and(|x| x.scope != Scope::Session) {
@@ -531,9 +534,10 @@ impl Prover<'_> {
         // connect
         let env = self.env_for(Stage::Connect, RUN_CONNECT);
         let ends = self.run_open(Stage::Connect, &env, vec![p0]);
-        let mut paths: Vec<Path> = ends.into_iter().filter(|(_, e, _)| accepted(e)).map(|(p, _, _)| p).collect();
+        let paths: Vec<Path> = ends.into_iter().filter(|(_, e, _)| accepted(e)).map(|(p, _, _)| p).collect();
         // STARTTLS (before the final HELO), and the gap before it.
         let mut next = Vec::new();
+        let mut paths = self.grant_gaps(paths, GAP_BEFORE_HELO);
         for mut p in paths {
             self.open_all(&mut p, GAP_BEFORE_HELO, false);
             if self.listener.tls == super::TlsOpt::Implicit {
@@ -550,6 +554,7 @@ impl Prover<'_> {
         let env = self.env_for(Stage::Helo, RUN_HELO);
         let ends = self.run_open(Stage::Helo, &env, paths);
         paths = ends.into_iter().filter(|(_, e, _)| accepted(e)).map(|(p, _, _)| p).collect();
+        paths = self.grant_gaps(paths, GAP_AFTER_HELO);
         for p in &mut paths {
             self.open_all(p, GAP_AFTER_HELO, false);
         }

@@ -294,7 +294,7 @@ pub struct World {
     /// Cached per-symbol answers, keyed by the symbol's formula.
     cache: HashMap<(SymId, Form, Vec<AtomId>), Decided>,
     /// Compiled tests for checking a text (see `member`).
-    regexes: HashMap<LangSpec, Result<regex::bytes::Regex, String>>,
+    regexes: HashMap<LangSpec, Result<regex_automata::meta::Regex, String>>,
     /// The policy's own compiled patterns, by source (what the runtime matches with).
     pub policy_regexes: HashMap<String, regex::Regex>,
     /// The client's forward-confirmed name: never under a domain its tests name.
@@ -626,7 +626,7 @@ impl World {
 
     fn project_solve(&mut self, lits: &[Lit], unsure: bool) -> Result<Model, Option<String>> {
         let mut forms: BTreeMap<SymId, Vec<Form>> = BTreeMap::new();
-        let mut atoms_of: BTreeMap<SymId, Vec<AtomId>> = BTreeMap::new();
+        let mut atoms_of = AtomIdx::default();
         for lit in lits {
             for (sym, f) in project_lit(self, lit, &mut atoms_of) {
                 forms.entry(sym).or_default().push(f);
@@ -636,9 +636,9 @@ impl World {
         let mut unknown = None;
         // Symbols with few tests first: a contradiction there ends the work early.
         let mut forms: Vec<(SymId, Vec<Form>)> = forms.into_iter().collect();
-        forms.sort_by_key(|(s, _)| atoms_of.get(s).map(Vec::len).unwrap_or(0));
+        forms.sort_by_key(|(s, _)| atoms_of.v.get(s).map(Vec::len).unwrap_or(0));
         for (sym, mut fs) in forms {
-            let mut ids = atoms_of.remove(&sym).unwrap_or_default();
+            let mut ids = atoms_of.v.remove(&sym).unwrap_or_default();
             self.freshness(sym, &mut fs, &mut ids);
             let form = simplify(Form::And(fs));
             match self.decide(sym, &form, &ids) {
@@ -669,17 +669,7 @@ impl World {
         if let Some(d) = self.cache.get(&key) {
             return d.clone();
         }
-        let t0 = std::time::Instant::now();
         let d = self.decide_uncached(sym, form, ids);
-        if std::env::var_os("RELAY_DEBUG").is_some() {
-            eprintln!(
-                "decide {:?} atoms={} {:?} in {:?}",
-                self.syms[sym as usize].origin,
-                ids.len(),
-                matches!(d, Decided::Sat(_)),
-                t0.elapsed()
-            );
-        }
         self.cache.insert(key, d.clone());
         d
     }
@@ -728,16 +718,7 @@ impl World {
             }
             SymKind::Str(_) if *form == Form::False => Decided::Unsat,
             SymKind::Str(base) => {
-                let base_dfa = match &base {
-                    Some(b) => match self.dfa(b) {
-                        Ok(d) => d,
-                        Err(e) => return Decided::Unknown(e),
-                    },
-                    None => match self.dfa(&LangSpec::bytes(String::new(), View::Whole)) {
-                        Ok(d) => d,
-                        Err(e) => return Decided::Unknown(e),
-                    },
-                };
+                let base_spec = base.clone().unwrap_or_else(|| LangSpec::bytes(String::new(), View::Whole));
                 let mut specs = Vec::new();
                 for a in ids {
                     let AtomKind::Lang(spec) = self.atoms[*a as usize].1.clone() else {
@@ -747,7 +728,7 @@ impl World {
                 }
                 // The attacker's usual values first: cheap, and they read well.
                 for cand in self.preferred(sym) {
-                    if base_dfa.matches(cand.as_bytes()) != Acc::Yes {
+                    if self.member(&base_spec, cand.as_bytes()) != Acc::Yes {
                         continue;
                     }
                     let accs: Vec<Acc> = specs.iter().map(|sp| self.member(sp, cand.as_bytes())).collect();
@@ -755,6 +736,10 @@ impl World {
                         return Decided::Sat(Value::Str(cand));
                     }
                 }
+                let base_dfa = match self.dfa(&base_spec) {
+                    Ok(d) => d,
+                    Err(e) => return Decided::Unknown(e),
+                };
                 match self.lazy_search(&base_dfa, &specs, form) {
                     Ok(Found::Yes { witness, sure: true }) => match String::from_utf8(witness) {
                         Ok(s) => Decided::Sat(Value::Str(s)),
@@ -867,16 +852,22 @@ impl World {
         }
         let key = spec.clone();
         if !self.regexes.contains_key(&key) {
-            let b = match spec.syntax {
+            use regex_automata::meta;
+            let sc = match spec.syntax {
                 Syntax::Bytes => {
-                    regex::bytes::RegexBuilder::new(&spec.pattern).unicode(false).case_insensitive(true).build()
+                    regex_automata::util::syntax::Config::new().unicode(false).utf8(false).case_insensitive(true)
                 }
-                Syntax::Policy => regex::bytes::RegexBuilder::new(&spec.pattern).case_insensitive(true).build(),
+                Syntax::Policy => regex_automata::util::syntax::Config::new().case_insensitive(true),
                 Syntax::Table { case_insensitive } => {
-                    regex::bytes::RegexBuilder::new(&spec.pattern).case_insensitive(case_insensitive).build()
+                    regex_automata::util::syntax::Config::new().case_insensitive(case_insensitive)
                 }
             };
-            let b = b.map_err(|e| e.to_string());
+            // A lazy DFA only: testing a few texts does not pay for building a full one.
+            let b = meta::Builder::new()
+                .configure(meta::Config::new().dfa(false).utf8_empty(false))
+                .syntax(sc)
+                .build(&spec.pattern)
+                .map_err(|e| e.to_string());
             self.regexes.insert(key.clone(), b);
         }
         let Some(Ok(re)) = self.regexes.get(&key) else {
@@ -885,7 +876,7 @@ impl World {
                 Err(_) => Acc::Maybe,
             };
         };
-        if re.is_match(&viewed()) {
+        if re.is_match(viewed().as_slice()) {
             Acc::Yes
         } else {
             Acc::No
@@ -1057,18 +1048,24 @@ fn simplify(f: Form) -> Form {
     }
 }
 
-fn atom_index(atoms: &mut BTreeMap<SymId, Vec<AtomId>>, sym: SymId, a: AtomId) -> usize {
-    let v = atoms.entry(sym).or_default();
-    match v.iter().position(|x| *x == a) {
-        Some(i) => i,
-        None => {
-            v.push(a);
-            v.len() - 1
-        }
-    }
+/// The atoms of each symbol, numbered in order of first use (an atom has one symbol).
+#[derive(Default)]
+struct AtomIdx {
+    v: BTreeMap<SymId, Vec<AtomId>>,
+    pos: HashMap<AtomId, usize>,
 }
 
-fn project_lit(w: &World, lit: &Lit, atoms: &mut BTreeMap<SymId, Vec<AtomId>>) -> Vec<(SymId, Form)> {
+fn atom_index(atoms: &mut AtomIdx, sym: SymId, a: AtomId) -> usize {
+    if let Some(i) = atoms.pos.get(&a) {
+        return *i;
+    }
+    let v = atoms.v.entry(sym).or_default();
+    v.push(a);
+    atoms.pos.insert(a, v.len() - 1);
+    v.len() - 1
+}
+
+fn project_lit(w: &World, lit: &Lit, atoms: &mut AtomIdx) -> Vec<(SymId, Form)> {
     match lit {
         Lit::Atom(a, pol) => {
             let sym = w.atom_sym(*a);
