@@ -150,7 +150,7 @@ impl Prover<'_> {
         // Only a stage that sets or unsets a variable can write one.
         stages.retain(|st| {
             self.prog.stage(*st).iter().any(|i| {
-                matches!(i, Instr::Do { action: Action::Set { .. } | Action::Unset(_) | Action::Access(_), .. })
+                matches!(i, Instr::Do { action: Action::Set { .. } | Action::Unset(_) | Action::Access(..), .. })
             })
         });
         let mut widened_vars = vec![false; nvars];
