@@ -44,6 +44,9 @@ pub struct QueuedRcpt {
     /// NOTIFY as stored (after `dsn notify never` / `dsn deny success`); empty = not given.
     pub notify: Vec<String>,
     pub orcpt: String,
+    /// The address as the client wrote it, when the server took its BATV tag off (R29).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub batv_tagged: String,
 }
 
 /// A message the host must make durable before the 250 reply.
@@ -119,6 +122,7 @@ impl Snapshot {
             routing: false,
             notify: r.notify.clone(),
             orcpt: r.orcpt.clone(),
+            batv_tagged: (!r.batv_tagged.is_empty()).then(|| r.batv_tagged.clone()),
         });
         f.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
         f.message = Some(MessageFacts::parse(&m.data));
@@ -570,7 +574,16 @@ impl Conn {
                 let orcpt = params.orcpt.as_ref().map(|o| format!("{};{}", o.addr_type, o.address)).unwrap_or_default();
                 // A source route (`<@hop:user@domain>`) or an `@` in a quoted local part (R15).
                 let routing = matches!(to, ForwardPath::Mailbox(m) if m.routed || (m.quoted && m.local.contains('@')));
-                self.facts.recipient = Some(RcptFacts { address, routing, notify, orcpt });
+                // R29: with BATV keys, a tagged recipient (a bounce to an address we signed)
+                // is routed and delivered without its tag; `batv valid` checks the tag.
+                let (address, batv_tagged) = match self.prog.server.option("batv_keys") {
+                    Some(_) => match mailpolicy_stdlib::batv::strip(&address) {
+                        Some(plain) => (plain, Some(address)),
+                        None => (address, None),
+                    },
+                    None => (address, None),
+                };
+                self.facts.recipient = Some(RcptFacts { address, routing, notify, orcpt, batv_tagged });
                 // RFC 5321 4.5.1: <postmaster> must be accepted whatever the policy says.
                 if matches!(to, ForwardPath::Postmaster) {
                     let rcpt = self.rcpt_record();
@@ -620,7 +633,12 @@ impl Conn {
 
     fn rcpt_record(&self) -> QueuedRcpt {
         let r = self.facts.recipient.clone().unwrap_or_default();
-        QueuedRcpt { address: r.address, notify: r.notify, orcpt: r.orcpt }
+        QueuedRcpt {
+            address: r.address,
+            notify: r.notify,
+            orcpt: r.orcpt,
+            batv_tagged: r.batv_tagged.unwrap_or_default(),
+        }
     }
 
     fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
@@ -785,7 +803,12 @@ impl Conn {
                     return;
                 };
                 let live: Vec<QueuedRcpt> = if let Some(to) = &self.tx.redirect {
-                    vec![QueuedRcpt { address: to.clone(), notify: Vec::new(), orcpt: String::new() }]
+                    vec![QueuedRcpt {
+                        address: to.clone(),
+                        notify: Vec::new(),
+                        orcpt: String::new(),
+                        ..Default::default()
+                    }]
                 } else {
                     self.tx.rcpts.iter().filter(|r| !r.discard).map(|r| r.rcpt.clone()).collect()
                 };
@@ -795,6 +818,7 @@ impl Conn {
                         address: b.clone(),
                         notify: vec!["NEVER".into()],
                         orcpt: String::new(),
+                        ..Default::default()
                     });
                 }
                 if discard || self.tx.discard || self.discard_session || recipients.is_empty() {

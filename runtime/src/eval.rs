@@ -114,6 +114,9 @@ pub struct RcptFacts {
     /// NOTIFY values, upper case.
     pub notify: Vec<String>,
     pub orcpt: String,
+    /// The address as the client wrote it when the server took a BATV tag off it
+    /// (`prvs=...=user@domain`, R29): `batv valid` checks this one.
+    pub batv_tagged: Option<String>,
 }
 
 /// The outcome of one delivery attempt (deliver stage).
@@ -913,7 +916,11 @@ impl Run {
             }
             Expr::Fqdn(v) => addr::is_fqdn(&self.val(prog, f, st, v)?.render()),
             Expr::BatvValid => {
-                let a = f.recipient.as_ref().map(|r| r.address.clone()).unwrap_or_default();
+                let a = f
+                    .recipient
+                    .as_ref()
+                    .map(|r| r.batv_tagged.clone().unwrap_or_else(|| r.address.clone()))
+                    .unwrap_or_default();
                 match self.ask(Request::BatvValid { address: a })? {
                     Answer::Bool(b) => *b,
                     _ => false,

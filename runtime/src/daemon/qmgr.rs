@@ -334,6 +334,7 @@ impl Qmgr {
                             address: a.clone(),
                             notify: rcpt.notify.clone(),
                             orcpt: rcpt.orcpt.clone(),
+                            ..Default::default()
                         })
                         .collect();
                     if received_count(&m.data) > 50 {
@@ -396,8 +397,12 @@ impl Qmgr {
         for c in &copies {
             if let route::Copy::Bcc(to) = c {
                 let mut m = stored.message.clone();
-                m.recipients =
-                    vec![QueuedRcpt { address: to.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }];
+                m.recipients = vec![QueuedRcpt {
+                    address: to.clone(),
+                    notify: vec!["NEVER".into()],
+                    orcpt: String::new(),
+                    ..Default::default()
+                }];
                 m.copy = true;
                 m.archive.clear();
                 match self.spool.store(&m, stored.class, now) {
@@ -913,7 +918,12 @@ impl Qmgr {
         }
         let bounce = QueuedMessage {
             sender: String::new(),
-            recipients: vec![QueuedRcpt { address: to.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }],
+            recipients: vec![QueuedRcpt {
+                address: to.clone(),
+                notify: vec!["NEVER".into()],
+                orcpt: String::new(),
+                ..Default::default()
+            }],
             data,
             client_ip: "127.0.0.1".into(),
             helo: self.shared.hostname.clone(),

@@ -227,7 +227,7 @@ pub async fn bounce_allowed(
     queue_id: &str,
     arrived_ms: u64,
 ) -> (bool, Vec<Effect>) {
-    let rcpt = QueuedRcpt { address: to.to_string(), notify: Vec::new(), orcpt: String::new() };
+    let rcpt = QueuedRcpt { address: to.to_string(), notify: Vec::new(), orcpt: String::new(), ..Default::default() };
     let (mut facts, mut state) = facts_for(prog, msg, Some(&rcpt), now_ms, queue_id, arrived_ms);
     facts.sender = Some(String::new());
     facts.bounce = Some((kind.to_string(), reason.to_string()));
