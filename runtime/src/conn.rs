@@ -676,7 +676,7 @@ impl Conn {
             Outcome::Reject(r) => format!("reject {r}"),
             Outcome::Tempfail(r) => format!("tempfail {r}"),
             Outcome::Discard => "discard".to_string(),
-            Outcome::Deliver(t) => format!("deliver {:?}", t.kind),
+            Outcome::Deliver(t) => format!("deliver {t}"),
         };
         self.notes.push_back(Need::Note(Note::Verdict {
             stage,

@@ -315,6 +315,36 @@ pub enum Request {
 }
 
 impl Request {
+    /// What an operator reads in logs, `mailc test -v` and `mailc explain`: table and
+    /// scanner names, not their ids (`lookup users "alice"`, `dns example.com MX`).
+    pub fn describe(&self, prog: &Program) -> String {
+        match self {
+            Request::Lookup { table, key } => {
+                let name = prog.tables.get(table.index()).map(|t| t.name.as_str()).unwrap_or("?");
+                format!("lookup {name} {key:?}")
+            }
+            Request::Dns { name, rtype } => format!("dns {name} {}", rtype.name()),
+            Request::Rate { counter, key, window_ms } => {
+                format!("rate {} by {key} per {}", counter.name(), fmt_duration(*window_ms))
+            }
+            Request::Concurrent { key } => format!("concurrent by {key}"),
+            Request::Auth(c) => match c {
+                AuthCheck::Spf => "spf".into(),
+                AuthCheck::Dkim => "dkim".into(),
+                AuthCheck::Dmarc => "dmarc".into(),
+                AuthCheck::DmarcPolicy => "dmarc.policy".into(),
+            },
+            Request::Scan { scanner } => {
+                format!("score {}", prog.scanners.get(scanner.index()).map(|s| s.name.as_str()).unwrap_or("?"))
+            }
+            Request::Callahead { recipient, sender } => format!("callahead <{recipient}> from <{sender}>"),
+            Request::Greylist { client, sender, recipient, .. } => {
+                format!("greylist {client} <{sender}> <{recipient}>")
+            }
+            Request::BatvValid { address } => format!("batv valid <{address}>"),
+        }
+    }
+
     /// Does a failed answer to this request decide the stage (4xx) by default?
     fn table(&self) -> Option<TableId> {
         match self {
@@ -340,6 +370,69 @@ pub enum Answer {
     Error(String),
     /// The back end did not answer in time.
     Timeout,
+}
+
+impl RrType {
+    pub fn name(self) -> &'static str {
+        match self {
+            RrType::A => "A",
+            RrType::Aaaa => "AAAA",
+            RrType::Mx => "MX",
+            RrType::Txt => "TXT",
+            RrType::Ptr => "PTR",
+        }
+    }
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Value(Some(v)) => write!(f, "{v:?}"),
+            Answer::Value(None) => f.write_str("not found"),
+            Answer::Records(r) => write!(f, "{}", r.join(", ")),
+            Answer::NxDomain => f.write_str("NXDOMAIN"),
+            Answer::Count(n) => write!(f, "{n}"),
+            Answer::Score(x) => write!(f, "{x}"),
+            Answer::Reply { code, text } => write!(f, "{code} {text}"),
+            Answer::Bool(b) => write!(f, "{b}"),
+            Answer::Error(e) => write!(f, "error: {e}"),
+            Answer::Timeout => f.write_str("timed out"),
+        }
+    }
+}
+
+fn fmt_duration(ms: u64) -> String {
+    for (unit, n) in [("w", 604_800_000), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms >= n && ms % n == 0 {
+            return format!("{}{unit}", ms / n);
+        }
+    }
+    format!("{ms}ms")
+}
+
+impl std::fmt::Display for RenderedTransport {
+    /// `smtp [10.0.0.5]:25`, `mx`, `maildir /var/mail/alice/`, with `tls required` and
+    /// `auth` when given: as a policy writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            TransportKind::Mx => "mx",
+            TransportKind::Smtp => "smtp",
+            TransportKind::Lmtp => "lmtp",
+            TransportKind::Maildir => "maildir",
+            TransportKind::Mbox => "mbox",
+        };
+        f.write_str(kind)?;
+        if let Some(d) = &self.dest {
+            write!(f, " {d}")?;
+        }
+        if self.tls == TlsMode::Required {
+            f.write_str(" tls required")?;
+        }
+        if self.auth.is_some() {
+            f.write_str(" auth")?;
+        }
+        Ok(())
+    }
 }
 
 /// A reply with its interpolations rendered.
@@ -1436,6 +1529,38 @@ fn split_enhanced(text: &str, class: u16) -> ((u16, u16, u16), String) {
         }
     }
     ((class, 1, 1), text.to_string())
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::*;
+
+    /// Operators read names, not Rust structures (issue 11).
+    #[test]
+    fn requests_and_answers_read_as_an_operator_writes_them() {
+        let policy = "table users = list \"users.txt\";\non rcpt { if recipient.local not in users { reject; } }\n";
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
+        let prog = c.program.expect("compiles");
+        let r = Request::Lookup { table: TableId(0), key: "alice".into() };
+        assert_eq!(r.describe(&prog), "lookup users \"alice\"");
+        assert_eq!(
+            Request::Dns { name: "example.com".into(), rtype: RrType::Mx }.describe(&prog),
+            "dns example.com MX"
+        );
+        let rate =
+            Request::Rate { counter: Counter::Connections, key: "client.ip=192.0.2.1".into(), window_ms: 60_000 };
+        assert_eq!(rate.describe(&prog), "rate connections by client.ip=192.0.2.1 per 1m");
+        assert_eq!(Answer::Value(None).to_string(), "not found");
+        assert_eq!(Answer::Value(Some("OK".into())).to_string(), "\"OK\"");
+        assert_eq!(Answer::Records(vec!["127.0.0.2".into()]).to_string(), "127.0.0.2");
+        let t = RenderedTransport {
+            kind: TransportKind::Smtp,
+            dest: Some("[10.0.0.5]:25".into()),
+            tls: TlsMode::Required,
+            auth: None,
+        };
+        assert_eq!(t.to_string(), "smtp [10.0.0.5]:25 tls required");
+    }
 }
 
 #[cfg(test)]

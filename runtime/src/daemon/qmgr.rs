@@ -643,7 +643,7 @@ impl Qmgr {
                     &[
                         ("id", id.as_str()),
                         ("to", &rcpt.address),
-                        ("relay", &report.remote_mta.clone().unwrap_or_else(|| format!("{:?}", first.target))),
+                        ("relay", &report.remote_mta.clone().unwrap_or_else(|| first.target.to_string())),
                         (
                             "status",
                             match &d {

@@ -429,7 +429,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
     })
 }
 
-/// `\r`, `\n`, `\t`, `\0`, `\\`, `\xHH` escapes of `C:` lines.
+/// `\r`, `\n`, `\t`, `\0`, `\\`, `\"`, `\xHH` escapes of `C:` lines.
 pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(s.len());
     let b = s.as_bytes();
@@ -442,13 +442,15 @@ pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
                 Some(b't') => out.push(b'\t'),
                 Some(b'0') => out.push(0),
                 Some(b'\\') => out.push(b'\\'),
+                // As a policy string writes a quote: `C: RCPT TO:<\"john smith\"@example.com>`.
+                Some(b'"') => out.push(b'"'),
                 Some(b'x') => {
                     let hex = s.get(i + 2..i + 4).ok_or("`\\x` needs two hex digits")?;
                     out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("`\\x{hex}` is not a hex byte"))?);
                     i += 4;
                     continue;
                 }
-                _ => return Err("unknown escape; use \\r \\n \\t \\0 \\\\ or \\xHH".into()),
+                _ => return Err("unknown escape; use \\r \\n \\t \\0 \\\\ \\\" or \\xHH".into()),
             }
             i += 2;
         } else {
@@ -569,6 +571,7 @@ mod tests {
     fn escapes() {
         assert_eq!(unescape("a\\r\\n.\\x00").unwrap(), b"a\r\n.\0");
         assert!(unescape("\\q").is_err());
+        assert_eq!(unescape(r#"<\"a b\"@c>"#).unwrap(), br#"<"a b"@c>"#);
     }
 
     #[test]

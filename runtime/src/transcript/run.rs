@@ -680,7 +680,7 @@ impl CaseRun {
                 Need::Policy(req) => {
                     let prog = self.prog.clone();
                     let ans = self.answer(&prog, &req);
-                    self.log.push(format!("  lookup {req:?} -> {ans:?}"));
+                    self.log.push(format!("  lookup {} -> {ans}", req.describe(&prog)));
                     if let Some(c) = self.conn.as_mut() {
                         c.answer(req, ans);
                     }

@@ -103,6 +103,20 @@ pub enum Target {
     Mbox(PathBuf),
 }
 
+impl std::fmt::Display for Target {
+    /// What a log line says: `smtp:[10.0.0.5]:25`, `smtp:example.com:25` (by MX),
+    /// `lmtp:[127.0.0.1]:24`, `lmtp:unix:/run/dovecot/lmtp`, `maildir:/var/mail/a`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Smtp(d) => write!(f, "smtp:{d}"),
+            Target::Lmtp(LmtpEndpoint::Tcp(d)) => write!(f, "lmtp:{d}"),
+            Target::Lmtp(LmtpEndpoint::Unix(p)) => write!(f, "lmtp:unix:{}", p.display()),
+            Target::Maildir(p) => write!(f, "maildir:{}", p.display()),
+            Target::Mbox(p) => write!(f, "mbox:{}", p.display()),
+        }
+    }
+}
+
 impl Target {
     /// Parses `smtp:DEST`, `lmtp:unix:/path`, `lmtp:DEST` (`lmtp:inet:DEST`),
     /// `maildir:/path`, `mbox:/path`; DEST as [`Destination::parse`]. LMTP

@@ -1426,3 +1426,17 @@ remote-control:
         assert_eq!(e.enhanced, Some((5, 4, 6)));
     });
 }
+
+/// Log lines name a target as an operator writes it (issue 11), not as a Rust structure.
+#[test]
+fn targets_display_for_operators() {
+    use crate::transport::driver::{LmtpEndpoint, Target};
+    use crate::transport::mx::Destination;
+    assert_eq!(
+        Target::Smtp(Destination { host: "10.0.0.5".into(), port: 25, mx: false }).to_string(),
+        "smtp:[10.0.0.5]:25"
+    );
+    assert_eq!(Target::Smtp(Destination::domain("example.com")).to_string(), "smtp:example.com:25");
+    assert_eq!(Target::Lmtp(LmtpEndpoint::Unix("/run/lmtp".into())).to_string(), "lmtp:unix:/run/lmtp");
+    assert_eq!(Target::Maildir("/var/mail/a".into()).to_string(), "maildir:/var/mail/a");
+}
