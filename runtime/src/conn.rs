@@ -17,8 +17,8 @@ use std::time::Duration;
 use mailpolicy_lang::ir::{DsnAction, LocId, OptValue, Program, Scope, Stage};
 
 use crate::eval::{
-    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step, TlsFacts,
-    Verdict,
+    Answer, AuthCheck, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step,
+    TlsFacts, Verdict,
 };
 use crate::smtp::{
     self, AuthOutcome, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo,
@@ -198,10 +198,28 @@ pub enum Need {
     AuthStep { mechanism: String, data: Option<Vec<u8>> },
     /// Flush output, do the TLS handshake, then [`Conn::tls_established`] (or close).
     StartTls,
+    /// Before a message is queued: the header fields the host adds to it, answered with
+    /// [`Conn::sealed`] (B7). Conn decided what is asked; the host computes the fields
+    /// (the daemon with mail-auth, `mailc test` from its fixtures) and Conn prepends them,
+    /// so a transcript sees what the daemon stores. The message is [`Conn::sealing_message`].
+    Seal(Seal),
     /// Make the message durable, then [`Conn::queued`] with its id, or [`Conn::queue_failed`].
     Queue(QueuedMessage),
     /// Informational.
     Note(Note),
+}
+
+/// What [`Need::Seal`] asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seal {
+    /// The sender-authentication checks the policy read in this transaction, with the
+    /// answers it got: an `Authentication-Results` field reports them (RFC 8601).
+    pub checked: Vec<(AuthCheck, String)>,
+    /// Sign the message with the server's DKIM key: the client authenticated or is in
+    /// `networks` (the host signs when `dkim_domain` covers the sender).
+    pub sign: bool,
+    /// The envelope sender of the message.
+    pub sender: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -235,6 +253,8 @@ enum Pending {
     /// Waiting for the host to store the message; the reply is then held this long
     /// (a `tarpit` at data).
     Queue(Duration),
+    /// Waiting for [`Conn::sealed`]: the message to queue, and the reply's delay.
+    Seal(Box<QueuedMessage>, Duration),
 }
 
 /// The policy settings a connection needs.
@@ -272,6 +292,8 @@ pub struct Conn {
     /// The listener requires TLS / AUTH before MAIL.
     require_tls: bool,
     require_auth: bool,
+    /// SPF, DKIM and DMARC answers the policy read in this transaction (for Need::Seal).
+    auth_checked: Vec<(AuthCheck, String)>,
 }
 
 impl Conn {
@@ -310,6 +332,7 @@ impl Conn {
             deferred: None,
             require_tls: false,
             require_auth: false,
+            auth_checked: Vec::new(),
         }
     }
 
@@ -386,7 +409,7 @@ impl Conn {
                 continue;
             }
             match &mut self.pending {
-                Pending::Queue(_) => return None,
+                Pending::Queue(_) | Pending::Seal(..) => return None,
                 Pending::Stage { run, .. } => {
                     self.facts.session_errors = self.session.error_count();
                     match run.step(&self.prog, &self.facts, &mut self.state) {
@@ -412,6 +435,15 @@ impl Conn {
 
     /// Answer the last [`Need::Policy`].
     pub fn answer(&mut self, request: Request, answer: Answer) {
+        if let Request::Auth(check) = &request {
+            let word = match &answer {
+                Answer::Value(Some(v)) => v.to_ascii_lowercase(),
+                Answer::Value(None) => "none".to_string(),
+                _ => "temperror".to_string(),
+            };
+            self.auth_checked.retain(|(c, _)| c != check);
+            self.auth_checked.push((*check, word));
+        }
         if let Pending::Stage { run, .. } = &mut self.pending {
             run.answer(request, answer);
         }
@@ -430,6 +462,39 @@ impl Conn {
         self.facts.tls = Some(tls_facts(&info));
         self.reset_session_facts();
         let _ = self.session.tls_established(info, now);
+    }
+
+    /// The message a [`Need::Seal`] is about (as it will be queued, before the fields).
+    pub fn sealing_message(&self) -> Option<&[u8]> {
+        match &self.pending {
+            Pending::Seal(m, _) => Some(&m.data),
+            _ => None,
+        }
+    }
+
+    /// Answer [`Need::Seal`]: header fields to add on top of the message (each a complete
+    /// field, `Name: value` with its CRLF, folded or not). Then [`Need::Queue`] follows.
+    pub fn sealed(&mut self, fields: &[String]) {
+        if let Pending::Seal(..) = &self.pending {
+            let Pending::Seal(mut msg, delay) = std::mem::replace(&mut self.pending, Pending::Queue(Duration::ZERO))
+            else {
+                return;
+            };
+            let mut data = Vec::with_capacity(msg.data.len() + 512);
+            for f in fields {
+                // A field must end with CRLF, whatever the host gave.
+                let f = f.trim_end_matches(['\r', '\n']);
+                if f.is_empty() || !f.contains(':') {
+                    continue;
+                }
+                data.extend_from_slice(f.as_bytes());
+                data.extend_from_slice(b"\r\n");
+            }
+            data.extend_from_slice(&msg.data);
+            msg.data = data;
+            self.pending = Pending::Queue(delay);
+            self.notes.push_back(Need::Queue(*msg));
+        }
     }
 
     /// The host stored the message durably under `id`.
@@ -475,6 +540,7 @@ impl Conn {
     }
 
     fn end_transaction(&mut self) {
+        self.auth_checked.clear();
         self.clear_transaction_facts();
         self.state.clear(&self.prog, Scope::Transaction);
         self.tx = Tx::default();
@@ -856,6 +922,16 @@ impl Conn {
                     session: self.snapshot(),
                     copy: false,
                 };
+                // B7: Authentication-Results for what the policy checked, and our DKIM
+                // signature on mail our own users send, are asked of the host and added here.
+                let checked = std::mem::take(&mut self.auth_checked);
+                let sign = self.facts.auth.is_some() || self.trusted_client();
+                if !checked.is_empty() || sign {
+                    let sender = msg.sender.clone();
+                    self.pending = Pending::Seal(Box::new(msg), delay);
+                    self.notes.push_back(Need::Seal(Seal { checked, sign, sender }));
+                    return;
+                }
                 self.pending = Pending::Queue(delay);
                 self.notes.push_back(Need::Queue(msg));
                 // The reply waits for `queued`, and then for a tarpit's delay.
@@ -886,6 +962,16 @@ impl Conn {
                 Effect::Dsn(DsnAction::RetHeaders) => self.tx.ret_headers = true,
                 _ => {}
             }
+        }
+    }
+
+    /// The client is in the server's `networks` (loopback when none is declared).
+    fn trusted_client(&self) -> bool {
+        match self.prog.server.option("networks") {
+            Some(OptValue::ListRef(id)) => {
+                self.prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(self.facts.client_ip)))
+            }
+            _ => self.facts.client_ip.is_loopback(),
         }
     }
 

@@ -257,32 +257,36 @@ pub async fn run(
                         }
                     }
                 }
-                Need::Queue(mut msg) => {
-                    // Authentication-Results for what was checked, then our DKIM signature on
-                    // mail our own users send (authenticated or from `networks`).
-                    {
-                        let f = conn.facts();
-                        let mut prefix = String::new();
-                        if auth_sender.as_deref() == f.sender.as_deref() {
-                            let helo = f.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
-                            if let Some(h) = lookups.sender_auth.header(&auth_state, f.client_ip, &helo, &msg.sender) {
-                                prefix.push_str(&h);
-                            }
-                        }
-                        if let Some(signer) = lookups.signer.as_ref().filter(|s| s.covers(&msg.sender)) {
-                            if f.auth.is_some() || trusted(&prog, f.client_ip) {
-                                match signer.sign(&msg.data, &msg.sender) {
-                                    Ok(h) => prefix.push_str(&h),
-                                    Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
-                                }
-                            }
-                        }
-                        if !prefix.is_empty() {
-                            let mut data = prefix.into_bytes();
-                            data.extend_from_slice(&msg.data);
-                            msg.data = data;
+                Need::Seal(seal) => {
+                    // Authentication-Results for what the policy checked (mail-auth's own
+                    // record of the checks, with their details), then our DKIM signature
+                    // when Conn says the sender is one of our users; Conn adds them.
+                    let mut fields = Vec::new();
+                    let f = conn.facts();
+                    if !seal.checked.is_empty() && auth_sender.as_deref() == f.sender.as_deref() {
+                        let helo = f.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
+                        if let Some(h) = lookups.sender_auth.header(&auth_state, f.client_ip, &helo, &seal.sender) {
+                            fields.push(h);
                         }
                     }
+                    if seal.sign {
+                        if let (Some(signer), Some(data)) =
+                            (lookups.signer.as_ref().filter(|s| s.covers(&seal.sender)), conn.sealing_message())
+                        {
+                            // The signature covers the Authentication-Results field too.
+                            let mut signed = fields.concat().into_bytes();
+                            signed.extend_from_slice(data);
+                            match signer.sign(&signed, &seal.sender) {
+                                Ok(h) => fields.push(h),
+                                Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
+                            }
+                        }
+                    }
+                    // The DKIM-Signature goes on top, as a signer prepends it.
+                    fields.reverse();
+                    conn.sealed(&fields);
+                }
+                Need::Queue(msg) => {
                     auth_state = AuthState::default();
                     auth_sender = None;
                     // The message moves to the blocking pool and back: no copy of its data.
@@ -425,16 +429,6 @@ pub fn command_timeout(prog: &Program, listener: Option<&str>) -> Duration {
     match l.and_then(|l| l.option("command_timeout")) {
         Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
         _ => Duration::from_secs(300),
-    }
-}
-
-/// The client is in the server's `networks` (loopback when none is declared).
-fn trusted(prog: &Program, ip: std::net::IpAddr) -> bool {
-    match prog.server.option("networks") {
-        Some(OptValue::ListRef(id)) => {
-            prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(ip)))
-        }
-        _ => ip.is_loopback(),
     }
 }
 

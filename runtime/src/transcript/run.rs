@@ -692,6 +692,12 @@ impl CaseRun {
                         c.tls_established(info, now);
                     }
                 }
+                Need::Seal(seal) => {
+                    let fields = self.seal(&seal);
+                    if let Some(c) = self.conn.as_mut() {
+                        c.sealed(&fields);
+                    }
+                }
                 Need::Queue(msg) => {
                     self.queued.push(msg);
                     let id = format!("{:010X}", self.queued.len());
@@ -703,6 +709,52 @@ impl CaseRun {
             }
         }
         self.drain();
+    }
+
+    /// The fields the host adds before queuing (B7), as the daemon adds them: an
+    /// `Authentication-Results` field with the fixtures' results of the checks the policy
+    /// read, and a DKIM signature made with the `dkim_key` secret fixture.
+    fn seal(&mut self, seal: &crate::conn::Seal) -> Vec<String> {
+        let mut fields = Vec::new();
+        let Some(conn) = self.conn.as_ref() else { return fields };
+        let hostname = conn.session().config().hostname.clone();
+        let helo = conn.facts().helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
+        if !seal.checked.is_empty() {
+            let mut parts = vec![hostname];
+            for (check, word) in &seal.checked {
+                match check {
+                    AuthCheck::Spf if seal.sender.is_empty() => parts.push(format!("spf={word} smtp.helo={helo}")),
+                    AuthCheck::Spf => parts.push(format!("spf={word} smtp.mailfrom={}", seal.sender)),
+                    AuthCheck::Dkim => parts.push(format!("dkim={word}")),
+                    AuthCheck::Dmarc => parts.push(format!("dmarc={word}")),
+                    AuthCheck::DmarcPolicy => {}
+                }
+            }
+            fields.push(format!("Authentication-Results: {}\r\n", parts.join(";\r\n\t")));
+        }
+        let signing = matches!(
+            (self.prog.server.option("dkim_key"), self.prog.server.option("dkim_selector")),
+            (Some(_), Some(_))
+        );
+        if seal.sign && signing {
+            let secrets = self.secrets.clone();
+            match crate::daemon::auth::Signer::from_program(&self.prog, &|n| secrets.get(n).cloned()) {
+                Ok(Some(signer)) if signer.covers(&seal.sender) => {
+                    let mut signed = fields.concat().into_bytes();
+                    signed.extend_from_slice(self.conn.as_ref().and_then(|c| c.sealing_message()).unwrap_or_default());
+                    match signer.sign(&signed, &seal.sender) {
+                        Ok(h) => fields.push(h),
+                        Err(e) => self.fail(format!("DKIM signing failed: {e}")),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => self.fail(format!(
+                    "the policy signs with DKIM and the case has no usable key: {e} (give it as `secret NAME: PEM`, `\\n` for newlines)"
+                )),
+            }
+        }
+        fields.reverse();
+        fields
     }
 
     fn note(&mut self, n: Note) {
