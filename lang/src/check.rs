@@ -2388,6 +2388,7 @@ impl<'s> Checker<'s> {
         };
         let mut tls = TlsMode::May;
         let mut auth = None;
+        let mut ca = None;
         while let Some(tag) = a.peek_tag() {
             let tspan = tag.span;
             match tag.name.as_str() {
@@ -2423,17 +2424,34 @@ impl<'s> Checker<'s> {
                         );
                     }
                 }
+                "ca" => {
+                    a.next();
+                    let (file, fspan) = a.plain_string(self, "the PEM file of the CA certificates to trust")?;
+                    if !matches!(kind, TransportKind::Smtp | TransportKind::Mx | TransportKind::Lmtp) {
+                        self.err(
+                            Diagnostic::error(
+                                "mailc::arguments",
+                                "`:ca` is for TLS to another server (smtp, mx, lmtp)",
+                            )
+                            .at(tspan),
+                        );
+                    }
+                    if file.trim().is_empty() {
+                        self.err(Diagnostic::error("mailc::arguments", "`:ca` needs a file name").at(fspan));
+                    }
+                    ca = Some(self.intern(&file));
+                }
                 other => {
                     self.err(
                         Diagnostic::error("mailc::arguments", format!("`{k}` has no option `:{other}`"))
                             .at(tspan)
-                            .help("options: :tls required|may|none, :auth SECRET"),
+                            .help("options: :tls required|may|none, :auth SECRET, :ca \"FILE\""),
                     );
                     a.next();
                 }
             }
         }
-        Some(Transport { kind, dest, tls, auth })
+        Some(Transport { kind, dest, tls, auth, ca })
     }
 }
 

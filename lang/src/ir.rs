@@ -446,6 +446,10 @@ pub struct Transport {
     pub tls: TlsMode,
     /// Credentials for client AUTH to a smarthost (R10): a secret holding "user:password".
     pub auth: Option<SecretId>,
+    /// `:ca "FILE"`: the PEM file of the CAs a `:tls required` next hop's certificate must
+    /// chain to (a private CA), relative to the policy's folder.
+    #[serde(default)]
+    pub ca: Option<StrId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

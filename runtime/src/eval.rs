@@ -456,6 +456,9 @@ pub struct RenderedTransport {
     pub dest: Option<String>,
     pub tls: TlsMode,
     pub auth: Option<SecretId>,
+    /// `:ca "FILE"`: the CA file a verified next hop must chain to.
+    #[serde(default)]
+    pub ca: Option<String>,
 }
 
 /// How a stage ended.
@@ -1166,7 +1169,13 @@ impl Run {
             Some(d) => Some(self.render(prog, f, st, d)?),
             None => None,
         };
-        Ok(RenderedTransport { kind: t.kind, dest, tls: t.tls, auth: t.auth })
+        Ok(RenderedTransport {
+            kind: t.kind,
+            dest,
+            tls: t.tls,
+            auth: t.auth,
+            ca: t.ca.map(|c| prog.str(c).to_string()),
+        })
     }
 
     fn act(&mut self, prog: &Program, f: &Facts, st: &mut State, a: &Action) -> Result<Option<Outcome>, Halt> {
@@ -1558,6 +1567,7 @@ mod describe_tests {
             dest: Some("[10.0.0.5]:25".into()),
             tls: TlsMode::Required,
             auth: None,
+            ca: None,
         };
         assert_eq!(t.to_string(), "smtp [10.0.0.5]:25 tls required");
     }

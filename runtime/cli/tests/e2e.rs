@@ -1907,3 +1907,101 @@ fn route_stage_bcc_and_archive() {
     assert_eq!(maildir(&t.join("mail/copies")).len(), 1, "one archive copy");
     assert!(maildir(&t.join("mail/audit"))[0].contains("Subject: copied"));
 }
+
+/// R10/R43: a smarthost whose certificate a private CA signed is trusted with `:ca`; without
+/// it, `:tls required` defers (the system's trust store does not know the CA).
+#[test]
+fn smarthost_tls_required_trusts_a_private_ca() {
+    let t = TempDir::new("privca");
+    let openssl = |args: &[&str]| {
+        let (st, out, err) =
+            run_bounded(Command::new("openssl").args(args).current_dir(t.path()), Duration::from_secs(60));
+        assert!(st.success(), "openssl {args:?}: {out}{err}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=mailpolicy test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "hop.key",
+        "-out",
+        "hop.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(t.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext file");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "hop.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "hop.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    // The next hop: a second daemon with the CA-signed certificate, STARTTLS.
+    let (port, hop_port) = (free_port(), free_port());
+    let hop_dir = t.join("hop");
+    std::fs::create_dir_all(&hop_dir).expect("hop dir");
+    let hop_policy = format!(
+        "list local = domains [\"far.test\"];\n\
+         server {{ hostname \"hop.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{hop_port}\"; tls starttls; cert \"{}\"; key \"{}\"; }}\n\
+         route {{ deliver maildir; }}\n",
+        t.join("hop.pem").display(),
+        t.join("hop.key").display()
+    );
+    let hop = Daemon::start(&hop_dir, &hop_policy, &[hop_port]);
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; retry_min 1s; retry_max 2s; queue_run 1s; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         route {{\n  if recipient.local :is \"pinned\" {{ deliver smtp \"[127.0.0.1]:{hop_port}\" :tls required :ca \"{}\"; }}\n  \
+         deliver smtp \"[127.0.0.1]:{hop_port}\" :tls required;\n}}\n",
+        t.join("ca.pem").display()
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(port, &["--from", "a@d.test", "--to", "pinned@far.test", "--header", "Subject: via-private-ca"]);
+    assert!(out.contains("Queued as"), "{out}");
+    let out = swaks(port, &["--from", "a@d.test", "--to", "other@far.test", "--header", "Subject: no-ca-given"]);
+    assert!(out.contains("Queued as"), "{out}");
+    wait_for(
+        Duration::from_secs(30),
+        "the pinned message at the next hop",
+        || maildir(&hop_dir.join("mail/pinned")).iter().any(|m| m.contains("via-private-ca")),
+        || format!("{}\n--- hop ---\n{}", d.log(), hop.log()),
+    );
+    assert!(d.log().contains("tls=yes"), "{}", d.log());
+    // Without :ca the certificate does not verify: deferred, never sent in clear.
+    wait_for(
+        Duration::from_secs(30),
+        "the other message deferred",
+        || d.log().contains("to=other@far.test") && d.log().contains("status=deferred"),
+        || d.log(),
+    );
+    assert!(maildir(&hop_dir.join("mail/other")).is_empty());
+}

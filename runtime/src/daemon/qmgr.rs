@@ -104,6 +104,9 @@ struct RouteInfo {
     target: Target,
     tls: TlsPolicy,
     auth: Option<Credentials>,
+    /// The CA file a verified next hop must chain to (`:ca`, else the server's `tls_ca`);
+    /// None: the system's trust store.
+    ca: Option<PathBuf>,
 }
 
 struct JobDone {
@@ -316,7 +319,15 @@ impl Qmgr {
                         .auth
                         .and_then(|s| self.prog.secrets.get(s.index()))
                         .and_then(|s| self.shared.lookups().secret(&s.name).and_then(Credentials::parse));
-                    self.routes.insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth });
+                    let ca = transport
+                        .ca
+                        .clone()
+                        .or_else(|| match self.prog.server.option("tls_ca") {
+                            Some(OptValue::Str(f)) => Some(f.clone()),
+                            _ => None,
+                        })
+                        .map(|f| self.policy_dir.join(f));
+                    self.routes.insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth, ca });
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
                         last.attempts = attempts;
@@ -601,6 +612,21 @@ impl Qmgr {
             }
             let mut opts = DeliveryOptions::new(hostname.clone(), resolver);
             opts.tls = first.tls;
+            if let Some(ca) = &first.ca {
+                match driver::roots_from_pem(ca) {
+                    Ok(roots) => opts.tls_roots = Some(roots),
+                    Err(e) => {
+                        // A CA file that cannot be read is the administrator's to fix: defer.
+                        shared.log.event("tls-ca-failed", &[("id", id.as_str()), ("error", &e)]);
+                        let r = format!("451 4.7.5 cannot read the CA file: {e}");
+                        return JobDone {
+                            results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
+                            job,
+                            relayed: Vec::new(),
+                        };
+                    }
+                }
+            }
             opts.auth = first.auth.clone();
             opts.cache = Some(cache);
             opts.local = LocalIdentity { hostnames: vec![hostname.clone()], addrs: local_addrs(&shared) };
@@ -962,7 +988,7 @@ fn received_count(data: &[u8]) -> usize {
 
 /// The delivery target for a route key.
 fn target_for(key: &str, address: &str) -> Option<Target> {
-    let key = key.strip_suffix(" tls").unwrap_or(key);
+    let key = key.split(" tls").next().unwrap_or(key);
     if let Some(domain) = key.strip_prefix("mx:") {
         let d = if domain.is_empty() { mailpolicy_stdlib::address::split(address).1 } else { domain.to_string() };
         return Destination::parse(&d).map(Target::Smtp);

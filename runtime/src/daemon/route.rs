@@ -153,6 +153,7 @@ fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedR
             dest: None,
             tls: mailpolicy_lang::ir::TlsMode::May,
             auth: None,
+            ca: None,
         },
     };
     let domain = mailpolicy_stdlib::address::split(&address).1;
@@ -172,8 +173,9 @@ fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedR
             format!("mbox:{}", policy_dir.join(transport.dest.clone().unwrap_or_default()).display())
         }
     };
-    let key = match transport.tls {
-        mailpolicy_lang::ir::TlsMode::Required => format!("{key} tls"),
+    let key = match (transport.tls, &transport.ca) {
+        (mailpolicy_lang::ir::TlsMode::Required, Some(ca)) => format!("{key} tls ca={ca}"),
+        (mailpolicy_lang::ir::TlsMode::Required, None) => format!("{key} tls"),
         _ => key,
     };
     // Recipients with a rewritten sender travel in envelopes of their own.
