@@ -165,6 +165,10 @@ pub enum Item {
     },
     Log(String),
     Alert(String),
+    /// `alert-mails: N`: alert mails sent so far, after `:every` (as the daemon sends them).
+    AlertMails(usize),
+    /// `filter: PATTERN` / `filter: no`: the message is handed to a content filter.
+    Filter(Option<String>),
 }
 
 impl Item {
@@ -425,6 +429,8 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
         }
         "log" => Item::Log(value.to_string()),
         "alert" => Item::Alert(value.to_string()),
+        "alert-mails" => Item::AlertMails(value.parse().map_err(|_| format!("`alert-mails: {value}`: expected a number"))?),
+        "filter" => Item::Filter(if value == "no" { None } else { Some(value.to_string()) }),
         other => return Err(format!("unknown line `{other}:`; see spec/transcript.md")),
     })
 }

@@ -157,6 +157,9 @@ struct CaseRun {
     credentials: Vec<(String, String)>,
     callahead: HashMap<String, Option<(u16, String)>>,
     auth_results: HashMap<String, String>,
+    /// Alert mails sent (after `:every`), and when each (address, text) last went out.
+    alert_mails: Vec<String>,
+    alerts_sent: HashMap<(String, String), u64>,
     scores: HashMap<String, f64>,
     secrets: HashMap<String, String>,
     rates: RateStore,
@@ -201,6 +204,8 @@ impl CaseRun {
             credentials: Vec::new(),
             callahead: HashMap::new(),
             auth_results: HashMap::new(),
+            alert_mails: Vec::new(),
+            alerts_sent: HashMap::new(),
             scores: HashMap::new(),
             secrets: HashMap::new(),
             rates: RateStore::default(),
@@ -541,6 +546,27 @@ impl CaseRun {
                     self.fail(format!("expected an alert `{p}`; alerts: {a:?}"));
                 }
             }
+            Item::AlertMails(n) => {
+                self.pump();
+                if self.alert_mails.len() != *n {
+                    let a = self.alert_mails.clone();
+                    self.fail(format!("expected {n} alert mails, {} were sent: {a:?}", a.len()));
+                }
+            }
+            Item::Filter(want) => {
+                let Some(m) = self.last_msg() else { return };
+                let got = m.filter.as_ref().map(|t| t.to_string());
+                let ok = match (want, &got) {
+                    (None, None) => true,
+                    (Some(p), Some(g)) => glob(p, g),
+                    _ => false,
+                };
+                if !ok {
+                    let w = want.clone().unwrap_or_else(|| "no".into());
+                    let g = got.unwrap_or_else(|| "no content filter".into());
+                    self.fail(format!("expected filter `{w}`, got `{g}`"));
+                }
+            }
         }
     }
 
@@ -766,7 +792,16 @@ impl CaseRun {
                 self.verdicts.push_back(rule);
             }
             Note::Log(l) => self.logs.push(l),
-            Note::Alert { to, text, .. } => self.alerts.push(format!("{to}: {text}")),
+            Note::Alert { to, text, every_ms } => {
+                // An alert mail goes out at most once per `:every` for the same address and
+                // text, on the virtual clock, as the daemon sends them.
+                let key = (to.to_ascii_lowercase(), text.clone());
+                if !self.alerts_sent.get(&key).is_some_and(|t| self.now.saturating_sub(*t) < every_ms) {
+                    self.alerts_sent.insert(key, self.now);
+                    self.alert_mails.push(format!("{to}: {text}"));
+                }
+                self.alerts.push(format!("{to}: {text}"));
+            }
             Note::Count { counter, keys } => {
                 for k in keys {
                     self.rates.record(counter.name(), &k, self.now);
