@@ -184,6 +184,7 @@ facts! {
     ClientPort = "client.port": Num, ALL, None, "the client's TCP port";
     ClientName = "client.name": Str, ALL, None, "the client's forward-confirmed reverse DNS name, or \"unknown\"";
     ClientPtr = "client.ptr": Str, ALL, None, "the client's PTR name as found, unverified, or empty";
+    ClientNetwork = "client.network": Str, ALL, None, "the client's /24 (IPv4) or /64 (IPv6) network, e.g. \"192.0.2.0/24\"";
     ClientFcrdns = "client.fcrdns": Bool, ALL, None, "the PTR name resolves back to client.ip";
     LocalIp = "local.ip": Ip, ALL, None, "the address the client connected to";
     LocalPort = "local.port": Num, ALL, None, "the port the client connected to";
@@ -381,6 +382,13 @@ pub enum Expr {
         lhs: Val,
         op: CmpOp,
         rhs: f64,
+    },
+    /// A number compared with a value known at run time (`var.NAME` or a number fact): false
+    /// when either side is not a number, so an absent table limit limits nothing.
+    CmpVal {
+        lhs: Val,
+        op: CmpOp,
+        rhs: Val,
     },
     IsNull(Val),
     Flag(VarId),

@@ -813,6 +813,7 @@ impl Run {
             Fact::ClientPort => V::Num(f.client_port as f64),
             Fact::ClientName => s(&f.client_name),
             Fact::ClientPtr => s(&f.client_ptr),
+            Fact::ClientNetwork => V::Str(client_network(f.client_ip)),
             Fact::ClientFcrdns => V::Bool(f.client_fcrdns),
             Fact::LocalIp => V::Ip(f.local_ip),
             Fact::LocalPort => V::Num(f.local_port as f64),
@@ -971,6 +972,26 @@ impl Run {
                     CmpOp::Ge => n >= *rhs,
                 }
             }
+            Expr::CmpVal { lhs, op, rhs } => {
+                let num = |v: V| match v {
+                    V::Num(n) => Some(n),
+                    V::Str(s) => s.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+                    _ => None,
+                };
+                let l = num(self.val(prog, f, st, lhs)?);
+                let r = num(self.val(prog, f, st, rhs)?);
+                match (l, r) {
+                    (Some(n), Some(r)) => match op {
+                        CmpOp::Eq => n == r,
+                        CmpOp::Ne => n != r,
+                        CmpOp::Lt => n < r,
+                        CmpOp::Le => n <= r,
+                        CmpOp::Gt => n > r,
+                        CmpOp::Ge => n >= r,
+                    },
+                    _ => false,
+                }
+            }
             Expr::IsNull(v) => match self.val(prog, f, st, v)? {
                 V::Str(s) => s.is_empty(),
                 V::List(l) => l.is_empty(),
@@ -1038,7 +1059,7 @@ impl Run {
                 }
             }
             Expr::Greylist { delay_ms, expire_ms } => {
-                let client = greylist_net(f.client_ip);
+                let client = client_network(f.client_ip);
                 let sender = f.sender.clone().unwrap_or_default().to_ascii_lowercase();
                 let recipient = f
                     .recipient
@@ -1425,8 +1446,14 @@ enum DnsResult {
 
 /// The keys under which the host records a counted event (connection, message,
 /// recipient, error), one per fact of `RATE_KEYS` (lang's check module) that has a value.
+/// The keys a session is counted under for `concurrent by` from its first moment: the
+/// client's address and its network. Both hosts open and close these.
+pub fn session_keys(ip: IpAddr) -> Vec<String> {
+    vec![format!("client.ip={ip}"), format!("client.network={}", client_network(ip))]
+}
+
 pub fn event_keys(f: &Facts) -> Vec<String> {
-    let mut keys = vec![format!("client.ip={}", f.client_ip)];
+    let mut keys = session_keys(f.client_ip);
     let mut push = |name: &str, v: &str| {
         if !v.is_empty() {
             keys.push(format!("{name}={}", v.to_ascii_lowercase()));
@@ -1471,9 +1498,14 @@ pub fn reverse_ip(ip: IpAddr) -> Option<String> {
     }
 }
 
-/// Greylisting keys on the client's /24 (IPv4) or /64 (IPv6), as most greylisting daemons
-/// do, so that a sender's pool of outgoing servers passes.
-fn greylist_net(ip: IpAddr) -> String {
+/// The `client.network` fact: the client's /24 (IPv4) or /64 (IPv6). Greylisting keys on it,
+/// as most greylisting daemons do, so that a sender's pool of outgoing servers passes; rate
+/// counters keyed on it give per-network limits (R22).
+pub fn client_network(ip: IpAddr) -> String {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();

@@ -135,8 +135,9 @@ pub async fn run(
         .map(|t| Arc::new(TableCredentials { lookups: lookups.clone(), table: t.clone() }) as Arc<dyn CredentialStore>);
     let mut sasl = credentials.and_then(|c| SaslServer::new(c).ok());
     let ip_key = format!("client.ip={}", remote.ip());
+    let session_keys = crate::eval::session_keys(remote.ip());
     if let Ok(mut r) = lookups.rates.lock() {
-        r.open(&ip_key);
+        session_keys.iter().for_each(|k| r.open(k));
     }
     let mut auth_state = AuthState::default();
     let mut auth_sender: Option<String> = None;
@@ -397,7 +398,7 @@ pub async fn run(
     }
     stream.shutdown().await;
     if let Ok(mut r) = lookups.rates.lock() {
-        r.close(&ip_key);
+        session_keys.iter().for_each(|k| r.close(k));
     }
     log.event("disconnect", &[("session", &id), ("client", &remote.ip().to_string())]);
 }

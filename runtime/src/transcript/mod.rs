@@ -429,7 +429,9 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
         }
         "log" => Item::Log(value.to_string()),
         "alert" => Item::Alert(value.to_string()),
-        "alert-mails" => Item::AlertMails(value.parse().map_err(|_| format!("`alert-mails: {value}`: expected a number"))?),
+        "alert-mails" => {
+            Item::AlertMails(value.parse().map_err(|_| format!("`alert-mails: {value}`: expected a number"))?)
+        }
         "filter" => Item::Filter(if value == "no" { None } else { Some(value.to_string()) }),
         other => return Err(format!("unknown line `{other}:`; see spec/transcript.md")),
     })

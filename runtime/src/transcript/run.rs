@@ -601,7 +601,7 @@ impl CaseRun {
         let mut conn = Conn::new(self.prog.clone(), config, peer, client, Time(self.now));
         let (tls_req, auth_req) = crate::config::requirements(&self.prog, listener.as_deref());
         conn.set_requirements(tls_req, auth_req);
-        self.session_keys = vec![format!("client.ip={}", self.client.ip())];
+        self.session_keys = crate::eval::session_keys(self.client.ip());
         for k in &self.session_keys {
             self.rates.open(k);
         }

@@ -308,6 +308,9 @@ impl Prover<'_> {
             ClientPort => V::Num(NumV::Sym(self.session.client_port)),
             ClientName => V::Str(Term::sym(self.session.client_name, View::Whole)),
             ClientPtr => V::Str(Term::sym(self.session.client_ptr, View::Whole)),
+            ClientNetwork => {
+                V::Str(Term::sym(self.str_sym(Origin::Fact { run, fact: "client.network" }, None, true), View::Whole))
+            }
             ClientFcrdns => {
                 let a = self.w.atom(self.session.client_name, AtomKind::Lang(LangSpec::exact(&["unknown"])));
                 V::Bool(B::Lit(a, false))
@@ -739,6 +742,12 @@ impl Prover<'_> {
                 let scale = if matches!(lhs, Val::Score(_)) { 1000.0 } else { 1.0 };
                 let (l, p) = self.val(env, p, &lhs);
                 (self.test(env.run, &l, &Op::Cmp(op, rhs * scale), id), p)
+            }
+            Expr::CmpVal { lhs, rhs, .. } => {
+                // A limit known only at run time: either outcome is possible.
+                let (l, p) = self.val(env, p, &lhs);
+                let (r, p) = self.val(env, p, &rhs);
+                (self.opaque(env.run, format!("cmpval:{}:{l:?}:{r:?}", id.0)), p)
             }
             Expr::IsNull(v) => {
                 let (l, p) = self.val(env, p, &v);

@@ -967,6 +967,10 @@ pub fn expr_vars(prog: &Program, id: ExprId, out: &mut Vec<u32>) {
             rhs.iter().for_each(|t| walk_tpl(t, out));
         }
         Expr::Pattern { lhs, .. } | Expr::In { lhs, .. } | Expr::Cmp { lhs, .. } => walk_val(lhs, out),
+        Expr::CmpVal { lhs, rhs, .. } => {
+            walk_val(lhs, out);
+            walk_val(rhs, out);
+        }
         Expr::Flag(v) => out.push(v.0),
         Expr::Rhsbl { domain, .. } => walk_val(domain, out),
         _ => {}
