@@ -158,7 +158,7 @@ pub fn parse_value(value: &str) -> AccessAction {
         _ if word.chars().all(|c| c.is_ascii_digit()) && word.len() == 3 => explicit_reply(word, rest, value),
         _ if upper.starts_with("ERROR:") => {
             // sendmail: ERROR:5.7.1:550 text, ERROR:550 text, ERROR:"550 text", ERROR:5.7.1 text
-            let body = v[6..].trim().trim_matches('"');
+            let body = v.get(6..).unwrap_or("").trim().trim_matches('"');
             let mut parts = body.splitn(2, char::is_whitespace);
             let head = parts.next().unwrap_or("");
             let text = parts.next().unwrap_or("").trim();

@@ -45,6 +45,11 @@ pub fn hostname(prog: &Program, listener: Option<&str>, default: &str) -> String
 
 /// Engine configuration for a listener (or the server defaults when `listener` is None
 /// or not declared). `tls_possible`: the host has a certificate for this listener.
+/// Bytes of a message body held in memory in a session, and seen by `body`, `header`
+/// and attachment tests (Postfix's `body_checks_size_limit` is 50 KB); DKIM, DMARC and
+/// content scanners read the whole message back. The rest streams to the spool.
+pub const IN_MEMORY: u64 = 64 << 10;
+
 pub fn engine_config(
     prog: &Program,
     listener: Option<&str>,
@@ -64,6 +69,9 @@ pub fn engine_config(
     if let Some(n) = num(server.option("max_header_size")) {
         c.max_header_size = n;
     }
+    // Memory per session is bounded: past its header section, a message's first
+    // IN_MEMORY bytes stay in memory (what body tests see), the rest streams to the host.
+    c.max_in_memory = IN_MEMORY;
     let protocol = word(l.and_then(|l| l.option("protocol"))).unwrap_or("smtp");
     let tls = word(l.and_then(|l| l.option("tls"))).unwrap_or(match protocol {
         "submissions" => "none", // implicit TLS: no STARTTLS inside

@@ -125,7 +125,13 @@ impl Snapshot {
             batv_tagged: (!r.batv_tagged.is_empty()).then(|| r.batv_tagged.clone()),
         });
         f.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
-        f.message = Some(MessageFacts::parse(&m.data));
+        // The queue side sees what the data stage saw: the header section and the body's
+        // first `IN_MEMORY` bytes (a 25 MB message is not parsed whole); `message.size` is all.
+        let head = crate::headers::header_end(&m.data);
+        let seen = m.data.get(..head.saturating_add(crate::config::IN_MEMORY as usize)).unwrap_or(&m.data);
+        let mut facts = MessageFacts::parse(seen);
+        facts.size = m.data.len() as u64;
+        f.message = Some(facts);
         let mut st = State::new(prog);
         for (slot, v) in st.vars.iter_mut().zip(&self.vars) {
             *slot = v.clone();
@@ -165,6 +171,10 @@ pub struct QueuedMessage {
     pub session: Snapshot,
     /// A copy the queue made (route-stage `bcc`): it makes no further copies.
     pub copy: bool,
+    /// Bytes of the message that follow `data` and that the host holds (the session's
+    /// spill file, `Session::take_spill`); the spool appends them when it stores.
+    #[serde(skip)]
+    pub tail: u64,
 }
 
 /// One line of the connection's log: a verdict, a log action or an alert.
@@ -294,6 +304,8 @@ pub struct Conn {
     require_auth: bool,
     /// SPF, DKIM and DMARC answers the policy read in this transaction (for Need::Seal).
     auth_checked: Vec<(AuthCheck, String)>,
+    /// Free space of the spool's file system, as the host last saw it (None: unknown).
+    free_space: Option<u64>,
 }
 
 impl Conn {
@@ -333,6 +345,21 @@ impl Conn {
             require_tls: false,
             require_auth: false,
             auth_checked: Vec::new(),
+            free_space: None,
+        }
+    }
+
+    /// The spool's free space as the host sees it now; MAIL is refused with `452 4.3.1`
+    /// when it is below the server's `queue_minfree` plus the declared SIZE (Postfix).
+    pub fn set_free_space(&mut self, bytes: Option<u64>) {
+        self.free_space = bytes;
+    }
+
+    /// `queue_minfree`, default 1.5 × `max_message_size` (Postfix's rule).
+    fn queue_minfree(&self) -> u64 {
+        match self.prog.server.option("queue_minfree") {
+            Some(OptValue::Size(n)) => *n,
+            _ => self.session.config().max_message_size.saturating_mul(3) / 2,
         }
     }
 
@@ -358,6 +385,11 @@ impl Conn {
 
     pub fn program(&self) -> &Program {
         &self.prog
+    }
+    /// Message bytes past the in-memory part ([`Session::take_spill`]): the host appends
+    /// them to the message's spill file; call after every `handle_input`.
+    pub fn take_spill(&mut self) -> Option<(u64, Vec<u8>)> {
+        self.session.take_spill()
     }
     pub fn session(&self) -> &Session {
         &self.session
@@ -465,9 +497,11 @@ impl Conn {
     }
 
     /// The message a [`Need::Seal`] is about (as it will be queued, before the fields).
-    pub fn sealing_message(&self) -> Option<&[u8]> {
+    /// The message being sealed: the part in memory, and how many bytes of it the host
+    /// spilled to disk after that part (`QueuedMessage::tail`).
+    pub fn sealing_message(&self) -> Option<(&[u8], u64)> {
         match &self.pending {
-            Pending::Seal(m, _) => Some(&m.data),
+            Pending::Seal(m, _) => Some((&m.data, m.tail)),
             _ => None,
         }
     }
@@ -603,6 +637,19 @@ impl Conn {
                     let _ = self.session.decide(Decision::reject(reply), now);
                     return None;
                 }
+                // Disk space before the upload, not after it (Postfix `queue_minfree`).
+                if let Some(free) = self.free_space {
+                    if free < self.queue_minfree().saturating_add(params.size.unwrap_or(0)) {
+                        self.notes.push_back(Need::Note(Note::Log(format!(
+                            "MAIL refused: {free} bytes free in the spool, queue_minfree {} plus SIZE {}",
+                            self.queue_minfree(),
+                            params.size.unwrap_or(0)
+                        ))));
+                        let reply = Reply::new(452, (4, 3, 1), "Insufficient system storage");
+                        let _ = self.session.decide(Decision::reject(reply), now);
+                        return None;
+                    }
+                }
                 self.facts.sender = Some(match from {
                     ReversePath::Null => String::new(),
                     ReversePath::Mailbox(m) => m.to_string(),
@@ -665,10 +712,28 @@ impl Conn {
                 let _ = self.session.decide(Decision::accept(), now);
                 None
             }
-            Event::Message { ref data, .. } => {
+            Event::Message { ref data, spilled, .. } => {
                 self.facts.recipient = None;
                 self.facts.recipients = self.accepted_addresses();
-                self.facts.message = Some(MessageFacts::parse(data));
+                // A large message is here up to the in-memory bound: its header section
+                // whole, its body's first part (what body tests see); `message.size` is all.
+                match MessageFacts::try_parse(data) {
+                    Ok(mut m) => {
+                        m.size = m.size.saturating_add(spilled);
+                        self.facts.message = Some(m)
+                    }
+                    Err(_) => {
+                        // A MIME parser defect on this message: refuse it (temporarily, the
+                        // fault is ours) and keep the session.
+                        self.notes.push_back(Need::Note(Note::Log(
+                            "message refused: the MIME parser failed on it (parser panic contained)".into(),
+                        )));
+                        self.end_transaction();
+                        let reply = Reply::new(451, (4, 3, 0), "Local error in processing, try again later");
+                        let _ = self.session.decide(Decision::reject(reply), now);
+                        return None;
+                    }
+                }
                 self.start(Stage::Data, ev)
             }
             Event::AuthStep { mechanism, data } => Some(Need::AuthStep { mechanism, data }),
@@ -864,7 +929,7 @@ impl Conn {
             }
             Stage::Data => {
                 self.apply_tx_effects(&v.effects);
-                let Event::Message { data, envelope, .. } = event else {
+                let Event::Message { data, envelope, spilled, .. } = event else {
                     self.defer(Decision::accept(), now);
                     return;
                 };
@@ -921,6 +986,7 @@ impl Conn {
                     added_headers: added,
                     session: self.snapshot(),
                     copy: false,
+                    tail: spilled,
                 };
                 // B7: Authentication-Results for what the policy checked, and our DKIM
                 // signature on mail our own users send, are asked of the host and added here.
@@ -1028,58 +1094,27 @@ impl Conn {
         }
     }
 
-    /// Apply header changes and prepend the Received: header.
+    /// Apply header changes and prepend the Received: header, inside the header section
+    /// only ([`crate::headers`]: the boundary as a parser finds it, any line-ending style).
     fn edit_message(&self, data: &[u8]) -> (Vec<u8>, Vec<(String, String)>) {
-        let split = find(data, b"\r\n\r\n").map(|i| i + 2).unwrap_or(data.len());
-        let (head, body) = data.split_at(split);
-        let mut lines: Vec<Vec<u8>> = Vec::new();
-        for line in head.split_inclusive(|b| *b == b'\n') {
-            if (line.starts_with(b" ") || line.starts_with(b"\t")) && !lines.is_empty() {
-                if let Some(last) = lines.last_mut() {
-                    last.extend_from_slice(line);
-                }
-            } else {
-                lines.push(line.to_vec());
-            }
-        }
-        let name_of = |l: &[u8]| -> String {
-            l.split(|b| *b == b':')
-                .next()
-                .map(|n| String::from_utf8_lossy(n).trim().to_ascii_lowercase())
-                .unwrap_or_default()
-        };
+        use crate::headers::Edit;
         let mut added = Vec::new();
-        let mut prepend: Vec<Vec<u8>> = Vec::new();
+        let mut edits = Vec::new();
         for e in &self.tx.headers {
             match e {
                 Effect::HeaderAdd { name, value } => {
-                    prepend.push(format!("{name}: {value}\r\n").into_bytes());
+                    edits.push(Edit::Add(name.clone(), value.clone()));
                     added.push((name.clone(), value.clone()));
                 }
-                Effect::HeaderRemove(name) => {
-                    let n = name.to_ascii_lowercase();
-                    lines.retain(|l| name_of(l) != n);
-                }
+                Effect::HeaderRemove(name) => edits.push(Edit::Remove(name.clone())),
                 Effect::HeaderReplace { name, value } => {
-                    let n = name.to_ascii_lowercase();
-                    lines.retain(|l| name_of(l) != n);
-                    prepend.push(format!("{name}: {value}\r\n").into_bytes());
+                    edits.push(Edit::Replace(name.clone(), value.clone()));
                     added.push((name.clone(), value.clone()));
                 }
                 _ => {}
             }
         }
-        let received = self.received_header();
-        let mut out = Vec::with_capacity(data.len() + 512);
-        out.extend_from_slice(received.as_bytes());
-        for p in prepend {
-            out.extend_from_slice(&p);
-        }
-        for l in lines {
-            out.extend_from_slice(&l);
-        }
-        out.extend_from_slice(body);
-        (out, added)
+        (crate::headers::edit(data, &self.received_header(), &edits), added)
     }
 
     fn received_header(&self) -> String {
@@ -1107,10 +1142,6 @@ impl Conn {
             rfc2822_date(self.facts.now_ms)
         )
     }
-}
-
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
 }
 
 /// Reply text is ASCII (RFC 5321 4.2): other characters, e.g. from an interpolated
@@ -1147,6 +1178,11 @@ pub fn local_domains(prog: &Program, hostname: &str) -> Vec<String> {
         Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).map(|l| l.items.clone()).unwrap_or_default(),
         _ => vec![hostname.to_ascii_lowercase(), "localhost".into()],
     }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4.
+pub fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    canonical_ip(ip)
 }
 
 fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {

@@ -43,29 +43,53 @@ pub struct MessageFacts {
 }
 
 impl MessageFacts {
-    /// Parse a message with mail-parser: header values unfolded and, for text fields,
-    /// RFC 2047-decoded; the body is the decoded text of every text part (HTML reduced to
-    /// text), so `:contains` and `:regex` see what a reader sees whatever the transfer
-    /// encoding; attachment names and part types come from every MIME part (R21, R41).
+    /// Parse a message with mail-parser: header values unfolded and decoded (RFC 2047
+    /// encoded words and RFC 6532 UTF-8 in text fields, and in the display names and
+    /// mailboxes of address fields: `Müller <m@example.de>`); the body is the decoded text
+    /// of every text part (HTML reduced to text), so `:contains` and `:regex` see what a
+    /// reader sees whatever the transfer encoding; attachment names and part types come
+    /// from every MIME part (R21, R41).
+    ///
+    /// A panic inside the parser on a hostile message is contained: the message gets the
+    /// facts of an unparsed message (no header fields, the raw text as its body); hosts that
+    /// must refuse such a message use [`MessageFacts::try_parse`].
     pub fn parse(data: &[u8]) -> MessageFacts {
-        use mail_parser::{MessageParser, MimeHeaders};
+        MessageFacts::try_parse(data).unwrap_or_else(|_| MessageFacts {
+            size: data.len() as u64,
+            body: String::from_utf8_lossy(data).into_owned(),
+            ..Default::default()
+        })
+    }
+
+    /// [`MessageFacts::parse`], or `Err` when the MIME parser panicked on this message.
+    pub fn try_parse(data: &[u8]) -> Result<MessageFacts, ParserPanic> {
+        std::panic::catch_unwind(|| MessageFacts::parse_inner(data)).map_err(|_| ParserPanic)
+    }
+
+    fn parse_inner(data: &[u8]) -> MessageFacts {
+        use mail_parser::{HeaderValue, MessageParser, MimeHeaders};
         let mut m = MessageFacts { size: data.len() as u64, ..Default::default() };
         let Some(msg) = MessageParser::default().parse(data) else {
             // Not parseable as a message: keep the raw text so checks still see it.
             m.body = String::from_utf8_lossy(data).into_owned();
             return m;
         };
+        let unfold =
+            |v: &str| v.split(['\r', '\n']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
         for h in msg.headers() {
             let raw = msg
                 .raw_message()
-                .get(h.offset_start..h.offset_end)
+                .get(h.offset_start as usize..h.offset_end as usize)
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default();
-            let unfold =
-                |v: &str| v.split(['\r', '\n']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
-            let value = match h.value().as_text() {
-                Some(t) => unfold(t),
-                None => unfold(&raw),
+            let value = match h.value() {
+                HeaderValue::Text(t) => unfold(t),
+                HeaderValue::TextList(l) => unfold(&l.join(", ")),
+                HeaderValue::Address(a) => match render_addresses(a) {
+                    v if v.is_empty() => unfold(&raw),
+                    v => unfold(&v),
+                },
+                _ => unfold(&raw),
             };
             m.headers.push((h.name().to_string(), value));
         }
@@ -102,6 +126,37 @@ impl MessageFacts {
 
     pub fn header(&self, name: &str) -> Vec<String> {
         self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+    }
+}
+
+/// The MIME parser panicked on a message (a defect of the parser, contained to that message).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParserPanic;
+
+/// An address field as a reader sees it: each mailbox as `Display Name <local@domain>` (or
+/// the bare address), decoded, joined with `, `; a group as `Name: members;`.
+fn render_addresses(a: &mail_parser::Address<'_>) -> String {
+    fn one(a: &mail_parser::Addr<'_>) -> String {
+        let name = a.name.as_deref().map(str::trim).filter(|n| !n.is_empty());
+        match (name, a.address.as_deref()) {
+            (Some(n), Some(addr)) => format!("{n} <{addr}>"),
+            (None, Some(addr)) => addr.to_string(),
+            (Some(n), None) => n.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+    let list = |v: &[mail_parser::Addr<'_>]| v.iter().map(one).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(", ");
+    match a {
+        mail_parser::Address::List(v) => list(v),
+        mail_parser::Address::Group(groups) => groups
+            .iter()
+            .map(|g| match g.name.as_deref() {
+                Some(n) => format!("{n}: {};", list(&g.addresses)),
+                None => list(&g.addresses),
+            })
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 
@@ -459,6 +514,10 @@ pub struct RenderedTransport {
     /// `:ca "FILE"`: the CA file a verified next hop must chain to.
     #[serde(default)]
     pub ca: Option<String>,
+    /// For a file-system destination built with interpolation: the directory its literal
+    /// prefix names, which the delivery must stay in ([`crate::paths`]).
+    #[serde(default)]
+    pub root: Option<String>,
 }
 
 /// How a stage ended.
@@ -910,6 +969,37 @@ impl Run {
         Ok(out)
     }
 
+    /// A file-system path: each interpolated value becomes one safe path component
+    /// ([`crate::paths::component`]); when there is any interpolation, also the directory
+    /// the literal prefix names, which the path must stay under.
+    fn render_path(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        t: &Template,
+    ) -> Result<(String, Option<String>), Halt> {
+        let mut out = String::new();
+        let mut prefix: Option<String> = None;
+        for p in &t.0 {
+            match p {
+                Part::Lit(s) => out.push_str(prog.str(*s)),
+                Part::Val(v) => {
+                    if prefix.is_none() {
+                        prefix = Some(out.clone());
+                    }
+                    let text = self.val(prog, f, st, v)?.render();
+                    out.push_str(&crate::paths::component(&text));
+                }
+            }
+        }
+        let root = prefix.map(|p| {
+            let p = p.trim_start().strip_prefix("unix:").unwrap_or(p.trim_start()).to_string();
+            crate::paths::literal_root(&p).unwrap_or_default()
+        });
+        Ok((out, root))
+    }
+
     // ---- conditions -------------------------------------------------------------------
 
     fn expr(&mut self, prog: &Program, f: &Facts, st: &mut State, id: ExprId) -> Result<bool, Halt> {
@@ -1186,9 +1276,19 @@ impl Run {
         st: &mut State,
         t: &Transport,
     ) -> Result<RenderedTransport, Halt> {
-        let dest = match &t.dest {
-            Some(d) => Some(self.render(prog, f, st, d)?),
-            None => None,
+        let file = matches!(t.kind, TransportKind::Maildir | TransportKind::Mbox)
+            || (t.kind == TransportKind::Lmtp
+                && t.dest
+                    .as_ref()
+                    .and_then(|d| d.0.first())
+                    .is_some_and(|p| matches!(p, Part::Lit(s) if prog.str(*s).trim_start().starts_with("unix:"))));
+        let (dest, root) = match &t.dest {
+            Some(d) if file => {
+                let (dest, root) = self.render_path(prog, f, st, d)?;
+                (Some(dest), root)
+            }
+            Some(d) => (Some(self.render(prog, f, st, d)?), None),
+            None => (None, None),
         };
         Ok(RenderedTransport {
             kind: t.kind,
@@ -1196,6 +1296,7 @@ impl Run {
             tls: t.tls,
             auth: t.auth,
             ca: t.ca.map(|c| prog.str(c).to_string()),
+            root,
         })
     }
 
@@ -1600,6 +1701,7 @@ mod describe_tests {
             tls: TlsMode::Required,
             auth: None,
             ca: None,
+            root: None,
         };
         assert_eq!(t.to_string(), "smtp [10.0.0.5]:25 tls required");
     }

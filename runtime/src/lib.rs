@@ -3,6 +3,8 @@ pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod eval;
+pub mod headers;
+pub mod paths;
 pub mod queue;
 pub mod routing;
 pub mod smtp;

@@ -6,9 +6,11 @@
 //! - [`lint`]: backscatter (`mailc::backscatter`, R3, R27), conditions that never hold or
 //!   are already decided (`mailc::dead`), rules shadowed by an earlier terminal rule
 //!   (`mailc::shadowed`, B3), and network lookups made before a cheap deciding test
-//!   (`mailc::cost`).
+//!   (`mailc::cost`);
+//! - [`paths`]: delivery paths whose directory part is interpolated (`mailc::path`).
 
 pub mod lint;
+pub mod paths;
 pub mod relay;
 
 use crate::check::{compile, Compilation};
@@ -177,6 +179,7 @@ pub fn analyse(prog: &Program, sources: &SourceMap, tables: &[Option<relay::Know
         }
     }
     out.diagnostics.extend(lint::lint(prog, sources));
+    out.diagnostics.extend(paths::lint(prog, sources));
     out
 }
 

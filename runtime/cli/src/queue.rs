@@ -425,6 +425,7 @@ mod tests {
             added_headers: vec![],
             session: Default::default(),
             copy: false,
+            tail: 0,
         }
     }
 

@@ -6,18 +6,26 @@
 //! `dmarc` or `dmarc.policy`, and only then: a policy that never asks pays no DNS query.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{DkimSigner, Done};
-use mail_auth::hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig, ResolverOpts};
-use mail_auth::{AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, Resolver, SpfOutput, SpfResult};
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator, SpfOutput, SpfResult,
+};
 use mailpolicy_lang::ir::{OptValue, Program};
 
-/// The DNS client of sender authentication.
+/// The DNS client of sender authentication. Every query obeys the policy's `dns_timeout`
+/// (a UDP answer that comes back truncated is asked again over TCP), and each check as a
+/// whole (SPF; DKIM with DMARC) obeys `lookup_timeout`: past it the result is `temperror`
+/// and the session goes on.
 pub struct SenderAuth {
-    resolver: Resolver,
+    auth: MessageAuthenticator,
     hostname: String,
+    lookup_timeout: Duration,
 }
 
 /// What one transaction has learnt so far.
@@ -53,30 +61,45 @@ fn dkim_word(r: &DkimResult) -> &'static str {
     }
 }
 
+fn duration(prog: &Program, name: &str, default_ms: u64) -> Duration {
+    match prog.server.option(name) {
+        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
+        _ => Duration::from_millis(default_ms),
+    }
+}
+
 impl SenderAuth {
     pub fn new(prog: &Program, hostname: &str) -> Result<SenderAuth, String> {
-        let resolver = match prog.server.option("dns_server") {
-            Some(OptValue::Str(a)) => {
-                let sa: SocketAddr = a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?;
-                let mut c = ResolverConfig::new();
-                c.add_name_server(NameServerConfig::new(sa, Protocol::Udp));
-                c.add_name_server(NameServerConfig::new(sa, Protocol::Tcp));
-                let mut o = ResolverOpts::default();
-                o.ndots = 0;
-                Resolver::with_capacity(c, o, 1024).map_err(|e| e.to_string())?
-            }
-            _ => Resolver::new_system_conf().map_err(|e| format!("reading the system's DNS configuration: {e}"))?,
+        let server: Option<SocketAddr> = match prog.server.option("dns_server") {
+            Some(OptValue::Str(a)) => Some(a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?),
+            _ => None,
         };
-        Ok(SenderAuth { resolver, hostname: hostname.to_string() })
+        let (config, mut opts) = crate::transport::mx::hickory_config(server, duration(prog, "dns_timeout", 5_000));
+        opts.cache_size = 1024;
+        let auth = MessageAuthenticator::new(config, opts).map_err(|e| e.to_string())?;
+        Ok(SenderAuth {
+            auth,
+            hostname: hostname.to_string(),
+            lookup_timeout: duration(prog, "lookup_timeout", 10_000),
+        })
     }
 
     pub async fn spf(&self, st: &mut AuthState, ip: IpAddr, helo: &str, sender: &str) -> &'static str {
         if st.spf.is_none() {
-            let out = if sender.is_empty() {
-                // The null sender: check the HELO identity (RFC 7208 2.3).
-                self.resolver.verify_spf_helo(ip, helo, &self.hostname).await
-            } else {
-                self.resolver.verify_spf_sender(ip, helo, &self.hostname, sender).await
+            let check = async {
+                if sender.is_empty() {
+                    // The null sender: check the HELO identity (RFC 7208 2.3).
+                    self.auth.verify_spf(SpfParameters::verify_ehlo(ip, helo, &self.hostname)).await
+                } else {
+                    self.auth.verify_spf(SpfParameters::verify_mail_from(ip, helo, &self.hostname, sender)).await
+                }
+            };
+            let out = match tokio::time::timeout(self.lookup_timeout, check).await {
+                Ok(out) => out,
+                Err(_) => {
+                    let domain = sender.rsplit_once('@').map(|(_, d)| d).unwrap_or(helo);
+                    SpfOutput::new(domain.to_string()).with_result(SpfResult::TempError)
+                }
             };
             st.spf = Some(out);
         }
@@ -96,22 +119,49 @@ impl SenderAuth {
             return c.clone();
         }
         self.spf(st, ip, helo, sender).await;
-        let Some(msg) = AuthenticatedMessage::parse(message) else {
+        // A parser panic on a hostile message is that message's problem, not the session's.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| AuthenticatedMessage::parse(message)))
+            .ok()
+            .flatten();
+        let Some(msg) = parsed else {
             let c = ("permerror".to_string(), "permerror".to_string(), String::new());
             st.content = Some(c.clone());
             return c;
         };
-        let dkim = self.resolver.verify_dkim(&msg).await;
         let Some(spf) = st.spf.clone() else {
             return ("temperror".into(), "temperror".into(), String::new());
         };
+        // One deadline for DKIM and DMARC together: `lookup_timeout` from now.
+        let deadline = tokio::time::Instant::now() + self.lookup_timeout;
+        let Ok(dkim) = tokio::time::timeout_at(deadline, self.auth.verify_dkim(&msg)).await else {
+            let c = ("temperror".to_string(), "temperror".to_string(), String::new());
+            st.header = Some(
+                AuthenticationResults::new(&self.hostname).with_spf_mailfrom_result(&spf, ip, sender, helo).to_string()
+                    + ";\r\n\tdkim=temperror (time-out); dmarc=temperror (time-out)",
+            );
+            st.content = Some(c.clone());
+            return c;
+        };
         let mail_from_domain = sender.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_else(|| helo.to_string());
-        let dmarc = self.resolver.verify_dmarc(&msg, &dkim, &mail_from_domain, &spf).await;
         // The best DKIM result: any pass wins; else the first signature's; no signature: none.
         let dkim_w = if dkim.iter().any(|d| *d.result() == DkimResult::Pass) {
             "pass"
         } else {
             dkim.first().map(|d| dkim_word(d.result())).unwrap_or("none")
+        };
+        let from_header = msg.from.first().map(String::as_str).unwrap_or("");
+        let params = DmarcParameters::new(&msg, &dkim, &mail_from_domain, &spf);
+        let Ok(dmarc) = tokio::time::timeout_at(deadline, self.auth.verify_dmarc(params)).await else {
+            st.header = Some(
+                AuthenticationResults::new(&self.hostname)
+                    .with_spf_mailfrom_result(&spf, ip, sender, helo)
+                    .with_dkim_results(&dkim, from_header)
+                    .to_string()
+                    + ";\r\n\tdmarc=temperror (time-out)",
+            );
+            let c = (dkim_w.to_string(), "temperror".to_string(), String::new());
+            st.content = Some(c.clone());
+            return c;
         };
         // RFC 7489: with a published record, DMARC passes when an aligned identifier
         // passes and fails otherwise; without one there is no result.
@@ -134,7 +184,6 @@ impl SenderAuth {
             mail_auth::dmarc::Policy::Reject => "reject",
             mail_auth::dmarc::Policy::Unspecified => "",
         };
-        let from_header = msg.from.first().map(String::as_str).unwrap_or("");
         let header = AuthenticationResults::new(&self.hostname)
             .with_spf_mailfrom_result(&spf, ip, sender, helo)
             .with_dkim_results(&dkim, from_header)
@@ -367,5 +416,88 @@ mod tests {
         let (dkim, dmarc, policy) =
             auth.content(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test", forged).await;
         assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("none", "fail", "quarantine"));
+    }
+
+    /// Issue 20.6: an SPF record too large for a UDP answer (unbound cut to 512 bytes says
+    /// TC) is fetched again over TCP, and SPF passes.
+    #[tokio::test]
+    async fn truncated_udp_answers_are_asked_again_over_tcp() {
+        const UNBOUND: &str = "/usr/sbin/unbound";
+        assert!(std::path::Path::new(UNBOUND).exists(), "unbound is not installed: run tests/run.sh");
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("mp-auth-tc-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // 60 mechanisms: about 1,100 bytes of TXT, twice what a 512-byte UDP answer holds.
+        let mut mechs: Vec<String> = (1..=59).map(|i| format!("ip4:192.0.2.{i}")).collect();
+        mechs.push("ip4:127.0.0.1".into());
+        let record = format!("v=spf1 {} -all", mechs.join(" "));
+        let strings: Vec<String> =
+            record.as_bytes().chunks(200).map(|c| format!("\"{}\"", String::from_utf8_lossy(c))).collect();
+        let conf = format!(
+            "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  do-tcp: yes\n  max-udp-size: 512\n  access-control: 127.0.0.0/8 allow\n\
+             \x20 local-zone: \"test.\" static\n\
+             \x20 local-data: 'big.test. TXT {txt}'\n\
+             remote-control:\n  control-enable: no\n",
+            d = dir.display(),
+            txt = strings.join(" ")
+        );
+        std::fs::write(dir.join("unbound.conf"), conf).unwrap();
+        let child = std::process::Command::new(UNBOUND)
+            .arg("-d")
+            .arg("-c")
+            .arg(dir.join("unbound.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start unbound");
+        let _guard = Kill(child, dir.clone());
+        let policy = format!("require \"spf\";\nserver {{ dns_server \"127.0.0.1:{port}\"; dns_timeout 2s; }}\non mail {{ if spf :is \"fail\" {{ reject; }} }}\n");
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+        let prog = c.program.expect("policy compiles");
+        let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut spf = "temperror";
+        for _ in 0..50 {
+            spf = auth.spf(&mut AuthState::default(), ip, "client.big.test", "alice@big.test").await;
+            if spf != "temperror" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(spf, "pass", "the {}-byte record is read over TCP", record.len());
+    }
+
+    /// Issue 20.6: a name server that never answers costs at most `lookup_timeout` per
+    /// check, and the result is temperror.
+    #[tokio::test]
+    async fn an_unanswered_query_ends_at_the_lookup_timeout() {
+        // A UDP socket and a TCP listener that take queries and never answer.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        let _tcp = std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+        let policy = format!("require [\"spf\", \"dkim\", \"dmarc\"];\nserver {{ dns_server \"127.0.0.1:{port}\"; dns_timeout 1s; lookup_timeout 2s; }}\non data {{ if spf :is \"fail\" or dkim :is \"fail\" or dmarc :is \"fail\" {{ reject; }} }}\n");
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+        let prog = c.program.expect("policy compiles");
+        let auth = SenderAuth::new(&prog, "mx.test").expect("resolver");
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut st = AuthState::default();
+        let start = std::time::Instant::now();
+        let spf = auth.spf(&mut st, ip, "client.slow.test", "alice@slow.test").await;
+        let spf_took = start.elapsed();
+        let body = b"From: alice@slow.test\r\nSubject: s\r\n\r\nbody\r\n";
+        let key = Ed25519Key::from_pkcs8_der(&Ed25519Key::generate_pkcs8().expect("key")).expect("key");
+        let sig =
+            DkimSigner::from_key(key).domain("slow.test").selector("sel").headers(["From"]).sign(body).expect("sign");
+        let mut signed = sig.to_header().into_bytes();
+        signed.extend_from_slice(body);
+        let start = std::time::Instant::now();
+        let (dkim, dmarc, _) = auth.content(&mut st, ip, "client.slow.test", "alice@slow.test", &signed).await;
+        let content_took = start.elapsed();
+        assert_eq!((spf, dkim.as_str(), dmarc.as_str()), ("temperror", "temperror", "temperror"));
+        // The bound under test is the policy's own: 2 s per check (plus scheduling slack),
+        // where the library's defaults took 15 s.
+        assert!(spf_took < std::time::Duration::from_secs(4), "SPF took {spf_took:?}");
+        assert!(content_took < std::time::Duration::from_secs(4), "DKIM and DMARC took {content_took:?}");
+        drop(udp);
     }
 }

@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig, ResolverOpts};
-use hickory_resolver::error::ResolveErrorKind;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
-use hickory_resolver::TokioAsyncResolver;
+use hickory_resolver::proto::{NoRecords, ProtoErrorKind};
+use hickory_resolver::TokioResolver;
 use mailpolicy_lang::ir::{OptValue, Program, Resource, TransportKind};
 use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::FileTable};
 
@@ -27,7 +26,7 @@ struct Loaded {
 
 /// The daemon's answers to evaluator requests. Shared by every session.
 pub struct Lookups {
-    resolver: TokioAsyncResolver,
+    resolver: TokioResolver,
     dns_timeout: Duration,
     lookup_timeout: Duration,
     policy_dir: PathBuf,
@@ -89,33 +88,14 @@ impl Lookups {
             super::auth::SenderAuth::new(prog, &crate::config::hostname(prog, None, &super::machine_hostname()))?;
         let signer = super::auth::Signer::from_program(prog, &|name: &str| secrets.get(name).cloned())?;
         let hostname = crate::config::hostname(prog, None, &super::machine_hostname());
-        let mx_resolver: std::sync::Arc<dyn crate::transport::mx::Resolver> = match prog.server.option("dns_server") {
-            Some(OptValue::Str(a)) => match a.parse() {
-                Ok(sa) => std::sync::Arc::new(crate::transport::mx::HickoryResolver::with_nameserver(sa)),
-                Err(_) => return Err(format!("dns_server \"{a}\" is not IP:port")),
-            },
-            _ => match crate::transport::mx::HickoryResolver::system() {
-                Ok(r) => std::sync::Arc::new(r),
-                Err(e) => return Err(format!("reading the system's DNS configuration: {e}")),
-            },
-        };
-        let (config, mut opts) = match prog.server.option("dns_server") {
-            Some(OptValue::Str(addr)) => {
-                let sa: SocketAddr = addr.parse().map_err(|_| format!("dns_server \"{addr}\" is not IP:port"))?;
-                let mut c = ResolverConfig::new();
-                c.add_name_server(NameServerConfig::new(sa, Protocol::Udp));
-                c.add_name_server(NameServerConfig::new(sa, Protocol::Tcp));
-                (c, ResolverOpts::default())
-            }
-            _ => hickory_resolver::system_conf::read_system_conf()
-                .unwrap_or_else(|_| (ResolverConfig::default(), ResolverOpts::default())),
+        let dns_server: Option<SocketAddr> = match prog.server.option("dns_server") {
+            Some(OptValue::Str(a)) => Some(a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?),
+            _ => None,
         };
         let dns_timeout = dur(prog, "dns_timeout", 5_000);
-        opts.timeout = dns_timeout;
-        opts.attempts = 2;
-        opts.cache_size = 4096;
-        opts.ndots = 0;
-        let resolver = TokioAsyncResolver::tokio(config, opts);
+        let mx_resolver: std::sync::Arc<dyn crate::transport::mx::Resolver> =
+            std::sync::Arc::new(crate::transport::mx::HickoryResolver::with(dns_server, dns_timeout));
+        let resolver = crate::transport::mx::hickory_resolver(dns_server, dns_timeout, 4096);
         // The open-relay proof read the file tables; a change to one is proven again before
         // it is used (B1: no table edit turns the server into an open relay unchecked).
         let loader = mailpolicy_lang::FsLoader { std_dir: None };
@@ -373,8 +353,7 @@ impl Lookups {
             RrType::Ptr => RecordType::PTR,
         };
         let fqdn = if name.ends_with('.') { name.to_string() } else { format!("{name}.") };
-        let q =
-            tokio::time::timeout(self.dns_timeout + self.dns_timeout, self.resolver.lookup(fqdn.as_str(), rt)).await;
+        let q = tokio::time::timeout(self.dns_timeout, self.resolver.lookup(fqdn.as_str(), rt)).await;
         match q {
             Err(_) => Answer::Timeout,
             Ok(Ok(lookup)) => {
@@ -400,12 +379,12 @@ impl Lookups {
                 }
             }
             Ok(Err(e)) => match e.kind() {
-                ResolveErrorKind::NoRecordsFound { response_code, .. }
+                ProtoErrorKind::NoRecordsFound(NoRecords { response_code, .. })
                     if *response_code == ResponseCode::NXDomain || *response_code == ResponseCode::NoError =>
                 {
                     Answer::NxDomain
                 }
-                ResolveErrorKind::Timeout => Answer::Timeout,
+                ProtoErrorKind::Timeout => Answer::Timeout,
                 _ => Answer::Error(e.to_string()),
             },
         }

@@ -8,6 +8,7 @@
 //! new sessions use the new one (listener addresses need a restart).
 
 pub mod auth;
+pub mod fault;
 pub mod ldap;
 pub mod log;
 pub mod lookup;
@@ -66,7 +67,13 @@ pub enum StoreFailure {
 /// Durable storage of accepted messages (the spool). `store` returns only once the
 /// message is on disk for good.
 pub trait MessageStore: Send + Sync + 'static {
-    fn store(&self, msg: &QueuedMessage) -> Result<String, StoreFailure>;
+    fn store(&self, msg: &QueuedMessage) -> Result<String, StoreFailure> {
+        self.store_with_tail(msg, None)
+    }
+    /// Store `msg`, whose last `msg.tail` bytes are in the file `tail`.
+    fn store_with_tail(&self, msg: &QueuedMessage, tail: Option<&Path>) -> Result<String, StoreFailure>;
+    /// A file for a session's spilled message bytes, on the store's file system.
+    fn spill_path(&self, tag: &str) -> PathBuf;
 }
 
 /// A listener as the sessions see it.
@@ -96,7 +103,44 @@ pub struct Shared {
     queued: mpsc::UnboundedSender<String>,
     alerts: Mutex<std::collections::HashMap<(String, String), u64>>,
     pub sessions: Arc<Semaphore>,
+    /// The queue manager is running (its supervisor says so). While it is not, new mail
+    /// is answered `451 4.3.0`: nothing is accepted that would go nowhere.
+    qmgr_up: std::sync::atomic::AtomicBool,
+    /// Free bytes of the spool's file system, measured twice a second (`u64::MAX`:
+    /// unknown). Sessions refuse MAIL below `queue_minfree` plus SIZE.
+    spool_free: Arc<std::sync::atomic::AtomicU64>,
+    /// `max_sessions`: the size of `sessions`, to tell when most slots are taken.
+    pub max_sessions: usize,
+    /// Sessions per client address (`client_connection_limit`).
+    per_client: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Addresses each login last authenticated from (at most 16 per login, 100,000
+    /// logins): a login under attack stays open to them.
+    auth_known: Mutex<std::collections::HashMap<String, Vec<(std::net::IpAddr, u64)>>>,
+    /// One large message at a time is read back whole (DKIM, scanners): memory stays bounded.
+    pub whole_message: Arc<Semaphore>,
 }
+
+/// One session's place in its client's count, given back on drop.
+pub struct ClientSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut m = self.shared.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Under pressure (most session slots taken) time-outs shrink to this, as postscreen and
+/// Postfix's stress mode do.
+pub const STRESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Shared {
     pub fn program(&self) -> Arc<Program> {
@@ -104,6 +148,63 @@ impl Shared {
     }
     pub fn lookups(&self) -> Arc<Lookups> {
         self.lookups.read().map(|p| p.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+    pub fn qmgr_up(&self) -> bool {
+        self.qmgr_up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Take a place for a session from `ip`, unless the address already has
+    /// `client_connection_limit` sessions.
+    pub fn client_slot(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ClientSlot> {
+        let limit = match self.program().server.option("client_connection_limit") {
+            Some(OptValue::Num(n)) => *n as usize,
+            _ => 50,
+        };
+        let mut m = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if limit > 0 && *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { shared: self.clone(), ip })
+    }
+
+    /// `login` authenticated from `ip` now.
+    pub fn auth_succeeded(&self, login: &str, ip: std::net::IpAddr, now: u64) {
+        let mut m = self.auth_known.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= 100_000 && !m.contains_key(login) {
+            return;
+        }
+        let v = m.entry(login.to_ascii_lowercase()).or_default();
+        v.retain(|(a, _)| *a != ip);
+        v.push((ip, now));
+        if v.len() > 16 {
+            v.remove(0);
+        }
+    }
+
+    /// `login` authenticated from `ip` within `window_ms`.
+    pub fn auth_known_from(&self, login: &str, ip: std::net::IpAddr, now: u64, window_ms: u64) -> bool {
+        let m = self.auth_known.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&login.to_ascii_lowercase())
+            .is_some_and(|v| v.iter().any(|(a, t)| *a == ip && now.saturating_sub(*t) <= window_ms))
+    }
+
+    /// Most session slots are taken (three quarters or more): time-outs shrink to
+    /// [`STRESS_TIMEOUT`].
+    pub fn under_pressure(&self) -> bool {
+        let free = self.sessions.available_permits();
+        free * 4 <= self.max_sessions
+    }
+
+    /// The spool's free space, None when it could not be measured.
+    pub fn spool_free(&self) -> Option<u64> {
+        match self.spool_free.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => None,
+            n => Some(n),
+        }
+    }
+    pub fn set_qmgr_up(&self, up: bool) {
+        self.qmgr_up.store(up, std::sync::atomic::Ordering::SeqCst);
     }
     /// Tell the queue manager a message is in the spool.
     pub fn enqueued(&self, id: &str) {
@@ -153,6 +254,7 @@ impl Shared {
             added_headers: Vec::new(),
             session: crate::conn::Snapshot::internal(&prog, &self.hostname),
             copy: false,
+            tail: 0,
         };
         match self.store.store(&msg) {
             Ok(id) => {
@@ -162,6 +264,40 @@ impl Shared {
             Err(e) => self.log.event("alert-failed", &[("to", to), ("error", &format!("{e:?}"))]),
         }
     }
+}
+
+/// Memory goes back to the system after a burst: glibc's allocator otherwise raises its
+/// mmap threshold after the first large free and keeps later large buffers (a message
+/// read back whole, a spool load) in per-thread arenas for good. Large allocations are
+/// always mapped (and unmapped when freed), and the arenas are few.
+fn tame_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before the sessions start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
+/// Give freed heap memory back to the system (glibc), after a burst.
+fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Bytes available to an unprivileged writer on the file system holding `dir` (statvfs).
+pub fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs buffer of the right type.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Options of `mailc serve`.
@@ -317,6 +453,7 @@ pub async fn start(
             _ => log::Format::Text,
         },
     };
+    tame_allocator();
     let lookups = Arc::new(Lookups::new(&prog, &policy_dir)?);
     let lsts = listeners(&prog, &policy_dir, &spool, &hostname)?;
     let (tx, rx) = watch::channel(false);
@@ -334,7 +471,30 @@ pub async fn start(
         queued,
         alerts: Mutex::new(Default::default()),
         sessions: Arc::new(Semaphore::new(max_all.max(1))),
+        qmgr_up: std::sync::atomic::AtomicBool::new(true),
+        spool_free: Arc::new(std::sync::atomic::AtomicU64::new(free_space(&spool).unwrap_or(u64::MAX))),
+        max_sessions: max_all.max(1),
+        per_client: Mutex::new(Default::default()),
+        auth_known: Mutex::new(Default::default()),
+        whole_message: Arc::new(Semaphore::new(1)),
     });
+    {
+        let (free, dir, mut stop) = (shared.spool_free.clone(), spool.clone(), shared.shutdown.clone());
+        tokio::spawn(async move {
+            let mut n: u64 = 0;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.changed() => break,
+                }
+                free.store(free_space(&dir).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+                n += 1;
+                if n % 20 == 0 {
+                    trim_allocator();
+                }
+            }
+        });
+    }
     let mut addresses = Vec::new();
     for l in lsts {
         let sock = TcpListener::bind(l.address)
@@ -395,12 +555,53 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
             });
             continue;
         };
+        // One address cannot take every slot (Postfix anvil's per-client limit).
+        let Some(slot) = shared.client_slot(canonical(remote.ip())) else {
+            drop((p1, p2));
+            shared.log.event(
+                "refused",
+                &[
+                    ("listener", &lst.name),
+                    ("client", &remote.ip().to_string()),
+                    ("reason", "too many sessions from the address"),
+                ],
+            );
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = tcp.write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n").await;
+                let _ = tcp.shutdown().await;
+            });
+            continue;
+        };
         let local = tcp.local_addr().unwrap_or(lst.address);
         let (s, l) = (shared.clone(), lst.clone());
         tokio::spawn(async move {
-            session::run(s, l, tcp, remote, local, id).await;
-            drop((p1, p2));
+            use futures_util::FutureExt;
+            // The task boundary is the last line of defence: a panic ends this session
+            // only (its permits and counts are released by guards), with a log line.
+            let log = s.log;
+            let sid = id.clone();
+            let ended = std::panic::AssertUnwindSafe(session::run(s, l, tcp, remote, local, id)).catch_unwind().await;
+            if let Err(p) = ended {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                log.event(
+                    "session-failed",
+                    &[("session", &sid), ("client", &remote.ip().to_string()), ("error", &why)],
+                );
+            }
+            drop((p1, p2, slot));
         });
+    }
+}
+
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 
@@ -446,8 +647,11 @@ impl Running {
 }
 
 impl MessageStore for crate::spool::Spool {
-    fn store(&self, msg: &QueuedMessage) -> Result<String, StoreFailure> {
-        crate::spool::Spool::store(self, msg, crate::spool::Class::Normal, now_ms())
+    fn spill_path(&self, tag: &str) -> PathBuf {
+        crate::spool::Spool::spill_path(self, tag)
+    }
+    fn store_with_tail(&self, msg: &QueuedMessage, tail: Option<&Path>) -> Result<String, StoreFailure> {
+        crate::spool::Spool::store_with_tail(self, msg, tail, crate::spool::Class::Normal, now_ms())
             .map(|id| id.as_str().to_string())
             .map_err(|e| match e {
                 crate::spool::StoreError::Full(_) => StoreFailure::Full,

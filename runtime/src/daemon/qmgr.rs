@@ -115,6 +115,8 @@ struct JobDone {
     /// Recipients relayed to another SMTP server (R1, RFC 3461 section 4): whether that
     /// server took DSN (then it reports success itself), and its name.
     relayed: Vec<(usize, bool, Option<String>)>,
+    /// The delivery panicked (caught at the task boundary), with the panic's text.
+    panic: Option<String>,
 }
 
 struct Qmgr {
@@ -129,6 +131,8 @@ struct Qmgr {
     /// Removals of delivered messages, running on the blocking pool while the queue manager
     /// goes on; drained before a queue scan so a scan never sees a message being removed.
     removals: JoinSet<()>,
+    /// Shared with the supervisor: the message being worked on.
+    current: Current,
 }
 
 /// Blocking spool I/O (reads, renames, fsyncs) on the blocking pool, so that the queue
@@ -141,27 +145,116 @@ async fn spool_io<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(&s)).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
+/// The message a queue manager is working on, shared with its supervisor: when the queue
+/// manager dies, that message is the one that killed it.
+type Current = Arc<std::sync::Mutex<Option<QueueId>>>;
+
+/// Start the queue manager under a supervisor. The supervisor is the last line of
+/// defence: a failure in one message's processing is caught inside the queue manager (a
+/// panic included: [`Qmgr::guarded`]) and moves that message to `corrupt/`; if the queue
+/// manager itself stops, the supervisor marks it down (sessions then answer new mail
+/// `451 4.3.0`, [`Shared::qmgr_up`]), moves the message it was working on to `corrupt/`
+/// so a restart never re-runs the message that killed it, and starts a new queue
+/// manager on what is in the spool, after a pause that grows with repeated failures.
 pub fn spawn(
     shared: Arc<Shared>,
     spool: Spool,
     policy_dir: PathBuf,
     recovered: Vec<String>,
-    mut incoming: mpsc::UnboundedReceiver<String>,
+    incoming: mpsc::UnboundedReceiver<String>,
 ) -> QmgrHandle {
-    let (ctl, mut ctl_rx) = mpsc::unbounded_channel();
+    let (ctl, ctl_rx) = mpsc::unbounded_channel();
+    let incoming = Arc::new(tokio::sync::Mutex::new(incoming));
+    let ctl_rx = Arc::new(tokio::sync::Mutex::new(ctl_rx));
+    tokio::spawn(async move {
+        let mut ids = Some(recovered);
+        let mut deaths: u32 = 0;
+        loop {
+            let current: Current = Arc::default();
+            let start_ids = match ids.take() {
+                Some(v) => v,
+                // What the spool holds (never corrupt/): the dead manager's scheduler is gone.
+                None => spool_io(&spool, |s| s.list())
+                    .await
+                    .map(|l| l.into_iter().map(|m| m.id.as_str().to_string()).collect())
+                    .unwrap_or_default(),
+            };
+            let task = tokio::spawn(run(
+                shared.clone(),
+                spool.clone(),
+                policy_dir.clone(),
+                start_ids,
+                incoming.clone(),
+                ctl_rx.clone(),
+                current.clone(),
+            ));
+            shared.set_qmgr_up(true);
+            if deaths > 0 {
+                shared.log.event("qmgr-restarted", &[("restarts", &deaths.to_string())]);
+            }
+            let ended = task.await;
+            let Err(e) = ended else { break };
+            shared.set_qmgr_up(false);
+            deaths += 1;
+            let culprit = current.lock().map(|mut c| c.take()).unwrap_or_else(|p| p.into_inner().take());
+            let why = panic_text(e);
+            shared
+                .log
+                .event("qmgr-died", &[("error", &why), ("id", culprit.as_ref().map(QueueId::as_str).unwrap_or(""))]);
+            if let Some(id) = culprit {
+                let q = id.clone();
+                match spool_io(&spool, move |s| s.move_to(&q, QueueName::Corrupt)).await {
+                    Ok(()) => {
+                        shared.log.event("corrupt", &[("id", id.as_str()), ("reason", "the queue manager died on it")])
+                    }
+                    Err(e) => shared.log.event("corrupt-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                }
+            }
+            // 1 s, 2 s, 4 s ... at most a minute between restarts.
+            let pause = Duration::from_secs(1u64 << deaths.saturating_sub(1).min(6)).min(Duration::from_secs(60));
+            tokio::time::sleep(pause).await;
+        }
+        shared.set_qmgr_up(false);
+    });
+    QmgrHandle { ctl }
+}
+
+/// The text of a task's failure (a panic's message when it has one).
+fn panic_text(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let p = e.into_panic();
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+fn panic_payload_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// One queue manager: the loop that owns the scheduler.
+async fn run(
+    shared: Arc<Shared>,
+    spool: Spool,
+    policy_dir: PathBuf,
+    recovered: Vec<String>,
+    incoming: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>,
+    ctl_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Ctl>>>,
+    current: Current,
+) {
+    let mut incoming = incoming.lock().await;
+    let mut ctl_rx = ctl_rx.lock().await;
     let prog = shared.program();
-    let resolver: Arc<dyn Resolver> =
-        match prog
-            .server
-            .option("dns_server")
-            .and_then(|v| if let OptValue::Str(s) = v { s.parse().ok() } else { None })
-        {
-            Some(addr) => Arc::new(HickoryResolver::with_nameserver(addr)),
-            None => match HickoryResolver::system() {
-                Ok(r) => Arc::new(r),
-                Err(_) => Arc::new(HickoryResolver::with_nameserver(std::net::SocketAddr::from(([127, 0, 0, 1], 53)))),
-            },
-        };
+    let dns_server =
+        prog.server.option("dns_server").and_then(|v| if let OptValue::Str(s) = v { s.parse().ok() } else { None });
+    let dns_timeout = ms(&prog, "dns_timeout").map(Duration::from_millis).unwrap_or(Duration::from_secs(5));
+    let resolver: Arc<dyn Resolver> = Arc::new(HickoryResolver::with(dns_server, dns_timeout));
     let mut q = Qmgr {
         sched: Scheduler::new(queue_config(&prog)),
         shared,
@@ -172,66 +265,155 @@ pub fn spawn(
         resolver,
         cache: Arc::new(driver::ConnectionCache::default()),
         removals: JoinSet::new(),
+        current,
     };
-    tokio::spawn(async move {
-        for id in recovered {
-            q.admit(&id).await;
-        }
-        let mut inflight: JoinSet<JobDone> = JoinSet::new();
-        let mut stopping: Option<oneshot::Sender<()>> = None;
-        loop {
-            let now = now_ms();
-            if stopping.is_none() {
-                while let Some(job) = q.sched.poll_job(now) {
-                    inflight.spawn(q.delivery(job));
-                }
-                // Delay warnings fall due by the clock, not only after an attempt (R31).
-                let warnings = q.sched.poll_warnings(now);
-                q.commands(warnings).await;
-            }
-            if stopping.is_some() && inflight.is_empty() {
-                while q.removals.join_next().await.is_some() {}
-                break;
-            }
-            let wake = q
-                .sched
-                .poll_timeout()
-                .map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(10)))
-                .unwrap_or(Duration::from_secs(60));
-            tokio::select! {
-                Some(id) = incoming.recv(), if stopping.is_none() => q.admit(&id).await,
-                Some(_) = q.removals.join_next(), if !q.removals.is_empty() => {}
-                Some(done) = inflight.join_next(), if !inflight.is_empty() => match done {
-                    Ok(d) => q.finish(d).await,
-                    Err(e) => q.shared.log.event("delivery-task-failed", &[("error", &e.to_string())]),
-                },
-                ctl = ctl_rx.recv() => match ctl {
-                    Some(Ctl::Reload(p)) => {
-                        // The scheduler holds the queue (entries, backoff, jobs in flight):
-                        // it is kept, so its settings stay those it was started with.
-                        if queue_config(&p) != *q.sched.config() {
-                            q.shared.log.event("reload-partial", &[("kept", "queue settings (queue_run, retry_min, retry_max, lifetimes, concurrency) until restart")]);
-                        }
-                        q.prog = p;
+    for id in recovered {
+        q.guarded_admit(&id).await;
+    }
+    let mut inflight: JoinSet<JobDone> = JoinSet::new();
+    let mut stopping: Option<oneshot::Sender<()>> = None;
+    loop {
+        let now = now_ms();
+        if stopping.is_none() {
+            while let Some(job) = q.sched.poll_job(now) {
+                let again = job.clone();
+                let work = std::panic::AssertUnwindSafe(q.delivery(job));
+                // A panic in one delivery is that message's: caught here, handled in finish.
+                inflight.spawn(async move {
+                    use futures_util::FutureExt;
+                    match work.catch_unwind().await {
+                        Ok(d) => d,
+                        Err(p) => JobDone {
+                            job: again,
+                            results: Vec::new(),
+                            relayed: Vec::new(),
+                            panic: Some(panic_payload_text(&*p)),
+                        },
                     }
-                    Some(Ctl::Stop(tx)) => stopping = Some(tx),
-                    None => break,
-                },
-                _ = tokio::time::sleep(wake) => {
-                    if q.sched.poll_scan(now_ms()) {
-                        q.rescan().await;
+                });
+            }
+            // Delay warnings fall due by the clock, not only after an attempt (R31).
+            let warnings = q.sched.poll_warnings(now);
+            q.guarded_commands(warnings).await;
+        }
+        if stopping.is_some() && inflight.is_empty() {
+            while q.removals.join_next().await.is_some() {}
+            break;
+        }
+        let wake = q
+            .sched
+            .poll_timeout()
+            .map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(10)))
+            .unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            Some(id) = incoming.recv(), if stopping.is_none() => q.guarded_admit(&id).await,
+            Some(_) = q.removals.join_next(), if !q.removals.is_empty() => {}
+            Some(done) = inflight.join_next(), if !inflight.is_empty() => match done {
+                Ok(d) => q.guarded_finish(d).await,
+                Err(e) => q.shared.log.event("delivery-task-failed", &[("error", &e.to_string())]),
+            },
+            ctl = ctl_rx.recv() => match ctl {
+                Some(Ctl::Reload(p)) => {
+                    // The scheduler holds the queue (entries, backoff, jobs in flight):
+                    // it is kept, so its settings stay those it was started with.
+                    if queue_config(&p) != *q.sched.config() {
+                        q.shared.log.event("reload-partial", &[("kept", "queue settings (queue_run, retry_min, retry_max, lifetimes, concurrency) until restart")]);
                     }
+                    q.prog = p;
+                }
+                Some(Ctl::Stop(tx)) => stopping = Some(tx),
+                None => break,
+            },
+            _ = tokio::time::sleep(wake) => {
+                if q.sched.poll_scan(now_ms()) {
+                    q.rescan().await;
                 }
             }
         }
-        if let Some(tx) = stopping {
-            let _ = tx.send(());
-        }
-    });
-    QmgrHandle { ctl }
+    }
+    if let Some(tx) = stopping {
+        let _ = tx.send(());
+    }
 }
 
 impl Qmgr {
+    /// Work on message `id`: the supervisor blames it if the queue manager dies meanwhile.
+    fn working_on(&self, id: Option<&QueueId>) {
+        let mut c = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        *c = id.cloned();
+    }
+
+    /// A message's processing failed for good (a panic caught at this boundary): it leaves
+    /// the queue for `corrupt/`, with a log line, and the queue goes on.
+    async fn quarantine(&mut self, id: &QueueId, why: &str) {
+        self.sched.remove(id);
+        for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
+            self.routes.remove(&k);
+        }
+        let q = id.clone();
+        match spool_io(&self.spool, move |s| s.move_to(&q, QueueName::Corrupt)).await {
+            Ok(()) => self.shared.log.event("corrupt", &[("id", id.as_str()), ("reason", why)]),
+            Err(e) => self.shared.log.event("corrupt-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+        }
+    }
+
+    /// [`Qmgr::admit`] with a panic contained to the message.
+    async fn guarded_admit(&mut self, id: &str) {
+        use futures_util::FutureExt;
+        let Some(qid) = QueueId::parse(id) else { return };
+        self.working_on(Some(&qid));
+        if super::fault::armed("qmgr-task").is_some() {
+            // Outside the per-message boundary: this kills the queue manager itself.
+            if let Some(stored) = self.load(&qid).await {
+                super::fault::check("qmgr-task", &stored.message.data);
+            }
+        }
+        let r = std::panic::AssertUnwindSafe(self.admit(id)).catch_unwind().await;
+        if let Err(p) = r {
+            let why = format!("processing failed: {}", panic_payload_text(&*p));
+            self.quarantine(&qid, &why).await;
+        }
+        self.working_on(None);
+    }
+
+    /// [`Qmgr::finish`] with a panic contained to the message; a delivery that panicked is
+    /// finished as a temporary failure (so the scheduler's counts stay right), then the
+    /// message is quarantined.
+    async fn guarded_finish(&mut self, mut d: JobDone) {
+        use futures_util::FutureExt;
+        let id = d.job.id.clone();
+        self.working_on(Some(&id));
+        if let Some(p) = d.panic.take() {
+            let r = "451 4.3.0 internal error during delivery".to_string();
+            d.results = d.job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect();
+            let _ = self.sched.done(d.job, d.results, now_ms());
+            self.quarantine(&id, &format!("delivery failed: {p}")).await;
+        } else if let Err(p) = std::panic::AssertUnwindSafe(self.finish(d)).catch_unwind().await {
+            let why = format!("processing failed: {}", panic_payload_text(&*p));
+            self.quarantine(&id, &why).await;
+        }
+        self.working_on(None);
+    }
+
+    /// [`Qmgr::commands`] one at a time, a panic contained to the message it is about.
+    async fn guarded_commands(&mut self, cmds: Vec<Command>) {
+        use futures_util::FutureExt;
+        for c in cmds {
+            let id = match &c {
+                Command::Dsn { id, .. }
+                | Command::Record { id, .. }
+                | Command::Defer { id }
+                | Command::Remove { id } => id.clone(),
+            };
+            self.working_on(Some(&id));
+            if let Err(p) = std::panic::AssertUnwindSafe(self.commands(vec![c])).catch_unwind().await {
+                let why = format!("processing failed: {}", panic_payload_text(&*p));
+                self.quarantine(&id, &why).await;
+            }
+            self.working_on(None);
+        }
+    }
+
     fn lifetime(&self, class: Class) -> u64 {
         let c = self.sched.config();
         match class {
@@ -255,6 +437,7 @@ impl Qmgr {
     async fn admit(&mut self, id: &str) {
         let Some(qid) = QueueId::parse(id) else { return };
         let Some(stored) = self.load(&qid).await else { return };
+        super::fault::check("qmgr-admit", &stored.message.data);
         let now = now_ms();
         let mut entry = Entry::new(qid.clone(), stored.class, stored.arrived_ms);
         entry.due_ms = stored.next_attempt_ms;
@@ -339,6 +522,11 @@ impl Qmgr {
                     if let Some(s) = sender {
                         m.sender = s;
                     }
+                    // The expansion is the same message: its archive and bcc copies were made
+                    // when the message itself was routed, so it makes none of its own (one
+                    // archive copy per message, never one with the list owner as sender).
+                    m.archive.clear();
+                    m.copy = true;
                     m.recipients = members
                         .iter()
                         .map(|a| QueuedRcpt {
@@ -348,7 +536,7 @@ impl Qmgr {
                             ..Default::default()
                         })
                         .collect();
-                    if received_count(&m.data) > 50 {
+                    if crate::headers::received_count(&m.data) > 50 {
                         failures.push((i, "554 5.4.6 Mail loop: too many Received headers".into()));
                         continue;
                     }
@@ -376,7 +564,13 @@ impl Qmgr {
                         Err(e) => self.shared.log.event("expand-failed", &[("id", id), ("error", &e.to_string())]),
                     }
                 }
-                Routed::Fail(r) => failures.push((i, r.to_string())),
+                Routed::Fail(r) => {
+                    self.shared.log.event(
+                        "route-failed",
+                        &[("id", id), ("to", &stored.message.recipients[i].address), ("reply", &r.to_string())],
+                    );
+                    failures.push((i, r.to_string()))
+                }
                 Routed::Defer(r) if now.saturating_sub(stored.arrived_ms) >= self.lifetime(stored.class) => {
                     // Deferred at route past the queue lifetime: it expires like any deferral.
                     expired.push((i, format!("{r} (queue lifetime expired)")));
@@ -478,6 +672,7 @@ impl Qmgr {
                 folder.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
             let safe = safe.trim_start_matches('.').to_string();
             let dir = root.join(if safe.is_empty() { "archive".to_string() } else { safe });
+            let dir = crate::paths::Confined { root: Some(root.clone()), path: dir };
             let env = Envelope {
                 from: reverse_path(&stored.message.sender),
                 params: MailParams::default(),
@@ -486,13 +681,13 @@ impl Qmgr {
             let data = stored.message.data.clone();
             let d = dir.clone();
             let res =
-                tokio::task::spawn_blocking(move || crate::transport::local::deliver_maildir(&d, &env, &data)).await;
+                tokio::task::spawn_blocking(move || crate::transport::local::deliver_maildir_in(&d, &env, &data)).await;
             let ok = matches!(res, Ok(Ok(_)));
             self.shared.log.event(
                 "archive",
                 &[
                     ("id", stored.id.as_str()),
-                    ("folder", &dir.display().to_string()),
+                    ("folder", &dir.path.display().to_string()),
                     ("status", if ok { "stored" } else { "failed" }),
                 ],
             );
@@ -564,6 +759,7 @@ impl Qmgr {
                         results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                         job,
                         relayed: Vec::new(),
+                        panic: None,
                     };
                 }
                 Err(e) => {
@@ -572,15 +768,18 @@ impl Qmgr {
                         results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                         job,
                         relayed: Vec::new(),
+                        panic: None,
                     };
                 }
             };
+            super::fault::check("delivery", &stored.message.data);
             let Some(Some(first)) = routes.first().cloned() else {
                 let r = "451 4.3.0 recipient not routed".to_string();
                 return JobDone {
                     results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                     job,
                     relayed: Vec::new(),
+                    panic: None,
                 };
             };
             let msg = &stored.message;
@@ -623,6 +822,7 @@ impl Qmgr {
                             results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                             job,
                             relayed: Vec::new(),
+                            panic: None,
                         };
                     }
                 }
@@ -694,13 +894,30 @@ impl Qmgr {
                 }
                 results.push((*i, d));
             }
+            // Record what the next hop accepted now, before this job's result travels back to
+            // the queue manager: a crash from here on does not deliver these again (10.7).
+            let delivered: Vec<(usize, RcptState)> = results
+                .iter()
+                .filter_map(|(i, d)| match d {
+                    Delivery::Delivered(r) => Some((*i, RcptState::Delivered { at: now, reply: r.clone() })),
+                    _ => None,
+                })
+                .collect();
+            if !delivered.is_empty() {
+                let (s, q) = (spool.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || s.mark_delivered(&q, &delivered)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => shared.log.event("record-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                    Err(e) => shared.log.event("record-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                }
+            }
             // Recipients that could not be put in the envelope fail for good.
             for i in &job.rcpts {
                 if !indices.contains(i) {
                     results.push((*i, Delivery::PermFail("553 5.1.3 Bad recipient address syntax".into())));
                 }
             }
-            JobDone { job, results, relayed }
+            JobDone { job, results, relayed, panic: None }
         }
     }
 
@@ -978,12 +1195,6 @@ impl Qmgr {
 
 fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
     vec![std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)]
-}
-
-fn received_count(data: &[u8]) -> usize {
-    let end = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(data.len());
-    let head = String::from_utf8_lossy(&data[..end]);
-    head.lines().filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case("received:")).count()
 }
 
 /// The delivery target for a route key.

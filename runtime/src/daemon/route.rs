@@ -56,6 +56,29 @@ pub fn facts_for(
     (f, st)
 }
 
+/// The server's `maildir` root.
+pub fn maildir_root(prog: &Program, policy_dir: &Path) -> PathBuf {
+    match prog.server.option("maildir") {
+        Some(OptValue::Str(s)) => policy_dir.join(s),
+        _ => PathBuf::from("var/mail"),
+    }
+}
+
+/// A destination built with interpolation, confined to the directory its literal prefix
+/// names (relative prefixes to the policy's folder): `Err` when it would leave it.
+fn confined(policy_dir: &Path, root: &str, dest: &str) -> Result<crate::paths::Confined, crate::paths::Escape> {
+    let root = if root.is_empty() { policy_dir.to_path_buf() } else { policy_dir.join(root) };
+    let path = policy_dir.join(dest);
+    let rel = crate::paths::confine(&root, &path)?;
+    let root = crate::paths::normalise(&root);
+    Ok(crate::paths::Confined { path: root.join(rel), root: Some(root) })
+}
+
+/// The recipient fails for good: its delivery path would leave its directory.
+fn escaped(e: &crate::paths::Escape) -> Routed {
+    Routed::Fail(RenderedReply { code: 550, enhanced: (5, 7, 1), text: format!("delivery path refused: {e}") })
+}
+
 /// Maildir folder for a local recipient when `deliver maildir` names none:
 /// `<maildir root>/<local part>`, the local part made safe for a file name.
 pub fn default_maildir(prog: &Program, policy_dir: &Path, address: &str) -> PathBuf {
@@ -154,24 +177,46 @@ fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedR
             tls: mailpolicy_lang::ir::TlsMode::May,
             auth: None,
             ca: None,
+            root: None,
         },
     };
     let domain = mailpolicy_stdlib::address::split(&address).1;
     let key = match transport.kind {
         TransportKind::Mx => format!("mx:{domain}"),
         TransportKind::Smtp => format!("smtp:{}", transport.dest.clone().unwrap_or_default().to_ascii_lowercase()),
-        TransportKind::Lmtp => format!("lmtp:{}", transport.dest.clone().unwrap_or_default()),
+        TransportKind::Lmtp => {
+            let dest = transport.dest.clone().unwrap_or_default();
+            match (dest.strip_prefix("unix:"), &transport.root) {
+                (Some(path), Some(root)) => match confined(policy_dir, root, path) {
+                    // A socket path is connected to, not walked: it must stay under its root.
+                    Ok(c) => format!("lmtp:unix:{}", c.path.display()),
+                    Err(e) => return escaped(&e),
+                },
+                _ => format!("lmtp:{dest}"),
+            }
+        }
         TransportKind::Maildir => {
-            let dir = transport
-                .dest
-                .clone()
-                .map(|d| policy_dir.join(d))
-                .unwrap_or_else(|| default_maildir(prog, policy_dir, &address));
-            format!("maildir:{}", dir.display())
+            let c = match (&transport.dest, &transport.root) {
+                (Some(d), Some(root)) => match confined(policy_dir, root, d) {
+                    Ok(c) => c,
+                    Err(e) => return escaped(&e),
+                },
+                (Some(d), None) => crate::paths::Confined { root: None, path: policy_dir.join(d) },
+                (None, _) => {
+                    let root = maildir_root(prog, policy_dir);
+                    let path = default_maildir(prog, policy_dir, &address);
+                    crate::paths::Confined { root: Some(root), path }
+                }
+            };
+            format!("maildir:{}", c.key())
         }
-        TransportKind::Mbox => {
-            format!("mbox:{}", policy_dir.join(transport.dest.clone().unwrap_or_default()).display())
-        }
+        TransportKind::Mbox => match (&transport.dest, &transport.root) {
+            (Some(d), Some(root)) => match confined(policy_dir, root, d) {
+                Ok(c) => format!("mbox:{}", c.key()),
+                Err(e) => return escaped(&e),
+            },
+            (d, _) => format!("mbox:{}", policy_dir.join(d.clone().unwrap_or_default()).display()),
+        },
     };
     let key = match (transport.tls, &transport.ca) {
         (mailpolicy_lang::ir::TlsMode::Required, Some(ca)) => format!("{key} tls ca={ca}"),

@@ -71,6 +71,16 @@ pub trait CredentialStore: Send + Sync {
 
 struct Callback {
     store: Arc<dyn CredentialStore>,
+    /// The login the client tried last (for per-login throttling).
+    tried: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Callback {
+    fn saw(&self, login: Option<&str>) {
+        if let (Some(l), Ok(mut t)) = (login, self.tried.lock()) {
+            *t = Some(l.to_string());
+        }
+    }
 }
 
 struct AuthResult;
@@ -80,6 +90,7 @@ impl Validation for AuthResult {
 
 impl SessionCallback for Callback {
     fn callback(&self, _s: &SessionData, context: &Context, request: &mut Request) -> Result<(), SessionError> {
+        self.saw(context.get_ref::<AuthId>());
         if let Some(user) = context.get_ref::<AuthId>() {
             if let Some(v) = self.store.verifier(user) {
                 request.satisfy::<ScramStoredPassword>(&ScramStoredPassword::new(
@@ -100,6 +111,7 @@ impl SessionCallback for Callback {
         validate: &mut Validate<'_>,
     ) -> Result<(), ValidationError> {
         let mech = session.mechanism().mechanism.as_str();
+        self.saw(context.get_ref::<AuthId>());
         let authid = context.get_ref::<AuthId>().map(str::to_string);
         let authzid = context.get_ref::<AuthzId>().map(str::to_string);
         // Acting for another identity is not allowed.
@@ -127,6 +139,7 @@ pub struct SaslServer {
     /// SCRAM's server-final message went out as a challenge; the client's (empty) answer
     /// completes the exchange for this user (RFC 4954 section 4).
     pending_success: Option<String>,
+    tried: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// What to tell the engine after a step.
@@ -138,14 +151,25 @@ pub enum Step {
 
 impl SaslServer {
     pub fn new(store: Arc<dyn CredentialStore>) -> Result<SaslServer, String> {
-        let config =
-            SASLConfig::builder().with_defaults().with_callback(Callback { store }).map_err(|e| e.to_string())?;
-        Ok(SaslServer { config, session: None, pending_success: None })
+        let tried: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let config = SASLConfig::builder()
+            .with_defaults()
+            .with_callback(Callback { store, tried: tried.clone() })
+            .map_err(|e| e.to_string())?;
+        Ok(SaslServer { config, session: None, pending_success: None, tried })
     }
 
     pub fn reset(&mut self) {
         self.session = None;
         self.pending_success = None;
+        if let Ok(mut t) = self.tried.lock() {
+            *t = None;
+        }
+    }
+
+    /// The login the client named in the exchange so far (PLAIN, LOGIN, SCRAM), if any.
+    pub fn tried_login(&self) -> Option<String> {
+        self.tried.lock().ok().and_then(|t| t.clone())
     }
 
     /// One step. `data` None means the client sent no initial response.

@@ -148,8 +148,10 @@ fn dechunk(body: &str) -> String {
         if n == 0 || after.len() < n {
             break;
         }
-        out.push_str(&after[..n]);
-        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+        // `n` comes from the scanner: never slice a str where it says without checking.
+        let (Some(chunk), Some(tail)) = (after.get(..n), after.get(n..)) else { break };
+        out.push_str(chunk);
+        rest = tail.strip_prefix("\r\n").unwrap_or(tail);
     }
     out
 }

@@ -84,6 +84,11 @@ impl CredentialStore for TableCredentials {
 /// Too many failed logins from one address in ten minutes: refuse AUTH for a while.
 const AUTH_FAILURE_LIMIT: u64 = 10;
 const AUTH_FAILURE_WINDOW: u64 = 600_000;
+/// Too many failed logins for one account in ten minutes, from any addresses (a guessing
+/// attack spread over many): AUTH for that login is refused with 454 4.7.0, whatever the
+/// password, except from addresses it authenticated from in the last 30 days.
+const LOGIN_FAILURE_LIMIT: u64 = 10;
+const LOGIN_KNOWN_WINDOW: u64 = 30 * 86_400_000;
 
 pub async fn run(
     shared: Arc<Shared>,
@@ -136,14 +141,21 @@ pub async fn run(
     let mut sasl = credentials.and_then(|c| SaslServer::new(c).ok());
     let ip_key = format!("client.ip={}", remote.ip());
     let session_keys = crate::eval::session_keys(remote.ip());
-    if let Ok(mut r) = lookups.rates.lock() {
-        session_keys.iter().for_each(|k| r.open(k));
-    }
+    // `concurrent by client.ip` / `client.network` counts this session until the guard
+    // drops, on every path the session ends (a panic unwinding included).
+    let _count = ConcurrencyGuard::open(lookups.clone(), session_keys);
     let mut auth_state = AuthState::default();
     let mut auth_sender: Option<String> = None;
     let mut shutdown = shared.shutdown.clone();
     let mut buf = vec![0u8; 64 * 1024];
     let mut last_input = tokio::time::Instant::now();
+    // Message bytes past the in-memory bound, streamed to a file of the spool's.
+    let mut spill = Spill::default();
+    // When the current command line began, and when the message phase began (with the
+    // byte count then), for the per-request deadlines.
+    let mut line_started: Option<tokio::time::Instant> = None;
+    let mut data_started: Option<(tokio::time::Instant, u64)> = None;
+    let mut data_bytes: u64 = 0;
     let mut closing_for_shutdown = false;
     'session: loop {
         // 1. Everything the connection needs.
@@ -166,6 +178,8 @@ pub async fn run(
                                 }
                                 _ => match conn.current_message() {
                                     Some(m) => {
+                                        let whole = spill.whole(m, &shared).await;
+                                        let m = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(m);
                                         let (d, dm, p) = sa.content(&mut auth_state, ip, &helo, &sender, m).await;
                                         Answer::Value(Some(match check {
                                             AuthCheck::Dkim => d,
@@ -179,7 +193,11 @@ pub async fn run(
                         }
                         crate::eval::Request::Scan { scanner } => {
                             match (prog.scanners.get(scanner.index()), conn.current_message()) {
-                                (Some(sc), Some(data)) => super::scan::scan(sc, data, conn.facts()).await,
+                                (Some(sc), Some(data)) => {
+                                    let whole = spill.whole(data, &shared).await;
+                                    let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(data);
+                                    super::scan::scan(sc, data, conn.facts()).await
+                                }
                                 _ => Answer::Error("no message to scan".into()),
                             }
                         }
@@ -200,22 +218,50 @@ pub async fn run(
                         conn.auth_done(AuthOutcome::Failure { reply }, now);
                         continue;
                     };
-                    match s.step(&mechanism, data.as_deref()) {
+                    let step = s.step(&mechanism, data.as_deref());
+                    // Per-login throttling: a login with too many recent failures, tried from
+                    // an address it never authenticated from, is refused like a failure.
+                    let login = s.tried_login().map(|l| l.to_ascii_lowercase());
+                    let ip = crate::conn::canonical(remote.ip());
+                    let login_key = login.as_ref().map(|l| format!("auth.login={l}"));
+                    let login_blocked = login_key.as_ref().is_some_and(|k| {
+                        let n = lookups
+                            .rates
+                            .lock()
+                            .map(|r| r.count("auth_failures", k, AUTH_FAILURE_WINDOW, now.0))
+                            .unwrap_or(0);
+                        n >= LOGIN_FAILURE_LIMIT
+                            && !login.as_ref().is_some_and(|l| shared.auth_known_from(l, ip, now.0, LOGIN_KNOWN_WINDOW))
+                    });
+                    match step {
                         SaslStep::Continue(ch) => conn.auth_continue(&ch, now),
-                        SaslStep::Success(user) => {
+                        SaslStep::Success(user) if !login_blocked => {
+                            shared.auth_succeeded(&user, ip, now.0);
                             log.event("auth", &[("session", &id), ("user", &user), ("mechanism", &mechanism)]);
                             conn.auth_done(AuthOutcome::Success { user }, now);
                         }
-                        SaslStep::Failure => {
+                        SaslStep::Success(_) | SaslStep::Failure => {
                             s.reset();
                             if let Ok(mut r) = lookups.rates.lock() {
                                 r.record("auth_failures", &ip_key, now.0);
+                                if let Some(k) = &login_key {
+                                    r.record("auth_failures", k, now.0);
+                                }
                             }
                             log.event(
                                 "auth-failed",
-                                &[("session", &id), ("client", &remote.ip().to_string()), ("mechanism", &mechanism)],
+                                &[
+                                    ("session", &id),
+                                    ("client", &remote.ip().to_string()),
+                                    ("mechanism", &mechanism),
+                                    ("login", login.as_deref().unwrap_or("")),
+                                    ("throttled", if login_blocked { "login" } else { "" }),
+                                ],
                             );
-                            conn.auth_done(AuthOutcome::Failure { reply: None }, now);
+                            let reply = login_blocked.then(|| {
+                                Reply::new(454, (4, 7, 0), "Too many failed authentications, try again later")
+                            });
+                            conn.auth_done(AuthOutcome::Failure { reply }, now);
                         }
                     }
                 }
@@ -271,15 +317,30 @@ pub async fn run(
                         }
                     }
                     if seal.sign {
-                        if let (Some(signer), Some(data)) =
+                        if let (Some(signer), Some((head, tail))) =
                             (lookups.signer.as_ref().filter(|s| s.covers(&seal.sender)), conn.sealing_message())
                         {
-                            // The signature covers the Authentication-Results field too.
+                            // The signature covers the whole message (the part spilled to disk
+                            // included) and the Authentication-Results field too.
+                            let whole = if tail > 0 { spill.whole(head, &shared).await } else { None };
+                            let data = match (&whole, tail) {
+                                (Some((_, w)), _) => Some(w.as_slice()),
+                                (None, 0) => Some(head),
+                                (None, _) => None,
+                            };
                             let mut signed = fields.concat().into_bytes();
-                            signed.extend_from_slice(data);
-                            match signer.sign(&signed, &seal.sender) {
-                                Ok(h) => fields.push(h),
-                                Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
+                            match data {
+                                Some(d) => {
+                                    signed.extend_from_slice(d);
+                                    match signer.sign(&signed, &seal.sender) {
+                                        Ok(h) => fields.push(h),
+                                        Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
+                                    }
+                                }
+                                None => log.event(
+                                    "dkim-sign-failed",
+                                    &[("session", &id), ("error", "the spilled message could not be read")],
+                                ),
                             }
                         }
                     }
@@ -287,16 +348,33 @@ pub async fn run(
                     fields.reverse();
                     conn.sealed(&fields);
                 }
+                Need::Queue(_) if !shared.qmgr_up() => {
+                    // Accept nothing that would go nowhere: the queue manager is down (its
+                    // supervisor is restarting it).
+                    log.event("store-refused", &[("session", &id), ("reason", "queue manager down")]);
+                    let r = RenderedReply {
+                        code: 451,
+                        enhanced: (4, 3, 0),
+                        text: "Queue manager unavailable, try again later".into(),
+                    };
+                    conn.queue_failed(Some(r), Time(now_ms()));
+                }
                 Need::Queue(msg) => {
+                    super::fault::check("session", &msg.data);
                     auth_state = AuthState::default();
                     auth_sender = None;
                     // The message moves to the blocking pool and back: no copy of its data.
                     let store = shared.store.clone();
+                    let tail = if msg.tail > 0 { spill.file_for_store() } else { Ok(None) };
                     let joined = tokio::task::spawn_blocking(move || {
-                        let r = store.store(&msg);
+                        let r = match tail {
+                            Ok(t) => store.store_with_tail(&msg, t.as_deref()),
+                            Err(e) => Err(e),
+                        };
                         (r, msg)
                     })
                     .await;
+                    spill.discard();
                     let now = Time(now_ms());
                     let (stored, msg) = match joined {
                         Ok((r, m)) => (Ok(r), m),
@@ -346,6 +424,10 @@ pub async fn run(
                 Need::Note(n) => note(&shared, &lookups, &prog, &id, n),
             }
         }
+        // A message that was decided (stored or refused) needs its spill no more.
+        if spill.file.is_some() && !conn.session().message_open() {
+            spill.discard();
+        }
         // 2. Write what the engine produced.
         let mut wrote = false;
         while let Some(b) = conn.poll_transmit() {
@@ -365,10 +447,36 @@ pub async fn run(
             let now = now_ms();
             tokio::time::Instant::now() + Duration::from_millis(t.0.saturating_sub(now))
         });
-        // The idle time-out of the phase the client is in (R46): DATA gets its own.
-        let idle_deadline =
-            last_input + if conn.session().in_message() { lst.data_timeout } else { lst.command_timeout };
-        let deadline = engine_deadline.map_or(idle_deadline, |d| d.min(idle_deadline));
+        // The idle time-out of the phase the client is in (R46): DATA gets its own. Under
+        // pressure (most slots taken) every time-out shrinks to STRESS_TIMEOUT.
+        let stress = shared.under_pressure();
+        let eff = |t: Duration| if stress { t.min(super::STRESS_TIMEOUT) } else { t };
+        let in_message = conn.session().in_message();
+        let idle_deadline = last_input + eff(if in_message { lst.data_timeout } else { lst.command_timeout });
+        // Deadlines for a whole request, however the client paces its bytes (Postfix
+        // smtpd_per_request_deadline): a command line within command_timeout of its first
+        // byte; the whole DATA/BDAT phase within data_timeout plus one second per 500
+        // bytes received (smtpd_min_data_rate).
+        if in_message {
+            line_started = None;
+            data_started.get_or_insert((tokio::time::Instant::now(), data_bytes));
+        } else {
+            data_started = None;
+            if conn.session().partial_input() {
+                line_started.get_or_insert(tokio::time::Instant::now());
+            } else {
+                line_started = None;
+            }
+        }
+        let request_deadline = match (line_started, data_started) {
+            (Some(t), _) => Some(t + eff(lst.command_timeout)),
+            (None, Some((t, bytes0))) => Some(
+                t + eff(lst.data_timeout) + Duration::from_millis(data_bytes.saturating_sub(bytes0).saturating_mul(2)),
+            ),
+            _ => None,
+        };
+        let limit = request_deadline.map_or(idle_deadline, |r| r.min(idle_deadline));
+        let deadline = engine_deadline.map_or(limit, |d| d.min(limit));
         let room = conn.input_room().clamp(1, buf.len());
         tokio::select! {
             r = stream.read(&mut buf[..room]) => match r {
@@ -379,12 +487,22 @@ pub async fn run(
                 }
                 Ok(n) => {
                     last_input = tokio::time::Instant::now();
+                    data_bytes += n as u64;
+                    conn.set_free_space(shared.spool_free());
                     conn.handle_input(&buf[..n], Time(now_ms()));
+                    if let Some((seq, bytes)) = conn.take_spill() {
+                        spill.write(seq, &bytes, &shared, &id);
+                    }
                 }
             },
             _ = tokio::time::sleep_until(deadline) => {
-                if tokio::time::Instant::now() >= idle_deadline {
-                    log.event("timeout", &[("session", &id), ("client", &remote.ip().to_string())]);
+                let now_i = tokio::time::Instant::now();
+                if now_i >= limit {
+                    let why = if now_i >= idle_deadline { "idle" } else { "request deadline" };
+                    log.event(
+                        "timeout",
+                        &[("session", &id), ("client", &remote.ip().to_string()), ("kind", why), ("stress", if stress { "yes" } else { "" })],
+                    );
                     conn.shutdown(Some(Reply::new(421, (4, 4, 2), "Timeout exceeded, closing connection")), Time(now_ms()));
                 } else {
                     conn.handle_timeout(Time(now_ms()));
@@ -397,10 +515,111 @@ pub async fn run(
         }
     }
     stream.shutdown().await;
-    if let Ok(mut r) = lookups.rates.lock() {
-        session_keys.iter().for_each(|k| r.close(k));
-    }
+    spill.discard();
     log.event("disconnect", &[("session", &id), ("client", &remote.ip().to_string())]);
+}
+
+/// The spill file of the message being received: what the engine hands out past its
+/// in-memory bound (`Session::take_spill`) is written here as it arrives, and the spool
+/// copies it after the in-memory part when it stores the message. Removed on drop.
+#[derive(Default)]
+struct Spill {
+    /// (message number, path, file, bytes written)
+    file: Option<(u64, std::path::PathBuf, std::fs::File, u64)>,
+    failed: Option<StoreFailure>,
+}
+
+impl Spill {
+    fn write(&mut self, seq: u64, bytes: &[u8], shared: &Shared, session: &str) {
+        use std::io::Write;
+        if self.file.as_ref().is_some_and(|f| f.0 != seq) {
+            self.discard();
+        }
+        if self.failed.is_some() {
+            return;
+        }
+        if self.file.is_none() {
+            let path = shared.store.spill_path(session);
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => self.file = Some((seq, path, f, 0)),
+                Err(e) => {
+                    self.failed = Some(failure(&e));
+                    return;
+                }
+            }
+        }
+        if let Some((_, _, f, n)) = self.file.as_mut() {
+            match f.write_all(bytes) {
+                Ok(()) => *n += bytes.len() as u64,
+                Err(e) => self.failed = Some(failure(&e)),
+            }
+        }
+    }
+
+    /// The file to store from (flushed), or why it cannot be.
+    fn file_for_store(&mut self) -> Result<Option<std::path::PathBuf>, StoreFailure> {
+        if let Some(f) = self.failed.take() {
+            return Err(f);
+        }
+        Ok(self.file.as_ref().map(|f| f.1.clone()))
+    }
+
+    /// The whole message (`head` then the spill), read back for a check that needs all of
+    /// it (DKIM, DMARC, content scanners, DKIM signing), one large message at a time
+    /// daemon-wide so memory stays bounded. None when nothing was spilled.
+    async fn whole(&self, head: &[u8], shared: &Shared) -> Option<(tokio::sync::OwnedSemaphorePermit, Vec<u8>)> {
+        let (_, path, _, n) = self.file.as_ref()?;
+        let permit = shared.whole_message.clone().acquire_owned().await.ok()?;
+        let mut v = Vec::with_capacity(head.len() + *n as usize);
+        v.extend_from_slice(head);
+        let path = path.clone();
+        let rest = tokio::task::spawn_blocking(move || std::fs::read(path)).await.ok()?.ok()?;
+        v.extend_from_slice(&rest);
+        Some((permit, v))
+    }
+
+    fn discard(&mut self) {
+        if let Some((_, path, _, _)) = self.file.take() {
+            let _ = std::fs::remove_file(path);
+        }
+        self.failed = None;
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+fn failure(e: &std::io::Error) -> StoreFailure {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreFailure::Full,
+        _ => StoreFailure::Io(e.to_string()),
+    }
+}
+
+/// One session's share of its client's `concurrent` count, released on drop.
+struct ConcurrencyGuard {
+    lookups: Arc<Lookups>,
+    keys: Vec<String>,
+}
+
+impl ConcurrencyGuard {
+    fn open(lookups: Arc<Lookups>, keys: Vec<String>) -> ConcurrencyGuard {
+        if let Ok(mut r) = lookups.rates.lock() {
+            keys.iter().for_each(|k| r.open(k));
+        }
+        ConcurrencyGuard { lookups, keys }
+    }
+}
+
+impl Drop for ConcurrencyGuard {
+    fn drop(&mut self) {
+        // A poisoned lock still holds the counts: release ours all the same.
+        let mut r = self.lookups.rates.lock().unwrap_or_else(|p| p.into_inner());
+        self.keys.iter().for_each(|k| r.close(k));
+    }
 }
 
 fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {

@@ -23,6 +23,11 @@ pub(crate) struct ContentFlags {
 #[derive(Debug)]
 pub(crate) struct ContentChecker {
     data: Vec<u8>,
+    /// Bytes of the message kept in `data` once the header section is over (0: all);
+    /// the rest goes to `spill` for the host to write out (bounded memory per session).
+    keep: u64,
+    spill: Vec<u8>,
+    spilled: u64,
     size: u64,
     max_size: u64,
     max_line: usize,
@@ -41,6 +46,9 @@ impl ContentChecker {
     pub fn new(max_size: u64, max_line: usize, max_header: u64) -> Self {
         ContentChecker {
             data: Vec::new(),
+            keep: 0,
+            spill: Vec::new(),
+            spilled: 0,
             size: 0,
             max_size,
             max_line: max_line.saturating_sub(2),
@@ -59,18 +67,46 @@ impl ContentChecker {
         self.size
     }
 
+    /// Keep at most `keep` bytes in memory once the header section is over; the rest is
+    /// handed out by [`ContentChecker::take_spill`].
+    pub fn with_keep(mut self, keep: u64) -> Self {
+        self.keep = keep;
+        self
+    }
+
+    /// Bytes past the in-memory part, in order, since the last call.
+    pub fn take_spill(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.spill)
+    }
+
     pub fn push(&mut self, bytes: &[u8]) {
         self.size = self.size.saturating_add(bytes.len() as u64);
         if self.max_size > 0 && self.size > self.max_size {
             if !self.flags.too_big {
                 self.flags.too_big = true;
                 self.data = Vec::new();
+                self.spill = Vec::new();
+            }
+            for &b in bytes {
+                self.scan(b);
+            }
+        } else if self.keep == 0 {
+            self.data.extend_from_slice(bytes);
+            for &b in bytes {
+                self.scan(b);
             }
         } else {
-            self.data.extend_from_slice(bytes);
-        }
-        for &b in bytes {
-            self.scan(b);
+            for &b in bytes {
+                let full = self.data.len() as u64
+                    >= self.keep.saturating_add(if self.in_headers { self.max_header } else { 0 });
+                if full && (self.spilled > 0 || !self.in_headers || self.max_header == 0) {
+                    self.spill.push(b);
+                    self.spilled += 1;
+                } else {
+                    self.data.push(b);
+                }
+                self.scan(b);
+            }
         }
     }
 
@@ -135,6 +171,14 @@ impl ContentChecker {
             self.flags.bare_newline = true;
         }
         (self.data, self.flags)
+    }
+
+    /// [`ContentChecker::finish`], with the spill not yet taken.
+    pub fn finish_spilling(mut self) -> (Vec<u8>, ContentFlags, Vec<u8>, u64) {
+        let spill = std::mem::take(&mut self.spill);
+        let spilled = self.spilled;
+        let (d, f) = self.finish();
+        (d, f, spill, spilled)
     }
 }
 

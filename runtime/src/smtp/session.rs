@@ -62,7 +62,11 @@ pub struct Config {
     pub max_command_line: usize,
     /// Longest AUTH command or SASL response line (RFC 4954 4: 12288).
     pub max_auth_line: usize,
-    /// Longest message text line, CRLF included (RFC 5321 4.5.3.1.6: 1000).
+    /// Bytes of a message held in memory past its header section (0: all of it); the rest
+    /// is handed to the host as it arrives ([`Session::take_spill`]).
+    pub max_in_memory: u64,
+    /// Message text line length, CRLF included, past which a line counts as long (RFC 5321
+    /// 4.5.3.1.6: 1000). Long lines are accepted; only `max_message_size` bounds them.
     pub max_text_line: usize,
     /// Most accepted recipients per transaction; more get `452 4.5.3`.
     pub max_recipients: usize,
@@ -110,6 +114,7 @@ impl Default for Config {
             max_command_line: 512,
             max_auth_line: 12288,
             max_text_line: 1000,
+            max_in_memory: 0,
             max_recipients: 100,
             max_message_size: 10_240_000,
             max_header_size: 102_400,
@@ -218,6 +223,9 @@ pub enum Event {
         data: Vec<u8>,
         /// Received with BDAT.
         chunked: bool,
+        /// Bytes that followed `data` and went to the host through
+        /// [`Session::take_spill`] (0 when the whole message is in `data`).
+        spilled: u64,
     },
     /// *decide*: VRFY (only when [`Config::vrfy_enabled`]).
     Vrfy {
@@ -446,6 +454,10 @@ struct Held {
 /// One SMTP server session. See the [module docs](crate::smtp).
 #[derive(Debug)]
 pub struct Session {
+    /// Messages started (DATA or first BDAT), numbering the spill.
+    message_seq: u64,
+    /// Spilled bytes of a message that ended, not yet taken by the host.
+    spill_out: Vec<u8>,
     config: Config,
     peer: PeerInfo,
     tls: Option<TlsInfo>,
@@ -478,6 +490,8 @@ impl Session {
         let mut events = VecDeque::new();
         events.push_back(Event::Connect);
         Session {
+            message_seq: 0,
+            spill_out: Vec::new(),
             config,
             peer,
             tls,
@@ -534,6 +548,36 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
+    }
+    /// Input is buffered that does not make a whole command line yet: hosts time a
+    /// request from its first byte (a per-request deadline), not only the idle gaps.
+    /// Message bytes past the part held in memory (`Config::max_in_memory`), in order, and
+    /// the number of the message they belong to: the host appends them to that message's
+    /// spill file as they come (call after every `handle_input`). The message's
+    /// [`Event::Message`] carries the in-memory part and how many bytes were spilled.
+    pub fn take_spill(&mut self) -> Option<(u64, Vec<u8>)> {
+        let mut out = std::mem::take(&mut self.spill_out);
+        match &mut self.phase {
+            Phase::Data(rx) => out.extend_from_slice(&rx.content.take_spill()),
+            _ => {
+                if let Some(c) = self.tx.as_mut().and_then(|t| t.bdat.as_mut()) {
+                    out.extend_from_slice(&c.take_spill());
+                }
+            }
+        }
+        (!out.is_empty()).then_some((self.message_seq, out))
+    }
+
+    /// A message is being received or waits for its decision (DATA, BDAT chunks so far,
+    /// or the final `Event::Message` not yet decided): its spill is still needed.
+    pub fn message_open(&self) -> bool {
+        self.in_message()
+            || self.tx.as_ref().is_some_and(|t| t.bdat.is_some())
+            || matches!(self.pending, Some(Pending::Message))
+    }
+
+    pub fn partial_input(&self) -> bool {
+        self.input.len() > 0
     }
     /// True while an event awaits the host's answer.
     pub fn is_waiting(&self) -> bool {
@@ -854,8 +898,11 @@ impl Session {
 
     // ----- internals -------------------------------------------------------
 
-    fn new_checker(&self) -> ContentChecker {
+    fn new_checker(&mut self) -> ContentChecker {
+        self.message_seq += 1;
+        self.spill_out.clear();
         ContentChecker::new(self.config.max_message_size, self.config.max_text_line, self.config.max_header_size)
+            .with_keep(self.config.max_in_memory)
     }
 
     fn close_now(&mut self) {
@@ -1102,21 +1149,22 @@ impl Session {
     }
 
     fn finish_message(&mut self, checker: ContentChecker, chunked: bool, now: Time) {
-        let (data, flags) = checker.finish();
+        let (data, flags, spill, spilled) = checker.finish_spilling();
+        self.spill_out.extend_from_slice(&spill);
         let Some(tx) = self.tx.take() else {
             self.send(r(503, (5, 5, 1), "Need MAIL command"), Duration::ZERO, false, now);
             return;
         };
         let binary = tx.params.body == BodyType::BinaryMime;
-        let ContentFlags { too_big, bare_newline, long_line, header_too_big } = flags;
+        // Long text lines are accepted (RFC 5322's 998 is a limit on what senders generate, and
+        // Postfix accepts them too); the SMTP client folds them on the way out.
+        let ContentFlags { too_big, bare_newline, long_line: _, header_too_big } = flags;
         let err = if too_big {
             Some(r(552, (5, 3, 4), "Message size exceeds fixed maximum message size"))
         } else if bare_newline && !binary {
             Some(r(550, (5, 5, 2), "Message contains bare CR or LF; lines must end with CRLF"))
         } else if header_too_big {
             Some(r(552, (5, 3, 4), "Message header size exceeds limit"))
-        } else if long_line && !binary {
-            Some(r(500, (5, 5, 6), "Message line too long"))
         } else {
             None
         };
@@ -1129,6 +1177,7 @@ impl Session {
             envelope: Envelope { from: tx.from, params: tx.params, recipients: tx.recipients },
             data,
             chunked,
+            spilled,
         });
     }
 

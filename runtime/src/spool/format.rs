@@ -53,8 +53,27 @@ impl StateFile {
 
 /// The header (magic and envelope line) of a message file.
 pub(crate) fn encode_header(id: &QueueId, class: Class, arrived_ms: u64, msg: &QueuedMessage) -> io::Result<Vec<u8>> {
-    let envelope = QueuedMessage { data: Vec::new(), ..msg.clone() };
-    let meta = Meta { id: id.clone(), class, arrived_ms, data_len: msg.data.len() as u64, envelope };
+    // Everything but the data (which may be large): no copy of it for the header.
+    let envelope = QueuedMessage {
+        sender: msg.sender.clone(),
+        recipients: msg.recipients.clone(),
+        ret: msg.ret.clone(),
+        envid: msg.envid.clone(),
+        data: Vec::new(),
+        hold: msg.hold.clone(),
+        archive: msg.archive.clone(),
+        filter: msg.filter.clone(),
+        batv_sign: msg.batv_sign,
+        client_ip: msg.client_ip.clone(),
+        helo: msg.helo.clone(),
+        auth_user: msg.auth_user.clone(),
+        added_headers: msg.added_headers.clone(),
+        session: msg.session.clone(),
+        copy: msg.copy,
+        tail: msg.tail,
+    };
+    let data_len = (msg.data.len() as u64).saturating_add(msg.tail);
+    let meta = Meta { id: id.clone(), class, arrived_ms, data_len, envelope };
     let mut out = MAGIC.to_vec();
     serde_json::to_writer(&mut out, &meta).map_err(io::Error::other)?;
     out.push(b'\n');

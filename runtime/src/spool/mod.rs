@@ -473,10 +473,53 @@ impl Spool {
     /// by recovery after any crash; on error nothing of it remains. A message with
     /// `msg.hold` set goes to `hold/`, any other to `incoming/`.
     pub fn store(&self, msg: &QueuedMessage, class: Class, now_ms: u64) -> Result<QueueId, StoreError> {
+        self.store_with_tail(msg, None, class, now_ms)
+    }
+
+    /// A file of the spool's own for a session's message bytes past its in-memory part
+    /// (`Session::take_spill`), on the spool's file system so storing it is a copy within
+    /// one disk. The caller removes it.
+    pub fn spill_path(&self, tag: &str) -> PathBuf {
+        let seq = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.tmp_path(&format!("spill.{tag}.{seq}"))
+    }
+
+    /// [`Spool::store`] for a message whose last `msg.tail` bytes are in the file `tail`
+    /// (streamed there as they arrived): they are copied after `msg.data`, never read into
+    /// memory whole.
+    pub fn store_with_tail(
+        &self,
+        msg: &QueuedMessage,
+        tail: Option<&Path>,
+        class: Class,
+        now_ms: u64,
+    ) -> Result<QueueId, StoreError> {
         let id = self.new_id(now_ms);
         let header = format::encode_header(&id, class, now_ms, msg).map_err(StoreError::Io)?;
         let tmp = self.tmp_path(id.as_str());
-        self.write_file(&tmp, &[&header, &msg.data, format::TRAILER]).map_err(StoreError::from_io)?;
+        match tail.filter(|_| msg.tail > 0) {
+            None => self.write_file(&tmp, &[&header, &msg.data, format::TRAILER]).map_err(StoreError::from_io)?,
+            Some(t) => {
+                let res = (|| {
+                    let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+                    f.write_all(&header)?;
+                    f.write_all(&msg.data)?;
+                    let mut src = fs::File::open(t)?;
+                    let copied = io::copy(&mut io::Read::take(&mut src, msg.tail), &mut f)?;
+                    if copied != msg.tail {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the spill file is short"));
+                    }
+                    f.write_all(format::TRAILER)?;
+                    f.sync_all()?;
+                    self.inner.committer.counters.file_syncs.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                })();
+                if let Err(e) = res {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(StoreError::from_io(e));
+                }
+            }
+        }
         let queue = if msg.hold.is_some() { QueueName::Hold } else { QueueName::Incoming };
         let to = self.queue_dir(queue).join(id.as_str());
         let res = self.inner.committer.commit(vec![Op::Rename { from: tmp.clone(), to, sync_from: false }]);
@@ -574,6 +617,23 @@ impl Spool {
             let _ = fs::remove_file(&tmp);
         }
         res
+    }
+
+    /// Mark recipients delivered durably as soon as the next hop said 250, from the delivery
+    /// itself (group-committed like acceptance), so a crash before the queue manager's own
+    /// [`Spool::record`] does not deliver them again. Counts no attempt (`record` does).
+    pub fn mark_delivered(&self, id: &QueueId, updates: &[(usize, RcptState)]) -> io::Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.update_state(id, |st| {
+            for (i, s) in updates {
+                if let Some(slot) = st.rcpts.get_mut(*i) {
+                    *slot = s.clone();
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Record delivery results durably: set recipient `i` to `state` for each update, and the

@@ -66,6 +66,8 @@ pub enum Item {
     ClientCert(String),
     /// Unix milliseconds.
     Clock(u64),
+    /// Free space of the spool's file system, in bytes.
+    DiskFree(u64),
     Dns {
         name: String,
         rtype: String,
@@ -304,6 +306,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             Item::Concurrent { key: key.to_ascii_lowercase(), n }
         }
         "clock" => Item::Clock(timestamp(value)?),
+        "disk-free" => Item::DiskFree(size(value)?),
         "dns" => {
             let mut w = value.split_whitespace();
             let name = w.next().ok_or("`dns:` needs NAME TYPE VALUE...")?.trim_end_matches('.').to_ascii_lowercase();
@@ -475,6 +478,18 @@ fn socket(s: &str, default_port: u16) -> Result<SocketAddr, String> {
     }
     let ip: IpAddr = s.parse().map_err(|_| format!("\"{s}\" is not an IP address or IP:port"))?;
     Ok(SocketAddr::new(ip, default_port))
+}
+
+/// `4096`, `100K`, `25M`, `2G`.
+pub fn size(s: &str) -> Result<u64, String> {
+    let bad = || format!("\"{s}\" is not a size like 25M");
+    let (digits, mult) = match s.trim().char_indices().last() {
+        Some((i, 'K')) => (s.trim().get(..i).unwrap_or(""), 1u64 << 10),
+        Some((i, 'M')) => (s.trim().get(..i).unwrap_or(""), 1 << 20),
+        Some((i, 'G')) => (s.trim().get(..i).unwrap_or(""), 1 << 30),
+        _ => (s.trim(), 1),
+    };
+    digits.parse::<u64>().map(|n| n.saturating_mul(mult)).map_err(|_| bad())
 }
 
 /// `500ms`, `5s`, `10m`, `2h`, `1d`.

@@ -151,6 +151,10 @@ struct CaseRun {
     local: SocketAddr,
     implicit_tls: bool,
     client_cert: Option<Vec<u8>>,
+    /// `disk-free:` fixture: the spool's free space (None: plenty).
+    disk_free: Option<u64>,
+    /// Spilled bytes of the message being received (its number, the bytes).
+    spill: (u64, Vec<u8>),
     dns: HashMap<(String, String), DnsAnswer>,
     rows: HashMap<String, Vec<TableRow>>,
     file_tables: HashMap<String, Result<FileTable, String>>,
@@ -198,6 +202,8 @@ impl CaseRun {
             local: SocketAddr::from(([127, 0, 0, 1], 25)),
             implicit_tls: false,
             client_cert: None,
+            disk_free: None,
+            spill: (0, Vec::new()),
             dns: HashMap::new(),
             rows: HashMap::new(),
             file_tables: HashMap::new(),
@@ -257,6 +263,12 @@ impl CaseRun {
                 }
             }
             Item::Clock(t) => self.now = *t,
+            Item::DiskFree(n) => {
+                self.disk_free = Some(*n);
+                if let Some(c) = self.conn.as_mut() {
+                    c.set_free_space(Some(*n));
+                }
+            }
             Item::Dns { name, rtype, answer } => {
                 self.dns.insert((name.clone(), rtype.clone()), answer.clone());
             }
@@ -302,6 +314,13 @@ impl CaseRun {
                     return;
                 }
                 conn.handle_input(bytes, Time(self.now));
+                // The transcript's queue keeps messages in memory: the spill joins them.
+                if let Some((seq, b)) = conn.take_spill() {
+                    if self.spill.0 != seq {
+                        self.spill = (seq, Vec::new());
+                    }
+                    self.spill.1.extend_from_slice(&b);
+                }
                 self.sent_at = self.now;
                 self.pump();
             }
@@ -601,6 +620,7 @@ impl CaseRun {
         let mut conn = Conn::new(self.prog.clone(), config, peer, client, Time(self.now));
         let (tls_req, auth_req) = crate::config::requirements(&self.prog, listener.as_deref());
         conn.set_requirements(tls_req, auth_req);
+        conn.set_free_space(self.disk_free);
         self.session_keys = crate::eval::session_keys(self.client.ip());
         for k in &self.session_keys {
             self.rates.open(k);
@@ -724,7 +744,11 @@ impl CaseRun {
                         c.sealed(&fields);
                     }
                 }
-                Need::Queue(msg) => {
+                Need::Queue(mut msg) => {
+                    if msg.tail > 0 {
+                        msg.data.extend_from_slice(&std::mem::take(&mut self.spill).1);
+                        msg.tail = 0;
+                    }
                     self.queued.push(msg);
                     let id = format!("{:010X}", self.queued.len());
                     if let Some(c) = self.conn.as_mut() {
@@ -767,7 +791,13 @@ impl CaseRun {
             match crate::daemon::auth::Signer::from_program(&self.prog, &|n| secrets.get(n).cloned()) {
                 Ok(Some(signer)) if signer.covers(&seal.sender) => {
                     let mut signed = fields.concat().into_bytes();
-                    signed.extend_from_slice(self.conn.as_ref().and_then(|c| c.sealing_message()).unwrap_or_default());
+                    // The whole message: the part in memory and what was spilled after it.
+                    if let Some((head, tail)) = self.conn.as_ref().and_then(|c| c.sealing_message()) {
+                        signed.extend_from_slice(head);
+                        if tail > 0 {
+                            signed.extend_from_slice(&self.spill.1);
+                        }
+                    }
                     match signer.sign(&signed, &seal.sender) {
                         Ok(h) => fields.push(h),
                         Err(e) => self.fail(format!("DKIM signing failed: {e}")),

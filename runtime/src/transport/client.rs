@@ -406,17 +406,30 @@ pub struct Client {
     txn: Option<Txn>,
 }
 
+/// The longest line sent with DATA, CRLF not counted (RFC 5322 2.1.1, Postfix's
+/// `smtp_line_length_limit`).
+pub const MAX_TEXT_LINE: usize = 998;
+
 /// Encodes a message for DATA: bare CR or LF become CRLF, lines starting
-/// with `.` get another `.`, a final CRLF is added if missing, then `.CRLF`.
+/// with `.` get another `.`, a line longer than [`MAX_TEXT_LINE`] is broken by inserting
+/// CRLF SPACE (as Postfix does, which keeps MIME structure intact), a final CRLF is added
+/// if missing, then `.CRLF`.
 pub fn encode_data(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 8);
     let mut line_start = true;
+    let mut line_len = 0usize;
     let mut i = 0;
     while let Some(&b) = data.get(i) {
+        if line_len >= MAX_TEXT_LINE && b != b'\r' && b != b'\n' {
+            out.extend_from_slice(b"\r\n ");
+            line_len = 1;
+            line_start = false;
+        }
         match b {
             b'\r' => {
                 out.extend_from_slice(b"\r\n");
                 line_start = true;
+                line_len = 0;
                 if data.get(i + 1) == Some(&b'\n') {
                     i += 1;
                 }
@@ -424,14 +437,17 @@ pub fn encode_data(data: &[u8]) -> Vec<u8> {
             b'\n' => {
                 out.extend_from_slice(b"\r\n");
                 line_start = true;
+                line_len = 0;
             }
             b'.' if line_start => {
                 out.extend_from_slice(b"..");
                 line_start = false;
+                line_len += 1;
             }
             _ => {
                 out.push(b);
                 line_start = false;
+                line_len += 1;
             }
         }
         i += 1;

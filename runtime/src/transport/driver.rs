@@ -97,10 +97,10 @@ pub enum Target {
     Smtp(Destination),
     /// LMTP hand-off to a mailbox server (R35).
     Lmtp(LmtpEndpoint),
-    /// A Maildir (the directory holding `cur new tmp`).
-    Maildir(PathBuf),
-    /// An mbox file.
-    Mbox(PathBuf),
+    /// A Maildir (the directory holding `cur new tmp`), confined when built from client data.
+    Maildir(crate::paths::Confined),
+    /// An mbox file, confined when built from client data.
+    Mbox(crate::paths::Confined),
 }
 
 impl std::fmt::Display for Target {
@@ -111,8 +111,8 @@ impl std::fmt::Display for Target {
             Target::Smtp(d) => write!(f, "smtp:{d}"),
             Target::Lmtp(LmtpEndpoint::Tcp(d)) => write!(f, "lmtp:{d}"),
             Target::Lmtp(LmtpEndpoint::Unix(p)) => write!(f, "lmtp:unix:{}", p.display()),
-            Target::Maildir(p) => write!(f, "maildir:{}", p.display()),
-            Target::Mbox(p) => write!(f, "mbox:{}", p.display()),
+            Target::Maildir(p) => write!(f, "maildir:{}", p.path.display()),
+            Target::Mbox(p) => write!(f, "mbox:{}", p.path.display()),
         }
     }
 }
@@ -137,8 +137,8 @@ impl Target {
                 }
                 Some(Target::Lmtp(LmtpEndpoint::Tcp(d)))
             }
-            "maildir" if !rest.is_empty() => Some(Target::Maildir(PathBuf::from(rest))),
-            "mbox" if !rest.is_empty() => Some(Target::Mbox(PathBuf::from(rest))),
+            "maildir" if !rest.is_empty() => Some(Target::Maildir(crate::paths::Confined::parse(rest))),
+            "mbox" if !rest.is_empty() => Some(Target::Mbox(crate::paths::Confined::parse(rest))),
             _ => None,
         }
     }
@@ -822,9 +822,9 @@ pub async fn deliver(target: &Target, env: &Envelope, data: &[u8], opts: &Delive
             let n = env.recipients.len();
             let res = tokio::task::spawn_blocking(move || {
                 if maildir {
-                    super::local::deliver_maildir(&p, &env2, &data).map(|_| ())
+                    super::local::deliver_maildir_in(&p, &env2, &data).map(|_| ())
                 } else {
-                    super::local::deliver_mbox(&p, &env2, &data)
+                    super::local::deliver_mbox_in(&p, &env2, &data)
                 }
             })
             .await;

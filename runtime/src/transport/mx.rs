@@ -53,38 +53,73 @@ pub trait Resolver: Send + Sync {
 
 /// [`Resolver`] over hickory-resolver.
 pub struct HickoryResolver {
-    inner: hickory_resolver::TokioAsyncResolver,
+    inner: hickory_resolver::TokioResolver,
+}
+
+/// The configuration every DNS client of the daemon uses (MX, DNSBL and other policy
+/// lookups, SPF/DKIM/DMARC): the one name server `server` when given, else the system's
+/// (`/etc/resolv.conf`); each server over UDP and TCP, so an answer that comes back
+/// truncated over UDP is asked again over TCP; `timeout` per query and one retry.
+pub fn hickory_config(
+    server: Option<SocketAddr>,
+    timeout: std::time::Duration,
+) -> (hickory_resolver::config::ResolverConfig, hickory_resolver::config::ResolverOpts) {
+    use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
+    let (config, mut opts) = match server {
+        Some(addr) => {
+            let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
+            (ResolverConfig::from_parts(None, vec![], group), ResolverOpts::default())
+        }
+        None => hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|_| {
+            let group = NameServerConfigGroup::from_ips_clear(&[IpAddr::from([127, 0, 0, 1])], 53, true);
+            (ResolverConfig::from_parts(None, vec![], group), ResolverOpts::default())
+        }),
+    };
+    opts.timeout = timeout;
+    opts.attempts = 1;
+    opts.ndots = 0;
+    (config, opts)
+}
+
+/// A hickory resolver with [`hickory_config`].
+pub fn hickory_resolver(
+    server: Option<SocketAddr>,
+    timeout: std::time::Duration,
+    cache_size: usize,
+) -> hickory_resolver::TokioResolver {
+    let (config, mut opts) = hickory_config(server, timeout);
+    opts.cache_size = cache_size;
+    hickory_resolver::TokioResolver::builder_with_config(
+        config,
+        hickory_resolver::name_server::TokioConnectionProvider::default(),
+    )
+    .with_options(opts)
+    .build()
 }
 
 impl HickoryResolver {
     /// Uses `/etc/resolv.conf`.
     pub fn system() -> std::io::Result<HickoryResolver> {
-        let inner = hickory_resolver::TokioAsyncResolver::tokio_from_system_conf()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(HickoryResolver { inner })
+        Ok(HickoryResolver { inner: hickory_resolver(None, std::time::Duration::from_secs(5), 1024) })
     }
 
     /// Asks one name server (UDP, then TCP on truncation), e.g. a test
     /// unbound on `127.0.0.1:PORT`. No search domains, no cache.
     pub fn with_nameserver(addr: SocketAddr) -> HickoryResolver {
-        use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
-        let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
-        let config = ResolverConfig::from_parts(None, vec![], group);
-        let mut opts = ResolverOpts::default();
-        opts.cache_size = 0;
-        opts.ndots = 0;
-        opts.attempts = 2;
-        opts.timeout = std::time::Duration::from_secs(3);
-        let inner = hickory_resolver::TokioAsyncResolver::tokio(config, opts);
-        HickoryResolver { inner }
+        HickoryResolver { inner: hickory_resolver(Some(addr), std::time::Duration::from_secs(3), 0) }
+    }
+
+    /// A resolver with the policy's name server and `dns_timeout`.
+    pub fn with(server: Option<SocketAddr>, timeout: std::time::Duration) -> HickoryResolver {
+        HickoryResolver { inner: hickory_resolver(server, timeout, 1024) }
     }
 }
 
-fn map_err(e: hickory_resolver::error::ResolveError) -> DnsError {
-    use hickory_resolver::error::ResolveErrorKind;
+fn map_err(e: hickory_resolver::proto::ProtoError) -> DnsError {
     use hickory_resolver::proto::op::ResponseCode;
+    use hickory_resolver::proto::{NoRecords, ProtoErrorKind};
     match e.kind() {
-        ResolveErrorKind::NoRecordsFound { response_code, .. } => {
+        ProtoErrorKind::NoRecordsFound(NoRecords { response_code, .. }) => {
             if *response_code == ResponseCode::NXDomain {
                 DnsError::NotFound
             } else {

@@ -959,11 +959,16 @@ fn maildir_delivery() {
     let name = p1.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.ends_with(&format!(",S={}", body.len())), "{name}");
     // through the driver
-    let rep = rt().block_on(deliver(&Target::Maildir(md.clone()), &e, b"x\n", &opts(StaticResolver::new())));
+    let rep = rt().block_on(deliver(
+        &Target::Maildir(crate::paths::Confined { root: None, path: md.clone() }),
+        &e,
+        b"x\n",
+        &opts(StaticResolver::new()),
+    ));
     assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)));
     // unwritable: deferred
     let rep = rt().block_on(deliver(
-        &Target::Maildir(PathBuf::from("/proc/nonexistent/Maildir")),
+        &Target::Maildir(crate::paths::Confined { root: None, path: PathBuf::from("/proc/nonexistent/Maildir") }),
         &e,
         b"x\n",
         &opts(StaticResolver::new()),
@@ -1438,5 +1443,24 @@ fn targets_display_for_operators() {
     );
     assert_eq!(Target::Smtp(Destination::domain("example.com")).to_string(), "smtp:example.com:25");
     assert_eq!(Target::Lmtp(LmtpEndpoint::Unix("/run/lmtp".into())).to_string(), "lmtp:unix:/run/lmtp");
-    assert_eq!(Target::Maildir("/var/mail/a".into()).to_string(), "maildir:/var/mail/a");
+    let m = crate::paths::Confined { root: None, path: "/var/mail/a".into() };
+    assert_eq!(Target::Maildir(m).to_string(), "maildir:/var/mail/a");
+}
+
+/// Issue 10.5: a line longer than 998 octets goes out over DATA broken by CRLF SPACE (as
+/// Postfix's smtp_line_length_limit does); shorter lines are untouched.
+#[test]
+fn long_lines_are_folded_on_the_way_out() {
+    let mut msg = b"Subject: x\r\n\r\n".to_vec();
+    msg.extend_from_slice(&[b'a'; 2500]);
+    msg.extend_from_slice(b"\r\nshort\r\n");
+    let out = super::client::encode_data(&msg);
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(lines.iter().all(|l| l.len() <= 998), "every line within 998 octets");
+    assert_eq!(lines[2].len(), 998);
+    assert_eq!(lines[3].len(), 998);
+    assert!(lines[3].starts_with(' ') && lines[4].starts_with(' '));
+    assert_eq!(lines.iter().map(|l| l.trim_start_matches(' ').matches('a').count()).sum::<usize>(), 2500);
+    assert!(text.contains("\r\nshort\r\n.\r\n"));
 }

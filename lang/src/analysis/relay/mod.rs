@@ -15,13 +15,18 @@
 //! - [`sets`]: address and number sets;
 //! - [`sym`]: symbols, atoms, constraints and their satisfiability;
 //! - [`term`]: symbolic strings and yes/no formulas;
-//! - [`explore`]: one stage program run symbolically, with joins;
+//! - [`explore`]: one stage program run symbolically, with joins; [`facts`] the values of
+//!   facts, variables and templates on a path; [`compare`] tests as atoms; [`access`]
+//!   access tables;
 //! - [`session`]: a whole session, the gaps between the commands that matter, and the
 //!   queue side;
 //! - [`witness`]: the counterexample transcript.
 
+pub mod access;
 pub mod auto;
+pub mod compare;
 pub mod explore;
+pub mod facts;
 pub mod session;
 pub mod sets;
 pub mod sym;
@@ -193,7 +198,7 @@ fn named_networks(prog: &Program, tables: &[Option<Known>]) -> Vec<Cidr> {
                     let bare = k.strip_prefix("connect:").unwrap_or(k);
                     if let Ok(ip) = bare.parse::<IpAddr>() {
                         nets.push(Cidr { addr: ip, prefix: if ip.is_ipv4() { 32 } else { 128 } });
-                    } else if let Some(set) = explore::access_ip_key(bare) {
+                    } else if let Some(set) = access::access_ip_key(bare) {
                         for (a, b) in &set.v4.r {
                             let width = 32 - (b - a).checked_add(1).map(|n| n.trailing_zeros()).unwrap_or(32);
                             nets.push(Cidr { addr: IpAddr::from(std::net::Ipv4Addr::from(*a)), prefix: width as u8 });
