@@ -3,6 +3,7 @@ pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod eval;
+pub mod fuzzing;
 pub mod headers;
 pub mod paths;
 pub mod queue;
