@@ -96,7 +96,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
                             println!("      test   {} -> {result}", rule(*loc))
                         }
                         Trace::Lookup { request, answer } => {
-                            println!("      lookup {request:?} -> {answer:?}")
+                            println!("      lookup {} -> {answer}", request.describe(prog))
                         }
                         Trace::Action { loc } => println!("      action {}", rule(*loc)),
                     }

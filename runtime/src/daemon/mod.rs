@@ -239,6 +239,7 @@ impl Shared {
                 address: to.to_string(),
                 notify: vec!["NEVER".into()],
                 orcpt: String::new(),
+                ..Default::default()
             }],
             ret: String::new(),
             envid: String::new(),

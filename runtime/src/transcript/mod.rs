@@ -167,6 +167,10 @@ pub enum Item {
     },
     Log(String),
     Alert(String),
+    /// `alert-mails: N`: alert mails sent so far, after `:every` (as the daemon sends them).
+    AlertMails(usize),
+    /// `filter: PATTERN` / `filter: no`: the message is handed to a content filter.
+    Filter(Option<String>),
 }
 
 impl Item {
@@ -428,11 +432,15 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
         }
         "log" => Item::Log(value.to_string()),
         "alert" => Item::Alert(value.to_string()),
+        "alert-mails" => {
+            Item::AlertMails(value.parse().map_err(|_| format!("`alert-mails: {value}`: expected a number"))?)
+        }
+        "filter" => Item::Filter(if value == "no" { None } else { Some(value.to_string()) }),
         other => return Err(format!("unknown line `{other}:`; see spec/transcript.md")),
     })
 }
 
-/// `\r`, `\n`, `\t`, `\0`, `\\`, `\xHH` escapes of `C:` lines.
+/// `\r`, `\n`, `\t`, `\0`, `\\`, `\"`, `\xHH` escapes of `C:` lines.
 pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(s.len());
     let b = s.as_bytes();
@@ -445,13 +453,15 @@ pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
                 Some(b't') => out.push(b'\t'),
                 Some(b'0') => out.push(0),
                 Some(b'\\') => out.push(b'\\'),
+                // As a policy string writes a quote: `C: RCPT TO:<\"john smith\"@example.com>`.
+                Some(b'"') => out.push(b'"'),
                 Some(b'x') => {
                     let hex = s.get(i + 2..i + 4).ok_or("`\\x` needs two hex digits")?;
                     out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("`\\x{hex}` is not a hex byte"))?);
                     i += 4;
                     continue;
                 }
-                _ => return Err("unknown escape; use \\r \\n \\t \\0 \\\\ or \\xHH".into()),
+                _ => return Err("unknown escape; use \\r \\n \\t \\0 \\\\ \\\" or \\xHH".into()),
             }
             i += 2;
         } else {
@@ -584,6 +594,7 @@ mod tests {
     fn escapes() {
         assert_eq!(unescape("a\\r\\n.\\x00").unwrap(), b"a\r\n.\0");
         assert!(unescape("\\q").is_err());
+        assert_eq!(unescape(r#"<\"a b\"@c>"#).unwrap(), br#"<"a b"@c>"#);
     }
 
     #[test]
