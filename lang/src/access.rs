@@ -82,6 +82,26 @@ pub fn address_keys(address: &str) -> Vec<String> {
     keys
 }
 
+/// Keys of a canonical or virtual alias table for an address (`rewrite sender TABLE`,
+/// `rewrite recipient TABLE`, R36, R38), in Postfix's `virtual_alias_maps` and
+/// `canonical_maps` order: `user@domain`, then `user` alone when the domain is one of
+/// ours (`local`), then the catch-all `@domain`. A bare `domain` key is never looked up, so
+/// Postfix's `example.com anything` lines that declare a virtual domain rewrite nothing.
+pub fn rewrite_keys(address: &str, local: bool) -> Vec<String> {
+    let lower = address.to_ascii_lowercase();
+    let Some((user, domain)) = lower.rsplit_once('@') else {
+        return if lower.is_empty() { Vec::new() } else { vec![lower] };
+    };
+    let mut keys = vec![lower.clone()];
+    if local && !user.is_empty() {
+        keys.push(user.to_string());
+    }
+    if !domain.is_empty() {
+        keys.push(format!("@{domain}"));
+    }
+    keys
+}
+
 /// What an access-table value tells the stage to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AccessAction {
@@ -99,6 +119,12 @@ pub enum AccessAction {
     Hold(String),
     /// WARN text: log and go on.
     Warn(String),
+    /// sendmail `delay_checks` (R17): FRIEND on a recipient's `To:` (or `Spam:`) key lets
+    /// it receive mail whose client or sender an `access ... :delay` refused; go on.
+    Friend,
+    /// HATER on a recipient's key: with `:delay hater`, only such recipients get the
+    /// delayed refusal; go on.
+    Hater,
     /// A value this table cannot mean: treated as a configuration error (temporary failure).
     Invalid(String),
 }
@@ -127,6 +153,8 @@ pub fn parse_value(value: &str) -> AccessAction {
         },
         "HOLD" => AccessAction::Hold(rest.to_string()),
         "WARN" => AccessAction::Warn(rest.to_string()),
+        "FRIEND" => AccessAction::Friend,
+        "HATER" => AccessAction::Hater,
         _ if word.chars().all(|c| c.is_ascii_digit()) && word.len() == 3 => explicit_reply(word, rest, value),
         _ if upper.starts_with("ERROR:") => {
             // sendmail: ERROR:5.7.1:550 text, ERROR:550 text, ERROR:"550 text", ERROR:5.7.1 text
@@ -240,6 +268,8 @@ mod tests {
         );
         assert_eq!(parse_value("DISCARD"), AccessAction::Discard);
         assert_eq!(parse_value("HOLD quarantine"), AccessAction::Hold("quarantine".into()));
+        assert_eq!(parse_value("FRIEND"), AccessAction::Friend);
+        assert_eq!(parse_value("hater"), AccessAction::Hater);
         assert!(matches!(parse_value("550 4.7.1 mismatch"), AccessAction::Invalid(_)));
         assert!(matches!(parse_value("MAYBE"), AccessAction::Invalid(_)));
     }

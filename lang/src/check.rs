@@ -1536,7 +1536,6 @@ impl<'s> Checker<'s> {
                     );
                     return Expr::Const(false);
                 }
-                let rhs = self.number_for(ty, v);
                 let op = match op {
                     Op::Eq => CmpOp::Eq,
                     Op::Ne => CmpOp::Ne,
@@ -1546,6 +1545,26 @@ impl<'s> Checker<'s> {
                     _ => CmpOp::Ge,
                 };
                 let _ = span;
+                // `> var.limit` / `> client.port`: a limit known at run time, e.g. read from a
+                // table with `set limit = "${lookup limits auth.user}";`.
+                if let ValueKind::Path(path) = &v.kind {
+                    let Some((rhs, rty)) = self.path_val(path, v.span, ctx) else {
+                        if !path.starts_with("var.") {
+                            self.unknown_term(path, v.span);
+                        }
+                        return Expr::Const(false);
+                    };
+                    if !matches!(rty, Ty::Num | Ty::Size | Ty::Duration) && !matches!(rhs, Val::Var(_)) {
+                        self.err(
+                            Diagnostic::error("mailc::type", format!("`{path}` is {}, not a number", rty.name()))
+                                .at(v.span)
+                                .help("compare with a number, a number fact or `var.NAME` holding a number"),
+                        );
+                        return Expr::Const(false);
+                    }
+                    return Expr::CmpVal { lhs, op, rhs };
+                }
+                let rhs = self.number_for(ty, v);
                 Expr::Cmp { lhs, op, rhs: rhs.unwrap_or(0.0) }
             }
         }
@@ -1833,6 +1852,56 @@ impl<'s> Checker<'s> {
                 if !lit.is_empty() {
                     parts.push(Part::Lit(self.intern(&lit)));
                     lit.clear();
+                }
+                // `${header.NAME}`: the header field's value(s); `${lookup TABLE KEY}`: the value
+                // the table gives the key (a fact or `var.NAME`).
+                let words: Vec<&str> = path.split_whitespace().collect();
+                if let Some(name) = path.strip_prefix("header.") {
+                    let name = name.trim();
+                    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                        self.err(
+                            Diagnostic::error(
+                                "mailc::interpolation",
+                                format!("`${{{path}}}`: `{name}` is not a header field name"),
+                            )
+                            .at(pspan)
+                            .help("write the field's name after `header.`, e.g. `${header.subject}`"),
+                        );
+                        ok = false;
+                    } else {
+                        self.stage_check("header", Stages::from(Stage::Data), pspan, ctx);
+                        parts.push(Part::Val(Val::Header(self.intern(&name.to_ascii_lowercase()))));
+                    }
+                    i += close + 1;
+                    continue;
+                }
+                if words.first() == Some(&"lookup") {
+                    let (Some(table), Some(key), None) = (words.get(1), words.get(2), words.get(3)) else {
+                        self.err(
+                            Diagnostic::error(
+                                "mailc::interpolation",
+                                format!("`${{{path}}}`: expected `${{lookup TABLE KEY}}`"),
+                            )
+                            .at(pspan)
+                            .help("e.g. `${lookup relocated recipient}`: the key is a fact or `var.NAME`"),
+                        );
+                        ok = false;
+                        i += close + 1;
+                        continue;
+                    };
+                    match (self.use_sym(table, pspan, &["table"]), self.path_val(key, pspan, ctx)) {
+                        (Some((_, id, _)), Some((k, _))) => {
+                            parts.push(Part::Val(Val::Lookup { table: TableId(id), key: Box::new(k) }))
+                        }
+                        (_, key_val) => {
+                            if key_val.is_none() && !key.starts_with("var.") {
+                                self.unknown_term(key, pspan);
+                            }
+                            ok = false;
+                        }
+                    }
+                    i += close + 1;
+                    continue;
                 }
                 match self.path_val(path, pspan, ctx) {
                     Some((v, _)) => parts.push(Part::Val(v)),
@@ -2194,7 +2263,31 @@ impl<'s> Checker<'s> {
                         .help("declare it as `table NAME = access \"FILE\";`"),
                     );
                 }
-                Action::Access(TableId(id))
+                // sendmail's delay_checks: `:delay`, `:delay friend` or `:delay hater`.
+                let mut delay = AccessDelay::Now;
+                if a.peek_tag().is_some_and(|t| t.name == "delay") {
+                    let tag_span = a.peek().map(|x| x.span()).unwrap_or(span);
+                    a.next();
+                    delay = match a.peek_word() {
+                        Some("hater") => {
+                            a.next();
+                            AccessDelay::Hater
+                        }
+                        Some("friend") => {
+                            a.next();
+                            AccessDelay::Friend
+                        }
+                        _ => AccessDelay::Friend,
+                    };
+                    if matches!(ctx.stage, Stage::Rcpt) {
+                        self.err(
+                            Diagnostic::error("mailc::arguments", "`:delay` holds a refusal for the recipients; at rcpt there is nothing to hold it for")
+                                .at(tag_span)
+                                .help("use `access TABLE :delay;` in connect, helo or mail, and `access TABLE;` in rcpt for the FRIEND and HATER entries"),
+                        );
+                    }
+                }
+                Action::Access(TableId(id), delay)
             }
             other => unreachable!("action table lists `{other}` without lowering"),
         };
@@ -2364,6 +2457,7 @@ impl<'s> Checker<'s> {
         };
         let mut tls = TlsMode::May;
         let mut auth = None;
+        let mut ca = None;
         while let Some(tag) = a.peek_tag() {
             let tspan = tag.span;
             match tag.name.as_str() {
@@ -2399,17 +2493,34 @@ impl<'s> Checker<'s> {
                         );
                     }
                 }
+                "ca" => {
+                    a.next();
+                    let (file, fspan) = a.plain_string(self, "the PEM file of the CA certificates to trust")?;
+                    if !matches!(kind, TransportKind::Smtp | TransportKind::Mx | TransportKind::Lmtp) {
+                        self.err(
+                            Diagnostic::error(
+                                "mailc::arguments",
+                                "`:ca` is for TLS to another server (smtp, mx, lmtp)",
+                            )
+                            .at(tspan),
+                        );
+                    }
+                    if file.trim().is_empty() {
+                        self.err(Diagnostic::error("mailc::arguments", "`:ca` needs a file name").at(fspan));
+                    }
+                    ca = Some(self.intern(&file));
+                }
                 other => {
                     self.err(
                         Diagnostic::error("mailc::arguments", format!("`{k}` has no option `:{other}`"))
                             .at(tspan)
-                            .help("options: :tls required|may|none, :auth SECRET"),
+                            .help("options: :tls required|may|none, :auth SECRET, :ca \"FILE\""),
                     );
                     a.next();
                 }
             }
         }
-        Some(Transport { kind, dest, tls, auth })
+        Some(Transport { kind, dest, tls, auth, ca })
     }
 }
 
@@ -2558,6 +2669,7 @@ pub fn default_reply(reject: bool, stage: Stage) -> (u16, (u16, u16, u16), &'sta
 /// Facts a `rate` or `concurrent` value may count by.
 pub const RATE_KEYS: &[Fact] = &[
     Fact::ClientIp,
+    Fact::ClientNetwork,
     Fact::ClientName,
     Fact::HeloName,
     Fact::AuthUser,

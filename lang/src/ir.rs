@@ -184,6 +184,7 @@ facts! {
     ClientPort = "client.port": Num, ALL, None, "the client's TCP port";
     ClientName = "client.name": Str, ALL, None, "the client's forward-confirmed reverse DNS name, or \"unknown\"";
     ClientPtr = "client.ptr": Str, ALL, None, "the client's PTR name as found, unverified, or empty";
+    ClientNetwork = "client.network": Str, ALL, None, "the client's /24 (IPv4) or /64 (IPv6) network, e.g. \"192.0.2.0/24\"";
     ClientFcrdns = "client.fcrdns": Bool, ALL, None, "the PTR name resolves back to client.ip";
     LocalIp = "local.ip": Ip, ALL, None, "the address the client connected to";
     LocalPort = "local.port": Num, ALL, None, "the port the client connected to";
@@ -382,6 +383,13 @@ pub enum Expr {
         op: CmpOp,
         rhs: f64,
     },
+    /// A number compared with a value known at run time (`var.NAME` or a number fact): false
+    /// when either side is not a number, so an absent table limit limits nothing.
+    CmpVal {
+        lhs: Val,
+        op: CmpOp,
+        rhs: Val,
+    },
     IsNull(Val),
     Flag(VarId),
     /// The client IP (connect) is listed in the DNS blocklist zone.
@@ -446,6 +454,10 @@ pub struct Transport {
     pub tls: TlsMode,
     /// Credentials for client AUTH to a smarthost (R10): a secret holding "user:password".
     pub auth: Option<SecretId>,
+    /// `:ca "FILE"`: the PEM file of the CAs a `:tls required` next hop's certificate must
+    /// chain to (a private CA), relative to the policy's folder.
+    #[serde(default)]
+    pub ca: Option<StrId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -507,7 +519,20 @@ pub enum Action {
         every_ms: u64,
     },
     BatvSign,
-    Access(TableId),
+    Access(TableId, AccessDelay),
+}
+
+/// `access TABLE :delay [friend|hater]` (sendmail's `delay_checks`, R17): whether a
+/// refusal the table gives at connect, helo, auth or mail waits for each recipient.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessDelay {
+    /// The refusal is given at once.
+    #[default]
+    Now,
+    /// Every recipient gets the refusal but those whose `To:` entry says FRIEND.
+    Friend,
+    /// Only recipients whose `To:` entry says HATER get the refusal.
+    Hater,
 }
 
 impl Action {

@@ -83,9 +83,39 @@ pub fn verify(address: &str, keys: &[(u8, Vec<u8>)], now_ms: u64, lifetime_days:
     Check::Valid(orig_written.to_string())
 }
 
+/// The address without its `prvs=KDDDSSSSSS=` tag, when it carries one that is well
+/// formed (whether or not it verifies); `None` otherwise. The tag goes before routing and
+/// delivery (R29): the back end knows `user@domain`, not the tagged form.
+pub fn strip(address: &str) -> Option<String> {
+    let lower = address.to_ascii_lowercase();
+    let rest = lower.strip_prefix("prvs=")?;
+    let (tag, orig) = rest.split_once('=')?;
+    let well_formed = tag.len() == 10
+        && tag.bytes().all(|b| b.is_ascii_hexdigit())
+        && tag.bytes().take(4).all(|b| b.is_ascii_digit())
+        && orig.contains('@')
+        && !orig.starts_with('@');
+    if !well_formed {
+        return None;
+    }
+    // The original as written, case kept (`to_ascii_lowercase` keeps byte offsets).
+    address.get(address.len() - orig.len()..).map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strip_tag() {
+        let s = sign("Alice@Example.com", 1, b"k", 20_000 * DAY_MS, 7);
+        assert_eq!(strip(&s).as_deref(), Some("Alice@Example.com"));
+        assert_eq!(strip("PRVS=1007ABCDEF=bob@example.com").as_deref(), Some("bob@example.com"));
+        assert_eq!(strip("bob@example.com"), None);
+        assert_eq!(strip("prvs=short=bob@example.com"), None);
+        assert_eq!(strip("prvs=1007abcdef=@example.com"), None);
+        assert_eq!(strip("prvs=\u{e9}007abcdef=b@e"), None);
+    }
 
     #[test]
     fn sign_and_verify() {

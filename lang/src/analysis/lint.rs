@@ -56,6 +56,7 @@ fn stable(e: &Expr) -> bool {
     }
     match e {
         Expr::Flag(_) | Expr::Greylist { .. } => false,
+        Expr::CmpVal { lhs, rhs, .. } => val(lhs) && val(rhs),
         Expr::Match { lhs, rhs, .. } => val(lhs) && rhs.iter().all(|t| t.0.iter().all(|p| matches!(p, Part::Lit(_)))),
         Expr::Pattern { lhs, .. }
         | Expr::In { lhs, .. }
@@ -278,6 +279,7 @@ fn network(prog: &Program, id: ExprId) -> bool {
         Expr::All(ids) | Expr::Any(ids) => ids.iter().any(|i| network(prog, *i)),
         Expr::Dnsbl { .. } | Expr::Rhsbl { .. } | Expr::Resolvable(_) | Expr::Callahead => true,
         Expr::In { lhs, set } => val(prog, lhs) || matches!(set, SetRef::Table(t) if remote(prog, *t)),
+        Expr::CmpVal { lhs, rhs, .. } => val(prog, lhs) || val(prog, rhs),
         Expr::Match { lhs, .. }
         | Expr::Pattern { lhs, .. }
         | Expr::Cmp { lhs, .. }
@@ -292,6 +294,7 @@ fn lookup_free(prog: &Program, id: ExprId) -> bool {
         Expr::Not(i) => lookup_free(prog, *i),
         Expr::All(ids) | Expr::Any(ids) => ids.iter().all(|i| lookup_free(prog, *i)),
         Expr::In { lhs, set } => !matches!(set, SetRef::Table(_)) && !matches!(lhs, Val::Lookup { .. }),
+        Expr::CmpVal { .. } => false,
         Expr::Match { lhs, .. }
         | Expr::Pattern { lhs, .. }
         | Expr::Cmp { lhs, .. }
@@ -506,7 +509,7 @@ fn backscatter(prog: &Program, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
                         break;
                     }
                     Action::Reject(_) | Action::Tempfail(_) | Action::RejectCallahead | Action::Discard => break,
-                    Action::Access(_) => {
+                    Action::Access(..) => {
                         pc += 1;
                     }
                     _ => pc += 1,

@@ -103,13 +103,20 @@ fn confirm(
         let mut tried = vec![cx.transcript.clone()];
         tried.extend(cx.alternatives.iter().cloned());
         let mut why = Vec::new();
-        let good = tried.into_iter().find(|t| match mailpolicy_engine::transcript::replay(std_dir(), &policy, t) {
-            Ok(()) => true,
-            Err(f) => {
-                if why.is_empty() {
-                    why = f;
+        let good = tried.into_iter().find(|t| {
+            match mailpolicy_engine::transcript::replay(
+                std_dir(),
+                &policy,
+                t,
+                Some(mailpolicy_daemon::auth::transcript_dkim),
+            ) {
+                Ok(()) => true,
+                Err(f) => {
+                    if why.is_empty() {
+                        why = f;
+                    }
+                    false
                 }
-                false
             }
         });
         match good {

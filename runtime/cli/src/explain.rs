@@ -30,7 +30,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
         return usage("no transcript given");
     }
     let std_dir = crate::check::std_dir();
-    let mut runner = Runner::new(std_dir.clone());
+    let mut runner = Runner::new(std_dir.clone()).with_dkim(Some(mailpolicy_daemon::auth::transcript_dkim));
     let mut worst = 0u8;
     for path in &paths {
         let text = match std::fs::read_to_string(path) {
@@ -96,7 +96,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
                             println!("      test   {} -> {result}", rule(*loc))
                         }
                         Trace::Lookup { request, answer } => {
-                            println!("      lookup {request:?} -> {answer:?}")
+                            println!("      lookup {} -> {answer}", request.describe(prog))
                         }
                         Trace::Action { loc } => println!("      action {}", rule(*loc)),
                     }

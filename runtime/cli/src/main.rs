@@ -1,5 +1,6 @@
 //! `mailc`: a thin command line over the `lang`, `stdlib` and `runtime` crates.
 
+mod batv;
 mod check;
 mod explain;
 mod fmt;
@@ -22,6 +23,7 @@ Usage:
   mailc lsp                                (a language server on standard input and output)
   mailc serve [--policy FILE] [--spool DIR]
   mailc hash-password [--iterations N]     (password on standard input)
+  mailc batv-tag [--keys FILE] [--key N] [--date YYYY-MM-DD] [--lifetime DAYS] ADDRESS
   mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
   mailc help
 
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Some("lsp") => lsp::main(rest),
         Some("queue") => queue::main(rest),
         Some("hash-password") => hashpw::main(rest),
+        Some("batv-tag") => batv::main(rest),
         Some("serve") => serve::main(rest),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");

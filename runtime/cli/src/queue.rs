@@ -44,6 +44,8 @@ enum Cmd {
 enum Failure {
     NotFound(String),
     Io(String),
+    /// The reader of our output went away (`mailc queue list | head`): not an error.
+    Closed,
 }
 
 impl Failure {
@@ -83,6 +85,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
             eprintln!("mailc queue: {m}");
             2
         }
+        Err(Failure::Closed) => 0,
     }
 }
 
@@ -108,7 +111,9 @@ fn parse(args: Vec<OsString>) -> Result<(Cmd, PathBuf), String> {
     let rest: Vec<String> = words.collect();
     let one_id = |rest: &[String]| -> Result<QueueId, String> {
         match rest {
-            [id] => QueueId::parse(id).ok_or_else(|| format!("{id:?} is not a queue id")),
+            // `list` marks an active message `ID*` and a held one `ID!`: the mark may be
+            // copied along with the id, as with Postfix's mailq.
+            [id] => QueueId::parse(id.trim_end_matches(['*', '!'])).ok_or_else(|| format!("{id:?} is not a queue id")),
             [] => Err(format!("{sub} needs a queue id")),
             _ => Err(format!("{sub} takes one queue id")),
         }
@@ -132,7 +137,9 @@ fn parse(args: Vec<OsString>) -> Result<(Cmd, PathBuf), String> {
 }
 
 fn run(cmd: &Cmd, spool: &Spool, now: u64, out: &mut dyn Write) -> Result<(), Failure> {
-    let w = |r: io::Result<()>| r.map_err(|e| Failure::Io(e.to_string()));
+    let w = |r: io::Result<()>| {
+        r.map_err(|e| if e.kind() == io::ErrorKind::BrokenPipe { Failure::Closed } else { Failure::Io(e.to_string()) })
+    };
     match cmd {
         Cmd::List => w(list(spool, out)),
         Cmd::Show(id) => {
@@ -386,7 +393,12 @@ mod tests {
             sender: "alice@example.com".into(),
             recipients: rcpts
                 .iter()
-                .map(|a| QueuedRcpt { address: a.to_string(), notify: vec![], orcpt: String::new() })
+                .map(|a| QueuedRcpt {
+                    address: a.to_string(),
+                    notify: vec![],
+                    orcpt: String::new(),
+                    ..Default::default()
+                })
                 .collect(),
             ret: String::new(),
             envid: String::new(),
@@ -518,6 +530,28 @@ mod tests {
         assert!(matches!(run_s(Cmd::Delete(a.clone()), &spool, 0).0, Err(Failure::NotFound(_))));
         assert!(matches!(run_s(Cmd::Hold(a), &spool, 0).0, Err(Failure::NotFound(_))));
         assert_eq!(spool.list().expect("list").len(), 1);
+    }
+
+    /// `mailc queue delete ID*` with the mark `list` shows; a closed pipe is no error.
+    #[test]
+    fn list_marks_are_accepted_and_a_closed_pipe_is_quiet() {
+        let (_t, spool, a, _) = setup();
+        let args = |w: &[&str]| w.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        for mark in ["*", "!", ""] {
+            let (cmd, _) = parse(args(&["delete", &format!("{a}{mark}")])).expect("parses");
+            assert!(matches!(cmd, Cmd::Delete(ref id) if *id == a), "{mark}");
+        }
+        assert!(parse(args(&["delete", "*"])).is_err());
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from(io::ErrorKind::BrokenPipe))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        assert!(matches!(run(&Cmd::List, &spool, 0, &mut Closed), Err(Failure::Closed)));
     }
 
     #[test]

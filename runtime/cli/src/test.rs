@@ -37,7 +37,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
     if files.is_empty() {
         return usage("no *.transcript files found");
     }
-    let mut runner = Runner::new(crate::check::std_dir());
+    let mut runner = Runner::new(crate::check::std_dir()).with_dkim(Some(mailpolicy_daemon::auth::transcript_dkim));
     let (mut passed, mut failed) = (0usize, 0usize);
     let mut failures: Vec<(String, Vec<String>)> = Vec::new();
     for f in &files {

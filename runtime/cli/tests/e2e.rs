@@ -866,6 +866,9 @@ fn sink_5xx_at_rcpt_and_at_dot_bounce_to_the_sender() {
     }
     assert!(d.log().contains("status=bounced") || d.log().contains("kind=failure"), "{}", d.log());
     assert!(sink_rcpt.messages().is_empty());
+    // A DSN that was delivered owes nobody a notice: no misleading `dsn-dropped` line.
+    wait_for(Duration::from_secs(20), "the DSNs delivered", || d.log().matches("status=sent").count() >= 2, || d.log());
+    assert!(!d.log().contains("dsn-dropped"), "{}", d.log());
     // (a `-f .` sink dumps the data before it answers 5xx, so its files say nothing)
     drop(sink_dot);
     wait_for(
@@ -874,6 +877,73 @@ fn sink_5xx_at_rcpt_and_at_dot_bounce_to_the_sender() {
         || spool_messages(&d.spool()).is_empty(),
         || format!("{}\n{}", queue_list(&d.spool()), d.log()),
     );
+}
+
+/// R1, RFC 3461 section 4: a NOTIFY=SUCCESS recipient relayed to a server without DSN gets
+/// one "relayed" notice; relayed to a server with DSN, NOTIFY goes on and we send nothing.
+#[test]
+fn dsn_success_on_relay_is_one_relayed_notice_or_none() {
+    let t = TempDir::new("dsnrelay");
+    let (port, s_plain, s_dsn) = (free_port(), free_port(), free_port());
+    let plain = Sink::start(&t.join("sink-nodsn"), s_plain, &["-N"]);
+    let with_dsn = Sink::start(&t.join("sink-dsn"), s_dsn, &[]);
+    let policy = base_policy(port, s_plain, "none").replace(
+        "  deliver smtp",
+        &format!("  if recipient.domain :is \"dsn.test\" {{\n    deliver smtp \"[127.0.0.1]:{s_dsn}\";\n  }}\n  deliver smtp"),
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let mut c = Client::connect(port).expect("connect");
+    for (to, subject) in [("x@plain.test", "relayed-no-dsn"), ("y@dsn.test", "relayed-with-dsn")] {
+        c.cmd("MAIL FROM:<a@s.test>", 250).expect("MAIL");
+        c.cmd(&format!("RCPT TO:<{to}> NOTIFY=SUCCESS,FAILURE"), 250).expect("RCPT");
+        c.cmd("DATA", 354).expect("DATA");
+        c.w.write_all(format!("Subject: {subject}\r\n\r\nhello\r\n.\r\n").as_bytes()).expect("data");
+        c.expect(250).expect("queued");
+    }
+    let _ = c.cmd("QUIT", 221);
+    wait_for(
+        Duration::from_secs(30),
+        "both messages at their sinks",
+        || {
+            plain.messages().iter().any(|m| m.contains("relayed-no-dsn"))
+                && with_dsn.messages().iter().any(|m| m.contains("relayed-with-dsn"))
+        },
+        || d.log(),
+    );
+    // The DSN-capable hop got NOTIFY passed on.
+    let m = with_dsn.messages().into_iter().find(|m| m.contains("relayed-with-dsn")).unwrap_or_default();
+    assert!(m.to_ascii_uppercase().contains("NOTIFY=SUCCESS"), "NOTIFY passed on: {m}");
+    wait_for(Duration::from_secs(30), "a notice in mail/a", || !maildir(&t.join("mail/a")).is_empty(), || d.log());
+    wait_for(Duration::from_secs(20), "an empty queue", || spool_messages(&d.spool()).is_empty(), || d.log());
+    let notices = maildir(&t.join("mail/a"));
+    assert_eq!(notices.len(), 1, "exactly one success notice: {notices:#?}\n{}", d.log());
+    let n = &notices[0];
+    assert!(n.contains("Action: relayed"), "{n}");
+    assert!(n.contains("x@plain.test"), "{n}");
+    assert!(!n.contains("y@dsn.test"), "{n}");
+    assert!(!n.contains("Action: delivered"), "{n}");
+}
+
+/// R40 soft_bounce: a remote 5xx defers the recipient (4xx) instead of bouncing it.
+#[test]
+fn soft_bounce_defers_a_remote_5xx() {
+    let t = TempDir::new("softbounce");
+    let (port, s_rcpt) = (free_port(), free_port());
+    let _sink = Sink::start(&t.join("sink-rcpt"), s_rcpt, &["-f", "RCPT"]);
+    let policy = base_policy(port, s_rcpt, "none").replace("  queue_run 1s;", "  queue_run 1s;\n  soft_bounce true;");
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(port, &["--from", "a@s.test", "--to", "x@rcpt.test", "--header", "Subject: soft-bounced"]);
+    assert!(out.contains("Queued as"), "{out}");
+    wait_for(
+        Duration::from_secs(30),
+        "the recipient deferred with a 4xx",
+        || d.log().matches("status=deferred").count() >= 2,
+        || format!("{}\n{}", queue_list(&d.spool()), d.log()),
+    );
+    let listing = queue_list(&d.spool());
+    assert!(listing.contains("x@rcpt.test") && listing.contains("(4"), "{listing}");
+    assert!(!d.log().contains("status=bounced"), "{}", d.log());
+    assert!(maildir(&t.join("mail/a")).is_empty(), "no bounce under soft_bounce");
 }
 
 /// A bounce that cannot be delivered (a null-sender message refused by the next hop) is a
@@ -1853,6 +1923,104 @@ fn route_stage_bcc_and_archive() {
     assert_eq!(maildir(&t.join("mail/audit")).len(), 1, "one bcc copy per message, and no copy of the copy");
     assert_eq!(maildir(&t.join("mail/copies")).len(), 1, "one archive copy");
     assert!(maildir(&t.join("mail/audit"))[0].contains("Subject: copied"));
+}
+
+/// R10/R43: a smarthost whose certificate a private CA signed is trusted with `:ca`; without
+/// it, `:tls required` defers (the system's trust store does not know the CA).
+#[test]
+fn smarthost_tls_required_trusts_a_private_ca() {
+    let t = TempDir::new("privca");
+    let openssl = |args: &[&str]| {
+        let (st, out, err) =
+            run_bounded(Command::new("openssl").args(args).current_dir(t.path()), Duration::from_secs(60));
+        assert!(st.success(), "openssl {args:?}: {out}{err}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=mailpolicy test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "hop.key",
+        "-out",
+        "hop.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(t.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext file");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "hop.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "hop.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    // The next hop: a second daemon with the CA-signed certificate, STARTTLS.
+    let (port, hop_port) = (free_port(), free_port());
+    let hop_dir = t.join("hop");
+    std::fs::create_dir_all(&hop_dir).expect("hop dir");
+    let hop_policy = format!(
+        "list local = domains [\"far.test\"];\n\
+         server {{ hostname \"hop.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{hop_port}\"; tls starttls; cert \"{}\"; key \"{}\"; }}\n\
+         route {{ deliver maildir; }}\n",
+        t.join("hop.pem").display(),
+        t.join("hop.key").display()
+    );
+    let hop = Daemon::start(&hop_dir, &hop_policy, &[hop_port]);
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; retry_min 1s; retry_max 2s; queue_run 1s; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         route {{\n  if recipient.local :is \"pinned\" {{ deliver smtp \"[127.0.0.1]:{hop_port}\" :tls required :ca \"{}\"; }}\n  \
+         deliver smtp \"[127.0.0.1]:{hop_port}\" :tls required;\n}}\n",
+        t.join("ca.pem").display()
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(port, &["--from", "a@d.test", "--to", "pinned@far.test", "--header", "Subject: via-private-ca"]);
+    assert!(out.contains("Queued as"), "{out}");
+    let out = swaks(port, &["--from", "a@d.test", "--to", "other@far.test", "--header", "Subject: no-ca-given"]);
+    assert!(out.contains("Queued as"), "{out}");
+    wait_for(
+        Duration::from_secs(30),
+        "the pinned message at the next hop",
+        || maildir(&hop_dir.join("mail/pinned")).iter().any(|m| m.contains("via-private-ca")),
+        || format!("{}\n--- hop ---\n{}", d.log(), hop.log()),
+    );
+    assert!(d.log().contains("tls=yes"), "{}", d.log());
+    // Without :ca the certificate does not verify: deferred, never sent in clear.
+    wait_for(
+        Duration::from_secs(30),
+        "the other message deferred",
+        || d.log().contains("to=other@far.test") && d.log().contains("status=deferred"),
+        || d.log(),
+    );
+    assert!(maildir(&hop_dir.join("mail/other")).is_empty());
 }
 
 // ================================================================== issue 20: every real message survives

@@ -197,6 +197,21 @@ impl SenderAuth {
     }
 }
 
+/// `mailc test`'s DKIM signer ([`mailpolicy_engine::transcript::run::DkimSign`]): the
+/// daemon's own, so a transcript shows the signature the daemon adds.
+pub fn transcript_dkim(
+    prog: &Program,
+    secrets: &dyn Fn(&str) -> Option<String>,
+    message: &[u8],
+    sender: &str,
+) -> Result<Option<String>, mailpolicy_engine::transcript::run::DkimError> {
+    use mailpolicy_engine::transcript::run::DkimError;
+    match Signer::from_program(prog, secrets).map_err(DkimError::Key)? {
+        Some(signer) if signer.covers(sender) => signer.sign(message, sender).map(Some).map_err(DkimError::Sign),
+        _ => Ok(None),
+    }
+}
+
 /// DKIM signing of outgoing mail (B7): the key is a PEM PKCS#8 private key, RSA or Ed25519.
 pub struct Signer {
     /// The signing domain (d=); None: the envelope sender's domain.

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod fault;
+pub mod fuzzing;
 pub mod ldap;
 pub mod log;
 pub mod lookup;
@@ -24,7 +25,7 @@ pub mod spool;
 pub mod transport;
 
 // The engine's modules under the names the daemon's modules use for them.
-use mailpolicy_engine::{config, conn, date, eval, headers, paths, queue, smtp};
+use mailpolicy_engine::{config, conn, date, eval, headers, paths, queue, routing, smtp};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -244,6 +245,7 @@ impl Shared {
                 address: to.to_string(),
                 notify: vec!["NEVER".into()],
                 orcpt: String::new(),
+                ..Default::default()
             }],
             ret: String::new(),
             envid: String::new(),

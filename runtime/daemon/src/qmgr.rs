@@ -91,6 +91,7 @@ pub fn queue_config(p: &Program) -> QueueConfig {
     if let Some(v) = num(p, "bounce_rate") {
         c.bounce_rate_per_minute = Some(v as u32);
     }
+    c.soft_bounce = matches!(p.server.option("soft_bounce"), Some(OptValue::Bool(true)));
     c
 }
 
@@ -103,11 +104,17 @@ struct RouteInfo {
     target: Target,
     tls: TlsPolicy,
     auth: Option<Credentials>,
+    /// The CA file a verified next hop must chain to (`:ca`, else the server's `tls_ca`);
+    /// None: the system's trust store.
+    ca: Option<PathBuf>,
 }
 
 struct JobDone {
     job: Job,
     results: Vec<(usize, Delivery)>,
+    /// Recipients relayed to another SMTP server (R1, RFC 3461 section 4): whether that
+    /// server took DSN (then it reports success itself), and its name.
+    relayed: Vec<(usize, bool, Option<String>)>,
     /// The delivery panicked (caught at the task boundary), with the panic's text.
     panic: Option<String>,
 }
@@ -274,10 +281,18 @@ async fn run(
                     use futures_util::FutureExt;
                     match work.catch_unwind().await {
                         Ok(d) => d,
-                        Err(p) => JobDone { job: again, results: Vec::new(), panic: Some(panic_payload_text(&*p)) },
+                        Err(p) => JobDone {
+                            job: again,
+                            results: Vec::new(),
+                            relayed: Vec::new(),
+                            panic: Some(panic_payload_text(&*p)),
+                        },
                     }
                 });
             }
+            // Delay warnings fall due by the clock, not only after an attempt (R31).
+            let warnings = q.sched.poll_warnings(now);
+            q.guarded_commands(warnings).await;
         }
         if stopping.is_some() && inflight.is_empty() {
             while q.removals.join_next().await.is_some() {}
@@ -378,6 +393,33 @@ impl Qmgr {
         self.working_on(None);
     }
 
+    /// [`Qmgr::commands`] one at a time, a panic contained to the message it is about.
+    async fn guarded_commands(&mut self, cmds: Vec<Command>) {
+        use futures_util::FutureExt;
+        for c in cmds {
+            let id = match &c {
+                Command::Dsn { id, .. }
+                | Command::Record { id, .. }
+                | Command::Defer { id }
+                | Command::Remove { id } => id.clone(),
+            };
+            self.working_on(Some(&id));
+            if let Err(p) = std::panic::AssertUnwindSafe(self.commands(vec![c])).catch_unwind().await {
+                let why = format!("processing failed: {}", panic_payload_text(&*p));
+                self.quarantine(&id, &why).await;
+            }
+            self.working_on(None);
+        }
+    }
+
+    fn lifetime(&self, class: Class) -> u64 {
+        let c = self.sched.config();
+        match class {
+            Class::Normal => c.max_queue_lifetime_ms,
+            Class::Bounce => c.bounce_queue_lifetime_ms,
+        }
+    }
+
     async fn load(&self, id: &QueueId) -> Option<Stored> {
         let qid = id.clone();
         match spool_io(&self.spool, move |s| s.load(&qid)).await {
@@ -402,6 +444,7 @@ impl Qmgr {
         entry.held = stored.queue == QueueName::Hold;
         let mut updates = Vec::new();
         let mut failures = Vec::new();
+        let mut expired = Vec::new();
         let fresh = stored.attempts == 0 && stored.states.iter().all(|s| matches!(s, RcptState::Pending));
         if fresh {
             self.archive(&stored, &stored.message.archive).await;
@@ -457,7 +500,15 @@ impl Qmgr {
                         .auth
                         .and_then(|s| self.prog.secrets.get(s.index()))
                         .and_then(|s| self.shared.lookups().secret(&s.name).and_then(Credentials::parse));
-                    self.routes.insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth });
+                    let ca = transport
+                        .ca
+                        .clone()
+                        .or_else(|| match self.prog.server.option("tls_ca") {
+                            Some(OptValue::Str(f)) => Some(f.clone()),
+                            _ => None,
+                        })
+                        .map(|f| self.policy_dir.join(f));
+                    self.routes.insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth, ca });
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
                         last.attempts = attempts;
@@ -480,6 +531,7 @@ impl Qmgr {
                             address: a.clone(),
                             notify: rcpt.notify.clone(),
                             orcpt: rcpt.orcpt.clone(),
+                            ..Default::default()
                         })
                         .collect();
                     if crate::headers::received_count(&m.data) > 50 {
@@ -517,6 +569,10 @@ impl Qmgr {
                     );
                     failures.push((i, r.to_string()))
                 }
+                Routed::Defer(r) if now.saturating_sub(stored.arrived_ms) >= self.lifetime(stored.class) => {
+                    // Deferred at route past the queue lifetime: it expires like any deferral.
+                    expired.push((i, format!("{r} (queue lifetime expired)")));
+                }
                 Routed::Defer(r) => {
                     // Route again at the next queue run.
                     updates.push((
@@ -544,8 +600,12 @@ impl Qmgr {
         for c in &copies {
             if let route::Copy::Bcc(to) = c {
                 let mut m = stored.message.clone();
-                m.recipients =
-                    vec![QueuedRcpt { address: to.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }];
+                m.recipients = vec![QueuedRcpt {
+                    address: to.clone(),
+                    notify: vec!["NEVER".into()],
+                    orcpt: String::new(),
+                    ..Default::default()
+                }];
                 m.copy = true;
                 m.archive.clear();
                 match self.spool.store(&m, stored.class, now) {
@@ -557,6 +617,14 @@ impl Qmgr {
                 }
             }
         }
+        if self.sched.config().soft_bounce {
+            // soft_bounce (R40): what would bounce here is deferred and routed again later.
+            for (i, r) in std::mem::take(&mut failures) {
+                let last_reply = crate::eval::soft_bounce_line(&r);
+                updates.push((i, RcptState::Deferred { attempts: 1, next_at: now + 300_000, last_reply }));
+            }
+        }
+        failures.extend(expired);
         if !failures.is_empty() {
             self.dsn(&qid, &stored, DsnKind::Failure, &failures, false).await;
             for (i, r) in &failures {
@@ -672,6 +740,7 @@ impl Qmgr {
         let resolver = self.resolver.clone();
         let cache = self.cache.clone();
         let hostname = shared.hostname.clone();
+        let soft_bounce = self.sched.config().soft_bounce;
         async move {
             let id = job.id.clone();
             let stored = match tokio::task::spawn_blocking({
@@ -687,6 +756,7 @@ impl Qmgr {
                     return JobDone {
                         results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                         job,
+                        relayed: Vec::new(),
                         panic: None,
                     };
                 }
@@ -695,6 +765,7 @@ impl Qmgr {
                     return JobDone {
                         results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                         job,
+                        relayed: Vec::new(),
                         panic: None,
                     };
                 }
@@ -705,6 +776,7 @@ impl Qmgr {
                 return JobDone {
                     results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                     job,
+                    relayed: Vec::new(),
                     panic: None,
                 };
             };
@@ -737,12 +809,29 @@ impl Qmgr {
             }
             let mut opts = DeliveryOptions::new(hostname.clone(), resolver);
             opts.tls = first.tls;
+            if let Some(ca) = &first.ca {
+                match driver::roots_from_pem(ca) {
+                    Ok(roots) => opts.tls_roots = Some(roots),
+                    Err(e) => {
+                        // A CA file that cannot be read is the administrator's to fix: defer.
+                        shared.log.event("tls-ca-failed", &[("id", id.as_str()), ("error", &e)]);
+                        let r = format!("451 4.7.5 cannot read the CA file: {e}");
+                        return JobDone {
+                            results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
+                            job,
+                            relayed: Vec::new(),
+                            panic: None,
+                        };
+                    }
+                }
+            }
             opts.auth = first.auth.clone();
             opts.cache = Some(cache);
             opts.local = LocalIdentity { hostnames: vec![hostname.clone()], addrs: local_addrs(&shared) };
             let report: DeliveryReport = driver::deliver(&first.target, &env, &msg.data, &opts).await;
             let now = now_ms();
             let mut results = Vec::new();
+            let mut relayed = Vec::new();
             for (k, i) in indices.iter().enumerate() {
                 let outcome = report
                     .recipients
@@ -768,12 +857,17 @@ impl Qmgr {
                     (_, Outcome::Deferred(_)) => Delivery::TempFail(text),
                     (_, Outcome::Failed(_)) => Delivery::PermFail(text),
                 };
+                // soft_bounce (R40): logged and recorded as the deferral it becomes.
+                let d = match d {
+                    Delivery::PermFail(t) if soft_bounce => Delivery::TempFail(crate::eval::soft_bounce_line(&t)),
+                    d => d,
+                };
                 shared.log.event(
                     "delivery",
                     &[
                         ("id", id.as_str()),
                         ("to", &rcpt.address),
-                        ("relay", &report.remote_mta.clone().unwrap_or_else(|| format!("{:?}", first.target))),
+                        ("relay", &report.remote_mta.clone().unwrap_or_else(|| first.target.to_string())),
                         (
                             "status",
                             match &d {
@@ -791,13 +885,10 @@ impl Qmgr {
                         ("tls", if report.tls { "yes" } else { "no" }),
                     ],
                 );
-                // R1: the next hop cannot report success itself; we owe a "relayed" DSN.
-                if matches!(d, Delivery::Delivered(_))
-                    && !report.next_hop_dsn
-                    && rcpt.notify.iter().any(|n| n == "SUCCESS")
-                    && matches!(first.target, Target::Smtp(_))
-                {
-                    relayed_dsn(&shared, &spool, &prog, &stored, *i, &report, now).await;
+                // R1: relayed to another SMTP server, which reports success itself when it
+                // takes DSN; otherwise we owe one "relayed" DSN, not a "delivered" one.
+                if matches!(d, Delivery::Delivered(_)) && matches!(first.target, Target::Smtp(_)) {
+                    relayed.push((*i, report.next_hop_dsn, report.remote_host.clone()));
                 }
                 results.push((*i, d));
             }
@@ -824,7 +915,7 @@ impl Qmgr {
                     results.push((*i, Delivery::PermFail("553 5.1.3 Bad recipient address syntax".into())));
                 }
             }
-            JobDone { job, results, panic: None }
+            JobDone { job, results, relayed, panic: None }
         }
     }
 
@@ -832,6 +923,50 @@ impl Qmgr {
         let now = now_ms();
         let id = d.job.id.clone();
         let cmds = self.sched.done(d.job, d.results, now);
+        // RFC 3461 section 4: a recipient relayed to a server with DSN gets no notice from
+        // us (NOTIFY went on with it); one relayed to a server without gets one "relayed"
+        // notice instead of "delivered".
+        let mut out = Vec::with_capacity(cmds.len());
+        let mut relayed_notice = Vec::new();
+        for c in cmds {
+            match c {
+                Command::Dsn { id: cid, class, kind: DsnKind::Success, rcpts, expired } if cid == id => {
+                    let mut delivered = Vec::new();
+                    for (i, reply) in rcpts {
+                        match d.relayed.iter().find(|(r, _, _)| *r == i) {
+                            Some((_, true, _)) => {}
+                            Some((_, false, host)) => relayed_notice.push((i, reply, host.clone())),
+                            None => delivered.push((i, reply)),
+                        }
+                    }
+                    if !delivered.is_empty() {
+                        out.push(Command::Dsn { id: cid, class, kind: DsnKind::Success, rcpts: delivered, expired });
+                    }
+                }
+                other => out.push(other),
+            }
+        }
+        if !relayed_notice.is_empty() {
+            if let Some(stored) = self.load(&id).await {
+                let rcpts: Vec<(usize, String)> = relayed_notice
+                    .iter()
+                    .map(|(i, _, host)| {
+                        let text = match host {
+                            Some(h) => format!("250 2.0.0 relayed to {h}, which does not support DSN"),
+                            None => "250 2.0.0 relayed to a host without DSN support".to_string(),
+                        };
+                        (*i, text)
+                    })
+                    .collect();
+                let host = relayed_notice.iter().find_map(|(_, _, h)| h.clone());
+                self.dsn_as(&id, &stored, DsnKind::Success, &rcpts, false, Some((dsn::DsnKind::Relayed, host))).await;
+            }
+        }
+        self.commands(out).await;
+    }
+
+    /// Execute the scheduler's commands, in order.
+    async fn commands(&mut self, cmds: Vec<Command>) {
         for c in cmds {
             match c {
                 Command::Dsn { id, kind, rcpts, expired, .. } => {
@@ -867,17 +1002,33 @@ impl Qmgr {
                 }
             }
         }
-        let _ = id;
     }
 
     /// Build and queue a DSN for `rcpts` of a stored message, honouring NOTIFY, RET and the
     /// policy's bounce/delay stage. Bounces of bounces go nowhere (never to `<>`).
     async fn dsn(&mut self, id: &QueueId, stored: &Stored, kind: DsnKind, rcpts: &[(usize, String)], expired: bool) {
+        self.dsn_as(id, stored, kind, rcpts, expired, None).await
+    }
+
+    /// [`Qmgr::dsn`], with the report's action and the remote MTA given (a "relayed" DSN).
+    async fn dsn_as(
+        &mut self,
+        id: &QueueId,
+        stored: &Stored,
+        kind: DsnKind,
+        rcpts: &[(usize, String)],
+        expired: bool,
+        report_as: Option<(dsn::DsnKind, Option<String>)>,
+    ) {
         let msg = &stored.message;
         let now = now_ms();
         // A bounce that cannot be delivered is a double bounce: it goes to the server's
         // `postmaster`, once (a double bounce that fails is dropped), never to `<>`.
         let double = msg.sender.is_empty();
+        if double && kind != DsnKind::Failure {
+            // A DSN or alert delivered (or delayed) owes nobody a notice: nothing to drop.
+            return;
+        }
         let to = if double {
             let pm = match self.prog.server.option("postmaster") {
                 Some(OptValue::Str(s)) => s.clone(),
@@ -886,7 +1037,7 @@ impl Qmgr {
             let already = String::from_utf8_lossy(&msg.data[..msg.data.len().min(4096)])
                 .to_ascii_lowercase()
                 .contains("x-mailpolicy-double-bounce:");
-            if kind != DsnKind::Failure || pm.is_empty() || already {
+            if pm.is_empty() || already {
                 self.shared.log.event(
                     "dsn-dropped",
                     &[
@@ -902,11 +1053,13 @@ impl Qmgr {
             msg.sender.clone()
         };
         let sender = reverse_path(&to);
-        let tkind = match kind {
-            DsnKind::Failure => dsn::DsnKind::Failure,
-            DsnKind::Delay => dsn::DsnKind::Delay,
-            DsnKind::Success => dsn::DsnKind::Success,
+        let tkind = match (&report_as, kind) {
+            (Some((k, _)), _) => *k,
+            (None, DsnKind::Failure) => dsn::DsnKind::Failure,
+            (None, DsnKind::Delay) => dsn::DsnKind::Delay,
+            (None, DsnKind::Success) => dsn::DsnKind::Success,
         };
+        let remote_mta = report_as.as_ref().and_then(|(_, h)| h.as_deref());
         let mut entries = Vec::new();
         for (i, reply) in rcpts {
             let Some(r) = msg.recipients.get(*i) else { continue };
@@ -926,7 +1079,7 @@ impl Qmgr {
                 DsnKind::Delay => Outcome::Deferred(rep),
                 DsnKind::Success => Outcome::Delivered(rep),
             };
-            let mut e = DsnRecipient::from_outcome(tkind, &r.address, orcpt_of(r).as_ref(), &outcome, None, now);
+            let mut e = DsnRecipient::from_outcome(tkind, &r.address, orcpt_of(r).as_ref(), &outcome, remote_mta, now);
             if kind == DsnKind::Delay {
                 e.will_retry_until = Some(stored.arrived_ms + queue_config(&self.prog).max_queue_lifetime_ms);
             }
@@ -942,18 +1095,21 @@ impl Qmgr {
             self.shared.log.event("dsn-dropped", &[("id", id.as_str()), ("kind", "delay"), ("by", "policy")]);
             return;
         }
-        let kind_word = match kind {
-            DsnKind::Failure => "failure",
-            DsnKind::Delay => "delay",
-            DsnKind::Success => "success",
+        let kind_word = match (tkind, kind) {
+            (dsn::DsnKind::Relayed, _) => "relayed",
+            (_, DsnKind::Failure) => "failure",
+            (_, DsnKind::Delay) => "delay",
+            (_, DsnKind::Success) => "success",
         };
         let reason = rcpts.first().map(|r| r.1.clone()).unwrap_or_default();
+        // A "relayed" notice is a success notice to the bounce stage (`bounce.type`).
+        let bounce_type = if kind_word == "relayed" { "success" } else { kind_word };
         let (allowed, effects) = route::bounce_allowed(
             &self.prog,
             &lookups,
             msg,
             &to,
-            kind_word,
+            bounce_type,
             &reason,
             now,
             id.as_str(),
@@ -1003,7 +1159,12 @@ impl Qmgr {
         }
         let bounce = QueuedMessage {
             sender: String::new(),
-            recipients: vec![QueuedRcpt { address: to.clone(), notify: vec!["NEVER".into()], orcpt: String::new() }],
+            recipients: vec![QueuedRcpt {
+                address: to.clone(),
+                notify: vec!["NEVER".into()],
+                orcpt: String::new(),
+                ..Default::default()
+            }],
             data,
             client_ip: "127.0.0.1".into(),
             helo: self.shared.hostname.clone(),
@@ -1030,68 +1191,13 @@ impl Qmgr {
     }
 }
 
-async fn relayed_dsn(
-    shared: &Shared,
-    spool: &Spool,
-    _prog: &Program,
-    stored: &Stored,
-    i: usize,
-    report: &DeliveryReport,
-    now: u64,
-) {
-    let msg = &stored.message;
-    let Some(r) = msg.recipients.get(i) else { return };
-    let sender = reverse_path(&msg.sender);
-    let outcome = Outcome::Delivered(Reply::new(250, (2, 0, 0), "relayed to a host without DSN support"));
-    let e = DsnRecipient::from_outcome(
-        dsn::DsnKind::Relayed,
-        &r.address,
-        orcpt_of(r).as_ref(),
-        &outcome,
-        report.remote_host.as_deref(),
-        now,
-    );
-    let d = dsn::Dsn {
-        kind: dsn::DsnKind::Relayed,
-        hostname: &shared.hostname,
-        sender: &sender,
-        envid: (!msg.envid.is_empty()).then_some(msg.envid.as_str()),
-        ret: Some(smtp::Ret::Hdrs),
-        arrival_date: stored.arrived_ms,
-        now,
-        recipients: std::slice::from_ref(&e),
-        message: &msg.data,
-        size_limit: 50_000,
-    };
-    let bounce = QueuedMessage {
-        sender: String::new(),
-        recipients: vec![QueuedRcpt {
-            address: msg.sender.clone(),
-            notify: vec!["NEVER".into()],
-            orcpt: String::new(),
-        }],
-        data: dsn::build_dsn(&d),
-        client_ip: "127.0.0.1".into(),
-        helo: shared.hostname.clone(),
-        session: crate::conn::Snapshot::internal(_prog, &shared.hostname),
-        ..Default::default()
-    };
-    if let Ok(id) = spool.store(&bounce, Class::Bounce, now) {
-        shared.log.event(
-            "dsn",
-            &[("id", stored.id.as_str()), ("kind", "relayed"), ("to", &msg.sender), ("dsn_id", id.as_str())],
-        );
-        shared.enqueued(id.as_str());
-    }
-}
-
 fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
     vec![std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)]
 }
 
 /// The delivery target for a route key.
 fn target_for(key: &str, address: &str) -> Option<Target> {
-    let key = key.strip_suffix(" tls").unwrap_or(key);
+    let key = key.split(" tls").next().unwrap_or(key);
     if let Some(domain) = key.strip_prefix("mx:") {
         let d = if domain.is_empty() { mailpolicy_stdlib::address::split(address).1 } else { domain.to_string() };
         return Destination::parse(&d).map(Target::Smtp);

@@ -121,8 +121,18 @@ pub async fn route(
             Vec::new(),
         );
     };
-    let (facts, mut state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
-    let v = run_stage(prog, lookups, Stage::Route, &facts, &mut state).await;
+    let (facts, state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
+    // Rewritten recipients are routed anew, soft_bounce defers the error transport.
+    let mut run = crate::routing::RouteRun::new(prog, facts, state);
+    let v = loop {
+        match run.step(prog) {
+            Step::Need(req) => {
+                let a = lookups.answer(prog, &req, now_ms).await;
+                run.answer(req, a);
+            }
+            Step::Done(v) => break v,
+        }
+    };
     let copies = v
         .effects
         .iter()
@@ -166,6 +176,7 @@ fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedR
             dest: None,
             tls: mailpolicy_lang::ir::TlsMode::May,
             auth: None,
+            ca: None,
             root: None,
         },
     };
@@ -207,8 +218,9 @@ fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedR
             (d, _) => format!("mbox:{}", policy_dir.join(d.clone().unwrap_or_default()).display()),
         },
     };
-    let key = match transport.tls {
-        mailpolicy_lang::ir::TlsMode::Required => format!("{key} tls"),
+    let key = match (transport.tls, &transport.ca) {
+        (mailpolicy_lang::ir::TlsMode::Required, Some(ca)) => format!("{key} tls ca={ca}"),
+        (mailpolicy_lang::ir::TlsMode::Required, None) => format!("{key} tls"),
         _ => key,
     };
     // Recipients with a rewritten sender travel in envelopes of their own.
@@ -262,7 +274,7 @@ pub async fn bounce_allowed(
     queue_id: &str,
     arrived_ms: u64,
 ) -> (bool, Vec<Effect>) {
-    let rcpt = QueuedRcpt { address: to.to_string(), notify: Vec::new(), orcpt: String::new() };
+    let rcpt = QueuedRcpt { address: to.to_string(), notify: Vec::new(), orcpt: String::new(), ..Default::default() };
     let (mut facts, mut state) = facts_for(prog, msg, Some(&rcpt), now_ms, queue_id, arrived_ms);
     facts.sender = Some(String::new());
     facts.bounce = Some((kind.to_string(), reason.to_string()));

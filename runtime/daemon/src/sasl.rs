@@ -277,6 +277,20 @@ mod tests {
         assert_eq!(user.as_deref(), Some("alice"));
     }
 
+    /// The example credentials are real verifiers (issue 11): the passwords the file's
+    /// comment gives are accepted, others are not.
+    #[test]
+    fn example_credentials_verify() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data/passwd");
+        let text = std::fs::read_to_string(path).expect("examples/data/passwd");
+        let table = mailpolicy_stdlib::tables::FileTable::parse("map", &text).expect("a map file");
+        for (login, password) in [("alice@example.com", "s3cret"), ("bob@example.com", "bob-s3cret")] {
+            let v = table.lookup(login).and_then(|v| Verifier::parse(&v)).expect("a verifier for each login");
+            assert!(v.check(password.as_bytes()), "{login}");
+            assert!(!v.check(b"wrong"), "{login}");
+        }
+    }
+
     #[test]
     fn verifier_format() {
         let h = Verifier::hash("pw", 4096);

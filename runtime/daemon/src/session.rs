@@ -140,9 +140,10 @@ pub async fn run(
         .map(|t| Arc::new(TableCredentials { lookups: lookups.clone(), table: t.clone() }) as Arc<dyn CredentialStore>);
     let mut sasl = credentials.and_then(|c| SaslServer::new(c).ok());
     let ip_key = format!("client.ip={}", remote.ip());
-    // `concurrent by client.ip` counts this session until the guard drops, on every path
-    // the session ends (a panic unwinding included).
-    let _count = ConcurrencyGuard::open(lookups.clone(), ip_key.clone());
+    let session_keys = crate::eval::session_keys(remote.ip());
+    // `concurrent by client.ip` / `client.network` counts this session until the guard
+    // drops, on every path the session ends (a panic unwinding included).
+    let _count = ConcurrencyGuard::open(lookups.clone(), session_keys);
     let mut auth_state = AuthState::default();
     let mut auth_sender: Option<String> = None;
     let mut shutdown = shared.shutdown.clone();
@@ -303,6 +304,50 @@ pub async fn run(
                         }
                     }
                 }
+                Need::Seal(seal) => {
+                    // Authentication-Results for what the policy checked (mail-auth's own
+                    // record of the checks, with their details), then our DKIM signature
+                    // when Conn says the sender is one of our users; Conn adds them.
+                    let mut fields = Vec::new();
+                    let f = conn.facts();
+                    if !seal.checked.is_empty() && auth_sender.as_deref() == f.sender.as_deref() {
+                        let helo = f.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
+                        if let Some(h) = lookups.sender_auth.header(&auth_state, f.client_ip, &helo, &seal.sender) {
+                            fields.push(h);
+                        }
+                    }
+                    if seal.sign {
+                        if let (Some(signer), Some((head, tail))) =
+                            (lookups.signer.as_ref().filter(|s| s.covers(&seal.sender)), conn.sealing_message())
+                        {
+                            // The signature covers the whole message (the part spilled to disk
+                            // included) and the Authentication-Results field too.
+                            let whole = if tail > 0 { spill.whole(head, &shared).await } else { None };
+                            let data = match (&whole, tail) {
+                                (Some((_, w)), _) => Some(w.as_slice()),
+                                (None, 0) => Some(head),
+                                (None, _) => None,
+                            };
+                            let mut signed = fields.concat().into_bytes();
+                            match data {
+                                Some(d) => {
+                                    signed.extend_from_slice(d);
+                                    match signer.sign(&signed, &seal.sender) {
+                                        Ok(h) => fields.push(h),
+                                        Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
+                                    }
+                                }
+                                None => log.event(
+                                    "dkim-sign-failed",
+                                    &[("session", &id), ("error", "the spilled message could not be read")],
+                                ),
+                            }
+                        }
+                    }
+                    // The DKIM-Signature goes on top, as a signer prepends it.
+                    fields.reverse();
+                    conn.sealed(&fields);
+                }
                 Need::Queue(_) if !shared.qmgr_up() => {
                     // Accept nothing that would go nowhere: the queue manager is down (its
                     // supervisor is restarting it).
@@ -314,33 +359,8 @@ pub async fn run(
                     };
                     conn.queue_failed(Some(r), Time(now_ms()));
                 }
-                Need::Queue(mut msg) => {
+                Need::Queue(msg) => {
                     super::fault::check("session", &msg.data);
-                    // Authentication-Results for what was checked, then our DKIM signature on
-                    // mail our own users send (authenticated or from `networks`).
-                    {
-                        let f = conn.facts();
-                        let mut prefix = String::new();
-                        if auth_sender.as_deref() == f.sender.as_deref() {
-                            let helo = f.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
-                            if let Some(h) = lookups.sender_auth.header(&auth_state, f.client_ip, &helo, &msg.sender) {
-                                prefix.push_str(&h);
-                            }
-                        }
-                        if let Some(signer) = lookups.signer.as_ref().filter(|s| s.covers(&msg.sender)) {
-                            if f.auth.is_some() || trusted(&prog, f.client_ip) {
-                                let whole = if msg.tail > 0 { spill.whole(&msg.data, &shared).await } else { None };
-                                let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(&msg.data);
-                                match signer.sign(data, &msg.sender) {
-                                    Ok(h) => prefix.push_str(&h),
-                                    Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
-                                }
-                            }
-                        }
-                        if !prefix.is_empty() {
-                            msg.data = crate::headers::edit(&msg.data, &prefix, &[]);
-                        }
-                    }
                     auth_state = AuthState::default();
                     auth_sender = None;
                     // The message moves to the blocking pool and back: no copy of its data.
@@ -582,15 +602,15 @@ fn failure(e: &std::io::Error) -> StoreFailure {
 /// One session's share of its client's `concurrent` count, released on drop.
 struct ConcurrencyGuard {
     lookups: Arc<Lookups>,
-    key: String,
+    keys: Vec<String>,
 }
 
 impl ConcurrencyGuard {
-    fn open(lookups: Arc<Lookups>, key: String) -> ConcurrencyGuard {
+    fn open(lookups: Arc<Lookups>, keys: Vec<String>) -> ConcurrencyGuard {
         if let Ok(mut r) = lookups.rates.lock() {
-            r.open(&key);
+            keys.iter().for_each(|k| r.open(k));
         }
-        ConcurrencyGuard { lookups, key }
+        ConcurrencyGuard { lookups, keys }
     }
 }
 
@@ -598,7 +618,7 @@ impl Drop for ConcurrencyGuard {
     fn drop(&mut self) {
         // A poisoned lock still holds the counts: release ours all the same.
         let mut r = self.lookups.rates.lock().unwrap_or_else(|p| p.into_inner());
-        r.close(&self.key);
+        self.keys.iter().for_each(|k| r.close(k));
     }
 }
 
@@ -629,16 +649,6 @@ pub fn command_timeout(prog: &Program, listener: Option<&str>) -> Duration {
     match l.and_then(|l| l.option("command_timeout")) {
         Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
         _ => Duration::from_secs(300),
-    }
-}
-
-/// The client is in the server's `networks` (loopback when none is declared).
-fn trusted(prog: &Program, ip: std::net::IpAddr) -> bool {
-    match prog.server.option("networks") {
-        Some(OptValue::ListRef(id)) => {
-            prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(ip)))
-        }
-        _ => ip.is_loopback(),
     }
 }
 

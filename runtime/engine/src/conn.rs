@@ -17,8 +17,8 @@ use std::time::Duration;
 use mailpolicy_lang::ir::{DsnAction, LocId, OptValue, Program, Scope, Stage};
 
 use crate::eval::{
-    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step, TlsFacts,
-    Verdict,
+    Answer, AuthCheck, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step,
+    TlsFacts, Verdict,
 };
 use crate::smtp::{
     self, AuthOutcome, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo,
@@ -44,6 +44,9 @@ pub struct QueuedRcpt {
     /// NOTIFY as stored (after `dsn notify never` / `dsn deny success`); empty = not given.
     pub notify: Vec<String>,
     pub orcpt: String,
+    /// The address as the client wrote it, when the server took its BATV tag off (R29).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub batv_tagged: String,
 }
 
 /// A message the host must make durable before the 250 reply.
@@ -119,6 +122,7 @@ impl Snapshot {
             routing: false,
             notify: r.notify.clone(),
             orcpt: r.orcpt.clone(),
+            batv_tagged: (!r.batv_tagged.is_empty()).then(|| r.batv_tagged.clone()),
         });
         f.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
         // The queue side sees what the data stage saw: the header section and the body's
@@ -204,10 +208,28 @@ pub enum Need {
     AuthStep { mechanism: String, data: Option<Vec<u8>> },
     /// Flush output, do the TLS handshake, then [`Conn::tls_established`] (or close).
     StartTls,
+    /// Before a message is queued: the header fields the host adds to it, answered with
+    /// [`Conn::sealed`] (B7). Conn decided what is asked; the host computes the fields
+    /// (the daemon with mail-auth, `mailc test` from its fixtures) and Conn prepends them,
+    /// so a transcript sees what the daemon stores. The message is [`Conn::sealing_message`].
+    Seal(Seal),
     /// Make the message durable, then [`Conn::queued`] with its id, or [`Conn::queue_failed`].
     Queue(QueuedMessage),
     /// Informational.
     Note(Note),
+}
+
+/// What [`Need::Seal`] asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seal {
+    /// The sender-authentication checks the policy read in this transaction, with the
+    /// answers it got: an `Authentication-Results` field reports them (RFC 8601).
+    pub checked: Vec<(AuthCheck, String)>,
+    /// Sign the message with the server's DKIM key: the client authenticated or is in
+    /// `networks` (the host signs when `dkim_domain` covers the sender).
+    pub sign: bool,
+    /// The envelope sender of the message.
+    pub sender: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -241,12 +263,14 @@ enum Pending {
     /// Waiting for the host to store the message; the reply is then held this long
     /// (a `tarpit` at data).
     Queue(Duration),
+    /// Waiting for [`Conn::sealed`]: the message to queue, and the reply's delay.
+    Seal(Box<QueuedMessage>, Duration),
 }
 
 /// The policy settings a connection needs.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyMode {
-    /// R40 soft-bounce: every reject becomes a tempfail.
+    /// R40 soft-bounce: every reject becomes a tempfail, 5xy to 4xy as Postfix does.
     pub soft_bounce: bool,
     /// R40 warn-only: rejects and tempfails are logged and the item accepted.
     pub warn_only: bool,
@@ -278,6 +302,8 @@ pub struct Conn {
     /// The listener requires TLS / AUTH before MAIL.
     require_tls: bool,
     require_auth: bool,
+    /// SPF, DKIM and DMARC answers the policy read in this transaction (for Need::Seal).
+    auth_checked: Vec<(AuthCheck, String)>,
     /// Free space of the spool's file system, as the host last saw it (None: unknown).
     free_space: Option<u64>,
 }
@@ -318,6 +344,7 @@ impl Conn {
             deferred: None,
             require_tls: false,
             require_auth: false,
+            auth_checked: Vec::new(),
             free_space: None,
         }
     }
@@ -414,7 +441,7 @@ impl Conn {
                 continue;
             }
             match &mut self.pending {
-                Pending::Queue(_) => return None,
+                Pending::Queue(_) | Pending::Seal(..) => return None,
                 Pending::Stage { run, .. } => {
                     self.facts.session_errors = self.session.error_count();
                     match run.step(&self.prog, &self.facts, &mut self.state) {
@@ -440,6 +467,15 @@ impl Conn {
 
     /// Answer the last [`Need::Policy`].
     pub fn answer(&mut self, request: Request, answer: Answer) {
+        if let Request::Auth(check) = &request {
+            let word = match &answer {
+                Answer::Value(Some(v)) => v.to_ascii_lowercase(),
+                Answer::Value(None) => "none".to_string(),
+                _ => "temperror".to_string(),
+            };
+            self.auth_checked.retain(|(c, _)| c != check);
+            self.auth_checked.push((*check, word));
+        }
         if let Pending::Stage { run, .. } = &mut self.pending {
             run.answer(request, answer);
         }
@@ -458,6 +494,41 @@ impl Conn {
         self.facts.tls = Some(tls_facts(&info));
         self.reset_session_facts();
         let _ = self.session.tls_established(info, now);
+    }
+
+    /// The message a [`Need::Seal`] is about (as it will be queued, before the fields).
+    /// The message being sealed: the part in memory, and how many bytes of it the host
+    /// spilled to disk after that part (`QueuedMessage::tail`).
+    pub fn sealing_message(&self) -> Option<(&[u8], u64)> {
+        match &self.pending {
+            Pending::Seal(m, _) => Some((&m.data, m.tail)),
+            _ => None,
+        }
+    }
+
+    /// Answer [`Need::Seal`]: header fields to add on top of the message (each a complete
+    /// field, `Name: value` with its CRLF, folded or not). Then [`Need::Queue`] follows.
+    pub fn sealed(&mut self, fields: &[String]) {
+        if let Pending::Seal(..) = &self.pending {
+            let Pending::Seal(mut msg, delay) = std::mem::replace(&mut self.pending, Pending::Queue(Duration::ZERO))
+            else {
+                return;
+            };
+            let mut data = Vec::with_capacity(msg.data.len() + 512);
+            for f in fields {
+                // A field must end with CRLF, whatever the host gave.
+                let f = f.trim_end_matches(['\r', '\n']);
+                if f.is_empty() || !f.contains(':') {
+                    continue;
+                }
+                data.extend_from_slice(f.as_bytes());
+                data.extend_from_slice(b"\r\n");
+            }
+            data.extend_from_slice(&msg.data);
+            msg.data = data;
+            self.pending = Pending::Queue(delay);
+            self.notes.push_back(Need::Queue(*msg));
+        }
     }
 
     /// The host stored the message durably under `id`.
@@ -503,6 +574,7 @@ impl Conn {
     }
 
     fn end_transaction(&mut self) {
+        self.auth_checked.clear();
         self.clear_transaction_facts();
         self.state.clear(&self.prog, Scope::Transaction);
         self.tx = Tx::default();
@@ -523,6 +595,9 @@ impl Conn {
                 self.notes.push_back(Need::Note(Note::Count { counter: Counter::Bounces, keys }));
             }
             self.notes.push_back(Need::Note(Note::Count { counter, keys }));
+        }
+        if stage == Stage::Rcpt {
+            self.state.rcpt_friend = None;
         }
         self.pending = Pending::Stage { run: Run::new(&self.prog, stage), event };
         None
@@ -612,7 +687,16 @@ impl Conn {
                 let orcpt = params.orcpt.as_ref().map(|o| format!("{};{}", o.addr_type, o.address)).unwrap_or_default();
                 // A source route (`<@hop:user@domain>`) or an `@` in a quoted local part (R15).
                 let routing = matches!(to, ForwardPath::Mailbox(m) if m.routed || (m.quoted && m.local.contains('@')));
-                self.facts.recipient = Some(RcptFacts { address, routing, notify, orcpt });
+                // R29: with BATV keys, a tagged recipient (a bounce to an address we signed)
+                // is routed and delivered without its tag; `batv valid` checks the tag.
+                let (address, batv_tagged) = match self.prog.server.option("batv_keys") {
+                    Some(_) => match mailpolicy_stdlib::batv::strip(&address) {
+                        Some(plain) => (plain, Some(address)),
+                        None => (address, None),
+                    },
+                    None => (address, None),
+                };
+                self.facts.recipient = Some(RcptFacts { address, routing, notify, orcpt, batv_tagged });
                 // RFC 5321 4.5.1: <postmaster> must be accepted whatever the policy says.
                 if matches!(to, ForwardPath::Postmaster) {
                     let rcpt = self.rcpt_record();
@@ -680,10 +764,24 @@ impl Conn {
 
     fn rcpt_record(&self) -> QueuedRcpt {
         let r = self.facts.recipient.clone().unwrap_or_default();
-        QueuedRcpt { address: r.address, notify: r.notify, orcpt: r.orcpt }
+        QueuedRcpt {
+            address: r.address,
+            notify: r.notify,
+            orcpt: r.orcpt,
+            batv_tagged: r.batv_tagged.unwrap_or_default(),
+        }
     }
 
     fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
+        // sendmail's delay_checks (R17): a refusal an `access ... :delay` held at connect,
+        // helo, auth or mail reaches this recipient now, unless it is a FRIEND (or, with
+        // `:delay hater`, unless it is a HATER).
+        if stage == Stage::Rcpt && matches!(v.outcome, Outcome::Default | Outcome::Accept | Outcome::Discard) {
+            if let Some(d) = self.state.delayed_for_recipient() {
+                v.outcome = d.outcome.clone();
+                v.decided_by = Some(d.loc);
+            }
+        }
         // Policy modes (R40).
         if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
             if self.mode.warn_only {
@@ -691,11 +789,7 @@ impl Conn {
                 v.outcome = Outcome::Default;
             } else if self.mode.soft_bounce {
                 if let Outcome::Reject(r) = &v.outcome {
-                    v.outcome = Outcome::Tempfail(RenderedReply {
-                        code: 450,
-                        enhanced: (4, r.enhanced.1, r.enhanced.2),
-                        text: r.text.clone(),
-                    });
+                    v.outcome = Outcome::Tempfail(crate::eval::soft_bounce(r));
                 }
             }
         }
@@ -713,7 +807,7 @@ impl Conn {
             Outcome::Reject(r) => format!("reject {r}"),
             Outcome::Tempfail(r) => format!("tempfail {r}"),
             Outcome::Discard => "discard".to_string(),
-            Outcome::Deliver(t) => format!("deliver {:?}", t.kind),
+            Outcome::Deliver(t) => format!("deliver {t}"),
         };
         self.notes.push_back(Need::Note(Note::Verdict {
             stage,
@@ -840,7 +934,12 @@ impl Conn {
                     return;
                 };
                 let live: Vec<QueuedRcpt> = if let Some(to) = &self.tx.redirect {
-                    vec![QueuedRcpt { address: to.clone(), notify: Vec::new(), orcpt: String::new() }]
+                    vec![QueuedRcpt {
+                        address: to.clone(),
+                        notify: Vec::new(),
+                        orcpt: String::new(),
+                        ..Default::default()
+                    }]
                 } else {
                     self.tx.rcpts.iter().filter(|r| !r.discard).map(|r| r.rcpt.clone()).collect()
                 };
@@ -850,6 +949,7 @@ impl Conn {
                         address: b.clone(),
                         notify: vec!["NEVER".into()],
                         orcpt: String::new(),
+                        ..Default::default()
                     });
                 }
                 if discard || self.tx.discard || self.discard_session || recipients.is_empty() {
@@ -888,6 +988,16 @@ impl Conn {
                     copy: false,
                     tail: spilled,
                 };
+                // B7: Authentication-Results for what the policy checked, and our DKIM
+                // signature on mail our own users send, are asked of the host and added here.
+                let checked = std::mem::take(&mut self.auth_checked);
+                let sign = self.facts.auth.is_some() || self.trusted_client();
+                if !checked.is_empty() || sign {
+                    let sender = msg.sender.clone();
+                    self.pending = Pending::Seal(Box::new(msg), delay);
+                    self.notes.push_back(Need::Seal(Seal { checked, sign, sender }));
+                    return;
+                }
                 self.pending = Pending::Queue(delay);
                 self.notes.push_back(Need::Queue(msg));
                 // The reply waits for `queued`, and then for a tarpit's delay.
@@ -918,6 +1028,16 @@ impl Conn {
                 Effect::Dsn(DsnAction::RetHeaders) => self.tx.ret_headers = true,
                 _ => {}
             }
+        }
+    }
+
+    /// The client is in the server's `networks` (loopback when none is declared).
+    fn trusted_client(&self) -> bool {
+        match self.prog.server.option("networks") {
+            Some(OptValue::ListRef(id)) => {
+                self.prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(self.facts.client_ip)))
+            }
+            _ => self.facts.client_ip.is_loopback(),
         }
     }
 

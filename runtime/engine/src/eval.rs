@@ -169,6 +169,9 @@ pub struct RcptFacts {
     /// NOTIFY values, upper case.
     pub notify: Vec<String>,
     pub orcpt: String,
+    /// The address as the client wrote it when the server took a BATV tag off it
+    /// (`prvs=...=user@domain`, R29): `batv valid` checks this one.
+    pub batv_tagged: Option<String>,
 }
 
 /// The outcome of one delivery attempt (deliver stage).
@@ -267,6 +270,36 @@ pub struct State {
     pub dnsbl_hit: Option<(String, String, String)>,
     /// (code, text) of the last call-ahead.
     pub callahead: Option<(u16, String)>,
+    /// A refusal an `access ... :delay` held for the recipients (sendmail's delay_checks):
+    /// from connect, helo or auth for the session, from mail for the transaction.
+    pub delayed: Option<DelayedRefusal>,
+    /// What the rcpt stage's `access` said about the current recipient: FRIEND (true) or
+    /// HATER (false); reset for each recipient.
+    pub rcpt_friend: Option<bool>,
+}
+
+/// A refusal held for the recipients by `access TABLE :delay`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DelayedRefusal {
+    pub outcome: Outcome,
+    pub mode: AccessDelay,
+    /// The `access` action that found it.
+    pub loc: LocId,
+    /// Set at mail: ends with the transaction.
+    pub transaction: bool,
+}
+
+impl State {
+    /// The held refusal, if it reaches the current recipient (`access ... :delay`): every
+    /// recipient but a FRIEND, or with `:delay hater` only a HATER.
+    pub fn delayed_for_recipient(&self) -> Option<&DelayedRefusal> {
+        let d = self.delayed.as_ref()?;
+        let reaches = match d.mode {
+            AccessDelay::Hater => self.rcpt_friend == Some(false),
+            _ => self.rcpt_friend != Some(true),
+        };
+        reaches.then_some(d)
+    }
 }
 
 impl State {
@@ -282,6 +315,13 @@ impl State {
         }
         if scope == Scope::Transaction {
             self.callahead = None;
+            self.rcpt_friend = None;
+            if self.delayed.as_ref().is_some_and(|d| d.transaction) {
+                self.delayed = None;
+            }
+        }
+        if scope == Scope::Session {
+            self.delayed = None;
         }
     }
 }
@@ -330,6 +370,36 @@ pub enum Request {
 }
 
 impl Request {
+    /// What an operator reads in logs, `mailc test -v` and `mailc explain`: table and
+    /// scanner names, not their ids (`lookup users "alice"`, `dns example.com MX`).
+    pub fn describe(&self, prog: &Program) -> String {
+        match self {
+            Request::Lookup { table, key } => {
+                let name = prog.tables.get(table.index()).map(|t| t.name.as_str()).unwrap_or("?");
+                format!("lookup {name} {key:?}")
+            }
+            Request::Dns { name, rtype } => format!("dns {name} {}", rtype.name()),
+            Request::Rate { counter, key, window_ms } => {
+                format!("rate {} by {key} per {}", counter.name(), fmt_duration(*window_ms))
+            }
+            Request::Concurrent { key } => format!("concurrent by {key}"),
+            Request::Auth(c) => match c {
+                AuthCheck::Spf => "spf".into(),
+                AuthCheck::Dkim => "dkim".into(),
+                AuthCheck::Dmarc => "dmarc".into(),
+                AuthCheck::DmarcPolicy => "dmarc.policy".into(),
+            },
+            Request::Scan { scanner } => {
+                format!("score {}", prog.scanners.get(scanner.index()).map(|s| s.name.as_str()).unwrap_or("?"))
+            }
+            Request::Callahead { recipient, sender } => format!("callahead <{recipient}> from <{sender}>"),
+            Request::Greylist { client, sender, recipient, .. } => {
+                format!("greylist {client} <{sender}> <{recipient}>")
+            }
+            Request::BatvValid { address } => format!("batv valid <{address}>"),
+        }
+    }
+
     /// Does a failed answer to this request decide the stage (4xx) by default?
     fn table(&self) -> Option<TableId> {
         match self {
@@ -357,6 +427,69 @@ pub enum Answer {
     Timeout,
 }
 
+impl RrType {
+    pub fn name(self) -> &'static str {
+        match self {
+            RrType::A => "A",
+            RrType::Aaaa => "AAAA",
+            RrType::Mx => "MX",
+            RrType::Txt => "TXT",
+            RrType::Ptr => "PTR",
+        }
+    }
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Value(Some(v)) => write!(f, "{v:?}"),
+            Answer::Value(None) => f.write_str("not found"),
+            Answer::Records(r) => write!(f, "{}", r.join(", ")),
+            Answer::NxDomain => f.write_str("NXDOMAIN"),
+            Answer::Count(n) => write!(f, "{n}"),
+            Answer::Score(x) => write!(f, "{x}"),
+            Answer::Reply { code, text } => write!(f, "{code} {text}"),
+            Answer::Bool(b) => write!(f, "{b}"),
+            Answer::Error(e) => write!(f, "error: {e}"),
+            Answer::Timeout => f.write_str("timed out"),
+        }
+    }
+}
+
+fn fmt_duration(ms: u64) -> String {
+    for (unit, n) in [("w", 604_800_000), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms >= n && ms % n == 0 {
+            return format!("{}{unit}", ms / n);
+        }
+    }
+    format!("{ms}ms")
+}
+
+impl std::fmt::Display for RenderedTransport {
+    /// `smtp [10.0.0.5]:25`, `mx`, `maildir /var/mail/alice/`, with `tls required` and
+    /// `auth` when given: as a policy writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            TransportKind::Mx => "mx",
+            TransportKind::Smtp => "smtp",
+            TransportKind::Lmtp => "lmtp",
+            TransportKind::Maildir => "maildir",
+            TransportKind::Mbox => "mbox",
+        };
+        f.write_str(kind)?;
+        if let Some(d) = &self.dest {
+            write!(f, " {d}")?;
+        }
+        if self.tls == TlsMode::Required {
+            f.write_str(" tls required")?;
+        }
+        if self.auth.is_some() {
+            f.write_str(" auth")?;
+        }
+        Ok(())
+    }
+}
+
 /// A reply with its interpolations rendered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RenderedReply {
@@ -378,6 +511,9 @@ pub struct RenderedTransport {
     pub dest: Option<String>,
     pub tls: TlsMode,
     pub auth: Option<SecretId>,
+    /// `:ca "FILE"`: the CA file a verified next hop must chain to.
+    #[serde(default)]
+    pub ca: Option<String>,
     /// For a file-system destination built with interpolation: the directory its literal
     /// prefix names, which the delivery must stay in ([`crate::paths`]).
     #[serde(default)]
@@ -736,6 +872,7 @@ impl Run {
             Fact::ClientPort => V::Num(f.client_port as f64),
             Fact::ClientName => s(&f.client_name),
             Fact::ClientPtr => s(&f.client_ptr),
+            Fact::ClientNetwork => V::Str(client_network(f.client_ip)),
             Fact::ClientFcrdns => V::Bool(f.client_fcrdns),
             Fact::LocalIp => V::Ip(f.local_ip),
             Fact::LocalPort => V::Num(f.local_port as f64),
@@ -776,7 +913,11 @@ impl Run {
             Fact::RecipientsCount => V::Num(f.recipients.len() as f64),
             Fact::Recipients => V::List(f.recipients.clone()),
             Fact::MessageSize => V::Num(f.message.as_ref().map(|m| m.size).unwrap_or(0) as f64),
-            Fact::Body => s(f.message.as_ref().map(|m| m.body.as_str()).unwrap_or("")),
+            // Matched line by line, each line without its line ending, as Postfix's
+            // body_checks do: `$` anchors at the end of a line (R41).
+            Fact::Body => {
+                V::List(f.message.as_ref().map(|m| m.body.lines().map(str::to_string).collect()).unwrap_or_default())
+            }
             Fact::AttachmentNames => {
                 V::List(f.message.as_ref().map(|m| m.attachment_names.clone()).unwrap_or_default())
             }
@@ -921,6 +1062,26 @@ impl Run {
                     CmpOp::Ge => n >= *rhs,
                 }
             }
+            Expr::CmpVal { lhs, op, rhs } => {
+                let num = |v: V| match v {
+                    V::Num(n) => Some(n),
+                    V::Str(s) => s.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+                    _ => None,
+                };
+                let l = num(self.val(prog, f, st, lhs)?);
+                let r = num(self.val(prog, f, st, rhs)?);
+                match (l, r) {
+                    (Some(n), Some(r)) => match op {
+                        CmpOp::Eq => n == r,
+                        CmpOp::Ne => n != r,
+                        CmpOp::Lt => n < r,
+                        CmpOp::Le => n <= r,
+                        CmpOp::Gt => n > r,
+                        CmpOp::Ge => n >= r,
+                    },
+                    _ => false,
+                }
+            }
             Expr::IsNull(v) => match self.val(prog, f, st, v)? {
                 V::Str(s) => s.is_empty(),
                 V::List(l) => l.is_empty(),
@@ -962,7 +1123,11 @@ impl Run {
             }
             Expr::Fqdn(v) => addr::is_fqdn(&self.val(prog, f, st, v)?.render()),
             Expr::BatvValid => {
-                let a = f.recipient.as_ref().map(|r| r.address.clone()).unwrap_or_default();
+                let a = f
+                    .recipient
+                    .as_ref()
+                    .map(|r| r.batv_tagged.clone().unwrap_or_else(|| r.address.clone()))
+                    .unwrap_or_default();
                 match self.ask(Request::BatvValid { address: a })? {
                     Answer::Bool(b) => *b,
                     _ => false,
@@ -984,7 +1149,7 @@ impl Run {
                 }
             }
             Expr::Greylist { delay_ms, expire_ms } => {
-                let client = greylist_net(f.client_ip);
+                let client = client_network(f.client_ip);
                 let sender = f.sender.clone().unwrap_or_default().to_ascii_lowercase();
                 let recipient = f
                     .recipient
@@ -1125,7 +1290,14 @@ impl Run {
             Some(d) => (Some(self.render(prog, f, st, d)?), None),
             None => (None, None),
         };
-        Ok(RenderedTransport { kind: t.kind, dest, tls: t.tls, auth: t.auth, root })
+        Ok(RenderedTransport {
+            kind: t.kind,
+            dest,
+            tls: t.tls,
+            auth: t.auth,
+            ca: t.ca.map(|c| prog.str(c).to_string()),
+            root,
+        })
     }
 
     fn act(&mut self, prog: &Program, f: &Facts, st: &mut State, a: &Action) -> Result<Option<Outcome>, Halt> {
@@ -1164,7 +1336,7 @@ impl Run {
                 }
                 return Ok(None);
             }
-            Action::Access(table) => return self.access(prog, f, *table),
+            Action::Access(table, delay) => return self.access(prog, f, st, *table, *delay),
             Action::Log(t) => Effect::Log(self.render(prog, f, st, t)?),
             Action::GreetPause(ms) => Effect::GreetPause(*ms),
             Action::Tarpit(ms) => Effect::Tarpit(*ms),
@@ -1249,7 +1421,9 @@ impl Run {
         match rw {
             Rewrite::To(t) => Ok(Some(self.render(prog, f, st, t)?)),
             Rewrite::Map(table) => {
-                for key in access::address_keys(current) {
+                let domain = addr::split(current).1;
+                let local = f.local_domains.iter().any(|p| addr::domain_matches(p, &domain));
+                for key in mailpolicy_lang::access::rewrite_keys(current, local) {
                     if let Some(v) = self.lookup(prog, *table, &key)? {
                         let v = v.trim().to_string();
                         // `@domain` on the right keeps the local part (canonical maps).
@@ -1267,7 +1441,14 @@ impl Run {
 
     /// The sendmail/Postfix access-table action: look up the stage's keys, most specific
     /// first; the first key found decides.
-    fn access(&mut self, prog: &Program, f: &Facts, table: TableId) -> Result<Option<Outcome>, Halt> {
+    fn access(
+        &mut self,
+        prog: &Program,
+        f: &Facts,
+        st: &mut State,
+        table: TableId,
+        delay: AccessDelay,
+    ) -> Result<Option<Outcome>, Halt> {
         let (keys, scope) = match self.stage {
             Stage::Connect | Stage::Helo | Stage::Auth => {
                 (access::client_keys(f.client_ip, &f.client_name), access::Scope::Connect)
@@ -1302,12 +1483,12 @@ impl Run {
             if self.stage == Stage::Rcpt && word != "RELAY" && access::parse_value(value) == AccessAction::Accept {
                 return Ok(Some(Outcome::Default));
             }
-            if value.eq_ignore_ascii_case("REJECT") {
+            let verdict = match access::parse_value(value) {
                 // A bare REJECT answers with the stage's default reply.
-                let (code, enhanced, text) = mailpolicy_lang::check::default_reply(true, self.stage);
-                return Ok(Some(Outcome::Reject(RenderedReply { code, enhanced, text: text.into() })));
-            }
-            return Ok(match access::parse_value(value) {
+                AccessAction::Reject { .. } if value.eq_ignore_ascii_case("REJECT") => {
+                    let (code, enhanced, text) = mailpolicy_lang::check::default_reply(true, self.stage);
+                    Some(Outcome::Reject(RenderedReply { code, enhanced, text: text.into() }))
+                }
                 AccessAction::Accept => Some(Outcome::Accept),
                 AccessAction::Dunno => None,
                 AccessAction::Discard => Some(Outcome::Discard),
@@ -1325,11 +1506,34 @@ impl Run {
                     self.effects.push(Effect::Log(format!("access warning: {t}")));
                     None
                 }
+                // sendmail's delay_checks: the recipient's FRIEND / HATER mark, read when a
+                // refusal was held for the recipients; the stage goes on.
+                AccessAction::Friend | AccessAction::Hater => {
+                    if self.stage == Stage::Rcpt {
+                        st.rcpt_friend = Some(access::parse_value(value) == AccessAction::Friend);
+                    }
+                    None
+                }
                 AccessAction::Invalid(v) => {
                     let name = prog.tables.get(table.index()).map(|t| t.name.clone()).unwrap_or_default();
                     return Err(Halt::Fail(format!("table {name}: value \"{v}\" for {key} is not an access action")));
                 }
-            });
+            };
+            // `:delay`: a refusal waits for the recipients instead of ending this stage.
+            if let Some(o @ (Outcome::Reject(_) | Outcome::Tempfail(_))) = &verdict {
+                if delay != AccessDelay::Now && self.stage != Stage::Rcpt {
+                    let loc = self.current.unwrap_or(LocId(0));
+                    st.delayed = Some(DelayedRefusal {
+                        outcome: o.clone(),
+                        mode: delay,
+                        loc,
+                        transaction: self.stage == Stage::Mail,
+                    });
+                    self.effects.push(Effect::Log(format!("access: refusal held for the recipients ({key})")));
+                    return Ok(None);
+                }
+            }
+            return Ok(verdict);
         }
         Ok(None)
     }
@@ -1343,8 +1547,14 @@ enum DnsResult {
 
 /// The keys under which the host records a counted event (connection, message,
 /// recipient, error), one per fact of `RATE_KEYS` (lang's check module) that has a value.
+/// The keys a session is counted under for `concurrent by` from its first moment: the
+/// client's address and its network. Both hosts open and close these.
+pub fn session_keys(ip: IpAddr) -> Vec<String> {
+    vec![format!("client.ip={ip}"), format!("client.network={}", client_network(ip))]
+}
+
 pub fn event_keys(f: &Facts) -> Vec<String> {
-    let mut keys = vec![format!("client.ip={}", f.client_ip)];
+    let mut keys = session_keys(f.client_ip);
     let mut push = |name: &str, v: &str| {
         if !v.is_empty() {
             keys.push(format!("{name}={}", v.to_ascii_lowercase()));
@@ -1389,9 +1599,14 @@ pub fn reverse_ip(ip: IpAddr) -> Option<String> {
     }
 }
 
-/// Greylisting keys on the client's /24 (IPv4) or /64 (IPv6), as most greylisting daemons
-/// do, so that a sender's pool of outgoing servers passes.
-fn greylist_net(ip: IpAddr) -> String {
+/// The `client.network` fact: the client's /24 (IPv4) or /64 (IPv6). Greylisting keys on it,
+/// as most greylisting daemons do, so that a sender's pool of outgoing servers passes; rate
+/// counters keyed on it give per-network limits (R22).
+pub fn client_network(ip: IpAddr) -> String {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
@@ -1401,6 +1616,45 @@ fn greylist_net(ip: IpAddr) -> String {
             let s = v6.segments();
             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
         }
+    }
+}
+
+/// R40 soft-bounce: a 5xy reply becomes the 4xy one (`554 5.7.1` -> `454 4.7.1`, `504`
+/// -> `404`), as Postfix's `soft_bounce` does; other replies are returned as they are.
+pub fn soft_bounce(r: &RenderedReply) -> RenderedReply {
+    if r.code / 100 != 5 {
+        return r.clone();
+    }
+    let enhanced = if r.enhanced.0 == 5 { (4, r.enhanced.1, r.enhanced.2) } else { r.enhanced };
+    RenderedReply { code: r.code - 100, enhanced, text: r.text.clone() }
+}
+
+/// [`soft_bounce`] on a reply line as the queue records it (`550 5.1.1 text`, or a code
+/// and text without an enhanced code).
+pub fn soft_bounce_line(line: &str) -> String {
+    let mut parts = line.splitn(3, ' ');
+    let (code, second, rest) = (parts.next().unwrap_or(""), parts.next(), parts.next());
+    let Some(c) = code.parse::<u16>().ok().filter(|c| (500..600).contains(c)) else {
+        return line.to_string();
+    };
+    let soft_enh = |e: &str| match e.strip_prefix("5.") {
+        Some(tail) if e.split('.').count() == 3 && e.split('.').all(|p| p.parse::<u16>().is_ok()) => {
+            Some(format!("4.{tail}"))
+        }
+        _ => None,
+    };
+    match (second, rest) {
+        (Some(e), rest) if soft_enh(e).is_some() => {
+            let e = soft_enh(e).unwrap_or_default();
+            match rest {
+                Some(t) => format!("{} {e} {t}", c - 100),
+                None => format!("{} {e}", c - 100),
+            }
+        }
+        _ => match line.split_once(' ') {
+            Some((_, tail)) => format!("{} {tail}", c - 100),
+            None => (c - 100).to_string(),
+        },
     }
 }
 
@@ -1417,6 +1671,59 @@ fn split_enhanced(text: &str, class: u16) -> ((u16, u16, u16), String) {
         }
     }
     ((class, 1, 1), text.to_string())
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::*;
+
+    /// Operators read names, not Rust structures (issue 11).
+    #[test]
+    fn requests_and_answers_read_as_an_operator_writes_them() {
+        let policy = "table users = list \"users.txt\";\non rcpt { if recipient.local not in users { reject; } }\n";
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
+        let prog = c.program.expect("compiles");
+        let r = Request::Lookup { table: TableId(0), key: "alice".into() };
+        assert_eq!(r.describe(&prog), "lookup users \"alice\"");
+        assert_eq!(
+            Request::Dns { name: "example.com".into(), rtype: RrType::Mx }.describe(&prog),
+            "dns example.com MX"
+        );
+        let rate =
+            Request::Rate { counter: Counter::Connections, key: "client.ip=192.0.2.1".into(), window_ms: 60_000 };
+        assert_eq!(rate.describe(&prog), "rate connections by client.ip=192.0.2.1 per 1m");
+        assert_eq!(Answer::Value(None).to_string(), "not found");
+        assert_eq!(Answer::Value(Some("OK".into())).to_string(), "\"OK\"");
+        assert_eq!(Answer::Records(vec!["127.0.0.2".into()]).to_string(), "127.0.0.2");
+        let t = RenderedTransport {
+            kind: TransportKind::Smtp,
+            dest: Some("[10.0.0.5]:25".into()),
+            tls: TlsMode::Required,
+            auth: None,
+            ca: None,
+            root: None,
+        };
+        assert_eq!(t.to_string(), "smtp [10.0.0.5]:25 tls required");
+    }
+}
+
+#[cfg(test)]
+mod soft_bounce_tests {
+    use super::{soft_bounce, soft_bounce_line, RenderedReply};
+
+    #[test]
+    fn five_becomes_four_digit_by_digit() {
+        let r = |code, enhanced: (u16, u16, u16)| RenderedReply { code, enhanced, text: "t".into() };
+        assert_eq!(soft_bounce(&r(554, (5, 7, 1))), r(454, (4, 7, 1)));
+        assert_eq!(soft_bounce(&r(504, (5, 5, 2))), r(404, (4, 5, 2)));
+        assert_eq!(soft_bounce(&r(550, (5, 1, 1))), r(450, (4, 1, 1)));
+        assert_eq!(soft_bounce(&r(451, (4, 3, 0))), r(451, (4, 3, 0)));
+        assert_eq!(soft_bounce_line("554 5.7.1 No thanks"), "454 4.7.1 No thanks");
+        assert_eq!(soft_bounce_line("552 mailbox full"), "452 mailbox full");
+        assert_eq!(soft_bounce_line("550"), "450");
+        assert_eq!(soft_bounce_line("451 4.3.0 later"), "451 4.3.0 later");
+        assert_eq!(soft_bounce_line("garbage \u{e9}"), "garbage \u{e9}");
+    }
 }
 
 #[cfg(test)]

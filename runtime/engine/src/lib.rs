@@ -10,5 +10,6 @@ pub mod headers;
 pub mod paths;
 pub mod queue;
 pub mod record;
+pub mod routing;
 pub mod smtp;
 pub mod transcript;

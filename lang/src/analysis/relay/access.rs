@@ -11,7 +11,15 @@ use crate::ir::*;
 
 impl Prover<'_> {
     /// `access TABLE`: every result the table can give this client, with its condition.
-    pub(super) fn access(&mut self, stage: Stage, env: &Env, p: Path, t: u32, loc: LocId) -> Vec<(Path, Option<End>)> {
+    pub(super) fn access(
+        &mut self,
+        stage: Stage,
+        env: &Env,
+        p: Path,
+        t: u32,
+        delay: AccessDelay,
+        loc: LocId,
+    ) -> Vec<(Path, Option<End>)> {
         #[derive(Clone, Copy, PartialEq)]
         enum R {
             Ok,
@@ -48,7 +56,21 @@ impl Prover<'_> {
                 AccessAction::Discard => R::Discard,
                 AccessAction::Reject { .. } | AccessAction::Tempfail { .. } | AccessAction::Invalid(_) => R::Refuse,
                 AccessAction::Hold(_) => R::Hold,
-                AccessAction::Warn(_) => R::Continue,
+                // FRIEND and HATER only decide whether a delayed refusal reaches this
+                // recipient: the stage goes on, as the runtime's does.
+                AccessAction::Warn(_) | AccessAction::Friend | AccessAction::Hater => R::Continue,
+            }
+        };
+        // `:delay` (sendmail's delay_checks): a refusal at connect, helo or mail waits for the
+        // recipients, which it may or may not reach (FRIEND, HATER). A refusal only ever
+        // takes relaying away, so the proof lets the stage go on as if there were no entry
+        // and never counts the delayed refusal at rcpt: every result the runtime can give
+        // is one considered here.
+        let delayed = delay != AccessDelay::Now && scope != acc::Scope::To;
+        let classify = |key: &str, v: &str| -> R {
+            match classify(key, v) {
+                R::Refuse if delayed => R::Continue,
+                r => r,
             }
         };
         let mut alts: Vec<(B, R)> = Vec::new();
@@ -80,6 +102,11 @@ impl Prover<'_> {
                 self.mean(s, Meaning::Access { table: t, stage, subject: subject.clone() });
                 let results = [R::Continue, R::Ok, R::Relay(false), R::Refuse, R::Discard, R::Hold];
                 for (i, r) in results.iter().enumerate() {
+                    // A delayed refusal continues, which `no entry` (0) already covers for
+                    // every key this unknown table may hold.
+                    if delayed && *r == R::Refuse {
+                        continue;
+                    }
                     let b = self.num_test(&NumV::Sym(s), CmpOp::Eq, i as f64);
                     alts.push((b, *r));
                 }

@@ -367,6 +367,12 @@ impl Prover<'_> {
                 let (l, p) = self.val(env, p, &lhs);
                 (self.test(env.run, &l, &Op::Cmp(op, rhs * scale), id), p)
             }
+            Expr::CmpVal { lhs, rhs, .. } => {
+                // A limit known only at run time: either outcome is possible.
+                let (l, p) = self.val(env, p, &lhs);
+                let (r, p) = self.val(env, p, &rhs);
+                (self.opaque(env.run, format!("cmpval:{}:{l:?}:{r:?}", id.0)), p)
+            }
             Expr::IsNull(v) => {
                 let (l, p) = self.val(env, p, &v);
                 (self.test(env.run, &l, &Op::IsNull, id), p)
@@ -538,7 +544,7 @@ impl Prover<'_> {
                 p.held = true;
                 one(p, None)
             }
-            Action::Access(t) => self.access(stage, env, p, t.0, loc),
+            Action::Access(t, delay) => self.access(stage, env, p, t.0, *delay, loc),
             _ => one(p, None),
         }
     }

@@ -19,6 +19,9 @@ impl Prover<'_> {
             ClientPort => V::Num(NumV::Sym(self.session.client_port)),
             ClientName => V::Str(Term::sym(self.session.client_name, View::Whole)),
             ClientPtr => V::Str(Term::sym(self.session.client_ptr, View::Whole)),
+            ClientNetwork => {
+                V::Str(Term::sym(self.str_sym(Origin::Fact { run, fact: "client.network" }, None, true), View::Whole))
+            }
             ClientFcrdns => {
                 let a = self.w.atom(self.session.client_name, AtomKind::Lang(LangSpec::exact(&["unknown"])));
                 V::Bool(B::Lit(a, false))

@@ -150,7 +150,7 @@ impl Prover<'_> {
         // Only a stage that sets or unsets a variable can write one.
         stages.retain(|st| {
             self.prog.stage(*st).iter().any(|i| {
-                matches!(i, Instr::Do { action: Action::Set { .. } | Action::Unset(_) | Action::Access(_), .. })
+                matches!(i, Instr::Do { action: Action::Set { .. } | Action::Unset(_) | Action::Access(..), .. })
             })
         });
         let mut widened_vars = vec![false; nvars];
@@ -735,10 +735,17 @@ impl Prover<'_> {
         });
         let start = Path { trace: Trace::default(), effects: Vec::new(), ..p };
         let ends = self.run_open(Stage::Route, &env, vec![start]);
+        // Rewritten addresses routed anew, followed after this run's own ends so that the
+        // simplest counterexample comes first.
+        let mut rerouted_ends: Vec<(Path, Term)> = Vec::new();
         for (q, end, _) in ends {
             let rtrace = q.trace.to_vec();
             let mut address = addr.clone();
             let mut rerouted = false;
+            // The runtime routes a rewritten recipient anew (runtime/src/routing.rs); when the
+            // rewrite leaves the address as it was, this run's own verdict stands. Both are
+            // followed.
+            let mut rewrote = false;
             let mut forks: Vec<(Path, Option<Term>)> = vec![(q.clone(), None)];
             for e in q.effects.clone() {
                 match e {
@@ -770,10 +777,14 @@ impl Prover<'_> {
                         }
                         rerouted = true;
                     }
-                    super::explore::Eff::Rewrite(t) => address = t,
+                    super::explore::Eff::Rewrite(t) => {
+                        address = t;
+                        rewrote = true;
+                    }
                     super::explore::Eff::RewriteMap(t) => {
                         let v = self.table_value_sym(t.0, addr);
                         address = Term::sym(v, View::Whole);
+                        rewrote = true;
                     }
                     super::explore::Eff::Bcc(t) => {
                         if self.attacker_domain(&t) {
@@ -794,6 +805,9 @@ impl Prover<'_> {
                         out.extend(self.route(base, ff, &next, depth + 1));
                     }
                     continue;
+                }
+                if rewrote && self.attacker_domain(&address) {
+                    rerouted_ends.push((Path { effects: Vec::new(), ..f.clone() }, address.clone()));
                 }
                 let kind = match &end {
                     End::Deliver(k, _) => *k,
@@ -820,6 +834,9 @@ impl Prover<'_> {
                 };
                 out.push((ff, how, rtrace.clone()));
             }
+        }
+        for (f, next) in rerouted_ends {
+            out.extend(self.route(base, f, &next, depth + 1));
         }
         out
     }
@@ -950,6 +967,10 @@ pub fn expr_vars(prog: &Program, id: ExprId, out: &mut Vec<u32>) {
             rhs.iter().for_each(|t| walk_tpl(t, out));
         }
         Expr::Pattern { lhs, .. } | Expr::In { lhs, .. } | Expr::Cmp { lhs, .. } => walk_val(lhs, out),
+        Expr::CmpVal { lhs, rhs, .. } => {
+            walk_val(lhs, out);
+            walk_val(rhs, out);
+        }
         Expr::Flag(v) => out.push(v.0),
         Expr::Rhsbl { domain, .. } => walk_val(domain, out),
         _ => {}

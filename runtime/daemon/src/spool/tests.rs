@@ -33,6 +33,7 @@ pub(crate) fn message(sender: &str, rcpts: &[&str], body: &[u8]) -> QueuedMessag
                 address: a.to_string(),
                 notify: vec!["FAILURE".into()],
                 orcpt: format!("rfc822;{a}"),
+                ..Default::default()
             })
             .collect(),
         ret: "HDRS".into(),

@@ -12,7 +12,7 @@
 //! * TLS ([`TlsPolicy`]): `May` encrypts when STARTTLS is offered without
 //!   verifying the certificate (a handshake failure retries the same address
 //!   in clear once, like Postfix); `Required` verifies the chain against the
-//!   webpki roots (or [`DeliveryOptions::tls_roots`]) and the host name, and
+//!   system's trust store ([`system_roots`], or [`DeliveryOptions::tls_roots`]) and the host name, and
 //!   defers with `4.7.x` otherwise; `None` never sends STARTTLS.
 //! * A [`ConnectionCache`] keeps idle sessions per destination; a cached
 //!   session is probed with RSET before reuse and dropped if that fails.
@@ -101,6 +101,20 @@ pub enum Target {
     Maildir(crate::paths::Confined),
     /// An mbox file, confined when built from client data.
     Mbox(crate::paths::Confined),
+}
+
+impl std::fmt::Display for Target {
+    /// What a log line says: `smtp:[10.0.0.5]:25`, `smtp:example.com:25` (by MX),
+    /// `lmtp:[127.0.0.1]:24`, `lmtp:unix:/run/dovecot/lmtp`, `maildir:/var/mail/a`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Smtp(d) => write!(f, "smtp:{d}"),
+            Target::Lmtp(LmtpEndpoint::Tcp(d)) => write!(f, "lmtp:{d}"),
+            Target::Lmtp(LmtpEndpoint::Unix(p)) => write!(f, "lmtp:unix:{}", p.display()),
+            Target::Maildir(p) => write!(f, "maildir:{}", p.path.display()),
+            Target::Mbox(p) => write!(f, "mbox:{}", p.path.display()),
+        }
+    }
 }
 
 impl Target {
@@ -334,6 +348,41 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 }
 
+/// The system's trust store, as operators expect it (R10, R43): the CA certificates of
+/// the OS (on Debian `/etc/ssl/certs`, with local CAs that `update-ca-certificates`
+/// added), or those of `SSL_CERT_FILE` / `SSL_CERT_DIR` when set, as OpenSSL does. When the
+/// system has none, the Mozilla roots built in. Read once.
+pub fn system_roots() -> Arc<rustls::RootCertStore> {
+    static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut store = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                store = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            }
+            Arc::new(store)
+        })
+        .clone()
+}
+
+/// Trust roots from a PEM file of CA certificates (`:ca` on a transport, the server's
+/// `tls_ca`): only these, as Postfix's `smtp_tls_CAfile` does.
+pub fn roots_from_pem(path: &std::path::Path) -> Result<Arc<rustls::RootCertStore>, String> {
+    let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut store = rustls::RootCertStore::empty();
+    let mut reader = std::io::BufReader::new(&data[..]);
+    for cert in rustls_pemfile::certs(&mut reader) {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        store.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if store.is_empty() {
+        return Err(format!("{}: no CA certificate in the file", path.display()));
+    }
+    Ok(Arc::new(store))
+}
+
 fn tls_config(
     policy: TlsPolicy,
     roots: Option<&Arc<rustls::RootCertStore>>,
@@ -344,7 +393,7 @@ fn tls_config(
     if policy == TlsPolicy::Required {
         let roots = match roots {
             Some(r) => (**r).clone(),
-            None => rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() },
+            None => (*system_roots()).clone(),
         };
         Ok(builder.with_root_certificates(roots).with_no_client_auth())
     } else {
@@ -601,8 +650,19 @@ async fn connect_unix(path: &std::path::Path, opts: &DeliveryOptions) -> Result<
     Ok(Connection::new(Box::new(s), "localhost", &label, client_config(opts, Protocol::Lmtp, TlsPolicy::None)))
 }
 
+/// A cached session is reused only under the same TLS policy, trust roots and login: a
+/// session verified against one `:ca` does not serve a route that trusts another.
 fn cache_key(kind: &str, where_: &str, opts: &DeliveryOptions) -> String {
-    format!("{kind}|{where_}|{:?}|{}", opts.tls, opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or(""))
+    use std::hash::{Hash, Hasher};
+    let roots = opts.tls_roots.as_ref().map(|r| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for a in &r.roots {
+            a.subject.as_ref().hash(&mut h);
+            a.subject_public_key_info.as_ref().hash(&mut h);
+        }
+        h.finish()
+    });
+    format!("{kind}|{where_}|{:?}|{}|{roots:?}", opts.tls, opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or(""))
 }
 
 /// A 5xx greeting is a deferral (next MX, retry later), as in Postfix.

@@ -454,3 +454,18 @@ fn notify_rules() {
     assert!(!should_notify(Delay, Some(&n(false, true, false)), &someone));
     assert!(should_notify(Delay, Some(&n(false, false, true)), &someone));
 }
+
+/// Log lines name a target as an operator writes it (issue 11), not as a Rust structure.
+#[test]
+fn targets_display_for_operators() {
+    use crate::transport::driver::{LmtpEndpoint, Target};
+    use crate::transport::mx::Destination;
+    assert_eq!(
+        Target::Smtp(Destination { host: "10.0.0.5".into(), port: 25, mx: false }).to_string(),
+        "smtp:[10.0.0.5]:25"
+    );
+    assert_eq!(Target::Smtp(Destination::domain("example.com")).to_string(), "smtp:example.com:25");
+    assert_eq!(Target::Lmtp(LmtpEndpoint::Unix("/run/lmtp".into())).to_string(), "lmtp:unix:/run/lmtp");
+    let m = crate::paths::Confined { root: None, path: "/var/mail/a".into() };
+    assert_eq!(Target::Maildir(m).to_string(), "maildir:/var/mail/a");
+}

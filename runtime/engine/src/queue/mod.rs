@@ -27,8 +27,12 @@
 //!   `minimal_backoff_ms * 2^(n-1)`, at most `maximal_backoff_ms` (5, 10, 20, 40, 66.7 min).
 //!   A temporary failure after the queue lifetime (`max_queue_lifetime_ms`, or
 //!   `bounce_queue_lifetime_ms` for the bounce class) fails the recipient instead ("expired").
-//! - The first time a normal-class message has deferred recipients at or after
-//!   `delay_warning_ms` of age, a delay DSN is asked for, once per message.
+//! - A normal-class message that still has recipients to deliver when it reaches
+//!   `delay_warning_ms` of age gets one delay DSN for them ([`Scheduler::poll_warnings`] at
+//!   that time, or [`Scheduler::done`] when an attempt defers them later), once per message;
+//!   a message on hold gets it when it is released, never while an administrator holds it.
+//! - With `soft_bounce`, a permanent failure defers the recipient with the reply's 5xy made
+//!   4xy, until the queue lifetime ends.
 //! - Bounces (R30) run in their own lane: at most `bounce_max_jobs` at once, at most
 //!   `bounce_rate_per_minute` jobs started per minute if set, and when both lanes have work
 //!   only one pick in `bounce_share` goes to bounces, so a bounce flood cannot starve normal mail.
@@ -79,6 +83,8 @@ pub struct QueueConfig {
     pub bounce_rate_per_minute: Option<u32>,
     /// When both lanes have work, one pick in this many goes to bounces (at least 1).
     pub bounce_share: u32,
+    /// Postfix `soft_bounce` (R40): a permanent failure is a deferral, 5xy turned into 4xy.
+    pub soft_bounce: bool,
 }
 
 const MINUTE: u64 = 60_000;
@@ -100,6 +106,7 @@ impl Default for QueueConfig {
             bounce_max_jobs: 20,
             bounce_rate_per_minute: None,
             bounce_share: 4,
+            soft_bounce: false,
         }
     }
 }
@@ -280,6 +287,8 @@ struct Rcpt {
     dest: Destination,
     attempts: u32,
     status: Status,
+    /// The last temporary failure, for a delay warning.
+    last_reply: Option<String>,
 }
 
 #[derive(Debug)]
@@ -330,6 +339,8 @@ pub struct Scheduler {
     picks_since_bounce: u32,
     bounce_starts: VecDeque<u64>,
     next_scan: Option<u64>,
+    /// (when, seq) -> message whose delay warning is due then, if still unwarned.
+    warnings: BTreeMap<(u64, u64), QueueId>,
 }
 
 impl Scheduler {
@@ -345,6 +356,7 @@ impl Scheduler {
             picks_since_bounce: 0,
             bounce_starts: VecDeque::new(),
             next_scan: None,
+            warnings: BTreeMap::new(),
         }
     }
 
@@ -389,7 +401,7 @@ impl Scheduler {
         let mut rcpts = BTreeMap::new();
         for r in &e.rcpts {
             let status = if e.held { Status::Held } else { Status::Waiting(due) };
-            rcpts.insert(r.index, Rcpt { dest: r.destination.clone(), attempts: r.attempts, status });
+            rcpts.insert(r.index, Rcpt { dest: r.destination.clone(), attempts: r.attempts, status, last_reply: None });
         }
         let held = e.held;
         let id = e.id.clone();
@@ -404,10 +416,52 @@ impl Scheduler {
                 rcpts,
             },
         );
+        if e.class == Class::Normal && !e.delay_warned {
+            if let Some(w) = self.cfg.delay_warning_ms {
+                self.seq += 1;
+                self.warnings.insert((e.arrived_ms.saturating_add(w), self.seq), id.clone());
+            }
+        }
         if !held {
             self.wake_all(&id, due, now);
         }
         true
+    }
+
+    /// Delay warnings due by `now` (R31): a [`Command::Dsn`] of kind `Delay` for each message
+    /// of the normal class that reached `delay_warning_ms` of age with recipients still to
+    /// deliver and was not warned yet; a message on hold waits for its release. Call when
+    /// [`Scheduler::poll_timeout`] says, and execute the commands as those of `done`.
+    pub fn poll_warnings(&mut self, now: u64) -> Vec<Command> {
+        let mut cmds = Vec::new();
+        while let Some(entry) = self.warnings.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let id = entry.remove();
+            let Some(m) = self.msgs.get_mut(&id) else { continue };
+            if m.delay_warned || m.held || m.class != Class::Normal {
+                continue;
+            }
+            let rcpts: Vec<(usize, String)> = m
+                .rcpts
+                .iter()
+                .filter(|(_, r)| r.status != Status::Done)
+                .map(|(i, r)| {
+                    let reply = r
+                        .last_reply
+                        .clone()
+                        .unwrap_or_else(|| "451 4.4.7 the message is still waiting for delivery".into());
+                    (*i, reply)
+                })
+                .collect();
+            if rcpts.is_empty() {
+                continue;
+            }
+            m.delay_warned = true;
+            cmds.push(Command::Dsn { id: id.clone(), class: m.class, kind: DsnKind::Delay, rcpts, expired: false });
+        }
+        cmds
     }
 
     /// Put a waiting-list entry for each destination of `id` at `due`.
@@ -609,6 +663,12 @@ impl Scheduler {
             }
             let res =
                 results.remove(i).unwrap_or_else(|| Delivery::TempFail("451 4.4.0 no result for recipient".into()));
+            let res = match res {
+                Delivery::PermFail(reply) if self.cfg.soft_bounce => {
+                    Delivery::TempFail(crate::eval::soft_bounce_line(&reply))
+                }
+                other => other,
+            };
             match res {
                 Delivery::Delivered(reply) => {
                     r.status = Status::Done;
@@ -622,6 +682,7 @@ impl Scheduler {
                 }
                 Delivery::TempFail(reply) => {
                     r.attempts += 1;
+                    r.last_reply = Some(reply.clone());
                     if expired {
                         r.status = Status::Done;
                         updates.push((*i, RcptState::Failed { at: now, reply: reply.clone() }));
@@ -704,6 +765,9 @@ impl Scheduler {
         let mut t = self.next_scan;
         let mut consider = |x: u64| t = Some(t.map_or(x, |t| t.min(x)));
         if let Some(((due, _), _)) = self.waiting.first_key_value() {
+            consider(*due);
+        }
+        if let Some(((due, _), _)) = self.warnings.first_key_value() {
             consider(*due);
         }
         for d in self.dests.values() {
@@ -811,6 +875,13 @@ impl Scheduler {
         for r in m.rcpts.values_mut() {
             if r.status == Status::Held {
                 r.status = Status::Waiting(now);
+            }
+        }
+        // A delay warning that fell due while the message was held goes out now.
+        if m.class == Class::Normal && !m.delay_warned {
+            if let Some(w) = self.cfg.delay_warning_ms {
+                self.seq += 1;
+                self.warnings.insert((m.arrived_ms.saturating_add(w).max(now), self.seq), id.clone());
             }
         }
         self.wake_all(id, now, now);

@@ -140,19 +140,18 @@ fn delay_warning_once_after_four_hours() {
     let mut warnings = Vec::new();
     let mut now = 0;
     while now < 10 * HOUR {
+        let mut cmds = s.poll_warnings(now);
         let Some(job) = s.poll_job(now) else {
+            collect_warnings(&cmds, now, &mut warnings);
             now = s.poll_timeout().expect("timeout");
             continue;
         };
-        let cmds = s.done(job.clone(), temp(&job), now);
-        for c in &cmds {
-            if let Command::Dsn { kind: DsnKind::Delay, rcpts, .. } = c {
-                warnings.push((now, rcpts.clone()));
-            }
-        }
+        cmds.extend(s.done(job.clone(), temp(&job), now));
+        collect_warnings(&cmds, now, &mut warnings);
     }
     assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].0 >= 4 * HOUR && warnings[0].0 < 4 * HOUR + 4_000_000);
+    // At four hours by the clock, between two attempts.
+    assert_eq!(warnings[0].0, 4 * HOUR);
     assert_eq!(warnings[0].1, vec![(0, "451 4.3.0 try later".to_string())]);
     // A message recovered with the flag set never warns again; bounces never warn.
     let mut s = Scheduler::new(QueueConfig::default());
@@ -164,6 +163,82 @@ fn delay_warning_once_after_four_hours() {
         let cmds = s.done(job.clone(), temp(&job), 5 * HOUR);
         assert!(!cmds.iter().any(|c| matches!(c, Command::Dsn { kind: DsnKind::Delay, .. })));
     }
+}
+
+fn collect_warnings(cmds: &[Command], now: u64, out: &mut Vec<(u64, Vec<(usize, String)>)>) {
+    for c in cmds {
+        if let Command::Dsn { kind: DsnKind::Delay, rcpts, .. } = c {
+            out.push((now, rcpts.clone()));
+        }
+    }
+}
+
+/// Issue 11: a message held, released and requeued expired without its delay warning.
+/// The warning is due by the clock; one that fell due while the message was held goes out
+/// at its release, and before the message can expire.
+#[test]
+fn delay_warning_due_while_held_goes_out_at_release_before_expiry() {
+    let cfg = QueueConfig { max_queue_lifetime_ms: 6 * HOUR, ..QueueConfig::default() };
+    let mut s = Scheduler::new(cfg);
+    s.add(Entry::new(id(1), Class::Normal, 0).rcpt(0, "mx:a"), 0);
+    let job = s.poll_job(0).expect("first attempt");
+    let cmds = s.done(job.clone(), temp(&job), 0);
+    assert!(!cmds.iter().any(|c| matches!(c, Command::Dsn { .. })));
+    // The administrator holds it for seven hours: no warning while it is held.
+    assert!(s.hold(&id(1)));
+    assert!(s.poll_warnings(5 * HOUR).is_empty(), "no warning while held");
+    assert_eq!(s.poll_job(5 * HOUR), None);
+    // Released (and, as `requeue` does, due now) past the warning time and the lifetime.
+    assert!(s.release(&id(1), 7 * HOUR));
+    let mut warnings = Vec::new();
+    let cmds = s.poll_warnings(7 * HOUR);
+    collect_warnings(&cmds, 7 * HOUR, &mut warnings);
+    assert_eq!(warnings, vec![(7 * HOUR, vec![(0, "451 4.3.0 try later".to_string())])]);
+    // The next attempt defers again: it expires, with no second warning.
+    let job = s.poll_job(7 * HOUR).expect("released");
+    let cmds = s.done(job.clone(), temp(&job), 7 * HOUR);
+    assert!(cmds.iter().any(|c| matches!(c, Command::Dsn { kind: DsnKind::Failure, expired: true, .. })));
+    assert!(!cmds.iter().any(|c| matches!(c, Command::Dsn { kind: DsnKind::Delay, .. })));
+}
+
+/// Without any attempt falling after the warning time (a long backoff), the warning still
+/// comes at four hours.
+#[test]
+fn delay_warning_by_the_clock_with_a_long_backoff() {
+    let cfg = QueueConfig { minimal_backoff_ms: 3 * HOUR, maximal_backoff_ms: 5 * HOUR, ..QueueConfig::default() };
+    let mut s = Scheduler::new(cfg);
+    s.add(Entry::new(id(1), Class::Normal, 0).rcpt(0, "mx:a").rcpt(1, "mx:b"), 0);
+    while let Some(job) = s.poll_job(0) {
+        let results = if job.destination == "mx:a" { temp(&job) } else { ok(&job) };
+        s.done(job, results, 0);
+    }
+    assert_eq!(s.poll_timeout(), Some(3 * HOUR));
+    let job = s.poll_job(3 * HOUR).expect("second attempt");
+    s.done(job.clone(), temp(&job), 3 * HOUR);
+    assert_eq!(s.poll_timeout(), Some(4 * HOUR), "the warning is the next thing due");
+    let mut warnings = Vec::new();
+    collect_warnings(&s.poll_warnings(4 * HOUR), 4 * HOUR, &mut warnings);
+    assert_eq!(warnings, vec![(4 * HOUR, vec![(0, "451 4.3.0 try later".to_string())])], "only the undelivered one");
+    assert!(s.poll_warnings(9 * HOUR).is_empty(), "once per message");
+}
+
+/// soft_bounce (R40): a permanent failure is deferred with its 5xy made 4xy.
+#[test]
+fn soft_bounce_defers_permanent_failures() {
+    let cfg = QueueConfig { soft_bounce: true, delay_warning_ms: None, ..QueueConfig::default() };
+    let lifetime = cfg.max_queue_lifetime_ms;
+    let mut s = Scheduler::new(cfg);
+    s.add(Entry::new(id(1), Class::Normal, 0).rcpt(0, "mx:a"), 0);
+    let job = s.poll_job(0).expect("job");
+    let cmds = s.done(job, vec![(0, Delivery::PermFail("554 5.7.1 refused by the next hop".into()))], 0);
+    assert!(!cmds.iter().any(|c| matches!(c, Command::Dsn { .. })), "{cmds:?}");
+    assert!(cmds.iter().any(|c| matches!(c, Command::Record { updates, .. }
+        if matches!(&updates[0], (0, RcptState::Deferred { last_reply, .. }) if last_reply == "454 4.7.1 refused by the next hop"))));
+    // At the end of the queue lifetime it bounces like any deferral.
+    s.flush(None, lifetime);
+    let job = s.poll_job(lifetime).expect("retry");
+    let cmds = s.done(job, vec![(0, Delivery::PermFail("554 5.7.1 still refused".into()))], lifetime);
+    assert!(cmds.iter().any(|c| matches!(c, Command::Dsn { kind: DsnKind::Failure, expired: true, .. })));
 }
 
 #[test]

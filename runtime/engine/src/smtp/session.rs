@@ -99,7 +99,7 @@ pub struct Config {
     pub vrfy_enabled: bool,
     /// EXPN goes to the host as [`Event::Expn`]; otherwise `502 5.5.1`.
     pub expn_enabled: bool,
-    /// From this many error replies on, each error reply is delayed by
+    /// After this many error replies, each further error reply is delayed by
     /// `error_sleep` (Postfix `smtpd_soft_error_limit`, 10).
     pub soft_error_limit: u32,
     /// At this many error replies the session says `421 4.7.0` and closes
@@ -936,7 +936,9 @@ impl Session {
         let mut close = close;
         if reply.is_error() && !close {
             self.errors = self.errors.saturating_add(1);
-            if self.errors >= self.config.soft_error_limit {
+            // Postfix and sendmail delay the errors *after* the soft limit: with a limit of
+            // 3 the fourth error is the first one held.
+            if self.errors > self.config.soft_error_limit {
                 delay = delay.max(self.config.error_sleep);
             }
             if self.errors >= self.config.hard_error_limit {

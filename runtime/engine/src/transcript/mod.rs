@@ -167,6 +167,10 @@ pub enum Item {
     },
     Log(String),
     Alert(String),
+    /// `alert-mails: N`: alert mails sent so far, after `:every` (as the daemon sends them).
+    AlertMails(usize),
+    /// `filter: PATTERN` / `filter: no`: the message is handed to a content filter.
+    Filter(Option<String>),
 }
 
 impl Item {
@@ -428,11 +432,15 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
         }
         "log" => Item::Log(value.to_string()),
         "alert" => Item::Alert(value.to_string()),
+        "alert-mails" => {
+            Item::AlertMails(value.parse().map_err(|_| format!("`alert-mails: {value}`: expected a number"))?)
+        }
+        "filter" => Item::Filter(if value == "no" { None } else { Some(value.to_string()) }),
         other => return Err(format!("unknown line `{other}:`; see spec/transcript.md")),
     })
 }
 
-/// `\r`, `\n`, `\t`, `\0`, `\\`, `\xHH` escapes of `C:` lines.
+/// `\r`, `\n`, `\t`, `\0`, `\\`, `\"`, `\xHH` escapes of `C:` lines.
 pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(s.len());
     let b = s.as_bytes();
@@ -445,13 +453,15 @@ pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
                 Some(b't') => out.push(b'\t'),
                 Some(b'0') => out.push(0),
                 Some(b'\\') => out.push(b'\\'),
+                // As a policy string writes a quote: `C: RCPT TO:<\"john smith\"@example.com>`.
+                Some(b'"') => out.push(b'"'),
                 Some(b'x') => {
                     let hex = s.get(i + 2..i + 4).ok_or("`\\x` needs two hex digits")?;
                     out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("`\\x{hex}` is not a hex byte"))?);
                     i += 4;
                     continue;
                 }
-                _ => return Err("unknown escape; use \\r \\n \\t \\0 \\\\ or \\xHH".into()),
+                _ => return Err("unknown escape; use \\r \\n \\t \\0 \\\\ \\\" or \\xHH".into()),
             }
             i += 2;
         } else {
@@ -555,6 +565,7 @@ mod tests {
     fn escapes() {
         assert_eq!(unescape("a\\r\\n.\\x00").unwrap(), b"a\r\n.\0");
         assert!(unescape("\\q").is_err());
+        assert_eq!(unescape(r#"<\"a b\"@c>"#).unwrap(), br#"<"a b"@c>"#);
     }
 
     #[test]
@@ -567,13 +578,18 @@ mod tests {
 }
 
 /// Replay one case (a counterexample of the open-relay proof) against `policy`: Ok when
-/// every line of it holds, else what failed.
-pub fn replay(std_dir: Option<PathBuf>, policy: &Path, case: &str) -> Result<(), Vec<String>> {
+/// every line of it holds, else what failed. `dkim` as for [`run::Runner::with_dkim`].
+pub fn replay(
+    std_dir: Option<PathBuf>,
+    policy: &Path,
+    case: &str,
+    dkim: Option<run::DkimSign>,
+) -> Result<(), Vec<String>> {
     let text = format!("policy: {}\n\n{case}", policy.display());
     let path = policy.with_extension("counterexample.transcript");
     let file = parse(&path, &text)
         .map_err(|e| e.iter().map(|x| format!("line {}: {}", x.line, x.message)).collect::<Vec<_>>())?;
-    let mut runner = run::Runner::new(std_dir);
+    let mut runner = run::Runner::new(std_dir).with_dkim(dkim);
     let mut failures = Vec::new();
     for r in runner.run_file(&file) {
         if !r.passed() {

@@ -54,15 +54,43 @@ impl CaseResult {
     }
 }
 
+/// Why a DKIM signature could not be made (B7).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DkimError {
+    /// The policy's `dkim_key` secret is missing or not a usable key.
+    Key(String),
+    /// The key is fine; signing this message failed.
+    Sign(String),
+}
+
+/// DKIM signing as the daemon signs (the `DKIM-Signature` field, CRLF-terminated, of
+/// `message` for `sender`; `Ok(None)` when `dkim_domain` does not cover the sender). The
+/// engine has no cryptography crate: the host that builds a [`Runner`] gives it
+/// ([`Runner::with_dkim`]; `mailc` gives the daemon's mail-auth signer).
+pub type DkimSign = fn(
+    prog: &Program,
+    secrets: &dyn Fn(&str) -> Option<String>,
+    message: &[u8],
+    sender: &str,
+) -> Result<Option<String>, DkimError>;
+
 /// Compiles each policy once and runs cases.
 pub struct Runner {
     std_dir: Option<PathBuf>,
     policies: HashMap<PathBuf, Result<Arc<Program>, String>>,
+    dkim: Option<DkimSign>,
 }
 
 impl Runner {
     pub fn new(std_dir: Option<PathBuf>) -> Runner {
-        Runner { std_dir, policies: HashMap::new() }
+        Runner { std_dir, policies: HashMap::new(), dkim: None }
+    }
+
+    /// Sign as the daemon does when a case's policy signs with DKIM; without a signer such
+    /// a case fails with a line saying so.
+    pub fn with_dkim(mut self, dkim: Option<DkimSign>) -> Runner {
+        self.dkim = dkim;
+        self
     }
 
     fn policy(&mut self, path: &Path) -> Result<Arc<Program>, String> {
@@ -113,6 +141,7 @@ impl Runner {
             }
         };
         let mut run = CaseRun::new(prog, policy);
+        run.dkim = self.dkim;
         for (line, item) in &case.items {
             run.line = *line;
             run.item(item);
@@ -161,8 +190,13 @@ struct CaseRun {
     credentials: Vec<(String, String)>,
     callahead: HashMap<String, Option<(u16, String)>>,
     auth_results: HashMap<String, String>,
+    /// Alert mails sent (after `:every`), and when each (address, text) last went out.
+    alert_mails: Vec<String>,
+    alerts_sent: HashMap<(String, String), u64>,
     scores: HashMap<String, f64>,
     secrets: HashMap<String, String>,
+    /// The host's DKIM signer ([`Runner::with_dkim`]).
+    dkim: Option<DkimSign>,
     rates: RateStore,
     /// `concurrent:` fixtures: sessions open per key, this one included.
     concurrent: HashMap<String, u64>,
@@ -207,8 +241,11 @@ impl CaseRun {
             credentials: Vec::new(),
             callahead: HashMap::new(),
             auth_results: HashMap::new(),
+            alert_mails: Vec::new(),
+            alerts_sent: HashMap::new(),
             scores: HashMap::new(),
             secrets: HashMap::new(),
+            dkim: None,
             rates: RateStore::default(),
             concurrent: HashMap::new(),
             greylist: Greylist::default(),
@@ -560,6 +597,27 @@ impl CaseRun {
                     self.fail(format!("expected an alert `{p}`; alerts: {a:?}"));
                 }
             }
+            Item::AlertMails(n) => {
+                self.pump();
+                if self.alert_mails.len() != *n {
+                    let a = self.alert_mails.clone();
+                    self.fail(format!("expected {n} alert mails, {} were sent: {a:?}", a.len()));
+                }
+            }
+            Item::Filter(want) => {
+                let Some(m) = self.last_msg() else { return };
+                let got = m.filter.as_ref().map(|t| t.to_string());
+                let ok = match (want, &got) {
+                    (None, None) => true,
+                    (Some(p), Some(g)) => glob(p, g),
+                    _ => false,
+                };
+                if !ok {
+                    let w = want.clone().unwrap_or_else(|| "no".into());
+                    let g = got.unwrap_or_else(|| "no content filter".into());
+                    self.fail(format!("expected filter `{w}`, got `{g}`"));
+                }
+            }
         }
     }
 
@@ -595,7 +653,7 @@ impl CaseRun {
         let (tls_req, auth_req) = crate::config::requirements(&self.prog, listener.as_deref());
         conn.set_requirements(tls_req, auth_req);
         conn.set_free_space(self.disk_free);
-        self.session_keys = vec![format!("client.ip={}", self.client.ip())];
+        self.session_keys = crate::eval::session_keys(self.client.ip());
         for k in &self.session_keys {
             self.rates.open(k);
         }
@@ -700,7 +758,7 @@ impl CaseRun {
                 Need::Policy(req) => {
                     let prog = self.prog.clone();
                     let ans = self.answer(&prog, &req);
-                    self.log.push(format!("  lookup {req:?} -> {ans:?}"));
+                    self.log.push(format!("  lookup {} -> {ans}", req.describe(&prog)));
                     if let Some(c) = self.conn.as_mut() {
                         c.answer(req, ans);
                     }
@@ -710,6 +768,12 @@ impl CaseRun {
                     let info = self.tls_info();
                     if let Some(c) = self.conn.as_mut() {
                         c.tls_established(info, now);
+                    }
+                }
+                Need::Seal(seal) => {
+                    let fields = self.seal(&seal);
+                    if let Some(c) = self.conn.as_mut() {
+                        c.sealed(&fields);
                     }
                 }
                 Need::Queue(mut msg) => {
@@ -729,6 +793,60 @@ impl CaseRun {
         self.drain();
     }
 
+    /// The fields the host adds before queuing (B7), as the daemon adds them: an
+    /// `Authentication-Results` field with the fixtures' results of the checks the policy
+    /// read, and a DKIM signature made with the `dkim_key` secret fixture.
+    fn seal(&mut self, seal: &crate::conn::Seal) -> Vec<String> {
+        let mut fields = Vec::new();
+        let Some(conn) = self.conn.as_ref() else { return fields };
+        let hostname = conn.session().config().hostname.clone();
+        let helo = conn.facts().helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
+        if !seal.checked.is_empty() {
+            let mut parts = vec![hostname];
+            for (check, word) in &seal.checked {
+                match check {
+                    AuthCheck::Spf if seal.sender.is_empty() => parts.push(format!("spf={word} smtp.helo={helo}")),
+                    AuthCheck::Spf => parts.push(format!("spf={word} smtp.mailfrom={}", seal.sender)),
+                    AuthCheck::Dkim => parts.push(format!("dkim={word}")),
+                    AuthCheck::Dmarc => parts.push(format!("dmarc={word}")),
+                    AuthCheck::DmarcPolicy => {}
+                }
+            }
+            fields.push(format!("Authentication-Results: {}\r\n", parts.join(";\r\n\t")));
+        }
+        let signing = matches!(
+            (self.prog.server.option("dkim_key"), self.prog.server.option("dkim_selector")),
+            (Some(_), Some(_))
+        );
+        if seal.sign && signing {
+            let Some(dkim) = self.dkim else {
+                self.fail(
+                    "the policy signs with DKIM and this host of the engine has no DKIM signer (mailc test has one)",
+                );
+                return fields;
+            };
+            let secrets = self.secrets.clone();
+            let mut signed = fields.concat().into_bytes();
+            // The whole message: the part in memory and what was spilled after it.
+            if let Some((head, tail)) = self.conn.as_ref().and_then(|c| c.sealing_message()) {
+                signed.extend_from_slice(head);
+                if tail > 0 {
+                    signed.extend_from_slice(&self.spill.1);
+                }
+            }
+            match dkim(&self.prog, &|n| secrets.get(n).cloned(), &signed, &seal.sender) {
+                Ok(Some(h)) => fields.push(h),
+                Ok(None) => {}
+                Err(DkimError::Sign(e)) => self.fail(format!("DKIM signing failed: {e}")),
+                Err(DkimError::Key(e)) => self.fail(format!(
+                    "the policy signs with DKIM and the case has no usable key: {e} (give it as `secret NAME: PEM`, `\\n` for newlines)"
+                )),
+            }
+        }
+        fields.reverse();
+        fields
+    }
+
     fn note(&mut self, n: Note) {
         match n {
             Note::Verdict { stage, outcome, rule, trace } => {
@@ -738,7 +856,16 @@ impl CaseRun {
                 self.verdicts.push_back(rule);
             }
             Note::Log(l) => self.logs.push(l),
-            Note::Alert { to, text, .. } => self.alerts.push(format!("{to}: {text}")),
+            Note::Alert { to, text, every_ms } => {
+                // An alert mail goes out at most once per `:every` for the same address and
+                // text, on the virtual clock, as the daemon sends them.
+                let key = (to.to_ascii_lowercase(), text.clone());
+                if !self.alerts_sent.get(&key).is_some_and(|t| self.now.saturating_sub(*t) < every_ms) {
+                    self.alerts_sent.insert(key, self.now);
+                    self.alert_mails.push(format!("{to}: {text}"));
+                }
+                self.alerts.push(format!("{to}: {text}"));
+            }
             Note::Count { counter, keys } => {
                 for k in keys {
                     self.rates.record(counter.name(), &k, self.now);
@@ -976,6 +1103,21 @@ impl CaseRun {
                 (facts, State::new(&prog))
             }
         };
+        if stage == Stage::Route {
+            // As the queue manager routes: rewritten recipients anew, soft_bounce applied.
+            let mut run = crate::routing::RouteRun::new(&prog, facts, state);
+            for _ in 0..10_000 {
+                match run.step(&prog) {
+                    Step::Need(req) => {
+                        let a = self.answer(&prog, &req);
+                        run.answer(req, a);
+                    }
+                    Step::Done(v) => return Some(describe(stage, &v)),
+                }
+            }
+            self.fail("the stage did not finish");
+            return None;
+        }
         let mut run = Run::new(&prog, stage);
         for _ in 0..10_000 {
             match run.step(&prog, &facts, &mut state) {
