@@ -8,9 +8,10 @@ use std::sync::OnceLock;
 
 use mailpolicy_lang::ir::{Program, Stage};
 
-use crate::conn::{QueuedMessage, QueuedRcpt, Snapshot};
+use crate::conn::{QueuedMessage, QueuedRcpt, SessionRecord};
 use crate::eval::{Answer, Run, Step};
 use crate::headers::{self, Edit};
+use crate::record::{stage_facts, InQueue, QueueStage};
 use crate::routing::RouteRun;
 use crate::smtp::{Reply, ReversePath};
 use crate::transport::driver::Outcome;
@@ -86,8 +87,9 @@ pub fn queue_message(input: &[u8]) {
         helo: "c.example.org".into(),
         ..Default::default()
     };
-    let snap = Snapshot::internal(prog, "mx.test");
-    let (facts, state) = snap.restore(&msg, msg.recipients.first(), prog, 0);
+    let msg = QueuedMessage { session: SessionRecord::internal(prog, "mx.test"), ..msg };
+    let rcpt = msg.recipients.first().cloned().unwrap_or_default();
+    let (facts, state) = stage_facts(prog, &msg, QueueStage::Route(&rcpt), InQueue::default());
     // Every host request answered as a host with empty tables would; a bounded number of
     // rounds (each answer lets the stage go further).
     let mut route = RouteRun::new(prog, facts.clone(), state.clone());
@@ -169,7 +171,7 @@ mod tests {
     /// The real messages and the ones that stopped the queue before (`../shared`).
     #[test]
     fn queue_side_survives_the_corpus() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
         let mut n = 0;
         for dir in ["corpus/messages", "poison"] {
             let mut stack = vec![root.join(dir)];

@@ -25,7 +25,7 @@ pub mod spool;
 pub mod transport;
 
 // The engine's modules under the names the daemon's modules use for them.
-use mailpolicy_engine::{config, conn, date, eval, headers, paths, queue, routing, smtp};
+use mailpolicy_engine::{config, conn, date, eval, headers, paths, queue, record, routing, smtp};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -258,7 +258,7 @@ impl Shared {
             helo: self.hostname.clone(),
             auth_user: String::new(),
             added_headers: Vec::new(),
-            session: crate::conn::Snapshot::internal(&prog, &self.hostname),
+            session: crate::conn::SessionRecord::internal(&prog, &self.hostname),
             copy: false,
             tail: 0,
         };

@@ -183,12 +183,12 @@ impl Lookups {
                 }
             }
         }
-        let mut facts = crate::eval::Facts { now_ms, ..Default::default() };
-        facts.sender = Some(sender.to_string());
-        facts.recipient = Some(crate::eval::RcptFacts { address: recipient.to_string(), ..Default::default() });
-        facts.recipients = vec![recipient.to_string()];
-        facts.local_domains = self.local_domains.clone();
-        let mut state = crate::eval::State::new(prog);
+        // The route stage's facts as the queue manager builds them, for a message not yet sent.
+        use crate::record::{stage_facts, InQueue, QueueStage, QueuedMessage};
+        let probe = QueuedMessage::probe(sender, recipient, self.local_domains.clone());
+        let rcpt = probe.recipients.first().cloned().unwrap_or_default();
+        let (facts, mut state) =
+            stage_facts(prog, &probe, QueueStage::Probe(&rcpt), InQueue { now_ms, ..InQueue::default() });
         let v =
             Box::pin(super::route::run_stage(prog, self, mailpolicy_lang::ir::Stage::Route, &facts, &mut state)).await;
         let dest = match &v.outcome {

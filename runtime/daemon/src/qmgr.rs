@@ -1168,7 +1168,7 @@ impl Qmgr {
             data,
             client_ip: "127.0.0.1".into(),
             helo: self.shared.hostname.clone(),
-            session: crate::conn::Snapshot::internal(&self.prog, &self.shared.hostname),
+            session: crate::conn::SessionRecord::internal(&self.prog, &self.shared.hostname),
             ..Default::default()
         };
         match spool_io(&self.spool, move |s| s.store(&bounce, Class::Bounce, now).map_err(std::io::Error::other)).await

@@ -9,6 +9,7 @@ use mailpolicy_lang::ir::{OptValue, Program, Stage, TransportKind};
 use super::lookup::Lookups;
 use crate::conn::{QueuedMessage, QueuedRcpt};
 use crate::eval::{Effect, Facts, Outcome, RenderedReply, RenderedTransport, Run, State, Step, Verdict};
+use crate::record::{stage_facts, InQueue, QueueStage};
 
 /// Where one recipient goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,21 +40,6 @@ pub async fn run_stage(prog: &Program, lookups: &Lookups, stage: Stage, facts: &
             Step::Done(v) => return v,
         }
     }
-}
-
-/// Facts and variables for a queue-side stage on `rcpt` of `msg`.
-pub fn facts_for(
-    prog: &Program,
-    msg: &QueuedMessage,
-    rcpt: Option<&QueuedRcpt>,
-    now_ms: u64,
-    queue_id: &str,
-    arrived_ms: u64,
-) -> (Facts, State) {
-    let (mut f, st) = msg.session.restore(msg, rcpt, prog, now_ms);
-    f.queue_id = queue_id.to_string();
-    f.queue_age_ms = now_ms.saturating_sub(arrived_ms);
-    (f, st)
 }
 
 /// The server's `maildir` root.
@@ -121,7 +107,8 @@ pub async fn route(
             Vec::new(),
         );
     };
-    let (facts, state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
+    let at = InQueue { queue_id, now_ms, arrived_ms };
+    let (facts, state) = stage_facts(prog, msg, QueueStage::Route(rcpt), at);
     // Rewritten recipients are routed anew, soft_bounce defers the error transport.
     let mut run = crate::routing::RouteRun::new(prog, facts, state);
     let v = loop {
@@ -274,10 +261,8 @@ pub async fn bounce_allowed(
     queue_id: &str,
     arrived_ms: u64,
 ) -> (bool, Vec<Effect>) {
-    let rcpt = QueuedRcpt { address: to.to_string(), notify: Vec::new(), orcpt: String::new(), ..Default::default() };
-    let (mut facts, mut state) = facts_for(prog, msg, Some(&rcpt), now_ms, queue_id, arrived_ms);
-    facts.sender = Some(String::new());
-    facts.bounce = Some((kind.to_string(), reason.to_string()));
+    let at = InQueue { queue_id, now_ms, arrived_ms };
+    let (facts, mut state) = stage_facts(prog, msg, QueueStage::Bounce { to, kind, reason }, at);
     let v = run_stage(prog, lookups, Stage::Bounce, &facts, &mut state).await;
     (v.outcome != Outcome::Discard, v.effects)
 }
@@ -291,7 +276,7 @@ pub async fn delay_warning_allowed(
     queue_id: &str,
     arrived_ms: u64,
 ) -> bool {
-    let (facts, mut state) = facts_for(prog, msg, None, now_ms, queue_id, arrived_ms);
+    let (facts, mut state) = stage_facts(prog, msg, QueueStage::Delay, InQueue { queue_id, now_ms, arrived_ms });
     run_stage(prog, lookups, Stage::Delay, &facts, &mut state).await.outcome != Outcome::Discard
 }
 
@@ -310,8 +295,8 @@ pub async fn after_attempt(
     if prog.stage(Stage::Deliver).is_empty() {
         return None;
     }
-    let (mut facts, mut state) = facts_for(prog, msg, Some(rcpt), now_ms, queue_id, arrived_ms);
-    facts.delivery = Some(delivery);
+    let at = InQueue { queue_id, now_ms, arrived_ms };
+    let (facts, mut state) = stage_facts(prog, msg, QueueStage::Deliver(rcpt, delivery), at);
     let v = run_stage(prog, lookups, Stage::Deliver, &facts, &mut state).await;
     match v.outcome {
         o @ (Outcome::Reject(_) | Outcome::Tempfail(_)) => Some(o),

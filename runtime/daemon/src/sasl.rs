@@ -281,7 +281,7 @@ mod tests {
     /// comment gives are accepted, others are not.
     #[test]
     fn example_credentials_verify() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data/passwd");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/passwd");
         let text = std::fs::read_to_string(path).expect("examples/data/passwd");
         let table = mailpolicy_stdlib::tables::FileTable::parse("map", &text).expect("a map file");
         for (login, password) in [("alice@example.com", "s3cret"), ("bob@example.com", "bob-s3cret")] {

@@ -36,146 +36,7 @@ pub struct ClientInfo {
     pub session_id: String,
 }
 
-/// A recipient of a queued message, with what the policy decided about it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct QueuedRcpt {
-    pub address: String,
-    /// NOTIFY as stored (after `dsn notify never` / `dsn deny success`); empty = not given.
-    pub notify: Vec<String>,
-    pub orcpt: String,
-    /// The address as the client wrote it, when the server took its BATV tag off (R29).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub batv_tagged: String,
-}
-
-/// A message the host must make durable before the 250 reply.
-/// What the queue side needs of the session that received a message: the facts the
-/// route, deliver, bounce and delay stages can still read, and the variables as they were
-/// at the end of `data`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct Snapshot {
-    pub client_port: u16,
-    pub client_name: String,
-    pub client_ptr: String,
-    pub local_ip: String,
-    pub local_port: u16,
-    pub listener: String,
-    pub session_id: String,
-    pub tls_version: String,
-    pub tls_cipher: String,
-    pub tls_client_cert: bool,
-    pub tls_client_fingerprint: String,
-    pub helo_extended: bool,
-    pub auth_mechanism: String,
-    pub mail_size: u64,
-    pub mail_body: String,
-    pub smtputf8: bool,
-    /// One slot per policy variable (`Program::vars`).
-    pub vars: Vec<Option<String>>,
-    pub dnsbl_hit: Option<(String, String, String)>,
-    pub local_domains: Vec<String>,
-}
-
-impl Snapshot {
-    /// The snapshot of a message the server makes itself (alerts, DSNs): no client, but the
-    /// server's local domains, so the queue-side stages route it like any other.
-    pub fn internal(prog: &Program, hostname: &str) -> Snapshot {
-        Snapshot { local_domains: local_domains(prog, hostname), ..Snapshot::default() }
-    }
-
-    /// Facts and state for a queue-side stage run on this message and recipient.
-    pub fn restore(&self, m: &QueuedMessage, rcpt: Option<&QueuedRcpt>, prog: &Program, now_ms: u64) -> (Facts, State) {
-        let mut f = Facts { now_ms, ..Facts::default() };
-        f.client_ip = m.client_ip.parse().unwrap_or(f.client_ip);
-        f.client_port = self.client_port;
-        f.client_name = self.client_name.clone();
-        f.client_ptr = self.client_ptr.clone();
-        f.client_fcrdns = self.client_name != "unknown" && !self.client_name.is_empty();
-        f.local_ip = self.local_ip.parse().unwrap_or(f.local_ip);
-        f.local_port = self.local_port;
-        f.listener = self.listener.clone();
-        f.session_id = self.session_id.clone();
-        if !self.tls_version.is_empty() {
-            f.tls = Some(TlsFacts {
-                version: self.tls_version.clone(),
-                cipher: self.tls_cipher.clone(),
-                client_cert: self.tls_client_cert,
-                client_fingerprint: self.tls_client_fingerprint.clone(),
-            });
-        }
-        if !m.helo.is_empty() {
-            f.helo = Some((m.helo.clone(), self.helo_extended));
-        }
-        if !m.auth_user.is_empty() {
-            f.auth = Some((m.auth_user.clone(), self.auth_mechanism.clone()));
-        }
-        f.sender = Some(m.sender.clone());
-        f.mail_size = self.mail_size;
-        f.mail_body = self.mail_body.clone();
-        f.smtputf8 = self.smtputf8;
-        f.dsn_ret = m.ret.clone();
-        f.dsn_envid = m.envid.clone();
-        f.recipient = rcpt.map(|r| RcptFacts {
-            address: r.address.clone(),
-            routing: false,
-            notify: r.notify.clone(),
-            orcpt: r.orcpt.clone(),
-            batv_tagged: (!r.batv_tagged.is_empty()).then(|| r.batv_tagged.clone()),
-        });
-        f.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
-        // The queue side sees what the data stage saw: the header section and the body's
-        // first `IN_MEMORY` bytes (a 25 MB message is not parsed whole); `message.size` is all.
-        let head = crate::headers::header_end(&m.data);
-        let seen = m.data.get(..head.saturating_add(crate::config::IN_MEMORY as usize)).unwrap_or(&m.data);
-        let mut facts = MessageFacts::parse(seen);
-        facts.size = m.data.len() as u64;
-        f.message = Some(facts);
-        let mut st = State::new(prog);
-        for (slot, v) in st.vars.iter_mut().zip(&self.vars) {
-            *slot = v.clone();
-        }
-        st.dnsbl_hit = self.dnsbl_hit.clone();
-        if !self.local_domains.is_empty() {
-            f.local_domains = self.local_domains.clone();
-        }
-        (f, st)
-    }
-}
-
-/// Every field has a default so a spool written by an older version stays readable.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct QueuedMessage {
-    /// Envelope sender, "" for the null sender.
-    pub sender: String,
-    pub recipients: Vec<QueuedRcpt>,
-    /// RET and ENVID.
-    pub ret: String,
-    pub envid: String,
-    /// The message with the policy's header changes applied and a Received: header.
-    pub data: Vec<u8>,
-    /// Quarantine reason when the policy said `hold`.
-    pub hold: Option<String>,
-    pub archive: Vec<String>,
-    pub filter: Option<crate::eval::RenderedTransport>,
-    /// Sign the envelope sender with BATV on delivery.
-    pub batv_sign: bool,
-    pub client_ip: String,
-    pub helo: String,
-    pub auth_user: String,
-    /// Headers the policy added, in order (also already in `data`).
-    pub added_headers: Vec<(String, String)>,
-    /// The receiving session, for the queue-side stages.
-    pub session: Snapshot,
-    /// A copy the queue made (route-stage `bcc`): it makes no further copies.
-    pub copy: bool,
-    /// Bytes of the message that follow `data` and that the host holds (the session's
-    /// spill file, `Session::take_spill`); the spool appends them when it stores.
-    #[serde(skip)]
-    pub tail: u64,
-}
+pub use crate::record::{QueuedMessage, QueuedRcpt, SessionRecord};
 
 /// One line of the connection's log: a verdict, a log action or an alert.
 #[derive(Clone, Debug, PartialEq)]
@@ -984,7 +845,7 @@ impl Conn {
                     helo: self.facts.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default(),
                     auth_user: self.facts.auth.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
                     added_headers: added,
-                    session: self.snapshot(),
+                    session: self.session_record(),
                     copy: false,
                     tail: spilled,
                 };
@@ -1069,9 +930,10 @@ impl Conn {
                 .is_some_and(|l| l.items.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)))
     }
 
-    fn snapshot(&self) -> Snapshot {
+    /// The record of this session so far, as a message queued now would carry it.
+    pub fn session_record(&self) -> SessionRecord {
         let tls = self.facts.tls.clone().unwrap_or_default();
-        Snapshot {
+        SessionRecord {
             client_port: self.facts.client_port,
             client_name: self.facts.client_name.clone(),
             client_ptr: self.facts.client_ptr.clone(),

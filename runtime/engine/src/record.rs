@@ -1,8 +1,229 @@
-//! The records the queue is made of, shared by the spool that writes them and the
-//! scheduler and tools that read them: queue ids, queues, classes, per-recipient state,
-//! and a message as listed.
+//! The records the queue is made of, shared by the connection that makes them, the spool
+//! that writes them, and the scheduler, the queue-side stages and the tools that read them:
+//! a queued message with the record of its session ([`QueuedMessage`], [`SessionRecord`]),
+//! queue ids, queues, classes, per-recipient state, a message as listed; and the one
+//! function that builds a queue-side stage's facts from a record ([`stage_facts`]), used by
+//! both hosts (the daemon's queue manager and call-ahead, `mailc test`'s `route:` and
+//! `bounce:` lines), so a transcript evaluates `route` and `bounce` over what the daemon does.
+//!
+//! On disk (the spool's message files) a record is JSON: [`FORMAT`] names its version,
+//! and every field has a default, so a file written by an older version stays readable.
 
+use mailpolicy_lang::ir::Program;
 use serde::{Deserialize, Serialize};
+
+use crate::conn::local_domains;
+use crate::eval::{DeliveryFacts, Facts, MessageFacts, RcptFacts, RenderedTransport, State, TlsFacts};
+
+/// The version of the record format the spool writes (its message files' first line).
+pub const FORMAT: u32 = 1;
+
+/// A recipient of a queued message, with what the policy decided about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QueuedRcpt {
+    pub address: String,
+    /// NOTIFY as stored (after `dsn notify never` / `dsn deny success`); empty = not given.
+    pub notify: Vec<String>,
+    pub orcpt: String,
+    /// The address as the client wrote it, when the server took its BATV tag off (R29).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub batv_tagged: String,
+}
+
+/// What the queue side needs of the session that received a message: the facts the
+/// route, deliver, bounce and delay stages can still read, and the variables as they were
+/// at the end of `data`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionRecord {
+    pub client_port: u16,
+    pub client_name: String,
+    pub client_ptr: String,
+    pub local_ip: String,
+    pub local_port: u16,
+    pub listener: String,
+    pub session_id: String,
+    pub tls_version: String,
+    pub tls_cipher: String,
+    pub tls_client_cert: bool,
+    pub tls_client_fingerprint: String,
+    pub helo_extended: bool,
+    pub auth_mechanism: String,
+    pub mail_size: u64,
+    pub mail_body: String,
+    pub smtputf8: bool,
+    /// One slot per policy variable (`Program::vars`).
+    pub vars: Vec<Option<String>>,
+    pub dnsbl_hit: Option<(String, String, String)>,
+    pub local_domains: Vec<String>,
+}
+
+impl SessionRecord {
+    /// The snapshot of a message the server makes itself (alerts, DSNs): no client, but the
+    /// server's local domains, so the queue-side stages route it like any other.
+    pub fn internal(prog: &Program, hostname: &str) -> SessionRecord {
+        SessionRecord { local_domains: local_domains(prog, hostname), ..SessionRecord::default() }
+    }
+
+    /// The session's facts and variables for a queue-side stage on `m` and `rcpt` (see
+    /// [`stage_facts`], the one caller).
+    fn restore(&self, m: &QueuedMessage, rcpt: Option<&QueuedRcpt>, prog: &Program, now_ms: u64) -> (Facts, State) {
+        let mut f = Facts { now_ms, ..Facts::default() };
+        f.client_ip = m.client_ip.parse().unwrap_or(f.client_ip);
+        f.client_port = self.client_port;
+        f.client_name = self.client_name.clone();
+        f.client_ptr = self.client_ptr.clone();
+        f.client_fcrdns = self.client_name != "unknown" && !self.client_name.is_empty();
+        f.local_ip = self.local_ip.parse().unwrap_or(f.local_ip);
+        f.local_port = self.local_port;
+        f.listener = self.listener.clone();
+        f.session_id = self.session_id.clone();
+        if !self.tls_version.is_empty() {
+            f.tls = Some(TlsFacts {
+                version: self.tls_version.clone(),
+                cipher: self.tls_cipher.clone(),
+                client_cert: self.tls_client_cert,
+                client_fingerprint: self.tls_client_fingerprint.clone(),
+            });
+        }
+        if !m.helo.is_empty() {
+            f.helo = Some((m.helo.clone(), self.helo_extended));
+        }
+        if !m.auth_user.is_empty() {
+            f.auth = Some((m.auth_user.clone(), self.auth_mechanism.clone()));
+        }
+        f.sender = Some(m.sender.clone());
+        f.mail_size = self.mail_size;
+        f.mail_body = self.mail_body.clone();
+        f.smtputf8 = self.smtputf8;
+        f.dsn_ret = m.ret.clone();
+        f.dsn_envid = m.envid.clone();
+        f.recipient = rcpt.map(|r| RcptFacts {
+            address: r.address.clone(),
+            routing: false,
+            notify: r.notify.clone(),
+            orcpt: r.orcpt.clone(),
+            batv_tagged: (!r.batv_tagged.is_empty()).then(|| r.batv_tagged.clone()),
+        });
+        f.recipients = m.recipients.iter().map(|r| r.address.clone()).collect();
+        // The queue side sees what the data stage saw: the header section and the body's
+        // first `IN_MEMORY` bytes (a 25 MB message is not parsed whole); `message.size` is all.
+        let head = crate::headers::header_end(&m.data);
+        let seen = m.data.get(..head.saturating_add(crate::config::IN_MEMORY as usize)).unwrap_or(&m.data);
+        let mut facts = MessageFacts::parse(seen);
+        facts.size = m.data.len() as u64;
+        f.message = Some(facts);
+        let mut st = State::new(prog);
+        for (slot, v) in st.vars.iter_mut().zip(&self.vars) {
+            *slot = v.clone();
+        }
+        st.dnsbl_hit = self.dnsbl_hit.clone();
+        if !self.local_domains.is_empty() {
+            f.local_domains = self.local_domains.clone();
+        }
+        (f, st)
+    }
+}
+
+/// Every field has a default so a spool written by an older version stays readable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QueuedMessage {
+    /// Envelope sender, "" for the null sender.
+    pub sender: String,
+    pub recipients: Vec<QueuedRcpt>,
+    /// RET and ENVID.
+    pub ret: String,
+    pub envid: String,
+    /// The message with the policy's header changes applied and a Received: header.
+    pub data: Vec<u8>,
+    /// Quarantine reason when the policy said `hold`.
+    pub hold: Option<String>,
+    pub archive: Vec<String>,
+    pub filter: Option<RenderedTransport>,
+    /// Sign the envelope sender with BATV on delivery.
+    pub batv_sign: bool,
+    pub client_ip: String,
+    pub helo: String,
+    pub auth_user: String,
+    /// Headers the policy added, in order (also already in `data`).
+    pub added_headers: Vec<(String, String)>,
+    /// The receiving session, for the queue-side stages.
+    pub session: SessionRecord,
+    /// A copy the queue made (route-stage `bcc`): it makes no further copies.
+    pub copy: bool,
+    /// Bytes of the message that follow `data` and that the host holds (the session's
+    /// spill file, `Session::take_spill`); the spool appends them when it stores.
+    #[serde(skip)]
+    pub tail: u64,
+}
+
+/// A queue-side evaluation and what it is about.
+#[derive(Clone, Debug)]
+pub enum QueueStage<'a> {
+    /// `route` for one recipient of the message.
+    Route(&'a QueuedRcpt),
+    /// `deliver` after an attempt to one recipient, with what the attempt gave.
+    Deliver(&'a QueuedRcpt, DeliveryFacts),
+    /// `bounce` for a DSN of `kind` (`failure`, `delay`, `success`) to `to` about the
+    /// message, for `reason`; the DSN's sender is the null sender.
+    Bounce { to: &'a str, kind: &'a str, reason: &'a str },
+    /// `delay` for the message.
+    Delay,
+    /// `route` asked where mail to a recipient would go before any message exists
+    /// (call-ahead, R27): the message is a [`QueuedMessage::probe`], and has no content.
+    Probe(&'a QueuedRcpt),
+}
+
+/// Where a message stands in the queue.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InQueue<'a> {
+    pub queue_id: &'a str,
+    pub now_ms: u64,
+    pub arrived_ms: u64,
+}
+
+/// The facts and variables of a queue-side stage on `msg`: the facts its session had
+/// (client, TLS, HELO, AUTH, sender, recipients, message, variables at the end of `data`)
+/// and what the stage is about. The one builder both hosts use.
+pub fn stage_facts(prog: &Program, msg: &QueuedMessage, stage: QueueStage<'_>, at: InQueue<'_>) -> (Facts, State) {
+    let bounce_rcpt;
+    let rcpt = match &stage {
+        QueueStage::Route(r) | QueueStage::Deliver(r, _) | QueueStage::Probe(r) => Some(*r),
+        QueueStage::Bounce { to, .. } => {
+            bounce_rcpt = QueuedRcpt { address: to.to_string(), ..QueuedRcpt::default() };
+            Some(&bounce_rcpt)
+        }
+        QueueStage::Delay => None,
+    };
+    let (mut f, st) = msg.session.restore(msg, rcpt, prog, at.now_ms);
+    f.queue_id = at.queue_id.to_string();
+    f.queue_age_ms = at.now_ms.saturating_sub(at.arrived_ms);
+    match stage {
+        QueueStage::Deliver(_, delivery) => f.delivery = Some(delivery),
+        QueueStage::Bounce { kind, reason, .. } => {
+            f.sender = Some(String::new());
+            f.bounce = Some((kind.to_string(), reason.to_string()));
+        }
+        QueueStage::Probe(_) => f.message = None,
+        QueueStage::Route(_) | QueueStage::Delay => {}
+    }
+    (f, st)
+}
+
+impl QueuedMessage {
+    /// The message call-ahead asks the route stage about: `sender` to `recipient`, with the
+    /// server's local domains and no content.
+    pub fn probe(sender: &str, recipient: &str, local_domains: Vec<String>) -> QueuedMessage {
+        QueuedMessage {
+            sender: sender.to_string(),
+            recipients: vec![QueuedRcpt { address: recipient.to_string(), ..QueuedRcpt::default() }],
+            session: SessionRecord { local_domains, ..SessionRecord::default() },
+            ..QueuedMessage::default()
+        }
+    }
+}
 
 /// A queue id: alphanumeric ASCII, 1 to 64 characters (so it is always a safe file name).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

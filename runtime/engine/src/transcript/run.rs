@@ -18,9 +18,8 @@ use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::
 
 use super::{glob, Case, DnsAnswer, Item, TableRow, TranscriptFile};
 use crate::conn::{ClientInfo, Conn, Need, Note, QueuedMessage};
-use crate::eval::{
-    self, Answer, AuthCheck, Facts, MessageFacts, Outcome, RcptFacts, Request, RrType, Run, State, Step,
-};
+use crate::eval::{self, Answer, AuthCheck, MessageFacts, Outcome, Request, RrType, Run, Step};
+use crate::record::{stage_facts, InQueue, QueueStage};
 use crate::smtp::{AuthOutcome, PeerInfo, Time, TlsInfo};
 
 /// 2026-01-01T00:00:00Z: the clock of a case that sets none.
@@ -1080,29 +1079,34 @@ impl CaseRun {
     /// DSN to `address` (bounce), and describe the outcome.
     fn queue_stage(&mut self, stage: Stage, address: &str, kind: &str) -> Option<String> {
         let prog = self.prog.clone();
-        let (facts, mut state) = match stage {
+        // The facts as the daemon's queue manager builds them (`record::stage_facts`).
+        let queue_id = format!("{:010X}", self.queued.len());
+        let at = InQueue { queue_id: &queue_id, now_ms: self.now, arrived_ms: self.now };
+        let (facts, state) = match stage {
             Stage::Route => {
                 let m = self.last_msg()?;
                 let Some(r) = m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)).cloned() else {
                     self.fail(format!("{address} is not a recipient of the queued message"));
                     return None;
                 };
-                let (mut f, st) = m.session.restore(&m, Some(&r), &prog, self.now);
-                f.queue_id = format!("{:010X}", self.queued.len());
-                (f, st)
+                stage_facts(&prog, &m, QueueStage::Route(&r), at)
             }
             _ => {
-                let mut facts = Facts { now_ms: self.now, ..Facts::default() };
-                facts.client_ip = self.client.ip();
-                facts.sender = Some(String::new());
-                facts.recipient = Some(RcptFacts { address: address.to_string(), ..Default::default() });
-                facts.recipients = vec![address.to_string()];
-                facts.bounce = Some((kind.to_string(), "test".to_string()));
-                let dsn = format!("From: MAILER-DAEMON@mx.test\r\nTo: {address}\r\nSubject: Undelivered Mail Returned to Sender\r\nContent-Type: multipart/report; report-type=delivery-status\r\n\r\n");
-                facts.message = Some(MessageFacts::parse(dsn.as_bytes()));
-                (facts, State::new(&prog))
+                // A DSN about the last message queued; with none, about a message of this
+                // session so far (`bounce:` needs no queued message).
+                self.pump();
+                let m = match self.queued.last() {
+                    Some(m) => m.clone(),
+                    None => QueuedMessage {
+                        client_ip: self.client.ip().to_string(),
+                        session: self.conn.as_ref().map(|c| c.session_record()).unwrap_or_default(),
+                        ..QueuedMessage::default()
+                    },
+                };
+                stage_facts(&prog, &m, QueueStage::Bounce { to: address, kind, reason: "test" }, at)
             }
         };
+        let mut state = state;
         if stage == Stage::Route {
             // As the queue manager routes: rewritten recipients anew, soft_bounce applied.
             let mut run = crate::routing::RouteRun::new(&prog, facts, state);
