@@ -15,8 +15,138 @@ use serde::{Deserialize, Serialize};
 use crate::conn::local_domains;
 use crate::eval::{DeliveryFacts, Facts, MessageFacts, RcptFacts, RenderedTransport, State, TlsFacts};
 
-/// The version of the record format the spool writes (its message files' first line).
+/// The version of the record format: the number in a message file's first line
+/// ([`MAGIC`]) and a state file's `v`. A reader refuses other versions.
 pub const FORMAT: u32 = 1;
+
+// ---------------------------------------------------------------- the spool's encoding
+//
+// A message file is `MAGIC`, the [`Meta`] line (JSON), the message bytes, `TRAILER`; a
+// state file is one [`StateFile`] (JSON). The spool (daemon crate) does the file I/O.
+
+/// First line of every message file (its version is [`FORMAT`]).
+pub const MAGIC: &[u8] = b"MAILPOLICY-SPOOL 1\n";
+/// Last bytes of every message file: a file without them was cut short.
+pub const TRAILER: &[u8] = b"\nEND\n";
+/// Largest envelope line a reader accepts (a guard against reading junk into memory).
+pub const MAX_META: u64 = 64 << 20;
+
+/// The envelope line of a message file.
+#[derive(Serialize, Deserialize)]
+pub struct Meta {
+    pub id: QueueId,
+    pub class: Class,
+    pub arrived_ms: u64,
+    pub data_len: u64,
+    /// The queued message with `data` empty (the bytes follow the line).
+    pub envelope: QueuedMessage,
+}
+
+/// The mutable part of a message: one small file in `state/`, rewritten atomically.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub v: u32,
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    pub delay_warned: bool,
+    pub rcpts: Vec<RcptState>,
+}
+
+impl StateFile {
+    /// The state of a message nobody has tried yet (no state file).
+    pub fn initial(rcpts: usize, arrived_ms: u64) -> StateFile {
+        StateFile {
+            v: FORMAT,
+            attempts: 0,
+            next_attempt_ms: arrived_ms,
+            delay_warned: false,
+            rcpts: vec![RcptState::Pending; rcpts],
+        }
+    }
+}
+
+/// The header (magic and envelope line) of a message file.
+pub fn encode_header(id: &QueueId, class: Class, arrived_ms: u64, msg: &QueuedMessage) -> std::io::Result<Vec<u8>> {
+    // Everything but the data (which may be large): no copy of it for the header.
+    let envelope = QueuedMessage {
+        sender: msg.sender.clone(),
+        recipients: msg.recipients.clone(),
+        ret: msg.ret.clone(),
+        envid: msg.envid.clone(),
+        data: Vec::new(),
+        hold: msg.hold.clone(),
+        archive: msg.archive.clone(),
+        filter: msg.filter.clone(),
+        batv_sign: msg.batv_sign,
+        client_ip: msg.client_ip.clone(),
+        helo: msg.helo.clone(),
+        auth_user: msg.auth_user.clone(),
+        added_headers: msg.added_headers.clone(),
+        session: msg.session.clone(),
+        copy: msg.copy,
+        tail: msg.tail,
+    };
+    let data_len = (msg.data.len() as u64).saturating_add(msg.tail);
+    let meta = Meta { id: id.clone(), class, arrived_ms, data_len, envelope };
+    let mut out = MAGIC.to_vec();
+    serde_json::to_writer(&mut out, &meta).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// Decode the envelope line of a message file.
+pub fn decode_meta(line: &[u8]) -> Result<Meta, String> {
+    serde_json::from_slice(line).map_err(|e| format!("envelope: {e}"))
+}
+
+/// Decode a state file of a message with `rcpts` recipients.
+pub fn decode_state(bytes: &[u8], rcpts: usize) -> Result<StateFile, String> {
+    let st: StateFile = serde_json::from_slice(bytes).map_err(|e| format!("state file: {e}"))?;
+    if st.v != FORMAT {
+        return Err(format!("state file version {}", st.v));
+    }
+    if st.rcpts.len() != rcpts {
+        return Err(format!("state file has {} recipients, the envelope {rcpts}", st.rcpts.len()));
+    }
+    Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_version_and_magic_agree() {
+        assert_eq!(MAGIC, format!("MAILPOLICY-SPOOL {FORMAT}\n").as_bytes());
+    }
+
+    #[test]
+    fn records_round_trip_and_old_fields_default() {
+        let msg = QueuedMessage {
+            sender: "a@example.org".into(),
+            recipients: vec![QueuedRcpt { address: "b@example.com".into(), ..QueuedRcpt::default() }],
+            data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+            ..QueuedMessage::default()
+        };
+        let id = QueueId::generate(1_795_341_600_000, 7, 0xBEEF);
+        let head = encode_header(&id, Class::Normal, 5, &msg).expect("encode");
+        let line = head.strip_prefix(MAGIC).expect("magic first");
+        let meta = decode_meta(line).expect("decode");
+        assert_eq!(meta.id, id);
+        assert_eq!(meta.data_len, msg.data.len() as u64);
+        assert_eq!(meta.envelope.recipients, msg.recipients);
+        assert!(meta.envelope.data.is_empty(), "the data follows the line, not in it");
+        // A record written before a field existed still reads.
+        let old = br#"{"id":"AB12","class":"normal","arrived_ms":1,"data_len":0,"envelope":{"sender":""}}"#;
+        assert_eq!(decode_meta(old).expect("old record").envelope.session, SessionRecord::default());
+        let st = StateFile::initial(1, 5);
+        let bytes = serde_json::to_vec(&st).expect("state");
+        assert_eq!(decode_state(&bytes, 1), Ok(st.clone()));
+        assert!(decode_state(&bytes, 2).is_err());
+        let newer = serde_json::to_vec(&StateFile { v: FORMAT + 1, ..st }).expect("state");
+        assert!(decode_state(&newer, 1).unwrap_err().contains("version"));
+    }
+}
 
 /// A recipient of a queued message, with what the policy decided about it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,84 +1,13 @@
-//! The on-disk encoding of message files and state files (see the module docs of
+//! Reading message files and state files from disk; their encoding (versioned) is the
+//! engine's [`crate::record`] (see the module docs of
 //! [`crate::spool`] for the layout and the durability argument).
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
-use super::{Class, QueueId, RcptState};
 use crate::conn::QueuedMessage;
-
-/// First line of every message file.
-pub(crate) const MAGIC: &[u8] = b"MAILPOLICY-SPOOL 1\n";
-/// Last bytes of every message file: a file without them was cut short.
-pub(crate) const TRAILER: &[u8] = b"\nEND\n";
-/// Largest envelope line accepted when reading (a guard against reading junk into memory).
-const MAX_META: u64 = 64 << 20;
-
-/// The envelope line of a message file.
-#[derive(Serialize, Deserialize)]
-pub(crate) struct Meta {
-    pub id: QueueId,
-    pub class: Class,
-    pub arrived_ms: u64,
-    pub data_len: u64,
-    /// The queued message with `data` empty (the bytes follow the line).
-    pub envelope: QueuedMessage,
-}
-
-/// The mutable part of a message: one small file in `state/`, rewritten atomically.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct StateFile {
-    pub v: u32,
-    pub attempts: u32,
-    pub next_attempt_ms: u64,
-    pub delay_warned: bool,
-    pub rcpts: Vec<RcptState>,
-}
-
-impl StateFile {
-    /// The state of a message nobody has tried yet (no state file).
-    pub fn initial(rcpts: usize, arrived_ms: u64) -> StateFile {
-        StateFile {
-            v: 1,
-            attempts: 0,
-            next_attempt_ms: arrived_ms,
-            delay_warned: false,
-            rcpts: vec![RcptState::Pending; rcpts],
-        }
-    }
-}
-
-/// The header (magic and envelope line) of a message file.
-pub(crate) fn encode_header(id: &QueueId, class: Class, arrived_ms: u64, msg: &QueuedMessage) -> io::Result<Vec<u8>> {
-    // Everything but the data (which may be large): no copy of it for the header.
-    let envelope = QueuedMessage {
-        sender: msg.sender.clone(),
-        recipients: msg.recipients.clone(),
-        ret: msg.ret.clone(),
-        envid: msg.envid.clone(),
-        data: Vec::new(),
-        hold: msg.hold.clone(),
-        archive: msg.archive.clone(),
-        filter: msg.filter.clone(),
-        batv_sign: msg.batv_sign,
-        client_ip: msg.client_ip.clone(),
-        helo: msg.helo.clone(),
-        auth_user: msg.auth_user.clone(),
-        added_headers: msg.added_headers.clone(),
-        session: msg.session.clone(),
-        copy: msg.copy,
-        tail: msg.tail,
-    };
-    let data_len = (msg.data.len() as u64).saturating_add(msg.tail);
-    let meta = Meta { id: id.clone(), class, arrived_ms, data_len, envelope };
-    let mut out = MAGIC.to_vec();
-    serde_json::to_writer(&mut out, &meta).map_err(io::Error::other)?;
-    out.push(b'\n');
-    Ok(out)
-}
+pub(crate) use crate::record::{encode_header, Meta, StateFile, MAGIC, MAX_META, TRAILER};
 
 fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
@@ -100,7 +29,7 @@ pub(crate) fn read_meta(path: &Path) -> io::Result<(Meta, u64)> {
     if line.last() != Some(&b'\n') {
         return Err(invalid("envelope line is cut short"));
     }
-    let meta: Meta = serde_json::from_slice(&line).map_err(|e| invalid(format!("envelope: {e}")))?;
+    let meta = crate::record::decode_meta(&line).map_err(invalid)?;
     let offset = (MAGIC.len() + line.len()) as u64;
     let expect = offset
         .checked_add(meta.data_len)
@@ -139,12 +68,5 @@ pub(crate) fn read_state(path: &Path, rcpts: usize) -> io::Result<Option<StateFi
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let st: StateFile = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("state file: {e}")))?;
-    if st.v != 1 {
-        return Err(invalid(format!("state file version {}", st.v)));
-    }
-    if st.rcpts.len() != rcpts {
-        return Err(invalid(format!("state file has {} recipients, the envelope {rcpts}", st.rcpts.len())));
-    }
-    Ok(Some(st))
+    crate::record::decode_state(&bytes, rcpts).map(Some).map_err(invalid)
 }
