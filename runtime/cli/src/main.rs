@@ -1,4 +1,4 @@
-//! `mailc`: a thin command line over the `lang`, `stdlib` and `runtime` crates.
+//! `mailc`: a thin command line over the `lang`, `stdlib`, `engine` and `daemon` crates.
 
 mod batv;
 mod check;

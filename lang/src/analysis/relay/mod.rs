@@ -334,7 +334,7 @@ pub fn relay_domains(prog: &Program) -> Vec<String> {
     list_items(prog, "relay_domains").unwrap_or_default()
 }
 
-// Address syntax the SMTP engine accepts (runtime/src/smtp/address.rs), as the display
+// Address syntax the SMTP engine accepts (runtime/engine/src/smtp/address.rs), as the display
 // form the policy sees: dot-string or quoted local part, domain or address literal.
 const ATEXT: &str = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]|[^\x00-\x7f]";
 const QUOTED: &str = r#""(?:[ !#-\[\]-~]|[^\x00-\x7f]|\\["\\])*""#;

@@ -742,7 +742,7 @@ impl Prover<'_> {
             let rtrace = q.trace.to_vec();
             let mut address = addr.clone();
             let mut rerouted = false;
-            // The runtime routes a rewritten recipient anew (runtime/src/routing.rs); when the
+            // The runtime routes a rewritten recipient anew (runtime/engine/src/routing.rs); when the
             // rewrite leaves the address as it was, this run's own verdict stands. Both are
             // followed.
             let mut rewrote = false;
