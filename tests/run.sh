@@ -23,6 +23,8 @@ for prog in "${!want[@]}"; do
     missing+=("${want[$prog]}")
   fi
 done
+# git send-email (a real submitter through `mailc sendmail`) is not on PATH.
+[ -e /usr/lib/git-core/git-send-email ] || missing+=(git-email)
 # swaks needs these Perl modules for STARTTLS and AUTH.
 for mod in Net::SSLeay IO::Socket::SSL Authen::SASL; do
   perl -M"$mod" -e1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)

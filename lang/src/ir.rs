@@ -200,7 +200,7 @@ facts! {
     HeloExtended = "helo.extended": Bool, Stages::from(Helo), None, "the client said EHLO rather than HELO";
     Authenticated = "authenticated": Bool, Stages::from(Auth), None, "the client authenticated with SMTP AUTH";
     AuthUser = "auth.user": Str, Stages::from(Auth), None, "the authenticated login, or empty";
-    AuthMechanism = "auth.mechanism": Str, Stages::from(Auth), None, "the SASL mechanism used, or empty";
+    AuthMechanism = "auth.mechanism": Str, Stages::from(Auth), None, "the SASL mechanism used (`local` for a local submission, spec/cli.md), or empty";
     Sender = "sender": Str, Stages::from(Mail), None, "the envelope sender (MAIL FROM), empty for the null sender <>";
     SenderLocal = "sender.local": Str, Stages::from(Mail), None, "the sender's local part";
     SenderDomain = "sender.domain": Str, Stages::from(Mail), None, "the sender's domain, lower case";

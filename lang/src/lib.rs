@@ -20,4 +20,4 @@ pub mod tables;
 pub use check::{compile, Compilation};
 pub use diag::{Diagnostic, Severity};
 pub use ir::Program;
-pub use source::{FsLoader, Loader, MemLoader, SourceMap};
+pub use source::{std_module, FsLoader, Loader, MemLoader, SourceMap, STD_MODULES};

@@ -111,16 +111,32 @@ pub trait Loader {
 }
 
 /// Loader over the real file system. Includes resolve relative to the including file;
-/// `std:NAME` resolves to the standard library's snippets shipped in `stdlib/policy/`.
+/// `std:NAME` resolves to the standard library's snippets: from `std_dir` when given (a
+/// checkout's `stdlib/policy/`, or `MAILPOLICY_STDLIB`), else the copies built into the
+/// binary ([`STD_MODULES`]), so an installed `mailc` needs no file of the build tree.
 pub struct FsLoader {
     pub std_dir: Option<PathBuf>,
+}
+
+/// The standard library's modules (`stdlib/policy/NAME.mailpolicy`), built in.
+pub const STD_MODULES: &[(&str, &str)] = &[
+    ("dictionary", include_str!("../../stdlib/policy/dictionary.mailpolicy")),
+    ("hygiene", include_str!("../../stdlib/policy/hygiene.mailpolicy")),
+    ("receipts", include_str!("../../stdlib/policy/receipts.mailpolicy")),
+];
+
+/// The built-in text of `std:NAME`.
+pub fn std_module(name: &str) -> Option<&'static str> {
+    STD_MODULES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
 impl Loader for FsLoader {
     fn resolve(&self, name: &str, from: Option<&Path>) -> PathBuf {
         if let Some(rest) = name.strip_prefix("std:") {
-            if let Some(dir) = &self.std_dir {
-                return dir.join(format!("{rest}.mailpolicy"));
+            match &self.std_dir {
+                Some(dir) => return dir.join(format!("{rest}.mailpolicy")),
+                // Named as written: `load` serves it from the built-in copies.
+                None => return PathBuf::from(name),
             }
         }
         let p = Path::new(name);
@@ -130,6 +146,14 @@ impl Loader for FsLoader {
         }
     }
     fn load(&self, path: &Path) -> Result<String, String> {
+        if self.std_dir.is_none() {
+            if let Some(rest) = path.to_str().and_then(|p| p.strip_prefix("std:")) {
+                return std_module(rest).map(str::to_string).ok_or_else(|| {
+                    let names: Vec<&str> = STD_MODULES.iter().map(|(n, _)| *n).collect();
+                    format!("no standard module `std:{rest}` (there are {})", names.join(", "))
+                });
+            }
+        }
         std::fs::read_to_string(path).map_err(|e| e.to_string())
     }
 }

@@ -372,3 +372,36 @@ fn formatting_is_canonical() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `std:` modules come from the binary when no stdlib directory is given (an installed
+/// `mailc`), and the built-in copies are the files of `stdlib/policy/`, every one of them.
+#[test]
+fn std_modules_are_built_in() {
+    let dir = root().join("stdlib/policy");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .expect("stdlib/policy")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".mailpolicy")).map(str::to_string))
+        .collect();
+    on_disk.sort();
+    let mut built_in: Vec<String> = mailpolicy_lang::STD_MODULES.iter().map(|(n, _)| n.to_string()).collect();
+    built_in.sort();
+    assert_eq!(on_disk, built_in, "every stdlib/policy module is in STD_MODULES");
+    for (name, text) in mailpolicy_lang::STD_MODULES {
+        let file = std::fs::read_to_string(dir.join(format!("{name}.mailpolicy"))).expect("module file");
+        assert_eq!(&file, text, "std:{name}");
+    }
+    let case = root().join("tests/check/include_std_modules.mailpolicy");
+    let c = compile(&case.display().to_string(), &FsLoader { std_dir: None });
+    let errors: Vec<String> = c.diagnostics.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
+    assert!(errors.is_empty() && c.program.is_some(), "{errors:?}");
+    let tmp = std::env::temp_dir().join(format!("std-missing-{}.mailpolicy", std::process::id()));
+    std::fs::write(&tmp, "include \"std:nosuch\";\n").expect("temp policy");
+    let c = compile(&tmp.display().to_string(), &FsLoader { std_dir: None });
+    let _ = std::fs::remove_file(&tmp);
+    assert!(
+        c.diagnostics.iter().any(|d| d.is_error() && d.message.contains("std:nosuch")),
+        "{:?}",
+        c.diagnostics.iter().map(|d| d.message.clone()).collect::<Vec<_>>()
+    );
+}

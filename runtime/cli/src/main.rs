@@ -7,7 +7,9 @@ mod fmt;
 mod hashpw;
 mod lsp;
 mod queue;
+mod sendmail;
 mod serve;
+mod table;
 mod test;
 
 use std::process::ExitCode;
@@ -25,11 +27,25 @@ Usage:
   mailc hash-password [--iterations N]     (password on standard input)
   mailc batv-tag [--keys FILE] [--key N] [--date YYYY-MM-DD] [--lifetime DAYS] ADDRESS
   mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
+  mailc sendmail [-t] [-i] [-f ADDR] [-F NAME] [RECIPIENT...]   (local submission; also as sendmail)
+  mailc mailq [--spool DIR]                 (the queue; also as mailq)
+  mailc newaliases                          (also as newaliases)
+  mailc table query [--policy FILE] TABLE KEY...   (what a table gives a key, as postmap -q)
   mailc help
 
 Exit codes: 0 success, 1 errors found, 2 usage or I/O error.";
 
 fn main() -> ExitCode {
+    // Installed under the names other mail software calls (sendmail, mailq, newaliases).
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let called = std::path::Path::new(&argv0).file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+    let all: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    match called.as_str() {
+        "sendmail" => return ExitCode::from(sendmail::main(all)),
+        "mailq" => return ExitCode::from(sendmail::mailq(all)),
+        "newaliases" => return ExitCode::from(sendmail::newaliases()),
+        _ => {}
+    }
     let mut args = std::env::args_os().skip(1);
     let Some(cmd) = args.next() else {
         eprintln!("{USAGE}");
@@ -46,6 +62,10 @@ fn main() -> ExitCode {
         Some("hash-password") => hashpw::main(rest),
         Some("batv-tag") => batv::main(rest),
         Some("serve") => serve::main(rest),
+        Some("sendmail") => sendmail::main(rest),
+        Some("mailq") => sendmail::mailq(rest),
+        Some("newaliases") => sendmail::newaliases(),
+        Some("table") => table::main(rest),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             0

@@ -24,6 +24,9 @@ pub fn main(args: Vec<OsString>) -> u8 {
             Err(e) => return usage(&e.to_string()),
         }
     }
+    // The same policy `mailc sendmail` finds: --policy, $MAILPOLICY_POLICY,
+    // /etc/mailpolicy/main.mailpolicy, else the embedded default.
+    opts.policy = crate::sendmail::policy_path(opts.policy.take());
     let (prog, policy_dir, _c) = match daemon::load_policy(&opts) {
         Ok(x) => x,
         Err(c) => {
@@ -72,6 +75,9 @@ async fn run(prog: mailpolicy_lang::Program, policy_dir: PathBuf, opts: ServeOpt
     for (name, addr) in &running.addresses {
         println!("mailc serve: listener {name} on {addr}");
     }
+    // Local submissions (`mailc sendmail`) left in the maildrop, while we ran or not.
+    let local = Arc::new(daemon::local_listener(&running.shared.program(), &running.shared.hostname));
+    daemon::pickup::spawn(running.shared.clone(), local, spool.clone(), spool_dir.clone());
     let qmgr = daemon::qmgr::spawn(
         running.shared.clone(),
         spool,

@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod ldap;
 pub mod log;
 pub mod lookup;
+pub mod pickup;
 pub mod qmgr;
 pub mod route;
 pub mod sasl;
@@ -437,6 +438,28 @@ pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str
     Ok(out)
 }
 
+/// The listener local submissions arrive on (`mailc sendmail`, the maildrop pickup): named
+/// `local`, no socket, no TLS and no AUTH (the operating system vouches for the user); its
+/// limits are the server's (a `listener local { ... }` block cannot be declared: every
+/// declared listener has an address).
+pub fn local_listener(prog: &Program, hostname: &str) -> ListenerRt {
+    let mut engine = crate::config::engine_config(prog, Some("local"), hostname, false);
+    engine.auth_mechanisms.clear();
+    ListenerRt {
+        name: "local".into(),
+        address: SocketAddr::from(([127, 0, 0, 1], 0)),
+        engine,
+        tls: None,
+        implicit_tls: false,
+        require_tls: false,
+        require_auth: false,
+        credentials: None,
+        command_timeout: session::command_timeout(prog, None),
+        data_timeout: session::data_timeout(prog, None),
+        sessions: Arc::new(Semaphore::new(1)),
+    }
+}
+
 /// A running daemon's handle: its bound addresses, and how to stop it.
 pub struct Running {
     pub addresses: Vec<(String, SocketAddr)>,
@@ -587,7 +610,10 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
             // only (its permits and counts are released by guards), with a log line.
             let log = s.log;
             let sid = id.clone();
-            let ended = std::panic::AssertUnwindSafe(session::run(s, l, tcp, remote, local, id)).catch_unwind().await;
+            let ended =
+                std::panic::AssertUnwindSafe(session::run(s, l, session::Incoming::Tcp(tcp), remote, local, id))
+                    .catch_unwind()
+                    .await;
             if let Err(p) = ended {
                 let why = p
                     .downcast_ref::<String>()

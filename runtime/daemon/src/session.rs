@@ -22,7 +22,20 @@ use crate::smtp::{AuthOutcome, PeerInfo, Reply, Time, TlsInfo};
 enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// A local submission fed in-process by the maildrop pickup (`pickup.rs`).
+    Local(tokio::io::DuplexStream),
     Gone,
+}
+
+/// How a session's client reached us.
+pub enum Incoming {
+    Tcp(TcpStream),
+    /// A local submission by the operating system's user `user` (`mailc sendmail`): the
+    /// session is authenticated as that user from the start (mechanism `local`).
+    Local {
+        stream: tokio::io::DuplexStream,
+        user: String,
+    },
 }
 
 impl Stream {
@@ -30,6 +43,7 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.read(buf).await,
             Stream::Tls(s) => s.read(buf).await,
+            Stream::Local(s) => s.read(buf).await,
             Stream::Gone => Ok(0),
         }
     }
@@ -37,6 +51,7 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.write_all(b).await,
             Stream::Tls(s) => s.write_all(b).await,
+            Stream::Local(s) => s.write_all(b).await,
             Stream::Gone => Ok(()),
         }
     }
@@ -44,6 +59,7 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.flush().await,
             Stream::Tls(s) => s.flush().await,
+            Stream::Local(s) => s.flush().await,
             Stream::Gone => Ok(()),
         }
     }
@@ -51,6 +67,7 @@ impl Stream {
         let _ = match self {
             Stream::Plain(s) => s.shutdown().await,
             Stream::Tls(s) => s.shutdown().await,
+            Stream::Local(s) => s.shutdown().await,
             Stream::Gone => Ok(()),
         };
     }
@@ -93,7 +110,7 @@ const LOGIN_KNOWN_WINDOW: u64 = 30 * 86_400_000;
 pub async fn run(
     shared: Arc<Shared>,
     lst: Arc<ListenerRt>,
-    tcp: TcpStream,
+    incoming: Incoming,
     remote: SocketAddr,
     local: SocketAddr,
     id: String,
@@ -101,14 +118,19 @@ pub async fn run(
     let prog: Arc<Program> = shared.program();
     let lookups: Arc<Lookups> = shared.lookups();
     let log = shared.log;
-    let _ = tcp.set_nodelay(true);
+    let (mut stream, local_user) = match incoming {
+        Incoming::Tcp(tcp) => {
+            let _ = tcp.set_nodelay(true);
+            (Stream::Plain(tcp), None)
+        }
+        Incoming::Local { stream, user } => (Stream::Local(stream), Some(user)),
+    };
     let (client_name, client_ptr) = lookups.reverse(remote.ip()).await;
     log.event(
         "connect",
         &[("session", &id), ("listener", &lst.name), ("client", &remote.ip().to_string()), ("name", &client_name)],
     );
 
-    let mut stream = Stream::Plain(tcp);
     let mut peer = PeerInfo { remote: Some(remote), local: Some(local), tls: None };
     if lst.implicit_tls {
         let Some(acceptor) = lst.tls.clone() else { return };
@@ -134,6 +156,9 @@ pub async fn run(
     let client = ClientInfo { name: client_name, ptr: client_ptr, listener: lst.name.clone(), session_id: id.clone() };
     let mut conn = Conn::new(prog.clone(), lst.engine.clone(), peer, client, Time(now_ms()));
     conn.set_requirements(lst.require_tls, lst.require_auth);
+    if let Some(user) = &local_user {
+        conn.preauthenticate_local(user);
+    }
     let credentials = lst
         .credentials
         .as_ref()

@@ -210,6 +210,15 @@ impl Conn {
         }
     }
 
+    /// A local submission from the operating system's user `user` (the maildrop's file
+    /// owner): the session is authenticated as `user` with mechanism `local` from the start,
+    /// as if it had logged in, so the policy's `authenticated`, `auth.user` and the relay
+    /// rule treat it as one of the site's users (Postfix trusts local submission likewise).
+    pub fn preauthenticate_local(&mut self, user: &str) {
+        self.session.preauthenticate("local", user);
+        self.facts.auth = Some((user.to_string(), "local".to_string()));
+    }
+
     /// The spool's free space as the host sees it now; MAIL is refused with `452 4.3.1`
     /// when it is below the server's `queue_minfree` plus the declared SIZE (Postfix).
     pub fn set_free_space(&mut self, bytes: Option<u64>) {

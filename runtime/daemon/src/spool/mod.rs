@@ -75,6 +75,7 @@
 
 mod commit;
 mod format;
+pub mod maildrop;
 
 use std::fs::{self, File};
 use std::io::{self, Write};

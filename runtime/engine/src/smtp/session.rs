@@ -538,6 +538,13 @@ impl Session {
     pub fn helo(&self) -> Option<(&str, bool)> {
         self.helo.as_ref().map(|(n, e)| (n.as_str(), *e))
     }
+    /// The host vouches for the client's identity before any command: a local submission
+    /// (`mailc sendmail`), whose user the operating system named. The session is
+    /// authenticated as after an accepted AUTH with `mechanism`; AUTH is not offered again.
+    pub fn preauthenticate(&mut self, mechanism: &str, user: &str) {
+        self.auth = Some((mechanism.to_string(), user.to_string()));
+    }
+
     /// `(mechanism, user)` after an accepted AUTH.
     pub fn authenticated(&self) -> Option<(&str, &str)> {
         self.auth.as_ref().map(|(m, u)| (m.as_str(), u.as_str()))
