@@ -7,6 +7,7 @@ mod hashpw;
 mod lsp;
 mod queue;
 mod serve;
+mod table;
 mod test;
 
 use std::process::ExitCode;
@@ -22,6 +23,8 @@ Usage:
   mailc lsp                                (a language server on standard input and output)
   mailc serve [--policy FILE] [--spool DIR]
   mailc hash-password [--iterations N]     (password on standard input)
+  mailc table compile [--kind list|map|access] FILE...   (writes FILE.cdb)
+  mailc table query [--kind KIND] [--source] [--stats] FILE [KEY...]
   mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
   mailc help
 
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Some("queue") => queue::main(rest),
         Some("hash-password") => hashpw::main(rest),
         Some("serve") => serve::main(rest),
+        Some("table") => table::main(rest),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             0
