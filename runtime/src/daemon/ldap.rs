@@ -13,12 +13,18 @@
 //! `,`); without, a hit is the empty value (presence). No entry is "absent". A failed bind
 //! or search, or the time-out, is an error answer: 4xx unless the table says `on_error
 //! continue`.
+//!
+//! Connections are kept, a pool per table of at most `connections` (default 4): a lookup
+//! takes an idle connection, already bound as `bind_dn`, or opens and binds a new one; a
+//! connection that failed or timed out is dropped.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ldap3::{ldap_escape, LdapConnAsync, Scope, SearchEntry};
+use ldap3::{ldap_escape, Ldap, LdapConnAsync, Scope, SearchEntry};
 use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use tokio::sync::Semaphore;
 
 use crate::eval::Answer;
 
@@ -58,28 +64,104 @@ pub fn expand_filter(filter: &str, key: &str) -> String {
     out
 }
 
-pub async fn lookup(
-    prog: &Program,
-    t: &Resource,
-    key: &str,
-    secrets: &HashMap<String, String>,
-    default_timeout: Duration,
-) -> Answer {
-    let timeout = super::lookup::table_timeout(t, default_timeout);
-    match tokio::time::timeout(timeout, search(prog, t, key, secrets)).await {
-        Ok(Ok(v)) => Answer::Value(v),
-        Ok(Err(e)) => Answer::Error(format!("ldap table {}: {e}", t.name)),
-        Err(_) => Answer::Timeout,
+/// One bound connection, with what it was opened and bound with (url, bind DN, password).
+struct Conn {
+    ldap: Ldap,
+    ident: String,
+}
+
+struct TablePool {
+    idle: Mutex<Vec<Conn>>,
+    gate: Semaphore,
+    size: usize,
+}
+
+/// Bound connections, a pool per table.
+#[derive(Default)]
+pub struct Pool {
+    tables: Mutex<HashMap<String, Arc<TablePool>>>,
+    /// Connections opened and bound so far (every table; for the log and the tests).
+    opened: std::sync::atomic::AtomicU64,
+}
+
+impl Pool {
+    fn table(&self, t: &Resource) -> Arc<TablePool> {
+        let size = super::sql::connections(t);
+        let mut m = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(&t.name) {
+            Some(p) if p.size == size => p.clone(),
+            _ => {
+                let p = Arc::new(TablePool { idle: Mutex::new(Vec::new()), gate: Semaphore::new(size), size });
+                m.insert(t.name.clone(), p.clone());
+                p
+            }
+        }
+    }
+
+    /// Connections opened (and bound) so far.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub async fn lookup(
+        &self,
+        prog: &Program,
+        t: &Resource,
+        key: &str,
+        secrets: &HashMap<String, String>,
+        default_timeout: Duration,
+    ) -> Answer {
+        let timeout = super::lookup::table_timeout(t, default_timeout);
+        let pool = self.table(t);
+        match tokio::time::timeout(timeout, self.search(&pool, prog, t, key, secrets)).await {
+            Ok(Ok(v)) => Answer::Value(v),
+            Ok(Err(e)) => Answer::Error(format!("ldap table {}: {e}", t.name)),
+            Err(_) => Answer::Timeout,
+        }
+    }
+
+    async fn search(
+        &self,
+        pool: &TablePool,
+        prog: &Program,
+        t: &Resource,
+        key: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<Option<String>, String> {
+        let url = opt(t, "url").ok_or("no url")?;
+        let bind = opt(t, "bind_dn").map(|dn| (dn, super::lookup::table_secret(prog, t, "password", secrets)));
+        let ident = match &bind {
+            Some((dn, pw)) => format!("{url}\0{dn}\0{}", pw.as_deref().unwrap_or("")),
+            None => format!("{url}\0"),
+        };
+        let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
+        let reused = {
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain_mut(|c| c.ident == ident && !c.ldap.is_closed());
+            idle.pop()
+        };
+        let mut conn = match reused {
+            Some(c) => c,
+            None => {
+                let (conn, mut ldap) = LdapConnAsync::new(url).await.map_err(|e| e.to_string())?;
+                ldap3::drive!(conn);
+                if let Some((dn, pw)) = &bind {
+                    let pw = pw.as_deref().unwrap_or_default();
+                    ldap.simple_bind(dn, pw).await.and_then(|r| r.success()).map_err(|e| format!("bind: {e}"))?;
+                }
+                self.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Conn { ldap, ident }
+            }
+        };
+        // On an error the connection is dropped (the `?`): the next lookup opens a new one.
+        let v = search_on(&mut conn.ldap, t, key).await?;
+        pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        Ok(v)
     }
 }
 
-async fn search(
-    prog: &Program,
-    t: &Resource,
-    key: &str,
-    secrets: &HashMap<String, String>,
-) -> Result<Option<String>, String> {
-    let url = opt(t, "url").ok_or("no url")?;
+/// One search on a bound connection.
+async fn search_on(ldap: &mut Ldap, t: &Resource, key: &str) -> Result<Option<String>, String> {
     let base = opt(t, "base").ok_or("no base")?;
     let filter = expand_filter(opt(t, "filter").ok_or("no filter")?, key);
     let scope = match opt(t, "scope") {
@@ -88,19 +170,12 @@ async fn search(
         _ => Scope::Subtree,
     };
     let attribute = opt(t, "attribute");
-    let (conn, mut ldap) = LdapConnAsync::new(url).await.map_err(|e| e.to_string())?;
-    ldap3::drive!(conn);
-    if let Some(dn) = opt(t, "bind_dn") {
-        let pw = super::lookup::table_secret(prog, t, "password", secrets).unwrap_or_default();
-        ldap.simple_bind(dn, &pw).await.and_then(|r| r.success()).map_err(|e| format!("bind: {e}"))?;
-    }
     let attrs: Vec<&str> = match attribute {
         Some(a) => vec![a],
         None => vec!["1.1"],
     };
     let (entries, _) =
         ldap.search(base, scope, &filter, attrs).await.and_then(|r| r.success()).map_err(|e| format!("search: {e}"))?;
-    let _ = ldap.unbind().await;
     let Some(first) = entries.into_iter().next() else { return Ok(None) };
     let entry = SearchEntry::construct(first);
     Ok(Some(match attribute {
@@ -196,6 +271,8 @@ mod tests {
         let prog = c.program.expect("policy compiles");
         let t = &prog.tables[0];
         let none = HashMap::new();
+        let pool = Pool::default();
+        let lookup = |p, t, k, n, d| pool.lookup(p, t, k, n, d);
         let mut answer = Answer::Error("not started".into());
         for _ in 0..100 {
             answer = lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await;
@@ -212,6 +289,20 @@ mod tests {
         assert_eq!(lookup(&prog, t, "nobody@example.com", &none, Duration::from_secs(5)).await, Answer::Value(None));
         // Injection attempt: the filter stays one equality test.
         assert_eq!(lookup(&prog, t, "*", &none, Duration::from_secs(5)).await, Answer::Value(None));
+        // The lookups used one connection, opened and bound once (none failed after the
+        // directory answered); lookups at once use at most `connections` (default 4).
+        let before = pool.opened();
+        let keys: Vec<String> = (0..12).map(|i| format!("user{i}@example.com")).collect();
+        let answers = futures_util::future::join_all(
+            keys.iter().map(|k| pool.lookup(&prog, t, k, &none, Duration::from_secs(5))),
+        )
+        .await;
+        assert!(answers.iter().all(|a| *a == Answer::Value(None)), "{answers:?}");
+        assert!(pool.opened() - before <= 4, "{} connections for 12 lookups", pool.opened() - before);
+        assert_eq!(
+            lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await,
+            Answer::Value(Some("mbox1.internal.example".into()))
+        );
         // A directory that is down is an error, never a "not found".
         assert!(matches!(
             lookup(&prog, &prog.tables[1], "alice@example.com", &none, Duration::from_secs(5)).await,

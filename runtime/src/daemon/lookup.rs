@@ -48,6 +48,8 @@ pub struct Lookups {
     pub signer: Option<super::auth::Signer>,
     /// Connections of SQL tables.
     sql: super::sql::Pool,
+    /// Bound connections of LDAP tables.
+    ldap: super::ldap::Pool,
     /// The policy and the file tables' contents its open-relay proof used.
     proven: Option<(Program, Mutex<Vec<Option<mailpolicy_lang::tables::Rows>>>)>,
 }
@@ -122,6 +124,7 @@ impl Lookups {
             sender_auth,
             signer,
             sql: super::sql::Pool::default(),
+            ldap: super::ldap::Pool::default(),
         })
     }
 
@@ -132,9 +135,7 @@ impl Lookups {
     pub async fn answer(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
         match req {
             Request::Lookup { table, key } => match prog.tables.get(table.index()) {
-                Some(t) if t.kind == "ldap" => {
-                    super::ldap::lookup(prog, t, key, &self.secrets, self.lookup_timeout).await
-                }
+                Some(t) if t.kind == "ldap" => self.ldap.lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
                 Some(t) if t.kind == "sql" => self.sql.lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
                 Some(t) => self.table(t, key).await,
                 None => Answer::Error("no such table".into()),
