@@ -94,6 +94,15 @@ pub fn queue_config(p: &Program) -> QueueConfig {
     c
 }
 
+/// The outbound session cache: as many idle sessions per destination as deliveries may run
+/// to it at once, so that at full concurrency a finished delivery's session is kept for the
+/// next message instead of being closed while the next delivery opens a new one.
+fn session_cache(p: &Program) -> driver::ConnectionCache {
+    let mut c = driver::ConnectionCache::default();
+    c.max_per_key = c.max_per_key.max(queue_config(p).destination_concurrency_limit as usize);
+    c
+}
+
 /// How one routed recipient is delivered.
 #[derive(Clone, Debug)]
 struct RouteInfo {
@@ -110,6 +119,9 @@ struct JobDone {
     results: Vec<(usize, Delivery)>,
     /// The delivery panicked (caught at the task boundary), with the panic's text.
     panic: Option<String>,
+    /// The delivery task removed the message from the spool itself: this job delivered
+    /// every recipient still open and none asked for a success DSN (see `delivery`).
+    removed: bool,
 }
 
 struct Qmgr {
@@ -248,6 +260,7 @@ async fn run(
         prog.server.option("dns_server").and_then(|v| if let OptValue::Str(s) = v { s.parse().ok() } else { None });
     let dns_timeout = ms(&prog, "dns_timeout").map(Duration::from_millis).unwrap_or(Duration::from_secs(5));
     let resolver: Arc<dyn Resolver> = Arc::new(HickoryResolver::with(dns_server, dns_timeout));
+    let cache = Arc::new(session_cache(&prog));
     let mut q = Qmgr {
         sched: Scheduler::new(queue_config(&prog)),
         shared,
@@ -256,7 +269,7 @@ async fn run(
         prog,
         routes: HashMap::new(),
         resolver,
-        cache: Arc::new(driver::ConnectionCache::default()),
+        cache,
         removals: JoinSet::new(),
         current,
     };
@@ -276,7 +289,12 @@ async fn run(
                     use futures_util::FutureExt;
                     match work.catch_unwind().await {
                         Ok(d) => d,
-                        Err(p) => JobDone { job: again, results: Vec::new(), panic: Some(panic_payload_text(&*p)) },
+                        Err(p) => JobDone {
+                            job: again,
+                            results: Vec::new(),
+                            panic: Some(panic_payload_text(&*p)),
+                            removed: false,
+                        },
                     }
                 });
             }
@@ -690,6 +708,7 @@ impl Qmgr {
                         results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                         job,
                         panic: None,
+                        removed: false,
                     };
                 }
                 Err(e) => {
@@ -698,6 +717,7 @@ impl Qmgr {
                         results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                         job,
                         panic: None,
+                        removed: false,
                     };
                 }
             };
@@ -708,6 +728,7 @@ impl Qmgr {
                     results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
                     job,
                     panic: None,
+                    removed: false,
                 };
             };
             let msg = &stored.message;
@@ -812,7 +833,25 @@ impl Qmgr {
                     _ => None,
                 })
                 .collect();
-            if !delivered.is_empty() {
+            // When that leaves no recipient open (the common case: one recipient, one job) and
+            // nobody asked for a success DSN, the message is done: removing it (one group-
+            // committed unlink of the message and its state) is that record, and it saves a
+            // state file written, fsynced and renamed only to be deleted next (issue 13).
+            let done = !delivered.is_empty()
+                && results.len() == job.rcpts.len()
+                && results.iter().all(|(_, d)| matches!(d, Delivery::Delivered(_)))
+                && stored.states.iter().enumerate().all(|(i, st)| st.is_final() || job.rcpts.contains(&i))
+                && !msg.recipients.iter().any(|r| r.notify.iter().any(|n| n.eq_ignore_ascii_case("SUCCESS")));
+            let mut removed = false;
+            if done {
+                let (s, q) = (spool.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || s.remove(&q)).await {
+                    Ok(Ok(())) => removed = true,
+                    Ok(Err(e)) => shared.log.event("remove-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                    Err(e) => shared.log.event("remove-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                }
+            }
+            if !delivered.is_empty() && !removed {
                 let (s, q) = (spool.clone(), id.clone());
                 match tokio::task::spawn_blocking(move || s.mark_delivered(&q, &delivered)).await {
                     Ok(Ok(())) => {}
@@ -826,16 +865,26 @@ impl Qmgr {
                     results.push((*i, Delivery::PermFail("553 5.1.3 Bad recipient address syntax".into())));
                 }
             }
-            JobDone { job, results, panic: None }
+            JobDone { job, results, panic: None, removed }
         }
     }
 
     async fn finish(&mut self, d: JobDone) {
         let now = now_ms();
         let id = d.job.id.clone();
+        let removed = d.removed;
         let cmds = self.sched.done(d.job, d.results, now);
         for c in cmds {
             match c {
+                // The delivery task removed the message (every recipient delivered, no success
+                // DSN asked for): the scheduler's success-DSN check and removal are done.
+                Command::Dsn { kind: DsnKind::Success, .. } | Command::Record { .. } if removed => {}
+                Command::Remove { id } if removed => {
+                    for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
+                        self.routes.remove(&k);
+                    }
+                    self.shared.log.event("removed", &[("id", id.as_str())]);
+                }
                 Command::Dsn { id, kind, rcpts, expired, .. } => {
                     if let Some(stored) = self.load(&id).await {
                         self.dsn(&id, &stored, kind, &rcpts, expired).await;
