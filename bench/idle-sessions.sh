@@ -12,7 +12,10 @@ cd "$(dirname "$0")/.."
 N=${1:-10000}
 BIN=${MAILC:-$PWD/target/release/mailc}
 if [ -z "${NO_BUILD:-}" ] && [ -z "${MAILC:-}" ]; then cargo build -q --release -p mailc; fi
-ulimit -n $((N * 2 + 1000))
+# Each side (the daemon, the client) holds one descriptor per session.
+WANT=$((N + 1000)); HARD=$(ulimit -Hn)
+[ "$HARD" != unlimited ] && [ "$HARD" -lt "$WANT" ] && { echo "idle-sessions: needs $WANT open files, the hard limit is $HARD" >&2; exit 2; }
+ulimit -n "$WANT"
 D=$(mktemp -d /tmp/mailpolicy-idle.XXXXXX)
 PID=""
 trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$D"' EXIT
