@@ -382,6 +382,6 @@ if pb and mb:
 PY
 echo
 echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r), $(df -T "$D" | awk 'NR==2{print $2}') on /tmp"
-echo "postfix: $(postconf -d -h mail_version 2>/dev/null) ($(dpkg-query -W -f '${Version}' postfix 2>/dev/null || echo '?')); mailpolicy: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null)$(cd "$ROOT" && git diff --quiet HEAD -- runtime 2>/dev/null || echo '+local changes')"
+echo "postfix: $(postconf -d -h mail_version 2>/dev/null) ($(dpkg-query -W -f '${Version}' postfix 2>/dev/null || echo '?')); mailpolicy: $(if [ -n "${MAILC:-}" ]; then echo "MAILC=$MAILC"; else cd "$ROOT" && echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- runtime stdlib lang 2>/dev/null || echo '+local changes')"; fi)"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"
 echo "reproduce: $CMD"
