@@ -132,11 +132,27 @@ mod tests {
         assert_eq!(path_of(Path::new("/etc/x.txt")), PathBuf::from("/etc/x.txt.cdb"));
     }
 
-    fn dir(name: &str) -> PathBuf {
+    /// A temporary directory, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    impl std::ops::Deref for Dir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    fn dir(name: &str) -> Dir {
         let d = std::env::temp_dir().join(format!("mailpolicy-compiled-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        Dir(d)
     }
 
     #[test]
