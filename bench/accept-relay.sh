@@ -8,6 +8,8 @@
 #
 #   accept rate = messages / (time smtp-source took; it ends after the last 250 and QUIT)
 #   relay rate  = messages / (first injection .. last message written by the MTA's sink)
+#   no-disk limit = the same smtp-source load straight into an smtp-sink that writes nothing:
+#                 what this machine's loopback, kernel and smtp-source allow at most
 #
 # Usage: bench/accept-relay.sh [SESSIONS] [MESSAGES] [SIZE] [ROUNDS]
 #   SESSIONS  parallel smtp-source sessions (default 20)
@@ -17,13 +19,19 @@
 #             the median of the rounds, every round is printed as it ends
 # Environment: NO_BUILD=1 skips `cargo build --release`; MAILC=PATH benchmarks another mailc
 # binary (for A/B comparisons; implies NO_BUILD); KEEP=1 keeps the temp dir.
+#   BACKLOG=N  adds a last round in which each MTA first gets N messages (not timed as the
+#              round) and then the measured MESSAGES while it drains that backlog;
+#   RULES=N    also measures mailpolicy with the bench policy plus N rules (the examples'
+#              rules repeated with different literals; DNS answered by a local responder),
+#              every round, against the plain policy of the same round.
 # Needs root (Postfix's master), postfix, smtp-source, smtp-sink, python3.
 set -euo pipefail
 S=${1:-20}; M=${2:-5000}; L=${3:-2000}; ROUNDS=${4:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CMD="bench/accept-relay.sh $S $M $L $ROUNDS"
+CMD="${BACKLOG:+BACKLOG=$BACKLOG }${RULES:+RULES=$RULES }bench/accept-relay.sh $S $M $L $ROUNDS"
 BIN=${MAILC:-$ROOT/target/release/mailc}
-DRAIN_LIMIT=${DRAIN_LIMIT:-150}
+BACKLOG=${BACKLOG:-0}; RULES=${RULES:-0}
+DRAIN_LIMIT=${DRAIN_LIMIT:-$((150 + BACKLOG / 100))}
 
 for t in /usr/sbin/postfix /usr/sbin/smtp-source /usr/sbin/smtp-sink python3; do
   command -v "$t" >/dev/null || { echo "accept-relay: $t is missing (apt-get install postfix python3)" >&2; exit 2; }
@@ -35,22 +43,23 @@ fi
 [ -x "$BIN" ] || { echo "accept-relay: $BIN not built" >&2; exit 2; }
 
 D=$(mktemp -d /tmp/accept-relay.XXXXXX); chmod 755 "$D"
-SINKPIDS=(); MPPID=""; SAMPLER=""
+SINKPIDS=(); MPPID=""; SAMPLER=""; DNSPID=""
 cleanup() {
   set +e
   [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null && wait "$SAMPLER" 2>/dev/null
   pf_stop
   if [ -n "$MPPID" ]; then kill "$MPPID" 2>/dev/null; wait "$MPPID" 2>/dev/null; fi
   for p in "${SINKPIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  if [ -n "$DNSPID" ]; then kill "$DNSPID" 2>/dev/null; wait "$DNSPID" 2>/dev/null; fi
   if [ -z "${KEEP:-}" ]; then rm -rf "$D"; else echo "kept $D" >&2; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Four free loopback ports.
-read -r PFPORT PFSINK MPPORT MPSINK < <(python3 - <<'PY'
+# Six free loopback ports (the last one for UDP: the DNS responder of RULES).
+read -r PFPORT PFSINK MPPORT MPSINK NDSINK DNSPORT < <(python3 - <<'PY'
 import socket
-ss=[socket.socket() for _ in range(4)]
+ss=[socket.socket() for _ in range(5)] + [socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
 for s in ss: s.bind(("127.0.0.1",0))
 print(*[s.getsockname()[1] for s in ss])
 PY
@@ -68,6 +77,9 @@ start_sink() { # name port
 }
 start_sink sink-postfix "$PFSINK"
 start_sink sink-mailpolicy "$MPSINK"
+# The no-disk limit: an smtp-sink that keeps nothing (no -d), for smtp-source directly.
+smtp-sink -u postfix "127.0.0.1:$NDSINK" 1000 >/dev/null 2>&1 & SINKPIDS+=($!)
+wait_listen "$NDSINK"
 
 # ---------------------------------------------------------------- Postfix
 PF=$D/postfix
@@ -158,8 +170,79 @@ route {
   deliver smtp "[127.0.0.1]:$MPSINK";
 }
 POL
-mp_start() {
-  "$BIN" serve --policy "$MP/bench.mailpolicy" --spool "$MP/spool" >>"$MP/log" 2>&1 </dev/null & MPPID=$!
+# RULES=N: the same policy plus N rules that never fire on the benchmark's mail, made from
+# the examples' rules (DNSBL and RHSBL checks, rate limits, HELO, sender and recipient
+# tests with literals, lists, regexes and globs, header checks) with different literals,
+# DNS answered by a local responder (NXDOMAIN for the lists, localhost for 127.0.0.1) as a
+# local caching resolver would.
+if [ "$RULES" -gt 0 ]; then
+  python3 - "$DNSPORT" >"$MP/dns.log" 2>&1 <<'PY' & DNSPID=$!
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", int(sys.argv[1])))
+def name(b, i):
+    out = []
+    while b[i]: out.append(b[i+1:i+1+b[i]].decode("ascii", "replace")); i += 1 + b[i]
+    return ".".join(out).lower(), i + 1
+def enc(n): return b"".join(bytes([len(p)]) + p.encode() for p in n.split(".") if p) + b"\0"
+while True:
+    q, a = s.recvfrom(4096)
+    try:
+        qn, end = name(q, 12); qtype, = struct.unpack("!H", q[end:end+2]); question = q[12:end+4]
+    except Exception:
+        continue
+    ans = b""
+    if qtype == 12 and qn == "1.0.0.127.in-addr.arpa":
+        rd = enc("localhost"); ans = b"\xc0\x0c" + struct.pack("!HHIH", 12, 1, 300, len(rd)) + rd
+    elif qtype == 1 and qn == "localhost":
+        ans = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + bytes([127, 0, 0, 1])
+    if ans:
+        hdr = q[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0); s.sendto(hdr + question + ans, a)
+    else:
+        zone = ".".join(qn.split(".")[-2:])
+        soa = enc("ns." + zone) + enc("hostmaster." + zone) + struct.pack("!IIIII", 1, 3600, 600, 86400, 300)
+        auth = enc(zone) + struct.pack("!HHIH", 6, 1, 300, len(soa)) + soa
+        hdr = q[:2] + struct.pack("!HHHHH", 0x8183, 1, 0, 1, 0); s.sendto(hdr + question + auth, a)
+PY
+  python3 - "$RULES" "$DNSPORT" "$MP/bench.mailpolicy" >"$MP/rules.mailpolicy" <<'PY'
+import sys
+n, port, base = int(sys.argv[1]), sys.argv[2], open(sys.argv[3]).read()
+base = base.replace("server {\n", f'server {{\n  dns_server "127.0.0.1:{port}";\n', 1)
+stages = {"connect": [], "helo": [], "mail": [], "rcpt": [], "data": []}
+lists = []
+t = [
+  ("connect", lambda i: f'if dnsbl "bl{i}.dnsbl.test" {{ reject 554 5.7.1 "${{client.ip}} is listed by bl{i}"; }}'),
+  ("connect", lambda i: f'if client.ip in nets{i} {{ reject 554 5.7.1 "Blocked network {i}"; }}'),
+  ("connect", lambda i: f'if rate connections by client.ip per 1m > {1000000 + i} {{ tempfail 421 4.7.0 "Too many connections"; }}'),
+  ("helo", lambda i: f'if helo.name :is "spammer{i}.example" {{ reject 550 5.7.1 "Bad HELO {i}"; }}'),
+  ("helo", lambda i: f'if helo.name :regex "^(bad|evil){i}\\\\." {{ reject 550 5.7.1 "Bad HELO pattern {i}"; }}'),
+  ("mail", lambda i: f'if sender.domain in blocked{i} {{ reject 550 5.7.1 "Sender domain blocked {i}"; }}'),
+  ("mail", lambda i: f'if sender is not null and rhsbl "dbl{i}.rhsbl.test" sender.domain {{ reject 554 5.7.1 "listed {i}"; }}'),
+  ("mail", lambda i: f'if sender.local :is "MAILER-DAEMON-{i}" {{ reject 550 5.7.1 "No {i}"; }}'),
+  ("rcpt", lambda i: f'if recipient.local :is "nobody{i}" {{ reject 550 5.1.1 "No such user {i}"; }}'),
+  ("rcpt", lambda i: f'if recipient.local :matches ["spamtrap{i}*", "honeypot{i}*"] {{ reject 550 5.1.1 "Trap {i}"; }}'),
+  ("rcpt", lambda i: f'if rate recipients by client.ip per 1m > {1000000 + i} {{ tempfail 450 4.7.1 "Slow down"; }}'),
+  ("data", lambda i: f'if header "subject" :regex "^(ILOVEYOU{i}|Important Message {i})$" {{ reject 550 5.7.1 "Virus {i}"; }}'),
+  ("data", lambda i: f'if header "x-mailer" :contains "The Bat! (v{i}.0 beta)" {{ reject 550 5.7.1 "Mailer {i}"; }}'),
+]
+# DNS-based rules are few in real policies (the examples have four per policy): every 20th.
+dns = [0, 6]
+other = [k for k in range(len(t)) if k not in dns]
+for i in range(n):
+    k = dns[(i // 20) % len(dns)] if i % 20 == 0 else other[i % len(other)]
+    st, f = t[k]
+    stages[st].append(f(i))
+    if k == 1: lists.append(f'list nets{i} = cidr ["10.{i % 250}.0.0/16", "192.0.2.{i % 250}/32"];')
+    if k == 5: lists.append(f'list blocked{i} = domains ["spam{i}.example", ".spam{i}.example"];')
+out = base.replace("on rcpt {\n", "on rcpt {\n" + "".join(f"  {r}\n" for r in stages["rcpt"]), 1)
+out = "require [\"dnsbl\", \"ratelimit\"];\n" + "\n".join(lists) + "\n" + out
+for st in ("connect", "helo", "mail", "data"):
+    out += f"\non {st} {{\n" + "".join(f"  {r}\n" for r in stages[st]) + "}\n"
+print(out)
+PY
+  "$BIN" check "$MP/rules.mailpolicy" >"$MP/rules.check" 2>&1 || { echo "accept-relay: the $RULES-rule policy does not check:" >&2; cat "$MP/rules.check" >&2; exit 1; }
+fi
+mp_start() { # [policy file]
+  "$BIN" serve --policy "${1:-$MP/bench.mailpolicy}" --spool "$MP/spool" >>"$MP/log" 2>&1 </dev/null & MPPID=$!
   wait_listen "$MPPORT"
 }
 mp_stop() { kill "$MPPID" 2>/dev/null || true; wait "$MPPID" 2>/dev/null || true; MPPID=""; }
@@ -182,69 +265,123 @@ sample_mem() { # pids-function outfile
 }
 
 # ---------------------------------------------------------------- one measurement
-measure() { # name pids-function port sinkdir -> appends "name accept relay rss pss" to results
-  local name=$1 pids=$2 port=$3 sink=$4 start accepted last n
+measure() { # name pids-function port sinkdir [backlog] -> appends a row to results
+  # Row: name accept-rate relay-rate accept-s relay-s peak-rss peak-pss. With a backlog,
+  # BACKLOG messages go in first; the accept rate is the measured MESSAGES' while the MTA
+  # drains them, the relay rate counts every message from the first injection on.
+  local name=$1 pids=$2 port=$3 sink=$4 pre=${5:-0} t0 start accepted last n total
+  total=$((pre + M))
   rm -rf "${sink:?}"/*
   sample_mem "$pids" "$D/mem-$name" & SAMPLER=$!
+  t0=$(now)
+  if [ "$pre" -gt 0 ]; then
+    if ! smtp-source -s "$S" -m "$pre" -l "$L" -f a@src.test -t b@bench.test "127.0.0.1:$port" >"$D/backlog-$name.out" 2>&1; then
+      echo "accept-relay: smtp-source (backlog) against $name failed:" >&2; cat "$D/backlog-$name.out" >&2; exit 1
+    fi
+  fi
   start=$(now)
+  if [ "$pre" -gt 0 ]; then
+    n=$(find "$sink" -type f | wc -l)
+    python3 -c "import sys; p,t0,s,n=int(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]),int(sys.argv[4]); print(f'  {sys.argv[5]:<10} backlog: {p} msgs accepted in {s-t0:.2f} s = {p/(s-t0):.0f} msg/s; {p-n} still queued as the measured injection starts')" "$pre" "$t0" "$start" "$n" "$name"
+  fi
   if ! smtp-source -s "$S" -m "$M" -l "$L" -f a@src.test -t b@bench.test "127.0.0.1:$port" >"$D/source-$name.out" 2>&1; then
     echo "accept-relay: smtp-source against $name failed:" >&2; cat "$D/source-$name.out" >&2; exit 1
   fi
   accepted=$(now)
   for _ in $(seq 1 $((DRAIN_LIMIT * 10))); do
     n=$(find "$sink" -type f | wc -l)
-    [ "$n" -ge "$M" ] && break
+    [ "$n" -ge "$total" ] && break
     sleep 0.1
   done
   kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=""
   n=$(find "$sink" -type f | wc -l)
-  if [ "$n" -lt "$M" ]; then echo "accept-relay: $name relayed only $n of $M messages in ${DRAIN_LIMIT}s" >&2; exit 1; fi
+  if [ "$n" -lt "$total" ]; then echo "accept-relay: $name relayed only $n of $total messages in ${DRAIN_LIMIT}s" >&2; exit 1; fi
   if [ -s "$D/source-$name.out" ]; then echo "accept-relay: smtp-source said, for $name:" >&2; head -5 "$D/source-$name.out" >&2; fi
   last=$(find "$sink" -type f -printf '%T@\n' | sort -n | tail -1)
   read -r rss pss < "$D/mem-$name"
-  python3 - "$name" "$start" "$accepted" "$last" "$M" "$rss" "$pss" >> "$D/results" <<'PY'
+  python3 - "$name" "$t0" "$start" "$accepted" "$last" "$M" "$total" "$rss" "$pss" >> "$D/results" <<'PY'
 import sys
-n,s,a,l,m,rss,pss=sys.argv[1],*map(float,sys.argv[2:])
-print(n, f"{m/(a-s):.1f}", f"{m/(l-s):.1f}", f"{a-s:.3f}", f"{l-s:.3f}", int(rss), int(pss))
+n,t0,s,a,l,m,total,rss,pss=sys.argv[1],*map(float,sys.argv[2:])
+print(n, f"{m/(a-s):.1f}", f"{total/(l-t0):.1f}", f"{a-s:.3f}", f"{l-t0:.3f}", int(rss), int(pss))
 PY
-  tail -1 "$D/results" | awk '{printf "  %-10s accepted %d msgs in %6.2f s = %7.0f msg/s; relayed in %6.2f s = %7.0f msg/s\n", $1, '"$M"', $4, $2, $5, $3}'
+  tail -1 "$D/results" | awk '{printf "  %-10s accepted %d msgs in %6.2f s = %7.0f msg/s; relayed '"$total"' in %6.2f s = %7.0f msg/s\n", $1, '"$M"', $4, $2, $5, $3}'
 }
 
-echo "accept-relay: $S sessions x $M messages of $L bytes, $ROUNDS round(s); ports postfix $PFPORT->$PFSINK, mailpolicy $MPPORT->$MPSINK"
+measure_nodisk() { # the same load straight into an smtp-sink that writes nothing
+  local start accepted
+  start=$(now)
+  if ! smtp-source -s "$S" -m "$M" -l "$L" -f a@src.test -t b@bench.test "127.0.0.1:$NDSINK" >"$D/source-nodisk.out" 2>&1; then
+    echo "accept-relay: smtp-source against the no-disk sink failed:" >&2; cat "$D/source-nodisk.out" >&2; exit 1
+  fi
+  accepted=$(now)
+  python3 -c "import sys; s,a,m=float(sys.argv[1]),float(sys.argv[2]),int(sys.argv[3]); print('nodisk', f'{m/(a-s):.1f}', 0, f'{a-s:.3f}', 0, 0, 0)" "$start" "$accepted" "$M" >> "$D/results"
+  tail -1 "$D/results" | awk '{printf "  %-10s accepted %d msgs in %6.2f s = %7.0f msg/s (smtp-source into smtp-sink, no MTA, no disk)\n", $1, '"$M"', $4, $2}'
+}
+
+mp_round() { # name policy [backlog]
+  mp_start "$2"
+  measure "$1" mp_pids "$MPPORT" "$D/sink-mailpolicy" "${3:-0}"
+  HWM=$(awk '/^VmHWM:/{print $2}' "/proc/$MPPID/status")
+  echo "$1 $HWM" >> "$D/hwm"
+  mp_stop
+  rm -rf "$MP/spool"
+}
+
+echo "accept-relay: $S sessions x $M messages of $L bytes, $ROUNDS round(s)$([ "$BACKLOG" -gt 0 ] && echo ", then a round behind a backlog of $BACKLOG")$([ "$RULES" -gt 0 ] && echo ", plus a $RULES-rule policy"); ports postfix $PFPORT->$PFSINK, mailpolicy $MPPORT->$MPSINK, no-disk sink $NDSINK"
 echo "  load before: $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"
 for r in $(seq 1 "$ROUNDS"); do
-  echo "round $r"
+  echo "round $r (load $(cut -d' ' -f1 /proc/loadavg))"
   pf_start
   measure postfix pf_pids "$PFPORT" "$D/sink-postfix"
   pf_stop
-  mp_start
-  measure mailpolicy mp_pids "$MPPORT" "$D/sink-mailpolicy"
-  HWM=$(awk '/^VmHWM:/{print $2}' "/proc/$MPPID/status")
-  echo "$HWM" >> "$D/hwm"
-  mp_stop
-  rm -rf "$MP/spool"
+  mp_round mailpolicy "$MP/bench.mailpolicy"
+  if [ "$RULES" -gt 0 ]; then mp_round "rules$RULES" "$MP/rules.mailpolicy"; fi
+  measure_nodisk
 done
+if [ "$BACKLOG" -gt 0 ]; then
+  echo "backlog round: $BACKLOG messages first, then $M measured while they drain (load $(cut -d' ' -f1 /proc/loadavg))"
+  pf_start
+  measure postfix-backlog pf_pids "$PFPORT" "$D/sink-postfix" "$BACKLOG"
+  pf_stop
+  mp_round mailpolicy-backlog "$MP/bench.mailpolicy" "$BACKLOG"
+fi
 
-python3 - "$D/results" "$D/hwm" <<PY
+python3 - "$D/results" "$D/hwm" "$RULES" <<PY
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
-hwm = [int(x) for x in open(sys.argv[2])]
+hwm = [l.split() for l in open(sys.argv[2])]
+rules = int(sys.argv[3])
 def med(name, col):
-    return statistics.median(float(r[col]) for r in rows if r[0] == name)
+    v = [float(r[col]) for r in rows if r[0] == name]
+    return statistics.median(v) if v else None
 pa, pr = med("postfix", 1), med("postfix", 2)
 ma, mr = med("mailpolicy", 1), med("mailpolicy", 2)
+na = med("nodisk", 1)
 prss, ppss = med("postfix", 5), med("postfix", 6)
 mrss, mpss = med("mailpolicy", 5), med("mailpolicy", 6)
 print()
-print(f"{'':24}{'Postfix':>12}{'mailpolicy':>12}{'ratio':>8}")
-print(f"{'accept rate (msg/s)':24}{pa:12.0f}{ma:12.0f}{ma/pa:8.2f}")
-print(f"{'relay rate (msg/s)':24}{pr:12.0f}{mr:12.0f}{mr/pr:8.2f}")
-print(f"{'peak RSS, summed (MB)':24}{prss/1024:12.1f}{mrss/1024:12.1f}{mrss/prss:8.2f}")
-print(f"{'peak PSS, summed (MB)':24}{ppss/1024:12.1f}{mpss/1024:12.1f}{mpss/ppss:8.2f}")
-print(f"{'daemon VmHWM (MB)':24}{'':>12}{statistics.median(hwm)/1024:12.1f}")
+print(f"{'':30}{'Postfix':>10}{'mailpolicy':>12}{'ratio':>8}")
+print(f"{'accept rate (msg/s)':30}{pa:10.0f}{ma:12.0f}{ma/pa:8.2f}")
+print(f"{'relay rate (msg/s)':30}{pr:10.0f}{mr:12.0f}{mr/pr:8.2f}")
+print(f"{'peak RSS, summed (MB)':30}{prss/1024:10.1f}{mrss/1024:12.1f}{mrss/prss:8.2f}")
+print(f"{'peak PSS, summed (MB)':30}{ppss/1024:10.1f}{mpss/1024:12.1f}{mpss/ppss:8.2f}")
+print(f"{'daemon VmHWM (MB)':30}{'':>10}{statistics.median(int(h[1]) for h in hwm if h[0] == 'mailpolicy')/1024:12.1f}")
+print()
+print(f"{'no-disk limit (msg/s)':30}{na:10.0f}   (smtp-source -> smtp-sink, same sessions and sizes)")
+print(f"{'mailpolicy accept / no-disk':30}{ma/na:10.2f}")
+print(f"{'mailpolicy relay / accept':30}{mr/ma:10.2f}")
+print(f"{'Postfix accept / no-disk':30}{pa/na:10.2f}")
+if rules:
+    ra = med(f"rules{rules}", 1)
+    print(f"{f'accept, {rules}-rule policy':30}{ra:10.0f}   = {ra/ma:.3f} x the plain policy's {ma:.0f} (same rounds)")
+pb, mb = med("postfix-backlog", 1), med("mailpolicy-backlog", 1)
+if pb and mb:
+    print(f"{'accept behind backlog':30}{pb:10.0f}{mb:12.0f}{mb/pb:8.2f}")
+    print(f"{'  / own accept without':30}{pb/pa:10.2f}{mb/ma:12.2f}")
+    print(f"{'relay behind backlog (all)':30}{med('postfix-backlog', 2):10.0f}{med('mailpolicy-backlog', 2):12.0f}{med('mailpolicy-backlog', 2)/med('postfix-backlog', 2):8.2f}")
 PY
 echo
 echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r), $(df -T "$D" | awk 'NR==2{print $2}') on /tmp"
-echo "postfix: $(postconf -d -h mail_version 2>/dev/null) ($(dpkg-query -W -f '${Version}' postfix 2>/dev/null || echo '?')); mailpolicy: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null)$(cd "$ROOT" && git diff --quiet HEAD -- runtime 2>/dev/null || echo '+local changes')"
+echo "postfix: $(postconf -d -h mail_version 2>/dev/null) ($(dpkg-query -W -f '${Version}' postfix 2>/dev/null || echo '?')); mailpolicy: $(if [ -n "${MAILC:-}" ]; then echo "MAILC=$MAILC"; else cd "$ROOT" && echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- runtime stdlib lang 2>/dev/null || echo '+local changes')"; fi)"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"
 echo "reproduce: $CMD"

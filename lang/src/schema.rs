@@ -142,12 +142,14 @@ pub const TABLE_LDAP: &[OptSpec] = &[
     o("bind_dn", Str, "DN to bind as (default anonymous)"),
     o("password", Secret, "password of bind_dn"),
     o("scope", Word(&["sub", "one", "base"]), "search scope (default sub)"),
+    o("connections", Num, "most connections kept open to the directory, each bound once (default 4)"),
 ];
 
 pub const TABLE_SQL: &[OptSpec] = &[
     o("url", Str, "postgresql://user@host:port/db (required)"),
     o("query", Str, "query with one parameter $1, the key; the first column of the first row is the result (required)"),
     o("password", Secret, "the database password"),
+    o("connections", Num, "most connections kept open to the database, lookups in parallel (default 4)"),
 ];
 
 pub const SCANNER: &[OptSpec] = &[

@@ -75,9 +75,10 @@ pub fn parse_rows(kind: &str, text: &str) -> Result<Rows, TableError> {
     match kind {
         "list" => {
             let mut out: Vec<(String, String)> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for (_, l) in entries(text) {
                 let k = split_kv(l).0.to_ascii_lowercase();
-                if !out.iter().any(|(x, _)| *x == k) {
+                if seen.insert(k.clone()) {
                     out.push((k, String::new()));
                 }
             }

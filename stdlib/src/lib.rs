@@ -5,6 +5,7 @@
 pub mod access;
 pub mod address;
 pub mod batv;
+pub mod cdb;
 pub mod digest;
 pub mod greylist;
 pub mod ratelimit;

@@ -26,7 +26,14 @@ impl RateStore {
     /// Record one event of `counter` for `key` at `now_ms`.
     pub fn record(&mut self, counter: &str, key: &str, now_ms: u64) {
         let q = self.events.entry((counter.to_string(), key.to_ascii_lowercase())).or_default();
-        q.push_back(now_ms);
+        // Kept in time order (a clock that stepped back inserts in place), so a count is a
+        // binary search, not a walk over every event in the window.
+        if q.back().is_some_and(|t| *t > now_ms) {
+            let at = q.partition_point(|t| *t <= now_ms);
+            q.insert(at, now_ms);
+        } else {
+            q.push_back(now_ms);
+        }
         while q.len() > self.max_events {
             q.pop_front();
         }
@@ -41,7 +48,7 @@ impl RateStore {
         let start = now_ms.saturating_sub(window_ms);
         self.events
             .get(&(counter.to_string(), key.to_ascii_lowercase()))
-            .map(|q| q.iter().rev().take_while(|t| **t > start || now_ms < window_ms).count() as u64)
+            .map(|q| if now_ms < window_ms { q.len() } else { q.len() - q.partition_point(|t| *t <= start) } as u64)
             .unwrap_or(0)
     }
 
@@ -73,6 +80,26 @@ impl RateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_agree_with_a_walk_over_every_event() {
+        let mut r = RateStore::default();
+        let mut all = Vec::new();
+        let mut t = 1_000_000u64;
+        for i in 0..5000u64 {
+            // Mostly forward, sometimes a step back (a clock adjusted).
+            t = if i % 97 == 0 { t - 3_000 } else { t + (i * 7919) % 50 };
+            r.record("c", "k", t);
+            all.push(t);
+            if i % 37 == 0 {
+                for w in [0u64, 1, 1_000, 60_000, 2_000_000] {
+                    let start = t.saturating_sub(w);
+                    let want = all.iter().filter(|x| **x > start || t < w).count() as u64;
+                    assert_eq!(r.count("c", "K", w, t), want, "i={i} window={w}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn window() {

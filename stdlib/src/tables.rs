@@ -21,6 +21,8 @@ pub enum FileTable {
     Pcre(Vec<(pcre2::bytes::Regex, String)>),
     Cidr(Vec<(Cidr, String)>),
     Regexp(Vec<(regex::Regex, String)>),
+    /// A `list`, `map` or `access` table compiled by `mailc table compile` ([`crate::cdb`]).
+    Compiled(crate::cdb::Cdb),
 }
 
 pub use mailpolicy_lang::tables::TableError;
@@ -64,6 +66,9 @@ impl FileTable {
     pub fn lookup(&self, key: &str) -> Option<String> {
         match self {
             FileTable::Map(m) => m.get(&key.to_ascii_lowercase()).cloned(),
+            FileTable::Compiled(c) => {
+                c.get(key.to_ascii_lowercase().as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned())
+            }
             FileTable::Cidr(v) => {
                 let ip: IpAddr = key.parse().ok()?;
                 v.iter().find(|(c, _)| c.contains(ip)).map(|(_, val)| val.clone())
@@ -89,6 +94,7 @@ impl FileTable {
             FileTable::Cidr(v) => v.len(),
             FileTable::Regexp(v) => v.len(),
             FileTable::Pcre(v) => v.len(),
+            FileTable::Compiled(c) => usize::try_from(c.meta().entries).unwrap_or(usize::MAX),
         }
     }
 

@@ -26,11 +26,13 @@ Usage:
   mailc serve [--policy FILE] [--spool DIR]
   mailc hash-password [--iterations N]     (password on standard input)
   mailc batv-tag [--keys FILE] [--key N] [--date YYYY-MM-DD] [--lifetime DAYS] ADDRESS
+  mailc table compile [--kind list|map|access] FILE...   (writes FILE.cdb)
+  mailc table query [--kind KIND] [--source] [--stats] FILE [KEY...]   (a table file, as postmap -q)
+  mailc table query [--policy FILE] TABLE KEY...   (a table of the policy, LDAP and SQL too)
   mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
   mailc sendmail [-t] [-i] [-f ADDR] [-F NAME] [RECIPIENT...]   (local submission; also as sendmail)
   mailc mailq [--spool DIR]                 (the queue; also as mailq)
   mailc newaliases                          (also as newaliases)
-  mailc table query [--policy FILE] TABLE KEY...   (what a table gives a key, as postmap -q)
   mailc help
 
 Exit codes: 0 success, 1 errors found, 2 usage or I/O error.";

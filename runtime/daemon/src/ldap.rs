@@ -13,12 +13,18 @@
 //! `,`); without, a hit is the empty value (presence). No entry is "absent". A failed bind
 //! or search, or the time-out, is an error answer: 4xx unless the table says `on_error
 //! continue`.
+//!
+//! Connections are kept, a pool per table of at most `connections` (default 4): a lookup
+//! takes an idle connection, already bound as `bind_dn`, or opens and binds a new one; a
+//! connection that failed or timed out is dropped.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ldap3::{ldap_escape, LdapConnAsync, Scope, SearchEntry};
+use ldap3::{ldap_escape, Ldap, LdapConnAsync, Scope, SearchEntry};
 use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use tokio::sync::Semaphore;
 
 use crate::eval::Answer;
 
@@ -58,28 +64,104 @@ pub fn expand_filter(filter: &str, key: &str) -> String {
     out
 }
 
-pub async fn lookup(
-    prog: &Program,
-    t: &Resource,
-    key: &str,
-    secrets: &HashMap<String, String>,
-    default_timeout: Duration,
-) -> Answer {
-    let timeout = super::lookup::table_timeout(t, default_timeout);
-    match tokio::time::timeout(timeout, search(prog, t, key, secrets)).await {
-        Ok(Ok(v)) => Answer::Value(v),
-        Ok(Err(e)) => Answer::Error(format!("ldap table {}: {e}", t.name)),
-        Err(_) => Answer::Timeout,
+/// One bound connection, with what it was opened and bound with (url, bind DN, password).
+struct Conn {
+    ldap: Ldap,
+    ident: String,
+}
+
+struct TablePool {
+    idle: Mutex<Vec<Conn>>,
+    gate: Semaphore,
+    size: usize,
+}
+
+/// Bound connections, a pool per table.
+#[derive(Default)]
+pub struct Pool {
+    tables: Mutex<HashMap<String, Arc<TablePool>>>,
+    /// Connections opened and bound so far (every table; for the log and the tests).
+    opened: std::sync::atomic::AtomicU64,
+}
+
+impl Pool {
+    fn table(&self, t: &Resource) -> Arc<TablePool> {
+        let size = super::sql::connections(t);
+        let mut m = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(&t.name) {
+            Some(p) if p.size == size => p.clone(),
+            _ => {
+                let p = Arc::new(TablePool { idle: Mutex::new(Vec::new()), gate: Semaphore::new(size), size });
+                m.insert(t.name.clone(), p.clone());
+                p
+            }
+        }
+    }
+
+    /// Connections opened (and bound) so far.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub async fn lookup(
+        &self,
+        prog: &Program,
+        t: &Resource,
+        key: &str,
+        secrets: &HashMap<String, String>,
+        default_timeout: Duration,
+    ) -> Answer {
+        let timeout = super::lookup::table_timeout(t, default_timeout);
+        let pool = self.table(t);
+        match tokio::time::timeout(timeout, self.search(&pool, prog, t, key, secrets)).await {
+            Ok(Ok(v)) => Answer::Value(v),
+            Ok(Err(e)) => Answer::Error(format!("ldap table {}: {e}", t.name)),
+            Err(_) => Answer::Timeout,
+        }
+    }
+
+    async fn search(
+        &self,
+        pool: &TablePool,
+        prog: &Program,
+        t: &Resource,
+        key: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<Option<String>, String> {
+        let url = opt(t, "url").ok_or("no url")?;
+        let bind = opt(t, "bind_dn").map(|dn| (dn, super::lookup::table_secret(prog, t, "password", secrets)));
+        let ident = match &bind {
+            Some((dn, pw)) => format!("{url}\0{dn}\0{}", pw.as_deref().unwrap_or("")),
+            None => format!("{url}\0"),
+        };
+        let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
+        let reused = {
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain_mut(|c| c.ident == ident && !c.ldap.is_closed());
+            idle.pop()
+        };
+        let mut conn = match reused {
+            Some(c) => c,
+            None => {
+                let (conn, mut ldap) = LdapConnAsync::new(url).await.map_err(|e| e.to_string())?;
+                ldap3::drive!(conn);
+                if let Some((dn, pw)) = &bind {
+                    let pw = pw.as_deref().unwrap_or_default();
+                    ldap.simple_bind(dn, pw).await.and_then(|r| r.success()).map_err(|e| format!("bind: {e}"))?;
+                }
+                self.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Conn { ldap, ident }
+            }
+        };
+        // On an error the connection is dropped (the `?`): the next lookup opens a new one.
+        let v = search_on(&mut conn.ldap, t, key).await?;
+        pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        Ok(v)
     }
 }
 
-async fn search(
-    prog: &Program,
-    t: &Resource,
-    key: &str,
-    secrets: &HashMap<String, String>,
-) -> Result<Option<String>, String> {
-    let url = opt(t, "url").ok_or("no url")?;
+/// One search on a bound connection.
+async fn search_on(ldap: &mut Ldap, t: &Resource, key: &str) -> Result<Option<String>, String> {
     let base = opt(t, "base").ok_or("no base")?;
     let filter = expand_filter(opt(t, "filter").ok_or("no filter")?, key);
     let scope = match opt(t, "scope") {
@@ -88,19 +170,12 @@ async fn search(
         _ => Scope::Subtree,
     };
     let attribute = opt(t, "attribute");
-    let (conn, mut ldap) = LdapConnAsync::new(url).await.map_err(|e| e.to_string())?;
-    ldap3::drive!(conn);
-    if let Some(dn) = opt(t, "bind_dn") {
-        let pw = super::lookup::table_secret(prog, t, "password", secrets).unwrap_or_default();
-        ldap.simple_bind(dn, &pw).await.and_then(|r| r.success()).map_err(|e| format!("bind: {e}"))?;
-    }
     let attrs: Vec<&str> = match attribute {
         Some(a) => vec![a],
         None => vec!["1.1"],
     };
     let (entries, _) =
         ldap.search(base, scope, &filter, attrs).await.and_then(|r| r.success()).map_err(|e| format!("search: {e}"))?;
-    let _ = ldap.unbind().await;
     let Some(first) = entries.into_iter().next() else { return Ok(None) };
     let entry = SearchEntry::construct(first);
     Ok(Some(match attribute {
@@ -121,5 +196,117 @@ mod tests {
         assert_eq!(expand_filter("(&(uid=%u)(dc=%d))", "joe@example.com"), "(&(uid=joe)(dc=example.com))");
         assert_eq!(expand_filter("(mail=%s)", "x*)(uid=*"), "(mail=x\\2a\\29\\28uid=\\2a)");
         assert_eq!(expand_filter("100%%", "k"), "100%");
+    }
+
+    /// OpenLDAP's slapd (Debian package slapd, installed by tests/run.sh) with the seed's
+    /// schema (`inetLocalMailRecipient`: mailLocalAddress, mailHost from misc.schema),
+    /// started by the test on a loopback port of its own.
+    #[tokio::test]
+    async fn real_slapd_directory() {
+        let slapd = "/usr/sbin/slapd";
+        assert!(std::path::Path::new(slapd).exists(), "slapd is not installed: run tests/run.sh, which installs it");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("mp-slapd-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("db")).unwrap();
+        let conf = format!(
+            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\ninclude /etc/ldap/schema/misc.schema\n\
+             pidfile {d}/slapd.pid\nmoduleload back_mdb\ndatabase mdb\nsuffix \"dc=example,dc=com\"\nrootdn \"cn=admin,dc=example,dc=com\"\nrootpw secret\ndirectory {d}/db\n",
+            d = dir.display()
+        );
+        let modpath = ["/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap"].into_iter().find(|p| {
+            std::path::Path::new(p).join("back_mdb.so").exists() || std::path::Path::new(p).join("back_mdb.la").exists()
+        });
+        let conf = match modpath {
+            Some(p) => format!("modulepath {p}\n{conf}"),
+            None => conf.replace("moduleload back_mdb\n", ""),
+        };
+        std::fs::write(dir.join("slapd.conf"), conf).unwrap();
+        let ldif = "dn: dc=example,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
+                    dn: uid=alice,dc=example,dc=com\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: alice\ncn: Alice\nsn: A\nmailLocalAddress: alice@example.com\nmailLocalAddress: a.smith@example.com\nmailHost: mbox1.internal.example\n";
+        std::fs::write(dir.join("data.ldif"), ldif).unwrap();
+        let add = std::process::Command::new("/usr/sbin/slapadd")
+            .args([
+                "-f",
+                &dir.join("slapd.conf").display().to_string(),
+                "-l",
+                &dir.join("data.ldif").display().to_string(),
+            ])
+            .output()
+            .expect("run slapadd");
+        assert!(add.status.success(), "slapadd: {}", String::from_utf8_lossy(&add.stderr));
+        struct Kill(std::process::Child, std::path::PathBuf);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                let _ = std::fs::remove_dir_all(&self.1);
+            }
+        }
+        let child = std::process::Command::new(slapd)
+            .args([
+                "-d",
+                "0",
+                "-f",
+                &dir.join("slapd.conf").display().to_string(),
+                "-h",
+                &format!("ldap://127.0.0.1:{port}/"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start slapd");
+        let _guard = Kill(child, dir.clone());
+        let c = mailpolicy_lang::compile(
+            "t.mailpolicy",
+            &mailpolicy_lang::MemLoader::single(
+                "t.mailpolicy",
+                &format!(
+                    "table directory = ldap {{ url \"ldap://127.0.0.1:{port}\"; base \"dc=example,dc=com\"; filter \"(mailLocalAddress=%s)\"; attribute \"mailHost\"; }};\n\
+                     table down = ldap {{ url \"ldap://127.0.0.1:1\"; base \"dc=example,dc=com\"; filter \"(mail=%s)\"; timeout 2s; }};\n\
+                     on rcpt {{ if recipient in directory {{ accept; }} if recipient in down {{ accept; }} }}\n"
+                ),
+            ),
+        );
+        let prog = c.program.expect("policy compiles");
+        let t = &prog.tables[0];
+        let none = HashMap::new();
+        let pool = Pool::default();
+        let lookup = |p, t, k, n, d| pool.lookup(p, t, k, n, d);
+        let mut answer = Answer::Error("not started".into());
+        for _ in 0..100 {
+            answer = lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await;
+            if !matches!(answer, Answer::Error(_)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(answer, Answer::Value(Some("mbox1.internal.example".into())));
+        assert_eq!(
+            lookup(&prog, t, "A.Smith@example.com", &none, Duration::from_secs(5)).await,
+            Answer::Value(Some("mbox1.internal.example".into()))
+        );
+        assert_eq!(lookup(&prog, t, "nobody@example.com", &none, Duration::from_secs(5)).await, Answer::Value(None));
+        // Injection attempt: the filter stays one equality test.
+        assert_eq!(lookup(&prog, t, "*", &none, Duration::from_secs(5)).await, Answer::Value(None));
+        // The lookups used one connection, opened and bound once (none failed after the
+        // directory answered); lookups at once use at most `connections` (default 4).
+        let before = pool.opened();
+        let keys: Vec<String> = (0..12).map(|i| format!("user{i}@example.com")).collect();
+        let answers = futures_util::future::join_all(
+            keys.iter().map(|k| pool.lookup(&prog, t, k, &none, Duration::from_secs(5))),
+        )
+        .await;
+        assert!(answers.iter().all(|a| *a == Answer::Value(None)), "{answers:?}");
+        assert!(pool.opened() - before <= 4, "{} connections for 12 lookups", pool.opened() - before);
+        assert_eq!(
+            lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await,
+            Answer::Value(Some("mbox1.internal.example".into()))
+        );
+        // A directory that is down is an error, never a "not found".
+        assert!(matches!(
+            lookup(&prog, &prog.tables[1], "alice@example.com", &none, Duration::from_secs(5)).await,
+            Answer::Error(_) | Answer::Timeout
+        ));
     }
 }

@@ -8,6 +8,7 @@
 //! new sessions use the new one (listener addresses need a restart).
 
 pub mod auth;
+pub mod compiled;
 pub mod fault;
 pub mod fuzzing;
 pub mod ldap;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
@@ -18,7 +18,8 @@ use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::
 use crate::eval::{Answer, Request, RrType};
 
 struct Loaded {
-    modified: Option<SystemTime>,
+    /// The source's and its compiled table's modification times (`compiled::stamp`).
+    modified: super::compiled::Stamp,
     checked: std::time::Instant,
     table: Result<FileTable, String>,
 }
@@ -46,6 +47,8 @@ pub struct Lookups {
     pub signer: Option<super::auth::Signer>,
     /// Connections of SQL tables.
     sql: super::sql::Pool,
+    /// Bound connections of LDAP tables.
+    ldap: super::ldap::Pool,
     /// The policy and the file tables' contents its open-relay proof used.
     proven: Option<(Program, Mutex<Vec<Option<mailpolicy_lang::tables::Rows>>>)>,
 }
@@ -122,6 +125,7 @@ impl Lookups {
             sender_auth,
             signer,
             sql: super::sql::Pool::default(),
+            ldap: super::ldap::Pool::default(),
         })
     }
 
@@ -132,9 +136,7 @@ impl Lookups {
     pub async fn answer(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
         match req {
             Request::Lookup { table, key } => match prog.tables.get(table.index()) {
-                Some(t) if t.kind == "ldap" => {
-                    super::ldap::lookup(prog, t, key, &self.secrets, self.lookup_timeout).await
-                }
+                Some(t) if t.kind == "ldap" => self.ldap.lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
                 Some(t) if t.kind == "sql" => self.sql.lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
                 Some(t) => self.table(t, key).await,
                 None => Answer::Error("no such table".into()),
@@ -272,19 +274,30 @@ impl Lookups {
         let stale = match tables.get(&t.name) {
             None => true,
             Some(l) if reload && l.checked.elapsed() >= Duration::from_secs(1) => {
-                let m = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-                m != l.modified
+                super::compiled::stamp(&path) != l.modified
             }
             Some(_) => false,
         };
         if stale {
-            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()));
-            let table = text
-                .clone()
-                .and_then(|text| FileTable::parse(&t.kind, &text).map_err(|e| format!("{}: {e}", path.display())));
-            let refused = match (&text, tables.contains_key(&t.name)) {
-                (Ok(text), true) => self.reprove(t, text),
+            let modified = super::compiled::stamp(&path);
+            let first = !tables.contains_key(&t.name);
+            // A compiled table standing for the source (`mailc table compile`) is used as it
+            // is; the source's text is still read on a reload, for the proof.
+            let (text, table) = match self.compiled(t, &path) {
+                Some(table) => {
+                    let text = if first { None } else { std::fs::read_to_string(&path).ok().map(Ok) };
+                    (text, Ok(table))
+                }
+                None => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()));
+                    let table = text.clone().and_then(|text| {
+                        FileTable::parse(&t.kind, &text).map_err(|e| format!("{}: {e}", path.display()))
+                    });
+                    (Some(text), table)
+                }
+            };
+            let refused = match (&text, first) {
+                (Some(Ok(text)), false) => self.reprove(t, text),
                 _ => None,
             };
             match refused {
@@ -311,6 +324,39 @@ impl Lookups {
             Some(Ok(ft)) => Answer::Value(ft.lookup(key)),
             Some(Err(e)) => Answer::Error(e.clone()),
             None => Answer::Error("table not loaded".into()),
+        }
+    }
+
+    /// The compiled form of a file table, when it may stand for the source (see
+    /// [`super::compiled`]); says why once when one exists and may not.
+    fn compiled(&self, t: &Resource, path: &Path) -> Option<FileTable> {
+        use super::compiled::Compiled;
+        match super::compiled::load(&t.kind, path) {
+            Compiled::Absent => None,
+            Compiled::Use(table) => Some(table),
+            Compiled::Alone(table) => {
+                // With no source, nothing says the proof saw these contents: only a table the
+                // proof did not read (it was not there at check time) may be one alone.
+                let read = self.proven.as_ref().is_some_and(|(prog, rows)| {
+                    let idx = prog.tables.iter().position(|x| x.name == t.name);
+                    let rows = rows.lock().map(|r| idx.and_then(|i| r.get(i).cloned()).flatten().is_some());
+                    rows.unwrap_or(true)
+                });
+                if read {
+                    eprintln!(
+                        "mailc serve: table {}: {} has no source beside it any more; the proof read that source, so the compiled table is not used",
+                        t.name,
+                        path.display()
+                    );
+                    None
+                } else {
+                    Some(table)
+                }
+            }
+            Compiled::Stale(why) => {
+                eprintln!("mailc serve: table {}: the compiled table is not used, the source is read: {why}", t.name);
+                None
+            }
         }
     }
 

@@ -95,6 +95,15 @@ pub fn queue_config(p: &Program) -> QueueConfig {
     c
 }
 
+/// The outbound session cache: as many idle sessions per destination as deliveries may run
+/// to it at once, so that at full concurrency a finished delivery's session is kept for the
+/// next message instead of being closed while the next delivery opens a new one.
+fn session_cache(p: &Program) -> driver::ConnectionCache {
+    let mut c = driver::ConnectionCache::default();
+    c.max_per_key = c.max_per_key.max(queue_config(p).destination_concurrency_limit as usize);
+    c
+}
+
 /// How one routed recipient is delivered.
 #[derive(Clone, Debug)]
 struct RouteInfo {
@@ -117,6 +126,9 @@ struct JobDone {
     relayed: Vec<(usize, bool, Option<String>)>,
     /// The delivery panicked (caught at the task boundary), with the panic's text.
     panic: Option<String>,
+    /// The delivery task removed the message from the spool itself: this job delivered
+    /// every recipient still open and none asked for a success DSN (see `delivery`).
+    removed: bool,
 }
 
 struct Qmgr {
@@ -253,6 +265,7 @@ async fn run(
     let prog = shared.program();
     // The daemon's one resolver (and cache), shared with policy lookups and mail-auth.
     let resolver: Arc<dyn Resolver> = shared.lookups().mx_resolver();
+    let cache = Arc::new(session_cache(&prog));
     let mut q = Qmgr {
         sched: Scheduler::new(queue_config(&prog)),
         shared,
@@ -261,7 +274,7 @@ async fn run(
         prog,
         routes: HashMap::new(),
         resolver,
-        cache: Arc::new(driver::ConnectionCache::default()),
+        cache,
         removals: JoinSet::new(),
         current,
     };
@@ -286,6 +299,7 @@ async fn run(
                             results: Vec::new(),
                             relayed: Vec::new(),
                             panic: Some(panic_payload_text(&*p)),
+                            removed: false,
                         },
                     }
                 });
@@ -404,7 +418,7 @@ impl Qmgr {
                 | Command::Remove { id } => id.clone(),
             };
             self.working_on(Some(&id));
-            if let Err(p) = std::panic::AssertUnwindSafe(self.commands(vec![c])).catch_unwind().await {
+            if let Err(p) = std::panic::AssertUnwindSafe(self.commands(vec![c], false)).catch_unwind().await {
                 let why = format!("processing failed: {}", panic_payload_text(&*p));
                 self.quarantine(&id, &why).await;
             }
@@ -758,6 +772,7 @@ impl Qmgr {
                         job,
                         relayed: Vec::new(),
                         panic: None,
+                        removed: false,
                     };
                 }
                 Err(e) => {
@@ -767,6 +782,7 @@ impl Qmgr {
                         job,
                         relayed: Vec::new(),
                         panic: None,
+                        removed: false,
                     };
                 }
             };
@@ -778,6 +794,7 @@ impl Qmgr {
                     job,
                     relayed: Vec::new(),
                     panic: None,
+                    removed: false,
                 };
             };
             let msg = &stored.message;
@@ -821,6 +838,7 @@ impl Qmgr {
                             job,
                             relayed: Vec::new(),
                             panic: None,
+                            removed: false,
                         };
                     }
                 }
@@ -901,7 +919,25 @@ impl Qmgr {
                     _ => None,
                 })
                 .collect();
-            if !delivered.is_empty() {
+            // When that leaves no recipient open (the common case: one recipient, one job) and
+            // nobody asked for a success DSN, the message is done: removing it (one group-
+            // committed unlink of the message and its state) is that record, and it saves a
+            // state file written, fsynced and renamed only to be deleted next (issue 13).
+            let done = !delivered.is_empty()
+                && results.len() == job.rcpts.len()
+                && results.iter().all(|(_, d)| matches!(d, Delivery::Delivered(_)))
+                && stored.states.iter().enumerate().all(|(i, st)| st.is_final() || job.rcpts.contains(&i))
+                && !msg.recipients.iter().any(|r| r.notify.iter().any(|n| n.eq_ignore_ascii_case("SUCCESS")));
+            let mut removed = false;
+            if done {
+                let (s, q) = (spool.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || s.remove(&q)).await {
+                    Ok(Ok(())) => removed = true,
+                    Ok(Err(e)) => shared.log.event("remove-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                    Err(e) => shared.log.event("remove-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
+                }
+            }
+            if !delivered.is_empty() && !removed {
                 let (s, q) = (spool.clone(), id.clone());
                 match tokio::task::spawn_blocking(move || s.mark_delivered(&q, &delivered)).await {
                     Ok(Ok(())) => {}
@@ -915,13 +951,14 @@ impl Qmgr {
                     results.push((*i, Delivery::PermFail("553 5.1.3 Bad recipient address syntax".into())));
                 }
             }
-            JobDone { job, results, relayed, panic: None }
+            JobDone { job, results, relayed, panic: None, removed }
         }
     }
 
     async fn finish(&mut self, d: JobDone) {
         let now = now_ms();
         let id = d.job.id.clone();
+        let removed = d.removed;
         let cmds = self.sched.done(d.job, d.results, now);
         // RFC 3461 section 4: a recipient relayed to a server with DSN gets no notice from
         // us (NOTIFY went on with it); one relayed to a server without gets one "relayed"
@@ -962,13 +999,23 @@ impl Qmgr {
                 self.dsn_as(&id, &stored, DsnKind::Success, &rcpts, false, Some((dsn::DsnKind::Relayed, host))).await;
             }
         }
-        self.commands(out).await;
+        self.commands(out, removed).await;
     }
 
     /// Execute the scheduler's commands, in order.
-    async fn commands(&mut self, cmds: Vec<Command>) {
+    /// `removed`: the delivery task already removed the message (see `JobDone::removed`).
+    async fn commands(&mut self, cmds: Vec<Command>, removed: bool) {
         for c in cmds {
             match c {
+                // The delivery task removed the message (every recipient delivered, no success
+                // DSN asked for): the scheduler's success-DSN check and removal are done.
+                Command::Dsn { kind: DsnKind::Success, .. } | Command::Record { .. } if removed => {}
+                Command::Remove { id } if removed => {
+                    for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
+                        self.routes.remove(&k);
+                    }
+                    self.shared.log.event("removed", &[("id", id.as_str())]);
+                }
                 Command::Dsn { id, kind, rcpts, expired, .. } => {
                     if let Some(stored) = self.load(&id).await {
                         self.dsn(&id, &stored, kind, &rcpts, expired).await;

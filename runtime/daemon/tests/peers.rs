@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use base64::Engine as _;
 use mail_auth::common::crypto::Ed25519Key;
 use mailpolicy_daemon::auth::AuthState;
-use mailpolicy_daemon::ldap::lookup;
 use mailpolicy_daemon::scan::spamd;
 use mailpolicy_engine::eval::Answer;
 use mailpolicy_test_support::{free_port, is_root, Peer, PeerIn, TempDir};
@@ -701,91 +700,6 @@ async fn postgresql_table() {
     ));
 }
 
-/// OpenLDAP's slapd (Debian package slapd, installed by tests/run.sh) with the seed's
-/// schema (`inetLocalMailRecipient`: mailLocalAddress, mailHost from misc.schema),
-/// started by the test on a loopback port of its own.
-#[tokio::test]
-async fn real_slapd_directory() {
-    let slapd = "/usr/sbin/slapd";
-    assert!(std::path::Path::new(slapd).exists(), "slapd is not installed: run tests/run.sh, which installs it");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = std::env::temp_dir().join(format!("mp-slapd-{}-{port}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("db")).unwrap();
-    let conf = format!(
-        "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\ninclude /etc/ldap/schema/misc.schema\n\
-         pidfile {d}/slapd.pid\nmoduleload back_mdb\ndatabase mdb\nsuffix \"dc=example,dc=com\"\nrootdn \"cn=admin,dc=example,dc=com\"\nrootpw secret\ndirectory {d}/db\n",
-        d = dir.display()
-    );
-    let modpath = ["/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap"].into_iter().find(|p| {
-        std::path::Path::new(p).join("back_mdb.so").exists() || std::path::Path::new(p).join("back_mdb.la").exists()
-    });
-    let conf = match modpath {
-        Some(p) => format!("modulepath {p}\n{conf}"),
-        None => conf.replace("moduleload back_mdb\n", ""),
-    };
-    std::fs::write(dir.join("slapd.conf"), conf).unwrap();
-    let ldif = "dn: dc=example,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
-                dn: uid=alice,dc=example,dc=com\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: alice\ncn: Alice\nsn: A\nmailLocalAddress: alice@example.com\nmailLocalAddress: a.smith@example.com\nmailHost: mbox1.internal.example\n";
-    std::fs::write(dir.join("data.ldif"), ldif).unwrap();
-    let add = std::process::Command::new("/usr/sbin/slapadd")
-        .args(["-f", &dir.join("slapd.conf").display().to_string(), "-l", &dir.join("data.ldif").display().to_string()])
-        .output()
-        .expect("run slapadd");
-    assert!(add.status.success(), "slapadd: {}", String::from_utf8_lossy(&add.stderr));
-    let child = std::process::Command::new(slapd)
-        .args([
-            "-d",
-            "0",
-            "-f",
-            &dir.join("slapd.conf").display().to_string(),
-            "-h",
-            &format!("ldap://127.0.0.1:{port}/"),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start slapd");
-    let _guard = PeerIn(child, dir.clone());
-    let c = mailpolicy_lang::compile(
-        "t.mailpolicy",
-        &mailpolicy_lang::MemLoader::single(
-            "t.mailpolicy",
-            &format!(
-                "table directory = ldap {{ url \"ldap://127.0.0.1:{port}\"; base \"dc=example,dc=com\"; filter \"(mailLocalAddress=%s)\"; attribute \"mailHost\"; }};\n\
-                 table down = ldap {{ url \"ldap://127.0.0.1:1\"; base \"dc=example,dc=com\"; filter \"(mail=%s)\"; timeout 2s; }};\n\
-                 on rcpt {{ if recipient in directory {{ accept; }} if recipient in down {{ accept; }} }}\n"
-            ),
-        ),
-    );
-    let prog = c.program.expect("policy compiles");
-    let t = &prog.tables[0];
-    let none = HashMap::new();
-    let mut answer = Answer::Error("not started".into());
-    for _ in 0..100 {
-        answer = lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await;
-        if !matches!(answer, Answer::Error(_)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(answer, Answer::Value(Some("mbox1.internal.example".into())));
-    assert_eq!(
-        lookup(&prog, t, "A.Smith@example.com", &none, Duration::from_secs(5)).await,
-        Answer::Value(Some("mbox1.internal.example".into()))
-    );
-    assert_eq!(lookup(&prog, t, "nobody@example.com", &none, Duration::from_secs(5)).await, Answer::Value(None));
-    // Injection attempt: the filter stays one equality test.
-    assert_eq!(lookup(&prog, t, "*", &none, Duration::from_secs(5)).await, Answer::Value(None));
-    // A directory that is down is an error, never a "not found".
-    assert!(matches!(
-        lookup(&prog, &prog.tables[1], "alice@example.com", &none, Duration::from_secs(5)).await,
-        Answer::Error(_) | Answer::Timeout
-    ));
-}
-
-/// SpamAssassin's real spamd (Debian package `spamd`, installed by tests/run.sh),
-/// started on a loopback port of its own.
 #[tokio::test]
 async fn real_spamd_scores_gtube() {
     let bin = ["/usr/sbin/spamd", "/usr/bin/spamd"].into_iter().find(|p| std::path::Path::new(p).exists());
