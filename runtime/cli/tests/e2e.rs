@@ -3087,7 +3087,8 @@ fn sendmail_as(program: &Path, args: &[&str], input: &[u8], policy: &Path) -> (i
         .spawn()
         .expect("run sendmail");
     if let Some(mut i) = child.stdin.take() {
-        i.write_all(input).expect("write the message");
+        // A usage error ends sendmail before it reads its input (a closed pipe here).
+        let _ = i.write_all(input);
     }
     let out = child.wait_with_output().expect("sendmail ends");
     (
