@@ -1313,7 +1313,18 @@ impl<'s> Checker<'s> {
                 a.keyword(self, "by", "concurrent by client.ip")?;
                 let key_span = a.peek_value().map(|v| v.span).unwrap_or(t.span);
                 let key = a.val(self, ctx, "what to count by, e.g. `client.ip`")?;
-                self.check_rate_key(&key.0, key_span);
+                // Sessions are counted under the client's address and network only (the host
+                // opens and closes those keys); any other key would always count 0.
+                if !matches!(key.0, Val::Fact(Fact::ClientIp | Fact::ClientNetwork)) {
+                    self.err(
+                        Diagnostic::error(
+                            "mailc::arguments",
+                            "concurrent sessions are counted per client address or network",
+                        )
+                        .at(key_span)
+                        .help("count by `client.ip` or `client.network`"),
+                    );
+                }
                 Term::Val(Val::Concurrent { key: Box::new(key.0) }, Ty::Num)
             }
             "score" => {
