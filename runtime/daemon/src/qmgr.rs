@@ -133,6 +133,14 @@ struct JobDone {
     removed: bool,
 }
 
+impl JobDone {
+    /// Every recipient of `job` deferred with `reply` (the delivery could not start).
+    fn deferred(job: Job, reply: &str) -> JobDone {
+        let results = job.rcpts.iter().map(|i| (*i, Delivery::TempFail(reply.to_string()))).collect();
+        JobDone { job, results, relayed: Vec::new(), panic: None, removed: false }
+    }
+}
+
 struct Qmgr {
     shared: Arc<Shared>,
     spool: Spool,
@@ -769,35 +777,17 @@ impl Qmgr {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let r = format!("451 4.3.0 cannot read the queue file: {e}");
-                    return JobDone {
-                        results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
-                        job,
-                        relayed: Vec::new(),
-                        panic: None,
-                        removed: false,
-                    };
+                    return JobDone::deferred(job, &r);
                 }
                 Err(e) => {
                     let r = format!("451 4.3.0 {e}");
-                    return JobDone {
-                        results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
-                        job,
-                        relayed: Vec::new(),
-                        panic: None,
-                        removed: false,
-                    };
+                    return JobDone::deferred(job, &r);
                 }
             };
             super::fault::check("delivery", &stored.message.data);
             let Some(Some(first)) = routes.first().cloned() else {
                 let r = "451 4.3.0 recipient not routed".to_string();
-                return JobDone {
-                    results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
-                    job,
-                    relayed: Vec::new(),
-                    panic: None,
-                    removed: false,
-                };
+                return JobDone::deferred(job, &r);
             };
             let msg = &stored.message;
             let lookups = shared.lookups();
@@ -835,13 +825,7 @@ impl Qmgr {
                         // A CA file that cannot be read is the administrator's to fix: defer.
                         shared.log.event("tls-ca-failed", &[("id", id.as_str()), ("error", &e)]);
                         let r = format!("451 4.7.5 cannot read the CA file: {e}");
-                        return JobDone {
-                            results: job.rcpts.iter().map(|i| (*i, Delivery::TempFail(r.clone()))).collect(),
-                            job,
-                            relayed: Vec::new(),
-                            panic: None,
-                            removed: false,
-                        };
+                        return JobDone::deferred(job, &r);
                     }
                 }
             }
