@@ -635,6 +635,20 @@ impl<'s> Checker<'s> {
                 }
                 *saw_server = true;
                 let opts = self.options(schema::SERVER, options, "`server`");
+                if let Some((_, OptValue::Str(url))) = opts.iter().find(|(k, _)| k == "state") {
+                    let ok = url == "local"
+                        || ["redis://", "redis+unix://", "unix://"]
+                            .iter()
+                            .any(|p| url.len() > p.len() && url.to_ascii_lowercase().starts_with(p));
+                    if !ok {
+                        let at = options.iter().find(|o| o.name.name == "state").map(|o| o.value.span).unwrap_or(span);
+                        self.err(
+                            Diagnostic::error("mailc::setting", format!("\"{url}\" is not a state store")).at(at).help(
+                                "write \"local\" (the default) or a Redis URL such as \"redis://127.0.0.1:6379/0\"",
+                            ),
+                        );
+                    }
+                }
                 self.prog.server = Settings { name: None, options: opts };
             }
             ast::SettingsKw::Listener => {

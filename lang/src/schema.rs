@@ -79,6 +79,23 @@ pub const SERVER: &[OptSpec] = &[
     o("soft_bounce", Bool, "turn every 5xx the policy or a delivery gives into 4xx (R40 soft-bounce mode)"),
     o("warn_only", Bool, "log what reject and tempfail would do, and accept (R40 warn-only mode)"),
     o("log_format", Word(&["text", "json"]), "log line format (default text)"),
+    o(
+        "state",
+        Str,
+        "where rate windows, concurrent counts, greylist triplets, call-ahead answers and alert windows live: \"local\" (this process, the default) or a Redis URL (\"redis://HOST:PORT/DB\", \"redis+unix:///PATH\") shared by every host of a cluster",
+    ),
+    o("state_timeout", Duration, "bound of one call to the shared state store (default 1s)"),
+    o(
+        "state_on_error",
+        Word(&["tempfail", "local"]),
+        "when the shared state store fails or times out: the lookup fails with 451 4.4.3 (tempfail, the default), or this host's own state answers (local)",
+    ),
+    o("state_prefix", Str, "prefix of every key in the shared state store (default \"mailpolicy:\")"),
+    o(
+        "state_lease",
+        Duration,
+        "life of a session's `concurrent` lease in the shared store, renewed every third of it while the session lives (default 60s, at least 1s)",
+    ),
 ];
 
 pub const LISTENER: &[OptSpec] = &[

@@ -21,6 +21,7 @@ pub mod sasl;
 pub mod scan;
 pub mod session;
 pub mod sql;
+pub mod state;
 pub mod tls;
 
 pub mod spool;
@@ -109,7 +110,6 @@ pub struct Shared {
     pub hostname: String,
     pub shutdown: watch::Receiver<bool>,
     queued: mpsc::UnboundedSender<String>,
-    alerts: Mutex<std::collections::HashMap<(String, String), u64>>,
     pub sessions: Arc<Semaphore>,
     /// The queue manager is running (its supervisor says so). While it is not, new mail
     /// is answered `451 4.3.0`: nothing is accepted that would go nowhere.
@@ -219,16 +219,12 @@ impl Shared {
         let _ = self.queued.send(id.to_string());
     }
 
-    /// Mail the administrator once per window per (address, text) (R7).
-    pub fn alert(&self, to: &str, text: &str, every_ms: u64) {
+    /// Mail the administrator once per window per (address, text) (R7); with a shared
+    /// state store, once per window across the cluster.
+    pub async fn alert(&self, to: &str, text: &str, every_ms: u64) {
         let now = now_ms();
-        {
-            let Ok(mut sent) = self.alerts.lock() else { return };
-            let key = (to.to_ascii_lowercase(), text.to_string());
-            if sent.get(&key).is_some_and(|t| now.saturating_sub(*t) < every_ms) {
-                return;
-            }
-            sent.insert(key, now);
+        if !self.lookups().state.alert_claim(to, text, every_ms, now).await {
+            return;
         }
         let prog = self.program();
         let from = match prog.server.option("alert_from") {
@@ -499,7 +495,6 @@ pub async fn start(
         hostname,
         shutdown: rx,
         queued,
-        alerts: Mutex::new(Default::default()),
         sessions: Arc::new(Semaphore::new(max_all.max(1))),
         qmgr_up: std::sync::atomic::AtomicBool::new(true),
         spool_free: Arc::new(std::sync::atomic::AtomicU64::new(free_space(&spool).unwrap_or(u64::MAX))),
@@ -643,7 +638,9 @@ impl Running {
     pub fn reload(&self, opts: &ServeOptions) -> Result<(), String> {
         match load_policy(opts) {
             Ok((prog, dir, _)) => {
-                let lookups = Lookups::new(&prog, &dir)?;
+                let mut lookups = Lookups::new(&prog, &dir)?;
+                // Rate windows, greylist triplets, ... of this process outlive a reload.
+                lookups.state.adopt_local(&self.shared.lookups().state);
                 if let Ok(mut p) = self.shared.prog.write() {
                     *p = Arc::new(prog);
                 }

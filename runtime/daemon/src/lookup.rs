@@ -1,6 +1,7 @@
 //! How the daemon answers the evaluator's requests: DNS through hickory-resolver, file
-//! tables re-read when they change, rate counters and the greylist in memory, BATV with
-//! the policy's keys. Every network lookup has a time-out; a failure is an error answer,
+//! tables re-read when they change, rate counters, concurrent counts, the greylist and
+//! call-ahead answers from the state store (`state.rs`: in memory, or shared in Redis),
+//! BATV with the policy's keys. Every network lookup has a time-out; a failure is an error answer,
 //! which the evaluator turns into a 4xx unless the policy chose to fail open.
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::proto::{NoRecords, ProtoErrorKind};
 use hickory_resolver::TokioResolver;
 use mailpolicy_lang::ir::{OptValue, Program, Resource, TransportKind};
-use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::FileTable};
+use mailpolicy_stdlib::{batv, tables::FileTable};
 
 use crate::eval::{Answer, Request, RrType};
 
@@ -31,16 +32,14 @@ pub struct Lookups {
     lookup_timeout: Duration,
     policy_dir: PathBuf,
     tables: Mutex<HashMap<String, Loaded>>,
-    pub rates: Mutex<RateStore>,
-    greylist: Mutex<Greylist>,
+    /// Rate windows, concurrent counts, greylist triplets, call-ahead answers, alert windows.
+    pub state: super::state::StateStore,
     /// Resolved secret values by name.
     secrets: HashMap<String, String>,
     hostname: String,
     local_domains: Vec<String>,
     mx_resolver: std::sync::Arc<dyn crate::transport::mx::Resolver>,
     callahead_sessions: std::sync::Arc<crate::transport::driver::ConnectionCache>,
-    /// recipient -> (code, text, valid until)
-    callaheads: Mutex<HashMap<String, (u16, String, u64)>>,
     /// SPF, DKIM, DMARC (R25, B7).
     pub sender_auth: super::auth::SenderAuth,
     /// DKIM signing of our users' mail, when configured.
@@ -111,8 +110,7 @@ impl Lookups {
             lookup_timeout: dur(prog, "lookup_timeout", 10_000),
             policy_dir: policy_dir.to_path_buf(),
             tables: Mutex::new(HashMap::new()),
-            rates: Mutex::new(RateStore::default()),
-            greylist: Mutex::new(Greylist::default()),
+            state: super::state::StateStore::new(prog, &hostname)?,
             secrets: secrets.clone(),
             proven,
             local_domains: crate::conn::local_domains(prog, &hostname),
@@ -121,7 +119,6 @@ impl Lookups {
             callahead_sessions: std::sync::Arc::new(crate::transport::driver::ConnectionCache::new(
                 Duration::from_secs(30),
             )),
-            callaheads: Mutex::new(HashMap::new()),
             sender_auth,
             signer,
             sql: super::sql::Pool::default(),
@@ -142,20 +139,11 @@ impl Lookups {
                 None => Answer::Error("no such table".into()),
             },
             Request::Dns { name, rtype } => self.dns(name, *rtype).await,
-            Request::Rate { counter, key, window_ms } => {
-                let r = self.rates.lock().map(|r| r.count(counter.name(), key, *window_ms, now_ms));
-                r.map(Answer::Count).unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
+            Request::Rate { counter, key, window_ms } => self.state.rate(counter.name(), key, *window_ms, now_ms).await,
+            Request::Concurrent { key } => self.state.concurrent(key).await,
+            Request::Greylist { client, sender, recipient, delay_ms, expire_ms } => {
+                self.state.greylist(client, sender, recipient, now_ms, *delay_ms, *expire_ms).await
             }
-            Request::Concurrent { key } => self
-                .rates
-                .lock()
-                .map(|r| Answer::Count(r.concurrent(key)))
-                .unwrap_or_else(|_| Answer::Error("rate store poisoned".into())),
-            Request::Greylist { client, sender, recipient, delay_ms, expire_ms } => self
-                .greylist
-                .lock()
-                .map(|mut g| Answer::Bool(g.check(client, sender, recipient, now_ms, *delay_ms, *expire_ms)))
-                .unwrap_or_else(|_| Answer::Error("greylist poisoned".into())),
             Request::BatvValid { address } => {
                 let Some(keys) = self.batv_keys(prog) else { return Answer::Error("server has no batv_keys".into()) };
                 let lifetime = batv_lifetime_days(prog);
@@ -177,13 +165,8 @@ impl Lookups {
     /// cache). Answers are cached: accepted for an hour, refused for ten minutes, temporary
     /// failures not at all.
     async fn callahead(&self, prog: &Program, recipient: &str, sender: &str, now_ms: u64) -> Answer {
-        let key = recipient.to_ascii_lowercase();
-        if let Ok(cache) = self.callaheads.lock() {
-            if let Some((code, text, until)) = cache.get(&key) {
-                if *until > now_ms {
-                    return Answer::Reply { code: *code, text: text.clone() };
-                }
-            }
+        if let Some((code, text)) = self.state.callahead_get(recipient, now_ms).await {
+            return Answer::Reply { code, text };
         }
         // The route stage's facts as the queue manager builds them, for a message not yet sent.
         use crate::record::{stage_facts, InQueue, QueueStage, QueuedMessage};
@@ -238,12 +221,7 @@ impl Lookups {
             _ => 0,
         };
         if ttl > 0 {
-            if let Ok(mut cache) = self.callaheads.lock() {
-                if cache.len() > 100_000 {
-                    cache.retain(|_, v| v.2 > now_ms);
-                }
-                cache.insert(key, (reply.code, text.clone(), now_ms + ttl));
-            }
+            self.state.callahead_put(recipient, reply.code, &text, now_ms, ttl).await;
         }
         Answer::Reply { code: reply.code, text }
     }

@@ -168,7 +168,7 @@ pub async fn run(
     let session_keys = crate::eval::session_keys(remote.ip());
     // `concurrent by client.ip` / `client.network` counts this session until the guard
     // drops, on every path the session ends (a panic unwinding included).
-    let _count = ConcurrencyGuard::open(lookups.clone(), session_keys);
+    let _count = ConcurrencyGuard::open(lookups.clone(), session_keys, &id).await;
     let mut auth_state = AuthState::default();
     let mut auth_sender: Option<String> = None;
     let mut shutdown = shared.shutdown.clone();
@@ -233,6 +233,8 @@ pub async fn run(
                 Need::AuthStep { mechanism, data } => {
                     let now = Time(now_ms());
                     let throttled = lookups
+                        .state
+                        .local
                         .rates
                         .lock()
                         .map(|r| r.count("auth_failures", &ip_key, AUTH_FAILURE_WINDOW, now.0) >= AUTH_FAILURE_LIMIT)
@@ -251,6 +253,8 @@ pub async fn run(
                     let login_key = login.as_ref().map(|l| format!("auth.login={l}"));
                     let login_blocked = login_key.as_ref().is_some_and(|k| {
                         let n = lookups
+                            .state
+                            .local
                             .rates
                             .lock()
                             .map(|r| r.count("auth_failures", k, AUTH_FAILURE_WINDOW, now.0))
@@ -267,7 +271,7 @@ pub async fn run(
                         }
                         SaslStep::Success(_) | SaslStep::Failure => {
                             s.reset();
-                            if let Ok(mut r) = lookups.rates.lock() {
+                            if let Ok(mut r) = lookups.state.local.rates.lock() {
                                 r.record("auth_failures", &ip_key, now.0);
                                 if let Some(k) = &login_key {
                                     r.record("auth_failures", k, now.0);
@@ -446,7 +450,7 @@ pub async fn run(
                         }
                     }
                 }
-                Need::Note(n) => note(&shared, &lookups, &prog, &id, n),
+                Need::Note(n) => note(&shared, &lookups, &prog, &id, n).await,
             }
         }
         // A message that was decided (stored or refused) needs its spill no more.
@@ -624,30 +628,50 @@ fn failure(e: &std::io::Error) -> StoreFailure {
     }
 }
 
-/// One session's share of its client's `concurrent` count, released on drop.
+/// One session's share of its client's `concurrent` count, released on drop. With a
+/// shared store it is a lease in Redis, renewed every third of its life while the session
+/// lives: a host that dies without releasing it stops counting when the lease runs out.
 struct ConcurrencyGuard {
     lookups: Arc<Lookups>,
     keys: Vec<String>,
+    lease: String,
+    renewer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ConcurrencyGuard {
-    fn open(lookups: Arc<Lookups>, keys: Vec<String>) -> ConcurrencyGuard {
-        if let Ok(mut r) = lookups.rates.lock() {
-            keys.iter().for_each(|k| r.open(k));
-        }
-        ConcurrencyGuard { lookups, keys }
+    async fn open(lookups: Arc<Lookups>, keys: Vec<String>, session: &str) -> ConcurrencyGuard {
+        let lease = session.to_string();
+        lookups.state.open(&keys, &lease).await;
+        let renewer = lookups.state.is_shared().then(|| {
+            let (l, k, id) = (lookups.clone(), keys.clone(), lease.clone());
+            tokio::spawn(async move {
+                let every = Duration::from_millis((l.state.lease_ms() / 3).max(300));
+                loop {
+                    tokio::time::sleep(every).await;
+                    l.state.renew(&k, &id).await;
+                }
+            })
+        });
+        ConcurrencyGuard { lookups, keys, lease, renewer }
     }
 }
 
 impl Drop for ConcurrencyGuard {
     fn drop(&mut self) {
         // A poisoned lock still holds the counts: release ours all the same.
-        let mut r = self.lookups.rates.lock().unwrap_or_else(|p| p.into_inner());
-        self.keys.iter().for_each(|k| r.close(k));
+        self.lookups.state.close_local(&self.keys);
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (l, k, id) =
+                    (self.lookups.clone(), std::mem::take(&mut self.keys), std::mem::take(&mut self.lease));
+                rt.spawn(async move { l.state.close_shared(&k, &id).await });
+            }
+        }
     }
 }
 
-fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
+async fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
     match n {
         Note::Verdict { stage, outcome, rule, .. } => {
             let rule = rule.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
@@ -656,15 +680,10 @@ fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
                 .event("verdict", &[("session", id), ("stage", stage.name()), ("outcome", &outcome), ("rule", &rule)]);
         }
         Note::Log(text) => shared.log.event("policy-log", &[("session", id), ("text", &text)]),
-        Note::Alert { to, text, every_ms } => shared.alert(&to, &text, every_ms),
-        Note::Count { counter, keys } => {
-            if let Ok(mut r) = lookups.rates.lock() {
-                let now = now_ms();
-                for k in keys {
-                    r.record(counter.name(), &k, now);
-                }
-            }
-        }
+        Note::Alert { to, text, every_ms } => shared.alert(&to, &text, every_ms).await,
+        // Recorded before the stage's own lookups are answered: a session counts itself
+        // first, so hosts racing on one shared window never accept past its limit together.
+        Note::Count { counter, keys } => lookups.state.record(counter.name(), &keys, now_ms()).await,
     }
 }
 

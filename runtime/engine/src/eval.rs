@@ -599,6 +599,8 @@ impl Run {
                 })? {
                     Answer::Bool(b) => *b,
                     Answer::Error(e) => return Err(Halt::Fail(format!("greylist store: {e}"))),
+                    // A store that did not answer in time is a failure, never a pass.
+                    Answer::Timeout => return Err(Halt::Fail("greylist store timed out".into())),
                     _ => false,
                 }
             }

@@ -1,0 +1,467 @@
+//! Several MX hosts on one policy state (spec/language.md section 5.3): two real
+//! `mailc serve` daemons on loopback sharing one real `redis-server` that the test starts
+//! on a port and in a directory of its own, and stops. Rate limits, greylisting, alerts
+//! and `concurrent` leases hold across the hosts and across restarts; a dead or hung Redis
+//! gives the configured behaviour (`state_on_error`) and the hosts recover by themselves.
+//!
+//! No timed assertions: every wait is bounded only so that a broken daemon fails the test
+//! instead of hanging it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
+const REDIS: &str = "/usr/bin/redis-server";
+
+fn need(path: &str, package: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "{path} not found (Debian package {package}); run tests/run.sh, which installs the test peers"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
+}
+
+fn listening(port: u16) -> bool {
+    TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(500)).is_ok()
+}
+
+fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}\n{}", context());
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mailc-cluster-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+    fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+struct Guard(Option<Child>);
+
+impl Guard {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.0 {
+            let st = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status().expect("run kill");
+            assert!(st.success(), "kill -{sig} failed");
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A redis-server of the test's own: no persistence, its own port and directory.
+struct Redis {
+    child: Guard,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Redis {
+    fn start(dir: PathBuf) -> Redis {
+        need(REDIS, "redis-server");
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut r = Redis { child: Guard(None), dir, port: free_port() };
+        r.restart();
+        r
+    }
+
+    fn restart(&mut self) {
+        self.child.kill();
+        let child = Command::new(REDIS)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Guard(Some(child));
+        let port = self.port;
+        wait_for(Duration::from_secs(20), "redis-server to listen", || listening(port), || self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// `mailc serve` in a directory of its own (spool, Maildirs, log), killed on drop.
+struct Daemon {
+    child: Guard,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(dir: PathBuf, policy: &str, port: u16) -> Daemon {
+        std::fs::create_dir_all(&dir).expect("daemon dir");
+        std::fs::write(dir.join("policy.mailpolicy"), policy).expect("write policy");
+        let mut d = Daemon { child: Guard(None), dir, port };
+        d.restart();
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn restart(&mut self) {
+        self.child.kill();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).expect("log");
+        let child = Command::new(MAILC)
+            .args(["serve", "--policy", "policy.mailpolicy"])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mailc serve");
+        self.child = Guard(Some(child));
+        let start = Instant::now();
+        while !listening(self.port) {
+            if let Some(st) = self.child.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("mailc serve exited ({st}) before listening:\n{}", self.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "mailc serve did not listen:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The messages delivered to a local user's Maildir.
+    fn mail(&self, user: &str) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("mail").join(user).join("new")) else { return Vec::new() };
+        rd.filter_map(|e| e.ok()).filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect()
+    }
+}
+
+/// Two hosts of one cluster: the same rules, each its own hostname, spool and port.
+fn policy(host: &str, port: u16, state: &str, extra_server: &str, rules: &str) -> String {
+    format!(
+        "require [\"ratelimit\", \"greylist\"];\n\
+         list local = domains [\"d.test\"];\n\
+         server {{ hostname \"{host}\"; spool \"spool\"; maildir \"mail\"; local_domains local; state \"{state}\"; {extra_server} }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         {rules}\n\
+         route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
+    )
+}
+
+fn cluster(t: &TempDir, redis: &Redis, extra_server: &str, rules: &str) -> (Daemon, Daemon) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = Daemon::start(t.join("a"), &policy("mx-a.test", pa, &redis.url(), extra_server, rules), pa);
+    let b = Daemon::start(t.join("b"), &policy("mx-b.test", pb, &redis.url(), extra_server, rules), pb);
+    (a, b)
+}
+
+/// An SMTP client that reads every reply.
+struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+    /// The greeting (a 220, or the 421 that refused the session).
+    banner: (u16, String),
+}
+
+impl Client {
+    fn connect(port: u16) -> Client {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let w = s.try_clone().expect("clone");
+        let mut c = Client { r: BufReader::new(s), w, banner: (0, String::new()) };
+        c.banner = c.reply();
+        c
+    }
+
+    fn reply(&mut self) -> (u16, String) {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line).unwrap_or(0) == 0 {
+                return (0, format!("{text}(closed)"));
+            }
+            text.push_str(&line);
+            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return (code, text);
+            }
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> (u16, String) {
+        let _ = self.w.write_all(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// One whole transaction: the code of the first refusal, or of the reply to the data.
+    fn send(&mut self, from: &str, to: &str) -> (u16, String) {
+        for (line, ok) in [(format!("MAIL FROM:<{from}>"), 250), (format!("RCPT TO:<{to}>"), 250), ("DATA".into(), 354)]
+        {
+            let r = self.cmd(&line);
+            if r.0 != ok {
+                let _ = self.cmd("RSET");
+                return r;
+            }
+        }
+        let _ = self.w.write_all(format!("From: <{from}>\r\nSubject: cluster\r\n\r\nhello\r\n.\r\n").as_bytes());
+        self.reply()
+    }
+}
+
+/// One session: EHLO, one message.
+fn send_one(port: u16, from: &str, to: &str) -> (u16, String) {
+    let mut c = Client::connect(port);
+    if c.banner.0 != 220 {
+        return c.banner.clone();
+    }
+    c.cmd("EHLO client.test");
+    let r = c.send(from, to);
+    c.cmd("QUIT");
+    r
+}
+
+const RATE_RULE: &str = "on mail { if rate messages by client.ip per 1h > 4 { tempfail 451 4.7.1 \"Too many messages from ${client.ip}\"; } }";
+
+/// R7/R22: a per-client limit of N holds across both hosts (N accepted in total, not 2N),
+/// and across a restart of either host.
+#[test]
+fn a_rate_limit_holds_across_two_hosts_and_their_restarts() {
+    let t = TempDir::new("rate");
+    let redis = Redis::start(t.join("redis"));
+    let (mut a, mut b) = cluster(&t, &redis, "", RATE_RULE);
+    let mut accepted = 0;
+    let mut refused = Vec::new();
+    for i in 0..10 {
+        let port = if i % 2 == 0 { a.port } else { b.port };
+        let (code, text) = send_one(port, "s@far.test", "u@d.test");
+        match code {
+            250 => accepted += 1,
+            451 => {
+                assert!(text.contains("4.7.1 Too many messages"), "{text}");
+                refused.push(i)
+            }
+            _ => panic!("unexpected reply {text}\nA:\n{}\nB:\n{}", a.log(), b.log()),
+        }
+    }
+    assert_eq!(accepted, 4, "the limit of 4 holds over two hosts; refused: {refused:?}\nA:\n{}", a.log());
+    // The window lives in Redis: a restarted host still refuses, and so does the other.
+    a.restart();
+    b.restart();
+    for port in [a.port, b.port] {
+        let (code, text) = send_one(port, "s@far.test", "u@d.test");
+        assert_eq!(code, 451, "after a restart: {text}");
+    }
+    wait_for(
+        Duration::from_secs(20),
+        "four messages delivered",
+        || a.mail("u").len() + b.mail("u").len() == 4,
+        || format!("A:\n{}\nB:\n{}", a.log(), b.log()),
+    );
+}
+
+/// B7: a greylisted triplet that passed on host A passes on host B (and after B restarts);
+/// a new triplet first seen on A is still deferred on B.
+#[test]
+fn a_greylisted_triplet_passed_on_one_host_passes_on_the_other() {
+    let t = TempDir::new("grey");
+    let redis = Redis::start(t.join("redis"));
+    let rules = "on rcpt { if greylist :delay 2s { tempfail 450 4.7.1 \"Greylisted, try again later\"; } }";
+    let (a, mut b) = cluster(&t, &redis, "", rules);
+    let (code, text) = send_one(a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 450, "first attempt on A is greylisted: {text}");
+    let (code, text) = send_one(b.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 450, "a retry on B before the delay is still greylisted: {text}");
+    std::thread::sleep(Duration::from_millis(2_200));
+    let (code, text) = send_one(a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "the retry on A after the delay passes: {text}\n{}", a.log());
+    let (code, text) = send_one(b.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "the triplet passed on A passes on B: {text}\n{}", b.log());
+    b.restart();
+    let (code, text) = send_one(b.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "and still after B restarts: {text}");
+    let (code, text) = send_one(a.port, "other@far.test", "u@d.test");
+    assert_eq!(code, 450, "a new triplet: {text}");
+    let (code, text) = send_one(b.port, "other@far.test", "u@d.test");
+    assert_eq!(code, 450, "a new triplet first seen on A is deferred on B: {text}");
+}
+
+/// R7: an alert fires once per window across the cluster, not once per host.
+#[test]
+fn an_alert_fires_once_across_the_cluster() {
+    let t = TempDir::new("alert");
+    let redis = Redis::start(t.join("redis"));
+    let rules = "on mail { if sender.domain :is \"noisy.test\" { alert \"admin@d.test\" \"noisy sender ${sender.domain}\" :every 1h; } }";
+    let (a, b) = cluster(&t, &redis, "alert_from \"alerts@d.test\";", rules);
+    for i in 0..6 {
+        let port = if i % 2 == 0 { a.port } else { b.port };
+        let (code, text) = send_one(port, "x@noisy.test", "u@d.test");
+        assert_eq!(code, 250, "{text}");
+    }
+    let ctx = || format!("A:\n{}\nB:\n{}", a.log(), b.log());
+    wait_for(Duration::from_secs(20), "six messages", || a.mail("u").len() + b.mail("u").len() == 6, ctx);
+    wait_for(Duration::from_secs(20), "an alert", || a.mail("admin").len() + b.mail("admin").len() >= 1, ctx);
+    // Both queues are idle once the six messages are in: any second alert would be too.
+    std::thread::sleep(Duration::from_millis(500));
+    let alerts: Vec<String> = a.mail("admin").into_iter().chain(b.mail("admin")).collect();
+    assert_eq!(alerts.len(), 1, "one alert across two hosts: {alerts:?}\n{}", ctx());
+    assert!(alerts[0].contains("Subject: mailpolicy alert: noisy sender noisy.test"), "{}", alerts[0]);
+    let alert_lines = |log: String| log.lines().filter(|l| l.split_whitespace().nth(1) == Some("alert")).count();
+    let logged = alert_lines(a.log()) + alert_lines(b.log());
+    assert_eq!(logged, 1, "{}", ctx());
+}
+
+/// R22: `concurrent by client.ip` counts the sessions of every host; a host killed with its
+/// sessions open stops counting when their leases (`state_lease`) run out.
+#[test]
+fn concurrent_sessions_count_across_hosts_and_a_dead_host_leaks_none() {
+    let t = TempDir::new("conc");
+    let redis = Redis::start(t.join("redis"));
+    let rules =
+        "on connect { if concurrent by client.ip > 2 { tempfail 421 4.7.0 \"Too many sessions from ${client.ip}\"; } }";
+    let (mut a, b) = cluster(&t, &redis, "state_lease 2s;", rules);
+    let one = Client::connect(a.port);
+    assert_eq!(one.banner.0, 220, "{}", one.banner.1);
+    let two = Client::connect(b.port);
+    assert_eq!(two.banner.0, 220, "{}", two.banner.1);
+    let three = Client::connect(b.port);
+    assert_eq!(three.banner.0, 421, "a third session over both hosts is refused: {}", three.banner.1);
+    drop(three);
+    // The open sessions' leases are renewed while they live (past the lease's life).
+    std::thread::sleep(Duration::from_millis(2_500));
+    let again = Client::connect(b.port);
+    assert_eq!(again.banner.0, 421, "live sessions keep their leases: {}", again.banner.1);
+    drop(again);
+    // Host A dies with session `one` open: it cannot release its lease, which expires.
+    a.child.kill();
+    drop(one);
+    wait_for(Duration::from_secs(20), "A's lease to run out", || Client::connect(b.port).banner.0 == 220, || b.log());
+    drop(two);
+    a.restart();
+}
+
+/// `state_on_error tempfail` (the default): a dead Redis fails the lookup with 451 4.4.3,
+/// a hung one too, within `state_timeout`; both hosts recover by themselves when it is back.
+#[test]
+fn a_dead_or_hung_redis_tempfails_and_the_hosts_recover() {
+    let t = TempDir::new("down");
+    let mut redis = Redis::start(t.join("redis"));
+    let (a, b) = cluster(&t, &redis, "state_timeout 300ms;", RATE_RULE);
+    assert_eq!(send_one(a.port, "s@far.test", "u@d.test").0, 250);
+    redis.child.kill();
+    for port in [a.port, b.port] {
+        let (code, text) = send_one(port, "s@far.test", "u@d.test");
+        assert_eq!(code, 451, "{text}");
+        assert!(text.contains("4.4.3"), "a dead store is a lookup failure: {text}");
+    }
+    redis.restart();
+    let ctx = || format!("A:\n{}\nB:\n{}", a.log(), b.log());
+    for port in [a.port, b.port] {
+        wait_for(Duration::from_secs(20), "recovery", || send_one(port, "s@far.test", "u@d.test").0 == 250, ctx);
+    }
+    assert!(a.log().contains("state-down") && a.log().contains("state-up"), "{}", a.log());
+    // A hung Redis (stopped, its socket open): the session gets its answer after the
+    // time-out, not never.
+    redis.child.signal("STOP");
+    let (code, text) = send_one(a.port, "s@far.test", "u@d.test");
+    redis.child.signal("CONT");
+    assert_eq!(code, 451, "{text}");
+    assert!(text.contains("4.4.3"), "{text}");
+    wait_for(Duration::from_secs(20), "recovery", || send_one(a.port, "s@far.test", "u@d.test").0 == 250, ctx);
+}
+
+/// `state_on_error local`: with Redis dead, each host answers from its own state (its own
+/// share of the window), and goes back to the shared state when Redis returns.
+#[test]
+fn a_dead_redis_falls_back_to_local_state_when_the_policy_says_so() {
+    let t = TempDir::new("local");
+    let mut redis = Redis::start(t.join("redis"));
+    let (a, b) = cluster(&t, &redis, "state_timeout 300ms; state_on_error local;", RATE_RULE);
+    // Two messages on each host: four in the shared window, two in each local one.
+    for port in [a.port, b.port, a.port, b.port] {
+        assert_eq!(send_one(port, "s@far.test", "u@d.test").0, 250);
+    }
+    assert_eq!(send_one(a.port, "s@far.test", "u@d.test").0, 451, "the shared window is full");
+    redis.child.kill();
+    // A has counted three locally (the refused attempt counts): one more is accepted there.
+    let (code, text) = send_one(a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "A answers from its own window: {text}\n{}", a.log());
+    let (code, text) = send_one(a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 451, "and its own window fills: {text}");
+    assert!(text.contains("4.7.1"), "the policy's refusal, not a lookup failure: {text}");
+    let (code, text) = send_one(b.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "B answers from its own window: {text}");
+    // Redis comes back empty (no persistence): the shared window starts again.
+    redis.restart();
+    let ctx = || format!("A:\n{}\nB:\n{}", a.log(), b.log());
+    // A session touches the store at connect (its lease, the connection's event): each
+    // host notices by itself that Redis is back.
+    for d in [&a, &b] {
+        wait_for(
+            Duration::from_secs(20),
+            "the host back on Redis",
+            || {
+                let mut c = Client::connect(d.port);
+                c.cmd("QUIT");
+                d.log().contains("state-up")
+            },
+            ctx,
+        );
+    }
+    let mut n = 0;
+    for i in 0..8 {
+        let port = if i % 2 == 0 { a.port } else { b.port };
+        if send_one(port, "s@far.test", "u@d.test").0 == 250 {
+            n += 1;
+        }
+    }
+    assert_eq!(n, 4, "the shared window again: {}", ctx());
+}

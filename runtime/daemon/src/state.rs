@@ -1,0 +1,525 @@
+//! The policy's state (spec section "State store"): `rate` windows, `concurrent` counts,
+//! greylist triplets, call-ahead answers and alert windows. In this process by default;
+//! shared by every host of a cluster in Redis with `server { state "redis://..."; }`.
+//!
+//! The engine never sees the store: it asks (`Request::Rate`, `Concurrent`, `Greylist`,
+//! `Callahead`) and records (`Note::Count`, `Note::Alert`), and the daemon answers from
+//! here. The local store is always kept as well, so `state_on_error local` has something
+//! to answer from while Redis is away. Every Redis call is bounded by `state_timeout`;
+//! after a failure Redis is left alone for [`PAUSE_MS`] (sessions get the fallback at
+//! once instead of each waiting out the time-out), then the connection manager
+//! reconnects on the next call.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use mailpolicy_lang::ir::{OptValue, Program};
+use mailpolicy_stdlib::{greylist::Greylist, ratelimit::RateStore};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::eval::Answer;
+
+/// How long Redis is left alone after a failure before it is tried again.
+pub const PAUSE_MS: u64 = 1_000;
+/// A key keeps at most this many events per rate window (as the local store).
+const MAX_EVENTS: usize = 100_000;
+
+/// What a Redis failure gives the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    /// The lookup fails like any other back end: 451 4.4.3 (421 at connect).
+    Tempfail,
+    /// This host's own state answers until Redis is back.
+    Local,
+}
+
+/// The state this process keeps (the whole store when no Redis is named).
+#[derive(Default)]
+pub struct Local {
+    pub rates: Mutex<RateStore>,
+    greylist: Mutex<Greylist>,
+    /// recipient -> (code, text, valid until)
+    callaheads: Mutex<HashMap<String, (u16, String, u64)>>,
+    /// (address, text) -> when it was last sent
+    alerts: Mutex<HashMap<(String, String), u64>>,
+}
+
+#[derive(Debug)]
+enum Fail {
+    Timeout,
+    Error(String),
+}
+
+impl Fail {
+    fn answer(self) -> Answer {
+        match self {
+            Fail::Timeout => Answer::Timeout,
+            Fail::Error(e) => Answer::Error(format!("state store: {e}")),
+        }
+    }
+}
+
+struct Scripts {
+    record: redis::Script,
+    lease: redis::Script,
+    leases: redis::Script,
+    greylist: redis::Script,
+}
+
+/// Record one event in every key (KEYS), trimming each to the horizon and the cap.
+const RECORD: &str = r"
+local now, horizon, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
+for _, k in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. (now - horizon))
+  redis.call('ZADD', k, now, ARGV[3])
+  local n = redis.call('ZCARD', k)
+  if n > max then redis.call('ZREMRANGEBYRANK', k, 0, n - max - 1) end
+  redis.call('PEXPIRE', k, horizon)
+end
+return #KEYS
+";
+
+/// Take (or renew) lease ARGV[1] for ARGV[2] ms in every key, on Redis's clock.
+const LEASE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for _, k in ipairs(KEYS) do
+  redis.call('ZADD', k, now + ttl, ARGV[1])
+  redis.call('PEXPIRE', k, ttl)
+end
+return now
+";
+
+/// The live leases of KEYS[1]: the expired ones (a crashed host's) are dropped first.
+const LEASES: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// The greylist rule of `stdlib::greylist::Greylist::check`, on one hash: 1 = wait.
+const GREYLIST: &str = r"
+local now, delay, expire = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local e = redis.call('HMGET', KEYS[1], 'first', 'last', 'passed')
+local first, last, passed = tonumber(e[1]), tonumber(e[2]), e[3] == '1'
+if not first or not last or now - last > expire then
+  first = now
+  passed = false
+end
+local wait = 1
+if passed or now - first >= delay then
+  passed = true
+  wait = 0
+end
+redis.call('HSET', KEYS[1], 'first', string.format('%d', first), 'last', string.format('%d', now), 'passed', passed and '1' or '0')
+redis.call('PEXPIRE', KEYS[1], expire)
+return wait
+";
+
+struct Redis {
+    client: redis::Client,
+    conn: OnceLock<ConnectionManager>,
+    prefix: String,
+    /// This process among the cluster's: lease and event ids.
+    host_id: String,
+    seq: AtomicU64,
+    /// Redis is not asked before this (ms since the epoch) after a failure.
+    down_until: AtomicU64,
+    down: AtomicBool,
+    scripts: Scripts,
+    log: crate::log::Logger,
+}
+
+/// The daemon's state store (one per policy load; the local part carries over a reload).
+pub struct StateStore {
+    pub local: Arc<Local>,
+    redis: Option<Redis>,
+    on_error: OnError,
+    timeout: Duration,
+    lease_ms: u64,
+    /// Redis commands sent (one round trip each; the benchmark reads it).
+    round_trips: AtomicU64,
+}
+
+fn opt_ms(prog: &Program, name: &str, default: u64) -> u64 {
+    match prog.server.option(name) {
+        Some(OptValue::Duration(ms)) => *ms,
+        _ => default,
+    }
+}
+
+impl StateStore {
+    /// The store the policy names: `state "local"` (the default) or `state "redis://..."`.
+    pub fn new(prog: &Program, hostname: &str) -> Result<StateStore, String> {
+        let timeout = Duration::from_millis(opt_ms(prog, "state_timeout", 1_000).max(1));
+        let lease_ms = opt_ms(prog, "state_lease", 60_000).max(1_000);
+        let on_error = match prog.server.option("state_on_error") {
+            Some(OptValue::Word(w)) if w == "local" => OnError::Local,
+            _ => OnError::Tempfail,
+        };
+        let redis = match prog.server.option("state") {
+            None => None,
+            Some(OptValue::Str(s)) if s == "local" => None,
+            Some(OptValue::Str(url)) => {
+                let client = redis::Client::open(url.as_str()).map_err(|e| format!("server state \"{url}\": {e}"))?;
+                let prefix = match prog.server.option("state_prefix") {
+                    Some(OptValue::Str(p)) => p.clone(),
+                    _ => "mailpolicy:".into(),
+                };
+                let log = crate::log::Logger {
+                    format: match prog.server.option("log_format") {
+                        Some(OptValue::Word(w)) if w == "json" => crate::log::Format::Json,
+                        _ => crate::log::Format::Text,
+                    },
+                };
+                Some(Redis {
+                    client,
+                    conn: OnceLock::new(),
+                    prefix,
+                    host_id: format!("{hostname}/{}/{:016x}", std::process::id(), rand::random::<u64>()),
+                    seq: AtomicU64::new(0),
+                    down_until: AtomicU64::new(0),
+                    down: AtomicBool::new(false),
+                    scripts: Scripts {
+                        record: redis::Script::new(RECORD),
+                        lease: redis::Script::new(LEASE),
+                        leases: redis::Script::new(LEASES),
+                        greylist: redis::Script::new(GREYLIST),
+                    },
+                    log,
+                })
+            }
+            Some(_) => None,
+        };
+        Ok(StateStore { local: Arc::default(), redis, on_error, timeout, lease_ms, round_trips: AtomicU64::new(0) })
+    }
+
+    /// Keep the local state of the store this one replaces (a reload).
+    pub fn adopt_local(&mut self, old: &StateStore) {
+        self.local = old.local.clone();
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    pub fn lease_ms(&self) -> u64 {
+        self.lease_ms
+    }
+
+    /// The connection to use now, or why not (paused after a failure).
+    fn conn(&self, r: &Redis) -> Result<ConnectionManager, Fail> {
+        if crate::now_ms() < r.down_until.load(Ordering::Relaxed) {
+            return Err(Fail::Error("unavailable (retried shortly)".into()));
+        }
+        if let Some(c) = r.conn.get() {
+            return Ok(c.clone());
+        }
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(PAUSE_MS));
+        let m =
+            ConnectionManager::new_lazy_with_config(r.client.clone(), cfg).map_err(|e| Fail::Error(e.to_string()))?;
+        Ok(r.conn.get_or_init(|| m).clone())
+    }
+
+    /// One Redis round trip, bounded by the time-out; a failure pauses Redis.
+    async fn bounded<T>(
+        &self,
+        r: &Redis,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Fail> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let out = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Fail::Error(e.to_string())),
+            Err(_) => Err(Fail::Timeout),
+        };
+        match &out {
+            Ok(_) => {
+                if r.down.swap(false, Ordering::Relaxed) {
+                    r.log.event("state-up", &[("store", "redis")]);
+                }
+            }
+            Err(f) => {
+                r.down_until.store(crate::now_ms() + PAUSE_MS, Ordering::Relaxed);
+                if !r.down.swap(true, Ordering::Relaxed) {
+                    let why = match f {
+                        Fail::Timeout => "timed out".to_string(),
+                        Fail::Error(e) => e.clone(),
+                    };
+                    r.log.event("state-down", &[("store", "redis"), ("error", &why)]);
+                }
+            }
+        }
+        out
+    }
+
+    /// A failed Redis answer: the configured behaviour.
+    fn failed(&self, f: Fail, local: impl FnOnce() -> Answer) -> Answer {
+        match self.on_error {
+            OnError::Tempfail => f.answer(),
+            OnError::Local => local(),
+        }
+    }
+
+    fn key(r: &Redis, kind: &str, parts: &[&str]) -> String {
+        let mut k = format!("{}{kind}:", r.prefix);
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                k.push('\u{0}');
+            }
+            k.push_str(&p.to_ascii_lowercase());
+        }
+        k
+    }
+
+    // ---- rate windows --------------------------------------------------------------
+
+    /// Events of `counter` for `key` in the window ending now.
+    pub async fn rate(&self, counter: &str, key: &str, window_ms: u64, now_ms: u64) -> Answer {
+        let local = || {
+            self.local
+                .rates
+                .lock()
+                .map(|r| Answer::Count(r.count(counter, key, window_ms, now_ms)))
+                .unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
+        };
+        let Some(r) = &self.redis else { return local() };
+        let k = Self::key(r, "rate", &[counter, key]);
+        let q = match self.conn(r) {
+            Ok(mut c) => {
+                let mut cmd = redis::cmd("ZCOUNT");
+                cmd.arg(&k);
+                if now_ms < window_ms {
+                    cmd.arg("-inf");
+                } else {
+                    cmd.arg(format!("({}", now_ms - window_ms));
+                }
+                cmd.arg("+inf");
+                self.bounded(r, async move { cmd.query_async::<u64>(&mut c).await }).await
+            }
+            Err(f) => Err(f),
+        };
+        match q {
+            Ok(n) => Answer::Count(n),
+            Err(f) => self.failed(f, local),
+        }
+    }
+
+    /// One event of `counter` for each of `keys` (recorded locally and in Redis).
+    pub async fn record(&self, counter: &str, keys: &[String], now_ms: u64) {
+        if let Ok(mut r) = self.local.rates.lock() {
+            keys.iter().for_each(|k| r.record(counter, k, now_ms));
+        }
+        let Some(r) = &self.redis else { return };
+        if keys.is_empty() {
+            return;
+        }
+        let Ok(mut c) = self.conn(r) else { return };
+        let horizon = self.local.rates.lock().map(|r| r.horizon_ms).unwrap_or(86_400_000);
+        let member = format!("{now_ms}/{}/{}", r.host_id, r.seq.fetch_add(1, Ordering::Relaxed));
+        let mut inv = r.scripts.record.prepare_invoke();
+        for k in keys {
+            inv.key(Self::key(r, "rate", &[counter, k]));
+        }
+        inv.arg(now_ms).arg(horizon).arg(member).arg(MAX_EVENTS);
+        let _ = self.bounded(r, async move { inv.invoke_async::<i64>(&mut c).await }).await;
+    }
+
+    // ---- concurrent leases ---------------------------------------------------------
+
+    /// Sessions counted under `key` now (this host's and, with Redis, every host's live leases).
+    pub async fn concurrent(&self, key: &str) -> Answer {
+        let local = || {
+            self.local
+                .rates
+                .lock()
+                .map(|r| Answer::Count(r.concurrent(key)))
+                .unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
+        };
+        let Some(r) = &self.redis else { return local() };
+        let q = match self.conn(r) {
+            Ok(mut c) => {
+                let mut inv = r.scripts.leases.prepare_invoke();
+                inv.key(Self::key(r, "conc", &[key]));
+                self.bounded(r, async move { inv.invoke_async::<u64>(&mut c).await }).await
+            }
+            Err(f) => Err(f),
+        };
+        match q {
+            Ok(n) => Answer::Count(n),
+            Err(f) => self.failed(f, local),
+        }
+    }
+
+    /// A session starts: count it locally, and take its lease in Redis.
+    pub async fn open(&self, keys: &[String], lease: &str) {
+        if let Ok(mut r) = self.local.rates.lock() {
+            keys.iter().for_each(|k| r.open(k));
+        }
+        self.renew(keys, lease).await;
+    }
+
+    /// Take or renew a session's leases (the guard renews them every third of their life).
+    pub async fn renew(&self, keys: &[String], lease: &str) {
+        let Some(r) = &self.redis else { return };
+        let Ok(mut c) = self.conn(r) else { return };
+        let mut inv = r.scripts.lease.prepare_invoke();
+        for k in keys {
+            inv.key(Self::key(r, "conc", &[k]));
+        }
+        inv.arg(format!("{}/{lease}", r.host_id)).arg(self.lease_ms);
+        let _ = self.bounded(r, async move { inv.invoke_async::<i64>(&mut c).await }).await;
+    }
+
+    /// The local half of a session's end (synchronous: it runs in a drop guard).
+    pub fn close_local(&self, keys: &[String]) {
+        let mut r = self.local.rates.lock().unwrap_or_else(|p| p.into_inner());
+        keys.iter().for_each(|k| r.close(k));
+    }
+
+    /// The Redis half of a session's end: its leases go (or expire if this never runs).
+    pub async fn close_shared(&self, keys: &[String], lease: &str) {
+        let Some(r) = &self.redis else { return };
+        let Ok(mut c) = self.conn(r) else { return };
+        let mut p = redis::pipe();
+        let member = format!("{}/{lease}", r.host_id);
+        for k in keys {
+            p.cmd("ZREM").arg(Self::key(r, "conc", &[k])).arg(&member).ignore();
+        }
+        let _ = self.bounded(r, async move { p.query_async::<()>(&mut c).await }).await;
+    }
+
+    // ---- greylist ------------------------------------------------------------------
+
+    /// True when the triplet must wait.
+    pub async fn greylist(
+        &self,
+        client: &str,
+        sender: &str,
+        recipient: &str,
+        now_ms: u64,
+        delay_ms: u64,
+        expire_ms: u64,
+    ) -> Answer {
+        let local = || {
+            self.local
+                .greylist
+                .lock()
+                .map(|mut g| Answer::Bool(g.check(client, sender, recipient, now_ms, delay_ms, expire_ms)))
+                .unwrap_or_else(|_| Answer::Error("greylist poisoned".into()))
+        };
+        let Some(r) = &self.redis else { return local() };
+        let q = match self.conn(r) {
+            Ok(mut c) => {
+                let mut inv = r.scripts.greylist.prepare_invoke();
+                inv.key(Self::key(r, "grey", &[client, sender, recipient]));
+                inv.arg(now_ms).arg(delay_ms).arg(expire_ms.max(1));
+                self.bounded(r, async move { inv.invoke_async::<i64>(&mut c).await }).await
+            }
+            Err(f) => Err(f),
+        };
+        match q {
+            Ok(wait) => {
+                // This host's own record follows, for the time Redis may be away.
+                let _ = local();
+                Answer::Bool(wait == 1)
+            }
+            Err(f) => self.failed(f, local),
+        }
+    }
+
+    // ---- call-ahead answers --------------------------------------------------------
+
+    /// A remembered call-ahead answer for the recipient. A store failure is "none
+    /// remembered": the call-ahead is made again, which is always correct.
+    pub async fn callahead_get(&self, recipient: &str, now_ms: u64) -> Option<(u16, String)> {
+        let key = recipient.to_ascii_lowercase();
+        if let Some(r) = &self.redis {
+            if let Ok(mut c) = self.conn(r) {
+                let k = Self::key(r, "callahead", &[&key]);
+                let got = self.bounded(r, async move { c.send_packed_command(redis::cmd("GET").arg(k)).await }).await;
+                if let Ok(v) = got {
+                    if let Ok(Some(s)) = redis::from_redis_value::<Option<String>>(v) {
+                        let (code, text) = s.split_once(' ').unwrap_or((s.as_str(), ""));
+                        if let Ok(code) = code.parse::<u16>() {
+                            return Some((code, text.to_string()));
+                        }
+                    }
+                    return None;
+                }
+            }
+        }
+        let cache = self.local.callaheads.lock().ok()?;
+        let (code, text, until) = cache.get(&key)?;
+        (*until > now_ms).then(|| (*code, text.clone()))
+    }
+
+    pub async fn callahead_put(&self, recipient: &str, code: u16, text: &str, now_ms: u64, ttl_ms: u64) {
+        let key = recipient.to_ascii_lowercase();
+        if let Ok(mut cache) = self.local.callaheads.lock() {
+            if cache.len() > 100_000 {
+                cache.retain(|_, v| v.2 > now_ms);
+            }
+            cache.insert(key.clone(), (code, text.to_string(), now_ms + ttl_ms));
+        }
+        let Some(r) = &self.redis else { return };
+        let Ok(mut c) = self.conn(r) else { return };
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(Self::key(r, "callahead", &[&key])).arg(format!("{code} {text}")).arg("PX").arg(ttl_ms.max(1));
+        let _ = self.bounded(r, async move { cmd.query_async::<()>(&mut c).await }).await;
+    }
+
+    // ---- alert windows -------------------------------------------------------------
+
+    /// Whether this host sends the alert now: the first in its window across the cluster.
+    /// With Redis away the local window decides (an alert twice rather than never).
+    pub async fn alert_claim(&self, to: &str, text: &str, every_ms: u64, now_ms: u64) -> bool {
+        let local = || {
+            let Ok(mut sent) = self.local.alerts.lock() else { return false };
+            let key = (to.to_ascii_lowercase(), text.to_string());
+            if sent.get(&key).is_some_and(|t| now_ms.saturating_sub(*t) < every_ms) {
+                return false;
+            }
+            if sent.len() > 10_000 {
+                sent.retain(|_, t| now_ms.saturating_sub(*t) < 86_400_000);
+            }
+            sent.insert(key, now_ms);
+            true
+        };
+        let Some(r) = &self.redis else { return local() };
+        let q = match self.conn(r) {
+            Ok(mut c) => {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(Self::key(r, "alert", &[to, text])).arg(now_ms).arg("NX").arg("PX").arg(every_ms.max(1));
+                self.bounded(r, async move { cmd.query_async::<Option<String>>(&mut c).await }).await
+            }
+            Err(f) => Err(f),
+        };
+        match q {
+            Ok(v) => {
+                let first = v.is_some();
+                if first {
+                    // Keep the local window too, for the time Redis may be away.
+                    if let Ok(mut sent) = self.local.alerts.lock() {
+                        sent.insert((to.to_ascii_lowercase(), text.to_string()), now_ms);
+                    }
+                }
+                first
+            }
+            Err(_) => local(),
+        }
+    }
+}
