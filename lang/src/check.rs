@@ -684,6 +684,29 @@ impl<'s> Checker<'s> {
                     }
                     _ => {}
                 }
+                if let Some((_, OptValue::List(nets))) = opts.iter().find(|(k, _)| k == "proxy_protocol") {
+                    let at = options
+                        .iter()
+                        .find(|o| o.name.name == "proxy_protocol")
+                        .map(|o| o.value.span)
+                        .unwrap_or(n.span);
+                    if nets.is_empty() {
+                        self.err(
+                            Diagnostic::error("mailc::setting", "`proxy_protocol` names no load balancer")
+                                .at(at)
+                                .help("list the networks of the load balancers, e.g. `proxy_protocol [\"10.0.0.5\", \"192.0.2.0/28\"];`"),
+                        );
+                    }
+                    for net in nets.iter().filter(|s| Cidr::parse(s).is_none()) {
+                        self.err(
+                            Diagnostic::error("mailc::setting", format!("\"{net}\" is not an address or network"))
+                                .at(at)
+                                .help(
+                                    "write an address (\"10.0.0.5\") or a network (\"10.0.0.0/8\", \"2001:db8::/32\")",
+                                ),
+                        );
+                    }
+                }
                 let has = |k: &str| opts.iter().any(|(n, _)| n == k);
                 if has("cert") != has("key") {
                     self.err(

@@ -138,6 +138,11 @@ pub const LISTENER: &[OptSpec] = &[
     o("expn", Bool, "answer EXPN (default false: 502; R13)"),
     o("banner", Str, "text of the 220 greeting after the hostname"),
     o("hostname", Str, "overrides the server's hostname on this listener"),
+    o(
+        "proxy_protocol",
+        Strings,
+        "networks of the load balancers in front of this listener (e.g. [\"10.0.0.0/8\"]): every connection must come from one of them and start with a PROXY protocol header (v1 or v2), and client.ip is the client it names",
+    ),
 ];
 
 /// Options every table may have.

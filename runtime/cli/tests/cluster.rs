@@ -465,3 +465,160 @@ fn a_dead_redis_falls_back_to_local_state_when_the_policy_says_so() {
     }
     assert_eq!(n, 4, "the shared window again: {}", ctx());
 }
+
+// ------------------------------------------------------------------ PROXY protocol
+
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// HAProxy in front of `backend`: a v1 frontend and a v2 frontend, connecting to the
+/// daemon from 127.0.0.9 (the trusted load balancer; clients come from 127.0.0.1).
+fn haproxy(dir: &Path, v1: u16, v2: u16, backend: u16) -> Guard {
+    need(HAPROXY, "haproxy");
+    let cfg = format!(
+        "global\n  maxconn 100\n\
+         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend f1\n  bind 127.0.0.1:{v1}\n  default_backend b1\n\
+         backend b1\n  server mx 127.0.0.1:{backend} send-proxy source 127.0.0.9\n\
+         frontend f2\n  bind 127.0.0.1:{v2}\n  default_backend b2\n\
+         backend b2\n  server mx 127.0.0.1:{backend} send-proxy-v2 source 127.0.0.9\n"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg).expect("haproxy.cfg");
+    let child = Command::new(HAPROXY)
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("haproxy.log")).expect("log"))
+        .stderr(std::fs::File::create(dir.join("haproxy.err")).expect("log"))
+        .spawn()
+        .expect("start haproxy");
+    let g = Guard(Some(child));
+    let err = || std::fs::read_to_string(dir.join("haproxy.err")).unwrap_or_default();
+    wait_for(Duration::from_secs(20), "haproxy to listen", || listening(v1) && listening(v2), err);
+    g
+}
+
+/// R12/issue 15: behind a real HAProxy, v1 (`send-proxy`) and v2 (`send-proxy-v2`),
+/// `client.ip` is the client's, not the load balancer's; a PROXY header from an address
+/// that is not a trusted load balancer is refused, and so is a malformed one, and the
+/// daemon goes on.
+#[test]
+fn proxy_protocol_v1_and_v2_behind_haproxy() {
+    let t = TempDir::new("proxy");
+    let (port, v1, v2) = (free_port(), free_port(), free_port());
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; proxy_protocol [\"127.0.0.9\"]; }}\n\
+         on mail {{ if sender.local :is \"who\" {{ reject 550 5.7.1 \"you are ${{client.ip}}\"; }} }}\n\
+         route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
+    );
+    let d = Daemon::start(t.join("mx"), &policy, port);
+    let _lb = haproxy(&t.0, v1, v2, port);
+    for (front, version) in [(v1, "1"), (v2, "2")] {
+        let mut c = Client::connect(front);
+        assert_eq!(c.banner.0, 220, "through HAProxy v{version}: {}\n{}", c.banner.1, d.log());
+        c.cmd("EHLO client.test");
+        let (code, text) = c.cmd("MAIL FROM:<who@far.test>");
+        assert_eq!(code, 550, "{text}");
+        assert!(text.contains("you are 127.0.0.1"), "client.ip is the client's, not 127.0.0.9: {text}");
+        c.cmd("RSET");
+        let (code, text) = c.send("s@far.test", "u@d.test");
+        assert_eq!(code, 250, "{text}");
+        c.cmd("QUIT");
+        assert!(d.log().contains(&format!("proxy=127.0.0.9:")), "{}", d.log());
+        assert!(d.log().contains(&format!("version={version}")), "{}", d.log());
+    }
+    wait_for(Duration::from_secs(20), "two messages", || d.mail("u").len() == 2, || d.log());
+    let m = d.mail("u");
+    assert!(m.iter().all(|m| m.contains("[127.0.0.1]")), "Received: names the client: {m:?}");
+
+    // A PROXY header straight from a client (127.0.0.1 is no load balancer): refused
+    // before any byte is answered.
+    let refused = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let _ = s.write_all(bytes);
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut got);
+        got
+    };
+    let got = refused(b"PROXY TCP4 192.0.2.1 127.0.0.1 1234 25\r\nEHLO x\r\n");
+    assert!(got.is_empty(), "an untrusted PROXY header gets nothing: {:?}", String::from_utf8_lossy(&got));
+    assert!(d.log().contains("reason=\"not a trusted proxy\""), "{}", d.log());
+}
+
+/// Malformed PROXY headers from the trusted load balancer's address are refused without
+/// a panic, and the next good one is served. (The daemon trusts 127.0.0.1 here so that
+/// the test itself can speak for the load balancer.)
+#[test]
+fn malformed_proxy_headers_are_refused() {
+    let t = TempDir::new("proxy-bad");
+    let port = free_port();
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; proxy_protocol [\"127.0.0.0/8\"]; }}\n\
+         on mail {{ reject 550 5.7.1 \"you are ${{client.ip}}\"; }}\n\
+         route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
+    );
+    let d = Daemon::start(t.join("mx"), &policy, port);
+    let talk = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut got);
+        String::from_utf8_lossy(&got).to_string()
+    };
+    let mut sig = vec![0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A];
+    let v2_short = [sig.clone(), vec![0x21, 0x11, 0x00, 0x04, 1, 2, 3, 4]].concat();
+    let v2_cut = [sig.clone(), vec![0x21, 0x11, 0x00, 0x0C, 1, 2]].concat();
+    sig[5] = 0xFF;
+    for bad in [
+        &b"EHLO client.test\r\n"[..],
+        b"PROXY TCP4 192.0.2.1 127.0.0.1 99999 25\r\nEHLO x\r\n",
+        b"PROXY TCP6 192.0.2.1 127.0.0.1 1 25\r\n",
+        b"PROXY TCP4 192.0.2.1\n",
+        &[b"PROXY UNKNOWN ".to_vec(), vec![b'A'; 300]].concat(),
+        &v2_short,
+        &v2_cut,
+        &sig,
+        b"",
+    ] {
+        let got = talk(bad);
+        assert!(got.is_empty(), "{:?} refused: got {got:?}", String::from_utf8_lossy(bad));
+    }
+    // A good header, then the client waits for the greeting as clients do (one that talks
+    // first, right after the header, is an early talker like any other).
+    let good = |header: &[u8]| {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut w = s.try_clone().expect("clone");
+        let _ = w.write_all(header);
+        let mut c = Client { r: BufReader::new(s), w, banner: (0, String::new()) };
+        c.banner = c.reply();
+        assert_eq!(c.banner.0, 220, "{}", c.banner.1);
+        c.cmd("EHLO x");
+        let (_, text) = c.cmd("MAIL FROM:<a@b.test>");
+        c.cmd("QUIT");
+        text
+    };
+    let got = good(b"PROXY TCP4 192.0.2.77 127.0.0.1 4000 25\r\n");
+    assert!(got.contains("you are 192.0.2.77"), "{got}\n{}", d.log());
+    let early = talk(b"PROXY TCP4 192.0.2.78 127.0.0.1 4000 25\r\nEHLO x\r\n");
+    assert!(early.contains("554 5.5.1"), "bytes right after the header are early talk: {early}");
+    let got = good(
+        &[
+            &[0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x21, 0x00, 36][..],
+            &[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42],
+            &[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01],
+            &[0x10, 0x00, 0x00, 0x19],
+        ]
+        .concat(),
+    );
+    assert!(got.contains("you are 2001:db8::42"), "{got}\n{}", d.log());
+    assert!(!d.log().contains("session-failed"), "{}", d.log());
+}

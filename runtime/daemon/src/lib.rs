@@ -28,7 +28,7 @@ pub mod spool;
 pub mod transport;
 
 // The engine's modules under the names the daemon's modules use for them.
-use mailpolicy_engine::{config, conn, date, eval, headers, paths, queue, record, routing, smtp};
+use mailpolicy_engine::{config, conn, date, eval, headers, paths, proxy, queue, record, routing, smtp};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -99,6 +99,9 @@ pub struct ListenerRt {
     /// Idle time-out inside DATA/BDAT.
     pub data_timeout: Duration,
     pub sessions: Arc<Semaphore>,
+    /// `proxy_protocol`: the load balancers' networks. Each connection must start with a
+    /// PROXY header (v1 or v2), and only from them; `client.ip` is then the client it names.
+    pub proxy: Option<Vec<mailpolicy_lang::ir::Cidr>>,
 }
 
 /// What every session shares.
@@ -430,6 +433,17 @@ pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str
             command_timeout: session::command_timeout(prog, Some(&name)),
             data_timeout: session::data_timeout(prog, Some(&name)),
             sessions: Arc::new(Semaphore::new(max.max(1))),
+            proxy: match decl.and_then(|l| l.option("proxy_protocol")) {
+                Some(OptValue::List(nets)) => Some(
+                    nets.iter()
+                        .map(|n| {
+                            mailpolicy_lang::ir::Cidr::parse(n)
+                                .ok_or_else(|| format!("listener {name}: proxy_protocol: \"{n}\" is not a network"))
+                        })
+                        .collect::<Result<Vec<_>, String>>()?,
+                ),
+                _ => None,
+            },
         });
     }
     Ok(out)
@@ -454,6 +468,7 @@ pub fn local_listener(prog: &Program, hostname: &str) -> ListenerRt {
         command_timeout: session::command_timeout(prog, None),
         data_timeout: session::data_timeout(prog, None),
         sessions: Arc::new(Semaphore::new(1)),
+        proxy: None,
     }
 }
 
@@ -580,50 +595,123 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
             });
             continue;
         };
-        // One address cannot take every slot (Postfix anvil's per-client limit).
-        let Some(slot) = shared.client_slot(canonical(remote.ip())) else {
-            drop((p1, p2));
-            shared.log.event(
-                "refused",
-                &[
-                    ("listener", &lst.name),
-                    ("client", &remote.ip().to_string()),
-                    ("reason", "too many sessions from the address"),
-                ],
-            );
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let _ = tcp.write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n").await;
-                let _ = tcp.shutdown().await;
-            });
+        let local = tcp.local_addr().unwrap_or(lst.address);
+        let Some(trusted) = lst.proxy.clone() else {
+            tokio::spawn(admit(shared.clone(), lst.clone(), tcp, remote, local, id, Vec::new(), (p1, p2)));
             continue;
         };
-        let local = tcp.local_addr().unwrap_or(lst.address);
+        // Behind a load balancer: only its networks may speak, and they say who the client is.
+        if !trusted.iter().any(|c| c.contains(remote.ip())) {
+            shared.log.event(
+                "proxy-refused",
+                &[("listener", &lst.name), ("client", &remote.ip().to_string()), ("reason", "not a trusted proxy")],
+            );
+            drop(tcp);
+            continue;
+        }
         let (s, l) = (shared.clone(), lst.clone());
         tokio::spawn(async move {
-            use futures_util::FutureExt;
-            // The task boundary is the last line of defence: a panic ends this session
-            // only (its permits and counts are released by guards), with a log line.
-            let log = s.log;
-            let sid = id.clone();
-            let ended =
-                std::panic::AssertUnwindSafe(session::run(s, l, session::Incoming::Tcp(tcp), remote, local, id))
-                    .catch_unwind()
-                    .await;
-            if let Err(p) = ended {
-                let why = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panic".into());
-                log.event(
-                    "session-failed",
-                    &[("session", &sid), ("client", &remote.ip().to_string()), ("error", &why)],
-                );
+            match read_proxy_header(&mut tcp).await {
+                Ok((header, early)) => {
+                    let (client, to) = header.addresses.unwrap_or((remote, local));
+                    s.log.event(
+                        "proxied",
+                        &[
+                            ("session", &id),
+                            ("proxy", &remote.to_string()),
+                            ("client", &client.to_string()),
+                            ("version", if header.version == crate::proxy::Version::V1 { "1" } else { "2" }),
+                        ],
+                    );
+                    admit(s, l, tcp, client, to, id, early, (p1, p2)).await;
+                }
+                Err(why) => {
+                    s.log.event(
+                        "proxy-refused",
+                        &[("listener", &l.name), ("client", &remote.ip().to_string()), ("reason", &why)],
+                    );
+                    drop((tcp, p1, p2));
+                }
             }
-            drop((p1, p2, slot));
         });
     }
+}
+
+/// Time a load balancer has to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Read a connection's PROXY header (v1 or v2; `engine::proxy` parses): the header and the
+/// client's bytes after it, or why the connection is refused. Reads at most one header's
+/// worth plus one buffer, within [`PROXY_HEADER_TIMEOUT`].
+async fn read_proxy_header(tcp: &mut tokio::net::TcpStream) -> Result<(crate::proxy::Header, Vec<u8>), String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf: Vec<u8> = Vec::with_capacity(256);
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + PROXY_HEADER_TIMEOUT;
+    loop {
+        match crate::proxy::parse(&buf) {
+            crate::proxy::Parse::Done { header, len } => return Ok((header, buf.split_off(len.min(buf.len())))),
+            crate::proxy::Parse::Invalid(why) => return Err(why.to_string()),
+            crate::proxy::Parse::Incomplete => {}
+        }
+        let n = match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
+            Err(_) => return Err("no PROXY header in time".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Ok(0)) => return Err("closed before a complete PROXY header".into()),
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
+}
+
+/// A connection with its session permits: the per-client limit, then the session (under
+/// the task boundary that catches a panic).
+#[allow(clippy::too_many_arguments)]
+async fn admit(
+    shared: Arc<Shared>,
+    lst: Arc<ListenerRt>,
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+    id: String,
+    early: Vec<u8>,
+    permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
+) {
+    // One address cannot take every slot (Postfix anvil's per-client limit).
+    let Some(slot) = shared.client_slot(canonical(remote.ip())) else {
+        drop(permits);
+        shared.log.event(
+            "refused",
+            &[
+                ("listener", &lst.name),
+                ("client", &remote.ip().to_string()),
+                ("reason", "too many sessions from the address"),
+            ],
+        );
+        let mut tcp = tcp;
+        use tokio::io::AsyncWriteExt;
+        let _ = tcp.write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n").await;
+        let _ = tcp.shutdown().await;
+        return;
+    };
+    use futures_util::FutureExt;
+    // The task boundary is the last line of defence: a panic ends this session
+    // only (its permits and counts are released by guards), with a log line.
+    let log = shared.log;
+    let sid = id.clone();
+    let ended =
+        std::panic::AssertUnwindSafe(session::run(shared, lst, session::Incoming::Tcp(tcp, early), remote, local, id))
+            .catch_unwind()
+            .await;
+    if let Err(p) = ended {
+        let why = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        log.event("session-failed", &[("session", &sid), ("client", &remote.ip().to_string()), ("error", &why)]);
+    }
+    drop((permits, slot));
 }
 
 fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {

@@ -29,13 +29,11 @@ enum Stream {
 
 /// How a session's client reached us.
 pub enum Incoming {
-    Tcp(TcpStream),
+    /// A TCP client, and the bytes it sent after a PROXY protocol header (usually none).
+    Tcp(TcpStream, Vec<u8>),
     /// A local submission by the operating system's user `user` (`mailc sendmail`): the
     /// session is authenticated as that user from the start (mechanism `local`).
-    Local {
-        stream: tokio::io::DuplexStream,
-        user: String,
-    },
+    Local { stream: tokio::io::DuplexStream, user: String },
 }
 
 impl Stream {
@@ -118,12 +116,12 @@ pub async fn run(
     let prog: Arc<Program> = shared.program();
     let lookups: Arc<Lookups> = shared.lookups();
     let log = shared.log;
-    let (mut stream, local_user) = match incoming {
-        Incoming::Tcp(tcp) => {
+    let (mut stream, local_user, early) = match incoming {
+        Incoming::Tcp(tcp, early) => {
             let _ = tcp.set_nodelay(true);
-            (Stream::Plain(tcp), None)
+            (Stream::Plain(tcp), None, early)
         }
-        Incoming::Local { stream, user } => (Stream::Local(stream), Some(user)),
+        Incoming::Local { stream, user } => (Stream::Local(stream), Some(user), Vec::new()),
     };
     let (client_name, client_ptr) = lookups.reverse(remote.ip()).await;
     log.event(
@@ -155,6 +153,9 @@ pub async fn run(
     }
     let client = ClientInfo { name: client_name, ptr: client_ptr, listener: lst.name.clone(), session_id: id.clone() };
     let mut conn = Conn::new(prog.clone(), lst.engine.clone(), peer, client, Time(now_ms()));
+    if !early.is_empty() {
+        conn.handle_input(&early, Time(now_ms()));
+    }
     conn.set_requirements(lst.require_tls, lst.require_auth);
     if let Some(user) = &local_user {
         conn.preauthenticate_local(user);

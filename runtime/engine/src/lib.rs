@@ -8,6 +8,7 @@ pub mod date;
 pub mod eval;
 pub mod headers;
 pub mod paths;
+pub mod proxy;
 pub mod queue;
 pub mod record;
 pub mod routing;
