@@ -424,7 +424,9 @@ fn a_dead_or_hung_redis_tempfails_and_the_hosts_recover() {
 fn a_dead_redis_falls_back_to_local_state_when_the_policy_says_so() {
     let t = TempDir::new("local");
     let mut redis = Redis::start(t.join("redis"));
-    let (a, b) = cluster(&t, &redis, "state_timeout 300ms; state_on_error local;", RATE_RULE);
+    // The connection limit (never reached) makes every session ask the store at connect.
+    let rules = format!("{RATE_RULE}\non connect {{ if rate connections by client.ip per 1h > 1000 {{ tempfail 421 4.7.0 \"Too many\"; }} }}");
+    let (a, b) = cluster(&t, &redis, "state_timeout 300ms; state_on_error local;", &rules);
     // Two messages on each host: four in the shared window, two in each local one.
     for port in [a.port, b.port, a.port, b.port] {
         assert_eq!(send_one(port, "s@far.test", "u@d.test").0, 250);
@@ -442,8 +444,8 @@ fn a_dead_redis_falls_back_to_local_state_when_the_policy_says_so() {
     // Redis comes back empty (no persistence): the shared window starts again.
     redis.restart();
     let ctx = || format!("A:\n{}\nB:\n{}", a.log(), b.log());
-    // A session touches the store at connect (its lease, the connection's event): each
-    // host notices by itself that Redis is back.
+    // A session asks the store at connect (the connection limit): each host notices by
+    // itself that Redis is back.
     for d in [&a, &b] {
         wait_for(
             Duration::from_secs(20),
@@ -621,4 +623,60 @@ fn malformed_proxy_headers_are_refused() {
     );
     assert!(got.contains("you are 2001:db8::42"), "{got}\n{}", d.log());
     assert!(!d.log().contains("session-failed"), "{}", d.log());
+}
+
+/// R27: a call-ahead answer one host got is the cluster's: host B answers a recipient host
+/// A called ahead for from the shared store, even with the next hop gone (a recipient no
+/// host asked about then fails, as it must).
+#[test]
+fn a_callahead_answer_is_shared_by_the_hosts() {
+    const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
+    need(SMTP_SINK, "postfix");
+    let t = TempDir::new("callahead");
+    let redis = Redis::start(t.join("redis"));
+    let sink_port = free_port();
+    let mut sink = Command::new(SMTP_SINK);
+    if std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.contains("Uid:\t0\t")) {
+        sink.args(["-u", "nobody"]);
+    }
+    let sink = sink
+        .arg(format!("127.0.0.1:{sink_port}"))
+        .arg("10")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start smtp-sink");
+    let mut sink = Guard(Some(sink));
+    wait_for(Duration::from_secs(10), "smtp-sink", || listening(sink_port), String::new);
+    let host = |name: &str, port: u16| {
+        format!(
+            "require [\"callahead\"];\n\
+             list local = domains [\"d.test\"];\n\
+             list relayed = domains [\"ok.test\"];\n\
+             server {{ hostname \"{name}\"; spool \"spool\"; maildir \"mail\"; local_domains local; relay_domains relayed; state \"{}\"; state_timeout 500ms; }}\n\
+             listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+             on rcpt {{ if not callahead {{ reject callahead; }} }}\n\
+             route {{ deliver smtp \"[127.0.0.1]:{sink_port}\"; }}\n",
+            redis.url()
+        )
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let a = Daemon::start(t.join("a"), &host("mx-a.test", pa), pa);
+    let b = Daemon::start(t.join("b"), &host("mx-b.test", pb), pb);
+    let rcpt = |port: u16, to: &str| {
+        let mut c = Client::connect(port);
+        c.cmd("EHLO client.test");
+        c.cmd("MAIL FROM:<s@far.test>");
+        let r = c.cmd(&format!("RCPT TO:<{to}>"));
+        c.cmd("QUIT");
+        r
+    };
+    let (code, text) = rcpt(a.port, "bob@ok.test");
+    assert_eq!(code, 250, "A called ahead: {text}\n{}", a.log());
+    sink.kill();
+    let (code, text) = rcpt(b.port, "bob@ok.test");
+    assert_eq!(code, 250, "B answers from A's call-ahead: {text}\n{}", b.log());
+    let (code, text) = rcpt(b.port, "carol@ok.test");
+    assert!((400..500).contains(&code), "nobody asked about carol, and the next hop is gone: {text}");
 }

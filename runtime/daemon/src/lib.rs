@@ -760,7 +760,8 @@ impl Running {
             _ => 200,
         };
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, all.acquire_many(total)).await;
-        self.shared.log.event("stopped", &[]);
+        let state = self.shared.lookups().state.round_trips().to_string();
+        self.shared.log.event("stopped", &[("state_round_trips", if state == "0" { "" } else { &state })]);
     }
 }
 

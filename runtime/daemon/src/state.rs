@@ -143,6 +143,45 @@ pub struct StateStore {
     lease_ms: u64,
     /// Redis commands sent (one round trip each; the benchmark reads it).
     round_trips: AtomicU64,
+    /// The (counter, key name) windows the policy reads (`rate messages by client.ip`:
+    /// ("messages", "client.ip")): only these are kept in Redis; the local store keeps all.
+    read_windows: std::collections::HashSet<(String, String)>,
+    /// Whether the policy reads a `concurrent` count (else no lease is taken).
+    reads_concurrent: bool,
+}
+
+/// What state the policy reads: the windows of its `rate` values and whether it has a
+/// `concurrent` value, found in its IR wherever they are (every stage, every condition).
+fn reads(prog: &Program) -> (std::collections::HashSet<(String, String)>, bool) {
+    use mailpolicy_lang::ir::{Counter, Val};
+    fn walk(v: &serde_json::Value, out: &mut std::collections::HashSet<(String, String)>, conc: &mut bool) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(r) = m.get("Rate") {
+                    let counter = r.get("counter").and_then(|c| serde_json::from_value::<Counter>(c.clone()).ok());
+                    let key = r.get("key").and_then(|k| serde_json::from_value::<Val>(k.clone()).ok());
+                    if let Some(c) = counter {
+                        let name = match key {
+                            Some(Val::Fact(f)) => f.info().name,
+                            _ => "value",
+                        };
+                        out.insert((c.name().to_string(), name.to_string()));
+                    }
+                }
+                if m.contains_key("Concurrent") {
+                    *conc = true;
+                }
+                m.values().for_each(|x| walk(x, out, conc));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out, conc)),
+            _ => {}
+        }
+    }
+    let (mut out, mut conc) = (std::collections::HashSet::new(), false);
+    if let Ok(v) = serde_json::to_value(prog) {
+        walk(&v, &mut out, &mut conc);
+    }
+    (out, conc)
 }
 
 fn opt_ms(prog: &Program, name: &str, default: u64) -> u64 {
@@ -195,7 +234,17 @@ impl StateStore {
             }
             Some(_) => None,
         };
-        Ok(StateStore { local: Arc::default(), redis, on_error, timeout, lease_ms, round_trips: AtomicU64::new(0) })
+        let (read_windows, reads_concurrent) = reads(prog);
+        Ok(StateStore {
+            local: Arc::default(),
+            redis,
+            on_error,
+            timeout,
+            lease_ms,
+            round_trips: AtomicU64::new(0),
+            read_windows,
+            reads_concurrent,
+        })
     }
 
     /// Keep the local state of the store this one replaces (a reload).
@@ -203,8 +252,10 @@ impl StateStore {
         self.local = old.local.clone();
     }
 
+    /// Whether sessions take leases in a shared store (it is shared and the policy reads
+    /// `concurrent`).
     pub fn is_shared(&self) -> bool {
-        self.redis.is_some()
+        self.redis.is_some() && self.reads_concurrent
     }
 
     pub fn round_trips(&self) -> u64 {
@@ -324,6 +375,15 @@ impl StateStore {
             keys.iter().for_each(|k| r.record(counter, k, now_ms));
         }
         let Some(r) = &self.redis else { return };
+        // Only the windows the policy reads go to Redis: an event nobody counts costs no
+        // round trip.
+        let keys: Vec<&String> = keys
+            .iter()
+            .filter(|k| {
+                let name = k.split_once('=').map(|(n, _)| n).unwrap_or("value");
+                self.read_windows.contains(&(counter.to_string(), name.to_string()))
+            })
+            .collect();
         if keys.is_empty() {
             return;
         }
@@ -374,7 +434,7 @@ impl StateStore {
 
     /// Take or renew a session's leases (the guard renews them every third of their life).
     pub async fn renew(&self, keys: &[String], lease: &str) {
-        let Some(r) = &self.redis else { return };
+        let Some(r) = self.redis.as_ref().filter(|_| self.reads_concurrent) else { return };
         let Ok(mut c) = self.conn(r) else { return };
         let mut inv = r.scripts.lease.prepare_invoke();
         for k in keys {
@@ -392,7 +452,7 @@ impl StateStore {
 
     /// The Redis half of a session's end: its leases go (or expire if this never runs).
     pub async fn close_shared(&self, keys: &[String], lease: &str) {
-        let Some(r) = &self.redis else { return };
+        let Some(r) = self.redis.as_ref().filter(|_| self.reads_concurrent) else { return };
         let Ok(mut c) = self.conn(r) else { return };
         let mut p = redis::pipe();
         let member = format!("{}/{lease}", r.host_id);

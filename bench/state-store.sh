@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Accept rate with a `rate` rule on the in-process state store against the same rule on a
+# Redis store (spec/language.md section 5.3), same machine, same run, alternating rounds;
+# and the Redis commands (round trips) per message, read from Redis's own counters.
+#
+# Usage: bench/state-store.sh [SESSIONS=20] [MESSAGES=3000] [SIZE=2000] [ROUNDS=3]
+# Environment: NO_BUILD=1 skips `cargo build --release`; MAILC=PATH benchmarks another binary;
+# KEEP=1 keeps the temp dir. Needs redis-server, smtp-source and smtp-sink (Debian
+# redis-server, postfix) and python3.
+#
+# Each round starts `mailc serve` on the same policy but for its `state` setting, injects
+# MESSAGES (one per connection) with smtp-source, and relays them to an smtp-sink that keeps
+# nothing. The policy counts every session's messages and connections and asks one `rate`
+# and one `concurrent` count per message (limits never reached), as a real MX's limits do:
+#   accept rate = MESSAGES / the time smtp-source took (it ends after the last 250)
+#   round trips = the daemon's own count of its Redis calls (logged when it stops) / MESSAGES
+#   commands    = (Redis total_commands_processed after - before) / MESSAGES: the commands
+#                 Redis ran, those inside the Lua scripts included
+set -euo pipefail
+S=${1:-20}; M=${2:-3000}; L=${3:-2000}; ROUNDS=${4:-3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${MAILC:-$ROOT/target/release/mailc}
+for t in redis-server redis-cli /usr/sbin/smtp-source /usr/sbin/smtp-sink python3; do
+  command -v "$t" >/dev/null || { echo "state-store: $t is missing (apt-get install redis-server postfix python3)" >&2; exit 2; }
+done
+if [ -z "${NO_BUILD:-}" ] && [ -z "${MAILC:-}" ]; then
+  (cd "$ROOT" && cargo build --release -q -p mailc)
+fi
+[ -x "$BIN" ] || { echo "state-store: $BIN not built" >&2; exit 2; }
+
+D=$(mktemp -d /tmp/state-store.XXXXXX)
+RPID=""; SPID=""; MPPID=""
+cleanup() {
+  set +e
+  for p in $MPPID $SPID $RPID; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  if [ -z "${KEEP:-}" ]; then rm -rf "$D"; else echo "kept $D" >&2; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r RPORT SINK PORT < <(python3 - <<'PY'
+import socket
+ss=[socket.socket() for _ in range(3)]
+for s in ss: s.bind(("127.0.0.1",0))
+print(*[s.getsockname()[1] for s in ss])
+PY
+)
+listening() { python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.5); sys.exit(s.connect_ex(('127.0.0.1',$1)))" 2>/dev/null; }
+wait_listen() { for _ in $(seq 1 100); do listening "$1" && return 0; sleep 0.1; done; echo "state-store: nothing listens on $1" >&2; return 1; }
+now() { date +%s.%N; }
+
+mkdir -p "$D/redis"
+redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+  --dir "$D/redis" --logfile "$D/redis/log" </dev/null & RPID=$!
+wait_listen "$RPORT"
+SINKUSER=(); [ "$(id -u)" = 0 ] && SINKUSER=(-u nobody)
+smtp-sink "${SINKUSER[@]}" "127.0.0.1:$SINK" 1000 >/dev/null 2>&1 </dev/null & SPID=$!
+wait_listen "$SINK"
+commands() { redis-cli -p "$RPORT" info stats | awk -F: '/^total_commands_processed:/{print $2+0}'; }
+
+policy() { # state-url
+  cat <<POL
+require ["ratelimit"];
+list bench_domains = domains ["bench.test"];
+list loopback = cidr ["127.0.0.0/8"];
+
+server {
+  hostname "mailpolicy.bench.test";
+  networks loopback;
+  destination_concurrency 50;
+  client_connection_limit 0;
+  state "$1";
+}
+
+listener bench {
+  address "127.0.0.1:$PORT";
+  tls none;
+}
+
+on mail {
+  if rate messages by client.ip per 1h > 100000000 {
+    tempfail 451 4.7.1 "Too many messages from \${client.ip}";
+  }
+  if concurrent by client.ip > 100000 {
+    tempfail 451 4.7.1 "Too many sessions from \${client.ip}";
+  }
+}
+
+on rcpt {
+  if recipient.domain not in bench_domains {
+    reject 554 5.7.1 "Relay access denied";
+  }
+  accept;
+}
+
+route {
+  deliver smtp "[127.0.0.1]:$SINK";
+}
+POL
+}
+policy local > "$D/local.mailpolicy"
+policy "redis://127.0.0.1:$RPORT/0" > "$D/redis.mailpolicy"
+"$BIN" check "$D/redis.mailpolicy" >/dev/null
+
+round() { # name
+  rm -rf "$D/spool"
+  "$BIN" serve --policy "$D/$1.mailpolicy" --spool "$D/spool" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
+  wait_listen "$PORT"
+  local c0 c1 t0 t1
+  c0=$(commands)
+  t0=$(now)
+  if ! smtp-source -s "$S" -m "$M" -l "$L" -f a@src.test -t b@bench.test "127.0.0.1:$PORT" >"$D/source-$1.out" 2>&1; then
+    echo "state-store: smtp-source against $1 failed:" >&2; cat "$D/source-$1.out" >&2; exit 1
+  fi
+  t1=$(now)
+  c1=$(commands)
+  kill "$MPPID"; wait "$MPPID" 2>/dev/null || true; MPPID=""
+  local trips
+  trips=$(grep -o 'stopped state_round_trips=[0-9]*' "$D/$1.log" | tail -1 | cut -d= -f2)
+  : > "$D/$1.log.done"; cat "$D/$1.log" >> "$D/$1.log.done"; : > "$D/$1.log"
+  python3 -c "import sys; n,t0,t1,c0,c1,m,rt=sys.argv[1],float(sys.argv[2]),float(sys.argv[3]),int(sys.argv[4]),int(sys.argv[5]),int(sys.argv[6]),int(sys.argv[7] or 0); print(n, f'{m/(t1-t0):.1f}', f'{rt/m:.2f}', f'{(c1-c0-1)/m:.2f}')" \
+    "$1" "$t0" "$t1" "$c0" "$c1" "$M" "${trips:-0}" >> "$D/results"
+  tail -1 "$D/results" | awk '{printf "  %-6s %7.0f msg/s accepted; per message %s Redis round trips, %s Redis commands\n", $1, $2, $3, $4}'
+}
+
+echo "state-store: $S sessions x $M messages of $L bytes, $ROUNDS round(s); load $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"
+for r in $(seq 1 "$ROUNDS"); do
+  echo "round $r"
+  round local
+  round redis
+done
+python3 - "$D/results" <<'PY'
+import sys, statistics
+rows = [l.split() for l in open(sys.argv[1])]
+rate = {k: statistics.median(float(r[1]) for r in rows if r[0] == k) for k in ("local", "redis")}
+trips = statistics.median(float(r[2]) for r in rows if r[0] == "redis")
+print(f"median accept rate: local {rate['local']:.0f} msg/s, redis {rate['redis']:.0f} msg/s, "
+      f"redis/local {rate['redis']/rate['local']:.3f} (cost {100*(1-rate['redis']/rate['local']):.1f} %); "
+      f"{trips:.2f} Redis round trips per message")
+PY
+echo "state-store: after, load $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"
