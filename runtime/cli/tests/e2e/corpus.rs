@@ -24,7 +24,7 @@ fn run_corpus_files(rels: &[&str]) {
 }
 
 /// unbound with the corpus's DKIM/ARC key records; every other name is NXDOMAIN at once.
-fn corpus_dns(dir: &Path) -> Unbound {
+fn corpus_dns() -> Unbound {
     let shared = shared_dir();
     let mut records: Vec<(String, String)> = Vec::new();
     for e in std::fs::read_dir(shared.join("corpus/dns")).expect("corpus/dns").flatten() {
@@ -62,7 +62,7 @@ fn corpus_dns(dir: &Path) -> Unbound {
         .collect();
     let mut refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     refs.push("mx.test. A 127.0.0.1");
-    unbound_zones(dir, &refs, &["."])
+    Unbound::start(&["."], &refs, &[])
 }
 
 /// The policy of the corpus runs: header and body tests, attachments, SPF/DKIM/DMARC,
@@ -125,7 +125,7 @@ const CORPUS_ADDED: &[&str] =
 fn run_corpus(files: &[PathBuf]) {
     let t = TempDir::new("corpus");
     let port = free_port();
-    let dns = corpus_dns(&t.join("unbound"));
+    let dns = corpus_dns();
     std::fs::write(t.join("aliases"), "list@d.test l1@d.test, l2@d.test\nowner-list@d.test lists-owner@d.test\n")
         .expect("aliases");
     let d = Daemon::start(t.path(), &corpus_policy(port, dns.port), &[port]);

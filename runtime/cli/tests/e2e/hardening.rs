@@ -132,7 +132,7 @@ fn free_space_is_checked_at_mail_with_size() {
 fn slow_clients_cannot_lock_others_out() {
     let t = TempDir::new("slow");
     let port = free_port();
-    let dns = unbound_zones(&t.join("unbound"), &[], &["."]);
+    let dns = Unbound::start(&["."], &[], &[]);
     let policy = format!(
         "list local = domains [\"d.test\"];\n\
          server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; max_sessions 60; dns_server \"127.0.0.1:{}\"; dns_timeout 2s; }}\n\

@@ -10,14 +10,15 @@ use super::*;
 #[test]
 fn dnsbl_and_spf_through_a_real_dns_server() {
     let t = TempDir::new("dns");
-    let ub = unbound(
-        &t.join("unbound"),
+    let mut ub = Unbound::start(
+        &["test.", "127.in-addr.arpa."],
         &[
             "1.0.0.127.dnsbl.test. A 127.0.0.2",
             "1.0.0.127.dnsbl.test. TXT \"listed for testing\"",
             "good.test. TXT \"v=spf1 ip4:127.0.0.1 -all\"",
             "bad.test. TXT \"v=spf1 ip4:192.0.2.1 -all\"",
         ],
+        &[],
     );
     // 1. The DNSBL lists 127.0.0.1: refused at connect.
     let p1 = free_port();
@@ -58,7 +59,7 @@ fn dnsbl_and_spf_through_a_real_dns_server() {
     let m = &maildir(&t.join("two/mail/x"))[0];
     assert!(m.contains("Authentication-Results: mx.test;"), "{m}");
     assert!(m.contains("spf=pass"), "{m}");
-    drop(ub.guard);
+    ub.stop();
 }
 
 /// R27: call-ahead asks the next hop the route stage picks and answers with its reply.

@@ -11,7 +11,6 @@
 mod bad_input;
 mod corpus;
 mod crash;
-mod dns;
 mod faults;
 mod hardening;
 mod lmtp;
@@ -22,96 +21,27 @@ mod relay;
 mod swaks;
 mod wire;
 
-use dns::*;
 use wire::*;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mailpolicy_test_support::{free_port, is_root, listening, need, wait_for, Dovecot, TempDir, Unbound};
+
 const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
 const SWAKS: &str = "/usr/bin/swaks";
 const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 const SMTP_SOURCE: &str = "/usr/sbin/smtp-source";
-const DOVECOT: &str = "/usr/sbin/dovecot";
 const POSTFIX: &str = "/usr/sbin/postfix";
 const SENDMAIL: &str = "/usr/sbin/sendmail";
 
 // ------------------------------------------------------------------ helpers
-
-/// Panics with the usual advice when a peer program is not installed.
-fn need(path: &str, package: &str) {
-    assert!(
-        Path::new(path).exists(),
-        "{path} not found (Debian package {package}); run tests/run.sh, which installs the test peers"
-    );
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
-}
-
-fn listening(port: u16) -> bool {
-    TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(500)).is_ok()
-}
-
-/// Polls `ok` until it holds; panics with `what` (and `context()`) after `limit`.
-fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {limit:?} waiting for {what}\n{}", context());
-}
-
-/// A temporary directory, removed with everything in it on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "mailc-e2e-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        use std::os::unix::fs::PermissionsExt;
-        // peers that drop privileges (smtp-sink as nobody, Dovecot, Postfix) must get in
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        TempDir(dir)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A child process killed (SIGKILL) and reaped on drop.
 struct Guard(Option<Child>);
