@@ -100,7 +100,7 @@ POL
 }
 policy local > "$D/local.mailpolicy"
 policy "redis://127.0.0.1:$RPORT/0" > "$D/redis.mailpolicy"
-"$BIN" check "$D/redis.mailpolicy" >/dev/null
+"$BIN" check "$D/redis.mailpolicy" >/dev/null 2>&1
 
 round() { # name
   rm -rf "$D/spool"
@@ -116,7 +116,7 @@ round() { # name
   c1=$(commands)
   kill "$MPPID"; wait "$MPPID" 2>/dev/null || true; MPPID=""
   local trips
-  trips=$(grep -o 'stopped state_round_trips=[0-9]*' "$D/$1.log" | tail -1 | cut -d= -f2)
+  trips=$( (grep -o "stopped state_round_trips=[0-9]*" "$D/$1.log" || true) | tail -1 | cut -d= -f2)
   : > "$D/$1.log.done"; cat "$D/$1.log" >> "$D/$1.log.done"; : > "$D/$1.log"
   python3 -c "import sys; n,t0,t1,c0,c1,m,rt=sys.argv[1],float(sys.argv[2]),float(sys.argv[3]),int(sys.argv[4]),int(sys.argv[5]),int(sys.argv[6]),int(sys.argv[7] or 0); print(n, f'{m/(t1-t0):.1f}', f'{rt/m:.2f}', f'{(c1-c0-1)/m:.2f}')" \
     "$1" "$t0" "$t1" "$c0" "$c1" "$M" "${trips:-0}" >> "$D/results"
