@@ -1055,7 +1055,9 @@ fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
 
 /// The delivery target for a route key.
 fn target_for(key: &str, address: &str) -> Option<Target> {
-    let key = key.split(" tls").next().unwrap_or(key);
+    // the key's attributes (`route::route`) are not part of the destination
+    let end = [" tls", " cert=", " from=", " headers="].iter().filter_map(|m| key.find(m)).min().unwrap_or(key.len());
+    let key = key.get(..end).unwrap_or(key);
     if let Some(domain) = key.strip_prefix("mx:") {
         let d = if domain.is_empty() { mailpolicy_stdlib::address::split(address).1 } else { domain.to_string() };
         return Destination::parse(&d).map(Target::Smtp);
