@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use mailpolicy_lang::ir::{OptValue, Program};
+use mailpolicy_lang::ir::Program;
 use mailpolicy_stdlib::{greylist::Greylist, ratelimit::RateStore};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -184,41 +184,30 @@ fn reads(prog: &Program) -> (std::collections::HashSet<(String, String)>, bool) 
     (out, conc)
 }
 
-fn opt_ms(prog: &Program, name: &str, default: u64) -> u64 {
-    match prog.server.option(name) {
-        Some(OptValue::Duration(ms)) => *ms,
-        _ => default,
-    }
-}
-
 impl StateStore {
     /// The store the policy names: `state "local"` (the default) or `state "redis://..."`.
     pub fn new(prog: &Program, hostname: &str) -> Result<StateStore, String> {
-        let timeout = Duration::from_millis(opt_ms(prog, "state_timeout", 1_000).max(1));
-        let lease_ms = opt_ms(prog, "state_lease", 60_000).max(1_000);
-        let on_error = match prog.server.option("state_on_error") {
-            Some(OptValue::Word(w)) if w == "local" => OnError::Local,
-            _ => OnError::Tempfail,
+        let server = &prog.server;
+        let timeout = server.state_timeout.max(Duration::from_millis(1));
+        let lease_ms = (server.state_lease.as_millis() as u64).max(1_000);
+        let on_error = match server.state_on_error {
+            mailpolicy_lang::settings::StateOnError::Local => OnError::Local,
+            mailpolicy_lang::settings::StateOnError::Tempfail => OnError::Tempfail,
         };
-        let redis = match prog.server.option("state") {
-            None => None,
-            Some(OptValue::Str(s)) if s == "local" => None,
-            Some(OptValue::Str(url)) => {
-                let client = redis::Client::open(url.as_str()).map_err(|e| format!("server state \"{url}\": {e}"))?;
-                let prefix = match prog.server.option("state_prefix") {
-                    Some(OptValue::Str(p)) => p.clone(),
-                    _ => "mailpolicy:".into(),
-                };
+        let redis = match server.state.as_str() {
+            "" | "local" => None,
+            url => {
+                let client = redis::Client::open(url).map_err(|e| format!("server state \"{url}\": {e}"))?;
                 let log = crate::log::Logger {
-                    format: match prog.server.option("log_format") {
-                        Some(OptValue::Word(w)) if w == "json" => crate::log::Format::Json,
-                        _ => crate::log::Format::Text,
+                    format: match server.log_format {
+                        mailpolicy_lang::settings::LogFormat::Json => crate::log::Format::Json,
+                        mailpolicy_lang::settings::LogFormat::Text => crate::log::Format::Text,
                     },
                 };
                 Some(Redis {
                     client,
                     conn: OnceLock::new(),
-                    prefix,
+                    prefix: server.state_prefix.clone(),
                     host_id: format!("{hostname}/{}/{:016x}", std::process::id(), rand::random::<u64>()),
                     seq: AtomicU64::new(0),
                     down_until: AtomicU64::new(0),
@@ -232,7 +221,6 @@ impl StateStore {
                     log,
                 })
             }
-            Some(_) => None,
         };
         let (read_windows, reads_concurrent) = reads(prog);
         Ok(StateStore {
