@@ -635,6 +635,11 @@ impl<'s> Checker<'s> {
                 }
                 *saw_server = true;
                 let opts = self.options(schema::SERVER, options, "`server`");
+                if let Some((_, OptValue::Str(h))) = opts.iter().find(|(k, _)| k == "fallback_relay") {
+                    let at =
+                        options.iter().find(|o| o.name.name == "fallback_relay").map(|o| o.value.span).unwrap_or(span);
+                    check_host(self, h, at, TransportKind::Smtp);
+                }
                 self.prog.server = Settings { name: None, options: opts };
             }
             ast::SettingsKw::Listener => {
@@ -2469,21 +2474,37 @@ impl<'s> Checker<'s> {
         let mut tls = TlsMode::May;
         let mut auth = None;
         let mut ca = None;
+        let mut cert = None;
+        let mut key = None;
+        let mut cert_span = kspan;
         while let Some(tag) = a.peek_tag() {
             let tspan = tag.span;
             match tag.name.as_str() {
                 "tls" => {
                     a.next();
-                    let (m, mspan) = a.word(self, "required, may or none")?;
+                    let (m, mspan) = a.word(self, "required, may, none or implicit")?;
                     tls = match m.as_str() {
                         "required" => TlsMode::Required,
                         "may" => TlsMode::May,
                         "none" => TlsMode::None,
+                        "implicit" => {
+                            if kind != TransportKind::Smtp {
+                                self.err(
+                                    Diagnostic::error(
+                                        "mailc::arguments",
+                                        "`:tls implicit` is for smtp to a host that speaks TLS from the start",
+                                    )
+                                    .at(mspan)
+                                    .help("deliver smtp \"[smtp.example.net]:465\" :tls implicit;"),
+                                );
+                            }
+                            TlsMode::Implicit
+                        }
                         _ => {
                             self.err(
                                 Diagnostic::error(
                                     "mailc::arguments",
-                                    format!("`:tls {m}`: expected required, may or none"),
+                                    format!("`:tls {m}`: expected required, may, none or implicit"),
                                 )
                                 .at(mspan),
                             );
@@ -2521,17 +2542,62 @@ impl<'s> Checker<'s> {
                     }
                     ca = Some(self.intern(&file));
                 }
+                "cert" | "key" => {
+                    a.next();
+                    let what = if tag.name == "cert" {
+                        "the PEM file of the client certificate chain"
+                    } else {
+                        "the PEM file of the client certificate's private key"
+                    };
+                    let (file, fspan) = a.plain_string(self, what)?;
+                    if !matches!(kind, TransportKind::Smtp | TransportKind::Mx) {
+                        self.err(
+                            Diagnostic::error(
+                                "mailc::arguments",
+                                format!("`:{}` is for TLS to another SMTP server (smtp, mx)", tag.name),
+                            )
+                            .at(tspan),
+                        );
+                    }
+                    if file.trim().is_empty() {
+                        self.err(
+                            Diagnostic::error("mailc::arguments", format!("`:{}` needs a file name", tag.name))
+                                .at(fspan),
+                        );
+                    }
+                    cert_span = tspan;
+                    if tag.name == "cert" {
+                        cert = Some(self.intern(&file));
+                    } else {
+                        key = Some(self.intern(&file));
+                    }
+                }
                 other => {
                     self.err(
                         Diagnostic::error("mailc::arguments", format!("`{k}` has no option `:{other}`"))
                             .at(tspan)
-                            .help("options: :tls required|may|none, :auth SECRET, :ca \"FILE\""),
+                            .help("options: :tls required|may|none|implicit, :auth SECRET, :ca \"FILE\", :cert \"FILE\" :key \"FILE\""),
                     );
                     a.next();
                 }
             }
         }
-        Some(Transport { kind, dest, tls, auth, ca })
+        let cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (c, _) => {
+                self.err(
+                    Diagnostic::error(
+                        "mailc::arguments",
+                        if c.is_some() { "`:cert` without `:key`" } else { "`:key` without `:cert`" },
+                    )
+                    .at(cert_span)
+                    .help("a client certificate is a pair: :cert \"client.pem\" :key \"client.key\""),
+                );
+                None
+            }
+        };
+        Some(Transport { kind, dest, tls, auth, ca, cert })
     }
 }
 
@@ -2979,7 +3045,7 @@ fn usage(name: &str) -> String {
         "accept" | "discard" | "stop" | "callahead" => format!("`{name}` takes no arguments"),
         "reject" => "reject [CODE] [ENHANCED] [\"TEXT\"], e.g. reject 550 5.7.1 \"Relay access denied\"".into(),
         "tempfail" => "tempfail [CODE] [ENHANCED] [\"TEXT\"], e.g. tempfail 451 4.7.1 \"Try again later\"".into(),
-        "deliver" | "filter" => format!("{name} mx | smtp \"HOST\" | lmtp \"HOST:PORT\" | maildir [\"FOLDER\"] | mbox \"FILE\" [:tls required|may|none] [:auth SECRET]"),
+        "deliver" | "filter" => format!("{name} mx | smtp \"HOST\" | lmtp \"HOST:PORT\" | maildir [\"FOLDER\"] | mbox \"FILE\" [:tls required|may|none|implicit] [:auth SECRET] [:ca \"FILE\"] [:cert \"FILE\" :key \"FILE\"]"),
         other => match TESTS.iter().find(|t| t.0 == other) {
             Some((_, u)) => format!("usage: {u}"),
             None => "see spec/language.md for its arguments".into(),

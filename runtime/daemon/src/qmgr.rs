@@ -118,6 +118,13 @@ struct RouteInfo {
     /// The CA file a verified next hop must chain to (`:ca`, else the server's `tls_ca`);
     /// None: the system's trust store.
     ca: Option<PathBuf>,
+    /// `:tls implicit` (RFC 8314).
+    implicit_tls: bool,
+    /// `:cert`/`:key`: the client certificate files.
+    cert: Option<(PathBuf, PathBuf)>,
+    /// MX delivery (`deliver mx`, or falling off the end of route): the server's
+    /// `fallback_relay` applies.
+    mx: bool,
 }
 
 struct JobDone {
@@ -516,10 +523,13 @@ impl Qmgr {
                         continue;
                     };
                     let tls = match transport.tls {
-                        TlsMode::Required => TlsPolicy::Required,
+                        TlsMode::Required | TlsMode::Implicit => TlsPolicy::Required,
                         TlsMode::None => TlsPolicy::None,
                         TlsMode::May => TlsPolicy::May,
                     };
+                    let implicit_tls = transport.tls == TlsMode::Implicit;
+                    let cert = transport.cert.as_ref().map(|(c, k)| (self.policy_dir.join(c), self.policy_dir.join(k)));
+                    let mx = transport.kind == mailpolicy_lang::ir::TransportKind::Mx;
                     let auth = transport
                         .auth
                         .and_then(|s| self.prog.secrets.get(s.index()))
@@ -532,7 +542,10 @@ impl Qmgr {
                             _ => None,
                         })
                         .map(|f| self.policy_dir.join(f));
-                    self.routes.insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth, ca });
+                    self.routes.insert(
+                        (id.to_string(), i),
+                        RouteInfo { address, sender, target, tls, auth, ca, implicit_tls, cert, mx },
+                    );
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
                         last.attempts = attempts;
@@ -829,6 +842,23 @@ impl Qmgr {
                     }
                 }
             }
+            if let Some((c, k)) = &first.cert {
+                match driver::ClientCert::from_pem(c, k) {
+                    Ok(cc) => opts.client_cert = Some(cc),
+                    Err(e) => {
+                        shared.log.event("tls-cert-failed", &[("id", id.as_str()), ("error", &e)]);
+                        let r = format!("451 4.7.5 cannot read the client certificate: {e}");
+                        return JobDone::deferred(job, &r);
+                    }
+                }
+            }
+            opts.implicit_tls = first.implicit_tls;
+            if first.mx {
+                opts.fallback = match prog.server.option("fallback_relay") {
+                    Some(OptValue::Str(h)) => Destination::parse(h),
+                    _ => None,
+                };
+            }
             opts.auth = first.auth.clone();
             opts.cache = Some(cache);
             opts.local = LocalIdentity { hostnames: vec![hostname.clone()], addrs: local_addrs(&shared) };
@@ -1044,7 +1074,9 @@ fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
 
 /// The delivery target for a route key.
 fn target_for(key: &str, address: &str) -> Option<Target> {
-    let key = key.split(" tls").next().unwrap_or(key);
+    // the key's attributes (`route::route`) are not part of the destination
+    let end = [" tls", " cert=", " from="].iter().filter_map(|m| key.find(m)).min().unwrap_or(key.len());
+    let key = key.get(..end).unwrap_or(key);
     if let Some(domain) = key.strip_prefix("mx:") {
         let d = if domain.is_empty() { mailpolicy_stdlib::address::split(address).1 } else { domain.to_string() };
         return Destination::parse(&d).map(Target::Smtp);
