@@ -3593,3 +3593,127 @@ fn fallback_relay_takes_what_the_mx_hosts_cannot() {
     let msgs = sink.messages();
     assert!(!msgs.iter().any(|m| m.contains("nowhere.test") || m.contains("direct.test")), "{msgs:?}");
 }
+
+/// A loopback server for the scheduler test: `greeting` None accepts and never says a word
+/// (a destination that hangs under load), Some(text) sends it and hangs up. Counts sessions.
+fn scripted_server(greeting: Option<&'static str>) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            match greeting {
+                Some(g) => {
+                    let _ = s.write_all(g.as_bytes());
+                }
+                None => held.push(s),
+            }
+        }
+    });
+    (port, n)
+}
+
+/// What the counting proxy in front of a sink saw.
+#[derive(Default)]
+struct ProxyStats {
+    open: usize,
+    max_open: usize,
+    /// For each accepted connection in order: how many messages the sink had stored then.
+    stored_at_accept: Vec<usize>,
+}
+
+/// A TCP proxy on a port of its own in front of `sink`, counting the sessions open at once.
+fn counting_proxy(sink: &Sink) -> (u16, Arc<Mutex<ProxyStats>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let stats = Arc::new(Mutex::new(ProxyStats::default()));
+    let (st, to, dir) = (stats.clone(), sink.port, sink.dir.clone());
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(client) = c else { continue };
+            let stored = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            {
+                let mut s = st.lock().unwrap();
+                s.open += 1;
+                s.max_open = s.max_open.max(s.open);
+                s.stored_at_accept.push(stored);
+            }
+            let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else { continue };
+            let st = st.clone();
+            std::thread::spawn(move || {
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                    let _ = s2.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s3, mut c3) = (server, client);
+                let _ = std::io::copy(&mut s3, &mut c3);
+                let _ = c3.shutdown(std::net::Shutdown::Both);
+                st.lock().unwrap().open -= 1;
+                let _ = up.join();
+            });
+        }
+    });
+    (port, stats)
+}
+
+/// R31, per-destination scheduling end to end: a destination that hangs (accepts, never
+/// greets) holds only its slow-start window of 2 sessions and does not delay mail to other
+/// destinations; one that answers 421 is tried at most a few times and then backed off (its
+/// other messages wait, untried); a healthy destination (smtp-sink taking a second per
+/// message, behind a counting proxy) gets at most `destination_concurrency` sessions, and its
+/// third session only opens after a first message went through (slow start).
+#[test]
+fn per_destination_concurrency_slow_start_and_backoff() {
+    let t = TempDir::new("sched");
+    let (port, sink_port) = (free_port(), free_port());
+    let sink = Sink::start(&t.join("sink"), sink_port, &["-w", "1"]);
+    let (good, stats) = counting_proxy(&sink);
+    let (hang, hang_sessions) = scripted_server(None);
+    let (busy, busy_sessions) = scripted_server(Some("421 4.3.2 too busy\r\n"));
+    let policy = format!(
+        "list local = domains [\"s.test\"];\n\
+         server {{ hostname \"mx.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; retry_min 10m; retry_max 20m; queue_run 10m; destination_concurrency 3; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         route {{\n  if recipient.domain :is \"hang.test\" {{ deliver smtp \"[127.0.0.1]:{hang}\"; }}\n  \
+         if recipient.domain :is \"busy.test\" {{ deliver smtp \"[127.0.0.1]:{busy}\"; }}\n  \
+         deliver smtp \"[127.0.0.1]:{good}\";\n}}\n"
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let mut c = Smtp::connect(port).expect("connect");
+    let msg = |i: usize| format!("From: a@s.test\r\nSubject: m{i}\r\n\r\nbody\r\n").into_bytes();
+    for i in 0..8 {
+        for dom in ["hang.test", "busy.test"] {
+            let (code, text) = c.send("a@s.test", &[&format!("u{i}@{dom}")], &msg(i), Way::Data).expect("send");
+            assert_eq!(code, 250, "{text}");
+        }
+    }
+    for i in 0..9 {
+        let (code, text) = c.send("a@s.test", &[&format!("u{i}@good.test")], &msg(i), Way::Data).expect("send");
+        assert_eq!(code, 250, "{text}");
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "the nine good.test messages delivered while hang.test hangs",
+        || sink.messages().len() == 9,
+        || d.log(),
+    );
+    let s = stats.lock().unwrap();
+    assert_eq!(s.max_open, 3, "destination_concurrency 3 reached and never passed: {:?}", s.stored_at_accept);
+    assert!(
+        s.stored_at_accept.get(2).is_some_and(|n| *n >= 1),
+        "slow start: the third session opened only after a delivery: {:?}",
+        s.stored_at_accept
+    );
+    drop(s);
+    assert_eq!(hang_sessions.load(Ordering::SeqCst), 2, "the hanging destination holds its initial window of 2");
+    let busy_n = busy_sessions.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&busy_n), "busy.test backed off after {busy_n} of 8 attempts\n{}", d.log());
+    let log = d.log();
+    assert!(!log.lines().any(|l| l.contains("@hang.test") && l.contains("status=")), "nothing of hang.test ended");
+    assert_eq!(log.lines().filter(|l| l.contains("@busy.test") && l.contains("status=deferred")).count(), busy_n);
+}
