@@ -125,6 +125,8 @@ struct RouteInfo {
     /// MX delivery (`deliver mx`, or falling off the end of route): the server's
     /// `fallback_relay` applies.
     mx: bool,
+    /// The route stage's header edits for this envelope's copy.
+    headers: Vec<crate::headers::Edit>,
 }
 
 struct JobDone {
@@ -517,7 +519,7 @@ impl Qmgr {
                 }
             };
             match routed {
-                Routed::Deliver { key, transport, address, sender } => {
+                Routed::Deliver { key, transport, address, sender, headers } => {
                     let Some(target) = target_for(&key, &address) else {
                         failures.push((i, format!("550 5.3.5 Bad destination {key}")));
                         continue;
@@ -544,7 +546,7 @@ impl Qmgr {
                         .map(|f| self.policy_dir.join(f));
                     self.routes.insert(
                         (id.to_string(), i),
-                        RouteInfo { address, sender, target, tls, auth, ca, implicit_tls, cert, mx },
+                        RouteInfo { address, sender, target, tls, auth, ca, implicit_tls, cert, mx, headers },
                     );
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
@@ -862,7 +864,15 @@ impl Qmgr {
             opts.auth = first.auth.clone();
             opts.cache = Some(cache);
             opts.local = LocalIdentity { hostnames: vec![hostname.clone()], addrs: local_addrs(&shared) };
-            let report: DeliveryReport = driver::deliver(&first.target, &env, &msg.data, &opts).await;
+            // The route stage's header edits, made to this envelope's copy only.
+            let edited;
+            let data: &[u8] = if first.headers.is_empty() {
+                &msg.data
+            } else {
+                edited = crate::headers::edit(&msg.data, "", &first.headers);
+                &edited
+            };
+            let report: DeliveryReport = driver::deliver(&first.target, &env, data, &opts).await;
             let now = now_ms();
             let mut results = Vec::new();
             let mut relayed = Vec::new();
@@ -1075,7 +1085,7 @@ fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
 /// The delivery target for a route key.
 fn target_for(key: &str, address: &str) -> Option<Target> {
     // the key's attributes (`route::route`) are not part of the destination
-    let end = [" tls", " cert=", " from="].iter().filter_map(|m| key.find(m)).min().unwrap_or(key.len());
+    let end = [" tls", " cert=", " from=", " headers="].iter().filter_map(|m| key.find(m)).min().unwrap_or(key.len());
     let key = key.get(..end).unwrap_or(key);
     if let Some(domain) = key.strip_prefix("mx:") {
         let d = if domain.is_empty() { mailpolicy_stdlib::address::split(address).1 } else { domain.to_string() };
