@@ -80,7 +80,7 @@ pub const SERVER: &[OptSpec] = &[
     o("postmaster", Str, "address that receives alerts and double bounces"),
     o("alert_from", Str, "sender address of alert mails (R7)"),
     o("tls_ca", Str, "PEM file of the CAs that next hops with `:tls required` must chain to, for every transport without its own `:ca` (Postfix smtp_tls_CAfile); default: the system's trust store (SSL_CERT_FILE / SSL_CERT_DIR when set)"),
-    o("fallback_relay", Str, "host tried when MX delivery fails temporarily (R33)"),
+    o("fallback_relay", Str, "host MX delivery goes to when every MX host failed temporarily or the MX lookup did, as a `deliver smtp` destination (R33, Postfix smtp_fallback_relay)"),
     o("soft_bounce", Bool, "turn every 5xx the policy or a delivery gives into 4xx (R40 soft-bounce mode)"),
     o("warn_only", Bool, "log what reject and tempfail would do, and accept (R40 warn-only mode)"),
     o("log_format", Word(&["text", "json"]), "log line format (default text)"),
