@@ -32,7 +32,7 @@ impl<'s> Checker<'s> {
                 if let Some((_, OptValue::Str(h))) = opts.iter().find(|(k, _)| k == "fallback_relay") {
                     let at =
                         options.iter().find(|o| o.name.name == "fallback_relay").map(|o| o.value.span).unwrap_or(span);
-                    check_host(self, h, at, TransportKind::Smtp);
+                    super::actions::check_host(self, h, at, TransportKind::Smtp);
                 }
                 self.prog.server = Settings { name: None, options: opts };
             }
