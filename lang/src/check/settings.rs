@@ -34,7 +34,11 @@ impl<'s> Checker<'s> {
                         options.iter().find(|o| o.name.name == "fallback_relay").map(|o| o.value.span).unwrap_or(span);
                     super::actions::check_host(self, h, at, TransportKind::Smtp);
                 }
-                self.prog.server = Settings { name: None, options: opts };
+                let mut server = crate::settings::Server::default();
+                for (k, v) in &opts {
+                    server.set(k, v);
+                }
+                self.prog.server = server;
             }
             ast::SettingsKw::Listener => {
                 let Some(n) = name else {
@@ -45,7 +49,7 @@ impl<'s> Checker<'s> {
                     );
                     return;
                 };
-                if self.prog.listeners.iter().any(|l| l.name.as_deref() == Some(n.name.as_str())) {
+                if self.prog.listeners.iter().any(|l| l.name == n.name) {
                     self.err(
                         Diagnostic::error("mailc::duplicate", format!("listener `{}` is declared twice", n.name))
                             .at(n.span),
@@ -98,7 +102,11 @@ impl<'s> Checker<'s> {
                             }),
                     );
                 }
-                self.prog.listeners.push(Settings { name: Some(n.name.clone()), options: opts });
+                let mut listener = crate::settings::Listener { name: n.name.clone(), ..Default::default() };
+                for (k, v) in &opts {
+                    listener.set(k, v);
+                }
+                self.prog.listeners.push(listener);
             }
         }
     }
@@ -142,7 +150,7 @@ impl<'s> Checker<'s> {
                 Diagnostic::error("mailc::type", format!("`{}` takes {want}", spec.name))
                     .at(v.span)
                     .label(format!("found {}", describe_value(v)))
-                    .help(spec.doc.to_string()),
+                    .help(spec.describe()),
             );
             None
         };

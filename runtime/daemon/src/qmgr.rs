@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailpolicy_lang::ir::{OptValue, Program, TlsMode};
+use mailpolicy_lang::ir::{Program, TlsMode};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -51,50 +51,9 @@ impl QmgrHandle {
     }
 }
 
-fn ms(p: &Program, name: &str) -> Option<u64> {
-    match p.server.option(name) {
-        Some(OptValue::Duration(d)) => Some(*d),
-        _ => None,
-    }
-}
-
-fn num(p: &Program, name: &str) -> Option<u64> {
-    match p.server.option(name) {
-        Some(OptValue::Num(n)) => Some(*n as u64),
-        Some(OptValue::Size(n)) => Some(*n),
-        _ => None,
-    }
-}
-
 /// Scheduler settings from the policy's `server { }` (Postfix defaults otherwise).
 pub fn queue_config(p: &Program) -> QueueConfig {
-    let mut c = QueueConfig::default();
-    if let Some(v) = ms(p, "queue_run") {
-        c.queue_run_delay_ms = v;
-    }
-    if let Some(v) = ms(p, "retry_min") {
-        c.minimal_backoff_ms = v;
-    }
-    if let Some(v) = ms(p, "retry_max") {
-        c.maximal_backoff_ms = v;
-    }
-    if let Some(v) = ms(p, "queue_lifetime") {
-        c.max_queue_lifetime_ms = v;
-    }
-    if let Some(v) = ms(p, "bounce_lifetime") {
-        c.bounce_queue_lifetime_ms = v;
-    }
-    if let Some(v) = ms(p, "delay_warning") {
-        c.delay_warning_ms = if v == 0 { None } else { Some(v) };
-    }
-    if let Some(v) = num(p, "destination_concurrency") {
-        c.destination_concurrency_limit = (v as u32).max(1);
-    }
-    if let Some(v) = num(p, "bounce_rate") {
-        c.bounce_rate_per_minute = Some(v as u32);
-    }
-    c.soft_bounce = matches!(p.server.option("soft_bounce"), Some(OptValue::Bool(true)));
-    c
+    QueueConfig::from_settings(&p.server)
 }
 
 /// The outbound session cache: as many idle sessions per destination as deliveries may run
@@ -539,10 +498,7 @@ impl Qmgr {
                     let ca = transport
                         .ca
                         .clone()
-                        .or_else(|| match self.prog.server.option("tls_ca") {
-                            Some(OptValue::Str(f)) => Some(f.clone()),
-                            _ => None,
-                        })
+                        .or_else(|| self.prog.server.tls_ca.clone())
                         .map(|f| self.policy_dir.join(f));
                     self.routes.insert(
                         (id.to_string(), i),
@@ -701,10 +657,7 @@ impl Qmgr {
     /// `archive FOLDER` (R12): a copy in the Maildir folder under the server's maildir.
     async fn archive(&self, stored: &Stored, folders: &[String]) {
         for folder in folders {
-            let root = match self.prog.server.option("maildir") {
-                Some(OptValue::Str(s)) => self.policy_dir.join(s),
-                _ => PathBuf::from("var/mail"),
-            };
+            let root = crate::route::maildir_root(&self.prog, &self.policy_dir);
             let safe: String =
                 folder.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
             let safe = safe.trim_start_matches('.').to_string();
@@ -856,10 +809,7 @@ impl Qmgr {
             }
             opts.implicit_tls = first.implicit_tls;
             if first.mx {
-                opts.fallback = match prog.server.option("fallback_relay") {
-                    Some(OptValue::Str(h)) => Destination::parse(h),
-                    _ => None,
-                };
+                opts.fallback = prog.server.fallback_relay.as_deref().and_then(Destination::parse);
             }
             opts.auth = first.auth.clone();
             opts.cache = Some(cache);
