@@ -444,6 +444,9 @@ pub enum TlsMode {
     Required,
     /// Never start TLS.
     None,
+    /// TLS from the first byte (RFC 8314: a smarthost's port 465), the certificate
+    /// verified as with `Required`; never STARTTLS, never clear.
+    Implicit,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -458,6 +461,10 @@ pub struct Transport {
     /// chain to (a private CA), relative to the policy's folder.
     #[serde(default)]
     pub ca: Option<StrId>,
+    /// `:cert "FILE" :key "FILE"`: the client certificate chain and its private key (PEM)
+    /// presented to next hops that ask for one, relative to the policy's folder.
+    #[serde(default)]
+    pub cert: Option<(StrId, StrId)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

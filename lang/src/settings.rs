@@ -360,7 +360,7 @@ settings! {
         alert_from: Option<String> = Dflt::Text("postmaster@ + hostname"), Str, "sender address of alert mails (R7)";
         tls_ca: Option<String> = Dflt::Text("the system's trust store"), Str,
             "PEM file of the CAs that next hops with `:tls required` must chain to, for every transport without its own `:ca` (Postfix smtp_tls_CAfile)";
-        fallback_relay: Option<String> = Dflt::Text("none"), Str, "host tried when MX delivery fails temporarily (R33)";
+        fallback_relay: Option<String> = Dflt::Text("none"), Str, "host MX delivery goes to when every MX host failed temporarily or the MX lookup did, as a `deliver smtp` destination (R33, Postfix smtp_fallback_relay)";
         soft_bounce: bool = Dflt::Bool(false), Bool,
             "turn every 5xx the policy or a delivery gives into 4xx (R40 soft-bounce mode)";
         warn_only: bool = Dflt::Bool(false), Bool, "log what reject and tempfail would do, and accept (R40 warn-only mode)";

@@ -509,21 +509,37 @@ impl<'s> Checker<'s> {
         let mut tls = TlsMode::May;
         let mut auth = None;
         let mut ca = None;
+        let mut cert = None;
+        let mut key = None;
+        let mut cert_span = kspan;
         while let Some(tag) = a.peek_tag() {
             let tspan = tag.span;
             match tag.name.as_str() {
                 "tls" => {
                     a.next();
-                    let (m, mspan) = a.word(self, "required, may or none")?;
+                    let (m, mspan) = a.word(self, "required, may, none or implicit")?;
                     tls = match m.as_str() {
                         "required" => TlsMode::Required,
                         "may" => TlsMode::May,
                         "none" => TlsMode::None,
+                        "implicit" => {
+                            if kind != TransportKind::Smtp {
+                                self.err(
+                                    Diagnostic::error(
+                                        "mailc::arguments",
+                                        "`:tls implicit` is for smtp to a host that speaks TLS from the start",
+                                    )
+                                    .at(mspan)
+                                    .help("deliver smtp \"[smtp.example.net]:465\" :tls implicit;"),
+                                );
+                            }
+                            TlsMode::Implicit
+                        }
                         _ => {
                             self.err(
                                 Diagnostic::error(
                                     "mailc::arguments",
-                                    format!("`:tls {m}`: expected required, may or none"),
+                                    format!("`:tls {m}`: expected required, may, none or implicit"),
                                 )
                                 .at(mspan),
                             );
@@ -561,17 +577,62 @@ impl<'s> Checker<'s> {
                     }
                     ca = Some(self.intern(&file));
                 }
+                "cert" | "key" => {
+                    a.next();
+                    let what = if tag.name == "cert" {
+                        "the PEM file of the client certificate chain"
+                    } else {
+                        "the PEM file of the client certificate's private key"
+                    };
+                    let (file, fspan) = a.plain_string(self, what)?;
+                    if !matches!(kind, TransportKind::Smtp | TransportKind::Mx) {
+                        self.err(
+                            Diagnostic::error(
+                                "mailc::arguments",
+                                format!("`:{}` is for TLS to another SMTP server (smtp, mx)", tag.name),
+                            )
+                            .at(tspan),
+                        );
+                    }
+                    if file.trim().is_empty() {
+                        self.err(
+                            Diagnostic::error("mailc::arguments", format!("`:{}` needs a file name", tag.name))
+                                .at(fspan),
+                        );
+                    }
+                    cert_span = tspan;
+                    if tag.name == "cert" {
+                        cert = Some(self.intern(&file));
+                    } else {
+                        key = Some(self.intern(&file));
+                    }
+                }
                 other => {
                     self.err(
                         Diagnostic::error("mailc::arguments", format!("`{k}` has no option `:{other}`"))
                             .at(tspan)
-                            .help("options: :tls required|may|none, :auth SECRET, :ca \"FILE\""),
+                            .help("options: :tls required|may|none|implicit, :auth SECRET, :ca \"FILE\", :cert \"FILE\" :key \"FILE\""),
                     );
                     a.next();
                 }
             }
         }
-        Some(Transport { kind, dest, tls, auth, ca })
+        let cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (c, _) => {
+                self.err(
+                    Diagnostic::error(
+                        "mailc::arguments",
+                        if c.is_some() { "`:cert` without `:key`" } else { "`:key` without `:cert`" },
+                    )
+                    .at(cert_span)
+                    .help("a client certificate is a pair: :cert \"client.pem\" :key \"client.key\""),
+                );
+                None
+            }
+        };
+        Some(Transport { kind, dest, tls, auth, ca, cert })
     }
 }
 

@@ -82,7 +82,7 @@ pub(super) fn usage(name: &str) -> String {
         "accept" | "discard" | "stop" | "callahead" => format!("`{name}` takes no arguments"),
         "reject" => "reject [CODE] [ENHANCED] [\"TEXT\"], e.g. reject 550 5.7.1 \"Relay access denied\"".into(),
         "tempfail" => "tempfail [CODE] [ENHANCED] [\"TEXT\"], e.g. tempfail 451 4.7.1 \"Try again later\"".into(),
-        "deliver" | "filter" => format!("{name} mx | smtp \"HOST\" | lmtp \"HOST:PORT\" | maildir [\"FOLDER\"] | mbox \"FILE\" [:tls required|may|none] [:auth SECRET]"),
+        "deliver" | "filter" => format!("{name} mx | smtp \"HOST\" | lmtp \"HOST:PORT\" | maildir [\"FOLDER\"] | mbox \"FILE\" [:tls required|may|none|implicit] [:auth SECRET] [:ca \"FILE\"] [:cert \"FILE\" :key \"FILE\"]"),
         other => match TESTS.iter().find(|t| t.0 == other) {
             Some((_, u)) => format!("usage: {u}"),
             None => "see spec/language.md for its arguments".into(),

@@ -43,6 +43,11 @@ impl<'s> Checker<'s> {
                         );
                     }
                 }
+                if let Some((_, OptValue::Str(h))) = opts.iter().find(|(k, _)| k == "fallback_relay") {
+                    let at =
+                        options.iter().find(|o| o.name.name == "fallback_relay").map(|o| o.value.span).unwrap_or(span);
+                    super::actions::check_host(self, h, at, TransportKind::Smtp);
+                }
                 let mut server = crate::settings::Server::default();
                 for (k, v) in &opts {
                     server.set(k, v);

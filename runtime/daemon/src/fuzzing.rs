@@ -124,6 +124,7 @@ pub fn queue_message(input: &[u8]) {
             recipients: std::slice::from_ref(&e),
             message: input,
             size_limit: 50_000,
+            utf8: false,
         };
         let _ = dsn::build_dsn(&d);
     }

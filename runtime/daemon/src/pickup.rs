@@ -227,6 +227,7 @@ fn bounce(shared: &Shared, spool: &Spool, sender: &str, sub: &Submission, refuse
         recipients: &entries,
         message: &sub.message,
         size_limit: 50_000,
+        utf8: dsn::Dsn::needs_global(false, &rp, &entries),
     };
     let prog = shared.program();
     let msg = QueuedMessage {

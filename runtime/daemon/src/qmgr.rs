@@ -77,6 +77,13 @@ struct RouteInfo {
     /// The CA file a verified next hop must chain to (`:ca`, else the server's `tls_ca`);
     /// None: the system's trust store.
     ca: Option<PathBuf>,
+    /// `:tls implicit` (RFC 8314).
+    implicit_tls: bool,
+    /// `:cert`/`:key`: the client certificate files.
+    cert: Option<(PathBuf, PathBuf)>,
+    /// MX delivery (`deliver mx`, or falling off the end of route): the server's
+    /// `fallback_relay` applies.
+    mx: bool,
     /// The route stage's header edits for this envelope's copy.
     headers: Vec<crate::headers::Edit>,
 }
@@ -477,10 +484,13 @@ impl Qmgr {
                         continue;
                     };
                     let tls = match transport.tls {
-                        TlsMode::Required => TlsPolicy::Required,
+                        TlsMode::Required | TlsMode::Implicit => TlsPolicy::Required,
                         TlsMode::None => TlsPolicy::None,
                         TlsMode::May => TlsPolicy::May,
                     };
+                    let implicit_tls = transport.tls == TlsMode::Implicit;
+                    let cert = transport.cert.as_ref().map(|(c, k)| (self.policy_dir.join(c), self.policy_dir.join(k)));
+                    let mx = transport.kind == mailpolicy_lang::ir::TransportKind::Mx;
                     let auth = transport
                         .auth
                         .and_then(|s| self.prog.secrets.get(s.index()))
@@ -490,8 +500,10 @@ impl Qmgr {
                         .clone()
                         .or_else(|| self.prog.server.tls_ca.clone())
                         .map(|f| self.policy_dir.join(f));
-                    self.routes
-                        .insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth, ca, headers });
+                    self.routes.insert(
+                        (id.to_string(), i),
+                        RouteInfo { address, sender, target, tls, auth, ca, implicit_tls, cert, mx, headers },
+                    );
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
                         last.attempts = attempts;
@@ -784,6 +796,20 @@ impl Qmgr {
                         return JobDone::deferred(job, &r);
                     }
                 }
+            }
+            if let Some((c, k)) = &first.cert {
+                match driver::ClientCert::from_pem(c, k) {
+                    Ok(cc) => opts.client_cert = Some(cc),
+                    Err(e) => {
+                        shared.log.event("tls-cert-failed", &[("id", id.as_str()), ("error", &e)]);
+                        let r = format!("451 4.7.5 cannot read the client certificate: {e}");
+                        return JobDone::deferred(job, &r);
+                    }
+                }
+            }
+            opts.implicit_tls = first.implicit_tls;
+            if first.mx {
+                opts.fallback = prog.server.fallback_relay.as_deref().and_then(Destination::parse);
             }
             opts.auth = first.auth.clone();
             opts.cache = Some(cache);

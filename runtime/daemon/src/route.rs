@@ -174,6 +174,7 @@ fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedR
             tls: mailpolicy_lang::ir::TlsMode::May,
             auth: None,
             ca: None,
+            cert: None,
             root: None,
         },
     };
@@ -215,10 +216,17 @@ fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedR
             (d, _) => format!("mbox:{}", policy_dir.join(d.clone().unwrap_or_default()).display()),
         },
     };
+    // Sessions (and the scheduler's destinations) are kept apart by how they are secured.
     let key = match (transport.tls, &transport.ca) {
         (mailpolicy_lang::ir::TlsMode::Required, Some(ca)) => format!("{key} tls ca={ca}"),
         (mailpolicy_lang::ir::TlsMode::Required, None) => format!("{key} tls"),
+        (mailpolicy_lang::ir::TlsMode::Implicit, Some(ca)) => format!("{key} tls implicit ca={ca}"),
+        (mailpolicy_lang::ir::TlsMode::Implicit, None) => format!("{key} tls implicit"),
         _ => key,
+    };
+    let key = match &transport.cert {
+        Some((c, _)) => format!("{key} cert={c}"),
+        None => key,
     };
     // Recipients with a rewritten sender travel in envelopes of their own.
     let key = match &sender {

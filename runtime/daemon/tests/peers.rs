@@ -686,3 +686,129 @@ async fn truncated_udp_answers_are_asked_again_over_tcp() {
     }
     assert_eq!(spf, "pass", "the {}-byte record is read over TCP", record.len());
 }
+
+// ------------------------------------------------- issue 17: R33 next hops
+
+/// A server that answers every connection with `421 4.3.2` and hangs up; counts them.
+fn refusing_greeter(addr: &str) -> (std::sync::Arc<std::sync::atomic::AtomicUsize>, u16) {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind(addr).expect("bind the 421 server");
+    let port = l.local_addr().unwrap().port();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = n.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.write_all(b"421 4.3.2 Service shutting down, try another host\r\n");
+        }
+    });
+    (n, port)
+}
+
+/// MX hosts of equal preference are tried in random order: over 40 deliveries to two
+/// smtp-sinks of preference 10 (127.0.0.1 and 127.0.0.2, the same port) both are used
+/// (each at least 5 times: failing by chance has odds below 1 in 10^6); the
+/// preference-20 host (nothing listens there) is never needed.
+#[test]
+fn equal_preference_mx_hosts_share_the_mail() {
+    let rt = rt();
+    let port = free_port();
+    let _a = smtp_sink(&[], &format!("127.0.0.1:{port}"));
+    let _b = smtp_sink(&[], &format!("127.0.0.2:{port}"));
+    let mut r = StaticResolver::new();
+    r.add_mx("dst.test", 10, "mx-a.dst.test")
+        .add_mx("dst.test", 10, "mx-b.dst.test")
+        .add_mx("dst.test", 20, "backup.dst.test")
+        .add_ip("mx-a.dst.test", ip("127.0.0.1"))
+        .add_ip("mx-b.dst.test", ip("127.0.0.2"))
+        .add_ip("backup.dst.test", ip("127.0.0.3"));
+    let o = opts(r);
+    let target = Target::Smtp(Destination::parse(&format!("dst.test:{port}")).unwrap());
+    let mut used: HashMap<String, usize> = HashMap::new();
+    for i in 0..40 {
+        let rep = rt.block_on(deliver(
+            &target,
+            &env("a@s.test", &["b@dst.test"]),
+            format!("Subject: {i}\n\nx\n").as_bytes(),
+            &o,
+        ));
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "message {i}: {rep:?}");
+        *used.entry(rep.remote_host.clone().unwrap_or_default()).or_default() += 1;
+    }
+    assert_eq!(used.len(), 2, "{used:?}");
+    assert!(used.get("mx-a.dst.test").is_some_and(|n| *n >= 5), "{used:?}");
+    assert!(used.get("mx-b.dst.test").is_some_and(|n| *n >= 5), "{used:?}");
+}
+
+/// A host that answers 421 at the greeting is skipped for the next MX host; when it is the
+/// only one the recipients are deferred with its reply (never bounced).
+#[test]
+fn a_421_greeting_moves_on_to_the_next_mx_or_defers() {
+    let rt = rt();
+    let port = free_port();
+    let (refused, p421) = refusing_greeter(&format!("127.0.0.2:{port}"));
+    assert_eq!(p421, port);
+    let _sink = smtp_sink(&[], &format!("127.0.0.1:{port}"));
+    let mut r = StaticResolver::new();
+    r.add_mx("dst.test", 10, "busy.dst.test")
+        .add_mx("dst.test", 20, "ok.dst.test")
+        .add_mx("only.test", 10, "busy.dst.test")
+        .add_ip("busy.dst.test", ip("127.0.0.2"))
+        .add_ip("ok.dst.test", ip("127.0.0.1"));
+    let o = opts(r);
+    let target = Target::Smtp(Destination::parse(&format!("dst.test:{port}")).unwrap());
+    let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@dst.test"]), b"Subject: x\n\nx\n", &o));
+    assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
+    assert_eq!(rep.remote_host.as_deref(), Some("ok.dst.test"));
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1, "the better MX was tried first");
+    let target = Target::Smtp(Destination::parse(&format!("only.test:{port}")).unwrap());
+    let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@only.test"]), b"Subject: x\n\nx\n", &o));
+    match &rep.recipients[0] {
+        Outcome::Deferred(r) => assert_eq!((r.code, r.enhanced), (421, Some((4, 3, 2))), "{r:?}"),
+        other => panic!("deferred expected: {other:?}"),
+    }
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// The fallback relay (R33): used when every MX host fails temporarily (a 421 greeting,
+/// a refused connection) or the MX lookup fails temporarily; never for a domain that does
+/// not exist or has a null MX.
+#[test]
+fn fallback_relay_after_every_mx_host_failed() {
+    let rt = rt();
+    let port = free_port();
+    let (_refused, _) = refusing_greeter(&format!("127.0.0.2:{port}"));
+    let fb_port = free_port();
+    let _sink = smtp_sink(&[], &format!("127.0.0.1:{fb_port}"));
+    let mut r = StaticResolver::new();
+    r.add_mx("dst.test", 10, "busy.dst.test")
+        .add_mx("dst.test", 20, "down.dst.test")
+        .add_ip("busy.dst.test", ip("127.0.0.2"))
+        .add_ip("down.dst.test", ip("127.0.0.3"))
+        .fail_mx("tempfail.test", DnsError::Temporary("SERVFAIL".into()))
+        .add_mx("null.test", 0, ".");
+    let mut o = opts(r);
+    let e = |d: &str| env("a@s.test", &[&format!("b@{d}")]);
+    let target = |d: &str| Target::Smtp(Destination::parse(&format!("{d}:{port}")).unwrap());
+    // without a fallback: deferred
+    let rep = rt.block_on(deliver(&target("dst.test"), &e("dst.test"), b"x\n", &o));
+    assert!(matches!(&rep.recipients[0], Outcome::Deferred(_)), "{rep:?}");
+    o.fallback = Destination::parse(&format!("[127.0.0.1]:{fb_port}"));
+    for d in ["dst.test", "tempfail.test"] {
+        let rep = rt.block_on(deliver(&target(d), &e(d), b"x\n", &o));
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{d}: {rep:?}");
+        assert_eq!(rep.remote_mta, Some(format!("127.0.0.1[127.0.0.1]:{fb_port}")), "{d}");
+    }
+    for (d, status) in [("nxdomain.test", (5, 4, 4)), ("null.test", (5, 1, 10))] {
+        let rep = rt.block_on(deliver(&target(d), &e(d), b"x\n", &o));
+        match &rep.recipients[0] {
+            Outcome::Failed(r) => assert_eq!(r.enhanced, Some(status), "{d}: {r:?}"),
+            other => panic!("{d}: a bounce expected, not {other:?}"),
+        }
+    }
+    // a fixed host ([host], not MX delivery) never falls back
+    let fixed = Target::Smtp(Destination::parse(&format!("[127.0.0.3]:{port}")).unwrap());
+    let rep = rt.block_on(deliver(&fixed, &e("dst.test"), b"x\n", &o));
+    assert!(matches!(&rep.recipients[0], Outcome::Deferred(_)), "{rep:?}");
+}

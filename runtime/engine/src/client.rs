@@ -26,12 +26,16 @@
 //!
 //! # Transactions
 //!
-//! [`Client::send_message`] sends `MAIL FROM` (with `SIZE`, `BODY=8BITMIME`,
-//! `SMTPUTF8` when offered and needed, and `RET`/`ENVID` only when the server
-//! offers `DSN`), one `RCPT TO` per recipient (`NOTIFY`/`ORCPT` only with
-//! `DSN`), then `DATA` and the dot-stuffed content, bare CR and LF turned
-//! into CRLF. With `PIPELINING` offered, MAIL, every RCPT and DATA go in one
-//! write (RFC 2920). The result, [`ClientEvent::Transaction`], holds one
+//! [`Client::send_message`] sends `MAIL FROM` (with `SIZE`, `BODY=8BITMIME`
+//! or `BODY=BINARYMIME`, `SMTPUTF8` when offered and needed, and `RET`/`ENVID`
+//! only when the server offers `DSN`, ENVID as xtext), one `RCPT TO` per
+//! recipient (`NOTIFY`/`ORCPT` only with `DSN`), then the content: when the
+//! server offers `CHUNKING` (RFC 3030, SMTP only, [`ClientConfig::chunking`])
+//! as one `BDAT n LAST` chunk, not dot-stuffed (a `BODY=BINARYMIME` message
+//! byte for byte, any other with bare CR and LF turned into CRLF); else `DATA`
+//! and the dot-stuffed content, bare CR and LF turned into CRLF. With
+//! `PIPELINING` offered, MAIL, every RCPT and DATA (or BDAT and its chunk) go
+//! in one write (RFC 2920). The result, [`ClientEvent::Transaction`], holds one
 //! final reply per recipient, in envelope order: the MAIL reply if MAIL was
 //! refused, the RCPT reply if RCPT was refused, the DATA reply if DATA was
 //! refused, else the reply to the final dot (LMTP: that recipient's own
@@ -40,8 +44,13 @@
 //! (RFC 3461 4.1, R1).
 //!
 //! Without sending anything the engine answers `552 5.3.4` when the message
-//! is bigger than the server's `SIZE`, and `553 5.6.7` when an address needs
-//! SMTPUTF8 and the server does not offer it.
+//! is bigger than the server's `SIZE`; `553 5.6.7` when an address needs
+//! SMTPUTF8 and the server does not offer it, and `554 5.6.7` when the message
+//! was received with `SMTPUTF8` and its header section holds UTF-8 (RFC 6531
+//! 3.2: such a message is never downgraded; with ASCII addresses and headers
+//! it goes without SMTPUTF8, as Postfix sends it); `554 5.6.3` for a
+//! `BODY=BINARYMIME` message when the server does not offer both CHUNKING and
+//! BINARYMIME (RFC 3030 3: no conversion is done).
 //!
 //! After an incomplete transaction (MAIL, every RCPT or DATA refused) the
 //! engine sends `RSET` before it is ready again. [`Client::reset`] sends an
@@ -134,6 +143,8 @@ pub struct ClientConfig {
     pub auth: Option<Credentials>,
     /// Pipeline MAIL/RCPT/DATA when the server offers PIPELINING.
     pub pipelining: bool,
+    /// Send the content with BDAT when the server offers CHUNKING (SMTP only).
+    pub chunking: bool,
 }
 
 impl Default for ClientConfig {
@@ -144,6 +155,7 @@ impl Default for ClientConfig {
             tls: TlsPolicy::May,
             auth: None,
             pipelining: true,
+            chunking: true,
         }
     }
 }
@@ -169,8 +181,10 @@ pub struct ServerExtensions {
     pub auth: Vec<String>,
     /// ENHANCEDSTATUSCODES.
     pub enhanced_status_codes: bool,
-    /// CHUNKING (BDAT). Parsed only; this client always sends DATA.
+    /// CHUNKING (BDAT, RFC 3030).
     pub chunking: bool,
+    /// BINARYMIME (RFC 3030).
+    pub binary_mime: bool,
 }
 
 impl ServerExtensions {
@@ -209,6 +223,7 @@ impl ServerExtensions {
                 }
                 "ENHANCEDSTATUSCODES" => e.enhanced_status_codes = true,
                 "CHUNKING" => e.chunking = true,
+                "BINARYMIME" => e.binary_mime = true,
                 _ => {}
             }
         }
@@ -233,7 +248,7 @@ pub enum Phase {
     Rcpt,
     /// The DATA (354) reply.
     Data,
-    /// The reply(ies) to the final dot.
+    /// The reply(ies) to the final dot, or to `BDAT n LAST`.
     DataEnd,
     /// The RSET reply.
     Rset,
@@ -332,6 +347,8 @@ enum Expect {
     Rcpt(usize),
     Data,
     DataEnd,
+    /// The reply to `BDAT n LAST`.
+    BdatLast,
     LmtpDataEnd(usize),
     /// The dot sent after a 354 that came although no recipient was accepted.
     JunkDataEnd,
@@ -353,7 +370,7 @@ impl Expect {
             Expect::Mail => Phase::Mail,
             Expect::Rcpt(_) => Phase::Rcpt,
             Expect::Data => Phase::Data,
-            Expect::DataEnd | Expect::LmtpDataEnd(_) | Expect::JunkDataEnd => Phase::DataEnd,
+            Expect::DataEnd | Expect::BdatLast | Expect::LmtpDataEnd(_) | Expect::JunkDataEnd => Phase::DataEnd,
             Expect::Rset => Phase::Rset,
             Expect::Quit => Phase::Quit,
         }
@@ -379,8 +396,11 @@ struct Txn {
     call_ahead: bool,
     pipelined: bool,
     recipients: Vec<Recipient>,
-    /// Encoded DATA content (dot-stuffed, CRLF, final dot included).
+    /// Encoded DATA content (dot-stuffed, CRLF, final dot included), or with
+    /// `bdat` the `BDAT n LAST` command line and its chunk.
     data: Vec<u8>,
+    /// The content goes with BDAT.
+    bdat: bool,
     mail: Option<Reply>,
     finals: Vec<Option<Reply>>,
     rcpt_replies: Vec<Option<Reply>>,
@@ -417,6 +437,18 @@ pub const MAX_TEXT_LINE: usize = 998;
 /// CRLF SPACE (as Postfix does, which keeps MIME structure intact), a final CRLF is added
 /// if missing, then `.CRLF`.
 pub fn encode_data(data: &[u8]) -> Vec<u8> {
+    let mut out = encode_lines(data, true);
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// Encodes a message for a BDAT chunk (RFC 3030): as [`encode_data`] without the
+/// dot-stuffing and the final dot (canonical CRLF text, long lines broken).
+pub fn encode_bdat_text(data: &[u8]) -> Vec<u8> {
+    encode_lines(data, false)
+}
+
+fn encode_lines(data: &[u8], dot_stuff: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 8);
     let mut line_start = true;
     let mut line_len = 0usize;
@@ -441,7 +473,7 @@ pub fn encode_data(data: &[u8]) -> Vec<u8> {
                 line_start = true;
                 line_len = 0;
             }
-            b'.' if line_start => {
+            b'.' if line_start && dot_stuff => {
                 out.extend_from_slice(b"..");
                 line_start = false;
                 line_len += 1;
@@ -457,8 +489,13 @@ pub fn encode_data(data: &[u8]) -> Vec<u8> {
     if !line_start {
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b".\r\n");
     out
+}
+
+/// The header section holds a byte outside ASCII (an SMTPUTF8 message's UTF-8 headers).
+fn utf8_headers(data: &[u8]) -> bool {
+    let end = crate::headers::header_end(data).min(data.len());
+    data.get(..end).is_some_and(|h| !h.is_ascii())
 }
 
 /// RFC 3461 xtext encoding.
@@ -686,15 +723,35 @@ impl Client {
     /// Starts a message transaction.
     pub fn send_message(&mut self, env: &Envelope, data: &[u8]) -> Result<(), UsageError> {
         self.check_ready()?;
-        let encoded = encode_data(data);
+        let binary = env.params.body == BodyType::BinaryMime;
+        let bdat = self.cfg.protocol == Protocol::Smtp && self.cfg.chunking && self.ext.chunking;
+        let encoded = if !bdat {
+            encode_data(data)
+        } else if binary {
+            data.to_vec()
+        } else {
+            encode_bdat_text(data)
+        };
         let n = env.recipients.len();
         // checks that need no round trip; the size is as sent (CRLF, and
         // counting dot-stuffing, a slight overestimate RFC 1870 allows)
-        let size = encoded.len().saturating_sub(3) as u64;
+        let size = if bdat { encoded.len() as u64 } else { encoded.len().saturating_sub(3) as u64 };
         let refuse = if let Some(limit) = self.ext.size.filter(|l| *l > 0 && size > *l) {
             Some(made_up(552, (5, 3, 4), format!("message size {size} exceeds the next hop's limit of {limit}")))
         } else if needs_utf8(env) && !self.ext.smtputf8 {
             Some(made_up(553, (5, 6, 7), "the next hop does not support SMTPUTF8, required by an address"))
+        } else if env.params.smtputf8 && !self.ext.smtputf8 && utf8_headers(data) {
+            Some(made_up(
+                554,
+                (5, 6, 7),
+                "the next hop does not support SMTPUTF8, required by the message's UTF-8 header",
+            ))
+        } else if binary && !(bdat && self.ext.binary_mime) {
+            Some(made_up(
+                554,
+                (5, 6, 3),
+                "the next hop does not support BINARYMIME and CHUNKING, required by this binary message",
+            ))
         } else if n == 0 {
             Some(made_up(554, (5, 5, 1), "no recipients"))
         } else {
@@ -713,7 +770,9 @@ impl Client {
         if self.ext.size.is_some() {
             mail.push_str(&format!(" SIZE={size}"));
         }
-        if env.params.body != BodyType::SevenBit && self.ext.eight_bit_mime {
+        if binary {
+            mail.push_str(" BODY=BINARYMIME");
+        } else if env.params.body != BodyType::SevenBit && self.ext.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
         }
         if (env.params.smtputf8 || needs_utf8(env)) && self.ext.smtputf8 {
@@ -729,7 +788,14 @@ impl Client {
                 mail.push_str(&format!(" ENVID={}", encode_xtext(id)));
             }
         }
-        self.start_txn(mail, env.recipients.clone(), encoded, false);
+        let content = if bdat {
+            let mut c = format!("BDAT {} LAST\r\n", encoded.len()).into_bytes();
+            c.extend_from_slice(&encoded);
+            c
+        } else {
+            encoded
+        };
+        self.start_txn(mail, env.recipients.clone(), content, bdat, false);
         Ok(())
     }
 
@@ -737,7 +803,7 @@ impl Client {
     pub fn call_ahead(&mut self, from: &ReversePath, rcpt: &ForwardPath) -> Result<(), UsageError> {
         self.check_ready()?;
         let r = Recipient { path: rcpt.clone(), params: Default::default() };
-        self.start_txn(format!("MAIL FROM:{from}"), vec![r], Vec::new(), true);
+        self.start_txn(format!("MAIL FROM:{from}"), vec![r], Vec::new(), false, true);
         Ok(())
     }
 
@@ -772,7 +838,7 @@ impl Client {
         }
     }
 
-    fn start_txn(&mut self, mail: String, recipients: Vec<Recipient>, data: Vec<u8>, ca: bool) {
+    fn start_txn(&mut self, mail: String, recipients: Vec<Recipient>, data: Vec<u8>, bdat: bool, ca: bool) {
         let n = recipients.len();
         let pipelined = self.cfg.pipelining && self.ext.pipelining;
         self.state = State::Busy;
@@ -782,6 +848,7 @@ impl Client {
             pipelined,
             recipients,
             data,
+            bdat,
             mail: None,
             finals: vec![None; n],
             rcpt_replies: vec![None; n],
@@ -796,9 +863,21 @@ impl Client {
             }
             if ca {
                 self.send_cmd("RSET", Expect::Rset);
+            } else if bdat {
+                self.send_bdat();
             } else {
                 self.send_cmd("DATA", Expect::Data);
             }
+        }
+    }
+
+    /// Sends the transaction's `BDAT n LAST` and its chunk (already framed).
+    fn send_bdat(&mut self) {
+        if let Some(t) = self.txn.as_mut() {
+            let data = std::mem::take(&mut t.data);
+            t.data_sent = true;
+            self.out.extend_from_slice(&data);
+            self.expect.push_back(Expect::BdatLast);
         }
     }
 

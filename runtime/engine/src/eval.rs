@@ -725,6 +725,7 @@ impl Run {
             tls: t.tls,
             auth: t.auth,
             ca: t.ca.map(|c| prog.str(c).to_string()),
+            cert: t.cert.map(|(c, k)| (prog.str(c).to_string(), prog.str(k).to_string())),
             root,
         })
     }
@@ -1130,6 +1131,7 @@ mod describe_tests {
             tls: TlsMode::Required,
             auth: None,
             ca: None,
+            cert: None,
             root: None,
         };
         assert_eq!(t.to_string(), "smtp [10.0.0.5]:25 tls required");

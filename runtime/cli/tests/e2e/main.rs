@@ -16,6 +16,7 @@ mod hardening;
 mod lmtp;
 mod local;
 mod lookups;
+mod outbound;
 mod postfix;
 mod relay;
 mod swaks;

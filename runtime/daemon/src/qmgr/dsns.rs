@@ -135,6 +135,7 @@ impl Qmgr {
             _ => None,
         };
         let envid = (!msg.envid.is_empty()).then_some(msg.envid.as_str());
+        let utf8 = dsn::Dsn::needs_global(msg.session.smtputf8, &sender, &entries);
         let d = dsn::Dsn {
             kind: tkind,
             hostname: &self.shared.hostname,
@@ -146,6 +147,7 @@ impl Qmgr {
             recipients: &entries,
             message: &msg.data,
             size_limit,
+            utf8,
         };
         let mut data = dsn::build_dsn(&d);
         // Header changes the bounce stage asked for.
@@ -163,6 +165,7 @@ impl Qmgr {
             v.extend_from_slice(&data);
             data = v;
         }
+        let eight_bit = !data.is_ascii();
         let bounce = QueuedMessage {
             sender: String::new(),
             recipients: vec![QueuedRcpt {
@@ -174,7 +177,13 @@ impl Qmgr {
             data,
             client_ip: "127.0.0.1".into(),
             helo: self.shared.hostname.clone(),
-            session: crate::conn::SessionRecord::internal(&self.prog, &self.shared.hostname),
+            session: crate::conn::SessionRecord {
+                // RFC 6533: a report on an SMTPUTF8 message is one itself; any 8-bit report
+                // goes as 8BITMIME.
+                smtputf8: utf8,
+                mail_body: if eight_bit { "8BITMIME".into() } else { String::new() },
+                ..crate::conn::SessionRecord::internal(&self.prog, &self.shared.hostname)
+            },
             ..Default::default()
         };
         match spool_io(&self.spool, move |s| s.store(&bounce, Class::Bounce, now).map_err(std::io::Error::other)).await

@@ -14,6 +14,17 @@
 //!   in clear once, like Postfix); `Required` verifies the chain against the
 //!   system's trust store ([`system_roots`], or [`DeliveryOptions::tls_roots`]) and the host name, and
 //!   defers with `4.7.x` otherwise; `None` never sends STARTTLS.
+//!   [`DeliveryOptions::implicit_tls`] (RFC 8314, a smarthost's port 465)
+//!   starts TLS on connect, the certificate verified as with `Required`, and
+//!   never speaks in clear. [`DeliveryOptions::client_cert`] is presented to a
+//!   next hop that asks for a client certificate (either way of starting TLS).
+//! * A greeting other than 220 (a `421` included) fails that address: the
+//!   next one is tried; when none is left the recipients are deferred.
+//! * [`DeliveryOptions::fallback`] (the server's `fallback_relay`, R33): when
+//!   MX delivery fails temporarily before a transaction started (no address
+//!   could be reached, every one refused the session, or the MX lookup failed
+//!   temporarily), the fallback host's addresses are tried next. A permanent
+//!   DNS answer (no such domain, null MX) is final and never sent there.
 //! * A [`ConnectionCache`] keeps idle sessions per destination; a cached
 //!   session is probed with RSET before reuse and dropped if that fails.
 
@@ -248,6 +259,38 @@ pub struct DeliveryOptions {
     pub max_hops: usize,
     /// Use PIPELINING when offered.
     pub pipelining: bool,
+    /// Send with BDAT when the next hop offers CHUNKING (SMTP only).
+    pub chunking: bool,
+    /// TLS from the first byte (RFC 8314); verified as [`TlsPolicy::Required`].
+    pub implicit_tls: bool,
+    /// The client certificate to present when a next hop asks (`:cert`/`:key`).
+    pub client_cert: Option<ClientCert>,
+    /// Tried when MX delivery fails temporarily (the server's `fallback_relay`, R33).
+    pub fallback: Option<Destination>,
+}
+
+/// A client certificate chain and its private key (`:cert "FILE" :key "FILE"`).
+#[derive(Clone)]
+pub struct ClientCert {
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: Arc<rustls::pki_types::PrivateKeyDer<'static>>,
+    /// The certificate file, for the session cache key and logs.
+    pub path: String,
+}
+
+impl ClientCert {
+    /// Reads the PEM chain and key; an unreadable file is an error for the administrator.
+    pub fn from_pem(cert: &std::path::Path, key: &std::path::Path) -> Result<ClientCert, String> {
+        let chain = crate::tls::read_certs(cert)?;
+        let k = crate::tls::read_key(key)?;
+        Ok(ClientCert { chain, key: Arc::new(k), path: cert.display().to_string() })
+    }
+}
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientCert({:?}, <key hidden>)", self.path)
+    }
 }
 
 impl std::fmt::Debug for DeliveryOptions {
@@ -259,6 +302,9 @@ impl std::fmt::Debug for DeliveryOptions {
             .field("timeouts", &self.timeouts)
             .field("local", &self.local)
             .field("max_hops", &self.max_hops)
+            .field("implicit_tls", &self.implicit_tls)
+            .field("client_cert", &self.client_cert)
+            .field("fallback", &self.fallback)
             .finish_non_exhaustive()
     }
 }
@@ -277,6 +323,10 @@ impl DeliveryOptions {
             tls_roots: None,
             max_hops: 5,
             pipelining: true,
+            chunking: true,
+            implicit_tls: false,
+            client_cert: None,
+            fallback: None,
         }
     }
 }
@@ -295,6 +345,7 @@ pub struct Connection {
     label: String,
     tls_policy: TlsPolicy,
     tls_roots: Option<Arc<rustls::RootCertStore>>,
+    client_cert: Option<ClientCert>,
     tls_failed: bool,
 }
 
@@ -386,18 +437,45 @@ pub fn roots_from_pem(path: &std::path::Path) -> Result<Arc<rustls::RootCertStor
 fn tls_config(
     policy: TlsPolicy,
     roots: Option<&Arc<rustls::RootCertStore>>,
+    client_cert: Option<&ClientCert>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder =
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
-    if policy == TlsPolicy::Required {
+    let builder = if policy == TlsPolicy::Required {
         let roots = match roots {
             Some(r) => (**r).clone(),
             None => (*system_roots()).clone(),
         };
-        Ok(builder.with_root_certificates(roots).with_no_client_auth())
+        builder.with_root_certificates(roots)
     } else {
-        Ok(builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth())
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+    };
+    match client_cert {
+        Some(c) => builder.with_client_auth_cert(c.chain.clone(), c.key.clone_key()),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// Runs a client TLS handshake on `stream` for `name` (the certificate's name).
+async fn handshake(
+    stream: Box<dyn IoStream>,
+    name: &str,
+    label: &str,
+    policy: TlsPolicy,
+    roots: Option<&Arc<rustls::RootCertStore>>,
+    client_cert: Option<&ClientCert>,
+    limit: Duration,
+) -> Result<Box<dyn IoStream>, (bool, Reply)> {
+    let cfg = tls_config(policy, roots, client_cert)
+        .map_err(|e| (false, Reply::new(451, (4, 7, 5), format!("TLS setup failed: {e}"))))?;
+    let sn = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| (false, Reply::new(451, (4, 7, 5), format!("bad TLS server name: {e}"))))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    match timeout(limit, connector.connect(sn, stream)).await {
+        Ok(Ok(s)) => Ok(Box::new(s)),
+        Ok(Err(e)) => Err((true, Reply::new(451, (4, 7, 5), format!("TLS handshake with {label} failed: {e}")))),
+        Err(_) => Err((true, Reply::new(451, (4, 7, 5), format!("TLS handshake with {label} timed out")))),
     }
 }
 
@@ -412,8 +490,16 @@ impl Connection {
             label: label.to_string(),
             tls_policy,
             tls_roots: None,
+            client_cert: None,
             tls_failed: false,
         }
+    }
+
+    /// Wraps a stream that is already encrypted (implicit TLS): STARTTLS is never sent.
+    pub fn new_tls(stream: Box<dyn IoStream>, name: &str, label: &str, cfg: ClientConfig) -> Self {
+        let mut c = Connection::new(stream, name, label, cfg.clone());
+        c.client = Client::new_tls(cfg);
+        c
     }
 
     /// The engine.
@@ -425,23 +511,24 @@ impl Connection {
         let Some(stream) = self.stream.take() else {
             return Err(conn_reply("connection already gone".into()));
         };
-        let cfg = tls_config(self.tls_policy, self.tls_roots.as_ref())
-            .map_err(|e| Reply::new(451, (4, 7, 5), format!("TLS setup failed: {e}")))?;
-        let name = rustls::pki_types::ServerName::try_from(self.name.clone())
-            .map_err(|e| Reply::new(451, (4, 7, 5), format!("bad TLS server name: {e}")))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        match timeout(t.starttls, connector.connect(name, stream)).await {
-            Ok(Ok(s)) => {
-                self.stream = Some(Box::new(s));
+        let r = handshake(
+            stream,
+            &self.name,
+            &self.label,
+            self.tls_policy,
+            self.tls_roots.as_ref(),
+            self.client_cert.as_ref(),
+            t.starttls,
+        )
+        .await;
+        match r {
+            Ok(s) => {
+                self.stream = Some(s);
                 Ok(())
             }
-            Ok(Err(e)) => {
-                self.tls_failed = true;
-                Err(Reply::new(451, (4, 7, 5), format!("TLS handshake with {} failed: {e}", self.label)))
-            }
-            Err(_) => {
-                self.tls_failed = true;
-                Err(Reply::new(451, (4, 7, 5), format!("TLS handshake with {} timed out", self.label)))
+            Err((failed, r)) => {
+                self.tls_failed |= failed;
+                Err(r)
             }
         }
     }
@@ -619,6 +706,7 @@ fn client_config(opts: &DeliveryOptions, protocol: Protocol, tls: TlsPolicy) -> 
         tls: if protocol == Protocol::Lmtp { TlsPolicy::None } else { tls },
         auth: if protocol == Protocol::Lmtp { None } else { opts.auth.clone() },
         pipelining: opts.pipelining,
+        chunking: opts.chunking,
     }
 }
 
@@ -635,8 +723,25 @@ async fn connect_tcp(
         Err(_) => return Err(conn_reply(format!("connect to {label}: timed out"))),
     };
     let _ = s.set_nodelay(true);
-    let mut c = Connection::new(Box::new(s), &hop.name, &label, client_config(opts, protocol, tls));
+    let cfg = client_config(opts, protocol, tls);
+    if opts.implicit_tls && protocol == Protocol::Smtp {
+        // RFC 8314: TLS first, verified; a failed handshake is never retried in clear.
+        let stream = handshake(
+            Box::new(s),
+            &hop.name,
+            &label,
+            TlsPolicy::Required,
+            opts.tls_roots.as_ref(),
+            opts.client_cert.as_ref(),
+            opts.timeouts.starttls,
+        )
+        .await
+        .map_err(|(_, r)| r)?;
+        return Ok(Connection::new_tls(stream, &hop.name, &label, cfg));
+    }
+    let mut c = Connection::new(Box::new(s), &hop.name, &label, cfg);
     c.tls_roots = opts.tls_roots.clone();
+    c.client_cert = opts.client_cert.clone();
     Ok(c)
 }
 
@@ -662,7 +767,13 @@ fn cache_key(kind: &str, where_: &str, opts: &DeliveryOptions) -> String {
         }
         h.finish()
     });
-    format!("{kind}|{where_}|{:?}|{}|{roots:?}", opts.tls, opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or(""))
+    format!(
+        "{kind}|{where_}|{:?}|{}|{roots:?}|{}|{}",
+        opts.tls,
+        opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or(""),
+        opts.implicit_tls,
+        opts.client_cert.as_ref().map(|c| c.path.as_str()).unwrap_or("")
+    )
 }
 
 /// A 5xx greeting is a deferral (next MX, retry later), as in Postfix.
@@ -699,37 +810,74 @@ async fn open(kind: &str, endpoint: &Endpoint, opts: &DeliveryOptions) -> Result
             }
         }
         Endpoint::Net(dest) => {
-            let hops = mx::resolve(opts.resolver.as_ref(), dest, &opts.local).await?;
-            let mut last = conn_reply(format!("no address to try for {dest}"));
-            for hop in hops.iter().take(opts.max_hops.max(1)) {
-                let mut tls = opts.tls;
-                loop {
-                    let mut c = match connect_tcp(hop, opts, protocol, tls).await {
-                        Ok(c) => c,
-                        Err(r) => {
-                            last = r;
-                            break;
-                        }
-                    };
-                    match c.wait_ready(&opts.timeouts).await {
-                        Ok(()) => return Ok((c, key)),
-                        Err(e) => {
-                            let label = c.label.clone();
-                            let retry_clear = c.tls_failed && tls == TlsPolicy::May;
-                            c.close(&opts.timeouts).await;
-                            last = pre_session_reply(e, &label);
-                            if retry_clear {
-                                tls = TlsPolicy::None;
-                                continue;
-                            }
-                            break;
-                        }
-                    }
+            let first = match mx::resolve(opts.resolver.as_ref(), dest, &opts.local).await {
+                Ok(hops) => try_hops(&hops, opts, protocol).await,
+                Err(r) => Err(r),
+            };
+            let c = match (first, &opts.fallback) {
+                (Ok(c), _) => c,
+                // R33: MX delivery failed temporarily; the fallback relay is tried next.
+                (Err(r), Some(fb)) if dest.mx && r.code < 500 && protocol == Protocol::Smtp => {
+                    let hops = mx::resolve(opts.resolver.as_ref(), fb, &opts.local).await.map_err(|e| {
+                        Reply::new(
+                            451,
+                            (4, 4, 1),
+                            format!("{}; fallback relay {fb}: {}", reply_line(&r), reply_line(&e)),
+                        )
+                    })?;
+                    try_hops(&hops, opts, protocol).await.map_err(|e| {
+                        Reply::new(
+                            e.code,
+                            e.enhanced.unwrap_or((4, 4, 1)),
+                            format!("{}; fallback relay: {}", reply_line(&r), e.text),
+                        )
+                    })?
                 }
-            }
-            Err(last)
+                (Err(r), _) => return Err(r),
+            };
+            Ok((c, key))
         }
     }
+}
+
+fn reply_line(r: &Reply) -> String {
+    match r.enhanced {
+        Some((a, b, c)) => format!("{} {a}.{b}.{c} {}", r.code, r.text),
+        None => format!("{} {}", r.code, r.text),
+    }
+}
+
+/// Tries `hops` in order (at most [`DeliveryOptions::max_hops`]) until one gives a ready
+/// session; the last failure otherwise.
+async fn try_hops(hops: &[Hop], opts: &DeliveryOptions, protocol: Protocol) -> Result<Connection, Reply> {
+    let mut last = conn_reply("no address to try".to_string());
+    for hop in hops.iter().take(opts.max_hops.max(1)) {
+        let mut tls = opts.tls;
+        loop {
+            let mut c = match connect_tcp(hop, opts, protocol, tls).await {
+                Ok(c) => c,
+                Err(r) => {
+                    last = r;
+                    break;
+                }
+            };
+            match c.wait_ready(&opts.timeouts).await {
+                Ok(()) => return Ok(c),
+                Err(e) => {
+                    let label = c.label.clone();
+                    let retry_clear = c.tls_failed && tls == TlsPolicy::May && !opts.implicit_tls;
+                    c.close(&opts.timeouts).await;
+                    last = pre_session_reply(e, &label);
+                    if retry_clear {
+                        tls = TlsPolicy::None;
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    Err(last)
 }
 
 enum Endpoint {

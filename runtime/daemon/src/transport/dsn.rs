@@ -7,7 +7,8 @@
 //! 1. `text/plain`: a human-readable explanation, one paragraph per
 //!    recipient with the remote server's reply;
 //! 2. `message/delivery-status`: `Reporting-MTA`, `Original-Envelope-Id`
-//!    (when ENVID was given), `Arrival-Date`; per recipient
+//!    (when ENVID was given, written as xtext the way it came on MAIL, RFC 3461
+//!    4.4), `Arrival-Date`; per recipient
 //!    `Original-Recipient` (ORCPT), `Final-Recipient`, `Action`, `Status`,
 //!    `Remote-MTA`, `Diagnostic-Code`, `Last-Attempt-Date`, and
 //!    `Will-Retry-Until` for delays;
@@ -15,6 +16,12 @@
 //!    section (`text/rfc822-headers`, RET=HDRS), cut at a line boundary to
 //!    the bounce size limit. Without RET, failures return the full message
 //!    and other kinds the headers (Postfix's choice).
+//!
+//! For a message that came with SMTPUTF8 or has a non-ASCII address
+//! ([`Dsn::utf8`]) the report is RFC 6533's: `message/global-delivery-status`
+//! (UTF-8 addresses as `utf-8;` values), the original as `message/global`
+//! or its header as `message/global-headers`; the DSN is then itself an
+//! SMTPUTF8 message (the caller queues it so).
 //!
 //! [`should_notify`] is the rule for whether a DSN is owed at all.
 //! Peer-supplied text (replies, ENVID, addresses) has its control
@@ -155,6 +162,24 @@ pub struct Dsn<'a> {
     /// Most octets of the original to return (Postfix `bounce_size_limit`,
     /// 50000); 0: none at all.
     pub size_limit: usize,
+    /// The original is an SMTPUTF8 message: report with RFC 6533's media types.
+    pub utf8: bool,
+}
+
+impl Dsn<'_> {
+    /// Whether the report must use RFC 6533's media types: the original came with
+    /// SMTPUTF8, or an address it reports on is not ASCII.
+    pub fn needs_global(smtputf8: bool, sender: &ReversePath, recipients: &[DsnRecipient]) -> bool {
+        let sender_utf8 = match sender {
+            ReversePath::Null => false,
+            ReversePath::Mailbox(m) => m.is_international(),
+        };
+        smtputf8
+            || sender_utf8
+            || recipients.iter().any(|r| {
+                !r.final_recipient.is_ascii() || r.original_recipient.as_ref().is_some_and(|o| !o.address.is_ascii())
+            })
+    }
 }
 
 /// Whether a DSN of `kind` is owed for a recipient with these NOTIFY
@@ -283,7 +308,8 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
         n += 1;
         b = format!("=_{}.{n}", boundary(d));
     }
-    let eight_bit = !returned.is_ascii()
+    let eight_bit = d.utf8
+        || !returned.is_ascii()
         || d.recipients
             .iter()
             .any(|r| !r.final_recipient.is_ascii() || r.diagnostic.as_ref().is_some_and(|x| !x.text.is_ascii()));
@@ -349,11 +375,11 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
     // 2. delivery-status
     line(&format!("--{b}"));
     line("Content-Description: Delivery report");
-    line("Content-Type: message/delivery-status");
+    line(if d.utf8 { "Content-Type: message/global-delivery-status" } else { "Content-Type: message/delivery-status" });
     line("");
     line(&format!("Reporting-MTA: dns; {host}"));
     if let Some(id) = d.envid {
-        line(&format!("Original-Envelope-Id: {}", clean(id)));
+        line(&format!("Original-Envelope-Id: {}", super::client::encode_xtext(id)));
     }
     line(&format!("Arrival-Date: {}", rfc2822_date(d.arrival_date)));
     for r in d.recipients {
@@ -386,11 +412,11 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
     match ret {
         Ret::Full => {
             line("Content-Description: Undelivered Message");
-            line("Content-Type: message/rfc822");
+            line(if d.utf8 { "Content-Type: message/global" } else { "Content-Type: message/rfc822" });
         }
         Ret::Hdrs => {
             line("Content-Description: Message Headers");
-            line("Content-Type: text/rfc822-headers");
+            line(if d.utf8 { "Content-Type: message/global-headers" } else { "Content-Type: text/rfc822-headers" });
         }
     }
     line("");

@@ -31,8 +31,8 @@ pub use client::{
     TlsPolicy, TransactionResult,
 };
 pub use driver::{
-    call_ahead, deliver, Connection, ConnectionCache, DeliveryOptions, DeliveryReport, LmtpEndpoint, Outcome, Target,
-    Timeouts,
+    call_ahead, deliver, ClientCert, Connection, ConnectionCache, DeliveryOptions, DeliveryReport, LmtpEndpoint,
+    Outcome, Target, Timeouts,
 };
 pub use dsn::{build_dsn, should_notify, Dsn, DsnAction, DsnKind, DsnRecipient};
 pub use mx::{resolve, Destination, DnsError, HickoryResolver, Hop, LocalIdentity, MxRecord, Resolver, StaticResolver};

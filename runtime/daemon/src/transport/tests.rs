@@ -311,6 +311,7 @@ fn dsn_failure_structure() {
         recipients: &entries,
         message: original,
         size_limit: 50_000,
+        utf8: false,
     };
     let msg = build_dsn(&d);
     let (head, parts) = parse_dsn(&msg);
@@ -367,6 +368,7 @@ fn dsn_delay_headers_only_and_truncation() {
         recipients: std::slice::from_ref(&entry),
         message: &original,
         size_limit: 50_000,
+        utf8: false,
     };
     let (head, parts) = parse_dsn(&build_dsn(&d));
     assert!(field(&head, "Subject").unwrap().contains("Delayed"));
@@ -417,6 +419,7 @@ fn dsn_success_and_relayed() {
             recipients: std::slice::from_ref(&e),
             message: b"Subject: s\r\n\r\nbody\r\n",
             size_limit: 1000,
+            utf8: false,
         };
         let (_, parts) = parse_dsn(&build_dsn(&d));
         let blocks: Vec<&str> = parts[1].1.split("\r\n\r\n").collect();
@@ -468,4 +471,58 @@ fn targets_display_for_operators() {
     assert_eq!(Target::Lmtp(LmtpEndpoint::Unix("/run/lmtp".into())).to_string(), "lmtp:unix:/run/lmtp");
     let m = crate::paths::Confined { root: None, path: "/var/mail/a".into() };
     assert_eq!(Target::Maildir(m).to_string(), "maildir:/var/mail/a");
+}
+
+/// RFC 6533: a report on an SMTPUTF8 message uses the global media types; the ENVID is
+/// written as xtext (RFC 3461 4.4), as it came on MAIL.
+#[test]
+fn dsn_for_smtputf8_mail_is_global_and_envid_is_xtext() {
+    let sender = parse_reverse_path("<j\u{f6}rg@src.test>", true).unwrap();
+    let e = DsnRecipient::from_outcome(
+        DsnKind::Failure,
+        "b\u{fc}ro@dst.test",
+        None,
+        &Outcome::Failed(Reply::new(550, (5, 1, 1), "no such user")),
+        Some("mx.dst.test"),
+        1,
+    );
+    let entries = [e];
+    assert!(Dsn::needs_global(false, &sender, &entries));
+    let ascii = parse_reverse_path("<a@src.test>", false).unwrap();
+    let plain = [DsnRecipient::from_outcome(
+        DsnKind::Failure,
+        "b@dst.test",
+        None,
+        &Outcome::Failed(Reply::new(550, (5, 1, 1), "no")),
+        None,
+        1,
+    )];
+    assert!(!Dsn::needs_global(false, &ascii, &plain));
+    assert!(Dsn::needs_global(true, &ascii, &plain));
+    let original = "Subject: gr\u{fc}\u{df}e\r\nFrom: j\u{f6}rg@src.test\r\n\r\nbody\r\n";
+    for (ret, returned) in [(Some(Ret::Full), "message/global"), (Some(Ret::Hdrs), "message/global-headers")] {
+        let d = Dsn {
+            kind: DsnKind::Failure,
+            hostname: "gw",
+            sender: &sender,
+            envid: Some("id 1+x=\u{e9}"),
+            ret,
+            arrival_date: 0,
+            now: 1,
+            recipients: &entries,
+            message: original.as_bytes(),
+            size_limit: 1000,
+            utf8: true,
+        };
+        let msg = build_dsn(&d);
+        let (head, parts) = parse_dsn(&msg);
+        assert!(head.contains("report-type=delivery-status"), "{head}");
+        assert_eq!(field(&head, "Content-Transfer-Encoding"), Some("8bit"));
+        assert!(parts[1].0.contains("Content-Type: message/global-delivery-status"), "{}", parts[1].0);
+        let blocks: Vec<&str> = parts[1].1.split("\r\n\r\n").collect();
+        assert_eq!(field(blocks[0], "Original-Envelope-Id"), Some("id+201+2Bx+3D+C3+A9"));
+        assert_eq!(field(blocks[1], "Final-Recipient"), Some("utf-8; b\u{fc}ro@dst.test"));
+        assert_eq!(field(&parts[2].0, "Content-Type"), Some(returned));
+        assert!(parts[2].1.contains("gr\u{fc}\u{df}e"));
+    }
 }

@@ -158,6 +158,20 @@ impl Client {
                 }
             }
             Expect::JunkDataEnd => self.finish_txn(true),
+            Expect::BdatLast => {
+                // The chunk's reply is every accepted recipient's final reply; when
+                // nothing was accepted (pipelined) it only ends the transaction.
+                let mut rset = !ok;
+                if let Some(t) = self.txn.as_mut() {
+                    rset |= t.accepted.is_empty();
+                    for &i in &t.accepted {
+                        if let Some(f) = t.finals.get_mut(i) {
+                            *f = Some(reply.clone());
+                        }
+                    }
+                }
+                self.finish_txn(rset);
+            }
             Expect::Rset => {
                 if !ok {
                     self.fail_quit(Phase::Rset, reply);
@@ -277,6 +291,8 @@ impl Client {
             self.send_cmd("RSET", Expect::Rset);
         } else if t.accepted.is_empty() {
             self.finish_txn(true);
+        } else if t.bdat {
+            self.send_bdat();
         } else {
             self.send_cmd("DATA", Expect::Data);
         }

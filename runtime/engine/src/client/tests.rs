@@ -36,8 +36,13 @@ fn events(c: &mut Client) -> Vec<ClientEvent> {
     std::iter::from_fn(|| c.poll_event()).collect()
 }
 
+/// DATA even when CHUNKING is offered (most tests are about DATA); the BDAT tests turn it on.
 fn cfg() -> ClientConfig {
-    ClientConfig { helo_name: "client.test".into(), tls: TlsPolicy::None, ..Default::default() }
+    ClientConfig { helo_name: "client.test".into(), tls: TlsPolicy::None, chunking: false, ..Default::default() }
+}
+
+fn cfg_bdat() -> ClientConfig {
+    ClientConfig { chunking: true, ..cfg() }
 }
 
 const EHLO_FULL: &str = "250-mx.test hello\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n";
@@ -487,4 +492,115 @@ fn long_lines_are_folded_on_the_way_out() {
     assert!(lines[3].starts_with(' ') && lines[4].starts_with(' '));
     assert_eq!(lines.iter().map(|l| l.trim_start_matches(' ').matches('a').count()).sum::<usize>(), 2500);
     assert!(text.contains("\r\nshort\r\n.\r\n"));
+}
+
+// ---------------------------------------------------- CHUNKING, BINARYMIME, SMTPUTF8
+
+const EHLO_BINARY: &str =
+    "250-mx.test hello\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250 BINARYMIME\r\n";
+
+#[test]
+fn chunking_sends_one_bdat_last_chunk_without_dot_stuffing() {
+    let mut c = ready(cfg_bdat(), EHLO_FULL);
+    let mut e = env("a@src.test", &["b@dst.test", "c@dst.test"]);
+    e.params.body = BodyType::EightBitMime;
+    c.send_message(&e, b"Subject: x\n\n.dot\nline").unwrap();
+    let content = "Subject: x\r\n\r\n.dot\r\nline\r\n";
+    assert_eq!(
+        tx(&mut c),
+        format!(
+            "MAIL FROM:<a@src.test> SIZE={} BODY=8BITMIME\r\nRCPT TO:<b@dst.test>\r\nRCPT TO:<c@dst.test>\r\nBDAT {} LAST\r\n{content}",
+            content.len(),
+            content.len()
+        )
+    );
+    c.handle_input(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n");
+    assert_eq!(c.waiting_for(), Some(Phase::DataEnd));
+    c.handle_input(b"250 2.0.0 queued\r\n");
+    let evs = events(&mut c);
+    assert_eq!(codes(&txn_result(&evs)), vec![250, 550]);
+    assert_eq!(evs.last(), Some(&ClientEvent::Ready));
+    assert_eq!(tx(&mut c), "");
+}
+
+#[test]
+fn binarymime_goes_byte_for_byte_and_only_where_offered() {
+    let body: &[u8] = b"Content-Type: application/octet-stream\r\n\r\n\x00\r\x80\n.\r\n";
+    let mut e = env("a@src.test", &["b@dst.test"]);
+    e.params.body = BodyType::BinaryMime;
+    // offered: BODY=BINARYMIME and the bytes as they are
+    let mut c = ready(ClientConfig { pipelining: false, ..cfg_bdat() }, EHLO_BINARY);
+    c.send_message(&e, body).unwrap();
+    assert_eq!(tx(&mut c), "MAIL FROM:<a@src.test> BODY=BINARYMIME\r\n");
+    c.handle_input(b"250 ok\r\n");
+    assert_eq!(tx(&mut c), "RCPT TO:<b@dst.test>\r\n");
+    c.handle_input(b"250 ok\r\n");
+    let mut want = format!("BDAT {} LAST\r\n", body.len()).into_bytes();
+    want.extend_from_slice(body);
+    assert_eq!(c.poll_transmit().unwrap(), want);
+    c.handle_input(b"250 ok\r\n");
+    assert_eq!(codes(&txn_result(&events(&mut c))), vec![250]);
+    // CHUNKING without BINARYMIME, or no CHUNKING: refused without a word sent (5.6.3)
+    for ehlo in [EHLO_FULL, "250-mx.test\r\n250 8BITMIME\r\n"] {
+        let mut c = ready(cfg_bdat(), ehlo);
+        c.send_message(&e, body).unwrap();
+        assert_eq!(tx(&mut c), "");
+        let t = txn_result(&events(&mut c));
+        assert_eq!(t.recipients[0].code, 554);
+        assert_eq!(t.recipients[0].enhanced, Some((5, 6, 3)));
+    }
+    // and with chunking turned off in the configuration
+    let mut c = ready(cfg(), EHLO_BINARY);
+    c.send_message(&e, body).unwrap();
+    assert_eq!(tx(&mut c), "");
+    assert_eq!(txn_result(&events(&mut c)).recipients[0].enhanced, Some((5, 6, 3)));
+}
+
+#[test]
+fn bdat_refused_and_every_recipient_refused() {
+    // pipelined, every RCPT refused: the chunk was sent, its reply ends the transaction
+    let mut c = ready(cfg_bdat(), EHLO_BINARY);
+    c.send_message(&env("a@src.test", &["b@dst.test"]), b"x\n").unwrap();
+    assert!(tx(&mut c).ends_with("BDAT 3 LAST\r\nx\r\n"));
+    c.handle_input(b"250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n");
+    let t = txn_result(&events(&mut c));
+    assert_eq!(t.recipients[0].code, 550);
+    assert_eq!(tx(&mut c), "RSET\r\n");
+    c.handle_input(b"250 ok\r\n");
+    assert_eq!(events(&mut c), vec![ClientEvent::Ready]);
+    // the chunk refused: every accepted recipient gets that reply, then RSET
+    c.send_message(&env("a@src.test", &["b@dst.test"]), b"x\n").unwrap();
+    tx(&mut c);
+    c.handle_input(b"250 ok\r\n250 ok\r\n452 4.3.1 out of space\r\n");
+    let t = txn_result(&events(&mut c));
+    assert_eq!(t.recipients[0].code, 452);
+    assert_eq!(tx(&mut c), "RSET\r\n");
+}
+
+#[test]
+fn smtputf8_message_to_a_hop_without_smtputf8() {
+    let no_utf8 = "250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
+    // an international address: 553 5.6.7
+    let mut c = ready(cfg(), no_utf8);
+    let mut e = env("a@src.test", &["j\u{f6}rg@dst.test"]);
+    e.params.smtputf8 = true;
+    c.send_message(&e, b"Subject: x\n\nx\n").unwrap();
+    assert_eq!(tx(&mut c), "");
+    let t = txn_result(&events(&mut c));
+    assert_eq!((t.recipients[0].code, t.recipients[0].enhanced), (553, Some((5, 6, 7))));
+    // ASCII addresses but a UTF-8 header: 554 5.6.7, never downgraded
+    let mut e = env("a@src.test", &["b@dst.test"]);
+    e.params.smtputf8 = true;
+    c.send_message(&e, "Subject: gr\u{fc}\u{df}e\n\nx\n".as_bytes()).unwrap();
+    assert_eq!(tx(&mut c), "");
+    let t = txn_result(&events(&mut c));
+    assert_eq!((t.recipients[0].code, t.recipients[0].enhanced), (554, Some((5, 6, 7))));
+    // ASCII addresses and headers (UTF-8 only in the 8bit body): sent without SMTPUTF8
+    c.send_message(&e, "Subject: x\n\ngr\u{fc}\u{df}e\n".as_bytes()).unwrap();
+    assert!(tx(&mut c).starts_with("MAIL FROM:<a@src.test>\r\n"));
+    // offered: SMTPUTF8 on MAIL
+    let mut c = ready(cfg(), EHLO_FULL);
+    c.send_message(&e, "Subject: gr\u{fc}\u{df}e\n\nx\n".as_bytes()).unwrap();
+    let sent = tx(&mut c);
+    assert!(sent.starts_with("MAIL FROM:<a@src.test> SIZE=23 SMTPUTF8\r\n"), "{sent}");
 }

@@ -157,8 +157,10 @@ impl std::fmt::Display for RenderedTransport {
         if let Some(d) = &self.dest {
             write!(f, " {d}")?;
         }
-        if self.tls == TlsMode::Required {
-            f.write_str(" tls required")?;
+        match self.tls {
+            TlsMode::Required => f.write_str(" tls required")?,
+            TlsMode::Implicit => f.write_str(" tls implicit")?,
+            TlsMode::May | TlsMode::None => {}
         }
         if self.auth.is_some() {
             f.write_str(" auth")?;
@@ -191,6 +193,9 @@ pub struct RenderedTransport {
     /// `:ca "FILE"`: the CA file a verified next hop must chain to.
     #[serde(default)]
     pub ca: Option<String>,
+    /// `:cert "FILE" :key "FILE"`: the client certificate and key to present.
+    #[serde(default)]
+    pub cert: Option<(String, String)>,
     /// For a file-system destination built with interpolation: the directory its literal
     /// prefix names, which the delivery must stay in ([`crate::paths`]).
     #[serde(default)]

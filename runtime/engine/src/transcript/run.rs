@@ -1172,8 +1172,10 @@ pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
                 s.push(' ');
                 s.push_str(d);
             }
-            if t.tls == mailpolicy_lang::ir::TlsMode::Required {
-                s.push_str(" tls required");
+            match t.tls {
+                mailpolicy_lang::ir::TlsMode::Required => s.push_str(" tls required"),
+                mailpolicy_lang::ir::TlsMode::Implicit => s.push_str(" tls implicit"),
+                mailpolicy_lang::ir::TlsMode::May | mailpolicy_lang::ir::TlsMode::None => {}
             }
             if t.auth.is_some() {
                 s.push_str(" auth");
