@@ -307,6 +307,18 @@ impl<'s> Checker<'s> {
                 _ => {}
             }
         }
+        // Each milter's answers are read as a pseudo-table `milter.NAME` (kind `milter`),
+        // declared after every real table so their ids do not move.
+        let milters: Vec<String> =
+            self.prog.scanners.iter().filter(|s| s.kind == "milter").map(|s| s.name.clone()).collect();
+        for name in milters {
+            self.prog.tables.push(Resource {
+                name: format!("milter.{name}"),
+                kind: "milter".into(),
+                source: None,
+                options: Vec::new(),
+            });
+        }
         // Variables: who sets what, and from which stage.
         let stage_items: Vec<(Stage, &Vec<Stmt>)> = items
             .iter()
@@ -542,7 +554,7 @@ impl<'s> Checker<'s> {
             ast::ResourceKw::Scanner => {
                 let found = schema::SCANNER_KINDS.iter().any(|(k, _)| *k == kind.name);
                 (
-                    schema::SCANNER.to_vec(),
+                    if kind.name == "milter" { schema::SCANNER_MILTER.to_vec() } else { schema::SCANNER.to_vec() },
                     found.then_some(true),
                     schema::SCANNER_KINDS.iter().map(|(k, _)| *k).collect(),
                 )
@@ -589,6 +601,22 @@ impl<'s> Checker<'s> {
                         )
                         .at(name.span)
                         .help(format!("add `{r} \"...\";` to its block")),
+                    );
+                }
+            }
+        }
+        if matches!(kw, ast::ResourceKw::Scanner) && kind.name == "milter" {
+            // A milter is consulted at every stage: declaring it is using it.
+            if let Some(s) = self.syms.get_mut(&name.name) {
+                s.used = true;
+            }
+            if let Some(src) = source {
+                let v = unescape_plain(&src.raw);
+                if let Err(e) = milter_address(&v) {
+                    self.err(
+                        Diagnostic::error("mailc::arguments", format!("`{v}` is not a milter address: {e}"))
+                            .at(src.span)
+                            .help("write \"inet:127.0.0.1:8891\", \"inet:[::1]:8891\" or \"unix:/run/milter.sock\""),
                     );
                 }
             }
@@ -1216,6 +1244,9 @@ impl<'s> Checker<'s> {
         if let Some(var) = path.strip_prefix("var.") {
             return self.read_var(var, span, ctx).map(|id| (Val::Var(id), Ty::Str));
         }
+        if let Some(rest) = path.strip_prefix("milter.") {
+            return self.milter_fact(rest, span, ctx);
+        }
         if let Some(f) = Fact::from_name(path) {
             let info = f.info();
             if let Some(cap) = info.capability {
@@ -1225,6 +1256,39 @@ impl<'s> Checker<'s> {
             return Some((Val::Fact(f), info.ty));
         }
         None
+    }
+
+    /// `milter.NAME.verdict` / `milter.NAME.reply`: a lookup in the milter's pseudo-table.
+    fn milter_fact(&mut self, rest: &str, span: Span, ctx: Ctx) -> Option<(Val, Ty)> {
+        let (name, field) = rest.rsplit_once('.')?;
+        if field != "verdict" && field != "reply" {
+            self.err(
+                Diagnostic::error("mailc::unknown-fact", format!("a milter has no fact `{field}`"))
+                    .at(span)
+                    .help(format!("use `milter.{name}.verdict` or `milter.{name}.reply`")),
+            );
+            return Some((Val::Lit(self.intern("")), Ty::Str));
+        }
+        let is_milter = self.syms.get(name).is_some_and(|s| s.kind == SymKind::Scanner)
+            && self.prog.scanners.iter().any(|s| s.name == name && s.kind == "milter");
+        if !is_milter {
+            let milters: Vec<&str> =
+                self.prog.scanners.iter().filter(|s| s.kind == "milter").map(|s| s.name.as_str()).collect();
+            let mut d = Diagnostic::error("mailc::undefined", format!("there is no milter `{name}`")).at(span);
+            d = match did_you_mean(name, milters.iter().copied()) {
+                Some(s) => d.help(format!("did you mean `milter.{s}.{field}`?")),
+                None => d.help(format!("declare it: scanner {name} = milter \"inet:127.0.0.1:8891\";")),
+            };
+            self.err(d);
+            return Some((Val::Lit(self.intern("")), Ty::Str));
+        }
+        if let Some(s) = self.syms.get_mut(name) {
+            s.used = true;
+        }
+        self.stage_check(&format!("milter.{name}.{field}"), Stages::SESSION, span, ctx);
+        let table = self.prog.tables.iter().position(|t| t.kind == "milter" && t.name == format!("milter.{name}"))?;
+        let key = Val::Lit(self.intern(field));
+        Some((Val::Lookup { table: TableId(table as u32), key: Box::new(key) }, Ty::Str))
     }
 
     fn unknown_term(&mut self, name: &str, span: Span) {
@@ -1332,6 +1396,14 @@ impl<'s> Checker<'s> {
                 self.stage_check("score", Stages::from(Stage::Data), t.name.span, ctx);
                 let (sname, sspan) = a.word(self, "a scanner name, e.g. `score rspamd`")?;
                 let (_, id, _) = self.use_sym(&sname, sspan, &["scanner"])?;
+                if self.prog.scanners.get(id as usize).is_some_and(|s| s.kind == "milter") {
+                    self.err(
+                        Diagnostic::error("mailc::type", format!("`{sname}` is a milter: it has no score"))
+                            .at(sspan)
+                            .help(format!("a milter answers every stage: test `milter.{sname}.verdict`")),
+                    );
+                    return None;
+                }
                 Term::Val(Val::Score(ScannerId(id)), Ty::Num)
             }
             "dnsbl" => {
@@ -2986,4 +3058,23 @@ fn usage(name: &str) -> String {
         },
     };
     u
+}
+
+/// A milter's address: `inet:HOST:PORT` (an IPv6 host in brackets) or `unix:/absolute/path`.
+pub fn milter_address(s: &str) -> Result<(), String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        return if p.starts_with('/') { Ok(()) } else { Err("a unix socket path must be absolute".into()) };
+    }
+    let Some(rest) = s.strip_prefix("inet:").or_else(|| s.strip_prefix("inet6:")) else {
+        return Err("it must start with `inet:` or `unix:`".into());
+    };
+    let (host, port) = rest.rsplit_once(':').ok_or("it needs a port")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("it needs a host".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{port}` is not a port")),
+    }
 }
