@@ -253,3 +253,105 @@ fn opendkim_signs_through_the_milter() {
     });
     assert!(d.log().contains("milter dkim: data"), "{}", d.log());
 }
+
+/// spamd on a port of its own, answering once its rules are loaded.
+fn spamd(dir: &Path) -> (Guard, u16) {
+    need(SPAMD, "spamassassin");
+    let port = free_port();
+    let child = Command::new(SPAMD)
+        .args([&format!("--listen=127.0.0.1:{port}"), "--max-children=1", "--syslog=stderr", "-u", "nobody"])
+        .arg(format!("--pidfile={}", dir.join("spamd.pid").display()))
+        .stderr(std::fs::File::create(dir.join("spamd.log")).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start spamd");
+    let g = Guard(Some(child));
+    let log = || std::fs::read_to_string(dir.join("spamd.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(120), "spamd listening", || listening(port), log);
+    (g, port)
+}
+
+/// spamass-milter (on a unix socket) asks spamd about each message and rejects GTUBE
+/// at end of message with its own reply; a clean message is delivered with the
+/// X-Spam headers the milter adds.
+#[test]
+fn spamass_milter_rejects_gtube() {
+    need(SPAMASS_MILTER, "spamass-milter");
+    let t = TempDir::new("spamass");
+    let dir = t.path();
+    let (_spamd, sport) = spamd(dir);
+    let sock = dir.join("spamass.sock");
+    let child = Command::new(SPAMASS_MILTER)
+        .arg("-p")
+        .arg(&sock)
+        .args(["-r", "15", "--", "-d", "127.0.0.1", "-p", &sport.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("spamass.log")).unwrap())
+        .spawn()
+        .expect("start spamass-milter");
+    let _milter = Guard(Some(child));
+    let mlog = || std::fs::read_to_string(dir.join("spamass.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(30), "spamass-milter's socket", || sock.exists(), mlog);
+
+    let port = free_port();
+    let extra = format!(
+        "scanner spam = milter \"unix:{}\" {{ timeout 60s; content_timeout 120s; }};\n",
+        sock.display()
+    );
+    let d = Daemon::start(dir, &policy(port, &extra), port);
+    let out = swaks(port, &["--from", "eve@other.test", "--to", "u@d.test", "--header", "Subject: gtube", "--body", GTUBE]);
+    assert!(out.contains("<** 5") && !out.contains("Queued as"), "GTUBE must be refused:\n{out}\n{}\n{}", d.log(), mlog());
+    let out = swaks(
+        port,
+        &["--from", "bob@other.test", "--to", "u@d.test", "--header", "Subject: lunch", "--body", "Shall we meet at noon?"],
+    );
+    assert!(out.contains("Queued as"), "{out}\n{}\n{}", d.log(), mlog());
+    wait_for(Duration::from_secs(30), "the clean message in mail/u", || !maildir(&dir.join("mail/u")).is_empty(), || d.log());
+    let msgs = maildir(&dir.join("mail/u"));
+    assert_eq!(msgs.len(), 1, "only the clean message is delivered");
+    assert!(msgs[0].contains("Subject: lunch") && msgs[0].contains("X-Spam-"), "{}", msgs[0]);
+    assert!(d.log().contains("milter spam: data reject"), "{}", d.log());
+}
+
+/// A milter that is down (nothing listens) and one that is too slow (it accepts the
+/// connection and never answers): with `default_action tempfail` the client is told to
+/// come back (451 4.7.1), with `default_action accept` the mail is delivered as if the
+/// milter were not there; the time-out holds, and the daemon logs why.
+#[test]
+fn milters_down_or_slow_take_their_default_action() {
+    let t = TempDir::new("milter-down");
+    let dir = t.path();
+    // Slow: a listener that accepts and reads, and never replies.
+    let slow = TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in slow.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let down_port = free_port();
+
+    for (milter_port, action, what) in
+        [(down_port, "tempfail", "down"), (slow_port, "tempfail", "slow"), (down_port, "accept", "down"), (slow_port, "accept", "slow")]
+    {
+        let sub = dir.join(format!("{what}-{action}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let port = free_port();
+        let extra = format!(
+            "scanner m = milter \"inet:127.0.0.1:{milter_port}\" {{ timeout 1s; connect_timeout 1s; default_action {action}; }};\n"
+        );
+        let d = Daemon::start(&sub, &policy(port, &extra), port);
+        let out = swaks(port, &["--from", "a@other.test", "--to", "u@d.test", "--header", &format!("Subject: {what}")]);
+        if action == "tempfail" {
+            assert!(out.contains("<** 451 4.7.1"), "{what} milter, tempfail:\n{out}\n{}", d.log());
+            assert!(!out.contains("Queued as"), "{out}");
+        } else {
+            assert!(out.contains("Queued as"), "{what} milter, accept:\n{out}\n{}", d.log());
+            wait_for(Duration::from_secs(30), "delivery", || maildir(&sub.join("mail/u")).len() == 1, || d.log());
+        }
+        let log = d.log();
+        let why = if what == "down" { "connect" } else { "timed out" };
+        assert!(log.contains(&format!("default action {action}")) && log.contains(why), "{what}/{action}:\n{log}");
+    }
+}
