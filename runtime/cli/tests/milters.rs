@@ -10,6 +10,7 @@
 //! No timed assertions: every wait is bounded only so that a broken peer fails the test.
 
 use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -78,6 +79,28 @@ fn swaks(port: u16, args: &[&str]) -> String {
 fn maildir(dir: &Path) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(dir.join("new")) else { return Vec::new() };
     rd.filter_map(|e| e.ok()).filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect()
+}
+
+/// A daemon that forks workers (rspamd), started in a process group of its own: on drop
+/// the whole group gets SIGTERM, then SIGKILL, so no worker outlives the test.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let pgid = self.0.id() as i32;
+        // SAFETY: kill(2) on a process group this test created.
+        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
 }
 
 /// `mailc serve` on `policy` in `dir`, its log in `dir/daemon.log`.
@@ -216,7 +239,16 @@ fn opendkim_signs_through_the_milter() {
     let d = Daemon::start(dir, &policy(port, &extra), port);
     let out = swaks(
         port,
-        &["--from", "alice@d.test", "--to", "u@d.test", "--header", "Subject: signed by opendkim", "--body", "Hello.\r\nSecond line.\r\n"],
+        &[
+            "--from",
+            "alice@d.test",
+            "--to",
+            "u@d.test",
+            "--header",
+            "Subject: signed by opendkim",
+            "--body",
+            "Hello.\r\nSecond line.\r\n",
+        ],
     );
     assert!(out.contains("Queued as"), "{out}\n{}\n{}", d.log(), odlog());
     wait_for(Duration::from_secs(30), "the message in mail/u", || !maildir(&dir.join("mail/u")).is_empty(), || d.log());
@@ -294,19 +326,37 @@ fn spamass_milter_rejects_gtube() {
     wait_for(Duration::from_secs(30), "spamass-milter's socket", || sock.exists(), mlog);
 
     let port = free_port();
-    let extra = format!(
-        "scanner spam = milter \"unix:{}\" {{ timeout 60s; content_timeout 120s; }};\n",
-        sock.display()
-    );
+    let extra =
+        format!("scanner spam = milter \"unix:{}\" {{ timeout 60s; content_timeout 120s; }};\n", sock.display());
     let d = Daemon::start(dir, &policy(port, &extra), port);
-    let out = swaks(port, &["--from", "eve@other.test", "--to", "u@d.test", "--header", "Subject: gtube", "--body", GTUBE]);
-    assert!(out.contains("<** 5") && !out.contains("Queued as"), "GTUBE must be refused:\n{out}\n{}\n{}", d.log(), mlog());
+    let out =
+        swaks(port, &["--from", "eve@other.test", "--to", "u@d.test", "--header", "Subject: gtube", "--body", GTUBE]);
+    assert!(
+        out.contains("<** 5") && !out.contains("Queued as"),
+        "GTUBE must be refused:\n{out}\n{}\n{}",
+        d.log(),
+        mlog()
+    );
     let out = swaks(
         port,
-        &["--from", "bob@other.test", "--to", "u@d.test", "--header", "Subject: lunch", "--body", "Shall we meet at noon?"],
+        &[
+            "--from",
+            "bob@other.test",
+            "--to",
+            "u@d.test",
+            "--header",
+            "Subject: lunch",
+            "--body",
+            "Shall we meet at noon?",
+        ],
     );
     assert!(out.contains("Queued as"), "{out}\n{}\n{}", d.log(), mlog());
-    wait_for(Duration::from_secs(30), "the clean message in mail/u", || !maildir(&dir.join("mail/u")).is_empty(), || d.log());
+    wait_for(
+        Duration::from_secs(30),
+        "the clean message in mail/u",
+        || !maildir(&dir.join("mail/u")).is_empty(),
+        || d.log(),
+    );
     let msgs = maildir(&dir.join("mail/u"));
     assert_eq!(msgs.len(), 1, "only the clean message is delivered");
     assert!(msgs[0].contains("Subject: lunch") && msgs[0].contains("X-Spam-"), "{}", msgs[0]);
@@ -332,9 +382,12 @@ fn milters_down_or_slow_take_their_default_action() {
     });
     let down_port = free_port();
 
-    for (milter_port, action, what) in
-        [(down_port, "tempfail", "down"), (slow_port, "tempfail", "slow"), (down_port, "accept", "down"), (slow_port, "accept", "slow")]
-    {
+    for (milter_port, action, what) in [
+        (down_port, "tempfail", "down"),
+        (slow_port, "tempfail", "slow"),
+        (down_port, "accept", "down"),
+        (slow_port, "accept", "slow"),
+    ] {
         let sub = dir.join(format!("{what}-{action}"));
         std::fs::create_dir_all(&sub).unwrap();
         let port = free_port();
@@ -354,4 +407,148 @@ fn milters_down_or_slow_take_their_default_action() {
         let why = if what == "down" { "connect" } else { "timed out" };
         assert!(log.contains(&format!("default action {action}")) && log.contains(why), "{what}/{action}:\n{log}");
     }
+}
+
+/// Debian's rspamd on loopback with a configuration of its own (`--var` points its
+/// local and override directories, database, run and log directories at `dir`; no
+/// redis: the modules that need it stay off), its DNS an unbound that answers every name
+/// NXDOMAIN (no network). Returns once the normal worker scans.
+fn rspamd(dir: &Path) -> (PeerIn, Group, u16, u16) {
+    need(RSPAMD, "rspamd");
+    let dns_dir = dir.join("dns");
+    std::fs::create_dir_all(&dns_dir).unwrap();
+    need(UNBOUND, "unbound");
+    let dns_port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = format!(
+        "server:\n  interface: 127.0.0.1@{dns_port}\n  port: {dns_port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n  local-zone: \".\" static\nremote-control:\n  control-enable: no\n",
+        d = dns_dir.display()
+    );
+    std::fs::write(dns_dir.join("unbound.conf"), conf).unwrap();
+    let dns = Command::new(UNBOUND)
+        .arg("-d")
+        .arg("-c")
+        .arg(dns_dir.join("unbound.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start unbound");
+    let conf_dir = dir.join("rspamd");
+    for sub in ["override.d", "local.d", "db", "run", "log"] {
+        std::fs::create_dir_all(conf_dir.join(sub)).unwrap();
+    }
+    let (normal, controller, proxy) = (free_port(), free_port(), free_port());
+    let w = |f: &str, s: String| std::fs::write(conf_dir.join(f), s).unwrap();
+    w("override.d/worker-normal.inc", format!("bind_socket = \"127.0.0.1:{normal}\";\n"));
+    w("override.d/worker-controller.inc", format!("bind_socket = \"127.0.0.1:{controller}\";\n"));
+    w(
+        "override.d/worker-proxy.inc",
+        format!(
+            "bind_socket = \"127.0.0.1:{proxy}\";\nmilter = yes;\ntimeout = 120s;\nupstream \"local\" {{\n  default = yes;\n  hosts = \"127.0.0.1:{normal}\";\n}}\n"
+        ),
+    );
+    w(
+        "local.d/options.inc",
+        format!("dns {{ nameserver = [\"127.0.0.1:{dns_port}\"]; timeout = 1s; retransmits = 1; }}\n"),
+    );
+    w("override.d/logging.inc", "type = \"file\";\nlevel = \"info\";\n".into());
+    let var = |k: &str, sub: &str| format!("--var={k}={}", conf_dir.join(sub).display());
+    let child = Command::new(RSPAMD)
+        .process_group(0)
+        .args(["-f", "-i", "-c", "/etc/rspamd/rspamd.conf"])
+        .arg(format!("--var=LOCAL_CONFDIR={}", conf_dir.display()))
+        .args([var("DBDIR", "db"), var("RUNDIR", "run"), var("LOGDIR", "log")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("rspamd.out")).unwrap())
+        .spawn()
+        .expect("start rspamd");
+    let (dns, rspamd) = (PeerIn(dns, dns_dir), Group(child));
+    let log = || std::fs::read_to_string(conf_dir.join("log/rspamd.log")).unwrap_or_default();
+    // It compiles its regular expressions before its workers listen (some seconds).
+    wait_for(Duration::from_secs(180), "rspamd's workers", || listening(normal) && listening(proxy), log);
+    (dns, rspamd, normal, proxy)
+}
+
+/// rspamd for real: GTUBE and a clean message through the HTTP scanner client
+/// (`score`), then through its proxy worker's milter interface.
+#[test]
+fn rspamd_http_and_milter() {
+    let t = TempDir::new("rspamd");
+    let dir = t.path();
+    let (_dns, _rspamd, normal, proxy) = rspamd(dir);
+    let rlog = || std::fs::read_to_string(dir.join("rspamd/log/rspamd.log")).unwrap_or_default();
+
+    // The existing HTTP client, called directly: GTUBE scores the reject threshold.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let facts = mailpolicy_engine::eval::Facts::default();
+    let url = format!("http://127.0.0.1:{normal}/checkv2");
+    let gtube = format!("From: a@example.net\r\nTo: u@d.test\r\nSubject: test\r\n\r\n{GTUBE}\r\n");
+    let ham = "From: Alice <a@example.net>\r\nTo: u@d.test\r\nSubject: lunch\r\nDate: Tue, 1 Dec 2026 10:00:00 +0000\r\nMessage-ID: <l1@example.net>\r\n\r\nShall we meet at noon?\r\n";
+    let (spam_score, ham_score) = rt.block_on(async {
+        let mut s = Err(String::new());
+        for _ in 0..100 {
+            s = mailpolicy_daemon::scan::rspamd(&url, gtube.as_bytes(), &facts).await;
+            if s.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        (s, mailpolicy_daemon::scan::rspamd(&url, ham.as_bytes(), &facts).await)
+    });
+    let spam_score = spam_score.expect("rspamd scans GTUBE");
+    let ham_score = ham_score.expect("rspamd scans a clean message");
+    assert!(spam_score >= 15.0 && ham_score < 5.0, "GTUBE {spam_score}, clean {ham_score}\n{}", rlog());
+
+    // Through the daemon: `score` over HTTP.
+    let sub = dir.join("http");
+    std::fs::create_dir_all(&sub).unwrap();
+    let port = free_port();
+    let extra = format!(
+        "require [\"spamscan\"];\nscanner rs = rspamd \"{url}\";\non data {{\n  if score rs >= 15 {{\n    reject 550 5.7.1 \"Spam\";\n  }}\n}}\n"
+    );
+    let d = Daemon::start(&sub, &policy(port, &extra), port);
+    let out =
+        swaks(port, &["--from", "a@example.net", "--to", "u@d.test", "--header", "Subject: test", "--body", GTUBE]);
+    assert!(out.contains("<** 550 5.7.1 Spam"), "{out}\n{}", d.log());
+    let out = swaks(
+        port,
+        &[
+            "--from",
+            "a@example.net",
+            "--to",
+            "u@d.test",
+            "--header",
+            "Subject: lunch",
+            "--body",
+            "Shall we meet at noon?",
+        ],
+    );
+    assert!(out.contains("Queued as"), "{out}\n{}", d.log());
+    wait_for(Duration::from_secs(30), "delivery", || maildir(&sub.join("mail/u")).len() == 1, || d.log());
+    drop(d);
+
+    // Through the milter interface of the proxy worker.
+    let sub = dir.join("milter");
+    std::fs::create_dir_all(&sub).unwrap();
+    let port = free_port();
+    let extra = format!("scanner rsm = milter \"inet:127.0.0.1:{proxy}\" {{ timeout 60s; }};\n");
+    let d = Daemon::start(&sub, &policy(port, &extra), port);
+    let out =
+        swaks(port, &["--from", "a@example.net", "--to", "u@d.test", "--header", "Subject: test", "--body", GTUBE]);
+    assert!(out.contains("<** 5") && !out.contains("Queued as"), "{out}\n{}\n{}", d.log(), rlog());
+    let out = swaks(
+        port,
+        &[
+            "--from",
+            "a@example.net",
+            "--to",
+            "u@d.test",
+            "--header",
+            "Subject: lunch",
+            "--body",
+            "Shall we meet at noon?",
+        ],
+    );
+    assert!(out.contains("Queued as"), "{out}\n{}\n{}", d.log(), rlog());
+    wait_for(Duration::from_secs(30), "delivery", || maildir(&sub.join("mail/u")).len() == 1, || d.log());
+    assert!(d.log().contains("milter rsm: data reject"), "{}", d.log());
 }
