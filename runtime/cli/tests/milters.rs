@@ -552,3 +552,111 @@ fn rspamd_http_and_milter() {
     wait_for(Duration::from_secs(30), "delivery", || maildir(&sub.join("mail/u")).len() == 1, || d.log());
     assert!(d.log().contains("milter rsm: data reject"), "{}", d.log());
 }
+
+/// Messages still in a spool (not its TLS key pair).
+fn queued(spool: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![spool.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(spool).unwrap_or(&p).to_string_lossy().to_string();
+            if rel.starts_with("tls") || rel.starts_with("corrupt") || rel.starts_with("tmp") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// The after-queue content filter loop (R24, R44) end to end: mail arriving on the
+/// `smtp` listener is queued and handed to the filter (`filter smtp`), a second
+/// `mailc serve` acting as the filter (it adds a header and relays everything back),
+/// which re-injects it on the `reinject` listener, where it is not filtered again; the
+/// message is delivered once, with the filter's mark, and both queues empty.
+#[test]
+fn after_queue_filter_loop_delivers_once() {
+    let t = TempDir::new("filter-loop");
+    let (main_dir, filter_dir) = (t.path().join("mta"), t.path().join("filter"));
+    std::fs::create_dir_all(&main_dir).unwrap();
+    std::fs::create_dir_all(&filter_dir).unwrap();
+    let (port, reinject, fport) = (free_port(), free_port(), free_port());
+    let main_policy = format!(
+        r#"list local = domains ["d.test"];
+server {{
+  hostname "mx.test";
+  spool "spool";
+  maildir "mail";
+  local_domains local;
+  queue_run 1s;
+  retry_min 1s;
+  retry_max 2s;
+}}
+listener smtp {{
+  address "127.0.0.1:{port}";
+  tls none;
+}}
+listener reinject {{
+  address "127.0.0.1:{reinject}";
+  tls none;
+}}
+on data {{
+  if listener :is "smtp" {{
+    filter smtp "[127.0.0.1]:{fport}";
+  }}
+}}
+route {{
+  if recipient.domain in local {{
+    deliver maildir;
+  }}
+}}
+"#
+    );
+    let filter_policy = format!(
+        r#"server {{
+  hostname "filter.test";
+  spool "spool";
+  queue_run 1s;
+  retry_min 1s;
+  retry_max 2s;
+}}
+listener smtp {{
+  address "127.0.0.1:{fport}";
+  tls none;
+}}
+on data {{
+  header add "X-Filtered" "by the content filter";
+}}
+route {{
+  deliver smtp "[127.0.0.1]:{reinject}";
+}}
+"#
+    );
+    let f = Daemon::start(&filter_dir, &filter_policy, fport);
+    let d = Daemon::start(&main_dir, &main_policy, port);
+    let out = swaks(port, &["--from", "a@other.test", "--to", "u@d.test", "--header", "Subject: through the filter"]);
+    assert!(out.contains("Queued as"), "{out}\n{}", d.log());
+    let ctx = || format!("mta:\n{}\nfilter:\n{}", d.log(), f.log());
+    wait_for(Duration::from_secs(60), "delivery", || !maildir(&main_dir.join("mail/u")).is_empty(), ctx);
+    wait_for(
+        Duration::from_secs(60),
+        "both queues empty",
+        || queued(&main_dir.join("spool")) == 0 && queued(&filter_dir.join("spool")) == 0,
+        ctx,
+    );
+    // Nothing more arrives: a loop would bring the message round again within a queue run.
+    std::thread::sleep(Duration::from_secs(3));
+    let msgs = maildir(&main_dir.join("mail/u"));
+    assert_eq!(msgs.len(), 1, "delivered exactly once:\n{msgs:?}\n{}", ctx());
+    assert!(
+        msgs[0].contains("X-Filtered: by the content filter") && msgs[0].contains("Subject: through the filter"),
+        "{}",
+        msgs[0]
+    );
+    assert_eq!(msgs[0].matches("X-Filtered:").count(), 1, "filtered once: {}", msgs[0]);
+}
