@@ -148,6 +148,8 @@ pub enum Item {
         pattern: String,
     },
     NoHeader(String),
+    /// `body: PATTERN`: some line of the stored message's body matches (glob).
+    Body(String),
     Notify {
         address: String,
         values: Vec<String>,
@@ -400,6 +402,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             Item::Header { name: n.trim().to_string(), pattern: p.trim().to_string() }
         }
         "no-header" => Item::NoHeader(value.to_string()),
+        "body" => Item::Body(value.to_string()),
         "notify" => {
             need("ADDRESS [VALUES]")?;
             // No values: the recipient carries no NOTIFY at all.

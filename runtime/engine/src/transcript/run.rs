@@ -504,6 +504,14 @@ impl CaseRun {
                     self.fail(format!("expected no `{name}` header in the queued message; found {values:?}"));
                 }
             }
+            Item::Body(pattern) => {
+                let Some(m) = self.last_msg() else { return };
+                let end = crate::headers::header_end(&m.data);
+                let body = String::from_utf8_lossy(m.data.get(end..).unwrap_or_default()).into_owned();
+                if !body.lines().any(|l| glob(pattern, l.trim_end_matches('\r'))) {
+                    self.fail(format!("expected a body line `{pattern}` in the queued message; its body is {body:?}"));
+                }
+            }
             Item::Notify { address, values } => {
                 let Some(m) = self.last_msg() else { return };
                 match m.recipients.iter().find(|r| r.address.eq_ignore_ascii_case(address)) {
