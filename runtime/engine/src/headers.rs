@@ -117,7 +117,8 @@ fn folded_field(name: &str, value: &str, eol: &str) -> Vec<u8> {
     let value = if value.starts_with([' ', '\t']) { value.to_string() } else { format!(" {value}") };
     for (i, line) in value.split('\n').enumerate() {
         let line = line.trim_end_matches('\r');
-        let line: String = line.chars().filter(|c| *c != '\r' && *c != '\0').collect();
+        // No control character but tab survives (a peer's value, e.g. a milter's).
+        let line: String = line.chars().map(|c| if c.is_control() && c != '\t' { ' ' } else { c }).collect();
         if i > 0 {
             if line.trim().is_empty() {
                 continue;

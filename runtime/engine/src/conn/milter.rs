@@ -335,6 +335,20 @@ impl Conn {
         let bare = |a: &str| a.trim().trim_start_matches('<').trim_end_matches('>').to_string();
         let mut effects = Vec::new();
         for m in mods {
+            // An address with white space or a control character is not an address: the
+            // modification is refused (logged), the rest applies.
+            let bad = match &m {
+                Modification::ChangeFrom { address, .. }
+                | Modification::AddRcpt { address, .. }
+                | Modification::DelRcpt(address) => {
+                    bare(address).chars().any(|c| c.is_control() || c.is_whitespace()) || address.len() > 512
+                }
+                _ => false,
+            };
+            if bad {
+                self.notes.push_back(Need::Note(super::Note::Log(format!("milter modification refused: {m:?}"))));
+                continue;
+            }
             match m {
                 Modification::AddHeader { name, value } => effects.push(Effect::HeaderAppend { name, value }),
                 Modification::InsertHeader { index, name, value } => {
