@@ -84,6 +84,23 @@ pub const SCANNER: &[OptSpec] = &[
     o("max_size", Size, "larger messages are not scanned and score 0 (default 10M)"),
 ];
 
+/// The settings of a `milter` scanner (Postfix's `milter_*` parameters).
+pub const SCANNER_MILTER: &[OptSpec] = &[
+    o("timeout", Duration, "time-out of each milter command and reply (default 30s; milter_command_timeout)"),
+    o("connect_timeout", Duration, "time-out of connecting and negotiating (default 30s; milter_connect_timeout)"),
+    o("content_timeout", Duration, "time-out of sending the message and the end-of-message reply (default 300s)"),
+    o(
+        "default_action",
+        Word(&["tempfail", "accept", "reject"]),
+        "when the milter is down, slow or breaks the protocol (default tempfail; milter_default_action)",
+    ),
+    o(
+        "verdicts",
+        Word(&["enforce", "report"]),
+        "enforce (default): the milter's reject, tempfail, discard and quarantine take effect unless the policy refuses first; report: they are only facts",
+    ),
+];
+
 /// Table kinds: (kind, needs a source string, extra options).
 pub const TABLE_KINDS: &[(&str, bool, &[OptSpec], &str)] = &[
     ("list", true, &[], "a file with one key per line; `in` tests membership"),
@@ -102,6 +119,7 @@ pub const SECRET_KINDS: &[(&str, &str)] =
 pub const SCANNER_KINDS: &[(&str, &str)] = &[
     ("rspamd", "rspamd's HTTP API, e.g. \"http://127.0.0.1:11333\""),
     ("spamd", "SpamAssassin's spamd, e.g. \"127.0.0.1:783\""),
+    ("milter", "a mail filter (Sendmail milter protocol 6), \"inet:127.0.0.1:8891\" or \"unix:/path\""),
 ];
 
 /// Capabilities a policy may `require`.

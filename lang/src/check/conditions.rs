@@ -58,6 +58,9 @@ impl<'s> Checker<'s> {
         if let Some(var) = path.strip_prefix("var.") {
             return self.read_var(var, span, ctx).map(|id| (Val::Var(id), Ty::Str));
         }
+        if let Some(rest) = path.strip_prefix("milter.") {
+            return self.milter_fact(rest, span, ctx);
+        }
         if let Some(f) = Fact::from_name(path) {
             let info = f.info();
             if let Some(cap) = info.capability {
@@ -67,6 +70,39 @@ impl<'s> Checker<'s> {
             return Some((Val::Fact(f), info.ty));
         }
         None
+    }
+
+    /// `milter.NAME.verdict` / `milter.NAME.reply`: a lookup in the milter's pseudo-table.
+    fn milter_fact(&mut self, rest: &str, span: Span, ctx: Ctx) -> Option<(Val, Ty)> {
+        let (name, field) = rest.rsplit_once('.')?;
+        if field != "verdict" && field != "reply" {
+            self.err(
+                Diagnostic::error("mailc::unknown-fact", format!("a milter has no fact `{field}`"))
+                    .at(span)
+                    .help(format!("use `milter.{name}.verdict` or `milter.{name}.reply`")),
+            );
+            return Some((Val::Lit(self.intern("")), Ty::Str));
+        }
+        let is_milter = self.syms.get(name).is_some_and(|s| s.kind == SymKind::Scanner)
+            && self.prog.scanners.iter().any(|s| s.name == name && s.kind == "milter");
+        if !is_milter {
+            let milters: Vec<&str> =
+                self.prog.scanners.iter().filter(|s| s.kind == "milter").map(|s| s.name.as_str()).collect();
+            let mut d = Diagnostic::error("mailc::undefined", format!("there is no milter `{name}`")).at(span);
+            d = match did_you_mean(name, milters.iter().copied()) {
+                Some(s) => d.help(format!("did you mean `milter.{s}.{field}`?")),
+                None => d.help(format!("declare it: scanner {name} = milter \"inet:127.0.0.1:8891\";")),
+            };
+            self.err(d);
+            return Some((Val::Lit(self.intern("")), Ty::Str));
+        }
+        if let Some(s) = self.syms.get_mut(name) {
+            s.used = true;
+        }
+        self.stage_check(&format!("milter.{name}.{field}"), Stages::SESSION, span, ctx);
+        let table = self.prog.tables.iter().position(|t| t.kind == "milter" && t.name == format!("milter.{name}"))?;
+        let key = Val::Lit(self.intern(field));
+        Some((Val::Lookup { table: TableId(table as u32), key: Box::new(key) }, Ty::Str))
     }
 
     pub(super) fn unknown_term(&mut self, name: &str, span: Span) {
@@ -174,6 +210,14 @@ impl<'s> Checker<'s> {
                 self.stage_check("score", Stages::from(Stage::Data), t.name.span, ctx);
                 let (sname, sspan) = a.word(self, "a scanner name, e.g. `score rspamd`")?;
                 let (_, id, _) = self.use_sym(&sname, sspan, &["scanner"])?;
+                if self.prog.scanners.get(id as usize).is_some_and(|s| s.kind == "milter") {
+                    self.err(
+                        Diagnostic::error("mailc::type", format!("`{sname}` is a milter: it has no score"))
+                            .at(sspan)
+                            .help(format!("a milter answers every stage: test `milter.{sname}.verdict`")),
+                    );
+                    return None;
+                }
                 Term::Val(Val::Score(ScannerId(id)), Ty::Num)
             }
             "dnsbl" => {

@@ -169,7 +169,7 @@ impl<'s> Checker<'s> {
             ast::ResourceKw::Scanner => {
                 let found = schema::SCANNER_KINDS.iter().any(|(k, _)| *k == kind.name);
                 (
-                    schema::SCANNER.to_vec(),
+                    if kind.name == "milter" { schema::SCANNER_MILTER.to_vec() } else { schema::SCANNER.to_vec() },
                     found.then_some(true),
                     schema::SCANNER_KINDS.iter().map(|(k, _)| *k).collect(),
                 )
@@ -216,6 +216,22 @@ impl<'s> Checker<'s> {
                         )
                         .at(name.span)
                         .help(format!("add `{r} \"...\";` to its block")),
+                    );
+                }
+            }
+        }
+        if matches!(kw, ast::ResourceKw::Scanner) && kind.name == "milter" {
+            // A milter is consulted at every stage: declaring it is using it.
+            if let Some(s) = self.syms.get_mut(&name.name) {
+                s.used = true;
+            }
+            if let Some(src) = source {
+                let v = unescape_plain(&src.raw);
+                if let Err(e) = milter_address(&v) {
+                    self.err(
+                        Diagnostic::error("mailc::arguments", format!("`{v}` is not a milter address: {e}"))
+                            .at(src.span)
+                            .help("write \"inet:127.0.0.1:8891\", \"inet:[::1]:8891\" or \"unix:/run/milter.sock\""),
                     );
                 }
             }
@@ -341,5 +357,24 @@ impl<'s> Checker<'s> {
                     .help(format!("test it with `flag {name}` or read it with `${{var.{name}}}`, or remove the `set`")),
             );
         }
+    }
+}
+
+/// A milter's address: `inet:HOST:PORT` (an IPv6 host in brackets) or `unix:/absolute/path`.
+pub fn milter_address(s: &str) -> Result<(), String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        return if p.starts_with('/') { Ok(()) } else { Err("a unix socket path must be absolute".into()) };
+    }
+    let Some(rest) = s.strip_prefix("inet:").or_else(|| s.strip_prefix("inet6:")) else {
+        return Err("it must start with `inet:` or `unix:`".into());
+    };
+    let (host, port) = rest.rsplit_once(':').ok_or("it needs a port")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("it needs a host".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{port}` is not a port")),
     }
 }

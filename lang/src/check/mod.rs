@@ -320,6 +320,18 @@ impl<'s> Checker<'s> {
                 _ => {}
             }
         }
+        // Each milter's answers are read as a pseudo-table `milter.NAME` (kind `milter`),
+        // declared after every real table so their ids do not move.
+        let milters: Vec<String> =
+            self.prog.scanners.iter().filter(|s| s.kind == "milter").map(|s| s.name.clone()).collect();
+        for name in milters {
+            self.prog.tables.push(Resource {
+                name: format!("milter.{name}"),
+                kind: "milter".into(),
+                source: None,
+                options: Vec::new(),
+            });
+        }
         // Variables: who sets what, and from which stage.
         let stage_items: Vec<(Stage, &Vec<Stmt>)> = items
             .iter()

@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod ldap;
 pub mod log;
 pub mod lookup;
+pub mod milter;
 pub mod pickup;
 pub mod qmgr;
 pub mod route;

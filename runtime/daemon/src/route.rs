@@ -265,6 +265,17 @@ fn edits_digest(edits: &[crate::headers::Edit]) -> u64 {
                 eat(b"remove");
                 eat(n.as_bytes());
             }
+            Edit::Append(n, v) => {
+                eat(b"append");
+                eat(n.as_bytes());
+                eat(v.as_bytes());
+            }
+            Edit::Insert(i, n, v) | Edit::Change(i, n, v) => {
+                eat(if matches!(e, Edit::Insert(..)) { b"insert" } else { b"change" });
+                eat(&i.to_be_bytes());
+                eat(n.as_bytes());
+                eat(v.as_bytes());
+            }
         }
     }
     h

@@ -189,6 +189,7 @@ pub async fn run(
     let mut data_started: Option<(tokio::time::Instant, u64)> = None;
     let mut data_bytes: u64 = 0;
     let mut closing_for_shutdown = false;
+    let mut milters = crate::milter::Milters::new(&conn);
     'session: loop {
         // 1. Everything the connection needs.
         while let Some(need) = conn.poll_need(Time(now_ms())) {
@@ -458,7 +459,15 @@ pub async fn run(
                         }
                     }
                 }
-                Need::Note(n) => note(&shared, &lookups, &prog, &id, n).await,
+                Need::Milter(call) => {
+                    let whole = match (call.spilled, conn.current_message()) {
+                        (1.., Some(m)) => Box::pin(spill.whole(m, &shared)).await,
+                        _ => None,
+                    };
+                    let answers = Box::pin(milters.call(&conn, &call, whole.as_ref().map(|(_, w)| w.as_slice()))).await;
+                    conn.milter_replied(answers, Time(now_ms()));
+                }
+                Need::Note(n) => Box::pin(note(&shared, &lookups, &prog, &id, n)).await,
             }
         }
         // A message that was decided (stored or refused) needs its spill no more.
@@ -555,6 +564,7 @@ pub async fn run(
             },
         }
     }
+    milters.quit().await;
     stream.shutdown().await;
     spill.discard();
     log.event("disconnect", &[("session", &id), ("client", &remote.ip().to_string())]);

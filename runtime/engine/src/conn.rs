@@ -38,6 +38,9 @@ pub struct ClientInfo {
 
 pub use crate::record::{QueuedMessage, QueuedRcpt, SessionRecord};
 
+mod milter;
+pub use milter::{MilterAnswer, MilterCall};
+
 /// One line of the connection's log: a verdict, a log action or an alert.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Note {
@@ -76,6 +79,9 @@ pub enum Need {
     Seal(Seal),
     /// Make the message durable, then [`Conn::queued`] with its id, or [`Conn::queue_failed`].
     Queue(QueuedMessage),
+    /// Consult the policy's milters on this stage, then [`Conn::milter_replied`]; the
+    /// message of the data stage is [`Conn::current_message`].
+    Milter(MilterCall),
     /// Informational.
     Note(Note),
 }
@@ -112,6 +118,8 @@ struct Tx {
     batv_sign: bool,
     sender_rewrite: Option<String>,
     ret_headers: bool,
+    /// A milter replaced the body.
+    body: Option<Vec<u8>>,
 }
 
 enum Pending {
@@ -126,6 +134,11 @@ enum Pending {
     Queue(Duration),
     /// Waiting for [`Conn::sealed`]: the message to queue, and the reply's delay.
     Seal(Box<QueuedMessage>, Duration),
+    /// Waiting for [`Conn::milter_replied`] before the stage runs.
+    Milter {
+        stage: Stage,
+        event: Event,
+    },
 }
 
 /// The policy settings a connection needs.
@@ -166,6 +179,14 @@ pub struct Conn {
     auth_checked: Vec<(AuthCheck, String)>,
     /// Free space of the spool's file system, as the host last saw it (None: unknown).
     free_space: Option<u64>,
+    /// The client has an address (not a local submission).
+    has_remote: bool,
+    /// Transactions begun (the milters' `i` macro).
+    milter_tx: u64,
+    /// The refusal the milters asked of the stage being evaluated, and their
+    /// end-of-message modifications.
+    milter_refusal: Option<Outcome>,
+    milter_mods: Vec<crate::milter::Modification>,
 }
 
 impl Conn {
@@ -188,6 +209,7 @@ impl Conn {
         facts.local_domains = local_domains(&prog, &config.hostname);
         let state = State::new(&prog);
         let mode = PolicyMode::from_program(&prog);
+        let has_remote = peer.remote.is_some();
         Conn {
             session: Session::new(config, peer, now),
             prog,
@@ -206,6 +228,10 @@ impl Conn {
             require_auth: false,
             auth_checked: Vec::new(),
             free_space: None,
+            has_remote,
+            milter_tx: 0,
+            milter_refusal: None,
+            milter_mods: Vec::new(),
         }
     }
 
@@ -239,7 +265,8 @@ impl Conn {
     /// The message whose data stage is being evaluated (for content scanners).
     pub fn current_message(&self) -> Option<&[u8]> {
         match &self.pending {
-            Pending::Stage { event: Event::Message { data, .. }, .. } => Some(data),
+            Pending::Stage { event: Event::Message { data, .. }, .. }
+            | Pending::Milter { event: Event::Message { data, .. }, .. } => Some(data),
             _ => None,
         }
     }
@@ -307,7 +334,7 @@ impl Conn {
                 continue;
             }
             match &mut self.pending {
-                Pending::Queue(_) | Pending::Seal(..) => return None,
+                Pending::Queue(_) | Pending::Seal(..) | Pending::Milter { .. } => return None,
                 Pending::Stage { run, .. } => {
                     self.facts.session_errors = self.session.error_count();
                     match run.step(&self.prog, &self.facts, &mut self.state) {
@@ -465,8 +492,17 @@ impl Conn {
         if stage == Stage::Rcpt {
             self.state.rcpt_friend = None;
         }
-        self.pending = Pending::Stage { run: Run::new(&self.prog, stage), event };
+        if let Some(call) = self.milter_call(stage, &event) {
+            self.pending = Pending::Milter { stage, event };
+            self.notes.push_back(Need::Milter(call));
+            return None;
+        }
+        self.run_stage(stage, event);
         None
+    }
+
+    fn run_stage(&mut self, stage: Stage, event: Event) {
+        self.pending = Pending::Stage { run: Run::new(&self.prog, stage), event };
     }
 
     fn on_event(&mut self, ev: Event, now: Time) -> Option<Need> {
@@ -655,6 +691,10 @@ impl Conn {
     }
 
     fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
+        // A milter's refusal, where the policy did not refuse (spec: "Milters").
+        if self.milter_verdict(&mut v.outcome) {
+            v.decided_by = None;
+        }
         // sendmail's delay_checks (R17): a refusal an `access ... :delay` held at connect,
         // helo, auth or mail reaches this recipient now, unless it is a FRIEND (or, with
         // `:delay hater`, unless it is a HATER).
@@ -811,6 +851,7 @@ impl Conn {
             }
             Stage::Data => {
                 self.apply_tx_effects(&v.effects);
+                self.apply_milter_mods();
                 let Event::Message { data, envelope, spilled, .. } = event else {
                     self.defer(Decision::accept(), now);
                     return;
@@ -847,7 +888,18 @@ impl Conn {
                 }
                 let sender =
                     self.tx.sender_rewrite.clone().unwrap_or_else(|| self.facts.sender.clone().unwrap_or_default());
-                let (data, added) = self.edit_message(&data);
+                let (mut data, added) = self.edit_message(&data);
+                let mut spilled = spilled;
+                if let Some(body) = self.tx.body.take() {
+                    // A milter's new body replaces everything after the header section,
+                    // the part the host spilled included.
+                    let end = crate::headers::header_end(&data);
+                    let eol = crate::headers::line_ending(&data);
+                    data.truncate(end);
+                    data.extend_from_slice(eol.as_bytes());
+                    data.extend_from_slice(&body);
+                    spilled = 0;
+                }
                 let msg = QueuedMessage {
                     sender,
                     recipients,
@@ -898,9 +950,12 @@ impl Conn {
         for e in effects {
             match e {
                 Effect::Hold(r) => self.tx.hold = Some(r.clone()),
-                Effect::HeaderAdd { .. } | Effect::HeaderRemove(_) | Effect::HeaderReplace { .. } => {
-                    self.tx.headers.push(e.clone())
-                }
+                Effect::HeaderAdd { .. }
+                | Effect::HeaderRemove(_)
+                | Effect::HeaderReplace { .. }
+                | Effect::HeaderAppend { .. }
+                | Effect::HeaderInsert { .. }
+                | Effect::HeaderChange { .. } => self.tx.headers.push(e.clone()),
                 Effect::Archive(a) => self.tx.archive.push(a.clone()),
                 Effect::Bcc(b) => self.tx.bcc.push(b.clone()),
                 Effect::Redirect(r) if self.facts.recipient.is_none() => self.tx.redirect = Some(r.clone()),
@@ -987,6 +1042,17 @@ impl Conn {
                     added.push((name.clone(), value.clone()));
                 }
                 Effect::HeaderRemove(name) => edits.push(Edit::Remove(name.clone())),
+                Effect::HeaderAppend { name, value } => {
+                    edits.push(Edit::Append(name.clone(), value.clone()));
+                    added.push((name.clone(), value.clone()));
+                }
+                Effect::HeaderInsert { index, name, value } => {
+                    edits.push(Edit::Insert(*index, name.clone(), value.clone()));
+                    added.push((name.clone(), value.clone()));
+                }
+                Effect::HeaderChange { index, name, value } => {
+                    edits.push(Edit::Change(*index, name.clone(), value.clone()))
+                }
                 Effect::HeaderReplace { name, value } => {
                     edits.push(Edit::Replace(name.clone(), value.clone()));
                     added.push((name.clone(), value.clone()));

@@ -243,6 +243,17 @@ impl Run {
             Val::Fact(fact) => self.fact(f, st, *fact)?,
             Val::Var(id) => V::Str(st.vars.get(id.index()).cloned().flatten().unwrap_or_default()),
             Val::Header(name) => V::List(f.message.as_ref().map(|m| m.header(prog.str(*name))).unwrap_or_default()),
+            // A milter's answer (`milter.NAME.verdict`): its pseudo-table, answered from
+            // the facts Conn set before the stage, never by the host.
+            Val::Lookup { table, key } if prog.tables.get(table.index()).is_some_and(|t| t.kind == "milter") => {
+                let k = self.val(prog, f, st, key)?.render();
+                let name = prog.tables.get(table.index()).map(|t| t.name.trim_start_matches("milter.")).unwrap_or("");
+                let m = f.milters.iter().find(|m| m.name == name);
+                V::Str(match k.as_str() {
+                    "verdict" => m.map(|m| m.verdict.clone()).unwrap_or_else(|| "continue".into()),
+                    _ => m.map(|m| m.reply.clone()).unwrap_or_default(),
+                })
+            }
             Val::Lookup { table, key } => {
                 let k = self.val(prog, f, st, key)?.render();
                 V::Str(self.lookup(prog, *table, &k)?.unwrap_or_default())

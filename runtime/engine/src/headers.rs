@@ -97,6 +97,41 @@ pub enum Edit {
     Remove(String),
     /// Remove every field with this name, then prepend `NAME: VALUE`.
     Replace(String, String),
+    /// Append `NAME: VALUE` at the end of the header section. A value may be folded with
+    /// `\n` (a milter's fields are): each line break becomes the message's line end and a
+    /// continuation line always starts with white space.
+    Append(String, String),
+    /// Insert `NAME: VALUE` before the field at this position (0: first).
+    Insert(u32, String, String),
+    /// The `index`-th (1-based) field with this name gets the value; an empty value
+    /// removes it; appended when there is no such field.
+    Change(u32, String, String),
+}
+
+/// `NAME: VALUE` with folded lines in the message's line ending; no line can start a new
+/// field (a continuation line without leading white space gets a tab).
+fn folded_field(name: &str, value: &str, eol: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(name.as_bytes());
+    out.push(b':');
+    let value = if value.starts_with([' ', '\t']) { value.to_string() } else { format!(" {value}") };
+    for (i, line) in value.split('\n').enumerate() {
+        let line = line.trim_end_matches('\r');
+        // No control character but tab survives (a peer's value, e.g. a milter's).
+        let line: String = line.chars().map(|c| if c.is_control() && c != '\t' { ' ' } else { c }).collect();
+        if i > 0 {
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.extend_from_slice(eol.as_bytes());
+            if !line.starts_with([' ', '\t']) {
+                out.push(b'\t');
+            }
+        }
+        out.extend_from_slice(line.as_bytes());
+    }
+    out.extend_from_slice(eol.as_bytes());
+    out
 }
 
 /// Apply `edits` to the header section of `data` and prepend `prefix` (already formatted
@@ -107,19 +142,47 @@ pub fn edit(data: &[u8], prefix: &str, edits: &[Edit]) -> Vec<u8> {
     let eol = line_ending(data);
     let split = header_end(data);
     let (head, body) = data.split_at(split.min(data.len()));
-    let mut keep: Vec<std::ops::Range<usize>> = fields(head);
+    // The fields of the header section, each as it was or as an edit made it.
+    let mut keep: Vec<std::borrow::Cow<[u8]>> =
+        fields(head).into_iter().filter_map(|r| head.get(r)).map(std::borrow::Cow::Borrowed).collect();
     let mut added: Vec<String> = Vec::new();
     for e in edits {
         match e {
             Edit::Add(name, value) => added.push(format!("{name}: {value}")),
             Edit::Remove(name) => {
                 let n = name.to_ascii_lowercase().into_bytes();
-                keep.retain(|r| head.get(r.clone()).is_none_or(|f| field_name(f) != n));
+                keep.retain(|f| field_name(f) != n);
             }
             Edit::Replace(name, value) => {
                 let n = name.to_ascii_lowercase().into_bytes();
-                keep.retain(|r| head.get(r.clone()).is_none_or(|f| field_name(f) != n));
+                keep.retain(|f| field_name(f) != n);
                 added.push(format!("{name}: {value}"));
+            }
+            Edit::Append(name, value) => keep.push(folded_field(name, value, eol).into()),
+            Edit::Insert(index, name, value) => {
+                let at = (*index as usize).min(keep.len());
+                keep.insert(at, folded_field(name, value, eol).into());
+            }
+            Edit::Change(index, name, value) => {
+                let n = name.to_ascii_lowercase().into_bytes();
+                let at = keep
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| field_name(f) == n)
+                    .nth((*index as usize).saturating_sub(1))
+                    .map(|(i, _)| i);
+                match (at, value.is_empty()) {
+                    (Some(i), true) => {
+                        keep.remove(i);
+                    }
+                    (Some(i), false) => {
+                        if let Some(slot) = keep.get_mut(i) {
+                            *slot = folded_field(name, value, eol).into();
+                        }
+                    }
+                    (None, true) => {}
+                    (None, false) => keep.push(folded_field(name, value, eol).into()),
+                }
             }
         }
     }
@@ -137,10 +200,8 @@ pub fn edit(data: &[u8], prefix: &str, edits: &[Edit]) -> Vec<u8> {
         out.extend_from_slice(line.as_bytes());
         out.extend_from_slice(eol.as_bytes());
     }
-    for r in keep {
-        if let Some(f) = head.get(r) {
-            out.extend_from_slice(f);
-        }
+    for f in keep {
+        out.extend_from_slice(&f);
     }
     out.extend_from_slice(body);
     out
@@ -163,6 +224,18 @@ mod tests {
         assert_eq!(header_end(b"A: 1\r\nB: 2"), 10);
         // a line of spaces is not empty (it is a continuation line)
         assert_eq!(header_end(b"A: 1\r\n \r\nB: 2\r\n\r\nx"), 15);
+    }
+
+    #[test]
+    fn milter_edits_by_position() {
+        let m = b"A: 1\r\nB: 2\r\nA: 3\r\n\r\nbody\r\n";
+        let out = edit(m, "", &[Edit::Change(2, "a".into(), "three\n\tfolded".into())]);
+        assert_eq!(out, b"A: 1\r\nB: 2\r\na: three\r\n\tfolded\r\n\r\nbody\r\n".to_vec());
+        let out =
+            edit(m, "", &[Edit::Change(1, "B".into(), String::new()), Edit::Insert(0, "X".into(), "y\nZ: no".into())]);
+        assert_eq!(out, b"X: y\r\n\tZ: no\r\nA: 1\r\nA: 3\r\n\r\nbody\r\n".to_vec());
+        let out = edit(m, "", &[Edit::Append("C".into(), " c".into()), Edit::Change(5, "Q".into(), "q".into())]);
+        assert_eq!(out, b"A: 1\r\nB: 2\r\nA: 3\r\nC: c\r\nQ: q\r\n\r\nbody\r\n".to_vec());
     }
 
     #[test]

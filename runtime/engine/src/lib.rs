@@ -7,6 +7,7 @@ pub mod conn;
 pub mod date;
 pub mod eval;
 pub mod headers;
+pub mod milter;
 pub mod paths;
 pub mod proxy;
 pub mod queue;

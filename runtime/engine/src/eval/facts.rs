@@ -78,6 +78,21 @@ pub struct Facts {
     pub queue_age_ms: u64,
     /// (type, reason) of the DSN being decided.
     pub bounce: Option<(String, String)>,
+    /// Each milter's answer to the stage being evaluated (`milter.NAME.verdict`,
+    /// `milter.NAME.reply`), set by `Conn` before the stage runs.
+    pub milters: Vec<MilterFacts>,
+}
+
+/// What one milter answered the current stage.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MilterFacts {
+    pub name: String,
+    /// continue, accept, reject, tempfail, discard, quarantine, or error (the milter is
+    /// down, timed out or broke the protocol).
+    pub verdict: String,
+    /// Its reply as the client would see it (`550 5.7.1 text`), or the error; empty
+    /// when it has none.
+    pub reply: String,
 }
 
 impl Default for Facts {
@@ -113,6 +128,7 @@ impl Default for Facts {
             delivery: None,
             queue_age_ms: 0,
             bounce: None,
+            milters: Vec::new(),
         }
     }
 }

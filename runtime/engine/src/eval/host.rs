@@ -231,6 +231,25 @@ pub enum Effect {
         name: String,
         value: String,
     },
+    /// A field added at the end of the header section (a milter's `SMFIR_ADDHEADER`).
+    HeaderAppend {
+        name: String,
+        value: String,
+    },
+    /// A field inserted before the `index`-th field (0: first) of the message as received
+    /// (a milter's `SMFIR_INSHEADER`).
+    HeaderInsert {
+        index: u32,
+        name: String,
+        value: String,
+    },
+    /// The `index`-th (1-based) field `name` gets `value`; an empty value deletes it; added
+    /// at the end when there is no such field (a milter's `SMFIR_CHGHEADER`).
+    HeaderChange {
+        index: u32,
+        name: String,
+        value: String,
+    },
     Hold(String),
     Redirect(String),
     Bcc(String),

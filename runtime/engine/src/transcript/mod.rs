@@ -97,6 +97,14 @@ pub enum Item {
         scanner: String,
         score: f64,
     },
+    /// `milter NAME: STAGE ANSWER`: what the milter answers at that stage.
+    Milter {
+        milter: String,
+        stage: String,
+        /// `rcpt=ADDRESS`: only for that recipient.
+        rcpt: Option<String>,
+        answer: MilterFixture,
+    },
     Secret {
         name: String,
         value: String,
@@ -140,6 +148,8 @@ pub enum Item {
         pattern: String,
     },
     NoHeader(String),
+    /// `body: PATTERN`: some line of the stored message's body matches (glob).
+    Body(String),
     Notify {
         address: String,
         values: Vec<String>,
@@ -378,6 +388,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             scanner: k[6..].trim().to_string(),
             score: value.parse().map_err(|_| format!("\"{value}\" is not a number"))?,
         },
+        k if k.starts_with("milter ") => parse_milter(k[7..].trim(), value)?,
         k if k.starts_with("secret ") => {
             Item::Secret { name: k[7..].trim().to_string(), value: value.replace("\\n", "\n") }
         }
@@ -391,6 +402,7 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             Item::Header { name: n.trim().to_string(), pattern: p.trim().to_string() }
         }
         "no-header" => Item::NoHeader(value.to_string()),
+        "body" => Item::Body(value.to_string()),
         "notify" => {
             need("ADDRESS [VALUES]")?;
             // No values: the recipient carries no NOTIFY at all.
@@ -601,4 +613,81 @@ pub fn replay(
     } else {
         Err(failures)
     }
+}
+
+/// One `milter NAME:` line's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MilterFixture {
+    Verdict(crate::milter::Verdict),
+    Modification(crate::milter::Modification),
+    /// The milter cannot answer (down, protocol error, time-out): its default action.
+    Error(String),
+}
+
+fn parse_milter(name: &str, value: &str) -> Result<Item, String> {
+    use crate::milter::{Modification as M, Verdict as V};
+    if name.is_empty() {
+        return Err("`milter NAME:` needs the milter's name".into());
+    }
+    let (stage, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    let (stage, rcpt) = match stage.split_once('=') {
+        Some(("rcpt", a)) => ("rcpt", Some(a.trim_matches(['<', '>']).to_ascii_lowercase())),
+        _ => (stage, None),
+    };
+    if !matches!(stage, "connect" | "helo" | "mail" | "rcpt" | "data") {
+        return Err(format!(
+            "`{stage}` is not a milter stage: write `milter {name}: STAGE ANSWER` with connect, helo, mail, rcpt (or rcpt=ADDRESS) or data"
+        ));
+    }
+    let (word, arg) = rest.split_once(' ').map(|(w, a)| (w, a.trim())).unwrap_or((rest, ""));
+    let header = |a: &str| -> Result<(String, String), String> {
+        let (n, v) = a.split_once(':').ok_or_else(|| format!("`{a}` is not `NAME: VALUE`"))?;
+        Ok((n.trim().to_string(), v.trim().replace("\\n", "\n")))
+    };
+    let index = |a: &str| -> Result<(u32, String), String> {
+        let (i, r) = a.split_once(' ').ok_or_else(|| format!("`{a}` needs a position and a field"))?;
+        Ok((i.parse().map_err(|_| format!("`{i}` is not a position"))?, r.trim().to_string()))
+    };
+    let answer = match word {
+        "continue" => MilterFixture::Verdict(V::Continue),
+        "accept" => MilterFixture::Verdict(V::Accept),
+        "reject" => MilterFixture::Verdict(V::Reject),
+        "tempfail" => MilterFixture::Verdict(V::Tempfail),
+        "discard" => MilterFixture::Verdict(V::Discard),
+        "reply" => MilterFixture::Verdict(crate::milter::parse_reply(arg).map_err(|e| e.0)?),
+        "error" => MilterFixture::Error(if arg.is_empty() { "milter is down".into() } else { arg.to_string() }),
+        "timeout" => MilterFixture::Error("timed out".into()),
+        _ if stage != "data" => {
+            return Err(format!(
+                "`{word}` is not a milter answer at {stage}: continue, accept, reject, tempfail, discard, reply CODE TEXT, error or timeout (modifications only at data)"
+            ))
+        }
+        "quarantine" => MilterFixture::Modification(M::Quarantine(arg.to_string())),
+        "add-header" => {
+            let (name, value) = header(arg)?;
+            MilterFixture::Modification(M::AddHeader { name, value })
+        }
+        "insert-header" | "change-header" => {
+            let (index, rest) = index(arg)?;
+            let (name, value) = header(&rest)?;
+            MilterFixture::Modification(if word == "insert-header" {
+                M::InsertHeader { index, name, value }
+            } else {
+                M::ChangeHeader { index, name, value }
+            })
+        }
+        "delete-header" => {
+            let (index, name) = index(arg)?;
+            MilterFixture::Modification(M::ChangeHeader { index, name, value: String::new() })
+        }
+        "change-sender" => MilterFixture::Modification(M::ChangeFrom { address: arg.to_string(), args: String::new() }),
+        "add-rcpt" => MilterFixture::Modification(M::AddRcpt { address: arg.to_string(), args: String::new() }),
+        "delete-rcpt" => MilterFixture::Modification(M::DelRcpt(arg.to_string())),
+        "replace-body" => {
+            MilterFixture::Modification(M::ReplaceBody(format!("{}\r\n", arg.replace("\\n", "\r\n")).into_bytes()))
+        }
+        other => return Err(format!("`{other}` is not a milter answer or modification")),
+    };
+    Ok(Item::Milter { milter: name.to_string(), stage: stage.to_string(), rcpt, answer })
 }

@@ -193,6 +193,8 @@ struct CaseRun {
     alert_mails: Vec<String>,
     alerts_sent: HashMap<(String, String), u64>,
     scores: HashMap<String, f64>,
+    /// `milter NAME:` lines: (milter, stage, recipient) and the answers, in order.
+    milters: Vec<(String, String, Option<String>, super::MilterFixture)>,
     secrets: HashMap<String, String>,
     /// The host's DKIM signer ([`Runner::with_dkim`]).
     dkim: Option<DkimSign>,
@@ -243,6 +245,7 @@ impl CaseRun {
             alert_mails: Vec::new(),
             alerts_sent: HashMap::new(),
             scores: HashMap::new(),
+            milters: Vec::new(),
             secrets: HashMap::new(),
             dkim: None,
             rates: RateStore::default(),
@@ -321,6 +324,12 @@ impl CaseRun {
             }
             Item::Score { scanner, score } => {
                 self.scores.insert(scanner.clone(), *score);
+            }
+            Item::Milter { milter, stage, rcpt, answer } => {
+                if !self.prog.scanners.iter().any(|s| s.kind == "milter" && s.name == *milter) {
+                    self.fail(format!("the policy declares no milter `{milter}`"));
+                }
+                self.milters.push((milter.clone(), stage.clone(), rcpt.clone(), answer.clone()));
             }
             Item::Secret { name, value } => {
                 self.secrets.insert(name.clone(), value.clone());
@@ -493,6 +502,14 @@ impl CaseRun {
                 let values = MessageFacts::parse(&m.data).header(name);
                 if !values.is_empty() {
                     self.fail(format!("expected no `{name}` header in the queued message; found {values:?}"));
+                }
+            }
+            Item::Body(pattern) => {
+                let Some(m) = self.last_msg() else { return };
+                let end = crate::headers::header_end(&m.data);
+                let body = String::from_utf8_lossy(m.data.get(end..).unwrap_or_default()).into_owned();
+                if !body.lines().any(|l| glob(pattern, l.trim_end_matches('\r'))) {
+                    self.fail(format!("expected a body line `{pattern}` in the queued message; its body is {body:?}"));
                 }
             }
             Item::Notify { address, values } => {
@@ -786,10 +803,53 @@ impl CaseRun {
                         c.queued(&id, now);
                     }
                 }
+                Need::Milter(call) => {
+                    let answers = self.milter_answers(&call);
+                    if let Some(c) = self.conn.as_mut() {
+                        c.milter_replied(answers, now);
+                    }
+                }
                 Need::Note(n) => self.note(n),
             }
         }
         self.drain();
+    }
+
+    /// The milters' answers to a stage from the case's `milter NAME:` lines (a milter
+    /// with no line for the stage continues), consulted in order as the daemon does.
+    fn milter_answers(&mut self, call: &crate::conn::MilterCall) -> Vec<(String, crate::conn::MilterAnswer)> {
+        use super::MilterFixture as F;
+        let rcpt = match &call.step {
+            crate::milter::Step::Rcpt(a) => a.first().map(|a| a.trim_matches(['<', '>']).to_ascii_lowercase()),
+            _ => None,
+        };
+        let names: Vec<String> =
+            self.prog.scanners.iter().filter(|s| s.kind == "milter").map(|s| s.name.clone()).collect();
+        let mut out = Vec::new();
+        for name in names {
+            let mut outcome = crate::milter::Outcome::default();
+            let mut error = None;
+            for (m, stage, r, answer) in &self.milters {
+                if *m != name || stage != call.stage.name() || r.as_ref().is_some_and(|r| Some(r) != rcpt.as_ref()) {
+                    continue;
+                }
+                match answer {
+                    F::Verdict(v) => outcome.verdict = v.clone(),
+                    F::Modification(x) => outcome.modifications.push(x.clone()),
+                    F::Error(e) => error = Some(e.clone()),
+                }
+            }
+            let answer = match error {
+                Some(e) => Err(e),
+                None => Ok(outcome),
+            };
+            let stop = self.conn.as_ref().is_some_and(|c| c.milter_stops(&name, &answer));
+            out.push((name, answer));
+            if stop {
+                break;
+            }
+        }
+        out
     }
 
     /// The fields the host adds before queuing (B7), as the daemon adds them: an
