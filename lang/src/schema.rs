@@ -79,6 +79,12 @@ pub const SERVER: &[OptSpec] = &[
     o("soft_bounce", Bool, "turn every 5xx the policy or a delivery gives into 4xx (R40 soft-bounce mode)"),
     o("warn_only", Bool, "log what reject and tempfail would do, and accept (R40 warn-only mode)"),
     o("log_format", Word(&["text", "json"]), "log line format (default text)"),
+    o("log", Word(&["stderr", "syslog", "journal"]), "where log lines go: standard error (default), the local syslog socket, or the systemd journal"),
+    o("syslog_socket", Str, "the syslog socket `log syslog` writes to (default /dev/log)"),
+    o("syslog_facility", Word(&["mail", "daemon", "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7"]), "the syslog facility of log lines (default mail)"),
+    o("syslog_format", Word(&["rfc3164", "rfc5424"]), "the syslog message format (default rfc3164, as syslog(3) sends to /dev/log)"),
+    o("journal_socket", Str, "the journal socket `log journal` writes to (default /run/systemd/journal/socket)"),
+    o("admin", Str, "IP:port of the admin listener, serving Prometheus metrics on GET /metrics (default none)"),
 ];
 
 pub const LISTENER: &[OptSpec] = &[

@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod ldap;
 pub mod log;
 pub mod lookup;
+pub mod metrics;
 pub mod pickup;
 pub mod qmgr;
 pub mod route;
@@ -468,6 +469,31 @@ pub struct Running {
     pub shared: Arc<Shared>,
 }
 
+/// Where the policy sends log lines (`log`, `syslog_socket`, `syslog_facility`,
+/// `syslog_format`, `journal_socket`).
+pub fn log_target(prog: &Program, policy_dir: &Path) -> log::Target {
+    let word = |k: &str| match prog.server.option(k) {
+        Some(OptValue::Word(w)) => Some(w.clone()),
+        _ => None,
+    };
+    let path = |k: &str, default: &str| match prog.server.option(k) {
+        Some(OptValue::Str(s)) => policy_dir.join(s),
+        _ => PathBuf::from(default),
+    };
+    let facility = word("syslog_facility").and_then(|f| log::facility(&f)).unwrap_or(2);
+    match word("log").as_deref() {
+        Some("syslog") => log::Target::Syslog {
+            socket: path("syslog_socket", "/dev/log"),
+            facility,
+            rfc5424: word("syslog_format").as_deref() == Some("rfc5424"),
+        },
+        Some("journal") => {
+            log::Target::Journal { socket: path("journal_socket", "/run/systemd/journal/socket"), facility }
+        }
+        _ => log::Target::Stderr,
+    }
+}
+
 /// Bind the listeners and start accepting. `queued` receives the ids of messages stored.
 pub async fn start(
     prog: Program,
@@ -483,6 +509,7 @@ pub async fn start(
             _ => log::Format::Text,
         },
     };
+    log::configure(log_target(&prog, &policy_dir), &hostname);
     tame_allocator();
     let lookups = Arc::new(Lookups::new(&prog, &policy_dir)?);
     let lsts = listeners(&prog, &policy_dir, &spool, &hostname)?;
@@ -526,6 +553,15 @@ pub async fn start(
         });
     }
     let mut addresses = Vec::new();
+    // The admin listener (`admin "IP:PORT"`): Prometheus metrics, no SMTP.
+    if let Some(OptValue::Str(a)) = shared.program().server.option("admin") {
+        let addr: SocketAddr = a.parse().map_err(|_| format!("admin: \"{a}\" is not an IP:port"))?;
+        let sock = TcpListener::bind(addr).await.map_err(|e| format!("admin: cannot bind {addr}: {e}"))?;
+        let bound = sock.local_addr().map_err(|e| e.to_string())?;
+        shared.log.event("listening", &[("listener", "admin"), ("address", &bound.to_string()), ("serves", "metrics")]);
+        addresses.push(("admin".to_string(), bound));
+        tokio::spawn(metrics::serve(sock, spool.clone(), shared.shutdown.clone()));
+    }
     for l in lsts {
         let sock = TcpListener::bind(l.address)
             .await
@@ -578,6 +614,7 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
                 "refused",
                 &[("listener", &lst.name), ("client", &remote.ip().to_string()), ("reason", "too many sessions")],
             );
+            crate::metrics::get().reply(&lst.name, "421");
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 let _ = tcp.write_all(b"421 4.7.0 Too many connections, try again later\r\n").await;
@@ -596,6 +633,7 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
                     ("reason", "too many sessions from the address"),
                 ],
             );
+            crate::metrics::get().reply(&lst.name, "421");
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 let _ = tcp.write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n").await;
@@ -650,6 +688,7 @@ impl Running {
                 if let Ok(mut l) = self.shared.lookups.write() {
                     *l = Arc::new(lookups);
                 }
+                log::configure(log_target(&self.shared.program(), &dir), &self.shared.hostname);
                 self.shared.log.event(
                     "reloaded",
                     &[("policy", &opts.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_default())],

@@ -37,8 +37,25 @@ pub async fn run_stage(prog: &Program, lookups: &Lookups, stage: Stage, facts: &
                 let a = lookups.answer(prog, &req, facts.now_ms).await;
                 run.answer(req, a);
             }
-            Step::Done(v) => return v,
+            Step::Done(v) => {
+                let rule = v.decided_by.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
+                crate::metrics::get().verdict(stage.name(), outcome_kind(&v.outcome), &rule);
+                return v;
+            }
         }
+    }
+}
+
+/// A queue-side verdict's outcome as a metric label.
+fn outcome_kind(o: &crate::eval::Outcome) -> &'static str {
+    use crate::eval::Outcome;
+    match o {
+        Outcome::Default => "default",
+        Outcome::Accept => "accept",
+        Outcome::Reject(_) => "reject",
+        Outcome::Tempfail(_) => "tempfail",
+        Outcome::Discard => "discard",
+        Outcome::Deliver(_) => "deliver",
     }
 }
 

@@ -125,6 +125,9 @@ pub async fn run(
         }
         Incoming::Local { stream, user } => (Stream::Local(stream), Some(user)),
     };
+    // Counted in `sessions_current` until the guard drops, on every path the session ends.
+    let _counted = crate::metrics::get().session(&lst.name);
+    let mut reply_line_start = true;
     let (client_name, client_ptr) = lookups.reverse(remote.ip()).await;
     log.event(
         "connect",
@@ -153,6 +156,9 @@ pub async fn run(
             }
         }
     }
+    // `client=NAME[IP]` of the summary line (Postfix's smtpd).
+    let client_label =
+        format!("{}[{}]", if client_name.is_empty() { "unknown" } else { client_name.as_str() }, remote.ip());
     let client = ClientInfo { name: client_name, ptr: client_ptr, listener: lst.name.clone(), session_id: id.clone() };
     let mut conn = Conn::new(prog.clone(), lst.engine.clone(), peer, client, Time(now_ms()));
     conn.set_requirements(lst.require_tls, lst.require_auth);
@@ -221,7 +227,10 @@ pub async fn run(
                                 (Some(sc), Some(data)) => {
                                     let whole = spill.whole(data, &shared).await;
                                     let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(data);
-                                    super::scan::scan(sc, data, conn.facts()).await
+                                    let started = std::time::Instant::now();
+                                    let a = super::scan::scan(sc, data, conn.facts()).await;
+                                    crate::metrics::get().lookup("scanner", started.elapsed());
+                                    a
                                 }
                                 _ => Answer::Error("no message to scan".into()),
                             }
@@ -293,6 +302,7 @@ pub async fn run(
                 Need::StartTls => {
                     // Flush the 220 first, then hand the socket to TLS.
                     while let Some(b) = conn.poll_transmit() {
+                        crate::metrics::get().replies_in(&lst.name, &b, &mut reply_line_start);
                         if stream.write_all(&b).await.is_err() {
                             break 'session;
                         }
@@ -419,6 +429,28 @@ pub async fn run(
                                     ("hold", msg.hold.as_deref().unwrap_or("")),
                                 ],
                             );
+                            // Postfix's lines for a message queued: smtpd's (or pickup's) and qmgr's.
+                            let sev = crate::log::Severity::Info;
+                            match &local_user {
+                                Some(user) => log.summary(
+                                    "pickup",
+                                    sev,
+                                    &qid,
+                                    &format!("uid={} from=<{}>", uid_of(user), msg.sender),
+                                ),
+                                None => log.summary("smtpd", sev, &qid, &format!("client={client_label}")),
+                            }
+                            log.summary(
+                                "qmgr",
+                                sev,
+                                &qid,
+                                &format!(
+                                    "from=<{}>, size={}, nrcpt={} (queue active)",
+                                    msg.sender,
+                                    msg.data.len() as u64 + msg.tail,
+                                    msg.recipients.len()
+                                ),
+                            );
                             conn.queued(&qid, now);
                             shared.enqueued(&qid);
                         }
@@ -457,6 +489,7 @@ pub async fn run(
         let mut wrote = false;
         while let Some(b) = conn.poll_transmit() {
             wrote = true;
+            crate::metrics::get().replies_in(&lst.name, &b, &mut reply_line_start);
             if stream.write_all(&b).await.is_err() {
                 break 'session;
             }
@@ -651,6 +684,7 @@ fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
     match n {
         Note::Verdict { stage, outcome, rule, .. } => {
             let rule = rule.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
+            crate::metrics::get().verdict(stage.name(), crate::metrics::outcome_kind(&outcome), &rule);
             shared
                 .log
                 .event("verdict", &[("session", id), ("stage", stage.name()), ("outcome", &outcome), ("rule", &rule)]);
@@ -665,6 +699,22 @@ fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
                 }
             }
         }
+    }
+}
+
+/// The uid of a login, for pickup's summary line (the name itself when it has none).
+fn uid_of(user: &str) -> String {
+    let Ok(c) = std::ffi::CString::new(user) else { return user.to_string() };
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `pw` and `buf` (its length given) and sets `out` to
+    // `&mut pw` or null; only pw_uid is read.
+    let r = unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if r == 0 && !out.is_null() {
+        pw.pw_uid.to_string()
+    } else {
+        user.to_string()
     }
 }
 
