@@ -137,6 +137,8 @@ pub async fn route(
             Step::Done(v) => break v,
         }
     };
+    let rule = v.decided_by.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
+    crate::metrics::get().verdict(Stage::Route.name(), outcome_kind(&v.outcome), &rule);
     let copies = v
         .effects
         .iter()
