@@ -16,6 +16,11 @@ declare -A want=(
   [spamd]=spamd
   [pg_ctlcluster]=postgresql
   [nvim]=neovim
+  [pflogsumm]=pflogsumm
+  [zsh]=zsh
+  [fish]=fish
+  [man]=man-db
+  [nroff]=groff-base
 )
 missing=()
 for prog in "${!want[@]}"; do
