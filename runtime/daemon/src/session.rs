@@ -485,7 +485,12 @@ pub async fn run(
                         }
                     }
                 }
-                Need::Note(n) => note(&shared, &lookups, &prog, &id, n),
+                Need::Note(n) => {
+                    if let Note::Verdict { stage, outcome, .. } = &n {
+                        refusal_line(&shared, stage.name(), outcome, &client_label, conn.facts());
+                    }
+                    note(&shared, &lookups, &prog, &id, n)
+                }
             }
         }
         // A message that was decided (stored or refused) needs its spill no more.
@@ -711,6 +716,37 @@ fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
             }
         }
     }
+}
+
+/// Postfix smtpd's line for a refusal, `NOQUEUE: reject: RCPT from NAME[IP]: REPLY;
+/// from=<S> to=<R> proto=ESMTP helo=<H>`, which log tooling counts as a rejection.
+fn refusal_line(shared: &Shared, stage: &str, outcome: &str, client: &str, f: &crate::eval::Facts) {
+    let Some(reply) = outcome.strip_prefix("reject ").or_else(|| outcome.strip_prefix("tempfail ")) else {
+        return;
+    };
+    let cmd = match stage {
+        "connect" => "CONNECT",
+        "helo" => "EHLO",
+        "auth" => "AUTH",
+        "mail" => "MAIL",
+        "rcpt" => "RCPT",
+        "data" => "END-OF-MESSAGE",
+        other => other,
+    };
+    let mut text = format!("reject: {cmd} from {client}: {reply}");
+    let mut sep = "; ";
+    if let Some(s) = &f.sender {
+        text.push_str(&format!("{sep}from=<{s}>"));
+        sep = " ";
+    }
+    if let Some(r) = &f.recipient {
+        text.push_str(&format!("{sep}to=<{}>", r.address));
+        sep = " ";
+    }
+    if let Some((h, _)) = &f.helo {
+        text.push_str(&format!("{sep}proto=ESMTP helo=<{h}>"));
+    }
+    shared.log.summary("smtpd", crate::log::Severity::Info, "NOQUEUE", &text);
 }
 
 /// The uid of a login, for pickup's summary line (the name itself when it has none).

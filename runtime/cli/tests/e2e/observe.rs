@@ -225,6 +225,12 @@ fn metrics_count_what_the_test_did() {
     let bounced = summary("qmgr", &id_of("z@gone.test"), "to=<z@gone.test>");
     check_summary(&bounced, "relay=none", "5.1.2", "bounced (550 5.1.2 Domain gone)");
     summary("qmgr", &x, "removed");
+    // The refusal, as Postfix's smtpd words it.
+    let refused = summary("smtpd", "NOQUEUE", "reject: RCPT from ");
+    assert!(
+        refused.ends_with("[127.0.0.1]: 550 5.7.1 Blocked by rule; from=<a@s.test> to=<blocked@d.test> proto=ESMTP helo=<client.test>"),
+        "{refused}"
+    );
 }
 
 /// A per-recipient summary line: `... to=<..>, relay=R, delay=S, delays=a/b/c/d, dsn=D, status=ST`.
@@ -333,6 +339,7 @@ fn syslog_lines_have_facility_and_severity() {
     assert_eq!(count("delivered"), "3", "{out}");
     assert_eq!(count("deferred"), "1", "{out}");
     assert_eq!(count("bounced"), "1", "{out}");
+    assert_eq!(count("rejected"), "1", "{out}");
 
     // SIGHUP to RFC 5424, facility local3: the next lines follow it.
     std::fs::write(
@@ -354,6 +361,24 @@ fn syslog_lines_have_facility_and_severity() {
     assert!(parts.get(1).is_some_and(|t| t.ends_with('Z') && t.contains('T')), "{l}");
     let pid_s = pid.to_string();
     assert_eq!(parts.get(2..7), Some(&["mx.test", "mailpolicy", pid_s.as_str(), "reloaded", "-"][..]), "{l}");
+
+    // SIGHUP to the journal's native protocol (the socket the test binds standing in for
+    // /run/systemd/journal/socket): KEY=VALUE fields, PRIORITY and SYSLOG_FACILITY.
+    std::fs::write(&d.policy, observed_policy(port, sport, dead, "  log journal;\n  journal_socket \"log.sock\";\n"))
+        .expect("policy");
+    d.signal("HUP");
+    wait_for(
+        Duration::from_secs(20),
+        "the reloaded entry in the journal's format",
+        || lines().iter().any(|l| l.contains("MAILPOLICY_EVENT=reloaded")),
+        || format!("{:#?}", lines()),
+    );
+    let entry = lines().into_iter().find(|l| l.contains("MAILPOLICY_EVENT=reloaded")).unwrap_or_default();
+    let fields: Vec<&str> = entry.lines().collect();
+    assert!(fields.first().is_some_and(|f| f.starts_with("MESSAGE=reloaded ")), "{entry}");
+    for f in ["PRIORITY=5", "SYSLOG_FACILITY=2", "SYSLOG_IDENTIFIER=mailpolicy", &format!("SYSLOG_PID={pid}")] {
+        assert!(fields.contains(&f), "{f} in {entry}");
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     d.kill9();
