@@ -149,7 +149,12 @@ pub fn command() -> Command {
                 .subcommand(
                     Command::new("compile")
                         .about("write FILE.cdb, the indexed form of each table file")
-                        .arg(opt("kind", "KIND", "the table kind").value_parser(["list", "map", "access"]))
+                        .arg(
+                            // cidr, regexp and pcre are named so the command can say why they
+                            // do not compile (exit 1), as it always has.
+                            opt("kind", "KIND", "the table kind (list, map or access; default map)")
+                                .value_parser(["list", "map", "access", "cidr", "regexp", "pcre"]),
+                        )
                         .arg(files("FILE", "table files").value_hint(clap::ValueHint::FilePath)),
                 )
                 .subcommand(
