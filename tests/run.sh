@@ -22,6 +22,11 @@ declare -A want=(
   [spamass-milter]=spamass-milter
   [rspamd]=rspamd
   [openssl]=openssl
+  [pflogsumm]=pflogsumm
+  [zsh]=zsh
+  [fish]=fish
+  [man]=man-db
+  [nroff]=groff-base
 )
 missing=()
 for prog in "${!want[@]}"; do

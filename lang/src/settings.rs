@@ -248,6 +248,21 @@ words! {
     pub enum StateOnError { Tempfail = "tempfail", Local = "local" }
 }
 words! {
+    /// `log`: where log lines go.
+    pub enum LogTarget { Stderr = "stderr", Syslog = "syslog", Journal = "journal" }
+}
+words! {
+    /// `syslog_facility`.
+    pub enum SyslogFacility {
+        Mail = "mail", Daemon = "daemon", Local0 = "local0", Local1 = "local1", Local2 = "local2",
+        Local3 = "local3", Local4 = "local4", Local5 = "local5", Local6 = "local6", Local7 = "local7"
+    }
+}
+words! {
+    /// `syslog_format`.
+    pub enum SyslogFormat { Rfc3164 = "rfc3164", Rfc5424 = "rfc5424" }
+}
+words! {
     /// A listener's `protocol`.
     pub enum Protocol { Smtp = "smtp", Submission = "submission", Submissions = "submissions" }
 }
@@ -373,6 +388,17 @@ settings! {
         state_prefix: String = Dflt::Str("mailpolicy:"), Str, "prefix of every key in the shared state store";
         state_lease: Duration = Dflt::Ms(60_000), Duration,
             "life of a session's `concurrent` lease in the shared store, renewed every third of it while the session lives (at least 1s)";
+        log: LogTarget = Dflt::Word("stderr"), Word(LogTarget::WORDS),
+            "where log lines go: standard error, the local syslog socket, or the systemd journal";
+        syslog_socket: String = Dflt::Str("/dev/log"), Str, "the syslog socket `log syslog` writes to";
+        syslog_facility: SyslogFacility = Dflt::Word("mail"), Word(SyslogFacility::WORDS),
+            "the syslog facility of log lines";
+        syslog_format: SyslogFormat = Dflt::Word("rfc3164"), Word(SyslogFormat::WORDS),
+            "the syslog message format (rfc3164 as syslog(3) sends it to /dev/log)";
+        journal_socket: String = Dflt::Str("/run/systemd/journal/socket"), Str,
+            "the journal socket `log journal` writes to";
+        admin: Option<String> = Dflt::Text("none"), Str,
+            "IP:port of the admin listener, serving Prometheus metrics on GET /metrics";
     }
 }
 

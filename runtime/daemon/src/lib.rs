@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod ldap;
 pub mod log;
 pub mod lookup;
+pub mod metrics;
 pub mod milter;
 pub mod pickup;
 pub mod qmgr;
@@ -448,6 +449,23 @@ pub struct Running {
     pub shared: Arc<Shared>,
 }
 
+/// Where the policy sends log lines (`log`, `syslog_socket`, `syslog_facility`,
+/// `syslog_format`, `journal_socket`).
+pub fn log_target(prog: &Program, policy_dir: &Path) -> log::Target {
+    use mailpolicy_lang::settings::{LogTarget, SyslogFormat};
+    let srv = &prog.server;
+    let facility = log::facility(srv.syslog_facility.as_str()).unwrap_or(2);
+    match srv.log {
+        LogTarget::Syslog => log::Target::Syslog {
+            socket: policy_dir.join(&srv.syslog_socket),
+            facility,
+            rfc5424: srv.syslog_format == SyslogFormat::Rfc5424,
+        },
+        LogTarget::Journal => log::Target::Journal { socket: policy_dir.join(&srv.journal_socket), facility },
+        LogTarget::Stderr => log::Target::Stderr,
+    }
+}
+
 /// Bind the listeners and start accepting. `queued` receives the ids of messages stored.
 pub async fn start(
     prog: Program,
@@ -463,6 +481,7 @@ pub async fn start(
             LogFormat::Text => log::Format::Text,
         },
     };
+    log::configure(log_target(&prog, &policy_dir), &hostname);
     tame_allocator();
     let lookups = Arc::new(Lookups::new(&prog, &policy_dir)?);
     let lsts = listeners(&prog, &policy_dir, &spool, &hostname)?;
@@ -502,6 +521,15 @@ pub async fn start(
         });
     }
     let mut addresses = Vec::new();
+    // The admin listener (`admin "IP:PORT"`): Prometheus metrics, no SMTP.
+    if let Some(a) = shared.program().server.admin.clone() {
+        let addr: SocketAddr = a.parse().map_err(|_| format!("admin: \"{a}\" is not an IP:port"))?;
+        let sock = TcpListener::bind(addr).await.map_err(|e| format!("admin: cannot bind {addr}: {e}"))?;
+        let bound = sock.local_addr().map_err(|e| e.to_string())?;
+        shared.log.event("listening", &[("listener", "admin"), ("address", &bound.to_string()), ("serves", "metrics")]);
+        addresses.push(("admin".to_string(), bound));
+        tokio::spawn(metrics::serve(sock, spool.clone(), shared.shutdown.clone()));
+    }
     for l in lsts {
         let sock = TcpListener::bind(l.address)
             .await
@@ -554,6 +582,7 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
                 "refused",
                 &[("listener", &lst.name), ("client", &remote.ip().to_string()), ("reason", "too many sessions")],
             );
+            crate::metrics::get().reply(&lst.name, "421");
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 let _ = tcp.write_all(b"421 4.7.0 Too many connections, try again later\r\n").await;
@@ -654,6 +683,7 @@ async fn admit(
                 ("reason", "too many sessions from the address"),
             ],
         );
+        crate::metrics::get().reply(&lst.name, "421");
         let mut tcp = tcp;
         use tokio::io::AsyncWriteExt;
         let _ = tcp.write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n").await;
@@ -701,6 +731,7 @@ impl Running {
                 if let Ok(mut l) = self.shared.lookups.write() {
                     *l = Arc::new(lookups);
                 }
+                log::configure(log_target(&self.shared.program(), &dir), &self.shared.hostname);
                 self.shared.log.event(
                     "reloaded",
                     &[("policy", &opts.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_default())],

@@ -124,6 +124,27 @@ impl Lookups {
     }
 
     pub async fn answer(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
+        // Lookup latency by back end (the `lookup_duration_seconds` histogram); counters,
+        // greylisting and BATV are in memory and not timed.
+        let backend = match req {
+            Request::Lookup { table, .. } => match prog.tables.get(table.index()).map(|t| t.kind.as_str()) {
+                Some("ldap") => Some("ldap"),
+                Some("sql") => Some("sql"),
+                _ => Some("table"),
+            },
+            Request::Dns { .. } => Some("dns"),
+            Request::Callahead { .. } => Some("callahead"),
+            _ => None,
+        };
+        let started = std::time::Instant::now();
+        let a = self.answer_untimed(prog, req, now_ms).await;
+        if let Some(b) = backend {
+            crate::metrics::get().lookup(b, started.elapsed());
+        }
+        a
+    }
+
+    async fn answer_untimed(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
         match req {
             Request::Lookup { table, key } => match prog.tables.get(table.index()) {
                 Some(t) if t.kind == "ldap" => self.ldap.lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,

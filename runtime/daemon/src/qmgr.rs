@@ -18,6 +18,7 @@ use super::route::{self, Routed};
 use super::{now_ms, Shared};
 use crate::conn::{QueuedMessage, QueuedRcpt};
 use crate::eval::{DeliveryFacts, Outcome as PolicyOutcome, RenderedReply};
+use crate::log::Severity;
 use crate::queue::{Command, Delivery, DsnKind, Entry, Job, QueueConfig, Scheduler};
 use crate::smtp::{self, Envelope, ForwardPath, MailParams, Notify, Orcpt, RcptParams, Recipient, Reply, ReversePath};
 use crate::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored};
@@ -562,6 +563,18 @@ impl Qmgr {
                         "route-failed",
                         &[("id", id), ("to", &stored.message.recipients[i].address), ("reply", &r.to_string())],
                     );
+                    if !self.sched.config().soft_bounce {
+                        crate::metrics::get().delivery("bounced");
+                        let times = Delays { arrived: stored.arrived_ms, started: now, setup: 0, ended: now };
+                        let line = summary_line(
+                            &stored.message.recipients[i].address,
+                            "none",
+                            &times,
+                            "bounced",
+                            &r.to_string(),
+                        );
+                        self.shared.log.summary("qmgr", Severity::Warning, id, &line);
+                    }
                     failures.push((i, r.to_string()))
                 }
                 Routed::Defer(r) if now.saturating_sub(stored.arrived_ms) >= self.lifetime(stored.class) => {
@@ -643,7 +656,7 @@ impl Qmgr {
             })
             .await;
             if matches!(removed, Ok(true)) {
-                self.shared.log.event("removed", &[("id", id)]);
+                removed_line(&self.shared, id);
             }
             return;
         }
@@ -822,6 +835,7 @@ impl Qmgr {
                 edited = crate::headers::edit(&msg.data, "", &first.headers);
                 &edited
             };
+            let attempt_started = now_ms();
             let report: DeliveryReport = driver::deliver(&first.target, &env, data, &opts).await;
             let now = now_ms();
             let mut results = Vec::new();
@@ -879,6 +893,29 @@ impl Qmgr {
                         ("tls", if report.tls { "yes" } else { "no" }),
                     ],
                 );
+                crate::metrics::get().delivery(match &d {
+                    Delivery::Delivered(_) => "delivered",
+                    Delivery::TempFail(_) => "deferred",
+                    Delivery::PermFail(_) => "bounced",
+                });
+                {
+                    // Postfix's per-recipient line (smtp, lmtp or local).
+                    let (program, relay) = match &first.target {
+                        Target::Smtp(_) => ("smtp", report.remote_mta.clone()),
+                        Target::Lmtp(_) => ("lmtp", report.remote_mta.clone()),
+                        Target::Maildir(_) | Target::Mbox(_) => ("local", Some("local".to_string())),
+                    };
+                    let (status, reply) = match &d {
+                        Delivery::Delivered(r) => ("sent", r),
+                        Delivery::TempFail(r) => ("deferred", r),
+                        Delivery::PermFail(r) => ("bounced", r),
+                    };
+                    let setup = report.setup.map(|t| t.as_millis() as u64).unwrap_or(0);
+                    let times = Delays { arrived: stored.arrived_ms, started: attempt_started, setup, ended: now };
+                    let line = summary_line(&rcpt.address, relay.as_deref().unwrap_or("none"), &times, status, reply);
+                    let sev = if status == "sent" { Severity::Info } else { Severity::Warning };
+                    shared.log.summary(program, sev, id.as_str(), &line);
+                }
                 // R1: relayed to another SMTP server, which reports success itself when it
                 // takes DSN; otherwise we owe one "relayed" DSN, not a "delivered" one.
                 if matches!(d, Delivery::Delivered(_)) && matches!(first.target, Target::Smtp(_)) {
@@ -990,7 +1027,7 @@ impl Qmgr {
                     for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
                         self.routes.remove(&k);
                     }
-                    self.shared.log.event("removed", &[("id", id.as_str())]);
+                    removed_line(&self.shared, id.as_str());
                 }
                 Command::Dsn { id, kind, rcpts, expired, .. } => {
                     if let Some(stored) = self.load(&id).await {
@@ -1019,7 +1056,7 @@ impl Qmgr {
                     let spool = self.spool.clone();
                     let shared = self.shared.clone();
                     self.removals.spawn_blocking(move || match spool.remove(&id) {
-                        Ok(()) => shared.log.event("removed", &[("id", id.as_str())]),
+                        Ok(()) => removed_line(&shared, id.as_str()),
                         Err(e) => shared.log.event("remove-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
                     });
                 }
@@ -1101,4 +1138,80 @@ fn reply_line(r: &Reply) -> String {
 #[allow(dead_code)]
 fn _reply(r: &RenderedReply) -> String {
     r.to_string()
+}
+
+/// The times of one delivery attempt (Unix ms; `setup` a duration), for `delay=` and
+/// `delays=a/b/c/d` (spec/language.md, section 5.4).
+struct Delays {
+    arrived: u64,
+    started: u64,
+    setup: u64,
+    ended: u64,
+}
+
+/// Postfix's per-recipient summary text: `to=<RCPT>, relay=R, delay=S, delays=a/b/c/d,
+/// dsn=X.Y.Z, status=STATUS (REPLY)`.
+fn summary_line(to: &str, relay: &str, t: &Delays, status: &str, reply: &str) -> String {
+    // As Postfix prints them: two decimals below 10 s, trailing zeros dropped; whole
+    // seconds above.
+    let secs = |ms: u64| {
+        if ms >= 10_000 {
+            return format!("{}", (ms + 500) / 1000);
+        }
+        let v = format!("{:.2}", ms as f64 / 1000.0);
+        v.trim_end_matches('0').trim_end_matches('.').to_string()
+    };
+    let a = t.started.saturating_sub(t.arrived);
+    let total = t.ended.saturating_sub(t.arrived);
+    let c = t.setup.min(t.ended.saturating_sub(t.started));
+    let d = t.ended.saturating_sub(t.started).saturating_sub(c);
+    let dsn = reply_status(reply);
+    format!(
+        "to=<{to}>, relay={relay}, delay={}, delays={}/0/{}/{}, dsn={dsn}, status={status} ({reply})",
+        secs(total),
+        secs(a),
+        secs(c),
+        secs(d)
+    )
+}
+
+/// The enhanced status code of a reply line (`550 5.1.1 ...`), else one from its class.
+fn reply_status(reply: &str) -> String {
+    let mut words = reply.split_whitespace();
+    let code = words.next().unwrap_or("");
+    if let Some(w) = words.next() {
+        let parts: Vec<&str> = w.split('.').collect();
+        if parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+            return w.to_string();
+        }
+    }
+    match code.as_bytes().first() {
+        Some(b'2') => "2.0.0".into(),
+        Some(b'5') => "5.0.0".into(),
+        _ => "4.0.0".into(),
+    }
+}
+
+fn removed_line(shared: &Shared, id: &str) {
+    shared.log.event("removed", &[("id", id)]);
+    shared.log.summary("qmgr", Severity::Info, id, "removed");
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::*;
+
+    #[test]
+    fn postfix_summary_text() {
+        let t = Delays { arrived: 1_000, started: 3_500, setup: 120, ended: 3_800 };
+        let l = summary_line("a@example.com", "mx.example.com[192.0.2.1]:25", &t, "sent", "250 2.0.0 Ok: queued as X");
+        assert_eq!(
+            l,
+            "to=<a@example.com>, relay=mx.example.com[192.0.2.1]:25, delay=2.8, delays=2.5/0/0.12/0.18, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as X)"
+        );
+        assert_eq!(reply_status("451 try later"), "4.0.0");
+        assert_eq!(reply_status("550 5.1.1 no such user"), "5.1.1");
+        let t = Delays { arrived: 0, started: 0, setup: 0, ended: 45_000 };
+        assert!(summary_line("b@x", "none", &t, "bounced", "550 x").contains("delay=45, delays=0/0/0/45,"));
+    }
 }

@@ -44,8 +44,25 @@ pub async fn run_stage(prog: &Program, lookups: &Lookups, stage: Stage, facts: &
                 let a = lookups.answer(prog, &req, facts.now_ms).await;
                 run.answer(req, a);
             }
-            Step::Done(v) => return v,
+            Step::Done(v) => {
+                let rule = v.decided_by.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
+                crate::metrics::get().verdict(stage.name(), outcome_kind(&v.outcome), &rule);
+                return v;
+            }
         }
+    }
+}
+
+/// A queue-side verdict's outcome as a metric label.
+fn outcome_kind(o: &crate::eval::Outcome) -> &'static str {
+    use crate::eval::Outcome;
+    match o {
+        Outcome::Default => "default",
+        Outcome::Accept => "accept",
+        Outcome::Reject(_) => "reject",
+        Outcome::Tempfail(_) => "tempfail",
+        Outcome::Discard => "discard",
+        Outcome::Deliver(_) => "deliver",
     }
 }
 
@@ -102,8 +119,8 @@ pub async fn route(
     msg: &QueuedMessage,
     index: usize,
     queue_id: &str,
-    arrived_ms: u64,
     now_ms: u64,
+    arrived_ms: u64,
 ) -> (Routed, Vec<Copy>) {
     let Some(rcpt) = msg.recipients.get(index) else {
         return (
@@ -111,6 +128,31 @@ pub async fn route(
             Vec::new(),
         );
     };
+    let v = route_verdict(prog, lookups, msg, rcpt, queue_id, now_ms, arrived_ms).await;
+    let copies = v
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Bcc(a) => Some(Copy::Bcc(a.clone())),
+            Effect::Archive(f) => Some(Copy::Archive(f.clone())),
+            _ => None,
+        })
+        .collect();
+    (decide(prog, policy_dir, msg, rcpt, v), copies)
+}
+
+/// The route stage's verdict for `rcpt` of `msg`, rewritten recipients routed anew (the
+/// engine's `routing::RouteRun`): its effects are every round's, in order. `mailc route`
+/// shows it; [`decide`] turns it into a [`Routed`].
+pub async fn route_verdict(
+    prog: &Program,
+    lookups: &Lookups,
+    msg: &QueuedMessage,
+    rcpt: &QueuedRcpt,
+    queue_id: &str,
+    now_ms: u64,
+    arrived_ms: u64,
+) -> Verdict {
     let at = InQueue { queue_id, now_ms, arrived_ms };
     let (facts, state) = stage_facts(prog, msg, QueueStage::Route(rcpt), at);
     // Rewritten recipients are routed anew, soft_bounce defers the error transport.
@@ -124,19 +166,14 @@ pub async fn route(
             Step::Done(v) => break v,
         }
     };
-    let copies = v
-        .effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Bcc(a) => Some(Copy::Bcc(a.clone())),
-            Effect::Archive(f) => Some(Copy::Archive(f.clone())),
-            _ => None,
-        })
-        .collect();
-    (decide(prog, policy_dir, msg, rcpt, v), copies)
+    let rule = v.decided_by.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
+    crate::metrics::get().verdict(Stage::Route.name(), outcome_kind(&v.outcome), &rule);
+    v
 }
 
-fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedRcpt, v: Verdict) -> Routed {
+/// What the route stage's verdict means for the recipient: its transport and next hop, an
+/// expansion, a failure, a deferral or a discard.
+pub fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedRcpt, v: Verdict) -> Routed {
     let mut address = rcpt.address.clone();
     let mut sender: Option<String> = None;
     let mut headers = Vec::new();

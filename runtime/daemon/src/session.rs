@@ -127,6 +127,9 @@ pub async fn run(
         }
         Incoming::Local { stream, user } => (Stream::Local(stream), Some(user), Vec::new()),
     };
+    // Counted in `sessions_current` until the guard drops, on every path the session ends.
+    let _counted = crate::metrics::get().session(&lst.name);
+    let mut reply_line_start = true;
     let (client_name, client_ptr) = Box::pin(lookups.reverse(remote.ip())).await;
     log.event(
         "connect",
@@ -155,6 +158,9 @@ pub async fn run(
             }
         }
     }
+    // `client=NAME[IP]` of the summary line (Postfix's smtpd).
+    let client_label =
+        format!("{}[{}]", if client_name.is_empty() { "unknown" } else { client_name.as_str() }, remote.ip());
     let client = ClientInfo { name: client_name, ptr: client_ptr, listener: lst.name.clone(), session_id: id.clone() };
     let mut conn = Conn::new(prog.clone(), lst.engine.clone(), peer, client, Time(now_ms()));
     if !early.is_empty() {
@@ -230,7 +236,10 @@ pub async fn run(
                                 (Some(sc), Some(data)) => {
                                     let whole = Box::pin(spill.whole(data, &shared)).await;
                                     let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(data);
-                                    Box::pin(super::scan::scan(sc, data, conn.facts())).await
+                                    let started = std::time::Instant::now();
+                                    let a = Box::pin(super::scan::scan(sc, data, conn.facts())).await;
+                                    crate::metrics::get().lookup("scanner", started.elapsed());
+                                    a
                                 }
                                 _ => Answer::Error("no message to scan".into()),
                             }
@@ -306,6 +315,7 @@ pub async fn run(
                 Need::StartTls => {
                     // Flush the 220 first, then hand the socket to TLS.
                     while let Some(b) = conn.poll_transmit() {
+                        crate::metrics::get().replies_in(&lst.name, &b, &mut reply_line_start);
                         if stream.write_all(&b).await.is_err() {
                             break 'session;
                         }
@@ -432,6 +442,28 @@ pub async fn run(
                                     ("hold", msg.hold.as_deref().unwrap_or("")),
                                 ],
                             );
+                            // Postfix's lines for a message queued: smtpd's (or pickup's) and qmgr's.
+                            let sev = crate::log::Severity::Info;
+                            match &local_user {
+                                Some(user) => log.summary(
+                                    "pickup",
+                                    sev,
+                                    &qid,
+                                    &format!("uid={} from=<{}>", uid_of(user), msg.sender),
+                                ),
+                                None => log.summary("smtpd", sev, &qid, &format!("client={client_label}")),
+                            }
+                            log.summary(
+                                "qmgr",
+                                sev,
+                                &qid,
+                                &format!(
+                                    "from=<{}>, size={}, nrcpt={} (queue active)",
+                                    msg.sender,
+                                    msg.data.len() as u64 + msg.tail,
+                                    msg.recipients.len()
+                                ),
+                            );
                             conn.queued(&qid, now);
                             shared.enqueued(&qid);
                         }
@@ -467,7 +499,12 @@ pub async fn run(
                     let answers = Box::pin(milters.call(&conn, &call, whole.as_ref().map(|(_, w)| w.as_slice()))).await;
                     conn.milter_replied(answers, Time(now_ms()));
                 }
-                Need::Note(n) => Box::pin(note(&shared, &lookups, &prog, &id, n)).await,
+                Need::Note(n) => {
+                    if let Note::Verdict { stage, outcome, .. } = &n {
+                        refusal_line(&shared, stage.name(), outcome, &client_label, conn.facts());
+                    }
+                    Box::pin(note(&shared, &lookups, &prog, &id, n)).await
+                }
             }
         }
         // A message that was decided (stored or refused) needs its spill no more.
@@ -478,6 +515,7 @@ pub async fn run(
         let mut wrote = false;
         while let Some(b) = conn.poll_transmit() {
             wrote = true;
+            crate::metrics::get().replies_in(&lst.name, &b, &mut reply_line_start);
             if stream.write_all(&b).await.is_err() {
                 break 'session;
             }
@@ -697,6 +735,7 @@ async fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: N
     match n {
         Note::Verdict { stage, outcome, rule, .. } => {
             let rule = rule.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
+            crate::metrics::get().verdict(stage.name(), crate::metrics::outcome_kind(&outcome), &rule);
             shared
                 .log
                 .event("verdict", &[("session", id), ("stage", stage.name()), ("outcome", &outcome), ("rule", &rule)]);
@@ -706,6 +745,53 @@ async fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: N
         // Recorded before the stage's own lookups are answered: a session counts itself
         // first, so hosts racing on one shared window never accept past its limit together.
         Note::Count { counter, keys } => lookups.state.record(counter.name(), &keys, now_ms()).await,
+    }
+}
+
+/// Postfix smtpd's line for a refusal, `NOQUEUE: reject: RCPT from NAME[IP]: REPLY;
+/// from=<S> to=<R> proto=ESMTP helo=<H>`, which log tooling counts as a rejection.
+fn refusal_line(shared: &Shared, stage: &str, outcome: &str, client: &str, f: &crate::eval::Facts) {
+    let Some(reply) = outcome.strip_prefix("reject ").or_else(|| outcome.strip_prefix("tempfail ")) else {
+        return;
+    };
+    let cmd = match stage {
+        "connect" => "CONNECT",
+        "helo" => "EHLO",
+        "auth" => "AUTH",
+        "mail" => "MAIL",
+        "rcpt" => "RCPT",
+        "data" => "END-OF-MESSAGE",
+        other => other,
+    };
+    let mut text = format!("reject: {cmd} from {client}: {reply}");
+    let mut sep = "; ";
+    if let Some(s) = &f.sender {
+        text.push_str(&format!("{sep}from=<{s}>"));
+        sep = " ";
+    }
+    if let Some(r) = &f.recipient {
+        text.push_str(&format!("{sep}to=<{}>", r.address));
+        sep = " ";
+    }
+    if let Some((h, _)) = &f.helo {
+        text.push_str(&format!("{sep}proto=ESMTP helo=<{h}>"));
+    }
+    shared.log.summary("smtpd", crate::log::Severity::Info, "NOQUEUE", &text);
+}
+
+/// The uid of a login, for pickup's summary line (the name itself when it has none).
+fn uid_of(user: &str) -> String {
+    let Ok(c) = std::ffi::CString::new(user) else { return user.to_string() };
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `pw` and `buf` (its length given) and sets `out` to
+    // `&mut pw` or null; only pw_uid is read.
+    let r = unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if r == 0 && !out.is_null() {
+        pw.pw_uid.to_string()
+    } else {
+        user.to_string()
     }
 }
 

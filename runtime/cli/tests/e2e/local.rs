@@ -130,6 +130,15 @@ fn cron_style_sendmail_goes_through_the_policy() {
         || d.log(),
     );
     assert!(d.log().contains("event=pickup") || d.log().contains("pickup"), "{}", d.log());
+    // Postfix's pickup line for each submission: `QUEUEID: uid=N from=<SENDER>`.
+    let uid = String::from_utf8_lossy(&Command::new("id").arg("-u").output().expect("id -u").stdout).trim().to_string();
+    assert!(
+        d.log()
+            .lines()
+            .any(|l| l.contains(" mailpolicy/pickup[") && l.ends_with(&format!(": uid={uid} from=<app@s.test>"))),
+        "{}",
+        d.log()
+    );
 
     // -bs: an SMTP session on standard input and output; the message goes the same way.
     let conversation = b"EHLO me\r\nMAIL FROM:<bs@s.test>\r\nRCPT TO:<u7@d.test>\r\nDATA\r\nSubject: bs-e2e\r\n\r\nover stdio\r\n.\r\nQUIT\r\n";

@@ -17,6 +17,7 @@ mod lmtp;
 mod local;
 mod lookups;
 mod outbound;
+mod observe;
 mod postfix;
 mod relay;
 mod swaks;

@@ -186,9 +186,24 @@ impl Qmgr {
             },
             ..Default::default()
         };
+        let size = bounce.data.len();
         match spool_io(&self.spool, move |s| s.store(&bounce, Class::Bounce, now).map_err(std::io::Error::other)).await
         {
             Ok(new_id) => {
+                // Postfix's lines: bounce names the notice, qmgr queues it.
+                let what = match kind_word {
+                    "delay" => "sender delay notification",
+                    "success" | "relayed" => "sender delivery status notification",
+                    _ => "sender non-delivery notification",
+                };
+                let info = crate::log::Severity::Info;
+                self.shared.log.summary("bounce", info, id.as_str(), &format!("{what}: {}", new_id.as_str()));
+                self.shared.log.summary(
+                    "qmgr",
+                    info,
+                    new_id.as_str(),
+                    &format!("from=<>, size={size}, nrcpt=1 (queue active)"),
+                );
                 self.shared.log.event(
                     "dsn",
                     &[

@@ -67,6 +67,13 @@ impl Committer {
     /// the renames of this caller that took effect are undone (the renamed files are
     /// unlinked), so a failed commit leaves nothing visible behind.
     pub fn commit(&self, ops: Vec<Op>) -> io::Result<()> {
+        let started = std::time::Instant::now();
+        let r = self.commit_untimed(ops);
+        crate::metrics::get().spool_commit(started.elapsed());
+        r
+    }
+
+    fn commit_untimed(&self, ops: Vec<Op>) -> io::Result<()> {
         let mut st = lock(&self.state);
         let ticket = st.next_ticket;
         st.next_ticket += 1;

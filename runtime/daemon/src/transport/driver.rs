@@ -84,11 +84,21 @@ pub struct DeliveryReport {
     pub next_hop_dsn: bool,
     /// The session was encrypted.
     pub tls: bool,
+    /// How long the connection took to set up (MX and address lookups, connect, greeting,
+    /// EHLO, STARTTLS): Postfix's `delays=` third part. None for local delivery.
+    pub setup: Option<Duration>,
 }
 
 impl DeliveryReport {
     fn all(n: usize, o: Outcome) -> DeliveryReport {
-        DeliveryReport { recipients: vec![o; n], remote_mta: None, remote_host: None, next_hop_dsn: false, tls: false }
+        DeliveryReport {
+            recipients: vec![o; n],
+            remote_mta: None,
+            remote_host: None,
+            next_hop_dsn: false,
+            tls: false,
+            setup: None,
+        }
     }
 }
 
@@ -914,10 +924,14 @@ async fn deliver_session(
     opts: &DeliveryOptions,
 ) -> DeliveryReport {
     let n = env.recipients.len();
+    let started = std::time::Instant::now();
     let (mut c, key) = match open(kind, endpoint, opts).await {
         Ok(x) => x,
-        Err(r) => return DeliveryReport::all(n, Outcome::from_reply(r)),
+        Err(r) => {
+            return DeliveryReport { setup: Some(started.elapsed()), ..DeliveryReport::all(n, Outcome::from_reply(r)) }
+        }
     };
+    let setup = Some(started.elapsed());
     let remote_mta = Some(c.label.clone());
     let remote_host = Some(c.name.clone());
     if let Err(e) = c.client.send_message(env, data) {
@@ -943,6 +957,7 @@ async fn deliver_session(
             remote_host,
             next_hop_dsn: t.next_hop_dsn,
             tls,
+            setup,
         },
         None => {
             let r = Reply::new(421, (4, 4, 2), "session ended without a result");
@@ -991,6 +1006,7 @@ pub async fn deliver(target: &Target, env: &Envelope, data: &[u8], opts: &Delive
                 remote_host: None,
                 next_hop_dsn: false,
                 tls: false,
+                setup: None,
             }
         }
     }
