@@ -7,6 +7,7 @@ mod fmt;
 mod hashpw;
 mod lsp;
 mod queue;
+mod reload;
 mod sendmail;
 mod serve;
 mod table;
@@ -23,13 +24,14 @@ Usage:
   mailc explain [--filter TEXT] TRANSCRIPT...
   mailc fmt [--check] PATH...
   mailc lsp                                (a language server on standard input and output)
-  mailc serve [--policy FILE] [--spool DIR]
+  mailc serve [--policy FILE] [--spool DIR] [--user NAME]
+  mailc reload [--policy FILE] [--spool DIR]   (the running daemon recompiles its policy now)
   mailc hash-password [--iterations N]     (password on standard input)
   mailc batv-tag [--keys FILE] [--key N] [--date YYYY-MM-DD] [--lifetime DAYS] ADDRESS
   mailc table compile [--kind list|map|access] FILE...   (writes FILE.cdb)
   mailc table query [--kind KIND] [--source] [--stats] FILE [KEY...]   (a table file, as postmap -q)
   mailc table query [--policy FILE] TABLE KEY...   (a table of the policy, LDAP and SQL too)
-  mailc queue list|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
+  mailc queue list [--json]|show ID|hold ID|release ID|delete ID|requeue ID|flush [DOMAIN] [--spool DIR]
   mailc sendmail [-t] [-i] [-f ADDR] [-F NAME] [RECIPIENT...]   (local submission; also as sendmail)
   mailc mailq [--spool DIR]                 (the queue; also as mailq)
   mailc newaliases                          (also as newaliases)
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         Some("hash-password") => hashpw::main(rest),
         Some("batv-tag") => batv::main(rest),
         Some("serve") => serve::main(rest),
+        Some("reload") => reload::main(rest),
         Some("sendmail") => sendmail::main(rest),
         Some("mailq") => sendmail::mailq(rest),
         Some("newaliases") => sendmail::newaliases(),

@@ -219,9 +219,9 @@ fn relayed(failures: &[String]) -> bool {
     let [only] = failures else { return false };
     let Some((_, got)) = only.split_once(", got `") else { return false };
     let got = got.trim_end_matches('`');
-    let effects_keep_address = got
-        .split("; ")
-        .all(|part| !["redirect ", "rewrite recipient ", "expand ", "hold ", "discard"].iter().any(|p| part.starts_with(p)));
+    let effects_keep_address = got.split("; ").all(|part| {
+        !["redirect ", "rewrite recipient ", "expand ", "hold ", "discard"].iter().any(|p| part.starts_with(p))
+    });
     effects_keep_address && (got.ends_with("deliver mx") || got.contains("deliver smtp"))
 }
 
@@ -232,7 +232,8 @@ fn root() -> PathBuf {
 #[test]
 fn policies_proven_safe_do_not_relay() {
     let cases: usize = std::env::var("MAILPOLICY_PROPERTY_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(120);
-    let seed = std::env::var("MAILPOLICY_PROPERTY_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x9e37_79b9_7f4a_7c15u64);
+    let seed =
+        std::env::var("MAILPOLICY_PROPERTY_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x9e37_79b9_7f4a_7c15u64);
     let mut r = Rng(seed.max(1));
     let dir = std::env::temp_dir().join(format!("mailc-relay-property-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -283,7 +284,10 @@ fn policies_proven_safe_do_not_relay() {
     eprintln!(
         "{cases} random policies: {safe} proven safe, {open} open relays ({caught} relayed for the battery too), {undecided} undecided, {skipped} not compiling"
     );
-    assert!(caught * 2 >= open, "the battery relays through only {caught} of {open} open relays: the detector is blind");
+    assert!(
+        caught * 2 >= open,
+        "the battery relays through only {caught} of {open} open relays: the detector is blind"
+    );
     assert!(safe >= cases / 10, "too few safe policies to test the proof: {safe}");
     assert!(open >= cases / 10, "too few relays: the generator is too tame: {open}");
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
