@@ -147,6 +147,20 @@ pub fn own_spool(dir: &Path, a: &Account) -> Result<(), String> {
             }
         }
     }
+    // The queue's directories are the account's alone; the spool itself stays searchable
+    // by all (the maildrop is in it).
+    for q in mailpolicy_engine::record::QueueName::ALL.iter().map(|q| q.as_str()).chain(["state", "tmp", "private"]) {
+        let p = dir.join(q);
+        if let Ok(m) = std::fs::symlink_metadata(&p) {
+            if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(&p, e))?;
+            }
+        }
+    }
+    let top = std::fs::metadata(dir).map_err(|e| err(dir, e))?;
+    if top.permissions().mode() & 0o001 == 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| err(dir, e))?;
+    }
     maildrop_dir(&dir.join(crate::spool::maildrop::DIR), Some(a)).map_err(|e| err(dir, e))
 }
 

@@ -131,7 +131,14 @@ pub fn write(dir: &Path, s: &Submission) -> io::Result<PathBuf> {
         return Err(e);
     }
     std::fs::rename(&tmp, &fin)?;
-    std::fs::File::open(dir)?.sync_all()?;
+    match std::fs::File::open(dir) {
+        Ok(d) => d.sync_all()?,
+        // A user who may write into the maildrop but not read it (mode 3733) cannot open
+        // it: the file is synced once more after the rename, which on a journaling file
+        // system (ext4, XFS) commits the rename with it.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => f.sync_all()?,
+        Err(e) => return Err(e),
+    }
     Ok(fin)
 }
 
