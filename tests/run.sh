@@ -16,6 +16,7 @@ declare -A want=(
   [spamd]=spamd
   [pg_ctlcluster]=postgresql
   [nvim]=neovim
+  [socat]=socat
 )
 missing=()
 for prog in "${!want[@]}"; do
@@ -54,3 +55,10 @@ cargo run -q -- fmt --check examples tests/check tests/assurance tests/transcrip
 cargo run -q -- test tests/transcripts examples
 # The editors' grammars (tree-sitter, TextMate) against every policy.
 bash editors/test.sh
+# The Debian package: built with cargo-deb (installed from crates.io when missing), installed
+# with dpkg, the daemon started as its systemd unit starts it, mail through it, removed.
+if [ "$(id -u)" = 0 ]; then
+  bash tests/deb.sh
+else
+  echo "note: not root, tests/deb.sh (dpkg -i) not run" >&2
+fi
