@@ -3677,6 +3677,19 @@ fn started_as_root_the_daemon_drops_to_its_user_and_mail_still_flows() {
     assert_eq!(proc_ids(pid, "Uid:"), vec![uid; 4], "{}", d.log());
     assert_eq!(proc_ids(pid, "Gid:"), vec![gid; 4]);
     assert_eq!(proc_ids(pid, "Groups:"), vec![gid]);
+    // Every thread of it, not only the first (the drop is process-wide).
+    let tasks: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    assert!(tasks.len() > 1, "a multi-threaded daemon");
+    for t in tasks {
+        // (A thread that ended meanwhile has no status left.)
+        let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")) else { continue };
+        let uids = st.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+        assert_eq!(uids.split_whitespace().skip(1).collect::<Vec<_>>(), vec![uid.to_string(); 4], "thread {t}");
+    }
     assert!(d.log().contains("privileges") && d.log().contains(&format!("uid={uid}")), "{}", d.log());
     // The spool is the account's; the maildrop anyone's to drop into.
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
