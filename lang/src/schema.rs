@@ -53,6 +53,11 @@ pub const SERVER: &[OptSpec] = &[
     o("max_message_size", Size, "largest message accepted (default 25M; R46)"),
     o("max_recipients", Num, "recipients per message (default 100; R46)"),
     o("max_header_size", Size, "largest header section (default 100K; R46)"),
+    o(
+        "hopcount_limit",
+        Num,
+        "Received: fields a message may carry before it is refused as a mail loop (default 50; Postfix hopcount_limit)",
+    ),
     o("queue_minfree", Size, "free space the spool's file system must keep: MAIL is refused with 452 4.3.1 below it, or below it plus the SIZE the client declares (default 1.5 × max_message_size)"),
     o("max_sessions", Num, "concurrent SMTP sessions over all listeners (default 200)"),
     o("client_connection_limit", Num, "concurrent sessions from one client address, 0 for no limit (default 50, Postfix anvil)"),

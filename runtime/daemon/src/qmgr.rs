@@ -130,6 +130,8 @@ struct RouteInfo {
     /// The CA file a verified next hop must chain to (`:ca`, else the server's `tls_ca`);
     /// None: the system's trust store.
     ca: Option<PathBuf>,
+    /// The route stage's header edits for this envelope's copy.
+    headers: Vec<crate::headers::Edit>,
 }
 
 struct JobDone {
@@ -526,7 +528,7 @@ impl Qmgr {
                 }
             };
             match routed {
-                Routed::Deliver { key, transport, address, sender } => {
+                Routed::Deliver { key, transport, address, sender, headers } => {
                     let Some(target) = target_for(&key, &address) else {
                         failures.push((i, format!("550 5.3.5 Bad destination {key}")));
                         continue;
@@ -548,7 +550,8 @@ impl Qmgr {
                             _ => None,
                         })
                         .map(|f| self.policy_dir.join(f));
-                    self.routes.insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth, ca });
+                    self.routes
+                        .insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth, ca, headers });
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
                         last.attempts = attempts;
@@ -907,7 +910,15 @@ impl Qmgr {
             opts.auth = first.auth.clone();
             opts.cache = Some(cache);
             opts.local = LocalIdentity { hostnames: vec![hostname.clone()], addrs: local_addrs(&shared) };
-            let report: DeliveryReport = driver::deliver(&first.target, &env, &msg.data, &opts).await;
+            // The route stage's header edits, made to this envelope's copy only.
+            let edited;
+            let data: &[u8] = if first.headers.is_empty() {
+                &msg.data
+            } else {
+                edited = crate::headers::edit(&msg.data, "", &first.headers);
+                &edited
+            };
+            let report: DeliveryReport = driver::deliver(&first.target, &env, data, &opts).await;
             let now = now_ms();
             let mut results = Vec::new();
             let mut relayed = Vec::new();

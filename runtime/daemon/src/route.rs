@@ -15,8 +15,15 @@ use crate::record::{stage_facts, InQueue, QueueStage};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Routed {
     /// Deliver to `address` (after rewriting) through `transport`; `key` groups recipients
-    /// that share a next hop (and so a connection and a concurrency limit).
-    Deliver { key: String, transport: RenderedTransport, address: String, sender: Option<String> },
+    /// that share a next hop (and so a connection and a concurrency limit). `headers` are
+    /// the route stage's header edits for this recipient's copy (`header add/replace/remove`).
+    Deliver {
+        key: String,
+        transport: RenderedTransport,
+        address: String,
+        sender: Option<String>,
+        headers: Vec<crate::headers::Edit>,
+    },
     /// The recipient is replaced by these addresses (alias or list expansion, redirect);
     /// `sender` is the list owner when the table names one (R39).
     Expand { members: Vec<String>, sender: Option<String> },
@@ -135,8 +142,14 @@ pub async fn route(
 fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedRcpt, v: Verdict) -> Routed {
     let mut address = rcpt.address.clone();
     let mut sender: Option<String> = None;
+    let mut headers = Vec::new();
     for e in &v.effects {
         match e {
+            Effect::HeaderAdd { name, value } => headers.push(crate::headers::Edit::Add(name.clone(), value.clone())),
+            Effect::HeaderReplace { name, value } => {
+                headers.push(crate::headers::Edit::Replace(name.clone(), value.clone()))
+            }
+            Effect::HeaderRemove(name) => headers.push(crate::headers::Edit::Remove(name.clone())),
             Effect::RewriteSender(a) => sender = Some(a.clone()),
             Effect::Masquerade(domains) => {
                 let cur = sender.clone().unwrap_or_else(|| msg.sender.clone());
@@ -215,7 +228,41 @@ fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedR
         Some(s) => format!("{key} from={s}"),
         None => key,
     };
-    Routed::Deliver { key, transport, address, sender }
+    // So do recipients whose copy the route stage edited: one message text per envelope.
+    let key = if headers.is_empty() { key } else { format!("{key} headers={:016x}", edits_digest(&headers)) };
+    Routed::Deliver { key, transport, address, sender, headers }
+}
+
+/// A digest of header edits that stays the same across restarts (FNV-1a), so recipients
+/// with the same edits share an envelope and the grouping key is stable.
+fn edits_digest(edits: &[crate::headers::Edit]) -> u64 {
+    use crate::headers::Edit;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for x in b.iter().chain([0u8].iter()) {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for e in edits {
+        match e {
+            Edit::Add(n, v) => {
+                eat(b"add");
+                eat(n.as_bytes());
+                eat(v.as_bytes());
+            }
+            Edit::Replace(n, v) => {
+                eat(b"replace");
+                eat(n.as_bytes());
+                eat(v.as_bytes());
+            }
+            Edit::Remove(n) => {
+                eat(b"remove");
+                eat(n.as_bytes());
+            }
+        }
+    }
+    h
 }
 
 /// `user@host.sub.example.com` -> `user@example.com` when `example.com` is listed (R38).
@@ -235,6 +282,7 @@ pub fn filter_route(t: &RenderedTransport, address: &str) -> Routed {
         transport: t.clone(),
         address: address.to_string(),
         sender: None,
+        headers: Vec::new(),
     }
 }
 

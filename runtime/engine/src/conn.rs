@@ -590,6 +590,17 @@ impl Conn {
                 match MessageFacts::try_parse(data) {
                     Ok(mut m) => {
                         m.size = m.size.saturating_add(spilled);
+                        // A mail loop ends here (Postfix hopcount_limit): each hop adds one.
+                        let hops = m.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("received")).count();
+                        if hops as u64 > self.hopcount_limit() {
+                            self.notes.push_back(Need::Note(Note::Log(format!(
+                                "message refused: {hops} Received: fields, a mail loop (hopcount_limit)"
+                            ))));
+                            self.end_transaction();
+                            let reply = Reply::new(554, (5, 4, 6), "Too many hops: possible mail loop");
+                            let _ = self.session.decide(Decision::reject(reply), now);
+                            return None;
+                        }
                         self.facts.message = Some(m)
                     }
                     Err(_) => {
@@ -625,6 +636,14 @@ impl Conn {
                 None
             }
             _ => None,
+        }
+    }
+
+    /// `hopcount_limit` (default 50, as Postfix).
+    fn hopcount_limit(&self) -> u64 {
+        match self.prog.server.option("hopcount_limit") {
+            Some(OptValue::Num(n)) if *n >= 0.0 => *n as u64,
+            _ => 50,
         }
     }
 
