@@ -119,6 +119,10 @@ pub fn main(args: Vec<OsString>) -> u8 {
         }
         Err(Failure::Io(m)) => {
             eprintln!("mailc queue: {m}");
+            // The queue's directories are the daemon's alone (mode 0700).
+            if m.contains("Permission denied") {
+                eprintln!("mailc queue: the queue in {} is readable by root and the daemon's user only", dir.display());
+            }
             2
         }
         Err(Failure::Closed) => 0,
