@@ -699,7 +699,7 @@ pub fn hover(world: &World, file: FileId, offset: u32) -> Option<(String, Span)>
         let settings = settings_for(&a.head);
         if !settings.is_empty() {
             let o = settings.iter().find(|o| o.name == word)?;
-            return Some((format!("**setting** `{}`: {}\n\n{}", o.name, opt_ty(o.ty), o.doc), span));
+            return Some((format!("**setting** `{}`: {}\n\n{}", o.name, opt_ty(o.ty), o.describe()), span));
         }
     }
     if let Some(f) = Fact::from_name(word) {
@@ -813,7 +813,7 @@ pub fn complete(world: &World, file: FileId, offset: u32) -> (Vec<Completion>, S
     if !settings.is_empty() {
         if a.stmt_start {
             for o in &settings {
-                out.push(c(o.name, CompletionKind::Setting, opt_ty(o.ty), o.doc.to_string()));
+                out.push(c(o.name, CompletionKind::Setting, opt_ty(o.ty), o.describe()));
             }
         } else if let Some(o) = settings.iter().find(|o| o.name == prev) {
             match o.ty {

@@ -695,18 +695,6 @@ pub struct Var {
     pub scope: Scope,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Settings {
-    pub name: Option<String>,
-    pub options: Vec<(String, OptValue)>,
-}
-
-impl Settings {
-    pub fn option(&self, name: &str) -> Option<&OptValue> {
-        self.options.iter().find(|(n, _)| n == name).map(|(_, v)| v)
-    }
-}
-
 /// A compiled pattern. Serialised as its source; compiled once when built or deserialised.
 #[derive(Clone, Debug)]
 pub struct Pattern {
@@ -757,20 +745,14 @@ pub struct Program {
     pub tables: Vec<Resource>,
     pub secrets: Vec<Resource>,
     pub scanners: Vec<Resource>,
-    pub server: Settings,
-    pub listeners: Vec<Settings>,
+    pub server: crate::settings::Server,
+    pub listeners: Vec<crate::settings::Listener>,
     pub vars: Vec<Var>,
     pub patterns: Vec<Pattern>,
     pub exprs: Vec<Expr>,
     /// One instruction vector per stage, indexed by `Stage::index()`.
     pub stages: Vec<Vec<Instr>>,
     pub locs: Vec<Loc>,
-}
-
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings { name: None, options: Vec::new() }
-    }
 }
 
 impl Program {
@@ -796,7 +778,12 @@ impl Program {
     pub fn table_by_name(&self, name: &str) -> Option<TableId> {
         self.tables.iter().position(|l| l.name == name).map(|i| TableId(i as u32))
     }
-    pub fn listener(&self, name: &str) -> Option<&Settings> {
-        self.listeners.iter().find(|l| l.name.as_deref() == Some(name))
+    pub fn listener(&self, name: &str) -> Option<&crate::settings::Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// The listener `name`, or every listener default when it is not declared (or `None`).
+    pub fn listener_or_default(&self, name: Option<&str>) -> &crate::settings::Listener {
+        name.and_then(|n| self.listener(n)).unwrap_or_else(|| crate::settings::default_listener())
     }
 }

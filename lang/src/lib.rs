@@ -13,6 +13,7 @@ pub mod ide;
 pub mod ir;
 pub mod parse;
 pub mod schema;
+pub mod settings;
 pub mod source;
 pub mod syntax;
 pub mod tables;

@@ -1,5 +1,6 @@
 //! What may be written in `server { }`, `listener NAME { }` and the option blocks of tables,
-//! secrets and scanners. One table per block kind; the checker validates against it.
+//! secrets and scanners. One table per block kind; the checker validates against it. The
+//! `server` and `listener` tables are made from their typed structs in `crate::settings`.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OptTy {
@@ -25,110 +26,28 @@ pub struct OptSpec {
     pub name: &'static str,
     pub ty: OptTy,
     pub doc: &'static str,
+    /// The default, for `server` and `listener` options (`crate::settings`); the other
+    /// blocks say theirs in `doc`.
+    pub default: Dflt,
+}
+
+impl OptSpec {
+    /// The documentation with the default: what help texts and hovers show.
+    pub fn describe(&self) -> String {
+        match self.default.text() {
+            Some(d) => format!("{} (default: {d})", self.doc),
+            None => self.doc.to_string(),
+        }
+    }
 }
 
 const fn o(name: &'static str, ty: OptTy, doc: &'static str) -> OptSpec {
-    OptSpec { name, ty, doc }
+    OptSpec { name, ty, doc, default: Dflt::None }
 }
 
+pub use crate::settings::{Dflt, LISTENER, SERVER};
+
 use OptTy::*;
-
-pub const SERVER: &[OptSpec] = &[
-    o(
-        "hostname",
-        Str,
-        "the name this server gives in its banner, EHLO and Received: headers (default: the machine's hostname)",
-    ),
-    o("spool", Str, "directory of the queue (default /var/spool/mailpolicy; the embedded default policy's is ./var/spool)"),
-    o("user", Str, "the account the daemon runs as: started as root, it binds its listeners, then drops to this user for good (required when started as root; `root` runs without dropping)"),
-    o("group", Str, "the group the daemon runs as after dropping privileges (default: the user's primary group); the maildrop's group"),
-    o("maildir", Str, "root of local Maildir delivery when `deliver maildir` has no folder (default ./var/mail)"),
-    o("local_domains", List, "domains delivered on this machine (default: hostname and localhost)"),
-    o("networks", List, "a cidr list of trusted client networks (Postfix mynetworks)"),
-    o(
-        "relay_domains",
-        List,
-        "a domains list of the domains this server relays to for any client (a backup MX's or gateway's domains, Postfix relay_domains); default none",
-    ),
-    o("max_message_size", Size, "largest message accepted (default 25M; R46)"),
-    o("max_recipients", Num, "recipients per message (default 100; R46)"),
-    o("max_header_size", Size, "largest header section (default 100K; R46)"),
-    o(
-        "hopcount_limit",
-        Num,
-        "Received: fields a message may carry before it is refused as a mail loop (default 50; Postfix hopcount_limit)",
-    ),
-    o("queue_minfree", Size, "free space the spool's file system must keep: MAIL is refused with 452 4.3.1 below it, or below it plus the SIZE the client declares (default 1.5 × max_message_size)"),
-    o("max_sessions", Num, "concurrent SMTP sessions over all listeners (default 200)"),
-    o("client_connection_limit", Num, "concurrent sessions from one client address, 0 for no limit (default 50, Postfix anvil)"),
-    o("queue_run", Duration, "interval between deferred-queue scans (default 5m; R31)"),
-    o("retry_min", Duration, "first retry delay (default 5m; R31)"),
-    o("retry_max", Duration, "longest retry delay (default 67m; R31)"),
-    o("queue_lifetime", Duration, "give up and bounce after this (default 5d; R31)"),
-    o("bounce_lifetime", Duration, "queue lifetime of bounces (default 5d)"),
-    o("delay_warning", Duration, "send a delay DSN after this, 0 for never (default 4h; R31)"),
-    o("bounce_size_limit", Size, "largest original message returned in a bounce (default 50K; R31)"),
-    o("bounce_rate", Num, "bounces delivered per minute before they queue behind normal mail (R30)"),
-    o("destination_concurrency", Num, "parallel deliveries per destination (default 20; R31)"),
-    o("max_lookups", Num, "network lookups one message may cause (default 100)"),
-    o("lookup_timeout", Duration, "default time-out of a lookup (default 10s)"),
-    o("dns_timeout", Duration, "time-out of a DNS query (default 5s)"),
-    o("dns_server", Str, "IP:port of the DNS resolver to ask (default: the resolvers of /etc/resolv.conf)"),
-    o("batv_keys", Secret, "BATV signing keys, one `NUMBER KEY` per line (R29)"),
-    o("batv_lifetime", Duration, "how long a BATV tag stays valid (default 7d; R29)"),
-    o("dkim_key", Secret, "PEM private key for DKIM signing (B7)"),
-    o("dkim_selector", Str, "DKIM selector"),
-    o("dkim_domain", Str, "DKIM signing domain (d=)"),
-    o("postmaster", Str, "address that receives alerts and double bounces"),
-    o("alert_from", Str, "sender address of alert mails (R7)"),
-    o("tls_ca", Str, "PEM file of the CAs that next hops with `:tls required` must chain to, for every transport without its own `:ca` (Postfix smtp_tls_CAfile); default: the system's trust store (SSL_CERT_FILE / SSL_CERT_DIR when set)"),
-    o("fallback_relay", Str, "host tried when MX delivery fails temporarily (R33)"),
-    o("soft_bounce", Bool, "turn every 5xx the policy or a delivery gives into 4xx (R40 soft-bounce mode)"),
-    o("warn_only", Bool, "log what reject and tempfail would do, and accept (R40 warn-only mode)"),
-    o("log_format", Word(&["text", "json"]), "log line format (default text)"),
-];
-
-pub const LISTENER: &[OptSpec] = &[
-    o("address", Str, "IP:port to listen on, e.g. \"0.0.0.0:25\" (required)"),
-    o(
-        "protocol",
-        Word(&["smtp", "submission", "submissions"]),
-        "smtp (25), submission (587, STARTTLS) or submissions (465, implicit TLS)",
-    ),
-    o(
-        "tls",
-        Word(&["none", "starttls", "required"]),
-        "offer STARTTLS, require it before MAIL, or no TLS (implicit for submissions)",
-    ),
-    o("cert", Str, "PEM certificate chain file"),
-    o("key", Str, "PEM private key file"),
-    o("client_certs", Word(&["none", "request", "require"]), "ask clients for certificates (R43)"),
-    o("client_ca", Str, "PEM file of CAs that client certificates must chain to"),
-    o(
-        "auth",
-        Word(&["none", "optional", "required"]),
-        "SMTP AUTH: not offered, offered, or required before MAIL (R42)",
-    ),
-    o("auth_mechanisms", Strings, "SASL mechanisms offered (default [\"SCRAM-SHA-256\", \"PLAIN\", \"LOGIN\"])"),
-    o("auth_without_tls", Bool, "offer plaintext mechanisms without TLS (only honoured on loopback)"),
-    o("credentials", Table, "table of login -> hashed secret used by AUTH"),
-    o("max_sessions", Num, "concurrent sessions on this listener"),
-    o("max_message_size", Size, "overrides the server's limit"),
-    o("max_recipients", Num, "overrides the server's limit"),
-    o("command_timeout", Duration, "idle time allowed between commands (default 5m; R46)"),
-    o("data_timeout", Duration, "idle time allowed inside DATA (default 10m; R46)"),
-    o(
-        "soft_error_limit",
-        Num,
-        "after this many errors each further error reply is delayed by error_sleep (default 10; R40)",
-    ),
-    o("hard_error_limit", Num, "after this many errors the session is closed with 421 (default 20; R40)"),
-    o("error_sleep", Duration, "delay of error replies past the soft limit (default 1s; R13)"),
-    o("vrfy", Bool, "answer VRFY (default false: 252; R13)"),
-    o("expn", Bool, "answer EXPN (default false: 502; R13)"),
-    o("banner", Str, "text of the 220 greeting after the hostname"),
-    o("hostname", Str, "overrides the server's hostname on this listener"),
-];
 
 /// Options every table may have.
 pub const TABLE_COMMON: &[OptSpec] = &[

@@ -405,3 +405,78 @@ fn std_modules_are_built_in() {
         c.diagnostics.iter().map(|d| d.message.clone()).collect::<Vec<_>>()
     );
 }
+
+/// The settings tables of spec/language.md (sections 5.1 and 5.2) against the one definition
+/// of each option (`mailpolicy_lang::settings`): every option has exactly one row, no row
+/// names an option that does not exist, the value column says the option's type, and the
+/// row says the option's default as the definition has it.
+#[test]
+fn settings_tables_match_the_definitions() {
+    use mailpolicy_lang::schema::{OptSpec, OptTy};
+    use mailpolicy_lang::settings::{LISTENER, SERVER};
+    let spec = std::fs::read_to_string(root().join("spec/language.md")).expect("spec/language.md");
+    let section = |title: &str| -> Vec<(String, String, String)> {
+        let start = spec.find(title).unwrap_or_else(|| panic!("spec/language.md has no `{title}`"));
+        let rest = &spec[start + title.len()..];
+        let end = rest.find("\n#").unwrap_or(rest.len());
+        rest[..end]
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                // `|` inside a cell is written `\|`
+                let cells: Vec<String> =
+                    l.replace("\\|", "\u{1}").split('|').map(|c| c.trim().replace('\u{1}', "|")).collect();
+                (cells[1].trim_matches('`').to_string(), cells[2].clone(), cells[3].clone())
+            })
+            .collect()
+    };
+    let ty_text = |ty: OptTy| -> String {
+        match ty {
+            OptTy::Str => "string".into(),
+            OptTy::Num => "number".into(),
+            OptTy::Size => "size".into(),
+            OptTy::Duration => "duration".into(),
+            OptTy::Bool => "`true` / `false`".into(),
+            OptTy::Word(w) => w.iter().map(|w| format!("`{w}`")).collect::<Vec<_>>().join(" | "),
+            OptTy::Strings => "list of strings".into(),
+            OptTy::Secret => "secret name".into(),
+            OptTy::Table => "table name".into(),
+            OptTy::List => "list name".into(),
+        }
+    };
+    let mut problems = Vec::new();
+    for (title, specs) in [("### 5.1 `server`", SERVER), ("### 5.2 `listener`", LISTENER)] {
+        let rows = section(title);
+        for (name, ..) in &rows {
+            let n = rows.iter().filter(|r| &r.0 == name).count();
+            if n > 1 {
+                problems.push(format!("{title}: `{name}` has {n} rows"));
+            }
+            if !specs.iter().any(|s| s.name == name) {
+                problems.push(format!("{title}: `{name}` is not an option (settings.rs)"));
+            }
+        }
+        for s in specs.iter() {
+            let s: &OptSpec = s;
+            let Some((_, ty, meaning)) = rows.iter().find(|r| r.0 == s.name) else {
+                problems.push(format!("{title}: no row for `{}`", s.name));
+                continue;
+            };
+            if *ty != ty_text(s.ty) {
+                problems.push(format!(
+                    "{title}: `{}` is written `{ty}`, the definition says `{}`",
+                    s.name,
+                    ty_text(s.ty)
+                ));
+            }
+            if let Some(d) = s.default.text() {
+                let row = meaning.replace('`', "").to_lowercase();
+                let d = d.replace('`', "").to_lowercase();
+                if !(row.contains(&format!("default {d}")) || row.contains(&format!("default: {d}"))) {
+                    problems.push(format!("{title}: the row of `{}` does not say \"default {d}\": {meaning}", s.name));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "spec/language.md and lang/src/settings.rs disagree:\n{}", problems.join("\n"));
+}

@@ -416,9 +416,9 @@ fn internal_host(prog: &Program, dest: &str) -> bool {
             std::net::IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
         };
     }
-    let locals = match prog.server.option("local_domains") {
-        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).map(|l| l.items.clone()).unwrap_or_default(),
-        _ => vec![],
+    let locals = match prog.server.local_domains {
+        Some(id) => prog.lists.get(id.index()).map(|l| l.items.clone()).unwrap_or_default(),
+        None => vec![],
     };
     locals.iter().any(|p| {
         crate::address::domain_matches(p, host)

@@ -15,7 +15,7 @@ pub mod relay;
 
 use crate::check::{compile, Compilation};
 use crate::diag::Diagnostic;
-use crate::ir::{LocId, OptValue, Program};
+use crate::ir::{LocId, Program};
 use crate::source::{FileId, Loader, SourceMap, Span};
 
 /// A transcript that shows a listener relaying.
@@ -151,8 +151,9 @@ pub fn analyse(prog: &Program, sources: &SourceMap, tables: &[Option<relay::Know
     }
     // A public suffix among the local or relay domains makes everyone's mail under it
     // ours to take or to pass on (R14).
-    for setting in ["local_domains", "relay_domains"] {
-        if let Some(OptValue::ListRef(id)) = prog.server.option(setting) {
+    for (setting, list) in [("local_domains", prog.server.local_domains), ("relay_domains", prog.server.relay_domains)]
+    {
+        if let Some(id) = list {
             if let Some(l) = prog.lists.get(id.index()) {
                 for item in &l.items {
                     if relay::public_suffix(item) {

@@ -29,7 +29,11 @@ impl<'s> Checker<'s> {
                 }
                 *saw_server = true;
                 let opts = self.options(schema::SERVER, options, "`server`");
-                self.prog.server = Settings { name: None, options: opts };
+                let mut server = crate::settings::Server::default();
+                for (k, v) in &opts {
+                    server.set(k, v);
+                }
+                self.prog.server = server;
             }
             ast::SettingsKw::Listener => {
                 let Some(n) = name else {
@@ -40,7 +44,7 @@ impl<'s> Checker<'s> {
                     );
                     return;
                 };
-                if self.prog.listeners.iter().any(|l| l.name.as_deref() == Some(n.name.as_str())) {
+                if self.prog.listeners.iter().any(|l| l.name == n.name) {
                     self.err(
                         Diagnostic::error("mailc::duplicate", format!("listener `{}` is declared twice", n.name))
                             .at(n.span),
@@ -93,7 +97,11 @@ impl<'s> Checker<'s> {
                             }),
                     );
                 }
-                self.prog.listeners.push(Settings { name: Some(n.name.clone()), options: opts });
+                let mut listener = crate::settings::Listener { name: n.name.clone(), ..Default::default() };
+                for (k, v) in &opts {
+                    listener.set(k, v);
+                }
+                self.prog.listeners.push(listener);
             }
         }
     }
@@ -137,7 +145,7 @@ impl<'s> Checker<'s> {
                 Diagnostic::error("mailc::type", format!("`{}` takes {want}", spec.name))
                     .at(v.span)
                     .label(format!("found {}", describe_value(v)))
-                    .help(spec.doc.to_string()),
+                    .help(spec.describe()),
             );
             None
         };

@@ -54,12 +54,8 @@ pub fn main(args: Vec<OsString>) -> u8 {
     };
     // Who the daemon runs as, decided before anything is opened: as root, a `user` to drop
     // to is required (`--user root` runs as root on purpose).
-    let setting = |name: &str| match prog.server.option(name) {
-        Some(mailpolicy_lang::ir::OptValue::Str(v)) => Some(v.clone()),
-        _ => None,
-    };
-    let user = user.or_else(|| setting("user"));
-    let plan = match daemon::privileges::plan(user.as_deref(), setting("group").as_deref()) {
+    let user = user.or_else(|| prog.server.user.clone());
+    let plan = match daemon::privileges::plan(user.as_deref(), prog.server.group.as_deref()) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("mailc serve: {e}");
@@ -98,7 +94,7 @@ async fn run(
     notifier: daemon::notify::Notifier,
 ) -> Result<(), String> {
     let spool_dir = daemon::spool_dir(&prog, &policy_dir, opts.spool.as_deref());
-    let defaulted = opts.spool.is_none() && prog.server.option("spool").is_none();
+    let defaulted = opts.spool.is_none() && prog.server.spool.is_none();
     let (spool, recovered) = mailpolicy_daemon::spool::Spool::open(&spool_dir).map_err(|e| {
         if defaulted {
             // SAFETY: geteuid has no preconditions.

@@ -16,7 +16,7 @@ use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator, SpfOutput, SpfResult,
 };
-use mailpolicy_lang::ir::{OptValue, Program};
+use mailpolicy_lang::ir::Program;
 
 /// The DNS client of sender authentication. Every query obeys the policy's `dns_timeout`
 /// (a UDP answer that comes back truncated is asked again over TCP), and each check as a
@@ -61,18 +61,11 @@ fn dkim_word(r: &DkimResult) -> &'static str {
     }
 }
 
-fn duration(prog: &Program, name: &str, default_ms: u64) -> Duration {
-    match prog.server.option(name) {
-        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
-        _ => Duration::from_millis(default_ms),
-    }
-}
-
 impl SenderAuth {
     /// Sender authentication through the daemon's resolver (one cache for every DNS client).
     pub fn new(prog: &Program, hostname: &str, resolver: hickory_resolver::TokioResolver) -> SenderAuth {
         let auth = MessageAuthenticator(resolver);
-        SenderAuth { auth, hostname: hostname.to_string(), lookup_timeout: duration(prog, "lookup_timeout", 10_000) }
+        SenderAuth { auth, hostname: hostname.to_string(), lookup_timeout: prog.server.lookup_timeout }
     }
 
     pub async fn spf(&self, st: &mut AuthState, ip: IpAddr, helo: &str, sender: &str) -> &'static str {
@@ -232,17 +225,12 @@ const SIGNED_HEADERS: [&str; 8] = ["From", "To", "Cc", "Subject", "Date", "Messa
 impl Signer {
     /// From the server settings; None when DKIM signing is not configured.
     pub fn from_program(prog: &Program, secrets: &dyn Fn(&str) -> Option<String>) -> Result<Option<Signer>, String> {
-        let (Some(OptValue::Secret(id)), Some(OptValue::Str(sel))) =
-            (prog.server.option("dkim_key"), prog.server.option("dkim_selector"))
-        else {
+        let (Some(id), Some(sel)) = (prog.server.dkim_key, &prog.server.dkim_selector) else {
             return Ok(None);
         };
         let name = prog.secrets.get(id.index()).map(|s| s.name.clone()).unwrap_or_default();
         let pem = secrets(&name).ok_or_else(|| format!("dkim_key: secret {name} has no value"))?;
-        let domain = match prog.server.option("dkim_domain") {
-            Some(OptValue::Str(d)) => Some(d.to_ascii_lowercase()),
-            _ => None,
-        };
+        let domain = prog.server.dkim_domain.as_ref().map(|d| d.to_ascii_lowercase());
         let der = pkcs8(&pem)?;
         // Refuse a key that is neither RSA nor Ed25519 at start-up, not at the first message.
         parse_key(&der)?;

@@ -37,7 +37,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use mailpolicy_lang::ir::{Program, Resource};
+use mailpolicy_lang::settings::{ClientCerts, LogFormat, Protocol, Tls};
 use mailpolicy_lang::{Compilation, FsLoader, MemLoader};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -166,10 +167,7 @@ impl Shared {
     /// Take a place for a session from `ip`, unless the address already has
     /// `client_connection_limit` sessions.
     pub fn client_slot(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ClientSlot> {
-        let limit = match self.program().server.option("client_connection_limit") {
-            Some(OptValue::Num(n)) => *n as usize,
-            _ => 50,
-        };
+        let limit = self.program().server.client_connection_limit as usize;
         let mut m = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if limit > 0 && *n >= limit {
@@ -234,10 +232,7 @@ impl Shared {
             sent.insert(key, now);
         }
         let prog = self.program();
-        let from = match prog.server.option("alert_from") {
-            Some(OptValue::Str(s)) => s.clone(),
-            _ => format!("postmaster@{}", self.hostname),
-        };
+        let from = prog.server.alert_from.clone().unwrap_or_else(|| format!("postmaster@{}", self.hostname));
         let subject: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
         let data = format!(
             "From: <{from}>\r\nTo: <{to}>\r\nSubject: mailpolicy alert: {subject}\r\nDate: {}\r\nMessage-ID: <alert.{now}@{}>\r\nAuto-Submitted: auto-generated\r\n\r\n{text}\r\n",
@@ -352,23 +347,9 @@ pub fn spool_dir(prog: &Program, policy_dir: &Path, over: Option<&Path>) -> Path
     if let Some(o) = over {
         return o.to_path_buf();
     }
-    match prog.server.option("spool") {
-        Some(OptValue::Str(s)) => policy_dir.join(s),
-        _ => PathBuf::from(DEFAULT_SPOOL),
-    }
-}
-
-fn opt_str<'a>(s: &'a mailpolicy_lang::ir::Settings, name: &str) -> Option<&'a str> {
-    match s.option(name) {
-        Some(OptValue::Str(v)) => Some(v.as_str()),
-        _ => None,
-    }
-}
-
-fn opt_word<'a>(s: &'a mailpolicy_lang::ir::Settings, name: &str) -> Option<&'a str> {
-    match s.option(name) {
-        Some(OptValue::Word(v)) => Some(v.as_str()),
-        _ => None,
+    match &prog.server.spool {
+        Some(s) => policy_dir.join(s),
+        None => PathBuf::from(DEFAULT_SPOOL),
     }
 }
 
@@ -381,36 +362,29 @@ pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str
         prog.listeners
             .iter()
             .map(|l| {
-                let name = l.name.clone().unwrap_or_default();
-                let addr = opt_str(l, "address")
+                let name = l.name.clone();
+                let addr = l
+                    .address
+                    .as_deref()
                     .and_then(|a| a.parse().ok())
                     .ok_or_else(|| format!("listener {name}: bad address"))?;
                 Ok((name, addr))
             })
             .collect::<Result<_, String>>()?
     };
-    let max_all = match prog.server.option("max_sessions") {
-        Some(OptValue::Num(n)) => *n as usize,
-        _ => 200,
-    };
     for (name, address) in decls {
-        let decl = prog.listener(&name);
-        let protocol = decl.and_then(|l| opt_word(l, "protocol")).unwrap_or("smtp");
-        let tls_word = decl.and_then(|l| opt_word(l, "tls")).unwrap_or(if protocol == "submissions" {
-            "required"
-        } else {
-            "starttls"
-        });
+        let decl = prog.listener_or_default(Some(&name));
+        let implicit_tls = decl.protocol == Protocol::Submissions;
         let hostname_l = crate::config::hostname(prog, Some(&name), hostname);
-        let tls = if tls_word == "none" && protocol != "submissions" {
+        let tls = if decl.tls() == Tls::None && !implicit_tls {
             None
         } else {
-            let (cert, key) = match decl.and_then(|l| opt_str(l, "cert").zip(opt_str(l, "key"))) {
+            let (cert, key) = match decl.cert.as_ref().zip(decl.key.as_ref()) {
                 Some((c, k)) => (policy_dir.join(c), policy_dir.join(k)),
                 None => tls::self_signed(&spool.join("tls"), &hostname_l)?,
             };
-            let ca = decl.and_then(|l| opt_str(l, "client_ca")).map(|c| policy_dir.join(c));
-            let require_client = decl.and_then(|l| opt_word(l, "client_certs")) == Some("require");
+            let ca = decl.client_ca.as_ref().map(|c| policy_dir.join(c));
+            let require_client = decl.client_certs == ClientCerts::Require;
             let cfg = tls::server_config(&cert, &key, ca.as_deref(), require_client)?;
             Some(tokio_rustls::TlsAcceptor::from(cfg))
         };
@@ -420,23 +394,17 @@ pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str
             engine.auth_requires_tls = true;
         }
         let (require_tls, require_auth) = crate::config::requirements(prog, Some(&name));
-        let credentials = match decl.and_then(|l| l.option("credentials")) {
-            Some(OptValue::Table(id)) => prog.tables.get(id.index()).cloned(),
-            _ => None,
-        };
+        let credentials = decl.credentials.and_then(|id| prog.tables.get(id.index()).cloned());
         if !engine.auth_mechanisms.is_empty() && credentials.is_none() {
             engine.auth_mechanisms.clear();
         }
-        let max = match decl.and_then(|l| l.option("max_sessions")) {
-            Some(OptValue::Num(n)) => *n as usize,
-            _ => max_all,
-        };
+        let max = decl.max_sessions(&prog.server) as usize;
         out.push(ListenerRt {
             name: name.clone(),
             address,
             engine,
             tls,
-            implicit_tls: protocol == "submissions",
+            implicit_tls,
             require_tls,
             require_auth,
             credentials,
@@ -500,19 +468,16 @@ pub async fn start_with(
 ) -> Result<Running, String> {
     let hostname = crate::config::hostname(&prog, None, &machine_hostname());
     let log = log::Logger {
-        format: match prog.server.option("log_format") {
-            Some(OptValue::Word(w)) if w == "json" => log::Format::Json,
-            _ => log::Format::Text,
+        format: match prog.server.log_format {
+            LogFormat::Json => log::Format::Json,
+            LogFormat::Text => log::Format::Text,
         },
     };
     tame_allocator();
     let lookups = Arc::new(Lookups::new(&prog, &policy_dir)?);
     let lsts = listeners(&prog, &policy_dir, &spool, &hostname)?;
     let (tx, rx) = watch::channel(false);
-    let max_all = match prog.server.option("max_sessions") {
-        Some(OptValue::Num(n)) => *n as usize,
-        _ => 200,
-    };
+    let max_all = prog.server.max_sessions as usize;
     let shared = Arc::new(Shared {
         prog: RwLock::new(Arc::new(prog)),
         lookups: RwLock::new(lookups),
@@ -700,10 +665,7 @@ impl Running {
     pub async fn stop(&self) {
         let _ = self.shutdown.send(true);
         let all = self.shared.sessions.clone();
-        let total = match self.shared.program().server.option("max_sessions") {
-            Some(OptValue::Num(n)) => (*n as u32).max(1),
-            _ => 200,
-        };
+        let total = (self.shared.program().server.max_sessions.min(u32::MAX as u64) as u32).max(1);
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, all.acquire_many(total)).await;
         self.shared.log.event("stopped", &[]);
     }

@@ -53,13 +53,6 @@ pub struct Lookups {
     proven: Option<(Program, Mutex<Vec<Option<mailpolicy_lang::tables::Rows>>>)>,
 }
 
-fn dur(p: &Program, name: &str, default_ms: u64) -> Duration {
-    match p.server.option(name) {
-        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
-        _ => Duration::from_millis(default_ms),
-    }
-}
-
 /// Read every declared secret (environment variable or file). A missing secret is an
 /// error at start-up, not at the first message.
 pub fn resolve_secrets(prog: &Program, policy_dir: &Path) -> Result<HashMap<String, String>, String> {
@@ -93,7 +86,7 @@ impl Lookups {
         let secrets = resolve_secrets(prog, policy_dir)?;
         let signer = super::auth::Signer::from_program(prog, &|name: &str| secrets.get(name).cloned())?;
         let hostname = crate::config::hostname(prog, None, &super::machine_hostname());
-        let dns_timeout = dur(prog, "dns_timeout", 5_000);
+        let dns_timeout = prog.server.dns_timeout;
         // One resolver and one cache for every DNS client of the daemon: policy lookups
         // (DNSBLs, ...), SPF/DKIM/DMARC, call-ahead and the queue manager's MX lookups.
         let resolver = crate::transport::mx::policy_resolver(prog)?;
@@ -108,7 +101,7 @@ impl Lookups {
         Ok(Lookups {
             resolver,
             dns_timeout,
-            lookup_timeout: dur(prog, "lookup_timeout", 10_000),
+            lookup_timeout: prog.server.lookup_timeout,
             policy_dir: policy_dir.to_path_buf(),
             tables: Mutex::new(HashMap::new()),
             rates: Mutex::new(RateStore::default()),
@@ -249,7 +242,7 @@ impl Lookups {
     }
 
     pub fn batv_keys(&self, prog: &Program) -> Option<Vec<(u8, Vec<u8>)>> {
-        let Some(OptValue::Secret(id)) = prog.server.option("batv_keys") else { return None };
+        let id = prog.server.batv_keys?;
         let name = &prog.secrets.get(id.index())?.name;
         Some(batv::parse_keys(self.secrets.get(name)?))
     }
@@ -459,10 +452,7 @@ impl Lookups {
 }
 
 pub fn batv_lifetime_days(prog: &Program) -> u64 {
-    match prog.server.option("batv_lifetime") {
-        Some(OptValue::Duration(d)) => (d / batv::DAY_MS).max(1),
-        _ => 7,
-    }
+    prog.server.batv_lifetime_days()
 }
 
 /// A table's own `timeout`, else the server's lookup time-out.

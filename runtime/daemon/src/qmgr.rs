@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailpolicy_lang::ir::{OptValue, Program, TlsMode};
+use mailpolicy_lang::ir::{Program, TlsMode};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -63,50 +63,9 @@ impl QmgrHandle {
     }
 }
 
-fn ms(p: &Program, name: &str) -> Option<u64> {
-    match p.server.option(name) {
-        Some(OptValue::Duration(d)) => Some(*d),
-        _ => None,
-    }
-}
-
-fn num(p: &Program, name: &str) -> Option<u64> {
-    match p.server.option(name) {
-        Some(OptValue::Num(n)) => Some(*n as u64),
-        Some(OptValue::Size(n)) => Some(*n),
-        _ => None,
-    }
-}
-
 /// Scheduler settings from the policy's `server { }` (Postfix defaults otherwise).
 pub fn queue_config(p: &Program) -> QueueConfig {
-    let mut c = QueueConfig::default();
-    if let Some(v) = ms(p, "queue_run") {
-        c.queue_run_delay_ms = v;
-    }
-    if let Some(v) = ms(p, "retry_min") {
-        c.minimal_backoff_ms = v;
-    }
-    if let Some(v) = ms(p, "retry_max") {
-        c.maximal_backoff_ms = v;
-    }
-    if let Some(v) = ms(p, "queue_lifetime") {
-        c.max_queue_lifetime_ms = v;
-    }
-    if let Some(v) = ms(p, "bounce_lifetime") {
-        c.bounce_queue_lifetime_ms = v;
-    }
-    if let Some(v) = ms(p, "delay_warning") {
-        c.delay_warning_ms = if v == 0 { None } else { Some(v) };
-    }
-    if let Some(v) = num(p, "destination_concurrency") {
-        c.destination_concurrency_limit = (v as u32).max(1);
-    }
-    if let Some(v) = num(p, "bounce_rate") {
-        c.bounce_rate_per_minute = Some(v as u32);
-    }
-    c.soft_bounce = matches!(p.server.option("soft_bounce"), Some(OptValue::Bool(true)));
-    c
+    QueueConfig::from_settings(&p.server)
 }
 
 /// The outbound session cache: as many idle sessions per destination as deliveries may run
@@ -545,10 +504,7 @@ impl Qmgr {
                     let ca = transport
                         .ca
                         .clone()
-                        .or_else(|| match self.prog.server.option("tls_ca") {
-                            Some(OptValue::Str(f)) => Some(f.clone()),
-                            _ => None,
-                        })
+                        .or_else(|| self.prog.server.tls_ca.clone())
                         .map(|f| self.policy_dir.join(f));
                     self.routes
                         .insert((id.to_string(), i), RouteInfo { address, sender, target, tls, auth, ca, headers });
@@ -705,10 +661,7 @@ impl Qmgr {
     /// `archive FOLDER` (R12): a copy in the Maildir folder under the server's maildir.
     async fn archive(&self, stored: &Stored, folders: &[String]) {
         for folder in folders {
-            let root = match self.prog.server.option("maildir") {
-                Some(OptValue::Str(s)) => self.policy_dir.join(s),
-                _ => PathBuf::from("var/mail"),
-            };
+            let root = crate::route::maildir_root(&self.prog, &self.policy_dir);
             let safe: String =
                 folder.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
             let safe = safe.trim_start_matches('.').to_string();
@@ -1130,7 +1083,9 @@ fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
 
 /// The delivery target for a route key.
 fn target_for(key: &str, address: &str) -> Option<Target> {
-    let key = key.split(" tls").next().unwrap_or(key);
+    // the key's attributes (`route::route`) are not part of the destination
+    let end = [" tls", " cert=", " from=", " headers="].iter().filter_map(|m| key.find(m)).min().unwrap_or(key.len());
+    let key = key.get(..end).unwrap_or(key);
     if let Some(domain) = key.strip_prefix("mx:") {
         let d = if domain.is_empty() { mailpolicy_stdlib::address::split(address).1 } else { domain.to_string() };
         return Destination::parse(&d).map(Target::Smtp);

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mailpolicy_lang::ir::{OptValue, Program, Stage, TransportKind};
+use mailpolicy_lang::ir::{Program, Stage, TransportKind};
 
 use super::lookup::Lookups;
 use crate::conn::{QueuedMessage, QueuedRcpt};
@@ -51,9 +51,9 @@ pub async fn run_stage(prog: &Program, lookups: &Lookups, stage: Stage, facts: &
 
 /// The server's `maildir` root.
 pub fn maildir_root(prog: &Program, policy_dir: &Path) -> PathBuf {
-    match prog.server.option("maildir") {
-        Some(OptValue::Str(s)) => policy_dir.join(s),
-        _ => PathBuf::from("var/mail"),
+    match &prog.server.maildir {
+        Some(s) => policy_dir.join(s),
+        None => PathBuf::from("var/mail"),
     }
 }
 
@@ -75,10 +75,7 @@ fn escaped(e: &crate::paths::Escape) -> Routed {
 /// Maildir folder for a local recipient when `deliver maildir` names none:
 /// `<maildir root>/<local part>`, the local part made safe for a file name.
 pub fn default_maildir(prog: &Program, policy_dir: &Path, address: &str) -> PathBuf {
-    let root = match prog.server.option("maildir") {
-        Some(OptValue::Str(s)) => policy_dir.join(s),
-        _ => PathBuf::from("var/mail"),
-    };
+    let root = maildir_root(prog, policy_dir);
     let local = mailpolicy_stdlib::address::split(address).0.to_ascii_lowercase();
     let local = local.split('+').next().unwrap_or("").to_string();
     let safe: String =

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use mailpolicy_lang::ir::{Program, Resource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -681,18 +681,10 @@ fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
 
 /// Idle timeout of a listener.
 pub fn command_timeout(prog: &Program, listener: Option<&str>) -> Duration {
-    let l = listener.and_then(|n| prog.listener(n));
-    match l.and_then(|l| l.option("command_timeout")) {
-        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
-        _ => Duration::from_secs(300),
-    }
+    prog.listener_or_default(listener).command_timeout
 }
 
 /// Idle time-out inside DATA/BDAT of a listener (`data_timeout`, default 10 minutes).
 pub fn data_timeout(prog: &Program, listener: Option<&str>) -> Duration {
-    let l = listener.and_then(|n| prog.listener(n));
-    match l.and_then(|l| l.option("data_timeout")) {
-        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
-        _ => Duration::from_secs(600),
-    }
+    prog.listener_or_default(listener).data_timeout
 }

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailpolicy_lang::ir::{DsnAction, LocId, OptValue, Program, Scope, Stage};
+use mailpolicy_lang::ir::{DsnAction, LocId, Program, Scope, Stage};
 
 use crate::eval::{
     Answer, AuthCheck, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step,
@@ -139,8 +139,7 @@ pub struct PolicyMode {
 
 impl PolicyMode {
     pub fn from_program(p: &Program) -> PolicyMode {
-        let b = |n: &str| matches!(p.server.option(n), Some(OptValue::Bool(true)));
-        PolicyMode { soft_bounce: b("soft_bounce"), warn_only: b("warn_only") }
+        PolicyMode { soft_bounce: p.server.soft_bounce, warn_only: p.server.warn_only }
     }
 }
 
@@ -227,10 +226,7 @@ impl Conn {
 
     /// `queue_minfree`, default 1.5 × `max_message_size` (Postfix's rule).
     fn queue_minfree(&self) -> u64 {
-        match self.prog.server.option("queue_minfree") {
-            Some(OptValue::Size(n)) => *n,
-            _ => self.session.config().max_message_size.saturating_mul(3) / 2,
-        }
+        self.prog.server.queue_minfree.unwrap_or_else(|| self.session.config().max_message_size.saturating_mul(3) / 2)
     }
 
     /// Refuse MAIL until TLS is active / the client has authenticated (listener
@@ -559,7 +555,7 @@ impl Conn {
                 let routing = matches!(to, ForwardPath::Mailbox(m) if m.routed || (m.quoted && m.local.contains('@')));
                 // R29: with BATV keys, a tagged recipient (a bounce to an address we signed)
                 // is routed and delivered without its tag; `batv valid` checks the tag.
-                let (address, batv_tagged) = match self.prog.server.option("batv_keys") {
+                let (address, batv_tagged) = match self.prog.server.batv_keys {
                     Some(_) => match mailpolicy_stdlib::batv::strip(&address) {
                         Some(plain) => (plain, Some(address)),
                         None => (address, None),
@@ -641,10 +637,7 @@ impl Conn {
 
     /// `hopcount_limit` (default 50, as Postfix).
     fn hopcount_limit(&self) -> u64 {
-        match self.prog.server.option("hopcount_limit") {
-            Some(OptValue::Num(n)) if *n >= 0.0 => *n as u64,
-            _ => 50,
-        }
+        self.prog.server.hopcount_limit
     }
 
     fn accepted_addresses(&self) -> Vec<String> {
@@ -922,11 +915,11 @@ impl Conn {
 
     /// The client is in the server's `networks` (loopback when none is declared).
     fn trusted_client(&self) -> bool {
-        match self.prog.server.option("networks") {
-            Some(OptValue::ListRef(id)) => {
+        match self.prog.server.networks {
+            Some(id) => {
                 self.prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(self.facts.client_ip)))
             }
-            _ => self.facts.client_ip.is_loopback(),
+            None => self.facts.client_ip.is_loopback(),
         }
     }
 
@@ -935,11 +928,8 @@ impl Conn {
         if self.session.authenticated().is_some() && self.facts.auth.is_some() || self.relay_session {
             return true;
         }
-        let list = |name: &str| match self.prog.server.option(name) {
-            Some(OptValue::ListRef(id)) => self.prog.lists.get(id.index()),
-            _ => None,
-        };
-        let trusted = match list("networks") {
+        let list = |id: Option<mailpolicy_lang::ir::ListId>| id.and_then(|id| self.prog.lists.get(id.index()));
+        let trusted = match list(self.prog.server.networks) {
             Some(l) if l.kind == ListKind::Cidr => l.nets.iter().any(|n| n.contains(self.facts.client_ip)),
             _ => self.facts.client_ip.is_loopback(),
         };
@@ -954,7 +944,7 @@ impl Conn {
         let local = self.facts.local_domains.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain));
         // Domains the server relays for (Postfix relay_domains, R14).
         local
-            || list("relay_domains")
+            || list(self.prog.server.relay_domains)
                 .is_some_and(|l| l.items.iter().any(|p| mailpolicy_stdlib::address::domain_matches(p, &domain)))
     }
 
@@ -1064,9 +1054,9 @@ fn fingerprint(cert: &[u8]) -> String {
 /// The server's local domains: the policy's `local_domains` list, else its host name and
 /// `localhost`.
 pub fn local_domains(prog: &Program, hostname: &str) -> Vec<String> {
-    match prog.server.option("local_domains") {
-        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).map(|l| l.items.clone()).unwrap_or_default(),
-        _ => vec![hostname.to_ascii_lowercase(), "localhost".into()],
+    match prog.server.local_domains {
+        Some(id) => prog.lists.get(id.index()).map(|l| l.items.clone()).unwrap_or_default(),
+        None => vec![hostname.to_ascii_lowercase(), "localhost".into()],
     }
 }
 

@@ -26,9 +26,6 @@ pub use facts::*;
 pub use host::*;
 pub use message::*;
 
-/// Default number of outside-world requests one message may cause (`max_lookups`).
-pub const DEFAULT_MAX_LOOKUPS: u32 = 100;
-
 enum Halt {
     Need(Request),
     /// A back end failed and the policy did not choose fail-open.
@@ -86,11 +83,7 @@ pub struct Run {
 
 impl Run {
     pub fn new(prog: &Program, stage: Stage) -> Run {
-        let max_lookups = match prog.server.option("max_lookups") {
-            Some(OptValue::Num(n)) => *n as u32,
-            _ => DEFAULT_MAX_LOOKUPS,
-        };
-        Run::with_budget(stage, max_lookups)
+        Run::with_budget(stage, prog.server.max_lookups.min(u32::MAX as u64) as u32)
     }
 
     pub fn with_budget(stage: Stage, max_lookups: u32) -> Run {

@@ -13,7 +13,7 @@
 //! - **soft_bounce** (R40): a `reject` of the stage (the error transport) becomes the
 //!   matching 4xy tempfail, so the recipient is deferred, not bounced.
 
-use mailpolicy_lang::ir::{OptValue, Program, Stage};
+use mailpolicy_lang::ir::{Program, Stage};
 
 use crate::eval::{self, Answer, Effect, Facts, Outcome, RenderedReply, Request, Run, State, Step, Verdict};
 
@@ -47,7 +47,7 @@ impl RouteRun {
             seen: vec![address],
             effects: Vec::new(),
             trace: Vec::new(),
-            soft_bounce: matches!(prog.server.option("soft_bounce"), Some(OptValue::Bool(true))),
+            soft_bounce: prog.server.soft_bounce,
         }
     }
 

@@ -36,6 +36,7 @@ pub mod witness;
 use std::net::IpAddr;
 
 use crate::ir::*;
+use crate::settings::{Auth, ClientCerts, Listener, Protocol, Tls};
 pub use crate::tables::Rows as Known;
 use sets::IpSet;
 use sym::{AtomKind, Conj, LangSpec, Lit, Origin, SymKind, View, World};
@@ -146,21 +147,6 @@ pub struct Prover<'p> {
     pub meanings: Vec<(sym::SymId, witness::Meaning)>,
 }
 
-fn word(s: &Settings, name: &str) -> Option<String> {
-    match s.option(name) {
-        Some(OptValue::Word(w)) | Some(OptValue::Str(w)) => Some(w.to_ascii_lowercase()),
-        _ => None,
-    }
-}
-
-fn num(s: &Settings, server: &Settings, name: &str, default: f64) -> f64 {
-    match s.option(name).or_else(|| server.option(name)) {
-        Some(OptValue::Num(n)) => *n,
-        Some(OptValue::Size(n)) => *n as f64,
-        _ => default,
-    }
-}
-
 /// A network narrow enough to be a deliberate trust declaration (not "the Internet").
 pub fn narrow(c: &Cidr) -> bool {
     if c.addr.is_ipv4() {
@@ -172,9 +158,9 @@ pub fn narrow(c: &Cidr) -> bool {
 
 /// The server's trusted networks (`networks`, default loopback).
 pub fn networks(prog: &Program) -> Vec<Cidr> {
-    match prog.server.option("networks") {
-        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).map(|l| l.nets.clone()).unwrap_or_default(),
-        _ => vec![
+    match prog.server.networks {
+        Some(id) => prog.lists.get(id.index()).map(|l| l.nets.clone()).unwrap_or_default(),
+        None => vec![
             Cidr { addr: IpAddr::from([127, 0, 0, 0]), prefix: 8 },
             Cidr { addr: "::1".parse().unwrap_or(IpAddr::from([0u16; 8])), prefix: 128 },
         ],
@@ -315,23 +301,20 @@ fn named_domains(prog: &Program, tables: &[Option<Known>]) -> Vec<String> {
     out
 }
 
-fn list_items(prog: &Program, setting: &str) -> Option<Vec<String>> {
-    match prog.server.option(setting) {
-        Some(OptValue::ListRef(id)) => prog.lists.get(id.index()).map(|l| l.items.clone()),
-        _ => None,
-    }
+fn list_items(prog: &Program, list: Option<ListId>) -> Option<Vec<String>> {
+    list.and_then(|id| prog.lists.get(id.index()).map(|l| l.items.clone()))
 }
 
 /// The server's local domains (the runtime's `conn::local_domains`).
 pub fn local_domains(prog: &Program) -> Vec<String> {
-    list_items(prog, "local_domains").unwrap_or_else(|| {
-        let host = word(&prog.server, "hostname").unwrap_or_else(|| "mx.test".into());
+    list_items(prog, prog.server.local_domains).unwrap_or_else(|| {
+        let host = prog.server.hostname.as_deref().map(str::to_ascii_lowercase).unwrap_or_else(|| "mx.test".into());
         vec![host, "localhost".into()]
     })
 }
 
 pub fn relay_domains(prog: &Program) -> Vec<String> {
-    list_items(prog, "relay_domains").unwrap_or_default()
+    list_items(prog, prog.server.relay_domains).unwrap_or_default()
 }
 
 // Address syntax the SMTP engine accepts (runtime/engine/src/smtp/address.rs), as the display
@@ -358,22 +341,20 @@ fn policy_lang(p: String) -> LangSpec {
 }
 
 impl<'p> Prover<'p> {
-    pub fn new(prog: &'p Program, l: Option<&Settings>, tables: Vec<Option<Known>>) -> Prover<'p> {
-        let empty = Settings::default();
-        let s = l.unwrap_or(&empty);
-        let protocol = word(s, "protocol").unwrap_or_else(|| "smtp".into());
-        let auth = word(s, "auth").unwrap_or_else(|| if protocol == "smtp" { "none" } else { "required" }.into());
-        let tls = if protocol == "submissions" {
+    pub fn new(prog: &'p Program, l: Option<&Listener>, tables: Vec<Option<Known>>) -> Prover<'p> {
+        let s = l.unwrap_or_else(|| crate::settings::default_listener());
+        let auth = s.auth();
+        let tls = if s.protocol == Protocol::Submissions {
             TlsOpt::Implicit
         } else {
-            match word(s, "tls").as_deref() {
-                Some("none") => TlsOpt::Off,
-                Some("required") => TlsOpt::Required,
-                _ => TlsOpt::Starttls,
+            match s.tls() {
+                Tls::None => TlsOpt::Off,
+                Tls::Required => TlsOpt::Required,
+                Tls::Starttls => TlsOpt::Starttls,
             }
         };
-        let (bind, local_port): (Option<IpAddr>, u16) = match s.option("address") {
-            Some(OptValue::Str(a)) => match a.rsplit_once(':') {
+        let (bind, local_port): (Option<IpAddr>, u16) = match &s.address {
+            Some(a) => match a.rsplit_once(':') {
                 Some((h, p)) => (h.trim_matches(['[', ']']).parse().ok(), p.parse().unwrap_or(25)),
                 None => (a.parse().ok(), 25),
             },
@@ -395,22 +376,18 @@ impl<'p> Prover<'p> {
             Some(ip) if !ip.is_unspecified() => IpSet::single(ip),
             _ => IpSet::full(),
         };
-        let mechanisms = match s.option("auth_mechanisms") {
-            Some(OptValue::List(v)) => v.clone(),
-            _ => vec!["SCRAM-SHA-256".into(), "PLAIN".into(), "LOGIN".into()],
-        };
-        let client_certs = word(s, "client_certs").unwrap_or_else(|| "none".into());
+        let mechanisms = s.auth_mechanisms.clone();
         let listener = ListenerModel {
-            name: s.name.clone(),
+            name: l.map(|l| l.name.clone()),
             local_ip,
             local_port,
             tls,
-            auth_offered: auth != "none",
-            auth_needs_tls: !matches!(s.option("auth_without_tls"), Some(OptValue::Bool(true))),
+            auth_offered: auth != Auth::None,
+            auth_needs_tls: !s.auth_without_tls,
             mechanisms,
-            public_client_certs: client_certs != "none" && s.option("client_ca").is_none(),
-            hard_error_limit: num(s, &prog.server, "hard_error_limit", 20.0).max(1.0) as u32,
-            max_recipients: num(s, &prog.server, "max_recipients", 100.0).max(1.0) as u32,
+            public_client_certs: s.client_certs != ClientCerts::None && s.client_ca.is_none(),
+            hard_error_limit: s.hard_error_limit.max(1) as u32,
+            max_recipients: s.max_recipients(&prog.server).max(1) as u32,
             reachable,
         };
         let nets = networks(prog);
@@ -459,7 +436,7 @@ impl<'p> Prover<'p> {
         w.fresh_name = Some(session.client_name);
         w.fresh_fingerprint = Some(session.fingerprint);
         let _ = (named_domains(prog, &tables), Lit::Or(Vec::new()), AtomKind::True);
-        let max_message_size = num(s, &prog.server, "max_message_size", 25.0 * 1024.0 * 1024.0) as i64;
+        let max_message_size = s.max_message_size(&prog.server) as i64;
         let addr = address_pattern();
         Prover {
             prog,
@@ -480,7 +457,7 @@ impl<'p> Prover<'p> {
             rcpt_lang: policy_lang(format!("\\A{addr}\\z")),
             xtext_lang: LangSpec::bytes(String::new(), View::Whole),
             root,
-            warn_only: matches!(prog.server.option("warn_only"), Some(OptValue::Bool(true))),
+            warn_only: prog.server.warn_only,
             gap_shapes: Vec::new(),
             meanings: Vec::new(),
         }
@@ -570,15 +547,12 @@ impl<'p> Prover<'p> {
 /// Prove each listener (the server's defaults when there is none).
 pub fn prove(prog: &Program, tables: &[Option<Known>]) -> Vec<(Option<String>, Verdict)> {
     let mut out = Vec::new();
-    let listeners: Vec<Option<&Settings>> =
+    let listeners: Vec<Option<&Listener>> =
         if prog.listeners.is_empty() { vec![None] } else { prog.listeners.iter().map(Some).collect() };
     for l in listeners {
-        let name = l.and_then(|l| l.name.clone());
-        let empty = Settings::default();
-        let s = l.unwrap_or(&empty);
-        let protocol = word(s, "protocol").unwrap_or_else(|| "smtp".into());
-        let auth = word(s, "auth").unwrap_or_else(|| if protocol == "smtp" { "none" } else { "required" }.into());
-        if auth == "required" {
+        let name = l.map(|l| l.name.clone());
+        let s = l.unwrap_or_else(|| crate::settings::default_listener());
+        if s.auth() == Auth::Required {
             out.push((name, Verdict::AuthRequired));
             continue;
         }

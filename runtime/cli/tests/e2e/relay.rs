@@ -215,3 +215,55 @@ fn double_bounce_goes_to_postmaster() {
     // Nothing went back to the null sender, and there was exactly one notice.
     assert_eq!(maildir(&t.join("mail/pm")).len(), 1);
 }
+
+#[test]
+fn route_stage_header_edits_reach_each_recipients_copy() {
+    let t = TempDir::new("route-headers");
+    let port = free_port();
+    let policy = format!(
+        r#"list local = domains ["d.test"];
+server {{ hostname "mx.test"; spool "spool"; maildir "mail"; local_domains local; queue_run 1s; }}
+listener smtp {{ address "127.0.0.1:{port}"; tls none; }}
+route {{
+  if recipient.local :is "u1" {{
+    header add "X-Routed" "for ${{recipient}}";
+    header replace "X-Tier" "gold";
+  }} else {{
+    header remove "X-Secret";
+  }}
+  deliver maildir;
+}}
+"#
+    );
+    let d = Daemon::start(t.path(), &policy, &[port]);
+    let out = swaks(
+        port,
+        &[
+            "--from",
+            "a@s.test",
+            "--to",
+            "u1@d.test,u2@d.test",
+            "--header",
+            "Subject: route-headers",
+            "--add-header",
+            "X-Secret: internal",
+            "--add-header",
+            "X-Tier: bronze",
+        ],
+    );
+    assert!(out.contains("250 2.0.0 Queued as"), "{out}");
+    wait_for(
+        Duration::from_secs(20),
+        "a copy in mail/u1 and one in mail/u2",
+        || maildir(&t.join("mail/u1")).len() == 1 && maildir(&t.join("mail/u2")).len() == 1,
+        || d.log(),
+    );
+    let u1 = maildir(&t.join("mail/u1")).join("");
+    let u2 = maildir(&t.join("mail/u2")).join("");
+    assert!(u1.contains("X-Routed: for u1@d.test"), "{u1}");
+    assert!(u1.contains("X-Tier: gold") && !u1.contains("X-Tier: bronze"), "{u1}");
+    assert!(u1.contains("X-Secret: internal"), "{u1}");
+    assert!(!u2.contains("X-Routed") && u2.contains("X-Tier: bronze"), "{u2}");
+    assert!(!u2.contains("X-Secret"), "{u2}");
+    assert!(u2.contains("Subject: route-headers"), "{u2}");
+}

@@ -38,10 +38,8 @@ impl Qmgr {
             return;
         }
         let to = if double {
-            let pm = match self.prog.server.option("postmaster") {
-                Some(OptValue::Str(s)) => s.clone(),
-                _ => format!("postmaster@{}", self.shared.hostname),
-            };
+            let pm =
+                self.prog.server.postmaster.clone().unwrap_or_else(|| format!("postmaster@{}", self.shared.hostname));
             let already = String::from_utf8_lossy(&msg.data[..msg.data.len().min(4096)])
                 .to_ascii_lowercase()
                 .contains("x-mailpolicy-double-bounce:");
@@ -130,7 +128,7 @@ impl Qmgr {
                 .event("dsn-dropped", &[("id", id.as_str()), ("kind", kind_word), ("to", &to), ("by", "policy")]);
             return;
         }
-        let size_limit = num(&self.prog, "bounce_size_limit").unwrap_or(50_000) as usize;
+        let size_limit = self.prog.server.bounce_size_limit as usize;
         let ret = match msg.ret.as_str() {
             "HDRS" => Some(smtp::Ret::Hdrs),
             "FULL" => Some(smtp::Ret::Full),

@@ -84,15 +84,11 @@ pub fn hickory_config(
 /// The daemon's one resolver as the policy sets it up (`dns_server`, `dns_timeout`), with
 /// its cache: built once per policy load and shared by every DNS client.
 pub fn policy_resolver(prog: &mailpolicy_lang::ir::Program) -> Result<hickory_resolver::TokioResolver, String> {
-    use mailpolicy_lang::ir::OptValue;
-    let server: Option<SocketAddr> = match prog.server.option("dns_server") {
-        Some(OptValue::Str(a)) => Some(a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?),
-        _ => None,
+    let server: Option<SocketAddr> = match &prog.server.dns_server {
+        Some(a) => Some(a.parse().map_err(|_| format!("dns_server \"{a}\" is not IP:port"))?),
+        None => None,
     };
-    let timeout = match prog.server.option("dns_timeout") {
-        Some(OptValue::Duration(ms)) => std::time::Duration::from_millis(*ms),
-        _ => std::time::Duration::from_secs(5),
-    };
+    let timeout = prog.server.dns_timeout;
     Ok(hickory_resolver(server, timeout, 4096))
 }
 

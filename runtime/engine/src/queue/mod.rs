@@ -88,30 +88,37 @@ pub struct QueueConfig {
 }
 
 const MINUTE: u64 = 60_000;
-const DAY: u64 = 24 * 60 * MINUTE;
 
 impl Default for QueueConfig {
+    /// The scheduler under a policy that sets nothing.
     fn default() -> Self {
-        QueueConfig {
-            queue_run_delay_ms: 5 * MINUTE,
-            minimal_backoff_ms: 5 * MINUTE,
-            maximal_backoff_ms: 4_000_000,
-            max_queue_lifetime_ms: 5 * DAY,
-            bounce_queue_lifetime_ms: 5 * DAY,
-            delay_warning_ms: Some(4 * 60 * MINUTE),
-            destination_concurrency_limit: 20,
-            initial_destination_concurrency: 2,
-            destination_recipient_limit: 50,
-            max_jobs: 100,
-            bounce_max_jobs: 20,
-            bounce_rate_per_minute: None,
-            bounce_share: 4,
-            soft_bounce: false,
-        }
+        QueueConfig::from_settings(&mailpolicy_lang::settings::Server::default())
     }
 }
 
 impl QueueConfig {
+    /// The scheduler under the policy's `server { }` (its defaults are Postfix's); what no
+    /// setting names is the scheduler's own.
+    pub fn from_settings(s: &mailpolicy_lang::settings::Server) -> QueueConfig {
+        let ms = |d: std::time::Duration| d.as_millis().min(u64::MAX as u128) as u64;
+        QueueConfig {
+            queue_run_delay_ms: ms(s.queue_run),
+            minimal_backoff_ms: ms(s.retry_min),
+            maximal_backoff_ms: ms(s.retry_max),
+            max_queue_lifetime_ms: ms(s.queue_lifetime),
+            bounce_queue_lifetime_ms: ms(s.bounce_lifetime),
+            delay_warning_ms: Some(ms(s.delay_warning)).filter(|&v| v != 0),
+            destination_concurrency_limit: (s.destination_concurrency.min(u32::MAX as u64) as u32).max(1),
+            initial_destination_concurrency: 2,
+            destination_recipient_limit: 50,
+            max_jobs: 100,
+            bounce_max_jobs: 20,
+            bounce_rate_per_minute: s.bounce_rate.map(|v| v.min(u32::MAX as u64) as u32),
+            bounce_share: 4,
+            soft_bounce: s.soft_bounce,
+        }
+    }
+
     /// The wait after the `attempts`th failed attempt (1-based).
     pub fn backoff(&self, attempts: u32) -> u64 {
         let shift = attempts.saturating_sub(1).min(40);

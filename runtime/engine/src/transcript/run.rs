@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mailpolicy_lang::ir::{Counter, LocId, OptValue, Program, Stage, TransportKind};
+use mailpolicy_lang::ir::{Counter, LocId, Program, Stage, TransportKind};
 use mailpolicy_lang::{compile, FsLoader};
 use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::FileTable};
 
@@ -813,10 +813,7 @@ impl CaseRun {
             }
             fields.push(format!("Authentication-Results: {}\r\n", parts.join(";\r\n\t")));
         }
-        let signing = matches!(
-            (self.prog.server.option("dkim_key"), self.prog.server.option("dkim_selector")),
-            (Some(_), Some(_))
-        );
+        let signing = self.prog.server.dkim_key.is_some() && self.prog.server.dkim_selector.is_some();
         if seal.sign && signing {
             let Some(dkim) = self.dkim else {
                 self.fail(
@@ -1057,18 +1054,12 @@ impl CaseRun {
                 Answer::Bool(self.greylist.check(client, sender, recipient, self.now, *delay_ms, *expire_ms))
             }
             Request::BatvValid { address } => {
-                let secret = match prog.server.option("batv_keys") {
-                    Some(OptValue::Secret(id)) => prog.secrets.get(id.index()).map(|s| s.name.clone()),
-                    _ => None,
-                };
+                let secret = prog.server.batv_keys.and_then(|id| prog.secrets.get(id.index())).map(|s| s.name.clone());
                 let Some(keys) = secret.and_then(|s| self.secrets.get(&s).cloned()) else {
                     self.fail("`batv valid` needs the server's batv_keys secret as a fixture: `secret NAME: 0 key`");
                     return Answer::Error("no keys".into());
                 };
-                let lifetime = match prog.server.option("batv_lifetime") {
-                    Some(OptValue::Duration(d)) => d / batv::DAY_MS,
-                    _ => 7,
-                };
+                let lifetime = prog.server.batv_lifetime_days();
                 let keys = batv::parse_keys(&keys);
                 Answer::Bool(matches!(batv::verify(address, &keys, self.now, lifetime), batv::Check::Valid(_)))
             }
