@@ -242,7 +242,7 @@ PY
   "$BIN" check "$MP/rules.mailpolicy" >"$MP/rules.check" 2>&1 || { echo "accept-relay: the $RULES-rule policy does not check:" >&2; cat "$MP/rules.check" >&2; exit 1; }
 fi
 mp_start() { # [policy file]
-  "$BIN" serve --policy "${1:-$MP/bench.mailpolicy}" --spool "$MP/spool" >>"$MP/log" 2>&1 </dev/null & MPPID=$!
+  "$BIN" serve --policy "${1:-$MP/bench.mailpolicy}" --spool "$MP/spool" --user "$(id -un)" >>"$MP/log" 2>&1 </dev/null & MPPID=$!
   wait_listen "$MPPORT"
 }
 mp_stop() { kill "$MPPID" 2>/dev/null || true; wait "$MPPID" 2>/dev/null || true; MPPID=""; }

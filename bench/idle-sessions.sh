@@ -27,7 +27,7 @@ listener smtp { address "127.0.0.1:$PORT"; tls none; }
 on rcpt { accept; }
 route { deliver maildir; }
 POLICY
-"$BIN" serve --policy "$D/policy.mailpolicy" 2>"$D/log" &
+"$BIN" serve --policy "$D/policy.mailpolicy" --user "$(id -un)" 2>"$D/log" &
 PID=$!
 for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$PORT)).close()" 2>/dev/null && break; sleep 0.1; done
 rss() { awk '/^VmRSS:/{print $2}' "/proc/$PID/status"; }

@@ -50,7 +50,7 @@ POLICY
 daemon() { # label
   local t0 t1 t2
   t0=$(date +%s.%N)
-  "$BIN" serve --policy "$D/policy.mailpolicy" 2>"$D/log-$1" & PID=$!
+  "$BIN" serve --policy "$D/policy.mailpolicy" --user "$(id -un)" 2>"$D/log-$1" & PID=$!
   for _ in $(seq 600); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$PORT)).close()" 2>/dev/null && break; sleep 0.05; done
   t1=$(date +%s.%N)
   python3 - "$PORT" <<'PY'

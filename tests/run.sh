@@ -27,6 +27,7 @@ declare -A want=(
   [fish]=fish
   [man]=man-db
   [nroff]=groff-base
+  [socat]=socat
 )
 missing=()
 for prog in "${!want[@]}"; do
@@ -65,3 +66,10 @@ cargo run -q -- fmt --check examples tests/check tests/assurance tests/transcrip
 cargo run -q -- test tests/transcripts examples
 # The editors' grammars (tree-sitter, TextMate) against every policy.
 bash editors/test.sh
+# The Debian package: built with cargo-deb (installed from crates.io when missing), installed
+# with dpkg, the daemon started as its systemd unit starts it, mail through it, removed.
+if [ "$(id -u)" = 0 ]; then
+  bash tests/deb.sh
+else
+  echo "note: not root, tests/deb.sh (dpkg -i) not run" >&2
+fi

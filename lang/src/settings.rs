@@ -330,8 +330,12 @@ settings! {
     pub struct Server, SERVER [] {
         hostname: Option<String> = Dflt::Text("the machine's hostname"), Str,
             "the name this server gives in its banner, EHLO and Received: headers";
-        spool: Option<String> = Dflt::Text("var/spool under the working directory"), Str,
+        spool: Option<String> = Dflt::Text("/var/spool/mailpolicy; the embedded default policy's is ./var/spool under the working directory"), Str,
             "directory of the queue, relative to the policy's directory";
+        user: Option<String> = Dflt::Text("none: started as root, the daemon refuses to run"), Str,
+            "the account the daemon runs as (Postfix mail_owner): started as root, it binds its listeners, gives the spool to this user, then drops to it for good; `root` runs as root on purpose";
+        group: Option<String> = Dflt::Text("the user's primary group"), Str,
+            "the group the daemon runs as after the drop, and the maildrop's group";
         maildir: Option<String> = Dflt::Text("var/mail under the working directory"), Str,
             "root of local Maildir delivery when `deliver maildir` has no folder, relative to the policy's directory";
         local_domains: Option<ListId> = Dflt::Text("hostname and localhost"), List,

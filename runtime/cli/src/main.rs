@@ -9,6 +9,7 @@ mod fmt;
 mod hashpw;
 mod lsp;
 mod queue;
+mod reload;
 mod route;
 mod sendmail;
 mod serve;
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         "hash-password" => hashpw::main(rest),
         "batv-tag" => batv::main(rest),
         "serve" => serve::main(rest),
+        "reload" => reload::main(rest),
         "sendmail" => sendmail::main(rest),
         "mailq" => sendmail::mailq(rest),
         "newaliases" => sendmail::newaliases(),

@@ -1,20 +1,25 @@
 //! `mailc queue`: look at and administer the spool (R32), like `postqueue` and `postsuper`.
 //!
-//! Works on the spool directory directly, next to a running daemon or without one. It
-//! never runs recovery ([`Spool::attach`]). Changes are durable when the command returns;
-//! a running daemon sees them at its next queue run (every 5 minutes by default): a
-//! flushed message has its next attempt set to now, a held one is in `hold/`, a released
-//! or requeued one is due now, a deleted one is gone.
+//! `list` and `show` read the spool directory directly. A change (hold, release, delete,
+//! requeue, flush) goes to the running daemon through its control socket
+//! (`daemon/control.rs`), which makes it in the spool and in its scheduler at once: a
+//! flushed message is tried now. When no daemon answers, the command makes the same change
+//! in the spool's files itself (they are the source of truth), says so, and a daemon sees
+//! it when it starts. It never runs recovery ([`Spool::attach`]). Changes are durable when
+//! the command returns: a flushed message has its next attempt set to now, a held one is in
+//! `hold/`, a released or requeued one is due now, a deleted one is gone.
 
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::path::PathBuf;
 
+use mailpolicy_daemon::control;
 use mailpolicy_daemon::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored, Summary};
 
 const USAGE: &str = "\
 Usage:
-  mailc queue list [--spool DIR]         the queue, like postqueue -p
+  mailc queue list [--json] [--spool DIR]
+                                         the queue, like postqueue -p (--json: one JSON array)
   mailc queue show ID [--spool DIR]      envelope, recipient states and message
   mailc queue hold ID [--spool DIR]      put on hold (never delivered until released)
   mailc queue release ID [--spool DIR]   release from hold, due now
@@ -23,14 +28,16 @@ Usage:
   mailc queue flush [DOMAIN] [--spool DIR]
                                          make deferred mail (for DOMAIN) due now
 
-The spool defaults to ./var/spool. A running daemon notices changes at its next queue
-run. Exit codes: 0 success, 1 no such message, 2 usage or I/O error.";
-
-const DEFAULT_SPOOL: &str = "./var/spool";
+The spool is --spool, else $MAILPOLICY_SPOOL, else the policy's (the policy as mailc
+serve finds it: $MAILPOLICY_POLICY, /etc/mailpolicy/main.mailpolicy, the embedded
+default). Changes go through the daemon's control socket, so they take effect at once;
+without a daemon they are made in the spool's files. Exit codes: 0 success, 1 no such
+message, 2 usage or I/O error.";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Cmd {
     List,
+    ListJson,
     Show(QueueId),
     Hold(QueueId),
     Release(QueueId),
@@ -66,6 +73,35 @@ pub fn main(args: Vec<OsString>) -> u8 {
             return 2;
         }
     };
+    let dir = match dir.or_else(|| std::env::var_os("MAILPOLICY_SPOOL").map(PathBuf::from)) {
+        Some(d) => d,
+        None => match crate::sendmail::spool_of(None) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("mailc queue: {e}");
+                return 2;
+            }
+        },
+    };
+    // A change goes to the daemon first, so it takes effect now.
+    if let Some(op) = control_op(&cmd) {
+        match control::request(&dir, &op, std::time::Duration::from_secs(120)) {
+            control::Reached::Answered(a) => {
+                if a.ok {
+                    println!("{}", a.text);
+                } else {
+                    eprintln!("mailc queue: {}", a.text);
+                }
+                return a.code;
+            }
+            control::Reached::NoDaemon(why) => {
+                eprintln!(
+                    "mailc queue: no daemon answers on the control socket ({why}): changing the spool's files; \
+                     the daemon sees the change when it starts"
+                );
+            }
+        }
+    }
     let spool = match Spool::attach(&dir) {
         Ok(s) => s,
         Err(e) => {
@@ -83,6 +119,10 @@ pub fn main(args: Vec<OsString>) -> u8 {
         }
         Err(Failure::Io(m)) => {
             eprintln!("mailc queue: {m}");
+            // The queue's directories are the daemon's alone (mode 0700).
+            if m.contains("Permission denied") {
+                eprintln!("mailc queue: the queue in {} is readable by root and the daemon's user only", dir.display());
+            }
             2
         }
         Err(Failure::Closed) => 0,
@@ -93,14 +133,29 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn parse(args: Vec<OsString>) -> Result<(Cmd, PathBuf), String> {
+/// The control-socket request of a command that changes the queue.
+fn control_op(cmd: &Cmd) -> Option<control::Op> {
+    let id = |q: &QueueId| q.as_str().to_string();
+    Some(match cmd {
+        Cmd::List | Cmd::ListJson | Cmd::Show(_) => return None,
+        Cmd::Hold(q) => control::Op::Hold { id: id(q) },
+        Cmd::Release(q) => control::Op::Release { id: id(q) },
+        Cmd::Delete(q) => control::Op::Delete { id: id(q) },
+        Cmd::Requeue(q) => control::Op::Requeue { id: id(q) },
+        Cmd::Flush(d) => control::Op::Flush { domain: d.clone() },
+    })
+}
+
+fn parse(args: Vec<OsString>) -> Result<(Cmd, Option<PathBuf>), String> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_args(args);
-    let mut dir = PathBuf::from(DEFAULT_SPOOL);
+    let mut dir = None;
+    let mut json = false;
     let mut words: Vec<String> = Vec::new();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
-            Long("spool") => dir = PathBuf::from(parser.value().map_err(|e| e.to_string())?),
+            Long("spool") => dir = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?)),
+            Long("json") => json = true,
             Long("help") | Short('h') => return Err("help".into()),
             Value(v) => words.push(v.into_string().map_err(|_| "arguments must be UTF-8".to_string())?),
             other => return Err(format!("unexpected argument {}", other.unexpected())),
@@ -119,7 +174,9 @@ fn parse(args: Vec<OsString>) -> Result<(Cmd, PathBuf), String> {
         }
     };
     let cmd = match sub.as_str() {
+        "list" if rest.is_empty() && json => Cmd::ListJson,
         "list" if rest.is_empty() => Cmd::List,
+        _ if json => return Err("--json is for list".into()),
         "show" => Cmd::Show(one_id(&rest)?),
         "hold" => Cmd::Hold(one_id(&rest)?),
         "release" => Cmd::Release(one_id(&rest)?),
@@ -142,75 +199,61 @@ fn run(cmd: &Cmd, spool: &Spool, now: u64, out: &mut dyn Write) -> Result<(), Fa
     };
     match cmd {
         Cmd::List => w(list(spool, out)),
+        Cmd::ListJson => w(list_json(spool, out)),
         Cmd::Show(id) => {
             let s = spool.load(id).map_err(|e| Failure::from_io(e, id))?;
             w(show(&s, out))
         }
-        Cmd::Hold(id) => {
-            spool.move_to(id, QueueName::Hold).map_err(|e| Failure::from_io(e, id))?;
-            w(writeln!(out, "{id}: placed on hold"))
-        }
-        Cmd::Release(id) => {
-            release(spool, id, now)?;
-            w(writeln!(out, "{id}: released from hold"))
-        }
-        Cmd::Delete(id) => {
-            spool.remove(id).map_err(|e| Failure::from_io(e, id))?;
-            w(writeln!(out, "{id}: deleted"))
-        }
-        Cmd::Requeue(id) => {
-            requeue(spool, id, now)?;
-            w(writeln!(out, "{id}: requeued"))
-        }
-        Cmd::Flush(domain) => {
-            let n = flush(spool, domain.as_deref(), now).map_err(|e| Failure::Io(e.to_string()))?;
-            w(writeln!(out, "{n} message{} flushed", if n == 1 { "" } else { "s" }))
+        // The same change the daemon makes when it is asked (control.rs).
+        other => {
+            let Some(op) = control_op(other) else { return Ok(()) };
+            let (a, _) = control::apply(spool, &op, now);
+            match a.code {
+                0 => w(writeln!(out, "{}", a.text)),
+                1 => Err(Failure::NotFound(a.text)),
+                _ => Err(Failure::Io(a.text)),
+            }
         }
     }
 }
 
-/// Move a held message to `deferred/`, due now.
-fn release(spool: &Spool, id: &QueueId, now: u64) -> Result<(), Failure> {
-    let s = spool.summary(id).map_err(|e| Failure::from_io(e, id))?;
-    if s.queue != QueueName::Hold {
-        return Err(Failure::NotFound(format!("{id} is not on hold (it is in {})", s.queue.as_str())));
-    }
-    spool.move_to(id, QueueName::Deferred).and_then(|()| spool.make_due(id, now)).map_err(|e| Failure::from_io(e, id))
-}
-
-/// Back to `incoming/` with deferred recipients pending again, due now (also releases a hold).
-fn requeue(spool: &Spool, id: &QueueId, now: u64) -> Result<(), Failure> {
-    spool
-        .reset_deferred(id, now)
-        .and_then(|()| spool.move_to(id, QueueName::Incoming))
-        .map_err(|e| Failure::from_io(e, id))
-}
-
-/// Make every message waiting in `incoming/` or `deferred/` due now; with a domain, only
-/// those with an unfinished recipient in that domain. Returns how many.
-fn flush(spool: &Spool, domain: Option<&str>, now: u64) -> io::Result<usize> {
-    let mut n = 0;
-    for s in spool.list()? {
-        if !matches!(s.queue, QueueName::Incoming | QueueName::Deferred) {
-            continue;
-        }
-        let hit = match domain {
-            None => true,
-            Some(d) => s.rcpts.iter().any(|r| {
-                !r.state.is_final() && r.address.rsplit_once('@').is_some_and(|(_, dom)| dom.eq_ignore_ascii_case(d))
-            }),
-        };
-        if !hit {
-            continue;
-        }
-        match spool.make_due(&s.id, now) {
-            Ok(()) => n += 1,
-            // Delivered and removed while we looked: nothing to flush.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
+/// `list --json`: one array, one object per message (its unfinished and finished
+/// recipients with their states), for scripts.
+fn list_json(spool: &Spool, out: &mut dyn Write) -> io::Result<()> {
+    let all = spool.list()?;
+    let v: Vec<serde_json::Value> = all
+        .iter()
+        .map(|s| {
+            let rcpts: Vec<serde_json::Value> = s
+                .rcpts
+                .iter()
+                .map(|r| {
+                    let state = match &r.state {
+                        RcptState::Pending => "pending",
+                        RcptState::Delivered { .. } => "delivered",
+                        RcptState::Failed { .. } => "failed",
+                        RcptState::Deferred { .. } => "deferred",
+                    };
+                    serde_json::json!({ "address": r.address, "state": state, "reply": r.state.reply() })
+                })
+                .collect();
+            serde_json::json!({
+                "id": s.id.as_str(),
+                "queue": s.queue.as_str(),
+                "class": match s.class { Class::Normal => "normal", Class::Bounce => "bounce" },
+                "size": s.size,
+                "arrival": mailpolicy_engine::date::rfc3339(s.arrived_ms),
+                "arrival_ms": s.arrived_ms,
+                "sender": s.sender,
+                "hold_reason": s.hold_reason,
+                "attempts": s.attempts,
+                "next_attempt_ms": s.next_attempt_ms,
+                "recipients": rcpts,
+            })
+        })
+        .collect();
+    serde_json::to_writer_pretty(&mut *out, &v).map_err(io::Error::other)?;
+    writeln!(out)
 }
 
 /// `postqueue -p`: one entry per message, unfinished recipients with their last reply.
@@ -456,10 +499,12 @@ mod tests {
     #[test]
     fn parses_subcommands() {
         let (c, d) = parse(args(&["list"])).expect("list");
-        assert_eq!((c, d), (Cmd::List, PathBuf::from(DEFAULT_SPOOL)));
+        assert_eq!((c, d), (Cmd::List, None));
+        assert_eq!(parse(args(&["list", "--json"])).expect("json").0, Cmd::ListJson);
+        assert!(parse(args(&["flush", "--json"])).is_err());
         let (c, d) = parse(args(&["show", "ABC123", "--spool", "/x"])).expect("show");
         assert_eq!(c, Cmd::Show(QueueId::parse("ABC123").expect("id")));
-        assert_eq!(d, PathBuf::from("/x"));
+        assert_eq!(d, Some(PathBuf::from("/x")));
         assert_eq!(parse(args(&["flush", "Example.COM"])).expect("flush").0, Cmd::Flush(Some("example.com".into())));
         for bad in [
             &[][..],

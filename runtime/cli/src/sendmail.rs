@@ -49,6 +49,11 @@ pub fn policy_path(explicit: Option<PathBuf>) -> Option<PathBuf> {
     })
 }
 
+/// The spool of the policy (as `mailc serve` finds both), or $MAILPOLICY_SPOOL.
+pub fn spool_of(policy: Option<PathBuf>) -> Result<PathBuf, String> {
+    site(policy).map(|(spool, _, _)| spool)
+}
+
 /// `(spool directory, hostname, max message size)` of the policy.
 fn site(policy: Option<PathBuf>) -> Result<(PathBuf, String, u64), String> {
     let opts = ServeOptions { policy: policy_path(policy), spool: None, std_dir: crate::check::std_dir() };
@@ -126,7 +131,7 @@ fn smtp_on_stdio(policy: Option<PathBuf>) -> u8 {
                             ForwardPath::Mailbox(m) => m.to_string(),
                         })
                         .collect();
-                    let sub = Submission { sender: Some(sender), recipients, message: data };
+                    let sub = Submission { sender: Some(sender), recipients, message: data, user: None };
                     match maildrop::write(&spool.join(maildrop::DIR), &sub) {
                         Ok(p) => Decision::queued(
                             p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -456,7 +461,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
         msg.extend_from_slice(eol.as_bytes());
     }
     msg.extend_from_slice(body);
-    let sub = Submission { sender, recipients, message: msg };
+    let sub = Submission { sender, recipients, message: msg, user: None };
     match maildrop::write(&spool.join(maildrop::DIR), &sub) {
         Ok(_) => EX_OK,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {

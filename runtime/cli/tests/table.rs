@@ -181,6 +181,8 @@ fn the_daemon_uses_the_compiled_table_and_not_a_stale_one() {
     let _daemon = Guard(
         Command::new(MAILC)
             .args(["serve", "--policy", d.0.join("p.mailpolicy").to_str().unwrap()])
+            // The test's own account (as root: root on purpose, spec/cli.md).
+            .args(["--user", String::from_utf8_lossy(&Command::new("id").arg("-un").output().unwrap().stdout).trim()])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod compiled;
+pub mod control;
 pub mod fault;
 pub mod fuzzing;
 pub mod ldap;
@@ -16,7 +17,9 @@ pub mod log;
 pub mod lookup;
 pub mod metrics;
 pub mod milter;
+pub mod notify;
 pub mod pickup;
+pub mod privileges;
 pub mod qmgr;
 pub mod route;
 pub mod sasl;
@@ -335,13 +338,19 @@ pub fn load_policy(opts: &ServeOptions) -> Result<(Program, PathBuf, Compilation
     }
 }
 
+/// The spool of a policy without a `spool` setting (the embedded default sets its own,
+/// `./var/spool`).
+pub const DEFAULT_SPOOL: &str = "/var/spool/mailpolicy";
+
+/// The spool: `--spool`, else the policy's `spool` (relative to the policy's directory),
+/// else [`DEFAULT_SPOOL`].
 pub fn spool_dir(prog: &Program, policy_dir: &Path, over: Option<&Path>) -> PathBuf {
     if let Some(o) = over {
         return o.to_path_buf();
     }
     match &prog.server.spool {
         Some(s) => policy_dir.join(s),
-        None => PathBuf::from("var/spool"),
+        None => PathBuf::from(DEFAULT_SPOOL),
     }
 }
 
@@ -474,6 +483,19 @@ pub async fn start(
     store: Arc<dyn MessageStore>,
     queued: mpsc::UnboundedSender<String>,
 ) -> Result<Running, String> {
+    start_with(prog, policy_dir, spool, store, queued, || Ok(())).await
+}
+
+/// [`start`], calling `bound` once every listener is bound and before any is accepted from
+/// (where `mailc serve` drops its privileges: no session ever runs as root).
+pub async fn start_with(
+    prog: Program,
+    policy_dir: PathBuf,
+    spool: PathBuf,
+    store: Arc<dyn MessageStore>,
+    queued: mpsc::UnboundedSender<String>,
+    bound: impl FnOnce() -> Result<(), String>,
+) -> Result<Running, String> {
     let hostname = crate::config::hostname(&prog, None, &machine_hostname());
     let log = log::Logger {
         format: match prog.server.log_format {
@@ -520,20 +542,34 @@ pub async fn start(
             }
         });
     }
+    // The admin listener (`admin "IP:PORT"`): Prometheus metrics, no SMTP; bound with the
+    // others, before privileges are dropped.
+    let admin = match shared.program().server.admin.clone() {
+        Some(a) => {
+            let addr: SocketAddr = a.parse().map_err(|_| format!("admin: \"{a}\" is not an IP:port"))?;
+            Some(TcpListener::bind(addr).await.map_err(|e| format!("admin: cannot bind {addr}: {e}"))?)
+        }
+        None => None,
+    };
+    let mut socks = Vec::new();
+    for l in lsts {
+        let sock = TcpListener::bind(l.address)
+            .await
+            .map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?;
+        socks.push((l, sock));
+    }
+    if let Err(e) = bound() {
+        let _ = tx.send(true);
+        return Err(e);
+    }
     let mut addresses = Vec::new();
-    // The admin listener (`admin "IP:PORT"`): Prometheus metrics, no SMTP.
-    if let Some(a) = shared.program().server.admin.clone() {
-        let addr: SocketAddr = a.parse().map_err(|_| format!("admin: \"{a}\" is not an IP:port"))?;
-        let sock = TcpListener::bind(addr).await.map_err(|e| format!("admin: cannot bind {addr}: {e}"))?;
+    if let Some(sock) = admin {
         let bound = sock.local_addr().map_err(|e| e.to_string())?;
         shared.log.event("listening", &[("listener", "admin"), ("address", &bound.to_string()), ("serves", "metrics")]);
         addresses.push(("admin".to_string(), bound));
         tokio::spawn(metrics::serve(sock, spool.clone(), shared.shutdown.clone()));
     }
-    for l in lsts {
-        let sock = TcpListener::bind(l.address)
-            .await
-            .map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?;
+    for (l, sock) in socks {
         let bound = sock.local_addr().map_err(|e| e.to_string())?;
         shared.log.event(
             "listening",

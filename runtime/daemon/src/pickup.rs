@@ -49,10 +49,7 @@ struct Result {
 pub fn spawn(shared: Arc<Shared>, listener: Arc<ListenerRt>, spool: Spool, spool_dir: PathBuf) {
     let dir = spool_dir.join(maildrop::DIR);
     if !dir.is_dir() {
-        use std::os::unix::fs::PermissionsExt;
-        let made = std::fs::create_dir_all(&dir)
-            .and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1733)));
-        if let Err(e) = made {
+        if let Err(e) = crate::privileges::maildrop_dir(&dir, None) {
             shared.log.event("pickup-failed", &[("dir", &dir.display().to_string()), ("error", &e.to_string())]);
         }
     }
@@ -136,7 +133,18 @@ async fn one(
             return Keep::Done;
         }
     };
-    let user = maildrop::user_of(uid).0;
+    // A `U` line is the daemon's own record, in a file it rewrote (maildrop.rs); in a file
+    // anyone else owns it is a forgery.
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let user = match &sub.user {
+        None => maildrop::user_of(uid).0,
+        Some(u) if uid == me || uid == 0 => u.clone(),
+        Some(_) => {
+            corrupt(shared, spool_dir, path, &name, "a U line in a file the daemon did not write");
+            return Keep::Done;
+        }
+    };
     let sender = sub.sender.clone().unwrap_or_else(|| format!("{user}@{}", shared.hostname));
     let (client, server) = tokio::io::duplex(64 * 1024);
     let id = format!("local-{n}");
@@ -181,7 +189,8 @@ async fn one(
         return Keep::Done;
     }
     // Only the deferred recipients stay, in a file of the same name.
-    let rest = Submission { recipients: r.deferred.clone(), ..sub };
+    // The daemon owns the rewritten file: the submitter is recorded in it.
+    let rest = Submission { recipients: r.deferred.clone(), user: Some(user.clone()), ..sub };
     if let Ok(b) = maildrop::encode(&rest) {
         let tmp = path.with_file_name(format!(".{name}.retry"));
         if std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, path)).is_err() {

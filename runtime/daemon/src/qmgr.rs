@@ -32,6 +32,8 @@ mod dsns;
 enum Ctl {
     Reload(Arc<Program>),
     Stop(oneshot::Sender<()>),
+    /// A `mailc queue` command from the control socket (`control.rs`).
+    Admin(crate::control::Op, oneshot::Sender<crate::control::Answer>),
 }
 
 /// Handle on the running queue manager.
@@ -42,6 +44,16 @@ pub struct QmgrHandle {
 impl QmgrHandle {
     pub fn reload(&self, prog: Arc<Program>) {
         let _ = self.ctl.send(Ctl::Reload(prog));
+    }
+    /// Carry out a `mailc queue` command now: the spool's files changed as `mailc queue`
+    /// changes them, then the scheduler (a flushed message is due at once).
+    pub async fn admin(&self, op: crate::control::Op) -> crate::control::Answer {
+        use crate::control::Answer;
+        let (tx, rx) = oneshot::channel();
+        if self.ctl.send(Ctl::Admin(op, tx)).is_err() {
+            return Answer::fail(2, "the queue manager is not running");
+        }
+        rx.await.unwrap_or_else(|_| Answer::fail(2, "the queue manager stopped before answering"))
     }
     /// Stop starting deliveries and wait for those in flight.
     pub async fn stop(&self) {
@@ -313,6 +325,10 @@ async fn run(
                     q.prog = p;
                 }
                 Some(Ctl::Stop(tx)) => stopping = Some(tx),
+                Some(Ctl::Admin(op, tx)) => {
+                    let a = q.admin(op).await;
+                    let _ = tx.send(a);
+                }
                 None => break,
             },
             _ = tokio::time::sleep(wake) => {
@@ -698,6 +714,65 @@ impl Qmgr {
     }
 
     /// The queue run: pick up what `mailc queue` changed.
+    /// A control-socket command: the spool first (`control::apply`, what `mailc queue` does
+    /// without a daemon), then the scheduler.
+    async fn admin(&mut self, op: crate::control::Op) -> crate::control::Answer {
+        use crate::control::{self, Answer, Op};
+        while self.removals.join_next().await.is_some() {}
+        let now = now_ms();
+        let (spool, o) = (self.spool.clone(), op.clone());
+        let (answer, ids) = match tokio::task::spawn_blocking(move || control::apply(&spool, &o, now)).await {
+            Ok(x) => x,
+            Err(e) => return Answer::fail(2, e.to_string()),
+        };
+        for id in &ids {
+            match &op {
+                Op::Hold { .. } => {
+                    self.sched.hold(id);
+                }
+                Op::Release { .. } => {
+                    if !self.sched.release(id, now) {
+                        self.guarded_admit(id.as_str()).await;
+                    }
+                }
+                Op::Delete { .. } => {
+                    self.forget(id);
+                }
+                Op::Requeue { .. } => {
+                    self.forget(id);
+                    self.guarded_admit(id.as_str()).await;
+                }
+                Op::Flush { .. } => {
+                    if !self.sched.make_due(id, now) && !self.sched.contains(id) {
+                        self.guarded_admit(id.as_str()).await;
+                    }
+                }
+                Op::Reload => {}
+            }
+        }
+        // Destinations given up on for now are tried again too (postqueue -f, -s).
+        if let Op::Flush { domain } = &op {
+            match domain {
+                None => self.sched.flush(None, now),
+                Some(d) => {
+                    let d = d.to_ascii_lowercase();
+                    let hit = move |k: &str| k.to_ascii_lowercase().contains(&d);
+                    self.sched.flush(Some(&hit), now)
+                }
+            }
+        }
+        self.shared.log.event("admin", &[("request", &format!("{op:?}")), ("result", &answer.text)]);
+        answer
+    }
+
+    /// The scheduler and the routes forget `id`.
+    fn forget(&mut self, id: &QueueId) {
+        self.sched.remove(id);
+        for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
+            self.routes.remove(&k);
+        }
+    }
+
     async fn rescan(&mut self) {
         while self.removals.join_next().await.is_some() {}
         let Ok(list) = spool_io(&self.spool, |s| s.list()).await else { return };

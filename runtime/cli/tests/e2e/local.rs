@@ -21,7 +21,7 @@ on data {
 
 /// `mailc sendmail ARGS` (or the binary under another name, for argv[0]), with `input` on
 /// standard input and the policy named by the environment, as cron and git call it.
-fn sendmail_as(program: &Path, args: &[&str], input: &[u8], policy: &Path) -> (i32, String) {
+pub(crate) fn sendmail_as(program: &Path, args: &[&str], input: &[u8], policy: &Path) -> (i32, String) {
     use std::io::Write;
     let mut child = Command::new(program)
         .args(args)

@@ -20,6 +20,7 @@ mod outbound;
 mod observe;
 mod postfix;
 mod relay;
+mod service;
 mod swaks;
 mod wire;
 
@@ -141,9 +142,19 @@ fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Files of a spool that are messages or their state (not the TLS key pair nor corrupt/).
+/// Files of a spool that are messages or their state (not the TLS key pair, corrupt/ nor
+/// the control socket in private/).
 fn spool_messages(spool: &Path) -> Vec<String> {
-    files_under(spool).into_iter().filter(|f| !f.starts_with("tls/") && !f.starts_with("corrupt/")).collect()
+    files_under(spool)
+        .into_iter()
+        .filter(|f| !f.starts_with("tls/") && !f.starts_with("corrupt/") && !f.starts_with("private/"))
+        .collect()
+}
+
+/// The name of the account the tests run as.
+fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().expect("id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn queue_list(spool: &Path) -> String {
@@ -163,6 +174,9 @@ struct Daemon {
     ports: Vec<u16>,
     /// Extra environment of the daemon (fault injection).
     env: Vec<(String, String)>,
+    /// `--user` given to the daemon: the test's own account (as root, `--user root` runs as
+    /// root on purpose, spec/cli.md); `None` leaves the choice to the policy.
+    user: Option<String>,
 }
 
 impl Daemon {
@@ -177,7 +191,14 @@ impl Daemon {
         let path = dir.join("policy.mailpolicy");
         std::fs::write(&path, policy).expect("write policy");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut d = Daemon { child: Guard(None), dir: dir.to_path_buf(), policy: path, ports: ports.to_vec(), env };
+        let mut d = Daemon {
+            child: Guard(None),
+            dir: dir.to_path_buf(),
+            policy: path,
+            ports: ports.to_vec(),
+            env,
+            user: Some(current_user()),
+        };
         d.restart();
         d
     }
@@ -201,6 +222,10 @@ impl Daemon {
             .arg("serve")
             .arg("--policy")
             .arg(&self.policy)
+            .args(self.user.iter().flat_map(|u| ["--user", u.as_str()]))
+            // Every test its own spool (a policy without `spool` would use /var/spool/mailpolicy).
+            .arg("--spool")
+            .arg(self.spool())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(&self.dir)
             .stdin(Stdio::null())

@@ -9,12 +9,19 @@
 //! MAILDROP 1
 //! F sender@example.com        (only with `sendmail -f`; `F ` alone is the null sender)
 //! R rcpt@example.org          (one line per recipient)
+//! U user                      (only in a file the daemon itself rewrote: see below)
 //!                             (an empty line)
 //! the message, as submitted
 //! ```
 //!
 //! The submitting user is the file's owner, which the operating system records: a file
-//! cannot name another user.
+//! cannot name another user. The one exception is a file the pickup rewrites with the
+//! recipients the policy deferred: the daemon owns that file, so it records the submitter
+//! in a `U` line, which the pickup believes only in a file owned by the daemon's own user
+//! (or root); a `U` line in anyone else's file makes it corrupt.
+//!
+//! The directory has mode 3733 (`daemon/privileges.rs`): anyone may add a file, nobody may
+//! list it, files get the directory's group (the daemon's), and are written with mode 0640.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +36,9 @@ pub struct Submission {
     pub sender: Option<String>,
     pub recipients: Vec<String>,
     pub message: Vec<u8>,
+    /// The submitter recorded by the daemon in a file it rewrote (`U`); never set by
+    /// `mailc sendmail`.
+    pub user: Option<String>,
 }
 
 fn clean(field: &str, v: &str) -> io::Result<()> {
@@ -48,6 +58,10 @@ pub fn encode(s: &Submission) -> io::Result<Vec<u8>> {
     for r in &s.recipients {
         clean("a recipient", r)?;
         out.extend_from_slice(format!("R {r}\n").as_bytes());
+    }
+    if let Some(u) = &s.user {
+        clean("the user", u)?;
+        out.extend_from_slice(format!("U {u}\n").as_bytes());
     }
     out.push(b'\n');
     out.extend_from_slice(&s.message);
@@ -75,6 +89,7 @@ pub fn decode(bytes: &[u8]) -> Result<Submission, String> {
         match l.split_once(' ') {
             Some(("F", v)) => s.sender = Some(v.to_string()),
             Some(("R", v)) if !v.is_empty() => s.recipients.push(v.to_string()),
+            Some(("U", v)) if !v.is_empty() => s.user = Some(v.to_string()),
             _ => return Err(format!("bad envelope line {l:?}")),
         }
     }
@@ -85,15 +100,15 @@ pub fn decode(bytes: &[u8]) -> Result<Submission, String> {
     Ok(s)
 }
 
-/// Writes `s` into the maildrop `dir` (made when missing, mode 1733 as Postfix's
-/// world-writable maildrop: anyone may drop a file, nobody may list the others), durably:
+/// Writes `s` into the maildrop `dir` (made when missing, mode 3733: anyone may drop a
+/// file, nobody may list the others, the file gets the directory's group), durably:
 /// the file is synced before it is renamed into place, and the directory after. Returns the
 /// file's path.
 pub fn write(dir: &Path, s: &Submission) -> io::Result<PathBuf> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if !dir.is_dir() {
         std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1733))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o3733))?;
     }
     let bytes = encode(s)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -103,16 +118,27 @@ pub fn write(dir: &Path, s: &Submission) -> io::Result<PathBuf> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(0o640)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)?;
-    let written = f.write_all(&bytes).and_then(|_| f.sync_all());
+    // Whatever the submitter's umask: the daemon reads it through the group bits.
+    let written = f
+        .set_permissions(std::fs::Permissions::from_mode(0o640))
+        .and_then(|_| f.write_all(&bytes))
+        .and_then(|_| f.sync_all());
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     std::fs::rename(&tmp, &fin)?;
-    std::fs::File::open(dir)?.sync_all()?;
+    match std::fs::File::open(dir) {
+        Ok(d) => d.sync_all()?,
+        // A user who may write into the maildrop but not read it (mode 3733) cannot open
+        // it: the file is synced once more after the rename, which on a journaling file
+        // system (ext4, XFS) commits the rename with it.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => f.sync_all()?,
+        Err(e) => return Err(e),
+    }
     Ok(fin)
 }
 
@@ -146,7 +172,10 @@ mod tests {
             sender: Some(String::new()),
             recipients: vec!["a@example.com".into(), "b@example.org".into()],
             message: b"Subject: x\n\nbody\nF not-an-envelope line\n".to_vec(),
+            user: None,
         };
+        let u = Submission { user: Some("alice".into()), ..s.clone() };
+        assert_eq!(decode(&encode(&u).unwrap()), Ok(u));
         assert_eq!(decode(&encode(&s).unwrap()), Ok(s.clone()));
         let t = Submission { sender: None, ..s.clone() };
         assert_eq!(decode(&encode(&t).unwrap()), Ok(t));
@@ -159,7 +188,7 @@ mod tests {
         let p = write(&dir, &s).unwrap();
         assert_eq!(decode(&std::fs::read(&p).unwrap()), Ok(s));
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777, 0o1733);
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777, 0o3733);
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(user_of(0).0, "root");
         assert_eq!(user_of(4_000_000_000).0, "uid4000000000");

@@ -277,7 +277,9 @@ impl Spool {
         for name in names {
             let p = self.inner.dir.join(name);
             if !p.is_dir() {
-                fs::create_dir(&p)?;
+                // Queue files are the mail itself: the queue's directories are the daemon's
+                // alone (the spool directory stays searchable, for the maildrop in it).
+                std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700).create(&p)?;
                 created = true;
             }
         }
