@@ -104,7 +104,7 @@ policy "redis://127.0.0.1:$RPORT/0" > "$D/redis.mailpolicy"
 
 round() { # name
   rm -rf "$D/spool"
-  "$BIN" serve --policy "$D/$1.mailpolicy" --spool "$D/spool" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
+  "$BIN" serve --policy "$D/$1.mailpolicy" --spool "$D/spool" --user "$(id -un)" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
   wait_listen "$PORT"
   local c0 c1 t0 t1
   c0=$(commands)

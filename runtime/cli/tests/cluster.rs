@@ -160,7 +160,7 @@ impl Daemon {
         self.child.kill();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).expect("log");
         let child = Command::new(MAILC)
-            .args(["serve", "--policy", "policy.mailpolicy"])
+            .args(["serve", "--policy", "policy.mailpolicy", "--user", &mailpolicy_test_support::current_user()])
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

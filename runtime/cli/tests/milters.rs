@@ -118,6 +118,7 @@ impl Daemon {
             .arg("serve")
             .arg("--policy")
             .arg(&path)
+            .args(["--user", &mailpolicy_test_support::current_user()])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

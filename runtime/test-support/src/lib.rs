@@ -132,3 +132,11 @@ fn terminate(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The name of the account the tests run as: what a test gives `mailc serve --user`, since a
+/// daemon started as root refuses to run without an account to drop to (`--user root` runs
+/// as root on purpose).
+pub fn current_user() -> String {
+    let out = std::process::Command::new("id").arg("-un").output().map(|o| o.stdout).unwrap_or_default();
+    String::from_utf8_lossy(&out).trim().to_string()
+}
