@@ -166,6 +166,7 @@ enum SymKind {
     Table,
     Secret,
     Scanner,
+    MailingList,
     Rules,
 }
 
@@ -176,6 +177,7 @@ impl SymKind {
             SymKind::Table => "table",
             SymKind::Secret => "secret",
             SymKind::Scanner => "scanner",
+            SymKind::MailingList => "mailing list",
             SymKind::Rules => "rules block",
         }
     }
@@ -307,6 +309,11 @@ impl<'s> Checker<'s> {
                 _ => {}
             }
         }
+        for (_, item) in items {
+            if let Item::Resource { kw: ast::ResourceKw::MailingList, name, source, options, .. } = item {
+                self.mailing_list(name, source.as_ref(), options, items);
+            }
+        }
         // Variables: who sets what, and from which stage.
         let stage_items: Vec<(Stage, &Vec<Stmt>)> = items
             .iter()
@@ -417,6 +424,7 @@ impl<'s> Checker<'s> {
                     ast::ResourceKw::Table => SymKind::Table,
                     ast::ResourceKw::Secret => SymKind::Secret,
                     ast::ResourceKw::Scanner => SymKind::Scanner,
+                    ast::ResourceKw::MailingList => SymKind::MailingList,
                 },
                 kind.name.clone(),
             ),
@@ -547,6 +555,14 @@ impl<'s> Checker<'s> {
                     schema::SCANNER_KINDS.iter().map(|(k, _)| *k).collect(),
                 )
             }
+            ast::ResourceKw::MailingList => {
+                let found = schema::MAILING_LIST_KINDS.iter().any(|(k, _)| *k == kind.name);
+                (
+                    schema::MAILING_LIST.to_vec(),
+                    found.then_some(true),
+                    schema::MAILING_LIST_KINDS.iter().map(|(k, _)| *k).collect(),
+                )
+            }
         };
         match needs_source {
             None => {
@@ -606,6 +622,117 @@ impl<'s> Checker<'s> {
             ast::ResourceKw::Table => self.prog.tables.push(res),
             ast::ResourceKw::Secret => self.prog.secrets.push(res),
             ast::ResourceKw::Scanner => self.prog.scanners.push(res),
+            ast::ResourceKw::MailingList => self.prog.mailing_lists.push(res),
+        }
+    }
+
+    /// What a mailing list needs beyond its settings' types (spec/language.md 4.9): an
+    /// address, the four required settings, a subscribers table the daemon can enumerate
+    /// and change (a `list` file, or `sql` with `members`, `insert` and `delete`), an
+    /// http(s) `web` URL.
+    fn mailing_list(
+        &mut self,
+        name: &ast::Ident,
+        source: Option<&ast::StrLit>,
+        options: &[ast::Opt],
+        items: &[(FileId, Item)],
+    ) {
+        let opts: Vec<(String, OptValue)> =
+            self.prog.mailing_lists.iter().find(|l| l.name == name.name).map(|l| l.options.clone()).unwrap_or_default();
+        if let Some(src) = source {
+            let a = unescape_plain(&src.raw);
+            let (local, domain) = crate::address::split(&a);
+            if local.is_empty() || domain.is_empty() || !a.contains('@') || a.contains(' ') || local.contains('+') {
+                self.err(
+                    Diagnostic::error("mailc::arguments", format!("\"{a}\" is not a list address"))
+                        .at(src.span)
+                        .help("a list's address is local@domain without `+`, e.g. \"news@example.com\""),
+                );
+            }
+        }
+        for r in ["subscribers", "owner", "keys", "web"] {
+            if !opts.iter().any(|(n, _)| n == r) && !options.iter().any(|o| o.name.name == r) {
+                self.err(
+                    Diagnostic::error("mailc::setting", format!("the mailing list `{}` needs `{r}`", name.name))
+                        .at(name.span)
+                        .help(match r {
+                            "subscribers" => "add `subscribers TABLE;`: a `list` file table (one address per line) or an `sql` table",
+                            "owner" => "add `owner \"editor@example.com\";`: the person who runs the list",
+                            "keys" => "add `keys SECRET;`: a secret with `NUMBER KEY` lines that sign the unsubscribe and confirmation tokens",
+                            _ => "add `web \"https://lists.example.com\";`: the public URL of the `http` listener",
+                        }),
+                );
+            }
+        }
+        let at = |n: &str| options.iter().find(|o| o.name.name == n).map(|o| o.value.span).unwrap_or(name.span);
+        if let Some(t) = options.iter().find(|o| o.name.name == "subscribers").and_then(|o| match &o.value.kind {
+            ValueKind::Path(p) => Some(p.clone()),
+            _ => None,
+        }) {
+            let kind = self.syms.get(&t).filter(|s| s.kind == SymKind::Table).map(|s| s.detail.clone());
+            match kind.as_deref() {
+                Some("list") | None => {}
+                Some("sql") => {
+                    let sql: Vec<String> = items
+                        .iter()
+                        .find_map(|(_, it)| match it {
+                            Item::Resource { kw: ast::ResourceKw::Table, name: n, options: o, .. } if n.name == t => {
+                                Some(o.iter().map(|x| x.name.name.clone()).collect())
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    for q in ["members", "insert", "delete"] {
+                        if !sql.iter().any(|n| n == q) {
+                            self.err(
+                                Diagnostic::error(
+                                    "mailc::setting",
+                                    format!("the sql table `{t}` holds the subscribers of `{}` but has no `{q}`", name.name),
+                                )
+                                .at(at("subscribers"))
+                                .help(match q {
+                                    "members" => "add `members \"SELECT address FROM subscribers WHERE list = 'news'\";`",
+                                    "insert" => "add `insert \"INSERT INTO subscribers (list, address) VALUES ('news', $1) ON CONFLICT DO NOTHING\";`",
+                                    _ => "add `delete \"DELETE FROM subscribers WHERE list = 'news' AND address = $1\";`",
+                                }),
+                            );
+                        }
+                    }
+                }
+                Some(other) => self.err(
+                    Diagnostic::error(
+                        "mailc::type",
+                        format!("`{t}` is a `{other}` table; a mailing list's subscribers are a `list` file or an `sql` table"),
+                    )
+                    .at(at("subscribers"))
+                    .help("the daemon lists, adds and removes subscribers: `table subscribers = list \"news.subscribers\";`"),
+                ),
+            }
+        }
+        if let Some((_, OptValue::Str(w))) = opts.iter().find(|(n, _)| n == "web") {
+            let ok = (w.starts_with("https://") || w.starts_with("http://"))
+                && w.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace));
+            if !ok {
+                self.err(
+                    Diagnostic::error("mailc::setting", format!("\"{w}\" is not an http(s) URL"))
+                        .at(at("web"))
+                        .help("write the public URL of the `http` listener, e.g. \"https://lists.example.com\""),
+                );
+            } else if !w.starts_with("https://") {
+                self.err(
+                    Diagnostic::warning("mailc::setting", format!("\"{w}\" is not HTTPS"))
+                        .at(at("web"))
+                        .help("RFC 8058 one-click unsubscribe needs an https:// URL: mail clients ignore plain http"),
+                );
+            }
+        }
+        if let Some((_, OptValue::Num(n))) = opts.iter().find(|(n, _)| n == "bounce_limit") {
+            if *n < 1.0 || n.fract() != 0.0 {
+                self.err(
+                    Diagnostic::error("mailc::setting", "`bounce_limit` is a whole number of at least 1")
+                        .at(at("bounce_limit")),
+                );
+            }
         }
     }
 
@@ -686,7 +813,7 @@ impl<'s> Checker<'s> {
                     _ => None,
                 };
                 let protocol = word("protocol").unwrap_or_else(|| "smtp".into());
-                let default_auth = if protocol == "smtp" { "none" } else { "required" };
+                let default_auth = if protocol == "smtp" || protocol == "http" { "none" } else { "required" };
                 let auth = word("auth").unwrap_or_else(|| default_auth.into());
                 if auth != "none" && !has("credentials") {
                     self.err(
@@ -2244,9 +2371,11 @@ impl<'s> Checker<'s> {
                 Action::Masquerade(domains)
             }
             "expand" => {
-                let (t, tspan) = a.word(self, "an alias table, e.g. `expand aliases`")?;
-                let (_, id, _) = self.use_sym(&t, tspan, &["table"])?;
-                Action::Expand(TableId(id))
+                let (t, tspan) = a.word(self, "an alias table or a mailing list, e.g. `expand aliases`")?;
+                match self.use_sym(&t, tspan, &["table", "mailing list"])? {
+                    (SymKind::MailingList, id, _) => Action::ExpandList(id),
+                    (_, id, _) => Action::Expand(TableId(id)),
+                }
             }
             "alert" => {
                 let to = a.value(self, "the address to alert")?;
@@ -2659,6 +2788,7 @@ fn example_decl(what: &str, name: &str) -> String {
         "secret" => format!("secret {name} = env \"{}\";", name.to_ascii_uppercase()),
         "scanner" => format!("scanner {name} = rspamd \"http://127.0.0.1:11333\";"),
         "rules block" => format!("rules {name} {{ ... }}"),
+        "mailing list" => format!("mailing_list {name} = newsletter \"{name}@example.com\" {{ ... }};"),
         _ => format!("list {name} = [\"...\"];"),
     }
 }

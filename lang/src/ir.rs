@@ -513,6 +513,9 @@ pub enum Action {
     RewriteRecipient(Rewrite),
     Masquerade(Vec<StrId>),
     Expand(TableId),
+    /// `expand LIST` with a mailing list: the post goes to its subscribers (index into
+    /// `Program::mailing_lists`).
+    ExpandList(u32),
     Alert {
         to: Template,
         text: Template,
@@ -757,6 +760,9 @@ pub struct Program {
     pub tables: Vec<Resource>,
     pub secrets: Vec<Resource>,
     pub scanners: Vec<Resource>,
+    /// `mailing_list NAME = newsletter "ADDRESS" { ... }`: `source` is the list's address.
+    #[serde(default)]
+    pub mailing_lists: Vec<Resource>,
     pub server: Settings,
     pub listeners: Vec<Settings>,
     pub vars: Vec<Var>,

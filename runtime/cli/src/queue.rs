@@ -413,6 +413,7 @@ mod tests {
             added_headers: vec![],
             session: Default::default(),
             copy: false,
+            list: None,
             tail: 0,
         }
     }

@@ -12,6 +12,7 @@ pub mod compiled;
 pub mod fault;
 pub mod fuzzing;
 pub mod ldap;
+pub mod lists;
 pub mod log;
 pub mod lookup;
 pub mod pickup;
@@ -22,6 +23,7 @@ pub mod scan;
 pub mod session;
 pub mod sql;
 pub mod tls;
+pub mod web;
 
 pub mod spool;
 pub mod transport;
@@ -262,6 +264,7 @@ impl Shared {
             added_headers: Vec::new(),
             session: crate::conn::SessionRecord::internal(&prog, &self.hostname),
             copy: false,
+            list: None,
             tail: 0,
         };
         match self.store.store(&msg) {
@@ -366,11 +369,12 @@ fn opt_word<'a>(s: &'a mailpolicy_lang::ir::Settings, name: &str) -> Option<&'a 
 /// Build the runtime view of every listener (the embedded default when none is declared).
 pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str) -> Result<Vec<ListenerRt>, String> {
     let mut out = Vec::new();
-    let decls: Vec<(String, SocketAddr)> = if prog.listeners.is_empty() {
+    let decls: Vec<(String, SocketAddr)> = if prog.listeners.iter().all(|l| opt_word(l, "protocol") == Some("http")) {
         vec![("default".into(), SocketAddr::from(([127, 0, 0, 1], 2525)))]
     } else {
         prog.listeners
             .iter()
+            .filter(|l| opt_word(l, "protocol") != Some("http"))
             .map(|l| {
                 let name = l.name.clone().unwrap_or_default();
                 let addr = opt_str(l, "address")
@@ -550,6 +554,37 @@ pub async fn start(
         );
         addresses.push((l.name.clone(), bound));
         tokio::spawn(accept_loop(shared.clone(), Arc::new(l), sock));
+    }
+    // The mailing lists' web endpoint (`protocol http`, web.rs).
+    let prog = shared.program();
+    for l in prog.listeners.iter().filter(|l| opt_word(l, "protocol") == Some("http")) {
+        let name = l.name.clone().unwrap_or_default();
+        let address: SocketAddr = opt_str(l, "address")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("listener {name}: bad address"))?;
+        let tls = if opt_word(l, "tls") == Some("required") {
+            let (cert, key) = match opt_str(l, "cert").zip(opt_str(l, "key")) {
+                Some((c, k)) => (policy_dir.join(c), policy_dir.join(k)),
+                None => tls::self_signed(&spool.join("tls"), &shared.hostname)?,
+            };
+            Some(tokio_rustls::TlsAcceptor::from(tls::server_config(&cert, &key, None, false)?))
+        } else {
+            None
+        };
+        let sock =
+            TcpListener::bind(address).await.map_err(|e| format!("listener {name}: cannot bind {address}: {e}"))?;
+        let bound = sock.local_addr().map_err(|e| e.to_string())?;
+        shared.log.event(
+            "listening",
+            &[
+                ("listener", &name),
+                ("address", &bound.to_string()),
+                ("protocol", if tls.is_some() { "https" } else { "http" }),
+            ],
+        );
+        addresses.push((name.clone(), bound));
+        let mgr = lists::Manager { shared: shared.clone(), policy_dir: policy_dir.clone(), spool_dir: spool.clone() };
+        tokio::spawn(web::serve(mgr, name, sock, tls));
     }
     Ok(Running { addresses, shutdown: tx, shared })
 }
