@@ -16,6 +16,8 @@ declare -A want=(
   [spamd]=spamd
   [pg_ctlcluster]=postgresql
   [nvim]=neovim
+  [curl]=curl
+  [openssl]=openssl
 )
 missing=()
 for prog in "${!want[@]}"; do

@@ -1194,7 +1194,9 @@ fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
 
 /// The delivery target for a route key.
 fn target_for(key: &str, address: &str) -> Option<Target> {
-    let key = key.split(" tls").next().unwrap_or(key);
+    // The grouping key's suffixes (route.rs: ` tls`, ` from=`, ` headers=`) are no part of
+    // the destination.
+    let key = [" tls", " from=", " headers="].iter().fold(key, |k, s| k.split(s).next().unwrap_or(k));
     if let Some(domain) = key.strip_prefix("mx:") {
         let d = if domain.is_empty() { mailpolicy_stdlib::address::split(address).1 } else { domain.to_string() };
         return Destination::parse(&d).map(Target::Smtp);
