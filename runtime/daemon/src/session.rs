@@ -107,6 +107,10 @@ const AUTH_FAILURE_WINDOW: u64 = 600_000;
 const LOGIN_FAILURE_LIMIT: u64 = 10;
 const LOGIN_KNOWN_WINDOW: u64 = 30 * 86_400_000;
 
+/// The read buffer between commands, and inside DATA/BDAT.
+const SMALL_READ: usize = 4 * 1024;
+const LARGE_READ: usize = 64 * 1024;
+
 pub async fn run(
     shared: Arc<Shared>,
     lst: Arc<ListenerRt>,
@@ -125,7 +129,7 @@ pub async fn run(
         }
         Incoming::Local { stream, user } => (Stream::Local(stream), Some(user)),
     };
-    let (client_name, client_ptr) = lookups.reverse(remote.ip()).await;
+    let (client_name, client_ptr) = Box::pin(lookups.reverse(remote.ip())).await;
     log.event(
         "connect",
         &[("session", &id), ("listener", &lst.name), ("client", &remote.ip().to_string()), ("name", &client_name)],
@@ -135,7 +139,7 @@ pub async fn run(
     if lst.implicit_tls {
         let Some(acceptor) = lst.tls.clone() else { return };
         let Stream::Plain(tcp) = std::mem::replace(&mut stream, Stream::Gone) else { return };
-        match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+        match Box::pin(tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))).await {
             Ok(Ok(tls)) => {
                 peer.tls = Some(tls_info(tls.get_ref().1));
                 stream = Stream::Tls(Box::new(tls));
@@ -172,7 +176,9 @@ pub async fn run(
     let mut auth_state = AuthState::default();
     let mut auth_sender: Option<String> = None;
     let mut shutdown = shared.shutdown.clone();
-    let mut buf = vec![0u8; 64 * 1024];
+    // Commands are short: an idle session holds a small read buffer, and a message phase a
+    // large one (memory per session stays small with thousands of clients waiting).
+    let mut buf = vec![0u8; SMALL_READ];
     let mut last_input = tokio::time::Instant::now();
     // Message bytes past the in-memory bound, streamed to a file of the spool's.
     let mut spill = Spill::default();
@@ -198,14 +204,15 @@ pub async fn run(
                             }
                             let sa = &lookups.sender_auth;
                             match check {
-                                AuthCheck::Spf => {
-                                    Answer::Value(Some(sa.spf(&mut auth_state, ip, &helo, &sender).await.to_string()))
-                                }
+                                AuthCheck::Spf => Answer::Value(Some(
+                                    Box::pin(sa.spf(&mut auth_state, ip, &helo, &sender)).await.to_string(),
+                                )),
                                 _ => match conn.current_message() {
                                     Some(m) => {
-                                        let whole = spill.whole(m, &shared).await;
+                                        let whole = Box::pin(spill.whole(m, &shared)).await;
                                         let m = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(m);
-                                        let (d, dm, p) = sa.content(&mut auth_state, ip, &helo, &sender, m).await;
+                                        let (d, dm, p) =
+                                            Box::pin(sa.content(&mut auth_state, ip, &helo, &sender, m)).await;
                                         Answer::Value(Some(match check {
                                             AuthCheck::Dkim => d,
                                             AuthCheck::Dmarc => dm,
@@ -219,14 +226,14 @@ pub async fn run(
                         crate::eval::Request::Scan { scanner } => {
                             match (prog.scanners.get(scanner.index()), conn.current_message()) {
                                 (Some(sc), Some(data)) => {
-                                    let whole = spill.whole(data, &shared).await;
+                                    let whole = Box::pin(spill.whole(data, &shared)).await;
                                     let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(data);
-                                    super::scan::scan(sc, data, conn.facts()).await
+                                    Box::pin(super::scan::scan(sc, data, conn.facts())).await
                                 }
                                 _ => Answer::Error("no message to scan".into()),
                             }
                         }
-                        _ => lookups.answer(&prog, &req, now_ms()).await,
+                        _ => Box::pin(lookups.answer(&prog, &req, now_ms())).await,
                     };
                     conn.answer(req, a);
                 }
@@ -303,7 +310,7 @@ pub async fn run(
                     else {
                         break 'session;
                     };
-                    match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+                    match Box::pin(tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))).await {
                         Ok(Ok(tls)) => {
                             let info = tls_info(tls.get_ref().1);
                             log.event(
@@ -347,7 +354,7 @@ pub async fn run(
                         {
                             // The signature covers the whole message (the part spilled to disk
                             // included) and the Authentication-Results field too.
-                            let whole = if tail > 0 { spill.whole(head, &shared).await } else { None };
+                            let whole = if tail > 0 { Box::pin(spill.whole(head, &shared)).await } else { None };
                             let data = match (&whole, tail) {
                                 (Some((_, w)), _) => Some(w.as_slice()),
                                 (None, 0) => Some(head),
@@ -502,6 +509,10 @@ pub async fn run(
         };
         let limit = request_deadline.map_or(idle_deadline, |r| r.min(idle_deadline));
         let deadline = engine_deadline.map_or(limit, |d| d.min(limit));
+        let want = if data_started.is_some() { LARGE_READ } else { SMALL_READ };
+        if buf.len() != want {
+            buf = vec![0u8; want];
+        }
         let room = conn.input_room().clamp(1, buf.len());
         tokio::select! {
             r = stream.read(&mut buf[..room]) => match r {

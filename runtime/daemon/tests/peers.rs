@@ -4,7 +4,7 @@
 //! PostgreSQL and OpenLDAP tables, SpamAssassin's spamd, SPF/DKIM/DMARC against unbound.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use mail_auth::common::crypto::Ed25519Key;
 use mailpolicy_daemon::auth::AuthState;
 use mailpolicy_daemon::scan::spamd;
 use mailpolicy_engine::eval::Answer;
-use mailpolicy_test_support::{free_port, is_root, Peer, PeerIn, TempDir};
+use mailpolicy_test_support::{free_port, Dovecot, Peer, Postgres, Slapd, Spamd, TempDir, Unbound};
 use tokio_postgres::NoTls;
 
 fn rcpt(a: &str) -> Recipient {
@@ -357,122 +357,15 @@ fn starttls_may_and_required_against_a_tls_server() {
 
 // ---------------------------------------------------------------- Dovecot
 
-/// A throwaway Dovecot LMTP server (TCP on loopback and a unix socket)
-/// with one known user, `u1@d.test`, whose Maildir is under the temp dir.
-struct Dovecot {
-    child: Child,
-    dir: TempDir,
-    port: u16,
-}
-
-impl Drop for Dovecot {
-    fn drop(&mut self) {
-        // SIGTERM lets the master take its children down with it
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const DOVECOT: &str = "/usr/sbin/dovecot";
-
-fn dovecot() -> Dovecot {
-    assert!(
-        std::path::Path::new(DOVECOT).exists() && std::path::Path::new("/usr/lib/dovecot/lmtp").exists(),
-        "{DOVECOT} or its lmtp service not found (Debian packages dovecot-core and dovecot-lmtpd); run tests/run.sh, which installs the test peers"
-    );
-    let dir = TempDir::new("dovecot");
-    let d = dir.0.display().to_string();
-    // SAFETY: no preconditions.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    // Dovecot refuses to run its internal processes as root
-    let (user, uid, gid) = if uid == 0 {
-        ("nobody".to_string(), 65534, 65534)
-    } else {
-        let name = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| {
-            String::from_utf8_lossy(&Command::new("id").arg("-un").output().unwrap().stdout).trim().to_string()
-        });
-        (name, uid, gid)
-    };
-    for sub in ["run", "state", "mail"] {
-        std::fs::create_dir_all(dir.0.join(sub)).unwrap();
-    }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::chown(dir.0.join("mail"), Some(uid), Some(gid)).unwrap();
-    std::fs::write(dir.0.join("users"), format!("u1@d.test::{uid}:{gid}::{d}/mail/u1::\n")).unwrap();
-    let port = free_port();
-    let conf = format!(
-        r#"base_dir = {d}/run
-state_dir = {d}/state
-log_path = {d}/dovecot.log
-protocols = lmtp
-ssl = no
-listen = 127.0.0.1
-default_login_user = {user}
-default_internal_user = {user}
-mail_location = maildir:~/Maildir
-passdb {{
-  driver = passwd-file
-  args = {d}/users
-}}
-userdb {{
-  driver = passwd-file
-  args = {d}/users
-}}
-service lmtp {{
-  inet_listener lmtp {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-  unix_listener lmtp {{
-    mode = 0666
-  }}
-}}
-service anvil {{
-  chroot =
-}}
-service stats {{
-  chroot =
-}}
-"#
-    );
-    std::fs::write(dir.0.join("dovecot.conf"), conf).unwrap();
-    let child = Command::new(DOVECOT)
-        .arg("-F")
-        .arg("-c")
-        .arg(dir.0.join("dovecot.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start dovecot");
-    let dv = Dovecot { child, dir, port };
-    for _ in 0..250 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && dv.dir.0.join("run/lmtp").exists() {
-            return dv;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let log = std::fs::read_to_string(dv.dir.0.join("dovecot.log")).unwrap_or_default();
-    panic!("dovecot did not come up on 127.0.0.1:{port}: {log}");
-}
-
 #[test]
 fn dovecot_lmtp_tcp_and_unix_per_recipient() {
-    let dv = dovecot();
+    let dv = Dovecot::start();
     let rt = rt();
     let o = opts(StaticResolver::new());
     let e = env("a@s.test", &["u1@d.test", "nosuchuser@d.test"]);
     let targets = [
         Target::parse(&format!("lmtp:[127.0.0.1]:{}", dv.port)).unwrap(),
-        Target::Lmtp(LmtpEndpoint::Unix(dv.dir.0.join("run/lmtp"))),
+        Target::Lmtp(LmtpEndpoint::Unix(dv.socket.clone())),
     ];
     for (i, t) in targets.iter().enumerate() {
         let msg = format!("Subject: via {i}\n\n.dot line\nbody\n");
@@ -480,7 +373,7 @@ fn dovecot_lmtp_tcp_and_unix_per_recipient() {
         assert!(matches!(&rep.recipients[0], Outcome::Delivered(r) if r.code == 250), "{rep:?}");
         assert!(matches!(&rep.recipients[1], Outcome::Failed(r) if r.enhanced == Some((5, 1, 1))), "{rep:?}");
     }
-    let new = dv.dir.0.join("mail/u1/Maildir/new");
+    let new = dv.mail.join("new");
     let bodies: Vec<String> =
         std::fs::read_dir(&new).unwrap().map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap()).collect();
     assert_eq!(bodies.len(), 2);
@@ -497,49 +390,19 @@ fn dovecot_lmtp_tcp_and_unix_per_recipient() {
 
 #[test]
 fn hickory_resolver_against_unbound() {
-    const UNBOUND: &str = "/usr/sbin/unbound";
-    assert!(
-        std::path::Path::new(UNBOUND).exists(),
-        "{UNBOUND} not found (Debian package unbound); run tests/run.sh, which installs the test peers"
+    let ub = Unbound::start(
+        &["ub.test."],
+        &[
+            "ub.test. IN MX 20 mx2.ub.test.",
+            "ub.test. IN MX 10 mx1.ub.test.",
+            "mx1.ub.test. IN A 127.0.0.1",
+            "mx2.ub.test. IN A 127.0.0.2",
+            "null.ub.test. IN MX 0 .",
+            "amx.ub.test. IN A 127.0.0.3",
+        ],
+        &[],
     );
-    let dir = TempDir::new("unbound");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let conf = format!(
-        r#"server:
-  interface: 127.0.0.1@{port}
-  port: {port}
-  do-daemonize: no
-  username: ""
-  chroot: ""
-  directory: "{d}"
-  pidfile: ""
-  use-syslog: no
-  logfile: ""
-  do-ip6: no
-  access-control: 127.0.0.0/8 allow
-  local-zone: "ub.test." static
-  local-data: "ub.test. IN MX 20 mx2.ub.test."
-  local-data: "ub.test. IN MX 10 mx1.ub.test."
-  local-data: "mx1.ub.test. IN A 127.0.0.1"
-  local-data: "mx2.ub.test. IN A 127.0.0.2"
-  local-data: "null.ub.test. IN MX 0 ."
-  local-data: "amx.ub.test. IN A 127.0.0.3"
-remote-control:
-  control-enable: no
-"#,
-        d = dir.0.display()
-    );
-    std::fs::write(dir.0.join("unbound.conf"), conf).unwrap();
-    let _ub = Peer(
-        Command::new(UNBOUND)
-            .arg("-d")
-            .arg("-c")
-            .arg(dir.0.join("unbound.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start unbound"),
-    );
+    let port = ub.port;
     let rt = rt();
     rt.block_on(async {
         let r = HickoryResolver::with_nameserver(SocketAddr::new(ip("127.0.0.1"), port));
@@ -570,93 +433,12 @@ remote-control:
 
 // ---------------------------------------------------------------- tables, scanners, sender authentication
 
-struct Server {
-    dir: std::path::PathBuf,
-    pg_ctl: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = as_postgres(std::process::Command::new(&self.pg_ctl).args([
-            "-D",
-            &self.dir.join("data").display().to_string(),
-            "-m",
-            "immediate",
-            "stop",
-        ]))
-        .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// PostgreSQL refuses to run as root: run its tools as the `postgres` user when we are root.
-fn as_postgres(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    if is_root() {
-        let (uid, gid) = postgres_ids();
-        cmd.uid(uid).gid(gid);
-    }
-    cmd
-}
-
-fn postgres_ids() -> (u32, u32) {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let line =
-        passwd.lines().find(|l| l.starts_with("postgres:")).expect("a postgres user (Debian package postgresql)");
-    let f: Vec<&str> = line.split(':').collect();
-    (f[2].parse().expect("uid"), f[3].parse().expect("gid"))
-}
-
 /// A real PostgreSQL (Debian package postgresql, installed by tests/run.sh) started by
 /// the test in a temp dir on a loopback port of its own.
 #[tokio::test]
 async fn postgresql_table() {
-    let bin = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()
-        .and_then(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).find(|p| p.join("initdb").exists()))
-        .expect("PostgreSQL is not installed: run tests/run.sh, which installs it");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = std::env::temp_dir().join(format!("mp-pg-{}-{port}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    if is_root() {
-        let (uid, gid) = postgres_ids();
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
-    }
-    let server = Server { dir: dir.clone(), pg_ctl: bin.join("pg_ctl") };
-    let data = dir.join("data");
-    let init = as_postgres(std::process::Command::new(bin.join("initdb")).args([
-        "-D",
-        &data.display().to_string(),
-        "-A",
-        "trust",
-        "-U",
-        "mail",
-    ]))
-    .output()
-    .expect("run initdb");
-    assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
-    let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.display());
-    let start = as_postgres(std::process::Command::new(&server.pg_ctl).args([
-        "-D",
-        &data.display().to_string(),
-        "-o",
-        &opts,
-        "-l",
-        &dir.join("log").display().to_string(),
-        "-w",
-        "start",
-    ]))
-    .output()
-    .expect("run pg_ctl");
-    assert!(
-        start.status.success(),
-        "pg_ctl: {}{}",
-        String::from_utf8_lossy(&start.stderr),
-        std::fs::read_to_string(dir.join("log")).unwrap_or_default()
-    );
-
-    let url = format!("postgresql://mail@127.0.0.1:{port}/postgres");
+    let server = Postgres::start();
+    let url = server.url.clone();
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
     tokio::spawn(async move {
         let _ = conn.await;
@@ -669,7 +451,8 @@ async fn postgresql_table() {
         "table boxes = sql {{ url \"{url}\"; query \"SELECT host FROM mailboxes WHERE address = lower($1)\"; }};\n\
          table quota = sql {{ url \"{url}\"; query \"SELECT quota FROM mailboxes WHERE address = $1\"; }};\n\
          table broken = sql {{ url \"{url}\"; query \"SELECT nope FROM nowhere WHERE x = $1\"; }};\n\
-         on rcpt {{ if recipient in boxes or recipient in quota or recipient in broken {{ accept; }} }}\n"
+         table slow = sql {{ url \"{url}\"; query \"SELECT $1::text FROM pg_sleep(0.3)\"; connections 3; }};\n\
+         on rcpt {{ if recipient in boxes or recipient in quota or recipient in broken or recipient in slow {{ accept; }} }}\n"
     );
     let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
     let prog = c.program.expect("policy compiles");
@@ -692,6 +475,16 @@ async fn postgresql_table() {
         Answer::Value(Some("1024".into()))
     );
     assert!(matches!(pool.lookup(&prog, &prog.tables[2], "alice@example.com", &none, t).await, Answer::Error(_)));
+    // One connection served every lookup of a table, one after the other; the failed query
+    // dropped its connection.
+    assert_eq!((pool.idle("boxes"), pool.idle("quota"), pool.idle("broken")), (1, 1, 0));
+    // Lookups at once run on connections of their own, up to the table's `connections`
+    // (they do not queue behind one connection), and the connections are kept.
+    let slow = &prog.tables[3];
+    let keys: Vec<String> = (0..7).map(|i| format!("k{i}")).collect();
+    let answers = futures_util::future::join_all(keys.iter().map(|k| pool.lookup(&prog, slow, k, &none, t))).await;
+    assert_eq!(answers, keys.iter().map(|k| Answer::Value(Some(k.clone()))).collect::<Vec<_>>());
+    assert_eq!(pool.idle("slow"), 3);
     drop(server);
     // The server is gone: an error, never "absent".
     assert!(matches!(
@@ -700,25 +493,71 @@ async fn postgresql_table() {
     ));
 }
 
+/// OpenLDAP's slapd (Debian package slapd, installed by tests/run.sh) with the seed's
+/// schema (`inetLocalMailRecipient`: mailLocalAddress, mailHost from misc.schema),
+/// started by the test on a loopback port of its own.
+#[tokio::test]
+async fn slapd_directory() {
+    let ldif = "dn: dc=example,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
+                dn: uid=alice,dc=example,dc=com\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: alice\ncn: Alice\nsn: A\nmailLocalAddress: alice@example.com\nmailLocalAddress: a.smith@example.com\nmailHost: mbox1.internal.example\n";
+    let server = Slapd::start("dc=example,dc=com", ldif);
+    let port = server.port;
+    let c = mailpolicy_lang::compile(
+        "t.mailpolicy",
+        &mailpolicy_lang::MemLoader::single(
+            "t.mailpolicy",
+            &format!(
+                "table directory = ldap {{ url \"ldap://127.0.0.1:{port}\"; base \"dc=example,dc=com\"; filter \"(mailLocalAddress=%s)\"; attribute \"mailHost\"; }};\n\
+                 table down = ldap {{ url \"ldap://127.0.0.1:1\"; base \"dc=example,dc=com\"; filter \"(mail=%s)\"; timeout 2s; }};\n\
+                 on rcpt {{ if recipient in directory {{ accept; }} if recipient in down {{ accept; }} }}\n"
+            ),
+        ),
+    );
+    let prog = c.program.expect("policy compiles");
+    let t = &prog.tables[0];
+    let none = HashMap::new();
+    let pool = mailpolicy_daemon::ldap::Pool::default();
+    let lookup = |p, t, k, n, d| pool.lookup(p, t, k, n, d);
+    let mut answer = Answer::Error("not started".into());
+    for _ in 0..100 {
+        answer = lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await;
+        if !matches!(answer, Answer::Error(_)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer, Answer::Value(Some("mbox1.internal.example".into())));
+    assert_eq!(
+        lookup(&prog, t, "A.Smith@example.com", &none, Duration::from_secs(5)).await,
+        Answer::Value(Some("mbox1.internal.example".into()))
+    );
+    assert_eq!(lookup(&prog, t, "nobody@example.com", &none, Duration::from_secs(5)).await, Answer::Value(None));
+    // Injection attempt: the filter stays one equality test.
+    assert_eq!(lookup(&prog, t, "*", &none, Duration::from_secs(5)).await, Answer::Value(None));
+    // The lookups used one connection, opened and bound once (none failed after the
+    // directory answered); lookups at once use at most `connections` (default 4).
+    let before = pool.opened();
+    let keys: Vec<String> = (0..12).map(|i| format!("user{i}@example.com")).collect();
+    let answers =
+        futures_util::future::join_all(keys.iter().map(|k| pool.lookup(&prog, t, k, &none, Duration::from_secs(5))))
+            .await;
+    assert!(answers.iter().all(|a| *a == Answer::Value(None)), "{answers:?}");
+    assert!(pool.opened() - before <= 4, "{} connections for 12 lookups", pool.opened() - before);
+    assert_eq!(
+        lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await,
+        Answer::Value(Some("mbox1.internal.example".into()))
+    );
+    // A directory that is down is an error, never a "not found".
+    assert!(matches!(
+        lookup(&prog, &prog.tables[1], "alice@example.com", &none, Duration::from_secs(5)).await,
+        Answer::Error(_) | Answer::Timeout
+    ));
+}
+
 #[tokio::test]
 async fn real_spamd_scores_gtube() {
-    let bin = ["/usr/sbin/spamd", "/usr/bin/spamd"].into_iter().find(|p| std::path::Path::new(p).exists());
-    let Some(bin) = bin else { panic!("spamd is not installed: run tests/run.sh, which installs it") };
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let dir = std::env::temp_dir().join(format!("mp-spamd-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let child = std::process::Command::new(bin)
-        .args([&format!("--listen=127.0.0.1:{port}"), "--max-children=1", "--syslog=stderr", "-u", "nobody"])
-        .arg(format!("--pidfile={}", dir.join("pid").display()))
-        .stderr(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start spamd");
-    let _guard = Peer(child);
-    let addr = format!("127.0.0.1:{port}");
+    let server = Spamd::start();
+    let addr = server.addr.clone();
     let gtube = b"From: a@example.net\r\nTo: b@example.com\r\nSubject: test\r\n\r\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n";
     let mut score = Err(String::from("spamd never answered"));
     for _ in 0..120 {
@@ -733,43 +572,28 @@ async fn real_spamd_scores_gtube() {
     let ham = b"From: a@example.net\r\nTo: b@example.com\r\nSubject: lunch\r\n\r\nShall we meet at noon?\r\n";
     let ham_score = spamd(&addr, ham).await.expect("spamd scan");
     assert!(ham_score < 5.0, "a plain message scored {ham_score}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// SPF, DKIM and DMARC through a real DNS server: unbound (Debian package, installed by
 /// tests/run.sh) serving a test zone on a loopback port of its own.
 #[tokio::test]
 async fn spf_dkim_dmarc_against_unbound() {
-    const UNBOUND: &str = "/usr/sbin/unbound";
-    assert!(std::path::Path::new(UNBOUND).exists(), "unbound is not installed: run tests/run.sh, which installs it");
     let b64 = base64::engine::general_purpose::STANDARD;
     let der = Ed25519Key::generate_pkcs8().expect("key");
     let public = b64.encode(Ed25519Key::from_pkcs8_der(&der).expect("key").public_key());
     let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", b64.encode(&der));
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = std::env::temp_dir().join(format!("mp-auth-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = format!(
-        "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n\
-         \x20 local-zone: \"test.\" static\n\
-         \x20 local-data: 'good.test. TXT \"v=spf1 ip4:127.0.0.1 -all\"'\n\
-         \x20 local-data: 'bad.test. TXT \"v=spf1 ip4:192.0.2.1 -all\"'\n\
-         \x20 local-data: 'sel._domainkey.good.test. TXT \"v=DKIM1; k=ed25519; p={public}\"'\n\
-         \x20 local-data: '_dmarc.good.test. TXT \"v=DMARC1; p=reject\"'\n\
-         \x20 local-data: '_dmarc.bad.test. TXT \"v=DMARC1; p=quarantine\"'\n\
-         remote-control:\n  control-enable: no\n",
-        d = dir.display()
+    let ub = Unbound::start(
+        &["test."],
+        &[
+            "good.test. TXT \"v=spf1 ip4:127.0.0.1 -all\"",
+            "bad.test. TXT \"v=spf1 ip4:192.0.2.1 -all\"",
+            &format!("sel._domainkey.good.test. TXT \"v=DKIM1; k=ed25519; p={public}\""),
+            "_dmarc.good.test. TXT \"v=DMARC1; p=reject\"",
+            "_dmarc.bad.test. TXT \"v=DMARC1; p=quarantine\"",
+        ],
+        &[],
     );
-    std::fs::write(dir.join("unbound.conf"), conf).unwrap();
-    let child = std::process::Command::new(UNBOUND)
-        .arg("-d")
-        .arg("-c")
-        .arg(dir.join("unbound.conf"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start unbound");
-    let _guard = PeerIn(child, dir.clone());
+    let port = ub.port;
     let policy = format!(
         "require [\"spf\", \"dkim\", \"dmarc\"];\nsecret dkim = file \"key.pem\";\n\
          server {{ hostname \"mx.test\"; dns_server \"127.0.0.1:{port}\"; dkim_key dkim; dkim_selector \"sel\"; dkim_domain \"good.test\"; }}\n\
@@ -831,35 +655,18 @@ async fn spf_dkim_dmarc_against_unbound() {
 /// TC) is fetched again over TCP, and SPF passes.
 #[tokio::test]
 async fn truncated_udp_answers_are_asked_again_over_tcp() {
-    const UNBOUND: &str = "/usr/sbin/unbound";
-    assert!(std::path::Path::new(UNBOUND).exists(), "unbound is not installed: run tests/run.sh");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = std::env::temp_dir().join(format!("mp-auth-tc-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     // 60 mechanisms: about 1,100 bytes of TXT, twice what a 512-byte UDP answer holds.
     let mut mechs: Vec<String> = (1..=59).map(|i| format!("ip4:192.0.2.{i}")).collect();
     mechs.push("ip4:127.0.0.1".into());
     let record = format!("v=spf1 {} -all", mechs.join(" "));
     let strings: Vec<String> =
         record.as_bytes().chunks(200).map(|c| format!("\"{}\"", String::from_utf8_lossy(c))).collect();
-    let conf = format!(
-        "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  do-tcp: yes\n  max-udp-size: 512\n  access-control: 127.0.0.0/8 allow\n\
-         \x20 local-zone: \"test.\" static\n\
-         \x20 local-data: 'big.test. TXT {txt}'\n\
-         remote-control:\n  control-enable: no\n",
-        d = dir.display(),
-        txt = strings.join(" ")
+    let ub = Unbound::start(
+        &["test."],
+        &[&format!("big.test. TXT {}", strings.join(" "))],
+        &["do-tcp: yes", "max-udp-size: 512"],
     );
-    std::fs::write(dir.join("unbound.conf"), conf).unwrap();
-    let child = std::process::Command::new(UNBOUND)
-        .arg("-d")
-        .arg("-c")
-        .arg(dir.join("unbound.conf"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start unbound");
-    let _guard = PeerIn(child, dir.clone());
+    let port = ub.port;
     let policy = format!("require \"spf\";\nserver {{ dns_server \"127.0.0.1:{port}\"; dns_timeout 2s; }}\non mail {{ if spf :is \"fail\" {{ reject; }} }}\n");
     let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
     let prog = c.program.expect("policy compiles");

@@ -5,6 +5,19 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::time::{Duration, Instant};
+
+mod dovecot;
+mod postgres;
+mod slapd;
+mod spamd;
+mod unbound;
+
+pub use dovecot::Dovecot;
+pub use postgres::Postgres;
+pub use slapd::Slapd;
+pub use spamd::Spamd;
+pub use unbound::Unbound;
 
 /// A fresh directory under the system's temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -20,11 +33,18 @@ impl TempDir {
         ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create a temp dir");
+        use std::os::unix::fs::PermissionsExt;
+        // peers that drop privileges (smtp-sink as nobody, Dovecot, Postfix) must get in
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod a temp dir");
         TempDir(p)
     }
 
     pub fn path(&self) -> &Path {
         &self.0
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
     }
 }
 
@@ -74,4 +94,41 @@ pub fn is_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
+}
+
+/// Polls `ok` until it holds; panics with `what` (and `context()`) after `limit`. The limit
+/// only keeps a broken peer from hanging the test; nothing is asserted about the time taken.
+pub fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {limit:?} waiting for {what}\n{}", context());
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+pub fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .is_ok()
+}
+
+/// Stops a peer that takes its children down on SIGTERM (Dovecot's master, PostgreSQL),
+/// then kills it if it is still there after two seconds; always reaps it.
+fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) on the pid of our own child, which we have not reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    for _ in 0..100 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -1,0 +1,219 @@
+//! `server`, `listener` and resource options checked against `schema`.
+
+use super::*;
+
+impl<'s> Checker<'s> {
+    pub(super) fn settings(
+        &mut self,
+        kw: ast::SettingsKw,
+        name: Option<&ast::Ident>,
+        options: &[ast::Opt],
+        span: Span,
+        saw_server: &mut bool,
+    ) {
+        match kw {
+            ast::SettingsKw::Server => {
+                if let Some(n) = name {
+                    self.err(
+                        Diagnostic::error("mailc::syntax", "`server` takes no name")
+                            .at(n.span)
+                            .help("write `server { ... }`"),
+                    );
+                }
+                if *saw_server {
+                    self.err(
+                        Diagnostic::error("mailc::duplicate", "a second `server` block")
+                            .at(span)
+                            .help("put all server settings in one block"),
+                    );
+                }
+                *saw_server = true;
+                let opts = self.options(schema::SERVER, options, "`server`");
+                self.prog.server = Settings { name: None, options: opts };
+            }
+            ast::SettingsKw::Listener => {
+                let Some(n) = name else {
+                    self.err(
+                        Diagnostic::error("mailc::syntax", "a listener needs a name")
+                            .at(span)
+                            .help("write `listener mx { address \"0.0.0.0:25\"; }`"),
+                    );
+                    return;
+                };
+                if self.prog.listeners.iter().any(|l| l.name.as_deref() == Some(n.name.as_str())) {
+                    self.err(
+                        Diagnostic::error("mailc::duplicate", format!("listener `{}` is declared twice", n.name))
+                            .at(n.span),
+                    );
+                }
+                let opts = self.options(schema::LISTENER, options, "a listener");
+                match opts.iter().find(|(k, _)| k == "address") {
+                    None => self.err(
+                        Diagnostic::error("mailc::setting", format!("listener `{}` has no address", n.name))
+                            .at(n.span)
+                            .help("add `address \"0.0.0.0:25\";`"),
+                    ),
+                    Some((_, OptValue::Str(a))) if a.parse::<std::net::SocketAddr>().is_err() => {
+                        let at =
+                            options.iter().find(|o| o.name.name == "address").map(|o| o.value.span).unwrap_or(n.span);
+                        self.err(
+                            Diagnostic::error("mailc::setting", format!("\"{a}\" is not an IP:port address"))
+                                .at(at)
+                                .help("write \"0.0.0.0:25\", \"127.0.0.1:2525\" or \"[::]:587\""),
+                        );
+                    }
+                    _ => {}
+                }
+                let has = |k: &str| opts.iter().any(|(n, _)| n == k);
+                if has("cert") != has("key") {
+                    self.err(
+                        Diagnostic::error("mailc::setting", format!("listener `{}` sets only one of `cert` and `key`", n.name))
+                            .at(n.span)
+                            .help("give both the certificate chain and its private key, or neither (a self-signed pair is made)"),
+                    );
+                }
+                // AUTH needs logins to check: `auth` other than `none` (submission and
+                // submissions default to `required`) without `credentials` would refuse
+                // every MAIL with 530.
+                let word = |k: &str| match opts.iter().find(|(n, _)| n == k) {
+                    Some((_, OptValue::Word(w))) => Some(w.clone()),
+                    _ => None,
+                };
+                let protocol = word("protocol").unwrap_or_else(|| "smtp".into());
+                let default_auth = if protocol == "smtp" || protocol == "http" { "none" } else { "required" };
+                let auth = word("auth").unwrap_or_else(|| default_auth.into());
+                if auth != "none" && !has("credentials") {
+                    self.err(
+                        Diagnostic::error("mailc::setting", format!("listener `{}` offers AUTH but has no `credentials`", n.name))
+                            .at(n.span)
+                            .help(if word("auth").is_some() {
+                                "add `credentials TABLE;` (a map of login -> `mailc hash-password` verifier), or say `auth none;`".to_string()
+                            } else {
+                                format!("a {protocol} listener requires AUTH by default: add `credentials TABLE;`, or say `auth none;`")
+                            }),
+                    );
+                }
+                self.prog.listeners.push(Settings { name: Some(n.name.clone()), options: opts });
+            }
+        }
+    }
+
+    pub(super) fn options(&mut self, specs: &[OptSpec], options: &[ast::Opt], what: &str) -> Vec<(String, OptValue)> {
+        let mut out: Vec<(String, OptValue)> = Vec::new();
+        let mut seen: HashMap<&str, Span> = HashMap::new();
+        for opt in options {
+            let Some(spec) = specs.iter().find(|s| s.name == opt.name.name) else {
+                let mut d = Diagnostic::error("mailc::setting", format!("{what} has no setting `{}`", opt.name.name))
+                    .at(opt.name.span);
+                d = match did_you_mean(&opt.name.name, specs.iter().map(|s| s.name)) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None if specs.is_empty() => d.help(format!("{what} takes no settings")),
+                    None => d.help(format!(
+                        "the settings are {}",
+                        specs.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                    )),
+                };
+                self.err(d);
+                continue;
+            };
+            if let Some(prev) = seen.insert(spec.name, opt.name.span) {
+                self.err(
+                    Diagnostic::error("mailc::duplicate", format!("`{}` is set twice", spec.name))
+                        .at(opt.name.span)
+                        .related(prev, "first set here"),
+                );
+                continue;
+            }
+            if let Some(v) = self.opt_value(spec, &opt.value) {
+                out.push((spec.name.to_string(), v));
+            }
+        }
+        out
+    }
+
+    pub(super) fn opt_value(&mut self, spec: &OptSpec, v: &Value) -> Option<OptValue> {
+        let bad = |this: &mut Self, want: &str| {
+            this.err(
+                Diagnostic::error("mailc::type", format!("`{}` takes {want}", spec.name))
+                    .at(v.span)
+                    .label(format!("found {}", describe_value(v)))
+                    .help(spec.doc.to_string()),
+            );
+            None
+        };
+        match (spec.ty, &v.kind) {
+            (OptTy::Str, ValueKind::Str(s)) => Some(OptValue::Str(unescape_plain(&s.raw))),
+            (OptTy::Str, _) => bad(self, "a string"),
+            (OptTy::Num, ValueKind::Num(n)) => Some(OptValue::Num(*n)),
+            (OptTy::Num, _) => bad(self, "a number"),
+            (OptTy::Size, ValueKind::Size(n)) => Some(OptValue::Size(*n)),
+            (OptTy::Size, ValueKind::Num(n)) => Some(OptValue::Size(*n as u64)),
+            (OptTy::Size, ValueKind::Duration(_)) => {
+                self.err(
+                    Diagnostic::error("mailc::type", format!("`{}` takes a size, not a duration", spec.name))
+                        .at(v.span)
+                        .help("sizes use upper-case K, M and G (`10M`); lower-case `m` means minutes"),
+                );
+                None
+            }
+            (OptTy::Size, _) => bad(self, "a size such as 10M"),
+            (OptTy::Duration, ValueKind::Duration(n)) => Some(OptValue::Duration(*n)),
+            (OptTy::Duration, ValueKind::Size(_)) => {
+                self.err(
+                    Diagnostic::error("mailc::type", format!("`{}` takes a duration, not a size", spec.name))
+                        .at(v.span)
+                        .help("durations use ms, s, m, h, d and w (`5m`); upper-case M means megabytes"),
+                );
+                None
+            }
+            (OptTy::Duration, _) => bad(self, "a duration such as 30s or 5m"),
+            (OptTy::Bool, ValueKind::Path(p)) if p == "true" || p == "false" => Some(OptValue::Bool(p == "true")),
+            (OptTy::Bool, _) => bad(self, "`true` or `false`"),
+            (OptTy::Word(words), ValueKind::Path(p)) if words.contains(&p.as_str()) => Some(OptValue::Word(p.clone())),
+            (OptTy::Word(words), _) => bad(self, &format!("one of {}", words.join(", "))),
+            (OptTy::Strings, ValueKind::List(items)) => Some(OptValue::List(
+                items
+                    .iter()
+                    .filter_map(|i| if let ValueKind::Str(s) = &i.kind { Some(unescape_plain(&s.raw)) } else { None })
+                    .collect(),
+            )),
+            (OptTy::Strings, _) => bad(self, "a list of strings"),
+            (OptTy::Secret | OptTy::Table | OptTy::List, ValueKind::Path(p)) => {
+                let want = match spec.ty {
+                    OptTy::Secret => "secret",
+                    OptTy::Table => "table",
+                    _ => "list",
+                };
+                match self.syms.get_mut(p) {
+                    Some(sym) if sym.kind.noun() == want => {
+                        sym.used = true;
+                        let id = sym.id;
+                        Some(match spec.ty {
+                            OptTy::Secret => OptValue::Secret(SecretId(id)),
+                            OptTy::Table => OptValue::Table(TableId(id)),
+                            _ => OptValue::ListRef(ListId(id)),
+                        })
+                    }
+                    Some(sym) => {
+                        let noun = sym.kind.noun();
+                        self.err(
+                            Diagnostic::error(
+                                "mailc::type",
+                                format!("`{p}` is a {noun}, but `{}` takes a {want}", spec.name),
+                            )
+                            .at(v.span),
+                        );
+                        None
+                    }
+                    None => {
+                        self.undefined(p, v.span, Some(want));
+                        None
+                    }
+                }
+            }
+            (OptTy::Secret, _) => bad(self, "the name of a secret"),
+            (OptTy::Table, _) => bad(self, "the name of a table"),
+            (OptTy::List, _) => bad(self, "the name of a list"),
+        }
+    }
+}

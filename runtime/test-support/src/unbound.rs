@@ -1,0 +1,86 @@
+//! unbound (Debian package unbound) serving fixed records on a loopback port of its own.
+
+use std::net::UdpSocket;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{need, wait_for, Peer, TempDir};
+
+const UNBOUND: &str = "/usr/sbin/unbound";
+
+/// A DNS server answering only from the records it was given, on 127.0.0.1:`port` (UDP and
+/// TCP); stopped on drop.
+pub struct Unbound {
+    pub port: u16,
+    peer: Option<Peer>,
+    dir: TempDir,
+}
+
+impl Unbound {
+    /// Starts unbound with `zones` static (every other name in them is NXDOMAIN at once, no
+    /// recursion), `records` as its `local-data` (resource records, e.g.
+    /// `good.test. TXT "v=spf1 ip4:127.0.0.1 -all"`), and `options` as more `server:` lines
+    /// (`max-udp-size: 512`). Returns once it answers a query.
+    pub fn start(zones: &[&str], records: &[&str], options: &[&str]) -> Unbound {
+        need(UNBOUND, "unbound");
+        let dir = TempDir::new("unbound");
+        let port = UdpSocket::bind("127.0.0.1:0").expect("bind udp").local_addr().expect("local addr").port();
+        let mut conf = format!(
+            "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"{d}/unbound.log\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n",
+            d = dir.0.display()
+        );
+        for o in options {
+            conf.push_str(&format!("  {o}\n"));
+        }
+        for z in zones {
+            conf.push_str(&format!("  local-zone: \"{z}\" static\n"));
+        }
+        for r in records {
+            conf.push_str(&format!("  local-data: '{r}'\n"));
+        }
+        conf.push_str("remote-control:\n  control-enable: no\n");
+        std::fs::write(dir.join("unbound.conf"), conf).expect("write unbound.conf");
+        let child = Command::new(UNBOUND)
+            .arg("-d")
+            .arg("-c")
+            .arg(dir.join("unbound.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start unbound");
+        let ub = Unbound { port, peer: Some(Peer(child)), dir };
+        wait_for(
+            Duration::from_secs(15),
+            "unbound to answer",
+            || answers(port),
+            || std::fs::read_to_string(ub.dir.join("unbound.log")).unwrap_or_default(),
+        );
+        ub
+    }
+
+    /// `127.0.0.1:PORT`, as a policy's `dns_server` takes it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server now (a test of what happens when DNS goes away).
+    pub fn stop(&mut self) {
+        self.peer = None;
+    }
+}
+
+/// Whether a DNS server on 127.0.0.1:`port` answers a query (any answer: `localhost.` is
+/// one of unbound's built-in local zones, so it never recurses).
+fn answers(port: u16) -> bool {
+    let Ok(s) = UdpSocket::bind("127.0.0.1:0") else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    // id 0x6d70, RD, one question: localhost. A IN
+    let mut q = vec![0x6d, 0x70, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    q.extend_from_slice(b"\x09localhost\x00\x00\x01\x00\x01");
+    if s.send_to(&q, ("127.0.0.1", port)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    matches!(s.recv(&mut buf), Ok(n) if n >= 12 && buf[0] == 0x6d && buf[1] == 0x70 && buf[2] & 0x80 != 0)
+}
