@@ -284,6 +284,13 @@ impl<'s> Checker<'s> {
                 );
             }
         }
+        if self.prog.server.option("dkim_key").is_none() {
+            self.err(
+                Diagnostic::warning("mailc::setting", format!("the mailing list `{}` is not DKIM-signed", name.name))
+                    .at(name.span)
+                    .help("RFC 8058 one-click unsubscribe needs a DKIM signature that covers List-Unsubscribe: set the server's `dkim_key` and `dkim_selector`"),
+            );
+        }
         let at = |n: &str| options.iter().find(|o| o.name.name == n).map(|o| o.value.span).unwrap_or(name.span);
         if let Some(t) = options.iter().find(|o| o.name.name == "subscribers").and_then(|o| match &o.value.kind {
             ValueKind::Path(p) => Some(p.clone()),
