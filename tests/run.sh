@@ -28,6 +28,7 @@ declare -A want=(
   [man]=man-db
   [nroff]=groff-base
   [socat]=socat
+  [curl]=curl
 )
 missing=()
 for prog in "${!want[@]}"; do

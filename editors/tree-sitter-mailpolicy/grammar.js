@@ -10,7 +10,7 @@
 const commaSep1 = (rule) => seq(rule, repeat(seq(',', rule)), optional(','));
 
 // Words that begin declarations; elsewhere they are ordinary names (`table t = list "f"`).
-const CONTEXTUAL = ['require', 'include', 'list', 'table', 'secret', 'scanner', 'server', 'listener',
+const CONTEXTUAL = ['require', 'include', 'list', 'table', 'secret', 'scanner', 'mailing_list', 'server', 'listener',
   'rules', 'on', 'route', 'domains', 'cidr', 'strings'];
 
 module.exports = grammar({
@@ -43,7 +43,7 @@ module.exports = grammar({
       $.string_list, ';',
     ),
     resource_declaration: ($) => seq(
-      choice('table', 'secret', 'scanner'), field('name', $._name), '=', field('kind', $._name),
+      choice('table', 'secret', 'scanner', 'mailing_list'), field('name', $._name), '=', field('kind', $._name),
       optional($.string), optional($.options), ';',
     ),
     settings: ($) => seq(choice('server', 'listener'), optional(field('name', $._name)), $.options),

@@ -36,6 +36,7 @@ pub enum ResourceKw {
     Table,
     Secret,
     Scanner,
+    MailingList,
 }
 
 impl ResourceKw {
@@ -44,6 +45,7 @@ impl ResourceKw {
             ResourceKw::Table => "table",
             ResourceKw::Secret => "secret",
             ResourceKw::Scanner => "scanner",
+            ResourceKw::MailingList => "mailing_list",
         }
     }
 }

@@ -25,6 +25,7 @@ pub enum DeclKind {
     Table,
     Secret,
     Scanner,
+    MailingList,
     Rules,
     /// A `set NAME` (each one is a definition of the variable).
     Var,
@@ -38,6 +39,7 @@ impl DeclKind {
             DeclKind::Table => "table",
             DeclKind::Secret => "secret",
             DeclKind::Scanner => "scanner",
+            DeclKind::MailingList => "mailing list",
             DeclKind::Rules => "rules block",
             DeclKind::Var => "variable",
             DeclKind::Listener => "listener",
@@ -151,6 +153,7 @@ impl World {
                         crate::ast::ResourceKw::Table => DeclKind::Table,
                         crate::ast::ResourceKw::Secret => DeclKind::Secret,
                         crate::ast::ResourceKw::Scanner => DeclKind::Scanner,
+                        crate::ast::ResourceKw::MailingList => DeclKind::MailingList,
                     };
                     decl(self, name, kind, *span);
                     self.options(options);
@@ -588,6 +591,7 @@ fn settings_for(head: &[&str]) -> Vec<OptSpec> {
         ["server", ..] => schema::SERVER.to_vec(),
         ["listener", ..] => schema::LISTENER.to_vec(),
         ["scanner", ..] => schema::SCANNER.to_vec(),
+        ["mailing_list", ..] => schema::MAILING_LIST.to_vec(),
         ["table", _, "=", kind, ..] => {
             let mut v = schema::TABLE_COMMON.to_vec();
             if let Some((_, _, extra, _)) = schema::TABLE_KINDS.iter().find(|k| k.0 == *kind) {
@@ -846,7 +850,8 @@ pub fn complete(world: &World, file: FileId, offset: u32) -> (Vec<Completion>, S
     }
     match prev {
         "in" => names(&mut out, &[DeclKind::List, DeclKind::Table]),
-        "lookup" | "expand" | "access" | "login_mismatch" => names(&mut out, &[DeclKind::Table]),
+        "expand" => names(&mut out, &[DeclKind::Table, DeclKind::MailingList]),
+        "lookup" | "access" | "login_mismatch" => names(&mut out, &[DeclKind::Table]),
         "score" => names(&mut out, &[DeclKind::Scanner]),
         "use" => names(&mut out, &[DeclKind::Rules]),
         ":auth" => names(&mut out, &[DeclKind::Secret]),

@@ -520,6 +520,9 @@ pub enum Action {
     RewriteRecipient(Rewrite),
     Masquerade(Vec<StrId>),
     Expand(TableId),
+    /// `expand LIST` with a mailing list: the post goes to its subscribers (index into
+    /// `Program::mailing_lists`).
+    ExpandList(u32),
     Alert {
         to: Template,
         text: Template,
@@ -752,6 +755,9 @@ pub struct Program {
     pub tables: Vec<Resource>,
     pub secrets: Vec<Resource>,
     pub scanners: Vec<Resource>,
+    /// `mailing_list NAME = newsletter "ADDRESS" { ... }`: `source` is the list's address.
+    #[serde(default)]
+    pub mailing_lists: Vec<Resource>,
     pub server: crate::settings::Server,
     pub listeners: Vec<crate::settings::Listener>,
     pub vars: Vec<Var>,

@@ -306,7 +306,9 @@ impl<'t> Recovery<'t> {
                     }
                 }
             }
-            Some("server" | "listener" | "table" | "secret" | "scanner") if !self.groups(kids).is_empty() => {
+            Some("server" | "listener" | "table" | "secret" | "scanner" | "mailing_list")
+                if !self.groups(kids).is_empty() =>
+            {
                 // The settings are parsed one by one, so each broken one is reported; the
                 // block itself is left out (a setting missing from it is no new error).
                 if let Some(n) = self.second_word(kids).filter(|_| first != Some("server")) {
@@ -334,7 +336,7 @@ impl<'t> Recovery<'t> {
             }
             _ => {
                 match first {
-                    Some("list" | "table" | "secret" | "scanner" | "rules") => {
+                    Some("list" | "table" | "secret" | "scanner" | "mailing_list" | "rules") => {
                         if let Some(n) = self.second_word(kids) {
                             self.unparsed.names.insert(n.to_string());
                         }
@@ -553,6 +555,7 @@ impl Builder {
                 let kw = match inner.next().map(|p| p.as_str().to_string()).as_deref() {
                     Some("secret") => ResourceKw::Secret,
                     Some("scanner") => ResourceKw::Scanner,
+                    Some("mailing_list") => ResourceKw::MailingList,
                     _ => ResourceKw::Table,
                 };
                 let name = self.ident(inner.next().expect("grammar: resource name"));

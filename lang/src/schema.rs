@@ -76,7 +76,26 @@ pub const TABLE_SQL: &[OptSpec] = &[
     o("query", Str, "query with one parameter $1, the key; the first column of the first row is the result (required)"),
     o("password", Secret, "the database password"),
     o("connections", Num, "most connections kept open to the database, lookups in parallel (default 4)"),
+    o("members", Str, "a mailing list's subscribers: a query with no parameter whose first column lists them all"),
+    o("insert", Str, "a mailing list's subscribe: a statement with one parameter $1, the confirmed address"),
+    o("delete", Str, "a mailing list's unsubscribe: a statement with one parameter $1, the address"),
 ];
+
+/// `mailing_list NAME = newsletter "ADDRESS" { ... }` (R11, R39).
+pub const MAILING_LIST: &[OptSpec] = &[
+    o("subscribers", Table, "the table of subscribers: a `list` file the daemon rewrites, or an `sql` table with members/insert/delete (required)"),
+    o("owner", Str, "the address of the list's owner: mail to owner-LIST, bounce reports and removals (required)"),
+    o("keys", Secret, "token keys, one `NUMBER KEY` per line; the highest number signs, every listed key verifies (required)"),
+    o("web", Str, "the public base URL of the `http` listener, e.g. \"https://lists.example.com\" (required)"),
+    o("description", Str, "the list's name in List-Id and in the mails the list sends (default: the list's name)"),
+    o("confirm_lifetime", Duration, "how long a subscription confirmation stays valid (default 2d)"),
+    o("bounce_limit", Num, "hard bounces within bounce_window that remove a subscriber (default 3)"),
+    o("bounce_window", Duration, "the window bounces are counted in (default 30d)"),
+];
+
+/// Mailing list kinds.
+pub const MAILING_LIST_KINDS: &[(&str, &str)] =
+    &[("newsletter", "one-way: posts go to every subscriber, replies go to the poster")];
 
 pub const SCANNER: &[OptSpec] = &[
     o("timeout", Duration, "time-out of one scan (default 30s)"),

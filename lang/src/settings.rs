@@ -264,7 +264,7 @@ words! {
 }
 words! {
     /// A listener's `protocol`.
-    pub enum Protocol { Smtp = "smtp", Submission = "submission", Submissions = "submissions" }
+    pub enum Protocol { Smtp = "smtp", Submission = "submission", Submissions = "submissions", Http = "http" }
 }
 words! {
     /// A listener's `tls`.
@@ -451,7 +451,7 @@ impl Listener {
     /// `auth`, or its default by protocol.
     pub fn auth(&self) -> Auth {
         self.auth.unwrap_or(match self.protocol {
-            Protocol::Smtp => Auth::None,
+            Protocol::Smtp | Protocol::Http => Auth::None,
             Protocol::Submission | Protocol::Submissions => Auth::Required,
         })
     }

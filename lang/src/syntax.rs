@@ -258,8 +258,20 @@ pub fn tree(text: &str, toks: &[Token], column_one_breaks: bool) -> Vec<Tree> {
 }
 
 /// Words that begin a declaration or a stage block at the top level.
-pub const TOP_KEYWORDS: &[&str] =
-    &["require", "include", "list", "table", "secret", "scanner", "server", "listener", "rules", "on", "route"];
+pub const TOP_KEYWORDS: &[&str] = &[
+    "require",
+    "include",
+    "list",
+    "table",
+    "secret",
+    "scanner",
+    "mailing_list",
+    "server",
+    "listener",
+    "rules",
+    "on",
+    "route",
+];
 
 fn starts_line_at_column_one(text: &str, t: &Token) -> bool {
     let s = t.start as usize;

@@ -8,5 +8,6 @@ pub mod batv;
 pub mod cdb;
 pub mod digest;
 pub mod greylist;
+pub mod listtoken;
 pub mod ratelimit;
 pub mod tables;

@@ -5,7 +5,7 @@
 (tag) @attribute
 (operator) @operator
 (null_check) @operator
-["require" "include" "list" "table" "secret" "scanner" "server" "listener" "rules" "on" "route"] @keyword
+["require" "include" "list" "table" "secret" "scanner" "mailing_list" "server" "listener" "rules" "on" "route"] @keyword
 ["if" "elsif" "else"] @keyword.conditional
 ["and" "or" "not" "allof" "anyof" "in" "is" "null"] @keyword.operator
 ["domains" "cidr" "strings"] @type.builtin

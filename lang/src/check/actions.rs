@@ -284,9 +284,11 @@ impl<'s> Checker<'s> {
                 Action::Masquerade(domains)
             }
             "expand" => {
-                let (t, tspan) = a.word(self, "an alias table, e.g. `expand aliases`")?;
-                let (_, id, _) = self.use_sym(&t, tspan, &["table"])?;
-                Action::Expand(TableId(id))
+                let (t, tspan) = a.word(self, "an alias table or a mailing list, e.g. `expand aliases`")?;
+                match self.use_sym(&t, tspan, &["table", "mailing list"])? {
+                    (SymKind::MailingList, id, _) => Action::ExpandList(id),
+                    (_, id, _) => Action::Expand(TableId(id)),
+                }
             }
             "alert" => {
                 let to = a.value(self, "the address to alert")?;

@@ -44,6 +44,7 @@ impl<'s> Checker<'s> {
                     ast::ResourceKw::Table => SymKind::Table,
                     ast::ResourceKw::Secret => SymKind::Secret,
                     ast::ResourceKw::Scanner => SymKind::Scanner,
+                    ast::ResourceKw::MailingList => SymKind::MailingList,
                 },
                 kind.name.clone(),
             ),
@@ -174,6 +175,14 @@ impl<'s> Checker<'s> {
                     schema::SCANNER_KINDS.iter().map(|(k, _)| *k).collect(),
                 )
             }
+            ast::ResourceKw::MailingList => {
+                let found = schema::MAILING_LIST_KINDS.iter().any(|(k, _)| *k == kind.name);
+                (
+                    schema::MAILING_LIST.to_vec(),
+                    found.then_some(true),
+                    schema::MAILING_LIST_KINDS.iter().map(|(k, _)| *k).collect(),
+                )
+            }
         };
         match needs_source {
             None => {
@@ -249,6 +258,124 @@ impl<'s> Checker<'s> {
             ast::ResourceKw::Table => self.prog.tables.push(res),
             ast::ResourceKw::Secret => self.prog.secrets.push(res),
             ast::ResourceKw::Scanner => self.prog.scanners.push(res),
+            ast::ResourceKw::MailingList => self.prog.mailing_lists.push(res),
+        }
+    }
+
+    /// What a mailing list needs beyond its settings' types (spec/language.md 4.9): an
+    /// address, the four required settings, a subscribers table the daemon can enumerate
+    /// and change (a `list` file, or `sql` with `members`, `insert` and `delete`), an
+    /// http(s) `web` URL.
+    pub(super) fn mailing_list(
+        &mut self,
+        name: &ast::Ident,
+        source: Option<&ast::StrLit>,
+        options: &[ast::Opt],
+        items: &[(FileId, Item)],
+    ) {
+        let opts: Vec<(String, OptValue)> =
+            self.prog.mailing_lists.iter().find(|l| l.name == name.name).map(|l| l.options.clone()).unwrap_or_default();
+        if let Some(src) = source {
+            let a = unescape_plain(&src.raw);
+            let (local, domain) = crate::address::split(&a);
+            if local.is_empty() || domain.is_empty() || !a.contains('@') || a.contains(' ') || local.contains('+') {
+                self.err(
+                    Diagnostic::error("mailc::arguments", format!("\"{a}\" is not a list address"))
+                        .at(src.span)
+                        .help("a list's address is local@domain without `+`, e.g. \"news@example.com\""),
+                );
+            }
+        }
+        for r in ["subscribers", "owner", "keys", "web"] {
+            if !opts.iter().any(|(n, _)| n == r) && !options.iter().any(|o| o.name.name == r) {
+                self.err(
+                    Diagnostic::error("mailc::setting", format!("the mailing list `{}` needs `{r}`", name.name))
+                        .at(name.span)
+                        .help(match r {
+                            "subscribers" => "add `subscribers TABLE;`: a `list` file table (one address per line) or an `sql` table",
+                            "owner" => "add `owner \"editor@example.com\";`: the person who runs the list",
+                            "keys" => "add `keys SECRET;`: a secret with `NUMBER KEY` lines that sign the unsubscribe and confirmation tokens",
+                            _ => "add `web \"https://lists.example.com\";`: the public URL of the `http` listener",
+                        }),
+                );
+            }
+        }
+        if self.prog.server.dkim_key.is_none() {
+            self.err(
+                Diagnostic::warning("mailc::setting", format!("the mailing list `{}` is not DKIM-signed", name.name))
+                    .at(name.span)
+                    .help("RFC 8058 one-click unsubscribe needs a DKIM signature that covers List-Unsubscribe: set the server's `dkim_key` and `dkim_selector`"),
+            );
+        }
+        let at = |n: &str| options.iter().find(|o| o.name.name == n).map(|o| o.value.span).unwrap_or(name.span);
+        if let Some(t) = options.iter().find(|o| o.name.name == "subscribers").and_then(|o| match &o.value.kind {
+            ValueKind::Path(p) => Some(p.clone()),
+            _ => None,
+        }) {
+            let kind = self.syms.get(&t).filter(|s| s.kind == SymKind::Table).map(|s| s.detail.clone());
+            match kind.as_deref() {
+                Some("list") | None => {}
+                Some("sql") => {
+                    let sql: Vec<String> = items
+                        .iter()
+                        .find_map(|(_, it)| match it {
+                            Item::Resource { kw: ast::ResourceKw::Table, name: n, options: o, .. } if n.name == t => {
+                                Some(o.iter().map(|x| x.name.name.clone()).collect())
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    for q in ["members", "insert", "delete"] {
+                        if !sql.iter().any(|n| n == q) {
+                            self.err(
+                                Diagnostic::error(
+                                    "mailc::setting",
+                                    format!("the sql table `{t}` holds the subscribers of `{}` but has no `{q}`", name.name),
+                                )
+                                .at(at("subscribers"))
+                                .help(match q {
+                                    "members" => "add `members \"SELECT address FROM subscribers WHERE list = 'news'\";`",
+                                    "insert" => "add `insert \"INSERT INTO subscribers (list, address) VALUES ('news', $1) ON CONFLICT DO NOTHING\";`",
+                                    _ => "add `delete \"DELETE FROM subscribers WHERE list = 'news' AND address = $1\";`",
+                                }),
+                            );
+                        }
+                    }
+                }
+                Some(other) => self.err(
+                    Diagnostic::error(
+                        "mailc::type",
+                        format!("`{t}` is a `{other}` table; a mailing list's subscribers are a `list` file or an `sql` table"),
+                    )
+                    .at(at("subscribers"))
+                    .help("the daemon lists, adds and removes subscribers: `table subscribers = list \"news.subscribers\";`"),
+                ),
+            }
+        }
+        if let Some((_, OptValue::Str(w))) = opts.iter().find(|(n, _)| n == "web") {
+            let ok = (w.starts_with("https://") || w.starts_with("http://"))
+                && w.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace));
+            if !ok {
+                self.err(
+                    Diagnostic::error("mailc::setting", format!("\"{w}\" is not an http(s) URL"))
+                        .at(at("web"))
+                        .help("write the public URL of the `http` listener, e.g. \"https://lists.example.com\""),
+                );
+            } else if !w.starts_with("https://") {
+                self.err(
+                    Diagnostic::warning("mailc::setting", format!("\"{w}\" is not HTTPS"))
+                        .at(at("web"))
+                        .help("RFC 8058 one-click unsubscribe needs an https:// URL: mail clients ignore plain http"),
+                );
+            }
+        }
+        if let Some((_, OptValue::Num(n))) = opts.iter().find(|(n, _)| n == "bounce_limit") {
+            if *n < 1.0 || n.fract() != 0.0 {
+                self.err(
+                    Diagnostic::error("mailc::setting", "`bounce_limit` is a whole number of at least 1")
+                        .at(at("bounce_limit")),
+                );
+            }
         }
     }
 

@@ -179,6 +179,7 @@ enum SymKind {
     Table,
     Secret,
     Scanner,
+    MailingList,
     Rules,
 }
 
@@ -189,6 +190,7 @@ impl SymKind {
             SymKind::Table => "table",
             SymKind::Secret => "secret",
             SymKind::Scanner => "scanner",
+            SymKind::MailingList => "mailing list",
             SymKind::Rules => "rules block",
         }
     }
@@ -331,6 +333,11 @@ impl<'s> Checker<'s> {
                 source: None,
                 options: Vec::new(),
             });
+        }
+        for (_, item) in items {
+            if let Item::Resource { kw: ast::ResourceKw::MailingList, name, source, options, .. } = item {
+                self.mailing_list(name, source.as_ref(), options, items);
+            }
         }
         // Variables: who sets what, and from which stage.
         let stage_items: Vec<(Stage, &Vec<Stmt>)> = items
@@ -481,6 +488,7 @@ fn example_decl(what: &str, name: &str) -> String {
         "secret" => format!("secret {name} = env \"{}\";", name.to_ascii_uppercase()),
         "scanner" => format!("scanner {name} = rspamd \"http://127.0.0.1:11333\";"),
         "rules block" => format!("rules {name} {{ ... }}"),
+        "mailing list" => format!("mailing_list {name} = newsletter \"{name}@example.com\" {{ ... }};"),
         _ => format!("list {name} = [\"...\"];"),
     }
 }

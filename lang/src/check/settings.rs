@@ -126,7 +126,7 @@ impl<'s> Checker<'s> {
                     _ => None,
                 };
                 let protocol = word("protocol").unwrap_or_else(|| "smtp".into());
-                let default_auth = if protocol == "smtp" { "none" } else { "required" };
+                let default_auth = if protocol == "smtp" || protocol == "http" { "none" } else { "required" };
                 let auth = word("auth").unwrap_or_else(|| default_auth.into());
                 if auth != "none" && !has("credentials") {
                     self.err(

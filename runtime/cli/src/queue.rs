@@ -456,6 +456,7 @@ mod tests {
             added_headers: vec![],
             session: Default::default(),
             copy: false,
+            list: None,
             tail: 0,
         }
     }

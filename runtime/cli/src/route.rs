@@ -134,7 +134,7 @@ impl Router<'_> {
             }
         }
         let by = rule.map(|r| format!(" (by {r})")).unwrap_or_else(|| " (no rule decided: the default)".into());
-        match decide(self.prog, self.dir, &msg, rcpt, v) {
+        match decide(self.prog, self.dir, &msg, rcpt, v, None) {
             Routed::Deliver { key, transport, address: to, sender: new_sender, .. } => {
                 out.push_str(&format!("{pad}  transport: {transport}{by}\n"));
                 let hop = match transport.kind {
@@ -180,6 +180,12 @@ impl Router<'_> {
             }
             Routed::Discard => {
                 out.push_str(&format!("{pad}  discarded{by}\n"));
+                true
+            }
+            Routed::ExpandList(list) => {
+                out.push_str(&format!(
+                    "{pad}  the mailing list `{list}`: one copy per confirmed subscriber, each with its VERP sender and List-* headers{by}\n"
+                ));
                 true
             }
         }

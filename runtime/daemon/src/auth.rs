@@ -222,6 +222,23 @@ enum Built {
 
 const SIGNED_HEADERS: [&str; 8] = ["From", "To", "Cc", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type"];
 
+/// What a mailing list copy's signature covers besides [`SIGNED_HEADERS`]: the fields the
+/// list adds, List-Unsubscribe and List-Unsubscribe-Post among them (RFC 8058 section 4).
+const LIST_SIGNED_HEADERS: [&str; 12] = [
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "MIME-Version",
+    "Content-Type",
+    "List-Id",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "List-Subscribe",
+];
+
 impl Signer {
     /// From the server settings; None when DKIM signing is not configured.
     pub fn from_program(prog: &Program, secrets: &dyn Fn(&str) -> Option<String>) -> Result<Option<Signer>, String> {
@@ -245,20 +262,37 @@ impl Signer {
                 sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).ok_or("no sender domain to sign for")?
             }
         };
+        self.sign_with(message, &domain, &SIGNED_HEADERS, "")
+    }
+
+    /// The signature of a mailing list copy of `list_domain` (spec/language.md 4.9), made
+    /// after the list's header fields were added and covering them; None when the signer is
+    /// not for that domain.
+    pub fn sign_list(&self, message: &[u8], list_domain: &str) -> Result<Option<String>, String> {
+        if !self.covers(&format!("list@{list_domain}")) {
+            return Ok(None);
+        }
+        let domain = self.domain.clone().unwrap_or_else(|| list_domain.to_ascii_lowercase());
+        self.sign_with(message, &domain, &LIST_SIGNED_HEADERS, "list:").map(Some)
+    }
+
+    fn sign_with(&self, message: &[u8], domain: &str, headers: &[&str], kind: &str) -> Result<String, String> {
         let built = {
             let mut cache = self.built.lock().map_err(|_| "signer cache poisoned".to_string())?;
-            match cache.get(&domain) {
+            let key = format!("{kind}{domain}");
+            match cache.get(&key) {
                 Some(b) => b.clone(),
                 None => {
+                    let h = headers.to_vec();
                     let b = std::sync::Arc::new(match parse_key(&self.der)? {
-                        RawKey::Rsa(k) => Built::Rsa(
-                            DkimSigner::from_key(k).domain(&domain).selector(&self.selector).headers(SIGNED_HEADERS),
-                        ),
-                        RawKey::Ed25519(k) => Built::Ed25519(
-                            DkimSigner::from_key(k).domain(&domain).selector(&self.selector).headers(SIGNED_HEADERS),
-                        ),
+                        RawKey::Rsa(k) => {
+                            Built::Rsa(DkimSigner::from_key(k).domain(domain).selector(&self.selector).headers(h))
+                        }
+                        RawKey::Ed25519(k) => {
+                            Built::Ed25519(DkimSigner::from_key(k).domain(domain).selector(&self.selector).headers(h))
+                        }
                     });
-                    cache.insert(domain.clone(), b.clone());
+                    cache.insert(key, b.clone());
                     b
                 }
             }

@@ -13,6 +13,7 @@ pub mod control;
 pub mod fault;
 pub mod fuzzing;
 pub mod ldap;
+pub mod lists;
 pub mod log;
 pub mod lookup;
 pub mod metrics;
@@ -28,6 +29,7 @@ pub mod session;
 pub mod sql;
 pub mod state;
 pub mod tls;
+pub mod web;
 
 pub mod spool;
 pub mod transport;
@@ -261,6 +263,7 @@ impl Shared {
             added_headers: Vec::new(),
             session: crate::conn::SessionRecord::internal(&prog, &self.hostname),
             copy: false,
+            list: None,
             tail: 0,
         };
         match self.store.store(&msg) {
@@ -357,22 +360,24 @@ pub fn spool_dir(prog: &Program, policy_dir: &Path, over: Option<&Path>) -> Path
 /// Build the runtime view of every listener (the embedded default when none is declared).
 pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str) -> Result<Vec<ListenerRt>, String> {
     let mut out = Vec::new();
-    let decls: Vec<(String, SocketAddr)> = if prog.listeners.is_empty() {
-        vec![("default".into(), SocketAddr::from(([127, 0, 0, 1], 2525)))]
-    } else {
-        prog.listeners
-            .iter()
-            .map(|l| {
-                let name = l.name.clone();
-                let addr = l
-                    .address
-                    .as_deref()
-                    .and_then(|a| a.parse().ok())
-                    .ok_or_else(|| format!("listener {name}: bad address"))?;
-                Ok((name, addr))
-            })
-            .collect::<Result<_, String>>()?
-    };
+    let decls: Vec<(String, SocketAddr)> =
+        if prog.listeners.iter().all(|l| l.protocol == mailpolicy_lang::settings::Protocol::Http) {
+            vec![("default".into(), SocketAddr::from(([127, 0, 0, 1], 2525)))]
+        } else {
+            prog.listeners
+                .iter()
+                .filter(|l| l.protocol != mailpolicy_lang::settings::Protocol::Http)
+                .map(|l| {
+                    let name = l.name.clone();
+                    let addr = l
+                        .address
+                        .as_deref()
+                        .and_then(|a| a.parse().ok())
+                        .ok_or_else(|| format!("listener {name}: bad address"))?;
+                    Ok((name, addr))
+                })
+                .collect::<Result<_, String>>()?
+        };
     for (name, address) in decls {
         let decl = prog.listener_or_default(Some(&name));
         let implicit_tls = decl.protocol == Protocol::Submissions;
@@ -590,6 +595,36 @@ pub async fn start_with(
         );
         addresses.push((l.name.clone(), bound));
         tokio::spawn(accept_loop(shared.clone(), Arc::new(l), sock));
+    }
+    // The mailing lists' web endpoint (`protocol http`, web.rs).
+    let prog = shared.program();
+    for l in prog.listeners.iter().filter(|l| l.protocol == mailpolicy_lang::settings::Protocol::Http) {
+        let name = l.name.clone();
+        let address: SocketAddr =
+            l.address.as_deref().and_then(|a| a.parse().ok()).ok_or_else(|| format!("listener {name}: bad address"))?;
+        let tls = if l.tls() == mailpolicy_lang::settings::Tls::Required {
+            let (cert, key) = match l.cert.as_deref().zip(l.key.as_deref()) {
+                Some((c, k)) => (policy_dir.join(c), policy_dir.join(k)),
+                None => tls::self_signed(&spool.join("tls"), &shared.hostname)?,
+            };
+            Some(tokio_rustls::TlsAcceptor::from(tls::server_config(&cert, &key, None, false)?))
+        } else {
+            None
+        };
+        let sock =
+            TcpListener::bind(address).await.map_err(|e| format!("listener {name}: cannot bind {address}: {e}"))?;
+        let bound = sock.local_addr().map_err(|e| e.to_string())?;
+        shared.log.event(
+            "listening",
+            &[
+                ("listener", &name),
+                ("address", &bound.to_string()),
+                ("protocol", if tls.is_some() { "https" } else { "http" }),
+            ],
+        );
+        addresses.push((name.clone(), bound));
+        let mgr = lists::Manager { shared: shared.clone(), policy_dir: policy_dir.clone(), spool_dir: spool.clone() };
+        tokio::spawn(web::serve(mgr, name, sock, tls));
     }
     Ok(Running { addresses, shutdown: tx, shared })
 }

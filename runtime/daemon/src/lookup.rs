@@ -119,6 +119,17 @@ impl Lookups {
         })
     }
 
+    /// A mailing list's statement on its SQL subscribers table (`members`, `insert`, `delete`).
+    pub async fn sql_statement(
+        &self,
+        prog: &Program,
+        t: &mailpolicy_lang::ir::Resource,
+        option: &str,
+        param: Option<&str>,
+    ) -> Result<Vec<String>, String> {
+        self.sql.statement(prog, t, option, param, &self.secrets, self.lookup_timeout).await
+    }
+
     pub fn secret(&self, name: &str) -> Option<&str> {
         self.secrets.get(name).map(String::as_str)
     }

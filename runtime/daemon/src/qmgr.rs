@@ -99,6 +99,8 @@ struct RouteInfo {
     mx: bool,
     /// The route stage's header edits for this envelope's copy.
     headers: Vec<crate::headers::Edit>,
+    /// A mailing list copy: DKIM-sign it for this domain after the edits.
+    sign: Option<String>,
 }
 
 struct JobDone {
@@ -467,10 +469,49 @@ impl Qmgr {
                 RcptState::Deferred { attempts, .. } => *attempts,
                 _ => 0,
             };
-            let routed = match &stored.message.filter {
-                // R44: a message with a content filter goes there first, whatever route says.
-                Some(t) => route::filter_route(t, &stored.message.recipients[i].address),
+            // A list's service address (LIST-request, owner-LIST, VERP bounces) is the list
+            // manager's, before the route stage (spec/language.md 4.9).
+            let service = match &stored.message.filter {
+                Some(_) => None,
                 None => {
+                    crate::lists::service(&self.prog, &self.shared.lookups(), &stored.message.recipients[i].address)
+                }
+            };
+            let handled = match service {
+                Some((list, svc)) => {
+                    let mgr = crate::lists::Manager {
+                        shared: self.shared.clone(),
+                        policy_dir: self.policy_dir.clone(),
+                        spool_dir: self.spool.dir().to_path_buf(),
+                    };
+                    let h = mgr.handle(&list, &svc, &stored.message).await;
+                    self.shared.log.event(
+                        "list-service",
+                        &[
+                            ("id", id),
+                            ("list", &list.name),
+                            ("to", &stored.message.recipients[i].address),
+                            ("result", &format!("{h:?}")),
+                        ],
+                    );
+                    Some(h)
+                }
+                None => None,
+            };
+            let routed = match (handled, &stored.message.filter) {
+                (Some(crate::lists::Handled::Done(text)), _) => {
+                    let text: String =
+                        text.chars().filter(|c| c.is_ascii() && !c.is_ascii_control()).take(300).collect();
+                    updates.push((i, RcptState::Delivered { at: now, reply: format!("250 2.0.0 {text}") }));
+                    continue;
+                }
+                (Some(crate::lists::Handled::Forward(to)), _) => Routed::Expand { members: vec![to], sender: None },
+                (Some(crate::lists::Handled::Retry(text)), _) => {
+                    Routed::Defer(RenderedReply { code: 451, enhanced: (4, 3, 0), text })
+                }
+                // R44: a message with a content filter goes there first, whatever route says.
+                (None, Some(t)) => route::filter_route(t, &stored.message.recipients[i].address),
+                (None, None) => {
                     let (routed, wanted) = route::route(
                         &self.prog,
                         &self.shared.lookups(),
@@ -495,7 +536,7 @@ impl Qmgr {
                 }
             };
             match routed {
-                Routed::Deliver { key, transport, address, sender, headers } => {
+                Routed::Deliver { key, transport, address, sender, headers, sign } => {
                     let Some(target) = target_for(&key, &address) else {
                         failures.push((i, format!("550 5.3.5 Bad destination {key}")));
                         continue;
@@ -519,7 +560,7 @@ impl Qmgr {
                         .map(|f| self.policy_dir.join(f));
                     self.routes.insert(
                         (id.to_string(), i),
-                        RouteInfo { address, sender, target, tls, auth, ca, implicit_tls, cert, mx, headers },
+                        RouteInfo { address, sender, target, tls, auth, ca, implicit_tls, cert, mx, headers, sign },
                     );
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
@@ -572,6 +613,83 @@ impl Qmgr {
                             Box::pin(self.admit(new_id.as_str())).await;
                         }
                         Err(e) => self.shared.log.event("expand-failed", &[("id", id), ("error", &e.to_string())]),
+                    }
+                }
+                Routed::ExpandList(name) => {
+                    let lookups = self.shared.lookups();
+                    let Some(list) = crate::lists::by_name(&self.prog, &lookups, &name) else {
+                        failures.push((i, format!("550 5.1.1 no mailing list {name}")));
+                        continue;
+                    };
+                    let members = match crate::lists::members(&self.policy_dir, &self.prog, &lookups, &list).await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            self.shared.log.event("list-expand-failed", &[("id", id), ("list", &name), ("error", &e)]);
+                            updates.push((
+                                i,
+                                RcptState::Deferred {
+                                    attempts: attempts + 1,
+                                    next_at: now + 300_000,
+                                    last_reply: format!("451 4.3.0 list {name}: {e}"),
+                                },
+                            ));
+                            continue;
+                        }
+                    };
+                    if members.is_empty() {
+                        updates.push((
+                            i,
+                            RcptState::Delivered {
+                                at: now,
+                                reply: format!("250 2.1.5 list {name} has no subscribers"),
+                            },
+                        ));
+                        continue;
+                    }
+                    if crate::headers::received_count(&stored.message.data) > 50 {
+                        failures.push((i, "554 5.4.6 Mail loop: too many Received headers".into()));
+                        continue;
+                    }
+                    // One copy for all subscribers; each is routed with its own VERP sender and
+                    // List-* headers (route.rs), so each gets an envelope of its own.
+                    let mut m = stored.message.clone();
+                    m.sender = list.owner_address();
+                    m.list = Some(list.name.clone());
+                    m.archive.clear();
+                    m.copy = true;
+                    m.recipients = members
+                        .iter()
+                        .map(|a| QueuedRcpt {
+                            address: a.clone(),
+                            notify: vec!["FAILURE".into()],
+                            ..Default::default()
+                        })
+                        .collect();
+                    let class = stored.class;
+                    let n = members.len();
+                    match spool_io(&self.spool, move |s| s.store(&m, class, now).map_err(std::io::Error::other)).await {
+                        Ok(new_id) => {
+                            self.shared.log.event(
+                                "list-expanded",
+                                &[
+                                    ("id", id),
+                                    ("list", &name),
+                                    ("into", new_id.as_str()),
+                                    ("subscribers", &n.to_string()),
+                                ],
+                            );
+                            updates.push((
+                                i,
+                                RcptState::Delivered {
+                                    at: now,
+                                    reply: format!("250 2.1.5 expanded to {n} subscribers of list {name}"),
+                                },
+                            ));
+                            Box::pin(self.admit(new_id.as_str())).await;
+                        }
+                        Err(e) => {
+                            self.shared.log.event("expand-failed", &[("id", id), ("error", &e.to_string())]);
+                        }
                     }
                 }
                 Routed::Fail(r) => {
@@ -909,6 +1027,25 @@ impl Qmgr {
             } else {
                 edited = crate::headers::edit(&msg.data, "", &first.headers);
                 &edited
+            };
+            // A mailing list copy is signed now, after its List-* fields were added, so the
+            // signature covers List-Unsubscribe and List-Unsubscribe-Post (RFC 8058).
+            let signed;
+            let data: &[u8] = match (&first.sign, lookups.signer.as_ref()) {
+                (Some(domain), Some(signer)) => match signer.sign_list(data, domain) {
+                    Ok(Some(h)) => {
+                        let mut v = h.into_bytes();
+                        v.extend_from_slice(data);
+                        signed = v;
+                        &signed
+                    }
+                    Ok(None) => data,
+                    Err(e) => {
+                        shared.log.event("dkim-sign-failed", &[("id", id.as_str()), ("error", &e)]);
+                        data
+                    }
+                },
+                _ => data,
             };
             let attempt_started = now_ms();
             let report: DeliveryReport = driver::deliver(&first.target, &env, data, &opts).await;

@@ -23,7 +23,12 @@ pub enum Routed {
         address: String,
         sender: Option<String>,
         headers: Vec<crate::headers::Edit>,
+        /// A mailing list copy: DKIM-sign it for this domain after the header edits, so the
+        /// signature covers List-Unsubscribe and List-Unsubscribe-Post (RFC 8058).
+        sign: Option<String>,
     },
+    /// `expand LIST` with a mailing list: the post goes to the list's subscribers.
+    ExpandList(String),
     /// The recipient is replaced by these addresses (alias or list expansion, redirect);
     /// `sender` is the list owner when the table names one (R39).
     Expand { members: Vec<String>, sender: Option<String> },
@@ -138,7 +143,12 @@ pub async fn route(
             _ => None,
         })
         .collect();
-    (decide(prog, policy_dir, msg, rcpt, v), copies)
+    // A subscriber of a list copy: its VERP sender and its own List-* headers (R11).
+    let list = msg.list.as_deref().and_then(|name| crate::lists::by_name(prog, lookups, name)).map(|l| {
+        let (verp, edits) = crate::lists::personal(&l, &rcpt.address);
+        (verp, edits, l.domain.clone())
+    });
+    (decide(prog, policy_dir, msg, rcpt, v, list), copies)
 }
 
 /// The route stage's verdict for `rcpt` of `msg`, rewritten recipients routed anew (the
@@ -173,7 +183,16 @@ pub async fn route_verdict(
 
 /// What the route stage's verdict means for the recipient: its transport and next hop, an
 /// expansion, a failure, a deferral or a discard.
-pub fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &QueuedRcpt, v: Verdict) -> Routed {
+/// `list`: for a subscriber of a mailing-list copy, its VERP sender, its own List-* headers
+/// and the list's signing domain (R11).
+pub fn decide(
+    prog: &Program,
+    policy_dir: &Path,
+    msg: &QueuedMessage,
+    rcpt: &QueuedRcpt,
+    v: Verdict,
+    list: Option<(String, Vec<crate::headers::Edit>, String)>,
+) -> Routed {
     let mut address = rcpt.address.clone();
     let mut sender: Option<String> = None;
     let mut headers = Vec::new();
@@ -195,9 +214,18 @@ pub fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &Que
                 return Routed::Expand { members: members.clone(), sender: owner.clone() }
             }
             Effect::Redirect(to) => return Routed::Expand { members: vec![to.clone()], sender: None },
+            Effect::ExpandList(name) => return Routed::ExpandList(name.clone()),
             Effect::RewriteRecipient(a) => address = a.clone(),
             _ => {}
         }
+    }
+    // A list copy goes out with the subscriber's VERP sender and List-* headers, whatever
+    // the route stage rewrote: each bounce must name its subscriber.
+    let mut sign = None;
+    if let Some((verp, edits, domain)) = list {
+        sender = Some(verp);
+        headers.extend(edits);
+        sign = Some(domain);
     }
     let transport = match v.outcome {
         Outcome::Reject(r) => return Routed::Fail(r),
@@ -272,7 +300,7 @@ pub fn decide(prog: &Program, policy_dir: &Path, msg: &QueuedMessage, rcpt: &Que
     };
     // So do recipients whose copy the route stage edited: one message text per envelope.
     let key = if headers.is_empty() { key } else { format!("{key} headers={:016x}", edits_digest(&headers)) };
-    Routed::Deliver { key, transport, address, sender, headers }
+    Routed::Deliver { key, transport, address, sender, headers, sign }
 }
 
 /// A digest of header edits that stays the same across restarts (FNV-1a), so recipients
@@ -336,6 +364,7 @@ pub fn filter_route(t: &RenderedTransport, address: &str) -> Routed {
         address: address.to_string(),
         sender: None,
         headers: Vec::new(),
+        sign: None,
     }
 }
 

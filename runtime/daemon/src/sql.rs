@@ -109,6 +109,67 @@ impl Pool {
         }
     }
 
+    /// A mailing list's statement on its subscribers table (`members`, `insert`, `delete`,
+    /// spec/language.md 4.9): with no parameter or one (`$1`, the address); the first column
+    /// of every row it returns. On the table's pool, within its time-out.
+    pub async fn statement(
+        &self,
+        prog: &Program,
+        t: &Resource,
+        option: &str,
+        param: Option<&str>,
+        secrets: &HashMap<String, String>,
+        default_timeout: Duration,
+    ) -> Result<Vec<String>, String> {
+        let timeout = super::lookup::table_timeout(t, default_timeout);
+        let pool = self.table(t);
+        match tokio::time::timeout(timeout, Self::run(&pool, prog, t, option, param, secrets)).await {
+            Ok(r) => r.map_err(|e| format!("sql table {}: {e}", t.name)),
+            Err(_) => Err(format!("sql table {}: timed out", t.name)),
+        }
+    }
+
+    async fn run(
+        pool: &TablePool,
+        prog: &Program,
+        t: &Resource,
+        option: &str,
+        param: Option<&str>,
+        secrets: &HashMap<String, String>,
+    ) -> Result<Vec<String>, String> {
+        let sql = opt(t, option).ok_or_else(|| format!("no `{option}` statement"))?;
+        let url = opt(t, "url").ok_or("no url")?;
+        let password = super::lookup::table_secret(prog, t, "password", secrets);
+        let ident = format!("{url}\0{}", password.as_deref().unwrap_or(""));
+        let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
+        let reused = {
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|c| c.ident == ident && !c.client.is_closed());
+            idle.pop()
+        };
+        let conn = match reused {
+            Some(c) => c,
+            None => {
+                let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("url: {e}"))?;
+                if let Some(pw) = &password {
+                    config.password(pw);
+                }
+                let (client, connection) = config.connect(NoTls).await.map_err(|e| format!("connect: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                Conn { client, ident, prepared: None }
+            }
+        };
+        let rows = match param {
+            Some(p) => conn.client.query(sql, &[&p]).await,
+            None => conn.client.query(sql, &[]).await,
+        }
+        .map_err(|e| format!("{option}: {e}"))?;
+        pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        Ok(rows.iter().filter_map(|r| r.try_get::<_, Option<String>>(0).ok().flatten()).collect())
+    }
+
     async fn query(
         pool: &TablePool,
         prog: &Program,

@@ -920,6 +920,7 @@ impl Conn {
                     added_headers: added,
                     session: self.session_record(),
                     copy: false,
+                    list: None,
                     tail: spilled,
                 };
                 // B7: Authentication-Results for what the policy checked, and our DKIM

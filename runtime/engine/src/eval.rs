@@ -840,6 +840,9 @@ impl Run {
                     .collect();
                 Effect::Expand { members, owner }
             }
+            Action::ExpandList(id) => {
+                Effect::ExpandList(prog.mailing_lists.get(*id as usize).map(|l| l.name.clone()).unwrap_or_default())
+            }
             Action::Alert { to, text, every_ms } => Effect::Alert {
                 to: self.render(prog, f, st, to)?,
                 text: self.render(prog, f, st, text)?,

@@ -84,6 +84,7 @@ pub fn encode_header(id: &QueueId, class: Class, arrived_ms: u64, msg: &QueuedMe
         added_headers: msg.added_headers.clone(),
         session: msg.session.clone(),
         copy: msg.copy,
+        list: msg.list.clone(),
         tail: msg.tail,
     };
     let data_len = (msg.data.len() as u64).saturating_add(msg.tail);
@@ -283,6 +284,9 @@ pub struct QueuedMessage {
     pub session: SessionRecord,
     /// A copy the queue made (route-stage `bcc`): it makes no further copies.
     pub copy: bool,
+    /// The mailing list this copy is a post to (`expand LIST`): each recipient is a
+    /// subscriber, delivered with the list's VERP sender and its List-* headers.
+    pub list: Option<String>,
     /// Bytes of the message that follow `data` and that the host holds (the session's
     /// spill file, `Session::take_spill`); the spool appends them when it stores.
     #[serde(skip)]

@@ -49,6 +49,7 @@ pub(crate) fn message(sender: &str, rcpts: &[&str], body: &[u8]) -> QueuedMessag
         added_headers: vec![("X-Test".into(), "1".into())],
         session: Default::default(),
         copy: false,
+        list: None,
         tail: 0,
     }
 }

@@ -264,6 +264,8 @@ pub enum Effect {
         members: Vec<String>,
         owner: Option<String>,
     },
+    /// `expand LIST` with a mailing list (by name): the post goes to its subscribers.
+    ExpandList(String),
     Alert {
         to: String,
         text: String,

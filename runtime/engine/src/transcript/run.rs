@@ -1210,6 +1210,7 @@ pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
                 members.join(", "),
                 owner.as_ref().map(|o| format!(" owner {o}")).unwrap_or_default()
             )),
+            eval::Effect::ExpandList(l) => parts.push(format!("expand list {l}")),
             eval::Effect::Masquerade(d) => parts.push(format!("masquerade {}", d.join(", "))),
             eval::Effect::Bcc(a) => parts.push(format!("bcc {a}")),
             eval::Effect::Archive(a) => parts.push(format!("archive {a}")),
