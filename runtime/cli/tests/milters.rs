@@ -562,7 +562,11 @@ fn queued(spool: &Path) -> usize {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
             let rel = p.strip_prefix(spool).unwrap_or(&p).to_string_lossy().to_string();
-            if rel.starts_with("tls") || rel.starts_with("corrupt") || rel.starts_with("tmp") {
+            if rel.starts_with("tls")
+                || rel.starts_with("corrupt")
+                || rel.starts_with("tmp")
+                || rel.starts_with("private")
+            {
                 continue;
             }
             if p.is_dir() {
