@@ -4,7 +4,7 @@ use std::net::UdpSocket;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::{need, wait_for, Peer, TempDir};
+use crate::{need, Peer, TempDir};
 
 const UNBOUND: &str = "/usr/sbin/unbound";
 
@@ -13,7 +13,8 @@ const UNBOUND: &str = "/usr/sbin/unbound";
 pub struct Unbound {
     pub port: u16,
     peer: Option<Peer>,
-    dir: TempDir,
+    /// Its configuration and log; removed on drop.
+    _dir: TempDir,
 }
 
 impl Unbound {
@@ -24,39 +25,53 @@ impl Unbound {
     pub fn start(zones: &[&str], records: &[&str], options: &[&str]) -> Unbound {
         need(UNBOUND, "unbound");
         let dir = TempDir::new("unbound");
-        let port = UdpSocket::bind("127.0.0.1:0").expect("bind udp").local_addr().expect("local addr").port();
-        let mut conf = format!(
-            "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"{d}/unbound.log\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n",
-            d = dir.0.display()
-        );
-        for o in options {
-            conf.push_str(&format!("  {o}\n"));
+        // unbound binds the port for UDP and TCP: a port free for UDP a moment ago may be
+        // taken for TCP by a parallel test, and unbound then exits. Try another port.
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let port = UdpSocket::bind("127.0.0.1:0").expect("bind udp").local_addr().expect("local addr").port();
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            let mut conf = format!(
+                "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"{d}/unbound.log\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n",
+                d = dir.0.display()
+            );
+            for o in options {
+                conf.push_str(&format!("  {o}\n"));
+            }
+            for z in zones {
+                conf.push_str(&format!("  local-zone: \"{z}\" static\n"));
+            }
+            for r in records {
+                conf.push_str(&format!("  local-data: '{r}'\n"));
+            }
+            conf.push_str("remote-control:\n  control-enable: no\n");
+            std::fs::write(dir.join("unbound.conf"), conf).expect("write unbound.conf");
+            let mut child = Command::new(UNBOUND)
+                .arg("-d")
+                .arg("-c")
+                .arg(dir.join("unbound.conf"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start unbound");
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if answers(port) {
+                    return Unbound { port, peer: Some(Peer(child)), _dir: dir };
+                }
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            last_log = std::fs::read_to_string(dir.join("unbound.log")).unwrap_or_default();
         }
-        for z in zones {
-            conf.push_str(&format!("  local-zone: \"{z}\" static\n"));
-        }
-        for r in records {
-            conf.push_str(&format!("  local-data: '{r}'\n"));
-        }
-        conf.push_str("remote-control:\n  control-enable: no\n");
-        std::fs::write(dir.join("unbound.conf"), conf).expect("write unbound.conf");
-        let child = Command::new(UNBOUND)
-            .arg("-d")
-            .arg("-c")
-            .arg(dir.join("unbound.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start unbound");
-        let ub = Unbound { port, peer: Some(Peer(child)), dir };
-        wait_for(
-            Duration::from_secs(15),
-            "unbound to answer",
-            || answers(port),
-            || std::fs::read_to_string(ub.dir.join("unbound.log")).unwrap_or_default(),
-        );
-        ub
+        panic!("unbound did not answer on any of five ports\n{last_log}");
     }
 
     /// `127.0.0.1:PORT`, as a policy's `dns_server` takes it.
