@@ -8,11 +8,13 @@
 //! instead of hanging it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use mailpolicy_test_support::{free_port, listening, wait_for};
 
 const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
 const REDIS: &str = "/usr/bin/redis-server";
@@ -22,25 +24,6 @@ fn need(path: &str, package: &str) {
         Path::new(path).exists(),
         "{path} not found (Debian package {package}); run tests/run.sh, which installs the test peers"
     );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
-}
-
-fn listening(port: u16) -> bool {
-    TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(500)).is_ok()
-}
-
-fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {limit:?} waiting for {what}\n{}", context());
 }
 
 struct TempDir(PathBuf);

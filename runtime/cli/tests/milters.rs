@@ -9,13 +9,13 @@
 //!
 //! No timed assertions: every wait is bounded only so that a broken peer fails the test.
 
-use std::net::{IpAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mailpolicy_test_support::{PeerIn, TempDir};
+use mailpolicy_test_support::{free_port, listening, wait_for, PeerIn, TempDir};
 
 const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
 const SWAKS: &str = "/usr/bin/swaks";
@@ -32,25 +32,6 @@ fn need(path: &str, package: &str) {
         Path::new(path).exists(),
         "{path} not found (Debian package {package}); run tests/run.sh, which installs the test peers"
     );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
-}
-
-fn listening(port: u16) -> bool {
-    TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(500)).is_ok()
-}
-
-fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {limit:?} waiting for {what}\n{}", context());
 }
 
 /// A child process killed and reaped on drop.
