@@ -248,6 +248,10 @@ words! {
     pub enum StateOnError { Tempfail = "tempfail", Local = "local" }
 }
 words! {
+    /// `backup_on_error`.
+    pub enum BackupOnError { Accept = "accept", Tempfail = "tempfail" }
+}
+words! {
     /// `log`: where log lines go.
     pub enum LogTarget { Stderr = "stderr", Syslog = "syslog", Journal = "journal" }
 }
@@ -392,6 +396,20 @@ settings! {
         state_prefix: String = Dflt::Str("mailpolicy:"), Str, "prefix of every key in the shared state store";
         state_lease: Duration = Dflt::Ms(60_000), Duration,
             "life of a session's `concurrent` lease in the shared store, renewed every third of it while the session lives (at least 1s)";
+        state_password: Option<SecretId> = Dflt::Text("none: the URL's own, if it has one"), Secret,
+            "the shared state store's password, kept out of the policy text: a secret, used instead of any password in the `state` URL";
+        backup_peer: Option<String> = Dflt::Text("none"), Str,
+            "IP:port of the peer host's `backup_listen`: before the 250, a copy of every accepted message is held there, delivered by the peer only if this host dies before finishing it (section 5.5)";
+        backup_listen: Option<String> = Dflt::Text("none"), Str,
+            "IP:port where this host holds its peers' copies (section 5.5); bind it to loopback or the cluster's network";
+        backup_key: Option<SecretId> = Dflt::Text("none"), Secret,
+            "the key that signs the copies between peers (the same secret on every host); required with `backup_peer` or `backup_listen`";
+        backup_on_error: BackupOnError = Dflt::Word("accept"), Word(BackupOnError::WORDS),
+            "when the peer does not hold the copy in time: accept with this host's copy alone (accept), or answer 451 4.3.0 (tempfail)";
+        backup_timeout: Duration = Dflt::Ms(30_000), Duration,
+            "bound of handing one copy to the peer, connecting included";
+        backup_takeover: Duration = Dflt::Ms(600_000), Duration,
+            "how long a peer must have been silent in the shared state store before the copies it left here are delivered";
         log: LogTarget = Dflt::Word("stderr"), Word(LogTarget::WORDS),
             "where log lines go: standard error, the local syslog socket, or the systemd journal";
         syslog_socket: String = Dflt::Str("/dev/log"), Str, "the syslog socket `log syslog` writes to";

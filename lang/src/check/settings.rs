@@ -3,6 +3,58 @@
 use super::*;
 
 impl<'s> Checker<'s> {
+    /// `backup_peer`/`backup_listen` (section 5.5): IP:port addresses, a `backup_key`, and a
+    /// shared state store (the peers' heartbeats and confirmations live there); a password
+    /// written in the `state` URL is better a `state_password` secret.
+    fn backup_settings(&mut self, opts: &[(String, OptValue)], options: &[ast::Opt], span: Span) {
+        let at = |k: &str| options.iter().find(|o| o.name.name == k).map(|o| o.value.span).unwrap_or(span);
+        let state = opts.iter().find_map(|(k, v)| match v {
+            OptValue::Str(u) if k == "state" => Some(u.as_str()),
+            _ => None,
+        });
+        let mut named = None;
+        for k in ["backup_peer", "backup_listen"] {
+            if let Some((_, OptValue::Str(a))) = opts.iter().find(|(n, _)| n == k) {
+                named.get_or_insert(k);
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    self.err(
+                        Diagnostic::error("mailc::setting", format!("\"{a}\" is not an IP:port address"))
+                            .at(at(k))
+                            .help("write the peer's backup listener as \"10.0.0.2:2526\" or \"[2001:db8::2]:2526\""),
+                    );
+                }
+            }
+        }
+        if let Some(k) = named {
+            if !opts.iter().any(|(n, _)| n == "backup_key") {
+                self.err(
+                    Diagnostic::error("mailc::setting", format!("`{k}` needs a `backup_key`"))
+                        .at(at(k))
+                        .help("declare `secret backup = file \"backup.key\";` (the same key on every host) and write `backup_key backup;`"),
+                );
+            }
+            if state.is_none_or(|u| u == "local") {
+                self.err(
+                    Diagnostic::error("mailc::setting", format!("`{k}` needs a shared state store"))
+                        .at(at(k))
+                        .help("the hosts see each other's heartbeats and confirmations in Redis: add `state \"redis://HOST:6379/0\";`"),
+                );
+            }
+        }
+        if let Some(u) = state {
+            let pass = u.split_once("://").and_then(|(_, rest)| rest.split(['/', '?']).next()).and_then(|auth| {
+                auth.rsplit_once('@').and_then(|(cred, _)| cred.split_once(':')).filter(|(_, p)| !p.is_empty())
+            });
+            if pass.is_some() {
+                self.err(
+                    Diagnostic::warning("mailc::setting", "the state store's password is written in the policy")
+                        .at(at("state"))
+                        .help("keep it out of the policy text: `secret redis = file \"redis.pass\";` and `state_password redis;`"),
+                );
+            }
+        }
+    }
+
     pub(super) fn settings(
         &mut self,
         kw: ast::SettingsKw,
@@ -43,6 +95,7 @@ impl<'s> Checker<'s> {
                         );
                     }
                 }
+                self.backup_settings(&opts, options, span);
                 if let Some((_, OptValue::Str(h))) = opts.iter().find(|(k, _)| k == "fallback_relay") {
                     let at =
                         options.iter().find(|o| o.name.name == "fallback_relay").map(|o| o.value.span).unwrap_or(span);

@@ -80,13 +80,20 @@ struct Redis {
     child: Guard,
     dir: PathBuf,
     port: u16,
+    args: Vec<String>,
 }
 
 impl Redis {
     fn start(dir: PathBuf) -> Redis {
+        Redis::start_with(dir, &[])
+    }
+
+    /// With more redis-server options (`--requirepass SECRET`).
+    fn start_with(dir: PathBuf, args: &[&str]) -> Redis {
         need(REDIS, "redis-server");
         std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut r = Redis { child: Guard(None), dir, port: free_port() };
+        let mut r =
+            Redis { child: Guard(None), dir, port: free_port(), args: args.iter().map(|a| a.to_string()).collect() };
         r.restart();
         r
     }
@@ -96,6 +103,7 @@ impl Redis {
         let child = Command::new(REDIS)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--protected-mode", "no"])
+            .args(&self.args)
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -451,6 +459,41 @@ fn a_dead_redis_falls_back_to_local_state_when_the_policy_says_so() {
     assert_eq!(n, 4, "the shared window again: {}", ctx());
 }
 
+/// `state_password`: the password of a Redis with `requirepass` comes from a secret (a
+/// file here), not the policy text; a host with the wrong one gets the configured failure
+/// (451 4.4.3), and one with the right one shares the window.
+#[test]
+fn the_state_password_is_a_secret() {
+    let t = TempDir::new("password");
+    let redis = Redis::start_with(t.join("redis"), &["--requirepass", "s3cret-pass"]);
+    let host = |name: &str, pass: &str| {
+        let dir = t.join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("redis.pass"), format!("{pass}\n")).expect("password file");
+        let port = free_port();
+        let rules = format!("secret redis = file \"redis.pass\";\n{RATE_RULE}");
+        Daemon::start(
+            dir,
+            &policy(name, port, &redis.url(), "state_password redis; state_timeout 500ms;", &rules),
+            port,
+        )
+    };
+    let good = host("good", "s3cret-pass");
+    let bad = host("bad", "wrong");
+    for _ in 0..4 {
+        let (code, text) = send_one(good.port, "s@far.test", "u@d.test");
+        assert_eq!(code, 250, "{text}\n{}", good.log());
+    }
+    let (code, text) = send_one(good.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 451, "the window is in Redis: {text}");
+    assert!(text.contains("4.7.1"), "{text}");
+    let (code, text) = send_one(bad.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 451, "{text}\n{}", bad.log());
+    assert!(text.contains("4.4.3"), "the wrong password is a store failure: {text}");
+    assert!(bad.log().contains("state-down"), "{}", bad.log());
+    assert!(!good.log().contains("s3cret-pass") && !bad.log().contains("wrong"), "no password in the logs");
+}
+
 // ------------------------------------------------------------------ PROXY protocol
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -662,4 +705,188 @@ fn a_callahead_answer_is_shared_by_the_hosts() {
     assert_eq!(code, 250, "B answers from A's call-ahead: {text}\n{}", b.log());
     let (code, text) = rcpt(b.port, "carol@ok.test");
     assert!((400..500).contains(&code), "nobody asked about carol, and the next hop is gone: {text}");
+}
+
+// ------------------------------------------------------------------ shadow copies (R12)
+
+/// A host of a backup pair: relays `d.test` to `sink`, holds its copies at its peer's
+/// `backup_listen`, and holds the peer's at its own. The key is the same on both hosts.
+fn backup_host(dir: &Path, host: &str, port: u16, listen: u16, peer: u16, sink: u16, redis: &Redis, extra: &str) {
+    std::fs::create_dir_all(dir).expect("host dir");
+    std::fs::write(dir.join("backup.key"), "k3y shared by the pair\n").expect("key");
+    let policy = format!(
+        "secret backup = file \"backup.key\";\n\
+         list relayed = domains [\"d.test\"];\n\
+         server {{ hostname \"{host}\"; spool \"spool\"; relay_domains relayed; state \"{}\"; retry_min 1h;\n\
+           backup_peer \"127.0.0.1:{peer}\"; backup_listen \"127.0.0.1:{listen}\"; backup_key backup; backup_takeover 2s; {extra} }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         route {{ deliver smtp \"[127.0.0.1]:{sink}\"; }}\n",
+        redis.url()
+    );
+    std::fs::write(dir.join("policy.mailpolicy"), policy).expect("policy");
+}
+
+/// The next hop of both hosts: a third `mailc serve` delivering `d.test` to a Maildir.
+fn sink(dir: PathBuf, port: u16) -> Daemon {
+    let policy = format!(
+        "list local = domains [\"d.test\"];\n\
+         server {{ hostname \"sink.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
+         listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
+         route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
+    );
+    Daemon::start(dir, &policy, port)
+}
+
+/// A backup pair: A (mx-a.test) and B (mx-b.test), each the other's backup peer.
+struct Pair {
+    a: Daemon,
+    b: Daemon,
+    b_listen: u16,
+}
+
+fn pair(t: &TempDir, redis: &Redis, sink_port: u16, extra_a: &str) -> Pair {
+    let (pa, pb, la, lb) = (free_port(), free_port(), free_port(), free_port());
+    backup_host(&t.join("a"), "mx-a.test", pa, la, lb, sink_port, redis, extra_a);
+    backup_host(&t.join("b"), "mx-b.test", pb, lb, la, sink_port, redis, "");
+    let b = Daemon::start(t.join("b"), &std::fs::read_to_string(t.join("b/policy.mailpolicy")).expect("policy"), pb);
+    wait_for(Duration::from_secs(20), "B's backup listener", || listening(lb), || b.log());
+    let a = Daemon::start(t.join("a"), &std::fs::read_to_string(t.join("a/policy.mailpolicy")).expect("policy"), pa);
+    Pair { a, b, b_listen: lb }
+}
+
+/// The queue id of the last `event` line of a log (`queued`: the message stored last).
+fn logged_id(log: &str, event: &str) -> String {
+    let line = log.lines().filter(|l| l.split_whitespace().nth(1) == Some(event)).last().unwrap_or_default();
+    let id = line.split_whitespace().find_map(|w| w.strip_prefix("id=")).unwrap_or_default();
+    assert!(!id.is_empty(), "no {event} line in:\n{log}");
+    id.to_string()
+}
+
+fn queued_id(log: &str) -> String {
+    logged_id(log, "queued")
+}
+
+/// The held copies of a host (files under its spool's backup/held/ORIGIN/).
+fn held(d: &Daemon) -> Vec<String> {
+    let mut out = Vec::new();
+    for o in std::fs::read_dir(d.dir.join("spool/backup/held")).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(o.path()).into_iter().flatten().flatten() {
+            out.push(f.file_name().to_string_lossy().to_string());
+        }
+    }
+    out
+}
+
+fn in_spool(d: &Daemon, id: &str) -> bool {
+    ["incoming", "active", "deferred", "hold"].iter().any(|q| d.dir.join("spool").join(q).join(id).is_file())
+}
+
+/// R12, issue 15 item 4: host A accepts a message for a next hop that is down, holding a
+/// copy at host B before its 250, and is killed (-9) before it could deliver. B sees A's
+/// heartbeat in Redis run out, waits `backup_takeover`, and delivers its copy, under A's
+/// queue id, to the next hop once it is up: the accepted message is not lost.
+#[test]
+fn a_host_killed_before_delivering_loses_nothing_its_peer_delivers_the_copy() {
+    let t = TempDir::new("takeover");
+    let redis = Redis::start(t.join("redis"));
+    let sink_port = free_port();
+    let mut p = pair(&t, &redis, sink_port, "");
+    let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "{text}\n{}", p.a.log());
+    let id = queued_id(&p.a.log());
+    let a_log = p.a.log();
+    assert!(a_log.contains(&format!("shadowed session=")) && a_log.contains(&format!("id={id}")), "{a_log}");
+    // The copy was held by B before A answered 250.
+    assert_eq!(held(&p.b), vec![id.clone()], "{}", p.b.log());
+    assert!(p.b.log().contains("shadow-held origin=mx-a.test@"), "{}", p.b.log());
+    // A tries the next hop, which is down, and keeps the message.
+    wait_for(Duration::from_secs(20), "A's failed attempt", || p.a.log().contains("status=deferred"), || p.a.log());
+    assert!(in_spool(&p.a, &id), "A keeps the message it could not deliver");
+    p.a.child.kill();
+    // Nothing is released while A's heartbeat could still be alive...
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(!p.b.log().contains("shadow-released"), "released too early:\n{}", p.b.log());
+    // ...and the next hop comes back.
+    let s = sink(t.join("sink"), sink_port);
+    let ctx = || format!("B:\n{}\nsink:\n{}", p.b.log(), s.log());
+    wait_for(Duration::from_secs(30), "B to release A's copy", || p.b.log().contains("shadow-released"), ctx);
+    assert!(p.b.log().contains(&format!("shadow-released origin=mx-a.test@")), "{}", ctx());
+    let released = p.b.log().lines().find(|l| l.contains("shadow-released")).unwrap_or_default().to_string();
+    assert!(released.contains(&format!(" id={id} ")), "the copy keeps A's queue id: {released}");
+    wait_for(Duration::from_secs(30), "the copy delivered", || s.mail("u").len() == 1, ctx);
+    let m = s.mail("u");
+    assert!(m[0].contains("Subject: cluster"), "{m:?}");
+    assert!(held(&p.b).is_empty(), "the copy left B's held copies for its queue");
+    // Once only: B's queue removed it after delivering.
+    wait_for(Duration::from_secs(20), "B's queue empty", || !in_spool(&p.b, &id), ctx);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.mail("u").len(), 1, "{}", ctx());
+}
+
+/// The normal case: A delivers, confirms in Redis, and B drops its copy and delivers
+/// nothing, even once A is gone. B down at accept time: A accepts with its own copy
+/// alone (`backup_on_error accept`, the default) or, with `backup_on_error tempfail`,
+/// answers 451 and keeps nothing. A copy not signed with the pair's key is refused.
+#[test]
+fn a_delivered_message_is_confirmed_and_its_copy_dropped() {
+    let t = TempDir::new("confirm");
+    let redis = Redis::start(t.join("redis"));
+    let sink_port = free_port();
+    let s = sink(t.join("sink"), sink_port);
+    let mut p = pair(&t, &redis, sink_port, "");
+    let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "{text}\n{}", p.a.log());
+    let id = queued_id(&p.a.log());
+    let ctx = || format!("A:\n{}\nB:\n{}\nsink:\n{}", p.a.log(), p.b.log(), s.log());
+    wait_for(Duration::from_secs(20), "A's delivery", || s.mail("u").len() == 1, ctx);
+    wait_for(Duration::from_secs(20), "A's confirmation", || p.a.log().contains("shadow-confirmed"), ctx);
+    wait_for(Duration::from_secs(20), "B to drop its copy", || p.b.log().contains("shadow-dropped"), ctx);
+    assert!(p.b.log().contains(&format!("id={id} reason=confirmed")), "{}", ctx());
+    assert!(held(&p.b).is_empty(), "{:?}", held(&p.b));
+    // A dies now: B has nothing of A's left to deliver.
+    p.a.child.kill();
+    let ctx = || format!("B:\n{}\nsink:\n{}", p.b.log(), s.log());
+    std::thread::sleep(Duration::from_millis(8_000));
+    assert!(!p.b.log().contains("shadow-released"), "{}", ctx());
+    assert_eq!(s.mail("u").len(), 1, "delivered once: {}", ctx());
+
+    // A copy from someone without the key is refused, and nothing is held.
+    let mut c = TcpStream::connect(("127.0.0.1", p.b_listen)).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let body = b"MAILPOLICY-SPOOL 1\n";
+    let _ = c.write_all(
+        format!("MAILPOLICY-SHADOW 1 evil.test@0123456789abcdef 0123456789AB0000000000 {}\r\n", body.len()).as_bytes(),
+    );
+    let _ = c.write_all(body);
+    let _ = c.write_all(format!("{}\r\n", "00".repeat(32)).as_bytes());
+    let mut reply = String::new();
+    let _ = BufReader::new(c).read_line(&mut reply);
+    assert!(reply.starts_with("535 5.7.8") || reply.starts_with("501"), "{reply}");
+    assert!(p.b.log().contains("shadow-refused"), "{}", p.b.log());
+    assert!(held(&p.b).is_empty());
+
+    // B goes down: A (restarted) accepts with its own copy alone, by default...
+    p.b.child.kill();
+    p.a.restart();
+    let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "{text}");
+    assert!(
+        p.a.log().contains("shadow-failed") && p.a.log().contains("action=\"accepted without a copy\""),
+        "{}",
+        p.a.log()
+    );
+    // ...or refuses for now with `backup_on_error tempfail`, keeping nothing.
+    let policy = std::fs::read_to_string(t.join("a/policy.mailpolicy")).expect("policy");
+    std::fs::write(
+        t.join("a/policy.mailpolicy"),
+        policy.replace("backup_takeover 2s;", "backup_takeover 2s; backup_on_error tempfail;"),
+    )
+    .expect("policy");
+    p.a.restart();
+    let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 451, "{text}\n{}", p.a.log());
+    assert!(text.contains("4.3.0"), "{text}");
+    let refused = logged_id(&p.a.log(), "shadow-failed");
+    let ctx = || p.a.log();
+    wait_for(Duration::from_secs(10), "the refused message removed", || !in_spool(&p.a, &refused), ctx);
 }

@@ -8,6 +8,7 @@
 //! new sessions use the new one (listener addresses need a restart).
 
 pub mod auth;
+pub mod backup;
 pub mod compiled;
 pub mod control;
 pub mod fault;
@@ -137,6 +138,8 @@ pub struct Shared {
     auth_known: Mutex<std::collections::HashMap<String, Vec<(std::net::IpAddr, u64)>>>,
     /// One large message at a time is read back whole (DKIM, scanners): memory stays bounded.
     pub whole_message: Arc<Semaphore>,
+    /// Shadow copies (`backup_peer`, `backup_listen`), set once privileges are dropped.
+    pub backup: std::sync::OnceLock<Arc<backup::Backup>>,
 }
 
 /// One session's place in its client's count, given back on drop.
@@ -529,6 +532,7 @@ pub async fn start_with(
         per_client: Mutex::new(Default::default()),
         auth_known: Mutex::new(Default::default()),
         whole_message: Arc::new(Semaphore::new(1)),
+        backup: std::sync::OnceLock::new(),
     });
     {
         let (free, dir, mut stop) = (shared.spool_free.clone(), spool.clone(), shared.shutdown.clone());
@@ -556,6 +560,14 @@ pub async fn start_with(
         }
         None => None,
     };
+    // The backup listener (`backup_listen "IP:PORT"`): peers' shadow copies, no SMTP.
+    let backup_sock = match shared.program().server.backup_listen.clone() {
+        Some(a) => {
+            let addr: SocketAddr = a.parse().map_err(|_| format!("backup_listen: \"{a}\" is not an IP:port"))?;
+            Some(TcpListener::bind(addr).await.map_err(|e| format!("backup_listen: cannot bind {addr}: {e}"))?)
+        }
+        None => None,
+    };
     let mut socks = Vec::new();
     for l in lsts {
         let sock = TcpListener::bind(l.address)
@@ -568,6 +580,32 @@ pub async fn start_with(
         return Err(e);
     }
     let mut addresses = Vec::new();
+    {
+        let prog = shared.program();
+        let key = prog.server.backup_key.and_then(|id| prog.secrets.get(id.index())).map(|s| s.name.clone());
+        let key = key.and_then(|k| shared.lookups().secret(&k).map(str::to_string));
+        if let Some(b) = backup::Backup::new(&prog, &spool, key.as_deref(), &shared.hostname)? {
+            let b = Arc::new(b);
+            if let Some(sock) = &backup_sock {
+                let bound = sock.local_addr().map_err(|e| e.to_string())?;
+                shared.log.event(
+                    "listening",
+                    &[("listener", "backup"), ("address", &bound.to_string()), ("serves", "shadow copies")],
+                );
+                addresses.push(("backup".to_string(), bound));
+            }
+            shared.log.event(
+                "backup",
+                &[
+                    ("origin", &b.origin),
+                    ("peer", &b.peer.map(|p| p.to_string()).unwrap_or_default()),
+                    ("on_error", if b.tempfail { "tempfail" } else { "accept" }),
+                ],
+            );
+            let _ = shared.backup.set(b.clone());
+            b.spawn(shared.clone(), backup_sock);
+        }
+    }
     if let Some(sock) = admin {
         let bound = sock.local_addr().map_err(|e| e.to_string())?;
         shared.log.event("listening", &[("listener", "admin"), ("address", &bound.to_string()), ("serves", "metrics")]);

@@ -85,6 +85,11 @@ impl Lookups {
         let secrets = resolve_secrets(prog, policy_dir)?;
         let signer = super::auth::Signer::from_program(prog, &|name: &str| secrets.get(name).cloned())?;
         let hostname = crate::config::hostname(prog, None, &super::machine_hostname());
+        let state_password = prog
+            .server
+            .state_password
+            .and_then(|id| prog.secrets.get(id.index()))
+            .and_then(|s| secrets.get(&s.name).cloned());
         let dns_timeout = prog.server.dns_timeout;
         // One resolver and one cache for every DNS client of the daemon: policy lookups
         // (DNSBLs, ...), SPF/DKIM/DMARC, call-ahead and the queue manager's MX lookups.
@@ -103,7 +108,7 @@ impl Lookups {
             lookup_timeout: prog.server.lookup_timeout,
             policy_dir: policy_dir.to_path_buf(),
             tables: Mutex::new(HashMap::new()),
-            state: super::state::StateStore::new(prog, &hostname)?,
+            state: super::state::StateStore::new(prog, &hostname, state_password.as_deref())?,
             secrets: secrets.clone(),
             proven,
             local_domains: crate::conn::local_domains(prog, &hostname),

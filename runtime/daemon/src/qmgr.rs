@@ -1405,6 +1405,9 @@ fn reply_status(reply: &str) -> String {
 }
 
 fn removed_line(shared: &Shared, id: &str) {
+    if let Some(b) = shared.backup.get() {
+        b.removed(id);
+    }
     shared.log.event("removed", &[("id", id)]);
     shared.log.summary("qmgr", Severity::Info, id, "removed");
 }

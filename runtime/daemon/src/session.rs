@@ -428,7 +428,13 @@ pub async fn run(
                         Ok((r, m)) => (Ok(r), m),
                         Err(e) => (Err(e), Default::default()),
                     };
+                    // R12: the peer holds a copy before the client hears 250 (`backup_peer`).
+                    let refused = match &stored {
+                        Ok(Ok(qid)) => backup_copy(&shared, &id, qid).await,
+                        _ => None,
+                    };
                     match stored {
+                        _ if refused.is_some() => conn.queue_failed(refused, now),
                         Ok(Ok(qid)) => {
                             let rcpts: Vec<&str> = msg.recipients.iter().map(|r| r.address.as_str()).collect();
                             log.event(
@@ -606,6 +612,43 @@ pub async fn run(
     stream.shutdown().await;
     spill.discard();
     log.event("disconnect", &[("session", &id), ("client", &remote.ip().to_string())]);
+}
+
+/// A copy of the stored message `qid` held by the backup peer before the 250 (R12,
+/// `backup_peer`, spec/language.md section 5.5). Some(reply) when the message is refused
+/// without one (`backup_on_error tempfail`): the stored message is then removed, so the
+/// client's retry is the only copy.
+async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<RenderedReply> {
+    let b = shared.backup.get()?;
+    let peer = b.peer?.to_string();
+    let log = &shared.log;
+    match b.shadow(qid).await {
+        Ok(()) => {
+            log.event("shadowed", &[("session", session), ("id", qid), ("peer", &peer)]);
+            None
+        }
+        Err(e) if !b.tempfail => {
+            log.event(
+                "shadow-failed",
+                &[
+                    ("session", session),
+                    ("id", qid),
+                    ("peer", &peer),
+                    ("error", &e),
+                    ("action", "accepted without a copy"),
+                ],
+            );
+            None
+        }
+        Err(e) => {
+            log.event(
+                "shadow-failed",
+                &[("session", session), ("id", qid), ("peer", &peer), ("error", &e), ("action", "tempfail")],
+            );
+            b.discard(qid).await;
+            Some(RenderedReply { code: 451, enhanced: (4, 3, 0), text: "Backup copy failed, try again later".into() })
+        }
+    }
 }
 
 /// The spill file of the message being received: what the engine hands out past its

@@ -186,7 +186,8 @@ fn reads(prog: &Program) -> (std::collections::HashSet<(String, String)>, bool) 
 
 impl StateStore {
     /// The store the policy names: `state "local"` (the default) or `state "redis://..."`.
-    pub fn new(prog: &Program, hostname: &str) -> Result<StateStore, String> {
+    /// `password` is the `state_password` secret's value: it replaces any in the URL.
+    pub fn new(prog: &Program, hostname: &str, password: Option<&str>) -> Result<StateStore, String> {
         let server = &prog.server;
         let timeout = server.state_timeout.max(Duration::from_millis(1));
         let lease_ms = (server.state_lease.as_millis() as u64).max(1_000);
@@ -197,7 +198,13 @@ impl StateStore {
         let redis = match server.state.as_str() {
             "" | "local" => None,
             url => {
-                let client = redis::Client::open(url).map_err(|e| format!("server state \"{url}\": {e}"))?;
+                let mut info = redis::IntoConnectionInfo::into_connection_info(url)
+                    .map_err(|e| format!("server state \"{url}\": {e}"))?;
+                if let Some(p) = password {
+                    let settings = info.redis_settings().clone().set_password(p);
+                    info = info.set_redis_settings(settings);
+                }
+                let client = redis::Client::open(info).map_err(|e| format!("server state \"{url}\": {e}"))?;
                 let log = crate::log::Logger {
                     format: match server.log_format {
                         mailpolicy_lang::settings::LogFormat::Json => crate::log::Format::Json,
@@ -569,5 +576,55 @@ impl StateStore {
             }
             Err(_) => local(),
         }
+    }
+
+    // ---- shadow copies (backup.rs) ---------------------------------------------------
+
+    fn shared_conn(&self) -> Result<(&Redis, ConnectionManager), Fail> {
+        let r = self.redis.as_ref().ok_or_else(|| Fail::Error("no shared state store".into()))?;
+        Ok((r, self.conn(r)?))
+    }
+
+    /// This host is alive: its heartbeat key, for `ttl_ms`.
+    pub async fn heartbeat(&self, origin: &str, ttl_ms: u64) -> Result<(), String> {
+        let (r, mut c) = self.shared_conn().map_err(|f| format!("{f:?}"))?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(Self::key(r, "alive", &[origin])).arg(crate::now_ms()).arg("PX").arg(ttl_ms.max(1));
+        self.bounded(r, async move { cmd.query_async::<()>(&mut c).await }).await.map_err(|f| format!("{f:?}"))
+    }
+
+    /// The messages `ids` of this host are final: their copies may go (one pipeline).
+    pub async fn confirm(&self, origin: &str, ids: &[String], ttl_ms: u64) -> Result<(), String> {
+        let (r, mut c) = self.shared_conn().map_err(|f| format!("{f:?}"))?;
+        let mut p = redis::pipe();
+        for id in ids {
+            p.cmd("SET").arg(Self::key(r, "done", &[origin, id])).arg(1).arg("PX").arg(ttl_ms.max(1)).ignore();
+        }
+        self.bounded(r, async move { p.query_async::<()>(&mut c).await }).await.map_err(|f| format!("{f:?}"))
+    }
+
+    /// Whether `origin`'s heartbeat is there, and which of `ids` it confirmed (one pipeline).
+    pub async fn shadow_status(&self, origin: &str, ids: &[String]) -> Result<(bool, Vec<bool>), String> {
+        let (r, mut c) = self.shared_conn().map_err(|f| format!("{f:?}"))?;
+        let mut p = redis::pipe();
+        p.cmd("EXISTS").arg(Self::key(r, "alive", &[origin]));
+        for id in ids {
+            p.cmd("EXISTS").arg(Self::key(r, "done", &[origin, id]));
+        }
+        let v: Vec<u64> =
+            self.bounded(r, async move { p.query_async(&mut c).await }).await.map_err(|f| format!("{f:?}"))?;
+        let alive = v.first().copied().unwrap_or(0) > 0;
+        let done = (0..ids.len()).map(|i| v.get(i + 1).copied().unwrap_or(0) > 0).collect();
+        Ok((alive, done))
+    }
+
+    /// The confirmations of `ids`, seen and acted on: gone.
+    pub async fn forget_confirmed(&self, origin: &str, ids: &[String]) {
+        let Ok((r, mut c)) = self.shared_conn() else { return };
+        let mut p = redis::pipe();
+        for id in ids {
+            p.cmd("DEL").arg(Self::key(r, "done", &[origin, id])).ignore();
+        }
+        let _ = self.bounded(r, async move { p.query_async::<()>(&mut c).await }).await;
     }
 }

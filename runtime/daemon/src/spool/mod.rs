@@ -389,6 +389,35 @@ impl Spool {
         Ok(id)
     }
 
+    /// Whether `id` is in any queue (`corrupt/` included).
+    pub fn holds(&self, id: &QueueId) -> bool {
+        self.locate(id).is_some()
+    }
+
+    /// A message file made elsewhere, checked as recovery checks one (header, exact length,
+    /// trailer): its queue id and arrival time.
+    pub fn inspect(path: &Path) -> io::Result<(QueueId, u64)> {
+        let (meta, _) = format::read_meta(path)?;
+        Ok((meta.id, meta.arrived_ms))
+    }
+
+    /// Take a complete message file made by another host's spool (a peer's shadow copy,
+    /// section 5.5 of the language spec) into this one under its own queue id: renamed
+    /// into `incoming/` (`hold/` when it is held), both directories fsynced. Refused when
+    /// the file does not check or this spool already has that id.
+    pub fn adopt(&self, file: &Path) -> io::Result<QueueId> {
+        let (meta, _) = format::read_meta(file)?;
+        let id = meta.id;
+        let _guard = self.lock(&id);
+        if self.locate(&id).is_some() {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{id} is already in the spool")));
+        }
+        let queue = if meta.envelope.hold.is_some() { QueueName::Hold } else { QueueName::Incoming };
+        let to = self.queue_dir(queue).join(id.as_str());
+        self.inner.committer.commit(vec![Op::Rename { from: file.to_path_buf(), to, sync_from: true }])?;
+        Ok(id)
+    }
+
     /// Where the message file of `id` is, if anywhere.
     fn locate(&self, id: &QueueId) -> Option<(QueueName, PathBuf)> {
         QueueName::ALL.into_iter().find_map(|q| {

@@ -1,0 +1,556 @@
+//! No accepted mail lost with a host (R12; spec/language.md section 5.5): shadow copies.
+//!
+//! With `backup_peer`, a session that stored a message hands the peer a copy of its spool
+//! file before it answers 250 ([`Backup::shadow`]); the peer holds it in
+//! `SPOOL/backup/held/ORIGIN/ID` ([`serve`]). This host then says it is alive (a heartbeat
+//! key in the shared state store, renewed every second) and, once a message has left its
+//! spool (every recipient final, or deleted by the administrator), confirms it (a key per
+//! message). The peer drops a copy when its origin confirmed it, and releases it into its
+//! own queue, under the same queue id, only when the origin's heartbeat has been absent for
+//! `backup_takeover` ([`hold`]). An unknown answer (the store is away) never releases.
+//!
+//! The copy travels on the peer's `backup_listen` socket, one connection per message:
+//!
+//! ```text
+//! MAILPOLICY-SHADOW 1 ORIGIN ID LENGTH\r\n     ORIGIN = HOSTNAME@SPOOLID
+//! LENGTH bytes: the spool's message file
+//! HMAC\r\n                                     hex HMAC-SHA256 over the line and the bytes
+//! <- 250 2.0.0 held ... | 4xx/5xx reason
+//! ```
+//!
+//! The HMAC key is the `backup_key` secret: nothing without it puts a message into a
+//! peer's queue. The spool id (`SPOOL/backup/id`, made once) tells a restarted host from a
+//! host whose spool was lost: a new spool is a new origin, so the old one's copies are
+//! released.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::spool::{QueueId, QueueName, Spool};
+use crate::{now_ms, Shared};
+
+const MAGIC: &str = "MAILPOLICY-SHADOW";
+/// How often heartbeats are renewed, confirmations sent and held copies checked.
+const TICK: Duration = Duration::from_secs(1);
+/// Life of a heartbeat key (renewed every [`TICK`]).
+pub const HEARTBEAT_MS: u64 = 5_000;
+/// Life of a confirmation in the store; the peer deletes it as soon as it acted on it.
+const CONFIRM_MS: u64 = 7 * 86_400_000;
+/// Every this many ticks the sent-copy markers are checked against the spool, for
+/// messages that left it without the queue manager (`mailc queue delete` with no daemon).
+const RECONCILE_TICKS: u64 = 60;
+/// The header line's bound.
+const MAX_LINE: u64 = 600;
+/// Confirmations and status checks per pipeline.
+const BATCH: usize = 500;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A host's side of shadow copies (one per daemon; settings read at start).
+pub struct Backup {
+    /// This host among its peers: `HOSTNAME@SPOOLID`.
+    pub origin: String,
+    key: Vec<u8>,
+    /// `backup_peer`: where this host's copies go.
+    pub peer: Option<SocketAddr>,
+    /// `backup_on_error tempfail`.
+    pub tempfail: bool,
+    timeout: Duration,
+    takeover_ms: u64,
+    /// A held copy older than this is dropped (its origin bounced it long ago).
+    keep_ms: u64,
+    /// The largest copy taken from a peer.
+    max_len: u64,
+    spool_dir: PathBuf,
+    /// Queue ids that left this host's spool (from the queue manager).
+    removed: mpsc::UnboundedSender<String>,
+    removed_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+}
+
+/// `HOSTNAME@SPOOLID`: a host name's characters, `@`, 16 hex digits. It names a directory.
+fn valid_origin(o: &str) -> bool {
+    let Some((host, spool)) = o.split_once('@') else { return false };
+    !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with('.')
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && spool.len() == 16
+        && spool.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Backup {
+    /// The host's backup side as its policy sets it up (None without `backup_peer` and
+    /// `backup_listen`). Makes `SPOOL/backup/` and the spool id: called once privileges
+    /// are dropped, so the files are the daemon user's.
+    pub fn new(
+        prog: &mailpolicy_lang::ir::Program,
+        spool_dir: &Path,
+        key: Option<&str>,
+        hostname: &str,
+    ) -> Result<Option<Backup>, String> {
+        let srv = &prog.server;
+        if srv.backup_peer.is_none() && srv.backup_listen.is_none() {
+            return Ok(None);
+        }
+        let key = key.filter(|k| !k.is_empty()).ok_or("backup_key: the secret has no value")?;
+        let peer = match &srv.backup_peer {
+            Some(p) => Some(p.parse::<SocketAddr>().map_err(|_| format!("backup_peer: \"{p}\" is not an IP:port"))?),
+            None => None,
+        };
+        let dir = spool_dir.join("backup");
+        for d in ["held", "sent", "tmp"] {
+            std::fs::create_dir_all(dir.join(d)).map_err(|e| format!("{}: {e}", dir.join(d).display()))?;
+        }
+        let idf = dir.join("id");
+        let spool_id = match std::fs::read_to_string(&idf) {
+            Ok(s) if s.trim().len() == 16 && s.trim().bytes().all(|b| b.is_ascii_hexdigit()) => s.trim().to_string(),
+            _ => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                let tmp = dir.join("tmp").join("id");
+                let write = || -> std::io::Result<()> {
+                    std::fs::write(&tmp, format!("{id}\n"))?;
+                    std::fs::File::open(&tmp)?.sync_all()?;
+                    std::fs::rename(&tmp, &idf)?;
+                    std::fs::File::open(&dir)?.sync_all()
+                };
+                write().map_err(|e| format!("{}: {e}", idf.display()))?;
+                id
+            }
+        };
+        let origin = format!("{}@{spool_id}", hostname.to_ascii_lowercase());
+        if !valid_origin(&origin) {
+            return Err(format!("backup: the hostname \"{hostname}\" cannot name this host to its peers"));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(Some(Backup {
+            origin,
+            key: key.as_bytes().to_vec(),
+            peer,
+            tempfail: srv.backup_on_error == mailpolicy_lang::settings::BackupOnError::Tempfail,
+            timeout: srv.backup_timeout.max(Duration::from_millis(100)),
+            takeover_ms: srv.backup_takeover.as_millis() as u64,
+            keep_ms: srv.queue_lifetime.max(srv.bounce_lifetime).as_millis() as u64
+                + srv.backup_takeover.as_millis() as u64
+                + 86_400_000,
+            max_len: srv.max_message_size.saturating_mul(2).saturating_add(16 << 20),
+            spool_dir: spool_dir.to_path_buf(),
+            removed: tx,
+            removed_rx: Mutex::new(Some(rx)),
+        }))
+    }
+
+    fn dir(&self, sub: &str) -> PathBuf {
+        self.spool_dir.join("backup").join(sub)
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        // HMAC takes a key of any length.
+        HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| HmacSha256::new_from_slice(b"-").expect("hmac"))
+    }
+
+    /// The queue manager removed `id` from the spool: confirm it if a copy of it is held.
+    pub fn removed(&self, id: &str) {
+        let _ = self.removed.send(id.to_string());
+    }
+
+    /// Hand the peer a copy of the stored message `id` (before the client's 250). Ok once
+    /// the peer said it holds it, durably; Err with the reason otherwise.
+    pub async fn shadow(&self, id: &str) -> Result<(), String> {
+        let Some(peer) = self.peer else { return Ok(()) };
+        let path = [QueueName::Incoming, QueueName::Hold, QueueName::Active, QueueName::Deferred]
+            .iter()
+            .map(|q| self.spool_dir.join(q.as_str()).join(id))
+            .find(|p| p.is_file())
+            .ok_or_else(|| format!("{id} is not in the spool"))?;
+        let exchange = async {
+            let mut file = tokio::fs::File::open(&path).await.map_err(|e| e.to_string())?;
+            let len = file.metadata().await.map_err(|e| e.to_string())?.len();
+            let mut s = TcpStream::connect(peer).await.map_err(|e| format!("connect: {e}"))?;
+            let line = format!("{MAGIC} 1 {} {id} {len}\r\n", self.origin);
+            let mut mac = self.mac();
+            mac.update(line.as_bytes());
+            s.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 64 << 10];
+            let mut sent = 0u64;
+            while sent < len {
+                let n = file.read(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("the message file is short".to_string());
+                }
+                let chunk = buf.get(..n).unwrap_or_default();
+                mac.update(chunk);
+                s.write_all(chunk).await.map_err(|e| e.to_string())?;
+                sent += n as u64;
+            }
+            s.write_all(format!("{}\r\n", hex(&mac.finalize().into_bytes())).as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut reply = String::new();
+            BufReader::new(&mut s).take(MAX_LINE).read_line(&mut reply).await.map_err(|e| e.to_string())?;
+            let reply = reply.trim_end().to_string();
+            if reply.starts_with("250") {
+                Ok(())
+            } else if reply.is_empty() {
+                Err("the peer closed the connection".to_string())
+            } else {
+                Err(format!("the peer answered: {reply}"))
+            }
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(())) => {
+                // The marker says a copy is held (and what to confirm). Not fsynced: a
+                // marker lost in a crash leaves the copy held until it expires, never lost.
+                let _ = std::fs::write(self.dir("sent").join(id), format!("{peer}\n"));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+        }
+    }
+
+    /// Remove the stored message `id` (refused for want of a copy).
+    pub async fn discard(&self, id: &str) {
+        let (dir, id) = (self.spool_dir.clone(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || {
+            let qid = QueueId::parse(&id)?;
+            Spool::attach(&dir).ok()?.remove(&qid).ok()
+        })
+        .await;
+    }
+
+    /// Start the background work: heartbeats and confirmations with a peer; the backup
+    /// listener and the holding of peers' copies with `listen`.
+    pub fn spawn(self: &Arc<Self>, shared: Arc<Shared>, listen: Option<TcpListener>) {
+        if self.peer.is_some() {
+            let rx = self.removed_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(rx) = rx {
+                tokio::spawn(announce(self.clone(), shared.clone(), rx));
+            }
+        }
+        if let Some(sock) = listen {
+            tokio::spawn(serve(self.clone(), shared.clone(), sock));
+            tokio::spawn(hold(self.clone(), shared));
+        }
+    }
+}
+
+/// The origin side: a heartbeat every tick; confirmations of the messages that left the
+/// spool and had a copy held, batched per tick; a full check of the markers at start and
+/// every [`RECONCILE_TICKS`].
+async fn announce(b: Arc<Backup>, shared: Arc<Shared>, mut removed: mpsc::UnboundedReceiver<String>) {
+    let mut stop = shared.shutdown.clone();
+    let mut pending: Vec<String> = Vec::new();
+    let sent = b.dir("sent");
+    let mut tick: u64 = 0;
+    loop {
+        let state = shared.lookups();
+        let _ = state.state.heartbeat(&b.origin, HEARTBEAT_MS).await;
+        if tick % RECONCILE_TICKS == 0 {
+            // Markers whose message is in no queue: it left without the queue manager.
+            let (dir, spool_dir) = (sent.clone(), b.spool_dir.clone());
+            let gone = tokio::task::spawn_blocking(move || {
+                let Ok(spool) = Spool::attach(&spool_dir) else { return Vec::new() };
+                let Ok(rd) = std::fs::read_dir(&dir) else { return Vec::new() };
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| QueueId::parse(n).is_some_and(|id| !spool.holds(&id)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            pending.extend(gone);
+        }
+        while let Ok(id) = removed.try_recv() {
+            if sent.join(&id).is_file() {
+                pending.push(id);
+            }
+        }
+        pending.sort();
+        pending.dedup();
+        for chunk in pending.clone().chunks(BATCH) {
+            if state.state.confirm(&b.origin, chunk, CONFIRM_MS).await.is_ok() {
+                for id in chunk {
+                    let _ = std::fs::remove_file(sent.join(id));
+                    shared.log.event("shadow-confirmed", &[("id", id), ("origin", &b.origin)]);
+                }
+                pending.retain(|p| !chunk.contains(p));
+            }
+        }
+        tick += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            Some(id) = removed.recv() => {
+                if sent.join(&id).is_file() {
+                    pending.push(id);
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// The backup listener: copies from peers, each checked and made durable before `250`.
+async fn serve(b: Arc<Backup>, shared: Arc<Shared>, sock: TcpListener) {
+    let mut stop = shared.shutdown.clone();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            a = sock.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    shared.log.event("accept-failed", &[("listener", "backup"), ("error", &e.to_string())]);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let (b, shared) = (b.clone(), shared.clone());
+        tokio::spawn(async move {
+            let mut tcp = tcp;
+            let res = match tokio::time::timeout(b.timeout, receive(&b, &mut tcp)).await {
+                Ok(r) => r,
+                Err(_) => Err(("421 4.4.2 time-out".to_string(), "time-out".to_string(), None)),
+            };
+            match res {
+                Ok((origin, id, size)) => {
+                    let _ = tcp.write_all(format!("250 2.0.0 held {origin} {id}\r\n").as_bytes()).await;
+                    shared.log.event(
+                        "shadow-held",
+                        &[
+                            ("origin", &origin),
+                            ("id", &id),
+                            ("size", &size.to_string()),
+                            ("client", &remote.to_string()),
+                        ],
+                    );
+                }
+                Err((reply, why, tmp)) => {
+                    if let Some(t) = tmp {
+                        let _ = std::fs::remove_file(t);
+                    }
+                    let _ = tcp.write_all(format!("{reply}\r\n").as_bytes()).await;
+                    shared.log.event("shadow-refused", &[("client", &remote.to_string()), ("reason", &why)]);
+                }
+            }
+            let _ = tcp.shutdown().await;
+        });
+    }
+}
+
+type Refusal = (String, String, Option<PathBuf>);
+
+/// One copy from a peer: (origin, queue id, size) once it is held durably.
+async fn receive(b: &Backup, tcp: &mut TcpStream) -> Result<(String, String, u64), Refusal> {
+    let refuse = |reply: &str, why: &str| (reply.to_string(), why.to_string(), None);
+    let mut r = BufReader::new(tcp);
+    let mut line = Vec::new();
+    (&mut r)
+        .take(MAX_LINE)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| refuse("451 4.3.0 read error", &e.to_string()))?;
+    let text = std::str::from_utf8(&line).map_err(|_| refuse("501 5.5.2 bad header", "header is not text"))?;
+    let words: Vec<&str> = text.trim_end().split(' ').collect();
+    let [magic, version, origin, id, len] = words.as_slice() else {
+        return Err(refuse("501 5.5.2 bad header", "malformed header"));
+    };
+    if *magic != MAGIC || *version != "1" || !text.ends_with("\r\n") {
+        return Err(refuse("501 5.5.2 bad header", "malformed header"));
+    }
+    let origin = origin.to_ascii_lowercase();
+    if !valid_origin(&origin) {
+        return Err(refuse("501 5.5.2 bad origin", "malformed origin"));
+    }
+    if origin == b.origin {
+        return Err(refuse("550 5.7.0 a host is not its own backup", "a copy from this host itself"));
+    }
+    let Some(qid) = QueueId::parse(id) else { return Err(refuse("501 5.5.2 bad queue id", "malformed queue id")) };
+    let len: u64 = len.parse().map_err(|_| refuse("501 5.5.2 bad length", "malformed length"))?;
+    if len > b.max_len {
+        return Err(refuse("552 5.3.4 copy too large", "copy too large"));
+    }
+    let mut mac = b.mac();
+    mac.update(&line);
+    let tmp = b.dir("tmp").join(format!("{origin}.{}.{:08x}", qid.as_str(), rand::random::<u32>()));
+    let io_err = |e: std::io::Error| ("451 4.3.0 cannot hold the copy".to_string(), e.to_string(), None::<PathBuf>);
+    let mut f = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).await.map_err(io_err)?;
+    let with_tmp = |(reply, why, _): Refusal| (reply, why, Some(tmp.clone()));
+    let mut left = len;
+    let mut buf = vec![0u8; 64 << 10];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = r
+            .read(buf.get_mut(..want).unwrap_or_default())
+            .await
+            .map_err(|e| with_tmp(refuse("451 4.3.0 read error", &e.to_string())))?;
+        if n == 0 {
+            return Err(with_tmp(refuse("451 4.3.0 copy cut short", "copy cut short")));
+        }
+        let chunk = buf.get(..n).unwrap_or_default();
+        mac.update(chunk);
+        f.write_all(chunk).await.map_err(|e| with_tmp(io_err(e)))?;
+        left -= n as u64;
+    }
+    let mut sig = Vec::new();
+    (&mut r)
+        .take(200)
+        .read_until(b'\n', &mut sig)
+        .await
+        .map_err(|e| with_tmp(refuse("451 4.3.0 read error", &e.to_string())))?;
+    let sig = std::str::from_utf8(&sig).ok().and_then(|s| unhex(s.trim_end()));
+    if sig.is_none_or(|s| mac.verify_slice(&s).is_err()) {
+        return Err(with_tmp(refuse(
+            "535 5.7.8 bad signature",
+            "bad signature (is backup_key the same on both hosts?)",
+        )));
+    }
+    f.sync_all().await.map_err(|e| with_tmp(io_err(e)))?;
+    drop(f);
+    let (tmp2, origin2) = (tmp.clone(), origin.clone());
+    let held = b.dir("held");
+    let res = tokio::task::spawn_blocking(move || -> Result<(), (String, String)> {
+        let (inner, _) =
+            Spool::inspect(&tmp2).map_err(|e| ("554 5.6.0 not a spool file".to_string(), e.to_string()))?;
+        if inner != qid {
+            return Err(("554 5.6.0 queue id mismatch".into(), "the file's queue id is not the header's".into()));
+        }
+        let odir = held.join(&origin2);
+        let io = |e: std::io::Error| ("451 4.3.0 cannot hold the copy".to_string(), e.to_string());
+        if !odir.is_dir() {
+            std::fs::create_dir(&odir).or_else(|e| if odir.is_dir() { Ok(()) } else { Err(e) }).map_err(io)?;
+            std::fs::File::open(&held).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        std::fs::rename(&tmp2, odir.join(qid.as_str())).map_err(io)?;
+        std::fs::File::open(&odir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| Err(("451 4.3.0 internal error".into(), e.to_string())));
+    match res {
+        Ok(()) => Ok((origin, id.to_string(), len)),
+        Err((reply, why)) => Err((reply, why, Some(tmp))),
+    }
+}
+
+/// The holder side: every tick, each origin's held copies against the store; confirmed
+/// ones are dropped, those of an origin silent for `backup_takeover` are released.
+async fn hold(b: Arc<Backup>, shared: Arc<Shared>) {
+    let mut stop = shared.shutdown.clone();
+    // origin -> when its heartbeat was first seen missing (this process's observation).
+    let mut silent: HashMap<String, u64> = HashMap::new();
+    let held = b.dir("held");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.changed() => break,
+        }
+        let dir = held.clone();
+        let listing = tokio::task::spawn_blocking(move || {
+            let mut out: Vec<(String, Vec<String>)> = Vec::new();
+            let Ok(rd) = std::fs::read_dir(&dir) else { return out };
+            for o in rd.filter_map(|e| e.ok()) {
+                let Ok(origin) = o.file_name().into_string() else { continue };
+                if !valid_origin(&origin) {
+                    continue;
+                }
+                let Ok(ids) = std::fs::read_dir(o.path()) else { continue };
+                let mut ids: Vec<String> = ids
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| QueueId::parse(n).is_some())
+                    .collect();
+                ids.sort();
+                out.push((origin, ids));
+            }
+            out
+        })
+        .await
+        .unwrap_or_default();
+        let state = shared.lookups();
+        silent.retain(|o, _| listing.iter().any(|(l, _)| l == o));
+        for (origin, ids) in listing {
+            for chunk in ids.chunks(BATCH.max(1)) {
+                // A store that does not answer decides nothing: a copy is never released on
+                // an unknown.
+                let Ok((alive, done)) = state.state.shadow_status(&origin, chunk).await else { break };
+                let now = now_ms();
+                let since = if alive {
+                    silent.remove(&origin);
+                    None
+                } else {
+                    Some(*silent.entry(origin.clone()).or_insert(now))
+                };
+                let mut dropped = Vec::new();
+                for (id, confirmed) in chunk.iter().zip(done) {
+                    let path = held.join(&origin).join(id);
+                    if confirmed {
+                        let _ = std::fs::remove_file(&path);
+                        shared.log.event("shadow-dropped", &[("origin", &origin), ("id", id), ("reason", "confirmed")]);
+                        dropped.push(id.clone());
+                    } else if since.is_some_and(|s| now.saturating_sub(s) >= b.takeover_ms) {
+                        release(&b, &shared, &origin, id, &path, now.saturating_sub(since.unwrap_or(now))).await;
+                    } else if Spool::inspect(&path).is_ok_and(|(_, arrived)| now.saturating_sub(arrived) > b.keep_ms) {
+                        let _ = std::fs::remove_file(&path);
+                        shared.log.event("shadow-dropped", &[("origin", &origin), ("id", id), ("reason", "expired")]);
+                    }
+                }
+                if !dropped.is_empty() {
+                    state.state.forget_confirmed(&origin, &dropped).await;
+                }
+            }
+        }
+    }
+}
+
+/// The origin of a held copy is gone: the copy joins this host's queue, same queue id.
+async fn release(b: &Backup, shared: &Shared, origin: &str, id: &str, path: &Path, silent_ms: u64) {
+    let (spool_dir, file) = (b.spool_dir.clone(), path.to_path_buf());
+    let res = tokio::task::spawn_blocking(move || Spool::attach(&spool_dir).and_then(|s| s.adopt(&file)))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    let silent = format!("{}s", silent_ms / 1000);
+    match res {
+        Ok(qid) => {
+            shared.log.event("shadow-released", &[("origin", origin), ("id", qid.as_str()), ("silent", &silent)]);
+            shared.log.summary(
+                "backup",
+                crate::log::Severity::Warning,
+                qid.as_str(),
+                &format!("released the copy of {origin}, silent for {silent}: delivering it here"),
+            );
+            shared.enqueued(qid.as_str());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Released before (a crash between the rename and this line cannot happen:
+            // the rename moves the file); a copy of an id this spool has is a duplicate.
+            let _ = std::fs::remove_file(path);
+            shared.log.event("shadow-dropped", &[("origin", origin), ("id", id), ("reason", "already queued here")]);
+        }
+        Err(e) => {
+            // A copy that does not check would not deliver: kept for the administrator,
+            // renamed out of the way (`ID.failed`) so it is not tried every second.
+            let _ = std::fs::rename(path, path.with_extension("failed"));
+            shared.log.event("shadow-release-failed", &[("origin", origin), ("id", id), ("error", &e.to_string())]);
+        }
+    }
+}
