@@ -5,7 +5,8 @@
 #
 # Usage: bench/state-store.sh [SESSIONS=20] [MESSAGES=3000] [SIZE=2000] [ROUNDS=3]
 # Environment: NO_BUILD=1 skips `cargo build --release`; MAILC=PATH benchmarks another binary;
-# KEEP=1 keeps the temp dir. Needs redis-server, smtp-source and smtp-sink (Debian
+# KEEP=1 keeps the temp dir; BEFORE=PATH adds, to every round, the Redis policy served by
+# another binary (an A/B of two builds in one run: `before` in the table). Needs redis-server, smtp-source and smtp-sink (Debian
 # redis-server, postfix) and python3.
 #
 # Each round starts `mailc serve` on the same policy but for its `state` setting, injects
@@ -102,9 +103,11 @@ policy local > "$D/local.mailpolicy"
 policy "redis://127.0.0.1:$RPORT/0" > "$D/redis.mailpolicy"
 "$BIN" check "$D/redis.mailpolicy" >/dev/null 2>&1
 
-round() { # name
+round() { # name [binary] (the policy is $name.mailpolicy; `before` serves redis.mailpolicy)
+  local bin=${2:-$BIN} pol=$1
+  [ "$1" = before ] && pol=redis
   rm -rf "$D/spool"
-  "$BIN" serve --policy "$D/$1.mailpolicy" --spool "$D/spool" --user "$(id -un)" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
+  "$bin" serve --policy "$D/$pol.mailpolicy" --spool "$D/spool" --user "$(id -un)" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
   wait_listen "$PORT"
   local c0 c1 t0 t1
   c0=$(commands)
@@ -128,14 +131,17 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r"
   round local
   round redis
+  if [ -n "${BEFORE:-}" ]; then round before "$BEFORE"; fi
 done
 python3 - "$D/results" <<'PY'
 import sys, statistics
 rows = [l.split() for l in open(sys.argv[1])]
-rate = {k: statistics.median(float(r[1]) for r in rows if r[0] == k) for k in ("local", "redis")}
-trips = statistics.median(float(r[2]) for r in rows if r[0] == "redis")
-print(f"median accept rate: local {rate['local']:.0f} msg/s, redis {rate['redis']:.0f} msg/s, "
-      f"redis/local {rate['redis']/rate['local']:.3f} (cost {100*(1-rate['redis']/rate['local']):.1f} %); "
-      f"{trips:.2f} Redis round trips per message")
+names = [k for k in ("local", "redis", "before") if any(r[0] == k for r in rows)]
+rate = {k: statistics.median(float(r[1]) for r in rows if r[0] == k) for k in names}
+for k in names[1:]:
+    trips = statistics.median(float(r[2]) for r in rows if r[0] == k)
+    print(f"median accept rate: local {rate['local']:.0f} msg/s, {k} {rate[k]:.0f} msg/s, "
+          f"{k}/local {rate[k]/rate['local']:.3f} (cost {100*(1-rate[k]/rate['local']):.1f} %); "
+          f"{trips:.2f} Redis round trips per message")
 PY
 echo "state-store: after, load $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"

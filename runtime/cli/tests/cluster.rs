@@ -379,6 +379,56 @@ fn concurrent_sessions_count_across_hosts_and_a_dead_host_leaks_none() {
     a.restart();
 }
 
+/// A stage that records an event the policy counts gets the stage's `concurrent` counts
+/// in the event's own round trip: they are the cluster's, and current (a session that
+/// ended on the other host no longer counts).
+#[test]
+fn counts_answered_with_the_event_are_the_clusters() {
+    let t = TempDir::new("fused");
+    let redis = Redis::start(t.join("redis"));
+    let rules = "on mail {\n\
+                   if rate messages by client.ip per 1h > 1000 { tempfail 451 4.7.1 \"Too many messages\"; }\n\
+                   if concurrent by client.ip > 1 { tempfail 451 4.7.0 \"Too many sessions\"; }\n\
+                 }";
+    let (a, b) = cluster(&t, &redis, "", rules);
+    let mut one = Client::connect(a.port);
+    one.cmd("EHLO client.test");
+    let mut two = Client::connect(b.port);
+    two.cmd("EHLO client.test");
+    let (code, text) = two.cmd("MAIL FROM:<s@far.test>");
+    assert_eq!(code, 451, "a session on A and one on B: {text}");
+    assert!(text.contains("4.7.0"), "{text}");
+    one.cmd("QUIT");
+    drop(one);
+    let mut mails = 1;
+    wait_for(
+        Duration::from_secs(20),
+        "A's session to stop counting",
+        || {
+            mails += 1;
+            let (code, _) = two.cmd("MAIL FROM:<s@far.test>");
+            two.cmd("RSET");
+            code == 250
+        },
+        || b.log(),
+    );
+    two.cmd("QUIT");
+    drop(two);
+    // One round trip per MAIL (the event and both counts), besides the session's lease
+    // taken and released: B's own count, logged when it stops.
+    b.child.signal("TERM");
+    wait_for(Duration::from_secs(20), "B to stop", || b.log().contains("stopped"), || b.log());
+    let trips: usize = b
+        .log()
+        .lines()
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("state_round_trips=")).map(str::to_string))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // Each session (the start-up probe's included) takes and releases a lease.
+    let sessions = b.log().lines().filter(|l| l.split_whitespace().nth(1) == Some("disconnect")).count();
+    assert_eq!(trips, mails + 2 * sessions, "{trips} round trips for {mails} MAIL commands:\n{}", b.log());
+}
+
 /// `state_on_error tempfail` (the default): a dead Redis fails the lookup with 451 4.4.3,
 /// a hung one too, within `state_timeout`; both hosts recover by themselves when it is back.
 #[test]

@@ -196,11 +196,18 @@ pub async fn run(
     let mut data_bytes: u64 = 0;
     let mut closing_for_shutdown = false;
     let mut milters = crate::milter::Milters::new(&conn);
+    // The counts the current stage's event answered (`StateStore::record`).
+    let mut counted = crate::state::Counted::default();
     'session: loop {
         // 1. Everything the connection needs.
         while let Some(need) = conn.poll_need(Time(now_ms())) {
             match need {
                 Need::Policy(req) => {
+                    // Counted already by this stage's event, in its round trip.
+                    if let Some(n) = counted.take(&req) {
+                        conn.answer(req, Answer::Count(n));
+                        continue;
+                    }
                     let a = match &req {
                         crate::eval::Request::Auth(check) => {
                             let f = conn.facts();
@@ -505,9 +512,16 @@ pub async fn run(
                     let answers = Box::pin(milters.call(&conn, &call, whole.as_ref().map(|(_, w)| w.as_slice()))).await;
                     conn.milter_replied(answers, Time(now_ms()));
                 }
+                Need::Note(Note::Count { counter, keys }) => {
+                    // Recorded before the stage's own lookups are answered: a session counts
+                    // itself first, so hosts racing on one shared window never accept past
+                    // its limit together. The answer carries the stage's counts.
+                    counted.absorb(lookups.state.record(counter.name(), &keys, now_ms()).await);
+                }
                 Need::Note(n) => {
                     if let Note::Verdict { stage, outcome, .. } = &n {
                         refusal_line(&shared, stage.name(), outcome, &client_label, conn.facts());
+                        counted.clear();
                     }
                     Box::pin(note(&shared, &lookups, &prog, &id, n)).await
                 }
@@ -581,6 +595,7 @@ pub async fn run(
                 }
                 Ok(n) => {
                     last_input = tokio::time::Instant::now();
+                    counted.clear();
                     data_bytes += n as u64;
                     conn.set_free_space(shared.spool_free());
                     conn.handle_input(&buf[..n], Time(now_ms()));
@@ -787,7 +802,9 @@ async fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: N
         Note::Alert { to, text, every_ms } => shared.alert(&to, &text, every_ms).await,
         // Recorded before the stage's own lookups are answered: a session counts itself
         // first, so hosts racing on one shared window never accept past its limit together.
-        Note::Count { counter, keys } => lookups.state.record(counter.name(), &keys, now_ms()).await,
+        Note::Count { counter, keys } => {
+            lookups.state.record(counter.name(), &keys, now_ms()).await;
+        }
     }
 }
 

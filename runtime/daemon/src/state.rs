@@ -68,17 +68,37 @@ struct Scripts {
     greylist: redis::Script,
 }
 
-/// Record one event in every key (KEYS), trimming each to the horizon and the cap.
+/// Record one event in the first ARGV[5] keys (trimmed to the horizon and the cap), and
+/// answer, in the same round trip, the counts the stage may ask next: for each of those
+/// keys the events in each of its windows (ARGV: `nwin, w1 .. wn` per key), and for the
+/// remaining keys (`concurrent` lease sets) the live leases, on Redis's clock.
 const RECORD: &str = r"
-local now, horizon, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
-for _, k in ipairs(KEYS) do
+local now, horizon, max, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local out, a = {}, 6
+for i = 1, n do
+  local k = KEYS[i]
   redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. (now - horizon))
   redis.call('ZADD', k, now, ARGV[3])
-  local n = redis.call('ZCARD', k)
-  if n > max then redis.call('ZREMRANGEBYRANK', k, 0, n - max - 1) end
+  local c = redis.call('ZCARD', k)
+  if c > max then redis.call('ZREMRANGEBYRANK', k, 0, c - max - 1) end
   redis.call('PEXPIRE', k, horizon)
+  local nw = tonumber(ARGV[a]); a = a + 1
+  for _ = 1, nw do
+    local w = tonumber(ARGV[a]); a = a + 1
+    local from = '-inf'
+    if now >= w then from = '(' .. (now - w) end
+    out[#out + 1] = redis.call('ZCOUNT', k, from, '+inf')
+  end
 end
-return #KEYS
+if #KEYS > n then
+  local t = redis.call('TIME')
+  local tnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = n + 1, #KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', tnow)
+    out[#out + 1] = redis.call('ZCARD', KEYS[i])
+  end
+end
+return out
 ";
 
 /// Take (or renew) lease ARGV[1] for ARGV[2] ms in every key, on Redis's clock.
@@ -143,33 +163,80 @@ pub struct StateStore {
     lease_ms: u64,
     /// Redis commands sent (one round trip each; the benchmark reads it).
     round_trips: AtomicU64,
-    /// The (counter, key name) windows the policy reads (`rate messages by client.ip`:
-    /// ("messages", "client.ip")): only these are kept in Redis; the local store keeps all.
-    read_windows: std::collections::HashSet<(String, String)>,
-    /// Whether the policy reads a `concurrent` count (else no lease is taken).
+    /// The (counter, key name) windows the policy reads (`rate messages by client.ip per
+    /// 1h`: ("messages", "client.ip") -> [3600000]): only these are kept in Redis (the
+    /// local store keeps all), and recording an event answers their counts at once.
+    read_windows: HashMap<(String, String), Vec<u64>>,
+    /// The key names of the `concurrent` counts the policy reads (`client.ip`); none: no
+    /// lease is taken.
+    concurrent_names: std::collections::HashSet<String>,
     reads_concurrent: bool,
 }
 
-/// What state the policy reads: the windows of its `rate` values and whether it has a
-/// `concurrent` value, found in its IR wherever they are (every stage, every condition).
-fn reads(prog: &Program) -> (std::collections::HashSet<(String, String)>, bool) {
+/// The counts a recorded event answered in its round trip (`StateStore::record`), for the
+/// session to answer the same stage's `rate` and `concurrent` requests from.
+#[derive(Debug, Default)]
+pub struct Counted {
+    /// (counter, key, window) -> events in the window, this one included.
+    rates: HashMap<(String, String, u64), u64>,
+    /// key -> live leases of every host.
+    concurrent: HashMap<String, u64>,
+}
+
+impl Counted {
+    /// The answer to `req` if the last event of this stage already counted it (taken:
+    /// each is used once).
+    pub fn take(&mut self, req: &crate::eval::Request) -> Option<u64> {
+        match req {
+            crate::eval::Request::Rate { counter, key, window_ms } => {
+                self.rates.remove(&(counter.name().to_string(), key.clone(), *window_ms))
+            }
+            crate::eval::Request::Concurrent { key } => self.concurrent.remove(key),
+            _ => None,
+        }
+    }
+
+    /// Counts of a new event replace those of the last.
+    pub fn absorb(&mut self, newer: Counted) {
+        self.rates.extend(newer.rates);
+        self.concurrent.extend(newer.concurrent);
+    }
+
+    /// A stage ended: what it counted is not the next stage's.
+    pub fn clear(&mut self) {
+        self.rates.clear();
+        self.concurrent.clear();
+    }
+}
+
+/// What state the policy reads: the windows of its `rate` values and the keys of its
+/// `concurrent` values, found in its IR wherever they are (every stage, every condition).
+#[allow(clippy::type_complexity)]
+fn reads(prog: &Program) -> (HashMap<(String, String), Vec<u64>>, std::collections::HashSet<String>) {
     use mailpolicy_lang::ir::{Counter, Val};
-    fn walk(v: &serde_json::Value, out: &mut std::collections::HashSet<(String, String)>, conc: &mut bool) {
+    type Windows = HashMap<(String, String), Vec<u64>>;
+    fn name(key: Option<&serde_json::Value>) -> String {
+        match key.and_then(|k| serde_json::from_value::<Val>(k.clone()).ok()) {
+            Some(Val::Fact(f)) => f.info().name.to_string(),
+            _ => "value".to_string(),
+        }
+    }
+    fn walk(v: &serde_json::Value, out: &mut Windows, conc: &mut std::collections::HashSet<String>) {
         match v {
             serde_json::Value::Object(m) => {
                 if let Some(r) = m.get("Rate") {
                     let counter = r.get("counter").and_then(|c| serde_json::from_value::<Counter>(c.clone()).ok());
-                    let key = r.get("key").and_then(|k| serde_json::from_value::<Val>(k.clone()).ok());
                     if let Some(c) = counter {
-                        let name = match key {
-                            Some(Val::Fact(f)) => f.info().name,
-                            _ => "value",
-                        };
-                        out.insert((c.name().to_string(), name.to_string()));
+                        let w = out.entry((c.name().to_string(), name(r.get("key")))).or_default();
+                        if let Some(ms) = r.get("window_ms").and_then(|w| w.as_u64()) {
+                            if !w.contains(&ms) {
+                                w.push(ms);
+                            }
+                        }
                     }
                 }
-                if m.contains_key("Concurrent") {
-                    *conc = true;
+                if let Some(c) = m.get("Concurrent") {
+                    conc.insert(name(c.get("key")));
                 }
                 m.values().for_each(|x| walk(x, out, conc));
             }
@@ -177,7 +244,7 @@ fn reads(prog: &Program) -> (std::collections::HashSet<(String, String)>, bool) 
             _ => {}
         }
     }
-    let (mut out, mut conc) = (std::collections::HashSet::new(), false);
+    let (mut out, mut conc) = (HashMap::new(), std::collections::HashSet::new());
     if let Ok(v) = serde_json::to_value(prog) {
         walk(&v, &mut out, &mut conc);
     }
@@ -229,7 +296,8 @@ impl StateStore {
                 })
             }
         };
-        let (read_windows, reads_concurrent) = reads(prog);
+        let (read_windows, concurrent_names) = reads(prog);
+        let reads_concurrent = !concurrent_names.is_empty();
         Ok(StateStore {
             local: Arc::default(),
             redis,
@@ -238,6 +306,7 @@ impl StateStore {
             lease_ms,
             round_trips: AtomicU64::new(0),
             read_windows,
+            concurrent_names,
             reads_concurrent,
         })
     }
@@ -364,33 +433,61 @@ impl StateStore {
         }
     }
 
-    /// One event of `counter` for each of `keys` (recorded locally and in Redis).
-    pub async fn record(&self, counter: &str, keys: &[String], now_ms: u64) {
+    /// One event of `counter` for each of `keys` (recorded locally and in Redis). With
+    /// Redis, the same round trip answers the counts this stage may ask next (the windows
+    /// the policy reads for these keys, and the `concurrent` counts of the keys among
+    /// them): the session answers its `rate`/`concurrent` requests from them.
+    pub async fn record(&self, counter: &str, keys: &[String], now_ms: u64) -> Counted {
         if let Ok(mut r) = self.local.rates.lock() {
             keys.iter().for_each(|k| r.record(counter, k, now_ms));
         }
-        let Some(r) = &self.redis else { return };
+        let mut counted = Counted::default();
+        let Some(r) = &self.redis else { return counted };
+        let name = |k: &str| k.split_once('=').map(|(n, _)| n.to_string()).unwrap_or_else(|| "value".into());
         // Only the windows the policy reads go to Redis: an event nobody counts costs no
         // round trip.
-        let keys: Vec<&String> = keys
+        let rated: Vec<(&String, &Vec<u64>)> = keys
             .iter()
-            .filter(|k| {
-                let name = k.split_once('=').map(|(n, _)| n).unwrap_or("value");
-                self.read_windows.contains(&(counter.to_string(), name.to_string()))
-            })
+            .filter_map(|k| self.read_windows.get(&(counter.to_string(), name(k))).map(|w| (k, w)))
             .collect();
-        if keys.is_empty() {
-            return;
+        if rated.is_empty() {
+            return counted;
         }
-        let Ok(mut c) = self.conn(r) else { return };
+        let conc: Vec<&String> = keys.iter().filter(|k| self.concurrent_names.contains(&name(k))).collect();
+        let Ok(mut c) = self.conn(r) else { return counted };
         let horizon = self.local.rates.lock().map(|r| r.horizon_ms).unwrap_or(86_400_000);
         let member = format!("{now_ms}/{}/{}", r.host_id, r.seq.fetch_add(1, Ordering::Relaxed));
         let mut inv = r.scripts.record.prepare_invoke();
-        for k in keys {
+        for (k, _) in &rated {
             inv.key(Self::key(r, "rate", &[counter, k]));
         }
-        inv.arg(now_ms).arg(horizon).arg(member).arg(MAX_EVENTS);
-        let _ = self.bounded(r, async move { inv.invoke_async::<i64>(&mut c).await }).await;
+        for k in &conc {
+            inv.key(Self::key(r, "conc", &[k]));
+        }
+        inv.arg(now_ms).arg(horizon).arg(member).arg(MAX_EVENTS).arg(rated.len());
+        for (_, windows) in &rated {
+            inv.arg(windows.len());
+            for w in windows.iter() {
+                inv.arg(*w);
+            }
+        }
+        let Ok(counts) = self.bounded(r, async move { inv.invoke_async::<Vec<u64>>(&mut c).await }).await else {
+            return counted;
+        };
+        let mut counts = counts.into_iter();
+        for (k, windows) in rated {
+            for w in windows {
+                if let Some(n) = counts.next() {
+                    counted.rates.insert((counter.to_string(), k.clone(), *w), n);
+                }
+            }
+        }
+        for k in conc {
+            if let Some(n) = counts.next() {
+                counted.concurrent.insert(k.clone(), n);
+            }
+        }
+        counted
     }
 
     // ---- concurrent leases ---------------------------------------------------------
