@@ -17,6 +17,9 @@
 #   round trips = the daemon's own count of its Redis calls (logged when it stops) / MESSAGES
 #   commands    = (Redis total_commands_processed after - before) / MESSAGES: the commands
 #                 Redis ran, those inside the Lua scripts included
+#   CPU         = CPU time (user + system, /proc/PID/stat) per message of the daemon (from
+#                 its start to smtp-source's end) and of redis-server (over the round): less
+#                 disturbed than the rate by other work on a shared machine
 set -euo pipefail
 S=${1:-20}; M=${2:-3000}; L=${3:-2000}; ROUNDS=${4:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,6 +60,8 @@ wait_listen "$RPORT"
 SINKUSER=(); [ "$(id -u)" = 0 ] && SINKUSER=(-u nobody)
 smtp-sink "${SINKUSER[@]}" "127.0.0.1:$SINK" 1000 >/dev/null 2>&1 </dev/null & SPID=$!
 wait_listen "$SINK"
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
 commands() { redis-cli -p "$RPORT" info stats | awk -F: '/^total_commands_processed:/{print $2+0}'; }
 
 policy() { # state-url
@@ -109,21 +114,24 @@ round() { # name [binary] (the policy is $name.mailpolicy; `before` serves redis
   rm -rf "$D/spool"
   "$bin" serve --policy "$D/$pol.mailpolicy" --spool "$D/spool" --user "$(id -un)" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
   wait_listen "$PORT"
-  local c0 c1 t0 t1
+  local c0 c1 t0 t1 r0 r1 d1
   c0=$(commands)
+  r0=$(cpu "$RPID")
   t0=$(now)
   if ! smtp-source -s "$S" -m "$M" -l "$L" -f a@src.test -t b@bench.test "127.0.0.1:$PORT" >"$D/source-$1.out" 2>&1; then
     echo "state-store: smtp-source against $1 failed:" >&2; cat "$D/source-$1.out" >&2; exit 1
   fi
   t1=$(now)
+  d1=$(cpu "$MPPID")
+  r1=$(cpu "$RPID")
   c1=$(commands)
   kill "$MPPID"; wait "$MPPID" 2>/dev/null || true; MPPID=""
   local trips
   trips=$( (grep -o "stopped state_round_trips=[0-9]*" "$D/$1.log" || true) | tail -1 | cut -d= -f2)
   : > "$D/$1.log.done"; cat "$D/$1.log" >> "$D/$1.log.done"; : > "$D/$1.log"
-  python3 -c "import sys; n,t0,t1,c0,c1,m,rt=sys.argv[1],float(sys.argv[2]),float(sys.argv[3]),int(sys.argv[4]),int(sys.argv[5]),int(sys.argv[6]),int(sys.argv[7] or 0); print(n, f'{m/(t1-t0):.1f}', f'{rt/m:.2f}', f'{(c1-c0-1)/m:.2f}')" \
-    "$1" "$t0" "$t1" "$c0" "$c1" "$M" "${trips:-0}" >> "$D/results"
-  tail -1 "$D/results" | awk '{printf "  %-6s %7.0f msg/s accepted; per message %s Redis round trips, %s Redis commands\n", $1, $2, $3, $4}'
+  python3 -c "import sys; n,t0,t1,c0,c1,m,rt=sys.argv[1],float(sys.argv[2]),float(sys.argv[3]),int(sys.argv[4]),int(sys.argv[5]),int(sys.argv[6]),int(sys.argv[7] or 0); d,r,tick=int(sys.argv[8]),int(sys.argv[9]),int(sys.argv[10]); print(n, f'{m/(t1-t0):.1f}', f'{rt/m:.2f}', f'{(c1-c0-1)/m:.2f}', f'{d*1e6/tick/m:.0f}', f'{r*1e6/tick/m:.0f}')" \
+    "$1" "$t0" "$t1" "$c0" "$c1" "$M" "${trips:-0}" "$d1" "$((r1 - r0))" "$TICK" >> "$D/results"
+  tail -1 "$D/results" | awk '{printf "  %-6s %7.0f msg/s accepted; per message %s Redis round trips, %s Redis commands, CPU %s us daemon + %s us redis\n", $1, $2, $3, $4, $5, $6}'
 }
 
 echo "state-store: $S sessions x $M messages of $L bytes, $ROUNDS round(s); load $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"
@@ -143,5 +151,9 @@ for k in names[1:]:
     print(f"median accept rate: local {rate['local']:.0f} msg/s, {k} {rate[k]:.0f} msg/s, "
           f"{k}/local {rate[k]/rate['local']:.3f} (cost {100*(1-rate[k]/rate['local']):.1f} %); "
           f"{trips:.2f} Redis round trips per message")
+cpu = {k: statistics.median(float(r[4]) + float(r[5]) for r in rows if r[0] == k) for k in names}
+for k in names[1:]:
+    print(f"median CPU per message (daemon + redis): local {cpu['local']:.0f} us, {k} {cpu[k]:.0f} us, "
+          f"{k}/local {cpu[k]/cpu['local']:.3f}")
 PY
 echo "state-store: after, load $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"
