@@ -179,7 +179,7 @@ pub async fn run(
     let session_keys = crate::eval::session_keys(remote.ip());
     // `concurrent by client.ip` / `client.network` counts this session until the guard
     // drops, on every path the session ends (a panic unwinding included).
-    let _count = ConcurrencyGuard::open(lookups.clone(), session_keys, &id).await;
+    let mut count_guard = ConcurrencyGuard::open(lookups.clone(), session_keys, &id);
     let mut auth_state = AuthState::default();
     let mut auth_sender: Option<String> = None;
     let mut shutdown = shared.shutdown.clone();
@@ -203,6 +203,7 @@ pub async fn run(
         while let Some(need) = conn.poll_need(Time(now_ms())) {
             match need {
                 Need::Policy(req) => {
+                    count_guard.ready().await;
                     // Counted already by this stage's event, in its round trip.
                     if let Some(n) = counted.take(&req) {
                         conn.answer(req, Answer::Count(n));
@@ -513,6 +514,7 @@ pub async fn run(
                     conn.milter_replied(answers, Time(now_ms()));
                 }
                 Need::Note(Note::Count { counter, keys }) => {
+                    count_guard.ready().await;
                     // Recorded before the stage's own lookups are answered: a session counts
                     // itself first, so hosts racing on one shared window never accept past
                     // its limit together. The answer carries the stage's counts.
@@ -749,18 +751,28 @@ fn failure(e: &std::io::Error) -> StoreFailure {
 /// One session's share of its client's `concurrent` count, released on drop. With a
 /// shared store it is a lease in Redis, renewed every third of its life while the session
 /// lives: a host that dies without releasing it stops counting when the lease runs out.
+///
+/// The lease is taken in the background, so the greeting does not wait for Redis; the
+/// session waits for it ([`ConcurrencyGuard::ready`]) before its first question to the
+/// store, so its own counts always include it, and the release waits for it too.
 struct ConcurrencyGuard {
     lookups: Arc<Lookups>,
     keys: Vec<String>,
     lease: String,
+    opening: Option<tokio::task::JoinHandle<()>>,
     renewer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ConcurrencyGuard {
-    async fn open(lookups: Arc<Lookups>, keys: Vec<String>, session: &str) -> ConcurrencyGuard {
+    fn open(lookups: Arc<Lookups>, keys: Vec<String>, session: &str) -> ConcurrencyGuard {
         let lease = session.to_string();
-        lookups.state.open(&keys, &lease).await;
-        let renewer = lookups.state.is_shared().then(|| {
+        lookups.state.open_local(&keys);
+        let shared = lookups.state.is_shared();
+        let opening = shared.then(|| {
+            let (l, k, id) = (lookups.clone(), keys.clone(), lease.clone());
+            tokio::spawn(async move { l.state.renew(&k, &id).await })
+        });
+        let renewer = shared.then(|| {
             let (l, k, id) = (lookups.clone(), keys.clone(), lease.clone());
             tokio::spawn(async move {
                 let every = Duration::from_millis((l.state.lease_ms() / 3).max(300));
@@ -770,7 +782,14 @@ impl ConcurrencyGuard {
                 }
             })
         });
-        ConcurrencyGuard { lookups, keys, lease, renewer }
+        ConcurrencyGuard { lookups, keys, lease, opening, renewer }
+    }
+
+    /// The lease is in the store (or its attempt is over).
+    async fn ready(&mut self) {
+        if let Some(h) = self.opening.take() {
+            let _ = h.await;
+        }
     }
 }
 
@@ -783,7 +802,14 @@ impl Drop for ConcurrencyGuard {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let (l, k, id) =
                     (self.lookups.clone(), std::mem::take(&mut self.keys), std::mem::take(&mut self.lease));
-                rt.spawn(async move { l.state.close_shared(&k, &id).await });
+                let opening = self.opening.take();
+                rt.spawn(async move {
+                    // Released after it was taken, never before (it would stay a minute).
+                    if let Some(h) = opening {
+                        let _ = h.await;
+                    }
+                    l.state.close_shared(&k, &id).await
+                });
             }
         }
     }

@@ -516,12 +516,11 @@ impl StateStore {
         }
     }
 
-    /// A session starts: count it locally, and take its lease in Redis.
-    pub async fn open(&self, keys: &[String], lease: &str) {
+    /// A session starts: count it locally (its lease in Redis is taken with `renew`).
+    pub fn open_local(&self, keys: &[String]) {
         if let Ok(mut r) = self.local.rates.lock() {
             keys.iter().for_each(|k| r.open(k));
         }
-        self.renew(keys, lease).await;
     }
 
     /// Take or renew a session's leases (the guard renews them every third of their life).
