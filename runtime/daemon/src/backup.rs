@@ -121,6 +121,11 @@ impl Backup {
         for d in ["held", "sent", "tmp"] {
             std::fs::create_dir_all(dir.join(d)).map_err(|e| format!("{}: {e}", dir.join(d).display()))?;
         }
+        // Copies half-received when this host last stopped are garbage (their sender got
+        // no 250 for them).
+        for e in std::fs::read_dir(dir.join("tmp")).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
         let idf = dir.join("id");
         let spool_id = match std::fs::read_to_string(&idf) {
             Ok(s) if s.trim().len() == 16 && s.trim().bytes().all(|b| b.is_ascii_hexdigit()) => s.trim().to_string(),
@@ -309,9 +314,13 @@ async fn announce(b: Arc<Backup>, shared: Arc<Shared>, mut removed: mpsc::Unboun
     }
 }
 
+/// Copies received at once; a connection past them is answered 421 and closed.
+const MAX_RECEIVING: usize = 64;
+
 /// The backup listener: copies from peers, each checked and made durable before `250`.
 async fn serve(b: Arc<Backup>, shared: Arc<Shared>, sock: TcpListener) {
     let mut stop = shared.shutdown.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_RECEIVING));
     loop {
         let (tcp, remote) = tokio::select! {
             a = sock.accept() => match a {
@@ -324,8 +333,17 @@ async fn serve(b: Arc<Backup>, shared: Arc<Shared>, sock: TcpListener) {
             },
             _ = stop.changed() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.log.event("shadow-refused", &[("client", &remote.to_string()), ("reason", "too many connections")]);
+            tokio::spawn(async move {
+                let mut tcp = tcp;
+                let _ = tcp.write_all(b"421 4.7.0 too many connections\r\n").await;
+            });
+            continue;
+        };
         let (b, shared) = (b.clone(), shared.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let mut tcp = tcp;
             let res = match tokio::time::timeout(b.timeout, receive(&b, &mut tcp)).await {
                 Ok(r) => r,
