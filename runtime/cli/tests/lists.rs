@@ -578,3 +578,112 @@ fn newsletter_subscribers_in_postgresql() {
     let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={tok}")]);
     assert_eq!(code, 503, "{body}");
 }
+
+/// `ldapsearch` of the values of `attribute` on the entry `dn` (anonymous: slapd lets
+/// anyone read), as stored.
+fn ldap_values(port: u16, dn: &str, attribute: &str) -> Vec<String> {
+    need("/usr/bin/ldapsearch", "ldap-utils");
+    let url = format!("ldap://127.0.0.1:{port}");
+    let (ok, out) = run(Command::new("/usr/bin/ldapsearch").args([
+        "-x",
+        "-LLL",
+        "-o",
+        "ldif-wrap=no",
+        "-H",
+        &url,
+        "-b",
+        dn,
+        "-s",
+        "base",
+        "(objectClass=*)",
+        attribute,
+    ]));
+    assert!(ok, "ldapsearch: {out}");
+    let prefix = format!("{attribute}: ");
+    out.lines().filter_map(|l| l.strip_prefix(&prefix)).map(str::to_string).collect()
+}
+
+/// Subscribers in a real OpenLDAP directory, as a site keeps a mailing list there: one
+/// group entry (`nisMailAlias`) whose multi-valued `rfc822MailMember` holds one subscriber
+/// each. Confirmations add a value and unsubscribes and bounces delete one (LDAP modify as
+/// the table's `bind_dn`); the directory's own case-insensitive matching keeps an address
+/// an administrator entered as `Zed@Reader.test` one subscriber; a table whose account may
+/// not write answers the web endpoint 503 and changes nothing.
+#[test]
+fn newsletter_subscribers_in_ldap() {
+    let suffix = "dc=example,dc=com";
+    let group = "cn=news,ou=lists,dc=example,dc=com";
+    let ldif = "dn: dc=example,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
+                dn: ou=lists,dc=example,dc=com\nobjectClass: organizationalUnit\nou: lists\n\n\
+                dn: cn=news,ou=lists,dc=example,dc=com\nobjectClass: nisMailAlias\ncn: news\n\n\
+                dn: cn=other,ou=lists,dc=example,dc=com\nobjectClass: nisMailAlias\ncn: other\nrfc822MailMember: alice@reader.test\n";
+    let slapd = mailpolicy_test_support::Slapd::start(suffix, ldif);
+    let t = TempDir::new("news-ldap");
+    std::fs::create_dir_all(t.join("lists")).unwrap();
+    std::fs::write(t.join("lists/ldap.pw"), "secret\n").unwrap();
+    std::fs::write(t.join("lists/ro.keys"), "1 read-only\n").unwrap();
+    let port = slapd.port;
+    let table = format!(
+        r#"secret ldap_pw = file "ldap.pw";
+table news_subscribers = ldap {{
+  url "ldap://127.0.0.1:{port}";
+  base "{group}";
+  scope base;
+  filter "(rfc822MailMember=%s)";
+  attribute "rfc822MailMember";
+  bind_dn "cn=admin,{suffix}";
+  password ldap_pw;
+}};
+secret ro_keys = file "ro.keys";
+table read_only = ldap {{
+  url "ldap://127.0.0.1:{port}";
+  base "cn=other,ou=lists,{suffix}";
+  scope base;
+  filter "(rfc822MailMember=%s)";
+  attribute "rfc822MailMember";
+}};
+mailing_list other = newsletter "other@example.com" {{
+  subscribers read_only;
+  owner "editor@example.com";
+  keys ro_keys;
+  web "https://lists.example.com";
+}};"#
+    );
+    let values = || ldap_values(port, group, "rfc822MailMember");
+    let (d, web) = backend_round_trip(&t, &table, &|| values().iter().map(|v| v.to_ascii_lowercase()).collect());
+    assert_eq!(values(), ["carol@reader.test"], "what is left, as the daemon wrote it");
+
+    // An address an administrator entered in another case is the same subscriber.
+    need("/usr/bin/ldapmodify", "ldap-utils");
+    let change = format!("dn: {group}\nchangetype: modify\nadd: rfc822MailMember\nrfc822MailMember: Zed@Reader.test\n");
+    std::fs::write(t.join("zed.ldif"), change).unwrap();
+    let url = format!("ldap://127.0.0.1:{port}");
+    let (ok, out) = run(Command::new("/usr/bin/ldapmodify")
+        .args(["-x", "-H", &url, "-D", &format!("cn=admin,{suffix}"), "-w", "secret", "-f"])
+        .arg(t.join("zed.ldif")));
+    assert!(ok, "ldapmodify: {out}");
+    let (code, _) = curl(&["-d", "list=news", "-d", "address=zed@reader.test", &format!("{web}/subscribe")]);
+    assert_eq!(code, 200);
+    wait_for("zed's confirmation", || !d.mail("zed").is_empty(), || d.log());
+    let tok = subject_token(&d.mail("zed")[0], "confirm ");
+    let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={tok}")]);
+    assert_eq!(code, 200, "{body}");
+    let mut v = values();
+    v.sort();
+    assert_eq!(v, ["Zed@Reader.test", "carol@reader.test"], "no second value for zed");
+
+    // The read-only table: slapd refuses the anonymous write (insufficientAccess), 503.
+    let other = "cn=other,ou=lists,dc=example,dc=com";
+    let (code, _) = curl(&["-d", "list=other", "-d", "address=bob@reader.test", &format!("{web}/subscribe")]);
+    assert_eq!(code, 200);
+    wait_for(
+        "bob's confirmation for other",
+        || d.mail("bob").iter().any(|m| m.contains("other@example.com")),
+        || d.log(),
+    );
+    let m = d.mail("bob").into_iter().find(|m| m.contains("other@example.com")).unwrap();
+    let tok = subject_token(&m, "confirm ");
+    let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=other&t={tok}")]);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(ldap_values(port, other, "rfc822MailMember"), ["alice@reader.test"]);
+}
