@@ -403,6 +403,8 @@ settings! {
             "the journal socket `log journal` writes to";
         admin: Option<String> = Dflt::Text("none"), Str,
             "IP:port of the admin listener, serving Prometheus metrics on GET /metrics";
+        admin_lists: bool = Dflt::Bool(false), Bool,
+            "the admin listener also serves the mailing lists' web endpoint (subscribe, confirm, one-click unsubscribe) next to GET /metrics";
     }
 }
 

@@ -48,6 +48,16 @@ impl<'s> Checker<'s> {
                         options.iter().find(|o| o.name.name == "fallback_relay").map(|o| o.value.span).unwrap_or(span);
                     super::actions::check_host(self, h, at, TransportKind::Smtp);
                 }
+                if opts.iter().any(|(k, v)| k == "admin_lists" && *v == OptValue::Bool(true))
+                    && !opts.iter().any(|(k, _)| k == "admin")
+                {
+                    let at = options.iter().find(|o| o.name.name == "admin_lists").map(|o| o.name.span).unwrap_or(span);
+                    self.err(
+                        Diagnostic::warning("mailc::setting", "`admin_lists` without an admin listener serves nothing")
+                            .at(at)
+                            .help("add `admin \"127.0.0.1:9025\";`, or serve the lists on a `protocol http` listener"),
+                    );
+                }
                 let mut server = crate::settings::Server::default();
                 for (k, v) in &opts {
                     server.set(k, v);

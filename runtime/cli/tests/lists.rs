@@ -687,3 +687,90 @@ mailing_list other = newsletter "other@example.com" {{
     assert_eq!(code, 503, "{body}");
     assert_eq!(ldap_values(port, other, "rfc822MailMember"), ["alice@reader.test"]);
 }
+
+/// `server { admin "..."; admin_lists true; }`: the admin listener serves the lists' endpoint
+/// (subscribe, confirm, one-click unsubscribe; forged tokens refused) and still the metrics;
+/// without `admin_lists` it serves the metrics alone (the lists' paths are not found there).
+#[test]
+fn newsletter_endpoint_on_the_admin_listener() {
+    let t = TempDir::new("news-admin");
+    let policy = |smtp: u16, admin: u16, mount: bool| {
+        format!(
+            r#"list local = domains ["example.com", "reader.test"];
+list nobody = cidr ["192.0.2.1"];
+secret news_keys = file "news.keys";
+table news_subscribers = list "news.subscribers";
+mailing_list news = newsletter "news@example.com" {{
+  subscribers news_subscribers;
+  owner "editor@example.com";
+  keys news_keys;
+  web "https://www.example.com/lists";
+}};
+server {{ hostname "mx.example.com"; spool "spool"; maildir "mail"; local_domains local; networks nobody;
+  admin "127.0.0.1:{admin}"; admin_lists {mount}; }}
+listener smtp {{ address "127.0.0.1:{smtp}"; tls none; }}
+on rcpt {{
+  if recipient :is "news@example.com" and not sender :is "editor@example.com" {{
+    reject 550 5.7.1 "Only the editor posts to this list";
+  }}
+}}
+route {{
+  if recipient :is "news@example.com" {{ expand news; }}
+  deliver maildir;
+}}
+"#
+        )
+    };
+    let dir = t.join("lists");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("news.keys"), "1 the-key\n").unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    let d = Serve::start(MAILC, &dir, &policy(smtp, admin, true), &[smtp, admin]);
+    let base = format!("http://127.0.0.1:{admin}");
+    let web = format!("{base}/lists");
+    let subs = dir.join("news.subscribers");
+
+    let (code, body) = curl(&[&format!("{base}/metrics")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("# EOF"), "the metrics are still served: {body}");
+    let (code, body) = curl(&["-d", "list=news", "-d", "address=alice@reader.test", &format!("{web}/subscribe")]);
+    assert_eq!(code, 200, "{body}");
+    wait_for("alice's confirmation", || !d.mail("alice").is_empty(), || d.log());
+    let confirm = d.mail("alice").remove(0);
+    let tok = subject_token(&confirm, "confirm ");
+    assert!(confirm.contains(&format!("https://www.example.com/lists/confirm?list=news&t={tok}")), "{confirm}");
+    let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={tok}")]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(subscribers(&subs), ["alice@reader.test"]);
+
+    let out =
+        swaks(smtp, &["--from", "editor@example.com", "--to", "news@example.com", "--header", "Subject: Issue 1"]);
+    assert!(out.to_ascii_lowercase().contains("queued as"), "{out}");
+    let post = || d.mail("alice").into_iter().find(|m| m.contains("Subject: Issue 1"));
+    wait_for("issue 1", || post().is_some(), || d.log());
+    let unsub = field(&post().unwrap(), "List-Unsubscribe");
+    let url = unsub.split(['<', '>']).nth(1).unwrap_or_default().replace("https://www.example.com", &base);
+    assert!(url.starts_with(&format!("{web}/unsubscribe?list=news&t=1.")), "{unsub}");
+    let forged = format!("{}AAAA", url.trim_end_matches(|c: char| c != '.'));
+    let (code, _) = curl(&["-d", "List-Unsubscribe=One-Click", &forged]);
+    assert_eq!(code, 403, "{forged}");
+    assert_eq!(subscribers(&subs), ["alice@reader.test"]);
+    let (code, body) = curl(&["-d", "List-Unsubscribe=One-Click", &url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(subscribers(&subs).is_empty());
+    drop(d);
+
+    // Without admin_lists: metrics only.
+    let (smtp, admin) = (free_port(), free_port());
+    let dir = t.join("metrics-only");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("news.keys"), "1 the-key\n").unwrap();
+    let d = Serve::start(MAILC, &dir, &policy(smtp, admin, false), &[smtp, admin]);
+    let base = format!("http://127.0.0.1:{admin}");
+    let (code, _) = curl(&[&format!("{base}/metrics")]);
+    assert_eq!(code, 200);
+    let (code, _) = curl(&[&format!("{base}/lists/subscribe?list=news")]);
+    assert_eq!(code, 404, "{}", d.log());
+    let (code, _) = curl(&["-d", "list=news", "-d", "address=bob@reader.test", &format!("{base}/lists/subscribe")]);
+    assert_eq!(code, 405);
+}

@@ -570,9 +570,25 @@ pub async fn start_with(
     let mut addresses = Vec::new();
     if let Some(sock) = admin {
         let bound = sock.local_addr().map_err(|e| e.to_string())?;
-        shared.log.event("listening", &[("listener", "admin"), ("address", &bound.to_string()), ("serves", "metrics")]);
+        let with_lists = shared.program().server.admin_lists;
+        shared.log.event(
+            "listening",
+            &[
+                ("listener", "admin"),
+                ("address", &bound.to_string()),
+                ("serves", if with_lists { "metrics, mailing lists" } else { "metrics" }),
+            ],
+        );
         addresses.push(("admin".to_string(), bound));
-        tokio::spawn(metrics::serve(sock, spool.clone(), shared.shutdown.clone()));
+        if with_lists {
+            // `admin_lists`: the lists' endpoint (web.rs), with /metrics kept.
+            let mgr =
+                lists::Manager { shared: shared.clone(), policy_dir: policy_dir.clone(), spool_dir: spool.clone() };
+            let queue = crate::spool::Spool::attach(&spool).ok().map(Arc::new);
+            tokio::spawn(web::serve(mgr, "admin".into(), sock, None, web::Mount::Admin(queue)));
+        } else {
+            tokio::spawn(metrics::serve(sock, spool.clone(), shared.shutdown.clone()));
+        }
     }
     for (l, sock) in socks {
         let bound = sock.local_addr().map_err(|e| e.to_string())?;
@@ -624,7 +640,7 @@ pub async fn start_with(
         );
         addresses.push((name.clone(), bound));
         let mgr = lists::Manager { shared: shared.clone(), policy_dir: policy_dir.clone(), spool_dir: spool.clone() };
-        tokio::spawn(web::serve(mgr, name, sock, tls));
+        tokio::spawn(web::serve(mgr, name, sock, tls, web::Mount::Lists));
     }
     Ok(Running { addresses, shutdown: tx, shared })
 }
