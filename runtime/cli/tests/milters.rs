@@ -11,11 +11,11 @@
 
 use std::net::{IpAddr, TcpListener};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mailpolicy_test_support::{free_port, listening, wait_for, PeerIn, TempDir};
+use mailpolicy_test_support::{free_port, listening, wait_for, PeerIn, Serve, TempDir};
 
 const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
 const SWAKS: &str = "/usr/bin/swaks";
@@ -85,42 +85,10 @@ impl Drop for Group {
 }
 
 /// `mailc serve` on `policy` in `dir`, its log in `dir/daemon.log`.
-struct Daemon {
-    _child: Guard,
-    dir: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, policy: &str, port: u16) -> Daemon {
-        let path = dir.join("policy.mailpolicy");
-        std::fs::write(&path, policy).expect("write policy");
-        let log = std::fs::File::create(dir.join("daemon.log")).expect("daemon log");
-        let child = Command::new(MAILC)
-            .arg("serve")
-            .arg("--policy")
-            .arg(&path)
-            .args(["--user", &mailpolicy_test_support::current_user()])
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start mailc serve");
-        let mut d = Daemon { _child: Guard(Some(child)), dir: dir.to_path_buf() };
-        let start = Instant::now();
-        while !listening(port) {
-            if let Some(st) = d._child.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("mailc serve exited ({st}):\n{}", d.log());
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "mailc serve did not listen:\n{}", d.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-    }
+/// `mailc serve` (test-support's one starter) running `policy` in `dir`, ready when `port`
+/// listens.
+fn daemon(dir: &Path, policy: &str, port: u16) -> Serve {
+    Serve::start(MAILC, dir, policy, &[port])
 }
 
 /// A policy delivering d.test to Maildirs, with `extra` (scanners, rules) added.
@@ -218,7 +186,7 @@ fn opendkim_signs_through_the_milter() {
 
     let port = free_port();
     let extra = format!("scanner dkim = milter \"inet:127.0.0.1:{mport}\" {{ timeout 20s; }};\n");
-    let d = Daemon::start(dir, &policy(port, &extra), port);
+    let d = daemon(dir, &policy(port, &extra), port);
     let out = swaks(
         port,
         &[
@@ -310,7 +278,7 @@ fn spamass_milter_rejects_gtube() {
     let port = free_port();
     let extra =
         format!("scanner spam = milter \"unix:{}\" {{ timeout 60s; content_timeout 120s; }};\n", sock.display());
-    let d = Daemon::start(dir, &policy(port, &extra), port);
+    let d = daemon(dir, &policy(port, &extra), port);
     let out =
         swaks(port, &["--from", "eve@other.test", "--to", "u@d.test", "--header", "Subject: gtube", "--body", GTUBE]);
     assert!(
@@ -376,7 +344,7 @@ fn milters_down_or_slow_take_their_default_action() {
         let extra = format!(
             "scanner m = milter \"inet:127.0.0.1:{milter_port}\" {{ timeout 1s; connect_timeout 1s; default_action {action}; }};\n"
         );
-        let d = Daemon::start(&sub, &policy(port, &extra), port);
+        let d = daemon(&sub, &policy(port, &extra), port);
         let out = swaks(port, &["--from", "a@other.test", "--to", "u@d.test", "--header", &format!("Subject: {what}")]);
         if action == "tempfail" {
             assert!(out.contains("<** 451 4.7.1"), "{what} milter, tempfail:\n{out}\n{}", d.log());
@@ -487,7 +455,7 @@ fn rspamd_http_and_milter() {
     let extra = format!(
         "require [\"spamscan\"];\nscanner rs = rspamd \"{url}\";\non data {{\n  if score rs >= 15 {{\n    reject 550 5.7.1 \"Spam\";\n  }}\n}}\n"
     );
-    let d = Daemon::start(&sub, &policy(port, &extra), port);
+    let d = daemon(&sub, &policy(port, &extra), port);
     let out =
         swaks(port, &["--from", "a@example.net", "--to", "u@d.test", "--header", "Subject: test", "--body", GTUBE]);
     assert!(out.contains("<** 550 5.7.1 Spam"), "{out}\n{}", d.log());
@@ -513,7 +481,7 @@ fn rspamd_http_and_milter() {
     std::fs::create_dir_all(&sub).unwrap();
     let port = free_port();
     let extra = format!("scanner rsm = milter \"inet:127.0.0.1:{proxy}\" {{ timeout 60s; }};\n");
-    let d = Daemon::start(&sub, &policy(port, &extra), port);
+    let d = daemon(&sub, &policy(port, &extra), port);
     let out =
         swaks(port, &["--from", "a@example.net", "--to", "u@d.test", "--header", "Subject: test", "--body", GTUBE]);
     assert!(out.contains("<** 5") && !out.contains("Queued as"), "{out}\n{}\n{}", d.log(), rlog());
@@ -624,8 +592,8 @@ route {{
 }}
 "#
     );
-    let f = Daemon::start(&filter_dir, &filter_policy, fport);
-    let d = Daemon::start(&main_dir, &main_policy, port);
+    let f = daemon(&filter_dir, &filter_policy, fport);
+    let d = daemon(&main_dir, &main_policy, port);
     let out = swaks(port, &["--from", "a@other.test", "--to", "u@d.test", "--header", "Subject: through the filter"]);
     assert!(out.contains("Queued as"), "{out}\n{}", d.log());
     let ctx = || format!("mta:\n{}\nfilter:\n{}", d.log(), f.log());

@@ -16,6 +16,8 @@ pub struct Serve {
     child: Option<Child>,
     program: PathBuf,
     pub dir: PathBuf,
+    /// The first of the ports it was started with (its SMTP listener, in the tests).
+    pub port: u16,
     ports: Vec<u16>,
 }
 
@@ -26,7 +28,13 @@ impl Serve {
     pub fn start(program: &str, dir: &Path, policy: &str, ports: &[u16]) -> Serve {
         std::fs::create_dir_all(dir).expect("the daemon's dir");
         std::fs::write(dir.join("policy.mailpolicy"), policy).expect("write the policy");
-        let mut d = Serve { child: None, program: program.into(), dir: dir.to_path_buf(), ports: ports.to_vec() };
+        let mut d = Serve {
+            child: None,
+            program: program.into(),
+            dir: dir.to_path_buf(),
+            port: ports.first().copied().unwrap_or(0),
+            ports: ports.to_vec(),
+        };
         d.restart();
         d
     }
