@@ -130,28 +130,9 @@ impl Post<'_> {
         match self.prog.expr(id) {
             Expr::Const(b) => Tri::of(*b),
             Expr::Not(i) => self.eval(*i).not(),
-            Expr::All(ids) => {
-                let mut r = Tri::T;
-                for i in ids {
-                    match self.eval(*i) {
-                        Tri::F => return Tri::F,
-                        Tri::U => r = Tri::U,
-                        Tri::T => {}
-                    }
-                }
-                r
-            }
-            Expr::Any(ids) => {
-                let mut r = Tri::F;
-                for i in ids {
-                    match self.eval(*i) {
-                        Tri::T => return Tri::T,
-                        Tri::U => r = Tri::U,
-                        Tri::F => {}
-                    }
-                }
-                r
-            }
+            // Kleene: `a and b` is `not (not a or not b)`.
+            Expr::All(ids) => ids.iter().map(|i| self.eval(*i).not()).fold(Tri::F, or).not(),
+            Expr::Any(ids) => ids.iter().map(|i| self.eval(*i)).fold(Tri::F, or),
             Expr::Truth(Val::Fact(f)) => match f {
                 Fact::True => Tri::T,
                 Fact::False | Fact::Authenticated | Fact::TlsClientCert => Tri::F,
@@ -228,17 +209,18 @@ fn paths(code: &[Instr]) -> Vec<Vec<(ExprId, bool)>> {
     out
 }
 
-fn holds(post: &Post, path: &[(ExprId, bool)]) -> Tri {
-    let mut r = Tri::T;
-    for (c, pol) in path {
-        let v = if *pol { post.eval(*c) } else { post.eval(*c).not() };
-        match v {
-            Tri::F => return Tri::F,
-            Tri::U => r = Tri::U,
-            Tri::T => {}
-        }
+/// Kleene's or.
+fn or(a: Tri, b: Tri) -> Tri {
+    match (a, b) {
+        (Tri::T, _) | (_, Tri::T) => Tri::T,
+        (Tri::U, _) | (_, Tri::U) => Tri::U,
+        _ => Tri::F,
     }
-    r
+}
+
+/// Whether every condition on `path` holds as it must there.
+fn holds(post: &Post, path: &[(ExprId, bool)]) -> Tri {
+    path.iter().map(|(c, pol)| if *pol { post.eval(*c).not() } else { post.eval(*c) }).fold(Tri::F, or).not()
 }
 
 /// Whether some stage certainly refuses the outsider's post.

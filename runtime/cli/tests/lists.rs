@@ -374,6 +374,37 @@ route {{
 
 // ---------------------------------------------------------------- subscribers in a directory or a database
 
+/// The policy of a list server with one list, `news@example.com`, whose subscribers are the
+/// table `news_subscribers` that `table` declares; only editor@example.com posts, and every
+/// local part of example.com and reader.test is delivered to its own Maildir. `list` and
+/// `server` are more settings of the list and of the server, `listeners` the listeners.
+fn news_policy(table: &str, list: &str, server: &str, listeners: &str) -> String {
+    format!(
+        r#"list local = domains ["example.com", "reader.test"];
+list nobody = cidr ["192.0.2.1"];
+secret news_keys = file "news.keys";
+{table}
+mailing_list news = newsletter "news@example.com" {{
+  subscribers news_subscribers;
+  owner "editor@example.com";
+  keys news_keys;
+  {list}
+}};
+server {{ hostname "mx.example.com"; spool "spool"; maildir "mail"; local_domains local; networks nobody; {server} }}
+{listeners}
+on rcpt {{
+  if recipient :is "news@example.com" and not sender :is "editor@example.com" {{
+    reject 550 5.7.1 "Only the editor posts to this list";
+  }}
+}}
+route {{
+  if recipient :is "news@example.com" {{ expand news; }}
+  deliver maildir;
+}}
+"#
+    )
+}
+
 /// One list server whose subscribers live in `table` (the declaration of the table
 /// `news_subscribers`, an `sql` or `ldap` table), every local part delivered to its own
 /// Maildir, and `members` reading the back end itself (rows, attribute values), in any order.
@@ -387,31 +418,14 @@ fn backend_round_trip(t: &TempDir, table: &str, members: &dyn Fn() -> Vec<String
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("news.keys"), "1 the-key-that-signs\n").unwrap();
     let (smtp, http) = (free_port(), free_port());
-    let policy = format!(
-        r#"list local = domains ["example.com", "reader.test"];
-list nobody = cidr ["192.0.2.1"];
-secret news_keys = file "news.keys";
-{table}
-mailing_list news = newsletter "news@example.com" {{
-  subscribers news_subscribers;
-  owner "editor@example.com";
-  keys news_keys;
-  web "https://lists.example.com";
-  bounce_limit 2;
-}};
-server {{ hostname "mx.example.com"; spool "spool"; maildir "mail"; local_domains local; networks nobody; }}
-listener smtp {{ address "127.0.0.1:{smtp}"; tls none; }}
-listener web {{ address "127.0.0.1:{http}"; protocol http; }}
-on rcpt {{
-  if recipient :is "news@example.com" and not sender :is "editor@example.com" {{
-    reject 550 5.7.1 "Only the editor posts to this list";
-  }}
-}}
-route {{
-  if recipient :is "news@example.com" {{ expand news; }}
-  deliver maildir;
-}}
-"#
+    let policy = news_policy(
+        table,
+        r#"web "https://lists.example.com"; bounce_limit 2;"#,
+        "",
+        &format!(
+            "listener smtp {{ address \"127.0.0.1:{smtp}\"; tls none; }}\n\
+             listener web {{ address \"127.0.0.1:{http}\"; protocol http; }}"
+        ),
     );
     let d = Serve::start(MAILC, &dir, &policy, &[smtp, http]);
     let web = format!("http://127.0.0.1:{http}");
@@ -695,30 +709,11 @@ mailing_list other = newsletter "other@example.com" {{
 fn newsletter_endpoint_on_the_admin_listener() {
     let t = TempDir::new("news-admin");
     let policy = |smtp: u16, admin: u16, mount: bool| {
-        format!(
-            r#"list local = domains ["example.com", "reader.test"];
-list nobody = cidr ["192.0.2.1"];
-secret news_keys = file "news.keys";
-table news_subscribers = list "news.subscribers";
-mailing_list news = newsletter "news@example.com" {{
-  subscribers news_subscribers;
-  owner "editor@example.com";
-  keys news_keys;
-  web "https://www.example.com/lists";
-}};
-server {{ hostname "mx.example.com"; spool "spool"; maildir "mail"; local_domains local; networks nobody;
-  admin "127.0.0.1:{admin}"; admin_lists {mount}; }}
-listener smtp {{ address "127.0.0.1:{smtp}"; tls none; }}
-on rcpt {{
-  if recipient :is "news@example.com" and not sender :is "editor@example.com" {{
-    reject 550 5.7.1 "Only the editor posts to this list";
-  }}
-}}
-route {{
-  if recipient :is "news@example.com" {{ expand news; }}
-  deliver maildir;
-}}
-"#
+        news_policy(
+            r#"table news_subscribers = list "news.subscribers";"#,
+            r#"web "https://www.example.com/lists";"#,
+            &format!("admin \"127.0.0.1:{admin}\"; admin_lists {mount};"),
+            &format!("listener smtp {{ address \"127.0.0.1:{smtp}\"; tls none; }}"),
         )
     };
     let dir = t.join("lists");

@@ -181,12 +181,9 @@ impl Pool {
         secrets: &HashMap<String, String>,
         default_timeout: Duration,
     ) -> Result<Vec<String>, String> {
-        let timeout = super::lookup::table_timeout(t, default_timeout);
         let pool = self.table(t);
         let work = async {
-            let base = opt(t, "base").ok_or("no base")?;
-            let attribute =
-                opt(t, "attribute").ok_or("no attribute: the group entry's attribute that lists the subscribers")?;
+            let (base, attribute) = group(t)?;
             let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
             let mut conn = self.connect(&pool, prog, t, secrets).await?;
             let (entries, _) = conn
@@ -203,12 +200,9 @@ impl Pool {
                     e.attrs.into_iter().filter(|(k, _)| k.eq_ignore_ascii_case(attribute)).flat_map(|(_, v)| v)
                 })
                 .collect();
-            Ok::<_, String>(values)
+            Ok(values)
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r.map_err(|e| format!("ldap table {}: {e}", t.name)),
-            Err(_) => Err(format!("ldap table {}: timed out", t.name)),
-        }
+        within(t, default_timeout, work).await
     }
 
     /// Add (`add`) or remove a mailing list's subscriber: one value of the table's
@@ -226,12 +220,9 @@ impl Pool {
         secrets: &HashMap<String, String>,
         default_timeout: Duration,
     ) -> Result<bool, String> {
-        let timeout = super::lookup::table_timeout(t, default_timeout);
         let pool = self.table(t);
         let work = async {
-            let base = opt(t, "base").ok_or("no base")?;
-            let attribute =
-                opt(t, "attribute").ok_or("no attribute: the group entry's attribute that lists the subscribers")?;
+            let (base, attribute) = group(t)?;
             let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
             let mut conn = self.connect(&pool, prog, t, secrets).await?;
             let values = std::collections::HashSet::from([address]);
@@ -245,10 +236,27 @@ impl Pool {
                 _ => Err(format!("modify {base}: {}", ldap3::LdapError::from(r))),
             }
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r.map_err(|e| format!("ldap table {}: {e}", t.name)),
-            Err(_) => Err(format!("ldap table {}: timed out", t.name)),
-        }
+        within(t, default_timeout, work).await
+    }
+}
+
+/// A mailing list's group entry (the table's `base`) and its member attribute.
+fn group(t: &Resource) -> Result<(&str, &str), String> {
+    let base = opt(t, "base").ok_or("no base")?;
+    let attribute =
+        opt(t, "attribute").ok_or("no attribute: the group entry's attribute that lists the subscribers")?;
+    Ok((base, attribute))
+}
+
+/// `work` within the table's time-out; its error named after the table.
+async fn within<T>(
+    t: &Resource,
+    default_timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(super::lookup::table_timeout(t, default_timeout), work).await {
+        Ok(r) => r.map_err(|e| format!("ldap table {}: {e}", t.name)),
+        Err(_) => Err(format!("ldap table {}: timed out", t.name)),
     }
 }
 
