@@ -438,6 +438,10 @@ settings! {
         hostname: Option<String> = Dflt::Text("the server's hostname"), Str, "overrides the server's hostname on this listener";
         proxy_protocol: Option<Vec<String>> = Dflt::Text("none"), Strings,
             "networks of the load balancers in front of this listener: every connection must come from one of them and start with a PROXY protocol header (v1 or v2), and client.ip is the client it names";
+        proxy_filter: Option<String> = Dflt::None, Str,
+            "before-queue content filter (Postfix smtpd_proxy_filter): \"IP:port\" or \"unix:/path\" of an SMTP proxy that gets each accepted message before the client's reply to end of data, and whose reply the client gets";
+        proxy_filter_timeout: Duration = Dflt::Ms(100_000), Duration,
+            "time-out of connecting to the proxy filter and of each of its replies (Postfix smtpd_proxy_timeout)";
     }
 }
 

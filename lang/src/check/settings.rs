@@ -110,6 +110,25 @@ impl<'s> Checker<'s> {
                         );
                     }
                 }
+                if let Some((_, OptValue::Str(a))) = opts.iter().find(|(k, _)| k == "proxy_filter") {
+                    let path = a.strip_prefix("unix:");
+                    let ok = match path {
+                        Some(p) => p.starts_with('/'),
+                        None => a.parse::<std::net::SocketAddr>().is_ok(),
+                    };
+                    if !ok {
+                        let at = options
+                            .iter()
+                            .find(|o| o.name.name == "proxy_filter")
+                            .map(|o| o.value.span)
+                            .unwrap_or(n.span);
+                        self.err(
+                            Diagnostic::error("mailc::setting", format!("\"{a}\" is not a proxy filter address"))
+                                .at(at)
+                                .help("write \"127.0.0.1:10025\", \"[::1]:10025\" or \"unix:/run/filter.sock\""),
+                        );
+                    }
+                }
                 let has = |k: &str| opts.iter().any(|(n, _)| n == k);
                 if has("cert") != has("key") {
                     self.err(

@@ -8,6 +8,7 @@
 //! new sessions use the new one (listener addresses need a restart).
 
 pub mod auth;
+pub mod before_queue;
 pub mod compiled;
 pub mod control;
 pub mod fault;

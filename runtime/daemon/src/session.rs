@@ -491,6 +491,17 @@ pub async fn run(
                         }
                     }
                 }
+                Need::ProxyFilter(call) => {
+                    let whole = match call.message.tail {
+                        1.. => Box::pin(spill.whole(&call.message.data, &shared)).await.map(|(_, w)| w),
+                        0 => None,
+                    };
+                    let timeout = prog.listener_or_default(Some(&lst.name)).proxy_filter_timeout;
+                    let host = &lst.engine.hostname;
+                    let outcome = crate::before_queue::filter(&shared, host, timeout, &id, &call, whole).await;
+                    spill.discard();
+                    conn.proxied(&outcome, Time(now_ms()));
+                }
                 Need::Milter(call) => {
                     let whole = match (call.spilled, conn.current_message()) {
                         (1.., Some(m)) => Box::pin(spill.whole(m, &shared)).await,
