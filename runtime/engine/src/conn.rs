@@ -195,6 +195,8 @@ pub struct Conn {
     milter_mods: Vec<crate::milter::Modification>,
     /// The listener's `proxy_filter`: accepted messages go there, not to the queue.
     proxy_filter: Option<String>,
+    /// A local submission ([`Conn::preauthenticate_local`]).
+    local_submission: bool,
 }
 
 impl Conn {
@@ -242,6 +244,7 @@ impl Conn {
             milter_refusal: None,
             milter_mods: Vec::new(),
             proxy_filter,
+            local_submission: false,
         }
     }
 
@@ -251,6 +254,7 @@ impl Conn {
     /// rule treat it as one of the site's users (Postfix trusts local submission likewise).
     pub fn preauthenticate_local(&mut self, user: &str) {
         self.session.preauthenticate("local", user);
+        self.local_submission = true;
         self.facts.auth = Some((user.to_string(), "local".to_string()));
     }
 
@@ -446,7 +450,7 @@ impl Conn {
                 "proxy_filter: hold, archive, filter and batv sign of this message are not passed to the filter (the re-injection listener's policy decides them)".into(),
             )));
         }
-        let xforward = crate::before_queue::xforward_attributes(&self.facts, !self.has_remote);
+        let xforward = crate::before_queue::xforward_attributes(&self.facts, self.local_submission);
         self.pending = Pending::Proxy(delay);
         self.notes.push_back(Need::ProxyFilter(crate::before_queue::FilterCall { address, message: msg, xforward }));
     }
