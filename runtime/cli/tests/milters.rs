@@ -537,6 +537,10 @@ fn rspamd_http_and_milter() {
     assert!(out.contains("Queued as"), "{out}\n{}\n{}", d.log(), rlog());
     wait_for(Duration::from_secs(30), "delivery", || maildir(&sub.join("mail/u")).len() == 1, || d.log());
     assert!(d.log().contains("milter rsm: data reject"), "{}", d.log());
+    // The milter's `i` macro is the queue id the message was stored under: rspamd logs it.
+    let qid = out.split("Queued as ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default();
+    assert!(!qid.is_empty(), "{out}");
+    wait_for(Duration::from_secs(30), "rspamd's log line with the queue id", || rlog().contains(qid), rlog);
 }
 
 /// Messages still in a spool (not its TLS key pair).

@@ -187,8 +187,11 @@ pub struct Conn {
     free_space: Option<u64>,
     /// The client has an address (not a local submission).
     has_remote: bool,
-    /// Transactions begun (the milters' `i` macro).
+    /// Transactions begun (the milters' `i` macro when the host reserves no queue id).
     milter_tx: u64,
+    /// The queue id the next message will be stored under, when the host reserved one
+    /// ([`Conn::set_next_queue_id`]): the milters' `i` macro, as Postfix's queue id.
+    next_queue_id: Option<String>,
     /// The refusal the milters asked of the stage being evaluated, and their
     /// end-of-message modifications.
     milter_refusal: Option<Outcome>,
@@ -241,6 +244,7 @@ impl Conn {
             free_space: None,
             has_remote,
             milter_tx: 0,
+            next_queue_id: None,
             milter_refusal: None,
             milter_mods: Vec::new(),
             proxy_filter,
@@ -474,8 +478,23 @@ impl Conn {
             }
         };
         let d = if reply.is_positive() { Decision::accept().with_reply(reply) } else { Decision::reject(reply) };
+        // Nothing was stored under the reserved id; the re-injection listener has its own.
+        self.next_queue_id = None;
         self.end_transaction();
         self.defer(d.with_delay(delay), now);
+    }
+
+    /// The id the host will store the next message under ([`Need::Queue`]: the host
+    /// stores it as [`Conn::next_queue_id`] says): milters get it as `i` from MAIL on.
+    /// The host reserves one when the session starts and a new one after each message
+    /// it stored; without one, `i` is the session's transaction number.
+    pub fn set_next_queue_id(&mut self, id: String) {
+        self.next_queue_id = Some(id);
+    }
+
+    /// The id reserved for the next message, if any.
+    pub fn next_queue_id(&self) -> Option<&str> {
+        self.next_queue_id.as_deref()
     }
 
     /// The host stored the message durably under `id`.
@@ -483,6 +502,9 @@ impl Conn {
         if let Pending::Queue(delay) = self.pending {
             self.pending = Pending::None;
             let _ = self.session.decide(Decision::queued(id).with_delay(delay), now);
+            if self.next_queue_id.as_deref() == Some(id) {
+                self.next_queue_id = None;
+            }
             self.end_transaction();
         }
     }

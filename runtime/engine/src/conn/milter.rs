@@ -151,6 +151,9 @@ impl Conn {
     /// The `i` macro: the transaction's id (the queue id is made when the message is
     /// stored, after the milters have seen it).
     fn milter_queue_id(&self) -> String {
+        if let Some(id) = &self.next_queue_id {
+            return id.clone();
+        }
         let sid: String = self.facts.session_id.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
         format!("{}{:X}", if sid.is_empty() { "0" } else { &sid }, self.milter_tx)
     }

@@ -685,6 +685,8 @@ impl CaseRun {
         let (tls_req, auth_req) = crate::config::requirements(&self.prog, listener.as_deref());
         conn.set_requirements(tls_req, auth_req);
         conn.set_free_space(self.disk_free);
+        // The id the next message gets, which milters see as `i` (as the daemon reserves it).
+        conn.set_next_queue_id(format!("{:010X}", self.queued.len() + 1));
         self.session_keys = crate::eval::session_keys(self.client.ip());
         for k in &self.session_keys {
             self.rates.open(k);
@@ -817,6 +819,7 @@ impl CaseRun {
                     let id = format!("{:010X}", self.queued.len());
                     if let Some(c) = self.conn.as_mut() {
                         c.queued(&id, now);
+                        c.set_next_queue_id(format!("{:010X}", self.queued.len() + 1));
                     }
                 }
                 Need::ProxyFilter(mut call) => {
