@@ -216,5 +216,42 @@ pub fn xforward_attributes(facts: &crate::eval::Facts, local: bool) -> Vec<(&'st
     ]
 }
 
+/// Fuzz body (`fuzz_targets/filter_replies.rs`): any bytes from a filter, cut anywhere
+/// (the first byte says where): the session never panics, an outcome once reached never
+/// changes, and at EOF there is one; a reply the client gets is a real 2xx, 4xx or 5xx,
+/// never 421.
+pub fn fuzz_replies(input: &[u8]) {
+    let Some((cut, data)) = input.split_first() else { return };
+    let message = QueuedMessage {
+        sender: "a@b.test".into(),
+        recipients: vec![
+            crate::record::QueuedRcpt { address: "c@d.test".into(), ..Default::default() },
+            crate::record::QueuedRcpt { address: "e@d.test".into(), ..Default::default() },
+        ],
+        data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+        ..Default::default()
+    };
+    let call = FilterCall { address: "127.0.0.1:10025".into(), message, xforward: vec![("NAME", "h".into())] };
+    let mut s = FilterSession::new("mx.test", &call, call.message.data.clone());
+    let mut first: Option<FilterOutcome> = None;
+    for chunk in data.chunks(usize::from(*cut).max(1)) {
+        let _ = s.poll_transmit();
+        s.handle_input(chunk);
+        if let Some(f) = &first {
+            assert_eq!(s.outcome(), Some(f), "an outcome changed");
+        }
+        first = s.outcome().cloned();
+    }
+    s.handle_eof();
+    match s.outcome() {
+        Some(FilterOutcome::Replied(r)) => assert!((200..600).contains(&r.code) && r.code != 421, "{r}"),
+        Some(FilterOutcome::Failed(_)) => {}
+        None => panic!("no outcome at EOF"),
+    }
+    if let Some(f) = &first {
+        assert_eq!(s.outcome(), Some(f), "EOF changed the outcome");
+    }
+}
+
 #[cfg(test)]
 mod tests;

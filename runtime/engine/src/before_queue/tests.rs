@@ -140,3 +140,38 @@ fn xforward_attributes_follow_postfix() {
     assert_eq!(get("HELO"), "client.test");
     assert_eq!(get("SOURCE"), "REMOTE");
 }
+
+/// The fuzz body on 20,000 inputs made of reply pieces (the stable twin of the
+/// `filter_replies` target).
+#[test]
+fn fuzz_replies_20k() {
+    let mut s: u64 = 0x5eed_0016_0000_0044;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let pieces: [&[u8]; 12] = [
+        b"220 filter ESMTP\r\n",
+        b"250-filter\r\n250 XFORWARD NAME ADDR\r\n",
+        b"250 2.0.0 Ok\r\n",
+        b"354 go\r\n",
+        b"550 5.1.1 no\r\n",
+        b"451 4.3.0 later\r\n",
+        b"421 bye\r\n",
+        b"250-",
+        b"\r\n",
+        b"999 x\r\n",
+        b"\xff\xfe",
+        b"250 ",
+    ];
+    for _ in 0..20_000 {
+        let n = (next() % 12) as usize;
+        let mut input = vec![(next() % 40) as u8];
+        for _ in 0..n {
+            input.extend_from_slice(pieces[(next() % 12) as usize]);
+        }
+        fuzz_replies(&input);
+    }
+}
