@@ -374,7 +374,8 @@ fn counts_answered_with_the_event_are_the_clusters() {
     drop(two);
     // One round trip per MAIL (the event and both counts), besides the session's lease
     // taken and released: B's own count, logged when it stops.
-    b.child.signal("TERM");
+    let pid = b.pid().expect("B runs").to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
     wait_for(Duration::from_secs(20), "B to stop", || b.log().contains("stopped"), || b.log());
     let trips: usize = b
         .log()
@@ -480,11 +481,7 @@ fn the_state_password_is_a_secret() {
         std::fs::write(dir.join("redis.pass"), format!("{pass}\n")).expect("password file");
         let port = free_port();
         let rules = format!("secret redis = file \"redis.pass\";\n{RATE_RULE}");
-        Daemon::start(
-            dir,
-            &policy(name, port, &redis.url(), "state_password redis; state_timeout 500ms;", &rules),
-            port,
-        )
+        daemon(dir, &policy(name, port, &redis.url(), "state_password redis; state_timeout 500ms;", &rules), port)
     };
     let good = host("good", "s3cret-pass");
     let bad = host("bad", "wrong");
@@ -735,20 +732,20 @@ fn backup_host(dir: &Path, host: &str, port: u16, listen: u16, peer: u16, sink: 
 }
 
 /// The next hop of both hosts: a third `mailc serve` delivering `d.test` to a Maildir.
-fn sink(dir: PathBuf, port: u16) -> Daemon {
+fn sink(dir: PathBuf, port: u16) -> Serve {
     let policy = format!(
         "list local = domains [\"d.test\"];\n\
          server {{ hostname \"sink.test\"; spool \"spool\"; maildir \"mail\"; local_domains local; }}\n\
          listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
          route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
     );
-    Daemon::start(dir, &policy, port)
+    daemon(dir, &policy, port)
 }
 
 /// A backup pair: A (mx-a.test) and B (mx-b.test), each the other's backup peer.
 struct Pair {
-    a: Daemon,
-    b: Daemon,
+    a: Serve,
+    b: Serve,
     b_listen: u16,
 }
 
@@ -756,9 +753,9 @@ fn pair(t: &TempDir, redis: &Redis, sink_port: u16, extra_a: &str) -> Pair {
     let (pa, pb, la, lb) = (free_port(), free_port(), free_port(), free_port());
     backup_host(&t.join("a"), "mx-a.test", pa, la, lb, sink_port, redis, extra_a);
     backup_host(&t.join("b"), "mx-b.test", pb, lb, la, sink_port, redis, "");
-    let b = Daemon::start(t.join("b"), &std::fs::read_to_string(t.join("b/policy.mailpolicy")).expect("policy"), pb);
+    let b = daemon(t.join("b"), &std::fs::read_to_string(t.join("b/policy.mailpolicy")).expect("policy"), pb);
     wait_for(Duration::from_secs(20), "B's backup listener", || listening(lb), || b.log());
-    let a = Daemon::start(t.join("a"), &std::fs::read_to_string(t.join("a/policy.mailpolicy")).expect("policy"), pa);
+    let a = daemon(t.join("a"), &std::fs::read_to_string(t.join("a/policy.mailpolicy")).expect("policy"), pa);
     Pair { a, b, b_listen: lb }
 }
 
@@ -775,7 +772,7 @@ fn queued_id(log: &str) -> String {
 }
 
 /// The held copies of a host (files under its spool's backup/held/ORIGIN/).
-fn held(d: &Daemon) -> Vec<String> {
+fn held(d: &Serve) -> Vec<String> {
     let mut out = Vec::new();
     for o in std::fs::read_dir(d.dir.join("spool/backup/held")).into_iter().flatten().flatten() {
         for f in std::fs::read_dir(o.path()).into_iter().flatten().flatten() {
@@ -785,7 +782,7 @@ fn held(d: &Daemon) -> Vec<String> {
     out
 }
 
-fn in_spool(d: &Daemon, id: &str) -> bool {
+fn in_spool(d: &Serve, id: &str) -> bool {
     ["incoming", "active", "deferred", "hold"].iter().any(|q| d.dir.join("spool").join(q).join(id).is_file())
 }
 
@@ -810,7 +807,7 @@ fn a_host_killed_before_delivering_loses_nothing_its_peer_delivers_the_copy() {
     // A tries the next hop, which is down, and keeps the message.
     wait_for(Duration::from_secs(20), "A's failed attempt", || p.a.log().contains("status=deferred"), || p.a.log());
     assert!(in_spool(&p.a, &id), "A keeps the message it could not deliver");
-    p.a.child.kill();
+    p.a.stop();
     // Nothing is released while A's heartbeat could still be alive...
     std::thread::sleep(Duration::from_millis(1_500));
     assert!(!p.b.log().contains("shadow-released"), "released too early:\n{}", p.b.log());
@@ -852,7 +849,7 @@ fn a_delivered_message_is_confirmed_and_its_copy_dropped() {
     assert!(p.b.log().contains(&format!("id={id} reason=confirmed")), "{}", ctx());
     assert!(held(&p.b).is_empty(), "{:?}", held(&p.b));
     // A dies now: B has nothing of A's left to deliver.
-    p.a.child.kill();
+    p.a.stop();
     let ctx = || format!("B:\n{}\nsink:\n{}", p.b.log(), s.log());
     std::thread::sleep(Duration::from_millis(8_000));
     assert!(!p.b.log().contains("shadow-released"), "{}", ctx());
@@ -874,7 +871,7 @@ fn a_delivered_message_is_confirmed_and_its_copy_dropped() {
     assert!(held(&p.b).is_empty());
 
     // B goes down: A (restarted) accepts with its own copy alone, by default...
-    p.b.child.kill();
+    p.b.stop();
     p.a.restart();
     let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
     assert_eq!(code, 250, "{text}");

@@ -71,6 +71,11 @@ impl Serve {
         }
     }
 
+    /// The daemon's process id while it runs (to send it a signal).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The daemon's log so far (every run's).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
