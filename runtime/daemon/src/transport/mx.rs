@@ -49,6 +49,10 @@ pub trait Resolver: Send + Sync {
     fn mx<'a>(&'a self, domain: &'a str) -> DnsFuture<'a, Vec<MxRecord>>;
     /// A and AAAA addresses of `host`.
     fn ips<'a>(&'a self, host: &'a str) -> DnsFuture<'a, Vec<IpAddr>>;
+    /// TXT records of `name`, each one string (MTA-STS, TLS-RPT); none by default.
+    fn txt<'a>(&'a self, _name: &'a str) -> DnsFuture<'a, Vec<String>> {
+        Box::pin(async { Err(DnsError::NoData) })
+    }
 }
 
 /// [`Resolver`] over hickory-resolver.
@@ -167,6 +171,15 @@ impl Resolver for HickoryResolver {
         Box::pin(async move {
             let l = self.inner.lookup_ip(fqdn(host)).await.map_err(map_err)?;
             Ok(l.iter().collect())
+        })
+    }
+
+    fn txt<'a>(&'a self, name: &'a str) -> DnsFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let l = self.inner.txt_lookup(fqdn(name)).await.map_err(map_err)?;
+            Ok(l.iter()
+                .map(|t| t.txt_data().iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<String>())
+                .collect())
         })
     }
 }
