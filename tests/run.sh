@@ -29,6 +29,7 @@ declare -A want=(
   [nroff]=groff-base
   [socat]=socat
   [curl]=curl
+  [ldns-signzone]=ldnsutils
 )
 missing=()
 for prog in "${!want[@]}"; do

@@ -82,15 +82,18 @@ fn session_cache(p: &Program) -> driver::ConnectionCache {
 /// DANE, MTA-STS and TLS-RPT for one policy load: the DNSSEC-aware client on the policy's
 /// name server, MTA-STS policies cached under `SPOOL/sts` and fetched with `mta_sts_port`
 /// and `mta_sts_ca`, session results under `SPOOL/tlsrpt` (when reports are on).
-fn security_for(p: &Program, policy_dir: &std::path::Path, spool_dir: &std::path::Path) -> Result<Arc<Security>, String> {
+fn security_for(
+    p: &Program,
+    policy_dir: &std::path::Path,
+    spool_dir: &std::path::Path,
+) -> Result<Arc<Security>, String> {
     use crate::transport::{dane::SecureDns, sts::Sts, tlsrpt::Recorder};
     let server = p.server.dns_server.as_deref().and_then(|a| a.parse().ok());
     let roots = match &p.server.mta_sts_ca {
         Some(f) => driver::roots_from_pem(&policy_dir.join(f))?,
         None => driver::system_roots(),
     };
-    let report = (!p.server.tls_report_interval.is_zero())
-        .then(|| Arc::new(Recorder::new(spool_dir.join("tlsrpt"))));
+    let report = (!p.server.tls_report_interval.is_zero()).then(|| Arc::new(Recorder::new(spool_dir.join("tlsrpt"))));
     Ok(Arc::new(Security {
         dns: SecureDns::new(server, p.server.dns_timeout),
         sts: Sts {
@@ -451,7 +454,11 @@ impl Qmgr {
         for m in mails {
             let msg = QueuedMessage {
                 sender: from.clone(),
-                recipients: vec![QueuedRcpt { address: m.to.clone(), notify: vec!["NEVER".into()], ..Default::default() }],
+                recipients: vec![QueuedRcpt {
+                    address: m.to.clone(),
+                    notify: vec!["NEVER".into()],
+                    ..Default::default()
+                }],
                 data: m.data,
                 client_ip: "127.0.0.1".into(),
                 helo: self.shared.hostname.clone(),
@@ -459,12 +466,15 @@ impl Qmgr {
                 ..Default::default()
             };
             let now = now_ms();
-            match spool_io(&self.spool, move |s| s.store(&msg, Class::Normal, now).map_err(std::io::Error::other)).await {
+            match spool_io(&self.spool, move |s| s.store(&msg, Class::Normal, now).map_err(std::io::Error::other)).await
+            {
                 Ok(id) => {
                     self.shared.log.event("tls-report", &[("domain", &m.domain), ("to", &m.to), ("id", id.as_str())]);
                     Box::pin(self.admit(id.as_str())).await;
                 }
-                Err(e) => self.shared.log.event("tls-report-failed", &[("domain", &m.domain), ("error", &e.to_string())]),
+                Err(e) => {
+                    self.shared.log.event("tls-report-failed", &[("domain", &m.domain), ("error", &e.to_string())])
+                }
             }
         }
     }

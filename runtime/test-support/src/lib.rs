@@ -17,7 +17,7 @@ pub use dovecot::Dovecot;
 pub use postgres::Postgres;
 pub use slapd::Slapd;
 pub use spamd::Spamd;
-pub use unbound::Unbound;
+pub use unbound::{SignedZone, Unbound};
 
 /// A fresh directory under the system's temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);

@@ -22,6 +22,7 @@ mod postfix;
 mod relay;
 mod service;
 mod swaks;
+mod tls_policies;
 mod wire;
 
 use wire::*;

@@ -92,9 +92,9 @@ impl SecureDns {
         let bytes = q.to_vec().map_err(|e| DnsError::Temporary(e.to_string()))?;
         let tmp = |e: std::io::Error| DnsError::Temporary(format!("{server}: {e}"));
         let udp = async {
-            let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(|_| {
-                DnsError::Temporary("bind address".into())
-            })?;
+            let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .map_err(|_| DnsError::Temporary("bind address".into()))?;
             let s = tokio::net::UdpSocket::bind(bind).await.map_err(tmp)?;
             s.connect(server).await.map_err(tmp)?;
             s.send(&bytes).await.map_err(tmp)?;

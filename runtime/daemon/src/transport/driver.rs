@@ -532,9 +532,10 @@ fn tls_config(
             super::dane::DaneVerifier::new(records.clone(), names.clone(), provider),
         )),
         TlsDecision::Sts { enforce: false } => {
-            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots()), provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            let inner =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots()), provider.clone())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
             let v = ReportOnly { inner, finding: finding.clone(), provider };
             builder.dangerous().with_custom_certificate_verifier(Arc::new(v))
         }

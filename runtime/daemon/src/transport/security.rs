@@ -125,9 +125,7 @@ pub async fn plan(
     let mut dane_hosts: HashMap<String, HostDane> = HashMap::new();
     if standards == Standards::Dane && dest.host.parse::<std::net::IpAddr>().is_err() {
         let mx_secure = if dest.mx {
-            dane::mx_secure(&sec.dns, &dest.host)
-                .await
-                .map_err(|e| Reply::new(451, (4, 7, 5), format!("DANE: {e}")))?
+            dane::mx_secure(&sec.dns, &dest.host).await.map_err(|e| Reply::new(451, (4, 7, 5), format!("DANE: {e}")))?
         } else {
             true
         };

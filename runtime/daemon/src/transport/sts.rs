@@ -108,9 +108,7 @@ impl Policy {
     pub fn mx_matches(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         self.mx.iter().any(|p| match p.strip_prefix("*.") {
-            Some(suffix) => {
-                host.split_once('.').is_some_and(|(first, rest)| !first.is_empty() && rest == suffix)
-            }
+            Some(suffix) => host.split_once('.').is_some_and(|(first, rest)| !first.is_empty() && rest == suffix),
             None => *p == host,
         })
     }
@@ -209,8 +207,7 @@ impl Sts {
     pub async fn policy(&self, resolver: &dyn Resolver, domain: &str) -> Result<Option<Policy>, StsError> {
         let now = now_secs();
         let cached = self.read_cache(domain).filter(|p| p.fresh(now));
-        let txt = match timeout(self.timeout, resolver.txt(&format!("_mta-sts.{}", domain.trim_end_matches('.'))))
-            .await
+        let txt = match timeout(self.timeout, resolver.txt(&format!("_mta-sts.{}", domain.trim_end_matches('.')))).await
         {
             Ok(Ok(r)) => txt_id(&r),
             Ok(Err(DnsError::NotFound | DnsError::NoData)) | Ok(Err(DnsError::Temporary(_))) | Err(_) => None,
@@ -329,8 +326,12 @@ mod tests {
 
     #[test]
     fn policies_parse_as_rfc_8461_writes_them() {
-        let p = Policy::parse("version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmx: *.example.net\r\nmax_age: 604800\r\n", "1", 0)
-            .expect("policy");
+        let p = Policy::parse(
+            "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmx: *.example.net\r\nmax_age: 604800\r\n",
+            "1",
+            0,
+        )
+        .expect("policy");
         assert_eq!((p.mode, p.max_age, p.mx.len()), (Mode::Enforce, 604_800, 2));
         assert!(p.mx_matches("mail.example.com."));
         assert!(p.mx_matches("MX1.example.net"));

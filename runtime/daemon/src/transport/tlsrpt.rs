@@ -354,7 +354,8 @@ async fn post(
             .with_root_certificates((*roots).clone())
             .with_no_client_auth();
         let sn = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-        let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(sn, tcp).await.map_err(|e| e.to_string())?;
+        let mut s =
+            tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(sn, tcp).await.map_err(|e| e.to_string())?;
         let head = format!(
             "POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/tlsrpt+gzip\r\nContent-Length: {}\r\n\r\n",
             gz.len()
@@ -380,7 +381,12 @@ mod tests {
 
     #[test]
     fn a_report_sums_sessions_per_policy_with_rfc_8460_names() {
-        let p = ReportPolicy { domain: "d.test".into(), kind: "sts".into(), strings: vec!["version: STSv1".into()], mx_host: vec!["mx.d.test".into()] };
+        let p = ReportPolicy {
+            domain: "d.test".into(),
+            kind: "sts".into(),
+            strings: vec!["version: STSv1".into()],
+            mx_host: vec!["mx.d.test".into()],
+        };
         let ev = |result: Option<&str>| Event {
             at: 1_700_000_000,
             policy: p.clone(),
@@ -389,7 +395,11 @@ mod tests {
             ip: "192.0.2.1".into(),
             reason: String::new(),
         };
-        let (json, id) = report_json("org.test", "postmaster@org.test", &[ev(None), ev(None), ev(Some("certificate-host-mismatch"))]);
+        let (json, id) = report_json(
+            "org.test",
+            "postmaster@org.test",
+            &[ev(None), ev(None), ev(Some("certificate-host-mismatch"))],
+        );
         let v: serde_json::Value = serde_json::from_str(&json).expect("json");
         assert_eq!(v["report-id"], id.as_str());
         let pol = &v["policies"][0];
