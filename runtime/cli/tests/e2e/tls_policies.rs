@@ -185,3 +185,157 @@ fn dane_tlsa_records_from_a_validating_resolver_decide_the_next_hop() {
         }
     }
 }
+
+/// An MTA-STS policy host: `openssl s_server -WWW` on `ip`:`port` serving `policy` as
+/// `/.well-known/mta-sts.txt` with the test's certificate; stopped on drop.
+fn policy_host(dir: &Path, certs: &Path, ip: &str, port: u16, policy: &str) -> mailpolicy_test_support::Peer {
+    need("/usr/bin/openssl", "openssl");
+    std::fs::create_dir_all(dir.join(".well-known")).expect("www dir");
+    std::fs::write(dir.join(".well-known/mta-sts.txt"), policy).expect("policy file");
+    let child = Command::new("openssl")
+        .args(["s_server", "-WWW", "-quiet", "-accept", &format!("{ip}:{port}")])
+        .arg("-cert")
+        .arg(certs.join("hop-chain.pem"))
+        .arg("-key")
+        .arg(certs.join("hop.key"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let peer = mailpolicy_test_support::Peer(child);
+    wait_for(
+        Duration::from_secs(15),
+        &format!("the policy host on {ip}:{port}"),
+        || TcpStream::connect((ip, port)).is_ok(),
+        String::new,
+    );
+    peer
+}
+
+/// RFC 8461 and RFC 8460. Three recipient domains publish `_mta-sts` TXT records and
+/// policies served over HTTPS on loopback (`mta_sts_port`, certificates of the test's CA
+/// trusted through `mta_sts_ca` and `tls_ca`):
+/// - sts.test, `enforce` naming its MX host: delivered, `tls_policy=sts enforce`, the
+///   policy cached in the spool;
+/// - stsbad.test, `enforce` naming other hosts: deferred, nothing sent;
+/// - ststest.test, `testing` naming other hosts: delivered as `sts testing`, and reported;
+/// - nosts.test publishes nothing: `may`.
+///
+/// Then the TLS-RPT report (`tls_report_interval 3s`) of sts.test and ststest.test arrives
+/// at the `rua=mailto:` of their `_smtp._tls` records (smtp-sink): gzipped JSON with one
+/// success for sts.test and a `validation-failure` for ststest.test.
+#[test]
+fn mta_sts_policies_over_https_enforce_or_test_and_tls_rpt_reports_them() {
+    let t = TempDir::new("sts-out");
+    let names = [
+        "mx.sts.test",
+        "mx.stsbad.test",
+        "mx.ststest.test",
+        "mx.nosts.test",
+        "mta-sts.sts.test",
+        "mta-sts.stsbad.test",
+        "mta-sts.ststest.test",
+    ];
+    certificates(t.path(), &names);
+    let (port, hop_port, https_port, sink_port) = (free_port(), free_port(), free_port(), free_port());
+    let policy = |mode: &str, mx: &str| format!("version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n");
+    let _hosts = [
+        policy_host(&t.join("www1"), t.path(), "127.0.0.3", https_port, &policy("enforce", "mx.sts.test")),
+        policy_host(&t.join("www2"), t.path(), "127.0.0.4", https_port, &policy("enforce", "*.elsewhere.test")),
+        policy_host(&t.join("www3"), t.path(), "127.0.0.5", https_port, &policy("testing", "mx.other.test")),
+    ];
+    let mut records = vec![
+        "mta-sts.sts.test. A 127.0.0.3".to_string(),
+        "mta-sts.stsbad.test. A 127.0.0.4".to_string(),
+        "mta-sts.ststest.test. A 127.0.0.5".to_string(),
+        "_smtp._tls.sts.test. TXT \"v=TLSRPTv1; rua=mailto:reports@rpt.test\"".to_string(),
+        "_smtp._tls.ststest.test. TXT \"v=TLSRPTv1; rua=mailto:reports@rpt.test\"".to_string(),
+    ];
+    for d in ["sts", "stsbad", "ststest", "nosts"] {
+        records.push(format!("{d}.test. MX 10 mx.{d}.test."));
+        records.push(format!("mx.{d}.test. A 127.0.0.2"));
+        if d != "nosts" {
+            records.push(format!("_mta-sts.{d}.test. TXT \"v=STSv1; id=20261201\""));
+        }
+    }
+    let records: Vec<&str> = records.iter().map(String::as_str).collect();
+    let ub = Unbound::start(&["test."], &records, &[]);
+    let hop = tls_hop(&t.join("hop"), t.path(), hop_port, &["sts.test", "stsbad.test", "ststest.test", "nosts.test"]);
+    let sink = Sink::start(&t.join("sink"), sink_port, &[]);
+    let ca = t.join("ca.pem").display().to_string();
+    let extra = format!(
+        "mta_sts_port {https_port}; mta_sts_ca \"{ca}\"; tls_ca \"{ca}\"; tls_report_interval 3s; tls_report_org \"mx.test\";"
+    );
+    let route = format!(
+        "  if recipient.domain :is \"rpt.test\" {{ deliver smtp \"[127.0.0.1]:{sink_port}\"; }}\n  \
+         deliver smtp \"${{recipient.domain}}:{hop_port}\" :tls sts;"
+    );
+    let d = Daemon::start(t.path(), &tls_sender(port, ub.port, &extra, &route), &[port]);
+    let rcpts = [
+        ("enforced@sts.test", "status=sent", "tls_policy=\"sts enforce\""),
+        ("refused@stsbad.test", "status=deferred", "does not match the MTA-STS policy of stsbad.test"),
+        ("tested@ststest.test", "status=sent", "tls_policy=\"sts testing\""),
+        ("none@nosts.test", "status=sent", "tls_policy=may"),
+    ];
+    for (to, _, _) in rcpts {
+        send(port, to);
+    }
+    for (to, status, what) in rcpts {
+        let line = delivery_line(&d, &hop, to, status);
+        assert!(line.contains(what), "{to}: {line}");
+    }
+    let cached = std::fs::read_to_string(d.spool().join("sts/sts.test")).expect("the cached policy of sts.test");
+    assert!(cached.contains("20261201") && cached.contains("mx.sts.test"), "{cached}");
+    assert!(
+        maildir(&hop.dir.join("mail/refused")).is_empty(),
+        "stsbad.test's message reached an MX host it does not name"
+    );
+    // The reports: one mail per domain at the rua address.
+    wait_for(
+        Duration::from_secs(60),
+        "TLS-RPT reports for sts.test and ststest.test at the sink",
+        || {
+            let m = sink.messages();
+            ["TLS-Report-Domain: sts.test", "TLS-Report-Domain: ststest.test"]
+                .iter()
+                .all(|h| m.iter().any(|x| x.contains(h)))
+        },
+        || d.log(),
+    );
+    let reports: Vec<(String, String)> = sink
+        .messages()
+        .iter()
+        .filter(|m| m.contains("report-type=\"tlsrpt\""))
+        .map(|m| {
+            let domain =
+                m.lines().find_map(|l| l.strip_prefix("TLS-Report-Domain: ")).unwrap_or_default().trim().to_string();
+            (domain, report_json(m))
+        })
+        .collect();
+    let json = |domain: &str| reports.iter().find(|(d, _)| d == domain).map(|(_, j)| j.clone()).unwrap_or_default();
+    let sts = json("sts.test");
+    assert!(sts.contains("\"policy-type\": \"sts\"") && sts.contains("\"total-successful-session-count\": 1"), "{sts}");
+    assert!(sts.contains("\"total-failure-session-count\": 0") && sts.contains("mode: enforce"), "{sts}");
+    let testing = json("ststest.test");
+    assert!(testing.contains("\"result-type\": \"validation-failure\""), "{testing}");
+    assert!(testing.contains("\"receiving-mx-hostname\": \"mx.ststest.test\""), "{testing}");
+    assert!(testing.contains("\"total-failure-session-count\": 1"), "{testing}");
+    assert!(!reports.iter().any(|(d, _)| d == "nosts.test" || d == "stsbad.test"), "only domains with a TLSRPT record");
+}
+
+/// The JSON of a TLS-RPT mail: its `application/tlsrpt+gzip` part, base64-decoded and
+/// gunzipped by gzip(1).
+fn report_json(mail: &str) -> String {
+    use base64::Engine;
+    let part = mail.split("Content-Type: application/tlsrpt+gzip").nth(1).expect("the report part");
+    let body = part.split("\n\n").nth(1).or_else(|| part.split("\r\n\r\n").nth(1)).unwrap_or_default();
+    let b64: String = body.lines().take_while(|l| !l.starts_with("--")).collect::<String>().replace(['\r', ' '], "");
+    let gz = base64::engine::general_purpose::STANDARD.decode(b64).expect("base64");
+    let mut child = Command::new("gzip").arg("-dc").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("gzip");
+    child.stdin.take().expect("stdin").write_all(&gz).expect("write");
+    let out = child.wait_with_output().expect("gzip output");
+    assert!(out.status.success(), "gzip -dc failed");
+    String::from_utf8(out.stdout).expect("utf-8 JSON")
+}

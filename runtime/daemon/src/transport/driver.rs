@@ -960,9 +960,10 @@ async fn planned(dest: &Destination, hops: &[Hop], opts: &DeliveryOptions) -> Re
 fn report_result(opts: &DeliveryOptions, p: &Planned, result: Result<(), String>) {
     let (Some(sec), Some(policy)) = (&opts.security, &p.report) else { return };
     let Some(rec) = &sec.report else { return };
-    match result {
-        Ok(()) => rec.record(policy, Ok(&p.hop)),
-        Err(e) => rec.record(policy, Err((super::tlsrpt::result_type(&e), &p.hop, e))),
+    match (result, &p.finding) {
+        (Ok(()), _) => rec.record(policy, Ok(&p.hop)),
+        (Err(e), Some((kind, why))) if *why == e => rec.record(policy, Err((kind, &p.hop, e))),
+        (Err(e), _) => rec.record(policy, Err((super::tlsrpt::result_type(&e), &p.hop, e))),
     }
 }
 
@@ -984,6 +985,7 @@ async fn try_hops(hops: &[Planned], opts: &DeliveryOptions, protocol: Protocol) 
             match c.wait_ready(&opts.timeouts).await {
                 Ok(()) => {
                     let finding = c.tls_finding.lock().ok().and_then(|f| f.clone());
+                    let finding = p.finding.as_ref().map(|(_, why)| why.clone()).or(finding);
                     match (finding, c.client.tls_active()) {
                         (Some(f), _) => report_result(opts, p, Err(f)),
                         (None, true) => report_result(opts, p, Ok(())),

@@ -102,10 +102,13 @@ pub struct Planned {
     pub hop: Hop,
     pub tls: TlsDecision,
     pub report: Option<Arc<ReportPolicy>>,
+    /// A failure found before connecting that the session's result is reported as
+    /// (MTA-STS `testing`: an MX host the policy does not name): result type and reason.
+    pub finding: Option<(&'static str, String)>,
 }
 
 fn fixed(hops: &[Hop], p: TlsPolicy) -> Vec<Planned> {
-    hops.iter().map(|h| Planned { hop: h.clone(), tls: TlsDecision::Fixed(p), report: None }).collect()
+    hops.iter().map(|h| Planned { hop: h.clone(), tls: TlsDecision::Fixed(p), report: None, finding: None }).collect()
 }
 
 /// The hops of `dest` with their decisions, best first; `Err` when every hop is ruled out
@@ -168,12 +171,18 @@ pub async fn plan(
                     hop: h.clone(),
                     tls: TlsDecision::Dane { records: records.clone(), names },
                     report: Some(report),
+                    finding: None,
                 });
                 continue;
             }
             Some(HostDane::Unusable(records)) => {
                 let report = Arc::new(ReportPolicy::tlsa(&domain, &h.name, records));
-                out.push(Planned { hop: h.clone(), tls: TlsDecision::DaneUnauthenticated, report: Some(report) });
+                out.push(Planned {
+                    hop: h.clone(),
+                    tls: TlsDecision::DaneUnauthenticated,
+                    report: Some(report),
+                    finding: None,
+                });
                 continue;
             }
             Some(HostDane::Failed(e)) => {
@@ -197,15 +206,11 @@ pub async fn plan(
                     refusals.push(format!("MX host {} does not match the MTA-STS policy of {domain}", h.name));
                     continue;
                 }
-                if !matches {
-                    if let Some(r) = &sec.report {
-                        r.record(rp, Err(("validation-failure", h, format!("MX {} not in the policy", h.name))));
-                    }
-                }
                 out.push(Planned {
                     hop: h.clone(),
                     tls: TlsDecision::Sts { enforce: p.mode == Mode::Enforce },
                     report: Some(rp.clone()),
+                    finding: (!matches).then(|| ("validation-failure", format!("MX {} not in the policy", h.name))),
                 });
             }
             (Some(Err(e)), _) => {
@@ -216,11 +221,11 @@ pub async fn plan(
                     };
                     r.record(&ReportPolicy::none(&domain), Err((kind, h, e.to_string())));
                 }
-                out.push(Planned { hop: h.clone(), tls: TlsDecision::Fixed(fallback), report: None });
+                out.push(Planned { hop: h.clone(), tls: TlsDecision::Fixed(fallback), report: None, finding: None });
             }
             _ => {
                 let report = sec.report.as_ref().map(|_| Arc::new(ReportPolicy::none(&domain)));
-                out.push(Planned { hop: h.clone(), tls: TlsDecision::Fixed(fallback), report });
+                out.push(Planned { hop: h.clone(), tls: TlsDecision::Fixed(fallback), report, finding: None });
             }
         }
     }
