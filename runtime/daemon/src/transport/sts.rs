@@ -359,4 +359,94 @@ mod tests {
         assert_eq!(cache_name("../etc"), None);
         assert_eq!(cache_name("a/b"), None);
     }
+
+    /// A policy host on loopback serving whatever `policy` holds, counting fetches.
+    async fn policy_host(
+        policy: Arc<std::sync::Mutex<String>>,
+        fetches: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> (u16, Arc<rustls::RootCertStore>, tokio::task::JoinHandle<()>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["mta-sts.example.test".to_string()]).expect("cert");
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).expect("root");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut s) = acceptor.accept(tcp).await else { continue };
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                }
+                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body = policy.lock().expect("policy").clone();
+                let answer = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}");
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        (port, Arc::new(roots), task)
+    }
+
+    /// RFC 8461 5.1: a policy is fetched once per TXT id and cached on disk; a changed id
+    /// fetches it again; when the host is down an unexpired cached policy is still used;
+    /// a host whose certificate does not chain to the roots gives no policy.
+    #[tokio::test]
+    async fn policies_are_cached_per_txt_id_and_kept_when_the_host_fails() {
+        use std::sync::atomic::Ordering;
+        let dir = mailpolicy_test_support::TempDir::new("sts-cache");
+        let policy = Arc::new(std::sync::Mutex::new(
+            "version: STSv1\nmode: enforce\nmx: mx.example.test\nmax_age: 600\n".to_string(),
+        ));
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (port, roots, task) = policy_host(policy.clone(), fetches.clone()).await;
+        let sts = Sts { dir: dir.join("sts"), port, roots, timeout: Duration::from_secs(5) };
+        let dns = |id: &str| {
+            let mut r = super::super::mx::StaticResolver::new();
+            r.add_ip("mta-sts.example.test", std::net::IpAddr::from([127, 0, 0, 1]));
+            r.add_txt("_mta-sts.example.test", &format!("v=STSv1; id={id}"));
+            r
+        };
+        let p = sts.policy(&dns("1"), "example.test").await.expect("policy").expect("some");
+        assert_eq!((p.mode, p.id.as_str(), fetches.load(Ordering::SeqCst)), (Mode::Enforce, "1", 1));
+        assert!(dir.join("sts/example.test").exists(), "cached in the spool");
+        *policy.lock().expect("policy") = "version: STSv1\nmode: testing\nmx: mx.example.test\nmax_age: 600\n".into();
+        let p = sts.policy(&dns("1"), "example.test").await.expect("policy").expect("some");
+        assert_eq!((p.mode, fetches.load(Ordering::SeqCst)), (Mode::Enforce, 1), "same id: the cache answers");
+        let p = sts.policy(&dns("2"), "example.test").await.expect("policy").expect("some");
+        assert_eq!((p.mode, p.id.as_str(), fetches.load(Ordering::SeqCst)), (Mode::Testing, "2", 2), "new id: fetched");
+        let none = super::super::mx::StaticResolver::new();
+        let p = sts.policy(&none, "example.test").await.expect("policy").expect("some");
+        assert_eq!(p.id, "2", "no TXT record: the unexpired cached policy is used");
+        task.abort();
+        let _ = task.await;
+        let p = sts.policy(&dns("3"), "example.test").await.expect("policy").expect("some");
+        assert_eq!(p.id, "2", "the host is down: the cached policy is kept");
+        // no cache and no host
+        let mut other = super::super::mx::StaticResolver::new();
+        other.add_ip("mta-sts.other.test", std::net::IpAddr::from([127, 0, 0, 1]));
+        other.add_txt("_mta-sts.other.test", "v=STSv1; id=1");
+        assert!(matches!(sts.policy(&other, "other.test").await, Err(StsError::Fetch(_))));
+        assert_eq!(sts.policy(&none, "other.test").await, Ok(None), "no TXT record, nothing cached: no policy");
+        // a certificate the roots do not trust
+        let (port2, _, task2) = policy_host(policy.clone(), fetches.clone()).await;
+        let (_, other_roots, _t) = policy_host(policy, fetches).await;
+        let sts2 = Sts { dir: dir.join("sts2"), port: port2, roots: other_roots, timeout: Duration::from_secs(5) };
+        match sts2.policy(&dns("1"), "example.test").await {
+            Err(StsError::Fetch(e)) => assert!(e.contains("TLS"), "{e}"),
+            r => panic!("{r:?}"),
+        }
+        task2.abort();
+    }
 }
