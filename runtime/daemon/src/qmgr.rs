@@ -337,7 +337,7 @@ async fn run(
         q.guarded_admit(&id).await;
     }
     let mut inflight: JoinSet<JobDone> = JoinSet::new();
-    let mut reports: JoinSet<Vec<crate::transport::tlsrpt::ReportMail>> = JoinSet::new();
+    let mut reports: JoinSet<crate::transport::tlsrpt::ReportRun> = JoinSet::new();
     let mut stopping: Option<oneshot::Sender<()>> = None;
     loop {
         let now = now_ms();
@@ -384,8 +384,8 @@ async fn run(
             Some(id) = incoming.recv(), if stopping.is_none() => q.guarded_admit(&id).await,
             Some(_) = q.removals.join_next(), if !q.removals.is_empty() => {}
             Some(done) = reports.join_next(), if !reports.is_empty() => {
-                if let Ok(mails) = done {
-                    q.queue_reports(mails).await;
+                if let Ok(run) = done {
+                    q.queue_reports(run).await;
                 }
             }
             Some(done) = inflight.join_next(), if !inflight.is_empty() => match done {
@@ -430,7 +430,7 @@ async fn run(
 impl Qmgr {
     /// Starts the TLS-RPT report run (RFC 8460) on its own task (DNS and HTTPS must not hold
     /// the scheduler); returns when the next one is due.
-    fn start_reports(&mut self, reports: &mut JoinSet<Vec<crate::transport::tlsrpt::ReportMail>>) -> Option<u64> {
+    fn start_reports(&mut self, reports: &mut JoinSet<crate::transport::tlsrpt::ReportRun>) -> Option<u64> {
         let every = self.prog.server.tls_report_interval.as_millis() as u64;
         let period = self.spool.dir().join("tlsrpt").join("period");
         let now = now_ms();
@@ -441,14 +441,22 @@ impl Qmgr {
             let org = self.prog.server.tls_report_org.clone().unwrap_or_else(|| self.shared.hostname.clone());
             let contact =
                 self.prog.server.postmaster.clone().unwrap_or_else(|| format!("postmaster@{}", self.shared.hostname));
-            let (roots, port) = (sec.sts.roots.clone(), sec.sts.port);
-            reports.spawn(async move { rec.take_reports(resolver.as_ref(), &org, &contact, roots, port).await });
+            // an https rua is verified as policy hosts are (mta_sts_ca, else the system's store)
+            let roots = sec.sts.roots.clone();
+            reports.spawn(async move { rec.take_reports(resolver.as_ref(), &org, &contact, roots, 443).await });
         }
         (every > 0).then(|| now + every)
     }
 
-    /// Queues the report mails of a TLS-RPT run.
-    async fn queue_reports(&mut self, mails: Vec<crate::transport::tlsrpt::ReportMail>) {
+    /// Logs the POSTs of a TLS-RPT run and queues its mails.
+    async fn queue_reports(&mut self, run: crate::transport::tlsrpt::ReportRun) {
+        for (domain, uri, r) in &run.posts {
+            match r {
+                Ok(()) => self.shared.log.event("tls-report", &[("domain", domain), ("to", uri)]),
+                Err(e) => self.shared.log.event("tls-report-failed", &[("domain", domain), ("to", uri), ("error", e)]),
+            }
+        }
+        let mails = run.mails;
         let from =
             self.prog.server.postmaster.clone().unwrap_or_else(|| format!("postmaster@{}", self.shared.hostname));
         for m in mails {

@@ -84,6 +84,14 @@ pub struct Recorder {
     dir: PathBuf,
 }
 
+/// What a report run made: the mails to queue, and the outcome of each POST
+/// (domain, URI, result) for the log.
+#[derive(Clone, Debug, Default)]
+pub struct ReportRun {
+    pub mails: Vec<ReportMail>,
+    pub posts: Vec<(String, String, Result<(), String>)>,
+}
+
 /// One report mail to queue: the recipient and the message.
 #[derive(Clone, Debug)]
 pub struct ReportMail {
@@ -156,11 +164,12 @@ impl Recorder {
         contact: &str,
         https_roots: Arc<rustls::RootCertStore>,
         https_port: u16,
-    ) -> Vec<ReportMail> {
+    ) -> ReportRun {
+        let mut run = ReportRun::default();
         let sending = self.dir.join("sessions.sending");
         // A file left by a report run that was cut short is sent first.
         if !sending.exists() && std::fs::rename(self.file(), &sending).is_err() {
-            return Vec::new();
+            return run;
         }
         let text = std::fs::read_to_string(&sending).unwrap_or_default();
         let _ = std::fs::remove_file(&sending);
@@ -169,7 +178,6 @@ impl Recorder {
         for e in events {
             by_domain.entry(e.policy.domain.clone()).or_default().push(e);
         }
-        let mut mails = Vec::new();
         for (domain, events) in by_domain {
             let Some(rua) = rua_of(resolver, &domain).await else { continue };
             let (json, report_id) = report_json(org, contact, &events);
@@ -179,14 +187,15 @@ impl Recorder {
                     let addr = addr.split('?').next().unwrap_or(addr).to_string();
                     if addr.contains('@') && !addr.contains(['\r', '\n', '<', '>', ' ']) {
                         let data = report_mail(org, contact, &domain, &report_id, &addr, &gz, events.first());
-                        mails.push(ReportMail { to: addr, domain: domain.clone(), data });
+                        run.mails.push(ReportMail { to: addr, domain: domain.clone(), data });
                     }
                 } else if uri.starts_with("https://") {
-                    let _ = post(&uri, &gz, https_roots.clone(), https_port, resolver).await;
+                    let r = post(&uri, &gz, https_roots.clone(), https_port, resolver).await;
+                    run.posts.push((domain.clone(), uri, r));
                 }
             }
         }
-        mails
+        run
     }
 }
 
@@ -411,5 +420,91 @@ mod tests {
         assert_eq!(result_type("invalid peer certificate: NotValidForName"), "certificate-host-mismatch");
         assert_eq!(result_type("invalid peer certificate: UnknownIssuer"), "certificate-not-trusted");
         assert_eq!(result_type("no TLSA record matches the certificate chain"), "validation-failure");
+    }
+
+    /// A report run: the recorded sessions of two domains, one asking for reports by mail
+    /// and by HTTPS (a loopback server that checks the POST), one publishing no TLSRPT
+    /// record (no report); the results file is consumed.
+    #[tokio::test]
+    async fn reports_go_to_mailto_and_https_rua_and_only_to_domains_that_ask() {
+        use std::io::Read;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = mailpolicy_test_support::TempDir::new("tlsrpt");
+        let ck = rcgen::generate_simple_self_signed(vec!["rua.example.test".to_string()]).expect("cert");
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).expect("root");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut s = acceptor.accept(tcp).await.expect("tls");
+            let mut req = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                let n = s.read(&mut b).await.expect("read");
+                req.extend_from_slice(b.get(..n).unwrap_or_default());
+                let text = String::from_utf8_lossy(&req).to_string();
+                if let Some((head, _)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if req.len() >= head.len() + 4 + len || n == 0 {
+                        break;
+                    }
+                }
+            }
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n").await;
+            let _ = s.shutdown().await;
+            req
+        });
+        let rec = Recorder::new(dir.join("tlsrpt"));
+        let hop = Hop { name: "mx.a.test".into(), addr: "192.0.2.1:25".parse().expect("addr"), preference: Some(10) };
+        let a = ReportPolicy::tlsa(
+            "a.test",
+            "mx.a.test",
+            &[Tlsa { usage: 3, selector: 1, matching: 1, data: vec![0xab; 32] }],
+        );
+        rec.record(&a, Ok(&hop));
+        rec.record(&a, Err(("validation-failure", &hop, "no TLSA record matches the certificate chain".into())));
+        rec.record(&ReportPolicy::none("b.test"), Ok(&hop));
+        let mut dns = super::super::mx::StaticResolver::new();
+        dns.add_ip("rua.example.test", std::net::IpAddr::from([127, 0, 0, 1]));
+        dns.add_txt(
+            "_smtp._tls.a.test",
+            &format!("v=TLSRPTv1; rua=mailto:tlsrpt@a.test,https://rua.example.test:{port}/report"),
+        );
+        let run = rec.take_reports(&dns, "sender.test", "postmaster@sender.test", Arc::new(roots), 443).await;
+        assert!(matches!(run.posts.as_slice(), [(d, _, Ok(()))] if d == "a.test"), "{:?}", run.posts);
+        let mails = run.mails;
+        assert_eq!(mails.len(), 1, "one mail, for a.test only: {mails:?}");
+        assert_eq!((mails[0].to.as_str(), mails[0].domain.as_str()), ("tlsrpt@a.test", "a.test"));
+        let text = String::from_utf8_lossy(&mails[0].data).to_string();
+        assert!(text.contains("TLS-Report-Domain: a.test\r\n") && text.contains("report-type=\"tlsrpt\""), "{text}");
+        assert!(text.contains("Content-Type: application/tlsrpt+gzip"), "{text}");
+        let req = server.await.expect("server");
+        let split = req.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+        let head = String::from_utf8_lossy(&req[..split]).to_string();
+        assert!(head.starts_with("POST /report ") && head.contains("Content-Type: application/tlsrpt+gzip"), "{head}");
+        let mut json = String::new();
+        flate2::read::GzDecoder::new(&req[split..]).read_to_string(&mut json).expect("gzip");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(v["organization-name"], "sender.test");
+        assert_eq!(v["policies"][0]["policy"]["policy-type"], "tlsa");
+        assert_eq!(v["policies"][0]["policy"]["policy-string"][0], format!("3 1 1 {}", "ab".repeat(32)));
+        assert_eq!(v["policies"][0]["summary"]["total-failure-session-count"], 1);
+        assert!(!dir.join("tlsrpt/sessions.jsonl").exists(), "the results were consumed");
+        let again =
+            rec.take_reports(&dns, "sender.test", "p@sender.test", Arc::new(rustls::RootCertStore::empty()), 443).await;
+        assert!(again.mails.is_empty() && again.posts.is_empty(), "nothing new to report");
     }
 }
