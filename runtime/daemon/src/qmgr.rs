@@ -106,23 +106,16 @@ fn security_for(
     }))
 }
 
-/// When the next TLS-RPT reports are due: a period starts when the first one does (the
-/// start is kept in `SPOOL/tlsrpt/period`, so a restart does not reset it).
+/// When the next TLS-RPT reports are due: a period starts at start-up or when the last
+/// report run did (kept in `SPOOL/tlsrpt/period` once there are results, so a restart does
+/// not reset it). Nothing is written to the spool for a server that has no results.
 fn report_due(p: &Program, spool_dir: &std::path::Path) -> Option<u64> {
     let every = p.server.tls_report_interval.as_millis() as u64;
     if every == 0 {
         return None;
     }
     let file = spool_dir.join("tlsrpt").join("period");
-    let start = match std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<u64>().ok()) {
-        Some(t) => t,
-        None => {
-            let now = now_ms();
-            let _ = std::fs::create_dir_all(spool_dir.join("tlsrpt"));
-            let _ = std::fs::write(&file, now.to_string());
-            now
-        }
-    };
+    let start = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or_else(now_ms);
     Some(start.saturating_add(every))
 }
 
@@ -432,9 +425,11 @@ impl Qmgr {
     /// the scheduler); returns when the next one is due.
     fn start_reports(&mut self, reports: &mut JoinSet<crate::transport::tlsrpt::ReportRun>) -> Option<u64> {
         let every = self.prog.server.tls_report_interval.as_millis() as u64;
-        let period = self.spool.dir().join("tlsrpt").join("period");
+        let dir = self.spool.dir().join("tlsrpt");
         let now = now_ms();
-        let _ = std::fs::write(&period, now.to_string());
+        if dir.is_dir() {
+            let _ = std::fs::write(dir.join("period"), now.to_string());
+        }
         let Ok(sec) = self.security.clone() else { return (every > 0).then(|| now + every) };
         if let Some(rec) = sec.report.clone() {
             let resolver = self.resolver.clone();

@@ -321,7 +321,7 @@ impl Sts {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -360,12 +360,12 @@ mod tests {
         assert_eq!(cache_name("a/b"), None);
     }
 
-    /// A policy host on loopback serving whatever `policy` holds, counting fetches.
-    async fn policy_host(
-        policy: Arc<std::sync::Mutex<String>>,
-        fetches: Arc<std::sync::atomic::AtomicUsize>,
-    ) -> (u16, Arc<rustls::RootCertStore>, tokio::task::JoinHandle<()>) {
-        let ck = rcgen::generate_simple_self_signed(vec!["mta-sts.example.test".to_string()]).expect("cert");
+    /// An HTTPS server's parts on a loopback port for `name`: the listener, the acceptor of
+    /// a fresh self-signed certificate, and that certificate as the only root.
+    pub(crate) async fn loopback_tls(
+        name: &str,
+    ) -> (tokio::net::TcpListener, u16, tokio_rustls::TlsAcceptor, Arc<rustls::RootCertStore>) {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("cert");
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
         let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
@@ -377,7 +377,15 @@ mod tests {
         roots.add(ck.cert.der().clone()).expect("root");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        (listener, port, tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), Arc::new(roots))
+    }
+
+    /// A policy host on loopback serving whatever `policy` holds, counting fetches.
+    async fn policy_host(
+        policy: Arc<std::sync::Mutex<String>>,
+        fetches: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> (u16, Arc<rustls::RootCertStore>, tokio::task::JoinHandle<()>) {
+        let (listener, port, acceptor, roots) = loopback_tls("mta-sts.example.test").await;
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let Ok(mut s) = acceptor.accept(tcp).await else { continue };
@@ -396,7 +404,7 @@ mod tests {
                 let _ = s.shutdown().await;
             }
         });
-        (port, Arc::new(roots), task)
+        (port, roots, task)
     }
 
     /// RFC 8461 5.1: a policy is fetched once per TXT id and cached on disk; a changed id

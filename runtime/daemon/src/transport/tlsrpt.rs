@@ -430,19 +430,7 @@ mod tests {
         use std::io::Read;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = mailpolicy_test_support::TempDir::new("tlsrpt");
-        let ck = rcgen::generate_simple_self_signed(vec!["rua.example.test".to_string()]).expect("cert");
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
-        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![ck.cert.der().clone()], key)
-            .expect("server config");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ck.cert.der().clone()).expect("root");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let (listener, port, acceptor, roots) = super::super::sts::tests::loopback_tls("rua.example.test").await;
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.expect("accept");
             let mut s = acceptor.accept(tcp).await.expect("tls");
@@ -483,7 +471,7 @@ mod tests {
             "_smtp._tls.a.test",
             &format!("v=TLSRPTv1; rua=mailto:tlsrpt@a.test,https://rua.example.test:{port}/report"),
         );
-        let run = rec.take_reports(&dns, "sender.test", "postmaster@sender.test", Arc::new(roots), 443).await;
+        let run = rec.take_reports(&dns, "sender.test", "postmaster@sender.test", roots, 443).await;
         assert!(matches!(run.posts.as_slice(), [(d, _, Ok(()))] if d == "a.test"), "{:?}", run.posts);
         let mails = run.mails;
         assert_eq!(mails.len(), 1, "one mail, for a.test only: {mails:?}");
