@@ -88,7 +88,6 @@ impl Drop for Group {
     }
 }
 
-/// `mailc serve` on `policy` in `dir`, its log in `dir/daemon.log`.
 /// `mailc serve` (test-support's one starter) running `policy` in `dir`, ready when `port`
 /// listens.
 fn daemon(dir: &Path, policy: &str, port: u16) -> Serve {
@@ -698,7 +697,7 @@ route {{
 }}
 "#
     );
-    let d = Daemon::start(dir, &policy, port);
+    let d = daemon(dir, &policy, port);
     let ctx = || format!("{}\n{}", d.log(), flog());
     let spool = dir.join("spool");
 
