@@ -31,6 +31,7 @@ declare -A want=(
   [nroff]=groff-base
   [socat]=socat
   [curl]=curl
+  [ldns-signzone]=ldnsutils
 )
 missing=()
 for prog in "${!want[@]}"; do

@@ -447,6 +447,11 @@ pub enum TlsMode {
     /// TLS from the first byte (RFC 8314: a smarthost's port 465), the certificate
     /// verified as with `Required`; never STARTTLS, never clear.
     Implicit,
+    /// DANE for SMTP (RFC 7672) where the next hop's DNSSEC-validated TLSA records say so,
+    /// else MTA-STS (RFC 8461) where the recipient domain publishes a policy, else `May`.
+    Dane,
+    /// MTA-STS (RFC 8461) where the recipient domain publishes a policy, else `May`.
+    Sts,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

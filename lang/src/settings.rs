@@ -385,6 +385,13 @@ settings! {
         alert_from: Option<String> = Dflt::Text("postmaster@ + hostname"), Str, "sender address of alert mails (R7)";
         tls_ca: Option<String> = Dflt::Text("the system's trust store"), Str,
             "PEM file of the CAs that next hops with `:tls required` must chain to, for every transport without its own `:ca` (Postfix smtp_tls_CAfile)";
+        mta_sts_ca: Option<String> = Dflt::Text("the system's trust store"), Str,
+            "PEM file of the CAs an MTA-STS policy host (`https://mta-sts.DOMAIN/`) must chain to, for a private CA (RFC 8461)";
+        mta_sts_port: u64 = Dflt::Num(443), Num,
+            "TCP port of MTA-STS policy hosts: 443 as RFC 8461 says; another only for tests against a loopback policy server";
+        tls_report_interval: Duration = Dflt::Ms(86_400_000), Duration,
+            "how often the TLS-RPT aggregate reports (RFC 8460) of outbound sessions under `:tls dane` or `:tls sts` are sent, 0 for never";
+        tls_report_org: Option<String> = Dflt::Text("the hostname"), Str, "organization-name of the TLS-RPT reports this server sends";
         fallback_relay: Option<String> = Dflt::Text("none"), Str, "host MX delivery goes to when every MX host failed temporarily or the MX lookup did, as a `deliver smtp` destination (R33, Postfix smtp_fallback_relay)";
         soft_bounce: bool = Dflt::Bool(false), Bool,
             "turn every 5xx the policy or a delivery gives into 4xx (R40 soft-bounce mode)";

@@ -519,7 +519,7 @@ impl<'s> Checker<'s> {
             match tag.name.as_str() {
                 "tls" => {
                     a.next();
-                    let (m, mspan) = a.word(self, "required, may, none or implicit")?;
+                    let (m, mspan) = a.word(self, "required, may, none, implicit, dane or sts")?;
                     tls = match m.as_str() {
                         "required" => TlsMode::Required,
                         "may" => TlsMode::May,
@@ -537,11 +537,28 @@ impl<'s> Checker<'s> {
                             }
                             TlsMode::Implicit
                         }
+                        "dane" | "sts" => {
+                            if !matches!(kind, TransportKind::Smtp | TransportKind::Mx) {
+                                self.err(
+                                    Diagnostic::error(
+                                        "mailc::arguments",
+                                        format!("`:tls {m}` is for SMTP delivery (smtp, mx)"),
+                                    )
+                                    .at(mspan)
+                                    .help("deliver mx :tls dane;"),
+                                );
+                            }
+                            if m == "dane" {
+                                TlsMode::Dane
+                            } else {
+                                TlsMode::Sts
+                            }
+                        }
                         _ => {
                             self.err(
                                 Diagnostic::error(
                                     "mailc::arguments",
-                                    format!("`:tls {m}`: expected required, may, none or implicit"),
+                                    format!("`:tls {m}`: expected required, may, none, implicit, dane or sts"),
                                 )
                                 .at(mspan),
                             );

@@ -27,6 +27,7 @@ use crate::transport::client::{Credentials, TlsPolicy};
 use crate::transport::driver::{self, DeliveryOptions, DeliveryReport, Outcome, Target};
 use crate::transport::dsn::{self, DsnRecipient};
 use crate::transport::mx::{Destination, LocalIdentity, Resolver};
+use crate::transport::security::{Security, Standards};
 
 mod dsns;
 
@@ -79,6 +80,46 @@ fn session_cache(p: &Program) -> driver::ConnectionCache {
     c
 }
 
+/// DANE, MTA-STS and TLS-RPT for one policy load: the DNSSEC-aware client on the policy's
+/// name server, MTA-STS policies cached under `SPOOL/sts` and fetched with `mta_sts_port`
+/// and `mta_sts_ca`, session results under `SPOOL/tlsrpt` (when reports are on).
+fn security_for(
+    p: &Program,
+    policy_dir: &std::path::Path,
+    spool_dir: &std::path::Path,
+) -> Result<Arc<Security>, String> {
+    use crate::transport::{dane::SecureDns, sts::Sts, tlsrpt::Recorder};
+    let server = p.server.dns_server.as_deref().and_then(|a| a.parse().ok());
+    let roots = match &p.server.mta_sts_ca {
+        Some(f) => driver::roots_from_pem(&policy_dir.join(f))?,
+        None => driver::system_roots(),
+    };
+    let report = (!p.server.tls_report_interval.is_zero()).then(|| Arc::new(Recorder::new(spool_dir.join("tlsrpt"))));
+    Ok(Arc::new(Security {
+        dns: SecureDns::new(server, p.server.dns_timeout),
+        sts: Sts {
+            dir: spool_dir.join("sts"),
+            port: u16::try_from(p.server.mta_sts_port).unwrap_or(443),
+            roots,
+            timeout: p.server.lookup_timeout.max(Duration::from_secs(1)),
+        },
+        report,
+    }))
+}
+
+/// When the next TLS-RPT reports are due: a period starts at start-up or when the last
+/// report run did (kept in `SPOOL/tlsrpt/period` once there are results, so a restart does
+/// not reset it). Nothing is written to the spool for a server that has no results.
+fn report_due(p: &Program, spool_dir: &std::path::Path) -> Option<u64> {
+    let every = p.server.tls_report_interval.as_millis() as u64;
+    if every == 0 {
+        return None;
+    }
+    let file = spool_dir.join("tlsrpt").join("period");
+    let start = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or_else(now_ms);
+    Some(start.saturating_add(every))
+}
+
 /// How one routed recipient is delivered.
 #[derive(Clone, Debug)]
 struct RouteInfo {
@@ -87,6 +128,8 @@ struct RouteInfo {
     sender: Option<String>,
     target: Target,
     tls: TlsPolicy,
+    /// `:tls dane` / `:tls sts`: each hop's TLS decided by DANE and MTA-STS.
+    standards: Standards,
     auth: Option<Credentials>,
     /// The CA file a verified next hop must chain to (`:ca`, else the server's `tls_ca`);
     /// None: the system's trust store.
@@ -134,6 +177,11 @@ struct Qmgr {
     routes: HashMap<(String, usize), RouteInfo>,
     resolver: Arc<dyn Resolver>,
     cache: Arc<driver::ConnectionCache>,
+    /// DANE, MTA-STS and TLS-RPT as the policy sets them up (`Err`: `mta_sts_ca` cannot
+    /// be read, and deliveries under `:tls dane`/`:tls sts` are deferred).
+    security: Result<Arc<Security>, String>,
+    /// When the next TLS-RPT reports are due (ms), None for never.
+    next_report: Option<u64>,
     /// Removals of delivered messages, running on the blocking pool while the queue manager
     /// goes on; drained before a queue scan so a scan never sees a message being removed.
     removals: JoinSet<()>,
@@ -260,7 +308,14 @@ async fn run(
     // The daemon's one resolver (and cache), shared with policy lookups and mail-auth.
     let resolver: Arc<dyn Resolver> = shared.lookups().mx_resolver();
     let cache = Arc::new(session_cache(&prog));
+    let security = security_for(&prog, &policy_dir, spool.dir());
+    if let Err(e) = &security {
+        shared.log.event("mta-sts-ca-failed", &[("error", e)]);
+    }
+    let next_report = report_due(&prog, spool.dir());
     let mut q = Qmgr {
+        security,
+        next_report,
         sched: Scheduler::new(queue_config(&prog)),
         shared,
         spool,
@@ -276,9 +331,13 @@ async fn run(
         q.guarded_admit(&id).await;
     }
     let mut inflight: JoinSet<JobDone> = JoinSet::new();
+    let mut reports: JoinSet<crate::transport::tlsrpt::ReportRun> = JoinSet::new();
     let mut stopping: Option<oneshot::Sender<()>> = None;
     loop {
         let now = now_ms();
+        if stopping.is_none() && reports.is_empty() && q.next_report.is_some_and(|t| now >= t) {
+            q.next_report = q.start_reports(&mut reports);
+        }
         if stopping.is_none() {
             while let Some(job) = q.sched.poll_job(now) {
                 let again = job.clone();
@@ -311,9 +370,18 @@ async fn run(
             .poll_timeout()
             .map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(10)))
             .unwrap_or(Duration::from_secs(60));
+        let wake = match q.next_report {
+            Some(t) => wake.min(Duration::from_millis(t.saturating_sub(now_ms()).max(10))),
+            None => wake,
+        };
         tokio::select! {
             Some(id) = incoming.recv(), if stopping.is_none() => q.guarded_admit(&id).await,
             Some(_) = q.removals.join_next(), if !q.removals.is_empty() => {}
+            Some(done) = reports.join_next(), if !reports.is_empty() => {
+                if let Ok(run) = done {
+                    q.queue_reports(run).await;
+                }
+            }
             Some(done) = inflight.join_next(), if !inflight.is_empty() => match done {
                 Ok(d) => q.guarded_finish(d).await,
                 Err(e) => q.shared.log.event("delivery-task-failed", &[("error", &e.to_string())]),
@@ -324,6 +392,13 @@ async fn run(
                     // it is kept, so its settings stay those it was started with.
                     if queue_config(&p) != *q.sched.config() {
                         q.shared.log.event("reload-partial", &[("kept", "queue settings (queue_run, retry_min, retry_max, lifetimes, concurrency) until restart")]);
+                    }
+                    q.security = security_for(&p, &q.policy_dir, q.spool.dir());
+                    if let Err(e) = &q.security {
+                        q.shared.log.event("mta-sts-ca-failed", &[("error", e)]);
+                    }
+                    if p.server.tls_report_interval != q.prog.server.tls_report_interval {
+                        q.next_report = report_due(&p, q.spool.dir());
                     }
                     q.prog = p;
                 }
@@ -347,6 +422,67 @@ async fn run(
 }
 
 impl Qmgr {
+    /// Starts the TLS-RPT report run (RFC 8460) on its own task (DNS and HTTPS must not hold
+    /// the scheduler); returns when the next one is due.
+    fn start_reports(&mut self, reports: &mut JoinSet<crate::transport::tlsrpt::ReportRun>) -> Option<u64> {
+        let every = self.prog.server.tls_report_interval.as_millis() as u64;
+        let dir = self.spool.dir().join("tlsrpt");
+        let now = now_ms();
+        if dir.is_dir() {
+            let _ = std::fs::write(dir.join("period"), now.to_string());
+        }
+        let Ok(sec) = self.security.clone() else { return (every > 0).then(|| now + every) };
+        if let Some(rec) = sec.report.clone() {
+            let resolver = self.resolver.clone();
+            let org = self.prog.server.tls_report_org.clone().unwrap_or_else(|| self.shared.hostname.clone());
+            let contact =
+                self.prog.server.postmaster.clone().unwrap_or_else(|| format!("postmaster@{}", self.shared.hostname));
+            // an https rua is verified as policy hosts are (mta_sts_ca, else the system's store)
+            let roots = sec.sts.roots.clone();
+            reports.spawn(async move { rec.take_reports(resolver.as_ref(), &org, &contact, roots, 443).await });
+        }
+        (every > 0).then(|| now + every)
+    }
+
+    /// Logs the POSTs of a TLS-RPT run and queues its mails.
+    async fn queue_reports(&mut self, run: crate::transport::tlsrpt::ReportRun) {
+        for (domain, uri, r) in &run.posts {
+            match r {
+                Ok(()) => self.shared.log.event("tls-report", &[("domain", domain), ("to", uri)]),
+                Err(e) => self.shared.log.event("tls-report-failed", &[("domain", domain), ("to", uri), ("error", e)]),
+            }
+        }
+        let mails = run.mails;
+        let from =
+            self.prog.server.postmaster.clone().unwrap_or_else(|| format!("postmaster@{}", self.shared.hostname));
+        for m in mails {
+            let msg = QueuedMessage {
+                sender: from.clone(),
+                recipients: vec![QueuedRcpt {
+                    address: m.to.clone(),
+                    notify: vec!["NEVER".into()],
+                    ..Default::default()
+                }],
+                data: m.data,
+                client_ip: "127.0.0.1".into(),
+                helo: self.shared.hostname.clone(),
+                session: crate::conn::SessionRecord::internal(&self.prog, &self.shared.hostname),
+                ..Default::default()
+            };
+            let now = now_ms();
+            match spool_io(&self.spool, move |s| s.store(&msg, Class::Normal, now).map_err(std::io::Error::other)).await
+            {
+                Ok(id) => {
+                    self.shared.log.event("tls-report", &[("domain", &m.domain), ("to", &m.to), ("id", id.as_str())]);
+                    Box::pin(self.admit(id.as_str())).await;
+                }
+                Err(e) => {
+                    self.shared.log.event("tls-report-failed", &[("domain", &m.domain), ("error", &e.to_string())])
+                }
+            }
+        }
+    }
+
     /// Work on message `id`: the supervisor blames it if the queue manager dies meanwhile.
     fn working_on(&self, id: Option<&QueueId>) {
         let mut c = self.current.lock().unwrap_or_else(|p| p.into_inner());
@@ -545,7 +681,12 @@ impl Qmgr {
                     let tls = match transport.tls {
                         TlsMode::Required | TlsMode::Implicit => TlsPolicy::Required,
                         TlsMode::None => TlsPolicy::None,
-                        TlsMode::May => TlsPolicy::May,
+                        TlsMode::May | TlsMode::Dane | TlsMode::Sts => TlsPolicy::May,
+                    };
+                    let standards = match transport.tls {
+                        TlsMode::Dane => Standards::Dane,
+                        TlsMode::Sts => Standards::Sts,
+                        _ => Standards::Fixed,
                     };
                     let implicit_tls = transport.tls == TlsMode::Implicit;
                     let cert = transport.cert.as_ref().map(|(c, k)| (self.policy_dir.join(c), self.policy_dir.join(k)));
@@ -561,7 +702,20 @@ impl Qmgr {
                         .map(|f| self.policy_dir.join(f));
                     self.routes.insert(
                         (id.to_string(), i),
-                        RouteInfo { address, sender, target, tls, auth, ca, implicit_tls, cert, mx, headers, sign },
+                        RouteInfo {
+                            address,
+                            sender,
+                            target,
+                            tls,
+                            standards,
+                            auth,
+                            ca,
+                            implicit_tls,
+                            cert,
+                            mx,
+                            headers,
+                            sign,
+                        },
                     );
                     entry = entry.rcpt(i, key);
                     if let Some(last) = entry.rcpts.last_mut() {
@@ -938,6 +1092,7 @@ impl Qmgr {
             job.rcpts.iter().map(|i| self.routes.get(&(job.id.as_str().to_string(), *i)).cloned()).collect();
         let resolver = self.resolver.clone();
         let cache = self.cache.clone();
+        let security = self.security.clone();
         let hostname = shared.hostname.clone();
         let soft_bounce = self.sched.config().soft_bounce;
         async move {
@@ -993,6 +1148,18 @@ impl Qmgr {
             }
             let mut opts = DeliveryOptions::new(hostname.clone(), resolver);
             opts.tls = first.tls;
+            if first.standards != Standards::Fixed {
+                match security {
+                    Ok(s) => {
+                        opts.standards = first.standards;
+                        opts.security = Some(s);
+                    }
+                    Err(e) => {
+                        let r = format!("451 4.7.5 cannot read mta_sts_ca: {e}");
+                        return JobDone::deferred(job, &r);
+                    }
+                }
+            }
             if let Some(ca) = &first.ca {
                 match driver::roots_from_pem(ca) {
                     Ok(roots) => opts.tls_roots = Some(roots),
@@ -1104,6 +1271,7 @@ impl Qmgr {
                             },
                         ),
                         ("tls", if report.tls { "yes" } else { "no" }),
+                        ("tls_policy", report.tls_policy.unwrap_or("")),
                     ],
                 );
                 crate::metrics::get().delivery(match &d {

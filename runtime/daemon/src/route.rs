@@ -287,6 +287,10 @@ pub fn decide(
         (mailpolicy_lang::ir::TlsMode::Required, None) => format!("{key} tls"),
         (mailpolicy_lang::ir::TlsMode::Implicit, Some(ca)) => format!("{key} tls implicit ca={ca}"),
         (mailpolicy_lang::ir::TlsMode::Implicit, None) => format!("{key} tls implicit"),
+        (mailpolicy_lang::ir::TlsMode::Dane, Some(ca)) => format!("{key} tls dane ca={ca}"),
+        (mailpolicy_lang::ir::TlsMode::Dane, None) => format!("{key} tls dane"),
+        (mailpolicy_lang::ir::TlsMode::Sts, Some(ca)) => format!("{key} tls sts ca={ca}"),
+        (mailpolicy_lang::ir::TlsMode::Sts, None) => format!("{key} tls sts"),
         _ => key,
     };
     let key = match &transport.cert {

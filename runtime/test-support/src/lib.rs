@@ -19,7 +19,7 @@ pub use postgres::Postgres;
 pub use serve::{maildir, Serve};
 pub use slapd::Slapd;
 pub use spamd::Spamd;
-pub use unbound::Unbound;
+pub use unbound::{SignedZone, Unbound};
 
 /// A fresh directory under the system's temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);

@@ -1,6 +1,7 @@
 //! unbound (Debian package unbound) serving fixed records on a loopback port of its own.
 
 use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -23,6 +24,23 @@ impl Unbound {
     /// `good.test. TXT "v=spf1 ip4:127.0.0.1 -all"`), and `options` as more `server:` lines
     /// (`max-udp-size: 512`). Returns once it answers a query.
     pub fn start(zones: &[&str], records: &[&str], options: &[&str]) -> Unbound {
+        Unbound::start_with(zones, records, options, &[], &[])
+    }
+
+    /// [`Unbound::start`], validating: `auth_zones` are served from their zone files as if
+    /// fetched from upstream (`for-upstream: yes`, `for-downstream: no`), so unbound's
+    /// validator checks them against `trust_anchors` (`DNSKEY` or `DS` records, e.g.
+    /// [`SignedZone::trust_anchor`]) and sets the AD bit on what validates, answers SERVFAIL
+    /// to what is bogus, and leaves what no anchor covers insecure. A zone in `zones` that
+    /// holds an auth zone must have that zone `transparent` (`options`:
+    /// `local-zone: "sub.test." transparent`); [`Unbound::start_with`] adds that itself.
+    pub fn start_with(
+        zones: &[&str],
+        records: &[&str],
+        options: &[&str],
+        auth_zones: &[(&str, &Path)],
+        trust_anchors: &[&str],
+    ) -> Unbound {
         need(UNBOUND, "unbound");
         let dir = TempDir::new("unbound");
         // unbound binds the port for UDP and TCP: a port free for UDP a moment ago may be
@@ -43,8 +61,20 @@ impl Unbound {
             for z in zones {
                 conf.push_str(&format!("  local-zone: \"{z}\" static\n"));
             }
+            for (z, _) in auth_zones {
+                conf.push_str(&format!("  local-zone: \"{z}\" transparent\n"));
+            }
+            for a in trust_anchors {
+                conf.push_str(&format!("  trust-anchor: \"{a}\"\n"));
+            }
             for r in records {
                 conf.push_str(&format!("  local-data: '{r}'\n"));
+            }
+            for (z, file) in auth_zones {
+                conf.push_str(&format!(
+                    "auth-zone:\n  name: \"{z}\"\n  zonefile: \"{}\"\n  for-upstream: yes\n  for-downstream: no\n  fallback-enabled: no\n",
+                    file.display()
+                ));
             }
             conf.push_str("remote-control:\n  control-enable: no\n");
             std::fs::write(dir.join("unbound.conf"), conf).expect("write unbound.conf");
@@ -98,4 +128,46 @@ fn answers(port: u16) -> bool {
     }
     let mut buf = [0u8; 512];
     matches!(s.recv(&mut buf), Ok(n) if n >= 12 && buf[0] == 0x6d && buf[1] == 0x70 && buf[2] & 0x80 != 0)
+}
+
+const LDNS_KEYGEN: &str = "/usr/bin/ldns-keygen";
+const LDNS_SIGNZONE: &str = "/usr/bin/ldns-signzone";
+
+/// A zone signed in the test with ldns (Debian package ldnsutils): a fresh ECDSA P-256 key,
+/// NSEC, signatures valid from now for four weeks.
+pub struct SignedZone {
+    /// The signed zone file.
+    pub file: PathBuf,
+    /// The key as a trust anchor (`NAME. IN DNSKEY 257 3 13 ...`).
+    pub trust_anchor: String,
+}
+
+impl SignedZone {
+    /// Writes `text` (a zone file with `$ORIGIN origin`) under `dir` and signs it.
+    pub fn sign(dir: &Path, origin: &str, text: &str) -> SignedZone {
+        need(LDNS_SIGNZONE, "ldnsutils");
+        std::fs::create_dir_all(dir).expect("zone dir");
+        let zone = dir.join(format!("{origin}zone"));
+        std::fs::write(&zone, text).expect("write zone");
+        let out = Command::new(LDNS_KEYGEN)
+            .args(["-a", "ECDSAP256SHA256", "-k", origin])
+            .current_dir(dir)
+            .output()
+            .expect("ldns-keygen");
+        assert!(out.status.success(), "ldns-keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let out = Command::new(LDNS_SIGNZONE).arg(&zone).arg(&key).current_dir(dir).output().expect("ldns-signzone");
+        assert!(out.status.success(), "ldns-signzone: {}", String::from_utf8_lossy(&out.stderr));
+        let dnskey = std::fs::read_to_string(dir.join(format!("{key}.key"))).expect("the key file");
+        let trust_anchor = dnskey.split(';').next().unwrap_or_default().trim().to_string();
+        SignedZone { file: dir.join(format!("{origin}zone.signed")), trust_anchor }
+    }
+
+    /// Changes the data of a signed record after signing (`from` to `to` in the signed file),
+    /// so that its RRset no longer validates: a bogus answer.
+    pub fn tamper(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.file).expect("signed zone");
+        assert!(text.contains(from), "{from} is not in the signed zone");
+        std::fs::write(&self.file, text.replace(from, to)).expect("write signed zone");
+    }
 }

@@ -22,6 +22,7 @@ mod postfix;
 mod relay;
 mod service;
 mod swaks;
+mod tls_policies;
 mod wire;
 
 use wire::*;
@@ -142,8 +143,8 @@ fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Files of a spool that are messages or their state (not the TLS key pair, corrupt/ nor
-/// the control socket in private/).
+/// Files of a spool that are messages or their state (not the TLS key pair, corrupt/, the
+/// control socket in private/, cached MTA-STS policies in sts/ nor TLS-RPT results).
 fn spool_messages(spool: &Path) -> Vec<String> {
     files_under(spool)
         .into_iter()
@@ -152,6 +153,8 @@ fn spool_messages(spool: &Path) -> Vec<String> {
                 && !f.starts_with("corrupt/")
                 && !f.starts_with("private/")
                 && !f.starts_with("public/")
+                && !f.starts_with("sts/")
+                && !f.starts_with("tlsrpt/")
         })
         .collect()
 }

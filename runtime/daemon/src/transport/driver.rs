@@ -39,6 +39,7 @@ use tokio::time::timeout;
 
 use super::client::{Client, ClientConfig, ClientEvent, Credentials, Phase, Protocol, SessionError, TlsPolicy};
 use super::mx::{self, Destination, Hop, LocalIdentity, Resolver};
+use super::security::{self, Planned, Security, Standards, TlsDecision};
 use crate::smtp::{Envelope, ForwardPath, Reply, ReversePath};
 
 /// What happened to one recipient.
@@ -84,6 +85,9 @@ pub struct DeliveryReport {
     pub next_hop_dsn: bool,
     /// The session was encrypted.
     pub tls: bool,
+    /// How the session's TLS was decided ([`TlsDecision::label`]: `may`, `dane`,
+    /// `sts enforce`...); None when no session was made.
+    pub tls_policy: Option<&'static str>,
     /// How long the connection took to set up (MX and address lookups, connect, greeting,
     /// EHLO, STARTTLS): Postfix's `delays=` third part. None for local delivery.
     pub setup: Option<Duration>,
@@ -97,6 +101,7 @@ impl DeliveryReport {
             remote_host: None,
             next_hop_dsn: false,
             tls: false,
+            tls_policy: None,
             setup: None,
         }
     }
@@ -277,6 +282,11 @@ pub struct DeliveryOptions {
     pub client_cert: Option<ClientCert>,
     /// Tried when MX delivery fails temporarily (the server's `fallback_relay`, R33).
     pub fallback: Option<Destination>,
+    /// `:tls dane` / `:tls sts`: each next hop's TLS decided by DANE and MTA-STS
+    /// ([`security::plan`]); [`Standards::Fixed`]: `tls` for every hop.
+    pub standards: Standards,
+    /// What DANE, MTA-STS and TLS-RPT need; without it `standards` is `Fixed`.
+    pub security: Option<Arc<Security>>,
 }
 
 /// A client certificate chain and its private key (`:cert "FILE" :key "FILE"`).
@@ -315,6 +325,7 @@ impl std::fmt::Debug for DeliveryOptions {
             .field("implicit_tls", &self.implicit_tls)
             .field("client_cert", &self.client_cert)
             .field("fallback", &self.fallback)
+            .field("standards", &self.standards)
             .finish_non_exhaustive()
     }
 }
@@ -337,6 +348,8 @@ impl DeliveryOptions {
             implicit_tls: false,
             client_cert: None,
             fallback: None,
+            standards: Standards::Fixed,
+            security: None,
         }
     }
 }
@@ -353,10 +366,12 @@ pub struct Connection {
     name: String,
     /// `name[addr]:port` or the socket path.
     label: String,
-    tls_policy: TlsPolicy,
+    tls: TlsDecision,
     tls_roots: Option<Arc<rustls::RootCertStore>>,
     client_cert: Option<ClientCert>,
     tls_failed: bool,
+    /// Under `sts testing`: why the certificate would have been refused.
+    tls_finding: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -386,27 +401,36 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
+    super::dane::handshake_signatures!(0);
+}
+
+/// MTA-STS `testing` (RFC 8461 section 5): the certificate is verified as under `enforce`,
+/// but a failure is only noted (for the log and TLS-RPT) and the session goes on.
+#[derive(Debug)]
+struct ReportOnly {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    finding: Arc<Mutex<Option<String>>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ReportOnly {
+    fn verify_server_cert(
         &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Err(e) = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            if let Ok(mut f) = self.finding.lock() {
+                *f = Some(e.to_string());
+            }
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    super::dane::handshake_signatures!(provider);
 }
 
 /// The system's trust store, as operators expect it (R10, R43): the CA certificates of
@@ -445,21 +469,36 @@ pub fn roots_from_pem(path: &std::path::Path) -> Result<Arc<rustls::RootCertStor
 }
 
 fn tls_config(
-    policy: TlsPolicy,
+    decision: &TlsDecision,
     roots: Option<&Arc<rustls::RootCertStore>>,
     client_cert: Option<&ClientCert>,
+    finding: &Arc<Mutex<Option<String>>>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder =
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
-    let builder = if policy == TlsPolicy::Required {
-        let roots = match roots {
-            Some(r) => (**r).clone(),
-            None => (*system_roots()).clone(),
-        };
-        builder.with_root_certificates(roots)
-    } else {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+    let roots = || match roots {
+        Some(r) => (**r).clone(),
+        None => (*system_roots()).clone(),
+    };
+    let builder = match decision {
+        TlsDecision::Fixed(TlsPolicy::Required) | TlsDecision::Sts { enforce: true } => {
+            builder.with_root_certificates(roots())
+        }
+        TlsDecision::Fixed(TlsPolicy::May | TlsPolicy::None) | TlsDecision::DaneUnauthenticated => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        }
+        TlsDecision::Dane { records, names } => builder.dangerous().with_custom_certificate_verifier(Arc::new(
+            super::dane::DaneVerifier::new(records.clone(), names.clone(), provider),
+        )),
+        TlsDecision::Sts { enforce: false } => {
+            let inner =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots()), provider.clone())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+            let v = ReportOnly { inner, finding: finding.clone(), provider };
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(v))
+        }
     };
     match client_cert {
         Some(c) => builder.with_client_auth_cert(c.chain.clone(), c.key.clone_key()),
@@ -468,16 +507,18 @@ fn tls_config(
 }
 
 /// Runs a client TLS handshake on `stream` for `name` (the certificate's name).
+#[allow(clippy::too_many_arguments)]
 async fn handshake(
     stream: Box<dyn IoStream>,
     name: &str,
     label: &str,
-    policy: TlsPolicy,
+    decision: &TlsDecision,
     roots: Option<&Arc<rustls::RootCertStore>>,
     client_cert: Option<&ClientCert>,
+    finding: &Arc<Mutex<Option<String>>>,
     limit: Duration,
 ) -> Result<Box<dyn IoStream>, (bool, Reply)> {
-    let cfg = tls_config(policy, roots, client_cert)
+    let cfg = tls_config(decision, roots, client_cert, finding)
         .map_err(|e| (false, Reply::new(451, (4, 7, 5), format!("TLS setup failed: {e}"))))?;
     let sn = rustls::pki_types::ServerName::try_from(name.to_string())
         .map_err(|e| (false, Reply::new(451, (4, 7, 5), format!("bad TLS server name: {e}"))))?;
@@ -492,16 +533,17 @@ async fn handshake(
 impl Connection {
     /// Wraps an established stream; the engine expects the greeting.
     pub fn new(stream: Box<dyn IoStream>, name: &str, label: &str, cfg: ClientConfig) -> Self {
-        let tls_policy = cfg.tls;
+        let tls = TlsDecision::Fixed(cfg.tls);
         Connection {
             client: Client::new(cfg),
             stream: Some(stream),
             name: name.to_string(),
             label: label.to_string(),
-            tls_policy,
+            tls,
             tls_roots: None,
             client_cert: None,
             tls_failed: false,
+            tls_finding: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -525,9 +567,10 @@ impl Connection {
             stream,
             &self.name,
             &self.label,
-            self.tls_policy,
+            &self.tls,
             self.tls_roots.as_ref(),
             self.client_cert.as_ref(),
+            &self.tls_finding,
             t.starttls,
         )
         .await;
@@ -725,8 +768,9 @@ async fn connect_tcp(
     hop: &Hop,
     opts: &DeliveryOptions,
     protocol: Protocol,
-    tls: TlsPolicy,
+    decision: &TlsDecision,
 ) -> Result<Connection, Reply> {
+    let tls = decision.engine_policy();
     let label = format!("{}[{}]:{}", hop.name, hop.addr.ip(), hop.addr.port());
     let s = match timeout(opts.timeouts.connect, tokio::net::TcpStream::connect(hop.addr)).await {
         Ok(Ok(s)) => s,
@@ -737,20 +781,25 @@ async fn connect_tcp(
     let cfg = client_config(opts, protocol, tls);
     if opts.implicit_tls && protocol == Protocol::Smtp {
         // RFC 8314: TLS first, verified; a failed handshake is never retried in clear.
+        let finding = Arc::new(Mutex::new(None));
         let stream = handshake(
             Box::new(s),
             &hop.name,
             &label,
-            TlsPolicy::Required,
+            &TlsDecision::Fixed(TlsPolicy::Required),
             opts.tls_roots.as_ref(),
             opts.client_cert.as_ref(),
+            &finding,
             opts.timeouts.starttls,
         )
         .await
         .map_err(|(_, r)| r)?;
-        return Ok(Connection::new_tls(stream, &hop.name, &label, cfg));
+        let mut c = Connection::new_tls(stream, &hop.name, &label, cfg);
+        c.tls = TlsDecision::Fixed(TlsPolicy::Required);
+        return Ok(c);
     }
     let mut c = Connection::new(Box::new(s), &hop.name, &label, cfg);
+    c.tls = decision.clone();
     c.tls_roots = opts.tls_roots.clone();
     c.client_cert = opts.client_cert.clone();
     Ok(c)
@@ -779,8 +828,9 @@ fn cache_key(kind: &str, where_: &str, opts: &DeliveryOptions) -> String {
         h.finish()
     });
     format!(
-        "{kind}|{where_}|{:?}|{}|{roots:?}|{}|{}",
+        "{kind}|{where_}|{:?}|{:?}|{}|{roots:?}|{}|{}",
         opts.tls,
+        opts.standards,
         opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or(""),
         opts.implicit_tls,
         opts.client_cert.as_ref().map(|c| c.path.as_str()).unwrap_or("")
@@ -822,7 +872,10 @@ async fn open(kind: &str, endpoint: &Endpoint, opts: &DeliveryOptions) -> Result
         }
         Endpoint::Net(dest) => {
             let first = match mx::resolve(opts.resolver.as_ref(), dest, &opts.local).await {
-                Ok(hops) => try_hops(&hops, opts, protocol).await,
+                Ok(hops) => match planned(dest, &hops, opts).await {
+                    Ok(plan) => try_hops(&plan, opts, protocol).await,
+                    Err(r) => Err(r),
+                },
                 Err(r) => Err(r),
             };
             let c = match (first, &opts.fallback) {
@@ -836,7 +889,8 @@ async fn open(kind: &str, endpoint: &Endpoint, opts: &DeliveryOptions) -> Result
                             format!("{}; fallback relay {fb}: {}", reply_line(&r), reply_line(&e)),
                         )
                     })?;
-                    try_hops(&hops, opts, protocol).await.map_err(|e| {
+                    let plan = planned(fb, &hops, opts).await?;
+                    try_hops(&plan, opts, protocol).await.map_err(|e| {
                         Reply::new(
                             e.code,
                             e.enhanced.unwrap_or((4, 4, 1)),
@@ -858,14 +912,31 @@ fn reply_line(r: &Reply) -> String {
     }
 }
 
+/// The TLS decision of each hop ([`security::plan`]).
+async fn planned(dest: &Destination, hops: &[Hop], opts: &DeliveryOptions) -> Result<Vec<Planned>, Reply> {
+    security::plan(opts.standards, opts.tls, opts.security.as_deref(), opts.resolver.as_ref(), dest, hops).await
+}
+
+/// Records a session's TLS result for TLS-RPT under the hop's policy, if it has one.
+fn report_result(opts: &DeliveryOptions, p: &Planned, result: Result<(), String>) {
+    let (Some(sec), Some(policy)) = (&opts.security, &p.report) else { return };
+    let Some(rec) = &sec.report else { return };
+    match (result, &p.finding) {
+        (Ok(()), _) => rec.record(policy, Ok(&p.hop)),
+        (Err(e), Some((kind, why))) if *why == e => rec.record(policy, Err((kind, &p.hop, e))),
+        (Err(e), _) => rec.record(policy, Err((super::tlsrpt::result_type(&e), &p.hop, e))),
+    }
+}
+
 /// Tries `hops` in order (at most [`DeliveryOptions::max_hops`]) until one gives a ready
 /// session; the last failure otherwise.
-async fn try_hops(hops: &[Hop], opts: &DeliveryOptions, protocol: Protocol) -> Result<Connection, Reply> {
+async fn try_hops(hops: &[Planned], opts: &DeliveryOptions, protocol: Protocol) -> Result<Connection, Reply> {
     let mut last = conn_reply("no address to try".to_string());
-    for hop in hops.iter().take(opts.max_hops.max(1)) {
-        let mut tls = opts.tls;
+    for p in hops.iter().take(opts.max_hops.max(1)) {
+        let hop = &p.hop;
+        let mut tls = p.tls.clone();
         loop {
-            let mut c = match connect_tcp(hop, opts, protocol, tls).await {
+            let mut c = match connect_tcp(hop, opts, protocol, &tls).await {
                 Ok(c) => c,
                 Err(r) => {
                     last = r;
@@ -873,14 +944,30 @@ async fn try_hops(hops: &[Hop], opts: &DeliveryOptions, protocol: Protocol) -> R
                 }
             };
             match c.wait_ready(&opts.timeouts).await {
-                Ok(()) => return Ok(c),
+                Ok(()) => {
+                    let finding = c.tls_finding.lock().ok().and_then(|f| f.clone());
+                    let finding = p.finding.as_ref().map(|(_, why)| why.clone()).or(finding);
+                    match (finding, c.client.tls_active()) {
+                        (Some(f), _) => report_result(opts, p, Err(f)),
+                        (None, true) => report_result(opts, p, Ok(())),
+                        (None, false) if matches!(p.tls, TlsDecision::Sts { .. }) => {
+                            report_result(opts, p, Err("STARTTLS not offered".into()))
+                        }
+                        (None, false) => report_result(opts, p, Ok(())),
+                    }
+                    return Ok(c);
+                }
                 Err(e) => {
                     let label = c.label.clone();
-                    let retry_clear = c.tls_failed && tls == TlsPolicy::May && !opts.implicit_tls;
+                    let tls_failure = c.tls_failed || e.phase == Phase::StartTls || e.reply.enhanced == Some((4, 7, 4));
+                    let retry_clear = c.tls_failed && tls.may_fall_back_to_clear() && !opts.implicit_tls;
                     c.close(&opts.timeouts).await;
+                    if tls_failure && tls == p.tls {
+                        report_result(opts, p, Err(e.reply.text.clone()));
+                    }
                     last = pre_session_reply(e, &label);
                     if retry_clear {
-                        tls = TlsPolicy::None;
+                        tls = TlsDecision::Fixed(TlsPolicy::None);
                         continue;
                     }
                     break;
@@ -950,6 +1037,7 @@ async fn deliver_session(
         }
     }
     let tls = c.client.tls_active();
+    let tls_policy = Some(c.tls.label());
     release(c, key, opts).await;
     match result {
         Some(t) => DeliveryReport {
@@ -958,6 +1046,7 @@ async fn deliver_session(
             remote_host,
             next_hop_dsn: t.next_hop_dsn,
             tls,
+            tls_policy,
             setup,
         },
         None => {
@@ -1007,6 +1096,7 @@ pub async fn deliver(target: &Target, env: &Envelope, data: &[u8], opts: &Delive
                 remote_host: None,
                 next_hop_dsn: false,
                 tls: false,
+                tls_policy: None,
                 setup: None,
             }
         }

@@ -10,6 +10,10 @@
 //!   ([`HickoryResolver`] in the daemon, [`StaticResolver`] in tests).
 //! * [`local`]: Maildir and mbox delivery (R35); LMTP is a [`Target`] of
 //!   the driver.
+//! * [`security`]: the TLS decision for each next hop under `:tls dane` and `:tls sts`,
+//!   from [`dane`] (RFC 7672: TLSA records from the validating resolver, the rustls
+//!   verifier) and [`sts`] (RFC 8461: the policy fetched over HTTPS, cached in the spool);
+//!   [`tlsrpt`] records the sessions' results and makes the RFC 8460 reports.
 //! * [`dsn`]: RFC 3464 reports ([`build_dsn`]) and the RFC 3461 rule for
 //!   when one is owed ([`should_notify`]).
 //!
@@ -18,10 +22,14 @@
 //! came when the next hop offers DSN (R1).
 
 pub use mailpolicy_engine::client;
+pub mod dane;
 pub mod driver;
 pub mod dsn;
 pub mod local;
 pub mod mx;
+pub mod security;
+pub mod sts;
+pub mod tlsrpt;
 
 #[cfg(test)]
 mod tests;

@@ -49,6 +49,10 @@ pub trait Resolver: Send + Sync {
     fn mx<'a>(&'a self, domain: &'a str) -> DnsFuture<'a, Vec<MxRecord>>;
     /// A and AAAA addresses of `host`.
     fn ips<'a>(&'a self, host: &'a str) -> DnsFuture<'a, Vec<IpAddr>>;
+    /// TXT records of `name`, each one string (MTA-STS, TLS-RPT); none by default.
+    fn txt<'a>(&'a self, _name: &'a str) -> DnsFuture<'a, Vec<String>> {
+        Box::pin(async { Err(DnsError::NoData) })
+    }
 }
 
 /// [`Resolver`] over hickory-resolver.
@@ -169,6 +173,15 @@ impl Resolver for HickoryResolver {
             Ok(l.iter().collect())
         })
     }
+
+    fn txt<'a>(&'a self, name: &'a str) -> DnsFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let l = self.inner.txt_lookup(fqdn(name)).await.map_err(map_err)?;
+            Ok(l.iter()
+                .map(|t| t.txt_data().iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<String>())
+                .collect())
+        })
+    }
 }
 
 /// A [`Resolver`] answering from tables: for tests and fixtures. Names are
@@ -178,6 +191,7 @@ impl Resolver for HickoryResolver {
 pub struct StaticResolver {
     mx: HashMap<String, Result<Vec<MxRecord>, DnsError>>,
     hosts: HashMap<String, Result<Vec<IpAddr>, DnsError>>,
+    txt: HashMap<String, Vec<String>>,
 }
 
 impl StaticResolver {
@@ -204,6 +218,12 @@ impl StaticResolver {
         self
     }
 
+    /// Adds a TXT record (its strings joined).
+    pub fn add_txt(&mut self, name: &str, text: &str) -> &mut Self {
+        self.txt.entry(norm(name)).or_default().push(text.to_string());
+        self
+    }
+
     /// Makes MX lookups of `domain` fail with `err`.
     pub fn fail_mx(&mut self, domain: &str, err: DnsError) -> &mut Self {
         self.mx.insert(norm(domain), Err(err));
@@ -217,7 +237,7 @@ impl StaticResolver {
     }
 
     fn exists(&self, n: &str) -> bool {
-        self.mx.contains_key(n) || self.hosts.contains_key(n)
+        self.mx.contains_key(n) || self.hosts.contains_key(n) || self.txt.contains_key(n)
     }
 }
 
@@ -236,6 +256,16 @@ impl Resolver for StaticResolver {
         let n = norm(host);
         let r = match self.hosts.get(&n) {
             Some(r) => r.clone(),
+            None if self.exists(&n) => Err(DnsError::NoData),
+            None => Err(DnsError::NotFound),
+        };
+        Box::pin(async move { r })
+    }
+
+    fn txt<'a>(&'a self, name: &'a str) -> DnsFuture<'a, Vec<String>> {
+        let n = norm(name);
+        let r = match self.txt.get(&n) {
+            Some(r) => Ok(r.clone()),
             None if self.exists(&n) => Err(DnsError::NoData),
             None => Err(DnsError::NotFound),
         };

@@ -160,6 +160,8 @@ impl std::fmt::Display for RenderedTransport {
         match self.tls {
             TlsMode::Required => f.write_str(" tls required")?,
             TlsMode::Implicit => f.write_str(" tls implicit")?,
+            TlsMode::Dane => f.write_str(" tls dane")?,
+            TlsMode::Sts => f.write_str(" tls sts")?,
             TlsMode::May | TlsMode::None => {}
         }
         if self.auth.is_some() {

@@ -1277,6 +1277,8 @@ pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
             match t.tls {
                 mailpolicy_lang::ir::TlsMode::Required => s.push_str(" tls required"),
                 mailpolicy_lang::ir::TlsMode::Implicit => s.push_str(" tls implicit"),
+                mailpolicy_lang::ir::TlsMode::Dane => s.push_str(" tls dane"),
+                mailpolicy_lang::ir::TlsMode::Sts => s.push_str(" tls sts"),
                 mailpolicy_lang::ir::TlsMode::May | mailpolicy_lang::ir::TlsMode::None => {}
             }
             if t.auth.is_some() {
