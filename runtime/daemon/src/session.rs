@@ -259,6 +259,7 @@ impl Session {
                 let go = match need {
                     Need::Policy(req) => Box::pin(self.policy(req)).await,
                     Need::AuthStep { mechanism, data } => self.auth_step(&mechanism, data.as_deref()),
+                    Need::FailedLogins { key, window_ms } => self.failed_logins(&key, window_ms),
                     Need::LoginKnown { login, ip, window_ms } => self.login_known(&login, ip, window_ms),
                     Need::SenderAuth(q) => Box::pin(self.sender_auth(q)).await,
                     Need::StartTls => Box::pin(self.start_tls()).await,
@@ -339,6 +340,15 @@ impl Session {
                 self.conn.sasl_done(mechanism, SaslResult::Failure { login }, now);
             }
         }
+        Ok(())
+    }
+
+    /// This host's count (the AUTH throttles are per host, spec/language.md 5.2).
+    fn failed_logins(&mut self, key: &str, window_ms: u64) -> Go {
+        let now = now_ms();
+        let counter = mailpolicy_lang::ir::Counter::AuthFailures.name();
+        let n = self.lookups.state.local.rates.lock().map(|r| r.count(counter, key, window_ms, now)).unwrap_or(0);
+        self.conn.failed_logins(n, Time(now));
         Ok(())
     }
 

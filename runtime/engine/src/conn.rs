@@ -82,6 +82,9 @@ pub enum Need {
     Policy(Request),
     /// One SASL step: answer with [`Conn::auth_continue`] or [`Conn::sasl_done`].
     AuthStep { mechanism: String, data: Option<Vec<u8>> },
+    /// How many `auth_failures` events this host recorded under `key` (`client.ip=IP`,
+    /// `auth.login=LOGIN`) within the window; answer with [`Conn::failed_logins`].
+    FailedLogins { key: String, window_ms: u64 },
     /// Did `login` authenticate from `ip` within the window ([`Note::Login`] records)?
     /// Answer with [`Conn::login_known`].
     LoginKnown { login: String, ip: std::net::IpAddr, window_ms: u64 },
@@ -388,7 +391,6 @@ impl Conn {
     pub fn answer(&mut self, request: Request, answer: Answer) {
         match &mut self.pending {
             Pending::Stage { run, .. } => run.answer(request, answer),
-            Pending::Auth(_) => self.gate_answered(&answer, Time(self.facts.now_ms)),
             _ => {}
         }
     }

@@ -1,8 +1,8 @@
 //! AUTH as a connection sees it: the throttles on failed logins and what a SASL exchange's
 //! end means. The host runs the SASL mechanism (the daemon with rsasl, `mailc test`
 //! against `credentials:`) and says how it ended ([`SaslResult`]); the counts are the
-//! host's rate store, asked as [`Request::Rate`] like the policy's own `rate`, and where a
-//! login authenticated from before is the host's record ([`Need::LoginKnown`]). What is
+//! host's own rate store ([`Need::FailedLogins`]: per host, not a cluster's shared store,
+//! like the record of where a login authenticated from, [`Need::LoginKnown`]). What is
 //! counted, the limits, and the reply are decided here, once for both hosts.
 //!
 //! - Ten failed logins from one address within ten minutes: AUTH from it is refused with
@@ -16,7 +16,6 @@
 use mailpolicy_lang::ir::Counter;
 
 use super::{Conn, Need, Note, Pending};
-use crate::eval::{Answer, Request};
 use crate::smtp::{AuthOutcome, Reply, Time};
 
 pub const AUTH_FAILURE_LIMIT: u64 = 10;
@@ -62,16 +61,26 @@ impl Conn {
         }
         let key = self.address_key();
         self.pending = Pending::Auth(Gate::Address { mechanism, data });
-        Some(Need::Policy(Request::Rate { counter: Counter::AuthFailures, key, window_ms: AUTH_FAILURE_WINDOW }))
+        Some(Need::FailedLogins { key, window_ms: AUTH_FAILURE_WINDOW })
     }
 
-    /// The answer to a throttle's question (from [`Conn::answer`] or [`Conn::login_known`]).
-    pub(super) fn gate_answered(&mut self, answer: &Answer, now: Time) {
+    /// Answer [`Need::FailedLogins`]: the `auth_failures` events under its key in the window.
+    pub fn failed_logins(&mut self, count: u64, now: Time) {
+        if matches!(self.pending, Pending::Auth(Gate::Address { .. } | Gate::Login { .. })) {
+            self.gate_answered(count, false, now);
+        }
+    }
+
+    /// Answer [`Need::LoginKnown`]: `login` authenticated from the client's address within
+    /// the window.
+    pub fn login_known(&mut self, known: bool, now: Time) {
+        if matches!(self.pending, Pending::Auth(Gate::Known { .. })) {
+            self.gate_answered(0, known, now);
+        }
+    }
+
+    fn gate_answered(&mut self, count: u64, known: bool, now: Time) {
         let Pending::Auth(gate) = std::mem::replace(&mut self.pending, Pending::None) else { return };
-        let count = match answer {
-            Answer::Count(n) => *n,
-            _ => 0,
-        };
         match gate {
             Gate::Address { mechanism, data } => {
                 if count >= AUTH_FAILURE_LIMIT {
@@ -95,18 +104,7 @@ impl Conn {
                     self.sasl_finish(mechanism, result, Some(login), false, now);
                 }
             }
-            Gate::Known { mechanism, result, login } => {
-                let known = matches!(answer, Answer::Bool(true));
-                self.sasl_finish(mechanism, result, Some(login), !known, now);
-            }
-        }
-    }
-
-    /// Answer [`Need::LoginKnown`]: `login` authenticated from the client's address within
-    /// the window.
-    pub fn login_known(&mut self, known: bool, now: Time) {
-        if matches!(self.pending, Pending::Auth(Gate::Known { .. })) {
-            self.gate_answered(&Answer::Bool(known), now);
+            Gate::Known { mechanism, result, login } => self.sasl_finish(mechanism, result, Some(login), !known, now),
         }
     }
 
@@ -123,11 +121,7 @@ impl Conn {
             Some(login) if self.has_remote => {
                 let key = format!("auth.login={login}");
                 self.pending = Pending::Auth(Gate::Login { mechanism, result, login });
-                self.notes.push_back(Need::Policy(Request::Rate {
-                    counter: Counter::AuthFailures,
-                    key,
-                    window_ms: AUTH_FAILURE_WINDOW,
-                }));
+                self.notes.push_back(Need::FailedLogins { key, window_ms: AUTH_FAILURE_WINDOW });
             }
             login => self.sasl_finish(mechanism, result, login, false, now),
         }

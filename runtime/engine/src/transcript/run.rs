@@ -783,6 +783,14 @@ impl CaseRun {
                     }
                 }
                 Need::AuthStep { mechanism, data } => self.sasl_step(&mechanism, data),
+                Need::FailedLogins { key, window_ms } => {
+                    let n =
+                        self.rates.count(mailpolicy_lang::ir::Counter::AuthFailures.name(), &key, window_ms, self.now);
+                    self.log.push(format!("  failed logins by {key} -> {n}"));
+                    if let Some(c) = self.conn.as_mut() {
+                        c.failed_logins(n, now);
+                    }
+                }
                 Need::LoginKnown { login, ip, window_ms } => {
                     let t = self.now;
                     let known = self
