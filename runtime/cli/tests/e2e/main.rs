@@ -147,7 +147,12 @@ fn files_under(dir: &Path) -> Vec<String> {
 fn spool_messages(spool: &Path) -> Vec<String> {
     files_under(spool)
         .into_iter()
-        .filter(|f| !f.starts_with("tls/") && !f.starts_with("corrupt/") && !f.starts_with("private/"))
+        .filter(|f| {
+            !f.starts_with("tls/")
+                && !f.starts_with("corrupt/")
+                && !f.starts_with("private/")
+                && !f.starts_with("public/")
+        })
         .collect()
 }
 
