@@ -200,6 +200,7 @@ pub async fn run(
             closing_for_shutdown: false,
         },
     };
+    session.reserve_id();
     Box::pin(session.serve()).await;
     session.milters.quit().await;
     session.stream.shutdown().await;
@@ -265,6 +266,7 @@ impl Session {
                     Need::StartTls => Box::pin(self.start_tls()).await,
                     Need::Sign(sign) => Box::pin(self.sign(sign)).await,
                     Need::Queue(msg) => Box::pin(self.queue(msg)).await,
+                    Need::ProxyFilter(call) => Box::pin(self.proxy_filter(call)).await,
                     Need::Milter(call) => Box::pin(self.milter(call)).await,
                     Need::Note(n) => Box::pin(self.note(n)).await,
                 };
@@ -461,9 +463,10 @@ impl Session {
         // The message moves to the blocking pool and back: no copy of its data.
         let store = self.shared.store.clone();
         let tail = if msg.tail > 0 { self.spill.file_for_store() } else { Ok(None) };
+        let reserved = self.conn.next_queue_id().map(str::to_string);
         let joined = tokio::task::spawn_blocking(move || {
             let r = match tail {
-                Ok(t) => store.store_with_tail(&msg, t.as_deref()),
+                Ok(t) => store.store_as(reserved.as_deref(), &msg, t.as_deref()),
                 Err(e) => Err(e),
             };
             (r, msg)
@@ -484,6 +487,7 @@ impl Session {
             Ok(Ok(qid)) => {
                 self.log_queued(&qid, &msg);
                 self.conn.queued(&qid, now);
+                self.reserve_id();
                 self.shared.enqueued(&qid);
             }
             Ok(Err(StoreFailure::Full)) => {
@@ -533,6 +537,29 @@ impl Session {
                 msg.recipients.len()
             ),
         );
+    }
+
+    /// Milters know a message's queue id from MAIL on (`i`), as Postfix's do.
+    fn reserve_id(&mut self) {
+        if !self.conn.milters().is_empty() {
+            if let Some(id) = self.shared.store.reserve_id() {
+                self.conn.set_next_queue_id(id);
+            }
+        }
+    }
+
+    /// The listener's before-queue filter (`proxy_filter`): the filter's reply is the client's.
+    async fn proxy_filter(&mut self, call: mailpolicy_engine::before_queue::FilterCall) -> Go {
+        let whole = match call.message.tail {
+            1.. => Box::pin(self.spill.whole(&call.message.data, &self.shared)).await.map(|(_, w)| w),
+            0 => None,
+        };
+        let timeout = self.prog.listener_or_default(Some(&self.lst.name)).proxy_filter_timeout;
+        let host = &self.lst.engine.hostname;
+        let outcome = crate::before_queue::filter(&self.shared, host, timeout, &self.id, &call, whole).await;
+        self.spill.discard();
+        self.conn.proxied(&outcome, Time(now_ms()));
+        Ok(())
     }
 
     /// The policy's milters on this stage.
