@@ -223,7 +223,7 @@ fn opendkim_signs_through_the_milter() {
         let mut dkim = String::new();
         for _ in 0..50 {
             let mut st = mailpolicy_daemon::auth::AuthState::default();
-            dkim = auth.content(&mut st, ip, "client.test", "alice@d.test", msg.as_bytes()).await.0;
+            dkim = auth.content(&mut st, ip, "client.test", "alice@d.test", msg.as_bytes()).await.dkim_word();
             if dkim != "temperror" {
                 break;
             }
@@ -233,7 +233,7 @@ fn opendkim_signs_through_the_milter() {
         // And a changed body no longer does: the check is real.
         let tampered = msg.replace("Second line.", "Second line!");
         let mut st = mailpolicy_daemon::auth::AuthState::default();
-        let dkim = auth.content(&mut st, ip, "client.test", "alice@d.test", tampered.as_bytes()).await.0;
+        let dkim = auth.content(&mut st, ip, "client.test", "alice@d.test", tampered.as_bytes()).await.dkim_word();
         assert_ne!(dkim, "pass");
     });
     assert!(d.log().contains("milter dkim: data"), "{}", d.log());

@@ -8,14 +8,14 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use base64::Engine as _;
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{DkimSigner, Done};
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
-use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator, SpfOutput, SpfResult,
-};
+use mail_auth::{AuthenticatedMessage, DkimResult, DmarcResult, MessageAuthenticator, SpfOutput, SpfResult};
+use mailpolicy_engine::conn::{ContentReport, MethodReport};
 use mailpolicy_lang::ir::Program;
 
 /// The DNS client of sender authentication. Every query obeys the policy's `dns_timeout`
@@ -28,14 +28,12 @@ pub struct SenderAuth {
     lookup_timeout: Duration,
 }
 
-/// What one transaction has learnt so far.
+/// What one transaction has learnt so far: the SPF result DMARC is computed over. The
+/// engine asks each check once per transaction and drops this when its transaction
+/// number changes (`AuthQuery::transaction`).
 #[derive(Default)]
 pub struct AuthState {
     pub spf: Option<SpfOutput>,
-    /// (dkim word, dmarc word, dmarc policy word)
-    pub content: Option<(String, String, String)>,
-    /// The Authentication-Results header value, built from what was checked.
-    pub header: Option<String>,
 }
 
 pub fn spf_word(r: SpfResult) -> &'static str {
@@ -50,15 +48,21 @@ pub fn spf_word(r: SpfResult) -> &'static str {
     }
 }
 
-fn dkim_word(r: &DkimResult) -> &'static str {
-    match r {
-        DkimResult::Pass => "pass",
-        DkimResult::Neutral(_) => "neutral",
-        DkimResult::Fail(_) => "fail",
-        DkimResult::PermError(_) => "permerror",
-        DkimResult::TempError(_) => "temperror",
-        DkimResult::None => "none",
-    }
+/// A DKIM result as the engine's report of it: the word and the error's text.
+fn dkim_report(r: &DkimResult) -> MethodReport {
+    let (word, err) = match r {
+        DkimResult::Pass => ("pass", None),
+        DkimResult::Neutral(e) => ("neutral", Some(e)),
+        DkimResult::Fail(e) => ("fail", Some(e)),
+        DkimResult::PermError(e) => ("permerror", Some(e)),
+        DkimResult::TempError(e) => ("temperror", Some(e)),
+        DkimResult::None => ("none", None),
+    };
+    MethodReport { result: word.into(), reason: err.map(|e| e.to_string().to_ascii_lowercase()), props: Vec::new() }
+}
+
+fn timed_out(word: &str) -> MethodReport {
+    MethodReport { result: word.into(), reason: Some("time-out".into()), props: Vec::new() }
 }
 
 impl SenderAuth {
@@ -90,7 +94,9 @@ impl SenderAuth {
         st.spf.as_ref().map(|o| spf_word(o.result())).unwrap_or("none")
     }
 
-    /// DKIM and DMARC over the message (and SPF, which DMARC needs).
+    /// DKIM and DMARC over the message (and SPF, which DMARC needs), as the engine's
+    /// report: the engine derives the words the policy reads and writes the
+    /// Authentication-Results field from it.
     pub async fn content(
         &self,
         st: &mut AuthState,
@@ -98,54 +104,57 @@ impl SenderAuth {
         helo: &str,
         sender: &str,
         message: &[u8],
-    ) -> (String, String, String) {
-        if let Some(c) = &st.content {
-            return c.clone();
-        }
+    ) -> ContentReport {
         self.spf(st, ip, helo, sender).await;
         // A parser panic on a hostile message is that message's problem, not the session's.
         let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| AuthenticatedMessage::parse(message)))
             .ok()
             .flatten();
         let Some(msg) = parsed else {
-            let c = ("permerror".to_string(), "permerror".to_string(), String::new());
-            st.content = Some(c.clone());
-            return c;
+            return ContentReport {
+                dkim: vec![MethodReport::word("permerror")],
+                dmarc: MethodReport::word("permerror"),
+                dmarc_policy: String::new(),
+            };
         };
         let Some(spf) = st.spf.clone() else {
-            return ("temperror".into(), "temperror".into(), String::new());
+            return ContentReport {
+                dkim: vec![MethodReport::word("temperror")],
+                dmarc: MethodReport::word("temperror"),
+                dmarc_policy: String::new(),
+            };
         };
         // One deadline for DKIM and DMARC together: `lookup_timeout` from now.
         let deadline = tokio::time::Instant::now() + self.lookup_timeout;
         let Ok(dkim) = tokio::time::timeout_at(deadline, self.auth.verify_dkim(&msg)).await else {
-            let c = ("temperror".to_string(), "temperror".to_string(), String::new());
-            st.header = Some(
-                AuthenticationResults::new(&self.hostname).with_spf_mailfrom_result(&spf, ip, sender, helo).to_string()
-                    + ";\r\n\tdkim=temperror (time-out); dmarc=temperror (time-out)",
-            );
-            st.content = Some(c.clone());
-            return c;
+            return ContentReport {
+                dkim: vec![timed_out("temperror")],
+                dmarc: timed_out("temperror"),
+                dmarc_policy: String::new(),
+            };
         };
+        let reports: Vec<MethodReport> = dkim
+            .iter()
+            .map(|d| {
+                let mut r = dkim_report(d.result());
+                if let Some(sig) = d.signature() {
+                    if sig.i.is_empty() {
+                        r.props.push(("header.d".into(), sig.d.clone()));
+                    } else {
+                        r.props.push(("header.i".into(), sig.i.clone()));
+                    }
+                    r.props.push(("header.s".into(), sig.s.clone()));
+                    if let Some(b) = sig.b.get(..6) {
+                        r.props.push(("header.b".into(), base64::engine::general_purpose::STANDARD.encode(b)));
+                    }
+                }
+                r
+            })
+            .collect();
         let mail_from_domain = sender.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_else(|| helo.to_string());
-        // The best DKIM result: any pass wins; else the first signature's; no signature: none.
-        let dkim_w = if dkim.iter().any(|d| *d.result() == DkimResult::Pass) {
-            "pass"
-        } else {
-            dkim.first().map(|d| dkim_word(d.result())).unwrap_or("none")
-        };
-        let from_header = msg.from.first().map(String::as_str).unwrap_or("");
         let params = DmarcParameters::new(&msg, &dkim, &mail_from_domain, &spf);
         let Ok(dmarc) = tokio::time::timeout_at(deadline, self.auth.verify_dmarc(params)).await else {
-            st.header = Some(
-                AuthenticationResults::new(&self.hostname)
-                    .with_spf_mailfrom_result(&spf, ip, sender, helo)
-                    .with_dkim_results(&dkim, from_header)
-                    .to_string()
-                    + ";\r\n\tdmarc=temperror (time-out)",
-            );
-            let c = (dkim_w.to_string(), "temperror".to_string(), String::new());
-            st.content = Some(c.clone());
-            return c;
+            return ContentReport { dkim: reports, dmarc: timed_out("temperror"), dmarc_policy: String::new() };
         };
         // RFC 7489: with a published record, DMARC passes when an aligned identifier
         // passes and fails otherwise; without one there is no result.
@@ -168,25 +177,11 @@ impl SenderAuth {
             mail_auth::dmarc::Policy::Reject => "reject",
             mail_auth::dmarc::Policy::Unspecified => "",
         };
-        let header = AuthenticationResults::new(&self.hostname)
-            .with_spf_mailfrom_result(&spf, ip, sender, helo)
-            .with_dkim_results(&dkim, from_header)
-            .with_dmarc_result(&dmarc)
-            .to_string();
-        st.header = Some(header);
-        let c = (dkim_w.to_string(), dmarc_w.to_string(), policy.to_string());
-        st.content = Some(c.clone());
-        c
-    }
-
-    /// The header to add to an accepted message: everything checked, or SPF alone.
-    pub fn header(&self, st: &AuthState, ip: IpAddr, helo: &str, sender: &str) -> Option<String> {
-        if let Some(h) = &st.header {
-            return Some(format!("Authentication-Results: {h}\r\n"));
+        let mut d = MethodReport::word(dmarc_w);
+        if !dmarc.domain().is_empty() {
+            d.props.push(("header.from".into(), dmarc.domain().to_string()));
         }
-        let spf = st.spf.as_ref()?;
-        let h = AuthenticationResults::new(&self.hostname).with_spf_mailfrom_result(spf, ip, sender, helo).to_string();
-        Some(format!("Authentication-Results: {h}\r\n"))
+        ContentReport { dkim: reports, dmarc: d, dmarc_policy: policy.to_string() }
     }
 }
 
@@ -196,12 +191,12 @@ pub fn transcript_dkim(
     prog: &Program,
     secrets: &dyn Fn(&str) -> Option<String>,
     message: &[u8],
-    sender: &str,
-) -> Result<Option<String>, mailpolicy_engine::transcript::run::DkimError> {
+    domain: &str,
+) -> Result<String, mailpolicy_engine::transcript::run::DkimError> {
     use mailpolicy_engine::transcript::run::DkimError;
     match Signer::from_program(prog, secrets).map_err(DkimError::Key)? {
-        Some(signer) if signer.covers(sender) => signer.sign(message, sender).map(Some).map_err(DkimError::Sign),
-        _ => Ok(None),
+        Some(signer) => signer.sign(message, domain).map_err(DkimError::Sign),
+        None => Err(DkimError::Key("the server has no dkim_key and dkim_selector".into())),
     }
 }
 
@@ -254,15 +249,10 @@ impl Signer {
         Ok(Some(Signer { domain, selector: sel.clone(), der, built: Default::default() }))
     }
 
-    /// `DKIM-Signature: ...\r\n` for the message.
-    pub fn sign(&self, message: &[u8], sender: &str) -> Result<String, String> {
-        let domain = match &self.domain {
-            Some(d) => d.clone(),
-            None => {
-                sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).ok_or("no sender domain to sign for")?
-            }
-        };
-        self.sign_with(message, &domain, &SIGNED_HEADERS, "")
+    /// `DKIM-Signature: ...\r\n` for the message, `d=domain` (the engine chose it:
+    /// `conn::Sign`).
+    pub fn sign(&self, message: &[u8], domain: &str) -> Result<String, String> {
+        self.sign_with(message, domain, &SIGNED_HEADERS, "")
     }
 
     /// The signature of a mailing list copy of `list_domain` (spec/language.md 4.9), made
@@ -307,11 +297,7 @@ impl Signer {
     /// Sign mail whose envelope sender is in the signing domain or below it (any sender
     /// with a domain when no `dkim_domain` is set).
     pub fn covers(&self, sender: &str) -> bool {
-        let d = sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
-        match &self.domain {
-            Some(dom) => d == *dom || d.ends_with(&format!(".{dom}")),
-            None => !d.is_empty(),
-        }
+        mailpolicy_engine::conn::dkim_domain_for(self.domain.as_deref(), sender).is_some()
     }
 }
 
@@ -368,9 +354,10 @@ mod tests {
         let mut signed = sig.to_header().into_bytes();
         signed.extend_from_slice(body);
         let start = std::time::Instant::now();
-        let (dkim, dmarc, _) = auth.content(&mut st, ip, "client.slow.test", "alice@slow.test", &signed).await;
+        let c = auth.content(&mut st, ip, "client.slow.test", "alice@slow.test", &signed).await;
         let content_took = start.elapsed();
-        assert_eq!((spf, dkim.as_str(), dmarc.as_str()), ("temperror", "temperror", "temperror"));
+        let dkim = c.dkim.first().map(|d| d.result.as_str());
+        assert_eq!((spf, dkim, c.dmarc.result.as_str()), ("temperror", Some("temperror"), "temperror"));
         // The bound under test is the policy's own: 2 s per check (plus scheduling slack),
         // where the library's defaults took 15 s.
         assert!(spf_took < std::time::Duration::from_secs(4), "SPF took {spf_took:?}");

@@ -14,10 +14,13 @@ use super::auth::AuthState;
 use super::lookup::Lookups;
 use super::sasl::{CredentialStore, SaslServer, Step as SaslStep, Verifier};
 use super::{now_ms, ListenerRt, Shared, StoreFailure};
-use crate::conn::{ClientInfo, Conn, Need, Note};
-use crate::eval::AuthCheck;
-use crate::eval::{Answer, RenderedReply};
-use crate::smtp::{AuthOutcome, PeerInfo, Reply, Time, TlsInfo};
+use crate::conn::{
+    AuthKind, AuthQuery, AuthReport, ClientInfo, Conn, ContentReport, MethodReport, MilterCall, Need, Note,
+    QueuedMessage, SaslResult, Sign,
+};
+use crate::eval::RenderedReply;
+use crate::eval::{Answer, Request};
+use crate::smtp::{PeerInfo, Reply, Time, TlsInfo};
 
 enum Stream {
     Plain(TcpStream),
@@ -96,15 +99,6 @@ impl CredentialStore for TableCredentials {
     }
 }
 
-/// Too many failed logins from one address in ten minutes: refuse AUTH for a while.
-const AUTH_FAILURE_LIMIT: u64 = 10;
-const AUTH_FAILURE_WINDOW: u64 = 600_000;
-/// Too many failed logins for one account in ten minutes, from any addresses (a guessing
-/// attack spread over many): AUTH for that login is refused with 454 4.7.0, whatever the
-/// password, except from addresses it authenticated from in the last 30 days.
-const LOGIN_FAILURE_LIMIT: u64 = 10;
-const LOGIN_KNOWN_WINDOW: u64 = 30 * 86_400_000;
-
 /// The read buffer between commands, and inside DATA/BDAT.
 const SMALL_READ: usize = 4 * 1024;
 const LARGE_READ: usize = 64 * 1024;
@@ -129,7 +123,6 @@ pub async fn run(
     };
     // Counted in `sessions_current` until the guard drops, on every path the session ends.
     let _counted = crate::metrics::get().session(&lst.name);
-    let mut reply_line_start = true;
     let (client_name, client_ptr) = Box::pin(lookups.reverse(remote.ip())).await;
     log.event(
         "connect",
@@ -174,457 +167,532 @@ pub async fn run(
         .credentials
         .as_ref()
         .map(|t| Arc::new(TableCredentials { lookups: lookups.clone(), table: t.clone() }) as Arc<dyn CredentialStore>);
-    let mut sasl = credentials.and_then(|c| SaslServer::new(c).ok());
-    let ip_key = format!("client.ip={}", remote.ip());
+    let sasl = credentials.and_then(|c| SaslServer::new(c).ok());
     let session_keys = crate::eval::session_keys(remote.ip());
     // `concurrent by client.ip` / `client.network` counts this session until the guard
     // drops, on every path the session ends (a panic unwinding included).
-    let mut count_guard = ConcurrencyGuard::open(lookups.clone(), session_keys, &id);
-    let mut auth_state = AuthState::default();
-    let mut auth_sender: Option<String> = None;
-    let mut shutdown = shared.shutdown.clone();
-    // Commands are short: an idle session holds a small read buffer, and a message phase a
-    // large one (memory per session stays small with thousands of clients waiting).
-    let mut buf = vec![0u8; SMALL_READ];
-    let mut last_input = tokio::time::Instant::now();
-    // Message bytes past the in-memory bound, streamed to a file of the spool's.
-    let mut spill = Spill::default();
-    // When the current command line began, and when the message phase began (with the
-    // byte count then), for the per-request deadlines.
-    let mut line_started: Option<tokio::time::Instant> = None;
-    let mut data_started: Option<(tokio::time::Instant, u64)> = None;
-    let mut data_bytes: u64 = 0;
-    let mut closing_for_shutdown = false;
-    let mut milters = crate::milter::Milters::new(&conn);
-    // Milters know a message's queue id from MAIL on (`i`), as Postfix's do.
-    let reserve = |conn: &mut Conn| {
-        if !conn.milters().is_empty() {
-            if let Some(id) = shared.store.reserve_id() {
-                conn.set_next_queue_id(id);
-            }
-        }
+    let count_guard = ConcurrencyGuard::open(lookups.clone(), session_keys, &id);
+    let milters = crate::milter::Milters::new(&conn);
+    let shutdown = shared.shutdown.clone();
+    let mut session = Session {
+        shared,
+        lst,
+        prog,
+        lookups,
+        id,
+        remote,
+        client_label,
+        local_user,
+        stream,
+        conn,
+        sasl,
+        auth: (0, AuthState::default()),
+        spill: Spill::default(),
+        milters,
+        count_guard,
+        counted: crate::state::Counted::default(),
+        reply_line_start: true,
+        pace: Pace {
+            shutdown,
+            buf: vec![0u8; SMALL_READ],
+            last_input: tokio::time::Instant::now(),
+            line_started: None,
+            data_started: None,
+            data_bytes: 0,
+            closing_for_shutdown: false,
+        },
     };
-    reserve(&mut conn);
-    // The counts the current stage's event answered (`StateStore::record`).
-    let mut counted = crate::state::Counted::default();
-    'session: loop {
-        // 1. Everything the connection needs.
-        while let Some(need) = conn.poll_need(Time(now_ms())) {
-            match need {
-                Need::Policy(req) => {
-                    count_guard.ready().await;
-                    // Counted already by this stage's event, in its round trip.
-                    if let Some(n) = counted.take(&req) {
-                        conn.answer(req, Answer::Count(n));
-                        continue;
-                    }
-                    let a = match &req {
-                        crate::eval::Request::Auth(check) => {
-                            let f = conn.facts();
-                            let (ip, sender) = (f.client_ip, f.sender.clone().unwrap_or_default());
-                            let helo = f.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
-                            if auth_sender.as_deref() != Some(sender.as_str()) {
-                                auth_state = AuthState::default();
-                                auth_sender = Some(sender.clone());
-                            }
-                            let sa = &lookups.sender_auth;
-                            match check {
-                                AuthCheck::Spf => Answer::Value(Some(
-                                    Box::pin(sa.spf(&mut auth_state, ip, &helo, &sender)).await.to_string(),
-                                )),
-                                _ => match conn.current_message() {
-                                    Some(m) => {
-                                        let whole = Box::pin(spill.whole(m, &shared)).await;
-                                        let m = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(m);
-                                        let (d, dm, p) =
-                                            Box::pin(sa.content(&mut auth_state, ip, &helo, &sender, m)).await;
-                                        Answer::Value(Some(match check {
-                                            AuthCheck::Dkim => d,
-                                            AuthCheck::Dmarc => dm,
-                                            _ => p,
-                                        }))
-                                    }
-                                    None => Answer::Error("no message to check".into()),
-                                },
-                            }
-                        }
-                        crate::eval::Request::Scan { scanner } => {
-                            match (prog.scanners.get(scanner.index()), conn.current_message()) {
-                                (Some(sc), Some(data)) => {
-                                    let whole = Box::pin(spill.whole(data, &shared)).await;
-                                    let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(data);
-                                    let started = std::time::Instant::now();
-                                    let a = Box::pin(super::scan::scan(sc, data, conn.facts())).await;
-                                    crate::metrics::get().lookup("scanner", started.elapsed());
-                                    a
-                                }
-                                _ => Answer::Error("no message to scan".into()),
-                            }
-                        }
-                        _ => Box::pin(lookups.answer(&prog, &req, now_ms())).await,
-                    };
-                    conn.answer(req, a);
-                }
-                Need::AuthStep { mechanism, data } => {
-                    let now = Time(now_ms());
-                    let throttled = lookups
-                        .state
-                        .local
-                        .rates
-                        .lock()
-                        .map(|r| r.count("auth_failures", &ip_key, AUTH_FAILURE_WINDOW, now.0) >= AUTH_FAILURE_LIMIT)
-                        .unwrap_or(false);
-                    let Some(s) = sasl.as_mut().filter(|_| !throttled) else {
-                        let reply = throttled
-                            .then(|| Reply::new(454, (4, 7, 0), "Too many failed authentications, try again later"));
-                        conn.auth_done(AuthOutcome::Failure { reply }, now);
-                        continue;
-                    };
-                    let step = s.step(&mechanism, data.as_deref());
-                    // Per-login throttling: a login with too many recent failures, tried from
-                    // an address it never authenticated from, is refused like a failure.
-                    let login = s.tried_login().map(|l| l.to_ascii_lowercase());
-                    let ip = crate::conn::canonical(remote.ip());
-                    let login_key = login.as_ref().map(|l| format!("auth.login={l}"));
-                    let login_blocked = login_key.as_ref().is_some_and(|k| {
-                        let n = lookups
-                            .state
-                            .local
-                            .rates
-                            .lock()
-                            .map(|r| r.count("auth_failures", k, AUTH_FAILURE_WINDOW, now.0))
-                            .unwrap_or(0);
-                        n >= LOGIN_FAILURE_LIMIT
-                            && !login.as_ref().is_some_and(|l| shared.auth_known_from(l, ip, now.0, LOGIN_KNOWN_WINDOW))
-                    });
-                    match step {
-                        SaslStep::Continue(ch) => conn.auth_continue(&ch, now),
-                        SaslStep::Success(user) if !login_blocked => {
-                            shared.auth_succeeded(&user, ip, now.0);
-                            log.event("auth", &[("session", &id), ("user", &user), ("mechanism", &mechanism)]);
-                            conn.auth_done(AuthOutcome::Success { user }, now);
-                        }
-                        SaslStep::Success(_) | SaslStep::Failure => {
-                            s.reset();
-                            if let Ok(mut r) = lookups.state.local.rates.lock() {
-                                r.record("auth_failures", &ip_key, now.0);
-                                if let Some(k) = &login_key {
-                                    r.record("auth_failures", k, now.0);
-                                }
-                            }
-                            log.event(
-                                "auth-failed",
-                                &[
-                                    ("session", &id),
-                                    ("client", &remote.ip().to_string()),
-                                    ("mechanism", &mechanism),
-                                    ("login", login.as_deref().unwrap_or("")),
-                                    ("throttled", if login_blocked { "login" } else { "" }),
-                                ],
-                            );
-                            let reply = login_blocked.then(|| {
-                                Reply::new(454, (4, 7, 0), "Too many failed authentications, try again later")
-                            });
-                            conn.auth_done(AuthOutcome::Failure { reply }, now);
-                        }
-                    }
-                }
-                Need::StartTls => {
-                    // Flush the 220 first, then hand the socket to TLS.
-                    while let Some(b) = conn.poll_transmit() {
-                        crate::metrics::get().replies_in(&lst.name, &b, &mut reply_line_start);
-                        if stream.write_all(&b).await.is_err() {
-                            break 'session;
-                        }
-                    }
-                    let _ = stream.flush().await;
-                    let (Some(acceptor), Stream::Plain(tcp)) =
-                        (lst.tls.clone(), std::mem::replace(&mut stream, Stream::Gone))
-                    else {
-                        break 'session;
-                    };
-                    match Box::pin(tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))).await {
-                        Ok(Ok(tls)) => {
-                            let info = tls_info(tls.get_ref().1);
-                            log.event(
-                                "starttls",
-                                &[("session", &id), ("version", &info.version), ("cipher", &info.cipher)],
-                            );
-                            stream = Stream::Tls(Box::new(tls));
-                            if let Some(s) = sasl.as_mut() {
-                                s.reset();
-                            }
-                            conn.tls_established(info, Time(now_ms()));
-                        }
-                        Ok(Err(e)) => {
-                            log.event(
-                                "tls-failed",
-                                &[("session", &id), ("client", &remote.ip().to_string()), ("error", &e.to_string())],
-                            );
-                            break 'session;
-                        }
-                        Err(_) => {
-                            log.event("tls-failed", &[("session", &id), ("error", "handshake timed out")]);
-                            break 'session;
-                        }
-                    }
-                }
-                Need::Seal(seal) => {
-                    // Authentication-Results for what the policy checked (mail-auth's own
-                    // record of the checks, with their details), then our DKIM signature
-                    // when Conn says the sender is one of our users; Conn adds them.
-                    let mut fields = Vec::new();
-                    let f = conn.facts();
-                    if !seal.checked.is_empty() && auth_sender.as_deref() == f.sender.as_deref() {
-                        let helo = f.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
-                        if let Some(h) = lookups.sender_auth.header(&auth_state, f.client_ip, &helo, &seal.sender) {
-                            fields.push(h);
-                        }
-                    }
-                    if seal.sign {
-                        if let (Some(signer), Some((head, tail))) =
-                            (lookups.signer.as_ref().filter(|s| s.covers(&seal.sender)), conn.sealing_message())
-                        {
-                            // The signature covers the whole message (the part spilled to disk
-                            // included) and the Authentication-Results field too.
-                            let whole = if tail > 0 { Box::pin(spill.whole(head, &shared)).await } else { None };
-                            let data = match (&whole, tail) {
-                                (Some((_, w)), _) => Some(w.as_slice()),
-                                (None, 0) => Some(head),
-                                (None, _) => None,
-                            };
-                            let mut signed = fields.concat().into_bytes();
-                            match data {
-                                Some(d) => {
-                                    signed.extend_from_slice(d);
-                                    match signer.sign(&signed, &seal.sender) {
-                                        Ok(h) => fields.push(h),
-                                        Err(e) => log.event("dkim-sign-failed", &[("session", &id), ("error", &e)]),
-                                    }
-                                }
-                                None => log.event(
-                                    "dkim-sign-failed",
-                                    &[("session", &id), ("error", "the spilled message could not be read")],
-                                ),
-                            }
-                        }
-                    }
-                    // The DKIM-Signature goes on top, as a signer prepends it.
-                    fields.reverse();
-                    conn.sealed(&fields);
-                }
-                Need::Queue(_) if !shared.qmgr_up() => {
-                    // Accept nothing that would go nowhere: the queue manager is down (its
-                    // supervisor is restarting it).
-                    log.event("store-refused", &[("session", &id), ("reason", "queue manager down")]);
-                    let r = RenderedReply {
-                        code: 451,
-                        enhanced: (4, 3, 0),
-                        text: "Queue manager unavailable, try again later".into(),
-                    };
-                    conn.queue_failed(Some(r), Time(now_ms()));
-                }
-                Need::Queue(msg) => {
-                    super::fault::check("session", &msg.data);
-                    auth_state = AuthState::default();
-                    auth_sender = None;
-                    // The message moves to the blocking pool and back: no copy of its data.
-                    let store = shared.store.clone();
-                    let tail = if msg.tail > 0 { spill.file_for_store() } else { Ok(None) };
-                    let reserved = conn.next_queue_id().map(str::to_string);
-                    let joined = tokio::task::spawn_blocking(move || {
-                        let r = match tail {
-                            Ok(t) => store.store_as(reserved.as_deref(), &msg, t.as_deref()),
-                            Err(e) => Err(e),
-                        };
-                        (r, msg)
-                    })
-                    .await;
-                    spill.discard();
-                    let now = Time(now_ms());
-                    let (stored, msg) = match joined {
-                        Ok((r, m)) => (Ok(r), m),
-                        Err(e) => (Err(e), Default::default()),
-                    };
-                    // R12: the peer holds a copy before the client hears 250 (`backup_peer`).
-                    let refused = match &stored {
-                        Ok(Ok(qid)) => backup_copy(&shared, &id, qid).await,
-                        _ => None,
-                    };
-                    match stored {
-                        _ if refused.is_some() => conn.queue_failed(refused, now),
-                        Ok(Ok(qid)) => {
-                            let rcpts: Vec<&str> = msg.recipients.iter().map(|r| r.address.as_str()).collect();
-                            log.event(
-                                "queued",
-                                &[
-                                    ("session", &id),
-                                    ("id", &qid),
-                                    ("from", &msg.sender),
-                                    ("to", &rcpts.join(",")),
-                                    ("size", &msg.data.len().to_string()),
-                                    ("hold", msg.hold.as_deref().unwrap_or("")),
-                                ],
-                            );
-                            // Postfix's lines for a message queued: smtpd's (or pickup's) and qmgr's.
-                            let sev = crate::log::Severity::Info;
-                            match &local_user {
-                                Some(user) => log.summary(
-                                    "pickup",
-                                    sev,
-                                    &qid,
-                                    &format!("uid={} from=<{}>", uid_of(user), msg.sender),
-                                ),
-                                None => log.summary("smtpd", sev, &qid, &format!("client={client_label}")),
-                            }
-                            log.summary(
-                                "qmgr",
-                                sev,
-                                &qid,
-                                &format!(
-                                    "from=<{}>, size={}, nrcpt={} (queue active)",
-                                    msg.sender,
-                                    msg.data.len() as u64 + msg.tail,
-                                    msg.recipients.len()
-                                ),
-                            );
-                            conn.queued(&qid, now);
-                            reserve(&mut conn);
-                            shared.enqueued(&qid);
-                        }
-                        Ok(Err(StoreFailure::Full)) => {
-                            log.event("store-failed", &[("session", &id), ("error", "no space left")]);
-                            conn.queue_failed(None, now);
-                        }
-                        Ok(Err(StoreFailure::Io(e))) => {
-                            log.event("store-failed", &[("session", &id), ("error", &e)]);
-                            let r = RenderedReply {
-                                code: 451,
-                                enhanced: (4, 3, 0),
-                                text: "Local error in processing, try again later".into(),
-                            };
-                            conn.queue_failed(Some(r), now);
-                        }
-                        Err(e) => {
-                            log.event("store-failed", &[("session", &id), ("error", &e.to_string())]);
-                            let r = RenderedReply {
-                                code: 451,
-                                enhanced: (4, 3, 0),
-                                text: "Local error in processing, try again later".into(),
-                            };
-                            conn.queue_failed(Some(r), now);
-                        }
-                    }
-                }
-                Need::ProxyFilter(call) => {
-                    let whole = match call.message.tail {
-                        1.. => Box::pin(spill.whole(&call.message.data, &shared)).await.map(|(_, w)| w),
-                        0 => None,
-                    };
-                    let timeout = prog.listener_or_default(Some(&lst.name)).proxy_filter_timeout;
-                    let host = &lst.engine.hostname;
-                    let outcome = crate::before_queue::filter(&shared, host, timeout, &id, &call, whole).await;
-                    spill.discard();
-                    conn.proxied(&outcome, Time(now_ms()));
-                }
-                Need::Milter(call) => {
-                    let whole = match (call.spilled, conn.current_message()) {
-                        (1.., Some(m)) => Box::pin(spill.whole(m, &shared)).await,
-                        _ => None,
-                    };
-                    let answers = Box::pin(milters.call(&conn, &call, whole.as_ref().map(|(_, w)| w.as_slice()))).await;
-                    conn.milter_replied(answers, Time(now_ms()));
-                }
-                Need::Note(Note::Count { counter, keys }) => {
-                    count_guard.ready().await;
-                    // Recorded before the stage's own lookups are answered: a session counts
-                    // itself first, so hosts racing on one shared window never accept past
-                    // its limit together. The answer carries the stage's counts.
-                    counted.absorb(lookups.state.record(counter.name(), &keys, now_ms()).await);
-                }
-                Need::Note(n) => {
-                    if let Note::Verdict { stage, outcome, .. } = &n {
-                        refusal_line(&shared, stage.name(), outcome, &client_label, conn.facts());
-                        counted.clear();
-                    }
-                    Box::pin(note(&shared, &lookups, &prog, &id, n)).await
+    session.reserve_id();
+    Box::pin(session.serve()).await;
+    session.milters.quit().await;
+    session.stream.shutdown().await;
+    session.spill.discard();
+    log.event("disconnect", &[("session", &session.id), ("client", &session.remote.ip().to_string())]);
+}
+
+/// One session: the socket, the engine's [`Conn`], and what the host keeps for it. The
+/// loop ([`Session::serve`]) hands each [`Need`] to the method that answers it; none of
+/// them decides anything about the protocol (what to count, refuse, add or sign is the
+/// engine's), they fetch, compute, store and log.
+struct Session {
+    shared: Arc<Shared>,
+    lst: Arc<ListenerRt>,
+    prog: Arc<Program>,
+    lookups: Arc<Lookups>,
+    id: String,
+    remote: SocketAddr,
+    client_label: String,
+    /// A local submission's user (the maildrop's owner).
+    local_user: Option<String>,
+    stream: Stream,
+    conn: Conn,
+    sasl: Option<SaslServer>,
+    /// mail-auth's state of the engine's transaction of this number (`AuthQuery::transaction`).
+    auth: (u64, AuthState),
+    /// Message bytes past the in-memory bound, streamed to a file of the spool's.
+    spill: Spill,
+    milters: crate::milter::Milters,
+    /// `concurrent by client.ip` / `client.network` counts this session until the guard
+    /// drops, on every path the session ends (a panic unwinding included).
+    count_guard: ConcurrencyGuard,
+    /// The counts the current stage's event answered (`StateStore::record`).
+    counted: crate::state::Counted,
+    reply_line_start: bool,
+    pace: Pace,
+}
+
+/// The session's clocks and read buffer.
+struct Pace {
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Commands are short: an idle session holds a small read buffer, and a message phase
+    /// a large one (memory per session stays small with thousands of clients waiting).
+    buf: Vec<u8>,
+    last_input: tokio::time::Instant,
+    /// When the current command line began, and when the message phase began (with the
+    /// byte count then), for the per-request deadlines.
+    line_started: Option<tokio::time::Instant>,
+    data_started: Option<(tokio::time::Instant, u64)>,
+    data_bytes: u64,
+    closing_for_shutdown: bool,
+}
+
+/// Whether the session goes on after a step.
+type Go = Result<(), ()>;
+
+impl Session {
+    async fn serve(&mut self) {
+        loop {
+            // 1. Everything the connection needs.
+            while let Some(need) = self.conn.poll_need(Time(now_ms())) {
+                let go = match need {
+                    Need::Policy(req) => Box::pin(self.policy(req)).await,
+                    Need::AuthStep { mechanism, data } => self.auth_step(&mechanism, data.as_deref()),
+                    Need::FailedLogins { key, window_ms } => self.failed_logins(&key, window_ms),
+                    Need::LoginKnown { login, ip, window_ms } => self.login_known(&login, ip, window_ms),
+                    Need::SenderAuth(q) => Box::pin(self.sender_auth(q)).await,
+                    Need::StartTls => Box::pin(self.start_tls()).await,
+                    Need::Sign(sign) => Box::pin(self.sign(sign)).await,
+                    Need::Queue(msg) => Box::pin(self.queue(msg)).await,
+                    Need::ProxyFilter(call) => Box::pin(self.proxy_filter(call)).await,
+                    Need::Milter(call) => Box::pin(self.milter(call)).await,
+                    Need::Note(n) => Box::pin(self.note(n)).await,
+                };
+                if go.is_err() {
+                    return;
                 }
             }
+            // A message that was decided (stored or refused) needs its spill no more.
+            if self.spill.file.is_some() && !self.conn.session().message_open() {
+                self.spill.discard();
+            }
+            // 2. Write what the engine produced.
+            if self.transmit().await.is_err() || self.conn.is_closed() {
+                return;
+            }
+            // 3. Wait for input, a timer, or shutdown.
+            if Box::pin(self.wait()).await.is_err() {
+                return;
+            }
         }
-        // A message that was decided (stored or refused) needs its spill no more.
-        if spill.file.is_some() && !conn.session().message_open() {
-            spill.discard();
-        }
-        // 2. Write what the engine produced.
+    }
+
+    /// Write out what the engine produced.
+    async fn transmit(&mut self) -> Go {
         let mut wrote = false;
-        while let Some(b) = conn.poll_transmit() {
+        while let Some(b) = self.conn.poll_transmit() {
             wrote = true;
-            crate::metrics::get().replies_in(&lst.name, &b, &mut reply_line_start);
-            if stream.write_all(&b).await.is_err() {
-                break 'session;
+            crate::metrics::get().replies_in(&self.lst.name, &b, &mut self.reply_line_start);
+            self.stream.write_all(&b).await.map_err(|_| ())?;
+        }
+        if wrote {
+            self.stream.flush().await.map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
+    /// A lookup, a content scan: answered from the network, the tables and the state.
+    async fn policy(&mut self, req: Request) -> Go {
+        self.count_guard.ready().await;
+        // Counted already by this stage's event, in its round trip.
+        if let Some(n) = self.counted.take(&req) {
+            self.conn.answer(req, Answer::Count(n));
+            return Ok(());
+        }
+        let a = match &req {
+            Request::Scan { scanner } => match (self.prog.scanners.get(scanner.index()), self.conn.current_message()) {
+                (Some(sc), Some(data)) => {
+                    let whole = Box::pin(self.spill.whole(data, &self.shared)).await;
+                    let data = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(data);
+                    let started = std::time::Instant::now();
+                    let a = Box::pin(super::scan::scan(sc, data, self.conn.facts())).await;
+                    crate::metrics::get().lookup("scanner", started.elapsed());
+                    a
+                }
+                _ => Answer::Error("no message to scan".into()),
+            },
+            _ => Box::pin(self.lookups.answer(&self.prog, &req, now_ms())).await,
+        };
+        self.conn.answer(req, a);
+        Ok(())
+    }
+
+    /// One SASL step with rsasl; the engine throttled before and decides after.
+    fn auth_step(&mut self, mechanism: &str, data: Option<&[u8]>) -> Go {
+        let now = Time(now_ms());
+        let Some(s) = self.sasl.as_mut() else {
+            self.conn.sasl_done(mechanism, SaslResult::Failure { login: None }, now);
+            return Ok(());
+        };
+        match s.step(mechanism, data) {
+            SaslStep::Continue(ch) => self.conn.auth_continue(&ch, now),
+            SaslStep::Success(user) => {
+                s.reset();
+                self.conn.sasl_done(mechanism, SaslResult::Success { user }, now);
+            }
+            SaslStep::Failure => {
+                let login = s.tried_login();
+                s.reset();
+                self.conn.sasl_done(mechanism, SaslResult::Failure { login }, now);
             }
         }
-        if wrote && stream.flush().await.is_err() {
-            break;
+        Ok(())
+    }
+
+    /// This host's count (the AUTH throttles are per host, spec/language.md 5.2).
+    fn failed_logins(&mut self, key: &str, window_ms: u64) -> Go {
+        let now = now_ms();
+        let counter = mailpolicy_lang::ir::Counter::AuthFailures.name();
+        let n = self.lookups.state.local.rates.lock().map(|r| r.count(counter, key, window_ms, now)).unwrap_or(0);
+        self.conn.failed_logins(n, Time(now));
+        Ok(())
+    }
+
+    fn login_known(&mut self, login: &str, ip: std::net::IpAddr, window_ms: u64) -> Go {
+        let now = now_ms();
+        self.conn.login_known(self.shared.auth_known_from(login, ip, now, window_ms), Time(now));
+        Ok(())
+    }
+
+    /// SPF, or DKIM and DMARC over the message, with mail-auth.
+    async fn sender_auth(&mut self, q: AuthQuery) -> Go {
+        if self.auth.0 != q.transaction {
+            self.auth = (q.transaction, AuthState::default());
         }
-        if conn.is_closed() {
-            break;
+        let sa = &self.lookups.sender_auth;
+        let st = &mut self.auth.1;
+        let report = match q.kind {
+            AuthKind::Spf => AuthReport::Spf(Box::pin(sa.spf(st, q.client_ip, &q.helo, &q.sender)).await.to_string()),
+            AuthKind::Content => match self.conn.current_message() {
+                Some(m) => {
+                    let whole = Box::pin(self.spill.whole(m, &self.shared)).await;
+                    let m = whole.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(m);
+                    AuthReport::Content(Box::pin(sa.content(st, q.client_ip, &q.helo, &q.sender, m)).await)
+                }
+                None => AuthReport::Content(ContentReport {
+                    dkim: vec![MethodReport::word("temperror")],
+                    dmarc: MethodReport::word("temperror"),
+                    dmarc_policy: String::new(),
+                }),
+            },
+        };
+        self.conn.sender_auth_checked(report);
+        Ok(())
+    }
+
+    /// Flush the 220, then hand the socket to TLS.
+    async fn start_tls(&mut self) -> Go {
+        self.transmit().await?;
+        let (Some(acceptor), Stream::Plain(tcp)) =
+            (self.lst.tls.clone(), std::mem::replace(&mut self.stream, Stream::Gone))
+        else {
+            return Err(());
+        };
+        let log = self.shared.log;
+        match Box::pin(tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))).await {
+            Ok(Ok(tls)) => {
+                let info = tls_info(tls.get_ref().1);
+                log.event("starttls", &[("session", &self.id), ("version", &info.version), ("cipher", &info.cipher)]);
+                self.stream = Stream::Tls(Box::new(tls));
+                if let Some(s) = self.sasl.as_mut() {
+                    s.reset();
+                }
+                self.conn.tls_established(info, Time(now_ms()));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                let client = self.remote.ip().to_string();
+                log.event("tls-failed", &[("session", &self.id), ("client", &client), ("error", &e.to_string())]);
+                Err(())
+            }
+            Err(_) => {
+                log.event("tls-failed", &[("session", &self.id), ("error", "handshake timed out")]);
+                Err(())
+            }
         }
-        // 3. Wait for input, a timer, or shutdown.
-        let engine_deadline = conn.poll_timeout().map(|t| {
+    }
+
+    /// The DKIM signature the engine asked for, over the whole message (the part spilled
+    /// to disk included).
+    async fn sign(&mut self, sign: Sign) -> Go {
+        let log = self.shared.log;
+        let mut field = None;
+        if let (Some(signer), Some((head, tail))) = (self.lookups.signer.as_ref(), self.conn.sealing_message()) {
+            let whole = if tail > 0 { Box::pin(self.spill.whole(head, &self.shared)).await } else { None };
+            let data = match (&whole, tail) {
+                (Some((_, w)), _) => Some(w.as_slice()),
+                (None, 0) => Some(head),
+                (None, _) => None,
+            };
+            match data.map(|d| signer.sign(d, &sign.domain)) {
+                Some(Ok(h)) => field = Some(h),
+                Some(Err(e)) => log.event("dkim-sign-failed", &[("session", &self.id), ("error", &e)]),
+                None => log.event(
+                    "dkim-sign-failed",
+                    &[("session", &self.id), ("error", "the spilled message could not be read")],
+                ),
+            }
+        }
+        self.conn.signed(field.as_deref());
+        Ok(())
+    }
+
+    /// Make the message durable in the spool.
+    async fn queue(&mut self, msg: QueuedMessage) -> Go {
+        let log = self.shared.log;
+        let id = self.id.clone();
+        if !self.shared.qmgr_up() {
+            // Accept nothing that would go nowhere: the queue manager is down (its
+            // supervisor is restarting it).
+            log.event("store-refused", &[("session", &id), ("reason", "queue manager down")]);
+            let r = RenderedReply {
+                code: 451,
+                enhanced: (4, 3, 0),
+                text: "Queue manager unavailable, try again later".into(),
+            };
+            self.conn.queue_failed(Some(r), Time(now_ms()));
+            return Ok(());
+        }
+        super::fault::check("session", &msg.data);
+        // The message moves to the blocking pool and back: no copy of its data.
+        let store = self.shared.store.clone();
+        let tail = if msg.tail > 0 { self.spill.file_for_store() } else { Ok(None) };
+        let reserved = self.conn.next_queue_id().map(str::to_string);
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = match tail {
+                Ok(t) => store.store_as(reserved.as_deref(), &msg, t.as_deref()),
+                Err(e) => Err(e),
+            };
+            (r, msg)
+        })
+        .await;
+        self.spill.discard();
+        let now = Time(now_ms());
+        let (stored, msg) = match joined {
+            Ok((r, m)) => (Ok(r), m),
+            Err(e) => (Err(e), Default::default()),
+        };
+        let local_error = || RenderedReply {
+            code: 451,
+            enhanced: (4, 3, 0),
+            text: "Local error in processing, try again later".into(),
+        };
+        // R12: the peer holds a copy before the client hears 250 (`backup_peer`).
+        let refused = match &stored {
+            Ok(Ok(qid)) => backup_copy(&self.shared, &id, qid).await,
+            _ => None,
+        };
+        match stored {
+            _ if refused.is_some() => self.conn.queue_failed(refused, now),
+            Ok(Ok(qid)) => {
+                self.log_queued(&qid, &msg);
+                self.conn.queued(&qid, now);
+                self.reserve_id();
+                self.shared.enqueued(&qid);
+            }
+            Ok(Err(StoreFailure::Full)) => {
+                log.event("store-failed", &[("session", &id), ("error", "no space left")]);
+                self.conn.queue_failed(None, now);
+            }
+            Ok(Err(StoreFailure::Io(e))) => {
+                log.event("store-failed", &[("session", &id), ("error", &e)]);
+                self.conn.queue_failed(Some(local_error()), now);
+            }
+            Err(e) => {
+                log.event("store-failed", &[("session", &id), ("error", &e.to_string())]);
+                self.conn.queue_failed(Some(local_error()), now);
+            }
+        }
+        Ok(())
+    }
+
+    /// The event and Postfix's lines for a message queued: smtpd's (or pickup's) and qmgr's.
+    fn log_queued(&self, qid: &str, msg: &QueuedMessage) {
+        let log = self.shared.log;
+        let rcpts: Vec<&str> = msg.recipients.iter().map(|r| r.address.as_str()).collect();
+        log.event(
+            "queued",
+            &[
+                ("session", &self.id),
+                ("id", qid),
+                ("from", &msg.sender),
+                ("to", &rcpts.join(",")),
+                ("size", &msg.data.len().to_string()),
+                ("hold", msg.hold.as_deref().unwrap_or("")),
+            ],
+        );
+        let sev = crate::log::Severity::Info;
+        match &self.local_user {
+            Some(user) => log.summary("pickup", sev, qid, &format!("uid={} from=<{}>", uid_of(user), msg.sender)),
+            None => log.summary("smtpd", sev, qid, &format!("client={}", self.client_label)),
+        }
+        log.summary(
+            "qmgr",
+            sev,
+            qid,
+            &format!(
+                "from=<{}>, size={}, nrcpt={} (queue active)",
+                msg.sender,
+                msg.data.len() as u64 + msg.tail,
+                msg.recipients.len()
+            ),
+        );
+    }
+
+    /// Milters know a message's queue id from MAIL on (`i`), as Postfix's do.
+    fn reserve_id(&mut self) {
+        if !self.conn.milters().is_empty() {
+            if let Some(id) = self.shared.store.reserve_id() {
+                self.conn.set_next_queue_id(id);
+            }
+        }
+    }
+
+    /// The listener's before-queue filter (`proxy_filter`): the filter's reply is the client's.
+    async fn proxy_filter(&mut self, call: mailpolicy_engine::before_queue::FilterCall) -> Go {
+        let whole = match call.message.tail {
+            1.. => Box::pin(self.spill.whole(&call.message.data, &self.shared)).await.map(|(_, w)| w),
+            0 => None,
+        };
+        let timeout = self.prog.listener_or_default(Some(&self.lst.name)).proxy_filter_timeout;
+        let host = &self.lst.engine.hostname;
+        let outcome = crate::before_queue::filter(&self.shared, host, timeout, &self.id, &call, whole).await;
+        self.spill.discard();
+        self.conn.proxied(&outcome, Time(now_ms()));
+        Ok(())
+    }
+
+    /// The policy's milters on this stage.
+    async fn milter(&mut self, call: MilterCall) -> Go {
+        let whole = match (call.spilled, self.conn.current_message()) {
+            (1.., Some(m)) => Box::pin(self.spill.whole(m, &self.shared)).await,
+            _ => None,
+        };
+        let answers = Box::pin(self.milters.call(&self.conn, &call, whole.as_ref().map(|(_, w)| w.as_slice()))).await;
+        self.conn.milter_replied(answers, Time(now_ms()));
+        Ok(())
+    }
+
+    /// Log, count, alert, record a login.
+    async fn note(&mut self, n: Note) -> Go {
+        let (shared, id) = (&self.shared, self.id.as_str());
+        match n {
+            Note::Verdict { stage, outcome, rule, .. } => {
+                self.counted.clear();
+                refusal_line(shared, stage.name(), &outcome, &self.client_label, self.conn.facts());
+                let rule = rule.map(|r| self.prog.describe_loc(r)).unwrap_or_else(|| "default".into());
+                crate::metrics::get().verdict(stage.name(), crate::metrics::outcome_kind(&outcome), &rule);
+                shared.log.event(
+                    "verdict",
+                    &[("session", id), ("stage", stage.name()), ("outcome", &outcome), ("rule", &rule)],
+                );
+            }
+            Note::Log(text) => shared.log.event("policy-log", &[("session", id), ("text", &text)]),
+            Note::Alert { to, text, every_ms } => shared.alert(&to, &text, every_ms).await,
+            // Recorded before the stage's own lookups are answered: a session counts itself
+            // first, so hosts racing on one shared window never accept past its limit together.
+            Note::Count { counter, keys } => {
+                self.count_guard.ready().await;
+                // The answer carries the stage's counts.
+                self.counted.absorb(self.lookups.state.record(counter.name(), &keys, now_ms()).await);
+            }
+            Note::Login { mechanism, login, ok: true, .. } => {
+                let user = login.unwrap_or_default();
+                shared.auth_succeeded(&user, crate::conn::canonical(self.remote.ip()), now_ms());
+                shared.log.event("auth", &[("session", id), ("user", &user), ("mechanism", &mechanism)]);
+            }
+            Note::Login { mechanism, login, throttled, .. } => shared.log.event(
+                "auth-failed",
+                &[
+                    ("session", id),
+                    ("client", &self.remote.ip().to_string()),
+                    ("mechanism", &mechanism),
+                    ("login", login.as_deref().unwrap_or("")),
+                    ("throttled", throttled),
+                ],
+            ),
+        }
+        Ok(())
+    }
+
+    /// Wait for input, a timer, or shutdown; hand what came to the engine.
+    async fn wait(&mut self) -> Go {
+        let (lst, p) = (&self.lst, &mut self.pace);
+        let engine_deadline = self.conn.poll_timeout().map(|t| {
             let now = now_ms();
             tokio::time::Instant::now() + Duration::from_millis(t.0.saturating_sub(now))
         });
         // The idle time-out of the phase the client is in (R46): DATA gets its own. Under
         // pressure (most slots taken) every time-out shrinks to STRESS_TIMEOUT.
-        let stress = shared.under_pressure();
+        let stress = self.shared.under_pressure();
         let eff = |t: Duration| if stress { t.min(super::STRESS_TIMEOUT) } else { t };
-        let in_message = conn.session().in_message();
-        let idle_deadline = last_input + eff(if in_message { lst.data_timeout } else { lst.command_timeout });
+        let in_message = self.conn.session().in_message();
+        let idle_deadline = p.last_input + eff(if in_message { lst.data_timeout } else { lst.command_timeout });
         // Deadlines for a whole request, however the client paces its bytes (Postfix
         // smtpd_per_request_deadline): a command line within command_timeout of its first
         // byte; the whole DATA/BDAT phase within data_timeout plus one second per 500
         // bytes received (smtpd_min_data_rate).
         if in_message {
-            line_started = None;
-            data_started.get_or_insert((tokio::time::Instant::now(), data_bytes));
+            p.line_started = None;
+            p.data_started.get_or_insert((tokio::time::Instant::now(), p.data_bytes));
         } else {
-            data_started = None;
-            if conn.session().partial_input() {
-                line_started.get_or_insert(tokio::time::Instant::now());
+            p.data_started = None;
+            if self.conn.session().partial_input() {
+                p.line_started.get_or_insert(tokio::time::Instant::now());
             } else {
-                line_started = None;
+                p.line_started = None;
             }
         }
-        let request_deadline = match (line_started, data_started) {
+        let request_deadline = match (p.line_started, p.data_started) {
             (Some(t), _) => Some(t + eff(lst.command_timeout)),
             (None, Some((t, bytes0))) => Some(
-                t + eff(lst.data_timeout) + Duration::from_millis(data_bytes.saturating_sub(bytes0).saturating_mul(2)),
+                t + eff(lst.data_timeout)
+                    + Duration::from_millis(p.data_bytes.saturating_sub(bytes0).saturating_mul(2)),
             ),
             _ => None,
         };
         let limit = request_deadline.map_or(idle_deadline, |r| r.min(idle_deadline));
         let deadline = engine_deadline.map_or(limit, |d| d.min(limit));
-        let want = if data_started.is_some() { LARGE_READ } else { SMALL_READ };
-        if buf.len() != want {
-            buf = vec![0u8; want];
+        let want = if p.data_started.is_some() { LARGE_READ } else { SMALL_READ };
+        if p.buf.len() != want {
+            p.buf = vec![0u8; want];
         }
-        let room = conn.input_room().clamp(1, buf.len());
+        let room = self.conn.input_room().clamp(1, p.buf.len());
+        let conn = &mut self.conn;
         tokio::select! {
-            r = stream.read(&mut buf[..room]) => match r {
+            r = self.stream.read(&mut p.buf[..room]) => match r {
                 Ok(0) | Err(_) => {
                     conn.handle_eof(Time(now_ms()));
                     let _ = conn.poll_need(Time(now_ms()));
-                    break;
+                    return Err(());
                 }
                 Ok(n) => {
-                    last_input = tokio::time::Instant::now();
-                    counted.clear();
-                    data_bytes += n as u64;
-                    conn.set_free_space(shared.spool_free());
-                    conn.handle_input(&buf[..n], Time(now_ms()));
+                    p.last_input = tokio::time::Instant::now();
+                    self.counted.clear();
+                    p.data_bytes += n as u64;
+                    conn.set_free_space(self.shared.spool_free());
+                    conn.handle_input(&p.buf[..n], Time(now_ms()));
                     if let Some((seq, bytes)) = conn.take_spill() {
-                        spill.write(seq, &bytes, &shared, &id);
+                        self.spill.write(seq, &bytes, &self.shared, &self.id);
                     }
                 }
             },
@@ -632,25 +700,22 @@ pub async fn run(
                 let now_i = tokio::time::Instant::now();
                 if now_i >= limit {
                     let why = if now_i >= idle_deadline { "idle" } else { "request deadline" };
-                    log.event(
+                    self.shared.log.event(
                         "timeout",
-                        &[("session", &id), ("client", &remote.ip().to_string()), ("kind", why), ("stress", if stress { "yes" } else { "" })],
+                        &[("session", &self.id), ("client", &self.remote.ip().to_string()), ("kind", why), ("stress", if stress { "yes" } else { "" })],
                     );
                     conn.shutdown(Some(Reply::new(421, (4, 4, 2), "Timeout exceeded, closing connection")), Time(now_ms()));
                 } else {
                     conn.handle_timeout(Time(now_ms()));
                 }
             },
-            _ = shutdown.changed(), if !closing_for_shutdown => {
-                closing_for_shutdown = true;
+            _ = p.shutdown.changed(), if !p.closing_for_shutdown => {
+                p.closing_for_shutdown = true;
                 conn.shutdown(Some(Reply::new(421, (4, 3, 2), "Server shutting down, try again later")), Time(now_ms()));
             },
         }
+        Ok(())
     }
-    milters.quit().await;
-    stream.shutdown().await;
-    spill.discard();
-    log.event("disconnect", &[("session", &id), ("client", &remote.ip().to_string())]);
 }
 
 /// A copy of the stored message `qid` held by the backup peer before the 250 (R12,
@@ -833,25 +898,6 @@ impl Drop for ConcurrencyGuard {
                     l.state.close_shared(&k, &id).await
                 });
             }
-        }
-    }
-}
-
-async fn note(shared: &Shared, lookups: &Lookups, prog: &Program, id: &str, n: Note) {
-    match n {
-        Note::Verdict { stage, outcome, rule, .. } => {
-            let rule = rule.map(|r| prog.describe_loc(r)).unwrap_or_else(|| "default".into());
-            crate::metrics::get().verdict(stage.name(), crate::metrics::outcome_kind(&outcome), &rule);
-            shared
-                .log
-                .event("verdict", &[("session", id), ("stage", stage.name()), ("outcome", &outcome), ("rule", &rule)]);
-        }
-        Note::Log(text) => shared.log.event("policy-log", &[("session", id), ("text", &text)]),
-        Note::Alert { to, text, every_ms } => shared.alert(&to, &text, every_ms).await,
-        // Recorded before the stage's own lookups are answered: a session counts itself
-        // first, so hosts racing on one shared window never accept past its limit together.
-        Note::Count { counter, keys } => {
-            lookups.state.record(counter.name(), &keys, now_ms()).await;
         }
     }
 }

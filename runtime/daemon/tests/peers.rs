@@ -628,27 +628,32 @@ async fn spf_dkim_dmarc_against_unbound() {
     // Signed by us, From good.test: DKIM and DMARC pass, the domain's policy is reject.
     let body = b"From: Alice <alice@good.test>\r\nTo: bob@example.com\r\nSubject: hi\r\nDate: Sun, 22 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@good.test>\r\n\r\nHello.\r\n";
     assert!(signer.covers("alice@good.test") && signer.covers("x@sub.good.test") && !signer.covers("x@bad.test"));
-    let mut signed = signer.sign(body, "alice@good.test").expect("sign").into_bytes();
+    let mut signed = signer.sign(body, "good.test").expect("sign").into_bytes();
     signed.extend_from_slice(body);
     let mut st = AuthState::default();
-    let (dkim, dmarc, policy) = auth.content(&mut st, ip, "client.good.test", "alice@good.test", &signed).await;
-    assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("pass", "pass", "reject"));
-    let header = auth.header(&st, ip, "client.good.test", "alice@good.test").expect("a header");
-    assert!(header.starts_with("Authentication-Results: mx.test;"), "{header}");
-    assert!(header.contains("spf=pass") && header.contains("dkim=pass") && header.contains("dmarc=pass"), "{header}");
+    let c = auth.content(&mut st, ip, "client.good.test", "alice@good.test", &signed).await;
+    assert_eq!((c.dkim_word().as_str(), c.dmarc.result.as_str(), c.dmarc_policy.as_str()), ("pass", "pass", "reject"));
+    // What the engine's Authentication-Results field reports with them.
+    let props =
+        |m: &mailpolicy_engine::conn::MethodReport| m.props.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+    assert!(props(&c.dkim[0]).contains(&"header.d=good.test".to_string()), "{c:?}");
+    assert!(props(&c.dkim[0]).iter().any(|p| p.starts_with("header.s=")), "{c:?}");
+    assert_eq!(props(&c.dmarc), ["header.from=good.test"], "{c:?}");
 
     // A tampered body breaks the signature.
     let tampered: Vec<u8> = String::from_utf8_lossy(&signed).replace("Hello.", "Hello!").into_bytes();
-    let (dkim, _, _) =
-        auth.content(&mut AuthState::default(), ip, "client.good.test", "alice@good.test", &tampered).await;
+    let dkim =
+        auth.content(&mut AuthState::default(), ip, "client.good.test", "alice@good.test", &tampered).await.dkim_word();
     // mail-auth reports a body-hash mismatch as neutral (RFC 8601 allows either).
     assert!(dkim == "fail" || dkim == "neutral", "a tampered body must not pass: {dkim}");
 
     // Unsigned, From bad.test, SPF fail: DMARC fails with the domain's quarantine policy.
     let forged = b"From: eve@bad.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n";
-    let (dkim, dmarc, policy) =
-        auth.content(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test", forged).await;
-    assert_eq!((dkim.as_str(), dmarc.as_str(), policy.as_str()), ("none", "fail", "quarantine"));
+    let c = auth.content(&mut AuthState::default(), ip, "client.bad.test", "eve@bad.test", forged).await;
+    assert_eq!(
+        (c.dkim_word().as_str(), c.dmarc.result.as_str(), c.dmarc_policy.as_str()),
+        ("none", "fail", "quarantine")
+    );
 }
 
 /// Issue 20.6: an SPF record too large for a UDP answer (unbound cut to 512 bytes says

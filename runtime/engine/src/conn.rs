@@ -17,12 +17,10 @@ use std::time::Duration;
 use mailpolicy_lang::ir::{DsnAction, LocId, Program, Scope, Stage};
 
 use crate::eval::{
-    Answer, AuthCheck, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step,
-    TlsFacts, Verdict,
+    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step, TlsFacts,
+    Verdict,
 };
-use crate::smtp::{
-    self, AuthOutcome, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo,
-};
+use crate::smtp::{self, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo};
 
 /// What the host learns about the client before the connect stage (reverse DNS is the
 /// host's business: the daemon resolves it, a transcript gives it).
@@ -38,8 +36,12 @@ pub struct ClientInfo {
 
 pub use crate::record::{QueuedMessage, QueuedRcpt, SessionRecord};
 
+mod login;
 mod milter;
+mod sender_auth;
+pub use login::SaslResult;
 pub use milter::{MilterAnswer, MilterCall};
+pub use sender_auth::{dkim_domain_for, AuthKind, AuthQuery, AuthReport, ContentReport, MethodReport};
 
 /// One line of the connection's log: a verdict, a log action or an alert.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +63,16 @@ pub enum Note {
         counter: mailpolicy_lang::ir::Counter,
         keys: Vec<String>,
     },
+    /// A SASL exchange ended: `login` (lower case; None when none was tried)
+    /// authenticated (`ok`), or failed; `throttled` says which throttle refused it
+    /// (`address`, `login`; empty: none). A host that answers [`Need::LoginKnown`] records
+    /// a success.
+    Login {
+        mechanism: String,
+        login: Option<String>,
+        ok: bool,
+        throttled: &'static str,
+    },
 }
 
 /// What the connection needs from the host.
@@ -68,15 +80,25 @@ pub enum Note {
 pub enum Need {
     /// Answer with [`Conn::answer`].
     Policy(Request),
-    /// One SASL step: answer with [`Conn::auth_continue`] or [`Conn::auth_done`].
+    /// One SASL step: answer with [`Conn::auth_continue`] or [`Conn::sasl_done`].
     AuthStep { mechanism: String, data: Option<Vec<u8>> },
+    /// How many `auth_failures` events this host recorded under `key` (`client.ip=IP`,
+    /// `auth.login=LOGIN`) within the window; answer with [`Conn::failed_logins`].
+    FailedLogins { key: String, window_ms: u64 },
+    /// Did `login` authenticate from `ip` within the window ([`Note::Login`] records)?
+    /// Answer with [`Conn::login_known`].
+    LoginKnown { login: String, ip: std::net::IpAddr, window_ms: u64 },
+    /// An SPF, DKIM or DMARC check for the policy; answer with [`Conn::sender_auth_checked`].
+    SenderAuth(AuthQuery),
     /// Flush output, do the TLS handshake, then [`Conn::tls_established`] (or close).
     StartTls,
-    /// Before a message is queued: the header fields the host adds to it, answered with
-    /// [`Conn::sealed`] (B7). Conn decided what is asked; the host computes the fields
-    /// (the daemon with mail-auth, `mailc test` from its fixtures) and Conn prepends them,
-    /// so a transcript sees what the daemon stores. The message is [`Conn::sealing_message`].
-    Seal(Seal),
+    /// Before a message is queued: its DKIM signature (B7), answered with [`Conn::signed`].
+    /// Conn decided to sign and for which domain, and already added the
+    /// `Authentication-Results` field; the host computes the signature (the daemon with
+    /// mail-auth, `mailc` for transcripts with the same signer) over
+    /// [`Conn::sealing_message`] and Conn puts it on top, so a transcript sees what the
+    /// daemon stores.
+    Sign(Sign),
     /// Make the message durable, then [`Conn::queued`] with its id, or [`Conn::queue_failed`].
     Queue(QueuedMessage),
     /// Consult the policy's milters on this stage, then [`Conn::milter_replied`]; the
@@ -90,15 +112,12 @@ pub enum Need {
     Note(Note),
 }
 
-/// What [`Need::Seal`] asks for.
+/// What [`Need::Sign`] asks for: a `DKIM-Signature` field with the server's key and
+/// selector, `d=domain`, over the message. Conn asks it when the server signs, the client
+/// authenticated or is in `networks`, and `dkim_domain` covers the sender.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Seal {
-    /// The sender-authentication checks the policy read in this transaction, with the
-    /// answers it got: an `Authentication-Results` field reports them (RFC 8601).
-    pub checked: Vec<(AuthCheck, String)>,
-    /// Sign the message with the server's DKIM key: the client authenticated or is in
-    /// `networks` (the host signs when `dkim_domain` covers the sender).
-    pub sign: bool,
+pub struct Sign {
+    pub domain: String,
     /// The envelope sender of the message.
     pub sender: String,
 }
@@ -136,8 +155,10 @@ enum Pending {
     /// Waiting for the host to store the message; the reply is then held this long
     /// (a `tarpit` at data).
     Queue(Duration),
-    /// Waiting for [`Conn::sealed`]: the message to queue, and the reply's delay.
+    /// Waiting for [`Conn::signed`]: the message to queue, and the reply's delay.
     Seal(Box<QueuedMessage>, Duration),
+    /// An AUTH exchange between the throttle checks ([`login`]).
+    Auth(login::Gate),
     /// Waiting for [`Conn::proxied`]; the reply is then held this long.
     Proxy(Duration),
     /// Waiting for [`Conn::milter_replied`] before the stage runs.
@@ -181,8 +202,8 @@ pub struct Conn {
     /// The listener requires TLS / AUTH before MAIL.
     require_tls: bool,
     require_auth: bool,
-    /// SPF, DKIM and DMARC answers the policy read in this transaction (for Need::Seal).
-    auth_checked: Vec<(AuthCheck, String)>,
+    /// SPF, DKIM and DMARC in this transaction ([`sender_auth`]).
+    sender_auth: sender_auth::SenderAuth,
     /// Free space of the spool's file system, as the host last saw it (None: unknown).
     free_space: Option<u64>,
     /// The client has an address (not a local submission).
@@ -240,7 +261,7 @@ impl Conn {
             deferred: None,
             require_tls: false,
             require_auth: false,
-            auth_checked: Vec::new(),
+            sender_auth: Default::default(),
             free_space: None,
             has_remote,
             milter_tx: 0,
@@ -352,10 +373,22 @@ impl Conn {
                 continue;
             }
             match &mut self.pending {
-                Pending::Queue(_) | Pending::Proxy(_) | Pending::Seal(..) | Pending::Milter { .. } => return None,
+                Pending::Queue(_)
+                | Pending::Proxy(_)
+                | Pending::Seal(..)
+                | Pending::Milter { .. }
+                | Pending::Auth(_) => return None,
+                Pending::Stage { .. } if self.sender_auth.waiting() => return None,
                 Pending::Stage { run, .. } => {
                     self.facts.session_errors = self.session.error_count();
                     match run.step(&self.prog, &self.facts, &mut self.state) {
+                        Step::Need(Request::Auth(check)) => {
+                            if let Some(a) = self.sender_auth_request(check) {
+                                if let Pending::Stage { run, .. } = &mut self.pending {
+                                    run.answer(Request::Auth(check), a);
+                                }
+                            }
+                        }
                         Step::Need(r) => return Some(Need::Policy(r)),
                         Step::Done(v) => {
                             let Pending::Stage { event, run } = std::mem::replace(&mut self.pending, Pending::None)
@@ -378,27 +411,14 @@ impl Conn {
 
     /// Answer the last [`Need::Policy`].
     pub fn answer(&mut self, request: Request, answer: Answer) {
-        if let Request::Auth(check) = &request {
-            let word = match &answer {
-                Answer::Value(Some(v)) => v.to_ascii_lowercase(),
-                Answer::Value(None) => "none".to_string(),
-                _ => "temperror".to_string(),
-            };
-            self.auth_checked.retain(|(c, _)| c != check);
-            self.auth_checked.push((*check, word));
-        }
-        if let Pending::Stage { run, .. } = &mut self.pending {
-            run.answer(request, answer);
+        match &mut self.pending {
+            Pending::Stage { run, .. } => run.answer(request, answer),
+            _ => {}
         }
     }
 
     pub fn auth_continue(&mut self, challenge: &[u8], now: Time) {
         let _ = self.session.auth_continue(challenge, now);
-    }
-
-    /// Finish a SASL exchange. A failure is counted by the host (auth_failures rate).
-    pub fn auth_done(&mut self, outcome: AuthOutcome, now: Time) {
-        let _ = self.session.auth_done(outcome, now);
     }
 
     pub fn tls_established(&mut self, info: TlsInfo, now: Time) {
@@ -407,9 +427,9 @@ impl Conn {
         let _ = self.session.tls_established(info, now);
     }
 
-    /// The message a [`Need::Seal`] is about (as it will be queued, before the fields).
-    /// The message being sealed: the part in memory, and how many bytes of it the host
-    /// spilled to disk after that part (`QueuedMessage::tail`).
+    /// The message a [`Need::Sign`] is about, as it will be queued but for the signature:
+    /// the part in memory, and how many bytes the host spilled to disk after that part
+    /// (`QueuedMessage::tail`).
     pub fn sealing_message(&self) -> Option<(&[u8], u64)> {
         match &self.pending {
             Pending::Seal(m, _) => Some((&m.data, m.tail)),
@@ -417,26 +437,18 @@ impl Conn {
         }
     }
 
-    /// Answer [`Need::Seal`]: header fields to add on top of the message (each a complete
-    /// field, `Name: value` with its CRLF, folded or not). Then [`Need::Queue`] follows.
-    pub fn sealed(&mut self, fields: &[String]) {
+    /// Answer [`Need::Sign`]: the `DKIM-Signature` field (`Name: value`, folded or not),
+    /// or None when the host could not sign (it says why in its log). Then
+    /// [`Need::Queue`] follows.
+    pub fn signed(&mut self, field: Option<&str>) {
         if let Pending::Seal(..) = &self.pending {
             let Pending::Seal(mut msg, delay) = std::mem::replace(&mut self.pending, Pending::Queue(Duration::ZERO))
             else {
                 return;
             };
-            let mut data = Vec::with_capacity(msg.data.len() + 512);
-            for f in fields {
-                // A field must end with CRLF, whatever the host gave.
-                let f = f.trim_end_matches(['\r', '\n']);
-                if f.is_empty() || !f.contains(':') {
-                    continue;
-                }
-                data.extend_from_slice(f.as_bytes());
-                data.extend_from_slice(b"\r\n");
+            if let Some(f) = field {
+                msg.data = prepend_field(f, &msg.data);
             }
-            data.extend_from_slice(&msg.data);
-            msg.data = data;
             self.hand_over(*msg, delay);
         }
     }
@@ -543,7 +555,7 @@ impl Conn {
     }
 
     fn end_transaction(&mut self) {
-        self.auth_checked.clear();
+        self.sender_auth.end_transaction();
         self.clear_transaction_facts();
         self.state.clear(&self.prog, Scope::Transaction);
         self.tx = Tx::default();
@@ -725,7 +737,7 @@ impl Conn {
                 }
                 self.start(Stage::Data, ev)
             }
-            Event::AuthStep { mechanism, data } => Some(Need::AuthStep { mechanism, data }),
+            Event::AuthStep { mechanism, data } => self.auth_step(mechanism, data),
             Event::StartTls => Some(Need::StartTls),
             Event::Vrfy { .. } | Event::Expn { .. } => {
                 // Enabled by the listener: answer as Postfix does without address verification.
@@ -976,7 +988,7 @@ impl Conn {
                     data.extend_from_slice(&body);
                     spilled = 0;
                 }
-                let msg = QueuedMessage {
+                let mut msg = QueuedMessage {
                     sender,
                     recipients,
                     ret: if self.tx.ret_headers {
@@ -999,14 +1011,16 @@ impl Conn {
                     list: None,
                     tail: spilled,
                 };
-                // B7: Authentication-Results for what the policy checked, and our DKIM
-                // signature on mail our own users send, are asked of the host and added here.
-                let checked = std::mem::take(&mut self.auth_checked);
-                let sign = self.facts.auth.is_some() || self.trusted_client();
-                if !checked.is_empty() || sign {
+                // B7: Authentication-Results for what the policy checked, then our DKIM
+                // signature (asked of the host) on top, on mail our own users send.
+                if let Some(field) = self.sender_auth.header(&self.session.config().hostname, &self.facts) {
+                    msg.data = prepend_field(&field, &msg.data);
+                }
+                let ours = self.facts.auth.is_some() || self.trusted_client();
+                if let Some(domain) = sender_auth::signing_domain(&self.prog, &msg.sender).filter(|_| ours) {
                     let sender = msg.sender.clone();
                     self.pending = Pending::Seal(Box::new(msg), delay);
-                    self.notes.push_back(Need::Seal(Seal { checked, sign, sender }));
+                    self.notes.push_back(Need::Sign(Sign { domain, sender }));
                     return;
                 }
                 self.hand_over(msg, delay);
@@ -1044,27 +1058,22 @@ impl Conn {
         }
     }
 
-    /// The client is in the server's `networks` (loopback when none is declared).
+    /// The client is in the server's `networks` (loopback when none is declared): the one
+    /// trusted-network test, for the relay rule and for signing.
     fn trusted_client(&self) -> bool {
-        match self.prog.server.networks {
-            Some(id) => {
-                self.prog.lists.get(id.index()).is_some_and(|l| l.nets.iter().any(|n| n.contains(self.facts.client_ip)))
-            }
-            None => self.facts.client_ip.is_loopback(),
+        use mailpolicy_lang::ir::ListKind;
+        match self.prog.server.networks.and_then(|id| self.prog.lists.get(id.index())) {
+            Some(l) if l.kind == ListKind::Cidr => l.nets.iter().any(|n| n.contains(self.facts.client_ip)),
+            _ => self.facts.client_ip.is_loopback(),
         }
     }
 
     fn relay_allowed(&self) -> bool {
-        use mailpolicy_lang::ir::ListKind;
         if self.session.authenticated().is_some() && self.facts.auth.is_some() || self.relay_session {
             return true;
         }
         let list = |id: Option<mailpolicy_lang::ir::ListId>| id.and_then(|id| self.prog.lists.get(id.index()));
-        let trusted = match list(self.prog.server.networks) {
-            Some(l) if l.kind == ListKind::Cidr => l.nets.iter().any(|n| n.contains(self.facts.client_ip)),
-            _ => self.facts.client_ip.is_loopback(),
-        };
-        if trusted {
+        if self.trusted_client() {
             return true;
         }
         let address = self.facts.recipient.as_ref().map(|r| r.address.as_str()).unwrap_or("");
@@ -1164,6 +1173,18 @@ impl Conn {
             crate::date::rfc2822(self.facts.now_ms)
         )
     }
+}
+
+/// `field` (with or without its CRLF) on top of `data`.
+fn prepend_field(field: &str, data: &[u8]) -> Vec<u8> {
+    let f = field.trim_end_matches(['\r', '\n']);
+    let mut out = Vec::with_capacity(f.len() + 2 + data.len());
+    if !f.is_empty() && f.contains(':') {
+        out.extend_from_slice(f.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(data);
+    out
 }
 
 /// Reply text is ASCII (RFC 5321 4.2): other characters, e.g. from an interpolated

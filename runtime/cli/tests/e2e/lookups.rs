@@ -152,6 +152,9 @@ fn dkim_signs_mail_from_our_users() {
             && signed.contains("a=ed25519-sha256"),
         "{signed}"
     );
+    // The signature is on top of the fields the server added (Conn puts it there).
+    let at = |f: &str| signed.find(f).unwrap_or(usize::MAX);
+    assert!(at("DKIM-Signature:") < at("Received: from"), "{signed}");
     let unsigned = msgs.iter().find(|m| m.contains("Subject: unsigned")).expect("the other message");
     assert!(!unsigned.contains("DKIM-Signature:"), "{unsigned}");
 }

@@ -12,15 +12,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mailpolicy_lang::ir::{Counter, LocId, Program, Stage, TransportKind};
+use mailpolicy_lang::ir::{LocId, Program, Stage, TransportKind};
 use mailpolicy_lang::{compile, FsLoader};
-use mailpolicy_stdlib::{batv, greylist::Greylist, ratelimit::RateStore, tables::FileTable};
+use mailpolicy_stdlib::{greylist::Greylist, ratelimit::RateStore, tables::FileTable};
+
+mod answers;
 
 use super::{glob, Case, DnsAnswer, Item, TableRow, TranscriptFile};
-use crate::conn::{ClientInfo, Conn, Need, Note, QueuedMessage};
-use crate::eval::{self, Answer, AuthCheck, MessageFacts, Outcome, Request, RrType, Run, Step};
+use crate::conn::{ClientInfo, Conn, Need, Note, QueuedMessage, SaslResult};
+use crate::eval::{self, MessageFacts, Outcome, Run, Step};
 use crate::record::{stage_facts, InQueue, QueueStage};
-use crate::smtp::{AuthOutcome, PeerInfo, Time, TlsInfo};
+use crate::smtp::{PeerInfo, Time, TlsInfo};
 
 /// 2026-01-01T00:00:00Z: the clock of a case that sets none.
 pub const DEFAULT_CLOCK: u64 = 1_767_225_600_000;
@@ -62,16 +64,16 @@ pub enum DkimError {
     Sign(String),
 }
 
-/// DKIM signing as the daemon signs (the `DKIM-Signature` field, CRLF-terminated, of
-/// `message` for `sender`; `Ok(None)` when `dkim_domain` does not cover the sender). The
-/// engine has no cryptography crate: the host that builds a [`Runner`] gives it
-/// ([`Runner::with_dkim`]; `mailc` gives the daemon's mail-auth signer).
+/// DKIM signing as the daemon signs: the `DKIM-Signature` field, CRLF-terminated, of
+/// `message` with the server's key and selector for `domain` (`Conn` decided to sign and
+/// for which domain). The engine has no cryptography crate: the host that builds a
+/// [`Runner`] gives it ([`Runner::with_dkim`]; `mailc` gives the daemon's mail-auth signer).
 pub type DkimSign = fn(
     prog: &Program,
     secrets: &dyn Fn(&str) -> Option<String>,
     message: &[u8],
-    sender: &str,
-) -> Result<Option<String>, DkimError>;
+    domain: &str,
+) -> Result<String, DkimError>;
 
 /// Compiles each policy once and runs cases.
 pub struct Runner {
@@ -189,6 +191,8 @@ struct CaseRun {
     credentials: Vec<(String, String)>,
     callahead: HashMap<String, Option<(u16, String)>>,
     auth_results: HashMap<String, String>,
+    /// Logins that authenticated, with the addresses and times (`Need::LoginKnown`).
+    logins: HashMap<String, Vec<(std::net::IpAddr, u64)>>,
     /// Alert mails sent (after `:every`), and when each (address, text) last went out.
     alert_mails: Vec<String>,
     alerts_sent: HashMap<(String, String), u64>,
@@ -246,6 +250,7 @@ impl CaseRun {
             credentials: Vec::new(),
             callahead: HashMap::new(),
             auth_results: HashMap::new(),
+            logins: HashMap::new(),
             alert_mails: Vec::new(),
             alerts_sent: HashMap::new(),
             scores: HashMap::new(),
@@ -798,16 +803,42 @@ impl CaseRun {
                     }
                 }
                 Need::AuthStep { mechanism, data } => self.sasl_step(&mechanism, data),
+                Need::FailedLogins { key, window_ms } => {
+                    let n =
+                        self.rates.count(mailpolicy_lang::ir::Counter::AuthFailures.name(), &key, window_ms, self.now);
+                    self.log.push(format!("  failed logins by {key} -> {n}"));
+                    if let Some(c) = self.conn.as_mut() {
+                        c.failed_logins(n, now);
+                    }
+                }
+                Need::LoginKnown { login, ip, window_ms } => {
+                    let t = self.now;
+                    let known = self
+                        .logins
+                        .get(&login)
+                        .is_some_and(|v| v.iter().any(|(a, at)| *a == ip && t.saturating_sub(*at) <= window_ms));
+                    self.log.push(format!("  login {login} known from {ip} -> {known}"));
+                    if let Some(c) = self.conn.as_mut() {
+                        c.login_known(known, now);
+                    }
+                }
+                Need::SenderAuth(q) => {
+                    let report = self.sender_auth(&q);
+                    self.log.push(format!("  {:?} check -> {report:?}", q.kind));
+                    if let Some(c) = self.conn.as_mut() {
+                        c.sender_auth_checked(report);
+                    }
+                }
                 Need::StartTls => {
                     let info = self.tls_info();
                     if let Some(c) = self.conn.as_mut() {
                         c.tls_established(info, now);
                     }
                 }
-                Need::Seal(seal) => {
-                    let fields = self.seal(&seal);
+                Need::Sign(sign) => {
+                    let field = self.sign(&sign);
                     if let Some(c) = self.conn.as_mut() {
-                        c.sealed(&fields);
+                        c.signed(field.as_deref());
                     }
                 }
                 Need::Queue(mut msg) => {
@@ -893,55 +924,63 @@ impl CaseRun {
         out
     }
 
-    /// The fields the host adds before queuing (B7), as the daemon adds them: an
-    /// `Authentication-Results` field with the fixtures' results of the checks the policy
-    /// read, and a DKIM signature made with the `dkim_key` secret fixture.
-    fn seal(&mut self, seal: &crate::conn::Seal) -> Vec<String> {
-        let mut fields = Vec::new();
-        let Some(conn) = self.conn.as_ref() else { return fields };
-        let hostname = conn.session().config().hostname.clone();
-        let helo = conn.facts().helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
-        if !seal.checked.is_empty() {
-            let mut parts = vec![hostname];
-            for (check, word) in &seal.checked {
-                match check {
-                    AuthCheck::Spf if seal.sender.is_empty() => parts.push(format!("spf={word} smtp.helo={helo}")),
-                    AuthCheck::Spf => parts.push(format!("spf={word} smtp.mailfrom={}", seal.sender)),
-                    AuthCheck::Dkim => parts.push(format!("dkim={word}")),
-                    AuthCheck::Dmarc => parts.push(format!("dmarc={word}")),
-                    AuthCheck::DmarcPolicy => {}
-                }
+    /// SPF, DKIM and DMARC from the case's `auth` fixtures (`none` for a check without
+    /// one): one DKIM signature with the `dkim` result unless it is `none`, the DMARC
+    /// result for the domain of the message's From.
+    fn sender_auth(&self, q: &crate::conn::AuthQuery) -> crate::conn::AuthReport {
+        use crate::conn::{AuthKind, AuthReport, ContentReport, MethodReport};
+        let fixture = |k: &str| self.auth_results.get(k).cloned().unwrap_or_else(|| "none".into());
+        match q.kind {
+            AuthKind::Spf => AuthReport::Spf(fixture("spf")),
+            AuthKind::Content => {
+                let dkim = fixture("dkim");
+                let from = self
+                    .conn
+                    .as_ref()
+                    .and_then(|c| c.facts().message.as_ref())
+                    .and_then(|m| m.header("from").first().cloned())
+                    .unwrap_or_default();
+                let domain = from.rsplit_once('@').map(|(_, d)| d.trim_end_matches(['>', ' ']).to_string());
+                let mut dmarc = MethodReport::word(&fixture("dmarc"));
+                dmarc.props.extend(domain.map(|d| ("header.from".to_string(), d)));
+                AuthReport::Content(ContentReport {
+                    dkim: if dkim == "none" { Vec::new() } else { vec![MethodReport::word(&dkim)] },
+                    dmarc,
+                    dmarc_policy: self.auth_results.get("dmarc-policy").cloned().unwrap_or_default(),
+                })
             }
-            fields.push(format!("Authentication-Results: {}\r\n", parts.join(";\r\n\t")));
         }
-        let signing = self.prog.server.dkim_key.is_some() && self.prog.server.dkim_selector.is_some();
-        if seal.sign && signing {
-            let Some(dkim) = self.dkim else {
-                self.fail(
-                    "the policy signs with DKIM and this host of the engine has no DKIM signer (mailc test has one)",
-                );
-                return fields;
-            };
-            let secrets = self.secrets.clone();
-            let mut signed = fields.concat().into_bytes();
-            // The whole message: the part in memory and what was spilled after it.
-            if let Some((head, tail)) = self.conn.as_ref().and_then(|c| c.sealing_message()) {
-                signed.extend_from_slice(head);
-                if tail > 0 {
-                    signed.extend_from_slice(&self.spill.1);
-                }
+    }
+
+    /// The DKIM signature the daemon would add (B7), made with the `dkim_key` secret
+    /// fixture by the host's signer.
+    fn sign(&mut self, sign: &crate::conn::Sign) -> Option<String> {
+        let Some(dkim) = self.dkim else {
+            self.fail("the policy signs with DKIM and this host of the engine has no DKIM signer (mailc test has one)");
+            return None;
+        };
+        // The whole message: the part in memory and what was spilled after it.
+        let mut signed = Vec::new();
+        if let Some((head, tail)) = self.conn.as_ref().and_then(|c| c.sealing_message()) {
+            signed.extend_from_slice(head);
+            if tail > 0 {
+                signed.extend_from_slice(&self.spill.1);
             }
-            match dkim(&self.prog, &|n| secrets.get(n).cloned(), &signed, &seal.sender) {
-                Ok(Some(h)) => fields.push(h),
-                Ok(None) => {}
-                Err(DkimError::Sign(e)) => self.fail(format!("DKIM signing failed: {e}")),
-                Err(DkimError::Key(e)) => self.fail(format!(
+        }
+        let secrets = self.secrets.clone();
+        match dkim(&self.prog, &|n| secrets.get(n).cloned(), &signed, &sign.domain) {
+            Ok(h) => Some(h),
+            Err(DkimError::Sign(e)) => {
+                self.fail(format!("DKIM signing failed: {e}"));
+                None
+            }
+            Err(DkimError::Key(e)) => {
+                self.fail(format!(
                     "the policy signs with DKIM and the case has no usable key: {e} (give it as `secret NAME: PEM`, `\\n` for newlines)"
-                )),
+                ));
+                None
             }
         }
-        fields.reverse();
-        fields
     }
 
     fn note(&mut self, n: Note) {
@@ -968,6 +1007,20 @@ impl CaseRun {
                     self.rates.record(counter.name(), &k, self.now);
                 }
             }
+            Note::Login { mechanism, login, ok, throttled } => {
+                let who = login.clone().unwrap_or_default();
+                let how = match (ok, throttled) {
+                    (true, _) => "authenticated".to_string(),
+                    (false, "") => "failed".to_string(),
+                    (false, t) => format!("refused ({t} throttle)"),
+                };
+                self.log.push(format!("  auth {mechanism} {who}: {how}"));
+                if let (true, Some(l)) = (ok, login) {
+                    let v = self.logins.entry(l).or_default();
+                    v.retain(|(a, _)| *a != self.client.ip());
+                    v.push((self.client.ip(), self.now));
+                }
+            }
         }
     }
 
@@ -988,12 +1041,12 @@ impl CaseRun {
                         let (u, p) =
                             (String::from_utf8_lossy(user).to_string(), String::from_utf8_lossy(pass).to_string());
                         if check(&self.credentials, &u, &p) {
-                            AuthOutcome::Success { user: u }
+                            SaslResult::Success { user: u }
                         } else {
-                            AuthOutcome::Failure { reply: None }
+                            SaslResult::Failure { login: Some(u) }
                         }
                     }
-                    _ => AuthOutcome::Failure { reply: None },
+                    _ => SaslResult::Failure { login: None },
                 }
             }
             ("LOGIN", Sasl::None, None) => {
@@ -1013,157 +1066,16 @@ impl CaseRun {
             ("LOGIN", Sasl::LoginWantPass(u), Some(p)) => {
                 let u = u.clone();
                 if check(&self.credentials, &u, &String::from_utf8_lossy(&p)) {
-                    AuthOutcome::Success { user: u }
+                    SaslResult::Success { user: u }
                 } else {
-                    AuthOutcome::Failure { reply: None }
+                    SaslResult::Failure { login: Some(u) }
                 }
             }
-            _ => AuthOutcome::Failure { reply: None },
+            _ => SaslResult::Failure { login: None },
         };
         self.sasl = Sasl::None;
-        if matches!(outcome, AuthOutcome::Failure { .. }) {
-            let key = format!("client.ip={}", self.client.ip());
-            self.rates.record(Counter::AuthFailures.name(), &key, self.now);
-        }
         if let Some(c) = self.conn.as_mut() {
-            c.auth_done(outcome, now);
-        }
-    }
-
-    // ---- fixtures ---------------------------------------------------------------------
-
-    fn answer(&mut self, prog: &Program, req: &Request) -> Answer {
-        match req {
-            Request::Lookup { table, key } => {
-                let Some(t) = prog.tables.get(table.index()) else {
-                    return Answer::Error("no such table".into());
-                };
-                let name = t.name.clone();
-                if let Some(rows) = self.rows.get(&name) {
-                    if rows.iter().any(|r| *r == TableRow::Error) {
-                        return Answer::Error(format!("table {name} is down"));
-                    }
-                    if rows.iter().any(|r| *r == TableRow::Timeout) {
-                        return Answer::Timeout;
-                    }
-                    let kind = match t.kind.as_str() {
-                        "cidr" | "regexp" | "pcre" | "list" => t.kind.as_str(),
-                        _ => "map",
-                    };
-                    let text: String = rows
-                        .iter()
-                        .filter_map(|r| {
-                            if let TableRow::Entry { key, value } = r {
-                                Some(format!("{key} {value}\n"))
-                            } else {
-                                None
-                            }
-                        })
-                        .collect();
-                    return match FileTable::parse(kind, &text) {
-                        Ok(ft) => Answer::Value(ft.lookup(key)),
-                        Err(e) => Answer::Error(format!("table {name} rows: {e}")),
-                    };
-                }
-                let Some(source) = t.source.clone() else {
-                    self.fail(format!(
-                        "the policy looks up `{key}` in the {} table `{name}`, and the case gives no rows for it",
-                        t.kind
-                    ));
-                    return Answer::Error("no fixture".into());
-                };
-                let kind = t.kind.clone();
-                let dir = self.policy_path.parent().map(Path::to_path_buf).unwrap_or_default();
-                let entry = self.file_tables.entry(name.clone()).or_insert_with(|| {
-                    let path = dir.join(&source);
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| format!("{}: {e}", path.display()))
-                        .and_then(|text| FileTable::parse(&kind, &text).map_err(|e| format!("{}: {e}", path.display())))
-                });
-                match entry {
-                    Ok(ft) => Answer::Value(ft.lookup(key)),
-                    Err(e) => Answer::Error(e.clone()),
-                }
-            }
-            Request::Dns { name, rtype } => {
-                let t = match rtype {
-                    RrType::A => "A",
-                    RrType::Aaaa => "AAAA",
-                    RrType::Mx => "MX",
-                    RrType::Txt => "TXT",
-                    RrType::Ptr => "PTR",
-                };
-                let name = name.to_ascii_lowercase();
-                let mut records = Vec::new();
-                for ((n, ty), a) in &self.dns {
-                    if *n != name {
-                        continue;
-                    }
-                    if ty == "*" {
-                        return Answer::NxDomain;
-                    }
-                    if ty == t {
-                        match a {
-                            DnsAnswer::Records(r) => records.extend(r.iter().cloned()),
-                            DnsAnswer::ServFail => return Answer::Error("SERVFAIL".into()),
-                            DnsAnswer::Timeout => return Answer::Timeout,
-                            DnsAnswer::NxDomain => return Answer::NxDomain,
-                        }
-                    }
-                }
-                // Deterministic: a name the case does not mention does not exist.
-                if records.is_empty() {
-                    Answer::NxDomain
-                } else {
-                    records.sort();
-                    Answer::Records(records)
-                }
-            }
-            Request::Rate { counter, key, window_ms } => {
-                Answer::Count(self.rates.count(counter.name(), key, *window_ms, self.now))
-            }
-            Request::Concurrent { key } => {
-                Answer::Count(self.concurrent.get(key).copied().unwrap_or_else(|| self.rates.concurrent(key)))
-            }
-            Request::Auth(check) => {
-                let k = match check {
-                    AuthCheck::Spf => "spf",
-                    AuthCheck::Dkim => "dkim",
-                    AuthCheck::Dmarc => "dmarc",
-                    AuthCheck::DmarcPolicy => "dmarc-policy",
-                };
-                Answer::Value(Some(self.auth_results.get(k).cloned().unwrap_or_else(|| "none".into())))
-            }
-            Request::Scan { scanner } => {
-                let name = prog.scanners.get(scanner.index()).map(|s| s.name.clone()).unwrap_or_default();
-                match self.scores.get(&name) {
-                    Some(s) => Answer::Score(*s),
-                    None => Answer::Error(format!("no `score {name}:` fixture")),
-                }
-            }
-            Request::Callahead { recipient, .. } => match self.callahead.get(&recipient.to_ascii_lowercase()) {
-                Some(Some((code, text))) => Answer::Reply { code: *code, text: text.clone() },
-                Some(None) => Answer::Error("next hop unreachable".into()),
-                None => {
-                    self.fail(format!(
-                        "the policy calls ahead for {recipient} and the case has no `callahead:` for it"
-                    ));
-                    Answer::Error("no fixture".into())
-                }
-            },
-            Request::Greylist { client, sender, recipient, delay_ms, expire_ms } => {
-                Answer::Bool(self.greylist.check(client, sender, recipient, self.now, *delay_ms, *expire_ms))
-            }
-            Request::BatvValid { address } => {
-                let secret = prog.server.batv_keys.and_then(|id| prog.secrets.get(id.index())).map(|s| s.name.clone());
-                let Some(keys) = secret.and_then(|s| self.secrets.get(&s).cloned()) else {
-                    self.fail("`batv valid` needs the server's batv_keys secret as a fixture: `secret NAME: 0 key`");
-                    return Answer::Error("no keys".into());
-                };
-                let lifetime = prog.server.batv_lifetime_days();
-                let keys = batv::parse_keys(&keys);
-                Answer::Bool(matches!(batv::verify(address, &keys, self.now, lifetime), batv::Check::Valid(_)))
-            }
+            c.sasl_done(mechanism, outcome, now);
         }
     }
 
