@@ -71,10 +71,13 @@ pub fn queue_config(p: &Program) -> QueueConfig {
 
 /// The outbound session cache: as many idle sessions per destination as deliveries may run
 /// to it at once, so that at full concurrency a finished delivery's session is kept for the
-/// next message instead of being closed while the next delivery opens a new one.
+/// next message instead of being closed while the next delivery opens a new one. Kept
+/// for the server's `connection_cache_time_limit`, reused up to `connection_reuse_*_limit`.
 fn session_cache(p: &Program) -> driver::ConnectionCache {
-    let mut c = driver::ConnectionCache::default();
+    let mut c = driver::ConnectionCache::new(p.server.connection_cache_time_limit);
     c.max_per_key = c.max_per_key.max(queue_config(p).destination_concurrency_limit as usize);
+    c.max_uses = p.server.connection_reuse_count_limit;
+    c.max_age = p.server.connection_reuse_time_limit;
     c
 }
 

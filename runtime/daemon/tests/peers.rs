@@ -208,6 +208,69 @@ fn smtp_sink_mx_next_host_and_connection_cache() {
     assert!(cache.is_empty());
 }
 
+/// A loopback proxy to `to` that counts the connections made through it.
+async fn counting_proxy(to: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    (port, n)
+}
+
+/// Several messages per session (RSET between them), as many as `max_uses` allows; a
+/// session is not reused past `max_age`, nor for a delivery under other TLS settings.
+#[test]
+fn connection_cache_reuse_limits() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let rt = rt();
+    let sink = free_port();
+    let _sink = smtp_sink(&[], &format!("127.0.0.1:{sink}"));
+    let (port, sessions) = rt.block_on(counting_proxy(sink));
+    let mut o = opts(localhost_resolver());
+    let mut cache = ConnectionCache::new(Duration::from_secs(30));
+    cache.max_uses = 2;
+    let cache = Arc::new(cache);
+    o.cache = Some(cache.clone());
+    let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
+    let e = env("a@s.test", &["b@dst.test"]);
+    let send = |o: &DeliveryOptions, i: usize| {
+        let rep = rt.block_on(deliver(&target, &e, format!("Subject: {i}\n\nx\n").as_bytes(), o));
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "message {i}: {rep:?}");
+    };
+    for i in 0..5 {
+        send(&o, i);
+    }
+    // 2 + 2 + 1 messages: three sessions, two of them reused once each.
+    assert_eq!((sessions.load(SeqCst), cache.reused()), (3, 2));
+    // Another TLS policy is another key: the idle session does not serve it.
+    let mut may = o.clone();
+    may.tls = TlsPolicy::May;
+    send(&may, 5);
+    assert_eq!(sessions.load(SeqCst), 4);
+    send(&may, 6);
+    assert_eq!((sessions.load(SeqCst), cache.reused()), (4, 3));
+    rt.block_on(cache.close_all(&o.timeouts));
+    // No reuse once a session is older than max_age.
+    let mut cache = ConnectionCache::new(Duration::from_secs(30));
+    cache.max_age = Duration::ZERO;
+    let cache = Arc::new(cache);
+    o.cache = Some(cache.clone());
+    for i in 0..2 {
+        send(&o, i);
+    }
+    assert_eq!((sessions.load(SeqCst), cache.reused(), cache.len()), (6, 0, 0));
+}
+
 #[test]
 fn smtp_sink_call_ahead_refused() {
     let rt = rt();

@@ -92,7 +92,7 @@ pub enum Protocol {
 }
 
 /// Client TLS policy (Postfix `smtp_tls_security_level`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum TlsPolicy {
     /// Never send STARTTLS.
     None,
