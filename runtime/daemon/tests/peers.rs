@@ -556,6 +556,64 @@ async fn postgresql_table() {
     ));
 }
 
+/// PostgreSQL over TLS (the url's `sslmode`, `sslrootcert`): a server with a self-signed
+/// certificate for `pg.test` that refuses connections in clear, and each mode against it.
+/// The query answers the server's own view of the session (`pg_stat_ssl`).
+#[tokio::test]
+async fn postgresql_over_tls() {
+    let certs = TempDir::new("pg-certs");
+    let (cert, key) = mailpolicy_daemon::tls::self_signed(&certs.join("server"), "pg.test").expect("certificate");
+    let (other, _) = mailpolicy_daemon::tls::self_signed(&certs.join("other"), "pg.test").expect("certificate");
+    let server = Postgres::start_tls(&cert, &key);
+    let (url, port) = (server.url.clone(), server.port);
+    let (cert, other) = (cert.display().to_string(), other.display().to_string());
+    let urls = [
+        format!("{url}?sslmode=require"),
+        url.clone(),
+        format!("{url}?sslmode=disable"),
+        format!("{url}?sslmode=verify-ca&sslrootcert={cert}"),
+        // The certificate is for pg.test, not 127.0.0.1.
+        format!("{url}?sslmode=verify-full&sslrootcert={cert}"),
+        // Relative to the policy's directory (the pool's).
+        format!("host=pg.test hostaddr=127.0.0.1 port={port} user=mail dbname=postgres sslmode=verify-full sslrootcert=server/cert.pem"),
+        format!("{url}?sslmode=verify-ca&sslrootcert={other}"),
+        // libpq: `require` with a root certificate verifies the chain.
+        format!("{url}?sslmode=require&sslrootcert={other}"),
+        format!("{url}?sslmode=sometimes"),
+    ];
+    let mut policy = String::new();
+    for (i, u) in urls.iter().enumerate() {
+        policy.push_str(&format!(
+            "table t{i} = sql {{ url \"{u}\"; query \"SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND $1 <> ''\"; }};\n"
+        ));
+    }
+    policy.push_str("on rcpt { if ");
+    policy.push_str(&(0..urls.len()).map(|i| format!("recipient in t{i}")).collect::<Vec<_>>().join(" or "));
+    policy.push_str(" { accept; } }\n");
+    let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+    let prog = c.program.unwrap_or_else(|| panic!("policy compiles: {:?}", c.diagnostics));
+    let pool = mailpolicy_daemon::sql::Pool::new(certs.path());
+    let none = HashMap::new();
+    let t = Duration::from_secs(5);
+    let mut got = Vec::new();
+    for table in &prog.tables {
+        got.push(match pool.lookup(&prog, table, "k", &none, t).await {
+            Answer::Value(v) => format!("{v:?}"),
+            Answer::Error(e) => {
+                eprintln!("{}: {e}", table.name);
+                "error".into()
+            }
+            other => format!("{other:?}"),
+        });
+    }
+    let tls = "Some(\"true\")".to_string();
+    let err = "error".to_string();
+    assert_eq!(
+        got,
+        vec![tls.clone(), tls.clone(), err.clone(), tls.clone(), err.clone(), tls, err.clone(), err.clone(), err]
+    );
+}
+
 /// OpenLDAP's slapd (Debian package slapd, installed by tests/run.sh) with the seed's
 /// schema (`inetLocalMailRecipient`: mailLocalAddress, mailHost from misc.schema),
 /// started by the test on a loopback port of its own.
