@@ -147,7 +147,13 @@ fn files_under(dir: &Path) -> Vec<String> {
 fn spool_messages(spool: &Path) -> Vec<String> {
     files_under(spool)
         .into_iter()
-        .filter(|f| !f.starts_with("tls/") && !f.starts_with("corrupt/") && !f.starts_with("private/"))
+        // tmp/reuse.N: files of removed messages the spool keeps to write the next ones into
+        .filter(|f| {
+            !f.starts_with("tls/")
+                && !f.starts_with("corrupt/")
+                && !f.starts_with("private/")
+                && !f.starts_with("tmp/reuse.")
+        })
         .collect()
 }
 
