@@ -119,6 +119,9 @@ wait_delivered deb-nobody
 grep -rqs "nobody@" "$mail" || fail "the submitter is not nobody"
 for _ in $(seq 100); do mailq >"$work/mailq" 2>&1; grep -q "Mail queue is empty" "$work/mailq" && break; sleep 0.1; done
 grep -q "Mail queue is empty" "$work/mailq" || fail "mailq: $(cat "$work/mailq")"
+# Any user may list the queue (through the daemon's public/showq), as with Postfix.
+runuser -u nobody -- mailq >"$work/mailq.nobody" 2>&1 || fail "mailq as nobody: $(cat "$work/mailq.nobody")"
+grep -q "Mail queue is empty" "$work/mailq.nobody" || fail "mailq as nobody: $(cat "$work/mailq.nobody")"
 /usr/sbin/mailc queue flush >"$work/flush.out" 2>"$work/flush.err" || fail "queue flush: $(cat "$work/flush.err")"
 grep -q "messages flushed" "$work/flush.out" || fail "queue flush: $(cat "$work/flush.err")"
 ! grep -q "no daemon" "$work/flush.err" || fail "queue flush did not reach the daemon"

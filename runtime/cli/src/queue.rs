@@ -1,6 +1,7 @@
 //! `mailc queue`: look at and administer the spool (R32), like `postqueue` and `postsuper`.
 //!
-//! `list` and `show` read the spool directory directly. A change (hold, release, delete,
+//! `list` and `show` read the spool directory directly; a user who may not read it gets
+//! `list` from the daemon's public listing socket (`control::request_listing`). A change (hold, release, delete,
 //! requeue, flush) goes to the running daemon through its control socket
 //! (`daemon/control.rs`), which makes it in the spool and in its scheduler at once: a
 //! flushed message is tried now. When no daemon answers, the command makes the same change
@@ -102,6 +103,9 @@ pub fn main(args: Vec<OsString>) -> u8 {
             }
         }
     }
+    if matches!(cmd, Cmd::List | Cmd::ListJson) {
+        return list_main(&cmd, &dir);
+    }
     let spool = match Spool::attach(&dir) {
         Ok(s) => s,
         Err(e) => {
@@ -126,6 +130,47 @@ pub fn main(args: Vec<OsString>) -> u8 {
             2
         }
         Err(Failure::Closed) => 0,
+    }
+}
+
+/// `list`: from the spool's files, or, for a user who may not read them (they are the
+/// daemon's, mode 0700), from the daemon's public listing socket, as Postfix's `mailq`
+/// asks `showq`.
+fn list_main(cmd: &Cmd, dir: &std::path::Path) -> u8 {
+    let listing = match Spool::attach(dir).and_then(|s| control::listing(&s)) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            match control::request_listing(dir, std::time::Duration::from_secs(120)) {
+                Ok(l) => l,
+                Err(why) => {
+                    eprintln!("mailc queue: {e}");
+                    eprintln!(
+                        "mailc queue: the queue in {} is readable by root and the daemon's user only, and no \
+                         daemon answers on its listing socket ({why})",
+                        dir.display()
+                    );
+                    return 2;
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("mailc queue: {e}");
+            return 2;
+        }
+    };
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let written = match cmd {
+        Cmd::ListJson => list_json(&listing, &mut out),
+        _ => list(&listing, dir, &mut out),
+    };
+    match written {
+        Ok(()) => 0,
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("mailc queue: {e}");
+            2
+        }
     }
 }
 
@@ -198,8 +243,8 @@ fn run(cmd: &Cmd, spool: &Spool, now: u64, out: &mut dyn Write) -> Result<(), Fa
         r.map_err(|e| if e.kind() == io::ErrorKind::BrokenPipe { Failure::Closed } else { Failure::Io(e.to_string()) })
     };
     match cmd {
-        Cmd::List => w(list(spool, out)),
-        Cmd::ListJson => w(list_json(spool, out)),
+        Cmd::List => w(control::listing(spool).and_then(|l| list(&l, spool.dir(), out))),
+        Cmd::ListJson => w(control::listing(spool).and_then(|l| list_json(&l, out))),
         Cmd::Show(id) => {
             let s = spool.load(id).map_err(|e| Failure::from_io(e, id))?;
             w(show(&s, out))
@@ -219,9 +264,9 @@ fn run(cmd: &Cmd, spool: &Spool, now: u64, out: &mut dyn Write) -> Result<(), Fa
 
 /// `list --json`: one array, one object per message (its unfinished and finished
 /// recipients with their states), for scripts.
-fn list_json(spool: &Spool, out: &mut dyn Write) -> io::Result<()> {
-    let all = spool.list()?;
-    let v: Vec<serde_json::Value> = all
+fn list_json(listing: &control::Listing, out: &mut dyn Write) -> io::Result<()> {
+    let v: Vec<serde_json::Value> = listing
+        .messages
         .iter()
         .map(|s| {
             let rcpts: Vec<serde_json::Value> = s
@@ -257,9 +302,8 @@ fn list_json(spool: &Spool, out: &mut dyn Write) -> io::Result<()> {
 }
 
 /// `postqueue -p`: one entry per message, unfinished recipients with their last reply.
-fn list(spool: &Spool, out: &mut dyn Write) -> io::Result<()> {
-    let all = spool.list()?;
-    let corrupt = spool.list_corrupt()?;
+fn list(listing: &control::Listing, dir: &std::path::Path, out: &mut dyn Write) -> io::Result<()> {
+    let (all, corrupt) = (&listing.messages, &listing.corrupt);
     if all.is_empty() {
         writeln!(out, "Mail queue is empty")?;
     } else {
@@ -268,7 +312,7 @@ fn list(spool: &Spool, out: &mut dyn Write) -> io::Result<()> {
             "{:<23} {:>8} {:<19}  -Sender/Recipient-------",
             "-Queue ID-", "--Size--", "---Arrival Time----"
         )?;
-        for s in &all {
+        for s in all {
             write_entry(s, out)?;
         }
         let bytes: u64 = all.iter().map(|s| s.size).sum();
@@ -286,7 +330,7 @@ fn list(spool: &Spool, out: &mut dyn Write) -> io::Result<()> {
             "-- {} file{} in {}",
             corrupt.len(),
             if corrupt.len() == 1 { "" } else { "s" },
-            spool.dir().join("corrupt").display()
+            dir.join("corrupt").display()
         )?;
     }
     Ok(())

@@ -144,6 +144,8 @@ async fn run(
         ],
     );
     running.shared.log.event("control", &[("socket", &control.display().to_string())]);
+    let showq = daemon::control::listen_showq(spool.clone(), running.shared.shutdown.clone(), running.shared.log)?;
+    running.shared.log.event("showq", &[("socket", &showq.display().to_string())]);
     for c in &recovered.corrupt {
         running.shared.log.event("corrupt", &[("file", &c.name), ("error", &c.reason)]);
     }

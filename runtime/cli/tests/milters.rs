@@ -547,6 +547,7 @@ fn queued(spool: &Path) -> usize {
                 || rel.starts_with("corrupt")
                 || rel.starts_with("tmp")
                 || rel.starts_with("private")
+                || rel.starts_with("public")
             {
                 continue;
             }

@@ -279,6 +279,105 @@ pub fn request(spool: &Path, op: &Op, wait: std::time::Duration) -> Reached {
     }
 }
 
+/// The public listing socket, `SPOOL/public/showq` (Postfix's `public/showq`): what lets
+/// `mailq` work for every local user although the queue's directories are the daemon's
+/// alone (mode 0700). It only lists: a connection gets one JSON line, the [`Listing`] of
+/// the queue, and is closed; nothing the peer writes is read, so there is no request to
+/// parse. Any local user may list (Postfix's default, `authorized_mailq_users =
+/// static:anyone`); envelope addresses and sizes are what it shows, never message data.
+/// Listings are made one at a time, so a user who connects in a loop costs one spool scan
+/// at a time.
+pub fn showq_path(spool: &Path) -> PathBuf {
+    spool.join("public").join("showq")
+}
+
+/// The queue as the listing socket sends it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Listing {
+    pub messages: Vec<crate::spool::Summary>,
+    /// The files quarantined in `corrupt/`.
+    pub corrupt: Vec<String>,
+}
+
+/// The listing of `spool`, read from its files.
+pub fn listing(spool: &Spool) -> io::Result<Listing> {
+    Ok(Listing { messages: spool.list()?, corrupt: spool.list_corrupt()? })
+}
+
+/// Binds the listing socket (directory 0755, socket 0666) and answers until shutdown.
+pub fn listen_showq(
+    spool: Spool,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    log: crate::log::Logger,
+) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let path = showq_path(spool.dir());
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| spool.dir().to_path_buf());
+    let err = |e: io::Error| format!("listing socket {}: {e}", path.display());
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).map_err(err)?;
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    if std::fs::symlink_metadata(&path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(format!("listing socket {}: another daemon answers on it", path.display()));
+        }
+        std::fs::remove_file(&path).map_err(err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(&path).map_err(err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    let one_at_a_time = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+    let p = path.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.changed() => break,
+            };
+            let Ok((mut stream, _)) = accepted else {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            };
+            let (spool, gate) = (spool.clone(), one_at_a_time.clone());
+            tokio::spawn(async move {
+                let Ok(_permit) = gate.acquire_owned().await else { return };
+                let made = tokio::task::spawn_blocking(move || listing(&spool)).await;
+                let mut line = match made {
+                    Ok(Ok(l)) => serde_json::to_string(&l).unwrap_or_default(),
+                    Ok(Err(e)) => {
+                        log.event("showq", &[("error", &e.to_string())]);
+                        String::new()
+                    }
+                    Err(_) => String::new(),
+                };
+                line.push('\n');
+                let write = async {
+                    stream.write_all(line.as_bytes()).await?;
+                    stream.shutdown().await
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(60), write).await;
+            });
+        }
+        let _ = std::fs::remove_file(&p);
+    });
+    Ok(path)
+}
+
+/// Asks the daemon of `spool` for the listing (blocking; the client side, for `mailq` run
+/// by a user who cannot read the queue's directories).
+pub fn request_listing(spool: &Path, wait: std::time::Duration) -> Result<Listing, String> {
+    use std::io::BufRead;
+    let path = showq_path(spool);
+    let s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let _ = s.set_read_timeout(Some(wait));
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).map_err(|e| format!("{}: {e}", path.display()))?;
+    if line.trim().is_empty() {
+        return Err(format!("{}: the daemon could not read the queue (see its log)", path.display()));
+    }
+    serde_json::from_str(line.trim()).map_err(|e| format!("{}: bad answer: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

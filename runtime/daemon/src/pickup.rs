@@ -109,17 +109,28 @@ async fn one(
     let log = shared.log;
     let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     // The owner is the submitting user; a link is never followed.
-    let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path);
-    let (bytes, uid) = match opened.and_then(|f| {
+    // File I/O runs on the blocking pool, never on a worker the sessions share.
+    let limit = lst.engine.max_message_size.saturating_add(1 << 20);
+    let p = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&p)?;
         let meta = f.metadata()?;
         if !meta.is_file() {
             return Err(std::io::Error::other("not a regular file"));
         }
-        let limit = lst.engine.max_message_size.saturating_add(1 << 20);
         let mut v = Vec::new();
         std::io::Read::read_to_end(&mut std::io::Read::take(&f, limit), &mut v)?;
         Ok((v, meta.uid()))
-    }) {
+    })
+    .await;
+    let read = match read {
+        Ok(r) => r,
+        Err(e) => {
+            log.event("pickup-deferred", &[("file", &name), ("error", &e.to_string())]);
+            return Keep::Retry;
+        }
+    };
+    let (bytes, uid) = match read {
         Ok(x) => x,
         Err(e) => {
             corrupt(shared, spool_dir, path, &name, &e.to_string());
@@ -178,26 +189,32 @@ async fn one(
             ("deferred", &r.deferred.len().to_string()),
         ],
     );
-    if !r.refused.is_empty() {
-        bounce(shared, spool, &sender, &sub, &r.refused);
-    }
-    if r.deferred.is_empty() {
-        let _ = std::fs::remove_file(path);
-        if let Some(d) = path.parent() {
-            let _ = std::fs::File::open(d).and_then(|d| d.sync_all());
+    let (sh, sp, p) = (shared.clone(), spool.clone(), path.to_path_buf());
+    let done = tokio::task::spawn_blocking(move || {
+        if !r.refused.is_empty() {
+            bounce(&sh, &sp, &sender, &sub.message, &r.refused);
         }
-        return Keep::Done;
-    }
-    // Only the deferred recipients stay, in a file of the same name.
-    // The daemon owns the rewritten file: the submitter is recorded in it.
-    let rest = Submission { recipients: r.deferred.clone(), user: Some(user.clone()), ..sub };
-    if let Ok(b) = maildrop::encode(&rest) {
-        let tmp = path.with_file_name(format!(".{name}.retry"));
-        if std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        if r.deferred.is_empty() {
+            let _ = std::fs::remove_file(&p);
+            if let Some(d) = p.parent() {
+                let _ = std::fs::File::open(d).and_then(|d| d.sync_all());
+            }
+            return Keep::Done;
         }
-    }
-    Keep::Retry
+        // Only the deferred recipients stay, in a file of the same name.
+        // The daemon owns the rewritten file: the submitter is recorded in it.
+        let rest = Submission { recipients: r.deferred.clone(), user: Some(user.clone()), ..sub };
+        if let Ok(b) = maildrop::encode(&rest) {
+            let tmp = p.with_file_name(format!(".{name}.retry"));
+            if std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, &p)).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+        Keep::Retry
+    })
+    .await;
+    // A panic on the blocking pool leaves the file where it was: tried again.
+    done.unwrap_or(Keep::Retry)
 }
 
 fn corrupt(shared: &Shared, spool_dir: &Path, path: &Path, name: &str, why: &str) {
@@ -212,7 +229,7 @@ fn corrupt(shared: &Shared, spool_dir: &Path, path: &Path, name: &str, why: &str
 }
 
 /// A non-delivery notice to the local sender for what the policy refused.
-fn bounce(shared: &Shared, spool: &Spool, sender: &str, sub: &Submission, refused: &[(String, String)]) {
+fn bounce(shared: &Shared, spool: &Spool, sender: &str, message: &[u8], refused: &[(String, String)]) {
     if sender.is_empty() {
         return;
     }
@@ -234,7 +251,7 @@ fn bounce(shared: &Shared, spool: &Spool, sender: &str, sub: &Submission, refuse
         arrival_date: now,
         now,
         recipients: &entries,
-        message: &sub.message,
+        message,
         size_limit: 50_000,
         utf8: dsn::Dsn::needs_global(false, &rp, &entries),
     };

@@ -479,14 +479,15 @@ impl RcptState {
 }
 
 /// One recipient in a [`Summary`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RcptSummary {
     pub address: String,
     pub state: RcptState,
 }
 
-/// A message as listed (no data read).
-#[derive(Clone, Debug, PartialEq)]
+/// A message as listed (no data read). Serialised for the daemon's public listing
+/// socket (`daemon/control.rs`, `showq`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub id: QueueId,
     pub queue: QueueName,

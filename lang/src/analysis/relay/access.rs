@@ -74,10 +74,10 @@ impl Prover<'_> {
             }
         };
         let mut alts: Vec<(B, R)> = Vec::new();
-        match self.tables.get(t as usize).cloned().flatten() {
+        match self.tables.get(t as usize).and_then(Option::as_ref) {
             Some(Known::Keys(rows)) => {
                 let mut all = Vec::new();
-                for (k, v) in &rows {
+                for (k, v) in rows {
                     let bare = match strip_scope(k, scope) {
                         Some(b) => b,
                         None => continue,

@@ -281,7 +281,7 @@ impl Prover<'_> {
             // A certificate's SHA-256 fingerprint is no one's to choose.
             return B::Const(false);
         }
-        let known = self.tables.get(t as usize).cloned().flatten();
+        let known = self.tables.get(t as usize).and_then(Option::as_ref);
         match (known, v) {
             (Some(Known::Keys(keys)), V::Str(term)) => {
                 let ks: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
@@ -304,7 +304,7 @@ impl Prover<'_> {
             }
             (Some(Known::Patterns(rows)), V::Str(term)) => {
                 let mut alts = Vec::new();
-                for (pat, ci, _) in &rows {
+                for (pat, ci, _) in rows {
                     let spec = LangSpec {
                         pattern: pat.clone(),
                         syntax: auto::Syntax::Table { case_insensitive: *ci },
@@ -343,7 +343,7 @@ impl Prover<'_> {
 
     /// A test on the value a table gives `key`.
     pub(super) fn lookup_test(&mut self, run: u32, t: u32, key: &Term, op: &Op, id: ExprId) -> B {
-        let known = self.tables.get(t as usize).cloned().flatten();
+        let known = self.tables.get(t as usize).and_then(Option::as_ref);
         match known {
             Some(Known::Keys(rows)) => {
                 let mut values: Vec<String> = rows.iter().map(|(_, v)| v.clone()).collect();
@@ -391,7 +391,7 @@ impl Prover<'_> {
                 let ip = self.ip_of_term(key).expect("checked");
                 let mut covered = super::sets::IpSet::empty();
                 let mut yes = super::sets::IpSet::empty();
-                for (c, v) in &rows {
+                for (c, v) in rows {
                     let r = match self.test(run, &V::Str(Term::lit(v)), op, id) {
                         B::Const(b) => b,
                         _ => return self.unknown_lookup_test(run, t, key, op, id),
@@ -414,7 +414,7 @@ impl Prover<'_> {
             Some(Known::Patterns(rows)) if rows.iter().all(|(_, _, v)| !v.contains('$')) => {
                 let mut alts = Vec::new();
                 let mut earlier: Vec<B> = Vec::new();
-                for (pat, ci, v) in &rows {
+                for (pat, ci, v) in rows {
                     let r = match self.test(run, &V::Str(Term::lit(v)), op, id) {
                         B::Const(b) => b,
                         _ => return self.unknown_lookup_test(run, t, key, op, id),

@@ -134,7 +134,9 @@ pub struct Prover<'p> {
     pub networks: IpSet,
     pub max_message_size: i64,
     pub data_run: u32,
-    pub tables: Vec<Option<Known>>,
+    /// The file tables' contents where they could be read (None: unknown), borrowed:
+    /// a table of a million rows is not copied per listener or per test.
+    pub tables: &'p [Option<Known>],
     pub helo_lang: LangSpec,
     pub sender_lang: LangSpec,
     pub rcpt_lang: LangSpec,
@@ -255,52 +257,6 @@ pub fn registrable_names(text: &str) -> Vec<String> {
     out
 }
 
-/// Every registrable domain the policy and its tables name.
-fn named_domains(prog: &Program, tables: &[Option<Known>]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut add = |text: &str| {
-        let t = text.replace("\\.", ".");
-        for tok in t.split(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-')) {
-            let tok = tok.trim_matches('.').to_ascii_lowercase();
-            if !tok.contains('.') || tok.parse::<IpAddr>().is_ok() || public_suffix(&tok) {
-                continue;
-            }
-            if let Some(d) = psl::domain(tok.as_bytes()) {
-                if let Ok(s) = std::str::from_utf8(d.as_bytes()) {
-                    out.push(s.to_string());
-                }
-            }
-        }
-    };
-    for s in &prog.strings {
-        add(s);
-    }
-    for p in &prog.patterns {
-        add(&p.source);
-    }
-    for l in &prog.lists {
-        for i in &l.items {
-            add(i);
-        }
-    }
-    for t in tables.iter().flatten() {
-        match t {
-            Known::Keys(rows) => rows.iter().for_each(|(k, v)| {
-                add(k);
-                add(v);
-            }),
-            Known::Patterns(rows) => rows.iter().for_each(|(k, _, v)| {
-                add(k);
-                add(v);
-            }),
-            Known::Cidr(rows) => rows.iter().for_each(|(_, v)| add(v)),
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
 fn list_items(prog: &Program, list: Option<ListId>) -> Option<Vec<String>> {
     list.and_then(|id| prog.lists.get(id.index()).map(|l| l.items.clone()))
 }
@@ -341,7 +297,7 @@ fn policy_lang(p: String) -> LangSpec {
 }
 
 impl<'p> Prover<'p> {
-    pub fn new(prog: &'p Program, l: Option<&Listener>, tables: Vec<Option<Known>>) -> Prover<'p> {
+    pub fn new(prog: &'p Program, l: Option<&Listener>, tables: &'p [Option<Known>]) -> Prover<'p> {
         let s = l.unwrap_or_else(|| crate::settings::default_listener());
         let auth = s.auth();
         let tls = if s.protocol == Protocol::Submissions {
@@ -392,7 +348,7 @@ impl<'p> Prover<'p> {
         };
         let nets = networks(prog);
         let mut trusted = IpSet::empty();
-        for c in named_networks(prog, &tables) {
+        for c in named_networks(prog, tables) {
             if narrow(&c) {
                 trusted = trusted.union(&IpSet::of_cidr(&c));
             }
@@ -435,7 +391,7 @@ impl<'p> Prover<'p> {
         let root = Conj::top();
         w.fresh_name = Some(session.client_name);
         w.fresh_fingerprint = Some(session.fingerprint);
-        let _ = (named_domains(prog, &tables), Lit::Or(Vec::new()), AtomKind::True);
+        let _ = (Lit::Or(Vec::new()), AtomKind::True);
         let max_message_size = s.max_message_size(&prog.server) as i64;
         let addr = address_pattern();
         Prover {
@@ -556,7 +512,7 @@ pub fn prove(prog: &Program, tables: &[Option<Known>]) -> Vec<(Option<String>, V
             out.push((name, Verdict::AuthRequired));
             continue;
         }
-        let mut p = Prover::new(prog, l, tables.to_vec());
+        let mut p = Prover::new(prog, l, tables);
         out.push((name, p.prove()));
     }
     out

@@ -857,7 +857,7 @@ impl Prover<'_> {
     }
 
     fn table_in_term(&mut self, run: u32, t: u32, key: &Term) -> B {
-        match self.tables.get(t as usize).cloned().flatten() {
+        match self.tables.get(t as usize).and_then(Option::as_ref) {
             Some(super::Known::Keys(keys)) => {
                 let ks: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
                 if ks.is_empty() {
@@ -875,7 +875,7 @@ impl Prover<'_> {
     /// A member of an expansion: the administrator's text, with this address's domain
     /// when it has none (the worst case when the table is not known).
     fn member_term(&mut self, t: u32, addr: &Term, run: u32) -> Term {
-        let all_full = match self.tables.get(t as usize).cloned().flatten() {
+        let all_full = match self.tables.get(t as usize).and_then(Option::as_ref) {
             Some(super::Known::Keys(keys)) => {
                 keys.iter().all(|(_, v)| v.split(',').map(str::trim).filter(|m| !m.is_empty()).all(|m| m.contains('@')))
             }

@@ -203,6 +203,50 @@ fn mail_submitted_while_the_daemon_is_down_is_delivered_when_it_starts() {
         || sendmail_as(&mailq, &[], b"", &policy).1.contains("far@elsewhere.test"),
         || format!("{}\n{}", sendmail_as(&mailq, &[], b"", &policy).1, d.log()),
     );
+
+    // Any local user may list the queue, as with Postfix, although its directories are
+    // the daemon's alone: mailq asks the daemon's public listing socket.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::process::CommandExt;
+        let spool = t.join("spool");
+        let as_nobody = |json: bool| {
+            let mut c = Command::new(&mailq);
+            c.args(["--spool", &spool.display().to_string()]).uid(65534).gid(65534);
+            if json {
+                c.arg("--json");
+            }
+            let out = c.output().expect("mailq as nobody");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        // nobody cannot read the queue's files itself (mode 0700, the daemon's).
+        let deferred = std::fs::metadata(spool.join("deferred"))
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+        assert_eq!(deferred.map(|m| m & 0o077).ok(), Some(0), "the deferred queue is readable by others");
+        let (code, out) = as_nobody(false);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("far@elsewhere.test") && out.contains("Request"), "{out}");
+        let (code, out) = as_nobody(true);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("\"address\": \"far@elsewhere.test\""), "{out}");
+        // The socket only lists: nothing a user writes to it changes the queue.
+        let sock = spool.join("public/showq");
+        let mode = std::fs::metadata(&sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+        assert_eq!(mode.map(|m| m & 0o777).ok(), Some(0o666), "{}", sock.display());
+        let (code, out) = {
+            let out = Command::new(MAILC)
+                .args(["queue", "flush", "--spool", &spool.display().to_string()])
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .expect("queue flush as nobody");
+            (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        assert_ne!(code, Some(0), "nobody flushed the queue: {out}");
+    }
 }
 
 #[test]

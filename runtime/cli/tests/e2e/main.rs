@@ -152,6 +152,7 @@ fn spool_messages(spool: &Path) -> Vec<String> {
             !f.starts_with("tls/")
                 && !f.starts_with("corrupt/")
                 && !f.starts_with("private/")
+                && !f.starts_with("public/")
                 && !f.starts_with("tmp/reuse.")
         })
         .collect()
