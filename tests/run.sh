@@ -21,6 +21,8 @@ declare -A want=(
   [opendkim]=opendkim
   [spamass-milter]=spamass-milter
   [rspamd]=rspamd
+  [proxsmtpd]=proxsmtp
+  [spamc]=spamc
   [openssl]=openssl
   [pflogsumm]=pflogsumm
   [zsh]=zsh
@@ -52,7 +54,7 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" spamassassin dovecot-core ldap-utils libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl >/dev/null
     # The packages' own daemons are not used: the tests start their own on loopback.
-    for svc in postfix dovecot slapd unbound spamd spamassassin postgresql redis-server haproxy opendkim spamass-milter rspamd; do service "$svc" stop >/dev/null 2>&1 || true; done
+    for svc in postfix dovecot slapd unbound spamd spamassassin postgresql redis-server haproxy opendkim spamass-milter rspamd proxsmtp; do service "$svc" stop >/dev/null 2>&1 || true; done
   else
     echo "note: not root, cannot install ${missing[*]}; tests that need them will say so" >&2
   fi

@@ -83,7 +83,7 @@ pub const TABLE_SQL: &[OptSpec] = &[
 
 /// `mailing_list NAME = newsletter "ADDRESS" { ... }` (R11, R39).
 pub const MAILING_LIST: &[OptSpec] = &[
-    o("subscribers", Table, "the table of subscribers: a `list` file the daemon rewrites, or an `sql` table with members/insert/delete (required)"),
+    o("subscribers", Table, "the table of subscribers: a `list` file the daemon rewrites, an `sql` table with members/insert/delete, or an `ldap` table whose base is the group entry and attribute its members (required)"),
     o("owner", Str, "the address of the list's owner: mail to owner-LIST, bounce reports and removals (required)"),
     o("keys", Secret, "token keys, one `NUMBER KEY` per line; the highest number signs, every listed key verifies (required)"),
     o("web", Str, "the public base URL of the `http` listener, e.g. \"https://lists.example.com\" (required)"),

@@ -342,6 +342,8 @@ settings! {
             "domains delivered on this machine";
         networks: Option<ListId> = Dflt::Text("127.0.0.0/8 and ::1"), List,
             "a cidr list of trusted client networks (Postfix mynetworks)";
+        non_smtpd_milters: Vec<String> = Dflt::Strings(&[]), Strings,
+            "the milters local submissions (mailc sendmail) go through, by name (Postfix non_smtpd_milters)";
         relay_domains: Option<ListId> = Dflt::Text("none"), List,
             "a domains list of the domains this server relays to for any client (a backup MX's or gateway's domains, Postfix relay_domains)";
         max_message_size: u64 = Dflt::Size(25 << 20), Size, "largest message accepted (R46)";
@@ -409,6 +411,8 @@ settings! {
             "the journal socket `log journal` writes to";
         admin: Option<String> = Dflt::Text("none"), Str,
             "IP:port of the admin listener, serving Prometheus metrics on GET /metrics";
+        admin_lists: bool = Dflt::Bool(false), Bool,
+            "the admin listener also serves the mailing lists' web endpoint (subscribe, confirm, one-click unsubscribe) next to GET /metrics";
     }
 }
 
@@ -444,6 +448,12 @@ settings! {
         hostname: Option<String> = Dflt::Text("the server's hostname"), Str, "overrides the server's hostname on this listener";
         proxy_protocol: Option<Vec<String>> = Dflt::Text("none"), Strings,
             "networks of the load balancers in front of this listener: every connection must come from one of them and start with a PROXY protocol header (v1 or v2), and client.ip is the client it names";
+        milters: Option<Vec<String>> = Dflt::Text("every milter the policy declares"), Strings,
+            "the milters this listener's sessions go through, by name, in declaration order (Postfix smtpd_milters); [] for none, as on a re-injection listener";
+        proxy_filter: Option<String> = Dflt::None, Str,
+            "before-queue content filter (Postfix smtpd_proxy_filter): \"IP:port\" or \"unix:/path\" of an SMTP proxy that gets each accepted message before the client's reply to end of data, and whose reply the client gets";
+        proxy_filter_timeout: Duration = Dflt::Ms(100_000), Duration,
+            "time-out of connecting to the proxy filter and of each of its replies (Postfix smtpd_proxy_timeout)";
     }
 }
 

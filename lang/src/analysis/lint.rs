@@ -20,7 +20,7 @@ pub fn lint(prog: &Program, sources: &SourceMap) -> Vec<Diagnostic> {
 }
 
 /// The `If` at `pc`: the end of its `then` block and of the whole `if/elsif/else`.
-fn extent(code: &[Instr], pc: usize) -> (usize, usize) {
+pub(super) fn extent(code: &[Instr], pc: usize) -> (usize, usize) {
     let Instr::If { else_pc, .. } = code[pc] else {
         return (pc + 1, pc + 1);
     };

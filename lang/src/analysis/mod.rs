@@ -7,9 +7,12 @@
 //!   are already decided (`mailc::dead`), rules shadowed by an earlier terminal rule
 //!   (`mailc::shadowed`, B3), and network lookups made before a cheap deciding test
 //!   (`mailc::cost`);
-//! - [`paths`]: delivery paths whose directory part is interpolated (`mailc::path`).
+//! - [`paths`]: delivery paths whose directory part is interpolated (`mailc::path`);
+//! - [`lists`]: mailing lists a stranger can post to (`mailc::open-list`), which the
+//!   relay proof does not follow through `expand LIST`.
 
 pub mod lint;
+pub mod lists;
 pub mod paths;
 pub mod relay;
 
@@ -181,6 +184,7 @@ pub fn analyse(prog: &Program, sources: &SourceMap, tables: &[Option<relay::Know
     }
     out.diagnostics.extend(lint::lint(prog, sources));
     out.diagnostics.extend(paths::lint(prog, sources));
+    out.diagnostics.extend(lists::lint(prog, sources));
     out
 }
 

@@ -264,8 +264,8 @@ impl<'s> Checker<'s> {
 
     /// What a mailing list needs beyond its settings' types (spec/language.md 4.9): an
     /// address, the four required settings, a subscribers table the daemon can enumerate
-    /// and change (a `list` file, or `sql` with `members`, `insert` and `delete`), an
-    /// http(s) `web` URL.
+    /// and change (a `list` file, `sql` with `members`, `insert` and `delete`, or `ldap`
+    /// with the group entry's `attribute`), an http(s) `web` URL.
     pub(super) fn mailing_list(
         &mut self,
         name: &ast::Ident,
@@ -313,18 +313,41 @@ impl<'s> Checker<'s> {
             _ => None,
         }) {
             let kind = self.syms.get(&t).filter(|s| s.kind == SymKind::Table).map(|s| s.detail.clone());
+            let table_opts: Vec<String> = items
+                .iter()
+                .find_map(|(_, it)| match it {
+                    Item::Resource { kw: ast::ResourceKw::Table, name: n, options: o, .. } if n.name == t => {
+                        Some(o.iter().map(|x| x.name.name.clone()).collect())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
             match kind.as_deref() {
                 Some("list") | None => {}
+                Some("ldap") => {
+                    if !table_opts.iter().any(|n| n == "attribute") {
+                        self.err(
+                            Diagnostic::error(
+                                "mailc::setting",
+                                format!("the ldap table `{t}` holds the subscribers of `{}` but has no `attribute`", name.name),
+                            )
+                            .at(at("subscribers"))
+                            .help("the table's `base` is the list's group entry and `attribute` its multi-valued attribute with one subscriber each: `base \"cn=news,ou=lists,dc=example,dc=com\"; attribute \"rfc822MailMember\";`"),
+                        );
+                    }
+                    if !table_opts.iter().any(|n| n == "bind_dn") {
+                        self.err(
+                            Diagnostic::warning(
+                                "mailc::setting",
+                                format!("the ldap table `{t}` binds anonymously, but `{}` writes its subscribers there", name.name),
+                            )
+                            .at(at("subscribers"))
+                            .help("directories seldom let an anonymous client write: add `bind_dn` and `password` for an account that may modify the group entry"),
+                        );
+                    }
+                }
                 Some("sql") => {
-                    let sql: Vec<String> = items
-                        .iter()
-                        .find_map(|(_, it)| match it {
-                            Item::Resource { kw: ast::ResourceKw::Table, name: n, options: o, .. } if n.name == t => {
-                                Some(o.iter().map(|x| x.name.name.clone()).collect())
-                            }
-                            _ => None,
-                        })
-                        .unwrap_or_default();
+                    let sql = &table_opts;
                     for q in ["members", "insert", "delete"] {
                         if !sql.iter().any(|n| n == q) {
                             self.err(
@@ -345,7 +368,7 @@ impl<'s> Checker<'s> {
                 Some(other) => self.err(
                     Diagnostic::error(
                         "mailc::type",
-                        format!("`{t}` is a `{other}` table; a mailing list's subscribers are a `list` file or an `sql` table"),
+                        format!("`{t}` is a `{other}` table; a mailing list's subscribers are a `list` file, an `sql` table or an `ldap` group entry"),
                     )
                     .at(at("subscribers"))
                     .help("the daemon lists, adds and removes subscribers: `table subscribers = list \"news.subscribers\";`"),

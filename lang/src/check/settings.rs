@@ -48,6 +48,17 @@ impl<'s> Checker<'s> {
                         options.iter().find(|o| o.name.name == "fallback_relay").map(|o| o.value.span).unwrap_or(span);
                     super::actions::check_host(self, h, at, TransportKind::Smtp);
                 }
+                if opts.iter().any(|(k, v)| k == "admin_lists" && *v == OptValue::Bool(true))
+                    && !opts.iter().any(|(k, _)| k == "admin")
+                {
+                    let at = options.iter().find(|o| o.name.name == "admin_lists").map(|o| o.name.span).unwrap_or(span);
+                    self.err(
+                        Diagnostic::warning("mailc::setting", "`admin_lists` without an admin listener serves nothing")
+                            .at(at)
+                            .help("add `admin \"127.0.0.1:9025\";`, or serve the lists on a `protocol http` listener"),
+                    );
+                }
+                self.milter_names("non_smtpd_milters", &opts, options, span);
                 let mut server = crate::settings::Server::default();
                 for (k, v) in &opts {
                     server.set(k, v);
@@ -110,6 +121,26 @@ impl<'s> Checker<'s> {
                         );
                     }
                 }
+                self.milter_names("milters", &opts, options, n.span);
+                if let Some((_, OptValue::Str(a))) = opts.iter().find(|(k, _)| k == "proxy_filter") {
+                    let path = a.strip_prefix("unix:");
+                    let ok = match path {
+                        Some(p) => p.starts_with('/'),
+                        None => a.parse::<std::net::SocketAddr>().is_ok(),
+                    };
+                    if !ok {
+                        let at = options
+                            .iter()
+                            .find(|o| o.name.name == "proxy_filter")
+                            .map(|o| o.value.span)
+                            .unwrap_or(n.span);
+                        self.err(
+                            Diagnostic::error("mailc::setting", format!("\"{a}\" is not a proxy filter address"))
+                                .at(at)
+                                .help("write \"127.0.0.1:10025\", \"[::1]:10025\" or \"unix:/run/filter.sock\""),
+                        );
+                    }
+                }
                 let has = |k: &str| opts.iter().any(|(n, _)| n == k);
                 if has("cert") != has("key") {
                     self.err(
@@ -144,6 +175,31 @@ impl<'s> Checker<'s> {
                     listener.set(k, v);
                 }
                 self.prog.listeners.push(listener);
+            }
+        }
+    }
+
+    /// `milters` / `non_smtpd_milters`: every name is a milter the policy declares.
+    fn milter_names(&mut self, key: &str, opts: &[(String, OptValue)], options: &[ast::Opt], span: Span) {
+        let Some((_, OptValue::List(names))) = opts.iter().find(|(k, _)| k == key) else { return };
+        let at = options.iter().find(|o| o.name.name == key).map(|o| o.value.span).unwrap_or(span);
+        for name in names {
+            match self.syms.get_mut(name.as_str()) {
+                Some(sym) if sym.kind == SymKind::Scanner && sym.detail == "milter" => sym.used = true,
+                _ => {
+                    let milters: Vec<String> = self
+                        .syms
+                        .iter()
+                        .filter(|(_, s)| s.kind == SymKind::Scanner && s.detail == "milter")
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    let mut d = Diagnostic::error("mailc::undefined", format!("there is no milter `{name}`")).at(at);
+                    d = match did_you_mean(name, milters.iter().map(String::as_str)) {
+                        Some(s) => d.help(format!("did you mean `{s}`?")),
+                        None => d.help(format!("`{key}` lists milters declared as `scanner NAME = milter \"...\";`")),
+                    };
+                    self.err(d);
+                }
             }
         }
     }

@@ -12,9 +12,9 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mailpolicy_test_support::{free_port, listening, wait_for};
+use mailpolicy_test_support::{free_port, listening, wait_for, Serve};
 
 const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
 const REDIS: &str = "/usr/bin/redis-server";
@@ -120,52 +120,10 @@ impl Redis {
 }
 
 /// `mailc serve` in a directory of its own (spool, Maildirs, log), killed on drop.
-struct Daemon {
-    child: Guard,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Daemon {
-    fn start(dir: PathBuf, policy: &str, port: u16) -> Daemon {
-        std::fs::create_dir_all(&dir).expect("daemon dir");
-        std::fs::write(dir.join("policy.mailpolicy"), policy).expect("write policy");
-        let mut d = Daemon { child: Guard(None), dir, port };
-        d.restart();
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-    }
-
-    fn restart(&mut self) {
-        self.child.kill();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).expect("log");
-        let child = Command::new(MAILC)
-            .args(["serve", "--policy", "policy.mailpolicy", "--user", &mailpolicy_test_support::current_user()])
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start mailc serve");
-        self.child = Guard(Some(child));
-        let start = Instant::now();
-        while !listening(self.port) {
-            if let Some(st) = self.child.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("mailc serve exited ({st}) before listening:\n{}", self.log());
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "mailc serve did not listen:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The messages delivered to a local user's Maildir.
-    fn mail(&self, user: &str) -> Vec<String> {
-        let Ok(rd) = std::fs::read_dir(self.dir.join("mail").join(user).join("new")) else { return Vec::new() };
-        rd.filter_map(|e| e.ok()).filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect()
-    }
+/// `mailc serve` (test-support's one starter) running `policy` in `dir`, ready when `port`
+/// listens.
+fn daemon(dir: PathBuf, policy: &str, port: u16) -> Serve {
+    Serve::start(MAILC, &dir, policy, &[port])
 }
 
 /// Two hosts of one cluster: the same rules, each its own hostname, spool and port.
@@ -180,10 +138,10 @@ fn policy(host: &str, port: u16, state: &str, extra_server: &str, rules: &str) -
     )
 }
 
-fn cluster(t: &TempDir, redis: &Redis, extra_server: &str, rules: &str) -> (Daemon, Daemon) {
+fn cluster(t: &TempDir, redis: &Redis, extra_server: &str, rules: &str) -> (Serve, Serve) {
     let (pa, pb) = (free_port(), free_port());
-    let a = Daemon::start(t.join("a"), &policy("mx-a.test", pa, &redis.url(), extra_server, rules), pa);
-    let b = Daemon::start(t.join("b"), &policy("mx-b.test", pb, &redis.url(), extra_server, rules), pb);
+    let a = daemon(t.join("a"), &policy("mx-a.test", pa, &redis.url(), extra_server, rules), pa);
+    let b = daemon(t.join("b"), &policy("mx-b.test", pb, &redis.url(), extra_server, rules), pb);
     (a, b)
 }
 
@@ -364,7 +322,7 @@ fn concurrent_sessions_count_across_hosts_and_a_dead_host_leaks_none() {
     assert_eq!(again.banner.0, 421, "live sessions keep their leases: {}", again.banner.1);
     drop(again);
     // Host A dies with session `one` open: it cannot release its lease, which expires.
-    a.child.kill();
+    a.stop();
     drop(one);
     wait_for(Duration::from_secs(20), "A's lease to run out", || Client::connect(b.port).banner.0 == 220, || b.log());
     drop(two);
@@ -499,7 +457,7 @@ fn proxy_protocol_v1_and_v2_behind_haproxy() {
          on mail {{ if sender.local :is \"who\" {{ reject 550 5.7.1 \"you are ${{client.ip}}\"; }} }}\n\
          route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
     );
-    let d = Daemon::start(t.join("mx"), &policy, port);
+    let d = daemon(t.join("mx"), &policy, port);
     let _lb = haproxy(&t.0, v1, v2, port);
     for (front, version) in [(v1, "1"), (v2, "2")] {
         let mut c = Client::connect(front);
@@ -548,7 +506,7 @@ fn malformed_proxy_headers_are_refused() {
          on mail {{ reject 550 5.7.1 \"you are ${{client.ip}}\"; }}\n\
          route {{ if recipient.is_local {{ deliver maildir; }} }}\n"
     );
-    let d = Daemon::start(t.join("mx"), &policy, port);
+    let d = daemon(t.join("mx"), &policy, port);
     let talk = |bytes: &[u8]| {
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
@@ -645,8 +603,8 @@ fn a_callahead_answer_is_shared_by_the_hosts() {
         )
     };
     let (pa, pb) = (free_port(), free_port());
-    let a = Daemon::start(t.join("a"), &host("mx-a.test", pa), pa);
-    let b = Daemon::start(t.join("b"), &host("mx-b.test", pb), pb);
+    let a = daemon(t.join("a"), &host("mx-a.test", pa), pa);
+    let b = daemon(t.join("b"), &host("mx-b.test", pb), pb);
     let rcpt = |port: u16, to: &str| {
         let mut c = Client::connect(port);
         c.cmd("EHLO client.test");

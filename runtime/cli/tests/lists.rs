@@ -1,66 +1,23 @@
 //! Mailing lists end to end (issue 18, R11, spec/language.md 4.9): two `mailc serve`
 //! daemons on loopback, the list server (example.com, with the `http` listener) and a
-//! reader's MX (reader.test, verifying DKIM against unbound), driven with swaks and curl:
+//! reader's MX (reader.test, verifying DKIM against unbound, and d.test, delivered over LMTP
+//! to a real Dovecot), driven with swaks and curl:
 //! subscribe by mail and by the web form, confirm (by mail and by the link), an expired
-//! confirmation, a post received in a Maildir with its List-* headers and a DKIM signature
-//! that covers them and verifies, one-click unsubscribe with a valid token (removed) and
+//! confirmation, a post received in a Maildir and in Dovecot's Maildir with its List-*
+//! headers and a DKIM signature that covers them and verifies, one-click unsubscribe with a valid token (removed) and
 //! forged ones (403), unsubscribe by the mailto address, and two bouncing subscribers (one
 //! refused at RCPT, one bounced later to its VERP address) removed after `bounce_limit`
 //! bounces, the owner told.
 //!
 //! No timed assertions: every wait is bounded only so a broken daemon fails the test.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mailpolicy_test_support::{free_port, maildir, need, Dovecot, Serve, TempDir, Unbound};
 
 const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
-
-fn need(path: &str, package: &str) {
-    assert!(
-        Path::new(path).exists(),
-        "{path} not found (Debian package {package}); run tests/run.sh, which installs it"
-    );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-struct Guard(Option<Child>);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "mailc-lists-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("temp dir");
-        TempDir(d)
-    }
-    fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Run to completion (bounded); stdout and stderr together.
 fn run(cmd: &mut Command) -> (bool, String) {
@@ -68,55 +25,8 @@ fn run(cmd: &mut Command) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}\n{}", context());
-}
-
-struct Daemon {
-    _child: Guard,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, policy: &str, ports: &[u16]) -> Daemon {
-        std::fs::create_dir_all(dir).expect("dir");
-        std::fs::write(dir.join("policy.mailpolicy"), policy).expect("policy");
-        let log = dir.join("daemon.log");
-        let child = Command::new(MAILC)
-            .arg("serve")
-            .arg("--policy")
-            .arg(dir.join("policy.mailpolicy"))
-            .args(["--user", &mailpolicy_test_support::current_user()])
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("mailc serve");
-        let mut g = Guard(Some(child));
-        let start = Instant::now();
-        loop {
-            if let Some(st) = g.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("mailc serve exited ({st}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-            }
-            if ports.iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok()) {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "not listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { _child: g, log }
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+fn wait_for(what: &str, ok: impl FnMut() -> bool, context: impl Fn() -> String) {
+    mailpolicy_test_support::wait_for(Duration::from_secs(30), what, ok, context)
 }
 
 fn swaks(port: u16, args: &[&str]) -> String {
@@ -134,41 +44,6 @@ fn curl(args: &[&str]) -> (u16, String) {
     let (_, out) = run(Command::new("/usr/bin/curl").args(["-s", "-m", "20", "-w", "\n%{http_code}"]).args(args));
     let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-fn maildir(dir: &Path) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir(dir.join("new")) else { return Vec::new() };
-    let mut v: Vec<(PathBuf, String)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok().map(|s| (e.path(), s)))
-        .collect();
-    v.sort();
-    v.into_iter().map(|(_, s)| s).collect()
-}
-
-fn unbound(dir: &Path, records: &[String]) -> (Guard, u16) {
-    need("/usr/sbin/unbound", "unbound");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp").local_addr().expect("addr").port();
-    std::fs::create_dir_all(dir).expect("dir");
-    let mut conf = format!(
-        "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n  local-zone: \".\" static\n",
-        dir.display()
-    );
-    for r in records {
-        conf.push_str(&format!("  local-data: '{r}'\n"));
-    }
-    conf.push_str("remote-control:\n  control-enable: no\n");
-    std::fs::write(dir.join("unbound.conf"), conf).expect("conf");
-    let child = Command::new("/usr/sbin/unbound")
-        .arg("-d")
-        .arg("-c")
-        .arg(dir.join("unbound.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("unbound");
-    std::thread::sleep(Duration::from_millis(300));
-    (Guard(Some(child)), port)
 }
 
 /// The token in `confirm TOKEN` / `unsubscribe TOKEN` of a mail's Subject.
@@ -226,8 +101,10 @@ fn newsletter_subscribe_confirm_post_unsubscribe_and_bounces() {
         a_dir.join("dkim.pem").display()
     )));
     assert!(ok && !p.trim().is_empty(), "{p}");
-    let (_dns, dns_port) =
-        unbound(&t.join("dns"), &[format!("mail._domainkey.example.com. TXT \"v=DKIM1; k=ed25519; p={}\"", p.trim())]);
+    let dkim_record = format!("mail._domainkey.example.com. TXT \"v=DKIM1; k=ed25519; p={}\"", p.trim());
+    let dns = Unbound::start(&["."], &[&dkim_record], &[]);
+    // The reader's mailbox server: its MX hands d.test to Dovecot over LMTP.
+    let dovecot = Dovecot::start();
     std::fs::write(a_dir.join("news.keys"), "1 an-old-key-still-accepted\n2 the-key-that-signs-now\n").unwrap();
     std::fs::write(a_dir.join("news.subscribers"), "# Example News: the daemon keeps this file\n").unwrap();
     let (a_smtp, a_web, b_smtp) = (free_port(), free_port(), free_port());
@@ -274,8 +151,8 @@ route {{
     );
     let b_policy = format!(
         r#"require "dkim";
-list local = domains ["reader.test"];
-server {{ hostname "mx.reader.test"; spool "spool"; maildir "mail"; local_domains local; dns_server "127.0.0.1:{dns_port}"; }}
+list local = domains ["reader.test", "d.test"];
+server {{ hostname "mx.reader.test"; spool "spool"; maildir "mail"; local_domains local; dns_server "{dns}"; }}
 listener smtp {{ address "127.0.0.1:{b_smtp}"; tls none; }}
 on rcpt {{
   if recipient :is "gone@reader.test" {{ reject 550 5.1.1 "No such user"; }}
@@ -286,12 +163,15 @@ on data {{
 route {{
   if recipient :is "late@reader.test" {{ reject 550 5.2.1 "Mailbox disabled"; }}
   if recipient.domain :is "example.com" {{ deliver smtp "[127.0.0.1]:{a_smtp}" :tls none; }}
+  if recipient.domain :is "d.test" {{ deliver lmtp "[127.0.0.1]:{lmtp}"; }}
   deliver maildir;
 }}
-"#
+"#,
+        dns = dns.addr(),
+        lmtp = dovecot.port,
     );
-    let b = Daemon::start(&b_dir, &b_policy, &[b_smtp]);
-    let a = Daemon::start(&a_dir, &a_policy, &[a_smtp, a_web]);
+    let b = Serve::start(MAILC, &b_dir, &b_policy, &[b_smtp]);
+    let a = Serve::start(MAILC, &a_dir, &a_policy, &[a_smtp, a_web]);
     let logs = || format!("--- list server\n{}\n--- reader\n{}", a.log(), b.log());
     let web = format!("http://127.0.0.1:{a_web}/lists");
     let subs = a_dir.join("news.subscribers");
@@ -340,6 +220,17 @@ route {{
     assert!(out.to_ascii_lowercase().contains("queued as"), "{out}");
     wait_for("bob subscribed", || subscribers(&subs).contains(&"bob@reader.test".to_string()), logs);
 
+    // u1@d.test reads mail in Dovecot (the reader's MX delivers d.test over LMTP):
+    // subscribed with the web form, confirmed with the link of the mail Dovecot stored.
+    let (code, _) = curl(&["-d", "list=news", "-d", "address=u1@d.test", &format!("{web}/subscribe")]);
+    assert_eq!(code, 200);
+    let dlogs = || format!("{}\n--- dovecot\n{}", logs(), dovecot.log_text());
+    wait_for("u1's confirmation in Dovecot", || !maildir(&dovecot.mail).is_empty(), dlogs);
+    let utoken = subject_token(&maildir(&dovecot.mail)[0], "confirm ");
+    let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={utoken}")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(subscribers(&subs).contains(&"u1@d.test".to_string()), "{:?}", subscribers(&subs));
+
     // The two bouncing subscribers, confirmed with the web link.
     for who in ["gone", "late"] {
         let (code, _) =
@@ -365,7 +256,7 @@ route {{
         let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={tok}")]);
         assert_eq!(code, 200, "{body}");
     }
-    assert_eq!(subscribers(&subs).len(), 4, "{:?}", subscribers(&subs));
+    assert_eq!(subscribers(&subs).len(), 5, "{:?}", subscribers(&subs));
 
     // An expired confirmation (confirm_lifetime 1s) is refused with 410.
     let (code, _) = curl(&["-d", "list=short", "-d", "address=alice@reader.test", &format!("{web}/subscribe")]);
@@ -425,6 +316,16 @@ route {{
         "{sig}"
     );
     assert_eq!(field(&am, "X-Dkim-Result"), "pass", "{am}");
+    // The same post in Dovecot's Maildir (LMTP), with u1's own VERP sender and fields.
+    wait_for("issue 1 in Dovecot", || issue(&dovecot.mail, "Issue 1").is_some(), dlogs);
+    let um = issue(&dovecot.mail, "Issue 1").unwrap();
+    assert_eq!(field(&um, "Return-Path"), "<owner-news+u1=d.test@example.com>", "VERP: {um}");
+    assert_eq!(field(&um, "List-Id"), "Example News <news.example.com>");
+    assert_eq!(field(&um, "List-Unsubscribe-Post"), "List-Unsubscribe=One-Click");
+    let uunsub = field(&um, "List-Unsubscribe");
+    assert!(uunsub.starts_with("<https://lists.example.com/lists/unsubscribe?list=news&t=2."), "{uunsub}");
+    assert!(!um.contains("evil.test"), "{um}");
+    assert_eq!(field(&um, "X-Dkim-Result"), "pass", "{um}");
 
     // 4. One-click unsubscribe: forged tokens are refused, alice's own removes her.
     let url = unsub.split(['<', '>']).nth(1).unwrap().replace("https://lists.example.com/lists", &web);
@@ -453,11 +354,11 @@ route {{
     //    reader's MX to its VERP address): the second post's bounces remove both.
     let bounces = || a.log().lines().filter(|l| l.contains("list-bounce")).count();
     wait_for("two bounces of issue 1", || bounces() >= 2, logs);
-    assert_eq!(subscribers(&subs).len(), 2, "one bounce each is not yet the limit");
+    assert_eq!(subscribers(&subs).len(), 3, "one bounce each is not yet the limit");
     post("Issue 2");
     let editor = a_dir.join("mail/mail/editor");
     let editor = if editor.exists() { editor } else { a_dir.join("mail/editor") };
-    wait_for("both bouncing subscribers removed", || subscribers(&subs).is_empty(), logs);
+    wait_for("both bouncing subscribers removed", || subscribers(&subs) == ["u1@d.test"], logs);
     wait_for("the owner told twice", || maildir(&editor).len() == 2, logs);
     let notices = maildir(&editor).join("\n");
     assert!(notices.contains("gone@reader.test removed from news (bounces)"), "{notices}");
@@ -466,6 +367,405 @@ route {{
         issue(&alice_box, "Issue 2").is_none() && issue(&bob_box, "Issue 2").is_none(),
         "unsubscribed is unsubscribed"
     );
+    wait_for("issue 2 in Dovecot", || issue(&dovecot.mail, "Issue 2").is_some(), dlogs);
     let log = a.log();
     assert!(log.contains("owner-news+late=reader.test@example.com"), "late's bounce came to its VERP address");
+}
+
+// ---------------------------------------------------------------- subscribers in a directory or a database
+
+/// The policy of a list server with one list, `news@example.com`, whose subscribers are the
+/// table `news_subscribers` that `table` declares; only editor@example.com posts, and every
+/// local part of example.com and reader.test is delivered to its own Maildir. `list` and
+/// `server` are more settings of the list and of the server, `listeners` the listeners.
+fn news_policy(table: &str, list: &str, server: &str, listeners: &str) -> String {
+    format!(
+        r#"list local = domains ["example.com", "reader.test"];
+list nobody = cidr ["192.0.2.1"];
+secret news_keys = file "news.keys";
+{table}
+mailing_list news = newsletter "news@example.com" {{
+  subscribers news_subscribers;
+  owner "editor@example.com";
+  keys news_keys;
+  {list}
+}};
+server {{ hostname "mx.example.com"; spool "spool"; maildir "mail"; local_domains local; networks nobody; {server} }}
+{listeners}
+on rcpt {{
+  if recipient :is "news@example.com" and not sender :is "editor@example.com" {{
+    reject 550 5.7.1 "Only the editor posts to this list";
+  }}
+}}
+route {{
+  if recipient :is "news@example.com" {{ expand news; }}
+  deliver maildir;
+}}
+"#
+    )
+}
+
+/// One list server whose subscribers live in `table` (the declaration of the table
+/// `news_subscribers`, an `sql` or `ldap` table), every local part delivered to its own
+/// Maildir, and `members` reading the back end itself (rows, attribute values), in any order.
+/// Drives, with swaks and curl: two subscriptions by the web form and one by mail, each
+/// confirmed (only then in the back end), a forged confirmation (refused, nothing changed),
+/// a post to all three, a one-click unsubscribe (removed from the back end) and a forged one
+/// (refused), and a subscriber removed after `bounce_limit` VERP bounces, the owner told.
+/// Returns the daemon and the web endpoint's base URL for what the caller tests next.
+fn backend_round_trip(t: &TempDir, table: &str, members: &dyn Fn() -> Vec<String>) -> (Serve, String) {
+    let dir = t.join("lists");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("news.keys"), "1 the-key-that-signs\n").unwrap();
+    let (smtp, http) = (free_port(), free_port());
+    let policy = news_policy(
+        table,
+        r#"web "https://lists.example.com"; bounce_limit 2;"#,
+        "",
+        &format!(
+            "listener smtp {{ address \"127.0.0.1:{smtp}\"; tls none; }}\n\
+             listener web {{ address \"127.0.0.1:{http}\"; protocol http; }}"
+        ),
+    );
+    let d = Serve::start(MAILC, &dir, &policy, &[smtp, http]);
+    let web = format!("http://127.0.0.1:{http}");
+    let logs = || d.log();
+    let sorted = || {
+        let mut m = members();
+        m.sort();
+        m
+    };
+    let confirmation = |who: &str| {
+        wait_for(&format!("{who}'s confirmation"), || !d.mail(who).is_empty(), logs);
+        subject_token(&d.mail(who)[0], "confirm ")
+    };
+    assert!(sorted().is_empty(), "{:?}", sorted());
+
+    // alice and bob by the web form, confirmed by the link; carol by mail, confirmed by reply.
+    for who in ["alice", "bob"] {
+        let (code, body) =
+            curl(&["-d", "list=news", "-d", &format!("address={who}@reader.test"), &format!("{web}/subscribe")]);
+        assert_eq!(code, 200, "{body}");
+    }
+    let out = swaks(
+        smtp,
+        &["--from", "carol@reader.test", "--to", "news-request@example.com", "--header", "Subject: subscribe"],
+    );
+    assert!(out.to_ascii_lowercase().contains("queued as"), "{out}");
+    let (ta, tb, tc) = (confirmation("alice"), confirmation("bob"), confirmation("carol"));
+    assert!(sorted().is_empty(), "nobody is in the back end before confirming: {:?}", sorted());
+    for tok in [&ta, &tb] {
+        let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={tok}")]);
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(sorted(), ["alice@reader.test", "bob@reader.test"]);
+    let reply = format!("Subject: Re: confirm {tc}");
+    let out = swaks(smtp, &["--from", "carol@reader.test", "--to", "news-request@example.com", "--header", &reply]);
+    assert!(out.to_ascii_lowercase().contains("queued as"), "{out}");
+    wait_for("carol in the back end", || sorted().len() == 3, || format!("{:?}\n{}", sorted(), d.log()));
+    assert_eq!(sorted(), ["alice@reader.test", "bob@reader.test", "carol@reader.test"]);
+    // Confirming again changes nothing; a forged confirmation (mallory in alice's token) is refused.
+    let (code, _) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={ta}")]);
+    assert_eq!(code, 200);
+    let p: Vec<&str> = ta.split('.').collect();
+    let forged = format!("{}.{}.bWFsbG9yeUBldmlsLnRlc3Q.{}", p[0], p[1], p[3]);
+    let (code, _) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={forged}")]);
+    assert_eq!(code, 403);
+    assert_eq!(sorted().len(), 3, "{:?}", sorted());
+
+    // A post reaches the three, each with the unsubscribe link of their own.
+    let out = swaks(
+        smtp,
+        &[
+            "--from",
+            "editor@example.com",
+            "--to",
+            "news@example.com",
+            "--header",
+            "Subject: Issue 1",
+            "--body",
+            "News.",
+        ],
+    );
+    assert!(out.to_ascii_lowercase().contains("queued as"), "{out}");
+    let post = |who: &str| d.mail(who).into_iter().find(|m| m.contains("Subject: Issue 1"));
+    wait_for("issue 1 at all three", || ["alice", "bob", "carol"].iter().all(|w| post(w).is_some()), logs);
+    let am = post("alice").unwrap();
+    assert_eq!(field(&am, "Return-Path"), "<owner-news+alice=reader.test@example.com>", "{am}");
+    let unsub = field(&am, "List-Unsubscribe");
+    let url = unsub.split(['<', '>']).nth(1).unwrap_or_default().replace("https://lists.example.com", &web);
+    assert!(url.contains("/unsubscribe?list=news&t=1."), "{unsub}");
+
+    // One-click: a forged token is refused and changes nothing; alice's own removes her.
+    let t_alice = url.split("&t=").nth(1).unwrap().to_string();
+    let p: Vec<&str> = t_alice.split('.').collect();
+    let carol_as_alice = format!("{web}/unsubscribe?list=news&t={}.Y2Fyb2xAcmVhZGVyLnRlc3Q.{}", p[0], p[2]);
+    let (code, _) = curl(&["-d", "List-Unsubscribe=One-Click", &carol_as_alice]);
+    assert_eq!(code, 403);
+    assert_eq!(sorted().len(), 3, "{:?}", sorted());
+    let (code, body) = curl(&["-d", "List-Unsubscribe=One-Click", &url]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(sorted(), ["bob@reader.test", "carol@reader.test"]);
+
+    // bob bounces (null-sender mails to his VERP address): removed at the second, the owner told.
+    let bounce = || {
+        let out = swaks(
+            smtp,
+            &[
+                "--from",
+                "<>",
+                "--to",
+                "owner-news+bob=reader.test@example.com",
+                "--header",
+                "Subject: Undeliverable: Issue 1",
+                "--body",
+                "bob's mailbox is gone",
+            ],
+        );
+        assert!(out.to_ascii_lowercase().contains("queued as"), "{out}");
+    };
+    bounce();
+    wait_for("bob's first bounce", || d.log().contains("list-bounce"), logs);
+    assert_eq!(sorted(), ["bob@reader.test", "carol@reader.test"], "one bounce is not yet the limit");
+    bounce();
+    wait_for("bob removed", || sorted() == ["carol@reader.test"], || format!("{:?}\n{}", sorted(), d.log()));
+    wait_for(
+        "the owner told",
+        || d.mail("editor").iter().any(|m| m.contains("bob@reader.test removed from news (bounces)")),
+        logs,
+    );
+    (d, web)
+}
+
+/// `psql` against the test's cluster: the rows of `sql`, one per line.
+fn psql(pg: &mailpolicy_test_support::Postgres, sql: &str) -> Vec<String> {
+    need("/usr/bin/psql", "postgresql-client");
+    let (ok, out) = run(Command::new("/usr/bin/psql").args([
+        "-X",
+        "-q",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        &pg.url,
+        "-c",
+        sql,
+    ]));
+    assert!(ok, "psql {sql}: {out}");
+    out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+}
+
+/// Subscribers in a real PostgreSQL table (`members`, `insert`, `delete`): every change the
+/// list makes is a row inserted or deleted, another list's rows are left alone, and a
+/// database that is down answers the web endpoint 503 instead of losing the confirmation.
+#[test]
+fn newsletter_subscribers_in_postgresql() {
+    let t = TempDir::new("news-sql");
+    let pg = mailpolicy_test_support::Postgres::start();
+    psql(
+        &pg,
+        "CREATE TABLE subscribers (list text NOT NULL, address text NOT NULL, PRIMARY KEY (list, address)); \
+         INSERT INTO subscribers VALUES ('other', 'alice@reader.test');",
+    );
+    let table = format!(
+        r#"table news_subscribers = sql {{
+  url "{url}";
+  query "SELECT address FROM subscribers WHERE list = 'news' AND address = lower($1)";
+  members "SELECT address FROM subscribers WHERE list = 'news'";
+  insert "INSERT INTO subscribers (list, address) VALUES ('news', $1) ON CONFLICT DO NOTHING";
+  delete "DELETE FROM subscribers WHERE list = 'news' AND address = $1";
+}};"#,
+        url = pg.url
+    );
+    let rows = || psql(&pg, "SELECT address FROM subscribers WHERE list = 'news'");
+    let (d, web) = backend_round_trip(&t, &table, &rows);
+    assert_eq!(psql(&pg, "SELECT address FROM subscribers WHERE list = 'other'"), ["alice@reader.test"]);
+
+    // dave's confirmation arrives, then the database goes away: confirming answers 503
+    // (try again later), never a success that added nobody.
+    let (code, _) = curl(&["-d", "list=news", "-d", "address=dave@reader.test", &format!("{web}/subscribe")]);
+    assert_eq!(code, 200);
+    wait_for("dave's confirmation", || !d.mail("dave").is_empty(), || d.log());
+    let tok = subject_token(&d.mail("dave")[0], "confirm ");
+    drop(pg);
+    let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={tok}")]);
+    assert_eq!(code, 503, "{body}");
+}
+
+/// `ldapsearch` of the values of `attribute` on the entry `dn` (anonymous: slapd lets
+/// anyone read), as stored.
+fn ldap_values(port: u16, dn: &str, attribute: &str) -> Vec<String> {
+    need("/usr/bin/ldapsearch", "ldap-utils");
+    let url = format!("ldap://127.0.0.1:{port}");
+    let (ok, out) = run(Command::new("/usr/bin/ldapsearch").args([
+        "-x",
+        "-LLL",
+        "-o",
+        "ldif-wrap=no",
+        "-H",
+        &url,
+        "-b",
+        dn,
+        "-s",
+        "base",
+        "(objectClass=*)",
+        attribute,
+    ]));
+    assert!(ok, "ldapsearch: {out}");
+    let prefix = format!("{attribute}: ");
+    out.lines().filter_map(|l| l.strip_prefix(&prefix)).map(str::to_string).collect()
+}
+
+/// Subscribers in a real OpenLDAP directory, as a site keeps a mailing list there: one
+/// group entry (`nisMailAlias`) whose multi-valued `rfc822MailMember` holds one subscriber
+/// each. Confirmations add a value and unsubscribes and bounces delete one (LDAP modify as
+/// the table's `bind_dn`); the directory's own case-insensitive matching keeps an address
+/// an administrator entered as `Zed@Reader.test` one subscriber; a table whose account may
+/// not write answers the web endpoint 503 and changes nothing.
+#[test]
+fn newsletter_subscribers_in_ldap() {
+    let suffix = "dc=example,dc=com";
+    let group = "cn=news,ou=lists,dc=example,dc=com";
+    let ldif = "dn: dc=example,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
+                dn: ou=lists,dc=example,dc=com\nobjectClass: organizationalUnit\nou: lists\n\n\
+                dn: cn=news,ou=lists,dc=example,dc=com\nobjectClass: nisMailAlias\ncn: news\n\n\
+                dn: cn=other,ou=lists,dc=example,dc=com\nobjectClass: nisMailAlias\ncn: other\nrfc822MailMember: alice@reader.test\n";
+    let slapd = mailpolicy_test_support::Slapd::start(suffix, ldif);
+    let t = TempDir::new("news-ldap");
+    std::fs::create_dir_all(t.join("lists")).unwrap();
+    std::fs::write(t.join("lists/ldap.pw"), "secret\n").unwrap();
+    std::fs::write(t.join("lists/ro.keys"), "1 read-only\n").unwrap();
+    let port = slapd.port;
+    let table = format!(
+        r#"secret ldap_pw = file "ldap.pw";
+table news_subscribers = ldap {{
+  url "ldap://127.0.0.1:{port}";
+  base "{group}";
+  scope base;
+  filter "(rfc822MailMember=%s)";
+  attribute "rfc822MailMember";
+  bind_dn "cn=admin,{suffix}";
+  password ldap_pw;
+}};
+secret ro_keys = file "ro.keys";
+table read_only = ldap {{
+  url "ldap://127.0.0.1:{port}";
+  base "cn=other,ou=lists,{suffix}";
+  scope base;
+  filter "(rfc822MailMember=%s)";
+  attribute "rfc822MailMember";
+}};
+mailing_list other = newsletter "other@example.com" {{
+  subscribers read_only;
+  owner "editor@example.com";
+  keys ro_keys;
+  web "https://lists.example.com";
+}};"#
+    );
+    let values = || ldap_values(port, group, "rfc822MailMember");
+    let (d, web) = backend_round_trip(&t, &table, &|| values().iter().map(|v| v.to_ascii_lowercase()).collect());
+    assert_eq!(values(), ["carol@reader.test"], "what is left, as the daemon wrote it");
+
+    // An address an administrator entered in another case is the same subscriber.
+    need("/usr/bin/ldapmodify", "ldap-utils");
+    let change = format!("dn: {group}\nchangetype: modify\nadd: rfc822MailMember\nrfc822MailMember: Zed@Reader.test\n");
+    std::fs::write(t.join("zed.ldif"), change).unwrap();
+    let url = format!("ldap://127.0.0.1:{port}");
+    let (ok, out) = run(Command::new("/usr/bin/ldapmodify")
+        .args(["-x", "-H", &url, "-D", &format!("cn=admin,{suffix}"), "-w", "secret", "-f"])
+        .arg(t.join("zed.ldif")));
+    assert!(ok, "ldapmodify: {out}");
+    let (code, _) = curl(&["-d", "list=news", "-d", "address=zed@reader.test", &format!("{web}/subscribe")]);
+    assert_eq!(code, 200);
+    wait_for("zed's confirmation", || !d.mail("zed").is_empty(), || d.log());
+    let tok = subject_token(&d.mail("zed")[0], "confirm ");
+    let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={tok}")]);
+    assert_eq!(code, 200, "{body}");
+    let mut v = values();
+    v.sort();
+    assert_eq!(v, ["Zed@Reader.test", "carol@reader.test"], "no second value for zed");
+
+    // The read-only table: slapd refuses the anonymous write (insufficientAccess), 503.
+    let other = "cn=other,ou=lists,dc=example,dc=com";
+    let (code, _) = curl(&["-d", "list=other", "-d", "address=bob@reader.test", &format!("{web}/subscribe")]);
+    assert_eq!(code, 200);
+    wait_for(
+        "bob's confirmation for other",
+        || d.mail("bob").iter().any(|m| m.contains("other@example.com")),
+        || d.log(),
+    );
+    let m = d.mail("bob").into_iter().find(|m| m.contains("other@example.com")).unwrap();
+    let tok = subject_token(&m, "confirm ");
+    let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=other&t={tok}")]);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(ldap_values(port, other, "rfc822MailMember"), ["alice@reader.test"]);
+}
+
+/// `server { admin "..."; admin_lists true; }`: the admin listener serves the lists' endpoint
+/// (subscribe, confirm, one-click unsubscribe; forged tokens refused) and still the metrics;
+/// without `admin_lists` it serves the metrics alone (the lists' paths are not found there).
+#[test]
+fn newsletter_endpoint_on_the_admin_listener() {
+    let t = TempDir::new("news-admin");
+    let policy = |smtp: u16, admin: u16, mount: bool| {
+        news_policy(
+            r#"table news_subscribers = list "news.subscribers";"#,
+            r#"web "https://www.example.com/lists";"#,
+            &format!("admin \"127.0.0.1:{admin}\"; admin_lists {mount};"),
+            &format!("listener smtp {{ address \"127.0.0.1:{smtp}\"; tls none; }}"),
+        )
+    };
+    let dir = t.join("lists");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("news.keys"), "1 the-key\n").unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    let d = Serve::start(MAILC, &dir, &policy(smtp, admin, true), &[smtp, admin]);
+    let base = format!("http://127.0.0.1:{admin}");
+    let web = format!("{base}/lists");
+    let subs = dir.join("news.subscribers");
+
+    let (code, body) = curl(&[&format!("{base}/metrics")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("# EOF"), "the metrics are still served: {body}");
+    let (code, body) = curl(&["-d", "list=news", "-d", "address=alice@reader.test", &format!("{web}/subscribe")]);
+    assert_eq!(code, 200, "{body}");
+    wait_for("alice's confirmation", || !d.mail("alice").is_empty(), || d.log());
+    let confirm = d.mail("alice").remove(0);
+    let tok = subject_token(&confirm, "confirm ");
+    assert!(confirm.contains(&format!("https://www.example.com/lists/confirm?list=news&t={tok}")), "{confirm}");
+    let (code, body) = curl(&["-X", "POST", &format!("{web}/confirm?list=news&t={tok}")]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(subscribers(&subs), ["alice@reader.test"]);
+
+    let out =
+        swaks(smtp, &["--from", "editor@example.com", "--to", "news@example.com", "--header", "Subject: Issue 1"]);
+    assert!(out.to_ascii_lowercase().contains("queued as"), "{out}");
+    let post = || d.mail("alice").into_iter().find(|m| m.contains("Subject: Issue 1"));
+    wait_for("issue 1", || post().is_some(), || d.log());
+    let unsub = field(&post().unwrap(), "List-Unsubscribe");
+    let url = unsub.split(['<', '>']).nth(1).unwrap_or_default().replace("https://www.example.com", &base);
+    assert!(url.starts_with(&format!("{web}/unsubscribe?list=news&t=1.")), "{unsub}");
+    let forged = format!("{}AAAA", url.trim_end_matches(|c: char| c != '.'));
+    let (code, _) = curl(&["-d", "List-Unsubscribe=One-Click", &forged]);
+    assert_eq!(code, 403, "{forged}");
+    assert_eq!(subscribers(&subs), ["alice@reader.test"]);
+    let (code, body) = curl(&["-d", "List-Unsubscribe=One-Click", &url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(subscribers(&subs).is_empty());
+    drop(d);
+
+    // Without admin_lists: metrics only.
+    let (smtp, admin) = (free_port(), free_port());
+    let dir = t.join("metrics-only");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("news.keys"), "1 the-key\n").unwrap();
+    let d = Serve::start(MAILC, &dir, &policy(smtp, admin, false), &[smtp, admin]);
+    let base = format!("http://127.0.0.1:{admin}");
+    let (code, _) = curl(&[&format!("{base}/metrics")]);
+    assert_eq!(code, 200);
+    let (code, _) = curl(&[&format!("{base}/lists/subscribe?list=news")]);
+    assert_eq!(code, 404, "{}", d.log());
+    let (code, _) = curl(&["-d", "list=news", "-d", "address=bob@reader.test", &format!("{base}/lists/subscribe")]);
+    assert_eq!(code, 405);
 }

@@ -4,18 +4,20 @@
 //! the milter protocol (the signature verified with the project's own DKIM verifier,
 //! mail-auth), spamass-milter with SpamAssassin's spamd rejecting GTUBE, rspamd through
 //! its HTTP API and its milter interface, and milters that are down or too slow (the
-//! default action and the time-out hold). A missing program fails the test with the
+//! default action and the time-out hold), and a before-queue filter (`proxy_filter`):
+//! proxsmtp running spamc against spamd, re-injecting on a second listener. A missing
+//! program fails the test with the
 //! advice to run `tests/run.sh`, which installs them.
 //!
 //! No timed assertions: every wait is bounded only so that a broken peer fails the test.
 
 use std::net::{IpAddr, TcpListener};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mailpolicy_test_support::{free_port, listening, wait_for, PeerIn, TempDir};
+use mailpolicy_test_support::{free_port, listening, wait_for, PeerIn, Serve, TempDir};
 
 const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
 const SWAKS: &str = "/usr/bin/swaks";
@@ -24,6 +26,8 @@ const SPAMASS_MILTER: &str = "/usr/sbin/spamass-milter";
 const SPAMD: &str = "/usr/sbin/spamd";
 const UNBOUND: &str = "/usr/sbin/unbound";
 const RSPAMD: &str = "/usr/bin/rspamd";
+const PROXSMTPD: &str = "/usr/sbin/proxsmtpd";
+const SPAMC: &str = "/usr/bin/spamc";
 
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
 
@@ -84,43 +88,10 @@ impl Drop for Group {
     }
 }
 
-/// `mailc serve` on `policy` in `dir`, its log in `dir/daemon.log`.
-struct Daemon {
-    _child: Guard,
-    dir: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, policy: &str, port: u16) -> Daemon {
-        let path = dir.join("policy.mailpolicy");
-        std::fs::write(&path, policy).expect("write policy");
-        let log = std::fs::File::create(dir.join("daemon.log")).expect("daemon log");
-        let child = Command::new(MAILC)
-            .arg("serve")
-            .arg("--policy")
-            .arg(&path)
-            .args(["--user", &mailpolicy_test_support::current_user()])
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start mailc serve");
-        let mut d = Daemon { _child: Guard(Some(child)), dir: dir.to_path_buf() };
-        let start = Instant::now();
-        while !listening(port) {
-            if let Some(st) = d._child.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("mailc serve exited ({st}):\n{}", d.log());
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "mailc serve did not listen:\n{}", d.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-    }
+/// `mailc serve` (test-support's one starter) running `policy` in `dir`, ready when `port`
+/// listens.
+fn daemon(dir: &Path, policy: &str, port: u16) -> Serve {
+    Serve::start(MAILC, dir, policy, &[port])
 }
 
 /// A policy delivering d.test to Maildirs, with `extra` (scanners, rules) added.
@@ -218,7 +189,7 @@ fn opendkim_signs_through_the_milter() {
 
     let port = free_port();
     let extra = format!("scanner dkim = milter \"inet:127.0.0.1:{mport}\" {{ timeout 20s; }};\n");
-    let d = Daemon::start(dir, &policy(port, &extra), port);
+    let d = daemon(dir, &policy(port, &extra), port);
     let out = swaks(
         port,
         &[
@@ -310,7 +281,7 @@ fn spamass_milter_rejects_gtube() {
     let port = free_port();
     let extra =
         format!("scanner spam = milter \"unix:{}\" {{ timeout 60s; content_timeout 120s; }};\n", sock.display());
-    let d = Daemon::start(dir, &policy(port, &extra), port);
+    let d = daemon(dir, &policy(port, &extra), port);
     let out =
         swaks(port, &["--from", "eve@other.test", "--to", "u@d.test", "--header", "Subject: gtube", "--body", GTUBE]);
     assert!(
@@ -376,7 +347,7 @@ fn milters_down_or_slow_take_their_default_action() {
         let extra = format!(
             "scanner m = milter \"inet:127.0.0.1:{milter_port}\" {{ timeout 1s; connect_timeout 1s; default_action {action}; }};\n"
         );
-        let d = Daemon::start(&sub, &policy(port, &extra), port);
+        let d = daemon(&sub, &policy(port, &extra), port);
         let out = swaks(port, &["--from", "a@other.test", "--to", "u@d.test", "--header", &format!("Subject: {what}")]);
         if action == "tempfail" {
             assert!(out.contains("<** 451 4.7.1"), "{what} milter, tempfail:\n{out}\n{}", d.log());
@@ -487,7 +458,7 @@ fn rspamd_http_and_milter() {
     let extra = format!(
         "require [\"spamscan\"];\nscanner rs = rspamd \"{url}\";\non data {{\n  if score rs >= 15 {{\n    reject 550 5.7.1 \"Spam\";\n  }}\n}}\n"
     );
-    let d = Daemon::start(&sub, &policy(port, &extra), port);
+    let d = daemon(&sub, &policy(port, &extra), port);
     let out =
         swaks(port, &["--from", "a@example.net", "--to", "u@d.test", "--header", "Subject: test", "--body", GTUBE]);
     assert!(out.contains("<** 550 5.7.1 Spam"), "{out}\n{}", d.log());
@@ -513,7 +484,7 @@ fn rspamd_http_and_milter() {
     std::fs::create_dir_all(&sub).unwrap();
     let port = free_port();
     let extra = format!("scanner rsm = milter \"inet:127.0.0.1:{proxy}\" {{ timeout 60s; }};\n");
-    let d = Daemon::start(&sub, &policy(port, &extra), port);
+    let d = daemon(&sub, &policy(port, &extra), port);
     let out =
         swaks(port, &["--from", "a@example.net", "--to", "u@d.test", "--header", "Subject: test", "--body", GTUBE]);
     assert!(out.contains("<** 5") && !out.contains("Queued as"), "{out}\n{}\n{}", d.log(), rlog());
@@ -533,6 +504,10 @@ fn rspamd_http_and_milter() {
     assert!(out.contains("Queued as"), "{out}\n{}\n{}", d.log(), rlog());
     wait_for(Duration::from_secs(30), "delivery", || maildir(&sub.join("mail/u")).len() == 1, || d.log());
     assert!(d.log().contains("milter rsm: data reject"), "{}", d.log());
+    // The milter's `i` macro is the queue id the message was stored under: rspamd logs it.
+    let qid = out.split("Queued as ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default();
+    assert!(!qid.is_empty(), "{out}");
+    wait_for(Duration::from_secs(30), "rspamd's log line with the queue id", || rlog().contains(qid), rlog);
 }
 
 /// Messages still in a spool (not its TLS key pair).
@@ -624,8 +599,8 @@ route {{
 }}
 "#
     );
-    let f = Daemon::start(&filter_dir, &filter_policy, fport);
-    let d = Daemon::start(&main_dir, &main_policy, port);
+    let f = daemon(&filter_dir, &filter_policy, fport);
+    let d = daemon(&main_dir, &main_policy, port);
     let out = swaks(port, &["--from", "a@other.test", "--to", "u@d.test", "--header", "Subject: through the filter"]);
     assert!(out.contains("Queued as"), "{out}\n{}", d.log());
     let ctx = || format!("mta:\n{}\nfilter:\n{}", d.log(), f.log());
@@ -646,4 +621,123 @@ route {{
         msgs[0]
     );
     assert_eq!(msgs[0].matches("X-Filtered:").count(), 1, "filtered once: {}", msgs[0]);
+}
+
+/// The before-queue filter (R44, `proxy_filter`) against a real SMTP proxy: proxsmtpd
+/// pipes each message through spamc (SpamAssassin's client, to spamd; `-E`: a spam exit
+/// code makes proxsmtpd refuse the message) and relays what passes to the `reinject`
+/// listener, which has no filter and queues. The client gets the filter's reply to end
+/// of data: a clean message is queued once by the re-injection listener (the reply
+/// carries its queue id) and delivered with the filter's and SpamAssassin's headers;
+/// GTUBE gets proxsmtpd's 550 and nothing is queued; a filter that does not answer
+/// (`proxy_filter_timeout`) and one that is down give 451 4.3.0, and nothing is queued.
+#[test]
+fn proxsmtp_before_queue_filter_with_spamd() {
+    need(PROXSMTPD, "proxsmtp");
+    need(SPAMC, "spamc");
+    let t = TempDir::new("proxsmtp");
+    let dir = t.path();
+    let (_spamd, sport) = spamd(dir);
+    let (port, fport, reinject, slow_port) = (free_port(), free_port(), free_port(), free_port());
+    let conf = dir.join("proxsmtpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "FilterCommand: {SPAMC} -d 127.0.0.1 -p {sport} -E\nFilterType: pipe\nFilterTimeout: 60\n\
+             Listen: 127.0.0.1:{fport}\nOutAddress: 127.0.0.1:{reinject}\nTempDirectory: {}\n\
+             Header: X-Filtered: by proxsmtp\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(PROXSMTPD)
+        .args(["-d", "3", "-f"])
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir.join("proxsmtpd.pid"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("proxsmtpd.log")).unwrap())
+        .spawn()
+        .expect("start proxsmtpd");
+    let mut filter = Guard(Some(child));
+    let flog = || std::fs::read_to_string(dir.join("proxsmtpd.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(30), "proxsmtpd listening", || listening(fport), flog);
+    // A filter that accepts connections and never says a word.
+    let slow = TcpListener::bind(("127.0.0.1", slow_port)).unwrap();
+    let slow_listener = free_port();
+    let policy = format!(
+        r#"list local = domains ["d.test"];
+server {{
+  hostname "mx.test";
+  spool "spool";
+  maildir "mail";
+  local_domains local;
+  queue_run 1s;
+}}
+listener smtp {{
+  address "127.0.0.1:{port}";
+  tls none;
+  proxy_filter "127.0.0.1:{fport}";
+  proxy_filter_timeout 60s;
+}}
+listener reinject {{
+  address "127.0.0.1:{reinject}";
+  tls none;
+}}
+listener slow {{
+  address "127.0.0.1:{slow_listener}";
+  tls none;
+  proxy_filter "127.0.0.1:{slow_port}";
+  proxy_filter_timeout 2s;
+}}
+route {{
+  if recipient.domain in local {{
+    deliver maildir;
+  }}
+}}
+"#
+    );
+    let d = daemon(dir, &policy, port);
+    let ctx = || format!("{}\n{}", d.log(), flog());
+    let spool = dir.join("spool");
+
+    let out = swaks(
+        port,
+        &["--from", "bob@other.test", "--to", "u@d.test", "--header", "Subject: lunch", "--body", "Noon at the cafe?"],
+    );
+    // The reply is the re-injection listener's, passed back by the filter.
+    assert!(out.contains("<-  250 2.0.0 Queued as "), "{out}\n{}", ctx());
+    wait_for(Duration::from_secs(30), "the clean message in mail/u", || !maildir(&dir.join("mail/u")).is_empty(), ctx);
+
+    let out =
+        swaks(port, &["--from", "eve@other.test", "--to", "u@d.test", "--header", "Subject: gtube", "--body", GTUBE]);
+    assert!(
+        out.contains("<** 550") && !out.contains("Queued as"),
+        "GTUBE must get the filter's 5xx:\n{out}\n{}",
+        ctx()
+    );
+
+    // Too slow: the filter's greeting never comes.
+    let out = swaks(slow_listener, &["--from", "bob@other.test", "--to", "u@d.test", "--header", "Subject: slow"]);
+    assert!(out.contains("<** 451 4.3.0"), "{out}\n{}", ctx());
+    drop(slow);
+
+    // Down: nothing listens any more.
+    drop(filter.0.take().map(|mut c| {
+        let _ = c.kill();
+        c.wait()
+    }));
+    let out = swaks(port, &["--from", "bob@other.test", "--to", "u@d.test", "--header", "Subject: down"]);
+    assert!(out.contains("<** 451 4.3.0"), "{out}\n{}", ctx());
+
+    assert_eq!(queued(&spool), 0, "nothing waits in the queue:\n{}", ctx());
+    std::thread::sleep(Duration::from_secs(2));
+    let msgs = maildir(&dir.join("mail/u"));
+    assert_eq!(msgs.len(), 1, "only the clean message is delivered, once:\n{msgs:?}\n{}", ctx());
+    let m = &msgs[0];
+    assert!(m.contains("Subject: lunch") && m.contains("X-Filtered: by proxsmtp"), "{m}");
+    assert!(m.contains("X-Spam-Checker-Version: SpamAssassin"), "spamd saw it: {m}");
+    let log = d.log();
+    assert!(log.contains("proxy-filter") && log.contains("status=refused"), "{log}");
+    assert!(log.contains("status=failed"), "{log}");
 }

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ldap3::{ldap_escape, Ldap, LdapConnAsync, Scope, SearchEntry};
+use ldap3::{ldap_escape, Ldap, LdapConnAsync, Mod, Scope, SearchEntry};
 use mailpolicy_lang::ir::{OptValue, Program, Resource};
 use tokio::sync::Semaphore;
 
@@ -128,19 +128,35 @@ impl Pool {
         key: &str,
         secrets: &HashMap<String, String>,
     ) -> Result<Option<String>, String> {
+        let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
+        let mut conn = self.connect(pool, prog, t, secrets).await?;
+        // On an error the connection is dropped (the `?`): the next lookup opens a new one.
+        let v = search_on(&mut conn.ldap, t, key).await?;
+        pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        Ok(v)
+    }
+
+    /// An idle connection of the table's current configuration, or a new one opened and
+    /// bound; the caller holds one of the pool's permits and puts the connection back.
+    async fn connect(
+        &self,
+        pool: &TablePool,
+        prog: &Program,
+        t: &Resource,
+        secrets: &HashMap<String, String>,
+    ) -> Result<Conn, String> {
         let url = opt(t, "url").ok_or("no url")?;
         let bind = opt(t, "bind_dn").map(|dn| (dn, super::lookup::table_secret(prog, t, "password", secrets)));
         let ident = match &bind {
             Some((dn, pw)) => format!("{url}\0{dn}\0{}", pw.as_deref().unwrap_or("")),
             None => format!("{url}\0"),
         };
-        let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
         let reused = {
             let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             idle.retain_mut(|c| c.ident == ident && !c.ldap.is_closed());
             idle.pop()
         };
-        let mut conn = match reused {
+        Ok(match reused {
             Some(c) => c,
             None => {
                 let (conn, mut ldap) = LdapConnAsync::new(url).await.map_err(|e| e.to_string())?;
@@ -152,11 +168,95 @@ impl Pool {
                 self.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Conn { ldap, ident }
             }
+        })
+    }
+
+    /// A mailing list's subscribers in the directory (spec/language.md 4.9): every value of
+    /// the table's `attribute` on the group entry that is its `base`, read with a base-scope
+    /// search. A group entry that does not exist, or a failed bind or search, is an error.
+    pub async fn members(
+        &self,
+        prog: &Program,
+        t: &Resource,
+        secrets: &HashMap<String, String>,
+        default_timeout: Duration,
+    ) -> Result<Vec<String>, String> {
+        let pool = self.table(t);
+        let work = async {
+            let (base, attribute) = group(t)?;
+            let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
+            let mut conn = self.connect(&pool, prog, t, secrets).await?;
+            let (entries, _) = conn
+                .ldap
+                .search(base, Scope::Base, "(objectClass=*)", vec![attribute])
+                .await
+                .and_then(|r| r.success())
+                .map_err(|e| format!("members of {base}: {e}"))?;
+            pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            let values: Vec<String> = entries
+                .into_iter()
+                .map(SearchEntry::construct)
+                .flat_map(|e| {
+                    e.attrs.into_iter().filter(|(k, _)| k.eq_ignore_ascii_case(attribute)).flat_map(|(_, v)| v)
+                })
+                .collect();
+            Ok(values)
         };
-        // On an error the connection is dropped (the `?`): the next lookup opens a new one.
-        let v = search_on(&mut conn.ldap, t, key).await?;
-        pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
-        Ok(v)
+        within(t, default_timeout, work).await
+    }
+
+    /// Add (`add`) or remove a mailing list's subscriber: one value of the table's
+    /// `attribute` on its `base` entry, by an LDAP modify as `bind_dn`. True when the
+    /// directory changed; false when the address was already there (add) or not there
+    /// (remove), which the directory says with attributeOrValueExists (20) and
+    /// noSuchAttribute (16) under the attribute's own equality rule (case-insensitive for
+    /// `rfc822MailMember` and `mail`). Any other refusal (no write access: 50) is an error.
+    pub async fn change(
+        &self,
+        prog: &Program,
+        t: &Resource,
+        add: bool,
+        address: &str,
+        secrets: &HashMap<String, String>,
+        default_timeout: Duration,
+    ) -> Result<bool, String> {
+        let pool = self.table(t);
+        let work = async {
+            let (base, attribute) = group(t)?;
+            let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
+            let mut conn = self.connect(&pool, prog, t, secrets).await?;
+            let values = std::collections::HashSet::from([address]);
+            let m = if add { Mod::Add(attribute, values) } else { Mod::Delete(attribute, values) };
+            // A transport failure drops the connection (the `?`); a result code keeps it.
+            let r = conn.ldap.modify(base, vec![m]).await.map_err(|e| format!("modify {base}: {e}"))?;
+            pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            match (r.rc, add) {
+                (0, _) => Ok(true),
+                (20, true) | (16, false) => Ok(false),
+                _ => Err(format!("modify {base}: {}", ldap3::LdapError::from(r))),
+            }
+        };
+        within(t, default_timeout, work).await
+    }
+}
+
+/// A mailing list's group entry (the table's `base`) and its member attribute.
+fn group(t: &Resource) -> Result<(&str, &str), String> {
+    let base = opt(t, "base").ok_or("no base")?;
+    let attribute =
+        opt(t, "attribute").ok_or("no attribute: the group entry's attribute that lists the subscribers")?;
+    Ok((base, attribute))
+}
+
+/// `work` within the table's time-out; its error named after the table.
+async fn within<T>(
+    t: &Resource,
+    default_timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(super::lookup::table_timeout(t, default_timeout), work).await {
+        Ok(r) => r.map_err(|e| format!("ldap table {}: {e}", t.name)),
+        Err(_) => Err(format!("ldap table {}: timed out", t.name)),
     }
 }
 

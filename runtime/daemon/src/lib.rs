@@ -8,6 +8,7 @@
 //! new sessions use the new one (listener addresses need a restart).
 
 pub mod auth;
+pub mod before_queue;
 pub mod compiled;
 pub mod control;
 pub mod fault;
@@ -91,6 +92,17 @@ pub trait MessageStore: Send + Sync + 'static {
     fn store_with_tail(&self, msg: &QueuedMessage, tail: Option<&Path>) -> Result<String, StoreFailure>;
     /// A file for a session's spilled message bytes, on the store's file system.
     fn spill_path(&self, tag: &str) -> PathBuf;
+    /// A queue id for a message not received yet (the milters' `i` macro), which
+    /// [`MessageStore::store_as`] then stores under; `None` when the store makes ids only
+    /// as it stores.
+    fn reserve_id(&self) -> Option<String> {
+        None
+    }
+    /// [`MessageStore::store_with_tail`] under the id [`MessageStore::reserve_id`] gave.
+    fn store_as(&self, id: Option<&str>, msg: &QueuedMessage, tail: Option<&Path>) -> Result<String, StoreFailure> {
+        let _ = id;
+        self.store_with_tail(msg, tail)
+    }
 }
 
 /// A listener as the sessions see it.
@@ -570,9 +582,25 @@ pub async fn start_with(
     let mut addresses = Vec::new();
     if let Some(sock) = admin {
         let bound = sock.local_addr().map_err(|e| e.to_string())?;
-        shared.log.event("listening", &[("listener", "admin"), ("address", &bound.to_string()), ("serves", "metrics")]);
+        let with_lists = shared.program().server.admin_lists;
+        shared.log.event(
+            "listening",
+            &[
+                ("listener", "admin"),
+                ("address", &bound.to_string()),
+                ("serves", if with_lists { "metrics, mailing lists" } else { "metrics" }),
+            ],
+        );
         addresses.push(("admin".to_string(), bound));
-        tokio::spawn(metrics::serve(sock, spool.clone(), shared.shutdown.clone()));
+        if with_lists {
+            // `admin_lists`: the lists' endpoint (web.rs), with /metrics kept.
+            let mgr =
+                lists::Manager { shared: shared.clone(), policy_dir: policy_dir.clone(), spool_dir: spool.clone() };
+            let queue = crate::spool::Spool::attach(&spool).ok().map(Arc::new);
+            tokio::spawn(web::serve(mgr, "admin".into(), sock, None, web::Mount::Admin(queue)));
+        } else {
+            tokio::spawn(metrics::serve(sock, spool.clone(), shared.shutdown.clone()));
+        }
     }
     for (l, sock) in socks {
         let bound = sock.local_addr().map_err(|e| e.to_string())?;
@@ -624,7 +652,7 @@ pub async fn start_with(
         );
         addresses.push((name.clone(), bound));
         let mgr = lists::Manager { shared: shared.clone(), policy_dir: policy_dir.clone(), spool_dir: spool.clone() };
-        tokio::spawn(web::serve(mgr, name, sock, tls));
+        tokio::spawn(web::serve(mgr, name, sock, tls, web::Mount::Lists));
     }
     Ok(Running { addresses, shutdown: tx, shared })
 }
@@ -835,7 +863,14 @@ impl MessageStore for crate::spool::Spool {
         crate::spool::Spool::spill_path(self, tag)
     }
     fn store_with_tail(&self, msg: &QueuedMessage, tail: Option<&Path>) -> Result<String, StoreFailure> {
-        crate::spool::Spool::store_with_tail(self, msg, tail, crate::spool::Class::Normal, now_ms())
+        self.store_as(None, msg, tail)
+    }
+    fn reserve_id(&self) -> Option<String> {
+        Some(self.new_id(now_ms()).as_str().to_string())
+    }
+    fn store_as(&self, id: Option<&str>, msg: &QueuedMessage, tail: Option<&Path>) -> Result<String, StoreFailure> {
+        let id = id.and_then(crate::spool::QueueId::parse);
+        crate::spool::Spool::store_with_tail_as(self, id, msg, tail, crate::spool::Class::Normal, now_ms())
             .map(|id| id.as_str().to_string())
             .map_err(|e| match e {
                 crate::spool::StoreError::Full(_) => StoreFailure::Full,

@@ -12,7 +12,9 @@
 //!   `owner-LIST+VERP@` takes bounces (counted per subscriber, [`bounce`]); `owner-LIST@`
 //!   goes to the owner, or counts a DSN that names a subscriber.
 //! - **Subscribers** live in the list's table: a `list` file the daemon rewrites (a new file
-//!   renamed over the old one, fsynced), or an `sql` table's `members`/`insert`/`delete`.
+//!   renamed over the old one, fsynced), an `sql` table's `members`/`insert`/`delete`, or
+//!   an `ldap` table's group entry (`base`), one value of its `attribute` per subscriber,
+//!   changed by LDAP modify (`ldap.rs`).
 //! - **Bounces**: hard bounces (RFC 3464 `Action: failed` with a 5.x.x status, or a
 //!   null-sender message to a VERP address that is no DSN) are kept per subscriber in
 //!   `SPOOL/lists/LIST.bounces`; `bounce_limit` of them within `bounce_window` removes the
@@ -245,6 +247,8 @@ pub async fn members(policy_dir: &Path, prog: &Program, lookups: &Lookups, list:
     let t = list.table.as_ref().ok_or("the list has no subscribers table")?;
     let mut out = if t.kind == "sql" {
         lookups.sql_statement(prog, t, "members", None).await?
+    } else if t.kind == "ldap" {
+        lookups.ldap_members(prog, t).await?
     } else {
         let path = table_path(policy_dir, t).ok_or("the subscribers table has no file")?;
         match tokio::fs::read_to_string(&path).await {
@@ -281,6 +285,9 @@ pub async fn add(
         let before = members(policy_dir, prog, lookups, list).await?;
         lookups.sql_statement(prog, &t, "insert", Some(&a)).await?;
         return Ok(!before.contains(&a));
+    }
+    if t.kind == "ldap" {
+        return lookups.ldap_change(prog, &t, true, &a).await;
     }
     let path = table_path(policy_dir, &t).ok_or("the subscribers table has no file")?;
     tokio::task::spawn_blocking(move || {
@@ -320,6 +327,9 @@ pub async fn remove(
         let before = members(policy_dir, prog, lookups, list).await?;
         lookups.sql_statement(prog, &t, "delete", Some(&a)).await?;
         return Ok(before.contains(&a));
+    }
+    if t.kind == "ldap" {
+        return lookups.ldap_change(prog, &t, false, &a).await;
     }
     let path = table_path(policy_dir, &t).ok_or("the subscribers table has no file")?;
     tokio::task::spawn_blocking(move || {

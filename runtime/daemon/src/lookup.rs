@@ -130,6 +130,22 @@ impl Lookups {
         self.sql.statement(prog, t, option, param, &self.secrets, self.lookup_timeout).await
     }
 
+    /// A mailing list's subscribers on its `ldap` table: the group entry's attribute values.
+    pub async fn ldap_members(&self, prog: &Program, t: &mailpolicy_lang::ir::Resource) -> Result<Vec<String>, String> {
+        self.ldap.members(prog, t, &self.secrets, self.lookup_timeout).await
+    }
+
+    /// Add or remove a mailing list's subscriber on its `ldap` table; true when it changed.
+    pub async fn ldap_change(
+        &self,
+        prog: &Program,
+        t: &mailpolicy_lang::ir::Resource,
+        add: bool,
+        address: &str,
+    ) -> Result<bool, String> {
+        self.ldap.change(prog, t, add, address, &self.secrets, self.lookup_timeout).await
+    }
+
     pub fn secret(&self, name: &str) -> Option<&str> {
         self.secrets.get(name).map(String::as_str)
     }

@@ -12,19 +12,20 @@ use mailpolicy_engine::milter::{split_message, Client, Step};
 use mailpolicy_lang::ir::{OptValue, Resource, Stage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-enum Sock {
+/// A connection to a filter (a milter, or the before-queue filter): TCP or a unix socket.
+pub(crate) enum Sock {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
 
 impl Sock {
-    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+    pub(crate) async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
         match self {
             Sock::Tcp(s) => s.write_all(b).await,
             Sock::Unix(s) => s.write_all(b).await,
         }
     }
-    async fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+    pub(crate) async fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.read(b).await,
             Sock::Unix(s) => s.read(b).await,
@@ -52,7 +53,8 @@ fn ms(r: &Resource, name: &str, default: u64) -> Duration {
     })
 }
 
-async fn connect(addr: &str) -> Result<Sock, String> {
+/// Connects to `unix:/path`, `inet:HOST:PORT`, `inet6:[ADDR]:PORT` or `HOST:PORT`.
+pub(crate) async fn connect(addr: &str) -> Result<Sock, String> {
     if let Some(path) = addr.strip_prefix("unix:") {
         return tokio::net::UnixStream::connect(path).await.map(Sock::Unix).map_err(|e| format!("connect {addr}: {e}"));
     }

@@ -20,7 +20,8 @@ use crate::conn::{QueuedMessage, QueuedRcpt};
 use crate::eval::{DeliveryFacts, Outcome as PolicyOutcome, RenderedReply};
 use crate::log::Severity;
 use crate::queue::{Command, Delivery, DsnKind, Entry, Job, QueueConfig, Scheduler};
-use crate::smtp::{self, Envelope, ForwardPath, MailParams, Notify, Orcpt, RcptParams, Recipient, Reply, ReversePath};
+use crate::record::{forward_path, mail_params, notify_of, orcpt_of, rcpt_params, reverse_path};
+use crate::smtp::{self, Envelope, MailParams, Recipient, Reply};
 use crate::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored};
 use crate::transport::client::{Credentials, TlsPolicy};
 use crate::transport::driver::{self, DeliveryOptions, DeliveryReport, Outcome, Target};
@@ -1359,53 +1360,6 @@ fn target_for(key: &str, address: &str) -> Option<Target> {
         return Destination::parse(&d).map(Target::Smtp);
     }
     Target::parse(key)
-}
-
-fn reverse_path(addr: &str) -> ReversePath {
-    if addr.is_empty() {
-        return ReversePath::Null;
-    }
-    smtp::parse_reverse_path(&format!("<{addr}>"), true).unwrap_or(ReversePath::Null)
-}
-
-fn forward_path(addr: &str) -> Option<ForwardPath> {
-    smtp::parse_forward_path(&format!("<{addr}>"), true).ok()
-}
-
-fn mail_params(m: &QueuedMessage) -> MailParams {
-    MailParams {
-        size: Some(m.data.len() as u64),
-        body: match m.session.mail_body.as_str() {
-            "8BITMIME" => smtp::BodyType::EightBitMime,
-            "BINARYMIME" => smtp::BodyType::BinaryMime,
-            _ => smtp::BodyType::SevenBit,
-        },
-        smtputf8: m.session.smtputf8,
-        ret: match m.ret.as_str() {
-            "HDRS" => Some(smtp::Ret::Hdrs),
-            "FULL" => Some(smtp::Ret::Full),
-            _ => None,
-        },
-        envid: (!m.envid.is_empty()).then(|| m.envid.clone()),
-        auth: None,
-    }
-}
-
-fn notify_of(r: &QueuedRcpt) -> Option<Notify> {
-    if r.notify.is_empty() {
-        return None;
-    }
-    let has = |w: &str| r.notify.iter().any(|n| n == w);
-    Some(Notify { never: has("NEVER"), success: has("SUCCESS"), failure: has("FAILURE"), delay: has("DELAY") })
-}
-
-fn orcpt_of(r: &QueuedRcpt) -> Option<Orcpt> {
-    let (t, a) = r.orcpt.split_once(';')?;
-    Some(Orcpt { addr_type: t.to_string(), address: a.to_string() })
-}
-
-fn rcpt_params(r: &QueuedRcpt) -> RcptParams {
-    RcptParams { notify: notify_of(r), orcpt: orcpt_of(r) }
 }
 
 fn reply_line(r: &Reply) -> String {

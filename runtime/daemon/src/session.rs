@@ -196,6 +196,15 @@ pub async fn run(
     let mut data_bytes: u64 = 0;
     let mut closing_for_shutdown = false;
     let mut milters = crate::milter::Milters::new(&conn);
+    // Milters know a message's queue id from MAIL on (`i`), as Postfix's do.
+    let reserve = |conn: &mut Conn| {
+        if !conn.milters().is_empty() {
+            if let Some(id) = shared.store.reserve_id() {
+                conn.set_next_queue_id(id);
+            }
+        }
+    };
+    reserve(&mut conn);
     'session: loop {
         // 1. Everything the connection needs.
         while let Some(need) = conn.poll_need(Time(now_ms())) {
@@ -414,9 +423,10 @@ pub async fn run(
                     // The message moves to the blocking pool and back: no copy of its data.
                     let store = shared.store.clone();
                     let tail = if msg.tail > 0 { spill.file_for_store() } else { Ok(None) };
+                    let reserved = conn.next_queue_id().map(str::to_string);
                     let joined = tokio::task::spawn_blocking(move || {
                         let r = match tail {
-                            Ok(t) => store.store_with_tail(&msg, t.as_deref()),
+                            Ok(t) => store.store_as(reserved.as_deref(), &msg, t.as_deref()),
                             Err(e) => Err(e),
                         };
                         (r, msg)
@@ -465,6 +475,7 @@ pub async fn run(
                                 ),
                             );
                             conn.queued(&qid, now);
+                            reserve(&mut conn);
                             shared.enqueued(&qid);
                         }
                         Ok(Err(StoreFailure::Full)) => {
@@ -490,6 +501,17 @@ pub async fn run(
                             conn.queue_failed(Some(r), now);
                         }
                     }
+                }
+                Need::ProxyFilter(call) => {
+                    let whole = match call.message.tail {
+                        1.. => Box::pin(spill.whole(&call.message.data, &shared)).await.map(|(_, w)| w),
+                        0 => None,
+                    };
+                    let timeout = prog.listener_or_default(Some(&lst.name)).proxy_filter_timeout;
+                    let host = &lst.engine.hostname;
+                    let outcome = crate::before_queue::filter(&shared, host, timeout, &id, &call, whole).await;
+                    spill.discard();
+                    conn.proxied(&outcome, Time(now_ms()));
                 }
                 Need::Milter(call) => {
                     let whole = match (call.spilled, conn.current_message()) {

@@ -182,7 +182,17 @@ impl Pool {
         }
         .map_err(|e| format!("{option}: {e}"))?;
         pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
-        Ok(rows.iter().filter_map(|r| r.try_get::<_, Option<String>>(0).ok().flatten()).collect())
+        // A column that is not text (a `citext` or `int` the driver cannot read as a string)
+        // is an error, never a silently shorter list of subscribers.
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows.iter().filter(|r| !r.is_empty()) {
+            match r.try_get::<_, Option<String>>(0) {
+                Ok(Some(v)) => out.push(v),
+                Ok(None) => {}
+                Err(e) => return Err(format!("{option}: the first column is not text ({e}); cast it with ::text")),
+            }
+        }
+        Ok(out)
     }
 
     async fn query(

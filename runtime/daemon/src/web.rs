@@ -14,7 +14,8 @@
 //! `cert`/`key`, else a self-signed pair). HTTP/1.1 requests are read with httparse: head
 //! at most 16 KiB, body at most 16 KiB, 10 seconds per request, one request per connection,
 //! 64 connections at once. The HTTP handling is this module alone ([`answer`] maps a parsed
-//! request to a response), so another listener (an admin listener) can mount it.
+//! request to a response); the admin listener mounts it with `server { admin_lists true; }`
+//! ([`Mount::Admin`]: `GET /metrics` stays the metrics, every other request is the lists').
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +53,7 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
+    pub content_type: &'static str,
     pub body: String,
 }
 
@@ -78,6 +80,7 @@ fn esc(s: &str) -> String {
 fn page(status: u16, title: &str, body_html: &str) -> Response {
     Response {
         status,
+        content_type: "text/html; charset=utf-8",
         body: format!(
             "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><meta name=\"robots\" content=\"noindex\"><title>{t}</title></head>\n<body><h1>{t}</h1>\n{body_html}\n</body></html>\n",
             t = esc(title)
@@ -318,9 +321,10 @@ async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Result<Request, u16> 
 
 async fn write_response<S: AsyncWrite + Unpin>(io: &mut S, r: &Response, head_only: bool) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
         r.status,
         reason(r.status),
+        r.content_type,
         r.body.len()
     );
     io.write_all(head.as_bytes()).await?;
@@ -331,13 +335,53 @@ async fn write_response<S: AsyncWrite + Unpin>(io: &mut S, r: &Response, head_on
     io.shutdown().await
 }
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, web: Arc<Web>, mgr: Manager) {
+/// What an HTTP listener serves besides the lists' endpoint.
+#[derive(Clone)]
+pub enum Mount {
+    /// Nothing: a `protocol http` listener.
+    Lists,
+    /// The admin listener with `admin_lists` (spec/language.md 5.1): `GET /metrics` (the
+    /// spool's queue gauges read from this spool) and `GET /` as `metrics.rs` answers them.
+    Admin(Option<Arc<crate::spool::Spool>>),
+}
+
+/// The admin listener's own answers, when `req` is one of them.
+async fn admin_answer(mount: &Mount, req: &Request) -> Option<Response> {
+    let Mount::Admin(spool) = mount else { return None };
+    if req.method != "GET" {
+        return None;
+    }
+    match req.path.as_str() {
+        "/metrics" => {
+            let s = spool.clone();
+            let text = tokio::task::spawn_blocking(move || crate::metrics::get().render(s.as_deref()))
+                .await
+                .unwrap_or_default();
+            Some(Response {
+                status: 200,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: text,
+            })
+        }
+        "/" => Some(Response {
+            status: 200,
+            content_type: "text/plain; charset=utf-8",
+            body: "mailpolicy admin: GET /metrics; the mailing lists' subscribe, confirm and unsubscribe\n".into(),
+        }),
+        _ => None,
+    }
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, web: Arc<Web>, mgr: Manager, mount: Mount) {
     let done = tokio::time::timeout(REQUEST_TIME, async {
         let (resp, head) = match read_request(&mut io).await {
             Ok(req) => {
                 let head = req.method == "HEAD";
                 let req = if head { Request { method: "GET".into(), ..req } } else { req };
-                (answer(&web, &mgr, &req).await, head)
+                match admin_answer(&mount, &req).await {
+                    Some(r) => (r, head),
+                    None => (answer(&web, &mgr, &req).await, head),
+                }
             }
             Err(status) => (page(status, reason(status), ""), false),
         };
@@ -347,8 +391,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, web: Arc<Web>,
     let _ = done;
 }
 
-/// Serve the endpoint on `sock` until shutdown; `tls` for HTTPS.
-pub async fn serve(mgr: Manager, name: String, sock: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+/// Serve the endpoint on `sock` until shutdown; `tls` for HTTPS; `mount` what else.
+pub async fn serve(
+    mgr: Manager,
+    name: String,
+    sock: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mount: Mount,
+) {
     let web = Arc::new(Web::default());
     let gate = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut stop = mgr.shared.shutdown.clone();
@@ -370,16 +420,16 @@ pub async fn serve(mgr: Manager, name: String, sock: TcpListener, tls: Option<to
             );
             continue;
         };
-        let (web, mgr, tls) = (web.clone(), mgr.clone(), tls.clone());
+        let (web, mgr, tls, mount) = (web.clone(), mgr.clone(), tls.clone(), mount.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
                 Some(acc) => {
                     if let Ok(Ok(s)) = tokio::time::timeout(REQUEST_TIME, acc.accept(tcp)).await {
-                        connection(s, web, mgr).await;
+                        connection(s, web, mgr, mount).await;
                     }
                 }
-                None => connection(tcp, web, mgr).await,
+                None => connection(tcp, web, mgr, mount).await,
             }
         });
     }

@@ -145,6 +145,11 @@ pub struct ClientConfig {
     pub pipelining: bool,
     /// Send the content with BDAT when the server offers CHUNKING (SMTP only).
     pub chunking: bool,
+    /// Every recipient or none: when a RCPT is refused the content is not sent (the
+    /// transaction ends with RSET, each recipient's final reply that refusal). Commands
+    /// then go one at a time. A before-queue filter runs so: its client already has a
+    /// 250 for each recipient.
+    pub all_recipients: bool,
 }
 
 impl Default for ClientConfig {
@@ -156,6 +161,7 @@ impl Default for ClientConfig {
             auth: None,
             pipelining: true,
             chunking: true,
+            all_recipients: false,
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct ServerExtensions {
     pub chunking: bool,
     /// BINARYMIME (RFC 3030).
     pub binary_mime: bool,
+    /// XFORWARD (Postfix's extension), with the attribute names offered, upper case.
+    pub xforward: Vec<String>,
 }
 
 impl ServerExtensions {
@@ -224,6 +232,7 @@ impl ServerExtensions {
                 "ENHANCEDSTATUSCODES" => e.enhanced_status_codes = true,
                 "CHUNKING" => e.chunking = true,
                 "BINARYMIME" => e.binary_mime = true,
+                "XFORWARD" => e.xforward = args.iter().map(|a| a.to_ascii_uppercase()).collect(),
                 _ => {}
             }
         }
@@ -343,6 +352,8 @@ enum Expect {
     AuthLoginUser,
     AuthLoginPass,
     AuthFinal,
+    /// The reply to one XFORWARD command.
+    Xforward,
     Mail,
     Rcpt(usize),
     Data,
@@ -367,7 +378,7 @@ impl Expect {
             | Expect::AuthLoginUser
             | Expect::AuthLoginPass
             | Expect::AuthFinal => Phase::Auth,
-            Expect::Mail => Phase::Mail,
+            Expect::Xforward | Expect::Mail => Phase::Mail,
             Expect::Rcpt(_) => Phase::Rcpt,
             Expect::Data => Phase::Data,
             Expect::DataEnd | Expect::BdatLast | Expect::LmtpDataEnd(_) | Expect::JunkDataEnd => Phase::DataEnd,
@@ -799,6 +810,42 @@ impl Client {
         Ok(())
     }
 
+    /// Sends the client attributes the server's XFORWARD offers (Postfix's XFORWARD:
+    /// `NAME`, `ADDR`, `PORT`, `PROTO`, `HELO`, `IDENT`, `SOURCE`), the values xtext-encoded,
+    /// in commands of at most 512 bytes; attributes the server does not name are left out.
+    /// [`ClientEvent::Ready`] follows when the server accepted them all; a refusal ends
+    /// the session ([`ClientEvent::Failed`]). Nothing is sent (and `Ready` follows at once)
+    /// when the server offers no XFORWARD.
+    pub fn xforward(&mut self, attrs: &[(&str, String)]) -> Result<(), UsageError> {
+        self.check_ready()?;
+        let mut lines: Vec<String> = Vec::new();
+        let mut line = String::from("XFORWARD");
+        for (name, value) in attrs {
+            let name = name.to_ascii_uppercase();
+            if !self.ext.xforward.contains(&name) {
+                continue;
+            }
+            let value: String = value.chars().filter(|c| !c.is_control()).take(255).collect();
+            let item = format!(" {name}={}", encode_xtext(&value));
+            if line.len() + item.len() > 510 && line.len() > "XFORWARD".len() {
+                lines.push(std::mem::replace(&mut line, String::from("XFORWARD")));
+            }
+            line.push_str(&item);
+        }
+        if line.len() > "XFORWARD".len() {
+            lines.push(line);
+        }
+        if lines.is_empty() {
+            self.events.push_back(ClientEvent::Ready);
+            return Ok(());
+        }
+        self.state = State::Busy;
+        for l in lines {
+            self.send_cmd(&l, Expect::Xforward);
+        }
+        Ok(())
+    }
+
     /// Call-ahead: MAIL FROM, RCPT TO, then RSET (R27).
     pub fn call_ahead(&mut self, from: &ReversePath, rcpt: &ForwardPath) -> Result<(), UsageError> {
         self.check_ready()?;
@@ -840,7 +887,7 @@ impl Client {
 
     fn start_txn(&mut self, mail: String, recipients: Vec<Recipient>, data: Vec<u8>, bdat: bool, ca: bool) {
         let n = recipients.len();
-        let pipelined = self.cfg.pipelining && self.ext.pipelining;
+        let pipelined = self.cfg.pipelining && self.ext.pipelining && !self.cfg.all_recipients;
         self.state = State::Busy;
         self.send_cmd(&mail, Expect::Mail);
         let txn = Txn {

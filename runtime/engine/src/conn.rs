@@ -82,6 +82,10 @@ pub enum Need {
     /// Consult the policy's milters on this stage, then [`Conn::milter_replied`]; the
     /// message of the data stage is [`Conn::current_message`].
     Milter(MilterCall),
+    /// The listener has a before-queue filter (`proxy_filter`): instead of queueing the
+    /// message, hand it to the filter in a session of its own
+    /// ([`crate::before_queue::FilterSession`]), then [`Conn::proxied`] with the outcome.
+    ProxyFilter(crate::before_queue::FilterCall),
     /// Informational.
     Note(Note),
 }
@@ -134,6 +138,8 @@ enum Pending {
     Queue(Duration),
     /// Waiting for [`Conn::sealed`]: the message to queue, and the reply's delay.
     Seal(Box<QueuedMessage>, Duration),
+    /// Waiting for [`Conn::proxied`]; the reply is then held this long.
+    Proxy(Duration),
     /// Waiting for [`Conn::milter_replied`] before the stage runs.
     Milter {
         stage: Stage,
@@ -181,12 +187,19 @@ pub struct Conn {
     free_space: Option<u64>,
     /// The client has an address (not a local submission).
     has_remote: bool,
-    /// Transactions begun (the milters' `i` macro).
+    /// Transactions begun (the milters' `i` macro when the host reserves no queue id).
     milter_tx: u64,
+    /// The queue id the next message will be stored under, when the host reserved one
+    /// ([`Conn::set_next_queue_id`]): the milters' `i` macro, as Postfix's queue id.
+    next_queue_id: Option<String>,
     /// The refusal the milters asked of the stage being evaluated, and their
     /// end-of-message modifications.
     milter_refusal: Option<Outcome>,
     milter_mods: Vec<crate::milter::Modification>,
+    /// The listener's `proxy_filter`: accepted messages go there, not to the queue.
+    proxy_filter: Option<String>,
+    /// A local submission ([`Conn::preauthenticate_local`]).
+    local_submission: bool,
 }
 
 impl Conn {
@@ -210,6 +223,7 @@ impl Conn {
         let state = State::new(&prog);
         let mode = PolicyMode::from_program(&prog);
         let has_remote = peer.remote.is_some();
+        let proxy_filter = prog.listener(&facts.listener).and_then(|l| l.proxy_filter.clone());
         Conn {
             session: Session::new(config, peer, now),
             prog,
@@ -230,8 +244,11 @@ impl Conn {
             free_space: None,
             has_remote,
             milter_tx: 0,
+            next_queue_id: None,
             milter_refusal: None,
             milter_mods: Vec::new(),
+            proxy_filter,
+            local_submission: false,
         }
     }
 
@@ -241,6 +258,7 @@ impl Conn {
     /// rule treat it as one of the site's users (Postfix trusts local submission likewise).
     pub fn preauthenticate_local(&mut self, user: &str) {
         self.session.preauthenticate("local", user);
+        self.local_submission = true;
         self.facts.auth = Some((user.to_string(), "local".to_string()));
     }
 
@@ -334,7 +352,7 @@ impl Conn {
                 continue;
             }
             match &mut self.pending {
-                Pending::Queue(_) | Pending::Seal(..) | Pending::Milter { .. } => return None,
+                Pending::Queue(_) | Pending::Proxy(_) | Pending::Seal(..) | Pending::Milter { .. } => return None,
                 Pending::Stage { run, .. } => {
                     self.facts.session_errors = self.session.error_count();
                     match run.step(&self.prog, &self.facts, &mut self.state) {
@@ -419,9 +437,64 @@ impl Conn {
             }
             data.extend_from_slice(&msg.data);
             msg.data = data;
-            self.pending = Pending::Queue(delay);
-            self.notes.push_back(Need::Queue(*msg));
+            self.hand_over(*msg, delay);
         }
+    }
+
+    /// The accepted message goes to the queue, or to the listener's before-queue filter.
+    fn hand_over(&mut self, msg: QueuedMessage, delay: Duration) {
+        let Some(address) = self.proxy_filter.clone() else {
+            self.pending = Pending::Queue(delay);
+            self.notes.push_back(Need::Queue(msg));
+            return;
+        };
+        // What only a queue record carries is the re-injection listener's to decide.
+        if msg.hold.is_some() || !msg.archive.is_empty() || msg.filter.is_some() || msg.batv_sign {
+            self.notes.push_back(Need::Note(Note::Log(
+                "proxy_filter: hold, archive, filter and batv sign of this message are not passed to the filter (the re-injection listener's policy decides them)".into(),
+            )));
+        }
+        let xforward = crate::before_queue::xforward_attributes(&self.facts, self.local_submission);
+        self.pending = Pending::Proxy(delay);
+        self.notes.push_back(Need::ProxyFilter(crate::before_queue::FilterCall { address, message: msg, xforward }));
+    }
+
+    /// Answer [`Need::ProxyFilter`]: the filter's reply is the client's; a filter that
+    /// failed is `451 4.3.0` (logged with the reason).
+    pub fn proxied(&mut self, outcome: &crate::before_queue::FilterOutcome, now: Time) {
+        use crate::before_queue::FilterOutcome;
+        let Pending::Proxy(delay) = self.pending else {
+            return;
+        };
+        self.pending = Pending::None;
+        let reply = match outcome {
+            FilterOutcome::Replied(r) => {
+                self.notes.push_back(Need::Note(Note::Log(format!("proxy_filter: {r}"))));
+                r.clone()
+            }
+            FilterOutcome::Failed(why) => {
+                self.notes.push_back(Need::Note(Note::Log(format!("proxy_filter failed: {why}"))));
+                crate::before_queue::unavailable()
+            }
+        };
+        let d = if reply.is_positive() { Decision::accept().with_reply(reply) } else { Decision::reject(reply) };
+        // Nothing was stored under the reserved id; the re-injection listener has its own.
+        self.next_queue_id = None;
+        self.end_transaction();
+        self.defer(d.with_delay(delay), now);
+    }
+
+    /// The id the host will store the next message under ([`Need::Queue`]: the host
+    /// stores it as [`Conn::next_queue_id`] says): milters get it as `i` from MAIL on.
+    /// The host reserves one when the session starts and a new one after each message
+    /// it stored; without one, `i` is the session's transaction number.
+    pub fn set_next_queue_id(&mut self, id: String) {
+        self.next_queue_id = Some(id);
+    }
+
+    /// The id reserved for the next message, if any.
+    pub fn next_queue_id(&self) -> Option<&str> {
+        self.next_queue_id.as_deref()
     }
 
     /// The host stored the message durably under `id`.
@@ -429,6 +502,9 @@ impl Conn {
         if let Pending::Queue(delay) = self.pending {
             self.pending = Pending::None;
             let _ = self.session.decide(Decision::queued(id).with_delay(delay), now);
+            if self.next_queue_id.as_deref() == Some(id) {
+                self.next_queue_id = None;
+            }
             self.end_transaction();
         }
     }
@@ -933,9 +1009,8 @@ impl Conn {
                     self.notes.push_back(Need::Seal(Seal { checked, sign, sender }));
                     return;
                 }
-                self.pending = Pending::Queue(delay);
-                self.notes.push_back(Need::Queue(msg));
-                // The reply waits for `queued`, and then for a tarpit's delay.
+                self.hand_over(msg, delay);
+                // The reply waits for `queued` (or `proxied`), and then for a tarpit's delay.
             }
             _ => {}
         }

@@ -1,6 +1,7 @@
 //! The mailpolicy engine: everything that decides, and nothing that waits. No socket, no
 //! clock, no TLS, no resolver: hosts (`mailc test` in [`transcript`], `mailc serve` in the
 //! daemon crate) feed bytes, time and answers in and carry bytes and needs out.
+pub mod before_queue;
 pub mod client;
 pub mod config;
 pub mod conn;

@@ -514,3 +514,62 @@ impl Summary {
             .or_else(|| self.rcpts.iter().find_map(|r| r.state.reply()))
     }
 }
+
+/// The reverse path of a stored sender (`""` is the null sender).
+pub fn reverse_path(addr: &str) -> crate::smtp::ReversePath {
+    if addr.is_empty() {
+        return crate::smtp::ReversePath::Null;
+    }
+    crate::smtp::parse_reverse_path(&format!("<{addr}>"), true).unwrap_or(crate::smtp::ReversePath::Null)
+}
+
+/// The forward path of a stored recipient, or `None` when it does not parse.
+pub fn forward_path(addr: &str) -> Option<crate::smtp::ForwardPath> {
+    crate::smtp::parse_forward_path(&format!("<{addr}>"), true).ok()
+}
+
+/// The MAIL parameters a stored message is sent on with (SIZE, BODY, SMTPUTF8, RET, ENVID).
+pub fn mail_params(m: &QueuedMessage) -> crate::smtp::MailParams {
+    use crate::smtp::{BodyType, MailParams, Ret};
+    MailParams {
+        size: Some(m.data.len() as u64 + m.tail),
+        body: match m.session.mail_body.as_str() {
+            "8BITMIME" => BodyType::EightBitMime,
+            "BINARYMIME" => BodyType::BinaryMime,
+            _ => BodyType::SevenBit,
+        },
+        smtputf8: m.session.smtputf8,
+        ret: match m.ret.as_str() {
+            "HDRS" => Some(Ret::Hdrs),
+            "FULL" => Some(Ret::Full),
+            _ => None,
+        },
+        envid: (!m.envid.is_empty()).then(|| m.envid.clone()),
+        auth: None,
+    }
+}
+
+/// A stored recipient's NOTIFY.
+pub fn notify_of(r: &QueuedRcpt) -> Option<crate::smtp::Notify> {
+    if r.notify.is_empty() {
+        return None;
+    }
+    let has = |w: &str| r.notify.iter().any(|n| n == w);
+    Some(crate::smtp::Notify {
+        never: has("NEVER"),
+        success: has("SUCCESS"),
+        failure: has("FAILURE"),
+        delay: has("DELAY"),
+    })
+}
+
+/// A stored recipient's ORCPT.
+pub fn orcpt_of(r: &QueuedRcpt) -> Option<crate::smtp::Orcpt> {
+    let (t, a) = r.orcpt.split_once(';')?;
+    Some(crate::smtp::Orcpt { addr_type: t.to_string(), address: a.to_string() })
+}
+
+/// A stored recipient's RCPT parameters.
+pub fn rcpt_params(r: &QueuedRcpt) -> crate::smtp::RcptParams {
+    crate::smtp::RcptParams { notify: notify_of(r), orcpt: orcpt_of(r) }
+}

@@ -1,7 +1,7 @@
 //! What the tests against real peers share (the daemon crate's `tests/` and mailc's
 //! end-to-end tests): temporary directories, loopback ports of their own, and peer
-//! processes (smtp-sink, Dovecot, unbound, slapd, PostgreSQL, spamd) that are stopped when
-//! the test lets go of them. No network beyond 127.0.0.1.
+//! processes (smtp-sink, Dovecot, unbound, slapd, PostgreSQL, spamd, and `mailc serve`
+//! itself) that are stopped when the test lets go of them. No network beyond 127.0.0.1.
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 
 mod dovecot;
 mod postgres;
+mod serve;
 mod slapd;
 mod spamd;
 mod unbound;
 
 pub use dovecot::Dovecot;
 pub use postgres::Postgres;
+pub use serve::{maildir, Serve};
 pub use slapd::Slapd;
 pub use spamd::Spamd;
 pub use unbound::Unbound;

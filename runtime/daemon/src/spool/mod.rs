@@ -305,7 +305,8 @@ impl Spool {
         File::open(d)?.sync_all()
     }
 
-    fn new_id(&self, now_ms: u64) -> QueueId {
+    /// A fresh queue id, for a message stored later with [`Spool::store_with_tail_as`].
+    pub fn new_id(&self, now_ms: u64) -> QueueId {
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed) & 0xFF_FFFF;
         QueueId::generate(now_ms, n, self.inner.node)
     }
@@ -367,7 +368,20 @@ impl Spool {
         class: Class,
         now_ms: u64,
     ) -> Result<QueueId, StoreError> {
-        let id = self.new_id(now_ms);
+        self.store_with_tail_as(None, msg, tail, class, now_ms)
+    }
+
+    /// [`Spool::store_with_tail`] under `id`, an id of [`Spool::new_id`] not used yet (the
+    /// one a session reserved, which its milters already know), or a new one.
+    pub fn store_with_tail_as(
+        &self,
+        id: Option<QueueId>,
+        msg: &QueuedMessage,
+        tail: Option<&Path>,
+        class: Class,
+        now_ms: u64,
+    ) -> Result<QueueId, StoreError> {
+        let id = id.unwrap_or_else(|| self.new_id(now_ms));
         let header = format::encode_header(&id, class, now_ms, msg).map_err(StoreError::Io)?;
         let (tmp, mut f) = self.message_file(&id).map_err(StoreError::from_io)?;
         match tail.filter(|_| msg.tail > 0) {

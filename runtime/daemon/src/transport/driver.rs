@@ -821,6 +821,7 @@ fn client_config(opts: &DeliveryOptions, protocol: Protocol, tls: TlsPolicy) -> 
         auth: if protocol == Protocol::Lmtp { None } else { opts.auth.clone() },
         pipelining: opts.pipelining,
         chunking: opts.chunking,
+        all_recipients: false,
     }
 }
 

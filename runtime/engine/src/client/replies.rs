@@ -136,6 +136,14 @@ impl Client {
                     self.auth_failed(reply);
                 }
             }
+            Expect::Xforward => {
+                if !ok {
+                    let r = made_up(451, (4, 3, 0), format!("XFORWARD refused: {reply}"));
+                    self.fail_quit(Phase::Mail, r);
+                } else if !self.expect.iter().any(|e| *e == Expect::Xforward) {
+                    self.become_ready();
+                }
+            }
             Expect::Mail => self.on_mail(reply, ok),
             Expect::Rcpt(i) => self.on_rcpt(i, reply, ok),
             Expect::Data => self.on_data(reply),
@@ -290,6 +298,16 @@ impl Client {
         } else if t.call_ahead {
             self.send_cmd("RSET", Expect::Rset);
         } else if t.accepted.is_empty() {
+            self.finish_txn(true);
+        } else if self.cfg.all_recipients && t.accepted.len() < t.recipients.len() {
+            // One recipient refused: no content goes, and every recipient gets the
+            // first refusal.
+            let refusal = t.finals.iter().flatten().next().cloned();
+            if let Some(r) = refusal {
+                for f in t.finals.iter_mut() {
+                    *f = Some(r.clone());
+                }
+            }
             self.finish_txn(true);
         } else if t.bdat {
             self.send_bdat();

@@ -64,8 +64,15 @@ fn tempfailed() -> RenderedReply {
 
 impl Conn {
     /// The policy's milters, in declaration order (the order they are consulted).
+    /// Those of this session: the listener's `milters` (all by default), or for a local
+    /// submission the server's `non_smtpd_milters` (none by default, as Postfix).
     pub fn milters(&self) -> Vec<&Resource> {
-        self.prog.scanners.iter().filter(|s| s.kind == "milter").collect()
+        let chosen = if self.local_submission {
+            Some(&self.prog.server.non_smtpd_milters)
+        } else {
+            self.prog.listener(&self.facts.listener).and_then(|l| l.milters.as_ref())
+        };
+        self.prog.scanners.iter().filter(|s| s.kind == "milter" && chosen.is_none_or(|c| c.contains(&s.name))).collect()
     }
 
     fn milter(&self, name: &str) -> Option<&Resource> {
@@ -144,6 +151,9 @@ impl Conn {
     /// The `i` macro: the transaction's id (the queue id is made when the message is
     /// stored, after the milters have seen it).
     fn milter_queue_id(&self) -> String {
+        if let Some(id) = &self.next_queue_id {
+            return id.clone();
+        }
         let sid: String = self.facts.session_id.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
         format!("{}{:X}", if sid.is_empty() { "0" } else { &sid }, self.milter_tx)
     }
@@ -376,5 +386,48 @@ impl Conn {
             }
         }
         self.apply_tx_effects(&effects);
+    }
+}
+
+#[cfg(test)]
+mod selection_tests {
+    use std::sync::Arc;
+
+    use crate::conn::{ClientInfo, Conn};
+    use crate::smtp::{Config, PeerInfo, Time};
+
+    fn conn(policy: &str, listener: &str, local_user: Option<&str>) -> Conn {
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
+        let prog = Arc::new(c.program.expect("compiles"));
+        let peer = PeerInfo { remote: Some(([127, 0, 0, 1], 40000).into()), local: None, tls: None };
+        let client = ClientInfo { listener: listener.into(), ..Default::default() };
+        let mut c = Conn::new(prog, Config::default(), peer, client, Time(0));
+        if let Some(u) = local_user {
+            c.preauthenticate_local(u);
+        }
+        c
+    }
+
+    fn names(c: &Conn) -> Vec<String> {
+        c.milters().iter().map(|m| m.name.clone()).collect()
+    }
+
+    const MILTERS: &str =
+        "scanner dkim = milter \"inet:127.0.0.1:8891\";\nscanner spam = milter \"unix:/run/s.sock\";\n";
+
+    /// Postfix's smtpd_milters and non_smtpd_milters: every milter on a listener by
+    /// default, the listener's `milters` when it names them, and for local submissions
+    /// the server's `non_smtpd_milters`, none by default.
+    #[test]
+    fn a_session_uses_its_listeners_milters_and_a_local_submission_the_servers() {
+        let p = format!(
+            "{MILTERS}listener mx {{ address \"0.0.0.0:25\"; }}\nlistener re {{ address \"127.0.0.1:26\"; milters []; }}\nlistener sub {{ address \"0.0.0.0:587\"; milters [\"spam\"]; }}\n"
+        );
+        assert_eq!(names(&conn(&p, "mx", None)), ["dkim", "spam"]);
+        assert!(names(&conn(&p, "re", None)).is_empty());
+        assert_eq!(names(&conn(&p, "sub", None)), ["spam"]);
+        assert!(names(&conn(&p, "local", Some("alice"))).is_empty());
+        let p = format!("{MILTERS}server {{ non_smtpd_milters [\"dkim\"]; }}\n");
+        assert_eq!(names(&conn(&p, "local", Some("alice"))), ["dkim"]);
     }
 }

@@ -105,6 +105,9 @@ pub enum Item {
         rcpt: Option<String>,
         answer: MilterFixture,
     },
+    /// `proxy-filter: ANSWER`: the listener's before-queue filter's answer to the next
+    /// message handed to it.
+    ProxyFilter(crate::before_queue::FilterOutcome),
     Secret {
         name: String,
         value: String,
@@ -141,6 +144,8 @@ pub enum Item {
     Closed,
     // ---- outcome --------------------------------------------------------------------
     Queued(usize),
+    /// `proxied: N`: messages handed to the before-queue filter.
+    Proxied(usize),
     QueuedTo(Vec<String>),
     QueuedFrom(String),
     Header {
@@ -389,9 +394,11 @@ fn parse_item(dir: &Path, line: &str) -> Result<Item, String> {
             score: value.parse().map_err(|_| format!("\"{value}\" is not a number"))?,
         },
         k if k.starts_with("milter ") => parse_milter(k[7..].trim(), value)?,
+        "proxy-filter" => Item::ProxyFilter(parse_proxy_filter(value)?),
         k if k.starts_with("secret ") => {
             Item::Secret { name: k[7..].trim().to_string(), value: value.replace("\\n", "\n") }
         }
+        "proxied" => Item::Proxied(value.parse().map_err(|_| "`proxied:` takes a number of messages".to_string())?),
         "queued" => Item::Queued(value.parse().map_err(|_| "`queued:` takes a number of messages".to_string())?),
         "queued-to" => {
             Item::QueuedTo(value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
@@ -612,6 +619,24 @@ pub fn replay(
         Ok(())
     } else {
         Err(failures)
+    }
+}
+
+/// `proxy-filter: reply CODE [X.Y.Z] TEXT`, `error [TEXT]` or `timeout`.
+fn parse_proxy_filter(value: &str) -> Result<crate::before_queue::FilterOutcome, String> {
+    use crate::before_queue::FilterOutcome;
+    let (word, arg) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+    let arg = arg.trim();
+    match word {
+        "reply" => match crate::smtp::Reply::parse(arg) {
+            Some(r) => Ok(FilterOutcome::Replied(r)),
+            None => Err(format!("`{arg}` is not a reply: write `proxy-filter: reply 250 2.0.0 Ok: queued as 1A2B`")),
+        },
+        "error" => Ok(FilterOutcome::Failed(if arg.is_empty() { "the filter is down".into() } else { arg.into() })),
+        "timeout" => Ok(FilterOutcome::Failed("timed out waiting for the filter".into())),
+        other => {
+            Err(format!("`{other}` is not a proxy filter answer: reply CODE [X.Y.Z] TEXT, error [TEXT] or timeout"))
+        }
     }
 }
 

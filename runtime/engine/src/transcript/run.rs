@@ -210,6 +210,10 @@ struct CaseRun {
     last: Option<Reply>,
     verdicts: VecDeque<Option<LocId>>,
     queued: Vec<QueuedMessage>,
+    /// `proxy-filter:` answers not used yet (the last one repeats), and the messages
+    /// handed to the before-queue filter.
+    proxy_answers: std::collections::VecDeque<crate::before_queue::FilterOutcome>,
+    proxied: Vec<QueuedMessage>,
     logs: Vec<String>,
     alerts: Vec<String>,
     failures: Vec<String>,
@@ -259,6 +263,8 @@ impl CaseRun {
             last: None,
             verdicts: VecDeque::new(),
             queued: Vec::new(),
+            proxy_answers: Default::default(),
+            proxied: Vec::new(),
             logs: Vec::new(),
             alerts: Vec::new(),
             failures: Vec::new(),
@@ -334,6 +340,7 @@ impl CaseRun {
             Item::Secret { name, value } => {
                 self.secrets.insert(name.clone(), value.clone());
             }
+            Item::ProxyFilter(answer) => self.proxy_answers.push_back(answer.clone()),
             Item::Count { counter, key, n } => {
                 for _ in 0..(*n).min(1_000_000) {
                     self.rates.record(counter, key, self.now);
@@ -459,6 +466,15 @@ impl CaseRun {
                 self.pump();
                 if !self.conn.as_ref().is_some_and(|c| c.is_closed()) {
                     self.fail("expected the server to have closed the connection; it is open");
+                }
+            }
+            Item::Proxied(n) => {
+                self.pump();
+                if self.proxied.len() != *n {
+                    self.fail(format!(
+                        "expected {n} message(s) handed to the proxy filter, found {}",
+                        self.proxied.len()
+                    ));
                 }
             }
             Item::Queued(n) => {
@@ -669,6 +685,8 @@ impl CaseRun {
         let (tls_req, auth_req) = crate::config::requirements(&self.prog, listener.as_deref());
         conn.set_requirements(tls_req, auth_req);
         conn.set_free_space(self.disk_free);
+        // The id the next message gets, which milters see as `i` (as the daemon reserves it).
+        conn.set_next_queue_id(format!("{:010X}", self.queued.len() + 1));
         self.session_keys = crate::eval::session_keys(self.client.ip());
         for k in &self.session_keys {
             self.rates.open(k);
@@ -801,6 +819,29 @@ impl CaseRun {
                     let id = format!("{:010X}", self.queued.len());
                     if let Some(c) = self.conn.as_mut() {
                         c.queued(&id, now);
+                        c.set_next_queue_id(format!("{:010X}", self.queued.len() + 1));
+                    }
+                }
+                Need::ProxyFilter(mut call) => {
+                    if call.message.tail > 0 {
+                        call.message.data.extend_from_slice(&std::mem::take(&mut self.spill).1);
+                        call.message.tail = 0;
+                    }
+                    let answer = match self.proxy_answers.len() {
+                        0 => None,
+                        1 => self.proxy_answers.front().cloned(),
+                        _ => self.proxy_answers.pop_front(),
+                    };
+                    let answer = answer.unwrap_or_else(|| {
+                        self.fail(format!(
+                            "a message went to the proxy filter {} and the case gives no `proxy-filter:` answer",
+                            call.address
+                        ));
+                        crate::before_queue::FilterOutcome::Failed("no `proxy-filter:` answer".into())
+                    });
+                    self.proxied.push(call.message);
+                    if let Some(c) = self.conn.as_mut() {
+                        c.proxied(&answer, now);
                     }
                 }
                 Need::Milter(call) => {
