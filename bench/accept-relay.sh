@@ -24,11 +24,18 @@
 #   RULES=N    also measures mailpolicy with the bench policy plus N rules (the examples'
 #              rules repeated with different literals; DNS answered by a local responder),
 #              every round, against the plain policy of the same round.
+#   MAILC_B=PATH  also measures this second mailc binary on the plain policy every round,
+#              next to the first, in alternating order (A/B in one run: same load, same
+#              Postfix rounds; use an even number of ROUNDS).
+#   PROFILE=1  records the daemon with `perf record -g` (Debian linux-perf) during the first
+#              plain mailpolicy round and prints the top entries (self time by symbol) at
+#              the end; the data stays in the temp dir with KEEP=1.
+# The summary ends with every goal of issue 13 (met / not met, with the measured figure).
 # Needs root (Postfix's master), postfix, smtp-source, smtp-sink, python3.
 set -euo pipefail
 S=${1:-20}; M=${2:-5000}; L=${3:-2000}; ROUNDS=${4:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CMD="${BACKLOG:+BACKLOG=$BACKLOG }${RULES:+RULES=$RULES }bench/accept-relay.sh $S $M $L $ROUNDS"
+CMD="${BACKLOG:+BACKLOG=$BACKLOG }${RULES:+RULES=$RULES }${MAILC_B:+MAILC_B=$MAILC_B }bench/accept-relay.sh $S $M $L $ROUNDS"
 BIN=${MAILC:-$ROOT/target/release/mailc}
 BACKLOG=${BACKLOG:-0}; RULES=${RULES:-0}
 DRAIN_LIMIT=${DRAIN_LIMIT:-$((150 + BACKLOG / 100))}
@@ -41,6 +48,8 @@ if [ -z "${NO_BUILD:-}" ] && [ -z "${MAILC:-}" ]; then
   (cd "$ROOT" && cargo build --release -q -p mailc)
 fi
 [ -x "$BIN" ] || { echo "accept-relay: $BIN not built" >&2; exit 2; }
+BIN_B=${MAILC_B:-}
+[ -z "$BIN_B" ] || [ -x "$BIN_B" ] || { echo "accept-relay: $BIN_B is not an executable" >&2; exit 2; }
 
 D=$(mktemp -d /tmp/accept-relay.XXXXXX); chmod 755 "$D"
 SINKPIDS=(); MPPID=""; SAMPLER=""; DNSPID=""
@@ -241,11 +250,24 @@ print(out)
 PY
   "$BIN" check "$MP/rules.mailpolicy" >"$MP/rules.check" 2>&1 || { echo "accept-relay: the $RULES-rule policy does not check:" >&2; cat "$MP/rules.check" >&2; exit 1; }
 fi
-mp_start() { # [policy file]
-  "$BIN" serve --policy "${1:-$MP/bench.mailpolicy}" --spool "$MP/spool" --user "$(id -un)" >>"$MP/log" 2>&1 </dev/null & MPPID=$!
-  wait_listen "$MPPORT"
+PERFPID=""
+mp_start() { # [policy file] [binary] [profile]
+  local cmd=("${2:-$BIN}" serve --policy "${1:-$MP/bench.mailpolicy}" --spool "$MP/spool" --user "$(id -un)")
+  if [ -n "${3:-}" ]; then
+    # The daemon runs under perf, which then follows every thread it starts (the blocking
+    # pool's threads, which do the spool's file work, come and go).
+    perf record -q -e cpu-clock -F 997 -g -o "$D/perf.data" -- "${cmd[@]}" >>"$MP/log" 2>&1 </dev/null & PERFPID=$!
+    wait_listen "$MPPORT"
+    MPPID=$(pgrep -P "$PERFPID" | head -1)
+  else
+    "${cmd[@]}" >>"$MP/log" 2>&1 </dev/null & MPPID=$!
+    wait_listen "$MPPORT"
+  fi
 }
-mp_stop() { kill "$MPPID" 2>/dev/null || true; wait "$MPPID" 2>/dev/null || true; MPPID=""; }
+mp_stop() {
+  kill "$MPPID" 2>/dev/null || true; wait "$MPPID" 2>/dev/null || true; MPPID=""
+  if [ -n "$PERFPID" ]; then wait "$PERFPID" 2>/dev/null || true; PERFPID=""; fi
+}
 mp_pids() { [ -n "$MPPID" ] && echo "$MPPID"; }
 
 # ---------------------------------------------------------------- memory sampler
@@ -318,11 +340,16 @@ measure_nodisk() { # the same load straight into an smtp-sink that writes nothin
   tail -1 "$D/results" | awk '{printf "  %-10s accepted %d msgs in %6.2f s = %7.0f msg/s (smtp-source into smtp-sink, no MTA, no disk)\n", $1, '"$M"', $4, $2}'
 }
 
-mp_round() { # name policy [backlog]
-  mp_start "$2"
+mp_round() { # name policy [backlog] [binary]
+  local prof=""
+  if [ -n "${PROFILE:-}" ] && [ "$1" = mailpolicy ] && [ ! -e "$D/perf.data" ]; then prof=1; fi
+  mp_start "$2" "${4:-$BIN}" "$prof"
   measure "$1" mp_pids "$MPPORT" "$D/sink-mailpolicy" "${3:-0}"
   HWM=$(awk '/^VmHWM:/{print $2}' "/proc/$MPPID/status")
-  echo "$1 $HWM" >> "$D/hwm"
+  # The daemon's CPU time (user, system; clock ticks) for the whole round: per message it
+  # is the A/B figure that a busy machine disturbs least.
+  read -r UT ST < <(sed 's/.*) //' "/proc/$MPPID/stat" | awk '{print $12, $13}')
+  echo "$1 $HWM $UT $ST $(( ${3:-0} + M ))" >> "$D/hwm"
   mp_stop
   rm -rf "$MP/spool"
 }
@@ -334,7 +361,11 @@ for r in $(seq 1 "$ROUNDS"); do
   pf_start
   measure postfix pf_pids "$PFPORT" "$D/sink-postfix"
   pf_stop
+  # A/B: the order alternates between rounds (the second of two runs finds the first's
+  # deleted files in the file system's inode tables, which costs it a little).
+  if [ -n "$BIN_B" ] && [ $((r % 2)) = 0 ]; then mp_round mailpolicy-B "$MP/bench.mailpolicy" 0 "$BIN_B"; fi
   mp_round mailpolicy "$MP/bench.mailpolicy"
+  if [ -n "$BIN_B" ] && [ $((r % 2)) = 1 ]; then mp_round mailpolicy-B "$MP/bench.mailpolicy" 0 "$BIN_B"; fi
   if [ "$RULES" -gt 0 ]; then mp_round "rules$RULES" "$MP/rules.mailpolicy"; fi
   measure_nodisk
 done
@@ -346,11 +377,17 @@ if [ "$BACKLOG" -gt 0 ]; then
   mp_round mailpolicy-backlog "$MP/bench.mailpolicy" "$BACKLOG"
 fi
 
-python3 - "$D/results" "$D/hwm" "$RULES" <<PY
+python3 - "$D/results" "$D/hwm" "$RULES" "$BIN_B" <<PY
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 hwm = [l.split() for l in open(sys.argv[2])]
 rules = int(sys.argv[3])
+bin_b = sys.argv[4]
+tick = int("$(getconf CLK_TCK)")
+def us(h, col=None):
+    # microseconds of daemon CPU per message (user + system, or one of them)
+    t = (int(h[2]) + int(h[3])) if col is None else int(h[col])
+    return t * 1e6 / tick / int(h[4])
 def med(name, col):
     v = [float(r[col]) for r in rows if r[0] == name]
     return statistics.median(v) if v else None
@@ -366,6 +403,7 @@ print(f"{'relay rate (msg/s)':30}{pr:10.0f}{mr:12.0f}{mr/pr:8.2f}")
 print(f"{'peak RSS, summed (MB)':30}{prss/1024:10.1f}{mrss/1024:12.1f}{mrss/prss:8.2f}")
 print(f"{'peak PSS, summed (MB)':30}{ppss/1024:10.1f}{mpss/1024:12.1f}{mpss/ppss:8.2f}")
 print(f"{'daemon VmHWM (MB)':30}{'':>10}{statistics.median(int(h[1]) for h in hwm if h[0] == 'mailpolicy')/1024:12.1f}")
+print(f"{'daemon CPU per message (us)':30}{'':>10}{statistics.median(us(h) for h in hwm if h[0] == 'mailpolicy'):12.0f}   (user + system, accept and relay)")
 print()
 print(f"{'no-disk limit (msg/s)':30}{na:10.0f}   (smtp-source -> smtp-sink, same sessions and sizes)")
 print(f"{'mailpolicy accept / no-disk':30}{ma/na:10.2f}")
@@ -379,7 +417,41 @@ if pb and mb:
     print(f"{'accept behind backlog':30}{pb:10.0f}{mb:12.0f}{mb/pb:8.2f}")
     print(f"{'  / own accept without':30}{pb/pa:10.2f}{mb/ma:12.2f}")
     print(f"{'relay behind backlog (all)':30}{med('postfix-backlog', 2):10.0f}{med('mailpolicy-backlog', 2):12.0f}{med('mailpolicy-backlog', 2)/med('postfix-backlog', 2):8.2f}")
+if bin_b:
+    ba, br = med("mailpolicy-B", 1), med("mailpolicy-B", 2)
+    print()
+    print(f"A/B, same rounds: A = {'$BIN'}, B = {bin_b}")
+    cpu = [h for h in hwm if h[0] in ("mailpolicy", "mailpolicy-B")]
+    for r, h in zip([r for r in rows if r[0] in ("mailpolicy", "mailpolicy-B")], cpu):
+        print(f"  {'A' if r[0] == 'mailpolicy' else 'B'}: accept {float(r[1]):7.0f}  relay {float(r[2]):7.0f}  relay/accept {float(r[2])/float(r[1]):.2f}  {us(h):5.0f} us CPU/msg ({us(h, 2):.0f} user, {us(h, 3):.0f} system)")
+    ca, cb = (statistics.median(us(h) for h in cpu if h[0] == n) for n in ("mailpolicy", "mailpolicy-B"))
+    print(f"  median B / A: accept {ba/ma:.2f}, relay {br/mr:.2f}, CPU per message {cb/ca:.2f}; B / Postfix: accept {ba/pa:.2f}, relay {br/pr:.2f}")
+print()
+print("issue 13 goals (medians of this run):")
+def goal(text, ok, figure):
+    print(f"  {'met    ' if ok else 'NOT met'}  {text:44} {figure}")
+goal("accept >= 5x Postfix", ma / pa >= 5, f"{ma/pa:.2f}x")
+goal("relay >= 5x Postfix", mr / pr >= 5, f"{mr/pr:.2f}x")
+goal("relay >= 0.9x own accept", mr / ma >= 0.9, f"{mr/ma:.2f}x")
+goal("accept >= 0.8x no-disk limit", ma / na >= 0.8, f"{ma/na:.2f}x ({ma:.0f} of {na:.0f} msg/s)")
+if pb and mb:
+    goal("accept behind backlog not below own (-5 %)", mb / ma >= 0.95, f"{mb/ma:.2f}x ({mb:.0f} vs {ma:.0f} msg/s)")
+else:
+    print("  (no backlog round: BACKLOG=50000 adds it)")
+if rules:
+    goal(f"{rules}-rule policy within 5 % of plain", ra / ma >= 0.95, f"{ra/ma:.3f}x")
+else:
+    print("  (no rules round: RULES=200 adds it)")
 PY
+if [ -e "$D/perf.data" ]; then
+  echo
+  echo "profile of the daemon (first plain round; self time, entries of 0.7 % and more):"
+  perf report -i "$D/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.7 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' | head -40
+  echo "inclusive (children), 5 % and more:"
+  perf report -i "$D/perf.data" --stdio --children --sort symbol -g none --percent-limit 5 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' | head -40
+fi
 echo
 echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r), $(df -T "$D" | awk 'NR==2{print $2}') on /tmp"
 echo "postfix: $(postconf -d -h mail_version 2>/dev/null) ($(dpkg-query -W -f '${Version}' postfix 2>/dev/null || echo '?')); mailpolicy: $(if [ -n "${MAILC:-}" ]; then echo "MAILC=$MAILC"; else cd "$ROOT" && echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- runtime stdlib lang 2>/dev/null || echo '+local changes')"; fi)"

@@ -370,6 +370,12 @@ settings! {
         bounce_rate: Option<u64> = Dflt::Text("no limit"), Num,
             "bounces delivered per minute before they queue behind normal mail (R30)";
         destination_concurrency: u64 = Dflt::Num(20), Num, "parallel deliveries per destination (R31)";
+        connection_cache_time_limit: Duration = Dflt::Ms(5_000), Duration,
+            "how long an outbound SMTP/LMTP session waits idle for the next message to the same destination, 0 for no reuse (Postfix smtp_connection_cache_time_limit)";
+        connection_reuse_count_limit: u64 = Dflt::Num(0), Num,
+            "most messages sent over one outbound session, 0 for no limit (Postfix smtp_connection_reuse_count_limit)";
+        connection_reuse_time_limit: Duration = Dflt::Ms(300_000), Duration,
+            "an outbound session older than this is not reused (Postfix smtp_connection_reuse_time_limit)";
         max_lookups: u64 = Dflt::Num(100), Num, "network lookups one message may cause";
         lookup_timeout: Duration = Dflt::Ms(10_000), Duration, "default time-out of a lookup";
         dns_timeout: Duration = Dflt::Ms(5_000), Duration, "time-out of a DNS query";

@@ -119,7 +119,7 @@ impl Lookups {
             )),
             sender_auth,
             signer,
-            sql: super::sql::Pool::default(),
+            sql: super::sql::Pool::new(policy_dir),
             ldap: super::ldap::Pool::default(),
         })
     }

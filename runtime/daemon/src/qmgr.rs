@@ -73,10 +73,13 @@ pub fn queue_config(p: &Program) -> QueueConfig {
 
 /// The outbound session cache: as many idle sessions per destination as deliveries may run
 /// to it at once, so that at full concurrency a finished delivery's session is kept for the
-/// next message instead of being closed while the next delivery opens a new one.
+/// next message instead of being closed while the next delivery opens a new one. Kept
+/// for the server's `connection_cache_time_limit`, reused up to `connection_reuse_*_limit`.
 fn session_cache(p: &Program) -> driver::ConnectionCache {
-    let mut c = driver::ConnectionCache::default();
+    let mut c = driver::ConnectionCache::new(p.server.connection_cache_time_limit);
     c.max_per_key = c.max_per_key.max(queue_config(p).destination_concurrency_limit as usize);
+    c.max_uses = p.server.connection_reuse_count_limit;
+    c.max_age = p.server.connection_reuse_time_limit;
     c
 }
 
@@ -187,6 +190,57 @@ struct Qmgr {
     removals: JoinSet<()>,
     /// Shared with the supervisor: the message being worked on.
     current: Current,
+    /// Messages as admission read them, handed to their first delivery so that it does
+    /// not read the same files again (see [`Handoff`]).
+    handoff: Handoff,
+}
+
+/// Messages admission has just read, kept for their first delivery job. A message is put
+/// here only when admission changed none of its state (so the copy is what the spool
+/// holds), and a delivery takes it only when its job has every recipient still open (so no
+/// other job can have changed the state since); anything else reads the spool as before.
+/// Every copy leaves at its message's first delivery, or when the queue manager forgets
+/// the message (`mailc queue`, quarantine). Bounded in bytes: above the bound, and for
+/// large messages, the delivery reads the spool.
+#[derive(Default)]
+struct Handoff {
+    by_id: HashMap<QueueId, Arc<Stored>>,
+    bytes: usize,
+}
+
+impl Handoff {
+    /// At most this many bytes of message data are kept in all.
+    const MAX_BYTES: usize = 32 << 20;
+    /// A message larger than this is never kept.
+    const MAX_MESSAGE: usize = 256 << 10;
+
+    fn put(&mut self, stored: Stored) {
+        let n = stored.message.data.len();
+        if n > Self::MAX_MESSAGE || self.bytes + n > Self::MAX_BYTES {
+            return;
+        }
+        self.bytes += n;
+        if let Some(old) = self.by_id.insert(stored.id.clone(), Arc::new(stored)) {
+            self.bytes -= old.message.data.len();
+        }
+    }
+
+    fn remove(&mut self, id: &QueueId) -> Option<Arc<Stored>> {
+        let s = self.by_id.remove(id)?;
+        self.bytes -= s.message.data.len();
+        Some(s)
+    }
+
+    /// The copy of `job`'s message when the job has every recipient still open.
+    fn take(&mut self, job: &Job) -> Option<Arc<Stored>> {
+        let s = self.remove(&job.id)?;
+        let open = s.states.iter().enumerate().filter(|(_, st)| !st.is_final()).map(|(i, _)| i);
+        let mut open: Vec<usize> = open.collect();
+        let mut rcpts = job.rcpts.clone();
+        open.sort_unstable();
+        rcpts.sort_unstable();
+        (open == rcpts).then_some(s)
+    }
 }
 
 /// Blocking spool I/O (reads, renames, fsyncs) on the blocking pool, so that the queue
@@ -326,6 +380,7 @@ async fn run(
         cache,
         removals: JoinSet::new(),
         current,
+        handoff: Handoff::default(),
     };
     for id in recovered {
         q.guarded_admit(&id).await;
@@ -493,6 +548,7 @@ impl Qmgr {
     /// the queue for `corrupt/`, with a log line, and the queue goes on.
     async fn quarantine(&mut self, id: &QueueId, why: &str) {
         self.sched.remove(id);
+        self.handoff.remove(id);
         for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
             self.routes.remove(&k);
         }
@@ -928,6 +984,8 @@ impl Qmgr {
                 updates.push((*i, RcptState::Failed { at: now, reply: r.clone() }));
             }
         }
+        // What admission read is what the spool holds unless it records something now.
+        let unchanged = updates.is_empty();
         if !updates.is_empty() {
             let q = qid.clone();
             if let Err(e) = spool_io(&self.spool, move |s| s.record(&q, &updates, None)).await {
@@ -953,7 +1011,12 @@ impl Qmgr {
             let q = qid.clone();
             let _ = spool_io(&self.spool, move |s| s.activate(&q)).await;
         }
+        // Only what is due now: a copy waits for its first job, not for a retry minutes away.
+        let soon = !entry.held && entry.due_ms <= now;
         self.sched.add(entry, now);
+        if unchanged && soon {
+            self.handoff.put(stored);
+        }
     }
 
     /// `archive FOLDER` (R12): a copy in the Maildir folder under the server's maildir.
@@ -1041,6 +1104,7 @@ impl Qmgr {
     /// The scheduler and the routes forget `id`.
     fn forget(&mut self, id: &QueueId) {
         self.sched.remove(id);
+        self.handoff.remove(id);
         for k in self.routes.keys().filter(|(m, _)| m == id.as_str()).cloned().collect::<Vec<_>>() {
             self.routes.remove(&k);
         }
@@ -1084,7 +1148,8 @@ impl Qmgr {
     }
 
     /// A delivery task for one job.
-    fn delivery(&self, job: Job) -> impl std::future::Future<Output = JobDone> + Send + 'static {
+    fn delivery(&mut self, job: Job) -> impl std::future::Future<Output = JobDone> + Send + 'static {
+        let handed = self.handoff.take(&job);
         let spool = self.spool.clone();
         let prog = self.prog.clone();
         let shared = self.shared.clone();
@@ -1097,13 +1162,16 @@ impl Qmgr {
         let soft_bounce = self.sched.config().soft_bounce;
         async move {
             let id = job.id.clone();
-            let stored = match tokio::task::spawn_blocking({
-                let spool = spool.clone();
-                let id = id.clone();
-                move || spool.load(&id)
-            })
-            .await
-            {
+            let load = async {
+                match handed {
+                    Some(s) => Ok(Ok(s)),
+                    None => {
+                        let (spool, id) = (spool.clone(), id.clone());
+                        tokio::task::spawn_blocking(move || spool.load(&id).map(Arc::new)).await
+                    }
+                }
+            };
+            let stored = match load.await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let r = format!("451 4.3.0 cannot read the queue file: {e}");

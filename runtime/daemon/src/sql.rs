@@ -17,14 +17,24 @@
 //! failed, timed out or was closed by the server is dropped, and the next lookup opens a
 //! new one. A failure or the time-out is an error answer: 4xx unless the table says
 //! `on_error continue`.
+//!
+//! TLS is the `url`'s `sslmode`, as libpq reads it ([`tls`]): `disable`; `prefer` (the
+//! default) and `allow`, TLS when the server offers it, unverified; `require`, TLS or no
+//! connection, unverified unless `sslrootcert` names a CA file; `verify-ca`, the server's
+//! certificate chained to `sslrootcert` (else the system's trust store); `verify-full`,
+//! that and the host name.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailpolicy_lang::ir::{OptValue, Program, Resource};
 use tokio::sync::Semaphore;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
+
+mod tls;
+pub use tls::{connect, SslMode};
 
 use crate::eval::Answer;
 
@@ -46,12 +56,16 @@ struct TablePool {
     /// One permit per connection the table may have open.
     gate: Arc<Semaphore>,
     size: usize,
+    /// Where a relative `sslrootcert` is found (the policy's directory).
+    dir: Option<PathBuf>,
 }
 
 /// Open connections, a pool per table.
 #[derive(Default)]
 pub struct Pool {
     tables: Mutex<HashMap<String, Arc<TablePool>>>,
+    /// The policy's directory: a relative `sslrootcert` is read from there.
+    dir: Option<PathBuf>,
 }
 
 fn opt<'a>(t: &'a Resource, name: &str) -> Option<&'a str> {
@@ -70,14 +84,23 @@ pub fn connections(t: &Resource) -> usize {
 }
 
 impl Pool {
+    /// A pool whose tables read a relative `sslrootcert` from `policy_dir`.
+    pub fn new(policy_dir: &Path) -> Pool {
+        Pool { tables: Mutex::default(), dir: Some(policy_dir.to_path_buf()) }
+    }
+
     fn table(&self, t: &Resource) -> Arc<TablePool> {
         let size = connections(t);
         let mut m = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         match m.get(&t.name) {
             Some(p) if p.size == size => p.clone(),
             _ => {
-                let p =
-                    Arc::new(TablePool { idle: Mutex::new(Vec::new()), gate: Arc::new(Semaphore::new(size)), size });
+                let p = Arc::new(TablePool {
+                    idle: Mutex::new(Vec::new()),
+                    gate: Arc::new(Semaphore::new(size)),
+                    size,
+                    dir: self.dir.clone(),
+                });
                 m.insert(t.name.clone(), p.clone());
                 p
             }
@@ -150,15 +173,7 @@ impl Pool {
         let conn = match reused {
             Some(c) => c,
             None => {
-                let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("url: {e}"))?;
-                if let Some(pw) = &password {
-                    config.password(pw);
-                }
-                let (client, connection) = config.connect(NoTls).await.map_err(|e| format!("connect: {e}"))?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                Conn { client, ident, prepared: None }
+                Conn { client: connect(url, password.as_deref(), pool.dir.as_deref()).await?, ident, prepared: None }
             }
         };
         let rows = match param {
@@ -201,15 +216,7 @@ impl Pool {
         let mut conn = match reused {
             Some(c) => c,
             None => {
-                let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("url: {e}"))?;
-                if let Some(pw) = &password {
-                    config.password(pw);
-                }
-                let (client, connection) = config.connect(NoTls).await.map_err(|e| format!("connect: {e}"))?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                Conn { client, ident, prepared: None }
+                Conn { client: connect(url, password.as_deref(), pool.dir.as_deref()).await?, ident, prepared: None }
             }
         };
         let stmt = match &conn.prepared {

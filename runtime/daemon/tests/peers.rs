@@ -208,6 +208,69 @@ fn smtp_sink_mx_next_host_and_connection_cache() {
     assert!(cache.is_empty());
 }
 
+/// A loopback proxy to `to` that counts the connections made through it.
+async fn counting_proxy(to: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    (port, n)
+}
+
+/// Several messages per session (RSET between them), as many as `max_uses` allows; a
+/// session is not reused past `max_age`, nor for a delivery under other TLS settings.
+#[test]
+fn connection_cache_reuse_limits() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let rt = rt();
+    let sink = free_port();
+    let _sink = smtp_sink(&[], &format!("127.0.0.1:{sink}"));
+    let (port, sessions) = rt.block_on(counting_proxy(sink));
+    let mut o = opts(localhost_resolver());
+    let mut cache = ConnectionCache::new(Duration::from_secs(30));
+    cache.max_uses = 2;
+    let cache = Arc::new(cache);
+    o.cache = Some(cache.clone());
+    let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
+    let e = env("a@s.test", &["b@dst.test"]);
+    let send = |o: &DeliveryOptions, i: usize| {
+        let rep = rt.block_on(deliver(&target, &e, format!("Subject: {i}\n\nx\n").as_bytes(), o));
+        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "message {i}: {rep:?}");
+    };
+    for i in 0..5 {
+        send(&o, i);
+    }
+    // 2 + 2 + 1 messages: three sessions, two of them reused once each.
+    assert_eq!((sessions.load(SeqCst), cache.reused()), (3, 2));
+    // Another TLS policy is another key: the idle session does not serve it.
+    let mut may = o.clone();
+    may.tls = TlsPolicy::May;
+    send(&may, 5);
+    assert_eq!(sessions.load(SeqCst), 4);
+    send(&may, 6);
+    assert_eq!((sessions.load(SeqCst), cache.reused()), (4, 3));
+    rt.block_on(cache.close_all(&o.timeouts));
+    // No reuse once a session is older than max_age.
+    let mut cache = ConnectionCache::new(Duration::from_secs(30));
+    cache.max_age = Duration::ZERO;
+    let cache = Arc::new(cache);
+    o.cache = Some(cache.clone());
+    for i in 0..2 {
+        send(&o, i);
+    }
+    assert_eq!((sessions.load(SeqCst), cache.reused(), cache.len()), (6, 0, 0));
+}
+
 #[test]
 fn smtp_sink_call_ahead_refused() {
     let rt = rt();
@@ -491,6 +554,64 @@ async fn postgresql_table() {
         pool.lookup(&prog, &prog.tables[0], "alice@example.com", &none, Duration::from_secs(2)).await,
         Answer::Error(_) | Answer::Timeout
     ));
+}
+
+/// PostgreSQL over TLS (the url's `sslmode`, `sslrootcert`): a server with a self-signed
+/// certificate for `pg.test` that refuses connections in clear, and each mode against it.
+/// The query answers the server's own view of the session (`pg_stat_ssl`).
+#[tokio::test]
+async fn postgresql_over_tls() {
+    let certs = TempDir::new("pg-certs");
+    let (cert, key) = mailpolicy_daemon::tls::self_signed(&certs.join("server"), "pg.test").expect("certificate");
+    let (other, _) = mailpolicy_daemon::tls::self_signed(&certs.join("other"), "pg.test").expect("certificate");
+    let server = Postgres::start_tls(&cert, &key);
+    let (url, port) = (server.url.clone(), server.port);
+    let (cert, other) = (cert.display().to_string(), other.display().to_string());
+    let urls = [
+        format!("{url}?sslmode=require"),
+        url.clone(),
+        format!("{url}?sslmode=disable"),
+        format!("{url}?sslmode=verify-ca&sslrootcert={cert}"),
+        // The certificate is for pg.test, not 127.0.0.1.
+        format!("{url}?sslmode=verify-full&sslrootcert={cert}"),
+        // Relative to the policy's directory (the pool's).
+        format!("host=pg.test hostaddr=127.0.0.1 port={port} user=mail dbname=postgres sslmode=verify-full sslrootcert=server/cert.pem"),
+        format!("{url}?sslmode=verify-ca&sslrootcert={other}"),
+        // libpq: `require` with a root certificate verifies the chain.
+        format!("{url}?sslmode=require&sslrootcert={other}"),
+        format!("{url}?sslmode=sometimes"),
+    ];
+    let mut policy = String::new();
+    for (i, u) in urls.iter().enumerate() {
+        policy.push_str(&format!(
+            "table t{i} = sql {{ url \"{u}\"; query \"SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND $1 <> ''\"; }};\n"
+        ));
+    }
+    policy.push_str("on rcpt { if ");
+    policy.push_str(&(0..urls.len()).map(|i| format!("recipient in t{i}")).collect::<Vec<_>>().join(" or "));
+    policy.push_str(" { accept; } }\n");
+    let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+    let prog = c.program.unwrap_or_else(|| panic!("policy compiles: {:?}", c.diagnostics));
+    let pool = mailpolicy_daemon::sql::Pool::new(certs.path());
+    let none = HashMap::new();
+    let t = Duration::from_secs(5);
+    let mut got = Vec::new();
+    for table in &prog.tables {
+        got.push(match pool.lookup(&prog, table, "k", &none, t).await {
+            Answer::Value(v) => format!("{v:?}"),
+            Answer::Error(e) => {
+                eprintln!("{}: {e}", table.name);
+                "error".into()
+            }
+            other => format!("{other:?}"),
+        });
+    }
+    let tls = "Some(\"true\")".to_string();
+    let err = "error".to_string();
+    assert_eq!(
+        got,
+        vec![tls.clone(), tls.clone(), err.clone(), tls.clone(), err.clone(), tls, err.clone(), err.clone(), err]
+    );
 }
 
 /// OpenLDAP's slapd (Debian package slapd, installed by tests/run.sh) with the seed's

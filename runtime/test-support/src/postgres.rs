@@ -17,6 +17,17 @@ pub struct Postgres {
 impl Postgres {
     /// Creates the cluster and starts the server; returns once it accepts connections.
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// As [`Postgres::start`], with TLS on (`ssl = on`, the certificate and key given, PEM)
+    /// and connections over TCP accepted only in TLS: a connection in clear is refused by
+    /// `pg_hba.conf` (`hostnossl ... reject`).
+    pub fn start_tls(cert: &Path, key: &Path) -> Postgres {
+        Postgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).find(|p| p.join("initdb").exists()))
@@ -45,7 +56,32 @@ impl Postgres {
         .output()
         .expect("run initdb");
         assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", pg.dir.0.display());
+        let mut opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", pg.dir.0.display());
+        if let Some((cert, key)) = tls {
+            // The server reads them as its own user, the key readable by it alone.
+            let (c, k, hba) = (pg.dir.join("server.crt"), pg.dir.join("server.key"), pg.dir.join("pg_hba.conf"));
+            std::fs::copy(cert, &c).expect("copy the certificate");
+            std::fs::copy(key, &k).expect("copy the key");
+            std::fs::write(
+                &hba,
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .expect("write pg_hba.conf");
+            for f in [&c, &k, &hba] {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+                if is_root() {
+                    let (uid, gid) = postgres_ids();
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).expect("chown");
+                }
+            }
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c hba_file={}",
+                c.display(),
+                k.display(),
+                hba.display()
+            ));
+        }
         let start = as_postgres(Command::new(&pg.pg_ctl).args([
             "-D",
             &data.display().to_string(),

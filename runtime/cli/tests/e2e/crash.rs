@@ -6,10 +6,23 @@ use super::*;
 
 #[test]
 fn kill9_under_load_loses_no_acknowledged_message() {
+    crash_test(false);
+}
+
+/// The same with a backlog: the next hop is down during the first cycle, so everything
+/// accepted waits in the spool (deferred), and the second and third kill -9 strike while
+/// the queue drains that backlog (deliveries, removals and files reused by new stores all
+/// in flight) with new mail still arriving.
+#[test]
+fn kill9_while_draining_a_backlog_loses_no_acknowledged_message() {
+    crash_test(true);
+}
+
+fn crash_test(backlog: bool) {
     need(SMTP_SOURCE, "postfix");
     let t = TempDir::new("crash");
     let (port, sport) = (free_port(), free_port());
-    let sink = Sink::start(&t.join("sink"), sport, &[]);
+    let mut sink = (!backlog).then(|| Sink::start(&t.join("sink"), sport, &[]));
     let policy = format!(
         r#"server {{
   hostname "mx.test";
@@ -81,11 +94,24 @@ route {{
             || acked.lock().map(|a| a.len() >= before + 100).unwrap_or(false),
             || d.log(),
         );
+        if backlog && cycles == 0 {
+            // nothing could be delivered yet: a backlog of at least what was acknowledged
+            wait_for(
+                Duration::from_secs(30),
+                "a backlog of 300 acknowledged messages",
+                || acked.lock().map(|a| a.len() >= before + 300).unwrap_or(false),
+                || d.log(),
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
         d.kill9();
         in_spool_at_kill.push(spool_messages(&d.spool()).len());
         source.kill();
         cycles += 1;
+        if sink.is_none() {
+            assert!(in_spool_at_kill[0] >= 300, "no backlog at the first kill: {in_spool_at_kill:?}");
+            sink = Some(Sink::start(&t.join("sink"), sport, &[]));
+        }
         std::thread::sleep(Duration::from_millis(100));
         d.restart();
     }
@@ -115,6 +141,7 @@ route {{
     assert!(corrupt.is_empty(), "corrupt files after kill -9: {corrupt:?}");
 
     // every acknowledged message reached the sink (duplicates allowed, no loss)
+    let sink = sink.expect("the sink was started");
     let received: HashSet<String> = sink
         .messages()
         .iter()
@@ -135,7 +162,8 @@ route {{
         .map(|m| m.lines().filter(|l| l.strip_prefix("Subject: ").is_some_and(|s| s.starts_with("crash-"))).count())
         .sum();
     eprintln!(
-        "crash test: {} messages acknowledged, {} distinct received by the sink, {} duplicates, {} transactions at the sink, spool files at each kill: {in_spool_at_kill:?}",
+        "crash test{}: {} messages acknowledged, {} distinct received by the sink, {} duplicates, {} transactions at the sink, spool files at each kill: {in_spool_at_kill:?}",
+        if backlog { " with a backlog" } else { "" },
         acked.len(),
         received.len(),
         copies.saturating_sub(received.len()),

@@ -148,6 +148,7 @@ fn files_under(dir: &Path) -> Vec<String> {
 fn spool_messages(spool: &Path) -> Vec<String> {
     files_under(spool)
         .into_iter()
+        // tmp/reuse.N: files of removed messages the spool keeps to write the next ones into
         .filter(|f| {
             !f.starts_with("tls/")
                 && !f.starts_with("corrupt/")
@@ -155,6 +156,7 @@ fn spool_messages(spool: &Path) -> Vec<String> {
                 && !f.starts_with("public/")
                 && !f.starts_with("sts/")
                 && !f.starts_with("tlsrpt/")
+                && !f.starts_with("tmp/reuse.")
         })
         .collect()
 }

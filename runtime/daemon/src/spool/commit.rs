@@ -24,6 +24,10 @@ pub(crate) enum Op {
     Rename { from: PathBuf, to: PathBuf, sync_from: bool },
     /// Remove `path` if present (a missing file is not an error), then fsync its directory.
     Unlink(PathBuf),
+    /// Take `from` out of its directory as [`Op::Unlink`] does, but by renaming it to `to`
+    /// (in `tmp/`, to be written again: [`super::Spool::remove`]); only `from`'s directory is
+    /// fsynced, since what must be durable is that `from` is gone. Never rolled back.
+    Retire { from: PathBuf, to: PathBuf },
 }
 
 /// Counters of the fsyncs the spool performed, for tests, metrics and benchmarks.
@@ -119,6 +123,15 @@ impl Committer {
                             dirs.insert(parent(from));
                         }
                     }
+                    Op::Retire { from, to } => match std::fs::rename(from, to) {
+                        Ok(()) => {
+                            dirs.insert(parent(from));
+                        }
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    },
                     Op::Unlink(p) => match std::fs::remove_file(p) {
                         Ok(()) => {
                             dirs.insert(parent(p));

@@ -354,3 +354,39 @@ fn activate_moves_without_fsync_and_recovery_undoes_it() {
     assert!(q.contains(&(id, QueueName::Incoming)), "{q:?}");
     assert!(q.contains(&(held, QueueName::Hold)), "{q:?}");
 }
+
+#[test]
+fn removed_message_files_are_written_over_by_the_next_stores() {
+    use std::os::unix::fs::MetadataExt;
+    let t = TempDir::new("spool");
+    let (spool, _) = Spool::open(&t.0).expect("open");
+    let long = vec![b'x'; 3000];
+    let first = spool.store(&message("a@x.example", &["b@y.example"], &long), Class::Normal, 1).expect("store");
+    let inode = fs::metadata(t.0.join("incoming").join(first.as_str())).expect("meta").ino();
+    let dirs = spool.sync_stats().dir_syncs;
+    spool.remove(&first).expect("remove");
+    // Gone from its queue, durably (its directory fsynced), and kept in tmp/ for reuse.
+    assert_eq!(spool.sync_stats().dir_syncs, dirs + 1);
+    assert!(matches!(spool.load(&first), Err(e) if e.kind() == io::ErrorKind::NotFound));
+    assert_eq!(files(&t.0.join("tmp")).len(), 1);
+    // The next store writes over that file (same inode), shorter than before: nothing of
+    // the old message is left in it.
+    let msg = message("c@x.example", &["d@y.example"], b"Subject: short\r\n\r\nnew\n");
+    let second = spool.store(&msg, Class::Normal, 2).expect("store");
+    let path = t.0.join("incoming").join(second.as_str());
+    assert_eq!(fs::metadata(&path).expect("meta").ino(), inode);
+    assert_eq!(spool.load(&second).expect("load").message, msg);
+    assert!(!fs::read(&path).expect("read").windows(16).any(|w| w == [b'x'; 16]));
+    assert!(files(&t.0.join("tmp")).is_empty());
+    // Large files are unlinked, not kept.
+    let big = spool.store(&message("a@x.example", &["b@y.example"], &vec![b'y'; 100_000]), Class::Normal, 3);
+    spool.remove(&big.expect("store")).expect("remove");
+    assert!(files(&t.0.join("tmp")).is_empty());
+    // What tmp/ keeps is deleted at the next start.
+    spool.remove(&second).expect("remove");
+    assert_eq!(files(&t.0.join("tmp")).len(), 1);
+    drop(spool);
+    let (_spool, rec) = Spool::open(&t.0).expect("reopen");
+    assert_eq!((rec.temp_removed, rec.messages.len()), (1, 0));
+    assert!(files(&t.0.join("tmp")).is_empty());
+}

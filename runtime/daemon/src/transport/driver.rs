@@ -25,8 +25,11 @@
 //!   could be reached, every one refused the session, or the MX lookup failed
 //!   temporarily), the fallback host's addresses are tried next. A permanent
 //!   DNS answer (no such domain, null MX) is final and never sent there.
-//! * A [`ConnectionCache`] keeps idle sessions per destination; a cached
-//!   session is probed with RSET before reuse and dropped if that fails.
+//! * A [`ConnectionCache`] keeps idle sessions by [`SessionKey`] (transport,
+//!   destination, TLS parameters, login), so a destination gets several
+//!   messages per session; a cached session is probed with RSET before reuse
+//!   and dropped if that fails, and closed after `max_uses` messages or
+//!   `max_age` (Postfix's `smtp_connection_reuse_*_limit`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -372,6 +375,10 @@ pub struct Connection {
     tls_failed: bool,
     /// Under `sts testing`: why the certificate would have been refused.
     tls_finding: Arc<Mutex<Option<String>>>,
+    /// When the connection was made (`connection_reuse_time_limit`).
+    opened: Instant,
+    /// Messages (and call-ahead questions) sent over it (`connection_reuse_count_limit`).
+    uses: u64,
 }
 
 impl std::fmt::Debug for Connection {
@@ -387,7 +394,13 @@ fn conn_reply(text: String) -> Reply {
 /// Accepts any certificate but still checks the handshake signatures, so
 /// the session is encrypted to whoever holds the presented key (`may`).
 #[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl NoVerify {
+    pub(crate) fn new(provider: Arc<rustls::crypto::CryptoProvider>) -> NoVerify {
+        NoVerify(provider)
+    }
+}
 
 impl rustls::client::danger::ServerCertVerifier for NoVerify {
     fn verify_server_cert(
@@ -544,6 +557,8 @@ impl Connection {
             client_cert: None,
             tls_failed: false,
             tls_finding: Arc::new(Mutex::new(None)),
+            opened: Instant::now(),
+            uses: 0,
         }
     }
 
@@ -678,18 +693,89 @@ impl Connection {
     }
 }
 
-/// Idle sessions by destination.
+/// What a cached session may be reused for: the same transport to the same destination
+/// under the same TLS requirements and login. A session is never handed to a delivery
+/// whose key differs in any field (a session verified against one `:ca`, or opened under a
+/// weaker TLS policy, does not serve a route that asks for another).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    /// `smtp` or `lmtp`.
+    pub kind: &'static str,
+    /// The destination as routed (`[host]:port`, `host`, a socket path).
+    pub destination: String,
+    /// The delivery target's TLS parameters.
+    pub tls: TlsKey,
+    /// The AUTH login, if any.
+    pub auth_user: Option<String>,
+}
+
+/// The TLS parameters of a delivery target, as far as they decide whether a session may be
+/// reused (part of [`SessionKey`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TlsKey {
+    pub policy: TlsPolicy,
+    pub implicit: bool,
+    /// A digest of the trust roots (`:ca`, `tls_ca`); None: the system's.
+    pub roots: Option<u64>,
+    /// The client certificate file.
+    pub client_cert: Option<String>,
+    /// What the route asks for beyond the fixed policy (`:tls dane`, `:tls sts`).
+    pub standards: Standards,
+}
+
+impl SessionKey {
+    /// The key of a delivery with `opts` over `kind` to `destination`.
+    pub fn new(kind: &'static str, destination: String, opts: &DeliveryOptions) -> SessionKey {
+        use std::hash::{Hash, Hasher};
+        let roots = opts.tls_roots.as_ref().map(|r| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for a in &r.roots {
+                a.subject.as_ref().hash(&mut h);
+                a.subject_public_key_info.as_ref().hash(&mut h);
+            }
+            h.finish()
+        });
+        SessionKey {
+            kind,
+            destination,
+            tls: TlsKey {
+                policy: opts.tls,
+                implicit: opts.implicit_tls,
+                roots,
+                client_cert: opts.client_cert.as_ref().map(|c| c.path.clone()),
+                standards: opts.standards,
+            },
+            auth_user: opts.auth.as_ref().map(|a| a.user.clone()),
+        }
+    }
+}
+
+/// Idle sessions by [`SessionKey`], for reuse by the next delivery to the same destination
+/// (Postfix's connection cache: several messages per session, RSET between them).
 pub struct ConnectionCache {
-    idle: Mutex<HashMap<String, Vec<(Instant, Connection)>>>,
-    /// How long an idle session is kept (Postfix keeps 2s; default 5s).
+    idle: Mutex<HashMap<SessionKey, Vec<(Instant, Connection)>>>,
+    /// How long an idle session is kept (`connection_cache_time_limit`; Postfix keeps 2s;
+    /// default 5s); zero: no session is kept.
     pub max_idle: Duration,
     /// Most idle sessions per destination.
     pub max_per_key: usize,
+    /// Most messages over one session, then it is closed; 0: no limit
+    /// (`connection_reuse_count_limit`).
+    pub max_uses: u64,
+    /// A session opened longer ago than this is closed, not reused (`connection_reuse_time_limit`).
+    pub max_age: Duration,
+    /// Sessions taken from the cache (reuses), for tests and logs.
+    reused: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ConnectionCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectionCache").field("max_idle", &self.max_idle).field("idle", &self.len()).finish()
+        f.debug_struct("ConnectionCache")
+            .field("max_idle", &self.max_idle)
+            .field("max_uses", &self.max_uses)
+            .field("max_age", &self.max_age)
+            .field("idle", &self.len())
+            .finish()
     }
 }
 
@@ -702,7 +788,24 @@ impl Default for ConnectionCache {
 impl ConnectionCache {
     /// An empty cache keeping sessions for `max_idle`.
     pub fn new(max_idle: Duration) -> ConnectionCache {
-        ConnectionCache { idle: Mutex::new(HashMap::new()), max_idle, max_per_key: 4 }
+        ConnectionCache {
+            idle: Mutex::new(HashMap::new()),
+            max_idle,
+            max_per_key: 4,
+            max_uses: 0,
+            max_age: Duration::from_secs(300),
+            reused: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How many times a cached session was taken for another message or question.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a session that has just finished a message may wait for another.
+    fn keeps(&self, c: &Connection) -> bool {
+        !self.max_idle.is_zero() && (self.max_uses == 0 || c.uses < self.max_uses) && c.opened.elapsed() < self.max_age
     }
 
     /// Number of idle sessions held.
@@ -715,12 +818,13 @@ impl ConnectionCache {
         self.len() == 0
     }
 
-    fn take(&self, key: &str) -> Option<Connection> {
+    fn take(&self, key: &SessionKey) -> Option<Connection> {
         let mut m = self.idle.lock().ok()?;
         let v = m.get_mut(key)?;
         let now = Instant::now();
         while let Some((t, c)) = v.pop() {
-            if now.duration_since(t) <= self.max_idle {
+            if now.duration_since(t) <= self.max_idle && c.opened.elapsed() < self.max_age {
+                self.reused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Some(c);
             }
             // expired: dropped (the server will see the connection close)
@@ -728,7 +832,10 @@ impl ConnectionCache {
         None
     }
 
-    fn put(&self, key: String, c: Connection) -> Option<Connection> {
+    fn put(&self, key: SessionKey, c: Connection) -> Option<Connection> {
+        if !self.keeps(&c) {
+            return Some(c);
+        }
         let Ok(mut m) = self.idle.lock() else {
             return Some(c);
         };
@@ -815,28 +922,6 @@ async fn connect_unix(path: &std::path::Path, opts: &DeliveryOptions) -> Result<
     Ok(Connection::new(Box::new(s), "localhost", &label, client_config(opts, Protocol::Lmtp, TlsPolicy::None)))
 }
 
-/// A cached session is reused only under the same TLS policy, trust roots and login: a
-/// session verified against one `:ca` does not serve a route that trusts another.
-fn cache_key(kind: &str, where_: &str, opts: &DeliveryOptions) -> String {
-    use std::hash::{Hash, Hasher};
-    let roots = opts.tls_roots.as_ref().map(|r| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for a in &r.roots {
-            a.subject.as_ref().hash(&mut h);
-            a.subject_public_key_info.as_ref().hash(&mut h);
-        }
-        h.finish()
-    });
-    format!(
-        "{kind}|{where_}|{:?}|{:?}|{}|{roots:?}|{}|{}",
-        opts.tls,
-        opts.standards,
-        opts.auth.as_ref().map(|a| a.user.as_str()).unwrap_or(""),
-        opts.implicit_tls,
-        opts.client_cert.as_ref().map(|c| c.path.as_str()).unwrap_or("")
-    )
-}
-
 /// A 5xx greeting is a deferral (next MX, retry later), as in Postfix.
 fn pre_session_reply(e: SessionError, label: &str) -> Reply {
     if e.phase == Phase::Greeting && e.reply.code >= 500 {
@@ -848,8 +933,12 @@ fn pre_session_reply(e: SessionError, label: &str) -> Reply {
 
 /// Opens a ready session: from the cache (probed with RSET) or by trying
 /// the destination's addresses in order.
-async fn open(kind: &str, endpoint: &Endpoint, opts: &DeliveryOptions) -> Result<(Connection, String), Reply> {
-    let key = cache_key(kind, &endpoint.key(), opts);
+async fn open(
+    kind: &'static str,
+    endpoint: &Endpoint,
+    opts: &DeliveryOptions,
+) -> Result<(Connection, SessionKey), Reply> {
+    let key = SessionKey::new(kind, endpoint.key(), opts);
     if let Some(cache) = &opts.cache {
         while let Some(mut c) = cache.take(&key) {
             if c.client.reset().is_ok() && c.wait_ready(&opts.timeouts).await.is_ok() {
@@ -993,7 +1082,8 @@ impl Endpoint {
 }
 
 /// Returns a ready session to the cache, or closes it.
-async fn release(c: Connection, key: String, opts: &DeliveryOptions) {
+async fn release(mut c: Connection, key: SessionKey, opts: &DeliveryOptions) {
+    c.uses += 1;
     match &opts.cache {
         Some(cache) if c.client.is_ready() => {
             if let Some(c) = cache.put(key, c) {
@@ -1005,7 +1095,7 @@ async fn release(c: Connection, key: String, opts: &DeliveryOptions) {
 }
 
 async fn deliver_session(
-    kind: &str,
+    kind: &'static str,
     endpoint: &Endpoint,
     env: &Envelope,
     data: &[u8],
