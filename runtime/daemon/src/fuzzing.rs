@@ -14,8 +14,8 @@ use crate::headers::{self, Edit};
 use crate::record::{stage_facts, InQueue, QueueStage};
 use crate::routing::RouteRun;
 use crate::smtp::{Reply, ReversePath};
-use crate::transport::driver::Outcome;
-use crate::transport::dsn::{self, DsnKind, DsnRecipient};
+use crate::transport::driver::DeliveryOutcome;
+use crate::transport::dsn::{self, DsnRecipient, NoticeKind};
 
 /// A policy whose queue-side stages read what a message can carry: header fields (decoded
 /// address fields included), the body line by line, attachments, interpolations of header
@@ -110,11 +110,11 @@ pub fn queue_message(input: &[u8]) {
 
     // The DSN that returns the message (RET=HDRS and RET=FULL).
     let sender = ReversePath::Null;
-    let outcome = Outcome::Failed(Reply::new(550, (5, 1, 1), "no such user"));
-    let e = DsnRecipient::from_outcome(DsnKind::Failure, "u@example.com", None, &outcome, None, 0);
+    let outcome = DeliveryOutcome::Failed(Reply::new(550, (5, 1, 1), "no such user"));
+    let e = DsnRecipient::from_outcome(NoticeKind::Failure, "u@example.com", None, &outcome, None, 0);
     for ret in [Some(crate::smtp::Ret::Hdrs), Some(crate::smtp::Ret::Full)] {
         let d = dsn::Dsn {
-            kind: DsnKind::Failure,
+            kind: NoticeKind::Failure,
             hostname: "mx.test",
             sender: &sender,
             envid: None,

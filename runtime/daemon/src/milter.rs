@@ -67,7 +67,7 @@ pub(crate) async fn connect(addr: &str) -> Result<Sock, String> {
 
 impl One {
     /// Write what the client has queued, then read until it has an outcome.
-    async fn pump(&mut self, timeout: Duration) -> Result<Option<mailpolicy_engine::milter::Outcome>, String> {
+    async fn pump(&mut self, timeout: Duration) -> Result<Option<mailpolicy_engine::milter::MilterReply>, String> {
         let sock = self.sock.as_mut().ok_or("not connected")?;
         let mut buf = vec![0u8; 16 * 1024];
         loop {

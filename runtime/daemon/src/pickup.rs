@@ -25,8 +25,8 @@ use crate::record::{QueuedMessage, QueuedRcpt, SessionRecord};
 use crate::smtp::{Reply, ReversePath};
 use crate::spool::maildrop::{self, Submission};
 use crate::spool::Spool;
-use crate::transport::driver::Outcome;
-use crate::transport::dsn::{self, DsnKind, DsnRecipient};
+use crate::transport::driver::DeliveryOutcome;
+use crate::transport::dsn::{self, DsnRecipient, NoticeKind};
 
 /// How often the maildrop is looked at (Postfix's pickup is woken by `postdrop`; a one
 /// second scan is as prompt for cron and scripts).
@@ -239,11 +239,11 @@ fn bounce(shared: &Shared, spool: &Spool, sender: &str, message: &[u8], refused:
         .iter()
         .map(|(to, reply)| {
             let r = Reply::parse(reply).unwrap_or_else(|| Reply::new(550, (5, 0, 0), reply.clone()));
-            DsnRecipient::from_outcome(DsnKind::Failure, to, None, &Outcome::Failed(r), None, now)
+            DsnRecipient::from_outcome(NoticeKind::Failure, to, None, &DeliveryOutcome::Failed(r), None, now)
         })
         .collect();
     let d = dsn::Dsn {
-        kind: DsnKind::Failure,
+        kind: NoticeKind::Failure,
         hostname: &shared.hostname,
         sender: &rp,
         envid: None,

@@ -24,7 +24,7 @@ use crate::record::{forward_path, mail_params, notify_of, orcpt_of, rcpt_params,
 use crate::smtp::{self, Envelope, MailParams, Recipient, Reply};
 use crate::spool::{Class, QueueId, QueueName, RcptState, Spool, Stored};
 use crate::transport::client::{Credentials, TlsPolicy};
-use crate::transport::driver::{self, DeliveryOptions, DeliveryReport, Outcome, Target};
+use crate::transport::driver::{self, DeliveryOptions, DeliveryOutcome, DeliveryReport, Target};
 use crate::transport::dsn::{self, DsnRecipient};
 use crate::transport::mx::{Destination, LocalIdentity, Resolver};
 use crate::transport::security::{Security, Standards};
@@ -1293,7 +1293,7 @@ impl Qmgr {
                     .recipients
                     .get(k)
                     .cloned()
-                    .unwrap_or_else(|| Outcome::Deferred(Reply::new(451, (4, 3, 0), "no result")));
+                    .unwrap_or_else(|| DeliveryOutcome::Deferred(Reply::new(451, (4, 3, 0), "no result")));
                 let rcpt = &msg.recipients[*i];
                 let reply = outcome.reply().clone();
                 let facts = DeliveryFacts {
@@ -1309,9 +1309,9 @@ impl Qmgr {
                 let d = match (policy, &outcome) {
                     (Some(PolicyOutcome::Tempfail(r)), _) => Delivery::TempFail(r.to_string()),
                     (Some(PolicyOutcome::Reject(r)), _) => Delivery::PermFail(r.to_string()),
-                    (_, Outcome::Delivered(_)) => Delivery::Delivered(text),
-                    (_, Outcome::Deferred(_)) => Delivery::TempFail(text),
-                    (_, Outcome::Failed(_)) => Delivery::PermFail(text),
+                    (_, DeliveryOutcome::Delivered(_)) => Delivery::Delivered(text),
+                    (_, DeliveryOutcome::Deferred(_)) => Delivery::TempFail(text),
+                    (_, DeliveryOutcome::Failed(_)) => Delivery::PermFail(text),
                 };
                 // soft_bounce (R40): logged and recorded as the deferral it becomes.
                 let d = match d {
@@ -1458,7 +1458,8 @@ impl Qmgr {
                     })
                     .collect();
                 let host = relayed_notice.iter().find_map(|(_, _, h)| h.clone());
-                self.dsn_as(&id, &stored, DsnKind::Success, &rcpts, false, Some((dsn::DsnKind::Relayed, host))).await;
+                self.dsn_as(&id, &stored, DsnKind::Success, &rcpts, false, Some((dsn::NoticeKind::Relayed, host)))
+                    .await;
             }
         }
         self.commands(out, removed).await;

@@ -110,7 +110,7 @@ fn smtp_sink_delivery_and_fault_injection() {
     let o = opts(localhost_resolver());
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &e, msg, &o));
-    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(r) if r.code == 250)), "{rep:?}");
+    assert!(rep.recipients.iter().all(|o| matches!(o, DeliveryOutcome::Delivered(r) if r.code == 250)), "{rep:?}");
     assert!(rep.remote_mta.unwrap().contains(&port.to_string()));
 
     // 4xx on RCPT: deferred; 5xx on RCPT: failed; 5xx on MAIL: failed
@@ -128,8 +128,8 @@ fn smtp_sink_delivery_and_fault_injection() {
         for oc in &rep.recipients {
             assert_eq!(oc.reply().code / 100, want_code, "{args:?}: {rep:?}");
             match want_code {
-                4 => assert!(matches!(oc, Outcome::Deferred(_))),
-                _ => assert!(matches!(oc, Outcome::Failed(_))),
+                4 => assert!(matches!(oc, DeliveryOutcome::Deferred(_))),
+                _ => assert!(matches!(oc, DeliveryOutcome::Failed(_))),
             }
         }
     }
@@ -140,7 +140,7 @@ fn smtp_sink_delivery_and_fault_injection() {
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &e, msg, &o));
     for oc in &rep.recipients {
-        assert!(matches!(oc, Outcome::Deferred(r) if r.enhanced == Some((4, 4, 2))), "{rep:?}");
+        assert!(matches!(oc, DeliveryOutcome::Deferred(r) if r.enhanced == Some((4, 4, 2))), "{rep:?}");
     }
 
     // EHLO refused: HELO fallback still delivers; no DSN at the next hop
@@ -148,13 +148,13 @@ fn smtp_sink_delivery_and_fault_injection() {
     let _sink = smtp_sink(&["-f", "ehlo"], &format!("127.0.0.1:{port}"));
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &e, msg, &o));
-    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
+    assert!(rep.recipients.iter().all(|o| matches!(o, DeliveryOutcome::Delivered(_))), "{rep:?}");
     assert!(!rep.next_hop_dsn);
 
     // nothing listening: deferred 4.4.1
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{}", free_port())).unwrap());
     let rep = rt.block_on(deliver(&target, &e, msg, &o));
-    assert!(matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 4, 1))));
+    assert!(matches!(&rep.recipients[0], DeliveryOutcome::Deferred(r) if r.enhanced == Some((4, 4, 1))));
 }
 
 #[test]
@@ -166,11 +166,11 @@ fn smtp_sink_tls_required_is_deferred_when_not_offered() {
     o.tls = TlsPolicy::Required;
     let target = Target::Smtp(Destination::parse(&format!("[127.0.0.1]:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@d.test"]), b"x\n", &o));
-    assert!(matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 7, 4))), "{rep:?}");
+    assert!(matches!(&rep.recipients[0], DeliveryOutcome::Deferred(r) if r.enhanced == Some((4, 7, 4))), "{rep:?}");
     // may: delivered in clear
     o.tls = TlsPolicy::May;
     let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@d.test"]), b"x\n", &o));
-    assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
+    assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)), "{rep:?}");
     assert!(!rep.tls);
 }
 
@@ -194,7 +194,7 @@ fn smtp_sink_mx_next_host_and_connection_cache() {
     let e = env("a@s.test", &["b@dst.test"]);
     for i in 0..3 {
         let rep = rt.block_on(deliver(&target, &e, format!("Subject: {i}\n\nx\n").as_bytes(), &o));
-        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "message {i}: {rep:?}");
+        assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)), "message {i}: {rep:?}");
         assert_eq!(rep.remote_host.as_deref(), Some("mx2.dst.test"));
         assert_eq!(cache.len(), 1);
     }
@@ -245,7 +245,7 @@ fn connection_cache_reuse_limits() {
     let e = env("a@s.test", &["b@dst.test"]);
     let send = |o: &DeliveryOptions, i: usize| {
         let rep = rt.block_on(deliver(&target, &e, format!("Subject: {i}\n\nx\n").as_bytes(), o));
-        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "message {i}: {rep:?}");
+        assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)), "message {i}: {rep:?}");
     };
     for i in 0..5 {
         send(&o, i);
@@ -293,20 +293,20 @@ fn smtp_sink_lmtp_tcp_and_unix() {
     let _sink = smtp_sink(&["-L"], &format!("127.0.0.1:{port}"));
     let target = Target::parse(&format!("lmtp:inet:[127.0.0.1]:{port}")).unwrap();
     let rep = rt.block_on(deliver(&target, &e, b"Subject: l\n\nbody\n", &o));
-    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
+    assert!(rep.recipients.iter().all(|o| matches!(o, DeliveryOutcome::Delivered(_))), "{rep:?}");
 
     let dir = TempDir::new("lmtp");
     let sock = dir.0.join("lmtp.sock");
     let _sink = smtp_sink(&["-L"], &format!("unix:{}", sock.display()));
     let target = Target::Lmtp(LmtpEndpoint::Unix(sock.clone()));
     let rep = rt.block_on(deliver(&target, &e, b"Subject: l\n\nbody\n", &o));
-    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Delivered(_))), "{rep:?}");
+    assert!(rep.recipients.iter().all(|o| matches!(o, DeliveryOutcome::Delivered(_))), "{rep:?}");
 
     let port = free_port();
     let _sink = smtp_sink(&["-L", "-r", "."], &format!("127.0.0.1:{port}"));
     let target = Target::parse(&format!("lmtp:[127.0.0.1]:{port}")).unwrap();
     let rep = rt.block_on(deliver(&target, &e, b"x\n", &o));
-    assert!(rep.recipients.iter().all(|o| matches!(o, Outcome::Deferred(_))), "{rep:?}");
+    assert!(rep.recipients.iter().all(|o| matches!(o, DeliveryOutcome::Deferred(_))), "{rep:?}");
 }
 
 // ------------------------------------------------- scripted TLS server
@@ -400,16 +400,16 @@ fn starttls_may_and_required_against_a_tls_server() {
         let mut o = opts(localhost_resolver());
         o.tls = TlsPolicy::May;
         let rep = deliver(&target, &e, b"Subject: tls\n\nsecret\n", &o).await;
-        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
+        assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)), "{rep:?}");
         assert!(rep.tls);
         // required with the webpki roots: the self-signed cert fails, deferred 4.7.5
         o.tls = TlsPolicy::Required;
         let rep = deliver(&target, &e, b"x\n", &o).await;
-        assert!(matches!(&rep.recipients[0], Outcome::Deferred(r) if r.enhanced == Some((4, 7, 5))), "{rep:?}");
+        assert!(matches!(&rep.recipients[0], DeliveryOutcome::Deferred(r) if r.enhanced == Some((4, 7, 5))), "{rep:?}");
         // required with our root and the right name: delivered
         o.tls_roots = Some(Arc::new(roots));
         let rep = deliver(&target, &e, b"x\n", &o).await;
-        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
+        assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)), "{rep:?}");
         assert!(rep.tls);
         let got = server.await.unwrap();
         assert_eq!(got[0], (true, b"Subject: tls\r\n\r\nsecret\r\n".to_vec()));
@@ -433,8 +433,8 @@ fn dovecot_lmtp_tcp_and_unix_per_recipient() {
     for (i, t) in targets.iter().enumerate() {
         let msg = format!("Subject: via {i}\n\n.dot line\nbody\n");
         let rep = rt.block_on(deliver(t, &e, msg.as_bytes(), &o));
-        assert!(matches!(&rep.recipients[0], Outcome::Delivered(r) if r.code == 250), "{rep:?}");
-        assert!(matches!(&rep.recipients[1], Outcome::Failed(r) if r.enhanced == Some((5, 1, 1))), "{rep:?}");
+        assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(r) if r.code == 250), "{rep:?}");
+        assert!(matches!(&rep.recipients[1], DeliveryOutcome::Failed(r) if r.enhanced == Some((5, 1, 1))), "{rep:?}");
     }
     let new = dv.mail.join("new");
     let bodies: Vec<String> =
@@ -859,7 +859,7 @@ fn equal_preference_mx_hosts_share_the_mail() {
             format!("Subject: {i}\n\nx\n").as_bytes(),
             &o,
         ));
-        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "message {i}: {rep:?}");
+        assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)), "message {i}: {rep:?}");
         *used.entry(rep.remote_host.clone().unwrap_or_default()).or_default() += 1;
     }
     assert_eq!(used.len(), 2, "{used:?}");
@@ -885,13 +885,13 @@ fn a_421_greeting_moves_on_to_the_next_mx_or_defers() {
     let o = opts(r);
     let target = Target::Smtp(Destination::parse(&format!("dst.test:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@dst.test"]), b"Subject: x\n\nx\n", &o));
-    assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{rep:?}");
+    assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)), "{rep:?}");
     assert_eq!(rep.remote_host.as_deref(), Some("ok.dst.test"));
     assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1, "the better MX was tried first");
     let target = Target::Smtp(Destination::parse(&format!("only.test:{port}")).unwrap());
     let rep = rt.block_on(deliver(&target, &env("a@s.test", &["b@only.test"]), b"Subject: x\n\nx\n", &o));
     match &rep.recipients[0] {
-        Outcome::Deferred(r) => assert_eq!((r.code, r.enhanced), (421, Some((4, 3, 2))), "{r:?}"),
+        DeliveryOutcome::Deferred(r) => assert_eq!((r.code, r.enhanced), (421, Some((4, 3, 2))), "{r:?}"),
         other => panic!("deferred expected: {other:?}"),
     }
     assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 2);
@@ -919,22 +919,22 @@ fn fallback_relay_after_every_mx_host_failed() {
     let target = |d: &str| Target::Smtp(Destination::parse(&format!("{d}:{port}")).unwrap());
     // without a fallback: deferred
     let rep = rt.block_on(deliver(&target("dst.test"), &e("dst.test"), b"x\n", &o));
-    assert!(matches!(&rep.recipients[0], Outcome::Deferred(_)), "{rep:?}");
+    assert!(matches!(&rep.recipients[0], DeliveryOutcome::Deferred(_)), "{rep:?}");
     o.fallback = Destination::parse(&format!("[127.0.0.1]:{fb_port}"));
     for d in ["dst.test", "tempfail.test"] {
         let rep = rt.block_on(deliver(&target(d), &e(d), b"x\n", &o));
-        assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)), "{d}: {rep:?}");
+        assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)), "{d}: {rep:?}");
         assert_eq!(rep.remote_mta, Some(format!("127.0.0.1[127.0.0.1]:{fb_port}")), "{d}");
     }
     for (d, status) in [("nxdomain.test", (5, 4, 4)), ("null.test", (5, 1, 10))] {
         let rep = rt.block_on(deliver(&target(d), &e(d), b"x\n", &o));
         match &rep.recipients[0] {
-            Outcome::Failed(r) => assert_eq!(r.enhanced, Some(status), "{d}: {r:?}"),
+            DeliveryOutcome::Failed(r) => assert_eq!(r.enhanced, Some(status), "{d}: {r:?}"),
             other => panic!("{d}: a bounce expected, not {other:?}"),
         }
     }
     // a fixed host ([host], not MX delivery) never falls back
     let fixed = Target::Smtp(Destination::parse(&format!("[127.0.0.3]:{port}")).unwrap());
     let rep = rt.block_on(deliver(&fixed, &e("dst.test"), b"x\n", &o));
-    assert!(matches!(&rep.recipients[0], Outcome::Deferred(_)), "{rep:?}");
+    assert!(matches!(&rep.recipients[0], DeliveryOutcome::Deferred(_)), "{rep:?}");
 }

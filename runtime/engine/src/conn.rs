@@ -145,7 +145,7 @@ struct Tx {
     body: Option<Vec<u8>>,
 }
 
-enum Pending {
+enum HostWait {
     None,
     /// A stage is being evaluated for this engine event.
     Stage {
@@ -189,7 +189,7 @@ pub struct Conn {
     facts: Facts,
     state: State,
     tx: Tx,
-    pending: Pending,
+    pending: HostWait,
     /// Session-wide discard (DISCARD at connect/helo/auth).
     discard_session: bool,
     /// An access table said RELAY for this client (session) ...
@@ -251,7 +251,7 @@ impl Conn {
             facts,
             state,
             tx: Tx::default(),
-            pending: Pending::None,
+            pending: HostWait::None,
             discard_session: false,
             relay_session: false,
             session_hold: None,
@@ -304,8 +304,8 @@ impl Conn {
     /// The message whose data stage is being evaluated (for content scanners).
     pub fn current_message(&self) -> Option<&[u8]> {
         match &self.pending {
-            Pending::Stage { event: Event::Message { data, .. }, .. }
-            | Pending::Milter { event: Event::Message { data, .. }, .. } => Some(data),
+            HostWait::Stage { event: Event::Message { data, .. }, .. }
+            | HostWait::Milter { event: Event::Message { data, .. }, .. } => Some(data),
             _ => None,
         }
     }
@@ -373,25 +373,25 @@ impl Conn {
                 continue;
             }
             match &mut self.pending {
-                Pending::Queue(_)
-                | Pending::Proxy(_)
-                | Pending::Seal(..)
-                | Pending::Milter { .. }
-                | Pending::Auth(_) => return None,
-                Pending::Stage { .. } if self.sender_auth.waiting() => return None,
-                Pending::Stage { run, .. } => {
+                HostWait::Queue(_)
+                | HostWait::Proxy(_)
+                | HostWait::Seal(..)
+                | HostWait::Milter { .. }
+                | HostWait::Auth(_) => return None,
+                HostWait::Stage { .. } if self.sender_auth.waiting() => return None,
+                HostWait::Stage { run, .. } => {
                     self.facts.session_errors = self.session.error_count();
                     match run.step(&self.prog, &self.facts, &mut self.state) {
                         Step::Need(Request::Auth(check)) => {
                             if let Some(a) = self.sender_auth_request(check) {
-                                if let Pending::Stage { run, .. } = &mut self.pending {
+                                if let HostWait::Stage { run, .. } = &mut self.pending {
                                     run.answer(Request::Auth(check), a);
                                 }
                             }
                         }
                         Step::Need(r) => return Some(Need::Policy(r)),
                         Step::Done(v) => {
-                            let Pending::Stage { event, run } = std::mem::replace(&mut self.pending, Pending::None)
+                            let HostWait::Stage { event, run } = std::mem::replace(&mut self.pending, HostWait::None)
                             else {
                                 continue;
                             };
@@ -399,7 +399,7 @@ impl Conn {
                         }
                     }
                 }
-                Pending::None => {
+                HostWait::None => {
                     let ev = self.session.poll_event()?;
                     if let Some(n) = self.on_event(ev, now) {
                         return Some(n);
@@ -412,7 +412,7 @@ impl Conn {
     /// Answer the last [`Need::Policy`].
     pub fn answer(&mut self, request: Request, answer: Answer) {
         match &mut self.pending {
-            Pending::Stage { run, .. } => run.answer(request, answer),
+            HostWait::Stage { run, .. } => run.answer(request, answer),
             _ => {}
         }
     }
@@ -432,7 +432,7 @@ impl Conn {
     /// (`QueuedMessage::tail`).
     pub fn sealing_message(&self) -> Option<(&[u8], u64)> {
         match &self.pending {
-            Pending::Seal(m, _) => Some((&m.data, m.tail)),
+            HostWait::Seal(m, _) => Some((&m.data, m.tail)),
             _ => None,
         }
     }
@@ -441,8 +441,8 @@ impl Conn {
     /// or None when the host could not sign (it says why in its log). Then
     /// [`Need::Queue`] follows.
     pub fn signed(&mut self, field: Option<&str>) {
-        if let Pending::Seal(..) = &self.pending {
-            let Pending::Seal(mut msg, delay) = std::mem::replace(&mut self.pending, Pending::Queue(Duration::ZERO))
+        if let HostWait::Seal(..) = &self.pending {
+            let HostWait::Seal(mut msg, delay) = std::mem::replace(&mut self.pending, HostWait::Queue(Duration::ZERO))
             else {
                 return;
             };
@@ -456,7 +456,7 @@ impl Conn {
     /// The accepted message goes to the queue, or to the listener's before-queue filter.
     fn hand_over(&mut self, msg: QueuedMessage, delay: Duration) {
         let Some(address) = self.proxy_filter.clone() else {
-            self.pending = Pending::Queue(delay);
+            self.pending = HostWait::Queue(delay);
             self.notes.push_back(Need::Queue(msg));
             return;
         };
@@ -467,7 +467,7 @@ impl Conn {
             )));
         }
         let xforward = crate::before_queue::xforward_attributes(&self.facts, self.local_submission);
-        self.pending = Pending::Proxy(delay);
+        self.pending = HostWait::Proxy(delay);
         self.notes.push_back(Need::ProxyFilter(crate::before_queue::FilterCall { address, message: msg, xforward }));
     }
 
@@ -475,10 +475,10 @@ impl Conn {
     /// failed is `451 4.3.0` (logged with the reason).
     pub fn proxied(&mut self, outcome: &crate::before_queue::FilterOutcome, now: Time) {
         use crate::before_queue::FilterOutcome;
-        let Pending::Proxy(delay) = self.pending else {
+        let HostWait::Proxy(delay) = self.pending else {
             return;
         };
-        self.pending = Pending::None;
+        self.pending = HostWait::None;
         let reply = match outcome {
             FilterOutcome::Replied(r) => {
                 self.notes.push_back(Need::Note(Note::Log(format!("proxy_filter: {r}"))));
@@ -511,8 +511,8 @@ impl Conn {
 
     /// The host stored the message durably under `id`.
     pub fn queued(&mut self, id: &str, now: Time) {
-        if let Pending::Queue(delay) = self.pending {
-            self.pending = Pending::None;
+        if let HostWait::Queue(delay) = self.pending {
+            self.pending = HostWait::None;
             let _ = self.session.decide(Decision::queued(id).with_delay(delay), now);
             if self.next_queue_id.as_deref() == Some(id) {
                 self.next_queue_id = None;
@@ -523,8 +523,8 @@ impl Conn {
 
     /// The host could not store the message (disk full ...): 452 4.3.1 by default.
     pub fn queue_failed(&mut self, reply: Option<RenderedReply>, now: Time) {
-        if matches!(self.pending, Pending::Queue(_)) {
-            self.pending = Pending::None;
+        if matches!(self.pending, HostWait::Queue(_)) {
+            self.pending = HostWait::None;
             let r = reply.unwrap_or(RenderedReply {
                 code: 452,
                 enhanced: (4, 3, 1),
@@ -581,7 +581,7 @@ impl Conn {
             self.state.rcpt_friend = None;
         }
         if let Some(call) = self.milter_call(stage, &event) {
-            self.pending = Pending::Milter { stage, event };
+            self.pending = HostWait::Milter { stage, event };
             self.notes.push_back(Need::Milter(call));
             return None;
         }
@@ -590,7 +590,7 @@ impl Conn {
     }
 
     fn run_stage(&mut self, stage: Stage, event: Event) {
-        self.pending = Pending::Stage { run: Run::new(&self.prog, stage), event };
+        self.pending = HostWait::Stage { run: Run::new(&self.prog, stage), event };
     }
 
     fn on_event(&mut self, ev: Event, now: Time) -> Option<Need> {
@@ -1019,7 +1019,7 @@ impl Conn {
                 let ours = self.facts.auth.is_some() || self.trusted_client();
                 if let Some(domain) = sender_auth::signing_domain(&self.prog, &msg.sender).filter(|_| ours) {
                     let sender = msg.sender.clone();
-                    self.pending = Pending::Seal(Box::new(msg), delay);
+                    self.pending = HostWait::Seal(Box::new(msg), delay);
                     self.notes.push_back(Need::Sign(Sign { domain, sender }));
                     return;
                 }

@@ -217,7 +217,7 @@ impl Step {
 
 /// What a milter answered a stage.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Verdict {
+pub enum MilterVerdict {
     /// Go on (also: the milter does not take part in this stage).
     #[default]
     Continue,
@@ -236,17 +236,17 @@ pub enum Verdict {
     },
 }
 
-impl Verdict {
+impl MilterVerdict {
     /// The word `milter.NAME.verdict` reads.
     pub fn word(&self) -> &'static str {
         match self {
-            Verdict::Continue => "continue",
-            Verdict::Accept => "accept",
-            Verdict::Reject => "reject",
-            Verdict::Tempfail => "tempfail",
-            Verdict::Discard => "discard",
-            Verdict::Reply { code, .. } if *code >= 500 => "reject",
-            Verdict::Reply { .. } => "tempfail",
+            MilterVerdict::Continue => "continue",
+            MilterVerdict::Accept => "accept",
+            MilterVerdict::Reject => "reject",
+            MilterVerdict::Tempfail => "tempfail",
+            MilterVerdict::Discard => "discard",
+            MilterVerdict::Reply { code, .. } if *code >= 500 => "reject",
+            MilterVerdict::Reply { .. } => "tempfail",
         }
     }
 }
@@ -286,8 +286,8 @@ pub enum Modification {
 
 /// The answer of one stage.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
-    pub verdict: Verdict,
+pub struct MilterReply {
+    pub verdict: MilterVerdict,
     pub modifications: Vec<Modification>,
 }
 
@@ -316,7 +316,7 @@ pub struct Client {
     protocol: u32,
     version: u32,
     symlists: Vec<(u8, Vec<String>)>,
-    outcome: Option<Outcome>,
+    outcome: Option<MilterReply>,
     mods: Vec<Modification>,
     body_len: usize,
     /// The milter accepted: skip it until the transaction (or, from connect/helo, the
@@ -378,7 +378,7 @@ impl Client {
     }
 
     /// The answer of the step begun last, once complete.
-    pub fn poll_outcome(&mut self) -> Option<Outcome> {
+    pub fn poll_outcome(&mut self) -> Option<MilterReply> {
         self.outcome.take()
     }
 
@@ -405,7 +405,7 @@ impl Client {
             self.in_tx = true;
         }
         if self.skip_session || (self.skip_tx && !matches!(step, Step::Connect { .. } | Step::Helo(_))) {
-            self.outcome = Some(Outcome::default());
+            self.outcome = Some(MilterReply::default());
             return Ok(());
         }
         self.stage = step.macro_cmd();
@@ -508,27 +508,29 @@ impl Client {
         }
         // Every packet sent and none wanted a reply: the step continues.
         self.wait = Wait::Idle;
-        self.finish(Verdict::Continue);
+        self.finish(MilterVerdict::Continue);
     }
 
-    fn finish(&mut self, verdict: Verdict) {
+    fn finish(&mut self, verdict: MilterVerdict) {
         self.queue.clear();
         self.wait = Wait::Idle;
-        if verdict == Verdict::Accept {
+        if verdict == MilterVerdict::Accept {
             if matches!(self.stage, b'C' | b'H') {
                 self.skip_session = true;
             } else {
                 self.skip_tx = true;
             }
         }
-        if matches!(verdict, Verdict::Reject | Verdict::Tempfail | Verdict::Discard | Verdict::Reply { .. })
-            && self.stage == b'C'
+        if matches!(
+            verdict,
+            MilterVerdict::Reject | MilterVerdict::Tempfail | MilterVerdict::Discard | MilterVerdict::Reply { .. }
+        ) && self.stage == b'C'
         {
             // Refused at connect: the session is refused; nothing more goes to the milter.
             self.skip_session = true;
         }
         let modifications = std::mem::take(&mut self.mods);
-        self.outcome = Some(Outcome { verdict, modifications });
+        self.outcome = Some(MilterReply { verdict, modifications });
     }
 
     /// The session ends: tell the milter to quit.
@@ -630,7 +632,7 @@ impl Client {
         match pk.cmd {
             b'c' => {
                 if last {
-                    self.finish(Verdict::Continue);
+                    self.finish(MilterVerdict::Continue);
                 } else {
                     self.advance();
                 }
@@ -643,10 +645,10 @@ impl Client {
                 self.queue.retain(|(p, ..)| p.cmd != b'B');
                 self.advance();
             }
-            b'a' => self.finish(Verdict::Accept),
-            b'r' => self.finish(Verdict::Reject),
-            b't' => self.finish(Verdict::Tempfail),
-            b'd' => self.finish(Verdict::Discard),
+            b'a' => self.finish(MilterVerdict::Accept),
+            b'r' => self.finish(MilterVerdict::Reject),
+            b't' => self.finish(MilterVerdict::Tempfail),
+            b'd' => self.finish(MilterVerdict::Discard),
             b'y' => {
                 let text = strs()?.into_iter().next().unwrap_or_default();
                 self.finish(parse_reply(&text)?);
@@ -654,7 +656,7 @@ impl Client {
             b'p' => {} // progress: still working
             // The milter stops being usable for this session: a temporary failure.
             b's' | b'f' => {
-                self.finish(Verdict::Tempfail);
+                self.finish(MilterVerdict::Tempfail);
                 self.skip_session = true;
             }
             b'h' | b'm' | b'i' | b'e' | b'+' | b'2' | b'-' | b'b' | b'q' if last => {
@@ -746,7 +748,7 @@ impl Client {
 /// A milter's own reply (`SMFIR_REPLYCODE`): `550 5.7.1 text`, possibly multi-line
 /// (`550-5.7.1 first\r\n550 5.7.1 last`); only 4xx and 5xx are allowed. The first
 /// line's text is kept, made printable.
-pub fn parse_reply(text: &str) -> Result<Verdict, Error> {
+pub fn parse_reply(text: &str) -> Result<MilterVerdict, Error> {
     let line = text.lines().next().unwrap_or("");
     let code: u16 = match line.get(..3).and_then(|c| c.parse().ok()) {
         Some(c) if (400..600).contains(&c) => c,
@@ -762,7 +764,7 @@ pub fn parse_reply(text: &str) -> Result<Verdict, Error> {
     };
     let text: String = text.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
     let text = text.replace("%%", "%");
-    Ok(Verdict::Reply { code, enhanced, text: text.trim().to_string() })
+    Ok(MilterVerdict::Reply { code, enhanced, text: text.trim().to_string() })
 }
 
 fn parse_enhanced(s: &str) -> Option<(u8, u16, u16)> {
@@ -902,17 +904,17 @@ mod tests {
         assert_eq!(p[1].data, b"client.example\x004\x0f\xa0192.0.2.9\0");
         assert_eq!(c.poll_outcome(), None);
         c.handle_input(&reply(b'r', b"")).unwrap();
-        assert_eq!(c.poll_outcome().unwrap().verdict, Verdict::Reject);
+        assert_eq!(c.poll_outcome().unwrap().verdict, MilterVerdict::Reject);
     }
 
     #[test]
     fn no_reply_steps_and_skipped_steps() {
         let mut c = negotiate(0, SMFIP_NR_CONN | SMFIP_NOHELO, &[]);
         c.begin(Step::Connect { hostname: "h".into(), family: Family::Unknown }, &[]).unwrap();
-        assert_eq!(c.poll_outcome().unwrap().verdict, Verdict::Continue);
+        assert_eq!(c.poll_outcome().unwrap().verdict, MilterVerdict::Continue);
         assert_eq!(sent(&mut c)[0].data, b"h\0U");
         c.begin(Step::Helo("x".into()), &[]).unwrap();
-        assert_eq!(c.poll_outcome().unwrap().verdict, Verdict::Continue);
+        assert_eq!(c.poll_outcome().unwrap().verdict, MilterVerdict::Continue);
         assert!(c.poll_transmit().is_none());
     }
 
@@ -932,7 +934,7 @@ mod tests {
         assert_eq!(p[1].data, b"<a@b>\0SIZE=10\0");
         c.handle_input(&reply(b'y', b"451 4.7.1 Try later\0")).unwrap();
         let v = c.poll_outcome().unwrap().verdict;
-        assert_eq!(v, Verdict::Reply { code: 451, enhanced: Some((4, 7, 1)), text: "Try later".into() });
+        assert_eq!(v, MilterVerdict::Reply { code: 451, enhanced: Some((4, 7, 1)), text: "Try later".into() });
         assert_eq!(v.word(), "tempfail");
     }
 
@@ -943,7 +945,7 @@ mod tests {
         c.begin(Step::Mail(vec!["<a@b>".into()]), &[]).unwrap();
         let _ = sent(&mut c);
         c.handle_input(&reply(b'c', b"")).unwrap();
-        assert_eq!(c.poll_outcome().unwrap().verdict, Verdict::Continue);
+        assert_eq!(c.poll_outcome().unwrap().verdict, MilterVerdict::Continue);
         let (headers, body) = split_message(b"Subject: hi\r\n there\r\nFrom: a@b\r\n\r\nbody\r\n");
         assert_eq!(headers, vec![("Subject".to_string(), " hi\n there".to_string()), ("From".into(), " a@b".into())]);
         assert_eq!(body, b"body\r\n");
@@ -973,7 +975,7 @@ mod tests {
         c.handle_input(x).unwrap();
         c.handle_input(y).unwrap();
         let o = c.poll_outcome().unwrap();
-        assert_eq!(o.verdict, Verdict::Accept);
+        assert_eq!(o.verdict, MilterVerdict::Accept);
         assert_eq!(
             o.modifications,
             vec![
@@ -992,9 +994,9 @@ mod tests {
         c.begin(Step::Mail(vec!["<a@b>".into()]), &[]).unwrap();
         let _ = sent(&mut c);
         c.handle_input(&reply(b'a', b"")).unwrap();
-        assert_eq!(c.poll_outcome().unwrap().verdict, Verdict::Accept);
+        assert_eq!(c.poll_outcome().unwrap().verdict, MilterVerdict::Accept);
         c.begin(Step::Rcpt(vec!["<c@d>".into()]), &[]).unwrap();
-        assert_eq!(c.poll_outcome().unwrap().verdict, Verdict::Continue);
+        assert_eq!(c.poll_outcome().unwrap().verdict, MilterVerdict::Continue);
         assert!(c.poll_transmit().is_none());
         c.begin(Step::Mail(vec!["<e@f>".into()]), &[]).unwrap();
         let p = sent(&mut c);
@@ -1024,9 +1026,12 @@ mod tests {
         assert!(parse_reply("5").is_err());
         assert_eq!(
             parse_reply("554 5.7.1 Blocked\r\n").unwrap(),
-            Verdict::Reply { code: 554, enhanced: Some((5, 7, 1)), text: "Blocked".into() }
+            MilterVerdict::Reply { code: 554, enhanced: Some((5, 7, 1)), text: "Blocked".into() }
         );
-        assert_eq!(parse_reply("550 nope").unwrap(), Verdict::Reply { code: 550, enhanced: None, text: "nope".into() });
+        assert_eq!(
+            parse_reply("550 nope").unwrap(),
+            MilterVerdict::Reply { code: 550, enhanced: None, text: "nope".into() }
+        );
     }
 
     /// The fuzz target's stable twin: 50,000 generated inputs.

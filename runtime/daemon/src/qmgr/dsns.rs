@@ -26,7 +26,7 @@ impl Qmgr {
         kind: DsnKind,
         rcpts: &[(usize, String)],
         expired: bool,
-        report_as: Option<(dsn::DsnKind, Option<String>)>,
+        report_as: Option<(dsn::NoticeKind, Option<String>)>,
     ) {
         let msg = &stored.message;
         let now = now_ms();
@@ -61,9 +61,9 @@ impl Qmgr {
         let sender = reverse_path(&to);
         let tkind = match (&report_as, kind) {
             (Some((k, _)), _) => *k,
-            (None, DsnKind::Failure) => dsn::DsnKind::Failure,
-            (None, DsnKind::Delay) => dsn::DsnKind::Delay,
-            (None, DsnKind::Success) => dsn::DsnKind::Success,
+            (None, DsnKind::Failure) => dsn::NoticeKind::Failure,
+            (None, DsnKind::Delay) => dsn::NoticeKind::Delay,
+            (None, DsnKind::Success) => dsn::NoticeKind::Success,
         };
         let remote_mta = report_as.as_ref().and_then(|(_, h)| h.as_deref());
         let mut entries = Vec::new();
@@ -81,9 +81,9 @@ impl Qmgr {
                 )
             });
             let outcome = match kind {
-                DsnKind::Failure => Outcome::Failed(rep),
-                DsnKind::Delay => Outcome::Deferred(rep),
-                DsnKind::Success => Outcome::Delivered(rep),
+                DsnKind::Failure => DeliveryOutcome::Failed(rep),
+                DsnKind::Delay => DeliveryOutcome::Deferred(rep),
+                DsnKind::Success => DeliveryOutcome::Delivered(rep),
             };
             let mut e = DsnRecipient::from_outcome(tkind, &r.address, orcpt_of(r).as_ref(), &outcome, remote_mta, now);
             if kind == DsnKind::Delay {
@@ -102,7 +102,7 @@ impl Qmgr {
             return;
         }
         let kind_word = match (tkind, kind) {
-            (dsn::DsnKind::Relayed, _) => "relayed",
+            (dsn::NoticeKind::Relayed, _) => "relayed",
             (_, DsnKind::Failure) => "failure",
             (_, DsnKind::Delay) => "delay",
             (_, DsnKind::Success) => "success",

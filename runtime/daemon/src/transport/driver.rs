@@ -6,8 +6,8 @@
 //!   the session fails before the first transaction (4xx or 5xx greeting,
 //!   HELO refused, TLS unavailable...). A 5xx greeting is a deferral, as in
 //!   Postfix (`smtp_skip_5xx_greeting`).
-//! * Per-recipient outcome: 2xx [`Outcome::Delivered`], 4xx
-//!   [`Outcome::Deferred`], 5xx [`Outcome::Failed`]; connection errors and
+//! * Per-recipient outcome: 2xx [`DeliveryOutcome::Delivered`], 4xx
+//!   [`DeliveryOutcome::Deferred`], 5xx [`DeliveryOutcome::Failed`]; connection errors and
 //!   timeouts are deferrals with a made-up `4.4.x` reply.
 //! * TLS ([`TlsPolicy`]): `May` encrypts when STARTTLS is offered without
 //!   verifying the certificate (a handshake failure retries the same address
@@ -47,7 +47,7 @@ use crate::smtp::{Envelope, ForwardPath, Reply, ReversePath};
 
 /// What happened to one recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum DeliveryOutcome {
     /// Accepted by the next hop (or written to the mailbox).
     Delivered(Reply),
     /// Temporary failure: retry later.
@@ -56,20 +56,20 @@ pub enum Outcome {
     Failed(Reply),
 }
 
-impl Outcome {
+impl DeliveryOutcome {
     /// Classifies a reply: 2xx delivered, 5xx failed, anything else deferred.
-    pub fn from_reply(r: Reply) -> Outcome {
+    pub fn from_reply(r: Reply) -> DeliveryOutcome {
         match r.code {
-            200..=299 => Outcome::Delivered(r),
-            500..=599 => Outcome::Failed(r),
-            _ => Outcome::Deferred(r),
+            200..=299 => DeliveryOutcome::Delivered(r),
+            500..=599 => DeliveryOutcome::Failed(r),
+            _ => DeliveryOutcome::Deferred(r),
         }
     }
 
     /// The reply behind the outcome.
     pub fn reply(&self) -> &Reply {
         match self {
-            Outcome::Delivered(r) | Outcome::Deferred(r) | Outcome::Failed(r) => r,
+            DeliveryOutcome::Delivered(r) | DeliveryOutcome::Deferred(r) | DeliveryOutcome::Failed(r) => r,
         }
     }
 }
@@ -78,7 +78,7 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeliveryReport {
     /// One outcome per envelope recipient, in envelope order.
-    pub recipients: Vec<Outcome>,
+    pub recipients: Vec<DeliveryOutcome>,
     /// The server that answered last (DSN `Remote-MTA`), e.g. `mx.example.com[192.0.2.1]:25`.
     pub remote_mta: Option<String>,
     /// The host name part of `remote_mta` (for `Remote-MTA: dns; name`).
@@ -97,7 +97,7 @@ pub struct DeliveryReport {
 }
 
 impl DeliveryReport {
-    fn all(n: usize, o: Outcome) -> DeliveryReport {
+    fn all(n: usize, o: DeliveryOutcome) -> DeliveryReport {
         DeliveryReport {
             recipients: vec![o; n],
             remote_mta: None,
@@ -1106,7 +1106,10 @@ async fn deliver_session(
     let (mut c, key) = match open(kind, endpoint, opts).await {
         Ok(x) => x,
         Err(r) => {
-            return DeliveryReport { setup: Some(started.elapsed()), ..DeliveryReport::all(n, Outcome::from_reply(r)) }
+            return DeliveryReport {
+                setup: Some(started.elapsed()),
+                ..DeliveryReport::all(n, DeliveryOutcome::from_reply(r))
+            }
         }
     };
     let setup = Some(started.elapsed());
@@ -1115,7 +1118,7 @@ async fn deliver_session(
     if let Err(e) = c.client.send_message(env, data) {
         let r = Reply::new(451, (4, 3, 0), format!("internal error: {e}"));
         c.close(&opts.timeouts).await;
-        return DeliveryReport::all(n, Outcome::Deferred(r));
+        return DeliveryReport::all(n, DeliveryOutcome::Deferred(r));
     }
     let mut result = None;
     loop {
@@ -1131,7 +1134,7 @@ async fn deliver_session(
     release(c, key, opts).await;
     match result {
         Some(t) => DeliveryReport {
-            recipients: t.recipients.into_iter().map(Outcome::from_reply).collect(),
+            recipients: t.recipients.into_iter().map(DeliveryOutcome::from_reply).collect(),
             remote_mta,
             remote_host,
             next_hop_dsn: t.next_hop_dsn,
@@ -1141,7 +1144,7 @@ async fn deliver_session(
         },
         None => {
             let r = Reply::new(421, (4, 4, 2), "session ended without a result");
-            DeliveryReport::all(n, Outcome::Deferred(r))
+            DeliveryReport::all(n, DeliveryOutcome::Deferred(r))
         }
     }
 }
@@ -1172,13 +1175,13 @@ pub async fn deliver(target: &Target, env: &Envelope, data: &[u8], opts: &Delive
             })
             .await;
             let outcome = match res {
-                Ok(Ok(())) => Outcome::Delivered(Reply::new(
+                Ok(Ok(())) => DeliveryOutcome::Delivered(Reply::new(
                     250,
                     (2, 0, 0),
                     if maildir { "delivered to maildir" } else { "delivered to mailbox" },
                 )),
-                Ok(Err(e)) => Outcome::from_reply(super::local::io_reply(&e)),
-                Err(e) => Outcome::Deferred(Reply::new(451, (4, 3, 0), format!("delivery task failed: {e}"))),
+                Ok(Err(e)) => DeliveryOutcome::from_reply(super::local::io_reply(&e)),
+                Err(e) => DeliveryOutcome::Deferred(Reply::new(451, (4, 3, 0), format!("delivery task failed: {e}"))),
             };
             DeliveryReport {
                 recipients: vec![outcome; n],

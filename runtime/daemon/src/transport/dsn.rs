@@ -30,11 +30,11 @@
 use crate::date::rfc2822 as rfc2822_date;
 use crate::smtp::{Notify, Orcpt, Reply, Ret, ReversePath};
 
-use super::driver::Outcome;
+use super::driver::DeliveryOutcome;
 
 /// Which notification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DsnKind {
+pub enum NoticeKind {
     /// Permanent failure (or expiry of the queue lifetime).
     Failure,
     /// Still being retried (delay warning).
@@ -73,12 +73,12 @@ impl DsnAction {
     }
 
     /// The usual action for a notification kind.
-    pub fn for_kind(kind: DsnKind) -> DsnAction {
+    pub fn for_kind(kind: NoticeKind) -> DsnAction {
         match kind {
-            DsnKind::Failure => DsnAction::Failed,
-            DsnKind::Delay => DsnAction::Delayed,
-            DsnKind::Success => DsnAction::Delivered,
-            DsnKind::Relayed => DsnAction::Relayed,
+            NoticeKind::Failure => DsnAction::Failed,
+            NoticeKind::Delay => DsnAction::Delayed,
+            NoticeKind::Success => DsnAction::Delivered,
+            NoticeKind::Relayed => DsnAction::Relayed,
         }
     }
 }
@@ -108,10 +108,10 @@ impl DsnRecipient {
     /// An entry from a delivery outcome: action from the kind, status from
     /// the reply's enhanced code (else `X.0.0` from its class).
     pub fn from_outcome(
-        kind: DsnKind,
+        kind: NoticeKind,
         final_recipient: &str,
         orcpt: Option<&Orcpt>,
-        outcome: &Outcome,
+        outcome: &DeliveryOutcome,
         remote_mta: Option<&str>,
         now_ms: u64,
     ) -> DsnRecipient {
@@ -142,7 +142,7 @@ pub fn status_of(r: &Reply) -> (u8, u16, u16) {
 #[derive(Clone, Debug)]
 pub struct Dsn<'a> {
     /// Which notification.
-    pub kind: DsnKind,
+    pub kind: NoticeKind,
     /// Our host name (`Reporting-MTA`, `From: MAILER-DAEMON@...`).
     pub hostname: &'a str,
     /// The original envelope sender (the DSN's recipient).
@@ -186,20 +186,20 @@ impl Dsn<'_> {
 /// parameters (RFC 3461 4.1): never to the null sender; NOTIFY=NEVER: none;
 /// no NOTIFY: FAILURE and DELAY; otherwise only what was asked (SUCCESS
 /// covers `Relayed`).
-pub fn should_notify(kind: DsnKind, notify: Option<&Notify>, sender: &ReversePath) -> bool {
+pub fn should_notify(kind: NoticeKind, notify: Option<&Notify>, sender: &ReversePath) -> bool {
     if *sender == ReversePath::Null {
         return false;
     }
     match notify {
-        None => matches!(kind, DsnKind::Failure | DsnKind::Delay),
+        None => matches!(kind, NoticeKind::Failure | NoticeKind::Delay),
         Some(n) if n.never => false,
         Some(n) if !(n.success || n.failure || n.delay) => {
-            matches!(kind, DsnKind::Failure | DsnKind::Delay)
+            matches!(kind, NoticeKind::Failure | NoticeKind::Delay)
         }
         Some(n) => match kind {
-            DsnKind::Failure => n.failure,
-            DsnKind::Delay => n.delay,
-            DsnKind::Success | DsnKind::Relayed => n.success,
+            NoticeKind::Failure => n.failure,
+            NoticeKind::Delay => n.delay,
+            NoticeKind::Success | NoticeKind::Relayed => n.success,
         },
     }
 }
@@ -294,7 +294,7 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
     let host = clean(d.hostname);
     let original = to_crlf(d.message);
     let ret = d.ret.unwrap_or(match d.kind {
-        DsnKind::Failure => Ret::Full,
+        NoticeKind::Failure => Ret::Full,
         _ => Ret::Hdrs,
     });
     let returned: &[u8] = match ret {
@@ -318,10 +318,10 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
         ReversePath::Mailbox(m) => format!("<{}>", clean(&m.to_string())),
     };
     let subject = match d.kind {
-        DsnKind::Failure => "Undelivered Mail Returned to Sender",
-        DsnKind::Delay => "Delayed Mail (still being retried)",
-        DsnKind::Success => "Successful Mail Delivery Report",
-        DsnKind::Relayed => "Mail Relayed to a Server Without Delivery Notifications",
+        NoticeKind::Failure => "Undelivered Mail Returned to Sender",
+        NoticeKind::Delay => "Delayed Mail (still being retried)",
+        NoticeKind::Success => "Successful Mail Delivery Report",
+        NoticeKind::Relayed => "Mail Relayed to a Server Without Delivery Notifications",
     };
     let mut s = String::new();
     let mut line = |l: &str| {
@@ -348,16 +348,16 @@ pub fn build_dsn(d: &Dsn<'_>) -> Vec<u8> {
     line(&format!("This is the mail system at host {host}."));
     line("");
     line(match d.kind {
-        DsnKind::Failure => {
+        NoticeKind::Failure => {
             "I'm sorry to have to inform you that your message could not\r\nbe delivered to one or more recipients. It's attached below."
         }
-        DsnKind::Delay => {
+        NoticeKind::Delay => {
             "Your message could not be delivered yet to one or more recipients.\r\nThe mail system will keep trying; you do not need to resend it."
         }
-        DsnKind::Success => {
+        NoticeKind::Success => {
             "Your message was successfully delivered to the destination(s)\r\nlisted below, as you asked."
         }
-        DsnKind::Relayed => {
+        NoticeKind::Relayed => {
             "Your message was delivered to the destination(s) listed below.\r\nThose servers do not report delivery, so you will get no further\r\nnotification from them."
         }
     });

@@ -4,7 +4,7 @@
 //!   no socket, no clock), the outbound twin of [`crate::smtp`].
 //! * [`driver`]: the tokio host of that engine. [`deliver`] sends one
 //!   message to one [`Target`] and returns a [`DeliveryReport`] with one
-//!   [`Outcome`] per recipient; [`call_ahead`] asks a destination about a
+//!   [`DeliveryOutcome`] per recipient; [`call_ahead`] asks a destination about a
 //!   recipient (R27); [`ConnectionCache`] keeps sessions for reuse.
 //! * [`mx`]: next-hop resolution (R33) through an injectable [`Resolver`]
 //!   ([`HickoryResolver`] in the daemon, [`StaticResolver`] in tests).
@@ -39,8 +39,8 @@ pub use client::{
     TlsPolicy, TransactionResult,
 };
 pub use driver::{
-    call_ahead, deliver, ClientCert, Connection, ConnectionCache, DeliveryOptions, DeliveryReport, LmtpEndpoint,
-    Outcome, Target, Timeouts,
+    call_ahead, deliver, ClientCert, Connection, ConnectionCache, DeliveryOptions, DeliveryOutcome, DeliveryReport,
+    LmtpEndpoint, Target, Timeouts,
 };
-pub use dsn::{build_dsn, should_notify, Dsn, DsnAction, DsnKind, DsnRecipient};
+pub use dsn::{build_dsn, should_notify, Dsn, DsnAction, DsnRecipient, NoticeKind};
 pub use mx::{resolve, Destination, DnsError, HickoryResolver, Hop, LocalIdentity, MxRecord, Resolver, StaticResolver};

@@ -201,7 +201,7 @@ fn maildir_delivery() {
         b"x\n",
         &opts(StaticResolver::new()),
     ));
-    assert!(matches!(&rep.recipients[0], Outcome::Delivered(_)));
+    assert!(matches!(&rep.recipients[0], DeliveryOutcome::Delivered(_)));
     // unwritable: deferred
     let rep = rt().block_on(deliver(
         &Target::Maildir(crate::paths::Confined { root: None, path: PathBuf::from("/proc/nonexistent/Maildir") }),
@@ -209,7 +209,7 @@ fn maildir_delivery() {
         b"x\n",
         &opts(StaticResolver::new()),
     ));
-    assert!(matches!(&rep.recipients[0], Outcome::Deferred(_)), "{rep:?}");
+    assert!(matches!(&rep.recipients[0], DeliveryOutcome::Deferred(_)), "{rep:?}");
 }
 
 #[test]
@@ -284,24 +284,24 @@ fn dsn_failure_structure() {
     let original = b"From: alice@src.test\nSubject: hello\n\nbody line\n";
     let entries = vec![
         DsnRecipient::from_outcome(
-            DsnKind::Failure,
+            NoticeKind::Failure,
             "bob@dst.test",
             Some(&Orcpt { addr_type: "rfc822".into(), address: "Bob@dst.test".into() }),
-            &Outcome::Failed(Reply::new(550, (5, 1, 1), "<bob@dst.test>: user unknown\r\nInjected: x")),
+            &DeliveryOutcome::Failed(Reply::new(550, (5, 1, 1), "<bob@dst.test>: user unknown\r\nInjected: x")),
             Some("mx.dst.test"),
             1_700_000_000_000,
         ),
         DsnRecipient::from_outcome(
-            DsnKind::Failure,
+            NoticeKind::Failure,
             "carol@dst.test",
             None,
-            &Outcome::Failed(Reply::plain(552, "quota exceeded")),
+            &DeliveryOutcome::Failed(Reply::plain(552, "quota exceeded")),
             None,
             1_700_000_000_000,
         ),
     ];
     let d = Dsn {
-        kind: DsnKind::Failure,
+        kind: NoticeKind::Failure,
         hostname: "gw.src.test",
         sender: &sender,
         envid: Some("ENV-42"),
@@ -349,16 +349,16 @@ fn dsn_delay_headers_only_and_truncation() {
     let mut original = b"Subject: big\r\nX-A: 1\r\n\r\n".to_vec();
     original.extend("0123456789\r\n".repeat(1000).as_bytes());
     let mut entry = DsnRecipient::from_outcome(
-        DsnKind::Delay,
+        NoticeKind::Delay,
         "bob@dst.test",
         None,
-        &Outcome::Deferred(Reply::new(451, (4, 4, 1), "connection refused")),
+        &DeliveryOutcome::Deferred(Reply::new(451, (4, 4, 1), "connection refused")),
         None,
         1_700_000_000_000,
     );
     entry.will_retry_until = Some(1_700_400_000_000);
     let mut d = Dsn {
-        kind: DsnKind::Delay,
+        kind: NoticeKind::Delay,
         hostname: "gw.src.test",
         sender: &sender,
         envid: None,
@@ -399,12 +399,12 @@ fn dsn_delay_headers_only_and_truncation() {
 #[test]
 fn dsn_success_and_relayed() {
     let sender = parse_reverse_path("<alice@src.test>", false).unwrap();
-    for (kind, action) in [(DsnKind::Success, "delivered"), (DsnKind::Relayed, "relayed")] {
+    for (kind, action) in [(NoticeKind::Success, "delivered"), (NoticeKind::Relayed, "relayed")] {
         let e = DsnRecipient::from_outcome(
             kind,
             "bob@dst.test",
             None,
-            &Outcome::Delivered(Reply::new(250, (2, 0, 0), "ok")),
+            &DeliveryOutcome::Delivered(Reply::new(250, (2, 0, 0), "ok")),
             Some("mx.dst.test"),
             1,
         );
@@ -434,7 +434,7 @@ fn notify_rules() {
     let someone = parse_reverse_path("<a@s.test>", false).unwrap();
     let null = ReversePath::Null;
     let n = |s: bool, f: bool, d: bool| Notify { never: false, success: s, failure: f, delay: d };
-    use DsnKind::*;
+    use NoticeKind::*;
     // never to the null sender
     for k in [Failure, Delay, Success, Relayed] {
         assert!(!should_notify(k, None, &null));
@@ -479,10 +479,10 @@ fn targets_display_for_operators() {
 fn dsn_for_smtputf8_mail_is_global_and_envid_is_xtext() {
     let sender = parse_reverse_path("<j\u{f6}rg@src.test>", true).unwrap();
     let e = DsnRecipient::from_outcome(
-        DsnKind::Failure,
+        NoticeKind::Failure,
         "b\u{fc}ro@dst.test",
         None,
-        &Outcome::Failed(Reply::new(550, (5, 1, 1), "no such user")),
+        &DeliveryOutcome::Failed(Reply::new(550, (5, 1, 1), "no such user")),
         Some("mx.dst.test"),
         1,
     );
@@ -490,10 +490,10 @@ fn dsn_for_smtputf8_mail_is_global_and_envid_is_xtext() {
     assert!(Dsn::needs_global(false, &sender, &entries));
     let ascii = parse_reverse_path("<a@src.test>", false).unwrap();
     let plain = [DsnRecipient::from_outcome(
-        DsnKind::Failure,
+        NoticeKind::Failure,
         "b@dst.test",
         None,
-        &Outcome::Failed(Reply::new(550, (5, 1, 1), "no")),
+        &DeliveryOutcome::Failed(Reply::new(550, (5, 1, 1), "no")),
         None,
         1,
     )];
@@ -502,7 +502,7 @@ fn dsn_for_smtputf8_mail_is_global_and_envid_is_xtext() {
     let original = "Subject: gr\u{fc}\u{df}e\r\nFrom: j\u{f6}rg@src.test\r\n\r\nbody\r\n";
     for (ret, returned) in [(Some(Ret::Full), "message/global"), (Some(Ret::Hdrs), "message/global-headers")] {
         let d = Dsn {
-            kind: DsnKind::Failure,
+            kind: NoticeKind::Failure,
             hostname: "gw",
             sender: &sender,
             envid: Some("id 1+x=\u{e9}"),

@@ -15,7 +15,7 @@
 
 use mailpolicy_lang::ir::Counter;
 
-use super::{Conn, Need, Note, Pending};
+use super::{Conn, HostWait, Need, Note};
 use crate::smtp::{AuthOutcome, Reply, Time};
 
 pub const AUTH_FAILURE_LIMIT: u64 = 10;
@@ -60,13 +60,13 @@ impl Conn {
             return Some(Need::AuthStep { mechanism, data });
         }
         let key = self.address_key();
-        self.pending = Pending::Auth(Gate::Address { mechanism, data });
+        self.pending = HostWait::Auth(Gate::Address { mechanism, data });
         Some(Need::FailedLogins { key, window_ms: AUTH_FAILURE_WINDOW })
     }
 
     /// Answer [`Need::FailedLogins`]: the `auth_failures` events under its key in the window.
     pub fn failed_logins(&mut self, count: u64, now: Time) {
-        if matches!(self.pending, Pending::Auth(Gate::Address { .. } | Gate::Login { .. })) {
+        if matches!(self.pending, HostWait::Auth(Gate::Address { .. } | Gate::Login { .. })) {
             self.gate_answered(count, false, now);
         }
     }
@@ -74,13 +74,13 @@ impl Conn {
     /// Answer [`Need::LoginKnown`]: `login` authenticated from the client's address within
     /// the window.
     pub fn login_known(&mut self, known: bool, now: Time) {
-        if matches!(self.pending, Pending::Auth(Gate::Known { .. })) {
+        if matches!(self.pending, HostWait::Auth(Gate::Known { .. })) {
             self.gate_answered(0, known, now);
         }
     }
 
     fn gate_answered(&mut self, count: u64, known: bool, now: Time) {
-        let Pending::Auth(gate) = std::mem::replace(&mut self.pending, Pending::None) else { return };
+        let HostWait::Auth(gate) = std::mem::replace(&mut self.pending, HostWait::None) else { return };
         match gate {
             Gate::Address { mechanism, data } => {
                 if count >= AUTH_FAILURE_LIMIT {
@@ -98,7 +98,7 @@ impl Conn {
             Gate::Login { mechanism, result, login } => {
                 if count >= LOGIN_FAILURE_LIMIT {
                     let ip = self.facts.client_ip;
-                    self.pending = Pending::Auth(Gate::Known { mechanism, result, login: login.clone() });
+                    self.pending = HostWait::Auth(Gate::Known { mechanism, result, login: login.clone() });
                     self.notes.push_back(Need::LoginKnown { login, ip, window_ms: LOGIN_KNOWN_WINDOW });
                 } else {
                     self.sasl_finish(mechanism, result, Some(login), false, now);
@@ -120,7 +120,7 @@ impl Conn {
         match login {
             Some(login) if self.has_remote => {
                 let key = format!("auth.login={login}");
-                self.pending = Pending::Auth(Gate::Login { mechanism, result, login });
+                self.pending = HostWait::Auth(Gate::Login { mechanism, result, login });
                 self.notes.push_back(Need::FailedLogins { key, window_ms: AUTH_FAILURE_WINDOW });
             }
             login => self.sasl_finish(mechanism, result, login, false, now),

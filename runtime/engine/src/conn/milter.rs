@@ -8,9 +8,9 @@
 
 use mailpolicy_lang::ir::{OptValue, Resource, Stage};
 
-use super::{Conn, Need, Pending, TxRcpt};
+use super::{Conn, HostWait, Need, TxRcpt};
 use crate::eval::{Effect, MilterFacts, Outcome, RenderedReply};
-use crate::milter::{Family, Modification, Outcome as MilterOutcome, Step, Verdict};
+use crate::milter::{Family, MilterReply, MilterVerdict, Modification, Step};
 use crate::smtp::{Event, ForwardPath, ReversePath, Time};
 
 /// What [`Need::Milter`] asks: give `step` with `macros` to each milter of the policy in
@@ -28,7 +28,7 @@ pub struct MilterCall {
 
 /// What a milter answered, as the host got it: its outcome, or why it could not answer
 /// (down, timed out, broke the protocol); then the milter's `default_action` applies.
-pub type MilterAnswer = Result<MilterOutcome, String>;
+pub type MilterAnswer = Result<MilterReply, String>;
 
 /// RFC 3461 xtext: `+`, `=` and what is not printable ASCII as `+XX`.
 fn xtext(s: &str) -> String {
@@ -88,7 +88,10 @@ impl Conn {
                 word_opt(m, "verdicts") != Some("report")
                     && matches!(
                         o.verdict,
-                        Verdict::Reject | Verdict::Tempfail | Verdict::Discard | Verdict::Reply { .. }
+                        MilterVerdict::Reject
+                            | MilterVerdict::Tempfail
+                            | MilterVerdict::Discard
+                            | MilterVerdict::Reply { .. }
                     )
             }
             Err(_) => word_opt(m, "default_action").unwrap_or("tempfail") != "accept",
@@ -242,7 +245,7 @@ impl Conn {
     /// Answer [`Need::Milter`]: each consulted milter's answer, in order. The stage's
     /// policy then runs with the answers as facts.
     pub fn milter_replied(&mut self, answers: Vec<(String, MilterAnswer)>, _now: Time) {
-        let Pending::Milter { stage, event } = std::mem::replace(&mut self.pending, Pending::None) else {
+        let HostWait::Milter { stage, event } = std::mem::replace(&mut self.pending, HostWait::None) else {
             return;
         };
         self.facts.milters.clear();
@@ -262,23 +265,23 @@ impl Conn {
                         _ => None,
                     });
                     let refusal = match &o.verdict {
-                        Verdict::Reject => Some(Outcome::Reject(rejected())),
-                        Verdict::Tempfail => Some(Outcome::Tempfail(tempfailed())),
-                        Verdict::Discard => Some(Outcome::Discard),
-                        Verdict::Reply { code, enhanced, text } => {
+                        MilterVerdict::Reject => Some(Outcome::Reject(rejected())),
+                        MilterVerdict::Tempfail => Some(Outcome::Tempfail(tempfailed())),
+                        MilterVerdict::Discard => Some(Outcome::Discard),
+                        MilterVerdict::Reply { code, enhanced, text } => {
                             let class = code / 100;
                             let e = enhanced.map(|(a, b, c)| (a as u16, b, c)).unwrap_or((class, 7, 1));
                             let r = reply(*code, e, if text.is_empty() { "Command rejected" } else { text });
                             Some(if class == 5 { Outcome::Reject(r) } else { Outcome::Tempfail(r) })
                         }
-                        Verdict::Continue | Verdict::Accept => None,
+                        MilterVerdict::Continue | MilterVerdict::Accept => None,
                     };
                     let text = match &refusal {
                         Some(Outcome::Reject(r) | Outcome::Tempfail(r)) => r.to_string(),
                         _ => quarantine.clone().unwrap_or_default(),
                     };
                     let word = match (&quarantine, &o.verdict) {
-                        (Some(_), Verdict::Continue | Verdict::Accept) => "quarantine",
+                        (Some(_), MilterVerdict::Continue | MilterVerdict::Accept) => "quarantine",
                         (_, v) => v.word(),
                     };
                     if stage == Stage::Data {
@@ -325,7 +328,7 @@ impl Conn {
                 self.milter_refusal = refusal;
             }
         }
-        self.pending = Pending::None;
+        self.pending = HostWait::None;
         self.run_stage(stage, event);
     }
 

@@ -264,7 +264,7 @@ impl Conn {
         }
         if let Some(w) = self.sender_auth.answer(check) {
             self.sender_auth.waiting = None;
-            if let super::Pending::Stage { run, .. } = &mut self.pending {
+            if let super::HostWait::Stage { run, .. } = &mut self.pending {
                 run.answer(Request::Auth(check), Answer::Value(Some(w)));
             }
         } else if let Some(q) = self.sender_auth.query(check, &self.facts) {

@@ -378,7 +378,7 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 #[derive(Clone, Debug)]
-enum Pending {
+enum Awaiting {
     Connect,
     Helo { name: String, extended: bool },
     Mail { from: ReversePath, params: MailParams },
@@ -399,7 +399,7 @@ enum BdatSink {
 }
 
 #[derive(Debug)]
-enum Phase {
+enum Receiving {
     Greeting,
     Command,
     Data(Box<DotReceiver>),
@@ -468,8 +468,8 @@ pub struct Session {
     config: Config,
     peer: PeerInfo,
     tls: Option<TlsInfo>,
-    phase: Phase,
-    pending: Option<Pending>,
+    phase: Receiving,
+    pending: Option<Awaiting>,
     held: Option<Held>,
     input: InBuf,
     discarding_line: bool,
@@ -502,8 +502,8 @@ impl Session {
             config,
             peer,
             tls,
-            phase: Phase::Greeting,
-            pending: Some(Pending::Connect),
+            phase: Receiving::Greeting,
+            pending: Some(Awaiting::Connect),
             held: None,
             input: InBuf::default(),
             discarding_line: false,
@@ -557,11 +557,11 @@ impl Session {
     /// The client is sending message content (inside DATA or a BDAT chunk): hosts apply
     /// their data-phase idle time-out instead of the command one.
     pub fn in_message(&self) -> bool {
-        matches!(self.phase, Phase::Data(_) | Phase::Bdat { .. })
+        matches!(self.phase, Receiving::Data(_) | Receiving::Bdat { .. })
     }
 
     pub fn is_closed(&self) -> bool {
-        matches!(self.phase, Phase::Closed)
+        matches!(self.phase, Receiving::Closed)
     }
     /// Input is buffered that does not make a whole command line yet: hosts time a
     /// request from its first byte (a per-request deadline), not only the idle gaps.
@@ -572,7 +572,7 @@ impl Session {
     pub fn take_spill(&mut self) -> Option<(u64, Vec<u8>)> {
         let mut out = std::mem::take(&mut self.spill_out);
         match &mut self.phase {
-            Phase::Data(rx) => out.extend_from_slice(&rx.content.take_spill()),
+            Receiving::Data(rx) => out.extend_from_slice(&rx.content.take_spill()),
             _ => {
                 if let Some(c) = self.tx.as_mut().and_then(|t| t.bdat.as_mut()) {
                     out.extend_from_slice(&c.take_spill());
@@ -587,7 +587,7 @@ impl Session {
     pub fn message_open(&self) -> bool {
         self.in_message()
             || self.tx.as_ref().is_some_and(|t| t.bdat.is_some())
-            || matches!(self.pending, Some(Pending::Message))
+            || matches!(self.pending, Some(Awaiting::Message))
     }
 
     pub fn partial_input(&self) -> bool {
@@ -595,7 +595,7 @@ impl Session {
     }
     /// True while an event awaits the host's answer.
     pub fn is_waiting(&self) -> bool {
-        self.pending.is_some() || matches!(self.phase, Phase::WaitTls)
+        self.pending.is_some() || matches!(self.phase, Receiving::WaitTls)
     }
     /// How many more input bytes the engine will buffer now. Hosts should
     /// read at most this many (backpressure while a decision is pending).
@@ -639,8 +639,8 @@ impl Session {
     /// Bytes received from the client.
     pub fn handle_input(&mut self, bytes: &[u8], now: Time) {
         match self.phase {
-            Phase::Closed | Phase::WaitTls => return,
-            Phase::Greeting if !bytes.is_empty() && self.config.reject_talk_first => {
+            Receiving::Closed | Receiving::WaitTls => return,
+            Receiving::Greeting if !bytes.is_empty() && self.config.reject_talk_first => {
                 self.held = None;
                 self.pending = None;
                 self.input.clear();
@@ -662,7 +662,7 @@ impl Session {
             self.input.extend_from_slice(now_part);
             rest = later;
             self.drive(now);
-            if rest.is_empty() || matches!(self.phase, Phase::Closed | Phase::WaitTls) {
+            if rest.is_empty() || matches!(self.phase, Receiving::Closed | Receiving::WaitTls) {
                 break;
             }
             if self.input.len() >= self.config.max_input_buffer {
@@ -681,8 +681,8 @@ impl Session {
                     self.out.extend_from_slice(&h.bytes);
                     if h.close {
                         self.close_now();
-                    } else if matches!(self.phase, Phase::Greeting) {
-                        self.phase = Phase::Command;
+                    } else if matches!(self.phase, Receiving::Greeting) {
+                        self.phase = Receiving::Command;
                     }
                 }
                 self.drive(now);
@@ -699,7 +699,7 @@ impl Session {
     }
 
     /// The host ends the session (idle timeout, shutdown): sends `reply`
-    /// (default `421 4.3.2 Service shutting down`) and closes. Pending
+    /// (default `421 4.3.2 Service shutting down`) and closes. Awaiting
     /// decisions and held replies are dropped.
     pub fn shutdown(&mut self, reply: Option<Reply>, now: Time) {
         if self.is_closed() {
@@ -720,7 +720,7 @@ impl Session {
         }
         let pending = match self.pending.take() {
             None => return Err(UsageError::NotWaiting),
-            Some(p @ Pending::AuthStep { .. }) => {
+            Some(p @ Awaiting::AuthStep { .. }) => {
                 self.pending = Some(p);
                 return Err(UsageError::WrongAnswer);
             }
@@ -730,7 +730,7 @@ impl Session {
         let reply_or = |default: Reply| custom.clone().unwrap_or(default);
         let mut delay = d.delay;
         let reply = match pending {
-            Pending::Connect => {
+            Awaiting::Connect => {
                 delay = delay.max(self.greet_at - now);
                 if d.accept {
                     let text = format!("{} {}", self.config.hostname, self.config.greeting);
@@ -742,7 +742,7 @@ impl Session {
                     reply_or(r(554, (5, 7, 1), "Access denied"))
                 }
             }
-            Pending::Helo { name, extended } => {
+            Awaiting::Helo { name, extended } => {
                 if d.accept {
                     let first = custom
                         .as_ref()
@@ -759,7 +759,7 @@ impl Session {
                     reply_or(r(550, (5, 7, 1), "HELO rejected"))
                 }
             }
-            Pending::Mail { from, params } => {
+            Awaiting::Mail { from, params } => {
                 if d.accept {
                     self.tx = Some(Transaction { from, params, recipients: Vec::new(), bdat: None });
                     reply_or(r(250, (2, 1, 0), "Sender OK"))
@@ -767,7 +767,7 @@ impl Session {
                     reply_or(r(550, (5, 7, 1), "Sender rejected"))
                 }
             }
-            Pending::Rcpt { to, params } => {
+            Awaiting::Rcpt { to, params } => {
                 if d.accept {
                     if let Some(tx) = self.tx.as_mut() {
                         tx.recipients.push(Recipient { path: to, params });
@@ -777,16 +777,16 @@ impl Session {
                     reply_or(r(550, (5, 7, 1), "Recipient rejected"))
                 }
             }
-            Pending::Data { bdat: None } => {
+            Awaiting::Data { bdat: None } => {
                 if d.accept {
                     let checker = self.new_checker();
-                    self.phase = Phase::Data(Box::new(DotReceiver::new(checker)));
+                    self.phase = Receiving::Data(Box::new(DotReceiver::new(checker)));
                     reply_or(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
                 } else {
                     reply_or(r(554, (5, 7, 1), "Data rejected"))
                 }
             }
-            Pending::Data { bdat: Some((size, last)) } => {
+            Awaiting::Data { bdat: Some((size, last)) } => {
                 let sink = if d.accept {
                     let checker = self.new_checker();
                     if let Some(tx) = self.tx.as_mut() {
@@ -801,11 +801,11 @@ impl Session {
                         close: d.close,
                     }
                 };
-                self.phase = Phase::Bdat { remaining: size, last, sink };
+                self.phase = Receiving::Bdat { remaining: size, last, sink };
                 self.drive(now);
                 return Ok(());
             }
-            Pending::Message => {
+            Awaiting::Message => {
                 if d.accept {
                     self.errors = 0;
                     let text = match &d.queue_id {
@@ -817,17 +817,17 @@ impl Session {
                     reply_or(r(550, (5, 7, 1), "Message rejected"))
                 }
             }
-            Pending::Vrfy => reply_or(if d.accept {
+            Awaiting::Vrfy => reply_or(if d.accept {
                 r(252, (2, 5, 2), "Cannot VRFY user, but will accept message and attempt delivery")
             } else {
                 r(550, (5, 7, 1), "Access denied")
             }),
-            Pending::Expn => reply_or(if d.accept {
+            Awaiting::Expn => reply_or(if d.accept {
                 r(502, (5, 5, 1), "EXPN not available")
             } else {
                 r(550, (5, 7, 1), "Access denied")
             }),
-            Pending::Auth { mechanism, user } => {
+            Awaiting::Auth { mechanism, user } => {
                 if d.accept {
                     self.auth = Some((mechanism, user));
                     reply_or(r(235, (2, 7, 0), "Authentication successful"))
@@ -835,11 +835,11 @@ impl Session {
                     reply_or(r(535, (5, 7, 8), "Authentication credentials invalid"))
                 }
             }
-            Pending::AuthFailed { reply } => match custom.filter(|c| d.close && c.code / 100 == 4) {
+            Awaiting::AuthFailed { reply } => match custom.filter(|c| d.close && c.code / 100 == 4) {
                 Some(c) => c,
                 None => reply,
             },
-            Pending::AuthStep { .. } => return Err(UsageError::WrongAnswer),
+            Awaiting::AuthStep { .. } => return Err(UsageError::WrongAnswer),
         };
         self.send(reply, delay, d.close, now);
         self.drive(now);
@@ -849,7 +849,7 @@ impl Session {
     /// Answers [`Event::AuthStep`] with a server challenge (`334 <base64>`).
     pub fn auth_continue(&mut self, challenge: &[u8], now: Time) -> Result<(), UsageError> {
         let mechanism = self.take_auth_step()?;
-        self.phase = Phase::AuthResponse { mechanism };
+        self.phase = Receiving::AuthResponse { mechanism };
         self.out.extend_from_slice(b"334 ");
         self.out.extend_from_slice(BASE64.encode(challenge).as_bytes());
         self.out.extend_from_slice(b"\r\n");
@@ -860,16 +860,16 @@ impl Session {
     /// Answers [`Event::AuthStep`] with the end of the SASL exchange.
     pub fn auth_done(&mut self, outcome: AuthOutcome, now: Time) -> Result<(), UsageError> {
         let mechanism = self.take_auth_step()?;
-        self.phase = Phase::Command;
+        self.phase = Receiving::Command;
         match outcome {
             AuthOutcome::Success { user } => {
                 self.events.push_back(Event::Auth { mechanism: mechanism.clone(), user: user.clone() });
-                self.pending = Some(Pending::Auth { mechanism, user });
+                self.pending = Some(Awaiting::Auth { mechanism, user });
             }
             AuthOutcome::Failure { reply } => {
                 let reply = reply.unwrap_or_else(|| r(535, (5, 7, 8), "Authentication credentials invalid"));
                 self.events.push_back(Event::AuthFailed { mechanism });
-                self.pending = Some(Pending::AuthFailed { reply });
+                self.pending = Some(Awaiting::AuthFailed { reply });
                 let _ = now;
             }
         }
@@ -881,8 +881,8 @@ impl Session {
     /// EHLO again; HELO, AUTH and transaction are forgotten).
     pub fn tls_established(&mut self, info: TlsInfo, now: Time) -> Result<(), UsageError> {
         match self.phase {
-            Phase::WaitTls => {}
-            Phase::Closed => return Err(UsageError::Closed),
+            Receiving::WaitTls => {}
+            Receiving::Closed => return Err(UsageError::Closed),
             _ => return Err(UsageError::NotWaiting),
         }
         self.tls = Some(info);
@@ -891,7 +891,7 @@ impl Session {
         self.auth = None;
         self.input.clear();
         self.discarding_line = false;
-        self.phase = Phase::Command;
+        self.phase = Receiving::Command;
         self.drive(now);
         Ok(())
     }
@@ -901,7 +901,7 @@ impl Session {
             return Err(UsageError::Closed);
         }
         match self.pending.take() {
-            Some(Pending::AuthStep { mechanism }) => Ok(mechanism),
+            Some(Awaiting::AuthStep { mechanism }) => Ok(mechanism),
             Some(p) => {
                 self.pending = Some(p);
                 Err(UsageError::WrongAnswer)
@@ -920,7 +920,7 @@ impl Session {
     }
 
     fn close_now(&mut self) {
-        self.phase = Phase::Closed;
+        self.phase = Receiving::Closed;
         self.input = InBuf::default();
         self.tx = None;
         if !self.closed_emitted {
@@ -960,8 +960,8 @@ impl Session {
             self.out.extend_from_slice(&bytes);
             if close {
                 self.close_now();
-            } else if matches!(self.phase, Phase::Greeting) {
-                self.phase = Phase::Command;
+            } else if matches!(self.phase, Receiving::Greeting) {
+                self.phase = Receiving::Command;
             }
         }
     }
@@ -969,7 +969,7 @@ impl Session {
     fn blocked(&self) -> bool {
         self.pending.is_some()
             || self.held.is_some()
-            || matches!(self.phase, Phase::Closed | Phase::WaitTls | Phase::Greeting)
+            || matches!(self.phase, Receiving::Closed | Receiving::WaitTls | Receiving::Greeting)
     }
 
     /// Processes buffered input until blocked or out of input.
@@ -982,11 +982,11 @@ impl Session {
                 return;
             }
             match &mut self.phase {
-                Phase::Data(rx) => match rx.feed(self.input.unread()) {
+                Receiving::Data(rx) => match rx.feed(self.input.unread()) {
                     Some(n) => {
                         self.input.consume(n);
-                        let phase = std::mem::replace(&mut self.phase, Phase::Command);
-                        if let Phase::Data(rx) = phase {
+                        let phase = std::mem::replace(&mut self.phase, Receiving::Command);
+                        if let Receiving::Data(rx) = phase {
                             self.finish_message(rx.content, false, now);
                         }
                     }
@@ -995,7 +995,7 @@ impl Session {
                         return;
                     }
                 },
-                Phase::Bdat { remaining, sink, .. } => {
+                Receiving::Bdat { remaining, sink, .. } => {
                     let take = usize::try_from(*remaining).unwrap_or(usize::MAX).min(self.input.len());
                     if take > 0 {
                         if matches!(sink, BdatSink::Store) {
@@ -1009,23 +1009,23 @@ impl Session {
                     if *remaining > 0 {
                         return;
                     }
-                    let phase = std::mem::replace(&mut self.phase, Phase::Command);
-                    if let Phase::Bdat { last, sink, .. } = phase {
+                    let phase = std::mem::replace(&mut self.phase, Receiving::Command);
+                    if let Receiving::Bdat { last, sink, .. } = phase {
                         self.finish_chunk(last, sink, now);
                     }
                 }
-                Phase::Command | Phase::AuthResponse { .. } => match self.take_line() {
+                Receiving::Command | Receiving::AuthResponse { .. } => match self.take_line() {
                     None => return,
                     Some(None) => {
-                        if let Phase::AuthResponse { .. } = self.phase {
-                            self.phase = Phase::Command;
+                        if let Receiving::AuthResponse { .. } = self.phase {
+                            self.phase = Receiving::Command;
                             self.events.push_back(Event::AuthCancelled);
                         }
                         self.send(r(500, (5, 5, 6), "Line too long"), Duration::ZERO, false, now);
                     }
                     Some(Some(line)) => self.process_line(line, now),
                 },
-                Phase::Greeting | Phase::WaitTls | Phase::Closed => return,
+                Receiving::Greeting | Receiving::WaitTls | Receiving::Closed => return,
             }
         }
     }
@@ -1046,7 +1046,7 @@ impl Session {
                 }
             }
         }
-        let is_auth = matches!(self.phase, Phase::AuthResponse { .. })
+        let is_auth = matches!(self.phase, Receiving::AuthResponse { .. })
             || self.input.unread().get(..5).is_some_and(|p| p.eq_ignore_ascii_case(b"AUTH "));
         let limit = if is_auth {
             self.config.max_auth_line.max(self.config.max_command_line)

@@ -643,14 +643,14 @@ fn parse_proxy_filter(value: &str) -> Result<crate::before_queue::FilterOutcome,
 /// One `milter NAME:` line's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MilterFixture {
-    Verdict(crate::milter::Verdict),
+    Verdict(crate::milter::MilterVerdict),
     Modification(crate::milter::Modification),
     /// The milter cannot answer (down, protocol error, time-out): its default action.
     Error(String),
 }
 
 fn parse_milter(name: &str, value: &str) -> Result<Item, String> {
-    use crate::milter::{Modification as M, Verdict as V};
+    use crate::milter::{MilterVerdict as V, Modification as M};
     if name.is_empty() {
         return Err("`milter NAME:` needs the milter's name".into());
     }

@@ -899,7 +899,7 @@ impl CaseRun {
             self.prog.scanners.iter().filter(|s| s.kind == "milter").map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
         for name in names {
-            let mut outcome = crate::milter::Outcome::default();
+            let mut outcome = crate::milter::MilterReply::default();
             let mut error = None;
             for (m, stage, r, answer) in &self.milters {
                 if *m != name || stage != call.stage.name() || r.as_ref().is_some_and(|r| Some(r) != rcpt.as_ref()) {

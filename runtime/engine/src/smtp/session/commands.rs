@@ -121,7 +121,7 @@ impl Session {
             self.send(e, Duration::ZERO, false, now);
             return;
         }
-        self.pending = Some(Pending::Message);
+        self.pending = Some(Awaiting::Message);
         self.events.push_back(Event::Message {
             envelope: Envelope { from: tx.from, params: tx.params, recipients: tx.recipients },
             data,
@@ -134,8 +134,8 @@ impl Session {
         let err = |s: &mut Session, reply: Reply| s.send(reply, Duration::ZERO, false, now);
         let body = line.strip_suffix(b"\n").unwrap_or(&line);
         let Some(body) = body.strip_suffix(b"\r") else {
-            if let Phase::AuthResponse { .. } = self.phase {
-                self.phase = Phase::Command;
+            if let Receiving::AuthResponse { .. } = self.phase {
+                self.phase = Receiving::Command;
                 self.events.push_back(Event::AuthCancelled);
             }
             return err(self, r(500, (5, 5, 2), "Bare LF received; lines must end with CRLF"));
@@ -143,16 +143,16 @@ impl Session {
         let text = match std::str::from_utf8(body) {
             Ok(t) if !t.chars().any(|c| c.is_control() && c != '\t') => t.to_string(),
             _ => {
-                if let Phase::AuthResponse { .. } = self.phase {
-                    self.phase = Phase::Command;
+                if let Receiving::AuthResponse { .. } = self.phase {
+                    self.phase = Receiving::Command;
                     self.events.push_back(Event::AuthCancelled);
                 }
                 return err(self, r(500, (5, 5, 2), "Invalid characters in command"));
             }
         };
-        if let Phase::AuthResponse { mechanism } = &self.phase {
+        if let Receiving::AuthResponse { mechanism } = &self.phase {
             let mechanism = mechanism.clone();
-            self.phase = Phase::Command;
+            self.phase = Receiving::Command;
             return self.auth_response(mechanism, &text, now);
         }
         let (verb, args) = match text.split_once(' ') {
@@ -173,7 +173,7 @@ impl Session {
                 self.reset_tx();
                 self.helo = None;
                 self.wait(
-                    Pending::Helo { name: name.to_string(), extended: verb == "EHLO" },
+                    Awaiting::Helo { name: name.to_string(), extended: verb == "EHLO" },
                     Event::Helo { name: name.to_string(), extended: verb == "EHLO" },
                 );
             }
@@ -189,7 +189,7 @@ impl Session {
                 } else if self.tx.as_ref().is_some_and(|t| t.params.body == BodyType::BinaryMime) {
                     err(self, r(503, (5, 5, 1), "BODY=BINARYMIME requires BDAT"))
                 } else {
-                    self.wait(Pending::Data { bdat: None }, Event::Data { chunked: false });
+                    self.wait(Awaiting::Data { bdat: None }, Event::Data { chunked: false });
                 }
             }
             "BDAT" => self.cmd_bdat(args, now),
@@ -216,7 +216,7 @@ impl Session {
                 let arg = args.trim().to_string();
                 if verb == "VRFY" {
                     if self.config.vrfy_enabled {
-                        self.wait(Pending::Vrfy, Event::Vrfy { arg });
+                        self.wait(Awaiting::Vrfy, Event::Vrfy { arg });
                     } else {
                         self.send(
                             r(252, (2, 5, 2), "Cannot VRFY user, but will accept message and attempt delivery"),
@@ -226,7 +226,7 @@ impl Session {
                         );
                     }
                 } else if self.config.expn_enabled {
-                    self.wait(Pending::Expn, Event::Expn { arg });
+                    self.wait(Awaiting::Expn, Event::Expn { arg });
                 } else {
                     err(self, r(502, (5, 5, 1), "EXPN not available"));
                 }
@@ -254,7 +254,7 @@ impl Session {
                     // be interpreted after it.
                     self.input.clear();
                     self.discarding_line = false;
-                    self.phase = Phase::WaitTls;
+                    self.phase = Receiving::WaitTls;
                     self.events.push_back(Event::StartTls);
                 }
             }
@@ -269,7 +269,7 @@ impl Session {
         }
     }
 
-    pub(super) fn wait(&mut self, p: Pending, e: Event) {
+    pub(super) fn wait(&mut self, p: Awaiting, e: Event) {
         self.pending = Some(p);
         self.events.push_back(e);
     }
@@ -321,7 +321,7 @@ impl Session {
             }
             Err(_) => return err(self, r(501, (5, 1, 7), "Bad sender address syntax")),
         };
-        self.wait(Pending::Mail { from: from.clone(), params: params.clone() }, Event::Mail { from, params });
+        self.wait(Awaiting::Mail { from: from.clone(), params: params.clone() }, Event::Mail { from, params });
     }
 
     pub(super) fn cmd_rcpt(&mut self, args: &str, now: Time) {
@@ -354,7 +354,7 @@ impl Session {
         if count >= self.config.max_recipients {
             return err(self, r(452, (4, 5, 3), "Too many recipients"));
         }
-        self.wait(Pending::Rcpt { to: to.clone(), params: params.clone() }, Event::Rcpt { to, params });
+        self.wait(Awaiting::Rcpt { to: to.clone(), params: params.clone() }, Event::Rcpt { to, params });
     }
 
     pub(super) fn cmd_bdat(&mut self, args: &str, now: Time) {
@@ -373,7 +373,7 @@ impl Session {
             // anything after could be chunk data, so close.
             return self.send(r(501, (5, 5, 4), "Syntax: BDAT size [LAST]"), Duration::ZERO, true, now);
         };
-        let discard = |reply: Reply| Phase::Bdat {
+        let discard = |reply: Reply| Receiving::Bdat {
             remaining: size,
             last,
             sink: BdatSink::Discard { reply, delay: Duration::ZERO, close: false },
@@ -388,9 +388,9 @@ impl Session {
         }
         let started = self.tx.as_ref().is_some_and(|t| t.bdat.is_some());
         if started {
-            self.phase = Phase::Bdat { remaining: size, last, sink: BdatSink::Store };
+            self.phase = Receiving::Bdat { remaining: size, last, sink: BdatSink::Store };
         } else {
-            self.wait(Pending::Data { bdat: Some((size, last)) }, Event::Data { chunked: true });
+            self.wait(Awaiting::Data { bdat: Some((size, last)) }, Event::Data { chunked: true });
         }
     }
 
@@ -426,7 +426,7 @@ impl Session {
                 Err(_) => return err(self, r(501, (5, 5, 2), "Invalid base64 data")),
             },
         };
-        self.wait(Pending::AuthStep { mechanism: mechanism.clone() }, Event::AuthStep { mechanism, data });
+        self.wait(Awaiting::AuthStep { mechanism: mechanism.clone() }, Event::AuthStep { mechanism, data });
     }
 
     pub(super) fn auth_response(&mut self, mechanism: String, text: &str, now: Time) {
@@ -436,7 +436,7 @@ impl Session {
         }
         match BASE64.decode(text.as_bytes()) {
             Ok(data) => self.wait(
-                Pending::AuthStep { mechanism: mechanism.clone() },
+                Awaiting::AuthStep { mechanism: mechanism.clone() },
                 Event::AuthStep { mechanism, data: Some(data) },
             ),
             Err(_) => {
