@@ -160,6 +160,29 @@ fn flush(spool: &Spool, domain: Option<&str>, now: u64) -> io::Result<Vec<QueueI
     Ok(out)
 }
 
+/// Binds the unix socket `path` (`what` names it in errors) in its directory, made with
+/// and set to `dir_mode`, the socket set to `mode`. A socket left by a daemon that did not
+/// stop cleanly (nobody answers on it) is replaced; one another daemon answers on is not.
+fn bind(path: &Path, what: &str, dir_mode: u32, mode: u32) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |e: io::Error| format!("{what} {}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new().recursive(true).mode(dir_mode).create(dir).map_err(err)?;
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode)).map_err(err)?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!("{what} {}: another daemon answers on it", path.display()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    Ok(listener)
+}
+
 /// Binds the socket (replacing a stale one) and answers requests until shutdown, passing
 /// each to `to_main`.
 pub fn listen(
@@ -168,23 +191,8 @@ pub fn listen(
     to_main: mpsc::UnboundedSender<Request>,
     log: crate::log::Logger,
 ) -> Result<PathBuf, String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let path = socket_path(spool);
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| spool.to_path_buf());
-    let err = |e: io::Error| format!("control socket {}: {e}", path.display());
-    if !dir.is_dir() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(err)?;
-    }
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    // A socket left by a daemon that did not stop cleanly: nobody answers on it.
-    if std::fs::symlink_metadata(&path).is_ok() {
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            return Err(format!("control socket {}: another daemon answers on it", path.display()));
-        }
-        std::fs::remove_file(&path).map_err(err)?;
-    }
-    let listener = tokio::net::UnixListener::bind(&path).map_err(err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let listener = bind(&path, "control socket", 0o700, 0o600)?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     let p = path.clone();
@@ -310,22 +318,8 @@ pub fn listen_showq(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     log: crate::log::Logger,
 ) -> Result<PathBuf, String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let path = showq_path(spool.dir());
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| spool.dir().to_path_buf());
-    let err = |e: io::Error| format!("listing socket {}: {e}", path.display());
-    if !dir.is_dir() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).map_err(err)?;
-    }
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
-    if std::fs::symlink_metadata(&path).is_ok() {
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            return Err(format!("listing socket {}: another daemon answers on it", path.display()));
-        }
-        std::fs::remove_file(&path).map_err(err)?;
-    }
-    let listener = tokio::net::UnixListener::bind(&path).map_err(err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    let listener = bind(&path, "listing socket", 0o755, 0o666)?;
     let one_at_a_time = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
     let p = path.clone();
     tokio::spawn(async move {
