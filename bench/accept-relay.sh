@@ -281,7 +281,9 @@ sample_mem() { # pids-function outfile
       awk '/^Rss:/{r+=$2} /^Pss:/{p+=$2} END{print r+0, p+0}')
     [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
     [ "$pss" -gt "$peak_pss" ] && peak_pss=$pss
-    echo "$peak_rss $peak_pss" > "$2"
+    # Written whole, then renamed: the sampler is killed at any moment, and a reader must
+    # never find the file truncated (an empty read ended the script under set -e).
+    echo "$peak_rss $peak_pss" > "$2.tmp" && mv -f "$2.tmp" "$2"
     sleep 0.2
   done
 }
@@ -320,7 +322,8 @@ measure() { # name pids-function port sinkdir [backlog] -> appends a row to resu
   if [ "$n" -lt "$total" ]; then echo "accept-relay: $name relayed only $n of $total messages in ${DRAIN_LIMIT}s" >&2; exit 1; fi
   if [ -s "$D/source-$name.out" ]; then echo "accept-relay: smtp-source said, for $name:" >&2; head -5 "$D/source-$name.out" >&2; fi
   last=$(find "$sink" -type f -printf '%T@\n' | sort -n | tail -1)
-  read -r rss pss < "$D/mem-$name"
+  rss=0; pss=0
+  read -r rss pss < "$D/mem-$name" || true
   python3 - "$name" "$t0" "$start" "$accepted" "$last" "$M" "$total" "$rss" "$pss" >> "$D/results" <<'PY'
 import sys
 n,t0,s,a,l,m,total,rss,pss=sys.argv[1],*map(float,sys.argv[2:])
