@@ -279,38 +279,7 @@ pub async fn add(
     list: &List,
     address: &str,
 ) -> Result<bool, String> {
-    let a = address.to_ascii_lowercase();
-    let t = list.table.clone().ok_or("the list has no subscribers table")?;
-    if t.kind == "sql" {
-        let before = members(policy_dir, prog, lookups, list).await?;
-        lookups.sql_statement(prog, &t, "insert", Some(&a)).await?;
-        return Ok(!before.contains(&a));
-    }
-    if t.kind == "ldap" {
-        return lookups.ldap_change(prog, &t, true, &a).await;
-    }
-    let path = table_path(policy_dir, &t).ok_or("the subscribers table has no file")?;
-    tokio::task::spawn_blocking(move || {
-        let _g = FILES.lock().unwrap_or_else(|p| p.into_inner());
-        let text = match std::fs::read_to_string(&path) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        if file_members(&text).contains(&a) {
-            return Ok(false);
-        }
-        let mut text = text;
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&a);
-        text.push('\n');
-        replace_file(&path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(true)
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    change(policy_dir, prog, lookups, list, address, true).await
 }
 
 /// Remove a subscriber; true when the address was subscribed.
@@ -321,42 +290,75 @@ pub async fn remove(
     list: &List,
     address: &str,
 ) -> Result<bool, String> {
+    change(policy_dir, prog, lookups, list, address, false).await
+}
+
+/// Add (`subscribe`) or remove `address` in the list's subscribers table, whatever its
+/// kind; true when that changed who is subscribed.
+async fn change(
+    policy_dir: &Path,
+    prog: &Program,
+    lookups: &Lookups,
+    list: &List,
+    address: &str,
+    subscribe: bool,
+) -> Result<bool, String> {
     let a = address.to_ascii_lowercase();
     let t = list.table.clone().ok_or("the list has no subscribers table")?;
     if t.kind == "sql" {
         let before = members(policy_dir, prog, lookups, list).await?;
-        lookups.sql_statement(prog, &t, "delete", Some(&a)).await?;
-        return Ok(before.contains(&a));
+        lookups.sql_statement(prog, &t, if subscribe { "insert" } else { "delete" }, Some(&a)).await?;
+        return Ok(before.contains(&a) != subscribe);
     }
     if t.kind == "ldap" {
-        return lookups.ldap_change(prog, &t, false, &a).await;
+        return lookups.ldap_change(prog, &t, subscribe, &a).await;
     }
     let path = table_path(policy_dir, &t).ok_or("the subscribers table has no file")?;
     tokio::task::spawn_blocking(move || {
         let _g = FILES.lock().unwrap_or_else(|p| p.into_inner());
         let text = match std::fs::read_to_string(&path) {
             Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let mut found = false;
-        let mut out = String::new();
-        for line in text.lines() {
-            let key = line.split_whitespace().next().unwrap_or("");
-            if !line.trim_start().starts_with('#') && key.eq_ignore_ascii_case(&a) {
-                found = true;
-                continue;
-            }
-            out.push_str(line);
-            out.push('\n');
+        let edited = if subscribe { file_with(&text, &a) } else { file_without(&text, &a) };
+        match edited {
+            Some(out) => replace_file(&path, &out).map(|_| true).map_err(|e| format!("{}: {e}", path.display())),
+            None => Ok(false),
         }
-        if found {
-            replace_file(&path, &out).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        Ok(found)
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// A subscribers file with `a` added at its end; None when it is there already.
+fn file_with(text: &str, a: &str) -> Option<String> {
+    if file_members(text).iter().any(|m| m == a) {
+        return None;
+    }
+    let mut text = text.to_string();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(a);
+    text.push('\n');
+    Some(text)
+}
+
+/// A subscribers file without the lines whose key is `a`; None when there are none.
+fn file_without(text: &str, a: &str) -> Option<String> {
+    let mut found = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        let key = line.split_whitespace().next().unwrap_or("");
+        if !line.trim_start().starts_with('#') && key.eq_ignore_ascii_case(a) {
+            found = true;
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    found.then_some(out)
 }
 
 // ---------------------------------------------------------------- the list manager
