@@ -49,31 +49,9 @@ pub fn main(args: Vec<OsString>) -> u8 {
     if addrs.is_empty() {
         return usage("name an address");
     }
-    let opts =
-        ServeOptions { policy: crate::sendmail::policy_path(policy), spool: None, std_dir: crate::check::std_dir() };
-    let (prog, dir, _) = match daemon::load_policy(&opts) {
+    let (prog, dir, lookups, rt) = match daemon_view("route", policy) {
         Ok(x) => x,
-        Err(c) => {
-            for d in c.diagnostics.iter().filter(|d| d.is_error()) {
-                eprintln!("{}", d.render_short(&c.sources));
-            }
-            eprintln!("mailc route: the policy has errors");
-            return 2;
-        }
-    };
-    let lookups = match Lookups::new(&prog, &dir) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("mailc route: {e}");
-            return 2;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mailc route: {e}");
-            return 2;
-        }
+        Err(code) => return code,
     };
     let hostname = mailpolicy_engine::config::hostname(&prog, None, &daemon::machine_hostname());
     let local = mailpolicy_engine::conn::local_domains(&prog, &hostname);
@@ -194,4 +172,35 @@ impl Router<'_> {
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The policy as `mailc serve` finds it (`--policy`, else the usual places), checked as the
+/// daemon checks it, with the daemon's `Lookups` and a runtime to ask them on: what the
+/// commands that answer as the daemon would (`mailc route`, `mailc table query TABLE`)
+/// start from. Err(2) after the errors are printed, prefixed `mailc CMD:`.
+pub(crate) fn daemon_view(
+    cmd: &str,
+    policy: Option<PathBuf>,
+) -> Result<(Program, PathBuf, Lookups, tokio::runtime::Runtime), u8> {
+    let opts =
+        ServeOptions { policy: crate::sendmail::policy_path(policy), spool: None, std_dir: crate::check::std_dir() };
+    let (prog, dir, _) = match daemon::load_policy(&opts) {
+        Ok(x) => x,
+        Err(c) => {
+            for d in c.diagnostics.iter().filter(|d| d.is_error()) {
+                eprintln!("{}", d.render_short(&c.sources));
+            }
+            eprintln!("mailc {cmd}: the policy has errors");
+            return Err(2);
+        }
+    };
+    let lookups = Lookups::new(&prog, &dir).map_err(|e| {
+        eprintln!("mailc {cmd}: {e}");
+        2u8
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        eprintln!("mailc {cmd}: {e}");
+        2u8
+    })?;
+    Ok((prog, dir, lookups, rt))
 }

@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use mailpolicy_daemon::compiled::{self, Compiled};
-use mailpolicy_daemon::{self as daemon, lookup::Lookups, ServeOptions};
 use mailpolicy_engine::eval::{Answer, Request};
 use mailpolicy_stdlib::tables::FileTable;
 
@@ -162,36 +161,14 @@ fn policy_query(policy: Option<PathBuf>, words: &[String]) -> u8 {
     let Some((table, keys)) = words.split_first().filter(|(_, k)| !k.is_empty()) else {
         return usage("name a table and at least one key");
     };
-    let opts =
-        ServeOptions { policy: crate::sendmail::policy_path(policy), spool: None, std_dir: crate::check::std_dir() };
-    let (prog, dir, _) = match daemon::load_policy(&opts) {
+    let (prog, _, lookups, rt) = match crate::route::daemon_view("table", policy) {
         Ok(x) => x,
-        Err(c) => {
-            for d in c.diagnostics.iter().filter(|d| d.is_error()) {
-                eprintln!("{}", d.render_short(&c.sources));
-            }
-            eprintln!("mailc table: the policy has errors");
-            return 2;
-        }
+        Err(code) => return code,
     };
     let Some(id) = prog.tables.iter().position(|t| t.name == *table) else {
         let names: Vec<&str> = prog.tables.iter().map(|t| t.name.as_str()).collect();
         eprintln!("mailc table: the policy has no table `{table}` (its tables: {})", names.join(", "));
         return 2;
-    };
-    let lookups = match Lookups::new(&prog, &dir) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("mailc table: {e}");
-            return 2;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mailc table: {e}");
-            return 2;
-        }
     };
     let mut code = 0;
     for key in keys {
