@@ -5,7 +5,9 @@
 #
 # Usage: bench/state-store.sh [SESSIONS=20] [MESSAGES=3000] [SIZE=2000] [ROUNDS=3]
 # Environment: NO_BUILD=1 skips `cargo build --release`; MAILC=PATH benchmarks another binary;
-# KEEP=1 keeps the temp dir; BEFORE=PATH adds, to every round, the Redis policy served by
+# KEEP=1 keeps the temp dir; PROFILE=1 records the daemon with `perf record -e cpu-clock -g`
+# (Debian linux-perf; PROFILE=dwarf unwinds with DWARF) in the first round of each kind and prints both profiles (self time and
+# the state store's own frames); BEFORE=PATH adds, to every round, the Redis policy served by
 # another binary (an A/B of two builds in one run: `before` in the table). Needs redis-server, smtp-source and smtp-sink (Debian
 # redis-server, postfix) and python3.
 #
@@ -32,6 +34,9 @@ if [ -z "${NO_BUILD:-}" ] && [ -z "${MAILC:-}" ]; then
 fi
 [ -x "$BIN" ] || { echo "state-store: $BIN not built" >&2; exit 2; }
 
+# PROFILE=dwarf unwinds with the release build's line tables (the async frames a
+# frame-pointer walk loses), at a lower frequency: its samples are larger.
+PERFARGS=(-F 997 -g); [ "${PROFILE:-}" = dwarf ] && PERFARGS=(-F 300 --call-graph dwarf,32768)
 D=$(mktemp -d /tmp/state-store.XXXXXX)
 RPID=""; SPID=""; MPPID=""
 cleanup() {
@@ -112,8 +117,18 @@ round() { # name [binary] (the policy is $name.mailpolicy; `before` serves redis
   local bin=${2:-$BIN} pol=$1
   [ "$1" = before ] && pol=redis
   rm -rf "$D/spool"
-  "$bin" serve --policy "$D/$pol.mailpolicy" --spool "$D/spool" --user "$(id -un)" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
-  wait_listen "$PORT"
+  # Every round starts on an empty store (a `before` build may keep other structures).
+  redis-cli -p "$RPORT" flushall >/dev/null
+  local cmd=("$bin" serve --policy "$D/$pol.mailpolicy" --spool "$D/spool" --user "$(id -un)") perfpid=""
+  if [ -n "${PROFILE:-}" ] && [ ! -e "$D/perf-$1.data" ]; then
+    # perf follows every thread the daemon starts (the blocking pool's come and go).
+    perf record -q -e cpu-clock "${PERFARGS[@]}" -o "$D/perf-$1.data" -- "${cmd[@]}" >>"$D/$1.log" 2>&1 </dev/null & perfpid=$!
+    wait_listen "$PORT"
+    MPPID=$(pgrep -P "$perfpid" | head -1)
+  else
+    "${cmd[@]}" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
+    wait_listen "$PORT"
+  fi
   local c0 c1 t0 t1 r0 r1 d1
   c0=$(commands)
   r0=$(cpu "$RPID")
@@ -126,6 +141,7 @@ round() { # name [binary] (the policy is $name.mailpolicy; `before` serves redis
   r1=$(cpu "$RPID")
   c1=$(commands)
   kill "$MPPID"; wait "$MPPID" 2>/dev/null || true; MPPID=""
+  if [ -n "$perfpid" ]; then wait "$perfpid" 2>/dev/null || true; fi
   local trips
   trips=$( (grep -o "stopped state_round_trips=[0-9]*" "$D/$1.log" || true) | tail -1 | cut -d= -f2)
   : > "$D/$1.log.done"; cat "$D/$1.log" >> "$D/$1.log.done"; : > "$D/$1.log"
@@ -135,11 +151,16 @@ round() { # name [binary] (the policy is $name.mailpolicy; `before` serves redis
 }
 
 echo "state-store: $S sessions x $M messages of $L bytes, $ROUNDS round(s); load $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"
+KINDS=(local redis); [ -n "${BEFORE:-}" ] && KINDS+=(before)
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r"
-  round local
-  round redis
-  if [ -n "${BEFORE:-}" ]; then round before "$BEFORE"; fi
+  # The order turns every round: a daemon run right after another finds its deleted spool
+  # files in ext4's inode tables (bench/README.md, issue 13), which no kind should always pay.
+  n=${#KINDS[@]}
+  for i in $(seq 0 $((n - 1))); do
+    k=${KINDS[$(( (i + r - 1) % n ))]}
+    if [ "$k" = before ]; then round before "$BEFORE"; else round "$k"; fi
+  done
 done
 python3 - "$D/results" <<'PY'
 import sys, statistics
@@ -156,4 +177,14 @@ for k in names[1:]:
     print(f"median CPU per message (daemon + redis): local {cpu['local']:.0f} us, {k} {cpu[k]:.0f} us, "
           f"{k}/local {cpu[k]/cpu['local']:.3f}")
 PY
+for k in local redis before; do
+  [ -e "$D/perf-$k.data" ] || continue
+  echo
+  echo "profile of the daemon, $k store (first round; self time, entries of 0.8 % and more):"
+  perf report -i "$D/perf-$k.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.8 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' | head -30
+  echo "inclusive (children) of the state store, the Redis client and the task machinery, 1 % and more:"
+  perf report -i "$D/perf-$k.data" --stdio --children --sort symbol -g none --percent-limit 1 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' | grep -i -E 'state::|redis|spawn|timeout|futex|epoll|schedule|tcp_sendmsg|send_recv|session::' | head -30
+done
 echo "state-store: after, load $(cut -d' ' -f1-3 /proc/loadavg), rustc processes: $(pgrep -c rustc || true)"

@@ -70,6 +70,11 @@ impl RateStore {
         self.concurrent.get(&key.to_ascii_lowercase()).copied().unwrap_or(0)
     }
 
+    /// The keys with open sessions, and how many each (the shared store republishes them).
+    pub fn open_counts(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.concurrent.iter().map(|(k, n)| (k.as_str(), *n))
+    }
+
     /// Drop keys with no event inside the horizon.
     pub fn prune(&mut self, now_ms: u64) {
         let horizon = now_ms.saturating_sub(self.horizon_ms);

@@ -349,6 +349,7 @@ fn counts_answered_with_the_event_are_the_clusters() {
                    if concurrent by client.ip > 1 { tempfail 451 4.7.0 \"Too many sessions\"; }\n\
                  }";
     let (a, b) = cluster(&t, &redis, "", rules);
+    let started = std::time::Instant::now();
     let mut one = Client::connect(a.port);
     one.cmd("EHLO client.test");
     let mut two = Client::connect(b.port);
@@ -372,20 +373,118 @@ fn counts_answered_with_the_event_are_the_clusters() {
     );
     two.cmd("QUIT");
     drop(two);
-    // One round trip per MAIL (the event and both counts), besides the session's lease
-    // taken and released: B's own count, logged when it stops.
+    // One round trip per MAIL (the event and both counts); besides them, only the
+    // publisher's writes of B's session counts, at most one per session opened or closed
+    // and one per renewal (every third of the default 1m lease): B's own counts, logged
+    // when it stops. A session costs no round trip of its own to open or close.
     let pid = b.pid().expect("B runs").to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
     wait_for(Duration::from_secs(20), "B to stop", || b.log().contains("stopped"), || b.log());
-    let trips: usize = b
-        .log()
-        .lines()
-        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("state_round_trips=")).map(str::to_string))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    // Each session (the start-up probe's included) takes and releases a lease.
+    let logged = |field: &str| -> usize {
+        b.log()
+            .lines()
+            .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(field)).map(str::to_string))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (trips, writes) = (logged("state_round_trips="), logged("state_count_writes="));
     let sessions = b.log().lines().filter(|l| l.split_whitespace().nth(1) == Some("disconnect")).count();
-    assert_eq!(trips, mails + 2 * sessions, "{trips} round trips for {mails} MAIL commands:\n{}", b.log());
+    let renewals = started.elapsed().as_secs() as usize / 20 + 1;
+    assert_eq!(trips, mails + writes, "{trips} round trips for {mails} MAIL commands:\n{}", b.log());
+    assert!(writes >= 1 && writes <= 2 * sessions + renewals, "{writes} count writes for {sessions} sessions");
+}
+
+/// Sessions racing on both hosts, each stage one script: the rate limit is exact across
+/// the hosts however the sessions interleave (N accepted in total, not 2N, not N-1), and
+/// sessions open at once on both hosts never get past the `concurrent` limit together.
+#[test]
+fn racing_sessions_on_both_hosts_get_the_exact_limits() {
+    let t = TempDir::new("race");
+    let redis = Redis::start(t.join("redis"));
+    let (a, b) = cluster(
+        &t,
+        &redis,
+        "",
+        "on mail { if rate messages by client.ip per 1h > 5 { tempfail 451 4.7.1 \"Too many messages\"; } }",
+    );
+    let go = std::sync::Arc::new(std::sync::Barrier::new(12));
+    let racers: Vec<_> = (0..12)
+        .map(|i| {
+            let (port, go) = (if i % 2 == 0 { a.port } else { b.port }, go.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port);
+                c.cmd("EHLO client.test");
+                go.wait();
+                let r = c.send("s@far.test", "u@d.test");
+                c.cmd("QUIT");
+                r
+            })
+        })
+        .collect();
+    let replies: Vec<(u16, String)> = racers.into_iter().map(|h| h.join().expect("racer")).collect();
+    let accepted = replies.iter().filter(|r| r.0 == 250).count();
+    let refused = replies.iter().filter(|r| r.0 == 451 && r.1.contains("4.7.1")).count();
+    assert_eq!((accepted, refused), (5, 7), "{replies:?}\nA:\n{}\nB:\n{}", a.log(), b.log());
+    drop((a, b));
+
+    let rules =
+        "on connect { if concurrent by client.network > 3 { tempfail 421 4.7.0 \"Too many sessions from ${client.ip}\"; } }\n\
+         on mail { if concurrent by client.ip > 1 { tempfail 451 4.7.0 \"Too many sessions\"; } }";
+    let t2 = TempDir::new("race2");
+    let (a, b) = cluster(&t2, &redis, "", rules);
+    let go = std::sync::Arc::new(std::sync::Barrier::new(10));
+    let racers: Vec<_> = (0..10)
+        .map(|i| {
+            let (port, go) = (if i % 2 == 0 { a.port } else { b.port }, go.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                let c = Client::connect(port);
+                let code = c.banner.0;
+                go.wait();
+                (code, c)
+            })
+        })
+        .collect();
+    let held: Vec<(u16, Client)> = racers.into_iter().map(|h| h.join().expect("racer")).collect();
+    let greeted = held.iter().filter(|(code, _)| *code == 220).count();
+    assert!(greeted <= 3, "{greeted} sessions open at once past a limit of 3 over two hosts");
+    assert!(
+        held.iter().all(|(code, _)| *code == 220 || *code == 421),
+        "{:?}",
+        held.iter().map(|h| h.0).collect::<Vec<_>>()
+    );
+    drop(held);
+    // The closed sessions stop counting on both hosts (their hosts publish the counts).
+    let ctx = || format!("A:\n{}\nB:\n{}", a.log(), b.log());
+    let mut open = Vec::new();
+    wait_for(
+        Duration::from_secs(20),
+        "three sessions over both hosts",
+        || {
+            open = vec![Client::connect(a.port), Client::connect(b.port), Client::connect(a.port)];
+            open.iter().all(|c| c.banner.0 == 220)
+        },
+        ctx,
+    );
+    assert_eq!(Client::connect(b.port).banner.0, 421, "a fourth over both hosts: {}", ctx());
+    // A session that has not asked its `client.ip` count (it asked only the network's, at
+    // connect) is counted under it on the other host all the same: its host publishes it.
+    drop(open);
+    let idle = Client::connect(a.port);
+    assert_eq!(idle.banner.0, 220, "{}", ctx());
+    let mut other = Client::connect(b.port);
+    other.cmd("EHLO client.test");
+    wait_for(
+        Duration::from_secs(20),
+        "the idle session on A to count on B",
+        || {
+            let (code, _) = other.cmd("MAIL FROM:<s@far.test>");
+            other.cmd("RSET");
+            code == 451
+        },
+        ctx,
+    );
+    drop(idle);
 }
 
 /// `state_on_error tempfail` (the default): a dead Redis fails the lookup with 451 4.4.3,

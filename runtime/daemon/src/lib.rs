@@ -891,8 +891,10 @@ impl Running {
         let all = self.shared.sessions.clone();
         let total = (self.shared.program().server.max_sessions.min(u32::MAX as u64) as u32).max(1);
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, all.acquire_many(total)).await;
-        let state = self.shared.lookups().state.round_trips().to_string();
-        self.shared.log.event("stopped", &[("state_round_trips", if state == "0" { "" } else { &state })]);
+        let (trips, writes) = self.shared.lookups().state.round_trips();
+        let (trips, writes) =
+            if trips == 0 { (String::new(), String::new()) } else { (trips.to_string(), writes.to_string()) };
+        self.shared.log.event("stopped", &[("state_round_trips", &trips), ("state_count_writes", &writes)]);
     }
 }
 

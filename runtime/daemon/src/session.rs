@@ -171,7 +171,7 @@ pub async fn run(
     let session_keys = crate::eval::session_keys(remote.ip());
     // `concurrent by client.ip` / `client.network` counts this session until the guard
     // drops, on every path the session ends (a panic unwinding included).
-    let count_guard = ConcurrencyGuard::open(lookups.clone(), session_keys, &id);
+    let count_guard = ConcurrencyGuard::open(lookups.clone(), session_keys);
     let milters = crate::milter::Milters::new(&conn);
     let shutdown = shared.shutdown.clone();
     let mut session = Session {
@@ -189,7 +189,7 @@ pub async fn run(
         auth: (0, AuthState::default()),
         spill: Spill::default(),
         milters,
-        count_guard,
+        _count_guard: count_guard,
         counted: crate::state::Counted::default(),
         reply_line_start: true,
         pace: Pace {
@@ -234,7 +234,7 @@ struct Session {
     milters: crate::milter::Milters,
     /// `concurrent by client.ip` / `client.network` counts this session until the guard
     /// drops, on every path the session ends (a panic unwinding included).
-    count_guard: ConcurrencyGuard,
+    _count_guard: ConcurrencyGuard,
     /// The counts the current stage's event answered (`StateStore::record`).
     counted: crate::state::Counted,
     reply_line_start: bool,
@@ -312,7 +312,6 @@ impl Session {
 
     /// A lookup, a content scan: answered from the network, the tables and the state.
     async fn policy(&mut self, req: Request) -> Go {
-        self.count_guard.ready().await;
         // Counted already by this stage's event, in its round trip.
         if let Some(n) = self.counted.take(&req) {
             self.conn.answer(req, Answer::Count(n));
@@ -611,7 +610,6 @@ impl Session {
             // Recorded before the stage's own lookups are answered: a session counts itself
             // first, so hosts racing on one shared window never accept past its limit together.
             Note::Count { counter, keys } => {
-                self.count_guard.ready().await;
                 // The answer carries the stage's counts.
                 self.counted.absorb(self.lookups.state.record(counter.name(), &keys, now_ms()).await);
             }
@@ -835,70 +833,26 @@ fn failure(e: &std::io::Error) -> StoreFailure {
     }
 }
 
-/// One session's share of its client's `concurrent` count, released on drop. With a
-/// shared store it is a lease in Redis, renewed every third of its life while the session
-/// lives: a host that dies without releasing it stops counting when the lease runs out.
-///
-/// The lease is taken in the background, so the greeting does not wait for Redis; the
-/// session waits for it ([`ConcurrencyGuard::ready`]) before its first question to the
-/// store, so its own counts always include it, and the release waits for it too.
+/// One session's share of its client's `concurrent` count, released on drop (a panic
+/// unwinding included). With a shared store the host's counts are published by the store
+/// ([`crate::state::StateStore::session`]): opening and closing cost the session no round
+/// trip, and its own `concurrent` questions write its host's count in their script.
 struct ConcurrencyGuard {
     lookups: Arc<Lookups>,
     keys: Vec<String>,
-    lease: String,
-    opening: Option<tokio::task::JoinHandle<()>>,
-    renewer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ConcurrencyGuard {
-    fn open(lookups: Arc<Lookups>, keys: Vec<String>, session: &str) -> ConcurrencyGuard {
-        let lease = session.to_string();
-        lookups.state.open_local(&keys);
-        let shared = lookups.state.is_shared();
-        let opening = shared.then(|| {
-            let (l, k, id) = (lookups.clone(), keys.clone(), lease.clone());
-            tokio::spawn(async move { l.state.renew(&k, &id).await })
-        });
-        let renewer = shared.then(|| {
-            let (l, k, id) = (lookups.clone(), keys.clone(), lease.clone());
-            tokio::spawn(async move {
-                let every = Duration::from_millis((l.state.lease_ms() / 3).max(300));
-                loop {
-                    tokio::time::sleep(every).await;
-                    l.state.renew(&k, &id).await;
-                }
-            })
-        });
-        ConcurrencyGuard { lookups, keys, lease, opening, renewer }
-    }
-
-    /// The lease is in the store (or its attempt is over).
-    async fn ready(&mut self) {
-        if let Some(h) = self.opening.take() {
-            let _ = h.await;
-        }
+    fn open(lookups: Arc<Lookups>, keys: Vec<String>) -> ConcurrencyGuard {
+        lookups.state.session(&keys, true);
+        ConcurrencyGuard { lookups, keys }
     }
 }
 
 impl Drop for ConcurrencyGuard {
     fn drop(&mut self) {
         // A poisoned lock still holds the counts: release ours all the same.
-        self.lookups.state.close_local(&self.keys);
-        if let Some(r) = self.renewer.take() {
-            r.abort();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let (l, k, id) =
-                    (self.lookups.clone(), std::mem::take(&mut self.keys), std::mem::take(&mut self.lease));
-                let opening = self.opening.take();
-                rt.spawn(async move {
-                    // Released after it was taken, never before (it would stay a minute).
-                    if let Some(h) = opening {
-                        let _ = h.await;
-                    }
-                    l.state.close_shared(&k, &id).await
-                });
-            }
-        }
+        self.lookups.state.session(&self.keys, false);
     }
 }
 

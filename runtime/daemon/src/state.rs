@@ -9,8 +9,14 @@
 //! after a failure Redis is left alone for [`PAUSE_MS`] (sessions get the fallback at
 //! once instead of each waiting out the time-out), then the connection manager
 //! reconnects on the next call.
+//!
+//! Round trips: a stage that records an event makes one (the event and every count the
+//! stage may ask, `concurrent` included); the `concurrent` counts of this host are
+//! published by one task ([`publish_counts`]), changes coalesced to at most one write per
+//! [`PUBLISH_GAP_MS`], renewed every third of `state_lease`; a session costs no round
+//! trip of its own to open or close.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -25,6 +31,10 @@ use crate::eval::Answer;
 pub const PAUSE_MS: u64 = 1_000;
 /// A key keeps at most this many events per rate window (as the local store).
 const MAX_EVENTS: usize = 100_000;
+/// This host's `concurrent` counts are written to Redis at most this often when they
+/// change faster (a burst of sessions opening and closing is one write); a change after a
+/// quiet spell is written at once.
+pub const PUBLISH_GAP_MS: u64 = 5;
 
 /// What a Redis failure gives the session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +54,30 @@ pub struct Local {
     callaheads: Mutex<HashMap<String, (u16, String, u64)>>,
     /// (address, text) -> when it was last sent
     alerts: Mutex<HashMap<(String, String), u64>>,
+    /// This process among the cluster's: its events' ids and its field in the shared
+    /// `concurrent` counts (kept across a reload, which keeps the counts).
+    id: String,
+    /// Events recorded in the shared store (their ids).
+    seq: AtomicU64,
+    /// Raised, under the `rates` lock, at every change of the open-session counts: a count
+    /// written to Redis carries it, and Redis keeps the newest (two writes of one host
+    /// that cross on the way cannot leave the older one).
+    conc_version: AtomicU64,
+    /// The `concurrent` keys whose count changed since it was last published.
+    conc_dirty: Mutex<HashSet<String>>,
+    conc_wake: tokio::sync::Notify,
+}
+
+impl Local {
+    fn new(hostname: &str) -> Local {
+        Local { id: format!("{hostname}/{}/{:016x}", std::process::id(), rand::random::<u64>()), ..Local::default() }
+    }
+
+    /// The open-session counts of `keys` and their version, read together.
+    fn open_counts(&self, keys: &[&str]) -> (Vec<u64>, u64) {
+        let r = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        (keys.iter().map(|k| r.concurrent(k)).collect(), self.conc_version.load(Ordering::Relaxed))
+    }
 }
 
 #[derive(Debug)]
@@ -62,25 +96,27 @@ impl Fail {
 }
 
 struct Scripts {
-    record: redis::Script,
-    lease: redis::Script,
-    leases: redis::Script,
+    stage: redis::Script,
     greylist: redis::Script,
 }
 
-/// Record one event in the first ARGV[5] keys (trimmed to the horizon and the cap), and
-/// answer, in the same round trip, the counts the stage may ask next: for each of those
-/// keys the events in each of its windows (ARGV: `nwin, w1 .. wn` per key), and for the
-/// remaining keys (`concurrent` lease sets) the live leases, on Redis's clock.
-const RECORD: &str = r"
+/// The one script of a stage (and of the count publisher). KEYS: first ARGV[5] rate
+/// windows, then `concurrent` count hashes. For each rate key: record one event (member
+/// ARGV[3] at time ARGV[1], trimmed to the horizon ARGV[2] and the cap ARGV[4]) and answer
+/// the events in each window the policy reads (ARGV: `nwin, w1 .. wn` per key). For each
+/// count hash: write this host's (field ARGV[6]) count of open sessions and its version
+/// (ARGV: `count, version` per key; an older version than the one there is not written),
+/// live for ARGV[7] ms on Redis's clock, and answer the sum over the hosts whose counts
+/// are live (the expired ones, a dead host's, are dropped).
+const STAGE: &str = r"
 local now, horizon, max, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local out, a = {}, 6
+local host, ttl = ARGV[6], tonumber(ARGV[7])
+local out, a = {}, 8
 for i = 1, n do
   local k = KEYS[i]
   redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. (now - horizon))
   redis.call('ZADD', k, now, ARGV[3])
-  local c = redis.call('ZCARD', k)
-  if c > max then redis.call('ZREMRANGEBYRANK', k, 0, c - max - 1) end
+  redis.call('ZREMRANGEBYRANK', k, 0, -(max + 1))
   redis.call('PEXPIRE', k, horizon)
   local nw = tonumber(ARGV[a]); a = a + 1
   for _ = 1, nw do
@@ -94,31 +130,27 @@ if #KEYS > n then
   local t = redis.call('TIME')
   local tnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   for i = n + 1, #KEYS do
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', tnow)
-    out[#out + 1] = redis.call('ZCARD', KEYS[i])
+    local k, mine, ver = KEYS[i], tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
+    local all, sum, newer = redis.call('HGETALL', k), 0, false
+    for j = 1, #all, 2 do
+      local e, c, v = string.match(all[j + 1], '^(%d+) (%d+) (%d+)$')
+      e, c, v = tonumber(e), tonumber(c), tonumber(v)
+      if all[j] == host and v and v > ver then
+        newer = true
+        if e > tnow then sum = sum + c end
+      elseif all[j] ~= host then
+        if e and e > tnow then sum = sum + c else redis.call('HDEL', k, all[j]) end
+      end
+    end
+    if not newer then
+      redis.call('HSET', k, host, string.format('%d %d %d', tnow + ttl, mine, ver))
+      redis.call('PEXPIRE', k, ttl)
+      sum = sum + mine
+    end
+    out[#out + 1] = sum
   end
 end
 return out
-";
-
-/// Take (or renew) lease ARGV[1] for ARGV[2] ms in every key, on Redis's clock.
-const LEASE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-for _, k in ipairs(KEYS) do
-  redis.call('ZADD', k, now + ttl, ARGV[1])
-  redis.call('PEXPIRE', k, ttl)
-end
-return now
-";
-
-/// The live leases of KEYS[1]: the expired ones (a crashed host's) are dropped first.
-const LEASES: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZCARD', KEYS[1])
 ";
 
 /// The greylist rule of `stdlib::greylist::Greylist::check`, on one hash: 1 = wait.
@@ -144,33 +176,49 @@ struct Redis {
     client: redis::Client,
     conn: OnceLock<ConnectionManager>,
     prefix: String,
-    /// This process among the cluster's: lease and event ids.
-    host_id: String,
-    seq: AtomicU64,
+    timeout: Duration,
+    /// Life of this host's published `concurrent` counts (`state_lease`).
+    lease_ms: u64,
     /// Redis is not asked before this (ms since the epoch) after a failure.
     down_until: AtomicU64,
     down: AtomicBool,
     scripts: Scripts,
     log: crate::log::Logger,
+    /// Redis calls made (one round trip each; the benchmark reads it), and how many of
+    /// them were the publisher's writes of this host's `concurrent` counts.
+    round_trips: AtomicU64,
+    count_writes: AtomicU64,
+    /// The key names of the `concurrent` counts the policy reads (`client.ip`); none: this
+    /// host publishes no count.
+    concurrent_names: HashSet<String>,
+    /// The count publisher was started; the store is gone (the publisher stops).
+    publishing: AtomicBool,
+    retired: AtomicBool,
 }
 
 /// The daemon's state store (one per policy load; the local part carries over a reload).
 pub struct StateStore {
     pub local: Arc<Local>,
-    redis: Option<Redis>,
+    redis: Option<Arc<Redis>>,
     on_error: OnError,
-    timeout: Duration,
-    lease_ms: u64,
-    /// Redis commands sent (one round trip each; the benchmark reads it).
-    round_trips: AtomicU64,
     /// The (counter, key name) windows the policy reads (`rate messages by client.ip per
     /// 1h`: ("messages", "client.ip") -> [3600000]): only these are kept in Redis (the
     /// local store keeps all), and recording an event answers their counts at once.
     read_windows: HashMap<(String, String), Vec<u64>>,
-    /// The key names of the `concurrent` counts the policy reads (`client.ip`); none: no
-    /// lease is taken.
-    concurrent_names: std::collections::HashSet<String>,
-    reads_concurrent: bool,
+}
+
+impl Drop for StateStore {
+    fn drop(&mut self) {
+        if let Some(r) = &self.redis {
+            r.retired.store(true, Ordering::Relaxed);
+            self.local.conc_wake.notify_waiters();
+        }
+    }
+}
+
+/// The name of a session or event key (`client.ip=192.0.2.1`: `client.ip`).
+fn key_name(k: &str) -> &str {
+    k.split_once('=').map(|(n, _)| n).unwrap_or("value")
 }
 
 /// The counts a recorded event answered in its round trip (`StateStore::record`), for the
@@ -278,64 +326,51 @@ impl StateStore {
                         mailpolicy_lang::settings::LogFormat::Text => crate::log::Format::Text,
                     },
                 };
-                Some(Redis {
+                let (_, concurrent_names) = reads(prog);
+                Some(Arc::new(Redis {
                     client,
                     conn: OnceLock::new(),
                     prefix: server.state_prefix.clone(),
-                    host_id: format!("{hostname}/{}/{:016x}", std::process::id(), rand::random::<u64>()),
-                    seq: AtomicU64::new(0),
+                    timeout,
+                    lease_ms,
                     down_until: AtomicU64::new(0),
                     down: AtomicBool::new(false),
-                    scripts: Scripts {
-                        record: redis::Script::new(RECORD),
-                        lease: redis::Script::new(LEASE),
-                        leases: redis::Script::new(LEASES),
-                        greylist: redis::Script::new(GREYLIST),
-                    },
+                    scripts: Scripts { stage: redis::Script::new(STAGE), greylist: redis::Script::new(GREYLIST) },
                     log,
-                })
+                    round_trips: AtomicU64::new(0),
+                    count_writes: AtomicU64::new(0),
+                    concurrent_names,
+                    publishing: AtomicBool::new(false),
+                    retired: AtomicBool::new(false),
+                }))
             }
         };
-        let (read_windows, concurrent_names) = reads(prog);
-        let reads_concurrent = !concurrent_names.is_empty();
-        Ok(StateStore {
-            local: Arc::default(),
-            redis,
-            on_error,
-            timeout,
-            lease_ms,
-            round_trips: AtomicU64::new(0),
-            read_windows,
-            concurrent_names,
-            reads_concurrent,
-        })
+        let (read_windows, _) = reads(prog);
+        Ok(StateStore { local: Arc::new(Local::new(hostname)), redis, on_error, read_windows })
     }
 
-    /// Keep the local state of the store this one replaces (a reload).
+    /// Keep the local state of the store this one replaces (a reload): its windows, its
+    /// open-session counts and this process's id in the shared store.
     pub fn adopt_local(&mut self, old: &StateStore) {
         self.local = old.local.clone();
     }
 
-    /// Whether sessions take leases in a shared store (it is shared and the policy reads
-    /// `concurrent`).
-    pub fn is_shared(&self) -> bool {
-        self.redis.is_some() && self.reads_concurrent
+    /// Redis calls made, and how many of them published this host's `concurrent` counts.
+    pub fn round_trips(&self) -> (u64, u64) {
+        self.redis
+            .as_ref()
+            .map(|r| (r.round_trips.load(Ordering::Relaxed), r.count_writes.load(Ordering::Relaxed)))
+            .unwrap_or((0, 0))
     }
+}
 
-    pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::Relaxed)
-    }
-
-    pub fn lease_ms(&self) -> u64 {
-        self.lease_ms
-    }
-
+impl Redis {
     /// The connection to use now, or why not (paused after a failure).
-    fn conn(&self, r: &Redis) -> Result<ConnectionManager, Fail> {
-        if crate::now_ms() < r.down_until.load(Ordering::Relaxed) {
+    fn conn(&self) -> Result<ConnectionManager, Fail> {
+        if crate::now_ms() < self.down_until.load(Ordering::Relaxed) {
             return Err(Fail::Error("unavailable (retried shortly)".into()));
         }
-        if let Some(c) = r.conn.get() {
+        if let Some(c) = self.conn.get() {
             return Ok(c.clone());
         }
         let cfg = ConnectionManagerConfig::new()
@@ -344,19 +379,16 @@ impl StateStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(PAUSE_MS));
-        let m =
-            ConnectionManager::new_lazy_with_config(r.client.clone(), cfg).map_err(|e| Fail::Error(e.to_string()))?;
-        Ok(r.conn.get_or_init(|| m).clone())
+        let m = ConnectionManager::new_lazy_with_config(self.client.clone(), cfg)
+            .map_err(|e| Fail::Error(e.to_string()))?;
+        Ok(self.conn.get_or_init(|| m).clone())
     }
 
     /// One Redis round trip, bounded by the time-out; a failure pauses Redis.
-    async fn bounded<T>(
-        &self,
-        r: &Redis,
-        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, Fail> {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
-        let out = match tokio::time::timeout(self.timeout, fut).await {
+    async fn bounded<T>(&self, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, Fail> {
+        let r = self;
+        r.round_trips.fetch_add(1, Ordering::Relaxed);
+        let out = match tokio::time::timeout(r.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(Fail::Error(e.to_string())),
             Err(_) => Err(Fail::Timeout),
@@ -381,16 +413,8 @@ impl StateStore {
         out
     }
 
-    /// A failed Redis answer: the configured behaviour.
-    fn failed(&self, f: Fail, local: impl FnOnce() -> Answer) -> Answer {
-        match self.on_error {
-            OnError::Tempfail => f.answer(),
-            OnError::Local => local(),
-        }
-    }
-
-    fn key(r: &Redis, kind: &str, parts: &[&str]) -> String {
-        let mut k = format!("{}{kind}:", r.prefix);
+    fn key(&self, kind: &str, parts: &[&str]) -> String {
+        let mut k = format!("{}{kind}:", self.prefix);
         for (i, p) in parts.iter().enumerate() {
             if i > 0 {
                 k.push('\u{0}');
@@ -398,6 +422,93 @@ impl StateStore {
             k.push_str(&p.to_ascii_lowercase());
         }
         k
+    }
+
+    /// This host's part of the script's ARGV: its field and the life of its counts.
+    fn host_args(&self, inv: &mut redis::ScriptInvocation<'_>, local: &Local) {
+        inv.arg(&local.id).arg(self.lease_ms);
+    }
+}
+
+/// The task that publishes this host's `concurrent` counts (one per store that has Redis
+/// and a policy reading `concurrent`, started by its first session): the keys whose count
+/// changed, at most one write per [`PUBLISH_GAP_MS`], and every key with open sessions
+/// every third of `state_lease`, so that a host that dies stops counting when they run
+/// out. Counts are absolute and versioned: a write repeated or reordered is harmless, and
+/// one that failed is retried (after [`PAUSE_MS`]).
+async fn publish_counts(r: Arc<Redis>, local: Arc<Local>) {
+    use tokio::time::{sleep_until, Instant};
+    let every = Duration::from_millis((r.lease_ms / 3).max(300));
+    let gap = Duration::from_millis(PUBLISH_GAP_MS);
+    // A store taking over from another (a reload) publishes every open count first.
+    let mut renew_at = Instant::now();
+    let mut last: Option<Instant> = None;
+    loop {
+        let renewing = tokio::select! {
+            _ = local.conc_wake.notified() => false,
+            _ = sleep_until(renew_at) => true,
+        };
+        if r.retired.load(Ordering::Relaxed) {
+            // Its successor (same `Local`) takes what is left.
+            local.conc_wake.notify_one();
+            return;
+        }
+        if let Some(t) = last {
+            sleep_until(t + gap).await;
+        }
+        let mut keys: HashSet<String> =
+            std::mem::take(&mut *local.conc_dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        if renewing || Instant::now() >= renew_at {
+            let rates = local.rates.lock().unwrap_or_else(|p| p.into_inner());
+            keys.extend(
+                rates
+                    .open_counts()
+                    .filter(|(k, _)| r.concurrent_names.contains(key_name(k)))
+                    .map(|(k, _)| k.to_string()),
+            );
+            renew_at = Instant::now() + every;
+        }
+        if keys.is_empty() {
+            continue;
+        }
+        let keys: Vec<String> = keys.into_iter().collect();
+        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let (counts, version) = local.open_counts(&names);
+        last = Some(Instant::now());
+        let Ok(mut c) = r.conn() else {
+            retry(&r, &local, keys, &mut renew_at);
+            continue;
+        };
+        let mut inv = r.scripts.stage.prepare_invoke();
+        for k in &keys {
+            inv.key(r.key("conc", &[k]));
+        }
+        inv.arg(crate::now_ms()).arg(0).arg("").arg(MAX_EVENTS).arg(0);
+        r.host_args(&mut inv, &local);
+        for n in &counts {
+            inv.arg(*n).arg(version);
+        }
+        r.count_writes.fetch_add(1, Ordering::Relaxed);
+        if r.bounded(async move { inv.invoke_async::<Vec<u64>>(&mut c).await }).await.is_err() {
+            retry(&r, &local, keys, &mut renew_at);
+        }
+    }
+}
+
+/// A publication that failed: its keys are dirty again, tried when Redis may be back.
+fn retry(r: &Redis, local: &Local, keys: Vec<String>, renew_at: &mut tokio::time::Instant) {
+    local.conc_dirty.lock().unwrap_or_else(|p| p.into_inner()).extend(keys);
+    let wait = r.down_until.load(Ordering::Relaxed).saturating_sub(crate::now_ms()).max(PAUSE_MS / 10);
+    *renew_at = (*renew_at).min(tokio::time::Instant::now() + Duration::from_millis(wait));
+}
+
+impl StateStore {
+    /// A failed Redis answer: the configured behaviour.
+    fn failed(&self, f: Fail, local: impl FnOnce() -> Answer) -> Answer {
+        match self.on_error {
+            OnError::Tempfail => f.answer(),
+            OnError::Local => local(),
+        }
     }
 
     // ---- rate windows --------------------------------------------------------------
@@ -412,8 +523,8 @@ impl StateStore {
                 .unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
         };
         let Some(r) = &self.redis else { return local() };
-        let k = Self::key(r, "rate", &[counter, key]);
-        let q = match self.conn(r) {
+        let k = r.key("rate", &[counter, key]);
+        let q = match r.conn() {
             Ok(mut c) => {
                 let mut cmd = redis::cmd("ZCOUNT");
                 cmd.arg(&k);
@@ -423,7 +534,7 @@ impl StateStore {
                     cmd.arg(format!("({}", now_ms - window_ms));
                 }
                 cmd.arg("+inf");
-                self.bounded(r, async move { cmd.query_async::<u64>(&mut c).await }).await
+                r.bounded(async move { cmd.query_async::<u64>(&mut c).await }).await
             }
             Err(f) => Err(f),
         };
@@ -443,35 +554,40 @@ impl StateStore {
         }
         let mut counted = Counted::default();
         let Some(r) = &self.redis else { return counted };
-        let name = |k: &str| k.split_once('=').map(|(n, _)| n.to_string()).unwrap_or_else(|| "value".into());
         // Only the windows the policy reads go to Redis: an event nobody counts costs no
         // round trip.
         let rated: Vec<(&String, &Vec<u64>)> = keys
             .iter()
-            .filter_map(|k| self.read_windows.get(&(counter.to_string(), name(k))).map(|w| (k, w)))
+            .filter_map(|k| self.read_windows.get(&(counter.to_string(), key_name(k).to_string())).map(|w| (k, w)))
             .collect();
         if rated.is_empty() {
             return counted;
         }
-        let conc: Vec<&String> = keys.iter().filter(|k| self.concurrent_names.contains(&name(k))).collect();
-        let Ok(mut c) = self.conn(r) else { return counted };
+        let conc: Vec<&str> =
+            keys.iter().map(String::as_str).filter(|k| r.concurrent_names.contains(key_name(k))).collect();
+        let Ok(mut c) = r.conn() else { return counted };
         let horizon = self.local.rates.lock().map(|r| r.horizon_ms).unwrap_or(86_400_000);
-        let member = format!("{now_ms}/{}/{}", r.host_id, r.seq.fetch_add(1, Ordering::Relaxed));
-        let mut inv = r.scripts.record.prepare_invoke();
+        let member = format!("{now_ms}/{}/{}", self.local.id, self.local.seq.fetch_add(1, Ordering::Relaxed));
+        let mut inv = r.scripts.stage.prepare_invoke();
         for (k, _) in &rated {
-            inv.key(Self::key(r, "rate", &[counter, k]));
+            inv.key(r.key("rate", &[counter, k]));
         }
         for k in &conc {
-            inv.key(Self::key(r, "conc", &[k]));
+            inv.key(r.key("conc", &[k]));
         }
         inv.arg(now_ms).arg(horizon).arg(member).arg(MAX_EVENTS).arg(rated.len());
+        r.host_args(&mut inv, &self.local);
         for (_, windows) in &rated {
             inv.arg(windows.len());
             for w in windows.iter() {
                 inv.arg(*w);
             }
         }
-        let Ok(counts) = self.bounded(r, async move { inv.invoke_async::<Vec<u64>>(&mut c).await }).await else {
+        let (open, version) = self.local.open_counts(&conc);
+        for n in open {
+            inv.arg(n).arg(version);
+        }
+        let Ok(counts) = r.bounded(async move { inv.invoke_async::<Vec<u64>>(&mut c).await }).await else {
             return counted;
         };
         let mut counts = counts.into_iter();
@@ -484,15 +600,17 @@ impl StateStore {
         }
         for k in conc {
             if let Some(n) = counts.next() {
-                counted.concurrent.insert(k.clone(), n);
+                counted.concurrent.insert(k.to_string(), n);
             }
         }
         counted
     }
 
-    // ---- concurrent leases ---------------------------------------------------------
+    // ---- concurrent counts ---------------------------------------------------------
 
-    /// Sessions counted under `key` now (this host's and, with Redis, every host's live leases).
+    /// Sessions counted under `key` now: this host's, and with Redis every host's live
+    /// count (this host's own written in the same script, so hosts racing on one key
+    /// each see the other).
     pub async fn concurrent(&self, key: &str) -> Answer {
         let local = || {
             self.local
@@ -502,55 +620,51 @@ impl StateStore {
                 .unwrap_or_else(|_| Answer::Error("rate store poisoned".into()))
         };
         let Some(r) = &self.redis else { return local() };
-        let q = match self.conn(r) {
+        let q = match r.conn() {
             Ok(mut c) => {
-                let mut inv = r.scripts.leases.prepare_invoke();
-                inv.key(Self::key(r, "conc", &[key]));
-                self.bounded(r, async move { inv.invoke_async::<u64>(&mut c).await }).await
+                let mut inv = r.scripts.stage.prepare_invoke();
+                inv.key(r.key("conc", &[key]));
+                inv.arg(crate::now_ms()).arg(0).arg("").arg(MAX_EVENTS).arg(0);
+                r.host_args(&mut inv, &self.local);
+                let (open, version) = self.local.open_counts(&[key]);
+                inv.arg(open.first().copied().unwrap_or(0)).arg(version);
+                r.bounded(async move { inv.invoke_async::<Vec<u64>>(&mut c).await }).await
             }
             Err(f) => Err(f),
         };
         match q {
-            Ok(n) => Answer::Count(n),
+            Ok(n) => Answer::Count(n.first().copied().unwrap_or(0)),
             Err(f) => self.failed(f, local),
         }
     }
 
-    /// A session starts: count it locally (its lease in Redis is taken with `renew`).
-    pub fn open_local(&self, keys: &[String]) {
-        if let Ok(mut r) = self.local.rates.lock() {
-            keys.iter().for_each(|k| r.open(k));
+    /// A session starts (`open`) or ends: this host's counts of `keys` change at once, and
+    /// the shared ones are left to the publisher (no round trip of the session's own).
+    /// Synchronous: the end runs in a drop guard.
+    pub fn session(&self, keys: &[String], open: bool) {
+        {
+            let mut rates = self.local.rates.lock().unwrap_or_else(|p| p.into_inner());
+            for k in keys {
+                if open {
+                    rates.open(k);
+                } else {
+                    rates.close(k);
+                }
+            }
+            self.local.conc_version.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Take or renew a session's leases (the guard renews them every third of their life).
-    pub async fn renew(&self, keys: &[String], lease: &str) {
-        let Some(r) = self.redis.as_ref().filter(|_| self.reads_concurrent) else { return };
-        let Ok(mut c) = self.conn(r) else { return };
-        let mut inv = r.scripts.lease.prepare_invoke();
-        for k in keys {
-            inv.key(Self::key(r, "conc", &[k]));
+        let Some(r) = self.redis.as_ref().filter(|r| !r.concurrent_names.is_empty()) else { return };
+        let shared = keys.iter().filter(|k| r.concurrent_names.contains(key_name(k)));
+        self.local.conc_dirty.lock().unwrap_or_else(|p| p.into_inner()).extend(shared.map(|k| k.to_ascii_lowercase()));
+        if !r.publishing.swap(true, Ordering::Relaxed) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(publish_counts(r.clone(), self.local.clone()));
+                }
+                Err(_) => r.publishing.store(false, Ordering::Relaxed),
+            }
         }
-        inv.arg(format!("{}/{lease}", r.host_id)).arg(self.lease_ms);
-        let _ = self.bounded(r, async move { inv.invoke_async::<i64>(&mut c).await }).await;
-    }
-
-    /// The local half of a session's end (synchronous: it runs in a drop guard).
-    pub fn close_local(&self, keys: &[String]) {
-        let mut r = self.local.rates.lock().unwrap_or_else(|p| p.into_inner());
-        keys.iter().for_each(|k| r.close(k));
-    }
-
-    /// The Redis half of a session's end: its leases go (or expire if this never runs).
-    pub async fn close_shared(&self, keys: &[String], lease: &str) {
-        let Some(r) = self.redis.as_ref().filter(|_| self.reads_concurrent) else { return };
-        let Ok(mut c) = self.conn(r) else { return };
-        let mut p = redis::pipe();
-        let member = format!("{}/{lease}", r.host_id);
-        for k in keys {
-            p.cmd("ZREM").arg(Self::key(r, "conc", &[k])).arg(&member).ignore();
-        }
-        let _ = self.bounded(r, async move { p.query_async::<()>(&mut c).await }).await;
+        self.local.conc_wake.notify_one();
     }
 
     // ---- greylist ------------------------------------------------------------------
@@ -573,12 +687,12 @@ impl StateStore {
                 .unwrap_or_else(|_| Answer::Error("greylist poisoned".into()))
         };
         let Some(r) = &self.redis else { return local() };
-        let q = match self.conn(r) {
+        let q = match r.conn() {
             Ok(mut c) => {
                 let mut inv = r.scripts.greylist.prepare_invoke();
-                inv.key(Self::key(r, "grey", &[client, sender, recipient]));
+                inv.key(r.key("grey", &[client, sender, recipient]));
                 inv.arg(now_ms).arg(delay_ms).arg(expire_ms.max(1));
-                self.bounded(r, async move { inv.invoke_async::<i64>(&mut c).await }).await
+                r.bounded(async move { inv.invoke_async::<i64>(&mut c).await }).await
             }
             Err(f) => Err(f),
         };
@@ -599,9 +713,9 @@ impl StateStore {
     pub async fn callahead_get(&self, recipient: &str, now_ms: u64) -> Option<(u16, String)> {
         let key = recipient.to_ascii_lowercase();
         if let Some(r) = &self.redis {
-            if let Ok(mut c) = self.conn(r) {
-                let k = Self::key(r, "callahead", &[&key]);
-                let got = self.bounded(r, async move { c.send_packed_command(redis::cmd("GET").arg(k)).await }).await;
+            if let Ok(mut c) = r.conn() {
+                let k = r.key("callahead", &[&key]);
+                let got = r.bounded(async move { c.send_packed_command(redis::cmd("GET").arg(k)).await }).await;
                 if let Ok(v) = got {
                     if let Ok(Some(s)) = redis::from_redis_value::<Option<String>>(v) {
                         let (code, text) = s.split_once(' ').unwrap_or((s.as_str(), ""));
@@ -627,10 +741,10 @@ impl StateStore {
             cache.insert(key.clone(), (code, text.to_string(), now_ms + ttl_ms));
         }
         let Some(r) = &self.redis else { return };
-        let Ok(mut c) = self.conn(r) else { return };
+        let Ok(mut c) = r.conn() else { return };
         let mut cmd = redis::cmd("SET");
-        cmd.arg(Self::key(r, "callahead", &[&key])).arg(format!("{code} {text}")).arg("PX").arg(ttl_ms.max(1));
-        let _ = self.bounded(r, async move { cmd.query_async::<()>(&mut c).await }).await;
+        cmd.arg(r.key("callahead", &[&key])).arg(format!("{code} {text}")).arg("PX").arg(ttl_ms.max(1));
+        let _ = r.bounded(async move { cmd.query_async::<()>(&mut c).await }).await;
     }
 
     // ---- alert windows -------------------------------------------------------------
@@ -651,11 +765,11 @@ impl StateStore {
             true
         };
         let Some(r) = &self.redis else { return local() };
-        let q = match self.conn(r) {
+        let q = match r.conn() {
             Ok(mut c) => {
                 let mut cmd = redis::cmd("SET");
-                cmd.arg(Self::key(r, "alert", &[to, text])).arg(now_ms).arg("NX").arg("PX").arg(every_ms.max(1));
-                self.bounded(r, async move { cmd.query_async::<Option<String>>(&mut c).await }).await
+                cmd.arg(r.key("alert", &[to, text])).arg(now_ms).arg("NX").arg("PX").arg(every_ms.max(1));
+                r.bounded(async move { cmd.query_async::<Option<String>>(&mut c).await }).await
             }
             Err(f) => Err(f),
         };
@@ -678,15 +792,15 @@ impl StateStore {
 
     fn shared_conn(&self) -> Result<(&Redis, ConnectionManager), Fail> {
         let r = self.redis.as_ref().ok_or_else(|| Fail::Error("no shared state store".into()))?;
-        Ok((r, self.conn(r)?))
+        Ok((r, r.conn()?))
     }
 
     /// This host is alive: its heartbeat key, for `ttl_ms`.
     pub async fn heartbeat(&self, origin: &str, ttl_ms: u64) -> Result<(), String> {
         let (r, mut c) = self.shared_conn().map_err(|f| format!("{f:?}"))?;
         let mut cmd = redis::cmd("SET");
-        cmd.arg(Self::key(r, "alive", &[origin])).arg(crate::now_ms()).arg("PX").arg(ttl_ms.max(1));
-        self.bounded(r, async move { cmd.query_async::<()>(&mut c).await }).await.map_err(|f| format!("{f:?}"))
+        cmd.arg(r.key("alive", &[origin])).arg(crate::now_ms()).arg("PX").arg(ttl_ms.max(1));
+        r.bounded(async move { cmd.query_async::<()>(&mut c).await }).await.map_err(|f| format!("{f:?}"))
     }
 
     /// The messages `ids` of this host are final: their copies may go (one pipeline).
@@ -694,21 +808,20 @@ impl StateStore {
         let (r, mut c) = self.shared_conn().map_err(|f| format!("{f:?}"))?;
         let mut p = redis::pipe();
         for id in ids {
-            p.cmd("SET").arg(Self::key(r, "done", &[origin, id])).arg(1).arg("PX").arg(ttl_ms.max(1)).ignore();
+            p.cmd("SET").arg(r.key("done", &[origin, id])).arg(1).arg("PX").arg(ttl_ms.max(1)).ignore();
         }
-        self.bounded(r, async move { p.query_async::<()>(&mut c).await }).await.map_err(|f| format!("{f:?}"))
+        r.bounded(async move { p.query_async::<()>(&mut c).await }).await.map_err(|f| format!("{f:?}"))
     }
 
     /// Whether `origin`'s heartbeat is there, and which of `ids` it confirmed (one pipeline).
     pub async fn shadow_status(&self, origin: &str, ids: &[String]) -> Result<(bool, Vec<bool>), String> {
         let (r, mut c) = self.shared_conn().map_err(|f| format!("{f:?}"))?;
         let mut p = redis::pipe();
-        p.cmd("EXISTS").arg(Self::key(r, "alive", &[origin]));
+        p.cmd("EXISTS").arg(r.key("alive", &[origin]));
         for id in ids {
-            p.cmd("EXISTS").arg(Self::key(r, "done", &[origin, id]));
+            p.cmd("EXISTS").arg(r.key("done", &[origin, id]));
         }
-        let v: Vec<u64> =
-            self.bounded(r, async move { p.query_async(&mut c).await }).await.map_err(|f| format!("{f:?}"))?;
+        let v: Vec<u64> = r.bounded(async move { p.query_async(&mut c).await }).await.map_err(|f| format!("{f:?}"))?;
         let alive = v.first().copied().unwrap_or(0) > 0;
         let done = (0..ids.len()).map(|i| v.get(i + 1).copied().unwrap_or(0) > 0).collect();
         Ok((alive, done))
@@ -719,8 +832,158 @@ impl StateStore {
         let Ok((r, mut c)) = self.shared_conn() else { return };
         let mut p = redis::pipe();
         for id in ids {
-            p.cmd("DEL").arg(Self::key(r, "done", &[origin, id])).ignore();
+            p.cmd("DEL").arg(r.key("done", &[origin, id])).ignore();
         }
-        let _ = self.bounded(r, async move { p.query_async::<()>(&mut c).await }).await;
+        let _ = r.bounded(async move { p.query_async::<()>(&mut c).await }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shared store against a real `redis-server` (Debian's redis-server, which
+    //! tests/run.sh installs), started on a port and in a directory of its own: two stores
+    //! stand for two hosts of a cluster.
+    use super::*;
+    use mailpolicy_test_support::{free_port, listening, need, Peer, TempDir};
+
+    const REDIS: &str = "/usr/bin/redis-server";
+
+    fn redis(dir: &TempDir, port: u16) -> Peer {
+        need(REDIS, "redis-server");
+        let child = std::process::Command::new(REDIS)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let peer = Peer(child);
+        for _ in 0..200 {
+            if listening(port) {
+                return peer;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not listen on {port}");
+    }
+
+    fn store(host: &str, port: u16, extra: &str) -> StateStore {
+        let policy = format!(
+            "require [\"ratelimit\"];\nserver {{ state \"redis://127.0.0.1:{port}/0\"; state_timeout 300ms; {extra} }}\n\
+             on mail {{ if rate messages by client.ip per 1h > 3 {{ tempfail; }} if concurrent by client.ip > 100 {{ tempfail; }} }}\n"
+        );
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", &policy));
+        StateStore::new(&c.program.expect("compiles"), host, None).expect("store")
+    }
+
+    /// Polls the other host's count until it is `want` (the publisher writes within
+    /// milliseconds; the bound only keeps a broken store from hanging the test).
+    async fn count_becomes(s: &StateStore, key: &str, want: u64) {
+        let mut last = Answer::Count(u64::MAX);
+        for _ in 0..250 {
+            last = s.concurrent(key).await;
+            if last == Answer::Count(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("concurrent({key}) stays {last:?}, not {want}");
+    }
+
+    const IP: &str = "client.ip=192.0.2.1";
+
+    /// Sessions opened on one host count on the other without a round trip of their own;
+    /// a count written late with an older version never replaces a newer one; a host that
+    /// stops publishing (it died) stops counting when its lease runs out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hosts_publish_their_counts_versioned_and_leased() {
+        let dir = TempDir::new("state-conc");
+        let port = free_port();
+        let _redis = redis(&dir, port);
+        let a = store("mx-a", port, "state_lease 1s;");
+        let b = store("mx-b", port, "state_lease 1s;");
+        let keys = vec![IP.to_string(), "client.network=192.0.2.0/24".to_string()];
+        a.session(&keys, true);
+        a.session(&keys, true);
+        b.session(&keys, true);
+        count_becomes(&b, IP, 3).await;
+        a.session(&keys, false);
+        count_becomes(&b, IP, 2).await;
+        // Only the keys the policy reads are published: `client.network` is not.
+        count_becomes(&b, "client.network=192.0.2.0/24", 1).await;
+
+        // An older write of A's (version 0) arriving late: A's newer count stands.
+        let r = a.redis.as_ref().expect("redis");
+        let mut c = r.conn().expect("conn");
+        let mut inv = r.scripts.stage.prepare_invoke();
+        inv.key(r.key("conc", &[IP]));
+        inv.arg(0).arg(0).arg("").arg(MAX_EVENTS).arg(0);
+        r.host_args(&mut inv, &a.local);
+        inv.arg(10).arg(0);
+        let sum: Vec<u64> = inv.invoke_async(&mut c).await.expect("script");
+        assert_eq!(sum, vec![2], "the stale count of 10 is not written");
+        assert_eq!(b.concurrent(IP).await, Answer::Count(2));
+
+        // A dies with its session open: nothing renews its count, which runs out.
+        drop(a);
+        count_becomes(&b, IP, 1).await;
+        b.session(&keys, false);
+        count_becomes(&b, IP, 0).await;
+        let (trips, writes) = b.round_trips();
+        assert!(writes >= 2 && trips > writes, "{trips} round trips, {writes} of them count writes");
+    }
+
+    /// Events recorded on two hosts in one window: each answer counts every event before
+    /// it on either host, itself included (the stage's one script is atomic), and the
+    /// `concurrent` count comes in the same round trip.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_script_per_stage_counts_the_events_of_both_hosts() {
+        let dir = TempDir::new("state-rate");
+        let port = free_port();
+        let _redis = redis(&dir, port);
+        let (a, b) = (Arc::new(store("mx-a", port, "")), Arc::new(store("mx-b", port, "")));
+        let keys = vec![IP.to_string()];
+        a.session(&keys, true);
+        let now = crate::now_ms();
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let (s, keys) = (if i % 2 == 0 { a.clone() } else { b.clone() }, keys.clone());
+                tokio::spawn(async move { s.record("messages", &keys, now).await })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for t in tasks {
+            let mut counted = t.await.expect("task");
+            let req = crate::eval::Request::Rate {
+                counter: mailpolicy_lang::ir::Counter::Messages,
+                key: IP.to_string(),
+                window_ms: 3_600_000,
+            };
+            seen.push(counted.take(&req).expect("the window's count came with the event"));
+            let conc = counted.take(&crate::eval::Request::Concurrent { key: IP.to_string() });
+            assert!(conc.is_some(), "the concurrent count came in the same round trip");
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (1..=20).collect::<Vec<u64>>(), "each event saw all the earlier ones, on both hosts");
+        assert_eq!(a.round_trips().0 + b.round_trips().0 - a.round_trips().1 - b.round_trips().1, 20);
+    }
+
+    /// Redis down: the publisher's write fails and is retried; when Redis is back (empty:
+    /// no persistence) the open sessions are counted again without any new session.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counts_written_while_redis_is_down_are_retried() {
+        let dir = TempDir::new("state-down");
+        let port = free_port();
+        let redis1 = redis(&dir, port);
+        let (a, b) = (store("mx-a", port, ""), store("mx-b", port, ""));
+        let keys = vec![IP.to_string()];
+        a.session(&keys, true);
+        count_becomes(&b, IP, 1).await;
+        drop(redis1);
+        a.session(&keys, true);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(matches!(b.concurrent(IP).await, Answer::Error(_) | Answer::Timeout), "state_on_error tempfail");
+        let _redis2 = redis(&dir, port);
+        count_becomes(&b, IP, 2).await;
     }
 }
