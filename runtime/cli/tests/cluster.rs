@@ -116,6 +116,9 @@ impl Redis {
         self.child = Guard(Some(child));
         let port = self.port;
         wait_for(Duration::from_secs(20), "redis-server to listen", || listening(port), || self.log());
+        // Listening, but ours? (Another test's server on a port free a moment ago.)
+        let alive = self.child.0.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        assert!(alive, "redis-server on {port} exited (the port taken?): {}", self.log());
     }
 
     fn log(&self) -> String {
@@ -203,6 +206,20 @@ impl Client {
         }
         let _ = self.w.write_all(format!("From: <{from}>\r\nSubject: cluster\r\n\r\nhello\r\n.\r\n").as_bytes());
         self.reply()
+    }
+}
+
+/// The start-up probes' sessions (test-support connects to see the port listen) have
+/// ended on both hosts: a `concurrent` count taken now is the test's own sessions'.
+fn settled(hosts: &[&Serve]) {
+    let events = |d: &Serve, e: &str| d.log().lines().filter(|l| l.split_whitespace().nth(1) == Some(e)).count();
+    for d in hosts {
+        wait_for(
+            Duration::from_secs(20),
+            "the probes' sessions to end",
+            || events(d, "connect") == events(d, "disconnect"),
+            || d.log(),
+        );
     }
 }
 
@@ -317,6 +334,7 @@ fn concurrent_sessions_count_across_hosts_and_a_dead_host_leaks_none() {
     let rules =
         "on connect { if concurrent by client.ip > 2 { tempfail 421 4.7.0 \"Too many sessions from ${client.ip}\"; } }";
     let (mut a, b) = cluster(&t, &redis, "state_lease 2s;", rules);
+    settled(&[&a, &b]);
     let one = Client::connect(a.port);
     assert_eq!(one.banner.0, 220, "{}", one.banner.1);
     let two = Client::connect(b.port);
@@ -349,6 +367,7 @@ fn counts_answered_with_the_event_are_the_clusters() {
                    if concurrent by client.ip > 1 { tempfail 451 4.7.0 \"Too many sessions\"; }\n\
                  }";
     let (a, b) = cluster(&t, &redis, "", rules);
+    settled(&[&a, &b]);
     let started = std::time::Instant::now();
     let mut one = Client::connect(a.port);
     one.cmd("EHLO client.test");
@@ -432,6 +451,7 @@ fn racing_sessions_on_both_hosts_get_the_exact_limits() {
          on mail { if concurrent by client.ip > 1 { tempfail 451 4.7.0 \"Too many sessions\"; } }";
     let t2 = TempDir::new("race2");
     let (a, b) = cluster(&t2, &redis, "", rules);
+    settled(&[&a, &b]);
     let go = std::sync::Arc::new(std::sync::Barrier::new(10));
     let racers: Vec<_> = (0..10)
         .map(|i| {
@@ -461,6 +481,7 @@ fn racing_sessions_on_both_hosts_get_the_exact_limits() {
         Duration::from_secs(20),
         "three sessions over both hosts",
         || {
+            open.clear();
             open = vec![Client::connect(a.port), Client::connect(b.port), Client::connect(a.port)];
             open.iter().all(|c| c.banner.0 == 220)
         },
@@ -470,8 +491,17 @@ fn racing_sessions_on_both_hosts_get_the_exact_limits() {
     // A session that has not asked its `client.ip` count (it asked only the network's, at
     // connect) is counted under it on the other host all the same: its host publishes it.
     drop(open);
-    let idle = Client::connect(a.port);
-    assert_eq!(idle.banner.0, 220, "{}", ctx());
+    // (The three sessions end on their hosts a moment after the client closes them.)
+    let mut idle = None;
+    wait_for(
+        Duration::from_secs(20),
+        "a session on A",
+        || {
+            idle = Some(Client::connect(a.port)).filter(|c| c.banner.0 == 220);
+            idle.is_some()
+        },
+        ctx,
+    );
     let mut other = Client::connect(b.port);
     other.cmd("EHLO client.test");
     wait_for(

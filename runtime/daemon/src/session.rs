@@ -189,7 +189,7 @@ pub async fn run(
         auth: (0, AuthState::default()),
         spill: Spill::default(),
         milters,
-        _count_guard: count_guard,
+        count_guard: Some(count_guard),
         counted: crate::state::Counted::default(),
         reply_line_start: true,
         pace: Pace {
@@ -207,6 +207,8 @@ pub async fn run(
     session.milters.quit().await;
     session.stream.shutdown().await;
     session.spill.discard();
+    // Released before the line that says the session ended (a panic releases it on drop).
+    drop(session.count_guard.take());
     log.event("disconnect", &[("session", &session.id), ("client", &session.remote.ip().to_string())]);
 }
 
@@ -234,7 +236,7 @@ struct Session {
     milters: crate::milter::Milters,
     /// `concurrent by client.ip` / `client.network` counts this session until the guard
     /// drops, on every path the session ends (a panic unwinding included).
-    _count_guard: ConcurrencyGuard,
+    count_guard: Option<ConcurrencyGuard>,
     /// The counts the current stage's event answered (`StateStore::record`).
     counted: crate::state::Counted,
     reply_line_start: bool,

@@ -31,10 +31,11 @@ use crate::eval::Answer;
 pub const PAUSE_MS: u64 = 1_000;
 /// A key keeps at most this many events per rate window (as the local store).
 const MAX_EVENTS: usize = 100_000;
-/// This host's `concurrent` counts are written to Redis at most this often when they
-/// change faster (a burst of sessions opening and closing is one write); a change after a
-/// quiet spell is written at once.
+/// This host's `concurrent` counts are written to Redis once per this on average when
+/// they change faster (the changes in between are one write); up to [`PUBLISH_BURST`]
+/// changes after a quiet spell are written at once, each.
 pub const PUBLISH_GAP_MS: u64 = 5;
+pub const PUBLISH_BURST: f64 = 8.0;
 
 /// What a Redis failure gives the session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -432,7 +433,7 @@ impl Redis {
 
 /// The task that publishes this host's `concurrent` counts (one per store that has Redis
 /// and a policy reading `concurrent`, started by its first session): the keys whose count
-/// changed, at most one write per [`PUBLISH_GAP_MS`], and every key with open sessions
+/// changed (a burst at once, then one write per [`PUBLISH_GAP_MS`]), and every key with open sessions
 /// every third of `state_lease`, so that a host that dies stops counting when they run
 /// out. Counts are absolute and versioned: a write repeated or reordered is harmless, and
 /// one that failed is retried (after [`PAUSE_MS`]).
@@ -442,7 +443,8 @@ async fn publish_counts(r: Arc<Redis>, local: Arc<Local>) {
     let gap = Duration::from_millis(PUBLISH_GAP_MS);
     // A store taking over from another (a reload) publishes every open count first.
     let mut renew_at = Instant::now();
-    let mut last: Option<Instant> = None;
+    // A token bucket: a write takes one, one comes back every gap, at most PUBLISH_BURST.
+    let (mut tokens, mut filled) = (PUBLISH_BURST, Instant::now());
     loop {
         let renewing = tokio::select! {
             _ = local.conc_wake.notified() => false,
@@ -453,8 +455,13 @@ async fn publish_counts(r: Arc<Redis>, local: Arc<Local>) {
             local.conc_wake.notify_one();
             return;
         }
-        if let Some(t) = last {
-            sleep_until(t + gap).await;
+        let now = Instant::now();
+        tokens = (tokens + now.duration_since(filled).as_secs_f64() / gap.as_secs_f64()).min(PUBLISH_BURST);
+        filled = now;
+        if tokens < 1.0 {
+            sleep_until(now + gap.mul_f64(1.0 - tokens)).await;
+            tokens = 1.0;
+            filled = Instant::now();
         }
         let mut keys: HashSet<String> =
             std::mem::take(&mut *local.conc_dirty.lock().unwrap_or_else(|p| p.into_inner()));
@@ -474,7 +481,7 @@ async fn publish_counts(r: Arc<Redis>, local: Arc<Local>) {
         let keys: Vec<String> = keys.into_iter().collect();
         let names: Vec<&str> = keys.iter().map(String::as_str).collect();
         let (counts, version) = local.open_counts(&names);
-        last = Some(Instant::now());
+        tokens -= 1.0;
         let Ok(mut c) = r.conn() else {
             retry(&r, &local, keys, &mut renew_at);
             continue;
