@@ -330,7 +330,10 @@ impl Session {
                 }
                 _ => Answer::Error("no message to scan".into()),
             },
-            _ => Box::pin(self.lookups.answer(&self.prog, &req, now_ms())).await,
+            _ => match self.lookups.answer_now(&req, now_ms()) {
+                Some(a) => a,
+                None => Box::pin(self.lookups.answer(&self.prog, &req, now_ms())).await,
+            },
         };
         self.conn.answer(req, a);
         Ok(())
