@@ -70,32 +70,35 @@ fn find_unescaped_slash(s: &str) -> Option<usize> {
     None
 }
 
+/// The first entry of each key, in file order. The set borrows the keys instead of
+/// holding a copy of each (a 1,000,000-entry table is read at every daemon start).
+fn first_of_each_key(mut rows: Vec<(String, String)>) -> Vec<(String, String)> {
+    let keep: Vec<bool> = {
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        rows.iter().map(|(k, _)| seen.insert(k.as_str())).collect()
+    };
+    if keep.iter().all(|k| *k) {
+        return rows;
+    }
+    let mut keep = keep.into_iter();
+    rows.retain(|_| keep.next().unwrap_or(true));
+    rows
+}
+
 /// Parse a table file of the given kind.
 pub fn parse_rows(kind: &str, text: &str) -> Result<Rows, TableError> {
     match kind {
-        "list" => {
-            let mut out: Vec<(String, String)> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
-            for (_, l) in entries(text) {
-                let k = split_kv(l).0.to_ascii_lowercase();
-                if seen.insert(k.clone()) {
-                    out.push((k, String::new()));
-                }
-            }
-            Ok(Rows::Keys(out))
-        }
-        "map" | "access" => {
-            let mut out: Vec<(String, String)> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
-            for (_, l) in entries(text) {
-                let (k, v) = split_kv(l);
-                let k = k.to_ascii_lowercase();
-                if seen.insert(k.clone()) {
-                    out.push((k, v.to_string()));
-                }
-            }
-            Ok(Rows::Keys(out))
-        }
+        "list" => Ok(Rows::Keys(first_of_each_key(
+            entries(text).map(|(_, l)| (split_kv(l).0.to_ascii_lowercase(), String::new())).collect(),
+        ))),
+        "map" | "access" => Ok(Rows::Keys(first_of_each_key(
+            entries(text)
+                .map(|(_, l)| {
+                    let (k, v) = split_kv(l);
+                    (k.to_ascii_lowercase(), v.to_string())
+                })
+                .collect(),
+        ))),
         "cidr" => {
             let mut v = Vec::new();
             for (n, l) in entries(text) {
