@@ -371,18 +371,21 @@ for r in $(seq 1 "$ROUNDS"); do
   pf_start
   measure postfix pf_pids "$PFPORT" "$D/sink-postfix"
   pf_stop
-  # The daemons of a round: the plain policy (A), the second binary (B), the RULES policy.
-  # The order reverses every other round (odd rounds A, B, rules; even rounds rules, B, A):
+  # The daemons of a round: the plain policy (A), the second binary (B), the RULES policy
+  # (and with both, the RULES policy under B). The order reverses every other round (odd
+  # rounds A, B, rules, rules-B; even rounds the other way round):
   # a daemon run right after another is 10-25 % slower whichever it is (it finds the
   # previous daemon's and sink's deleted files in the file system's inode tables), so A
   # against B and the plain policy against the rules are each first in half the rounds.
   order=(A); [ -n "$BIN_B" ] && order+=(B); [ "$RULES" -gt 0 ] && order+=(R)
+  [ -n "$BIN_B" ] && [ "$RULES" -gt 0 ] && order+=(RB)
   if [ $((r % 2)) = 0 ]; then order=($(printf '%s\n' "${order[@]}" | tac)); fi
   for o in "${order[@]}"; do
     case $o in
       A) mp_round mailpolicy "$MP/bench.mailpolicy" ;;
       B) mp_round mailpolicy-B "$MP/bench.mailpolicy" 0 "$BIN_B" ;;
       R) mp_round "rules$RULES" "$MP/rules.mailpolicy" ;;
+      RB) mp_round "rules$RULES-B" "$MP/rules.mailpolicy" 0 "$BIN_B" ;;
     esac
   done
   measure_nodisk
@@ -448,6 +451,11 @@ if bin_b:
         print(f"  {'A' if r[0] == 'mailpolicy' else 'B'}: accept {float(r[1]):7.0f}  relay {float(r[2]):7.0f}  relay/accept {float(r[2])/float(r[1]):.2f}  {us(h):5.0f} us CPU/msg ({us(h, 2):.0f} user, {us(h, 3):.0f} system)")
     ca, cb = (statistics.median(us(h) for h in cpu if h[0] == n) for n in ("mailpolicy", "mailpolicy-B"))
     print(f"  median B / A: accept {ba/ma:.2f}, relay {br/mr:.2f}, CPU per message {cb/ca:.2f}; B / Postfix: accept {ba/pa:.2f}, relay {br/pr:.2f}")
+    if rules:
+        rb = med(f"rules{rules}-B", 1)
+        crb = statistics.median(us(h) for h in hwm if h[0] == f"rules{rules}-B")
+        cra = statistics.median(us(h) for h in hwm if h[0] == f"rules{rules}")
+        print(f"  {rules}-rule policy: A {ra:.0f} msg/s ({ra/ma:.3f} x A plain), {cra:.0f} us CPU/msg; B {rb:.0f} msg/s ({rb/ba:.3f} x B plain), {crb:.0f} us CPU/msg")
 print()
 print("issue 13 goals (medians of this run):")
 def goal(text, ok, figure):

@@ -36,7 +36,9 @@ struct DnsMemo {
     by_type: [HashMap<String, (Answer, Instant)>; 5],
 }
 
-/// At most this many memoised answers; past it the expired ones go, then all of a type's.
+/// At most this many memoised answers per record type. A full map drops its expired
+/// answers, and all of them when more than half are still live (so each answer costs at
+/// most one more step of such a sweep, whatever the traffic).
 const DNS_MEMO_MAX: usize = 4096;
 
 impl DnsMemo {
@@ -59,12 +61,12 @@ impl DnsMemo {
         if until <= now {
             return;
         }
-        if self.by_type.iter().map(HashMap::len).sum::<usize>() >= DNS_MEMO_MAX {
-            self.by_type.iter_mut().for_each(|m| m.retain(|_, (_, u)| *u > now));
-        }
         let Some(map) = self.by_type.get_mut(Self::slot(rtype)) else { return };
         if map.len() >= DNS_MEMO_MAX {
-            map.clear();
+            map.retain(|_, (_, u)| *u > now);
+            if map.len() > DNS_MEMO_MAX / 2 {
+                map.clear();
+            }
         }
         map.insert(name.to_string(), (answer, until));
     }
@@ -698,5 +700,44 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(l.table_sync(t, "198.51.100.9"), Answer::Value(Some("OK".into())));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A memoised DNS answer is given until its own expiry and never after; answers of one
+    /// name under another type are apart; a full memo drops the expired answers first.
+    #[test]
+    fn dns_memo_keeps_answers_until_their_expiry() {
+        let mut m = DnsMemo::default();
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(300);
+        m.put("2.0.0.127.bl.test", RrType::A, Answer::Records(vec!["127.0.0.2".into()]), until, t0);
+        m.put("1.0.0.127.bl.test", RrType::A, Answer::NxDomain, t0 + Duration::from_secs(60), t0);
+        assert_eq!(m.get("2.0.0.127.bl.test", RrType::A, t0), Some(Answer::Records(vec!["127.0.0.2".into()])));
+        assert_eq!(m.get("2.0.0.127.bl.test", RrType::Txt, t0), None);
+        assert_eq!(m.get("1.0.0.127.bl.test", RrType::A, t0 + Duration::from_secs(59)), Some(Answer::NxDomain));
+        assert_eq!(m.get("1.0.0.127.bl.test", RrType::A, t0 + Duration::from_secs(60)), None);
+        assert_eq!(m.get("2.0.0.127.bl.test", RrType::A, until), None);
+        // An answer already expired is not kept.
+        m.put("x.test", RrType::Mx, Answer::NxDomain, t0, t0);
+        assert_eq!(m.get("x.test", RrType::Mx, t0), None);
+        // A full map: its expired answers go, the live ones stay; other types are untouched.
+        let soon = t0 + Duration::from_secs(1);
+        for i in 0..DNS_MEMO_MAX - 10 {
+            m.put(&format!("{i}.old.test"), RrType::Txt, Answer::NxDomain, soon, t0);
+        }
+        for i in 0..10 {
+            m.put(&format!("{i}.live.test"), RrType::Txt, Answer::NxDomain, until, t0);
+        }
+        let later = t0 + Duration::from_secs(2);
+        m.put("new.test", RrType::Txt, Answer::NxDomain, until, later);
+        assert_eq!(m.by_type[DnsMemo::slot(RrType::Txt)].len(), 11);
+        assert_eq!(m.get("9.live.test", RrType::Txt, later), Some(Answer::NxDomain));
+        assert_eq!(m.get("new.test", RrType::Txt, later), Some(Answer::NxDomain));
+        assert_eq!(m.get("2.0.0.127.bl.test", RrType::A, later), Some(Answer::Records(vec!["127.0.0.2".into()])));
+        // Full of live answers: the map starts again, bounded.
+        for i in 0..=DNS_MEMO_MAX {
+            m.put(&format!("{i}.many.test"), RrType::Ptr, Answer::NxDomain, until, t0);
+        }
+        assert!(m.by_type[DnsMemo::slot(RrType::Ptr)].len() <= DNS_MEMO_MAX);
+        assert_eq!(m.get(&format!("{DNS_MEMO_MAX}.many.test"), RrType::Ptr, t0), Some(Answer::NxDomain));
     }
 }

@@ -78,6 +78,8 @@ pub struct Run {
     answers: HashMap<Request, Answer>,
     effects: Vec<Effect>,
     trace: Vec<Trace>,
+    /// Whether to keep the trace (`mailc test`/`explain` read it; the daemon does not).
+    tracing: bool,
     /// Requests issued so far (bounded by `max_lookups`).
     pub lookups: u32,
     max_lookups: u32,
@@ -97,6 +99,7 @@ impl Run {
             answers: HashMap::new(),
             effects: Vec::new(),
             trace: Vec::new(),
+            tracing: true,
             lookups: 0,
             max_lookups,
             current: None,
@@ -107,9 +110,22 @@ impl Run {
         self.stage
     }
 
+    /// A run that keeps no trace: its verdict's `trace` is empty. For a host that never
+    /// reads traces (the daemon), which then pays no copy of each request and answer.
+    pub fn untraced(mut self) -> Run {
+        self.tracing = false;
+        self
+    }
+
+    fn traced(&mut self, t: impl FnOnce() -> Trace) {
+        if self.tracing {
+            self.trace.push(t());
+        }
+    }
+
     /// Give the answer to the request the last [`Step::Need`] asked.
     pub fn answer(&mut self, request: Request, answer: Answer) {
-        self.trace.push(Trace::Lookup { request: request.clone(), answer: answer.clone() });
+        self.traced(|| Trace::Lookup { request: request.clone(), answer: answer.clone() });
         self.answers.insert(request, answer);
     }
 
@@ -126,7 +142,7 @@ impl Run {
                     self.current = Some(*loc);
                     match self.expr(prog, facts, state, *cond) {
                         Ok(b) => {
-                            self.trace.push(Trace::Test { loc: *loc, result: b });
+                            self.traced(|| Trace::Test { loc: *loc, result: b });
                             self.pc = if b { self.pc + 1 } else { *else_pc as usize };
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
@@ -137,11 +153,11 @@ impl Run {
                     self.current = Some(*loc);
                     match self.act(prog, facts, state, action) {
                         Ok(None) => {
-                            self.trace.push(Trace::Action { loc: *loc });
+                            self.traced(|| Trace::Action { loc: *loc });
                             self.pc += 1;
                         }
                         Ok(Some(outcome)) => {
-                            self.trace.push(Trace::Action { loc: *loc });
+                            self.traced(|| Trace::Action { loc: *loc });
                             return Step::Done(self.finish(outcome, Some(*loc)));
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
