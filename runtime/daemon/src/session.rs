@@ -18,7 +18,6 @@ use crate::conn::{
     AuthKind, AuthQuery, AuthReport, ClientInfo, Conn, ContentReport, MethodReport, MilterCall, Need, Note,
     QueuedMessage, SaslResult, Sign,
 };
-use crate::eval::RenderedReply;
 use crate::eval::{Answer, Request};
 use crate::smtp::{PeerInfo, Reply, Time, TlsInfo};
 
@@ -464,11 +463,7 @@ impl Session {
             // Accept nothing that would go nowhere: the queue manager is down (its
             // supervisor is restarting it).
             log.event("store-refused", &[("session", &id), ("reason", "queue manager down")]);
-            let r = RenderedReply {
-                code: 451,
-                enhanced: (4, 3, 0),
-                text: "Queue manager unavailable, try again later".into(),
-            };
+            let r = Reply::new(451, (4, 3, 0), "Queue manager unavailable, try again later");
             self.conn.queue_failed(Some(r), Time(now_ms()));
             return Ok(());
         }
@@ -491,11 +486,7 @@ impl Session {
             Ok((r, m)) => (Ok(r), m),
             Err(e) => (Err(e), Default::default()),
         };
-        let local_error = || RenderedReply {
-            code: 451,
-            enhanced: (4, 3, 0),
-            text: "Local error in processing, try again later".into(),
-        };
+        let local_error = || Reply::new(451, (4, 3, 0), "Local error in processing, try again later");
         // R12: the peer holds a copy before the client hears 250 (`backup_peer`).
         let refused = match &stored {
             Ok(Ok(qid)) => backup_copy(&self.shared, &id, qid).await,
@@ -722,7 +713,7 @@ impl Session {
 /// `backup_peer`, spec/language.md section 5.5). Some(reply) when the message is refused
 /// without one (`backup_on_error tempfail`): the stored message is then removed, so the
 /// client's retry is the only copy.
-async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<RenderedReply> {
+async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<Reply> {
     let b = shared.backup.get()?;
     let peer = b.peer?.to_string();
     let log = &shared.log;
@@ -750,7 +741,7 @@ async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<Render
                 &[("session", session), ("id", qid), ("peer", &peer), ("error", &e), ("action", "tempfail")],
             );
             b.discard(qid).await;
-            Some(RenderedReply { code: 451, enhanced: (4, 3, 0), text: "Backup copy failed, try again later".into() })
+            Some(Reply::new(451, (4, 3, 0), "Backup copy failed, try again later"))
         }
     }
 }

@@ -17,8 +17,7 @@ use std::time::Duration;
 use mailpolicy_lang::ir::{DsnAction, LocId, Program, Scope, Stage};
 
 use crate::eval::{
-    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step, TlsFacts,
-    Verdict,
+    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, Request, Run, State, Step, TlsFacts, Verdict,
 };
 use crate::smtp::{self, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo};
 
@@ -527,15 +526,11 @@ impl Conn {
     }
 
     /// The host could not store the message (disk full ...): 452 4.3.1 by default.
-    pub fn queue_failed(&mut self, reply: Option<RenderedReply>, now: Time) {
+    pub fn queue_failed(&mut self, reply: Option<Reply>, now: Time) {
         if matches!(self.pending, HostWait::Queue(_)) {
             self.pending = HostWait::None;
-            let r = reply.unwrap_or(RenderedReply {
-                code: 452,
-                enhanced: (4, 3, 1),
-                text: "Insufficient system storage".into(),
-            });
-            let _ = self.session.decide(Decision::reject(to_reply(&r)), now);
+            let r = reply.unwrap_or(Reply::new(452, (4, 3, 1), "Insufficient system storage"));
+            let _ = self.session.decide(Decision::reject(ascii_reply(&r)), now);
             self.end_transaction();
         }
     }
@@ -625,10 +620,9 @@ impl Conn {
 
 /// Reply text is ASCII (RFC 5321 4.2): other characters, e.g. from an interpolated
 /// peer-supplied name, are sent as `?`.
-fn to_reply(r: &RenderedReply) -> Reply {
-    let (a, b, c) = r.enhanced;
+fn ascii_reply(r: &Reply) -> Reply {
     let text: String = r.text.chars().map(|ch| if ch.is_ascii() { ch } else { '?' }).collect();
-    Reply::new(r.code, (a as u8, b, c), text)
+    Reply { code: r.code, enhanced: r.enhanced, text }
 }
 
 fn tls_facts(info: &TlsInfo) -> TlsFacts {

@@ -18,6 +18,8 @@ use mailpolicy_lang::ir::*;
 use mailpolicy_stdlib::access::{self, AccessAction};
 use mailpolicy_stdlib::address as addr;
 
+use crate::smtp;
+
 mod facts;
 mod host;
 mod message;
@@ -151,11 +153,7 @@ impl Run {
     fn need(&mut self, r: Request, loc: LocId) -> Step {
         self.lookups += 1;
         if self.lookups > self.max_lookups {
-            let reply = RenderedReply {
-                code: 451,
-                enhanced: (4, 3, 0),
-                text: "Policy lookup budget exceeded, try again later".into(),
-            };
+            let reply = smtp::Reply::new(451, (4, 3, 0), "Policy lookup budget exceeded, try again later");
             return Step::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
         }
         Step::Need(r)
@@ -165,8 +163,7 @@ impl Run {
         self.effects.push(Effect::Log(format!("lookup failed: {msg}")));
         // At connect a 4xx other than 421 would leave the client in limbo: close instead.
         let code = if self.stage == Stage::Connect { 421 } else { 451 };
-        let reply =
-            RenderedReply { code, enhanced: (4, 4, 3), text: "Temporary lookup failure, try again later".into() };
+        let reply = smtp::Reply::new(code, (4, 4, 3), "Temporary lookup failure, try again later");
         self.finish(Outcome::Tempfail(reply), Some(loc))
     }
 
@@ -703,10 +700,10 @@ impl Run {
 
     // ---- actions ----------------------------------------------------------------------
 
-    fn reply(&mut self, prog: &Program, f: &Facts, st: &mut State, r: &Reply) -> Result<RenderedReply, Halt> {
+    fn reply(&mut self, prog: &Program, f: &Facts, st: &mut State, r: &Reply) -> Result<smtp::Reply, Halt> {
         let text = self.render(prog, f, st, &r.text)?;
         let text = if text.trim().is_empty() { "Rejected".to_string() } else { text };
-        Ok(RenderedReply { code: r.code, enhanced: r.enhanced, text })
+        Ok(reply_of(r.code, r.enhanced, text))
     }
 
     fn transport(
@@ -755,7 +752,7 @@ impl Run {
                 };
                 let class = code / 100;
                 let (enh, text) = split_enhanced(&text, class);
-                let reply = RenderedReply { code, enhanced: enh, text };
+                let reply = reply_of(code, enh, text);
                 return Ok(Some(if class == 4 { Outcome::Tempfail(reply) } else { Outcome::Reject(reply) }));
             }
             Action::Discard => return Ok(Some(Outcome::Discard)),
@@ -931,16 +928,14 @@ impl Run {
                 // A bare REJECT answers with the stage's default reply.
                 AccessAction::Reject { .. } if value.eq_ignore_ascii_case("REJECT") => {
                     let (code, enhanced, text) = mailpolicy_lang::check::default_reply(true, self.stage);
-                    Some(Outcome::Reject(RenderedReply { code, enhanced, text: text.into() }))
+                    Some(Outcome::Reject(reply_of(code, enhanced, text)))
                 }
                 AccessAction::Accept => Some(Outcome::Accept),
                 AccessAction::Dunno => None,
                 AccessAction::Discard => Some(Outcome::Discard),
-                AccessAction::Reject { code, enhanced, text } => {
-                    Some(Outcome::Reject(RenderedReply { code, enhanced, text }))
-                }
+                AccessAction::Reject { code, enhanced, text } => Some(Outcome::Reject(reply_of(code, enhanced, text))),
                 AccessAction::Tempfail { code, enhanced, text } => {
-                    Some(Outcome::Tempfail(RenderedReply { code, enhanced, text }))
+                    Some(Outcome::Tempfail(reply_of(code, enhanced, text)))
                 }
                 AccessAction::Hold(r) => {
                     self.effects.push(Effect::Hold(r));
@@ -1065,12 +1060,21 @@ pub fn client_network(ip: IpAddr) -> String {
 
 /// R40 soft-bounce: a 5xy reply becomes the 4xy one (`554 5.7.1` -> `454 4.7.1`, `504`
 /// -> `404`), as Postfix's `soft_bounce` does; other replies are returned as they are.
-pub fn soft_bounce(r: &RenderedReply) -> RenderedReply {
+pub fn soft_bounce(r: &smtp::Reply) -> smtp::Reply {
     if r.code / 100 != 5 {
         return r.clone();
     }
-    let enhanced = if r.enhanced.0 == 5 { (4, r.enhanced.1, r.enhanced.2) } else { r.enhanced };
-    RenderedReply { code: r.code - 100, enhanced, text: r.text.clone() }
+    let enhanced = r.enhanced.map(|(a, b, c)| if a == 5 { (4, b, c) } else { (a, b, c) });
+    smtp::Reply { code: r.code - 100, enhanced, text: r.text.clone() }
+}
+
+/// The wire reply of a policy's refusal: a reply template rendered, an access table's
+/// value, a stage's default reply or a call-ahead's answer. The one conversion of the
+/// IR's `(class, subject, detail)` (checked by the compiler: the class is the code's
+/// first digit) to [`smtp::Reply`]'s.
+fn reply_of(code: u16, (class, subject, detail): (u16, u16, u16), text: impl Into<String>) -> smtp::Reply {
+    let class = u8::try_from(class).unwrap_or((code / 100) as u8);
+    smtp::Reply::new(code, (class, subject, detail), text)
 }
 
 /// [`soft_bounce`] on a reply line as the queue records it (`550 5.1.1 text`, or a code
@@ -1154,11 +1158,12 @@ mod describe_tests {
 
 #[cfg(test)]
 mod soft_bounce_tests {
-    use super::{soft_bounce, soft_bounce_line, RenderedReply};
+    use super::{soft_bounce, soft_bounce_line};
+    use crate::smtp::Reply;
 
     #[test]
     fn five_becomes_four_digit_by_digit() {
-        let r = |code, enhanced: (u16, u16, u16)| RenderedReply { code, enhanced, text: "t".into() };
+        let r = |code, enhanced: (u8, u16, u16)| Reply::new(code, enhanced, "t");
         assert_eq!(soft_bounce(&r(554, (5, 7, 1))), r(454, (4, 7, 1)));
         assert_eq!(soft_bounce(&r(504, (5, 5, 2))), r(404, (4, 5, 2)));
         assert_eq!(soft_bounce(&r(550, (5, 1, 1))), r(450, (4, 1, 1)));

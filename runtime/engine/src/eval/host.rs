@@ -3,6 +3,8 @@
 
 use mailpolicy_lang::ir::*;
 
+use crate::smtp::Reply;
+
 /// DNS record types the evaluator asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RrType {
@@ -171,21 +173,6 @@ impl std::fmt::Display for RenderedTransport {
     }
 }
 
-/// A reply with its interpolations rendered.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RenderedReply {
-    pub code: u16,
-    pub enhanced: (u16, u16, u16),
-    pub text: String,
-}
-
-impl std::fmt::Display for RenderedReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (a, b, c) = self.enhanced;
-        write!(f, "{} {a}.{b}.{c} {}", self.code, self.text)
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RenderedTransport {
     pub kind: TransportKind,
@@ -211,8 +198,8 @@ pub enum Outcome {
     /// send; delay: send; deliver: keep the result).
     Default,
     Accept,
-    Reject(RenderedReply),
-    Tempfail(RenderedReply),
+    Reject(Reply),
+    Tempfail(Reply),
     Discard,
     Deliver(RenderedTransport),
 }

@@ -476,8 +476,8 @@ pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
         (Outcome::Default | Outcome::Accept, Stage::Route) => "deliver mx".into(),
         (Outcome::Default | Outcome::Accept, _) => "send".into(),
         (Outcome::Discard, _) => "discard".into(),
-        (Outcome::Reject(r), _) => format!("reject {r}"),
-        (Outcome::Tempfail(r), _) => format!("tempfail {r}"),
+        (Outcome::Reject(r), _) => format!("reject {}", r.line()),
+        (Outcome::Tempfail(r), _) => format!("tempfail {}", r.line()),
     };
     parts.push(outcome);
     parts.join("; ")
