@@ -8,7 +8,7 @@ use mailpolicy_lang::ir::{Program, Stage, TransportKind};
 
 use super::lookup::Lookups;
 use crate::conn::{QueuedMessage, QueuedRcpt};
-use crate::eval::{Effect, Facts, Outcome, RenderedTransport, Run, State, Step, Verdict};
+use crate::eval::{Effect, Facts, Outcome, RenderedTransport, Run, StageVerdict, State, Step};
 use crate::record::{stage_facts, InQueue, QueueStage};
 use crate::smtp::Reply;
 
@@ -42,7 +42,13 @@ pub enum Routed {
 }
 
 /// Run one queue-side stage to its verdict.
-pub async fn run_stage(prog: &Program, lookups: &Lookups, stage: Stage, facts: &Facts, state: &mut State) -> Verdict {
+pub async fn run_stage(
+    prog: &Program,
+    lookups: &Lookups,
+    stage: Stage,
+    facts: &Facts,
+    state: &mut State,
+) -> StageVerdict {
     let mut run = Run::new(prog, stage);
     loop {
         match run.step(prog, facts, state) {
@@ -160,7 +166,7 @@ pub async fn route_verdict(
     queue_id: &str,
     now_ms: u64,
     arrived_ms: u64,
-) -> Verdict {
+) -> StageVerdict {
     let at = InQueue { queue_id, now_ms, arrived_ms };
     let (facts, state) = stage_facts(prog, msg, QueueStage::Route(rcpt), at);
     // Rewritten recipients are routed anew, soft_bounce defers the error transport.
@@ -188,7 +194,7 @@ pub fn decide(
     policy_dir: &Path,
     msg: &QueuedMessage,
     rcpt: &QueuedRcpt,
-    v: Verdict,
+    v: StageVerdict,
     list: Option<(String, Vec<crate::headers::Edit>, String)>,
 ) -> Routed {
     let mut address = rcpt.address.clone();

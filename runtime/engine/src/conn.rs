@@ -17,7 +17,7 @@ use std::time::Duration;
 use mailpolicy_lang::ir::{DsnAction, LocId, Program, Scope, Stage};
 
 use crate::eval::{
-    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, Request, Run, State, Step, TlsFacts, Verdict,
+    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, Request, Run, StageVerdict, State, Step, TlsFacts,
 };
 use crate::smtp::{self, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo};
 

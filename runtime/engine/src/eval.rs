@@ -159,7 +159,7 @@ impl Run {
         Step::Need(r)
     }
 
-    fn fail(&mut self, msg: String, loc: LocId) -> Verdict {
+    fn fail(&mut self, msg: String, loc: LocId) -> StageVerdict {
         self.effects.push(Effect::Log(format!("lookup failed: {msg}")));
         // At connect a 4xx other than 421 would leave the client in limbo: close instead.
         let code = if self.stage == Stage::Connect { 421 } else { 451 };
@@ -167,8 +167,8 @@ impl Run {
         self.finish(Outcome::Tempfail(reply), Some(loc))
     }
 
-    fn finish(&mut self, outcome: Outcome, decided_by: Option<LocId>) -> Verdict {
-        Verdict {
+    fn finish(&mut self, outcome: Outcome, decided_by: Option<LocId>) -> StageVerdict {
+        StageVerdict {
             outcome,
             decided_by,
             effects: std::mem::take(&mut self.effects),

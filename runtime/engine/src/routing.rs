@@ -15,7 +15,7 @@
 
 use mailpolicy_lang::ir::{Program, Stage};
 
-use crate::eval::{self, Answer, Effect, Facts, Outcome, Request, Run, State, Step, Verdict};
+use crate::eval::{self, Answer, Effect, Facts, Outcome, Request, Run, StageVerdict, State, Step};
 use crate::smtp::Reply;
 
 /// Rewrites of one recipient before it counts as a loop (Postfix's
@@ -79,7 +79,7 @@ impl RouteRun {
             let key = next.to_ascii_lowercase();
             if self.seen.contains(&key) || self.seen.len() > MAX_REWRITES {
                 let reply = Reply::new(451, (4, 3, 0), format!("recipient rewriting loops at <{next}>"));
-                let v = Verdict {
+                let v = StageVerdict {
                     outcome: Outcome::Tempfail(reply),
                     decided_by: None,
                     effects: Vec::new(),
@@ -116,7 +116,7 @@ impl RouteRun {
         self.trace.extend(trace);
     }
 
-    fn finish(&mut self, mut v: Verdict) -> Verdict {
+    fn finish(&mut self, mut v: StageVerdict) -> StageVerdict {
         self.merge(std::mem::take(&mut v.effects), std::mem::take(&mut v.trace));
         v.effects = std::mem::take(&mut self.effects);
         v.trace = std::mem::take(&mut self.trace);

@@ -4,7 +4,7 @@
 use super::*;
 
 impl Conn {
-    pub(super) fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
+    pub(super) fn finish_stage(&mut self, stage: Stage, event: Event, mut v: StageVerdict, now: Time) {
         // A milter's refusal, where the policy did not refuse (spec: "Milters").
         if self.milter_verdict(&mut v.outcome) {
             v.decided_by = None;

@@ -1,5 +1,5 @@
 //! The host protocol of the evaluator: what a stage asks the host ([`Request`]), what the
-//! host answers ([`Answer`]), and what a stage decides ([`Verdict`]: outcome, effects, trace).
+//! host answers ([`Answer`]), and what a stage decides ([`StageVerdict`]: outcome, effects, trace).
 
 use mailpolicy_lang::ir::*;
 
@@ -274,7 +274,7 @@ pub enum Trace {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Verdict {
+pub struct StageVerdict {
     pub outcome: Outcome,
     /// The rule that decided; None when the stage fell off its end.
     pub decided_by: Option<LocId>,
@@ -284,5 +284,5 @@ pub struct Verdict {
 
 pub enum Step {
     Need(Request),
-    Done(Verdict),
+    Done(StageVerdict),
 }

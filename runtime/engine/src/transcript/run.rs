@@ -426,7 +426,7 @@ fn normalize(line: &str) -> String {
 }
 
 /// How `route:` and `bounce:` expectations see a queue-side verdict.
-pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
+pub fn describe(stage: Stage, v: &eval::StageVerdict) -> String {
     let mut parts: Vec<String> = Vec::new();
     for e in &v.effects {
         match e {
