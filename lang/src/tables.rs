@@ -23,11 +23,61 @@ impl std::fmt::Display for TableError {
 pub enum Rows {
     /// `list` (empty values), `map` and `access`: lower-cased keys; the first entry of a
     /// key wins, as in Postfix's texthash.
-    Keys(Vec<(String, String)>),
+    Keys(KeyRows),
     /// `cidr`: the first network containing the address wins.
     Cidr(Vec<(Cidr, String)>),
     /// `regexp` and `pcre`: `(pattern, case-insensitive, value)`; the first match wins.
     Patterns(Vec<(String, bool, String)>),
+}
+
+/// Keyed entries in file order, kept as one text and the ends of each key and value: a
+/// 1,000,000-entry table is held by the proof (and the daemon, to prove a change against)
+/// in about the size of its file, not two allocations per entry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeyRows {
+    text: String,
+    /// Per entry: where its key ends and where its value ends; its key starts where the
+    /// previous entry's value ended.
+    ends: Vec<(usize, usize)>,
+}
+
+impl KeyRows {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// `(key, value)` in file order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let mut start = 0;
+        self.ends.iter().map(move |&(k, v)| {
+            let key = self.text.get(start..k).unwrap_or("");
+            let value = self.text.get(k..v).unwrap_or("");
+            start = v;
+            (key, value)
+        })
+    }
+
+    fn push(&mut self, key: &str, value: &str) {
+        self.text.push_str(key);
+        let k = self.text.len();
+        self.text.push_str(value);
+        self.ends.push((k, self.text.len()));
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for KeyRows {
+    /// Every pair as given (no key is dropped: see [`first_of_each_key`]).
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> KeyRows {
+        let mut rows = KeyRows::default();
+        for (k, v) in iter {
+            rows.push(k.as_ref(), v.as_ref());
+        }
+        rows
+    }
 }
 
 /// The lines that hold entries, with their 1-based numbers.
@@ -70,31 +120,34 @@ fn find_unescaped_slash(s: &str) -> Option<usize> {
     None
 }
 
+/// The first entry of each key, in file order. The set borrows the keys instead of
+/// holding a copy of each (a 1,000,000-entry table is read at every daemon start).
+fn first_of_each_key(rows: KeyRows) -> KeyRows {
+    let keep: Vec<bool> = {
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        rows.iter().map(|(k, _)| seen.insert(k)).collect()
+    };
+    if keep.iter().all(|k| *k) {
+        return rows;
+    }
+    rows.iter().zip(keep).filter(|(_, keep)| *keep).map(|(kv, _)| kv).collect()
+}
+
 /// Parse a table file of the given kind.
 pub fn parse_rows(kind: &str, text: &str) -> Result<Rows, TableError> {
     match kind {
-        "list" => {
-            let mut out: Vec<(String, String)> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
-            for (_, l) in entries(text) {
-                let k = split_kv(l).0.to_ascii_lowercase();
-                if seen.insert(k.clone()) {
-                    out.push((k, String::new()));
-                }
-            }
-            Ok(Rows::Keys(out))
-        }
-        "map" | "access" => {
-            let mut out: Vec<(String, String)> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
+        "list" | "map" | "access" => {
+            let list = kind == "list";
+            let mut rows = KeyRows::default();
+            let mut key = String::new();
             for (_, l) in entries(text) {
                 let (k, v) = split_kv(l);
-                let k = k.to_ascii_lowercase();
-                if seen.insert(k.clone()) {
-                    out.push((k, v.to_string()));
-                }
+                key.clear();
+                key.push_str(k);
+                key.make_ascii_lowercase();
+                rows.push(&key, if list { "" } else { v });
             }
-            Ok(Rows::Keys(out))
+            Ok(Rows::Keys(first_of_each_key(rows)))
         }
         "cidr" => {
             let mut v = Vec::new();
@@ -126,7 +179,7 @@ mod tests {
     fn rows() {
         assert_eq!(
             parse_rows("map", "# c\nA@x  one\nb@x two words\na@x other\n").unwrap(),
-            Rows::Keys(vec![("a@x".into(), "one".into()), ("b@x".into(), "two words".into())])
+            Rows::Keys([("a@x", "one"), ("b@x", "two words")].into_iter().collect())
         );
         assert_eq!(
             parse_rows("regexp", "/a\\/b/I OK\n").unwrap(),

@@ -31,7 +31,7 @@ use mailpolicy_lang::tables::{parse_rows, Rows};
 impl FileTable {
     pub fn parse(kind: &str, text: &str) -> Result<FileTable, TableError> {
         match parse_rows(kind, text)? {
-            Rows::Keys(keys) => Ok(FileTable::Map(keys.into_iter().collect())),
+            Rows::Keys(keys) => Ok(FileTable::Map(keys.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())),
             Rows::Cidr(v) => Ok(FileTable::Cidr(v)),
             Rows::Patterns(rows) if kind == "pcre" => {
                 let mut v = Vec::new();

@@ -43,9 +43,19 @@ pub struct Analysis {
 /// program is kept only when neither step found an error. File tables the policy names
 /// are read through the loader, as the daemon will read them (relative to the policy).
 pub fn check(entry: &str, loader: &dyn Loader) -> (Compilation, Vec<Counterexample>) {
+    let (c, cases, _) = check_keeping_tables(entry, loader);
+    (c, cases)
+}
+
+/// [`check`], also giving the file tables' contents the open-relay proof read (what the
+/// daemon keeps to prove a table's new contents against, without reading every file twice).
+pub fn check_keeping_tables(
+    entry: &str,
+    loader: &dyn Loader,
+) -> (Compilation, Vec<Counterexample>, Vec<Option<relay::Known>>) {
     let mut c = compile(entry, loader);
     let Some(prog) = c.program.take() else {
-        return (c, Vec::new());
+        return (c, Vec::new(), Vec::new());
     };
     let dir = loader.resolve(entry, None).parent().map(|d| d.to_path_buf()).unwrap_or_default();
     let tables = read_tables(&prog, &dir, loader);
@@ -73,7 +83,7 @@ pub fn check(entry: &str, loader: &dyn Loader) -> (Compilation, Vec<Counterexamp
     if !c.has_errors() {
         c.program = Some(prog);
     }
-    (c, a.counterexamples)
+    (c, a.counterexamples, tables)
 }
 
 /// The contents of every file table, where the file can be read now (None: unknown).

@@ -184,7 +184,7 @@ pub(crate) fn daemon_view(
 ) -> Result<(Program, PathBuf, Lookups, tokio::runtime::Runtime), u8> {
     let opts =
         ServeOptions { policy: crate::sendmail::policy_path(policy), spool: None, std_dir: crate::check::std_dir() };
-    let (prog, dir, _) = match daemon::load_policy(&opts) {
+    let daemon::Loaded { prog, dir, proven, .. } = match daemon::load_policy(&opts) {
         Ok(x) => x,
         Err(c) => {
             for d in c.diagnostics.iter().filter(|d| d.is_error()) {
@@ -194,7 +194,7 @@ pub(crate) fn daemon_view(
             return Err(2);
         }
     };
-    let lookups = Lookups::new(&prog, &dir).map_err(|e| {
+    let lookups = Lookups::new(&prog, &dir, Some(proven)).map_err(|e| {
         eprintln!("mailc {cmd}: {e}");
         2u8
     })?;

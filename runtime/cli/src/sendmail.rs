@@ -57,7 +57,7 @@ pub fn spool_of(policy: Option<PathBuf>) -> Result<PathBuf, String> {
 /// `(spool directory, hostname, max message size)` of the policy.
 fn site(policy: Option<PathBuf>) -> Result<(PathBuf, String, u64), String> {
     let opts = ServeOptions { policy: policy_path(policy), spool: None, std_dir: crate::check::std_dir() };
-    let (prog, dir, _) = daemon::load_policy(&opts).map_err(|c| {
+    let (prog, dir) = daemon::compile_policy(&opts).map_err(|c| {
         let first = c.diagnostics.iter().find(|d| d.is_error()).map(|d| d.render_short(&c.sources));
         format!("the policy has errors: {}", first.unwrap_or_default())
     })?;

@@ -41,7 +41,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
     // The same policy `mailc sendmail` finds: --policy, $MAILPOLICY_POLICY,
     // /etc/mailpolicy/main.mailpolicy, else the embedded default.
     opts.policy = crate::sendmail::policy_path(opts.policy.take());
-    let (prog, policy_dir, _c) = match daemon::load_policy(&opts) {
+    let daemon::Loaded { prog, dir: policy_dir, proven, .. } = match daemon::load_policy(&opts) {
         Ok(x) => x,
         Err(c) => {
             // B6: a policy that fails `mailc check` never runs.
@@ -77,7 +77,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
             return 2;
         }
     };
-    match rt.block_on(run(prog, policy_dir, opts, plan, notifier)) {
+    match rt.block_on(run(prog, policy_dir, proven, opts, plan, notifier)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("mailc serve: {e}");
@@ -89,6 +89,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
 async fn run(
     prog: mailpolicy_lang::Program,
     policy_dir: PathBuf,
+    proven: daemon::proven::Proven,
     opts: ServeOptions,
     plan: Plan,
     notifier: daemon::notify::Notifier,
@@ -112,19 +113,20 @@ async fn run(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let store = Arc::new(spool.clone());
     let dropped = std::sync::Mutex::new(None);
-    let running = daemon::start_with(prog, policy_dir.clone(), spool_dir.clone(), store, tx, || match &plan {
-        // Listeners are bound: the spool becomes the account's, then privileges go for good.
-        Plan::Drop(a) => {
-            daemon::privileges::own_spool(&spool_dir, a)?;
-            daemon::privileges::drop_to(a).map_err(|e| format!("cannot drop privileges to {}: {e}", a.user))?;
-            if let Ok(mut d) = dropped.lock() {
-                *d = Some(a.clone());
+    let running =
+        daemon::start_with(prog, policy_dir.clone(), spool_dir.clone(), store, tx, Some(proven), || match &plan {
+            // Listeners are bound: the spool becomes the account's, then privileges go for good.
+            Plan::Drop(a) => {
+                daemon::privileges::own_spool(&spool_dir, a)?;
+                daemon::privileges::drop_to(a).map_err(|e| format!("cannot drop privileges to {}: {e}", a.user))?;
+                if let Ok(mut d) = dropped.lock() {
+                    *d = Some(a.clone());
+                }
+                Ok(())
             }
-            Ok(())
-        }
-        Plan::Stay | Plan::StayRoot => Ok(()),
-    })
-    .await?;
+            Plan::Stay | Plan::StayRoot => Ok(()),
+        })
+        .await?;
     match (&plan, dropped.lock().ok().and_then(|d| d.clone())) {
         (_, Some(a)) => running.shared.log.event(
             "privileges",

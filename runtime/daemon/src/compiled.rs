@@ -115,7 +115,7 @@ pub fn compile(kind: &str, source: &Path) -> Result<u64, String> {
     let io = |e: std::io::Error| format!("{}: {e}", cpath.display());
     let mut w = cdb2::CDBWriter::with_filenames(&cpath, PathBuf::from(tmp)).map_err(io)?;
     w.add(b"", meta.encode().as_bytes()).map_err(io)?;
-    for (k, v) in &rows {
+    for (k, v) in rows.iter() {
         w.add(k.as_bytes(), v.as_bytes()).map_err(io)?;
     }
     w.finish().map_err(io)?;

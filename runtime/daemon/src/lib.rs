@@ -23,6 +23,7 @@ pub mod milter;
 pub mod notify;
 pub mod pickup;
 pub mod privileges;
+pub mod proven;
 pub mod qmgr;
 pub mod route;
 pub mod sasl;
@@ -334,25 +335,60 @@ pub struct ServeOptions {
     pub std_dir: Option<PathBuf>,
 }
 
+/// A policy that passed `mailc check`, as the daemon starts from it.
+pub struct Loaded {
+    pub prog: Program,
+    /// The policy's directory: relative paths in it are read from here.
+    pub dir: PathBuf,
+    pub compilation: Compilation,
+    /// The file tables' contents the open-relay proof read; a table's other contents are
+    /// proven against these before they are used.
+    pub proven: proven::Proven,
+}
+
 /// Compile the policy for the daemon: a policy with errors never runs (B6).
-pub fn load_policy(opts: &ServeOptions) -> Result<(Program, PathBuf, Compilation), Compilation> {
+pub fn load_policy(opts: &ServeOptions) -> Result<Loaded, Compilation> {
     // The same checks as `mailc check`, the open-relay proof included: a policy it
     // refuses never runs (B1, B6).
-    let (c, _) = match &opts.policy {
-        Some(p) => {
-            mailpolicy_lang::analysis::check(&p.display().to_string(), &FsLoader { std_dir: opts.std_dir.clone() })
+    let began = std::time::SystemTime::now();
+    let (c, _, rows) = with_policy(opts, mailpolicy_lang::analysis::check_keeping_tables);
+    let dir = policy_dir(opts);
+    match c.program.clone() {
+        Some(prog) => {
+            let proven = proven::Proven::after_check(&prog, &dir, rows, began);
+            Ok(Loaded { prog, dir, compilation: c, proven })
         }
-        None => mailpolicy_lang::analysis::check(
-            DEFAULT_POLICY_NAME,
-            &MemLoader::single(DEFAULT_POLICY_NAME, DEFAULT_POLICY),
-        ),
-    };
+        None => Err(c),
+    }
+}
+
+/// Compile the policy without the analyses (no open-relay proof, no table read): for
+/// `mailc sendmail`, which only needs the spool and the server's names to hand a message
+/// to the daemon, which proves the policy before it runs it.
+pub fn compile_policy(opts: &ServeOptions) -> Result<(Program, PathBuf), Compilation> {
+    let c = with_policy(opts, mailpolicy_lang::compile);
+    match c.program {
+        Some(prog) => Ok((prog, policy_dir(opts))),
+        None => Err(c),
+    }
+}
+
+/// `f` over the policy file `opts` names, else the embedded default.
+fn with_policy<T>(opts: &ServeOptions, f: impl Fn(&str, &dyn mailpolicy_lang::Loader) -> T) -> T {
+    match &opts.policy {
+        Some(p) => f(&p.display().to_string(), &FsLoader { std_dir: opts.std_dir.clone() }),
+        None => f(DEFAULT_POLICY_NAME, &MemLoader::single(DEFAULT_POLICY_NAME, DEFAULT_POLICY)),
+    }
+}
+
+/// The policy's directory (`.` for the embedded default).
+fn policy_dir(opts: &ServeOptions) -> PathBuf {
     let dir =
         opts.policy.as_ref().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
-    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-    match c.program.clone() {
-        Some(p) => Ok((p, dir, c)),
-        None => Err(c),
+    if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
     }
 }
 
@@ -503,7 +539,7 @@ pub async fn start(
     store: Arc<dyn MessageStore>,
     queued: mpsc::UnboundedSender<String>,
 ) -> Result<Running, String> {
-    start_with(prog, policy_dir, spool, store, queued, || Ok(())).await
+    start_with(prog, policy_dir, spool, store, queued, None, || Ok(())).await
 }
 
 /// [`start`], calling `bound` once every listener is bound and before any is accepted from
@@ -514,6 +550,7 @@ pub async fn start_with(
     spool: PathBuf,
     store: Arc<dyn MessageStore>,
     queued: mpsc::UnboundedSender<String>,
+    proven: Option<proven::Proven>,
     bound: impl FnOnce() -> Result<(), String>,
 ) -> Result<Running, String> {
     let hostname = crate::config::hostname(&prog, None, &machine_hostname());
@@ -525,7 +562,7 @@ pub async fn start_with(
     };
     log::configure(log_target(&prog, &policy_dir), &hostname);
     tame_allocator();
-    let lookups = Arc::new(Lookups::new(&prog, &policy_dir)?);
+    let lookups = Arc::new(Lookups::new(&prog, &policy_dir, proven)?);
     let lsts = listeners(&prog, &policy_dir, &spool, &hostname)?;
     let (tx, rx) = watch::channel(false);
     let max_all = prog.server.max_sessions as usize;
@@ -858,8 +895,8 @@ impl Running {
     /// SIGHUP: recompile; keep the old policy when the new one has errors (B6).
     pub fn reload(&self, opts: &ServeOptions) -> Result<(), String> {
         match load_policy(opts) {
-            Ok((prog, dir, _)) => {
-                let mut lookups = Lookups::new(&prog, &dir)?;
+            Ok(Loaded { prog, dir, proven, .. }) => {
+                let mut lookups = Lookups::new(&prog, &dir, Some(proven))?;
                 // Rate windows, greylist triplets, ... of this process outlive a reload.
                 lookups.state.adopt_local(&self.shared.lookups().state);
                 if let Ok(mut p) = self.shared.prog.write() {

@@ -49,7 +49,7 @@ pub struct Lookups {
     /// Bound connections of LDAP tables.
     ldap: super::ldap::Pool,
     /// The policy and the file tables' contents its open-relay proof used.
-    proven: Option<(Program, Mutex<Vec<Option<mailpolicy_lang::tables::Rows>>>)>,
+    proven: Option<(Program, Mutex<crate::proven::Proven>)>,
 }
 
 /// Read every declared secret (environment variable or file). A missing secret is an
@@ -81,7 +81,9 @@ impl Lookups {
         self.mx_resolver.clone()
     }
 
-    pub fn new(prog: &Program, policy_dir: &Path) -> Result<Lookups, String> {
+    /// `proven`: the file tables' contents the policy's open-relay proof read (from
+    /// [`crate::load_policy`]); None reads them now.
+    pub fn new(prog: &Program, policy_dir: &Path, proven: Option<crate::proven::Proven>) -> Result<Lookups, String> {
         let secrets = resolve_secrets(prog, policy_dir)?;
         let signer = super::auth::Signer::from_program(prog, &|name: &str| secrets.get(name).cloned())?;
         let hostname = crate::config::hostname(prog, None, &super::machine_hostname());
@@ -99,9 +101,8 @@ impl Lookups {
         let sender_auth = super::auth::SenderAuth::new(prog, &hostname, resolver.clone());
         // The open-relay proof read the file tables; a change to one is proven again before
         // it is used (B1: no table edit turns the server into an open relay unchecked).
-        let loader = mailpolicy_lang::FsLoader { std_dir: None };
-        let rows = mailpolicy_lang::analysis::read_tables(prog, policy_dir, &loader);
-        let proven = Some((prog.clone(), Mutex::new(rows)));
+        let proven = proven.unwrap_or_else(|| crate::proven::Proven::read(prog, policy_dir));
+        let proven = Some((prog.clone(), Mutex::new(proven)));
         Ok(Lookups {
             resolver,
             dns_timeout,
@@ -304,12 +305,14 @@ impl Lookups {
         };
         if stale {
             let modified = super::compiled::stamp(&path);
-            let first = !tables.contains_key(&t.name);
+            // Contents are used unproven only when they are what the proof read: the file
+            // has not changed since the check (a table loaded again has changed).
+            let prove = tables.contains_key(&t.name) || !self.proven_unchanged(t, &path);
             // A compiled table standing for the source (`mailc table compile`) is used as it
-            // is; the source's text is still read on a reload, for the proof.
+            // is; the source's text is still read when it must be proven.
             let (text, table) = match self.compiled(t, &path) {
                 Some(table) => {
-                    let text = if first { None } else { std::fs::read_to_string(&path).ok().map(Ok) };
+                    let text = if prove { std::fs::read_to_string(&path).ok().map(Ok) } else { None };
                     (text, Ok(table))
                 }
                 None => {
@@ -320,21 +323,31 @@ impl Lookups {
                     (Some(text), table)
                 }
             };
-            let refused = match (&text, first) {
-                (Some(Ok(text)), false) => self.reprove(t, text),
+            let refused = match (&text, prove) {
+                (Some(Ok(text)), true) => self.reprove(t, text),
                 _ => None,
             };
             match refused {
-                Some(why) => {
-                    eprintln!(
-                        "mailc serve: table {} changed but its new contents are refused, the previous ones stay: {why}",
-                        t.name
-                    );
-                    if let Some(l) = tables.get_mut(&t.name) {
+                Some(why) => match tables.get_mut(&t.name) {
+                    Some(l) => {
+                        eprintln!(
+                            "mailc serve: table {} changed but its new contents are refused, the previous ones stay: {why}",
+                            t.name
+                        );
                         l.modified = modified;
                         l.checked = std::time::Instant::now();
                     }
-                }
+                    None => {
+                        // Changed since the check, before its first use: nothing proven to
+                        // keep, so lookups fail (4xx) until the file is mended.
+                        let e = format!("table {}: its contents are refused: {why}", t.name);
+                        eprintln!("mailc serve: {e}");
+                        tables.insert(
+                            t.name.clone(),
+                            Loaded { modified, checked: std::time::Instant::now(), table: Err(e) },
+                        );
+                    }
+                },
                 None => {
                     tables.insert(t.name.clone(), Loaded { modified, checked: std::time::Instant::now(), table });
                 }
@@ -361,10 +374,10 @@ impl Lookups {
             Compiled::Alone(table) => {
                 // With no source, nothing says the proof saw these contents: only a table the
                 // proof did not read (it was not there at check time) may be one alone.
-                let read = self.proven.as_ref().is_some_and(|(prog, rows)| {
+                let read = self.proven.as_ref().is_some_and(|(prog, proven)| {
                     let idx = prog.tables.iter().position(|x| x.name == t.name);
-                    let rows = rows.lock().map(|r| idx.and_then(|i| r.get(i).cloned()).flatten().is_some());
-                    rows.unwrap_or(true)
+                    let read = proven.lock().map(|p| idx.and_then(|i| p.rows.get(i)).is_some_and(Option::is_some));
+                    read.unwrap_or(true)
                 });
                 if read {
                     eprintln!(
@@ -386,32 +399,41 @@ impl Lookups {
 
     /// Prove the policy again with a table's new contents: why they open a relay, if they do.
     fn reprove(&self, t: &Resource, text: &str) -> Option<String> {
-        let (prog, rows) = self.proven.as_ref()?;
+        let (prog, proven) = self.proven.as_ref()?;
         let idx = prog.tables.iter().position(|x| x.name == t.name)?;
         let new = mailpolicy_lang::tables::parse_rows(&t.kind, text).ok();
-        let mut all = rows.lock().ok()?.clone();
-        if all.get(idx) == Some(&new) {
+        let mut proven = proven.lock().ok()?;
+        if proven.rows.get(idx) == Some(&new) {
             return None;
         }
-        if let Some(slot) = all.get_mut(idx) {
-            *slot = new;
-        }
-        for (l, v) in mailpolicy_lang::analysis::relay::prove(prog, &all) {
+        // Proven with the new contents in place (no copy of the other tables' rows); put
+        // back when refused.
+        let old = std::mem::replace(proven.rows.get_mut(idx)?, new);
+        let refused = mailpolicy_lang::analysis::relay::prove(prog, &proven.rows).into_iter().find_map(|(l, v)| {
             let who = l.map(|n| format!("listener {n}")).unwrap_or_else(|| "the default listener".into());
             match v {
                 mailpolicy_lang::analysis::relay::Verdict::Open(r) => {
-                    return Some(format!("with them {who} would relay to <{}>: {}", r.recipient, r.why))
+                    Some(format!("with them {who} would relay to <{}>: {}", r.recipient, r.why))
                 }
                 mailpolicy_lang::analysis::relay::Verdict::Undecided { why, .. } => {
-                    return Some(format!("with them {who} could not be proven not to relay: {why}"))
+                    Some(format!("with them {who} could not be proven not to relay: {why}"))
                 }
-                _ => {}
+                _ => None,
+            }
+        });
+        if refused.is_some() {
+            if let Some(slot) = proven.rows.get_mut(idx) {
+                *slot = old;
             }
         }
-        if let Ok(mut r) = rows.lock() {
-            *r = all;
-        }
-        None
+        refused
+    }
+
+    /// Whether table `t`'s file still holds what the open-relay proof read.
+    fn proven_unchanged(&self, t: &Resource, path: &Path) -> bool {
+        let Some((prog, proven)) = self.proven.as_ref() else { return true };
+        let Some(idx) = prog.tables.iter().position(|x| x.name == t.name) else { return true };
+        proven.lock().map(|p| p.unchanged(idx, path)).unwrap_or(false)
     }
 
     /// One DNS query; NXDOMAIN and "no records" are answers, everything else an error.
@@ -515,7 +537,7 @@ mod tests {
         let policy = "list local = domains [\"example.com\"];\nserver { local_domains local; }\ntable users = map \"users\";\non rcpt { if recipient in users { accept; } }\n";
         let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
         let prog = c.program.expect("compiles");
-        let l = Lookups::new(&prog, &dir).expect("lookups");
+        let l = Lookups::new(&prog, &dir, None).expect("lookups");
         let t = &prog.tables[0];
         assert_eq!(l.table_sync(t, "alice@example.com"), Answer::Value(Some("one".into())));
         assert_eq!(l.table_sync(t, "bob@example.com"), Answer::Value(None));
@@ -533,6 +555,38 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// B1: a table edited after the daemon's check but before its first lookup is proven
+    /// then (nothing was loaded before it, so lookups fail until the file is mended); a file
+    /// untouched since the check is used without a second proof.
+    #[tokio::test]
+    async fn a_table_changed_before_its_first_use_is_proven_then() {
+        let dir = std::env::temp_dir().join(format!("mp-first-use-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("trusted.cidr"), "192.0.2.0/24 OK\n").unwrap();
+        std::fs::write(dir.join("other.cidr"), "192.0.2.0/24 OK\n").unwrap();
+        let policy = "list local = domains [\"example.com\"];\nserver { local_domains local; }\ntable trusted = cidr \"trusted.cidr\";\ntable other = cidr \"other.cidr\";\non rcpt { if client.ip in trusted or client.ip in other { accept; } }\n";
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
+        let prog = c.program.expect("compiles");
+        let rows = mailpolicy_lang::analysis::read_tables(&prog, &dir, &mailpolicy_lang::FsLoader { std_dir: None });
+        // As if the check had run well after the files were written.
+        let began = std::time::SystemTime::now() + Duration::from_secs(60);
+        let proven = crate::proven::Proven::after_check(&prog, &dir, rows, began);
+        let l = Lookups::new(&prog, &dir, Some(proven)).expect("lookups");
+        std::fs::write(dir.join("trusted.new"), "192.0.2.0/24 OK\n0.0.0.0/1 OK\n").unwrap();
+        std::fs::rename(dir.join("trusted.new"), dir.join("trusted.cidr")).unwrap();
+        let (trusted, other) = (&prog.tables[0], &prog.tables[1]);
+        assert!(matches!(l.table_sync(trusted, "45.33.32.156"), Answer::Error(e) if e.contains("refused")));
+        assert!(matches!(l.table_sync(trusted, "192.0.2.7"), Answer::Error(_)), "no unproven contents used");
+        assert_eq!(l.table_sync(other, "192.0.2.7"), Answer::Value(Some("OK".into())));
+        // Mended: taken once proven.
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(dir.join("trusted.new"), "198.51.100.0/24 OK\n").unwrap();
+        std::fs::rename(dir.join("trusted.new"), dir.join("trusted.cidr")).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(l.table_sync(trusted, "198.51.100.9"), Answer::Value(Some("OK".into())));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// B1: a table the open-relay proof read is proven again when its file changes; new
     /// contents that would open a relay are refused and the previous ones stay.
     #[tokio::test]
@@ -543,7 +597,7 @@ mod tests {
         let policy = "list local = domains [\"example.com\"];\nserver { local_domains local; }\ntable trusted = cidr \"trusted.cidr\";\non rcpt { if client.ip in trusted { accept; } }\n";
         let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
         let prog = c.program.expect("compiles");
-        let l = Lookups::new(&prog, &dir).expect("lookups");
+        let l = Lookups::new(&prog, &dir, None).expect("lookups");
         let t = &prog.tables[0];
         assert_eq!(l.table_sync(t, "192.0.2.7"), Answer::Value(Some("OK".into())));
         // A typo that trusts half the Internet: refused, the old networks stay.

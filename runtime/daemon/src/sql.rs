@@ -180,7 +180,7 @@ impl Pool {
             Some(p) => conn.client.query(sql, &[&p]).await,
             None => conn.client.query(sql, &[]).await,
         }
-        .map_err(|e| format!("{option}: {e}"))?;
+        .map_err(|e| format!("{option}: {}", tls::chain(&e)))?;
         pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
         // A column that is not text (a `citext` or `int` the driver cannot read as a string)
         // is an error, never a silently shorter list of subscribers.
@@ -222,13 +222,13 @@ impl Pool {
         let stmt = match &conn.prepared {
             Some((q, s)) if q == query => s.clone(),
             _ => {
-                let s = conn.client.prepare(query).await.map_err(|e| format!("query: {e}"))?;
+                let s = conn.client.prepare(query).await.map_err(|e| format!("query: {}", tls::chain(&e)))?;
                 conn.prepared = Some((query.to_string(), s.clone()));
                 s
             }
         };
         // On an error the connection is dropped here (the `?`), and the next lookup opens one.
-        let rows = conn.client.query(&stmt, &[&key]).await.map_err(|e| format!("query: {e}"))?;
+        let rows = conn.client.query(&stmt, &[&key]).await.map_err(|e| format!("query: {}", tls::chain(&e)))?;
         pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
         let Some(row) = rows.first() else { return Ok(None) };
         if row.is_empty() {

@@ -77,7 +77,7 @@ impl Prover<'_> {
         match self.tables.get(t as usize).and_then(Option::as_ref) {
             Some(Known::Keys(rows)) => {
                 let mut all = Vec::new();
-                for (k, v) in rows {
+                for (k, v) in rows.iter() {
                     let bare = match strip_scope(k, scope) {
                         Some(b) => b,
                         None => continue,

@@ -284,7 +284,7 @@ impl Prover<'_> {
         let known = self.tables.get(t as usize).and_then(Option::as_ref);
         match (known, v) {
             (Some(Known::Keys(keys)), V::Str(term)) => {
-                let ks: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+                let ks: Vec<&str> = keys.iter().map(|(k, _)| k).collect();
                 let spec = LangSpec::exact(&ks);
                 if ks.is_empty() {
                     return B::Const(false);
@@ -294,7 +294,7 @@ impl Prover<'_> {
             (Some(Known::Keys(keys)), V::Ip(ip)) => {
                 let set = keys
                     .iter()
-                    .filter_map(|(k, _)| k.parse::<std::net::IpAddr>().ok().filter(|a| a.to_string() == *k))
+                    .filter_map(|(k, _)| k.parse::<std::net::IpAddr>().ok().filter(|a| a.to_string() == k))
                     .fold(super::sets::IpSet::empty(), |a, x| a.union(&super::sets::IpSet::single(x)));
                 self.ip_in(ip, &set)
             }
@@ -346,7 +346,7 @@ impl Prover<'_> {
         let known = self.tables.get(t as usize).and_then(Option::as_ref);
         match known {
             Some(Known::Keys(rows)) => {
-                let mut values: Vec<String> = rows.iter().map(|(_, v)| v.clone()).collect();
+                let mut values: Vec<String> = rows.iter().map(|(_, v)| v.to_string()).collect();
                 values.push(String::new());
                 values.sort();
                 values.dedup();
@@ -362,8 +362,8 @@ impl Prover<'_> {
                 let empty = truth.get("").copied().unwrap_or(false);
                 let pick: Vec<&str> = rows
                     .iter()
-                    .filter(|(_, v)| truth.get(v).copied().unwrap_or(false) != empty)
-                    .map(|(k, _)| k.as_str())
+                    .filter(|(_, v)| truth.get(*v).copied().unwrap_or(false) != empty)
+                    .map(|(k, _)| k)
                     .collect();
                 if pick.is_empty() {
                     return B::Const(empty);

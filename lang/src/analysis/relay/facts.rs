@@ -338,7 +338,7 @@ impl Prover<'_> {
         match self.tables.get(t as usize)? {
             Some(Known::Keys(keys)) => {
                 let lk = k.to_ascii_lowercase();
-                Some(Term::lit(keys.iter().find(|(x, _)| *x == lk).map(|(_, v)| v.as_str()).unwrap_or("")))
+                Some(Term::lit(keys.iter().find(|(x, _)| *x == lk).map(|(_, v)| v).unwrap_or("")))
             }
             _ => None,
         }

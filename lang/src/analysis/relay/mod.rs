@@ -182,7 +182,7 @@ fn named_networks(prog: &Program, tables: &[Option<Known>]) -> Vec<Cidr> {
         match t {
             Known::Cidr(rows) => nets.extend(rows.iter().map(|(c, _)| *c)),
             Known::Keys(rows) => {
-                for (k, _) in rows {
+                for (k, _) in rows.iter() {
                     let bare = k.strip_prefix("connect:").unwrap_or(k);
                     if let Ok(ip) = bare.parse::<IpAddr>() {
                         nets.push(Cidr { addr: ip, prefix: if ip.is_ipv4() { 32 } else { 128 } });

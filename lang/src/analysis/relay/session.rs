@@ -859,7 +859,7 @@ impl Prover<'_> {
     fn table_in_term(&mut self, run: u32, t: u32, key: &Term) -> B {
         match self.tables.get(t as usize).and_then(Option::as_ref) {
             Some(super::Known::Keys(keys)) => {
-                let ks: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+                let ks: Vec<&str> = keys.iter().map(|(k, _)| k).collect();
                 if ks.is_empty() {
                     return B::Const(false);
                 }

@@ -565,7 +565,7 @@ impl Prover<'_> {
             }
         }
         let _ = Shape::Unset;
-        let _ = Known::Keys(Vec::new());
+        let _ = Known::Keys(Default::default());
     }
 
     fn table_kind(&self, t: u32) -> String {

@@ -122,7 +122,9 @@ fn split(url: &str) -> Result<Dsn, String> {
 
 /// An error with its causes (tokio-postgres says "db error" and keeps the server's words,
 /// or rustls's reason for refusing a certificate, in the source).
-fn chain(e: &tokio_postgres::Error) -> String {
+/// A driver error with what the server said (`db error` alone tells an operator nothing:
+/// "FATAL: no pg_hba.conf entry ...", "ERROR: relation \"users\" does not exist").
+pub fn chain(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{}: {}", db.severity(), db.message());
     }
@@ -150,7 +152,8 @@ pub async fn connect(url: &str, password: Option<&str>, dir: Option<&Path>) -> R
         _ => tokio_postgres::config::SslMode::Require,
     });
     if dsn.mode == SslMode::Disable {
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| format!("connect: {e}"))?;
+        let (client, connection) =
+            config.connect(tokio_postgres::NoTls).await.map_err(|e| format!("connect: {}", chain(&e)))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
