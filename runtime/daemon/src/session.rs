@@ -16,7 +16,7 @@ use super::sasl::{CredentialStore, SaslServer, Step as SaslStep, Verifier};
 use super::{now_ms, ListenerRt, Shared, StoreFailure};
 use crate::conn::{
     AuthKind, AuthQuery, AuthReport, ClientInfo, Conn, ContentReport, MethodReport, MilterCall, Need, Note,
-    QueuedMessage, SaslResult, Sign,
+    QueueFailure, QueuedMessage, SaslResult, Sign,
 };
 use crate::eval::{Answer, Request};
 use crate::smtp::{PeerInfo, Reply, Time, TlsInfo};
@@ -463,8 +463,7 @@ impl Session {
             // Accept nothing that would go nowhere: the queue manager is down (its
             // supervisor is restarting it).
             log.event("store-refused", &[("session", &id), ("reason", "queue manager down")]);
-            let r = Reply::new(451, (4, 3, 0), "Queue manager unavailable, try again later");
-            self.conn.queue_failed(Some(r), Time(now_ms()));
+            self.conn.queue_failed(QueueFailure::QueueManagerDown, Time(now_ms()));
             return Ok(());
         }
         super::fault::check("session", &msg.data);
@@ -486,14 +485,13 @@ impl Session {
             Ok((r, m)) => (Ok(r), m),
             Err(e) => (Err(e), Default::default()),
         };
-        let local_error = || Reply::new(451, (4, 3, 0), "Local error in processing, try again later");
         // R12: the peer holds a copy before the client hears 250 (`backup_peer`).
         let refused = match &stored {
             Ok(Ok(qid)) => backup_copy(&self.shared, &id, qid).await,
-            _ => None,
+            _ => false,
         };
         match stored {
-            _ if refused.is_some() => self.conn.queue_failed(refused, now),
+            _ if refused => self.conn.queue_failed(QueueFailure::BackupFailed, now),
             Ok(Ok(qid)) => {
                 self.log_queued(&qid, &msg);
                 self.conn.queued(&qid, now);
@@ -502,15 +500,15 @@ impl Session {
             }
             Ok(Err(StoreFailure::Full)) => {
                 log.event("store-failed", &[("session", &id), ("error", "no space left")]);
-                self.conn.queue_failed(None, now);
+                self.conn.queue_failed(QueueFailure::Full, now);
             }
             Ok(Err(StoreFailure::Io(e))) => {
                 log.event("store-failed", &[("session", &id), ("error", &e)]);
-                self.conn.queue_failed(Some(local_error()), now);
+                self.conn.queue_failed(QueueFailure::LocalError, now);
             }
             Err(e) => {
                 log.event("store-failed", &[("session", &id), ("error", &e.to_string())]);
-                self.conn.queue_failed(Some(local_error()), now);
+                self.conn.queue_failed(QueueFailure::LocalError, now);
             }
         }
         Ok(())
@@ -710,17 +708,17 @@ impl Session {
 }
 
 /// A copy of the stored message `qid` held by the backup peer before the 250 (R12,
-/// `backup_peer`, spec/language.md section 5.5). Some(reply) when the message is refused
-/// without one (`backup_on_error tempfail`): the stored message is then removed, so the
-/// client's retry is the only copy.
-async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<Reply> {
-    let b = shared.backup.get()?;
-    let peer = b.peer?.to_string();
+/// `backup_peer`, spec/language.md section 5.5). True when the message is refused without
+/// one (`backup_on_error tempfail`, [`QueueFailure::BackupFailed`]): the stored message is
+/// then removed, so the client's retry is the only copy.
+async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> bool {
+    let Some(b) = shared.backup.get() else { return false };
+    let Some(peer) = b.peer.map(|p| p.to_string()) else { return false };
     let log = &shared.log;
     match b.shadow(qid).await {
         Ok(()) => {
             log.event("shadowed", &[("session", session), ("id", qid), ("peer", &peer)]);
-            None
+            false
         }
         Err(e) if !b.tempfail => {
             log.event(
@@ -733,7 +731,7 @@ async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<Reply>
                     ("action", "accepted without a copy"),
                 ],
             );
-            None
+            false
         }
         Err(e) => {
             log.event(
@@ -741,7 +739,7 @@ async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<Reply>
                 &[("session", session), ("id", qid), ("peer", &peer), ("error", &e), ("action", "tempfail")],
             );
             b.discard(qid).await;
-            Some(Reply::new(451, (4, 3, 0), "Backup copy failed, try again later"))
+            true
         }
     }
 }

@@ -21,6 +21,19 @@ use crate::eval::{
 };
 use crate::smtp::{self, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo};
 
+/// Why the host could not make a message durable ([`Conn::queue_failed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueFailure {
+    /// No space left in the spool.
+    Full,
+    /// Any other failure of the store.
+    LocalError,
+    /// The queue manager is down (its supervisor is restarting it): nothing is accepted.
+    QueueManagerDown,
+    /// `backup_peer` did not take its copy (and `backup_on_error` is not `accept`).
+    BackupFailed,
+}
+
 /// What the host learns about the client before the connect stage (reverse DNS is the
 /// host's business: the daemon resolves it, a transcript gives it).
 #[derive(Clone, Debug, Default)]
@@ -525,11 +538,18 @@ impl Conn {
         }
     }
 
-    /// The host could not store the message (disk full ...): 452 4.3.1 by default.
-    pub fn queue_failed(&mut self, reply: Option<Reply>, now: Time) {
+    /// The host could not store the message: the client's reply is chosen here, by why.
+    pub fn queue_failed(&mut self, why: QueueFailure, now: Time) {
         if matches!(self.pending, HostWait::Queue(_)) {
             self.pending = HostWait::None;
-            let r = reply.unwrap_or(Reply::new(452, (4, 3, 1), "Insufficient system storage"));
+            let r = match why {
+                QueueFailure::Full => Reply::new(452, (4, 3, 1), "Insufficient system storage"),
+                QueueFailure::LocalError => Reply::new(451, (4, 3, 0), "Local error in processing, try again later"),
+                QueueFailure::QueueManagerDown => {
+                    Reply::new(451, (4, 3, 0), "Queue manager unavailable, try again later")
+                }
+                QueueFailure::BackupFailed => Reply::new(451, (4, 3, 0), "Backup copy failed, try again later"),
+            };
             let _ = self.session.decide(Decision::reject(ascii_reply(&r)), now);
             self.end_transaction();
         }
