@@ -155,6 +155,8 @@ pub async fn run(
         format!("{}[{}]", if client_name.is_empty() { "unknown" } else { client_name.as_str() }, remote.ip());
     let client = ClientInfo { name: client_name, ptr: client_ptr, listener: lst.name.clone(), session_id: id.clone() };
     let mut conn = Conn::new(prog.clone(), lst.engine.clone(), peer, client, Time(now_ms()));
+    // The log names each verdict's rule; nothing here reads a stage's trace.
+    conn.set_tracing(false);
     if !early.is_empty() {
         conn.handle_input(&early, Time(now_ms()));
     }
@@ -329,7 +331,10 @@ impl Session {
                 }
                 _ => Answer::Error("no message to scan".into()),
             },
-            _ => Box::pin(self.lookups.answer(&self.prog, &req, now_ms())).await,
+            _ => match self.lookups.answer_now(&req, now_ms()) {
+                Some(a) => a,
+                None => Box::pin(self.lookups.answer(&self.prog, &req, now_ms())).await,
+            },
         };
         self.conn.answer(req, a);
         Ok(())

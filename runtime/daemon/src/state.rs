@@ -493,6 +493,20 @@ impl StateStore {
     // ---- concurrent leases ---------------------------------------------------------
 
     /// Sessions counted under `key` now (this host's and, with Redis, every host's live leases).
+    /// [`StateStore::rate`] when it needs no await: the in-memory store alone (no Redis).
+    pub fn rate_now(&self, counter: &str, key: &str, window_ms: u64, now_ms: u64) -> Option<Answer> {
+        if self.redis.is_some() {
+            return None;
+        }
+        Some(
+            self.local
+                .rates
+                .lock()
+                .map(|r| Answer::Count(r.count(counter, key, window_ms, now_ms)))
+                .unwrap_or_else(|_| Answer::Error("rate store poisoned".into())),
+        )
+    }
+
     pub async fn concurrent(&self, key: &str) -> Answer {
         let local = || {
             self.local

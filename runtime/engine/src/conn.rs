@@ -238,6 +238,8 @@ pub struct Conn {
     proxy_filter: Option<String>,
     /// A local submission ([`Conn::preauthenticate_local`]).
     local_submission: bool,
+    /// Whether stage verdicts carry their trace ([`Conn::set_tracing`]).
+    tracing: bool,
 }
 
 impl Conn {
@@ -287,7 +289,15 @@ impl Conn {
             milter_mods: Vec::new(),
             proxy_filter,
             local_submission: false,
+            tracing: true,
         }
+    }
+
+    /// Whether the stages' verdicts carry their trace (`Note::Verdict`'s `trace`; on by
+    /// default). A host that does not read it turns it off and saves a copy of every
+    /// test, request and answer of a stage.
+    pub fn set_tracing(&mut self, on: bool) {
+        self.tracing = on;
     }
 
     /// A local submission from the operating system's user `user` (the maildrop's file

@@ -11,6 +11,7 @@
 //! Every verdict carries the deciding rule's location, the effects of the non-terminal
 //! actions that ran, and a trace of each test and lookup for `mailc explain`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -47,17 +48,20 @@ enum V {
 }
 
 impl V {
-    fn strings(&self) -> Vec<String> {
+    /// The value as the strings a test compares: borrowed for a string or a list (the
+    /// common case, no copy), made for the others.
+    fn strings(&self) -> Cow<'_, [String]> {
         match self {
-            V::Bool(b) => vec![b.to_string()],
-            V::Str(s) => vec![s.clone()],
-            V::List(l) => l.clone(),
-            V::Ip(ip) => vec![ip.to_string()],
-            V::Num(n) => vec![fmt_num(*n)],
+            V::Bool(b) => Cow::Owned(vec![b.to_string()]),
+            V::Str(s) => Cow::Borrowed(std::slice::from_ref(s)),
+            V::List(l) => Cow::Borrowed(l.as_slice()),
+            V::Ip(ip) => Cow::Owned(vec![ip.to_string()]),
+            V::Num(n) => Cow::Owned(vec![fmt_num(*n)]),
         }
     }
-    fn render(&self) -> String {
+    fn render(self) -> String {
         match self {
+            V::Str(s) => s,
             V::List(l) => l.join(", "),
             other => other.strings().concat(),
         }
@@ -79,6 +83,8 @@ pub struct Run {
     answers: HashMap<Request, Answer>,
     effects: Vec<Effect>,
     trace: Vec<Trace>,
+    /// Whether to keep the trace (`mailc test`/`explain` read it; the daemon does not).
+    tracing: bool,
     /// Requests issued so far (bounded by `max_lookups`).
     pub lookups: u32,
     max_lookups: u32,
@@ -98,6 +104,7 @@ impl Run {
             answers: HashMap::new(),
             effects: Vec::new(),
             trace: Vec::new(),
+            tracing: true,
             lookups: 0,
             max_lookups,
             current: None,
@@ -108,9 +115,22 @@ impl Run {
         self.stage
     }
 
+    /// A run that keeps no trace: its verdict's `trace` is empty. For a host that never
+    /// reads traces (the daemon), which then pays no copy of each request and answer.
+    pub fn untraced(mut self) -> Run {
+        self.tracing = false;
+        self
+    }
+
+    fn traced(&mut self, t: impl FnOnce() -> Trace) {
+        if self.tracing {
+            self.trace.push(t());
+        }
+    }
+
     /// Give the answer to the request the last [`Step::Need`] asked.
     pub fn answer(&mut self, request: Request, answer: Answer) {
-        self.trace.push(Trace::Lookup { request: request.clone(), answer: answer.clone() });
+        self.traced(|| Trace::Lookup { request: request.clone(), answer: answer.clone() });
         self.answers.insert(request, answer);
     }
 
@@ -127,7 +147,7 @@ impl Run {
                     self.current = Some(*loc);
                     match self.expr(prog, facts, state, *cond) {
                         Ok(b) => {
-                            self.trace.push(Trace::Test { loc: *loc, result: b });
+                            self.traced(|| Trace::Test { loc: *loc, result: b });
                             self.pc = if b { self.pc + 1 } else { *else_pc as usize };
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
@@ -138,11 +158,11 @@ impl Run {
                     self.current = Some(*loc);
                     match self.act(prog, facts, state, action) {
                         Ok(None) => {
-                            self.trace.push(Trace::Action { loc: *loc });
+                            self.traced(|| Trace::Action { loc: *loc });
                             self.pc += 1;
                         }
                         Ok(Some(outcome)) => {
-                            self.trace.push(Trace::Action { loc: *loc });
+                            self.traced(|| Trace::Action { loc: *loc });
                             return Step::Done(self.finish(outcome, Some(*loc)));
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
@@ -291,12 +311,16 @@ impl Run {
 
     /// `client.ip=192.0.2.1`: counters are kept per fact and value (see [`event_keys`]).
     fn rate_key(&mut self, prog: &Program, f: &Facts, st: &mut State, key: &Val) -> Result<String, Halt> {
-        let v = self.val(prog, f, st, key)?.render().to_ascii_lowercase();
+        let v = self.val(prog, f, st, key)?.render();
         let name = match key {
             Val::Fact(x) => x.info().name,
             _ => "value",
         };
-        Ok(format!("{name}={v}"))
+        let mut k = String::with_capacity(name.len() + 1 + v.len());
+        k.push_str(name);
+        k.push('=');
+        k.extend(v.chars().map(|c| c.to_ascii_lowercase()));
+        Ok(k)
     }
 
     fn fact(&mut self, f: &Facts, st: &State, fact: Fact) -> Result<V, Halt> {
@@ -407,6 +431,22 @@ impl Run {
         Ok(out)
     }
 
+    /// [`Run::render`] without a copy for a template that is one literal (or empty), the
+    /// common case of a pattern list.
+    fn render_cow<'p>(
+        &mut self,
+        prog: &'p Program,
+        f: &Facts,
+        st: &mut State,
+        t: &Template,
+    ) -> Result<Cow<'p, str>, Halt> {
+        match t.0.as_slice() {
+            [] => Ok(Cow::Borrowed("")),
+            [Part::Lit(s)] => Ok(Cow::Borrowed(prog.str(*s))),
+            _ => self.render(prog, f, st, t).map(Cow::Owned),
+        }
+    }
+
     /// A file-system path: each interpolated value becomes one safe path component
     /// ([`crate::paths::component`]); when there is any interpolation, also the directory
     /// the literal prefix names, which the path must stay under.
@@ -465,21 +505,28 @@ impl Run {
             }
             Expr::Truth(v) => matches!(self.val(prog, f, st, v)?, V::Bool(true)),
             Expr::Match { lhs, op, rhs } => {
-                let l = self.val(prog, f, st, lhs)?.strings();
-                let mut pats = Vec::with_capacity(rhs.len());
+                let lv = self.val(prog, f, st, lhs)?;
+                let l = lv.strings();
+                let mut pats: Vec<Cow<'_, str>> = Vec::with_capacity(rhs.len());
                 for t in rhs {
-                    pats.push(self.render(prog, f, st, t)?);
+                    pats.push(self.render_cow(prog, f, st, t)?);
                 }
-                l.iter().any(|x| {
-                    pats.iter().any(|p| match op {
-                        MatchOp::Is => x.eq_ignore_ascii_case(p),
-                        MatchOp::Contains => x.to_ascii_lowercase().contains(&p.to_ascii_lowercase()),
-                    })
-                })
+                match op {
+                    MatchOp::Is => l.iter().any(|x| pats.iter().any(|p| x.eq_ignore_ascii_case(p))),
+                    MatchOp::Contains => {
+                        let pats: Vec<String> = pats.iter().map(|p| p.to_ascii_lowercase()).collect();
+                        l.iter().any(|x| {
+                            let x = x.to_ascii_lowercase();
+                            pats.iter().any(|p| x.contains(p.as_str()))
+                        })
+                    }
+                }
             }
             Expr::Pattern { lhs, pats } => {
-                let l = self.val(prog, f, st, lhs)?.strings();
-                l.iter().any(|x| pats.iter().any(|p| prog.patterns.get(p.index()).is_some_and(|p| p.regex.is_match(x))))
+                let lv = self.val(prog, f, st, lhs)?;
+                lv.strings()
+                    .iter()
+                    .any(|x| pats.iter().any(|p| prog.patterns.get(p.index()).is_some_and(|p| p.regex.is_match(x))))
             }
             Expr::In { lhs, set } => {
                 let l = self.val(prog, f, st, lhs)?;
@@ -691,7 +738,7 @@ impl Run {
                 })
             }
             SetRef::Table(t) => {
-                for key in l.strings() {
+                for key in l.strings().iter() {
                     if self.lookup(prog, *t, &key.to_ascii_lowercase())?.is_some() {
                         return Ok(true);
                     }

@@ -48,7 +48,7 @@ impl Conn {
             stage,
             outcome: outcome_text,
             rule: v.decided_by,
-            trace: v.trace.clone(),
+            trace: std::mem::take(&mut v.trace),
         }));
         let mut delay = Duration::ZERO;
         let accepted = matches!(v.outcome, Outcome::Default | Outcome::Accept | Outcome::Discard);
