@@ -29,7 +29,10 @@
 #              Postfix rounds; use an even number of ROUNDS).
 #   PROFILE=1  records the daemon with `perf record -g` (Debian linux-perf) during the first
 #              plain mailpolicy round and prints the top entries (self time by symbol) at
-#              the end; the data stays in the temp dir with KEEP=1.
+#              the end; the data stays in the temp dir with KEEP=1. PROFILE=rules records
+#              the first RULES round too, into a profile of its own (with RULES=N).
+#              PERF_CALLGRAPH="--call-graph dwarf" gives call chains through Rust code (built
+#              without frame pointers; large files: lower PERF_FREQ, default 997).
 # The summary ends with every goal of issue 13 (met / not met, with the measured figure).
 # Needs root (Postfix's master), postfix, smtp-source, smtp-sink, python3.
 set -euo pipefail
@@ -251,12 +254,12 @@ PY
   "$BIN" check "$MP/rules.mailpolicy" >"$MP/rules.check" 2>&1 || { echo "accept-relay: the $RULES-rule policy does not check:" >&2; cat "$MP/rules.check" >&2; exit 1; }
 fi
 PERFPID=""
-mp_start() { # [policy file] [binary] [profile]
+mp_start() { # [policy file] [binary] [profile: the perf data file]
   local cmd=("${2:-$BIN}" serve --policy "${1:-$MP/bench.mailpolicy}" --spool "$MP/spool" --user "$(id -un)")
   if [ -n "${3:-}" ]; then
     # The daemon runs under perf, which then follows every thread it starts (the blocking
     # pool's threads, which do the spool's file work, come and go).
-    perf record -q -e cpu-clock -F 997 -g -o "$D/perf.data" -- "${cmd[@]}" >>"$MP/log" 2>&1 </dev/null & PERFPID=$!
+    perf record -q -e cpu-clock -F "${PERF_FREQ:-997}" ${PERF_CALLGRAPH:--g} -o "$3" -- "${cmd[@]}" >>"$MP/log" 2>&1 </dev/null & PERFPID=$!
     wait_listen "$MPPORT"
     MPPID=$(pgrep -P "$PERFPID" | head -1)
   else
@@ -295,7 +298,13 @@ measure() { # name pids-function port sinkdir [backlog] -> appends a row to resu
   # drains them, the relay rate counts every message from the first injection on.
   local name=$1 pids=$2 port=$3 sink=$4 pre=${5:-0} t0 start accepted last n total
   total=$((pre + M))
-  rm -rf "${sink:?}"/*
+  # The sink's files of the previous measurement are moved aside, not deleted: ext4 skips
+  # inodes freed in the last 60-300 s when it allocates one, so deleting 5,000 files before
+  # each measurement made every later daemon's (and sink's) file creations slower, an order
+  # penalty that grew through the run. They are deleted with the temp dir at the end.
+  if [ -n "$(ls -A "$sink")" ]; then
+    MEASURED=$((${MEASURED:-0} + 1)); mv "$sink" "$sink.old.$MEASURED"; mkdir "$sink"; chown postfix "$sink"
+  fi
   sample_mem "$pids" "$D/mem-$name" & SAMPLER=$!
   t0=$(now)
   if [ "$pre" -gt 0 ]; then
@@ -345,7 +354,11 @@ measure_nodisk() { # the same load straight into an smtp-sink that writes nothin
 
 mp_round() { # name policy [backlog] [binary]
   local prof=""
-  if [ -n "${PROFILE:-}" ] && [ "$1" = mailpolicy ] && [ ! -e "$D/perf.data" ]; then prof=1; fi
+  # PROFILE=1 profiles the first plain round; PROFILE=rules the first plain and the first
+  # RULES round, each into its own file, so the two profiles come from the same run.
+  if [ ! -e "$D/perf-$1.data" ]; then
+    case "${PROFILE:-}:$1" in 1:mailpolicy | rules:mailpolicy | rules:rules*) prof="$D/perf-$1.data" ;; esac
+  fi
   mp_start "$2" "${4:-$BIN}" "$prof"
   measure "$1" mp_pids "$MPPORT" "$D/sink-mailpolicy" "${3:-0}"
   HWM=$(awk '/^VmHWM:/{print $2}' "/proc/$MPPID/status")
@@ -354,7 +367,8 @@ mp_round() { # name policy [backlog] [binary]
   read -r UT ST < <(sed 's/.*) //' "/proc/$MPPID/stat" | awk '{print $12, $13}')
   echo "$1 $HWM $UT $ST $(( ${3:-0} + M ))" >> "$D/hwm"
   mp_stop
-  rm -rf "$MP/spool"
+  # Moved aside, not deleted (see the sinks in measure()): the next daemon starts afresh.
+  SPOOLS=$((${SPOOLS:-0} + 1)); mv "$MP/spool" "$MP/spool.old.$SPOOLS"
 }
 
 echo "accept-relay: $S sessions x $M messages of $L bytes, $ROUNDS round(s)$([ "$BACKLOG" -gt 0 ] && echo ", then a round behind a backlog of $BACKLOG")$([ "$RULES" -gt 0 ] && echo ", plus a $RULES-rule policy"); ports postfix $PFPORT->$PFSINK, mailpolicy $MPPORT->$MPSINK, no-disk sink $NDSINK"
@@ -364,12 +378,23 @@ for r in $(seq 1 "$ROUNDS"); do
   pf_start
   measure postfix pf_pids "$PFPORT" "$D/sink-postfix"
   pf_stop
-  # A/B: the order alternates between rounds (the second of two runs finds the first's
-  # deleted files in the file system's inode tables, which costs it a little).
-  if [ -n "$BIN_B" ] && [ $((r % 2)) = 0 ]; then mp_round mailpolicy-B "$MP/bench.mailpolicy" 0 "$BIN_B"; fi
-  mp_round mailpolicy "$MP/bench.mailpolicy"
-  if [ -n "$BIN_B" ] && [ $((r % 2)) = 1 ]; then mp_round mailpolicy-B "$MP/bench.mailpolicy" 0 "$BIN_B"; fi
-  if [ "$RULES" -gt 0 ]; then mp_round "rules$RULES" "$MP/rules.mailpolicy"; fi
+  # The daemons of a round: the plain policy (A), the second binary (B), the RULES policy
+  # (and with both, the RULES policy under B). The order reverses every other round (odd
+  # rounds A, B, rules, rules-B; even rounds the other way round):
+  # a daemon run right after another is 10-25 % slower whichever it is (it finds the
+  # previous daemon's and sink's deleted files in the file system's inode tables), so A
+  # against B and the plain policy against the rules are each first in half the rounds.
+  order=(A); [ -n "$BIN_B" ] && order+=(B); [ "$RULES" -gt 0 ] && order+=(R)
+  [ -n "$BIN_B" ] && [ "$RULES" -gt 0 ] && order+=(RB)
+  if [ $((r % 2)) = 0 ]; then order=($(printf '%s\n' "${order[@]}" | tac)); fi
+  for o in "${order[@]}"; do
+    case $o in
+      A) mp_round mailpolicy "$MP/bench.mailpolicy" ;;
+      B) mp_round mailpolicy-B "$MP/bench.mailpolicy" 0 "$BIN_B" ;;
+      R) mp_round "rules$RULES" "$MP/rules.mailpolicy" ;;
+      RB) mp_round "rules$RULES-B" "$MP/rules.mailpolicy" 0 "$BIN_B" ;;
+    esac
+  done
   measure_nodisk
 done
 if [ "$BACKLOG" -gt 0 ]; then
@@ -415,6 +440,10 @@ print(f"{'Postfix accept / no-disk':30}{pa/na:10.2f}")
 if rules:
     ra = med(f"rules{rules}", 1)
     print(f"{f'accept, {rules}-rule policy':30}{ra:10.0f}   = {ra/ma:.3f} x the plain policy's {ma:.0f} (same rounds)")
+    for r, h in zip([r for r in rows if r[0] in ("mailpolicy", f"rules{rules}")], [h for h in hwm if h[0] in ("mailpolicy", f"rules{rules}")]):
+        print(f"  {'plain' if r[0] == 'mailpolicy' else 'rules'}: accept {float(r[1]):7.0f}  relay {float(r[2]):7.0f}  {us(h):5.0f} us CPU/msg ({us(h, 2):.0f} user, {us(h, 3):.0f} system)")
+    cp, cr = (statistics.median(us(h) for h in hwm if h[0] == n) for n in ("mailpolicy", f"rules{rules}"))
+    print(f"  median CPU per message: rules {cr:.0f} us / plain {cp:.0f} us = {cr/cp:.2f}")
 pb, mb = med("postfix-backlog", 1), med("mailpolicy-backlog", 1)
 if pb and mb:
     print(f"{'accept behind backlog':30}{pb:10.0f}{mb:12.0f}{mb/pb:8.2f}")
@@ -429,6 +458,11 @@ if bin_b:
         print(f"  {'A' if r[0] == 'mailpolicy' else 'B'}: accept {float(r[1]):7.0f}  relay {float(r[2]):7.0f}  relay/accept {float(r[2])/float(r[1]):.2f}  {us(h):5.0f} us CPU/msg ({us(h, 2):.0f} user, {us(h, 3):.0f} system)")
     ca, cb = (statistics.median(us(h) for h in cpu if h[0] == n) for n in ("mailpolicy", "mailpolicy-B"))
     print(f"  median B / A: accept {ba/ma:.2f}, relay {br/mr:.2f}, CPU per message {cb/ca:.2f}; B / Postfix: accept {ba/pa:.2f}, relay {br/pr:.2f}")
+    if rules:
+        rb = med(f"rules{rules}-B", 1)
+        crb = statistics.median(us(h) for h in hwm if h[0] == f"rules{rules}-B")
+        cra = statistics.median(us(h) for h in hwm if h[0] == f"rules{rules}")
+        print(f"  {rules}-rule policy: A {ra:.0f} msg/s ({ra/ma:.3f} x A plain), {cra:.0f} us CPU/msg; B {rb:.0f} msg/s ({rb/ba:.3f} x B plain), {crb:.0f} us CPU/msg")
 print()
 print("issue 13 goals (medians of this run):")
 def goal(text, ok, figure):
@@ -446,15 +480,16 @@ if rules:
 else:
     print("  (no rules round: RULES=200 adds it)")
 PY
-if [ -e "$D/perf.data" ]; then
+for pd in "$D"/perf-*.data; do
+  [ -e "$pd" ] || continue
   echo
-  echo "profile of the daemon (first plain round; self time, entries of 0.7 % and more):"
-  perf report -i "$D/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.7 2>/dev/null |
-    grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' | head -40
+  echo "profile of the daemon, first $(basename "$pd" .data | sed 's/^perf-//') round (self time, entries of 0.7 % and more):"
+  perf report -i "$pd" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.7 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' | head -40  || true
   echo "inclusive (children), 5 % and more:"
-  perf report -i "$D/perf.data" --stdio --children --sort symbol -g none --percent-limit 5 2>/dev/null |
-    grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' | head -40
-fi
+  perf report -i "$pd" --stdio --children --sort symbol -g none --percent-limit 5 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' | head -40  || true
+done
 echo
 echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r), $(df -T "$D" | awk 'NR==2{print $2}') on /tmp"
 echo "postfix: $(postconf -d -h mail_version 2>/dev/null) ($(dpkg-query -W -f '${Version}' postfix 2>/dev/null || echo '?')); mailpolicy: $(if [ -n "${MAILC:-}" ]; then echo "MAILC=$MAILC"; else cd "$ROOT" && echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- runtime stdlib lang 2>/dev/null || echo '+local changes')"; fi)"

@@ -9,7 +9,8 @@ use std::collections::{HashMap, VecDeque};
 
 #[derive(Debug)]
 pub struct RateStore {
-    events: HashMap<(String, String), VecDeque<u64>>,
+    /// By counter, then by key (lower case): looked up by `&str`, with no key built.
+    events: HashMap<String, HashMap<String, VecDeque<u64>>>,
     concurrent: HashMap<String, u64>,
     /// Events older than this are forgotten.
     pub horizon_ms: u64,
@@ -25,7 +26,15 @@ impl Default for RateStore {
 impl RateStore {
     /// Record one event of `counter` for `key` at `now_ms`.
     pub fn record(&mut self, counter: &str, key: &str, now_ms: u64) {
-        let q = self.events.entry((counter.to_string(), key.to_ascii_lowercase())).or_default();
+        if !self.events.contains_key(counter) {
+            self.events.insert(counter.to_string(), HashMap::new());
+        }
+        let Some(keys) = self.events.get_mut(counter) else { return };
+        let key = lower(key);
+        if !keys.contains_key(key.as_ref()) {
+            keys.insert(key.to_string(), VecDeque::new());
+        }
+        let Some(q) = keys.get_mut(key.as_ref()) else { return };
         // Kept in time order (a clock that stepped back inserts in place), so a count is a
         // binary search, not a walk over every event in the window.
         if q.back().is_some_and(|t| *t > now_ms) {
@@ -47,7 +56,8 @@ impl RateStore {
     pub fn count(&self, counter: &str, key: &str, window_ms: u64, now_ms: u64) -> u64 {
         let start = now_ms.saturating_sub(window_ms);
         self.events
-            .get(&(counter.to_string(), key.to_ascii_lowercase()))
+            .get(counter)
+            .and_then(|keys| keys.get(lower(key).as_ref()))
             .map(|q| if now_ms < window_ms { q.len() } else { q.len() - q.partition_point(|t| *t <= start) } as u64)
             .unwrap_or(0)
     }
@@ -78,7 +88,10 @@ impl RateStore {
     /// Drop keys with no event inside the horizon.
     pub fn prune(&mut self, now_ms: u64) {
         let horizon = now_ms.saturating_sub(self.horizon_ms);
-        self.events.retain(|_, q| q.back().is_some_and(|t| *t >= horizon));
+        self.events.retain(|_, keys| {
+            keys.retain(|_, q| q.back().is_some_and(|t| *t >= horizon));
+            !keys.is_empty()
+        });
     }
 }
 
@@ -120,5 +133,14 @@ mod tests {
         assert_eq!(r.concurrent("x"), 2);
         r.close("x");
         assert_eq!(r.concurrent("x"), 1);
+    }
+}
+
+/// `key` in ASCII lower case, borrowed when it is already (the evaluator's keys are).
+fn lower(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(key.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(key)
     }
 }

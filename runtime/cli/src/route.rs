@@ -149,11 +149,11 @@ impl Router<'_> {
                 ok
             }
             Routed::Fail(r) => {
-                out.push_str(&format!("{pad}  bounces{by}: {r}\n"));
+                out.push_str(&format!("{pad}  bounces{by}: {}\n", r.line()));
                 false
             }
             Routed::Defer(r) => {
-                out.push_str(&format!("{pad}  deferred{by}: {r}\n"));
+                out.push_str(&format!("{pad}  deferred{by}: {}\n", r.line()));
                 false
             }
             Routed::Discard => {

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
@@ -25,9 +25,57 @@ struct Loaded {
     table: Result<FileTable, String>,
 }
 
+/// The answers of [`Lookups::dns`], each until its own TTL ends (a positive answer until
+/// the resolver's `valid_until`, a negative one for the remaining negative TTL the
+/// resolver's cache reports, never longer than that cache keeps it): a DNSBL or RHSBL test
+/// repeated for every message from the same client or sender domain costs a hash lookup,
+/// not a name parse and a cache query in the resolver. Timeouts and errors are not kept.
+#[derive(Default)]
+struct DnsMemo {
+    /// One map per record type, by the name as asked.
+    by_type: [HashMap<String, (Answer, Instant)>; 5],
+}
+
+/// At most this many memoised answers per record type. A full map drops its expired
+/// answers, and all of them when more than half are still live (so each answer costs at
+/// most one more step of such a sweep, whatever the traffic).
+const DNS_MEMO_MAX: usize = 4096;
+
+impl DnsMemo {
+    fn slot(rtype: RrType) -> usize {
+        match rtype {
+            RrType::A => 0,
+            RrType::Aaaa => 1,
+            RrType::Mx => 2,
+            RrType::Txt => 3,
+            RrType::Ptr => 4,
+        }
+    }
+
+    fn get(&self, name: &str, rtype: RrType, now: Instant) -> Option<Answer> {
+        let (answer, until) = self.by_type.get(Self::slot(rtype))?.get(name)?;
+        (now < *until).then(|| answer.clone())
+    }
+
+    fn put(&mut self, name: &str, rtype: RrType, answer: Answer, until: Instant, now: Instant) {
+        if until <= now {
+            return;
+        }
+        let Some(map) = self.by_type.get_mut(Self::slot(rtype)) else { return };
+        if map.len() >= DNS_MEMO_MAX {
+            map.retain(|_, (_, u)| *u > now);
+            if map.len() > DNS_MEMO_MAX / 2 {
+                map.clear();
+            }
+        }
+        map.insert(name.to_string(), (answer, until));
+    }
+}
+
 /// The daemon's answers to evaluator requests. Shared by every session.
 pub struct Lookups {
     resolver: TokioResolver,
+    dns_memo: Mutex<DnsMemo>,
     dns_timeout: Duration,
     lookup_timeout: Duration,
     policy_dir: PathBuf,
@@ -105,6 +153,7 @@ impl Lookups {
         let proven = Some((prog.clone(), Mutex::new(proven)));
         Ok(Lookups {
             resolver,
+            dns_memo: Mutex::new(DnsMemo::default()),
             dns_timeout,
             lookup_timeout: prog.server.lookup_timeout,
             policy_dir: policy_dir.to_path_buf(),
@@ -175,6 +224,23 @@ impl Lookups {
             crate::metrics::get().lookup(b, started.elapsed());
         }
         a
+    }
+
+    /// The answer to `req` when it is at hand without waiting (a rate counter in memory, a
+    /// DNS answer still in [`DnsMemo`]), timed as [`Lookups::answer`] times it; None when
+    /// it takes [`Lookups::answer`]. Saves a session the future and its allocation for the
+    /// many counters and DNSBL tests of a large policy.
+    pub fn answer_now(&self, req: &Request, now_ms: u64) -> Option<Answer> {
+        match req {
+            Request::Rate { counter, key, window_ms } => self.state.rate_now(counter.name(), key, *window_ms, now_ms),
+            Request::Dns { name, rtype } => {
+                let started = Instant::now();
+                let a = self.dns_memo.lock().ok().and_then(|m| m.get(name, *rtype, started))?;
+                crate::metrics::get().lookup("dns", started.elapsed());
+                Some(a)
+            }
+            _ => None,
+        }
     }
 
     async fn answer_untimed(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
@@ -438,6 +504,20 @@ impl Lookups {
 
     /// One DNS query; NXDOMAIN and "no records" are answers, everything else an error.
     pub async fn dns(&self, name: &str, rtype: RrType) -> Answer {
+        let now = Instant::now();
+        if let Some(a) = self.dns_memo.lock().ok().and_then(|m| m.get(name, rtype, now)) {
+            return a;
+        }
+        let (answer, until) = self.dns_uncached(name, rtype).await;
+        if let (Some(until), Ok(mut m)) = (until, self.dns_memo.lock()) {
+            m.put(name, rtype, answer.clone(), until, Instant::now());
+        }
+        answer
+    }
+
+    /// One query through the resolver (and its cache): the answer, and until when it may be
+    /// kept (None: not at all).
+    async fn dns_uncached(&self, name: &str, rtype: RrType) -> (Answer, Option<Instant>) {
         let rt = match rtype {
             RrType::A => RecordType::A,
             RrType::Aaaa => RecordType::AAAA,
@@ -446,9 +526,12 @@ impl Lookups {
             RrType::Ptr => RecordType::PTR,
         };
         let fqdn = if name.ends_with('.') { name.to_string() } else { format!("{name}.") };
+        // Taken before the query: a negative TTL counted from here ends no later than the
+        // resolver's cache entry, which starts when the answer arrives.
+        let asked = Instant::now();
         let q = tokio::time::timeout(self.dns_timeout, self.resolver.lookup(fqdn.as_str(), rt)).await;
         match q {
-            Err(_) => Answer::Timeout,
+            Err(_) => (Answer::Timeout, None),
             Ok(Ok(lookup)) => {
                 let mut out = Vec::new();
                 for r in lookup.iter() {
@@ -465,20 +548,23 @@ impl Lookups {
                         _ => {}
                     }
                 }
+                let until = Some(lookup.valid_until());
                 if out.is_empty() {
-                    Answer::NxDomain
+                    (Answer::NxDomain, until)
                 } else {
-                    Answer::Records(out)
+                    (Answer::Records(out), until)
                 }
             }
             Ok(Err(e)) => match e.kind() {
-                ProtoErrorKind::NoRecordsFound(NoRecords { response_code, .. })
+                ProtoErrorKind::NoRecordsFound(NoRecords { response_code, negative_ttl, .. })
                     if *response_code == ResponseCode::NXDomain || *response_code == ResponseCode::NoError =>
                 {
-                    Answer::NxDomain
+                    // The resolver's cache reports the whole seconds it still keeps the
+                    // answer (a fresh answer: its whole clamped TTL), so this never outlives it.
+                    (Answer::NxDomain, negative_ttl.map(|t| asked + Duration::from_secs(u64::from(t))))
                 }
-                ProtoErrorKind::Timeout => Answer::Timeout,
-                _ => Answer::Error(e.to_string()),
+                ProtoErrorKind::Timeout => (Answer::Timeout, None),
+                _ => (Answer::Error(e.to_string()), None),
             },
         }
     }
@@ -614,5 +700,44 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(l.table_sync(t, "198.51.100.9"), Answer::Value(Some("OK".into())));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A memoised DNS answer is given until its own expiry and never after; answers of one
+    /// name under another type are apart; a full memo drops the expired answers first.
+    #[test]
+    fn dns_memo_keeps_answers_until_their_expiry() {
+        let mut m = DnsMemo::default();
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(300);
+        m.put("2.0.0.127.bl.test", RrType::A, Answer::Records(vec!["127.0.0.2".into()]), until, t0);
+        m.put("1.0.0.127.bl.test", RrType::A, Answer::NxDomain, t0 + Duration::from_secs(60), t0);
+        assert_eq!(m.get("2.0.0.127.bl.test", RrType::A, t0), Some(Answer::Records(vec!["127.0.0.2".into()])));
+        assert_eq!(m.get("2.0.0.127.bl.test", RrType::Txt, t0), None);
+        assert_eq!(m.get("1.0.0.127.bl.test", RrType::A, t0 + Duration::from_secs(59)), Some(Answer::NxDomain));
+        assert_eq!(m.get("1.0.0.127.bl.test", RrType::A, t0 + Duration::from_secs(60)), None);
+        assert_eq!(m.get("2.0.0.127.bl.test", RrType::A, until), None);
+        // An answer already expired is not kept.
+        m.put("x.test", RrType::Mx, Answer::NxDomain, t0, t0);
+        assert_eq!(m.get("x.test", RrType::Mx, t0), None);
+        // A full map: its expired answers go, the live ones stay; other types are untouched.
+        let soon = t0 + Duration::from_secs(1);
+        for i in 0..DNS_MEMO_MAX - 10 {
+            m.put(&format!("{i}.old.test"), RrType::Txt, Answer::NxDomain, soon, t0);
+        }
+        for i in 0..10 {
+            m.put(&format!("{i}.live.test"), RrType::Txt, Answer::NxDomain, until, t0);
+        }
+        let later = t0 + Duration::from_secs(2);
+        m.put("new.test", RrType::Txt, Answer::NxDomain, until, later);
+        assert_eq!(m.by_type[DnsMemo::slot(RrType::Txt)].len(), 11);
+        assert_eq!(m.get("9.live.test", RrType::Txt, later), Some(Answer::NxDomain));
+        assert_eq!(m.get("new.test", RrType::Txt, later), Some(Answer::NxDomain));
+        assert_eq!(m.get("2.0.0.127.bl.test", RrType::A, later), Some(Answer::Records(vec!["127.0.0.2".into()])));
+        // Full of live answers: the map starts again, bounded.
+        for i in 0..=DNS_MEMO_MAX {
+            m.put(&format!("{i}.many.test"), RrType::Ptr, Answer::NxDomain, until, t0);
+        }
+        assert!(m.by_type[DnsMemo::slot(RrType::Ptr)].len() <= DNS_MEMO_MAX);
+        assert_eq!(m.get(&format!("{DNS_MEMO_MAX}.many.test"), RrType::Ptr, t0), Some(Answer::NxDomain));
     }
 }

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use super::route::{self, Routed};
 use super::{now_ms, Shared};
 use crate::conn::{QueuedMessage, QueuedRcpt};
-use crate::eval::{DeliveryFacts, Outcome as PolicyOutcome, RenderedReply};
+use crate::eval::{DeliveryFacts, Outcome as PolicyOutcome};
 use crate::log::Severity;
 use crate::queue::{Command, Delivery, DsnKind, Entry, Job, QueueConfig, Scheduler};
 use crate::record::{forward_path, mail_params, notify_of, orcpt_of, rcpt_params, reverse_path};

@@ -8,8 +8,9 @@ use mailpolicy_lang::ir::{Program, Stage, TransportKind};
 
 use super::lookup::Lookups;
 use crate::conn::{QueuedMessage, QueuedRcpt};
-use crate::eval::{Effect, Facts, Outcome, RenderedReply, RenderedTransport, Run, State, Step, Verdict};
+use crate::eval::{Effect, Facts, Outcome, RenderedTransport, Run, StageVerdict, State, Step};
 use crate::record::{stage_facts, InQueue, QueueStage};
+use crate::smtp::Reply;
 
 /// Where one recipient goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,15 +34,21 @@ pub enum Routed {
     /// `sender` is the list owner when the table names one (R39).
     Expand { members: Vec<String>, sender: Option<String> },
     /// Permanent failure (the policy rejected it at route: error transport, R37).
-    Fail(RenderedReply),
+    Fail(Reply),
     /// Temporary failure: try routing again later.
-    Defer(RenderedReply),
+    Defer(Reply),
     /// Dropped by the policy.
     Discard,
 }
 
 /// Run one queue-side stage to its verdict.
-pub async fn run_stage(prog: &Program, lookups: &Lookups, stage: Stage, facts: &Facts, state: &mut State) -> Verdict {
+pub async fn run_stage(
+    prog: &Program,
+    lookups: &Lookups,
+    stage: Stage,
+    facts: &Facts,
+    state: &mut State,
+) -> StageVerdict {
     let mut run = Run::new(prog, stage);
     loop {
         match run.step(prog, facts, state) {
@@ -91,7 +98,7 @@ fn confined(policy_dir: &Path, root: &str, dest: &str) -> Result<crate::paths::C
 
 /// The recipient fails for good: its delivery path would leave its directory.
 fn escaped(e: &crate::paths::Escape) -> Routed {
-    Routed::Fail(RenderedReply { code: 550, enhanced: (5, 7, 1), text: format!("delivery path refused: {e}") })
+    Routed::Fail(Reply::new(550, (5, 7, 1), format!("delivery path refused: {e}")))
 }
 
 /// Maildir folder for a local recipient when `deliver maildir` names none:
@@ -128,10 +135,7 @@ pub async fn route(
     arrived_ms: u64,
 ) -> (Routed, Vec<Copy>) {
     let Some(rcpt) = msg.recipients.get(index) else {
-        return (
-            Routed::Fail(RenderedReply { code: 550, enhanced: (5, 1, 1), text: "no such recipient".into() }),
-            Vec::new(),
-        );
+        return (Routed::Fail(Reply::new(550, (5, 1, 1), "no such recipient")), Vec::new());
     };
     let v = route_verdict(prog, lookups, msg, rcpt, queue_id, now_ms, arrived_ms).await;
     let copies = v
@@ -162,7 +166,7 @@ pub async fn route_verdict(
     queue_id: &str,
     now_ms: u64,
     arrived_ms: u64,
-) -> Verdict {
+) -> StageVerdict {
     let at = InQueue { queue_id, now_ms, arrived_ms };
     let (facts, state) = stage_facts(prog, msg, QueueStage::Route(rcpt), at);
     // Rewritten recipients are routed anew, soft_bounce defers the error transport.
@@ -190,7 +194,7 @@ pub fn decide(
     policy_dir: &Path,
     msg: &QueuedMessage,
     rcpt: &QueuedRcpt,
-    v: Verdict,
+    v: StageVerdict,
     list: Option<(String, Vec<crate::headers::Edit>, String)>,
 ) -> Routed {
     let mut address = rcpt.address.clone();

@@ -16,9 +16,8 @@ use super::sasl::{CredentialStore, SaslServer, Step as SaslStep, Verifier};
 use super::{now_ms, ListenerRt, Shared, StoreFailure};
 use crate::conn::{
     AuthKind, AuthQuery, AuthReport, ClientInfo, Conn, ContentReport, MethodReport, MilterCall, Need, Note,
-    QueuedMessage, SaslResult, Sign,
+    QueueFailure, QueuedMessage, SaslResult, Sign,
 };
-use crate::eval::RenderedReply;
 use crate::eval::{Answer, Request};
 use crate::smtp::{PeerInfo, Reply, Time, TlsInfo};
 
@@ -156,6 +155,8 @@ pub async fn run(
         format!("{}[{}]", if client_name.is_empty() { "unknown" } else { client_name.as_str() }, remote.ip());
     let client = ClientInfo { name: client_name, ptr: client_ptr, listener: lst.name.clone(), session_id: id.clone() };
     let mut conn = Conn::new(prog.clone(), lst.engine.clone(), peer, client, Time(now_ms()));
+    // The log names each verdict's rule; nothing here reads a stage's trace.
+    conn.set_tracing(false);
     if !early.is_empty() {
         conn.handle_input(&early, Time(now_ms()));
     }
@@ -331,7 +332,10 @@ impl Session {
                 }
                 _ => Answer::Error("no message to scan".into()),
             },
-            _ => Box::pin(self.lookups.answer(&self.prog, &req, now_ms())).await,
+            _ => match self.lookups.answer_now(&req, now_ms()) {
+                Some(a) => a,
+                None => Box::pin(self.lookups.answer(&self.prog, &req, now_ms())).await,
+            },
         };
         self.conn.answer(req, a);
         Ok(())
@@ -465,12 +469,7 @@ impl Session {
             // Accept nothing that would go nowhere: the queue manager is down (its
             // supervisor is restarting it).
             log.event("store-refused", &[("session", &id), ("reason", "queue manager down")]);
-            let r = RenderedReply {
-                code: 451,
-                enhanced: (4, 3, 0),
-                text: "Queue manager unavailable, try again later".into(),
-            };
-            self.conn.queue_failed(Some(r), Time(now_ms()));
+            self.conn.queue_failed(QueueFailure::QueueManagerDown, Time(now_ms()));
             return Ok(());
         }
         super::fault::check("session", &msg.data);
@@ -492,18 +491,13 @@ impl Session {
             Ok((r, m)) => (Ok(r), m),
             Err(e) => (Err(e), Default::default()),
         };
-        let local_error = || RenderedReply {
-            code: 451,
-            enhanced: (4, 3, 0),
-            text: "Local error in processing, try again later".into(),
-        };
         // R12: the peer holds a copy before the client hears 250 (`backup_peer`).
         let refused = match &stored {
             Ok(Ok(qid)) => backup_copy(&self.shared, &id, qid).await,
-            _ => None,
+            _ => false,
         };
         match stored {
-            _ if refused.is_some() => self.conn.queue_failed(refused, now),
+            _ if refused => self.conn.queue_failed(QueueFailure::BackupFailed, now),
             Ok(Ok(qid)) => {
                 self.log_queued(&qid, &msg);
                 self.conn.queued(&qid, now);
@@ -512,15 +506,15 @@ impl Session {
             }
             Ok(Err(StoreFailure::Full)) => {
                 log.event("store-failed", &[("session", &id), ("error", "no space left")]);
-                self.conn.queue_failed(None, now);
+                self.conn.queue_failed(QueueFailure::Full, now);
             }
             Ok(Err(StoreFailure::Io(e))) => {
                 log.event("store-failed", &[("session", &id), ("error", &e)]);
-                self.conn.queue_failed(Some(local_error()), now);
+                self.conn.queue_failed(QueueFailure::LocalError, now);
             }
             Err(e) => {
                 log.event("store-failed", &[("session", &id), ("error", &e.to_string())]);
-                self.conn.queue_failed(Some(local_error()), now);
+                self.conn.queue_failed(QueueFailure::LocalError, now);
             }
         }
         Ok(())
@@ -719,17 +713,17 @@ impl Session {
 }
 
 /// A copy of the stored message `qid` held by the backup peer before the 250 (R12,
-/// `backup_peer`, spec/language.md section 5.5). Some(reply) when the message is refused
-/// without one (`backup_on_error tempfail`): the stored message is then removed, so the
-/// client's retry is the only copy.
-async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<RenderedReply> {
-    let b = shared.backup.get()?;
-    let peer = b.peer?.to_string();
+/// `backup_peer`, spec/language.md section 5.5). True when the message is refused without
+/// one (`backup_on_error tempfail`, [`QueueFailure::BackupFailed`]): the stored message is
+/// then removed, so the client's retry is the only copy.
+async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> bool {
+    let Some(b) = shared.backup.get() else { return false };
+    let Some(peer) = b.peer.map(|p| p.to_string()) else { return false };
     let log = &shared.log;
     match b.shadow(qid).await {
         Ok(()) => {
             log.event("shadowed", &[("session", session), ("id", qid), ("peer", &peer)]);
-            None
+            false
         }
         Err(e) if !b.tempfail => {
             log.event(
@@ -742,7 +736,7 @@ async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<Render
                     ("action", "accepted without a copy"),
                 ],
             );
-            None
+            false
         }
         Err(e) => {
             log.event(
@@ -750,7 +744,7 @@ async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> Option<Render
                 &[("session", session), ("id", qid), ("peer", &peer), ("error", &e), ("action", "tempfail")],
             );
             b.discard(qid).await;
-            Some(RenderedReply { code: 451, enhanced: (4, 3, 0), text: "Backup copy failed, try again later".into() })
+            true
         }
     }
 }

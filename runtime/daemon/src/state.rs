@@ -615,6 +615,20 @@ impl StateStore {
 
     // ---- concurrent counts ---------------------------------------------------------
 
+    /// [`StateStore::rate`] when it needs no await: the in-memory store alone (no Redis).
+    pub fn rate_now(&self, counter: &str, key: &str, window_ms: u64, now_ms: u64) -> Option<Answer> {
+        if self.redis.is_some() {
+            return None;
+        }
+        Some(
+            self.local
+                .rates
+                .lock()
+                .map(|r| Answer::Count(r.count(counter, key, window_ms, now_ms)))
+                .unwrap_or_else(|_| Answer::Error("rate store poisoned".into())),
+        )
+    }
+
     /// Sessions counted under `key` now: this host's, and with Redis every host's live
     /// count (this host's own written in the same script, so hosts racing on one key
     /// each see the other).

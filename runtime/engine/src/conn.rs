@@ -17,10 +17,22 @@ use std::time::Duration;
 use mailpolicy_lang::ir::{DsnAction, LocId, Program, Scope, Stage};
 
 use crate::eval::{
-    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, RenderedReply, Request, Run, State, Step, TlsFacts,
-    Verdict,
+    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, Request, Run, StageVerdict, State, Step, TlsFacts,
 };
 use crate::smtp::{self, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo};
+
+/// Why the host could not make a message durable ([`Conn::queue_failed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueFailure {
+    /// No space left in the spool.
+    Full,
+    /// Any other failure of the store.
+    LocalError,
+    /// The queue manager is down (its supervisor is restarting it): nothing is accepted.
+    QueueManagerDown,
+    /// `backup_peer` did not take its copy (and `backup_on_error` is not `accept`).
+    BackupFailed,
+}
 
 /// What the host learns about the client before the connect stage (reverse DNS is the
 /// host's business: the daemon resolves it, a transcript gives it).
@@ -226,6 +238,8 @@ pub struct Conn {
     proxy_filter: Option<String>,
     /// A local submission ([`Conn::preauthenticate_local`]).
     local_submission: bool,
+    /// Whether stage verdicts carry their trace ([`Conn::set_tracing`]).
+    tracing: bool,
 }
 
 impl Conn {
@@ -275,7 +289,15 @@ impl Conn {
             milter_mods: Vec::new(),
             proxy_filter,
             local_submission: false,
+            tracing: true,
         }
+    }
+
+    /// Whether the stages' verdicts carry their trace (`Note::Verdict`'s `trace`; on by
+    /// default). A host that does not read it turns it off and saves a copy of every
+    /// test, request and answer of a stage.
+    pub fn set_tracing(&mut self, on: bool) {
+        self.tracing = on;
     }
 
     /// A local submission from the operating system's user `user` (the maildrop's file
@@ -526,16 +548,19 @@ impl Conn {
         }
     }
 
-    /// The host could not store the message (disk full ...): 452 4.3.1 by default.
-    pub fn queue_failed(&mut self, reply: Option<RenderedReply>, now: Time) {
+    /// The host could not store the message: the client's reply is chosen here, by why.
+    pub fn queue_failed(&mut self, why: QueueFailure, now: Time) {
         if matches!(self.pending, HostWait::Queue(_)) {
             self.pending = HostWait::None;
-            let r = reply.unwrap_or(RenderedReply {
-                code: 452,
-                enhanced: (4, 3, 1),
-                text: "Insufficient system storage".into(),
-            });
-            let _ = self.session.decide(Decision::reject(to_reply(&r)), now);
+            let r = match why {
+                QueueFailure::Full => Reply::new(452, (4, 3, 1), "Insufficient system storage"),
+                QueueFailure::LocalError => Reply::new(451, (4, 3, 0), "Local error in processing, try again later"),
+                QueueFailure::QueueManagerDown => {
+                    Reply::new(451, (4, 3, 0), "Queue manager unavailable, try again later")
+                }
+                QueueFailure::BackupFailed => Reply::new(451, (4, 3, 0), "Backup copy failed, try again later"),
+            };
+            let _ = self.session.decide(Decision::reject(ascii_reply(&r)), now);
             self.end_transaction();
         }
     }
@@ -625,10 +650,9 @@ impl Conn {
 
 /// Reply text is ASCII (RFC 5321 4.2): other characters, e.g. from an interpolated
 /// peer-supplied name, are sent as `?`.
-fn to_reply(r: &RenderedReply) -> Reply {
-    let (a, b, c) = r.enhanced;
+fn ascii_reply(r: &Reply) -> Reply {
     let text: String = r.text.chars().map(|ch| if ch.is_ascii() { ch } else { '?' }).collect();
-    Reply::new(r.code, (a as u8, b, c), text)
+    Reply { code: r.code, enhanced: r.enhanced, text }
 }
 
 fn tls_facts(info: &TlsInfo) -> TlsFacts {

@@ -11,6 +11,7 @@
 //! Every verdict carries the deciding rule's location, the effects of the non-terminal
 //! actions that ran, and a trace of each test and lookup for `mailc explain`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -18,13 +19,18 @@ use mailpolicy_lang::ir::*;
 use mailpolicy_stdlib::access::{self, AccessAction};
 use mailpolicy_stdlib::address as addr;
 
+use crate::smtp;
+
 mod facts;
 mod host;
 mod message;
+mod replies;
 
 pub use facts::*;
 pub use host::*;
 pub use message::*;
+use replies::{reply_of, split_enhanced};
+pub use replies::{soft_bounce, soft_bounce_line};
 
 enum Halt {
     Need(Request),
@@ -42,17 +48,20 @@ enum V {
 }
 
 impl V {
-    fn strings(&self) -> Vec<String> {
+    /// The value as the strings a test compares: borrowed for a string or a list (the
+    /// common case, no copy), made for the others.
+    fn strings(&self) -> Cow<'_, [String]> {
         match self {
-            V::Bool(b) => vec![b.to_string()],
-            V::Str(s) => vec![s.clone()],
-            V::List(l) => l.clone(),
-            V::Ip(ip) => vec![ip.to_string()],
-            V::Num(n) => vec![fmt_num(*n)],
+            V::Bool(b) => Cow::Owned(vec![b.to_string()]),
+            V::Str(s) => Cow::Borrowed(std::slice::from_ref(s)),
+            V::List(l) => Cow::Borrowed(l.as_slice()),
+            V::Ip(ip) => Cow::Owned(vec![ip.to_string()]),
+            V::Num(n) => Cow::Owned(vec![fmt_num(*n)]),
         }
     }
-    fn render(&self) -> String {
+    fn render(self) -> String {
         match self {
+            V::Str(s) => s,
             V::List(l) => l.join(", "),
             other => other.strings().concat(),
         }
@@ -74,6 +83,8 @@ pub struct Run {
     answers: HashMap<Request, Answer>,
     effects: Vec<Effect>,
     trace: Vec<Trace>,
+    /// Whether to keep the trace (`mailc test`/`explain` read it; the daemon does not).
+    tracing: bool,
     /// Requests issued so far (bounded by `max_lookups`).
     pub lookups: u32,
     max_lookups: u32,
@@ -93,6 +104,7 @@ impl Run {
             answers: HashMap::new(),
             effects: Vec::new(),
             trace: Vec::new(),
+            tracing: true,
             lookups: 0,
             max_lookups,
             current: None,
@@ -103,9 +115,22 @@ impl Run {
         self.stage
     }
 
+    /// A run that keeps no trace: its verdict's `trace` is empty. For a host that never
+    /// reads traces (the daemon), which then pays no copy of each request and answer.
+    pub fn untraced(mut self) -> Run {
+        self.tracing = false;
+        self
+    }
+
+    fn traced(&mut self, t: impl FnOnce() -> Trace) {
+        if self.tracing {
+            self.trace.push(t());
+        }
+    }
+
     /// Give the answer to the request the last [`Step::Need`] asked.
     pub fn answer(&mut self, request: Request, answer: Answer) {
-        self.trace.push(Trace::Lookup { request: request.clone(), answer: answer.clone() });
+        self.traced(|| Trace::Lookup { request: request.clone(), answer: answer.clone() });
         self.answers.insert(request, answer);
     }
 
@@ -122,7 +147,7 @@ impl Run {
                     self.current = Some(*loc);
                     match self.expr(prog, facts, state, *cond) {
                         Ok(b) => {
-                            self.trace.push(Trace::Test { loc: *loc, result: b });
+                            self.traced(|| Trace::Test { loc: *loc, result: b });
                             self.pc = if b { self.pc + 1 } else { *else_pc as usize };
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
@@ -133,11 +158,11 @@ impl Run {
                     self.current = Some(*loc);
                     match self.act(prog, facts, state, action) {
                         Ok(None) => {
-                            self.trace.push(Trace::Action { loc: *loc });
+                            self.traced(|| Trace::Action { loc: *loc });
                             self.pc += 1;
                         }
                         Ok(Some(outcome)) => {
-                            self.trace.push(Trace::Action { loc: *loc });
+                            self.traced(|| Trace::Action { loc: *loc });
                             return Step::Done(self.finish(outcome, Some(*loc)));
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
@@ -151,27 +176,22 @@ impl Run {
     fn need(&mut self, r: Request, loc: LocId) -> Step {
         self.lookups += 1;
         if self.lookups > self.max_lookups {
-            let reply = RenderedReply {
-                code: 451,
-                enhanced: (4, 3, 0),
-                text: "Policy lookup budget exceeded, try again later".into(),
-            };
+            let reply = smtp::Reply::new(451, (4, 3, 0), "Policy lookup budget exceeded, try again later");
             return Step::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
         }
         Step::Need(r)
     }
 
-    fn fail(&mut self, msg: String, loc: LocId) -> Verdict {
+    fn fail(&mut self, msg: String, loc: LocId) -> StageVerdict {
         self.effects.push(Effect::Log(format!("lookup failed: {msg}")));
         // At connect a 4xx other than 421 would leave the client in limbo: close instead.
         let code = if self.stage == Stage::Connect { 421 } else { 451 };
-        let reply =
-            RenderedReply { code, enhanced: (4, 4, 3), text: "Temporary lookup failure, try again later".into() };
+        let reply = smtp::Reply::new(code, (4, 4, 3), "Temporary lookup failure, try again later");
         self.finish(Outcome::Tempfail(reply), Some(loc))
     }
 
-    fn finish(&mut self, outcome: Outcome, decided_by: Option<LocId>) -> Verdict {
-        Verdict {
+    fn finish(&mut self, outcome: Outcome, decided_by: Option<LocId>) -> StageVerdict {
+        StageVerdict {
             outcome,
             decided_by,
             effects: std::mem::take(&mut self.effects),
@@ -291,12 +311,16 @@ impl Run {
 
     /// `client.ip=192.0.2.1`: counters are kept per fact and value (see [`event_keys`]).
     fn rate_key(&mut self, prog: &Program, f: &Facts, st: &mut State, key: &Val) -> Result<String, Halt> {
-        let v = self.val(prog, f, st, key)?.render().to_ascii_lowercase();
+        let v = self.val(prog, f, st, key)?.render();
         let name = match key {
             Val::Fact(x) => x.info().name,
             _ => "value",
         };
-        Ok(format!("{name}={v}"))
+        let mut k = String::with_capacity(name.len() + 1 + v.len());
+        k.push_str(name);
+        k.push('=');
+        k.extend(v.chars().map(|c| c.to_ascii_lowercase()));
+        Ok(k)
     }
 
     fn fact(&mut self, f: &Facts, st: &State, fact: Fact) -> Result<V, Halt> {
@@ -407,6 +431,22 @@ impl Run {
         Ok(out)
     }
 
+    /// [`Run::render`] without a copy for a template that is one literal (or empty), the
+    /// common case of a pattern list.
+    fn render_cow<'p>(
+        &mut self,
+        prog: &'p Program,
+        f: &Facts,
+        st: &mut State,
+        t: &Template,
+    ) -> Result<Cow<'p, str>, Halt> {
+        match t.0.as_slice() {
+            [] => Ok(Cow::Borrowed("")),
+            [Part::Lit(s)] => Ok(Cow::Borrowed(prog.str(*s))),
+            _ => self.render(prog, f, st, t).map(Cow::Owned),
+        }
+    }
+
     /// A file-system path: each interpolated value becomes one safe path component
     /// ([`crate::paths::component`]); when there is any interpolation, also the directory
     /// the literal prefix names, which the path must stay under.
@@ -465,21 +505,28 @@ impl Run {
             }
             Expr::Truth(v) => matches!(self.val(prog, f, st, v)?, V::Bool(true)),
             Expr::Match { lhs, op, rhs } => {
-                let l = self.val(prog, f, st, lhs)?.strings();
-                let mut pats = Vec::with_capacity(rhs.len());
+                let lv = self.val(prog, f, st, lhs)?;
+                let l = lv.strings();
+                let mut pats: Vec<Cow<'_, str>> = Vec::with_capacity(rhs.len());
                 for t in rhs {
-                    pats.push(self.render(prog, f, st, t)?);
+                    pats.push(self.render_cow(prog, f, st, t)?);
                 }
-                l.iter().any(|x| {
-                    pats.iter().any(|p| match op {
-                        MatchOp::Is => x.eq_ignore_ascii_case(p),
-                        MatchOp::Contains => x.to_ascii_lowercase().contains(&p.to_ascii_lowercase()),
-                    })
-                })
+                match op {
+                    MatchOp::Is => l.iter().any(|x| pats.iter().any(|p| x.eq_ignore_ascii_case(p))),
+                    MatchOp::Contains => {
+                        let pats: Vec<String> = pats.iter().map(|p| p.to_ascii_lowercase()).collect();
+                        l.iter().any(|x| {
+                            let x = x.to_ascii_lowercase();
+                            pats.iter().any(|p| x.contains(p.as_str()))
+                        })
+                    }
+                }
             }
             Expr::Pattern { lhs, pats } => {
-                let l = self.val(prog, f, st, lhs)?.strings();
-                l.iter().any(|x| pats.iter().any(|p| prog.patterns.get(p.index()).is_some_and(|p| p.regex.is_match(x))))
+                let lv = self.val(prog, f, st, lhs)?;
+                lv.strings()
+                    .iter()
+                    .any(|x| pats.iter().any(|p| prog.patterns.get(p.index()).is_some_and(|p| p.regex.is_match(x))))
             }
             Expr::In { lhs, set } => {
                 let l = self.val(prog, f, st, lhs)?;
@@ -691,7 +738,7 @@ impl Run {
                 })
             }
             SetRef::Table(t) => {
-                for key in l.strings() {
+                for key in l.strings().iter() {
                     if self.lookup(prog, *t, &key.to_ascii_lowercase())?.is_some() {
                         return Ok(true);
                     }
@@ -703,10 +750,10 @@ impl Run {
 
     // ---- actions ----------------------------------------------------------------------
 
-    fn reply(&mut self, prog: &Program, f: &Facts, st: &mut State, r: &Reply) -> Result<RenderedReply, Halt> {
+    fn reply(&mut self, prog: &Program, f: &Facts, st: &mut State, r: &Reply) -> Result<smtp::Reply, Halt> {
         let text = self.render(prog, f, st, &r.text)?;
         let text = if text.trim().is_empty() { "Rejected".to_string() } else { text };
-        Ok(RenderedReply { code: r.code, enhanced: r.enhanced, text })
+        Ok(reply_of(r.code, r.enhanced, text))
     }
 
     fn transport(
@@ -755,7 +802,7 @@ impl Run {
                 };
                 let class = code / 100;
                 let (enh, text) = split_enhanced(&text, class);
-                let reply = RenderedReply { code, enhanced: enh, text };
+                let reply = reply_of(code, enh, text);
                 return Ok(Some(if class == 4 { Outcome::Tempfail(reply) } else { Outcome::Reject(reply) }));
             }
             Action::Discard => return Ok(Some(Outcome::Discard)),
@@ -931,16 +978,14 @@ impl Run {
                 // A bare REJECT answers with the stage's default reply.
                 AccessAction::Reject { .. } if value.eq_ignore_ascii_case("REJECT") => {
                     let (code, enhanced, text) = mailpolicy_lang::check::default_reply(true, self.stage);
-                    Some(Outcome::Reject(RenderedReply { code, enhanced, text: text.into() }))
+                    Some(Outcome::Reject(reply_of(code, enhanced, text)))
                 }
                 AccessAction::Accept => Some(Outcome::Accept),
                 AccessAction::Dunno => None,
                 AccessAction::Discard => Some(Outcome::Discard),
-                AccessAction::Reject { code, enhanced, text } => {
-                    Some(Outcome::Reject(RenderedReply { code, enhanced, text }))
-                }
+                AccessAction::Reject { code, enhanced, text } => Some(Outcome::Reject(reply_of(code, enhanced, text))),
                 AccessAction::Tempfail { code, enhanced, text } => {
-                    Some(Outcome::Tempfail(RenderedReply { code, enhanced, text }))
+                    Some(Outcome::Tempfail(reply_of(code, enhanced, text)))
                 }
                 AccessAction::Hold(r) => {
                     self.effects.push(Effect::Hold(r));
@@ -1063,60 +1108,6 @@ pub fn client_network(ip: IpAddr) -> String {
     }
 }
 
-/// R40 soft-bounce: a 5xy reply becomes the 4xy one (`554 5.7.1` -> `454 4.7.1`, `504`
-/// -> `404`), as Postfix's `soft_bounce` does; other replies are returned as they are.
-pub fn soft_bounce(r: &RenderedReply) -> RenderedReply {
-    if r.code / 100 != 5 {
-        return r.clone();
-    }
-    let enhanced = if r.enhanced.0 == 5 { (4, r.enhanced.1, r.enhanced.2) } else { r.enhanced };
-    RenderedReply { code: r.code - 100, enhanced, text: r.text.clone() }
-}
-
-/// [`soft_bounce`] on a reply line as the queue records it (`550 5.1.1 text`, or a code
-/// and text without an enhanced code).
-pub fn soft_bounce_line(line: &str) -> String {
-    let mut parts = line.splitn(3, ' ');
-    let (code, second, rest) = (parts.next().unwrap_or(""), parts.next(), parts.next());
-    let Some(c) = code.parse::<u16>().ok().filter(|c| (500..600).contains(c)) else {
-        return line.to_string();
-    };
-    let soft_enh = |e: &str| match e.strip_prefix("5.") {
-        Some(tail) if e.split('.').count() == 3 && e.split('.').all(|p| p.parse::<u16>().is_ok()) => {
-            Some(format!("4.{tail}"))
-        }
-        _ => None,
-    };
-    match (second, rest) {
-        (Some(e), rest) if soft_enh(e).is_some() => {
-            let e = soft_enh(e).unwrap_or_default();
-            match rest {
-                Some(t) => format!("{} {e} {t}", c - 100),
-                None => format!("{} {e}", c - 100),
-            }
-        }
-        _ => match line.split_once(' ') {
-            Some((_, tail)) => format!("{} {tail}", c - 100),
-            None => (c - 100).to_string(),
-        },
-    }
-}
-
-/// `5.1.1 User unknown` -> ((5,1,1), "User unknown"); without a code, a default of the class.
-fn split_enhanced(text: &str, class: u16) -> ((u16, u16, u16), String) {
-    if let Some((head, rest)) = text.split_once(' ') {
-        let p: Vec<&str> = head.split('.').collect();
-        if p.len() == 3 {
-            if let (Ok(a), Ok(b), Ok(c)) = (p[0].parse::<u16>(), p[1].parse::<u16>(), p[2].parse::<u16>()) {
-                if a == class {
-                    return ((a, b, c), rest.to_string());
-                }
-            }
-        }
-    }
-    ((class, 1, 1), text.to_string())
-}
-
 #[cfg(test)]
 mod describe_tests {
     use super::*;
@@ -1149,25 +1140,6 @@ mod describe_tests {
             root: None,
         };
         assert_eq!(t.to_string(), "smtp [10.0.0.5]:25 tls required");
-    }
-}
-
-#[cfg(test)]
-mod soft_bounce_tests {
-    use super::{soft_bounce, soft_bounce_line, RenderedReply};
-
-    #[test]
-    fn five_becomes_four_digit_by_digit() {
-        let r = |code, enhanced: (u16, u16, u16)| RenderedReply { code, enhanced, text: "t".into() };
-        assert_eq!(soft_bounce(&r(554, (5, 7, 1))), r(454, (4, 7, 1)));
-        assert_eq!(soft_bounce(&r(504, (5, 5, 2))), r(404, (4, 5, 2)));
-        assert_eq!(soft_bounce(&r(550, (5, 1, 1))), r(450, (4, 1, 1)));
-        assert_eq!(soft_bounce(&r(451, (4, 3, 0))), r(451, (4, 3, 0)));
-        assert_eq!(soft_bounce_line("554 5.7.1 No thanks"), "454 4.7.1 No thanks");
-        assert_eq!(soft_bounce_line("552 mailbox full"), "452 mailbox full");
-        assert_eq!(soft_bounce_line("550"), "450");
-        assert_eq!(soft_bounce_line("451 4.3.0 later"), "451 4.3.0 later");
-        assert_eq!(soft_bounce_line("garbage \u{e9}"), "garbage \u{e9}");
     }
 }
 

@@ -15,7 +15,8 @@
 
 use mailpolicy_lang::ir::{Program, Stage};
 
-use crate::eval::{self, Answer, Effect, Facts, Outcome, RenderedReply, Request, Run, State, Step, Verdict};
+use crate::eval::{self, Answer, Effect, Facts, Outcome, Request, Run, StageVerdict, State, Step};
+use crate::smtp::Reply;
 
 /// Rewrites of one recipient before it counts as a loop (Postfix's
 /// `virtual_alias_recursion_limit` is 1000; a real table needs two or three).
@@ -77,12 +78,8 @@ impl RouteRun {
             self.merge(v.effects, v.trace);
             let key = next.to_ascii_lowercase();
             if self.seen.contains(&key) || self.seen.len() > MAX_REWRITES {
-                let reply = RenderedReply {
-                    code: 451,
-                    enhanced: (4, 3, 0),
-                    text: format!("recipient rewriting loops at <{next}>"),
-                };
-                let v = Verdict {
+                let reply = Reply::new(451, (4, 3, 0), format!("recipient rewriting loops at <{next}>"));
+                let v = StageVerdict {
                     outcome: Outcome::Tempfail(reply),
                     decided_by: None,
                     effects: Vec::new(),
@@ -119,7 +116,7 @@ impl RouteRun {
         self.trace.extend(trace);
     }
 
-    fn finish(&mut self, mut v: Verdict) -> Verdict {
+    fn finish(&mut self, mut v: StageVerdict) -> StageVerdict {
         self.merge(std::mem::take(&mut v.effects), std::mem::take(&mut v.trace));
         v.effects = std::mem::take(&mut self.effects);
         v.trace = std::mem::take(&mut self.trace);

@@ -77,9 +77,7 @@ impl Qmgr {
                     continue;
                 }
                 (Some(crate::lists::Handled::Forward(to)), _) => Routed::Expand { members: vec![to], sender: None },
-                (Some(crate::lists::Handled::Retry(text)), _) => {
-                    Routed::Defer(RenderedReply { code: 451, enhanced: (4, 3, 0), text })
-                }
+                (Some(crate::lists::Handled::Retry(text)), _) => Routed::Defer(Reply::new(451, (4, 3, 0), text)),
                 // R44: a message with a content filter goes there first, whatever route says.
                 (None, Some(t)) => route::filter_route(t, &stored.message.recipients[i].address),
                 (None, None) => {
@@ -284,35 +282,26 @@ impl Qmgr {
                 Routed::Fail(r) => {
                     self.shared.log.event(
                         "route-failed",
-                        &[("id", id), ("to", &stored.message.recipients[i].address), ("reply", &r.to_string())],
+                        &[("id", id), ("to", &stored.message.recipients[i].address), ("reply", &r.line())],
                     );
                     if !self.sched.config().soft_bounce {
                         crate::metrics::get().delivery("bounced");
                         let times = Delays { arrived: stored.arrived_ms, started: now, setup: 0, ended: now };
-                        let line = summary_line(
-                            &stored.message.recipients[i].address,
-                            "none",
-                            &times,
-                            "bounced",
-                            &r.to_string(),
-                        );
+                        let line =
+                            summary_line(&stored.message.recipients[i].address, "none", &times, "bounced", &r.line());
                         self.shared.log.summary("qmgr", Severity::Warning, id, &line);
                     }
-                    failures.push((i, r.to_string()))
+                    failures.push((i, r.line()))
                 }
                 Routed::Defer(r) if now.saturating_sub(stored.arrived_ms) >= self.lifetime(stored.class) => {
                     // Deferred at route past the queue lifetime: it expires like any deferral.
-                    expired.push((i, format!("{r} (queue lifetime expired)")));
+                    expired.push((i, format!("{} (queue lifetime expired)", r.line())));
                 }
                 Routed::Defer(r) => {
                     // Route again at the next queue run.
                     updates.push((
                         i,
-                        RcptState::Deferred {
-                            attempts: attempts + 1,
-                            next_at: now + 300_000,
-                            last_reply: r.to_string(),
-                        },
+                        RcptState::Deferred { attempts: attempts + 1, next_at: now + 300_000, last_reply: r.line() },
                     ));
                 }
                 Routed::Discard => {

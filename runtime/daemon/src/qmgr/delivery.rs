@@ -163,10 +163,10 @@ impl Qmgr {
                 };
                 let policy =
                     route::after_attempt(&prog, &lookups, msg, rcpt, facts, now, id.as_str(), stored.arrived_ms).await;
-                let text = reply_line(&reply);
+                let text = reply.line().replace(['\r', '\n'], " ");
                 let d = match (policy, &outcome) {
-                    (Some(PolicyOutcome::Tempfail(r)), _) => Delivery::TempFail(r.to_string()),
-                    (Some(PolicyOutcome::Reject(r)), _) => Delivery::PermFail(r.to_string()),
+                    (Some(PolicyOutcome::Tempfail(r)), _) => Delivery::TempFail(r.line()),
+                    (Some(PolicyOutcome::Reject(r)), _) => Delivery::PermFail(r.line()),
                     (_, DeliveryOutcome::Delivered(_)) => Delivery::Delivered(text),
                     (_, DeliveryOutcome::Deferred(_)) => Delivery::TempFail(text),
                     (_, DeliveryOutcome::Failed(_)) => Delivery::PermFail(text),
@@ -278,16 +278,4 @@ impl Qmgr {
 
 fn local_addrs(_shared: &Shared) -> Vec<std::net::IpAddr> {
     vec![std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)]
-}
-
-fn reply_line(r: &Reply) -> String {
-    match r.enhanced {
-        Some((a, b, c)) => format!("{} {a}.{b}.{c} {}", r.code, r.text.replace(['\r', '\n'], " ")),
-        None => format!("{} {}", r.code, r.text.replace(['\r', '\n'], " ")),
-    }
-}
-
-#[allow(dead_code)]
-fn _reply(r: &RenderedReply) -> String {
-    r.to_string()
 }

@@ -34,7 +34,8 @@ impl Conn {
     }
 
     pub(super) fn run_stage(&mut self, stage: Stage, event: Event) {
-        self.pending = HostWait::Stage { run: Run::new(&self.prog, stage), event };
+        let run = if self.tracing { Run::new(&self.prog, stage) } else { Run::new(&self.prog, stage).untraced() };
+        self.pending = HostWait::Stage { run, event };
     }
 
     pub(super) fn on_event(&mut self, ev: Event, now: Time) -> Option<Need> {

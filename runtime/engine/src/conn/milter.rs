@@ -9,9 +9,9 @@
 use mailpolicy_lang::ir::{OptValue, Resource, Stage};
 
 use super::{Conn, HostWait, Need, TxRcpt};
-use crate::eval::{Effect, MilterFacts, Outcome, RenderedReply};
+use crate::eval::{Effect, MilterFacts, Outcome};
 use crate::milter::{Family, MilterReply, MilterVerdict, Modification, Step};
-use crate::smtp::{Event, ForwardPath, ReversePath, Time};
+use crate::smtp::{Event, ForwardPath, Reply, ReversePath, Time};
 
 /// What [`Need::Milter`] asks: give `step` with `macros` to each milter of the policy in
 /// order and answer [`Conn::milter_replied`] (stop at the first whose answer
@@ -50,15 +50,15 @@ fn word_opt<'a>(r: &'a Resource, name: &str) -> Option<&'a str> {
     }
 }
 
-fn reply(code: u16, enhanced: (u16, u16, u16), text: &str) -> RenderedReply {
-    RenderedReply { code, enhanced, text: text.into() }
+fn reply(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
+    Reply::new(code, enhanced, text)
 }
 
 /// Postfix's replies for a milter's reject and tempfail.
-fn rejected() -> RenderedReply {
+fn rejected() -> Reply {
     reply(550, (5, 7, 1), "Command rejected")
 }
-fn tempfailed() -> RenderedReply {
+fn tempfailed() -> Reply {
     reply(451, (4, 7, 1), "Service unavailable - try again later")
 }
 
@@ -270,14 +270,14 @@ impl Conn {
                         MilterVerdict::Discard => Some(Outcome::Discard),
                         MilterVerdict::Reply { code, enhanced, text } => {
                             let class = code / 100;
-                            let e = enhanced.map(|(a, b, c)| (a as u16, b, c)).unwrap_or((class, 7, 1));
+                            let e = enhanced.unwrap_or((class as u8, 7, 1));
                             let r = reply(*code, e, if text.is_empty() { "Command rejected" } else { text });
                             Some(if class == 5 { Outcome::Reject(r) } else { Outcome::Tempfail(r) })
                         }
                         MilterVerdict::Continue | MilterVerdict::Accept => None,
                     };
                     let text = match &refusal {
-                        Some(Outcome::Reject(r) | Outcome::Tempfail(r)) => r.to_string(),
+                        Some(Outcome::Reject(r) | Outcome::Tempfail(r)) => r.line(),
                         _ => quarantine.clone().unwrap_or_default(),
                     };
                     let word = match (&quarantine, &o.verdict) {

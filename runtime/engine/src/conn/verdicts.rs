@@ -4,7 +4,7 @@
 use super::*;
 
 impl Conn {
-    pub(super) fn finish_stage(&mut self, stage: Stage, event: Event, mut v: Verdict, now: Time) {
+    pub(super) fn finish_stage(&mut self, stage: Stage, event: Event, mut v: StageVerdict, now: Time) {
         // A milter's refusal, where the policy did not refuse (spec: "Milters").
         if self.milter_verdict(&mut v.outcome) {
             v.decided_by = None;
@@ -21,7 +21,7 @@ impl Conn {
         // Policy modes (R40).
         if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
             if self.mode.warn_only {
-                self.notes.push_back(Need::Note(Note::Log(format!("warn_only: would answer {r}"))));
+                self.notes.push_back(Need::Note(Note::Log(format!("warn_only: would answer {}", r.line()))));
                 v.outcome = Outcome::Default;
             } else if self.mode.soft_bounce {
                 if let Outcome::Reject(r) = &v.outcome {
@@ -34,14 +34,13 @@ impl Conn {
         // authenticated clients. It applies after the policy modes: `warn_only`
         // softens the policy's own refusals, never the relay rule.
         if stage == Stage::Rcpt && v.outcome == Outcome::Default && !self.relay_allowed() {
-            v.outcome =
-                Outcome::Reject(RenderedReply { code: 554, enhanced: (5, 7, 1), text: "Relay access denied".into() });
+            v.outcome = Outcome::Reject(Reply::new(554, (5, 7, 1), "Relay access denied"));
         }
         let outcome_text = match &v.outcome {
             Outcome::Default => "default".to_string(),
             Outcome::Accept => "accept".to_string(),
-            Outcome::Reject(r) => format!("reject {r}"),
-            Outcome::Tempfail(r) => format!("tempfail {r}"),
+            Outcome::Reject(r) => format!("reject {}", r.line()),
+            Outcome::Tempfail(r) => format!("tempfail {}", r.line()),
             Outcome::Discard => "discard".to_string(),
             Outcome::Deliver(t) => format!("deliver {t}"),
         };
@@ -49,7 +48,7 @@ impl Conn {
             stage,
             outcome: outcome_text,
             rule: v.decided_by,
-            trace: v.trace.clone(),
+            trace: std::mem::take(&mut v.trace),
         }));
         let mut delay = Duration::ZERO;
         let accepted = matches!(v.outcome, Outcome::Default | Outcome::Accept | Outcome::Discard);
@@ -73,7 +72,7 @@ impl Conn {
                 let mut d = Decision::accept().with_delay(delay);
                 if let Outcome::Reject(r) | Outcome::Tempfail(r) = &v.outcome {
                     if r.code == 421 {
-                        d = Decision::reject(to_reply(r)).with_close();
+                        d = Decision::reject(ascii_reply(r)).with_close();
                     }
                 }
                 self.defer(d, now);
@@ -111,10 +110,10 @@ impl Conn {
         if !accepted {
             let r = match &v.outcome {
                 Outcome::Reject(r) | Outcome::Tempfail(r) => r.clone(),
-                _ => RenderedReply { code: 550, enhanced: (5, 7, 1), text: "Rejected".into() },
+                _ => Reply::new(550, (5, 7, 1), "Rejected"),
             };
             let close = r.code == 421 || r.code == 521;
-            let mut d = Decision::reject(to_reply(&r)).with_delay(delay);
+            let mut d = Decision::reject(ascii_reply(&r)).with_delay(delay);
             if close {
                 d = d.with_close();
             }

@@ -1,7 +1,9 @@
 //! The host protocol of the evaluator: what a stage asks the host ([`Request`]), what the
-//! host answers ([`Answer`]), and what a stage decides ([`Verdict`]: outcome, effects, trace).
+//! host answers ([`Answer`]), and what a stage decides ([`StageVerdict`]: outcome, effects, trace).
 
 use mailpolicy_lang::ir::*;
+
+use crate::smtp::Reply;
 
 /// DNS record types the evaluator asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -171,21 +173,6 @@ impl std::fmt::Display for RenderedTransport {
     }
 }
 
-/// A reply with its interpolations rendered.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RenderedReply {
-    pub code: u16,
-    pub enhanced: (u16, u16, u16),
-    pub text: String,
-}
-
-impl std::fmt::Display for RenderedReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (a, b, c) = self.enhanced;
-        write!(f, "{} {a}.{b}.{c} {}", self.code, self.text)
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RenderedTransport {
     pub kind: TransportKind,
@@ -211,8 +198,8 @@ pub enum Outcome {
     /// send; delay: send; deliver: keep the result).
     Default,
     Accept,
-    Reject(RenderedReply),
-    Tempfail(RenderedReply),
+    Reject(Reply),
+    Tempfail(Reply),
     Discard,
     Deliver(RenderedTransport),
 }
@@ -287,7 +274,7 @@ pub enum Trace {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Verdict {
+pub struct StageVerdict {
     pub outcome: Outcome,
     /// The rule that decided; None when the stage fell off its end.
     pub decided_by: Option<LocId>,
@@ -297,5 +284,5 @@ pub struct Verdict {
 
 pub enum Step {
     Need(Request),
-    Done(Verdict),
+    Done(StageVerdict),
 }

@@ -69,6 +69,16 @@ impl Reply {
         Some(Reply { code, enhanced, text: text.to_string() })
     }
 
+    /// The reply as logs, transcripts, `mailc route` and the queue's records show it: one
+    /// line, `550 5.7.1 text` (`250 text` without an enhanced code), the text as it is (the
+    /// wire form, [`Reply::to_wire`], is the one that sanitises, splits and cuts).
+    pub fn line(&self) -> String {
+        match self.enhanced {
+            Some((a, b, c)) => format!("{} {a}.{b}.{c} {}", self.code, self.text),
+            None => format!("{} {}", self.code, self.text),
+        }
+    }
+
     /// Wire form, with or without enhanced codes.
     pub(crate) fn to_wire(&self, with_enhanced: bool) -> Vec<u8> {
         let mut code = self.code;

@@ -426,7 +426,7 @@ fn normalize(line: &str) -> String {
 }
 
 /// How `route:` and `bounce:` expectations see a queue-side verdict.
-pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
+pub fn describe(stage: Stage, v: &eval::StageVerdict) -> String {
     let mut parts: Vec<String> = Vec::new();
     for e in &v.effects {
         match e {
@@ -476,8 +476,8 @@ pub fn describe(stage: Stage, v: &eval::Verdict) -> String {
         (Outcome::Default | Outcome::Accept, Stage::Route) => "deliver mx".into(),
         (Outcome::Default | Outcome::Accept, _) => "send".into(),
         (Outcome::Discard, _) => "discard".into(),
-        (Outcome::Reject(r), _) => format!("reject {r}"),
-        (Outcome::Tempfail(r), _) => format!("tempfail {r}"),
+        (Outcome::Reject(r), _) => format!("reject {}", r.line()),
+        (Outcome::Tempfail(r), _) => format!("tempfail {}", r.line()),
     };
     parts.push(outcome);
     parts.join("; ")

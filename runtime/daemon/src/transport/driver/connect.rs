@@ -118,18 +118,14 @@ pub(super) async fn open(
                 // R33: MX delivery failed temporarily; the fallback relay is tried next.
                 (Err(r), Some(fb)) if dest.mx && r.code < 500 && protocol == Protocol::Smtp => {
                     let hops = mx::resolve(opts.resolver.as_ref(), fb, &opts.local).await.map_err(|e| {
-                        Reply::new(
-                            451,
-                            (4, 4, 1),
-                            format!("{}; fallback relay {fb}: {}", reply_line(&r), reply_line(&e)),
-                        )
+                        Reply::new(451, (4, 4, 1), format!("{}; fallback relay {fb}: {}", r.line(), e.line()))
                     })?;
                     let plan = planned(fb, &hops, opts).await?;
                     try_hops(&plan, opts, protocol).await.map_err(|e| {
                         Reply::new(
                             e.code,
                             e.enhanced.unwrap_or((4, 4, 1)),
-                            format!("{}; fallback relay: {}", reply_line(&r), e.text),
+                            format!("{}; fallback relay: {}", r.line(), e.text),
                         )
                     })?
                 }
@@ -137,13 +133,6 @@ pub(super) async fn open(
             };
             Ok((c, key))
         }
-    }
-}
-
-fn reply_line(r: &Reply) -> String {
-    match r.enhanced {
-        Some((a, b, c)) => format!("{} {a}.{b}.{c} {}", r.code, r.text),
-        None => format!("{} {}", r.code, r.text),
     }
 }
 
