@@ -150,6 +150,17 @@ fn cluster(t: &TempDir, redis: &Redis, extra_server: &str, rules: &str) -> (Serv
     let (pa, pb) = (free_port(), free_port());
     let a = daemon(t.join("a"), &policy("mx-a.test", pa, &redis.url(), extra_server, rules), pa);
     let b = daemon(t.join("b"), &policy("mx-b.test", pb, &redis.url(), extra_server, rules), pb);
+    // The start-up probe (test-support's one connection opened and closed once the port
+    // listens) is a session too: wait until it has been logged (after the client's reverse
+    // lookup, so not at once) and has ended, its `concurrent` lease released on Redis, so
+    // no test counts it.
+    let settled = |d: &Serve| {
+        let log = d.log();
+        let event = |e: &str| log.lines().filter(|l| l.split_whitespace().nth(1) == Some(e)).count();
+        event("connect") >= 1 && event("connect") == event("disconnect")
+    };
+    let ctx = || format!("A:\n{}\nB:\n{}", a.log(), b.log());
+    wait_for(Duration::from_secs(20), "the probe sessions to end", || settled(&a) && settled(&b), ctx);
     (a, b)
 }
 

@@ -208,6 +208,7 @@ pub async fn run(
     session.milters.quit().await;
     session.stream.shutdown().await;
     session.spill.discard();
+    session.count_guard.release().await;
     log.event("disconnect", &[("session", &session.id), ("client", &session.remote.ip().to_string())]);
 }
 
@@ -872,11 +873,25 @@ impl ConcurrencyGuard {
             let _ = h.await;
         }
     }
+
+    /// The session's end: its counts go from memory and from the shared store before this
+    /// returns (bounded by `state_timeout`), so a session logged `disconnect` no longer
+    /// counts on any host. [`Drop`] is the fallback for the paths that never get here.
+    async fn release(&mut self) {
+        self.lookups.state.close_local(&self.keys);
+        let keys = std::mem::take(&mut self.keys);
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+            self.ready().await;
+            self.lookups.state.close_shared(&keys, &self.lease).await;
+        }
+    }
 }
 
 impl Drop for ConcurrencyGuard {
     fn drop(&mut self) {
-        // A poisoned lock still holds the counts: release ours all the same.
+        // A poisoned lock still holds the counts: release ours all the same. Nothing is
+        // left here once `release` ran (the keys are gone with it).
         self.lookups.state.close_local(&self.keys);
         if let Some(r) = self.renewer.take() {
             r.abort();
