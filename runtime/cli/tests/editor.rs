@@ -17,11 +17,27 @@ use serde_json::{json, Value};
 const MAILC: &str = env!("CARGO_BIN_EXE_mailc");
 const WAIT: Duration = Duration::from_secs(180);
 
-fn tempdir(name: &str) -> PathBuf {
+/// A scratch directory, removed when the test ends (passed or failed).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("mailc-editor-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    TempDir(d)
 }
 
 fn uri(p: &Path) -> String {
@@ -466,7 +482,7 @@ vim.cmd("qall!")
     let status = Command::new(nvim)
         .args(["--headless", "--clean", "-u"])
         .arg(&init)
-        .env("HOME", &dir)
+        .env("HOME", dir.as_path())
         .env("XDG_STATE_HOME", dir.join("state"))
         .env("XDG_DATA_HOME", dir.join("data"))
         .env("MAILPOLICY_STDLIB", Path::new(env!("CARGO_MANIFEST_DIR")).join("../../stdlib/policy"))

@@ -266,6 +266,8 @@ impl Lookups {
             // standard-library back ends; until this build has them they fail, which the
             // evaluator reports as temperror / a temporary failure, never as a pass.
             // The session answers these itself: they need the message and the session.
+            // Never asked of this host: in a session `Conn` answers it, and the queue-side
+            // stages read the results kept in the message's record (`Facts::recorded_auth`).
             Request::Auth(_) => Answer::Error("sender authentication is answered by the session".into()),
             // The session answers scans itself: it has the message.
             Request::Scan { .. } => Answer::Error("a scan needs the message; the session answers it".into()),

@@ -208,8 +208,12 @@ pub async fn run(
     session.milters.quit().await;
     session.stream.shutdown().await;
     session.spill.discard();
-    // Released before the line that says the session ended (a panic releases it on drop).
-    drop(session.count_guard.take());
+    // Released before the line that says the session ended, in memory and (published by
+    // the store's one task, awaited up to `state_timeout`) on Redis; a panic releases it on
+    // drop.
+    if let Some(g) = session.count_guard.take() {
+        g.release().await;
+    }
     log.event("disconnect", &[("session", &session.id), ("client", &session.remote.ip().to_string())]);
 }
 
@@ -843,12 +847,26 @@ impl ConcurrencyGuard {
         lookups.state.session(&keys, true);
         ConcurrencyGuard { lookups, keys }
     }
+
+    /// The session's end: its counts go from memory at once and from the shared store
+    /// before this returns (the store's publisher writes them; awaited up to
+    /// `state_timeout`), so a session logged `disconnect` no longer counts on any host.
+    /// [`Drop`] is the fallback for the paths that never get here (a panic).
+    async fn release(mut self) {
+        let keys = std::mem::take(&mut self.keys);
+        if let Some(version) = self.lookups.state.session(&keys, false) {
+            self.lookups.state.published(version).await;
+        }
+    }
 }
 
 impl Drop for ConcurrencyGuard {
     fn drop(&mut self) {
-        // A poisoned lock still holds the counts: release ours all the same.
-        self.lookups.state.session(&self.keys, false);
+        // A poisoned lock still holds the counts: release ours all the same. Nothing is
+        // left here once `release` ran (the keys are gone with it).
+        if !self.keys.is_empty() {
+            self.lookups.state.session(&self.keys, false);
+        }
     }
 }
 

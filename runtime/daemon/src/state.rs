@@ -64,9 +64,12 @@ pub struct Local {
     /// written to Redis carries it, and Redis keeps the newest (two writes of one host
     /// that cross on the way cannot leave the older one).
     conc_version: AtomicU64,
-    /// The `concurrent` keys whose count changed since it was last published.
+    /// The `concurrent` keys whose count changed since it was last published (changed
+    /// and taken under the `rates` lock, with the counts and their version).
     conc_dirty: Mutex<HashSet<String>>,
     conc_wake: tokio::sync::Notify,
+    /// The newest version of the counts written to Redis: every change up to it is there.
+    conc_published: tokio::sync::watch::Sender<u64>,
 }
 
 impl Local {
@@ -78,6 +81,20 @@ impl Local {
     fn open_counts(&self, keys: &[&str]) -> (Vec<u64>, u64) {
         let r = self.rates.lock().unwrap_or_else(|p| p.into_inner());
         (keys.iter().map(|k| r.concurrent(k)).collect(), self.conc_version.load(Ordering::Relaxed))
+    }
+
+    /// The changed keys (and, `renewing`, every open key the policy reads, in `names`) with
+    /// their counts and version, taken together: a version published covers every change
+    /// made up to it.
+    fn take_dirty(&self, renewing: Option<&HashSet<String>>) -> (Vec<String>, Vec<u64>, u64) {
+        let r = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys: HashSet<String> = std::mem::take(&mut *self.conc_dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(names) = renewing {
+            keys.extend(r.open_counts().filter(|(k, _)| names.contains(key_name(k))).map(|(k, _)| k.to_string()));
+        }
+        let keys: Vec<String> = keys.into_iter().collect();
+        let counts = keys.iter().map(|k| r.concurrent(k)).collect();
+        (keys, counts, self.conc_version.load(Ordering::Relaxed))
     }
 }
 
@@ -463,24 +480,15 @@ async fn publish_counts(r: Arc<Redis>, local: Arc<Local>) {
             tokens = 1.0;
             filled = Instant::now();
         }
-        let mut keys: HashSet<String> =
-            std::mem::take(&mut *local.conc_dirty.lock().unwrap_or_else(|p| p.into_inner()));
-        if renewing || Instant::now() >= renew_at {
-            let rates = local.rates.lock().unwrap_or_else(|p| p.into_inner());
-            keys.extend(
-                rates
-                    .open_counts()
-                    .filter(|(k, _)| r.concurrent_names.contains(key_name(k)))
-                    .map(|(k, _)| k.to_string()),
-            );
+        let renewing = renewing || Instant::now() >= renew_at;
+        let (keys, counts, version) = local.take_dirty(renewing.then_some(&r.concurrent_names));
+        if renewing {
             renew_at = Instant::now() + every;
         }
         if keys.is_empty() {
+            local.conc_published.send_if_modified(|p| std::mem::replace(p, (*p).max(version)) < version);
             continue;
         }
-        let keys: Vec<String> = keys.into_iter().collect();
-        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let (counts, version) = local.open_counts(&names);
         tokens -= 1.0;
         let Ok(mut c) = r.conn() else {
             retry(&r, &local, keys, &mut renew_at);
@@ -498,6 +506,8 @@ async fn publish_counts(r: Arc<Redis>, local: Arc<Local>) {
         r.count_writes.fetch_add(1, Ordering::Relaxed);
         if r.bounded(async move { inv.invoke_async::<Vec<u64>>(&mut c).await }).await.is_err() {
             retry(&r, &local, keys, &mut renew_at);
+        } else {
+            local.conc_published.send_if_modified(|p| std::mem::replace(p, (*p).max(version)) < version);
         }
     }
 }
@@ -661,9 +671,11 @@ impl StateStore {
 
     /// A session starts (`open`) or ends: this host's counts of `keys` change at once, and
     /// the shared ones are left to the publisher (no round trip of the session's own).
-    /// Synchronous: the end runs in a drop guard.
-    pub fn session(&self, keys: &[String], open: bool) {
-        {
+    /// Synchronous: the end runs in a drop guard. The version of the change when the
+    /// publisher is to write it ([`StateStore::published`] awaits it).
+    pub fn session(&self, keys: &[String], open: bool) -> Option<u64> {
+        let shared = self.redis.as_ref().filter(|r| !r.concurrent_names.is_empty());
+        let version = {
             let mut rates = self.local.rates.lock().unwrap_or_else(|p| p.into_inner());
             for k in keys {
                 if open {
@@ -672,11 +684,13 @@ impl StateStore {
                     rates.close(k);
                 }
             }
-            self.local.conc_version.fetch_add(1, Ordering::Relaxed);
-        }
-        let Some(r) = self.redis.as_ref().filter(|r| !r.concurrent_names.is_empty()) else { return };
-        let shared = keys.iter().filter(|k| r.concurrent_names.contains(key_name(k)));
-        self.local.conc_dirty.lock().unwrap_or_else(|p| p.into_inner()).extend(shared.map(|k| k.to_ascii_lowercase()));
+            if let Some(r) = shared {
+                let mut dirty = self.local.conc_dirty.lock().unwrap_or_else(|p| p.into_inner());
+                dirty.extend(keys.iter().filter(|k| r.concurrent_names.contains(key_name(k))).cloned());
+            }
+            self.local.conc_version.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        let r = shared?;
         if !r.publishing.swap(true, Ordering::Relaxed) {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
@@ -686,6 +700,16 @@ impl StateStore {
             }
         }
         self.local.conc_wake.notify_one();
+        keys.iter().any(|k| r.concurrent_names.contains(key_name(k))).then_some(version)
+    }
+
+    /// This host's counts as of `version` are on Redis (the publisher wrote them), or
+    /// `state_timeout` has passed, or Redis is known down (its counts expire with their
+    /// lease and are written again when it is back).
+    pub async fn published(&self, version: u64) {
+        let Some(r) = self.redis.as_ref().filter(|r| !r.down.load(Ordering::Relaxed)) else { return };
+        let mut seen = self.local.conc_published.subscribe();
+        let _ = tokio::time::timeout(r.timeout, seen.wait_for(|p| *p >= version)).await;
     }
 
     // ---- greylist ------------------------------------------------------------------

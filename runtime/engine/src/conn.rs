@@ -644,6 +644,7 @@ impl Conn {
             vars: self.state.vars.clone(),
             dnsbl_hit: self.state.dnsbl_hit.clone(),
             local_domains: self.facts.local_domains.clone(),
+            sender_auth: self.sender_auth.words(),
         }
     }
 }

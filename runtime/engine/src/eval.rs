@@ -387,10 +387,10 @@ impl Run {
                 V::List(f.message.as_ref().map(|m| m.attachment_types.clone()).unwrap_or_default())
             }
             Fact::QueueId => s(&f.queue_id),
-            Fact::Spf => self.auth_check(AuthCheck::Spf)?,
-            Fact::Dkim => self.auth_check(AuthCheck::Dkim)?,
-            Fact::Dmarc => self.auth_check(AuthCheck::Dmarc)?,
-            Fact::DmarcPolicy => self.auth_check(AuthCheck::DmarcPolicy)?,
+            Fact::Spf => self.auth_check(f, AuthCheck::Spf)?,
+            Fact::Dkim => self.auth_check(f, AuthCheck::Dkim)?,
+            Fact::Dmarc => self.auth_check(f, AuthCheck::Dmarc)?,
+            Fact::DmarcPolicy => self.auth_check(f, AuthCheck::DmarcPolicy)?,
             Fact::DnsblZone => s(st.dnsbl_hit.as_ref().map(|h| h.0.as_str()).unwrap_or("")),
             Fact::DnsblAnswer => s(st.dnsbl_hit.as_ref().map(|h| h.1.as_str()).unwrap_or("")),
             Fact::DnsblText => s(st.dnsbl_hit.as_ref().map(|h| h.2.as_str()).unwrap_or("")),
@@ -408,7 +408,12 @@ impl Run {
         })
     }
 
-    fn auth_check(&self, c: AuthCheck) -> Result<V, Halt> {
+    fn auth_check(&self, f: &Facts, c: AuthCheck) -> Result<V, Halt> {
+        // The queue side reads what the session computed; a check no stage of the session
+        // made reads temperror there (the message is gone from the connection).
+        if let Some(r) = &f.recorded_auth {
+            return Ok(V::Str(r.get(c).unwrap_or("temperror").to_string()));
+        }
         match self.ask(Request::Auth(c))? {
             Answer::Value(v) => Ok(V::Str(v.clone().unwrap_or_else(|| "none".into()).to_ascii_lowercase())),
             Answer::Error(_) | Answer::Timeout => Ok(V::Str("temperror".into())),

@@ -13,7 +13,7 @@ use mailpolicy_lang::ir::Program;
 use serde::{Deserialize, Serialize};
 
 use crate::conn::local_domains;
-use crate::eval::{DeliveryFacts, Facts, MessageFacts, RcptFacts, RenderedTransport, State, TlsFacts};
+use crate::eval::{AuthWords, DeliveryFacts, Facts, MessageFacts, RcptFacts, RenderedTransport, State, TlsFacts};
 
 /// The version of the record format: the number in a message file's first line
 /// ([`MAGIC`]) and a state file's `v`. A reader refuses other versions.
@@ -147,6 +147,25 @@ mod tests {
         let newer = serde_json::to_vec(&StateFile { v: FORMAT + 1, ..st }).expect("state");
         assert!(decode_state(&newer, 1).unwrap_err().contains("version"));
     }
+
+    #[test]
+    fn the_queue_side_reads_the_sessions_sender_authentication() {
+        let rcpt = QueuedRcpt { address: "b@example.com".into(), ..QueuedRcpt::default() };
+        let mut msg = QueuedMessage { recipients: vec![rcpt.clone()], ..QueuedMessage::default() };
+        msg.session.sender_auth.spf = Some("softfail".into());
+        let id = QueueId::generate(1_795_341_600_000, 7, 0xBEEF);
+        let head = encode_header(&id, Class::Normal, 5, &msg).expect("encode");
+        let meta = decode_meta(head.strip_prefix(MAGIC).expect("magic")).expect("decode");
+        assert_eq!(meta.envelope.session.sender_auth.spf.as_deref(), Some("softfail"));
+        let prog = mailpolicy_lang::compile("p", &mailpolicy_lang::MemLoader::single("p", "require [\"spf\"];\n"))
+            .program
+            .expect("compiles");
+        let at = InQueue { queue_id: "AB12", now_ms: 10, arrived_ms: 5 };
+        let (f, _) = stage_facts(&prog, &meta.envelope, QueueStage::Route(&rcpt), at);
+        let words = f.recorded_auth.expect("queue-side facts carry the record's results");
+        assert_eq!(words.get(crate::eval::AuthCheck::Spf), Some("softfail"));
+        assert_eq!(words.get(crate::eval::AuthCheck::Dkim), None, "not computed: read as temperror");
+    }
 }
 
 /// A recipient of a queued message, with what the policy decided about it.
@@ -188,6 +207,9 @@ pub struct SessionRecord {
     pub vars: Vec<Option<String>>,
     pub dnsbl_hit: Option<(String, String, String)>,
     pub local_domains: Vec<String>,
+    /// The sender-authentication results the session computed for the message.
+    #[serde(skip_serializing_if = "AuthWords::is_empty")]
+    pub sender_auth: AuthWords,
 }
 
 impl SessionRecord {
@@ -224,6 +246,7 @@ impl SessionRecord {
         if !m.auth_user.is_empty() {
             f.auth = Some((m.auth_user.clone(), self.auth_mechanism.clone()));
         }
+        f.recorded_auth = Some(self.sender_auth.clone());
         f.sender = Some(m.sender.clone());
         f.mail_size = self.mail_size;
         f.mail_body = self.mail_body.clone();

@@ -237,6 +237,14 @@ fn policies_proven_safe_do_not_relay() {
     let mut r = Rng(seed.max(1));
     let dir = std::env::temp_dir().join(format!("mailc-relay-property-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
+    // Removed however the test ends (an assertion that fails included).
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
     let attacks = battery();
     let (mut safe, mut open, mut undecided, mut skipped, mut caught) = (0, 0, 0, 0, 0);
     let mut failures = Vec::new();

@@ -327,3 +327,23 @@ fn table_query_answers_as_the_daemon_reads_the_table() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no table `nosuch`"), "{err}");
 }
+
+/// `sendmail` only compiles the policy: one the open-relay proof refuses (the daemon will
+/// not run it) still takes a submission into the maildrop, kept until the daemon runs a
+/// mended policy; one that does not compile is refused with EX_CONFIG.
+#[test]
+fn sendmail_compiles_the_policy_without_proving_it() {
+    let t = TempDir::new("sendmail-unproven");
+    let sendmail = link_as(t.path(), "sendmail");
+    let policy = t.join("policy.mailpolicy");
+    std::fs::write(&policy, "server { spool \"spool\"; }\non rcpt { accept; }\n").expect("policy");
+    let check = Command::new(MAILC).arg("check").arg(&policy).output().expect("mailc check");
+    assert!(!check.status.success(), "the proof refuses an open relay");
+    let (code, out) = sendmail_as(&sendmail, &["u1@d.test"], b"Subject: kept\n\nkept\n", &policy);
+    assert_eq!(code, 0, "{out}");
+    let dropped = std::fs::read_dir(t.join("spool/maildrop")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(dropped, 1, "the submission waits in the maildrop");
+    std::fs::write(&policy, "server { spool \"spool\"; }\non rcpt { accept \n").expect("policy");
+    let (code, out) = sendmail_as(&sendmail, &["u1@d.test"], b"Subject: no\n\nno\n", &policy);
+    assert_eq!(code, 78, "{out}");
+}

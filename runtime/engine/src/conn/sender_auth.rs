@@ -117,6 +117,16 @@ impl SenderAuth {
         self.waiting.is_some()
     }
 
+    /// Every word this transaction has, for the queued message's record.
+    pub(super) fn words(&self) -> crate::eval::AuthWords {
+        crate::eval::AuthWords {
+            spf: self.answer(AuthCheck::Spf),
+            dkim: self.answer(AuthCheck::Dkim),
+            dmarc: self.answer(AuthCheck::Dmarc),
+            dmarc_policy: self.answer(AuthCheck::DmarcPolicy),
+        }
+    }
+
     /// The word the policy reads for `check`, when this transaction has it.
     fn answer(&self, check: AuthCheck) -> Option<String> {
         match check {

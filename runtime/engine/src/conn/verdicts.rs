@@ -59,12 +59,7 @@ impl Conn {
                 self.facts.auth_failed = None;
                 for e in &v.effects {
                     match e {
-                        Effect::Log(t) => self.notes.push_back(Need::Note(Note::Log(t.clone()))),
-                        Effect::Alert { to, text, every_ms } => self.notes.push_back(Need::Note(Note::Alert {
-                            to: to.clone(),
-                            text: text.clone(),
-                            every_ms: *every_ms,
-                        })),
+                        Effect::Log(_) | Effect::Alert { .. } => self.note_effect(e),
                         Effect::Tarpit(ms) => delay += Duration::from_millis(*ms),
                         _ => {}
                     }
@@ -89,12 +84,7 @@ impl Conn {
         }
         for e in &v.effects {
             match e {
-                Effect::Log(t) => self.notes.push_back(Need::Note(Note::Log(t.clone()))),
-                Effect::Alert { to, text, every_ms } => self.notes.push_back(Need::Note(Note::Alert {
-                    to: to.clone(),
-                    text: text.clone(),
-                    every_ms: *every_ms,
-                })),
+                Effect::Log(_) | Effect::Alert { .. } => self.note_effect(e),
                 Effect::Tarpit(ms) => delay += Duration::from_millis(*ms),
                 Effect::GreetPause(ms) => delay = delay.max(Duration::from_millis(*ms)),
                 // Only a client (Connect:) RELAY opens the relay rule for the session; a
@@ -257,6 +247,18 @@ impl Conn {
 
     /// A stage's decision is applied after its verdict note has been handed to the host,
     /// so the host sees the verdict before the reply it produced.
+    /// A `log` or `alert` effect, handed to the host as a note (other effects: nothing).
+    fn note_effect(&mut self, e: &Effect) {
+        let note = match e {
+            Effect::Log(t) => Note::Log(t.clone()),
+            Effect::Alert { to, text, every_ms } => {
+                Note::Alert { to: to.clone(), text: text.clone(), every_ms: *every_ms }
+            }
+            _ => return,
+        };
+        self.notes.push_back(Need::Note(note));
+    }
+
     pub(super) fn defer(&mut self, d: Decision, _now: Time) {
         self.deferred = Some(d);
     }

@@ -81,6 +81,40 @@ pub struct Facts {
     /// Each milter's answer to the stage being evaluated (`milter.NAME.verdict`,
     /// `milter.NAME.reply`), set by `Conn` before the stage runs.
     pub milters: Vec<MilterFacts>,
+    /// On the queue side: the sender-authentication results the session computed for this
+    /// message (`spf`, `dkim`, `dmarc`, `dmarc_policy` read them, nothing is asked). None in
+    /// a session, where the host answers [`Request::Auth`].
+    pub recorded_auth: Option<AuthWords>,
+}
+
+/// Sender-authentication results as the policy reads them, kept with a queued message.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AuthWords {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spf: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dmarc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dmarc_policy: Option<String>,
+}
+
+impl AuthWords {
+    /// The word recorded for `check`, if the session computed it.
+    pub fn get(&self, check: AuthCheck) -> Option<&str> {
+        match check {
+            AuthCheck::Spf => self.spf.as_deref(),
+            AuthCheck::Dkim => self.dkim.as_deref(),
+            AuthCheck::Dmarc => self.dmarc.as_deref(),
+            AuthCheck::DmarcPolicy => self.dmarc_policy.as_deref(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == AuthWords::default()
+    }
 }
 
 /// What one milter answered the current stage.
@@ -129,6 +163,7 @@ impl Default for Facts {
             queue_age_ms: 0,
             bounce: None,
             milters: Vec::new(),
+            recorded_auth: None,
         }
     }
 }

@@ -8,7 +8,7 @@ use mailpolicy_stdlib::{batv, tables::FileTable};
 
 use super::super::{DnsAnswer, TableRow};
 use super::CaseRun;
-use crate::eval::{Answer, AuthCheck, Request, RrType};
+use crate::eval::{Answer, Request, RrType};
 
 impl CaseRun {
     // ---- fixtures ---------------------------------------------------------------------
@@ -106,15 +106,10 @@ impl CaseRun {
             Request::Concurrent { key } => {
                 Answer::Count(self.concurrent.get(key).copied().unwrap_or_else(|| self.rates.concurrent(key)))
             }
-            Request::Auth(check) => {
-                let k = match check {
-                    AuthCheck::Spf => "spf",
-                    AuthCheck::Dkim => "dkim",
-                    AuthCheck::Dmarc => "dmarc",
-                    AuthCheck::DmarcPolicy => "dmarc-policy",
-                };
-                Answer::Value(Some(self.auth_results.get(k).cloned().unwrap_or_else(|| "none".into())))
-            }
+            // Never asked of this host, as of the daemon's: in a session `Conn` answers it
+            // (from the `spf:`/`dkim:`/... fixtures), and the queue-side stages read the
+            // results kept in the message's record (`Facts::recorded_auth`).
+            Request::Auth(_) => Answer::Error("sender authentication is answered by the session".into()),
             Request::Scan { scanner } => {
                 let name = prog.scanners.get(scanner.index()).map(|s| s.name.clone()).unwrap_or_default();
                 match self.scores.get(&name) {
