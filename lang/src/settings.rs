@@ -425,6 +425,15 @@ settings! {
             "bound of handing one copy to the peer, connecting included";
         backup_takeover: Duration = Dflt::Ms(600_000), Duration,
             "how long a peer must have been silent in the shared state store before the copies it left here are delivered";
+        backup_tls: bool = Dflt::Bool(false), Bool,
+            "the backup channel under TLS (section 5.5): `backup_listen` takes copies only over TLS with `backup_tls_cert`, and copies go to `backup_peer` over TLS, its certificate verified against `backup_tls_ca`; the HMAC stays";
+        backup_tls_cert: Option<String> = Dflt::Text("the self-signed pair under the spool's tls/"), Str,
+            "PEM certificate chain file `backup_listen` serves with `backup_tls`";
+        backup_tls_key: Option<String> = Dflt::Text("with `backup_tls_cert`"), Str, "PEM private key file of `backup_tls_cert`";
+        backup_tls_ca: Option<String> = Dflt::Text("none"), Str,
+            "PEM file of the CAs the peer's certificate must chain to, or of the peer's own self-signed certificate (pinned); required with `backup_tls` and `backup_peer`";
+        backup_tls_name: Option<String> = Dflt::Text("the IP address of `backup_peer`"), Str,
+            "the name (DNS name or IP address) the peer's certificate must be for";
         log: LogTarget = Dflt::Word("stderr"), Word(LogTarget::WORDS),
             "where log lines go: standard error, the local syslog socket, or the systemd journal";
         syslog_socket: String = Dflt::Str("/dev/log"), Str, "the syslog socket `log syslog` writes to";

@@ -41,6 +41,58 @@ impl<'s> Checker<'s> {
                 );
             }
         }
+        // `backup_tls`: a listener needs a certificate (its own pair or the self-signed
+        // one), a sender a way to verify its peer; TLS files without `backup_tls` do nothing.
+        let on = |k: &str| opts.iter().any(|(n, v)| n == k && !matches!(v, OptValue::Bool(false)));
+        let tls = on("backup_tls");
+        for k in ["backup_tls_cert", "backup_tls_key", "backup_tls_ca", "backup_tls_name"] {
+            if on(k) && !tls {
+                self.err(
+                    Diagnostic::warning("mailc::setting", format!("`{k}` has no effect without `backup_tls true`"))
+                        .at(at(k))
+                        .help("add `backup_tls true;` on both hosts of the pair, or remove it"),
+                );
+            }
+        }
+        if tls {
+            if named.is_none() {
+                self.err(
+                    Diagnostic::warning("mailc::setting", "`backup_tls` without `backup_peer` or `backup_listen`")
+                        .at(at("backup_tls"))
+                        .help("it protects the backup channel of section 5.5: name the peer and the listener too"),
+                );
+            }
+            if on("backup_tls_cert") != on("backup_tls_key") {
+                let k = if on("backup_tls_cert") { "backup_tls_cert" } else { "backup_tls_key" };
+                self.err(
+                    Diagnostic::error("mailc::setting", "`backup_tls_cert` and `backup_tls_key` go together")
+                        .at(at(k))
+                        .help("name both files, or neither (the self-signed pair is then served)"),
+                );
+            }
+            if on("backup_peer") && !on("backup_tls_ca") {
+                self.err(
+                    Diagnostic::error("mailc::setting", "`backup_tls` sends copies to a peer it cannot verify")
+                        .at(at("backup_tls"))
+                        .help("add `backup_tls_ca \"peer-ca.pem\";`: the CAs the peer's certificate chains to, or its own self-signed certificate"),
+                );
+            }
+            if let Some((_, OptValue::Str(n))) = opts.iter().find(|(n, _)| n == "backup_tls_name") {
+                let ok = n.parse::<std::net::IpAddr>().is_ok()
+                    || (!n.is_empty()
+                        && n.len() <= 253
+                        && n.split('.').all(|l| {
+                            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        }));
+                if !ok {
+                    self.err(
+                        Diagnostic::error("mailc::setting", format!("\"{n}\" is not a DNS name or an IP address"))
+                            .at(at("backup_tls_name"))
+                            .help("write the name the peer's certificate is for, e.g. \"mx-b.example.com\""),
+                    );
+                }
+            }
+        }
         if let Some(u) = state {
             let pass = u.split_once("://").and_then(|(_, rest)| rest.split(['/', '?']).next()).and_then(|auth| {
                 auth.rsplit_once('@').and_then(|(cred, _)| cred.split_once(':')).filter(|(_, p)| !p.is_empty())

@@ -846,10 +846,11 @@ fn backup_host(dir: &Path, host: &str, port: u16, listen: u16, peer: u16, sink: 
         "secret backup = file \"backup.key\";\n\
          list relayed = domains [\"d.test\"];\n\
          server {{ hostname \"{host}\"; spool \"spool\"; relay_domains relayed; state \"{}\"; retry_min 1h;\n\
-           backup_peer \"127.0.0.1:{peer}\"; backup_listen \"127.0.0.1:{listen}\"; backup_key backup; backup_takeover 2s; {extra} }}\n\
+           backup_peer \"127.0.0.1:{peer}\"; backup_listen \"127.0.0.1:{listen}\"; backup_key backup; {takeover} {extra} }}\n\
          listener smtp {{ address \"127.0.0.1:{port}\"; tls none; }}\n\
-         route {{ deliver smtp \"[127.0.0.1]:{sink}\"; }}\n",
-        redis.url()
+         route {{ if recipient.local :is \"gone\" {{ reject 550 5.1.1 \"no such user\"; }} deliver smtp \"[127.0.0.1]:{sink}\"; }}\n",
+        redis.url(),
+        takeover = if extra.contains("backup_takeover") { "" } else { "backup_takeover 2s;" },
     );
     std::fs::write(dir.join("policy.mailpolicy"), policy).expect("policy");
 }
@@ -873,9 +874,13 @@ struct Pair {
 }
 
 fn pair(t: &TempDir, redis: &Redis, sink_port: u16, extra_a: &str) -> Pair {
+    pair_with(t, redis, sink_port, extra_a, "")
+}
+
+fn pair_with(t: &TempDir, redis: &Redis, sink_port: u16, extra_a: &str, extra_b: &str) -> Pair {
     let (pa, pb, la, lb) = (free_port(), free_port(), free_port(), free_port());
     backup_host(&t.join("a"), "mx-a.test", pa, la, lb, sink_port, redis, extra_a);
-    backup_host(&t.join("b"), "mx-b.test", pb, lb, la, sink_port, redis, "");
+    backup_host(&t.join("b"), "mx-b.test", pb, lb, la, sink_port, redis, extra_b);
     let b = daemon(t.join("b"), &std::fs::read_to_string(t.join("b/policy.mailpolicy")).expect("policy"), pb);
     wait_for(Duration::from_secs(20), "B's backup listener", || listening(lb), || b.log());
     let a = daemon(t.join("a"), &std::fs::read_to_string(t.join("a/policy.mailpolicy")).expect("policy"), pa);
@@ -1017,4 +1022,161 @@ fn a_delivered_message_is_confirmed_and_its_copy_dropped() {
     let refused = logged_id(&p.a.log(), "shadow-failed");
     let ctx = || p.a.log();
     wait_for(Duration::from_secs(10), "the refused message removed", || !in_spool(&p.a, &refused), ctx);
+}
+
+/// Section 5.5: a message its origin quarantines (`corrupt/`: here a spool file damaged
+/// while A was down, which A's recovery moves aside at start) will never be delivered
+/// there; A says so in the store and B delivers its good copy at once, A alive (B's
+/// `backup_takeover` is an hour: silence plays no part).
+#[test]
+fn a_copy_its_origin_quarantined_is_delivered_by_the_peer_at_once() {
+    let t = TempDir::new("unusable");
+    let redis = Redis::start(t.join("redis"));
+    let sink_port = free_port();
+    let mut p = pair_with(&t, &redis, sink_port, "", "backup_takeover 1h;");
+    let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "{text}\n{}", p.a.log());
+    let id = queued_id(&p.a.log());
+    assert_eq!(held(&p.b), vec![id.clone()], "{}", p.b.log());
+    wait_for(Duration::from_secs(20), "A's failed attempt", || p.a.log().contains("status=deferred"), || p.a.log());
+    p.a.stop();
+    let file = ["incoming", "deferred"]
+        .iter()
+        .map(|q| p.a.dir.join("spool").join(q).join(&id))
+        .find(|f| f.is_file())
+        .expect("A keeps the message");
+    std::fs::write(&file, b"not a spool file any more\n").expect("damage the file");
+    let s = sink(t.join("sink"), sink_port);
+    p.a.restart();
+    let ctx = || format!("A:\n{}\nB:\n{}\nsink:\n{}", p.a.log(), p.b.log(), s.log());
+    assert!(p.a.dir.join("spool/corrupt").join(&id).is_file(), "A's recovery quarantined it: {}", ctx());
+    wait_for(Duration::from_secs(20), "A to say its copy is unusable", || p.a.log().contains("shadow-unusable"), ctx);
+    assert!(p.a.log().contains(&format!("shadow-unusable id={id} ")), "{}", ctx());
+    wait_for(Duration::from_secs(20), "B to release its copy", || p.b.log().contains("shadow-released"), ctx);
+    let released = p.b.log().lines().find(|l| l.contains("shadow-released")).unwrap_or_default().to_string();
+    assert!(released.contains(&format!(" id={id} ")) && released.contains("unusable"), "{released}");
+    wait_for(Duration::from_secs(30), "the copy delivered", || s.mail("u").len() == 1, ctx);
+    assert!(s.mail("u")[0].contains("Subject: cluster"), "{}", ctx());
+    assert!(held(&p.b).is_empty(), "{:?}", held(&p.b));
+    // A delivers nothing of it (its own is in corrupt/), and B once.
+    wait_for(Duration::from_secs(20), "B's queue empty", || !in_spool(&p.b, &id), ctx);
+    assert!(!in_spool(&p.a, &id), "{}", ctx());
+    assert_eq!(s.mail("u").len(), 1, "{}", ctx());
+}
+
+/// Section 5.5: a DSN a host makes itself is held by its peer like an accepted message. A
+/// bounces a recipient; its bounce to the sender cannot go yet (the next hop is down) and A
+/// is killed: B delivers the bounce, under A's id for it, once the next hop is up.
+#[test]
+fn a_bounce_its_host_died_before_sending_is_delivered_by_the_peer() {
+    let t = TempDir::new("dsn");
+    let redis = Redis::start(t.join("redis"));
+    let sink_port = free_port();
+    let mut p = pair(&t, &redis, sink_port, "");
+    let (code, text) = send_one(p.a.port, "s@d.test", "gone@d.test");
+    assert_eq!(code, 250, "{text}\n{}", p.a.log());
+    let id = queued_id(&p.a.log());
+    let ctx = || format!("A:\n{}\nB:\n{}", p.a.log(), p.b.log());
+    wait_for(Duration::from_secs(20), "A's bounce", || p.a.log().contains("dsn_id="), ctx);
+    let log = p.a.log();
+    let dsn_line = log.lines().find(|l| l.contains("dsn_id=")).unwrap_or_default();
+    let dsn = dsn_line.split_whitespace().find_map(|w| w.strip_prefix("dsn_id=")).unwrap_or_default().to_string();
+    assert!(!dsn.is_empty() && dsn != id, "{dsn_line}");
+    // The bounce is held by B before A queues it; the bounced message itself is done,
+    // confirmed, and its copy dropped.
+    wait_for(Duration::from_secs(20), "B to hold the bounce", || held(&p.b).contains(&dsn), ctx);
+    assert!(p.a.log().contains(&format!("shadowed id={dsn} kind=")), "{}", ctx());
+    wait_for(Duration::from_secs(20), "B to drop the bounced message's copy", || !held(&p.b).contains(&id), ctx);
+    assert!(p.b.log().contains(&format!("id={id} reason=confirmed")), "{}", ctx());
+    wait_for(
+        Duration::from_secs(20),
+        "A's failed attempt at the bounce",
+        || p.a.log().lines().any(|l| l.contains(&dsn) && l.contains("status=deferred")),
+        ctx,
+    );
+    p.a.stop();
+    let s = sink(t.join("sink"), sink_port);
+    let ctx = || format!("B:\n{}\nsink:\n{}", p.b.log(), s.log());
+    wait_for(Duration::from_secs(30), "B to release the bounce", || p.b.log().contains("shadow-released"), ctx);
+    let released = p.b.log().lines().find(|l| l.contains("shadow-released")).unwrap_or_default().to_string();
+    assert!(released.contains(&format!(" id={dsn} ")), "{released}");
+    wait_for(Duration::from_secs(30), "the bounce delivered", || s.mail("s").len() == 1, ctx);
+    let m = s.mail("s");
+    assert!(m[0].contains("gone@d.test") && m[0].contains("multipart/report"), "{m:?}");
+    wait_for(Duration::from_secs(20), "B's queue empty", || !in_spool(&p.b, &dsn), ctx);
+    assert_eq!(s.mail("s").len(), 1, "delivered once: {}", ctx());
+    assert!(s.mail("gone").is_empty());
+}
+
+/// A CA and a certificate it signed for 127.0.0.1 (`ca.pem`, `peer.pem`, `peer.key` in
+/// `dir`), made with openssl (Debian's, which tests/run.sh installs).
+fn backup_certificates(dir: &Path, prefix: &str) {
+    need("/usr/bin/openssl", "openssl");
+    std::fs::create_dir_all(dir).expect("cert dir");
+    std::fs::write(dir.join("peer.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").expect("ext");
+    for script in [
+        format!("openssl req -x509 -newkey rsa:2048 -nodes -keyout {prefix}ca.key -out {prefix}ca.pem -days 2 -subj '/CN=backup test CA'"),
+        format!("openssl req -newkey rsa:2048 -nodes -keyout {prefix}peer.key -out {prefix}peer.csr -subj '/CN=backup peer'"),
+        format!("openssl x509 -req -in {prefix}peer.csr -CA {prefix}ca.pem -CAkey {prefix}ca.key -CAcreateserial -out {prefix}peer.pem -days 2 -extfile peer.ext"),
+    ] {
+        let out = Command::new("sh").arg("-c").arg(&script).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Section 5.5, `backup_tls`: the copy travels over TLS, the peer verified against the
+/// pair's CA (its certificate is for 127.0.0.1, `backup_peer`'s address); the listener
+/// refuses a copy in the clear; a sender whose CA the peer's certificate does not chain to
+/// hands it nothing (and accepts with its own copy alone, `backup_on_error accept`).
+#[test]
+fn copies_travel_over_tls_to_a_verified_peer() {
+    let t = TempDir::new("backup-tls");
+    let certs = t.join("certs");
+    backup_certificates(&certs, "");
+    backup_certificates(&certs, "other-");
+    let c = |f: &str| certs.join(f).display().to_string();
+    let tls = format!(
+        "backup_tls true; backup_tls_cert \"{}\"; backup_tls_key \"{}\"; backup_tls_ca \"{}\";",
+        c("peer.pem"),
+        c("peer.key"),
+        c("ca.pem")
+    );
+    let redis = Redis::start(t.join("redis"));
+    let sink_port = free_port();
+    let s = sink(t.join("sink"), sink_port);
+    let mut p = pair_with(&t, &redis, sink_port, &tls, &tls);
+    let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "{text}\n{}", p.a.log());
+    let id = queued_id(&p.a.log());
+    let ctx = || format!("A:\n{}\nB:\n{}", p.a.log(), p.b.log());
+    assert!(p.a.log().contains(&format!("shadowed session=")), "{}", ctx());
+    assert!(p.b.log().contains(&format!("shadow-held origin=mx-a.test@")), "{}", ctx());
+    wait_for(Duration::from_secs(20), "A's delivery", || s.mail("u").len() == 1, ctx);
+    wait_for(
+        Duration::from_secs(20),
+        "B to drop its copy",
+        || p.b.log().contains(&format!("id={id} reason=confirmed")),
+        ctx,
+    );
+
+    // The listener takes nothing in the clear: the plain protocol gets no answer.
+    let mut plain = TcpStream::connect(("127.0.0.1", p.b_listen)).expect("connect");
+    plain.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let _ = plain.write_all(b"MAILPOLICY-SHADOW 1 evil.test@0123456789abcdef 0123456789AB0000000000 1\r\nx\r\n");
+    let mut reply = String::new();
+    let _ = BufReader::new(plain).read_line(&mut reply);
+    assert!(!reply.starts_with("250") && !reply.contains("held"), "{reply}");
+    wait_for(Duration::from_secs(20), "B to refuse it", || p.b.log().contains("reason=\"TLS handshake"), ctx);
+    assert!(held(&p.b).is_empty(), "{:?}", held(&p.b));
+
+    // A sender that trusts another CA does not hand B a copy.
+    let policy = std::fs::read_to_string(t.join("a/policy.mailpolicy")).expect("policy");
+    std::fs::write(t.join("a/policy.mailpolicy"), policy.replace(&c("ca.pem"), &c("other-ca.pem"))).expect("policy");
+    p.a.restart();
+    let ctx = || format!("A:\n{}\nB:\n{}", p.a.log(), p.b.log());
+    let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
+    assert_eq!(code, 250, "{text}\n{}", p.a.log());
+    let failed = p.a.log().lines().filter(|l| l.contains("shadow-failed")).last().unwrap_or_default().to_string();
+    assert!(failed.contains("TLS") && failed.contains("accepted without a copy"), "{}", ctx());
+    assert!(held(&p.b).is_empty(), "{:?}", held(&p.b));
 }

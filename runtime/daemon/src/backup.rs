@@ -52,6 +52,10 @@ const RECONCILE_TICKS: u64 = 60;
 const MAX_LINE: u64 = 600;
 /// Confirmations and status checks per pipeline.
 const BATCH: usize = 500;
+/// What an origin says of a message whose copy is held: done (the copy goes), or lost
+/// here (quarantined in `corrupt/`: the copy is delivered now).
+const DONE: &str = "1";
+const LOST: &str = "lost";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -71,9 +75,51 @@ pub struct Backup {
     /// The largest copy taken from a peer.
     max_len: u64,
     spool_dir: PathBuf,
+    /// `backup_tls`: the listener's side (copies only over TLS) and the sender's (the
+    /// peer verified against `backup_tls_ca`, for `backup_tls_name`).
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    connector: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
     /// Queue ids that left this host's spool (from the queue manager).
     removed: mpsc::UnboundedSender<String>,
     removed_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+}
+
+type TlsSides =
+    (Option<tokio_rustls::TlsAcceptor>, Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>);
+
+/// `backup_tls`: the listener's certificate (`backup_tls_cert`/`backup_tls_key`, else the
+/// self-signed pair under `SPOOL/tls/`), and the sender's trust (`backup_tls_ca`) and name
+/// (`backup_tls_name`, else the peer's IP address).
+fn tls_sides(
+    srv: &mailpolicy_lang::settings::Server,
+    policy_dir: &Path,
+    spool_dir: &Path,
+    hostname: &str,
+    peer: Option<SocketAddr>,
+) -> Result<TlsSides, String> {
+    let acceptor = match &srv.backup_listen {
+        Some(_) => {
+            let (cert, key) = match (&srv.backup_tls_cert, &srv.backup_tls_key) {
+                (Some(c), Some(k)) => (policy_dir.join(c), policy_dir.join(k)),
+                _ => crate::tls::self_signed(&spool_dir.join("tls"), hostname)?,
+            };
+            let cfg = crate::tls::server_config(&cert, &key, None, false).map_err(|e| format!("backup_tls: {e}"))?;
+            Some(tokio_rustls::TlsAcceptor::from(cfg))
+        }
+        None => None,
+    };
+    let connector = match peer {
+        Some(p) => {
+            let ca = srv.backup_tls_ca.as_ref().ok_or("backup_tls: `backup_tls_ca` is needed to verify the peer")?;
+            let cfg = crate::tls::client_config(&policy_dir.join(ca)).map_err(|e| format!("backup_tls_ca: {e}"))?;
+            let name = srv.backup_tls_name.clone().unwrap_or_else(|| p.ip().to_string());
+            let name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| format!("backup_tls_name: \"{name}\" is not a DNS name or an IP address"))?;
+            Some((tokio_rustls::TlsConnector::from(cfg), name))
+        }
+        None => None,
+    };
+    Ok((acceptor, connector))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -104,6 +150,7 @@ impl Backup {
     /// are dropped, so the files are the daemon user's.
     pub fn new(
         prog: &mailpolicy_lang::ir::Program,
+        policy_dir: &Path,
         spool_dir: &Path,
         key: Option<&str>,
         hostname: &str,
@@ -146,8 +193,12 @@ impl Backup {
         if !valid_origin(&origin) {
             return Err(format!("backup: the hostname \"{hostname}\" cannot name this host to its peers"));
         }
+        let (acceptor, connector) =
+            if srv.backup_tls { tls_sides(srv, policy_dir, spool_dir, hostname, peer)? } else { (None, None) };
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Some(Backup {
+            acceptor,
+            connector,
             origin,
             key: key.as_bytes().to_vec(),
             peer,
@@ -173,9 +224,15 @@ impl Backup {
         HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| HmacSha256::new_from_slice(b"-").expect("hmac"))
     }
 
-    /// The queue manager removed `id` from the spool: confirm it if a copy of it is held.
+    /// The queue manager removed `id` from the spool, or moved it to `corrupt/`: confirm
+    /// it, or say its copy is to be delivered, if a copy of it is held.
     pub fn removed(&self, id: &str) {
         let _ = self.removed.send(id.to_string());
+    }
+
+    /// This host's message `id` is in `corrupt/` (quarantined: never delivered from here).
+    fn unusable(&self, id: &str) -> bool {
+        QueueId::parse(id).is_some() && self.spool_dir.join(QueueName::Corrupt.as_str()).join(id).is_file()
     }
 
     /// Hand the peer a copy of the stored message `id` (before the client's 250). Ok once
@@ -188,37 +245,13 @@ impl Backup {
             .find(|p| p.is_file())
             .ok_or_else(|| format!("{id} is not in the spool"))?;
         let exchange = async {
-            let mut file = tokio::fs::File::open(&path).await.map_err(|e| e.to_string())?;
-            let len = file.metadata().await.map_err(|e| e.to_string())?.len();
-            let mut s = TcpStream::connect(peer).await.map_err(|e| format!("connect: {e}"))?;
-            let line = format!("{MAGIC} 1 {} {id} {len}\r\n", self.origin);
-            let mut mac = self.mac();
-            mac.update(line.as_bytes());
-            s.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
-            let mut buf = vec![0u8; 64 << 10];
-            let mut sent = 0u64;
-            while sent < len {
-                let n = file.read(&mut buf).await.map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err("the message file is short".to_string());
+            let tcp = TcpStream::connect(peer).await.map_err(|e| format!("connect: {e}"))?;
+            match &self.connector {
+                Some((c, name)) => {
+                    let tls = c.connect(name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                    self.send_copy(tls, id, &path).await
                 }
-                let chunk = buf.get(..n).unwrap_or_default();
-                mac.update(chunk);
-                s.write_all(chunk).await.map_err(|e| e.to_string())?;
-                sent += n as u64;
-            }
-            s.write_all(format!("{}\r\n", hex(&mac.finalize().into_bytes())).as_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut reply = String::new();
-            BufReader::new(&mut s).take(MAX_LINE).read_line(&mut reply).await.map_err(|e| e.to_string())?;
-            let reply = reply.trim_end().to_string();
-            if reply.starts_with("250") {
-                Ok(())
-            } else if reply.is_empty() {
-                Err("the peer closed the connection".to_string())
-            } else {
-                Err(format!("the peer answered: {reply}"))
+                None => self.send_copy(tcp, id, &path).await,
             }
         };
         match tokio::time::timeout(self.timeout, exchange).await {
@@ -233,6 +266,61 @@ impl Backup {
         }
     }
 
+    /// One copy on a connection to the peer (TLS or not): the header line, the file, the
+    /// HMAC; Ok once the peer answered 250.
+    async fn send_copy<S>(&self, mut s: S, id: &str, path: &Path) -> Result<(), String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut file = tokio::fs::File::open(path).await.map_err(|e| e.to_string())?;
+        let len = file.metadata().await.map_err(|e| e.to_string())?.len();
+        let line = format!("{MAGIC} 1 {} {id} {len}\r\n", self.origin);
+        let mut mac = self.mac();
+        mac.update(line.as_bytes());
+        s.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut sent = 0u64;
+        while sent < len {
+            let n = file.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("the message file is short".to_string());
+            }
+            let chunk = buf.get(..n).unwrap_or_default();
+            mac.update(chunk);
+            s.write_all(chunk).await.map_err(|e| e.to_string())?;
+            sent += n as u64;
+        }
+        s.write_all(format!("{}\r\n", hex(&mac.finalize().into_bytes())).as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reply = String::new();
+        BufReader::new(&mut s).take(MAX_LINE).read_line(&mut reply).await.map_err(|e| e.to_string())?;
+        let reply = reply.trim_end().to_string();
+        if reply.starts_with("250") {
+            let _ = s.shutdown().await;
+            Ok(())
+        } else if reply.is_empty() {
+            Err("the peer closed the connection".to_string())
+        } else {
+            Err(format!("the peer answered: {reply}"))
+        }
+    }
+
+    /// A message this host made itself (`kind`: a DSN, an alert), stored: a copy of it is
+    /// held by the peer like any accepted message's (the same path and confirmation), then
+    /// it goes to the queue. No client waits on it: a copy that fails is logged and the
+    /// message kept alone, whatever `backup_on_error` says.
+    pub async fn shadow_own(&self, log: crate::log::Logger, id: &str, kind: &str) {
+        let Some(peer) = self.peer.map(|p| p.to_string()) else { return };
+        match self.shadow(id).await {
+            Ok(()) => log.event("shadowed", &[("id", id), ("kind", kind), ("peer", &peer)]),
+            Err(e) => log.event(
+                "shadow-failed",
+                &[("id", id), ("kind", kind), ("peer", &peer), ("error", &e), ("action", "kept without a copy")],
+            ),
+        }
+    }
+
     /// Remove the stored message `id` (refused for want of a copy).
     pub async fn discard(&self, id: &str) {
         let (dir, id) = (self.spool_dir.clone(), id.to_string());
@@ -244,41 +332,79 @@ impl Backup {
     }
 
     /// Start the background work: heartbeats and confirmations with a peer; the backup
-    /// listener and the holding of peers' copies with `listen`.
-    pub fn spawn(self: &Arc<Self>, shared: Arc<Shared>, listen: Option<TcpListener>) {
+    /// listener and the holding of peers' copies with `listen`. With a peer, the answer
+    /// comes once the first heartbeat was written (or failed, within `state_timeout`): the
+    /// daemon accepts mail after it, so no copy of this host's reaches the peer before
+    /// the store could say this host is alive.
+    pub fn spawn(
+        self: &Arc<Self>,
+        shared: Arc<Shared>,
+        listen: Option<TcpListener>,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let mut first = None;
         if self.peer.is_some() {
             let rx = self.removed_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(rx) = rx {
-                tokio::spawn(announce(self.clone(), shared.clone(), rx));
+                let (tx, beat) = tokio::sync::oneshot::channel();
+                first = Some(beat);
+                tokio::spawn(announce(self.clone(), shared.clone(), rx, tx));
             }
         }
         if let Some(sock) = listen {
             tokio::spawn(serve(self.clone(), shared.clone(), sock));
             tokio::spawn(hold(self.clone(), shared));
         }
+        first
     }
 }
 
-/// The origin side: a heartbeat every tick; confirmations of the messages that left the
-/// spool and had a copy held, batched per tick; a full check of the markers at start and
-/// every [`RECONCILE_TICKS`].
-async fn announce(b: Arc<Backup>, shared: Arc<Shared>, mut removed: mpsc::UnboundedReceiver<String>) {
+/// The origin side: a heartbeat every tick (the first one said on `first`; a failure
+/// logged once per spell); confirmations of the messages that left the spool and had a
+/// copy held, batched per tick; a full check of the markers at start and every
+/// [`RECONCILE_TICKS`].
+async fn announce(
+    b: Arc<Backup>,
+    shared: Arc<Shared>,
+    mut removed: mpsc::UnboundedReceiver<String>,
+    first: tokio::sync::oneshot::Sender<()>,
+) {
     let mut stop = shared.shutdown.clone();
     let mut pending: Vec<String> = Vec::new();
     let sent = b.dir("sent");
     let mut tick: u64 = 0;
+    let mut first = Some(first);
+    let mut failing = false;
     loop {
         let state = shared.lookups();
-        let _ = state.state.heartbeat(&b.origin, HEARTBEAT_MS).await;
+        match state.state.heartbeat(&b.origin, HEARTBEAT_MS).await {
+            Ok(()) if failing => {
+                failing = false;
+                shared.log.event("backup-heartbeat", &[("origin", &b.origin), ("status", "restored")]);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if !failing {
+                    shared.log.event("backup-heartbeat-failed", &[("origin", &b.origin), ("error", &e)]);
+                }
+                failing = true;
+            }
+        }
+        if let Some(f) = first.take() {
+            let _ = f.send(());
+        }
         if tick % RECONCILE_TICKS == 0 {
             // Markers whose message is in no queue: it left without the queue manager.
             let (dir, spool_dir) = (sent.clone(), b.spool_dir.clone());
             let gone = tokio::task::spawn_blocking(move || {
                 let Ok(spool) = Spool::attach(&spool_dir) else { return Vec::new() };
                 let Ok(rd) = std::fs::read_dir(&dir) else { return Vec::new() };
+                // (One in `corrupt/` is unusable here: its peer is told.)
                 rd.filter_map(|e| e.ok())
                     .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| QueueId::parse(n).is_some_and(|id| !spool.holds(&id)))
+                    .filter(|n| {
+                        QueueId::parse(n)
+                            .is_some_and(|id| !spool.holds(&id) || spool_dir.join("corrupt").join(n).is_file())
+                    })
                     .collect::<Vec<_>>()
             })
             .await
@@ -292,13 +418,18 @@ async fn announce(b: Arc<Backup>, shared: Arc<Shared>, mut removed: mpsc::Unboun
         }
         pending.sort();
         pending.dedup();
-        for chunk in pending.clone().chunks(BATCH) {
-            if state.state.confirm(&b.origin, chunk, CONFIRM_MS).await.is_ok() {
-                for id in chunk {
-                    let _ = std::fs::remove_file(sent.join(id));
-                    shared.log.event("shadow-confirmed", &[("id", id), ("origin", &b.origin)]);
+        // A message quarantined in `corrupt/` will never be delivered from here: its peer
+        // is told to deliver its copy now; every other one left the spool done.
+        let (lost, done): (Vec<String>, Vec<String>) = pending.iter().cloned().partition(|id| b.unusable(id));
+        for (ids, what, event) in [(lost, LOST, "shadow-unusable"), (done, DONE, "shadow-confirmed")] {
+            for chunk in ids.chunks(BATCH) {
+                if state.state.confirm(&b.origin, chunk, what, CONFIRM_MS).await.is_ok() {
+                    for id in chunk {
+                        let _ = std::fs::remove_file(sent.join(id));
+                        shared.log.event(event, &[("id", id), ("origin", &b.origin)]);
+                    }
+                    pending.retain(|p| !chunk.contains(p));
                 }
-                pending.retain(|p| !chunk.contains(p));
             }
         }
         tick += 1;
@@ -344,41 +475,58 @@ async fn serve(b: Arc<Backup>, shared: Arc<Shared>, sock: TcpListener) {
         let (b, shared) = (b.clone(), shared.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let mut tcp = tcp;
-            let res = match tokio::time::timeout(b.timeout, receive(&b, &mut tcp)).await {
-                Ok(r) => r,
-                Err(_) => Err(("421 4.4.2 time-out".to_string(), "time-out".to_string(), None)),
-            };
-            match res {
-                Ok((origin, id, size)) => {
-                    let _ = tcp.write_all(format!("250 2.0.0 held {origin} {id}\r\n").as_bytes()).await;
-                    shared.log.event(
-                        "shadow-held",
-                        &[
-                            ("origin", &origin),
-                            ("id", &id),
-                            ("size", &size.to_string()),
-                            ("client", &remote.to_string()),
-                        ],
-                    );
-                }
-                Err((reply, why, tmp)) => {
-                    if let Some(t) = tmp {
-                        let _ = std::fs::remove_file(t);
-                    }
-                    let _ = tcp.write_all(format!("{reply}\r\n").as_bytes()).await;
+            let Some(acceptor) = b.acceptor.clone() else { return take_copy(&b, &shared, remote, tcp).await };
+            // `backup_tls`: a copy comes only over TLS; a plain or failed handshake is
+            // refused (nothing is answered in the clear).
+            match tokio::time::timeout(b.timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => take_copy(&b, &shared, remote, tls).await,
+                Ok(Err(e)) => {
+                    let why = format!("TLS handshake: {e}");
                     shared.log.event("shadow-refused", &[("client", &remote.to_string()), ("reason", &why)]);
                 }
+                Err(_) => {
+                    shared.log.event("shadow-refused", &[("client", &remote.to_string()), ("reason", "TLS time-out")]);
+                }
             }
-            let _ = tcp.shutdown().await;
         });
     }
+}
+
+/// One peer's connection: its copy held durably and answered 250, or refused.
+async fn take_copy<S>(b: &Backup, shared: &Shared, remote: SocketAddr, mut tcp: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let res = match tokio::time::timeout(b.timeout, receive(b, &mut tcp)).await {
+        Ok(r) => r,
+        Err(_) => Err(("421 4.4.2 time-out".to_string(), "time-out".to_string(), None)),
+    };
+    match res {
+        Ok((origin, id, size)) => {
+            let _ = tcp.write_all(format!("250 2.0.0 held {origin} {id}\r\n").as_bytes()).await;
+            shared.log.event(
+                "shadow-held",
+                &[("origin", &origin), ("id", &id), ("size", &size.to_string()), ("client", &remote.to_string())],
+            );
+        }
+        Err((reply, why, tmp)) => {
+            if let Some(t) = tmp {
+                let _ = std::fs::remove_file(t);
+            }
+            let _ = tcp.write_all(format!("{reply}\r\n").as_bytes()).await;
+            shared.log.event("shadow-refused", &[("client", &remote.to_string()), ("reason", &why)]);
+        }
+    }
+    let _ = tcp.shutdown().await;
 }
 
 type Refusal = (String, String, Option<PathBuf>);
 
 /// One copy from a peer: (origin, queue id, size) once it is held durably.
-async fn receive(b: &Backup, tcp: &mut TcpStream) -> Result<(String, String, u64), Refusal> {
+async fn receive<S>(b: &Backup, tcp: &mut S) -> Result<(String, String, u64), Refusal>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
     let refuse = |reply: &str, why: &str| (reply.to_string(), why.to_string(), None);
     let mut r = BufReader::new(tcp);
     let mut line = Vec::new();
@@ -474,8 +622,11 @@ async fn receive(b: &Backup, tcp: &mut TcpStream) -> Result<(String, String, u64
 /// ones are dropped, those of an origin silent for `backup_takeover` are released.
 async fn hold(b: Arc<Backup>, shared: Arc<Shared>) {
     let mut stop = shared.shutdown.clone();
-    // origin -> when its heartbeat was first seen missing (this process's observation).
+    // origin -> when its silence starts counting: when its heartbeat was first seen missing
+    // (this process's observation), or a heartbeat life after that for an origin this
+    // process has not seen alive (its heartbeat may not have reached the store yet).
     let mut silent: HashMap<String, u64> = HashMap::new();
+    let mut seen_alive: std::collections::HashSet<String> = std::collections::HashSet::new();
     let held = b.dir("held");
     loop {
         tokio::select! {
@@ -506,6 +657,7 @@ async fn hold(b: Arc<Backup>, shared: Arc<Shared>) {
         .unwrap_or_default();
         let state = shared.lookups();
         silent.retain(|o, _| listing.iter().any(|(l, _)| l == o));
+        seen_alive.retain(|o| listing.iter().any(|(l, _)| l == o));
         for (origin, ids) in listing {
             for chunk in ids.chunks(BATCH.max(1)) {
                 // A store that does not answer decides nothing: a copy is never released on
@@ -514,19 +666,25 @@ async fn hold(b: Arc<Backup>, shared: Arc<Shared>) {
                 let now = now_ms();
                 let since = if alive {
                     silent.remove(&origin);
+                    seen_alive.insert(origin.clone());
                     None
                 } else {
-                    Some(*silent.entry(origin.clone()).or_insert(now))
+                    let grace = if seen_alive.contains(&origin) { 0 } else { HEARTBEAT_MS };
+                    Some(*silent.entry(origin.clone()).or_insert(now + grace))
                 };
                 let mut dropped = Vec::new();
-                for (id, confirmed) in chunk.iter().zip(done) {
+                for (id, said) in chunk.iter().zip(done) {
                     let path = held.join(&origin).join(id);
-                    if confirmed {
+                    if said.as_deref() == Some(DONE) {
                         let _ = std::fs::remove_file(&path);
                         shared.log.event("shadow-dropped", &[("origin", &origin), ("id", id), ("reason", "confirmed")]);
                         dropped.push(id.clone());
-                    } else if since.is_some_and(|s| now.saturating_sub(s) >= b.takeover_ms) {
-                        release(&b, &shared, &origin, id, &path, now.saturating_sub(since.unwrap_or(now))).await;
+                    } else if said.as_deref() == Some(LOST) {
+                        release(&b, &shared, &origin, id, &path, Released::Unusable).await;
+                        dropped.push(id.clone());
+                    } else if since.is_some_and(|s| now >= s && now - s >= b.takeover_ms) {
+                        let silent = now.saturating_sub(since.unwrap_or(now));
+                        release(&b, &shared, &origin, id, &path, Released::Silent(silent)).await;
                     } else if Spool::inspect(&path).is_ok_and(|(_, arrived)| now.saturating_sub(arrived) > b.keep_ms) {
                         let _ = std::fs::remove_file(&path);
                         shared.log.event("shadow-dropped", &[("origin", &origin), ("id", id), ("reason", "expired")]);
@@ -540,22 +698,37 @@ async fn hold(b: Arc<Backup>, shared: Arc<Shared>) {
     }
 }
 
-/// The origin of a held copy is gone: the copy joins this host's queue, same queue id.
-async fn release(b: &Backup, shared: &Shared, origin: &str, id: &str, path: &Path, silent_ms: u64) {
+/// Why a held copy is delivered here.
+enum Released {
+    /// Its origin's heartbeat has been missing this long (ms), past `backup_takeover`.
+    Silent(u64),
+    /// Its origin quarantined its own copy in `corrupt/`.
+    Unusable,
+}
+
+/// The origin of a held copy is gone, or cannot deliver it: the copy joins this host's
+/// queue, same queue id.
+async fn release(b: &Backup, shared: &Shared, origin: &str, id: &str, path: &Path, why: Released) {
     let (spool_dir, file) = (b.spool_dir.clone(), path.to_path_buf());
     let res = tokio::task::spawn_blocking(move || Spool::attach(&spool_dir).and_then(|s| s.adopt(&file)))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-    let silent = format!("{}s", silent_ms / 1000);
+    let (field, value, text) = match why {
+        Released::Silent(ms) => {
+            let silent = format!("{}s", ms / 1000);
+            let text = format!("released the copy of {origin}, silent for {silent}: delivering it here");
+            ("silent", silent, text)
+        }
+        Released::Unusable => (
+            "reason",
+            "unusable at its origin".to_string(),
+            format!("released the copy of {origin}, whose own is in its corrupt/: delivering it here"),
+        ),
+    };
     match res {
         Ok(qid) => {
-            shared.log.event("shadow-released", &[("origin", origin), ("id", qid.as_str()), ("silent", &silent)]);
-            shared.log.summary(
-                "backup",
-                crate::log::Severity::Warning,
-                qid.as_str(),
-                &format!("released the copy of {origin}, silent for {silent}: delivering it here"),
-            );
+            shared.log.event("shadow-released", &[("origin", origin), ("id", qid.as_str()), (field, &value)]);
+            shared.log.summary("backup", crate::log::Severity::Warning, qid.as_str(), &text);
             shared.enqueued(qid.as_str());
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

@@ -285,7 +285,18 @@ impl Shared {
         match self.store.store(&msg) {
             Ok(id) => {
                 self.log.event("alert", &[("id", &id), ("to", to), ("text", text)]);
-                self.enqueued(&id);
+                // Held by the backup peer too, like any accepted message (section 5.5),
+                // then queued; the stage that raised the alert does not wait for the copy.
+                match self.backup.get().filter(|b| b.peer.is_some()).cloned() {
+                    Some(b) => {
+                        let (log, queued) = (self.log, self.queued.clone());
+                        tokio::spawn(async move {
+                            b.shadow_own(log, &id, "alert").await;
+                            let _ = queued.send(id);
+                        });
+                    }
+                    None => self.enqueued(&id),
+                }
             }
             Err(e) => self.log.event("alert-failed", &[("to", to), ("error", &format!("{e:?}"))]),
         }
@@ -633,7 +644,7 @@ pub async fn start_with(
         let prog = shared.program();
         let key = prog.server.backup_key.and_then(|id| prog.secrets.get(id.index())).map(|s| s.name.clone());
         let key = key.and_then(|k| shared.lookups().secret(&k).map(str::to_string));
-        if let Some(b) = backup::Backup::new(&prog, &spool, key.as_deref(), &shared.hostname)? {
+        if let Some(b) = backup::Backup::new(&prog, &policy_dir, &spool, key.as_deref(), &shared.hostname)? {
             let b = Arc::new(b);
             if let Some(sock) = &backup_sock {
                 let bound = sock.local_addr().map_err(|e| e.to_string())?;
@@ -652,7 +663,12 @@ pub async fn start_with(
                 ],
             );
             let _ = shared.backup.set(b.clone());
-            b.spawn(shared.clone(), backup_sock);
+            // No mail is accepted before this host's first heartbeat was written (or
+            // failed within `state_timeout`): its peer never holds a copy of a host it
+            // could not see alive.
+            if let Some(first) = b.spawn(shared.clone(), backup_sock) {
+                let _ = first.await;
+            }
         }
     }
     if let Some(sock) = admin {

@@ -316,7 +316,10 @@ pub fn spawn(
                 let q = id.clone();
                 match spool_io(&spool, move |s| s.move_to(&q, QueueName::Corrupt)).await {
                     Ok(()) => {
-                        shared.log.event("corrupt", &[("id", id.as_str()), ("reason", "the queue manager died on it")])
+                        shared.log.event("corrupt", &[("id", id.as_str()), ("reason", "the queue manager died on it")]);
+                        if let Some(b) = shared.backup.get() {
+                            b.removed(id.as_str());
+                        }
                     }
                     Err(e) => shared.log.event("corrupt-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
                 }
@@ -557,7 +560,13 @@ impl Qmgr {
         }
         let q = id.clone();
         match spool_io(&self.spool, move |s| s.move_to(&q, QueueName::Corrupt)).await {
-            Ok(()) => self.shared.log.event("corrupt", &[("id", id.as_str()), ("reason", why)]),
+            Ok(()) => {
+                self.shared.log.event("corrupt", &[("id", id.as_str()), ("reason", why)]);
+                // Its shadow copy, if a peer holds one, is delivered there now.
+                if let Some(b) = self.shared.backup.get() {
+                    b.removed(id.as_str());
+                }
+            }
             Err(e) => self.shared.log.event("corrupt-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
         }
     }

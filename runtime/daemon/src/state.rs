@@ -848,28 +848,39 @@ impl StateStore {
         r.bounded(async move { cmd.query_async::<()>(&mut c).await }).await.map_err(|f| format!("{f:?}"))
     }
 
-    /// The messages `ids` of this host are final: their copies may go (one pipeline).
-    pub async fn confirm(&self, origin: &str, ids: &[String], ttl_ms: u64) -> Result<(), String> {
+    /// The messages `ids` of this host are final (`what` "1": their copies may go) or
+    /// unusable here (`what` "lost": their copies are to be delivered now), one pipeline.
+    pub async fn confirm(&self, origin: &str, ids: &[String], what: &str, ttl_ms: u64) -> Result<(), String> {
         let (r, mut c) = self.shared_conn().map_err(|f| format!("{f:?}"))?;
         let mut p = redis::pipe();
         for id in ids {
-            p.cmd("SET").arg(r.key("done", &[origin, id])).arg(1).arg("PX").arg(ttl_ms.max(1)).ignore();
+            p.cmd("SET").arg(r.key("done", &[origin, id])).arg(what).arg("PX").arg(ttl_ms.max(1)).ignore();
         }
         r.bounded(async move { p.query_async::<()>(&mut c).await }).await.map_err(|f| format!("{f:?}"))
     }
 
-    /// Whether `origin`'s heartbeat is there, and which of `ids` it confirmed (one pipeline).
-    pub async fn shadow_status(&self, origin: &str, ids: &[String]) -> Result<(bool, Vec<bool>), String> {
+    /// Whether `origin`'s heartbeat is there, and what it said of each of `ids` (none yet,
+    /// or [`StateStore::confirm`]'s word), one pipeline.
+    pub async fn shadow_status(&self, origin: &str, ids: &[String]) -> Result<(bool, Vec<Option<String>>), String> {
         let (r, mut c) = self.shared_conn().map_err(|f| format!("{f:?}"))?;
         let mut p = redis::pipe();
         p.cmd("EXISTS").arg(r.key("alive", &[origin]));
+        let mut get = redis::cmd("MGET");
         for id in ids {
-            p.cmd("EXISTS").arg(r.key("done", &[origin, id]));
+            get.arg(r.key("done", &[origin, id]));
         }
-        let v: Vec<u64> = r.bounded(async move { p.query_async(&mut c).await }).await.map_err(|f| format!("{f:?}"))?;
-        let alive = v.first().copied().unwrap_or(0) > 0;
-        let done = (0..ids.len()).map(|i| v.get(i + 1).copied().unwrap_or(0) > 0).collect();
-        Ok((alive, done))
+        if !ids.is_empty() {
+            p.add_command(get);
+        }
+        let (alive, said): (u64, Vec<Option<String>>) = if ids.is_empty() {
+            let v: (u64,) =
+                r.bounded(async move { p.query_async(&mut c).await }).await.map_err(|f| format!("{f:?}"))?;
+            (v.0, Vec::new())
+        } else {
+            r.bounded(async move { p.query_async(&mut c).await }).await.map_err(|f| format!("{f:?}"))?
+        };
+        let said = (0..ids.len()).map(|i| said.get(i).cloned().flatten()).collect();
+        Ok((alive > 0, said))
     }
 
     /// The confirmations of `ids`, seen and acted on: gone.

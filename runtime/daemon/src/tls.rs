@@ -84,6 +84,21 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A client's configuration trusting only the certificates of `ca` (CAs, or a peer's own
+/// self-signed certificate), names checked as the web PKI checks them.
+pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_certs(ca)? {
+        roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Version and cipher names as logged and as `tls.version` / `tls.cipher` show them.
 pub fn describe(conn: &rustls::ServerConnection) -> (String, String) {
     let version = match conn.protocol_version() {

@@ -214,7 +214,18 @@ impl Qmgr {
                         ("expired", if expired { "yes" } else { "" }),
                     ],
                 );
-                Box::pin(self.admit(new_id.as_str())).await;
+                match self.shared.backup.get().filter(|b| b.peer.is_some()) {
+                    // Its peer holds a copy before it is queued (section 5.5); the queue
+                    // manager goes on meanwhile, and admits it when the copy is held.
+                    Some(b) => {
+                        let (b, shared, kind) = (b.clone(), self.shared.clone(), kind_word.to_string());
+                        tokio::spawn(async move {
+                            b.shadow_own(shared.log, new_id.as_str(), &kind).await;
+                            shared.enqueued(new_id.as_str());
+                        });
+                    }
+                    None => Box::pin(self.admit(new_id.as_str())).await,
+                }
             }
             Err(e) => self.shared.log.event("dsn-failed", &[("id", id.as_str()), ("error", &e.to_string())]),
         }
