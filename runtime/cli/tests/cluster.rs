@@ -1084,8 +1084,10 @@ fn a_bounce_its_host_died_before_sending_is_delivered_by_the_peer() {
     assert!(!dsn.is_empty() && dsn != id, "{dsn_line}");
     // The bounce is held by B before A queues it; the bounced message itself is done,
     // confirmed, and its copy dropped.
-    wait_for(Duration::from_secs(20), "B to hold the bounce", || held(&p.b).contains(&dsn), ctx);
-    assert!(p.a.log().contains(&format!("shadowed id={dsn} kind=")), "{}", ctx());
+    // (A logs `shadowed` once B answered, after B holds the file.)
+    let shadowed = format!("shadowed id={dsn} kind=failure ");
+    wait_for(Duration::from_secs(20), "B to hold the bounce", || p.a.log().contains(&shadowed), ctx);
+    assert!(held(&p.b).contains(&dsn), "{}", ctx());
     wait_for(Duration::from_secs(20), "B to drop the bounced message's copy", || !held(&p.b).contains(&id), ctx);
     assert!(p.b.log().contains(&format!("id={id} reason=confirmed")), "{}", ctx());
     wait_for(

@@ -503,11 +503,13 @@ where
     };
     match res {
         Ok((origin, id, size)) => {
-            let _ = tcp.write_all(format!("250 2.0.0 held {origin} {id}\r\n").as_bytes()).await;
+            // Logged before the answer (the copy is durable by now): the line is there when
+            // the origin's client gets its 250.
             shared.log.event(
                 "shadow-held",
                 &[("origin", &origin), ("id", &id), ("size", &size.to_string()), ("client", &remote.to_string())],
             );
+            let _ = tcp.write_all(format!("250 2.0.0 held {origin} {id}\r\n").as_bytes()).await;
         }
         Err((reply, why, tmp)) => {
             if let Some(t) = tmp {
