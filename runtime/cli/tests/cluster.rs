@@ -1040,7 +1040,8 @@ fn a_copy_its_origin_quarantined_is_delivered_by_the_peer_at_once() {
     assert_eq!(held(&p.b), vec![id.clone()], "{}", p.b.log());
     wait_for(Duration::from_secs(20), "A's failed attempt", || p.a.log().contains("status=deferred"), || p.a.log());
     p.a.stop();
-    let file = ["incoming", "deferred"]
+    // (Killed perhaps before the deferral moved it out of active/: recovery checks it there.)
+    let file = ["incoming", "active", "deferred", "hold"]
         .iter()
         .map(|q| p.a.dir.join("spool").join(q).join(&id))
         .find(|f| f.is_file())

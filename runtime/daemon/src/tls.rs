@@ -110,3 +110,35 @@ pub fn describe(conn: &rustls::ServerConnection) -> (String, String) {
     let cipher = conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default();
     (version, cipher)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The backup channel's two ends (`backup_tls`, spec section 5.5): a client trusting
+    //! only a peer's own self-signed certificate (pinned) completes a handshake with that
+    //! peer, for a name the certificate is for, and with no other.
+    use super::*;
+    use mailpolicy_test_support::TempDir;
+
+    async fn handshake(trusted: &Path, served: (&Path, &Path), name: &str) -> Result<(), String> {
+        let server = tokio_rustls::TlsAcceptor::from(server_config(served.0, served.1, None, false)?);
+        let client = tokio_rustls::TlsConnector::from(client_config(trusted)?);
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+        let (cr, sr) = tokio::join!(client.connect(name, c), server.accept(s));
+        cr.map_err(|e| e.to_string())?;
+        sr.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_pinned_self_signed_certificate_is_the_only_one_trusted() {
+        let (a, b) = (TempDir::new("tls-pin-a"), TempDir::new("tls-pin-b"));
+        let (ca, ka) = self_signed(a.path(), "mx-a.test").expect("pair a");
+        let (cb, kb) = self_signed(b.path(), "mx-b.test").expect("pair b");
+        handshake(&cb, (&cb, &kb), "mx-b.test").await.expect("the pinned peer");
+        let wrong_name = handshake(&cb, (&cb, &kb), "mx-c.test").await;
+        assert!(wrong_name.is_err(), "{wrong_name:?}");
+        let other_peer = handshake(&cb, (&ca, &ka), "mx-a.test").await;
+        assert!(other_peer.is_err(), "{other_peer:?}");
+    }
+}
