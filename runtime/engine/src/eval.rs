@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use mailpolicy_lang::ir::*;
+use mailpolicy_lang::resources::{OnError, Options};
 use mailpolicy_stdlib::access::{self, AccessAction};
 use mailpolicy_stdlib::address as addr;
 
@@ -226,8 +227,8 @@ impl Run {
         let fail_open = r
             .table()
             .and_then(|t| prog.tables.get(t.index()))
-            .and_then(|t| t.option("on_error"))
-            .is_some_and(|v| *v == OptValue::Word("continue".into()));
+            .and_then(|t| t.options.table())
+            .is_some_and(|o| o.on_error == OnError::Continue);
         let name = r.table().and_then(|t| prog.tables.get(t.index())).map(|t| t.name.clone()).unwrap_or_default();
         if fail_open {
             Ok(T::default())
@@ -291,11 +292,9 @@ impl Run {
                 match self.ask(r)? {
                     Answer::Score(x) => V::Num(*x),
                     Answer::Error(e) | Answer::Value(Some(e)) => {
-                        let open = prog
-                            .scanners
-                            .get(s.index())
-                            .and_then(|s| s.option("on_error"))
-                            .is_some_and(|v| *v == OptValue::Word("continue".into()));
+                        let open = prog.scanners.get(s.index()).is_some_and(
+                            |s| matches!(&s.options, Options::Scanner(o) if o.on_error == OnError::Continue),
+                        );
                         if open {
                             V::Num(0.0)
                         } else {
