@@ -146,6 +146,22 @@ impl Options {
         }
     }
 
+    /// An `ldap` table's options.
+    pub fn ldap(&self) -> Option<(&TableOptions, &LdapOptions)> {
+        match self {
+            Options::Ldap(t, l) => Some((t, l)),
+            _ => None,
+        }
+    }
+
+    /// An `sql` table's options.
+    pub fn sql(&self) -> Option<(&TableOptions, &SqlOptions)> {
+        match self {
+            Options::Sql(t, s) => Some((t, s)),
+            _ => None,
+        }
+    }
+
     /// Sets option `name` on whichever of the kind's structs has it; false when none does
     /// (the checker rules that out).
     pub fn set(&mut self, name: &str, v: &OptValue) -> bool {

@@ -20,33 +20,16 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use ldap3::{ldap_escape, Ldap, LdapConnAsync, Mod, Scope, SearchEntry};
-use mailpolicy_lang::ir::{Program, Resource};
-use mailpolicy_lang::resources::{LdapOptions, LdapScope, Options};
+use mailpolicy_lang::ir::Program;
+use mailpolicy_lang::resources::{LdapOptions, LdapScope};
 use tokio::sync::Semaphore;
 
 use crate::eval::Answer;
 
-/// An `ldap` table as the pool uses it: its name, its options, its time-out (the table's
-/// `timeout`, else the server's `lookup_timeout`).
-#[derive(Clone, Copy)]
-pub struct LdapTable<'a> {
-    pub name: &'a str,
-    pub opts: &'a LdapOptions,
-    pub timeout: Duration,
-}
-
-impl<'a> LdapTable<'a> {
-    /// `t` if it is an `ldap` table, its time-out resolved against the server's `default`.
-    pub fn of(t: &'a Resource, default: Duration) -> Option<LdapTable<'a>> {
-        match &t.options {
-            Options::Ldap(common, opts) => Some(LdapTable { name: &t.name, opts, timeout: common.timeout_or(default) }),
-            _ => None,
-        }
-    }
-}
+/// An `ldap` table as the pool uses it (`LdapTable::of(t, default, Options::ldap)`).
+pub type LdapTable<'a> = crate::lookup::NetTable<'a, LdapOptions>;
 
 /// Fill `%s`, `%u`, `%d` in a filter, escaping the values.
 pub fn expand_filter(filter: &str, key: &str) -> String {

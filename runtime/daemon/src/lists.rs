@@ -232,9 +232,9 @@ fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
 pub async fn members(policy_dir: &Path, prog: &Program, lookups: &Lookups, list: &List) -> Result<Vec<String>, String> {
     let t = list.table.as_ref().ok_or("the list has no subscribers table")?;
     let timeout = lookups.lookup_timeout();
-    let mut out = if let Some(s) = SqlTable::of(t, timeout) {
+    let mut out = if let Some(s) = SqlTable::of(t, timeout, Options::sql) {
         lookups.sql_statement(prog, s, ListStatement::Members).await?
-    } else if let Some(l) = LdapTable::of(t, timeout) {
+    } else if let Some(l) = LdapTable::of(t, timeout, Options::ldap) {
         lookups.ldap_members(prog, l).await?
     } else {
         let path = table_path(policy_dir, t).ok_or("the subscribers table has no file")?;
@@ -292,13 +292,13 @@ async fn change(
 ) -> Result<bool, String> {
     let a = address.to_ascii_lowercase();
     let t = list.table.clone().ok_or("the list has no subscribers table")?;
-    if let Some(s) = SqlTable::of(&t, lookups.lookup_timeout()) {
+    if let Some(s) = SqlTable::of(&t, lookups.lookup_timeout(), Options::sql) {
         let before = members(policy_dir, prog, lookups, list).await?;
         let statement = if subscribe { ListStatement::Insert(&a) } else { ListStatement::Delete(&a) };
         lookups.sql_statement(prog, s, statement).await?;
         return Ok(before.contains(&a) != subscribe);
     }
-    if let Some(l) = LdapTable::of(&t, lookups.lookup_timeout()) {
+    if let Some(l) = LdapTable::of(&t, lookups.lookup_timeout(), Options::ldap) {
         return lookups.ldap_change(prog, l, subscribe, &a).await;
     }
     let path = table_path(policy_dir, &t).ok_or("the subscribers table has no file")?;

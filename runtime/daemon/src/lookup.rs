@@ -14,7 +14,7 @@ use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::proto::{NoRecords, ProtoErrorKind};
 use hickory_resolver::TokioResolver;
 use mailpolicy_lang::ir::{Program, Resource, TransportKind};
-use mailpolicy_lang::resources::Options;
+use mailpolicy_lang::resources::{Options, TableOptions};
 
 use super::ldap::LdapTable;
 use super::sql::{ListStatement, SqlTable};
@@ -250,9 +250,9 @@ impl Lookups {
         match req {
             Request::Lookup { table, key } => match prog.tables.get(table.index()) {
                 Some(t) => {
-                    if let Some(l) = LdapTable::of(t, self.lookup_timeout) {
+                    if let Some(l) = LdapTable::of(t, self.lookup_timeout, Options::ldap) {
                         self.ldap.lookup(prog, l, key, &self.secrets).await
-                    } else if let Some(s) = SqlTable::of(t, self.lookup_timeout) {
+                    } else if let Some(s) = SqlTable::of(t, self.lookup_timeout, Options::sql) {
                         self.sql.lookup(prog, s, key, &self.secrets).await
                     } else {
                         self.table(t, key).await
@@ -277,7 +277,6 @@ impl Lookups {
             // The session answers these itself: they need the message and the session.
             // Never asked of this host: in a session `Conn` answers it, and the queue-side
             // stages read the results kept in the message's record (`Facts::recorded_auth`).
-            Request::Auth(_) => Answer::Error("sender authentication is answered by the session".into()),
             // The session answers scans itself: it has the message.
             Request::Scan { .. } => Answer::Error("a scan needs the message; the session answers it".into()),
             Request::Callahead { recipient, sender } => self.callahead(prog, recipient, sender, now_ms).await,
@@ -598,6 +597,35 @@ impl Lookups {
 
     pub fn lookup_timeout(&self) -> Duration {
         self.lookup_timeout
+    }
+}
+
+/// A network table (`ldap`, `sql`) as its pool uses it: its name, its kind's options, its
+/// time-out (the table's `timeout`, else the server's `lookup_timeout`).
+pub struct NetTable<'a, O> {
+    pub name: &'a str,
+    pub opts: &'a O,
+    pub timeout: Duration,
+}
+
+// Copy whatever `O` is: only references and a duration are copied.
+impl<O> Clone for NetTable<'_, O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<O> Copy for NetTable<'_, O> {}
+
+impl<'a, O> NetTable<'a, O> {
+    /// `t` if `kind` (`Options::ldap`, `Options::sql`) finds its options, its time-out
+    /// resolved against the server's `default`.
+    pub fn of(
+        t: &'a Resource,
+        default: Duration,
+        kind: fn(&'a Options) -> Option<(&'a TableOptions, &'a O)>,
+    ) -> Option<NetTable<'a, O>> {
+        let (common, opts) = kind(&t.options)?;
+        Some(NetTable { name: &t.name, opts, timeout: common.timeout_or(default) })
     }
 }
 

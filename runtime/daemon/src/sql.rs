@@ -27,10 +27,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use mailpolicy_lang::ir::{Program, Resource, SecretId};
-use mailpolicy_lang::resources::{Options, SqlOptions};
+use mailpolicy_lang::ir::{Program, SecretId};
+use mailpolicy_lang::resources::SqlOptions;
 use tokio::sync::Semaphore;
 use tokio_postgres::{Client, Statement};
 
@@ -39,24 +38,8 @@ pub use tls::connect;
 
 use crate::eval::Answer;
 
-/// An `sql` table as the pool uses it: its name, its options, its time-out (the table's
-/// `timeout`, else the server's `lookup_timeout`).
-#[derive(Clone, Copy)]
-pub struct SqlTable<'a> {
-    pub name: &'a str,
-    pub opts: &'a SqlOptions,
-    pub timeout: Duration,
-}
-
-impl<'a> SqlTable<'a> {
-    /// `t` if it is an `sql` table, its time-out resolved against the server's `default`.
-    pub fn of(t: &'a Resource, default: Duration) -> Option<SqlTable<'a>> {
-        match &t.options {
-            Options::Sql(common, opts) => Some(SqlTable { name: &t.name, opts, timeout: common.timeout_or(default) }),
-            _ => None,
-        }
-    }
-}
+/// An `sql` table as the pool uses it (`SqlTable::of(t, default, Options::sql)`).
+pub type SqlTable<'a> = crate::lookup::NetTable<'a, SqlOptions>;
 
 /// A mailing list's statement on its subscribers table (spec/language.md 4.9).
 #[derive(Clone, Copy)]

@@ -565,11 +565,12 @@ async fn postgresql_table() {
 }
 
 fn sql_table(t: &mailpolicy_lang::ir::Resource, timeout: Duration) -> mailpolicy_daemon::sql::SqlTable<'_> {
-    mailpolicy_daemon::sql::SqlTable::of(t, timeout).expect("an sql table")
+    mailpolicy_daemon::sql::SqlTable::of(t, timeout, mailpolicy_lang::resources::Options::sql).expect("an sql table")
 }
 
 fn ldap_table(t: &mailpolicy_lang::ir::Resource, timeout: Duration) -> mailpolicy_daemon::ldap::LdapTable<'_> {
-    mailpolicy_daemon::ldap::LdapTable::of(t, timeout).expect("an ldap table")
+    mailpolicy_daemon::ldap::LdapTable::of(t, timeout, mailpolicy_lang::resources::Options::ldap)
+        .expect("an ldap table")
 }
 
 /// PostgreSQL over TLS (the url's `sslmode`, `sslrootcert`): a server with a self-signed
