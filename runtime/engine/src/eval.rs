@@ -34,9 +34,15 @@ use replies::{reply_of, split_enhanced};
 pub use replies::{soft_bounce, soft_bounce_line};
 
 enum Halt {
-    Need(Request),
+    Need(Asked),
     /// A back end failed and the policy did not choose fail-open.
     Fail(String),
+}
+
+/// What a stage waits for: a host's answer, or a session's sender-authentication word.
+enum Asked {
+    Host(Request),
+    SenderAuth(AuthCheck),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +88,7 @@ pub struct Run {
     stage: Stage,
     pc: usize,
     answers: HashMap<Request, Answer>,
+    sender_auth: HashMap<AuthCheck, Answer>,
     effects: Vec<Effect>,
     trace: Vec<Trace>,
     /// Whether to keep the trace (`mailc test`/`explain` read it; the daemon does not).
@@ -103,6 +110,7 @@ impl Run {
             stage,
             pc: 0,
             answers: HashMap::new(),
+            sender_auth: HashMap::new(),
             effects: Vec::new(),
             trace: Vec::new(),
             tracing: true,
@@ -135,12 +143,33 @@ impl Run {
         self.answers.insert(request, answer);
     }
 
-    /// Run until the stage ends or the outside world is needed.
+    /// Give the sender-authentication word `Conn` has for the check the last
+    /// [`SessionStep::SenderAuth`] asked.
+    pub fn answer_sender_auth(&mut self, check: AuthCheck, answer: Answer) {
+        self.traced(|| Trace::SenderAuth { check, answer: answer.clone() });
+        self.sender_auth.insert(check, answer);
+    }
+
+    /// Run until the stage ends or the host is needed, outside a session (the queue side:
+    /// `spf`, `dkim`, `dmarc` are the session's record, `Facts::recorded_auth`; a check the
+    /// record does not hold reads `temperror`, as a check that failed).
     pub fn step(&mut self, prog: &Program, facts: &Facts, state: &mut State) -> Step {
+        loop {
+            match self.step_session(prog, facts, state) {
+                SessionStep::Need(r) => return Step::Need(r),
+                SessionStep::Done(v) => return Step::Done(v),
+                SessionStep::SenderAuth(c) => self.answer_sender_auth(c, Answer::Error("no session".into())),
+            }
+        }
+    }
+
+    /// Run until the stage ends, the host is needed, or (in a session) `Conn`'s sender
+    /// authentication.
+    pub fn step_session(&mut self, prog: &Program, facts: &Facts, state: &mut State) -> SessionStep {
         let code = prog.stage(self.stage);
         loop {
             let Some(instr) = code.get(self.pc) else {
-                return Step::Done(self.finish(Outcome::Default, None));
+                return SessionStep::Done(self.finish(Outcome::Default, None));
             };
             match instr {
                 Instr::Jump(t) => self.pc = *t as usize,
@@ -152,7 +181,7 @@ impl Run {
                             self.pc = if b { self.pc + 1 } else { *else_pc as usize };
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
-                        Err(Halt::Fail(msg)) => return Step::Done(self.fail(msg, *loc)),
+                        Err(Halt::Fail(msg)) => return SessionStep::Done(self.fail(msg, *loc)),
                     }
                 }
                 Instr::Do { action, loc } => {
@@ -164,23 +193,26 @@ impl Run {
                         }
                         Ok(Some(outcome)) => {
                             self.traced(|| Trace::Action { loc: *loc });
-                            return Step::Done(self.finish(outcome, Some(*loc)));
+                            return SessionStep::Done(self.finish(outcome, Some(*loc)));
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
-                        Err(Halt::Fail(msg)) => return Step::Done(self.fail(msg, *loc)),
+                        Err(Halt::Fail(msg)) => return SessionStep::Done(self.fail(msg, *loc)),
                     }
                 }
             }
         }
     }
 
-    fn need(&mut self, r: Request, loc: LocId) -> Step {
+    fn need(&mut self, r: Asked, loc: LocId) -> SessionStep {
         self.lookups += 1;
         if self.lookups > self.max_lookups {
             let reply = smtp::Reply::new(451, (4, 3, 0), "Policy lookup budget exceeded, try again later");
-            return Step::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
+            return SessionStep::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
         }
-        Step::Need(r)
+        match r {
+            Asked::Host(r) => SessionStep::Need(r),
+            Asked::SenderAuth(c) => SessionStep::SenderAuth(c),
+        }
     }
 
     fn fail(&mut self, msg: String, loc: LocId) -> StageVerdict {
@@ -205,7 +237,7 @@ impl Run {
     fn ask(&self, r: Request) -> Result<&Answer, Halt> {
         match self.answers.get(&r) {
             Some(a) => Ok(a),
-            None => Err(Halt::Need(r)),
+            None => Err(Halt::Need(Asked::Host(r))),
         }
     }
 
@@ -413,7 +445,11 @@ impl Run {
         if let Some(r) = &f.recorded_auth {
             return Ok(V::Str(r.get(c).unwrap_or("temperror").to_string()));
         }
-        match self.ask(Request::Auth(c))? {
+        let answer = match self.sender_auth.get(&c) {
+            Some(a) => a,
+            None => return Err(Halt::Need(Asked::SenderAuth(c))),
+        };
+        match answer {
             Answer::Value(v) => Ok(V::Str(v.clone().unwrap_or_else(|| "none".into()).to_ascii_lowercase())),
             Answer::Error(_) | Answer::Timeout => Ok(V::Str("temperror".into())),
             _ => Ok(V::Str("none".into())),
