@@ -19,7 +19,8 @@
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -95,6 +96,10 @@ struct Sink {
 }
 
 static SINK: OnceLock<Mutex<Sink>> = OnceLock::new();
+/// Whether the target is standard error: then a line takes no lock of the sink's (issue
+/// 13: the sink's mutex and stderr's were the most contended locks of the daemon).
+static TO_STDERR: AtomicBool = AtomicBool::new(true);
+static HOST: RwLock<Option<Arc<str>>> = RwLock::new(None);
 
 /// Send log lines to `target` from now on (the daemon calls this once at start and on
 /// reload).
@@ -104,8 +109,28 @@ pub fn configure(target: Target, host: &str) {
     if s.target != target {
         s.socket = None;
     }
+    TO_STDERR.store(target == Target::Stderr, Ordering::Release);
     s.target = target;
     s.host = host.into();
+    *HOST.write().unwrap_or_else(|p| p.into_inner()) = Some(host.into());
+}
+
+/// The host name of the summary lines: the configured one, else the machine's.
+fn host() -> Arc<str> {
+    if let Some(h) = HOST.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        return h.clone();
+    }
+    let h: Arc<str> = crate::machine_hostname().into();
+    HOST.write().unwrap_or_else(|p| p.into_inner()).get_or_insert(h).clone()
+}
+
+/// One line to standard error in one `write` (no lock of std's: the kernel keeps a write
+/// of a line together, on a pipe up to PIPE_BUF and on a file, which is what stderr is).
+fn write_stderr(line: &[u8]) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 2 is open for the life of the process; ManuallyDrop never closes it.
+    let f = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(2) });
+    let _ = (&*f).write_all(line);
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -159,16 +184,49 @@ impl Logger {
 
     fn emit(&self, tag: &str, sev: Severity, event: &str, body: serde_json::Value) {
         let now_ms = crate::now_ms();
+        // A system call per line otherwise (the daemon never forks after it starts logging).
+        static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let pid = *PID.get_or_init(std::process::id);
+        let host = host();
+        if !TO_STDERR.load(Ordering::Acquire) && self.send_to_socket(tag, sev, event, &body, now_ms, pid) {
+            return;
+        }
+        let text = match &body {
+            serde_json::Value::String(t) => t,
+            _ => "",
+        };
+        let mut line = match body {
+            serde_json::Value::Object(mut m) => {
+                m.insert("time".into(), crate::date::rfc3339(now_ms).into());
+                serde_json::Value::Object(m).to_string()
+            }
+            _ if event == "summary" => format!("{} {host} {tag}[{pid}]: {text}", crate::date::rfc3339(now_ms)),
+            _ => format!("{} {text}", crate::date::rfc3339(now_ms)),
+        };
+        line.push('\n');
+        write_stderr(line.as_bytes());
+    }
+
+    /// A line to syslog or the journal; false when it could not be sent (it goes to
+    /// standard error then).
+    fn send_to_socket(
+        &self,
+        tag: &str,
+        sev: Severity,
+        event: &str,
+        body: &serde_json::Value,
+        now_ms: u64,
+        pid: u32,
+    ) -> bool {
         let sink = SINK
             .get_or_init(|| Mutex::new(Sink { target: Target::Stderr, socket: None, host: crate::machine_hostname() }));
         let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
         let host = s.host.clone();
-        let text = match &body {
+        let text = match body {
             serde_json::Value::String(t) => t.clone(),
             other => other.to_string(),
         };
-        let pid = std::process::id();
-        let sent = match s.target.clone() {
+        match s.target.clone() {
             Target::Stderr => false,
             Target::Syslog { socket, facility, rfc5424 } => {
                 let pri = facility as u32 * 8 + sev as u32;
@@ -193,23 +251,7 @@ impl Logger {
                 field(&mut d, "MAILPOLICY_EVENT", event);
                 send(&mut s, &socket, &d)
             }
-        };
-        drop(s);
-        if sent {
-            return;
         }
-        let mut line = match body {
-            serde_json::Value::Object(mut m) => {
-                m.insert("time".into(), crate::date::rfc3339(now_ms).into());
-                serde_json::Value::Object(m).to_string()
-            }
-            _ if event == "summary" => format!("{} {host} {tag}[{pid}]: {text}", crate::date::rfc3339(now_ms)),
-            _ => format!("{} {text}", crate::date::rfc3339(now_ms)),
-        };
-        // One write per line (stderr is unbuffered: `writeln!` would make two system calls,
-        // and lines of concurrent sessions could interleave between them).
-        line.push('\n');
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 }
 

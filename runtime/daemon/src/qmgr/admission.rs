@@ -16,7 +16,14 @@ impl Qmgr {
     /// A message is in the spool: route its open recipients and schedule them.
     pub(super) async fn admit(&mut self, id: &str) {
         let Some(qid) = QueueId::parse(id) else { return };
-        let Some(stored) = self.load(&qid).await else { return };
+        // A message a session (or this queue manager) has just stored is still in memory.
+        let fresh = self.spool.take_fresh(&qid);
+        let Some(stored) = (match fresh {
+            Some(s) => Some(s),
+            None => self.load(&qid).await,
+        }) else {
+            return;
+        };
         crate::fault::check("qmgr-admit", &stored.message.data);
         let now = now_ms();
         let mut entry = Entry::new(qid.clone(), stored.class, stored.arrived_ms);
@@ -375,8 +382,9 @@ impl Qmgr {
             return;
         }
         if !entry.held && stored.queue == QueueName::Incoming {
-            let q = qid.clone();
-            let _ = spool_io(&self.spool, move |s| s.activate(&q)).await;
+            // One rename with no fsync, done in place: a hand-off to the blocking pool and
+            // back costs more than the rename itself (issue 13).
+            let _ = self.spool.activate(&qid);
         }
         // Only what is due now: a copy waits for its first job, not for a retry minutes away.
         let soon = !entry.held && entry.due_ms <= now;

@@ -8,13 +8,19 @@
 //! Callers that arrived while a leader was busy wait, and one of them leads the next batch.
 //! No thread is spawned and nothing waits on a timer: under no load a store pays exactly one
 //! directory fsync, under load N stores pay far fewer than N.
+//!
+//! A waiter sleeps on its own thread (park/unpark), and a leader wakes only the callers whose
+//! results it published plus the one caller that is to lead the next batch: a condition
+//! variable's `notify_all` woke every waiter after every batch, most of them only to sleep
+//! again (issue 13: task switches were the top entry of the daemon's profile).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::Thread;
 
 /// One directory change to make durable.
 #[derive(Debug)]
@@ -44,6 +50,8 @@ struct State {
     /// Operations waiting for a leader; each a ticket and the ops of one caller (all or none).
     pending: Vec<(u64, Vec<Op>)>,
     results: HashMap<u64, io::Result<()>>,
+    /// The sleeping callers, by ticket.
+    waiting: HashMap<u64, Thread>,
     leader: bool,
     /// Test hook: while set, nobody becomes leader, so callers accumulate.
     paused: bool,
@@ -52,7 +60,6 @@ struct State {
 #[derive(Default)]
 pub(crate) struct Committer {
     state: Mutex<State>,
-    cv: Condvar,
     pub counters: Counters,
     /// Test hook: the next directory fsync fails with this OS error.
     #[cfg(test)]
@@ -93,11 +100,22 @@ impl Committer {
                 let results = self.run_batch(batch);
                 st = lock(&self.state);
                 st.leader = false;
+                for (t, _) in &results {
+                    if let Some(th) = st.waiting.remove(t) {
+                        th.unpark();
+                    }
+                }
                 st.results.extend(results);
-                self.cv.notify_all();
+                wake_next_leader(&mut st);
                 continue;
             }
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.waiting.insert(ticket, std::thread::current());
+            drop(st);
+            // A wake-up meant for an earlier wait of this thread, or none at all, only
+            // costs one more look at the state.
+            std::thread::park();
+            st = lock(&self.state);
+            st.waiting.remove(&ticket);
         }
     }
 
@@ -202,12 +220,24 @@ impl Committer {
     pub fn set_paused(&self, paused: bool) {
         let mut st = lock(&self.state);
         st.paused = paused;
-        self.cv.notify_all();
+        wake_next_leader(&mut st);
     }
 
     #[cfg(test)]
     pub fn pending(&self) -> usize {
         lock(&self.state).pending.len()
+    }
+}
+
+/// Wake the caller of the oldest pending operation, to lead the next batch (unless a
+/// leader is at work, or nothing is pending).
+fn wake_next_leader(st: &mut State) {
+    if st.leader || st.paused {
+        return;
+    }
+    let next = st.pending.iter().map(|(t, _)| *t).find(|t| st.waiting.contains_key(t));
+    if let Some(th) = next.and_then(|t| st.waiting.get(&t)) {
+        th.unpark();
     }
 }
 

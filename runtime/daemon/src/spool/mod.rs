@@ -190,6 +190,8 @@ struct Inner {
     locks: Vec<Mutex<()>>,
     /// Files of removed messages in `tmp/`, to be written over by the next stores.
     reusable: Mutex<Vec<PathBuf>>,
+    /// What the last stores wrote, as [`Spool::load`] would read it back ([`Spool::take_fresh`]).
+    fresh: Mutex<Fresh>,
     /// Test hook: the next file write fails with this OS error after writing a little.
     #[cfg(test)]
     fail_write: Mutex<Option<i32>>,
@@ -207,6 +209,22 @@ const TMP_DIR: &str = "tmp";
 const REUSE_MAX: usize = 256;
 /// Only files up to this size are kept for reuse; larger ones are unlinked.
 const REUSE_SIZE: u64 = 64 << 10;
+/// Messages up to this size are kept in memory after their store for the queue manager's
+/// admission ([`Spool::take_fresh`]), at most [`FRESH_BUDGET`] bytes of them in all.
+const FRESH_SIZE: usize = 64 << 10;
+const FRESH_BUDGET: usize = 8 << 20;
+
+/// Copies of messages just stored, until the queue manager admits them: the admission of a
+/// message a session has just written needs no read of the file it wrote (issue 13: one
+/// blocking-pool hand-off, an open, a read and a parse less per message). Bounded by
+/// [`FRESH_BUDGET`]; a copy that does not fit is simply not kept (the admission reads the
+/// file). Every change of a message through the spool drops its copy first, so a copy is
+/// never older than the files.
+#[derive(Default)]
+struct Fresh {
+    copies: std::collections::HashMap<QueueId, Stored>,
+    bytes: usize,
+}
 
 impl Spool {
     /// Open (creating if needed) the spool in `dir` and recover it. Only the process that
@@ -244,6 +262,7 @@ impl Spool {
                 node: rand::random(),
                 locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 reusable: Mutex::new(Vec::new()),
+                fresh: Mutex::new(Fresh::default()),
                 #[cfg(test)]
                 fail_write: Mutex::new(None),
             }),
@@ -413,6 +432,9 @@ impl Spool {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::from_io(e));
         }
+        if msg.tail == 0 {
+            self.keep_fresh(&id, queue, class, now_ms, msg);
+        }
         Ok(id)
     }
 
@@ -479,9 +501,57 @@ impl Spool {
     }
 
     fn lock(&self, id: &QueueId) -> std::sync::MutexGuard<'_, ()> {
+        // Whoever changes a message's files makes its in-memory copy stale.
+        self.forget_fresh(id);
         let h =
             id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         self.inner.locks[(h % STRIPES as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The message [`Spool::store`] (or a store with a tail) has just written, as
+    /// [`Spool::load`] would read it, taken out of memory: `None` when it was not kept (too
+    /// large, over the budget, a tail from a file), was changed since, or was taken already.
+    pub fn take_fresh(&self, id: &QueueId) -> Option<Stored> {
+        let mut f = self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner());
+        let s = f.copies.remove(id)?;
+        f.bytes = f.bytes.saturating_sub(s.message.data.len());
+        Some(s)
+    }
+
+    fn forget_fresh(&self, id: &QueueId) {
+        let mut f = self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner());
+        if f.copies.is_empty() {
+            return;
+        }
+        if let Some(s) = f.copies.remove(id) {
+            f.bytes = f.bytes.saturating_sub(s.message.data.len());
+        }
+    }
+
+    /// Keep what a store wrote (data all in memory) for [`Spool::take_fresh`], if it fits.
+    fn keep_fresh(&self, id: &QueueId, queue: QueueName, class: Class, now_ms: u64, msg: &QueuedMessage) {
+        let n = msg.data.len();
+        if n > FRESH_SIZE {
+            return;
+        }
+        let mut f = self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner());
+        if f.bytes + n > FRESH_BUDGET {
+            return;
+        }
+        let st = StateFile::initial(msg.recipients.len(), now_ms);
+        let stored = Stored {
+            id: id.clone(),
+            queue,
+            class,
+            arrived_ms: now_ms,
+            message: msg.clone(),
+            states: st.rcpts,
+            attempts: st.attempts,
+            next_attempt_ms: st.next_attempt_ms,
+            delay_warned: st.delay_warned,
+        };
+        f.bytes += n;
+        f.copies.insert(id.clone(), stored);
     }
 
     /// The whole message with its state. `NotFound` if it is in no queue; `InvalidData` if

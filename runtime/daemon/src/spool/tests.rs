@@ -390,3 +390,33 @@ fn removed_message_files_are_written_over_by_the_next_stores() {
     assert_eq!((rec.temp_removed, rec.messages.len()), (1, 0));
     assert!(files(&t.0.join("tmp")).is_empty());
 }
+
+/// What a store leaves in memory for the queue manager's admission is what `load` reads
+/// back; a change through the spool drops it; a large message is not kept.
+#[test]
+fn a_fresh_copy_is_what_load_reads_until_the_message_changes() {
+    let t = TempDir::new("fresh");
+    let (spool, _) = Spool::open(&t.0).expect("open");
+    let mut msg = message("a@example.com", &["b@example.net", "c@example.net"], b"Subject: x\r\n\r\nbody\r\n");
+    msg.client_ip = "192.0.2.1".into();
+    msg.archive = vec!["copies".into()];
+    let id = spool.store(&msg, Class::Normal, 1_000).expect("store");
+    let fresh = spool.take_fresh(&id).expect("kept");
+    assert_eq!(fresh, spool.load(&id).expect("load"));
+    assert_eq!(spool.take_fresh(&id), None, "taken once");
+
+    let id = spool.store(&msg, Class::Normal, 2_000).expect("store");
+    spool.record(&id, &[(0, RcptState::Pending)], Some(5_000)).expect("record");
+    assert_eq!(spool.take_fresh(&id), None, "a change drops the copy");
+
+    let mut big = msg.clone();
+    big.data = vec![b'x'; FRESH_SIZE + 1];
+    let id = spool.store(&big, Class::Normal, 3_000).expect("store");
+    assert_eq!(spool.take_fresh(&id), None, "too large to keep");
+    assert_eq!(spool.load(&id).expect("load").message.data.len(), FRESH_SIZE + 1);
+
+    let mut held = msg.clone();
+    held.hold = Some("policy".into());
+    let id = spool.store(&held, Class::Normal, 4_000).expect("store");
+    assert_eq!(spool.take_fresh(&id).map(|s| s.queue), Some(QueueName::Hold));
+}
