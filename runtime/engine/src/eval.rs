@@ -1208,3 +1208,53 @@ Content-Disposition: attachment; filename=\"invoice.exe\"\r\nContent-Transfer-En
         assert_eq!(m.body.trim(), "body");
     }
 }
+
+#[cfg(test)]
+mod sender_auth_tests {
+    use super::*;
+
+    fn prog() -> Program {
+        let policy =
+            "require \"spf\";\non mail { if spf :is \"fail\" { reject; } if spf :is \"temperror\" { tempfail; } }\n";
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
+        c.program.expect("compiles")
+    }
+
+    /// In a session a stage asks `Conn` for sender authentication, never the host: the
+    /// check comes out as `SessionStep::SenderAuth` and its answer decides.
+    #[test]
+    fn a_session_asks_conn() {
+        let prog = prog();
+        let (facts, mut state) = (Facts::default(), State::new(&prog));
+        let mut run = Run::new(&prog, Stage::Mail);
+        match run.step_session(&prog, &facts, &mut state) {
+            SessionStep::SenderAuth(c) => assert_eq!(c, AuthCheck::Spf),
+            SessionStep::Need(r) => panic!("the host was asked {r:?}"),
+            SessionStep::Done(v) => panic!("decided without the check: {:?}", v.outcome),
+        }
+        run.answer_sender_auth(AuthCheck::Spf, Answer::Value(Some("fail".into())));
+        match run.step_session(&prog, &facts, &mut state) {
+            SessionStep::Done(v) => assert!(matches!(v.outcome, Outcome::Reject(_)), "{:?}", v.outcome),
+            _ => panic!("asked again"),
+        }
+    }
+
+    /// Outside a session (`Run::step`) nothing is asked: the record's word, or `temperror`
+    /// for a check the record does not hold.
+    #[test]
+    fn the_queue_side_reads_the_record() {
+        let prog = prog();
+        let mut state = State::new(&prog);
+        let recorded = Facts {
+            recorded_auth: Some(AuthWords { spf: Some("fail".into()), ..AuthWords::default() }),
+            ..Facts::default()
+        };
+        for (facts, want_reject) in [(recorded, true), (Facts::default(), false)] {
+            match Run::new(&prog, Stage::Mail).step(&prog, &facts, &mut state) {
+                Step::Done(v) if want_reject => assert!(matches!(v.outcome, Outcome::Reject(_)), "{:?}", v.outcome),
+                Step::Done(v) => assert!(matches!(v.outcome, Outcome::Tempfail(_)), "{:?}", v.outcome),
+                Step::Need(r) => panic!("the host was asked {r:?}"),
+            }
+        }
+    }
+}
