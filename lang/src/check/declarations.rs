@@ -392,7 +392,9 @@ impl<'s> Checker<'s> {
                 ),
             }
         }
-        if let Some(w) = options.iter().any(|o| o.name.name == "web").then_some(&opts.web) {
+        // Only a string `web` (another value is already a type error).
+        let web_is_str = options.iter().any(|o| o.name.name == "web" && matches!(o.value.kind, ValueKind::Str(_)));
+        if let Some(w) = web_is_str.then_some(&opts.web) {
             let ok = (w.starts_with("https://") || w.starts_with("http://"))
                 && w.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace));
             if !ok {
