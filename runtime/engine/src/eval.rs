@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use mailpolicy_lang::ir::*;
+use mailpolicy_lang::resources::{OnError, Options};
 use mailpolicy_stdlib::access::{self, AccessAction};
 use mailpolicy_stdlib::address as addr;
 
@@ -33,9 +34,15 @@ use replies::{reply_of, split_enhanced};
 pub use replies::{soft_bounce, soft_bounce_line};
 
 enum Halt {
-    Need(Request),
+    Need(Asked),
     /// A back end failed and the policy did not choose fail-open.
     Fail(String),
+}
+
+/// What a stage waits for: a host's answer, or a session's sender-authentication word.
+enum Asked {
+    Host(Request),
+    SenderAuth(AuthCheck),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +88,7 @@ pub struct Run {
     stage: Stage,
     pc: usize,
     answers: HashMap<Request, Answer>,
+    sender_auth: HashMap<AuthCheck, Answer>,
     effects: Vec<Effect>,
     trace: Vec<Trace>,
     /// Whether to keep the trace (`mailc test`/`explain` read it; the daemon does not).
@@ -102,6 +110,7 @@ impl Run {
             stage,
             pc: 0,
             answers: HashMap::new(),
+            sender_auth: HashMap::new(),
             effects: Vec::new(),
             trace: Vec::new(),
             tracing: true,
@@ -134,12 +143,33 @@ impl Run {
         self.answers.insert(request, answer);
     }
 
-    /// Run until the stage ends or the outside world is needed.
+    /// Give the sender-authentication word `Conn` has for the check the last
+    /// [`SessionStep::SenderAuth`] asked.
+    pub fn answer_sender_auth(&mut self, check: AuthCheck, answer: Answer) {
+        self.traced(|| Trace::SenderAuth { check, answer: answer.clone() });
+        self.sender_auth.insert(check, answer);
+    }
+
+    /// Run until the stage ends or the host is needed, outside a session (the queue side:
+    /// `spf`, `dkim`, `dmarc` are the session's record, `Facts::recorded_auth`; a check the
+    /// record does not hold reads `temperror`, as a check that failed).
     pub fn step(&mut self, prog: &Program, facts: &Facts, state: &mut State) -> Step {
+        loop {
+            match self.step_session(prog, facts, state) {
+                SessionStep::Need(r) => return Step::Need(r),
+                SessionStep::Done(v) => return Step::Done(v),
+                SessionStep::SenderAuth(c) => self.answer_sender_auth(c, Answer::Error("no session".into())),
+            }
+        }
+    }
+
+    /// Run until the stage ends, the host is needed, or (in a session) `Conn`'s sender
+    /// authentication.
+    pub fn step_session(&mut self, prog: &Program, facts: &Facts, state: &mut State) -> SessionStep {
         let code = prog.stage(self.stage);
         loop {
             let Some(instr) = code.get(self.pc) else {
-                return Step::Done(self.finish(Outcome::Default, None));
+                return SessionStep::Done(self.finish(Outcome::Default, None));
             };
             match instr {
                 Instr::Jump(t) => self.pc = *t as usize,
@@ -151,7 +181,7 @@ impl Run {
                             self.pc = if b { self.pc + 1 } else { *else_pc as usize };
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
-                        Err(Halt::Fail(msg)) => return Step::Done(self.fail(msg, *loc)),
+                        Err(Halt::Fail(msg)) => return SessionStep::Done(self.fail(msg, *loc)),
                     }
                 }
                 Instr::Do { action, loc } => {
@@ -163,23 +193,26 @@ impl Run {
                         }
                         Ok(Some(outcome)) => {
                             self.traced(|| Trace::Action { loc: *loc });
-                            return Step::Done(self.finish(outcome, Some(*loc)));
+                            return SessionStep::Done(self.finish(outcome, Some(*loc)));
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
-                        Err(Halt::Fail(msg)) => return Step::Done(self.fail(msg, *loc)),
+                        Err(Halt::Fail(msg)) => return SessionStep::Done(self.fail(msg, *loc)),
                     }
                 }
             }
         }
     }
 
-    fn need(&mut self, r: Request, loc: LocId) -> Step {
+    fn need(&mut self, r: Asked, loc: LocId) -> SessionStep {
         self.lookups += 1;
         if self.lookups > self.max_lookups {
             let reply = smtp::Reply::new(451, (4, 3, 0), "Policy lookup budget exceeded, try again later");
-            return Step::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
+            return SessionStep::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
         }
-        Step::Need(r)
+        match r {
+            Asked::Host(r) => SessionStep::Need(r),
+            Asked::SenderAuth(c) => SessionStep::SenderAuth(c),
+        }
     }
 
     fn fail(&mut self, msg: String, loc: LocId) -> StageVerdict {
@@ -204,7 +237,7 @@ impl Run {
     fn ask(&self, r: Request) -> Result<&Answer, Halt> {
         match self.answers.get(&r) {
             Some(a) => Ok(a),
-            None => Err(Halt::Need(r)),
+            None => Err(Halt::Need(Asked::Host(r))),
         }
     }
 
@@ -226,8 +259,8 @@ impl Run {
         let fail_open = r
             .table()
             .and_then(|t| prog.tables.get(t.index()))
-            .and_then(|t| t.option("on_error"))
-            .is_some_and(|v| *v == OptValue::Word("continue".into()));
+            .and_then(|t| t.options.table())
+            .is_some_and(|o| o.on_error == OnError::Continue);
         let name = r.table().and_then(|t| prog.tables.get(t.index())).map(|t| t.name.clone()).unwrap_or_default();
         if fail_open {
             Ok(T::default())
@@ -291,11 +324,9 @@ impl Run {
                 match self.ask(r)? {
                     Answer::Score(x) => V::Num(*x),
                     Answer::Error(e) | Answer::Value(Some(e)) => {
-                        let open = prog
-                            .scanners
-                            .get(s.index())
-                            .and_then(|s| s.option("on_error"))
-                            .is_some_and(|v| *v == OptValue::Word("continue".into()));
+                        let open = prog.scanners.get(s.index()).is_some_and(
+                            |s| matches!(&s.options, Options::Scanner(o) if o.on_error == OnError::Continue),
+                        );
                         if open {
                             V::Num(0.0)
                         } else {
@@ -414,7 +445,11 @@ impl Run {
         if let Some(r) = &f.recorded_auth {
             return Ok(V::Str(r.get(c).unwrap_or("temperror").to_string()));
         }
-        match self.ask(Request::Auth(c))? {
+        let answer = match self.sender_auth.get(&c) {
+            Some(a) => a,
+            None => return Err(Halt::Need(Asked::SenderAuth(c))),
+        };
+        match answer {
             Answer::Value(v) => Ok(V::Str(v.clone().unwrap_or_else(|| "none".into()).to_ascii_lowercase())),
             Answer::Error(_) | Answer::Timeout => Ok(V::Str("temperror".into())),
             _ => Ok(V::Str("none".into())),
@@ -1171,5 +1206,55 @@ Content-Disposition: attachment; filename=\"invoice.exe\"\r\nContent-Transfer-En
         let m = MessageFacts::parse(b"X-Long: one\r\n two\r\n\tthree\r\nSubject: s\r\n\r\nbody\r\n");
         assert_eq!(m.header("x-long"), vec!["one two three".to_string()]);
         assert_eq!(m.body.trim(), "body");
+    }
+}
+
+#[cfg(test)]
+mod sender_auth_tests {
+    use super::*;
+
+    fn prog() -> Program {
+        let policy =
+            "require \"spf\";\non mail { if spf :is \"fail\" { reject; } if spf :is \"temperror\" { tempfail; } }\n";
+        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
+        c.program.expect("compiles")
+    }
+
+    /// In a session a stage asks `Conn` for sender authentication, never the host: the
+    /// check comes out as `SessionStep::SenderAuth` and its answer decides.
+    #[test]
+    fn a_session_asks_conn() {
+        let prog = prog();
+        let (facts, mut state) = (Facts::default(), State::new(&prog));
+        let mut run = Run::new(&prog, Stage::Mail);
+        match run.step_session(&prog, &facts, &mut state) {
+            SessionStep::SenderAuth(c) => assert_eq!(c, AuthCheck::Spf),
+            SessionStep::Need(r) => panic!("the host was asked {r:?}"),
+            SessionStep::Done(v) => panic!("decided without the check: {:?}", v.outcome),
+        }
+        run.answer_sender_auth(AuthCheck::Spf, Answer::Value(Some("fail".into())));
+        match run.step_session(&prog, &facts, &mut state) {
+            SessionStep::Done(v) => assert!(matches!(v.outcome, Outcome::Reject(_)), "{:?}", v.outcome),
+            _ => panic!("asked again"),
+        }
+    }
+
+    /// Outside a session (`Run::step`) nothing is asked: the record's word, or `temperror`
+    /// for a check the record does not hold.
+    #[test]
+    fn the_queue_side_reads_the_record() {
+        let prog = prog();
+        let mut state = State::new(&prog);
+        let recorded = Facts {
+            recorded_auth: Some(AuthWords { spf: Some("fail".into()), ..AuthWords::default() }),
+            ..Facts::default()
+        };
+        for (facts, want_reject) in [(recorded, true), (Facts::default(), false)] {
+            match Run::new(&prog, Stage::Mail).step(&prog, &facts, &mut state) {
+                Step::Done(v) if want_reject => assert!(matches!(v.outcome, Outcome::Reject(_)), "{:?}", v.outcome),
+                Step::Done(v) => assert!(matches!(v.outcome, Outcome::Tempfail(_)), "{:?}", v.outcome),
+                Step::Need(r) => panic!("the host was asked {r:?}"),
+            }
+        }
     }
 }
