@@ -590,6 +590,7 @@ fn settings_for(head: &[&str]) -> Vec<OptSpec> {
     match head {
         ["server", ..] => schema::SERVER.to_vec(),
         ["listener", ..] => schema::LISTENER.to_vec(),
+        ["scanner", _, "=", "milter", ..] => schema::SCANNER_MILTER.to_vec(),
         ["scanner", ..] => schema::SCANNER.to_vec(),
         ["mailing_list", ..] => schema::MAILING_LIST.to_vec(),
         ["table", _, "=", kind, ..] => {

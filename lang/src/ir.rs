@@ -664,7 +664,8 @@ pub struct List {
     pub nets: Vec<Cidr>,
 }
 
-/// A declared option value (tables, scanners, server and listener settings).
+/// A checked option value, before the checker lowers it into its typed field
+/// (`crate::settings`, `crate::resources`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum OptValue {
     Str(String),
@@ -685,13 +686,8 @@ pub struct Resource {
     /// `map`, `ldap`, `env`, `rspamd`, ...
     pub kind: String,
     pub source: Option<String>,
-    pub options: Vec<(String, OptValue)>,
-}
-
-impl Resource {
-    pub fn option(&self, name: &str) -> Option<&OptValue> {
-        self.options.iter().find(|(n, _)| n == name).map(|(_, v)| v)
-    }
+    /// Its options, typed by kind (`crate::resources`).
+    pub options: crate::resources::Options,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

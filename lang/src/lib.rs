@@ -12,6 +12,7 @@ pub mod format;
 pub mod ide;
 pub mod ir;
 pub mod parse;
+pub mod resources;
 pub mod schema;
 pub mod settings;
 pub mod source;

@@ -239,6 +239,8 @@ macro_rules! words {
     };
 }
 
+pub(crate) use words;
+
 words! {
     /// `log_format`.
     pub enum LogFormat { Text = "text", Json = "json" }
@@ -324,6 +326,8 @@ macro_rules! settings {
         }
     };
 }
+
+pub(crate) use settings;
 
 use OptTy::*;
 

@@ -406,19 +406,28 @@ fn std_modules_are_built_in() {
     );
 }
 
-/// The settings tables of spec/language.md (sections 5.1 and 5.2) against the one definition
-/// of each option (`mailpolicy_lang::settings`): every option has exactly one row, no row
-/// names an option that does not exist, the value column says the option's type, and the
-/// row says the option's default as the definition has it.
+/// The settings tables of spec/language.md (sections 5.1 and 5.2) and the option tables of
+/// tables, scanners, milters and mailing lists (sections 4.4, 4.6, 4.9) against the one
+/// definition of each option (`mailpolicy_lang::settings`, `mailpolicy_lang::resources`):
+/// every option has exactly one row, no row names an option that does not exist, the value
+/// column says the option's type, and the row says the option's default as the definition
+/// has it.
 #[test]
 fn settings_tables_match_the_definitions() {
+    use mailpolicy_lang::resources::{MAILING_LIST, SCANNER, SCANNER_MILTER, TABLE_COMMON, TABLE_LDAP, TABLE_SQL};
     use mailpolicy_lang::schema::{OptSpec, OptTy};
     use mailpolicy_lang::settings::{LISTENER, SERVER};
     let spec = std::fs::read_to_string(root().join("spec/language.md")).expect("spec/language.md");
+    // A section's rows up to the next heading; a marker's rows: the first table after it.
     let section = |title: &str| -> Vec<(String, String, String)> {
         let start = spec.find(title).unwrap_or_else(|| panic!("spec/language.md has no `{title}`"));
         let rest = &spec[start + title.len()..];
-        let end = rest.find("\n#").unwrap_or(rest.len());
+        let end = if title.starts_with('#') {
+            rest.find("\n#").unwrap_or(rest.len())
+        } else {
+            let table = rest.find("\n|").unwrap_or(rest.len());
+            table + rest[table..].find("\n\n").unwrap_or(rest.len() - table)
+        };
         rest[..end]
             .lines()
             .filter(|l| l.starts_with("| `"))
@@ -445,7 +454,16 @@ fn settings_tables_match_the_definitions() {
         }
     };
     let mut problems = Vec::new();
-    for (title, specs) in [("### 5.1 `server`", SERVER), ("### 5.2 `listener`", LISTENER)] {
+    for (title, specs) in [
+        ("### 5.1 `server`", SERVER),
+        ("### 5.2 `listener`", LISTENER),
+        ("Options of every table:", TABLE_COMMON),
+        ("Options of `ldap` tables", TABLE_LDAP),
+        ("Options of `sql` tables", TABLE_SQL),
+        ("A content scanner (R9, R24)", SCANNER),
+        ("**Failure modes.**", SCANNER_MILTER),
+        ("`mailc check` warns, `mailc::open-list`", MAILING_LIST),
+    ] {
         let rows = section(title);
         for (name, ..) in &rows {
             let n = rows.iter().filter(|r| &r.0 == name).count();
@@ -478,5 +496,9 @@ fn settings_tables_match_the_definitions() {
             }
         }
     }
-    assert!(problems.is_empty(), "spec/language.md and lang/src/settings.rs disagree:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "spec/language.md and lang/src/settings.rs or resources.rs disagree:\n{}",
+        problems.join("\n")
+    );
 }

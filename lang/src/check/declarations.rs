@@ -245,6 +245,21 @@ impl<'s> Checker<'s> {
                 }
             }
         }
+        if kind.name == "sql" {
+            if let Some((_, OptValue::Str(url))) = opts.iter().find(|(n, _)| n == "url") {
+                if let Err(e) = crate::resources::pg_url(url) {
+                    let at = options.iter().find(|o| o.name.name == "url").map(|o| o.value.span).unwrap_or(name.span);
+                    self.err(
+                        Diagnostic::error("mailc::setting", format!("the `url` of the sql table `{}`: {e}", name.name))
+                            .at(at)
+                            .help(format!(
+                                "libpq's sslmode is one of {}: \"postgresql://mail@db/mail?sslmode=verify-full\"",
+                                crate::resources::SSLMODES.join(", ")
+                            )),
+                    );
+                }
+            }
+        }
         if !is_first {
             return;
         }
@@ -252,7 +267,7 @@ impl<'s> Checker<'s> {
             name: name.name.clone(),
             kind: kind.name.clone(),
             source: source.map(|s| unescape_plain(&s.raw)),
-            options: opts,
+            options: lower_options(kw, &kind.name, &opts),
         };
         match kw {
             ast::ResourceKw::Table => self.prog.tables.push(res),
@@ -273,8 +288,10 @@ impl<'s> Checker<'s> {
         options: &[ast::Opt],
         items: &[(FileId, Item)],
     ) {
-        let opts: Vec<(String, OptValue)> =
-            self.prog.mailing_lists.iter().find(|l| l.name == name.name).map(|l| l.options.clone()).unwrap_or_default();
+        let opts = match self.prog.mailing_lists.iter().find(|l| l.name == name.name).map(|l| &l.options) {
+            Some(Options::MailingList(o)) => o.clone(),
+            _ => MailingListOptions::default(),
+        };
         if let Some(src) = source {
             let a = unescape_plain(&src.raw);
             let (local, domain) = crate::address::split(&a);
@@ -287,7 +304,7 @@ impl<'s> Checker<'s> {
             }
         }
         for r in ["subscribers", "owner", "keys", "web"] {
-            if !opts.iter().any(|(n, _)| n == r) && !options.iter().any(|o| o.name.name == r) {
+            if !options.iter().any(|o| o.name.name == r) {
                 self.err(
                     Diagnostic::error("mailc::setting", format!("the mailing list `{}` needs `{r}`", name.name))
                         .at(name.span)
@@ -375,7 +392,9 @@ impl<'s> Checker<'s> {
                 ),
             }
         }
-        if let Some((_, OptValue::Str(w))) = opts.iter().find(|(n, _)| n == "web") {
+        // Only a string `web` (another value is already a type error).
+        let web_is_str = options.iter().any(|o| o.name.name == "web" && matches!(o.value.kind, ValueKind::Str(_)));
+        if let Some(w) = web_is_str.then_some(&opts.web) {
             let ok = (w.starts_with("https://") || w.starts_with("http://"))
                 && w.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace));
             if !ok {
@@ -392,7 +411,7 @@ impl<'s> Checker<'s> {
                 );
             }
         }
-        if let Some((_, OptValue::Num(n))) = opts.iter().find(|(n, _)| n == "bounce_limit") {
+        if let Some(ValueKind::Num(n)) = options.iter().find(|o| o.name.name == "bounce_limit").map(|o| &o.value.kind) {
             if *n < 1.0 || n.fract() != 0.0 {
                 self.err(
                     Diagnostic::error("mailc::setting", "`bounce_limit` is a whole number of at least 1")
@@ -527,4 +546,25 @@ pub fn milter_address(s: &str) -> Result<(), String> {
         Ok(p) if p > 0 => Ok(()),
         _ => Err(format!("`{port}` is not a port")),
     }
+}
+
+/// A declaration's checked options into the typed struct of its kind (`crate::resources`).
+fn lower_options(kw: ast::ResourceKw, kind: &str, opts: &[(String, OptValue)]) -> Options {
+    let table = TableOptions::default;
+    let mut out = match (kw, kind) {
+        (ast::ResourceKw::Table, "ldap") => Options::Ldap(table(), LdapOptions::default()),
+        (ast::ResourceKw::Table, "sql") => Options::Sql(table(), SqlOptions::default()),
+        (ast::ResourceKw::Table, _) => Options::File(table()),
+        (ast::ResourceKw::Scanner, "milter") => Options::Milter(MilterOptions::default()),
+        (ast::ResourceKw::Scanner, _) => Options::Scanner(ScannerOptions::default()),
+        (ast::ResourceKw::MailingList, _) => Options::MailingList(MailingListOptions::default()),
+        (ast::ResourceKw::Secret, _) => Options::None,
+    };
+    for (k, v) in opts {
+        out.set(k, v);
+    }
+    if let Options::Sql(_, sql) = &mut out {
+        sql.dsn = crate::resources::pg_url(&sql.url).unwrap_or_default();
+    }
+    out
 }

@@ -22,6 +22,9 @@ use crate::ast::{self, Arg, Cond, Item, Op, Stmt, Value, ValueKind};
 use crate::diag::{did_you_mean, Diagnostic};
 use crate::ir::*;
 use crate::parse;
+use crate::resources::{
+    LdapOptions, MailingListOptions, MilterOptions, Options, ScannerOptions, SqlOptions, TableOptions,
+};
 use crate::schema::{self, OptSpec, OptTy};
 use crate::source::{FileId, Loader, SourceFile, SourceMap, Span};
 
@@ -331,7 +334,7 @@ impl<'s> Checker<'s> {
                 name: format!("milter.{name}"),
                 kind: "milter".into(),
                 source: None,
-                options: Vec::new(),
+                options: Options::None,
             });
         }
         for (_, item) in items {

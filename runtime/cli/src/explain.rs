@@ -98,6 +98,7 @@ pub fn main(args: Vec<OsString>) -> u8 {
                         Trace::Lookup { request, answer } => {
                             println!("      lookup {} -> {answer}", request.describe(prog))
                         }
+                        Trace::SenderAuth { check, answer } => println!("      lookup {} -> {answer}", check.name()),
                         Trace::Action { loc } => println!("      action {}", rule(*loc)),
                     }
                 }

@@ -20,21 +20,16 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use ldap3::{ldap_escape, Ldap, LdapConnAsync, Mod, Scope, SearchEntry};
-use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use mailpolicy_lang::ir::Program;
+use mailpolicy_lang::resources::{LdapOptions, LdapScope};
 use tokio::sync::Semaphore;
 
 use crate::eval::Answer;
 
-fn opt<'a>(t: &'a Resource, name: &str) -> Option<&'a str> {
-    match t.option(name) {
-        Some(OptValue::Str(s)) => Some(s.as_str()),
-        Some(OptValue::Word(s)) => Some(s.as_str()),
-        _ => None,
-    }
-}
+/// An `ldap` table as the pool uses it (`LdapTable::of(t, default, Options::ldap)`).
+pub type LdapTable<'a> = crate::lookup::NetTable<'a, LdapOptions>;
 
 /// Fill `%s`, `%u`, `%d` in a filter, escaping the values.
 pub fn expand_filter(filter: &str, key: &str) -> String {
@@ -85,14 +80,14 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn table(&self, t: &Resource) -> Arc<TablePool> {
-        let size = super::sql::connections(t);
+    fn table(&self, t: LdapTable) -> Arc<TablePool> {
+        let size = super::sql::connections(t.opts.connections);
         let mut m = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        match m.get(&t.name) {
+        match m.get(t.name) {
             Some(p) if p.size == size => p.clone(),
             _ => {
                 let p = Arc::new(TablePool { idle: Mutex::new(Vec::new()), gate: Semaphore::new(size), size });
-                m.insert(t.name.clone(), p.clone());
+                m.insert(t.name.to_string(), p.clone());
                 p
             }
         }
@@ -106,14 +101,12 @@ impl Pool {
     pub async fn lookup(
         &self,
         prog: &Program,
-        t: &Resource,
+        t: LdapTable<'_>,
         key: &str,
         secrets: &HashMap<String, String>,
-        default_timeout: Duration,
     ) -> Answer {
-        let timeout = super::lookup::table_timeout(t, default_timeout);
         let pool = self.table(t);
-        match tokio::time::timeout(timeout, self.search(&pool, prog, t, key, secrets)).await {
+        match tokio::time::timeout(t.timeout, self.search(&pool, prog, t.opts, key, secrets)).await {
             Ok(Ok(v)) => Answer::Value(v),
             Ok(Err(e)) => Answer::Error(format!("ldap table {}: {e}", t.name)),
             Err(_) => Answer::Timeout,
@@ -124,7 +117,7 @@ impl Pool {
         &self,
         pool: &TablePool,
         prog: &Program,
-        t: &Resource,
+        t: &LdapOptions,
         key: &str,
         secrets: &HashMap<String, String>,
     ) -> Result<Option<String>, String> {
@@ -142,11 +135,11 @@ impl Pool {
         &self,
         pool: &TablePool,
         prog: &Program,
-        t: &Resource,
+        t: &LdapOptions,
         secrets: &HashMap<String, String>,
     ) -> Result<Conn, String> {
-        let url = opt(t, "url").ok_or("no url")?;
-        let bind = opt(t, "bind_dn").map(|dn| (dn, super::lookup::table_secret(prog, t, "password", secrets)));
+        let url = t.url.as_str();
+        let bind = t.bind_dn.as_deref().map(|dn| (dn, super::sql::secret(prog, t.password, secrets)));
         let ident = match &bind {
             Some((dn, pw)) => format!("{url}\0{dn}\0{}", pw.as_deref().unwrap_or("")),
             None => format!("{url}\0"),
@@ -177,15 +170,14 @@ impl Pool {
     pub async fn members(
         &self,
         prog: &Program,
-        t: &Resource,
+        t: LdapTable<'_>,
         secrets: &HashMap<String, String>,
-        default_timeout: Duration,
     ) -> Result<Vec<String>, String> {
         let pool = self.table(t);
         let work = async {
-            let (base, attribute) = group(t)?;
+            let (base, attribute) = group(t.opts)?;
             let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
-            let mut conn = self.connect(&pool, prog, t, secrets).await?;
+            let mut conn = self.connect(&pool, prog, t.opts, secrets).await?;
             let (entries, _) = conn
                 .ldap
                 .search(base, Scope::Base, "(objectClass=*)", vec![attribute])
@@ -202,7 +194,7 @@ impl Pool {
                 .collect();
             Ok(values)
         };
-        within(t, default_timeout, work).await
+        within(t, work).await
     }
 
     /// Add (`add`) or remove a mailing list's subscriber: one value of the table's
@@ -214,17 +206,16 @@ impl Pool {
     pub async fn change(
         &self,
         prog: &Program,
-        t: &Resource,
+        t: LdapTable<'_>,
         add: bool,
         address: &str,
         secrets: &HashMap<String, String>,
-        default_timeout: Duration,
     ) -> Result<bool, String> {
         let pool = self.table(t);
         let work = async {
-            let (base, attribute) = group(t)?;
+            let (base, attribute) = group(t.opts)?;
             let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
-            let mut conn = self.connect(&pool, prog, t, secrets).await?;
+            let mut conn = self.connect(&pool, prog, t.opts, secrets).await?;
             let values = std::collections::HashSet::from([address]);
             let m = if add { Mod::Add(attribute, values) } else { Mod::Delete(attribute, values) };
             // A transport failure drops the connection (the `?`); a result code keeps it.
@@ -236,40 +227,35 @@ impl Pool {
                 _ => Err(format!("modify {base}: {}", ldap3::LdapError::from(r))),
             }
         };
-        within(t, default_timeout, work).await
+        within(t, work).await
     }
 }
 
 /// A mailing list's group entry (the table's `base`) and its member attribute.
-fn group(t: &Resource) -> Result<(&str, &str), String> {
-    let base = opt(t, "base").ok_or("no base")?;
+fn group(t: &LdapOptions) -> Result<(&str, &str), String> {
     let attribute =
-        opt(t, "attribute").ok_or("no attribute: the group entry's attribute that lists the subscribers")?;
-    Ok((base, attribute))
+        t.attribute.as_deref().ok_or("no attribute: the group entry's attribute that lists the subscribers")?;
+    Ok((t.base.as_str(), attribute))
 }
 
 /// `work` within the table's time-out; its error named after the table.
-async fn within<T>(
-    t: &Resource,
-    default_timeout: Duration,
-    work: impl std::future::Future<Output = Result<T, String>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(super::lookup::table_timeout(t, default_timeout), work).await {
+async fn within<T>(t: LdapTable<'_>, work: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    match tokio::time::timeout(t.timeout, work).await {
         Ok(r) => r.map_err(|e| format!("ldap table {}: {e}", t.name)),
         Err(_) => Err(format!("ldap table {}: timed out", t.name)),
     }
 }
 
 /// One search on a bound connection.
-async fn search_on(ldap: &mut Ldap, t: &Resource, key: &str) -> Result<Option<String>, String> {
-    let base = opt(t, "base").ok_or("no base")?;
-    let filter = expand_filter(opt(t, "filter").ok_or("no filter")?, key);
-    let scope = match opt(t, "scope") {
-        Some("one") => Scope::OneLevel,
-        Some("base") => Scope::Base,
-        _ => Scope::Subtree,
+async fn search_on(ldap: &mut Ldap, t: &LdapOptions, key: &str) -> Result<Option<String>, String> {
+    let base = t.base.as_str();
+    let filter = expand_filter(&t.filter, key);
+    let scope = match t.scope {
+        LdapScope::One => Scope::OneLevel,
+        LdapScope::Base => Scope::Base,
+        LdapScope::Sub => Scope::Subtree,
     };
-    let attribute = opt(t, "attribute");
+    let attribute = t.attribute.as_deref();
     let attrs: Vec<&str> = match attribute {
         Some(a) => vec![a],
         None => vec!["1.1"],

@@ -25,7 +25,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mail_parser::MimeHeaders;
-use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use mailpolicy_lang::ir::{Program, Resource};
+use mailpolicy_lang::resources::{MailingListOptions, Options};
+
+use crate::ldap::LdapTable;
+use crate::sql::{ListStatement, SqlTable};
 use mailpolicy_stdlib::listtoken;
 
 use crate::conn::{QueuedMessage, QueuedRcpt};
@@ -53,51 +57,33 @@ pub struct List {
     pub table: Option<Resource>,
 }
 
-fn str_opt(r: &Resource, n: &str) -> Option<String> {
-    match r.option(n) {
-        Some(OptValue::Str(s)) => Some(s.clone()),
-        _ => None,
-    }
-}
-
 impl List {
     fn from_resource(prog: &Program, lookups: &Lookups, r: &Resource) -> List {
         let address = r.source.clone().unwrap_or_default().to_ascii_lowercase();
         let (local, domain) = mailpolicy_stdlib::address::split(&address);
-        let keys = match r.option("keys") {
-            Some(OptValue::Secret(id)) => prog
-                .secrets
-                .get(id.index())
-                .and_then(|s| lookups.secret(&s.name))
-                .map(listtoken::parse_keys)
-                .unwrap_or_default(),
-            _ => Vec::new(),
+        let o = match &r.options {
+            Options::MailingList(o) => o.clone(),
+            _ => MailingListOptions::default(),
         };
-        let table = match r.option("subscribers") {
-            Some(OptValue::Table(id)) => prog.tables.get(id.index()).cloned(),
-            _ => None,
-        };
+        let keys = o
+            .keys
+            .and_then(|id| prog.secrets.get(id.index()))
+            .and_then(|s| lookups.secret(&s.name))
+            .map(listtoken::parse_keys)
+            .unwrap_or_default();
+        let table = o.subscribers.and_then(|id| prog.tables.get(id.index())).cloned();
         List {
             name: r.name.clone(),
             local: local.to_string(),
             domain: domain.to_string(),
             address: address.clone(),
-            owner: str_opt(r, "owner").unwrap_or_default(),
-            web: str_opt(r, "web").unwrap_or_default().trim_end_matches('/').to_string(),
-            description: str_opt(r, "description").unwrap_or_else(|| r.name.clone()),
+            owner: o.owner.clone(),
+            web: o.web.trim_end_matches('/').to_string(),
+            description: o.description.clone().unwrap_or_else(|| r.name.clone()),
             keys,
-            confirm_ms: match r.option("confirm_lifetime") {
-                Some(OptValue::Duration(ms)) => *ms,
-                _ => 2 * 86_400_000,
-            },
-            bounce_limit: match r.option("bounce_limit") {
-                Some(OptValue::Num(n)) if *n >= 1.0 => *n as usize,
-                _ => 3,
-            },
-            bounce_window_ms: match r.option("bounce_window") {
-                Some(OptValue::Duration(ms)) => *ms,
-                _ => 30 * 86_400_000,
-            },
+            confirm_ms: o.confirm_lifetime.as_millis().try_into().unwrap_or(u64::MAX),
+            bounce_limit: usize::try_from(o.bounce_limit).unwrap_or(usize::MAX).max(1),
+            bounce_window_ms: o.bounce_window.as_millis().try_into().unwrap_or(u64::MAX),
             table,
         }
     }
@@ -245,10 +231,11 @@ fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
 /// Every subscriber of `list`, lower case, without the list's own addresses (a loop).
 pub async fn members(policy_dir: &Path, prog: &Program, lookups: &Lookups, list: &List) -> Result<Vec<String>, String> {
     let t = list.table.as_ref().ok_or("the list has no subscribers table")?;
-    let mut out = if t.kind == "sql" {
-        lookups.sql_statement(prog, t, "members", None).await?
-    } else if t.kind == "ldap" {
-        lookups.ldap_members(prog, t).await?
+    let timeout = lookups.lookup_timeout();
+    let mut out = if let Some(s) = SqlTable::of(t, timeout, Options::sql) {
+        lookups.sql_statement(prog, s, ListStatement::Members).await?
+    } else if let Some(l) = LdapTable::of(t, timeout, Options::ldap) {
+        lookups.ldap_members(prog, l).await?
     } else {
         let path = table_path(policy_dir, t).ok_or("the subscribers table has no file")?;
         match tokio::fs::read_to_string(&path).await {
@@ -305,13 +292,14 @@ async fn change(
 ) -> Result<bool, String> {
     let a = address.to_ascii_lowercase();
     let t = list.table.clone().ok_or("the list has no subscribers table")?;
-    if t.kind == "sql" {
+    if let Some(s) = SqlTable::of(&t, lookups.lookup_timeout(), Options::sql) {
         let before = members(policy_dir, prog, lookups, list).await?;
-        lookups.sql_statement(prog, &t, if subscribe { "insert" } else { "delete" }, Some(&a)).await?;
+        let statement = if subscribe { ListStatement::Insert(&a) } else { ListStatement::Delete(&a) };
+        lookups.sql_statement(prog, s, statement).await?;
         return Ok(before.contains(&a) != subscribe);
     }
-    if t.kind == "ldap" {
-        return lookups.ldap_change(prog, &t, subscribe, &a).await;
+    if let Some(l) = LdapTable::of(&t, lookups.lookup_timeout(), Options::ldap) {
+        return lookups.ldap_change(prog, l, subscribe, &a).await;
     }
     let path = table_path(policy_dir, &t).ok_or("the subscribers table has no file")?;
     tokio::task::spawn_blocking(move || {

@@ -13,7 +13,11 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::proto::{NoRecords, ProtoErrorKind};
 use hickory_resolver::TokioResolver;
-use mailpolicy_lang::ir::{OptValue, Program, Resource, TransportKind};
+use mailpolicy_lang::ir::{Program, Resource, TransportKind};
+use mailpolicy_lang::resources::{Options, TableOptions};
+
+use super::ldap::LdapTable;
+use super::sql::{ListStatement, SqlTable};
 use mailpolicy_stdlib::{batv, tables::FileTable};
 
 use crate::eval::{Answer, Request, RrType};
@@ -178,27 +182,26 @@ impl Lookups {
     pub async fn sql_statement(
         &self,
         prog: &Program,
-        t: &mailpolicy_lang::ir::Resource,
-        option: &str,
-        param: Option<&str>,
+        t: SqlTable<'_>,
+        statement: ListStatement<'_>,
     ) -> Result<Vec<String>, String> {
-        self.sql.statement(prog, t, option, param, &self.secrets, self.lookup_timeout).await
+        self.sql.statement(prog, t, statement, &self.secrets).await
     }
 
     /// A mailing list's subscribers on its `ldap` table: the group entry's attribute values.
-    pub async fn ldap_members(&self, prog: &Program, t: &mailpolicy_lang::ir::Resource) -> Result<Vec<String>, String> {
-        self.ldap.members(prog, t, &self.secrets, self.lookup_timeout).await
+    pub async fn ldap_members(&self, prog: &Program, t: LdapTable<'_>) -> Result<Vec<String>, String> {
+        self.ldap.members(prog, t, &self.secrets).await
     }
 
     /// Add or remove a mailing list's subscriber on its `ldap` table; true when it changed.
     pub async fn ldap_change(
         &self,
         prog: &Program,
-        t: &mailpolicy_lang::ir::Resource,
+        t: LdapTable<'_>,
         add: bool,
         address: &str,
     ) -> Result<bool, String> {
-        self.ldap.change(prog, t, add, address, &self.secrets, self.lookup_timeout).await
+        self.ldap.change(prog, t, add, address, &self.secrets).await
     }
 
     pub fn secret(&self, name: &str) -> Option<&str> {
@@ -209,9 +212,9 @@ impl Lookups {
         // Lookup latency by back end (the `lookup_duration_seconds` histogram); counters,
         // greylisting and BATV are in memory and not timed.
         let backend = match req {
-            Request::Lookup { table, .. } => match prog.tables.get(table.index()).map(|t| t.kind.as_str()) {
-                Some("ldap") => Some("ldap"),
-                Some("sql") => Some("sql"),
+            Request::Lookup { table, .. } => match prog.tables.get(table.index()).map(|t| &t.options) {
+                Some(Options::Ldap(..)) => Some("ldap"),
+                Some(Options::Sql(..)) => Some("sql"),
                 _ => Some("table"),
             },
             Request::Dns { .. } => Some("dns"),
@@ -246,9 +249,15 @@ impl Lookups {
     async fn answer_untimed(&self, prog: &Program, req: &Request, now_ms: u64) -> Answer {
         match req {
             Request::Lookup { table, key } => match prog.tables.get(table.index()) {
-                Some(t) if t.kind == "ldap" => self.ldap.lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
-                Some(t) if t.kind == "sql" => self.sql.lookup(prog, t, key, &self.secrets, self.lookup_timeout).await,
-                Some(t) => self.table(t, key).await,
+                Some(t) => {
+                    if let Some(l) = LdapTable::of(t, self.lookup_timeout, Options::ldap) {
+                        self.ldap.lookup(prog, l, key, &self.secrets).await
+                    } else if let Some(s) = SqlTable::of(t, self.lookup_timeout, Options::sql) {
+                        self.sql.lookup(prog, s, key, &self.secrets).await
+                    } else {
+                        self.table(t, key).await
+                    }
+                }
                 None => Answer::Error("no such table".into()),
             },
             Request::Dns { name, rtype } => self.dns(name, *rtype).await,
@@ -268,7 +277,6 @@ impl Lookups {
             // The session answers these itself: they need the message and the session.
             // Never asked of this host: in a session `Conn` answers it, and the queue-side
             // stages read the results kept in the message's record (`Facts::recorded_auth`).
-            Request::Auth(_) => Answer::Error("sender authentication is answered by the session".into()),
             // The session answers scans itself: it has the message.
             Request::Scan { .. } => Answer::Error("a scan needs the message; the session answers it".into()),
             Request::Callahead { recipient, sender } => self.callahead(prog, recipient, sender, now_ms).await,
@@ -362,7 +370,7 @@ impl Lookups {
         }
         let Some(source) = &t.source else { return Answer::Error(format!("table {} has no file", t.name)) };
         let path = self.policy_dir.join(source);
-        let reload = !matches!(t.option("reload"), Some(OptValue::Bool(false)));
+        let reload = t.options.table().is_none_or(|o| o.reload);
         let Ok(mut tables) = self.tables.lock() else { return Answer::Error("table cache poisoned".into()) };
         let stale = match tables.get(&t.name) {
             None => true,
@@ -592,24 +600,37 @@ impl Lookups {
     }
 }
 
+/// A network table (`ldap`, `sql`) as its pool uses it: its name, its kind's options, its
+/// time-out (the table's `timeout`, else the server's `lookup_timeout`).
+pub struct NetTable<'a, O> {
+    pub name: &'a str,
+    pub opts: &'a O,
+    pub timeout: Duration,
+}
+
+// Copy whatever `O` is: only references and a duration are copied.
+impl<O> Clone for NetTable<'_, O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<O> Copy for NetTable<'_, O> {}
+
+impl<'a, O> NetTable<'a, O> {
+    /// `t` if `kind` (`Options::ldap`, `Options::sql`) finds its options, its time-out
+    /// resolved against the server's `default`.
+    pub fn of(
+        t: &'a Resource,
+        default: Duration,
+        kind: fn(&'a Options) -> Option<(&'a TableOptions, &'a O)>,
+    ) -> Option<NetTable<'a, O>> {
+        let (common, opts) = kind(&t.options)?;
+        Some(NetTable { name: &t.name, opts, timeout: common.timeout_or(default) })
+    }
+}
+
 pub fn batv_lifetime_days(prog: &Program) -> u64 {
     prog.server.batv_lifetime_days()
-}
-
-/// A table's own `timeout`, else the server's lookup time-out.
-pub fn table_timeout(t: &Resource, default: Duration) -> Duration {
-    match t.option("timeout") {
-        Some(OptValue::Duration(ms)) => Duration::from_millis(*ms),
-        _ => default,
-    }
-}
-
-/// The value of the secret a table's option names (`password db_password;`).
-pub fn table_secret(prog: &Program, t: &Resource, option: &str, secrets: &HashMap<String, String>) -> Option<String> {
-    match t.option(option) {
-        Some(OptValue::Secret(id)) => prog.secrets.get(id.index()).and_then(|s| secrets.get(&s.name)).cloned(),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

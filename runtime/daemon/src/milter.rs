@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use mailpolicy_engine::conn::{Conn, MilterAnswer, MilterCall};
 use mailpolicy_engine::milter::{split_message, Client, Step};
-use mailpolicy_lang::ir::{OptValue, Resource, Stage};
+use mailpolicy_lang::ir::{Resource, Stage};
+use mailpolicy_lang::resources::{MilterOptions, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A connection to a filter (a milter, or the before-queue filter): TCP or a unix socket.
@@ -35,6 +36,7 @@ impl Sock {
 
 struct One {
     res: Resource,
+    opts: MilterOptions,
     sock: Option<Sock>,
     client: Client,
     /// Why this milter is out of the session.
@@ -46,11 +48,12 @@ pub struct Milters {
     all: Vec<One>,
 }
 
-fn ms(r: &Resource, name: &str, default: u64) -> Duration {
-    Duration::from_millis(match r.option(name) {
-        Some(OptValue::Duration(d)) => *d,
-        _ => default,
-    })
+/// A milter's options (every milter scanner has them; the checker lowers them).
+fn options(r: &Resource) -> MilterOptions {
+    match &r.options {
+        Options::Milter(o) => o.clone(),
+        _ => MilterOptions::default(),
+    }
 }
 
 /// Connects to `unix:/path`, `inet:HOST:PORT`, `inet6:[ADDR]:PORT` or `HOST:PORT`.
@@ -96,7 +99,7 @@ impl One {
 
     async fn open(&mut self) -> Result<(), String> {
         let source = self.res.source.clone().unwrap_or_default();
-        let t = ms(&self.res, "connect_timeout", 30_000);
+        let t = self.opts.connect_timeout;
         let sock =
             tokio::time::timeout(t, connect(&source)).await.map_err(|_| format!("connect {source}: timed out"))??;
         self.sock = Some(sock);
@@ -112,7 +115,7 @@ impl One {
                 self.open().await?;
             }
             self.client.begin(step, macros).map_err(|e| e.0)?;
-            let t = if message { ms(&self.res, "content_timeout", 300_000) } else { ms(&self.res, "timeout", 30_000) };
+            let t = if message { self.opts.content_timeout } else { self.opts.timeout };
             match self.pump(t).await? {
                 Some(o) => Ok(o),
                 None => Err("the milter gave no answer".to_string()),
@@ -132,7 +135,7 @@ impl Milters {
         let all = conn
             .milters()
             .into_iter()
-            .map(|r| One { res: r.clone(), sock: None, client: Client::new(), failed: None })
+            .map(|r| One { res: r.clone(), opts: options(r), sock: None, client: Client::new(), failed: None })
             .collect();
         Milters { all }
     }

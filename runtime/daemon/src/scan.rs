@@ -4,9 +4,8 @@
 //! answer (4xx, or score 0 with `on_error continue`). Messages larger than `max_size` are
 //! not scanned and score 0, as spamc does.
 
-use std::time::Duration;
-
-use mailpolicy_lang::ir::{OptValue, Resource};
+use mailpolicy_lang::ir::Resource;
+use mailpolicy_lang::resources::Options;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -15,19 +14,12 @@ use crate::eval::{Answer, Facts};
 /// Largest reply read from a scanner.
 const MAX_REPLY: usize = 1 << 20;
 
-fn opt_ms(r: &Resource, name: &str, default: u64) -> u64 {
-    match r.option(name) {
-        Some(OptValue::Duration(d)) => *d,
-        Some(OptValue::Size(d)) => *d,
-        _ => default,
-    }
-}
-
 /// Scan `message` with the declared scanner.
 pub async fn scan(scanner: &Resource, message: &[u8], facts: &Facts) -> Answer {
-    let timeout = Duration::from_millis(opt_ms(scanner, "timeout", 30_000));
-    let max_size = opt_ms(scanner, "max_size", 10 << 20) as usize;
-    if message.len() > max_size {
+    let Options::Scanner(opts) = &scanner.options else {
+        return Answer::Error(format!("{} is a {}, not a content scanner", scanner.name, scanner.kind));
+    };
+    if message.len() as u64 > opts.max_size {
         return Answer::Score(0.0);
     }
     let source = scanner.source.clone().unwrap_or_default();
@@ -38,7 +30,7 @@ pub async fn scan(scanner: &Resource, message: &[u8], facts: &Facts) -> Answer {
             other => Err(format!("unknown scanner kind {other}")),
         }
     };
-    match tokio::time::timeout(timeout, fut).await {
+    match tokio::time::timeout(opts.timeout, fut).await {
         Ok(Ok(score)) => Answer::Score(score),
         Ok(Err(e)) => Answer::Error(format!("scanner {}: {e}", scanner.name)),
         Err(_) => Answer::Timeout,

@@ -27,19 +27,41 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use mailpolicy_lang::ir::{OptValue, Program, Resource};
+use mailpolicy_lang::ir::{Program, SecretId};
+use mailpolicy_lang::resources::SqlOptions;
 use tokio::sync::Semaphore;
 use tokio_postgres::{Client, Statement};
 
 mod tls;
-pub use tls::{connect, SslMode};
+pub use tls::connect;
 
 use crate::eval::Answer;
 
-/// Connections per table unless the table says `connections N`.
-pub const DEFAULT_CONNECTIONS: usize = 4;
+/// An `sql` table as the pool uses it (`SqlTable::of(t, default, Options::sql)`).
+pub type SqlTable<'a> = crate::lookup::NetTable<'a, SqlOptions>;
+
+/// A mailing list's statement on its subscribers table (spec/language.md 4.9).
+#[derive(Clone, Copy)]
+pub enum ListStatement<'a> {
+    /// `members`: every subscriber.
+    Members,
+    /// `insert` of the address.
+    Insert(&'a str),
+    /// `delete` of the address.
+    Delete(&'a str),
+}
+
+impl<'a> ListStatement<'a> {
+    /// The statement's option name (for errors), its text, its parameter.
+    fn of(self, o: &'a SqlOptions) -> (&'static str, Option<&'a str>, Option<&'a str>) {
+        match self {
+            ListStatement::Members => ("members", o.members.as_deref(), None),
+            ListStatement::Insert(a) => ("insert", o.insert.as_deref(), Some(a)),
+            ListStatement::Delete(a) => ("delete", o.delete.as_deref(), Some(a)),
+        }
+    }
+}
 
 /// One open connection, with the query prepared on it.
 struct Conn {
@@ -68,19 +90,14 @@ pub struct Pool {
     dir: Option<PathBuf>,
 }
 
-fn opt<'a>(t: &'a Resource, name: &str) -> Option<&'a str> {
-    match t.option(name) {
-        Some(OptValue::Str(s)) => Some(s.as_str()),
-        _ => None,
-    }
+/// `connections N` of a table (LDAP and SQL), at least 1.
+pub fn connections(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX).max(1)
 }
 
-/// `connections N` of a table (LDAP and SQL), at least 1.
-pub fn connections(t: &Resource) -> usize {
-    match t.option("connections") {
-        Some(OptValue::Num(n)) => (*n as usize).max(1),
-        _ => DEFAULT_CONNECTIONS,
-    }
+/// The value of the secret a table's `password` names.
+pub fn secret(prog: &Program, id: Option<SecretId>, secrets: &HashMap<String, String>) -> Option<String> {
+    id.and_then(|id| prog.secrets.get(id.index())).and_then(|s| secrets.get(&s.name)).cloned()
 }
 
 impl Pool {
@@ -89,10 +106,10 @@ impl Pool {
         Pool { tables: Mutex::default(), dir: Some(policy_dir.to_path_buf()) }
     }
 
-    fn table(&self, t: &Resource) -> Arc<TablePool> {
-        let size = connections(t);
+    fn table(&self, t: SqlTable) -> Arc<TablePool> {
+        let size = connections(t.opts.connections);
         let mut m = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        match m.get(&t.name) {
+        match m.get(t.name) {
             Some(p) if p.size == size => p.clone(),
             _ => {
                 let p = Arc::new(TablePool {
@@ -101,7 +118,7 @@ impl Pool {
                     size,
                     dir: self.dir.clone(),
                 });
-                m.insert(t.name.clone(), p.clone());
+                m.insert(t.name.to_string(), p.clone());
                 p
             }
         }
@@ -116,16 +133,14 @@ impl Pool {
     pub async fn lookup(
         &self,
         prog: &Program,
-        t: &Resource,
+        t: SqlTable<'_>,
         key: &str,
         secrets: &HashMap<String, String>,
-        default_timeout: Duration,
     ) -> Answer {
-        let timeout = super::lookup::table_timeout(t, default_timeout);
         let pool = self.table(t);
         // The time-out covers waiting for a connection too; a connection in use when it
         // strikes is dropped with the future, never handed to the next lookup.
-        match tokio::time::timeout(timeout, Self::query(&pool, prog, t, key, secrets)).await {
+        match tokio::time::timeout(t.timeout, Self::query(&pool, prog, t.opts, key, secrets)).await {
             Ok(Ok(v)) => Answer::Value(v),
             Ok(Err(e)) => Answer::Error(format!("sql table {}: {e}", t.name)),
             Err(_) => Answer::Timeout,
@@ -138,15 +153,12 @@ impl Pool {
     pub async fn statement(
         &self,
         prog: &Program,
-        t: &Resource,
-        option: &str,
-        param: Option<&str>,
+        t: SqlTable<'_>,
+        statement: ListStatement<'_>,
         secrets: &HashMap<String, String>,
-        default_timeout: Duration,
     ) -> Result<Vec<String>, String> {
-        let timeout = super::lookup::table_timeout(t, default_timeout);
         let pool = self.table(t);
-        match tokio::time::timeout(timeout, Self::run(&pool, prog, t, option, param, secrets)).await {
+        match tokio::time::timeout(t.timeout, Self::run(&pool, prog, t.opts, statement, secrets)).await {
             Ok(r) => r.map_err(|e| format!("sql table {}: {e}", t.name)),
             Err(_) => Err(format!("sql table {}: timed out", t.name)),
         }
@@ -155,15 +167,14 @@ impl Pool {
     async fn run(
         pool: &TablePool,
         prog: &Program,
-        t: &Resource,
-        option: &str,
-        param: Option<&str>,
+        o: &SqlOptions,
+        statement: ListStatement<'_>,
         secrets: &HashMap<String, String>,
     ) -> Result<Vec<String>, String> {
-        let sql = opt(t, option).ok_or_else(|| format!("no `{option}` statement"))?;
-        let url = opt(t, "url").ok_or("no url")?;
-        let password = super::lookup::table_secret(prog, t, "password", secrets);
-        let ident = format!("{url}\0{}", password.as_deref().unwrap_or(""));
+        let (option, sql, param) = statement.of(o);
+        let sql = sql.ok_or_else(|| format!("no `{option}` statement"))?;
+        let password = secret(prog, o.password, secrets);
+        let ident = format!("{}\0{}", o.url, password.as_deref().unwrap_or(""));
         let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
         let reused = {
             let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,7 +184,7 @@ impl Pool {
         let conn = match reused {
             Some(c) => c,
             None => {
-                Conn { client: connect(url, password.as_deref(), pool.dir.as_deref()).await?, ident, prepared: None }
+                Conn { client: connect(&o.dsn, password.as_deref(), pool.dir.as_deref()).await?, ident, prepared: None }
             }
         };
         let rows = match param {
@@ -198,14 +209,13 @@ impl Pool {
     async fn query(
         pool: &TablePool,
         prog: &Program,
-        t: &Resource,
+        o: &SqlOptions,
         key: &str,
         secrets: &HashMap<String, String>,
     ) -> Result<Option<String>, String> {
-        let query = opt(t, "query").ok_or("no query")?;
-        let url = opt(t, "url").ok_or("no url")?;
-        let password = super::lookup::table_secret(prog, t, "password", secrets);
-        let ident = format!("{url}\0{}", password.as_deref().unwrap_or(""));
+        let query = o.query.as_str();
+        let password = secret(prog, o.password, secrets);
+        let ident = format!("{}\0{}", o.url, password.as_deref().unwrap_or(""));
         let _permit = pool.gate.acquire().await.map_err(|e| e.to_string())?;
         let reused = {
             let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -216,7 +226,7 @@ impl Pool {
         let mut conn = match reused {
             Some(c) => c,
             None => {
-                Conn { client: connect(url, password.as_deref(), pool.dir.as_deref()).await?, ident, prepared: None }
+                Conn { client: connect(&o.dsn, password.as_deref(), pool.dir.as_deref()).await?, ident, prepared: None }
             }
         };
         let stmt = match &conn.prepared {

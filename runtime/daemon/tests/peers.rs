@@ -523,22 +523,25 @@ async fn postgresql_table() {
     let none = HashMap::new();
     let t = Duration::from_secs(5);
     assert_eq!(
-        pool.lookup(&prog, &prog.tables[0], "Alice@Example.com", &none, t).await,
+        pool.lookup(&prog, sql_table(&prog.tables[0], t), "Alice@Example.com", &none).await,
         Answer::Value(Some("mbox1.internal".into()))
     );
     assert_eq!(
-        pool.lookup(&prog, &prog.tables[0], "bob@example.com", &none, t).await,
+        pool.lookup(&prog, sql_table(&prog.tables[0], t), "bob@example.com", &none).await,
         Answer::Value(Some(String::new()))
     );
-    assert_eq!(pool.lookup(&prog, &prog.tables[0], "nobody@example.com", &none, t).await, Answer::Value(None));
-    // The key is a parameter, never SQL.
-    assert_eq!(pool.lookup(&prog, &prog.tables[0], "x' OR '1'='1", &none, t).await, Answer::Value(None));
     assert_eq!(
-        pool.lookup(&prog, &prog.tables[1], "alice@example.com", &none, t).await,
+        pool.lookup(&prog, sql_table(&prog.tables[0], t), "nobody@example.com", &none).await,
+        Answer::Value(None)
+    );
+    // The key is a parameter, never SQL.
+    assert_eq!(pool.lookup(&prog, sql_table(&prog.tables[0], t), "x' OR '1'='1", &none).await, Answer::Value(None));
+    assert_eq!(
+        pool.lookup(&prog, sql_table(&prog.tables[1], t), "alice@example.com", &none).await,
         Answer::Value(Some("1024".into()))
     );
     // The error says what the server said, not only "db error".
-    match pool.lookup(&prog, &prog.tables[2], "alice@example.com", &none, t).await {
+    match pool.lookup(&prog, sql_table(&prog.tables[2], t), "alice@example.com", &none).await {
         Answer::Error(e) => assert!(e.contains("ERROR") && e.contains("nowhere"), "{e}"),
         other => panic!("{other:?}"),
     }
@@ -549,15 +552,25 @@ async fn postgresql_table() {
     // (they do not queue behind one connection), and the connections are kept.
     let slow = &prog.tables[3];
     let keys: Vec<String> = (0..7).map(|i| format!("k{i}")).collect();
-    let answers = futures_util::future::join_all(keys.iter().map(|k| pool.lookup(&prog, slow, k, &none, t))).await;
+    let answers =
+        futures_util::future::join_all(keys.iter().map(|k| pool.lookup(&prog, sql_table(slow, t), k, &none))).await;
     assert_eq!(answers, keys.iter().map(|k| Answer::Value(Some(k.clone()))).collect::<Vec<_>>());
     assert_eq!(pool.idle("slow"), 3);
     drop(server);
     // The server is gone: an error, never "absent".
     assert!(matches!(
-        pool.lookup(&prog, &prog.tables[0], "alice@example.com", &none, Duration::from_secs(2)).await,
+        pool.lookup(&prog, sql_table(&prog.tables[0], Duration::from_secs(2)), "alice@example.com", &none).await,
         Answer::Error(_) | Answer::Timeout
     ));
+}
+
+fn sql_table(t: &mailpolicy_lang::ir::Resource, timeout: Duration) -> mailpolicy_daemon::sql::SqlTable<'_> {
+    mailpolicy_daemon::sql::SqlTable::of(t, timeout, mailpolicy_lang::resources::Options::sql).expect("an sql table")
+}
+
+fn ldap_table(t: &mailpolicy_lang::ir::Resource, timeout: Duration) -> mailpolicy_daemon::ldap::LdapTable<'_> {
+    mailpolicy_daemon::ldap::LdapTable::of(t, timeout, mailpolicy_lang::resources::Options::ldap)
+        .expect("an ldap table")
 }
 
 /// PostgreSQL over TLS (the url's `sslmode`, `sslrootcert`): a server with a self-signed
@@ -583,7 +596,6 @@ async fn postgresql_over_tls() {
         format!("{url}?sslmode=verify-ca&sslrootcert={other}"),
         // libpq: `require` with a root certificate verifies the chain.
         format!("{url}?sslmode=require&sslrootcert={other}"),
-        format!("{url}?sslmode=sometimes"),
     ];
     let mut policy = String::new();
     for (i, u) in urls.iter().enumerate() {
@@ -601,7 +613,7 @@ async fn postgresql_over_tls() {
     let t = Duration::from_secs(5);
     let mut got = Vec::new();
     for table in &prog.tables {
-        got.push(match pool.lookup(&prog, table, "k", &none, t).await {
+        got.push(match pool.lookup(&prog, sql_table(table, t), "k", &none).await {
             Answer::Value(v) => format!("{v:?}"),
             Answer::Error(e) => {
                 eprintln!("{}: {e}", table.name);
@@ -612,10 +624,7 @@ async fn postgresql_over_tls() {
     }
     let tls = "Some(\"true\")".to_string();
     let err = "error".to_string();
-    assert_eq!(
-        got,
-        vec![tls.clone(), tls.clone(), err.clone(), tls.clone(), err.clone(), tls, err.clone(), err.clone(), err]
-    );
+    assert_eq!(got, vec![tls.clone(), tls.clone(), err.clone(), tls.clone(), err.clone(), tls, err.clone(), err]);
 }
 
 /// OpenLDAP's slapd (Debian package slapd, installed by tests/run.sh) with the seed's
@@ -642,7 +651,7 @@ async fn slapd_directory() {
     let t = &prog.tables[0];
     let none = HashMap::new();
     let pool = mailpolicy_daemon::ldap::Pool::default();
-    let lookup = |p, t, k, n, d| pool.lookup(p, t, k, n, d);
+    let lookup = |p, t, k, n, d| pool.lookup(p, ldap_table(t, d), k, n);
     let mut answer = Answer::Error("not started".into());
     for _ in 0..100 {
         answer = lookup(&prog, t, "alice@example.com", &none, Duration::from_secs(5)).await;
@@ -663,9 +672,10 @@ async fn slapd_directory() {
     // directory answered); lookups at once use at most `connections` (default 4).
     let before = pool.opened();
     let keys: Vec<String> = (0..12).map(|i| format!("user{i}@example.com")).collect();
-    let answers =
-        futures_util::future::join_all(keys.iter().map(|k| pool.lookup(&prog, t, k, &none, Duration::from_secs(5))))
-            .await;
+    let answers = futures_util::future::join_all(
+        keys.iter().map(|k| pool.lookup(&prog, ldap_table(t, Duration::from_secs(5)), k, &none)),
+    )
+    .await;
     assert!(answers.iter().all(|a| *a == Answer::Value(None)), "{answers:?}");
     assert!(pool.opened() - before <= 4, "{} connections for 12 lookups", pool.opened() - before);
     assert_eq!(

@@ -17,7 +17,7 @@ use std::time::Duration;
 use mailpolicy_lang::ir::{DsnAction, LocId, Program, Scope, Stage};
 
 use crate::eval::{
-    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, Request, Run, StageVerdict, State, Step, TlsFacts,
+    Answer, Effect, Facts, MessageFacts, Outcome, RcptFacts, Request, Run, SessionStep, StageVerdict, State, TlsFacts,
 };
 use crate::smtp::{self, Decision, Event, ForwardPath, PeerInfo, Reply, ReversePath, Session, Time, TlsInfo};
 
@@ -408,16 +408,16 @@ impl Conn {
                 HostWait::Stage { .. } if self.sender_auth.waiting() => return None,
                 HostWait::Stage { run, .. } => {
                     self.facts.session_errors = self.session.error_count();
-                    match run.step(&self.prog, &self.facts, &mut self.state) {
-                        Step::Need(Request::Auth(check)) => {
+                    match run.step_session(&self.prog, &self.facts, &mut self.state) {
+                        SessionStep::SenderAuth(check) => {
                             if let Some(a) = self.sender_auth_request(check) {
                                 if let HostWait::Stage { run, .. } = &mut self.pending {
-                                    run.answer(Request::Auth(check), a);
+                                    run.answer_sender_auth(check, a);
                                 }
                             }
                         }
-                        Step::Need(r) => return Some(Need::Policy(r)),
-                        Step::Done(v) => {
+                        SessionStep::Need(r) => return Some(Need::Policy(r)),
+                        SessionStep::Done(v) => {
                             let HostWait::Stage { event, run } = std::mem::replace(&mut self.pending, HostWait::None)
                             else {
                                 continue;

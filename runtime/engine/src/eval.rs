@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use mailpolicy_lang::ir::*;
+use mailpolicy_lang::resources::{OnError, Options};
 use mailpolicy_stdlib::access::{self, AccessAction};
 use mailpolicy_stdlib::address as addr;
 
@@ -33,9 +34,15 @@ use replies::{reply_of, split_enhanced};
 pub use replies::{soft_bounce, soft_bounce_line};
 
 enum Halt {
-    Need(Request),
+    Need(Asked),
     /// A back end failed and the policy did not choose fail-open.
     Fail(String),
+}
+
+/// What a stage waits for: a host's answer, or a session's sender-authentication word.
+enum Asked {
+    Host(Request),
+    SenderAuth(AuthCheck),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +88,7 @@ pub struct Run {
     stage: Stage,
     pc: usize,
     answers: HashMap<Request, Answer>,
+    sender_auth: HashMap<AuthCheck, Answer>,
     effects: Vec<Effect>,
     trace: Vec<Trace>,
     /// Whether to keep the trace (`mailc test`/`explain` read it; the daemon does not).
@@ -102,6 +110,7 @@ impl Run {
             stage,
             pc: 0,
             answers: HashMap::new(),
+            sender_auth: HashMap::new(),
             effects: Vec::new(),
             trace: Vec::new(),
             tracing: true,
@@ -134,12 +143,33 @@ impl Run {
         self.answers.insert(request, answer);
     }
 
-    /// Run until the stage ends or the outside world is needed.
+    /// Give the sender-authentication word `Conn` has for the check the last
+    /// [`SessionStep::SenderAuth`] asked.
+    pub fn answer_sender_auth(&mut self, check: AuthCheck, answer: Answer) {
+        self.traced(|| Trace::SenderAuth { check, answer: answer.clone() });
+        self.sender_auth.insert(check, answer);
+    }
+
+    /// Run until the stage ends or the host is needed, outside a session (the queue side:
+    /// `spf`, `dkim`, `dmarc` are the session's record, `Facts::recorded_auth`; a check the
+    /// record does not hold reads `temperror`, as a check that failed).
     pub fn step(&mut self, prog: &Program, facts: &Facts, state: &mut State) -> Step {
+        loop {
+            match self.step_session(prog, facts, state) {
+                SessionStep::Need(r) => return Step::Need(r),
+                SessionStep::Done(v) => return Step::Done(v),
+                SessionStep::SenderAuth(c) => self.answer_sender_auth(c, Answer::Error("no session".into())),
+            }
+        }
+    }
+
+    /// Run until the stage ends, the host is needed, or (in a session) `Conn`'s sender
+    /// authentication.
+    pub fn step_session(&mut self, prog: &Program, facts: &Facts, state: &mut State) -> SessionStep {
         let code = prog.stage(self.stage);
         loop {
             let Some(instr) = code.get(self.pc) else {
-                return Step::Done(self.finish(Outcome::Default, None));
+                return SessionStep::Done(self.finish(Outcome::Default, None));
             };
             match instr {
                 Instr::Jump(t) => self.pc = *t as usize,
@@ -151,7 +181,7 @@ impl Run {
                             self.pc = if b { self.pc + 1 } else { *else_pc as usize };
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
-                        Err(Halt::Fail(msg)) => return Step::Done(self.fail(msg, *loc)),
+                        Err(Halt::Fail(msg)) => return SessionStep::Done(self.fail(msg, *loc)),
                     }
                 }
                 Instr::Do { action, loc } => {
@@ -163,23 +193,26 @@ impl Run {
                         }
                         Ok(Some(outcome)) => {
                             self.traced(|| Trace::Action { loc: *loc });
-                            return Step::Done(self.finish(outcome, Some(*loc)));
+                            return SessionStep::Done(self.finish(outcome, Some(*loc)));
                         }
                         Err(Halt::Need(r)) => return self.need(r, *loc),
-                        Err(Halt::Fail(msg)) => return Step::Done(self.fail(msg, *loc)),
+                        Err(Halt::Fail(msg)) => return SessionStep::Done(self.fail(msg, *loc)),
                     }
                 }
             }
         }
     }
 
-    fn need(&mut self, r: Request, loc: LocId) -> Step {
+    fn need(&mut self, r: Asked, loc: LocId) -> SessionStep {
         self.lookups += 1;
         if self.lookups > self.max_lookups {
             let reply = smtp::Reply::new(451, (4, 3, 0), "Policy lookup budget exceeded, try again later");
-            return Step::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
+            return SessionStep::Done(self.finish(Outcome::Tempfail(reply), Some(loc)));
         }
-        Step::Need(r)
+        match r {
+            Asked::Host(r) => SessionStep::Need(r),
+            Asked::SenderAuth(c) => SessionStep::SenderAuth(c),
+        }
     }
 
     fn fail(&mut self, msg: String, loc: LocId) -> StageVerdict {
@@ -204,7 +237,7 @@ impl Run {
     fn ask(&self, r: Request) -> Result<&Answer, Halt> {
         match self.answers.get(&r) {
             Some(a) => Ok(a),
-            None => Err(Halt::Need(r)),
+            None => Err(Halt::Need(Asked::Host(r))),
         }
     }
 
@@ -226,8 +259,8 @@ impl Run {
         let fail_open = r
             .table()
             .and_then(|t| prog.tables.get(t.index()))
-            .and_then(|t| t.option("on_error"))
-            .is_some_and(|v| *v == OptValue::Word("continue".into()));
+            .and_then(|t| t.options.table())
+            .is_some_and(|o| o.on_error == OnError::Continue);
         let name = r.table().and_then(|t| prog.tables.get(t.index())).map(|t| t.name.clone()).unwrap_or_default();
         if fail_open {
             Ok(T::default())
@@ -291,11 +324,9 @@ impl Run {
                 match self.ask(r)? {
                     Answer::Score(x) => V::Num(*x),
                     Answer::Error(e) | Answer::Value(Some(e)) => {
-                        let open = prog
-                            .scanners
-                            .get(s.index())
-                            .and_then(|s| s.option("on_error"))
-                            .is_some_and(|v| *v == OptValue::Word("continue".into()));
+                        let open = prog.scanners.get(s.index()).is_some_and(
+                            |s| matches!(&s.options, Options::Scanner(o) if o.on_error == OnError::Continue),
+                        );
                         if open {
                             V::Num(0.0)
                         } else {
@@ -414,7 +445,11 @@ impl Run {
         if let Some(r) = &f.recorded_auth {
             return Ok(V::Str(r.get(c).unwrap_or("temperror").to_string()));
         }
-        match self.ask(Request::Auth(c))? {
+        let answer = match self.sender_auth.get(&c) {
+            Some(a) => a,
+            None => return Err(Halt::Need(Asked::SenderAuth(c))),
+        };
+        match answer {
             Answer::Value(v) => Ok(V::Str(v.clone().unwrap_or_else(|| "none".into()).to_ascii_lowercase())),
             Answer::Error(_) | Answer::Timeout => Ok(V::Str("temperror".into())),
             _ => Ok(V::Str("none".into())),
@@ -1114,62 +1149,4 @@ pub fn client_network(ip: IpAddr) -> String {
 }
 
 #[cfg(test)]
-mod describe_tests {
-    use super::*;
-
-    /// Operators read names, not Rust structures (issue 11).
-    #[test]
-    fn requests_and_answers_read_as_an_operator_writes_them() {
-        let policy = "table users = list \"users.txt\";\non rcpt { if recipient.local not in users { reject; } }\n";
-        let c = mailpolicy_lang::compile("p.mailpolicy", &mailpolicy_lang::MemLoader::single("p.mailpolicy", policy));
-        let prog = c.program.expect("compiles");
-        let r = Request::Lookup { table: TableId(0), key: "alice".into() };
-        assert_eq!(r.describe(&prog), "lookup users \"alice\"");
-        assert_eq!(
-            Request::Dns { name: "example.com".into(), rtype: RrType::Mx }.describe(&prog),
-            "dns example.com MX"
-        );
-        let rate =
-            Request::Rate { counter: Counter::Connections, key: "client.ip=192.0.2.1".into(), window_ms: 60_000 };
-        assert_eq!(rate.describe(&prog), "rate connections by client.ip=192.0.2.1 per 1m");
-        assert_eq!(Answer::Value(None).to_string(), "not found");
-        assert_eq!(Answer::Value(Some("OK".into())).to_string(), "\"OK\"");
-        assert_eq!(Answer::Records(vec!["127.0.0.2".into()]).to_string(), "127.0.0.2");
-        let t = RenderedTransport {
-            kind: TransportKind::Smtp,
-            dest: Some("[10.0.0.5]:25".into()),
-            tls: TlsMode::Required,
-            auth: None,
-            ca: None,
-            cert: None,
-            root: None,
-        };
-        assert_eq!(t.to_string(), "smtp [10.0.0.5]:25 tls required");
-    }
-}
-
-#[cfg(test)]
-mod message_tests {
-    use super::MessageFacts;
-
-    #[test]
-    fn mime_is_decoded() {
-        let raw = b"From: a@example.net\r\nSubject: =?UTF-8?B?SUxPVkVZT1U=?=\r\nMIME-Version: 1.0\r\n\
-Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\
-Content-Transfer-Encoding: base64\r\n\r\ndmlhZ3JhIG9mZmVy\r\n--b\r\nContent-Type: application/x-msdownload\r\n\
-Content-Disposition: attachment; filename=\"invoice.exe\"\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQAA==\r\n--b--\r\n";
-        let m = MessageFacts::parse(raw);
-        assert_eq!(m.header("subject"), vec!["ILOVEYOU".to_string()], "encoded words are decoded");
-        assert!(m.body.contains("viagra offer"), "base64 text parts are decoded: {:?}", m.body);
-        assert_eq!(m.attachment_names, vec!["invoice.exe".to_string()]);
-        assert!(m.attachment_types.contains(&"application/x-msdownload".to_string()), "{:?}", m.attachment_types);
-        assert_eq!(m.header("from"), vec!["a@example.net".to_string()]);
-    }
-
-    #[test]
-    fn folded_headers_are_unfolded() {
-        let m = MessageFacts::parse(b"X-Long: one\r\n two\r\n\tthree\r\nSubject: s\r\n\r\nbody\r\n");
-        assert_eq!(m.header("x-long"), vec!["one two three".to_string()]);
-        assert_eq!(m.body.trim(), "body");
-    }
-}
+mod tests;

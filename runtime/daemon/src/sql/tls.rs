@@ -10,8 +10,9 @@
 //! | `verify-full` | always | that, and issued for the host name (`host`; `hostaddr` only says where to connect) |
 //!
 //! tokio-postgres knows `disable`, `prefer` and `require` only: the other modes and
-//! `sslrootcert` are taken out of the `url` here and the rest is parsed by tokio-postgres,
-//! in either form (`postgresql://...?sslmode=...` or `host=... sslmode=...`).
+//! `sslrootcert` are taken out of the `url` by the checker (`mailpolicy_lang::resources::pg_url`,
+//! which also refuses an unknown `sslmode`) and the rest is parsed by tokio-postgres, in
+//! either form (`postgresql://...?sslmode=...` or `host=... sslmode=...`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,106 +20,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use mailpolicy_lang::resources::{PgUrl, SslMode};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config};
-
-/// A table's `sslmode`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-/// The `url` without `sslmode` and `sslrootcert`, and those two.
-#[derive(Debug, PartialEq, Eq)]
-struct Dsn {
-    rest: String,
-    mode: SslMode,
-    rootcert: Option<String>,
-}
-
-fn mode(v: &str) -> Result<SslMode, String> {
-    Ok(match v {
-        "disable" => SslMode::Disable,
-        "allow" | "prefer" => SslMode::Prefer,
-        "require" => SslMode::Require,
-        "verify-ca" => SslMode::VerifyCa,
-        "verify-full" => SslMode::VerifyFull,
-        _ => {
-            return Err(format!(
-                "url: sslmode {v:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-            ))
-        }
-    })
-}
-
-/// Percent-decoding of a URL parameter's value (`sslrootcert=%2Fetc%2F...`).
-fn unescape(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-        match (b.get(i), b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
-            (Some(b'%'), Some(h), Some(l)) => {
-                out.push(h * 16 + l);
-                i += 3;
-            }
-            (Some(c), _, _) => {
-                out.push(*c);
-                i += 1;
-            }
-            (None, _, _) => break,
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn split(url: &str) -> Result<Dsn, String> {
-    let mut mode_v = None;
-    let mut rootcert = None;
-    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        match url.split_once('?') {
-            None => url.to_string(),
-            Some((base, query)) => {
-                let mut kept = Vec::new();
-                for p in query.split('&') {
-                    match p.split_once('=') {
-                        Some(("sslmode", v)) => mode_v = Some(unescape(v)),
-                        Some(("sslrootcert", v)) => rootcert = Some(unescape(v)),
-                        _ => kept.push(p),
-                    }
-                }
-                if kept.is_empty() {
-                    base.to_string()
-                } else {
-                    format!("{base}?{}", kept.join("&"))
-                }
-            }
-        }
-    } else {
-        // key=value words; a quoted value with spaces in another key stays as it was.
-        let mut kept = Vec::new();
-        for w in url.split(' ') {
-            match w.split_once('=') {
-                Some(("sslmode", v)) => mode_v = Some(v.trim_matches('\'').to_string()),
-                Some(("sslrootcert", v)) => rootcert = Some(v.trim_matches('\'').to_string()),
-                _ => kept.push(w),
-            }
-        }
-        kept.join(" ")
-    };
-    let mode = match mode_v {
-        Some(v) => mode(&v)?,
-        None => SslMode::Prefer,
-    };
-    Ok(Dsn { rest, mode, rootcert: rootcert.filter(|r| !r.is_empty()) })
-}
 
 /// An error with its causes (tokio-postgres says "db error" and keeps the server's words,
 /// or rustls's reason for refusing a certificate, in the source).
@@ -140,8 +46,7 @@ pub fn chain(e: &tokio_postgres::Error) -> String {
 
 /// Opens a connection for `url` (with `password` when the table has one) and drives it in a
 /// task of its own; a relative `sslrootcert` is read from `dir`.
-pub async fn connect(url: &str, password: Option<&str>, dir: Option<&Path>) -> Result<Client, String> {
-    let dsn = split(url)?;
+pub async fn connect(dsn: &PgUrl, password: Option<&str>, dir: Option<&Path>) -> Result<Client, String> {
     let mut config: Config = dsn.rest.parse().map_err(|e| format!("url: {e}"))?;
     if let Some(pw) = password {
         config.password(pw);
@@ -321,26 +226,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut *self.0).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sslmode_and_rootcert_come_out_of_either_form() {
-        let d =
-            split("postgresql://mail@db:5432/mail?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3")
-                .expect("url");
-        assert_eq!(d.mode, SslMode::VerifyFull);
-        assert_eq!(d.rootcert.as_deref(), Some("/etc/ca.pem"));
-        assert_eq!(d.rest, "postgresql://mail@db:5432/mail?connect_timeout=3");
-        let d = split("postgresql://mail@db/mail").expect("url");
-        assert_eq!((d.mode, d.rootcert, d.rest.as_str()), (SslMode::Prefer, None, "postgresql://mail@db/mail"));
-        let d = split("host=db user=mail sslmode=require password='a b'").expect("words");
-        assert_eq!((d.mode, d.rest.as_str()), (SslMode::Require, "host=db user=mail password='a b'"));
-        assert_eq!(split("postgres://db?sslmode=allow").map(|d| d.mode), Ok(SslMode::Prefer));
-        assert!(split("postgres://db?sslmode=sometimes").is_err());
     }
 }

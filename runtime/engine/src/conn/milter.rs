@@ -6,7 +6,8 @@
 //! daemon drives the sockets (`daemon/src/milter.rs`), `mailc test` answers from the
 //! transcript's `milter NAME:` lines.
 
-use mailpolicy_lang::ir::{OptValue, Resource, Stage};
+use mailpolicy_lang::ir::{Resource, Stage};
+use mailpolicy_lang::resources::{MilterAction, MilterOptions, MilterVerdicts, Options};
 
 use super::{Conn, HostWait, Need, TxRcpt};
 use crate::eval::{Effect, MilterFacts, Outcome};
@@ -43,13 +44,6 @@ fn xtext(s: &str) -> String {
     out
 }
 
-fn word_opt<'a>(r: &'a Resource, name: &str) -> Option<&'a str> {
-    match r.option(name) {
-        Some(OptValue::Word(w)) => Some(w.as_str()),
-        _ => None,
-    }
-}
-
 fn reply(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
     Reply::new(code, enhanced, text)
 }
@@ -75,8 +69,12 @@ impl Conn {
         self.prog.scanners.iter().filter(|s| s.kind == "milter" && chosen.is_none_or(|c| c.contains(&s.name))).collect()
     }
 
-    fn milter(&self, name: &str) -> Option<&Resource> {
-        self.prog.scanners.iter().find(|s| s.kind == "milter" && s.name == name)
+    /// The options of the milter `name`.
+    fn milter(&self, name: &str) -> Option<&MilterOptions> {
+        self.prog.scanners.iter().find(|s| s.name == name).and_then(|s| match &s.options {
+            Options::Milter(o) => Some(o),
+            _ => None,
+        })
     }
 
     /// After this answer the host consults no further milter for the stage: an
@@ -85,7 +83,7 @@ impl Conn {
         let Some(m) = self.milter(name) else { return false };
         match answer {
             Ok(o) => {
-                word_opt(m, "verdicts") != Some("report")
+                m.verdicts != MilterVerdicts::Report
                     && matches!(
                         o.verdict,
                         MilterVerdict::Reject
@@ -94,7 +92,7 @@ impl Conn {
                             | MilterVerdict::Reply { .. }
                     )
             }
-            Err(_) => word_opt(m, "default_action").unwrap_or("tempfail") != "accept",
+            Err(_) => m.default_action != MilterAction::Accept,
         }
     }
 
@@ -256,8 +254,8 @@ impl Conn {
             self.facts.milters.push(MilterFacts { name, verdict: "continue".into(), reply: String::new() });
         }
         for (name, answer) in answers {
-            let Some(res) = self.milter(&name).cloned() else { continue };
-            let enforce = word_opt(&res, "verdicts") != Some("report");
+            let Some(opts) = self.milter(&name).cloned() else { continue };
+            let enforce = opts.verdicts != MilterVerdicts::Report;
             let (word, text, refusal) = match answer {
                 Ok(o) => {
                     let quarantine = o.modifications.iter().find_map(|m| match m {
@@ -307,15 +305,16 @@ impl Conn {
                     (word, text, refusal.filter(|_| enforce))
                 }
                 Err(e) => {
-                    let action = word_opt(&res, "default_action").unwrap_or("tempfail");
+                    let action = opts.default_action;
                     self.notes.push_back(Need::Note(super::Note::Log(format!(
-                        "milter {name}: {} error ({e}); default action {action}",
-                        stage.name()
+                        "milter {name}: {} error ({e}); default action {}",
+                        stage.name(),
+                        action.as_str()
                     ))));
                     let refusal = match action {
-                        "accept" => None,
-                        "reject" => Some(Outcome::Reject(rejected())),
-                        _ => Some(Outcome::Tempfail(tempfailed())),
+                        MilterAction::Accept => None,
+                        MilterAction::Reject => Some(Outcome::Reject(rejected())),
+                        MilterAction::Tempfail => Some(Outcome::Tempfail(tempfailed())),
                     };
                     ("error", e, refusal)
                 }

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use mailpolicy_lang::ir::Program;
 
 use super::{Conn, Need};
-use crate::eval::{Answer, AuthCheck, Facts, Request};
+use crate::eval::{Answer, AuthCheck, Facts};
 
 /// What [`Need::SenderAuth`] asks: one check for this transaction's client and sender.
 /// Answer with [`Conn::sender_auth_checked`].
@@ -275,7 +275,7 @@ impl Conn {
         if let Some(w) = self.sender_auth.answer(check) {
             self.sender_auth.waiting = None;
             if let super::HostWait::Stage { run, .. } = &mut self.pending {
-                run.answer(Request::Auth(check), Answer::Value(Some(w)));
+                run.answer_sender_auth(check, Answer::Value(Some(w)));
             }
         } else if let Some(q) = self.sender_auth.query(check, &self.facts) {
             self.notes.push_back(Need::SenderAuth(q));

@@ -83,7 +83,7 @@ pub struct Facts {
     pub milters: Vec<MilterFacts>,
     /// On the queue side: the sender-authentication results the session computed for this
     /// message (`spf`, `dkim`, `dmarc`, `dmarc_policy` read them, nothing is asked). None in
-    /// a session, where the host answers [`Request::Auth`].
+    /// a session, where `Conn` answers them ([`SessionStep::SenderAuth`]).
     pub recorded_auth: Option<AuthWords>,
 }
 

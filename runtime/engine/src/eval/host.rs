@@ -24,7 +24,21 @@ pub enum AuthCheck {
     DmarcPolicy,
 }
 
-/// What the evaluator needs from the outside world.
+impl AuthCheck {
+    /// The fact it answers (`spf`, `dkim`, `dmarc`, `dmarc.policy`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthCheck::Spf => "spf",
+            AuthCheck::Dkim => "dkim",
+            AuthCheck::Dmarc => "dmarc",
+            AuthCheck::DmarcPolicy => "dmarc.policy",
+        }
+    }
+}
+
+/// What the evaluator needs from the outside world: what a host answers. Sender
+/// authentication is not among them: a session's stage asks `Conn` for it
+/// ([`SessionStep::SenderAuth`]), and nothing else computes it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Request {
     /// Look `key` up in a table; answer [`Answer::Value`] (None when absent).
@@ -36,8 +50,6 @@ pub enum Request {
     Rate { counter: Counter, key: String, window_ms: u64 },
     /// Concurrent sessions for `key`; answer [`Answer::Count`].
     Concurrent { key: String },
-    /// Answer [`Answer::Value`] with the result word (`pass`, `fail`, ...).
-    Auth(AuthCheck),
     /// Scan the message; answer [`Answer::Score`].
     Scan { scanner: ScannerId },
     /// Ask the next hop about the current recipient; answer [`Answer::Reply`].
@@ -62,12 +74,6 @@ impl Request {
                 format!("rate {} by {key} per {}", counter.name(), fmt_duration(*window_ms))
             }
             Request::Concurrent { key } => format!("concurrent by {key}"),
-            Request::Auth(c) => match c {
-                AuthCheck::Spf => "spf".into(),
-                AuthCheck::Dkim => "dkim".into(),
-                AuthCheck::Dmarc => "dmarc".into(),
-                AuthCheck::DmarcPolicy => "dmarc.policy".into(),
-            },
             Request::Scan { scanner } => {
                 format!("score {}", prog.scanners.get(scanner.index()).map(|s| s.name.as_str()).unwrap_or("?"))
             }
@@ -268,9 +274,22 @@ pub enum Effect {
 /// One line of the trace `mailc explain` prints.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Trace {
-    Test { loc: LocId, result: bool },
-    Lookup { request: Request, answer: Answer },
-    Action { loc: LocId },
+    Test {
+        loc: LocId,
+        result: bool,
+    },
+    Lookup {
+        request: Request,
+        answer: Answer,
+    },
+    /// A sender-authentication word `Conn` gave the stage.
+    SenderAuth {
+        check: AuthCheck,
+        answer: Answer,
+    },
+    Action {
+        loc: LocId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -282,7 +301,17 @@ pub struct StageVerdict {
     pub trace: Vec<Trace>,
 }
 
+/// What [`super::Run::step`] returns: a request for the host, or the stage's verdict.
 pub enum Step {
     Need(Request),
+    Done(StageVerdict),
+}
+
+/// What [`super::Run::step_session`] returns inside a session: a request for the host, a
+/// sender-authentication check for `Conn` (answered with
+/// [`super::Run::answer_sender_auth`]), or the stage's verdict.
+pub enum SessionStep {
+    Need(Request),
+    SenderAuth(AuthCheck),
     Done(StageVerdict),
 }

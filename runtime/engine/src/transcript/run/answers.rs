@@ -109,7 +109,6 @@ impl CaseRun {
             // Never asked of this host, as of the daemon's: in a session `Conn` answers it
             // (from the `spf:`/`dkim:`/... fixtures), and the queue-side stages read the
             // results kept in the message's record (`Facts::recorded_auth`).
-            Request::Auth(_) => Answer::Error("sender authentication is answered by the session".into()),
             Request::Scan { scanner } => {
                 let name = prog.scanners.get(scanner.index()).map(|s| s.name.clone()).unwrap_or_default();
                 match self.scores.get(&name) {
