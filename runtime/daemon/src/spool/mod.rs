@@ -213,6 +213,7 @@ const REUSE_SIZE: u64 = 64 << 10;
 /// admission ([`Spool::take_fresh`]), at most [`FRESH_BUDGET`] bytes of them in all.
 const FRESH_SIZE: usize = 64 << 10;
 const FRESH_BUDGET: usize = 8 << 20;
+const FRESH_LIFE_MS: u64 = 60_000;
 
 /// Copies of messages just stored, until the queue manager admits them: the admission of a
 /// message a session has just written needs no read of the file it wrote (issue 13: one
@@ -536,7 +537,13 @@ impl Spool {
         }
         let mut f = self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner());
         if f.bytes + n > FRESH_BUDGET {
-            return;
+            // Copies nobody took within a minute (their message was removed through another
+            // `Spool` of the same directory, or its admission never came) make room.
+            f.copies.retain(|_, s| now_ms.saturating_sub(s.arrived_ms) < FRESH_LIFE_MS);
+            f.bytes = f.copies.values().map(|s| s.message.data.len()).sum();
+            if f.bytes + n > FRESH_BUDGET {
+                return;
+            }
         }
         let st = StateFile::initial(msg.recipients.len(), now_ms);
         let stored = Stored {

@@ -420,3 +420,20 @@ fn a_fresh_copy_is_what_load_reads_until_the_message_changes() {
     let id = spool.store(&held, Class::Normal, 4_000).expect("store");
     assert_eq!(spool.take_fresh(&id).map(|s| s.queue), Some(QueueName::Hold));
 }
+
+/// Copies nobody took make room for new ones once the budget is spent and they are a
+/// minute old.
+#[test]
+fn fresh_copies_nobody_took_make_room_after_a_minute() {
+    let t = TempDir::new("fresh-budget");
+    let (spool, _) = Spool::open(&t.0).expect("open");
+    let mut msg = message("a@example.com", &["b@example.net"], b"");
+    msg.data = vec![b'x'; FRESH_SIZE];
+    let n = FRESH_BUDGET / FRESH_SIZE;
+    let old: Vec<QueueId> = (0..n).map(|_| spool.store(&msg, Class::Normal, 1_000).expect("store")).collect();
+    let full = spool.store(&msg, Class::Normal, 2_000).expect("store");
+    assert_eq!(spool.take_fresh(&full), None, "over the budget");
+    let later = spool.store(&msg, Class::Normal, 1_000 + FRESH_LIFE_MS).expect("store");
+    assert!(spool.take_fresh(&later).is_some(), "the old copies made room");
+    assert_eq!(spool.take_fresh(&old[0]), None);
+}
