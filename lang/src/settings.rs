@@ -414,7 +414,7 @@ settings! {
             "when the shared state store fails or times out: the lookup fails with 451 4.4.3 (tempfail), or this host's own state answers (local)";
         state_prefix: String = Dflt::Str("mailpolicy:"), Str, "prefix of every key in the shared state store";
         state_lease: Duration = Dflt::Ms(60_000), Duration,
-            "life of a session's `concurrent` lease in the shared store, renewed every third of it while the session lives (at least 1s)";
+            "life of this host's `concurrent` counts in the shared store, renewed every third of it while it has open sessions; a host that dies stops counting when they run out (at least 1s)";
         state_password: Option<SecretId> = Dflt::Text("none: the URL's own, if it has one"), Secret,
             "the shared state store's password, kept out of the policy text: a secret, used instead of any password in the `state` URL";
         backup_peer: Option<String> = Dflt::Text("none"), Str,

@@ -92,7 +92,6 @@ pub fn facility(name: &str) -> Option<u8> {
 struct Sink {
     target: Target,
     socket: Option<UnixDatagram>,
-    host: String,
 }
 
 static SINK: OnceLock<Mutex<Sink>> = OnceLock::new();
@@ -104,15 +103,21 @@ static HOST: RwLock<Option<Arc<str>>> = RwLock::new(None);
 /// Send log lines to `target` from now on (the daemon calls this once at start and on
 /// reload).
 pub fn configure(target: Target, host: &str) {
-    let sink = SINK.get_or_init(|| Mutex::new(Sink { target: Target::Stderr, socket: None, host: host.into() }));
+    let sink = SINK.get_or_init(|| Mutex::new(Sink { target: Target::Stderr, socket: None }));
     let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
     if s.target != target {
         s.socket = None;
     }
     TO_STDERR.store(target == Target::Stderr, Ordering::Release);
     s.target = target;
-    s.host = host.into();
     *HOST.write().unwrap_or_else(|p| p.into_inner()) = Some(host.into());
+}
+
+/// The process id, read once: a system call per line otherwise (the daemon never forks
+/// after it starts logging).
+fn pid() -> u32 {
+    static PID: OnceLock<u32> = OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 /// The host name of the summary lines: the configured one, else the machine's.
@@ -184,13 +189,10 @@ impl Logger {
 
     fn emit(&self, tag: &str, sev: Severity, event: &str, body: serde_json::Value) {
         let now_ms = crate::now_ms();
-        // A system call per line otherwise (the daemon never forks after it starts logging).
-        static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-        let pid = *PID.get_or_init(std::process::id);
-        let host = host();
-        if !TO_STDERR.load(Ordering::Acquire) && self.send_to_socket(tag, sev, event, &body, now_ms, pid) {
+        if !TO_STDERR.load(Ordering::Acquire) && self.send_to_socket(tag, sev, event, &body, now_ms) {
             return;
         }
+        let (host, pid) = (host(), pid());
         let text = match &body {
             serde_json::Value::String(t) => t,
             _ => "",
@@ -209,19 +211,10 @@ impl Logger {
 
     /// A line to syslog or the journal; false when it could not be sent (it goes to
     /// standard error then).
-    fn send_to_socket(
-        &self,
-        tag: &str,
-        sev: Severity,
-        event: &str,
-        body: &serde_json::Value,
-        now_ms: u64,
-        pid: u32,
-    ) -> bool {
-        let sink = SINK
-            .get_or_init(|| Mutex::new(Sink { target: Target::Stderr, socket: None, host: crate::machine_hostname() }));
+    fn send_to_socket(&self, tag: &str, sev: Severity, event: &str, body: &serde_json::Value, now_ms: u64) -> bool {
+        let (host, pid) = (host(), pid());
+        let sink = SINK.get_or_init(|| Mutex::new(Sink { target: Target::Stderr, socket: None }));
         let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-        let host = s.host.clone();
         let text = match body {
             serde_json::Value::String(t) => t.clone(),
             other => other.to_string(),
