@@ -22,6 +22,13 @@
 //! peer's queue. The spool id (`SPOOL/backup/id`, made once) tells a restarted host from a
 //! host whose spool was lost: a new spool is a new origin, so the old one's copies are
 //! released.
+//!
+//! A message of this host's queue with no `sent/ID` marker has no copy held (its copy
+//! failed under `backup_on_error accept`, it is a DSN or alert stored just before a crash,
+//! or a copy released here from a peer): [`recopy`] hands the peer one at start and after
+//! every failed copy, with a backoff, until it is held or the message left the queue. A
+//! copy of an id the peer already holds replaces the held file (a rename): one copy, one
+//! delivery at most.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +59,23 @@ const RECONCILE_TICKS: u64 = 60;
 const MAX_LINE: u64 = 600;
 /// Confirmations and status checks per pipeline.
 const BATCH: usize = 500;
+/// The queues whose messages have a copy held (all but `corrupt/`).
+const QUEUES: [QueueName; 4] = [QueueName::Incoming, QueueName::Hold, QueueName::Active, QueueName::Deferred];
+/// A message stored this recently is its storer's to copy ([`recopy`] leaves it alone).
+const GRACE: Duration = Duration::from_secs(2);
+/// Copies [`recopy`] has in flight at once.
+const RECOPY_AT_ONCE: usize = 4;
+/// A message whose copy failed is tried again after this, doubled at each failure up to
+/// [`RECOPY_MAX_WAIT`].
+const RECOPY_FIRST_WAIT: Duration = Duration::from_secs(5);
+const RECOPY_MAX_WAIT: Duration = Duration::from_secs(600);
+/// After a pass in which nothing was copied and something failed (the peer away), the
+/// next pass waits this long, doubled up to [`RECOPY_MAX_PAUSE`].
+const RECOPY_FIRST_PAUSE: Duration = Duration::from_secs(2);
+const RECOPY_MAX_PAUSE: Duration = Duration::from_secs(60);
+/// With nothing to retry, the queue is looked over again this often (a message whose
+/// marker went away some other way).
+const RECOPY_RESCAN: Duration = Duration::from_secs(60);
 /// What an origin says of a message whose copy is held: done (the copy goes), or lost
 /// here (quarantined in `corrupt/`: the copy is delivered now).
 const DONE: &str = "1";
@@ -82,6 +106,29 @@ pub struct Backup {
     /// Queue ids that left this host's spool (from the queue manager).
     removed: mpsc::UnboundedSender<String>,
     removed_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// Queue ids whose copy is being sent (or decided on by a session), with how many
+    /// hold them: [`recopy`] leaves them alone.
+    claims: Mutex<HashMap<String, usize>>,
+    /// A copy failed: [`recopy`] looks again soon.
+    failed: tokio::sync::Notify,
+}
+
+/// A queue id held by [`Backup::claim`] until dropped.
+pub struct Claim<'a> {
+    b: &'a Backup,
+    id: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut claims = self.b.claims.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = claims.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                claims.remove(&self.id);
+            }
+        }
+    }
 }
 
 type TlsSides =
@@ -212,6 +259,8 @@ impl Backup {
             spool_dir: spool_dir.to_path_buf(),
             removed: tx,
             removed_rx: Mutex::new(Some(rx)),
+            claims: Mutex::new(HashMap::new()),
+            failed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -235,15 +284,35 @@ impl Backup {
         QueueId::parse(id).is_some() && self.spool_dir.join(QueueName::Corrupt.as_str()).join(id).is_file()
     }
 
+    /// `id` is being copied, or its copy decided on, until the claim is dropped: the
+    /// retries of [`recopy`] leave it alone meanwhile.
+    pub fn claim(&self, id: &str) -> Claim<'_> {
+        *self.claims.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_insert(0) += 1;
+        Claim { b: self, id: id.to_string() }
+    }
+
+    fn claimed(&self, id: &str) -> bool {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
+    }
+
+    /// A copy of a message that stays in the queue failed: it is tried again later
+    /// ([`recopy`]).
+    pub fn retry_later(&self) {
+        self.failed.notify_one();
+    }
+
+    /// The file of this host's message `id` in a queue whose messages have copies.
+    fn queued(&self, id: &str) -> Option<PathBuf> {
+        QueueId::parse(id)?;
+        QUEUES.iter().map(|q| self.spool_dir.join(q.as_str()).join(id)).find(|p| p.is_file())
+    }
+
     /// Hand the peer a copy of the stored message `id` (before the client's 250). Ok once
     /// the peer said it holds it, durably; Err with the reason otherwise.
     pub async fn shadow(&self, id: &str) -> Result<(), String> {
         let Some(peer) = self.peer else { return Ok(()) };
-        let path = [QueueName::Incoming, QueueName::Hold, QueueName::Active, QueueName::Deferred]
-            .iter()
-            .map(|q| self.spool_dir.join(q.as_str()).join(id))
-            .find(|p| p.is_file())
-            .ok_or_else(|| format!("{id} is not in the spool"))?;
+        let _claim = self.claim(id);
+        let path = self.queued(id).ok_or_else(|| format!("{id} is not in the spool"))?;
         let exchange = async {
             let tcp = TcpStream::connect(peer).await.map_err(|e| format!("connect: {e}"))?;
             match &self.connector {
@@ -259,6 +328,14 @@ impl Backup {
                 // The marker says a copy is held (and what to confirm). Not fsynced: a
                 // marker lost in a crash leaves the copy held until it expires, never lost.
                 let _ = std::fs::write(self.dir("sent").join(id), format!("{peer}\n"));
+                // A message that left the queue while its copy travelled (a retry's) was
+                // told to `announce` before its marker existed: told again, so it is
+                // confirmed.
+                // (Looked for twice: a message moving between queues cannot be missed by
+                // both looks unless it moves twice meanwhile.)
+                if self.queued(id).is_none() && self.queued(id).is_none() {
+                    self.removed(id);
+                }
                 Ok(())
             }
             Ok(Err(e)) => Err(e),
@@ -308,17 +385,52 @@ impl Backup {
 
     /// A message this host made itself (`kind`: a DSN, an alert), stored: a copy of it is
     /// held by the peer like any accepted message's (the same path and confirmation), then
-    /// it goes to the queue. No client waits on it: a copy that fails is logged and the
-    /// message kept alone, whatever `backup_on_error` says.
+    /// it goes to the queue. No client waits on it: a copy that fails is logged, the
+    /// message queued alone, whatever `backup_on_error` says, and the copy retried
+    /// ([`recopy`]).
     pub async fn shadow_own(&self, log: crate::log::Logger, id: &str, kind: &str) {
         let Some(peer) = self.peer.map(|p| p.to_string()) else { return };
         match self.shadow(id).await {
             Ok(()) => log.event("shadowed", &[("id", id), ("kind", kind), ("peer", &peer)]),
-            Err(e) => log.event(
-                "shadow-failed",
-                &[("id", id), ("kind", kind), ("peer", &peer), ("error", &e), ("action", "kept without a copy")],
-            ),
+            Err(e) => {
+                log.event(
+                    "shadow-failed",
+                    &[("id", id), ("kind", kind), ("peer", &peer), ("error", &e), ("action", "kept without a copy")],
+                );
+                self.retry_later();
+            }
         }
+    }
+
+    /// This host's messages with no copy held: the ids in [`QUEUES`] with no `sent/`
+    /// marker, stored over [`GRACE`] ago, in arrival order; and whether one was left out
+    /// for being that recent.
+    fn unshadowed(&self) -> (Vec<String>, bool) {
+        let sent: std::collections::HashSet<String> = std::fs::read_dir(self.dir("sent"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        let now = std::time::SystemTime::now();
+        let (mut out, mut recent) = (Vec::new(), false);
+        for q in QUEUES {
+            for e in std::fs::read_dir(self.spool_dir.join(q.as_str())).into_iter().flatten().flatten() {
+                let Ok(name) = e.file_name().into_string() else { continue };
+                if QueueId::parse(&name).is_none() || sent.contains(&name) {
+                    continue;
+                }
+                // (A time in the future, the clock set back, counts as old.)
+                let Ok(modified) = e.metadata().and_then(|m| m.modified()) else { continue };
+                if now.duration_since(modified).is_ok_and(|age| age < GRACE) {
+                    recent = true;
+                    continue;
+                }
+                out.push(name);
+            }
+        }
+        out.sort();
+        out.dedup();
+        (out, recent)
     }
 
     /// Remove the stored message `id` (refused for want of a copy).
@@ -348,6 +460,7 @@ impl Backup {
                 let (tx, beat) = tokio::sync::oneshot::channel();
                 first = Some(beat);
                 tokio::spawn(announce(self.clone(), shared.clone(), rx, tx));
+                tokio::spawn(recopy(self.clone(), shared.clone()));
             }
         }
         if let Some(sock) = listen {
@@ -442,6 +555,108 @@ async fn announce(
             }
             _ = stop.changed() => break,
         }
+    }
+}
+
+/// The origin side's retries: a copy for every message of this host's queue that has
+/// none held (no `sent/` marker), at start (recovery is done by then) and whenever a copy
+/// failed, in the background (listeners and queue manager never wait on it). At most
+/// [`RECOPY_AT_ONCE`] copies at once and one per message; a message whose copy fails waits
+/// [`RECOPY_FIRST_WAIT`], doubled at each failure up to [`RECOPY_MAX_WAIT`]; a pass stops
+/// at its first failure (the peer is likely away) and, if it copied nothing, the next one
+/// waits [`RECOPY_FIRST_PAUSE`], doubled up to [`RECOPY_MAX_PAUSE`]; a copy that lands
+/// makes every waiting message due again. A message that left the queue is forgotten.
+/// Log: `shadowed id=ID kind=retry peer=...`, or `shadow-failed id=ID kind=retry ...
+/// action="retry in Ns"`.
+async fn recopy(b: Arc<Backup>, shared: Arc<Shared>) {
+    let Some(peer) = b.peer.map(|p| p.to_string()) else { return };
+    let mut stop = shared.shutdown.clone();
+    // id -> (failures in a row, when it is due again)
+    let mut waiting: HashMap<String, (u32, tokio::time::Instant)> = HashMap::new();
+    let mut pause = RECOPY_FIRST_PAUSE;
+    let mut next = tokio::time::Instant::now();
+    // The first pass looks again once the messages too recent for it are not.
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = b.failed.notified() => {
+                // The failed message is past [`GRACE`] by then.
+                next = next.min(tokio::time::Instant::now() + GRACE + Duration::from_millis(100));
+                continue;
+            }
+            _ = stop.changed() => break,
+        }
+        let lister = b.clone();
+        let (ids, recent) = tokio::task::spawn_blocking(move || lister.unshadowed()).await.unwrap_or_default();
+        waiting.retain(|id, _| ids.binary_search(id).is_ok());
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = ids.into_iter().filter(|id| waiting.get(id).is_none_or(|(_, at)| *at <= now)).collect();
+        let mut due = due.into_iter();
+        let (mut copied, mut failed) = (0usize, 0usize);
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            while failed == 0 && running.len() < RECOPY_AT_ONCE {
+                let Some(id) = due.next() else { break };
+                // Being copied by its session (or so recently copied that the listing
+                // missed its marker): not this pass's.
+                if b.claimed(&id) || b.dir("sent").join(&id).is_file() {
+                    continue;
+                }
+                let b = b.clone();
+                running.spawn(async move {
+                    let r = b.shadow(&id).await;
+                    (id, r)
+                });
+            }
+            let Some(done) = running.join_next().await else { break };
+            let Ok((id, res)) = done else {
+                failed += 1;
+                continue;
+            };
+            match res {
+                Ok(()) => {
+                    copied += 1;
+                    waiting.remove(&id);
+                    shared.log.event("shadowed", &[("id", &id), ("kind", "retry"), ("peer", &peer)]);
+                }
+                // Gone meanwhile (delivered, deleted): nothing to copy.
+                Err(_) if b.queued(&id).is_none() => {
+                    waiting.remove(&id);
+                }
+                Err(e) => {
+                    failed += 1;
+                    let n = waiting.get(&id).map_or(0, |w| w.0).saturating_add(1);
+                    let wait = RECOPY_FIRST_WAIT.saturating_mul(1 << (n - 1).min(16)).min(RECOPY_MAX_WAIT);
+                    waiting.insert(id.clone(), (n, tokio::time::Instant::now() + wait));
+                    let action = format!("retry in {}s", wait.as_secs());
+                    shared.log.event(
+                        "shadow-failed",
+                        &[("id", &id), ("kind", "retry"), ("peer", &peer), ("error", &e), ("action", &action)],
+                    );
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if copied > 0 {
+            // The peer takes copies again: whatever waited is tried at once.
+            for w in waiting.values_mut() {
+                w.1 = now;
+            }
+            pause = RECOPY_FIRST_PAUSE;
+        }
+        next = if failed > 0 && copied == 0 {
+            let p = pause;
+            pause = pause.saturating_mul(2).min(RECOPY_MAX_PAUSE);
+            now + p
+        } else {
+            let mut at = waiting.values().map(|w| w.1).min().unwrap_or(now + RECOPY_RESCAN).min(now + RECOPY_RESCAN);
+            if recent && first {
+                at = at.min(now + GRACE);
+            }
+            at.max(now + Duration::from_secs(1))
+        };
+        first = false;
     }
 }
 

@@ -719,11 +719,14 @@ impl Session {
 /// A copy of the stored message `qid` held by the backup peer before the 250 (R12,
 /// `backup_peer`, spec/language.md section 5.5). True when the message is refused without
 /// one (`backup_on_error tempfail`, [`QueueFailure::BackupFailed`]): the stored message is
-/// then removed, so the client's retry is the only copy.
+/// then removed, so the client's retry is the only copy. Accepted without one, its copy is
+/// retried later (`backup::recopy`).
 async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> bool {
     let Some(b) = shared.backup.get() else { return false };
     let Some(peer) = b.peer.map(|p| p.to_string()) else { return false };
     let log = &shared.log;
+    // Held until the message is kept or removed: no retry copies it meanwhile.
+    let _claim = b.claim(qid);
     match b.shadow(qid).await {
         Ok(()) => {
             log.event("shadowed", &[("session", session), ("id", qid), ("peer", &peer)]);
@@ -740,6 +743,7 @@ async fn backup_copy(shared: &Shared, session: &str, qid: &str) -> bool {
                     ("action", "accepted without a copy"),
                 ],
             );
+            b.retry_later();
             false
         }
         Err(e) => {
