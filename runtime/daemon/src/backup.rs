@@ -460,7 +460,6 @@ impl Backup {
                 let (tx, beat) = tokio::sync::oneshot::channel();
                 first = Some(beat);
                 tokio::spawn(announce(self.clone(), shared.clone(), rx, tx));
-                tokio::spawn(recopy(self.clone(), shared.clone()));
             }
         }
         if let Some(sock) = listen {
@@ -504,6 +503,10 @@ async fn announce(
         }
         if let Some(f) = first.take() {
             let _ = f.send(());
+            // The retries start here too, not sooner: like a session's copy, none reaches
+            // the peer before the store could say this host is alive (a peer that saw this
+            // origin silent for long would release it at once).
+            tokio::spawn(recopy(b.clone(), shared.clone()));
         }
         if tick % RECONCILE_TICKS == 0 {
             // Markers whose message is in no queue: it left without the queue manager.
@@ -559,8 +562,8 @@ async fn announce(
 }
 
 /// The origin side's retries: a copy for every message of this host's queue that has
-/// none held (no `sent/` marker), at start (recovery is done by then) and whenever a copy
-/// failed, in the background (listeners and queue manager never wait on it). At most
+/// none held (no `sent/` marker), at start (once the first heartbeat was tried; recovery
+/// is done by then), whenever a copy failed and every [`RECOPY_RESCAN`], in the background (listeners and queue manager never wait on it). At most
 /// [`RECOPY_AT_ONCE`] copies at once and one per message; a message whose copy fails waits
 /// [`RECOPY_FIRST_WAIT`], doubled at each failure up to [`RECOPY_MAX_WAIT`]; a pass stops
 /// at its first failure (the peer is likely away) and, if it copied nothing, the next one
@@ -577,12 +580,17 @@ async fn recopy(b: Arc<Backup>, shared: Arc<Shared>) {
     let mut next = tokio::time::Instant::now();
     // The first pass looks again once the messages too recent for it are not.
     let mut first = true;
+    // The last pass copied nothing and failed: the peer is away.
+    let mut away = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
             _ = b.failed.notified() => {
-                // The failed message is past [`GRACE`] by then.
-                next = next.min(tokio::time::Instant::now() + GRACE + Duration::from_millis(100));
+                // The failed message is past [`GRACE`] by then. (With the peer away, the
+                // pass already planned comes first.)
+                if !away {
+                    next = next.min(tokio::time::Instant::now() + GRACE + Duration::from_millis(100));
+                }
                 continue;
             }
             _ = stop.changed() => break,
@@ -645,7 +653,8 @@ async fn recopy(b: Arc<Backup>, shared: Arc<Shared>) {
             }
             pause = RECOPY_FIRST_PAUSE;
         }
-        next = if failed > 0 && copied == 0 {
+        away = failed > 0 && copied == 0;
+        next = if away {
             let p = pause;
             pause = pause.saturating_mul(2).min(RECOPY_MAX_PAUSE);
             now + p
@@ -947,6 +956,8 @@ async fn release(b: &Backup, shared: &Shared, origin: &str, id: &str, path: &Pat
             shared.log.event("shadow-released", &[("origin", origin), ("id", qid.as_str()), (field, &value)]);
             shared.log.summary("backup", crate::log::Severity::Warning, qid.as_str(), &text);
             shared.enqueued(qid.as_str());
+            // A message of this host's queue now: its own peer is given a copy.
+            b.retry_later();
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             // Released before (a crash between the rename and this line cannot happen:
