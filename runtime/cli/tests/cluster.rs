@@ -900,6 +900,16 @@ fn pair_with(t: &TempDir, redis: &Redis, sink_port: u16, extra_a: &str, extra_b:
     Pair { a, b, b_listen: lb }
 }
 
+/// A test's own Redis and backup pair, in a temp dir named after `name`, with the port of
+/// the next hop (not started).
+fn backup_pair(name: &str) -> (TempDir, Redis, u16, Pair) {
+    let t = TempDir::new(name);
+    let redis = Redis::start(t.join("redis"));
+    let sink_port = free_port();
+    let p = pair(&t, &redis, sink_port, "");
+    (t, redis, sink_port, p)
+}
+
 /// The queue id of the last `event` line of a log (`queued`: the message stored last).
 fn logged_id(log: &str, event: &str) -> String {
     let line = log.lines().filter(|l| l.split_whitespace().nth(1) == Some(event)).last().unwrap_or_default();
@@ -933,10 +943,7 @@ fn in_spool(d: &Serve, id: &str) -> bool {
 /// queue id, to the next hop once it is up: the accepted message is not lost.
 #[test]
 fn a_host_killed_before_delivering_loses_nothing_its_peer_delivers_the_copy() {
-    let t = TempDir::new("takeover");
-    let redis = Redis::start(t.join("redis"));
-    let sink_port = free_port();
-    let mut p = pair(&t, &redis, sink_port, "");
+    let (t, _redis, sink_port, mut p) = backup_pair("takeover");
     let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
     assert_eq!(code, 250, "{text}\n{}", p.a.log());
     let id = queued_id(&p.a.log());
@@ -1088,10 +1095,7 @@ fn a_copy_its_origin_quarantined_is_delivered_by_the_peer_at_once() {
 /// is killed: B delivers the bounce, under A's id for it, once the next hop is up.
 #[test]
 fn a_bounce_its_host_died_before_sending_is_delivered_by_the_peer() {
-    let t = TempDir::new("dsn");
-    let redis = Redis::start(t.join("redis"));
-    let sink_port = free_port();
-    let mut p = pair(&t, &redis, sink_port, "");
+    let (t, _redis, sink_port, mut p) = backup_pair("dsn");
     let (code, text) = send_one(p.a.port, "s@d.test", "gone@d.test");
     assert_eq!(code, 250, "{text}\n{}", p.a.log());
     let id = queued_id(&p.a.log());
@@ -1146,6 +1150,22 @@ fn held_lines(d: &Serve, id: &str) -> usize {
     d.log().lines().filter(|l| l.contains("shadow-held origin=mx-a.test@") && l.contains(&format!(" id={id} "))).count()
 }
 
+/// The next hop comes up and A's queue is flushed: A delivers `id` once and confirms it,
+/// B drops its copy and has released nothing.
+fn delivered_and_dropped(t: &TempDir, p: &Pair, sink_port: u16, id: &str) {
+    let s = sink(t.join("sink"), sink_port);
+    flush(&p.a);
+    let ctx = || format!("A:\n{}\nB:\n{}\nsink:\n{}", p.a.log(), p.b.log(), s.log());
+    wait_for(Duration::from_secs(30), "A's delivery", || s.mail("u").len() == 1, ctx);
+    let dropped = format!("id={id} reason=confirmed");
+    wait_for(Duration::from_secs(20), "B to drop its copy", || p.b.log().contains(&dropped), ctx);
+    assert!(p.a.log().contains(&format!("shadow-confirmed id={id} ")), "{}", ctx());
+    assert!(held(&p.b).is_empty(), "{}", ctx());
+    wait_for(Duration::from_secs(20), "A's queue empty", || !in_spool(&p.a, id), ctx);
+    assert!(!in_spool(&p.b, id) && !p.b.log().contains("shadow-released"), "B released nothing: {}", ctx());
+    assert_eq!(s.mail("u").len(), 1, "{}", ctx());
+}
+
 /// Section 5.5: a message accepted while the peer was down (`backup_on_error accept`: 250
 /// with A's copy alone) gets its copy once the peer is back, A not restarted: A's retries
 /// fail while B is down (logged, with the wait), then B holds it (`shadowed id=ID
@@ -1153,10 +1173,7 @@ fn held_lines(d: &Serve, id: &str) -> usize {
 /// its copy like any other.
 #[test]
 fn a_message_accepted_without_a_copy_gets_one_when_the_peer_is_back() {
-    let t = TempDir::new("recopy");
-    let redis = Redis::start(t.join("redis"));
-    let sink_port = free_port();
-    let mut p = pair(&t, &redis, sink_port, "");
+    let (t, _redis, sink_port, mut p) = backup_pair("recopy");
     p.b.stop();
     let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
     assert_eq!(code, 250, "{text}\n{}", p.a.log());
@@ -1185,16 +1202,8 @@ fn a_message_accepted_without_a_copy_gets_one_when_the_peer_is_back() {
     assert!(marker.is_file(), "{}", ctx());
     assert!(in_spool(&p.a, &id), "A still has its own: {}", ctx());
     // A delivers it: confirmed as any copy, and dropped by B.
-    let s = sink(t.join("sink"), sink_port);
-    flush(&p.a);
-    let ctx = || format!("A:\n{}\nB:\n{}\nsink:\n{}", p.a.log(), p.b.log(), s.log());
-    wait_for(Duration::from_secs(30), "A's delivery", || s.mail("u").len() == 1, ctx);
-    let dropped = format!("id={id} reason=confirmed");
-    wait_for(Duration::from_secs(20), "B to drop its copy", || p.b.log().contains(&dropped), ctx);
-    assert!(p.a.log().contains(&format!("shadow-confirmed id={id} ")), "{}", ctx());
-    assert!(held(&p.b).is_empty(), "{}", ctx());
-    assert!(!marker.exists(), "{}", ctx());
-    assert_eq!(s.mail("u").len(), 1, "{}", ctx());
+    delivered_and_dropped(&t, &p, sink_port, &id);
+    assert!(!marker.exists());
 }
 
 /// Section 5.5: at start a host copies every queued message with no `sent/` marker (as a
@@ -1204,10 +1213,7 @@ fn a_message_accepted_without_a_copy_gets_one_when_the_peer_is_back() {
 /// nothing is delivered twice.
 #[test]
 fn a_queued_message_without_a_marker_is_copied_at_start_and_a_second_copy_is_harmless() {
-    let t = TempDir::new("recopy-start");
-    let redis = Redis::start(t.join("redis"));
-    let sink_port = free_port();
-    let mut p = pair(&t, &redis, sink_port, "");
+    let (t, _redis, sink_port, mut p) = backup_pair("recopy-start");
     let (code, text) = send_one(p.a.port, "s@far.test", "u@d.test");
     assert_eq!(code, 250, "{text}\n{}", p.a.log());
     let id = queued_id(&p.a.log());
@@ -1224,16 +1230,7 @@ fn a_queued_message_without_a_marker_is_copied_at_start_and_a_second_copy_is_har
     assert_eq!(held_lines(&p.b, &id), 2, "{}", ctx());
     assert_eq!(held(&p.b), vec![id.clone()], "one copy held: {}", ctx());
     assert!(marker.is_file(), "{}", ctx());
-    let s = sink(t.join("sink"), sink_port);
-    flush(&p.a);
-    let ctx = || format!("A:\n{}\nB:\n{}\nsink:\n{}", p.a.log(), p.b.log(), s.log());
-    wait_for(Duration::from_secs(30), "A's delivery", || s.mail("u").len() == 1, ctx);
-    let dropped = format!("id={id} reason=confirmed");
-    wait_for(Duration::from_secs(20), "B to drop its copy", || p.b.log().contains(&dropped), ctx);
-    assert!(held(&p.b).is_empty(), "{}", ctx());
-    wait_for(Duration::from_secs(20), "A's queue empty", || !in_spool(&p.a, &id), ctx);
-    assert!(!in_spool(&p.b, &id), "B released nothing: {}", ctx());
-    assert_eq!(s.mail("u").len(), 1, "{}", ctx());
+    delivered_and_dropped(&t, &p, sink_port, &id);
 }
 
 /// A CA and a certificate it signed for 127.0.0.1 (`ca.pem`, `peer.pem`, `peer.key` in
