@@ -5,6 +5,7 @@
 #
 # Usage: bench/state-store.sh [SESSIONS=20] [MESSAGES=3000] [SIZE=2000] [ROUNDS=3]
 # Environment: NO_BUILD=1 skips `cargo build --release`; MAILC=PATH benchmarks another binary;
+# PERFSTAT=1 counts the daemon's context switches and syscalls per message (`perf stat`);
 # KEEP=1 keeps the temp dir; PROFILE=1 records the daemon with `perf record -e cpu-clock -g`
 # (Debian linux-perf; PROFILE=dwarf unwinds with DWARF) in the first round of each kind and prints both profiles (self time and
 # the state store's own frames); BEFORE=PATH adds, to every round, the Redis policy served by
@@ -125,6 +126,12 @@ round() { # name [binary] (the policy is $name.mailpolicy; `before` serves redis
     perf record -q -e cpu-clock "${PERFARGS[@]}" -o "$D/perf-$1.data" -- "${cmd[@]}" >>"$D/$1.log" 2>&1 </dev/null & perfpid=$!
     wait_listen "$PORT"
     MPPID=$(pgrep -P "$perfpid" | head -1)
+  elif [ -n "${PERFSTAT:-}" ]; then
+    # Counts per round (context switches, syscalls, futex and epoll calls) of the daemon.
+    perf stat -x, -o "$D/perfstat-$1.$(date +%s%N)" -e task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_futex,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read \
+      -- "${cmd[@]}" >>"$D/$1.log" 2>&1 </dev/null & perfpid=$!
+    wait_listen "$PORT"
+    MPPID=$(pgrep -P "$perfpid" | head -1)
   else
     "${cmd[@]}" >>"$D/$1.log" 2>&1 </dev/null & MPPID=$!
     wait_listen "$PORT"
@@ -177,6 +184,14 @@ for k in names[1:]:
     print(f"median CPU per message (daemon + redis): local {cpu['local']:.0f} us, {k} {cpu[k]:.0f} us, "
           f"{k}/local {cpu[k]/cpu['local']:.3f}")
 PY
+if [ -n "${PERFSTAT:-}" ]; then
+  echo
+  echo "perf stat of the daemon, per message (each round; the whole run of the daemon, start-up included):"
+  for f in "$D"/perfstat-*; do
+    k=$(basename "$f" | cut -d- -f2 | cut -d. -f1)
+    awk -F, -v k="$k" -v m="$M" 'BEGIN { printf "%-6s", k } $3 != "" && $1 ~ /^[0-9.]+$/ { split($3, n, ":"); printf " %s=%.2f", n[length(n)], $1/m } END { print "" }' "$f"
+  done
+fi
 for k in local redis before; do
   [ -e "$D/perf-$k.data" ] || continue
   echo

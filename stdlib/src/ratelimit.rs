@@ -52,8 +52,11 @@ impl RateStore {
         }
     }
 
-    /// Events of `counter` for `key` in the `window_ms` ending at `now_ms` (inclusive).
+    /// Events of `counter` for `key` in the `window_ms` ending at `now_ms` (inclusive). A
+    /// window longer than the horizon counts the horizon: the events kept (the shared
+    /// store answers the same, spec/language.md 5.3).
     pub fn count(&self, counter: &str, key: &str, window_ms: u64, now_ms: u64) -> u64 {
+        let window_ms = window_ms.min(self.horizon_ms);
         let start = now_ms.saturating_sub(window_ms);
         self.events
             .get(counter)
@@ -117,6 +120,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_window_longer_than_the_horizon_counts_the_horizon() {
+        let mut r = RateStore { horizon_ms: 10_000, ..RateStore::default() };
+        for t in [100_000, 105_000, 109_000] {
+            r.record("c", "k", t);
+        }
+        // At 112,000 the horizon reaches back to 102,000: two events, whatever the window.
+        assert_eq!(r.count("c", "k", 1_000_000, 112_000), 2);
+        assert_eq!(r.count("c", "k", 10_000, 112_000), 2);
+        assert_eq!(r.count("c", "k", 5_000, 112_000), 1);
     }
 
     #[test]

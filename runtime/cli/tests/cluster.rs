@@ -792,6 +792,79 @@ fn malformed_proxy_headers_are_refused() {
     assert!(!d.log().contains("session-failed"), "{}", d.log());
 }
 
+/// An implicit-TLS listener (`protocol submissions`) behind a load balancer: the client
+/// speaks first, so its ClientHello may come in the same packet as the PROXY header; the
+/// handshake takes it from there (it was once read as SMTP early talk and the handshake
+/// waited for bytes already read).
+#[test]
+fn implicit_tls_takes_a_client_hello_sent_with_the_proxy_header() {
+    let t = TempDir::new("proxy-tls");
+    let port = free_port();
+    let (cert, key) = mailpolicy_daemon::tls::self_signed(&t.join("tls"), "mx.test").expect("certificate");
+    let policy = format!(
+        "server {{ hostname \"mx.test\"; spool \"spool\"; }}\n\
+         listener smtps {{ address \"127.0.0.1:{port}\"; protocol submissions; auth none; cert \"{}\"; key \"{}\"; proxy_protocol [\"127.0.0.0/8\"]; }}\n\
+         on mail {{ reject 550 5.7.1 \"you are ${{client.ip}} over ${{tls.version}}\"; }}\n",
+        cert.display(),
+        key.display()
+    );
+    let d = daemon(t.join("mx"), &policy, port);
+    for (header, client) in [
+        (b"PROXY TCP4 192.0.2.90 127.0.0.1 4000 465\r\n".to_vec(), "192.0.2.90"),
+        (
+            [
+                &[0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11, 0x00, 12][..],
+                &[192, 0, 2, 91, 127, 0, 0, 1, 0x0F, 0xA0, 0x01, 0xD1],
+            ]
+            .concat(),
+            "192.0.2.91",
+        ),
+    ] {
+        let cfg = mailpolicy_daemon::tls::client_config(&cert).expect("client config");
+        let name = rustls::pki_types::ServerName::try_from("mx.test").expect("name");
+        let mut c = rustls::ClientConnection::new(cfg, name).expect("client");
+        let mut first = header;
+        c.write_tls(&mut first).expect("ClientHello");
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        tcp.write_all(&first).expect("the header and the ClientHello in one write");
+        let greeting = tls_reply(&mut c, &mut tcp);
+        assert!(greeting.starts_with("220 "), "{greeting}\n{}", d.log());
+        let mut say = |line: &str| {
+            let mut s = rustls::Stream::new(&mut c, &mut tcp);
+            std::io::Write::write_all(&mut s, format!("{line}\r\n").as_bytes()).expect("write");
+            tls_reply(&mut c, &mut tcp)
+        };
+        assert!(say("EHLO x").starts_with("250"));
+        let got = say("MAIL FROM:<a@b.test>");
+        assert!(got.contains(&format!("you are {client} over TLSv1.")), "{got}\n{}", d.log());
+        say("QUIT");
+    }
+    assert!(!d.log().contains("tls-failed"), "{}", d.log());
+}
+
+/// One SMTP reply (all its lines) read over a TLS client connection.
+fn tls_reply(c: &mut rustls::ClientConnection, tcp: &mut TcpStream) -> String {
+    let mut s = rustls::Stream::new(c, tcp);
+    let mut text = String::new();
+    loop {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            match std::io::Read::read(&mut s, &mut b) {
+                Ok(1) => line.push(b[0]),
+                other => panic!("reading a reply: {other:?}; so far {text}{}", String::from_utf8_lossy(&line)),
+            }
+        }
+        let line = String::from_utf8_lossy(&line).to_string();
+        text.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return text;
+        }
+    }
+}
+
 /// R27: a call-ahead answer one host got is the cluster's: host B answers a recipient host
 /// A called ahead for from the shared store, even with the next hop gone (a recipient no
 /// host asked about then fails, as it must).

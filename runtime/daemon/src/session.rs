@@ -29,6 +29,22 @@ enum Stream {
     Gone,
 }
 
+/// Bytes a TLS client sent before the handshake began (they came with a load balancer's
+/// PROXY header): the server connection takes them first, as if read from the socket. A
+/// malformed start fails the handshake that follows (rustls keeps the error).
+fn feed_tls(c: &mut rustls::ServerConnection, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        match c.read_tls(&mut bytes) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if c.process_new_packets().is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// How a session's client reached us.
 pub enum Incoming {
     /// A TCP client, and the bytes it sent after a PROXY protocol header (usually none).
@@ -129,10 +145,14 @@ pub async fn run(
     );
 
     let mut peer = PeerInfo { remote: Some(remote), local: Some(local), tls: None };
+    let mut early = early;
     if lst.implicit_tls {
         let Some(acceptor) = lst.tls.clone() else { return };
         let Stream::Plain(tcp) = std::mem::replace(&mut stream, Stream::Gone) else { return };
-        match Box::pin(tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))).await {
+        // The client speaks first here: what came with a PROXY header is its ClientHello.
+        let hello = std::mem::take(&mut early);
+        let accept = acceptor.accept_with(tcp, move |c| feed_tls(c, &hello));
+        match Box::pin(tokio::time::timeout(Duration::from_secs(30), accept)).await {
             Ok(Ok(tls)) => {
                 peer.tls = Some(tls_info(tls.get_ref().1));
                 stream = Stream::Tls(Box::new(tls));
