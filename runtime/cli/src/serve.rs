@@ -156,6 +156,7 @@ async fn run(
     }
     // Local submissions (`mailc sendmail`) left in the maildrop, while we ran or not.
     let local = Arc::new(daemon::local_listener(&running.shared.program(), &running.shared.hostname));
+    running.shared.set_listener(local.clone());
     daemon::pickup::spawn(running.shared.clone(), local, spool.clone(), spool_dir.clone());
     let qmgr = daemon::qmgr::spawn(
         running.shared.clone(),

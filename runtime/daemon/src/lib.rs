@@ -5,7 +5,9 @@
 //! Signals: SIGTERM/SIGINT stop accepting, tell sessions to finish (421 to idle ones),
 //! wait for them (at most `SHUTDOWN_GRACE`), then return. SIGHUP recompiles the policy: a
 //! policy that fails `mailc check` is refused and logged, and the old one keeps running;
-//! new sessions use the new one (listener addresses need a restart).
+//! new sessions use the new one, and connections accepted after it their listener's new
+//! settings (`Shared::swap_listeners`: certificates read again); sockets, queue and
+//! backup settings need a restart (logged as `reload-partial`).
 
 pub mod auth;
 pub mod backup;
@@ -121,6 +123,8 @@ pub struct ListenerRt {
     /// Idle time-out inside DATA/BDAT.
     pub data_timeout: Duration,
     pub sessions: Arc<Semaphore>,
+    /// The listener's `max_sessions` (the size of `sessions`).
+    pub max_sessions: usize,
     /// `proxy_protocol`: the load balancers' networks. Each connection must start with a
     /// PROXY header (v1 or v2), and only from them; `client.ip` is then the client it names.
     pub proxy: Option<Vec<mailpolicy_lang::ir::Cidr>>,
@@ -153,6 +157,12 @@ pub struct Shared {
     pub whole_message: Arc<Semaphore>,
     /// Shadow copies (`backup_peer`, `backup_listen`), set once privileges are dropped.
     pub backup: std::sync::OnceLock<Arc<backup::Backup>>,
+    /// The listeners' settings by name, as the last good load made them: a connection
+    /// takes the current ones when it is accepted (a reload swaps them in; a socket is
+    /// bound once, at start).
+    listeners: RwLock<std::collections::HashMap<String, Arc<ListenerRt>>>,
+    /// The spool directory (a listener's self-signed certificate lives under it).
+    spool_dir: PathBuf,
 }
 
 /// One session's place in its client's count, given back on drop.
@@ -181,6 +191,51 @@ impl Shared {
     pub fn program(&self) -> Arc<Program> {
         self.prog.read().map(|p| p.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
+    /// A listener's settings as the last good load made them.
+    pub fn listener(&self, name: &str) -> Option<Arc<ListenerRt>> {
+        self.listeners.read().ok().and_then(|l| l.get(name).cloned())
+    }
+    /// Register a listener (the local one of the maildrop pickup; the sockets' at start).
+    pub fn set_listener(&self, l: Arc<ListenerRt>) {
+        if let Ok(mut all) = self.listeners.write() {
+            all.insert(l.name.clone(), l);
+        }
+    }
+
+    /// A reload's listener settings: every listener still declared at the address it was
+    /// bound to takes the new ones (its TLS certificate and key read again,
+    /// `proxy_protocol`, AUTH, limits, time-outs, greeting ...) for the connections
+    /// accepted from now on; sessions under way keep theirs. What a reload cannot change
+    /// (a socket: a new, moved or removed listener) or could not read is returned, to be
+    /// logged as kept until restart.
+    fn swap_listeners(&self, prog: &Program, policy_dir: &Path) -> Vec<String> {
+        let new = match listeners(prog, policy_dir, &self.spool_dir, &self.hostname) {
+            Ok(new) => new,
+            Err(e) => return vec![format!("every listener's settings ({e})")],
+        };
+        let Ok(mut all) = self.listeners.write() else { return Vec::new() };
+        let mut kept = Vec::new();
+        let mut declared = std::collections::HashSet::new();
+        for mut l in new.into_iter().chain(all.contains_key("local").then(|| local_listener(prog, &self.hostname))) {
+            declared.insert(l.name.clone());
+            match all.get(&l.name) {
+                Some(old) if old.address == l.address => {
+                    // The same limit keeps the count of the sessions under way.
+                    if old.max_sessions == l.max_sessions {
+                        l.sessions = old.sessions.clone();
+                    }
+                    all.insert(l.name.clone(), Arc::new(l));
+                }
+                Some(old) => kept.push(format!("listener {} at {} (not {})", l.name, old.address, l.address)),
+                None => kept.push(format!("listener {} not started", l.name)),
+            }
+        }
+        let mut gone: Vec<&String> = all.keys().filter(|n| !declared.contains(*n)).collect();
+        gone.sort();
+        kept.extend(gone.into_iter().map(|n| format!("listener {n} still open")));
+        kept
+    }
+
     pub fn lookups(&self) -> Arc<Lookups> {
         self.lookups.read().map(|p| p.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
@@ -479,6 +534,7 @@ pub fn listeners(prog: &Program, policy_dir: &Path, spool: &Path, hostname: &str
             command_timeout: session::command_timeout(prog, Some(&name)),
             data_timeout: session::data_timeout(prog, Some(&name)),
             sessions: Arc::new(Semaphore::new(max.max(1))),
+            max_sessions: max.max(1),
             proxy: match &decl.proxy_protocol {
                 Some(nets) => Some(
                     nets.iter()
@@ -514,6 +570,7 @@ pub fn local_listener(prog: &Program, hostname: &str) -> ListenerRt {
         command_timeout: session::command_timeout(prog, None),
         data_timeout: session::data_timeout(prog, None),
         sessions: Arc::new(Semaphore::new(1)),
+        max_sessions: 1,
         proxy: None,
     }
 }
@@ -593,6 +650,8 @@ pub async fn start_with(
         auth_known: Mutex::new(Default::default()),
         whole_message: Arc::new(Semaphore::new(1)),
         backup: std::sync::OnceLock::new(),
+        listeners: RwLock::new(Default::default()),
+        spool_dir: spool.clone(),
     });
     {
         let (free, dir, mut stop) = (shared.spool_free.clone(), spool.clone(), shared.shutdown.clone());
@@ -713,7 +772,11 @@ pub async fn start_with(
             ],
         );
         addresses.push((l.name.clone(), bound));
-        tokio::spawn(accept_loop(shared.clone(), Arc::new(l), sock));
+        let l = Arc::new(l);
+        if let Ok(mut all) = shared.listeners.write() {
+            all.insert(l.name.clone(), l.clone());
+        }
+        tokio::spawn(accept_loop(shared.clone(), l, sock));
     }
     // The mailing lists' web endpoint (`protocol http`, web.rs).
     let prog = shared.program();
@@ -748,7 +811,7 @@ pub async fn start_with(
     Ok(Running { addresses, shutdown: tx, shared })
 }
 
-async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListener) {
+async fn accept_loop(shared: Arc<Shared>, first: Arc<ListenerRt>, sock: TcpListener) {
     let mut stop = shared.shutdown.clone();
     let mut n: u64 = 0;
     loop {
@@ -759,11 +822,13 @@ async fn accept_loop(shared: Arc<Shared>, lst: Arc<ListenerRt>, sock: TcpListene
         let (mut tcp, remote) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                shared.log.event("accept-failed", &[("listener", &lst.name), ("error", &e.to_string())]);
+                shared.log.event("accept-failed", &[("listener", &first.name), ("error", &e.to_string())]);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        // The settings of the last good load when the connection came (a reload swaps them).
+        let lst = shared.listener(&first.name).unwrap_or_else(|| first.clone());
         n += 1;
         let id = format!("{}-{n}", lst.name);
         let permits = (lst.sessions.clone().try_acquire_owned(), shared.sessions.clone().try_acquire_owned());
@@ -907,6 +972,14 @@ fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// The settings of shadow copies (section 5.5), read once at start.
+fn backup_settings(s: &mailpolicy_lang::settings::Server) -> impl PartialEq + '_ {
+    (
+        (&s.backup_peer, &s.backup_listen, &s.backup_key, &s.backup_on_error, &s.backup_timeout, &s.backup_takeover),
+        (&s.backup_tls, &s.backup_tls_cert, &s.backup_tls_key, &s.backup_tls_ca, &s.backup_tls_name),
+    )
+}
+
 impl Running {
     /// SIGHUP: recompile; keep the old policy when the new one has errors (B6).
     pub fn reload(&self, opts: &ServeOptions) -> Result<(), String> {
@@ -915,6 +988,13 @@ impl Running {
                 let mut lookups = Lookups::new(&prog, &dir, Some(proven))?;
                 // Rate windows, greylist triplets, ... of this process outlive a reload.
                 lookups.state.adopt_local(&self.shared.lookups().state);
+                let mut kept = self.shared.swap_listeners(&prog, &dir);
+                if backup_settings(&self.shared.program().server) != backup_settings(&prog.server) {
+                    kept.push("the backup settings (backup_*)".into());
+                }
+                if !kept.is_empty() {
+                    self.shared.log.event("reload-partial", &[("kept", &format!("{} until restart", kept.join("; ")))]);
+                }
                 if let Ok(mut p) = self.shared.prog.write() {
                     *p = Arc::new(prog);
                 }

@@ -66,7 +66,9 @@ pub fn spawn(shared: Arc<Shared>, listener: Arc<ListenerRt>, spool: Spool, spool
                     continue;
                 }
                 n += 1;
-                match one(&shared, &listener, &spool, &spool_dir, &path, n).await {
+                // The local listener's settings of the last good load (a reload swaps them).
+                let lst = shared.listener(&listener.name).unwrap_or_else(|| listener.clone());
+                match one(&shared, &lst, &spool, &spool_dir, &path, n).await {
                     Keep::Retry => {
                         retry_at.insert(path, now_ms() + RETRY);
                     }

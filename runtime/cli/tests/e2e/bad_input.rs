@@ -149,3 +149,88 @@ fn a_corrupt_queue_file_moves_to_corrupt_at_start() {
     );
     assert!(queue_list(&d.spool()).contains("corrupt"), "{}", queue_list(&d.spool()));
 }
+
+/// A reload applies a listener's settings to the connections accepted after it: a renewed
+/// certificate at the same path (certbot's way), a new `proxy_protocol`, a new banner; a
+/// listener moved to another address is kept until restart, and the log says so
+/// (`reload-partial`).
+#[test]
+fn a_reload_applies_listener_settings_and_names_what_waits_for_a_restart() {
+    let t = TempDir::new("reload-listener");
+    let port = free_port();
+    let tls = t.join("tls");
+    let issue = |name: &str| {
+        let dir = t.join(name);
+        let (c, k) = mailpolicy_daemon::tls::self_signed(&dir, name).expect("certificate");
+        std::fs::create_dir_all(&tls).expect("tls dir");
+        std::fs::copy(&c, tls.join("cert.pem")).expect("cert");
+        std::fs::copy(&k, tls.join("key.pem")).expect("key");
+        std::fs::read_to_string(&c).expect("pem")
+    };
+    let policy = |extra: &str, address: u16| {
+        format!(
+            "server {{ hostname \"mx.test\"; spool \"spool\"; }}\n\
+             listener smtp {{ address \"127.0.0.1:{address}\"; tls starttls; cert \"tls/cert.pem\"; key \"tls/key.pem\"; {extra} }}\n\
+             on mail {{ reject 550 5.7.1 \"you are ${{client.ip}}\"; }}\n"
+        )
+    };
+    // The certificate the server shows over STARTTLS (openssl prints it, PEM).
+    let served = || {
+        let (_, out, err) = run_bounded(
+            Command::new("openssl")
+                .args(["s_client", "-starttls", "smtp", "-connect", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::null()),
+            Duration::from_secs(30),
+        );
+        format!("{out}{err}")
+    };
+    let pem_body = |pem: &str| pem.lines().filter(|l| !l.starts_with("-----")).collect::<String>();
+    let first = issue("one.test");
+    let d = Daemon::start(t.path(), &policy("", port), &[port]);
+    assert!(pem_body(&served()).contains(&pem_body(&first)), "the first certificate is served");
+    let talk = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut r = BufReader::new(s.try_clone().expect("clone"));
+        let mut greeting = String::new();
+        if !bytes.starts_with(b"PROXY") {
+            r.read_line(&mut greeting).expect("greeting");
+        }
+        s.write_all(bytes).expect("write");
+        if bytes.starts_with(b"PROXY") {
+            r.read_line(&mut greeting).expect("greeting");
+        }
+        s.write_all(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nQUIT\r\n").expect("write");
+        let mut all = greeting;
+        let _ = std::io::Read::read_to_string(&mut r, &mut all);
+        all
+    };
+    assert!(talk(b"").contains("you are 127.0.0.1"));
+
+    // The certificate renewed in place and a banner added: SIGHUP.
+    let second = issue("two.test");
+    std::fs::write(&d.policy, policy("banner \"renewed\";", port)).expect("write");
+    d.signal("HUP");
+    wait_for(Duration::from_secs(20), "reloaded in the log", || d.log().contains("reloaded"), || d.log());
+    let now = served();
+    assert!(pem_body(&now).contains(&pem_body(&second)), "the renewed certificate is served: {now}\n{}", d.log());
+    assert!(talk(b"").starts_with("220 mx.test renewed"));
+    // The load balancer added: a PROXY header names the client.
+    std::fs::write(&d.policy, policy("banner \"renewed\"; proxy_protocol [\"127.0.0.0/8\"];", port)).expect("write");
+    d.signal("HUP");
+    wait_for(Duration::from_secs(20), "a second reload", || d.log().matches("reloaded").count() == 2, || d.log());
+    let got = talk(b"PROXY TCP4 192.0.2.33 127.0.0.1 4000 25\r\n");
+    assert!(got.contains("you are 192.0.2.33"), "{got}\n{}", d.log());
+    assert!(!d.log().contains("reload-partial"), "nothing was kept: {}", d.log());
+
+    // Another address for the listener: that waits for a restart, and the log says so;
+    // the running listener keeps the settings it has.
+    let other = free_port();
+    std::fs::write(&d.policy, policy("proxy_protocol [\"127.0.0.0/8\"]; banner \"moved\";", other)).expect("write");
+    d.signal("HUP");
+    wait_for(Duration::from_secs(20), "reload-partial in the log", || d.log().contains("reload-partial"), || d.log());
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("reload-partial")).unwrap_or_default();
+    assert!(line.contains(&format!("listener smtp at 127.0.0.1:{port} (not 127.0.0.1:{other})")), "{line}");
+    assert!(talk(b"PROXY TCP4 192.0.2.34 127.0.0.1 4000 25\r\n").starts_with("220 mx.test renewed"));
+}
