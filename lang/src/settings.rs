@@ -424,7 +424,7 @@ settings! {
         backup_key: Option<SecretId> = Dflt::Text("none"), Secret,
             "the key that signs the copies between peers (the same secret on every host); required with `backup_peer` or `backup_listen`";
         backup_on_error: BackupOnError = Dflt::Word("accept"), Word(BackupOnError::WORDS),
-            "when the peer does not hold the copy in time: accept with this host's copy alone (accept), or answer 451 4.3.0 (tempfail)";
+            "when the peer does not hold the copy in time: accept with this host's copy alone, the copy retried in the background until the peer holds it (accept), or answer 451 4.3.0 (tempfail)";
         backup_timeout: Duration = Dflt::Ms(30_000), Duration,
             "bound of handing one copy to the peer, connecting included";
         backup_takeover: Duration = Dflt::Ms(600_000), Duration,
