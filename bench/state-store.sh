@@ -179,6 +179,15 @@ for k in names[1:]:
     print(f"median accept rate: local {rate['local']:.0f} msg/s, {k} {rate[k]:.0f} msg/s, "
           f"{k}/local {rate[k]/rate['local']:.3f} (cost {100*(1-rate[k]/rate['local']):.1f} %); "
           f"{trips:.2f} Redis round trips per message")
+# Paired: each round's ratio to the local store of the same round (the machine drifts
+# between rounds more than within one), and their median.
+for k in names[1:]:
+    loc = [float(r[1]) for r in rows if r[0] == "local"]
+    oth = [float(r[1]) for r in rows if r[0] == k]
+    ratios = sorted(o / l for o, l in zip(oth, loc))
+    if ratios:
+        print(f"paired per round: {k}/local median {statistics.median(ratios):.3f} (cost {100*(1-statistics.median(ratios)):.1f} %), "
+              f"range {ratios[0]:.3f}-{ratios[-1]:.3f} over {len(ratios)} rounds")
 cpu = {k: statistics.median(float(r[4]) + float(r[5]) for r in rows if r[0] == k) for k in names}
 for k in names[1:]:
     print(f"median CPU per message (daemon + redis): local {cpu['local']:.0f} us, {k} {cpu[k]:.0f} us, "
