@@ -38,6 +38,8 @@ const MAX_EVENTS: u64 = 100_000;
 /// holding any of them holds every kept one), and the set outgrows the cap by the events
 /// since its last trim alone.
 const TRIM_EVERY: u32 = 16;
+/// The `ZREMRANGEBYRANK` bound that keeps the newest [`MAX_EVENTS`]: `-(MAX_EVENTS + 1)`.
+const RANK_BOUND: &str = "-100001";
 /// This host's `concurrent` counts are written to Redis once per this on average when
 /// they change faster (the changes in between are one write); up to [`PUBLISH_BURST`]
 /// changes after a quiet spell are written at once, each.
@@ -483,7 +485,7 @@ impl Redis {
         } else {
             String::new()
         };
-        inv.arg(now_ms).arg(trim).arg(member).arg(format!("-{}", MAX_EVENTS + 1)).arg(rated);
+        inv.arg(now_ms).arg(trim).arg(member).arg(RANK_BOUND).arg(rated);
         inv.arg(&local.id).arg(self.lease_ms).arg(horizon_ms);
     }
 }
@@ -1076,9 +1078,10 @@ mod tests {
         let keys = vec![IP.to_string()];
         let (hour, windows) = (3_600_000u64, [5_400_000u64, 172_800_000]);
         let start = 20 * 86_400_000u64;
-        // 80 events over 40 hours, so that the day kept is passed; then counts a day later.
-        for i in 0..80u64 {
-            let now = start + i * hour / 2;
+        // 400 events over 40 hours, so that the day kept is passed; then counts a day later.
+        let n = 400u64;
+        for i in 0..n {
+            let now = start + i * hour / 10;
             let mut counted = s.record("messages", &keys, now).await;
             for w in windows {
                 let local = s.local.rates.lock().map(|r| r.count("messages", IP, w, now)).unwrap_or(u64::MAX);
@@ -1091,6 +1094,17 @@ mod tests {
                 assert_eq!(s.rate("messages", IP, w, now).await, Answer::Count(local), "event {i}, window {w}: ZCOUNT");
             }
         }
+        // Some script trimmed the set (none of 400 draws of one in 16 did: 1 in 10^11),
+        // and not below the day kept.
+        let r = s.redis.as_ref().expect("redis");
+        let mut c = r.conn().expect("conn");
+        let mut card = redis::cmd("ZCARD");
+        card.arg(r.key("rate", &["messages", IP]));
+        let kept: u64 = card.query_async(&mut c).await.expect("ZCARD");
+        let last = start + (n - 1) * hour / 10;
+        let day = s.local.rates.lock().map(|r| r.count("messages", IP, 86_400_000, last)).unwrap_or(0);
+        assert!(kept < n && kept >= day, "{kept} events kept of {n}, {day} in the last day");
+        assert_eq!(RANK_BOUND, format!("-{}", MAX_EVENTS + 1));
         let later = start + 80 * hour;
         for w in windows {
             let local = s.local.rates.lock().map(|r| r.count("messages", IP, w, later)).unwrap_or(u64::MAX);
