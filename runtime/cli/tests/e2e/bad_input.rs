@@ -233,4 +233,19 @@ fn a_reload_applies_listener_settings_and_names_what_waits_for_a_restart() {
     let line = log.lines().find(|l| l.contains("reload-partial")).unwrap_or_default();
     assert!(line.contains(&format!("listener smtp at 127.0.0.1:{port} (not 127.0.0.1:{other})")), "{line}");
     assert!(talk(b"PROXY TCP4 192.0.2.34 127.0.0.1 4000 25\r\n").starts_with("220 mx.test renewed"));
+
+    // A backup setting changed (read at start): named too.
+    let backup = policy("proxy_protocol [\"127.0.0.0/8\"];", port)
+        .replace("spool \"spool\"; }", "spool \"spool\"; backup_timeout 5s; }");
+    std::fs::write(&d.policy, backup).expect("write");
+    d.signal("HUP");
+    wait_for(
+        Duration::from_secs(20),
+        "a second reload-partial",
+        || d.log().matches("reload-partial").count() == 2,
+        || d.log(),
+    );
+    let log = d.log();
+    let line = log.lines().filter(|l| l.contains("reload-partial")).nth(1).unwrap_or_default();
+    assert!(line.contains("the backup settings (backup_*)") && !line.contains("listener smtp"), "{line}");
 }
